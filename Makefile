@@ -1,0 +1,68 @@
+# Every target installs what it needs; `make serve` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+BUF := node_modules/.bin/buf
+PROTO_FILES := $(wildcard protos/mlflow_sidecar/v1/*.proto)
+
+.PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest unit integration bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.server: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[server]'
+	touch $@
+
+$(VENV)/.dev: pyproject.toml $(VENV)/.server
+	$(BIN)/pip install -q -e '.[server,dev]'
+	touch $@
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+## serve: start the sidecar on 127.0.0.1:50051 with the embedded MLflow store in ./.sidecar-data
+serve: $(VENV)/.server
+	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
+
+## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration tests
+test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(VENV)/.dev
+	$(BIN)/mypy
+
+proto-lint: $(BUF)
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+
+proto-breaking: $(BUF)
+	scripts/buf-breaking.sh
+
+## generate: regenerate stubs/mlflow_sidecar/v1 from protos/ (grpc_tools.protoc + mypy-protobuf)
+generate: $(VENV)/.dev
+	scripts/generate.sh stubs
+
+check-generated: $(VENV)/.dev
+	scripts/check-generated.sh
+
+hadolint: $(VENV)/.dev
+	$(BIN)/hadolint Dockerfile
+
+pytest: $(VENV)/.dev
+	$(BIN)/pytest
+
+unit: $(VENV)/.dev
+	$(BIN)/pytest tests/unit
+
+integration: $(VENV)/.dev
+	$(BIN)/pytest tests/integration
+
+clean:
+	rm -rf $(VENV) node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache

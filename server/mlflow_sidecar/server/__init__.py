@@ -1,0 +1,1 @@
+"""The mlflow-sidecar server: config, services, servicers, the MLflow gateway and the CLI."""

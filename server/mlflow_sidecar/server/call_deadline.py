@@ -1,0 +1,36 @@
+"""The deadline of the RPC being served, visible to code deep below the servicer.
+
+The error interceptor sets it from `ServicerContext.time_remaining()`; the MLflow
+gateway bounds its retries by it. A context variable keeps concurrent calls apart.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import time
+from collections.abc import Iterator
+
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline_scope(remaining_s: float | None) -> Iterator[None]:
+    """Within the block, `remaining()` counts down from `remaining_s` (None: no deadline)."""
+    token = _deadline.set(None if remaining_s is None else time.monotonic() + remaining_s)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def remaining() -> float | None:
+    """Seconds left until the current call's deadline, or None when it has none."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - time.monotonic()
+
+
+def expired() -> bool:
+    """True when the current call has a deadline and it has passed."""
+    left = remaining()
+    return left is not None and left <= 0

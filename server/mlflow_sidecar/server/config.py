@@ -1,0 +1,154 @@
+"""Typed configuration: defaults, then a YAML file, then `MLFLOW_SIDECAR__SECTION__KEY` env vars.
+
+Defaults serve one machine with no setup: 127.0.0.1:50051 and an embedded MLflow
+store (SQLite + local artifacts) under the data dir.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+ENV_PREFIX = "MLFLOW_SIDECAR__"
+CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
+MIB = 1024 * 1024
+
+# The YAML file of the load in progress; a context variable keeps loads independent.
+_yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerConfig(_Section):
+    """The gRPC listener."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    workers: int = Field(16, ge=1, le=1024, description="threads serving RPCs")
+    grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
+    max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
+
+
+class MlflowConfig(_Section):
+    """Where MLflow lives and how to reach it. Empty URIs mean the embedded store."""
+
+    tracking_uri: str = ""
+    registry_uri: str = ""
+    username: str = ""
+    password: SecretStr = SecretStr("")
+    token: SecretStr = SecretStr("")
+    insecure_tls: bool = False
+    request_timeout_s: int = Field(30, ge=1, le=3600, description="one HTTP request to MLflow")
+
+
+class RetryConfig(_Section):
+    """Retries of transient MLflow failures (exponential backoff with jitter)."""
+
+    max_tries: int = Field(6, ge=1, le=100)
+    max_time_s: float = Field(30.0, gt=0, description="upper bound when the RPC has no deadline")
+    factor_s: float = Field(0.2, gt=0, description="first backoff step")
+    max_backoff_s: float = Field(5.0, gt=0)
+    jitter: bool = True
+
+
+class AppConfig(BaseSettings):
+    """The sidecar's whole configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    data_dir: Path = Path.home() / ".mlflow-sidecar"
+    server: ServerConfig = ServerConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    retry: RetryConfig = RetryConfig()
+    log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _absolute_data_dir(self) -> AppConfig:
+        object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
+        return self
+
+    @property
+    def tracking_uri(self) -> str:
+        """The configured tracking URI, or the embedded SQLite store in the data dir."""
+        return self.mlflow.tracking_uri or f"sqlite:///{self.data_dir / 'mlflow.db'}"
+
+    @property
+    def registry_uri(self) -> str:
+        """The configured registry URI, or the tracking URI."""
+        return self.mlflow.registry_uri or self.tracking_uri
+
+    @property
+    def artifact_root(self) -> Path:
+        """Where the embedded store keeps artifacts."""
+        return self.data_dir / "artifacts"
+
+    @property
+    def embedded(self) -> bool:
+        """True when no tracking server is configured."""
+        return not self.mlflow.tracking_uri
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = _yaml_file.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message is one line naming the bad key."""
+
+
+def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppConfig:
+    """Load the configuration from defaults, the YAML file, env vars and `overrides`.
+
+    `config_file` (else `$MLFLOW_SIDECAR_CONFIG`) names the YAML file; env vars win over it.
+    """
+    chosen = config_file or os.environ.get(CONFIG_FILE_ENV) or None
+    path = Path(chosen) if chosen else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    token = _yaml_file.set(path)
+    try:
+        return AppConfig(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from exc
+    except ValueError as exc:  # malformed YAML, or env values that are not valid JSON
+        raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from exc
+    finally:
+        _yaml_file.reset(token)
+
+
+def _one_line(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    env = ENV_PREFIX + "__".join(str(part).upper() for part in first["loc"])
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+    return f"invalid config key {key} ({env}): {first['msg']}{shown}{more}"

@@ -1,0 +1,24 @@
+"""`ServerContainer`: wires config -> gateway -> services -> servicers -> server."""
+
+from __future__ import annotations
+
+from dependency_injector import containers, providers
+from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.grpc_server import SidecarServer
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.servicers.registry import RegistryServicer
+from mlflow_sidecar.server.servicers.tracking import TrackingServicer
+from mlflow_sidecar.server.services.registry import RegistryService
+from mlflow_sidecar.server.services.tracking import TrackingService
+
+
+class ServerContainer(containers.DeclarativeContainer):
+    """Everything the sidecar process is made of; build it with `ServerContainer(config=cfg)`."""
+
+    config = providers.Dependency(instance_of=AppConfig)
+    gateway = providers.Singleton(MlflowGateway, config)
+    tracking_service = providers.Singleton(TrackingService, gateway)
+    registry_service = providers.Singleton(RegistryService, gateway)
+    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service)
+    registry_servicer = providers.Singleton(RegistryServicer, registry_service)
+    server = providers.Singleton(SidecarServer, config, tracking_servicer, registry_servicer)

@@ -1,0 +1,90 @@
+"""The threaded gRPC server: services, health, reflection, interceptors, drain-then-stop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
+from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+TRACKING_SERVICE = tracking_pb2.DESCRIPTOR.services_by_name["ExperimentTrackingService"].full_name
+REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
+SERVICE_NAMES = (TRACKING_SERVICE, REGISTRY_SERVICE)
+
+
+class BindError(RuntimeError):
+    """The listen address could not be bound."""
+
+
+class SidecarServer:
+    """Owns the grpc server and its health status."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        tracking: tracking_pb2_grpc.ExperimentTrackingServiceServicer,
+        registry: registry_pb2_grpc.ModelRegistryServiceServicer,
+    ) -> None:
+        self._config = config
+        limit = config.server.max_message_bytes
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="rpc"),
+            interceptors=[AccessLogInterceptor(), ErrorMappingInterceptor()],
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                # Accept the clients' keepalive pings (every 30 s) even between calls.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=None,
+        )
+        tracking_pb2_grpc.add_ExperimentTrackingServiceServicer_to_server(tracking, self._server)
+        registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server(registry, self._server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        address = f"{config.server.host}:{config.server.port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise BindError(f"cannot listen on {address}: {exc}") from exc
+        if self.port == 0:
+            raise BindError(f"cannot listen on {address}")
+        self.address = f"{config.server.host}:{self.port}"
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        """Start serving and report SERVING for every service."""
+        self._server.start()
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("mlflow-sidecar serving on %s", self.address)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain: report NOT_SERVING, refuse new calls, let running calls finish within grace."""
+        grace = self._config.server.grace_s if grace_s is None else grace_s
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        log.info("draining for up to %.1fs", grace)
+        self._server.stop(grace).wait()
+        self._stopped.set()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        """Block until `stop` has finished."""
+        self._stopped.wait()
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        self.health.set("", status)
+        for name in SERVICE_NAMES:
+            self.health.set(name, status)

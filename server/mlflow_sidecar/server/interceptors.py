@@ -1,0 +1,153 @@
+"""Server interceptors: the access log (outer) and the one error mapping (inner).
+
+The error mapping turns domain errors into status codes and anything unexpected into
+INTERNAL with a generic message; the detail goes to the log with the request id.
+It also publishes the call's deadline to `call_deadline` for the MLflow gateway.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import grpc
+from mlflow_sidecar.client.errors import InternalError, SidecarError
+from mlflow_sidecar.server import call_deadline
+
+log = logging.getLogger("mlflow_sidecar.access")
+error_log = logging.getLogger("mlflow_sidecar.errors")
+
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# grpc reports "no deadline" as a very large remaining time.
+_NO_DEADLINE_S = 10**8
+
+Behavior = Callable[[Any, grpc.ServicerContext], Any]
+Wrapper = Callable[[Behavior, bool, str], Behavior]
+
+
+def _wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any] | None, wrap: Wrapper, method: str
+) -> Any:
+    if handler is None:
+        return None
+    for attr in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        behavior = getattr(handler, attr)
+        if behavior is not None:
+            streaming_response = attr.endswith("_stream")
+            return cast(Any, handler)._replace(**{attr: wrap(behavior, streaming_response, method)})
+    return handler
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Maps exceptions to status codes: the one place that does."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        return _wrap_handler(
+            continuation(handler_call_details), self._wrap, handler_call_details.method
+        )
+
+    @staticmethod
+    def _wrap(behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+        def remaining(context: grpc.ServicerContext) -> float | None:
+            left = context.time_remaining()
+            return None if left is None or left > _NO_DEADLINE_S else float(left)
+
+        if streaming_response:
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                with call_deadline.deadline_scope(remaining(context)):
+                    try:
+                        yield from behavior(request, context)
+                    except Exception as exc:  # noqa: BLE001 - every failure must become a status code
+                        _abort(exc, context, method)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            with call_deadline.deadline_scope(remaining(context)):
+                try:
+                    return behavior(request, context)
+                except Exception as exc:  # noqa: BLE001 - every failure must become a status code
+                    _abort(exc, context, method)
+
+        return unary
+
+
+def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    # ServicerContext.code() exists since grpcio 1.38; the type stubs lack it.
+    code: grpc.StatusCode | None = cast(Any, context).code()
+    return code
+
+
+def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    if _status_code(context) is not None:
+        # The handler aborted the call itself; keep its status.
+        raise exc
+    if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
+        context.abort(exc.code, exc.message)
+    rid = request_id.get()
+    error_log.error("unexpected error in %s (request %s)", method, rid, exc_info=exc)
+    context.abort(
+        grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); see the sidecar log"
+    )
+
+
+class AccessLogInterceptor(grpc.ServerInterceptor):
+    """One log line per call: method, peer, status code, duration, request id."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        return _wrap_handler(
+            continuation(handler_call_details), self._wrap, handler_call_details.method
+        )
+
+    @staticmethod
+    def _wrap(behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+        def finish(context: grpc.ServicerContext, started: float) -> None:
+            code = _status_code(context) or grpc.StatusCode.OK
+            level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
+            log.log(
+                level,
+                "%s %s %s %.1fms rid=%s",
+                method,
+                context.peer(),
+                code.name if isinstance(code, grpc.StatusCode) else code,
+                (time.perf_counter() - started) * 1000,
+                request_id.get(),
+            )
+
+        if streaming_response:
+
+            def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                token = request_id.set(uuid.uuid4().hex[:16])
+                started = time.perf_counter()
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    finish(context, started)
+                    request_id.reset(token)
+
+            return stream
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            token = request_id.set(uuid.uuid4().hex[:16])
+            started = time.perf_counter()
+            try:
+                return behavior(request, context)
+            finally:
+                finish(context, started)
+                request_id.reset(token)
+
+        return unary

@@ -1,0 +1,95 @@
+"""MLflow entities -> domain types."""
+
+from __future__ import annotations
+
+from mlflow.entities import Experiment as MlflowExperiment
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Run as MlflowRun
+from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
+from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
+from mlflow_sidecar.client.domain import (
+    Experiment,
+    LifecycleStage,
+    Metric,
+    ModelVersion,
+    ModelVersionStatus,
+    RegisteredModel,
+    Run,
+    RunInfo,
+    RunStatus,
+)
+
+
+def _stage(value: str | None) -> LifecycleStage:
+    return LifecycleStage.DELETED if value == "deleted" else LifecycleStage.ACTIVE
+
+
+def experiment(exp: MlflowExperiment) -> Experiment:
+    """MLflow experiment -> domain experiment."""
+    return Experiment(
+        experiment_id=str(exp.experiment_id),
+        name=exp.name,
+        artifact_location=exp.artifact_location or "",
+        lifecycle_stage=_stage(exp.lifecycle_stage),
+        tags=dict(exp.tags or {}),
+        creation_time_ms=exp.creation_time or 0,
+        last_update_time_ms=exp.last_update_time or 0,
+    )
+
+
+def metric(m: MlflowMetric) -> Metric:
+    """MLflow metric point -> domain metric point."""
+    return Metric(key=m.key, value=float(m.value), timestamp_ms=m.timestamp or 0, step=m.step or 0)
+
+
+def run(r: MlflowRun) -> Run:
+    """MLflow run -> domain run (latest metric values only, as MLflow returns them)."""
+    info = r.info
+    latest = {m.key: metric(m) for m in (r.data._metric_objs if r.data else [])}
+    return Run(
+        info=RunInfo(
+            run_id=info.run_id,
+            experiment_id=str(info.experiment_id),
+            run_name=info.run_name or "",
+            status=RunStatus(info.status),
+            start_time_ms=info.start_time or 0,
+            end_time_ms=info.end_time or 0,
+            artifact_uri=info.artifact_uri or "",
+            lifecycle_stage=_stage(info.lifecycle_stage),
+            user_id=info.user_id or "",
+        ),
+        params=dict(r.data.params) if r.data else {},
+        metrics=latest,
+        tags=dict(r.data.tags) if r.data else {},
+    )
+
+
+def registered_model(rm: MlflowRegisteredModel) -> RegisteredModel:
+    """MLflow registered model -> domain registered model."""
+    return RegisteredModel(
+        name=rm.name,
+        description=rm.description or "",
+        creation_time_ms=rm.creation_timestamp or 0,
+        last_updated_time_ms=rm.last_updated_timestamp or 0,
+        tags=dict(rm.tags or {}),
+        aliases={alias: int(version) for alias, version in (rm.aliases or {}).items()},
+    )
+
+
+def model_version(mv: MlflowModelVersion) -> ModelVersion:
+    """MLflow model version -> domain model version."""
+    return ModelVersion(
+        name=mv.name,
+        version=int(mv.version),
+        source=mv.source or "",
+        run_id=mv.run_id or "",
+        status=ModelVersionStatus(mv.status or "READY"),
+        status_message=mv.status_message or "",
+        description=mv.description or "",
+        tags=dict(mv.tags or {}),
+        aliases=tuple(mv.aliases or ()),
+        creation_time_ms=mv.creation_timestamp or 0,
+        last_updated_time_ms=mv.last_updated_timestamp or 0,
+        user_id=mv.user_id or "",
+        model_id=getattr(mv, "model_id", None) or "",
+    )

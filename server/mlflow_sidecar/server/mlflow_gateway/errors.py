@@ -1,0 +1,102 @@
+"""MLflow exceptions -> domain errors, and which of them are worth a retry."""
+
+from __future__ import annotations
+
+import requests
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
+from mlflow_sidecar.client.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    SidecarError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from sqlalchemy.exc import OperationalError
+
+_BY_ERROR_CODE: dict[int, type[SidecarError]] = {
+    databricks_pb2.RESOURCE_DOES_NOT_EXIST: NotFoundError,
+    databricks_pb2.NOT_FOUND: NotFoundError,
+    databricks_pb2.RESOURCE_ALREADY_EXISTS: AlreadyExistsError,
+    databricks_pb2.ALREADY_EXISTS: AlreadyExistsError,
+    databricks_pb2.INVALID_STATE: FailedPreconditionError,
+    databricks_pb2.TEMPORARILY_UNAVAILABLE: UnavailableError,
+    databricks_pb2.REQUEST_LIMIT_EXCEEDED: UnavailableError,
+    databricks_pb2.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    databricks_pb2.DEADLINE_EXCEEDED: DeadlineExceededError,
+    databricks_pb2.PERMISSION_DENIED: PermissionDeniedError,
+    databricks_pb2.UNAUTHENTICATED: UnauthenticatedError,
+    databricks_pb2.CUSTOMER_UNAUTHORIZED: UnauthenticatedError,
+}
+_INVALID_CODES = frozenset(
+    {
+        databricks_pb2.INVALID_PARAMETER_VALUE,
+        databricks_pb2.BAD_REQUEST,
+        databricks_pb2.MALFORMED_REQUEST,
+    }
+)
+_TRANSIENT_CODES = frozenset(
+    {databricks_pb2.TEMPORARILY_UNAVAILABLE, databricks_pb2.REQUEST_LIMIT_EXCEEDED}
+)
+# MLflow's own words for writes to a deleted run; it reports them as INVALID_PARAMETER_VALUE.
+_INACTIVE_RUN_MARKER = "must be in the 'active' state"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that a later attempt may not see: connection errors, timeouts,
+    HTTP 408/429/5xx (MLflow raises those as RetryError when its own retries are off),
+    MLflow's TEMPORARILY_UNAVAILABLE, and a locked embedded SQLite database."""
+    for cause in _causes(exc):
+        if isinstance(cause, requests.exceptions.RequestException):
+            return True
+        if isinstance(cause, OperationalError) and "locked" in str(cause):
+            return True
+        if isinstance(cause, MlflowException) and cause.error_code in {
+            databricks_pb2.ErrorCode.Name(code) for code in _TRANSIENT_CODES
+        }:
+            return True
+    return False
+
+
+def to_domain_error(exc: Exception) -> SidecarError:
+    """The domain error for an exception raised by MLflow."""
+    if isinstance(exc, SidecarError):
+        return exc
+    if is_transient(exc):
+        return UnavailableError(f"MLflow is unavailable: {_short(exc)}")
+    if isinstance(exc, MlflowException):
+        code = databricks_pb2.ErrorCode.Value(exc.error_code)
+        message = _short(exc)
+        if code in _INVALID_CODES:
+            if _INACTIVE_RUN_MARKER in message:
+                return FailedPreconditionError(message)
+            return InvalidArgumentError("", message)
+        return _BY_ERROR_CODE.get(code, InternalError)(message)
+    return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+def _short(exc: Exception) -> str:
+    message = exc.message if isinstance(exc, MlflowException) else str(exc)
+    # RestException prefixes the code name; the status code already says it.
+    for prefix in (
+        "RESOURCE_DOES_NOT_EXIST: ",
+        "RESOURCE_ALREADY_EXISTS: ",
+        "INVALID_PARAMETER_VALUE: ",
+    ):
+        message = message.removeprefix(prefix)
+    return message.strip()[:1000]

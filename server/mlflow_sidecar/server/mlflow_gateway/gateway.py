@@ -1,0 +1,441 @@
+"""`MlflowGateway`: every MLflow call, with retries bounded by the RPC's deadline."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import backoff
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Param, RunTag, ViewType
+from mlflow.tracking import MlflowClient
+from mlflow_sidecar.client import domain
+from mlflow_sidecar.client.errors import (
+    DeadlineExceededError,
+    NotFoundError,
+    SidecarError,
+    UnavailableError,
+)
+from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.config import AppConfig, RetryConfig
+from mlflow_sidecar.server.mlflow_gateway import entities
+from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
+from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+# Answer a little before the caller's deadline so the answer can still reach it.
+_DEADLINE_MARGIN_S = 0.05
+
+_VIEW_TYPES = {
+    domain.ViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
+    domain.ViewType.DELETED_ONLY: ViewType.DELETED_ONLY,
+    domain.ViewType.ALL: ViewType.ALL,
+}
+
+
+class _TransientError(Exception):
+    """Wraps a retryable failure for `backoff`."""
+
+    def __init__(self, error: SidecarError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class MlflowGateway:
+    """The sidecar's only door to MLflow. Thread-safe: MlflowClient is, and so is this."""
+
+    def __init__(self, config: AppConfig) -> None:
+        configure_mlflow_environment(config)
+        self._retry = config.retry
+        self._client = MlflowClient(
+            tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
+        )
+        self._retrying = self._build_retrying(config.retry)
+        self._lock = threading.Lock()
+        self.tracking_uri = config.tracking_uri
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _build_retrying(self, retry: RetryConfig) -> Callable[[Callable[[], Any]], Any]:
+        def max_time() -> float:
+            left = call_deadline.remaining()
+            if left is None:
+                return retry.max_time_s
+            return max(0.0, min(retry.max_time_s, left - _DEADLINE_MARGIN_S))
+
+        def on_backoff(details: Any) -> None:
+            log.warning(
+                "MLflow call failed (try %d, %.2fs elapsed), retrying in %.2fs: %s",
+                details["tries"],
+                details["elapsed"],
+                details["wait"],
+                details["exception"],
+            )
+
+        @backoff.on_exception(
+            backoff.expo,
+            _TransientError,
+            max_tries=retry.max_tries,
+            max_time=max_time,
+            factor=retry.factor_s,
+            max_value=retry.max_backoff_s,
+            jitter=backoff.full_jitter if retry.jitter else None,
+            on_backoff=on_backoff,
+            logger=None,
+        )
+        def attempt(op: Callable[[], Any]) -> Any:
+            if call_deadline.expired():
+                raise DeadlineExceededError("deadline exceeded before MLflow answered")
+            try:
+                return op()
+            except Exception as exc:
+                error = to_domain_error(exc)
+                if isinstance(error, UnavailableError):
+                    raise _TransientError(error) from exc
+                raise error from exc
+
+        return attempt
+
+    def call(self, op: Callable[[], T], *, retry: bool = True) -> T:
+        """Run one MLflow operation, retrying transient failures unless `retry` is False.
+
+        Non-idempotent creates pass `retry=False`; their callers decide how to recover.
+        """
+        try:
+            if retry:
+                result: T = self._retrying(op)
+                return result
+            try:
+                return op()
+            except Exception as exc:
+                raise to_domain_error(exc) from exc
+        except _TransientError as exc:
+            if call_deadline.expired() or (
+                (left := call_deadline.remaining()) is not None and left <= _DEADLINE_MARGIN_S
+            ):
+                raise DeadlineExceededError(
+                    f"deadline exceeded while MLflow was unavailable: {exc.error.message}"
+                ) from exc
+            raise exc.error from exc
+
+    def ping(self) -> None:
+        """One cheap call; raises UnavailableError when MLflow cannot be reached."""
+        self.call(lambda: self._client.search_experiments(max_results=1))
+
+    # -- experiments ------------------------------------------------------------------
+
+    def create_experiment(
+        self, name: str, *, artifact_location: str, tags: Mapping[str, str]
+    ) -> str:
+        """Create an experiment; returns its id. Not retried (a retry could duplicate)."""
+        return self.call(
+            lambda: str(
+                self._client.create_experiment(
+                    name, artifact_location=artifact_location or None, tags=dict(tags) or None
+                )
+            ),
+            retry=False,
+        )
+
+    def get_experiment(self, experiment_id: str) -> domain.Experiment:
+        """The experiment with this id."""
+        return entities.experiment(self.call(lambda: self._client.get_experiment(experiment_id)))
+
+    def get_experiment_by_name(self, name: str) -> domain.Experiment:
+        """The experiment with this name; NotFoundError when there is none."""
+        exp = self.call(lambda: self._client.get_experiment_by_name(name))
+        if exp is None:
+            raise NotFoundError(f"experiment {name!r} does not exist")
+        return entities.experiment(exp)
+
+    def search_experiments(
+        self,
+        *,
+        filter_string: str,
+        order_by: Sequence[str],
+        page_size: int,
+        page_token: str,
+        view_type: domain.ViewType,
+    ) -> domain.Page[domain.Experiment]:
+        """One page of experiments."""
+        paged = self.call(
+            lambda: self._client.search_experiments(
+                view_type=_VIEW_TYPES[view_type],
+                max_results=page_size,
+                filter_string=filter_string or None,
+                order_by=list(order_by) or None,
+                page_token=page_token or None,
+            )
+        )
+        return domain.Page(tuple(entities.experiment(e) for e in paged), paged.token or "")
+
+    # -- runs -------------------------------------------------------------------------
+
+    def create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        tags: Mapping[str, str],
+        start_time_ms: int,
+    ) -> domain.Run:
+        """Create a run. Not retried: the service makes StartRun idempotent instead."""
+        return entities.run(
+            self.call(
+                lambda: self._client.create_run(
+                    experiment_id,
+                    start_time=start_time_ms or None,
+                    tags=dict(tags),
+                    run_name=run_name or None,
+                ),
+                retry=False,
+            )
+        )
+
+    def find_or_create_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str,
+        tags: Mapping[str, str],
+        start_time_ms: int,
+        key_tag: str,
+    ) -> domain.Run:
+        """The run of `experiment_id` tagged `key_tag` = `tags[key_tag]`, created if missing.
+
+        Safe to retry as a whole: a retry after a lost answer finds the first attempt's run.
+        """
+        wanted = tags[key_tag]
+
+        def op() -> Any:
+            found = self._client.search_runs(
+                [experiment_id],
+                filter_string=f"tags.`{key_tag}` = '{wanted}'",
+                run_view_type=ViewType.ALL,
+                max_results=1,
+            )
+            if found:
+                return found[0]
+            return self._client.create_run(
+                experiment_id,
+                start_time=start_time_ms or None,
+                tags=dict(tags),
+                run_name=run_name or None,
+            )
+
+        return entities.run(self.call(op))
+
+    def get_run(self, run_id: str) -> domain.Run:
+        """The run with this id."""
+        return entities.run(self.call(lambda: self._client.get_run(run_id)))
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        order_by: Sequence[str],
+        page_size: int,
+        page_token: str,
+        view_type: domain.ViewType,
+    ) -> domain.Page[domain.Run]:
+        """One page of runs."""
+        paged = self.call(
+            lambda: self._client.search_runs(
+                list(experiment_ids),
+                filter_string=filter_string,
+                run_view_type=_VIEW_TYPES[view_type],
+                max_results=page_size,
+                order_by=list(order_by) or None,
+                page_token=page_token or None,
+            )
+        )
+        return domain.Page(tuple(entities.run(r) for r in paged), paged.token or "")
+
+    def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
+        """Mark a run ended with a terminal status."""
+        self.call(
+            lambda: self._client.set_terminated(
+                run_id, status=status.value, end_time=end_time_ms or None
+            )
+        )
+
+    def log_batch(
+        self,
+        run_id: str,
+        *,
+        metrics: Sequence[domain.Metric] = (),
+        params: Mapping[str, str] | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        """One MLflow `log_batch` (callers respect MLflow's per-batch limits).
+
+        Retried: MLflow's SQL stores ignore exact duplicate metric points and equal params.
+        """
+        mlflow_metrics = [MlflowMetric(m.key, m.value, m.timestamp_ms, m.step) for m in metrics]
+        mlflow_params = [Param(k, v) for k, v in (params or {}).items()]
+        mlflow_tags = [RunTag(k, v) for k, v in (tags or {}).items()]
+        self.call(
+            lambda: self._client.log_batch(
+                run_id,
+                metrics=mlflow_metrics,
+                params=mlflow_params,
+                tags=mlflow_tags,
+                synchronous=True,
+            )
+        )
+
+    def delete_tag(self, run_id: str, key: str) -> None:
+        """Delete one run tag."""
+        self.call(lambda: self._client.delete_tag(run_id, key))
+
+    def get_metric_history(
+        self, run_id: str, key: str, *, page_size: int, page_token: str
+    ) -> domain.Page[domain.Metric]:
+        """One page of a metric's points, ordered by timestamp then step."""
+        store = self._client._tracking_client.store
+        paged = self.call(
+            lambda: store.get_metric_history(
+                run_id, key, max_results=page_size, page_token=page_token or None
+            )
+        )
+        return domain.Page(tuple(entities.metric(m) for m in paged), paged.token or "")
+
+    # -- model registry -----------------------------------------------------------------
+
+    def create_registered_model(
+        self, name: str, *, description: str, tags: Mapping[str, str]
+    ) -> domain.RegisteredModel:
+        """Create a registered model. Not retried: a retry could report ALREADY_EXISTS."""
+        return entities.registered_model(
+            self.call(
+                lambda: self._client.create_registered_model(
+                    name, tags=dict(tags) or None, description=description or None
+                ),
+                retry=False,
+            )
+        )
+
+    def get_registered_model(self, name: str) -> domain.RegisteredModel:
+        """The registered model of this name."""
+        return entities.registered_model(self.call(lambda: self._client.get_registered_model(name)))
+
+    def search_registered_models(
+        self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
+    ) -> domain.Page[domain.RegisteredModel]:
+        """One page of registered models."""
+        paged = self.call(
+            lambda: self._client.search_registered_models(
+                filter_string=filter_string or None,
+                max_results=page_size,
+                order_by=list(order_by) or None,
+                page_token=page_token or None,
+            )
+        )
+        return domain.Page(tuple(entities.registered_model(m) for m in paged), paged.token or "")
+
+    def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
+        """Replace a registered model's description."""
+        self.call(lambda: self._client.update_registered_model(name, description=description))
+        return self.get_registered_model(name)
+
+    def rename_registered_model(self, name: str, new_name: str) -> domain.RegisteredModel:
+        """Rename a registered model. Not retried: a retry would not find the old name."""
+        self.call(lambda: self._client.rename_registered_model(name, new_name), retry=False)
+        return self.get_registered_model(new_name)
+
+    def delete_registered_model(self, name: str) -> None:
+        """Delete a registered model and its versions."""
+        self.call(lambda: self._client.delete_registered_model(name))
+
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        """Set one tag of a registered model."""
+        self.call(lambda: self._client.set_registered_model_tag(name, key, value))
+
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        """Delete one tag of a registered model."""
+        self.call(lambda: self._client.delete_registered_model_tag(name, key))
+
+    def create_model_version(
+        self,
+        name: str,
+        *,
+        source: str,
+        run_id: str,
+        description: str,
+        tags: Mapping[str, str],
+        await_ready_s: int,
+    ) -> domain.ModelVersion:
+        """Create a version and wait up to `await_ready_s` for READY. Not retried."""
+        return entities.model_version(
+            self.call(
+                lambda: self._client.create_model_version(
+                    name,
+                    source,
+                    run_id=run_id or None,
+                    tags=dict(tags) or None,
+                    description=description or None,
+                    await_creation_for=await_ready_s,
+                ),
+                retry=False,
+            )
+        )
+
+    def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
+        """One version of a model."""
+        return entities.model_version(
+            self.call(lambda: self._client.get_model_version(name, str(version)))
+        )
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
+        """The version an alias points at."""
+        return entities.model_version(
+            self.call(lambda: self._client.get_model_version_by_alias(name, alias))
+        )
+
+    def search_model_versions(
+        self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
+    ) -> domain.Page[domain.ModelVersion]:
+        """One page of model versions."""
+        paged = self.call(
+            lambda: self._client.search_model_versions(
+                filter_string=filter_string or None,
+                max_results=page_size,
+                order_by=list(order_by) or None,
+                page_token=page_token or None,
+            )
+        )
+        return domain.Page(tuple(entities.model_version(v) for v in paged), paged.token or "")
+
+    def update_model_version(
+        self, name: str, version: int, description: str
+    ) -> domain.ModelVersion:
+        """Replace a version's description."""
+        self.call(
+            lambda: self._client.update_model_version(name, str(version), description=description)
+        )
+        return self.get_model_version(name, version)
+
+    def delete_model_version(self, name: str, version: int) -> None:
+        """Delete one version."""
+        self.call(lambda: self._client.delete_model_version(name, str(version)))
+
+    def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        """Set one tag of a version."""
+        self.call(lambda: self._client.set_model_version_tag(name, str(version), key, value))
+
+    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
+        """Delete one tag of a version."""
+        self.call(lambda: self._client.delete_model_version_tag(name, str(version), key))
+
+    def set_model_alias(self, name: str, alias: str, version: int) -> None:
+        """Point an alias at a version."""
+        self.call(lambda: self._client.set_registered_model_alias(name, alias, str(version)))
+
+    def delete_model_alias(self, name: str, alias: str) -> None:
+        """Remove an alias."""
+        self.call(lambda: self._client.delete_registered_model_alias(name, alias))

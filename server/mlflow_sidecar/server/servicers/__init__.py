@@ -1,0 +1,1 @@
+"""gRPC servicers: proto <-> domain conversion around the services, nothing else."""

@@ -1,0 +1,166 @@
+"""ModelRegistryService servicer."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import grpc
+from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.v1 import registry_pb2 as pb
+from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
+
+Ctx: TypeAlias = grpc.ServicerContext
+
+
+class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
+    """Converts requests to port calls and results to responses."""
+
+    def __init__(self, service: ModelRegistry) -> None:
+        self._service = service
+
+    def CreateRegisteredModel(
+        self, request: pb.CreateRegisteredModelRequest, context: Ctx
+    ) -> pb.CreateRegisteredModelResponse:
+        model = self._service.create_registered_model(
+            request.name,
+            description=request.description,
+            tags=dict(request.tags),
+            get_if_exists=request.get_if_exists,
+        )
+        return pb.CreateRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
+
+    def GetRegisteredModel(
+        self, request: pb.GetRegisteredModelRequest, context: Ctx
+    ) -> pb.GetRegisteredModelResponse:
+        model = self._service.get_registered_model(request.name)
+        return pb.GetRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
+
+    def SearchRegisteredModels(
+        self, request: pb.SearchRegisteredModelsRequest, context: Ctx
+    ) -> pb.SearchRegisteredModelsResponse:
+        page = self._service.search_registered_models(
+            filter_string=request.filter,
+            order_by=list(request.order_by),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.SearchRegisteredModelsResponse(
+            registered_models=[conv.registered_model_to_pb(m) for m in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    def UpdateRegisteredModel(
+        self, request: pb.UpdateRegisteredModelRequest, context: Ctx
+    ) -> pb.UpdateRegisteredModelResponse:
+        model = self._service.update_registered_model(request.name, description=request.description)
+        return pb.UpdateRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
+
+    def RenameRegisteredModel(
+        self, request: pb.RenameRegisteredModelRequest, context: Ctx
+    ) -> pb.RenameRegisteredModelResponse:
+        model = self._service.rename_registered_model(request.name, request.new_name)
+        return pb.RenameRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
+
+    def DeleteRegisteredModel(
+        self, request: pb.DeleteRegisteredModelRequest, context: Ctx
+    ) -> pb.DeleteRegisteredModelResponse:
+        self._service.delete_registered_model(request.name)
+        return pb.DeleteRegisteredModelResponse()
+
+    def SetRegisteredModelTag(
+        self, request: pb.SetRegisteredModelTagRequest, context: Ctx
+    ) -> pb.SetRegisteredModelTagResponse:
+        self._service.set_registered_model_tag(request.name, request.key, request.value)
+        return pb.SetRegisteredModelTagResponse()
+
+    def DeleteRegisteredModelTag(
+        self, request: pb.DeleteRegisteredModelTagRequest, context: Ctx
+    ) -> pb.DeleteRegisteredModelTagResponse:
+        self._service.delete_registered_model_tag(request.name, request.key)
+        return pb.DeleteRegisteredModelTagResponse()
+
+    def CreateModelVersion(
+        self, request: pb.CreateModelVersionRequest, context: Ctx
+    ) -> pb.CreateModelVersionResponse:
+        version = self._service.create_model_version(
+            request.name,
+            source=request.source,
+            run_id=request.run_id,
+            artifact_path=request.artifact_path,
+            description=request.description,
+            tags=dict(request.tags),
+        )
+        return pb.CreateModelVersionResponse(model_version=conv.model_version_to_pb(version))
+
+    def GetModelVersion(
+        self, request: pb.GetModelVersionRequest, context: Ctx
+    ) -> pb.GetModelVersionResponse:
+        version = self._service.get_model_version(request.name, request.version)
+        return pb.GetModelVersionResponse(model_version=conv.model_version_to_pb(version))
+
+    def GetModelVersionByAlias(
+        self, request: pb.GetModelVersionByAliasRequest, context: Ctx
+    ) -> pb.GetModelVersionByAliasResponse:
+        version = self._service.get_model_version_by_alias(request.name, request.alias)
+        return pb.GetModelVersionByAliasResponse(model_version=conv.model_version_to_pb(version))
+
+    def GetLatestModelVersion(
+        self, request: pb.GetLatestModelVersionRequest, context: Ctx
+    ) -> pb.GetLatestModelVersionResponse:
+        version = self._service.get_latest_model_version(request.name)
+        return pb.GetLatestModelVersionResponse(model_version=conv.model_version_to_pb(version))
+
+    def SearchModelVersions(
+        self, request: pb.SearchModelVersionsRequest, context: Ctx
+    ) -> pb.SearchModelVersionsResponse:
+        page = self._service.search_model_versions(
+            filter_string=request.filter,
+            order_by=list(request.order_by),
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.SearchModelVersionsResponse(
+            model_versions=[conv.model_version_to_pb(v) for v in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    def UpdateModelVersion(
+        self, request: pb.UpdateModelVersionRequest, context: Ctx
+    ) -> pb.UpdateModelVersionResponse:
+        version = self._service.update_model_version(
+            request.name, request.version, description=request.description
+        )
+        return pb.UpdateModelVersionResponse(model_version=conv.model_version_to_pb(version))
+
+    def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: Ctx
+    ) -> pb.DeleteModelVersionResponse:
+        self._service.delete_model_version(request.name, request.version)
+        return pb.DeleteModelVersionResponse()
+
+    def SetModelVersionTag(
+        self, request: pb.SetModelVersionTagRequest, context: Ctx
+    ) -> pb.SetModelVersionTagResponse:
+        self._service.set_model_version_tag(
+            request.name, request.version, request.key, request.value
+        )
+        return pb.SetModelVersionTagResponse()
+
+    def DeleteModelVersionTag(
+        self, request: pb.DeleteModelVersionTagRequest, context: Ctx
+    ) -> pb.DeleteModelVersionTagResponse:
+        self._service.delete_model_version_tag(request.name, request.version, request.key)
+        return pb.DeleteModelVersionTagResponse()
+
+    def SetModelAlias(
+        self, request: pb.SetModelAliasRequest, context: Ctx
+    ) -> pb.SetModelAliasResponse:
+        self._service.set_model_alias(request.name, request.alias, request.version)
+        return pb.SetModelAliasResponse()
+
+    def DeleteModelAlias(
+        self, request: pb.DeleteModelAliasRequest, context: Ctx
+    ) -> pb.DeleteModelAliasResponse:
+        self._service.delete_model_alias(request.name, request.alias)
+        return pb.DeleteModelAliasResponse()

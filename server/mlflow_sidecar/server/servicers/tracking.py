@@ -1,0 +1,137 @@
+"""ExperimentTrackingService servicer."""
+
+from __future__ import annotations
+
+import grpc
+from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.domain import RunStatus
+from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+
+
+class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
+    """Converts requests to port calls and results to responses."""
+
+    def __init__(self, service: ExperimentTracking) -> None:
+        self._service = service
+
+    def CreateExperiment(
+        self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.CreateExperimentResponse:
+        exp = self._service.create_experiment(
+            request.name,
+            tags=dict(request.tags),
+            artifact_location=request.artifact_location,
+            get_if_exists=request.get_if_exists,
+        )
+        return pb.CreateExperimentResponse(experiment=conv.experiment_to_pb(exp))
+
+    def GetExperiment(
+        self, request: pb.GetExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.GetExperimentResponse:
+        selector = request.WhichOneof("selector")
+        if selector == "experiment_id":
+            exp = self._service.get_experiment(request.experiment_id)
+        elif selector == "name":
+            exp = self._service.get_experiment_by_name(request.name)
+        else:
+            raise InvalidArgumentError("selector", "set experiment_id or name")
+        return pb.GetExperimentResponse(experiment=conv.experiment_to_pb(exp))
+
+    def SearchExperiments(
+        self, request: pb.SearchExperimentsRequest, context: grpc.ServicerContext
+    ) -> pb.SearchExperimentsResponse:
+        page = self._service.search_experiments(
+            filter_string=request.filter,
+            order_by=list(request.order_by),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            view_type=conv.view_type_from_pb(request.view_type),
+        )
+        return pb.SearchExperimentsResponse(
+            experiments=[conv.experiment_to_pb(e) for e in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    def StartRun(
+        self, request: pb.StartRunRequest, context: grpc.ServicerContext
+    ) -> pb.StartRunResponse:
+        run = self._service.start_run(
+            request.experiment_id,
+            run_name=request.run_name,
+            tags=dict(request.tags),
+            parent_run_id=request.parent_run_id,
+            start_time_ms=request.start_time_ms,
+            client_request_id=request.client_request_id,
+        )
+        return pb.StartRunResponse(run=conv.run_to_pb(run))
+
+    def GetRun(self, request: pb.GetRunRequest, context: grpc.ServicerContext) -> pb.GetRunResponse:
+        return pb.GetRunResponse(run=conv.run_to_pb(self._service.get_run(request.run_id)))
+
+    def SearchRuns(
+        self, request: pb.SearchRunsRequest, context: grpc.ServicerContext
+    ) -> pb.SearchRunsResponse:
+        page = self._service.search_runs(
+            list(request.experiment_ids),
+            filter_string=request.filter,
+            order_by=list(request.order_by),
+            page_size=request.page_size,
+            page_token=request.page_token,
+            view_type=conv.view_type_from_pb(request.view_type),
+        )
+        return pb.SearchRunsResponse(
+            runs=[conv.run_to_pb(r) for r in page.items], next_page_token=page.next_page_token
+        )
+
+    def EndRun(self, request: pb.EndRunRequest, context: grpc.ServicerContext) -> pb.EndRunResponse:
+        if request.status == pb.RUN_STATUS_UNSPECIFIED:
+            status = RunStatus.FINISHED
+        elif (known := conv.run_status_from_pb(request.status)) is not None:
+            status = known
+        else:
+            raise InvalidArgumentError("status", f"unknown run status {request.status}")
+        run = self._service.end_run(request.run_id, status, end_time_ms=request.end_time_ms)
+        return pb.EndRunResponse(run=conv.run_to_pb(run))
+
+    def LogParams(
+        self, request: pb.LogParamsRequest, context: grpc.ServicerContext
+    ) -> pb.LogParamsResponse:
+        self._service.log_params(request.run_id, dict(request.params))
+        return pb.LogParamsResponse()
+
+    def LogMetrics(
+        self, request: pb.LogMetricsRequest, context: grpc.ServicerContext
+    ) -> pb.LogMetricsResponse:
+        accepted = self._service.log_metrics(
+            request.run_id, [conv.metric_from_pb(m) for m in request.metrics]
+        )
+        return pb.LogMetricsResponse(accepted_points=accepted)
+
+    def SetRunTags(
+        self, request: pb.SetRunTagsRequest, context: grpc.ServicerContext
+    ) -> pb.SetRunTagsResponse:
+        self._service.set_run_tags(request.run_id, dict(request.tags))
+        return pb.SetRunTagsResponse()
+
+    def DeleteRunTag(
+        self, request: pb.DeleteRunTagRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRunTagResponse:
+        self._service.delete_run_tag(request.run_id, request.key)
+        return pb.DeleteRunTagResponse()
+
+    def GetMetricHistory(
+        self, request: pb.GetMetricHistoryRequest, context: grpc.ServicerContext
+    ) -> pb.GetMetricHistoryResponse:
+        page = self._service.get_metric_history(
+            request.run_id,
+            request.metric_key,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return pb.GetMetricHistoryResponse(
+            metrics=[conv.metric_to_pb(m) for m in page.items],
+            next_page_token=page.next_page_token,
+        )

@@ -1,0 +1,1 @@
+"""MLflow-backed implementations of the ports: validation, idempotency, locking."""

@@ -1,0 +1,243 @@
+"""`RegistryService`: the `ModelRegistry` port over the MLflow gateway."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from mlflow_sidecar.client.domain import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    ModelVersion,
+    Page,
+    RegisteredModel,
+)
+from mlflow_sidecar.client.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.keyed_locks import KeyedLocks
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+
+# MLflow waits up to 300 s for a new version to become READY; we wait no longer than that.
+MAX_AWAIT_READY_S = 300
+MAX_ALIAS_LENGTH = 255
+_ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
+
+
+def _name(field: str, value: str) -> str:
+    return check.require(field, value, max_length=check.MAX_NAME_LENGTH)
+
+
+def _version(value: int) -> int:
+    if value < 1:
+        raise InvalidArgumentError("version", f"must be 1 or more, got {value}")
+    return value
+
+
+def _alias(value: str) -> str:
+    check.require("alias", value, max_length=MAX_ALIAS_LENGTH)
+    if not _ALIAS_RE.match(value):
+        raise InvalidArgumentError(
+            "alias", f"{value!r} may only contain letters, digits, underscores and dashes"
+        )
+    if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
+        raise InvalidArgumentError(
+            "alias", f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
+        )
+    return value
+
+
+def _quoted(value: str) -> str:
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise InvalidArgumentError("name", "must not contain both ' and \" characters")
+
+
+class RegistryService(ModelRegistry):
+    """Model registry backed by MLflow. Versions of one model are created one at a time,
+    so concurrent trainers each get a distinct version and no error."""
+
+    def __init__(self, gateway: MlflowGateway) -> None:
+        self._gateway = gateway
+        self._model_locks = KeyedLocks()
+
+    def create_registered_model(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        get_if_exists: bool = False,
+    ) -> RegisteredModel:
+        _name("name", name)
+        check.bounded("description", description, 5000)
+        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        if get_if_exists:
+            try:
+                return self._gateway.get_registered_model(name)
+            except NotFoundError:
+                pass
+        try:
+            return self._gateway.create_registered_model(
+                name, description=description, tags=tags or {}
+            )
+        except AlreadyExistsError:
+            if not get_if_exists:
+                raise
+            return self._gateway.get_registered_model(name)
+
+    def get_registered_model(self, name: str) -> RegisteredModel:
+        return self._gateway.get_registered_model(_name("name", name))
+
+    def search_registered_models(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[RegisteredModel]:
+        check.bounded("filter", filter_string, 10_000)
+        return self._gateway.search_registered_models(
+            filter_string=filter_string,
+            order_by=order_by,
+            page_size=check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE),
+            page_token=page_token,
+        )
+
+    def update_registered_model(self, name: str, *, description: str) -> RegisteredModel:
+        check.bounded("description", description, 5000)
+        return self._gateway.update_registered_model(_name("name", name), description)
+
+    def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
+        _name("name", name)
+        _name("new_name", new_name)
+        with self._model_locks.hold(name):
+            return self._gateway.rename_registered_model(name, new_name)
+
+    def delete_registered_model(self, name: str) -> None:
+        self._gateway.delete_registered_model(_name("name", name))
+
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        check.key("key", key)
+        check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
+        self._gateway.set_registered_model_tag(_name("name", name), key, value)
+
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        check.key("key", key)
+        self._gateway.delete_registered_model_tag(_name("name", name), key)
+
+    def create_model_version(
+        self,
+        name: str,
+        *,
+        source: str = "",
+        run_id: str = "",
+        artifact_path: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+    ) -> ModelVersion:
+        _name("name", name)
+        check.bounded("source", source, 4096)
+        check.bounded("run_id", run_id, 64)
+        check.bounded("description", description, 5000)
+        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        if not source:
+            if not run_id or not artifact_path:
+                raise InvalidArgumentError(
+                    "source", "give a runs:/ or models:/ source, or run_id and artifact_path"
+                )
+            check.key("artifact_path", artifact_path)
+            source = f"runs:/{run_id}/{artifact_path}"
+        elif artifact_path:
+            raise InvalidArgumentError("artifact_path", "give either source or artifact_path")
+        if run_id:
+            self._gateway.get_run(run_id)  # NOT_FOUND for an unknown run, before registering
+        # NOT_FOUND for an unknown model instead of MLflow creating nothing with a vague error.
+        self._gateway.get_registered_model(name)
+        left = call_deadline.remaining()
+        await_s = MAX_AWAIT_READY_S if left is None else max(1, min(MAX_AWAIT_READY_S, int(left)))
+        with self._model_locks.hold(name):
+            return self._gateway.create_model_version(
+                name,
+                source=source,
+                run_id=run_id,
+                description=description,
+                tags=tags or {},
+                await_ready_s=await_s,
+            )
+
+    def get_model_version(self, name: str, version: int) -> ModelVersion:
+        return self._gateway.get_model_version(_name("name", name), _version(version))
+
+    def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
+        check.require("alias", alias, max_length=MAX_ALIAS_LENGTH)
+        return self._gateway.get_model_version_by_alias(_name("name", name), alias)
+
+    def get_latest_model_version(self, name: str) -> ModelVersion:
+        _name("name", name)
+        page = self._gateway.search_model_versions(
+            filter_string=f"name = {_quoted(name)}",
+            order_by=["version_number DESC"],
+            page_size=1,
+            page_token="",
+        )
+        if not page.items:
+            self._gateway.get_registered_model(name)  # NOT_FOUND names the model when missing
+            raise NotFoundError(f"registered model {name!r} has no versions")
+        return page.items[0]
+
+    def search_model_versions(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[ModelVersion]:
+        check.bounded("filter", filter_string, 10_000)
+        return self._gateway.search_model_versions(
+            filter_string=filter_string,
+            order_by=order_by,
+            page_size=check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE),
+            page_token=page_token,
+        )
+
+    def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:
+        check.bounded("description", description, 5000)
+        return self._gateway.update_model_version(
+            _name("name", name), _version(version), description
+        )
+
+    def delete_model_version(self, name: str, version: int) -> None:
+        self._gateway.delete_model_version(_name("name", name), _version(version))
+
+    def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        check.key("key", key)
+        check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
+        self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
+
+    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
+        check.key("key", key)
+        self._gateway.delete_model_version_tag(_name("name", name), _version(version), key)
+
+    def set_model_alias(self, name: str, alias: str, version: int) -> None:
+        _name("name", name)
+        _alias(alias)
+        _version(version)
+        # MLflow would point an alias at a deleted or missing version; refuse with NOT_FOUND.
+        self._gateway.get_model_version(name, version)
+        self._gateway.set_model_alias(name, alias, version)
+
+    def delete_model_alias(self, name: str, alias: str) -> None:
+        _name("name", name)
+        check.require("alias", alias, max_length=MAX_ALIAS_LENGTH)
+        # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
+        model = self._gateway.get_registered_model(name)
+        if alias not in model.aliases:
+            raise NotFoundError(f"registered model {name!r} has no alias {alias!r}")
+        self._gateway.delete_model_alias(name, alias)

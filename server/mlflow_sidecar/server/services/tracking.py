@@ -1,0 +1,255 @@
+"""`TrackingService`: the `ExperimentTracking` port over the MLflow gateway."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Mapping, Sequence
+
+from mlflow_sidecar.client import domain
+from mlflow_sidecar.client.domain import (
+    DEFAULT_METRIC_PAGE_SIZE,
+    DEFAULT_PAGE_SIZE,
+    MAX_METRIC_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    TERMINAL_RUN_STATUSES,
+    Experiment,
+    Metric,
+    Page,
+    Run,
+    RunStatus,
+    ViewType,
+)
+from mlflow_sidecar.client.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.keyed_locks import KeyedLocks
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+
+CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
+PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+_CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class TrackingService(ExperimentTracking):
+    """Experiment tracking backed by MLflow, with the sidecar's rules on top:
+    idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
+
+    def __init__(self, gateway: MlflowGateway) -> None:
+        self._gateway = gateway
+        self._start_locks = KeyedLocks()
+
+    # -- experiments --------------------------------------------------------------------
+
+    def create_experiment(
+        self,
+        name: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        artifact_location: str = "",
+        get_if_exists: bool = False,
+    ) -> Experiment:
+        check.require("name", name)
+        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.bounded("artifact_location", artifact_location, 4096)
+        if get_if_exists:
+            try:
+                return self._gateway.get_experiment_by_name(name)
+            except NotFoundError:
+                pass
+        try:
+            experiment_id = self._gateway.create_experiment(
+                name, artifact_location=artifact_location, tags=tags or {}
+            )
+        except AlreadyExistsError:
+            if not get_if_exists:
+                raise
+            # Another caller created it between our look-up and our create.
+            return self._gateway.get_experiment_by_name(name)
+        return self._gateway.get_experiment(experiment_id)
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        check.require("experiment_id", experiment_id, max_length=64)
+        return self._gateway.get_experiment(experiment_id)
+
+    def get_experiment_by_name(self, name: str) -> Experiment:
+        check.require("name", name)
+        return self._gateway.get_experiment_by_name(name)
+
+    def search_experiments(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        view_type: ViewType = ViewType.ACTIVE_ONLY,
+    ) -> Page[Experiment]:
+        check.bounded("filter", filter_string, 10_000)
+        size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        return self._gateway.search_experiments(
+            filter_string=filter_string,
+            order_by=order_by,
+            page_size=size,
+            page_token=page_token,
+            view_type=view_type,
+        )
+
+    # -- runs ---------------------------------------------------------------------------
+
+    def start_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str = "",
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str = "",
+        start_time_ms: int = 0,
+        client_request_id: str = "",
+    ) -> Run:
+        check.require("experiment_id", experiment_id, max_length=64)
+        check.bounded("run_name", run_name, check.MAX_KEY_LENGTH)
+        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        if start_time_ms < 0:
+            raise InvalidArgumentError("start_time_ms", "must not be negative")
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            parent = self.get_run(parent_run_id)
+            if parent.info.experiment_id != experiment_id:
+                raise InvalidArgumentError(
+                    "parent_run_id", "the parent run belongs to another experiment"
+                )
+            all_tags[PARENT_RUN_ID_TAG] = parent_run_id
+        # Fails with NOT_FOUND for an unknown experiment rather than MLflow's vaguer error.
+        experiment = self._gateway.get_experiment(experiment_id)
+        if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
+            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+        if not client_request_id:
+            return self._gateway.create_run(
+                experiment_id, run_name=run_name, tags=all_tags, start_time_ms=start_time_ms
+            )
+        check.bounded("client_request_id", client_request_id, check.MAX_CLIENT_REQUEST_ID_LENGTH)
+        if not _CLIENT_REQUEST_ID_RE.match(client_request_id):
+            raise InvalidArgumentError(
+                "client_request_id", "may only contain letters, digits and _ . : -"
+            )
+        all_tags[CLIENT_REQUEST_ID_TAG] = client_request_id
+        # Concurrent duplicates wait here; the first creates, the rest find its run.
+        with self._start_locks.hold(client_request_id):
+            return self._gateway.find_or_create_run(
+                experiment_id,
+                run_name=run_name,
+                tags=all_tags,
+                start_time_ms=start_time_ms,
+                key_tag=CLIENT_REQUEST_ID_TAG,
+            )
+
+    def get_run(self, run_id: str) -> Run:
+        check.require("run_id", run_id, max_length=64)
+        return self._gateway.get_run(run_id)
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        view_type: ViewType = ViewType.ACTIVE_ONLY,
+    ) -> Page[Run]:
+        if not experiment_ids:
+            raise InvalidArgumentError("experiment_ids", "name at least one experiment")
+        for index, experiment_id in enumerate(experiment_ids):
+            check.require(f"experiment_ids[{index}]", experiment_id, max_length=64)
+        check.bounded("filter", filter_string, 10_000)
+        size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        return self._gateway.search_runs(
+            experiment_ids,
+            filter_string=filter_string,
+            order_by=order_by,
+            page_size=size,
+            page_token=page_token,
+            view_type=view_type,
+        )
+
+    def end_run(
+        self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
+    ) -> Run:
+        check.require("run_id", run_id, max_length=64)
+        if status not in TERMINAL_RUN_STATUSES:
+            raise InvalidArgumentError("status", "must be FINISHED, FAILED or KILLED")
+        if end_time_ms < 0:
+            raise InvalidArgumentError("end_time_ms", "must not be negative")
+        self._require_active(run_id)
+        self._gateway.set_terminated(run_id, status, end_time_ms or _now_ms())
+        return self._gateway.get_run(run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        check.require("run_id", run_id, max_length=64)
+        check.string_map("params", params, max_value_length=check.MAX_PARAM_VALUE_LENGTH)
+        if not params:
+            return
+        run = self._require_active(run_id)
+        for k, v in params.items():
+            if k in run.params and run.params[k] != v:
+                raise FailedPreconditionError(
+                    f"param {k!r} of run {run_id} is already {run.params[k]!r}; params are"
+                    f" write-once, so {v!r} is refused"
+                )
+        new = [(k, v) for k, v in params.items() if k not in run.params]
+        for batch in check.chunks(new, check.MAX_PARAMS_TAGS_PER_BATCH):
+            self._gateway.log_batch(run_id, params=dict(batch))
+
+    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
+        check.require("run_id", run_id, max_length=64)
+        check.metric_points("metrics", ((m.key, m.timestamp_ms) for m in metrics))
+        if not metrics:
+            return 0
+        now = _now_ms()
+        stamped = [m if m.timestamp_ms else Metric(m.key, m.value, now, m.step) for m in metrics]
+        for batch in check.chunks(stamped, check.MAX_METRICS_PER_BATCH):
+            self._gateway.log_batch(run_id, metrics=batch)
+        return len(stamped)
+
+    def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        check.require("run_id", run_id, max_length=64)
+        check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        items = list(tags.items())
+        for batch in check.chunks(items, check.MAX_PARAMS_TAGS_PER_BATCH):
+            self._gateway.log_batch(run_id, tags=dict(batch))
+
+    def delete_run_tag(self, run_id: str, key: str) -> None:
+        check.require("run_id", run_id, max_length=64)
+        check.key("key", key)
+        self._gateway.delete_tag(run_id, key)
+
+    def get_metric_history(
+        self,
+        run_id: str,
+        key: str,
+        *,
+        page_size: int = DEFAULT_METRIC_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[Metric]:
+        check.require("run_id", run_id, max_length=64)
+        check.key("metric_key", key)
+        size = check.page_size(
+            page_size, default=DEFAULT_METRIC_PAGE_SIZE, maximum=MAX_METRIC_PAGE_SIZE
+        )
+        return self._gateway.get_metric_history(run_id, key, page_size=size, page_token=page_token)
+
+    def _require_active(self, run_id: str) -> Run:
+        run = self._gateway.get_run(run_id)
+        if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
+            raise FailedPreconditionError(f"run {run_id} is deleted")
+        return run

@@ -1,0 +1,84 @@
+"""Request validation shared by the services; every failure names its field."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
+
+from mlflow_sidecar.client.errors import InvalidArgumentError
+
+# MLflow's own limits (mlflow.utils.validation), checked here so callers get the field name.
+MAX_KEY_LENGTH = 250
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_NAME_LENGTH = 500
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+MAX_CLIENT_REQUEST_ID_LENGTH = 200
+T = TypeVar("T")
+
+_KEY_RE = re.compile(r"^[/\w.\- :]*$")
+
+
+def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
+    """A non-empty string of bounded length without control characters."""
+    if not value or not value.strip():
+        raise InvalidArgumentError(field, "must not be empty")
+    return bounded(field, value, max_length)
+
+
+def bounded(field: str, value: str, max_length: int) -> str:
+    """A string (possibly empty) of at most `max_length` characters, without NUL."""
+    if len(value) > max_length:
+        raise InvalidArgumentError(field, f"is {len(value)} characters long; at most {max_length}")
+    if "\x00" in value:
+        raise InvalidArgumentError(field, "must not contain NUL characters")
+    return value
+
+
+def key(field: str, value: str) -> str:
+    """A param, metric or tag key as MLflow accepts it."""
+    require(field, value, max_length=MAX_KEY_LENGTH)
+    if not _KEY_RE.match(value):
+        raise InvalidArgumentError(
+            field,
+            f"{value!r} may only contain letters, digits, underscores, dashes, periods,"
+            " spaces, colons and slashes",
+        )
+    if ".." in value.split("/") or value.startswith("/"):
+        raise InvalidArgumentError(field, f"{value!r} must be a relative path without '..'")
+    return value
+
+
+def string_map(field: str, values: Mapping[str, str], *, max_value_length: int) -> None:
+    """Every key valid, every value bounded."""
+    for k, v in values.items():
+        key(f"{field}.key", k)
+        bounded(f"{field}[{k}]", v, max_value_length)
+
+
+def metric_points(field: str, points: Iterable[tuple[str, int]]) -> None:
+    """Keys valid and timestamps not negative, for (key, timestamp_ms) pairs.
+
+    Values need no check: NaN and +-inf are legal in MLflow, and steps are int64 by type.
+    """
+    for index, (k, timestamp_ms) in enumerate(points):
+        key(f"{field}[{index}].key", k)
+        if timestamp_ms < 0:
+            raise InvalidArgumentError(f"{field}[{index}].timestamp_ms", "must not be negative")
+
+
+def page_size(value: int, *, default: int, maximum: int) -> int:
+    """0 means `default`; otherwise 1..maximum."""
+    if value == 0:
+        return default
+    if not 1 <= value <= maximum:
+        raise InvalidArgumentError("page_size", f"must be between 1 and {maximum}, got {value}")
+    return value
+
+
+def chunks(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """Consecutive slices of at most `size` items."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

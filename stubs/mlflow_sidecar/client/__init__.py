@@ -1,0 +1,43 @@
+"""The trainer-facing half of mlflow-sidecar: ports, domain types, errors, gRPC clients.
+
+Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.client.container`).
+"""
+
+from mlflow_sidecar.client.container import ClientContainer, ClientSettings, load_env
+from mlflow_sidecar.client.domain import (
+    Experiment,
+    LifecycleStage,
+    Metric,
+    MetricPoint,
+    ModelVersion,
+    ModelVersionStatus,
+    Page,
+    RegisteredModel,
+    Run,
+    RunInfo,
+    RunStatus,
+    ViewType,
+)
+from mlflow_sidecar.client.errors import SidecarError
+from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
+
+__all__ = [
+    "ClientContainer",
+    "ClientSettings",
+    "Experiment",
+    "ExperimentTracking",
+    "LifecycleStage",
+    "Metric",
+    "MetricPoint",
+    "ModelRegistry",
+    "ModelVersion",
+    "ModelVersionStatus",
+    "Page",
+    "RegisteredModel",
+    "Run",
+    "RunInfo",
+    "RunStatus",
+    "SidecarError",
+    "ViewType",
+    "load_env",
+]

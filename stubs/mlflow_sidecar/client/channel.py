@@ -1,0 +1,106 @@
+"""The client channel: retry service config (UNAVAILABLE only), keepalive, message limits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import grpc
+
+SERVICE_NAMES = (
+    "mlflow_sidecar.v1.ExperimentTrackingService",
+    "mlflow_sidecar.v1.ModelRegistryService",
+)
+
+
+def service_config(max_attempts: int = 5) -> str:
+    """gRPC service config: retry UNAVAILABLE with exponential backoff, nothing else (gRFC A6)."""
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": name} for name in SERVICE_NAMES],
+                    "retryPolicy": {
+                        "maxAttempts": max_attempts,
+                        "initialBackoff": "0.1s",
+                        "maxBackoff": "2s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str, int | str]]:
+    """Channel arguments shared by every sidecar channel."""
+    return [
+        ("grpc.service_config", service_config(max_attempts)),
+        ("grpc.enable_retries", 1),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+def open_channel(
+    target: str,
+    *,
+    max_message_bytes: int = 8 * 1024 * 1024,
+    max_attempts: int = 5,
+    tls: bool = False,
+    root_certificates: bytes | None = None,
+    token: str = "",
+) -> Iterator[grpc.Channel]:
+    """Yield a channel to the sidecar and close it afterwards (a dependency-injector Resource)."""
+    options = channel_options(max_message_bytes, max_attempts)
+    if tls:
+        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+        channel = grpc.secure_channel(target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(target, options=options)
+    try:
+        yield grpc.intercept_channel(channel, BearerTokenInterceptor(token)) if token else channel
+    finally:
+        channel.close()
+
+
+class _ClientCallDetails(grpc.ClientCallDetails):
+    def __init__(
+        self, base: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
+    ) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = base.wait_for_ready
+        self.compression = base.compression
+
+
+class BearerTokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to every call (plaintext channels included)."""
+
+    def __init__(self, token: str) -> None:
+        self._header: tuple[str, str | bytes] = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> _ClientCallDetails:
+        return _ClientCallDetails(details, (*(details.metadata or ()), self._header))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+        return continuation(self._details(client_call_details), request_iterator)

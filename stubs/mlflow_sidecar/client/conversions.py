@@ -1,0 +1,238 @@
+"""Conversions between domain types and protobuf messages, in both directions.
+
+The one place that knows both shapes: the server's servicers and the typed gRPC
+clients both use it, so the two sides cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from mlflow_sidecar.client.domain import (
+    Experiment,
+    LifecycleStage,
+    Metric,
+    MetricPoint,
+    ModelVersion,
+    ModelVersionStatus,
+    RegisteredModel,
+    Run,
+    RunInfo,
+    RunStatus,
+    ViewType,
+)
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+_STAGE_TO_PB = {
+    LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,
+    LifecycleStage.DELETED: pb.LIFECYCLE_STAGE_DELETED,
+}
+_STAGE_FROM_PB = {v: k for k, v in _STAGE_TO_PB.items()}
+
+_VIEW_TO_PB = {
+    ViewType.ACTIVE_ONLY: pb.VIEW_TYPE_ACTIVE_ONLY,
+    ViewType.DELETED_ONLY: pb.VIEW_TYPE_DELETED_ONLY,
+    ViewType.ALL: pb.VIEW_TYPE_ALL,
+}
+_VIEW_FROM_PB = {v: k for k, v in _VIEW_TO_PB.items()}
+
+_STATUS_TO_PB = {
+    RunStatus.RUNNING: pb.RUN_STATUS_RUNNING,
+    RunStatus.SCHEDULED: pb.RUN_STATUS_SCHEDULED,
+    RunStatus.FINISHED: pb.RUN_STATUS_FINISHED,
+    RunStatus.FAILED: pb.RUN_STATUS_FAILED,
+    RunStatus.KILLED: pb.RUN_STATUS_KILLED,
+}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+_MV_STATUS_TO_PB = {
+    ModelVersionStatus.PENDING_REGISTRATION: reg_pb.MODEL_VERSION_STATUS_PENDING_REGISTRATION,
+    ModelVersionStatus.FAILED_REGISTRATION: reg_pb.MODEL_VERSION_STATUS_FAILED_REGISTRATION,
+    ModelVersionStatus.READY: reg_pb.MODEL_VERSION_STATUS_READY,
+}
+_MV_STATUS_FROM_PB = {v: k for k, v in _MV_STATUS_TO_PB.items()}
+
+
+def view_type_to_pb(view: ViewType) -> pb.ViewType.ValueType:
+    """Domain view type to its enum value."""
+    return _VIEW_TO_PB[view]
+
+
+def view_type_from_pb(value: pb.ViewType.ValueType) -> ViewType:
+    """Enum value to the domain view type; UNSPECIFIED means ACTIVE_ONLY."""
+    return _VIEW_FROM_PB.get(value, ViewType.ACTIVE_ONLY)
+
+
+def run_status_to_pb(status: RunStatus) -> pb.RunStatus.ValueType:
+    """Domain run status to its enum value."""
+    return _STATUS_TO_PB[status]
+
+
+def run_status_from_pb(value: pb.RunStatus.ValueType) -> RunStatus | None:
+    """Enum value to the domain run status; None for UNSPECIFIED or unknown values."""
+    return _STATUS_FROM_PB.get(value)
+
+
+def experiment_to_pb(exp: Experiment) -> pb.Experiment:
+    """Domain experiment to message."""
+    return pb.Experiment(
+        experiment_id=exp.experiment_id,
+        name=exp.name,
+        artifact_location=exp.artifact_location,
+        lifecycle_stage=_STAGE_TO_PB[exp.lifecycle_stage],
+        tags=dict(exp.tags),
+        creation_time_ms=exp.creation_time_ms,
+        last_update_time_ms=exp.last_update_time_ms,
+    )
+
+
+def experiment_from_pb(msg: pb.Experiment) -> Experiment:
+    """Message to domain experiment."""
+    return Experiment(
+        experiment_id=msg.experiment_id,
+        name=msg.name,
+        artifact_location=msg.artifact_location,
+        lifecycle_stage=_STAGE_FROM_PB.get(msg.lifecycle_stage, LifecycleStage.ACTIVE),
+        tags=dict(msg.tags),
+        creation_time_ms=msg.creation_time_ms,
+        last_update_time_ms=msg.last_update_time_ms,
+    )
+
+
+def metric_to_pb(metric: Metric) -> pb.Metric:
+    """Domain metric point to message."""
+    return pb.Metric(
+        key=metric.key, value=metric.value, timestamp_ms=metric.timestamp_ms, step=metric.step
+    )
+
+
+def metric_from_pb(msg: pb.Metric) -> Metric:
+    """Message to domain metric point."""
+    return Metric(key=msg.key, value=msg.value, timestamp_ms=msg.timestamp_ms, step=msg.step)
+
+
+def metric_point_to_pb(point: MetricPoint) -> pb.MetricPoint:
+    """Domain run-addressed point to message."""
+    return pb.MetricPoint(
+        run_id=point.run_id,
+        key=point.key,
+        value=point.value,
+        timestamp_ms=point.timestamp_ms,
+        step=point.step,
+    )
+
+
+def metric_point_from_pb(msg: pb.MetricPoint) -> MetricPoint:
+    """Message to domain run-addressed point."""
+    return MetricPoint(
+        run_id=msg.run_id,
+        key=msg.key,
+        value=msg.value,
+        timestamp_ms=msg.timestamp_ms,
+        step=msg.step,
+    )
+
+
+def run_to_pb(run: Run) -> pb.Run:
+    """Domain run to message."""
+    info = run.info
+    return pb.Run(
+        info=pb.RunInfo(
+            run_id=info.run_id,
+            run_name=info.run_name,
+            experiment_id=info.experiment_id,
+            status=_STATUS_TO_PB[info.status],
+            start_time_ms=info.start_time_ms,
+            end_time_ms=info.end_time_ms,
+            artifact_uri=info.artifact_uri,
+            lifecycle_stage=_STAGE_TO_PB[info.lifecycle_stage],
+            user_id=info.user_id,
+        ),
+        data=pb.RunData(
+            params=dict(run.params),
+            metrics=[metric_to_pb(m) for m in run.metrics.values()],
+            tags=dict(run.tags),
+        ),
+    )
+
+
+def run_from_pb(msg: pb.Run) -> Run:
+    """Message to domain run."""
+    info = msg.info
+    return Run(
+        info=RunInfo(
+            run_id=info.run_id,
+            experiment_id=info.experiment_id,
+            run_name=info.run_name,
+            status=_STATUS_FROM_PB.get(info.status, RunStatus.RUNNING),
+            start_time_ms=info.start_time_ms,
+            end_time_ms=info.end_time_ms,
+            artifact_uri=info.artifact_uri,
+            lifecycle_stage=_STAGE_FROM_PB.get(info.lifecycle_stage, LifecycleStage.ACTIVE),
+            user_id=info.user_id,
+        ),
+        params=dict(msg.data.params),
+        metrics={m.key: metric_from_pb(m) for m in msg.data.metrics},
+        tags=dict(msg.data.tags),
+    )
+
+
+def registered_model_to_pb(model: RegisteredModel) -> reg_pb.RegisteredModel:
+    """Domain registered model to message."""
+    return reg_pb.RegisteredModel(
+        name=model.name,
+        description=model.description,
+        creation_time_ms=model.creation_time_ms,
+        last_updated_time_ms=model.last_updated_time_ms,
+        tags=dict(model.tags),
+        aliases=dict(model.aliases),
+    )
+
+
+def registered_model_from_pb(msg: reg_pb.RegisteredModel) -> RegisteredModel:
+    """Message to domain registered model."""
+    return RegisteredModel(
+        name=msg.name,
+        description=msg.description,
+        creation_time_ms=msg.creation_time_ms,
+        last_updated_time_ms=msg.last_updated_time_ms,
+        tags=dict(msg.tags),
+        aliases=dict(msg.aliases),
+    )
+
+
+def model_version_to_pb(mv: ModelVersion) -> reg_pb.ModelVersion:
+    """Domain model version to message."""
+    return reg_pb.ModelVersion(
+        name=mv.name,
+        version=mv.version,
+        creation_time_ms=mv.creation_time_ms,
+        last_updated_time_ms=mv.last_updated_time_ms,
+        description=mv.description,
+        source=mv.source,
+        run_id=mv.run_id,
+        status=_MV_STATUS_TO_PB[mv.status],
+        status_message=mv.status_message,
+        tags=dict(mv.tags),
+        aliases=list(mv.aliases),
+        user_id=mv.user_id,
+        model_id=mv.model_id,
+    )
+
+
+def model_version_from_pb(msg: reg_pb.ModelVersion) -> ModelVersion:
+    """Message to domain model version."""
+    return ModelVersion(
+        name=msg.name,
+        version=msg.version,
+        source=msg.source,
+        run_id=msg.run_id,
+        status=_MV_STATUS_FROM_PB.get(msg.status, ModelVersionStatus.READY),
+        status_message=msg.status_message,
+        description=msg.description,
+        tags=dict(msg.tags),
+        aliases=tuple(msg.aliases),
+        creation_time_ms=msg.creation_time_ms,
+        last_updated_time_ms=msg.last_updated_time_ms,
+        user_id=msg.user_id,
+        model_id=msg.model_id,
+    )

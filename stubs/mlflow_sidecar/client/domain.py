@@ -1,0 +1,154 @@
+"""Domain types of the ports: plain dataclasses, independent of protobuf and MLflow."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_METRIC_PAGE_SIZE = 1000
+MAX_METRIC_PAGE_SIZE = 25000
+
+
+class LifecycleStage(enum.Enum):
+    """Whether an experiment or run is active or (soft-)deleted."""
+
+    ACTIVE = "active"
+    DELETED = "deleted"
+
+
+class ViewType(enum.Enum):
+    """Which lifecycle stages a search returns."""
+
+    ACTIVE_ONLY = "active_only"
+    DELETED_ONLY = "deleted_only"
+    ALL = "all"
+
+
+class RunStatus(enum.Enum):
+    """Status of a run, as MLflow names it."""
+
+    RUNNING = "RUNNING"
+    SCHEDULED = "SCHEDULED"
+    FINISHED = "FINISHED"
+    FAILED = "FAILED"
+    KILLED = "KILLED"
+
+
+TERMINAL_RUN_STATUSES = frozenset({RunStatus.FINISHED, RunStatus.FAILED, RunStatus.KILLED})
+
+
+class ModelVersionStatus(enum.Enum):
+    """Registration status of a model version."""
+
+    PENDING_REGISTRATION = "PENDING_REGISTRATION"
+    FAILED_REGISTRATION = "FAILED_REGISTRATION"
+    READY = "READY"
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a paginated list; an empty `next_page_token` means the last page."""
+
+    items: tuple[T, ...]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Experiment:
+    """An MLflow experiment."""
+
+    experiment_id: str
+    name: str
+    artifact_location: str = ""
+    lifecycle_stage: LifecycleStage = LifecycleStage.ACTIVE
+    tags: Mapping[str, str] = field(default_factory=dict)
+    creation_time_ms: int = 0
+    last_update_time_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One metric point. `timestamp_ms` 0 means "now" when logging."""
+
+    key: str
+    value: float
+    timestamp_ms: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class MetricPoint:
+    """A metric point addressed to a run, as streamed through the spool."""
+
+    run_id: str
+    key: str
+    value: float
+    timestamp_ms: int = 0
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class RunInfo:
+    """Identity and status of a run."""
+
+    run_id: str
+    experiment_id: str
+    run_name: str = ""
+    status: RunStatus = RunStatus.RUNNING
+    start_time_ms: int = 0
+    end_time_ms: int = 0
+    artifact_uri: str = ""
+    lifecycle_stage: LifecycleStage = LifecycleStage.ACTIVE
+    user_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """A run with its params, tags and the latest point of each metric."""
+
+    info: RunInfo
+    params: Mapping[str, str] = field(default_factory=dict)
+    metrics: Mapping[str, Metric] = field(default_factory=dict)
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def run_id(self) -> str:
+        """The run's id (shortcut for `info.run_id`)."""
+        return self.info.run_id
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredModel:
+    """A registered model; `aliases` maps alias to version number."""
+
+    name: str
+    description: str = ""
+    creation_time_ms: int = 0
+    last_updated_time_ms: int = 0
+    tags: Mapping[str, str] = field(default_factory=dict)
+    aliases: Mapping[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelVersion:
+    """One version of a registered model."""
+
+    name: str
+    version: int
+    source: str = ""
+    run_id: str = ""
+    status: ModelVersionStatus = ModelVersionStatus.READY
+    status_message: str = ""
+    description: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    creation_time_ms: int = 0
+    last_updated_time_ms: int = 0
+    user_id: str = ""
+    model_id: str = ""

@@ -1,0 +1,232 @@
+"""The ports trainer code depends on: `ExperimentTracking` and `ModelRegistry`.
+
+Each is implemented twice: by the MLflow-backed services inside the sidecar and by
+the gRPC clients in this package. Trainer tests can inject a fake of their own.
+Every method raises `mlflow_sidecar.client.errors.SidecarError` subclasses.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+
+from mlflow_sidecar.client.domain import (
+    DEFAULT_METRIC_PAGE_SIZE,
+    DEFAULT_PAGE_SIZE,
+    Experiment,
+    Metric,
+    ModelVersion,
+    Page,
+    RegisteredModel,
+    Run,
+    RunStatus,
+    ViewType,
+)
+
+
+class ExperimentTracking(abc.ABC):
+    """Experiments, runs, params, metrics and tags."""
+
+    @abc.abstractmethod
+    def create_experiment(
+        self,
+        name: str,
+        *,
+        tags: Mapping[str, str] | None = None,
+        artifact_location: str = "",
+        get_if_exists: bool = False,
+    ) -> Experiment:
+        """Create an experiment; with `get_if_exists` return the existing one of that name."""
+
+    @abc.abstractmethod
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        """The experiment with this id."""
+
+    @abc.abstractmethod
+    def get_experiment_by_name(self, name: str) -> Experiment:
+        """The experiment with this name."""
+
+    @abc.abstractmethod
+    def search_experiments(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        view_type: ViewType = ViewType.ACTIVE_ONLY,
+    ) -> Page[Experiment]:
+        """One page of experiments matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def start_run(
+        self,
+        experiment_id: str,
+        *,
+        run_name: str = "",
+        tags: Mapping[str, str] | None = None,
+        parent_run_id: str = "",
+        start_time_ms: int = 0,
+        client_request_id: str = "",
+    ) -> Run:
+        """Start a run; the same `client_request_id` always yields the same run."""
+
+    @abc.abstractmethod
+    def get_run(self, run_id: str) -> Run:
+        """The run with its params, tags and latest metrics."""
+
+    @abc.abstractmethod
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+        view_type: ViewType = ViewType.ACTIVE_ONLY,
+    ) -> Page[Run]:
+        """One page of runs of the given experiments matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def end_run(
+        self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
+    ) -> Run:
+        """End a run with a terminal status, after its spooled metrics are delivered."""
+
+    @abc.abstractmethod
+    def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
+        """Log params; a param already logged with another value is FailedPreconditionError."""
+
+    @abc.abstractmethod
+    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
+        """Log metric points synchronously; returns how many were accepted."""
+
+    @abc.abstractmethod
+    def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags on a run."""
+
+    @abc.abstractmethod
+    def delete_run_tag(self, run_id: str, key: str) -> None:
+        """Delete one tag of a run."""
+
+    @abc.abstractmethod
+    def get_metric_history(
+        self,
+        run_id: str,
+        key: str,
+        *,
+        page_size: int = DEFAULT_METRIC_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[Metric]:
+        """One page of every point of a metric, ordered by step, then timestamp."""
+
+
+class ModelRegistry(abc.ABC):
+    """Registered models, versions, tags and aliases."""
+
+    @abc.abstractmethod
+    def create_registered_model(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        get_if_exists: bool = False,
+    ) -> RegisteredModel:
+        """Create a registered model; with `get_if_exists` return the existing one."""
+
+    @abc.abstractmethod
+    def get_registered_model(self, name: str) -> RegisteredModel:
+        """The registered model of this name."""
+
+    @abc.abstractmethod
+    def search_registered_models(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[RegisteredModel]:
+        """One page of registered models matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def update_registered_model(self, name: str, *, description: str) -> RegisteredModel:
+        """Replace the description of a registered model."""
+
+    @abc.abstractmethod
+    def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
+        """Rename a registered model; its versions and aliases follow."""
+
+    @abc.abstractmethod
+    def delete_registered_model(self, name: str) -> None:
+        """Delete a registered model with all its versions."""
+
+    @abc.abstractmethod
+    def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
+        """Set one tag of a registered model."""
+
+    @abc.abstractmethod
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        """Delete one tag of a registered model."""
+
+    @abc.abstractmethod
+    def create_model_version(
+        self,
+        name: str,
+        *,
+        source: str = "",
+        run_id: str = "",
+        artifact_path: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+    ) -> ModelVersion:
+        """Register a new version from a source URI or a run's artifact path; waits for READY."""
+
+    @abc.abstractmethod
+    def get_model_version(self, name: str, version: int) -> ModelVersion:
+        """One version of a model."""
+
+    @abc.abstractmethod
+    def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
+        """The version an alias (e.g. "champion") points at."""
+
+    @abc.abstractmethod
+    def get_latest_model_version(self, name: str) -> ModelVersion:
+        """The version with the highest version number."""
+
+    @abc.abstractmethod
+    def search_model_versions(
+        self,
+        *,
+        filter_string: str = "",
+        order_by: Sequence[str] = (),
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[ModelVersion]:
+        """One page of model versions matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:
+        """Replace the description of a version."""
+
+    @abc.abstractmethod
+    def delete_model_version(self, name: str, version: int) -> None:
+        """Delete one version (its aliases go with it)."""
+
+    @abc.abstractmethod
+    def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
+        """Set one tag of a version."""
+
+    @abc.abstractmethod
+    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
+        """Delete one tag of a version."""
+
+    @abc.abstractmethod
+    def set_model_alias(self, name: str, alias: str, version: int) -> None:
+        """Point an alias at a version."""
+
+    @abc.abstractmethod
+    def delete_model_alias(self, name: str, alias: str) -> None:
+        """Remove an alias."""
