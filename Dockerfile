@@ -18,7 +18,7 @@ ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     MLFLOW_SIDECAR__DATA_DIR=/data \
     MLFLOW_SIDECAR__SERVER__HOST=0.0.0.0
-USER sidecar
+USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 50051
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \

@@ -1,0 +1,90 @@
+"""Integration fixtures: a real `mlflow server` process and an in-process sidecar against it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.server.config import AppConfig, load_config
+from mlflow_sidecar.server.container import ServerContainer
+from mlflow_sidecar.server.grpc_server import SidecarServer
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+from tests.support.processes import MlflowServer
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def sidecar_config(data_dir: Path, tracking_uri: str, **sections: dict[str, object]) -> AppConfig:
+    """A sidecar config for tests: port 0 on loopback, short retries."""
+    overrides: dict[str, object] = {
+        "data_dir": data_dir,
+        "server": {"host": "127.0.0.1", "port": 0, "grace_s": 1.0},
+        "mlflow": {"tracking_uri": tracking_uri},
+        "retry": {"max_time_s": 5.0, "factor_s": 0.05, "max_backoff_s": 0.5},
+    }
+    for name, values in sections.items():
+        overrides[name] = {**overrides.get(name, {}), **values}  # type: ignore[dict-item]
+    return load_config(**overrides)
+
+
+class RunningSidecar:
+    """An in-process sidecar on a free port."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.container = ServerContainer(config=config)
+        self.server: SidecarServer = self.container.server()
+        self.server.start()
+        self.target = f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        self.server.stop(0.5)
+
+
+@pytest.fixture(scope="session")
+def sidecar(
+    mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningSidecar]:
+    running = RunningSidecar(sidecar_config(tmp_path_factory.mktemp("sidecar"), mlflow_server.url))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def channel(sidecar: RunningSidecar) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(sidecar.target) as chan:
+        yield chan
+
+
+@pytest.fixture(scope="session")
+def tracking_stub(channel: grpc.Channel) -> tracking_pb2_grpc.ExperimentTrackingServiceStub:
+    return tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def registry_stub(channel: grpc.Channel) -> registry_pb2_grpc.ModelRegistryServiceStub:
+    return registry_pb2_grpc.ModelRegistryServiceStub(channel)
+
+
+@pytest.fixture()
+def client_container(sidecar: RunningSidecar) -> Iterator[ClientContainer]:
+    container = ClientContainer()
+    container.config.from_dict({"target": sidecar.target, "timeout_s": 30.0})
+    yield container
+    container.shutdown_resources()
+
+
+@pytest.fixture()
+def unique() -> str:
+    """A fresh suffix for names, so tests sharing one MLflow server never collide."""
+    return uuid.uuid4().hex[:10]

@@ -1,0 +1,109 @@
+"""Real processes for tests and benchmarks: an `mlflow server` on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll `url` until it answers 200, the process dies, or the timeout passes."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout_s}s")
+
+
+def mlflow_executable() -> str:
+    """The `mlflow` script of the interpreter running the tests."""
+    candidate = Path(sys.executable).with_name("mlflow")
+    return str(candidate) if candidate.exists() else (shutil.which("mlflow") or "mlflow")
+
+
+class MlflowServer:
+    """`mlflow server` with a SQL backend and served artifacts, on a fixed loopback port.
+
+    `stop()` and `start()` again keep the port and the data, as an outage would.
+    """
+
+    def __init__(self, workdir: Path, backend_uri: str | None = None) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
+        self.artifacts = workdir / "artifacts"
+        self.log_path = workdir / "mlflow-server.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 90.0) -> None:
+        """Start the server and wait for /health."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        with self.log_path.open("ab") as log:
+            self._proc = subprocess.Popen(
+                [
+                    mlflow_executable(),
+                    "server",
+                    "--backend-store-uri",
+                    self.backend_uri,
+                    "--artifacts-destination",
+                    str(self.artifacts),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=env,
+                start_new_session=True,
+            )
+        try:
+            wait_for_http(f"{self.url}/health", timeout_s, self._proc)
+        except Exception:
+            self.stop()
+            raise RuntimeError(f"mlflow server did not start; log:\n{self.log_tail()}") from None
+
+    def stop(self) -> None:
+        """Stop the server and every process it started."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The end of the server's log, for failure messages."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
