@@ -3,7 +3,8 @@
 Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.client.container`).
 """
 
-from mlflow_sidecar.client.container import ClientContainer, ClientSettings, load_env
+from mlflow_sidecar.client.container import ClientContainer, load_env
+from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.client.domain import (
     Experiment,
     LifecycleStage,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
+
+from mlflow_sidecar.client.settings import ClientSettings
 
 SERVICE_NAMES = (
     "mlflow_sidecar.v1.ExperimentTrackingService",
@@ -45,24 +48,24 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
     ]
 
 
-def open_channel(
-    target: str,
-    *,
-    max_message_bytes: int = 8 * 1024 * 1024,
-    max_attempts: int = 5,
-    tls: bool = False,
-    root_certificates: bytes | None = None,
-    token: str = "",
-) -> Iterator[grpc.Channel]:
+def open_channel(settings: ClientSettings) -> Iterator[grpc.Channel]:
     """Yield a channel to the sidecar and close it afterwards (a dependency-injector Resource)."""
-    options = channel_options(max_message_bytes, max_attempts)
-    if tls:
-        credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
-        channel = grpc.secure_channel(target, credentials, options=options)
+    options = channel_options(settings.max_message_bytes, settings.max_attempts)
+    if settings.tls:
+        roots = (
+            Path(settings.root_certificates_file).read_bytes()
+            if settings.root_certificates_file
+            else None
+        )
+        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
+        channel = grpc.secure_channel(settings.target, credentials, options=options)
     else:
-        channel = grpc.insecure_channel(target, options=options)
+        channel = grpc.insecure_channel(settings.target, options=options)
     try:
-        yield grpc.intercept_channel(channel, BearerTokenInterceptor(token)) if token else channel
+        if settings.token:
+            yield grpc.intercept_channel(channel, BearerTokenInterceptor(settings.token))
+        else:
+            yield channel
     finally:
         channel.close()
 

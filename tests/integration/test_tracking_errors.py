@@ -1,0 +1,163 @@
+"""Each status code of the error mapping, produced by a real sidecar and a real MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import mlflow
+import pytest
+
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.processes import free_port
+
+
+def _code(call, request, **kwargs) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call(request, **kwargs)
+    return err.value.code(), err.value.details()
+
+
+def _new_run(stub, name: str) -> str:
+    exp = stub.CreateExperiment(pb.CreateExperimentRequest(name=name)).experiment.experiment_id
+    return stub.StartRun(pb.StartRunRequest(experiment_id=exp)).run.info.run_id
+
+
+def test_not_found(tracking_stub):
+    code, _ = _code(tracking_stub.GetRun, pb.GetRunRequest(run_id="0" * 32))
+    assert code == grpc.StatusCode.NOT_FOUND
+    code, details = _code(tracking_stub.GetExperiment, pb.GetExperimentRequest(name="no-such-exp"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no-such-exp" in details
+    code, _ = _code(
+        tracking_stub.StartRun, pb.StartRunRequest(experiment_id="987654321", run_name="x")
+    )
+    assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_already_exists(tracking_stub, unique):
+    tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"exists-{unique}"))
+    code, _ = _code(tracking_stub.CreateExperiment, pb.CreateExperimentRequest(name=f"exists-{unique}"))
+    assert code == grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.mark.parametrize(
+    ("method", "request_factory", "field"),
+    [
+        ("CreateExperiment", lambda run_id: pb.CreateExperimentRequest(name=""), "name"),
+        ("GetExperiment", lambda run_id: pb.GetExperimentRequest(), "selector"),
+        (
+            "SearchExperiments",
+            lambda run_id: pb.SearchExperimentsRequest(page_size=5000),
+            "page_size",
+        ),
+        ("SearchRuns", lambda run_id: pb.SearchRunsRequest(), "experiment_ids"),
+        (
+            "LogMetrics",
+            lambda run_id: pb.LogMetricsRequest(run_id=run_id, metrics=[pb.Metric(key="", value=1)]),
+            "metrics[0].key",
+        ),
+        (
+            "LogMetrics",
+            lambda run_id: pb.LogMetricsRequest(
+                run_id=run_id, metrics=[pb.Metric(key="ok", value=1, timestamp_ms=-5)]
+            ),
+            "metrics[0].timestamp_ms",
+        ),
+        (
+            "LogParams",
+            lambda run_id: pb.LogParamsRequest(run_id=run_id, params={"../up": "x"}),
+            "params.key",
+        ),
+        (
+            "LogParams",
+            lambda run_id: pb.LogParamsRequest(run_id=run_id, params={"big": "x" * 6001}),
+            "params[big]",
+        ),
+        (
+            "EndRun",
+            lambda run_id: pb.EndRunRequest(run_id=run_id, status=pb.RUN_STATUS_RUNNING),
+            "status",
+        ),
+        (
+            "StartRun",
+            lambda run_id: pb.StartRunRequest(experiment_id="0", client_request_id="a b'c"),
+            "client_request_id",
+        ),
+        ("GetRun", lambda run_id: pb.GetRunRequest(run_id=""), "run_id"),
+        (
+            "GetMetricHistory",
+            lambda run_id: pb.GetMetricHistoryRequest(run_id=run_id, metric_key="m", page_size=-1),
+            "page_size",
+        ),
+    ],
+)
+def test_invalid_argument_names_the_field(tracking_stub, unique, method, request_factory, field):
+    run_id = _new_run(tracking_stub, f"invalid-{method}-{field}-{unique}")
+    code, details = _code(getattr(tracking_stub, method), request_factory(run_id))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert details.startswith(f"{field}: "), details
+
+
+def test_failed_precondition_for_changed_param_and_deleted_run(tracking_stub, mlflow_server, unique):
+    run_id = _new_run(tracking_stub, f"precondition-{unique}")
+    tracking_stub.LogParams(pb.LogParamsRequest(run_id=run_id, params={"lr": "1"}))
+    code, _ = _code(tracking_stub.LogParams, pb.LogParamsRequest(run_id=run_id, params={"lr": "2"}))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+
+    mlflow.MlflowClient(tracking_uri=mlflow_server.url).delete_run(run_id)
+    for call, request in [
+        (tracking_stub.LogParams, pb.LogParamsRequest(run_id=run_id, params={"new": "1"})),
+        (tracking_stub.EndRun, pb.EndRunRequest(run_id=run_id)),
+        (
+            tracking_stub.LogMetrics,
+            pb.LogMetricsRequest(run_id=run_id, metrics=[pb.Metric(key="m", value=1)]),
+        ),
+    ]:
+        code, details = _code(call, request)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (call, details)
+
+
+@pytest.fixture()
+def sidecar_without_mlflow(tmp_path) -> Iterator[RunningSidecar]:
+    """A sidecar whose MLflow tracking server is a closed port."""
+    config = sidecar_config(
+        tmp_path,
+        f"http://127.0.0.1:{free_port()}",
+        retry={"max_time_s": 1.5, "max_tries": 4},
+        server={"max_message_bytes": 64 * 1024},
+    )
+    running = RunningSidecar(config)
+    yield running
+    running.stop()
+
+
+def test_unavailable_when_mlflow_is_down(sidecar_without_mlflow):
+    with grpc.insecure_channel(sidecar_without_mlflow.target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        code, details = _code(stub.GetRun, pb.GetRunRequest(run_id="a" * 32), timeout=30)
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert "MLflow is unavailable" in details
+
+
+def test_deadline_exceeded_when_mlflow_is_down_past_the_deadline(tmp_path):
+    config = sidecar_config(
+        tmp_path, f"http://127.0.0.1:{free_port()}", retry={"max_time_s": 60, "max_tries": 100}
+    )
+    running = RunningSidecar(config)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            code, _ = _code(stub.GetRun, pb.GetRunRequest(run_id="a" * 32), timeout=1.0)
+    finally:
+        running.stop()
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_resource_exhausted_for_a_message_over_the_limit(sidecar_without_mlflow):
+    points = [pb.Metric(key="reward", value=float(i), step=i) for i in range(10_000)]
+    with grpc.insecure_channel(sidecar_without_mlflow.target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        code, _ = _code(stub.LogMetrics, pb.LogMetricsRequest(run_id="a" * 32, metrics=points))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED

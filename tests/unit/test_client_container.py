@@ -1,0 +1,58 @@
+"""ClientContainer: configuration, composition into a host container, overriding for tests."""
+
+from __future__ import annotations
+
+from dependency_injector import containers, providers
+
+from mlflow_sidecar.client import ClientContainer, ExperimentTracking, load_env
+from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
+from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+
+
+class TrainerService:
+    """What a host application's training service looks like: it depends on the port."""
+
+    def __init__(self, tracking: ExperimentTracking) -> None:
+        self.tracking = tracking
+
+
+class HostContainer(containers.DeclarativeContainer):
+    """A host application's own container, composing ours in one line."""
+
+    config = providers.Configuration()
+    sidecar = providers.Container(ClientContainer, config=config.sidecar)
+    trainer = providers.Factory(TrainerService, tracking=sidecar.experiment_tracking)
+
+
+class FakeTracking:
+    """Stands in for the port in a host application's tests."""
+
+
+def test_defaults_and_dict_config():
+    container = ClientContainer()
+    assert container.config.target() == "127.0.0.1:50051"
+    container.config.from_dict({"target": "10.0.0.1:6000", "timeout_s": 5})
+    tracking = container.experiment_tracking()
+    assert isinstance(tracking, GrpcExperimentTracking)
+    assert tracking._timeout == 5.0
+    assert isinstance(container.model_registry(), GrpcModelRegistry)
+    container.shutdown_resources()
+
+
+def test_env_config(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TARGET", "sidecar:7000")
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TIMEOUT_S", "2.5")
+    container = ClientContainer()
+    load_env(container)
+    assert container.config.target() == "sidecar:7000"
+    assert container.config.timeout_s() == 2.5
+
+
+def test_host_container_composes_and_overrides():
+    host = HostContainer()
+    host.config.from_dict({"sidecar": {"target": "127.0.0.1:1", "timeout_s": 1.0}})
+    assert isinstance(host.trainer().tracking, GrpcExperimentTracking)
+    fake = FakeTracking()
+    with host.sidecar.experiment_tracking.override(fake):
+        assert host.trainer().tracking is fake
+    host.shutdown_resources()

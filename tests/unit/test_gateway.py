@@ -1,0 +1,138 @@
+"""MlflowGateway: MLflow errors -> domain errors, and retries bounded by the call deadline."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+from mlflow.exceptions import MlflowException, RestException
+from mlflow.protos import databricks_pb2
+
+from mlflow_sidecar.client import errors
+from mlflow_sidecar.server.call_deadline import deadline_scope
+from mlflow_sidecar.server.config import load_config
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, to_domain_error
+
+
+def _wrapped_connection_error() -> MlflowException:
+    try:
+        try:
+            raise requests.exceptions.ConnectionError("connection refused")
+        except requests.exceptions.ConnectionError as exc:
+            raise MlflowException(f"API request failed with exception {exc}") from None
+    except MlflowException as wrapped:
+        return wrapped
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (MlflowException("x", databricks_pb2.RESOURCE_DOES_NOT_EXIST), errors.NotFoundError),
+        (MlflowException("x", databricks_pb2.RESOURCE_ALREADY_EXISTS), errors.AlreadyExistsError),
+        (MlflowException("x", databricks_pb2.INVALID_PARAMETER_VALUE), errors.InvalidArgumentError),
+        (MlflowException("x", databricks_pb2.INVALID_STATE), errors.FailedPreconditionError),
+        (MlflowException("x", databricks_pb2.PERMISSION_DENIED), errors.PermissionDeniedError),
+        (MlflowException("x", databricks_pb2.INTERNAL_ERROR), errors.InternalError),
+        (
+            MlflowException(
+                "The run abc must be in the 'active' state. Current state is deleted.",
+                databricks_pb2.INVALID_PARAMETER_VALUE,
+            ),
+            errors.FailedPreconditionError,
+        ),
+        (
+            RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}),
+            errors.UnavailableError,
+        ),
+        (RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}), errors.UnavailableError),
+        (_wrapped_connection_error(), errors.UnavailableError),
+        (ValueError("odd"), errors.InternalError),
+    ],
+)
+def test_mlflow_errors_map_to_domain_errors(exc, expected):
+    assert type(to_domain_error(exc)) is expected
+
+
+def test_only_transient_failures_are_retried():
+    assert is_transient(_wrapped_connection_error())
+    assert not is_transient(MlflowException("x", databricks_pb2.RESOURCE_DOES_NOT_EXIST))
+
+
+@pytest.fixture()
+def gateway(tmp_path) -> MlflowGateway:
+    config = load_config(
+        data_dir=tmp_path,
+        retry={"max_tries": 5, "max_time_s": 30, "factor_s": 0.01, "max_backoff_s": 0.05},
+    )
+    return MlflowGateway(config)
+
+
+def test_transient_failures_are_retried_until_success(gateway):
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise _wrapped_connection_error()
+        return "ok"
+
+    assert gateway.call(flaky) == "ok"
+    assert len(calls) == 3
+
+
+def test_retries_stop_at_max_tries_with_unavailable(gateway):
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    with pytest.raises(errors.UnavailableError):
+        gateway.call(down)
+    assert len(calls) == 5
+
+
+def test_retries_stop_at_the_call_deadline(tmp_path):
+    config = load_config(
+        data_dir=tmp_path,
+        retry={"max_tries": 100, "max_time_s": 60, "factor_s": 0.05, "max_backoff_s": 0.1},
+    )
+    gateway = MlflowGateway(config)
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    started = time.monotonic()
+    with deadline_scope(0.5), pytest.raises(errors.DeadlineExceededError):
+        gateway.call(down)
+    # Bounded by the 0.5 s deadline, not by 60 s or 100 tries.
+    assert time.monotonic() - started < 5
+    assert 1 < len(calls) < 100
+
+
+def test_non_idempotent_calls_are_not_retried(gateway):
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    with pytest.raises(errors.UnavailableError):
+        gateway.call(down, retry=False)
+    assert len(calls) == 1
+
+
+def test_permanent_errors_are_not_retried(gateway):
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise MlflowException("no run", databricks_pb2.RESOURCE_DOES_NOT_EXIST)
+
+    with pytest.raises(errors.NotFoundError):
+        gateway.call(missing)
+    assert len(calls) == 1

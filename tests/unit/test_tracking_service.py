@@ -1,0 +1,139 @@
+"""TrackingService rules, with a fake gateway."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mlflow_sidecar.client.domain import Metric, RunStatus
+from mlflow_sidecar.client.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+)
+from mlflow_sidecar.server.services.tracking import CLIENT_REQUEST_ID_TAG, TrackingService
+from tests.unit.fakes import FakeGateway
+
+
+@pytest.fixture()
+def gateway() -> FakeGateway:
+    return FakeGateway()
+
+
+@pytest.fixture()
+def service(gateway: FakeGateway) -> TrackingService:
+    return TrackingService(gateway)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def run_id(service: TrackingService) -> str:
+    exp = service.create_experiment("exp")
+    return service.start_run(exp.experiment_id).run_id
+
+
+def test_create_experiment_get_if_exists_survives_a_race(service, gateway):
+    first = service.create_experiment("e")
+    # Another caller creates the experiment between our look-up and our create:
+    gateway.fail_next = AlreadyExistsError("exists")
+    assert service.create_experiment("e", get_if_exists=True) == first
+    with pytest.raises(AlreadyExistsError):
+        service.create_experiment("e")
+
+
+def test_start_run_with_the_same_request_id_returns_one_run(service, gateway):
+    exp = service.create_experiment("e").experiment_id
+    first = service.start_run(exp, client_request_id="req-1")
+    second = service.start_run(exp, client_request_id="req-1")
+    assert first.run_id == second.run_id
+    assert gateway.creates == 1
+    assert first.tags[CLIENT_REQUEST_ID_TAG] == "req-1"
+
+
+def test_start_run_retried_after_a_lost_answer_finds_the_first_run(service, gateway):
+    exp = service.create_experiment("e").experiment_id
+    gateway.fail_next = UnavailableError("connection reset after the run was created")
+    with pytest.raises(UnavailableError):
+        service.start_run(exp, client_request_id="req-2")
+    retried = service.start_run(exp, client_request_id="req-2")
+    assert gateway.creates == 1
+    assert retried.run_id in gateway.runs
+
+
+def test_concurrent_start_runs_with_one_request_id_make_one_run(service, gateway):
+    exp = service.create_experiment("e").experiment_id
+    results: list[str] = []
+    threads = [
+        threading.Thread(
+            target=lambda: results.append(service.start_run(exp, client_request_id="same").run_id)
+        )
+        for _ in range(8)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(results)) == 1 and gateway.creates == 1
+
+
+def test_start_run_parent_must_exist_in_the_same_experiment(service):
+    exp = service.create_experiment("e").experiment_id
+    other = service.create_experiment("f").experiment_id
+    parent = service.start_run(other)
+    with pytest.raises(InvalidArgumentError) as err:
+        service.start_run(exp, parent_run_id=parent.run_id)
+    assert err.value.field == "parent_run_id"
+    with pytest.raises(NotFoundError):
+        service.start_run(exp, parent_run_id="missing")
+
+
+def test_log_params_write_once(service, gateway, run_id):
+    service.log_params(run_id, {"lr": "0.1"})
+    service.log_params(run_id, {"lr": "0.1"})
+    with pytest.raises(FailedPreconditionError, match="lr"):
+        service.log_params(run_id, {"lr": "0.2", "new": "x"})
+    # Nothing of a refused call is written.
+    assert gateway.runs[run_id].params == {"lr": "0.1"}
+
+
+def test_log_params_are_split_into_mlflow_batches_of_100(service, gateway, run_id):
+    service.log_params(run_id, {f"p{i}": str(i) for i in range(250)})
+    assert [b[2] for b in gateway.batches] == [100, 100, 50]
+
+
+def test_log_metrics_are_split_into_batches_of_1000_and_stamped(service, gateway, run_id):
+    accepted = service.log_metrics(run_id, [Metric("m", float(i), step=i) for i in range(2500)])
+    assert accepted == 2500
+    assert [b[1] for b in gateway.batches] == [1000, 1000, 500]
+    assert all(m.timestamp_ms > 0 for m in gateway.metrics[run_id])
+
+
+def test_log_metrics_rejects_bad_points_before_writing_any(service, gateway, run_id):
+    points = [Metric("ok", 1.0), Metric("bad key!", 2.0)]
+    with pytest.raises(InvalidArgumentError) as err:
+        service.log_metrics(run_id, points)
+    assert err.value.field == "metrics[1].key"
+    assert gateway.batches == []
+
+
+def test_end_run_accepts_only_terminal_statuses(service, run_id):
+    with pytest.raises(InvalidArgumentError) as err:
+        service.end_run(run_id, RunStatus.RUNNING)
+    assert err.value.field == "status"
+    assert service.end_run(run_id, RunStatus.KILLED).info.status is RunStatus.KILLED
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"filter_string": "x" * 10_001}, "filter"),
+        ({"page_size": 1001}, "page_size"),
+        ({"page_size": -1}, "page_size"),
+    ],
+)
+def test_search_validation(service, kwargs, field):
+    with pytest.raises(InvalidArgumentError) as err:
+        service.search_experiments(**kwargs)
+    assert err.value.field == field
