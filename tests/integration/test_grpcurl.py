@@ -1,0 +1,80 @@
+"""The real grpcurl binary against a running sidecar, through server reflection only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
+TRACKING = "mlflow_sidecar.v1.ExperimentTrackingService"
+
+
+def grpcurl(target: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess[str]:
+    command = [GRPCURL, "-plaintext"]
+    if data is not None:
+        command += ["-d", json.dumps(data)]
+    return subprocess.run(
+        [*command, target, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def call(target: str, method: str, data: dict) -> dict:
+    result = grpcurl(target, f"{TRACKING}/{method}", data=data)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_list_shows_both_services_and_health(sidecar):
+    result = grpcurl(sidecar.target, "list")
+    assert result.returncode == 0, result.stderr
+    services = result.stdout.split()
+    assert "mlflow_sidecar.v1.ExperimentTrackingService" in services
+    assert "mlflow_sidecar.v1.ModelRegistryService" in services
+    assert "grpc.health.v1.Health" in services
+
+
+def test_describe_shows_the_contract(sidecar):
+    result = grpcurl(sidecar.target, "describe", TRACKING)
+    assert result.returncode == 0, result.stderr
+    assert "rpc StartRun ( .mlflow_sidecar.v1.StartRunRequest )" in result.stdout
+    assert "rpc StreamMetrics ( stream .mlflow_sidecar.v1.StreamMetricsRequest )" in result.stdout
+    message = grpcurl(sidecar.target, "describe", "mlflow_sidecar.v1.StartRunRequest")
+    assert "client_request_id" in message.stdout
+
+
+def test_health_check_through_grpcurl(sidecar):
+    result = grpcurl(sidecar.target, "grpc.health.v1.Health/Check", data={"service": TRACKING})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"status": "SERVING"}
+
+
+def test_tracking_sequence_with_json_alone(sidecar, unique):
+    target = sidecar.target
+    exp = call(target, "CreateExperiment", {"name": f"grpcurl-{unique}", "get_if_exists": True})
+    experiment_id = exp["experiment"]["experiment_id"]
+    run = call(
+        target,
+        "StartRun",
+        {"experiment_id": experiment_id, "run_name": "cli", "client_request_id": f"cli-{unique}"},
+    )["run"]
+    run_id = run["info"]["run_id"]
+    call(target, "LogParams", {"run_id": run_id, "params": {"lr": "0.001"}})
+    logged = call(
+        target,
+        "LogMetrics",
+        {"run_id": run_id, "metrics": [{"key": "reward", "value": 1.5, "step": 1}]},
+    )
+    assert logged == {"accepted_points": "1"}
+    fetched = call(target, "GetRun", {"run_id": run_id})["run"]
+    assert fetched["data"]["params"] == {"lr": "0.001"}
+    assert fetched["data"]["metrics"][0]["value"] == 1.5
+    ended = call(target, "EndRun", {"run_id": run_id, "status": "RUN_STATUS_FINISHED"})["run"]
+    assert ended["info"]["status"] == "RUN_STATUS_FINISHED"
+
+
+def test_errors_show_their_status_code(sidecar):
+    result = grpcurl(sidecar.target, f"{TRACKING}/GetRun", data={"run_id": "0" * 32})
+    assert result.returncode != 0
+    assert "Code: NotFound" in result.stderr
