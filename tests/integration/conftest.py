@@ -8,12 +8,12 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.server.config import AppConfig, load_config
 from mlflow_sidecar.server.container import ServerContainer
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
-
 from tests.support.processes import MlflowServer
 
 

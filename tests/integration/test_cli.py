@@ -30,7 +30,9 @@ def wait_serving(target: str, proc: subprocess.Popen[str], timeout_s: float = 90
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"sidecar exited early: {proc.stdout.read() if proc.stdout else ''}")
+            raise AssertionError(
+                f"sidecar exited early: {proc.stdout.read() if proc.stdout else ''}"
+            )
         if health(target).returncode == 0:
             return
         time.sleep(0.3)

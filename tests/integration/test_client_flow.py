@@ -13,7 +13,9 @@ def test_trainer_sequence_through_the_container(sidecar, unique):
     container.config.from_dict({"target": sidecar.target})
     tracking = container.experiment_tracking()
     try:
-        exp = tracking.create_experiment(f"trainer-{unique}", tags={"desk": "fx"}, get_if_exists=True)
+        exp = tracking.create_experiment(
+            f"trainer-{unique}", tags={"desk": "fx"}, get_if_exists=True
+        )
         assert tracking.create_experiment(f"trainer-{unique}", get_if_exists=True) == exp
         run = tracking.start_run(exp.experiment_id, run_name="ppo-1", tags={"algo": "ppo"})
         tracking.log_params(run.run_id, {"lr": "0.0003", "gamma": "0.99"})
@@ -29,7 +31,9 @@ def test_trainer_sequence_through_the_container(sidecar, unique):
         assert ended.info.status is RunStatus.FINISHED
         found = tracking.search_runs([exp.experiment_id], filter_string="params.lr = '0.0003'")
         assert [r.run_id for r in found.items] == [run.run_id]
-        assert tracking.get_experiment_by_name(f"trainer-{unique}").experiment_id == exp.experiment_id
+        assert (
+            tracking.get_experiment_by_name(f"trainer-{unique}").experiment_id == exp.experiment_id
+        )
 
         with pytest.raises(FailedPreconditionError):
             tracking.log_params(run.run_id, {"lr": "1"})

@@ -24,7 +24,9 @@ def test_eight_threads_log_to_one_sidecar(client_container, unique):
         accepted = 0
         for batch in range(BATCHES):
             points = [
-                Metric("loss", float(index), 1_700_000_000_000 + batch * POINTS + i, batch * POINTS + i)
+                Metric(
+                    "loss", float(index), 1_700_000_000_000 + batch * POINTS + i, batch * POINTS + i
+                )
                 for i in range(POINTS)
             ]
             accepted += tracking.log_metrics(own[index], points)

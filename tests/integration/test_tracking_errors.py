@@ -38,7 +38,9 @@ def test_not_found(tracking_stub):
 
 def test_already_exists(tracking_stub, unique):
     tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"exists-{unique}"))
-    code, _ = _code(tracking_stub.CreateExperiment, pb.CreateExperimentRequest(name=f"exists-{unique}"))
+    code, _ = _code(
+        tracking_stub.CreateExperiment, pb.CreateExperimentRequest(name=f"exists-{unique}")
+    )
     assert code == grpc.StatusCode.ALREADY_EXISTS
 
 
@@ -55,7 +57,9 @@ def test_already_exists(tracking_stub, unique):
         ("SearchRuns", lambda run_id: pb.SearchRunsRequest(), "experiment_ids"),
         (
             "LogMetrics",
-            lambda run_id: pb.LogMetricsRequest(run_id=run_id, metrics=[pb.Metric(key="", value=1)]),
+            lambda run_id: pb.LogMetricsRequest(
+                run_id=run_id, metrics=[pb.Metric(key="", value=1)]
+            ),
             "metrics[0].key",
         ),
         (
@@ -100,7 +104,9 @@ def test_invalid_argument_names_the_field(tracking_stub, unique, method, request
     assert details.startswith(f"{field}: "), details
 
 
-def test_failed_precondition_for_changed_param_and_deleted_run(tracking_stub, mlflow_server, unique):
+def test_failed_precondition_for_changed_param_and_deleted_run(
+    tracking_stub, mlflow_server, unique
+):
     run_id = _new_run(tracking_stub, f"precondition-{unique}")
     tracking_stub.LogParams(pb.LogParamsRequest(run_id=run_id, params={"lr": "1"}))
     code, _ = _code(tracking_stub.LogParams, pb.LogParamsRequest(run_id=run_id, params={"lr": "2"}))

@@ -7,6 +7,7 @@ import sys
 
 import grpc
 import pytest
+
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 

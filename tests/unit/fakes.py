@@ -26,7 +26,9 @@ class FakeGateway:
             error, self.fail_next = self.fail_next, None
             raise error
 
-    def create_experiment(self, name: str, *, artifact_location: str, tags: Mapping[str, str]) -> str:
+    def create_experiment(
+        self, name: str, *, artifact_location: str, tags: Mapping[str, str]
+    ) -> str:
         self._maybe_fail()
         if any(e.name == name for e in self.experiments.values()):
             raise AlreadyExistsError(f"experiment {name!r} exists")
@@ -52,7 +54,9 @@ class FakeGateway:
         self.runs[run_id] = run
         return run
 
-    def find_or_create_run(self, experiment_id, *, run_name, tags, start_time_ms, key_tag) -> domain.Run:
+    def find_or_create_run(
+        self, experiment_id, *, run_name, tags, start_time_ms, key_tag
+    ) -> domain.Run:
         for run in self.runs.values():
             if run.tags.get(key_tag) == tags[key_tag]:
                 return run
@@ -89,6 +93,10 @@ class FakeGateway:
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         run = self.get_run(run_id)
         info = domain.RunInfo(
-            run.info.run_id, run.info.experiment_id, run.info.run_name, status, end_time_ms=end_time_ms
+            run.info.run_id,
+            run.info.experiment_id,
+            run.info.run_name,
+            status,
+            end_time_ms=end_time_ms,
         )
         self.runs[run_id] = domain.Run(info, run.params, run.metrics, run.tags)

@@ -72,9 +72,11 @@ def test_domain_errors_map_to_their_status_code(server_and_service, error, code)
 def test_unexpected_errors_are_internal_with_a_generic_message(server_and_service, caplog):
     stub, service = server_and_service
     service.error = KeyError("secret-detail")
-    with caplog.at_level(logging.ERROR, logger="mlflow_sidecar.errors"):
-        with pytest.raises(grpc.RpcError) as err:
-            stub.GetRun(pb.GetRunRequest(run_id="x"))
+    with (
+        caplog.at_level(logging.ERROR, logger="mlflow_sidecar.errors"),
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret-detail" not in err.value.details()
     assert "request id" in err.value.details()
@@ -93,14 +95,18 @@ def test_internal_domain_error_hides_its_detail(server_and_service):
 def test_access_log_records_method_and_code(server_and_service, caplog):
     stub, service = server_and_service
     service.error = errors.NotFoundError("nope")
-    with caplog.at_level(logging.INFO, logger="mlflow_sidecar.access"):
-        with pytest.raises(grpc.RpcError):
-            stub.GetRun(pb.GetRunRequest(run_id="x"))
+    with (
+        caplog.at_level(logging.INFO, logger="mlflow_sidecar.access"),
+        pytest.raises(grpc.RpcError),
+    ):
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
     assert "/mlflow_sidecar.v1.ExperimentTrackingService/GetRun" in caplog.text
     assert "NOT_FOUND" in caplog.text
 
 
 def test_invalid_argument_round_trips_its_field():
-    error = error_from_status(grpc.StatusCode.INVALID_ARGUMENT, "page_size: must be between 1 and 1000")
+    error = error_from_status(
+        grpc.StatusCode.INVALID_ARGUMENT, "page_size: must be between 1 and 1000"
+    )
     assert isinstance(error, errors.InvalidArgumentError)
     assert error.field == "page_size"

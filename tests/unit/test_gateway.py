@@ -46,7 +46,10 @@ def _wrapped_connection_error() -> MlflowException:
             RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}),
             errors.UnavailableError,
         ),
-        (RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}), errors.UnavailableError),
+        (
+            RestException({"error_code": "REQUEST_LIMIT_EXCEEDED", "message": "slow down"}),
+            errors.UnavailableError,
+        ),
         (_wrapped_connection_error(), errors.UnavailableError),
         (ValueError("odd"), errors.InternalError),
     ],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dependency_injector import containers, providers
+
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway

@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import grpc
+
 from mlflow_sidecar.client.errors import InternalError, SidecarError
 from mlflow_sidecar.server import call_deadline
 

@@ -4,7 +4,6 @@ Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.clien
 """
 
 from mlflow_sidecar.client.container import ClientContainer, load_env
-from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.client.domain import (
     Experiment,
     LifecycleStage,
@@ -21,6 +20,7 @@ from mlflow_sidecar.client.domain import (
 )
 from mlflow_sidecar.client.errors import SidecarError
 from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
+from mlflow_sidecar.client.settings import ClientSettings
 
 __all__ = [
     "ClientContainer",

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
 
 import grpc
+
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.domain import (
     DEFAULT_METRIC_PAGE_SIZE,

@@ -7,6 +7,7 @@ from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Run as MlflowRun
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
+
 from mlflow_sidecar.client.domain import (
     Experiment,
     LifecycleStage,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
+from sqlalchemy.exc import OperationalError
+
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -18,7 +20,6 @@ from mlflow_sidecar.client.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from sqlalchemy.exc import OperationalError
 
 _BY_ERROR_CODE: dict[int, type[SidecarError]] = {
     databricks_pb2.RESOURCE_DOES_NOT_EXIST: NotFoundError,

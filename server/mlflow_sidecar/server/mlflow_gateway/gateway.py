@@ -11,6 +11,7 @@ import backoff
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
+
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
     DeadlineExceededError,

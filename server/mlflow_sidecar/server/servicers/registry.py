@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TypeAlias
 
 import grpc
+
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.v1 import registry_pb2 as pb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.domain import RunStatus
 from mlflow_sidecar.client.errors import InvalidArgumentError
