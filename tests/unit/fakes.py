@@ -90,6 +90,9 @@ class FakeGateway:
             tags={**run.tags, **(tags or {})},
         )
 
+    def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
+        self.log_batch(run_id, metrics=metrics)
+
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         run = self.get_run(run_id)
         info = domain.RunInfo(

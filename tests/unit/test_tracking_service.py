@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -14,7 +15,10 @@ from mlflow_sidecar.client.errors import (
     NotFoundError,
     UnavailableError,
 )
+from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.services.tracking import CLIENT_REQUEST_ID_TAG, TrackingService
+from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
+from mlflow_sidecar.server.spool.store import SpoolStore
 from tests.unit.fakes import FakeGateway
 
 
@@ -24,8 +28,15 @@ def gateway() -> FakeGateway:
 
 
 @pytest.fixture()
-def service(gateway: FakeGateway) -> TrackingService:
-    return TrackingService(gateway)  # type: ignore[arg-type]
+def service(gateway: FakeGateway, tmp_path) -> Iterator[TrackingService]:
+    store = SpoolStore(tmp_path / "spool.db", max_points=10_000)
+    deliverer = MetricDeliverer(
+        store, gateway.log_metrics, batch_size=1000, backoff_factor_s=0.01, max_backoff_s=0.05
+    )
+    deliverer.start()
+    yield TrackingService(gateway, MetricIngest(store, deliverer, flush_timeout_s=5))  # type: ignore[arg-type]
+    deliverer.stop()
+    store.close()
 
 
 @pytest.fixture()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
@@ -70,6 +71,51 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else EXIT_UNHEALTHY
 
 
+def _spool_status(args: argparse.Namespace) -> int:
+    from mlflow_sidecar.server.config import ConfigError, load_config
+    from mlflow_sidecar.server.spool.store import SpoolStore
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not config.spool_path.exists():
+        print(f"no spool at {config.spool_path}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    store = SpoolStore(config.spool_path, max_points=config.spool.max_points)
+    try:
+        status = store.status()
+    finally:
+        store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "spool": str(config.spool_path),
+                    "pending_points": status.pending_points,
+                    "pending_runs": status.pending_runs,
+                    "max_points": status.max_points,
+                    "oldest_age_s": round(status.oldest_age_s, 3),
+                    "dead_letter_points": status.dead_letter_points,
+                    "dead_letters": [
+                        {"run_id": g.run_id, "reason": g.reason, "points": g.points}
+                        for g in status.dead_letters
+                    ],
+                }
+            )
+        )
+        return 0
+    print(f"spool:              {config.spool_path}")
+    print(f"pending points:     {status.pending_points} of {status.max_points}")
+    print(f"pending runs:       {status.pending_runs}")
+    print(f"oldest pending:     {status.oldest_age_s:.1f}s")
+    print(f"dead-letter points: {status.dead_letter_points}")
+    for group in status.dead_letters:
+        print(f"  run {group.run_id}: {group.points} points: {group.reason}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `mlflow-sidecar`."""
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
@@ -84,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="service name; empty: the whole server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
     health.set_defaults(func=_health)
+    spool = commands.add_parser("spool", help="inspect the metric spool")
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True)
+    status = spool_commands.add_parser(
+        "status", help="pending points, oldest age, dead letters (works while serving)"
+    )
+    status.add_argument("--config", help="YAML config file, as for serve")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=_spool_status)
     return parser
 
 

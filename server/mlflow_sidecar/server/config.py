@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
@@ -63,6 +63,18 @@ class RetryConfig(_Section):
     jitter: bool = True
 
 
+class SpoolConfig(_Section):
+    """The durable metric spool (SQLite in WAL mode at `<data_dir>/spool.db`)."""
+
+    max_points: int = Field(
+        10_000_000, ge=1, description="pending points before RESOURCE_EXHAUSTED"
+    )
+    batch_size: int = Field(1000, ge=1, le=1000, description="points per MLflow log_batch")
+    flush_timeout_s: float = Field(60.0, gt=0, description="longest FlushMetrics/EndRun wait")
+    # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+
+
 class AppConfig(BaseSettings):
     """The sidecar's whole configuration."""
 
@@ -77,6 +89,7 @@ class AppConfig(BaseSettings):
     server: ServerConfig = ServerConfig()
     mlflow: MlflowConfig = MlflowConfig()
     retry: RetryConfig = RetryConfig()
+    spool: SpoolConfig = SpoolConfig()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @model_validator(mode="after")
@@ -98,6 +111,11 @@ class AppConfig(BaseSettings):
     def artifact_root(self) -> Path:
         """Where the embedded store keeps artifacts."""
         return self.data_dir / "artifacts"
+
+    @property
+    def spool_path(self) -> Path:
+        """The spool database."""
+        return self.data_dir / "spool.db"
 
     @property
     def embedded(self) -> bool:

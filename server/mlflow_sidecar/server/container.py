@@ -1,4 +1,4 @@
-"""`ServerContainer`: wires config -> gateway -> services -> servicers -> server."""
+"""`ServerContainer`: wires config -> gateway, spool -> services -> servicers -> server."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
+from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
+from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
+from mlflow_sidecar.server.spool.store import SpoolStore
 
 
 class ServerContainer(containers.DeclarativeContainer):
@@ -18,8 +21,33 @@ class ServerContainer(containers.DeclarativeContainer):
 
     config = providers.Dependency(instance_of=AppConfig)
     gateway = providers.Singleton(MlflowGateway, config)
-    tracking_service = providers.Singleton(TrackingService, gateway)
+
+    spool_store = providers.Singleton(
+        SpoolStore,
+        config.provided.spool_path,
+        max_points=config.provided.spool.max_points,
+        synchronous=config.provided.spool.synchronous,
+    )
+    deliverer = providers.Singleton(
+        MetricDeliverer,
+        spool_store,
+        gateway.provided.log_metrics,
+        batch_size=config.provided.spool.batch_size,
+        backoff_factor_s=config.provided.retry.factor_s,
+        max_backoff_s=config.provided.retry.max_backoff_s,
+    )
+    metric_ingest = providers.Singleton(
+        MetricIngest, spool_store, deliverer, config.provided.spool.flush_timeout_s
+    )
+
+    tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest)
     registry_service = providers.Singleton(RegistryService, gateway)
     tracking_servicer = providers.Singleton(TrackingServicer, tracking_service)
     registry_servicer = providers.Singleton(RegistryServicer, registry_service)
-    server = providers.Singleton(SidecarServer, config, tracking_servicer, registry_servicer)
+    server = providers.Singleton(
+        SidecarServer,
+        config,
+        tracking_servicer,
+        registry_servicer,
+        background=providers.List(deliverer),
+    )

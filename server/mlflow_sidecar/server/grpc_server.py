@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent import futures
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,6 +23,16 @@ REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistryServic
 SERVICE_NAMES = (TRACKING_SERVICE, REGISTRY_SERVICE)
 
 
+class BackgroundTask(Protocol):
+    """Work that runs while the server serves (e.g. the metric deliverer)."""
+
+    def start(self) -> None:
+        """Begin."""
+
+    def stop(self) -> None:
+        """End; called after the server has drained."""
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -33,8 +45,10 @@ class SidecarServer:
         config: AppConfig,
         tracking: tracking_pb2_grpc.ExperimentTrackingServiceServicer,
         registry: registry_pb2_grpc.ModelRegistryServiceServicer,
+        background: Sequence[BackgroundTask] = (),
     ) -> None:
         self._config = config
+        self._background = tuple(background)
         limit = config.server.max_message_bytes
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="rpc"),
@@ -67,7 +81,9 @@ class SidecarServer:
         self._stopped = threading.Event()
 
     def start(self) -> None:
-        """Start serving and report SERVING for every service."""
+        """Start background work and serving; report SERVING for every service."""
+        for task in self._background:
+            task.start()
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("mlflow-sidecar serving on %s", self.address)
@@ -78,6 +94,8 @@ class SidecarServer:
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining for up to %.1fs", grace)
         self._server.stop(grace).wait()
+        for task in reversed(self._background):
+            task.stop()
         self._stopped.set()
         log.info("stopped")
 

@@ -6,6 +6,7 @@ Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.clien
 from mlflow_sidecar.client.container import ClientContainer, load_env
 from mlflow_sidecar.client.domain import (
     Experiment,
+    FlushResult,
     LifecycleStage,
     Metric,
     MetricPoint,
@@ -19,6 +20,7 @@ from mlflow_sidecar.client.domain import (
     ViewType,
 )
 from mlflow_sidecar.client.errors import SidecarError
+from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
 from mlflow_sidecar.client.settings import ClientSettings
 
@@ -27,9 +29,11 @@ __all__ = [
     "ClientSettings",
     "Experiment",
     "ExperimentTracking",
+    "FlushResult",
     "LifecycleStage",
     "Metric",
     "MetricPoint",
+    "MetricStream",
     "ModelRegistry",
     "ModelVersion",
     "ModelVersionStatus",

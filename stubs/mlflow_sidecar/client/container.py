@@ -16,6 +16,7 @@ from dependency_injector import containers, providers
 from mlflow_sidecar.client.channel import open_channel
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.client.settings import ClientEnvSettings, ClientSettings
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 
@@ -33,6 +34,7 @@ class ClientContainer(containers.DeclarativeContainer):
     experiment_tracking = providers.Singleton(
         GrpcExperimentTracking, stub=tracking_stub, timeout_s=settings.provided.timeout_s
     )
+    metric_stream = providers.Factory(MetricStream, tracking_stub)
     model_registry = providers.Singleton(
         GrpcModelRegistry, stub=registry_stub, timeout_s=settings.provided.timeout_s
     )

@@ -22,6 +22,9 @@ from mlflow_sidecar.client.domain import (
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
+# Trailing metadata of StreamMetrics: points of the call committed to the spool.
+ACCEPTED_POINTS_METADATA = "accepted-points"
+
 _STAGE_TO_PB = {
     LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,
     LifecycleStage.DELETED: pb.LIFECYCLE_STAGE_DELETED,

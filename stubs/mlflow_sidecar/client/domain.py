@@ -94,6 +94,19 @@ class MetricPoint:
 
 
 @dataclass(frozen=True, slots=True)
+class FlushResult:
+    """What FlushMetrics left behind: points still spooled, and points dead-lettered."""
+
+    pending_points: int
+    dead_letter_points: int = 0
+
+    @property
+    def complete(self) -> bool:
+        """True when nothing is pending any more."""
+        return self.pending_points == 0
+
+
+@dataclass(frozen=True, slots=True)
 class RunInfo:
     """Identity and status of a run."""
 

@@ -13,7 +13,9 @@ from mlflow_sidecar.client.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
     Experiment,
+    FlushResult,
     Metric,
+    MetricPoint,
     Page,
     Run,
     RunStatus,
@@ -158,6 +160,20 @@ class GrpcExperimentTracking(ExperimentTracking):
             run_id=run_id, metrics=[conv.metric_to_pb(m) for m in metrics]
         )
         return invoke(self._stub.LogMetrics, request, self._timeout).accepted_points
+
+    def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
+        """One StreamMetrics call with one message; for a training loop use `MetricStream`."""
+        request = pb.StreamMetricsRequest(points=[conv.metric_point_to_pb(p) for p in points])
+        try:
+            reply = self._stub.StreamMetrics(iter([request]), timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        return reply.accepted_points
+
+    def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
+        request = pb.FlushMetricsRequest(run_id=run_id)
+        reply = invoke(self._stub.FlushMetrics, request, timeout_s or self._timeout)
+        return FlushResult(reply.pending_points, reply.dead_letter_points)
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         request = pb.SetRunTagsRequest(run_id=run_id, tags=dict(tags))

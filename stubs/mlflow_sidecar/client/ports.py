@@ -14,7 +14,9 @@ from mlflow_sidecar.client.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
     Experiment,
+    FlushResult,
     Metric,
+    MetricPoint,
     ModelVersion,
     Page,
     RegisteredModel,
@@ -101,6 +103,15 @@ class ExperimentTracking(abc.ABC):
     @abc.abstractmethod
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
         """Log metric points synchronously; returns how many were accepted."""
+
+    @abc.abstractmethod
+    def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
+        """Hand points of any runs to the sidecar's durable spool; returns how many were
+        accepted. Delivery to MLflow is asynchronous; ResourceExhaustedError when full."""
+
+    @abc.abstractmethod
+    def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
+        """Wait until a run's (or all) spooled points are in MLflow, or the timeout passes."""
 
     @abc.abstractmethod
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:

@@ -290,6 +290,10 @@ class MlflowGateway:
             )
         )
 
+    def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
+        """One `log_batch` of metric points (at most MLflow's 1000)."""
+        self.log_batch(run_id, metrics=metrics)
+
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""
         self.call(lambda: self._client.delete_tag(run_id, key))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import grpc
 
 from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.domain import RunStatus
 from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.client.ports import ExperimentTracking
@@ -110,6 +113,27 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             request.run_id, [conv.metric_from_pb(m) for m in request.metrics]
         )
         return pb.LogMetricsResponse(accepted_points=accepted)
+
+    def StreamMetrics(
+        self, request_iterator: Iterator[pb.StreamMetricsRequest], context: grpc.ServicerContext
+    ) -> pb.StreamMetricsResponse:
+        accepted = 0
+        try:
+            for message in request_iterator:
+                points = [conv.metric_point_from_pb(p) for p in message.points]
+                accepted += self._service.enqueue_metrics(points)
+        finally:
+            # Tells a client whose stream failed midway how much of it is safe in the spool.
+            context.set_trailing_metadata(((ACCEPTED_POINTS_METADATA, str(accepted)),))
+        return pb.StreamMetricsResponse(accepted_points=accepted)
+
+    def FlushMetrics(
+        self, request: pb.FlushMetricsRequest, context: grpc.ServicerContext
+    ) -> pb.FlushMetricsResponse:
+        result = self._service.flush_metrics(request.run_id)
+        return pb.FlushMetricsResponse(
+            pending_points=result.pending_points, dead_letter_points=result.dead_letter_points
+        )
 
     def SetRunTags(
         self, request: pb.SetRunTagsRequest, context: grpc.ServicerContext

@@ -14,7 +14,9 @@ from mlflow_sidecar.client.domain import (
     MAX_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
     Experiment,
+    FlushResult,
     Metric,
+    MetricPoint,
     Page,
     Run,
     RunStatus,
@@ -25,11 +27,13 @@ from mlflow_sidecar.client.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from mlflow_sidecar.client.ports import ExperimentTracking
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 
 CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -44,8 +48,9 @@ class TrackingService(ExperimentTracking):
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
 
-    def __init__(self, gateway: MlflowGateway) -> None:
+    def __init__(self, gateway: MlflowGateway, ingest: MetricIngest) -> None:
         self._gateway = gateway
+        self._ingest = ingest
         self._start_locks = KeyedLocks()
 
     # -- experiments --------------------------------------------------------------------
@@ -191,7 +196,15 @@ class TrackingService(ExperimentTracking):
         if end_time_ms < 0:
             raise InvalidArgumentError("end_time_ms", "must not be negative")
         self._require_active(run_id)
+        # The run's streamed points go first, so its history is complete once it has ended.
+        flushed = self._ingest.flush(run_id)
+        if flushed.pending_points:
+            raise UnavailableError(
+                f"{flushed.pending_points} spooled points of run {run_id} are not in MLflow yet;"
+                " the run was not ended, retry EndRun"
+            )
         self._gateway.set_terminated(run_id, status, end_time_ms or _now_ms())
+        self._ingest.mark_ended(run_id, status.value)
         return self._gateway.get_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
@@ -220,6 +233,12 @@ class TrackingService(ExperimentTracking):
         for batch in check.chunks(stamped, check.MAX_METRICS_PER_BATCH):
             self._gateway.log_batch(run_id, metrics=batch)
         return len(stamped)
+
+    def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
+        return self._ingest.accept(points)
+
+    def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
+        return self._ingest.flush(run_id, timeout_s)
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         check.require("run_id", run_id, max_length=64)

@@ -1,0 +1,60 @@
+"""`MetricIngest`: accepts streamed points into the spool and answers flushes."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from mlflow_sidecar.client.domain import FlushResult, MetricPoint
+from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
+from mlflow_sidecar.server.spool.store import SpoolStore
+
+# Leave this much of a caller's deadline for the answer to travel back.
+_ANSWER_MARGIN_S = 0.1
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MetricIngest:
+    """The spool's front door: validation, timestamps, acceptance, flush waits."""
+
+    def __init__(
+        self, store: SpoolStore, deliverer: MetricDeliverer, flush_timeout_s: float
+    ) -> None:
+        self._store = store
+        self._deliverer = deliverer
+        self._flush_timeout_s = flush_timeout_s
+
+    def accept(self, points: Sequence[MetricPoint]) -> int:
+        """Validate and commit points to the spool (all or none); returns how many."""
+        for index, point in enumerate(points):
+            check.require(f"points[{index}].run_id", point.run_id, max_length=64)
+        check.metric_points("points", ((p.key, p.timestamp_ms) for p in points))
+        now = _now_ms()
+        # Stamped here, before the spool, so a redelivery is an exact duplicate MLflow ignores.
+        stamped = [
+            p if p.timestamp_ms else MetricPoint(p.run_id, p.key, p.value, now, p.step)
+            for p in points
+        ]
+        accepted = self._store.append(stamped)
+        self._deliverer.notify()
+        return accepted
+
+    def flush(self, run_id: str = "", timeout_s: float | None = None) -> FlushResult:
+        """Wait for delivery of a run's (or all) points within the call's deadline."""
+        if run_id:
+            check.bounded("run_id", run_id, 64)
+        budget = self._flush_timeout_s if timeout_s is None else timeout_s
+        left = call_deadline.remaining()
+        if left is not None:
+            budget = min(budget, max(0.0, left - _ANSWER_MARGIN_S))
+        pending = self._deliverer.wait_delivered(run_id, budget)
+        return FlushResult(pending, self._store.dead_letter_count(run_id))
+
+    def mark_ended(self, run_id: str, status: str) -> None:
+        """Points for this run that arrive from now on are dead-lettered, not delivered."""
+        self._store.mark_ended(run_id, status)

@@ -1,0 +1,144 @@
+"""`MetricDeliverer`: drains the spool into MLflow in the background, run by run, in order."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import backoff
+
+from mlflow_sidecar.client.domain import Metric
+from mlflow_sidecar.client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    SidecarError,
+)
+from mlflow_sidecar.server.spool.store import SpooledBatch, SpoolStore
+
+log = logging.getLogger(__name__)
+
+LogBatch = Callable[[str, Sequence[Metric]], None]
+
+# Failures that no retry can fix: the run is gone, deleted, or refuses these points.
+_PERMANENT = (NotFoundError, FailedPreconditionError, InvalidArgumentError)
+
+
+class MetricDeliverer:
+    """One background thread that moves spooled points to MLflow with `log_batch`.
+
+    A batch is deleted from the spool only after MLflow confirmed it, so delivery is
+    at-least-once; MLflow's SQL stores ignore exact duplicates. While MLflow is down the
+    thread backs off (exponential, jitter) and tries again, for as long as it takes.
+    Points of runs that no longer accept writes go to the dead-letter table with the reason.
+    """
+
+    def __init__(
+        self,
+        store: SpoolStore,
+        log_batch: LogBatch,
+        *,
+        batch_size: int,
+        backoff_factor_s: float,
+        max_backoff_s: float,
+    ) -> None:
+        self._store = store
+        self._log_batch = log_batch
+        self._batch_size = batch_size
+        self._backoff_factor_s = backoff_factor_s
+        self._max_backoff_s = max_backoff_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._progress = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start delivering, beginning with whatever an earlier process left in the spool."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="metric-deliverer", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Stop after the batch in flight; undelivered points stay in the spool."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            self._thread = None
+
+    def notify(self) -> None:
+        """New points are waiting."""
+        self._wake.set()
+
+    def wait_delivered(self, run_id: str, timeout_s: float) -> int:
+        """Wait until a run's (or, with "", every run's) points are delivered or dead-lettered,
+        at most `timeout_s`; returns how many points are still pending."""
+        deadline = time.monotonic() + timeout_s
+        self._wake.set()
+        with self._progress:
+            while (pending := self._store.pending(run_id)) > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._progress.wait(min(left, 0.5))
+        return pending
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        delays = backoff.full_jitter
+        waits = backoff.expo(factor=self._backoff_factor_s, max_value=self._max_backoff_s)
+        next(waits)  # the generator's first value is a priming None
+        while not self._stop.is_set():
+            try:
+                delivered = self._deliver_round()
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
+                wait = delays(next(waits))
+                log.warning("metric delivery failed, retrying in %.2fs: %s", wait, exc)
+                self._stop.wait(wait)
+                continue
+            waits = backoff.expo(factor=self._backoff_factor_s, max_value=self._max_backoff_s)
+            next(waits)
+            if not delivered:
+                self._wake.wait(0.5)
+                self._wake.clear()
+
+    def _deliver_round(self) -> bool:
+        """One batch from each run with pending points (fair across runs); True if any moved."""
+        moved = False
+        for run_id in self._store.runs_with_pending():
+            if self._stop.is_set():
+                break
+            batch = self._store.oldest(run_id, self._batch_size)
+            if batch is None:
+                continue
+            self._deliver(batch)
+            moved = True
+            with self._progress:
+                self._progress.notify_all()
+        return moved
+
+    def _deliver(self, batch: SpooledBatch) -> None:
+        ended = self._store.ended_status(batch.run_id)
+        if ended is not None:
+            reason = f"run was ended ({ended}) through the sidecar before these points arrived"
+            self._store.dead_letter(batch.run_id, reason, batch)
+            log.warning(
+                "dead-lettered %d points of run %s: %s", len(batch.metrics), batch.run_id, reason
+            )
+            return
+        try:
+            self._log_batch(batch.run_id, batch.metrics)
+        except _PERMANENT as exc:
+            self._dead_letter(batch, exc)
+            return
+        self._store.delete(batch)
+
+    def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> None:
+        # A bad batch dead-letters only itself; a run that is gone takes all its points.
+        whole_run = not isinstance(exc, InvalidArgumentError)
+        reason = f"{exc.code.name}: {exc.message}"
+        moved = self._store.dead_letter(batch.run_id, reason, None if whole_run else batch)
+        log.warning("dead-lettered %d points of run %s: %s", moved, batch.run_id, reason)

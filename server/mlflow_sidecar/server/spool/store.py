@@ -1,0 +1,265 @@
+"""`SpoolStore`: a SQLite database (WAL) of undelivered metric points and dead letters."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlflow_sidecar.client.domain import Metric, MetricPoint
+from mlflow_sidecar.client.errors import ResourceExhaustedError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value REAL,
+    timestamp_ms INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS points_by_run ON points (run_id, id);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value REAL,
+    timestamp_ms INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    accepted_ms INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    dead_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_run ON dead_letters (run_id);
+CREATE TABLE IF NOT EXISTS ended_runs (
+    run_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    ended_ms INTEGER NOT NULL
+);
+"""
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledBatch:
+    """The oldest undelivered points of one run; `last_id` marks them for deletion."""
+
+    run_id: str
+    first_id: int
+    last_id: int
+    metrics: tuple[Metric, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterGroup:
+    """Dead-lettered points of one run that share a reason."""
+
+    run_id: str
+    reason: str
+    points: int
+    last_dead_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolStatus:
+    """Depth of the spool and what it could not deliver."""
+
+    pending_points: int
+    pending_runs: int
+    max_points: int
+    oldest_accepted_ms: int | None
+    dead_letter_points: int
+    dead_letters: tuple[DeadLetterGroup, ...]
+
+    @property
+    def oldest_age_s(self) -> float:
+        """Age of the oldest undelivered point, 0 when none is pending."""
+        if self.oldest_accepted_ms is None:
+            return 0.0
+        return max(0.0, (_now_ms() - self.oldest_accepted_ms) / 1000)
+
+
+class SpoolStore:
+    """Thread-safe access to the spool database; one connection guarded by a lock.
+
+    Counts per run are kept in memory (loaded at open) so the hot paths never scan.
+    """
+
+    def __init__(self, path: Path, *, max_points: int, synchronous: str = "NORMAL") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.max_points = max_points
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous}")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self._pending: dict[str, int] = dict(
+            self._db.execute("SELECT run_id, COUNT(*) FROM points GROUP BY run_id").fetchall()
+        )
+        self._total = sum(self._pending.values())
+        self._ended: dict[str, str] = dict(
+            self._db.execute("SELECT run_id, status FROM ended_runs").fetchall()
+        )
+
+    def close(self) -> None:
+        """Close the database (pending points stay on disk for the next start)."""
+        with self._lock:
+            self._db.close()
+
+    # -- accepting --------------------------------------------------------------------
+
+    def append(self, points: Sequence[MetricPoint]) -> int:
+        """Commit all of `points` or none; ResourceExhaustedError when the spool is full."""
+        if not points:
+            return 0
+        accepted_ms = _now_ms()
+        rows = [(p.run_id, p.key, p.value, p.timestamp_ms, p.step, accepted_ms) for p in points]
+        with self._lock:
+            if self._total + len(rows) > self.max_points:
+                raise ResourceExhaustedError(
+                    f"metric spool is full ({self._total} of {self.max_points} points pending);"
+                    f" {len(rows)} points of this message were not accepted, retry later"
+                )
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO points (run_id, key, value, timestamp_ms, step, accepted_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            for p in points:
+                self._pending[p.run_id] = self._pending.get(p.run_id, 0) + 1
+            self._total += len(rows)
+        return len(rows)
+
+    # -- delivering -------------------------------------------------------------------
+
+    def runs_with_pending(self) -> list[str]:
+        """Runs that have undelivered points."""
+        with self._lock:
+            return list(self._pending)
+
+    def oldest(self, run_id: str, limit: int) -> SpooledBatch | None:
+        """Up to `limit` oldest undelivered points of a run, in the order they were accepted."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, key, value, timestamp_ms, step FROM points"
+                " WHERE run_id = ? ORDER BY id LIMIT ?",
+                (run_id, limit),
+            ).fetchall()
+        if not rows:
+            return None
+        metrics = tuple(
+            Metric(key, float("nan") if value is None else value, ts, step)
+            for _, key, value, ts, step in rows
+        )
+        return SpooledBatch(run_id, rows[0][0], rows[-1][0], metrics)
+
+    def delete(self, batch: SpooledBatch) -> None:
+        """Forget a batch MLflow confirmed."""
+        with self._lock:
+            deleted = self._db.execute(
+                "DELETE FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
+                (batch.run_id, batch.first_id, batch.last_id),
+            ).rowcount
+            self._forget(batch.run_id, deleted)
+
+    def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
+        """Move a batch (or every pending point of the run) to the dead-letter table."""
+        first, last = (batch.first_id, batch.last_id) if batch else (0, 2**63 - 1)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO dead_letters"
+                    " (run_id, key, value, timestamp_ms, step, accepted_ms, reason, dead_ms)"
+                    " SELECT run_id, key, value, timestamp_ms, step, accepted_ms, ?, ?"
+                    " FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    (reason, _now_ms(), run_id, first, last),
+                )
+                moved = self._db.execute(
+                    "DELETE FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    (run_id, first, last),
+                ).rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._forget(run_id, moved)
+        return moved
+
+    def _forget(self, run_id: str, count: int) -> None:
+        left = self._pending.get(run_id, 0) - count
+        if left > 0:
+            self._pending[run_id] = left
+        else:
+            self._pending.pop(run_id, None)
+        self._total -= count
+
+    # -- ended runs -------------------------------------------------------------------
+
+    def mark_ended(self, run_id: str, status: str) -> None:
+        """Remember that a run was ended through the sidecar: later points for it are refused."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO ended_runs (run_id, status, ended_ms) VALUES (?, ?, ?)",
+                (run_id, status, _now_ms()),
+            )
+            self._ended[run_id] = status
+
+    def ended_status(self, run_id: str) -> str | None:
+        """The status a run was ended with through the sidecar, or None."""
+        with self._lock:
+            return self._ended.get(run_id)
+
+    # -- reading ----------------------------------------------------------------------
+
+    def pending(self, run_id: str = "") -> int:
+        """Undelivered points of one run, or of all runs."""
+        with self._lock:
+            return self._pending.get(run_id, 0) if run_id else self._total
+
+    def dead_letter_count(self, run_id: str = "") -> int:
+        """Dead-lettered points of one run, or of all runs."""
+        with self._lock:
+            if run_id:
+                row = self._db.execute(
+                    "SELECT COUNT(*) FROM dead_letters WHERE run_id = ?", (run_id,)
+                ).fetchone()
+            else:
+                row = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+        return int(row[0])
+
+    def status(self) -> SpoolStatus:
+        """Depth, oldest age and dead letters."""
+        with self._lock:
+            oldest = self._db.execute(
+                "SELECT accepted_ms FROM points ORDER BY id LIMIT 1"
+            ).fetchone()
+            groups = self._db.execute(
+                "SELECT run_id, reason, COUNT(*), MAX(dead_ms) FROM dead_letters"
+                " GROUP BY run_id, reason ORDER BY MAX(dead_ms) DESC LIMIT 100"
+            ).fetchall()
+            dead_total = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            return SpoolStatus(
+                pending_points=self._total,
+                pending_runs=len(self._pending),
+                max_points=self.max_points,
+                oldest_accepted_ms=oldest[0] if oldest else None,
+                dead_letter_points=int(dead_total),
+                dead_letters=tuple(DeadLetterGroup(r, why, n, t) for r, why, n, t in groups),
+            )

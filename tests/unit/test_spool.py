@@ -1,0 +1,173 @@
+"""The spool store and the deliverer, with a fake MLflow behind our `log_metrics` callable."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+import pytest
+
+from mlflow_sidecar.client.domain import Metric, MetricPoint
+from mlflow_sidecar.client.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
+from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
+from mlflow_sidecar.server.spool.store import SpoolStore
+
+
+def points(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
+    return [MetricPoint(run_id, "loss", float(i), 1_000 + i, i) for i in range(start, start + n)]
+
+
+class FakeMlflow:
+    """Records delivered batches; can fail the next calls."""
+
+    def __init__(self) -> None:
+        self.delivered: dict[str, list[Metric]] = {}
+        self.batch_sizes: list[int] = []
+        self.failures: list[Exception] = []
+        self.lock = threading.Lock()
+
+    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> None:
+        with self.lock:
+            if self.failures:
+                raise self.failures.pop(0)
+            self.batch_sizes.append(len(metrics))
+            self.delivered.setdefault(run_id, []).extend(metrics)
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    yield s
+    s.close()
+
+
+def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100) -> MetricDeliverer:
+    return MetricDeliverer(
+        store, mlflow.log_metrics, batch_size=batch_size, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+
+
+def test_append_is_durable_across_reopen(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    store.append(points("a", 10) + points("b", 5))
+    store.close()
+    reopened = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    assert reopened.pending() == 15
+    assert reopened.pending("a") == 10 and reopened.pending("b") == 5
+    batch = reopened.oldest("a", 4)
+    assert batch is not None
+    assert [m.step for m in batch.metrics] == [0, 1, 2, 3]
+    reopened.delete(batch)
+    assert reopened.pending("a") == 6
+    reopened.close()
+
+
+def test_a_full_spool_refuses_the_whole_message(store):
+    store.append(points("a", 990))
+    with pytest.raises(ResourceExhaustedError, match="full"):
+        store.append(points("a", 20, start=990))
+    assert store.pending() == 990
+    assert store.append(points("a", 10, start=990)) == 10
+
+
+def test_nan_survives_the_spool(store):
+    store.append([MetricPoint("a", "x", math.nan, 1, 0), MetricPoint("a", "x", math.inf, 2, 1)])
+    batch = store.oldest("a", 10)
+    assert batch is not None
+    assert math.isnan(batch.metrics[0].value) and batch.metrics[1].value == math.inf
+
+
+def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
+    mlflow = FakeMlflow()
+    store.append(points("a", 250) + points("b", 30))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", 10) == 0
+    finally:
+        deliverer.stop()
+    assert [m.step for m in mlflow.delivered["a"]] == list(range(250))
+    assert [m.step for m in mlflow.delivered["b"]] == list(range(30))
+    assert max(mlflow.batch_sizes) == 100
+    assert store.pending() == 0
+
+
+def test_transient_failures_lose_nothing(store):
+    mlflow = FakeMlflow()
+    mlflow.failures = [UnavailableError("down")] * 5 + [RuntimeError("surprise")]
+    store.append(points("a", 120))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("a", 10) == 0
+    finally:
+        deliverer.stop()
+    assert [m.step for m in mlflow.delivered["a"]] == list(range(120))
+    assert store.dead_letter_count() == 0
+
+
+@pytest.mark.parametrize("error", [NotFoundError("no run"), FailedPreconditionError("deleted")])
+def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
+    mlflow = FakeMlflow()
+    mlflow.failures = [error]
+    store.append(points("gone", 150))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("gone", 10) == 0
+    finally:
+        deliverer.stop()
+    assert "gone" not in mlflow.delivered
+    assert store.dead_letter_count("gone") == 150
+    (group,) = store.status().dead_letters
+    assert group.run_id == "gone" and group.points == 150
+    assert error.code.name in group.reason
+
+
+def test_an_invalid_batch_is_dead_lettered_alone(store):
+    mlflow = FakeMlflow()
+    mlflow.failures = [InvalidArgumentError("", "bad point")]
+    store.append(points("a", 150))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("a", 10) == 0
+    finally:
+        deliverer.stop()
+    assert store.dead_letter_count("a") == 100
+    assert [m.step for m in mlflow.delivered["a"]] == list(range(100, 150))
+
+
+def test_points_for_a_run_ended_through_the_sidecar_are_dead_lettered(store):
+    mlflow = FakeMlflow()
+    store.mark_ended("done", "FINISHED")
+    store.append(points("done", 3))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("done", 10) == 0
+    finally:
+        deliverer.stop()
+    assert store.dead_letter_count("done") == 3
+    assert "FINISHED" in store.status().dead_letters[0].reason
+
+
+def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
+    mlflow = FakeMlflow()
+    mlflow.failures = [UnavailableError("down")] * 10_000
+    store.append(points("a", 10))
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("a", 0.3) == 10
+    finally:
+        deliverer.stop()
+    status = store.status()
+    assert status.pending_points == 10 and status.oldest_age_s >= 0
