@@ -1,0 +1,190 @@
+"""StreamMetrics, FlushMetrics and the spool against a real mlflow server."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import mlflow
+import pytest
+
+from mlflow_sidecar.client import MetricPoint, RunStatus
+from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.processes import MlflowServer
+
+CLI = str(Path(sys.executable).with_name("mlflow-sidecar"))
+
+
+def full_history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_metric_stream_then_end_run_gives_the_whole_history(client_container, mlflow_server, unique):
+    tracking = client_container.experiment_tracking()
+    exp = tracking.create_experiment(f"stream-{unique}").experiment_id
+    runs = [tracking.start_run(exp, run_name=f"r{i}").run_id for i in range(3)]
+    with client_container.metric_stream() as stream:
+        for step in range(2000):
+            for run_id in runs:
+                stream.log_metrics(run_id, {"reward": float(step), "loss": -float(step)}, step=step)
+    assert stream.accepted == 2000 * 3 * 2
+
+    # EndRun flushes the run's spooled points first: the history is complete right after.
+    tracking.end_run(runs[0], RunStatus.FINISHED)
+    history = tracking.get_metric_history(runs[0], "reward", page_size=5000)
+    assert [m.step for m in history.items] == list(range(2000))
+
+    assert tracking.flush_metrics(timeout_s=60).pending_points == 0
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    for run_id in runs:
+        assert full_history(plain, run_id, "loss") == [(s, -float(s)) for s in range(2000)]
+
+
+def test_flush_metrics_rpc_and_enqueue(tracking_stub, client_container, unique):
+    tracking = client_container.experiment_tracking()
+    exp = tracking.create_experiment(f"enqueue-{unique}").experiment_id
+    run_id = tracking.start_run(exp).run_id
+    accepted = tracking.enqueue_metrics(
+        [MetricPoint(run_id, "q", float(i), 0, i) for i in range(1500)]
+    )
+    assert accepted == 1500
+    reply = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
+    assert reply.pending_points == 0 and reply.dead_letter_points == 0
+    assert len(tracking.get_metric_history(run_id, "q", page_size=5000).items) == 1500
+
+
+def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):
+    good = pb.StreamMetricsRequest(points=[pb.MetricPoint(run_id="r" * 32, key="ok", value=1)])
+    bad = pb.StreamMetricsRequest(points=[pb.MetricPoint(run_id="r" * 32, key="", value=1)])
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.StreamMetrics(iter([good, good, bad, good]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("points[0].key")
+    assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "2"
+
+
+def test_points_of_deleted_runs_are_dead_lettered_and_visible(sidecar, tracking_stub, mlflow_server, unique):
+    exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"dead-{unique}"))
+    run_id = tracking_stub.StartRun(
+        pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
+    ).run.info.run_id
+    mlflow.MlflowClient(tracking_uri=mlflow_server.url).delete_run(run_id)
+    points = [pb.MetricPoint(run_id=run_id, key="m", value=1.0, step=i) for i in range(25)]
+    reply = tracking_stub.StreamMetrics(iter([pb.StreamMetricsRequest(points=points)]))
+    assert reply.accepted_points == 25
+    flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
+    assert flushed.pending_points == 0
+    assert flushed.dead_letter_points == 25
+
+    config = sidecar.container.config()
+    status = subprocess.run(
+        [CLI, "spool", "status", "--json"],
+        env={"MLFLOW_SIDECAR__DATA_DIR": str(config.data_dir)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    report = json.loads(status.stdout)
+    groups = [g for g in report["dead_letters"] if g["run_id"] == run_id]
+    assert groups and groups[0]["points"] == 25
+    assert "FAILED_PRECONDITION" in groups[0]["reason"]
+
+
+@pytest.fixture()
+def own_mlflow(tmp_path):
+    """A dedicated mlflow server that a test may stop and start again (an outage)."""
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    yield server
+    server.stop()
+
+
+def _runs(server: MlflowServer, count: int) -> list[str]:
+    client = mlflow.MlflowClient(tracking_uri=server.url)
+    exp = client.create_experiment("outage")
+    return [client.create_run(exp).info.run_id for _ in range(count)]
+
+
+def test_backpressure_when_the_spool_is_full(own_mlflow, tmp_path):
+    (run_id,) = _runs(own_mlflow, 1)
+    own_mlflow.stop()  # nothing drains: the spool fills up
+    config = sidecar_config(
+        tmp_path / "sidecar", own_mlflow.url, spool={"max_points": 500}, retry={"max_time_s": 1}
+    )
+    running = RunningSidecar(config)
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            messages = [
+                pb.StreamMetricsRequest(
+                    points=[
+                        pb.MetricPoint(run_id=run_id, key="m", value=i * 100 + j, step=i * 100 + j)
+                        for j in range(100)
+                    ]
+                )
+                for i in range(8)
+            ]
+            with pytest.raises(grpc.RpcError) as err:
+                stub.StreamMetrics(iter(messages), timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "500"
+
+            own_mlflow.start()
+            flushed = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
+            assert flushed.pending_points == 0
+    finally:
+        running.stop()
+    plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
+    assert full_history(plain, run_id, "m") == [(s, float(s)) for s in range(500)]
+
+
+def test_mlflow_outage_is_invisible_to_the_trainer(own_mlflow, tmp_path):
+    import threading
+    import time
+
+    runs = _runs(own_mlflow, 2)
+    config = sidecar_config(tmp_path / "sidecar", own_mlflow.url, retry={"max_time_s": 1})
+    running = RunningSidecar(config)
+    from mlflow_sidecar.client import ClientContainer
+
+    container = ClientContainer()
+    container.config.from_dict({"target": running.target})
+    stream = container.metric_stream()
+    steps = 0
+    stop = threading.Event()
+
+    def trainer() -> None:
+        nonlocal steps
+        while not stop.is_set():
+            for run_id in runs:
+                stream.log(run_id, "reward", float(steps), step=steps)
+            steps += 1
+            time.sleep(0.002)
+
+    try:
+        thread = threading.Thread(target=trainer)
+        thread.start()
+        time.sleep(1)
+        own_mlflow.stop()
+        time.sleep(11)  # the trainer keeps logging while MLflow is down
+        own_mlflow.start()
+        time.sleep(1)
+        stop.set()
+        thread.join()
+        assert stream.close() == steps * len(runs)  # the trainer saw no error
+        tracking = container.experiment_tracking()
+        assert tracking.flush_metrics(timeout_s=120).pending_points == 0
+    finally:
+        container.shutdown_resources()
+        running.stop()
+    assert steps > 1000
+    plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
+    for run_id in runs:
+        assert full_history(plain, run_id, "reward") == [(s, float(s)) for s in range(steps)]
