@@ -25,7 +25,9 @@ def full_history(client: mlflow.MlflowClient, run_id: str, key: str) -> list[tup
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
-def test_metric_stream_then_end_run_gives_the_whole_history(client_container, mlflow_server, unique):
+def test_metric_stream_then_end_run_gives_the_whole_history(
+    client_container, mlflow_server, unique
+):
     tracking = client_container.experiment_tracking()
     exp = tracking.create_experiment(f"stream-{unique}").experiment_id
     runs = [tracking.start_run(exp, run_name=f"r{i}").run_id for i in range(3)]
@@ -69,7 +71,9 @@ def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "2"
 
 
-def test_points_of_deleted_runs_are_dead_lettered_and_visible(sidecar, tracking_stub, mlflow_server, unique):
+def test_points_of_deleted_runs_are_dead_lettered_and_visible(
+    sidecar, tracking_stub, mlflow_server, unique
+):
     exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"dead-{unique}"))
     run_id = tracking_stub.StartRun(
         pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)

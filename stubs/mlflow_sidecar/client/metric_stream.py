@@ -69,6 +69,8 @@ class MetricStream:
         self._accepted = 0
         self._error: SidecarError | None = None
         self._closing = False
+        # Set by flush(): end the open call as soon as the queue is empty.
+        self._flushing = False
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
 
@@ -112,12 +114,16 @@ class MetricStream:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._cond:
             self._cut()
+            self._flushing = True
             self._cond.notify_all()
-            while (self._queue or self._in_flight) and self._error is None:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise DeadlineExceededError(f"{self._buffered()} points not yet accepted")
-                self._cond.wait(0.1 if left is None else min(left, 0.1))
+            try:
+                while (self._queue or self._in_flight) and self._error is None:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise DeadlineExceededError(f"{self._buffered()} points not yet accepted")
+                    self._cond.wait(0.1 if left is None else min(left, 0.1))
+            finally:
+                self._flushing = False
             self._raise_if_failed()
             return self._accepted
 
@@ -191,7 +197,7 @@ class MetricStream:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    if time.monotonic() - started >= self._window_s:
+                    if self._flushing or time.monotonic() - started >= self._window_s:
                         return
                     if self._buffer and time.monotonic() - self._buffer_since >= self._max_delay_s:
                         self._cut()
