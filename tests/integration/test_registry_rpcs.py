@@ -387,3 +387,34 @@ def test_deleting_a_version_removes_its_aliases(registry_stub, run_id, unique):
         )
     )
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_create_model_version_from_a_models_alias_source(registry_stub, run_id, unique):
+    origin, copy = f"mv-aliased-{unique}", f"mv-aliascopy-{unique}"
+    _model(registry_stub, origin)
+    _model(registry_stub, copy)
+    for i in range(2):
+        _version(registry_stub, origin, run_id, path=f"m{i}")
+    registry_stub.SetModelAlias(pb.SetModelAliasRequest(name=origin, alias="champion", version=1))
+    created = registry_stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(name=copy, source=f"models:/{origin}@champion")
+    ).model_version
+    assert created.version == 1
+    assert created.status == pb.MODEL_VERSION_STATUS_READY
+    # MLflow pins the alias to the version it pointed at.
+    assert created.source == f"models:/{origin}/1"
+    assert created.run_id == run_id
+
+
+def test_descriptions_can_be_cleared(registry_stub, run_id, unique):
+    name = f"clear-{unique}"
+    _model(registry_stub, name, description="model")
+    _version(registry_stub, name, run_id, description="version")
+    model = registry_stub.UpdateRegisteredModel(
+        pb.UpdateRegisteredModelRequest(name=name, description="")
+    ).registered_model
+    version = registry_stub.UpdateModelVersion(
+        pb.UpdateModelVersionRequest(name=name, version=1, description="")
+    ).model_version
+    assert model.description == "" and _get_model(registry_stub, name).description == ""
+    assert version.description == "" and _get_version(registry_stub, name, 1).description == ""
