@@ -13,7 +13,7 @@ from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.server.config import AppConfig, load_config
 from mlflow_sidecar.server.container import ServerContainer
 from mlflow_sidecar.server.grpc_server import SidecarServer
-from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 from tests.support.processes import MlflowServer
 
 
@@ -88,3 +88,13 @@ def client_container(sidecar: RunningSidecar) -> Iterator[ClientContainer]:
 def unique() -> str:
     """A fresh suffix for names, so tests sharing one MLflow server never collide."""
     return uuid.uuid4().hex[:10]
+
+
+@pytest.fixture()
+def run_id(tracking_stub: tracking_pb2_grpc.ExperimentTrackingServiceStub, unique: str) -> str:
+    """A fresh RUNNING run in a fresh experiment, started through the sidecar."""
+    experiment_id = tracking_stub.CreateExperiment(
+        tracking_pb2.CreateExperimentRequest(name=f"registry-{unique}")
+    ).experiment.experiment_id
+    run = tracking_stub.StartRun(tracking_pb2.StartRunRequest(experiment_id=experiment_id)).run
+    return run.info.run_id

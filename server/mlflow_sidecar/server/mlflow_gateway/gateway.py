@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
     DeadlineExceededError,
+    InvalidArgumentError,
     NotFoundError,
     SidecarError,
     UnavailableError,
@@ -36,6 +37,29 @@ _VIEW_TYPES = {
     domain.ViewType.DELETED_ONLY: ViewType.DELETED_ONLY,
     domain.ViewType.ALL: ViewType.ALL,
 }
+
+
+def _search_field(
+    message: str, filter_string: str, order_by: Sequence[str], page_token: str
+) -> str:
+    """The search request field an MLflow complaint is about; empty when that is unclear."""
+    given = [
+        field
+        for field, value in (
+            ("filter", filter_string),
+            ("order_by", order_by),
+            ("page_token", page_token),
+        )
+        if value
+    ]
+    if len(given) == 1:
+        return given[0]
+    lowered = message.lower()
+    if "page token" in lowered:
+        return "page_token"
+    if "order_by" in lowered or "order by" in lowered:
+        return "order_by"
+    return ""
 
 
 class _TransientError(Exception):
@@ -329,17 +353,32 @@ class MlflowGateway:
         """The registered model of this name."""
         return entities.registered_model(self.call(lambda: self._client.get_registered_model(name)))
 
+    def _search(
+        self, op: Callable[[], T], *, filter_string: str, order_by: Sequence[str], page_token: str
+    ) -> T:
+        """Run a search; an invalid-argument answer names the request field it is about."""
+        try:
+            return self.call(op)
+        except InvalidArgumentError as exc:
+            if exc.field:
+                raise
+            field = _search_field(exc.message, filter_string, order_by, page_token)
+            raise InvalidArgumentError(field, exc.message) from exc
+
     def search_registered_models(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
-        paged = self.call(
+        paged = self._search(
             lambda: self._client.search_registered_models(
                 filter_string=filter_string or None,
                 max_results=page_size,
                 order_by=list(order_by) or None,
                 page_token=page_token or None,
-            )
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
         return domain.Page(tuple(entities.registered_model(m) for m in paged), paged.token or "")
 
@@ -373,9 +412,10 @@ class MlflowGateway:
         run_id: str,
         description: str,
         tags: Mapping[str, str],
-        await_ready_s: int,
     ) -> domain.ModelVersion:
-        """Create a version and wait up to `await_ready_s` for READY. Not retried."""
+        """Create a version and return it as created, possibly still pending registration
+        (the caller waits for READY within its deadline). Not retried: a retry could
+        register a second version."""
         return entities.model_version(
             self.call(
                 lambda: self._client.create_model_version(
@@ -384,7 +424,7 @@ class MlflowGateway:
                     run_id=run_id or None,
                     tags=dict(tags) or None,
                     description=description or None,
-                    await_creation_for=await_ready_s,
+                    await_creation_for=0,
                 ),
                 retry=False,
             )
@@ -406,13 +446,16 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
-        paged = self.call(
+        paged = self._search(
             lambda: self._client.search_model_versions(
                 filter_string=filter_string or None,
                 max_results=page_size,
                 order_by=list(order_by) or None,
                 page_token=page_token or None,
-            )
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
         return domain.Page(tuple(entities.model_version(v) for v in paged), paged.token or "")
 

@@ -3,31 +3,56 @@
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping, Sequence
 
 from mlflow_sidecar.client.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     ModelVersion,
+    ModelVersionStatus,
     Page,
     RegisteredModel,
 )
-from mlflow_sidecar.client.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.client.errors import (
+    AlreadyExistsError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 
-# MLflow waits up to 300 s for a new version to become READY; we wait no longer than that.
-MAX_AWAIT_READY_S = 300
+# MLflow waits up to 300 s for a new version to become READY; we wait no longer than that,
+# and never past the call's deadline (less a margin so that the answer still arrives).
+MAX_AWAIT_READY_S = 300.0
+DEADLINE_MARGIN_S = 0.05
+FIRST_POLL_S = 0.05
+MAX_POLL_S = 1.0
 MAX_ALIAS_LENGTH = 255
-_ALIAS_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+_ALIAS_RE = re.compile(r"^[\w\-]+$")
 _VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
+_RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
+# models:/NAME/VERSION and models:/NAME@ALIAS; other forms (stages, logged model ids) go to MLflow.
+_MODELS_SOURCE_RE = re.compile(
+    r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
+)
 
 
 def _name(field: str, value: str) -> str:
     return check.require(field, value, max_length=check.MAX_NAME_LENGTH)
+
+
+def _new_name(field: str, value: str) -> str:
+    """A name for a model to be created or renamed to: MLflow forbids '/' and ':' in it."""
+    _name(field, value)
+    if "/" in value or ":" in value:
+        raise InvalidArgumentError(field, f"{value!r} must not contain '/' or ':'")
+    return value
 
 
 def _version(value: int) -> int:
@@ -36,17 +61,47 @@ def _version(value: int) -> int:
     return value
 
 
-def _alias(value: str) -> str:
+def _alias_name(value: str) -> str:
+    """An alias as MLflow stores it (MLflow's own rule, so aliases set elsewhere resolve)."""
     check.require("alias", value, max_length=MAX_ALIAS_LENGTH)
     if not _ALIAS_RE.match(value):
         raise InvalidArgumentError(
             "alias", f"{value!r} may only contain letters, digits, underscores and dashes"
         )
+    return value
+
+
+def _alias(value: str) -> str:
+    """An alias that may be set: not one of the names MLflow reserves for versions."""
+    _alias_name(value)
     if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
         raise InvalidArgumentError(
             "alias", f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
         )
     return value
+
+
+def _source_run_id(source: str) -> str:
+    """The run id of a runs:/RUN_ID/PATH source; empty for every other kind of source."""
+    if not source.startswith("runs:"):
+        return ""
+    match = _RUNS_SOURCE_RE.match(source)
+    if match is None:
+        raise InvalidArgumentError("source", f"{source!r} is not of the form runs:/RUN_ID/PATH")
+    return match["run_id"]
+
+
+def _models_source(source: str) -> tuple[str, int, str] | None:
+    """(name, version, alias) of a models:/NAME/VERSION or models:/NAME@ALIAS source."""
+    match = _MODELS_SOURCE_RE.match(source)
+    if match is None:
+        return None
+    return match["name"], int(match["version"] or 0), match["alias"] or ""
+
+
+def _deadline_passed() -> bool:
+    left = call_deadline.remaining()
+    return left is not None and left <= DEADLINE_MARGIN_S
 
 
 def _quoted(value: str) -> str:
@@ -73,7 +128,7 @@ class RegistryService(ModelRegistry):
         tags: Mapping[str, str] | None = None,
         get_if_exists: bool = False,
     ) -> RegisteredModel:
-        _name("name", name)
+        _new_name("name", name)
         check.bounded("description", description, 5000)
         check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
         if get_if_exists:
@@ -115,7 +170,7 @@ class RegistryService(ModelRegistry):
 
     def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
         _name("name", name)
-        _name("new_name", new_name)
+        _new_name("new_name", new_name)
         with self._model_locks.hold(name):
             return self._gateway.rename_registered_model(name, new_name)
 
@@ -155,28 +210,73 @@ class RegistryService(ModelRegistry):
             source = f"runs:/{run_id}/{artifact_path}"
         elif artifact_path:
             raise InvalidArgumentError("artifact_path", "give either source or artifact_path")
-        if run_id:
-            self._gateway.get_run(run_id)  # NOT_FOUND for an unknown run, before registering
+        # MLflow accepts a runs:/ source only together with the id of that same run.
+        if source_run_id := _source_run_id(source):
+            if run_id and run_id != source_run_id:
+                raise InvalidArgumentError(
+                    "run_id", f"{run_id!r} is not the run of the source {source!r}"
+                )
+            run_id = source_run_id
         # NOT_FOUND for an unknown model instead of MLflow creating nothing with a vague error.
         self._gateway.get_registered_model(name)
-        left = call_deadline.remaining()
-        await_s = MAX_AWAIT_READY_S if left is None else max(1, min(MAX_AWAIT_READY_S, int(left)))
+        if origin := _models_source(source):
+            # NOT_FOUND for a missing source version or alias, before registering anything.
+            origin_name, origin_version, origin_alias = origin
+            if origin_alias:
+                self.get_model_version_by_alias(origin_name, origin_alias)
+            else:
+                self.get_model_version(origin_name, origin_version)
+        if run_id:
+            self._gateway.get_run(run_id)  # NOT_FOUND for an unknown run, before registering
+        # One registration per model at a time: each caller gets the next number, no conflict.
         with self._model_locks.hold(name):
-            return self._gateway.create_model_version(
-                name,
-                source=source,
-                run_id=run_id,
-                description=description,
-                tags=tags or {},
-                await_ready_s=await_s,
+            # A caller that gave up while others registered must not leave a version behind.
+            if _deadline_passed():
+                raise DeadlineExceededError(
+                    f"deadline exceeded while waiting to register a version of {name!r}"
+                )
+            created = self._gateway.create_model_version(
+                name, source=source, run_id=run_id, description=description, tags=tags or {}
             )
+        return self._await_ready(created)
+
+    def _await_ready(self, version: ModelVersion) -> ModelVersion:
+        """The version once it has left PENDING_REGISTRATION; bounded by the call's deadline."""
+        started = time.monotonic()
+        delay = FIRST_POLL_S
+        while version.status is ModelVersionStatus.PENDING_REGISTRATION:
+            budget = MAX_AWAIT_READY_S - (time.monotonic() - started)
+            if (left := call_deadline.remaining()) is not None:
+                budget = min(budget, left - DEADLINE_MARGIN_S)
+            if budget <= 0:
+                raise DeadlineExceededError(
+                    f"version {version.version} of {version.name!r} was created but is still"
+                    " pending registration"
+                )
+            time.sleep(min(delay, budget))
+            delay = min(delay * 2, MAX_POLL_S)
+            version = self._gateway.get_model_version(version.name, version.version)
+        if version.status is ModelVersionStatus.FAILED_REGISTRATION:
+            raise FailedPreconditionError(
+                f"registration of version {version.version} of {version.name!r} failed:"
+                f" {version.status_message or 'no reason given'}"
+            )
+        return version
 
     def get_model_version(self, name: str, version: int) -> ModelVersion:
         return self._gateway.get_model_version(_name("name", name), _version(version))
 
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
-        check.require("alias", alias, max_length=MAX_ALIAS_LENGTH)
-        return self._gateway.get_model_version_by_alias(_name("name", name), alias)
+        _name("name", name)
+        _alias_name(alias)
+        try:
+            return self._gateway.get_model_version_by_alias(name, alias)
+        except InvalidArgumentError:
+            # MLflow reports an alias that is not set as an invalid parameter.
+            model = self._gateway.get_registered_model(name)  # NOT_FOUND for a missing model
+            if alias not in model.aliases:
+                raise NotFoundError(f"registered model {name!r} has no alias {alias!r}") from None
+            raise
 
     def get_latest_model_version(self, name: str) -> ModelVersion:
         _name("name", name)
@@ -235,7 +335,7 @@ class RegistryService(ModelRegistry):
 
     def delete_model_alias(self, name: str, alias: str) -> None:
         _name("name", name)
-        check.require("alias", alias, max_length=MAX_ALIAS_LENGTH)
+        _alias_name(alias)
         # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
         model = self._gateway.get_registered_model(name)
         if alias not in model.aliases:

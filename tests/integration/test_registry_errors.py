@@ -1,0 +1,341 @@
+"""Model registry error paths and their exact status codes, against a real mlflow server."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mlflow_sidecar.v1 import registry_pb2 as pb
+
+NOT_FOUND = grpc.StatusCode.NOT_FOUND
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _error(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value
+
+
+@pytest.fixture()
+def model(registry_stub, run_id, unique) -> str:
+    """A registered model with versions 1 and 2 (from `run_id`) and alias champion -> 1."""
+    name = f"errors-{unique}"
+    registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=name))
+    for path in ("a", "b"):
+        registry_stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(name=name, source=f"runs:/{run_id}/{path}")
+        )
+    registry_stub.SetModelAlias(pb.SetModelAliasRequest(name=name, alias="champion", version=1))
+    return name
+
+
+# -- NOT_FOUND --------------------------------------------------------------------------
+
+UNKNOWN_MODEL_CALLS = {
+    "GetRegisteredModel": pb.GetRegisteredModelRequest(name="{missing}"),
+    "UpdateRegisteredModel": pb.UpdateRegisteredModelRequest(name="{missing}", description="d"),
+    "RenameRegisteredModel": pb.RenameRegisteredModelRequest(name="{missing}", new_name="{new}"),
+    "DeleteRegisteredModel": pb.DeleteRegisteredModelRequest(name="{missing}"),
+    "SetRegisteredModelTag": pb.SetRegisteredModelTagRequest(name="{missing}", key="k", value="v"),
+    "DeleteRegisteredModelTag": pb.DeleteRegisteredModelTagRequest(name="{missing}", key="k"),
+    "CreateModelVersion": pb.CreateModelVersionRequest(name="{missing}", source="models:/x/1"),
+    "GetModelVersion": pb.GetModelVersionRequest(name="{missing}", version=1),
+    "GetModelVersionByAlias": pb.GetModelVersionByAliasRequest(name="{missing}", alias="champion"),
+    "GetLatestModelVersion": pb.GetLatestModelVersionRequest(name="{missing}"),
+    "UpdateModelVersion": pb.UpdateModelVersionRequest(
+        name="{missing}", version=1, description="d"
+    ),
+    "DeleteModelVersion": pb.DeleteModelVersionRequest(name="{missing}", version=1),
+    "SetModelVersionTag": pb.SetModelVersionTagRequest(
+        name="{missing}", version=1, key="k", value="v"
+    ),
+    "DeleteModelVersionTag": pb.DeleteModelVersionTagRequest(name="{missing}", version=1, key="k"),
+    "SetModelAlias": pb.SetModelAliasRequest(name="{missing}", alias="champion", version=1),
+    "DeleteModelAlias": pb.DeleteModelAliasRequest(name="{missing}", alias="champion"),
+}
+
+
+def _with_names(request, **names: str):
+    """A copy of `request` with "{missing}"/"{new}" placeholders in string fields filled in."""
+    filled = type(request)()
+    filled.CopyFrom(request)
+    for field, value in request.ListFields():
+        if isinstance(value, str) and value.startswith("{"):
+            setattr(filled, field.name, value.format(**names))
+    return filled
+
+
+@pytest.mark.parametrize("method", sorted(UNKNOWN_MODEL_CALLS))
+def test_unknown_model_is_not_found(registry_stub, unique, method):
+    request = _with_names(
+        UNKNOWN_MODEL_CALLS[method], missing=f"missing-{unique}", new=f"new-{unique}"
+    )
+    err = _error(lambda: getattr(registry_stub, method)(request))
+    assert err.code() == NOT_FOUND, err.details()
+    assert f"missing-{unique}" in err.details()
+
+
+UNKNOWN_VERSION_CALLS = {
+    "GetModelVersion": pb.GetModelVersionRequest(version=7),
+    "UpdateModelVersion": pb.UpdateModelVersionRequest(version=7, description="d"),
+    "DeleteModelVersion": pb.DeleteModelVersionRequest(version=7),
+    "SetModelVersionTag": pb.SetModelVersionTagRequest(version=7, key="k", value="v"),
+    "DeleteModelVersionTag": pb.DeleteModelVersionTagRequest(version=7, key="k"),
+    "SetModelAlias": pb.SetModelAliasRequest(version=7, alias="champion"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(UNKNOWN_VERSION_CALLS))
+def test_unknown_version_is_not_found(registry_stub, model, method):
+    request = type(UNKNOWN_VERSION_CALLS[method])()
+    request.CopyFrom(UNKNOWN_VERSION_CALLS[method])
+    request.name = model
+    err = _error(lambda: getattr(registry_stub, method)(request))
+    assert err.code() == NOT_FOUND, err.details()
+    # The failed SetModelAlias left the alias where it was.
+    champion = registry_stub.GetModelVersionByAlias(
+        pb.GetModelVersionByAliasRequest(name=model, alias="champion")
+    )
+    assert champion.model_version.version == 1
+
+
+def test_unknown_alias_is_not_found(registry_stub, model):
+    for method, request in (
+        ("GetModelVersionByAlias", pb.GetModelVersionByAliasRequest(name=model, alias="nobody")),
+        ("DeleteModelAlias", pb.DeleteModelAliasRequest(name=model, alias="nobody")),
+    ):
+        err = _error(lambda method=method, request=request: getattr(registry_stub, method)(request))
+        assert err.code() == NOT_FOUND, (method, err.details())
+        assert "nobody" in err.details()
+
+
+def test_latest_version_of_a_model_without_versions_is_not_found(registry_stub, unique):
+    name = f"empty-{unique}"
+    registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=name))
+    err = _error(
+        lambda: registry_stub.GetLatestModelVersion(pb.GetLatestModelVersionRequest(name=name))
+    )
+    assert err.code() == NOT_FOUND
+    assert "no versions" in err.details()
+
+
+def test_alias_on_a_deleted_version_is_not_found(registry_stub, model):
+    registry_stub.DeleteModelVersion(pb.DeleteModelVersionRequest(name=model, version=2))
+    err = _error(
+        lambda: registry_stub.SetModelAlias(
+            pb.SetModelAliasRequest(name=model, alias="challenger", version=2)
+        )
+    )
+    assert err.code() == NOT_FOUND
+    assert registry_stub.GetRegisteredModel(
+        pb.GetRegisteredModelRequest(name=model)
+    ).registered_model.aliases == {"champion": 1}
+
+
+def test_version_from_an_unknown_run_is_not_found(registry_stub, model):
+    missing_run = "0" * 32
+    for request in (
+        pb.CreateModelVersionRequest(name=model, source=f"runs:/{missing_run}/model"),
+        pb.CreateModelVersionRequest(name=model, run_id=missing_run, artifact_path="model"),
+    ):
+        err = _error(lambda request=request: registry_stub.CreateModelVersion(request))
+        assert err.code() == NOT_FOUND, err.details()
+    latest = registry_stub.GetLatestModelVersion(pb.GetLatestModelVersionRequest(name=model))
+    assert latest.model_version.version == 2
+
+
+def test_version_from_an_unknown_models_source_is_not_found(registry_stub, model, unique):
+    for source in (f"models:/{model}/9", f"models:/missing-{unique}/1", f"models:/{model}@nobody"):
+        err = _error(
+            lambda source=source: registry_stub.CreateModelVersion(
+                pb.CreateModelVersionRequest(name=model, source=source)
+            )
+        )
+        assert err.code() == NOT_FOUND, (source, err.details())
+
+
+# -- ALREADY_EXISTS ---------------------------------------------------------------------
+
+
+def test_duplicate_registered_model_name_already_exists(registry_stub, model, unique):
+    err = _error(
+        lambda: registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=model))
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    assert model in err.details()
+    other = f"other-{unique}"
+    registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=other))
+    err = _error(
+        lambda: registry_stub.RenameRegisteredModel(
+            pb.RenameRegisteredModelRequest(name=other, new_name=model)
+        )
+    )
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    # Both models are untouched.
+    assert (
+        registry_stub.GetLatestModelVersion(
+            pb.GetLatestModelVersionRequest(name=model)
+        ).model_version.version
+        == 2
+    )
+    assert registry_stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=other))
+
+
+# -- INVALID_ARGUMENT -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v3", "V12", "v0"])
+def test_reserved_alias_is_invalid(registry_stub, model, alias):
+    err = _error(
+        lambda: registry_stub.SetModelAlias(
+            pb.SetModelAliasRequest(name=model, alias=alias, version=1)
+        )
+    )
+    assert err.code() == INVALID
+    assert "alias" in err.details()
+    aliases = registry_stub.GetRegisteredModel(
+        pb.GetRegisteredModelRequest(name=model)
+    ).registered_model.aliases
+    assert aliases == {"champion": 1}
+
+
+@pytest.mark.parametrize("alias", ["", " ", "has space", "a/b", "x" * 256])
+def test_malformed_alias_is_invalid(registry_stub, model, alias):
+    for method, request in (
+        ("SetModelAlias", pb.SetModelAliasRequest(name=model, alias=alias, version=1)),
+        ("GetModelVersionByAlias", pb.GetModelVersionByAliasRequest(name=model, alias=alias)),
+        ("DeleteModelAlias", pb.DeleteModelAliasRequest(name=model, alias=alias)),
+    ):
+        err = _error(lambda method=method, request=request: getattr(registry_stub, method)(request))
+        assert err.code() == INVALID, (method, err.details())
+        assert err.details().startswith("alias: "), (method, err.details())
+
+
+VERSION_CALLS = {
+    "GetModelVersion": lambda name, v: pb.GetModelVersionRequest(name=name, version=v),
+    "UpdateModelVersion": lambda name, v: pb.UpdateModelVersionRequest(
+        name=name, version=v, description="d"
+    ),
+    "DeleteModelVersion": lambda name, v: pb.DeleteModelVersionRequest(name=name, version=v),
+    "SetModelVersionTag": lambda name, v: pb.SetModelVersionTagRequest(
+        name=name, version=v, key="k", value="v"
+    ),
+    "DeleteModelVersionTag": lambda name, v: pb.DeleteModelVersionTagRequest(
+        name=name, version=v, key="k"
+    ),
+    "SetModelAlias": lambda name, v: pb.SetModelAliasRequest(name=name, alias="best", version=v),
+}
+
+
+@pytest.mark.parametrize("version", [0, -1, -(2**63)])
+@pytest.mark.parametrize("method", sorted(VERSION_CALLS))
+def test_version_below_one_is_invalid(registry_stub, model, method, version):
+    err = _error(lambda: getattr(registry_stub, method)(VERSION_CALLS[method](model, version)))
+    assert err.code() == INVALID
+    assert err.details().startswith("version: ")
+
+
+EMPTY_NAME_CALLS = {
+    "CreateRegisteredModel": pb.CreateRegisteredModelRequest(),
+    "GetRegisteredModel": pb.GetRegisteredModelRequest(),
+    "UpdateRegisteredModel": pb.UpdateRegisteredModelRequest(description="d"),
+    "RenameRegisteredModel": pb.RenameRegisteredModelRequest(new_name="x"),
+    "DeleteRegisteredModel": pb.DeleteRegisteredModelRequest(),
+    "SetRegisteredModelTag": pb.SetRegisteredModelTagRequest(key="k", value="v"),
+    "DeleteRegisteredModelTag": pb.DeleteRegisteredModelTagRequest(key="k"),
+    "CreateModelVersion": pb.CreateModelVersionRequest(source="models:/x/1"),
+    "GetModelVersion": pb.GetModelVersionRequest(version=1),
+    "GetModelVersionByAlias": pb.GetModelVersionByAliasRequest(alias="champion"),
+    "GetLatestModelVersion": pb.GetLatestModelVersionRequest(),
+    "UpdateModelVersion": pb.UpdateModelVersionRequest(version=1, description="d"),
+    "DeleteModelVersion": pb.DeleteModelVersionRequest(version=1),
+    "SetModelVersionTag": pb.SetModelVersionTagRequest(version=1, key="k", value="v"),
+    "DeleteModelVersionTag": pb.DeleteModelVersionTagRequest(version=1, key="k"),
+    "SetModelAlias": pb.SetModelAliasRequest(alias="champion", version=1),
+    "DeleteModelAlias": pb.DeleteModelAliasRequest(alias="champion"),
+}
+
+
+@pytest.mark.parametrize("blank", ["", "   "])
+@pytest.mark.parametrize("method", sorted(EMPTY_NAME_CALLS))
+def test_empty_name_is_invalid(registry_stub, method, blank):
+    request = type(EMPTY_NAME_CALLS[method])()
+    request.CopyFrom(EMPTY_NAME_CALLS[method])
+    request.name = blank
+    err = _error(lambda: getattr(registry_stub, method)(request))
+    assert err.code() == INVALID
+    assert err.details().startswith("name: ")
+
+
+def test_empty_new_name_is_invalid(registry_stub, model):
+    err = _error(
+        lambda: registry_stub.RenameRegisteredModel(
+            pb.RenameRegisteredModelRequest(name=model, new_name="")
+        )
+    )
+    assert err.code() == INVALID
+    assert err.details().startswith("new_name: ")
+
+
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({}, "source"),
+        ({"run_id": "abc"}, "source"),
+        ({"artifact_path": "model"}, "source"),
+        ({"source": "models:/x/1", "artifact_path": "model"}, "artifact_path"),
+        ({"run_id": "abc", "artifact_path": "../escape"}, "artifact_path"),
+        ({"source": "runs:/", "run_id": ""}, "source"),
+        ({"source": "runs://abc/model"}, "source"),
+        ({"source": "runs:/abc/model", "run_id": "def"}, "run_id"),
+        ({"source": "models:/x/1", "tags": {"bad key!": "v"}}, "tags.key"),
+    ],
+)
+def test_malformed_create_model_version_is_invalid(registry_stub, model, fields, named):
+    err = _error(
+        lambda: registry_stub.CreateModelVersion(pb.CreateModelVersionRequest(name=model, **fields))
+    )
+    assert err.code() == INVALID, err.details()
+    assert err.details().startswith(f"{named}: "), err.details()
+
+
+@pytest.mark.parametrize("page_size", [-1, 1001])
+def test_page_size_out_of_range_is_invalid(registry_stub, page_size):
+    for call in (
+        lambda: registry_stub.SearchRegisteredModels(
+            pb.SearchRegisteredModelsRequest(page_size=page_size)
+        ),
+        lambda: registry_stub.SearchModelVersions(
+            pb.SearchModelVersionsRequest(page_size=page_size)
+        ),
+    ):
+        err = _error(call)
+        assert err.code() == INVALID
+        assert err.details().startswith("page_size: ")
+
+
+def test_malformed_filter_is_invalid(registry_stub):
+    for call in (
+        lambda: registry_stub.SearchRegisteredModels(
+            pb.SearchRegisteredModelsRequest(filter="name ~~ 'x'")
+        ),
+        lambda: registry_stub.SearchModelVersions(
+            pb.SearchModelVersionsRequest(filter="name ~~ 'x'")
+        ),
+    ):
+        assert _error(call).code() == INVALID
+
+
+def test_malformed_page_token_is_invalid(registry_stub):
+    for call in (
+        lambda: registry_stub.SearchRegisteredModels(
+            pb.SearchRegisteredModelsRequest(page_token="not-a-token")
+        ),
+        lambda: registry_stub.SearchModelVersions(
+            pb.SearchModelVersionsRequest(page_token="not-a-token")
+        ),
+    ):
+        err = _error(call)
+        assert err.code() == INVALID
+        assert err.details().startswith("page_token: "), err.details()
