@@ -13,6 +13,9 @@ from types import FrameType
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from mlflow_sidecar.client.channel import tls_credentials
+from mlflow_sidecar.client.settings import ClientSettings
+
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
 
@@ -26,9 +29,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mlflow-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from mlflow_sidecar.server.observability import configure_logging
+
+    configure_logging(config.log_level, config.log_format)
     # Imported after config validation so a bad config fails fast, before MLflow loads.
     from mlflow_sidecar.server.container import ServerContainer
 
@@ -55,9 +58,22 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_channel(args: argparse.Namespace) -> grpc.Channel:
+    if not args.ca_file:
+        return grpc.insecure_channel(args.target)
+    settings = ClientSettings(
+        target=args.target,
+        tls=True,
+        root_certificates_file=args.ca_file,
+        client_cert_file=args.cert_file or "",
+        client_key_file=args.key_file or "",
+    )
+    return grpc.secure_channel(args.target, tls_credentials(settings))
+
+
 def _health(args: argparse.Namespace) -> int:
     try:
-        with grpc.insecure_channel(args.target) as channel:
+        with _probe_channel(args) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -129,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the sidecar")
     health.add_argument("--service", default="", help="service name; empty: the whole server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.add_argument("--ca-file", help="speak TLS, trusting this PEM CA bundle")
+    health.add_argument("--cert-file", help="client certificate for mTLS")
+    health.add_argument("--key-file", help="key of the client certificate")
     health.set_defaults(func=_health)
     spool = commands.add_parser("spool", help="inspect the metric spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True)

@@ -7,6 +7,7 @@ store (SQLite + local artifacts) under the data dir.
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -32,13 +33,74 @@ class _Section(BaseModel):
 
 
 class ServerConfig(_Section):
-    """The gRPC listener."""
+    """The gRPC listener and its limits."""
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     workers: int = Field(16, ge=1, le=1024, description="threads serving RPCs")
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
     max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
+    max_concurrent_rpcs: int = Field(
+        256, ge=1, le=100_000, description="calls in progress before RESOURCE_EXHAUSTED"
+    )
+    max_concurrent_streams: int = Field(100, ge=1, le=10_000, description="per HTTP/2 connection")
+    max_metadata_bytes: int = Field(16 * 1024, ge=1024, le=1 * MIB)
+    default_deadline_s: float = Field(
+        60.0, gt=0, description="bounds retries and waits of calls that set no deadline"
+    )
+    allow_insecure_remote: bool = Field(
+        False, description="listen on a non-loopback address without auth and TLS"
+    )
+
+
+class TlsConfig(_Section):
+    """TLS for the listener; with `client_ca_file` clients must present a certificate (mTLS)."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both cert_file and key_file, or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file and key_file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when the listener speaks TLS."""
+        return self.cert_file is not None
+
+
+class AuthConfig(_Section):
+    """Bearer tokens accepted on every RPC but health; none configured means no auth."""
+
+    tokens: list[SecretStr] = Field(default_factory=list)
+    tokens_file: Path | None = Field(None, description="one token per line; # starts a comment")
+
+    def load_tokens(self) -> tuple[str, ...]:
+        """Every accepted token, from the list and the file."""
+        tokens = [t.get_secret_value() for t in self.tokens]
+        if self.tokens_file is not None:
+            for raw in self.tokens_file.read_text().splitlines():
+                line = raw.strip()
+                if line and not line.startswith("#"):
+                    tokens.append(line)
+        return tuple(t for t in tokens if t)
+
+    @property
+    def enabled(self) -> bool:
+        """True when tokens are configured."""
+        return bool(self.tokens) or self.tokens_file is not None
+
+
+class MetricsConfig(_Section):
+    """Prometheus metrics on their own HTTP port; port 0 turns them off."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(0, ge=0, le=65535)
 
 
 class MlflowConfig(_Section):
@@ -90,7 +152,11 @@ class AppConfig(BaseSettings):
     mlflow: MlflowConfig = MlflowConfig()
     retry: RetryConfig = RetryConfig()
     spool: SpoolConfig = SpoolConfig()
+    tls: TlsConfig = TlsConfig()
+    auth: AuthConfig = AuthConfig()
+    metrics: MetricsConfig = MetricsConfig()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
+    log_format: Literal["text", "json"] = "text"
 
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> AppConfig:
@@ -153,13 +219,51 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
         raise ConfigError(f"config file {path} does not exist")
     token = _yaml_file.set(path)
     try:
-        return AppConfig(**overrides)
+        config = AppConfig(**overrides)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from exc
     except ValueError as exc:  # malformed YAML, or env values that are not valid JSON
         raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from exc
     finally:
         _yaml_file.reset(token)
+    _check_files(config)
+    _check_bind_policy(config)
+    return config
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_files(config: AppConfig) -> None:
+    named = {
+        "tls.cert_file": config.tls.cert_file,
+        "tls.key_file": config.tls.key_file,
+        "tls.client_ca_file": config.tls.client_ca_file,
+        "auth.tokens_file": config.auth.tokens_file,
+    }
+    for key, path in named.items():
+        if path is not None and not path.is_file():
+            raise ConfigError(f"invalid config key {key}: {path} is not a readable file")
+    if config.auth.enabled and not config.auth.load_tokens():
+        raise ConfigError("invalid config key auth.tokens_file: it holds no token")
+
+
+def _check_bind_policy(config: AppConfig) -> None:
+    server = config.server
+    if is_loopback(server.host) or server.allow_insecure_remote:
+        return
+    if not (config.auth.enabled or config.tls.enabled):
+        raise ConfigError(
+            f"refusing to listen on {server.host}, a non-loopback address, without auth or TLS:"
+            " set auth.tokens or tls.cert_file/key_file, or server.allow_insecure_remote: true"
+        )
 
 
 def _one_line(exc: ValidationError) -> str:

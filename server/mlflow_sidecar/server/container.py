@@ -7,6 +7,7 @@ from dependency_injector import containers, providers
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
@@ -20,7 +21,8 @@ class ServerContainer(containers.DeclarativeContainer):
     """Everything the sidecar process is made of; build it with `ServerContainer(config=cfg)`."""
 
     config = providers.Dependency(instance_of=AppConfig)
-    gateway = providers.Singleton(MlflowGateway, config)
+    metrics = providers.Singleton(SidecarMetrics)
+    gateway = providers.Singleton(MlflowGateway, config, metrics)
 
     spool_store = providers.Singleton(
         SpoolStore,
@@ -35,9 +37,10 @@ class ServerContainer(containers.DeclarativeContainer):
         batch_size=config.provided.spool.batch_size,
         backoff_factor_s=config.provided.retry.factor_s,
         max_backoff_s=config.provided.retry.max_backoff_s,
+        metrics=metrics,
     )
     metric_ingest = providers.Singleton(
-        MetricIngest, spool_store, deliverer, config.provided.spool.flush_timeout_s
+        MetricIngest, spool_store, deliverer, config.provided.spool.flush_timeout_s, metrics
     )
 
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest)
@@ -50,4 +53,5 @@ class ServerContainer(containers.DeclarativeContainer):
         tracking_servicer,
         registry_servicer,
         background=providers.List(deliverer),
+        metrics=metrics,
     )

@@ -12,8 +12,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,17 @@ log = logging.getLogger(__name__)
 TRACKING_SERVICE = tracking_pb2.DESCRIPTOR.services_by_name["ExperimentTrackingService"].full_name
 REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
 SERVICE_NAMES = (TRACKING_SERVICE, REGISTRY_SERVICE)
+
+
+def _server_credentials(config: AppConfig) -> grpc.ServerCredentials:
+    tls = config.tls
+    assert tls.cert_file is not None and tls.key_file is not None
+    client_ca = tls.client_ca_file.read_bytes() if tls.client_ca_file else None
+    return grpc.ssl_server_credentials(
+        [(tls.key_file.read_bytes(), tls.cert_file.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 class BackgroundTask(Protocol):
@@ -46,22 +59,33 @@ class SidecarServer:
         tracking: tracking_pb2_grpc.ExperimentTrackingServiceServicer,
         registry: registry_pb2_grpc.ModelRegistryServiceServicer,
         background: Sequence[BackgroundTask] = (),
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self._config = config
         self._background = tuple(background)
-        limit = config.server.max_message_bytes
+        self.metrics = metrics or SidecarMetrics()
+        self.metrics_port: int | None = None
+        server = config.server
+        interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(self.metrics)]
+        if config.auth.enabled:
+            interceptors.append(AuthInterceptor(config.auth.load_tokens()))
+        interceptors.append(ErrorMappingInterceptor(server.default_deadline_s))
         self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=config.server.workers, thread_name_prefix="rpc"),
-            interceptors=[AccessLogInterceptor(), ErrorMappingInterceptor()],
+            futures.ThreadPoolExecutor(max_workers=server.workers, thread_name_prefix="rpc"),
+            interceptors=interceptors,
             options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
+                ("grpc.max_receive_message_length", server.max_message_bytes),
+                ("grpc.max_send_message_length", server.max_message_bytes),
+                ("grpc.max_concurrent_streams", server.max_concurrent_streams),
+                # Soft and hard limit alike: above it every call is refused, none by chance.
+                ("grpc.max_metadata_size", server.max_metadata_bytes),
+                ("grpc.absolute_max_metadata_size", server.max_metadata_bytes),
                 # Accept the clients' keepalive pings (every 30 s) even between calls.
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=None,
+            maximum_concurrent_rpcs=server.max_concurrent_rpcs,
         )
         tracking_pb2_grpc.add_ExperimentTrackingServiceServicer_to_server(tracking, self._server)
         registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server(registry, self._server)
@@ -72,7 +96,10 @@ class SidecarServer:
         )
         address = f"{config.server.host}:{config.server.port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            if config.tls.enabled:
+                self.port = self._server.add_secure_port(address, _server_credentials(config))
+            else:
+                self.port = self._server.add_insecure_port(address)
         except RuntimeError as exc:
             raise BindError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
@@ -84,6 +111,13 @@ class SidecarServer:
         """Start background work and serving; report SERVING for every service."""
         for task in self._background:
             task.start()
+        if self._config.metrics.port:
+            self.metrics_port = self.metrics.serve(
+                self._config.metrics.host, self._config.metrics.port
+            )
+            log.info(
+                "metrics on http://%s:%d/metrics", self._config.metrics.host, self.metrics_port
+            )
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("mlflow-sidecar serving on %s", self.address)

@@ -7,7 +7,6 @@ It also publishes the call's deadline to `call_deadline` for the MLflow gateway.
 
 from __future__ import annotations
 
-import contextvars
 import logging
 import time
 import uuid
@@ -18,11 +17,12 @@ import grpc
 
 from mlflow_sidecar.client.errors import InternalError, SidecarError
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.request_context import request_id
 
 log = logging.getLogger("mlflow_sidecar.access")
 error_log = logging.getLogger("mlflow_sidecar.errors")
 
-request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 
 # grpc reports "no deadline" as a very large remaining time.
 _NO_DEADLINE_S = 10**8
@@ -45,7 +45,14 @@ def _wrap_handler(
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Maps exceptions to status codes: the one place that does."""
+    """Maps exceptions to status codes: the one place that does.
+
+    Calls without a deadline get `default_deadline_s` for the sidecar's own waits
+    (MLflow retries, flushes), so nothing waits forever on their behalf.
+    """
+
+    def __init__(self, default_deadline_s: float | None = None) -> None:
+        self._default_deadline_s = default_deadline_s
 
     def intercept_service(
         self,
@@ -56,11 +63,12 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             continuation(handler_call_details), self._wrap, handler_call_details.method
         )
 
-    @staticmethod
-    def _wrap(behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+        default = self._default_deadline_s
+
         def remaining(context: grpc.ServicerContext) -> float | None:
             left = context.time_remaining()
-            return None if left is None or left > _NO_DEADLINE_S else float(left)
+            return default if left is None or left > _NO_DEADLINE_S else float(left)
 
         if streaming_response:
 
@@ -103,7 +111,11 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
 
 
 class AccessLogInterceptor(grpc.ServerInterceptor):
-    """One log line per call: method, peer, status code, duration, request id."""
+    """One log line per call (method, peer, status code, duration, request id) and the
+    RPC count and latency series."""
+
+    def __init__(self, metrics: SidecarMetrics | None = None) -> None:
+        self._metrics = metrics
 
     def intercept_service(
         self,
@@ -114,20 +126,18 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
             continuation(handler_call_details), self._wrap, handler_call_details.method
         )
 
-    @staticmethod
-    def _wrap(behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+        metrics = self._metrics
+
         def finish(context: grpc.ServicerContext, started: float) -> None:
             code = _status_code(context) or grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            elapsed = time.perf_counter() - started
             level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
-            log.log(
-                level,
-                "%s %s %s %.1fms rid=%s",
-                method,
-                context.peer(),
-                code.name if isinstance(code, grpc.StatusCode) else code,
-                (time.perf_counter() - started) * 1000,
-                request_id.get(),
-            )
+            log.log(level, "%s %s %s %.1fms", method, context.peer(), name, elapsed * 1000)
+            if metrics is not None:
+                metrics.rpc_total.labels(method, name).inc()
+                metrics.rpc_seconds.labels(method).observe(elapsed)
 
         if streaming_response:
 

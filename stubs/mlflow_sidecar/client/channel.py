@@ -37,10 +37,15 @@ def service_config(max_attempts: int = 5) -> str:
 
 
 def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str, int | str]]:
-    """Channel arguments shared by every sidecar channel."""
+    """Channel arguments shared by every sidecar channel; `max_attempts` 1 turns retries off
+    (gRPC's retry policy itself needs at least 2)."""
+    retries: list[tuple[str, int | str]] = (
+        [("grpc.service_config", service_config(max_attempts)), ("grpc.enable_retries", 1)]
+        if max_attempts >= 2
+        else [("grpc.enable_retries", 0)]
+    )
     return [
-        ("grpc.service_config", service_config(max_attempts)),
-        ("grpc.enable_retries", 1),
+        *retries,
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
@@ -48,17 +53,25 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
     ]
 
 
+def _read(path: str) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def tls_credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
+    """Server verification from `root_certificates_file` (or system roots); a client
+    certificate for mTLS when `client_cert_file` and `client_key_file` are set."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(settings.root_certificates_file),
+        private_key=_read(settings.client_key_file),
+        certificate_chain=_read(settings.client_cert_file),
+    )
+
+
 def open_channel(settings: ClientSettings) -> Iterator[grpc.Channel]:
     """Yield a channel to the sidecar and close it afterwards (a dependency-injector Resource)."""
     options = channel_options(settings.max_message_bytes, settings.max_attempts)
     if settings.tls:
-        roots = (
-            Path(settings.root_certificates_file).read_bytes()
-            if settings.root_certificates_file
-            else None
-        )
-        credentials = grpc.ssl_channel_credentials(root_certificates=roots)
-        channel = grpc.secure_channel(settings.target, credentials, options=options)
+        channel = grpc.secure_channel(settings.target, tls_credentials(settings), options=options)
     else:
         channel = grpc.insecure_channel(settings.target, options=options)
     try:

@@ -20,6 +20,8 @@ class ClientSettings(BaseModel):
     max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
     tls: bool = False
     root_certificates_file: str = Field("", description="PEM CA bundle; empty: system roots")
+    client_cert_file: str = Field("", description="PEM client certificate, for mTLS")
+    client_key_file: str = Field("", description="PEM key of the client certificate")
     token: str = Field("", description="bearer token sent as `authorization` metadata")
 
     @classmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -25,6 +26,7 @@ from mlflow_sidecar.server.config import AppConfig, RetryConfig
 from mlflow_sidecar.server.mlflow_gateway import entities
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+from mlflow_sidecar.server.observability import SidecarMetrics
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -73,8 +75,9 @@ class _TransientError(Exception):
 class MlflowGateway:
     """The sidecar's only door to MLflow. Thread-safe: MlflowClient is, and so is this."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, metrics: SidecarMetrics | None = None) -> None:
         configure_mlflow_environment(config)
+        self._metrics = metrics
         self._retry = config.retry
         self._client = MlflowClient(
             tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
@@ -93,6 +96,8 @@ class MlflowGateway:
             return max(0.0, min(retry.max_time_s, left - _DEADLINE_MARGIN_S))
 
         def on_backoff(details: Any) -> None:
+            if self._metrics is not None:
+                self._metrics.mlflow_retries.inc()
             log.warning(
                 "MLflow call failed (try %d, %.2fs elapsed), retrying in %.2fs: %s",
                 details["tries"],
@@ -130,6 +135,17 @@ class MlflowGateway:
 
         Non-idempotent creates pass `retry=False`; their callers decide how to recover.
         """
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = self._call(op, retry=retry)
+            outcome = "ok"
+            return result
+        finally:
+            if self._metrics is not None:
+                self._metrics.mlflow_seconds.labels(outcome).observe(time.perf_counter() - started)
+
+    def _call(self, op: Callable[[], T], *, retry: bool) -> T:
         try:
             if retry:
                 result: T = self._retrying(op)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from mlflow_sidecar.client.domain import FlushResult, MetricPoint
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 
@@ -23,11 +24,18 @@ class MetricIngest:
     """The spool's front door: validation, timestamps, acceptance, flush waits."""
 
     def __init__(
-        self, store: SpoolStore, deliverer: MetricDeliverer, flush_timeout_s: float
+        self,
+        store: SpoolStore,
+        deliverer: MetricDeliverer,
+        flush_timeout_s: float,
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self._store = store
         self._deliverer = deliverer
         self._flush_timeout_s = flush_timeout_s
+        self._metrics = metrics
+        if metrics is not None:
+            metrics.watch_spool(store.gauges)
 
     def accept(self, points: Sequence[MetricPoint]) -> int:
         """Validate and commit points to the spool (all or none); returns how many."""
@@ -42,6 +50,8 @@ class MetricIngest:
         ]
         accepted = self._store.append(stamped)
         self._deliverer.notify()
+        if self._metrics is not None:
+            self._metrics.points_accepted.inc(accepted)
         return accepted
 
     def flush(self, run_id: str = "", timeout_s: float | None = None) -> FlushResult:

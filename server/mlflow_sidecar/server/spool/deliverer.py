@@ -16,6 +16,7 @@ from mlflow_sidecar.client.errors import (
     NotFoundError,
     SidecarError,
 )
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.store import SpooledBatch, SpoolStore
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ class MetricDeliverer:
         batch_size: int,
         backoff_factor_s: float,
         max_backoff_s: float,
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._log_batch = log_batch
         self._batch_size = batch_size
         self._backoff_factor_s = backoff_factor_s
@@ -135,6 +138,8 @@ class MetricDeliverer:
             self._dead_letter(batch, exc)
             return
         self._store.delete(batch)
+        if self._metrics is not None:
+            self._metrics.points_delivered.inc(len(batch.metrics))
 
     def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> None:
         # A bad batch dead-letters only itself; a run that is gone takes all its points.

@@ -244,6 +244,11 @@ class SpoolStore:
                 row = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
         return int(row[0])
 
+    def gauges(self) -> tuple[int, float, int]:
+        """(pending points, oldest pending age in seconds, dead-letter points), for metrics."""
+        status = self.status()
+        return status.pending_points, status.oldest_age_s, status.dead_letter_points
+
     def status(self) -> SpoolStatus:
         """Depth, oldest age and dead letters."""
         with self._lock:
