@@ -78,6 +78,8 @@ class SidecarMetrics:
             ["direction"],
             registry=r,
         )
+        for direction in ("upload", "download"):
+            self.stream_bytes.labels(direction)
 
     def watch_spool(self, read: Callable[[], tuple[int, float, int]]) -> None:
         """Publish the spool's depth, oldest age and dead letters."""
