@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -14,12 +15,38 @@ from mlflow_sidecar.server.config import AppConfig, load_config
 from mlflow_sidecar.server.container import ServerContainer
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
+from tests.support.postgres import PostgresCluster
 from tests.support.processes import MlflowServer
+
+# `sqlite` (default) or `postgresql`: the backend store of every mlflow server the tests start.
+BACKEND_ENV = "MLFLOW_SIDECAR_TEST_BACKEND"
+
+MlflowServerFactory = Callable[[Path], MlflowServer]
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
-    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+def mlflow_server_factory() -> Iterator[MlflowServerFactory]:
+    """Makes (unstarted) mlflow servers on the chosen backend; PostgreSQL gets a throwaway
+    cluster for the session and a fresh database per server."""
+    backend = os.environ.get(BACKEND_ENV, "sqlite")
+    if backend == "sqlite":
+        yield lambda workdir: MlflowServer(workdir)
+        return
+    if backend != "postgresql":
+        raise pytest.UsageError(f"{BACKEND_ENV} must be sqlite or postgresql, not {backend!r}")
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield lambda workdir: MlflowServer(workdir, backend_uri=cluster.create_database())
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    mlflow_server_factory: MlflowServerFactory, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    server = mlflow_server_factory(tmp_path_factory.mktemp("mlflow-server"))
     server.start()
     yield server
     server.stop()

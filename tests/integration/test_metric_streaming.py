@@ -16,7 +16,6 @@ from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
-from tests.support.processes import MlflowServer
 
 CLI = str(Path(sys.executable).with_name("mlflow-sidecar"))
 
@@ -102,15 +101,15 @@ def test_points_of_deleted_runs_are_dead_lettered_and_visible(
 
 
 @pytest.fixture()
-def own_mlflow(tmp_path):
+def own_mlflow(tmp_path, mlflow_server_factory):
     """A dedicated mlflow server that a test may stop and start again (an outage)."""
-    server = MlflowServer(tmp_path / "mlflow")
+    server = mlflow_server_factory(tmp_path / "mlflow")
     server.start()
     yield server
     server.stop()
 
 
-def _runs(server: MlflowServer, count: int) -> list[str]:
+def _runs(server, count: int) -> list[str]:
     client = mlflow.MlflowClient(tracking_uri=server.url)
     exp = client.create_experiment("outage")
     return [client.create_run(exp).info.run_id for _ in range(count)]
