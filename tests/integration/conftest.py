@@ -30,7 +30,7 @@ def mlflow_server_factory() -> Iterator[MlflowServerFactory]:
     cluster for the session and a fresh database per server."""
     backend = os.environ.get(BACKEND_ENV, "sqlite")
     if backend == "sqlite":
-        yield lambda workdir: MlflowServer(workdir)
+        yield MlflowServer
         return
     if backend != "postgresql":
         raise pytest.UsageError(f"{BACKEND_ENV} must be sqlite or postgresql, not {backend!r}")
