@@ -69,6 +69,17 @@ def metric_points(field: str, points: Iterable[tuple[str, int]]) -> None:
             raise InvalidArgumentError(f"{field}[{index}].timestamp_ms", "must not be negative")
 
 
+_PAGE_TOKEN_RE = re.compile(r"^[A-Za-z0-9+/=_\-]*$")
+MAX_PAGE_TOKEN_LENGTH = 4096
+
+
+def page_token(value: str) -> str:
+    """An opaque page token as this server hands them out (base64 text), or empty."""
+    if len(value) > MAX_PAGE_TOKEN_LENGTH or not _PAGE_TOKEN_RE.match(value):
+        raise InvalidArgumentError("page_token", "is not a token from a previous page")
+    return value
+
+
 def page_size(value: int, *, default: int, maximum: int) -> int:
     """0 means `default`; otherwise 1..maximum."""
     if value == 0:

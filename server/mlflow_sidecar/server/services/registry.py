@@ -161,7 +161,7 @@ class RegistryService(ModelRegistry):
             filter_string=filter_string,
             order_by=order_by,
             page_size=check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE),
-            page_token=page_token,
+            page_token=check.page_token(page_token),
         )
 
     def update_registered_model(self, name: str, *, description: str) -> RegisteredModel:
@@ -304,7 +304,7 @@ class RegistryService(ModelRegistry):
             filter_string=filter_string,
             order_by=order_by,
             page_size=check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE),
-            page_token=page_token,
+            page_token=check.page_token(page_token),
         )
 
     def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:

@@ -105,7 +105,7 @@ class TrackingService(ExperimentTracking):
             filter_string=filter_string,
             order_by=order_by,
             page_size=size,
-            page_token=page_token,
+            page_token=check.page_token(page_token),
             view_type=view_type,
         )
 
@@ -183,7 +183,7 @@ class TrackingService(ExperimentTracking):
             filter_string=filter_string,
             order_by=order_by,
             page_size=size,
-            page_token=page_token,
+            page_token=check.page_token(page_token),
             view_type=view_type,
         )
 
@@ -265,7 +265,9 @@ class TrackingService(ExperimentTracking):
         size = check.page_size(
             page_size, default=DEFAULT_METRIC_PAGE_SIZE, maximum=MAX_METRIC_PAGE_SIZE
         )
-        return self._gateway.get_metric_history(run_id, key, page_size=size, page_token=page_token)
+        return self._gateway.get_metric_history(
+            run_id, key, page_size=size, page_token=check.page_token(page_token)
+        )
 
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)
