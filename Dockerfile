@@ -1,5 +1,7 @@
 # syntax=docker/dockerfile:1
-# Build: docker build -t mlflow-sidecar .   Run: docker run -p 50051:50051 -v sidecar-data:/data mlflow-sidecar
+# Build: docker build -t mlflow-sidecar .
+# Run next to a trainer (shared network namespace), spool and embedded store in /data:
+#   docker run --network container:<trainer> -v sidecar-data:/data mlflow-sidecar
 FROM python:3.11-slim AS build
 WORKDIR /src
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -14,10 +16,12 @@ RUN groupadd --system --gid 10001 sidecar \
     && useradd --system --uid 10001 --gid sidecar --home-dir /data --shell /usr/sbin/nologin sidecar \
     && mkdir -p /data && chown sidecar:sidecar /data
 COPY --from=build /opt/sidecar /opt/sidecar
+# A sidecar shares the pod's network namespace with its trainer, so it listens on
+# 127.0.0.1 (the default). To listen on other addresses configure auth or TLS
+# (server.allow_insecure_remote overrides the check).
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    MLFLOW_SIDECAR__DATA_DIR=/data \
-    MLFLOW_SIDECAR__SERVER__HOST=0.0.0.0
+    MLFLOW_SIDECAR__DATA_DIR=/data
 USER 10001:10001
 VOLUME ["/data"]
 EXPOSE 50051

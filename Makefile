@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 PROTO_FILES := $(wildcard protos/mlflow_sidecar/v1/*.proto)
 
-.PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest unit integration bench clean
+.PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest pytest-postgres unit integration bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,9 @@ $(BUF): package.json package-lock.json
 serve: $(VENV)/.server
 	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
 
-## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration tests
-test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest
+## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
+## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
+test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest pytest-postgres
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -57,6 +58,10 @@ hadolint: $(VENV)/.dev
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
+
+## pytest-postgres: the integration suite against an mlflow server on a throwaway PostgreSQL cluster
+pytest-postgres: $(VENV)/.dev
+	MLFLOW_SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
 
 unit: $(VENV)/.dev
 	$(BIN)/pytest tests/unit
