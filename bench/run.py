@@ -1,0 +1,316 @@
+"""Side-by-side benchmarks: the sidecar against calling MLflow directly, in one run.
+
+    make bench            # full run (about 10 minutes on 2 cores)
+    make bench-quick      # --quick (under 3 minutes)
+
+Starts a real `mlflow server` (SQLite) and the sidecar as separate processes on loopback,
+measures each scenario and its baseline in the same run, prints a table and writes
+bench/results.json (numbers only) with the ratios the targets are stated in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import mlflow
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.tracking import MlflowClient
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mlflow_sidecar.client import ClientContainer  # noqa: E402
+from mlflow_sidecar.v1 import tracking_pb2 as pb  # noqa: E402
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc  # noqa: E402
+from tests.support.processes import MlflowServer  # noqa: E402
+from tests.support.sidecar_process import SidecarProcess  # noqa: E402
+
+MIB = 1024 * 1024
+
+
+class Sizes:
+    def __init__(self, quick: bool) -> None:
+        self.direct_s = 5.0 if quick else 15.0
+        self.async_points = 2_000 if quick else 10_000
+        self.stream_points = 100_000 if quick else 500_000
+        self.delivered_points = 20_000 if quick else 100_000
+        self.log_batch_points = 20_000 if quick else 100_000
+        self.getrun_calls = 100 if quick else 500
+        self.artifact_mb = 32 if quick else 256
+
+
+def timed(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def points(run_id: str, count: int, key: str = "reward") -> list[tuple[str, str, float, int, int]]:
+    base = int(time.time() * 1000)
+    return [(run_id, key, float(i), base + i, i) for i in range(count)]
+
+
+# -- metrics --------------------------------------------------------------------------
+
+
+def metrics_direct(client: MlflowClient, run_id: str, seconds: float) -> float:
+    done = 0
+    started = time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        client.log_metric(run_id, "direct", float(done), step=done)
+        done += 1
+    return done / (time.perf_counter() - started)
+
+
+def metrics_async(client: MlflowClient, run_id: str, count: int) -> float:
+    started = time.perf_counter()
+    for i in range(count):
+        client.log_metric(run_id, "async", float(i), step=i, synchronous=False)
+    mlflow.flush_async_logging()
+    return count / (time.perf_counter() - started)
+
+
+def metrics_stream(container: ClientContainer, run_id: str, count: int, key: str) -> float:
+    stream = container.metric_stream()
+    started = time.perf_counter()
+    for _, k, value, ts, step in points(run_id, count, key):
+        stream.log(run_id, k, value, step=step, timestamp_ms=ts)
+    accepted = stream.close()
+    elapsed = time.perf_counter() - started
+    assert accepted == count, f"accepted {accepted} of {count}"
+    return count / elapsed
+
+
+def metrics_delivered(container: ClientContainer, run_id: str, count: int) -> float:
+    tracking = container.experiment_tracking()
+    started = time.perf_counter()
+    metrics_stream(container, run_id, count, "delivered")
+    result = tracking.flush_metrics(timeout_s=600)
+    elapsed = time.perf_counter() - started
+    assert result.pending_points == 0, result
+    return count / elapsed
+
+
+def metrics_log_batch(client: MlflowClient, run_id: str, count: int) -> float:
+    batch = [
+        MlflowMetric(k, v, ts, step) for _, k, v, ts, step in points(run_id, count, "batch")
+    ]
+    started = time.perf_counter()
+    for i in range(0, count, 1000):
+        client.log_batch(run_id, metrics=batch[i : i + 1000], synchronous=True)
+    return count / (time.perf_counter() - started)
+
+
+def grpc_raw_stream(count: int) -> float:
+    server = subprocess.Popen(
+        [sys.executable, str(ROOT / "bench" / "raw_grpc_server.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert server.stdout is not None
+        port = int(server.stdout.readline())
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            data = points("0" * 32, count, "raw")
+
+            def messages():
+                for i in range(0, count, 1000):
+                    yield pb.StreamMetricsRequest(
+                        points=[
+                            pb.MetricPoint(run_id=r, key=k, value=v, timestamp_ms=ts, step=s)
+                            for r, k, v, ts, s in data[i : i + 1000]
+                        ]
+                    )
+
+            started = time.perf_counter()
+            reply = stub.StreamMetrics(messages())
+            elapsed = time.perf_counter() - started
+            assert reply.accepted_points == count
+            return count / elapsed
+    finally:
+        assert server.stdin is not None
+        server.stdin.close()
+        server.wait(timeout=30)
+
+
+# -- reads ----------------------------------------------------------------------------
+
+
+def p50_ms(call: Callable[[], object], n: int) -> float:
+    for _ in range(min(20, n)):
+        call()  # warm up connections and caches
+    samples = [timed(call) * 1000 for _ in range(n)]
+    return statistics.median(samples)
+
+
+# -- artifacts ------------------------------------------------------------------------
+
+
+def make_file(path: Path, size_mb: int) -> str:
+    digest = hashlib.sha256()
+    chunk = os.urandom(MIB)
+    with path.open("wb") as out:
+        for _ in range(size_mb):
+            out.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(MIB):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
+    ("stream >= 300x direct", lambda r: r["metrics_sidecar_stream_per_s"] >= 300 * r["metrics_direct_per_s"], ""),
+    ("stream >= 5x async", lambda r: r["metrics_sidecar_stream_per_s"] >= 5 * r["metrics_async_per_s"], ""),
+    ("stream >= 0.5x raw gRPC", lambda r: r["metrics_sidecar_stream_per_s"] >= 0.5 * r["grpc_raw_stream_per_s"], ""),
+    ("delivered >= 0.8x log_batch", lambda r: r["metrics_sidecar_delivered_per_s"] >= 0.8 * r["metrics_log_batch_direct_per_s"], ""),
+    ("getrun sidecar <= direct + 1 ms", lambda r: r["getrun_sidecar_p50_ms"] <= r["getrun_direct_p50_ms"] + 1, ""),
+    ("upload >= 0.8x direct", lambda r: r.get("upload_sidecar_mb_s", 0) >= 0.8 * r.get("upload_direct_mb_s", 1), ""),
+    ("download >= 0.8x direct", lambda r: r.get("download_sidecar_mb_s", 0) >= 0.8 * r.get("download_direct_mb_s", 1), ""),
+    ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
+    ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
+]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    sizes = Sizes(args.quick)
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        work = Path(tmp)
+        server = MlflowServer(work / "mlflow")
+        server.start()
+        sidecar = SidecarProcess(work / "sidecar", server.url)
+        try:
+            started = time.perf_counter()
+            sidecar.start()
+            results["sidecar_start_s"] = time.perf_counter() - started
+            assert sidecar.proc is not None
+            client = MlflowClient(tracking_uri=server.url)
+            exp = client.create_experiment("bench")
+            run = lambda: client.create_run(exp).info.run_id  # noqa: E731
+            container = ClientContainer()
+            container.config.from_dict({"target": sidecar.target, "timeout_s": 600})
+
+            steps = [
+                ("metrics_direct_per_s", lambda: metrics_direct(client, run(), sizes.direct_s)),
+                ("metrics_async_per_s", lambda: metrics_async(client, run(), sizes.async_points)),
+                ("metrics_log_batch_direct_per_s", lambda: metrics_log_batch(client, run(), sizes.log_batch_points)),
+                ("grpc_raw_stream_per_s", lambda: grpc_raw_stream(sizes.stream_points)),
+                ("metrics_sidecar_stream_per_s", lambda: metrics_stream(container, run(), sizes.stream_points, "stream")),
+                ("metrics_sidecar_delivered_per_s", lambda: metrics_delivered(container, run(), sizes.delivered_points)),
+            ]
+            for key, step in steps:
+                results[key] = step()
+                print(f"  {key:36s} {results[key]:14.1f}", flush=True)
+            # Let the stream scenario's spool drain before the latency runs.
+            container.experiment_tracking().flush_metrics(timeout_s=900)
+
+            run_id = run()
+            client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
+            tracking = container.experiment_tracking()
+            results["getrun_direct_p50_ms"] = p50_ms(lambda: client.get_run(run_id), sizes.getrun_calls)
+            results["getrun_sidecar_p50_ms"] = p50_ms(lambda: tracking.get_run(run_id), sizes.getrun_calls)
+            for key in ("getrun_direct_p50_ms", "getrun_sidecar_p50_ms"):
+                print(f"  {key:36s} {results[key]:14.3f}", flush=True)
+
+            if hasattr(tracking, "upload_artifact"):
+                artifacts(results, client, tracking, run, work, sizes.artifact_mb)
+            results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
+            container.shutdown_resources()
+        finally:
+            sidecar.stop()
+            server.stop()
+
+    report(results, args.quick)
+    Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def artifacts(results, client, tracking, run, work: Path, size_mb: int) -> None:
+    source = work / "artifact.bin"
+    digest = make_file(source, size_mb)
+    direct_run, sidecar_run = run(), run()
+    results["upload_direct_mb_s"] = size_mb / timed(lambda: client.log_artifact(direct_run, str(source)))
+    results["upload_sidecar_mb_s"] = size_mb / timed(
+        lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")
+    )
+    direct_dst, sidecar_dst = work / "direct", work / "sidecar-dl"
+    direct_dst.mkdir()
+    sidecar_dst.mkdir()
+    results["download_direct_mb_s"] = size_mb / timed(
+        lambda: client.download_artifacts(direct_run, "artifact.bin", str(direct_dst))
+    )
+    results["download_sidecar_mb_s"] = size_mb / timed(
+        lambda: tracking.download_artifact(sidecar_run, "artifact.bin", sidecar_dst)
+    )
+    assert sha256_of(direct_dst / "artifact.bin") == digest
+    assert sha256_of(sidecar_dst / "artifact.bin") == digest
+    for key in ("upload_direct_mb_s", "upload_sidecar_mb_s", "download_direct_mb_s", "download_sidecar_mb_s"):
+        print(f"  {key:36s} {results[key]:14.1f}", flush=True)
+
+
+def report(results: dict[str, float], quick: bool) -> None:
+    print()
+    print(f"mlflow-sidecar benchmark ({'quick' if quick else 'full'}) on {platform.node()},"
+          f" {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"{'key':40s} {'value':>14s}")
+    for key in sorted(results):
+        print(f"{key:40s} {results[key]:14.2f}")
+    r = results
+    ratios = {
+        "stream / direct": r["metrics_sidecar_stream_per_s"] / r["metrics_direct_per_s"],
+        "stream / async": r["metrics_sidecar_stream_per_s"] / r["metrics_async_per_s"],
+        "stream / raw gRPC": r["metrics_sidecar_stream_per_s"] / r["grpc_raw_stream_per_s"],
+        "delivered / log_batch": r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"],
+    }
+    if "upload_direct_mb_s" in r:
+        ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
+        ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]
+    print()
+    for name, value in ratios.items():
+        print(f"{name:40s} {value:14.2f}x")
+    print()
+    for name, check, _ in TARGETS:
+        try:
+            ok = check(results)
+        except KeyError:
+            ok = False
+        print(f"{'PASS' if ok else 'MISS'}  {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
