@@ -11,6 +11,7 @@ from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
+from mlflow_sidecar.server.staging import Staging
 
 
 class ServerContainer(containers.DeclarativeContainer):
@@ -18,8 +19,9 @@ class ServerContainer(containers.DeclarativeContainer):
 
     config = providers.Dependency(instance_of=AppConfig)
     gateway = providers.Singleton(MlflowGateway, config)
-    tracking_service = providers.Singleton(TrackingService, gateway)
-    registry_service = providers.Singleton(RegistryService, gateway)
-    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service)
-    registry_servicer = providers.Singleton(RegistryServicer, registry_service)
+    staging = providers.Singleton(Staging, config)
+    tracking_service = providers.Singleton(TrackingService, gateway, staging)
+    registry_service = providers.Singleton(RegistryService, gateway, staging)
+    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service, staging)
+    registry_servicer = providers.Singleton(RegistryServicer, registry_service, staging)
     server = providers.Singleton(SidecarServer, config, tracking_servicer, registry_servicer)

@@ -5,13 +5,16 @@ Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.clien
 
 from mlflow_sidecar.client.container import ClientContainer, load_env
 from mlflow_sidecar.client.domain import (
+    ArtifactInfo,
     Experiment,
+    FileInfo,
     LifecycleStage,
     Metric,
     MetricPoint,
     ModelVersion,
     ModelVersionStatus,
     Page,
+    Progress,
     RegisteredModel,
     Run,
     RunInfo,
@@ -23,10 +26,12 @@ from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
 from mlflow_sidecar.client.settings import ClientSettings
 
 __all__ = [
+    "ArtifactInfo",
     "ClientContainer",
     "ClientSettings",
     "Experiment",
     "ExperimentTracking",
+    "FileInfo",
     "LifecycleStage",
     "Metric",
     "MetricPoint",
@@ -34,6 +39,7 @@ __all__ = [
     "ModelVersion",
     "ModelVersionStatus",
     "Page",
+    "Progress",
     "RegisteredModel",
     "Run",
     "RunInfo",
