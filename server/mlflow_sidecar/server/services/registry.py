@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.client.domain import (
@@ -319,7 +319,7 @@ class RegistryService(ModelRegistry):
         check_upload_size("local_dir", total, self._max_upload_bytes)
         run_id, created_run = self._upload_run(name, run_id, experiment_id)
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{uuid.uuid4().hex}"
-        created: ModelVersion | None = None
+        created_model = False
         try:
             report(progress, 0, total)
             done = 0
@@ -333,7 +333,7 @@ class RegistryService(ModelRegistry):
                 )
                 done += local.size_bytes
                 report(progress, done, total)
-            self.create_registered_model(name, get_if_exists=True)
+            created_model = self._ensure_registered_model(name)
             created = self.create_model_version(
                 name,
                 source=f"runs:/{run_id}/{artifact_dir}",
@@ -345,7 +345,9 @@ class RegistryService(ModelRegistry):
                 self.set_model_alias(name, alias, created.version)
             result = self.get_model_version(name, created.version)
         except Exception:
-            self._undo_upload(run_id, artifact_dir, created_run=created_run, created=created)
+            self._undo_upload(
+                name, run_id, artifact_dir, created_run=created_run, created_model=created_model
+            )
             raise
         if created_run:
             self._gateway.set_terminated(run_id, RunStatus.FINISHED, 0)
@@ -366,36 +368,64 @@ class RegistryService(ModelRegistry):
         )
         return run.run_id, True
 
+    def _ensure_registered_model(self, name: str) -> bool:
+        """Create the registered model unless it exists; True when this call created it."""
+        try:
+            self._gateway.get_registered_model(name)
+            return False
+        except NotFoundError:
+            pass
+        try:
+            self._gateway.create_registered_model(name, description="", tags={})
+        except AlreadyExistsError:
+            return False  # created by a concurrent caller meanwhile
+        return True
+
     def _undo_upload(
-        self, run_id: str, artifact_dir: str, *, created_run: bool, created: ModelVersion | None
+        self,
+        name: str,
+        run_id: str,
+        artifact_dir: str,
+        *,
+        created_run: bool,
+        created_model: bool,
     ) -> None:
-        """Best effort after a failed upload: no half-registered version, no orphan files."""
-        steps: list[tuple[str, Callable[[], None]]] = []
-        if created is not None:
-            version = created
-            steps.append(
-                (
-                    f"delete version {version.version}",
-                    lambda: self._gateway.delete_model_version(version.name, version.version),
-                )
+        """Best effort after a failed upload: no half-registered version, no orphan files,
+        no empty registered model that this upload created.
+
+        A version whose creation failed may still exist (MLflow answered, the answer got
+        lost), so versions are looked up by source rather than trusted from the call. The
+        files are deleted only once no version points at them.
+        """
+        source = f"runs:/{run_id}/{artifact_dir}"
+        try:
+            page = self._gateway.search_model_versions(
+                filter_string=f"name = {_quoted(name)} AND run_id = '{run_id}'",
+                order_by=["version_number DESC"],
+                page_size=MAX_PAGE_SIZE,
+                page_token="",
             )
-        steps.append(
-            (f"delete {artifact_dir}", lambda: self._gateway.delete_artifacts(run_id, artifact_dir))
-        )
+            for version in page.items:
+                if version.source == source:
+                    self._gateway.delete_model_version(version.name, version.version)
+            self._gateway.delete_artifacts(run_id, artifact_dir)
+            if (
+                created_model
+                and not self._gateway.search_model_versions(
+                    filter_string=f"name = {_quoted(name)}",
+                    order_by=[],
+                    page_size=1,
+                    page_token="",
+                ).items
+            ):
+                self._gateway.delete_registered_model(name)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
+            log.warning("after a failed model upload, could not remove %s: %s", source, exc)
         if created_run:
-            steps.append(
-                (
-                    "mark the run FAILED",
-                    lambda: self._gateway.set_terminated(run_id, RunStatus.FAILED, 0),
-                )
-            )
-        for what, step in steps:
             try:
-                step()
-            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
-                log.warning(
-                    "after a failed model upload in run %s, could not %s: %s", run_id, what, exc
-                )
+                self._gateway.set_terminated(run_id, RunStatus.FAILED, 0)
+            except Exception as exc:  # noqa: BLE001 - as above
+                log.warning("after a failed model upload, could not fail run %s: %s", run_id, exc)
 
     def download_model(
         self,
