@@ -22,7 +22,7 @@ REGISTERED_MODEL_META = "registered_model_meta"
 class Doubler(mlflow.pyfunc.PythonModel):
     """The smallest useful pyfunc model."""
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: list[int], params=None) -> list[int]:
         return [2 * x for x in model_input]
 
 
