@@ -16,7 +16,9 @@ class CountingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     def StreamMetrics(
         self, request_iterator: Iterator[pb.StreamMetricsRequest], context: grpc.ServicerContext
     ) -> pb.StreamMetricsResponse:
-        return pb.StreamMetricsResponse(accepted_points=sum(len(m.points) for m in request_iterator))
+        return pb.StreamMetricsResponse(
+            accepted_points=sum(len(m.points) for m in request_iterator)
+        )
 
 
 def main() -> None:

@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -105,9 +104,7 @@ def metrics_delivered(container: ClientContainer, run_id: str, count: int) -> fl
 
 
 def metrics_log_batch(client: MlflowClient, run_id: str, count: int) -> float:
-    batch = [
-        MlflowMetric(k, v, ts, step) for _, k, v, ts, step in points(run_id, count, "batch")
-    ]
+    batch = [MlflowMetric(k, v, ts, step) for _, k, v, ts, step in points(run_id, count, "batch")]
     started = time.perf_counter()
     for i in range(0, count, 1000):
         client.log_batch(run_id, metrics=batch[i : i + 1000], synchronous=True)
@@ -188,13 +185,41 @@ def peak_rss_mb(pid: int) -> float:
 
 
 TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
-    ("stream >= 300x direct", lambda r: r["metrics_sidecar_stream_per_s"] >= 300 * r["metrics_direct_per_s"], ""),
-    ("stream >= 5x async", lambda r: r["metrics_sidecar_stream_per_s"] >= 5 * r["metrics_async_per_s"], ""),
-    ("stream >= 0.5x raw gRPC", lambda r: r["metrics_sidecar_stream_per_s"] >= 0.5 * r["grpc_raw_stream_per_s"], ""),
-    ("delivered >= 0.8x log_batch", lambda r: r["metrics_sidecar_delivered_per_s"] >= 0.8 * r["metrics_log_batch_direct_per_s"], ""),
-    ("getrun sidecar <= direct + 1 ms", lambda r: r["getrun_sidecar_p50_ms"] <= r["getrun_direct_p50_ms"] + 1, ""),
-    ("upload >= 0.8x direct", lambda r: r.get("upload_sidecar_mb_s", 0) >= 0.8 * r.get("upload_direct_mb_s", 1), ""),
-    ("download >= 0.8x direct", lambda r: r.get("download_sidecar_mb_s", 0) >= 0.8 * r.get("download_direct_mb_s", 1), ""),
+    (
+        "stream >= 300x direct",
+        lambda r: r["metrics_sidecar_stream_per_s"] >= 300 * r["metrics_direct_per_s"],
+        "",
+    ),
+    (
+        "stream >= 5x async",
+        lambda r: r["metrics_sidecar_stream_per_s"] >= 5 * r["metrics_async_per_s"],
+        "",
+    ),
+    (
+        "stream >= 0.5x raw gRPC",
+        lambda r: r["metrics_sidecar_stream_per_s"] >= 0.5 * r["grpc_raw_stream_per_s"],
+        "",
+    ),
+    (
+        "delivered >= 0.8x log_batch",
+        lambda r: r["metrics_sidecar_delivered_per_s"] >= 0.8 * r["metrics_log_batch_direct_per_s"],
+        "",
+    ),
+    (
+        "getrun sidecar <= direct + 1 ms",
+        lambda r: r["getrun_sidecar_p50_ms"] <= r["getrun_direct_p50_ms"] + 1,
+        "",
+    ),
+    (
+        "upload >= 0.8x direct",
+        lambda r: r.get("upload_sidecar_mb_s", 0) >= 0.8 * r.get("upload_direct_mb_s", 1),
+        "",
+    ),
+    (
+        "download >= 0.8x direct",
+        lambda r: r.get("download_sidecar_mb_s", 0) >= 0.8 * r.get("download_direct_mb_s", 1),
+        "",
+    ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
@@ -227,10 +252,19 @@ def main() -> int:
             steps = [
                 ("metrics_direct_per_s", lambda: metrics_direct(client, run(), sizes.direct_s)),
                 ("metrics_async_per_s", lambda: metrics_async(client, run(), sizes.async_points)),
-                ("metrics_log_batch_direct_per_s", lambda: metrics_log_batch(client, run(), sizes.log_batch_points)),
+                (
+                    "metrics_log_batch_direct_per_s",
+                    lambda: metrics_log_batch(client, run(), sizes.log_batch_points),
+                ),
                 ("grpc_raw_stream_per_s", lambda: grpc_raw_stream(sizes.stream_points)),
-                ("metrics_sidecar_stream_per_s", lambda: metrics_stream(container, run(), sizes.stream_points, "stream")),
-                ("metrics_sidecar_delivered_per_s", lambda: metrics_delivered(container, run(), sizes.delivered_points)),
+                (
+                    "metrics_sidecar_stream_per_s",
+                    lambda: metrics_stream(container, run(), sizes.stream_points, "stream"),
+                ),
+                (
+                    "metrics_sidecar_delivered_per_s",
+                    lambda: metrics_delivered(container, run(), sizes.delivered_points),
+                ),
             ]
             for key, step in steps:
                 results[key] = step()
@@ -241,8 +275,12 @@ def main() -> int:
             run_id = run()
             client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
             tracking = container.experiment_tracking()
-            results["getrun_direct_p50_ms"] = p50_ms(lambda: client.get_run(run_id), sizes.getrun_calls)
-            results["getrun_sidecar_p50_ms"] = p50_ms(lambda: tracking.get_run(run_id), sizes.getrun_calls)
+            results["getrun_direct_p50_ms"] = p50_ms(
+                lambda: client.get_run(run_id), sizes.getrun_calls
+            )
+            results["getrun_sidecar_p50_ms"] = p50_ms(
+                lambda: tracking.get_run(run_id), sizes.getrun_calls
+            )
             for key in ("getrun_direct_p50_ms", "getrun_sidecar_p50_ms"):
                 print(f"  {key:36s} {results[key]:14.3f}", flush=True)
 
@@ -264,7 +302,9 @@ def artifacts(results, client, tracking, run, work: Path, size_mb: int) -> None:
     source = work / "artifact.bin"
     digest = make_file(source, size_mb)
     direct_run, sidecar_run = run(), run()
-    results["upload_direct_mb_s"] = size_mb / timed(lambda: client.log_artifact(direct_run, str(source)))
+    results["upload_direct_mb_s"] = size_mb / timed(
+        lambda: client.log_artifact(direct_run, str(source))
+    )
     results["upload_sidecar_mb_s"] = size_mb / timed(
         lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")
     )
@@ -279,14 +319,21 @@ def artifacts(results, client, tracking, run, work: Path, size_mb: int) -> None:
     )
     assert sha256_of(direct_dst / "artifact.bin") == digest
     assert sha256_of(sidecar_dst / "artifact.bin") == digest
-    for key in ("upload_direct_mb_s", "upload_sidecar_mb_s", "download_direct_mb_s", "download_sidecar_mb_s"):
+    for key in (
+        "upload_direct_mb_s",
+        "upload_sidecar_mb_s",
+        "download_direct_mb_s",
+        "download_sidecar_mb_s",
+    ):
         print(f"  {key:36s} {results[key]:14.1f}", flush=True)
 
 
 def report(results: dict[str, float], quick: bool) -> None:
     print()
-    print(f"mlflow-sidecar benchmark ({'quick' if quick else 'full'}) on {platform.node()},"
-          f" {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"mlflow-sidecar benchmark ({'quick' if quick else 'full'}) on {platform.node()},"
+        f" {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
     print(f"{'key':40s} {'value':>14s}")
     for key in sorted(results):
         print(f"{key:40s} {results[key]:14.2f}")
@@ -295,7 +342,8 @@ def report(results: dict[str, float], quick: bool) -> None:
         "stream / direct": r["metrics_sidecar_stream_per_s"] / r["metrics_direct_per_s"],
         "stream / async": r["metrics_sidecar_stream_per_s"] / r["metrics_async_per_s"],
         "stream / raw gRPC": r["metrics_sidecar_stream_per_s"] / r["grpc_raw_stream_per_s"],
-        "delivered / log_batch": r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"],
+        "delivered / log_batch": r["metrics_sidecar_delivered_per_s"]
+        / r["metrics_log_batch_direct_per_s"],
     }
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]

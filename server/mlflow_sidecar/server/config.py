@@ -12,7 +12,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -20,9 +29,12 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from mlflow_sidecar.client.transfer import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
 MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 # The YAML file of the load in progress; a context variable keeps loads independent.
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
@@ -137,6 +149,21 @@ class SpoolConfig(_Section):
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
 
+class ArtifactsConfig(_Section):
+    """Streamed artifact and model transfers. In-flight files are staged in `<data_dir>/tmp`."""
+
+    chunk_bytes: int = Field(
+        MIB,
+        ge=MIN_CHUNK_BYTES,
+        le=MAX_CHUNK_BYTES,
+        description="bytes per message of a download; must fit server.max_message_bytes"
+        " (unset, it shrinks to fit a smaller limit)",
+    )
+    max_upload_bytes: int = Field(
+        8 * GIB, ge=1, description="largest artifact, or model directory in total, accepted"
+    )
+
+
 class AppConfig(BaseSettings):
     """The sidecar's whole configuration."""
 
@@ -155,6 +182,7 @@ class AppConfig(BaseSettings):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, validate_default=True)
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: Literal["text", "json"] = "text"
 
@@ -162,6 +190,28 @@ class AppConfig(BaseSettings):
     def _absolute_data_dir(self) -> AppConfig:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
         return self
+
+    @field_validator("artifacts")
+    @classmethod
+    def _chunks_fit_messages(cls, value: ArtifactsConfig, info: ValidationInfo) -> ArtifactsConfig:
+        server = info.data.get("server")
+        if not isinstance(server, ServerConfig):
+            return value
+        room = server.max_message_bytes - CHUNK_FRAMING_BYTES
+        if value.chunk_bytes <= room:
+            return value
+        if "chunk_bytes" in value.model_fields_set:
+            raise ValueError(
+                f"chunk_bytes ({value.chunk_bytes}) plus {CHUNK_FRAMING_BYTES} bytes of framing"
+                f" must fit server.max_message_bytes ({server.max_message_bytes})"
+            )
+        # Left at its default, the chunk size shrinks to what the message limit allows.
+        return value.model_copy(update={"chunk_bytes": room})
+
+    @property
+    def staging_dir(self) -> Path:
+        """Where uploads and downloads in flight are staged; emptied at start."""
+        return self.data_dir / "tmp"
 
     @property
     def tracking_uri(self) -> str:

@@ -15,6 +15,7 @@ from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
+from mlflow_sidecar.server.staging import Staging
 
 
 class ServerContainer(containers.DeclarativeContainer):
@@ -23,6 +24,7 @@ class ServerContainer(containers.DeclarativeContainer):
     config = providers.Dependency(instance_of=AppConfig)
     metrics = providers.Singleton(SidecarMetrics)
     gateway = providers.Singleton(MlflowGateway, config, metrics)
+    staging = providers.Singleton(Staging, config)
 
     spool_store = providers.Singleton(
         SpoolStore,
@@ -43,10 +45,10 @@ class ServerContainer(containers.DeclarativeContainer):
         MetricIngest, spool_store, deliverer, config.provided.spool.flush_timeout_s, metrics
     )
 
-    tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest)
-    registry_service = providers.Singleton(RegistryService, gateway)
-    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service)
-    registry_servicer = providers.Singleton(RegistryServicer, registry_service)
+    tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
+    registry_service = providers.Singleton(RegistryService, gateway, staging)
+    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service, staging)
+    registry_servicer = providers.Singleton(RegistryServicer, registry_service, staging)
     server = providers.Singleton(
         SidecarServer,
         config,

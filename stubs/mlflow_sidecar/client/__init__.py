@@ -5,7 +5,9 @@ Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.clien
 
 from mlflow_sidecar.client.container import ClientContainer, load_env
 from mlflow_sidecar.client.domain import (
+    ArtifactInfo,
     Experiment,
+    FileInfo,
     FlushResult,
     LifecycleStage,
     Metric,
@@ -13,6 +15,7 @@ from mlflow_sidecar.client.domain import (
     ModelVersion,
     ModelVersionStatus,
     Page,
+    Progress,
     RegisteredModel,
     Run,
     RunInfo,
@@ -25,10 +28,12 @@ from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
 from mlflow_sidecar.client.settings import ClientSettings
 
 __all__ = [
+    "ArtifactInfo",
     "ClientContainer",
     "ClientSettings",
     "Experiment",
     "ExperimentTracking",
+    "FileInfo",
     "FlushResult",
     "LifecycleStage",
     "Metric",
@@ -38,6 +43,7 @@ __all__ = [
     "ModelVersion",
     "ModelVersionStatus",
     "Page",
+    "Progress",
     "RegisteredModel",
     "Run",
     "RunInfo",

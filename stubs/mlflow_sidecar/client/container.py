@@ -32,11 +32,19 @@ class ClientContainer(containers.DeclarativeContainer):
     tracking_stub = providers.Singleton(tracking_pb2_grpc.ExperimentTrackingServiceStub, channel)
     registry_stub = providers.Singleton(registry_pb2_grpc.ModelRegistryServiceStub, channel)
     experiment_tracking = providers.Singleton(
-        GrpcExperimentTracking, stub=tracking_stub, timeout_s=settings.provided.timeout_s
+        GrpcExperimentTracking,
+        stub=tracking_stub,
+        timeout_s=settings.provided.timeout_s,
+        transfer_timeout_s=settings.provided.transfer_timeout_s,
+        chunk_bytes=settings.provided.upload_chunk_bytes,
     )
     metric_stream = providers.Factory(MetricStream, tracking_stub)
     model_registry = providers.Singleton(
-        GrpcModelRegistry, stub=registry_stub, timeout_s=settings.provided.timeout_s
+        GrpcModelRegistry,
+        stub=registry_stub,
+        timeout_s=settings.provided.timeout_s,
+        transfer_timeout_s=settings.provided.transfer_timeout_s,
+        chunk_bytes=settings.provided.upload_chunk_bytes,
     )
 
 

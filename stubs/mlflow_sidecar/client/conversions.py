@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mlflow_sidecar.client.domain import (
     Experiment,
+    FileInfo,
     LifecycleStage,
     Metric,
     MetricPoint,
@@ -239,3 +240,13 @@ def model_version_from_pb(msg: reg_pb.ModelVersion) -> ModelVersion:
         user_id=msg.user_id,
         model_id=msg.model_id,
     )
+
+
+def file_info_to_pb(info: FileInfo) -> pb.FileInfo:
+    """Domain artifact listing entry to message."""
+    return pb.FileInfo(path=info.path, is_dir=info.is_dir, size_bytes=info.size_bytes)
+
+
+def file_info_from_pb(msg: pb.FileInfo) -> FileInfo:
+    """Message to domain artifact listing entry."""
+    return FileInfo(path=msg.path, is_dir=msg.is_dir, size_bytes=msg.size_bytes)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, TypeAlias, TypeVar
 
 T = TypeVar("T")
+
+Progress: TypeAlias = Callable[[int, int], None]
+"""A transfer's progress callback: called with (bytes done, bytes total) as chunks move.
+
+An exception raised by the callback aborts the transfer and reaches the caller."""
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -165,3 +170,21 @@ class ModelVersion:
     last_updated_time_ms: int = 0
     user_id: str = ""
     model_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class FileInfo:
+    """One entry of a run's artifact listing; `path` is relative to the run's artifact root."""
+
+    path: str
+    is_dir: bool = False
+    size_bytes: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ArtifactInfo:
+    """An artifact file as stored: its path in the run, its size and hex sha256."""
+
+    path: str
+    size_bytes: int
+    sha256: str

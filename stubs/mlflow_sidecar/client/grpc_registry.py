@@ -2,22 +2,59 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import grpc
 
 from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.domain import DEFAULT_PAGE_SIZE, ModelVersion, Page, RegisteredModel
-from mlflow_sidecar.client.grpc_tracking import invoke
-from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.client.domain import (
+    DEFAULT_PAGE_SIZE,
+    ModelVersion,
+    Page,
+    Progress,
+    RegisteredModel,
+)
+from mlflow_sidecar.client.errors import (
+    DataLossError,
+    InvalidArgumentError,
+    error_from_rpc,
+)
+from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
+from mlflow_sidecar.client.paths import FileTree
+from mlflow_sidecar.client.ports import ModelRegistry, StrPath
+from mlflow_sidecar.client.streaming import invoke_client_stream
+from mlflow_sidecar.client.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    HashingWriter,
+    collect_files,
+    file_digest,
+    read_chunks,
+    report,
+)
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
 
 
 class GrpcModelRegistry(ModelRegistry):
-    """The model registry through a sidecar; every call carries `timeout_s` as its deadline."""
+    """The model registry through a sidecar; every call carries `timeout_s` as its deadline,
+    model transfers `transfer_timeout_s`. Uploads go in chunks of `chunk_bytes`."""
 
-    def __init__(self, stub: pb_grpc.ModelRegistryServiceStub, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        stub: pb_grpc.ModelRegistryServiceStub,
+        timeout_s: float = 30.0,
+        *,
+        transfer_timeout_s: float = 3600.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ) -> None:
         self._stub = stub
         self._timeout = timeout_s
+        self._transfer_timeout = transfer_timeout_s
+        self._chunk_bytes = check_chunk_bytes(chunk_bytes)
 
     def create_registered_model(
         self,
@@ -163,3 +200,141 @@ class GrpcModelRegistry(ModelRegistry):
     def delete_model_alias(self, name: str, alias: str) -> None:
         request = pb.DeleteModelAliasRequest(name=name, alias=alias)
         invoke(self._stub.DeleteModelAlias, request, self._timeout)
+
+    def upload_model(
+        self,
+        name: str,
+        local_dir: StrPath,
+        *,
+        run_id: str = "",
+        experiment_id: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        aliases: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> ModelVersion:
+        files = collect_files(Path(local_dir))
+        if not files:
+            raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
+        # The stream announces each file's size and digest before its bytes: one read here.
+        described = [(f, *file_digest(f.path, self._chunk_bytes)) for f in files]
+        total = sum(size for _, size, _ in described)
+        chunk_bytes = self._chunk_bytes
+
+        def requests() -> Iterator[pb.UploadModelRequest]:
+            header = pb.UploadModelHeader(
+                name=name,
+                run_id=run_id,
+                experiment_id=experiment_id,
+                description=description,
+                tags=dict(tags or {}),
+                aliases=list(aliases),
+                total_size_bytes=total,
+            )
+            yield pb.UploadModelRequest(header=header)
+            report(progress, 0, total)
+            sent = 0
+            for local, size, sha256 in described:
+                announced = pb.UploadModelFile(path=local.relpath, size_bytes=size, sha256=sha256)
+                yield pb.UploadModelRequest(file=announced)
+                for chunk in read_chunks(local.path, chunk_bytes):
+                    yield pb.UploadModelRequest(chunk=chunk)
+                    sent += len(chunk)
+                    report(progress, sent, total)
+
+        reply = invoke_client_stream(self._stub.UploadModel, requests(), self._transfer_timeout)
+        return conv.model_version_from_pb(reply.model_version)
+
+    def download_model(
+        self,
+        name: str,
+        dst_dir: StrPath,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        if version is not None and alias is None:
+            request = pb.DownloadModelRequest(name=name, version=version)
+        elif alias is not None and version is None:
+            request = pb.DownloadModelRequest(name=name, alias=alias)
+        else:
+            raise InvalidArgumentError("selector", "give exactly one of version or alias")
+        destination = Path(dst_dir)
+        destination.mkdir(parents=True, exist_ok=True)
+        # Files land in a hidden staging directory inside the destination (same filesystem,
+        # so the final moves are renames) and move into place only when all are verified.
+        staging = destination / f".sidecar-download-{uuid.uuid4().hex}"
+        call = self._stub.DownloadModel(request, timeout=self._transfer_timeout)
+        try:
+            relpaths = _receive_model(call, staging, progress)
+            for relpath in relpaths:
+                target = destination.joinpath(*relpath.split("/"))
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(staging.joinpath(*relpath.split("/")), target)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            call.cancel()
+            shutil.rmtree(staging, ignore_errors=True)
+        return destination
+
+
+def _receive_model(
+    responses: Iterator[pb.DownloadModelResponse], staging: Path, progress: Progress | None
+) -> list[str]:
+    """Write a DownloadModel stream under `staging`, verifying every file; return the paths."""
+    first = next(responses, None)
+    if first is None or first.WhichOneof("payload") != "manifest":
+        raise DataLossError("the sidecar sent no manifest")
+    files = list(first.manifest.files)
+    tree = FileTree()
+    for index, entry in enumerate(files):
+        try:
+            tree.add(f"manifest.files[{index}].path", entry.path)
+        except InvalidArgumentError as exc:
+            # The sidecar sent a path that could escape the destination: refuse it.
+            raise DataLossError(f"unsafe manifest: {exc.message}") from None
+    total = sum(entry.size_bytes for entry in files)
+    report(progress, 0, total)
+    done = 0
+    current = -1
+    writer: HashingWriter | None = None
+
+    def advance() -> HashingWriter:
+        # Finish the file being written, then open the next one of the manifest.
+        nonlocal current, writer
+        if writer is not None:
+            writer.finish()
+        current += 1
+        entry = files[current]
+        writer = HashingWriter(
+            staging.joinpath(*entry.path.split("/")),
+            entry.size_bytes,
+            entry.sha256,
+            what=entry.path,
+        )
+        return writer
+
+    try:
+        for message in responses:
+            if message.WhichOneof("payload") != "chunk":
+                raise DataLossError("the sidecar sent a second manifest")
+            index = message.chunk.file_index
+            if not current <= index < len(files):
+                raise DataLossError(f"chunk for file {index} arrived out of order")
+            while current < index:
+                advance()
+            assert writer is not None
+            writer.write(message.chunk.data)
+            done += len(message.chunk.data)
+            report(progress, done, total)
+        # Empty files at the end get no chunks; open and finish them too.
+        while current < len(files) - 1:
+            advance()
+        if writer is not None:
+            writer.finish()
+    finally:
+        if writer is not None:
+            writer.close()
+    return [entry.path for entry in files]

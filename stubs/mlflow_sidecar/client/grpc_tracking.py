@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -12,17 +14,31 @@ from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
+    ArtifactInfo,
     Experiment,
+    FileInfo,
     FlushResult,
     Metric,
     MetricPoint,
     Page,
+    Progress,
     Run,
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import error_from_rpc
-from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError, error_from_rpc
+from mlflow_sidecar.client.paths import check_relative_path
+from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
+from mlflow_sidecar.client.streaming import invoke_client_stream
+from mlflow_sidecar.client.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    HashingWriter,
+    file_digest,
+    partial_path,
+    read_chunks,
+    report,
+)
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
@@ -38,15 +54,30 @@ def invoke(method: Callable[..., Resp], request: object, timeout: float | None) 
         raise error_from_rpc(exc) from None
 
 
+def check_chunk_bytes(chunk_bytes: int) -> int:
+    """The chunk size of uploads: positive, at most 1 MiB."""
+    if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+        raise ValueError(f"chunk_bytes must be between 1 and {MAX_CHUNK_BYTES}, got {chunk_bytes}")
+    return chunk_bytes
+
+
 class GrpcExperimentTracking(ExperimentTracking):
-    """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline;
-    StartRun always carries a client_request_id, so a retried StartRun never makes two runs."""
+    """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline,
+    artifact transfers `transfer_timeout_s`; StartRun always carries a client_request_id,
+    so a retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`."""
 
     def __init__(
-        self, stub: pb_grpc.ExperimentTrackingServiceStub, timeout_s: float = 30.0
+        self,
+        stub: pb_grpc.ExperimentTrackingServiceStub,
+        timeout_s: float = 30.0,
+        *,
+        transfer_timeout_s: float = 3600.0,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
+        self._transfer_timeout = transfer_timeout_s
+        self._chunk_bytes = check_chunk_bytes(chunk_bytes)
 
     def create_experiment(
         self,
@@ -196,3 +227,87 @@ class GrpcExperimentTracking(ExperimentTracking):
         )
         reply = invoke(self._stub.GetMetricHistory, request, self._timeout)
         return Page(tuple(conv.metric_from_pb(m) for m in reply.metrics), reply.next_page_token)
+
+    def upload_artifact(
+        self,
+        run_id: str,
+        local_path: StrPath,
+        artifact_path: str = "",
+        *,
+        progress: Progress | None = None,
+    ) -> ArtifactInfo:
+        source = Path(local_path)
+        if not source.is_file():
+            raise InvalidArgumentError("local_path", f"{source} is not a file")
+        target = check_relative_path("artifact_path", artifact_path or source.name)
+        # The header announces size and digest, so the file is read twice: once here.
+        size, sha256 = file_digest(source, self._chunk_bytes)
+        chunk_bytes = self._chunk_bytes
+
+        def requests() -> Iterator[pb.UploadArtifactRequest]:
+            header = pb.UploadArtifactHeader(
+                run_id=run_id, artifact_path=target, size_bytes=size, sha256=sha256
+            )
+            yield pb.UploadArtifactRequest(header=header)
+            report(progress, 0, size)
+            sent = 0
+            for chunk in read_chunks(source, chunk_bytes):
+                yield pb.UploadArtifactRequest(chunk=chunk)
+                # gRPC asks for the next message once this one is on its way.
+                sent += len(chunk)
+                report(progress, sent, size)
+
+        reply = invoke_client_stream(self._stub.UploadArtifact, requests(), self._transfer_timeout)
+        return ArtifactInfo(
+            path=reply.artifact_path, size_bytes=reply.size_bytes, sha256=reply.sha256
+        )
+
+    def list_artifacts(
+        self,
+        run_id: str,
+        path: str = "",
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[FileInfo]:
+        request = pb.ListArtifactsRequest(
+            run_id=run_id, path=path, page_size=page_size, page_token=page_token
+        )
+        reply = invoke(self._stub.ListArtifacts, request, self._timeout)
+        return Page(tuple(conv.file_info_from_pb(f) for f in reply.files), reply.next_page_token)
+
+    def download_artifact(
+        self,
+        run_id: str,
+        artifact_path: str,
+        dst_dir: StrPath,
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        check_relative_path("artifact_path", artifact_path)
+        final = Path(dst_dir).joinpath(*artifact_path.split("/"))
+        request = pb.DownloadArtifactRequest(run_id=run_id, artifact_path=artifact_path)
+        call = self._stub.DownloadArtifact(request, timeout=self._transfer_timeout)
+        try:
+            first = next(call, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise DataLossError(f"{artifact_path}: the sidecar sent no header")
+            size = first.header.size_bytes
+            final.parent.mkdir(parents=True, exist_ok=True)
+            with HashingWriter(
+                partial_path(final), size, first.header.sha256, what=artifact_path
+            ) as writer:
+                report(progress, 0, size)
+                for message in call:
+                    if message.WhichOneof("payload") != "chunk":
+                        raise DataLossError(f"{artifact_path}: the sidecar sent a second header")
+                    writer.write(message.chunk)
+                    report(progress, writer.written, size)
+                writer.finish()
+                os.replace(writer.path, final)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+        finally:
+            # Stops the sidecar's stream when we leave early; a no-op after a full download.
+            call.cancel()
+        return final

@@ -8,22 +8,29 @@ Every method raises `mlflow_sidecar.client.errors.SidecarError` subclasses.
 from __future__ import annotations
 
 import abc
+import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from mlflow_sidecar.client.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
+    ArtifactInfo,
     Experiment,
+    FileInfo,
     FlushResult,
     Metric,
     MetricPoint,
     ModelVersion,
     Page,
+    Progress,
     RegisteredModel,
     Run,
     RunStatus,
     ViewType,
 )
+
+StrPath = str | os.PathLike[str]
 
 
 class ExperimentTracking(abc.ABC):
@@ -131,6 +138,50 @@ class ExperimentTracking(abc.ABC):
         page_token: str = "",
     ) -> Page[Metric]:
         """One page of every point of a metric, ordered by step, then timestamp."""
+
+    @abc.abstractmethod
+    def upload_artifact(
+        self,
+        run_id: str,
+        local_path: StrPath,
+        artifact_path: str = "",
+        *,
+        progress: Progress | None = None,
+    ) -> ArtifactInfo:
+        """Store the file `local_path` as the run's artifact `artifact_path`.
+
+        `artifact_path` is the file's path inside the run's artifacts (e.g.
+        "checkpoints/step_100.pt"); empty means the file's own name at the root. The
+        bytes are verified by size and sha256 before MLflow sees them: a mismatch is
+        DataLossError and stores nothing. Files over the sidecar's limit are
+        ResourceExhaustedError. `progress` gets (bytes sent, bytes total).
+        """
+
+    @abc.abstractmethod
+    def list_artifacts(
+        self,
+        run_id: str,
+        path: str = "",
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[FileInfo]:
+        """One page of the artifacts directly under `path` (empty: the root), sorted by path."""
+
+    @abc.abstractmethod
+    def download_artifact(
+        self,
+        run_id: str,
+        artifact_path: str,
+        dst_dir: StrPath,
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Download one artifact file to `dst_dir/artifact_path` and return that path.
+
+        The file appears only once its size and sha256 are verified (DataLossError
+        otherwise); a directory is InvalidArgumentError, a missing file NotFoundError.
+        """
 
 
 class ModelRegistry(abc.ABC):
@@ -241,3 +292,42 @@ class ModelRegistry(abc.ABC):
     @abc.abstractmethod
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
+
+    @abc.abstractmethod
+    def upload_model(
+        self,
+        name: str,
+        local_dir: StrPath,
+        *,
+        run_id: str = "",
+        experiment_id: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        aliases: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> ModelVersion:
+        """Save the model directory `local_dir` and register it as a new version of `name`.
+
+        The files become artifacts of the run `run_id` (or of a new run in
+        `experiment_id`) under `models/<id>/`, the version's source is that `runs:/` URI,
+        and `aliases` point at it; the registered model is created if missing. Every file
+        is verified by size and sha256 first; nothing is stored when one does not match.
+        Symlinks are followed only inside `local_dir`. Returns the new version.
+        """
+
+    @abc.abstractmethod
+    def download_model(
+        self,
+        name: str,
+        dst_dir: StrPath,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        """Download the files of one version (give `version` or `alias`) into `dst_dir`.
+
+        Every file is verified by size and sha256 (DataLossError otherwise) before any
+        appears in `dst_dir`; returns `dst_dir`, which stock MLflow can load from
+        (e.g. `mlflow.pyfunc.load_model`) when the version is an MLflow model.
+        """

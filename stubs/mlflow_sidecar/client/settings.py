@@ -5,8 +5,15 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mlflow_sidecar.client.transfer import (
+    CHUNK_FRAMING_BYTES,
+    DEFAULT_CHUNK_BYTES,
+    MAX_CHUNK_BYTES,
+    MIN_CHUNK_BYTES,
+)
 
 
 class ClientSettings(BaseModel):
@@ -23,6 +30,35 @@ class ClientSettings(BaseModel):
     client_cert_file: str = Field("", description="PEM client certificate, for mTLS")
     client_key_file: str = Field("", description="PEM key of the client certificate")
     token: str = Field("", description="bearer token sent as `authorization` metadata")
+    transfer_timeout_s: float = Field(
+        3600.0, gt=0, description="deadline of one artifact or model upload or download"
+    )
+    chunk_bytes: int | None = Field(
+        None,
+        ge=MIN_CHUNK_BYTES,
+        le=MAX_CHUNK_BYTES,
+        description="bytes per message of an upload; must fit max_message_bytes."
+        " Unset: 1 MiB, or less when max_message_bytes is smaller",
+    )
+
+    @model_validator(mode="after")
+    def _chunks_fit_messages(self) -> ClientSettings:
+        if (
+            self.chunk_bytes is not None
+            and self.chunk_bytes + CHUNK_FRAMING_BYTES > self.max_message_bytes
+        ):
+            raise ValueError(
+                f"chunk_bytes ({self.chunk_bytes}) plus {CHUNK_FRAMING_BYTES} bytes of framing"
+                f" must fit max_message_bytes ({self.max_message_bytes})"
+            )
+        return self
+
+    @property
+    def upload_chunk_bytes(self) -> int:
+        """The chunk size uploads use: `chunk_bytes`, or the largest that fits by default."""
+        if self.chunk_bytes is not None:
+            return self.chunk_bytes
+        return min(DEFAULT_CHUNK_BYTES, self.max_message_bytes - CHUNK_FRAMING_BYTES)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> ClientSettings:

@@ -19,6 +19,8 @@ def configure_mlflow_environment(config: AppConfig) -> None:
     env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
     env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(config.mlflow.request_timeout_s)
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # Transfers are logged by the access log; tqdm bars would only clutter the sidecar's output.
+    env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     env.setdefault("DO_NOT_TRACK", "true")
     if config.mlflow.username:
         env["MLFLOW_TRACKING_USERNAME"] = config.mlflow.username

@@ -6,11 +6,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import backoff
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunTag, ViewType
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import domain
@@ -85,6 +87,7 @@ class MlflowGateway:
         self._retrying = self._build_retrying(config.retry)
         self._lock = threading.Lock()
         self.tracking_uri = config.tracking_uri
+        self.registry_uri = config.registry_uri
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -453,10 +456,15 @@ class MlflowGateway:
         )
 
     def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
-        """The version an alias points at."""
-        return entities.model_version(
-            self.call(lambda: self._client.get_model_version_by_alias(name, alias))
-        )
+        """The version an alias points at; NotFoundError for an alias the model lacks."""
+        try:
+            found = self.call(lambda: self._client.get_model_version_by_alias(name, alias))
+        except InvalidArgumentError as exc:
+            # MLflow reports a missing alias as INVALID_PARAMETER_VALUE "... not found".
+            if "not found" in exc.message:
+                raise NotFoundError(exc.message) from exc
+            raise
+        return entities.model_version(found)
 
     def search_model_versions(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
@@ -503,3 +511,54 @@ class MlflowGateway:
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
         self.call(lambda: self._client.delete_registered_model_alias(name, alias))
+
+    # -- artifacts ----------------------------------------------------------------------
+
+    def log_artifact(self, run_id: str, local_file: Path, artifact_dir: str) -> None:
+        """Store one file as `artifact_dir/<the file's name>` among the run's artifacts.
+
+        MLflow names the stored file after the local one, so callers name it accordingly.
+        Retried: storing the same bytes again just overwrites them.
+        """
+        self.call(lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None))
+
+    def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
+        """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
+        infos = self.call(lambda: self._client.list_artifacts(run_id, path or None))
+        return [
+            domain.FileInfo(path=i.path, is_dir=bool(i.is_dir), size_bytes=int(i.file_size or 0))
+            for i in infos
+        ]
+
+    def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
+        """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
+        return Path(
+            self.call(lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)))
+        )
+
+    def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
+        """Delete a run's artifact file or directory (not every artifact store can)."""
+        artifact_uri = self.get_run(run_id).info.artifact_uri
+
+        def op() -> None:
+            repo: Any = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
+            repo.delete_artifacts(artifact_path)
+
+        self.call(op)
+
+    def download_model_version(self, name: str, version: int, dst_dir: Path) -> Path:
+        """Download every file of a model version into `dst_dir`; returns the model's root.
+
+        Reads the version's storage location from the registry and copies exactly what is
+        stored there, wherever it is (run artifacts, an MLflow 3 logged model, a bucket).
+        """
+        uri = self.call(lambda: self._client.get_model_version_download_uri(name, str(version)))
+
+        def op() -> str:
+            # Building the repository may already ask MLflow (a runs:/ URI resolves its run).
+            repo: Any = get_artifact_repository(
+                uri, tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
+            )
+            return str(repo.download_artifacts("", str(dst_dir)))
+
+        return Path(self.call(op))

@@ -2,23 +2,46 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TypeAlias
 
 import grpc
 
 from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.server.servicers import streams
+from mlflow_sidecar.server.servicers.tracking import ensure_active, require_staging
+from mlflow_sidecar.server.services.registry import check_model_upload
+from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
 
 Ctx: TypeAlias = grpc.ServicerContext
 
 
-class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
-    """Converts requests to port calls and results to responses."""
+def _check_header(header: pb.UploadModelHeader) -> None:
+    check_model_upload(
+        header.name,
+        run_id=header.run_id,
+        experiment_id=header.experiment_id,
+        description=header.description,
+        tags=dict(header.tags),
+        aliases=list(header.aliases),
+    )
 
-    def __init__(self, service: ModelRegistry) -> None:
+
+class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
+    """Converts requests to port calls and results to responses; streamed files pass
+    through `staging` on disk."""
+
+    def __init__(self, service: ModelRegistry, staging: Staging | None = None) -> None:
         self._service = service
+        self._staging_or_none = staging
+
+    @property
+    def _staging(self) -> Staging:
+        return require_staging(self._staging_or_none)
 
     def CreateRegisteredModel(
         self, request: pb.CreateRegisteredModelRequest, context: Ctx
@@ -165,3 +188,41 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     ) -> pb.DeleteModelAliasResponse:
         self._service.delete_model_alias(request.name, request.alias)
         return pb.DeleteModelAliasResponse()
+
+    def UploadModel(
+        self, request_iterator: Iterator[pb.UploadModelRequest], context: Ctx
+    ) -> pb.UploadModelResponse:
+        with self._staging.directory("upload-model") as scratch:
+            staged = streams.receive_model(
+                request_iterator, scratch, self._staging, preflight=_check_header
+            )
+            ensure_active(context)
+            version = self._service.upload_model(
+                staged.name,
+                staged.root,
+                run_id=staged.run_id,
+                experiment_id=staged.experiment_id,
+                description=staged.description,
+                tags=staged.tags,
+                aliases=staged.aliases,
+            )
+        return pb.UploadModelResponse(model_version=conv.model_version_to_pb(version))
+
+    def DownloadModel(
+        self, request: pb.DownloadModelRequest, context: Ctx
+    ) -> Iterator[pb.DownloadModelResponse]:
+        selector = request.WhichOneof("selector")
+        if selector == "version":
+            version = self._service.get_model_version(request.name, request.version)
+        elif selector == "alias":
+            version = self._service.get_model_version_by_alias(request.name, request.alias)
+        else:
+            raise InvalidArgumentError("selector", "set version or alias")
+        with self._staging.directory("download-model") as scratch:
+            # A cancelled call may never resume this generator: clean up when the call ends.
+            context.add_callback(lambda: self._staging.remove(scratch))
+            # The version is pinned by number: an alias moving meanwhile cannot mix two versions.
+            root = self._service.download_model(
+                version.name, scratch / "model", version=version.version
+            )
+            yield from streams.model_messages(version, root, self._staging)

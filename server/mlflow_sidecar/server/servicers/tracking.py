@@ -9,17 +9,38 @@ import grpc
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.domain import RunStatus
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError, UnimplementedError
 from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.server.servicers import streams
+from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
 
-class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
-    """Converts requests to port calls and results to responses."""
+def require_staging(staging: Staging | None) -> Staging:
+    """The staging area of streamed transfers; servicers built without one cannot stream."""
+    if staging is None:
+        raise UnimplementedError("this server was built without a staging area for transfers")
+    return staging
 
-    def __init__(self, service: ExperimentTracking) -> None:
+
+def ensure_active(context: grpc.ServicerContext) -> None:
+    """Refuse to store an upload whose caller has gone away meanwhile."""
+    if not context.is_active():
+        raise CancelledError("the client cancelled the upload")
+
+
+class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
+    """Converts requests to port calls and results to responses; streamed files pass
+    through `staging` on disk."""
+
+    def __init__(self, service: ExperimentTracking, staging: Staging | None = None) -> None:
         self._service = service
+        self._staging_or_none = staging
+
+    @property
+    def _staging(self) -> Staging:
+        return require_staging(self._staging_or_none)
 
     def CreateExperiment(
         self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext
@@ -160,3 +181,40 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             metrics=[conv.metric_to_pb(m) for m in page.items],
             next_page_token=page.next_page_token,
         )
+
+    def UploadArtifact(
+        self, request_iterator: Iterator[pb.UploadArtifactRequest], context: grpc.ServicerContext
+    ) -> pb.UploadArtifactResponse:
+        with self._staging.directory("upload") as scratch:
+            staged = streams.receive_artifact(
+                request_iterator, scratch, self._staging, preflight=self._service.get_run
+            )
+            ensure_active(context)
+            info = self._service.upload_artifact(
+                staged.run_id, staged.local_path, staged.artifact_path
+            )
+        return pb.UploadArtifactResponse(
+            artifact_path=info.path, size_bytes=info.size_bytes, sha256=info.sha256
+        )
+
+    def ListArtifacts(
+        self, request: pb.ListArtifactsRequest, context: grpc.ServicerContext
+    ) -> pb.ListArtifactsResponse:
+        page = self._service.list_artifacts(
+            request.run_id, request.path, page_size=request.page_size, page_token=request.page_token
+        )
+        return pb.ListArtifactsResponse(
+            files=[conv.file_info_to_pb(f) for f in page.items],
+            next_page_token=page.next_page_token,
+        )
+
+    def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.DownloadArtifactResponse]:
+        with self._staging.directory("download") as scratch:
+            # A cancelled call may never resume this generator: clean up when the call ends.
+            context.add_callback(lambda: self._staging.remove(scratch))
+            local = self._service.download_artifact(request.run_id, request.artifact_path, scratch)
+            yield from streams.artifact_messages(
+                local, request.artifact_path, self._staging.chunk_bytes
+            )

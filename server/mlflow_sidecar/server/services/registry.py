@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from mlflow_sidecar.client.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
+    LifecycleStage,
     ModelVersion,
     ModelVersionStatus,
     Page,
+    Progress,
     RegisteredModel,
+    RunStatus,
 )
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
@@ -21,11 +27,16 @@ from mlflow_sidecar.client.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.client.ports import ModelRegistry, StrPath
+from mlflow_sidecar.client.transfer import collect_files, report
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.services.artifacts import check_upload_size, store_file
+from mlflow_sidecar.server.staging import Staging
+
+log = logging.getLogger(__name__)
 
 # MLflow waits up to 300 s for a new version to become READY; we wait no longer than that,
 # and never past the call's deadline (less a margin so that the answer still arrives).
@@ -41,6 +52,10 @@ _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
 _MODELS_SOURCE_RE = re.compile(
     r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
 )
+# Uploaded model directories live among their run's artifacts under models/<hex id>/.
+MODEL_ARTIFACT_DIR = "models"
+# Marks the runs UploadModel creates when it is given an experiment instead of a run.
+UPLOADED_MODEL_TAG = "mlflow_sidecar.uploaded_model"
 
 
 def _name(field: str, value: str) -> str:
@@ -61,22 +76,22 @@ def _version(value: int) -> int:
     return value
 
 
-def _alias_name(value: str) -> str:
+def _alias_name(value: str, field: str = "alias") -> str:
     """An alias as MLflow stores it (MLflow's own rule, so aliases set elsewhere resolve)."""
-    check.require("alias", value, max_length=MAX_ALIAS_LENGTH)
+    check.require(field, value, max_length=MAX_ALIAS_LENGTH)
     if not _ALIAS_RE.match(value):
         raise InvalidArgumentError(
-            "alias", f"{value!r} may only contain letters, digits, underscores and dashes"
+            field, f"{value!r} may only contain letters, digits, underscores and dashes"
         )
     return value
 
 
-def _alias(value: str) -> str:
+def _alias(value: str, field: str = "alias") -> str:
     """An alias that may be set: not one of the names MLflow reserves for versions."""
-    _alias_name(value)
+    _alias_name(value, field)
     if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
         raise InvalidArgumentError(
-            "alias", f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
+            field, f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
         )
     return value
 
@@ -104,6 +119,31 @@ def _deadline_passed() -> bool:
     return left is not None and left <= DEADLINE_MARGIN_S
 
 
+def check_model_upload(
+    name: str,
+    *,
+    run_id: str,
+    experiment_id: str,
+    description: str,
+    tags: Mapping[str, str],
+    aliases: Sequence[str],
+) -> None:
+    """Validate what an upload_model call says about the model, before any file moves."""
+    _name("name", name)
+    if run_id and experiment_id:
+        raise InvalidArgumentError("experiment_id", "give run_id or experiment_id, not both")
+    if not run_id and not experiment_id:
+        raise InvalidArgumentError(
+            "run_id", "give the run to log the files to, or an experiment_id to create one in"
+        )
+    check.bounded("run_id", run_id, 64)
+    check.bounded("experiment_id", experiment_id, 64)
+    check.bounded("description", description, 5000)
+    check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+    for index, alias in enumerate(aliases):
+        _alias(alias, f"aliases[{index}]")
+
+
 def _quoted(value: str) -> str:
     if "'" not in value:
         return f"'{value}'"
@@ -116,8 +156,11 @@ class RegistryService(ModelRegistry):
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
 
-    def __init__(self, gateway: MlflowGateway) -> None:
+    def __init__(self, gateway: MlflowGateway, staging: Staging | None = None) -> None:
+        # Staging holds the transfer limits and scratch space; the server always passes it.
         self._gateway = gateway
+        self._staging = staging
+        self._max_upload_bytes = staging.max_upload_bytes if staging else None
         self._model_locks = KeyedLocks()
 
     def create_registered_model(
@@ -341,3 +384,165 @@ class RegistryService(ModelRegistry):
         if alias not in model.aliases:
             raise NotFoundError(f"registered model {name!r} has no alias {alias!r}")
         self._gateway.delete_model_alias(name, alias)
+
+    # -- model files --------------------------------------------------------------------
+
+    def upload_model(
+        self,
+        name: str,
+        local_dir: StrPath,
+        *,
+        run_id: str = "",
+        experiment_id: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
+        aliases: Sequence[str] = (),
+        progress: Progress | None = None,
+    ) -> ModelVersion:
+        check_model_upload(
+            name,
+            run_id=run_id,
+            experiment_id=experiment_id,
+            description=description,
+            tags=tags or {},
+            aliases=aliases,
+        )
+        files = collect_files(Path(local_dir))
+        if not files:
+            raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
+        total = sum(f.size_bytes for f in files)
+        check_upload_size("local_dir", total, self._max_upload_bytes)
+        run_id, created_run = self._upload_run(name, run_id, experiment_id)
+        artifact_dir = f"{MODEL_ARTIFACT_DIR}/{uuid.uuid4().hex}"
+        created_model = False
+        try:
+            report(progress, 0, total)
+            done = 0
+            for local in files:
+                store_file(
+                    self._gateway,
+                    self._staging,
+                    run_id,
+                    local.path,
+                    f"{artifact_dir}/{local.relpath}",
+                )
+                done += local.size_bytes
+                report(progress, done, total)
+            created_model = self._ensure_registered_model(name)
+            created = self.create_model_version(
+                name,
+                source=f"runs:/{run_id}/{artifact_dir}",
+                run_id=run_id,
+                description=description,
+                tags=tags,
+            )
+            for alias in dict.fromkeys(aliases):
+                self.set_model_alias(name, alias, created.version)
+            result = self.get_model_version(name, created.version)
+        except Exception:
+            self._undo_upload(
+                name, run_id, artifact_dir, created_run=created_run, created_model=created_model
+            )
+            raise
+        if created_run:
+            self._gateway.set_terminated(run_id, RunStatus.FINISHED, 0)
+        return result
+
+    def _upload_run(self, name: str, run_id: str, experiment_id: str) -> tuple[str, bool]:
+        """The active run to log model files to, and whether it was created for them."""
+        if run_id:
+            run = self._gateway.get_run(run_id)
+            if run.info.lifecycle_stage is LifecycleStage.DELETED:
+                raise FailedPreconditionError(f"run {run_id} is deleted")
+            return run_id, False
+        experiment = self._gateway.get_experiment(experiment_id)
+        if experiment.lifecycle_stage is LifecycleStage.DELETED:
+            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+        run = self._gateway.create_run(
+            experiment_id, run_name="", tags={UPLOADED_MODEL_TAG: name}, start_time_ms=0
+        )
+        return run.run_id, True
+
+    def _ensure_registered_model(self, name: str) -> bool:
+        """Create the registered model unless it exists; True when this call created it."""
+        try:
+            self._gateway.get_registered_model(name)
+            return False
+        except NotFoundError:
+            pass
+        try:
+            self._gateway.create_registered_model(name, description="", tags={})
+        except AlreadyExistsError:
+            return False  # created by a concurrent caller meanwhile
+        return True
+
+    def _undo_upload(
+        self,
+        name: str,
+        run_id: str,
+        artifact_dir: str,
+        *,
+        created_run: bool,
+        created_model: bool,
+    ) -> None:
+        """Best effort after a failed upload: no half-registered version, no orphan files,
+        no empty registered model that this upload created.
+
+        A version whose creation failed may still exist (MLflow answered, the answer got
+        lost), so versions are looked up by source rather than trusted from the call. The
+        files are deleted only once no version points at them.
+        """
+        source = f"runs:/{run_id}/{artifact_dir}"
+        try:
+            page = self._gateway.search_model_versions(
+                filter_string=f"name = {_quoted(name)} AND run_id = '{run_id}'",
+                order_by=["version_number DESC"],
+                page_size=MAX_PAGE_SIZE,
+                page_token="",
+            )
+            for version in page.items:
+                if version.source == source:
+                    self._gateway.delete_model_version(version.name, version.version)
+            self._gateway.delete_artifacts(run_id, artifact_dir)
+            if (
+                created_model
+                and not self._gateway.search_model_versions(
+                    filter_string=f"name = {_quoted(name)}",
+                    order_by=[],
+                    page_size=1,
+                    page_token="",
+                ).items
+            ):
+                self._gateway.delete_registered_model(name)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
+            log.warning("after a failed model upload, could not remove %s: %s", source, exc)
+        if created_run:
+            try:
+                self._gateway.set_terminated(run_id, RunStatus.FAILED, 0)
+            except Exception as exc:  # noqa: BLE001 - as above
+                log.warning("after a failed model upload, could not fail run %s: %s", run_id, exc)
+
+    def download_model(
+        self,
+        name: str,
+        dst_dir: StrPath,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        progress: Progress | None = None,
+    ) -> Path:
+        _name("name", name)
+        if (version is None) == (alias is None):
+            raise InvalidArgumentError("selector", "give exactly one of version or alias")
+        found = (
+            self.get_model_version(name, version)
+            if version is not None
+            else self.get_model_version_by_alias(name, alias or "")
+        )
+        destination = Path(dst_dir)
+        destination.mkdir(parents=True, exist_ok=True)
+        report(progress, 0, 0)
+        self._gateway.download_model_version(found.name, found.version, destination)
+        total = sum(f.size_bytes for f in collect_files(destination))
+        report(progress, total, total)
+        return destination

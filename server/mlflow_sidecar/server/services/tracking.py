@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.domain import (
@@ -13,11 +14,14 @@ from mlflow_sidecar.client.domain import (
     MAX_METRIC_PAGE_SIZE,
     MAX_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
+    ArtifactInfo,
     Experiment,
+    FileInfo,
     FlushResult,
     Metric,
     MetricPoint,
     Page,
+    Progress,
     Run,
     RunStatus,
     ViewType,
@@ -29,11 +33,20 @@ from mlflow_sidecar.client.errors import (
     NotFoundError,
     UnavailableError,
 )
-from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.client.paths import check_relative_path
+from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
+from mlflow_sidecar.client.transfer import DEFAULT_CHUNK_BYTES, file_digest, report
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.services.artifacts import (
+    check_upload_size,
+    decode_listing_token,
+    encode_listing_token,
+    store_file,
+)
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
+from mlflow_sidecar.server.staging import Staging
 
 CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -48,9 +61,15 @@ class TrackingService(ExperimentTracking):
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
 
-    def __init__(self, gateway: MlflowGateway, ingest: MetricIngest) -> None:
+    def __init__(
+        self, gateway: MlflowGateway, ingest: MetricIngest, staging: Staging | None = None
+    ) -> None:
+        # Staging holds the transfer limits and scratch space; the server always passes it.
         self._gateway = gateway
         self._ingest = ingest
+        self._staging = staging
+        self._max_upload_bytes = staging.max_upload_bytes if staging else None
+        self._chunk_bytes = staging.chunk_bytes if staging else DEFAULT_CHUNK_BYTES
         self._start_locks = KeyedLocks()
 
     # -- experiments --------------------------------------------------------------------
@@ -268,6 +287,76 @@ class TrackingService(ExperimentTracking):
         return self._gateway.get_metric_history(
             run_id, key, page_size=size, page_token=check.page_token(page_token)
         )
+
+    # -- artifacts ----------------------------------------------------------------------
+
+    def upload_artifact(
+        self,
+        run_id: str,
+        local_path: StrPath,
+        artifact_path: str = "",
+        *,
+        progress: Progress | None = None,
+    ) -> ArtifactInfo:
+        check.require("run_id", run_id, max_length=64)
+        source = Path(local_path)
+        if not source.is_file():
+            raise InvalidArgumentError("local_path", f"{source} is not a file")
+        target = check_relative_path("artifact_path", artifact_path or source.name)
+        size, sha256 = file_digest(source, self._chunk_bytes)
+        check_upload_size("local_path", size, self._max_upload_bytes)
+        self._require_active(run_id)
+        report(progress, 0, size)
+        store_file(self._gateway, self._staging, run_id, source, target)
+        report(progress, size, size)
+        return ArtifactInfo(path=target, size_bytes=size, sha256=sha256)
+
+    def list_artifacts(
+        self,
+        run_id: str,
+        path: str = "",
+        *,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        page_token: str = "",
+    ) -> Page[FileInfo]:
+        check.require("run_id", run_id, max_length=64)
+        check_relative_path("path", path, allow_empty=True)
+        size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        after = decode_listing_token(page_token, path)
+        # MLflow lists a directory in one piece; the pages are cut here, in path order.
+        entries = sorted(self._gateway.list_artifacts(run_id, path), key=lambda e: e.path)
+        remaining = [e for e in entries if e.path > after] if after else entries
+        page = tuple(remaining[:size])
+        more = len(remaining) > size
+        return Page(page, encode_listing_token(path, page[-1].path) if more else "")
+
+    def download_artifact(
+        self,
+        run_id: str,
+        artifact_path: str,
+        dst_dir: StrPath,
+        *,
+        progress: Progress | None = None,
+    ) -> Path:
+        check.require("run_id", run_id, max_length=64)
+        check_relative_path("artifact_path", artifact_path)
+        parent = artifact_path.rpartition("/")[0]
+        listed = self._gateway.list_artifacts(run_id, parent)
+        entry = next((e for e in listed if e.path == artifact_path), None)
+        if entry is None:
+            raise NotFoundError(f"run {run_id} has no artifact {artifact_path!r}")
+        if entry.is_dir:
+            raise InvalidArgumentError(
+                "artifact_path",
+                f"{artifact_path!r} is a directory; list it and download its files one by one",
+            )
+        destination = Path(dst_dir)
+        destination.mkdir(parents=True, exist_ok=True)
+        report(progress, 0, entry.size_bytes)
+        local = self._gateway.download_artifact(run_id, artifact_path, destination)
+        size = local.stat().st_size
+        report(progress, size, size)
+        return local
 
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)

@@ -1,0 +1,266 @@
+"""Streamed transfers: the messages of an upload -> verified files in a staging directory,
+and a staged file or model directory -> the messages of a download.
+
+Everything a caller sends is checked before it is written: the header first (paths,
+sizes against the limit, digests), then every chunk against the size announced for it.
+Bytes go to disk chunk by chunk; nothing here holds a whole file in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import TypeVar
+
+import grpc
+
+from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.domain import ModelVersion
+from mlflow_sidecar.client.errors import (
+    CancelledError,
+    DataLossError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from mlflow_sidecar.client.paths import FileTree, check_relative_path, is_sha256
+from mlflow_sidecar.client.transfer import (
+    CHUNK_FRAMING_BYTES,
+    HashingWriter,
+    collect_files,
+    file_digest,
+    read_chunks,
+)
+from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.services.artifacts import check_upload_size
+from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class StagedArtifact:
+    """An uploaded file, verified, waiting in the staging directory."""
+
+    run_id: str
+    artifact_path: str
+    local_path: Path
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class StagedModel:
+    """An uploaded model directory, every file verified, waiting in the staging directory."""
+
+    name: str
+    run_id: str
+    experiment_id: str
+    description: str
+    root: Path
+    size_bytes: int
+    tags: Mapping[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+
+
+def _messages(requests: Iterator[T]) -> Iterator[T]:
+    # gRPC raises a bare RpcError from the request iterator when the client goes away.
+    try:
+        yield from requests
+    except grpc.RpcError as exc:
+        raise CancelledError("the client cancelled the upload") from exc
+
+
+def _sha256(field_name: str, value: str) -> str:
+    digest = value.lower()
+    if not is_sha256(digest):
+        raise InvalidArgumentError(field_name, "must be the 64 hex digits of a sha256")
+    return digest
+
+
+def _within_limit(received: int, incoming: int, limit: int) -> None:
+    if received + incoming > limit:
+        raise ResourceExhaustedError(
+            f"received more than the sidecar's upload limit of {limit} bytes"
+            " (artifacts.max_upload_bytes)"
+        )
+
+
+def receive_artifact(
+    requests: Iterator[pb.UploadArtifactRequest],
+    into: Path,
+    staging: Staging,
+    preflight: Callable[[str], object],
+) -> StagedArtifact:
+    """Write an UploadArtifact stream into the directory `into` and verify it.
+
+    `preflight(run_id)` runs after the header is checked and before any chunk is read,
+    so an unknown run fails before the bytes travel.
+    """
+    messages = _messages(requests)
+    first = next(messages, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise InvalidArgumentError("header", "the first message must carry the header")
+    header = first.header
+    check.require("header.run_id", header.run_id, max_length=64)
+    path = check_relative_path("header.artifact_path", header.artifact_path)
+    sha256 = _sha256("header.sha256", header.sha256)
+    check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
+    preflight(header.run_id)
+    # MLflow names the stored file after the local one, so the staged file gets its name.
+    local = into / PurePosixPath(path).name
+    with HashingWriter(local, header.size_bytes, sha256, what=path) as writer:
+        for message in messages:
+            if message.WhichOneof("payload") != "chunk":
+                raise InvalidArgumentError("header", "only the first message may carry a header")
+            _within_limit(writer.written, len(message.chunk), staging.max_upload_bytes)
+            writer.write(message.chunk)
+        writer.finish()
+    return StagedArtifact(header.run_id, path, local, header.size_bytes, sha256)
+
+
+class _ModelTree:
+    """The files of one model upload as they arrive, each checked before it is written."""
+
+    def __init__(self, root: Path, limit: int, declared_total: int) -> None:
+        self.root = root
+        self.limit = limit
+        self.declared_total = declared_total
+        self.tree = FileTree()
+        self.announced = 0
+        self.received = 0
+        self.writer: HashingWriter | None = None
+
+    def start_file(self, announced: reg_pb.UploadModelFile) -> None:
+        """Finish the previous file (it must be complete) and open the announced one."""
+        if self.writer is not None:
+            self.writer.finish()
+        index = len(self.tree)
+        path = self.tree.add(f"files[{index}].path", announced.path)
+        sha256 = _sha256(f"files[{index}].sha256", announced.sha256)
+        size = announced.size_bytes
+        if size < 0:
+            raise InvalidArgumentError(
+                f"files[{index}].size_bytes", f"must not be negative, got {size}"
+            )
+        self.announced += size
+        if self.announced > self.limit:
+            raise ResourceExhaustedError(
+                f"the files announced so far add up to {self.announced} bytes, over the"
+                f" sidecar's upload limit of {self.limit} bytes (artifacts.max_upload_bytes)"
+            )
+        if self.declared_total and self.announced > self.declared_total:
+            raise DataLossError(
+                f"the files announced so far add up to {self.announced} bytes,"
+                f" more than header.total_size_bytes ({self.declared_total})"
+            )
+        target = self.root.joinpath(*path.split("/"))
+        self.writer = HashingWriter(target, size, sha256, what=path)
+
+    def write(self, chunk: bytes) -> None:
+        """Append a chunk to the current file."""
+        if self.writer is None:
+            raise InvalidArgumentError("file", "a chunk arrived before any file")
+        _within_limit(self.received, len(chunk), self.limit)
+        self.writer.write(chunk)
+        self.received += len(chunk)
+
+    def finish(self) -> None:
+        """Verify the last file and the total."""
+        if self.writer is None:
+            raise InvalidArgumentError("file", "the upload carries no files")
+        self.writer.finish()
+        if self.declared_total and self.received != self.declared_total:
+            raise DataLossError(
+                f"received {self.received} bytes in all,"
+                f" header.total_size_bytes announced {self.declared_total}"
+            )
+
+    def close(self) -> None:
+        """Delete a file left incomplete."""
+        if self.writer is not None:
+            self.writer.close()
+
+
+def receive_model(
+    requests: Iterator[reg_pb.UploadModelRequest],
+    into: Path,
+    staging: Staging,
+    preflight: Callable[[reg_pb.UploadModelHeader], object],
+) -> StagedModel:
+    """Write an UploadModel stream as a directory tree under `into` and verify every file.
+
+    `preflight(header)` runs after the limits are checked and before any file is read.
+    """
+    messages = _messages(requests)
+    first = next(messages, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise InvalidArgumentError("header", "the first message must carry the header")
+    header = first.header
+    limit = staging.max_upload_bytes
+    declared_total = check_upload_size("header.total_size_bytes", header.total_size_bytes, limit)
+    preflight(header)
+    root = into / "model"
+    root.mkdir()
+    files = _ModelTree(root, limit, declared_total)
+    try:
+        for message in messages:
+            kind = message.WhichOneof("payload")
+            if kind == "file":
+                files.start_file(message.file)
+            elif kind == "chunk":
+                files.write(message.chunk)
+            else:
+                raise InvalidArgumentError("header", "only the first message may carry a header")
+        files.finish()
+    finally:
+        files.close()
+    return StagedModel(
+        name=header.name,
+        run_id=header.run_id,
+        experiment_id=header.experiment_id,
+        description=header.description,
+        root=root,
+        size_bytes=files.received,
+        tags=dict(header.tags),
+        aliases=tuple(header.aliases),
+    )
+
+
+def artifact_messages(
+    local: Path, artifact_path: str, chunk_bytes: int
+) -> Iterator[pb.DownloadArtifactResponse]:
+    """A DownloadArtifact stream of a staged file: the header (size, sha256), then chunks."""
+    size, sha256 = file_digest(local, chunk_bytes)
+    yield pb.DownloadArtifactResponse(
+        header=pb.DownloadArtifactHeader(
+            artifact_path=artifact_path, size_bytes=size, sha256=sha256
+        )
+    )
+    for chunk in read_chunks(local, chunk_bytes):
+        yield pb.DownloadArtifactResponse(chunk=chunk)
+
+
+def model_messages(
+    version: ModelVersion, root: Path, staging: Staging
+) -> Iterator[reg_pb.DownloadModelResponse]:
+    """A DownloadModel stream of a staged model directory: the manifest, then chunks in order."""
+    files = collect_files(root, field="model")
+    entries = []
+    for local in files:
+        size, sha256 = file_digest(local.path, staging.chunk_bytes)
+        entries.append(reg_pb.ModelFile(path=local.relpath, size_bytes=size, sha256=sha256))
+    manifest = reg_pb.ModelManifest(model_version=conv.model_version_to_pb(version), files=entries)
+    if manifest.ByteSize() + CHUNK_FRAMING_BYTES > staging.max_message_bytes:
+        raise ResourceExhaustedError(
+            f"the manifest of {len(entries)} files does not fit one message of"
+            f" {staging.max_message_bytes} bytes (server.max_message_bytes)"
+        )
+    yield reg_pb.DownloadModelResponse(manifest=manifest)
+    for index, local in enumerate(files):
+        for chunk in read_chunks(local.path, staging.chunk_bytes):
+            yield reg_pb.DownloadModelResponse(
+                chunk=reg_pb.ModelChunk(file_index=index, data=chunk)
+            )

@@ -1,0 +1,91 @@
+"""Artifact rules shared by the tracking and registry services."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlflow_sidecar.client.errors import InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.staging import Staging
+
+
+def check_upload_size(field: str, size_bytes: int, max_upload_bytes: int | None) -> int:
+    """A size that is not negative (INVALID_ARGUMENT) and within the limit (RESOURCE_EXHAUSTED).
+
+    `max_upload_bytes` None means no limit."""
+    if size_bytes < 0:
+        raise InvalidArgumentError(field, f"must not be negative, got {size_bytes}")
+    if max_upload_bytes is not None and size_bytes > max_upload_bytes:
+        raise ResourceExhaustedError(
+            f"{field}: {size_bytes} bytes is over the sidecar's upload limit of"
+            f" {max_upload_bytes} bytes (artifacts.max_upload_bytes)"
+        )
+    return size_bytes
+
+
+@contextlib.contextmanager
+def _scratch(staging: Staging | None) -> Iterator[Path]:
+    if staging is not None:
+        with staging.directory("rename") as path:
+            yield path
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlflow-sidecar-") as name:
+            yield Path(name)
+
+
+def store_file(
+    gateway: MlflowGateway, staging: Staging | None, run_id: str, source: Path, target: str
+) -> None:
+    """Store the local file `source` as the run's artifact file `target` (a checked path).
+
+    Without `staging` a renamed copy goes through the system's temp directory.
+    """
+    directory, _, name = target.rpartition("/")
+    if source.name == name:
+        gateway.log_artifact(run_id, source, directory)
+        return
+    # MLflow names a stored file after the local one: hand it a link (or copy) named right.
+    with _scratch(staging) as scratch:
+        named = scratch / name
+        try:
+            os.link(source, named)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copyfile(source, named)
+        gateway.log_artifact(run_id, named, directory)
+
+
+def encode_listing_token(path: str, after: str) -> str:
+    """An opaque page token: the listed directory and the last path of the previous page.
+
+    Keyset, not offset: artifacts added between two pages neither repeat nor vanish.
+    """
+    raw = json.dumps({"path": path, "after": after}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode("ascii")
+
+
+def decode_listing_token(token: str, path: str) -> str:
+    """The last path of the previous page, from a token of `encode_listing_token`."""
+    if not token:
+        return ""
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, UnicodeError, binascii.Error):
+        decoded = None
+    if (
+        not isinstance(decoded, dict)
+        or decoded.get("path") != path
+        or not isinstance(decoded.get("after"), str)
+    ):
+        raise InvalidArgumentError(
+            "page_token", "is not a token of a previous ListArtifacts of this run and path"
+        )
+    after: str = decoded["after"]
+    return after

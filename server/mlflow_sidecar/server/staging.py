@@ -1,0 +1,56 @@
+"""`Staging`: the on-disk scratch space of transfers in flight, under `<data_dir>/tmp`.
+
+Uploads are written here (never held in memory) until their bytes are verified and
+handed to MLflow; downloads from MLflow land here before they are streamed out. Every
+transfer gets its own directory and removes it when it ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from mlflow_sidecar.server.config import AppConfig
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "transfer-"
+
+
+class Staging:
+    """Per-transfer scratch directories plus the transfer limits from the config."""
+
+    def __init__(self, config: AppConfig) -> None:
+        self.root = config.staging_dir
+        self.chunk_bytes = config.artifacts.chunk_bytes
+        self.max_upload_bytes = config.artifacts.max_upload_bytes
+        self.max_message_bytes = config.server.max_message_bytes
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_leftovers()
+
+    def _remove_leftovers(self) -> None:
+        # A killed sidecar cannot clean up after itself; its transfers are dead anyway.
+        for leftover in self.root.glob(f"{_PREFIX}*"):
+            log.info("removing the leftover transfer directory %s", leftover)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def directory(self, purpose: str) -> Iterator[Path]:
+        """A fresh, private directory for one transfer, removed with its contents on exit."""
+        path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{purpose}-", dir=self.root))
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def remove(self, path: Path) -> None:
+        """Remove a transfer directory now (it may be gone already)."""
+        shutil.rmtree(path, ignore_errors=True)
+
+    def in_flight(self) -> list[Path]:
+        """The transfer directories that exist right now."""
+        return sorted(self.root.glob(f"{_PREFIX}*"))

@@ -1,0 +1,100 @@
+"""The rules every artifact and model file path obeys, on both sides of the wire.
+
+A path names a file (or directory) relative to a run's artifact root or a model
+directory: POSIX separators, no way up, no way out. The sidecar checks every path
+a caller sends before it writes a byte; the client checks every path the sidecar
+sends before it writes into a destination directory.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mlflow_sidecar.client.errors import InvalidArgumentError
+
+MAX_PATH_BYTES = 1024
+# Most filesystems refuse longer names (NAME_MAX); refusing them here names the field.
+MAX_SEGMENT_BYTES = 255
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _shown(value: str) -> str:
+    text = value if len(value) <= 80 else value[:77] + "..."
+    return repr(text)
+
+
+def check_relative_path(field: str, value: str, *, allow_empty: bool = False) -> str:
+    """Return `value` if it is a safe relative POSIX path, else raise InvalidArgumentError.
+
+    Refused: empty (unless `allow_empty`), absolute, `.` or `..` segments, empty segments
+    (`a//b`, a trailing `/`), backslashes, NUL and other control characters, more than
+    1024 bytes in UTF-8, or a segment of more than 255 bytes.
+    """
+    if not value:
+        if allow_empty:
+            return value
+        raise InvalidArgumentError(field, "must not be empty")
+    if "\x00" in value:
+        raise InvalidArgumentError(field, "must not contain NUL characters")
+    if _CONTROL_RE.search(value):
+        raise InvalidArgumentError(field, f"{_shown(value)} must not contain control characters")
+    if "\\" in value:
+        raise InvalidArgumentError(
+            field, f"{_shown(value)} must use '/' as separator, not backslashes"
+        )
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgumentError(field, f"is {size} bytes long; at most {MAX_PATH_BYTES}")
+    if value.startswith("/"):
+        raise InvalidArgumentError(field, f"{_shown(value)} must be relative, not absolute")
+    for segment in value.split("/"):
+        if segment in ("", ".", ".."):
+            raise InvalidArgumentError(
+                field,
+                f"{_shown(value)} must not contain empty, '.' or '..' segments",
+            )
+        if len(segment.encode("utf-8", errors="surrogatepass")) > MAX_SEGMENT_BYTES:
+            raise InvalidArgumentError(
+                field, f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+            )
+    return value
+
+
+def is_sha256(value: str) -> bool:
+    """True for a lowercase hex sha256 digest."""
+    return bool(_SHA256_RE.match(value))
+
+
+class FileTree:
+    """The file paths of one directory tree, checked as they are added.
+
+    Refuses unsafe paths, a path given twice, and a path that would have to be both a
+    file and a directory ("a" and "a/b"), so that writing the tree can never fail halfway
+    or overwrite one of its own files.
+    """
+
+    def __init__(self) -> None:
+        self._files: set[str] = set()
+        self._dirs: set[str] = set()
+
+    def add(self, field: str, path: str) -> str:
+        """Check `path` against the rules and the paths added before; return it."""
+        check_relative_path(field, path)
+        if path in self._files:
+            raise InvalidArgumentError(field, f"{_shown(path)} appears twice")
+        if path in self._dirs:
+            raise InvalidArgumentError(field, f"{_shown(path)} is also a directory of other files")
+        parts = path.split("/")
+        prefixes = ["/".join(parts[:end]) for end in range(1, len(parts))]
+        for prefix in prefixes:
+            if prefix in self._files:
+                raise InvalidArgumentError(
+                    field, f"{_shown(path)} needs {_shown(prefix)} as a directory, but it is a file"
+                )
+        self._dirs.update(prefixes)
+        self._files.add(path)
+        return path
+
+    def __len__(self) -> int:
+        return len(self._files)

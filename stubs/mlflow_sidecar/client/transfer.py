@@ -1,0 +1,185 @@
+"""File plumbing for streamed transfers, shared by the gRPC clients and the sidecar.
+
+Everything here works in bounded memory: files are hashed, read and written one
+chunk at a time, never held whole.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from mlflow_sidecar.client.domain import Progress
+from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.client.paths import check_relative_path
+
+MIB = 1024 * 1024
+DEFAULT_CHUNK_BYTES = MIB
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = MIB
+# Room for the protobuf framing around a chunk (oneof tag, length, file index).
+CHUNK_FRAMING_BYTES = 1024
+
+
+def read_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:
+    """The bytes of `path`, `chunk_bytes` at a time."""
+    with path.open("rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            yield chunk
+
+
+def file_digest(path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> tuple[int, str]:
+    """(size in bytes, hex sha256) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in read_chunks(path, chunk_bytes):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
+
+
+def report(progress: Progress | None, done: int, total: int) -> None:
+    """Call the progress callback, if any."""
+    if progress is not None:
+        progress(done, total)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalFile:
+    """A file of a directory being uploaded: its relative POSIX path and where it lives."""
+
+    relpath: str
+    path: Path
+    size_bytes: int
+
+
+def collect_files(root: Path, *, field: str = "local_dir") -> list[LocalFile]:
+    """Every regular file under `root`, sorted by relative path.
+
+    Symlinks are followed only while they stay inside `root`; one that points outside
+    (or dangles, or loops back to its own ancestor) is refused with InvalidArgumentError,
+    so an upload can never carry files from elsewhere on the machine. Empty directories
+    carry no files and are therefore not part of the result.
+    """
+    if not root.is_dir():
+        raise InvalidArgumentError(field, f"{root} is not a directory")
+    real_root = root.resolve()
+    found: list[LocalFile] = []
+    # (directory as seen through root, its relative prefix, resolved dirs above it)
+    pending: list[tuple[Path, str, frozenset[Path]]] = [(root, "", frozenset({real_root}))]
+    while pending:
+        directory, prefix, ancestors = pending.pop()
+        with os.scandir(directory) as entries:
+            listing = sorted(entries, key=lambda e: e.name)
+        for entry in listing:
+            relpath = f"{prefix}{entry.name}"
+            path = Path(entry.path)
+            if entry.is_symlink():
+                target = path.resolve()
+                if not target.is_relative_to(real_root):
+                    raise InvalidArgumentError(
+                        field, f"{relpath!r} is a symlink to {target}, outside {root}"
+                    )
+                if target.is_dir():
+                    if target in ancestors:
+                        raise InvalidArgumentError(field, f"{relpath!r} is a symlink loop")
+                    pending.append((path, relpath + "/", ancestors | {target}))
+                elif target.is_file():
+                    check_relative_path(field, relpath)
+                    found.append(LocalFile(relpath, path, target.stat().st_size))
+                else:
+                    raise InvalidArgumentError(field, f"{relpath!r} is a dangling symlink")
+            elif entry.is_dir(follow_symlinks=False):
+                pending.append((path, relpath + "/", ancestors | {path.resolve()}))
+            elif entry.is_file(follow_symlinks=False):
+                check_relative_path(field, relpath)
+                found.append(LocalFile(relpath, path, entry.stat(follow_symlinks=False).st_size))
+            else:
+                raise InvalidArgumentError(field, f"{relpath!r} is not a regular file")
+    return sorted(found, key=lambda f: f.relpath)
+
+
+class HashingWriter:
+    """Writes one file whose size and sha256 are announced up front, and checks both.
+
+    Bytes beyond the announced size are refused at once; `finish()` raises
+    DataLossError when fewer bytes arrived or the digest differs. Use it as a context
+    manager: leaving the block with an exception, or without `finish()`, deletes the file.
+    """
+
+    def __init__(self, path: Path, size_bytes: int, sha256: str, *, what: str) -> None:
+        self.path = path
+        self.expected_size = size_bytes
+        self.expected_sha256 = sha256
+        self.what = what
+        self.written = 0
+        self._digest = hashlib.sha256()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("xb")
+        self._finished = False
+
+    def write(self, data: bytes) -> None:
+        """Append a chunk."""
+        if self.written + len(data) > self.expected_size:
+            raise DataLossError(
+                f"{self.what}: received more than the {self.expected_size} bytes announced"
+            )
+        try:
+            self._handle.write(data)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise ResourceExhaustedError(
+                    f"{self.what}: no space left on the device of {self.path.parent}"
+                ) from exc
+            raise
+        self._digest.update(data)
+        self.written += len(data)
+
+    def finish(self) -> None:
+        """Close the file and verify its size and sha256 (DataLossError on mismatch)."""
+        self._handle.close()
+        if self.written != self.expected_size:
+            raise DataLossError(
+                f"{self.what}: received {self.written} of the {self.expected_size} bytes announced"
+            )
+        actual = self._digest.hexdigest()
+        if actual != self.expected_sha256:
+            raise DataLossError(
+                f"{self.what}: sha256 {actual} does not match the announced {self.expected_sha256}"
+            )
+        self._finished = True
+
+    def discard(self) -> None:
+        """Close and delete the file."""
+        self._handle.close()
+        self.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Delete the file unless `finish()` verified it."""
+        if not self._finished:
+            self.discard()
+
+    def __enter__(self) -> HashingWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None or not self._finished:
+            self.discard()
+
+
+def partial_path(final: Path) -> Path:
+    """A hidden sibling of `final` to download into, renamed over `final` once verified.
+
+    The name does not repeat `final`'s, which may already be as long as names can be."""
+    return final.with_name(f".sidecar-{uuid.uuid4().hex}.partial")

@@ -1,0 +1,334 @@
+"""Bad uploads against a real sidecar and MLflow: each gets its status code and leaves nothing
+behind - no artifact, no model version, no registered model, no staged file."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client.errors import ResourceExhaustedError
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.files import MIB, random_file, wait_until
+from tests.unit.test_artifact_paths import UNSAFE
+
+CHUNK = 64 * 1024
+LIMIT = MIB
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def artifact_requests(
+    run_id: str,
+    data: bytes,
+    *,
+    path: str = "bad/file.bin",
+    size: int | None = None,
+    digest: str | None = None,
+) -> list[pb.UploadArtifactRequest]:
+    header = pb.UploadArtifactHeader(
+        run_id=run_id,
+        artifact_path=path,
+        size_bytes=len(data) if size is None else size,
+        sha256=sha(data) if digest is None else digest,
+    )
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    return [
+        pb.UploadArtifactRequest(header=header),
+        *(pb.UploadArtifactRequest(chunk=c) for c in chunks),
+    ]
+
+
+def model_requests(
+    name: str, run_id: str, files: dict[str, bytes], *, total: int | None = None
+) -> list[reg_pb.UploadModelRequest]:
+    header = reg_pb.UploadModelHeader(
+        name=name,
+        run_id=run_id,
+        aliases=["champion"],
+        total_size_bytes=sum(map(len, files.values())) if total is None else total,
+    )
+    requests = [reg_pb.UploadModelRequest(header=header)]
+    for path, data in files.items():
+        announced = reg_pb.UploadModelFile(path=path, size_bytes=len(data), sha256=sha(data))
+        requests.append(reg_pb.UploadModelRequest(file=announced))
+        requests += [
+            reg_pb.UploadModelRequest(chunk=data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)
+        ]
+    return requests
+
+
+@pytest.fixture()
+def run_id(tracking_stub, unique) -> str:
+    experiment = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"bad-input-{unique}")
+    ).experiment.experiment_id
+    return tracking_stub.StartRun(pb.StartRunRequest(experiment_id=experiment)).run.info.run_id
+
+
+def assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, model_name=None):
+    """No artifact in the run, no model of that name, nothing staged."""
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id))
+    assert list(listed.files) == []
+    if model_name is not None:
+        versions = registry_stub.SearchModelVersions(
+            reg_pb.SearchModelVersionsRequest(filter=f"name = '{model_name}'")
+        )
+        assert list(versions.model_versions) == []
+        with pytest.raises(grpc.RpcError) as err:
+            registry_stub.GetRegisteredModel(reg_pb.GetRegisteredModelRequest(name=model_name))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert sidecar.container.staging().in_flight() == []
+
+
+def call_fails(method, requests, code: grpc.StatusCode) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        method(iter(requests), timeout=60)
+    assert err.value.code() == code, err.value.details()
+    return err.value.details()
+
+
+# -- path safety --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, path
+):
+    details = call_fails(
+        tracking_stub.UploadArtifact,
+        artifact_requests(run_id, b"payload", path=path),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("header.artifact_path: ")
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, unique, path
+):
+    name = f"unsafe-{unique}"
+    details = call_fails(
+        registry_stub.UploadModel,
+        model_requests(name, run_id, {"MLmodel": b"ok", path: b"evil"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert details.startswith("files[1].path: ")
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
+
+
+# -- truncated and corrupted streams ------------------------------------------------------
+
+
+def test_artifact_stream_with_fewer_bytes_than_announced_is_data_loss(
+    sidecar, tracking_stub, registry_stub, run_id
+):
+    data = os.urandom(5 * CHUNK)
+    truncated = artifact_requests(run_id, data)[:-2]
+    details = call_fails(tracking_stub.UploadArtifact, truncated, grpc.StatusCode.DATA_LOSS)
+    assert f"received {3 * CHUNK} of the {5 * CHUNK} bytes" in details
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+def test_artifact_with_a_wrong_sha256_is_data_loss(sidecar, tracking_stub, registry_stub, run_id):
+    data = os.urandom(3 * CHUNK)
+    wrong = artifact_requests(run_id, data, digest=sha(data[::-1]))
+    details = call_fails(tracking_stub.UploadArtifact, wrong, grpc.StatusCode.DATA_LOSS)
+    assert "sha256" in details
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+def test_model_stream_cut_short_is_data_loss(sidecar, tracking_stub, registry_stub, run_id, unique):
+    name = f"short-{unique}"
+    files = {"MLmodel": b"flavors: {}\n", "weights.bin": os.urandom(4 * CHUNK)}
+    truncated = model_requests(name, run_id, files)[:-1]
+    call_fails(registry_stub.UploadModel, truncated, grpc.StatusCode.DATA_LOSS)
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
+
+
+def test_model_file_with_a_wrong_sha256_is_data_loss(
+    sidecar, tracking_stub, registry_stub, run_id, unique
+):
+    name = f"corrupt-{unique}"
+    requests = model_requests(name, run_id, {"a.bin": b"alpha", "b.bin": os.urandom(CHUNK)})
+    requests[4].file.sha256 = sha(b"something else")
+    details = call_fails(registry_stub.UploadModel, requests, grpc.StatusCode.DATA_LOSS)
+    assert "b.bin" in details
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
+
+
+# -- cancellation -------------------------------------------------------------------------
+
+
+def stalled(requests: list, release: threading.Event) -> Iterator:
+    """Send some requests, then hold the stream open until `release` is set."""
+    yield from requests
+    release.wait(60)
+
+
+def staged_bytes(sidecar) -> int:
+    return sum(
+        f.stat().st_size
+        for d in sidecar.container.staging().in_flight()
+        for f in d.rglob("*")
+        if f.is_file()
+    )
+
+
+def test_artifact_upload_cancelled_midway_leaves_nothing(
+    sidecar, tracking_stub, registry_stub, run_id
+):
+    data = os.urandom(8 * CHUNK)
+    release = threading.Event()
+    future = tracking_stub.UploadArtifact.future(
+        stalled(artifact_requests(run_id, data)[:4], release), timeout=60
+    )
+    try:
+        # The sidecar has staged the first chunks when the client goes away.
+        assert wait_until(lambda: staged_bytes(sidecar) >= 3 * CHUNK)
+        future.cancel()
+    finally:
+        release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert wait_until(lambda: sidecar.container.staging().in_flight() == [])
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+def test_model_upload_cancelled_midway_leaves_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, unique
+):
+    name = f"cancelled-{unique}"
+    files = {"a.bin": os.urandom(2 * CHUNK), "b.bin": os.urandom(4 * CHUNK)}
+    release = threading.Event()
+    requests = model_requests(name, run_id, files)[:6]  # header, a.bin, b.bin, 1 chunk of it
+    future = registry_stub.UploadModel.future(stalled(requests, release), timeout=60)
+    try:
+        assert wait_until(lambda: staged_bytes(sidecar) >= 3 * CHUNK)
+        future.cancel()
+    finally:
+        release.set()
+    with pytest.raises(grpc.FutureCancelledError):
+        future.result()
+    assert wait_until(lambda: sidecar.container.staging().in_flight() == [])
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
+
+
+def test_download_cancelled_midway_cleans_up(
+    sidecar, client_container, tracking_stub, run_id, tmp_path
+):
+    tracking = client_container.experiment_tracking()
+    tracking.upload_artifact(run_id, random_file(tmp_path / "big.bin", 16 * MIB), "big.bin")
+    call = tracking_stub.DownloadArtifact(
+        pb.DownloadArtifactRequest(run_id=run_id, artifact_path="big.bin"), timeout=60
+    )
+    assert next(call).WhichOneof("payload") == "header"
+    assert next(call).WhichOneof("payload") == "chunk"
+    call.cancel()
+    assert wait_until(lambda: sidecar.container.staging().in_flight() == [])
+
+
+class AbortError(Exception):
+    """Raised by a progress callback to stop a transfer."""
+
+
+def test_progress_callback_can_abort_an_upload(
+    sidecar, client_container, tracking_stub, registry_stub, run_id, tmp_path
+):
+    tracking = client_container.experiment_tracking()
+    source = random_file(tmp_path / "big.bin", 8 * MIB)
+
+    def stop_halfway(done: int, total: int) -> None:
+        if done > total // 2:
+            raise AbortError()
+
+    with pytest.raises(AbortError):
+        tracking.upload_artifact(run_id, source, progress=stop_halfway)
+    assert wait_until(lambda: sidecar.container.staging().in_flight() == [])
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+# -- size limit ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def limited(mlflow_server, tmp_path_factory) -> Iterator[RunningSidecar]:
+    """A sidecar that accepts uploads of at most 1 MiB."""
+    config = sidecar_config(
+        tmp_path_factory.mktemp("limited"),
+        mlflow_server.url,
+        artifacts={"max_upload_bytes": LIMIT, "chunk_bytes": CHUNK},
+    )
+    running = RunningSidecar(config)
+    yield running
+    running.stop()
+
+
+@pytest.fixture()
+def limited_stubs(limited):
+    with grpc.insecure_channel(limited.target) as channel:
+        yield (
+            tracking_pb2_grpc.ExperimentTrackingServiceStub(channel),
+            registry_pb2_grpc.ModelRegistryServiceStub(channel),
+        )
+
+
+def test_artifact_announced_over_the_limit_is_resource_exhausted(limited, limited_stubs, run_id):
+    tracking_stub, registry_stub = limited_stubs
+    requests = artifact_requests(run_id, b"", size=LIMIT + 1, digest="0" * 64)
+    details = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "header.size_bytes" in details
+    assert_nothing_left(limited, tracking_stub, registry_stub, run_id)
+
+
+def test_artifact_bytes_over_the_limit_are_resource_exhausted(limited, limited_stubs, run_id):
+    tracking_stub, registry_stub = limited_stubs
+    data = os.urandom(LIMIT + CHUNK)
+    # Announced within the limit, but the stream keeps going past it.
+    requests = artifact_requests(run_id, data, size=LIMIT, digest=sha(data[:LIMIT]))
+    details = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "upload limit" in details
+    assert_nothing_left(limited, tracking_stub, registry_stub, run_id)
+
+
+def test_model_over_the_limit_is_resource_exhausted(limited, limited_stubs, run_id, unique):
+    tracking_stub, registry_stub = limited_stubs
+    name = f"huge-{unique}"
+    files = {"a.bin": os.urandom(LIMIT // 2), "b.bin": os.urandom(LIMIT // 2 + 1)}
+    call_fails(
+        registry_stub.UploadModel,
+        model_requests(name, run_id, files),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    # Without a declared total the announced sizes still add up past the limit.
+    call_fails(
+        registry_stub.UploadModel,
+        model_requests(name, run_id, files, total=0),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert_nothing_left(limited, tracking_stub, registry_stub, run_id, name)
+
+
+def test_typed_client_reports_the_limit(limited, limited_stubs, run_id, tmp_path):
+    container = ClientContainer()
+    container.config.from_dict({"target": limited.target})
+    try:
+        tracking = container.experiment_tracking()
+        with pytest.raises(ResourceExhaustedError):
+            tracking.upload_artifact(run_id, random_file(tmp_path / "big.bin", LIMIT + 1))
+        # Exactly at the limit is fine.
+        info = tracking.upload_artifact(run_id, random_file(tmp_path / "ok.bin", LIMIT))
+        assert info.size_bytes == LIMIT
+    finally:
+        container.shutdown_resources()

@@ -1,0 +1,80 @@
+"""The path rules of artifacts and model files, and the file tree of one model upload."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.paths import FileTree, check_relative_path, is_sha256
+
+UNSAFE = {
+    "absolute": "/etc/passwd",
+    "parent": "../outside.bin",
+    "parent inside": "models/../../outside.bin",
+    "parent at end": "models/..",
+    "dot segment": "./model.bin",
+    "empty segment": "models//model.bin",
+    "trailing slash": "models/",
+    "backslash": "models\\model.bin",
+    "windows parent": "..\\outside.bin",
+    "nul": "model\x00.bin",
+    "newline": "model\n.bin",
+    "too long": "a/" * 512 + "b",
+    "segment too long": "d/" + "x" * 256,
+    "multibyte over 1024 bytes": "é" * 513,
+}
+
+
+@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+def test_unsafe_paths_are_refused_with_the_field_named(path):
+    with pytest.raises(InvalidArgumentError) as err:
+        check_relative_path("header.artifact_path", path)
+    assert err.value.field == "header.artifact_path"
+    assert err.value.message.startswith("header.artifact_path: ")
+    # The message never carries a raw NUL back to the caller.
+    assert "\x00" not in err.value.message
+
+
+def test_empty_path_is_refused_unless_allowed():
+    with pytest.raises(InvalidArgumentError):
+        check_relative_path("artifact_path", "")
+    assert check_relative_path("path", "", allow_empty=True) == ""
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "model.bin",
+        "checkpoints/step_100/weights.pt",
+        "with space/ünïcode ✓.bin",
+        ".hidden/file",
+        "a..b/c...d",
+        "x" * 255,
+        "/".join(["y" * 254] * 4),  # 1019 bytes, every segment within 255
+    ],
+)
+def test_safe_paths_pass_unchanged(path):
+    assert check_relative_path("p", path) == path
+
+
+def test_file_tree_refuses_duplicates_and_file_directory_clashes():
+    tree = FileTree()
+    tree.add("files[0].path", "a/b.bin")
+    tree.add("files[1].path", "a/c.bin")
+    with pytest.raises(InvalidArgumentError, match="twice") as err:
+        tree.add("files[2].path", "a/b.bin")
+    assert err.value.field == "files[2].path"
+    with pytest.raises(InvalidArgumentError, match="also a directory"):
+        tree.add("files[2].path", "a")
+    with pytest.raises(InvalidArgumentError, match="it is a file"):
+        tree.add("files[2].path", "a/b.bin/c.bin")
+    with pytest.raises(InvalidArgumentError):
+        tree.add("files[2].path", "a/../x")
+    assert len(tree) == 2
+
+
+def test_sha256_shape():
+    assert is_sha256("0" * 64)
+    assert not is_sha256("0" * 63)
+    assert not is_sha256("G" * 64)
+    assert not is_sha256("A" * 64)  # callers lower-case first

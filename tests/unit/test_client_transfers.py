@@ -1,0 +1,255 @@
+"""The typed clients' side of streamed transfers, against fake stubs: what they send, and how
+they verify what they receive before anything appears in the destination."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError
+from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
+from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+CHUNK = 64 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class FakeCall:
+    """A server-streaming call: iterates canned messages, remembers a cancel."""
+
+    def __init__(self, messages: list) -> None:
+        self._messages = iter(messages)
+        self.cancelled = False
+
+    def __iter__(self) -> FakeCall:
+        return self
+
+    def __next__(self):
+        return next(self._messages)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeStub:
+    """Answers downloads with canned messages and records what uploads send."""
+
+    def __init__(self, messages: list | None = None) -> None:
+        self.messages = messages or []
+        self.sent: list = []
+        self.calls: list[FakeCall] = []
+
+    def _stream(self, request, timeout=None) -> FakeCall:
+        call = FakeCall(self.messages)
+        self.calls.append(call)
+        return call
+
+    DownloadArtifact = _stream
+    DownloadModel = _stream
+
+    def UploadArtifact(self, requests, timeout=None):
+        self.sent = list(requests)
+        header = self.sent[0].header
+        return pb.UploadArtifactResponse(
+            artifact_path=header.artifact_path, size_bytes=header.size_bytes, sha256=header.sha256
+        )
+
+    def UploadModel(self, requests, timeout=None):
+        self.sent = list(requests)
+        return reg_pb.UploadModelResponse(model_version=reg_pb.ModelVersion(name="m", version=1))
+
+
+def artifact_messages(data: bytes, *, size: int | None = None, digest: str | None = None):
+    header = pb.DownloadArtifactHeader(
+        artifact_path="a/b.bin",
+        size_bytes=len(data) if size is None else size,
+        sha256=sha(data) if digest is None else digest,
+    )
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    return [pb.DownloadArtifactResponse(header=header)] + [
+        pb.DownloadArtifactResponse(chunk=c) for c in chunks
+    ]
+
+
+def tracking_with(messages) -> tuple[GrpcExperimentTracking, FakeStub]:
+    stub = FakeStub(messages)
+    return GrpcExperimentTracking(stub, chunk_bytes=CHUNK), stub  # type: ignore[arg-type]
+
+
+def files_under(root: Path) -> list[str]:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+def test_verified_download_lands_at_its_path(tmp_path):
+    data = bytes(range(256)) * 1000
+    tracking, _ = tracking_with(artifact_messages(data))
+    seen = []
+    path = tracking.download_artifact(
+        "r", "a/b.bin", tmp_path, progress=lambda d, t: seen.append(d)
+    )
+    assert path == tmp_path / "a" / "b.bin"
+    assert path.read_bytes() == data
+    assert files_under(tmp_path) == ["a/b.bin"]
+    assert seen[-1] == len(data)
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        artifact_messages(b"x" * 1000, digest=sha(b"y" * 1000)),  # corrupted
+        artifact_messages(b"x" * 1000, size=1001, digest=sha(b"x" * 1001)),  # cut short
+        artifact_messages(b"x" * 1000, size=999, digest=sha(b"x" * 999)),  # too long
+        artifact_messages(b"x" * 1000)[1:],  # no header
+        [*artifact_messages(b"x"), *artifact_messages(b"x")],  # two headers
+    ],
+    ids=["sha256", "short", "long", "no header", "two headers"],
+)
+def test_a_bad_download_is_data_loss_and_leaves_no_file(tmp_path, messages):
+    tracking, stub = tracking_with(messages)
+    with pytest.raises(DataLossError):
+        tracking.download_artifact("r", "a/b.bin", tmp_path)
+    assert files_under(tmp_path) == []
+    assert stub.calls[0].cancelled
+
+
+def test_download_refuses_an_unsafe_artifact_path(tmp_path):
+    tracking, stub = tracking_with([])
+    with pytest.raises(InvalidArgumentError):
+        tracking.download_artifact("r", "../../etc/passwd", tmp_path)
+    assert stub.calls == []
+
+
+def test_upload_sends_header_then_chunks_and_reports_progress(tmp_path):
+    data = bytes(range(256)) * 700  # 179200 bytes: 2 full chunks and a partial one
+    source = tmp_path / "local.bin"
+    source.write_bytes(data)
+    tracking, stub = tracking_with([])
+    seen = []
+    info = tracking.upload_artifact("r", source, "x/y.bin", progress=lambda d, t: seen.append(d))
+    header = stub.sent[0].header
+    assert (header.run_id, header.artifact_path, header.size_bytes, header.sha256) == (
+        "r",
+        "x/y.bin",
+        len(data),
+        sha(data),
+    )
+    chunks = [m.chunk for m in stub.sent[1:]]
+    assert [len(c) for c in chunks] == [CHUNK, CHUNK, len(data) - 2 * CHUNK]
+    assert b"".join(chunks) == data
+    assert seen == [0, CHUNK, 2 * CHUNK, len(data)]
+    assert info.sha256 == sha(data)
+
+
+def test_upload_refuses_what_is_not_a_file(tmp_path):
+    tracking, stub = tracking_with([])
+    with pytest.raises(InvalidArgumentError) as err:
+        tracking.upload_artifact("r", tmp_path)
+    assert err.value.field == "local_path"
+    assert stub.sent == []
+
+
+# -- models -------------------------------------------------------------------------------
+
+
+def model_messages(files: dict[str, bytes], overrides: dict[int, tuple[str, object]] | None = None):
+    entries = [reg_pb.ModelFile(path=p, size_bytes=len(d), sha256=sha(d)) for p, d in files.items()]
+    for index, (field, value) in (overrides or {}).items():
+        setattr(entries[index], field, value)
+    messages = [
+        reg_pb.DownloadModelResponse(
+            manifest=reg_pb.ModelManifest(
+                model_version=reg_pb.ModelVersion(name="m", version=1), files=entries
+            )
+        )
+    ]
+    for index, data in enumerate(files.values()):
+        for start in range(0, len(data), CHUNK):
+            chunk = reg_pb.ModelChunk(file_index=index, data=data[start : start + CHUNK])
+            messages.append(reg_pb.DownloadModelResponse(chunk=chunk))
+    return messages
+
+
+def registry_with(messages) -> tuple[GrpcModelRegistry, FakeStub]:
+    stub = FakeStub(messages)
+    return GrpcModelRegistry(stub, chunk_bytes=CHUNK), stub  # type: ignore[arg-type]
+
+
+MODEL = {
+    "0_empty_first": b"",
+    "MLmodel": b"flavors: {}\n",
+    "data/mid_empty": b"",
+    "data/weights.bin": bytes(range(256)) * 600,
+    "z_empty_last": b"",
+}
+
+
+def test_model_download_writes_every_file_including_empty_ones(tmp_path):
+    registry, _ = registry_with(model_messages(MODEL))
+    out = registry.download_model("m", tmp_path / "out", version=1)
+    assert out == tmp_path / "out"
+    assert {p: (out / p).read_bytes() for p in files_under(out)} == MODEL
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        model_messages(MODEL, {3: ("sha256", sha(b"other"))}),
+        model_messages(MODEL, {1: ("path", "../escape")}),
+        model_messages(MODEL, {1: ("path", "/abs")}),
+        model_messages({"a": b"1", "a/b": b"2"}),
+        model_messages(MODEL)[:-1],  # the last chunk of weights.bin is missing
+        [model_messages(MODEL)[0], *reversed(model_messages(MODEL)[1:])],  # out of order
+        [
+            *model_messages(MODEL),
+            reg_pb.DownloadModelResponse(chunk=reg_pb.ModelChunk(file_index=9)),
+        ],
+        model_messages(MODEL)[1:],  # no manifest
+    ],
+    ids=["sha256", "parent", "absolute", "file and dir", "short", "order", "index", "manifest"],
+)
+def test_a_bad_model_download_is_data_loss_and_writes_nothing(tmp_path, messages):
+    registry, stub = registry_with(messages)
+    with pytest.raises(DataLossError):
+        registry.download_model("m", tmp_path / "out", alias="champion")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert files_under(tmp_path) == []
+    assert stub.calls[0].cancelled
+
+
+def test_model_upload_announces_each_file_before_its_chunks(tmp_path):
+    root = tmp_path / "model"
+    for path, data in MODEL.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    registry, stub = registry_with([])
+    seen = []
+    registry.upload_model(
+        "m", root, run_id="r", aliases=["a"], progress=lambda d, t: seen.append((d, t))
+    )
+    header = stub.sent[0].header
+    total = sum(map(len, MODEL.values()))
+    assert (header.name, header.run_id, list(header.aliases), header.total_size_bytes) == (
+        "m",
+        "r",
+        ["a"],
+        total,
+    )
+    received: dict[str, bytes] = {}
+    current = None
+    for message in stub.sent[1:]:
+        if message.WhichOneof("payload") == "file":
+            current = message.file.path
+            received[current] = b""
+            assert message.file.sha256 == sha(MODEL[current])
+        else:
+            received[current] += message.chunk
+    assert received == MODEL
+    assert seen[0] == (0, total) and seen[-1] == (total, total)

@@ -1,0 +1,367 @@
+"""Receiving upload streams into staging, and the file helpers both sides share. No MLflow."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from mlflow_sidecar.client.errors import (
+    CancelledError,
+    DataLossError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from mlflow_sidecar.client.transfer import HashingWriter, collect_files, file_digest
+from mlflow_sidecar.server.config import load_config
+from mlflow_sidecar.server.servicers import streams
+from mlflow_sidecar.server.services.artifacts import decode_listing_token, encode_listing_token
+from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.unit.test_artifact_paths import UNSAFE
+
+LIMIT = 1024 * 1024
+CHUNK = 64 * 1024
+
+
+@pytest.fixture()
+def staging(tmp_path: Path) -> Staging:
+    config = load_config(
+        data_dir=tmp_path / "data", artifacts={"max_upload_bytes": LIMIT, "chunk_bytes": CHUNK}
+    )
+    return Staging(config)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def artifact_stream(
+    data: bytes, *, path: str = "dir/file.bin", size: int | None = None, digest: str = ""
+) -> Iterator[pb.UploadArtifactRequest]:
+    header = pb.UploadArtifactHeader(
+        run_id="r1",
+        artifact_path=path,
+        size_bytes=len(data) if size is None else size,
+        sha256=digest or sha(data),
+    )
+    yield pb.UploadArtifactRequest(header=header)
+    for start in range(0, len(data), CHUNK):
+        yield pb.UploadArtifactRequest(chunk=data[start : start + CHUNK])
+
+
+def receive_artifact(staging: Staging, requests, preflight=lambda run_id: None):
+    """As the servicer does it: inside a staging directory that goes away afterwards."""
+    with staging.directory("upload") as scratch:
+        staged = streams.receive_artifact(iter(requests), scratch, staging, preflight)
+        return staged, staged.local_path.read_bytes()
+
+
+def test_artifact_stream_is_written_and_verified(staging):
+    data = os.urandom(200_000)
+    staged, written = receive_artifact(staging, artifact_stream(data))
+    assert written == data
+    assert (staged.run_id, staged.artifact_path, staged.size_bytes, staged.sha256) == (
+        "r1",
+        "dir/file.bin",
+        len(data),
+        sha(data),
+    )
+    assert staged.local_path.name == "file.bin"
+    assert staging.in_flight() == []
+
+
+def test_upper_case_digest_is_accepted(staging):
+    data = b"abc"
+    staged, _ = receive_artifact(staging, artifact_stream(data, digest=sha(data).upper()))
+    assert staged.sha256 == sha(data)
+
+
+@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+def test_unsafe_artifact_path_is_refused_before_preflight(staging, path):
+    called = []
+    with pytest.raises(InvalidArgumentError) as err:
+        receive_artifact(staging, artifact_stream(b"x", path=path), preflight=called.append)
+    assert err.value.field == "header.artifact_path"
+    assert called == []
+    assert staging.in_flight() == []
+
+
+@pytest.mark.parametrize(
+    ("requests", "field"),
+    [
+        ([], "header"),
+        ([pb.UploadArtifactRequest(chunk=b"x")], "header"),
+        (
+            [pb.UploadArtifactRequest(header=pb.UploadArtifactHeader(artifact_path="a"))],
+            "header.run_id",
+        ),
+        (
+            [
+                pb.UploadArtifactRequest(
+                    header=pb.UploadArtifactHeader(run_id="r", artifact_path="a", sha256="zz")
+                )
+            ],
+            "header.sha256",
+        ),
+        (
+            [
+                pb.UploadArtifactRequest(
+                    header=pb.UploadArtifactHeader(
+                        run_id="r", artifact_path="a", size_bytes=-1, sha256="0" * 64
+                    )
+                )
+            ],
+            "header.size_bytes",
+        ),
+    ],
+)
+def test_malformed_artifact_streams_name_the_field(staging, requests, field):
+    with pytest.raises(InvalidArgumentError) as err:
+        receive_artifact(staging, requests)
+    assert err.value.field == field
+
+
+def test_second_header_is_refused(staging):
+    requests = [*artifact_stream(b"abc"), *artifact_stream(b"abc")]
+    with pytest.raises(InvalidArgumentError):
+        receive_artifact(staging, requests)
+    assert staging.in_flight() == []
+
+
+def test_wrong_digest_is_data_loss(staging):
+    with pytest.raises(DataLossError, match="sha256"):
+        receive_artifact(staging, artifact_stream(b"abc", digest=sha(b"abd")))
+    assert staging.in_flight() == []
+
+
+def test_fewer_bytes_than_announced_is_data_loss(staging):
+    data = os.urandom(3 * CHUNK)
+    truncated = list(artifact_stream(data))[:-1]
+    with pytest.raises(DataLossError, match=f"received {2 * CHUNK} of the {3 * CHUNK}"):
+        receive_artifact(staging, truncated)
+    assert staging.in_flight() == []
+
+
+def test_more_bytes_than_announced_is_data_loss(staging):
+    data = os.urandom(2 * CHUNK)
+    with pytest.raises(DataLossError, match="more than"):
+        receive_artifact(staging, artifact_stream(data, size=CHUNK, digest=sha(data[:CHUNK])))
+
+
+def test_announced_size_over_the_limit_is_refused_before_any_byte(staging):
+    called = []
+    with pytest.raises(ResourceExhaustedError, match=r"header\.size_bytes"):
+        receive_artifact(
+            staging,
+            artifact_stream(b"", size=LIMIT + 1, digest="0" * 64),
+            preflight=called.append,
+        )
+    assert called == []
+
+
+def test_received_bytes_over_the_limit_are_refused(staging):
+    data = os.urandom(LIMIT + CHUNK)
+    with pytest.raises(ResourceExhaustedError, match="upload limit"):
+        receive_artifact(staging, artifact_stream(data, size=LIMIT, digest=sha(data[:LIMIT])))
+    assert staging.in_flight() == []
+
+
+def test_client_going_away_midway_is_cancelled_and_leaves_nothing(staging):
+    data = os.urandom(4 * CHUNK)
+
+    def requests():
+        yield from list(artifact_stream(data))[:3]
+        raise grpc.RpcError()  # what gRPC's request iterator raises on cancellation
+
+    with pytest.raises(CancelledError):
+        receive_artifact(staging, requests())
+    assert staging.in_flight() == []
+
+
+def test_preflight_failure_stops_the_upload(staging):
+    def unknown_run(run_id: str) -> None:
+        raise NotFoundError(f"run {run_id} does not exist")
+
+    with pytest.raises(NotFoundError):
+        receive_artifact(staging, artifact_stream(b"abc"), preflight=unknown_run)
+
+
+# -- model streams -----------------------------------------------------------------------
+
+
+def model_stream(
+    files: dict[str, bytes], *, total: int | None = None, **header: object
+) -> list[reg_pb.UploadModelRequest]:
+    values = {"name": "m", "experiment_id": "1", **header}
+    values["total_size_bytes"] = sum(map(len, files.values())) if total is None else total
+    requests = [reg_pb.UploadModelRequest(header=reg_pb.UploadModelHeader(**values))]
+    for path, data in files.items():
+        announced = reg_pb.UploadModelFile(path=path, size_bytes=len(data), sha256=sha(data))
+        requests.append(reg_pb.UploadModelRequest(file=announced))
+        for start in range(0, len(data), CHUNK):
+            requests.append(reg_pb.UploadModelRequest(chunk=data[start : start + CHUNK]))
+    return requests
+
+
+def receive_model(staging: Staging, requests, preflight=lambda header: None):
+    with staging.directory("upload-model") as scratch:
+        staged = streams.receive_model(iter(requests), scratch, staging, preflight)
+        found = {f.relpath: f.path.read_bytes() for f in collect_files(staged.root)}
+        return staged, found
+
+
+def test_model_stream_builds_the_tree(staging):
+    files = {
+        "MLmodel": b"flavors: {}\n",
+        "data/empty.txt": b"",
+        "data/weights/w.bin": os.urandom(3 * CHUNK + 5),
+        "z_last_empty": b"",
+    }
+    staged, found = receive_model(
+        staging, model_stream(files, tags={"a": "b"}, aliases=["champion"])
+    )
+    assert found == files
+    assert staged.size_bytes == sum(map(len, files.values()))
+    assert (staged.name, staged.experiment_id, dict(staged.tags), staged.aliases) == (
+        "m",
+        "1",
+        {"a": "b"},
+        ("champion",),
+    )
+    assert staging.in_flight() == []
+
+
+@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+def test_unsafe_model_file_path_is_refused(staging, path):
+    requests = model_stream({"ok.bin": b"fine", path: b"evil"})
+    with pytest.raises(InvalidArgumentError) as err:
+        receive_model(staging, requests)
+    assert err.value.field == "files[1].path"
+    assert staging.in_flight() == []
+
+
+def test_duplicate_model_file_is_refused(staging):
+    requests = model_stream({"a.bin": b"1"}) + model_stream({"a.bin": b"1"})[1:]
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        receive_model(staging, requests)
+
+
+def test_model_file_cut_short_is_data_loss(staging):
+    requests = model_stream({"a.bin": os.urandom(2 * CHUNK), "b.bin": b"x"}, total=0)
+    del requests[2]  # the first chunk of a.bin
+    with pytest.raises(DataLossError, match=r"a\.bin"):
+        receive_model(staging, requests)
+    assert staging.in_flight() == []
+
+
+def test_model_file_with_wrong_digest_is_data_loss(staging):
+    requests = model_stream({"a.bin": b"right"})
+    requests[1].file.sha256 = sha(b"wrong")
+    with pytest.raises(DataLossError, match="sha256"):
+        receive_model(staging, requests)
+
+
+def test_model_total_must_match_what_arrived(staging):
+    with pytest.raises(DataLossError, match="total_size_bytes"):
+        receive_model(staging, model_stream({"a.bin": b"abc"}, total=4))
+    with pytest.raises(DataLossError, match="total_size_bytes"):
+        receive_model(staging, model_stream({"a.bin": b"abc", "b.bin": b"abc"}, total=4))
+
+
+def test_model_over_the_limit_is_refused(staging):
+    with pytest.raises(ResourceExhaustedError, match="total_size_bytes"):
+        receive_model(staging, model_stream({"a.bin": b"a"}, total=LIMIT + 1))
+    # Without a total, the announced file sizes are summed against the limit.
+    half = os.urandom(LIMIT // 2 + 1)
+    with pytest.raises(ResourceExhaustedError, match="announced"):
+        receive_model(staging, model_stream({"a.bin": half, "b.bin": half}, total=0))
+    assert staging.in_flight() == []
+
+
+@pytest.mark.parametrize(
+    ("requests", "field"),
+    [
+        ([], "header"),
+        (model_stream({}), "file"),
+        ([*model_stream({"a": b"x"})[:1], reg_pb.UploadModelRequest(chunk=b"x")], "file"),
+    ],
+)
+def test_malformed_model_streams_name_the_field(staging, requests, field):
+    with pytest.raises(InvalidArgumentError) as err:
+        receive_model(staging, requests)
+    assert err.value.field == field
+
+
+# -- shared helpers ----------------------------------------------------------------------
+
+
+def test_hashing_writer_deletes_what_it_could_not_verify(tmp_path):
+    target = tmp_path / "out.bin"
+    with pytest.raises(DataLossError), HashingWriter(target, 3, sha(b"abc"), what="x") as writer:
+        writer.write(b"abd")
+        writer.finish()
+    assert not target.exists()
+    with HashingWriter(target, 3, sha(b"abc"), what="x") as writer:
+        writer.write(b"abc")
+        writer.finish()
+    assert target.read_bytes() == b"abc"
+    assert file_digest(target) == (3, sha(b"abc"))
+
+
+def test_collect_files_follows_symlinks_only_inside_the_root(tmp_path):
+    root = tmp_path / "model"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.bin").write_bytes(b"a")
+    (root / "empty_dir").mkdir()
+    os.symlink("sub/a.bin", root / "link.bin")
+    os.symlink("sub", root / "linked_dir")
+    found = {f.relpath: f.size_bytes for f in collect_files(root)}
+    assert found == {"link.bin": 1, "linked_dir/a.bin": 1, "sub/a.bin": 1}
+
+    outside = tmp_path / "secret.txt"
+    outside.write_text("no")
+    os.symlink(outside, root / "sub" / "leak")
+    with pytest.raises(InvalidArgumentError, match="outside") as err:
+        collect_files(root)
+    assert err.value.field == "local_dir"
+
+
+@pytest.mark.parametrize(
+    ("target", "problem"), [("..", "outside"), (".", "loop"), ("missing", "dangling")]
+)
+def test_collect_files_refuses_bad_symlinks(tmp_path, target, problem):
+    root = tmp_path / "model"
+    root.mkdir()
+    (root / "a.bin").write_bytes(b"a")
+    os.symlink(target, root / "bad")
+    with pytest.raises(InvalidArgumentError, match=problem):
+        collect_files(root)
+
+
+def test_staging_removes_leftovers_of_a_killed_sidecar(tmp_path):
+    config = load_config(data_dir=tmp_path / "data")
+    leftover = config.staging_dir / "transfer-upload-dead"
+    leftover.mkdir(parents=True)
+    (leftover / "half.bin").write_bytes(b"half")
+    unrelated = config.staging_dir / "keep.txt"
+    unrelated.write_text("not ours")
+    staging = Staging(config)
+    assert staging.in_flight() == []
+    assert unrelated.exists()
+
+
+def test_listing_tokens_round_trip_and_are_bound_to_the_path():
+    token = encode_listing_token("models", "models/b")
+    assert decode_listing_token(token, "models") == "models/b"
+    assert decode_listing_token("", "models") == ""
+    for bad in ("garbage", encode_listing_token("other", "x"), "e30="):
+        with pytest.raises(InvalidArgumentError) as err:
+            decode_listing_token(bad, "models")
+        assert err.value.field == "page_token"
