@@ -44,13 +44,18 @@ class SidecarProcess:
             self.env["MLFLOW_SIDECAR__MLFLOW__TRACKING_URI"] = tracking_uri
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, timeout_s: float = 90) -> None:
-        """Start and wait for SERVING."""
+    def launch(self) -> None:
+        """Start the process without waiting."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 [CLI, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
+
+    def start(self, timeout_s: float = 90) -> None:
+        """Start and wait for SERVING."""
+        self.launch()
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

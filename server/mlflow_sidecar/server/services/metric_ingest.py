@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from mlflow_sidecar.client.domain import FlushResult, MetricPoint
+from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.observability import SidecarMetrics
@@ -14,6 +15,21 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 
 # Leave this much of a caller's deadline for the answer to travel back.
 _ANSWER_MARGIN_S = 0.1
+
+
+def _check_points(points: Sequence[MetricPoint]) -> None:
+    # A training loop repeats a few run ids and keys thousands of times: check each once.
+    runs: set[str] = set()
+    keys: set[str] = set()
+    for index, point in enumerate(points):
+        if point.run_id not in runs:
+            check.require(f"points[{index}].run_id", point.run_id, max_length=64)
+            runs.add(point.run_id)
+        if point.key not in keys:
+            check.key(f"points[{index}].key", point.key)
+            keys.add(point.key)
+        if point.timestamp_ms < 0:
+            raise InvalidArgumentError(f"points[{index}].timestamp_ms", "must not be negative")
 
 
 def _now_ms() -> int:
@@ -39,9 +55,7 @@ class MetricIngest:
 
     def accept(self, points: Sequence[MetricPoint]) -> int:
         """Validate and commit points to the spool (all or none); returns how many."""
-        for index, point in enumerate(points):
-            check.require(f"points[{index}].run_id", point.run_id, max_length=64)
-        check.metric_points("points", ((p.key, p.timestamp_ms) for p in points))
+        _check_points(points)
         now = _now_ms()
         # Stamped here, before the spool, so a redelivery is an exact duplicate MLflow ignores.
         stamped = [

@@ -1,4 +1,8 @@
-"""`SpoolStore`: a SQLite database (WAL) of undelivered metric points and dead letters."""
+"""`SpoolStore`: a SQLite database (WAL) of undelivered metric points and dead letters.
+
+Point ids are rowids: each new row gets the largest id + 1, so ids grow in acceptance
+order among the rows that are still pending (an emptied table may start over, harmlessly).
+"""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ from mlflow_sidecar.client.errors import ResourceExhaustedError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS points (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
     key TEXT NOT NULL,
     value REAL,
