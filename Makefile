@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 BUF := node_modules/.bin/buf
 PROTO_FILES := $(wildcard protos/mlflow_sidecar/v1/*.proto)
 
-.PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest pytest-postgres unit integration bench clean
+.PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest pytest-postgres unit integration bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -68,6 +68,13 @@ unit: $(VENV)/.dev
 
 integration: $(VENV)/.dev
 	$(BIN)/pytest tests/integration
+
+## bench: side-by-side benchmarks (not part of test); writes bench/results.json
+bench: $(VENV)/.dev
+	$(BIN)/python bench/run.py
+
+bench-quick: $(VENV)/.dev
+	$(BIN)/python bench/run.py --quick
 
 clean:
 	rm -rf $(VENV) node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache
