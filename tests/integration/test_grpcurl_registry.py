@@ -1,4 +1,4 @@
-"""The real grpcurl binary, through server reflection: the sequence of docs/grpcurl-registry.md."""
+"""The real grpcurl binary, through server reflection: the registry sequence of the README."""
 
 from __future__ import annotations
 
@@ -12,15 +12,16 @@ from pathlib import Path
 from mlflow_sidecar.v1 import registry_pb2 as pb
 
 GRPCURL = Path(sys.executable).with_name("grpcurl")
-DOC = Path(__file__).resolve().parents[2] / "docs" / "grpcurl-registry.md"
+DOC = Path(__file__).resolve().parents[2] / "README.md"
+SECTION = "### Register a model and crown the champion"
 DOC_TARGET = "127.0.0.1:50051"
 # NAME=$(grpcurl ... | jq -r .path.to.field)
 _CAPTURE = re.compile(r"^(?P<var>[A-Z_]+)=\$\((?P<command>.+) \| jq -r (?P<path>\.[\w.]+)\)$")
 
 
 def _doc_commands() -> list[str]:
-    """The command lines of the first ```sh block of the doc."""
-    block = re.search(r"```sh\n(.*?)```", DOC.read_text(), re.DOTALL)
+    """The command lines of the sh block under SECTION in the README."""
+    block = re.search(re.escape(SECTION) + r"\s*```sh\n(.*?)```", DOC.read_text(), re.DOTALL)
     assert block is not None, f"no sh block in {DOC}"
     return [line for line in block.group(1).splitlines() if line.strip()]
 
