@@ -111,8 +111,9 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
 
 
 class AccessLogInterceptor(grpc.ServerInterceptor):
-    """One log line per call (method, peer, status code, duration, request id) and the
-    RPC count and latency series."""
+    """One log line per call (method, peer, status code, duration, request id): DEBUG for
+    OK so that high call rates stay cheap, WARNING for every failure; and the RPC count and
+    latency series."""
 
     def __init__(self, metrics: SidecarMetrics | None = None) -> None:
         self._metrics = metrics
@@ -133,8 +134,9 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
             code = _status_code(context) or grpc.StatusCode.OK
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             elapsed = time.perf_counter() - started
-            level = logging.INFO if code == grpc.StatusCode.OK else logging.WARNING
-            log.log(level, "%s %s %s %.1fms", method, context.peer(), name, elapsed * 1000)
+            level = logging.DEBUG if code == grpc.StatusCode.OK else logging.WARNING
+            if log.isEnabledFor(level):
+                log.log(level, "%s %s %s %.1fms", method, context.peer(), name, elapsed * 1000)
             if metrics is not None:
                 metrics.rpc_total.labels(method, name).inc()
                 metrics.rpc_seconds.labels(method).observe(elapsed)
