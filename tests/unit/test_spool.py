@@ -43,7 +43,7 @@ class FakeMlflow:
 
 @pytest.fixture()
 def store(tmp_path):
-    s = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    s = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
     yield s
     s.close()
 
@@ -55,10 +55,10 @@ def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100)
 
 
 def test_append_is_durable_across_reopen(tmp_path):
-    store = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
     store.append(points("a", 10) + points("b", 5))
     store.close()
-    reopened = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    reopened = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
     assert reopened.pending() == 15
     assert reopened.pending("a") == 10 and reopened.pending("b") == 5
     batch = reopened.oldest("a", 4)
@@ -171,3 +171,24 @@ def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
         deliverer.stop()
     status = store.status()
     assert status.pending_points == 10 and status.oldest_age_s >= 0
+
+
+def test_batches_combine_whole_chunks_up_to_the_limit(store):
+    for start in (0, 40, 80):
+        store.append(points("a", 40, start=start))  # three messages: three chunks of 40
+    batch = store.oldest("a", 100)
+    assert batch is not None
+    assert [m.step for m in batch.metrics] == list(range(80))  # two chunks; a third would be 120
+    store.delete(batch)
+    assert store.pending("a") == 40
+    rest = store.oldest("a", 100)
+    assert rest is not None and [m.step for m in rest.metrics] == list(range(80, 120))
+
+
+def test_one_message_for_many_runs_keeps_each_runs_order(store):
+    mixed = [MetricPoint(f"run{i % 3}", "k", float(i), 1_000 + i, i) for i in range(300)]
+    store.append(mixed)
+    for run in range(3):
+        batch = store.oldest(f"run{run}", 1000)
+        assert batch is not None
+        assert [m.step for m in batch.metrics] == list(range(run, 300, 3))

@@ -31,6 +31,7 @@ class ServerContainer(containers.DeclarativeContainer):
         config.provided.spool_path,
         max_points=config.provided.spool.max_points,
         synchronous=config.provided.spool.synchronous,
+        chunk_points=config.provided.spool.batch_size,
     )
     deliverer = providers.Singleton(
         MetricDeliverer,

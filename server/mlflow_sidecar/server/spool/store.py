@@ -1,6 +1,6 @@
 """`SpoolStore`: a SQLite database (WAL) of undelivered metric points and dead letters.
 
-Point ids are rowids: each new row gets the largest id + 1, so ids grow in acceptance
+Chunk ids are rowids: each new row gets the largest id + 1, so ids grow in acceptance
 order among the rows that are still pending (an emptied table may start over, harmlessly).
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,24 +17,33 @@ from pathlib import Path
 from mlflow_sidecar.client.domain import Metric, MetricPoint
 from mlflow_sidecar.client.errors import ResourceExhaustedError
 
+# Points are stored in chunks: the points of one run from one message, at most
+# `chunk_points` of them (the delivery batch size), as packed columns. One row per chunk
+# instead of one per point keeps acceptance cheap; chunks are never split, so a chunk is
+# delivered or dead-lettered whole.
+CHUNK_POINTS = 1000
+_KEY_SEPARATOR = "\n"  # keys cannot contain it (validation allows no control characters)
+
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS points (
+CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value REAL,
-    timestamp_ms INTEGER NOT NULL,
-    step INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    keys TEXT NOT NULL,
+    vals BLOB NOT NULL,
+    timestamps BLOB NOT NULL,
+    steps BLOB NOT NULL,
     accepted_ms INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS points_by_run ON points (run_id, id);
+CREATE INDEX IF NOT EXISTS chunks_by_run ON chunks (run_id, id);
 CREATE TABLE IF NOT EXISTS dead_letters (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value REAL,
-    timestamp_ms INTEGER NOT NULL,
-    step INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    keys TEXT NOT NULL,
+    vals BLOB NOT NULL,
+    timestamps BLOB NOT NULL,
+    steps BLOB NOT NULL,
     accepted_ms INTEGER NOT NULL,
     reason TEXT NOT NULL,
     dead_ms INTEGER NOT NULL
@@ -45,6 +55,31 @@ CREATE TABLE IF NOT EXISTS ended_runs (
     ended_ms INTEGER NOT NULL
 );
 """
+
+
+def _pack(run_id: str, points: Sequence[MetricPoint], accepted_ms: int) -> tuple[object, ...]:
+    return (
+        run_id,
+        len(points),
+        _KEY_SEPARATOR.join(p.key for p in points),
+        array("d", [p.value for p in points]).tobytes(),
+        array("q", [p.timestamp_ms for p in points]).tobytes(),
+        array("q", [p.step for p in points]).tobytes(),
+        accepted_ms,
+    )
+
+
+def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
+    values, times, numbers = array("d"), array("q"), array("q")
+    values.frombytes(vals)
+    times.frombytes(timestamps)
+    numbers.frombytes(steps)
+    return [
+        Metric(key, value, ts, step)
+        for key, value, ts, step in zip(
+            keys.split(_KEY_SEPARATOR), values, times, numbers, strict=True
+        )
+    ]
 
 
 def _now_ms() -> int:
@@ -96,10 +131,18 @@ class SpoolStore:
     Counts per run are kept in memory (loaded at open) so the hot paths never scan.
     """
 
-    def __init__(self, path: Path, *, max_points: int, synchronous: str = "NORMAL") -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_points: int,
+        synchronous: str = "NORMAL",
+        chunk_points: int = CHUNK_POINTS,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_points = max_points
+        self._chunk_points = chunk_points
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -108,7 +151,7 @@ class SpoolStore:
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
         self._pending: dict[str, int] = dict(
-            self._db.execute("SELECT run_id, COUNT(*) FROM points GROUP BY run_id").fetchall()
+            self._db.execute("SELECT run_id, SUM(count) FROM chunks GROUP BY run_id").fetchall()
         )
         self._total = sum(self._pending.values())
         self._ended: dict[str, str] = dict(
@@ -126,29 +169,37 @@ class SpoolStore:
         """Commit all of `points` or none; ResourceExhaustedError when the spool is full."""
         if not points:
             return 0
+        by_run: dict[str, list[MetricPoint]] = {}
+        for point in points:
+            by_run.setdefault(point.run_id, []).append(point)
         accepted_ms = _now_ms()
-        rows = [(p.run_id, p.key, p.value, p.timestamp_ms, p.step, accepted_ms) for p in points]
+        rows = [
+            _pack(run_id, run_points[i : i + self._chunk_points], accepted_ms)
+            for run_id, run_points in by_run.items()
+            for i in range(0, len(run_points), self._chunk_points)
+        ]
         with self._lock:
-            if self._total + len(rows) > self.max_points:
+            if self._total + len(points) > self.max_points:
                 raise ResourceExhaustedError(
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
-                    f" {len(rows)} points of this message were not accepted, retry later"
+                    f" {len(points)} points of this message were not accepted, retry later"
                 )
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "INSERT INTO points (run_id, key, value, timestamp_ms, step, accepted_ms)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO chunks"
+                    " (run_id, count, keys, vals, timestamps, steps, accepted_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            for p in points:
-                self._pending[p.run_id] = self._pending.get(p.run_id, 0) + 1
-            self._total += len(rows)
-        return len(rows)
+            for run_id, run_points in by_run.items():
+                self._pending[run_id] = self._pending.get(run_id, 0) + len(run_points)
+            self._total += len(points)
+        return len(points)
 
     # -- delivering -------------------------------------------------------------------
 
@@ -158,53 +209,62 @@ class SpoolStore:
             return list(self._pending)
 
     def oldest(self, run_id: str, limit: int) -> SpooledBatch | None:
-        """Up to `limit` oldest undelivered points of a run, in the order they were accepted."""
+        """The oldest undelivered points of a run, in the order they were accepted: whole
+        chunks, at most `limit` points unless the first chunk alone is larger."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, key, value, timestamp_ms, step FROM points"
+                "SELECT id, count, keys, vals, timestamps, steps FROM chunks"
                 " WHERE run_id = ? ORDER BY id LIMIT ?",
-                (run_id, limit),
+                (run_id, max(1, limit)),
             ).fetchall()
         if not rows:
             return None
-        metrics = tuple(
-            Metric(key, float("nan") if value is None else value, ts, step)
-            for _, key, value, ts, step in rows
-        )
-        return SpooledBatch(run_id, rows[0][0], rows[-1][0], metrics)
+        metrics: list[Metric] = []
+        last_id = rows[0][0]
+        for chunk_id, count, keys, vals, timestamps, steps in rows:
+            if metrics and len(metrics) + count > limit:
+                break
+            metrics.extend(_unpack(keys, vals, timestamps, steps))
+            last_id = chunk_id
+        return SpooledBatch(run_id, rows[0][0], last_id, tuple(metrics))
 
     def delete(self, batch: SpooledBatch) -> None:
         """Forget a batch MLflow confirmed."""
         with self._lock:
-            deleted = self._db.execute(
-                "DELETE FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
+            self._db.execute(
+                "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
                 (batch.run_id, batch.first_id, batch.last_id),
-            ).rowcount
-            self._forget(batch.run_id, deleted)
+            )
+            self._forget(batch.run_id, len(batch.metrics))
 
     def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
         """Move a batch (or every pending point of the run) to the dead-letter table."""
         first, last = (batch.first_id, batch.last_id) if batch else (0, 2**63 - 1)
+        chosen = (run_id, first, last)
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.execute(
-                    "INSERT INTO dead_letters"
-                    " (run_id, key, value, timestamp_ms, step, accepted_ms, reason, dead_ms)"
-                    " SELECT run_id, key, value, timestamp_ms, step, accepted_ms, ?, ?"
-                    " FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
-                    (reason, _now_ms(), run_id, first, last),
-                )
                 moved = self._db.execute(
-                    "DELETE FROM points WHERE run_id = ? AND id BETWEEN ? AND ?",
-                    (run_id, first, last),
-                ).rowcount
+                    "SELECT COALESCE(SUM(count), 0) FROM chunks"
+                    " WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    chosen,
+                ).fetchone()[0]
+                self._db.execute(
+                    "INSERT INTO dead_letters (run_id, count, keys, vals, timestamps, steps,"
+                    " accepted_ms, reason, dead_ms)"
+                    " SELECT run_id, count, keys, vals, timestamps, steps, accepted_ms, ?, ?"
+                    " FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    (reason, _now_ms(), *chosen),
+                )
+                self._db.execute(
+                    "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?", chosen
+                )
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._forget(run_id, moved)
-        return moved
+            self._forget(run_id, int(moved))
+        return int(moved)
 
     def _forget(self, run_id: str, count: int) -> None:
         left = self._pending.get(run_id, 0) - count
@@ -242,10 +302,12 @@ class SpoolStore:
         with self._lock:
             if run_id:
                 row = self._db.execute(
-                    "SELECT COUNT(*) FROM dead_letters WHERE run_id = ?", (run_id,)
+                    "SELECT COALESCE(SUM(count), 0) FROM dead_letters WHERE run_id = ?", (run_id,)
                 ).fetchone()
             else:
-                row = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()
+                row = self._db.execute(
+                    "SELECT COALESCE(SUM(count), 0) FROM dead_letters"
+                ).fetchone()
         return int(row[0])
 
     def gauges(self) -> tuple[int, float, int]:
@@ -257,13 +319,15 @@ class SpoolStore:
         """Depth, oldest age and dead letters."""
         with self._lock:
             oldest = self._db.execute(
-                "SELECT accepted_ms FROM points ORDER BY id LIMIT 1"
+                "SELECT accepted_ms FROM chunks ORDER BY id LIMIT 1"
             ).fetchone()
             groups = self._db.execute(
-                "SELECT run_id, reason, COUNT(*), MAX(dead_ms) FROM dead_letters"
+                "SELECT run_id, reason, SUM(count), MAX(dead_ms) FROM dead_letters"
                 " GROUP BY run_id, reason ORDER BY MAX(dead_ms) DESC LIMIT 100"
             ).fetchall()
-            dead_total = self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+            dead_total = self._db.execute(
+                "SELECT COALESCE(SUM(count), 0) FROM dead_letters"
+            ).fetchone()[0]
             return SpoolStatus(
                 pending_points=self._total,
                 pending_runs=len(self._pending),
