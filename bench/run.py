@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2 as pb  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc  # noqa: E402
-from tests.support.processes import MlflowServer  # noqa: E402
+from tests.support.processes import MlflowServer, free_port  # noqa: E402
 from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 
 MIB = 1024 * 1024
@@ -77,10 +78,18 @@ def metrics_direct(client: MlflowClient, run_id: str, seconds: float) -> float:
 
 def metrics_async(client: MlflowClient, run_id: str, count: int) -> float:
     started = time.perf_counter()
-    for i in range(count):
+    operations = [
         client.log_metric(run_id, "async", float(i), step=i, synchronous=False)
+        for i in range(count)
+    ]
+    for operation in operations:
+        if operation is not None:
+            operation.wait()
     mlflow.flush_async_logging()
-    return count / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    logged = len(client.get_metric_history(run_id, "async"))
+    assert logged == count, f"async logging stored {logged} of {count} points"
+    return count / elapsed
 
 
 def metrics_stream(container: ClientContainer, run_id: str, count: int, key: str) -> float:
@@ -259,7 +268,10 @@ def main() -> int:
         work = Path(tmp)
         server = MlflowServer(work / "mlflow")
         server.start()
-        sidecar = SidecarProcess(work / "sidecar", server.url)
+        metrics_port = free_port()
+        sidecar = SidecarProcess(
+            work / "sidecar", server.url, MLFLOW_SIDECAR__METRICS__PORT=str(metrics_port)
+        )
         try:
             results["sidecar_start_s"] = start_sidecar(sidecar)
             assert sidecar.proc is not None
@@ -290,7 +302,8 @@ def main() -> int:
                 results[key] = step()
                 print(f"  {key:36s} {results[key]:14.1f}", flush=True)
                 # Each scenario starts with an empty spool and an idle deliverer.
-                container.experiment_tracking().flush_metrics(timeout_s=900)
+                drained = container.experiment_tracking().flush_metrics(timeout_s=1800)
+                assert drained.complete, drained
 
             run_id = run()
             client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
@@ -305,7 +318,7 @@ def main() -> int:
                 print(f"  {key:36s} {results[key]:14.3f}", flush=True)
 
             if hasattr(tracking, "upload_artifact"):
-                artifacts(results, client, tracking, run, work, sizes.artifact_mb)
+                artifacts(results, client, tracking, run, work, sizes.artifact_mb, metrics_port)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -318,32 +331,59 @@ def main() -> int:
     return 0
 
 
-def artifacts(results, client, tracking, run, work: Path, size_mb: int) -> None:
+def mlflow_seconds(metrics_port: int) -> float:
+    """Seconds the sidecar has spent inside MLflow calls so far (its own metric)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("mlflow_sidecar_mlflow_call_duration_seconds_sum"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def legs(metrics_port: int, action: Callable[[], object]) -> tuple[float, float]:
+    """(total seconds, seconds of it spent in the sidecar's MLflow calls) of one action."""
+    before = mlflow_seconds(metrics_port)
+    total = timed(action)
+    return total, mlflow_seconds(metrics_port) - before
+
+
+def artifacts(results, client, tracking, run, work: Path, size_mb: int, metrics_port: int) -> None:
     source = work / "artifact.bin"
     digest = make_file(source, size_mb)
     direct_run, sidecar_run = run(), run()
     results["upload_direct_mb_s"] = size_mb / timed(
         lambda: client.log_artifact(direct_run, str(source))
     )
-    results["upload_sidecar_mb_s"] = size_mb / timed(
-        lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")
+    total, mlflow_leg = legs(
+        metrics_port, lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")
     )
+    results["upload_sidecar_mb_s"] = size_mb / total
+    # The sidecar verifies the whole file before MLflow sees it: its MLflow leg alone is
+    # the same upload the direct client makes, after the bytes have crossed gRPC once.
+    results["upload_sidecar_mlflow_leg_mb_s"] = size_mb / mlflow_leg
     direct_dst, sidecar_dst = work / "direct", work / "sidecar-dl"
     direct_dst.mkdir()
     sidecar_dst.mkdir()
     results["download_direct_mb_s"] = size_mb / timed(
         lambda: client.download_artifacts(direct_run, "artifact.bin", str(direct_dst))
     )
-    results["download_sidecar_mb_s"] = size_mb / timed(
-        lambda: tracking.download_artifact(sidecar_run, "artifact.bin", sidecar_dst)
+    total, mlflow_leg = legs(
+        metrics_port,
+        lambda: tracking.download_artifact(sidecar_run, "artifact.bin", sidecar_dst),
     )
+    results["download_sidecar_mb_s"] = size_mb / total
+    results["download_sidecar_mlflow_leg_mb_s"] = size_mb / mlflow_leg
     assert sha256_of(direct_dst / "artifact.bin") == digest
     assert sha256_of(sidecar_dst / "artifact.bin") == digest
     for key in (
         "upload_direct_mb_s",
         "upload_sidecar_mb_s",
+        "upload_sidecar_mlflow_leg_mb_s",
         "download_direct_mb_s",
         "download_sidecar_mb_s",
+        "download_sidecar_mlflow_leg_mb_s",
     ):
         print(f"  {key:36s} {results[key]:14.1f}", flush=True)
 

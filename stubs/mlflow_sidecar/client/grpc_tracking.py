@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -202,9 +203,16 @@ class GrpcExperimentTracking(ExperimentTracking):
         return reply.accepted_points
 
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
+        """Waits up to `timeout_s` (default: the client's timeout). The sidecar bounds one
+        FlushMetrics call by its `spool.flush_timeout_s`, so longer waits take several calls."""
         request = pb.FlushMetricsRequest(run_id=run_id)
-        reply = invoke(self._stub.FlushMetrics, request, timeout_s or self._timeout)
-        return FlushResult(reply.pending_points, reply.dead_letter_points)
+        deadline = time.monotonic() + (timeout_s or self._timeout)
+        while True:
+            left = deadline - time.monotonic()
+            reply = invoke(self._stub.FlushMetrics, request, max(left, 0.001))
+            result = FlushResult(reply.pending_points, reply.dead_letter_points)
+            if result.complete or deadline - time.monotonic() <= 1.0:
+                return result
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         request = pb.SetRunTagsRequest(run_id=run_id, tags=dict(tags))
