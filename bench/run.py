@@ -327,8 +327,8 @@ def main() -> int:
                 results[key] = step()
                 print(f"  {key:36s} {results[key]:14.1f}", flush=True)
                 # Each scenario starts with an empty spool and an idle deliverer.
-                drained = container.experiment_tracking().flush_metrics(timeout_s=1800)
-                assert drained.complete, drained
+                flushed = container.experiment_tracking().flush_metrics(timeout_s=1800)
+                assert flushed.complete, flushed
 
             run_id = run()
             client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
