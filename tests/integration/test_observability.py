@@ -9,6 +9,7 @@ import time
 import grpc
 import pytest
 
+from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -32,6 +33,16 @@ def test_metrics_port_shows_the_named_series(mlflow_server, tmp_path):
             stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=60)
             with pytest.raises(grpc.RpcError):
                 stub.GetRun(pb.GetRunRequest(run_id="0" * 32))
+        container = ClientContainer()
+        container.config.from_dict({"target": running.target})
+        try:
+            source = tmp_path / "weights.bin"
+            source.write_bytes(b"w" * 1000)
+            tracking = container.experiment_tracking()
+            tracking.upload_artifact(run.run.info.run_id, source, "weights.bin")
+            tracking.download_artifact(run.run.info.run_id, "weights.bin", tmp_path / "back")
+        finally:
+            container.shutdown_resources()
         scraped = subprocess.run(
             ["curl", "-sf", f"http://127.0.0.1:{running.server.metrics_port}/metrics"],
             capture_output=True,
@@ -55,7 +66,13 @@ def test_metrics_port_shows_the_named_series(mlflow_server, tmp_path):
     assert "mlflow_sidecar_spool_pending_points 0.0" in scraped
     assert "mlflow_sidecar_spool_oldest_age_seconds" in scraped
     assert "mlflow_sidecar_spool_dead_letter_points" in scraped
-    assert 'mlflow_sidecar_stream_bytes_total{direction="upload"}' in scraped
+    assert 'mlflow_sidecar_stream_bytes_total{direction="upload"} 1000.0' in scraped
+    downloaded = [
+        line
+        for line in scraped.splitlines()
+        if line.startswith('mlflow_sidecar_stream_bytes_total{direction="download"}')
+    ]
+    assert downloaded and float(downloaded[0].split()[-1]) >= 1000
 
 
 def test_json_logs_carry_a_request_id(mlflow_server, tmp_path):

@@ -24,7 +24,7 @@ class ServerContainer(containers.DeclarativeContainer):
     config = providers.Dependency(instance_of=AppConfig)
     metrics = providers.Singleton(SidecarMetrics)
     gateway = providers.Singleton(MlflowGateway, config, metrics)
-    staging = providers.Singleton(Staging, config)
+    staging = providers.Singleton(Staging, config, metrics)
 
     spool_store = providers.Singleton(
         SpoolStore,

@@ -13,10 +13,16 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TypeVar
+
+from google.protobuf.message import Message
 
 from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.observability import SidecarMetrics
 
 log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=Message)
 
 _PREFIX = "transfer-"
 
@@ -24,7 +30,8 @@ _PREFIX = "transfer-"
 class Staging:
     """Per-transfer scratch directories plus the transfer limits from the config."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, metrics: SidecarMetrics | None = None) -> None:
+        self._metrics = metrics
         self.root = config.staging_dir
         self.chunk_bytes = config.artifacts.chunk_bytes
         self.max_upload_bytes = config.artifacts.max_upload_bytes
@@ -37,6 +44,17 @@ class Staging:
         for leftover in self.root.glob(f"{_PREFIX}*"):
             log.info("removing the leftover transfer directory %s", leftover)
             shutil.rmtree(leftover, ignore_errors=True)
+
+    def count(self, direction: str, size_bytes: int) -> None:
+        """Add a finished transfer's bytes to `mlflow_sidecar_stream_bytes_total`."""
+        if self._metrics is not None:
+            self._metrics.stream_bytes.labels(direction).inc(size_bytes)
+
+    def counted(self, direction: str, messages: Iterator[M]) -> Iterator[M]:
+        """Pass download messages through, counting their bytes as they go out."""
+        for message in messages:
+            self.count(direction, message.ByteSize())
+            yield message
 
     @contextlib.contextmanager
     def directory(self, purpose: str) -> Iterator[Path]:

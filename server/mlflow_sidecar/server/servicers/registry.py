@@ -196,6 +196,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             staged = streams.receive_model(
                 request_iterator, scratch, self._staging, preflight=_check_header
             )
+            self._staging.count("upload", staged.size_bytes)
             ensure_active(context)
             version = self._service.upload_model(
                 staged.name,
@@ -225,4 +226,6 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             root = self._service.download_model(
                 version.name, scratch / "model", version=version.version
             )
-            yield from streams.model_messages(version, root, self._staging)
+            yield from self._staging.counted(
+                "download", streams.model_messages(version, root, self._staging)
+            )

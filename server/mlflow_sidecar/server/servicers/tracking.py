@@ -189,6 +189,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             staged = streams.receive_artifact(
                 request_iterator, scratch, self._staging, preflight=self._service.get_run
             )
+            self._staging.count("upload", staged.size_bytes)
             ensure_active(context)
             info = self._service.upload_artifact(
                 staged.run_id, staged.local_path, staged.artifact_path
@@ -215,6 +216,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             # A cancelled call may never resume this generator: clean up when the call ends.
             context.add_callback(lambda: self._staging.remove(scratch))
             local = self._service.download_artifact(request.run_id, request.artifact_path, scratch)
-            yield from streams.artifact_messages(
-                local, request.artifact_path, self._staging.chunk_bytes
+            yield from self._staging.counted(
+                "download",
+                streams.artifact_messages(local, request.artifact_path, self._staging.chunk_bytes),
             )
