@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -80,12 +79,10 @@ class MlflowGateway:
     def __init__(self, config: AppConfig, metrics: SidecarMetrics | None = None) -> None:
         configure_mlflow_environment(config)
         self._metrics = metrics
-        self._retry = config.retry
         self._client = MlflowClient(
             tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
         )
         self._retrying = self._build_retrying(config.retry)
-        self._lock = threading.Lock()
         self.tracking_uri = config.tracking_uri
         self.registry_uri = config.registry_uri
 
