@@ -24,9 +24,11 @@ from mlflow_sidecar.client.errors import (
     NotFoundError,
 )
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.mlflow_gateway.gateway import _search_field
 from mlflow_sidecar.server.services import registry as registry_module
 from mlflow_sidecar.server.services.registry import RegistryService
+from mlflow_sidecar.server.staging import Staging
 
 PENDING = ModelVersionStatus.PENDING_REGISTRATION
 READY = ModelVersionStatus.READY
@@ -137,8 +139,9 @@ def gateway() -> FakeGateway:
 
 
 @pytest.fixture()
-def service(gateway: FakeGateway) -> RegistryService:
-    return RegistryService(gateway)  # type: ignore[arg-type]
+def service(gateway: FakeGateway, tmp_path) -> RegistryService:
+    staging = Staging(load_config(data_dir=tmp_path))
+    return RegistryService(gateway, staging)  # type: ignore[arg-type]
 
 
 @pytest.fixture()

@@ -15,10 +15,12 @@ from mlflow_sidecar.client.errors import (
     NotFoundError,
     UnavailableError,
 )
+from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.services.tracking import CLIENT_REQUEST_ID_TAG, TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
+from mlflow_sidecar.server.staging import Staging
 from tests.unit.fakes import FakeGateway
 
 
@@ -34,7 +36,9 @@ def service(gateway: FakeGateway, tmp_path) -> Iterator[TrackingService]:
         store, gateway.log_metrics, batch_size=1000, backoff_factor_s=0.01, max_backoff_s=0.05
     )
     deliverer.start()
-    yield TrackingService(gateway, MetricIngest(store, deliverer, flush_timeout_s=5))  # type: ignore[arg-type]
+    ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
+    staging = Staging(load_config(data_dir=tmp_path / "data"))
+    yield TrackingService(gateway, ingest, staging)  # type: ignore[arg-type]
     deliverer.stop()
     store.close()
 

@@ -11,7 +11,7 @@ from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.server.servicers import streams
-from mlflow_sidecar.server.servicers.tracking import ensure_active, require_staging
+from mlflow_sidecar.server.servicers.tracking import ensure_active
 from mlflow_sidecar.server.services.registry import check_model_upload
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as pb
@@ -35,13 +35,9 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     """Converts requests to port calls and results to responses; streamed files pass
     through `staging` on disk."""
 
-    def __init__(self, service: ModelRegistry, staging: Staging | None = None) -> None:
+    def __init__(self, service: ModelRegistry, staging: Staging) -> None:
         self._service = service
-        self._staging_or_none = staging
-
-    @property
-    def _staging(self) -> Staging:
-        return require_staging(self._staging_or_none)
+        self._staging = staging
 
     def CreateRegisteredModel(
         self, request: pb.CreateRegisteredModelRequest, context: Ctx

@@ -9,19 +9,12 @@ import grpc
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.domain import RunStatus
-from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError, UnimplementedError
+from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError
 from mlflow_sidecar.client.ports import ExperimentTracking
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
-
-
-def require_staging(staging: Staging | None) -> Staging:
-    """The staging area of streamed transfers; servicers built without one cannot stream."""
-    if staging is None:
-        raise UnimplementedError("this server was built without a staging area for transfers")
-    return staging
 
 
 def ensure_active(context: grpc.ServicerContext) -> None:
@@ -34,13 +27,9 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     """Converts requests to port calls and results to responses; streamed files pass
     through `staging` on disk."""
 
-    def __init__(self, service: ExperimentTracking, staging: Staging | None = None) -> None:
+    def __init__(self, service: ExperimentTracking, staging: Staging) -> None:
         self._service = service
-        self._staging_or_none = staging
-
-    @property
-    def _staging(self) -> Staging:
-        return require_staging(self._staging_or_none)
+        self._staging = staging
 
     def CreateExperiment(
         self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext

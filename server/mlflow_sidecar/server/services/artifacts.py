@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 from mlflow_sidecar.client.errors import InvalidArgumentError, ResourceExhaustedError
@@ -31,29 +28,16 @@ def check_upload_size(field: str, size_bytes: int, max_upload_bytes: int | None)
     return size_bytes
 
 
-@contextlib.contextmanager
-def _scratch(staging: Staging | None) -> Iterator[Path]:
-    if staging is not None:
-        with staging.directory("rename") as path:
-            yield path
-    else:
-        with tempfile.TemporaryDirectory(prefix="mlflow-sidecar-") as name:
-            yield Path(name)
-
-
 def store_file(
-    gateway: MlflowGateway, staging: Staging | None, run_id: str, source: Path, target: str
+    gateway: MlflowGateway, staging: Staging, run_id: str, source: Path, target: str
 ) -> None:
-    """Store the local file `source` as the run's artifact file `target` (a checked path).
-
-    Without `staging` a renamed copy goes through the system's temp directory.
-    """
+    """Store the local file `source` as the run's artifact file `target` (a checked path)."""
     directory, _, name = target.rpartition("/")
     if source.name == name:
         gateway.log_artifact(run_id, source, directory)
         return
     # MLflow names a stored file after the local one: hand it a link (or copy) named right.
-    with _scratch(staging) as scratch:
+    with staging.directory("rename") as scratch:
         named = scratch / name
         try:
             os.link(source, named)

@@ -156,11 +156,9 @@ class RegistryService(ModelRegistry):
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
 
-    def __init__(self, gateway: MlflowGateway, staging: Staging | None = None) -> None:
-        # Staging holds the transfer limits and scratch space; the server always passes it.
+    def __init__(self, gateway: MlflowGateway, staging: Staging) -> None:
         self._gateway = gateway
-        self._staging = staging
-        self._max_upload_bytes = staging.max_upload_bytes if staging else None
+        self._staging = staging  # transfer limits and scratch space
         self._model_locks = KeyedLocks()
 
     def create_registered_model(
@@ -411,7 +409,7 @@ class RegistryService(ModelRegistry):
         if not files:
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
         total = sum(f.size_bytes for f in files)
-        check_upload_size("local_dir", total, self._max_upload_bytes)
+        check_upload_size("local_dir", total, self._staging.max_upload_bytes)
         run_id, created_run = self._upload_run(name, run_id, experiment_id)
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{uuid.uuid4().hex}"
         created_model = False

@@ -35,7 +35,7 @@ from mlflow_sidecar.client.errors import (
 )
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
-from mlflow_sidecar.client.transfer import DEFAULT_CHUNK_BYTES, file_digest, report
+from mlflow_sidecar.client.transfer import file_digest, report
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
@@ -61,15 +61,10 @@ class TrackingService(ExperimentTracking):
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
 
-    def __init__(
-        self, gateway: MlflowGateway, ingest: MetricIngest, staging: Staging | None = None
-    ) -> None:
-        # Staging holds the transfer limits and scratch space; the server always passes it.
+    def __init__(self, gateway: MlflowGateway, ingest: MetricIngest, staging: Staging) -> None:
         self._gateway = gateway
         self._ingest = ingest
-        self._staging = staging
-        self._max_upload_bytes = staging.max_upload_bytes if staging else None
-        self._chunk_bytes = staging.chunk_bytes if staging else DEFAULT_CHUNK_BYTES
+        self._staging = staging  # transfer limits and scratch space
         self._start_locks = KeyedLocks()
 
     # -- experiments --------------------------------------------------------------------
@@ -303,8 +298,8 @@ class TrackingService(ExperimentTracking):
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
         target = check_relative_path("artifact_path", artifact_path or source.name)
-        size, sha256 = file_digest(source, self._chunk_bytes)
-        check_upload_size("local_path", size, self._max_upload_bytes)
+        size, sha256 = file_digest(source, self._staging.chunk_bytes)
+        check_upload_size("local_path", size, self._staging.max_upload_bytes)
         self._require_active(run_id)
         report(progress, 0, size)
         store_file(self._gateway, self._staging, run_id, source, target)
