@@ -15,12 +15,12 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +42,9 @@ from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 MIB = 1024 * 1024
 
 
+GROUPS = ("metrics", "getrun", "artifacts")
+
+
 class Sizes:
     def __init__(self, quick: bool) -> None:
         self.direct_s = 5.0 if quick else 15.0
@@ -54,6 +57,7 @@ class Sizes:
         self.log_batch_points = 20_000 if quick else 100_000
         self.getrun_calls = 100 if quick else 500
         self.artifact_mb = 32 if quick else 256
+        self.artifact_repeats = 1 if quick else 3
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -180,6 +184,14 @@ def p50_ms(call: Callable[[], object], n: int) -> float:
     return statistics.median(samples)
 
 
+def getrun(results, client, tracking, run_id: str, calls: int) -> None:
+    client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
+    results["getrun_direct_p50_ms"] = p50_ms(lambda: client.get_run(run_id), calls)
+    results["getrun_sidecar_p50_ms"] = p50_ms(lambda: tracking.get_run(run_id), calls)
+    for key in ("getrun_direct_p50_ms", "getrun_sidecar_p50_ms"):
+        print(f"  {key:36s} {results[key]:14.3f}", flush=True)
+
+
 # -- artifacts ------------------------------------------------------------------------
 
 
@@ -274,7 +286,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes, under 3 minutes")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=GROUPS,
+        default=list(GROUPS),
+        help="run only these groups of scenarios (start-up and peak RSS are always measured)",
+    )
     args = parser.parse_args()
+    groups = set(args.only)
     sizes = Sizes(args.quick)
     os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
     results: dict[str, float] = {}
@@ -282,9 +302,8 @@ def main() -> int:
         work = Path(tmp)
         server = MlflowServer(work / "mlflow")
         server.start()
-        metrics_port = free_port()
         sidecar = SidecarProcess(
-            work / "sidecar", server.url, MLFLOW_SIDECAR__METRICS__PORT=str(metrics_port)
+            work / "sidecar", server.url, MLFLOW_SIDECAR__METRICS__PORT=str(free_port())
         )
         try:
             results["sidecar_start_s"] = start_sidecar(sidecar)
@@ -323,27 +342,21 @@ def main() -> int:
                     lambda: metrics_delivered(container, run(), sizes.delivered_points),
                 ),
             ]
-            for key, step in steps:
+            for key, step in steps if "metrics" in groups else []:
                 results[key] = step()
                 print(f"  {key:36s} {results[key]:14.1f}", flush=True)
                 # Each scenario starts with an empty spool and an idle deliverer.
                 flushed = container.experiment_tracking().flush_metrics(timeout_s=1800)
                 assert flushed.complete, flushed
 
-            run_id = run()
-            client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
             tracking = container.experiment_tracking()
-            results["getrun_direct_p50_ms"] = p50_ms(
-                lambda: client.get_run(run_id), sizes.getrun_calls
-            )
-            results["getrun_sidecar_p50_ms"] = p50_ms(
-                lambda: tracking.get_run(run_id), sizes.getrun_calls
-            )
-            for key in ("getrun_direct_p50_ms", "getrun_sidecar_p50_ms"):
-                print(f"  {key:36s} {results[key]:14.3f}", flush=True)
+            if "getrun" in groups:
+                getrun(results, client, tracking, run(), sizes.getrun_calls)
 
-            if hasattr(tracking, "upload_artifact"):
-                artifacts(results, client, tracking, run, work, sizes.artifact_mb, metrics_port)
+            if "artifacts" in groups:
+                artifacts(
+                    results, client, tracking, run, work, sizes.artifact_mb, sizes.artifact_repeats
+                )
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -356,60 +369,51 @@ def main() -> int:
     return 0
 
 
-def mlflow_seconds(metrics_port: int) -> float:
-    """Seconds the sidecar has spent inside MLflow calls so far (its own metric)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith("mlflow_sidecar_mlflow_call_duration_seconds_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def legs(metrics_port: int, action: Callable[[], object]) -> tuple[float, float]:
-    """(total seconds, seconds of it spent in the sidecar's MLflow calls) of one action."""
-    before = mlflow_seconds(metrics_port)
-    total = timed(action)
-    return total, mlflow_seconds(metrics_port) - before
-
-
-def artifacts(results, client, tracking, run, work: Path, size_mb: int, metrics_port: int) -> None:
-    source = work / "artifact.bin"
-    digest = make_file(source, size_mb)
+def artifact_round(
+    client, tracking, run, work: Path, source: Path, attempt: int
+) -> list[tuple[str, float]]:
+    """One upload and download each way, to fresh runs and directories: (key, seconds)."""
     direct_run, sidecar_run = run(), run()
-    results["upload_direct_mb_s"] = size_mb / timed(
-        lambda: client.log_artifact(direct_run, str(source))
-    )
-    total, mlflow_leg = legs(
-        metrics_port, lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")
-    )
-    results["upload_sidecar_mb_s"] = size_mb / total
-    # The sidecar verifies the whole file before MLflow sees it: its MLflow leg alone is
-    # the same upload the direct client makes, after the bytes have crossed gRPC once.
-    results["upload_sidecar_mlflow_leg_mb_s"] = size_mb / mlflow_leg
-    direct_dst, sidecar_dst = work / "direct", work / "sidecar-dl"
+    direct_dst, sidecar_dst = work / f"direct-{attempt}", work / f"sidecar-{attempt}"
     direct_dst.mkdir()
     sidecar_dst.mkdir()
-    results["download_direct_mb_s"] = size_mb / timed(
-        lambda: client.download_artifacts(direct_run, "artifact.bin", str(direct_dst))
-    )
-    total, mlflow_leg = legs(
-        metrics_port,
-        lambda: tracking.download_artifact(sidecar_run, "artifact.bin", sidecar_dst),
-    )
-    results["download_sidecar_mb_s"] = size_mb / total
-    results["download_sidecar_mlflow_leg_mb_s"] = size_mb / mlflow_leg
-    assert sha256_of(direct_dst / "artifact.bin") == digest
-    assert sha256_of(sidecar_dst / "artifact.bin") == digest
-    for key in (
-        "upload_direct_mb_s",
-        "upload_sidecar_mb_s",
-        "upload_sidecar_mlflow_leg_mb_s",
-        "download_direct_mb_s",
-        "download_sidecar_mb_s",
-        "download_sidecar_mlflow_leg_mb_s",
-    ):
+    return [
+        ("upload_direct_mb_s", timed(lambda: client.log_artifact(direct_run, str(source)))),
+        (
+            "upload_sidecar_mb_s",
+            timed(lambda: tracking.upload_artifact(sidecar_run, source, "artifact.bin")),
+        ),
+        (
+            "download_direct_mb_s",
+            timed(lambda: client.download_artifacts(direct_run, "artifact.bin", str(direct_dst))),
+        ),
+        (
+            "download_sidecar_mb_s",
+            timed(lambda: tracking.download_artifact(sidecar_run, "artifact.bin", sidecar_dst)),
+        ),
+    ]
+
+
+def artifacts(results, client, tracking, run, work: Path, size_mb: int, repeats: int) -> None:
+    """Upload and download the same file directly and through the sidecar, alternating,
+    `repeats` times each; the medians go in `results`."""
+    source = work / "artifact.bin"
+    digest = make_file(source, size_mb)
+    times: dict[str, list[float]] = {
+        "upload_direct_mb_s": [],
+        "upload_sidecar_mb_s": [],
+        "download_direct_mb_s": [],
+        "download_sidecar_mb_s": [],
+    }
+    for attempt in range(repeats):
+        for key, seconds in artifact_round(client, tracking, run, work, source, attempt):
+            times[key].append(seconds)
+        assert sha256_of(work / f"direct-{attempt}" / "artifact.bin") == digest
+        assert sha256_of(work / f"sidecar-{attempt}" / "artifact.bin") == digest
+        shutil.rmtree(work / f"direct-{attempt}")
+        shutil.rmtree(work / f"sidecar-{attempt}")
+    for key, seconds in times.items():
+        results[key] = size_mb / statistics.median(seconds)
         print(f"  {key:36s} {results[key]:14.1f}", flush=True)
 
 
@@ -423,13 +427,15 @@ def report(results: dict[str, float], quick: bool) -> None:
     for key in sorted(results):
         print(f"{key:40s} {results[key]:14.2f}")
     r = results
-    ratios = {
-        "stream / direct": r["metrics_sidecar_stream_per_s"] / r["metrics_direct_per_s"],
-        "stream / async": r["metrics_sidecar_stream_per_s"] / r["metrics_async_per_s"],
-        "stream / raw gRPC": r["metrics_sidecar_stream_per_s"] / r["grpc_raw_stream_per_s"],
-        "delivered / log_batch": r["metrics_sidecar_delivered_per_s"]
-        / r["metrics_log_batch_direct_per_s"],
-    }
+    ratios = {}
+    if "metrics_direct_per_s" in r:
+        stream = r["metrics_sidecar_stream_per_s"]
+        ratios["stream / direct"] = stream / r["metrics_direct_per_s"]
+        ratios["stream / async"] = stream / r["metrics_async_per_s"]
+        ratios["stream / raw gRPC"] = stream / r["grpc_raw_stream_per_s"]
+        ratios["delivered / log_batch"] = (
+            r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"]
+        )
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
         ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]

@@ -220,7 +220,8 @@ def test_small_file_round_trip_through_real_grpcurl(sidecar, tracking, run_id):
     assert messages[0]["header"] == {
         "artifact_path": "cli/hello.txt",
         "size_bytes": str(len(content)),
-        "sha256": digest,
     }
-    downloaded = b"".join(base64.b64decode(m["chunk"]) for m in messages[1:])
+    # The digest follows the bytes it covers.
+    assert messages[-1] == {"trailer": {"sha256": digest}}
+    downloaded = b"".join(base64.b64decode(m["chunk"]) for m in messages[1:-1])
     assert downloaded == content

@@ -45,6 +45,7 @@ class FakeStub:
         self.messages = messages or []
         self.sent: list = []
         self.calls: list[FakeCall] = []
+        self.stored_sha256 = ""
 
     def _stream(self, request, timeout=None) -> FakeCall:
         call = FakeCall(self.messages)
@@ -57,8 +58,11 @@ class FakeStub:
     def UploadArtifact(self, requests, timeout=None):
         self.sent = list(requests)
         header = self.sent[0].header
+        trailer = self.sent[-1].trailer
         return pb.UploadArtifactResponse(
-            artifact_path=header.artifact_path, size_bytes=header.size_bytes, sha256=header.sha256
+            artifact_path=header.artifact_path,
+            size_bytes=header.size_bytes,
+            sha256=self.stored_sha256 or header.sha256 or trailer.sha256,
         )
 
     def UploadModel(self, requests, timeout=None):
@@ -75,6 +79,18 @@ def artifact_messages(data: bytes, *, size: int | None = None, digest: str | Non
     chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
     return [pb.DownloadArtifactResponse(header=header)] + [
         pb.DownloadArtifactResponse(chunk=c) for c in chunks
+    ]
+
+
+def trailed_messages(data: bytes, *, digest: str | None = None):
+    """A download as the sidecar sends it: size in the header, sha256 in the trailer."""
+    header = pb.DownloadArtifactHeader(artifact_path="a/b.bin", size_bytes=len(data))
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    trailer = pb.DownloadArtifactTrailer(sha256=sha(data) if digest is None else digest)
+    return [
+        pb.DownloadArtifactResponse(header=header),
+        *(pb.DownloadArtifactResponse(chunk=c) for c in chunks),
+        pb.DownloadArtifactResponse(trailer=trailer),
     ]
 
 
@@ -100,16 +116,40 @@ def test_verified_download_lands_at_its_path(tmp_path):
     assert seen[-1] == len(data)
 
 
+def test_download_verified_by_its_trailer_lands_at_its_path(tmp_path):
+    data = bytes(range(256)) * 1000
+    tracking, _ = tracking_with(trailed_messages(data))
+    path = tracking.download_artifact("r", "a/b.bin", tmp_path)
+    assert path.read_bytes() == data
+    assert files_under(tmp_path) == ["a/b.bin"]
+
+
 @pytest.mark.parametrize(
     "messages",
     [
+        trailed_messages(b"x" * 1000, digest=sha(b"y" * 1000)),  # trailer disagrees
+        trailed_messages(b"x" * 1000)[:-1],  # no trailer, no header digest
+        trailed_messages(b"x" * 1000, digest=""),  # empty trailer
+        [*trailed_messages(b"x" * 1000), pb.DownloadArtifactResponse(chunk=b"x")],  # after it
+        [*artifact_messages(b"x" * 1000), trailed_messages(b"x" * 1000, digest=sha(b"z"))[-1]],
         artifact_messages(b"x" * 1000, digest=sha(b"y" * 1000)),  # corrupted
         artifact_messages(b"x" * 1000, size=1001, digest=sha(b"x" * 1001)),  # cut short
         artifact_messages(b"x" * 1000, size=999, digest=sha(b"x" * 999)),  # too long
         artifact_messages(b"x" * 1000)[1:],  # no header
         [*artifact_messages(b"x"), *artifact_messages(b"x")],  # two headers
     ],
-    ids=["sha256", "short", "long", "no header", "two headers"],
+    ids=[
+        "trailer sha256",
+        "no digest",
+        "empty trailer",
+        "chunk after trailer",
+        "trailer contradicts header",
+        "sha256",
+        "short",
+        "long",
+        "no header",
+        "two headers",
+    ],
 )
 def test_a_bad_download_is_data_loss_and_leaves_no_file(tmp_path, messages):
     tracking, stub = tracking_with(messages)
@@ -126,7 +166,7 @@ def test_download_refuses_an_unsafe_artifact_path(tmp_path):
     assert stub.calls == []
 
 
-def test_upload_sends_header_then_chunks_and_reports_progress(tmp_path):
+def test_upload_sends_header_then_chunks_then_the_digest_and_reports_progress(tmp_path):
     data = bytes(range(256)) * 700  # 179200 bytes: 2 full chunks and a partial one
     source = tmp_path / "local.bin"
     source.write_bytes(data)
@@ -134,17 +174,28 @@ def test_upload_sends_header_then_chunks_and_reports_progress(tmp_path):
     seen = []
     info = tracking.upload_artifact("r", source, "x/y.bin", progress=lambda d, t: seen.append(d))
     header = stub.sent[0].header
+    # The file is read once: the digest is not known before the bytes go out.
     assert (header.run_id, header.artifact_path, header.size_bytes, header.sha256) == (
         "r",
         "x/y.bin",
         len(data),
-        sha(data),
+        "",
     )
-    chunks = [m.chunk for m in stub.sent[1:]]
+    assert stub.sent[-1].trailer.sha256 == sha(data)
+    chunks = [m.chunk for m in stub.sent[1:-1]]
     assert [len(c) for c in chunks] == [CHUNK, CHUNK, len(data) - 2 * CHUNK]
     assert b"".join(chunks) == data
     assert seen == [0, CHUNK, 2 * CHUNK, len(data)]
     assert info.sha256 == sha(data)
+
+
+def test_upload_whose_stored_digest_differs_is_data_loss(tmp_path):
+    source = tmp_path / "local.bin"
+    source.write_bytes(b"abc")
+    tracking, stub = tracking_with([])
+    stub.stored_sha256 = sha(b"abd")
+    with pytest.raises(DataLossError, match="stored sha256"):
+        tracking.upload_artifact("r", source, "x/y.bin")
 
 
 def test_upload_refuses_what_is_not_a_file(tmp_path):

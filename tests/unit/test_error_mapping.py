@@ -13,7 +13,9 @@ from mlflow_sidecar.client import errors
 from mlflow_sidecar.client.errors import error_from_status
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
+from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -49,12 +51,15 @@ def server_and_service(
     tmp_path,
 ) -> Iterator[tuple[pb_grpc.ExperimentTrackingServiceStub, RaisingService]]:
     service = RaisingService()
+    config = load_config(data_dir=tmp_path)
+    staging = Staging(config)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
         interceptors=[AccessLogInterceptor(), ErrorMappingInterceptor()],
     )
     pb_grpc.add_ExperimentTrackingServiceServicer_to_server(
-        TrackingServicer(service, Staging(load_config(data_dir=tmp_path))), server
+        TrackingServicer(service, ArtifactTransfers(MlflowGateway(config), staging), staging),
+        server,
     )
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

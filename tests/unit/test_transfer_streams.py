@@ -56,17 +56,53 @@ def artifact_stream(
         yield pb.UploadArtifactRequest(chunk=data[start : start + CHUNK])
 
 
-def receive_artifact(staging: Staging, requests, preflight=lambda run_id: None):
-    """As the servicer does it: inside a staging directory that goes away afterwards."""
+class RecordingSink:
+    """An upload sink that keeps what it is given."""
+
+    def __init__(self, begun: tuple[str, str, int]) -> None:
+        self.begun = begun
+        self.chunks: list[bytes] = []
+        self.stored: Path | None = None
+        self.aborted = False
+
+    def write(self, chunk: bytes) -> None:
+        self.chunks.append(chunk)
+
+    def store(self, verified_file: Path) -> None:
+        self.stored = verified_file
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def receive_artifact(staging: Staging, requests, preflight=lambda run_id: None, sinks=None):
+    """As the servicer does it: inside a staging directory that goes away afterwards.
+
+    `preflight(run_id)` runs where the servicer starts the upload; the sinks it hands out
+    are appended to `sinks`."""
+    sinks = [] if sinks is None else sinks
+
+    def begin(run_id: str, path: str, size: int) -> RecordingSink:
+        preflight(run_id)
+        sinks.append(RecordingSink((run_id, path, size)))
+        return sinks[-1]
+
     with staging.directory("upload") as scratch:
-        staged = streams.receive_artifact(iter(requests), scratch, staging, preflight)
+        staged = streams.receive_artifact(iter(requests), scratch, staging, begin)
         return staged, staged.local_path.read_bytes()
 
 
 def test_artifact_stream_is_written_and_verified(staging):
     data = os.urandom(200_000)
-    staged, written = receive_artifact(staging, artifact_stream(data))
+    sinks: list[RecordingSink] = []
+    staged, written = receive_artifact(staging, artifact_stream(data), sinks=sinks)
     assert written == data
+    # Every chunk went on to the sink as it arrived; storing is the servicer's decision.
+    assert [s.begun for s in sinks] == [("r1", "dir/file.bin", len(data))]
+    assert b"".join(sinks[0].chunks) == data
+    assert staged.sink is sinks[0]
+    assert not sinks[0].aborted
+    assert sinks[0].stored is None
     assert (staged.run_id, staged.artifact_path, staged.size_bytes, staged.sha256) == (
         "r1",
         "dir/file.bin",
@@ -135,10 +171,13 @@ def test_second_header_is_refused(staging):
     assert staging.in_flight() == []
 
 
-def test_wrong_digest_is_data_loss(staging):
+def test_wrong_digest_is_data_loss_and_aborts_the_sink(staging):
+    sinks: list[RecordingSink] = []
     with pytest.raises(DataLossError, match="sha256"):
-        receive_artifact(staging, artifact_stream(b"abc", digest=sha(b"abd")))
+        receive_artifact(staging, artifact_stream(b"abc", digest=sha(b"abd")), sinks=sinks)
     assert staging.in_flight() == []
+    assert sinks[0].aborted
+    assert sinks[0].stored is None
 
 
 def test_fewer_bytes_than_announced_is_data_loss(staging):
@@ -151,8 +190,13 @@ def test_fewer_bytes_than_announced_is_data_loss(staging):
 
 def test_more_bytes_than_announced_is_data_loss(staging):
     data = os.urandom(2 * CHUNK)
+    sinks: list[RecordingSink] = []
     with pytest.raises(DataLossError, match="more than"):
-        receive_artifact(staging, artifact_stream(data, size=CHUNK, digest=sha(data[:CHUNK])))
+        receive_artifact(
+            staging, artifact_stream(data, size=CHUNK, digest=sha(data[:CHUNK])), sinks=sinks
+        )
+    assert sinks[0].aborted
+    assert b"".join(sinks[0].chunks) == data[:CHUNK]
 
 
 def test_announced_size_over_the_limit_is_refused_before_any_byte(staging):
@@ -180,9 +224,11 @@ def test_client_going_away_midway_is_cancelled_and_leaves_nothing(staging):
         yield from list(artifact_stream(data))[:3]
         raise grpc.RpcError()  # what gRPC's request iterator raises on cancellation
 
+    sinks: list[RecordingSink] = []
     with pytest.raises(CancelledError):
-        receive_artifact(staging, requests())
+        receive_artifact(staging, requests(), sinks=sinks)
     assert staging.in_flight() == []
+    assert sinks[0].aborted
 
 
 def test_preflight_failure_stops_the_upload(staging):
@@ -191,6 +237,69 @@ def test_preflight_failure_stops_the_upload(staging):
 
     with pytest.raises(NotFoundError):
         receive_artifact(staging, artifact_stream(b"abc"), preflight=unknown_run)
+
+
+def test_download_messages_end_with_the_digest_of_what_was_sent():
+    data = os.urandom(3 * CHUNK + 5)
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    messages = list(streams.artifact_messages("a/b.bin", len(data), iter(chunks)))
+    assert [m.WhichOneof("payload") for m in messages] == ["header"] + ["chunk"] * 4 + ["trailer"]
+    assert (messages[0].header.artifact_path, messages[0].header.size_bytes) == (
+        "a/b.bin",
+        len(data),
+    )
+    assert b"".join(m.chunk for m in messages[1:-1]) == data
+    assert messages[-1].trailer.sha256 == sha(data)
+
+
+def trailed_stream(data: bytes, *, digest: str | None = None) -> list[pb.UploadArtifactRequest]:
+    """An upload whose sha256 follows the bytes, as the typed client sends it."""
+    header = pb.UploadArtifactHeader(
+        run_id="r1", artifact_path="dir/file.bin", size_bytes=len(data)
+    )
+    chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
+    trailer = pb.UploadArtifactTrailer(sha256=sha(data) if digest is None else digest)
+    return [
+        pb.UploadArtifactRequest(header=header),
+        *(pb.UploadArtifactRequest(chunk=c) for c in chunks),
+        pb.UploadArtifactRequest(trailer=trailer),
+    ]
+
+
+def test_upload_verified_by_its_trailer_is_staged(staging):
+    data = os.urandom(2 * CHUNK + 3)
+    staged, written = receive_artifact(staging, trailed_stream(data))
+    assert written == data
+    assert staged.sha256 == sha(data)
+
+
+@pytest.mark.parametrize(
+    ("requests", "error", "field"),
+    [
+        (trailed_stream(b"abc")[:-1], InvalidArgumentError, "trailer.sha256"),
+        (trailed_stream(b"abc", digest="nope"), InvalidArgumentError, "trailer.sha256"),
+        (
+            [*trailed_stream(b"abc"), pb.UploadArtifactRequest(chunk=b"d")],
+            InvalidArgumentError,
+            "trailer",
+        ),
+        (trailed_stream(b"abc", digest=sha(b"abd")), DataLossError, None),
+        (
+            [*artifact_stream(b"abc"), trailed_stream(b"abc", digest=sha(b"abd"))[-1]],
+            DataLossError,
+            None,
+        ),
+    ],
+    ids=["missing", "malformed", "not last", "wrong", "contradicts header"],
+)
+def test_bad_trailers_are_refused_and_abort_the_sink(staging, requests, error, field):
+    sinks: list[RecordingSink] = []
+    with pytest.raises(error) as err:
+        receive_artifact(staging, requests, sinks=sinks)
+    if field is not None:
+        assert err.value.field == field
+    assert sinks[0].aborted
+    assert staging.in_flight() == []
 
 
 # -- model streams -----------------------------------------------------------------------

@@ -10,6 +10,7 @@ from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
+from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
@@ -48,7 +49,10 @@ class ServerContainer(containers.DeclarativeContainer):
 
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
     registry_service = providers.Singleton(RegistryService, gateway, staging)
-    tracking_servicer = providers.Singleton(TrackingServicer, tracking_service, staging)
+    artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
+    tracking_servicer = providers.Singleton(
+        TrackingServicer, tracking_service, artifact_transfers, staging
+    )
     registry_servicer = providers.Singleton(RegistryServicer, registry_service, staging)
     server = providers.Singleton(
         SidecarServer,

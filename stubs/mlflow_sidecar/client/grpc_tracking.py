@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import uuid
@@ -35,7 +36,6 @@ from mlflow_sidecar.client.transfer import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     HashingWriter,
-    file_digest,
     partial_path,
     read_chunks,
     report,
@@ -248,24 +248,33 @@ class GrpcExperimentTracking(ExperimentTracking):
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
         target = check_relative_path("artifact_path", artifact_path or source.name)
-        # The header announces size and digest, so the file is read twice: once here.
-        size, sha256 = file_digest(source, self._chunk_bytes)
+        size = source.stat().st_size
         chunk_bytes = self._chunk_bytes
+        digest = hashlib.sha256()
 
         def requests() -> Iterator[pb.UploadArtifactRequest]:
-            header = pb.UploadArtifactHeader(
-                run_id=run_id, artifact_path=target, size_bytes=size, sha256=sha256
-            )
+            # The file is read once: its sha256 follows the bytes in the trailer.
+            header = pb.UploadArtifactHeader(run_id=run_id, artifact_path=target, size_bytes=size)
             yield pb.UploadArtifactRequest(header=header)
             report(progress, 0, size)
             sent = 0
             for chunk in read_chunks(source, chunk_bytes):
+                if sent + len(chunk) > size:
+                    raise DataLossError(f"{source} grew while it was being uploaded")
+                digest.update(chunk)
                 yield pb.UploadArtifactRequest(chunk=chunk)
                 # gRPC asks for the next message once this one is on its way.
                 sent += len(chunk)
                 report(progress, sent, size)
+            yield pb.UploadArtifactRequest(
+                trailer=pb.UploadArtifactTrailer(sha256=digest.hexdigest())
+            )
 
         reply = invoke_client_stream(self._stub.UploadArtifact, requests(), self._transfer_timeout)
+        if reply.sha256 != digest.hexdigest():
+            raise DataLossError(
+                f"the sidecar stored sha256 {reply.sha256} for {target}, sent {digest.hexdigest()}"
+            )
         return ArtifactInfo(
             path=reply.artifact_path, size_bytes=reply.size_bytes, sha256=reply.sha256
         )
@@ -303,15 +312,26 @@ class GrpcExperimentTracking(ExperimentTracking):
             size = first.header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
             with HashingWriter(
-                partial_path(final), size, first.header.sha256, what=artifact_path
+                partial_path(final), size, first.header.sha256 or None, what=artifact_path
             ) as writer:
                 report(progress, 0, size)
+                trailer = ""
                 for message in call:
-                    if message.WhichOneof("payload") != "chunk":
-                        raise DataLossError(f"{artifact_path}: the sidecar sent a second header")
+                    kind = message.WhichOneof("payload")
+                    if trailer or kind not in ("chunk", "trailer"):
+                        raise DataLossError(
+                            f"{artifact_path}: the sidecar sent a {kind} after the"
+                            f" {'trailer' if trailer else 'header'}"
+                        )
+                    if kind == "trailer":
+                        trailer = message.trailer.sha256
+                        if not trailer:
+                            raise DataLossError(f"{artifact_path}: the trailer carries no sha256")
+                        continue
                     writer.write(message.chunk)
                     report(progress, writer.written, size)
-                writer.finish()
+                # Only verified bytes reach `final`: the partial file is renamed after this.
+                writer.finish(trailer or None)
                 os.replace(writer.path, final)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None

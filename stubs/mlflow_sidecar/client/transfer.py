@@ -106,14 +106,16 @@ def collect_files(root: Path, *, field: str = "local_dir") -> list[LocalFile]:
 
 
 class HashingWriter:
-    """Writes one file whose size and sha256 are announced up front, and checks both.
+    """Writes one file whose size is announced up front, and checks it and the sha256.
 
-    Bytes beyond the announced size are refused at once; `finish()` raises
-    DataLossError when fewer bytes arrived or the digest differs. Use it as a context
-    manager: leaving the block with an exception, or without `finish()`, deletes the file.
+    The digest is announced with the size, or (`sha256` None) handed to `finish()` once
+    it arrives after the bytes. Bytes beyond the announced size are refused at once;
+    `finish()` raises DataLossError when fewer bytes arrived or the digest differs. Use
+    it as a context manager: leaving the block with an exception, or without `finish()`,
+    deletes the file.
     """
 
-    def __init__(self, path: Path, size_bytes: int, sha256: str, *, what: str) -> None:
+    def __init__(self, path: Path, size_bytes: int, sha256: str | None, *, what: str) -> None:
         self.path = path
         self.expected_size = size_bytes
         self.expected_sha256 = sha256
@@ -141,17 +143,28 @@ class HashingWriter:
         self._digest.update(data)
         self.written += len(data)
 
-    def finish(self) -> None:
-        """Close the file and verify its size and sha256 (DataLossError on mismatch)."""
+    def finish(self, sha256: str | None = None) -> None:
+        """Close the file and verify its size and sha256 (DataLossError on mismatch).
+
+        `sha256` is the digest that came after the bytes; it must agree with the one
+        announced up front, if any."""
         self._handle.close()
         if self.written != self.expected_size:
             raise DataLossError(
                 f"{self.what}: received {self.written} of the {self.expected_size} bytes announced"
             )
-        actual = self._digest.hexdigest()
-        if actual != self.expected_sha256:
+        expected = sha256 or self.expected_sha256
+        if not expected:
+            raise DataLossError(f"{self.what}: no sha256 arrived to verify the bytes against")
+        if self.expected_sha256 and sha256 and sha256.lower() != self.expected_sha256.lower():
             raise DataLossError(
-                f"{self.what}: sha256 {actual} does not match the announced {self.expected_sha256}"
+                f"{self.what}: the trailing sha256 {sha256} contradicts the announced"
+                f" {self.expected_sha256}"
+            )
+        actual = self._digest.hexdigest()
+        if actual != expected.lower():
+            raise DataLossError(
+                f"{self.what}: sha256 {actual} does not match the announced {expected}"
             )
         self._finished = True
 

@@ -17,6 +17,11 @@ if sys.version_info >= (3, 11):
 else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
+
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class _LifecycleStage:
@@ -1072,8 +1077,11 @@ class UploadArtifactHeader(_message.Message):
     artifact_path: _builtins.str
     """Relative path of the file inside the run's artifacts, e.g. "checkpoints/step_100.pt"."""
     size_bytes: _builtins.int
+    """Exactly this many bytes follow in the chunks."""
     sha256: _builtins.str
-    """Hex sha256 of the whole file; verified before the artifact is stored."""
+    """Hex sha256 of the whole file, when it is known before the first byte is sent;
+    otherwise empty, and the trailer carries it.
+    """
     def __init__(
         self,
         *,
@@ -1091,25 +1099,51 @@ class UploadArtifactHeader(_message.Message):
 Global___UploadArtifactHeader: _TypeAlias = UploadArtifactHeader  # noqa: Y015
 
 @_typing.final
+class UploadArtifactTrailer(_message.Message):
+    """The last message of an upload whose header has no sha256."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """Hex sha256 of all the chunks sent."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadArtifactTrailer: _TypeAlias = UploadArtifactTrailer  # noqa: Y015
+
+@_typing.final
 class UploadArtifactRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___UploadArtifactHeader: ...
+    @_builtins.property
+    def trailer(self) -> Global___UploadArtifactTrailer: ...
     def __init__(
         self,
         *,
         header: Global___UploadArtifactHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        trailer: Global___UploadArtifactTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
@@ -1248,7 +1282,17 @@ class DownloadArtifactHeader(_message.Message):
     SHA256_FIELD_NUMBER: _builtins.int
     artifact_path: _builtins.str
     size_bytes: _builtins.int
-    sha256: _builtins.str
+    """Exactly this many bytes follow in the chunks."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def sha256(self) -> _builtins.str:
+        """Not sent: the digest comes in the trailer, after the bytes it covers."""
+
+    @sha256.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def sha256(self, value: _builtins.str) -> None:
+        """Not sent: the digest comes in the trailer, after the bytes it covers."""
+
     def __init__(
         self,
         *,
@@ -1265,25 +1309,51 @@ class DownloadArtifactHeader(_message.Message):
 Global___DownloadArtifactHeader: _TypeAlias = DownloadArtifactHeader  # noqa: Y015
 
 @_typing.final
+class DownloadArtifactTrailer(_message.Message):
+    """The last message of a download."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    """Hex sha256 of all the chunks sent."""
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["sha256", b"sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadArtifactTrailer: _TypeAlias = DownloadArtifactTrailer  # noqa: Y015
+
+@_typing.final
 class DownloadArtifactResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     HEADER_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
     chunk: _builtins.bytes
     @_builtins.property
     def header(self) -> Global___DownloadArtifactHeader: ...
+    @_builtins.property
+    def trailer(self) -> Global___DownloadArtifactTrailer: ...
     def __init__(
         self,
         *,
         header: Global___DownloadArtifactHeader | None = ...,
         chunk: _builtins.bytes = ...,
+        trailer: Global___DownloadArtifactTrailer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "header", b"header", "payload", b"payload", "trailer", b"trailer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["header", "chunk", "trailer"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

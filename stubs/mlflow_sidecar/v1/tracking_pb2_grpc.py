@@ -233,7 +233,8 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadArtifact(self, request_iterator, context):
-        """Uploads one artifact: a header, then chunks.
+        """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
+        trailer with the sha256. Nothing is stored unless every byte matches the digest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -247,7 +248,9 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DownloadArtifact(self, request, context):
-        """Downloads one artifact: a header with size and sha256, then chunks.
+        """Downloads one artifact: a header with the size, the chunks, then a trailer with the
+        sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
+        client keeps them aside until the trailer has confirmed them.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -73,11 +73,16 @@ class ExperimentTrackingServiceStub:
     GetMetricHistory: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.GetMetricHistoryRequest, _tracking_pb2.GetMetricHistoryResponse]
     """Reads every point of one metric of a run, ordered by step and time; paginated."""
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]
-    """Uploads one artifact: a header, then chunks."""
+    """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
+    trailer with the sha256. Nothing is stored unless every byte matches the digest.
+    """
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.ListArtifactsRequest, _tracking_pb2.ListArtifactsResponse]
     """Lists the artifacts of a run under a path; paginated."""
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_tracking_pb2.DownloadArtifactRequest, _tracking_pb2.DownloadArtifactResponse]
-    """Downloads one artifact: a header with size and sha256, then chunks."""
+    """Downloads one artifact: a header with the size, the chunks, then a trailer with the
+    sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
+    client keeps them aside until the trailer has confirmed them.
+    """
 
 @_typing.type_check_only
 class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
@@ -124,11 +129,16 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     GetMetricHistory: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetMetricHistoryRequest, _tracking_pb2.GetMetricHistoryResponse]  # type: ignore[assignment]
     """Reads every point of one metric of a run, ordered by step and time; paginated."""
     UploadArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]  # type: ignore[assignment]
-    """Uploads one artifact: a header, then chunks."""
+    """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
+    trailer with the sha256. Nothing is stored unless every byte matches the digest.
+    """
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_tracking_pb2.ListArtifactsRequest, _tracking_pb2.ListArtifactsResponse]  # type: ignore[assignment]
     """Lists the artifacts of a run under a path; paginated."""
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_tracking_pb2.DownloadArtifactRequest, _tracking_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
-    """Downloads one artifact: a header with size and sha256, then chunks."""
+    """Downloads one artifact: a header with the size, the chunks, then a trailer with the
+    sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
+    client keeps them aside until the trailer has confirmed them.
+    """
 
 class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
@@ -262,7 +272,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request_iterator: _MaybeAsyncIterator[_tracking_pb2.UploadArtifactRequest],
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.UploadArtifactResponse, _abc.Awaitable[_tracking_pb2.UploadArtifactResponse]]:
-        """Uploads one artifact: a header, then chunks."""
+        """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
+        trailer with the sha256. Nothing is stored unless every byte matches the digest.
+        """
 
     @_abc_1.abstractmethod
     def ListArtifacts(
@@ -278,6 +290,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.DownloadArtifactRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tracking_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_tracking_pb2.DownloadArtifactResponse]]:
-        """Downloads one artifact: a header with size and sha256, then chunks."""
+        """Downloads one artifact: a header with the size, the chunks, then a trailer with the
+        sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
+        client keeps them aside until the trailer has confirmed them.
+        """
 
 def add_ExperimentTrackingServiceServicer_to_server(servicer: ExperimentTrackingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

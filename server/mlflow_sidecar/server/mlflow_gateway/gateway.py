@@ -24,7 +24,8 @@ from mlflow_sidecar.client.errors import (
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import AppConfig, RetryConfig
-from mlflow_sidecar.server.mlflow_gateway import entities
+from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities
+from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 from mlflow_sidecar.server.observability import SidecarMetrics
@@ -142,8 +143,11 @@ class MlflowGateway:
             outcome = "ok"
             return result
         finally:
-            if self._metrics is not None:
-                self._metrics.mlflow_seconds.labels(outcome).observe(time.perf_counter() - started)
+            self._observe(outcome, time.perf_counter() - started)
+
+    def _observe(self, outcome: str, seconds: float) -> None:
+        if self._metrics is not None:
+            self._metrics.mlflow_seconds.labels(outcome).observe(seconds)
 
     def _call(self, op: Callable[[], T], *, retry: bool) -> T:
         try:
@@ -518,6 +522,36 @@ class MlflowGateway:
         Retried: storing the same bytes again just overwrites them.
         """
         self.call(lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None))
+
+    def start_artifact_upload(
+        self, artifact_uri: str, artifact_dir: str, file_name: str, size_bytes: int
+    ) -> StreamedUpload | None:
+        """Start a PUT of `artifact_dir/file_name` that is fed while the bytes arrive.
+
+        None when the run's artifact store is not MLflow's HTTP proxy, or the file is
+        empty: then the file is stored with `log_artifact` once it is complete."""
+        if size_bytes <= 0:
+            return None
+        repo = self.call(
+            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
+        )
+        if repo is None:
+            return None
+        return StreamedUpload(repo, artifact_dir, file_name, size_bytes, self._observe)
+
+    def open_artifact_download(
+        self, artifact_uri: str, artifact_path: str, chunk_bytes: int
+    ) -> StreamedDownload | None:
+        """A GET of one artifact file whose bytes are passed on as they arrive.
+
+        None when the run's artifact store is not MLflow's HTTP proxy: then the file is
+        downloaded with `download_artifact` first."""
+        repo = self.call(
+            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
+        )
+        if repo is None:
+            return None
+        return self.call(lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes))
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""

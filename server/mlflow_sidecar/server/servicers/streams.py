@@ -1,5 +1,6 @@
-"""Streamed transfers: the messages of an upload -> verified files in a staging directory,
-and a staged file or model directory -> the messages of a download.
+"""Streamed transfers: the messages of an upload -> verified files in a staging directory
+(and, for an artifact, chunks passed on as they arrive), and the bytes of a file or a
+staged model directory -> the messages of a download.
 
 Everything a caller sends is checked before it is written: the header first (paths,
 sizes against the limit, digests), then every chunk against the size announced for it.
@@ -8,10 +9,11 @@ Bytes go to disk chunk by chunk; nothing here holds a whole file in memory.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 
@@ -40,15 +42,30 @@ from mlflow_sidecar.v1 import tracking_pb2 as pb
 T = TypeVar("T")
 
 
+class UploadSink(Protocol):
+    """Where an artifact goes: its chunks while they arrive, then the verified file."""
+
+    def write(self, chunk: bytes) -> None:
+        """Take a chunk that has been written to the staging file."""
+
+    def store(self, verified_file: Path) -> None:
+        """Keep the upload: every byte arrived and matched the announced sha256."""
+
+    def abort(self) -> None:
+        """The upload failed: keep nothing of it. A no-op after `store()`."""
+
+
 @dataclass(frozen=True, slots=True)
 class StagedArtifact:
-    """An uploaded file, verified, waiting in the staging directory."""
+    """An uploaded file, verified, waiting in the staging directory; its bytes have also
+    gone to `sink` as they arrived."""
 
     run_id: str
     artifact_path: str
     local_path: Path
     size_bytes: int
     sha256: str
+    sink: UploadSink
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +109,13 @@ def receive_artifact(
     requests: Iterator[pb.UploadArtifactRequest],
     into: Path,
     staging: Staging,
-    preflight: Callable[[str], object],
+    begin: Callable[[str, str, int], UploadSink],
 ) -> StagedArtifact:
-    """Write an UploadArtifact stream into the directory `into` and verify it.
+    """Write an UploadArtifact stream into the directory `into`, verify it, and pass every
+    chunk on to the sink `begin(run_id, artifact_path, size_bytes)` returns.
 
-    `preflight(run_id)` runs after the header is checked and before any chunk is read,
-    so an unknown run fails before the bytes travel.
+    `begin` runs after the header is checked and before any chunk is read, so an unknown
+    run fails before the bytes travel. The sink is aborted when the upload fails here.
     """
     messages = _messages(requests)
     first = next(messages, None)
@@ -106,19 +124,48 @@ def receive_artifact(
     header = first.header
     check.require("header.run_id", header.run_id, max_length=64)
     path = check_relative_path("header.artifact_path", header.artifact_path)
-    sha256 = _sha256("header.sha256", header.sha256)
+    announced = _sha256("header.sha256", header.sha256) if header.sha256 else None
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
-    preflight(header.run_id)
+    sink = begin(header.run_id, path, header.size_bytes)
     # MLflow names the stored file after the local one, so the staged file gets its name.
     local = into / PurePosixPath(path).name
-    with HashingWriter(local, header.size_bytes, sha256, what=path) as writer:
-        for message in messages:
-            if message.WhichOneof("payload") != "chunk":
-                raise InvalidArgumentError("header", "only the first message may carry a header")
-            _within_limit(writer.written, len(message.chunk), staging.max_upload_bytes)
+    try:
+        with HashingWriter(local, header.size_bytes, announced, what=path) as writer:
+            trailed = _receive_chunks(messages, writer, sink, staging.max_upload_bytes)
+            if announced is None and trailed is None:
+                raise InvalidArgumentError(
+                    "trailer.sha256",
+                    "an upload whose header has no sha256 must end with a trailer carrying it",
+                )
+            writer.finish(trailed)
+            sha256 = trailed or announced or ""
+    except BaseException:
+        sink.abort()
+        raise
+    return StagedArtifact(header.run_id, path, local, header.size_bytes, sha256, sink)
+
+
+def _receive_chunks(
+    messages: Iterator[pb.UploadArtifactRequest],
+    writer: HashingWriter,
+    sink: UploadSink,
+    limit: int,
+) -> str | None:
+    """Write the chunks to `writer` and `sink`; the trailer's sha256, if one came last."""
+    trailed: str | None = None
+    for message in messages:
+        kind = message.WhichOneof("payload")
+        if trailed is not None:
+            raise InvalidArgumentError("trailer", "the trailer must be the last message")
+        if kind == "chunk":
+            _within_limit(writer.written, len(message.chunk), limit)
             writer.write(message.chunk)
-        writer.finish()
-    return StagedArtifact(header.run_id, path, local, header.size_bytes, sha256)
+            sink.write(message.chunk)
+        elif kind == "trailer":
+            trailed = _sha256("trailer.sha256", message.trailer.sha256)
+        else:
+            raise InvalidArgumentError("header", "only the first message may carry a header")
+    return trailed
 
 
 class _ModelTree:
@@ -230,17 +277,18 @@ def receive_model(
 
 
 def artifact_messages(
-    local: Path, artifact_path: str, chunk_bytes: int
+    artifact_path: str, size_bytes: int, chunks: Iterator[bytes]
 ) -> Iterator[pb.DownloadArtifactResponse]:
-    """A DownloadArtifact stream of a staged file: the header (size, sha256), then chunks."""
-    size, sha256 = file_digest(local, chunk_bytes)
+    """A DownloadArtifact stream: the header (size), the chunks as they come, then the
+    trailer with the sha256 of every byte sent."""
     yield pb.DownloadArtifactResponse(
-        header=pb.DownloadArtifactHeader(
-            artifact_path=artifact_path, size_bytes=size, sha256=sha256
-        )
+        header=pb.DownloadArtifactHeader(artifact_path=artifact_path, size_bytes=size_bytes)
     )
-    for chunk in read_chunks(local, chunk_bytes):
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk)
         yield pb.DownloadArtifactResponse(chunk=chunk)
+    yield pb.DownloadArtifactResponse(trailer=pb.DownloadArtifactTrailer(sha256=digest.hexdigest()))
 
 
 def model_messages(

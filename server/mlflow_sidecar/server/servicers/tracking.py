@@ -12,6 +12,7 @@ from mlflow_sidecar.client.domain import RunStatus
 from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError
 from mlflow_sidecar.client.ports import ExperimentTracking
 from mlflow_sidecar.server.servicers import streams
+from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -24,11 +25,14 @@ def ensure_active(context: grpc.ServicerContext) -> None:
 
 
 class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
-    """Converts requests to port calls and results to responses; streamed files pass
-    through `staging` on disk."""
+    """Converts requests to port calls and results to responses; artifact bytes go
+    through `transfers` as they arrive, with a copy of uploads in `staging` on disk."""
 
-    def __init__(self, service: ExperimentTracking, staging: Staging) -> None:
+    def __init__(
+        self, service: ExperimentTracking, transfers: ArtifactTransfers, staging: Staging
+    ) -> None:
         self._service = service
+        self._transfers = transfers
         self._staging = staging
 
     def CreateExperiment(
@@ -176,15 +180,17 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     ) -> pb.UploadArtifactResponse:
         with self._staging.directory("upload") as scratch:
             staged = streams.receive_artifact(
-                request_iterator, scratch, self._staging, preflight=self._service.get_run
+                request_iterator, scratch, self._staging, self._transfers.begin_upload
             )
-            self._staging.count("upload", staged.size_bytes)
-            ensure_active(context)
-            info = self._service.upload_artifact(
-                staged.run_id, staged.local_path, staged.artifact_path
-            )
+            upload = staged.sink
+            try:
+                self._staging.count("upload", staged.size_bytes)
+                ensure_active(context)
+                upload.store(staged.local_path)
+            finally:
+                upload.abort()
         return pb.UploadArtifactResponse(
-            artifact_path=info.path, size_bytes=info.size_bytes, sha256=info.sha256
+            artifact_path=staged.artifact_path, size_bytes=staged.size_bytes, sha256=staged.sha256
         )
 
     def ListArtifacts(
@@ -204,8 +210,14 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         with self._staging.directory("download") as scratch:
             # A cancelled call may never resume this generator: clean up when the call ends.
             context.add_callback(lambda: self._staging.remove(scratch))
-            local = self._service.download_artifact(request.run_id, request.artifact_path, scratch)
-            yield from self._staging.counted(
-                "download",
-                streams.artifact_messages(local, request.artifact_path, self._staging.chunk_bytes),
-            )
+            source = self._transfers.open_download(request.run_id, request.artifact_path, scratch)
+            context.add_callback(source.close)
+            try:
+                yield from self._staging.counted(
+                    "download",
+                    streams.artifact_messages(
+                        request.artifact_path, source.size_bytes, source.chunks
+                    ),
+                )
+            finally:
+                source.close()

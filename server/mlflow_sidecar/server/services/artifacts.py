@@ -9,7 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from mlflow_sidecar.client.errors import InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.client.domain import FileInfo
+from mlflow_sidecar.client.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
+from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.staging import Staging
 
@@ -44,6 +50,23 @@ def store_file(
         except OSError:  # another filesystem, or one without hard links
             shutil.copyfile(source, named)
         gateway.log_artifact(run_id, named, directory)
+
+
+def artifact_file(gateway: MlflowGateway, run_id: str, artifact_path: str) -> FileInfo:
+    """The listing entry of one artifact file: NOT_FOUND when it is missing,
+    INVALID_ARGUMENT when it is a directory."""
+    check_relative_path("artifact_path", artifact_path)
+    parent = artifact_path.rpartition("/")[0]
+    listed = gateway.list_artifacts(run_id, parent)
+    entry = next((e for e in listed if e.path == artifact_path), None)
+    if entry is None:
+        raise NotFoundError(f"run {run_id} has no artifact {artifact_path!r}")
+    if entry.is_dir:
+        raise InvalidArgumentError(
+            "artifact_path",
+            f"{artifact_path!r} is a directory; list it and download its files one by one",
+        )
+    return entry
 
 
 def encode_listing_token(path: str, after: str) -> str:

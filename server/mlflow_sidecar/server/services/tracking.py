@@ -40,6 +40,7 @@ from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.services.artifacts import (
+    artifact_file,
     check_upload_size,
     decode_listing_token,
     encode_listing_token,
@@ -334,17 +335,7 @@ class TrackingService(ExperimentTracking):
         progress: Progress | None = None,
     ) -> Path:
         check.require("run_id", run_id, max_length=64)
-        check_relative_path("artifact_path", artifact_path)
-        parent = artifact_path.rpartition("/")[0]
-        listed = self._gateway.list_artifacts(run_id, parent)
-        entry = next((e for e in listed if e.path == artifact_path), None)
-        if entry is None:
-            raise NotFoundError(f"run {run_id} has no artifact {artifact_path!r}")
-        if entry.is_dir:
-            raise InvalidArgumentError(
-                "artifact_path",
-                f"{artifact_path!r} is a directory; list it and download its files one by one",
-            )
+        entry = artifact_file(self._gateway, run_id, artifact_path)
         destination = Path(dst_dir)
         destination.mkdir(parents=True, exist_ok=True)
         report(progress, 0, entry.size_bytes)

@@ -1,0 +1,224 @@
+"""Artifact bytes moved through MLflow's artifact proxy while they are still on the move.
+
+An upload is PUT to MLflow while its chunks still arrive over gRPC, and a download is
+passed on while it still arrives from MLflow, so the two legs of a transfer overlap
+instead of running one after the other.
+
+Uploads stay all-or-nothing: MLflow's server publishes a PUT only once the whole body
+(Content-Length) has arrived, and a connection cut before that leaves nothing behind,
+not even over an existing file. So the newest chunk is always held back; `commit()`
+sends it once the caller has verified every byte, `abort()` cuts the connection instead.
+
+Only the plain HTTP artifact proxy (`mlflow-artifacts:` / `http(s):` artifact URIs,
+without proxied multipart uploads) is streamed; other stores go through a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+from mlflow.utils import mime_type_utils, request_utils, rest_utils
+
+from mlflow_sidecar.client.errors import DataLossError
+from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+
+log = logging.getLogger(__name__)
+
+# Chunks in flight between the gRPC stream and the HTTP body: the memory bound of an
+# upload beyond the chunk held back.
+_QUEUE_CHUNKS = 4
+# How long an abort waits for the PUT to notice before leaving it to its own timeout.
+_ABORT_JOIN_S = 10.0
+
+# MLflow's own HTTP helpers (auth, TLS settings, error bodies), which carry no type hints.
+_http_request: Any = rest_utils.http_request
+_raise_for_status: Any = request_utils.augmented_raise_for_status
+_guess_mime_type: Any = mime_type_utils._guess_mime_type
+
+_END = object()
+_ABORT = object()
+
+Observe = Callable[[str, float], None]
+
+
+class _AbandonedError(Exception):
+    """Raised inside the HTTP body so that the connection is cut before the last byte."""
+
+
+def streaming_repository(artifact_uri: str, tracking_uri: str) -> Any | None:
+    """The run's artifact repository when it is the plain HTTP proxy, else None."""
+    repo: Any = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
+    if type(repo) not in (HttpArtifactRepository, MlflowArtifactsRepository):
+        return None
+    if repo._is_multipart_upload_enabled():
+        return None
+    return repo
+
+
+class _SizedBody:
+    """An iterable HTTP body of known length: requests sends Content-Length, not chunked."""
+
+    def __init__(self, chunks: Iterator[bytes], size_bytes: int) -> None:
+        self._chunks = chunks
+        self._size = size_bytes
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._chunks
+
+
+class StreamedUpload:
+    """One artifact file PUT to MLflow while its bytes are still being received.
+
+    Feed it with `write()` from one thread, then either `commit()` or `abort()`. A PUT
+    that fails on the way makes `commit()` answer False; the caller then stores the file
+    it kept on disk the ordinary way.
+    """
+
+    def __init__(
+        self, repo: Any, artifact_dir: str, file_name: str, size_bytes: int, observe: Observe
+    ) -> None:
+        paths = (artifact_dir, file_name) if artifact_dir else (file_name,)
+        self._endpoint = posixpath.join("/", *paths)
+        self._creds = repo._host_creds
+        self._headers = {"Content-Type": _guess_mime_type(file_name)}
+        self._size = size_bytes
+        self._observe = observe
+        self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_CHUNKS)
+        self._held: bytes | None = None
+        self._ended = threading.Event()
+        self._error: Exception | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._put, name="artifact-put", daemon=True)
+        self._thread.start()
+
+    def _body(self) -> Iterator[bytes]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if item is _ABORT:
+                raise _AbandonedError("the upload was abandoned before its last byte")
+            assert isinstance(item, bytes)
+            yield item
+
+    def _put(self) -> None:
+        started = time.perf_counter()
+        try:
+            response = _http_request(
+                self._creds,
+                self._endpoint,
+                "PUT",
+                # A body that is read once cannot be sent again: no retries here; a
+                # failed PUT is redone from the file on disk.
+                max_retries=0,
+                extra_headers=self._headers,
+                data=_SizedBody(self._body(), self._size),
+            )
+            _raise_for_status(response)
+        except Exception as exc:  # noqa: BLE001 - any failure means: store from disk
+            self._error = exc
+        finally:
+            self._ended.set()
+            self._observe("ok" if self._error is None else "error", time.perf_counter() - started)
+
+    def _offer(self, item: object) -> None:
+        # Never block on a PUT that has already ended: its bytes are no longer wanted.
+        while not self._ended.is_set():
+            try:
+                self._queue.put(item, timeout=0.05)
+                return
+            except queue.Full:
+                continue
+
+    def write(self, chunk: bytes) -> None:
+        """Pass on the chunk held so far and hold this one."""
+        if self._held is not None:
+            self._offer(self._held)
+        self._held = chunk
+
+    def commit(self) -> bool:
+        """Send the held chunk and wait for MLflow; True when MLflow stored the file."""
+        self._closed = True
+        if self._held is not None:
+            self._offer(self._held)
+            self._held = None
+        self._offer(_END)
+        self._thread.join()
+        if self._error is not None:
+            log.warning(
+                "streaming the artifact %s to MLflow failed, storing it from disk: %s",
+                self._endpoint,
+                to_domain_error(self._error).message,
+            )
+            return False
+        return True
+
+    def abort(self) -> bool:
+        """Cut the PUT short so that MLflow stores nothing; a no-op after `commit()`.
+
+        True when a PUT was cut (MLflow may have created the file's directory)."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._held = None
+        # Only this thread puts: once drained there is room for the abort.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put_nowait(_ABORT)
+        self._thread.join(_ABORT_JOIN_S)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class StreamedDownload:
+    """An artifact file coming from MLflow: its size and its bytes, as they arrive."""
+
+    size_bytes: int
+    chunks: Iterator[bytes]
+    close: Callable[[], None]
+
+
+def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload:
+    """Start a GET of one artifact file; the bytes are read as `chunks` is iterated."""
+    response = _http_request(
+        repo._host_creds, posixpath.join("/", artifact_path), "GET", stream=True
+    )
+    _raise_for_status(response)
+    length = response.headers.get("Content-Length")
+    if length is None or not length.isdigit():
+        response.close()
+        raise DataLossError(f"MLflow sent {artifact_path} without a Content-Length")
+    size = int(length)
+
+    def chunks() -> Iterator[bytes]:
+        received = 0
+        try:
+            for chunk in response.iter_content(chunk_size=chunk_bytes):
+                received += len(chunk)
+                yield chunk
+        except Exception as exc:
+            raise to_domain_error(exc) from exc
+        finally:
+            response.close()
+        if received != size:
+            raise DataLossError(
+                f"MLflow sent {received} bytes of {artifact_path}, announced {size}"
+            )
+
+    return StreamedDownload(size, chunks(), response.close)

@@ -1,0 +1,120 @@
+"""`ArtifactTransfers`: the MLflow side of the streamed artifact RPCs.
+
+Bytes are passed on while they move: an upload is fed to MLflow while it still arrives,
+a download goes out while it still arrives from MLflow. Every upload is also kept in a
+staging file, so a failed PUT is redone from disk and stores that do not stream (a local
+embedded store, a bucket) get a complete file, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from mlflow_sidecar.client import domain
+from mlflow_sidecar.client.errors import FailedPreconditionError, SidecarError
+from mlflow_sidecar.client.transfer import read_chunks
+from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
+from mlflow_sidecar.server.services.artifacts import artifact_file, store_file
+from mlflow_sidecar.server.staging import Staging
+
+log = logging.getLogger(__name__)
+
+
+class PendingUpload:
+    """One artifact upload in progress: fed chunk by chunk, then stored or abandoned."""
+
+    def __init__(
+        self,
+        gateway: MlflowGateway,
+        staging: Staging,
+        run_id: str,
+        artifact_path: str,
+        stream: StreamedUpload | None,
+    ) -> None:
+        self._gateway = gateway
+        self._staging = staging
+        self.run_id = run_id
+        self.artifact_path = artifact_path
+        self._stream = stream
+
+    def write(self, chunk: bytes) -> None:
+        """Pass a received chunk on towards MLflow (when the store streams)."""
+        if self._stream is not None:
+            self._stream.write(chunk)
+
+    def store(self, verified_file: Path) -> None:
+        """Make the verified file the run's artifact: finish the PUT, or store the file."""
+        if self._stream is not None and self._stream.commit():
+            return
+        store_file(self._gateway, self._staging, self.run_id, verified_file, self.artifact_path)
+
+    def abort(self) -> None:
+        """Abandon the upload; MLflow keeps nothing of it. A no-op after `store()`."""
+        if self._stream is not None and self._stream.abort():
+            self._remove_empty_directories()
+
+    def _remove_empty_directories(self) -> None:
+        # MLflow's server creates the file's directory when the PUT begins and leaves it
+        # when the PUT is cut. An empty directory means nothing to an artifact store (a
+        # bucket cannot even hold one), so the ones left empty are removed, deepest first.
+        directory = self.artifact_path.rpartition("/")[0]
+        try:
+            while directory:
+                parent = directory.rpartition("/")[0]
+                listed = self._gateway.list_artifacts(self.run_id, parent)
+                entry = next((e for e in listed if e.path == directory), None)
+                if entry is None or not entry.is_dir:
+                    return
+                if self._gateway.list_artifacts(self.run_id, directory):
+                    return
+                self._gateway.delete_artifacts(self.run_id, directory)
+                directory = parent
+        except SidecarError as exc:
+            log.warning(
+                "could not remove the empty directory %r of an abandoned upload to run %s: %s",
+                directory,
+                self.run_id,
+                exc.message,
+            )
+
+
+class ArtifactTransfers:
+    """Starts streamed uploads and downloads of single artifact files."""
+
+    def __init__(self, gateway: MlflowGateway, staging: Staging) -> None:
+        self._gateway = gateway
+        self._staging = staging
+
+    def begin_upload(self, run_id: str, artifact_path: str, size_bytes: int) -> PendingUpload:
+        """Check the run (it exists and is not deleted) before any byte travels, and start
+        the PUT. `artifact_path` is a checked relative path."""
+        run = self._gateway.get_run(run_id)
+        if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
+            raise FailedPreconditionError(f"run {run_id} is deleted")
+        directory, _, name = artifact_path.rpartition("/")
+        stream = self._gateway.start_artifact_upload(
+            run.info.artifact_uri, directory, name, size_bytes
+        )
+        return PendingUpload(self._gateway, self._staging, run_id, artifact_path, stream)
+
+    def open_download(self, run_id: str, artifact_path: str, scratch: Path) -> StreamedDownload:
+        """The bytes of one artifact file, streamed from MLflow when its store allows,
+        else downloaded into `scratch` first."""
+        check.require("run_id", run_id, max_length=64)
+        artifact_file(self._gateway, run_id, artifact_path)
+        run = self._gateway.get_run(run_id)
+        chunk_bytes = self._staging.chunk_bytes
+        streamed = self._gateway.open_artifact_download(
+            run.info.artifact_uri, artifact_path, chunk_bytes
+        )
+        if streamed is not None:
+            return streamed
+        local = self._gateway.download_artifact(run_id, artifact_path, scratch)
+        return StreamedDownload(local.stat().st_size, read_chunks(local, chunk_bytes), _no_op)
+
+
+def _no_op() -> None:
+    """Nothing to release: the scratch directory goes with the call."""
