@@ -52,6 +52,17 @@ def mlflow_server(
     server.stop()
 
 
+@pytest.fixture()
+def own_mlflow(
+    tmp_path: Path, mlflow_server_factory: MlflowServerFactory
+) -> Iterator[MlflowServer]:
+    """A dedicated mlflow server that a test may stop and start again (an outage)."""
+    server = mlflow_server_factory(tmp_path / "mlflow")
+    server.start()
+    yield server
+    server.stop()
+
+
 def sidecar_config(data_dir: Path, tracking_uri: str, **sections: dict[str, object]) -> AppConfig:
     """A sidecar config for tests: port 0 on loopback, short retries."""
     overrides: dict[str, object] = {

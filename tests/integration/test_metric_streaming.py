@@ -100,15 +100,6 @@ def test_points_of_deleted_runs_are_dead_lettered_and_visible(
     assert "FAILED_PRECONDITION" in groups[0]["reason"]
 
 
-@pytest.fixture()
-def own_mlflow(tmp_path, mlflow_server_factory):
-    """A dedicated mlflow server that a test may stop and start again (an outage)."""
-    server = mlflow_server_factory(tmp_path / "mlflow")
-    server.start()
-    yield server
-    server.stop()
-
-
 def _runs(server, count: int) -> list[str]:
     client = mlflow.MlflowClient(tracking_uri=server.url)
     exp = client.create_experiment("outage")

@@ -1,0 +1,141 @@
+"""Artifacts pass through the sidecar while they move: what that must never cost.
+
+An upload is fed to MLflow while it arrives, yet a bad one must not touch what is stored,
+and a PUT cut by MLflow going away must be redone from the sidecar's copy on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import mlflow
+import pytest
+
+from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.integration.conftest import RunningSidecar, sidecar_config
+
+CHUNK = 1024 * 1024
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def upload_requests(
+    run_id: str, path: str, data: bytes, *, digest: str | None = None
+) -> Iterator[pb.UploadArtifactRequest]:
+    yield pb.UploadArtifactRequest(
+        header=pb.UploadArtifactHeader(run_id=run_id, artifact_path=path, size_bytes=len(data))
+    )
+    for start in range(0, len(data), CHUNK):
+        yield pb.UploadArtifactRequest(chunk=data[start : start + CHUNK])
+    yield pb.UploadArtifactRequest(
+        trailer=pb.UploadArtifactTrailer(sha256=sha(data) if digest is None else digest)
+    )
+
+
+def stored_bytes(tracking_uri: str, run_id: str, path: str, dst: Path) -> bytes:
+    """The artifact as a plain MLflow client downloads it."""
+    plain = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    return Path(plain.download_artifacts(run_id, path, str(dst))).read_bytes()
+
+
+def test_a_bad_upload_over_an_existing_artifact_keeps_the_stored_bytes(
+    tracking_stub, mlflow_server, run_id, tmp_path
+):
+    good = os.urandom(3 * CHUNK)
+    reply = tracking_stub.UploadArtifact(upload_requests(run_id, "ckpt/model.pt", good), timeout=60)
+    assert reply.sha256 == sha(good)
+
+    # Most of these bytes reach MLflow before the wrong digest is seen at the end.
+    bad = os.urandom(8 * CHUNK)
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.UploadArtifact(
+            upload_requests(run_id, "ckpt/model.pt", bad, digest=sha(b"other")), timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    assert stored_bytes(mlflow_server.url, run_id, "ckpt/model.pt", tmp_path) == good
+
+
+def test_a_streamed_upload_cut_by_an_mlflow_restart_is_stored_from_disk(
+    own_mlflow, tmp_path, caplog
+):
+    plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
+    run_id = plain.create_run(plain.create_experiment("restart")).info.run_id
+    running = RunningSidecar(
+        sidecar_config(tmp_path / "sidecar", own_mlflow.url, retry={"max_time_s": 60})
+    )
+    data = os.urandom(16 * CHUNK)
+    half_sent = threading.Event()
+    carry_on = threading.Event()
+
+    def requests() -> Iterator[pb.UploadArtifactRequest]:
+        for index, message in enumerate(upload_requests(run_id, "ckpt/restart.pt", data)):
+            if index == 8:
+                half_sent.set()
+                carry_on.wait(60)
+            yield message
+
+    outcome: dict[str, object] = {}
+
+    def upload() -> None:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            try:
+                outcome["reply"] = stub.UploadArtifact(requests(), timeout=120)
+            except grpc.RpcError as exc:
+                outcome["error"] = exc
+
+    thread = threading.Thread(target=upload)
+    try:
+        thread.start()
+        assert half_sent.wait(60)
+        own_mlflow.stop()  # cuts the PUT in flight
+        own_mlflow.start()
+        carry_on.set()
+        thread.join(120)
+    finally:
+        carry_on.set()
+        running.stop()
+    assert "error" not in outcome, outcome
+    reply = outcome["reply"]
+    assert isinstance(reply, pb.UploadArtifactResponse)
+    assert (reply.size_bytes, reply.sha256) == (len(data), sha(data))
+    assert stored_bytes(own_mlflow.url, run_id, "ckpt/restart.pt", tmp_path / "dl") == data
+    assert any("storing it from disk" in r.getMessage() for r in caplog.records)
+
+
+def test_typed_client_round_trip_of_a_multi_chunk_file(client_container, run_id, tmp_path):
+    data = os.urandom(5 * CHUNK + 17)
+    source = tmp_path / "weights.bin"
+    source.write_bytes(data)
+    tracking = client_container.experiment_tracking()
+    info = tracking.upload_artifact(run_id, source, "w/weights.bin")
+    assert (info.size_bytes, info.sha256) == (len(data), sha(data))
+    path = tracking.download_artifact(run_id, "w/weights.bin", tmp_path / "back")
+    assert path.read_bytes() == data
+
+
+def test_a_download_client_gone_midway_leaves_the_sidecar_serving(
+    tracking_stub, run_id, channel: grpc.Channel, client_container: ClientContainer, tmp_path
+):
+    data = os.urandom(12 * CHUNK)
+    tracking_stub.UploadArtifact(upload_requests(run_id, "big.bin", data), timeout=60)
+    call = tracking_stub.DownloadArtifact(
+        pb.DownloadArtifactRequest(run_id=run_id, artifact_path="big.bin"), timeout=60
+    )
+    first = next(call)
+    assert first.header.size_bytes == len(data)
+    next(call)
+    call.cancel()
+    # The sidecar let go of the MLflow response: the next download is whole.
+    tracking = client_container.experiment_tracking()
+    path = tracking.download_artifact(run_id, "big.bin", tmp_path)
+    assert path.read_bytes() == data
