@@ -144,13 +144,13 @@ def grpc_raw_stream(count: int) -> float:
             data = points("0" * 32, count, "raw")
 
             def messages():
+                # The fastest way to fill a message from Python: in place, no copies.
                 for i in range(0, count, 1000):
-                    yield pb.StreamMetricsRequest(
-                        points=[
-                            pb.MetricPoint(run_id=r, key=k, value=v, timestamp_ms=ts, step=s)
-                            for r, k, v, ts, s in data[i : i + 1000]
-                        ]
-                    )
+                    message = pb.StreamMetricsRequest()
+                    add = message.points.add
+                    for r, k, v, ts, s in data[i : i + 1000]:
+                        add(run_id=r, key=k, value=v, timestamp_ms=ts, step=s)
+                    yield message
 
             started = time.perf_counter()
             reply = stub.StreamMetrics(messages())
