@@ -70,3 +70,39 @@ def test_wrong_types_are_refused_at_the_call(args, message):
         stream.log(point.pop("run_id"), point.pop("key"), point.pop("value"), **point)
     stream.log("r1", "loss", 1.0)  # the stream carries on
     assert stream.close() == 1
+
+
+def test_metric_columns_behave_as_a_sequence_of_points():
+    from mlflow_sidecar.client.domain import MetricColumns, MetricPoint
+
+    points = [MetricPoint(f"r{i % 2}", "k", float(i), 100 + i, i) for i in range(5)]
+    columns = MetricColumns.from_points(points)
+    assert len(columns) == 5
+    assert list(columns) == points
+    assert columns[3] == points[3]
+    assert list(columns[1:3]) == points[1:3]
+    assert list(columns.take([4, 0])) == [points[4], points[0]]
+    assert MetricColumns.from_points(columns) is columns
+    with pytest.raises(ValueError, match="same length"):
+        MetricColumns(["r"], ["k"], [1.0, 2.0], [0], [0])
+
+
+@pytest.mark.parametrize(
+    ("column", "bad", "field"),
+    [
+        ("run_ids", "", "points[2].run_id"),
+        ("keys", "bad\x00key", "points[2].key"),
+        ("timestamps_ms", -1, "points[2].timestamp_ms"),
+    ],
+)
+def test_the_first_bad_point_of_a_message_is_named(column, bad, field):
+    from mlflow_sidecar.client.domain import MetricColumns
+    from mlflow_sidecar.client.errors import InvalidArgumentError
+    from mlflow_sidecar.server.services.metric_ingest import _check_points
+
+    columns = MetricColumns(["r"] * 4, ["k"] * 4, [1.0] * 4, [5] * 4, [0] * 4)
+    getattr(columns, column)[2] = bad
+    getattr(columns, column)[3] = bad
+    with pytest.raises(InvalidArgumentError) as err:
+        _check_points(columns)
+    assert err.value.field == field

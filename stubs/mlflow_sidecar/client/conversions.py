@@ -6,11 +6,14 @@ clients both use it, so the two sides cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from mlflow_sidecar.client.domain import (
     Experiment,
     FileInfo,
     LifecycleStage,
     Metric,
+    MetricColumns,
     MetricPoint,
     ModelVersion,
     ModelVersionStatus,
@@ -133,6 +136,17 @@ def metric_point_from_pb(msg: pb.MetricPoint) -> MetricPoint:
         value=msg.value,
         timestamp_ms=msg.timestamp_ms,
         step=msg.step,
+    )
+
+
+def metric_columns_from_pb(points: Sequence[pb.MetricPoint]) -> MetricColumns:
+    """The points of a StreamMetrics message as columns (no object per point)."""
+    return MetricColumns(
+        [p.run_id for p in points],
+        [p.key for p in points],
+        [p.value for p in points],
+        [p.timestamp_ms for p in points],
+        [p.step for p in points],
     )
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, TypeAlias, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -98,6 +98,84 @@ class MetricPoint:
     value: float
     timestamp_ms: int = 0
     step: int = 0
+
+
+class MetricColumns(Sequence[MetricPoint]):
+    """Metric points of any runs in columns, as they come off the wire: point i is
+    (run_ids[i], keys[i], values[i], timestamps_ms[i], steps[i]).
+
+    A sequence of MetricPoint like any other, but the streaming path never builds one
+    object per point: that alone cost more than everything else the sidecar does with it.
+    """
+
+    __slots__ = ("keys", "run_ids", "steps", "timestamps_ms", "values")
+
+    def __init__(
+        self,
+        run_ids: list[str],
+        keys: list[str],
+        values: list[float],
+        timestamps_ms: list[int],
+        steps: list[int],
+    ) -> None:
+        if not len(run_ids) == len(keys) == len(values) == len(timestamps_ms) == len(steps):
+            raise ValueError("metric columns must all have the same length")
+        self.run_ids = run_ids
+        self.keys = keys
+        self.values = values
+        self.timestamps_ms = timestamps_ms
+        self.steps = steps
+
+    @classmethod
+    def from_points(cls, points: Iterable[MetricPoint]) -> MetricColumns:
+        """The columns of `points` (itself, when it already is columns)."""
+        if isinstance(points, MetricColumns):
+            return points
+        listed = list(points)
+        return cls(
+            [p.run_id for p in listed],
+            [p.key for p in listed],
+            [p.value for p in listed],
+            [p.timestamp_ms for p in listed],
+            [p.step for p in listed],
+        )
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    @overload
+    def __getitem__(self, index: int) -> MetricPoint: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> MetricColumns: ...
+
+    def __getitem__(self, index: int | slice) -> MetricPoint | MetricColumns:
+        if isinstance(index, slice):
+            return MetricColumns(
+                self.run_ids[index],
+                self.keys[index],
+                self.values[index],
+                self.timestamps_ms[index],
+                self.steps[index],
+            )
+        return MetricPoint(
+            self.run_ids[index],
+            self.keys[index],
+            self.values[index],
+            self.timestamps_ms[index],
+            self.steps[index],
+        )
+
+    def take(self, indices: Iterable[int]) -> MetricColumns:
+        """The points at `indices`, in that order."""
+        chosen = list(indices)
+        return MetricColumns(
+            [self.run_ids[i] for i in chosen],
+            [self.keys[i] for i in chosen],
+            [self.values[i] for i in chosen],
+            [self.timestamps_ms[i] for i in chosen],
+            [self.steps[i] for i in chosen],
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from mlflow_sidecar.client.domain import FlushResult, MetricPoint
+from mlflow_sidecar.client.domain import FlushResult, MetricColumns, MetricPoint
 from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
@@ -17,19 +17,20 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 _ANSWER_MARGIN_S = 0.1
 
 
-def _check_points(points: Sequence[MetricPoint]) -> None:
-    # A training loop repeats a few run ids and keys thousands of times: check each once.
-    runs: set[str] = set()
-    keys: set[str] = set()
-    for index, point in enumerate(points):
-        if point.run_id not in runs:
-            check.require(f"points[{index}].run_id", point.run_id, max_length=64)
-            runs.add(point.run_id)
-        if point.key not in keys:
-            check.key(f"points[{index}].key", point.key)
-            keys.add(point.key)
-        if point.timestamp_ms < 0:
-            raise InvalidArgumentError(f"points[{index}].timestamp_ms", "must not be negative")
+def _first(column: Sequence[object], value: object) -> int:
+    return column.index(value)
+
+
+def _check_points(points: MetricColumns) -> None:
+    # A training loop repeats a few run ids and keys thousands of times: check each
+    # distinct one once, and name the first point that carries a bad one.
+    for run_id in dict.fromkeys(points.run_ids):
+        check.require(f"points[{_first(points.run_ids, run_id)}].run_id", run_id, max_length=64)
+    for key in dict.fromkeys(points.keys):
+        check.key(f"points[{_first(points.keys, key)}].key", key)
+    if points.timestamps_ms and min(points.timestamps_ms) < 0:
+        index = next(i for i, t in enumerate(points.timestamps_ms) if t < 0)
+        raise InvalidArgumentError(f"points[{index}].timestamp_ms", "must not be negative")
 
 
 def _now_ms() -> int:
@@ -55,14 +56,20 @@ class MetricIngest:
 
     def accept(self, points: Sequence[MetricPoint]) -> int:
         """Validate and commit points to the spool (all or none); returns how many."""
-        _check_points(points)
-        now = _now_ms()
-        # Stamped here, before the spool, so a redelivery is an exact duplicate MLflow ignores.
-        stamped = [
-            p if p.timestamp_ms else MetricPoint(p.run_id, p.key, p.value, now, p.step)
-            for p in points
-        ]
-        accepted = self._store.append(stamped)
+        columns = MetricColumns.from_points(points)
+        _check_points(columns)
+        if 0 in columns.timestamps_ms:
+            # Stamped here, before the spool, so a redelivery is an exact duplicate MLflow
+            # ignores.
+            now = _now_ms()
+            columns = MetricColumns(
+                columns.run_ids,
+                columns.keys,
+                columns.values,
+                [t or now for t in columns.timestamps_ms],
+                columns.steps,
+            )
+        accepted = self._store.append(columns)
         self._deliverer.notify()
         if self._metrics is not None:
             self._metrics.points_accepted.inc(accepted)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlflow_sidecar.client.domain import Metric, MetricPoint
+from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
 from mlflow_sidecar.client.errors import ResourceExhaustedError
 
 # Points are stored in chunks: the points of one run from one message, at most
@@ -57,16 +57,26 @@ CREATE TABLE IF NOT EXISTS ended_runs (
 """
 
 
-def _pack(run_id: str, points: Sequence[MetricPoint], accepted_ms: int) -> tuple[object, ...]:
+def _pack(run_id: str, points: MetricColumns, accepted_ms: int) -> tuple[object, ...]:
     return (
         run_id,
         len(points),
-        _KEY_SEPARATOR.join(p.key for p in points),
-        array("d", [p.value for p in points]).tobytes(),
-        array("q", [p.timestamp_ms for p in points]).tobytes(),
-        array("q", [p.step for p in points]).tobytes(),
+        _KEY_SEPARATOR.join(points.keys),
+        array("d", points.values).tobytes(),
+        array("q", points.timestamps_ms).tobytes(),
+        array("q", points.steps).tobytes(),
         accepted_ms,
     )
+
+
+def _by_run(points: MetricColumns) -> dict[str, MetricColumns]:
+    runs = dict.fromkeys(points.run_ids)
+    if len(runs) == 1:  # the usual message: one trainer, one run
+        return {next(iter(runs)): points}
+    indices: dict[str, list[int]] = {run_id: [] for run_id in runs}
+    for index, run_id in enumerate(points.run_ids):
+        indices[run_id].append(index)
+    return {run_id: points.take(chosen) for run_id, chosen in indices.items()}
 
 
 def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
@@ -169,9 +179,7 @@ class SpoolStore:
         """Commit all of `points` or none; ResourceExhaustedError when the spool is full."""
         if not points:
             return 0
-        by_run: dict[str, list[MetricPoint]] = {}
-        for point in points:
-            by_run.setdefault(point.run_id, []).append(point)
+        by_run = _by_run(MetricColumns.from_points(points))
         accepted_ms = _now_ms()
         rows = [
             _pack(run_id, run_points[i : i + self._chunk_points], accepted_ms)
