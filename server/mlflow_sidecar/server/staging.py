@@ -1,8 +1,10 @@
 """`Staging`: the on-disk scratch space of transfers in flight, under `<data_dir>/tmp`.
 
-Uploads are written here (never held in memory) until their bytes are verified and
-handed to MLflow; downloads from MLflow land here before they are streamed out. Every
-transfer gets its own directory and removes it when it ends, however it ends.
+Uploads are written here (never held in memory) while they arrive: an artifact PUT to
+MLflow on the way is redone from this copy if it fails, and stores that cannot take a
+stream, and models, get the file once its bytes are verified. Downloads that MLflow
+cannot stream land here before they go out. Every transfer gets its own directory and
+removes it when it ends, however it ends.
 """
 
 from __future__ import annotations
