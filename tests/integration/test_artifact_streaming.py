@@ -139,3 +139,36 @@ def test_a_download_client_gone_midway_leaves_the_sidecar_serving(
     tracking = client_container.experiment_tracking()
     path = tracking.download_artifact(run_id, "big.bin", tmp_path)
     assert path.read_bytes() == data
+
+
+def test_the_embedded_store_takes_artifacts_through_a_staged_file(tmp_path):
+    """The default embedded store is not MLflow's HTTP proxy: uploads are stored once
+    verified, downloads are fetched whole first; both ends see the same contract."""
+    running = RunningSidecar(sidecar_config(tmp_path / "sidecar", ""))
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            experiment_id = stub.CreateExperiment(
+                pb.CreateExperimentRequest(name="embedded-artifacts")
+            ).experiment.experiment_id
+            run_id = stub.StartRun(pb.StartRunRequest(experiment_id=experiment_id)).run.info.run_id
+            data = os.urandom(3 * CHUNK + 1)
+            reply = stub.UploadArtifact(upload_requests(run_id, "a/b.bin", data), timeout=60)
+            assert reply.sha256 == sha(data)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.UploadArtifact(
+                    upload_requests(run_id, "c/d.bin", data, digest=sha(b"x")), timeout=60
+                )
+            assert err.value.code() == grpc.StatusCode.DATA_LOSS
+            listed = stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id), timeout=30)
+            assert [f.path for f in listed.files] == ["a"]
+            messages = list(
+                stub.DownloadArtifact(
+                    pb.DownloadArtifactRequest(run_id=run_id, artifact_path="a/b.bin"), timeout=60
+                )
+            )
+            assert messages[0].header.size_bytes == len(data)
+            assert b"".join(m.chunk for m in messages[1:-1]) == data
+            assert messages[-1].trailer.sha256 == sha(data)
+    finally:
+        running.stop()

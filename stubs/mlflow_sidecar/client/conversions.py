@@ -128,17 +128,6 @@ def metric_point_to_pb(point: MetricPoint) -> pb.MetricPoint:
     )
 
 
-def metric_point_from_pb(msg: pb.MetricPoint) -> MetricPoint:
-    """Message to domain run-addressed point."""
-    return MetricPoint(
-        run_id=msg.run_id,
-        key=msg.key,
-        value=msg.value,
-        timestamp_ms=msg.timestamp_ms,
-        step=msg.step,
-    )
-
-
 def metric_columns_from_pb(points: Sequence[pb.MetricPoint]) -> MetricColumns:
     """The points of a StreamMetrics message as columns (no object per point)."""
     return MetricColumns(
