@@ -29,7 +29,8 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 
-from mlflow_sidecar.client.errors import DataLossError
+from mlflow_sidecar.client.errors import DataLossError, DeadlineExceededError
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,11 @@ class StreamedUpload:
             self._offer(self._held)
             self._held = None
         self._offer(_END)
-        self._thread.join()
+        self._thread.join(call_deadline.remaining())
+        if self._thread.is_alive():
+            raise DeadlineExceededError(
+                f"deadline exceeded while MLflow was storing the artifact {self._endpoint}"
+            )
         if self._error is not None:
             log.warning(
                 "streaming the artifact %s to MLflow failed, storing it from disk: %s",
