@@ -199,16 +199,25 @@ class StreamedDownload:
     close: Callable[[], None]
 
 
-def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload:
-    """Start a GET of one artifact file; the bytes are read as `chunks` is iterated."""
+def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload | None:
+    """Start a GET of one artifact file; the bytes are read as `chunks` is iterated.
+
+    None when the answer carries no Content-Length (a proxy that chunks it): the header
+    of a download announces the size, so such a file is fetched whole first."""
     response = _http_request(
-        repo._host_creds, posixpath.join("/", artifact_path), "GET", stream=True
+        repo._host_creds,
+        posixpath.join("/", artifact_path),
+        "GET",
+        # The bytes as stored, so that Content-Length counts what the chunks carry even
+        # behind a proxy that would compress them.
+        extra_headers={"Accept-Encoding": "identity"},
+        stream=True,
     )
     _raise_for_status(response)
     length = response.headers.get("Content-Length")
     if length is None or not length.isdigit():
         response.close()
-        raise DataLossError(f"MLflow sent {artifact_path} without a Content-Length")
+        return None
     size = int(length)
 
     def chunks() -> Iterator[bytes]:

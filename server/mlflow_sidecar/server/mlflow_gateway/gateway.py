@@ -545,7 +545,8 @@ class MlflowGateway:
         """A GET of one artifact file whose bytes are passed on as they arrive.
 
         None when the run's artifact store is not MLflow's HTTP proxy: then the file is
-        downloaded with `download_artifact` first."""
+        downloaded with `download_artifact` first (also when MLflow's answer has no
+        Content-Length)."""
         repo = self.call(
             lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
         )

@@ -1,5 +1,7 @@
-"""`StreamedUpload` against a small HTTP server: the body arrives whole on commit, is cut
-short (never completed) on abort, and a PUT that fails makes commit answer False."""
+"""Streamed artifact transfers against a small HTTP server standing in for MLflow's artifact
+proxy. Uploads: the body arrives whole on commit, is cut short (never completed) on abort,
+and a PUT that fails makes commit answer False. Downloads: bytes come as they arrive, an
+answer without Content-Length is left to the file path, a short one is DATA_LOSS."""
 
 from __future__ import annotations
 
@@ -12,12 +14,15 @@ from typing import ClassVar
 import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload
+from mlflow_sidecar.client.errors import SidecarError
+from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload, open_download
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
     bodies: ClassVar[list[tuple[str, bytes, int]]] = []
     status: ClassVar[int] = 200
+    download: ClassVar[bytes] = b""
+    missing: ClassVar[int] = 0
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -33,6 +38,16 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
 
+    def do_GET(self) -> None:
+        self.send_response(200)
+        if self.path.endswith("/no-length.bin"):
+            self.end_headers()  # HTTP/1.0: the body runs until the connection closes
+            self.wfile.write(b"abc")
+            return
+        self.send_header("Content-Length", str(len(self.download) + self.missing))
+        self.end_headers()
+        self.wfile.write(self.download)
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -41,6 +56,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
 def repo() -> Iterator[HttpArtifactRepository]:
     _Recorder.bodies = []
     _Recorder.status = 200
+    _Recorder.download = b""
+    _Recorder.missing = 0
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -88,3 +105,26 @@ def test_a_refused_put_makes_commit_answer_false(repo):
     upload = _upload(repo, [b"x" * 1000], seen)
     assert upload.commit() is False
     assert seen == ["error"]
+
+
+def test_a_download_streams_its_bytes_in_chunks(repo):
+    _Recorder.download = bytes(range(256)) * 1000
+    download = open_download(repo, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    assert download.size_bytes == len(_Recorder.download)
+    chunks = list(download.chunks)
+    assert max(map(len, chunks)) <= 64 * 1024
+    assert b"".join(chunks) == _Recorder.download
+
+
+def test_a_download_without_content_length_is_left_to_the_file_path(repo):
+    assert open_download(repo, "ckpt/no-length.bin", 64 * 1024) is None
+
+
+def test_a_download_cut_short_is_an_error_not_a_short_file(repo):
+    _Recorder.download = b"x" * 1000
+    _Recorder.missing = 10
+    download = open_download(repo, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    with pytest.raises(SidecarError):
+        b"".join(download.chunks)
