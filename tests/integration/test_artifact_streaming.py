@@ -1,7 +1,8 @@
 """Artifacts pass through the sidecar while they move: what that must never cost.
 
 An upload is fed to MLflow while it arrives, yet a bad one must not touch what is stored,
-and a PUT cut by MLflow going away must be redone from the sidecar's copy on disk.
+and a PUT cut by MLflow going away must leave nothing and say UNAVAILABLE, which the typed
+client answers by sending the file again.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def test_a_bad_upload_over_an_existing_artifact_keeps_the_stored_bytes(
     assert stored_bytes(mlflow_server.url, run_id, "ckpt/model.pt", tmp_path) == good
 
 
-def test_a_streamed_upload_cut_by_an_mlflow_restart_is_stored_from_disk(
-    own_mlflow, tmp_path, caplog
+def test_a_streamed_upload_cut_by_an_mlflow_restart_is_unavailable_and_stores_nothing(
+    own_mlflow, tmp_path
 ):
     plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
     run_id = plain.create_run(plain.create_experiment("restart")).info.run_id
@@ -91,7 +92,7 @@ def test_a_streamed_upload_cut_by_an_mlflow_restart_is_stored_from_disk(
             try:
                 outcome["reply"] = stub.UploadArtifact(requests(), timeout=120)
             except grpc.RpcError as exc:
-                outcome["error"] = exc
+                outcome["code"] = exc.code()
 
     thread = threading.Thread(target=upload)
     try:
@@ -104,12 +105,39 @@ def test_a_streamed_upload_cut_by_an_mlflow_restart_is_stored_from_disk(
     finally:
         carry_on.set()
         running.stop()
-    assert "error" not in outcome, outcome
-    reply = outcome["reply"]
-    assert isinstance(reply, pb.UploadArtifactResponse)
-    assert (reply.size_bytes, reply.sha256) == (len(data), sha(data))
+    # The sidecar kept no copy: the caller is told to send the file again.
+    assert outcome == {"code": grpc.StatusCode.UNAVAILABLE}
+    assert [f.path for f in plain.list_artifacts(run_id)] in ([], ["ckpt"])
+    assert plain.list_artifacts(run_id, "ckpt") == []
+
+
+def test_the_typed_client_sends_the_file_again_after_an_mlflow_restart(own_mlflow, tmp_path):
+    plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
+    run_id = plain.create_run(plain.create_experiment("restart-typed")).info.run_id
+    running = RunningSidecar(sidecar_config(tmp_path / "sidecar", own_mlflow.url))
+    data = os.urandom(16 * CHUNK)
+    source = tmp_path / "restart.pt"
+    source.write_bytes(data)
+    restarts = []
+
+    def progress(done: int, total: int) -> None:
+        if done >= total // 2 and not restarts:
+            restarts.append(done)
+            own_mlflow.stop()  # mid-upload, once
+            own_mlflow.start()
+
+    container = ClientContainer()
+    container.config.from_dict({"target": running.target})
+    try:
+        info = container.experiment_tracking().upload_artifact(
+            run_id, source, "ckpt/restart.pt", progress=progress
+        )
+    finally:
+        container.shutdown_resources()
+        running.stop()
+    assert restarts
+    assert (info.size_bytes, info.sha256) == (len(data), sha(data))
     assert stored_bytes(own_mlflow.url, run_id, "ckpt/restart.pt", tmp_path / "dl") == data
-    assert any("storing it from disk" in r.getMessage() for r in caplog.records)
 
 
 def test_typed_client_round_trip_of_a_multi_chunk_file(client_container, run_id, tmp_path):

@@ -195,8 +195,19 @@ def test_artifact_upload_cancelled_midway_leaves_nothing(
         stalled(artifact_requests(run_id, data)[:4], release), timeout=60
     )
     try:
-        # The sidecar has staged the first chunks when the client goes away.
-        assert wait_until(lambda: staged_bytes(sidecar) >= 3 * CHUNK)
+        # The sidecar streams the upload to MLflow without staging it: the PUT has begun
+        # (MLflow shows the file's directory) when the client goes away.
+        assert wait_until(
+            lambda: (
+                [
+                    f.path
+                    for f in tracking_stub.ListArtifacts(
+                        pb.ListArtifactsRequest(run_id=run_id), timeout=10
+                    ).files
+                ]
+                == ["bad"]
+            )
+        )
         future.cancel()
     finally:
         release.set()

@@ -1,6 +1,6 @@
 """Streamed artifact transfers against a small HTTP server standing in for MLflow's artifact
 proxy. Uploads: the body arrives whole on commit, is cut short (never completed) on abort,
-and a PUT that fails makes commit answer False. Downloads: bytes come as they arrive, an
+and a PUT that fails makes commit answer with the error. Downloads: bytes come as they arrive, an
 answer without Content-Length is left to the file path, a short one is DATA_LOSS."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from typing import ClassVar
 
+import grpc
 import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
@@ -79,7 +80,7 @@ def test_commit_sends_the_whole_body(repo):
     chunks = [bytes([i]) * 70_000 for i in range(5)]
     seen: list[str] = []
     upload = _upload(repo, chunks, seen)
-    assert upload.commit() is True
+    assert upload.commit() is None
     assert _Recorder.bodies == [("/root/ckpt/model.pt", b"".join(chunks), 350_000)]
     assert seen == ["ok"]
     assert upload.abort() is False  # nothing to cut after a commit
@@ -99,11 +100,13 @@ def test_abort_never_completes_the_body(repo):
     assert seen == ["error"]
 
 
-def test_a_refused_put_makes_commit_answer_false(repo):
-    _Recorder.status = 500
+def test_a_refused_put_makes_commit_answer_with_the_error(repo):
+    _Recorder.status = 503
     seen: list[str] = []
     upload = _upload(repo, [b"x" * 1000], seen)
-    assert upload.commit() is False
+    error = upload.commit()
+    assert isinstance(error, SidecarError)
+    assert error.code == grpc.StatusCode.UNAVAILABLE
     assert seen == ["error"]
 
 

@@ -59,8 +59,9 @@ def artifact_stream(
 class RecordingSink:
     """An upload sink that keeps what it is given."""
 
-    def __init__(self, begun: tuple[str, str, int]) -> None:
+    def __init__(self, begun: tuple[str, str, int], needs_file: bool = True) -> None:
         self.begun = begun
+        self.needs_file = needs_file
         self.chunks: list[bytes] = []
         self.stored: Path | None = None
         self.aborted = False
@@ -68,7 +69,7 @@ class RecordingSink:
     def write(self, chunk: bytes) -> None:
         self.chunks.append(chunk)
 
-    def store(self, verified_file: Path) -> None:
+    def store(self, verified_file: Path | None) -> None:
         self.stored = verified_file
 
     def abort(self) -> None:
@@ -111,6 +112,22 @@ def test_artifact_stream_is_written_and_verified(staging):
     )
     assert staged.local_path.name == "file.bin"
     assert staging.in_flight() == []
+
+
+def test_a_sink_that_streams_gets_the_bytes_and_nothing_is_staged(staging):
+    data = os.urandom(3 * CHUNK)
+    sinks: list[RecordingSink] = []
+
+    def begin(run_id: str, path: str, size: int) -> RecordingSink:
+        sinks.append(RecordingSink((run_id, path, size), needs_file=False))
+        return sinks[-1]
+
+    with staging.directory("upload") as scratch:
+        staged = streams.receive_artifact(iter(artifact_stream(data)), scratch, staging, begin)
+        assert list(scratch.iterdir()) == []
+    assert staged.local_path is None
+    assert (staged.size_bytes, staged.sha256) == (len(data), sha(data))
+    assert b"".join(sinks[0].chunks) == data
 
 
 def test_upper_case_digest_is_accepted(staging):

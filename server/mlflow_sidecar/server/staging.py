@@ -1,9 +1,9 @@
 """`Staging`: the on-disk scratch space of transfers in flight, under `<data_dir>/tmp`.
 
-Uploads are written here (never held in memory) while they arrive: an artifact PUT to
-MLflow on the way is redone from this copy if it fails, and stores that cannot take a
-stream, and models, get the file once its bytes are verified. Downloads that MLflow
-cannot stream land here before they go out. Every transfer gets its own directory and
+Uploads for stores that take files, not streams (the embedded store, a bucket written
+directly), and model uploads, are written here while they arrive (never held in memory)
+and handed over once verified; artifacts for MLflow's HTTP artifact proxy skip it. Downloads
+that MLflow cannot stream land here before they go out. Every transfer gets its own directory and
 removes it when it ends, however it ends.
 """
 

@@ -37,6 +37,7 @@ class ClientContainer(containers.DeclarativeContainer):
         timeout_s=settings.provided.timeout_s,
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
+        upload_attempts=settings.provided.max_attempts,
     )
     metric_stream = providers.Factory(MetricStream, tracking_stub)
     model_registry = providers.Singleton(

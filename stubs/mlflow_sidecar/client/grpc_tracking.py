@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+import backoff
 import grpc
 
 from mlflow_sidecar.client import conversions as conv
@@ -28,7 +29,12 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError, error_from_rpc
+from mlflow_sidecar.client.errors import (
+    DataLossError,
+    InvalidArgumentError,
+    UnavailableError,
+    error_from_rpc,
+)
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream
@@ -74,11 +80,23 @@ class GrpcExperimentTracking(ExperimentTracking):
         *,
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        upload_attempts: int = 3,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
+        # An upload the sidecar streams to MLflow cannot be replayed by gRPC: when MLflow
+        # fails on the way the sidecar answers UNAVAILABLE, and the file is sent again.
+        self._upload = backoff.on_exception(
+            backoff.expo,
+            UnavailableError,
+            max_tries=max(1, upload_attempts),
+            factor=0.5,
+            max_value=10,
+            jitter=backoff.full_jitter,
+            logger=None,
+        )(self._upload_once)
 
     def create_experiment(
         self,
@@ -248,6 +266,12 @@ class GrpcExperimentTracking(ExperimentTracking):
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
         target = check_relative_path("artifact_path", artifact_path or source.name)
+        info: ArtifactInfo = self._upload(run_id, source, target, progress)
+        return info
+
+    def _upload_once(
+        self, run_id: str, source: Path, target: str, progress: Progress | None
+    ) -> ArtifactInfo:
         size = source.stat().st_size
         chunk_bytes = self._chunk_bytes
         digest = hashlib.sha256()
@@ -311,8 +335,9 @@ class GrpcExperimentTracking(ExperimentTracking):
                 raise DataLossError(f"{artifact_path}: the sidecar sent no header")
             size = first.header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
+            partial = partial_path(final)
             with HashingWriter(
-                partial_path(final), size, first.header.sha256 or None, what=artifact_path
+                partial, size, first.header.sha256 or None, what=artifact_path
             ) as writer:
                 report(progress, 0, size)
                 trailer = ""
@@ -332,7 +357,7 @@ class GrpcExperimentTracking(ExperimentTracking):
                     report(progress, writer.written, size)
                 # Only verified bytes reach `final`: the partial file is renamed after this.
                 writer.finish(trailer or None)
-                os.replace(writer.path, final)
+                os.replace(partial, final)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:

@@ -115,15 +115,20 @@ class HashingWriter:
     deletes the file.
     """
 
-    def __init__(self, path: Path, size_bytes: int, sha256: str | None, *, what: str) -> None:
+    def __init__(
+        self, path: Path | None, size_bytes: int, sha256: str | None, *, what: str
+    ) -> None:
+        """`path` None: the bytes go elsewhere; only their size and digest are checked."""
         self.path = path
         self.expected_size = size_bytes
         self.expected_sha256 = sha256
         self.what = what
         self.written = 0
         self._digest = hashlib.sha256()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = path.open("xb")
+        self._handle = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = path.open("xb")
         self._finished = False
 
     def write(self, data: bytes) -> None:
@@ -132,14 +137,15 @@ class HashingWriter:
             raise DataLossError(
                 f"{self.what}: received more than the {self.expected_size} bytes announced"
             )
-        try:
-            self._handle.write(data)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise ResourceExhaustedError(
-                    f"{self.what}: no space left on the device of {self.path.parent}"
-                ) from exc
-            raise
+        if self._handle is not None and self.path is not None:
+            try:
+                self._handle.write(data)
+            except OSError as exc:
+                if exc.errno == errno.ENOSPC:
+                    raise ResourceExhaustedError(
+                        f"{self.what}: no space left on the device of {self.path.parent}"
+                    ) from exc
+                raise
         self._digest.update(data)
         self.written += len(data)
 
@@ -148,7 +154,8 @@ class HashingWriter:
 
         `sha256` is the digest that came after the bytes; it must agree with the one
         announced up front, if any."""
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
         if self.written != self.expected_size:
             raise DataLossError(
                 f"{self.what}: received {self.written} of the {self.expected_size} bytes announced"
@@ -170,8 +177,10 @@ class HashingWriter:
 
     def discard(self) -> None:
         """Close and delete the file."""
-        self._handle.close()
-        self.path.unlink(missing_ok=True)
+        if self._handle is not None:
+            self._handle.close()
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         """Delete the file unless `finish()` verified it."""

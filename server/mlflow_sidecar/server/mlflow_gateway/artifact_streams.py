@@ -29,7 +29,7 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 
-from mlflow_sidecar.client.errors import DataLossError, DeadlineExceededError
+from mlflow_sidecar.client.errors import DataLossError, DeadlineExceededError, SidecarError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 
@@ -84,8 +84,8 @@ class StreamedUpload:
     """One artifact file PUT to MLflow while its bytes are still being received.
 
     Feed it with `write()` from one thread, then either `commit()` or `abort()`. A PUT
-    that fails on the way makes `commit()` answer False; the caller then stores the file
-    it kept on disk the ordinary way.
+    that fails on the way makes `commit()` answer with the error; nothing is stored then,
+    and the bytes have to be sent again.
     """
 
     def __init__(
@@ -144,14 +144,21 @@ class StreamedUpload:
             except queue.Full:
                 continue
 
+    def failure(self) -> SidecarError | None:
+        """What ended the PUT before `commit()`, if it has ended (MLflow went away)."""
+        if self._ended.is_set() and self._error is not None:
+            return to_domain_error(self._error)
+        return None
+
     def write(self, chunk: bytes) -> None:
         """Pass on the chunk held so far and hold this one."""
         if self._held is not None:
             self._offer(self._held)
         self._held = chunk
 
-    def commit(self) -> bool:
-        """Send the held chunk and wait for MLflow; True when MLflow stored the file."""
+    def commit(self) -> SidecarError | None:
+        """Send the held chunk and wait for MLflow: None when MLflow stored the file, else
+        what went wrong (MLflow then kept nothing)."""
         self._closed = True
         if self._held is not None:
             self._offer(self._held)
@@ -162,14 +169,7 @@ class StreamedUpload:
             raise DeadlineExceededError(
                 f"deadline exceeded while MLflow was storing the artifact {self._endpoint}"
             )
-        if self._error is not None:
-            log.warning(
-                "streaming the artifact %s to MLflow failed, storing it from disk: %s",
-                self._endpoint,
-                to_domain_error(self._error).message,
-            )
-            return False
-        return True
+        return None if self._error is None else to_domain_error(self._error)
 
     def abort(self) -> bool:
         """Cut the PUT short so that MLflow stores nothing; a no-op after `commit()`.

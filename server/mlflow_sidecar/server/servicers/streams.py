@@ -1,6 +1,6 @@
-"""Streamed transfers: the messages of an upload -> verified files in a staging directory
-(and, for an artifact, chunks passed on as they arrive), and the bytes of a file or a
-staged model directory -> the messages of a download.
+"""Streamed transfers: the messages of an upload -> verified bytes, passed on as they
+arrive and staged in a directory when their destination takes files, and the bytes of a
+file or a staged model directory -> the messages of a download.
 
 Everything a caller sends is checked before it is written: the header first (paths,
 sizes against the limit, digests), then every chunk against the size announced for it.
@@ -43,13 +43,18 @@ T = TypeVar("T")
 
 
 class UploadSink(Protocol):
-    """Where an artifact goes: its chunks while they arrive, then the verified file."""
+    """Where an artifact goes: its chunks while they arrive, then the verified upload."""
+
+    @property
+    def needs_file(self) -> bool:
+        """True when the bytes must also be staged in a file for `store()`."""
 
     def write(self, chunk: bytes) -> None:
-        """Take a chunk that has been written to the staging file."""
+        """Take a chunk that has been checked (and staged, if `needs_file`)."""
 
-    def store(self, verified_file: Path) -> None:
-        """Keep the upload: every byte arrived and matched the announced sha256."""
+    def store(self, verified_file: Path | None) -> None:
+        """Keep the upload: every byte arrived and matched the announced sha256. The
+        staged file, when `needs_file`."""
 
     def abort(self) -> None:
         """The upload failed: keep nothing of it. A no-op after `store()`."""
@@ -57,12 +62,12 @@ class UploadSink(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class StagedArtifact:
-    """An uploaded file, verified, waiting in the staging directory; its bytes have also
-    gone to `sink` as they arrived."""
+    """An uploaded file, verified; its bytes went to `sink` as they arrived, and to the
+    staging file `local_path` when the sink needs one."""
 
     run_id: str
     artifact_path: str
-    local_path: Path
+    local_path: Path | None
     size_bytes: int
     sha256: str
     sink: UploadSink
@@ -128,7 +133,7 @@ def receive_artifact(
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
     sink = begin(header.run_id, path, header.size_bytes)
     # MLflow names the stored file after the local one, so the staged file gets its name.
-    local = into / PurePosixPath(path).name
+    local = into / PurePosixPath(path).name if sink.needs_file else None
     try:
         with HashingWriter(local, header.size_bytes, announced, what=path) as writer:
             trailed = _receive_chunks(messages, writer, sink, staging.max_upload_bytes)

@@ -1,9 +1,10 @@
 """`ArtifactTransfers`: the MLflow side of the streamed artifact RPCs.
 
 Bytes are passed on while they move: an upload is fed to MLflow while it still arrives,
-a download goes out while it still arrives from MLflow. Every upload is also kept in a
-staging file, so a failed PUT is redone from disk and stores that do not stream (a local
-embedded store, a bucket) get a complete file, as before.
+a download goes out while it still arrives from MLflow. A streamed upload needs no disk:
+if MLflow fails on the way, nothing is stored and the caller gets UNAVAILABLE and sends
+the file again (the typed client does so by itself). Stores that do not stream (the
+embedded store, a bucket written directly) get a complete, verified staging file.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 
 from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import FailedPreconditionError, SidecarError
+from mlflow_sidecar.client.errors import FailedPreconditionError, SidecarError, UnavailableError
 from mlflow_sidecar.client.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
@@ -40,16 +41,38 @@ class PendingUpload:
         self.artifact_path = artifact_path
         self._stream = stream
 
+    @property
+    def needs_file(self) -> bool:
+        """True when the bytes must be staged: the store takes files, not streams."""
+        return self._stream is None
+
     def write(self, chunk: bytes) -> None:
-        """Pass a received chunk on towards MLflow (when the store streams)."""
+        """Pass a received chunk on towards MLflow (when the store streams). Raises as soon
+        as the PUT has failed, so that the caller hears it before sending the rest."""
         if self._stream is not None:
             self._stream.write(chunk)
+            error = self._stream.failure()
+            if error is not None:
+                raise self._send_again(error)
 
-    def store(self, verified_file: Path) -> None:
-        """Make the verified file the run's artifact: finish the PUT, or store the file."""
-        if self._stream is not None and self._stream.commit():
+    def store(self, verified_file: Path | None) -> None:
+        """Make the verified upload the run's artifact: finish the PUT, or store the file."""
+        if self._stream is None:
+            if verified_file is None:
+                raise ValueError("a store that takes files needs the staged file")
+            store_file(self._gateway, self._staging, self.run_id, verified_file, self.artifact_path)
             return
-        store_file(self._gateway, self._staging, self.run_id, verified_file, self.artifact_path)
+        error = self._stream.commit()
+        if error is not None:
+            raise self._send_again(error)
+
+    def _send_again(self, error: SidecarError) -> SidecarError:
+        if isinstance(error, UnavailableError):
+            return UnavailableError(
+                f"MLflow failed while {self.artifact_path} was on its way and kept nothing;"
+                f" send it again ({error.message})"
+            )
+        return error
 
     def abort(self) -> None:
         """Abandon the upload; MLflow keeps nothing of it. A no-op after `store()`."""
