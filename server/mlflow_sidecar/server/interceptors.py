@@ -44,6 +44,26 @@ def _wrap_handler(
     return handler
 
 
+class _WrappedHandlers:
+    """Each method's handler, wrapped once rather than on every call.
+
+    A wrapped handler is reused only while the handler underneath is the very same
+    object, so a handler made for one call (an auth refusal) is wrapped afresh."""
+
+    def __init__(self, wrap: Wrapper) -> None:
+        self._wrap = wrap
+        self._by_method: dict[str, tuple[object, Any]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler[Any, Any] | None, method: str) -> Any:
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = _wrap_handler(handler, self._wrap, method)
+        if handler is not None:
+            self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes: the one place that does.
 
@@ -53,15 +73,14 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, default_deadline_s: float | None = None) -> None:
         self._default_deadline_s = default_deadline_s
+        self._handlers = _WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        return _wrap_handler(
-            continuation(handler_call_details), self._wrap, handler_call_details.method
-        )
+        return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
     def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
         default = self._default_deadline_s
@@ -117,15 +136,14 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: SidecarMetrics | None = None) -> None:
         self._metrics = metrics
+        self._handlers = _WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        return _wrap_handler(
-            continuation(handler_call_details), self._wrap, handler_call_details.method
-        )
+        return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
     def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
         metrics = self._metrics
