@@ -101,12 +101,12 @@ def test_abort_never_completes_the_body(repo):
 
 
 def test_a_refused_put_makes_commit_answer_with_the_error(repo):
-    _Recorder.status = 503
+    _Recorder.status = 403
     seen: list[str] = []
     upload = _upload(repo, [b"x" * 1000], seen)
     error = upload.commit()
     assert isinstance(error, SidecarError)
-    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert error.code == grpc.StatusCode.PERMISSION_DENIED
     assert seen == ["error"]
 
 

@@ -26,6 +26,13 @@ def _wrapped_connection_error() -> MlflowException:
         return wrapped
 
 
+def _http_error(status: int) -> requests.exceptions.HTTPError:
+    """What MLflow's artifact proxy client raises for an HTTP error answer."""
+    response = requests.Response()
+    response.status_code = status
+    return requests.exceptions.HTTPError(f"{status} Client Error", response=response)
+
+
 @pytest.mark.parametrize(
     ("exc", "expected"),
     [
@@ -51,6 +58,13 @@ def _wrapped_connection_error() -> MlflowException:
             errors.UnavailableError,
         ),
         (_wrapped_connection_error(), errors.UnavailableError),
+        (_http_error(403), errors.PermissionDeniedError),
+        (_http_error(401), errors.UnauthenticatedError),
+        (_http_error(404), errors.NotFoundError),
+        (_http_error(400), errors.InvalidArgumentError),
+        (_http_error(418), errors.InternalError),
+        (_http_error(429), errors.UnavailableError),
+        (_http_error(503), errors.UnavailableError),
         (ValueError("odd"), errors.InternalError),
     ],
 )
@@ -61,6 +75,8 @@ def test_mlflow_errors_map_to_domain_errors(exc, expected):
 def test_only_transient_failures_are_retried():
     assert is_transient(_wrapped_connection_error())
     assert not is_transient(MlflowException("x", databricks_pb2.RESOURCE_DOES_NOT_EXIST))
+    assert is_transient(_http_error(502))
+    assert not is_transient(_http_error(403))
 
 
 @pytest.fixture()

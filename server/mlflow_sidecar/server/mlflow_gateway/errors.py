@@ -45,6 +45,15 @@ _INVALID_CODES = frozenset(
 _TRANSIENT_CODES = frozenset(
     {databricks_pb2.TEMPORARILY_UNAVAILABLE, databricks_pb2.REQUEST_LIMIT_EXCEEDED}
 )
+# Raw HTTP answers (the artifact proxy's): worth a retry only for these and for 5xx.
+_TRANSIENT_HTTP = frozenset({408, 425, 429})
+_BY_HTTP_STATUS: dict[int, type[SidecarError]] = {
+    401: UnauthenticatedError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: AlreadyExistsError,
+    413: ResourceExhaustedError,
+}
 # MLflow's own words for writes to a deleted run; it reports them as INVALID_PARAMETER_VALUE.
 _INACTIVE_RUN_MARKER = "must be in the 'active' state"
 
@@ -58,11 +67,21 @@ def _causes(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+def _http_status(exc: BaseException) -> int | None:
+    if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
+        return int(exc.response.status_code)
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see: connection errors, timeouts,
-    HTTP 408/429/5xx (MLflow raises those as RetryError when its own retries are off),
-    MLflow's TEMPORARILY_UNAVAILABLE, and a locked embedded SQLite database."""
+    HTTP 408/425/429/5xx (MLflow raises those as RetryError when its own retries are off),
+    MLflow's TEMPORARILY_UNAVAILABLE, and a locked embedded SQLite database. Other HTTP
+    4xx answers are not: asking again gets the same refusal."""
     for cause in _causes(exc):
+        status = _http_status(cause)
+        if status is not None:
+            return status >= 500 or status in _TRANSIENT_HTTP
         if isinstance(cause, requests.exceptions.RequestException):
             return True
         if isinstance(cause, OperationalError) and "locked" in str(cause):
@@ -88,6 +107,16 @@ def to_domain_error(exc: Exception) -> SidecarError:
                 return FailedPreconditionError(message)
             return InvalidArgumentError("", message)
         return _BY_ERROR_CODE.get(code, InternalError)(message)
+    return _from_http_status(exc)
+
+
+def _from_http_status(exc: Exception) -> SidecarError:
+    """The error for a raw HTTP refusal (the artifact proxy's), else INTERNAL."""
+    status = next((s for c in _causes(exc) if (s := _http_status(c)) is not None), None)
+    if status == 400:
+        return InvalidArgumentError("", f"MLflow refused the request: {exc}")
+    if status is not None:
+        return _BY_HTTP_STATUS.get(status, InternalError)(f"MLflow answered {status}: {exc}")
     return InternalError(f"{type(exc).__name__}: {exc}")
 
 
