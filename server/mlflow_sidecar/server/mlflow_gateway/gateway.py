@@ -532,9 +532,7 @@ class MlflowGateway:
         empty: then the file is stored with `log_artifact` once it is complete."""
         if size_bytes <= 0:
             return None
-        repo = self.call(
-            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
-        )
+        repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
         return StreamedUpload(repo, artifact_dir, file_name, size_bytes, self._observe)
@@ -547,12 +545,15 @@ class MlflowGateway:
         None when the run's artifact store is not MLflow's HTTP proxy: then the file is
         downloaded with `download_artifact` first (also when MLflow's answer has no
         Content-Length)."""
-        repo = self.call(
-            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
-        )
+        repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
         return self.call(lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes))
+
+    def _streaming_repository(self, artifact_uri: str) -> Any | None:
+        return self.call(
+            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
+        )
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""

@@ -17,17 +17,25 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 _ANSWER_MARGIN_S = 0.1
 
 
-def _first(column: Sequence[object], value: object) -> int:
-    return column.index(value)
+def _at(error: InvalidArgumentError, index: int) -> InvalidArgumentError:
+    """The same complaint, naming the point it is about."""
+    problem = error.message.removeprefix(f"{error.field}: ")
+    return InvalidArgumentError(f"points[{index}].{error.field}", problem)
 
 
 def _check_points(points: MetricColumns) -> None:
     # A training loop repeats a few run ids and keys thousands of times: check each
-    # distinct one once, and name the first point that carries a bad one.
+    # distinct one once; only a bad one is looked for, to name its first point.
     for run_id in dict.fromkeys(points.run_ids):
-        check.require(f"points[{_first(points.run_ids, run_id)}].run_id", run_id, max_length=64)
+        try:
+            check.require("run_id", run_id, max_length=64)
+        except InvalidArgumentError as exc:
+            raise _at(exc, points.run_ids.index(run_id)) from None
     for key in dict.fromkeys(points.keys):
-        check.key(f"points[{_first(points.keys, key)}].key", key)
+        try:
+            check.key("key", key)
+        except InvalidArgumentError as exc:
+            raise _at(exc, points.keys.index(key)) from None
     if points.timestamps_ms and min(points.timestamps_ms) < 0:
         index = next(i for i, t in enumerate(points.timestamps_ms) if t < 0)
         raise InvalidArgumentError(f"points[{index}].timestamp_ms", "must not be negative")
