@@ -17,7 +17,9 @@ class CountingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         self, request_iterator: Iterator[pb.StreamMetricsRequest], context: grpc.ServicerContext
     ) -> pb.StreamMetricsResponse:
         return pb.StreamMetricsResponse(
-            accepted_points=sum(len(m.points) for m in request_iterator)
+            accepted_points=sum(
+                len(m.points) + sum(len(s.values) for s in m.series) for m in request_iterator
+            )
         )
 
 

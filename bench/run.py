@@ -144,12 +144,21 @@ def grpc_raw_stream(count: int) -> float:
             data = points("0" * 32, count, "raw")
 
             def messages():
-                # The fastest way to fill a message from Python: in place, no copies.
+                # The same messages the typed client sends, filled the fastest way
+                # Python has: columns per run and key, packed by protobuf in C.
                 for i in range(0, count, 1000):
-                    message = pb.StreamMetricsRequest()
-                    add = message.points.add
+                    columns: dict[tuple[str, str], tuple[list, list, list]] = {}
                     for r, k, v, ts, s in data[i : i + 1000]:
-                        add(run_id=r, key=k, value=v, timestamp_ms=ts, step=s)
+                        series = columns.get((r, k))
+                        if series is None:
+                            series = columns[(r, k)] = ([], [], [])
+                        series[0].append(v)
+                        series[1].append(ts)
+                        series[2].append(s)
+                    message = pb.StreamMetricsRequest()
+                    add = message.series.add
+                    for (r, k), (values, stamps, steps) in columns.items():
+                        add(run_id=r, key=k, values=values, timestamps_ms=stamps, steps=steps)
                     yield message
 
             started = time.perf_counter()

@@ -70,6 +70,76 @@ def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "2"
 
 
+def test_points_and_series_of_one_message_all_reach_mlflow(
+    tracking_stub, mlflow_server, unique
+):
+    exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"series-{unique}"))
+    run_id = tracking_stub.StartRun(
+        pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
+    ).run.info.run_id
+    message = pb.StreamMetricsRequest(
+        points=[pb.MetricPoint(run_id=run_id, key="loss", value=0.5, timestamp_ms=1000, step=0)],
+        series=[
+            pb.MetricSeries(
+                run_id=run_id,
+                key="reward",
+                values=[float(i) for i in range(3000)],
+                timestamps_ms=[0] * 3000,  # stamped on arrival
+                steps=list(range(3000)),
+            ),
+            pb.MetricSeries(
+                run_id=run_id, key="loss", values=[0.25], timestamps_ms=[2000], steps=[1]
+            ),
+        ],
+    )
+    reply = tracking_stub.StreamMetrics(iter([message]))
+    assert reply.accepted_points == 3002
+    flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
+    assert flushed.pending_points == 0 and flushed.dead_letter_points == 0
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    assert full_history(plain, run_id, "reward") == [(i, float(i)) for i in range(3000)]
+    assert all(m.timestamp > 0 for m in plain.get_metric_history(run_id, "reward"))
+    assert full_history(plain, run_id, "loss") == [(0, 0.5), (1, 0.25)]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field"),
+    [
+        (lambda s: s.steps.pop(), "series[0]"),
+        (lambda s: setattr(s, "key", "a" * 251), "series[0].key"),
+        (lambda s: s.timestamps_ms.__setitem__(1, -1), "series[0].timestamps_ms[1]"),
+    ],
+)
+def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, field):
+    exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"bad-{unique}"))
+    run_id = tracking_stub.StartRun(
+        pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
+    ).run.info.run_id
+    good = pb.StreamMetricsRequest(
+        series=[pb.MetricSeries(run_id=run_id, key="ok", values=[1.0], timestamps_ms=[1], steps=[0])]
+    )
+    bad = pb.StreamMetricsRequest(
+        points=[pb.MetricPoint(run_id=run_id, key="first", value=1.0)],
+        series=[
+            pb.MetricSeries(
+                run_id=run_id, key="k", values=[1.0, 2.0], timestamps_ms=[1, 2], steps=[0, 1]
+            )
+        ],
+    )
+    spoil(bad.series[0])
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.StreamMetrics(iter([good, bad]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field)
+    assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "1"
+    flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
+    assert flushed.pending_points == 0
+    history = tracking_stub.GetMetricHistory(
+        pb.GetMetricHistoryRequest(run_id=run_id, metric_key="first")
+    )
+    assert list(history.metrics) == []  # the refused message's single point too
+
+
 def test_points_of_deleted_runs_are_dead_lettered_and_visible(
     sidecar, tracking_stub, mlflow_server, unique
 ):

@@ -1,11 +1,16 @@
-"""`MetricStream.log` keeps points as tuples and builds messages a batch at a time: the
-types protobuf would refuse are still refused at the call that logs them."""
+"""`MetricStream.log` keeps a batch as columns per run and key and sends them as packed
+series: the points the sidecar would refuse are still refused at the call that logs
+them, and the sidecar reads both forms of a message back as the same points."""
 
 from __future__ import annotations
+
+import threading
+import time
 
 import numpy as np
 import pytest
 
+from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -17,7 +22,8 @@ class _StreamCall:
     def with_call(self, requests, timeout=None, **kwargs):
         batch = list(requests)
         self.messages.extend(batch)
-        return pb.StreamMetricsResponse(accepted_points=sum(len(m.points) for m in batch)), None
+        accepted = sum(len(s.values) for m in batch for s in m.series)
+        return pb.StreamMetricsResponse(accepted_points=accepted), None
 
 
 class FakeStub:
@@ -32,11 +38,29 @@ def test_points_arrive_in_order_in_batches():
         stream.log("r1", "reward", step * 0.5, step=step, timestamp_ms=1000 + step)
     assert stream.close() == 7
     messages = stub.StreamMetrics.messages
-    assert [len(m.points) for m in messages] == [3, 3, 1]
-    sent = [p for m in messages for p in m.points]
+    assert [len(m.series) for m in messages] == [1, 1, 1]
+    assert [len(m.series[0].values) for m in messages] == [3, 3, 1]
+    sent = [p for m in messages for p in conv.metric_columns_from_pb(m)]
     assert [(p.run_id, p.key, p.value, p.timestamp_ms, p.step) for p in sent] == [
         ("r1", "reward", s * 0.5, 1000 + s, s) for s in range(7)
     ]
+
+
+def test_a_batch_holds_one_series_per_run_and_key():
+    stub = FakeStub()
+    stream = MetricStream(stub, max_batch_points=6)  # type: ignore[arg-type]
+    for step in range(2):
+        stream.log_metrics("r1", {"reward": 1.0 + step, "loss": 2.0 + step}, step=step)
+        stream.log("r2", "reward", 3.0 + step, step=step, timestamp_ms=50)
+    assert stream.close() == 6
+    (message,) = stub.StreamMetrics.messages
+    assert [(s.run_id, s.key, list(s.values), list(s.steps)) for s in message.series] == [
+        ("r1", "reward", [1.0, 2.0], [0, 1]),
+        ("r1", "loss", [2.0, 3.0], [0, 1]),
+        ("r2", "reward", [3.0, 4.0], [0, 1]),
+    ]
+    assert list(message.series[2].timestamps_ms) == [50, 50]
+    assert all(t > 0 for s in message.series for t in s.timestamps_ms)
 
 
 def test_numbers_of_other_types_are_converted_as_protobuf_would():
@@ -45,7 +69,7 @@ def test_numbers_of_other_types_are_converted_as_protobuf_would():
     stream.log("r1", "loss", np.float32(1.5), step=np.int64(3))  # type: ignore[arg-type]
     stream.log("r1", "loss", 2, step=4, timestamp_ms=77)
     assert stream.close() == 2
-    first, second = stub.StreamMetrics.messages[0].points
+    first, second = conv.metric_columns_from_pb(stub.StreamMetrics.messages[0])
     assert (first.value, first.step) == (1.5, 3)
     assert first.timestamp_ms > 0  # stamped at log time
     assert (second.value, second.step, second.timestamp_ms) == (2.0, 4, 77)
@@ -60,6 +84,7 @@ def test_numbers_of_other_types_are_converted_as_protobuf_would():
         ({"timestamp_ms": "now"}, "integer"),
         ({"run_id": 5}, "run_id must be a str"),
         ({"key": b"loss"}, "key must be a str"),
+        ({"run_id": ["r1"]}, "run_id must be a str"),
     ],
 )
 def test_wrong_types_are_refused_at_the_call(args, message):
@@ -68,6 +93,25 @@ def test_wrong_types_are_refused_at_the_call(args, message):
     point = {"run_id": "r1", "key": "loss", "value": 1.0, "step": 1, "timestamp_ms": 0} | args
     with pytest.raises(TypeError, match=message):
         stream.log(point.pop("run_id"), point.pop("key"), point.pop("value"), **point)
+    stream.log("r1", "loss", 1.0)  # the stream carries on
+    assert stream.close() == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ({"timestamp_ms": -1}, "timestamp_ms must be in"),
+        ({"timestamp_ms": 2**63}, "timestamp_ms must be in"),
+        ({"step": 2**63}, "step must fit in 64 bits"),
+        ({"step": -(2**63) - 1}, "step must fit in 64 bits"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_at_the_call(args, message):
+    # Caught later, such a point would spoil the whole batch it was cut into.
+    stub = FakeStub()
+    stream = MetricStream(stub)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        stream.log("r1", "loss", 1.0, **({"step": 1, "timestamp_ms": 0} | args))
     stream.log("r1", "loss", 1.0)  # the stream carries on
     assert stream.close() == 1
 
@@ -106,3 +150,108 @@ def test_the_first_bad_point_of_a_message_is_named(column, bad, field):
     with pytest.raises(InvalidArgumentError) as err:
         _check_points(columns)
     assert err.value.field == field
+
+
+def _request_with_series() -> pb.StreamMetricsRequest:
+    return pb.StreamMetricsRequest(
+        points=[pb.MetricPoint(run_id="r0", key="a", value=1.0, timestamp_ms=7, step=1)],
+        series=[
+            pb.MetricSeries(run_id="r1", key="b"),  # empty: no points
+            pb.MetricSeries(
+                run_id="r1", key="c", values=[2.0, 3.0], timestamps_ms=[8, 9], steps=[2, 3]
+            ),
+            pb.MetricSeries(run_id="r2", key="d", values=[4.0], timestamps_ms=[10], steps=[4]),
+        ],
+    )
+
+
+def test_points_and_series_of_one_message_read_back_as_points_in_order():
+    from mlflow_sidecar.client.domain import MetricPoint
+
+    assert list(conv.metric_columns_from_pb(_request_with_series())) == [
+        MetricPoint("r0", "a", 1.0, 7, 1),
+        MetricPoint("r1", "c", 2.0, 8, 2),
+        MetricPoint("r1", "c", 3.0, 9, 3),
+        MetricPoint("r2", "d", 4.0, 10, 4),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("index", "field", "name"),
+    [
+        (0, "key", "points[0].key"),
+        (1, "run_id", "series[1].run_id"),
+        (2, "timestamp_ms", "series[1].timestamps_ms[1]"),
+        (3, "key", "series[2].key"),
+        (3, "step", "series[2].steps[0]"),
+    ],
+)
+def test_a_point_is_named_as_its_request_sent_it(index, field, name):
+    assert conv.metric_columns_from_pb(_request_with_series()).field_name(index, field) == name
+
+
+def test_a_series_with_columns_of_different_lengths_is_refused():
+    from mlflow_sidecar.client.errors import InvalidArgumentError
+
+    request = _request_with_series()
+    del request.series[1].steps[1]
+    with pytest.raises(InvalidArgumentError) as err:
+        conv.metric_columns_from_pb(request)
+    assert err.value.field == "series[1]"
+    assert "got 2, 2 and 1" in err.value.message
+
+
+def test_a_bad_point_of_a_series_is_named_by_its_series():
+    from mlflow_sidecar.client.errors import InvalidArgumentError
+    from mlflow_sidecar.server.services.metric_ingest import _check_points
+
+    request = _request_with_series()
+    request.series[2].key = "bad\x00key"
+    with pytest.raises(InvalidArgumentError) as err:
+        _check_points(conv.metric_columns_from_pb(request))
+    assert err.value.field == "series[2].key"
+    request.series[2].key = "d"
+    request.series[1].timestamps_ms[1] = -5
+    with pytest.raises(InvalidArgumentError) as err:
+        _check_points(conv.metric_columns_from_pb(request))
+    assert err.value.field == "series[1].timestamps_ms[1]"
+
+
+class _StalledCall:
+    """Takes one message, then waits until released: the sidecar is not reading."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.points = 0
+
+    def with_call(self, requests, timeout=None, **kwargs):
+        for message in requests:
+            self.release.wait()
+            self.points += sum(len(s.values) for s in message.series)
+        return pb.StreamMetricsResponse(accepted_points=self.points), None
+
+
+def test_log_blocks_while_the_buffer_is_full_and_loses_nothing():
+    stub = FakeStub()
+    stub.StreamMetrics = _StalledCall()  # type: ignore[assignment]
+    stream = MetricStream(stub, max_batch_points=10, max_buffered_points=30)  # type: ignore[arg-type]
+    logged: list[int] = []
+
+    def trainer() -> None:
+        for step in range(100):
+            stream.log("r1", "loss", 1.0, step=step, timestamp_ms=5)
+            logged.append(step)
+
+    thread = threading.Thread(target=trainer)
+    thread.start()
+    # One message in flight, three queued: the call that queued the third waits.
+    deadline = time.monotonic() + 10
+    while len(logged) < 39 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    thread.join(0.3)
+    assert thread.is_alive()
+    assert len(logged) == 39
+    stub.StreamMetrics.release.set()
+    thread.join(10)
+    assert not thread.is_alive()
+    assert stream.close() == 100

@@ -6,8 +6,6 @@ clients both use it, so the two sides cannot drift apart.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from mlflow_sidecar.client.domain import (
     Experiment,
     FileInfo,
@@ -23,6 +21,7 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
+from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -128,15 +127,34 @@ def metric_point_to_pb(point: MetricPoint) -> pb.MetricPoint:
     )
 
 
-def metric_columns_from_pb(points: Sequence[pb.MetricPoint]) -> MetricColumns:
-    """The points of a StreamMetrics message as columns (no object per point)."""
-    return MetricColumns(
-        [p.run_id for p in points],
-        [p.key for p in points],
-        [p.value for p in points],
-        [p.timestamp_ms for p in points],
-        [p.step for p in points],
-    )
+def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
+    """The points of a StreamMetrics message as columns (no object per point): its
+    `points` first, then each series.
+
+    InvalidArgumentError names a series whose columns differ in length."""
+    points = message.points
+    run_ids = [p.run_id for p in points]
+    keys = [p.key for p in points]
+    values = [p.value for p in points]
+    timestamps_ms = [p.timestamp_ms for p in points]
+    steps = [p.step for p in points]
+    starts: list[int] = []
+    for index, series in enumerate(message.series):
+        count = len(series.values)
+        if len(series.timestamps_ms) != count or len(series.steps) != count:
+            raise InvalidArgumentError(
+                f"series[{index}]",
+                f"values, timestamps_ms and steps must have the same length, got {count},"
+                f" {len(series.timestamps_ms)} and {len(series.steps)}",
+            )
+        starts.append(len(values))
+        # Packed columns extend in C: the run id and key are not read per point.
+        run_ids += [series.run_id] * count
+        keys += [series.key] * count
+        values += series.values
+        timestamps_ms += series.timestamps_ms
+        steps += series.steps
+    return MetricColumns(run_ids, keys, values, timestamps_ms, steps, series_starts=starts)
 
 
 def run_to_pb(run: Run) -> pb.Run:

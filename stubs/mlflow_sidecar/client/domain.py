@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -100,15 +101,23 @@ class MetricPoint:
     step: int = 0
 
 
+# A point's field and the column a MetricSeries message keeps it in.
+_SERIES_COLUMNS = {"value": "values", "timestamp_ms": "timestamps_ms", "step": "steps"}
+
+
 class MetricColumns(Sequence[MetricPoint]):
     """Metric points of any runs in columns, as they come off the wire: point i is
     (run_ids[i], keys[i], values[i], timestamps_ms[i], steps[i]).
 
     A sequence of MetricPoint like any other, but the streaming path never builds one
     object per point: that alone cost more than everything else the sidecar does with it.
+
+    `series_starts` remembers where each series of a StreamMetrics message begins (the
+    points before the first one were sent one by one), so that an error can name a
+    point the way its request did; slices and `take` forget it.
     """
 
-    __slots__ = ("keys", "run_ids", "steps", "timestamps_ms", "values")
+    __slots__ = ("keys", "run_ids", "series_starts", "steps", "timestamps_ms", "values")
 
     def __init__(
         self,
@@ -117,6 +126,8 @@ class MetricColumns(Sequence[MetricPoint]):
         values: list[float],
         timestamps_ms: list[int],
         steps: list[int],
+        *,
+        series_starts: Sequence[int] = (),
     ) -> None:
         if not len(run_ids) == len(keys) == len(values) == len(timestamps_ms) == len(steps):
             raise ValueError("metric columns must all have the same length")
@@ -125,6 +136,21 @@ class MetricColumns(Sequence[MetricPoint]):
         self.values = values
         self.timestamps_ms = timestamps_ms
         self.steps = steps
+        self.series_starts = series_starts
+
+    def field_name(self, index: int, field: str) -> str:
+        """How the request named `field` of point `index`: `points[i].key` for a point
+        sent on its own, `series[j].key` or `series[j].timestamps_ms[k]` for one sent
+        in a series."""
+        starts = self.series_starts
+        if not starts or index < starts[0]:
+            return f"points[{index}].{field}"
+        # bisect_right: an empty series shares its start with the next one.
+        which = bisect.bisect_right(starts, index) - 1
+        if field in ("run_id", "key"):
+            return f"series[{which}].{field}"
+        column = _SERIES_COLUMNS.get(field, field)
+        return f"series[{which}].{column}[{index - starts[which]}]"
 
     @classmethod
     def from_points(cls, points: Iterable[MetricPoint]) -> MetricColumns:

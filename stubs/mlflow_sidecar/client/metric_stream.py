@@ -39,28 +39,29 @@ from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+_INT64_MAX = 2**63 - 1
+
+# One run's points of one key while a batch fills: values, timestamps_ms, steps.
+_Columns = tuple[list[float], list[int], list[int]]
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _checked_point(
-    run_id: Any, key: Any, value: Any, timestamp_ms: Any, step: Any
-) -> tuple[str, str, float, int, int]:
-    """The point as protobuf will take it, or TypeError naming what it would not take.
+def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
+    """A point's numbers as protobuf will take them, or the TypeError or ValueError
+    that names what the sidecar would refuse.
 
     Numbers of other types (numpy's, say) are converted, as protobuf converts them."""
-    for name, text in (("run_id", run_id), ("key", key)):
-        if not isinstance(text, str):
-            raise TypeError(f"{name} must be a str, not {type(text).__name__}")
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
         raise TypeError(f"metric {key!r}: value must be a number, not {type(value).__name__}")
-    return (
-        run_id,
-        key,
-        float(value),
-        operator.index(timestamp_ms) or _now_ms(),
-        operator.index(step),
-    )
+    stamp, number = operator.index(timestamp_ms), operator.index(step)
+    if not 0 <= stamp <= _INT64_MAX:
+        raise ValueError(f"metric {key!r}: timestamp_ms must be in [0, 2**63), got {stamp}")
+    if not -_INT64_MAX - 1 <= number <= _INT64_MAX:
+        raise ValueError(f"metric {key!r}: step must fit in 64 bits, got {number}")
+    return float(value), stamp, number
 
 
 class MetricStream:
@@ -82,12 +83,18 @@ class MetricStream:
         self._window_s = call_window_s
         self._max_buffered = max_buffered_points
         self._retry_budget_s = retry_budget_s
-        self._cond = threading.Condition()
-        self._buffer: list[tuple[str, str, float, int, int]] = []
-        self._buffer_since = 0.0
-        self._queue: collections.deque[pb.StreamMetricsRequest] = collections.deque()
+        # log() takes the bare lock (cheaper than entering the Condition); waits use
+        # the Condition around the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        # The batch being filled: columns per (run_id, key), `_count` points in all.
+        self._batch: dict[tuple[str, str], _Columns] = {}
+        self._count = 0
+        self._batch_since = 0.0
+        # Cut messages with their point counts, oldest first.
+        self._queue: collections.deque[tuple[pb.StreamMetricsRequest, int]] = collections.deque()
         self._queued_points = 0
-        self._in_flight: list[pb.StreamMetricsRequest] = []
+        self._in_flight: list[tuple[pb.StreamMetricsRequest, int]] = []
         self._accepted = 0
         self._error: SidecarError | None = None
         self._closing = False
@@ -109,28 +116,36 @@ class MetricStream:
     ) -> None:
         """Buffer one point; blocks only while the buffer is full (backpressure).
 
-        Raises TypeError at once for a point of the wrong types."""
-        # The hot path of a training loop: the point waits as a tuple and its protobuf
-        # message is built with its batch's, so its types are checked here, cheaply.
-        if (
+        Raises TypeError (or ValueError, for a number out of range) at once for a point
+        the sidecar would refuse: it never reaches a batch."""
+        # The hot path of a training loop: a lookup and three list appends. A batch
+        # becomes packed columns per run and key only when it is cut.
+        if not (
             type(value) is float
             and type(step) is int
             and type(timestamp_ms) is int
-            and type(run_id) is str
-            and type(key) is str
+            and 0 <= timestamp_ms <= _INT64_MAX
+            and -_INT64_MAX <= step <= _INT64_MAX
         ):
-            point = (run_id, key, value, timestamp_ms or _now_ms(), step)
-        else:
-            point = _checked_point(run_id, key, value, timestamp_ms, step)
-        with self._cond:
-            if self._error is not None or self._buffered() >= self._max_buffered:
-                self._wait_for_room()
-            buffer = self._buffer
-            if not buffer:
-                self._buffer_since = time.monotonic()
-            buffer.append(point)
-            if len(buffer) >= self._max_batch:
+            value, timestamp_ms, step = _checked_numbers(key, value, timestamp_ms, step)
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            try:
+                columns = self._batch.get((run_id, key))
+            except TypeError:  # unhashable: not a str either
+                columns = None
+            if columns is None:
+                columns = self._open_columns(run_id, key)
+            columns[0].append(value)
+            columns[1].append(timestamp_ms or _now_ms())
+            columns[2].append(step)
+            self._count += 1
+            if self._count >= self._max_batch:
                 self._cut()
+                # Backpressure: the call that queues a batch past the limit waits.
+                if self._queued_points >= self._max_buffered:
+                    self._wait_for_room()
 
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
@@ -183,7 +198,17 @@ class MetricStream:
     # -- internals (callers hold self._cond) -------------------------------------------
 
     def _buffered(self) -> int:
-        return len(self._buffer) + self._queued_points
+        return self._count + self._queued_points
+
+    def _open_columns(self, run_id: str, key: str) -> _Columns:
+        for name, text in (("run_id", run_id), ("key", key)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name} must be a str, not {type(text).__name__}")
+        if not self._count:
+            self._batch_since = time.monotonic()
+        columns: _Columns = ([], [], [])
+        self._batch[(run_id, key)] = columns
+        return columns
 
     def _wait_for_room(self) -> None:
         self._raise_if_failed()
@@ -192,16 +217,15 @@ class MetricStream:
         self._raise_if_failed()
 
     def _cut(self) -> None:
-        if self._buffer:
+        if self._count:
             message = pb.StreamMetricsRequest()
-            # Filling the repeated field in place: half the cost of building each point
-            # as a message of its own and copying it in.
-            add = message.points.add
-            for r, k, v, t, s in self._buffer:
-                add(run_id=r, key=k, value=v, timestamp_ms=t, step=s)
-            self._queue.append(message)
-            self._queued_points += len(self._buffer)
-            self._buffer = []
+            add = message.series.add
+            for (run_id, key), (values, stamps, steps) in self._batch.items():
+                add(run_id=run_id, key=key, values=values, timestamps_ms=stamps, steps=steps)
+            self._queue.append((message, self._count))
+            self._queued_points += self._count
+            self._batch = {}
+            self._count = 0
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -215,7 +239,7 @@ class MetricStream:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    if self._buffer and time.monotonic() - self._buffer_since >= self._max_delay_s:
+                    if self._count and time.monotonic() - self._batch_since >= self._max_delay_s:
                         self._cut()
                         break
                     self._cond.wait(self._max_delay_s / 2)
@@ -243,15 +267,15 @@ class MetricStream:
                 while not self._queue and not self._closing:
                     if self._flushing or time.monotonic() - started >= self._window_s:
                         return
-                    if self._buffer and time.monotonic() - self._buffer_since >= self._max_delay_s:
+                    if self._count and time.monotonic() - self._batch_since >= self._max_delay_s:
                         self._cut()
                         continue
                     self._cond.wait(0.02)
                 if not self._queue:
                     return
-                message = self._queue.popleft()
-                self._queued_points -= len(message.points)
-                self._in_flight.append(message)
+                message, count = self._queue.popleft()
+                self._queued_points -= count
+                self._in_flight.append((message, count))
             yield message
 
     def _send_window(self) -> grpc.StatusCode | None:
@@ -272,13 +296,13 @@ class MetricStream:
         with self._cond:
             # Messages are committed whole and in order: drop those the sidecar accepted.
             done = 0
-            while self._in_flight and done + len(self._in_flight[0].points) <= accepted:
-                done += len(self._in_flight.pop(0).points)
+            while self._in_flight and done + self._in_flight[0][1] <= accepted:
+                done += self._in_flight.pop(0)[1]
             self._accepted += done
             if code in _RETRYABLE:
-                for message in reversed(self._in_flight):
-                    self._queue.appendleft(message)
-                    self._queued_points += len(message.points)
+                for message, count in reversed(self._in_flight):
+                    self._queue.appendleft((message, count))
+                    self._queued_points += count
                 self._in_flight.clear()
                 self._cond.notify_all()
                 return code

@@ -134,9 +134,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         accepted = 0
         try:
             for message in request_iterator:
-                accepted += self._service.enqueue_metrics(
-                    conv.metric_columns_from_pb(message.points)
-                )
+                accepted += self._service.enqueue_metrics(conv.metric_columns_from_pb(message))
         finally:
             # Tells a client whose stream failed midway how much of it is safe in the spool.
             context.set_trailing_metadata(((ACCEPTED_POINTS_METADATA, str(accepted)),))

@@ -17,10 +17,10 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 _ANSWER_MARGIN_S = 0.1
 
 
-def _at(error: InvalidArgumentError, index: int) -> InvalidArgumentError:
-    """The same complaint, naming the point it is about."""
+def _at(error: InvalidArgumentError, points: MetricColumns, index: int) -> InvalidArgumentError:
+    """The same complaint, naming the point it is about as its request did."""
     problem = error.message.removeprefix(f"{error.field}: ")
-    return InvalidArgumentError(f"points[{index}].{error.field}", problem)
+    return InvalidArgumentError(points.field_name(index, error.field), problem)
 
 
 def _check_points(points: MetricColumns) -> None:
@@ -30,15 +30,16 @@ def _check_points(points: MetricColumns) -> None:
         try:
             check.require("run_id", run_id, max_length=64)
         except InvalidArgumentError as exc:
-            raise _at(exc, points.run_ids.index(run_id)) from None
+            raise _at(exc, points, points.run_ids.index(run_id)) from None
     for key in dict.fromkeys(points.keys):
         try:
             check.key("key", key)
         except InvalidArgumentError as exc:
-            raise _at(exc, points.keys.index(key)) from None
+            raise _at(exc, points, points.keys.index(key)) from None
     if points.timestamps_ms and min(points.timestamps_ms) < 0:
         index = next(i for i, t in enumerate(points.timestamps_ms) if t < 0)
-        raise InvalidArgumentError(f"points[{index}].timestamp_ms", "must not be negative")
+        field = points.field_name(index, "timestamp_ms")
+        raise InvalidArgumentError(field, "must not be negative")
 
 
 def _now_ms() -> int:
