@@ -70,9 +70,7 @@ def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "2"
 
 
-def test_points_and_series_of_one_message_all_reach_mlflow(
-    tracking_stub, mlflow_server, unique
-):
+def test_points_and_series_of_one_message_all_reach_mlflow(tracking_stub, mlflow_server, unique):
     exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"series-{unique}"))
     run_id = tracking_stub.StartRun(
         pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
@@ -116,7 +114,9 @@ def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, fi
         pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
     ).run.info.run_id
     good = pb.StreamMetricsRequest(
-        series=[pb.MetricSeries(run_id=run_id, key="ok", values=[1.0], timestamps_ms=[1], steps=[0])]
+        series=[
+            pb.MetricSeries(run_id=run_id, key="ok", values=[1.0], timestamps_ms=[1], steps=[0])
+        ]
     )
     bad = pb.StreamMetricsRequest(
         points=[pb.MetricPoint(run_id=run_id, key="first", value=1.0)],
