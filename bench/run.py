@@ -228,7 +228,14 @@ def start_sidecar(sidecar: SidecarProcess) -> float:
     started = time.perf_counter()
     sidecar.launch()
     request = health_pb2.HealthCheckRequest()
-    with grpc.insecure_channel(sidecar.target) as channel:
+    # grpc waits out a reconnect backoff (1 s at first) after a refused connection; a
+    # probe with the default would measure its own backoff rather than the sidecar.
+    probing = [
+        ("grpc.initial_reconnect_backoff_ms", 20),
+        ("grpc.min_reconnect_backoff_ms", 20),
+        ("grpc.max_reconnect_backoff_ms", 100),
+    ]
+    with grpc.insecure_channel(sidecar.target, options=probing) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.perf_counter() - started < 120:
             try:
@@ -278,12 +285,12 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
     ),
     (
         "upload >= 0.8x direct",
-        lambda r: r.get("upload_sidecar_mb_s", 0) >= 0.8 * r.get("upload_direct_mb_s", 1),
+        lambda r: r["upload_sidecar_mb_s"] >= 0.8 * r["upload_direct_mb_s"],
         "",
     ),
     (
         "download >= 0.8x direct",
-        lambda r: r.get("download_sidecar_mb_s", 0) >= 0.8 * r.get("download_direct_mb_s", 1),
+        lambda r: r["download_sidecar_mb_s"] >= 0.8 * r["download_direct_mb_s"],
         "",
     ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
@@ -454,10 +461,10 @@ def report(results: dict[str, float], quick: bool) -> None:
     print()
     for name, check, _ in TARGETS:
         try:
-            ok = check(results)
-        except KeyError:
-            ok = False
-        print(f"{'PASS' if ok else 'MISS'}  {name}")
+            verdict = "PASS" if check(results) else "MISS"
+        except KeyError:  # its scenario was left out with --only
+            verdict = "----"
+        print(f"{verdict}  {name}")
 
 
 if __name__ == "__main__":
