@@ -9,9 +9,9 @@
 messages (packed `series`) by count and by age, and sent on a background thread. Each
 call carries messages for a short window; a window that fails with UNAVAILABLE is sent
 again (points carry their timestamps, so a resend is an exact duplicate that MLflow
-ignores). While the spool is full
-(RESOURCE_EXHAUSTED) the stream backs off and `log` blocks once its buffer is full:
-backpressure reaches the trainer instead of points being dropped.
+ignores). While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log`
+blocks once its buffer is full: backpressure reaches the trainer instead of points
+being dropped.
 """
 
 from __future__ import annotations
