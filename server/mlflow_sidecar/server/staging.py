@@ -2,9 +2,9 @@
 
 Uploads for stores that take files, not streams (the embedded store, a bucket written
 directly), and model uploads, are written here while they arrive (never held in memory)
-and handed over once verified; artifacts for MLflow's HTTP artifact proxy skip it. Downloads
-that MLflow cannot stream land here before they go out. Every transfer gets its own directory and
-removes it when it ends, however it ends.
+and handed over once verified; artifacts for MLflow's HTTP artifact proxy skip it.
+Downloads that MLflow cannot stream land here before they go out. Every transfer gets its
+own directory and removes it when it ends, however it ends.
 """
 
 from __future__ import annotations

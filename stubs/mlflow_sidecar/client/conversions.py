@@ -132,12 +132,7 @@ def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
     `points` first, then each series.
 
     InvalidArgumentError names a series whose columns differ in length."""
-    points = message.points
-    run_ids = [p.run_id for p in points]
-    keys = [p.key for p in points]
-    values = [p.value for p in points]
-    timestamps_ms = [p.timestamp_ms for p in points]
-    steps = [p.step for p in points]
+    columns = MetricColumns.from_points(message.points)
     starts: list[int] = []
     for index, series in enumerate(message.series):
         count = len(series.values)
@@ -147,14 +142,15 @@ def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
                 f"values, timestamps_ms and steps must have the same length, got {count},"
                 f" {len(series.timestamps_ms)} and {len(series.steps)}",
             )
-        starts.append(len(values))
+        starts.append(len(columns))
         # Packed columns extend in C: the run id and key are not read per point.
-        run_ids += [series.run_id] * count
-        keys += [series.key] * count
-        values += series.values
-        timestamps_ms += series.timestamps_ms
-        steps += series.steps
-    return MetricColumns(run_ids, keys, values, timestamps_ms, steps, series_starts=starts)
+        columns.run_ids += [series.run_id] * count
+        columns.keys += [series.key] * count
+        columns.values += series.values
+        columns.timestamps_ms += series.timestamps_ms
+        columns.steps += series.steps
+    columns.series_starts = starts
+    return columns
 
 
 def run_to_pb(run: Run) -> pb.Run:

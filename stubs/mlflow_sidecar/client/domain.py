@@ -6,7 +6,7 @@ import bisect
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeAlias, TypeVar, overload
+from typing import Generic, Protocol, TypeAlias, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -101,6 +101,25 @@ class MetricPoint:
     step: int = 0
 
 
+class PointFields(Protocol):
+    """Anything with the fields of a metric point: MetricPoint, or its protobuf message."""
+
+    @property
+    def run_id(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def value(self) -> float: ...
+
+    @property
+    def timestamp_ms(self) -> int: ...
+
+    @property
+    def step(self) -> int: ...
+
+
 # A point's field and the column a MetricSeries message keeps it in.
 _SERIES_COLUMNS = {"value": "values", "timestamp_ms": "timestamps_ms", "step": "steps"}
 
@@ -153,7 +172,7 @@ class MetricColumns(Sequence[MetricPoint]):
         return f"series[{which}].{column}[{index - starts[which]}]"
 
     @classmethod
-    def from_points(cls, points: Iterable[MetricPoint]) -> MetricColumns:
+    def from_points(cls, points: Iterable[PointFields]) -> MetricColumns:
         """The columns of `points` (itself, when it already is columns)."""
         if isinstance(points, MetricColumns):
             return points

@@ -26,7 +26,7 @@ def ensure_active(context: grpc.ServicerContext) -> None:
 
 class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     """Converts requests to port calls and results to responses; artifact bytes go
-    through `transfers` as they arrive, with a copy of uploads in `staging` on disk."""
+    through `transfers` as they arrive (staged on disk only for stores that take files)."""
 
     def __init__(
         self, service: ExperimentTracking, transfers: ArtifactTransfers, staging: Staging
