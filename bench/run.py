@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
+from mlflow_sidecar.client.metric_stream import DEFAULT_BATCH_POINTS  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2 as pb  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc  # noqa: E402
 from tests.support.processes import MlflowServer, free_port  # noqa: E402
@@ -146,9 +147,9 @@ def grpc_raw_stream(count: int) -> float:
             def messages():
                 # The same messages the typed client sends, filled the fastest way
                 # Python has: columns per run and key, packed by protobuf in C.
-                for i in range(0, count, 1000):
+                for i in range(0, count, DEFAULT_BATCH_POINTS):
                     columns: dict[tuple[str, str], tuple[list, list, list]] = {}
-                    for r, k, v, ts, s in data[i : i + 1000]:
+                    for r, k, v, ts, s in data[i : i + DEFAULT_BATCH_POINTS]:
                         series = columns.get((r, k))
                         if series is None:
                             series = columns[(r, k)] = ([], [], [])

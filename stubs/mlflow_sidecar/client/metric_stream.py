@@ -5,13 +5,21 @@
             stream.log_metrics(run_id, {"reward": r, "loss": l}, step=step)
     # on exit every point is in the sidecar's durable spool
 
-`log` never waits for MLflow: points are buffered as columns per run and key, cut into
-messages (packed `series`) by count and by age, and sent on a background thread. Each
-call carries messages for a short window; a window that fails with UNAVAILABLE is sent
+`log` never waits for MLflow: points are buffered per run and key, cut into messages
+(packed `series`) by count and by age, and sent on a background thread. Each call
+carries messages for a short window; a window that fails with UNAVAILABLE is sent
 again (points carry their timestamps, so a resend is an exact duplicate that MLflow
 ignores). While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log`
 blocks once its buffer is full: backpressure reaches the trainer instead of points
 being dropped.
+
+`log` takes no lock, because a lock is a third of what it costs. It is still safe from
+any number of threads: a point goes into its run and key's buffer with one
+`list.extend`, which is atomic, and a cut takes a prefix of each buffer
+(`row[:n]`, then `del row[:n]`), so a point added meanwhile stays for the next cut
+instead of being lost. Buffers are kept for the life of the stream: each cut visits
+every run and key the stream has seen, so a stream should span one job's runs, not an
+unbounded stream of them.
 """
 
 from __future__ import annotations
@@ -42,8 +50,14 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 _INT64_MAX = 2**63 - 1
 
-# One run's points of one key while a batch fills: values, timestamps_ms, steps.
-_Columns = tuple[list[float], list[int], list[int]]
+DEFAULT_BATCH_POINTS = 1000
+"""Points per message unless a stream is given `max_batch_points`: about 20 KiB."""
+
+# How long a cut waits for the sender to take a message (see `_cut_full_batch`).
+_HANDOFF_S = 0.001
+
+# One run's points of one key until the next cut, flat: value, timestamp_ms, step, ...
+_Row = list[float | int]
 
 
 def _now_ms() -> int:
@@ -72,7 +86,7 @@ class MetricStream:
         self,
         stub: pb_grpc.ExperimentTrackingServiceStub,
         *,
-        max_batch_points: int = 1000,
+        max_batch_points: int = DEFAULT_BATCH_POINTS,
         max_delay_s: float = 0.2,
         call_window_s: float = 2.0,
         max_buffered_points: int = 500_000,
@@ -84,14 +98,17 @@ class MetricStream:
         self._window_s = call_window_s
         self._max_buffered = max_buffered_points
         self._retry_budget_s = retry_budget_s
-        # log() takes the bare lock (cheaper than entering the Condition); waits use
-        # the Condition around the same lock.
-        self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
-        # The batch being filled: columns per (run_id, key), `_count` points in all.
-        self._batch: dict[tuple[str, str], _Columns] = {}
+        # Guards everything but the pending rows (see the module docstring); cuts hold it.
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: dict[tuple[str, str], _Row] = {}
+        # Points logged since the last cut. Concurrent callers may lose an increment,
+        # which only delays a count cut; the age cut does not depend on it.
         self._count = 0
-        self._batch_since = 0.0
+        self._last_cut = time.monotonic()
+        # Messages the sender has taken from the queue, and whether the last cut waited
+        # for it in vain.
+        self._taken = 0
+        self._sender_stalled = False
         # Cut messages with their point counts, oldest first.
         self._queue: collections.deque[tuple[pb.StreamMetricsRequest, int]] = collections.deque()
         self._queued_points = 0
@@ -118,9 +135,9 @@ class MetricStream:
         """Buffer one point; blocks only while the buffer is full (backpressure).
 
         Raises TypeError (or ValueError, for a number out of range) at once for a point
-        the sidecar would refuse: it never reaches a batch."""
-        # The hot path of a training loop: a lookup and three list appends. A batch
-        # becomes packed columns per run and key only when it is cut.
+        the sidecar would refuse: it never reaches a batch. Safe to call from several
+        threads."""
+        # The hot path of a training loop: checks, one lookup, one extend.
         if not (
             type(value) is float
             and type(step) is int
@@ -129,24 +146,18 @@ class MetricStream:
             and -_INT64_MAX <= step <= _INT64_MAX
         ):
             value, timestamp_ms, step = _checked_numbers(key, value, timestamp_ms, step)
-        with self._lock:
-            if self._error is not None:
-                raise self._error
-            try:
-                columns = self._batch.get((run_id, key))
-            except TypeError:  # unhashable: not a str either
-                columns = None
-            if columns is None:
-                columns = self._open_columns(run_id, key)
-            columns[0].append(value)
-            columns[1].append(timestamp_ms or _now_ms())
-            columns[2].append(step)
-            self._count += 1
-            if self._count >= self._max_batch:
-                self._cut()
-                # Backpressure: the call that queues a batch past the limit waits.
-                if self._queued_points >= self._max_buffered:
-                    self._wait_for_room()
+        if self._error is not None:
+            raise self._error
+        try:
+            row = self._pending.get((run_id, key))
+        except TypeError:  # unhashable: not a str either
+            row = None
+        if row is None:
+            row = self._open_row(run_id, key)
+        row.extend((value, timestamp_ms or _now_ms(), step))
+        self._count += 1
+        if self._count >= self._max_batch:
+            self._cut_full_batch()
 
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
@@ -201,15 +212,30 @@ class MetricStream:
     def _buffered(self) -> int:
         return self._count + self._queued_points
 
-    def _open_columns(self, run_id: str, key: str) -> _Columns:
+    def _open_row(self, run_id: str, key: str) -> _Row:
         for name, text in (("run_id", run_id), ("key", key)):
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a str, not {type(text).__name__}")
-        if not self._count:
-            self._batch_since = time.monotonic()
-        columns: _Columns = ([], [], [])
-        self._batch[(run_id, key)] = columns
-        return columns
+        # setdefault: two threads opening the same run and key share one row.
+        return self._pending.setdefault((run_id, key), [])
+
+    def _cut_full_batch(self) -> None:
+        with self._cond:
+            self._cut()
+            # Backpressure: the call that queues a batch past the limit waits.
+            if self._queued_points >= self._max_buffered:
+                self._wait_for_room()
+            elif not self._sender_stalled:
+                # A trainer that logs in a tight loop holds the GIL, and the sender (and
+                # grpc's threads under it) would only get it at the interpreter's switch
+                # interval, twice per message: the batches would pile up until the loop
+                # pauses. Waiting here until the sender takes a message lets sending
+                # overlap the loop. A sender that does not take one within the handoff
+                # time (a stalled sidecar, a retry backoff) is not waited for again
+                # until it does.
+                taken = self._taken
+                if not self._cond.wait_for(lambda: self._taken != taken, _HANDOFF_S):
+                    self._sender_stalled = True
 
     def _wait_for_room(self) -> None:
         self._raise_if_failed()
@@ -218,15 +244,37 @@ class MetricStream:
         self._raise_if_failed()
 
     def _cut(self) -> None:
-        if self._count:
-            message = pb.StreamMetricsRequest()
-            add = message.series.add
-            for (run_id, key), (values, stamps, steps) in self._batch.items():
-                add(run_id=run_id, key=key, values=values, timestamps_ms=stamps, steps=steps)
-            self._queue.append((message, self._count))
-            self._queued_points += self._count
-            self._batch = {}
-            self._count = 0
+        """Queue what is pending as one message: a series per run and key."""
+        self._count = 0
+        self._last_cut = time.monotonic()
+        message = pb.StreamMetricsRequest()
+        add = message.series.add
+        fields = 0
+        # list(): one atomic copy, as log() may add a run and key meanwhile.
+        for (run_id, key), row in list(self._pending.items()):
+            taken = row[: len(row)]
+            if taken:
+                # Only this prefix goes: what log() appended since stays in the row.
+                del row[: len(taken)]
+                fields += len(taken)
+                add(
+                    run_id=run_id,
+                    key=key,
+                    values=taken[0::3],
+                    timestamps_ms=taken[1::3],
+                    steps=taken[2::3],
+                )
+        if fields:
+            self._queue.append((message, fields // 3))
+            self._queued_points += fields // 3
+            self._cond.notify_all()
+
+    def _cut_if_due(self) -> bool:
+        """Cut by age; True if that queued a message."""
+        if time.monotonic() - self._last_cut < self._max_delay_s:
+            return False
+        self._cut()
+        return bool(self._queue)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -240,8 +288,7 @@ class MetricStream:
         while True:
             with self._cond:
                 while not self._queue and not self._closing:
-                    if self._count and time.monotonic() - self._batch_since >= self._max_delay_s:
-                        self._cut()
+                    if self._cut_if_due():
                         break
                     self._cond.wait(self._max_delay_s / 2)
                 if self._closing and not self._queue:
@@ -268,13 +315,15 @@ class MetricStream:
                 while not self._queue and not self._closing:
                     if self._flushing or time.monotonic() - started >= self._window_s:
                         return
-                    if self._count and time.monotonic() - self._batch_since >= self._max_delay_s:
-                        self._cut()
+                    if self._cut_if_due():
                         continue
                     self._cond.wait(0.02)
                 if not self._queue:
                     return
                 message, count = self._queue.popleft()
+                self._taken += 1
+                self._sender_stalled = False
+                self._cond.notify_all()
                 self._queued_points -= count
                 self._in_flight.append((message, count))
             yield message
