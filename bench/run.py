@@ -111,6 +111,14 @@ def metrics_stream(container: ClientContainer, run_id: str, count: int, key: str
     return count / elapsed
 
 
+def paused_stream(
+    server: MlflowServer, container: ClientContainer, run_id: str, sizes: Sizes
+) -> float:
+    """`metrics_stream` while MLflow is stopped: the spool takes the points, delivery waits."""
+    with server.paused():
+        return metrics_stream(container, run_id, sizes.stream_points, "paused")
+
+
 def metrics_delivered(container: ClientContainer, run_id: str, count: int) -> float:
     tracking = container.experiment_tracking()
     started = time.perf_counter()
@@ -355,6 +363,15 @@ def main() -> int:
                     ),
                 ),
                 (
+                    # Not a target: the same stream while the MLflow server (which shares
+                    # this machine's two cores) is stopped, so that delivery takes no CPU.
+                    "metrics_sidecar_stream_mlflow_paused_per_s",
+                    lambda: median_of(
+                        sizes.stream_repeats,
+                        lambda: drained(container, paused_stream(server, container, run(), sizes)),
+                    ),
+                ),
+                (
                     "metrics_sidecar_delivered_per_s",
                     lambda: metrics_delivered(container, run(), sizes.delivered_points),
                 ),
@@ -450,6 +467,9 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["stream / direct"] = stream / r["metrics_direct_per_s"]
         ratios["stream / async"] = stream / r["metrics_async_per_s"]
         ratios["stream / raw gRPC"] = stream / r["grpc_raw_stream_per_s"]
+        ratios["stream, MLflow stopped / raw gRPC"] = (
+            r["metrics_sidecar_stream_mlflow_paused_per_s"] / r["grpc_raw_stream_per_s"]
+        )
         ratios["delivered / log_batch"] = (
             r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"]
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -11,6 +12,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -101,6 +103,17 @@ class MlflowServer:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stop the server's processes (SIGSTOP) for the block: it takes no CPU and
+        answers nothing until they continue."""
+        assert self._proc is not None, "the server is not running"
+        os.killpg(self._proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(self._proc.pid, signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
         """The end of the server's log, for failure messages."""

@@ -155,8 +155,8 @@ class MetricStream:
         if row is None:
             row = self._open_row(run_id, key)
         row.extend((value, timestamp_ms or _now_ms(), step))
-        self._count += 1
-        if self._count >= self._max_batch:
+        count = self._count = self._count + 1
+        if count >= self._max_batch:
             self._cut_full_batch()
 
     def log_metrics(
