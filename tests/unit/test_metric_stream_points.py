@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.errors import FailedPreconditionError
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -44,6 +45,19 @@ def test_points_arrive_in_order_in_batches():
     assert [(p.run_id, p.key, p.value, p.timestamp_ms, p.step) for p in sent] == [
         ("r1", "reward", s * 0.5, 1000 + s, s) for s in range(7)
     ]
+
+
+def test_a_closed_stream_refuses_points_and_closes_again_quietly():
+    stub = FakeStub()
+    stream = MetricStream(stub)  # type: ignore[arg-type]
+    stream.log("r1", "loss", 1.0, step=1)
+    assert stream.close() == 1
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        stream.log("r1", "loss", 2.0, step=2)
+    with pytest.raises(FailedPreconditionError, match="closed"):
+        stream.flush()
+    assert stream.close() == 1
+    assert [len(s.values) for m in stub.StreamMetrics.messages for s in m.series] == [1]
 
 
 def test_a_batch_holds_one_series_per_run_and_key():

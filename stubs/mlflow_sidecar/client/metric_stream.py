@@ -37,6 +37,7 @@ import grpc
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     ResourceExhaustedError,
     SidecarError,
     error_from_rpc,
@@ -187,12 +188,20 @@ class MetricStream:
             return self._accepted
 
     def close(self, timeout_s: float | None = None) -> int:
-        """Flush, then stop the background thread; returns the points accepted in total."""
+        """Flush, then stop the background thread; returns the points accepted in total.
+
+        Closing again returns the same total. `log` and `flush` on a closed stream raise
+        FailedPreconditionError: a point logged then could never be sent."""
+        with self._cond:
+            if self._closing:
+                return self._accepted
         try:
             return self.flush(timeout_s)
         finally:
             with self._cond:
                 self._closing = True
+                if self._error is None:
+                    self._error = FailedPreconditionError("the metric stream is closed")
                 self._cond.notify_all()
             self._thread.join(5)
 
