@@ -19,7 +19,8 @@ any number of threads: a point goes into its run and key's buffer with one
 (`row[:n]`, then `del row[:n]`), so a point added meanwhile stays for the next cut
 instead of being lost. Buffers are kept for the life of the stream: each cut visits
 every run and key the stream has seen, so a stream should span one job's runs, not an
-unbounded stream of them.
+unbounded stream of them. The call that fills a batch waits up to a millisecond for the
+sender to take a message, so that sending overlaps a loop that never releases the GIL.
 """
 
 from __future__ import annotations
