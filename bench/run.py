@@ -113,11 +113,11 @@ def metrics_stream(container: ClientContainer, run_id: str, count: int, key: str
 
 
 def paused_stream(
-    server: MlflowServer, container: ClientContainer, run_id: str, sizes: Sizes
+    server: MlflowServer, container: ClientContainer, run_id: str, count: int
 ) -> float:
     """`metrics_stream` while MLflow is stopped: the spool takes the points, delivery waits."""
     with server.paused():
-        return metrics_stream(container, run_id, sizes.stream_points, "paused")
+        return metrics_stream(container, run_id, count, "paused")
 
 
 def metrics_delivered(container: ClientContainer, run_id: str, count: int) -> float:
@@ -369,7 +369,9 @@ def main() -> int:
                     "metrics_sidecar_stream_mlflow_paused_per_s",
                     lambda: median_of(
                         sizes.stream_repeats,
-                        lambda: drained(container, paused_stream(server, container, run(), sizes)),
+                        lambda: drained(
+                            container, paused_stream(server, container, run(), sizes.stream_points)
+                        ),
                     ),
                 ),
                 (

@@ -131,9 +131,9 @@ class MetricColumns(Sequence[MetricPoint]):
     A sequence of MetricPoint like any other, but the streaming path never builds one
     object per point: that alone cost more than everything else the sidecar does with it.
 
-    `series_starts` remembers where each series of a StreamMetrics message begins (the
-    points before the first one were sent one by one), so that an error can name a
-    point the way its request did; slices and `take` forget it.
+    `series_starts`, set when a StreamMetrics message is read, remembers where each of
+    its series begins (the points before the first one were sent one by one), so that
+    an error can name a point the way its request did; slices and `take` forget it.
     """
 
     __slots__ = ("keys", "run_ids", "series_starts", "steps", "timestamps_ms", "values")
@@ -145,8 +145,6 @@ class MetricColumns(Sequence[MetricPoint]):
         values: list[float],
         timestamps_ms: list[int],
         steps: list[int],
-        *,
-        series_starts: Sequence[int] = (),
     ) -> None:
         if not len(run_ids) == len(keys) == len(values) == len(timestamps_ms) == len(steps):
             raise ValueError("metric columns must all have the same length")
@@ -155,7 +153,7 @@ class MetricColumns(Sequence[MetricPoint]):
         self.values = values
         self.timestamps_ms = timestamps_ms
         self.steps = steps
-        self.series_starts = series_starts
+        self.series_starts: Sequence[int] = ()
 
     def field_name(self, index: int, field: str) -> str:
         """How the request named `field` of point `index`: `points[i].key` for a point

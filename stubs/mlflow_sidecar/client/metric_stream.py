@@ -217,10 +217,7 @@ class MetricStream:
     ) -> None:
         self.close()
 
-    # -- internals (callers hold self._cond) -------------------------------------------
-
-    def _buffered(self) -> int:
-        return self._count + self._queued_points
+    # -- log()'s rare paths (called without self._cond) --------------------------------
 
     def _open_row(self, run_id: str, key: str) -> _Row:
         for name, text in (("run_id", run_id), ("key", key)):
@@ -247,26 +244,32 @@ class MetricStream:
                 if not self._cond.wait_for(lambda: self._taken != taken, _HANDOFF_S):
                     self._sender_stalled = True
 
+    # -- internals (callers hold self._cond) -------------------------------------------
+
+    def _buffered(self) -> int:
+        return self._count + self._queued_points
+
     def _wait_for_room(self) -> None:
         self._raise_if_failed()
         while self._buffered() >= self._max_buffered and self._error is None:
             self._cond.wait(0.1)
         self._raise_if_failed()
 
-    def _cut(self) -> None:
-        """Queue what is pending as one message: a series per run and key."""
+    def _cut(self) -> int:
+        """Queue what is pending as one message, a series per run and key; returns the
+        number of points queued."""
         self._count = 0
         self._last_cut = time.monotonic()
         message = pb.StreamMetricsRequest()
         add = message.series.add
-        fields = 0
+        points = 0
         # list(): one atomic copy, as log() may add a run and key meanwhile.
         for (run_id, key), row in list(self._pending.items()):
             taken = row[: len(row)]
             if taken:
                 # Only this prefix goes: what log() appended since stays in the row.
                 del row[: len(taken)]
-                fields += len(taken)
+                points += len(taken) // 3
                 add(
                     run_id=run_id,
                     key=key,
@@ -274,17 +277,17 @@ class MetricStream:
                     timestamps_ms=taken[1::3],
                     steps=taken[2::3],
                 )
-        if fields:
-            self._queue.append((message, fields // 3))
-            self._queued_points += fields // 3
+        if points:
+            self._queue.append((message, points))
+            self._queued_points += points
             self._cond.notify_all()
+        return points
 
     def _cut_if_due(self) -> bool:
         """Cut by age; True if that queued a message."""
         if time.monotonic() - self._last_cut < self._max_delay_s:
             return False
-        self._cut()
-        return bool(self._queue)
+        return self._cut() > 0
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
