@@ -192,3 +192,108 @@ def test_one_message_for_many_runs_keeps_each_runs_order(store):
         batch = store.oldest(f"run{run}", 1000)
         assert batch is not None
         assert [m.step for m in batch.metrics] == list(range(run, 300, 3))
+
+
+class Trickle:
+    """Accepts a point into the spool every few milliseconds until stopped, as a stream does."""
+
+    def __init__(self, store: SpoolStore, deliverer: MetricDeliverer) -> None:
+        self.store, self.deliverer = store, deliverer
+        self.sent = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stopped.wait(0.005):
+            self.store.append(points("a", 1, start=self.sent))
+            self.deliverer.notify()
+            self.sent += 1
+
+    def __enter__(self) -> Trickle:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join()
+
+
+def test_delivery_waits_for_a_burst_to_pause(store):
+    mlflow = FakeMlflow()
+    first_delivery = threading.Event()
+    log_metrics = mlflow.log_metrics
+
+    def record(run_id: str, metrics: Sequence[Metric]) -> None:
+        log_metrics(run_id, metrics)
+        first_delivery.set()
+
+    # A pause of a whole second ends the burst: far longer than the trickle's gaps.
+    deliverer = MetricDeliverer(
+        store,
+        record,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        max_defer_s=60,
+        quiet_s=1.0,
+    )
+    deliverer.start()
+    try:
+        with Trickle(store, deliverer) as trickle:
+            assert not first_delivery.wait(0.5)
+            assert trickle.sent > 0 and mlflow.batch_sizes == []
+        assert first_delivery.wait(10)
+        assert deliverer.wait_delivered("a", 10) == 0
+        assert [m.step for m in mlflow.delivered["a"]] == list(range(trickle.sent))
+    finally:
+        deliverer.stop()
+
+
+def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
+    mlflow = FakeMlflow()
+    deliverer = MetricDeliverer(
+        store,
+        mlflow.log_metrics,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        max_defer_s=60,
+        quiet_s=60,
+    )
+    deliverer.start()
+    try:
+        with Trickle(store, deliverer):
+            store.append(points("b", 50))
+            deliverer.notify()
+            # Held, this would take a minute: the flush asks for delivery now.
+            assert deliverer.wait_delivered("b", 10) == 0
+        assert len(mlflow.delivered["b"]) == 50
+    finally:
+        deliverer.stop()
+
+
+def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(store):
+    mlflow = FakeMlflow()
+    delivered = threading.Event()
+    log_metrics = mlflow.log_metrics
+
+    def record(run_id: str, metrics: Sequence[Metric]) -> None:
+        log_metrics(run_id, metrics)
+        delivered.set()
+
+    deliverer = MetricDeliverer(
+        store,
+        record,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        max_defer_s=0.2,
+        quiet_s=60,
+    )
+    deliverer.start()
+    try:
+        with Trickle(store, deliverer) as trickle:
+            assert delivered.wait(10)
+            assert not trickle.stopped.is_set()
+    finally:
+        deliverer.stop()

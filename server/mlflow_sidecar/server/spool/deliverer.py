@@ -34,6 +34,11 @@ class MetricDeliverer:
     at-least-once; MLflow's SQL stores ignore exact duplicates. While MLflow is down the
     thread backs off (exponential, jitter) and tries again, for as long as it takes.
     Points of runs that no longer accept writes go to the dead-letter table with the reason.
+
+    Accepting comes first: when points start arriving at an idle deliverer, it waits for
+    a pause of `quiet_s` in them (at most `max_defer_s`, and not at all while a flush waits) before
+    it sends anything, so that a trainer's burst is not slowed by delivery's share of
+    the CPU. Once it delivers, it drains the spool before waiting again.
     """
 
     def __init__(
@@ -44,6 +49,8 @@ class MetricDeliverer:
         batch_size: int,
         backoff_factor_s: float,
         max_backoff_s: float,
+        max_defer_s: float = 1.0,
+        quiet_s: float = 0.05,
         metrics: SidecarMetrics | None = None,
     ) -> None:
         self._store = store
@@ -52,6 +59,12 @@ class MetricDeliverer:
         self._batch_size = batch_size
         self._backoff_factor_s = backoff_factor_s
         self._max_backoff_s = max_backoff_s
+        self._max_defer_s = max_defer_s
+        self._quiet_s = quiet_s
+        self._last_accept = 0.0
+        # Flushes waiting for delivery; while there are any, nothing is deferred.
+        self._waiting = 0
+        self._urgent = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress = threading.Condition()
@@ -66,26 +79,33 @@ class MetricDeliverer:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop after the batch in flight; undelivered points stay in the spool."""
         self._stop.set()
+        self._urgent.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
 
     def notify(self) -> None:
-        """New points are waiting."""
+        """New points were accepted."""
+        self._last_accept = time.monotonic()
         self._wake.set()
 
     def wait_delivered(self, run_id: str, timeout_s: float) -> int:
         """Wait until a run's (or, with "", every run's) points are delivered or dead-lettered,
         at most `timeout_s`; returns how many points are still pending."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
         with self._progress:
-            while (pending := self._store.pending(run_id)) > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._progress.wait(min(left, 0.5))
+            self._waiting += 1
+            self._urgent.set()
+            self._wake.set()
+            try:
+                while (pending := self._store.pending(run_id)) > 0:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._progress.wait(min(left, 0.5))
+            finally:
+                self._waiting -= 1
         return pending
 
     # -- the thread -------------------------------------------------------------------
@@ -107,6 +127,23 @@ class MetricDeliverer:
             if not delivered:
                 self._wake.wait(0.5)
                 self._wake.clear()
+                self._hold_while_streaming()
+
+    def _hold_while_streaming(self) -> None:
+        """Wait until accepted points pause for `quiet_s`, `max_defer_s` has passed, or a
+        flush (or stop) asks for delivery now."""
+        started = time.monotonic()
+        while True:
+            self._urgent.clear()
+            # Read after clearing: a flush that arrives from here on sets it again.
+            with self._progress:
+                if self._waiting or self._stop.is_set():
+                    return
+            now = time.monotonic()
+            left = min(self._quiet_s - (now - self._last_accept), started + self._max_defer_s - now)
+            if left <= 0:
+                return
+            self._urgent.wait(left)
 
     def _deliver_round(self) -> bool:
         """One batch from each run with pending points (fair across runs); True if any moved."""
