@@ -37,6 +37,8 @@ def test_points_arrive_in_order_in_batches():
     stream = MetricStream(stub, max_batch_points=3)  # type: ignore[arg-type]
     for step in range(7):
         stream.log("r1", "reward", step * 0.5, step=step, timestamp_ms=1000 + step)
+        if step in (2, 5):
+            stream.flush()
     assert stream.close() == 7
     messages = stub.StreamMetrics.messages
     assert [len(m.series) for m in messages] == [1, 1, 1]
@@ -236,10 +238,15 @@ class _StalledCall:
 
     def __init__(self) -> None:
         self.release = threading.Event()
+        self.taken = threading.Event()
+        self.first = 0
         self.points = 0
 
     def with_call(self, requests, timeout=None, **kwargs):
         for message in requests:
+            if not self.taken.is_set():
+                self.first = sum(len(s.values) for s in message.series)
+                self.taken.set()
             self.release.wait()
             self.points += sum(len(s.values) for s in message.series)
         return pb.StreamMetricsResponse(accepted_points=self.points), None
@@ -248,22 +255,30 @@ class _StalledCall:
 def test_log_blocks_while_the_buffer_is_full_and_loses_nothing():
     stub = FakeStub()
     stub.StreamMetrics = _StalledCall()  # type: ignore[assignment]
-    stream = MetricStream(stub, max_batch_points=10, max_buffered_points=30)  # type: ignore[arg-type]
+    stream = MetricStream(
+        stub,  # type: ignore[arg-type]
+        max_batch_points=10,
+        max_buffered_points=30,
+        max_delay_s=60,
+    )
     logged: list[int] = []
 
     def trainer() -> None:
         for step in range(100):
+            if step == 10:  # a batch is due: the sender takes it, then stalls
+                assert stub.StreamMetrics.taken.wait(10)
             stream.log("r1", "loss", 1.0, step=step, timestamp_ms=5)
             logged.append(step)
 
     thread = threading.Thread(target=trainer)
     thread.start()
-    # One message in flight, three queued: the call that queued the third waits.
+    # One message of ten in flight; the call that buffers thirty more waits.
     deadline = time.monotonic() + 10
     while len(logged) < 39 and time.monotonic() < deadline:
         time.sleep(0.01)
     thread.join(0.3)
     assert thread.is_alive()
+    assert stub.StreamMetrics.first == 10
     assert len(logged) == 39
     stub.StreamMetrics.release.set()
     thread.join(10)

@@ -1,18 +1,17 @@
 """`MetricStream.log` takes no lock: points logged from many threads while batches are
-cut (by count on the logging threads, by age on the sender) all arrive, once, with
-their fields together; and a cut hands the sender the interpreter, but does not keep
-waiting for a sender that is stalled."""
+cut (by the sender, while they are appended) all arrive, once, with their fields
+together; and a sender that fell behind catches up in few messages, each within the size
+limit and shared among the runs and keys."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
 from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client import metric_stream
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -52,8 +51,7 @@ def tiny_switch_interval() -> Iterator[None]:
 @pytest.mark.usefixtures("tiny_switch_interval")
 def test_points_from_many_threads_arrive_once_with_their_fields_together() -> None:
     stub = _Stub()
-    # Small batches and a 1 ms age: count cuts on every thread and age cuts on the sender
-    # race the appends all the time.
+    # Small batches and a 1 ms age: cuts race the appends all the time.
     stream = MetricStream(stub, max_batch_points=37, max_delay_s=0.001)  # type: ignore[arg-type]
     threads, per_thread = 4, 10_000
 
@@ -82,30 +80,29 @@ def test_points_from_many_threads_arrive_once_with_their_fields_together() -> No
         assert own == sorted(own)
 
 
-def test_a_cut_waits_for_a_stalled_sender_once_and_loses_nothing(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(metric_stream, "_HANDOFF_S", 0.05)
+def test_a_sender_that_fell_behind_sends_all_it_missed_in_few_fair_messages() -> None:
     gate = threading.Event()
     stub = _Stub(gate)
-    stream = MetricStream(stub, max_batch_points=10)  # type: ignore[arg-type]
-    handoffs: list[bool] = []
-    wait_for = stream._cond.wait_for
-
-    def counting_wait_for(predicate: Callable[[], bool], timeout: float | None = None) -> bool:
-        handoffs.append(bool(wait_for(predicate, timeout)))
-        return handoffs[-1]
-
-    monkeypatch.setattr(stream._cond, "wait_for", counting_wait_for)
-    for step in range(50):  # five full batches while the sidecar takes nothing
-        stream.log("run", "loss", float(step), step=step, timestamp_ms=1 + step)
-    assert handoffs == [False]
-
+    limit = 64 * 1024
+    stream = MetricStream(
+        stub,  # type: ignore[arg-type]
+        max_batch_points=10,
+        max_message_bytes=limit,
+        max_buffered_points=100_000,
+    )
+    keys, per_key = ("reward", "loss", "entropy"), 5000
+    for step in range(per_key):  # the sidecar takes nothing meanwhile
+        for key in keys:
+            stream.log("run", key, float(step), step=step, timestamp_ms=1 + step)
     gate.set()
-    assert stream.flush() == 50
-    for step in range(50, 60):  # the sender takes messages again: cuts hand off again
-        stream.log("run", "loss", float(step), step=step, timestamp_ms=1 + step)
-    assert stream.close() == 60
-    assert len(handoffs) == 2
-    sent = [p for m in stub.StreamMetrics.messages for p in conv.metric_columns_from_pb(m)]
-    assert [p.step for p in sent] == list(range(60))
+    assert stream.close() == len(keys) * per_key
+
+    messages = stub.StreamMetrics.messages
+    assert all(m.ByteSize() <= limit for m in messages)
+    # 15,000 points of at most 28 bytes fill a 64 KiB message about seven times.
+    assert 6 <= len(messages) <= 8
+    # Every message but the last carries each key's share, so no key waits for another.
+    assert all({s.key for s in m.series} == set(keys) for m in messages[:-1])
+    for key in keys:
+        steps = [step for m in messages for s in m.series if s.key == key for step in s.steps]
+        assert steps == list(range(per_key))

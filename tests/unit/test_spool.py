@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import sqlite3
 import threading
+from array import array
 from collections.abc import Sequence
 
 import pytest
@@ -297,3 +299,46 @@ def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(st
             assert not trickle.stopped.is_set()
     finally:
         deliverer.stop()
+
+
+def test_a_chunk_of_one_key_stores_it_once_and_reads_back_every_point(store):
+    store.append([*points("a", 50), MetricPoint("a", "reward", 1.0, 1, 0)])
+    batch = store.oldest("a", 100)
+    assert batch is not None
+    assert [m.key for m in batch.metrics] == ["loss"] * 50 + ["reward"]
+    rows = sqlite3.connect(store.path).execute("SELECT count, keys FROM chunks").fetchall()
+    assert rows == [(51, "\n".join(["loss"] * 50 + ["reward"]))]
+    store.delete(batch)
+    store.append(points("a", 50))
+    rows = sqlite3.connect(store.path).execute("SELECT count, keys FROM chunks").fetchall()
+    assert rows == [(50, "loss")]
+    again = store.oldest("a", 100)
+    assert again is not None
+    assert [(m.key, m.step) for m in again.metrics] == [("loss", i) for i in range(50)]
+
+
+def test_a_chunk_spooled_with_one_key_per_point_is_still_read(tmp_path):
+    # How a chunk of one key was stored before it was stored once: the key per point.
+    path = tmp_path / "spool.db"
+    SpoolStore(path, max_points=1000).close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO chunks (run_id, count, keys, vals, timestamps, steps, accepted_ms)"
+            " VALUES ('a', 3, 'loss\nloss\nloss', ?, ?, ?, 1)",
+            (
+                array("d", [0.5, 1.5, 2.5]).tobytes(),
+                array("q", [7, 8, 9]).tobytes(),
+                array("q", [0, 1, 2]).tobytes(),
+            ),
+        )
+    store = SpoolStore(path, max_points=1000)
+    try:
+        batch = store.oldest("a", 100)
+        assert batch is not None
+        assert list(batch.metrics) == [
+            Metric("loss", 0.5, 7, 0),
+            Metric("loss", 1.5, 8, 1),
+            Metric("loss", 2.5, 9, 2),
+        ]
+    finally:
+        store.close()

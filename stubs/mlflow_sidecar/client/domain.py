@@ -6,7 +6,7 @@ import bisect
 import enum
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeAlias, TypeVar, overload
+from typing import Generic, Literal, Protocol, TypeAlias, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -208,6 +208,18 @@ class MetricColumns(Sequence[MetricPoint]):
             self.timestamps_ms[index],
             self.steps[index],
         )
+
+    def distinct(self, column: Literal["run_ids", "keys"]) -> list[str]:
+        """The distinct run ids (or keys), in the order they first appear.
+
+        A series has one run id and one key, so of a column read from a message only the
+        first point of each series is looked at."""
+        values: list[str] = getattr(self, column)
+        starts = self.series_starts
+        if starts:
+            first = [values[start] for start in starts if start < len(values)]
+            values = values[: starts[0]] + first
+        return list(dict.fromkeys(values))
 
     def take(self, indices: Iterable[int]) -> MetricColumns:
         """The points at `indices`, in that order."""

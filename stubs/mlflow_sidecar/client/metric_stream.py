@@ -5,22 +5,23 @@
             stream.log_metrics(run_id, {"reward": r, "loss": l}, step=step)
     # on exit every point is in the sidecar's durable spool
 
-`log` never waits for MLflow: points are buffered per run and key, cut into messages
-(packed `series`) by count and by age, and sent on a background thread. Each call
-carries messages for a short window; a window that fails with UNAVAILABLE is sent
-again (points carry their timestamps, so a resend is an exact duplicate that MLflow
-ignores). While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log`
-blocks once its buffer is full: backpressure reaches the trainer instead of points
-being dropped.
+`log` never waits for MLflow: points are buffered per run and key and sent on a
+background thread, which cuts them into messages (packed `series`) once a batch is due,
+by count or by age. A sender that fell behind the trainer takes everything buffered
+(up to `max_message_bytes`) into its next message, so a trainer that logs faster than
+messages travel gets fewer, larger messages instead of a queue of small ones. Each call
+carries messages for a short window; a window that fails with UNAVAILABLE is sent again
+(points carry their timestamps, so a resend is an exact duplicate that MLflow ignores).
+While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log` blocks once
+its buffer is full: backpressure reaches the trainer instead of points being dropped.
 
-`log` takes no lock, because a lock is a third of what it costs. It is still safe from
-any number of threads: a point goes into its run and key's buffer with one
-`list.extend`, which is atomic, and a cut takes a prefix of each buffer
-(`row[:n]`, then `del row[:n]`), so a point added meanwhile stays for the next cut
-instead of being lost. Buffers are kept for the life of the stream: each cut visits
-every run and key the stream has seen, so a stream should span one job's runs, not an
-unbounded stream of them. The call that fills a batch waits up to a millisecond for the
-sender to take a message, so that sending overlaps a loop that never releases the GIL.
+`log` takes no lock, because a lock is a third of what it costs, and never builds a
+message: that is the sender's work. It is still safe from any number of threads: a
+point goes into its run and key's buffer with one `list.extend`, which is atomic, and a
+cut takes a prefix of each buffer (`row[:n]`, then `del row[:n]`), so a point added
+meanwhile stays for the next cut instead of being lost. Buffers are kept for the life
+of the stream: each cut visits every run and key the stream has seen, so a stream should
+span one job's runs, not an unbounded stream of them.
 """
 
 from __future__ import annotations
@@ -53,13 +54,21 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _INT64_MAX = 2**63 - 1
 
 DEFAULT_BATCH_POINTS = 1000
-"""Points per message unless a stream is given `max_batch_points`: about 20 KiB."""
+"""Buffered points that make a batch due unless a stream is given `max_batch_points`:
+about 20 KiB."""
 
-# How long a cut waits for the sender to take a message (see `_cut_full_batch`).
-_HANDOFF_S = 0.001
+DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
+"""The largest message a stream sends unless it is given `max_message_bytes`."""
+
+# What a point (a double and two varints) and a series (its run id and key aside: tags,
+# lengths) can take at most on the wire: a message is sized before it is built.
+_POINT_BYTES = 8 + 10 + 10
+_SERIES_BYTES = 32
 
 # One run's points of one key until the next cut, flat: value, timestamp_ms, step, ...
 _Row = list[float | int]
+# A row a cut is taking from: its run and key, the row, and how many of its points to take.
+_Pending = tuple[tuple[str, str], _Row, int]
 
 
 def _now_ms() -> int:
@@ -89,6 +98,7 @@ class MetricStream:
         stub: pb_grpc.ExperimentTrackingServiceStub,
         *,
         max_batch_points: int = DEFAULT_BATCH_POINTS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_delay_s: float = 0.2,
         call_window_s: float = 2.0,
         max_buffered_points: int = 500_000,
@@ -96,21 +106,23 @@ class MetricStream:
     ) -> None:
         self._stub = stub
         self._max_batch = max_batch_points
+        # Enough for one point of the longest run id and key, whatever the caller asked.
+        self._max_message_bytes = max(max_message_bytes, 2048)
         self._max_delay_s = max_delay_s
         self._window_s = call_window_s
         self._max_buffered = max_buffered_points
         self._retry_budget_s = retry_budget_s
-        # Guards everything but the pending rows (see the module docstring); cuts hold it.
+        # Guards everything but the pending rows (see the module docstring).
         self._cond = threading.Condition(threading.Lock())
+        # One cut at a time (the sender's, or a flush's); taken before self._cond.
+        self._cut_lock = threading.Lock()
         self._pending: dict[tuple[str, str], _Row] = {}
         # Points logged since the last cut. Concurrent callers may lose an increment,
         # which only delays a count cut; the age cut does not depend on it.
         self._count = 0
+        # The count at which log() tells the sender again that a batch is due.
+        self._signal_at = max_batch_points
         self._last_cut = time.monotonic()
-        # Messages the sender has taken from the queue, and whether the last cut waited
-        # for it in vain.
-        self._taken = 0
-        self._sender_stalled = False
         # Cut messages with their point counts, oldest first.
         self._queue: collections.deque[tuple[pb.StreamMetricsRequest, int]] = collections.deque()
         self._queued_points = 0
@@ -158,8 +170,8 @@ class MetricStream:
             row = self._open_row(run_id, key)
         row.extend((value, timestamp_ms or _now_ms(), step))
         count = self._count = self._count + 1
-        if count >= self._max_batch:
-            self._cut_full_batch()
+        if count >= self._signal_at:
+            self._batch_due()
 
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
@@ -173,8 +185,8 @@ class MetricStream:
         """Send everything buffered and wait until the sidecar accepted it; returns the total
         accepted so far. Raises the stream's error, or DeadlineExceededError on timeout."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._cut()
         with self._cond:
-            self._cut()
             self._flushing = True
             self._cond.notify_all()
             try:
@@ -226,23 +238,15 @@ class MetricStream:
         # setdefault: two threads opening the same run and key share one row.
         return self._pending.setdefault((run_id, key), [])
 
-    def _cut_full_batch(self) -> None:
+    def _batch_due(self) -> None:
         with self._cond:
-            self._cut()
-            # Backpressure: the call that queues a batch past the limit waits.
-            if self._queued_points >= self._max_buffered:
+            # Until the sender gets to it (a loop that never releases the GIL lets it in
+            # only at the interpreter's switch interval), say so again only a batch later.
+            self._signal_at = self._count + self._max_batch
+            self._cond.notify_all()
+            # Backpressure: past the limit, the trainer waits for the sender.
+            if self._buffered() >= self._max_buffered:
                 self._wait_for_room()
-            elif not self._sender_stalled:
-                # A trainer that logs in a tight loop holds the GIL, and the sender (and
-                # grpc's threads under it) would only get it at the interpreter's switch
-                # interval, twice per message: the batches would pile up until the loop
-                # pauses. Waiting here until the sender takes a message lets sending
-                # overlap the loop. A sender that does not take one within the handoff
-                # time (a stalled sidecar, a retry backoff) is not waited for again
-                # until it does.
-                taken = self._taken
-                if not self._cond.wait_for(lambda: self._taken != taken, _HANDOFF_S):
-                    self._sender_stalled = True
 
     # -- internals (callers hold self._cond) -------------------------------------------
 
@@ -255,43 +259,76 @@ class MetricStream:
             self._cond.wait(0.1)
         self._raise_if_failed()
 
-    def _cut(self) -> int:
-        """Queue what is pending as one message, a series per run and key; returns the
-        number of points queued."""
-        self._count = 0
-        self._last_cut = time.monotonic()
-        message = pb.StreamMetricsRequest()
-        add = message.series.add
-        points = 0
-        # list(): one atomic copy, as log() may add a run and key meanwhile.
-        for (run_id, key), row in list(self._pending.items()):
-            taken = row[: len(row)]
-            if taken:
-                # Only this prefix goes: what log() appended since stays in the row.
-                del row[: len(taken)]
-                points += len(taken) // 3
-                add(
-                    run_id=run_id,
-                    key=key,
-                    values=taken[0::3],
-                    timestamps_ms=taken[1::3],
-                    steps=taken[2::3],
-                )
-        if points:
-            self._queue.append((message, points))
-            self._queued_points += points
-            self._cond.notify_all()
-        return points
-
-    def _cut_if_due(self) -> bool:
-        """Cut by age; True if that queued a message."""
-        if time.monotonic() - self._last_cut < self._max_delay_s:
-            return False
-        return self._cut() > 0
+    def _due(self) -> bool:
+        """A batch is due: by count, or by age if anything is pending at all."""
+        if self._count >= self._max_batch:
+            return True
+        return time.monotonic() - self._last_cut >= self._max_delay_s and any(
+            self._pending.values()
+        )
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+    # -- cutting (callers do not hold self._cond) ---------------------------------------
+
+    def _cut(self) -> int:
+        """Queue what is pending, as few messages as fit; returns the points queued."""
+        with self._cut_lock:
+            self._count = 0
+            self._signal_at = self._max_batch
+            self._last_cut = time.monotonic()
+            # list(): one atomic copy, as log() may add a run and key meanwhile. What log()
+            # appends from here on waits for the next cut, so that this one ends.
+            rows: list[_Pending] = [
+                (name, row, len(row) // 3) for name, row in list(self._pending.items())
+            ]
+            rows = [(name, row, n) for name, row, n in rows if n]
+            queued = 0
+            while rows:
+                message, points, rows = self._take(rows)
+                with self._cond:
+                    self._queue.append((message, points))
+                    self._queued_points += points
+                    self._cond.notify_all()
+                queued += points
+            return queued
+
+    def _take(self, rows: list[_Pending]) -> tuple[pb.StreamMetricsRequest, int, list[_Pending]]:
+        """One message of the first points of `rows`, at most `max_message_bytes`; returns
+        it, its points and what is left of `rows` for the next one.
+
+        When not all fit, each run and key gets its share of the message, so that none
+        waits behind another."""
+        room = self._max_message_bytes
+        for (run_id, key), _, _ in rows:
+            room -= _SERIES_BYTES + len(run_id.encode()) + len(key.encode())
+        fits = max(1, room // _POINT_BYTES)
+        wanted = sum(n for _, _, n in rows)
+        message = pb.StreamMetricsRequest()
+        add = message.series.add
+        points = 0
+        left: list[_Pending] = []
+        for (run_id, key), row, n in rows:
+            share = n if wanted <= fits else max(1, n * fits // wanted)
+            if points and points + share > fits:
+                left.append(((run_id, key), row, n))
+                continue
+            taken = row[: 3 * share]
+            # Only this prefix goes: what log() appended since stays in the row.
+            del row[: 3 * share]
+            add(
+                run_id=run_id,
+                key=key,
+                values=taken[0::3],
+                timestamps_ms=taken[1::3],
+                steps=taken[2::3],
+            )
+            points += share
+            if share < n:
+                left.append(((run_id, key), row, n - share))
+        return message, points, left
 
     # -- the background thread ----------------------------------------------------------
 
@@ -300,9 +337,7 @@ class MetricStream:
         delay = 0.05
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
-                    if self._cut_if_due():
-                        break
+                while not self._queue and not self._closing and not self._due():
                     self._cond.wait(self._max_delay_s / 2)
                 if self._closing and not self._queue:
                     return
@@ -325,20 +360,23 @@ class MetricStream:
         started = time.monotonic()
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._closing and not self._due():
                     if self._flushing or time.monotonic() - started >= self._window_s:
                         return
-                    if self._cut_if_due():
-                        continue
                     self._cond.wait(0.02)
-                if not self._queue:
+                if self._closing and not self._queue:
                     return
+                cut = not self._queue
+            if cut:
+                # Outside self._cond: log() calls that find a batch due do not wait for it.
+                self._cut()
+            with self._cond:
+                if not self._queue:
+                    continue  # the count ran ahead of what was pending
                 message, count = self._queue.popleft()
-                self._taken += 1
-                self._sender_stalled = False
-                self._cond.notify_all()
                 self._queued_points -= count
                 self._in_flight.append((message, count))
+                self._cond.notify_all()
             yield message
 
     def _send_window(self) -> grpc.StatusCode | None:

@@ -26,12 +26,12 @@ def _at(error: InvalidArgumentError, points: MetricColumns, index: int) -> Inval
 def _check_points(points: MetricColumns) -> None:
     # A training loop repeats a few run ids and keys thousands of times: check each
     # distinct one once; only a bad one is looked for, to name its first point.
-    for run_id in dict.fromkeys(points.run_ids):
+    for run_id in points.distinct("run_ids"):
         try:
             check.require("run_id", run_id, max_length=64)
         except InvalidArgumentError as exc:
             raise _at(exc, points, points.run_ids.index(run_id)) from None
-    for key in dict.fromkeys(points.keys):
+    for key in points.distinct("keys"):
         try:
             check.key("key", key)
         except InvalidArgumentError as exc:

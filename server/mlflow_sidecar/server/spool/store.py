@@ -22,7 +22,9 @@ from mlflow_sidecar.client.errors import ResourceExhaustedError
 # instead of one per point keeps acceptance cheap; chunks are never split, so a chunk is
 # delivered or dead-lettered whole.
 CHUNK_POINTS = 1000
-_KEY_SEPARATOR = "\n"  # keys cannot contain it (validation allows no control characters)
+# A chunk's keys, one per point, joined by a separator keys cannot contain (validation
+# allows no control characters); a chunk of one key (a series) stores it once.
+_KEY_SEPARATOR = "\n"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chunks (
@@ -61,7 +63,7 @@ def _pack(run_id: str, points: MetricColumns, accepted_ms: int) -> tuple[object,
     return (
         run_id,
         len(points),
-        _KEY_SEPARATOR.join(points.keys),
+        _keys_text(points.keys),
         array("d", points.values).tobytes(),
         array("q", points.timestamps_ms).tobytes(),
         array("q", points.steps).tobytes(),
@@ -69,8 +71,14 @@ def _pack(run_id: str, points: MetricColumns, accepted_ms: int) -> tuple[object,
     )
 
 
+def _keys_text(keys: list[str]) -> str:
+    if keys.count(keys[0]) == len(keys):
+        return keys[0]
+    return _KEY_SEPARATOR.join(keys)
+
+
 def _by_run(points: MetricColumns) -> dict[str, MetricColumns]:
-    runs = dict.fromkeys(points.run_ids)
+    runs = points.distinct("run_ids")
     if len(runs) == 1:  # the usual message: one trainer, one run
         return {next(iter(runs)): points}
     indices: dict[str, list[int]] = {run_id: [] for run_id in runs}
@@ -84,11 +92,12 @@ def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Met
     values.frombytes(vals)
     times.frombytes(timestamps)
     numbers.frombytes(steps)
+    names = keys.split(_KEY_SEPARATOR)
+    if len(names) == 1:
+        names *= len(values)
     return [
         Metric(key, value, ts, step)
-        for key, value, ts, step in zip(
-            keys.split(_KEY_SEPARATOR), values, times, numbers, strict=True
-        )
+        for key, value, ts, step in zip(names, values, times, numbers, strict=True)
     ]
 
 
