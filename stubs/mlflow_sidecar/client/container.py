@@ -39,7 +39,9 @@ class ClientContainer(containers.DeclarativeContainer):
         chunk_bytes=settings.provided.upload_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
     )
-    metric_stream = providers.Factory(MetricStream, tracking_stub)
+    metric_stream = providers.Factory(
+        MetricStream, tracking_stub, max_message_bytes=settings.provided.metric_message_bytes
+    )
     model_registry = providers.Singleton(
         GrpcModelRegistry,
         stub=registry_stub,

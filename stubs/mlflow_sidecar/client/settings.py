@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from mlflow_sidecar.client.metric_stream import DEFAULT_MAX_MESSAGE_BYTES
 from mlflow_sidecar.client.transfer import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -59,6 +60,12 @@ class ClientSettings(BaseModel):
         if self.chunk_bytes is not None:
             return self.chunk_bytes
         return min(DEFAULT_CHUNK_BYTES, self.max_message_bytes - CHUNK_FRAMING_BYTES)
+
+    @property
+    def metric_message_bytes(self) -> int:
+        """The largest message a metric stream sends: 1 MiB, or less to fit
+        `max_message_bytes`."""
+        return min(DEFAULT_MAX_MESSAGE_BYTES, self.max_message_bytes)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None) -> ClientSettings:
