@@ -342,3 +342,21 @@ def test_a_chunk_spooled_with_one_key_per_point_is_still_read(tmp_path):
         ]
     finally:
         store.close()
+
+
+def test_a_new_spool_has_large_pages_and_an_older_one_keeps_its_own(tmp_path):
+    new = SpoolStore(tmp_path / "new.db", max_points=1000)
+    new.close()
+    assert sqlite3.connect(tmp_path / "new.db").execute("PRAGMA page_size").fetchone() == (
+        64 * 1024,
+    )
+    # A spool created with SQLite's default pages opens, takes and gives back points.
+    sqlite3.connect(tmp_path / "old.db").execute("CREATE TABLE marker (x)").connection.close()
+    old = SpoolStore(tmp_path / "old.db", max_points=1000)
+    try:
+        old.append(points("a", 5))
+        batch = old.oldest("a", 10)
+        assert batch is not None and [m.step for m in batch.metrics] == list(range(5))
+    finally:
+        old.close()
+    assert sqlite3.connect(tmp_path / "old.db").execute("PRAGMA page_size").fetchone() == (4096,)

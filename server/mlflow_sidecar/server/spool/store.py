@@ -7,6 +7,7 @@ order among the rows that are still pending (an emptied table may start over, ha
 from __future__ import annotations
 
 import sqlite3
+import struct
 import threading
 import time
 from array import array
@@ -22,6 +23,7 @@ from mlflow_sidecar.client.errors import ResourceExhaustedError
 # instead of one per point keeps acceptance cheap; chunks are never split, so a chunk is
 # delivered or dead-lettered whole.
 CHUNK_POINTS = 1000
+PAGE_BYTES = 64 * 1024
 # A chunk's keys, one per point, joined by a separator keys cannot contain (validation
 # allows no control characters); a chunk of one key (a series) stores it once.
 _KEY_SEPARATOR = "\n"
@@ -64,11 +66,17 @@ def _pack(run_id: str, points: MetricColumns, accepted_ms: int) -> tuple[object,
         run_id,
         len(points),
         _keys_text(points.keys),
-        array("d", points.values).tobytes(),
-        array("q", points.timestamps_ms).tobytes(),
-        array("q", points.steps).tobytes(),
+        _packed("d", points.values),
+        _packed("q", points.timestamps_ms),
+        _packed("q", points.steps),
         accepted_ms,
     )
+
+
+def _packed(code: str, numbers: Sequence[float] | Sequence[int]) -> bytes:
+    """Native machine numbers, as `array` reads them back; struct packs a list about a
+    third faster than `array` does."""
+    return struct.pack(f"{len(numbers)}{code}", *numbers)
 
 
 def _keys_text(keys: list[str]) -> str:
@@ -165,7 +173,14 @@ class SpoolStore:
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        # A chunk is about 24 KiB: on SQLite's default 4 KiB pages it spills over a chain
+        # of overflow pages, on 64 KiB pages it fits in one and an insert costs a quarter.
+        # Only a new database takes it (an existing spool keeps its pages), so it comes
+        # before WAL mode, which writes the first page.
+        self._db.execute(f"PRAGMA page_size={PAGE_BYTES}")
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Checkpoint at about 8 MiB of WAL, as SQLite's default does at 1000 pages of 4 KiB.
+        self._db.execute(f"PRAGMA wal_autocheckpoint={8 * 1024 * 1024 // PAGE_BYTES}")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
