@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 
@@ -88,6 +88,20 @@ def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tupl
     if not -_INT64_MAX - 1 <= number <= _INT64_MAX:
         raise ValueError(f"metric {key!r}: step must fit in 64 bits, got {number}")
     return float(value), stamp, number
+
+
+class _Refusing(dict[tuple[str, str], _Row]):
+    """The buffers of a stream that failed or was closed: a lookup raises why."""
+
+    def __init__(self, error: SidecarError) -> None:
+        super().__init__()
+        self.error = error
+
+    def get(self, key: object, default: object = None) -> NoReturn:
+        raise self.error
+
+    def setdefault(self, key: object, default: object = None) -> NoReturn:
+        raise self.error
 
 
 class MetricStream:
@@ -160,9 +174,8 @@ class MetricStream:
             and -_INT64_MAX <= step <= _INT64_MAX
         ):
             value, timestamp_ms, step = _checked_numbers(key, value, timestamp_ms, step)
-        if self._error is not None:
-            raise self._error
         try:
+            # Raises the stream's error once it failed or was closed (see `_fail`).
             row = self._pending.get((run_id, key))
         except TypeError:  # unhashable: not a str either
             row = None
@@ -214,7 +227,7 @@ class MetricStream:
             with self._cond:
                 self._closing = True
                 if self._error is None:
-                    self._error = FailedPreconditionError("the metric stream is closed")
+                    self._fail(FailedPreconditionError("the metric stream is closed"))
                 self._cond.notify_all()
             self._thread.join(5)
 
@@ -266,6 +279,12 @@ class MetricStream:
         return time.monotonic() - self._last_cut >= self._max_delay_s and any(
             self._pending.values()
         )
+
+    def _fail(self, error: SidecarError) -> None:
+        # log() does not check for an error, as that is a tenth of what it costs: the
+        # buffers it looks points up in are swapped for ones that raise the error.
+        self._error = error
+        self._pending = _Refusing(error)
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
@@ -350,7 +369,7 @@ class MetricStream:
             failing_since = failing_since or time.monotonic()
             if time.monotonic() - failing_since > self._retry_budget_s:
                 with self._cond:
-                    self._error = _exhausted_retries(code, self._retry_budget_s)
+                    self._fail(_exhausted_retries(code, self._retry_budget_s))
                     self._cond.notify_all()
                 return
             time.sleep(delay)
@@ -407,7 +426,7 @@ class MetricStream:
                 self._in_flight.clear()
                 self._cond.notify_all()
                 return code
-            self._error = error_from_rpc(exc)
+            self._fail(error_from_rpc(exc))
             self._in_flight.clear()
             self._cond.notify_all()
             return None
