@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
-from mlflow_sidecar.client.metric_stream import DEFAULT_BATCH_POINTS  # noqa: E402
+from mlflow_sidecar.client.metric_stream import (  # noqa: E402
+    DEFAULT_BATCH_POINTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_POINT_BYTES,
+)
 from mlflow_sidecar.v1 import tracking_pb2 as pb  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc  # noqa: E402
 from tests.support.processes import MlflowServer, free_port  # noqa: E402
@@ -138,7 +142,12 @@ def metrics_log_batch(client: MlflowClient, run_id: str, count: int) -> float:
     return count / (time.perf_counter() - started)
 
 
-def grpc_raw_stream(count: int) -> float:
+# The typed stream's messages when the trainer outruns its sender, as in this benchmark:
+# one series per run and key, filled up to DEFAULT_MAX_MESSAGE_BYTES.
+RAW_MESSAGE_POINTS = (DEFAULT_MAX_MESSAGE_BYTES - 128) // MAX_POINT_BYTES
+
+
+def grpc_raw_stream(count: int, per_message: int = RAW_MESSAGE_POINTS) -> float:
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "bench" / "raw_grpc_server.py")],
         stdin=subprocess.PIPE,
@@ -156,9 +165,9 @@ def grpc_raw_stream(count: int) -> float:
             def messages():
                 # The same messages the typed client sends, filled the fastest way
                 # Python has: columns per run and key, packed by protobuf in C.
-                for i in range(0, count, DEFAULT_BATCH_POINTS):
+                for i in range(0, count, per_message):
                     columns: dict[tuple[str, str], tuple[list, list, list]] = {}
-                    for r, k, v, ts, s in data[i : i + DEFAULT_BATCH_POINTS]:
+                    for r, k, v, ts, s in data[i : i + per_message]:
                         series = columns.get((r, k))
                         if series is None:
                             series = columns[(r, k)] = ([], [], [])
@@ -354,6 +363,15 @@ def main() -> int:
                     ),
                 ),
                 (
+                    # Not a target: the ceiling with messages of one batch each, which is
+                    # what the typed stream sends when its sender keeps up.
+                    "grpc_raw_stream_batch_messages_per_s",
+                    lambda: median_of(
+                        sizes.stream_repeats,
+                        lambda: grpc_raw_stream(sizes.stream_points, DEFAULT_BATCH_POINTS),
+                    ),
+                ),
+                (
                     "metrics_sidecar_stream_per_s",
                     lambda: median_of(
                         sizes.stream_repeats,
@@ -479,6 +497,9 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["stream / direct"] = stream / r["metrics_direct_per_s"]
         ratios["stream / async"] = stream / r["metrics_async_per_s"]
         ratios["stream / raw gRPC"] = stream / r["grpc_raw_stream_per_s"]
+        ratios["stream / raw gRPC, one batch per message"] = (
+            stream / r["grpc_raw_stream_batch_messages_per_s"]
+        )
         ratios["stream, MLflow stopped / raw gRPC"] = (
             r["metrics_sidecar_stream_mlflow_paused_per_s"] / r["grpc_raw_stream_per_s"]
         )

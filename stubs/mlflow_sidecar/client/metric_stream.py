@@ -60,9 +60,11 @@ about 20 KiB."""
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 """The largest message a stream sends unless it is given `max_message_bytes`."""
 
-# What a point (a double and two varints) and a series (its run id and key aside: tags,
-# lengths) can take at most on the wire: a message is sized before it is built.
-_POINT_BYTES = 8 + 10 + 10
+MAX_POINT_BYTES = 8 + 10 + 10
+"""The most a point of a series takes on the wire (a double and two varints): a message
+is sized before it is built."""
+
+# The same for a series, its run id and key aside (tags and lengths).
 _SERIES_BYTES = 32
 
 # One run's points of one key until the next cut, flat: value, timestamp_ms, step, ...
@@ -323,7 +325,7 @@ class MetricStream:
         room = self._max_message_bytes
         for (run_id, key), _, _ in rows:
             room -= _SERIES_BYTES + len(run_id.encode()) + len(key.encode())
-        fits = max(1, room // _POINT_BYTES)
+        fits = max(1, room // MAX_POINT_BYTES)
         wanted = sum(n for _, _, n in rows)
         message = pb.StreamMetricsRequest()
         add = message.series.add
