@@ -1,6 +1,6 @@
 """Side-by-side benchmarks: the sidecar against calling MLflow directly, in one run.
 
-    make bench            # full run (about 10 minutes on 2 cores)
+    make bench            # full run (about 12 minutes on 2 cores)
     make bench-quick      # --quick (under 3 minutes)
 
 Starts a real `mlflow server` (SQLite) and the sidecar as separate processes on loopback,
