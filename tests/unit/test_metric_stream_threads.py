@@ -106,3 +106,30 @@ def test_a_sender_that_fell_behind_sends_all_it_missed_in_few_fair_messages() ->
     for key in keys:
         steps = [step for m in messages for s in m.series if s.key == key for step in s.steps]
         assert steps == list(range(per_key))
+
+
+def test_more_runs_and_keys_than_a_message_holds_still_fill_messages() -> None:
+    gate = threading.Event()
+    stub = _Stub(gate)
+    limit = 4096
+    stream = MetricStream(
+        stub,  # type: ignore[arg-type]
+        max_batch_points=10,
+        max_message_bytes=limit,
+        max_buffered_points=100_000,
+    )
+    keys = [f"layer-{i}/grad-norm" for i in range(500)]
+    for step in range(4):
+        for key in keys:
+            stream.log("run", key, float(step), step=step, timestamp_ms=1 + step)
+    gate.set()
+    assert stream.close() == 4 * len(keys)
+
+    messages = stub.StreamMetrics.messages
+    sizes = [m.ByteSize() for m in messages]
+    assert max(sizes) <= limit
+    # Full messages, not one series of one point each.
+    assert len(messages) <= 2 * (sum(sizes) // limit + 1)
+    for key in keys:
+        steps = [step for m in messages for s in m.series if s.key == key for step in s.steps]
+        assert steps == [0, 1, 2, 3]

@@ -321,21 +321,24 @@ class MetricStream:
         it, its points and what is left of `rows` for the next one.
 
         When not all fit, each run and key gets its share of the message, so that none
-        waits behind another."""
-        room = self._max_message_bytes
-        for (run_id, key), _, _ in rows:
-            room -= _SERIES_BYTES + len(run_id.encode()) + len(key.encode())
-        fits = max(1, room // MAX_POINT_BYTES)
+        waits behind another; with more runs and keys than fit, the first ones go first."""
+        budget = self._max_message_bytes
+        overheads = [
+            _SERIES_BYTES + len(run_id.encode()) + len(key.encode()) for (run_id, key), _, _ in rows
+        ]
         wanted = sum(n for _, _, n in rows)
+        fits = max(1, (budget - sum(overheads)) // MAX_POINT_BYTES)
         message = pb.StreamMetricsRequest()
         add = message.series.add
-        points = 0
+        points = size = 0
         left: list[_Pending] = []
-        for (run_id, key), row, n in rows:
+        for ((run_id, key), row, n), overhead in zip(rows, overheads, strict=True):
             share = n if wanted <= fits else max(1, n * fits // wanted)
-            if points and points + share > fits:
+            if size and size + overhead + share * MAX_POINT_BYTES > budget:
                 left.append(((run_id, key), row, n))
                 continue
+            # The first series of a message always goes, as much of it as fits.
+            share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES))
             taken = row[: 3 * share]
             # Only this prefix goes: what log() appended since stays in the row.
             del row[: 3 * share]
@@ -347,6 +350,7 @@ class MetricStream:
                 steps=taken[2::3],
             )
             points += share
+            size += overhead + share * MAX_POINT_BYTES
             if share < n:
                 left.append(((run_id, key), row, n - share))
         return message, points, left
