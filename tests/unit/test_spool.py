@@ -34,6 +34,7 @@ class FakeMlflow:
         self.batch_sizes: list[int] = []
         self.failures: list[Exception] = []
         self.lock = threading.Lock()
+        self.first_batch = threading.Event()
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> None:
         with self.lock:
@@ -41,6 +42,7 @@ class FakeMlflow:
                 raise self.failures.pop(0)
             self.batch_sizes.append(len(metrics))
             self.delivered.setdefault(run_id, []).extend(metrics)
+        self.first_batch.set()
 
 
 @pytest.fixture()
@@ -220,31 +222,31 @@ class Trickle:
         self.thread.join()
 
 
-def test_delivery_waits_for_a_burst_to_pause(store):
-    mlflow = FakeMlflow()
-    first_delivery = threading.Event()
-    log_metrics = mlflow.log_metrics
-
-    def record(run_id: str, metrics: Sequence[Metric]) -> None:
-        log_metrics(run_id, metrics)
-        first_delivery.set()
-
-    # A pause of a whole second ends the burst: far longer than the trickle's gaps.
+def held_deliverer(
+    store: SpoolStore, mlflow: FakeMlflow, *, max_defer_s: float, quiet_s: float
+) -> MetricDeliverer:
     deliverer = MetricDeliverer(
         store,
-        record,
+        mlflow.log_metrics,
         batch_size=100,
         backoff_factor_s=0.01,
         max_backoff_s=0.02,
-        max_defer_s=60,
-        quiet_s=1.0,
+        max_defer_s=max_defer_s,
+        quiet_s=quiet_s,
     )
     deliverer.start()
+    return deliverer
+
+
+def test_delivery_waits_for_a_burst_to_pause(store):
+    mlflow = FakeMlflow()
+    # A pause of a whole second ends the burst: far longer than the trickle's gaps.
+    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=1.0)
     try:
         with Trickle(store, deliverer) as trickle:
-            assert not first_delivery.wait(0.5)
+            assert not mlflow.first_batch.wait(0.5)
             assert trickle.sent > 0 and mlflow.batch_sizes == []
-        assert first_delivery.wait(10)
+        assert mlflow.first_batch.wait(10)
         assert deliverer.wait_delivered("a", 10) == 0
         assert [m.step for m in mlflow.delivered["a"]] == list(range(trickle.sent))
     finally:
@@ -253,16 +255,7 @@ def test_delivery_waits_for_a_burst_to_pause(store):
 
 def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
     mlflow = FakeMlflow()
-    deliverer = MetricDeliverer(
-        store,
-        mlflow.log_metrics,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.02,
-        max_defer_s=60,
-        quiet_s=60,
-    )
-    deliverer.start()
+    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=60)
     try:
         with Trickle(store, deliverer):
             store.append(points("b", 50))
@@ -276,26 +269,10 @@ def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
 
 def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(store):
     mlflow = FakeMlflow()
-    delivered = threading.Event()
-    log_metrics = mlflow.log_metrics
-
-    def record(run_id: str, metrics: Sequence[Metric]) -> None:
-        log_metrics(run_id, metrics)
-        delivered.set()
-
-    deliverer = MetricDeliverer(
-        store,
-        record,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.02,
-        max_defer_s=0.2,
-        quiet_s=60,
-    )
-    deliverer.start()
+    deliverer = held_deliverer(store, mlflow, max_defer_s=0.2, quiet_s=60)
     try:
         with Trickle(store, deliverer) as trickle:
-            assert delivered.wait(10)
+            assert mlflow.first_batch.wait(10)
             assert not trickle.stopped.is_set()
     finally:
         deliverer.stop()
