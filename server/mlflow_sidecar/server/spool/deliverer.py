@@ -64,7 +64,6 @@ class MetricDeliverer:
         self._last_accept = 0.0
         # Flushes waiting for delivery; while there are any, nothing is deferred.
         self._waiting = 0
-        self._urgent = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress = threading.Condition()
@@ -79,8 +78,9 @@ class MetricDeliverer:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop after the batch in flight; undelivered points stay in the spool."""
         self._stop.set()
-        self._urgent.set()
         self._wake.set()
+        with self._progress:
+            self._progress.notify_all()  # ends a hold (see `_hold_while_streaming`)
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
@@ -96,7 +96,7 @@ class MetricDeliverer:
         deadline = time.monotonic() + timeout_s
         with self._progress:
             self._waiting += 1
-            self._urgent.set()
+            self._progress.notify_all()  # ends a hold (see `_hold_while_streaming`)
             self._wake.set()
             try:
                 while (pending := self._store.pending(run_id)) > 0:
@@ -133,17 +133,14 @@ class MetricDeliverer:
         """Wait until accepted points pause for `quiet_s`, `max_defer_s` has passed, or a
         flush (or stop) asks for delivery now."""
         started = time.monotonic()
-        while True:
-            self._urgent.clear()
-            # Read after clearing: a flush that arrives from here on sets it again.
-            with self._progress:
-                if self._waiting or self._stop.is_set():
+        with self._progress:
+            while not self._waiting and not self._stop.is_set():
+                now = time.monotonic()
+                quiet_for = now - self._last_accept
+                left = min(self._quiet_s - quiet_for, started + self._max_defer_s - now)
+                if left <= 0:
                     return
-            now = time.monotonic()
-            left = min(self._quiet_s - (now - self._last_accept), started + self._max_defer_s - now)
-            if left <= 0:
-                return
-            self._urgent.wait(left)
+                self._progress.wait(left)
 
     def _deliver_round(self) -> bool:
         """One batch from each run with pending points (fair across runs); True if any moved."""
