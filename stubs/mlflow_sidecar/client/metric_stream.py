@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import operator
+import struct
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -67,14 +68,26 @@ is sized before it is built."""
 # The same for a series, its run id and key aside (tags and lengths).
 _SERIES_BYTES = 32
 
-# One run's points of one key until the next cut, flat: value, timestamp_ms, step, ...
-_Row = list[float | int]
+# A point as a row holds it: value, timestamp_ms and step, in the byte order that
+# `memoryview.cast` reads.
+_POINT = struct.Struct("=dqq")
+_pack_point = _POINT.pack
+# One run's points of one key until the next cut, packed one after the other.
+_Row = bytearray
 # A row a cut is taking from: its run and key, the row, and how many of its points to take.
 _Pending = tuple[tuple[str, str], _Row, int]
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _stamp_for(key: str, timestamp_ms: Any) -> int:
+    """The timestamp of a point logged with a `timestamp_ms` not above 0: now for 0, else
+    the error that says why the sidecar would refuse it."""
+    if operator.index(timestamp_ms) == 0:
+        return _now_ms()
+    raise ValueError(f"metric {key!r}: timestamp_ms must be in [0, 2**63), got {timestamp_ms}")
 
 
 def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
@@ -92,14 +105,14 @@ def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tupl
     return float(value), stamp, number
 
 
-class _Refusing(dict[tuple[str, str], _Row]):
+class _Refusing(dict[str, dict[str, _Row]]):
     """The buffers of a stream that failed or was closed: a lookup raises why."""
 
     def __init__(self, error: SidecarError) -> None:
         super().__init__()
         self.error = error
 
-    def get(self, key: object, default: object = None) -> NoReturn:
+    def __getitem__(self, key: object) -> NoReturn:
         raise self.error
 
     def setdefault(self, key: object, default: object = None) -> NoReturn:
@@ -132,7 +145,8 @@ class MetricStream:
         self._cond = threading.Condition(threading.Lock())
         # One cut at a time (the sender's, or a flush's); taken before self._cond.
         self._cut_lock = threading.Lock()
-        self._pending: dict[tuple[str, str], _Row] = {}
+        # Rows by run id, then key.
+        self._pending: dict[str, dict[str, _Row]] = {}
         # Points logged since the last cut. Concurrent callers may lose an increment,
         # which only delays a count cut; the age cut does not depend on it.
         self._count = 0
@@ -167,23 +181,19 @@ class MetricStream:
         Raises TypeError (or ValueError, for a number out of range) at once for a point
         the sidecar would refuse: it never reaches a batch. Safe to call from several
         threads."""
-        # The hot path of a training loop: checks, one lookup, one extend.
-        if not (
-            type(value) is float
-            and type(step) is int
-            and type(timestamp_ms) is int
-            and 0 <= timestamp_ms <= _INT64_MAX
-            and -_INT64_MAX <= step <= _INT64_MAX
-        ):
-            value, timestamp_ms, step = _checked_numbers(key, value, timestamp_ms, step)
+        # The hot path of a training loop: two lookups and one append of the point
+        # packed by `struct`, which also checks its numbers' types and ranges in C.
         try:
             # Raises the stream's error once it failed or was closed (see `_fail`).
-            row = self._pending.get((run_id, key))
-        except TypeError:  # unhashable: not a str either
-            row = None
-        if row is None:
+            row = self._pending[run_id][key]
+        except (KeyError, TypeError):  # a new run or key, or not a str at all
             row = self._open_row(run_id, key)
-        row.extend((value, timestamp_ms or _now_ms(), step))
+        try:
+            stamp = timestamp_ms if timestamp_ms > 0 else _stamp_for(key, timestamp_ms)
+            row += _pack_point(value, stamp, step)
+        except (TypeError, struct.error):
+            value, stamp, step = _checked_numbers(key, value, timestamp_ms, step)
+            row += _pack_point(value, stamp or _now_ms(), step)
         count = self._count = self._count + 1
         if count >= self._signal_at:
             self._batch_due()
@@ -251,7 +261,7 @@ class MetricStream:
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a str, not {type(text).__name__}")
         # setdefault: two threads opening the same run and key share one row.
-        return self._pending.setdefault((run_id, key), [])
+        return self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
 
     def _batch_due(self) -> None:
         with self._cond:
@@ -279,7 +289,7 @@ class MetricStream:
         if self._count >= self._max_batch:
             return True
         return time.monotonic() - self._last_cut >= self._max_delay_s and any(
-            self._pending.values()
+            any(rows.values()) for rows in self._pending.values()
         )
 
     def _fail(self, error: SidecarError) -> None:
@@ -303,7 +313,9 @@ class MetricStream:
             # list(): one atomic copy, as log() may add a run and key meanwhile. What log()
             # appends from here on waits for the next cut, so that this one ends.
             rows: list[_Pending] = [
-                (name, row, len(row) // 3) for name, row in list(self._pending.items())
+                ((run_id, key), row, len(row) // _POINT.size)
+                for run_id, keys in list(self._pending.items())
+                for key, row in list(keys.items())
             ]
             rows = [(name, row, n) for name, row, n in rows if n]
             queued = 0
@@ -339,15 +351,16 @@ class MetricStream:
                 continue
             # The first series of a message always goes, as much of it as fits.
             share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES))
-            taken = row[: 3 * share]
+            taken = memoryview(row[: _POINT.size * share])
             # Only this prefix goes: what log() appended since stays in the row.
-            del row[: 3 * share]
+            del row[: _POINT.size * share]
+            numbers, integers = taken.cast("d"), taken.cast("q")
             add(
                 run_id=run_id,
                 key=key,
-                values=taken[0::3],
-                timestamps_ms=taken[1::3],
-                steps=taken[2::3],
+                values=numbers[0::3],
+                timestamps_ms=integers[1::3],
+                steps=integers[2::3],
             )
             points += share
             size += overhead + share * MAX_POINT_BYTES
