@@ -108,7 +108,8 @@ def test_points_and_series_of_one_message_all_reach_mlflow(tracking_stub, mlflow
         (lambda s: s.timestamps_ms.__setitem__(1, -1), "series[0].timestamps_ms[1]"),
     ],
 )
-def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, field):
+@pytest.mark.parametrize("with_point", [True, False], ids=["with-a-point", "series-only"])
+def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, field, with_point):
     exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"bad-{unique}"))
     run_id = tracking_stub.StartRun(
         pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
@@ -118,8 +119,9 @@ def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, fi
             pb.MetricSeries(run_id=run_id, key="ok", values=[1.0], timestamps_ms=[1], steps=[0])
         ]
     )
+    # A message of series only is read as numpy columns, one with points the general way.
     bad = pb.StreamMetricsRequest(
-        points=[pb.MetricPoint(run_id=run_id, key="first", value=1.0)],
+        points=[pb.MetricPoint(run_id=run_id, key="first", value=1.0)] if with_point else [],
         series=[
             pb.MetricSeries(
                 run_id=run_id, key="k", values=[1.0, 2.0], timestamps_ms=[1, 2], steps=[0, 1]
@@ -134,10 +136,11 @@ def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, fi
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "1"
     flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
     assert flushed.pending_points == 0
-    history = tracking_stub.GetMetricHistory(
-        pb.GetMetricHistoryRequest(run_id=run_id, metric_key="first")
-    )
-    assert list(history.metrics) == []  # the refused message's single point too
+    for key in ("first", "k"):  # nothing of the refused message, its good parts neither
+        history = tracking_stub.GetMetricHistory(
+            pb.GetMetricHistoryRequest(run_id=run_id, metric_key=key)
+        )
+        assert list(history.metrics) == []
 
 
 def test_points_of_deleted_runs_are_dead_lettered_and_visible(

@@ -127,6 +127,19 @@ def metric_point_to_pb(point: MetricPoint) -> pb.MetricPoint:
     )
 
 
+def series_length(index: int, series: pb.MetricSeries) -> int:
+    """How many points `series[index]` of a message holds; InvalidArgumentError when its
+    columns differ in length."""
+    count = len(series.values)
+    if len(series.timestamps_ms) != count or len(series.steps) != count:
+        raise InvalidArgumentError(
+            f"series[{index}]",
+            f"values, timestamps_ms and steps must have the same length, got {count},"
+            f" {len(series.timestamps_ms)} and {len(series.steps)}",
+        )
+    return count
+
+
 def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
     """The points of a StreamMetrics message as columns (no object per point): its
     `points` first, then each series.
@@ -135,13 +148,7 @@ def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
     columns = MetricColumns.from_points(message.points)
     starts: list[int] = []
     for index, series in enumerate(message.series):
-        count = len(series.values)
-        if len(series.timestamps_ms) != count or len(series.steps) != count:
-            raise InvalidArgumentError(
-                f"series[{index}]",
-                f"values, timestamps_ms and steps must have the same length, got {count},"
-                f" {len(series.timestamps_ms)} and {len(series.steps)}",
-            )
+        count = series_length(index, series)
         starts.append(len(columns))
         # Packed columns extend in C: the run id and key are not read per point, and a
         # slice copies a column out in one call (a quarter faster than iterating it).

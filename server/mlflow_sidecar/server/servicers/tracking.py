@@ -11,6 +11,7 @@ from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.domain import RunStatus
 from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError
 from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.server.metric_series import stream_message_points
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.staging import Staging
@@ -134,7 +135,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         accepted = 0
         try:
             for message in request_iterator:
-                accepted += self._service.enqueue_metrics(conv.metric_columns_from_pb(message))
+                accepted += self._service.enqueue_metrics(stream_message_points(message))
         finally:
             # Tells a client whose stream failed midway how much of it is safe in the spool.
             context.set_trailing_metadata(((ACCEPTED_POINTS_METADATA, str(accepted)),))

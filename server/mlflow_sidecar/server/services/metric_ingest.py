@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from mlflow_sidecar.client.domain import FlushResult, MetricColumns, MetricPoint
 from mlflow_sidecar.client.errors import InvalidArgumentError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.metric_series import SeriesBatch
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
@@ -17,10 +21,14 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 _ANSWER_MARGIN_S = 0.1
 
 
+def _named(error: InvalidArgumentError, name: str) -> InvalidArgumentError:
+    """The same complaint, about the field its request calls `name`."""
+    return InvalidArgumentError(name, error.message.removeprefix(f"{error.field}: "))
+
+
 def _at(error: InvalidArgumentError, points: MetricColumns, index: int) -> InvalidArgumentError:
     """The same complaint, naming the point it is about as its request did."""
-    problem = error.message.removeprefix(f"{error.field}: ")
-    return InvalidArgumentError(points.field_name(index, error.field), problem)
+    return _named(error, points.field_name(index, error.field))
 
 
 def _check_points(points: MetricColumns) -> None:
@@ -40,6 +48,29 @@ def _check_points(points: MetricColumns) -> None:
         index = next(i for i, t in enumerate(points.timestamps_ms) if t < 0)
         field = points.field_name(index, "timestamp_ms")
         raise InvalidArgumentError(field, "must not be negative")
+
+
+def _checked_series(batch: SeriesBatch) -> SeriesBatch:
+    """`_check_points` for series, read as columns; zero timestamps stamped with now."""
+    now = 0
+    stamped = []
+    for series in batch.series:
+        try:
+            check.require("run_id", series.run_id, max_length=64)
+            check.key("key", series.key)
+        except InvalidArgumentError as exc:
+            raise _named(exc, f"series[{series.index}].{exc.field}") from None
+        stamps = series.timestamps_ms
+        if stamps.min() <= 0:
+            negative = np.flatnonzero(stamps < 0)
+            if len(negative):
+                field = f"series[{series.index}].timestamps_ms[{negative[0]}]"
+                raise InvalidArgumentError(field, "must not be negative")
+            now = now or _now_ms()
+            stamps = np.where(stamps == 0, now, stamps)
+            series = dataclasses.replace(series, timestamps_ms=stamps)  # noqa: PLW2901
+        stamped.append(series)
+    return SeriesBatch(stamped)
 
 
 def _now_ms() -> int:
@@ -65,6 +96,8 @@ class MetricIngest:
 
     def accept(self, points: Sequence[MetricPoint]) -> int:
         """Validate and commit points to the spool (all or none); returns how many."""
+        if isinstance(points, SeriesBatch):
+            return self._commit(_checked_series(points))
         columns = MetricColumns.from_points(points)
         _check_points(columns)
         if 0 in columns.timestamps_ms:
@@ -78,7 +111,10 @@ class MetricIngest:
                 [t or now for t in columns.timestamps_ms],
                 columns.steps,
             )
-        accepted = self._store.append(columns)
+        return self._commit(columns)
+
+    def _commit(self, points: Sequence[MetricPoint]) -> int:
+        accepted = self._store.append(points)
         self._deliverer.notify()
         if self._metrics is not None:
             self._metrics.points_accepted.inc(accepted)

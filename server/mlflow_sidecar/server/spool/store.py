@@ -15,8 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
 from mlflow_sidecar.client.errors import ResourceExhaustedError
+from mlflow_sidecar.server.metric_series import MetricSeries, SeriesBatch
 
 # Points are stored in chunks: the points of one run from one message, at most
 # `chunk_points` of them (the delivery batch size), as packed columns. One row per chunk
@@ -93,6 +96,37 @@ def _by_run(points: MetricColumns) -> dict[str, MetricColumns]:
     for index, run_id in enumerate(points.run_ids):
         indices[run_id].append(index)
     return {run_id: points.take(chosen) for run_id, chosen in indices.items()}
+
+
+def _series_by_run(batch: SeriesBatch) -> dict[str, list[MetricSeries]]:
+    runs: dict[str, list[MetricSeries]] = {}
+    for series in batch.series:
+        runs.setdefault(series.run_id, []).append(series)
+    return runs
+
+
+def _series_rows(
+    run_id: str, series: list[MetricSeries], accepted_ms: int, chunk_points: int
+) -> list[tuple[object, ...]]:
+    """`_pack` for one run's series: its points in message order, in chunks."""
+    values = np.concatenate([s.values for s in series])
+    stamps = np.concatenate([s.timestamps_ms for s in series])
+    steps = np.concatenate([s.steps for s in series])
+    # One key for every point (a trainer's usual message) is stored once per chunk.
+    key = series[0].key if all(s.key == series[0].key for s in series) else None
+    keys = [] if key is not None else [s.key for s in series for _ in range(len(s))]
+    return [
+        (
+            run_id,
+            len(values[i : i + chunk_points]),
+            key if key is not None else _keys_text(keys[i : i + chunk_points]),
+            values[i : i + chunk_points].tobytes(),
+            stamps[i : i + chunk_points].tobytes(),
+            steps[i : i + chunk_points].tobytes(),
+            accepted_ms,
+        )
+        for i in range(0, len(values), chunk_points)
+    ]
 
 
 def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
@@ -203,13 +237,20 @@ class SpoolStore:
         """Commit all of `points` or none; ResourceExhaustedError when the spool is full."""
         if not points:
             return 0
-        by_run = _by_run(MetricColumns.from_points(points))
         accepted_ms = _now_ms()
-        rows = [
-            _pack(run_id, run_points[i : i + self._chunk_points], accepted_ms)
-            for run_id, run_points in by_run.items()
-            for i in range(0, len(run_points), self._chunk_points)
-        ]
+        rows: list[tuple[object, ...]] = []
+        counts: dict[str, int] = {}
+        if isinstance(points, SeriesBatch):
+            for run_id, run_series in _series_by_run(points).items():
+                rows += _series_rows(run_id, run_series, accepted_ms, self._chunk_points)
+                counts[run_id] = sum(len(s) for s in run_series)
+        else:
+            for run_id, run_points in _by_run(MetricColumns.from_points(points)).items():
+                rows += [
+                    _pack(run_id, run_points[i : i + self._chunk_points], accepted_ms)
+                    for i in range(0, len(run_points), self._chunk_points)
+                ]
+                counts[run_id] = len(run_points)
         with self._lock:
             if self._total + len(points) > self.max_points:
                 raise ResourceExhaustedError(
@@ -228,8 +269,8 @@ class SpoolStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            for run_id, run_points in by_run.items():
-                self._pending[run_id] = self._pending.get(run_id, 0) + len(run_points)
+            for run_id, count in counts.items():
+                self._pending[run_id] = self._pending.get(run_id, 0) + count
             self._total += len(points)
         return len(points)
 
