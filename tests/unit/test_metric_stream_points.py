@@ -284,3 +284,27 @@ def test_log_blocks_while_the_buffer_is_full_and_loses_nothing():
     thread.join(10)
     assert not thread.is_alive()
     assert stream.close() == 100
+
+
+@pytest.mark.parametrize("as_on_the_wire", [True, False], ids=["bytes-merged", "extended"])
+def test_values_reach_the_message_bit_for_bit(monkeypatch, as_on_the_wire):
+    from mlflow_sidecar.client import metric_stream
+
+    monkeypatch.setattr(metric_stream, "_DOUBLES_AS_ON_THE_WIRE", as_on_the_wire)
+    values = [0.0, -0.0, 1.5, -2.25e-310, 1.7976931348623157e308, float("inf"), float("nan")]
+    values += [i / 7 for i in range(300)]  # a length of more than one varint byte
+    stub = FakeStub()
+    stream = MetricStream(stub)  # type: ignore[arg-type]
+    for step, value in enumerate(values):
+        stream.log("r1", "x", value, step=step, timestamp_ms=1 + step)
+    assert stream.close() == len(values)
+    (message,) = stub.StreamMetrics.messages
+    expected = pb.StreamMetricsRequest()
+    expected.series.add(
+        run_id="r1",
+        key="x",
+        values=values,
+        timestamps_ms=range(1, len(values) + 1),
+        steps=range(len(values)),
+    )
+    assert message.SerializeToString() == expected.SerializeToString()
