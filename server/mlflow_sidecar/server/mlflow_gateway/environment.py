@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
+from mlflow.tracking.request_header import registry as request_headers
+from mlflow.tracking.request_header.databricks_request_header_provider import (
+    DatabricksRequestHeaderProvider,
+)
+
 from mlflow_sidecar.server.config import AppConfig
+
+log = logging.getLogger(__name__)
 
 # MLflow reads the artifact root of a SQL store built in-process from this variable
 # (the same one `mlflow server` sets), so the embedded store keeps artifacts in the data dir.
@@ -30,7 +38,29 @@ def configure_mlflow_environment(config: AppConfig) -> None:
         env["MLFLOW_TRACKING_TOKEN"] = token
     if config.mlflow.insecure_tls:
         env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
+    settle_request_header_providers()
     if config.embedded:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.artifact_root.mkdir(parents=True, exist_ok=True)
         env[_SERVER_ARTIFACT_ROOT_ENV] = str(config.artifact_root)
+
+
+def settle_request_header_providers() -> None:
+    """Drop MLflow's Databricks request header provider when this process is not on
+    Databricks, which a sidecar cannot move onto later.
+
+    MLflow asks every provider `in_context()` before each REST call, and Databricks' tries
+    to import dbruntime, pyspark and IPython each time: an import that fails is not
+    cached, so that was about a millisecond of every call the sidecar made to MLflow.
+    Other providers (plugins') are left alone: their context may change."""
+    registry = getattr(request_headers._request_header_provider_registry, "_registry", None)
+    if not isinstance(registry, list):
+        log.warning("MLflow's request header providers are not where expected; left as is")
+        return
+    registry[:] = [provider for provider in registry if _stays(provider)]
+
+
+def _stays(provider: object) -> bool:
+    if isinstance(provider, DatabricksRequestHeaderProvider):
+        return bool(provider.in_context())  # type: ignore[no-untyped-call]
+    return True
