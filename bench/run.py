@@ -207,17 +207,28 @@ def drained(container: ClientContainer, value: float) -> float:
 # -- reads ----------------------------------------------------------------------------
 
 
-def p50_ms(call: Callable[[], object], n: int) -> float:
-    for _ in range(min(20, n)):
-        call()  # warm up connections and caches
-    samples = [timed(call) * 1000 for _ in range(n)]
-    return statistics.median(samples)
+GETRUN_BLOCK = 50
 
 
 def getrun(results, client, tracking, run_id: str, calls: int) -> None:
     client.log_batch(run_id, metrics=[MlflowMetric("m", 1.0, 0, 0)])
-    results["getrun_direct_p50_ms"] = p50_ms(lambda: client.get_run(run_id), calls)
-    results["getrun_sidecar_p50_ms"] = p50_ms(lambda: tracking.get_run(run_id), calls)
+    sides = {
+        "getrun_direct_p50_ms": lambda: client.get_run(run_id),
+        "getrun_sidecar_p50_ms": lambda: tracking.get_run(run_id),
+    }
+    samples: dict[str, list[float]] = {key: [] for key in sides}
+    for call in sides.values():
+        for _ in range(20):
+            call()  # warm up connections and caches
+    # Blocks of calls, each side first in every other pair of blocks (A B B A ...): the
+    # load of this shared machine drifts by more than the margin, and this way it falls on
+    # both sides alike instead of on whichever ran second.
+    for block in range(max(1, calls // GETRUN_BLOCK)):
+        order = list(sides) if block % 2 == 0 else list(reversed(sides))
+        for key in order:
+            samples[key] += [timed(sides[key]) * 1000 for _ in range(GETRUN_BLOCK)]
+    for key, taken in samples.items():
+        results[key] = statistics.median(taken)
     for key in ("getrun_direct_p50_ms", "getrun_sidecar_p50_ms"):
         print(f"  {key:36s} {results[key]:14.3f}", flush=True)
 
