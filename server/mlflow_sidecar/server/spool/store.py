@@ -7,7 +7,6 @@ order among the rows that are still pending (an emptied table may start over, ha
 from __future__ import annotations
 
 import sqlite3
-import struct
 import threading
 import time
 from array import array
@@ -19,7 +18,7 @@ import numpy as np
 
 from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
 from mlflow_sidecar.client.errors import ResourceExhaustedError
-from mlflow_sidecar.server.metric_series import MetricSeries, SeriesBatch
+from mlflow_sidecar.server.metric_series import Floats, Integers, MetricSeries, SeriesBatch
 
 # Points are stored in chunks: the points of one run from one message, at most
 # `chunk_points` of them (the delivery batch size), as packed columns. One row per chunk
@@ -64,22 +63,32 @@ CREATE TABLE IF NOT EXISTS ended_runs (
 """
 
 
-def _pack(run_id: str, points: MetricColumns, accepted_ms: int) -> tuple[object, ...]:
-    return (
-        run_id,
-        len(points),
-        _keys_text(points.keys),
-        _packed("d", points.values),
-        _packed("q", points.timestamps_ms),
-        _packed("q", points.steps),
-        accepted_ms,
-    )
+@dataclass(frozen=True, slots=True)
+class _RunPoints:
+    """One run's points of one message as the spool packs them: its keys, one per point
+    or one for all, and its numbers as native machine numbers, as `array` reads them."""
 
+    keys: list[str] | str
+    values: Floats
+    timestamps_ms: Integers
+    steps: Integers
 
-def _packed(code: str, numbers: Sequence[float] | Sequence[int]) -> bytes:
-    """Native machine numbers, as `array` reads them back; struct packs a list about a
-    third faster than `array` does."""
-    return struct.pack(f"{len(numbers)}{code}", *numbers)
+    def rows(self, run_id: str, accepted_ms: int, chunk_points: int) -> list[tuple[object, ...]]:
+        """Chunks of at most `chunk_points` points, in message order, as spool rows."""
+        total = len(self.values)
+        parts = [slice(i, i + chunk_points) for i in range(0, total, chunk_points)]
+        return [
+            (
+                run_id,
+                len(self.values[part]),
+                self.keys if isinstance(self.keys, str) else _keys_text(self.keys[part]),
+                self.values[part].tobytes(),
+                self.timestamps_ms[part].tobytes(),
+                self.steps[part].tobytes(),
+                accepted_ms,
+            )
+            for part in parts
+        ]
 
 
 def _keys_text(keys: list[str]) -> str:
@@ -88,7 +97,37 @@ def _keys_text(keys: list[str]) -> str:
     return _KEY_SEPARATOR.join(keys)
 
 
-def _by_run(points: MetricColumns) -> dict[str, MetricColumns]:
+def _by_run(points: Sequence[MetricPoint]) -> dict[str, _RunPoints]:
+    """A message's points, run by run; series stay numpy columns."""
+    if isinstance(points, SeriesBatch):
+        runs: dict[str, list[MetricSeries]] = {}
+        for series in points.series:
+            runs.setdefault(series.run_id, []).append(series)
+        return {run_id: _joined(series) for run_id, series in runs.items()}
+    return {
+        run_id: _RunPoints(
+            columns.keys,
+            np.array(columns.values, dtype=np.float64),
+            np.array(columns.timestamps_ms, dtype=np.int64),
+            np.array(columns.steps, dtype=np.int64),
+        )
+        for run_id, columns in _columns_by_run(MetricColumns.from_points(points)).items()
+    }
+
+
+def _joined(series: list[MetricSeries]) -> _RunPoints:
+    first = series[0].key
+    # One key for every point (a trainer's usual message) is stored once per chunk.
+    same_key = all(s.key == first for s in series)
+    return _RunPoints(
+        first if same_key else [s.key for s in series for _ in range(len(s))],
+        np.concatenate([s.values for s in series]),
+        np.concatenate([s.timestamps_ms for s in series]),
+        np.concatenate([s.steps for s in series]),
+    )
+
+
+def _columns_by_run(points: MetricColumns) -> dict[str, MetricColumns]:
     runs = points.distinct("run_ids")
     if len(runs) == 1:  # the usual message: one trainer, one run
         return {next(iter(runs)): points}
@@ -96,37 +135,6 @@ def _by_run(points: MetricColumns) -> dict[str, MetricColumns]:
     for index, run_id in enumerate(points.run_ids):
         indices[run_id].append(index)
     return {run_id: points.take(chosen) for run_id, chosen in indices.items()}
-
-
-def _series_by_run(batch: SeriesBatch) -> dict[str, list[MetricSeries]]:
-    runs: dict[str, list[MetricSeries]] = {}
-    for series in batch.series:
-        runs.setdefault(series.run_id, []).append(series)
-    return runs
-
-
-def _series_rows(
-    run_id: str, series: list[MetricSeries], accepted_ms: int, chunk_points: int
-) -> list[tuple[object, ...]]:
-    """`_pack` for one run's series: its points in message order, in chunks."""
-    values = np.concatenate([s.values for s in series])
-    stamps = np.concatenate([s.timestamps_ms for s in series])
-    steps = np.concatenate([s.steps for s in series])
-    # One key for every point (a trainer's usual message) is stored once per chunk.
-    key = series[0].key if all(s.key == series[0].key for s in series) else None
-    keys = [] if key is not None else [s.key for s in series for _ in range(len(s))]
-    return [
-        (
-            run_id,
-            len(values[i : i + chunk_points]),
-            key if key is not None else _keys_text(keys[i : i + chunk_points]),
-            values[i : i + chunk_points].tobytes(),
-            stamps[i : i + chunk_points].tobytes(),
-            steps[i : i + chunk_points].tobytes(),
-            accepted_ms,
-        )
-        for i in range(0, len(values), chunk_points)
-    ]
 
 
 def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
@@ -238,19 +246,12 @@ class SpoolStore:
         if not points:
             return 0
         accepted_ms = _now_ms()
-        rows: list[tuple[object, ...]] = []
-        counts: dict[str, int] = {}
-        if isinstance(points, SeriesBatch):
-            for run_id, run_series in _series_by_run(points).items():
-                rows += _series_rows(run_id, run_series, accepted_ms, self._chunk_points)
-                counts[run_id] = sum(len(s) for s in run_series)
-        else:
-            for run_id, run_points in _by_run(MetricColumns.from_points(points)).items():
-                rows += [
-                    _pack(run_id, run_points[i : i + self._chunk_points], accepted_ms)
-                    for i in range(0, len(run_points), self._chunk_points)
-                ]
-                counts[run_id] = len(run_points)
+        by_run = _by_run(points)
+        rows = [
+            row
+            for run_id, run in by_run.items()
+            for row in run.rows(run_id, accepted_ms, self._chunk_points)
+        ]
         with self._lock:
             if self._total + len(points) > self.max_points:
                 raise ResourceExhaustedError(
@@ -269,8 +270,8 @@ class SpoolStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            for run_id, count in counts.items():
-                self._pending[run_id] = self._pending.get(run_id, 0) + count
+            for run_id, run in by_run.items():
+                self._pending[run_id] = self._pending.get(run_id, 0) + len(run.values)
             self._total += len(points)
         return len(points)
 
