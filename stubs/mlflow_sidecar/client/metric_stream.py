@@ -106,10 +106,9 @@ def _now_ms() -> int:
 
 def _stamp_for(key: str, timestamp_ms: Any) -> int:
     """The timestamp of a point logged with a `timestamp_ms` not above 0: now for 0, else
-    the error that says why the sidecar would refuse it."""
-    if operator.index(timestamp_ms) == 0:
-        return _now_ms()
-    raise ValueError(f"metric {key!r}: timestamp_ms must be in [0, 2**63), got {timestamp_ms}")
+    the error `_checked_numbers` gives."""
+    _checked_numbers(key, 0.0, timestamp_ms, 0)
+    return _now_ms()
 
 
 def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
