@@ -222,9 +222,16 @@ class CreateRegisteredModelRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     GET_IF_EXISTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     description: _builtins.str
     get_if_exists: _builtins.bool
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome and
+    never a spurious ALREADY_EXISTS.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -234,10 +241,11 @@ class CreateRegisteredModelRequest(_message.Message):
         description: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         get_if_exists: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "get_if_exists", b"get_if_exists", "name", b"name", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "get_if_exists", b"get_if_exists", "name", b"name", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -403,17 +411,25 @@ class RenameRegisteredModelRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     NEW_NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     new_name: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome and
+    never a spurious NOT_FOUND.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         new_name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "new_name", b"new_name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "new_name", b"new_name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -444,15 +460,22 @@ class DeleteRegisteredModelRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NAME_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -519,17 +542,24 @@ class DeleteRegisteredModelTagRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     key: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -580,6 +610,7 @@ class CreateModelVersionRequest(_message.Message):
     ARTIFACT_PATH_FIELD_NUMBER: _builtins.int
     DESCRIPTION_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     source: _builtins.str
     """A runs:/RUN_ID/PATH or models:/... URI, or any artifact URI MLflow accepts.
@@ -589,6 +620,12 @@ class CreateModelVersionRequest(_message.Message):
     artifact_path: _builtins.str
     """With run_id and no source: the artifact path inside the run."""
     description: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome: the same
+    version, never a second one.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -600,10 +637,11 @@ class CreateModelVersionRequest(_message.Message):
         artifact_path: _builtins.str = ...,
         description: _builtins.str = ...,
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "description", b"description", "name", b"name", "run_id", b"run_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "description", b"description", "name", b"name", "request_id", b"request_id", "run_id", b"run_id", "source", b"source", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -660,6 +698,7 @@ class UploadModelHeader(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     ALIASES_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     run_id: _builtins.str
     """The run the files are logged to; when empty a run is created in experiment_id."""
@@ -667,6 +706,12 @@ class UploadModelHeader(_message.Message):
     description: _builtins.str
     total_size_bytes: _builtins.int
     """Total bytes of all files, for the size limit check before anything is written."""
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome: the same
+    version, never a second one; the files are not stored twice.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -681,10 +726,11 @@ class UploadModelHeader(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         aliases: _abc.Iterable[_builtins.str] | None = ...,
         total_size_bytes: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "description", b"description", "experiment_id", b"experiment_id", "name", b"name", "run_id", b"run_id", "tags", b"tags", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "description", b"description", "experiment_id", b"experiment_id", "name", b"name", "request_id", b"request_id", "run_id", b"run_id", "tags", b"tags", "total_size_bytes", b"total_size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -993,17 +1039,24 @@ class DeleteModelVersionRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1074,19 +1127,26 @@ class DeleteModelVersionTagRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     key: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int = ...,
         key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "name", b"name", "request_id", b"request_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1153,17 +1213,24 @@ class DeleteModelAliasRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     alias: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         alias: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -337,10 +337,17 @@ class CreateExperimentRequest(_message.Message):
     TAGS_FIELD_NUMBER: _builtins.int
     ARTIFACT_LOCATION_FIELD_NUMBER: _builtins.int
     GET_IF_EXISTS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     artifact_location: _builtins.str
     """Empty: MLflow's default artifact root."""
     get_if_exists: _builtins.bool
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome and
+    never makes a second experiment.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -350,10 +357,11 @@ class CreateExperimentRequest(_message.Message):
         tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         artifact_location: _builtins.str = ...,
         get_if_exists: _builtins.bool = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_location", b"artifact_location", "get_if_exists", b"get_if_exists", "name", b"name", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_location", b"artifact_location", "get_if_exists", b"get_if_exists", "name", b"name", "request_id", b"request_id", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -480,6 +488,86 @@ class SearchExperimentsResponse(_message.Message):
 Global___SearchExperimentsResponse: _TypeAlias = SearchExperimentsResponse  # noqa: Y015
 
 @_typing.final
+class DeleteExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteExperimentRequest: _TypeAlias = DeleteExperimentRequest  # noqa: Y015
+
+@_typing.final
+class DeleteExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteExperimentResponse: _TypeAlias = DeleteExperimentResponse  # noqa: Y015
+
+@_typing.final
+class RestoreExperimentRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_ID_FIELD_NUMBER: _builtins.int
+    experiment_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        experiment_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment_id", b"experiment_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreExperimentRequest: _TypeAlias = RestoreExperimentRequest  # noqa: Y015
+
+@_typing.final
+class RestoreExperimentResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPERIMENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def experiment(self) -> Global___Experiment: ...
+    def __init__(
+        self,
+        *,
+        experiment: Global___Experiment | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["experiment", b"experiment"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreExperimentResponse: _TypeAlias = RestoreExperimentResponse  # noqa: Y015
+
+@_typing.final
 class StartRunRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -509,13 +597,28 @@ class StartRunRequest(_message.Message):
     PARENT_RUN_ID_FIELD_NUMBER: _builtins.int
     START_TIME_MS_FIELD_NUMBER: _builtins.int
     CLIENT_REQUEST_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     run_name: _builtins.str
     parent_run_id: _builtins.str
     start_time_ms: _builtins.int
     """0 means now."""
-    client_request_id: _builtins.str
-    """Makes StartRun idempotent: a retried call with the same id returns the same run."""
+    @_builtins.property
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def client_request_id(self) -> _builtins.str:
+        """Deprecated: use request_id. Still honoured; when both are set they must be equal."""
+
+    @client_request_id.setter
+    @_deprecated("""This field has been marked as deprecated using proto field options.""")
+    def client_request_id(self, value: _builtins.str) -> None:
+        """Deprecated: use request_id. Still honoured; when both are set they must be equal."""
+
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome: the same
+    run, never a second one.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -527,10 +630,11 @@ class StartRunRequest(_message.Message):
         parent_run_id: _builtins.str = ...,
         start_time_ms: _builtins.int = ...,
         client_request_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "experiment_id", b"experiment_id", "parent_run_id", b"parent_run_id", "run_name", b"run_name", "start_time_ms", b"start_time_ms", "tags", b"tags"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_request_id", b"client_request_id", "experiment_id", b"experiment_id", "parent_run_id", b"parent_run_id", "request_id", b"request_id", "run_name", b"run_name", "start_time_ms", b"start_time_ms", "tags", b"tags"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -662,21 +766,36 @@ class EndRunRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     END_TIME_MS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    WAIT_FOR_DELIVERY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     status: Global___RunStatus.ValueType
     """UNSPECIFIED means FINISHED. Only FINISHED, FAILED and KILLED are accepted."""
     end_time_ms: _builtins.int
     """0 means now."""
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
+    wait_for_delivery: _builtins.bool
+    """false (the default): with points of this run still spooled, the end is recorded
+    durably and the call answers at once; the run is ended in MLflow right after its
+    last point is delivered. true: wait for that, bounded by the call's deadline
+    (DEADLINE_EXCEEDED with the end still recorded when it passes).
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         status: Global___RunStatus.ValueType = ...,
         end_time_ms: _builtins.int = ...,
+        request_id: _builtins.str = ...,
+        wait_for_delivery: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_ms", b"end_time_ms", "run_id", b"run_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time_ms", b"end_time_ms", "request_id", b"request_id", "run_id", b"run_id", "status", b"status", "wait_for_delivery", b"wait_for_delivery"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -684,6 +803,94 @@ Global___EndRunRequest: _TypeAlias = EndRunRequest  # noqa: Y015
 
 @_typing.final
 class EndRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    PENDING_POINTS_FIELD_NUMBER: _builtins.int
+    pending_points: _builtins.int
+    """Points of this run still in the spool when the call answered; 0: the run is ended
+    in MLflow.
+    """
+    @_builtins.property
+    def run(self) -> Global___Run:
+        """The run as MLflow has it now: still RUNNING while the end waits for delivery."""
+
+    def __init__(
+        self,
+        *,
+        run: Global___Run | None = ...,
+        pending_points: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_points", b"pending_points", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EndRunResponse: _TypeAlias = EndRunResponse  # noqa: Y015
+
+@_typing.final
+class DeleteRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunRequest: _TypeAlias = DeleteRunRequest  # noqa: Y015
+
+@_typing.final
+class DeleteRunResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteRunResponse: _TypeAlias = DeleteRunResponse  # noqa: Y015
+
+@_typing.final
+class RestoreRunRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestoreRunRequest: _TypeAlias = RestoreRunRequest  # noqa: Y015
+
+@_typing.final
+class RestoreRunResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_FIELD_NUMBER: _builtins.int
@@ -700,7 +907,7 @@ class EndRunResponse(_message.Message):
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EndRunResponse: _TypeAlias = EndRunResponse  # noqa: Y015
+Global___RestoreRunResponse: _TypeAlias = RestoreRunResponse  # noqa: Y015
 
 @_typing.final
 class LogParamsRequest(_message.Message):
@@ -1037,17 +1244,24 @@ class DeleteRunTagRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     key: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         key: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1128,6 +1342,7 @@ class UploadArtifactHeader(_message.Message):
     ARTIFACT_PATH_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     artifact_path: _builtins.str
     """Relative path of the file inside the run's artifacts, e.g. "checkpoints/step_100.pt"."""
@@ -1137,6 +1352,11 @@ class UploadArtifactHeader(_message.Message):
     """Hex sha256 of the whole file, when it is known before the first byte is sent;
     otherwise empty, and the trailer carries it.
     """
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome.
+    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     def __init__(
         self,
         *,
@@ -1144,10 +1364,11 @@ class UploadArtifactHeader(_message.Message):
         artifact_path: _builtins.str = ...,
         size_bytes: _builtins.int = ...,
         sha256: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "request_id", b"request_id", "run_id", b"run_id", "sha256", b"sha256", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -52,6 +52,16 @@ class ExperimentTrackingServiceStub:
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchExperimentsRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchExperimentsResponse.FromString,
                 _registered_method=True)
+        self.DeleteExperiment = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteExperiment',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentResponse.FromString,
+                _registered_method=True)
+        self.RestoreExperiment = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreExperiment',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentResponse.FromString,
+                _registered_method=True)
         self.StartRun = channel.unary_unary(
                 '/mlflow_sidecar.v1.ExperimentTrackingService/StartRun',
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.StartRunRequest.SerializeToString,
@@ -71,6 +81,16 @@ class ExperimentTrackingServiceStub:
                 '/mlflow_sidecar.v1.ExperimentTrackingService/EndRun',
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunResponse.FromString,
+                _registered_method=True)
+        self.DeleteRun = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteRun',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunResponse.FromString,
+                _registered_method=True)
+        self.RestoreRun = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreRun',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.FromString,
                 _registered_method=True)
         self.LogParams = channel.unary_unary(
                 '/mlflow_sidecar.v1.ExperimentTrackingService/LogParams',
@@ -152,6 +172,21 @@ class ExperimentTrackingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteExperiment(self, request, context):
+        """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
+        until it is restored or purged by MLflow's garbage collection.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreExperiment(self, request, context):
+        """Restores a deleted experiment; restoring an active one is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StartRun(self, request, context):
         """Starts a run. A retried call with the same client_request_id returns the
         run created by the first call.
@@ -175,7 +210,22 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EndRun(self, request, context):
-        """Ends a run after delivering its spooled metrics.
+        """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
+        recorded durably and applied in MLflow after the last point (see EndRunRequest).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteRun(self, request, context):
+        """Soft-deletes a run, as MLflow does.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestoreRun(self, request, context):
+        """Restores a deleted run; restoring an active one is a no-op.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -274,6 +324,16 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchExperimentsRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchExperimentsResponse.SerializeToString,
             ),
+            'DeleteExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteExperiment,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentResponse.SerializeToString,
+            ),
+            'RestoreExperiment': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreExperiment,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentResponse.SerializeToString,
+            ),
             'StartRun': grpc.unary_unary_rpc_method_handler(
                     servicer.StartRun,
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.StartRunRequest.FromString,
@@ -293,6 +353,16 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
                     servicer.EndRun,
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunResponse.SerializeToString,
+            ),
+            'DeleteRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteRun,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunResponse.SerializeToString,
+            ),
+            'RestoreRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreRun,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.SerializeToString,
             ),
             'LogParams': grpc.unary_unary_rpc_method_handler(
                     servicer.LogParams,
@@ -440,6 +510,60 @@ class ExperimentTrackingService:
             _registered_method=True)
 
     @staticmethod
+    def DeleteExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteExperiment',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreExperiment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreExperiment',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreExperimentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def StartRun(request,
             target,
             options=(),
@@ -537,6 +661,60 @@ class ExperimentTrackingService:
             '/mlflow_sidecar.v1.ExperimentTrackingService/EndRun',
             mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunRequest.SerializeToString,
             mlflow__sidecar_dot_v1_dot_tracking__pb2.EndRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteRun',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreRun',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,6 +44,12 @@ class ExperimentTrackingServiceStub:
     """Reads one experiment by id or by name."""
     SearchExperiments: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.SearchExperimentsRequest, _tracking_pb2.SearchExperimentsResponse]
     """Searches experiments with MLflow's filter syntax; paginated."""
+    DeleteExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteExperimentRequest, _tracking_pb2.DeleteExperimentResponse]
+    """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
+    until it is restored or purged by MLflow's garbage collection.
+    """
+    RestoreExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.RestoreExperimentRequest, _tracking_pb2.RestoreExperimentResponse]
+    """Restores a deleted experiment; restoring an active one is a no-op."""
     StartRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.StartRunRequest, _tracking_pb2.StartRunResponse]
     """Starts a run. A retried call with the same client_request_id returns the
     run created by the first call.
@@ -53,7 +59,13 @@ class ExperimentTrackingServiceStub:
     SearchRuns: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.SearchRunsRequest, _tracking_pb2.SearchRunsResponse]
     """Searches runs of one or more experiments; paginated."""
     EndRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.EndRunRequest, _tracking_pb2.EndRunResponse]
-    """Ends a run after delivering its spooled metrics."""
+    """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
+    recorded durably and applied in MLflow after the last point (see EndRunRequest).
+    """
+    DeleteRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]
+    """Soft-deletes a run, as MLflow does."""
+    RestoreRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]
+    """Restores a deleted run; restoring an active one is a no-op."""
     LogParams: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -100,6 +112,12 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Reads one experiment by id or by name."""
     SearchExperiments: _aio.UnaryUnaryMultiCallable[_tracking_pb2.SearchExperimentsRequest, _tracking_pb2.SearchExperimentsResponse]  # type: ignore[assignment]
     """Searches experiments with MLflow's filter syntax; paginated."""
+    DeleteExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteExperimentRequest, _tracking_pb2.DeleteExperimentResponse]  # type: ignore[assignment]
+    """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
+    until it is restored or purged by MLflow's garbage collection.
+    """
+    RestoreExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.RestoreExperimentRequest, _tracking_pb2.RestoreExperimentResponse]  # type: ignore[assignment]
+    """Restores a deleted experiment; restoring an active one is a no-op."""
     StartRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.StartRunRequest, _tracking_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run. A retried call with the same client_request_id returns the
     run created by the first call.
@@ -109,7 +127,13 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     SearchRuns: _aio.UnaryUnaryMultiCallable[_tracking_pb2.SearchRunsRequest, _tracking_pb2.SearchRunsResponse]  # type: ignore[assignment]
     """Searches runs of one or more experiments; paginated."""
     EndRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.EndRunRequest, _tracking_pb2.EndRunResponse]  # type: ignore[assignment]
-    """Ends a run after delivering its spooled metrics."""
+    """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
+    recorded durably and applied in MLflow after the last point (see EndRunRequest).
+    """
+    DeleteRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]  # type: ignore[assignment]
+    """Soft-deletes a run, as MLflow does."""
+    RestoreRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]  # type: ignore[assignment]
+    """Restores a deleted run; restoring an active one is a no-op."""
     LogParams: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]  # type: ignore[assignment]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -173,6 +197,24 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Searches experiments with MLflow's filter syntax; paginated."""
 
     @_abc_1.abstractmethod
+    def DeleteExperiment(
+        self,
+        request: _tracking_pb2.DeleteExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.DeleteExperimentResponse, _abc.Awaitable[_tracking_pb2.DeleteExperimentResponse]]:
+        """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
+        until it is restored or purged by MLflow's garbage collection.
+        """
+
+    @_abc_1.abstractmethod
+    def RestoreExperiment(
+        self,
+        request: _tracking_pb2.RestoreExperimentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.RestoreExperimentResponse, _abc.Awaitable[_tracking_pb2.RestoreExperimentResponse]]:
+        """Restores a deleted experiment; restoring an active one is a no-op."""
+
+    @_abc_1.abstractmethod
     def StartRun(
         self,
         request: _tracking_pb2.StartRunRequest,
@@ -204,7 +246,25 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.EndRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.EndRunResponse, _abc.Awaitable[_tracking_pb2.EndRunResponse]]:
-        """Ends a run after delivering its spooled metrics."""
+        """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
+        recorded durably and applied in MLflow after the last point (see EndRunRequest).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteRun(
+        self,
+        request: _tracking_pb2.DeleteRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.DeleteRunResponse, _abc.Awaitable[_tracking_pb2.DeleteRunResponse]]:
+        """Soft-deletes a run, as MLflow does."""
+
+    @_abc_1.abstractmethod
+    def RestoreRun(
+        self,
+        request: _tracking_pb2.RestoreRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.RestoreRunResponse, _abc.Awaitable[_tracking_pb2.RestoreRunResponse]]:
+        """Restores a deleted run; restoring an active one is a no-op."""
 
     @_abc_1.abstractmethod
     def LogParams(
