@@ -41,7 +41,8 @@ def test_describe_shows_the_contract(sidecar):
     assert "rpc StartRun ( .mlflow_sidecar.v1.StartRunRequest )" in result.stdout
     assert "rpc StreamMetrics ( stream .mlflow_sidecar.v1.StreamMetricsRequest )" in result.stdout
     message = grpcurl(sidecar.target, "describe", "mlflow_sidecar.v1.StartRunRequest")
-    assert "client_request_id" in message.stdout
+    assert "string request_id = 7;" in message.stdout
+    assert "client_request_id = 6 [deprecated = true]" in message.stdout
 
 
 def test_health_check_through_grpcurl(sidecar):
@@ -57,9 +58,16 @@ def test_tracking_sequence_with_json_alone(sidecar, unique):
     run = call(
         target,
         "StartRun",
-        {"experiment_id": experiment_id, "run_name": "cli", "client_request_id": f"cli-{unique}"},
+        {"experiment_id": experiment_id, "run_name": "cli", "request_id": f"cli-{unique}"},
     )["run"]
     run_id = run["info"]["run_id"]
+    # The same request again is the same run.
+    again = call(
+        target,
+        "StartRun",
+        {"experiment_id": experiment_id, "run_name": "cli", "request_id": f"cli-{unique}"},
+    )["run"]
+    assert again["info"]["run_id"] == run_id
     call(target, "LogParams", {"run_id": run_id, "params": {"lr": "0.001"}})
     logged = call(
         target,

@@ -36,12 +36,16 @@ def test_metric_stream_then_end_run_gives_the_whole_history(
                 stream.log_metrics(run_id, {"reward": float(step), "loss": -float(step)}, step=step)
     assert stream.accepted == 2000 * 3 * 2
 
-    # EndRun flushes the run's spooled points first: the history is complete right after.
-    tracking.end_run(runs[0], RunStatus.FINISHED)
+    # EndRun waiting for delivery: the run is ended and its history complete right after.
+    ended = tracking.end_run(runs[0], RunStatus.FINISHED, wait_for_delivery=True)
+    assert ended.info.status is RunStatus.FINISHED
     history = tracking.get_metric_history(runs[0], "reward", page_size=5000)
     assert [m.step for m in history.items] == list(range(2000))
 
+    # EndRun without waiting: the end is recorded and follows the run's last point.
+    tracking.end_run(runs[1], RunStatus.KILLED)
     assert tracking.flush_metrics(timeout_s=60).pending_points == 0
+    assert tracking.get_run(runs[1]).info.status is RunStatus.KILLED
     plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     for run_id in runs:
         assert full_history(plain, run_id, "loss") == [(s, -float(s)) for s in range(2000)]

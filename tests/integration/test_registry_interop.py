@@ -33,7 +33,9 @@ def test_version_registered_through_the_sidecar_is_seen_by_mlflow(
 
     model = mlflow_client.get_registered_model(name)
     assert model.description == "ppo"
-    assert model.tags == {"team": "rl"}
+    # MLflow also shows the sidecar's bookkeeping: the request that created the model.
+    assert set(model.tags) == {"team", "mlflow_sidecar.request_id"}
+    assert model.tags["team"] == "rl"
     assert model.aliases == {"champion": "1"}
 
     version = mlflow_client.get_model_version(name, "1")
@@ -41,7 +43,11 @@ def test_version_registered_through_the_sidecar_is_seen_by_mlflow(
     assert version.source == f"runs:/{run_id}/model"
     assert version.run_id == run_id
     assert version.description == "first"
-    assert version.tags == {"reward": "12.5", "env": "cartpole"}
+    assert version.tags == {
+        "reward": "12.5",
+        "env": "cartpole",
+        "mlflow_sidecar.request_id": version.tags["mlflow_sidecar.request_id"],
+    }
     assert version.aliases == ["champion"]
     assert version.creation_timestamp == created.creation_time_ms
     assert version.last_updated_timestamp == created.last_updated_time_ms

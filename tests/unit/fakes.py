@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import itertools
+import threading
 from collections.abc import Mapping, Sequence
 
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import AlreadyExistsError, NotFoundError, SidecarError
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 
 
 class FakeGateway:
@@ -19,6 +21,8 @@ class FakeGateway:
         self.metrics: dict[str, list[domain.Metric]] = {}
         self.creates = 0
         self.fail_next: SidecarError | None = None
+        self.deliveries_open = threading.Event()
+        self.deliveries_open.set()
         self._ids = itertools.count(1)
 
     def _maybe_fail(self) -> None:
@@ -27,13 +31,17 @@ class FakeGateway:
             raise error
 
     def create_experiment(
-        self, name: str, *, artifact_location: str, tags: Mapping[str, str]
+        self, name: str, *, artifact_location: str, tags: Mapping[str, str], request_id: str
     ) -> str:
         self._maybe_fail()
+        for experiment_id, found in self.experiments.items():
+            if found.tags.get(REQUEST_ID_TAG) == request_id:
+                return experiment_id
         if any(e.name == name for e in self.experiments.values()):
             raise AlreadyExistsError(f"experiment {name!r} exists")
         experiment_id = str(next(self._ids))
-        self.experiments[experiment_id] = domain.Experiment(experiment_id, name, tags=dict(tags))
+        all_tags = {**tags, REQUEST_ID_TAG: request_id}
+        self.experiments[experiment_id] = domain.Experiment(experiment_id, name, tags=all_tags)
         return experiment_id
 
     def get_experiment(self, experiment_id: str) -> domain.Experiment:
@@ -91,7 +99,12 @@ class FakeGateway:
         )
 
     def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
+        # Delivery from the spool waits while a test holds it back.
+        assert self.deliveries_open.wait(30), "deliveries held back too long"
         self.log_batch(run_id, metrics=metrics)
+
+    def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
+        self.set_terminated(run_id, domain.RunStatus(status), end_time_ms)
 
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         run = self.get_run(run_id)

@@ -44,7 +44,12 @@ class ArtifactGateway:
     def get_experiment(self, experiment_id: str) -> domain.Experiment:
         return domain.Experiment(experiment_id, f"exp-{experiment_id}")
 
-    def create_run(self, experiment_id, *, run_name, tags, start_time_ms) -> domain.Run:
+    def find_or_create_run(
+        self, experiment_id, *, run_name, tags, start_time_ms, key_tag
+    ) -> domain.Run:
+        for run in self.runs.values():
+            if run.tags.get(key_tag) == tags[key_tag]:
+                return run
         run = domain.Run(domain.RunInfo(f"run{next(self._ids)}", experiment_id), tags=dict(tags))
         self.runs[run.run_id] = run
         return run
@@ -71,15 +76,20 @@ class ArtifactGateway:
             raise NotFoundError(f"registered model {name!r} does not exist")
         return domain.RegisteredModel(name)
 
-    def create_registered_model(self, name, *, description, tags) -> domain.RegisteredModel:
+    def create_registered_model(
+        self, name, *, description, tags, request_id
+    ) -> domain.RegisteredModel:
         self.models.add(name)
         return domain.RegisteredModel(name)
+
+    def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
+        return None
 
     def delete_registered_model(self, name: str) -> None:
         self.models.discard(name)
 
     def create_model_version(
-        self, name, *, source, run_id, description, tags
+        self, name, *, source, run_id, description, tags, request_id
     ) -> domain.ModelVersion:
         number = 1 + max((v for n, v in self.versions if n == name), default=0)
         version = domain.ModelVersion(

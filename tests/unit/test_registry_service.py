@@ -61,7 +61,7 @@ class FakeGateway:
             raise NotFoundError(f"Registered Model with name={name} not found")
         return self.models[name]
 
-    def create_registered_model(self, name, *, description, tags) -> RegisteredModel:
+    def create_registered_model(self, name, *, description, tags, request_id) -> RegisteredModel:
         self.models[name] = RegisteredModel(name=name, description=description, tags=dict(tags))
         return self.models[name]
 
@@ -70,7 +70,9 @@ class FakeGateway:
             raise NotFoundError(f"Run '{run_id}' not found")
         return Run(info=RunInfo(run_id=run_id, experiment_id="0"))
 
-    def create_model_version(self, name, *, source, run_id, description, tags) -> ModelVersion:
+    def create_model_version(
+        self, name, *, source, run_id, description, tags, request_id
+    ) -> ModelVersion:
         with self._guard:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -134,7 +136,7 @@ class FakeGateway:
 @pytest.fixture()
 def gateway() -> FakeGateway:
     fake = FakeGateway()
-    fake.create_registered_model("agent", description="", tags={})
+    fake.create_registered_model("agent", description="", tags={}, request_id="setup")
     return fake
 
 
@@ -167,7 +169,7 @@ def test_concurrent_versions_of_one_model_are_created_one_at_a_time(service, gat
 
 
 def test_versions_of_different_models_are_created_side_by_side(service, gateway):
-    gateway.create_registered_model("other", description="", tags={})
+    gateway.create_registered_model("other", description="", tags={}, request_id="setup")
     # Both creations must be inside the gateway at once to pass the barrier.
     gateway.barrier = threading.Barrier(2)
     with ThreadPoolExecutor(max_workers=2) as pool:
@@ -274,7 +276,7 @@ def test_unknown_runs_and_models_sources_are_not_found_and_register_nothing(serv
 def test_models_sources_by_version_and_alias_are_registered(service, gateway):
     service.create_model_version("agent", source="runs:/run1/m")
     service.set_model_alias("agent", "champion", 1)
-    gateway.create_registered_model("copy", description="", tags={})
+    gateway.create_registered_model("copy", description="", tags={}, request_id="setup")
     service.create_model_version("copy", source="models:/agent/1")
     service.create_model_version("copy", source="models:/agent@champion")
     assert [c["source"] for c in gateway.created[1:]] == [
@@ -350,7 +352,7 @@ def test_latest_version_of_a_model_without_versions_is_not_found(service):
 
 
 def test_latest_version_quotes_names_with_quotes(service, gateway):
-    gateway.create_registered_model("it's", description="", tags={})
+    gateway.create_registered_model("it's", description="", tags={}, request_id="setup")
     with pytest.raises(NotFoundError):
         service.get_latest_model_version("it's")
     assert gateway.last_filter == 'name = "it\'s"'

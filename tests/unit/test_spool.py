@@ -35,6 +35,7 @@ class FakeMlflow:
         self.failures: list[Exception] = []
         self.lock = threading.Lock()
         self.first_batch = threading.Event()
+        self.events: list[tuple[object, ...]] = []
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> None:
         with self.lock:
@@ -43,6 +44,13 @@ class FakeMlflow:
             self.batch_sizes.append(len(metrics))
             self.delivered.setdefault(run_id, []).extend(metrics)
         self.first_batch.set()
+        self.events.append(("batch", run_id, len(metrics)))
+
+    def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
+        with self.lock:
+            if self.failures:
+                raise self.failures.pop(0)
+            self.events.append(("end", run_id, status, end_time_ms))
 
 
 @pytest.fixture()
@@ -54,7 +62,12 @@ def store(tmp_path):
 
 def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100) -> MetricDeliverer:
     return MetricDeliverer(
-        store, mlflow.log_metrics, batch_size=batch_size, backoff_factor_s=0.01, max_backoff_s=0.02
+        store,
+        mlflow.log_metrics,
+        batch_size=batch_size,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        end_run=mlflow.end_run,
     )
 
 
@@ -151,7 +164,7 @@ def test_an_invalid_batch_is_dead_lettered_alone(store):
 
 def test_points_for_a_run_ended_through_the_sidecar_are_dead_lettered(store):
     mlflow = FakeMlflow()
-    store.mark_ended("done", "FINISHED")
+    store.record_end("done", "FINISHED", 5_000, applied=True)
     store.append(points("done", 3))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -338,3 +351,77 @@ def test_a_new_spool_has_large_pages_and_an_older_one_keeps_its_own(tmp_path):
     finally:
         old.close()
     assert sqlite3.connect(tmp_path / "old.db").execute("PRAGMA page_size").fetchone() == (4096,)
+
+
+# -- ends recorded while points wait ----------------------------------------------------
+
+
+def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
+    mlflow = FakeMlflow()
+    store.append(points("r", 250))
+    assert store.record_end("r", "FAILED", 7_000, applied=False) == 250
+    store.append(points("r", 5, start=250))  # after the end: refused
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 10) == 0
+    finally:
+        deliverer.stop()
+    assert [e[0] for e in mlflow.events] == ["batch", "batch", "batch", "end"]
+    assert mlflow.events[-1] == ("end", "r", "FAILED", 7_000)
+    assert len(mlflow.delivered["r"]) == 250
+    assert store.dead_letter_count("r") == 5
+    end = store.run_end("r")
+    assert end is not None and end.applied
+
+
+def test_a_recorded_end_survives_a_restart(tmp_path):
+    path = tmp_path / "spool.db"
+    first = SpoolStore(path, max_points=1000, chunk_points=100)
+    first.append(points("r", 30))
+    first.record_end("r", "FINISHED", 9_000, applied=False)
+    first.close()
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    mlflow = FakeMlflow()
+    deliverer = make_deliverer(store, mlflow)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 10) == 0
+    finally:
+        deliverer.stop()
+        store.close()
+    assert mlflow.events == [("batch", "r", 30), ("end", "r", "FINISHED", 9_000)]
+
+
+def test_an_end_mlflow_refuses_for_now_is_tried_again(store):
+    mlflow = FakeMlflow()
+    store.append(points("r", 3))
+    store.record_end("r", "FINISHED", 1, applied=False)
+    deliverer = make_deliverer(store, mlflow)
+    mlflow.failures = [UnavailableError("down")]  # the batch fails first, then goes through
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 10) == 0
+    finally:
+        deliverer.stop()
+    assert mlflow.events[-1] == ("end", "r", "FINISHED", 1)
+
+
+def test_a_spool_from_before_recorded_ends_gains_their_columns(tmp_path):
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.execute(
+        "CREATE TABLE ended_runs (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,"
+        " ended_ms INTEGER NOT NULL)"
+    )
+    db.execute("INSERT INTO ended_runs VALUES ('old', 'FINISHED', 1)")
+    db.commit()
+    db.close()
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    try:
+        end = store.run_end("old")
+        # Ended before: applied, and every point that arrives later is refused.
+        assert end is not None and end.applied and end.last_chunk == 0
+        assert store.ends_to_apply() == []
+    finally:
+        store.close()

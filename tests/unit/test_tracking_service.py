@@ -7,17 +7,20 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlflow_sidecar.client.domain import Metric, RunStatus
+from mlflow_sidecar.client.domain import Metric, MetricPoint, RunStatus
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import load_config
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
-from mlflow_sidecar.server.services.tracking import CLIENT_REQUEST_ID_TAG, TrackingService
+from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
@@ -33,7 +36,13 @@ def gateway() -> FakeGateway:
 def service(gateway: FakeGateway, tmp_path) -> Iterator[TrackingService]:
     store = SpoolStore(tmp_path / "spool.db", max_points=10_000)
     deliverer = MetricDeliverer(
-        store, gateway.log_metrics, batch_size=1000, backoff_factor_s=0.01, max_backoff_s=0.05
+        store,
+        gateway.log_metrics,
+        batch_size=1000,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.05,
+        max_defer_s=0,
+        end_run=gateway.end_run,
     )
     deliverer.start()
     ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
@@ -64,7 +73,7 @@ def test_start_run_with_the_same_request_id_returns_one_run(service, gateway):
     second = service.start_run(exp, client_request_id="req-1")
     assert first.run_id == second.run_id
     assert gateway.creates == 1
-    assert first.tags[CLIENT_REQUEST_ID_TAG] == "req-1"
+    assert first.tags[REQUEST_ID_TAG] == "req-1"
 
 
 def test_start_run_retried_after_a_lost_answer_finds_the_first_run(service, gateway):
@@ -138,6 +147,32 @@ def test_end_run_accepts_only_terminal_statuses(service, run_id):
         service.end_run(run_id, RunStatus.RUNNING)
     assert err.value.field == "status"
     assert service.end_run(run_id, RunStatus.KILLED).info.status is RunStatus.KILLED
+
+
+def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
+    service, gateway, run_id
+):
+    gateway.deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    run = service.end_run(run_id, RunStatus.FINISHED, end_time_ms=5_000)
+    assert run.info.status is RunStatus.RUNNING
+    assert service.flush_metrics(run_id, timeout_s=0).pending_points == 1
+    gateway.deliveries_open.set()
+    assert service.flush_metrics(run_id, timeout_s=5).pending_points == 0
+    ended = gateway.runs[run_id].info
+    assert ended.status is RunStatus.FINISHED and ended.end_time_ms == 5_000
+    assert [m.step for m in gateway.metrics[run_id]] == [1]
+
+
+def test_end_run_may_wait_for_delivery_within_its_deadline(service, gateway, run_id):
+    gateway.deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    with call_deadline.deadline_scope(0.3), pytest.raises(DeadlineExceededError) as err:
+        service.end_run(run_id, wait_for_delivery=True)
+    assert err.value.reason == "RUN_END_PENDING"
+    gateway.deliveries_open.set()
+    with call_deadline.deadline_scope(5):
+        assert service.end_run(run_id, wait_for_delivery=True).info.status is RunStatus.FINISHED
 
 
 @pytest.mark.parametrize(

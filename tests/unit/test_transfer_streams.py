@@ -336,9 +336,10 @@ def model_stream(
     return requests
 
 
-def receive_model(staging: Staging, requests, preflight=lambda header: None):
+def receive_model(staging: Staging, requests):
     with staging.directory("upload-model") as scratch:
-        staged = streams.receive_model(iter(requests), scratch, staging, preflight)
+        header, messages = streams.model_header(iter(requests), staging)
+        staged = streams.receive_model(header, messages, scratch, staging)
         found = {f.relpath: f.path.read_bytes() for f in collect_files(staged.root)}
         return staged, found
 

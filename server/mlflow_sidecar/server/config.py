@@ -155,6 +155,17 @@ class SpoolConfig(_Section):
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
 
 
+class RequestsConfig(_Section):
+    """The request ledger (`<data_dir>/requests.db`): first outcomes of calls that carry a
+    `request_id`, so that a retry answers with them."""
+
+    retention_s: float = Field(
+        86_400.0,
+        ge=60,
+        description="how long a request id is remembered; a retry after that may act again",
+    )
+
+
 class ArtifactsConfig(_Section):
     """Streamed artifact and model transfers. In-flight files are staged in `<data_dir>/tmp`."""
 
@@ -185,6 +196,7 @@ class AppConfig(BaseSettings):
     mlflow: MlflowConfig = MlflowConfig()
     retry: RetryConfig = RetryConfig()
     spool: SpoolConfig = SpoolConfig()
+    requests: RequestsConfig = RequestsConfig()
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
@@ -238,6 +250,11 @@ class AppConfig(BaseSettings):
     def spool_path(self) -> Path:
         """The spool database."""
         return self.data_dir / "spool.db"
+
+    @property
+    def requests_path(self) -> Path:
+        """The request ledger database."""
+        return self.data_dir / "requests.db"
 
     @property
     def embedded(self) -> bool:

@@ -6,6 +6,7 @@ from dependency_injector import containers, providers
 
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
+from mlflow_sidecar.server.idempotency import RequestLedger
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
@@ -26,6 +27,11 @@ class ServerContainer(containers.DeclarativeContainer):
     metrics = providers.Singleton(SidecarMetrics)
     gateway = providers.Singleton(MlflowGateway, config, metrics)
     staging = providers.Singleton(Staging, config, metrics)
+    request_ledger = providers.Singleton(
+        RequestLedger,
+        config.provided.requests_path,
+        retention_s=config.provided.requests.retention_s,
+    )
 
     spool_store = providers.Singleton(
         SpoolStore,
@@ -43,6 +49,7 @@ class ServerContainer(containers.DeclarativeContainer):
         max_backoff_s=config.provided.retry.max_backoff_s,
         max_defer_s=config.provided.spool.delivery_max_defer_s,
         metrics=metrics,
+        end_run=gateway.provided.end_run,
     )
     metric_ingest = providers.Singleton(
         MetricIngest, spool_store, deliverer, config.provided.spool.flush_timeout_s, metrics
@@ -62,4 +69,5 @@ class ServerContainer(containers.DeclarativeContainer):
         registry_servicer,
         background=providers.List(deliverer),
         metrics=metrics,
+        ledger=request_ledger,
     )

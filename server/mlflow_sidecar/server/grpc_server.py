@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
@@ -58,8 +59,10 @@ class SidecarServer:
         config: AppConfig,
         tracking: tracking_pb2_grpc.ExperimentTrackingServiceServicer,
         registry: registry_pb2_grpc.ModelRegistryServiceServicer,
+        *,
         background: Sequence[BackgroundTask] = (),
         metrics: SidecarMetrics | None = None,
+        ledger: RequestLedger | None = None,
     ) -> None:
         self._config = config
         self._background = tuple(background)
@@ -70,6 +73,9 @@ class SidecarServer:
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorMappingInterceptor(server.default_deadline_s))
+        if ledger is not None:
+            # Inside the error mapping: a refused request id is an error like any other.
+            interceptors.append(IdempotencyInterceptor(ledger))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=server.workers, thread_name_prefix="rpc"),
             interceptors=interceptors,

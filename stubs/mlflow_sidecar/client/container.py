@@ -48,6 +48,7 @@ class ClientContainer(containers.DeclarativeContainer):
         timeout_s=settings.provided.timeout_s,
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
+        upload_attempts=settings.provided.max_attempts,
     )
 
 

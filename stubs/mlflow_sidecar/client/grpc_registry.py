@@ -26,10 +26,11 @@ from mlflow_sidecar.client.errors import (
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.paths import FileTree
 from mlflow_sidecar.client.ports import ModelRegistry, StrPath
-from mlflow_sidecar.client.streaming import invoke_client_stream
+from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.client.transfer import (
     DEFAULT_CHUNK_BYTES,
     HashingWriter,
+    LocalFile,
     collect_files,
     file_digest,
     read_chunks,
@@ -41,7 +42,13 @@ from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
 
 class GrpcModelRegistry(ModelRegistry):
     """The model registry through a sidecar; every call carries `timeout_s` as its deadline,
-    model transfers `transfer_timeout_s`. Uploads go in chunks of `chunk_bytes`."""
+    model transfers `transfer_timeout_s`. Uploads go in chunks of `chunk_bytes`.
+
+    Every call that creates, renames or deletes carries a request id (a fresh UUID4 unless
+    given), kept across the channel's retries, so that it takes effect once. A model
+    upload answered UNAVAILABLE is sent again, up to `upload_attempts` times, with the
+    same request id: the sidecar answers a repeat of an upload that took effect with its
+    version, before the files travel again."""
 
     def __init__(
         self,
@@ -50,11 +57,13 @@ class GrpcModelRegistry(ModelRegistry):
         *,
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        upload_attempts: int = 3,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
+        self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
 
     def create_registered_model(
         self,
@@ -63,9 +72,14 @@ class GrpcModelRegistry(ModelRegistry):
         description: str = "",
         tags: Mapping[str, str] | None = None,
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> RegisteredModel:
         request = pb.CreateRegisteredModelRequest(
-            name=name, description=description, tags=dict(tags or {}), get_if_exists=get_if_exists
+            name=name,
+            description=description,
+            tags=dict(tags or {}),
+            get_if_exists=get_if_exists,
+            request_id=request_id or uuid.uuid4().hex,
         )
         reply = invoke(self._stub.CreateRegisteredModel, request, self._timeout)
         return conv.registered_model_from_pb(reply.registered_model)
@@ -100,15 +114,19 @@ class GrpcModelRegistry(ModelRegistry):
         reply = invoke(self._stub.UpdateRegisteredModel, request, self._timeout)
         return conv.registered_model_from_pb(reply.registered_model)
 
-    def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
-        request = pb.RenameRegisteredModelRequest(name=name, new_name=new_name)
+    def rename_registered_model(
+        self, name: str, new_name: str, *, request_id: str = ""
+    ) -> RegisteredModel:
+        request = pb.RenameRegisteredModelRequest(
+            name=name, new_name=new_name, request_id=request_id or uuid.uuid4().hex
+        )
         reply = invoke(self._stub.RenameRegisteredModel, request, self._timeout)
         return conv.registered_model_from_pb(reply.registered_model)
 
-    def delete_registered_model(self, name: str) -> None:
+    def delete_registered_model(self, name: str, *, request_id: str = "") -> None:
         invoke(
             self._stub.DeleteRegisteredModel,
-            pb.DeleteRegisteredModelRequest(name=name),
+            pb.DeleteRegisteredModelRequest(name=name, request_id=request_id or uuid.uuid4().hex),
             self._timeout,
         )
 
@@ -116,8 +134,10 @@ class GrpcModelRegistry(ModelRegistry):
         request = pb.SetRegisteredModelTagRequest(name=name, key=key, value=value)
         invoke(self._stub.SetRegisteredModelTag, request, self._timeout)
 
-    def delete_registered_model_tag(self, name: str, key: str) -> None:
-        request = pb.DeleteRegisteredModelTagRequest(name=name, key=key)
+    def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
+        request = pb.DeleteRegisteredModelTagRequest(
+            name=name, key=key, request_id=request_id or uuid.uuid4().hex
+        )
         invoke(self._stub.DeleteRegisteredModelTag, request, self._timeout)
 
     def create_model_version(
@@ -129,6 +149,7 @@ class GrpcModelRegistry(ModelRegistry):
         artifact_path: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         request = pb.CreateModelVersionRequest(
             name=name,
@@ -137,6 +158,7 @@ class GrpcModelRegistry(ModelRegistry):
             artifact_path=artifact_path,
             description=description,
             tags=dict(tags or {}),
+            request_id=request_id or uuid.uuid4().hex,
         )
         reply = invoke(self._stub.CreateModelVersion, request, self._timeout)
         return conv.model_version_from_pb(reply.model_version)
@@ -181,24 +203,32 @@ class GrpcModelRegistry(ModelRegistry):
         reply = invoke(self._stub.UpdateModelVersion, request, self._timeout)
         return conv.model_version_from_pb(reply.model_version)
 
-    def delete_model_version(self, name: str, version: int) -> None:
-        request = pb.DeleteModelVersionRequest(name=name, version=version)
+    def delete_model_version(self, name: str, version: int, *, request_id: str = "") -> None:
+        request = pb.DeleteModelVersionRequest(
+            name=name, version=version, request_id=request_id or uuid.uuid4().hex
+        )
         invoke(self._stub.DeleteModelVersion, request, self._timeout)
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         request = pb.SetModelVersionTagRequest(name=name, version=version, key=key, value=value)
         invoke(self._stub.SetModelVersionTag, request, self._timeout)
 
-    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
-        request = pb.DeleteModelVersionTagRequest(name=name, version=version, key=key)
+    def delete_model_version_tag(
+        self, name: str, version: int, key: str, *, request_id: str = ""
+    ) -> None:
+        request = pb.DeleteModelVersionTagRequest(
+            name=name, version=version, key=key, request_id=request_id or uuid.uuid4().hex
+        )
         invoke(self._stub.DeleteModelVersionTag, request, self._timeout)
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         request = pb.SetModelAliasRequest(name=name, alias=alias, version=version)
         invoke(self._stub.SetModelAlias, request, self._timeout)
 
-    def delete_model_alias(self, name: str, alias: str) -> None:
-        request = pb.DeleteModelAliasRequest(name=name, alias=alias)
+    def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
+        request = pb.DeleteModelAliasRequest(
+            name=name, alias=alias, request_id=request_id or uuid.uuid4().hex
+        )
         invoke(self._stub.DeleteModelAlias, request, self._timeout)
 
     def upload_model(
@@ -212,25 +242,33 @@ class GrpcModelRegistry(ModelRegistry):
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         files = collect_files(Path(local_dir))
         if not files:
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
+        header = pb.UploadModelHeader(
+            name=name,
+            run_id=run_id,
+            experiment_id=experiment_id,
+            description=description,
+            tags=dict(tags or {}),
+            aliases=list(aliases),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        version: ModelVersion = self._upload(header, files, progress)
+        return version
+
+    def _upload_once(
+        self, header: pb.UploadModelHeader, files: Sequence[LocalFile], progress: Progress | None
+    ) -> ModelVersion:
         # The stream announces each file's size and digest before its bytes: one read here.
         described = [(f, *file_digest(f.path, self._chunk_bytes)) for f in files]
         total = sum(size for _, size, _ in described)
+        header.total_size_bytes = total
         chunk_bytes = self._chunk_bytes
 
         def requests() -> Iterator[pb.UploadModelRequest]:
-            header = pb.UploadModelHeader(
-                name=name,
-                run_id=run_id,
-                experiment_id=experiment_id,
-                description=description,
-                tags=dict(tags or {}),
-                aliases=list(aliases),
-                total_size_bytes=total,
-            )
             yield pb.UploadModelRequest(header=header)
             report(progress, 0, total)
             sent = 0

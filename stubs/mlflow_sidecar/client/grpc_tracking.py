@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
-import backoff
 import grpc
 
 from mlflow_sidecar.client import conversions as conv
@@ -32,12 +31,11 @@ from mlflow_sidecar.client.domain import (
 from mlflow_sidecar.client.errors import (
     DataLossError,
     InvalidArgumentError,
-    UnavailableError,
     error_from_rpc,
 )
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
-from mlflow_sidecar.client.streaming import invoke_client_stream
+from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.client.transfer import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
@@ -86,17 +84,7 @@ class GrpcExperimentTracking(ExperimentTracking):
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
-        # An upload the sidecar streams to MLflow cannot be replayed by gRPC: when MLflow
-        # fails on the way the sidecar answers UNAVAILABLE, and the file is sent again.
-        self._upload = backoff.on_exception(
-            backoff.expo,
-            UnavailableError,
-            max_tries=max(1, upload_attempts),
-            factor=0.5,
-            max_value=10,
-            jitter=backoff.full_jitter,
-            logger=None,
-        )(self._upload_once)
+        self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
 
     def create_experiment(
         self,
@@ -105,12 +93,14 @@ class GrpcExperimentTracking(ExperimentTracking):
         tags: Mapping[str, str] | None = None,
         artifact_location: str = "",
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> Experiment:
         request = pb.CreateExperimentRequest(
             name=name,
             tags=dict(tags or {}),
             artifact_location=artifact_location,
             get_if_exists=get_if_exists,
+            request_id=request_id or uuid.uuid4().hex,
         )
         reply = invoke(self._stub.CreateExperiment, request, self._timeout)
         return conv.experiment_from_pb(reply.experiment)
@@ -157,6 +147,7 @@ class GrpcExperimentTracking(ExperimentTracking):
         parent_run_id: str = "",
         start_time_ms: int = 0,
         client_request_id: str = "",
+        request_id: str = "",
     ) -> Run:
         request = pb.StartRunRequest(
             experiment_id=experiment_id,
@@ -164,7 +155,8 @@ class GrpcExperimentTracking(ExperimentTracking):
             tags=dict(tags or {}),
             parent_run_id=parent_run_id,
             start_time_ms=start_time_ms,
-            client_request_id=client_request_id or uuid.uuid4().hex,
+            client_request_id=client_request_id,
+            request_id=request_id or client_request_id or uuid.uuid4().hex,
         )
         return conv.run_from_pb(invoke(self._stub.StartRun, request, self._timeout).run)
 
@@ -194,10 +186,20 @@ class GrpcExperimentTracking(ExperimentTracking):
         return Page(tuple(conv.run_from_pb(r) for r in reply.runs), reply.next_page_token)
 
     def end_run(
-        self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
+        self,
+        run_id: str,
+        status: RunStatus = RunStatus.FINISHED,
+        *,
+        end_time_ms: int = 0,
+        request_id: str = "",
+        wait_for_delivery: bool = False,
     ) -> Run:
         request = pb.EndRunRequest(
-            run_id=run_id, status=conv.run_status_to_pb(status), end_time_ms=end_time_ms
+            run_id=run_id,
+            status=conv.run_status_to_pb(status),
+            end_time_ms=end_time_ms,
+            request_id=request_id or uuid.uuid4().hex,
+            wait_for_delivery=wait_for_delivery,
         )
         return conv.run_from_pb(invoke(self._stub.EndRun, request, self._timeout).run)
 
@@ -236,8 +238,10 @@ class GrpcExperimentTracking(ExperimentTracking):
         request = pb.SetRunTagsRequest(run_id=run_id, tags=dict(tags))
         invoke(self._stub.SetRunTags, request, self._timeout)
 
-    def delete_run_tag(self, run_id: str, key: str) -> None:
-        request = pb.DeleteRunTagRequest(run_id=run_id, key=key)
+    def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
+        request = pb.DeleteRunTagRequest(
+            run_id=run_id, key=key, request_id=request_id or uuid.uuid4().hex
+        )
         invoke(self._stub.DeleteRunTag, request, self._timeout)
 
     def get_metric_history(
@@ -261,16 +265,20 @@ class GrpcExperimentTracking(ExperimentTracking):
         artifact_path: str = "",
         *,
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ArtifactInfo:
         source = Path(local_path)
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
         target = check_relative_path("artifact_path", artifact_path or source.name)
-        info: ArtifactInfo = self._upload(run_id, source, target, progress)
+        # One id for every attempt: the sidecar answers a repeat with the first outcome.
+        info: ArtifactInfo = self._upload(
+            run_id, source, target, progress, request_id or uuid.uuid4().hex
+        )
         return info
 
     def _upload_once(
-        self, run_id: str, source: Path, target: str, progress: Progress | None
+        self, run_id: str, source: Path, target: str, progress: Progress | None, request_id: str
     ) -> ArtifactInfo:
         size = source.stat().st_size
         chunk_bytes = self._chunk_bytes
@@ -278,7 +286,9 @@ class GrpcExperimentTracking(ExperimentTracking):
 
         def requests() -> Iterator[pb.UploadArtifactRequest]:
             # The file is read once: its sha256 follows the bytes in the trailer.
-            header = pb.UploadArtifactHeader(run_id=run_id, artifact_path=target, size_bytes=size)
+            header = pb.UploadArtifactHeader(
+                run_id=run_id, artifact_path=target, size_bytes=size, request_id=request_id
+            )
             yield pb.UploadArtifactRequest(header=header)
             report(progress, 0, size)
             sent = 0

@@ -3,6 +3,11 @@
 Each is implemented twice: by the MLflow-backed services inside the sidecar and by
 the gRPC clients in this package. Trainer tests can inject a fake of their own.
 Every method raises `mlflow_sidecar.client.errors.SidecarError` subclasses.
+
+Every method that creates, renames, ends, uploads or deletes takes `request_id`: the id of
+one logical call, kept across its retries, so that it takes effect once. The gRPC clients
+make a fresh UUID4 for each call when it is empty; a trainer passes its own to make a
+call it repeats after a restart of its own (e.g. "register the model of run X") safe too.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ class ExperimentTracking(abc.ABC):
         tags: Mapping[str, str] | None = None,
         artifact_location: str = "",
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> Experiment:
         """Create an experiment; with `get_if_exists` return the existing one of that name."""
 
@@ -77,8 +83,11 @@ class ExperimentTracking(abc.ABC):
         parent_run_id: str = "",
         start_time_ms: int = 0,
         client_request_id: str = "",
+        request_id: str = "",
     ) -> Run:
-        """Start a run; the same `client_request_id` always yields the same run."""
+        """Start a run; the same `request_id` always yields the same run.
+
+        `client_request_id` is the older name of `request_id`, still honoured."""
 
     @abc.abstractmethod
     def get_run(self, run_id: str) -> Run:
@@ -99,9 +108,21 @@ class ExperimentTracking(abc.ABC):
 
     @abc.abstractmethod
     def end_run(
-        self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
+        self,
+        run_id: str,
+        status: RunStatus = RunStatus.FINISHED,
+        *,
+        end_time_ms: int = 0,
+        request_id: str = "",
+        wait_for_delivery: bool = False,
     ) -> Run:
-        """End a run with a terminal status, after its spooled metrics are delivered."""
+        """End a run with a terminal status, after its spooled metrics are delivered.
+
+        With points of the run still spooled, the end is recorded by the sidecar at once
+        and reaches MLflow right after the run's last point: the run returned is still
+        RUNNING then. `wait_for_delivery` waits for that instead (DeadlineExceededError,
+        reason RUN_END_PENDING, when the deadline passes first; the end stays recorded).
+        `flush_metrics(run_id)` also waits for it."""
 
     @abc.abstractmethod
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
@@ -125,7 +146,7 @@ class ExperimentTracking(abc.ABC):
         """Set (or overwrite) tags on a run."""
 
     @abc.abstractmethod
-    def delete_run_tag(self, run_id: str, key: str) -> None:
+    def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
         """Delete one tag of a run."""
 
     @abc.abstractmethod
@@ -147,6 +168,7 @@ class ExperimentTracking(abc.ABC):
         artifact_path: str = "",
         *,
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ArtifactInfo:
         """Store the file `local_path` as the run's artifact `artifact_path`.
 
@@ -195,6 +217,7 @@ class ModelRegistry(abc.ABC):
         description: str = "",
         tags: Mapping[str, str] | None = None,
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> RegisteredModel:
         """Create a registered model; with `get_if_exists` return the existing one."""
 
@@ -218,11 +241,13 @@ class ModelRegistry(abc.ABC):
         """Replace the description of a registered model."""
 
     @abc.abstractmethod
-    def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
+    def rename_registered_model(
+        self, name: str, new_name: str, *, request_id: str = ""
+    ) -> RegisteredModel:
         """Rename a registered model; its versions and aliases follow."""
 
     @abc.abstractmethod
-    def delete_registered_model(self, name: str) -> None:
+    def delete_registered_model(self, name: str, *, request_id: str = "") -> None:
         """Delete a registered model with all its versions."""
 
     @abc.abstractmethod
@@ -230,7 +255,7 @@ class ModelRegistry(abc.ABC):
         """Set one tag of a registered model."""
 
     @abc.abstractmethod
-    def delete_registered_model_tag(self, name: str, key: str) -> None:
+    def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
         """Delete one tag of a registered model."""
 
     @abc.abstractmethod
@@ -243,6 +268,7 @@ class ModelRegistry(abc.ABC):
         artifact_path: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         """Register a new version from a source URI or a run's artifact path; waits for READY."""
 
@@ -274,7 +300,7 @@ class ModelRegistry(abc.ABC):
         """Replace the description of a version."""
 
     @abc.abstractmethod
-    def delete_model_version(self, name: str, version: int) -> None:
+    def delete_model_version(self, name: str, version: int, *, request_id: str = "") -> None:
         """Delete one version (its aliases go with it)."""
 
     @abc.abstractmethod
@@ -282,7 +308,9 @@ class ModelRegistry(abc.ABC):
         """Set one tag of a version."""
 
     @abc.abstractmethod
-    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
+    def delete_model_version_tag(
+        self, name: str, version: int, key: str, *, request_id: str = ""
+    ) -> None:
         """Delete one tag of a version."""
 
     @abc.abstractmethod
@@ -290,7 +318,7 @@ class ModelRegistry(abc.ABC):
         """Point an alias at a version."""
 
     @abc.abstractmethod
-    def delete_model_alias(self, name: str, alias: str) -> None:
+    def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         """Remove an alias."""
 
     @abc.abstractmethod
@@ -305,6 +333,7 @@ class ModelRegistry(abc.ABC):
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         """Save the model directory `local_dir` and register it as a new version of `name`.
 

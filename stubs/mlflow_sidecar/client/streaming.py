@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
+import backoff
 import grpc
 
-from mlflow_sidecar.client.errors import error_from_rpc
+from mlflow_sidecar.client.errors import UnavailableError, error_from_rpc
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def resent_on_unavailable(send: F, attempts: int) -> F:
+    """`send`, called again (with backoff) while it fails with UnavailableError, at most
+    `attempts` times in all.
+
+    A client stream cannot be replayed by gRPC once it has started, so an upload that
+    failed on its way is sent again whole; its request id makes the repeat safe."""
+    wrapped: F = backoff.on_exception(
+        backoff.expo,
+        UnavailableError,
+        max_tries=max(1, attempts),
+        factor=0.5,
+        max_value=10,
+        jitter=backoff.full_jitter,
+        logger=None,
+    )(send)
+    return wrapped
 
 
 class _Recording(Generic[Req]):

@@ -230,7 +230,7 @@ class CreateRegisteredModelRequest(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome and
     never a spurious ALREADY_EXISTS.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -418,7 +418,7 @@ class RenameRegisteredModelRequest(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome and
     never a spurious NOT_FOUND.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -465,7 +465,7 @@ class DeleteRegisteredModelRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -548,7 +548,7 @@ class DeleteRegisteredModelTagRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -624,7 +624,7 @@ class CreateModelVersionRequest(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome: the same
     version, never a second one.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -710,7 +710,7 @@ class UploadModelHeader(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome: the same
     version, never a second one; the files are not stored twice.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -1045,7 +1045,7 @@ class DeleteModelVersionRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -1134,7 +1134,7 @@ class DeleteModelVersionTagRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -1219,7 +1219,7 @@ class DeleteModelAliasRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,

@@ -346,7 +346,7 @@ class CreateExperimentRequest(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome and
     never makes a second experiment.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -497,7 +497,7 @@ class DeleteExperimentRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -617,7 +617,7 @@ class StartRunRequest(_message.Message):
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome: the same
     run, never a second one.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -776,7 +776,7 @@ class EndRunRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     wait_for_delivery: _builtins.bool
     """false (the default): with points of this run still spooled, the end is recorded
@@ -839,7 +839,7 @@ class DeleteRunRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -1250,7 +1250,7 @@ class DeleteRunTagRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,
@@ -1355,7 +1355,7 @@ class UploadArtifactHeader(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome.
-    At most 128 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     def __init__(
         self,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from mlflow.entities import Experiment as MlflowExperiment
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Run as MlflowRun
@@ -19,6 +21,15 @@ from mlflow_sidecar.client.domain import (
     RunInfo,
     RunStatus,
 )
+from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
+
+# The sidecar's own bookkeeping on the entities it creates (which request made or renamed
+# them): kept in MLflow, where it resolves retries, but not part of the tags users set.
+_BOOKKEEPING_TAGS = frozenset({REQUEST_ID_TAG, RENAME_REQUEST_ID_TAG})
+
+
+def _user_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    return {k: v for k, v in (tags or {}).items() if k not in _BOOKKEEPING_TAGS}
 
 
 def _stage(value: str | None) -> LifecycleStage:
@@ -32,7 +43,7 @@ def experiment(exp: MlflowExperiment) -> Experiment:
         name=exp.name,
         artifact_location=exp.artifact_location or "",
         lifecycle_stage=_stage(exp.lifecycle_stage),
-        tags=dict(exp.tags or {}),
+        tags=_user_tags(exp.tags),
         creation_time_ms=exp.creation_time or 0,
         last_update_time_ms=exp.last_update_time or 0,
     )
@@ -61,7 +72,7 @@ def run(r: MlflowRun) -> Run:
         ),
         params=dict(r.data.params) if r.data else {},
         metrics=latest,
-        tags=dict(r.data.tags) if r.data else {},
+        tags=_user_tags(r.data.tags) if r.data else {},
     )
 
 
@@ -72,7 +83,7 @@ def registered_model(rm: MlflowRegisteredModel) -> RegisteredModel:
         description=rm.description or "",
         creation_time_ms=rm.creation_timestamp or 0,
         last_updated_time_ms=rm.last_updated_timestamp or 0,
-        tags=dict(rm.tags or {}),
+        tags=_user_tags(rm.tags),
         aliases={alias: int(version) for alias, version in (rm.aliases or {}).items()},
     )
 
@@ -87,7 +98,7 @@ def model_version(mv: MlflowModelVersion) -> ModelVersion:
         status=ModelVersionStatus(mv.status or "READY"),
         status_message=mv.status_message or "",
         description=mv.description or "",
-        tags=dict(mv.tags or {}),
+        tags=_user_tags(mv.tags),
         aliases=tuple(mv.aliases or ()),
         creation_time_ms=mv.creation_timestamp or 0,
         last_updated_time_ms=mv.last_updated_timestamp or 0,

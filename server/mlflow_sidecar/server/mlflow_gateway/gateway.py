@@ -11,11 +11,13 @@ from typing import Any, TypeVar
 import backoff
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunTag, ViewType
+from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
@@ -24,6 +26,7 @@ from mlflow_sidecar.client.errors import (
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import AppConfig, RetryConfig
+from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
 from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
@@ -31,6 +34,7 @@ from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 T = TypeVar("T")
+
 log = logging.getLogger(__name__)
 
 # Answer a little before the caller's deadline so the answer can still reach it.
@@ -64,6 +68,20 @@ def _search_field(
     if "order_by" in lowered or "order by" in lowered:
         return "order_by"
     return ""
+
+
+def quoted(value: str) -> str:
+    """A string literal of MLflow's filter syntax."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise InvalidArgumentError("name", "must not contain both ' and \" characters")
+
+
+def _tag_filter(key: str, value: str) -> str:
+    """`tags.key = 'value'` for a sidecar tag; the value is a checked request id."""
+    return f"tags.`{key}` = {quoted(value)}"
 
 
 class _TransientError(Exception):
@@ -145,6 +163,25 @@ class MlflowGateway:
         finally:
             self._observe(outcome, time.perf_counter() - started)
 
+    def call_once(self, attempt: Callable[[bool], T]) -> T:
+        """Run a write that must take effect once, retried like `call`.
+
+        `attempt(ambiguous)` is told whether an earlier attempt of this call failed in a
+        way that may have taken effect all the same (a timeout, a lost answer, a 5xx), so
+        that it looks for that effect before acting again."""
+        ambiguous = False
+
+        def op() -> T:
+            nonlocal ambiguous
+            try:
+                return attempt(ambiguous)
+            except Exception as exc:
+                if isinstance(to_domain_error(exc), UnavailableError):
+                    ambiguous = True
+                raise
+
+        return self.call(op)
+
     def _observe(self, outcome: str, seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.mlflow_seconds.labels(outcome).observe(seconds)
@@ -174,17 +211,30 @@ class MlflowGateway:
     # -- experiments ------------------------------------------------------------------
 
     def create_experiment(
-        self, name: str, *, artifact_location: str, tags: Mapping[str, str]
+        self, name: str, *, artifact_location: str, tags: Mapping[str, str], request_id: str
     ) -> str:
-        """Create an experiment; returns its id. Not retried (a retry could duplicate)."""
-        return self.call(
-            lambda: str(
+        """Create an experiment tagged with `request_id`; returns its id.
+
+        Each try first looks for the experiment of that request id, so a retry after a
+        lost answer (an MLflow timeout after the write) returns the first try's experiment
+        instead of making a second or failing with ALREADY_EXISTS."""
+        all_tags = {**tags, REQUEST_ID_TAG: request_id}
+
+        def attempt(_ambiguous: bool) -> str:
+            found = self._client.search_experiments(
+                view_type=ViewType.ALL,
+                max_results=1,
+                filter_string=_tag_filter(REQUEST_ID_TAG, request_id),
+            )
+            if found:
+                return str(found[0].experiment_id)
+            return str(
                 self._client.create_experiment(
-                    name, artifact_location=artifact_location or None, tags=dict(tags) or None
+                    name, artifact_location=artifact_location or None, tags=all_tags
                 )
-            ),
-            retry=False,
-        )
+            )
+
+        return self.call_once(attempt)
 
     def get_experiment(self, experiment_id: str) -> domain.Experiment:
         """The experiment with this id."""
@@ -220,27 +270,6 @@ class MlflowGateway:
 
     # -- runs -------------------------------------------------------------------------
 
-    def create_run(
-        self,
-        experiment_id: str,
-        *,
-        run_name: str,
-        tags: Mapping[str, str],
-        start_time_ms: int,
-    ) -> domain.Run:
-        """Create a run. Not retried: the service makes StartRun idempotent instead."""
-        return entities.run(
-            self.call(
-                lambda: self._client.create_run(
-                    experiment_id,
-                    start_time=start_time_ms or None,
-                    tags=dict(tags),
-                    run_name=run_name or None,
-                ),
-                retry=False,
-            )
-        )
-
     def find_or_create_run(
         self,
         experiment_id: str,
@@ -259,7 +288,7 @@ class MlflowGateway:
         def op() -> Any:
             found = self._client.search_runs(
                 [experiment_id],
-                filter_string=f"tags.`{key_tag}` = '{wanted}'",
+                filter_string=_tag_filter(key_tag, wanted),
                 run_view_type=ViewType.ALL,
                 max_results=1,
             )
@@ -309,6 +338,10 @@ class MlflowGateway:
             )
         )
 
+    def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
+        """`set_terminated` for a status by name (the spool's record of an end)."""
+        self.set_terminated(run_id, domain.RunStatus(status), end_time_ms)
+
     def log_batch(
         self,
         run_id: str,
@@ -340,7 +373,7 @@ class MlflowGateway:
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""
-        self.call(lambda: self._client.delete_tag(run_id, key))
+        self._delete_once(lambda: self._client.delete_tag(run_id, key))
 
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
@@ -357,17 +390,31 @@ class MlflowGateway:
     # -- model registry -----------------------------------------------------------------
 
     def create_registered_model(
-        self, name: str, *, description: str, tags: Mapping[str, str]
+        self, name: str, *, description: str, tags: Mapping[str, str], request_id: str
     ) -> domain.RegisteredModel:
-        """Create a registered model. Not retried: a retry could report ALREADY_EXISTS."""
-        return entities.registered_model(
-            self.call(
-                lambda: self._client.create_registered_model(
-                    name, tags=dict(tags) or None, description=description or None
-                ),
-                retry=False,
+        """Create a registered model tagged with `request_id`.
+
+        A retry after a lost answer finds the model of that name carrying this request id
+        and returns it; a model of that name made by another request is ALREADY_EXISTS."""
+        all_tags = {**tags, REQUEST_ID_TAG: request_id}
+
+        def attempt(_ambiguous: bool) -> Any:
+            try:
+                existing = self._client.get_registered_model(name)
+            except MlflowException as exc:
+                if not isinstance(to_domain_error(exc), NotFoundError):
+                    raise
+            else:
+                if existing.tags.get(REQUEST_ID_TAG) == request_id:
+                    return existing
+                raise AlreadyExistsError(
+                    f"registered model {name!r} already exists", reason="MODEL_ALREADY_EXISTS"
+                )
+            return self._client.create_registered_model(
+                name, tags=all_tags, description=description or None
             )
-        )
+
+        return entities.registered_model(self.call_once(attempt))
 
     def get_registered_model(self, name: str) -> domain.RegisteredModel:
         """The registered model of this name."""
@@ -407,14 +454,50 @@ class MlflowGateway:
         self.call(lambda: self._client.update_registered_model(name, description=description))
         return self.get_registered_model(name)
 
-    def rename_registered_model(self, name: str, new_name: str) -> domain.RegisteredModel:
-        """Rename a registered model. Not retried: a retry would not find the old name."""
-        self.call(lambda: self._client.rename_registered_model(name, new_name), retry=False)
+    def rename_registered_model(
+        self, name: str, new_name: str, *, request_id: str
+    ) -> domain.RegisteredModel:
+        """Rename a registered model, once.
+
+        The model is tagged with the request id first; a retry that no longer finds the
+        old name (the first try renamed it, and its answer got lost) finds the new name
+        carrying the tag and reports success, also after a sidecar restart."""
+
+        def attempt(_ambiguous: bool) -> None:
+            try:
+                self._client.set_registered_model_tag(name, RENAME_REQUEST_ID_TAG, request_id)
+                self._client.rename_registered_model(name, new_name)
+            except MlflowException as exc:
+                if not isinstance(to_domain_error(exc), NotFoundError) or not self._renamed_by(
+                    new_name, request_id
+                ):
+                    raise
+
+        self.call_once(attempt)
         return self.get_registered_model(new_name)
+
+    def _renamed_by(self, name: str, request_id: str) -> bool:
+        try:
+            model = self._client.get_registered_model(name)
+        except MlflowException:
+            return False
+        return bool(model.tags.get(RENAME_REQUEST_ID_TAG) == request_id)
+
+    def _delete_once(self, delete: Callable[[], object]) -> None:
+        """A delete, retried: NOT_FOUND after a try that may have taken effect is success."""
+
+        def attempt(ambiguous: bool) -> None:
+            try:
+                delete()
+            except MlflowException as exc:
+                if not (ambiguous and isinstance(to_domain_error(exc), NotFoundError)):
+                    raise
+
+        self.call_once(attempt)
 
     def delete_registered_model(self, name: str) -> None:
         """Delete a registered model and its versions."""
-        self.call(lambda: self._client.delete_registered_model(name))
+        self._delete_once(lambda: self._client.delete_registered_model(name))
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         """Set one tag of a registered model."""
@@ -422,7 +505,7 @@ class MlflowGateway:
 
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         """Delete one tag of a registered model."""
-        self.call(lambda: self._client.delete_registered_model_tag(name, key))
+        self._delete_once(lambda: self._client.delete_registered_model_tag(name, key))
 
     def create_model_version(
         self,
@@ -432,23 +515,41 @@ class MlflowGateway:
         run_id: str,
         description: str,
         tags: Mapping[str, str],
+        request_id: str,
     ) -> domain.ModelVersion:
-        """Create a version and return it as created, possibly still pending registration
-        (the caller waits for READY within its deadline). Not retried: a retry could
-        register a second version."""
-        return entities.model_version(
-            self.call(
-                lambda: self._client.create_model_version(
-                    name,
-                    source,
-                    run_id=run_id or None,
-                    tags=dict(tags) or None,
-                    description=description or None,
-                    await_creation_for=0,
-                ),
-                retry=False,
+        """Create a version tagged with `request_id` and return it as created, possibly
+        still pending registration (the caller waits for READY within its deadline).
+
+        Each try first looks for the version of that request id, so a retry after a lost
+        answer returns the first try's version and never registers a second."""
+        all_tags = {**tags, REQUEST_ID_TAG: request_id}
+
+        def attempt(_ambiguous: bool) -> Any:
+            found = self._find_version(name, request_id)
+            if found is not None:
+                return found
+            return self._client.create_model_version(
+                name,
+                source,
+                run_id=run_id or None,
+                tags=all_tags,
+                description=description or None,
+                await_creation_for=0,
             )
+
+        return entities.model_version(self.call_once(attempt))
+
+    def _find_version(self, name: str, request_id: str) -> Any | None:
+        found = self._client.search_model_versions(
+            filter_string=f"name = {quoted(name)} AND {_tag_filter(REQUEST_ID_TAG, request_id)}",
+            max_results=1,
         )
+        return found[0] if found else None
+
+    def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
+        """The version of `name` that the request `request_id` created, or None."""
+        found = self.call(lambda: self._find_version(name, request_id))
+        return None if found is None else entities.model_version(found)
 
     def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
         """One version of a model."""
@@ -495,7 +596,7 @@ class MlflowGateway:
 
     def delete_model_version(self, name: str, version: int) -> None:
         """Delete one version."""
-        self.call(lambda: self._client.delete_model_version(name, str(version)))
+        self._delete_once(lambda: self._client.delete_model_version(name, str(version)))
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         """Set one tag of a version."""
@@ -503,7 +604,7 @@ class MlflowGateway:
 
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version."""
-        self.call(lambda: self._client.delete_model_version_tag(name, str(version), key))
+        self._delete_once(lambda: self._client.delete_model_version_tag(name, str(version), key))
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         """Point an alias at a version."""
@@ -511,7 +612,7 @@ class MlflowGateway:
 
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
-        self.call(lambda: self._client.delete_registered_model_alias(name, alias))
+        self._delete_once(lambda: self._client.delete_registered_model_alias(name, alias))
 
     # -- artifacts ----------------------------------------------------------------------
 

@@ -9,10 +9,10 @@ import grpc
 
 from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.errors import InvalidArgumentError
-from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active
-from mlflow_sidecar.server.services.registry import check_model_upload
+from mlflow_sidecar.server.services.registry import RegistryService, check_model_upload
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
@@ -21,6 +21,7 @@ Ctx: TypeAlias = grpc.ServicerContext
 
 
 def _check_header(header: pb.UploadModelHeader) -> None:
+    check_request_id("header.request_id", header.request_id)
     check_model_upload(
         header.name,
         run_id=header.run_id,
@@ -35,7 +36,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     """Converts requests to port calls and results to responses; streamed files pass
     through `staging` on disk."""
 
-    def __init__(self, service: ModelRegistry, staging: Staging) -> None:
+    def __init__(self, service: RegistryService, staging: Staging) -> None:
         self._service = service
         self._staging = staging
 
@@ -47,6 +48,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             description=request.description,
             tags=dict(request.tags),
             get_if_exists=request.get_if_exists,
+            request_id=request.request_id,
         )
         return pb.CreateRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
 
@@ -79,13 +81,15 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def RenameRegisteredModel(
         self, request: pb.RenameRegisteredModelRequest, context: Ctx
     ) -> pb.RenameRegisteredModelResponse:
-        model = self._service.rename_registered_model(request.name, request.new_name)
+        model = self._service.rename_registered_model(
+            request.name, request.new_name, request_id=request.request_id
+        )
         return pb.RenameRegisteredModelResponse(registered_model=conv.registered_model_to_pb(model))
 
     def DeleteRegisteredModel(
         self, request: pb.DeleteRegisteredModelRequest, context: Ctx
     ) -> pb.DeleteRegisteredModelResponse:
-        self._service.delete_registered_model(request.name)
+        self._service.delete_registered_model(request.name, request_id=request.request_id)
         return pb.DeleteRegisteredModelResponse()
 
     def SetRegisteredModelTag(
@@ -97,7 +101,9 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def DeleteRegisteredModelTag(
         self, request: pb.DeleteRegisteredModelTagRequest, context: Ctx
     ) -> pb.DeleteRegisteredModelTagResponse:
-        self._service.delete_registered_model_tag(request.name, request.key)
+        self._service.delete_registered_model_tag(
+            request.name, request.key, request_id=request.request_id
+        )
         return pb.DeleteRegisteredModelTagResponse()
 
     def CreateModelVersion(
@@ -110,6 +116,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             artifact_path=request.artifact_path,
             description=request.description,
             tags=dict(request.tags),
+            request_id=request.request_id,
         )
         return pb.CreateModelVersionResponse(model_version=conv.model_version_to_pb(version))
 
@@ -156,7 +163,9 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def DeleteModelVersion(
         self, request: pb.DeleteModelVersionRequest, context: Ctx
     ) -> pb.DeleteModelVersionResponse:
-        self._service.delete_model_version(request.name, request.version)
+        self._service.delete_model_version(
+            request.name, request.version, request_id=request.request_id
+        )
         return pb.DeleteModelVersionResponse()
 
     def SetModelVersionTag(
@@ -170,7 +179,9 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def DeleteModelVersionTag(
         self, request: pb.DeleteModelVersionTagRequest, context: Ctx
     ) -> pb.DeleteModelVersionTagResponse:
-        self._service.delete_model_version_tag(request.name, request.version, request.key)
+        self._service.delete_model_version_tag(
+            request.name, request.version, request.key, request_id=request.request_id
+        )
         return pb.DeleteModelVersionTagResponse()
 
     def SetModelAlias(
@@ -182,16 +193,21 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     def DeleteModelAlias(
         self, request: pb.DeleteModelAliasRequest, context: Ctx
     ) -> pb.DeleteModelAliasResponse:
-        self._service.delete_model_alias(request.name, request.alias)
+        self._service.delete_model_alias(request.name, request.alias, request_id=request.request_id)
         return pb.DeleteModelAliasResponse()
 
     def UploadModel(
         self, request_iterator: Iterator[pb.UploadModelRequest], context: Ctx
     ) -> pb.UploadModelResponse:
+        header, messages = streams.model_header(request_iterator, self._staging)
+        _check_header(header)
+        # A retry of an upload that already took effect is answered before its files are
+        # read again: the client's remaining messages are dropped.
+        done = self._service.uploaded_version(header.name, header.request_id)
+        if done is not None:
+            return pb.UploadModelResponse(model_version=conv.model_version_to_pb(done))
         with self._staging.directory("upload-model") as scratch:
-            staged = streams.receive_model(
-                request_iterator, scratch, self._staging, preflight=_check_header
-            )
+            staged = streams.receive_model(header, messages, scratch, self._staging)
             self._staging.count("upload", staged.size_bytes)
             ensure_active(context)
             version = self._service.upload_model(
@@ -202,6 +218,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
                 description=staged.description,
                 tags=staged.tags,
                 aliases=staged.aliases,
+                request_id=staged.request_id,
             )
         return pb.UploadModelResponse(model_version=conv.model_version_to_pb(version))
 

@@ -34,6 +34,7 @@ from mlflow_sidecar.client.transfer import (
     read_chunks,
 )
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.services.artifacts import check_upload_size
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
@@ -85,6 +86,7 @@ class StagedModel:
     size_bytes: int
     tags: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
+    request_id: str = ""
 
 
 def _messages(requests: Iterator[T]) -> Iterator[T]:
@@ -128,6 +130,8 @@ def receive_artifact(
         raise InvalidArgumentError("header", "the first message must carry the header")
     header = first.header
     check.require("header.run_id", header.run_id, max_length=64)
+    # A repeat stores the same verified bytes at the same path again: the same outcome.
+    check_request_id("header.request_id", header.request_id)
     path = check_relative_path("header.artifact_path", header.artifact_path)
     announced = _sha256("header.sha256", header.sha256) if header.sha256 else None
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
@@ -236,24 +240,31 @@ class _ModelTree:
             self.writer.close()
 
 
-def receive_model(
-    requests: Iterator[reg_pb.UploadModelRequest],
-    into: Path,
-    staging: Staging,
-    preflight: Callable[[reg_pb.UploadModelHeader], object],
-) -> StagedModel:
-    """Write an UploadModel stream as a directory tree under `into` and verify every file.
-
-    `preflight(header)` runs after the limits are checked and before any file is read.
-    """
+def model_header(
+    requests: Iterator[reg_pb.UploadModelRequest], staging: Staging
+) -> tuple[reg_pb.UploadModelHeader, Iterator[reg_pb.UploadModelRequest]]:
+    """The header of an UploadModel stream, checked against the size limit, and the
+    stream's remaining messages."""
     messages = _messages(requests)
     first = next(messages, None)
     if first is None or first.WhichOneof("payload") != "header":
         raise InvalidArgumentError("header", "the first message must carry the header")
-    header = first.header
+    check_upload_size(
+        "header.total_size_bytes", first.header.total_size_bytes, staging.max_upload_bytes
+    )
+    return first.header, messages
+
+
+def receive_model(
+    header: reg_pb.UploadModelHeader,
+    messages: Iterator[reg_pb.UploadModelRequest],
+    into: Path,
+    staging: Staging,
+) -> StagedModel:
+    """Write the files of an UploadModel stream (after its `model_header`) as a directory
+    tree under `into` and verify every file."""
     limit = staging.max_upload_bytes
-    declared_total = check_upload_size("header.total_size_bytes", header.total_size_bytes, limit)
-    preflight(header)
+    declared_total = header.total_size_bytes
     root = into / "model"
     root.mkdir()
     files = _ModelTree(root, limit, declared_total)
@@ -278,6 +289,7 @@ def receive_model(
         size_bytes=files.received,
         tags=dict(header.tags),
         aliases=tuple(header.aliases),
+        request_id=header.request_id,
     )
 
 

@@ -44,6 +44,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             tags=dict(request.tags),
             artifact_location=request.artifact_location,
             get_if_exists=request.get_if_exists,
+            request_id=request.request_id,
         )
         return pb.CreateExperimentResponse(experiment=conv.experiment_to_pb(exp))
 
@@ -84,6 +85,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             parent_run_id=request.parent_run_id,
             start_time_ms=request.start_time_ms,
             client_request_id=request.client_request_id,
+            request_id=request.request_id,
         )
         return pb.StartRunResponse(run=conv.run_to_pb(run))
 
@@ -112,8 +114,15 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             status = known
         else:
             raise InvalidArgumentError("status", f"unknown run status {request.status}")
-        run = self._service.end_run(request.run_id, status, end_time_ms=request.end_time_ms)
-        return pb.EndRunResponse(run=conv.run_to_pb(run))
+        run = self._service.end_run(
+            request.run_id,
+            status,
+            end_time_ms=request.end_time_ms,
+            request_id=request.request_id,
+            wait_for_delivery=request.wait_for_delivery,
+        )
+        pending = self._service.flush_metrics(request.run_id, timeout_s=0).pending_points
+        return pb.EndRunResponse(run=conv.run_to_pb(run), pending_points=pending)
 
     def LogParams(
         self, request: pb.LogParamsRequest, context: grpc.ServicerContext
@@ -158,7 +167,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     def DeleteRunTag(
         self, request: pb.DeleteRunTagRequest, context: grpc.ServicerContext
     ) -> pb.DeleteRunTagResponse:
-        self._service.delete_run_tag(request.run_id, request.key)
+        self._service.delete_run_tag(request.run_id, request.key, request_id=request.request_id)
         return pb.DeleteRunTagResponse()
 
     def GetMetricHistory(

@@ -131,6 +131,21 @@ class MetricIngest:
         pending = self._deliverer.wait_delivered(run_id, budget)
         return FlushResult(pending, self._store.dead_letter_count(run_id))
 
-    def mark_ended(self, run_id: str, status: str) -> None:
-        """Points for this run that arrive from now on are dead-lettered, not delivered."""
-        self._store.mark_ended(run_id, status)
+    def pending(self, run_id: str) -> int:
+        """Points of a run still in the spool."""
+        return self._store.pending(run_id)
+
+    def record_end(self, run_id: str, status: str, end_time_ms: int, *, applied: bool) -> int:
+        """Record a run's end durably; returns its points still to be delivered first.
+
+        Points for the run that arrive from now on are dead-lettered, not delivered. Unless
+        `applied` (MLflow has ended the run already), the deliverer ends the run in MLflow
+        right after its last point from before the end."""
+        pending = self._store.record_end(run_id, status, end_time_ms, applied=applied)
+        self._deliverer.notify()
+        return pending
+
+    def ended(self, run_id: str) -> bool:
+        """True once a recorded end of the run has reached MLflow."""
+        end = self._store.run_end(run_id)
+        return end is not None and end.applied

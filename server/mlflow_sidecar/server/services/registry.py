@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import time
@@ -31,8 +32,10 @@ from mlflow_sidecar.client.ports import ModelRegistry, StrPath
 from mlflow_sidecar.client.transfer import collect_files, report
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.gateway import quoted
 from mlflow_sidecar.server.services.artifacts import check_upload_size, store_file
 from mlflow_sidecar.server.staging import Staging
 
@@ -114,6 +117,11 @@ def _models_source(source: str) -> tuple[str, int, str] | None:
     return match["name"], int(match["version"] or 0), match["alias"] or ""
 
 
+def _upload_dir_id(request_id: str) -> str:
+    """32 hex digits naming an upload's artifact directory after its request id."""
+    return hashlib.sha256(request_id.encode()).hexdigest()[:32]
+
+
 def _deadline_passed() -> bool:
     left = call_deadline.remaining()
     return left is not None and left <= DEADLINE_MARGIN_S
@@ -144,14 +152,6 @@ def check_model_upload(
         _alias(alias, f"aliases[{index}]")
 
 
-def _quoted(value: str) -> str:
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise InvalidArgumentError("name", "must not contain both ' and \" characters")
-
-
 class RegistryService(ModelRegistry):
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
@@ -168,6 +168,7 @@ class RegistryService(ModelRegistry):
         description: str = "",
         tags: Mapping[str, str] | None = None,
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> RegisteredModel:
         _new_name("name", name)
         check.bounded("description", description, 5000)
@@ -179,7 +180,10 @@ class RegistryService(ModelRegistry):
                 pass
         try:
             return self._gateway.create_registered_model(
-                name, description=description, tags=tags or {}
+                name,
+                description=description,
+                tags=tags or {},
+                request_id=request_id or uuid.uuid4().hex,
             )
         except AlreadyExistsError:
             if not get_if_exists:
@@ -209,13 +213,17 @@ class RegistryService(ModelRegistry):
         check.bounded("description", description, 5000)
         return self._gateway.update_registered_model(_name("name", name), description)
 
-    def rename_registered_model(self, name: str, new_name: str) -> RegisteredModel:
+    def rename_registered_model(
+        self, name: str, new_name: str, *, request_id: str = ""
+    ) -> RegisteredModel:
         _name("name", name)
         _new_name("new_name", new_name)
         with self._model_locks.hold(name):
-            return self._gateway.rename_registered_model(name, new_name)
+            return self._gateway.rename_registered_model(
+                name, new_name, request_id=request_id or uuid.uuid4().hex
+            )
 
-    def delete_registered_model(self, name: str) -> None:
+    def delete_registered_model(self, name: str, *, request_id: str = "") -> None:
         self._gateway.delete_registered_model(_name("name", name))
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
@@ -223,7 +231,7 @@ class RegistryService(ModelRegistry):
         check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_registered_model_tag(_name("name", name), key, value)
 
-    def delete_registered_model_tag(self, name: str, key: str) -> None:
+    def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
         check.key("key", key)
         self._gateway.delete_registered_model_tag(_name("name", name), key)
 
@@ -236,6 +244,7 @@ class RegistryService(ModelRegistry):
         artifact_path: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         _name("name", name)
         check.bounded("source", source, 4096)
@@ -277,7 +286,12 @@ class RegistryService(ModelRegistry):
                     f"deadline exceeded while waiting to register a version of {name!r}"
                 )
             created = self._gateway.create_model_version(
-                name, source=source, run_id=run_id, description=description, tags=tags or {}
+                name,
+                source=source,
+                run_id=run_id,
+                description=description,
+                tags=tags or {},
+                request_id=request_id or uuid.uuid4().hex,
             )
         return self._await_ready(created)
 
@@ -322,7 +336,7 @@ class RegistryService(ModelRegistry):
     def get_latest_model_version(self, name: str) -> ModelVersion:
         _name("name", name)
         page = self._gateway.search_model_versions(
-            filter_string=f"name = {_quoted(name)}",
+            filter_string=f"name = {quoted(name)}",
             order_by=["version_number DESC"],
             page_size=1,
             page_token="",
@@ -354,7 +368,7 @@ class RegistryService(ModelRegistry):
             _name("name", name), _version(version), description
         )
 
-    def delete_model_version(self, name: str, version: int) -> None:
+    def delete_model_version(self, name: str, version: int, *, request_id: str = "") -> None:
         self._gateway.delete_model_version(_name("name", name), _version(version))
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
@@ -362,7 +376,9 @@ class RegistryService(ModelRegistry):
         check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
 
-    def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
+    def delete_model_version_tag(
+        self, name: str, version: int, key: str, *, request_id: str = ""
+    ) -> None:
         check.key("key", key)
         self._gateway.delete_model_version_tag(_name("name", name), _version(version), key)
 
@@ -374,7 +390,7 @@ class RegistryService(ModelRegistry):
         self._gateway.get_model_version(name, version)
         self._gateway.set_model_alias(name, alias, version)
 
-    def delete_model_alias(self, name: str, alias: str) -> None:
+    def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         _name("name", name)
         _alias_name(alias)
         # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
@@ -396,6 +412,7 @@ class RegistryService(ModelRegistry):
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ModelVersion:
         check_model_upload(
             name,
@@ -410,8 +427,11 @@ class RegistryService(ModelRegistry):
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
         total = sum(f.size_bytes for f in files)
         check_upload_size("local_dir", total, self._staging.max_upload_bytes)
-        run_id, created_run = self._upload_run(name, run_id, experiment_id)
-        artifact_dir = f"{MODEL_ARTIFACT_DIR}/{uuid.uuid4().hex}"
+        request_id = request_id or uuid.uuid4().hex
+        run_id, created_run = self._upload_run(name, run_id, experiment_id, request_id)
+        # Derived from the request id: a retry after a lost answer writes the same files
+        # again instead of leaving the first try's copy behind.
+        artifact_dir = f"{MODEL_ARTIFACT_DIR}/{_upload_dir_id(request_id)}"
         created_model = False
         try:
             report(progress, 0, total)
@@ -433,6 +453,7 @@ class RegistryService(ModelRegistry):
                 run_id=run_id,
                 description=description,
                 tags=tags,
+                request_id=request_id,
             )
             for alias in dict.fromkeys(aliases):
                 self.set_model_alias(name, alias, created.version)
@@ -446,7 +467,16 @@ class RegistryService(ModelRegistry):
             self._gateway.set_terminated(run_id, RunStatus.FINISHED, 0)
         return result
 
-    def _upload_run(self, name: str, run_id: str, experiment_id: str) -> tuple[str, bool]:
+    def uploaded_version(self, name: str, request_id: str) -> ModelVersion | None:
+        """The version an earlier UploadModel with this request id registered, or None."""
+        if not request_id:
+            return None
+        found = self._gateway.find_model_version(_name("name", name), request_id)
+        return None if found is None else self.get_model_version(found.name, found.version)
+
+    def _upload_run(
+        self, name: str, run_id: str, experiment_id: str, request_id: str
+    ) -> tuple[str, bool]:
         """The active run to log model files to, and whether it was created for them."""
         if run_id:
             run = self._gateway.get_run(run_id)
@@ -456,8 +486,12 @@ class RegistryService(ModelRegistry):
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is LifecycleStage.DELETED:
             raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
-        run = self._gateway.create_run(
-            experiment_id, run_name="", tags={UPLOADED_MODEL_TAG: name}, start_time_ms=0
+        run = self._gateway.find_or_create_run(
+            experiment_id,
+            run_name="",
+            tags={UPLOADED_MODEL_TAG: name, REQUEST_ID_TAG: request_id},
+            start_time_ms=0,
+            key_tag=REQUEST_ID_TAG,
         )
         return run.run_id, True
 
@@ -469,7 +503,9 @@ class RegistryService(ModelRegistry):
         except NotFoundError:
             pass
         try:
-            self._gateway.create_registered_model(name, description="", tags={})
+            self._gateway.create_registered_model(
+                name, description="", tags={}, request_id=uuid.uuid4().hex
+            )
         except AlreadyExistsError:
             return False  # created by a concurrent caller meanwhile
         return True
@@ -493,7 +529,7 @@ class RegistryService(ModelRegistry):
         source = f"runs:/{run_id}/{artifact_dir}"
         try:
             page = self._gateway.search_model_versions(
-                filter_string=f"name = {_quoted(name)} AND run_id = '{run_id}'",
+                filter_string=f"name = {quoted(name)} AND run_id = '{run_id}'",
                 order_by=["version_number DESC"],
                 page_size=MAX_PAGE_SIZE,
                 page_token="",
@@ -505,7 +541,7 @@ class RegistryService(ModelRegistry):
             if (
                 created_model
                 and not self._gateway.search_model_versions(
-                    filter_string=f"name = {_quoted(name)}",
+                    filter_string=f"name = {quoted(name)}",
                     order_by=[],
                     page_size=1,
                     page_token="",

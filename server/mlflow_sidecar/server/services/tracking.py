@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -28,15 +28,16 @@ from mlflow_sidecar.client.domain import (
 )
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    UnavailableError,
 )
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.transfer import file_digest, report
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.services.artifacts import (
@@ -49,9 +50,18 @@ from mlflow_sidecar.server.services.artifacts import (
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
 
-CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
-_CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def _start_run_id(request_id: str, client_request_id: str) -> str:
+    """The one request id of a StartRun that may name it twice (old and new field)."""
+    check_request_id("request_id", request_id)
+    check_request_id("client_request_id", client_request_id)
+    if request_id and client_request_id and request_id != client_request_id:
+        raise InvalidArgumentError(
+            "client_request_id", "differs from request_id; set request_id alone"
+        )
+    return request_id or client_request_id
 
 
 def _now_ms() -> int:
@@ -77,6 +87,7 @@ class TrackingService(ExperimentTracking):
         tags: Mapping[str, str] | None = None,
         artifact_location: str = "",
         get_if_exists: bool = False,
+        request_id: str = "",
     ) -> Experiment:
         check.require("name", name)
         check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
@@ -88,7 +99,12 @@ class TrackingService(ExperimentTracking):
                 pass
         try:
             experiment_id = self._gateway.create_experiment(
-                name, artifact_location=artifact_location, tags=tags or {}
+                name,
+                artifact_location=artifact_location,
+                tags=tags or {},
+                # Without a caller's id the call still takes effect once across the
+                # sidecar's own retries of MLflow.
+                request_id=request_id or uuid.uuid4().hex,
             )
         except AlreadyExistsError:
             if not get_if_exists:
@@ -135,6 +151,7 @@ class TrackingService(ExperimentTracking):
         parent_run_id: str = "",
         start_time_ms: int = 0,
         client_request_id: str = "",
+        request_id: str = "",
     ) -> Run:
         check.require("experiment_id", experiment_id, max_length=64)
         check.bounded("run_name", run_name, check.MAX_KEY_LENGTH)
@@ -153,24 +170,16 @@ class TrackingService(ExperimentTracking):
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
             raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
-        if not client_request_id:
-            return self._gateway.create_run(
-                experiment_id, run_name=run_name, tags=all_tags, start_time_ms=start_time_ms
-            )
-        check.bounded("client_request_id", client_request_id, check.MAX_CLIENT_REQUEST_ID_LENGTH)
-        if not _CLIENT_REQUEST_ID_RE.match(client_request_id):
-            raise InvalidArgumentError(
-                "client_request_id", "may only contain letters, digits and _ . : -"
-            )
-        all_tags[CLIENT_REQUEST_ID_TAG] = client_request_id
+        key = _start_run_id(request_id, client_request_id) or uuid.uuid4().hex
+        all_tags[REQUEST_ID_TAG] = key
         # Concurrent duplicates wait here; the first creates, the rest find its run.
-        with self._start_locks.hold(client_request_id):
+        with self._start_locks.hold(key):
             return self._gateway.find_or_create_run(
                 experiment_id,
                 run_name=run_name,
                 tags=all_tags,
                 start_time_ms=start_time_ms,
-                key_tag=CLIENT_REQUEST_ID_TAG,
+                key_tag=REQUEST_ID_TAG,
             )
 
     def get_run(self, run_id: str) -> Run:
@@ -203,23 +212,41 @@ class TrackingService(ExperimentTracking):
         )
 
     def end_run(
-        self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
+        self,
+        run_id: str,
+        status: RunStatus = RunStatus.FINISHED,
+        *,
+        end_time_ms: int = 0,
+        request_id: str = "",
+        wait_for_delivery: bool = False,
     ) -> Run:
+        """End a run once its spooled points are in MLflow, so its history is complete.
+
+        With no points of the run in the spool, the run is ended in MLflow at once. With a
+        backlog the end is recorded in the spool (durably) and applied by the deliverer
+        right after the run's last point: the run returned is still RUNNING then, unless
+        `wait_for_delivery`, which waits for that within the call's deadline.
+        """
         check.require("run_id", run_id, max_length=64)
         if status not in TERMINAL_RUN_STATUSES:
             raise InvalidArgumentError("status", "must be FINISHED, FAILED or KILLED")
         if end_time_ms < 0:
             raise InvalidArgumentError("end_time_ms", "must not be negative")
         self._require_active(run_id)
-        # The run's streamed points go first, so its history is complete once it has ended.
-        flushed = self._ingest.flush(run_id)
-        if flushed.pending_points:
-            raise UnavailableError(
-                f"{flushed.pending_points} spooled points of run {run_id} are not in MLflow yet;"
-                " the run was not ended, retry EndRun"
-            )
-        self._gateway.set_terminated(run_id, status, end_time_ms or _now_ms())
-        self._ingest.mark_ended(run_id, status.value)
+        ended_ms = end_time_ms or _now_ms()
+        if not self._ingest.pending(run_id):
+            self._gateway.set_terminated(run_id, status, ended_ms)
+            self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
+            return self._gateway.get_run(run_id)
+        self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
+        if wait_for_delivery:
+            left = self._ingest.flush(run_id).pending_points
+            if not self._ingest.ended(run_id):
+                raise DeadlineExceededError(
+                    f"run {run_id} is not ended in MLflow yet: {left} of its points are still"
+                    " being delivered; its end is recorded and follows them",
+                    reason="RUN_END_PENDING",
+                )
         return self._gateway.get_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
@@ -262,7 +289,7 @@ class TrackingService(ExperimentTracking):
         for batch in check.chunks(items, check.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
 
-    def delete_run_tag(self, run_id: str, key: str) -> None:
+    def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
         check.require("run_id", run_id, max_length=64)
         check.key("key", key)
         self._gateway.delete_tag(run_id, key)
@@ -293,6 +320,7 @@ class TrackingService(ExperimentTracking):
         artifact_path: str = "",
         *,
         progress: Progress | None = None,
+        request_id: str = "",
     ) -> ArtifactInfo:
         check.require("run_id", run_id, max_length=64)
         source = Path(local_path)

@@ -17,11 +17,13 @@ from mlflow_sidecar.client.errors import (
     SidecarError,
 )
 from mlflow_sidecar.server.observability import SidecarMetrics
-from mlflow_sidecar.server.spool.store import SpooledBatch, SpoolStore
+from mlflow_sidecar.server.spool.store import RunEnd, SpooledBatch, SpoolStore
 
 log = logging.getLogger(__name__)
 
 LogBatch = Callable[[str, Sequence[Metric]], None]
+# (run id, terminal status, end time in ms): ends a run in MLflow.
+EndRun = Callable[[str, str, int], None]
 
 # Failures that no retry can fix: the run is gone, deleted, or refuses these points.
 _PERMANENT = (NotFoundError, FailedPreconditionError, InvalidArgumentError)
@@ -34,6 +36,10 @@ class MetricDeliverer:
     at-least-once; MLflow's SQL stores ignore exact duplicates. While MLflow is down the
     thread backs off (exponential, jitter) and tries again, for as long as it takes.
     Points of runs that no longer accept writes go to the dead-letter table with the reason.
+
+    A run ended through the sidecar while it still had points in the spool is ended in
+    MLflow (`end_run`) right after the last of those points is delivered; points for it
+    accepted after the end are dead-lettered.
 
     Accepting comes first: when points start arriving at an idle deliverer, it waits for
     a pause of `quiet_s` in them (at most `max_defer_s`, and not at all while a flush waits) before
@@ -52,10 +58,12 @@ class MetricDeliverer:
         max_defer_s: float = 1.0,
         quiet_s: float = 0.05,
         metrics: SidecarMetrics | None = None,
+        end_run: EndRun | None = None,
     ) -> None:
         self._store = store
         self._metrics = metrics
         self._log_batch = log_batch
+        self._end_run = end_run
         self._batch_size = batch_size
         self._backoff_factor_s = backoff_factor_s
         self._max_backoff_s = max_backoff_s
@@ -99,7 +107,7 @@ class MetricDeliverer:
             self._progress.notify_all()  # ends a hold (see `_hold_while_streaming`)
             self._wake.set()
             try:
-                while (pending := self._store.pending(run_id)) > 0:
+                while (pending := self._store.pending(run_id)) > 0 or self._end_waits(run_id):
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
@@ -107,6 +115,10 @@ class MetricDeliverer:
             finally:
                 self._waiting -= 1
         return pending
+
+    def _end_waits(self, run_id: str) -> bool:
+        end = self._store.run_end(run_id) if run_id else None
+        return end is not None and not end.applied
 
     # -- the thread -------------------------------------------------------------------
 
@@ -143,29 +155,58 @@ class MetricDeliverer:
                 self._progress.wait(left)
 
     def _deliver_round(self) -> bool:
-        """One batch from each run with pending points (fair across runs); True if any moved."""
+        """One batch from each run with pending points (fair across runs), then the ends
+        that waited for them; True if anything moved."""
         moved = False
         for run_id in self._store.runs_with_pending():
             if self._stop.is_set():
                 break
-            batch = self._store.oldest(run_id, self._batch_size)
+            end = self._store.run_end(run_id)
+            if end is None:
+                batch = self._store.oldest(run_id, self._batch_size)
+            else:
+                batch = self._store.oldest(run_id, self._batch_size, through=end.last_chunk)
+                if batch is None:
+                    self._refuse_after_end(end)
+                    moved = True
+                    continue
             if batch is None:
                 continue
             self._deliver(batch)
             moved = True
             with self._progress:
                 self._progress.notify_all()
+        moved = self._apply_ends() or moved
+        if moved:
+            with self._progress:
+                self._progress.notify_all()
         return moved
 
+    def _refuse_after_end(self, end: RunEnd) -> None:
+        reason = f"run was ended ({end.status}) through the sidecar before these points arrived"
+        moved = self._store.dead_letter(end.run_id, reason)
+        log.warning("dead-lettered %d points of run %s: %s", moved, end.run_id, reason)
+
+    def _apply_ends(self) -> bool:
+        """End in MLflow the runs whose points from before their end are all delivered."""
+        applied = False
+        for end in self._store.ends_to_apply():
+            if self._end_run is None or self._store.pending_through(end.run_id, end.last_chunk):
+                continue
+            try:
+                self._end_run(end.run_id, end.status, end.end_time_ms)
+            except _PERMANENT as exc:
+                log.warning(
+                    "run %s could not be ended (%s) after its points were delivered: %s",
+                    end.run_id,
+                    end.status,
+                    exc.message,
+                )
+            self._store.end_applied(end.run_id)
+            applied = True
+        return applied
+
     def _deliver(self, batch: SpooledBatch) -> None:
-        ended = self._store.ended_status(batch.run_id)
-        if ended is not None:
-            reason = f"run was ended ({ended}) through the sidecar before these points arrived"
-            self._store.dead_letter(batch.run_id, reason, batch)
-            log.warning(
-                "dead-lettered %d points of run %s: %s", len(batch.metrics), batch.run_id, reason
-            )
-            return
         try:
             self._log_batch(batch.run_id, batch.metrics)
         except _PERMANENT as exc:

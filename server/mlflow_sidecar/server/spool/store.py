@@ -61,6 +61,27 @@ CREATE TABLE IF NOT EXISTS ended_runs (
     ended_ms INTEGER NOT NULL
 );
 """
+# Columns added to ended_runs after its first release: an older spool gains them at open.
+# `last_chunk`: the run's chunks up to this id came before the end and are delivered, later
+# ones are dead-lettered; `end_time_ms`: the end time MLflow gets; `applied`: 0 while the
+# run waits for its last points before it is ended in MLflow.
+_ENDED_RUNS_COLUMNS = {
+    "last_chunk": "INTEGER NOT NULL DEFAULT 0",
+    "end_time_ms": "INTEGER NOT NULL DEFAULT 0",
+    "applied": "INTEGER NOT NULL DEFAULT 1",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RunEnd:
+    """An end recorded through the sidecar: what MLflow is told once the run's points
+    accepted before it are delivered."""
+
+    run_id: str
+    status: str
+    end_time_ms: int
+    last_chunk: int
+    applied: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,13 +247,20 @@ class SpoolStore:
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ended_runs)")}
+        for column, declaration in _ENDED_RUNS_COLUMNS.items():
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE ended_runs ADD COLUMN {column} {declaration}")
         self._pending: dict[str, int] = dict(
             self._db.execute("SELECT run_id, SUM(count) FROM chunks GROUP BY run_id").fetchall()
         )
         self._total = sum(self._pending.values())
-        self._ended: dict[str, str] = dict(
-            self._db.execute("SELECT run_id, status FROM ended_runs").fetchall()
-        )
+        self._ended: dict[str, RunEnd] = {
+            row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]))
+            for row in self._db.execute(
+                "SELECT run_id, status, end_time_ms, last_chunk, applied FROM ended_runs"
+            )
+        }
 
     def close(self) -> None:
         """Close the database (pending points stay on disk for the next start)."""
@@ -282,14 +310,15 @@ class SpoolStore:
         with self._lock:
             return list(self._pending)
 
-    def oldest(self, run_id: str, limit: int) -> SpooledBatch | None:
+    def oldest(self, run_id: str, limit: int, *, through: int = 2**63 - 1) -> SpooledBatch | None:
         """The oldest undelivered points of a run, in the order they were accepted: whole
-        chunks, at most `limit` points unless the first chunk alone is larger."""
+        chunks, at most `limit` points unless the first chunk alone is larger; only chunks
+        up to id `through` when it is given."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, count, keys, vals, timestamps, steps FROM chunks"
-                " WHERE run_id = ? ORDER BY id LIMIT ?",
-                (run_id, max(1, limit)),
+                " WHERE run_id = ? AND id <= ? ORDER BY id LIMIT ?",
+                (run_id, through, max(1, limit)),
             ).fetchall()
         if not rows:
             return None
@@ -350,19 +379,56 @@ class SpoolStore:
 
     # -- ended runs -------------------------------------------------------------------
 
-    def mark_ended(self, run_id: str, status: str) -> None:
-        """Remember that a run was ended through the sidecar: later points for it are refused."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO ended_runs (run_id, status, ended_ms) VALUES (?, ?, ?)",
-                (run_id, status, _now_ms()),
-            )
-            self._ended[run_id] = status
+    def record_end(self, run_id: str, status: str, end_time_ms: int, *, applied: bool) -> int:
+        """Record durably that a run was ended through the sidecar; returns how many of its
+        points, accepted before now, are still to be delivered.
 
-    def ended_status(self, run_id: str) -> str | None:
-        """The status a run was ended with through the sidecar, or None."""
+        Those points are delivered; points for it that arrive later are dead-lettered.
+        `applied` says whether MLflow has ended the run already; if not, the deliverer ends
+        it once the points before the end are delivered."""
+        with self._lock:
+            last = self._db.execute(
+                "SELECT COALESCE(MAX(id), 0) FROM chunks WHERE run_id = ?", (run_id,)
+            ).fetchone()[0]
+            end = RunEnd(run_id, status, end_time_ms, int(last), applied)
+            self._db.execute(
+                "INSERT OR REPLACE INTO ended_runs"
+                " (run_id, status, ended_ms, end_time_ms, last_chunk, applied)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, status, _now_ms(), end_time_ms, end.last_chunk, int(applied)),
+            )
+            self._ended[run_id] = end
+            return self._pending.get(run_id, 0)
+
+    def end_applied(self, run_id: str) -> None:
+        """MLflow has ended the run as recorded."""
+        with self._lock:
+            self._db.execute("UPDATE ended_runs SET applied = 1 WHERE run_id = ?", (run_id,))
+            end = self._ended.get(run_id)
+            if end is not None:
+                self._ended[run_id] = RunEnd(
+                    end.run_id, end.status, end.end_time_ms, end.last_chunk, True
+                )
+
+    def run_end(self, run_id: str) -> RunEnd | None:
+        """How a run was ended through the sidecar, or None."""
         with self._lock:
             return self._ended.get(run_id)
+
+    def ends_to_apply(self) -> list[RunEnd]:
+        """Recorded ends that MLflow has not been told of yet."""
+        with self._lock:
+            return [end for end in self._ended.values() if not end.applied]
+
+    def pending_through(self, run_id: str, last_chunk: int) -> bool:
+        """True while points of a run accepted up to chunk `last_chunk` are undelivered."""
+        with self._lock:
+            if run_id not in self._pending:
+                return False
+            row = self._db.execute(
+                "SELECT 1 FROM chunks WHERE run_id = ? AND id <= ? LIMIT 1", (run_id, last_chunk)
+            ).fetchone()
+        return row is not None
 
     # -- reading ----------------------------------------------------------------------
 

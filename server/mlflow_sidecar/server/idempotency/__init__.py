@@ -1,0 +1,17 @@
+"""One call, one effect: the request ledger and the interceptor that consults it."""
+
+from mlflow_sidecar.server.idempotency.interceptor import IdempotencyInterceptor
+from mlflow_sidecar.server.idempotency.ledger import (
+    REQUEST_ID_TAG,
+    RequestLedger,
+    check_request_id,
+    fingerprint,
+)
+
+__all__ = [
+    "REQUEST_ID_TAG",
+    "IdempotencyInterceptor",
+    "RequestLedger",
+    "check_request_id",
+    "fingerprint",
+]

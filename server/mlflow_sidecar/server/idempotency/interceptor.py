@@ -1,0 +1,82 @@
+"""`IdempotencyInterceptor`: every unary RPC whose request has a `request_id` answers a
+repeat of a call that succeeded with that call's answer, from the request ledger.
+
+One mechanism for every such RPC, the way the error mapping is one mechanism: the
+services stay free of ledger bookkeeping, and a new RPC with a `request_id` field is
+covered by being declared. Streamed uploads carry their request id in a header, which
+only their service reads; it consults the ledger itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeAlias, cast
+
+import grpc
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.message import Message
+
+from mlflow_sidecar.server.idempotency.ledger import RequestLedger, check_request_id, fingerprint
+
+# Quoted: grpc's class is generic only in its type stubs.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_FIELD = "request_id"
+
+
+def _answer_class(method: str) -> type[Message] | None:
+    """The response class of `/package.Service/Method` when its request has a request id."""
+    service_name, _, method_name = method.lstrip("/").rpartition("/")
+    try:
+        service = descriptor_pool.Default().FindServiceByName(service_name)
+    except KeyError:
+        return None
+    found = service.methods_by_name.get(method_name)
+    if found is None or _FIELD not in found.input_type.fields_by_name:
+        return None
+    return message_factory.GetMessageClass(found.output_type)
+
+
+class IdempotencyInterceptor(grpc.ServerInterceptor):
+    """Consults the ledger around unary calls that carry a request id."""
+
+    def __init__(self, ledger: RequestLedger) -> None:
+        self._ledger = ledger
+        self._wrapped: dict[str, tuple[object, Handler | None]] = {}
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler | None:
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(handler, method)
+        if handler is not None:
+            self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: Handler | None, method: str) -> Handler | None:
+        if handler is None or handler.unary_unary is None:
+            return handler
+        answer_class = _answer_class(method)
+        if answer_class is None:
+            return handler
+        behavior = handler.unary_unary
+        ledger = self._ledger
+
+        def unary(request: Any, context: grpc.ServicerContext) -> Any:
+            request_id = check_request_id(_FIELD, getattr(request, _FIELD))
+            if not request_id:
+                return behavior(request, context)
+            raw = ledger.once(
+                method,
+                request_id,
+                fingerprint(request),
+                lambda: cast(Message, behavior(request, context)).SerializeToString(),
+            )
+            return answer_class.FromString(raw)
+
+        return cast(Any, handler)._replace(unary_unary=unary)  # type: ignore[no-any-return]

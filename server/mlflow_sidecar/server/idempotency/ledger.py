@@ -1,0 +1,172 @@
+"""`RequestLedger`: the first outcome of every call that carries a `request_id`, on disk.
+
+A client keeps a call's request id across its retries (AIP-155). The first call that
+succeeds records its answer here, keyed by method and request id, with a fingerprint of
+the request; a repeat with the same fingerprint gets that answer again without touching
+MLflow, also after a sidecar restart. A repeat with another fingerprint is a client bug
+and is refused. Calls that fail are not recorded: their retry runs again, and the MLflow
+gateway resolves what an interrupted first attempt may have done (the entities it creates
+carry the request id as the tag `REQUEST_ID_TAG`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from google.protobuf.message import Message
+
+from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.server.keyed_locks import KeyedLocks
+from mlflow_sidecar.server.validation import MAX_CLIENT_REQUEST_ID_LENGTH
+
+# The tag by which an entity the sidecar created names the request that created it.
+REQUEST_ID_TAG = "mlflow_sidecar.request_id"
+# Set on a registered model just before the sidecar renames it, to recognise its own rename.
+RENAME_REQUEST_ID_TAG = "mlflow_sidecar.rename_request_id"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+# Old entries are dropped every this many recorded answers (and at open).
+_PRUNE_EVERY = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS answers (
+    method TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    answer BLOB NOT NULL,
+    recorded_ms INTEGER NOT NULL,
+    PRIMARY KEY (method, request_id)
+);
+CREATE INDEX IF NOT EXISTS answers_by_age ON answers (recorded_ms);
+"""
+
+
+def check_request_id(field: str, value: str) -> str:
+    """A request id as the contract allows it: empty, or up to 200 of [A-Za-z0-9_.:-].
+
+    The characters are restricted because the id travels into MLflow filter strings."""
+    if not value:
+        return value
+    if len(value) > MAX_CLIENT_REQUEST_ID_LENGTH:
+        raise InvalidArgumentError(
+            field,
+            f"must be at most {MAX_CLIENT_REQUEST_ID_LENGTH} characters, got {len(value)}",
+            reason="INVALID_REQUEST_ID",
+        )
+    if not _REQUEST_ID_RE.match(value):
+        raise InvalidArgumentError(
+            field,
+            "may only contain letters, digits and _ . : - (a UUID4 is typical)",
+            reason="INVALID_REQUEST_ID",
+        )
+    return value
+
+
+def fingerprint(request: Message, *, without: str = "request_id") -> str:
+    """sha256 of a request's deterministic encoding, its request id field cleared."""
+    copy = type(request)()
+    copy.CopyFrom(request)
+    if without:
+        copy.ClearField(without)
+    return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+class RequestLedger:
+    """Thread-safe, durable map (method, request id) -> (fingerprint, serialized answer)."""
+
+    def __init__(self, path: Path, *, retention_s: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._retention_s = retention_s
+        self._lock = threading.Lock()
+        self._calls = KeyedLocks()
+        self._recorded = 0
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # An answer is recorded before the client hears it: it must outlive a killed process.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+        self._prune()
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def hold(self, method: str, request_id: str) -> Iterator[None]:
+        """Serialize concurrent calls of one request id (a retry racing its first try)."""
+        with self._calls.hold(f"{method}\0{request_id}"):
+            yield
+
+    def answer(self, method: str, request_id: str, print_: str, field: str) -> bytes | None:
+        """The recorded answer of this request, or None when there is none.
+
+        InvalidArgumentError naming `field` when the id was used for another request."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT fingerprint, answer FROM answers WHERE method = ? AND request_id = ?",
+                (method, request_id),
+            ).fetchone()
+        if row is None:
+            return None
+        if row[0] != print_:
+            raise InvalidArgumentError(
+                field,
+                f"{request_id!r} was already used for a different {method.rsplit('/', 1)[-1]}"
+                " request; use a new request id for a new call",
+                reason="REQUEST_ID_REUSED",
+            )
+        answer: bytes = row[1]
+        return answer
+
+    def record(self, method: str, request_id: str, print_: str, answer: bytes) -> None:
+        """Remember the answer of a request that succeeded."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO answers"
+                " (method, request_id, fingerprint, answer, recorded_ms) VALUES (?, ?, ?, ?, ?)",
+                (method, request_id, print_, answer, _now_ms()),
+            )
+            self._recorded += 1
+            prune = self._recorded % _PRUNE_EVERY == 0
+        if prune:
+            self._prune()
+
+    def once(
+        self,
+        method: str,
+        request_id: str,
+        print_: str,
+        call: Callable[[], bytes],
+        *,
+        field: str = "request_id",
+    ) -> bytes:
+        """The recorded answer of this request, or `call()`'s, recorded when it succeeds."""
+        with self.hold(method, request_id):
+            recorded = self.answer(method, request_id, print_, field)
+            if recorded is not None:
+                return recorded
+            answer = call()
+            self.record(method, request_id, print_, answer)
+            return answer
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
+
+    def _prune(self) -> None:
+        cutoff = _now_ms() - int(self._retention_s * 1000)
+        with self._lock:
+            self._db.execute("DELETE FROM answers WHERE recorded_ms < ?", (cutoff,))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,107 @@
+"""An HTTP proxy in front of a real `mlflow server` that answers some requests late.
+
+It forwards every request, lets MLflow do the work, and holds back the answers of the
+requests `delayed` picks: what a slow network or an overloaded server looks like to a
+client whose request timeout is shorter. It counts every request by method and path.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+# Hop-by-hop headers are the proxy's own business, not to be passed on.
+_HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+def mlflow_writes(method: str, path: str) -> bool:
+    """MLflow's REST creates and renames: the writes that are not safe to repeat."""
+    return method == "POST" and path.split("?", maxsplit=1)[0].endswith(("/create", "/rename"))
+
+
+class DelayProxy:
+    """`with DelayProxy(upstream_url, delay_s=3) as proxy:` then point a client at
+    `proxy.url`. `proxy.count(method, suffix)` counts requests whose path ends so;
+    `answered` is set each time a delayed request has been done by MLflow (its answer
+    is then held back)."""
+
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        delay_s: float,
+        delayed: Callable[[str, str], bool] = mlflow_writes,
+    ) -> None:
+        upstream = urlsplit(upstream_url)
+        self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
+        self.delay_s = delay_s
+        self._delayed = delayed
+        self._counts: Counter[tuple[str, str]] = Counter()
+        self._lock = threading.Lock()
+        self.answered = threading.Event()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> DelayProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def count(self, method: str, path_suffix: str) -> int:
+        """Requests so far whose method matches and whose path ends with `path_suffix`."""
+        with self._lock:
+            return sum(
+                n
+                for (m, p), n in self._counts.items()
+                if m == method and p.split("?")[0].endswith(path_suffix)
+            )
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                with proxy._lock:
+                    proxy._counts[(self.command, self.path)] += 1
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+                upstream = http.client.HTTPConnection(*proxy._upstream, timeout=60)
+                try:
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    reply = upstream.getresponse()
+                    data = reply.read()
+                finally:
+                    upstream.close()
+                if proxy._delayed(self.command, self.path):
+                    proxy.answered.set()
+                    time.sleep(proxy.delay_s)
+                try:
+                    self.send_response(reply.status)
+                    for key, value in reply.getheaders():
+                        if key.lower() not in _HOP_BY_HOP and key.lower() != "content-length":
+                            self.send_header(key, value)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting: exactly the case under test
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward  # noqa: N815
+
+        return Handler

@@ -1,0 +1,173 @@
+"""The request ledger and the interceptor that answers repeats from it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.server.idempotency import (
+    IdempotencyInterceptor,
+    RequestLedger,
+    check_request_id,
+    fingerprint,
+)
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+CREATE = "/mlflow_sidecar.v1.ExperimentTrackingService/CreateExperiment"
+GET = "/mlflow_sidecar.v1.ExperimentTrackingService/GetExperiment"
+
+
+@pytest.fixture()
+def ledger(tmp_path):
+    opened = RequestLedger(tmp_path / "requests.db", retention_s=3600)
+    yield opened
+    opened.close()
+
+
+def test_a_repeat_gets_the_first_answer_without_acting_again(ledger):
+    calls = []
+
+    def act() -> bytes:
+        calls.append(1)
+        return f"answer {len(calls)}".encode()
+
+    assert ledger.once(CREATE, "r1", "print", act) == b"answer 1"
+    assert ledger.once(CREATE, "r1", "print", act) == b"answer 1"
+    assert calls == [1]
+
+
+def test_answers_survive_a_restart(tmp_path):
+    first = RequestLedger(tmp_path / "requests.db", retention_s=3600)
+    first.once(CREATE, "r1", "print", lambda: b"created 7")
+    first.close()
+    again = RequestLedger(tmp_path / "requests.db", retention_s=3600)
+    try:
+        assert again.once(CREATE, "r1", "print", lambda: b"created 8") == b"created 7"
+    finally:
+        again.close()
+
+
+def test_an_id_used_for_another_request_is_refused(ledger):
+    ledger.once(CREATE, "r1", "print-a", lambda: b"a")
+    with pytest.raises(InvalidArgumentError) as caught:
+        ledger.once(CREATE, "r1", "print-b", lambda: b"b")
+    assert caught.value.field == "request_id"
+    assert caught.value.reason == "REQUEST_ID_REUSED"
+
+
+def test_the_same_id_on_another_method_is_another_request(ledger):
+    ledger.once(CREATE, "r1", "p", lambda: b"a")
+    assert ledger.once(GET, "r1", "q", lambda: b"b") == b"b"
+
+
+def test_a_failed_call_is_not_recorded(ledger):
+    def fail() -> bytes:
+        raise RuntimeError("MLflow down")
+
+    with pytest.raises(RuntimeError):
+        ledger.once(CREATE, "r1", "p", fail)
+    assert ledger.once(CREATE, "r1", "p", lambda: b"second try") == b"second try"
+
+
+def test_concurrent_repeats_act_once(ledger):
+    calls = []
+    started = threading.Barrier(4)
+
+    def act() -> bytes:
+        calls.append(1)
+        time.sleep(0.05)
+        return b"one"
+
+    def call() -> None:
+        started.wait()
+        assert ledger.once(CREATE, "r1", "p", act) == b"one"
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == [1]
+
+
+def test_old_answers_are_forgotten_after_the_retention(tmp_path):
+    first = RequestLedger(tmp_path / "requests.db", retention_s=60)
+    first.record(CREATE, "old", "p", b"a")
+    first._db.execute("UPDATE answers SET recorded_ms = recorded_ms - 61000")
+    first.close()
+    again = RequestLedger(tmp_path / "requests.db", retention_s=60)
+    try:
+        assert len(again) == 0
+    finally:
+        again.close()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("a b", "may only contain"), ("x'y", "may only contain"), ("a" * 201, "at most 200")],
+)
+def test_malformed_request_ids_are_refused(value, problem):
+    with pytest.raises(InvalidArgumentError, match=problem) as caught:
+        check_request_id("header.request_id", value)
+    assert caught.value.field == "header.request_id"
+
+
+def test_the_fingerprint_ignores_the_request_id_only():
+    a = pb.CreateExperimentRequest(name="e", request_id="1")
+    assert fingerprint(a) == fingerprint(pb.CreateExperimentRequest(name="e", request_id="2"))
+    assert fingerprint(a) != fingerprint(pb.CreateExperimentRequest(name="f", request_id="1"))
+
+
+def _handler(behavior: Any) -> Any:
+    return grpc.unary_unary_rpc_method_handler(behavior)
+
+
+class _Details:
+    def __init__(self, method: str) -> None:
+        self.method = method
+
+
+def test_the_interceptor_answers_a_repeated_create_from_the_ledger(ledger):
+    created = []
+
+    def create(request: pb.CreateExperimentRequest, context: object) -> Any:
+        created.append(request.name)
+        return pb.CreateExperimentResponse(
+            experiment=pb.Experiment(experiment_id=str(len(created)), name=request.name)
+        )
+
+    handler = IdempotencyInterceptor(ledger).intercept_service(
+        lambda details: _handler(create), _Details(CREATE)
+    )
+    request = pb.CreateExperimentRequest(name="e", request_id="abc")
+    first = handler.unary_unary(request, None)
+    second = handler.unary_unary(request, None)
+    assert first == second
+    assert second.experiment.experiment_id == "1"
+    assert created == ["e"]
+    # Without a request id every call acts.
+    handler.unary_unary(pb.CreateExperimentRequest(name="e"), None)
+    assert created == ["e", "e"]
+
+
+def test_the_interceptor_leaves_methods_without_request_ids_alone(ledger):
+    behavior = lambda request, context: pb.GetExperimentResponse()  # noqa: E731
+    handler = _handler(behavior)
+    wrapped = IdempotencyInterceptor(ledger).intercept_service(
+        lambda details: handler, _Details(GET)
+    )
+    assert wrapped is handler
+
+
+def test_the_interceptor_refuses_a_malformed_request_id(ledger):
+    handler = IdempotencyInterceptor(ledger).intercept_service(
+        lambda details: _handler(lambda r, c: pb.CreateExperimentResponse()), _Details(CREATE)
+    )
+    with pytest.raises(InvalidArgumentError) as caught:
+        handler.unary_unary(pb.CreateExperimentRequest(name="e", request_id="no spaces"), None)
+    assert caught.value.field == "request_id"
