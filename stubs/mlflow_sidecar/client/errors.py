@@ -12,7 +12,6 @@ from typing import ClassVar
 
 import grpc
 
-
 # The `google.rpc.ErrorInfo.domain` of every error the sidecar reports.
 ERROR_DOMAIN = "mlflow-sidecar"
 
