@@ -83,6 +83,27 @@ def test_errors_show_their_status_code(sidecar):
     assert "Code: NotFound" in result.stderr
 
 
+def test_delete_and_restore_with_json_alone(sidecar, unique):
+    target = sidecar.target
+    experiment_id = call(target, "CreateExperiment", {"name": f"grpcurl-delete-{unique}"})[
+        "experiment"
+    ]["experiment_id"]
+    run_id = call(target, "StartRun", {"experiment_id": experiment_id})["run"]["info"]["run_id"]
+    assert call(target, "DeleteRun", {"run_id": run_id}) == {}
+    restored_run = call(target, "RestoreRun", {"run_id": run_id})["run"]
+    assert restored_run["info"]["lifecycle_stage"] == "LIFECYCLE_STAGE_ACTIVE"
+    assert call(target, "DeleteExperiment", {"experiment_id": experiment_id}) == {}
+    deleted = call(target, "GetExperiment", {"experiment_id": experiment_id})["experiment"]
+    assert deleted["lifecycle_stage"] == "LIFECYCLE_STAGE_DELETED"
+    refused = grpcurl(
+        target, f"{TRACKING}/CreateExperiment", data={"name": f"grpcurl-delete-{unique}"}
+    )
+    assert "Code: FailedPrecondition" in refused.stderr
+    assert "RestoreExperiment" in refused.stderr
+    restored = call(target, "RestoreExperiment", {"experiment_id": experiment_id})["experiment"]
+    assert restored["lifecycle_stage"] == "LIFECYCLE_STAGE_ACTIVE"
+
+
 def test_list_shows_both_reflection_versions_and_describes_v1(sidecar):
     services = grpcurl(sidecar.target, "list").stdout.split()
     assert "grpc.reflection.v1.ServerReflection" in services

@@ -148,6 +148,16 @@ class GrpcExperimentTracking(ExperimentTracking):
             tuple(conv.experiment_from_pb(e) for e in reply.experiments), reply.next_page_token
         )
 
+    def delete_experiment(self, experiment_id: str) -> None:
+        request = pb.DeleteExperimentRequest(experiment_id=experiment_id)
+        invoke(self._stub.DeleteExperiment, request, self._timeout)
+
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        request = pb.RestoreExperimentRequest(experiment_id=experiment_id)
+        return conv.experiment_from_pb(
+            invoke(self._stub.RestoreExperiment, request, self._timeout).experiment
+        )
+
     def start_run(
         self,
         experiment_id: str,
@@ -200,6 +210,14 @@ class GrpcExperimentTracking(ExperimentTracking):
             run_id=run_id, status=conv.run_status_to_pb(status), end_time_ms=end_time_ms
         )
         return conv.run_from_pb(invoke(self._stub.EndRun, request, self._timeout).run)
+
+    def delete_run(self, run_id: str) -> None:
+        request = pb.DeleteRunRequest(run_id=run_id)
+        invoke(self._stub.DeleteRun, request, self._timeout)
+
+    def restore_run(self, run_id: str) -> Run:
+        request = pb.RestoreRunRequest(run_id=run_id)
+        return conv.run_from_pb(invoke(self._stub.RestoreRun, request, self._timeout).run)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         request = pb.LogParamsRequest(run_id=run_id, params=dict(params))

@@ -45,7 +45,11 @@ class ExperimentTracking(abc.ABC):
         artifact_location: str = "",
         get_if_exists: bool = False,
     ) -> Experiment:
-        """Create an experiment; with `get_if_exists` return the existing one of that name."""
+        """Create an experiment; with `get_if_exists` return the existing one of that name.
+
+        A deleted experiment of that name is FailedPreconditionError (reason
+        EXPERIMENT_DELETED), with or without `get_if_exists`: restore it or pick another name.
+        """
 
     @abc.abstractmethod
     def get_experiment(self, experiment_id: str) -> Experiment:
@@ -66,6 +70,16 @@ class ExperimentTracking(abc.ABC):
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Experiment]:
         """One page of experiments matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Soft-delete an experiment and its runs, as MLflow does; deleting a deleted one
+        is fine. Its name stays taken (FailedPreconditionError, reason EXPERIMENT_DELETED,
+        for a create of that name) until it is restored or purged by MLflow."""
+
+    @abc.abstractmethod
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        """Restore a deleted experiment and its runs; an active one is returned unchanged."""
 
     @abc.abstractmethod
     def start_run(
@@ -102,6 +116,14 @@ class ExperimentTracking(abc.ABC):
         self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
     ) -> Run:
         """End a run with a terminal status, after its spooled metrics are delivered."""
+
+    @abc.abstractmethod
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete a run, as MLflow does; deleting a deleted one is fine."""
+
+    @abc.abstractmethod
+    def restore_run(self, run_id: str) -> Run:
+        """Restore a deleted run; an active one is returned unchanged."""
 
     @abc.abstractmethod
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import backoff
+from mlflow.entities import LifecycleStage, Param, RunTag, ViewType
 from mlflow.entities import Metric as MlflowMetric
-from mlflow.entities import Param, RunTag, ViewType
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
 
@@ -241,6 +241,31 @@ class MlflowGateway:
             page_tokens.from_mlflow("experiments", paged.token),
         )
 
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Soft-delete an experiment and its runs; an already deleted one stays as it is.
+
+        MLflow refuses to delete a deleted experiment, so a retry after a lost answer
+        would fail: the whole look-then-delete is what is retried."""
+
+        def op() -> None:
+            found = self._client.get_experiment(experiment_id)
+            if found.lifecycle_stage != LifecycleStage.DELETED:
+                self._client.delete_experiment(experiment_id)
+
+        self.call(op)
+
+    def restore_experiment(self, experiment_id: str) -> domain.Experiment:
+        """Restore a deleted experiment and its runs; an active one is returned as it is."""
+
+        def op() -> Any:
+            found = self._client.get_experiment(experiment_id)
+            if found.lifecycle_stage != LifecycleStage.DELETED:
+                return found
+            self._client.restore_experiment(experiment_id)
+            return self._client.get_experiment(experiment_id)
+
+        return entities.experiment(self.call(op))
+
     # -- runs -------------------------------------------------------------------------
 
     def create_run(
@@ -329,6 +354,27 @@ class MlflowGateway:
         return domain.Page(
             tuple(entities.run(r) for r in paged), page_tokens.from_mlflow("runs", paged.token)
         )
+
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete a run; a deleted one stays as it is (its deletion time too)."""
+
+        def op() -> None:
+            if self._client.get_run(run_id).info.lifecycle_stage != LifecycleStage.DELETED:
+                self._client.delete_run(run_id)
+
+        self.call(op)
+
+    def restore_run(self, run_id: str) -> domain.Run:
+        """Restore a deleted run; an active one is returned as it is."""
+
+        def op() -> Any:
+            found = self._client.get_run(run_id)
+            if found.info.lifecycle_stage != LifecycleStage.DELETED:
+                return found
+            self._client.restore_run(run_id)
+            return self._client.get_run(run_id)
+
+        return entities.run(self.call(op))
 
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         """Mark a run ended with a terminal status."""

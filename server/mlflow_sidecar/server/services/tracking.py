@@ -51,7 +51,21 @@ from mlflow_sidecar.server.staging import Staging
 
 CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+EXPERIMENT_DELETED = "EXPERIMENT_DELETED"
 _CLIENT_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+
+
+def _usable(experiment: Experiment) -> Experiment:
+    """An existing experiment that CreateExperiment may hand back: not a deleted one."""
+    if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
+        raise FailedPreconditionError(
+            f"experiment {experiment.name!r} is deleted (id {experiment.experiment_id}) and"
+            f" keeps its name until it is purged: restore it with RestoreExperiment"
+            f" (experiment_id {experiment.experiment_id}) or choose another name",
+            reason=EXPERIMENT_DELETED,
+            metadata={"experiment_id": experiment.experiment_id},
+        )
+    return experiment
 
 
 def _now_ms() -> int:
@@ -83,7 +97,7 @@ class TrackingService(ExperimentTracking):
         check.bounded("artifact_location", artifact_location, 4096)
         if get_if_exists:
             try:
-                return self._gateway.get_experiment_by_name(name)
+                return _usable(self._gateway.get_experiment_by_name(name))
             except NotFoundError:
                 pass
         try:
@@ -91,10 +105,14 @@ class TrackingService(ExperimentTracking):
                 name, artifact_location=artifact_location, tags=tags or {}
             )
         except AlreadyExistsError:
+            # The name is taken: by a deleted experiment (which MLflow keeps until its garbage
+            # collection), or by one another caller created after our look-up.
+            existing = _usable(self._gateway.get_experiment_by_name(name))
             if not get_if_exists:
-                raise
-            # Another caller created it between our look-up and our create.
-            return self._gateway.get_experiment_by_name(name)
+                raise AlreadyExistsError(
+                    f"experiment {name!r} already exists (id {existing.experiment_id})"
+                ) from None
+            return existing
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment(self, experiment_id: str) -> Experiment:
@@ -124,6 +142,14 @@ class TrackingService(ExperimentTracking):
             view_type=view_type,
         )
 
+    def delete_experiment(self, experiment_id: str) -> None:
+        check.require("experiment_id", experiment_id, max_length=64)
+        self._gateway.delete_experiment(experiment_id)
+
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        check.require("experiment_id", experiment_id, max_length=64)
+        return self._gateway.restore_experiment(experiment_id)
+
     # -- runs ---------------------------------------------------------------------------
 
     def start_run(
@@ -152,7 +178,11 @@ class TrackingService(ExperimentTracking):
         # Fails with NOT_FOUND for an unknown experiment rather than MLflow's vaguer error.
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} is deleted; restore it with RestoreExperiment first",
+                reason=EXPERIMENT_DELETED,
+                metadata={"experiment_id": experiment_id},
+            )
         if not client_request_id:
             return self._gateway.create_run(
                 experiment_id, run_name=run_name, tags=all_tags, start_time_ms=start_time_ms
@@ -221,6 +251,14 @@ class TrackingService(ExperimentTracking):
         self._gateway.set_terminated(run_id, status, end_time_ms or _now_ms())
         self._ingest.mark_ended(run_id, status.value)
         return self._gateway.get_run(run_id)
+
+    def delete_run(self, run_id: str) -> None:
+        check.require("run_id", run_id, max_length=64)
+        self._gateway.delete_run(run_id)
+
+    def restore_run(self, run_id: str) -> Run:
+        check.require("run_id", run_id, max_length=64)
+        return self._gateway.restore_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         check.require("run_id", run_id, max_length=64)
