@@ -39,8 +39,10 @@ def test_experiment_delete_and_restore_are_soft_and_idempotent(tracking, unique)
     exp = tracking.create_experiment(f"delete-{unique}")
     run = tracking.start_run(exp.experiment_id)
     tracking.delete_experiment(exp.experiment_id)
-    tracking.delete_experiment(exp.experiment_id)  # deleting a deleted one is fine
-    assert tracking.get_experiment(exp.experiment_id).lifecycle_stage is LifecycleStage.DELETED
+    deleted_once = tracking.get_experiment(exp.experiment_id)
+    assert deleted_once.lifecycle_stage is LifecycleStage.DELETED
+    tracking.delete_experiment(exp.experiment_id)  # deleting a deleted one changes nothing
+    assert tracking.get_experiment(exp.experiment_id) == deleted_once
     assert tracking.get_run(run.run_id).info.lifecycle_stage is LifecycleStage.DELETED
     deleted = tracking.search_experiments(
         filter_string=f"name = 'delete-{unique}'", view_type=ViewType.DELETED_ONLY

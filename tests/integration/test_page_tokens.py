@@ -150,3 +150,34 @@ def test_genuine_tokens_page_and_a_token_of_another_rpc_is_refused(calls):
         for other, token in tokens.items():
             if other != name:
                 _refused(call, token)
+
+
+def test_a_metric_history_token_of_another_run_or_metric_is_refused(sidecar, unique):
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        experiment_id = stub.CreateExperiment(
+            pb.CreateExperimentRequest(name=f"history-tokens-{unique}")
+        ).experiment.experiment_id
+        runs = [
+            stub.StartRun(pb.StartRunRequest(experiment_id=experiment_id)).run.info.run_id
+            for _ in range(2)
+        ]
+        for run_id in runs:
+            stub.LogMetrics(
+                pb.LogMetricsRequest(
+                    run_id=run_id,
+                    metrics=[pb.Metric(key=k, value=1, step=s) for k in "ab" for s in (1, 2)],
+                )
+            )
+
+        def history(run_id: str, key: str, token: str = "") -> str:
+            return stub.GetMetricHistory(
+                pb.GetMetricHistoryRequest(
+                    run_id=run_id, metric_key=key, page_size=1, page_token=token
+                )
+            ).next_page_token
+
+        token = history(runs[0], "a")
+        assert history(runs[0], "a", token) == ""
+        _refused(lambda t: history(runs[0], "b", t), token)
+        _refused(lambda t: history(runs[1], "a", t), token)
