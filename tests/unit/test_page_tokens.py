@@ -58,3 +58,16 @@ def test_tampered_tokens_are_refused_on_page_token(token):
 def test_an_unknown_mlflow_token_is_internal(mlflow_token):
     with pytest.raises(InternalError):
         page_tokens.from_mlflow("runs", mlflow_token)
+
+
+def test_the_services_own_token_checks_give_the_same_reason():
+    from mlflow_sidecar.server import validation
+    from mlflow_sidecar.server.services.artifacts import decode_listing_token
+
+    for refuse in (
+        lambda: validation.page_token("not base64!"),
+        lambda: decode_listing_token(_b64({"path": "x", "after": "a"}), "y"),
+    ):
+        with pytest.raises(InvalidArgumentError) as err:
+            refuse()
+        assert (err.value.field, err.value.reason) == ("page_token", "INVALID_PAGE_TOKEN")
