@@ -99,6 +99,22 @@ def sidecar(
 
 
 @pytest.fixture(scope="session")
+def embedded_store_sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSidecar]:
+    """A sidecar on its default embedded store (SQLite and files in its data dir)."""
+    running = RunningSidecar(sidecar_config(tmp_path_factory.mktemp("embedded"), ""))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(params=["mlflow-server", "embedded"])
+def either_sidecar(request: pytest.FixtureRequest) -> RunningSidecar:
+    """The sidecar behind an mlflow server, then the one on the embedded store."""
+    name = "sidecar" if request.param == "mlflow-server" else "embedded_store_sidecar"
+    running: RunningSidecar = request.getfixturevalue(name)
+    return running
+
+
+@pytest.fixture(scope="session")
 def channel(sidecar: RunningSidecar) -> Iterator[grpc.Channel]:
     with grpc.insecure_channel(sidecar.target) as chan:
         yield chan

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
 TRACKING = "mlflow_sidecar.v1.ExperimentTrackingService"
 
@@ -86,3 +89,70 @@ def test_errors_show_their_status_code(sidecar):
     result = grpcurl(sidecar.target, f"{TRACKING}/GetRun", data={"run_id": "0" * 32})
     assert result.returncode != 0
     assert "Code: NotFound" in result.stderr
+
+
+def test_delete_and_restore_with_json_alone(sidecar, unique):
+    target = sidecar.target
+    experiment_id = call(target, "CreateExperiment", {"name": f"grpcurl-delete-{unique}"})[
+        "experiment"
+    ]["experiment_id"]
+    run_id = call(target, "StartRun", {"experiment_id": experiment_id})["run"]["info"]["run_id"]
+    assert call(target, "DeleteRun", {"run_id": run_id}) == {}
+    restored_run = call(target, "RestoreRun", {"run_id": run_id})["run"]
+    assert restored_run["info"]["lifecycle_stage"] == "LIFECYCLE_STAGE_ACTIVE"
+    assert call(target, "DeleteExperiment", {"experiment_id": experiment_id}) == {}
+    deleted = call(target, "GetExperiment", {"experiment_id": experiment_id})["experiment"]
+    assert deleted["lifecycle_stage"] == "LIFECYCLE_STAGE_DELETED"
+    refused = grpcurl(
+        target, f"{TRACKING}/CreateExperiment", data={"name": f"grpcurl-delete-{unique}"}
+    )
+    assert "Code: FailedPrecondition" in refused.stderr
+    assert "RestoreExperiment" in refused.stderr
+    restored = call(target, "RestoreExperiment", {"experiment_id": experiment_id})["experiment"]
+    assert restored["lifecycle_stage"] == "LIFECYCLE_STAGE_ACTIVE"
+
+
+def test_list_shows_both_reflection_versions_and_describes_v1(sidecar):
+    services = grpcurl(sidecar.target, "list").stdout.split()
+    assert "grpc.reflection.v1.ServerReflection" in services
+    assert "grpc.reflection.v1alpha.ServerReflection" in services
+    described = grpcurl(sidecar.target, "describe", "grpc.reflection.v1.ServerReflection")
+    assert described.returncode == 0, described.stderr
+    assert "rpc ServerReflectionInfo ( stream .grpc.reflection.v1.ServerReflectionRequest )" in (
+        described.stdout
+    )
+
+
+def test_a_v1_reflection_client_is_answered(sidecar):
+    """A client that speaks only grpc.reflection.v1 (message classes of that package)."""
+    pool = descriptor_pool.Default()
+    request_class = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionRequest")
+    )
+    response_class = message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("grpc.reflection.v1.ServerReflectionResponse")
+    )
+    with grpc.insecure_channel(sidecar.target) as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=request_class.SerializeToString,
+            response_deserializer=response_class.FromString,
+        )
+        answers = list(
+            info(
+                iter(
+                    [
+                        request_class(list_services=""),
+                        request_class(file_containing_symbol=TRACKING),
+                    ]
+                ),
+                timeout=10,
+            )
+        )
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert {TRACKING, "grpc.reflection.v1.ServerReflection", "grpc.health.v1.Health"} <= listed
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in answers[1].file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(f.package == "mlflow_sidecar.v1" for f in files)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import AlreadyExistsError, NotFoundError, SidecarError
@@ -54,6 +55,28 @@ class FakeGateway:
             if exp.name == name:
                 return exp
         raise NotFoundError(f"no experiment {name!r}")
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        exp = self.get_experiment(experiment_id)
+        self.experiments[experiment_id] = replace(
+            exp, lifecycle_stage=domain.LifecycleStage.DELETED
+        )
+
+    def restore_experiment(self, experiment_id: str) -> domain.Experiment:
+        exp = self.get_experiment(experiment_id)
+        self.experiments[experiment_id] = replace(exp, lifecycle_stage=domain.LifecycleStage.ACTIVE)
+        return self.experiments[experiment_id]
+
+    def delete_run(self, run_id: str) -> None:
+        run = self.get_run(run_id)
+        info = replace(run.info, lifecycle_stage=domain.LifecycleStage.DELETED)
+        self.runs[run_id] = replace(run, info=info)
+
+    def restore_run(self, run_id: str) -> domain.Run:
+        run = self.get_run(run_id)
+        info = replace(run.info, lifecycle_stage=domain.LifecycleStage.ACTIVE)
+        self.runs[run_id] = replace(run, info=info)
+        return self.runs[run_id]
 
     def create_run(self, experiment_id, *, run_name, tags, start_time_ms) -> domain.Run:
         self.creates += 1

@@ -155,3 +155,33 @@ def test_permanent_errors_are_not_retried(gateway):
     with pytest.raises(errors.NotFoundError):
         gateway.call(missing)
     assert len(calls) == 1
+
+
+_SQLITE_DUPLICATE = (
+    "Experiment(name=x) already exists. Error: (raised as a result of Query-invoked autoflush;"
+    " consider using a session.no_autoflush block if this flush is occurring prematurely)\n"
+    "(sqlite3.IntegrityError) UNIQUE constraint failed: experiments.name\n"
+    "[SQL: INSERT INTO experiments (name, artifact_location) VALUES (?, ?)]\n"
+    "[parameters: ('x', '')]\n(Background on this error at: https://sqlalche.me/e/20/gkpj)"
+)
+_POSTGRES_DUPLICATE = (
+    "RESOURCE_ALREADY_EXISTS: Registered Model (name=m) already exists. Error:"
+    " (psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint"
+    ' "registered_model_pk"\nDETAIL:  Key (name)=(m) already exists.\n'
+    "[SQL: INSERT INTO registered_models (name) VALUES (%(name)s)]"
+)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (_SQLITE_DUPLICATE, "Experiment(name=x) already exists."),
+        (_POSTGRES_DUPLICATE, "Registered Model (name=m) already exists."),
+        ("(sqlite3.OperationalError) no such table: runs", "MLflow's database refused the request"),
+        ("bad thing [SQL: SELECT 1]", "bad thing."),
+        ("Run 'abc' not found", "Run 'abc' not found"),
+    ],
+)
+def test_no_sql_reaches_a_caller(message, expected):
+    error = to_domain_error(MlflowException(message, databricks_pb2.RESOURCE_ALREADY_EXISTS))
+    assert error.message == expected

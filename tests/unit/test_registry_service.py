@@ -294,7 +294,27 @@ def test_reserved_aliases_are_refused(service, gateway, alias):
     with pytest.raises(InvalidArgumentError) as err:
         service.set_model_alias("agent", alias, 1)
     assert err.value.field == "alias"
+    assert err.value.reason == "RESERVED_ALIAS"
     assert gateway.models["agent"].aliases == {}
+
+
+@pytest.mark.parametrize("alias", ["latest", "LATEST", "v1", "V3"])
+def test_reserved_aliases_are_refused_by_every_alias_call(service, gateway, alias, tmp_path):
+    """Names SetModelAlias refuses can never resolve: reading, downloading and deleting by
+    one is refused the same way, not answered NOT_FOUND or passed to MLflow."""
+    service.create_model_version("agent", source="runs:/run1/m")
+    calls = [
+        lambda: service.get_model_version_by_alias("agent", alias),
+        lambda: service.download_model("agent", tmp_path / "dst", alias=alias),
+        lambda: service.delete_model_alias("agent", alias),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidArgumentError) as err:
+            call()
+        assert (err.value.field, err.value.reason) == ("alias", "RESERVED_ALIAS")
+    with pytest.raises(InvalidArgumentError) as err:
+        service.create_model_version("agent", source=f"models:/agent@{alias}")
+    assert (err.value.field, err.value.reason) == ("source", "RESERVED_ALIAS")
 
 
 @pytest.mark.parametrize("alias", ["champion", "v1-candidate", "version1", "best_ü", "V"])

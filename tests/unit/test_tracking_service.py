@@ -187,3 +187,41 @@ def test_search_validation(service, kwargs, field):
     with pytest.raises(InvalidArgumentError) as err:
         service.search_experiments(**kwargs)
     assert err.value.field == field
+
+
+# -- deleted experiments ------------------------------------------------------------------
+
+
+def test_create_on_the_name_of_a_deleted_experiment_names_the_way_out(service, gateway):
+    deleted = service.create_experiment("gone")
+    service.delete_experiment(deleted.experiment_id)
+    for get_if_exists in (False, True):
+        with pytest.raises(FailedPreconditionError) as err:
+            service.create_experiment("gone", get_if_exists=get_if_exists)
+        assert err.value.reason == "EXPERIMENT_DELETED"
+        assert err.value.metadata == {"experiment_id": deleted.experiment_id}
+        assert "RestoreExperiment" in err.value.message
+        assert deleted.experiment_id in err.value.message
+        assert "another name" in err.value.message
+    restored = service.restore_experiment(deleted.experiment_id)
+    assert service.create_experiment("gone", get_if_exists=True) == restored
+
+
+def test_delete_and_restore_check_their_ids(service):
+    for call in (service.delete_experiment, service.restore_experiment):
+        with pytest.raises(InvalidArgumentError) as err:
+            call("")
+        assert err.value.field == "experiment_id"
+    for call in (service.delete_run, service.restore_run):
+        with pytest.raises(InvalidArgumentError) as err:
+            call(" ")
+        assert err.value.field == "run_id"
+
+
+def test_a_deleted_run_refuses_writes_until_restored(service, run_id):
+    service.delete_run(run_id)
+    with pytest.raises(FailedPreconditionError):
+        service.log_params(run_id, {"lr": "1"})
+    restored = service.restore_run(run_id)
+    assert restored.info.lifecycle_stage.name == "ACTIVE"
+    service.log_params(run_id, {"lr": "1"})

@@ -10,13 +10,13 @@ from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.reflection import enable_server_reflection
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -97,9 +97,8 @@ class SidecarServer:
         registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server(registry, self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        # grpc.reflection.v1 and v1alpha: grpcurl and newer tools ask v1 first.
+        enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self._server)
         address = f"{config.server.host}:{config.server.port}"
         try:
             if config.tls.enabled:

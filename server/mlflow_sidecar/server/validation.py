@@ -76,7 +76,9 @@ MAX_PAGE_TOKEN_LENGTH = 4096
 def page_token(value: str) -> str:
     """An opaque page token as this server hands them out (base64 text), or empty."""
     if len(value) > MAX_PAGE_TOKEN_LENGTH or not _PAGE_TOKEN_RE.match(value):
-        raise InvalidArgumentError("page_token", "is not a token from a previous page")
+        raise InvalidArgumentError(
+            "page_token", "is not a token from a previous page", reason="INVALID_PAGE_TOKEN"
+        )
     return value
 
 

@@ -138,6 +138,18 @@ class GrpcExperimentTracking(ExperimentTracking):
             tuple(conv.experiment_from_pb(e) for e in reply.experiments), reply.next_page_token
         )
 
+    def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
+        request = pb.DeleteExperimentRequest(
+            experiment_id=experiment_id, request_id=request_id or uuid.uuid4().hex
+        )
+        invoke(self._stub.DeleteExperiment, request, self._timeout)
+
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        request = pb.RestoreExperimentRequest(experiment_id=experiment_id)
+        return conv.experiment_from_pb(
+            invoke(self._stub.RestoreExperiment, request, self._timeout).experiment
+        )
+
     def start_run(
         self,
         experiment_id: str,
@@ -202,6 +214,14 @@ class GrpcExperimentTracking(ExperimentTracking):
             wait_for_delivery=wait_for_delivery,
         )
         return conv.run_from_pb(invoke(self._stub.EndRun, request, self._timeout).run)
+
+    def delete_run(self, run_id: str, *, request_id: str = "") -> None:
+        request = pb.DeleteRunRequest(run_id=run_id, request_id=request_id or uuid.uuid4().hex)
+        invoke(self._stub.DeleteRun, request, self._timeout)
+
+    def restore_run(self, run_id: str) -> Run:
+        request = pb.RestoreRunRequest(run_id=run_id)
+        return conv.run_from_pb(invoke(self._stub.RestoreRun, request, self._timeout).run)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         request = pb.LogParamsRequest(run_id=run_id, params=dict(params))

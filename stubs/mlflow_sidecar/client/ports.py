@@ -51,7 +51,11 @@ class ExperimentTracking(abc.ABC):
         get_if_exists: bool = False,
         request_id: str = "",
     ) -> Experiment:
-        """Create an experiment; with `get_if_exists` return the existing one of that name."""
+        """Create an experiment; with `get_if_exists` return the existing one of that name.
+
+        A deleted experiment of that name is FailedPreconditionError (reason
+        EXPERIMENT_DELETED), with or without `get_if_exists`: restore it or pick another name.
+        """
 
     @abc.abstractmethod
     def get_experiment(self, experiment_id: str) -> Experiment:
@@ -72,6 +76,16 @@ class ExperimentTracking(abc.ABC):
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Experiment]:
         """One page of experiments matching an MLflow filter string."""
+
+    @abc.abstractmethod
+    def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
+        """Soft-delete an experiment and its runs, as MLflow does; deleting a deleted one
+        is fine. Its name stays taken (FailedPreconditionError, reason EXPERIMENT_DELETED,
+        for a create of that name) until it is restored or purged by MLflow."""
+
+    @abc.abstractmethod
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        """Restore a deleted experiment and its runs; an active one is returned unchanged."""
 
     @abc.abstractmethod
     def start_run(
@@ -123,6 +137,14 @@ class ExperimentTracking(abc.ABC):
         RUNNING then. `wait_for_delivery` waits for that instead (DeadlineExceededError,
         reason RUN_END_PENDING, when the deadline passes first; the end stays recorded).
         `flush_metrics(run_id)` also waits for it."""
+
+    @abc.abstractmethod
+    def delete_run(self, run_id: str, *, request_id: str = "") -> None:
+        """Soft-delete a run, as MLflow does; deleting a deleted one is fine."""
+
+    @abc.abstractmethod
+    def restore_run(self, run_id: str) -> Run:
+        """Restore a deleted run; an active one is returned unchanged."""
 
     @abc.abstractmethod
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 class ModelRegistryServiceStub:
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     def __init__(self, channel):
@@ -145,7 +149,11 @@ class ModelRegistryServiceStub:
 
 class ModelRegistryServiceServicer:
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     def CreateRegisteredModel(self, request, context):
@@ -221,7 +229,8 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelVersionByAlias(self, request, context):
-        """Resolves an alias such as "champion" to its version.
+        """Resolves an alias such as "champion" to its version; "latest" and "v<number>" are
+        refused (RESERVED_ALIAS): use GetLatestModelVersion or GetModelVersion.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -266,20 +275,23 @@ class ModelRegistryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetModelAlias(self, request, context):
-        """Points an alias at a version, moving it if it pointed elsewhere.
+        """Points an alias at a version, moving it if it pointed elsewhere. "latest" and
+        "v<number>" (any case) are refused: INVALID_ARGUMENT on alias, reason RESERVED_ALIAS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DeleteModelAlias(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Removes an alias; NOT_FOUND when it is not set; reserved names are refused as above.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def DownloadModel(self, request, context):
         """Downloads the files of a version (by number or alias): a manifest, then chunks.
+        Reserved alias names are refused as by GetModelVersionByAlias.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -403,7 +415,11 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class ModelRegistryService:
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     @staticmethod

@@ -28,7 +28,11 @@ GRPC_VERSION: str
 
 class ModelRegistryServiceStub:
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     @_typing.overload
@@ -55,7 +59,9 @@ class ModelRegistryServiceStub:
     """
     GetModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionRequest, _registry_pb2.GetModelVersionResponse]
     GetModelVersionByAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionByAliasRequest, _registry_pb2.GetModelVersionByAliasResponse]
-    """Resolves an alias such as "champion" to its version."""
+    """Resolves an alias such as "champion" to its version; "latest" and "v<number>" are
+    refused (RESERVED_ALIAS): use GetLatestModelVersion or GetModelVersion.
+    """
     GetLatestModelVersion: _grpc.UnaryUnaryMultiCallable[_registry_pb2.GetLatestModelVersionRequest, _registry_pb2.GetLatestModelVersionResponse]
     """The version with the highest version number."""
     SearchModelVersions: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SearchModelVersionsRequest, _registry_pb2.SearchModelVersionsResponse]
@@ -65,15 +71,24 @@ class ModelRegistryServiceStub:
     SetModelVersionTag: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetModelVersionTagRequest, _registry_pb2.SetModelVersionTagResponse]
     DeleteModelVersionTag: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelVersionTagRequest, _registry_pb2.DeleteModelVersionTagResponse]
     SetModelAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.SetModelAliasRequest, _registry_pb2.SetModelAliasResponse]
-    """Points an alias at a version, moving it if it pointed elsewhere."""
+    """Points an alias at a version, moving it if it pointed elsewhere. "latest" and
+    "v<number>" (any case) are refused: INVALID_ARGUMENT on alias, reason RESERVED_ALIAS.
+    """
     DeleteModelAlias: _grpc.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelAliasRequest, _registry_pb2.DeleteModelAliasResponse]
+    """Removes an alias; NOT_FOUND when it is not set; reserved names are refused as above."""
     DownloadModel: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]
-    """Downloads the files of a version (by number or alias): a manifest, then chunks."""
+    """Downloads the files of a version (by number or alias): a manifest, then chunks.
+    Reserved alias names are refused as by GetModelVersionByAlias.
+    """
 
 @_typing.type_check_only
 class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -97,7 +112,9 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """
     GetModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionRequest, _registry_pb2.GetModelVersionResponse]  # type: ignore[assignment]
     GetModelVersionByAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetModelVersionByAliasRequest, _registry_pb2.GetModelVersionByAliasResponse]  # type: ignore[assignment]
-    """Resolves an alias such as "champion" to its version."""
+    """Resolves an alias such as "champion" to its version; "latest" and "v<number>" are
+    refused (RESERVED_ALIAS): use GetLatestModelVersion or GetModelVersion.
+    """
     GetLatestModelVersion: _aio.UnaryUnaryMultiCallable[_registry_pb2.GetLatestModelVersionRequest, _registry_pb2.GetLatestModelVersionResponse]  # type: ignore[assignment]
     """The version with the highest version number."""
     SearchModelVersions: _aio.UnaryUnaryMultiCallable[_registry_pb2.SearchModelVersionsRequest, _registry_pb2.SearchModelVersionsResponse]  # type: ignore[assignment]
@@ -107,14 +124,23 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     SetModelVersionTag: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetModelVersionTagRequest, _registry_pb2.SetModelVersionTagResponse]  # type: ignore[assignment]
     DeleteModelVersionTag: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelVersionTagRequest, _registry_pb2.DeleteModelVersionTagResponse]  # type: ignore[assignment]
     SetModelAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.SetModelAliasRequest, _registry_pb2.SetModelAliasResponse]  # type: ignore[assignment]
-    """Points an alias at a version, moving it if it pointed elsewhere."""
+    """Points an alias at a version, moving it if it pointed elsewhere. "latest" and
+    "v<number>" (any case) are refused: INVALID_ARGUMENT on alias, reason RESERVED_ALIAS.
+    """
     DeleteModelAlias: _aio.UnaryUnaryMultiCallable[_registry_pb2.DeleteModelAliasRequest, _registry_pb2.DeleteModelAliasResponse]  # type: ignore[assignment]
+    """Removes an alias; NOT_FOUND when it is not set; reserved names are refused as above."""
     DownloadModel: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]  # type: ignore[assignment]
-    """Downloads the files of a version (by number or alias): a manifest, then chunks."""
+    """Downloads the files of a version (by number or alias): a manifest, then chunks.
+    Reserved alias names are refused as by GetModelVersionByAlias.
+    """
 
 class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     """The MLflow model registry: registered models, versions, tags and aliases.
-    Aliases (e.g. "champion") replace MLflow's deprecated stages.
+    Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
+    for versions ("latest" and "v<number>", in any case) are never aliases: every call that
+    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    Page tokens are opaque and checked: one that this call did not hand out is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
 
     @_abc_1.abstractmethod
@@ -208,7 +234,9 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.GetModelVersionByAliasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.GetModelVersionByAliasResponse, _abc.Awaitable[_registry_pb2.GetModelVersionByAliasResponse]]:
-        """Resolves an alias such as "champion" to its version."""
+        """Resolves an alias such as "champion" to its version; "latest" and "v<number>" are
+        refused (RESERVED_ALIAS): use GetLatestModelVersion or GetModelVersion.
+        """
 
     @_abc_1.abstractmethod
     def GetLatestModelVersion(
@@ -260,14 +288,17 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.SetModelAliasRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_registry_pb2.SetModelAliasResponse, _abc.Awaitable[_registry_pb2.SetModelAliasResponse]]:
-        """Points an alias at a version, moving it if it pointed elsewhere."""
+        """Points an alias at a version, moving it if it pointed elsewhere. "latest" and
+        "v<number>" (any case) are refused: INVALID_ARGUMENT on alias, reason RESERVED_ALIAS.
+        """
 
     @_abc_1.abstractmethod
     def DeleteModelAlias(
         self,
         request: _registry_pb2.DeleteModelAliasRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_registry_pb2.DeleteModelAliasResponse, _abc.Awaitable[_registry_pb2.DeleteModelAliasResponse]]: ...
+    ) -> _typing.Union[_registry_pb2.DeleteModelAliasResponse, _abc.Awaitable[_registry_pb2.DeleteModelAliasResponse]]:
+        """Removes an alias; NOT_FOUND when it is not set; reserved names are refused as above."""
 
     @_abc_1.abstractmethod
     def DownloadModel(
@@ -275,6 +306,8 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _registry_pb2.DownloadModelRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadModelResponse], _abc.AsyncIterator[_registry_pb2.DownloadModelResponse]]:
-        """Downloads the files of a version (by number or alias): a manifest, then chunks."""
+        """Downloads the files of a version (by number or alias): a manifest, then chunks.
+        Reserved alias names are refused as by GetModelVersionByAlias.
+        """
 
 def add_ModelRegistryServiceServicer_to_server(servicer: ModelRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -28,7 +28,9 @@ if _version_not_supported:
 class ExperimentTrackingServiceStub:
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     def __init__(self, channel):
@@ -147,12 +149,16 @@ class ExperimentTrackingServiceStub:
 class ExperimentTrackingServiceServicer:
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     def CreateExperiment(self, request, context):
         """Creates an experiment. With get_if_exists an existing experiment of the
-        same name is returned instead of ALREADY_EXISTS.
+        same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
+        is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+        without get_if_exists: restore it with RestoreExperiment or choose another name.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,14 +180,16 @@ class ExperimentTrackingServiceServicer:
 
     def DeleteExperiment(self, request, context):
         """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
-        until it is restored or purged by MLflow's garbage collection.
+        until it is restored or purged by MLflow's garbage collection. Deleting a deleted
+        experiment is OK and changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RestoreExperiment(self, request, context):
-        """Restores a deleted experiment; restoring an active one is a no-op.
+        """Restores a deleted experiment and its runs; restoring an active one is a no-op.
+        Returns the experiment.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -218,14 +226,15 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteRun(self, request, context):
-        """Soft-deletes a run, as MLflow does.
+        """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
+        deleting a deleted run is OK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RestoreRun(self, request, context):
-        """Restores a deleted run; restoring an active one is a no-op.
+        """Restores a deleted run; restoring an active one is a no-op. Returns the run.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -276,7 +285,9 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetMetricHistory(self, request, context):
-        """Reads every point of one metric of a run, ordered by step and time; paginated.
+        """Reads every point of one metric of a run, ordered by step, then timestamp (however
+        the points were logged); paginated. MLflow keeps histories in time order, so the
+        sidecar reads the whole series for each page: prefer large pages for long series.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -425,7 +436,9 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
 class ExperimentTrackingService:
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     @staticmethod

@@ -29,7 +29,9 @@ GRPC_VERSION: str
 class ExperimentTrackingServiceStub:
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     @_typing.overload
@@ -38,7 +40,9 @@ class ExperimentTrackingServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ExperimentTrackingServiceAsyncStub: ...
     CreateExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.CreateExperimentRequest, _tracking_pb2.CreateExperimentResponse]
     """Creates an experiment. With get_if_exists an existing experiment of the
-    same name is returned instead of ALREADY_EXISTS.
+    same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
+    is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+    without get_if_exists: restore it with RestoreExperiment or choose another name.
     """
     GetExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.GetExperimentRequest, _tracking_pb2.GetExperimentResponse]
     """Reads one experiment by id or by name."""
@@ -46,10 +50,13 @@ class ExperimentTrackingServiceStub:
     """Searches experiments with MLflow's filter syntax; paginated."""
     DeleteExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteExperimentRequest, _tracking_pb2.DeleteExperimentResponse]
     """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
-    until it is restored or purged by MLflow's garbage collection.
+    until it is restored or purged by MLflow's garbage collection. Deleting a deleted
+    experiment is OK and changes nothing.
     """
     RestoreExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.RestoreExperimentRequest, _tracking_pb2.RestoreExperimentResponse]
-    """Restores a deleted experiment; restoring an active one is a no-op."""
+    """Restores a deleted experiment and its runs; restoring an active one is a no-op.
+    Returns the experiment.
+    """
     StartRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.StartRunRequest, _tracking_pb2.StartRunResponse]
     """Starts a run. A retried call with the same client_request_id returns the
     run created by the first call.
@@ -63,9 +70,11 @@ class ExperimentTrackingServiceStub:
     recorded durably and applied in MLflow after the last point (see EndRunRequest).
     """
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]
-    """Soft-deletes a run, as MLflow does."""
+    """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
+    deleting a deleted run is OK.
+    """
     RestoreRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]
-    """Restores a deleted run; restoring an active one is a no-op."""
+    """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
     LogParams: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -83,7 +92,10 @@ class ExperimentTrackingServiceStub:
     DeleteRunTag: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunTagRequest, _tracking_pb2.DeleteRunTagResponse]
     """Deletes one tag of a run."""
     GetMetricHistory: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.GetMetricHistoryRequest, _tracking_pb2.GetMetricHistoryResponse]
-    """Reads every point of one metric of a run, ordered by step and time; paginated."""
+    """Reads every point of one metric of a run, ordered by step, then timestamp (however
+    the points were logged); paginated. MLflow keeps histories in time order, so the
+    sidecar reads the whole series for each page: prefer large pages for long series.
+    """
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]
     """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
     trailer with the sha256. Nothing is stored unless every byte matches the digest.
@@ -100,13 +112,17 @@ class ExperimentTrackingServiceStub:
 class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.CreateExperimentRequest, _tracking_pb2.CreateExperimentResponse]  # type: ignore[assignment]
     """Creates an experiment. With get_if_exists an existing experiment of the
-    same name is returned instead of ALREADY_EXISTS.
+    same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
+    is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+    without get_if_exists: restore it with RestoreExperiment or choose another name.
     """
     GetExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetExperimentRequest, _tracking_pb2.GetExperimentResponse]  # type: ignore[assignment]
     """Reads one experiment by id or by name."""
@@ -114,10 +130,13 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Searches experiments with MLflow's filter syntax; paginated."""
     DeleteExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteExperimentRequest, _tracking_pb2.DeleteExperimentResponse]  # type: ignore[assignment]
     """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
-    until it is restored or purged by MLflow's garbage collection.
+    until it is restored or purged by MLflow's garbage collection. Deleting a deleted
+    experiment is OK and changes nothing.
     """
     RestoreExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.RestoreExperimentRequest, _tracking_pb2.RestoreExperimentResponse]  # type: ignore[assignment]
-    """Restores a deleted experiment; restoring an active one is a no-op."""
+    """Restores a deleted experiment and its runs; restoring an active one is a no-op.
+    Returns the experiment.
+    """
     StartRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.StartRunRequest, _tracking_pb2.StartRunResponse]  # type: ignore[assignment]
     """Starts a run. A retried call with the same client_request_id returns the
     run created by the first call.
@@ -131,9 +150,11 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     recorded durably and applied in MLflow after the last point (see EndRunRequest).
     """
     DeleteRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]  # type: ignore[assignment]
-    """Soft-deletes a run, as MLflow does."""
+    """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
+    deleting a deleted run is OK.
+    """
     RestoreRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]  # type: ignore[assignment]
-    """Restores a deleted run; restoring an active one is a no-op."""
+    """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
     LogParams: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]  # type: ignore[assignment]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -151,7 +172,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     DeleteRunTag: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunTagRequest, _tracking_pb2.DeleteRunTagResponse]  # type: ignore[assignment]
     """Deletes one tag of a run."""
     GetMetricHistory: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetMetricHistoryRequest, _tracking_pb2.GetMetricHistoryResponse]  # type: ignore[assignment]
-    """Reads every point of one metric of a run, ordered by step and time; paginated."""
+    """Reads every point of one metric of a run, ordered by step, then timestamp (however
+    the points were logged); paginated. MLflow keeps histories in time order, so the
+    sidecar reads the whole series for each page: prefer large pages for long series.
+    """
     UploadArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
     trailer with the sha256. Nothing is stored unless every byte matches the digest.
@@ -167,7 +191,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
 class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
+    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
+    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
     """
 
     @_abc_1.abstractmethod
@@ -177,7 +203,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.CreateExperimentResponse, _abc.Awaitable[_tracking_pb2.CreateExperimentResponse]]:
         """Creates an experiment. With get_if_exists an existing experiment of the
-        same name is returned instead of ALREADY_EXISTS.
+        same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
+        is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+        without get_if_exists: restore it with RestoreExperiment or choose another name.
         """
 
     @_abc_1.abstractmethod
@@ -203,7 +231,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.DeleteExperimentResponse, _abc.Awaitable[_tracking_pb2.DeleteExperimentResponse]]:
         """Soft-deletes an experiment and its runs, as MLflow does; its name stays taken
-        until it is restored or purged by MLflow's garbage collection.
+        until it is restored or purged by MLflow's garbage collection. Deleting a deleted
+        experiment is OK and changes nothing.
         """
 
     @_abc_1.abstractmethod
@@ -212,7 +241,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.RestoreExperimentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.RestoreExperimentResponse, _abc.Awaitable[_tracking_pb2.RestoreExperimentResponse]]:
-        """Restores a deleted experiment; restoring an active one is a no-op."""
+        """Restores a deleted experiment and its runs; restoring an active one is a no-op.
+        Returns the experiment.
+        """
 
     @_abc_1.abstractmethod
     def StartRun(
@@ -256,7 +287,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.DeleteRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.DeleteRunResponse, _abc.Awaitable[_tracking_pb2.DeleteRunResponse]]:
-        """Soft-deletes a run, as MLflow does."""
+        """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
+        deleting a deleted run is OK.
+        """
 
     @_abc_1.abstractmethod
     def RestoreRun(
@@ -264,7 +297,7 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.RestoreRunRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.RestoreRunResponse, _abc.Awaitable[_tracking_pb2.RestoreRunResponse]]:
-        """Restores a deleted run; restoring an active one is a no-op."""
+        """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
 
     @_abc_1.abstractmethod
     def LogParams(
@@ -324,7 +357,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.GetMetricHistoryRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.GetMetricHistoryResponse, _abc.Awaitable[_tracking_pb2.GetMetricHistoryResponse]]:
-        """Reads every point of one metric of a run, ordered by step and time; paginated."""
+        """Reads every point of one metric of a run, ordered by step, then timestamp (however
+        the points were logged); paginated. MLflow keeps histories in time order, so the
+        sidecar reads the whole series for each page: prefer large pages for long series.
+        """
 
     @_abc_1.abstractmethod
     def UploadArtifact(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
@@ -120,7 +122,22 @@ def _from_http_status(exc: Exception) -> SidecarError:
     return InternalError(f"{type(exc).__name__}: {exc}")
 
 
+# Where a database's own words start inside an MLflow message: SQLAlchemy appends the
+# driver's error, the statement and a link ("(sqlite3.IntegrityError) UNIQUE constraint
+# failed ... [SQL: INSERT ...] (Background on this error at: https://sqlalche.me/...)").
+_DATABASE_TEXT = re.compile(
+    r"(?:\bError:\s*)?\((?:raised as a result of|sqlite3\.|psycopg|pymysql|MySQLdb|pyodbc"
+    r"|sqlalchemy\.)"
+    r"|\[SQL:|\[parameters:|\(Background on this error|sqlalche\.me"
+    r"|\b(?:IntegrityError|OperationalError|ProgrammingError|DataError|UniqueViolation)\b",
+    re.IGNORECASE,
+)
+_NO_SENTENCE = "MLflow's database refused the request"
+
+
 def _short(exc: Exception) -> str:
+    """MLflow's message for people: without its error-code prefix, without any database
+    text (driver errors, SQL statements, parameters), at most 1000 characters."""
     message = exc.message if isinstance(exc, MlflowException) else str(exc)
     # RestException prefixes the code name; the status code already says it.
     for prefix in (
@@ -129,4 +146,8 @@ def _short(exc: Exception) -> str:
         "INVALID_PARAMETER_VALUE: ",
     ):
         message = message.removeprefix(prefix)
+    cut = _DATABASE_TEXT.search(message)
+    if cut is not None:
+        message = message[: cut.start()].strip().rstrip(".:;,-").strip()
+        message = f"{message}." if message else _NO_SENTENCE
     return message.strip()[:1000]

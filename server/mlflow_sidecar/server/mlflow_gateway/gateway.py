@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -9,8 +10,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import backoff
+from mlflow.entities import LifecycleStage, Param, RunTag, ViewType
 from mlflow.entities import Metric as MlflowMetric
-from mlflow.entities import Param, RunTag, ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.tracking import MlflowClient
@@ -27,7 +28,7 @@ from mlflow_sidecar.client.errors import (
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
-from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities
+from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities, page_tokens
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
@@ -45,6 +46,21 @@ _VIEW_TYPES = {
     domain.ViewType.DELETED_ONLY: ViewType.DELETED_ONLY,
     domain.ViewType.ALL: ViewType.ALL,
 }
+
+
+def _metric_history_position(
+    token: str, run_id: str, key: str
+) -> tuple[tuple[int, int], int] | None:
+    """((step, timestamp), points of it already sent) from a GetMetricHistory token."""
+    if not token:
+        return None
+    decoded = page_tokens.decode("metric-history", token)
+    if decoded.get("run") != run_id or decoded.get("key") != key:
+        raise page_tokens.refuse("is a token of another run's or metric's history")
+    step = page_tokens.int64(decoded.get("step"))
+    timestamp = page_tokens.int64(decoded.get("ts"))
+    seen = page_tokens.bounded_int(decoded.get("seen"), 1, page_tokens.MAX_OFFSET)
+    return (step, timestamp), seen
 
 
 def _search_field(
@@ -257,16 +273,48 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Experiment]:
         """One page of experiments."""
-        paged = self.call(
+        mlflow_token = page_tokens.to_mlflow("experiments", page_token)
+        paged = self._search(
             lambda: self._client.search_experiments(
                 view_type=_VIEW_TYPES[view_type],
                 max_results=page_size,
                 filter_string=filter_string or None,
                 order_by=list(order_by) or None,
-                page_token=page_token or None,
-            )
+                page_token=mlflow_token,
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
-        return domain.Page(tuple(entities.experiment(e) for e in paged), paged.token or "")
+        return domain.Page(
+            tuple(entities.experiment(e) for e in paged),
+            page_tokens.from_mlflow("experiments", paged.token),
+        )
+
+    def delete_experiment(self, experiment_id: str) -> None:
+        """Soft-delete an experiment and its runs; an already deleted one stays as it is.
+
+        MLflow refuses to delete a deleted experiment, so a retry after a lost answer
+        would fail: the whole look-then-delete is what is retried."""
+
+        def op() -> None:
+            found = self._client.get_experiment(experiment_id)
+            if found.lifecycle_stage != LifecycleStage.DELETED:
+                self._client.delete_experiment(experiment_id)
+
+        self.call(op)
+
+    def restore_experiment(self, experiment_id: str) -> domain.Experiment:
+        """Restore a deleted experiment and its runs; an active one is returned as it is."""
+
+        def op() -> Any:
+            found = self._client.get_experiment(experiment_id)
+            if found.lifecycle_stage != LifecycleStage.DELETED:
+                return found
+            self._client.restore_experiment(experiment_id)
+            return self._client.get_experiment(experiment_id)
+
+        return entities.experiment(self.call(op))
 
     # -- runs -------------------------------------------------------------------------
 
@@ -318,17 +366,44 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
-        paged = self.call(
+        mlflow_token = page_tokens.to_mlflow("runs", page_token)
+        paged = self._search(
             lambda: self._client.search_runs(
                 list(experiment_ids),
                 filter_string=filter_string,
                 run_view_type=_VIEW_TYPES[view_type],
                 max_results=page_size,
                 order_by=list(order_by) or None,
-                page_token=page_token or None,
-            )
+                page_token=mlflow_token,
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
-        return domain.Page(tuple(entities.run(r) for r in paged), paged.token or "")
+        return domain.Page(
+            tuple(entities.run(r) for r in paged), page_tokens.from_mlflow("runs", paged.token)
+        )
+
+    def delete_run(self, run_id: str) -> None:
+        """Soft-delete a run; a deleted one stays as it is (its deletion time too)."""
+
+        def op() -> None:
+            if self._client.get_run(run_id).info.lifecycle_stage != LifecycleStage.DELETED:
+                self._client.delete_run(run_id)
+
+        self.call(op)
+
+    def restore_run(self, run_id: str) -> domain.Run:
+        """Restore a deleted run; an active one is returned as it is."""
+
+        def op() -> Any:
+            found = self._client.get_run(run_id)
+            if found.info.lifecycle_stage != LifecycleStage.DELETED:
+                return found
+            self._client.restore_run(run_id)
+            return self._client.get_run(run_id)
+
+        return entities.run(self.call(op))
 
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         """Mark a run ended with a terminal status."""
@@ -378,14 +453,41 @@ class MlflowGateway:
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
     ) -> domain.Page[domain.Metric]:
-        """One page of a metric's points, ordered by timestamp then step."""
-        store = self._client._tracking_client.store
-        paged = self.call(
-            lambda: store.get_metric_history(
-                run_id, key, max_results=page_size, page_token=page_token or None
-            )
+        """One page of a metric's points, ordered by step, then timestamp.
+
+        MLflow orders a history by timestamp, then step, and pages it by offset in that
+        order; it has no other order. So every page reads the whole series from MLflow,
+        sorts it by (step, timestamp) (stable: MLflow's value order breaks ties) and cuts
+        the page after the position in the token: the last page's (step, timestamp) and
+        how many points of exactly that (step, timestamp) came before. Keyset, not offset:
+        points appended between two pages at later steps neither repeat nor vanish.
+        """
+        after = _metric_history_position(page_token, run_id, key)
+        history = self.call(lambda: self._client.get_metric_history(run_id, key))
+        points = sorted(
+            (entities.metric(m) for m in history), key=lambda m: (m.step, m.timestamp_ms)
         )
-        return domain.Page(tuple(entities.metric(m) for m in paged), paged.token or "")
+        keys = [(m.step, m.timestamp_ms) for m in points]
+        start = 0
+        if after is not None:
+            position, seen = after
+            start = min(
+                bisect.bisect_left(keys, position) + seen, bisect.bisect_right(keys, position)
+            )
+        end = start + page_size
+        page = tuple(points[start:end])
+        if end >= len(points):
+            return domain.Page(page, "")
+        last = keys[end - 1]
+        token = page_tokens.encode(
+            "metric-history",
+            run=run_id,
+            key=key,
+            step=last[0],
+            ts=last[1],
+            seen=end - bisect.bisect_left(keys, last),
+        )
+        return domain.Page(page, token)
 
     # -- model registry -----------------------------------------------------------------
 
@@ -430,24 +532,31 @@ class MlflowGateway:
             if exc.field:
                 raise
             field = _search_field(exc.message, filter_string, order_by, page_token)
-            raise InvalidArgumentError(field, exc.message) from exc
+            reason = page_tokens.INVALID_PAGE_TOKEN if field == "page_token" else ""
+            raise InvalidArgumentError(
+                field, exc.message, reason=reason, metadata=exc.metadata
+            ) from exc
 
     def search_registered_models(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
+        mlflow_token = page_tokens.to_mlflow("registered-models", page_token)
         paged = self._search(
             lambda: self._client.search_registered_models(
                 filter_string=filter_string or None,
                 max_results=page_size,
                 order_by=list(order_by) or None,
-                page_token=page_token or None,
+                page_token=mlflow_token,
             ),
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
         )
-        return domain.Page(tuple(entities.registered_model(m) for m in paged), paged.token or "")
+        return domain.Page(
+            tuple(entities.registered_model(m) for m in paged),
+            page_tokens.from_mlflow("registered-models", paged.token),
+        )
 
     def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
         """Replace a registered model's description."""
@@ -572,18 +681,22 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
+        mlflow_token = page_tokens.to_mlflow("model-versions", page_token)
         paged = self._search(
             lambda: self._client.search_model_versions(
                 filter_string=filter_string or None,
                 max_results=page_size,
                 order_by=list(order_by) or None,
-                page_token=page_token or None,
+                page_token=mlflow_token,
             ),
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
         )
-        return domain.Page(tuple(entities.model_version(v) for v in paged), paged.token or "")
+        return domain.Page(
+            tuple(entities.model_version(v) for v in paged),
+            page_tokens.from_mlflow("model-versions", paged.token),
+        )
 
     def update_model_version(
         self, name: str, version: int, description: str

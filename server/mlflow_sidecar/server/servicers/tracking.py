@@ -75,6 +75,18 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             next_page_token=page.next_page_token,
         )
 
+    def DeleteExperiment(
+        self, request: pb.DeleteExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteExperimentResponse:
+        self._service.delete_experiment(request.experiment_id, request_id=request.request_id)
+        return pb.DeleteExperimentResponse()
+
+    def RestoreExperiment(
+        self, request: pb.RestoreExperimentRequest, context: grpc.ServicerContext
+    ) -> pb.RestoreExperimentResponse:
+        exp = self._service.restore_experiment(request.experiment_id)
+        return pb.RestoreExperimentResponse(experiment=conv.experiment_to_pb(exp))
+
     def StartRun(
         self, request: pb.StartRunRequest, context: grpc.ServicerContext
     ) -> pb.StartRunResponse:
@@ -123,6 +135,17 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         )
         pending = self._service.flush_metrics(request.run_id, timeout_s=0).pending_points
         return pb.EndRunResponse(run=conv.run_to_pb(run), pending_points=pending)
+
+    def DeleteRun(
+        self, request: pb.DeleteRunRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteRunResponse:
+        self._service.delete_run(request.run_id, request_id=request.request_id)
+        return pb.DeleteRunResponse()
+
+    def RestoreRun(
+        self, request: pb.RestoreRunRequest, context: grpc.ServicerContext
+    ) -> pb.RestoreRunResponse:
+        return pb.RestoreRunResponse(run=conv.run_to_pb(self._service.restore_run(request.run_id)))
 
     def LogParams(
         self, request: pb.LogParamsRequest, context: grpc.ServicerContext

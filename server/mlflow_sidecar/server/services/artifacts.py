@@ -17,6 +17,7 @@ from mlflow_sidecar.client.errors import (
 )
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.page_tokens import INVALID_PAGE_TOKEN
 from mlflow_sidecar.server.staging import Staging
 
 
@@ -92,7 +93,9 @@ def decode_listing_token(token: str, path: str) -> str:
         or not isinstance(decoded.get("after"), str)
     ):
         raise InvalidArgumentError(
-            "page_token", "is not a token of a previous ListArtifacts of this run and path"
+            "page_token",
+            "is not a token of a previous ListArtifacts of this run and path",
+            reason=INVALID_PAGE_TOKEN,
         )
     after: str = decoded["after"]
     return after

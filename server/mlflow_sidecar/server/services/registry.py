@@ -49,6 +49,7 @@ FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
 MAX_ALIAS_LENGTH = 255
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
+RESERVED_ALIAS = "RESERVED_ALIAS"
 _VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
 _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
 # models:/NAME/VERSION and models:/NAME@ALIAS; other forms (stages, logged model ids) go to MLflow.
@@ -90,11 +91,16 @@ def _alias_name(value: str, field: str = "alias") -> str:
 
 
 def _alias(value: str, field: str = "alias") -> str:
-    """An alias that may be set: not one of the names MLflow reserves for versions."""
+    """An alias as every alias RPC takes it: not one of the names MLflow reserves for
+    versions ('latest', 'v<number>', in any case). MLflow refuses to set them, so they
+    can never resolve: reading, downloading or deleting by one is refused the same way."""
     _alias_name(value, field)
     if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
         raise InvalidArgumentError(
-            field, f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
+            field,
+            f"{value!r} is reserved: 'latest' and 'v<number>' name versions already;"
+            " ask for the version by number (or GetLatestModelVersion) instead",
+            reason=RESERVED_ALIAS,
         )
     return value
 
@@ -273,7 +279,10 @@ class RegistryService(ModelRegistry):
             # NOT_FOUND for a missing source version or alias, before registering anything.
             origin_name, origin_version, origin_alias = origin
             if origin_alias:
-                self.get_model_version_by_alias(origin_name, origin_alias)
+                try:
+                    self.get_model_version_by_alias(origin_name, origin_alias)
+                except InvalidArgumentError as exc:
+                    raise InvalidArgumentError("source", exc.problem, reason=exc.reason) from None
             else:
                 self.get_model_version(origin_name, origin_version)
         if run_id:
@@ -323,7 +332,7 @@ class RegistryService(ModelRegistry):
 
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
         _name("name", name)
-        _alias_name(alias)
+        _alias(alias)
         try:
             return self._gateway.get_model_version_by_alias(name, alias)
         except InvalidArgumentError:
@@ -392,7 +401,7 @@ class RegistryService(ModelRegistry):
 
     def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         _name("name", name)
-        _alias_name(alias)
+        _alias(alias)
         # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
         model = self._gateway.get_registered_model(name)
         if alias not in model.aliases:

@@ -51,6 +51,7 @@ from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+EXPERIMENT_DELETED = "EXPERIMENT_DELETED"
 
 
 def _start_run_id(request_id: str, client_request_id: str) -> str:
@@ -62,6 +63,19 @@ def _start_run_id(request_id: str, client_request_id: str) -> str:
             "client_request_id", "differs from request_id; set request_id alone"
         )
     return request_id or client_request_id
+
+
+def _usable(experiment: Experiment) -> Experiment:
+    """An existing experiment that CreateExperiment may hand back: not a deleted one."""
+    if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
+        raise FailedPreconditionError(
+            f"experiment {experiment.name!r} is deleted (id {experiment.experiment_id}) and"
+            f" keeps its name until it is purged: restore it with RestoreExperiment"
+            f" (experiment_id {experiment.experiment_id}) or choose another name",
+            reason=EXPERIMENT_DELETED,
+            metadata={"experiment_id": experiment.experiment_id},
+        )
+    return experiment
 
 
 def _now_ms() -> int:
@@ -94,7 +108,7 @@ class TrackingService(ExperimentTracking):
         check.bounded("artifact_location", artifact_location, 4096)
         if get_if_exists:
             try:
-                return self._gateway.get_experiment_by_name(name)
+                return _usable(self._gateway.get_experiment_by_name(name))
             except NotFoundError:
                 pass
         try:
@@ -107,10 +121,14 @@ class TrackingService(ExperimentTracking):
                 request_id=request_id or uuid.uuid4().hex,
             )
         except AlreadyExistsError:
+            # The name is taken: by a deleted experiment (which MLflow keeps until its garbage
+            # collection), or by one another caller created after our look-up.
+            existing = _usable(self._gateway.get_experiment_by_name(name))
             if not get_if_exists:
-                raise
-            # Another caller created it between our look-up and our create.
-            return self._gateway.get_experiment_by_name(name)
+                raise AlreadyExistsError(
+                    f"experiment {name!r} already exists (id {existing.experiment_id})"
+                ) from None
+            return existing
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment(self, experiment_id: str) -> Experiment:
@@ -139,6 +157,14 @@ class TrackingService(ExperimentTracking):
             page_token=check.page_token(page_token),
             view_type=view_type,
         )
+
+    def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
+        check.require("experiment_id", experiment_id, max_length=64)
+        self._gateway.delete_experiment(experiment_id)
+
+    def restore_experiment(self, experiment_id: str) -> Experiment:
+        check.require("experiment_id", experiment_id, max_length=64)
+        return self._gateway.restore_experiment(experiment_id)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -169,7 +195,11 @@ class TrackingService(ExperimentTracking):
         # Fails with NOT_FOUND for an unknown experiment rather than MLflow's vaguer error.
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} is deleted; restore it with RestoreExperiment first",
+                reason=EXPERIMENT_DELETED,
+                metadata={"experiment_id": experiment_id},
+            )
         key = _start_run_id(request_id, client_request_id) or uuid.uuid4().hex
         all_tags[REQUEST_ID_TAG] = key
         # Concurrent duplicates wait here; the first creates, the rest find its run.
@@ -248,6 +278,14 @@ class TrackingService(ExperimentTracking):
                     reason="RUN_END_PENDING",
                 )
         return self._gateway.get_run(run_id)
+
+    def delete_run(self, run_id: str, *, request_id: str = "") -> None:
+        check.require("run_id", run_id, max_length=64)
+        self._gateway.delete_run(run_id)
+
+    def restore_run(self, run_id: str) -> Run:
+        check.require("run_id", run_id, max_length=64)
+        return self._gateway.restore_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         check.require("run_id", run_id, max_length=64)
