@@ -155,7 +155,8 @@ def test_the_gateway_cuts_database_text_from_mlflow_errors(either_sidecar, uniqu
     """MLflow words a duplicate experiment with the driver's error and the INSERT statement
     (both behind a server and embedded); the gateway keeps MLflow's first sentence only."""
     gateway = either_sidecar.container.gateway()
-    gateway.create_experiment(f"dup-gateway-{unique}", artifact_location="", tags={})
+    name = f"dup-gateway-{unique}"
+    gateway.create_experiment(name, artifact_location="", tags={}, request_id=f"a-{unique}")
     with pytest.raises(AlreadyExistsError) as err:
-        gateway.create_experiment(f"dup-gateway-{unique}", artifact_location="", tags={})
+        gateway.create_experiment(name, artifact_location="", tags={}, request_id=f"b-{unique}")
     assert err.value.message == f"Experiment(name=dup-gateway-{unique}) already exists."
