@@ -10,6 +10,7 @@ import pytest
 from mlflow_sidecar.client.domain import Metric, RunStatus
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -107,8 +108,10 @@ def test_start_run_parent_must_exist_in_the_same_experiment(service):
 def test_log_params_write_once(service, gateway, run_id):
     service.log_params(run_id, {"lr": "0.1"})
     service.log_params(run_id, {"lr": "0.1"})
-    with pytest.raises(FailedPreconditionError, match="lr"):
+    with pytest.raises(FailedPreconditionError) as err:
         service.log_params(run_id, {"lr": "0.2", "new": "x"})
+    assert err.value.reason == ErrorReason.PARAM_VALUE_CHANGED
+    assert err.value.metadata == {"key": "lr"}
     # Nothing of a refused call is written.
     assert gateway.runs[run_id].params == {"lr": "0.1"}
 

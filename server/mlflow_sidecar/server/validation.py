@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError
 
 # MLflow's own limits (mlflow.utils.validation), checked here so callers get the field name.
 MAX_KEY_LENGTH = 250
@@ -76,7 +76,11 @@ MAX_PAGE_TOKEN_LENGTH = 4096
 def page_token(value: str) -> str:
     """An opaque page token as this server hands them out (base64 text), or empty."""
     if len(value) > MAX_PAGE_TOKEN_LENGTH or not _PAGE_TOKEN_RE.match(value):
-        raise InvalidArgumentError("page_token", "is not a token from a previous page")
+        raise InvalidArgumentError(
+            "page_token",
+            "is not a token from a previous page",
+            reason=ErrorReason.INVALID_PAGE_TOKEN,
+        )
     return value
 
 

@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
     DeadlineExceededError,
+    ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     SidecarError,
@@ -131,10 +132,14 @@ class MlflowGateway:
 
         return attempt
 
-    def call(self, op: Callable[[], T], *, retry: bool = True) -> T:
+    def call(
+        self, op: Callable[[], T], *, retry: bool = True, not_found: ErrorReason | None = None
+    ) -> T:
         """Run one MLflow operation, retrying transient failures unless `retry` is False.
 
         Non-idempotent creates pass `retry=False`; their callers decide how to recover.
+        `not_found` is the reason of MLflow's "does not exist" for this operation (MLflow's
+        code says only that something is missing; the caller knows what it asked for).
         """
         started = time.perf_counter()
         outcome = "error"
@@ -142,6 +147,10 @@ class MlflowGateway:
             result = self._call(op, retry=retry)
             outcome = "ok"
             return result
+        except NotFoundError as exc:
+            if not_found is not None and exc.reason == ErrorReason.NOT_FOUND:
+                exc.reason = not_found
+            raise
         finally:
             self._observe(outcome, time.perf_counter() - started)
 
@@ -188,13 +197,20 @@ class MlflowGateway:
 
     def get_experiment(self, experiment_id: str) -> domain.Experiment:
         """The experiment with this id."""
-        return entities.experiment(self.call(lambda: self._client.get_experiment(experiment_id)))
+        return entities.experiment(
+            self.call(
+                lambda: self._client.get_experiment(experiment_id),
+                not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+            )
+        )
 
     def get_experiment_by_name(self, name: str) -> domain.Experiment:
         """The experiment with this name; NotFoundError when there is none."""
         exp = self.call(lambda: self._client.get_experiment_by_name(name))
         if exp is None:
-            raise NotFoundError(f"experiment {name!r} does not exist")
+            raise NotFoundError(
+                f"experiment {name!r} does not exist", reason=ErrorReason.EXPERIMENT_NOT_FOUND
+            )
         return entities.experiment(exp)
 
     def search_experiments(
@@ -238,6 +254,7 @@ class MlflowGateway:
                     run_name=run_name or None,
                 ),
                 retry=False,
+                not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
             )
         )
 
@@ -272,11 +289,13 @@ class MlflowGateway:
                 run_name=run_name or None,
             )
 
-        return entities.run(self.call(op))
+        return entities.run(self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND))
 
     def get_run(self, run_id: str) -> domain.Run:
         """The run with this id."""
-        return entities.run(self.call(lambda: self._client.get_run(run_id)))
+        return entities.run(
+            self.call(lambda: self._client.get_run(run_id), not_found=ErrorReason.RUN_NOT_FOUND)
+        )
 
     def search_runs(
         self,
@@ -306,7 +325,8 @@ class MlflowGateway:
         self.call(
             lambda: self._client.set_terminated(
                 run_id, status=status.value, end_time=end_time_ms or None
-            )
+            ),
+            not_found=ErrorReason.RUN_NOT_FOUND,
         )
 
     def log_batch(
@@ -331,7 +351,8 @@ class MlflowGateway:
                 params=mlflow_params,
                 tags=mlflow_tags,
                 synchronous=True,
-            )
+            ),
+            not_found=ErrorReason.RUN_NOT_FOUND,
         )
 
     def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
@@ -340,7 +361,7 @@ class MlflowGateway:
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""
-        self.call(lambda: self._client.delete_tag(run_id, key))
+        self.call(lambda: self._client.delete_tag(run_id, key), not_found=ErrorReason.RUN_NOT_FOUND)
 
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
@@ -350,7 +371,8 @@ class MlflowGateway:
         paged = self.call(
             lambda: store.get_metric_history(
                 run_id, key, max_results=page_size, page_token=page_token or None
-            )
+            ),
+            not_found=ErrorReason.RUN_NOT_FOUND,
         )
         return domain.Page(tuple(entities.metric(m) for m in paged), paged.token or "")
 
@@ -371,7 +393,12 @@ class MlflowGateway:
 
     def get_registered_model(self, name: str) -> domain.RegisteredModel:
         """The registered model of this name."""
-        return entities.registered_model(self.call(lambda: self._client.get_registered_model(name)))
+        return entities.registered_model(
+            self.call(
+                lambda: self._client.get_registered_model(name),
+                not_found=ErrorReason.MODEL_NOT_FOUND,
+            )
+        )
 
     def _search(
         self, op: Callable[[], T], *, filter_string: str, order_by: Sequence[str], page_token: str
@@ -383,7 +410,10 @@ class MlflowGateway:
             if exc.field:
                 raise
             field = _search_field(exc.message, filter_string, order_by, page_token)
-            raise InvalidArgumentError(field, exc.message) from exc
+            reason = ErrorReason.INVALID_PAGE_TOKEN if field == "page_token" else exc.reason
+            raise InvalidArgumentError(
+                field, exc.message, reason=reason, metadata=exc.metadata
+            ) from exc
 
     def search_registered_models(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
@@ -404,25 +434,41 @@ class MlflowGateway:
 
     def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
         """Replace a registered model's description."""
-        self.call(lambda: self._client.update_registered_model(name, description=description))
+        self.call(
+            lambda: self._client.update_registered_model(name, description=description),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
         return self.get_registered_model(name)
 
     def rename_registered_model(self, name: str, new_name: str) -> domain.RegisteredModel:
         """Rename a registered model. Not retried: a retry would not find the old name."""
-        self.call(lambda: self._client.rename_registered_model(name, new_name), retry=False)
+        self.call(
+            lambda: self._client.rename_registered_model(name, new_name),
+            retry=False,
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
         return self.get_registered_model(new_name)
 
     def delete_registered_model(self, name: str) -> None:
         """Delete a registered model and its versions."""
-        self.call(lambda: self._client.delete_registered_model(name))
+        self.call(
+            lambda: self._client.delete_registered_model(name),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         """Set one tag of a registered model."""
-        self.call(lambda: self._client.set_registered_model_tag(name, key, value))
+        self.call(
+            lambda: self._client.set_registered_model_tag(name, key, value),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
 
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         """Delete one tag of a registered model."""
-        self.call(lambda: self._client.delete_registered_model_tag(name, key))
+        self.call(
+            lambda: self._client.delete_registered_model_tag(name, key),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
 
     def create_model_version(
         self,
@@ -447,23 +493,32 @@ class MlflowGateway:
                     await_creation_for=0,
                 ),
                 retry=False,
+                not_found=ErrorReason.MODEL_NOT_FOUND,
             )
         )
 
     def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
         """One version of a model."""
         return entities.model_version(
-            self.call(lambda: self._client.get_model_version(name, str(version)))
+            self.call(
+                lambda: self._client.get_model_version(name, str(version)),
+                not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
         )
 
     def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
         """The version an alias points at; NotFoundError for an alias the model lacks."""
         try:
-            found = self.call(lambda: self._client.get_model_version_by_alias(name, alias))
+            found = self.call(
+                lambda: self._client.get_model_version_by_alias(name, alias),
+                not_found=ErrorReason.MODEL_NOT_FOUND,
+            )
         except InvalidArgumentError as exc:
             # MLflow reports a missing alias as INVALID_PARAMETER_VALUE "... not found".
             if "not found" in exc.message:
-                raise NotFoundError(exc.message) from exc
+                raise NotFoundError(
+                    exc.message, reason=ErrorReason.ALIAS_NOT_FOUND, metadata=exc.metadata
+                ) from exc
             raise
         return entities.model_version(found)
 
@@ -489,29 +544,45 @@ class MlflowGateway:
     ) -> domain.ModelVersion:
         """Replace a version's description."""
         self.call(
-            lambda: self._client.update_model_version(name, str(version), description=description)
+            lambda: self._client.update_model_version(name, str(version), description=description),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
         )
         return self.get_model_version(name, version)
 
     def delete_model_version(self, name: str, version: int) -> None:
         """Delete one version."""
-        self.call(lambda: self._client.delete_model_version(name, str(version)))
+        self.call(
+            lambda: self._client.delete_model_version(name, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         """Set one tag of a version."""
-        self.call(lambda: self._client.set_model_version_tag(name, str(version), key, value))
+        self.call(
+            lambda: self._client.set_model_version_tag(name, str(version), key, value),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version."""
-        self.call(lambda: self._client.delete_model_version_tag(name, str(version), key))
+        self.call(
+            lambda: self._client.delete_model_version_tag(name, str(version), key),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         """Point an alias at a version."""
-        self.call(lambda: self._client.set_registered_model_alias(name, alias, str(version)))
+        self.call(
+            lambda: self._client.set_registered_model_alias(name, alias, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
-        self.call(lambda: self._client.delete_registered_model_alias(name, alias))
+        self.call(
+            lambda: self._client.delete_registered_model_alias(name, alias),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
 
     # -- artifacts ----------------------------------------------------------------------
 
@@ -521,7 +592,10 @@ class MlflowGateway:
         MLflow names the stored file after the local one, so callers name it accordingly.
         Retried: storing the same bytes again just overwrites them.
         """
-        self.call(lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None))
+        self.call(
+            lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
 
     def start_artifact_upload(
         self, artifact_uri: str, artifact_dir: str, file_name: str, size_bytes: int
@@ -548,7 +622,10 @@ class MlflowGateway:
         repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
-        return self.call(lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes))
+        return self.call(
+            lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes),
+            not_found=ErrorReason.ARTIFACT_NOT_FOUND,
+        )
 
     def _streaming_repository(self, artifact_uri: str) -> Any | None:
         return self.call(
@@ -557,7 +634,10 @@ class MlflowGateway:
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
-        infos = self.call(lambda: self._client.list_artifacts(run_id, path or None))
+        infos = self.call(
+            lambda: self._client.list_artifacts(run_id, path or None),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
         return [
             domain.FileInfo(path=i.path, is_dir=bool(i.is_dir), size_bytes=int(i.file_size or 0))
             for i in infos
@@ -566,7 +646,10 @@ class MlflowGateway:
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
         """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
         return Path(
-            self.call(lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)))
+            self.call(
+                lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)),
+                not_found=ErrorReason.ARTIFACT_NOT_FOUND,
+            )
         )
 
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
@@ -585,7 +668,10 @@ class MlflowGateway:
         Reads the version's storage location from the registry and copies exactly what is
         stored there, wherever it is (run artifacts, an MLflow 3 logged model, a bucket).
         """
-        uri = self.call(lambda: self._client.get_model_version_download_uri(name, str(version)))
+        uri = self.call(
+            lambda: self._client.get_model_version_download_uri(name, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
         def op() -> str:
             # Building the repository may already ask MLflow (a runs:/ URI resolves its run).

@@ -23,6 +23,7 @@ from mlflow_sidecar.client.domain import (
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -91,7 +92,9 @@ def _alias(value: str, field: str = "alias") -> str:
     _alias_name(value, field)
     if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
         raise InvalidArgumentError(
-            field, f"{value!r} is reserved: 'latest' and 'v<number>' name versions already"
+            field,
+            f"{value!r} is reserved: 'latest' and 'v<number>' name versions already",
+            reason=ErrorReason.RESERVED_ALIAS,
         )
     return value
 
@@ -316,7 +319,10 @@ class RegistryService(ModelRegistry):
             # MLflow reports an alias that is not set as an invalid parameter.
             model = self._gateway.get_registered_model(name)  # NOT_FOUND for a missing model
             if alias not in model.aliases:
-                raise NotFoundError(f"registered model {name!r} has no alias {alias!r}") from None
+                raise NotFoundError(
+                    f"registered model {name!r} has no alias {alias!r}",
+                    reason=ErrorReason.ALIAS_NOT_FOUND,
+                ) from None
             raise
 
     def get_latest_model_version(self, name: str) -> ModelVersion:
@@ -329,7 +335,10 @@ class RegistryService(ModelRegistry):
         )
         if not page.items:
             self._gateway.get_registered_model(name)  # NOT_FOUND names the model when missing
-            raise NotFoundError(f"registered model {name!r} has no versions")
+            raise NotFoundError(
+                f"registered model {name!r} has no versions",
+                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
         return page.items[0]
 
     def search_model_versions(
@@ -380,7 +389,10 @@ class RegistryService(ModelRegistry):
         # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
         model = self._gateway.get_registered_model(name)
         if alias not in model.aliases:
-            raise NotFoundError(f"registered model {name!r} has no alias {alias!r}")
+            raise NotFoundError(
+                f"registered model {name!r} has no alias {alias!r}",
+                reason=ErrorReason.ALIAS_NOT_FOUND,
+            )
         self._gateway.delete_model_alias(name, alias)
 
     # -- model files --------------------------------------------------------------------
@@ -451,11 +463,15 @@ class RegistryService(ModelRegistry):
         if run_id:
             run = self._gateway.get_run(run_id)
             if run.info.lifecycle_stage is LifecycleStage.DELETED:
-                raise FailedPreconditionError(f"run {run_id} is deleted")
+                raise FailedPreconditionError(
+                    f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+                )
             return run_id, False
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} is deleted", reason=ErrorReason.EXPERIMENT_NOT_ACTIVE
+            )
         run = self._gateway.create_run(
             experiment_id, run_name="", tags={UPLOADED_MODEL_TAG: name}, start_time_ms=0
         )

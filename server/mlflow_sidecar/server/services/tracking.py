@@ -28,6 +28,7 @@ from mlflow_sidecar.client.domain import (
 )
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -152,7 +153,9 @@ class TrackingService(ExperimentTracking):
         # Fails with NOT_FOUND for an unknown experiment rather than MLflow's vaguer error.
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} is deleted", reason=ErrorReason.EXPERIMENT_NOT_ACTIVE
+            )
         if not client_request_id:
             return self._gateway.create_run(
                 experiment_id, run_name=run_name, tags=all_tags, start_time_ms=start_time_ms
@@ -216,7 +219,9 @@ class TrackingService(ExperimentTracking):
         if flushed.pending_points:
             raise UnavailableError(
                 f"{flushed.pending_points} spooled points of run {run_id} are not in MLflow yet;"
-                " the run was not ended, retry EndRun"
+                " the run was not ended, retry EndRun",
+                reason=ErrorReason.MLFLOW_UNAVAILABLE,
+                metadata={"pending_points": str(flushed.pending_points)},
             )
         self._gateway.set_terminated(run_id, status, end_time_ms or _now_ms())
         self._ingest.mark_ended(run_id, status.value)
@@ -232,7 +237,9 @@ class TrackingService(ExperimentTracking):
             if k in run.params and run.params[k] != v:
                 raise FailedPreconditionError(
                     f"param {k!r} of run {run_id} is already {run.params[k]!r}; params are"
-                    f" write-once, so {v!r} is refused"
+                    f" write-once, so {v!r} is refused",
+                    reason=ErrorReason.PARAM_VALUE_CHANGED,
+                    metadata={"key": k},
                 )
         new = [(k, v) for k, v in params.items() if k not in run.params]
         for batch in check.chunks(new, check.MAX_PARAMS_TAGS_PER_BATCH):
@@ -347,5 +354,7 @@ class TrackingService(ExperimentTracking):
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)
         if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"run {run_id} is deleted")
+            raise FailedPreconditionError(
+                f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+            )
         return run
