@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -375,3 +376,15 @@ def test_every_reason_is_upper_snake_case_and_unique():
     values = [reason.value for reason in ErrorReason]
     assert len(values) == len(set(values))
     assert all(re.fullmatch(r"[A-Z][A-Z0-9_]*[A-Z0-9]", v) and len(v) <= 63 for v in values)
+
+
+def test_every_specific_reason_is_documented_in_the_proto_and_the_readme():
+    root = Path(__file__).resolve().parents[2]
+    proto = (root / "protos/mlflow_sidecar/v1/tracking.proto").read_text()
+    readme = (root / "README.md").read_text()
+    generic = {code.name for code in grpc.StatusCode}
+    for reason in ErrorReason:
+        if reason.value in generic:
+            continue
+        assert f"- {reason.value} [" in proto, reason
+        assert f"| `{reason.value}` |" in readme, reason

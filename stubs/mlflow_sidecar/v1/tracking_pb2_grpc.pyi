@@ -27,9 +27,40 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ExperimentTrackingServiceStub:
-    """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
-    Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    """Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     @_typing.overload
@@ -98,9 +129,40 @@ class ExperimentTrackingServiceStub:
 
 @_typing.type_check_only
 class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
-    """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
-    Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    """Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -165,9 +227,40 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """
 
 class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
-    """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
-    Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI.
+    """Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     @_abc_1.abstractmethod
