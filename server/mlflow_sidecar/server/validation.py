@@ -28,6 +28,22 @@ def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str
     return bounded(field, value, max_length)
 
 
+# MLflow's own rule for run ids (mlflow.utils.validation), checked here so that a malformed
+# id is refused with its field named rather than in MLflow's words.
+_RUN_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
+MAX_RUN_ID_LENGTH = 64
+
+
+def run_id(field: str, value: str) -> str:
+    """A run id as MLflow accepts one."""
+    require(field, value, max_length=MAX_RUN_ID_LENGTH)
+    if not _RUN_ID_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field, f"{value!r} is not a run id (letters, digits, '_' and '-')"
+        )
+    return value
+
+
 def bounded(field: str, value: str, max_length: int) -> str:
     """A string (possibly empty) of at most `max_length` characters, without NUL."""
     if len(value) > max_length:

@@ -133,13 +133,20 @@ class MlflowGateway:
         return attempt
 
     def call(
-        self, op: Callable[[], T], *, retry: bool = True, not_found: ErrorReason | None = None
+        self,
+        op: Callable[[], T],
+        *,
+        retry: bool = True,
+        not_found: ErrorReason | None = None,
+        invalid_field: str = "",
     ) -> T:
         """Run one MLflow operation, retrying transient failures unless `retry` is False.
 
         Non-idempotent creates pass `retry=False`; their callers decide how to recover.
         `not_found` is the reason of MLflow's "does not exist" for this operation (MLflow's
         code says only that something is missing; the caller knows what it asked for).
+        `invalid_field` names the request field an INVALID_ARGUMENT of MLflow is about, for
+        operations whose only free input is that field (MLflow names no field).
         """
         started = time.perf_counter()
         outcome = "error"
@@ -151,6 +158,12 @@ class MlflowGateway:
             if not_found is not None and exc.reason == ErrorReason.NOT_FOUND:
                 exc.reason = not_found
             raise
+        except InvalidArgumentError as exc:
+            if not invalid_field or exc.field:
+                raise
+            raise InvalidArgumentError(
+                invalid_field, exc.problem, reason=exc.reason, metadata=exc.metadata
+            ) from exc
         finally:
             self._observe(outcome, time.perf_counter() - started)
 
@@ -201,6 +214,7 @@ class MlflowGateway:
             self.call(
                 lambda: self._client.get_experiment(experiment_id),
                 not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+                invalid_field="experiment_id",
             )
         )
 
@@ -223,14 +237,17 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Experiment]:
         """One page of experiments."""
-        paged = self.call(
+        paged = self._search(
             lambda: self._client.search_experiments(
                 view_type=_VIEW_TYPES[view_type],
                 max_results=page_size,
                 filter_string=filter_string or None,
                 order_by=list(order_by) or None,
                 page_token=page_token or None,
-            )
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
         return domain.Page(tuple(entities.experiment(e) for e in paged), paged.token or "")
 
@@ -294,7 +311,11 @@ class MlflowGateway:
     def get_run(self, run_id: str) -> domain.Run:
         """The run with this id."""
         return entities.run(
-            self.call(lambda: self._client.get_run(run_id), not_found=ErrorReason.RUN_NOT_FOUND)
+            self.call(
+                lambda: self._client.get_run(run_id),
+                not_found=ErrorReason.RUN_NOT_FOUND,
+                invalid_field="run_id",
+            )
         )
 
     def search_runs(
@@ -308,7 +329,7 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
-        paged = self.call(
+        paged = self._search(
             lambda: self._client.search_runs(
                 list(experiment_ids),
                 filter_string=filter_string,
@@ -316,7 +337,10 @@ class MlflowGateway:
                 max_results=page_size,
                 order_by=list(order_by) or None,
                 page_token=page_token or None,
-            )
+            ),
+            filter_string=filter_string,
+            order_by=order_by,
+            page_token=page_token,
         )
         return domain.Page(tuple(entities.run(r) for r in paged), paged.token or "")
 

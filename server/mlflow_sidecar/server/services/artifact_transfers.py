@@ -135,7 +135,7 @@ class ArtifactTransfers:
     def open_download(self, run_id: str, artifact_path: str, scratch: Path) -> StreamedDownload:
         """The bytes of one artifact file, streamed from MLflow when its store allows,
         else downloaded into `scratch` first."""
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         artifact_file(self._gateway, run_id, artifact_path)
         run = self._gateway.get_run(run_id)
         chunk_bytes = self._staging.chunk_bytes

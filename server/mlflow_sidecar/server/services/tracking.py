@@ -177,7 +177,7 @@ class TrackingService(ExperimentTracking):
             )
 
     def get_run(self, run_id: str) -> Run:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         return self._gateway.get_run(run_id)
 
     def search_runs(
@@ -208,7 +208,7 @@ class TrackingService(ExperimentTracking):
     def end_run(
         self, run_id: str, status: RunStatus = RunStatus.FINISHED, *, end_time_ms: int = 0
     ) -> Run:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         if status not in TERMINAL_RUN_STATUSES:
             raise InvalidArgumentError("status", "must be FINISHED, FAILED or KILLED")
         if end_time_ms < 0:
@@ -228,7 +228,7 @@ class TrackingService(ExperimentTracking):
         return self._gateway.get_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.string_map("params", params, max_value_length=check.MAX_PARAM_VALUE_LENGTH)
         if not params:
             return
@@ -246,7 +246,7 @@ class TrackingService(ExperimentTracking):
             self._gateway.log_batch(run_id, params=dict(batch))
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.metric_points("metrics", ((m.key, m.timestamp_ms) for m in metrics))
         if not metrics:
             return 0
@@ -263,14 +263,14 @@ class TrackingService(ExperimentTracking):
         return self._ingest.flush(run_id, timeout_s)
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
         items = list(tags.items())
         for batch in check.chunks(items, check.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
 
     def delete_run_tag(self, run_id: str, key: str) -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.key("key", key)
         self._gateway.delete_tag(run_id, key)
 
@@ -282,7 +282,7 @@ class TrackingService(ExperimentTracking):
         page_size: int = DEFAULT_METRIC_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[Metric]:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.key("metric_key", key)
         size = check.page_size(
             page_size, default=DEFAULT_METRIC_PAGE_SIZE, maximum=MAX_METRIC_PAGE_SIZE
@@ -301,7 +301,7 @@ class TrackingService(ExperimentTracking):
         *,
         progress: Progress | None = None,
     ) -> ArtifactInfo:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         source = Path(local_path)
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
@@ -322,7 +322,7 @@ class TrackingService(ExperimentTracking):
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[FileInfo]:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check_relative_path("path", path, allow_empty=True)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         after = decode_listing_token(page_token, path)
@@ -341,7 +341,7 @@ class TrackingService(ExperimentTracking):
         *,
         progress: Progress | None = None,
     ) -> Path:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         entry = artifact_file(self._gateway, run_id, artifact_path)
         destination = Path(dst_dir)
         destination.mkdir(parents=True, exist_ok=True)
