@@ -13,7 +13,7 @@ import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
-from mlflow_sidecar.client.errors import error_from_rpc
+from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -203,6 +203,9 @@ def test_backpressure_when_the_spool_is_full(own_mlflow, tmp_path):
                 stub.StreamMetrics(iter(messages), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "500"
+            full = error_from_rpc(err.value)
+            assert full.reason == ErrorReason.SPOOL_FULL
+            assert full.retry_after_s is not None and full.retry_after_s > 0
 
             own_mlflow.start()
             flushed = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
