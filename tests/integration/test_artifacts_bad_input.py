@@ -12,7 +12,12 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import ResourceExhaustedError
+from mlflow_sidecar.client.errors import (
+    ErrorReason,
+    ResourceExhaustedError,
+    SidecarError,
+    error_from_rpc,
+)
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -91,11 +96,12 @@ def assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, model_nam
     assert sidecar.container.staging().in_flight() == []
 
 
-def call_fails(method, requests, code: grpc.StatusCode) -> str:
+def call_fails(method, requests, code: grpc.StatusCode) -> SidecarError:
+    """The domain error (from the status details) of a streaming call that must fail."""
     with pytest.raises(grpc.RpcError) as err:
         method(iter(requests), timeout=60)
     assert err.value.code() == code, err.value.details()
-    return err.value.details()
+    return error_from_rpc(err.value)
 
 
 # -- path safety --------------------------------------------------------------------------
@@ -105,12 +111,12 @@ def call_fails(method, requests, code: grpc.StatusCode) -> str:
 def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
     sidecar, tracking_stub, registry_stub, run_id, path
 ):
-    details = call_fails(
+    error = call_fails(
         tracking_stub.UploadArtifact,
         artifact_requests(run_id, b"payload", path=path),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
-    assert details.startswith("header.artifact_path: ")
+    assert error.field == "header.artifact_path"
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
@@ -119,12 +125,12 @@ def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
     sidecar, tracking_stub, registry_stub, run_id, unique, path
 ):
     name = f"unsafe-{unique}"
-    details = call_fails(
+    error = call_fails(
         registry_stub.UploadModel,
         model_requests(name, run_id, {"MLmodel": b"ok", path: b"evil"}),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
-    assert details.startswith("files[1].path: ")
+    assert error.field == "files[1].path"
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
 
 
@@ -136,16 +142,17 @@ def test_artifact_stream_with_fewer_bytes_than_announced_is_data_loss(
 ):
     data = os.urandom(5 * CHUNK)
     truncated = artifact_requests(run_id, data)[:-2]
-    details = call_fails(tracking_stub.UploadArtifact, truncated, grpc.StatusCode.DATA_LOSS)
-    assert f"received {3 * CHUNK} of the {5 * CHUNK} bytes" in details
+    error = call_fails(tracking_stub.UploadArtifact, truncated, grpc.StatusCode.DATA_LOSS)
+    assert error.reason == ErrorReason.DIGEST_MISMATCH
+    assert f"received {3 * CHUNK} of the {5 * CHUNK} bytes" in error.message
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
 def test_artifact_with_a_wrong_sha256_is_data_loss(sidecar, tracking_stub, registry_stub, run_id):
     data = os.urandom(3 * CHUNK)
     wrong = artifact_requests(run_id, data, digest=sha(data[::-1]))
-    details = call_fails(tracking_stub.UploadArtifact, wrong, grpc.StatusCode.DATA_LOSS)
-    assert "sha256" in details
+    error = call_fails(tracking_stub.UploadArtifact, wrong, grpc.StatusCode.DATA_LOSS)
+    assert error.reason == ErrorReason.DIGEST_MISMATCH
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
@@ -163,8 +170,9 @@ def test_model_file_with_a_wrong_sha256_is_data_loss(
     name = f"corrupt-{unique}"
     requests = model_requests(name, run_id, {"a.bin": b"alpha", "b.bin": os.urandom(CHUNK)})
     requests[4].file.sha256 = sha(b"something else")
-    details = call_fails(registry_stub.UploadModel, requests, grpc.StatusCode.DATA_LOSS)
-    assert "b.bin" in details
+    error = call_fails(registry_stub.UploadModel, requests, grpc.StatusCode.DATA_LOSS)
+    assert error.reason == ErrorReason.DIGEST_MISMATCH
+    assert "b.bin" in error.message
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
 
 
@@ -298,8 +306,8 @@ def limited_stubs(limited):
 def test_artifact_announced_over_the_limit_is_resource_exhausted(limited, limited_stubs, run_id):
     tracking_stub, registry_stub = limited_stubs
     requests = artifact_requests(run_id, b"", size=LIMIT + 1, digest="0" * 64)
-    details = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert "header.size_bytes" in details
+    error = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert (error.reason, error.field) == (ErrorReason.UPLOAD_TOO_LARGE, "header.size_bytes")
     assert_nothing_left(limited, tracking_stub, registry_stub, run_id)
 
 
@@ -308,8 +316,8 @@ def test_artifact_bytes_over_the_limit_are_resource_exhausted(limited, limited_s
     data = os.urandom(LIMIT + CHUNK)
     # Announced within the limit, but the stream keeps going past it.
     requests = artifact_requests(run_id, data, size=LIMIT, digest=sha(data[:LIMIT]))
-    details = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
-    assert "upload limit" in details
+    error = call_fails(tracking_stub.UploadArtifact, requests, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert error.reason == ErrorReason.UPLOAD_TOO_LARGE
     assert_nothing_left(limited, tracking_stub, registry_stub, run_id)
 
 

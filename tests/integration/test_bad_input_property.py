@@ -1,7 +1,9 @@
 """Random and boundary values thrown at every RPC of both services.
 
-Every answer must be OK or a documented status code, never INTERNAL or UNKNOWN; the
-server must stay SERVING; data accepted before must be intact.
+Every answer must be OK or a documented status code, never INTERNAL or UNKNOWN; every
+non-OK answer must carry decodable `google.rpc.Status` details with an `ErrorInfo` of
+domain mlflow-sidecar, and INVALID_ARGUMENT a `BadRequest` naming the field; the server
+must stay SERVING; data accepted before must be intact.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import pytest
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from mlflow_sidecar.client.errors import ERROR_DOMAIN
 from mlflow_sidecar.v1 import registry_pb2, tracking_pb2
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -135,7 +140,7 @@ def _build(cls: type[Message], values: dict[str, Any]) -> Message:
 
 def _invoke(
     channel: grpc.Channel, method: MethodDescriptor, requests: list[Message]
-) -> grpc.StatusCode:
+) -> grpc.RpcError | None:
     path = f"/{method.containing_service.full_name}/{method.name}"
     response_cls = GetMessageClass(method.output_type)
     kwargs = {
@@ -151,8 +156,37 @@ def _invoke(
         else:
             channel.unary_unary(path, **kwargs)(requests[0], timeout=30)
     except grpc.RpcError as exc:
-        return exc.code()
-    return grpc.StatusCode.OK
+        return exc
+    return None
+
+
+def _details_problem(err: grpc.RpcError) -> str | None:
+    """What is wrong with a failed call's `google.rpc.Status` details; None when they keep
+    the promise: decodable, an ErrorInfo of our domain with a reason, and for
+    INVALID_ARGUMENT a BadRequest with a named field."""
+    try:
+        status = rpc_status.from_call(err)
+    except ValueError as exc:
+        return f"details contradict the status line: {exc}"
+    if status is None:
+        return "no google.rpc.Status details"
+    infos, violations = [], []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            infos.append(info)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(bad.field_violations)
+    if len(infos) != 1 or infos[0].domain != ERROR_DOMAIN or not infos[0].reason:
+        return f"no single ErrorInfo of domain {ERROR_DOMAIN} with a reason: {infos}"
+    if err.code() == grpc.StatusCode.INVALID_ARGUMENT and not (
+        violations and all(v.field for v in violations)
+    ):
+        return f"INVALID_ARGUMENT without a BadRequest field: {violations}"
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +215,15 @@ def test_every_rpc_answers_bad_input_with_a_documented_code(channel, reference, 
     )
     @given(st.lists(message_strategy(method.input_type), min_size=1, max_size=3))
     def check(requests: list[Message]) -> None:
-        code = _invoke(channel, method, requests)
+        err = _invoke(channel, method, requests)
+        code = grpc.StatusCode.OK if err is None else err.code()
         assert code in DOCUMENTED, f"{method.name} answered {code.name} to {requests!r:.500}"
+        if err is not None:
+            problem = _details_problem(err)
+            assert problem is None, (
+                f"{method.name} answered {code.name} {err.details()!r}: {problem};"
+                f" request {requests!r:.500}"
+            )
 
     check()
 

@@ -13,6 +13,7 @@ import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -70,7 +71,7 @@ def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):
     with pytest.raises(grpc.RpcError) as err:
         tracking_stub.StreamMetrics(iter([good, good, bad, good]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith("points[0].key")
+    assert error_from_rpc(err.value).field == "points[0].key"
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "2"
 
 
@@ -136,7 +137,7 @@ def test_a_bad_series_refuses_its_whole_message(tracking_stub, unique, spoil, fi
     with pytest.raises(grpc.RpcError) as err:
         tracking_stub.StreamMetrics(iter([good, bad]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert err.value.details().startswith(field)
+    assert error_from_rpc(err.value).field == field
     assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "1"
     flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
     assert flushed.pending_points == 0
@@ -206,6 +207,9 @@ def test_backpressure_when_the_spool_is_full(own_mlflow, tmp_path):
                 stub.StreamMetrics(iter(messages), timeout=30)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert dict(err.value.trailing_metadata())[ACCEPTED_POINTS_METADATA] == "500"
+            full = error_from_rpc(err.value)
+            assert full.reason == ErrorReason.SPOOL_FULL
+            assert full.retry_after_s is not None and full.retry_after_s > 0
 
             own_mlflow.start()
             flushed = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
@@ -74,6 +75,12 @@ def test_unknown_model_is_not_found(registry_stub, unique, method):
     err = _error(lambda: getattr(registry_stub, method)(request))
     assert err.code() == NOT_FOUND, err.details()
     assert f"missing-{unique}" in err.details()
+    # A version or alias of a missing model is missing too; either reason is true.
+    assert error_from_rpc(err).reason in (
+        {ErrorReason.MODEL_NOT_FOUND}
+        if "ModelVersion" not in method and "Alias" not in method
+        else {ErrorReason.MODEL_NOT_FOUND, ErrorReason.MODEL_VERSION_NOT_FOUND}
+    ), err.details()
 
 
 UNKNOWN_VERSION_CALLS = {
@@ -93,6 +100,7 @@ def test_unknown_version_is_not_found(registry_stub, model, method):
     request.name = model
     err = _error(lambda: getattr(registry_stub, method)(request))
     assert err.code() == NOT_FOUND, err.details()
+    assert error_from_rpc(err).reason == ErrorReason.MODEL_VERSION_NOT_FOUND
     # The failed SetModelAlias left the alias where it was.
     champion = registry_stub.GetModelVersionByAlias(
         pb.GetModelVersionByAliasRequest(name=model, alias="champion")
@@ -107,7 +115,7 @@ def test_unknown_alias_is_not_found(registry_stub, model):
     ):
         err = _error(lambda method=method, request=request: getattr(registry_stub, method)(request))
         assert err.code() == NOT_FOUND, (method, err.details())
-        assert "nobody" in err.details()
+        assert error_from_rpc(err).reason == ErrorReason.ALIAS_NOT_FOUND, method
 
 
 def test_latest_version_of_a_model_without_versions_is_not_found(registry_stub, unique):
@@ -117,7 +125,7 @@ def test_latest_version_of_a_model_without_versions_is_not_found(registry_stub, 
         lambda: registry_stub.GetLatestModelVersion(pb.GetLatestModelVersionRequest(name=name))
     )
     assert err.code() == NOT_FOUND
-    assert "no versions" in err.details()
+    assert error_from_rpc(err).reason == ErrorReason.MODEL_VERSION_NOT_FOUND
 
 
 def test_alias_on_a_deleted_version_is_not_found(registry_stub, model):
@@ -193,7 +201,8 @@ def test_reserved_alias_is_invalid(registry_stub, model, alias):
         )
     )
     assert err.code() == INVALID
-    assert "alias" in err.details()
+    assert error_from_rpc(err).field == "alias"
+    assert error_from_rpc(err).reason == ErrorReason.RESERVED_ALIAS
     aliases = registry_stub.GetRegisteredModel(
         pb.GetRegisteredModelRequest(name=model)
     ).registered_model.aliases
@@ -209,7 +218,7 @@ def test_malformed_alias_is_invalid(registry_stub, model, alias):
     ):
         err = _error(lambda method=method, request=request: getattr(registry_stub, method)(request))
         assert err.code() == INVALID, (method, err.details())
-        assert err.details().startswith("alias: "), (method, err.details())
+        assert error_from_rpc(err).field == "alias", (method, err.details())
 
 
 VERSION_CALLS = {
@@ -233,7 +242,7 @@ VERSION_CALLS = {
 def test_version_below_one_is_invalid(registry_stub, model, method, version):
     err = _error(lambda: getattr(registry_stub, method)(VERSION_CALLS[method](model, version)))
     assert err.code() == INVALID
-    assert err.details().startswith("version: ")
+    assert error_from_rpc(err).field == "version"
 
 
 EMPTY_NAME_CALLS = {
@@ -265,7 +274,7 @@ def test_empty_name_is_invalid(registry_stub, method, blank):
     request.name = blank
     err = _error(lambda: getattr(registry_stub, method)(request))
     assert err.code() == INVALID
-    assert err.details().startswith("name: ")
+    assert error_from_rpc(err).field == "name"
 
 
 def test_empty_new_name_is_invalid(registry_stub, model):
@@ -275,7 +284,7 @@ def test_empty_new_name_is_invalid(registry_stub, model):
         )
     )
     assert err.code() == INVALID
-    assert err.details().startswith("new_name: ")
+    assert error_from_rpc(err).field == "new_name"
 
 
 @pytest.mark.parametrize(
@@ -297,7 +306,7 @@ def test_malformed_create_model_version_is_invalid(registry_stub, model, fields,
         lambda: registry_stub.CreateModelVersion(pb.CreateModelVersionRequest(name=model, **fields))
     )
     assert err.code() == INVALID, err.details()
-    assert err.details().startswith(f"{named}: "), err.details()
+    assert error_from_rpc(err).field == f"{named}", err.details()
 
 
 @pytest.mark.parametrize("page_size", [-1, 1001])
@@ -312,7 +321,7 @@ def test_page_size_out_of_range_is_invalid(registry_stub, page_size):
     ):
         err = _error(call)
         assert err.code() == INVALID
-        assert err.details().startswith("page_size: ")
+        assert error_from_rpc(err).field == "page_size"
 
 
 def test_malformed_filter_is_invalid(registry_stub):
@@ -338,4 +347,5 @@ def test_malformed_page_token_is_invalid(registry_stub):
     ):
         err = _error(call)
         assert err.code() == INVALID
-        assert err.details().startswith("page_token: "), err.details()
+        assert error_from_rpc(err).field == "page_token", err.details()
+        assert error_from_rpc(err).reason == ErrorReason.INVALID_PAGE_TOKEN

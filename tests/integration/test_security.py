@@ -14,7 +14,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import UnauthenticatedError, UnavailableError
+from mlflow_sidecar.client.errors import (
+    ErrorReason,
+    UnauthenticatedError,
+    UnavailableError,
+    error_from_rpc,
+)
 from mlflow_sidecar.server.config import ConfigError, load_config
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -29,8 +34,11 @@ CLI = str(Path(sys.executable).with_name("mlflow-sidecar"))
 
 
 def _code(call, request, **kwargs) -> grpc.StatusCode:
+    """The status code of a call that must fail; a refusal must say why in its details."""
     with pytest.raises(grpc.RpcError) as err:
         call(request, **kwargs)
+    if err.value.code() == grpc.StatusCode.UNAUTHENTICATED:
+        assert error_from_rpc(err.value).reason == ErrorReason.UNAUTHENTICATED
     return err.value.code()
 
 

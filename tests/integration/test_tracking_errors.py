@@ -8,16 +8,18 @@ import grpc
 import mlflow
 import pytest
 
+from mlflow_sidecar.client.errors import ErrorReason, SidecarError, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.support.processes import free_port
 
 
-def _code(call, request, **kwargs) -> tuple[grpc.StatusCode, str]:
+def _code(call, request, **kwargs) -> tuple[grpc.StatusCode, SidecarError]:
+    """The status code of a failed call and the domain error its details describe."""
     with pytest.raises(grpc.RpcError) as err:
         call(request, **kwargs)
-    return err.value.code(), err.value.details()
+    return err.value.code(), error_from_rpc(err.value)
 
 
 def _new_run(stub, name: str) -> str:
@@ -26,14 +28,18 @@ def _new_run(stub, name: str) -> str:
 
 
 def test_not_found(tracking_stub):
-    code, _ = _code(tracking_stub.GetRun, pb.GetRunRequest(run_id="0" * 32))
+    code, error = _code(tracking_stub.GetRun, pb.GetRunRequest(run_id="0" * 32))
     assert code == grpc.StatusCode.NOT_FOUND
-    code, details = _code(tracking_stub.GetExperiment, pb.GetExperimentRequest(name="no-such-exp"))
-    assert code == grpc.StatusCode.NOT_FOUND and "no-such-exp" in details
-    code, _ = _code(
+    assert error.reason == ErrorReason.RUN_NOT_FOUND
+    assert error.metadata["mlflow_error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    code, error = _code(tracking_stub.GetExperiment, pb.GetExperimentRequest(name="no-such-exp"))
+    assert code == grpc.StatusCode.NOT_FOUND and "no-such-exp" in error.message
+    assert error.reason == ErrorReason.EXPERIMENT_NOT_FOUND
+    code, error = _code(
         tracking_stub.StartRun, pb.StartRunRequest(experiment_id="987654321", run_name="x")
     )
     assert code == grpc.StatusCode.NOT_FOUND
+    assert error.reason == ErrorReason.EXPERIMENT_NOT_FOUND
 
 
 def test_already_exists(tracking_stub, unique):
@@ -99,9 +105,9 @@ def test_already_exists(tracking_stub, unique):
 )
 def test_invalid_argument_names_the_field(tracking_stub, unique, method, request_factory, field):
     run_id = _new_run(tracking_stub, f"invalid-{method}-{field}-{unique}")
-    code, details = _code(getattr(tracking_stub, method), request_factory(run_id))
+    code, error = _code(getattr(tracking_stub, method), request_factory(run_id))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
-    assert details.startswith(f"{field}: "), details
+    assert error.field == field, error.message
 
 
 def test_failed_precondition_for_changed_param_and_deleted_run(
@@ -109,8 +115,11 @@ def test_failed_precondition_for_changed_param_and_deleted_run(
 ):
     run_id = _new_run(tracking_stub, f"precondition-{unique}")
     tracking_stub.LogParams(pb.LogParamsRequest(run_id=run_id, params={"lr": "1"}))
-    code, _ = _code(tracking_stub.LogParams, pb.LogParamsRequest(run_id=run_id, params={"lr": "2"}))
+    code, error = _code(
+        tracking_stub.LogParams, pb.LogParamsRequest(run_id=run_id, params={"lr": "2"})
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert error.reason == ErrorReason.PARAM_VALUE_CHANGED
 
     mlflow.MlflowClient(tracking_uri=mlflow_server.url).delete_run(run_id)
     for call, request in [
@@ -121,8 +130,9 @@ def test_failed_precondition_for_changed_param_and_deleted_run(
             pb.LogMetricsRequest(run_id=run_id, metrics=[pb.Metric(key="m", value=1)]),
         ),
     ]:
-        code, details = _code(call, request)
-        assert code == grpc.StatusCode.FAILED_PRECONDITION, (call, details)
+        code, error = _code(call, request)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION, (call, error.message)
+        assert error.reason == ErrorReason.RUN_NOT_ACTIVE, (call, error.message)
 
 
 @pytest.fixture()
@@ -142,9 +152,9 @@ def sidecar_without_mlflow(tmp_path) -> Iterator[RunningSidecar]:
 def test_unavailable_when_mlflow_is_down(sidecar_without_mlflow):
     with grpc.insecure_channel(sidecar_without_mlflow.target) as channel:
         stub = pb_grpc.ExperimentTrackingServiceStub(channel)
-        code, details = _code(stub.GetRun, pb.GetRunRequest(run_id="a" * 32), timeout=30)
+        code, error = _code(stub.GetRun, pb.GetRunRequest(run_id="a" * 32), timeout=30)
     assert code == grpc.StatusCode.UNAVAILABLE
-    assert "MLflow is unavailable" in details
+    assert error.reason == ErrorReason.MLFLOW_UNAVAILABLE
 
 
 def test_deadline_exceeded_when_mlflow_is_down_past_the_deadline(tmp_path):

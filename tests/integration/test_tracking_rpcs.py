@@ -8,6 +8,7 @@ import sys
 import grpc
 import pytest
 
+from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 
@@ -102,7 +103,8 @@ def test_log_params_is_write_once(tracking_stub, unique):
     with pytest.raises(grpc.RpcError) as err:
         tracking_stub.LogParams(pb.LogParamsRequest(run_id=run_id, params={"lr": "0.1"}))
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "lr" in err.value.details()
+    refusal = error_from_rpc(err.value)
+    assert (refusal.reason, refusal.metadata) == (ErrorReason.PARAM_VALUE_CHANGED, {"key": "lr"})
     params = tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run.data.params
     assert dict(params) == {"lr": "0.001", "gamma": "0.99"}
 

@@ -10,6 +10,7 @@ import pytest
 
 from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
+    ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -208,8 +209,9 @@ def test_upload_model_checks_before_touching_mlflow(registry, gateway, tmp_path)
     big = tmp_path / "big"
     big.mkdir()
     (big / "w.bin").write_bytes(b"x" * 4097)
-    with pytest.raises(ResourceExhaustedError):
+    with pytest.raises(ResourceExhaustedError) as err:
         registry.upload_model("policy", big, experiment_id="1")
+    assert err.value.reason == ErrorReason.UPLOAD_TOO_LARGE
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(InvalidArgumentError) as err:

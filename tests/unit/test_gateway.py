@@ -10,6 +10,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos import databricks_pb2
 
 from mlflow_sidecar.client import errors
+from mlflow_sidecar.client.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
@@ -70,6 +71,52 @@ def _http_error(status: int) -> requests.exceptions.HTTPError:
 )
 def test_mlflow_errors_map_to_domain_errors(exc, expected):
     assert type(to_domain_error(exc)) is expected
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason", "metadata"),
+    [
+        (
+            MlflowException("x", databricks_pb2.RESOURCE_DOES_NOT_EXIST),
+            ErrorReason.NOT_FOUND,
+            {"mlflow_error_code": "RESOURCE_DOES_NOT_EXIST"},
+        ),
+        (
+            MlflowException(
+                "The run abc must be in the 'active' state. Current state is deleted.",
+                databricks_pb2.INVALID_PARAMETER_VALUE,
+            ),
+            ErrorReason.RUN_NOT_ACTIVE,
+            {"mlflow_error_code": "INVALID_PARAMETER_VALUE"},
+        ),
+        (
+            RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "busy"}),
+            ErrorReason.MLFLOW_UNAVAILABLE,
+            {"mlflow_error_code": "TEMPORARILY_UNAVAILABLE"},
+        ),
+        (_http_error(503), ErrorReason.MLFLOW_UNAVAILABLE, {"http_status": "503"}),
+        (_http_error(413), ErrorReason.UPLOAD_TOO_LARGE, {"http_status": "413"}),
+        (_http_error(404), ErrorReason.NOT_FOUND, {"http_status": "404"}),
+    ],
+)
+def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata):
+    error = to_domain_error(exc)
+    assert error.reason == reason
+    assert error.metadata == metadata
+
+
+def test_what_is_missing_is_named_by_the_gateway_operation(tmp_path):
+    gateway = MlflowGateway(load_config(data_dir=tmp_path))
+    with pytest.raises(errors.NotFoundError) as err:
+        gateway.get_run("0" * 32)
+    assert err.value.reason == ErrorReason.RUN_NOT_FOUND
+    assert err.value.metadata == {"mlflow_error_code": "RESOURCE_DOES_NOT_EXIST"}
+    with pytest.raises(errors.NotFoundError) as err:
+        gateway.get_experiment("424242")
+    assert err.value.reason == ErrorReason.EXPERIMENT_NOT_FOUND
+    with pytest.raises(errors.NotFoundError) as err:
+        gateway.get_registered_model("ghost")
+    assert err.value.reason == ErrorReason.MODEL_NOT_FOUND
 
 
 def test_only_transient_failures_are_retried():

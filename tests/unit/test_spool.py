@@ -12,6 +12,7 @@ import pytest
 
 from mlflow_sidecar.client.domain import Metric, MetricPoint
 from mlflow_sidecar.client.errors import (
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -88,8 +89,10 @@ def test_append_is_durable_across_reopen(tmp_path):
 
 def test_a_full_spool_refuses_the_whole_message(store):
     store.append(points("a", 990))
-    with pytest.raises(ResourceExhaustedError, match="full"):
+    with pytest.raises(ResourceExhaustedError) as err:
         store.append(points("a", 20, start=990))
+    assert err.value.reason == ErrorReason.SPOOL_FULL
+    assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
     assert store.pending() == 990
     assert store.append(points("a", 10, start=990)) == 10
 

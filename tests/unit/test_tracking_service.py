@@ -11,6 +11,7 @@ from mlflow_sidecar.client.domain import Metric, MetricPoint, RunStatus
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -116,8 +117,10 @@ def test_start_run_parent_must_exist_in_the_same_experiment(service):
 def test_log_params_write_once(service, gateway, run_id):
     service.log_params(run_id, {"lr": "0.1"})
     service.log_params(run_id, {"lr": "0.1"})
-    with pytest.raises(FailedPreconditionError, match="lr"):
+    with pytest.raises(FailedPreconditionError) as err:
         service.log_params(run_id, {"lr": "0.2", "new": "x"})
+    assert err.value.reason == ErrorReason.PARAM_VALUE_CHANGED
+    assert err.value.metadata == {"key": "lr"}
     # Nothing of a refused call is written.
     assert gateway.runs[run_id].params == {"lr": "0.1"}
 
@@ -198,7 +201,7 @@ def test_create_on_the_name_of_a_deleted_experiment_names_the_way_out(service, g
     for get_if_exists in (False, True):
         with pytest.raises(FailedPreconditionError) as err:
             service.create_experiment("gone", get_if_exists=get_if_exists)
-        assert err.value.reason == "EXPERIMENT_DELETED"
+        assert err.value.reason == "EXPERIMENT_NOT_ACTIVE"
         assert err.value.metadata == {"experiment_id": deleted.experiment_id}
         assert "RestoreExperiment" in err.value.message
         assert deleted.experiment_id in err.value.message

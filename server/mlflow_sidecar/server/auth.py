@@ -9,6 +9,9 @@ from typing import Any, NoReturn
 
 import grpc
 
+from mlflow_sidecar.client.errors import UnauthenticatedError
+from mlflow_sidecar.server.interceptors import abort_with_error
+
 log = logging.getLogger(__name__)
 
 _EXEMPT_PREFIX = "/grpc.health.v1.Health/"
@@ -57,7 +60,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
 def _refusal(handler: grpc.RpcMethodHandler[Any, Any], problem: str) -> Any:
     def refuse(_request: Any, context: grpc.ServicerContext) -> NoReturn:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        # This handler replaces the call's own, so the error mapping never sees it: it
+        # reports the refusal through the same mapping itself.
+        abort_with_error(context, UnauthenticatedError(problem))
 
     shape = (handler.request_streaming, handler.response_streaming)
     factory = {

@@ -1,8 +1,9 @@
 """Server interceptors: the access log (outer) and the one error mapping (inner).
 
-The error mapping turns domain errors into status codes and anything unexpected into
-INTERNAL with a generic message; the detail goes to the log with the request id.
-It also publishes the call's deadline to `call_deadline` for the MLflow gateway.
+The error mapping turns domain errors into status codes with `google.rpc.Status`
+details (AIP-193) and anything unexpected into INTERNAL with a generic message; the
+detail goes to the log with the request id. It also publishes the call's deadline to
+`call_deadline` for the MLflow gateway.
 """
 
 from __future__ import annotations
@@ -11,11 +12,18 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
+from grpc_status import rpc_status
 
-from mlflow_sidecar.client.errors import InternalError, SidecarError
+from mlflow_sidecar.client.errors import (
+    REQUEST_ID_KEY,
+    InternalError,
+    SidecarError,
+    error_from_status,
+    to_rpc_status,
+)
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.request_context import request_id
@@ -116,16 +124,64 @@ def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return code
 
 
-def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
-    if _status_code(context) is not None:
-        # The handler aborted the call itself; keep its status.
-        raise exc
+# gRFC A6: a negative pushback tells the client's retry policy not to retry this call.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+_NO_RETRY: tuple[str, str] = (RETRY_PUSHBACK_KEY, "-1")
+
+
+class _Status(grpc.Status):
+    """A `grpc.Status` to end a call with (grpc's own class for it is private)."""
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        details: str,
+        trailing_metadata: tuple[tuple[str, str | bytes], ...],
+    ) -> None:
+        self.code = code
+        self.details = details
+        self.trailing_metadata = trailing_metadata
+
+
+def abort_with_error(context: grpc.ServicerContext, error: SidecarError) -> NoReturn:
+    """End the call with `error`'s status code and its `google.rpc.Status` details.
+
+    Trailing metadata the handler has set (StreamMetrics' `accepted-points`) is kept:
+    `abort_with_status` would otherwise replace it. An UNAVAILABLE answer carries
+    `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow within the
+    call's budget, so the client's retry policy must not multiply that by its own.
+    """
+    status = to_rpc_status(error)
+    kept = tuple(
+        (key, value)
+        for key, value in cast(Any, context).trailing_metadata() or ()
+        if key not in (rpc_status.GRPC_DETAILS_METADATA_KEY, RETRY_PUSHBACK_KEY)
+    )
+    extra = (_NO_RETRY,) if error.code == grpc.StatusCode.UNAVAILABLE else ()
+    details = (rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString())
+    context.abort_with_status(_Status(error.code, status.message, (*kept, *extra, details)))
+    raise AssertionError("abort_with_status returned")  # it always raises
+
+
+def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
+    code = _status_code(context)
+    if code is not None and not isinstance(exc, SidecarError):
+        # The handler set a status itself and failed (e.g. the generated base servicer's
+        # UNIMPLEMENTED): report that status, with details, like every other error.
+        message = cast(Any, context).details() or code.name
+        if isinstance(message, bytes):
+            message = message.decode(errors="replace")
+        exc = error_from_status(code, message)
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
-        context.abort(exc.code, exc.message)
+        abort_with_error(context, exc)
     rid = request_id.get()
     error_log.error("unexpected error in %s (request %s)", method, rid, exc_info=exc)
-    context.abort(
-        grpc.StatusCode.INTERNAL, f"internal error (request id {rid}); see the sidecar log"
+    abort_with_error(
+        context,
+        InternalError(
+            f"internal error (request id {rid}); see the sidecar log",
+            metadata={REQUEST_ID_KEY: rid},
+        ),
     )
 
 

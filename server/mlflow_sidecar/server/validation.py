@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError
 
 # MLflow's own limits (mlflow.utils.validation), checked here so callers get the field name.
 MAX_KEY_LENGTH = 250
@@ -26,6 +26,22 @@ def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str
     if not value or not value.strip():
         raise InvalidArgumentError(field, "must not be empty")
     return bounded(field, value, max_length)
+
+
+# MLflow's own rule for run ids (mlflow.utils.validation), checked here so that a malformed
+# id is refused with its field named rather than in MLflow's words.
+_RUN_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
+MAX_RUN_ID_LENGTH = 64
+
+
+def run_id(field: str, value: str) -> str:
+    """A run id as MLflow accepts one."""
+    require(field, value, max_length=MAX_RUN_ID_LENGTH)
+    if not _RUN_ID_RE.fullmatch(value):
+        raise InvalidArgumentError(
+            field, f"{value!r} is not a run id (letters, digits, '_' and '-')"
+        )
+    return value
 
 
 def bounded(field: str, value: str, max_length: int) -> str:
@@ -77,7 +93,9 @@ def page_token(value: str) -> str:
     """An opaque page token as this server hands them out (base64 text), or empty."""
     if len(value) > MAX_PAGE_TOKEN_LENGTH or not _PAGE_TOKEN_RE.match(value):
         raise InvalidArgumentError(
-            "page_token", "is not a token from a previous page", reason="INVALID_PAGE_TOKEN"
+            "page_token",
+            "is not a token from a previous page",
+            reason=ErrorReason.INVALID_PAGE_TOKEN,
         )
     return value
 

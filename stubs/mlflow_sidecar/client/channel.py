@@ -17,7 +17,14 @@ SERVICE_NAMES = (
 
 
 def service_config(max_attempts: int = 5) -> str:
-    """gRPC service config: retry UNAVAILABLE with exponential backoff, nothing else (gRFC A6)."""
+    """gRPC service config: retry UNAVAILABLE with exponential backoff, nothing else (gRFC A6).
+
+    Every method is retried: each mutating RPC carries a `request_id` (the typed client
+    keeps it across tries) or is idempotent, so a repeat has one effect. What these retries
+    are for is the transport-level UNAVAILABLE of a sidecar briefly unreachable. An
+    UNAVAILABLE the sidecar itself answers (MLflow stayed unreachable through its own
+    `retry.max_tries`) carries `grpc-retry-pushback-ms: -1`, which grpc honours by not
+    retrying: one client call costs at most `retry.max_tries` MLflow attempts."""
     return json.dumps(
         {
             "methodConfig": [

@@ -180,6 +180,8 @@ class MetricStream:
         self._in_flight: list[tuple[pb.StreamMetricsRequest, int]] = []
         self._accepted = 0
         self._error: SidecarError | None = None
+        # The sidecar's RetryInfo of the last retryable failure (a full spool says when).
+        self._retry_after_s = 0.0
         self._closing = False
         # Set by flush(): end the open call as soon as the queue is empty.
         self._flushing = False
@@ -407,7 +409,9 @@ class MetricStream:
                     self._fail(_exhausted_retries(code, self._retry_budget_s))
                     self._cond.notify_all()
                 return
-            time.sleep(delay)
+            # Never sooner than the sidecar asked; never past the retry budget.
+            left = self._retry_budget_s - (time.monotonic() - failing_since)
+            time.sleep(max(0.0, min(max(delay, self._retry_after_s), left)))
             delay = min(delay * 2, 2.0)
 
     def _requests(self) -> Iterator[pb.StreamMetricsRequest]:
@@ -455,6 +459,7 @@ class MetricStream:
                 done += self._in_flight.pop(0)[1]
             self._accepted += done
             if code in _RETRYABLE:
+                self._retry_after_s = error_from_rpc(exc).retry_after_s or 0.0
                 for message, count in reversed(self._in_flight):
                     self._queue.appendleft((message, count))
                     self._queued_points += count

@@ -54,7 +54,7 @@ class ExperimentTracking(abc.ABC):
         """Create an experiment; with `get_if_exists` return the existing one of that name.
 
         A deleted experiment of that name is FailedPreconditionError (reason
-        EXPERIMENT_DELETED), with or without `get_if_exists`: restore it or pick another name.
+        EXPERIMENT_NOT_ACTIVE), with or without `get_if_exists`: restore it or pick another name.
         """
 
     @abc.abstractmethod
@@ -80,7 +80,7 @@ class ExperimentTracking(abc.ABC):
     @abc.abstractmethod
     def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
         """Soft-delete an experiment and its runs, as MLflow does; deleting a deleted one
-        is fine. Its name stays taken (FailedPreconditionError, reason EXPERIMENT_DELETED,
+        is fine. Its name stays taken (FailedPreconditionError, reason EXPERIMENT_NOT_ACTIVE,
         for a create of that name) until it is restored or purged by MLflow."""
 
     @abc.abstractmethod

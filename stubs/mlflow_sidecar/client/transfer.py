@@ -16,7 +16,12 @@ from pathlib import Path
 from types import TracebackType
 
 from mlflow_sidecar.client.domain import Progress
-from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.client.errors import (
+    DataLossError,
+    ErrorReason,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from mlflow_sidecar.client.paths import check_relative_path
 
 MIB = 1024 * 1024
@@ -135,7 +140,8 @@ class HashingWriter:
         """Append a chunk."""
         if self.written + len(data) > self.expected_size:
             raise DataLossError(
-                f"{self.what}: received more than the {self.expected_size} bytes announced"
+                f"{self.what}: received more than the {self.expected_size} bytes announced",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
         if self._handle is not None and self.path is not None:
             try:
@@ -158,7 +164,8 @@ class HashingWriter:
             self._handle.close()
         if self.written != self.expected_size:
             raise DataLossError(
-                f"{self.what}: received {self.written} of the {self.expected_size} bytes announced"
+                f"{self.what}: received {self.written} of the {self.expected_size} bytes announced",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
         expected = sha256 or self.expected_sha256
         if not expected:
@@ -166,12 +173,14 @@ class HashingWriter:
         if self.expected_sha256 and sha256 and sha256.lower() != self.expected_sha256.lower():
             raise DataLossError(
                 f"{self.what}: the trailing sha256 {sha256} contradicts the announced"
-                f" {self.expected_sha256}"
+                f" {self.expected_sha256}",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
         actual = self._digest.hexdigest()
         if actual != expected.lower():
             raise DataLossError(
-                f"{self.what}: sha256 {actual} does not match the announced {expected}"
+                f"{self.what}: sha256 {actual} does not match the announced {expected}",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
         self._finished = True
 

@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class ModelRegistryServiceStub:
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
@@ -148,7 +156,15 @@ class ModelRegistryServiceStub:
 
 
 class ModelRegistryServiceServicer:
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
@@ -414,7 +430,15 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelRegistryService:
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).

@@ -27,7 +27,15 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class ModelRegistryServiceStub:
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
@@ -83,7 +91,15 @@ class ModelRegistryServiceStub:
 
 @_typing.type_check_only
 class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
@@ -135,7 +151,15 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """
 
 class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
-    """The MLflow model registry: registered models, versions, tags and aliases.
+    """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
+    with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
+    RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
+    MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
+    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+
+    The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
     takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).

@@ -32,6 +32,47 @@ class ExperimentTrackingServiceStub:
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
     call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
     `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+
+    Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
+      [A-Za-z0-9_.:-].
+    - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
+      the same RPC; make a new one for each logical call.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
+      the end is recorded and reaches MLflow after the run's last spooled point.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     @_typing.overload
@@ -41,7 +82,7 @@ class ExperimentTrackingServiceStub:
     CreateExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.CreateExperimentRequest, _tracking_pb2.CreateExperimentResponse]
     """Creates an experiment. With get_if_exists an existing experiment of the
     same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
-    is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+    is FAILED_PRECONDITION (reason EXPERIMENT_NOT_ACTIVE, metadata experiment_id), with or
     without get_if_exists: restore it with RestoreExperiment or choose another name.
     """
     GetExperiment: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.GetExperimentRequest, _tracking_pb2.GetExperimentResponse]
@@ -115,13 +156,54 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
     call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
     `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+
+    Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
+      [A-Za-z0-9_.:-].
+    - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
+      the same RPC; make a new one for each logical call.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
+      the end is recorded and reaches MLflow after the run's last spooled point.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     CreateExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.CreateExperimentRequest, _tracking_pb2.CreateExperimentResponse]  # type: ignore[assignment]
     """Creates an experiment. With get_if_exists an existing experiment of the
     same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
-    is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+    is FAILED_PRECONDITION (reason EXPERIMENT_NOT_ACTIVE, metadata experiment_id), with or
     without get_if_exists: restore it with RestoreExperiment or choose another name.
     """
     GetExperiment: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetExperimentRequest, _tracking_pb2.GetExperimentResponse]  # type: ignore[assignment]
@@ -194,6 +276,47 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
     call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
     `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+
+    Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
+    details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
+    domain "mlflow-sidecar", a stable reason (below) and metadata; a google.rpc.BadRequest
+    with one field violation, the field named as the request spells it (e.g.
+    "series[2].timestamps_ms[1]"), when a request field is at fault; a google.rpc.RetryInfo
+    when waiting and sending again helps. Programs branch on the reason, never on the
+    message. ErrorInfo metadata: "mlflow_error_code" (MLflow's own error code) and
+    "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
+    INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
+    the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
+    a client's gRPC retry policy does not retry on top (gRFC A6).
+
+    Reasons (status code in brackets). Each code also has a generic reason, its own name
+    (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
+    a client reports that reason for statuses without details (grpc's own, e.g. the
+    sidecar itself unreachable).
+    - INVALID_PAGE_TOKEN [INVALID_ARGUMENT]: page_token is not one this listing gave out.
+    - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
+    - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
+      [A-Za-z0-9_.:-].
+    - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
+      the same RPC; make a new one for each logical call.
+    - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
+    - RUN_NOT_FOUND [NOT_FOUND]: no run of that id.
+    - MODEL_NOT_FOUND [NOT_FOUND]: no registered model of that name.
+    - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
+    - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
+    - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
+    - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
+    - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
+    - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
+      the end is recorded and reaches MLflow after the run's last spooled point.
+    - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
+      retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
+      metadata "request_id".
     """
 
     @_abc_1.abstractmethod
@@ -204,7 +327,7 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.CreateExperimentResponse, _abc.Awaitable[_tracking_pb2.CreateExperimentResponse]]:
         """Creates an experiment. With get_if_exists an existing experiment of the
         same name is returned instead of ALREADY_EXISTS. The name of a deleted experiment
-        is FAILED_PRECONDITION (reason EXPERIMENT_DELETED, metadata experiment_id), with or
+        is FAILED_PRECONDITION (reason EXPERIMENT_NOT_ACTIVE, metadata experiment_id), with or
         without get_if_exists: restore it with RestoreExperiment or choose another name.
         """
 

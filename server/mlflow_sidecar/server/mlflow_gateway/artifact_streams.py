@@ -29,7 +29,12 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 
-from mlflow_sidecar.client.errors import DataLossError, DeadlineExceededError, SidecarError
+from mlflow_sidecar.client.errors import (
+    DataLossError,
+    DeadlineExceededError,
+    ErrorReason,
+    SidecarError,
+)
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 
@@ -232,7 +237,8 @@ def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDo
             response.close()
         if received != size:
             raise DataLossError(
-                f"MLflow sent {received} bytes of {artifact_path}, announced {size}"
+                f"MLflow sent {received} bytes of {artifact_path}, announced {size}",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
 
     return StreamedDownload(size, chunks(), response.close)

@@ -10,8 +10,11 @@ from mlflow.protos import databricks_pb2
 from sqlalchemy.exc import OperationalError
 
 from mlflow_sidecar.client.errors import (
+    HTTP_STATUS_KEY,
+    MLFLOW_ERROR_CODE_KEY,
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
@@ -95,30 +98,58 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def _facts(exc: BaseException) -> dict[str, str]:
+    """What MLflow itself said, for `ErrorInfo.metadata`: its error code (`mlflow_error_code`)
+    and, for a raw HTTP answer, the status (`http_status`)."""
+    facts: dict[str, str] = {}
+    for cause in _causes(exc):
+        if isinstance(cause, MlflowException) and MLFLOW_ERROR_CODE_KEY not in facts:
+            facts[MLFLOW_ERROR_CODE_KEY] = str(cause.error_code)
+        status = _http_status(cause)
+        if status is not None and HTTP_STATUS_KEY not in facts:
+            facts[HTTP_STATUS_KEY] = str(status)
+    return facts
+
+
 def to_domain_error(exc: Exception) -> SidecarError:
-    """The domain error for an exception raised by MLflow."""
+    """The domain error for an exception raised by MLflow, with MLflow's own error code (or
+    HTTP status) in its metadata. A transient failure is MLFLOW_UNAVAILABLE; which resource
+    a NOT_FOUND is about is for the caller to say (it knows what it asked for)."""
     if isinstance(exc, SidecarError):
         return exc
+    facts = _facts(exc)
     if is_transient(exc):
-        return UnavailableError(f"MLflow is unavailable: {_short(exc)}")
+        return UnavailableError(
+            f"MLflow is unavailable: {_short(exc)}",
+            reason=ErrorReason.MLFLOW_UNAVAILABLE,
+            metadata=facts,
+        )
     if isinstance(exc, MlflowException):
         code = databricks_pb2.ErrorCode.Value(exc.error_code)
         message = _short(exc)
         if code in _INVALID_CODES:
             if _INACTIVE_RUN_MARKER in message:
-                return FailedPreconditionError(message)
-            return InvalidArgumentError("", message)
-        return _BY_ERROR_CODE.get(code, InternalError)(message)
-    return _from_http_status(exc)
+                return FailedPreconditionError(
+                    message, reason=ErrorReason.RUN_NOT_ACTIVE, metadata=facts
+                )
+            return InvalidArgumentError("", message, metadata=facts)
+        return _BY_ERROR_CODE.get(code, InternalError)(message, metadata=facts)
+    return _from_http_status(exc, facts)
 
 
-def _from_http_status(exc: Exception) -> SidecarError:
+def _from_http_status(exc: Exception, facts: dict[str, str]) -> SidecarError:
     """The error for a raw HTTP refusal (the artifact proxy's), else INTERNAL."""
     status = next((s for c in _causes(exc) if (s := _http_status(c)) is not None), None)
     if status == 400:
-        return InvalidArgumentError("", f"MLflow refused the request: {exc}")
+        return InvalidArgumentError("", f"MLflow refused the request: {exc}", metadata=facts)
+    if status == 413:
+        return ResourceExhaustedError(
+            f"MLflow answered 413: {exc}", reason=ErrorReason.UPLOAD_TOO_LARGE, metadata=facts
+        )
     if status is not None:
-        return _BY_HTTP_STATUS.get(status, InternalError)(f"MLflow answered {status}: {exc}")
+        return _BY_HTTP_STATUS.get(status, InternalError)(
+            f"MLflow answered {status}: {exc}", metadata=facts
+        )
     return InternalError(f"{type(exc).__name__}: {exc}")
 
 

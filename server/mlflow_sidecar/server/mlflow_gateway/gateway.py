@@ -20,6 +20,7 @@ from mlflow_sidecar.client import domain
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     SidecarError,
@@ -165,10 +166,21 @@ class MlflowGateway:
 
         return attempt
 
-    def call(self, op: Callable[[], T], *, retry: bool = True) -> T:
+    def call(
+        self,
+        op: Callable[[], T],
+        *,
+        retry: bool = True,
+        not_found: ErrorReason | None = None,
+        invalid_field: str = "",
+    ) -> T:
         """Run one MLflow operation, retrying transient failures unless `retry` is False.
 
         Non-idempotent creates pass `retry=False`; their callers decide how to recover.
+        `not_found` is the reason of MLflow's "does not exist" for this operation (MLflow's
+        code says only that something is missing; the caller knows what it asked for).
+        `invalid_field` names the request field an INVALID_ARGUMENT of MLflow is about, for
+        operations whose only free input is that field (MLflow names no field).
         """
         started = time.perf_counter()
         outcome = "error"
@@ -176,10 +188,20 @@ class MlflowGateway:
             result = self._call(op, retry=retry)
             outcome = "ok"
             return result
+        except NotFoundError as exc:
+            if not_found is not None and exc.reason == ErrorReason.NOT_FOUND:
+                exc.reason = not_found
+            raise
+        except InvalidArgumentError as exc:
+            if not invalid_field or exc.field:
+                raise
+            raise InvalidArgumentError(
+                invalid_field, exc.problem, reason=exc.reason, metadata=exc.metadata
+            ) from exc
         finally:
             self._observe(outcome, time.perf_counter() - started)
 
-    def call_once(self, attempt: Callable[[bool], T]) -> T:
+    def call_once(self, attempt: Callable[[bool], T], *, not_found: ErrorReason | None = None) -> T:
         """Run a write that must take effect once, retried like `call`.
 
         `attempt(ambiguous)` is told whether an earlier attempt of this call failed in a
@@ -196,7 +218,7 @@ class MlflowGateway:
                     ambiguous = True
                 raise
 
-        return self.call(op)
+        return self.call(op, not_found=not_found)
 
     def _observe(self, outcome: str, seconds: float) -> None:
         if self._metrics is not None:
@@ -254,13 +276,21 @@ class MlflowGateway:
 
     def get_experiment(self, experiment_id: str) -> domain.Experiment:
         """The experiment with this id."""
-        return entities.experiment(self.call(lambda: self._client.get_experiment(experiment_id)))
+        return entities.experiment(
+            self.call(
+                lambda: self._client.get_experiment(experiment_id),
+                not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+                invalid_field="experiment_id",
+            )
+        )
 
     def get_experiment_by_name(self, name: str) -> domain.Experiment:
         """The experiment with this name; NotFoundError when there is none."""
         exp = self.call(lambda: self._client.get_experiment_by_name(name))
         if exp is None:
-            raise NotFoundError(f"experiment {name!r} does not exist")
+            raise NotFoundError(
+                f"experiment {name!r} does not exist", reason=ErrorReason.EXPERIMENT_NOT_FOUND
+            )
         return entities.experiment(exp)
 
     def search_experiments(
@@ -349,11 +379,17 @@ class MlflowGateway:
                 run_name=run_name or None,
             )
 
-        return entities.run(self.call(op))
+        return entities.run(self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND))
 
     def get_run(self, run_id: str) -> domain.Run:
         """The run with this id."""
-        return entities.run(self.call(lambda: self._client.get_run(run_id)))
+        return entities.run(
+            self.call(
+                lambda: self._client.get_run(run_id),
+                not_found=ErrorReason.RUN_NOT_FOUND,
+                invalid_field="run_id",
+            )
+        )
 
     def search_runs(
         self,
@@ -410,7 +446,8 @@ class MlflowGateway:
         self.call(
             lambda: self._client.set_terminated(
                 run_id, status=status.value, end_time=end_time_ms or None
-            )
+            ),
+            not_found=ErrorReason.RUN_NOT_FOUND,
         )
 
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
@@ -439,7 +476,8 @@ class MlflowGateway:
                 params=mlflow_params,
                 tags=mlflow_tags,
                 synchronous=True,
-            )
+            ),
+            not_found=ErrorReason.RUN_NOT_FOUND,
         )
 
     def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
@@ -448,7 +486,7 @@ class MlflowGateway:
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""
-        self._delete_once(lambda: self._client.delete_tag(run_id, key))
+        self._delete_once(lambda: self._client.delete_tag(run_id, key), ErrorReason.RUN_NOT_FOUND)
 
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
@@ -463,7 +501,10 @@ class MlflowGateway:
         points appended between two pages at later steps neither repeat nor vanish.
         """
         after = _metric_history_position(page_token, run_id, key)
-        history = self.call(lambda: self._client.get_metric_history(run_id, key))
+        history = self.call(
+            lambda: self._client.get_metric_history(run_id, key),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
         points = sorted(
             (entities.metric(m) for m in history), key=lambda m: (m.step, m.timestamp_ms)
         )
@@ -509,9 +550,7 @@ class MlflowGateway:
             else:
                 if existing.tags.get(REQUEST_ID_TAG) == request_id:
                     return existing
-                raise AlreadyExistsError(
-                    f"registered model {name!r} already exists", reason="MODEL_ALREADY_EXISTS"
-                )
+                raise AlreadyExistsError(f"registered model {name!r} already exists")
             return self._client.create_registered_model(
                 name, tags=all_tags, description=description or None
             )
@@ -520,7 +559,12 @@ class MlflowGateway:
 
     def get_registered_model(self, name: str) -> domain.RegisteredModel:
         """The registered model of this name."""
-        return entities.registered_model(self.call(lambda: self._client.get_registered_model(name)))
+        return entities.registered_model(
+            self.call(
+                lambda: self._client.get_registered_model(name),
+                not_found=ErrorReason.MODEL_NOT_FOUND,
+            )
+        )
 
     def _search(
         self, op: Callable[[], T], *, filter_string: str, order_by: Sequence[str], page_token: str
@@ -532,7 +576,7 @@ class MlflowGateway:
             if exc.field:
                 raise
             field = _search_field(exc.message, filter_string, order_by, page_token)
-            reason = page_tokens.INVALID_PAGE_TOKEN if field == "page_token" else ""
+            reason = ErrorReason.INVALID_PAGE_TOKEN if field == "page_token" else exc.reason
             raise InvalidArgumentError(
                 field, exc.message, reason=reason, metadata=exc.metadata
             ) from exc
@@ -560,7 +604,10 @@ class MlflowGateway:
 
     def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
         """Replace a registered model's description."""
-        self.call(lambda: self._client.update_registered_model(name, description=description))
+        self.call(
+            lambda: self._client.update_registered_model(name, description=description),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
         return self.get_registered_model(name)
 
     def rename_registered_model(
@@ -582,7 +629,7 @@ class MlflowGateway:
                 ):
                     raise
 
-        self.call_once(attempt)
+        self.call_once(attempt, not_found=ErrorReason.MODEL_NOT_FOUND)
         return self.get_registered_model(new_name)
 
     def _renamed_by(self, name: str, request_id: str) -> bool:
@@ -592,7 +639,7 @@ class MlflowGateway:
             return False
         return bool(model.tags.get(RENAME_REQUEST_ID_TAG) == request_id)
 
-    def _delete_once(self, delete: Callable[[], object]) -> None:
+    def _delete_once(self, delete: Callable[[], object], not_found: ErrorReason) -> None:
         """A delete, retried: NOT_FOUND after a try that may have taken effect is success."""
 
         def attempt(ambiguous: bool) -> None:
@@ -602,19 +649,27 @@ class MlflowGateway:
                 if not (ambiguous and isinstance(to_domain_error(exc), NotFoundError)):
                     raise
 
-        self.call_once(attempt)
+        self.call_once(attempt, not_found=not_found)
 
     def delete_registered_model(self, name: str) -> None:
         """Delete a registered model and its versions."""
-        self._delete_once(lambda: self._client.delete_registered_model(name))
+        self._delete_once(
+            lambda: self._client.delete_registered_model(name), ErrorReason.MODEL_NOT_FOUND
+        )
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         """Set one tag of a registered model."""
-        self.call(lambda: self._client.set_registered_model_tag(name, key, value))
+        self.call(
+            lambda: self._client.set_registered_model_tag(name, key, value),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
 
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         """Delete one tag of a registered model."""
-        self._delete_once(lambda: self._client.delete_registered_model_tag(name, key))
+        self._delete_once(
+            lambda: self._client.delete_registered_model_tag(name, key),
+            ErrorReason.MODEL_NOT_FOUND,
+        )
 
     def create_model_version(
         self,
@@ -646,7 +701,9 @@ class MlflowGateway:
                 await_creation_for=0,
             )
 
-        return entities.model_version(self.call_once(attempt))
+        return entities.model_version(
+            self.call_once(attempt, not_found=ErrorReason.MODEL_NOT_FOUND)
+        )
 
     def _find_version(self, name: str, request_id: str) -> Any | None:
         found = self._client.search_model_versions(
@@ -663,17 +720,25 @@ class MlflowGateway:
     def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
         """One version of a model."""
         return entities.model_version(
-            self.call(lambda: self._client.get_model_version(name, str(version)))
+            self.call(
+                lambda: self._client.get_model_version(name, str(version)),
+                not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
         )
 
     def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
         """The version an alias points at; NotFoundError for an alias the model lacks."""
         try:
-            found = self.call(lambda: self._client.get_model_version_by_alias(name, alias))
+            found = self.call(
+                lambda: self._client.get_model_version_by_alias(name, alias),
+                not_found=ErrorReason.MODEL_NOT_FOUND,
+            )
         except InvalidArgumentError as exc:
             # MLflow reports a missing alias as INVALID_PARAMETER_VALUE "... not found".
             if "not found" in exc.message:
-                raise NotFoundError(exc.message) from exc
+                raise NotFoundError(
+                    exc.message, reason=ErrorReason.ALIAS_NOT_FOUND, metadata=exc.metadata
+                ) from exc
             raise
         return entities.model_version(found)
 
@@ -703,29 +768,45 @@ class MlflowGateway:
     ) -> domain.ModelVersion:
         """Replace a version's description."""
         self.call(
-            lambda: self._client.update_model_version(name, str(version), description=description)
+            lambda: self._client.update_model_version(name, str(version), description=description),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
         )
         return self.get_model_version(name, version)
 
     def delete_model_version(self, name: str, version: int) -> None:
         """Delete one version."""
-        self._delete_once(lambda: self._client.delete_model_version(name, str(version)))
+        self._delete_once(
+            lambda: self._client.delete_model_version(name, str(version)),
+            ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         """Set one tag of a version."""
-        self.call(lambda: self._client.set_model_version_tag(name, str(version), key, value))
+        self.call(
+            lambda: self._client.set_model_version_tag(name, str(version), key, value),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version."""
-        self._delete_once(lambda: self._client.delete_model_version_tag(name, str(version), key))
+        self._delete_once(
+            lambda: self._client.delete_model_version_tag(name, str(version), key),
+            ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         """Point an alias at a version."""
-        self.call(lambda: self._client.set_registered_model_alias(name, alias, str(version)))
+        self.call(
+            lambda: self._client.set_registered_model_alias(name, alias, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
-        self._delete_once(lambda: self._client.delete_registered_model_alias(name, alias))
+        self._delete_once(
+            lambda: self._client.delete_registered_model_alias(name, alias),
+            ErrorReason.MODEL_NOT_FOUND,
+        )
 
     # -- artifacts ----------------------------------------------------------------------
 
@@ -735,7 +816,10 @@ class MlflowGateway:
         MLflow names the stored file after the local one, so callers name it accordingly.
         Retried: storing the same bytes again just overwrites them.
         """
-        self.call(lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None))
+        self.call(
+            lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
 
     def start_artifact_upload(
         self, artifact_uri: str, artifact_dir: str, file_name: str, size_bytes: int
@@ -762,7 +846,10 @@ class MlflowGateway:
         repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
-        return self.call(lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes))
+        return self.call(
+            lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes),
+            not_found=ErrorReason.ARTIFACT_NOT_FOUND,
+        )
 
     def _streaming_repository(self, artifact_uri: str) -> Any | None:
         return self.call(
@@ -771,7 +858,10 @@ class MlflowGateway:
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
-        infos = self.call(lambda: self._client.list_artifacts(run_id, path or None))
+        infos = self.call(
+            lambda: self._client.list_artifacts(run_id, path or None),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
         return [
             domain.FileInfo(path=i.path, is_dir=bool(i.is_dir), size_bytes=int(i.file_size or 0))
             for i in infos
@@ -780,7 +870,10 @@ class MlflowGateway:
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
         """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
         return Path(
-            self.call(lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)))
+            self.call(
+                lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)),
+                not_found=ErrorReason.ARTIFACT_NOT_FOUND,
+            )
         )
 
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
@@ -799,7 +892,10 @@ class MlflowGateway:
         Reads the version's storage location from the registry and copies exactly what is
         stored there, wherever it is (run artifacts, an MLflow 3 logged model, a bucket).
         """
-        uri = self.call(lambda: self._client.get_model_version_download_uri(name, str(version)))
+        uri = self.call(
+            lambda: self._client.get_model_version_download_uri(name, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
 
         def op() -> str:
             # Building the repository may already ask MLflow (a runs:/ URI resolves its run).

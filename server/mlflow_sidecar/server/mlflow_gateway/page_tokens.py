@@ -15,9 +15,8 @@ import binascii
 import json
 from typing import Any
 
-from mlflow_sidecar.client.errors import InternalError, InvalidArgumentError
+from mlflow_sidecar.client.errors import ErrorReason, InternalError, InvalidArgumentError
 
-INVALID_PAGE_TOKEN = "INVALID_PAGE_TOKEN"  # noqa: S105 (a reason, not a secret)
 # No list the sidecar pages through is anywhere near this long; larger offsets are forged.
 MAX_OFFSET = 1_000_000_000
 _INT64_MAX = 2**63 - 1
@@ -27,7 +26,7 @@ def refuse(
     problem: str = "is not a token from a previous page of this call",
 ) -> InvalidArgumentError:
     """The error for a page token the sidecar did not hand out for this call."""
-    return InvalidArgumentError("page_token", problem, reason=INVALID_PAGE_TOKEN)
+    return InvalidArgumentError("page_token", problem, reason=ErrorReason.INVALID_PAGE_TOKEN)
 
 
 def encode(kind: str, **position: Any) -> str:

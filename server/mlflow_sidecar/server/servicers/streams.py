@@ -22,6 +22,7 @@ from mlflow_sidecar.client.domain import ModelVersion
 from mlflow_sidecar.client.errors import (
     CancelledError,
     DataLossError,
+    ErrorReason,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
@@ -108,7 +109,8 @@ def _within_limit(received: int, incoming: int, limit: int) -> None:
     if received + incoming > limit:
         raise ResourceExhaustedError(
             f"received more than the sidecar's upload limit of {limit} bytes"
-            " (artifacts.max_upload_bytes)"
+            " (artifacts.max_upload_bytes)",
+            reason=ErrorReason.UPLOAD_TOO_LARGE,
         )
 
 
@@ -205,12 +207,14 @@ class _ModelTree:
         if self.announced > self.limit:
             raise ResourceExhaustedError(
                 f"the files announced so far add up to {self.announced} bytes, over the"
-                f" sidecar's upload limit of {self.limit} bytes (artifacts.max_upload_bytes)"
+                f" sidecar's upload limit of {self.limit} bytes (artifacts.max_upload_bytes)",
+                reason=ErrorReason.UPLOAD_TOO_LARGE,
             )
         if self.declared_total and self.announced > self.declared_total:
             raise DataLossError(
                 f"the files announced so far add up to {self.announced} bytes,"
-                f" more than header.total_size_bytes ({self.declared_total})"
+                f" more than header.total_size_bytes ({self.declared_total})",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
         target = self.root.joinpath(*path.split("/"))
         self.writer = HashingWriter(target, size, sha256, what=path)
@@ -231,7 +235,8 @@ class _ModelTree:
         if self.declared_total and self.received != self.declared_total:
             raise DataLossError(
                 f"received {self.received} bytes in all,"
-                f" header.total_size_bytes announced {self.declared_total}"
+                f" header.total_size_bytes announced {self.declared_total}",
+                reason=ErrorReason.DIGEST_MISMATCH,
             )
 
     def close(self) -> None:

@@ -13,7 +13,12 @@ import logging
 from pathlib import Path
 
 from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import FailedPreconditionError, SidecarError, UnavailableError
+from mlflow_sidecar.client.errors import (
+    ErrorReason,
+    FailedPreconditionError,
+    SidecarError,
+    UnavailableError,
+)
 from mlflow_sidecar.client.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
@@ -70,7 +75,9 @@ class PendingUpload:
         if isinstance(error, UnavailableError):
             return UnavailableError(
                 f"MLflow failed while {self.artifact_path} was on its way and kept nothing;"
-                f" send it again ({error.message})"
+                f" send it again ({error.message})",
+                reason=error.reason,
+                metadata=error.metadata,
             )
         return error
 
@@ -116,7 +123,9 @@ class ArtifactTransfers:
         the PUT. `artifact_path` is a checked relative path."""
         run = self._gateway.get_run(run_id)
         if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"run {run_id} is deleted")
+            raise FailedPreconditionError(
+                f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+            )
         directory, _, name = artifact_path.rpartition("/")
         stream = self._gateway.start_artifact_upload(
             run.info.artifact_uri, directory, name, size_bytes
@@ -126,7 +135,7 @@ class ArtifactTransfers:
     def open_download(self, run_id: str, artifact_path: str, scratch: Path) -> StreamedDownload:
         """The bytes of one artifact file, streamed from MLflow when its store allows,
         else downloaded into `scratch` first."""
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         artifact_file(self._gateway, run_id, artifact_path)
         run = self._gateway.get_run(run_id)
         chunk_bytes = self._staging.chunk_bytes

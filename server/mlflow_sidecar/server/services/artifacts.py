@@ -11,13 +11,13 @@ from pathlib import Path
 
 from mlflow_sidecar.client.domain import FileInfo
 from mlflow_sidecar.client.errors import (
+    ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
 from mlflow_sidecar.client.paths import check_relative_path
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
-from mlflow_sidecar.server.mlflow_gateway.page_tokens import INVALID_PAGE_TOKEN
 from mlflow_sidecar.server.staging import Staging
 
 
@@ -30,7 +30,9 @@ def check_upload_size(field: str, size_bytes: int, max_upload_bytes: int | None)
     if max_upload_bytes is not None and size_bytes > max_upload_bytes:
         raise ResourceExhaustedError(
             f"{field}: {size_bytes} bytes is over the sidecar's upload limit of"
-            f" {max_upload_bytes} bytes (artifacts.max_upload_bytes)"
+            f" {max_upload_bytes} bytes (artifacts.max_upload_bytes)",
+            reason=ErrorReason.UPLOAD_TOO_LARGE,
+            field=field,
         )
     return size_bytes
 
@@ -61,7 +63,9 @@ def artifact_file(gateway: MlflowGateway, run_id: str, artifact_path: str) -> Fi
     listed = gateway.list_artifacts(run_id, parent)
     entry = next((e for e in listed if e.path == artifact_path), None)
     if entry is None:
-        raise NotFoundError(f"run {run_id} has no artifact {artifact_path!r}")
+        raise NotFoundError(
+            f"run {run_id} has no artifact {artifact_path!r}", reason=ErrorReason.ARTIFACT_NOT_FOUND
+        )
     if entry.is_dir:
         raise InvalidArgumentError(
             "artifact_path",
@@ -95,7 +99,7 @@ def decode_listing_token(token: str, path: str) -> str:
         raise InvalidArgumentError(
             "page_token",
             "is not a token of a previous ListArtifacts of this run and path",
-            reason=INVALID_PAGE_TOKEN,
+            reason=ErrorReason.INVALID_PAGE_TOKEN,
         )
     after: str = decoded["after"]
     return after

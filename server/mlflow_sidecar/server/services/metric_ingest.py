@@ -23,7 +23,7 @@ _ANSWER_MARGIN_S = 0.1
 
 def _named(error: InvalidArgumentError, name: str) -> InvalidArgumentError:
     """The same complaint, about the field its request calls `name`."""
-    return InvalidArgumentError(name, error.message.removeprefix(f"{error.field}: "))
+    return InvalidArgumentError(name, error.problem, reason=error.reason, metadata=error.metadata)
 
 
 def _at(error: InvalidArgumentError, points: MetricColumns, index: int) -> InvalidArgumentError:
@@ -36,7 +36,7 @@ def _check_points(points: MetricColumns) -> None:
     # distinct one once; only a bad one is looked for, to name its first point.
     for run_id in points.distinct("run_ids"):
         try:
-            check.require("run_id", run_id, max_length=64)
+            check.run_id("run_id", run_id)
         except InvalidArgumentError as exc:
             raise _at(exc, points, points.run_ids.index(run_id)) from None
     for key in points.distinct("keys"):
@@ -56,7 +56,7 @@ def _checked_series(batch: SeriesBatch) -> SeriesBatch:
     stamped = []
     for series in batch.series:
         try:
-            check.require("run_id", series.run_id, max_length=64)
+            check.run_id("run_id", series.run_id)
             check.key("key", series.key)
         except InvalidArgumentError as exc:
             raise _named(exc, f"series[{series.index}].{exc.field}") from None

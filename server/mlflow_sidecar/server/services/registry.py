@@ -24,6 +24,7 @@ from mlflow_sidecar.client.domain import (
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -49,7 +50,6 @@ FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
 MAX_ALIAS_LENGTH = 255
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
-RESERVED_ALIAS = "RESERVED_ALIAS"
 _VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
 _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
 # models:/NAME/VERSION and models:/NAME@ALIAS; other forms (stages, logged model ids) go to MLflow.
@@ -100,7 +100,7 @@ def _alias(value: str, field: str = "alias") -> str:
             field,
             f"{value!r} is reserved: 'latest' and 'v<number>' name versions already;"
             " ask for the version by number (or GetLatestModelVersion) instead",
-            reason=RESERVED_ALIAS,
+            reason=ErrorReason.RESERVED_ALIAS,
         )
     return value
 
@@ -339,7 +339,10 @@ class RegistryService(ModelRegistry):
             # MLflow reports an alias that is not set as an invalid parameter.
             model = self._gateway.get_registered_model(name)  # NOT_FOUND for a missing model
             if alias not in model.aliases:
-                raise NotFoundError(f"registered model {name!r} has no alias {alias!r}") from None
+                raise NotFoundError(
+                    f"registered model {name!r} has no alias {alias!r}",
+                    reason=ErrorReason.ALIAS_NOT_FOUND,
+                ) from None
             raise
 
     def get_latest_model_version(self, name: str) -> ModelVersion:
@@ -352,7 +355,10 @@ class RegistryService(ModelRegistry):
         )
         if not page.items:
             self._gateway.get_registered_model(name)  # NOT_FOUND names the model when missing
-            raise NotFoundError(f"registered model {name!r} has no versions")
+            raise NotFoundError(
+                f"registered model {name!r} has no versions",
+                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
         return page.items[0]
 
     def search_model_versions(
@@ -405,7 +411,10 @@ class RegistryService(ModelRegistry):
         # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
         model = self._gateway.get_registered_model(name)
         if alias not in model.aliases:
-            raise NotFoundError(f"registered model {name!r} has no alias {alias!r}")
+            raise NotFoundError(
+                f"registered model {name!r} has no alias {alias!r}",
+                reason=ErrorReason.ALIAS_NOT_FOUND,
+            )
         self._gateway.delete_model_alias(name, alias)
 
     # -- model files --------------------------------------------------------------------
@@ -490,11 +499,15 @@ class RegistryService(ModelRegistry):
         if run_id:
             run = self._gateway.get_run(run_id)
             if run.info.lifecycle_stage is LifecycleStage.DELETED:
-                raise FailedPreconditionError(f"run {run_id} is deleted")
+                raise FailedPreconditionError(
+                    f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+                )
             return run_id, False
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"experiment {experiment_id} is deleted")
+            raise FailedPreconditionError(
+                f"experiment {experiment_id} is deleted", reason=ErrorReason.EXPERIMENT_NOT_ACTIVE
+            )
         run = self._gateway.find_or_create_run(
             experiment_id,
             run_name="",

@@ -29,6 +29,7 @@ from mlflow_sidecar.client.domain import (
 from mlflow_sidecar.client.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
@@ -51,7 +52,6 @@ from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
-EXPERIMENT_DELETED = "EXPERIMENT_DELETED"
 
 
 def _start_run_id(request_id: str, client_request_id: str) -> str:
@@ -72,7 +72,7 @@ def _usable(experiment: Experiment) -> Experiment:
             f"experiment {experiment.name!r} is deleted (id {experiment.experiment_id}) and"
             f" keeps its name until it is purged: restore it with RestoreExperiment"
             f" (experiment_id {experiment.experiment_id}) or choose another name",
-            reason=EXPERIMENT_DELETED,
+            reason=ErrorReason.EXPERIMENT_NOT_ACTIVE,
             metadata={"experiment_id": experiment.experiment_id},
         )
     return experiment
@@ -197,7 +197,7 @@ class TrackingService(ExperimentTracking):
         if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
             raise FailedPreconditionError(
                 f"experiment {experiment_id} is deleted; restore it with RestoreExperiment first",
-                reason=EXPERIMENT_DELETED,
+                reason=ErrorReason.EXPERIMENT_NOT_ACTIVE,
                 metadata={"experiment_id": experiment_id},
             )
         key = _start_run_id(request_id, client_request_id) or uuid.uuid4().hex
@@ -213,7 +213,7 @@ class TrackingService(ExperimentTracking):
             )
 
     def get_run(self, run_id: str) -> Run:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         return self._gateway.get_run(run_id)
 
     def search_runs(
@@ -257,7 +257,7 @@ class TrackingService(ExperimentTracking):
         right after the run's last point: the run returned is still RUNNING then, unless
         `wait_for_delivery`, which waits for that within the call's deadline.
         """
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         if status not in TERMINAL_RUN_STATUSES:
             raise InvalidArgumentError("status", "must be FINISHED, FAILED or KILLED")
         if end_time_ms < 0:
@@ -275,20 +275,20 @@ class TrackingService(ExperimentTracking):
                 raise DeadlineExceededError(
                     f"run {run_id} is not ended in MLflow yet: {left} of its points are still"
                     " being delivered; its end is recorded and follows them",
-                    reason="RUN_END_PENDING",
+                    reason=ErrorReason.RUN_END_PENDING,
                 )
         return self._gateway.get_run(run_id)
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         self._gateway.delete_run(run_id)
 
     def restore_run(self, run_id: str) -> Run:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         return self._gateway.restore_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.string_map("params", params, max_value_length=check.MAX_PARAM_VALUE_LENGTH)
         if not params:
             return
@@ -297,14 +297,16 @@ class TrackingService(ExperimentTracking):
             if k in run.params and run.params[k] != v:
                 raise FailedPreconditionError(
                     f"param {k!r} of run {run_id} is already {run.params[k]!r}; params are"
-                    f" write-once, so {v!r} is refused"
+                    f" write-once, so {v!r} is refused",
+                    reason=ErrorReason.PARAM_VALUE_CHANGED,
+                    metadata={"key": k},
                 )
         new = [(k, v) for k, v in params.items() if k not in run.params]
         for batch in check.chunks(new, check.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, params=dict(batch))
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.metric_points("metrics", ((m.key, m.timestamp_ms) for m in metrics))
         if not metrics:
             return 0
@@ -321,14 +323,14 @@ class TrackingService(ExperimentTracking):
         return self._ingest.flush(run_id, timeout_s)
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
         items = list(tags.items())
         for batch in check.chunks(items, check.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
 
     def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.key("key", key)
         self._gateway.delete_tag(run_id, key)
 
@@ -340,7 +342,7 @@ class TrackingService(ExperimentTracking):
         page_size: int = DEFAULT_METRIC_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[Metric]:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check.key("metric_key", key)
         size = check.page_size(
             page_size, default=DEFAULT_METRIC_PAGE_SIZE, maximum=MAX_METRIC_PAGE_SIZE
@@ -360,7 +362,7 @@ class TrackingService(ExperimentTracking):
         progress: Progress | None = None,
         request_id: str = "",
     ) -> ArtifactInfo:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         source = Path(local_path)
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
@@ -381,7 +383,7 @@ class TrackingService(ExperimentTracking):
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[FileInfo]:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         check_relative_path("path", path, allow_empty=True)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         after = decode_listing_token(page_token, path)
@@ -400,7 +402,7 @@ class TrackingService(ExperimentTracking):
         *,
         progress: Progress | None = None,
     ) -> Path:
-        check.require("run_id", run_id, max_length=64)
+        check.run_id("run_id", run_id)
         entry = artifact_file(self._gateway, run_id, artifact_path)
         destination = Path(dst_dir)
         destination.mkdir(parents=True, exist_ok=True)
@@ -413,5 +415,7 @@ class TrackingService(ExperimentTracking):
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)
         if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
-            raise FailedPreconditionError(f"run {run_id} is deleted")
+            raise FailedPreconditionError(
+                f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+            )
         return run

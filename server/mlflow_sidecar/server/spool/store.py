@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
-from mlflow_sidecar.client.errors import ResourceExhaustedError
+from mlflow_sidecar.client.errors import ErrorReason, ResourceExhaustedError
 from mlflow_sidecar.server.metric_series import Floats, Integers, MetricSeries, SeriesBatch
 
 # Points are stored in chunks: the points of one run from one message, at most
@@ -26,6 +26,9 @@ from mlflow_sidecar.server.metric_series import Floats, Integers, MetricSeries, 
 # delivered or dead-lettered whole.
 CHUNK_POINTS = 1000
 PAGE_BYTES = 64 * 1024
+# What a full spool tells its callers to wait before sending again (google.rpc.RetryInfo):
+# about the time the deliverer takes to move a few batches to a healthy MLflow.
+SPOOL_FULL_RETRY_AFTER_S = 1.0
 # A chunk's keys, one per point, joined by a separator keys cannot contain (validation
 # allows no control characters); a chunk of one key (a series) stores it once.
 _KEY_SEPARATOR = "\n"
@@ -284,7 +287,9 @@ class SpoolStore:
             if self._total + len(points) > self.max_points:
                 raise ResourceExhaustedError(
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
-                    f" {len(points)} points of this message were not accepted, retry later"
+                    f" {len(points)} points of this message were not accepted, retry later",
+                    reason=ErrorReason.SPOOL_FULL,
+                    retry_after_s=SPOOL_FULL_RETRY_AFTER_S,
                 )
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -1,0 +1,87 @@
+"""MetricStream waits as long as a full spool's RetryInfo asks before it sends again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import grpc
+from grpc_status import rpc_status
+
+from mlflow_sidecar.client import conversions as conv
+from mlflow_sidecar.client.errors import ErrorReason, ResourceExhaustedError, to_rpc_status
+from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+HINT_S = 0.6
+
+
+class _SpoolFull(grpc.RpcError, grpc.Call):
+    """RESOURCE_EXHAUSTED as the sidecar answers it: SPOOL_FULL with a RetryInfo."""
+
+    def __init__(self) -> None:
+        error = ResourceExhaustedError(
+            "spool full", reason=ErrorReason.SPOOL_FULL, retry_after_s=HINT_S
+        )
+        status = to_rpc_status(error)
+        self._trailers = (
+            (conv.ACCEPTED_POINTS_METADATA, "0"),
+            (rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),
+        )
+
+    def code(self):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def details(self):
+        return "spool full"
+
+    def trailing_metadata(self):
+        return self._trailers
+
+    def initial_metadata(self):
+        return ()
+
+    def is_active(self):
+        return False
+
+    def time_remaining(self):
+        return None
+
+    def cancel(self):
+        return False
+
+    def add_callback(self, callback):
+        return False
+
+
+class _FullOnce:
+    """Refuses the first call with a full spool, accepts every later one; notes the times."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def with_call(
+        self, requests: Iterator[pb.StreamMetricsRequest], timeout: float | None = None, **_: object
+    ) -> tuple[pb.StreamMetricsResponse, None]:
+        self.calls.append(time.monotonic())
+        batch = list(requests)
+        if len(self.calls) == 1:
+            raise _SpoolFull()
+        accepted = sum(len(s.values) for m in batch for s in m.series) + sum(
+            len(m.points) for m in batch
+        )
+        return pb.StreamMetricsResponse(accepted_points=accepted), None
+
+
+class _Stub:
+    def __init__(self) -> None:
+        self.StreamMetrics = _FullOnce()
+
+
+def test_a_full_spool_is_not_asked_again_before_its_retry_hint() -> None:
+    stub = _Stub()
+    stream = MetricStream(stub, max_batch_points=1, max_delay_s=0.001)  # type: ignore[arg-type]
+    stream.log("r" * 32, "loss", 1.0, step=0)
+    assert stream.close(timeout_s=10) == 1
+    first, second = stub.StreamMetrics.calls[:2]
+    assert second - first >= HINT_S * 0.9
