@@ -17,6 +17,7 @@ import grpc
 
 from mlflow_sidecar.client.errors import InternalError, SidecarError
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.request_context import request_id
 
@@ -120,6 +121,10 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
     if _status_code(context) is not None:
         # The handler aborted the call itself; keep its status.
         raise exc
+    if is_disk_full(exc):
+        # Any write path that met a full disk (the request ledger, a staged file): the
+        # caller keeps its data and retries, so it is told so rather than INTERNAL.
+        exc = disk_full_error("the sidecar could not write to its data dir")
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
         context.abort(exc.code, exc.message)
     rid = request_id.get()
