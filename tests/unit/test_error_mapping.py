@@ -121,3 +121,14 @@ def test_invalid_argument_round_trips_its_field():
     )
     assert isinstance(error, errors.InvalidArgumentError)
     assert error.field == "page_size"
+
+
+def test_a_full_disk_on_any_write_path_is_resource_exhausted(server_and_service):
+    import errno
+
+    stub, service = server_and_service
+    service.error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "disk is full" in (err.value.details() or "")

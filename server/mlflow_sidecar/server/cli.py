@@ -19,6 +19,7 @@ from mlflow_sidecar.client.channel import tls_credentials
 from mlflow_sidecar.client.settings import ClientSettings
 
 if TYPE_CHECKING:
+    from mlflow_sidecar.server.config import AppConfig
     from mlflow_sidecar.server.spool.store import SpoolStore
 
 EXIT_CONFIG = 2
@@ -27,7 +28,6 @@ EXIT_UNHEALTHY = 1
 
 def _serve(args: argparse.Namespace) -> int:
     from mlflow_sidecar.server.config import ConfigError, load_config
-    from mlflow_sidecar.server.grpc_server import BindError
 
     try:
         config = load_config(args.config)
@@ -47,9 +47,17 @@ def _serve(args: argparse.Namespace) -> int:
     except DataDirBusyError as exc:
         print(f"mlflow-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    try:
+        return _serve_locked(config)
+    finally:
+        lock.release()
+
+
+def _serve_locked(config: AppConfig) -> int:
     # Imported after config validation so a bad config fails fast, before MLflow loads.
     from mlflow_sidecar.server.container import ServerContainer
     from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
+    from mlflow_sidecar.server.grpc_server import BindError
     from mlflow_sidecar.server.spool.store import SpoolVersionError
 
     container = ServerContainer(config=config)
@@ -73,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if config.embedded:
-        container.gateway().ping()  # create the embedded store's tables before SERVING
+        container.gateway().ping()  # open the embedded store before SERVING
     server.start()
     server.wait()
     return 0
