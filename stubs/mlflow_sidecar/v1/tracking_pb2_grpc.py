@@ -249,7 +249,8 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogMetrics(self, request, context):
-        """Logs a batch of metric points; they are in MLflow when the call returns.
+        """Logs a batch of metric points; they are in MLflow when the call returns. A run
+        ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -257,7 +258,10 @@ class ExperimentTrackingServiceServicer:
 
     def StreamMetrics(self, request_iterator, context):
         """Streams metric points of any runs. Each message is committed to the
-        local spool before it counts as accepted; delivery is asynchronous.
+        local spool before it counts as accepted; delivery is asynchronous. A message is
+        refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+        DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+        run ended through the sidecar.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -80,10 +80,15 @@ class ExperimentTrackingServiceStub:
     a different value is FAILED_PRECONDITION.
     """
     LogMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogMetricsRequest, _tracking_pb2.LogMetricsResponse]
-    """Logs a batch of metric points; they are in MLflow when the call returns."""
+    """Logs a batch of metric points; they are in MLflow when the call returns. A run
+    ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+    """
     StreamMetrics: _grpc.StreamUnaryMultiCallable[_tracking_pb2.StreamMetricsRequest, _tracking_pb2.StreamMetricsResponse]
     """Streams metric points of any runs. Each message is committed to the
-    local spool before it counts as accepted; delivery is asynchronous.
+    local spool before it counts as accepted; delivery is asynchronous. A message is
+    refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+    DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+    run ended through the sidecar.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -160,10 +165,15 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     a different value is FAILED_PRECONDITION.
     """
     LogMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogMetricsRequest, _tracking_pb2.LogMetricsResponse]  # type: ignore[assignment]
-    """Logs a batch of metric points; they are in MLflow when the call returns."""
+    """Logs a batch of metric points; they are in MLflow when the call returns. A run
+    ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+    """
     StreamMetrics: _aio.StreamUnaryMultiCallable[_tracking_pb2.StreamMetricsRequest, _tracking_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Streams metric points of any runs. Each message is committed to the
-    local spool before it counts as accepted; delivery is asynchronous.
+    local spool before it counts as accepted; delivery is asynchronous. A message is
+    refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+    DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+    run ended through the sidecar.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -315,7 +325,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.LogMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.LogMetricsResponse, _abc.Awaitable[_tracking_pb2.LogMetricsResponse]]:
-        """Logs a batch of metric points; they are in MLflow when the call returns."""
+        """Logs a batch of metric points; they are in MLflow when the call returns. A run
+        ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+        """
 
     @_abc_1.abstractmethod
     def StreamMetrics(
@@ -324,7 +336,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.StreamMetricsResponse, _abc.Awaitable[_tracking_pb2.StreamMetricsResponse]]:
         """Streams metric points of any runs. Each message is committed to the
-        local spool before it counts as accepted; delivery is asynchronous.
+        local spool before it counts as accepted; delivery is asynchronous. A message is
+        refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+        DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+        run ended through the sidecar.
         """
 
     @_abc_1.abstractmethod
