@@ -38,6 +38,22 @@ def message(run_id: str, first_step: int, n: int = MESSAGE_POINTS) -> pb.StreamM
     return request
 
 
+class RecordingStub:
+    """The real stub, recording the status of every StreamMetrics call that failed."""
+
+    def __init__(self, stub: pb_grpc.ExperimentTrackingServiceStub) -> None:
+        self._stub = stub
+        self.failures: list[grpc.StatusCode] = []
+        self.StreamMetrics = self  # MetricStream calls `StreamMetrics.with_call`
+
+    def with_call(self, requests: Iterator[pb.StreamMetricsRequest]) -> object:
+        try:
+            return self._stub.StreamMetrics.with_call(requests)
+        except grpc.RpcError as exc:
+            self.failures.append(exc.code())
+            raise
+
+
 def pending(target: str) -> int:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.ExperimentTrackingServiceStub(channel)
@@ -106,7 +122,8 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
 
                 # The typed stream, meanwhile, keeps its points and retries with backoff.
                 later = range(10_000_000, 10_000_000 + 5 * MESSAGE_POINTS)
-                stream = MetricStream(stub, retry_budget_s=120)
+                recording = RecordingStub(stub)
+                stream = MetricStream(recording, retry_budget_s=120)  # type: ignore[arg-type]
                 for step in later:
                     stream.log(run_id, "pnl", float(step), step=step, timestamp_ms=1_000 + step)
                 flushed = threading.Thread(target=stream.close)
@@ -116,6 +133,7 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
                 flushed.join(120)
                 assert not flushed.is_alive()
                 assert stream.accepted == len(later)
+                assert grpc.StatusCode.RESOURCE_EXHAUSTED in recording.failures
                 acknowledged.extend(later)
 
             own_mlflow.start()
