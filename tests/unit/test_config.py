@@ -106,3 +106,20 @@ def test_serve_exits_non_zero_with_one_line_for_a_bad_key(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
     assert "server.port" in lines[0] and "MLFLOW_SIDECAR__SERVER__PORT" in lines[0]
+
+
+def test_drain_on_stop_must_fit_the_grace_period(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "5")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SPOOL__DRAIN_ON_STOP_S", "6")
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    assert "spool" in str(refused.value) and "server.grace_s" in str(refused.value)
+    monkeypatch.setenv("MLFLOW_SIDECAR__SPOOL__DRAIN_ON_STOP_S", "5")
+    assert load_config().spool.drain_on_stop_s == 5
+
+
+def test_an_unset_drain_shrinks_to_a_shorter_grace(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "2")
+    assert load_config().spool.drain_on_stop_s == 2
+    monkeypatch.delenv("MLFLOW_SIDECAR__SERVER__GRACE_S")
+    assert load_config().spool.drain_on_stop_s == 8

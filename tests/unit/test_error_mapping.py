@@ -388,3 +388,15 @@ def test_every_specific_reason_is_documented_in_the_proto_and_the_readme():
             continue
         assert f"- {reason.value} [" in proto, reason
         assert f"| `{reason.value}` |" in readme, reason
+
+
+def test_a_full_disk_on_any_write_path_is_resource_exhausted(server_and_service):
+    import errno
+
+    stub, service = server_and_service
+    service.error = OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "disk is full" in (err.value.details() or "")
+    assert error_from_rpc(err.value).reason == ErrorReason.DISK_FULL

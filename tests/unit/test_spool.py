@@ -165,18 +165,14 @@ def test_an_invalid_batch_is_dead_lettered_alone(store):
     assert [m.step for m in mlflow.delivered["a"]] == list(range(100, 150))
 
 
-def test_points_for_a_run_ended_through_the_sidecar_are_dead_lettered(store):
-    mlflow = FakeMlflow()
+def test_points_for_a_run_ended_through_the_sidecar_are_refused_at_acceptance(store):
     store.record_end("done", "FINISHED", 5_000, applied=True)
-    store.append(points("done", 3))
-    deliverer = make_deliverer(store, mlflow)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("done", 10) == 0
-    finally:
-        deliverer.stop()
-    assert store.dead_letter_count("done") == 3
-    assert "FINISHED" in store.status().dead_letters[0].reason
+    with pytest.raises(FailedPreconditionError) as refused:
+        store.append(points("done", 3))
+    assert refused.value.reason == "RUN_ENDED"
+    assert "FINISHED" in refused.value.message
+    # Nothing was accepted, so nothing is dead-lettered: the caller was told instead.
+    assert store.pending("done") == 0 and store.dead_letter_count("done") == 0
 
 
 def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
@@ -363,7 +359,8 @@ def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
     mlflow = FakeMlflow()
     store.append(points("r", 250))
     assert store.record_end("r", "FAILED", 7_000, applied=False) == 250
-    store.append(points("r", 5, start=250))  # after the end: refused
+    with pytest.raises(FailedPreconditionError):  # after the end: refused
+        store.append(points("r", 5, start=250))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -373,7 +370,7 @@ def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
     assert [e[0] for e in mlflow.events] == ["batch", "batch", "batch", "end"]
     assert mlflow.events[-1] == ("end", "r", "FAILED", 7_000)
     assert len(mlflow.delivered["r"]) == 250
-    assert store.dead_letter_count("r") == 5
+    assert store.dead_letter_count("r") == 0
     end = store.run_end("r")
     assert end is not None and end.applied
 

@@ -152,6 +152,16 @@ def test_end_run_accepts_only_terminal_statuses(service, run_id):
     assert service.end_run(run_id, RunStatus.KILLED).info.status is RunStatus.KILLED
 
 
+def test_points_for_an_ended_run_are_refused_by_log_and_stream_alike(service, run_id):
+    service.end_run(run_id, RunStatus.FINISHED)
+    with pytest.raises(FailedPreconditionError) as logged:
+        service.log_metrics(run_id, [Metric("loss", 1.0, 1_000, 1)])
+    with pytest.raises(FailedPreconditionError) as streamed:
+        service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    assert logged.value.reason == streamed.value.reason == "RUN_ENDED"
+    assert service.flush_metrics(run_id, timeout_s=0).dead_letter_points == 0
+
+
 def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
     service, gateway, run_id
 ):

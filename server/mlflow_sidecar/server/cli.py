@@ -8,7 +8,9 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,13 +18,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from mlflow_sidecar.client.channel import tls_credentials
 from mlflow_sidecar.client.settings import ClientSettings
 
+if TYPE_CHECKING:
+    from mlflow_sidecar.server.config import AppConfig
+    from mlflow_sidecar.server.spool.store import SpoolStore
+
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
 
 
 def _serve(args: argparse.Namespace) -> int:
     from mlflow_sidecar.server.config import ConfigError, load_config
-    from mlflow_sidecar.server.grpc_server import BindError
 
     try:
         config = load_config(args.config)
@@ -32,13 +37,37 @@ def _serve(args: argparse.Namespace) -> int:
     from mlflow_sidecar.server.observability import configure_logging
 
     configure_logging(config.log_level, config.log_format)
+    from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+
+    # Before anything touches the data dir: a second sidecar must not clean up (staging)
+    # or deliver (spool) what the first one is working on.
+    lock = DataDirLock(config.data_dir)
+    try:
+        lock.acquire()
+    except DataDirBusyError as exc:
+        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return _serve_locked(config)
+    finally:
+        lock.release()
+
+
+def _serve_locked(config: AppConfig) -> int:
     # Imported after config validation so a bad config fails fast, before MLflow loads.
     from mlflow_sidecar.server.container import ServerContainer
+    from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
+    from mlflow_sidecar.server.grpc_server import BindError
+    from mlflow_sidecar.server.spool.store import SpoolVersionError
 
     container = ServerContainer(config=config)
     try:
+        if config.embedded:
+            # Before the signal handlers: a stop during it ends the process at once, and
+            # leaves no half-made store (see embedded_store).
+            prepare(config.data_dir, config.artifact_root)
         server = container.server()
-    except BindError as exc:
+    except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
         print(f"mlflow-sidecar: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     stopping = threading.Event()
@@ -52,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if config.embedded:
-        container.gateway().ping()  # create the embedded store's tables before SERVING
+        container.gateway().ping()  # open the embedded store before SERVING
     server.start()
     server.wait()
     return 0
@@ -132,6 +161,77 @@ def _spool_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_spool(args: argparse.Namespace) -> tuple[SpoolStore, Path] | int:
+    """The spool named by the config, or the exit code after saying why not."""
+    from mlflow_sidecar.server.config import ConfigError, load_config
+    from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if not config.spool_path.exists():
+        print(f"no spool at {config.spool_path}", file=sys.stderr)
+        return EXIT_UNHEALTHY
+    try:
+        store = SpoolStore(config.spool_path, max_points=config.spool.max_points)
+    except SpoolVersionError as exc:
+        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return store, config.data_dir
+
+
+def _spool_requeue(args: argparse.Namespace) -> int:
+    from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+
+    opened = _open_spool(args)
+    if isinstance(opened, int):
+        return opened
+    store, data_dir = opened
+    try:
+        # A serving sidecar keeps counts of the spool in memory: rows moved behind its
+        # back would not be delivered until it restarts, so requeue waits for it to stop.
+        with DataDirLock(data_dir):
+            moved = store.requeue(args.run or "")
+    except DataDirBusyError as exc:
+        print(f"mlflow-sidecar: {exc}; stop it before requeueing", file=sys.stderr)
+        return EXIT_CONFIG
+    finally:
+        store.close()
+    which = f"run {args.run}" if args.run else "all runs"
+    print(f"requeued {moved} dead-lettered points of {which}")
+    return 0
+
+
+def _spool_export(args: argparse.Namespace) -> int:
+    opened = _open_spool(args)
+    if isinstance(opened, int):
+        return opened
+    store, _ = opened
+    try:
+        letters = store.dead_letters()
+    finally:
+        store.close()
+    print(
+        json.dumps(
+            [
+                {
+                    "run_id": letter.run_id,
+                    "key": letter.metric.key,
+                    "value": letter.metric.value,
+                    "step": letter.metric.step,
+                    "timestamp_ms": letter.metric.timestamp_ms,
+                    "reason": letter.reason,
+                    "dead_ms": letter.dead_ms,
+                }
+                for letter in letters
+            ]
+        )
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `mlflow-sidecar`."""
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
@@ -157,6 +257,22 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--config", help="YAML config file, as for serve")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.set_defaults(func=_spool_status)
+    requeue = spool_commands.add_parser(
+        "requeue",
+        help="move dead letters back to the pending points (refused while a sidecar serves"
+        " this data dir)",
+    )
+    requeue.add_argument("--config", help="YAML config file, as for serve")
+    requeue.add_argument("--run", help="only this run's dead letters")
+    requeue.set_defaults(func=_spool_requeue)
+    export = spool_commands.add_parser(
+        "export", help="every dead-lettered point with its reason (works while serving)"
+    )
+    export.add_argument("--config", help="YAML config file, as for serve")
+    export.add_argument(
+        "--json", action="store_true", required=True, help="a JSON array (the only format)"
+    )
+    export.set_defaults(func=_spool_export)
     return parser
 
 

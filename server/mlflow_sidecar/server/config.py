@@ -153,6 +153,12 @@ class SpoolConfig(_Section):
     )
     # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    drain_on_stop_s: float = Field(
+        8.0,
+        ge=0,
+        description="on SIGTERM, how long pending points are delivered before the process"
+        " exits; within server.grace_s (unset, it shrinks to fit a shorter grace)",
+    )
 
 
 class RequestsConfig(_Section):
@@ -208,6 +214,19 @@ class AppConfig(BaseSettings):
     def _absolute_data_dir(self) -> AppConfig:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
         return self
+
+    @field_validator("spool")
+    @classmethod
+    def _drain_fits_grace(cls, value: SpoolConfig, info: ValidationInfo) -> SpoolConfig:
+        server = info.data.get("server")
+        if not isinstance(server, ServerConfig) or value.drain_on_stop_s <= server.grace_s:
+            return value
+        if "drain_on_stop_s" in value.model_fields_set:
+            raise ValueError(
+                f"drain_on_stop_s ({value.drain_on_stop_s}) must not exceed server.grace_s"
+                f" ({server.grace_s}): the drain happens within the grace period"
+            )
+        return value.model_copy(update={"drain_on_stop_s": server.grace_s})
 
     @field_validator("artifacts")
     @classmethod

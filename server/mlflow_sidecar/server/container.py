@@ -70,4 +70,5 @@ class ServerContainer(containers.DeclarativeContainer):
         background=providers.List(deliverer),
         metrics=metrics,
         ledger=request_ledger,
+        drain=deliverer,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from typing import Protocol
@@ -47,6 +48,14 @@ class BackgroundTask(Protocol):
         """End; called after the server has drained."""
 
 
+class Drainable(Protocol):
+    """What is left to deliver when the server stops (the metric deliverer)."""
+
+    def wait_delivered(self, run_id: str, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for every pending point ("" = all runs); returns what is
+        left."""
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -63,8 +72,10 @@ class SidecarServer:
         background: Sequence[BackgroundTask] = (),
         metrics: SidecarMetrics | None = None,
         ledger: RequestLedger | None = None,
+        drain: Drainable | None = None,
     ) -> None:
         self._config = config
+        self._drain = drain
         self._background = tuple(background)
         self.metrics = metrics or SidecarMetrics()
         self.metrics_port: int | None = None
@@ -128,11 +139,24 @@ class SidecarServer:
         log.info("mlflow-sidecar serving on %s", self.address)
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let running calls finish within grace."""
+        """Drain: report NOT_SERVING, refuse new calls, let running calls finish within grace;
+        meanwhile deliver pending points for up to `spool.drain_on_stop_s`, then say how
+        many are left for the next start."""
         grace = self._config.server.grace_s if grace_s is None else grace_s
+        drain_until = time.monotonic() + min(self._config.spool.drain_on_stop_s, grace)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining for up to %.1fs", grace)
         self._server.stop(grace).wait()
+        if self._drain is not None:
+            # The deliverer has been delivering all along; this waits for the rest.
+            left = self._drain.wait_delivered("", max(0.0, drain_until - time.monotonic()))
+            if left:
+                log.error(
+                    "%d metric points are left in the spool, to be delivered at the next start",
+                    left,
+                )
+            else:
+                log.info("every accepted metric point was delivered before stopping")
         for task in reversed(self._background):
             task.stop()
         self._stopped.set()

@@ -25,6 +25,7 @@ from mlflow_sidecar.client.errors import (
     to_rpc_status,
 )
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.request_context import request_id
 
@@ -172,6 +173,10 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
         if isinstance(message, bytes):
             message = message.decode(errors="replace")
         exc = error_from_status(code, message)
+    elif is_disk_full(exc):
+        # Any write path that met a full disk (the request ledger, a staged file): the
+        # caller keeps its data and retries, so it is told so rather than INTERNAL.
+        exc = disk_full_error("the sidecar could not write to its data dir")
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
         abort_with_error(context, exc)
     rid = request_id.get()

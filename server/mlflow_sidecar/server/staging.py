@@ -4,7 +4,8 @@ Uploads for stores that take files, not streams (the embedded store, a bucket wr
 directly), and model uploads, are written here while they arrive (never held in memory)
 and handed over once verified; artifacts for MLflow's HTTP artifact proxy skip it.
 Downloads that MLflow cannot stream land here before they go out. Every transfer gets its
-own directory and removes it when it ends, however it ends.
+own directory and removes it when it ends, however it ends. A full disk met while a
+transfer writes here is RESOURCE_EXHAUSTED (reason DISK_FULL), not INTERNAL.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 log = logging.getLogger(__name__)
@@ -61,11 +63,12 @@ class Staging:
     @contextlib.contextmanager
     def directory(self, purpose: str) -> Iterator[Path]:
         """A fresh, private directory for one transfer, removed with its contents on exit."""
-        path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{purpose}-", dir=self.root))
-        try:
-            yield path
-        finally:
-            shutil.rmtree(path, ignore_errors=True)
+        with disk_full_as_resource_exhausted(f"no room to stage the {purpose}"):
+            path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{purpose}-", dir=self.root))
+            try:
+                yield path
+            finally:
+                shutil.rmtree(path, ignore_errors=True)
 
     def remove(self, path: Path) -> None:
         """Remove a transfer directory now (it may be gone already)."""

@@ -63,8 +63,11 @@ class ExperimentTrackingServiceStub:
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+    accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -226,8 +229,11 @@ class ExperimentTrackingServiceServicer:
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+    accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -333,7 +339,8 @@ class ExperimentTrackingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def LogMetrics(self, request, context):
-        """Logs a batch of metric points; they are in MLflow when the call returns.
+        """Logs a batch of metric points; they are in MLflow when the call returns. A run
+        ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -341,7 +348,10 @@ class ExperimentTrackingServiceServicer:
 
     def StreamMetrics(self, request_iterator, context):
         """Streams metric points of any runs. Each message is committed to the
-        local spool before it counts as accepted; delivery is asynchronous.
+        local spool before it counts as accepted; delivery is asynchronous. A message is
+        refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+        DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+        run ended through the sidecar.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -555,8 +565,11 @@ class ExperimentTrackingService:
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+    accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.

@@ -64,8 +64,11 @@ class ExperimentTrackingServiceStub:
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+      accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -121,10 +124,15 @@ class ExperimentTrackingServiceStub:
     a different value is FAILED_PRECONDITION.
     """
     LogMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogMetricsRequest, _tracking_pb2.LogMetricsResponse]
-    """Logs a batch of metric points; they are in MLflow when the call returns."""
+    """Logs a batch of metric points; they are in MLflow when the call returns. A run
+    ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+    """
     StreamMetrics: _grpc.StreamUnaryMultiCallable[_tracking_pb2.StreamMetricsRequest, _tracking_pb2.StreamMetricsResponse]
     """Streams metric points of any runs. Each message is committed to the
-    local spool before it counts as accepted; delivery is asynchronous.
+    local spool before it counts as accepted; delivery is asynchronous. A message is
+    refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+    DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+    run ended through the sidecar.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -188,8 +196,11 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+      accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -242,10 +253,15 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     a different value is FAILED_PRECONDITION.
     """
     LogMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogMetricsRequest, _tracking_pb2.LogMetricsResponse]  # type: ignore[assignment]
-    """Logs a batch of metric points; they are in MLflow when the call returns."""
+    """Logs a batch of metric points; they are in MLflow when the call returns. A run
+    ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+    """
     StreamMetrics: _aio.StreamUnaryMultiCallable[_tracking_pb2.StreamMetricsRequest, _tracking_pb2.StreamMetricsResponse]  # type: ignore[assignment]
     """Streams metric points of any runs. Each message is committed to the
-    local spool before it counts as accepted; delivery is asynchronous.
+    local spool before it counts as accepted; delivery is asynchronous. A message is
+    refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+    DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+    run ended through the sidecar.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -308,8 +324,11 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
+      accepted; RetryInfo says when to send again.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -438,7 +457,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.LogMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.LogMetricsResponse, _abc.Awaitable[_tracking_pb2.LogMetricsResponse]]:
-        """Logs a batch of metric points; they are in MLflow when the call returns."""
+        """Logs a batch of metric points; they are in MLflow when the call returns. A run
+        ended through the sidecar is FAILED_PRECONDITION, reason RUN_ENDED.
+        """
 
     @_abc_1.abstractmethod
     def StreamMetrics(
@@ -447,7 +468,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.StreamMetricsResponse, _abc.Awaitable[_tracking_pb2.StreamMetricsResponse]]:
         """Streams metric points of any runs. Each message is committed to the
-        local spool before it counts as accepted; delivery is asynchronous.
+        local spool before it counts as accepted; delivery is asynchronous. A message is
+        refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
+        DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
+        run ended through the sidecar.
         """
 
     @_abc_1.abstractmethod

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.validation import MAX_CLIENT_REQUEST_ID_LENGTH
 
@@ -57,13 +57,13 @@ def check_request_id(field: str, value: str) -> str:
         raise InvalidArgumentError(
             field,
             f"must be at most {MAX_CLIENT_REQUEST_ID_LENGTH} characters, got {len(value)}",
-            reason="INVALID_REQUEST_ID",
+            reason=ErrorReason.INVALID_REQUEST_ID,
         )
     if not _REQUEST_ID_RE.match(value):
         raise InvalidArgumentError(
             field,
             "may only contain letters, digits and _ . : - (a UUID4 is typical)",
-            reason="INVALID_REQUEST_ID",
+            reason=ErrorReason.INVALID_REQUEST_ID,
         )
     return value
 
@@ -122,7 +122,7 @@ class RequestLedger:
                 field,
                 f"{request_id!r} was already used for a different {method.rsplit('/', 1)[-1]}"
                 " request; use a new request id for a new call",
-                reason="REQUEST_ID_REUSED",
+                reason=ErrorReason.REQUEST_ID_REUSED,
             )
         answer: bytes = row[1]
         return answer

@@ -332,7 +332,7 @@ class MlflowGateway:
             if found.lifecycle_stage != LifecycleStage.DELETED:
                 self._client.delete_experiment(experiment_id)
 
-        self.call(op)
+        self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND, invalid_field="experiment_id")
 
     def restore_experiment(self, experiment_id: str) -> domain.Experiment:
         """Restore a deleted experiment and its runs; an active one is returned as it is."""
@@ -344,7 +344,9 @@ class MlflowGateway:
             self._client.restore_experiment(experiment_id)
             return self._client.get_experiment(experiment_id)
 
-        return entities.experiment(self.call(op))
+        return entities.experiment(
+            self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND, invalid_field="experiment_id")
+        )
 
     # -- runs -------------------------------------------------------------------------
 
@@ -427,7 +429,7 @@ class MlflowGateway:
             if self._client.get_run(run_id).info.lifecycle_stage != LifecycleStage.DELETED:
                 self._client.delete_run(run_id)
 
-        self.call(op)
+        self.call(op, not_found=ErrorReason.RUN_NOT_FOUND, invalid_field="run_id")
 
     def restore_run(self, run_id: str) -> domain.Run:
         """Restore a deleted run; an active one is returned as it is."""
@@ -439,7 +441,9 @@ class MlflowGateway:
             self._client.restore_run(run_id)
             return self._client.get_run(run_id)
 
-        return entities.run(self.call(op))
+        return entities.run(
+            self.call(op, not_found=ErrorReason.RUN_NOT_FOUND, invalid_field="run_id")
+        )
 
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         """Mark a run ended with a terminal status."""

@@ -15,7 +15,7 @@ from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.metric_series import SeriesBatch
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
-from mlflow_sidecar.server.spool.store import SpoolStore
+from mlflow_sidecar.server.spool.store import SpoolStore, run_ended_error
 
 # Leave this much of a caller's deadline for the answer to travel back.
 _ANSWER_MARGIN_S = 0.1
@@ -138,12 +138,19 @@ class MetricIngest:
     def record_end(self, run_id: str, status: str, end_time_ms: int, *, applied: bool) -> int:
         """Record a run's end durably; returns its points still to be delivered first.
 
-        Points for the run that arrive from now on are dead-lettered, not delivered. Unless
+        Points for the run that arrive from now on are refused (RUN_ENDED). Unless
         `applied` (MLflow has ended the run already), the deliverer ends the run in MLflow
         right after its last point from before the end."""
         pending = self._store.record_end(run_id, status, end_time_ms, applied=applied)
         self._deliverer.notify()
         return pending
+
+    def refuse_if_ended(self, run_id: str) -> None:
+        """FAILED_PRECONDITION (reason RUN_ENDED) for a run ended through the sidecar, as
+        the spool refuses its streamed points: LogMetrics and StreamMetrics agree."""
+        end = self._store.run_end(run_id)
+        if end is not None:
+            raise run_ended_error(end)
 
     def ended(self, run_id: str) -> bool:
         """True once a recorded end of the run has reached MLflow."""

@@ -310,6 +310,7 @@ class TrackingService(ExperimentTracking):
         check.metric_points("metrics", ((m.key, m.timestamp_ms) for m in metrics))
         if not metrics:
             return 0
+        self._ingest.refuse_if_ended(run_id)
         now = _now_ms()
         stamped = [m if m.timestamp_ms else Metric(m.key, m.value, now, m.step) for m in metrics]
         for batch in check.chunks(stamped, check.MAX_METRICS_PER_BATCH):

@@ -76,6 +76,9 @@ class MetricDeliverer:
         self._stop = threading.Event()
         self._progress = threading.Condition()
         self._thread: threading.Thread | None = None
+        # Batches MLflow confirmed that the spool could not forget yet (a full disk): their
+        # delete is retried, never their send, so no batch goes to MLflow twice for it.
+        self._undeleted: dict[str, SpooledBatch] = {}
 
     def start(self) -> None:
         """Start delivering, beginning with whatever an earlier process left in the spool."""
@@ -161,6 +164,10 @@ class MetricDeliverer:
         for run_id in self._store.runs_with_pending():
             if self._stop.is_set():
                 break
+            if run_id in self._undeleted:
+                self._forget(self._undeleted[run_id])
+                moved = True
+                continue
             end = self._store.run_end(run_id)
             if end is None:
                 batch = self._store.oldest(run_id, self._batch_size)
@@ -212,9 +219,16 @@ class MetricDeliverer:
         except _PERMANENT as exc:
             self._dead_letter(batch, exc)
             return
-        self._store.delete(batch)
         if self._metrics is not None:
             self._metrics.points_delivered.inc(len(batch.metrics))
+        self._undeleted[batch.run_id] = batch
+        self._forget(batch)
+
+    def _forget(self, batch: SpooledBatch) -> None:
+        """Delete a delivered batch from the spool; on failure it stays remembered, so the
+        next round retries the delete instead of sending the batch again."""
+        self._store.delete(batch)
+        del self._undeleted[batch.run_id]
 
     def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> None:
         # A bad batch dead-letters only itself; a run that is gone takes all its points.

@@ -17,7 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
-from mlflow_sidecar.client.errors import ErrorReason, ResourceExhaustedError
+from mlflow_sidecar.client.errors import (
+    ErrorReason,
+    FailedPreconditionError,
+    ResourceExhaustedError,
+)
+from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_series import Floats, Integers, MetricSeries, SeriesBatch
 
 # Points are stored in chunks: the points of one run from one message, at most
@@ -33,7 +38,11 @@ SPOOL_FULL_RETRY_AFTER_S = 1.0
 # allows no control characters); a chunk of one key (a series) stores it once.
 _KEY_SEPARATOR = "\n"
 
-_SCHEMA = """
+# Migrations by schema version (`PRAGMA user_version`): migration N brings a spool of
+# version N-1 to N. Version 0 is a new file, or a spool from before versions were kept,
+# which may hold any of version 1's tables and any of version 2's columns already, so the
+# first two are written to be safe on those.
+_VERSION_1 = """
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -64,7 +73,7 @@ CREATE TABLE IF NOT EXISTS ended_runs (
     ended_ms INTEGER NOT NULL
 );
 """
-# Columns added to ended_runs after its first release: an older spool gains them at open.
+# Columns added to ended_runs after its first release (version 2).
 # `last_chunk`: the run's chunks up to this id came before the end and are delivered, later
 # ones are dead-lettered; `end_time_ms`: the end time MLflow gets; `applied`: 0 while the
 # run waits for its last points before it is ended in MLflow.
@@ -73,6 +82,60 @@ _ENDED_RUNS_COLUMNS = {
     "end_time_ms": "INTEGER NOT NULL DEFAULT 0",
     "applied": "INTEGER NOT NULL DEFAULT 1",
 }
+
+
+class SpoolVersionError(RuntimeError):
+    """The spool was written by a newer sidecar; the message is one line for people."""
+
+
+def _migrate_to_1(db: sqlite3.Connection) -> None:
+    # Statement by statement: executescript would commit the migration's transaction.
+    for statement in _VERSION_1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+def _migrate_to_2(db: sqlite3.Connection) -> None:
+    columns = {row[1] for row in db.execute("PRAGMA table_info(ended_runs)")}
+    for column, declaration in _ENDED_RUNS_COLUMNS.items():
+        if column not in columns:
+            db.execute(f"ALTER TABLE ended_runs ADD COLUMN {column} {declaration}")
+
+
+_MIGRATIONS = (_migrate_to_1, _migrate_to_2)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
+
+def migrate(db: sqlite3.Connection, path: Path) -> int:
+    """Bring the spool to `SCHEMA_VERSION`, each step in its own transaction; returns the
+    version it had. A spool newer than this code is refused, untouched."""
+    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise SpoolVersionError(
+            f"the spool {path} has schema version {found}, newer than this sidecar's"
+            f" {SCHEMA_VERSION}: run a sidecar at least as new as the one that wrote it"
+        )
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            _MIGRATIONS[version - 1](db)
+            db.execute(f"PRAGMA user_version={version}")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    return found
+
+
+def run_ended_error(end: RunEnd) -> FailedPreconditionError:
+    """FAILED_PRECONDITION, reason RUN_ENDED, for points of a run ended through the sidecar."""
+    return FailedPreconditionError(
+        f"run {end.run_id} was ended ({end.status}) through the sidecar; it takes no more"
+        " metric points",
+        reason=ErrorReason.RUN_ENDED,
+        metadata={"run_id": end.run_id, "status": end.status},
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +253,16 @@ class SpooledBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """One dead-lettered point, why it was not delivered, and when (ms) it was given up."""
+
+    run_id: str
+    metric: Metric
+    reason: str
+    dead_ms: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetterGroup:
     """Dead-lettered points of one run that share a reason."""
 
@@ -249,16 +322,20 @@ class SpoolStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={8 * 1024 * 1024 // PAGE_BYTES}")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(ended_runs)")}
-        for column, declaration in _ENDED_RUNS_COLUMNS.items():
-            if column not in columns:
-                self._db.execute(f"ALTER TABLE ended_runs ADD COLUMN {column} {declaration}")
+        try:
+            migrate(self._db, path)
+        except BaseException:
+            self._db.close()
+            raise
         self._pending: dict[str, int] = dict(
             self._db.execute("SELECT run_id, SUM(count) FROM chunks GROUP BY run_id").fetchall()
         )
         self._total = sum(self._pending.values())
-        self._ended: dict[str, RunEnd] = {
+        self._ended: dict[str, RunEnd] = {}
+        self._load_ends()
+
+    def _load_ends(self) -> None:
+        self._ended = {
             row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]))
             for row in self._db.execute(
                 "SELECT run_id, status, end_time_ms, last_chunk, applied FROM ended_runs"
@@ -269,6 +346,18 @@ class SpoolStore:
         """Close the database (pending points stay on disk for the next start)."""
         with self._lock:
             self._db.close()
+
+    def _write(self, statement: str, rows: Sequence[tuple[object, ...]]) -> None:
+        """Run `statement` for every row in one transaction: all of it or none."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.executemany(statement, rows)
+            self._db.execute("COMMIT")
+        except BaseException:
+            # A failed COMMIT (SQLITE_FULL) may have rolled the transaction back already.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            raise
 
     # -- accepting --------------------------------------------------------------------
 
@@ -284,24 +373,29 @@ class SpoolStore:
             for row in run.rows(run_id, accepted_ms, self._chunk_points)
         ]
         with self._lock:
+            for run_id in by_run:
+                end = self._ended.get(run_id)
+                if end is not None:
+                    raise run_ended_error(end)
             if self._total + len(points) > self.max_points:
                 raise ResourceExhaustedError(
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
                     f" {len(points)} points of this message were not accepted, retry later",
                     reason=ErrorReason.SPOOL_FULL,
-                    retry_after_s=SPOOL_FULL_RETRY_AFTER_S,
+                    retry_after_s=RETRY_AFTER_FULL_S,
                 )
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
+                self._write(
                     "INSERT INTO chunks"
                     " (run_id, count, keys, vals, timestamps, steps, accepted_ms)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error(
+                        f"{len(points)} points of this message were not accepted"
+                    ) from exc
                 raise
             for run_id, run in by_run.items():
                 self._pending[run_id] = self._pending.get(run_id, 0) + len(run.values)
@@ -339,10 +433,15 @@ class SpoolStore:
     def delete(self, batch: SpooledBatch) -> None:
         """Forget a batch MLflow confirmed."""
         with self._lock:
-            self._db.execute(
-                "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
-                (batch.run_id, batch.first_id, batch.last_id),
-            )
+            try:
+                self._db.execute(
+                    "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    (batch.run_id, batch.first_id, batch.last_id),
+                )
+            except sqlite3.Error as exc:
+                if is_disk_full(exc):
+                    raise disk_full_error("a delivered batch could not be deleted") from exc
+                raise
             self._forget(batch.run_id, len(batch.metrics))
 
     def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
@@ -369,7 +468,8 @@ class SpoolStore:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
             self._forget(run_id, int(moved))
         return int(moved)
@@ -434,6 +534,65 @@ class SpoolStore:
                 "SELECT 1 FROM chunks WHERE run_id = ? AND id <= ? LIMIT 1", (run_id, last_chunk)
             ).fetchone()
         return row is not None
+
+    # -- dead letters -----------------------------------------------------------------
+
+    def requeue(self, run_id: str = "") -> int:
+        """Move the dead letters of one run (or of all runs) back to the pending chunks, in
+        the order they were accepted; returns how many points moved.
+
+        A run ended through the sidecar takes its requeued points as if they had come
+        before its end, so they are delivered rather than dead-lettered again."""
+        # One run, or every run when `run_id` is "".
+        chosen = (run_id, run_id)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                moved = dict(
+                    self._db.execute(
+                        "SELECT run_id, SUM(count) FROM dead_letters"
+                        " WHERE (? = '' OR run_id = ?) GROUP BY run_id",
+                        chosen,
+                    ).fetchall()
+                )
+                self._db.execute(
+                    "INSERT INTO chunks (run_id, count, keys, vals, timestamps, steps,"
+                    " accepted_ms) SELECT run_id, count, keys, vals, timestamps, steps,"
+                    " accepted_ms FROM dead_letters WHERE (? = '' OR run_id = ?)"
+                    " ORDER BY accepted_ms, id",
+                    chosen,
+                )
+                self._db.execute("DELETE FROM dead_letters WHERE (? = '' OR run_id = ?)", chosen)
+                # Requeued points count as before the run's end, so they are delivered.
+                self._db.execute(
+                    "UPDATE ended_runs SET last_chunk = (SELECT COALESCE(MAX(id), 0) FROM chunks"
+                    " WHERE chunks.run_id = ended_runs.run_id)"
+                    " WHERE (? = '' OR run_id = ?) AND run_id IN (SELECT run_id FROM chunks)",
+                    chosen,
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            for run, count in moved.items():
+                self._pending[run] = self._pending.get(run, 0) + int(count)
+                self._total += int(count)
+            self._load_ends()
+        return sum(int(count) for count in moved.values())
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead-lettered point, oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT run_id, keys, vals, timestamps, steps, reason, dead_ms FROM dead_letters"
+                " ORDER BY id"
+            ).fetchall()
+        return [
+            DeadLetter(run_id, metric, reason, dead_ms)
+            for run_id, keys, vals, timestamps, steps, reason, dead_ms in rows
+            for metric in _unpack(keys, vals, timestamps, steps)
+        ]
 
     # -- reading ----------------------------------------------------------------------
 

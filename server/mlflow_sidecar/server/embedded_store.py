@@ -1,0 +1,68 @@
+"""The embedded MLflow store (`<data_dir>/mlflow.db`) is created whole or not at all.
+
+MLflow creates a new SQLite store by running its alembic migrations in place. A process
+stopped half-way (SIGTERM during a first start) leaves a database that every later start
+fails on (`table _alembic_tmp_experiments already exists`). So the first start migrates a
+temporary file next to it and renames it into place only once every migration is done: a
+stop at any moment leaves either no store (the next start begins again) or a whole one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sqlite3
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+STORE_NAME = "mlflow.db"
+_PARTIAL = f"{STORE_NAME}.partial-"
+
+
+class EmbeddedStoreError(RuntimeError):
+    """The embedded store cannot be used; the message is one line for people."""
+
+
+def prepare(data_dir: Path, artifact_root: Path) -> Path:
+    """Make sure `<data_dir>/mlflow.db` is a complete MLflow store; returns its path.
+
+    Creates it (migrated in a temporary file, then renamed into place) when it is missing;
+    refuses, in one line, a store an older sidecar left half-migrated."""
+    store = data_dir / STORE_NAME
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in data_dir.glob(f"{_PARTIAL}*"):
+        log.info("removing %s, left by a first start that was stopped", leftover)
+        leftover.unlink(missing_ok=True)
+    if store.exists():
+        _refuse_half_migrated(store)
+        return store
+    partial = data_dir / f"{_PARTIAL}{os.getpid()}"
+    log.info("creating the embedded MLflow store %s", store)
+    _migrate(partial, artifact_root)
+    os.replace(partial, store)
+    return store
+
+
+def _migrate(path: Path, artifact_root: Path) -> None:
+    # Imported here: the client side and a tracking-server setup never need it.
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{path}", str(artifact_root))  # type: ignore[no-untyped-call]
+    # Close every connection before the rename: nothing may write to the old name after.
+    store.engine.dispose()
+
+
+def _refuse_half_migrated(store: Path) -> None:
+    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+        leftovers = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'table'"
+            " AND substr(name, 1, 13) = '_alembic_tmp_'"
+        ).fetchall()
+    if leftovers:
+        raise EmbeddedStoreError(
+            f"the embedded MLflow store {store} was left half-migrated by a start that was"
+            f" stopped during its creation (table {leftovers[0][0]}): if it holds no runs you"
+            " need, remove it and start again; otherwise restore it from a backup"
+        )

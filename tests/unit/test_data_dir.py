@@ -1,0 +1,48 @@
+"""The data-dir lock and the embedded store's all-or-nothing creation, on real files."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+
+import pytest
+
+from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
+
+
+def test_a_second_lock_on_a_data_dir_is_refused_naming_the_holder(tmp_path):
+    with DataDirLock(tmp_path) as first:
+        assert first.path.read_text().strip() == str(os.getpid())
+        with pytest.raises(DataDirBusyError) as refused:
+            DataDirLock(tmp_path).acquire()
+        assert f"pid {os.getpid()}" in str(refused.value)
+        assert "\n" not in str(refused.value)
+    # Released: the next one gets it.
+    with DataDirLock(tmp_path):
+        pass
+
+
+def test_the_embedded_store_is_created_whole_and_leftovers_are_removed(tmp_path):
+    leftover = tmp_path / "mlflow.db.partial-1234"
+    leftover.write_bytes(b"half a store")
+    store = prepare(tmp_path, tmp_path / "artifacts")
+    assert store == tmp_path / "mlflow.db" and not leftover.exists()
+    db = sqlite3.connect(store)
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    db.close()
+    assert {"experiments", "runs", "alembic_version", "registered_models"} <= tables
+    assert prepare(tmp_path, tmp_path / "artifacts") == store  # an existing store is kept
+
+
+def test_a_half_migrated_store_is_explained_in_one_line(tmp_path):
+    db = sqlite3.connect(tmp_path / "mlflow.db")
+    db.execute("CREATE TABLE experiments (x)")
+    db.execute("CREATE TABLE _alembic_tmp_experiments (x)")
+    db.commit()
+    db.close()
+    with pytest.raises(EmbeddedStoreError) as refused:
+        prepare(tmp_path, tmp_path / "artifacts")
+    message = str(refused.value)
+    assert "half-migrated" in message and "_alembic_tmp_experiments" in message
+    assert "\n" not in message

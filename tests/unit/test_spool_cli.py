@@ -1,0 +1,85 @@
+"""`mlflow-sidecar spool requeue|export` and `serve`'s refusals, on a real spool file."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+
+import pytest
+
+from mlflow_sidecar.client.domain import MetricPoint
+from mlflow_sidecar.server.cli import main
+from mlflow_sidecar.server.data_dir_lock import DataDirLock
+from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore
+
+
+@pytest.fixture()
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_SIDECAR_CONFIG", raising=False)
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    store.append([MetricPoint("a", "loss", 0.5, 1_000, 7), MetricPoint("b", "acc", 2.0, 2_000, 8)])
+    store.dead_letter("a", "NOT_FOUND: run a is gone")
+    store.dead_letter("b", "NOT_FOUND: run b is gone")
+    store.close()
+    return tmp_path
+
+
+def test_export_prints_every_dead_letter_as_json(data_dir, capsys):
+    assert main(["spool", "export", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "run_id": "a",
+            "key": "loss",
+            "value": 0.5,
+            "step": 7,
+            "timestamp_ms": 1_000,
+            "reason": "NOT_FOUND: run a is gone",
+            "dead_ms": pytest.approx(0, abs=10**13),
+        },
+        {
+            "run_id": "b",
+            "key": "acc",
+            "value": 2.0,
+            "step": 8,
+            "timestamp_ms": 2_000,
+            "reason": "NOT_FOUND: run b is gone",
+            "dead_ms": pytest.approx(0, abs=10**13),
+        },
+    ]
+
+
+def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
+    assert main(["spool", "requeue", "--run", "a"]) == 0
+    assert "requeued 1 " in capsys.readouterr().out
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    try:
+        assert store.pending("a") == 1 and store.dead_letter_count("a") == 0
+        assert store.dead_letter_count("b") == 1
+    finally:
+        store.close()
+
+
+def test_requeue_is_refused_while_a_sidecar_holds_the_data_dir(data_dir, capsys):
+    with DataDirLock(data_dir):
+        assert main(["spool", "requeue"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"pid {os.getpid()}" in err
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    try:
+        assert store.dead_letter_count() == 2 and store.pending() == 0
+    finally:
+        store.close()
+
+
+def test_serve_refuses_a_spool_newer_than_the_code_in_one_line(data_dir, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")
+    db = sqlite3.connect(data_dir / "spool.db")
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "newer than this sidecar" in err

@@ -1,0 +1,236 @@
+"""The spool's schema versions, full disks, ended runs and dead-letter requeue/export, on a
+real SQLite file; a deliverer whose deletes fail as a full disk makes them fail."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from mlflow_sidecar.client.domain import Metric, MetricPoint
+from mlflow_sidecar.client.errors import NotFoundError, ResourceExhaustedError
+from mlflow_sidecar.server.disk_full import disk_full_error
+from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
+from mlflow_sidecar.server.spool.store import (
+    SCHEMA_VERSION,
+    SpooledBatch,
+    SpoolStore,
+    SpoolVersionError,
+)
+
+# The spool as the release before schema versions wrote it: every table, ended_runs with
+# its later columns added at open, and user_version left at 0.
+_UNVERSIONED = """
+CREATE TABLE chunks (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, count INTEGER NOT NULL,
+    keys TEXT NOT NULL, vals BLOB NOT NULL, timestamps BLOB NOT NULL, steps BLOB NOT NULL,
+    accepted_ms INTEGER NOT NULL);
+CREATE INDEX chunks_by_run ON chunks (run_id, id);
+CREATE TABLE dead_letters (id INTEGER PRIMARY KEY, run_id TEXT NOT NULL,
+    count INTEGER NOT NULL, keys TEXT NOT NULL, vals BLOB NOT NULL, timestamps BLOB NOT NULL,
+    steps BLOB NOT NULL, accepted_ms INTEGER NOT NULL, reason TEXT NOT NULL,
+    dead_ms INTEGER NOT NULL);
+CREATE INDEX dead_letters_by_run ON dead_letters (run_id);
+CREATE TABLE ended_runs (run_id TEXT PRIMARY KEY, status TEXT NOT NULL,
+    ended_ms INTEGER NOT NULL, last_chunk INTEGER NOT NULL DEFAULT 0,
+    end_time_ms INTEGER NOT NULL DEFAULT 0, applied INTEGER NOT NULL DEFAULT 1);
+"""
+
+
+def points(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
+    return [MetricPoint(run_id, "loss", float(i), 1_000 + i, i) for i in range(start, start + n)]
+
+
+def version(path: Path) -> int:
+    db = sqlite3.connect(path)
+    try:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+def test_a_new_spool_has_the_current_schema_version(tmp_path):
+    SpoolStore(tmp_path / "spool.db", max_points=10).close()
+    assert version(tmp_path / "spool.db") == SCHEMA_VERSION
+
+
+def test_an_unversioned_spool_is_upgraded_and_keeps_its_points(tmp_path):
+    path = tmp_path / "spool.db"
+    older = SpoolStore(path, max_points=1000)
+    older.append(points("a", 7))
+    older.close()
+    db = sqlite3.connect(path)
+    db.execute("PRAGMA user_version=0")  # as the release before versions left it
+    db.commit()
+    db.close()
+    store = SpoolStore(path, max_points=1000)
+    try:
+        assert store.pending("a") == 7
+        batch = store.oldest("a", 100)
+        assert batch is not None and [m.step for m in batch.metrics] == list(range(7))
+    finally:
+        store.close()
+    assert version(path) == SCHEMA_VERSION
+
+
+def test_a_spool_in_the_unversioned_format_opens_with_its_ends(tmp_path):
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.executescript(_UNVERSIONED)
+    db.execute("INSERT INTO ended_runs VALUES ('r', 'KILLED', 1, 4, 99, 0)")
+    db.commit()
+    db.close()
+    store = SpoolStore(path, max_points=1000)
+    try:
+        end = store.run_end("r")
+        assert end is not None and (end.status, end.last_chunk, end.end_time_ms) == (
+            "KILLED",
+            4,
+            99,
+        )
+        assert not end.applied
+    finally:
+        store.close()
+    assert version(path) == SCHEMA_VERSION
+
+
+def test_a_spool_newer_than_the_code_is_refused_in_one_line_and_left_alone(tmp_path):
+    path = tmp_path / "spool.db"
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(SpoolVersionError) as refused:
+        SpoolStore(path, max_points=10)
+    message = str(refused.value)
+    assert "\n" not in message and f"schema version {SCHEMA_VERSION + 1}" in message
+    assert version(path) == SCHEMA_VERSION + 1
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT name FROM sqlite_master").fetchall() == []
+    db.close()
+
+
+def test_a_full_spool_says_spool_full_with_a_retry_hint(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=5)
+    try:
+        with pytest.raises(ResourceExhaustedError) as refused:
+            store.append(points("a", 6))
+    finally:
+        store.close()
+    assert refused.value.reason == "SPOOL_FULL" and refused.value.retry_after_s
+
+
+def test_a_full_disk_is_resource_exhausted_disk_full_and_accepts_nothing(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=10_000_000, chunk_points=1000)
+    try:
+        store.append(points("a", 10))
+        # SQLite's own limit on the file's pages: it fails writes with SQLITE_FULL, as
+        # a full disk does.
+        pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+        store._db.execute(f"PRAGMA max_page_count={pages}")
+        with pytest.raises(ResourceExhaustedError) as refused:
+            store.append(points("a", 100_000, start=10))
+        assert refused.value.reason == "DISK_FULL" and refused.value.retry_after_s
+        assert store.pending("a") == 10
+        store._db.execute("PRAGMA max_page_count=1073741823")  # space is back
+        assert store.append(points("a", 5, start=10)) == 5
+        batch = store.oldest("a", 1000)
+        assert batch is not None and [m.step for m in batch.metrics] == list(range(15))
+    finally:
+        store.close()
+
+
+class DiskFullOnDelete(SpoolStore):
+    """Deletes fail as on a full disk until `room` is set."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, max_points=1000, chunk_points=100)
+        self.room = threading.Event()
+        self.failed_deletes = 0
+
+    def delete(self, batch: SpooledBatch) -> None:
+        if not self.room.is_set():
+            self.failed_deletes += 1
+            if self.failed_deletes >= 3:
+                self.room.set()
+            raise disk_full_error("a delivered batch could not be deleted")
+        super().delete(batch)
+
+
+def test_a_batch_that_could_not_be_deleted_is_not_sent_again(tmp_path):
+    store = DiskFullOnDelete(tmp_path / "spool.db")
+    sent: list[tuple[str, int]] = []
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        sent.append((run_id, metrics[0].step))
+
+    store.append(points("a", 250))
+    deliverer = MetricDeliverer(
+        store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("a", 30) == 0
+    finally:
+        deliverer.stop()
+        store.close()
+    assert store.failed_deletes == 3
+    assert sent == [("a", 0), ("a", 100), ("a", 200)]
+
+
+def test_dead_letters_are_exported_and_requeued_in_order(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    try:
+        store.append(points("a", 3))
+        store.append(points("b", 2))
+        store.dead_letter("a", "NOT_FOUND: gone")
+        store.dead_letter("b", "NOT_FOUND: gone too")
+        letters = store.dead_letters()
+        assert [(d.run_id, d.metric.step, d.reason) for d in letters] == [
+            ("a", 0, "NOT_FOUND: gone"),
+            ("a", 1, "NOT_FOUND: gone"),
+            ("a", 2, "NOT_FOUND: gone"),
+            ("b", 0, "NOT_FOUND: gone too"),
+            ("b", 1, "NOT_FOUND: gone too"),
+        ]
+        assert letters[0].metric == Metric("loss", 0.0, 1_000, 0)
+        assert store.requeue("a") == 3
+        assert store.pending("a") == 3 and store.dead_letter_count("a") == 0
+        assert store.dead_letter_count("b") == 2
+        batch = store.oldest("a", 100)
+        assert batch is not None and [m.step for m in batch.metrics] == [0, 1, 2]
+        assert store.requeue() == 2
+        assert store.dead_letter_count() == 0 and store.pending() == 5
+    finally:
+        store.close()
+
+
+def test_requeued_points_of_an_ended_run_are_delivered(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    sent: list[int] = []
+    failures = [NotFoundError("run is gone for now")]
+
+    def log_batch(_run_id: str, metrics: Sequence[Metric]) -> None:
+        if failures:
+            raise failures.pop()
+        sent.extend(m.step for m in metrics)
+
+    store.append(points("r", 4))
+    store.record_end("r", "FINISHED", 1, applied=True)
+    deliverer = MetricDeliverer(
+        store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 10) == 0
+        assert store.dead_letter_count("r") == 4
+        assert store.requeue("r") == 4
+        deliverer.notify()
+        assert deliverer.wait_delivered("r", 10) == 0
+        assert store.dead_letter_count("r") == 0
+    finally:
+        deliverer.stop()
+        store.close()
+    assert sent == [0, 1, 2, 3]
