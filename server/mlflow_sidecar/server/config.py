@@ -328,15 +328,46 @@ def _check_files(config: AppConfig) -> None:
         raise ConfigError("invalid config key auth.tokens_file: it holds no token")
 
 
+def _listeners(config: AppConfig) -> list[tuple[str, str]]:
+    """(setting, host) of every listener the sidecar opens."""
+    listeners = [("server.host", config.server.host)]
+    if config.metrics.port:
+        listeners.append(("metrics.host", config.metrics.host))
+    return listeners
+
+
 def _check_bind_policy(config: AppConfig) -> None:
-    server = config.server
-    if is_loopback(server.host) or server.allow_insecure_remote:
+    """One rule for every listener: a non-loopback address needs protection, or
+    `server.allow_insecure_remote: true`. The gRPC listener is protected by auth or TLS;
+    /metrics checks no token, so only TLS (which it then speaks too) protects it."""
+    if config.server.allow_insecure_remote:
         return
-    if not (config.auth.enabled or config.tls.enabled):
-        raise ConfigError(
-            f"refusing to listen on {server.host}, a non-loopback address, without auth or TLS:"
-            " set auth.tokens or tls.cert_file/key_file, or server.allow_insecure_remote: true"
-        )
+    for key, host in _listeners(config):
+        if is_loopback(host):
+            continue
+        if key == "server.host" and not (config.auth.enabled or config.tls.enabled):
+            raise ConfigError(
+                f"invalid config key {key}: refusing to listen on {host}, a non-loopback"
+                " address, without auth or TLS: set auth.tokens or tls.cert_file/key_file,"
+                " or server.allow_insecure_remote: true"
+            )
+        if key == "metrics.host" and not config.tls.enabled:
+            raise ConfigError(
+                f"invalid config key {key}: refusing to serve metrics on {host}, a non-loopback"
+                " address, without TLS (/metrics checks no token): set tls.cert_file/key_file,"
+                " or server.allow_insecure_remote: true"
+            )
+
+
+def insecure_listener_warnings(config: AppConfig) -> list[str]:
+    """What to warn about at start: bearer tokens sent in plaintext to a non-loopback
+    listener can be read off the network."""
+    if not config.auth.enabled or config.tls.enabled or is_loopback(config.server.host):
+        return []
+    return [
+        f"bearer tokens (auth.tokens) travel in plaintext to {config.server.host}, a non-loopback"
+        " address: anyone on the network can read them; set tls.cert_file/key_file"
+    ]
 
 
 def _one_line(exc: ValidationError) -> str:
