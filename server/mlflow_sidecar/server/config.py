@@ -179,6 +179,36 @@ class ArtifactsConfig(_Section):
     max_upload_bytes: int = Field(
         8 * GIB, ge=1, description="largest artifact, or model directory in total, accepted"
     )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="host directories artifact locations and model sources may lie under"
+        " (the embedded store's <data_dir>/artifacts always counts)",
+    )
+    allowed_uris: list[str] = Field(
+        default_factory=list,
+        description="remote artifact stores (e.g. s3://bucket/prefix) beyond the tracking"
+        " server's own",
+    )
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        roots = [root.expanduser() for root in value]
+        for root in roots:
+            if not root.is_absolute():
+                raise ValueError(f"{root} is not an absolute path")
+        return roots
+
+    @field_validator("allowed_uris")
+    @classmethod
+    def _remote_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            scheme, sep, rest = uri.partition("://")
+            if not sep or not scheme or not rest.strip("/"):
+                raise ValueError(f"{uri!r} is not a URI like s3://bucket/prefix")
+            if scheme.lower() in ("file", "runs", "models"):
+                raise ValueError(f"{uri!r}: local paths go in artifacts.allowed_roots")
+        return value
 
 
 class AppConfig(BaseSettings):
@@ -245,6 +275,13 @@ class AppConfig(BaseSettings):
     def artifact_root(self) -> Path:
         """Where the embedded store keeps artifacts."""
         return self.data_dir / "artifacts"
+
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Host directories the sidecar may read and write artifacts under: the embedded
+        store's artifact root (when embedded) and `artifacts.allowed_roots`."""
+        own = (self.artifact_root,) if self.embedded else ()
+        return own + tuple(self.artifacts.allowed_roots)
 
     @property
     def spool_path(self) -> Path:
