@@ -287,3 +287,21 @@ def test_concurrent_rpcs_over_the_limit_are_resource_exhausted(limited_sidecar):
             t.join()
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 2
     assert codes.count(grpc.StatusCode.DEADLINE_EXCEEDED) == 2
+
+
+def test_serve_refuses_remote_metrics_without_tls_with_one_line(tmp_path):
+    result = subprocess.run(
+        [CLI, "serve"],
+        env={
+            "MLFLOW_SIDECAR__METRICS__HOST": "0.0.0.0",
+            "MLFLOW_SIDECAR__METRICS__PORT": "9100",
+            "MLFLOW_SIDECAR__DATA_DIR": str(tmp_path),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "metrics.host" in result.stderr

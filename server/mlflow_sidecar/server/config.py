@@ -185,6 +185,36 @@ class ArtifactsConfig(_Section):
     max_upload_bytes: int = Field(
         8 * GIB, ge=1, description="largest artifact, or model directory in total, accepted"
     )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="host directories artifact locations and model sources may lie under"
+        " (the embedded store's <data_dir>/artifacts always counts)",
+    )
+    allowed_uris: list[str] = Field(
+        default_factory=list,
+        description="remote artifact stores (e.g. s3://bucket/prefix) beyond the tracking"
+        " server's own",
+    )
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _absolute_roots(cls, value: list[Path]) -> list[Path]:
+        roots = [root.expanduser() for root in value]
+        for root in roots:
+            if not root.is_absolute():
+                raise ValueError(f"{root} is not an absolute path")
+        return roots
+
+    @field_validator("allowed_uris")
+    @classmethod
+    def _remote_uris(cls, value: list[str]) -> list[str]:
+        for uri in value:
+            scheme, sep, rest = uri.partition("://")
+            if not sep or not scheme or not rest.strip("/"):
+                raise ValueError(f"{uri!r} is not a URI like s3://bucket/prefix")
+            if scheme.lower() in ("file", "runs", "models"):
+                raise ValueError(f"{uri!r}: local paths go in artifacts.allowed_roots")
+        return value
 
 
 class AppConfig(BaseSettings):
@@ -264,6 +294,13 @@ class AppConfig(BaseSettings):
     def artifact_root(self) -> Path:
         """Where the embedded store keeps artifacts."""
         return self.data_dir / "artifacts"
+
+    @property
+    def allowed_roots(self) -> tuple[Path, ...]:
+        """Host directories the sidecar may read and write artifacts under: the embedded
+        store's artifact root (when embedded) and `artifacts.allowed_roots`."""
+        own = (self.artifact_root,) if self.embedded else ()
+        return own + tuple(self.artifacts.allowed_roots)
 
     @property
     def spool_path(self) -> Path:
@@ -347,15 +384,46 @@ def _check_files(config: AppConfig) -> None:
         raise ConfigError("invalid config key auth.tokens_file: it holds no token")
 
 
+def _listeners(config: AppConfig) -> list[tuple[str, str]]:
+    """(setting, host) of every listener the sidecar opens."""
+    listeners = [("server.host", config.server.host)]
+    if config.metrics.port:
+        listeners.append(("metrics.host", config.metrics.host))
+    return listeners
+
+
 def _check_bind_policy(config: AppConfig) -> None:
-    server = config.server
-    if is_loopback(server.host) or server.allow_insecure_remote:
+    """One rule for every listener: a non-loopback address needs protection, or
+    `server.allow_insecure_remote: true`. The gRPC listener is protected by auth or TLS;
+    /metrics checks no token, so only TLS (which it then speaks too) protects it."""
+    if config.server.allow_insecure_remote:
         return
-    if not (config.auth.enabled or config.tls.enabled):
-        raise ConfigError(
-            f"refusing to listen on {server.host}, a non-loopback address, without auth or TLS:"
-            " set auth.tokens or tls.cert_file/key_file, or server.allow_insecure_remote: true"
-        )
+    for key, host in _listeners(config):
+        if is_loopback(host):
+            continue
+        if key == "server.host" and not (config.auth.enabled or config.tls.enabled):
+            raise ConfigError(
+                f"invalid config key {key}: refusing to listen on {host}, a non-loopback"
+                " address, without auth or TLS: set auth.tokens or tls.cert_file/key_file,"
+                " or server.allow_insecure_remote: true"
+            )
+        if key == "metrics.host" and not config.tls.enabled:
+            raise ConfigError(
+                f"invalid config key {key}: refusing to serve metrics on {host}, a non-loopback"
+                " address, without TLS (/metrics checks no token): set tls.cert_file/key_file,"
+                " or server.allow_insecure_remote: true"
+            )
+
+
+def insecure_listener_warnings(config: AppConfig) -> list[str]:
+    """What to warn about at start: bearer tokens sent in plaintext to a non-loopback
+    listener can be read off the network."""
+    if not config.auth.enabled or config.tls.enabled or is_loopback(config.server.host):
+        return []
+    return [
+        f"bearer tokens (auth.tokens) travel in plaintext to {config.server.host}, a non-loopback"
+        " address: anyone on the network can read them; set tls.cert_file/key_file"
+    ]
 
 
 def _one_line(exc: ValidationError) -> str:

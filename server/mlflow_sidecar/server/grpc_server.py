@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.server.auth import AuthInterceptor
-from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.config import AppConfig, insecure_listener_warnings
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from mlflow_sidecar.server.observability import SidecarMetrics
@@ -127,12 +127,23 @@ class SidecarServer:
         """Start background work and serving; report SERVING for every service."""
         for task in self._background:
             task.start()
+        for warning in insecure_listener_warnings(self._config):
+            log.warning("%s", warning)
         if self._config.metrics.port:
+            tls = self._config.tls
             self.metrics_port = self.metrics.serve(
-                self._config.metrics.host, self._config.metrics.port
+                self._config.metrics.host,
+                self._config.metrics.port,
+                # The listener's TLS covers /metrics too: the bind policy relies on it.
+                cert_file=str(tls.cert_file) if tls.cert_file else None,
+                key_file=str(tls.key_file) if tls.key_file else None,
+                client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
             )
             log.info(
-                "metrics on http://%s:%d/metrics", self._config.metrics.host, self.metrics_port
+                "metrics on %s://%s:%d/metrics",
+                "https" if tls.enabled else "http",
+                self._config.metrics.host,
+                self.metrics_port,
             )
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

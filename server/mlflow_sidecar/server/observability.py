@@ -85,9 +85,26 @@ class SidecarMetrics:
         """Publish the spool's depth, oldest age and dead letters."""
         self.registry.register(SpoolGauges(read))
 
-    def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port; returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+    def serve(
+        self,
+        host: str,
+        port: int,
+        *,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        client_ca_file: str | None = None,
+    ) -> int:
+        """Serve /metrics on host:port (HTTPS with `cert_file`/`key_file`, and client
+        certificates required with `client_ca_file`); returns the bound port."""
+        server, _thread = start_http_server(
+            port,
+            addr=host,
+            registry=self.registry,
+            certfile=cert_file,
+            keyfile=key_file,
+            client_cafile=client_ca_file,
+            client_auth_required=client_ca_file is not None,
+        )
         return int(server.server_port)
 
 

@@ -52,6 +52,8 @@ class ExperimentTrackingServiceStub:
     - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
     - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
     [A-Za-z0-9_.:-].
+    - UNSAFE_URI [INVALID_ARGUMENT]: a source or location with "..", encoded separators,
+    backslashes or NUL.
     - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
     the same RPC; make a new one for each logical call.
     - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
@@ -64,6 +66,8 @@ class ExperimentTrackingServiceStub:
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
+    outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
@@ -218,6 +222,8 @@ class ExperimentTrackingServiceServicer:
     - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
     - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
     [A-Za-z0-9_.:-].
+    - UNSAFE_URI [INVALID_ARGUMENT]: a source or location with "..", encoded separators,
+    backslashes or NUL.
     - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
     the same RPC; make a new one for each logical call.
     - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
@@ -230,6 +236,8 @@ class ExperimentTrackingServiceServicer:
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
+    outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
@@ -554,6 +562,8 @@ class ExperimentTrackingService:
     - RESERVED_ALIAS [INVALID_ARGUMENT]: "latest" and "v<number>" cannot be set as aliases.
     - INVALID_REQUEST_ID [INVALID_ARGUMENT]: request_id is over 200 characters or not of
     [A-Za-z0-9_.:-].
+    - UNSAFE_URI [INVALID_ARGUMENT]: a source or location with "..", encoded separators,
+    backslashes or NUL.
     - REQUEST_ID_REUSED [INVALID_ARGUMENT]: this request_id was used for another request of
     the same RPC; make a new one for each logical call.
     - EXPERIMENT_NOT_FOUND [NOT_FOUND]: no experiment of that id or name.
@@ -566,6 +576,8 @@ class ExperimentTrackingService:
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
+    outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was

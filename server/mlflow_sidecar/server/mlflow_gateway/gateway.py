@@ -14,6 +14,8 @@ from mlflow.entities import LifecycleStage, Param, RunTag, ViewType
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import domain
@@ -33,6 +35,11 @@ from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities, pag
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.storage_policy import (
+    StoragePolicy,
+    check_uri_syntax,
+    is_reference,
+)
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 T = TypeVar("T")
@@ -41,6 +48,15 @@ log = logging.getLogger(__name__)
 
 # Answer a little before the caller's deadline so the answer can still reach it.
 _DEADLINE_MARGIN_S = 0.05
+
+# Run ids whose artifact location was checked; MLflow never moves a run's artifacts.
+_RUN_LOCATION_CACHE = 4096
+# runs:/ and models:/ URIs may point at each other; deeper than this is refused.
+_MAX_REFERENCE_DEPTH = 4
+
+# MLflow's models:/ URI parsing (stages, aliases, logged model ids), which has no type hints.
+_split_models_uri: Any = ModelsArtifactRepository.split_models_uri
+_get_model_name_and_version: Any = model_uris.get_model_name_and_version
 
 _VIEW_TYPES = {
     domain.ViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
@@ -121,6 +137,13 @@ class MlflowGateway:
         self._retrying = self._build_retrying(config.retry)
         self.tracking_uri = config.tracking_uri
         self.registry_uri = config.registry_uri
+        self._storage = StoragePolicy(
+            allowed_roots=config.allowed_roots,
+            allowed_uris=config.artifacts.allowed_uris,
+            tracking_uri=config.tracking_uri,
+            discover_root=self._default_artifact_root,
+        )
+        self._checked_runs: dict[str, str] = {}
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -242,6 +265,62 @@ class MlflowGateway:
                 ) from exc
             raise exc.error from exc
 
+    # -- where bytes may go --------------------------------------------------------------
+
+    def _default_artifact_root(self) -> str | None:
+        """The tracking server's default artifact root: where its default experiment
+        (id 0, which MLflow never deletes) keeps artifacts, one level up."""
+        try:
+            location = self.call(lambda: self._client.get_experiment("0")).artifact_location
+        except NotFoundError:
+            return None
+        return str(location).rstrip("/").rpartition("/")[0] or None
+
+    def run_artifact_uri(self, run_id: str, field: str = "run_id") -> str:
+        """The run's artifact location, once it is known to be allowed: PERMISSION_DENIED
+        (reason PATH_OUTSIDE_ROOTS, naming `field`) for a run whose artifacts live elsewhere."""
+        known = self._checked_runs.get(run_id)
+        if known is not None:
+            return known
+        uri = self.get_run(run_id).info.artifact_uri
+        self._storage.check(field, uri)
+        if len(self._checked_runs) >= _RUN_LOCATION_CACHE:
+            self._checked_runs.clear()
+        self._checked_runs[run_id] = uri
+        return uri
+
+    def _storage_uri(self, field: str, uri: str) -> str:
+        """The storage location a source names: `runs:/` and `models:/` URIs resolved to
+        where their bytes are, checked against the storage policy."""
+        for _ in range(_MAX_REFERENCE_DEPTH):
+            check_uri_syntax(field, uri)
+            scheme, _, rest = uri.partition(":")
+            if scheme.lower() == "runs":
+                run_id, _, path = rest.lstrip("/").partition("/")
+                base = self.run_artifact_uri(run_id, field)
+                return f"{base.rstrip('/')}/{path}" if path.strip("/") else base
+            if scheme.lower() == "models":
+                uri = self._model_download_uri(uri)
+                continue
+            self._storage.check(field, uri)
+            return uri
+        raise InvalidArgumentError(field, "refers to other models:/ or runs:/ URIs too deeply")
+
+    def _model_download_uri(self, uri: str) -> str:
+        """Where the model a `models:/` URI names keeps its files (a registered version by
+        number, alias or stage, or an MLflow 3 logged model), plus the URI's sub-path."""
+        base, sub_path = _split_models_uri(uri)
+
+        def op() -> str:
+            found = _get_model_name_and_version(self._client, base)
+            if len(found) == 1:
+                return str(self._client.get_logged_model(found[0]).artifact_location)
+            name, version = found
+            return str(self._client.get_model_version_download_uri(name, str(version)))
+
+        location = self.call(op, not_found=ErrorReason.MODEL_VERSION_NOT_FOUND)
+        return f"{location.rstrip('/')}/{sub_path}" if sub_path.strip("/") else location
+
     def ping(self) -> None:
         """One cheap call; raises UnavailableError when MLflow cannot be reached."""
         self.call(lambda: self._client.search_experiments(max_results=1))
@@ -256,6 +335,13 @@ class MlflowGateway:
         Each try first looks for the experiment of that request id, so a retry after a
         lost answer (an MLflow timeout after the write) returns the first try's experiment
         instead of making a second or failing with ALREADY_EXISTS."""
+        if artifact_location:
+            check_uri_syntax("artifact_location", artifact_location)
+            if is_reference(artifact_location):
+                raise InvalidArgumentError(
+                    "artifact_location", "must be a storage location, not a runs:/ or models:/ URI"
+                )
+            self._storage.check("artifact_location", artifact_location)
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
 
         def attempt(_ambiguous: bool) -> str:
@@ -689,7 +775,9 @@ class MlflowGateway:
         still pending registration (the caller waits for READY within its deadline).
 
         Each try first looks for the version of that request id, so a retry after a lost
-        answer returns the first try's version and never registers a second."""
+        answer returns the first try's version and never registers a second.
+        A source outside the configured artifact stores is PERMISSION_DENIED."""
+        self._storage_uri("source", source)
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
 
         def attempt(_ambiguous: bool) -> Any:
@@ -820,6 +908,7 @@ class MlflowGateway:
         MLflow names the stored file after the local one, so callers name it accordingly.
         Retried: storing the same bytes again just overwrites them.
         """
+        self.run_artifact_uri(run_id)
         self.call(
             lambda: self._client.log_artifact(run_id, str(local_file), artifact_dir or None),
             not_found=ErrorReason.RUN_NOT_FOUND,
@@ -832,6 +921,7 @@ class MlflowGateway:
 
         None when the run's artifact store is not MLflow's HTTP proxy, or the file is
         empty: then the file is stored with `log_artifact` once it is complete."""
+        self._storage.check("run_id", artifact_uri)
         if size_bytes <= 0:
             return None
         repo = self._streaming_repository(artifact_uri)
@@ -847,6 +937,7 @@ class MlflowGateway:
         None when the run's artifact store is not MLflow's HTTP proxy: then the file is
         downloaded with `download_artifact` first (also when MLflow's answer has no
         Content-Length)."""
+        self._storage.check("run_id", artifact_uri)
         repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
@@ -862,6 +953,7 @@ class MlflowGateway:
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
+        self.run_artifact_uri(run_id)
         infos = self.call(
             lambda: self._client.list_artifacts(run_id, path or None),
             not_found=ErrorReason.RUN_NOT_FOUND,
@@ -873,6 +965,7 @@ class MlflowGateway:
 
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
         """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
+        self.run_artifact_uri(run_id)
         return Path(
             self.call(
                 lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)),
@@ -882,7 +975,7 @@ class MlflowGateway:
 
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
         """Delete a run's artifact file or directory (not every artifact store can)."""
-        artifact_uri = self.get_run(run_id).info.artifact_uri
+        artifact_uri = self.run_artifact_uri(run_id)
 
         def op() -> None:
             repo: Any = get_artifact_repository(artifact_uri, tracking_uri=self.tracking_uri)
@@ -894,12 +987,11 @@ class MlflowGateway:
         """Download every file of a model version into `dst_dir`; returns the model's root.
 
         Reads the version's storage location from the registry and copies exactly what is
-        stored there, wherever it is (run artifacts, an MLflow 3 logged model, a bucket).
+        stored there, wherever it is (run artifacts, an MLflow 3 logged model, a bucket),
+        as long as that is one of the configured artifact stores (else PERMISSION_DENIED:
+        a version registered through MLflow directly may point anywhere).
         """
-        uri = self.call(
-            lambda: self._client.get_model_version_download_uri(name, str(version)),
-            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
-        )
+        uri = self._storage_uri("version", self._model_download_uri(f"models:/{name}/{version}"))
 
         def op() -> str:
             # Building the repository may already ask MLflow (a runs:/ URI resolves its run).

@@ -1,0 +1,179 @@
+"""The sidecar reads and writes host files only under its configured roots.
+
+Against both stores (the embedded default store, and a real `mlflow server`): a source or
+artifact location naming a host directory elsewhere is refused, and so is a version or
+an experiment that points there because it was made through MLflow directly. A sentinel
+directory outside the roots stays untouched, and its file's content never comes back.
+"""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client.errors import (
+    InvalidArgumentError,
+    PermissionDeniedError,
+    SidecarError,
+)
+
+SECRET = "sentinel-" + uuid.uuid4().hex
+
+
+@pytest.fixture()
+def outside(tmp_path) -> Path:
+    """A host directory outside every root, with a file nobody may read through the sidecar."""
+    directory = tmp_path / "outside"
+    directory.mkdir()
+    (directory / "passwd").write_text(SECRET)
+    return directory
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {str(p): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture()
+def clients(either_sidecar):
+    container = ClientContainer()
+    container.config.from_dict({"target": either_sidecar.target, "timeout_s": 30.0})
+    yield container.experiment_tracking(), container.model_registry()
+    container.shutdown_resources()
+
+
+@pytest.fixture()
+def direct(either_sidecar) -> MlflowClient:
+    """MLflow itself, as the sidecar's store: what others may have written there."""
+    uri = either_sidecar.container.config().tracking_uri
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _assert_quiet(error: SidecarError, outside: Path) -> None:
+    """The error names no host file and carries no byte of the sentinel."""
+    assert str(outside) not in error.message and "passwd" not in error.message
+    assert SECRET not in error.message
+
+
+def test_a_host_directory_as_model_source_is_refused(clients, outside, unique, tmp_path):
+    _tracking, registry = clients
+    registry.create_registered_model(f"host-src-{unique}")
+    before = _snapshot(outside)
+    for source in (f"file://{outside}", str(outside), f"file://{outside}/passwd", "file:///etc"):
+        with pytest.raises(PermissionDeniedError) as err:
+            registry.create_model_version(f"host-src-{unique}", source=source)
+        assert err.value.message.startswith("source:")
+        _assert_quiet(err.value, outside)
+    assert registry.search_model_versions(filter_string=f"name = 'host-src-{unique}'").items == ()
+    assert _snapshot(outside) == before
+
+
+def test_a_host_directory_as_artifact_location_is_refused(clients, outside, unique):
+    tracking, _registry = clients
+    for location in (f"file://{outside}", str(outside), "file:///etc"):
+        with pytest.raises(PermissionDeniedError) as err:
+            tracking.create_experiment(f"host-loc-{unique}", artifact_location=location)
+        assert err.value.message.startswith("artifact_location:")
+        _assert_quiet(err.value, outside)
+    assert list(outside.iterdir()) == [outside / "passwd"]
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "runs:/{run}/../../../../etc",
+        "runs:/{run}/model/%2e%2e/%2e%2e",
+        "runs:/{run}/model%2f..%2fx",
+        "runs:/{run}/model\\..\\x",
+        "runs:/{run}/model\x00",
+        "models:/m/1/../../etc",
+        "mlflow-artifacts:/0/../../etc",
+        "file:///{root}/../../etc",
+        "file:///{root}/%2E%2E/x",
+    ],
+)
+def test_traversal_in_a_source_is_invalid_naming_the_field(clients, unique, source, tmp_path):
+    tracking, registry = clients
+    experiment = tracking.create_experiment(f"trav-{unique}")
+    run = tracking.start_run(experiment.experiment_id).run_id
+    registry.create_registered_model(f"trav-{unique}")
+    with pytest.raises(InvalidArgumentError) as err:
+        registry.create_model_version(
+            f"trav-{unique}", source=source.format(run=run, root=str(tmp_path).lstrip("/"))
+        )
+    assert err.value.message.startswith("source:")
+
+
+@pytest.mark.parametrize("location", ["file:///{root}/../x", "{root}/a/%2e%2e", "a\\..\\b"])
+def test_traversal_in_an_artifact_location_is_invalid(clients, unique, location, tmp_path):
+    tracking, _registry = clients
+    with pytest.raises(InvalidArgumentError) as err:
+        tracking.create_experiment(
+            f"trav-loc-{unique}", artifact_location=location.format(root=tmp_path)
+        )
+    assert err.value.message.startswith("artifact_location:")
+
+
+def test_a_version_registered_elsewhere_with_a_host_source_is_not_served(
+    clients, direct, outside, unique, tmp_path
+):
+    _tracking, registry = clients
+    name = f"elsewhere-{unique}"
+    direct.create_registered_model(name)
+    try:
+        direct.create_model_version(name, f"file://{outside}")
+    except Exception:
+        pytest.skip("this MLflow refuses local sources itself")  # pragma: no cover
+    with pytest.raises(PermissionDeniedError) as err:
+        registry.download_model(name, tmp_path / "down", version=1)
+    _assert_quiet(err.value, outside)
+    assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
+
+
+def test_a_run_whose_artifacts_live_elsewhere_is_neither_read_nor_written(
+    clients, direct, outside, unique, tmp_path
+):
+    tracking, _registry = clients
+    experiment_id = direct.create_experiment(
+        f"elsewhere-{unique}", artifact_location=f"file://{outside}"
+    )
+    run_id = direct.create_run(experiment_id).info.run_id
+    # As if someone had put a file there: the sidecar must not hand it out.
+    stored = outside / run_id / "artifacts"
+    stored.mkdir(parents=True)
+    (stored / "passwd").write_text(SECRET)
+    before = _snapshot(outside)
+    upload = tmp_path / "weights.bin"
+    upload.write_bytes(b"x" * 1000)
+
+    with pytest.raises(PermissionDeniedError) as err:
+        tracking.upload_artifact(run_id, upload, "weights.bin")
+    _assert_quiet(err.value, outside)
+    with pytest.raises(PermissionDeniedError) as err:
+        tracking.list_artifacts(run_id)
+    _assert_quiet(err.value, outside)
+    with pytest.raises(PermissionDeniedError) as err:
+        tracking.download_artifact(run_id, "passwd", tmp_path / "down")
+    _assert_quiet(err.value, outside)
+
+    assert _snapshot(outside) == before
+    assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
+
+
+def test_runs_in_the_stores_own_location_still_work(clients, unique, tmp_path):
+    tracking, registry = clients
+    experiment = tracking.create_experiment(f"own-{unique}")
+    run_id = tracking.start_run(experiment.experiment_id).run_id
+    upload = tmp_path / "model" / "weights.bin"
+    upload.parent.mkdir()
+    upload.write_bytes(b"w" * 100)
+    tracking.upload_artifact(run_id, upload, "model/weights.bin")
+    registry.create_registered_model(f"own-{unique}")
+    version = registry.create_model_version(f"own-{unique}", source=f"runs:/{run_id}/model")
+    root = registry.download_model(f"own-{unique}", tmp_path / "down", version=version.version)
+    assert (root / "weights.bin").read_bytes() == b"w" * 100
+    again = registry.create_model_version(f"own-{unique}", source=f"models:/own-{unique}/1")
+    assert again.version == 2
