@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dependency_injector import containers, providers
 
 from mlflow_sidecar.server.config import AppConfig
@@ -70,4 +72,5 @@ class ServerContainer(containers.DeclarativeContainer):
         background=providers.List(deliverer),
         metrics=metrics,
         ledger=request_ledger,
+        mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
     )

@@ -220,9 +220,11 @@ class MlflowGateway:
                 ) from exc
             raise exc.error from exc
 
-    def ping(self) -> None:
-        """One cheap call; raises UnavailableError when MLflow cannot be reached."""
-        self.call(lambda: self._client.search_experiments(max_results=1))
+    def ping(self, *, retry: bool = True) -> None:
+        """One cheap call; raises UnavailableError when MLflow cannot be reached.
+
+        `retry=False` makes one try only, for a probe that asks again on its own."""
+        self.call(lambda: self._client.search_experiments(max_results=1), retry=retry)
 
     # -- experiments ------------------------------------------------------------------
 
