@@ -106,6 +106,7 @@ def test_mlflow_health_service_follows_an_outage_while_the_sidecar_keeps_serving
         wait_until(lambda: health(sidecar.target, "mlflow") == "NOT_SERVING", "NOT_SERVING")
         assert health(sidecar.target) == "SERVING"
         assert health(sidecar.target, "mlflow_sidecar.v1.ExperimentTrackingService") == "SERVING"
+        assert health(sidecar.target, "mlflow_sidecar.v1.ModelRegistryService") == "SERVING"
         # The spool takes metrics during the outage.
         with container.metric_stream() as stream:
             for step in range(10):

@@ -68,3 +68,17 @@ def test_stop_reports_not_serving():
     probe.start()
     probe.stop()
     assert status(servicer) == NOT_SERVING
+
+
+def test_unknown_until_the_first_probe_answers():
+    import threading
+
+    answered = threading.Event()
+    servicer = health.HealthServicer()
+    probe = MlflowProbe(lambda: answered.wait(30) and None, servicer, interval_s=60)
+    probe.start()
+    try:
+        assert status(servicer) == health_pb2.HealthCheckResponse.UNKNOWN
+    finally:
+        answered.set()
+        probe.stop()
