@@ -119,15 +119,15 @@ class SidecarServer:
             raise BindError(f"cannot listen on {address}")
         self.address = f"{config.server.host}:{self.port}"
         self._stopped = threading.Event()
-        metrics = config.metrics
-        if metrics.port:
+        exporter = config.metrics
+        if exporter.port:
             # Bound here, with the gRPC port, so a taken port fails before anything starts.
             try:
-                self.metrics_port = self.metrics.serve(metrics.host, metrics.port)
+                self.metrics_port = self.metrics.serve(exporter.host, exporter.port)
             except OSError as exc:
                 raise BindError(
                     f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
-                    f" listen on {metrics.host}:{metrics.port} ({exc.strerror or exc})"
+                    f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
                 ) from exc
 
     def start(self) -> None:
