@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
 SERVER_EXTRA_HINT = "pip install 'mlflow-sidecar[server]'"
+# Top-level modules of the `server` extra: missing, the install is a client-only one.
+SERVER_EXTRA_MODULES = frozenset(
+    {"mlflow", "numpy", "grpc_reflection", "yaml", "prometheus_client", "pythonjsonlogger"}
+)
 
 log = logging.getLogger("mlflow_sidecar.server.cli")
 
@@ -42,6 +46,12 @@ def _load(args: argparse.Namespace) -> AppConfig | None:
     except ConfigError as exc:
         _fail(str(exc))
         return None
+
+
+def _missing_extra(exc: ModuleNotFoundError, command: str) -> int:
+    if (exc.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+        raise exc  # not a client-only install: a real bug, with its traceback
+    return _fail(f"{command} needs the server extra ({exc}): {SERVER_EXTRA_HINT}")
 
 
 def _server_container(config: AppConfig) -> ServerContainer:
@@ -69,7 +79,7 @@ def _serve(args: argparse.Namespace) -> int:
         # Imported after config validation so a bad config fails fast, before MLflow loads.
         container = _server_container(config)
     except ModuleNotFoundError as exc:
-        return _fail(f"serve needs the server extra ({exc}): {SERVER_EXTRA_HINT}")
+        return _missing_extra(exc, "serve")
     try:
         server = container.server()  # binds the gRPC and metrics ports
     except BindError as exc:
@@ -154,7 +164,7 @@ def _spool_status(args: argparse.Namespace) -> int:
     try:
         from mlflow_sidecar.server.spool.store import SpoolStore
     except ModuleNotFoundError as exc:
-        return _fail(f"spool status needs the server extra ({exc}): {SERVER_EXTRA_HINT}")
+        return _missing_extra(exc, "spool status")
     if not config.spool_path.exists():
         print(f"no spool at {config.spool_path}", file=sys.stderr)
         return EXIT_UNHEALTHY
