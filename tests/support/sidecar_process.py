@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from mlflow_sidecar.server.config import MLFLOW_ENV_KEYS
 from tests.support.processes import free_port
 
 CLI = str(Path(sys.executable).with_name("mlflow-sidecar"))
@@ -33,8 +34,11 @@ class SidecarProcess:
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = data_dir / "sidecar.log"
+        # MLflow's own variables configure the sidecar too; the test process's (some set by
+        # in-process sidecars) must not leak into this one. Pass them in `env` to test them.
+        inherited = {k: v for k, v in os.environ.items() if k not in MLFLOW_ENV_KEYS}
         self.env = {
-            **os.environ,
+            **inherited,
             "MLFLOW_SIDECAR__DATA_DIR": str(data_dir),
             "MLFLOW_SIDECAR__SERVER__PORT": str(self.port),
             "MLFLOW_SIDECAR__SERVER__GRACE_S": "2",

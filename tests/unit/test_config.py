@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_sidecar.server.config import ConfigError, load_config
+from mlflow_sidecar.server.config import (
+    MLFLOW_ENV_KEYS,
+    ConfigError,
+    check_data_dir,
+    describe,
+    export_mlflow_env,
+    load_config,
+    redact_uri,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +24,7 @@ def _clean_env(monkeypatch):
     import os
 
     for name in list(os.environ):
-        if name.startswith("MLFLOW_SIDECAR"):
+        if name.startswith("MLFLOW_SIDECAR") or name in MLFLOW_ENV_KEYS:
             monkeypatch.delenv(name)
 
 
@@ -123,3 +131,126 @@ def test_an_unset_drain_shrinks_to_a_shorter_grace(monkeypatch):
     assert load_config().spool.drain_on_stop_s == 2
     monkeypatch.delenv("MLFLOW_SIDECAR__SERVER__GRACE_S")
     assert load_config().spool.drain_on_stop_s == 8
+
+
+def test_mlflow_variables_fill_the_mlflow_section_when_its_keys_are_unset(monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://registry:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok")
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    config = load_config()
+    assert not config.embedded
+    assert config.tracking_uri == "http://mlflow:5000"
+    assert config.registry_uri == "http://registry:5000"
+    assert config.mlflow.username == "alice"
+    assert config.mlflow.password.get_secret_value() == "pw"
+    assert config.mlflow.token.get_secret_value() == "tok"
+    assert config.mlflow.insecure_tls is True
+    assert config.mlflow.request_timeout_s == 7
+
+
+def test_the_sidecars_own_keys_win_over_mlflow_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://from-mlflow-var:5000")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://from-env:5000")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("mlflow:\n  request_timeout_s: 9\n")
+    config = load_config(path)
+    assert config.tracking_uri == "http://from-env:5000"
+    assert config.mlflow.request_timeout_s == 9
+
+
+def test_values_the_sidecar_exported_for_mlflow_are_not_read_back(monkeypatch):
+    export_mlflow_env("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    assert load_config().mlflow.request_timeout_s == 30
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "4")  # set by someone else: honoured
+    assert load_config().mlflow.request_timeout_s == 4
+
+
+def test_a_bad_mlflow_variable_is_named_as_such(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")
+    named = r"mlflow\.request_timeout_s \(MLFLOW_HTTP_REQUEST_TIMEOUT\)"
+    with pytest.raises(ConfigError, match=named):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("MLFLOW_SIDECAR__SERVR__PORT", "did you mean MLFLOW_SIDECAR__SERVER__PORT?"),
+        ("MLFLOW_SIDECAR__SERVER__PROT", "did you mean MLFLOW_SIDECAR__SERVER__PORT?"),
+        ("MLFLOW_SIDECAR__SERVER__PORT__X", "server.port has no key 'x'"),
+        ("MLFLOW_SIDECAR__ZZZZZZ", "the top level has no key 'zzzzzz'"),
+    ],
+)
+def test_unknown_sidecar_variables_are_refused(monkeypatch, name, expected):
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(ConfigError) as err:
+        load_config()
+    message = str(err.value)
+    assert message.startswith(f"unknown setting {name}: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_every_known_variable_is_accepted(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER", '{"port": 50060}')  # a section as JSON
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__PROBE_INTERVAL_S", "0.5")
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    config = load_config()
+    assert config.server.port == 50060
+    assert config.mlflow.probe_interval_s == 0.5
+
+
+def test_malformed_yaml_is_one_line_naming_the_file(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("server:\n  port: [1,\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config file {path} is not valid YAML: ")
+    assert "line" in message
+    assert "\n" not in message
+
+
+def test_a_data_dir_that_takes_no_files_is_refused(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(blocker / "data"))
+    named = r"data_dir \(MLFLOW_SIDECAR__DATA_DIR\): .* not a writable"
+    with pytest.raises(ConfigError, match=named):
+        check_data_dir(load_config())
+
+
+def test_a_writable_data_dir_is_created(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path / "new" / "data"))
+    check_data_dir(load_config())
+    assert (tmp_path / "new" / "data").is_dir()
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("https://alice:s3cret@mlflow:5000/path", "https://***@mlflow:5000/path"),
+        ("http://token@mlflow", "http://***@mlflow"),
+        ("http://mlflow:5000", "http://mlflow:5000"),
+        ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
+        ("postgresql://u:p@db/mlflow", "postgresql://***@db/mlflow"),
+    ],
+)
+def test_uris_are_redacted(uri, shown):
+    assert redact_uri(uri) == shown
+
+
+def test_the_mode_line_names_the_store_and_hides_secrets(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    assert describe(load_config()).startswith("mode: embedded MLflow store sqlite:///")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cret@mlflow:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "tok-value")
+    line = describe(load_config())
+    assert line.startswith("mode: MLflow server https://***@mlflow:5000")
+    assert "s3cret" not in line and "tok-value" not in line
+    assert "token" in line

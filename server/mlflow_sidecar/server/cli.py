@@ -1,4 +1,7 @@
-"""`mlflow-sidecar`: `serve` runs the sidecar; `health` probes one (exit 0 only when SERVING)."""
+"""`mlflow-sidecar`: `serve` runs the sidecar; `health` probes one (exit 0 only when SERVING).
+
+Every command reads the same configuration as `serve` (`--config`, `$MLFLOW_SIDECAR_CONFIG`,
+`MLFLOW_SIDECAR__*`), so `health` and `spool status` find the sidecar that `serve` started."""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import logging
 import signal
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -17,26 +19,60 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client.channel import tls_credentials
 from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.server.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
-    from mlflow_sidecar.server.config import AppConfig
+    from mlflow_sidecar.server.container import ServerContainer
     from mlflow_sidecar.server.spool.store import SpoolStore
 
 EXIT_CONFIG = 2
 EXIT_UNHEALTHY = 1
+SERVER_EXTRA_HINT = "pip install 'mlflow-sidecar[server]'"
+# Top-level modules of the `server` extra: missing, the install is a client-only one.
+SERVER_EXTRA_MODULES = frozenset(
+    {"mlflow", "numpy", "grpc_reflection", "yaml", "prometheus_client", "pythonjsonlogger"}
+)
+
+log = logging.getLogger("mlflow_sidecar.server.cli")
+
+
+def _fail(message: str) -> int:
+    print(f"mlflow-sidecar: {message}", file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _load(args: argparse.Namespace) -> AppConfig | None:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        _fail(str(exc))
+        return None
+
+
+def _missing_extra(exc: ModuleNotFoundError, command: str) -> int:
+    if (exc.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+        raise exc  # not a client-only install: a real bug, with its traceback
+    return _fail(f"{command} needs the server extra ({exc}): {SERVER_EXTRA_HINT}")
+
+
+def _server_container(config: AppConfig) -> ServerContainer:
+    """The server's object graph; its import brings in MLflow, which a client install lacks."""
+    from mlflow_sidecar.server.container import ServerContainer
+
+    return ServerContainer(config=config)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from mlflow_sidecar.server.config import ConfigError, load_config
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    from mlflow_sidecar.server.config import check_data_dir, check_ports
 
     try:
-        config = load_config(args.config)
+        check_data_dir(config)
+        check_ports(config)
     except ConfigError as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    from mlflow_sidecar.server.observability import configure_logging
-
-    configure_logging(config.log_level, config.log_format)
+        return _fail(str(exc))
     from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
 
     # Before anything touches the data dir: a second sidecar must not clean up (staging)
@@ -45,8 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
     except DataDirBusyError as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(str(exc))
     try:
         return _serve_locked(config)
     finally:
@@ -54,22 +89,28 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_locked(config: AppConfig) -> int:
-    # Imported after config validation so a bad config fails fast, before MLflow loads.
-    from mlflow_sidecar.server.container import ServerContainer
-    from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
-    from mlflow_sidecar.server.grpc_server import BindError
-    from mlflow_sidecar.server.spool.store import SpoolVersionError
+    from mlflow_sidecar.server.config import describe
 
-    container = ServerContainer(config=config)
+    try:
+        from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
+        from mlflow_sidecar.server.grpc_server import BindError
+        from mlflow_sidecar.server.observability import configure_logging
+        from mlflow_sidecar.server.spool.store import SpoolVersionError
+
+        # Imported after config validation so a bad config fails fast, before MLflow loads.
+        container = _server_container(config)
+    except ModuleNotFoundError as exc:
+        return _missing_extra(exc, "serve")
     try:
         if config.embedded:
             # Before the signal handlers: a stop during it ends the process at once, and
             # leaves no half-made store (see embedded_store).
             prepare(config.data_dir, config.artifact_root)
-        server = container.server()
+        server = container.server()  # binds the gRPC and metrics ports
     except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(str(exc))
+    configure_logging(config.log_level, config.log_format)
+    log.info("%s", describe(config))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
@@ -87,13 +128,28 @@ def _serve_locked(config: AppConfig) -> int:
     return 0
 
 
-def _probe_channel(args: argparse.Namespace) -> grpc.Channel:
-    if not args.ca_file:
+def probe_target(config: AppConfig) -> str:
+    """Where a local probe reaches the sidecar that `config` describes (a wildcard listen
+    address is probed on loopback)."""
+    host = config.server.host
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{config.server.port}"
+
+
+def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
+    # TLS when the sidecar's config or --ca-file says so; without --ca-file the system's
+    # trust roots verify the sidecar's certificate.
+    if not (args.ca_file or config.tls.enabled):
         return grpc.insecure_channel(args.target)
     settings = ClientSettings(
         target=args.target,
         tls=True,
-        root_certificates_file=args.ca_file,
+        root_certificates_file=args.ca_file or "",
         client_cert_file=args.cert_file or "",
         client_key_file=args.key_file or "",
     )
@@ -101,11 +157,21 @@ def _probe_channel(args: argparse.Namespace) -> grpc.Channel:
 
 
 def _health(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    if not args.target:
+        args.target = probe_target(config)
+    # Health needs no token, but a probe that sends one keeps working if that changes.
+    tokens = config.auth.load_tokens() if config.auth.enabled else ()
+    metadata = (("authorization", f"Bearer {tokens[0]}"),) if tokens else None
     try:
-        with _probe_channel(args) as channel:
+        with _probe_channel(args, config) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=metadata,
             )
     except grpc.RpcError as exc:
         code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
@@ -117,18 +183,13 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _spool_status(args: argparse.Namespace) -> int:
-    from mlflow_sidecar.server.config import ConfigError, load_config
-    from mlflow_sidecar.server.spool.store import SpoolStore
-
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
+    config = _load(args)
+    if config is None:
         return EXIT_CONFIG
-    if not config.spool_path.exists():
-        print(f"no spool at {config.spool_path}", file=sys.stderr)
-        return EXIT_UNHEALTHY
-    store = SpoolStore(config.spool_path, max_points=config.spool.max_points)
+    opened = _open_spool(config, "spool status")
+    if isinstance(opened, int):
+        return opened
+    store = opened
     try:
         status = store.status()
     finally:
@@ -161,42 +222,38 @@ def _spool_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_spool(args: argparse.Namespace) -> tuple[SpoolStore, Path] | int:
-    """The spool named by the config, or the exit code after saying why not."""
-    from mlflow_sidecar.server.config import ConfigError, load_config
-    from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
-
+def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
+    """The spool the config names, or the exit code after saying why not."""
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
+    except ModuleNotFoundError as exc:
+        return _missing_extra(exc, command)
     if not config.spool_path.exists():
         print(f"no spool at {config.spool_path}", file=sys.stderr)
         return EXIT_UNHEALTHY
     try:
-        store = SpoolStore(config.spool_path, max_points=config.spool.max_points)
+        return SpoolStore(config.spool_path, max_points=config.spool.max_points)
     except SpoolVersionError as exc:
-        print(f"mlflow-sidecar: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    return store, config.data_dir
+        return _fail(str(exc))
 
 
 def _spool_requeue(args: argparse.Namespace) -> int:
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
     from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
 
-    opened = _open_spool(args)
+    opened = _open_spool(config, "spool requeue")
     if isinstance(opened, int):
         return opened
-    store, data_dir = opened
+    store = opened
     try:
         # A serving sidecar keeps counts of the spool in memory: rows moved behind its
         # back would not be delivered until it restarts, so requeue waits for it to stop.
-        with DataDirLock(data_dir):
+        with DataDirLock(config.data_dir):
             moved = store.requeue(args.run or "")
     except DataDirBusyError as exc:
-        print(f"mlflow-sidecar: {exc}; stop it before requeueing", file=sys.stderr)
-        return EXIT_CONFIG
+        return _fail(f"{exc}; stop it before requeueing")
     finally:
         store.close()
     which = f"run {args.run}" if args.run else "all runs"
@@ -205,10 +262,13 @@ def _spool_requeue(args: argparse.Namespace) -> int:
 
 
 def _spool_export(args: argparse.Namespace) -> int:
-    opened = _open_spool(args)
+    config = _load(args)
+    if config is None:
+        return EXIT_CONFIG
+    opened = _open_spool(config, "spool export")
     if isinstance(opened, int):
         return opened
-    store, _ = opened
+    store = opened
     try:
         letters = store.dead_letters()
     finally:
@@ -242,8 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(func=_serve)
     health = commands.add_parser("health", help="exit 0 only when the sidecar answers SERVING")
-    health.add_argument("--target", default="127.0.0.1:50051", help="HOST:PORT of the sidecar")
-    health.add_argument("--service", default="", help="service name; empty: the whole server")
+    health.add_argument("--config", help="YAML config file, as for serve")
+    health.add_argument(
+        "--target", help="HOST:PORT of the sidecar (default: server.host/port of the config)"
+    )
+    health.add_argument(
+        "--service",
+        default="",
+        help="service name; empty: the whole server; 'mlflow': MLflow's reachability",
+    )
     health.add_argument("--timeout", type=float, default=3.0, help="seconds")
     health.add_argument("--ca-file", help="speak TLS, trusting this PEM CA bundle")
     health.add_argument("--cert-file", help="client certificate for mTLS")

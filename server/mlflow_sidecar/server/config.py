@@ -7,8 +7,13 @@ store (SQLite + local artifacts) under the data dir.
 from __future__ import annotations
 
 import contextvars
+import difflib
 import ipaddress
 import os
+import re
+import socket
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +43,48 @@ GIB = 1024 * MIB
 
 # The YAML file of the load in progress; a context variable keeps loads independent.
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
+
+# MLflow's own variables, honoured for the `mlflow` section when the sidecar's keys are unset.
+MLFLOW_ENV_KEYS: Mapping[str, str] = {
+    "MLFLOW_TRACKING_URI": "tracking_uri",
+    "MLFLOW_REGISTRY_URI": "registry_uri",
+    "MLFLOW_TRACKING_USERNAME": "username",
+    "MLFLOW_TRACKING_PASSWORD": "password",
+    "MLFLOW_TRACKING_TOKEN": "token",
+    "MLFLOW_TRACKING_INSECURE_TLS": "insecure_tls",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "request_timeout_s",
+}
+
+# Values this process wrote into MLflow's variables itself (for MLflow's client): read back,
+# they would carry one configuration's settings into the next load in the same process.
+_exported: dict[str, str] = {}
+
+
+def export_mlflow_env(name: str, value: str) -> None:
+    """Set one of MLflow's variables for MLflow's client, remembering that the sidecar did."""
+    os.environ[name] = value
+    _exported[name] = value
+
+
+def _mlflow_env_values() -> dict[str, str]:
+    """The `mlflow` keys set through MLflow's own variables (not the ones this process set)."""
+    values: dict[str, str] = {}
+    for name, key in MLFLOW_ENV_KEYS.items():
+        value = os.environ.get(name)
+        if value and _exported.get(name) != value:
+            values[key] = value
+    return values
+
+
+class _MlflowEnvSource(PydanticBaseSettingsSource):
+    """MLflow's variables, below every source of the sidecar's own (env, file, arguments)."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        values = _mlflow_env_values()
+        return {"mlflow": values} if values else {}
 
 
 class _Section(BaseModel):
@@ -125,6 +172,9 @@ class MlflowConfig(_Section):
     token: SecretStr = SecretStr("")
     insecure_tls: bool = False
     request_timeout_s: int = Field(30, ge=1, le=3600, description="one HTTP request to MLflow")
+    probe_interval_s: float = Field(
+        5.0, ge=0.1, le=3600, description="how often the `mlflow` health service pings MLflow"
+    )
 
 
 class RetryConfig(_Section):
@@ -330,6 +380,7 @@ class AppConfig(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        sources.append(_MlflowEnvSource(settings_cls))
         return tuple(sources)
 
 
@@ -346,18 +397,94 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
     path = Path(chosen) if chosen else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    _check_env_names(os.environ)
     token = _yaml_file.set(path)
     try:
         config = AppConfig(**overrides)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from exc
-    except ValueError as exc:  # malformed YAML, or env values that are not valid JSON
+    except ValueError as exc:  # env values that are not valid JSON
         raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from exc
+    except Exception as exc:
+        # PyYAML's errors are no ValueError; anything else here is the file's fault too.
+        if path is None or type(exc).__module__.split(".")[0] != "yaml":
+            raise
+        raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     finally:
         _yaml_file.reset(token)
     _check_files(config)
     _check_bind_policy(config)
     return config
+
+
+def check_data_dir(config: AppConfig) -> None:
+    """Make sure the data dir exists and takes files; ConfigError naming `data_dir` if not."""
+    directory = config.data_dir
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(
+            f"invalid config key data_dir ({ENV_PREFIX}DATA_DIR): {directory} is not a writable"
+            f" directory ({reason})"
+        ) from exc
+
+
+def check_ports(config: AppConfig) -> None:
+    """Fail before anything loads when the gRPC or metrics port is taken (ConfigError naming
+    the key); the listeners themselves still report a port lost to a race."""
+    wanted = {
+        "server.port": (config.server.host, config.server.port),
+        "metrics.port": (config.metrics.host, config.metrics.port),
+    }
+    for key, (host, port) in wanted.items():
+        if not port:
+            continue
+        env = ENV_PREFIX + key.replace(".", "__").upper()
+        try:
+            family, kind, proto, _name, address = socket.getaddrinfo(
+                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            with socket.socket(family, kind, proto) as probe:
+                # As the listeners do: a port in TIME_WAIT is free, one with a listener is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise ConfigError(
+                f"invalid config key {key} ({env}): cannot listen on {host}:{port} ({reason})"
+            ) from exc
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any `user:password@` credentials replaced by `***@`, safe to log."""
+    return re.sub(r"(?<=://)[^/@\s]*@", "***@", uri)
+
+
+def describe(config: AppConfig) -> str:
+    """One log line: embedded store or MLflow server, and the URIs, credentials redacted."""
+    mlflow = config.mlflow
+    if config.embedded:
+        where = f"embedded MLflow store {redact_uri(config.tracking_uri)}"
+        where += f", artifacts in {config.artifact_root}"
+    else:
+        where = f"MLflow server {redact_uri(config.tracking_uri)}"
+    if config.registry_uri != config.tracking_uri:
+        where += f", registry {redact_uri(config.registry_uri)}"
+    credentials = [
+        name
+        for name, present in (
+            ("username", bool(mlflow.username)),
+            ("password", bool(mlflow.password.get_secret_value())),
+            ("token", bool(mlflow.token.get_secret_value())),
+        )
+        if present
+    ]
+    if credentials:
+        where += f" (credentials: {', '.join(credentials)}, values not shown)"
+    return f"mode: {where}; data dir {config.data_dir}"
 
 
 def is_loopback(host: str) -> bool:
@@ -426,10 +553,55 @@ def insecure_listener_warnings(config: AppConfig) -> list[str]:
     ]
 
 
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuse `MLFLOW_SIDECAR__*` variables that name no setting (a typo would be ignored)."""
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        model: type[BaseModel] | None = AppConfig
+        known_path: list[str] = []
+        for index, part in enumerate(parts):
+            fields = model.model_fields if model is not None else {}
+            if part not in fields:
+                rest = parts[index + 1 :]
+                raise ConfigError(_unknown_env(name, known_path, part, rest, sorted(fields)))
+            known_path.append(part)
+            annotation = fields[part].annotation
+            section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
+            model = annotation if section and isinstance(annotation, type) else None
+
+
+def _unknown_env(
+    name: str, known_path: list[str], part: str, rest: list[str], choices: list[str]
+) -> str:
+    where = ".".join(known_path) or "the top level"
+    hint = ""
+    close = difflib.get_close_matches(part, choices, n=1)
+    if close:
+        suggestion = ENV_PREFIX + "__".join([*known_path, close[0], *rest]).upper()
+        hint = f"; did you mean {suggestion}?"
+    elif choices:
+        hint = f"; known: {', '.join(choices)}"
+    return f"unknown setting {name}: {where} has no key {part!r}{hint}"
+
+
+def _yaml_problem(exc: BaseException) -> str:
+    problem = getattr(exc, "problem", None) or str(exc)
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return " ".join(f"{problem}{where}".split())
+
+
 def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<root>"
     env = ENV_PREFIX + "__".join(str(part).upper() for part in first["loc"])
+    if not os.environ.get(env) and len(first["loc"]) == 2 and first["loc"][0] == "mlflow":
+        # A bad value that came in through MLflow's own variable is named as that variable.
+        for mlflow_env, field in MLFLOW_ENV_KEYS.items():
+            if field == first["loc"][1] and field in _mlflow_env_values():
+                env = mlflow_env
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from dependency_injector import containers, providers
 
 from mlflow_sidecar.server.config import AppConfig
@@ -71,4 +73,5 @@ class ServerContainer(containers.DeclarativeContainer):
         metrics=metrics,
         ledger=request_ledger,
         drain=deliverer,
+        mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from typing import Protocol
 
@@ -16,6 +16,7 @@ from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import AppConfig, insecure_listener_warnings
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
+from mlflow_sidecar.server.mlflow_probe import MlflowProbe
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.reflection import enable_server_reflection
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
@@ -73,6 +74,7 @@ class SidecarServer:
         metrics: SidecarMetrics | None = None,
         ledger: RequestLedger | None = None,
         drain: Drainable | None = None,
+        mlflow_ping: Callable[[], None] | None = None,
     ) -> None:
         self._config = config
         self._drain = drain
@@ -108,6 +110,12 @@ class SidecarServer:
         registry_pb2_grpc.add_ModelRegistryServiceServicer_to_server(registry, self._server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        self.mlflow_probe: MlflowProbe | None = None
+        if mlflow_ping is not None:
+            self.mlflow_probe = MlflowProbe(
+                mlflow_ping, self.health, config.mlflow.probe_interval_s
+            )
+            self._background = (*self._background, self.mlflow_probe)
         # grpc.reflection.v1 and v1alpha: grpcurl and newer tools ask v1 first.
         enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self._server)
         address = f"{config.server.host}:{config.server.port}"
@@ -122,29 +130,38 @@ class SidecarServer:
             raise BindError(f"cannot listen on {address}")
         self.address = f"{config.server.host}:{self.port}"
         self._stopped = threading.Event()
+        exporter = config.metrics
+        if exporter.port:
+            # Bound here, with the gRPC port, so a taken port fails before anything starts.
+            try:
+                tls = config.tls
+                self.metrics_port = self.metrics.serve(
+                    exporter.host,
+                    exporter.port,
+                    # The listener's TLS covers /metrics too: the bind policy relies on it.
+                    cert_file=str(tls.cert_file) if tls.cert_file else None,
+                    key_file=str(tls.key_file) if tls.key_file else None,
+                    client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
+                )
+            except OSError as exc:
+                raise BindError(
+                    f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
+                    f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
+                ) from exc
 
     def start(self) -> None:
         """Start background work and serving; report SERVING for every service."""
+        if self.metrics_port is not None:
+            log.info(
+                "metrics on %s://%s:%d/metrics",
+                "https" if self._config.tls.enabled else "http",
+                self._config.metrics.host,
+                self.metrics_port,
+            )
         for task in self._background:
             task.start()
         for warning in insecure_listener_warnings(self._config):
             log.warning("%s", warning)
-        if self._config.metrics.port:
-            tls = self._config.tls
-            self.metrics_port = self.metrics.serve(
-                self._config.metrics.host,
-                self._config.metrics.port,
-                # The listener's TLS covers /metrics too: the bind policy relies on it.
-                cert_file=str(tls.cert_file) if tls.cert_file else None,
-                key_file=str(tls.key_file) if tls.key_file else None,
-                client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
-            )
-            log.info(
-                "metrics on %s://%s:%d/metrics",
-                "https" if tls.enabled else "http",
-                self._config.metrics.host,
-                self.metrics_port,
-            )
         self._server.start()
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("mlflow-sidecar serving on %s", self.address)

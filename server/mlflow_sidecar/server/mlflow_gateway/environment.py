@@ -10,7 +10,7 @@ from mlflow.tracking.request_header.databricks_request_header_provider import (
     DatabricksRequestHeaderProvider,
 )
 
-from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.config import AppConfig, export_mlflow_env
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +25,19 @@ def configure_mlflow_environment(config: AppConfig) -> None:
     env = os.environ
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
-    env["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(config.mlflow.request_timeout_s)
+    export_mlflow_env("MLFLOW_HTTP_REQUEST_TIMEOUT", str(config.mlflow.request_timeout_s))
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # Transfers are logged by the access log; tqdm bars would only clutter the sidecar's output.
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     env.setdefault("DO_NOT_TRACK", "true")
     if config.mlflow.username:
-        env["MLFLOW_TRACKING_USERNAME"] = config.mlflow.username
+        export_mlflow_env("MLFLOW_TRACKING_USERNAME", config.mlflow.username)
     if password := config.mlflow.password.get_secret_value():
-        env["MLFLOW_TRACKING_PASSWORD"] = password
+        export_mlflow_env("MLFLOW_TRACKING_PASSWORD", password)
     if token := config.mlflow.token.get_secret_value():
-        env["MLFLOW_TRACKING_TOKEN"] = token
+        export_mlflow_env("MLFLOW_TRACKING_TOKEN", token)
     if config.mlflow.insecure_tls:
-        env["MLFLOW_TRACKING_INSECURE_TLS"] = "true"
+        export_mlflow_env("MLFLOW_TRACKING_INSECURE_TLS", "true")
     settle_request_header_providers()
     if config.embedded:
         config.data_dir.mkdir(parents=True, exist_ok=True)

@@ -321,9 +321,11 @@ class MlflowGateway:
         location = self.call(op, not_found=ErrorReason.MODEL_VERSION_NOT_FOUND)
         return f"{location.rstrip('/')}/{sub_path}" if sub_path.strip("/") else location
 
-    def ping(self) -> None:
-        """One cheap call; raises UnavailableError when MLflow cannot be reached."""
-        self.call(lambda: self._client.search_experiments(max_results=1))
+    def ping(self, *, retry: bool = True) -> None:
+        """One cheap call; raises UnavailableError when MLflow cannot be reached.
+
+        `retry=False` makes one try only, for a probe that asks again on its own."""
+        self.call(lambda: self._client.search_experiments(max_results=1), retry=retry)
 
     # -- experiments ------------------------------------------------------------------
 

@@ -1,0 +1,95 @@
+"""A background probe of MLflow's reachability, reported as its own health service.
+
+The sidecar's services keep SERVING while MLflow is down (the spool takes metrics meanwhile),
+so MLflow's state gets a separate name that probes and dashboards can ask for."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from grpc_health.v1 import health, health_pb2
+
+log = logging.getLogger(__name__)
+
+MLFLOW_HEALTH_SERVICE = "mlflow"
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class MlflowProbe:
+    """Calls `ping` every `interval_s` and sets the `mlflow` health service from the outcome.
+
+    A WARNING is logged on every change between reachable and unreachable (not on every
+    failed ping, which would flood the log during a long outage)."""
+
+    def __init__(
+        self,
+        ping: Callable[[], None],
+        health_servicer: health.HealthServicer,
+        interval_s: float,
+        service: str = MLFLOW_HEALTH_SERVICE,
+    ) -> None:
+        self._ping = ping
+        self._health = health_servicer
+        self._interval_s = interval_s
+        self._service = service
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reachable: bool | None = None
+
+    @property
+    def reachable(self) -> bool | None:
+        """The last outcome; None before the first probe."""
+        return self._reachable
+
+    def start(self) -> None:
+        """Probe once at once, then every interval, in a daemon thread."""
+        self._health.set(self._service, health_pb2.HealthCheckResponse.UNKNOWN)
+        self._thread = threading.Thread(target=self._run, name="mlflow-probe", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the probe and report NOT_SERVING, as the rest of a stopping server does."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self._interval_s + 5)
+        self._health.set(self._service, _NOT_SERVING)
+
+    def probe_once(self) -> bool:
+        """One ping; updates the health service and logs a change. Returns reachability."""
+        try:
+            self._ping()
+        except Exception as exc:  # noqa: BLE001 - any failure of the ping means "unreachable"
+            lines = str(exc).splitlines()
+            self._record(False, lines[0] if lines else type(exc).__name__)
+            return False
+        self._record(True, "")
+        return True
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self.probe_once()
+            self._stopping.wait(self._interval_s)
+
+    def _record(self, reachable: bool, reason: str) -> None:
+        if self._stopping.is_set():
+            return
+        changed = reachable != self._reachable
+        first = self._reachable is None
+        self._reachable = reachable
+        if not changed:
+            return
+        self._health.set(self._service, _SERVING if reachable else _NOT_SERVING)
+        if not reachable:
+            log.warning(
+                "MLflow is unreachable: health service %r is NOT_SERVING (%s)",
+                self._service,
+                reason,
+            )
+        elif not first:
+            log.warning("MLflow is reachable again: health service %r is SERVING", self._service)
+        else:
+            log.info("MLflow is reachable: health service %r is SERVING", self._service)

@@ -1,0 +1,174 @@
+"""The CLI fails loudly on bad configuration (exit 2, one line naming the setting, no
+traceback), and `health` and `spool status` read the same configuration as `serve`."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from mlflow_sidecar.server.config import MLFLOW_ENV_KEYS
+from tests.support.processes import free_port
+from tests.support.sidecar_process import CLI, SidecarProcess
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test process's environment without any sidecar or MLflow setting, plus `extra`."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith("MLFLOW_SIDECAR") and name not in MLFLOW_ENV_KEYS
+    }
+    return {**env, **extra}
+
+
+def run_cli(args: list[str], env: dict[str, str], command: list[str] | None = None):
+    return subprocess.run(
+        [*(command or [CLI]), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def assert_one_line_failure(result: subprocess.CompletedProcess[str], *expected: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for text in expected:
+        assert text in lines[0]
+    return lines[0]
+
+
+def test_a_misspelt_variable_stops_serve(tmp_path):
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), MLFLOW_SIDECAR__SERVR__PORT="50052")
+    result = run_cli(["serve"], env)
+    assert_one_line_failure(
+        result, "MLFLOW_SIDECAR__SERVR__PORT", "did you mean MLFLOW_SIDECAR__SERVER__PORT?"
+    )
+
+
+def test_malformed_yaml_stops_serve(tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text("server:\n  port: 50052\n    workers: 4\n")
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path / "data"))
+    result = run_cli(["serve", "--config", str(config)], env)
+    assert_one_line_failure(result, f"config file {config} is not valid YAML", "line 3")
+
+
+def test_an_unwritable_data_dir_stops_serve(tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(blocker / "data"))
+    result = run_cli(["serve"], env)
+    assert_one_line_failure(result, "data_dir", "MLFLOW_SIDECAR__DATA_DIR", str(blocker / "data"))
+
+
+def test_a_busy_metrics_port_stops_serve(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            MLFLOW_SIDECAR__DATA_DIR=str(tmp_path),
+            MLFLOW_SIDECAR__SERVER__PORT=str(free_port()),
+            MLFLOW_SIDECAR__METRICS__PORT=str(port),
+        )
+        result = run_cli(["serve"], env)
+    assert_one_line_failure(result, "metrics.port", "MLFLOW_SIDECAR__METRICS__PORT", str(port))
+
+
+def test_serve_without_mlflow_says_how_to_install_the_server_extra(tmp_path):
+    # A client-only install: MLflow cannot be imported.
+    without_mlflow = (
+        "import sys; sys.modules['mlflow'] = None; "
+        "from mlflow_sidecar.server.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    env = clean_env(
+        MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), MLFLOW_SIDECAR__SERVER__PORT=str(free_port())
+    )
+    result = run_cli(["serve"], env, command=[sys.executable, "-c", without_mlflow])
+    assert_one_line_failure(result, "pip install 'mlflow-sidecar[server]'", "mlflow")
+
+
+@pytest.fixture()
+def served(tmp_path) -> Iterator[SidecarProcess]:
+    sidecar = SidecarProcess(tmp_path / "data")
+    sidecar.env = clean_env(**{k: v for k, v in sidecar.env.items() if "SIDECAR" in k})
+    sidecar.start()
+    yield sidecar
+    sidecar.stop()
+
+
+def test_health_and_spool_status_find_the_sidecar_from_the_environment(served):
+    env = clean_env(**{k: v for k, v in served.env.items() if "SIDECAR" in k})
+    health = run_cli(["health"], env)
+    assert health.returncode == 0, health.stderr
+    assert health.stdout.strip() == f"{served.target}: SERVING"
+    status = run_cli(["spool", "status"], env)
+    assert status.returncode == 0, status.stderr
+    assert f"spool:              {served.data_dir / 'spool.db'}" in status.stdout
+
+
+def test_health_and_spool_status_read_the_config_file(served, tmp_path):
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(f"data_dir: {served.data_dir}\nserver:\n  port: {served.port}\n")
+    env = clean_env()
+    health = run_cli(["health", "--config", str(config)], env)
+    assert health.stdout.strip() == f"{served.target}: SERVING"
+    status = run_cli(["spool", "status", "--json"], clean_env(MLFLOW_SIDECAR_CONFIG=str(config)))
+    assert status.returncode == 0, status.stderr
+    assert f'"spool": "{served.data_dir / "spool.db"}"' in status.stdout
+
+
+def test_health_without_config_probes_the_default_address_not_the_served_one(served):
+    # The counterpart of the two tests above: without the config, the probe looks elsewhere.
+    health = run_cli(["health", "--timeout", "1"], clean_env(MLFLOW_SIDECAR__SERVER__PORT="1"))
+    assert health.returncode == 1
+    assert health.stderr.startswith("127.0.0.1:1: ")
+
+
+def test_health_speaks_tls_when_the_config_does(tmp_path):
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(
+        f"data_dir: {tmp_path / 'data'}\nserver:\n  port: {port}\n"
+        f"tls:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n"
+    )
+    sidecar = SidecarProcess(tmp_path / "data")
+    sidecar.env = clean_env(MLFLOW_SIDECAR_CONFIG=str(config))
+    sidecar.launch()
+    try:
+        target = f"127.0.0.1:{port}"
+        args = ["health", "--config", str(config), "--ca-file", str(pki.ca_cert)]
+        for _ in range(300):
+            health = run_cli(args, clean_env())
+            if health.returncode == 0 or sidecar.proc is None or sidecar.proc.poll() is not None:
+                break
+        assert health.stdout.strip() == f"{target}: SERVING", sidecar.log_tail()
+        # A plaintext probe of the same address gets no answer.
+        assert run_cli(["health", "--target", target, "--timeout", "1"], clean_env()).returncode
+    finally:
+        sidecar.stop()
+
+
+def test_a_busy_grpc_port_stops_serve(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), MLFLOW_SIDECAR__SERVER__PORT=str(port)
+        )
+        result = run_cli(["serve"], env)
+    assert_one_line_failure(result, "server.port", "MLFLOW_SIDECAR__SERVER__PORT", str(port))
