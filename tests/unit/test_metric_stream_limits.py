@@ -149,7 +149,8 @@ def test_settings_reach_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     stream.close()
     container.shutdown_resources()
     defaults = ClientSettings()
-    assert (defaults.stream_reconnect_s, defaults.stream_when_full) == (60.0, "block")
+    assert (defaults.stream_reconnect_s, defaults.stream_buffer_points) == (60.0, 500_000)
+    assert defaults.stream_when_full == "block"
     assert ClientSettings(stream_reconnect_s=float("inf")).stream_reconnect_s == float("inf")
 
 

@@ -62,6 +62,10 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # The sidecar runs next to the trainer: once it is back from a restart, reach it
+        # within seconds, not after gRPC's default reconnect backoff of up to two minutes
+        # (calls fail at once while the channel waits, eating a stream's reconnect window).
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 
