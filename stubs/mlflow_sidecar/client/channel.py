@@ -1,14 +1,26 @@
-"""The client channel: retry service config (UNAVAILABLE only), keepalive, message limits."""
+"""The client channel: retry service config (UNAVAILABLE only), keepalive, message limits,
+and its lifetime: a `SharedChannel` stays open while any stub made from it is alive, closes
+when the last one is gone or on `close()`, and refuses calls after `close()` or in a forked
+child with our own FailedPreconditionError instead of gRPC's raw ValueError or a hang."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from mlflow_sidecar.client.errors import FailedPreconditionError
 from mlflow_sidecar.client.settings import ClientSettings
+
+CLIENT_CLOSED = "CLIENT_CLOSED"
+"""Reason of the error a call on a closed channel (or metric stream) raises."""
+
+CHANNEL_USED_AFTER_FORK = "CHANNEL_USED_AFTER_FORK"
+"""Reason of the error a call in a forked child on its parent's channel raises."""
 
 SERVICE_NAMES = (
     "mlflow_sidecar.v1.ExperimentTrackingService",
@@ -57,6 +69,10 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # The sidecar runs next to the trainer: once it is back from a restart, reach it
+        # within seconds, not after gRPC's default reconnect backoff of up to two minutes
+        # (calls fail at once while the channel waits, eating a stream's reconnect window).
+        ("grpc.max_reconnect_backoff_ms", 5_000),
     ]
 
 
@@ -74,20 +90,96 @@ def tls_credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
     )
 
 
-def open_channel(settings: ClientSettings) -> Iterator[grpc.Channel]:
-    """Yield a channel to the sidecar and close it afterwards (a dependency-injector Resource)."""
-    options = channel_options(settings.max_message_bytes, settings.max_attempts)
-    if settings.tls:
-        channel = grpc.secure_channel(settings.target, tls_credentials(settings), options=options)
-    else:
-        channel = grpc.insecure_channel(settings.target, options=options)
-    try:
-        if settings.token:
-            yield grpc.intercept_channel(channel, BearerTokenInterceptor(settings.token))
+class SharedChannel:
+    """One channel to the sidecar, shared by the stubs and clients made from `channel`.
+
+    Every stub made from `channel` holds this channel (through its interceptors), so the
+    channel lives as long as any of them, whoever dropped the container that made it; it
+    closes when the last is gone, or at once on `close()`. A call after `close()` raises
+    FailedPreconditionError (reason CLIENT_CLOSED); a call from a forked child raises
+    FailedPreconditionError (reason CHANNEL_USED_AFTER_FORK), as a gRPC channel belongs to
+    the process that opened it."""
+
+    def __init__(self, settings: ClientSettings) -> None:
+        options = channel_options(settings.max_message_bytes, settings.max_attempts)
+        if settings.tls:
+            raw = grpc.secure_channel(settings.target, tls_credentials(settings), options=options)
         else:
-            yield channel
-    finally:
-        channel.close()
+            raw = grpc.insecure_channel(settings.target, options=options)
+        self._raw = raw
+        self.pid = os.getpid()
+        self.closed = False
+        interceptors: list[Any] = [_ChannelGuard(self)]
+        if settings.token:
+            interceptors.append(BearerTokenInterceptor(settings.token))
+        self.channel: grpc.Channel = grpc.intercept_channel(raw, *interceptors)
+
+    def close(self) -> None:
+        """Close the channel: calls in progress are cancelled, later ones raise
+        FailedPreconditionError (CLIENT_CLOSED). Closing again does nothing."""
+        self.closed = True
+        self._raw.close()
+
+    def check_usable(self) -> None:
+        """Raise FailedPreconditionError if the channel is closed or this is a forked child."""
+        if self.closed:
+            raise FailedPreconditionError(
+                "the sidecar client is closed (close() or shutdown_resources() was called):"
+                " make a new ClientContainer",
+                reason=CLIENT_CLOSED,
+            )
+        if os.getpid() != self.pid:
+            raise FailedPreconditionError(
+                f"this sidecar channel was opened in process {self.pid}, not in this one"
+                f" ({os.getpid()}): a channel does not survive fork, make a new"
+                " ClientContainer in the child",
+                reason=CHANNEL_USED_AFTER_FORK,
+                metadata={"opened_in_pid": str(self.pid), "pid": str(os.getpid())},
+            )
+
+
+class _ChannelGuard(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Checks the channel before every call. Holding its `SharedChannel` is what keeps the
+    channel open while a stub lives (stubs hold their interceptors)."""
+
+    def __init__(self, owner: SharedChannel) -> None:
+        self._owner = owner
+
+    def _call(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        self._owner.check_usable()
+        outcome = continuation(details, request)
+        if self._owner.closed:
+            # Closed between the check and the call: gRPC reports a closed channel with
+            # a ValueError (inside a failed outcome); say it our way.
+            failed = isinstance(outcome, grpc.Future) and outcome.done()
+            if failed and isinstance(outcome.exception(), ValueError):
+                self._owner.check_usable()
+        return outcome
+
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request)
+
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
+        return self._call(continuation, client_call_details, request_iterator)
 
 
 class _ClientCallDetails(grpc.ClientCallDetails):
@@ -116,14 +208,22 @@ class BearerTokenInterceptor(
     def _details(self, details: grpc.ClientCallDetails) -> _ClientCallDetails:
         return _ClientCallDetails(details, (*(details.metadata or ()), self._header))
 
-    def intercept_unary_unary(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    def intercept_unary_unary(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    def intercept_unary_stream(
+        self, continuation: Any, client_call_details: Any, request: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request)
 
-    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request_iterator)
 
-    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):  # type: ignore[no-untyped-def]  # noqa: ANN001, ANN201
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return continuation(self._details(client_call_details), request_iterator)

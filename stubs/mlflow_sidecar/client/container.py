@@ -4,6 +4,10 @@
     container.config.from_dict({"target": "127.0.0.1:50051"})   # or load_env(container)
     tracking = container.experiment_tracking()
 
+The channel stays open as long as any client the container handed out is alive (dropping
+the container closes nothing a client still uses); `shutdown_resources()` closes it, after
+which calls on its clients raise FailedPreconditionError (reason CLIENT_CLOSED).
+
 A host application composes it into its own container with
 `sidecar = providers.Container(ClientContainer, config=config.sidecar)` and can
 override any provider (e.g. `experiment_tracking`) with a fake in its tests.
@@ -11,14 +15,26 @@ override any provider (e.g. `experiment_tracking`) with a fake in its tests.
 
 from __future__ import annotations
 
-from dependency_injector import containers, providers
+from dependency_injector import containers, providers, resources
 
-from mlflow_sidecar.client.channel import open_channel
+from mlflow_sidecar.client.channel import SharedChannel
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.client.settings import ClientEnvSettings, ClientSettings
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+
+
+class SharedChannelResource(resources.Resource[SharedChannel]):
+    """The container's channel: closed by `shutdown_resources()`, never by garbage
+    collection of the container, as the clients it handed out may outlive it."""
+
+    def init(self, settings: ClientSettings) -> SharedChannel:
+        return SharedChannel(settings)
+
+    def shutdown(self, resource: SharedChannel | None) -> None:
+        if resource is not None:
+            resource.close()
 
 
 class ClientContainer(containers.DeclarativeContainer):
@@ -28,7 +44,9 @@ class ClientContainer(containers.DeclarativeContainer):
     # Validated settings; keys a host's config leaves unset take their defaults.
     settings = providers.Singleton(ClientSettings.from_mapping, config)
 
-    channel = providers.Resource(open_channel, settings)
+    shared_channel = providers.Resource(SharedChannelResource, settings)
+    # The grpc.Channel every stub is made from; the stubs keep it open (see SharedChannel).
+    channel = shared_channel.provided.channel
     tracking_stub = providers.Singleton(tracking_pb2_grpc.ExperimentTrackingServiceStub, channel)
     registry_stub = providers.Singleton(registry_pb2_grpc.ModelRegistryServiceStub, channel)
     experiment_tracking = providers.Singleton(
@@ -40,7 +58,12 @@ class ClientContainer(containers.DeclarativeContainer):
         upload_attempts=settings.provided.max_attempts,
     )
     metric_stream = providers.Factory(
-        MetricStream, tracking_stub, max_message_bytes=settings.provided.metric_message_bytes
+        MetricStream,
+        tracking_stub,
+        max_message_bytes=settings.provided.metric_message_bytes,
+        max_buffered_points=settings.provided.stream_buffer_points,
+        when_full=settings.provided.stream_when_full,
+        retry_budget_s=settings.provided.stream_reconnect_s,
     )
     model_registry = providers.Singleton(
         GrpcModelRegistry,

@@ -14,6 +14,15 @@ carries messages for a short window; a window that fails with UNAVAILABLE is sen
 (points carry their timestamps, so a resend is an exact duplicate that MLflow ignores).
 While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log` blocks once
 its buffer is full: backpressure reaches the trainer instead of points being dropped.
+While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
+`retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
+(reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
+raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) instead of waiting and keeps
+nothing of its call.
+
+A stream belongs to the process that made it: in a forked child (os.fork, multiprocessing's
+`fork` start method) its `log` and `flush` raise FailedPreconditionError (reason
+STREAM_USED_AFTER_FORK) instead of hanging on a lock or a thread the child does not have.
 
 `log` takes no lock, because a lock is a third of what it costs, and never builds a
 message: that is the sender's work. It is still safe from any number of threads: a
@@ -29,13 +38,15 @@ from __future__ import annotations
 
 import collections
 import operator
+import os
 import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Mapping
 from types import TracebackType
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import grpc
 
@@ -45,6 +56,7 @@ from mlflow_sidecar.client.errors import (
     FailedPreconditionError,
     ResourceExhaustedError,
     SidecarError,
+    UnavailableError,
     error_from_rpc,
     error_from_status,
 )
@@ -62,6 +74,25 @@ about 20 KiB."""
 
 DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 """The largest message a stream sends unless it is given `max_message_bytes`."""
+
+DEFAULT_RECONNECT_S = 60.0
+"""How long a stream keeps trying to reach the sidecar unless given `retry_budget_s`."""
+
+DEFAULT_MAX_BUFFERED_POINTS = 500_000
+"""The most points a stream holds until the sidecar accepted them (about 12 MiB), unless
+it is given `max_buffered_points`."""
+
+CLIENT_BUFFER_FULL = "CLIENT_BUFFER_FULL"
+"""Reason of the error `log` raises on a full buffer with `when_full="raise"`."""
+
+SIDECAR_UNREACHABLE = "SIDECAR_UNREACHABLE"
+"""Reason of the error a stream fails with once the sidecar stayed unreachable too long."""
+
+STREAM_USED_AFTER_FORK = "STREAM_USED_AFTER_FORK"
+"""Reason of the error a stream raises in a forked child of the process that made it."""
+
+# Reason of the error `log` and `flush` raise on a closed stream (as a closed channel's).
+_CLIENT_CLOSED = "CLIENT_CLOSED"
 
 MAX_POINT_BYTES = 8 + 10 + 10
 """The most a point of a series takes on the wire (a double and two varints): a message
@@ -140,8 +171,19 @@ class _Refusing(dict[str, dict[str, _Row]]):
         raise self.error
 
 
+# Every live stream, so that a forked child can disarm its copies (see _after_fork).
+_STREAMS: weakref.WeakSet[MetricStream] = weakref.WeakSet()
+
+
 class MetricStream:
-    """Streams metric points of any runs to the sidecar's spool from a background thread."""
+    """Streams metric points of any runs to the sidecar's spool from a background thread.
+
+    `max_buffered_points` bounds the points held until the sidecar accepted them; when the
+    buffer is full, `when_full` decides: `block` makes `log` wait for room, `raise` makes it
+    raise ResourceExhaustedError (reason CLIENT_BUFFER_FULL). The bound is checked once per
+    batch, so it may be passed by up to `max_batch_points`. `retry_budget_s` is how long the
+    stream keeps trying while the sidecar is unreachable (0: not at all; `inf`: forever);
+    then it fails, and a blocked `log` raises that error."""
 
     def __init__(
         self,
@@ -151,9 +193,12 @@ class MetricStream:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_delay_s: float = 0.2,
         call_window_s: float = 2.0,
-        max_buffered_points: int = 500_000,
-        retry_budget_s: float = 60.0,
+        max_buffered_points: int = DEFAULT_MAX_BUFFERED_POINTS,
+        retry_budget_s: float = DEFAULT_RECONNECT_S,
+        when_full: Literal["block", "raise"] = "block",
     ) -> None:
+        if when_full not in ("block", "raise"):
+            raise ValueError(f"when_full must be 'block' or 'raise', not {when_full!r}")
         self._stub = stub
         self._max_batch = max_batch_points
         # Enough for one point of the longest run id and key, whatever the caller asked.
@@ -162,12 +207,17 @@ class MetricStream:
         self._window_s = call_window_s
         self._max_buffered = max_buffered_points
         self._retry_budget_s = retry_budget_s
+        self._raise_when_full = when_full == "raise"
+        self._pid = os.getpid()
         # Guards everything but the pending rows (see the module docstring).
         self._cond = threading.Condition(threading.Lock())
         # One cut at a time (the sender's, or a flush's); taken before self._cond.
         self._cut_lock = threading.Lock()
         # Rows by run id, then key.
-        self._pending: dict[str, dict[str, _Row]] = {}
+        self._rows: dict[str, dict[str, _Row]] = {}
+        # What log() looks rows up in: the rows, or while it must not add any (the stream
+        # failed, was closed, or its buffer is full with when_full="raise") a _Refusing.
+        self._pending: dict[str, dict[str, _Row]] = self._rows
         # Points logged since the last cut. Concurrent callers may lose an increment,
         # which only delays a count cut; the age cut does not depend on it.
         self._count = 0
@@ -187,6 +237,7 @@ class MetricStream:
         self._flushing = False
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
+        _STREAMS.add(self)
 
     # -- the trainer's side ------------------------------------------------------------
 
@@ -199,7 +250,8 @@ class MetricStream:
     def log(
         self, run_id: str, key: str, value: float, *, step: int = 0, timestamp_ms: int = 0
     ) -> None:
-        """Buffer one point; blocks only while the buffer is full (backpressure).
+        """Buffer one point; blocks only while the buffer is full (backpressure), or with
+        `when_full="raise"` raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) then.
 
         Raises TypeError (or ValueError, for a number out of range) at once for a point
         the sidecar would refuse: it never reaches a batch. Safe to call from several
@@ -262,7 +314,11 @@ class MetricStream:
             with self._cond:
                 self._closing = True
                 if self._error is None:
-                    self._fail(FailedPreconditionError("the metric stream is closed"))
+                    self._fail(
+                        FailedPreconditionError(
+                            "the metric stream is closed", reason=_CLIENT_CLOSED
+                        )
+                    )
                 self._cond.notify_all()
             self._thread.join(5)
 
@@ -292,14 +348,43 @@ class MetricStream:
             # only at the interpreter's switch interval), say so again only a batch later.
             self._signal_at = self._count + self._max_batch
             self._cond.notify_all()
-            # Backpressure: past the limit, the trainer waits for the sender.
+            # Backpressure: past the limit, the trainer waits for the sender, or with
+            # when_full="raise" log() refuses points until the sender made room.
             if self._buffered() >= self._max_buffered:
-                self._wait_for_room()
+                if self._raise_when_full:
+                    self._refuse_while_full()
+                else:
+                    self._wait_for_room()
 
     # -- internals (callers hold self._cond) -------------------------------------------
 
     def _buffered(self) -> int:
-        return self._count + self._queued_points
+        # Points on their way count too: the stream holds them until the sidecar has
+        # accepted them, to send them again after a failed call.
+        return self._count + self._queued_points + sum(n for _, n in self._in_flight)
+
+    def _refuse_while_full(self) -> None:
+        if self._error is None:
+            self._pending = _Refusing(
+                ResourceExhaustedError(
+                    f"the metric stream's buffer is full: {self._buffered()} points wait for"
+                    f" the sidecar (stream_buffer_points={self._max_buffered}); the point"
+                    " was not logged",
+                    reason=CLIENT_BUFFER_FULL,
+                    metadata={"buffer_points": str(self._max_buffered)},
+                    retry_after_s=self._max_delay_s,
+                )
+            )
+
+    def _reopen_if_room(self) -> None:
+        # Only after the sidecar accepted something: a failed call puts its points back,
+        # so room seen while they were on their way was never there.
+        if (
+            self._pending is not self._rows
+            and self._error is None
+            and self._buffered() < self._max_buffered
+        ):
+            self._pending = self._rows
 
     def _wait_for_room(self) -> None:
         self._raise_if_failed()
@@ -312,7 +397,7 @@ class MetricStream:
         if self._count >= self._max_batch:
             return True
         return time.monotonic() - self._last_cut >= self._max_delay_s and any(
-            any(rows.values()) for rows in self._pending.values()
+            any(rows.values()) for rows in self._rows.values()
         )
 
     def _fail(self, error: SidecarError) -> None:
@@ -329,6 +414,8 @@ class MetricStream:
 
     def _cut(self) -> int:
         """Queue what is pending, as few messages as fit; returns the points queued."""
+        if self._error is not None:
+            return 0  # nothing will be sent any more
         with self._cut_lock:
             self._count = 0
             self._signal_at = self._max_batch
@@ -337,7 +424,7 @@ class MetricStream:
             # appends from here on waits for the next cut, so that this one ends.
             rows: list[_Pending] = [
                 ((run_id, key), row, len(row) // _POINT.size)
-                for run_id, keys in list(self._pending.items())
+                for run_id, keys in list(self._rows.items())
                 for key, row in list(keys.items())
             ]
             rows = [(name, row, n) for name, row, n in rows if n]
@@ -443,11 +530,43 @@ class MetricStream:
             reply, _call = self._stub.StreamMetrics.with_call(self._requests())
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
+        except (SidecarError, ValueError) as exc:
+            # The channel was closed (gRPC's own channels say so with a ValueError) or is
+            # used in a forked child: nothing this stream holds can be sent any more.
+            error = (
+                exc
+                if isinstance(exc, SidecarError)
+                else FailedPreconditionError(
+                    f"the sidecar channel is closed: {exc}", reason=_CLIENT_CLOSED
+                )
+            )
+            with self._cond:
+                self._fail(error)
+                self._in_flight.clear()
+                self._cond.notify_all()
+            return None
         with self._cond:
             self._accepted += reply.accepted_points
             self._in_flight.clear()
+            self._reopen_if_room()
             self._cond.notify_all()
         return None
+
+    def _after_fork_in_child(self) -> None:
+        # The sender thread did not come along, and a lock it held stays held: new locks,
+        # and the stream fails so that log() and flush() raise instead of hanging.
+        self._cond = threading.Condition(threading.Lock())
+        self._cut_lock = threading.Lock()
+        self._closing = True  # close() in the child has nothing to do
+        self._fail(
+            FailedPreconditionError(
+                f"this metric stream was made in process {self._pid}, not in this one"
+                f" ({os.getpid()}): a stream does not survive fork; make a new"
+                " ClientContainer and metric stream in the child",
+                reason=STREAM_USED_AFTER_FORK,
+                metadata={"made_in_pid": str(self._pid), "pid": str(os.getpid())},
+            )
+        )
 
     def _settle_failure(self, exc: grpc.RpcError) -> grpc.StatusCode | None:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
@@ -484,4 +603,20 @@ def _accepted_from_trailers(exc: grpc.RpcError) -> int:
 def _exhausted_retries(code: grpc.StatusCode, budget_s: float) -> SidecarError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return ResourceExhaustedError(f"the sidecar's spool stayed full for {budget_s:.0f}s")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return UnavailableError(
+            f"the sidecar stayed unreachable for longer than stream_reconnect_s ({budget_s:g}s);"
+            " the points it had not accepted are lost: raise stream_reconnect_s to outlast"
+            " longer sidecar restarts",
+            reason=SIDECAR_UNREACHABLE,
+            metadata={"stream_reconnect_s": f"{budget_s:g}"},
+        )
     return error_from_status(code, f"the sidecar stayed {code.name} for {budget_s:.0f}s")
+
+
+def _after_fork() -> None:
+    for stream in list(_STREAMS):
+        stream._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mlflow_sidecar.client.metric_stream import DEFAULT_MAX_MESSAGE_BYTES
+from mlflow_sidecar.client.metric_stream import (
+    DEFAULT_MAX_BUFFERED_POINTS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_RECONNECT_S,
+)
 from mlflow_sidecar.client.transfer import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -40,6 +44,26 @@ class ClientSettings(BaseModel):
         le=MAX_CHUNK_BYTES,
         description="bytes per message of an upload; must fit max_message_bytes."
         " Unset: 1 MiB, or less when max_message_bytes is smaller",
+    )
+    stream_reconnect_s: float = Field(
+        DEFAULT_RECONNECT_S,
+        ge=0,
+        allow_inf_nan=True,
+        description="how long a metric stream keeps trying to reach the sidecar before it"
+        " gives up with UnavailableError (reason SIDECAR_UNREACHABLE); 0 gives up at the first"
+        " failed call, a large value (or inf) outlasts any sidecar restart",
+    )
+    stream_buffer_points: int = Field(
+        DEFAULT_MAX_BUFFERED_POINTS,
+        ge=1,
+        description="the most points a metric stream holds in the trainer's memory before"
+        " the sidecar accepted them",
+    )
+    stream_when_full: Literal["block", "raise"] = Field(
+        "block",
+        description="what `log` does when the stream's buffer is full: `block` waits for"
+        " room (until the stream gives up after stream_reconnect_s); `raise` raises"
+        " ResourceExhaustedError (reason CLIENT_BUFFER_FULL) and keeps nothing of that call",
     )
 
     @model_validator(mode="after")
