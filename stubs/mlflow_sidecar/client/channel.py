@@ -13,13 +13,13 @@ from typing import Any
 
 import grpc
 
-from mlflow_sidecar.client.errors import FailedPreconditionError
+from mlflow_sidecar.client.errors import ClientErrorReason, FailedPreconditionError
 from mlflow_sidecar.client.settings import ClientSettings
 
-CLIENT_CLOSED = "CLIENT_CLOSED"
+CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
 """Reason of the error a call on a closed channel (or metric stream) raises."""
 
-CHANNEL_USED_AFTER_FORK = "CHANNEL_USED_AFTER_FORK"
+CHANNEL_USED_AFTER_FORK = ClientErrorReason.CHANNEL_USED_AFTER_FORK
 """Reason of the error a call in a forked child on its parent's channel raises."""
 
 SERVICE_NAMES = (

@@ -77,6 +77,17 @@ class ErrorReason(StrEnum):
     MLFLOW_UNAVAILABLE = "MLFLOW_UNAVAILABLE"
 
 
+class ClientErrorReason(StrEnum):
+    """Reasons the typed client raises itself, for failures that never reach the sidecar
+    (its `ErrorReason` values are what the sidecar sends)."""
+
+    CLIENT_CLOSED = "CLIENT_CLOSED"
+    CHANNEL_USED_AFTER_FORK = "CHANNEL_USED_AFTER_FORK"
+    STREAM_USED_AFTER_FORK = "STREAM_USED_AFTER_FORK"
+    CLIENT_BUFFER_FULL = "CLIENT_BUFFER_FULL"
+    SIDECAR_UNREACHABLE = "SIDECAR_UNREACHABLE"
+
+
 # ErrorInfo metadata keys the sidecar fills.
 MLFLOW_ERROR_CODE_KEY = "mlflow_error_code"
 HTTP_STATUS_KEY = "http_status"

@@ -52,6 +52,7 @@ import grpc
 
 from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.client.errors import (
+    ClientErrorReason,
     DeadlineExceededError,
     FailedPreconditionError,
     ResourceExhaustedError,
@@ -82,17 +83,17 @@ DEFAULT_MAX_BUFFERED_POINTS = 500_000
 """The most points a stream holds until the sidecar accepted them (about 12 MiB), unless
 it is given `max_buffered_points`."""
 
-CLIENT_BUFFER_FULL = "CLIENT_BUFFER_FULL"
+CLIENT_BUFFER_FULL = ClientErrorReason.CLIENT_BUFFER_FULL
 """Reason of the error `log` raises on a full buffer with `when_full="raise"`."""
 
-SIDECAR_UNREACHABLE = "SIDECAR_UNREACHABLE"
+SIDECAR_UNREACHABLE = ClientErrorReason.SIDECAR_UNREACHABLE
 """Reason of the error a stream fails with once the sidecar stayed unreachable too long."""
 
-STREAM_USED_AFTER_FORK = "STREAM_USED_AFTER_FORK"
+STREAM_USED_AFTER_FORK = ClientErrorReason.STREAM_USED_AFTER_FORK
 """Reason of the error a stream raises in a forked child of the process that made it."""
 
 # Reason of the error `log` and `flush` raise on a closed stream (as a closed channel's).
-_CLIENT_CLOSED = "CLIENT_CLOSED"
+_CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
 
 MAX_POINT_BYTES = 8 + 10 + 10
 """The most a point of a series takes on the wire (a double and two varints): a message
