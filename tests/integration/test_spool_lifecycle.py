@@ -76,7 +76,9 @@ def small_disk(path: Path, size: str = "20m") -> Iterator[Path]:
         check=False,
     )
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+        pytest.fail(
+            f"cannot mount a tmpfs for the full-disk test: {mounted.stderr.decode().strip()}"
+        )
     try:
         yield path
     finally:
