@@ -9,12 +9,15 @@ requests; the sidecar retries it `retry.max_tries` times, then answers UNAVAILAB
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.client.domain import Metric
@@ -83,8 +86,11 @@ def tracking(tmp_path: Path, down_mlflow: Always503) -> Iterator[ExperimentTrack
         tmp_path,
         down_mlflow.url,
         retry={"max_tries": MAX_TRIES, "factor_s": 0.01, "max_backoff_s": 0.05, "max_time_s": 20},
+        # The reachability probe asks MLflow too: once at start, then not during the test.
+        mlflow={"probe_interval_s": 3600},
     )
     sidecar = RunningSidecar(config)
+    _wait_for_the_first_probe(sidecar.target)
     container = ClientContainer()
     container.config.from_dict(
         {"target": sidecar.target, "timeout_s": 30.0, "max_attempts": CLIENT_ATTEMPTS}
@@ -94,6 +100,19 @@ def tracking(tmp_path: Path, down_mlflow: Always503) -> Iterator[ExperimentTrack
     finally:
         container.shutdown_resources()
         sidecar.stop()
+
+
+def _wait_for_the_first_probe(target: str) -> None:
+    """Until the `mlflow` health service has its first answer (NOT_SERVING here)."""
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            reply = stub.Check(health_pb2.HealthCheckRequest(service="mlflow"), timeout=5)
+            if reply.status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                return
+            time.sleep(0.05)
+    raise AssertionError("the mlflow probe never answered")
 
 
 CALLS: dict[str, Callable[[ExperimentTracking], object]] = {
