@@ -15,7 +15,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     SidecarError,

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.domain import Metric
-from mlflow_sidecar.client.errors import ErrorReason, UnavailableError
-from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.errors import ErrorReason, UnavailableError
+from mlflow_sidecar.core.ports import ExperimentTracking
 from tests.integration.conftest import RunningSidecar, sidecar_config
 
 MAX_TRIES = 3
