@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     ResourceExhaustedError,
     SidecarError,

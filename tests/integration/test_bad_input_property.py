@@ -22,7 +22,7 @@ from grpc_status import rpc_status
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlflow_sidecar.client.errors import ERROR_DOMAIN
+from mlflow_sidecar.core.errors import ERROR_DOMAIN
 from mlflow_sidecar.v1 import registry_pb2, tracking_pb2
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 

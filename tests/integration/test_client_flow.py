@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlflow_sidecar.client import ClientContainer, Metric, RunStatus
-from mlflow_sidecar.client.errors import FailedPreconditionError, NotFoundError
+from mlflow_sidecar.core.errors import FailedPreconditionError, NotFoundError
 
 
 def test_trainer_sequence_through_the_container(sidecar, unique):

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import mlflow
 
-from mlflow_sidecar.client.domain import Metric
+from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 THREADS = 8

@@ -16,7 +16,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     PermissionDeniedError,
     SidecarError,

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
-from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
-from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
+from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config

@@ -11,8 +11,8 @@ import mlflow.pyfunc
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mlflow_sidecar.client.domain import RunStatus
-from mlflow_sidecar.client.errors import InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.domain import RunStatus
+from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
 from tests.support.files import random_file, tree_digests
 
 # What stock MLflow adds when it downloads a registered MLflow model (it has an MLmodel file).

@@ -19,9 +19,9 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import SidecarError
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.core.errors import SidecarError
 from tests.support.delay_proxy import DelayProxy
 from tests.support.processes import MlflowServer
 from tests.support.sidecar_process import SidecarProcess

@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

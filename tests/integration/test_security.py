@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     UnauthenticatedError,
     UnavailableError,

@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import UnavailableError
+from mlflow_sidecar.core.errors import UnavailableError
 from tests.support.sidecar_process import SidecarProcess
 
 # Longer than the stream's old fixed window of 60 s: only a longer stream_reconnect_s

@@ -8,7 +8,7 @@ import grpc
 import mlflow
 import pytest
 
-from mlflow_sidecar.client.errors import ErrorReason, SidecarError, error_from_rpc
+from mlflow_sidecar.core.errors import ErrorReason, SidecarError, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config

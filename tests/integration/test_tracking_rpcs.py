@@ -8,7 +8,7 @@ import sys
 import grpc
 import pytest
 
-from mlflow_sidecar.client.errors import ErrorReason, error_from_rpc
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 

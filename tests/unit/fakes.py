@@ -7,8 +7,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import AlreadyExistsError, NotFoundError, SidecarError
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.errors import AlreadyExistsError, NotFoundError, SidecarError
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
-from mlflow_sidecar.client.paths import FileTree, check_relative_path, is_sha256
+from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
 
 UNSAFE = {
     "absolute": "/etc/passwd",

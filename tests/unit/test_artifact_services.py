@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     InvalidArgumentError,
     NotFoundError,

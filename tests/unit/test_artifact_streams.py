@@ -15,7 +15,7 @@ import grpc
 import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 
-from mlflow_sidecar.client.errors import SidecarError
+from mlflow_sidecar.core.errors import SidecarError
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload, open_download
 
 

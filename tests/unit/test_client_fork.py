@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.client.errors import SidecarError
+from mlflow_sidecar.core.errors import SidecarError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer, MetricStream
-from mlflow_sidecar.client.errors import FailedPreconditionError
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 

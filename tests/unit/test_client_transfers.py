@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_sidecar.client.errors import DataLossError, InvalidArgumentError
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 

@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from mlflow_sidecar.client.errors import ResourceExhaustedError
+from mlflow_sidecar.core.errors import ResourceExhaustedError
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.disk_full import is_disk_full
 from mlflow_sidecar.server.staging import Staging

@@ -15,8 +15,8 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from mlflow_sidecar.client import errors
-from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
-from mlflow_sidecar.client.errors import ERROR_DOMAIN, ErrorReason, error_from_rpc
+from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.errors import ERROR_DOMAIN, ErrorReason, error_from_rpc
 from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.interceptors import (

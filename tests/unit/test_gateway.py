@@ -10,7 +10,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos import databricks_pb2
 
 from mlflow_sidecar.client import errors
-from mlflow_sidecar.client.errors import ErrorReason
+from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.domain import MetricColumns, MetricPoint
-from mlflow_sidecar.client.errors import InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import MetricColumns, MetricPoint
+from mlflow_sidecar.core.errors import InvalidArgumentError, ResourceExhaustedError
 from mlflow_sidecar.server.metric_series import SeriesBatch, stream_message_points
 from mlflow_sidecar.server.services.metric_ingest import _checked_series
 from mlflow_sidecar.server.spool.store import SpoolStore

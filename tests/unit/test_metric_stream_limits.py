@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from mlflow_sidecar.client import ClientContainer, ClientSettings, load_env
-from mlflow_sidecar.client.errors import ResourceExhaustedError, UnavailableError
 from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.core.errors import ResourceExhaustedError, UnavailableError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 

@@ -10,9 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.errors import FailedPreconditionError
 from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 
@@ -133,7 +133,7 @@ def test_numbers_out_of_range_are_refused_at_the_call(args, message):
 
 
 def test_metric_columns_behave_as_a_sequence_of_points():
-    from mlflow_sidecar.client.domain import MetricColumns, MetricPoint
+    from mlflow_sidecar.core.domain import MetricColumns, MetricPoint
 
     points = [MetricPoint(f"r{i % 2}", "k", float(i), 100 + i, i) for i in range(5)]
     columns = MetricColumns.from_points(points)
@@ -156,8 +156,8 @@ def test_metric_columns_behave_as_a_sequence_of_points():
     ],
 )
 def test_the_first_bad_point_of_a_message_is_named(column, bad, field):
-    from mlflow_sidecar.client.domain import MetricColumns
-    from mlflow_sidecar.client.errors import InvalidArgumentError
+    from mlflow_sidecar.core.domain import MetricColumns
+    from mlflow_sidecar.core.errors import InvalidArgumentError
     from mlflow_sidecar.server.services.metric_ingest import _check_points
 
     columns = MetricColumns(["r"] * 4, ["k"] * 4, [1.0] * 4, [5] * 4, [0] * 4)
@@ -182,7 +182,7 @@ def _request_with_series() -> pb.StreamMetricsRequest:
 
 
 def test_points_and_series_of_one_message_read_back_as_points_in_order():
-    from mlflow_sidecar.client.domain import MetricPoint
+    from mlflow_sidecar.core.domain import MetricPoint
 
     assert list(conv.metric_columns_from_pb(_request_with_series())) == [
         MetricPoint("r0", "a", 1.0, 7, 1),
@@ -207,7 +207,7 @@ def test_a_point_is_named_as_its_request_sent_it(index, field, name):
 
 
 def test_a_series_with_columns_of_different_lengths_is_refused():
-    from mlflow_sidecar.client.errors import InvalidArgumentError
+    from mlflow_sidecar.core.errors import InvalidArgumentError
 
     request = _request_with_series()
     del request.series[1].steps[1]
@@ -218,7 +218,7 @@ def test_a_series_with_columns_of_different_lengths_is_refused():
 
 
 def test_a_bad_point_of_a_series_is_named_by_its_series():
-    from mlflow_sidecar.client.errors import InvalidArgumentError
+    from mlflow_sidecar.core.errors import InvalidArgumentError
     from mlflow_sidecar.server.services.metric_ingest import _check_points
 
     request = _request_with_series()

@@ -8,9 +8,9 @@ from collections.abc import Iterator
 import grpc
 from grpc_status import rpc_status
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.errors import ErrorReason, ResourceExhaustedError, to_rpc_status
 from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError, to_rpc_status
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 HINT_S = 0.6

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlflow_sidecar.client import conversions as conv
 from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 

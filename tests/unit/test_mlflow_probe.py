@@ -6,7 +6,7 @@ import logging
 
 from grpc_health.v1 import health, health_pb2
 
-from mlflow_sidecar.client.errors import UnavailableError
+from mlflow_sidecar.core.errors import UnavailableError
 from mlflow_sidecar.server.mlflow_probe import MLFLOW_HEALTH_SERVICE, MlflowProbe
 
 SERVING = health_pb2.HealthCheckResponse.SERVING

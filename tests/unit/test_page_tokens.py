@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from mlflow_sidecar.client.errors import InternalError, InvalidArgumentError
+from mlflow_sidecar.core.errors import InternalError, InvalidArgumentError
 from mlflow_sidecar.server.mlflow_gateway import page_tokens
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import pytest
 
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core.domain import (
     ModelVersion,
     ModelVersionStatus,
     Page,
@@ -17,7 +17,7 @@ from mlflow_sidecar.client.domain import (
     Run,
     RunInfo,
 )
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     DeadlineExceededError,
     ErrorReason,
     FailedPreconditionError,

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server.idempotency import (
     IdempotencyInterceptor,
     RequestLedger,

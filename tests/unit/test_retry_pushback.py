@@ -15,7 +15,7 @@ import grpc
 import pytest
 
 from mlflow_sidecar.client.channel import channel_options
-from mlflow_sidecar.client.errors import ErrorReason, UnavailableError
+from mlflow_sidecar.core.errors import ErrorReason, UnavailableError
 from mlflow_sidecar.server.interceptors import ErrorMappingInterceptor
 
 # A method of a service the client's retry policy names.

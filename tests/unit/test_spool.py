@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from mlflow_sidecar.client.domain import Metric, MetricPoint
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import Metric, MetricPoint
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,

@@ -8,7 +8,7 @@ import sqlite3
 
 import pytest
 
-from mlflow_sidecar.client.domain import MetricPoint
+from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.server.data_dir_lock import DataDirLock
 from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore

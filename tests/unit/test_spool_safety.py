@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from mlflow_sidecar.client.domain import Metric, MetricPoint
-from mlflow_sidecar.client.errors import NotFoundError, ResourceExhaustedError
+from mlflow_sidecar.core.domain import Metric, MetricPoint
+from mlflow_sidecar.core.errors import NotFoundError, ResourceExhaustedError
 from mlflow_sidecar.server.disk_full import disk_full_error
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import (

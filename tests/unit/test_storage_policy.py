@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_sidecar.client.errors import InvalidArgumentError, PermissionDeniedError
+from mlflow_sidecar.core.errors import InvalidArgumentError, PermissionDeniedError
 from mlflow_sidecar.server.mlflow_gateway.storage_policy import StoragePolicy, check_uri_syntax
 
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlflow_sidecar.client.domain import Metric, MetricPoint, RunStatus
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import Metric, MetricPoint, RunStatus
+from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
     ErrorReason,

@@ -10,14 +10,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     CancelledError,
     DataLossError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.client.transfer import HashingWriter, collect_files, file_digest
+from mlflow_sidecar.core.transfer import HashingWriter, collect_files, file_digest
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifacts import decode_listing_token, encode_listing_token

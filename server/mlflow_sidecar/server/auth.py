@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from mlflow_sidecar.client.errors import UnauthenticatedError
+from mlflow_sidecar.core.errors import UnauthenticatedError
 from mlflow_sidecar.server.interceptors import abort_with_error
 
 log = logging.getLogger(__name__)

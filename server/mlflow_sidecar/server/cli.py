@@ -11,14 +11,13 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlflow_sidecar.client.channel import tls_credentials
-from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.server.config import AppConfig, ConfigError, load_config
 
 if TYPE_CHECKING:
@@ -146,14 +145,17 @@ def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
     # trust roots verify the sidecar's certificate.
     if not (args.ca_file or config.tls.enabled):
         return grpc.insecure_channel(args.target)
-    settings = ClientSettings(
-        target=args.target,
-        tls=True,
-        root_certificates_file=args.ca_file or "",
-        client_cert_file=args.cert_file or "",
-        client_key_file=args.key_file or "",
+    # grpc directly, not the trainer client: the probe runs often and must stay cheap.
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=_read_optional(args.ca_file),
+        private_key=_read_optional(args.key_file),
+        certificate_chain=_read_optional(args.cert_file),
     )
-    return grpc.secure_channel(args.target, tls_credentials(settings))
+    return grpc.secure_channel(args.target, credentials)
+
+
+def _read_optional(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
 
 
 def _health(args: argparse.Namespace) -> int:

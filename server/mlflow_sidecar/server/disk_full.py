@@ -9,7 +9,7 @@ import errno
 import sqlite3
 from collections.abc import Iterator
 
-from mlflow_sidecar.client.errors import ErrorReason, ResourceExhaustedError
+from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
 
 # How long a caller refused for a full spool or disk is told to wait before it tries again.
 RETRY_AFTER_FULL_S = 1.0

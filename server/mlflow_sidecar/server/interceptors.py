@@ -17,7 +17,7 @@ from typing import Any, NoReturn, cast
 import grpc
 from grpc_status import rpc_status
 
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     REQUEST_ID_KEY,
     InternalError,
     SidecarError,

@@ -18,8 +18,8 @@ from typing import overload
 import numpy as np
 import numpy.typing as npt
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.domain import MetricPoint
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 Floats = npt.NDArray[np.float64]

@@ -6,7 +6,7 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
-from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 
 # MLflow's own limits (mlflow.utils.validation), checked here so callers get the field name.
 MAX_KEY_LENGTH = 250

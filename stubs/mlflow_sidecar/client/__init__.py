@@ -1,10 +1,17 @@
 """The trainer-facing half of mlflow-sidecar: ports, domain types, errors, gRPC clients.
 
 Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.client.container`).
+The domain types, errors and ports live in `mlflow_sidecar.core`, shared with the sidecar;
+they are re-exported here.
 """
 
-from mlflow_sidecar.client.container import ClientContainer, load_env
-from mlflow_sidecar.client.domain import (
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.core.domain import (
     ArtifactInfo,
     Experiment,
     FileInfo,
@@ -22,10 +29,11 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import SidecarError
-from mlflow_sidecar.client.metric_stream import MetricStream
-from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
-from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.core.errors import SidecarError
+from mlflow_sidecar.core.ports import ExperimentTracking, ModelRegistry
+
+if TYPE_CHECKING:
+    from mlflow_sidecar.client.container import ClientContainer, load_env
 
 __all__ = [
     "ArtifactInfo",
@@ -52,3 +60,19 @@ __all__ = [
     "ViewType",
     "load_env",
 ]
+
+# dependency-injector takes most of a second to import; code that only needs the domain
+# types, the errors or a gRPC client should not pay for it, so the container is imported
+# on first use.
+_LAZY = frozenset({"ClientContainer", "load_env"})
+
+
+def __getattr__(name: str) -> Any:
+    """Import `ClientContainer` and `load_env` (and dependency-injector) on first use."""
+    if name in _LAZY:
+        from mlflow_sidecar.client import container
+
+        value: Any = getattr(container, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,8 +13,8 @@ from typing import Any
 
 import grpc
 
-from mlflow_sidecar.client.errors import ClientErrorReason, FailedPreconditionError
 from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
 CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
 """Reason of the error a call on a closed channel (or metric stream) raises."""

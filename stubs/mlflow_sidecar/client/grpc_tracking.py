@@ -12,8 +12,10 @@ from typing import TypeVar
 
 import grpc
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.client.downloads import partial_path
+from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
     ArtifactInfo,
@@ -28,19 +30,17 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     DataLossError,
     InvalidArgumentError,
     error_from_rpc,
 )
-from mlflow_sidecar.client.paths import check_relative_path
-from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
-from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
-from mlflow_sidecar.client.transfer import (
+from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.ports import ExperimentTracking, StrPath
+from mlflow_sidecar.core.transfer import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,
     HashingWriter,
-    partial_path,
     read_chunks,
     report,
 )

@@ -50,8 +50,8 @@ from typing import Any, Literal, NoReturn
 
 import grpc
 
-from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.errors import (
     ClientErrorReason,
     DeadlineExceededError,
     FailedPreconditionError,

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar
 import backoff
 import grpc
 
-from mlflow_sidecar.client.errors import UnavailableError, error_from_rpc
+from mlflow_sidecar.core.errors import UnavailableError, error_from_rpc
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from google.protobuf.message import Message
 
-from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.validation import MAX_CLIENT_REQUEST_ID_LENGTH
 

@@ -29,7 +29,7 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     DataLossError,
     DeadlineExceededError,
     ErrorReason,

@@ -10,7 +10,7 @@ from mlflow.entities import Run as MlflowRun
 from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
 
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core.domain import (
     Experiment,
     LifecycleStage,
     Metric,

@@ -9,7 +9,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 from sqlalchemy.exc import OperationalError
 
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     HTTP_STATUS_KEY,
     MLFLOW_ERROR_CODE_KEY,
     AlreadyExistsError,

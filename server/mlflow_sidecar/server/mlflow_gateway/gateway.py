@@ -18,8 +18,8 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking import MlflowClient
 
-from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
     ErrorReason,

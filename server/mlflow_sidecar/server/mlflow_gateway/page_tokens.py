@@ -15,7 +15,7 @@ import binascii
 import json
 from typing import Any
 
-from mlflow_sidecar.client.errors import ErrorReason, InternalError, InvalidArgumentError
+from mlflow_sidecar.core.errors import ErrorReason, InternalError, InvalidArgumentError
 
 # No list the sidecar pages through is anywhere near this long; larger offsets are forged.
 MAX_OFFSET = 1_000_000_000

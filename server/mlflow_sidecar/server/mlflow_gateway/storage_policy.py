@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mlflow_sidecar.client.errors import ErrorReason, InvalidArgumentError, PermissionDeniedError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, PermissionDeniedError
 
 # Percent-encoded dot, slash, backslash and NUL: spelled so they slip past a plain `..` check.
 _ENCODED_TRICK_RE = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)

@@ -7,8 +7,8 @@ from typing import TypeAlias
 
 import grpc
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active

@@ -17,17 +17,17 @@ from typing import Protocol, TypeVar
 
 import grpc
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.domain import ModelVersion
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import ModelVersion
+from mlflow_sidecar.core.errors import (
     CancelledError,
     DataLossError,
     ErrorReason,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.client.paths import FileTree, check_relative_path, is_sha256
-from mlflow_sidecar.client.transfer import (
+from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
+from mlflow_sidecar.core.transfer import (
     CHUNK_FRAMING_BYTES,
     HashingWriter,
     collect_files,

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import grpc
 
-from mlflow_sidecar.client import conversions as conv
-from mlflow_sidecar.client.conversions import ACCEPTED_POINTS_METADATA
-from mlflow_sidecar.client.domain import RunStatus
-from mlflow_sidecar.client.errors import CancelledError, InvalidArgumentError
-from mlflow_sidecar.client.ports import ExperimentTracking
+from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.domain import RunStatus
+from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
+from mlflow_sidecar.core.ports import ExperimentTracking
 from mlflow_sidecar.server.metric_series import stream_message_points
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     FailedPreconditionError,
     SidecarError,
     UnavailableError,
 )
-from mlflow_sidecar.client.transfer import read_chunks
+from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload

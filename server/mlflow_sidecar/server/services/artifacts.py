@@ -9,14 +9,14 @@ import os
 import shutil
 from pathlib import Path
 
-from mlflow_sidecar.client.domain import FileInfo
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import FileInfo
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.client.paths import check_relative_path
+from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.staging import Staging
 

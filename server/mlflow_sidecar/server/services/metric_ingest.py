@@ -8,8 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mlflow_sidecar.client.domain import FlushResult, MetricColumns, MetricPoint
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.core.domain import FlushResult, MetricColumns, MetricPoint
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.metric_series import SeriesBatch

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core.domain import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     LifecycleStage,
@@ -21,7 +21,7 @@ from mlflow_sidecar.client.domain import (
     RegisteredModel,
     RunStatus,
 )
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
     ErrorReason,
@@ -29,8 +29,8 @@ from mlflow_sidecar.client.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from mlflow_sidecar.client.ports import ModelRegistry, StrPath
-from mlflow_sidecar.client.transfer import collect_files, report
+from mlflow_sidecar.core.ports import ModelRegistry, StrPath
+from mlflow_sidecar.core.transfer import collect_files, report
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG

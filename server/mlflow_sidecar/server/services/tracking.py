@@ -7,8 +7,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow_sidecar.client import domain
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
     MAX_METRIC_PAGE_SIZE,
@@ -26,7 +26,7 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
     ErrorReason,
@@ -34,9 +34,9 @@ from mlflow_sidecar.client.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from mlflow_sidecar.client.paths import check_relative_path
-from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
-from mlflow_sidecar.client.transfer import file_digest, report
+from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.ports import ExperimentTracking, StrPath
+from mlflow_sidecar.core.transfer import file_digest, report
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
 from mlflow_sidecar.server.keyed_locks import KeyedLocks

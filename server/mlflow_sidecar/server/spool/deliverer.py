@@ -9,8 +9,8 @@ from collections.abc import Callable, Sequence
 
 import backoff
 
-from mlflow_sidecar.client.domain import Metric
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mlflow_sidecar.client.domain import Metric, MetricColumns, MetricPoint
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import Metric, MetricColumns, MetricPoint
+from mlflow_sidecar.core.errors import (
     ErrorReason,
     FailedPreconditionError,
     ResourceExhaustedError,

@@ -1,4 +1,5 @@
-"""File plumbing for streamed transfers, shared by the gRPC clients and the sidecar.
+"""File plumbing for streamed transfers, shared by the gRPC clients and the sidecar:
+chunk sizes and framing, hashing, directory walks and the verifying writer.
 
 Everything here works in bounded memory: files are hashed, read and written one
 chunk at a time, never held whole.
@@ -9,20 +10,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from mlflow_sidecar.client.domain import Progress
-from mlflow_sidecar.client.errors import (
+from mlflow_sidecar.core.domain import Progress
+from mlflow_sidecar.core.errors import (
     DataLossError,
     ErrorReason,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.client.paths import check_relative_path
+from mlflow_sidecar.core.paths import check_relative_path
 
 MIB = 1024 * 1024
 DEFAULT_CHUNK_BYTES = MIB
@@ -207,10 +207,3 @@ class HashingWriter:
     ) -> None:
         if exc_type is not None or not self._finished:
             self.discard()
-
-
-def partial_path(final: Path) -> Path:
-    """A hidden sibling of `final` to download into, renamed over `final` once verified.
-
-    The name does not repeat `final`'s, which may already be as long as names can be."""
-    return final.with_name(f".sidecar-{uuid.uuid4().hex}.partial")

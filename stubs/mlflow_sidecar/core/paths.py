@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.core.errors import InvalidArgumentError
 
 MAX_PATH_BYTES = 1024
 # Most filesystems refuse longer names (NAME_MAX); refusing them here names the field.

@@ -1,8 +1,8 @@
 """The ports trainer code depends on: `ExperimentTracking` and `ModelRegistry`.
 
 Each is implemented twice: by the MLflow-backed services inside the sidecar and by
-the gRPC clients in this package. Trainer tests can inject a fake of their own.
-Every method raises `mlflow_sidecar.client.errors.SidecarError` subclasses.
+the gRPC clients in `mlflow_sidecar.client`. Trainer tests can inject a fake of their own.
+Every method raises `mlflow_sidecar.core.errors.SidecarError` subclasses.
 
 Every method that creates, renames, ends, uploads or deletes takes `request_id`: the id of
 one logical call, kept across its retries, so that it takes effect once. The gRPC clients
@@ -17,7 +17,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core.domain import (
     DEFAULT_METRIC_PAGE_SIZE,
     DEFAULT_PAGE_SIZE,
     ArtifactInfo,

@@ -6,7 +6,7 @@ clients both use it, so the two sides cannot drift apart.
 
 from __future__ import annotations
 
-from mlflow_sidecar.client.domain import (
+from mlflow_sidecar.core.domain import (
     Experiment,
     FileInfo,
     LifecycleStage,
@@ -21,7 +21,7 @@ from mlflow_sidecar.client.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.client.errors import InvalidArgumentError
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
