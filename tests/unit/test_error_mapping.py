@@ -400,3 +400,28 @@ def test_a_full_disk_on_any_write_path_is_resource_exhausted(server_and_service)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "disk is full" in (err.value.details() or "")
     assert error_from_rpc(err.value).reason == ErrorReason.DISK_FULL
+
+
+def test_a_field_violation_describes_the_problem_without_repeating_the_field():
+    # Errors other than INVALID_ARGUMENT name a field too (PERMISSION_DENIED on `source`).
+    error = errors.PermissionDeniedError(
+        "source: the location is outside the artifact stores",
+        reason=ErrorReason.PATH_OUTSIDE_ROOTS,
+        field="source",
+    )
+    (violation,) = [
+        v
+        for d in errors.to_rpc_status(error).details
+        if d.Is(error_details_pb2.BadRequest.DESCRIPTOR)
+        for v in _unpacked_bad_request(d).field_violations
+    ]
+    assert (violation.field, violation.description) == (
+        "source",
+        "the location is outside the artifact stores",
+    )
+
+
+def _unpacked_bad_request(detail) -> error_details_pb2.BadRequest:
+    message = error_details_pb2.BadRequest()
+    detail.Unpack(message)
+    return message

@@ -86,6 +86,7 @@ class ErrorReason(StrEnum):
     MODEL_VERSION_NOT_FOUND = "MODEL_VERSION_NOT_FOUND"
     ALIAS_NOT_FOUND = "ALIAS_NOT_FOUND"
     ARTIFACT_NOT_FOUND = "ARTIFACT_NOT_FOUND"
+    TAG_NOT_FOUND = "TAG_NOT_FOUND"
     # FAILED_PRECONDITION
     RUN_NOT_ACTIVE = "RUN_NOT_ACTIVE"
     EXPERIMENT_NOT_ACTIVE = "EXPERIMENT_NOT_ACTIVE"
@@ -320,7 +321,8 @@ def to_rpc_status(error: SidecarError) -> status_pb2.Status:
     status = status_pb2.Status(code=error.code.value[0], message=error.message)
     status.details.add().Pack(info)
     if error.field:
-        problem = error.problem if isinstance(error, InvalidArgumentError) else error.message
+        # The message names the field first; the violation names it in its own slot.
+        problem = error.message.removeprefix(f"{error.field}: ")
         violation = error_details_pb2.BadRequest.FieldViolation(
             field=error.field, description=problem
         )

@@ -62,6 +62,7 @@ class ExperimentTrackingServiceStub:
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
@@ -232,6 +233,7 @@ class ExperimentTrackingServiceServicer:
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
@@ -572,6 +574,7 @@ class ExperimentTrackingService:
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".

@@ -578,7 +578,11 @@ class MlflowGateway:
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""
-        self._delete_once(lambda: self._client.delete_tag(run_id, key), ErrorReason.RUN_NOT_FOUND)
+        self._delete_tag(
+            lambda: self._client.delete_tag(run_id, key),
+            lambda: self._client.get_run(run_id),
+            ErrorReason.RUN_NOT_FOUND,
+        )
 
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
@@ -743,6 +747,21 @@ class MlflowGateway:
 
         self.call_once(attempt, not_found=not_found)
 
+    def _delete_tag(
+        self,
+        delete: Callable[[], object],
+        get_owner: Callable[[], object],
+        owner_missing: ErrorReason,
+    ) -> None:
+        """A tag delete: MLflow says "does not exist" alike for a missing tag and a missing
+        run, model or version, so on NOT_FOUND the owner is looked up (on that path only)
+        to name which one is missing."""
+        try:
+            self._delete_once(delete, ErrorReason.TAG_NOT_FOUND)
+        except NotFoundError:
+            self.call(get_owner, not_found=owner_missing)
+            raise
+
     def delete_registered_model(self, name: str) -> None:
         """Delete a registered model and its versions."""
         self._delete_once(
@@ -758,8 +777,9 @@ class MlflowGateway:
 
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         """Delete one tag of a registered model."""
-        self._delete_once(
+        self._delete_tag(
             lambda: self._client.delete_registered_model_tag(name, key),
+            lambda: self._client.get_registered_model(name),
             ErrorReason.MODEL_NOT_FOUND,
         )
 
@@ -883,8 +903,9 @@ class MlflowGateway:
 
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version."""
-        self._delete_once(
+        self._delete_tag(
             lambda: self._client.delete_model_version_tag(name, str(version), key),
+            lambda: self._client.get_model_version(name, str(version)),
             ErrorReason.MODEL_VERSION_NOT_FOUND,
         )
 
