@@ -8,7 +8,7 @@ import sqlite3
 import pytest
 
 from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
-from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
+from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError, prepare
 
 
 def test_a_second_lock_on_a_data_dir_is_refused_naming_the_holder(tmp_path):

@@ -63,6 +63,15 @@ def test_the_server_never_imports_the_client():
     assert offenders(SERVER, "mlflow_sidecar.client") == []
 
 
+def test_only_the_gateway_imports_mlflow():
+    gateway = SERVER / "mlflow_gateway"
+    outside = [
+        o for o in offenders(SERVER, "mlflow") if not o.startswith(str(gateway.relative_to(REPO)))
+    ]
+    assert outside == []
+    assert offenders(gateway, "mlflow"), "the check must see the gateway's own imports"
+
+
 @pytest.mark.parametrize("forbidden", ["mlflow_sidecar.client", "mlflow", "dependency_injector"])
 def test_core_imports_neither_client_nor_mlflow_nor_dependency_injector(forbidden):
     assert list(CORE.rglob("*.py")), CORE

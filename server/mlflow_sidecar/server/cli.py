@@ -91,8 +91,8 @@ def _serve_locked(config: AppConfig) -> int:
     from mlflow_sidecar.server.config import describe
 
     try:
-        from mlflow_sidecar.server.embedded_store import EmbeddedStoreError, prepare
         from mlflow_sidecar.server.grpc_server import BindError
+        from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError, prepare
         from mlflow_sidecar.server.observability import configure_logging
         from mlflow_sidecar.server.spool.store import SpoolVersionError
 
