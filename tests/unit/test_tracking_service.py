@@ -167,8 +167,9 @@ def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
 ):
     gateway.deliveries_open.clear()
     service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
-    run = service.end_run(run_id, RunStatus.FINISHED, end_time_ms=5_000)
+    run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
     assert run.info.status is RunStatus.RUNNING
+    assert pending == 1
     assert service.flush_metrics(run_id, timeout_s=0).pending_points == 1
     gateway.deliveries_open.set()
     assert service.flush_metrics(run_id, timeout_s=5).pending_points == 0

@@ -10,10 +10,10 @@ from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
-from mlflow_sidecar.core.ports import ExperimentTracking
 from mlflow_sidecar.server.metric_series import stream_message_points
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
+from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -30,7 +30,7 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
     through `transfers` as they arrive (staged on disk only for stores that take files)."""
 
     def __init__(
-        self, service: ExperimentTracking, transfers: ArtifactTransfers, staging: Staging
+        self, service: TrackingService, transfers: ArtifactTransfers, staging: Staging
     ) -> None:
         self._service = service
         self._transfers = transfers
@@ -126,14 +126,13 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
             status = known
         else:
             raise InvalidArgumentError("status", f"unknown run status {request.status}")
-        run = self._service.end_run(
+        # Repeats of a request id are answered by the ledger before they get here.
+        run, pending = self._service.end_run_with_pending(
             request.run_id,
             status,
             end_time_ms=request.end_time_ms,
-            request_id=request.request_id,
             wait_for_delivery=request.wait_for_delivery,
         )
-        pending = self._service.flush_metrics(request.run_id, timeout_s=0).pending_points
         return pb.EndRunResponse(run=conv.run_to_pb(run), pending_points=pending)
 
     def DeleteRun(

@@ -250,7 +250,21 @@ class TrackingService(ExperimentTracking):
         request_id: str = "",
         wait_for_delivery: bool = False,
     ) -> Run:
-        """End a run once its spooled points are in MLflow, so its history is complete.
+        run, _pending = self.end_run_with_pending(
+            run_id, status, end_time_ms=end_time_ms, wait_for_delivery=wait_for_delivery
+        )
+        return run
+
+    def end_run_with_pending(
+        self,
+        run_id: str,
+        status: RunStatus = RunStatus.FINISHED,
+        *,
+        end_time_ms: int = 0,
+        wait_for_delivery: bool = False,
+    ) -> tuple[Run, int]:
+        """End a run once its spooled points are in MLflow, so its history is complete;
+        returns the run and how many of its points are still to be delivered first.
 
         With no points of the run in the spool, the run is ended in MLflow at once. With a
         backlog the end is recorded in the spool (durably) and applied by the deliverer
@@ -267,17 +281,17 @@ class TrackingService(ExperimentTracking):
         if not self._ingest.pending(run_id):
             self._gateway.set_terminated(run_id, status, ended_ms)
             self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
-            return self._gateway.get_run(run_id)
-        self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
+            return self._gateway.get_run(run_id), 0
+        pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
         if wait_for_delivery:
-            left = self._ingest.flush(run_id).pending_points
+            pending = self._ingest.flush(run_id).pending_points
             if not self._ingest.ended(run_id):
                 raise DeadlineExceededError(
-                    f"run {run_id} is not ended in MLflow yet: {left} of its points are still"
-                    " being delivered; its end is recorded and follows them",
+                    f"run {run_id} is not ended in MLflow yet: {pending} of its points are"
+                    " still being delivered; its end is recorded and follows them",
                     reason=ErrorReason.RUN_END_PENDING,
                 )
-        return self._gateway.get_run(run_id)
+        return self._gateway.get_run(run_id), pending
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
         check.run_id("run_id", run_id)
