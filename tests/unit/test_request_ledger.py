@@ -161,7 +161,7 @@ def test_the_interceptor_leaves_methods_without_request_ids_alone(ledger):
     wrapped = IdempotencyInterceptor(ledger).intercept_service(
         lambda details: handler, _Details(GET)
     )
-    assert wrapped is handler
+    assert wrapped.unary_unary is behavior
 
 
 def test_the_interceptor_refuses_a_malformed_request_id(ledger):

@@ -53,7 +53,7 @@ def _wrap_handler(
     return handler
 
 
-class _WrappedHandlers:
+class WrappedHandlers:
     """Each method's handler, wrapped once rather than on every call.
 
     A wrapped handler is reused only while the handler underneath is the very same
@@ -82,7 +82,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, default_deadline_s: float | None = None) -> None:
         self._default_deadline_s = default_deadline_s
-        self._handlers = _WrappedHandlers(self._wrap)
+        self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,
@@ -197,7 +197,7 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: SidecarMetrics | None = None) -> None:
         self._metrics = metrics
-        self._handlers = _WrappedHandlers(self._wrap)
+        self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,

@@ -10,28 +10,33 @@ only their service reads; it consults the ledger itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, TypeAlias, cast
+from typing import Any, cast
 
 import grpc
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from mlflow_sidecar.server.idempotency.ledger import RequestLedger, check_request_id, fingerprint
+from mlflow_sidecar.server.interceptors import Behavior, WrappedHandlers
 
-# Quoted: grpc's class is generic only in its type stubs.
-Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _FIELD = "request_id"
 
 
 def _answer_class(method: str) -> type[Message] | None:
-    """The response class of `/package.Service/Method` when its request has a request id."""
+    """The response class of `/package.Service/Method` when it is a unary call whose
+    request has a request id; None for every other method."""
     service_name, _, method_name = method.lstrip("/").rpartition("/")
     try:
         service = descriptor_pool.Default().FindServiceByName(service_name)
     except KeyError:
         return None
     found = service.methods_by_name.get(method_name)
-    if found is None or _FIELD not in found.input_type.fields_by_name:
+    if (
+        found is None
+        or found.client_streaming
+        or found.server_streaming
+        or _FIELD not in found.input_type.fields_by_name
+    ):
         return None
     return message_factory.GetMessageClass(found.output_type)
 
@@ -41,30 +46,19 @@ class IdempotencyInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, ledger: RequestLedger) -> None:
         self._ledger = ledger
-        self._wrapped: dict[str, tuple[object, Handler | None]] = {}
+        self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None and cached[0] is handler:
-            return cached[1]
-        wrapped = self._wrap(handler, method)
-        if handler is not None:
-            self._wrapped[method] = (handler, wrapped)
-        return wrapped
+    ) -> Any:
+        return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
-    def _wrap(self, handler: Handler | None, method: str) -> Handler | None:
-        if handler is None or handler.unary_unary is None:
-            return handler
+    def _wrap(self, behavior: Behavior, _streaming_response: bool, method: str) -> Behavior:
         answer_class = _answer_class(method)
         if answer_class is None:
-            return handler
-        behavior = handler.unary_unary
+            return behavior
         ledger = self._ledger
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
@@ -79,4 +73,4 @@ class IdempotencyInterceptor(grpc.ServerInterceptor):
             )
             return answer_class.FromString(raw)
 
-        return cast(Any, handler)._replace(unary_unary=unary)  # type: ignore[no-any-return]
+        return unary
