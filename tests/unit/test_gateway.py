@@ -14,7 +14,8 @@ from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
-from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, search_field, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.sources import quoted
 
 
 def _wrapped_connection_error() -> MlflowException:
@@ -107,6 +108,7 @@ def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata
 
 def test_what_is_missing_is_named_by_the_gateway_operation(tmp_path):
     gateway = MlflowGateway(load_config(data_dir=tmp_path))
+    gateway.open()
     with pytest.raises(errors.NotFoundError) as err:
         gateway.get_run("0" * 32)
     assert err.value.reason == ErrorReason.RUN_NOT_FOUND
@@ -232,3 +234,38 @@ _POSTGRES_DUPLICATE = (
 def test_no_sql_reaches_a_caller(message, expected):
     error = to_domain_error(MlflowException(message, databricks_pb2.RESOURCE_ALREADY_EXISTS))
     assert error.message == expected
+
+
+# -- which search field an MLflow complaint is about -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "given", "field"),
+    [
+        ("Invalid comparator for attribute: ~~", {"filter_string": "x"}, "filter"),
+        ("Invalid attribute key 'bogus' specified.", {"order_by": ["bogus"]}, "order_by"),
+        ("anything", {"page_token": "t"}, "page_token"),
+        (
+            "Invalid page token, could not base64-decode",
+            {"filter_string": "x", "page_token": "t"},
+            "page_token",
+        ),
+        (
+            "Invalid ordering key in order_by clause 'name SIDEWAYS'.",
+            {"filter_string": "x", "order_by": ["name SIDEWAYS"]},
+            "order_by",
+        ),
+        ("Invalid comparator", {"filter_string": "x", "order_by": ["name"]}, ""),
+    ],
+)
+def test_search_complaints_name_their_field(message, given, field):
+    args = {"filter_string": "", "order_by": [], "page_token": "", **given}
+    assert search_field(message, **args) == field
+
+
+def test_filter_literals_are_quoted_with_the_quote_the_value_lacks():
+    assert quoted("agent") == "'agent'"
+    assert quoted("it's") == '"it\'s"'
+    with pytest.raises(errors.InvalidArgumentError) as err:
+        quoted('it\'s "x"')
+    assert err.value.field == "name"

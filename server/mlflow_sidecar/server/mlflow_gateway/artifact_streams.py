@@ -21,7 +21,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
@@ -37,6 +36,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.port import StreamedDownload
 
 log = logging.getLogger(__name__)
 
@@ -193,15 +193,6 @@ class StreamedUpload:
         self._queue.put_nowait(_ABORT)
         self._thread.join(_ABORT_JOIN_S)
         return True
-
-
-@dataclass(frozen=True, slots=True)
-class StreamedDownload:
-    """An artifact file coming from MLflow: its size and its bytes, as they arrive."""
-
-    size_bytes: int
-    chunks: Iterator[bytes]
-    close: Callable[[], None]
 
 
 def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload | None:

@@ -40,7 +40,7 @@ from mlflow_sidecar.core.transfer import file_digest, report
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.services.artifacts import (
     artifact_file,
     check_upload_size,
@@ -86,7 +86,7 @@ class TrackingService(ExperimentTracking):
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
 
-    def __init__(self, gateway: MlflowGateway, ingest: MetricIngest, staging: Staging) -> None:
+    def __init__(self, gateway: MlflowPort, ingest: MetricIngest, staging: Staging) -> None:
         self._gateway = gateway
         self._ingest = ingest
         self._staging = staging  # transfer limits and scratch space
