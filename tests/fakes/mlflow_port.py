@@ -4,9 +4,10 @@ It behaves as the contract suite (tests/contract) says MLflow behind `MlflowGate
 does, and adds what tests need to steer it: fault injection (`fail`, `outage`,
 `slow`, `on_call`), pending registrations, and a record of what was called.
 
-Filters understand the subset the sidecar's tests use: `attr = 'value'` clauses joined
-by AND, on `name`, `run_id`, `source` and `tags.<key>`; anything else is INVALID_ARGUMENT
-on `filter`, as MLflow's parser answers for what it cannot read.
+Filters understand the subset the sidecar's tests use: `attr = 'value'` and
+`attr LIKE 'pattern'` clauses joined by AND, on `name`, `run_id`, `source` and
+`tags.<key>`; anything else is INVALID_ARGUMENT on `filter`, as MLflow's parser answers
+for what it cannot read.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ DEFAULT_EXPERIMENT_ID = "0"
 # The sidecar's request-id tags: kept with a run, never shown among its tags (as the gateway).
 _BOOKKEEPING_TAGS = frozenset({REQUEST_ID_TAG, RENAME_REQUEST_ID_TAG})
 _CLAUSE = re.compile(
-    r"""^\s*(?P<attr>[\w.]+|tags\.`[^`]+`)\s*=\s*(?P<q>['"])(?P<value>.*?)(?P=q)\s*$"""
+    r"""^\s*(?P<attr>[\w.]+|tags\.`[^`]+`)\s*(?P<op>=|LIKE)\s*(?P<q>['"])(?P<value>.*?)(?P=q)\s*$""",
+    re.IGNORECASE,
 )
 
 
@@ -300,14 +302,12 @@ class FakeMlflow:
 
     @staticmethod
     def _matches(filter_string: str, values: Callable[[str], str | None]) -> bool:
-        if not filter_string.strip():
-            return True
-        for clause in re.split(r"\s+and\s+", filter_string.strip(), flags=re.IGNORECASE):
-            match = _CLAUSE.match(clause)
-            if match is None:
-                raise InvalidArgumentError("filter", f"cannot read the filter {filter_string!r}")
-            attr = match["attr"].replace("`", "")
-            if values(attr) != match["value"]:
+        for attr, op, wanted in _clauses(filter_string):
+            found = values(attr)
+            if op == "=":
+                if found != wanted:
+                    return False
+            elif found is None or not _like(wanted).fullmatch(found):
                 return False
         return True
 
@@ -458,6 +458,7 @@ class FakeMlflow:
         page_token: str,
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Experiment]:
+        _clauses(filter_string)
         with self._lock:
             found = [
                 s.experiment
@@ -553,6 +554,7 @@ class FakeMlflow:
         page_token: str,
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
+        _clauses(filter_string)
         with self._lock:
             found = [
                 self._as_run(s)
@@ -694,6 +696,7 @@ class FakeMlflow:
     def search_registered_models(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
+        _clauses(filter_string)
         with self._lock:
             found = [
                 s.model
@@ -758,11 +761,7 @@ class FakeMlflow:
     def delete_registered_model_tag(self, name: str, key: str) -> None:
         with self._lock:
             stored = self._model(name)
-            if key not in stored.model.tags:
-                raise NotFoundError(
-                    f"no tag {key!r} on registered model {name!r}",
-                    reason=ErrorReason.TAG_NOT_FOUND,
-                )
+            # As MLflow has it: deleting a model's missing tag is done already.
             self._touch_model(name, tags={k: v for k, v in stored.model.tags.items() if k != key})
 
     # -- model versions -----------------------------------------------------------------
@@ -879,6 +878,7 @@ class FakeMlflow:
     def search_model_versions(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
+        _clauses(filter_string)
         with self._lock:
             found = [
                 self._as_version(s)
@@ -939,11 +939,7 @@ class FakeMlflow:
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         with self._lock:
             stored = self._stored_version(name, version)
-            if key not in stored.version.tags:
-                raise NotFoundError(
-                    f"no tag {key!r} on version {version} of {name!r}",
-                    reason=ErrorReason.TAG_NOT_FOUND,
-                )
+            # As MLflow has it: deleting a version's missing tag is done already.
             stored.version = replace(
                 stored.version, tags={k: v for k, v in stored.version.tags.items() if k != key}
             )
@@ -1010,7 +1006,7 @@ class FakeMlflow:
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
         with self._lock:
             files = dict(self._run(run_id).files)
-        return _write_tree(files, artifact_path, dst_dir / artifact_path, run_id)
+        return _write_tree(files, artifact_path, dst_dir / artifact_path.rpartition("/")[2], run_id)
 
     @_port_call
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
@@ -1028,6 +1024,27 @@ class FakeMlflow:
             files = dict(self._run(run_id).files)
         _write_tree(files, path, dst_dir, run_id)
         return dst_dir
+
+
+def _clauses(filter_string: str) -> list[tuple[str, str, str]]:
+    """(attribute, operator, value) of each clause of a filter; INVALID_ARGUMENT on `filter`
+    for one the fake cannot read."""
+    if not filter_string.strip():
+        return []
+    clauses = []
+    for clause in re.split(r"\s+and\s+", filter_string.strip(), flags=re.IGNORECASE):
+        match = _CLAUSE.match(clause)
+        if match is None:
+            raise InvalidArgumentError("filter", f"cannot read the filter {filter_string!r}")
+        clauses.append((match["attr"].replace("`", ""), match["op"].upper(), match["value"]))
+    return clauses
+
+
+def _like(pattern: str) -> re.Pattern[str]:
+    """SQL LIKE (case-sensitive, as MLflow's SQL stores treat names): % any run, _ one."""
+    return re.compile(
+        "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
+    )
 
 
 def _status_message(status: domain.ModelVersionStatus) -> str:

@@ -106,21 +106,6 @@ def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata
     assert error.metadata == metadata
 
 
-def test_what_is_missing_is_named_by_the_gateway_operation(tmp_path):
-    gateway = MlflowGateway(load_config(data_dir=tmp_path))
-    gateway.open()
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_run("0" * 32)
-    assert err.value.reason == ErrorReason.RUN_NOT_FOUND
-    assert err.value.metadata == {"mlflow_error_code": "RESOURCE_DOES_NOT_EXIST"}
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_experiment("424242")
-    assert err.value.reason == ErrorReason.EXPERIMENT_NOT_FOUND
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_registered_model("ghost")
-    assert err.value.reason == ErrorReason.MODEL_NOT_FOUND
-
-
 def test_only_transient_failures_are_retried():
     assert is_transient(_wrapped_connection_error())
     assert not is_transient(MlflowException("x", databricks_pb2.RESOURCE_DOES_NOT_EXIST))

@@ -1040,7 +1040,7 @@ class MlflowGateway:
         ]
 
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
-        """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
+        """Download one artifact file into `dst_dir`, named as the artifact; returns its path."""
         self.run_artifact_uri(run_id)
         return Path(
             self.call(

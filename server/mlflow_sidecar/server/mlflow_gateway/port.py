@@ -189,7 +189,7 @@ class RegisteredModelsPort(Protocol):
         """Set one tag of a model."""
 
     def delete_registered_model_tag(self, name: str, key: str) -> None:
-        """Delete one tag of a model; a missing tag is NotFoundError (TAG_NOT_FOUND)."""
+        """Delete one tag of a model; a tag that is not there is deleted already."""
 
 
 class ModelVersionsPort(Protocol):
@@ -253,7 +253,7 @@ class ModelVersionsPort(Protocol):
         """Set one tag of a version."""
 
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
-        """Delete one tag of a version; a missing tag is NotFoundError (TAG_NOT_FOUND)."""
+        """Delete one tag of a version; a tag that is not there is deleted already."""
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         """Point an alias at an existing version (a missing one is NotFoundError)."""
@@ -284,13 +284,15 @@ class ArtifactsPort(Protocol):
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
 
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
-        """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
+        """Download one artifact file into the existing directory `dst_dir`, named as the
+        artifact (its last path segment); returns its path."""
 
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
         """Delete a run's artifact file or directory."""
 
     def download_model_version(self, name: str, version: int, dst_dir: Path) -> Path:
-        """Download every file of a model version into `dst_dir`; returns the model's root."""
+        """Download every file of a model version into the existing directory `dst_dir`;
+        returns the model's root."""
 
 
 class MlflowPort(
