@@ -115,8 +115,9 @@ def test_the_container_loads_dependency_injector_on_first_use():
 
 def test_the_client_keeps_its_public_names():
     import mlflow_sidecar.client as client
+    from mlflow_sidecar.client import ports
     from mlflow_sidecar.client.container import ClientContainer, load_env
-    from mlflow_sidecar.core import domain, ports
+    from mlflow_sidecar.core import domain
 
     assert client.ClientContainer is ClientContainer
     assert client.load_env is load_env

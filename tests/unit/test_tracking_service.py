@@ -160,13 +160,14 @@ def test_log_metrics_rejects_bad_points_before_writing_any(service, gateway, run
 
 def test_end_run_accepts_only_terminal_statuses(service, run_id):
     with pytest.raises(InvalidArgumentError) as err:
-        service.end_run(run_id, RunStatus.RUNNING)
+        service.end_run_with_pending(run_id, RunStatus.RUNNING)
     assert err.value.field == "status"
-    assert service.end_run(run_id, RunStatus.KILLED).info.status is RunStatus.KILLED
+    run, pending = service.end_run_with_pending(run_id, RunStatus.KILLED)
+    assert (run.info.status, pending) == (RunStatus.KILLED, 0)
 
 
 def test_points_for_an_ended_run_are_refused_by_log_and_stream_alike(service, run_id):
-    service.end_run(run_id, RunStatus.FINISHED)
+    service.end_run_with_pending(run_id, RunStatus.FINISHED)
     with pytest.raises(FailedPreconditionError) as logged:
         service.log_metrics(run_id, [Metric("loss", 1.0, 1_000, 1)])
     with pytest.raises(FailedPreconditionError) as streamed:
@@ -198,11 +199,12 @@ def test_end_run_may_wait_for_delivery_within_its_deadline(
     deliveries_open.clear()
     service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     with call_deadline.deadline_scope(0.3), pytest.raises(DeadlineExceededError) as err:
-        service.end_run(run_id, wait_for_delivery=True)
+        service.end_run_with_pending(run_id, wait_for_delivery=True)
     assert err.value.reason == "RUN_END_PENDING"
     deliveries_open.set()
     with call_deadline.deadline_scope(5):
-        assert service.end_run(run_id, wait_for_delivery=True).info.status is RunStatus.FINISHED
+        run, _ = service.end_run_with_pending(run_id, wait_for_delivery=True)
+        assert run.info.status is RunStatus.FINISHED
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""`RegistryService`: the `ModelRegistry` port over the MLflow gateway."""
+"""`RegistryService`: the sidecar's model-registry use cases, over `MlflowPort`."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ from mlflow_sidecar.core.domain import (
     LifecycleStage,
     ModelVersion,
     Page,
-    Progress,
     RegisteredModel,
     RunStatus,
 )
@@ -27,8 +26,7 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from mlflow_sidecar.core.ports import ModelRegistry, StrPath
-from mlflow_sidecar.core.transfer import collect_files, report
+from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
@@ -115,7 +113,7 @@ def check_model_upload(
         _alias(alias, f"aliases[{index}]")
 
 
-class RegistryService(ModelRegistry):
+class RegistryService:
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
 
@@ -305,16 +303,17 @@ class RegistryService(ModelRegistry):
     def upload_model(
         self,
         name: str,
-        local_dir: StrPath,
+        local_dir: Path,
         *,
         run_id: str = "",
         experiment_id: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
-        progress: Progress | None = None,
         request_id: str = "",
     ) -> ModelVersion:
+        """Store the model directory `local_dir` (staged by the sidecar) among a run's
+        artifacts and register it as a new version, with its aliases: all or nothing."""
         check_model_upload(
             name,
             run_id=run_id,
@@ -323,7 +322,7 @@ class RegistryService(ModelRegistry):
             tags=tags or {},
             aliases=aliases,
         )
-        files = collect_files(Path(local_dir))
+        files = collect_files(local_dir)
         if not files:
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
         total = sum(f.size_bytes for f in files)
@@ -335,8 +334,6 @@ class RegistryService(ModelRegistry):
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{_upload_dir_id(request_id)}"
         created_model = False
         try:
-            report(progress, 0, total)
-            done = 0
             for local in files:
                 store_file(
                     self._gateway,
@@ -345,8 +342,6 @@ class RegistryService(ModelRegistry):
                     local.path,
                     f"{artifact_dir}/{local.relpath}",
                 )
-                done += local.size_bytes
-                report(progress, done, total)
             created_model = self._ensure_registered_model(name)
             created = self.create_model_version(
                 name,
@@ -453,27 +448,8 @@ class RegistryService(ModelRegistry):
             return False
         return True
 
-    def download_model(
-        self,
-        name: str,
-        dst_dir: StrPath,
-        *,
-        version: int | None = None,
-        alias: str | None = None,
-        progress: Progress | None = None,
-    ) -> Path:
-        _name("name", name)
-        if (version is None) == (alias is None):
-            raise InvalidArgumentError("selector", "give exactly one of version or alias")
-        found = (
-            self.get_model_version(name, version)
-            if version is not None
-            else self.get_model_version_by_alias(name, alias or "")
-        )
-        destination = Path(dst_dir)
-        destination.mkdir(parents=True, exist_ok=True)
-        report(progress, 0, 0)
-        self._gateway.download_model_version(found.name, found.version, destination)
-        total = sum(f.size_bytes for f in collect_files(destination))
-        report(progress, total, total)
-        return destination
+    def download_model(self, name: str, version: int, dst_dir: Path) -> Path:
+        """Download every file of a version into `dst_dir` (created); returns the model's root."""
+        found = self.get_model_version(name, version)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return self._gateway.download_model_version(found.name, found.version, dst_dir)
