@@ -14,8 +14,6 @@ from mlflow.entities import LifecycleStage, Param, RunTag, ViewType
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.core import domain
@@ -36,6 +34,7 @@ from mlflow_sidecar.server.mlflow_gateway import (
     embedded_store,
     entities,
     metric_history,
+    mlflow_internals,
     page_tokens,
     registration,
 )
@@ -70,9 +69,6 @@ _MAX_REFERENCE_DEPTH = 4
 # Versions asked for at once when the sidecar looks through all of a model's versions.
 _SEARCH_PAGE = 1000
 
-# MLflow's models:/ URI parsing (stages, aliases, logged model ids), which has no type hints.
-_split_models_uri: Any = ModelsArtifactRepository.split_models_uri
-_get_model_name_and_version: Any = model_uris.get_model_name_and_version
 
 _VIEW_TYPES = {
     domain.ViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
@@ -304,10 +300,10 @@ class MlflowGateway:
     def _model_download_uri(self, uri: str) -> str:
         """Where the model a `models:/` URI names keeps its files (a registered version by
         number, alias or stage, or an MLflow 3 logged model), plus the URI's sub-path."""
-        base, sub_path = _split_models_uri(uri)
+        base, sub_path = mlflow_internals.split_models_uri(uri)
 
         def op() -> str:
-            found = _get_model_name_and_version(self._client, base)
+            found = mlflow_internals.model_name_and_version(self._client, base)
             if len(found) == 1:
                 return str(self._client.get_logged_model(found[0]).artifact_location)
             name, version = found
