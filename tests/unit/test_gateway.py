@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -13,7 +14,7 @@ from mlflow_sidecar.client import errors
 from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway, mlflow_internals
 from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, search_field, to_domain_error
 from mlflow_sidecar.server.mlflow_gateway.sources import quoted
 
@@ -254,3 +255,16 @@ def test_filter_literals_are_quoted_with_the_quote_the_value_lacks():
     with pytest.raises(errors.InvalidArgumentError) as err:
         quoted('it\'s "x"')
     assert err.value.field == "name"
+
+
+def test_building_a_gateway_changes_nothing_until_it_is_opened(tmp_path):
+    environment = dict(os.environ)
+    providers = list(mlflow_internals.request_header_providers() or [])
+    config = load_config(data_dir=tmp_path / "data")
+    gateway = MlflowGateway(config)
+    assert dict(os.environ) == environment
+    assert list(mlflow_internals.request_header_providers() or []) == providers
+    assert not (tmp_path / "data" / "mlflow.db").exists()
+    with pytest.raises(errors.InternalError) as err:
+        gateway.get_run("0" * 32)
+    assert "open()" in str(err.value.__cause__)
