@@ -180,6 +180,11 @@ class MlflowPortContract:
         with pytest.raises(InvalidArgumentError) as err:
             port.search_experiments(page_size=10, view_type=domain.ViewType.ALL, **args)
         assert err.value.field == field
+        with pytest.raises(InvalidArgumentError) as err:
+            port.search_runs(
+                [new_experiment(port)], page_size=10, view_type=domain.ViewType.ALL, **args
+            )
+        assert err.value.field == field
         if field == "page_token":
             assert err.value.reason == ErrorReason.INVALID_PAGE_TOKEN
 
@@ -406,6 +411,10 @@ class MlflowPortContract:
         with pytest.raises(NotFoundError) as err:
             port.rename_registered_model(name, unique("x"), request_id=request())
         assert err.value.reason == ErrorReason.MODEL_NOT_FOUND
+        taken = new_model(port)
+        with pytest.raises(AlreadyExistsError):
+            port.rename_registered_model(renamed, taken, request_id=request())
+        assert port.get_registered_model(renamed).name == renamed
         port.delete_registered_model(renamed)
         with pytest.raises(NotFoundError) as err:
             port.get_registered_model(renamed)
