@@ -377,9 +377,6 @@ class FakeMlflow:
             )
         return found
 
-    def _as_model(self, stored: _StoredModel) -> domain.RegisteredModel:
-        return stored.model
-
     def _stored_version(self, name: str, version: int) -> _StoredVersion:
         found = self.versions.get((name, version))
         if found is None:

@@ -120,7 +120,7 @@ def _serve_locked(config: AppConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if config.embedded:
-        container.gateway().ping()  # open the embedded store before SERVING
+        container.gateway().ping()  # the embedded store answers before SERVING
     server.start()
     server.wait()
     return 0
