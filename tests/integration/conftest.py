@@ -81,6 +81,7 @@ class RunningSidecar:
 
     def __init__(self, config: AppConfig) -> None:
         self.container = ServerContainer(config=config)
+        self.container.gateway().open()
         self.server: SidecarServer = self.container.server()
         self.server.start()
         self.target = f"127.0.0.1:{self.server.port}"

@@ -11,13 +11,13 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client.ports import ExperimentTracking
 from mlflow_sidecar.core.domain import LifecycleStage, ViewType
 from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     NotFoundError,
 )
-from mlflow_sidecar.core.ports import ExperimentTracking
 from mlflow_sidecar.v1 import registry_pb2 as rpb
 from mlflow_sidecar.v1 import registry_pb2_grpc as rpb_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.core.domain import ModelVersion, ModelVersionStatus, RegisteredModel
 from mlflow_sidecar.core.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
-from mlflow_sidecar.core.ports import ModelRegistry
 
 
 @pytest.fixture()

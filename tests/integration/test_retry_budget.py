@@ -20,9 +20,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client.ports import ExperimentTracking
 from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import ErrorReason, UnavailableError
-from mlflow_sidecar.core.ports import ExperimentTracking
 from tests.integration.conftest import RunningSidecar, sidecar_config
 
 MAX_TRIES = 3

@@ -24,12 +24,12 @@ from mlflow_sidecar.server.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
 )
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.fakes.mlflow_port import FakeMlflow
 
 CASES = [
     (
@@ -108,7 +108,7 @@ def _start(tmp_path, service, *, servicer_cls=TrackingServicer, interceptors=())
         interceptors=[AccessLogInterceptor(), *interceptors, ErrorMappingInterceptor()],
     )
     pb_grpc.add_ExperimentTrackingServiceServicer_to_server(
-        servicer_cls(service, ArtifactTransfers(MlflowGateway(config), staging), staging),
+        servicer_cls(service, ArtifactTransfers(FakeMlflow(), staging), staging),
         server,
     )
     port = server.add_insecure_port("127.0.0.1:0")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -13,8 +14,9 @@ from mlflow_sidecar.client import errors
 from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
-from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway, mlflow_internals
+from mlflow_sidecar.server.mlflow_gateway.errors import is_transient, search_field, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.sources import quoted
 
 
 def _wrapped_connection_error() -> MlflowException:
@@ -103,20 +105,6 @@ def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata
     error = to_domain_error(exc)
     assert error.reason == reason
     assert error.metadata == metadata
-
-
-def test_what_is_missing_is_named_by_the_gateway_operation(tmp_path):
-    gateway = MlflowGateway(load_config(data_dir=tmp_path))
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_run("0" * 32)
-    assert err.value.reason == ErrorReason.RUN_NOT_FOUND
-    assert err.value.metadata == {"mlflow_error_code": "RESOURCE_DOES_NOT_EXIST"}
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_experiment("424242")
-    assert err.value.reason == ErrorReason.EXPERIMENT_NOT_FOUND
-    with pytest.raises(errors.NotFoundError) as err:
-        gateway.get_registered_model("ghost")
-    assert err.value.reason == ErrorReason.MODEL_NOT_FOUND
 
 
 def test_only_transient_failures_are_retried():
@@ -232,3 +220,51 @@ _POSTGRES_DUPLICATE = (
 def test_no_sql_reaches_a_caller(message, expected):
     error = to_domain_error(MlflowException(message, databricks_pb2.RESOURCE_ALREADY_EXISTS))
     assert error.message == expected
+
+
+# -- which search field an MLflow complaint is about -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "given", "field"),
+    [
+        ("Invalid comparator for attribute: ~~", {"filter_string": "x"}, "filter"),
+        ("Invalid attribute key 'bogus' specified.", {"order_by": ["bogus"]}, "order_by"),
+        ("anything", {"page_token": "t"}, "page_token"),
+        (
+            "Invalid page token, could not base64-decode",
+            {"filter_string": "x", "page_token": "t"},
+            "page_token",
+        ),
+        (
+            "Invalid ordering key in order_by clause 'name SIDEWAYS'.",
+            {"filter_string": "x", "order_by": ["name SIDEWAYS"]},
+            "order_by",
+        ),
+        ("Invalid comparator", {"filter_string": "x", "order_by": ["name"]}, ""),
+    ],
+)
+def test_search_complaints_name_their_field(message, given, field):
+    args = {"filter_string": "", "order_by": [], "page_token": "", **given}
+    assert search_field(message, **args) == field
+
+
+def test_filter_literals_are_quoted_with_the_quote_the_value_lacks():
+    assert quoted("agent") == "'agent'"
+    assert quoted("it's") == '"it\'s"'
+    with pytest.raises(errors.InvalidArgumentError) as err:
+        quoted('it\'s "x"')
+    assert err.value.field == "name"
+
+
+def test_building_a_gateway_changes_nothing_until_it_is_opened(tmp_path):
+    environment = dict(os.environ)
+    providers = list(mlflow_internals.request_header_providers() or [])
+    config = load_config(data_dir=tmp_path / "data")
+    gateway = MlflowGateway(config)
+    assert dict(os.environ) == environment
+    assert list(mlflow_internals.request_header_providers() or []) == providers
+    assert not (tmp_path / "data" / "mlflow.db").exists()
+    with pytest.raises(errors.InternalError) as err:
+        gateway.get_run("0" * 32)
+    assert "open()" in str(err.value.__cause__)

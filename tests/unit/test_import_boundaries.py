@@ -72,6 +72,22 @@ def test_only_the_gateway_imports_mlflow():
     assert offenders(gateway, "mlflow"), "the check must see the gateway's own imports"
 
 
+def test_services_servicers_and_the_spool_depend_on_the_port_not_on_mlflow():
+    # They are handed an MlflowPort: importing them loads neither MLflow nor the gateway,
+    # which only the composition root (container) builds.
+    loaded = run_python(
+        "import sys\n"
+        "import mlflow_sidecar.server.services.registry, mlflow_sidecar.server.services.tracking\n"
+        "import mlflow_sidecar.server.services.artifact_transfers\n"
+        "import mlflow_sidecar.server.servicers.registry\n"
+        "import mlflow_sidecar.server.servicers.tracking\n"
+        "import mlflow_sidecar.server.spool.deliverer, mlflow_sidecar.server.mlflow_probe\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] == 'mlflow'"
+        " or n == 'mlflow_sidecar.server.mlflow_gateway.gateway'))"
+    )
+    assert loaded == "[]"
+
+
 @pytest.mark.parametrize("forbidden", ["mlflow_sidecar.client", "mlflow", "dependency_injector"])
 def test_core_imports_neither_client_nor_mlflow_nor_dependency_injector(forbidden):
     assert list(CORE.rglob("*.py")), CORE
@@ -115,8 +131,9 @@ def test_the_container_loads_dependency_injector_on_first_use():
 
 def test_the_client_keeps_its_public_names():
     import mlflow_sidecar.client as client
+    from mlflow_sidecar.client import ports
     from mlflow_sidecar.client.container import ClientContainer, load_env
-    from mlflow_sidecar.core import domain, ports
+    from mlflow_sidecar.core import domain
 
     assert client.ClientContainer is ClientContainer
     assert client.load_env is load_env

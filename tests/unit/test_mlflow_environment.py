@@ -13,12 +13,14 @@ from mlflow.tracking.request_header.default_request_header_provider import (
     DefaultRequestHeaderProvider,
 )
 
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 from mlflow_sidecar.server.mlflow_gateway.environment import settle_request_header_providers
 
 
 @pytest.fixture()
 def providers():
-    registry = request_headers._request_header_provider_registry._registry
+    registry = mlflow_internals.request_header_providers()
+    assert registry is not None
     saved = list(registry)
     # As MLflow registers them at import, whatever an earlier test's gateway settled.
     if not any(isinstance(p, DatabricksRequestHeaderProvider) for p in registry):

@@ -6,7 +6,6 @@ import math
 import sqlite3
 import threading
 from array import array
-from collections.abc import Sequence
 
 import pytest
 
@@ -21,37 +20,56 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
+from tests.fakes.mlflow_port import FakeMlflow
 
 
 def points(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
     return [MetricPoint(run_id, "loss", float(i), 1_000 + i, i) for i in range(start, start + n)]
 
 
-class FakeMlflow:
-    """Records delivered batches; can fail the next calls."""
+def fake_mlflow(*run_ids: str) -> FakeMlflow:
+    """An MLflow that knows these runs."""
+    mlflow = FakeMlflow()
+    for run_id in run_ids:
+        mlflow.add_run(run_id)
+    return mlflow
 
-    def __init__(self) -> None:
-        self.delivered: dict[str, list[Metric]] = {}
-        self.batch_sizes: list[int] = []
-        self.failures: list[Exception] = []
-        self.lock = threading.Lock()
-        self.first_batch = threading.Event()
-        self.events: list[tuple[object, ...]] = []
 
-    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> None:
-        with self.lock:
-            if self.failures:
-                raise self.failures.pop(0)
-            self.batch_sizes.append(len(metrics))
-            self.delivered.setdefault(run_id, []).extend(metrics)
-        self.first_batch.set()
-        self.events.append(("batch", run_id, len(metrics)))
+def delivered(mlflow: FakeMlflow, run_id: str) -> list[Metric]:
+    return [
+        m
+        for call in mlflow.effects("log_metrics")
+        if call["run_id"] == run_id
+        for m in call["metrics"]
+    ]
 
-    def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
-        with self.lock:
-            if self.failures:
-                raise self.failures.pop(0)
-            self.events.append(("end", run_id, status, end_time_ms))
+
+def batch_sizes(mlflow: FakeMlflow) -> list[int]:
+    return [len(call["metrics"]) for call in mlflow.effects("log_metrics")]
+
+
+def events(mlflow: FakeMlflow) -> list[tuple[object, ...]]:
+    """The deliveries and ends that reached MLflow, in order."""
+    return [
+        ("batch", a["run_id"], len(a["metrics"]))
+        if name == "log_metrics"
+        else ("end", a["run_id"], a["status"], a["end_time_ms"])
+        for name, a in mlflow.record
+        if name in ("log_metrics", "end_run")
+    ]
+
+
+def fail_next(mlflow: FakeMlflow, *errors: Exception) -> None:
+    """The next calls fail with these errors, one each, whatever they are."""
+    for error in errors:
+        mlflow.fail("*", error)
+
+
+def first_batch(mlflow: FakeMlflow) -> threading.Event:
+    """Set once a delivery reaches MLflow."""
+    began = threading.Event()
+    mlflow.on_call("log_metrics", began.set)
+    return began
 
 
 @pytest.fixture()
@@ -105,7 +123,7 @@ def test_nan_survives_the_spool(store):
 
 
 def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("a", "b")
     store.append(points("a", 250) + points("b", 30))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -113,15 +131,15 @@ def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
         assert deliverer.wait_delivered("", 10) == 0
     finally:
         deliverer.stop()
-    assert [m.step for m in mlflow.delivered["a"]] == list(range(250))
-    assert [m.step for m in mlflow.delivered["b"]] == list(range(30))
-    assert max(mlflow.batch_sizes) == 100
+    assert [m.step for m in delivered(mlflow, "a")] == list(range(250))
+    assert [m.step for m in delivered(mlflow, "b")] == list(range(30))
+    assert max(batch_sizes(mlflow)) == 100
     assert store.pending() == 0
 
 
 def test_transient_failures_lose_nothing(store):
-    mlflow = FakeMlflow()
-    mlflow.failures = [UnavailableError("down")] * 5 + [RuntimeError("surprise")]
+    mlflow = fake_mlflow("a")
+    fail_next(mlflow, *[UnavailableError("down")] * 5, RuntimeError("surprise"))
     store.append(points("a", 120))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -129,14 +147,14 @@ def test_transient_failures_lose_nothing(store):
         assert deliverer.wait_delivered("a", 10) == 0
     finally:
         deliverer.stop()
-    assert [m.step for m in mlflow.delivered["a"]] == list(range(120))
+    assert [m.step for m in delivered(mlflow, "a")] == list(range(120))
     assert store.dead_letter_count() == 0
 
 
 @pytest.mark.parametrize("error", [NotFoundError("no run"), FailedPreconditionError("deleted")])
 def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
-    mlflow = FakeMlflow()
-    mlflow.failures = [error]
+    mlflow = fake_mlflow("gone")
+    fail_next(mlflow, error)
     store.append(points("gone", 150))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -144,7 +162,7 @@ def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
         assert deliverer.wait_delivered("gone", 10) == 0
     finally:
         deliverer.stop()
-    assert "gone" not in mlflow.delivered
+    assert delivered(mlflow, "gone") == []
     assert store.dead_letter_count("gone") == 150
     (group,) = store.status().dead_letters
     assert group.run_id == "gone" and group.points == 150
@@ -152,8 +170,8 @@ def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
 
 
 def test_an_invalid_batch_is_dead_lettered_alone(store):
-    mlflow = FakeMlflow()
-    mlflow.failures = [InvalidArgumentError("", "bad point")]
+    mlflow = fake_mlflow("a")
+    fail_next(mlflow, InvalidArgumentError("", "bad point"))
     store.append(points("a", 150))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -162,7 +180,7 @@ def test_an_invalid_batch_is_dead_lettered_alone(store):
     finally:
         deliverer.stop()
     assert store.dead_letter_count("a") == 100
-    assert [m.step for m in mlflow.delivered["a"]] == list(range(100, 150))
+    assert [m.step for m in delivered(mlflow, "a")] == list(range(100, 150))
 
 
 def test_points_for_a_run_ended_through_the_sidecar_are_refused_at_acceptance(store):
@@ -176,8 +194,8 @@ def test_points_for_a_run_ended_through_the_sidecar_are_refused_at_acceptance(st
 
 
 def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
-    mlflow = FakeMlflow()
-    mlflow.failures = [UnavailableError("down")] * 10_000
+    mlflow = fake_mlflow("a")
+    mlflow.fail("*", UnavailableError("down"), times=None)
     store.append(points("a", 10))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
@@ -251,22 +269,23 @@ def held_deliverer(
 
 
 def test_delivery_waits_for_a_burst_to_pause(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("a")
+    began = first_batch(mlflow)
     # A pause of a whole second ends the burst: far longer than the trickle's gaps.
     deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=1.0)
     try:
         with Trickle(store, deliverer) as trickle:
-            assert not mlflow.first_batch.wait(0.5)
-            assert trickle.sent > 0 and mlflow.batch_sizes == []
-        assert mlflow.first_batch.wait(10)
+            assert not began.wait(0.5)
+            assert trickle.sent > 0 and batch_sizes(mlflow) == []
+        assert began.wait(10)
         assert deliverer.wait_delivered("a", 10) == 0
-        assert [m.step for m in mlflow.delivered["a"]] == list(range(trickle.sent))
+        assert [m.step for m in delivered(mlflow, "a")] == list(range(trickle.sent))
     finally:
         deliverer.stop()
 
 
 def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("a", "b")
     deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=60)
     try:
         with Trickle(store, deliverer):
@@ -274,19 +293,20 @@ def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
             deliverer.notify()
             # Held, this would take a minute: the flush asks for delivery now.
             assert deliverer.wait_delivered("b", 10) == 0
-        assert len(mlflow.delivered["b"]) == 50
+        assert len(delivered(mlflow, "b")) == 50
     finally:
         deliverer.stop()
 
 
 def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("a")
+    began = first_batch(mlflow)
     deliverer = held_deliverer(store, mlflow, max_defer_s=0.2, quiet_s=60)
     try:
         # Points never pause for the minute the deliverer would wait for: it delivers
         # once it has deferred for as long as it may.
         with Trickle(store, deliverer):
-            assert mlflow.first_batch.wait(10)
+            assert began.wait(10)
     finally:
         deliverer.stop()
 
@@ -356,7 +376,7 @@ def test_a_new_spool_has_large_pages_and_an_older_one_keeps_its_own(tmp_path):
 
 
 def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("r")
     store.append(points("r", 250))
     assert store.record_end("r", "FAILED", 7_000, applied=False) == 250
     with pytest.raises(FailedPreconditionError):  # after the end: refused
@@ -367,9 +387,9 @@ def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
         assert deliverer.wait_delivered("r", 10) == 0
     finally:
         deliverer.stop()
-    assert [e[0] for e in mlflow.events] == ["batch", "batch", "batch", "end"]
-    assert mlflow.events[-1] == ("end", "r", "FAILED", 7_000)
-    assert len(mlflow.delivered["r"]) == 250
+    assert [e[0] for e in events(mlflow)] == ["batch", "batch", "batch", "end"]
+    assert events(mlflow)[-1] == ("end", "r", "FAILED", 7_000)
+    assert len(delivered(mlflow, "r")) == 250
     assert store.dead_letter_count("r") == 0
     end = store.run_end("r")
     assert end is not None and end.applied
@@ -382,7 +402,7 @@ def test_a_recorded_end_survives_a_restart(tmp_path):
     first.record_end("r", "FINISHED", 9_000, applied=False)
     first.close()
     store = SpoolStore(path, max_points=1000, chunk_points=100)
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("r")
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -390,21 +410,21 @@ def test_a_recorded_end_survives_a_restart(tmp_path):
     finally:
         deliverer.stop()
         store.close()
-    assert mlflow.events == [("batch", "r", 30), ("end", "r", "FINISHED", 9_000)]
+    assert events(mlflow) == [("batch", "r", 30), ("end", "r", "FINISHED", 9_000)]
 
 
 def test_an_end_mlflow_refuses_for_now_is_tried_again(store):
-    mlflow = FakeMlflow()
+    mlflow = fake_mlflow("r")
     store.append(points("r", 3))
     store.record_end("r", "FINISHED", 1, applied=False)
     deliverer = make_deliverer(store, mlflow)
-    mlflow.failures = [UnavailableError("down")]  # the batch fails first, then goes through
+    fail_next(mlflow, UnavailableError("down"))  # the batch fails first, then goes through
     deliverer.start()
     try:
         assert deliverer.wait_delivered("r", 10) == 0
     finally:
         deliverer.stop()
-    assert mlflow.events[-1] == ("end", "r", "FINISHED", 1)
+    assert events(mlflow)[-1] == ("end", "r", "FINISHED", 1)
 
 
 def test_a_spool_from_before_recorded_ends_gains_their_columns(tmp_path):

@@ -25,16 +25,25 @@ from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
-from tests.unit.fakes import FakeGateway
+from tests.fakes.mlflow_port import FakeMlflow
 
 
 @pytest.fixture()
-def gateway() -> FakeGateway:
-    return FakeGateway()
+def gateway() -> FakeMlflow:
+    return FakeMlflow()
 
 
 @pytest.fixture()
-def service(gateway: FakeGateway, tmp_path) -> Iterator[TrackingService]:
+def deliveries_open(gateway: FakeMlflow) -> threading.Event:
+    """Set: the spool delivers; cleared: deliveries wait until it is set again."""
+    gate = threading.Event()
+    gate.set()
+    gateway.on_call("log_metrics", lambda: gate.wait(30) or pytest.fail("held back too long"))
+    return gate
+
+
+@pytest.fixture()
+def service(gateway: FakeMlflow, tmp_path) -> Iterator[TrackingService]:
     store = SpoolStore(tmp_path / "spool.db", max_points=10_000)
     deliverer = MetricDeliverer(
         store,
@@ -48,7 +57,7 @@ def service(gateway: FakeGateway, tmp_path) -> Iterator[TrackingService]:
     deliverer.start()
     ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
     staging = Staging(load_config(data_dir=tmp_path / "data"))
-    yield TrackingService(gateway, ingest, staging)  # type: ignore[arg-type]
+    yield TrackingService(gateway, ingest, staging)
     deliverer.stop()
     store.close()
 
@@ -62,7 +71,7 @@ def run_id(service: TrackingService) -> str:
 def test_create_experiment_get_if_exists_survives_a_race(service, gateway):
     first = service.create_experiment("e")
     # Another caller creates the experiment between our look-up and our create:
-    gateway.fail_next = AlreadyExistsError("exists")
+    gateway.fail("create_experiment", AlreadyExistsError("exists"))
     assert service.create_experiment("e", get_if_exists=True) == first
     with pytest.raises(AlreadyExistsError):
         service.create_experiment("e")
@@ -73,18 +82,22 @@ def test_start_run_with_the_same_request_id_returns_one_run(service, gateway):
     first = service.start_run(exp, client_request_id="req-1")
     second = service.start_run(exp, client_request_id="req-1")
     assert first.run_id == second.run_id
-    assert gateway.creates == 1
-    assert first.tags[REQUEST_ID_TAG] == "req-1"
+    assert len(gateway.runs) == 1
+    assert gateway.runs[first.run_id].tags[REQUEST_ID_TAG] == "req-1"
+    assert REQUEST_ID_TAG not in first.tags  # bookkeeping, not one of the user's tags
 
 
 def test_start_run_retried_after_a_lost_answer_finds_the_first_run(service, gateway):
     exp = service.create_experiment("e").experiment_id
-    gateway.fail_next = UnavailableError("connection reset after the run was created")
+    gateway.fail(
+        "find_or_create_run",
+        UnavailableError("connection reset after the run was created"),
+        after_effect=True,
+    )
     with pytest.raises(UnavailableError):
         service.start_run(exp, client_request_id="req-2")
     retried = service.start_run(exp, client_request_id="req-2")
-    assert gateway.creates == 1
-    assert retried.run_id in gateway.runs
+    assert list(gateway.runs) == [retried.run_id]
 
 
 def test_concurrent_start_runs_with_one_request_id_make_one_run(service, gateway):
@@ -100,7 +113,7 @@ def test_concurrent_start_runs_with_one_request_id_make_one_run(service, gateway
         t.start()
     for t in threads:
         t.join()
-    assert len(set(results)) == 1 and gateway.creates == 1
+    assert len(set(results)) == 1 and len(gateway.runs) == 1
 
 
 def test_start_run_parent_must_exist_in_the_same_experiment(service):
@@ -122,19 +135,19 @@ def test_log_params_write_once(service, gateway, run_id):
     assert err.value.reason == ErrorReason.PARAM_VALUE_CHANGED
     assert err.value.metadata == {"key": "lr"}
     # Nothing of a refused call is written.
-    assert gateway.runs[run_id].params == {"lr": "0.1"}
+    assert gateway.get_run(run_id).params == {"lr": "0.1"}
 
 
 def test_log_params_are_split_into_mlflow_batches_of_100(service, gateway, run_id):
     service.log_params(run_id, {f"p{i}": str(i) for i in range(250)})
-    assert [b[2] for b in gateway.batches] == [100, 100, 50]
+    assert [len(b["params"]) for b in gateway.effects("log_batch")] == [100, 100, 50]
 
 
 def test_log_metrics_are_split_into_batches_of_1000_and_stamped(service, gateway, run_id):
     accepted = service.log_metrics(run_id, [Metric("m", float(i), step=i) for i in range(2500)])
     assert accepted == 2500
-    assert [b[1] for b in gateway.batches] == [1000, 1000, 500]
-    assert all(m.timestamp_ms > 0 for m in gateway.metrics[run_id])
+    assert [len(b["metrics"]) for b in gateway.effects("log_batch")] == [1000, 1000, 500]
+    assert all(m.timestamp_ms > 0 for b in gateway.effects("log_batch") for m in b["metrics"])
 
 
 def test_log_metrics_rejects_bad_points_before_writing_any(service, gateway, run_id):
@@ -142,18 +155,19 @@ def test_log_metrics_rejects_bad_points_before_writing_any(service, gateway, run
     with pytest.raises(InvalidArgumentError) as err:
         service.log_metrics(run_id, points)
     assert err.value.field == "metrics[1].key"
-    assert gateway.batches == []
+    assert gateway.effects("log_batch") == []
 
 
 def test_end_run_accepts_only_terminal_statuses(service, run_id):
     with pytest.raises(InvalidArgumentError) as err:
-        service.end_run(run_id, RunStatus.RUNNING)
+        service.end_run_with_pending(run_id, RunStatus.RUNNING)
     assert err.value.field == "status"
-    assert service.end_run(run_id, RunStatus.KILLED).info.status is RunStatus.KILLED
+    run, pending = service.end_run_with_pending(run_id, RunStatus.KILLED)
+    assert (run.info.status, pending) == (RunStatus.KILLED, 0)
 
 
 def test_points_for_an_ended_run_are_refused_by_log_and_stream_alike(service, run_id):
-    service.end_run(run_id, RunStatus.FINISHED)
+    service.end_run_with_pending(run_id, RunStatus.FINISHED)
     with pytest.raises(FailedPreconditionError) as logged:
         service.log_metrics(run_id, [Metric("loss", 1.0, 1_000, 1)])
     with pytest.raises(FailedPreconditionError) as streamed:
@@ -163,30 +177,34 @@ def test_points_for_an_ended_run_are_refused_by_log_and_stream_alike(service, ru
 
 
 def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
-    service, gateway, run_id
+    service, gateway, deliveries_open, run_id
 ):
-    gateway.deliveries_open.clear()
+    deliveries_open.clear()
     service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
     assert run.info.status is RunStatus.RUNNING
     assert pending == 1
     assert service.flush_metrics(run_id, timeout_s=0).pending_points == 1
-    gateway.deliveries_open.set()
+    deliveries_open.set()
     assert service.flush_metrics(run_id, timeout_s=5).pending_points == 0
-    ended = gateway.runs[run_id].info
+    ended = gateway.get_run(run_id).info
     assert ended.status is RunStatus.FINISHED and ended.end_time_ms == 5_000
-    assert [m.step for m in gateway.metrics[run_id]] == [1]
+    history = gateway.get_metric_history(run_id, "loss", page_size=10, page_token="")
+    assert [m.step for m in history.items] == [1]
 
 
-def test_end_run_may_wait_for_delivery_within_its_deadline(service, gateway, run_id):
-    gateway.deliveries_open.clear()
+def test_end_run_may_wait_for_delivery_within_its_deadline(
+    service, gateway, deliveries_open, run_id
+):
+    deliveries_open.clear()
     service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     with call_deadline.deadline_scope(0.3), pytest.raises(DeadlineExceededError) as err:
-        service.end_run(run_id, wait_for_delivery=True)
+        service.end_run_with_pending(run_id, wait_for_delivery=True)
     assert err.value.reason == "RUN_END_PENDING"
-    gateway.deliveries_open.set()
+    deliveries_open.set()
     with call_deadline.deadline_scope(5):
-        assert service.end_run(run_id, wait_for_delivery=True).info.status is RunStatus.FINISHED
+        run, _ = service.end_run_with_pending(run_id, wait_for_delivery=True)
+        assert run.info.status is RunStatus.FINISHED
 
 
 @pytest.mark.parametrize(

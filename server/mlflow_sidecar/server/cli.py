@@ -92,7 +92,7 @@ def _serve_locked(config: AppConfig) -> int:
 
     try:
         from mlflow_sidecar.server.grpc_server import BindError
-        from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError, prepare
+        from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError
         from mlflow_sidecar.server.observability import configure_logging
         from mlflow_sidecar.server.spool.store import SpoolVersionError
 
@@ -101,10 +101,9 @@ def _serve_locked(config: AppConfig) -> int:
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, "serve")
     try:
-        if config.embedded:
-            # Before the signal handlers: a stop during it ends the process at once, and
-            # leaves no half-made store (see embedded_store).
-            prepare(config.data_dir, config.artifact_root)
+        # Before the signal handlers: a stop while the embedded store is created ends the
+        # process at once, and leaves no half-made store (see embedded_store).
+        container.gateway().open()
         server = container.server()  # binds the gRPC and metrics ports
     except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
         return _fail(str(exc))
@@ -121,7 +120,7 @@ def _serve_locked(config: AppConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     if config.embedded:
-        container.gateway().ping()  # open the embedded store before SERVING
+        container.gateway().ping()  # the embedded store answers before SERVING
     server.start()
     server.wait()
     return 0

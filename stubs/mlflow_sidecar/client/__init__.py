@@ -1,8 +1,8 @@
 """The trainer-facing half of mlflow-sidecar: ports, domain types, errors, gRPC clients.
 
 Installs without MLflow. Start with `ClientContainer` (see `mlflow_sidecar.client.container`).
-The domain types, errors and ports live in `mlflow_sidecar.core`, shared with the sidecar;
-they are re-exported here.
+The trainer ports live in `mlflow_sidecar.client.ports`; the domain types and errors in
+`mlflow_sidecar.core`, shared with the sidecar. All are re-exported here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mlflow_sidecar.client.metric_stream import MetricStream
+from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
 from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.core.domain import (
     ArtifactInfo,
@@ -30,7 +31,6 @@ from mlflow_sidecar.core.domain import (
     ViewType,
 )
 from mlflow_sidecar.core.errors import SidecarError
-from mlflow_sidecar.core.ports import ExperimentTracking, ModelRegistry
 
 if TYPE_CHECKING:
     from mlflow_sidecar.client.container import ClientContainer, load_env

@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
+from mlflow_sidecar.client.ports import ModelRegistry, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
@@ -26,7 +27,6 @@ from mlflow_sidecar.core.errors import (
     error_from_rpc,
 )
 from mlflow_sidecar.core.paths import FileTree
-from mlflow_sidecar.core.ports import ModelRegistry, StrPath
 from mlflow_sidecar.core.transfer import (
     DEFAULT_CHUNK_BYTES,
     HashingWriter,

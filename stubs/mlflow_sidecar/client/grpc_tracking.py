@@ -13,6 +13,7 @@ from typing import TypeVar
 import grpc
 
 from mlflow_sidecar.client.downloads import partial_path
+from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
@@ -36,7 +37,6 @@ from mlflow_sidecar.core.errors import (
     error_from_rpc,
 )
 from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.core.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.core.transfer import (
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,

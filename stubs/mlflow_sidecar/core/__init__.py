@@ -1,4 +1,4 @@
-"""What the trainer-side client and the sidecar share: domain types, errors, the ports,
+"""What the trainer-side client and the sidecar share: domain types, errors,
 proto<->domain conversions, path rules and transfer framing.
 
 Depends on gRPC and protobuf only: never on MLflow or dependency-injector, so the

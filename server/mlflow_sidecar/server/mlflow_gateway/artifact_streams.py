@@ -21,13 +21,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
-from mlflow.utils import mime_type_utils, request_utils, rest_utils
 
 from mlflow_sidecar.core.errors import (
     DataLossError,
@@ -36,7 +34,9 @@ from mlflow_sidecar.core.errors import (
     SidecarError,
 )
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.port import StreamedDownload
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +46,6 @@ _QUEUE_CHUNKS = 4
 # How long an abort waits for the PUT to notice before leaving it to its own timeout.
 _ABORT_JOIN_S = 10.0
 
-# MLflow's own HTTP helpers (auth, TLS settings, error bodies), which carry no type hints.
-_http_request: Any = rest_utils.http_request
-_raise_for_status: Any = request_utils.augmented_raise_for_status
-_guess_mime_type: Any = mime_type_utils._guess_mime_type
 
 _END = object()
 _ABORT = object()
@@ -66,7 +62,7 @@ def streaming_repository(artifact_uri: str, tracking_uri: str) -> Any | None:
     repo: Any = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
     if type(repo) not in (HttpArtifactRepository, MlflowArtifactsRepository):
         return None
-    if repo._is_multipart_upload_enabled():
+    if mlflow_internals.multipart_upload_enabled(repo):
         return None
     return repo
 
@@ -98,8 +94,8 @@ class StreamedUpload:
     ) -> None:
         paths = (artifact_dir, file_name) if artifact_dir else (file_name,)
         self._endpoint = posixpath.join("/", *paths)
-        self._creds = repo._host_creds
-        self._headers = {"Content-Type": _guess_mime_type(file_name)}
+        self._creds = mlflow_internals.host_creds(repo)
+        self._headers = {"Content-Type": mlflow_internals.guess_mime_type(file_name)}
         self._size = size_bytes
         self._observe = observe
         self._queue: queue.Queue[object] = queue.Queue(maxsize=_QUEUE_CHUNKS)
@@ -123,7 +119,7 @@ class StreamedUpload:
     def _put(self) -> None:
         started = time.perf_counter()
         try:
-            response = _http_request(
+            response = mlflow_internals.http_request(
                 self._creds,
                 self._endpoint,
                 "PUT",
@@ -133,7 +129,7 @@ class StreamedUpload:
                 extra_headers=self._headers,
                 data=_SizedBody(self._body(), self._size),
             )
-            _raise_for_status(response)
+            mlflow_internals.raise_for_status(response)
         except Exception as exc:  # noqa: BLE001 - any failure means: store from disk
             self._error = exc
         finally:
@@ -195,22 +191,13 @@ class StreamedUpload:
         return True
 
 
-@dataclass(frozen=True, slots=True)
-class StreamedDownload:
-    """An artifact file coming from MLflow: its size and its bytes, as they arrive."""
-
-    size_bytes: int
-    chunks: Iterator[bytes]
-    close: Callable[[], None]
-
-
 def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload | None:
     """Start a GET of one artifact file; the bytes are read as `chunks` is iterated.
 
     None when the answer carries no Content-Length (a proxy that chunks it): the header
     of a download announces the size, so such a file is fetched whole first."""
-    response = _http_request(
-        repo._host_creds,
+    response = mlflow_internals.http_request(
+        mlflow_internals.host_creds(repo),
         posixpath.join("/", artifact_path),
         "GET",
         # The bytes as stored, so that Content-Length counts what the chunks carry even
@@ -218,7 +205,7 @@ def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDo
         extra_headers={"Accept-Encoding": "identity"},
         stream=True,
     )
-    _raise_for_status(response)
+    mlflow_internals.raise_for_status(response)
     length = response.headers.get("Content-Length")
     if length is None or not length.isdigit():
         response.close()

@@ -22,6 +22,7 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
 )
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 
 # The sidecar's own bookkeeping on the entities it creates (which request made or renamed
 # them): kept in MLflow, where it resolves retries, but not part of the tags users set.
@@ -57,7 +58,7 @@ def metric(m: MlflowMetric) -> Metric:
 def run(r: MlflowRun) -> Run:
     """MLflow run -> domain run (latest metric values only, as MLflow returns them)."""
     info = r.info
-    latest = {m.key: metric(m) for m in (r.data._metric_objs if r.data else [])}
+    latest = {m.key: metric(m) for m in (mlflow_internals.metric_objects(r.data) if r.data else [])}
     return Run(
         info=RunInfo(
             run_id=info.run_id,

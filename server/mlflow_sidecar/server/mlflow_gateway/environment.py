@@ -5,18 +5,14 @@ from __future__ import annotations
 import logging
 import os
 
-from mlflow.tracking.request_header import registry as request_headers
 from mlflow.tracking.request_header.databricks_request_header_provider import (
     DatabricksRequestHeaderProvider,
 )
 
 from mlflow_sidecar.server.config import AppConfig, export_mlflow_env
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 
 log = logging.getLogger(__name__)
-
-# MLflow reads the artifact root of a SQL store built in-process from this variable
-# (the same one `mlflow server` sets), so the embedded store keeps artifacts in the data dir.
-_SERVER_ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"
 
 
 def configure_mlflow_environment(config: AppConfig) -> None:
@@ -42,7 +38,7 @@ def configure_mlflow_environment(config: AppConfig) -> None:
     if config.embedded:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.artifact_root.mkdir(parents=True, exist_ok=True)
-        env[_SERVER_ARTIFACT_ROOT_ENV] = str(config.artifact_root)
+        env[mlflow_internals.SERVER_ARTIFACT_ROOT_ENV] = str(config.artifact_root)
 
 
 def settle_request_header_providers() -> None:
@@ -53,8 +49,8 @@ def settle_request_header_providers() -> None:
     to import dbruntime, pyspark and IPython each time: an import that fails is not
     cached, so that was about a millisecond of every call the sidecar made to MLflow.
     Other providers (plugins') are left alone: their context may change."""
-    registry = getattr(request_headers._request_header_provider_registry, "_registry", None)
-    if not isinstance(registry, list):
+    registry = mlflow_internals.request_header_providers()
+    if registry is None:
         log.warning("MLflow's request header providers are not where expected; left as is")
         return
     registry[:] = [provider for provider in registry if _stays(provider)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import requests
 from mlflow.exceptions import MlflowException
@@ -182,3 +183,26 @@ def _short(exc: Exception) -> str:
         message = message[: cut.start()].strip().rstrip(".:;,-").strip()
         message = f"{message}." if message else _NO_SENTENCE
     return message.strip()[:1000]
+
+
+def search_field(message: str, filter_string: str, order_by: Sequence[str], page_token: str) -> str:
+    """The search request field an MLflow complaint is about; empty when that is unclear.
+
+    MLflow names no field: the one field given, or words of its message, tell."""
+    given = [
+        field
+        for field, value in (
+            ("filter", filter_string),
+            ("order_by", order_by),
+            ("page_token", page_token),
+        )
+        if value
+    ]
+    if len(given) == 1:
+        return given[0]
+    lowered = message.lower()
+    if "page token" in lowered:
+        return "page_token"
+    if "order_by" in lowered or "order by" in lowered:
+        return "order_by"
+    return ""

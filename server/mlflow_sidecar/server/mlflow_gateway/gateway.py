@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import bisect
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -14,8 +14,6 @@ from mlflow.entities import LifecycleStage, Param, RunTag, ViewType
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.core import domain
@@ -31,10 +29,25 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
-from mlflow_sidecar.server.mlflow_gateway import artifact_streams, entities, page_tokens
-from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
+from mlflow_sidecar.server.mlflow_gateway import (
+    artifact_streams,
+    embedded_store,
+    entities,
+    metric_history,
+    mlflow_internals,
+    page_tokens,
+    registration,
+)
+from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
-from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.errors import search_field, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
+from mlflow_sidecar.server.mlflow_gateway.sources import (
+    check_source_alias,
+    models_source,
+    quoted,
+    runs_source_run_id,
+)
 from mlflow_sidecar.server.mlflow_gateway.storage_policy import (
     StoragePolicy,
     check_uri_syntax,
@@ -53,63 +66,15 @@ _DEADLINE_MARGIN_S = 0.05
 _RUN_LOCATION_CACHE = 4096
 # runs:/ and models:/ URIs may point at each other; deeper than this is refused.
 _MAX_REFERENCE_DEPTH = 4
+# Versions asked for at once when the sidecar looks through all of a model's versions.
+_SEARCH_PAGE = 1000
 
-# MLflow's models:/ URI parsing (stages, aliases, logged model ids), which has no type hints.
-_split_models_uri: Any = ModelsArtifactRepository.split_models_uri
-_get_model_name_and_version: Any = model_uris.get_model_name_and_version
 
 _VIEW_TYPES = {
     domain.ViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
     domain.ViewType.DELETED_ONLY: ViewType.DELETED_ONLY,
     domain.ViewType.ALL: ViewType.ALL,
 }
-
-
-def _metric_history_position(
-    token: str, run_id: str, key: str
-) -> tuple[tuple[int, int], int] | None:
-    """((step, timestamp), points of it already sent) from a GetMetricHistory token."""
-    if not token:
-        return None
-    decoded = page_tokens.decode("metric-history", token)
-    if decoded.get("run") != run_id or decoded.get("key") != key:
-        raise page_tokens.refuse("is a token of another run's or metric's history")
-    step = page_tokens.int64(decoded.get("step"))
-    timestamp = page_tokens.int64(decoded.get("ts"))
-    seen = page_tokens.bounded_int(decoded.get("seen"), 1, page_tokens.MAX_OFFSET)
-    return (step, timestamp), seen
-
-
-def _search_field(
-    message: str, filter_string: str, order_by: Sequence[str], page_token: str
-) -> str:
-    """The search request field an MLflow complaint is about; empty when that is unclear."""
-    given = [
-        field
-        for field, value in (
-            ("filter", filter_string),
-            ("order_by", order_by),
-            ("page_token", page_token),
-        )
-        if value
-    ]
-    if len(given) == 1:
-        return given[0]
-    lowered = message.lower()
-    if "page token" in lowered:
-        return "page_token"
-    if "order_by" in lowered or "order by" in lowered:
-        return "order_by"
-    return ""
-
-
-def quoted(value: str) -> str:
-    """A string literal of MLflow's filter syntax."""
-    if "'" not in value:
-        return f"'{value}'"
-    if '"' not in value:
-        return f'"{value}"'
-    raise InvalidArgumentError("name", "must not contain both ' and \" characters")
 
 
 def _tag_filter(key: str, value: str) -> str:
@@ -126,14 +91,16 @@ class _TransientError(Exception):
 
 
 class MlflowGateway:
-    """The sidecar's only door to MLflow. Thread-safe: MlflowClient is, and so is this."""
+    """The sidecar's only door to MLflow. Thread-safe: MlflowClient is, and so is this.
+
+    Building one has no side effect; `open()` prepares MLflow (its environment, the
+    embedded store) and must come first."""
 
     def __init__(self, config: AppConfig, metrics: SidecarMetrics | None = None) -> None:
-        configure_mlflow_environment(config)
+        self._config = config
         self._metrics = metrics
-        self._client = MlflowClient(
-            tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
-        )
+        self._opened: MlflowClient | None = None
+        self._opening = threading.Lock()
         self._retrying = self._build_retrying(config.retry)
         self.tracking_uri = config.tracking_uri
         self.registry_uri = config.registry_uri
@@ -144,6 +111,30 @@ class MlflowGateway:
             discover_root=self._default_artifact_root,
         )
         self._checked_runs: dict[str, str] = {}
+
+    def open(self) -> None:
+        """Prepare MLflow for this process, once: set the environment MLflow's client reads
+        (process-wide), settle its request header providers, create the embedded store
+        when it is missing (EmbeddedStoreError when it cannot be used) and connect.
+
+        Idempotent; the server's start-up calls it before it serves."""
+        with self._opening:
+            if self._opened is not None:
+                return
+            config = self._config
+            configure_mlflow_environment(config)
+            if config.embedded:
+                embedded_store.prepare(config.data_dir, config.artifact_root)
+            self._opened = MlflowClient(
+                tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
+            )
+
+    @property
+    def _client(self) -> MlflowClient:
+        client = self._opened
+        if client is None:
+            raise RuntimeError("MlflowGateway.open() must be called before the gateway is used")
+        return client
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -309,10 +300,10 @@ class MlflowGateway:
     def _model_download_uri(self, uri: str) -> str:
         """Where the model a `models:/` URI names keeps its files (a registered version by
         number, alias or stage, or an MLflow 3 logged model), plus the URI's sub-path."""
-        base, sub_path = _split_models_uri(uri)
+        base, sub_path = mlflow_internals.split_models_uri(uri)
 
         def op() -> str:
-            found = _get_model_name_and_version(self._client, base)
+            found = mlflow_internals.model_name_and_version(self._client, base)
             if len(found) == 1:
                 return str(self._client.get_logged_model(found[0]).artifact_location)
             name, version = found
@@ -587,44 +578,20 @@ class MlflowGateway:
     def get_metric_history(
         self, run_id: str, key: str, *, page_size: int, page_token: str
     ) -> domain.Page[domain.Metric]:
-        """One page of a metric's points, ordered by step, then timestamp.
-
-        MLflow orders a history by timestamp, then step, and pages it by offset in that
-        order; it has no other order. So every page reads the whole series from MLflow,
-        sorts it by (step, timestamp) (stable: MLflow's value order breaks ties) and cuts
-        the page after the position in the token: the last page's (step, timestamp) and
-        how many points of exactly that (step, timestamp) came before. Keyset, not offset:
-        points appended between two pages at later steps neither repeat nor vanish.
-        """
-        after = _metric_history_position(page_token, run_id, key)
+        """One page of a metric's points, ordered by step, then timestamp (see
+        `metric_history`)."""
+        metric_history.check_token(page_token, run_id, key)
         history = self.call(
             lambda: self._client.get_metric_history(run_id, key),
             not_found=ErrorReason.RUN_NOT_FOUND,
         )
-        points = sorted(
-            (entities.metric(m) for m in history), key=lambda m: (m.step, m.timestamp_ms)
+        return metric_history.page(
+            (entities.metric(m) for m in history),
+            run_id,
+            key,
+            page_size=page_size,
+            page_token=page_token,
         )
-        keys = [(m.step, m.timestamp_ms) for m in points]
-        start = 0
-        if after is not None:
-            position, seen = after
-            start = min(
-                bisect.bisect_left(keys, position) + seen, bisect.bisect_right(keys, position)
-            )
-        end = start + page_size
-        page = tuple(points[start:end])
-        if end >= len(points):
-            return domain.Page(page, "")
-        last = keys[end - 1]
-        token = page_tokens.encode(
-            "metric-history",
-            run=run_id,
-            key=key,
-            step=last[0],
-            ts=last[1],
-            seen=end - bisect.bisect_left(keys, last),
-        )
-        return domain.Page(page, token)
 
     # -- model registry -----------------------------------------------------------------
 
@@ -671,7 +638,7 @@ class MlflowGateway:
         except InvalidArgumentError as exc:
             if exc.field:
                 raise
-            field = _search_field(exc.message, filter_string, order_by, page_token)
+            field = search_field(exc.message, filter_string, order_by, page_token)
             reason = ErrorReason.INVALID_PAGE_TOKEN if field == "page_token" else exc.reason
             raise InvalidArgumentError(
                 field, exc.message, reason=reason, metadata=exc.metadata
@@ -819,6 +786,77 @@ class MlflowGateway:
             self.call_once(attempt, not_found=ErrorReason.MODEL_NOT_FOUND)
         )
 
+    def resolve_source(self, source: str, run_id: str) -> str:
+        """Check what a new version's source names before anything is registered; returns
+        the run the version belongs to. MLflow accepts a runs:/ source only together with
+        the id of that same run, and would register a models:/ source whose version or
+        alias is missing with a vague error, or none at all."""
+        check_source_alias(source)
+        if source_run_id := runs_source_run_id(source):
+            if run_id and run_id != source_run_id:
+                raise InvalidArgumentError(
+                    "run_id", f"{run_id!r} is not the run of the source {source!r}"
+                )
+            run_id = source_run_id
+        if origin := models_source(source):
+            try:
+                if origin.alias:
+                    self.get_model_version_by_alias(origin.name, origin.alias)
+                else:
+                    self.get_model_version(origin.name, origin.version)
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError("source", exc.problem, reason=exc.reason) from None
+        if run_id:
+            self.get_run(run_id)
+        return run_id
+
+    def wait_until_ready(self, version: domain.ModelVersion) -> domain.ModelVersion:
+        """The version once it has left PENDING_REGISTRATION (MLflow's limit and the
+        call's deadline bound the wait)."""
+        return registration.await_ready(version, self.get_model_version)
+
+    def latest_model_version(self, name: str) -> domain.ModelVersion:
+        """The version with the highest number."""
+        found = self.call(
+            lambda: self._client.search_model_versions(
+                filter_string=f"name = {quoted(name)}",
+                max_results=1,
+                order_by=["version_number DESC"],
+            )
+        )
+        if not found:
+            self.get_registered_model(name)  # NOT_FOUND names the model when it is missing
+            raise NotFoundError(
+                f"registered model {name!r} has no versions",
+                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
+        return entities.model_version(found[0])
+
+    def versions_from(self, name: str, source: str) -> tuple[domain.ModelVersion, ...]:
+        """Every version of `name` registered from exactly this source."""
+        run_id = runs_source_run_id(source)
+        where = f"name = {quoted(name)}"
+        if run_id:
+            where += f" AND run_id = {quoted(run_id, 'source')}"
+
+        def page(after: str | None) -> Any:
+            return self.call(
+                lambda: self._client.search_model_versions(
+                    filter_string=where,
+                    max_results=_SEARCH_PAGE,
+                    order_by=["version_number DESC"],
+                    page_token=after,
+                )
+            )
+
+        found: list[domain.ModelVersion] = []
+        paged = page(None)
+        while True:
+            found.extend(v for v in map(entities.model_version, paged) if v.source == source)
+            if not paged.token:
+                return tuple(found)
+            paged = page(paged.token)
+
     def _find_version(self, name: str, request_id: str) -> Any | None:
         found = self._client.search_model_versions(
             filter_string=f"name = {quoted(name)} AND {_tag_filter(REQUEST_ID_TAG, request_id)}",
@@ -841,7 +879,10 @@ class MlflowGateway:
         )
 
     def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
-        """The version an alias points at; NotFoundError for an alias the model lacks."""
+        """The version an alias points at; NotFoundError for an alias the model lacks.
+
+        The one place that knows MLflow's quirk: an alias that is not set is reported as
+        INVALID_PARAMETER_VALUE "... not found", not as a missing resource."""
         try:
             found = self.call(
                 lambda: self._client.get_model_version_by_alias(name, alias),
@@ -911,6 +952,8 @@ class MlflowGateway:
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         """Point an alias at a version."""
+        # MLflow would point an alias at a deleted or missing version; refuse with NOT_FOUND.
+        self.get_model_version(name, version)
         self.call(
             lambda: self._client.set_registered_model_alias(name, alias, str(version)),
             not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
@@ -918,6 +961,12 @@ class MlflowGateway:
 
     def delete_model_alias(self, name: str, alias: str) -> None:
         """Remove an alias."""
+        # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
+        if alias not in self.get_registered_model(name).aliases:
+            raise NotFoundError(
+                f"registered model {name!r} has no alias {alias!r}",
+                reason=ErrorReason.ALIAS_NOT_FOUND,
+            )
         self._delete_once(
             lambda: self._client.delete_registered_model_alias(name, alias),
             ErrorReason.MODEL_NOT_FOUND,
@@ -987,7 +1036,7 @@ class MlflowGateway:
         ]
 
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
-        """Download one artifact into `dst_dir` (as `dst_dir/artifact_path`); returns its path."""
+        """Download one artifact file into `dst_dir`, named as the artifact; returns its path."""
         self.run_artifact_uri(run_id)
         return Path(
             self.call(
@@ -1024,3 +1073,7 @@ class MlflowGateway:
             return str(repo.download_artifacts("", str(dst_dir)))
 
         return Path(self.call(op))
+
+
+# mypy checks here that the gateway is a complete MlflowPort.
+_: type[MlflowPort] = MlflowGateway

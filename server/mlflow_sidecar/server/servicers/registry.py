@@ -236,9 +236,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             # A cancelled call may never resume this generator: clean up when the call ends.
             context.add_callback(lambda: self._staging.remove(scratch))
             # The version is pinned by number: an alias moving meanwhile cannot mix two versions.
-            root = self._service.download_model(
-                version.name, scratch / "model", version=version.version
-            )
+            root = self._service.download_model(version.name, version.version, scratch / "model")
             yield from self._staging.counted(
                 "download", streams.model_messages(version, root, self._staging)
             )

@@ -21,8 +21,8 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
-from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedDownload, StreamedUpload
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort
+from mlflow_sidecar.server.mlflow_gateway.port import ArtifactUpload, StreamedDownload
 from mlflow_sidecar.server.services.artifacts import artifact_file, store_file
 from mlflow_sidecar.server.staging import Staging
 
@@ -34,11 +34,11 @@ class PendingUpload:
 
     def __init__(
         self,
-        gateway: MlflowGateway,
+        gateway: MlflowPort,
         staging: Staging,
         run_id: str,
         artifact_path: str,
-        stream: StreamedUpload | None,
+        stream: ArtifactUpload | None,
     ) -> None:
         self._gateway = gateway
         self._staging = staging
@@ -114,7 +114,7 @@ class PendingUpload:
 class ArtifactTransfers:
     """Starts streamed uploads and downloads of single artifact files."""
 
-    def __init__(self, gateway: MlflowGateway, staging: Staging) -> None:
+    def __init__(self, gateway: MlflowPort, staging: Staging) -> None:
         self._gateway = gateway
         self._staging = staging
 

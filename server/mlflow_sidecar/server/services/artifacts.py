@@ -17,7 +17,7 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
 )
 from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.staging import Staging
 
 
@@ -38,7 +38,7 @@ def check_upload_size(field: str, size_bytes: int, max_upload_bytes: int | None)
 
 
 def store_file(
-    gateway: MlflowGateway, staging: Staging, run_id: str, source: Path, target: str
+    gateway: MlflowPort, staging: Staging, run_id: str, source: Path, target: str
 ) -> None:
     """Store the local file `source` as the run's artifact file `target` (a checked path)."""
     directory, _, name = target.rpartition("/")
@@ -55,7 +55,7 @@ def store_file(
         gateway.log_artifact(run_id, named, directory)
 
 
-def artifact_file(gateway: MlflowGateway, run_id: str, artifact_path: str) -> FileInfo:
+def artifact_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> FileInfo:
     """The listing entry of one artifact file: NOT_FOUND when it is missing,
     INVALID_ARGUMENT when it is a directory."""
     check_relative_path("artifact_path", artifact_path)

@@ -1,11 +1,10 @@
-"""`RegistryService`: the `ModelRegistry` port over the MLflow gateway."""
+"""`RegistryService`: the sidecar's model-registry use cases, over `MlflowPort`."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
 import re
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -15,9 +14,7 @@ from mlflow_sidecar.core.domain import (
     MAX_PAGE_SIZE,
     LifecycleStage,
     ModelVersion,
-    ModelVersionStatus,
     Page,
-    Progress,
     RegisteredModel,
     RunStatus,
 )
@@ -29,33 +26,19 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
-from mlflow_sidecar.core.ports import ModelRegistry, StrPath
-from mlflow_sidecar.core.transfer import collect_files, report
-from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
-from mlflow_sidecar.server.mlflow_gateway.gateway import quoted
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
+from mlflow_sidecar.server.mlflow_gateway.sources import is_reserved_alias, reserved_alias_error
 from mlflow_sidecar.server.services.artifacts import check_upload_size, store_file
 from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
 
-# MLflow waits up to 300 s for a new version to become READY; we wait no longer than that,
-# and never past the call's deadline (less a margin so that the answer still arrives).
-MAX_AWAIT_READY_S = 300.0
-DEADLINE_MARGIN_S = 0.05
-FIRST_POLL_S = 0.05
-MAX_POLL_S = 1.0
 MAX_ALIAS_LENGTH = 255
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
-_VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
-_RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
-# models:/NAME/VERSION and models:/NAME@ALIAS; other forms (stages, logged model ids) go to MLflow.
-_MODELS_SOURCE_RE = re.compile(
-    r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
-)
 # Uploaded model directories live among their run's artifacts under models/<hex id>/.
 MODEL_ARTIFACT_DIR = "models"
 # Marks the runs UploadModel creates when it is given an experiment instead of a run.
@@ -95,42 +78,14 @@ def _alias(value: str, field: str = "alias") -> str:
     versions ('latest', 'v<number>', in any case). MLflow refuses to set them, so they
     can never resolve: reading, downloading or deleting by one is refused the same way."""
     _alias_name(value, field)
-    if value.lower() == "latest" or _VERSION_ALIAS_RE.match(value):
-        raise InvalidArgumentError(
-            field,
-            f"{value!r} is reserved: 'latest' and 'v<number>' name versions already;"
-            " ask for the version by number (or GetLatestModelVersion) instead",
-            reason=ErrorReason.RESERVED_ALIAS,
-        )
+    if is_reserved_alias(value):
+        raise reserved_alias_error(field, value)
     return value
-
-
-def _source_run_id(source: str) -> str:
-    """The run id of a runs:/RUN_ID/PATH source; empty for every other kind of source."""
-    if not source.startswith("runs:"):
-        return ""
-    match = _RUNS_SOURCE_RE.match(source)
-    if match is None:
-        raise InvalidArgumentError("source", f"{source!r} is not of the form runs:/RUN_ID/PATH")
-    return match["run_id"]
-
-
-def _models_source(source: str) -> tuple[str, int, str] | None:
-    """(name, version, alias) of a models:/NAME/VERSION or models:/NAME@ALIAS source."""
-    match = _MODELS_SOURCE_RE.match(source)
-    if match is None:
-        return None
-    return match["name"], int(match["version"] or 0), match["alias"] or ""
 
 
 def _upload_dir_id(request_id: str) -> str:
     """32 hex digits naming an upload's artifact directory after its request id."""
     return hashlib.sha256(request_id.encode()).hexdigest()[:32]
-
-
-def _deadline_passed() -> bool:
-    left = call_deadline.remaining()
-    return left is not None and left <= DEADLINE_MARGIN_S
 
 
 def check_model_upload(
@@ -158,11 +113,11 @@ def check_model_upload(
         _alias(alias, f"aliases[{index}]")
 
 
-class RegistryService(ModelRegistry):
+class RegistryService:
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
 
-    def __init__(self, gateway: MlflowGateway, staging: Staging) -> None:
+    def __init__(self, gateway: MlflowPort, staging: Staging) -> None:
         self._gateway = gateway
         self._staging = staging  # transfer limits and scratch space
         self._model_locks = KeyedLocks()
@@ -266,31 +221,14 @@ class RegistryService(ModelRegistry):
             source = f"runs:/{run_id}/{artifact_path}"
         elif artifact_path:
             raise InvalidArgumentError("artifact_path", "give either source or artifact_path")
-        # MLflow accepts a runs:/ source only together with the id of that same run.
-        if source_run_id := _source_run_id(source):
-            if run_id and run_id != source_run_id:
-                raise InvalidArgumentError(
-                    "run_id", f"{run_id!r} is not the run of the source {source!r}"
-                )
-            run_id = source_run_id
         # NOT_FOUND for an unknown model instead of MLflow creating nothing with a vague error.
         self._gateway.get_registered_model(name)
-        if origin := _models_source(source):
-            # NOT_FOUND for a missing source version or alias, before registering anything.
-            origin_name, origin_version, origin_alias = origin
-            if origin_alias:
-                try:
-                    self.get_model_version_by_alias(origin_name, origin_alias)
-                except InvalidArgumentError as exc:
-                    raise InvalidArgumentError("source", exc.problem, reason=exc.reason) from None
-            else:
-                self.get_model_version(origin_name, origin_version)
-        if run_id:
-            self._gateway.get_run(run_id)  # NOT_FOUND for an unknown run, before registering
+        # NOT_FOUND for a missing run, source version or alias, before registering anything.
+        run_id = self._gateway.resolve_source(source, run_id)
         # One registration per model at a time: each caller gets the next number, no conflict.
         with self._model_locks.hold(name):
             # A caller that gave up while others registered must not leave a version behind.
-            if _deadline_passed():
+            if registration.deadline_passed():
                 raise DeadlineExceededError(
                     f"deadline exceeded while waiting to register a version of {name!r}"
                 )
@@ -302,30 +240,7 @@ class RegistryService(ModelRegistry):
                 tags=tags or {},
                 request_id=request_id or uuid.uuid4().hex,
             )
-        return self._await_ready(created)
-
-    def _await_ready(self, version: ModelVersion) -> ModelVersion:
-        """The version once it has left PENDING_REGISTRATION; bounded by the call's deadline."""
-        started = time.monotonic()
-        delay = FIRST_POLL_S
-        while version.status is ModelVersionStatus.PENDING_REGISTRATION:
-            budget = MAX_AWAIT_READY_S - (time.monotonic() - started)
-            if (left := call_deadline.remaining()) is not None:
-                budget = min(budget, left - DEADLINE_MARGIN_S)
-            if budget <= 0:
-                raise DeadlineExceededError(
-                    f"version {version.version} of {version.name!r} was created but is still"
-                    " pending registration"
-                )
-            time.sleep(min(delay, budget))
-            delay = min(delay * 2, MAX_POLL_S)
-            version = self._gateway.get_model_version(version.name, version.version)
-        if version.status is ModelVersionStatus.FAILED_REGISTRATION:
-            raise FailedPreconditionError(
-                f"registration of version {version.version} of {version.name!r} failed:"
-                f" {version.status_message or 'no reason given'}"
-            )
-        return version
+        return self._gateway.wait_until_ready(created)
 
     def get_model_version(self, name: str, version: int) -> ModelVersion:
         return self._gateway.get_model_version(_name("name", name), _version(version))
@@ -333,33 +248,10 @@ class RegistryService(ModelRegistry):
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
         _name("name", name)
         _alias(alias)
-        try:
-            return self._gateway.get_model_version_by_alias(name, alias)
-        except InvalidArgumentError:
-            # MLflow reports an alias that is not set as an invalid parameter.
-            model = self._gateway.get_registered_model(name)  # NOT_FOUND for a missing model
-            if alias not in model.aliases:
-                raise NotFoundError(
-                    f"registered model {name!r} has no alias {alias!r}",
-                    reason=ErrorReason.ALIAS_NOT_FOUND,
-                ) from None
-            raise
+        return self._gateway.get_model_version_by_alias(name, alias)
 
     def get_latest_model_version(self, name: str) -> ModelVersion:
-        _name("name", name)
-        page = self._gateway.search_model_versions(
-            filter_string=f"name = {quoted(name)}",
-            order_by=["version_number DESC"],
-            page_size=1,
-            page_token="",
-        )
-        if not page.items:
-            self._gateway.get_registered_model(name)  # NOT_FOUND names the model when missing
-            raise NotFoundError(
-                f"registered model {name!r} has no versions",
-                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
-            )
-        return page.items[0]
+        return self._gateway.latest_model_version(_name("name", name))
 
     def search_model_versions(
         self,
@@ -400,38 +292,28 @@ class RegistryService(ModelRegistry):
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         _name("name", name)
         _alias(alias)
-        _version(version)
-        # MLflow would point an alias at a deleted or missing version; refuse with NOT_FOUND.
-        self._gateway.get_model_version(name, version)
-        self._gateway.set_model_alias(name, alias, version)
+        self._gateway.set_model_alias(name, alias, _version(version))
 
     def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         _name("name", name)
-        _alias(alias)
-        # MLflow deletes a missing alias silently; the port promises NOT_FOUND.
-        model = self._gateway.get_registered_model(name)
-        if alias not in model.aliases:
-            raise NotFoundError(
-                f"registered model {name!r} has no alias {alias!r}",
-                reason=ErrorReason.ALIAS_NOT_FOUND,
-            )
-        self._gateway.delete_model_alias(name, alias)
+        self._gateway.delete_model_alias(name, _alias(alias))
 
     # -- model files --------------------------------------------------------------------
 
     def upload_model(
         self,
         name: str,
-        local_dir: StrPath,
+        local_dir: Path,
         *,
         run_id: str = "",
         experiment_id: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
-        progress: Progress | None = None,
         request_id: str = "",
     ) -> ModelVersion:
+        """Store the model directory `local_dir` (staged by the sidecar) among a run's
+        artifacts and register it as a new version, with its aliases: all or nothing."""
         check_model_upload(
             name,
             run_id=run_id,
@@ -440,7 +322,7 @@ class RegistryService(ModelRegistry):
             tags=tags or {},
             aliases=aliases,
         )
-        files = collect_files(Path(local_dir))
+        files = collect_files(local_dir)
         if not files:
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
         total = sum(f.size_bytes for f in files)
@@ -452,8 +334,6 @@ class RegistryService(ModelRegistry):
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{_upload_dir_id(request_id)}"
         created_model = False
         try:
-            report(progress, 0, total)
-            done = 0
             for local in files:
                 store_file(
                     self._gateway,
@@ -462,8 +342,6 @@ class RegistryService(ModelRegistry):
                     local.path,
                     f"{artifact_dir}/{local.relpath}",
                 )
-                done += local.size_bytes
-                report(progress, done, total)
             created_model = self._ensure_registered_model(name)
             created = self.create_model_version(
                 name,
@@ -550,25 +428,10 @@ class RegistryService(ModelRegistry):
         """
         source = f"runs:/{run_id}/{artifact_dir}"
         try:
-            page = self._gateway.search_model_versions(
-                filter_string=f"name = {quoted(name)} AND run_id = '{run_id}'",
-                order_by=["version_number DESC"],
-                page_size=MAX_PAGE_SIZE,
-                page_token="",
-            )
-            for version in page.items:
-                if version.source == source:
-                    self._gateway.delete_model_version(version.name, version.version)
+            for version in self._gateway.versions_from(name, source):
+                self._gateway.delete_model_version(version.name, version.version)
             self._gateway.delete_artifacts(run_id, artifact_dir)
-            if (
-                created_model
-                and not self._gateway.search_model_versions(
-                    filter_string=f"name = {quoted(name)}",
-                    order_by=[],
-                    page_size=1,
-                    page_token="",
-                ).items
-            ):
+            if created_model and not self._has_versions(name):
                 self._gateway.delete_registered_model(name)
         except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
             log.warning("after a failed model upload, could not remove %s: %s", source, exc)
@@ -578,27 +441,15 @@ class RegistryService(ModelRegistry):
             except Exception as exc:  # noqa: BLE001 - as above
                 log.warning("after a failed model upload, could not fail run %s: %s", run_id, exc)
 
-    def download_model(
-        self,
-        name: str,
-        dst_dir: StrPath,
-        *,
-        version: int | None = None,
-        alias: str | None = None,
-        progress: Progress | None = None,
-    ) -> Path:
-        _name("name", name)
-        if (version is None) == (alias is None):
-            raise InvalidArgumentError("selector", "give exactly one of version or alias")
-        found = (
-            self.get_model_version(name, version)
-            if version is not None
-            else self.get_model_version_by_alias(name, alias or "")
-        )
-        destination = Path(dst_dir)
-        destination.mkdir(parents=True, exist_ok=True)
-        report(progress, 0, 0)
-        self._gateway.download_model_version(found.name, found.version, destination)
-        total = sum(f.size_bytes for f in collect_files(destination))
-        report(progress, total, total)
-        return destination
+    def _has_versions(self, name: str) -> bool:
+        try:
+            self._gateway.latest_model_version(name)
+        except NotFoundError:
+            return False
+        return True
+
+    def download_model(self, name: str, version: int, dst_dir: Path) -> Path:
+        """Download every file of a version into `dst_dir` (created); returns the model's root."""
+        found = self.get_model_version(name, version)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        return self._gateway.download_model_version(found.name, found.version, dst_dir)

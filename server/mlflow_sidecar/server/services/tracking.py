@@ -1,11 +1,10 @@
-"""`TrackingService`: the `ExperimentTracking` port over the MLflow gateway."""
+"""`TrackingService`: the sidecar's experiment-tracking use cases, over `MlflowPort`."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.domain import (
@@ -14,14 +13,12 @@ from mlflow_sidecar.core.domain import (
     MAX_METRIC_PAGE_SIZE,
     MAX_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
-    ArtifactInfo,
     Experiment,
     FileInfo,
     FlushResult,
     Metric,
     MetricPoint,
     Page,
-    Progress,
     Run,
     RunStatus,
     ViewType,
@@ -35,18 +32,13 @@ from mlflow_sidecar.core.errors import (
     NotFoundError,
 )
 from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.core.ports import ExperimentTracking, StrPath
-from mlflow_sidecar.core.transfer import file_digest, report
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
-from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.services.artifacts import (
-    artifact_file,
-    check_upload_size,
     decode_listing_token,
     encode_listing_token,
-    store_file,
 )
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
@@ -82,11 +74,11 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class TrackingService(ExperimentTracking):
+class TrackingService:
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
 
-    def __init__(self, gateway: MlflowGateway, ingest: MetricIngest, staging: Staging) -> None:
+    def __init__(self, gateway: MlflowPort, ingest: MetricIngest, staging: Staging) -> None:
         self._gateway = gateway
         self._ingest = ingest
         self._staging = staging  # transfer limits and scratch space
@@ -241,20 +233,6 @@ class TrackingService(ExperimentTracking):
             view_type=view_type,
         )
 
-    def end_run(
-        self,
-        run_id: str,
-        status: RunStatus = RunStatus.FINISHED,
-        *,
-        end_time_ms: int = 0,
-        request_id: str = "",
-        wait_for_delivery: bool = False,
-    ) -> Run:
-        run, _pending = self.end_run_with_pending(
-            run_id, status, end_time_ms=end_time_ms, wait_for_delivery=wait_for_delivery
-        )
-        return run
-
     def end_run_with_pending(
         self,
         run_id: str,
@@ -368,28 +346,6 @@ class TrackingService(ExperimentTracking):
 
     # -- artifacts ----------------------------------------------------------------------
 
-    def upload_artifact(
-        self,
-        run_id: str,
-        local_path: StrPath,
-        artifact_path: str = "",
-        *,
-        progress: Progress | None = None,
-        request_id: str = "",
-    ) -> ArtifactInfo:
-        check.run_id("run_id", run_id)
-        source = Path(local_path)
-        if not source.is_file():
-            raise InvalidArgumentError("local_path", f"{source} is not a file")
-        target = check_relative_path("artifact_path", artifact_path or source.name)
-        size, sha256 = file_digest(source, self._staging.chunk_bytes)
-        check_upload_size("local_path", size, self._staging.max_upload_bytes)
-        self._require_active(run_id)
-        report(progress, 0, size)
-        store_file(self._gateway, self._staging, run_id, source, target)
-        report(progress, size, size)
-        return ArtifactInfo(path=target, size_bytes=size, sha256=sha256)
-
     def list_artifacts(
         self,
         run_id: str,
@@ -408,24 +364,6 @@ class TrackingService(ExperimentTracking):
         page = tuple(remaining[:size])
         more = len(remaining) > size
         return Page(page, encode_listing_token(path, page[-1].path) if more else "")
-
-    def download_artifact(
-        self,
-        run_id: str,
-        artifact_path: str,
-        dst_dir: StrPath,
-        *,
-        progress: Progress | None = None,
-    ) -> Path:
-        check.run_id("run_id", run_id)
-        entry = artifact_file(self._gateway, run_id, artifact_path)
-        destination = Path(dst_dir)
-        destination.mkdir(parents=True, exist_ok=True)
-        report(progress, 0, entry.size_bytes)
-        local = self._gateway.download_artifact(run_id, artifact_path, destination)
-        size = local.stat().st_size
-        report(progress, size, size)
-        return local
 
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)

@@ -1,7 +1,8 @@
 """The ports trainer code depends on: `ExperimentTracking` and `ModelRegistry`.
 
-Each is implemented twice: by the MLflow-backed services inside the sidecar and by
-the gRPC clients in `mlflow_sidecar.client`. Trainer tests can inject a fake of their own.
+The gRPC clients in `mlflow_sidecar.client` implement them; trainer tests can inject a
+fake of their own. (The sidecar's services are another interface: they serve RPCs, and
+local paths or progress callbacks mean nothing to them.)
 Every method raises `mlflow_sidecar.core.errors.SidecarError` subclasses.
 
 Every method that creates, renames, ends, uploads or deletes takes `request_id`: the id of

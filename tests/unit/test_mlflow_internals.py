@@ -1,0 +1,105 @@
+"""The MLflow internals the sidecar relies on are still there, in the shape it expects.
+
+Each test names the internal it checks: when an MLflow upgrade breaks one, the failure
+says which, and `mlflow_gateway/mlflow_internals.py` is the one place to adapt."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any
+
+import pytest
+from mlflow.entities import Metric, RunData
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
+from mlflow.tracking._tracking_service import utils as tracking_utils
+from mlflow.tracking.request_header.abstract_request_header_provider import (
+    RequestHeaderProvider,
+)
+
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
+
+
+def _parameters(function: Any) -> list[str]:
+    return list(inspect.signature(function).parameters)
+
+
+def _changed(api: str) -> str:
+    return f"MLflow changed {api}, which the sidecar uses: adapt mlflow_internals.py"
+
+
+def test_run_data_keeps_metric_objects():
+    metric = Metric("loss", 0.5, 1_000, 3)
+    found = mlflow_internals.metric_objects(RunData(metrics=[metric]))
+    assert [(m.key, m.value, m.timestamp, m.step) for m in found] == [("loss", 0.5, 1_000, 3)], (
+        _changed("RunData._metric_objs")
+    )
+
+
+def test_request_header_providers_are_a_list_of_providers():
+    providers = mlflow_internals.request_header_providers()
+    assert providers is not None, _changed("request_header registry._registry")
+    assert providers and all(isinstance(p, RequestHeaderProvider) for p in providers), _changed(
+        "request_header registry._registry"
+    )
+
+
+@pytest.mark.parametrize("repo_class", [HttpArtifactRepository, MlflowArtifactsRepository])
+def test_http_artifact_repositories_expose_credentials_and_the_multipart_switch(
+    repo_class, monkeypatch
+):
+    monkeypatch.delenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", raising=False)
+    uri = (
+        "http://mlflow.example:5000/api/2.0/mlflow-artifacts/artifacts/1/run/artifacts"
+        if repo_class is HttpArtifactRepository
+        else "mlflow-artifacts://mlflow.example:5000/1/run/artifacts"
+    )
+    repo = repo_class(uri, tracking_uri="http://mlflow.example:5000")
+    creds = mlflow_internals.host_creds(repo)
+    assert str(getattr(creds, "host", "")).startswith("http://mlflow.example:5000"), _changed(
+        f"{repo_class.__name__}._host_creds"
+    )
+    assert mlflow_internals.multipart_upload_enabled(repo) is False, _changed(
+        f"{repo_class.__name__}._is_multipart_upload_enabled"
+    )
+
+
+def test_mime_types_are_guessed_from_the_file_name():
+    guessed = [mlflow_internals.guess_mime_type(n) for n in ("a.png", "MLmodel", "w.bin")]
+    assert guessed == ["image/png", "text/plain", "application/octet-stream"], _changed(
+        "mime_type_utils._guess_mime_type"
+    )
+
+
+def test_http_helpers_take_what_the_sidecar_passes():
+    expected = {"host_creds", "endpoint", "method", "max_retries", "extra_headers"}
+    assert expected <= set(_parameters(mlflow_internals.http_request)), _changed(
+        "rest_utils.http_request"
+    )
+    assert set(_parameters(mlflow_internals.http_request)) & {"data", "kwargs", "stream"} or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD
+        for p in inspect.signature(mlflow_internals.http_request).parameters.values()
+    ), _changed("rest_utils.http_request (request keyword arguments)")
+    assert _parameters(mlflow_internals.raise_for_status) == ["response"], _changed(
+        "request_utils.augmented_raise_for_status"
+    )
+
+
+def test_models_uris_are_split_and_resolved():
+    assert mlflow_internals.split_models_uri("models:/agent/3/sub/dir") == (
+        "models:/agent/3",
+        "sub/dir",
+    ), _changed("ModelsArtifactRepository.split_models_uri")
+    assert _parameters(mlflow_internals.model_name_and_version) == ["client", "models_uri"], (
+        _changed("store.artifact.utils.models.get_model_name_and_version")
+    )
+
+
+def test_the_server_artifact_root_variable_is_the_one_mlflow_reads(monkeypatch, tmp_path):
+    monkeypatch.setenv(mlflow_internals.SERVER_ARTIFACT_ROOT_ENV, str(tmp_path))
+    name = "_SERVER_ARTIFACT_ROOT_ENV_VAR"
+    assert getattr(tracking_utils, name, None) == mlflow_internals.SERVER_ARTIFACT_ROOT_ENV, (
+        _changed(f"tracking._tracking_service.utils.{name}")
+    )
+    assert os.environ[getattr(tracking_utils, name)] == str(tmp_path)
