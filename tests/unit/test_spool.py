@@ -234,59 +234,18 @@ class Trickle:
         self.thread.join()
 
 
-def held_deliverer(
-    store: SpoolStore, mlflow: FakeMlflow, *, max_defer_s: float, quiet_s: float
-) -> MetricDeliverer:
+def test_points_are_delivered_while_a_burst_lasts(store):
+    mlflow = FakeMlflow()
     deliverer = MetricDeliverer(
-        store,
-        mlflow.log_metrics,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.02,
-        max_defer_s=max_defer_s,
-        quiet_s=quiet_s,
+        store, mlflow.log_metrics, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
     )
     deliverer.start()
-    return deliverer
-
-
-def test_delivery_waits_for_a_burst_to_pause(store):
-    mlflow = FakeMlflow()
-    # A pause of a whole second ends the burst: far longer than the trickle's gaps.
-    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=1.0)
     try:
+        # Points never pause: delivery does not wait for them to.
         with Trickle(store, deliverer) as trickle:
-            assert not mlflow.first_batch.wait(0.5)
-            assert trickle.sent > 0 and mlflow.batch_sizes == []
-        assert mlflow.first_batch.wait(10)
+            assert mlflow.first_batch.wait(10)
         assert deliverer.wait_delivered("a", 10) == 0
         assert [m.step for m in mlflow.delivered["a"]] == list(range(trickle.sent))
-    finally:
-        deliverer.stop()
-
-
-def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
-    mlflow = FakeMlflow()
-    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=60)
-    try:
-        with Trickle(store, deliverer):
-            store.append(points("b", 50))
-            deliverer.notify()
-            # Held, this would take a minute: the flush asks for delivery now.
-            assert deliverer.wait_delivered("b", 10) == 0
-        assert len(mlflow.delivered["b"]) == 50
-    finally:
-        deliverer.stop()
-
-
-def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(store):
-    mlflow = FakeMlflow()
-    deliverer = held_deliverer(store, mlflow, max_defer_s=0.2, quiet_s=60)
-    try:
-        # Points never pause for the minute the deliverer would wait for: it delivers
-        # once it has deferred for as long as it may.
-        with Trickle(store, deliverer):
-            assert mlflow.first_batch.wait(10)
     finally:
         deliverer.stop()
 
