@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from mlflow_sidecar.client.metric_stream import MetricStream
-from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.support.metric_messages import points_of
 
 
 class _CollectingCall:
@@ -70,7 +70,7 @@ def test_points_from_many_threads_arrive_once_with_their_fields_together() -> No
         worker.join()
     assert stream.close() == threads * per_thread
 
-    sent = [p for m in stub.StreamMetrics.messages for p in conv.metric_columns_from_pb(m)]
+    sent = [p for m in stub.StreamMetrics.messages for p in points_of(m)]
     assert sorted(p.step for p in sent) == list(range(threads * per_thread))
     assert all(p.value == p.step and p.timestamp_ms == p.step + 1 for p in sent)
     assert {p.key for p in sent if p.step % per_thread % 2} == {"shared"}
@@ -177,7 +177,7 @@ def test_a_log_racing_close_is_sent_or_raises(known_key: bool) -> None:
     held.release.set()
     logging.join(10)
 
-    sent = [p.step for m in stub.StreamMetrics.messages for p in conv.metric_columns_from_pb(m)]
+    sent = [p.step for m in stub.StreamMetrics.messages for p in points_of(m)]
     (error,) = outcome
     if error is None:
         assert 2 in sent, "log() returned, but close() never sent its point"
