@@ -391,7 +391,7 @@ class MetricStream:
         return self._count + self._queued_points + sum(n for _, n in self._in_flight)
 
     def _refuse_while_full(self) -> None:
-        if self._error is None:
+        if self._error is None and not self._sealed:  # a closed stream says so instead
             self._pending = _Refusing(
                 ResourceExhaustedError(
                     f"the metric stream's buffer is full: {self._buffered()} points wait for"
