@@ -24,8 +24,13 @@ from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 
 
-def points(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
+def point_list(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
     return [MetricPoint(run_id, "loss", float(i), 1_000 + i, i) for i in range(start, start + n)]
+
+
+def points(run_id: str, n: int, start: int = 0) -> MetricBatch:
+    """One message's points of a run, as the servicer hands them to the spool."""
+    return MetricBatch.from_points(point_list(run_id, n, start))
 
 
 class FakeMlflow:
@@ -75,7 +80,7 @@ def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100)
 
 def test_append_is_durable_across_reopen(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
-    store.append(MetricBatch.from_points(points("a", 10) + points("b", 5)))
+    store.append(MetricBatch.from_points(point_list("a", 10) + point_list("b", 5)))
     store.close()
     reopened = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
     assert reopened.pending() == 15
@@ -89,21 +94,18 @@ def test_append_is_durable_across_reopen(tmp_path):
 
 
 def test_a_full_spool_refuses_the_whole_message(store):
-    store.append(MetricBatch.from_points(points("a", 990)))
+    store.append(points("a", 990))
     with pytest.raises(ResourceExhaustedError) as err:
-        store.append(MetricBatch.from_points(points("a", 20, start=990)))
+        store.append(points("a", 20, start=990))
     assert err.value.reason == ErrorReason.SPOOL_FULL
     assert err.value.retry_after_s is not None and err.value.retry_after_s > 0
     assert store.pending() == 990
-    assert store.append(MetricBatch.from_points(points("a", 10, start=990))) == 10
+    assert store.append(points("a", 10, start=990)) == 10
 
 
 def test_nan_survives_the_spool(store):
-    store.append(
-        MetricBatch.from_points(
-            [MetricPoint("a", "x", math.nan, 1, 0), MetricPoint("a", "x", math.inf, 2, 1)]
-        )
-    )
+    nan_and_inf = [MetricPoint("a", "x", math.nan, 1, 0), MetricPoint("a", "x", math.inf, 2, 1)]
+    store.append(MetricBatch.from_points(nan_and_inf))
     batch = store.oldest("a", 10)
     assert batch is not None
     assert math.isnan(batch.metrics[0].value) and batch.metrics[1].value == math.inf
@@ -111,7 +113,7 @@ def test_nan_survives_the_spool(store):
 
 def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
     mlflow = FakeMlflow()
-    store.append(MetricBatch.from_points(points("a", 250) + points("b", 30)))
+    store.append(MetricBatch.from_points(point_list("a", 250) + point_list("b", 30)))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -127,7 +129,7 @@ def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
 def test_transient_failures_lose_nothing(store):
     mlflow = FakeMlflow()
     mlflow.failures = [UnavailableError("down")] * 5 + [RuntimeError("surprise")]
-    store.append(MetricBatch.from_points(points("a", 120)))
+    store.append(points("a", 120))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -142,7 +144,7 @@ def test_transient_failures_lose_nothing(store):
 def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
     mlflow = FakeMlflow()
     mlflow.failures = [error]
-    store.append(MetricBatch.from_points(points("gone", 150)))
+    store.append(points("gone", 150))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -159,7 +161,7 @@ def test_a_run_that_refuses_writes_is_dead_lettered_whole(store, error):
 def test_an_invalid_batch_is_dead_lettered_alone(store):
     mlflow = FakeMlflow()
     mlflow.failures = [InvalidArgumentError("", "bad point")]
-    store.append(MetricBatch.from_points(points("a", 150)))
+    store.append(points("a", 150))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -173,7 +175,7 @@ def test_an_invalid_batch_is_dead_lettered_alone(store):
 def test_points_for_a_run_ended_through_the_sidecar_are_refused_at_acceptance(store):
     store.record_end("done", "FINISHED", 5_000, applied=True)
     with pytest.raises(FailedPreconditionError) as refused:
-        store.append(MetricBatch.from_points(points("done", 3)))
+        store.append(points("done", 3))
     assert refused.value.reason == "RUN_ENDED"
     assert "FINISHED" in refused.value.message
     # Nothing was accepted, so nothing is dead-lettered: the caller was told instead.
@@ -183,7 +185,7 @@ def test_points_for_a_run_ended_through_the_sidecar_are_refused_at_acceptance(st
 def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
     mlflow = FakeMlflow()
     mlflow.failures = [UnavailableError("down")] * 10_000
-    store.append(MetricBatch.from_points(points("a", 10)))
+    store.append(points("a", 10))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -196,9 +198,7 @@ def test_wait_delivered_reports_what_is_left_at_the_timeout(store):
 
 def test_batches_combine_whole_chunks_up_to_the_limit(store):
     for start in (0, 40, 80):
-        store.append(
-            MetricBatch.from_points(points("a", 40, start=start))
-        )  # three messages: three chunks of 40
+        store.append(points("a", 40, start=start))  # three messages: three chunks of 40
     batch = store.oldest("a", 100)
     assert batch is not None
     assert [m.step for m in batch.metrics] == list(range(80))  # two chunks; a third would be 120
@@ -228,7 +228,7 @@ class Trickle:
 
     def _run(self) -> None:
         while not self.stopped.wait(0.005):
-            self.store.append(MetricBatch.from_points(points("a", 1, start=self.sent)))
+            self.store.append(points("a", 1, start=self.sent))
             self.deliverer.notify()
             self.sent += 1
 
@@ -258,14 +258,16 @@ def test_points_are_delivered_while_a_burst_lasts(store):
 
 
 def test_a_chunk_of_one_key_stores_it_once_and_reads_back_every_point(store):
-    store.append(MetricBatch.from_points([*points("a", 50), MetricPoint("a", "reward", 1.0, 1, 0)]))
+    store.append(
+        MetricBatch.from_points([*point_list("a", 50), MetricPoint("a", "reward", 1.0, 1, 0)])
+    )
     batch = store.oldest("a", 100)
     assert batch is not None
     assert [m.key for m in batch.metrics] == ["loss"] * 50 + ["reward"]
     rows = sqlite3.connect(store.path).execute("SELECT count, keys FROM chunks").fetchall()
     assert rows == [(51, "\n".join(["loss"] * 50 + ["reward"]))]
     store.delete(batch)
-    store.append(MetricBatch.from_points(points("a", 50)))
+    store.append(points("a", 50))
     rows = sqlite3.connect(store.path).execute("SELECT count, keys FROM chunks").fetchall()
     assert rows == [(50, "loss")]
     again = store.oldest("a", 100)
@@ -310,7 +312,7 @@ def test_a_new_spool_has_large_pages_and_an_older_one_keeps_its_own(tmp_path):
     sqlite3.connect(tmp_path / "old.db").execute("CREATE TABLE marker (x)").connection.close()
     old = SpoolStore(tmp_path / "old.db", max_points=1000)
     try:
-        old.append(MetricBatch.from_points(points("a", 5)))
+        old.append(points("a", 5))
         batch = old.oldest("a", 10)
         assert batch is not None and [m.step for m in batch.metrics] == list(range(5))
     finally:
@@ -323,10 +325,10 @@ def test_a_new_spool_has_large_pages_and_an_older_one_keeps_its_own(tmp_path):
 
 def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
     mlflow = FakeMlflow()
-    store.append(MetricBatch.from_points(points("r", 250)))
+    store.append(points("r", 250))
     assert store.record_end("r", "FAILED", 7_000, applied=False) == 250
     with pytest.raises(FailedPreconditionError):  # after the end: refused
-        store.append(MetricBatch.from_points(points("r", 5, start=250)))
+        store.append(points("r", 5, start=250))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -344,7 +346,7 @@ def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
 def test_a_recorded_end_survives_a_restart(tmp_path):
     path = tmp_path / "spool.db"
     first = SpoolStore(path, max_points=1000, chunk_points=100)
-    first.append(MetricBatch.from_points(points("r", 30)))
+    first.append(points("r", 30))
     first.record_end("r", "FINISHED", 9_000, applied=False)
     first.close()
     store = SpoolStore(path, max_points=1000, chunk_points=100)
@@ -361,7 +363,7 @@ def test_a_recorded_end_survives_a_restart(tmp_path):
 
 def test_an_end_mlflow_refuses_for_now_is_tried_again(store):
     mlflow = FakeMlflow()
-    store.append(MetricBatch.from_points(points("r", 3)))
+    store.append(points("r", 3))
     store.record_end("r", "FINISHED", 1, applied=False)
     deliverer = make_deliverer(store, mlflow)
     mlflow.failures = [UnavailableError("down")]  # the batch fails first, then goes through
