@@ -78,10 +78,10 @@ class RaisingService:
     error: Exception = RuntimeError("boom")
     accept_before_failing = 0
 
-    def enqueue_metrics(self, points):
+    def accept_metrics(self, batch):
         if self.accept_before_failing > 0:
             self.accept_before_failing -= 1
-            return len(points)
+            return len(batch)
         raise self.error
 
     def __getattr__(self, name: str):

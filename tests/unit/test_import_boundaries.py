@@ -155,3 +155,13 @@ def test_client_errors_is_core_errors():
         assert getattr(client_errors, name) is getattr(core_errors, name), name
     with pytest.raises(client_errors.NotFoundError):
         raise core_errors.NotFoundError("experiment 1 not found")
+
+
+def test_the_spool_and_the_metric_batch_do_not_load_the_wire_schema():
+    code = (
+        "import sys, mlflow_sidecar.server.spool.deliverer, mlflow_sidecar.server.metric_batch\n"
+        "print(sorted(n for n in sys.modules if n.startswith('mlflow_sidecar.v1')))"
+    )
+    assert run_python(code) == "[]"
+    # The check can fail: the servicer's side does load it.
+    assert run_python(code.replace("metric_batch", "servicers.tracking")) != "[]"

@@ -1,6 +1,6 @@
 """`MetricStream.log` keeps a batch as columns per run and key and sends them as packed
 series: the points the sidecar would refuse are still refused at the call that logs
-them, and the sidecar reads both forms of a message back as the same points."""
+them, and what it sends reads back as the points logged."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from mlflow_sidecar.client.metric_stream import MetricStream
-from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.support.metric_messages import points_of
 
 
 class _StreamCall:
@@ -43,7 +43,7 @@ def test_points_arrive_in_order_in_batches():
     messages = stub.StreamMetrics.messages
     assert [len(m.series) for m in messages] == [1, 1, 1]
     assert [len(m.series[0].values) for m in messages] == [3, 3, 1]
-    sent = [p for m in messages for p in conv.metric_columns_from_pb(m)]
+    sent = [p for m in messages for p in points_of(m)]
     assert [(p.run_id, p.key, p.value, p.timestamp_ms, p.step) for p in sent] == [
         ("r1", "reward", s * 0.5, 1000 + s, s) for s in range(7)
     ]
@@ -85,7 +85,7 @@ def test_numbers_of_other_types_are_converted_as_protobuf_would():
     stream.log("r1", "loss", np.float32(1.5), step=np.int64(3))  # type: ignore[arg-type]
     stream.log("r1", "loss", 2, step=4, timestamp_ms=77)
     assert stream.close() == 2
-    first, second = conv.metric_columns_from_pb(stub.StreamMetrics.messages[0])
+    first, second = points_of(stub.StreamMetrics.messages[0])
     assert (first.value, first.step) == (1.5, 3)
     assert first.timestamp_ms > 0  # stamped at log time
     assert (second.value, second.step, second.timestamp_ms) == (2.0, 4, 77)
@@ -130,107 +130,6 @@ def test_numbers_out_of_range_are_refused_at_the_call(args, message):
         stream.log("r1", "loss", 1.0, **({"step": 1, "timestamp_ms": 0} | args))
     stream.log("r1", "loss", 1.0)  # the stream carries on
     assert stream.close() == 1
-
-
-def test_metric_columns_behave_as_a_sequence_of_points():
-    from mlflow_sidecar.core.domain import MetricColumns, MetricPoint
-
-    points = [MetricPoint(f"r{i % 2}", "k", float(i), 100 + i, i) for i in range(5)]
-    columns = MetricColumns.from_points(points)
-    assert len(columns) == 5
-    assert list(columns) == points
-    assert columns[3] == points[3]
-    assert list(columns[1:3]) == points[1:3]
-    assert list(columns.take([4, 0])) == [points[4], points[0]]
-    assert MetricColumns.from_points(columns) is columns
-    with pytest.raises(ValueError, match="same length"):
-        MetricColumns(["r"], ["k"], [1.0, 2.0], [0], [0])
-
-
-@pytest.mark.parametrize(
-    ("column", "bad", "field"),
-    [
-        ("run_ids", "", "points[2].run_id"),
-        ("keys", "bad\x00key", "points[2].key"),
-        ("timestamps_ms", -1, "points[2].timestamp_ms"),
-    ],
-)
-def test_the_first_bad_point_of_a_message_is_named(column, bad, field):
-    from mlflow_sidecar.core.domain import MetricColumns
-    from mlflow_sidecar.core.errors import InvalidArgumentError
-    from mlflow_sidecar.server.services.metric_ingest import _check_points
-
-    columns = MetricColumns(["r"] * 4, ["k"] * 4, [1.0] * 4, [5] * 4, [0] * 4)
-    getattr(columns, column)[2] = bad
-    getattr(columns, column)[3] = bad
-    with pytest.raises(InvalidArgumentError) as err:
-        _check_points(columns)
-    assert err.value.field == field
-
-
-def _request_with_series() -> pb.StreamMetricsRequest:
-    return pb.StreamMetricsRequest(
-        points=[pb.MetricPoint(run_id="r0", key="a", value=1.0, timestamp_ms=7, step=1)],
-        series=[
-            pb.MetricSeries(run_id="r1", key="b"),  # empty: no points
-            pb.MetricSeries(
-                run_id="r1", key="c", values=[2.0, 3.0], timestamps_ms=[8, 9], steps=[2, 3]
-            ),
-            pb.MetricSeries(run_id="r2", key="d", values=[4.0], timestamps_ms=[10], steps=[4]),
-        ],
-    )
-
-
-def test_points_and_series_of_one_message_read_back_as_points_in_order():
-    from mlflow_sidecar.core.domain import MetricPoint
-
-    assert list(conv.metric_columns_from_pb(_request_with_series())) == [
-        MetricPoint("r0", "a", 1.0, 7, 1),
-        MetricPoint("r1", "c", 2.0, 8, 2),
-        MetricPoint("r1", "c", 3.0, 9, 3),
-        MetricPoint("r2", "d", 4.0, 10, 4),
-    ]
-
-
-@pytest.mark.parametrize(
-    ("index", "field", "name"),
-    [
-        (0, "key", "points[0].key"),
-        (1, "run_id", "series[1].run_id"),
-        (2, "timestamp_ms", "series[1].timestamps_ms[1]"),
-        (3, "key", "series[2].key"),
-        (3, "step", "series[2].steps[0]"),
-    ],
-)
-def test_a_point_is_named_as_its_request_sent_it(index, field, name):
-    assert conv.metric_columns_from_pb(_request_with_series()).field_name(index, field) == name
-
-
-def test_a_series_with_columns_of_different_lengths_is_refused():
-    from mlflow_sidecar.core.errors import InvalidArgumentError
-
-    request = _request_with_series()
-    del request.series[1].steps[1]
-    with pytest.raises(InvalidArgumentError) as err:
-        conv.metric_columns_from_pb(request)
-    assert err.value.field == "series[1]"
-    assert "got 2, 2 and 1" in err.value.message
-
-
-def test_a_bad_point_of_a_series_is_named_by_its_series():
-    from mlflow_sidecar.core.errors import InvalidArgumentError
-    from mlflow_sidecar.server.services.metric_ingest import _check_points
-
-    request = _request_with_series()
-    request.series[2].key = "bad\x00key"
-    with pytest.raises(InvalidArgumentError) as err:
-        _check_points(conv.metric_columns_from_pb(request))
-    assert err.value.field == "series[2].key"
-    request.series[2].key = "d"
-    request.series[1].timestamps_ms[1] = -5
-    with pytest.raises(InvalidArgumentError) as err:
-        _check_points(conv.metric_columns_from_pb(request))
-    assert err.value.field == "series[1].timestamps_ms[1]"
 
 
 class _StalledCall:

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from mlflow_sidecar.client.metric_stream import MetricStream
-from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.support.metric_messages import points_of
 
 
 class _CollectingCall:
@@ -69,7 +70,7 @@ def test_points_from_many_threads_arrive_once_with_their_fields_together() -> No
         worker.join()
     assert stream.close() == threads * per_thread
 
-    sent = [p for m in stub.StreamMetrics.messages for p in conv.metric_columns_from_pb(m)]
+    sent = [p for m in stub.StreamMetrics.messages for p in points_of(m)]
     assert sorted(p.step for p in sent) == list(range(threads * per_thread))
     assert all(p.value == p.step and p.timestamp_ms == p.step + 1 for p in sent)
     assert {p.key for p in sent if p.step % per_thread % 2} == {"shared"}
@@ -133,3 +134,54 @@ def test_more_runs_and_keys_than_a_message_holds_still_fill_messages() -> None:
     for key in keys:
         steps = [step for m in messages for s in m.series if s.key == key for step in s.steps]
         assert steps == [0, 1, 2, 3]
+
+
+class _HeldValue:
+    """A metric value whose conversion to float waits for `release`: a `log()` holding
+    one has found its buffer and waits, right before it adds the point, for as long as
+    the test wants."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self.reached = threading.Event()
+        self.release = threading.Event()
+
+    def __float__(self) -> float:
+        self.reached.set()
+        assert self.release.wait(10)
+        return self.value
+
+
+@pytest.mark.parametrize("known_key", [True, False], ids=["known key", "new key"])
+def test_a_log_racing_close_is_sent_or_raises(known_key: bool) -> None:
+    stub = _Stub()
+    stream = MetricStream(stub)  # type: ignore[arg-type]
+    if known_key:
+        stream.log("run", "loss", 1.0, step=1, timestamp_ms=1)
+    held = _HeldValue(2.0)
+    outcome: list[BaseException | None] = []
+
+    def trainer() -> None:
+        try:
+            stream.log("run", "loss", held, step=2, timestamp_ms=2)  # type: ignore[arg-type]
+        except FailedPreconditionError as exc:
+            outcome.append(exc)
+        else:
+            outcome.append(None)
+
+    logging = threading.Thread(target=trainer)
+    logging.start()
+    assert held.reached.wait(10)
+    # close() runs all the way while the log() has its buffer and has not added its point.
+    accepted = stream.close()
+    held.release.set()
+    logging.join(10)
+
+    sent = [p.step for m in stub.StreamMetrics.messages for p in points_of(m)]
+    (error,) = outcome
+    if error is None:
+        assert 2 in sent, "log() returned, but close() never sent its point"
+    else:
+        assert error.reason == "CLIENT_CLOSED"
+        assert 2 not in sent
+    assert accepted == len(sent)

@@ -18,13 +18,19 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from tests.fakes.mlflow_port import FakeMlflow
 
 
-def points(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
+def point_list(run_id: str, n: int, start: int = 0) -> list[MetricPoint]:
     return [MetricPoint(run_id, "loss", float(i), 1_000 + i, i) for i in range(start, start + n)]
+
+
+def points(run_id: str, n: int, start: int = 0) -> MetricBatch:
+    """One message's points of a run, as the servicer hands them to the spool."""
+    return MetricBatch.from_points(point_list(run_id, n, start))
 
 
 def fake_mlflow(*run_ids: str) -> FakeMlflow:
@@ -92,7 +98,7 @@ def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100)
 
 def test_append_is_durable_across_reopen(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
-    store.append(points("a", 10) + points("b", 5))
+    store.append(MetricBatch.from_points(point_list("a", 10) + point_list("b", 5)))
     store.close()
     reopened = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=4)
     assert reopened.pending() == 15
@@ -116,7 +122,8 @@ def test_a_full_spool_refuses_the_whole_message(store):
 
 
 def test_nan_survives_the_spool(store):
-    store.append([MetricPoint("a", "x", math.nan, 1, 0), MetricPoint("a", "x", math.inf, 2, 1)])
+    nan_and_inf = [MetricPoint("a", "x", math.nan, 1, 0), MetricPoint("a", "x", math.inf, 2, 1)]
+    store.append(MetricBatch.from_points(nan_and_inf))
     batch = store.oldest("a", 10)
     assert batch is not None
     assert math.isnan(batch.metrics[0].value) and batch.metrics[1].value == math.inf
@@ -124,7 +131,7 @@ def test_nan_survives_the_spool(store):
 
 def test_deliverer_drains_in_order_in_mlflow_sized_batches(store):
     mlflow = fake_mlflow("a", "b")
-    store.append(points("a", 250) + points("b", 30))
+    store.append(MetricBatch.from_points(point_list("a", 250) + point_list("b", 30)))
     deliverer = make_deliverer(store, mlflow)
     deliverer.start()
     try:
@@ -221,7 +228,7 @@ def test_batches_combine_whole_chunks_up_to_the_limit(store):
 
 def test_one_message_for_many_runs_keeps_each_runs_order(store):
     mixed = [MetricPoint(f"run{i % 3}", "k", float(i), 1_000 + i, i) for i in range(300)]
-    store.append(mixed)
+    store.append(MetricBatch.from_points(mixed))
     for run in range(3):
         batch = store.oldest(f"run{run}", 1000)
         assert batch is not None
@@ -252,67 +259,27 @@ class Trickle:
         self.thread.join()
 
 
-def held_deliverer(
-    store: SpoolStore, mlflow: FakeMlflow, *, max_defer_s: float, quiet_s: float
-) -> MetricDeliverer:
-    deliverer = MetricDeliverer(
-        store,
-        mlflow.log_metrics,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.02,
-        max_defer_s=max_defer_s,
-        quiet_s=quiet_s,
-    )
-    deliverer.start()
-    return deliverer
-
-
-def test_delivery_waits_for_a_burst_to_pause(store):
+def test_points_are_delivered_while_a_burst_lasts(store):
     mlflow = fake_mlflow("a")
     began = first_batch(mlflow)
-    # A pause of a whole second ends the burst: far longer than the trickle's gaps.
-    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=1.0)
+    deliverer = MetricDeliverer(
+        store, mlflow.log_metrics, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+    deliverer.start()
     try:
+        # Points never pause: delivery does not wait for them to.
         with Trickle(store, deliverer) as trickle:
-            assert not began.wait(0.5)
-            assert trickle.sent > 0 and batch_sizes(mlflow) == []
-        assert began.wait(10)
+            assert began.wait(10)
         assert deliverer.wait_delivered("a", 10) == 0
         assert [m.step for m in delivered(mlflow, "a")] == list(range(trickle.sent))
     finally:
         deliverer.stop()
 
 
-def test_a_flush_does_not_wait_for_the_burst_to_pause(store):
-    mlflow = fake_mlflow("a", "b")
-    deliverer = held_deliverer(store, mlflow, max_defer_s=60, quiet_s=60)
-    try:
-        with Trickle(store, deliverer):
-            store.append(points("b", 50))
-            deliverer.notify()
-            # Held, this would take a minute: the flush asks for delivery now.
-            assert deliverer.wait_delivered("b", 10) == 0
-        assert len(delivered(mlflow, "b")) == 50
-    finally:
-        deliverer.stop()
-
-
-def test_a_burst_longer_than_the_longest_deferral_is_delivered_while_it_lasts(store):
-    mlflow = fake_mlflow("a")
-    began = first_batch(mlflow)
-    deliverer = held_deliverer(store, mlflow, max_defer_s=0.2, quiet_s=60)
-    try:
-        # Points never pause for the minute the deliverer would wait for: it delivers
-        # once it has deferred for as long as it may.
-        with Trickle(store, deliverer):
-            assert began.wait(10)
-    finally:
-        deliverer.stop()
-
-
 def test_a_chunk_of_one_key_stores_it_once_and_reads_back_every_point(store):
-    store.append([*points("a", 50), MetricPoint("a", "reward", 1.0, 1, 0)])
+    store.append(
+        MetricBatch.from_points([*point_list("a", 50), MetricPoint("a", "reward", 1.0, 1, 0)])
+    )
     batch = store.oldest("a", 100)
     assert batch is not None
     assert [m.key for m in batch.metrics] == ["loss"] * 50 + ["reward"]

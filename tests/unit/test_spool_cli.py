@@ -11,6 +11,7 @@ import pytest
 from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.server.data_dir_lock import DataDirLock
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore
 
 
@@ -19,7 +20,11 @@ def data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
     monkeypatch.delenv("MLFLOW_SIDECAR_CONFIG", raising=False)
     store = SpoolStore(tmp_path / "spool.db", max_points=1000)
-    store.append([MetricPoint("a", "loss", 0.5, 1_000, 7), MetricPoint("b", "acc", 2.0, 2_000, 8)])
+    store.append(
+        MetricBatch.from_points(
+            [MetricPoint("a", "loss", 0.5, 1_000, 7), MetricPoint("b", "acc", 2.0, 2_000, 8)]
+        )
+    )
     store.dead_letter("a", "NOT_FOUND: run a is gone")
     store.dead_letter("b", "NOT_FOUND: run b is gone")
     store.close()

@@ -13,6 +13,7 @@ import pytest
 from mlflow_sidecar.core.domain import Metric, MetricPoint
 from mlflow_sidecar.core.errors import NotFoundError, ResourceExhaustedError
 from mlflow_sidecar.server.disk_full import disk_full_error
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import (
     SCHEMA_VERSION,
@@ -59,7 +60,7 @@ def test_a_new_spool_has_the_current_schema_version(tmp_path):
 def test_an_unversioned_spool_is_upgraded_and_keeps_its_points(tmp_path):
     path = tmp_path / "spool.db"
     older = SpoolStore(path, max_points=1000)
-    older.append(points("a", 7))
+    older.append(MetricBatch.from_points(points("a", 7)))
     older.close()
     db = sqlite3.connect(path)
     db.execute("PRAGMA user_version=0")  # as the release before versions left it
@@ -116,7 +117,7 @@ def test_a_full_spool_says_spool_full_with_a_retry_hint(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=5)
     try:
         with pytest.raises(ResourceExhaustedError) as refused:
-            store.append(points("a", 6))
+            store.append(MetricBatch.from_points(points("a", 6)))
     finally:
         store.close()
     assert refused.value.reason == "SPOOL_FULL" and refused.value.retry_after_s
@@ -125,17 +126,17 @@ def test_a_full_spool_says_spool_full_with_a_retry_hint(tmp_path):
 def test_a_full_disk_is_resource_exhausted_disk_full_and_accepts_nothing(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=10_000_000, chunk_points=1000)
     try:
-        store.append(points("a", 10))
+        store.append(MetricBatch.from_points(points("a", 10)))
         # SQLite's own limit on the file's pages: it fails writes with SQLITE_FULL, as
         # a full disk does.
         pages = store._db.execute("PRAGMA page_count").fetchone()[0]
         store._db.execute(f"PRAGMA max_page_count={pages}")
         with pytest.raises(ResourceExhaustedError) as refused:
-            store.append(points("a", 100_000, start=10))
+            store.append(MetricBatch.from_points(points("a", 100_000, start=10)))
         assert refused.value.reason == "DISK_FULL" and refused.value.retry_after_s
         assert store.pending("a") == 10
         store._db.execute("PRAGMA max_page_count=1073741823")  # space is back
-        assert store.append(points("a", 5, start=10)) == 5
+        assert store.append(MetricBatch.from_points(points("a", 5, start=10))) == 5
         batch = store.oldest("a", 1000)
         assert batch is not None and [m.step for m in batch.metrics] == list(range(15))
     finally:
@@ -166,7 +167,7 @@ def test_a_batch_that_could_not_be_deleted_is_not_sent_again(tmp_path):
     def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
         sent.append((run_id, metrics[0].step))
 
-    store.append(points("a", 250))
+    store.append(MetricBatch.from_points(points("a", 250)))
     deliverer = MetricDeliverer(
         store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
     )
@@ -183,8 +184,8 @@ def test_a_batch_that_could_not_be_deleted_is_not_sent_again(tmp_path):
 def test_dead_letters_are_exported_and_requeued_in_order(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
     try:
-        store.append(points("a", 3))
-        store.append(points("b", 2))
+        store.append(MetricBatch.from_points(points("a", 3)))
+        store.append(MetricBatch.from_points(points("b", 2)))
         store.dead_letter("a", "NOT_FOUND: gone")
         store.dead_letter("b", "NOT_FOUND: gone too")
         letters = store.dead_letters()
@@ -217,7 +218,7 @@ def test_requeued_points_of_an_ended_run_are_delivered(tmp_path):
             raise failures.pop()
         sent.extend(m.step for m in metrics)
 
-    store.append(points("r", 4))
+    store.append(MetricBatch.from_points(points("r", 4)))
     store.record_end("r", "FINISHED", 1, applied=True)
     deliverer = MetricDeliverer(
         store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02

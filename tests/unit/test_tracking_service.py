@@ -51,7 +51,6 @@ def service(gateway: FakeMlflow, tmp_path) -> Iterator[TrackingService]:
         batch_size=1000,
         backoff_factor_s=0.01,
         max_backoff_s=0.05,
-        max_defer_s=0,
         end_run=gateway.end_run,
     )
     deliverer.start()

@@ -195,12 +195,6 @@ class SpoolConfig(_Section):
     )
     batch_size: int = Field(1000, ge=1, le=1000, description="points per MLflow log_batch")
     flush_timeout_s: float = Field(60.0, gt=0, description="longest FlushMetrics/EndRun wait")
-    delivery_max_defer_s: float = Field(
-        1.0,
-        ge=0,
-        le=60,
-        description="how long delivery may wait for a burst of streamed points to pause",
-    )
     # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     drain_on_stop_s: float = Field(

@@ -49,7 +49,6 @@ class ServerContainer(containers.DeclarativeContainer):
         batch_size=config.provided.spool.batch_size,
         backoff_factor_s=config.provided.retry.factor_s,
         max_backoff_s=config.provided.retry.max_backoff_s,
-        max_defer_s=config.provided.spool.delivery_max_defer_s,
         metrics=metrics,
         end_run=gateway.provided.end_run,
     )

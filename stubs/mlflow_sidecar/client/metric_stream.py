@@ -32,6 +32,12 @@ atomic, and a cut takes a prefix of each buffer (`row[:n]`, then `del row[:n]`),
 point added meanwhile stays for the next cut instead of being lost. Buffers are kept for the life
 of the stream: each cut visits every run and key the stream has seen, so a stream should
 span one job's runs, not an unbounded stream of them.
+
+`close` ends with a last cut that seals every buffer first (a `memoryview` of a
+`bytearray` forbids resizing it), then takes all of each: a `log` that found its buffer
+before the close either added its point before the seal, and the last cut sends it, or
+fails to add it and raises FailedPreconditionError (reason CLIENT_CLOSED). No point is
+lost between the two.
 """
 
 from __future__ import annotations
@@ -108,8 +114,9 @@ _POINT = struct.Struct("=dqq")
 _pack_point = _POINT.pack
 # One run's points of one key until the next cut, packed one after the other.
 _Row = bytearray
-# A row a cut is taking from: its run and key, the row, and how many of its points to take.
-_Pending = tuple[tuple[str, str], _Row, int]
+# What a cut took from a row and has yet to put into messages: its run and key, the
+# packed points, and how many they are.
+_Pending = tuple[tuple[str, str], memoryview, int]
 
 
 # A packed `repeated double` on the wire is a tag, a length and the doubles' bytes,
@@ -158,8 +165,12 @@ def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tupl
     return float(value), stamp, number
 
 
+def _closed_error() -> FailedPreconditionError:
+    return FailedPreconditionError("the metric stream is closed", reason=_CLIENT_CLOSED)
+
+
 class _Refusing(dict[str, dict[str, _Row]]):
-    """The buffers of a stream that failed or was closed: a lookup raises why."""
+    """The buffers of a stream that failed, was closed or is full: a lookup raises why."""
 
     def __init__(self, error: SidecarError) -> None:
         super().__init__()
@@ -225,6 +236,9 @@ class MetricStream:
         # The count at which log() tells the sender again that a batch is due.
         self._signal_at = max_batch_points
         self._last_cut = time.monotonic()
+        # Set by close()'s last cut, with views that keep the rows it took from growing.
+        self._sealed = False
+        self._seals: list[memoryview] = []
         # Cut messages with their point counts, oldest first.
         self._queue: collections.deque[tuple[pb.StreamMetricsRequest, int]] = collections.deque()
         self._queued_points = 0
@@ -269,7 +283,9 @@ class MetricStream:
             row += _pack_point(value, stamp, step)
         except (TypeError, struct.error):
             value, stamp, step = _checked_numbers(key, value, timestamp_ms, step)
-            row += _pack_point(value, stamp or _now_ms(), step)
+            self._add(row, _pack_point(value, stamp or _now_ms(), step))
+        except BufferError:  # the row was sealed by close() after this call found it
+            raise _closed_error() from None
         count = self._count = self._count + 1
         if count >= self._signal_at:
             self._batch_due()
@@ -305,21 +321,20 @@ class MetricStream:
         """Flush, then stop the background thread; returns the points accepted in total.
 
         Closing again returns the same total. `log` and `flush` on a closed stream raise
-        FailedPreconditionError: a point logged then could never be sent."""
+        FailedPreconditionError (reason CLIENT_CLOSED): a point logged then could never be
+        sent. A `log` running in another thread while the stream closes either has its
+        point sent by this close or raises that error."""
         with self._cond:
             if self._closing:
                 return self._accepted
         try:
+            self._cut(last=True)
             return self.flush(timeout_s)
         finally:
             with self._cond:
                 self._closing = True
                 if self._error is None:
-                    self._fail(
-                        FailedPreconditionError(
-                            "the metric stream is closed", reason=_CLIENT_CLOSED
-                        )
-                    )
+                    self._fail(_closed_error())
                 self._cond.notify_all()
             self._thread.join(5)
 
@@ -341,7 +356,18 @@ class MetricStream:
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a str, not {type(text).__name__}")
         # setdefault: two threads opening the same run and key share one row.
-        return self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
+        row = self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
+        if self._sealed:
+            # The last cut may have sealed the rows it saw before this one was made.
+            raise self._error if self._error is not None else _closed_error()
+        return row
+
+    @staticmethod
+    def _add(row: _Row, point: bytes) -> None:
+        try:
+            row += point
+        except BufferError:  # see log()
+            raise _closed_error() from None
 
     def _batch_due(self) -> None:
         with self._cond:
@@ -365,7 +391,7 @@ class MetricStream:
         return self._count + self._queued_points + sum(n for _, n in self._in_flight)
 
     def _refuse_while_full(self) -> None:
-        if self._error is None:
+        if self._error is None and not self._sealed:  # a closed stream says so instead
             self._pending = _Refusing(
                 ResourceExhaustedError(
                     f"the metric stream's buffer is full: {self._buffered()} points wait for"
@@ -383,6 +409,7 @@ class MetricStream:
         if (
             self._pending is not self._rows
             and self._error is None
+            and not self._sealed
             and self._buffered() < self._max_buffered
         ):
             self._pending = self._rows
@@ -413,22 +440,40 @@ class MetricStream:
 
     # -- cutting (callers do not hold self._cond) ---------------------------------------
 
-    def _cut(self) -> int:
-        """Queue what is pending, as few messages as fit; returns the points queued."""
-        if self._error is not None:
-            return 0  # nothing will be sent any more
+    def _cut(self, *, last: bool = False) -> int:
+        """Queue what is pending, as few messages as fit; returns the points queued.
+
+        The `last` cut (close's) first stops log() from adding points, then takes all."""
         with self._cut_lock:
+            if self._error is not None or self._sealed:
+                return 0  # nothing will be sent any more, or the last cut took it all
             self._count = 0
             self._signal_at = self._max_batch
             self._last_cut = time.monotonic()
+            if last:
+                with self._cond:
+                    # A log() from now on raises; one that found its row before adds its
+                    # point before the seal below (and this cut takes it), or raises.
+                    self._sealed = True
+                    self._pending = _Refusing(_closed_error())
             # list(): one atomic copy, as log() may add a run and key meanwhile. What log()
             # appends from here on waits for the next cut, so that this one ends.
-            rows: list[_Pending] = [
-                ((run_id, key), row, len(row) // _POINT.size)
+            found = [
+                ((run_id, key), row)
                 for run_id, keys in list(self._rows.items())
                 for key, row in list(keys.items())
             ]
-            rows = [(name, row, n) for name, row, n in rows if n]
+            if last:
+                self._seals = [memoryview(row) for _, row in found]
+                self._rows = {}
+            rows: list[_Pending] = []
+            for name, row in found:
+                size = len(row) // _POINT.size * _POINT.size
+                if size:
+                    rows.append((name, memoryview(row[:size]), size // _POINT.size))
+                    if not last:
+                        # Only this prefix goes: what log() appended since stays in the row.
+                        del row[:size]
             queued = 0
             while rows:
                 message, points, rows = self._take(rows)
@@ -455,23 +500,21 @@ class MetricStream:
         add = message.series.add
         points = size = 0
         left: list[_Pending] = []
-        for ((run_id, key), row, n), overhead in zip(rows, overheads, strict=True):
+        for ((run_id, key), data, n), overhead in zip(rows, overheads, strict=True):
             share = n if wanted <= fits else max(1, n * fits // wanted)
             if size and size + overhead + share * MAX_POINT_BYTES > budget:
-                left.append(((run_id, key), row, n))
+                left.append(((run_id, key), data, n))
                 continue
             # The first series of a message always goes, as much of it as fits.
             share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES))
-            taken = memoryview(row[: _POINT.size * share])
-            # Only this prefix goes: what log() appended since stays in the row.
-            del row[: _POINT.size * share]
+            taken = data[: _POINT.size * share]
             integers = taken.cast("q")
             series = add(run_id=run_id, key=key, timestamps_ms=integers[1::3], steps=integers[2::3])
             _add_values(series, taken.cast("d")[0::3])
             points += share
             size += overhead + share * MAX_POINT_BYTES
             if share < n:
-                left.append(((run_id, key), row, n - share))
+                left.append(((run_id, key), data[_POINT.size * share :], n - share))
         return message, points, left
 
     # -- the background thread ----------------------------------------------------------

@@ -11,7 +11,6 @@ from mlflow_sidecar.core.domain import (
     FileInfo,
     LifecycleStage,
     Metric,
-    MetricColumns,
     MetricPoint,
     ModelVersion,
     ModelVersionStatus,
@@ -21,7 +20,6 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
     ViewType,
 )
-from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -125,40 +123,6 @@ def metric_point_to_pb(point: MetricPoint) -> pb.MetricPoint:
         timestamp_ms=point.timestamp_ms,
         step=point.step,
     )
-
-
-def series_length(index: int, series: pb.MetricSeries) -> int:
-    """How many points `series[index]` of a message holds; InvalidArgumentError when its
-    columns differ in length."""
-    count = len(series.values)
-    if len(series.timestamps_ms) != count or len(series.steps) != count:
-        raise InvalidArgumentError(
-            f"series[{index}]",
-            f"values, timestamps_ms and steps must have the same length, got {count},"
-            f" {len(series.timestamps_ms)} and {len(series.steps)}",
-        )
-    return count
-
-
-def metric_columns_from_pb(message: pb.StreamMetricsRequest) -> MetricColumns:
-    """The points of a StreamMetrics message as columns (no object per point): its
-    `points` first, then each series.
-
-    InvalidArgumentError names a series whose columns differ in length."""
-    columns = MetricColumns.from_points(message.points)
-    starts: list[int] = []
-    for index, series in enumerate(message.series):
-        count = series_length(index, series)
-        starts.append(len(columns))
-        # Packed columns extend in C: the run id and key are not read per point, and a
-        # slice copies a column out in one call (a quarter faster than iterating it).
-        columns.run_ids += [series.run_id] * count
-        columns.keys += [series.key] * count
-        columns.values += series.values[:]
-        columns.timestamps_ms += series.timestamps_ms[:]
-        columns.steps += series.steps[:]
-    columns.series_starts = starts
-    return columns
 
 
 def run_to_pb(run: Run) -> pb.Run:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import bisect
 import enum
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Generic, Literal, Protocol, TypeAlias, TypeVar, overload
+from typing import Generic, TypeAlias, TypeVar
 
 T = TypeVar("T")
 
@@ -99,138 +98,6 @@ class MetricPoint:
     value: float
     timestamp_ms: int = 0
     step: int = 0
-
-
-class PointFields(Protocol):
-    """Anything with the fields of a metric point: MetricPoint, or its protobuf message."""
-
-    @property
-    def run_id(self) -> str: ...
-
-    @property
-    def key(self) -> str: ...
-
-    @property
-    def value(self) -> float: ...
-
-    @property
-    def timestamp_ms(self) -> int: ...
-
-    @property
-    def step(self) -> int: ...
-
-
-# A point's field and the column a MetricSeries message keeps it in.
-_SERIES_COLUMNS = {"value": "values", "timestamp_ms": "timestamps_ms", "step": "steps"}
-
-
-class MetricColumns(Sequence[MetricPoint]):
-    """Metric points of any runs in columns, as they come off the wire: point i is
-    (run_ids[i], keys[i], values[i], timestamps_ms[i], steps[i]).
-
-    A sequence of MetricPoint like any other, but the streaming path never builds one
-    object per point: that alone cost more than everything else the sidecar does with it.
-
-    `series_starts`, set when a StreamMetrics message is read, remembers where each of
-    its series begins (the points before the first one were sent one by one), so that
-    an error can name a point the way its request did; slices and `take` forget it.
-    """
-
-    __slots__ = ("keys", "run_ids", "series_starts", "steps", "timestamps_ms", "values")
-
-    def __init__(
-        self,
-        run_ids: list[str],
-        keys: list[str],
-        values: list[float],
-        timestamps_ms: list[int],
-        steps: list[int],
-    ) -> None:
-        if not len(run_ids) == len(keys) == len(values) == len(timestamps_ms) == len(steps):
-            raise ValueError("metric columns must all have the same length")
-        self.run_ids = run_ids
-        self.keys = keys
-        self.values = values
-        self.timestamps_ms = timestamps_ms
-        self.steps = steps
-        self.series_starts: Sequence[int] = ()
-
-    def field_name(self, index: int, field: str) -> str:
-        """How the request named `field` of point `index`: `points[i].key` for a point
-        sent on its own, `series[j].key` or `series[j].timestamps_ms[k]` for one sent
-        in a series."""
-        starts = self.series_starts
-        if not starts or index < starts[0]:
-            return f"points[{index}].{field}"
-        # bisect_right: an empty series shares its start with the next one.
-        which = bisect.bisect_right(starts, index) - 1
-        if field in ("run_id", "key"):
-            return f"series[{which}].{field}"
-        column = _SERIES_COLUMNS.get(field, field)
-        return f"series[{which}].{column}[{index - starts[which]}]"
-
-    @classmethod
-    def from_points(cls, points: Iterable[PointFields]) -> MetricColumns:
-        """The columns of `points` (itself, when it already is columns)."""
-        if isinstance(points, MetricColumns):
-            return points
-        listed = list(points)
-        return cls(
-            [p.run_id for p in listed],
-            [p.key for p in listed],
-            [p.value for p in listed],
-            [p.timestamp_ms for p in listed],
-            [p.step for p in listed],
-        )
-
-    def __len__(self) -> int:
-        return len(self.values)
-
-    @overload
-    def __getitem__(self, index: int) -> MetricPoint: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> MetricColumns: ...
-
-    def __getitem__(self, index: int | slice) -> MetricPoint | MetricColumns:
-        if isinstance(index, slice):
-            return MetricColumns(
-                self.run_ids[index],
-                self.keys[index],
-                self.values[index],
-                self.timestamps_ms[index],
-                self.steps[index],
-            )
-        return MetricPoint(
-            self.run_ids[index],
-            self.keys[index],
-            self.values[index],
-            self.timestamps_ms[index],
-            self.steps[index],
-        )
-
-    def distinct(self, column: Literal["run_ids", "keys"]) -> list[str]:
-        """The distinct run ids (or keys), in the order they first appear.
-
-        A series has one run id and one key, so of a column read from a message only the
-        first point of each series is looked at."""
-        values: list[str] = getattr(self, column)
-        starts = self.series_starts
-        if starts:
-            first = [values[start] for start in starts if start < len(values)]
-            values = values[: starts[0]] + first
-        return list(dict.fromkeys(values))
-
-    def take(self, indices: Iterable[int]) -> MetricColumns:
-        """The points at `indices`, in that order."""
-        chosen = list(indices)
-        return MetricColumns(
-            [self.run_ids[i] for i in chosen],
-            [self.keys[i] for i in chosen],
-            [self.values[i] for i in chosen],
-            [self.timestamps_ms[i] for i in chosen],
-            [self.steps[i] for i in chosen],
-        )
 
 
 @dataclass(frozen=True, slots=True)

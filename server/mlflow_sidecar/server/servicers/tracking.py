@@ -10,7 +10,7 @@ from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
-from mlflow_sidecar.server.metric_series import stream_message_points
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.services.tracking import TrackingService
@@ -166,7 +166,8 @@ class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
         accepted = 0
         try:
             for message in request_iterator:
-                accepted += self._service.enqueue_metrics(stream_message_points(message))
+                batch = MetricBatch.from_request(message.points, message.series)
+                accepted += self._service.accept_metrics(batch)
         finally:
             # Tells a client whose stream failed midway how much of it is safe in the spool.
             context.set_trailing_metadata(((ACCEPTED_POINTS_METADATA, str(accepted)),))

@@ -35,6 +35,7 @@ from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.services.artifacts import (
     decode_listing_token,
@@ -310,7 +311,12 @@ class TrackingService:
         return len(stamped)
 
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
-        return self._ingest.accept(points)
+        return self.accept_metrics(MetricBatch.from_points(points))
+
+    def accept_metrics(self, batch: MetricBatch) -> int:
+        """Check a batch of streamed points and commit it to the spool (all or none);
+        returns how many points."""
+        return self._ingest.accept(batch)
 
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
         return self._ingest.flush(run_id, timeout_s)

@@ -41,10 +41,8 @@ class MetricDeliverer:
     MLflow (`end_run`) right after the last of those points is delivered; points for it
     accepted after the end are dead-lettered.
 
-    Accepting comes first: when points start arriving at an idle deliverer, it waits for
-    a pause of `quiet_s` in them (at most `max_defer_s`, and not at all while a flush waits) before
-    it sends anything, so that a trainer's burst is not slowed by delivery's share of
-    the CPU. Once it delivers, it drains the spool before waiting again.
+    Delivery starts as soon as points are accepted and drains the spool before it waits
+    again.
     """
 
     def __init__(
@@ -55,8 +53,6 @@ class MetricDeliverer:
         batch_size: int,
         backoff_factor_s: float,
         max_backoff_s: float,
-        max_defer_s: float = 1.0,
-        quiet_s: float = 0.05,
         metrics: SidecarMetrics | None = None,
         end_run: EndRun | None = None,
     ) -> None:
@@ -67,11 +63,6 @@ class MetricDeliverer:
         self._batch_size = batch_size
         self._backoff_factor_s = backoff_factor_s
         self._max_backoff_s = max_backoff_s
-        self._max_defer_s = max_defer_s
-        self._quiet_s = quiet_s
-        self._last_accept = 0.0
-        # Flushes waiting for delivery; while there are any, nothing is deferred.
-        self._waiting = 0
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._progress = threading.Condition()
@@ -90,33 +81,25 @@ class MetricDeliverer:
         """Stop after the batch in flight; undelivered points stay in the spool."""
         self._stop.set()
         self._wake.set()
-        with self._progress:
-            self._progress.notify_all()  # ends a hold (see `_hold_while_streaming`)
         if self._thread is not None:
             self._thread.join(timeout_s)
             self._thread = None
 
     def notify(self) -> None:
         """New points were accepted."""
-        self._last_accept = time.monotonic()
         self._wake.set()
 
     def wait_delivered(self, run_id: str, timeout_s: float) -> int:
         """Wait until a run's (or, with "", every run's) points are delivered or dead-lettered,
         at most `timeout_s`; returns how many points are still pending."""
         deadline = time.monotonic() + timeout_s
+        self._wake.set()
         with self._progress:
-            self._waiting += 1
-            self._progress.notify_all()  # ends a hold (see `_hold_while_streaming`)
-            self._wake.set()
-            try:
-                while (pending := self._store.pending(run_id)) > 0 or self._end_waits(run_id):
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._progress.wait(min(left, 0.5))
-            finally:
-                self._waiting -= 1
+            while (pending := self._store.pending(run_id)) > 0 or self._end_waits(run_id):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._progress.wait(min(left, 0.5))
         return pending
 
     def _end_waits(self, run_id: str) -> bool:
@@ -130,6 +113,9 @@ class MetricDeliverer:
         waits = backoff.expo(factor=self._backoff_factor_s, max_value=self._max_backoff_s)
         next(waits)  # the generator's first value is a priming None
         while not self._stop.is_set():
+            # Cleared before the round looks, so that points accepted during it wake the
+            # next wait instead of waiting for its timeout.
+            self._wake.clear()
             try:
                 delivered = self._deliver_round()
             except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
@@ -141,21 +127,6 @@ class MetricDeliverer:
             next(waits)
             if not delivered:
                 self._wake.wait(0.5)
-                self._wake.clear()
-                self._hold_while_streaming()
-
-    def _hold_while_streaming(self) -> None:
-        """Wait until accepted points pause for `quiet_s`, `max_defer_s` has passed, or a
-        flush (or stop) asks for delivery now."""
-        started = time.monotonic()
-        with self._progress:
-            while not self._waiting and not self._stop.is_set():
-                now = time.monotonic()
-                quiet_for = now - self._last_accept
-                left = min(self._quiet_s - quiet_for, started + self._max_defer_s - now)
-                if left <= 0:
-                    return
-                self._progress.wait(left)
 
     def _deliver_round(self) -> bool:
         """One batch from each run with pending points (fair across runs), then the ends

@@ -14,16 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from mlflow_sidecar.core.domain import Metric, MetricColumns, MetricPoint
+from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import (
     ErrorReason,
     FailedPreconditionError,
     ResourceExhaustedError,
 )
 from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
-from mlflow_sidecar.server.metric_series import Floats, Integers, MetricSeries, SeriesBatch
+from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 
 # Points are stored in chunks: the points of one run from one message, at most
 # `chunk_points` of them (the delivery batch size), as packed columns. One row per chunk
@@ -150,78 +148,29 @@ class RunEnd:
     applied: bool
 
 
-@dataclass(frozen=True, slots=True)
-class _RunPoints:
-    """One run's points of one message as the spool packs them: its keys, one per point
-    or one for all, and its numbers as native machine numbers, as `array` reads them."""
-
-    keys: list[str] | str
-    values: Floats
-    timestamps_ms: Integers
-    steps: Integers
-
-    def rows(self, run_id: str, accepted_ms: int, chunk_points: int) -> list[tuple[object, ...]]:
-        """Chunks of at most `chunk_points` points, in message order, as spool rows."""
-        total = len(self.values)
-        parts = [slice(i, i + chunk_points) for i in range(0, total, chunk_points)]
-        return [
-            (
-                run_id,
-                len(self.values[part]),
-                self.keys if isinstance(self.keys, str) else _keys_text(self.keys[part]),
-                self.values[part].tobytes(),
-                self.timestamps_ms[part].tobytes(),
-                self.steps[part].tobytes(),
-                accepted_ms,
-            )
-            for part in parts
-        ]
+def _rows(run: RunColumns, accepted_ms: int, chunk_points: int) -> list[tuple[object, ...]]:
+    """A run's points as spool rows: chunks of at most `chunk_points`, in batch order,
+    numbers as native machine numbers (as `array` reads them back)."""
+    total = len(run.values)
+    parts = [slice(i, i + chunk_points) for i in range(0, total, chunk_points)]
+    return [
+        (
+            run.run_id,
+            len(run.values[part]),
+            run.keys if isinstance(run.keys, str) else _keys_text(run.keys[part]),
+            run.values[part].tobytes(),
+            run.timestamps_ms[part].tobytes(),
+            run.steps[part].tobytes(),
+            accepted_ms,
+        )
+        for part in parts
+    ]
 
 
 def _keys_text(keys: list[str]) -> str:
     if keys.count(keys[0]) == len(keys):
         return keys[0]
     return _KEY_SEPARATOR.join(keys)
-
-
-def _by_run(points: Sequence[MetricPoint]) -> dict[str, _RunPoints]:
-    """A message's points, run by run; series stay numpy columns."""
-    if isinstance(points, SeriesBatch):
-        runs: dict[str, list[MetricSeries]] = {}
-        for series in points.series:
-            runs.setdefault(series.run_id, []).append(series)
-        return {run_id: _joined(series) for run_id, series in runs.items()}
-    return {
-        run_id: _RunPoints(
-            columns.keys,
-            np.array(columns.values, dtype=np.float64),
-            np.array(columns.timestamps_ms, dtype=np.int64),
-            np.array(columns.steps, dtype=np.int64),
-        )
-        for run_id, columns in _columns_by_run(MetricColumns.from_points(points)).items()
-    }
-
-
-def _joined(series: list[MetricSeries]) -> _RunPoints:
-    first = series[0].key
-    # One key for every point (a trainer's usual message) is stored once per chunk.
-    same_key = all(s.key == first for s in series)
-    return _RunPoints(
-        first if same_key else [s.key for s in series for _ in range(len(s))],
-        np.concatenate([s.values for s in series]),
-        np.concatenate([s.timestamps_ms for s in series]),
-        np.concatenate([s.steps for s in series]),
-    )
-
-
-def _columns_by_run(points: MetricColumns) -> dict[str, MetricColumns]:
-    runs = points.distinct("run_ids")
-    if len(runs) == 1:  # the usual message: one trainer, one run
-        return {next(iter(runs)): points}
-    indices: dict[str, list[int]] = {run_id: [] for run_id in runs}
-    for index, run_id in enumerate(points.run_ids):
-        indices[run_id].append(index)
-    return {run_id: points.take(chosen) for run_id, chosen in indices.items()}
 
 
 def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
@@ -361,26 +310,23 @@ class SpoolStore:
 
     # -- accepting --------------------------------------------------------------------
 
-    def append(self, points: Sequence[MetricPoint]) -> int:
-        """Commit all of `points` or none; ResourceExhaustedError when the spool is full."""
-        if not points:
+    def append(self, batch: MetricBatch) -> int:
+        """Commit all of a checked batch or none; ResourceExhaustedError when the spool is
+        full."""
+        if not len(batch):
             return 0
         accepted_ms = _now_ms()
-        by_run = _by_run(points)
-        rows = [
-            row
-            for run_id, run in by_run.items()
-            for row in run.rows(run_id, accepted_ms, self._chunk_points)
-        ]
+        runs = batch.by_run()
+        rows = [row for run in runs for row in _rows(run, accepted_ms, self._chunk_points)]
         with self._lock:
-            for run_id in by_run:
-                end = self._ended.get(run_id)
+            for run in runs:
+                end = self._ended.get(run.run_id)
                 if end is not None:
                     raise run_ended_error(end)
-            if self._total + len(points) > self.max_points:
+            if self._total + len(batch) > self.max_points:
                 raise ResourceExhaustedError(
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
-                    f" {len(points)} points of this message were not accepted, retry later",
+                    f" {len(batch)} points of this message were not accepted, retry later",
                     reason=ErrorReason.SPOOL_FULL,
                     retry_after_s=RETRY_AFTER_FULL_S,
                 )
@@ -394,13 +340,13 @@ class SpoolStore:
             except sqlite3.Error as exc:
                 if is_disk_full(exc):
                     raise disk_full_error(
-                        f"{len(points)} points of this message were not accepted"
+                        f"{len(batch)} points of this message were not accepted"
                     ) from exc
                 raise
-            for run_id, run in by_run.items():
-                self._pending[run_id] = self._pending.get(run_id, 0) + len(run.values)
-            self._total += len(points)
-        return len(points)
+            for run in runs:
+                self._pending[run.run_id] = self._pending.get(run.run_id, 0) + len(run.values)
+            self._total += len(batch)
+        return len(batch)
 
     # -- delivering -------------------------------------------------------------------
 
