@@ -92,14 +92,16 @@ def _serve_locked(config: AppConfig) -> int:
 
     try:
         from mlflow_sidecar.server.grpc_server import BindError
+        from mlflow_sidecar.server.logs import configure_logging
         from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError, prepare
-        from mlflow_sidecar.server.observability import configure_logging
         from mlflow_sidecar.server.spool.store import SpoolVersionError
 
         # Imported after config validation so a bad config fails fast, before MLflow loads.
         container = _server_container(config)
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, "serve")
+    # Before the store is prepared, so that its migrations log in the configured format.
+    configure_logging(config.log_level, config.log_format)
     try:
         if config.embedded:
             # Before the signal handlers: a stop during it ends the process at once, and
@@ -108,7 +110,6 @@ def _serve_locked(config: AppConfig) -> int:
         server = container.server()  # binds the gRPC and metrics ports
     except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
         return _fail(str(exc))
-    configure_logging(config.log_level, config.log_format)
     log.info("%s", describe(config))
     stopping = threading.Event()
 

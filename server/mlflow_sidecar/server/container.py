@@ -74,4 +74,5 @@ class ServerContainer(containers.DeclarativeContainer):
         ledger=request_ledger,
         drain=deliverer,
         mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
+        spool=spool_store,
     )
