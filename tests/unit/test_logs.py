@@ -63,3 +63,20 @@ def test_text_mode_uses_utc_times_too(restored_logging, capsys):
     stamp = line.split(" ", 1)[0]
     assert stamp.endswith("Z") and stamp[10] == "T"
     assert line.endswith("[-] hello")
+
+
+def test_records_inside_a_span_name_its_trace(restored_logging, capsys):
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    configure_logging("INFO", "json")
+    span = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False)
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(span)))
+    try:
+        logging.getLogger("x").warning("inside")
+    finally:
+        context.detach(token)
+    logging.getLogger("x").warning("outside")
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert inside["trace_id"] == f"{0xABC:032x}" and inside["span_id"] == f"{0xDEF:016x}"
+    assert "trace_id" not in outside

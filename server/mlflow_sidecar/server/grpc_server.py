@@ -21,6 +21,7 @@ from mlflow_sidecar.server.mlflow_probe import MlflowProbe
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.readiness import Readiness, SpoolDepth
 from mlflow_sidecar.server.reflection import enable_server_reflection
+from mlflow_sidecar.server.tracing import Tracing
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class SidecarServer:
         drain: Drainable | None = None,
         mlflow_ping: Callable[[], None] | None = None,
         spool: SpoolDepth | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._config = config
         self._drain = drain
@@ -87,7 +89,12 @@ class SidecarServer:
         self._http: HttpEndpoints | None = None
         self._serving = False
         server = config.server
-        interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(self.metrics)]
+        self._tracing = tracing
+        interceptors: list[grpc.ServerInterceptor] = []
+        if tracing is not None:
+            # Outermost: the access log and everything below run inside the call's span.
+            interceptors.append(tracing.interceptor)
+        interceptors.append(AccessLogInterceptor(self.metrics))
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorMappingInterceptor(server.default_deadline_s))
@@ -145,26 +152,28 @@ class SidecarServer:
             raise BindError(f"cannot listen on {address}")
         self.address = f"{config.server.host}:{self.port}"
         self._stopped = threading.Event()
-        exporter = config.metrics
-        if exporter.port:
-            # Bound here, with the gRPC port, so a taken port fails before anything starts.
-            try:
-                tls = config.tls
-                self._http = HttpEndpoints(
-                    ProbeApp(self.metrics.registry, self.readiness.report),
-                    exporter.host,
-                    exporter.port,
-                    # The listener's TLS covers this port too: the bind policy relies on it.
-                    cert_file=str(tls.cert_file) if tls.cert_file else None,
-                    key_file=str(tls.key_file) if tls.key_file else None,
-                    client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
-                )
-                self.metrics_port = self._http.port
-            except OSError as exc:
-                raise BindError(
-                    f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
-                    f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
-                ) from exc
+        if config.metrics.port:
+            self._bind_http()
+
+    def _bind_http(self) -> None:
+        # Bound with the gRPC port, so a taken port fails before anything starts.
+        exporter, tls = self._config.metrics, self._config.tls
+        try:
+            self._http = HttpEndpoints(
+                ProbeApp(self.metrics.registry, self.readiness.report),
+                exporter.host,
+                exporter.port,
+                # The listener's TLS covers this port too: the bind policy relies on it.
+                cert_file=str(tls.cert_file) if tls.cert_file else None,
+                key_file=str(tls.key_file) if tls.key_file else None,
+                client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
+            )
+        except OSError as exc:
+            raise BindError(
+                f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
+                f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
+            ) from exc
+        self.metrics_port = self._http.port
 
     def start(self) -> None:
         """Start background work and serving; report SERVING for every service."""
@@ -175,6 +184,8 @@ class SidecarServer:
                 self._config.metrics.host,
                 self.metrics_port,
             )
+        if self._tracing is not None:
+            self._tracing.start()
         for task in self._background:
             task.start()
         for warning in insecure_listener_warnings(self._config):
@@ -208,6 +219,8 @@ class SidecarServer:
             task.stop()
         if self._http is not None:
             self._http.close()
+        if self._tracing is not None:
+            self._tracing.stop()
         self._stopped.set()
         log.info("stopped")
 

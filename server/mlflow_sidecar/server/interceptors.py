@@ -150,7 +150,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return unary
 
 
-def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code the call has been given so far (None while it has none)."""
     # ServicerContext.code() exists since grpcio 1.38; the type stubs lack it.
     code: grpc.StatusCode | None = cast(Any, context).code()
     return code
@@ -196,7 +197,7 @@ def abort_with_error(context: grpc.ServicerContext, error: SidecarError) -> NoRe
 
 
 def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
-    code = _status_code(context)
+    code = status_code(context)
     if code is not None and not isinstance(exc, SidecarError):
         # The handler set a status itself and failed (e.g. the generated base servicer's
         # UNIMPLEMENTED): report that status, with details, like every other error.
@@ -284,7 +285,7 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         def finish(context: grpc.ServicerContext, rid: str, started: float) -> None:
             elapsed = time.perf_counter() - started
             _add_trailing(context, REQUEST_ID_METADATA, rid)
-            code = _status_code(context) or grpc.StatusCode.OK
+            code = status_code(context) or grpc.StatusCode.OK
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             series.handled(name).inc()
             series.seconds.observe(elapsed)

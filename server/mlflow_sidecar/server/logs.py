@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
 from mlflow_sidecar.server.request_context import request_id
@@ -38,6 +39,11 @@ class UtcJsonFormatter(_UtcTime, JsonFormatter):
 class _RequestIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.request_id = request_id.get()
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            # With tracing on, a record names its trace: logs and spans join on it.
+            record.trace_id = format(span.trace_id, "032x")
+            record.span_id = format(span.span_id, "016x")
         return True
 
 
