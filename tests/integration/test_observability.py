@@ -14,6 +14,7 @@ from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.certs import make_pki
 from tests.support.processes import free_port
 from tests.support.sidecar_process import SidecarProcess
 
@@ -248,3 +249,36 @@ def test_json_logs_are_json_for_every_logger_with_fields_of_their_own(tmp_path):
     assert access[0]["grpc_code"] == "NOT_FOUND"
     assert access[0]["peer"].startswith("ipv4:127.0.0.1:")
     assert access[0]["duration_ms"] >= 0
+
+
+def test_probes_speak_https_with_the_listeners_certificate(mlflow_server, tmp_path):
+    pki = make_pki(tmp_path / "pki")
+    running = RunningSidecar(
+        sidecar_config(
+            tmp_path / "sidecar",
+            mlflow_server.url,
+            metrics={"port": free_port()},
+            tls={"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)},
+            health={"ready_requires_mlflow": False},
+        )
+    )
+    try:
+        port = running.server.metrics_port
+        verified = subprocess.run(
+            ["curl", "-s", "--cacert", str(pki.ca_cert), f"https://localhost:{port}/healthz"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        plain = subprocess.run(
+            ["curl", "-s", f"http://127.0.0.1:{port}/healthz"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        running.stop()
+    assert verified.stdout == '{"status":"ok"}', verified.stderr
+    assert plain.stdout != '{"status":"ok"}'  # no plaintext answer on a TLS listener

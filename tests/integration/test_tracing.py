@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+from tests.support.delay_proxy import DelayProxy
 from tests.support.sidecar_process import SidecarProcess
 
 # The trainer: the SDK with an in-memory exporter, one typed-client call, the spans dumped.
@@ -42,24 +43,26 @@ def console_spans(path: Path) -> list[dict]:
 
 
 def test_one_trainer_call_is_one_trace_from_client_to_mlflow_http(mlflow_server, tmp_path):
-    sidecar = SidecarProcess(
-        tmp_path / "sidecar",
-        mlflow_server.url,
-        stdout_path=tmp_path / "spans.json",
-        OTEL_TRACES_EXPORTER="console",
-        OTEL_SERVICE_NAME="sidecar-under-test",
-    )
-    sidecar.start()
-    try:
-        trainer = subprocess.run(
-            [sys.executable, "-c", TRAINER, sidecar.target, f"traced-{uuid.uuid4().hex[:8]}"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=True,
+    # MLflow behind a recording proxy: what reaches MLflow is seen, headers and all.
+    with DelayProxy(mlflow_server.url, delay_s=0, delayed=lambda _m, _p: False) as mlflow:
+        sidecar = SidecarProcess(
+            tmp_path / "sidecar",
+            mlflow.url,
+            stdout_path=tmp_path / "spans.json",
+            OTEL_TRACES_EXPORTER="console",
+            OTEL_SERVICE_NAME="sidecar-under-test",
         )
-    finally:
-        sidecar.stop()  # exports what is left
+        sidecar.start()
+        try:
+            trainer = subprocess.run(
+                [sys.executable, "-c", TRAINER, sidecar.target, f"traced-{uuid.uuid4().hex[:8]}"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+        finally:
+            sidecar.stop()  # exports what is left
     rpc = "mlflow_sidecar.v1.ExperimentTrackingService/CreateExperiment"
     (client,) = [s for s in json.loads(trainer.stdout) if s["name"] == rpc]
     assert client["kind"] == "SpanKind.CLIENT"
@@ -79,7 +82,14 @@ def test_one_trainer_call_is_one_trace_from_client_to_mlflow_http(mlflow_server,
         assert span["kind"] == "SpanKind.CLIENT"
         assert span["context"]["trace_id"] == trace_id
         url = span["attributes"].get("url.full") or span["attributes"]["http.url"]
-        assert url.startswith(mlflow_server.url + "/api/2.0/mlflow/"), url
+        assert url.startswith(mlflow.url + "/api/2.0/mlflow/"), url
+
+    # MLflow got the trace context: `00-<trace id>-<the HTTP span's id>-<flags>`.
+    create = [tp for m, p, tp in mlflow.traceparents if p.endswith("/experiments/create")]
+    assert create, mlflow.traceparents
+    version, sent_trace, sent_parent, _flags = create[0].split("-")
+    assert (version, f"0x{sent_trace}") == ("00", trace_id)
+    assert f"0x{sent_parent}" in {span["context"]["span_id"] for span in http}
 
 
 def test_an_exporter_that_is_not_installed_stops_serve_with_one_line(tmp_path):
