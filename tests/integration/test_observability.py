@@ -157,6 +157,8 @@ def test_readyz_follows_mlflow_and_healthz_stays_up(own_mlflow, tmp_path):
         assert report["checks"]["mlflow"] == {"ok": False, "required": True}
         assert report["checks"]["grpc"]["ok"] and report["checks"]["spool"]["ok"]
         assert curl(live_url) == (200, '{"status":"ok"}')
+        metrics_url = f"http://127.0.0.1:{strict.server.metrics_port}/metrics"
+        assert sample(curl(metrics_url)[1], "mlflow_sidecar_mlflow_up") == 0
         wait_until(lambda: lenient.server.mlflow_probe.reachable is False)
         status, body = curl(lenient_url)
         assert status == 200, body
@@ -164,6 +166,7 @@ def test_readyz_follows_mlflow_and_healthz_stays_up(own_mlflow, tmp_path):
 
         own_mlflow.start()
         wait_until(lambda: curl(ready_url)[0] == 200)
+        assert sample(curl(metrics_url)[1], "mlflow_sidecar_mlflow_up") == 1
     finally:
         strict.stop()
         lenient.stop()
