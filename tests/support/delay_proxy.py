@@ -2,7 +2,8 @@
 
 It forwards every request, lets MLflow do the work, and holds back the answers of the
 requests `delayed` picks: what a slow network or an overloaded server looks like to a
-client whose request timeout is shorter. It counts every request by method and path.
+client whose request timeout is shorter. It counts every request by method and path, and
+keeps the W3C `traceparent` header of those that carry one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ class DelayProxy:
         self.delay_s = delay_s
         self._delayed = delayed
         self._counts: Counter[tuple[str, str]] = Counter()
+        # (method, path, W3C traceparent) of every request that carried one.
+        self.traceparents: list[tuple[str, str, str]] = []
         self._lock = threading.Lock()
         self.answered = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
@@ -78,6 +81,9 @@ class DelayProxy:
             def _forward(self) -> None:
                 with proxy._lock:
                     proxy._counts[(self.command, self.path)] += 1
+                    traceparent = self.headers.get("traceparent")
+                    if traceparent:
+                        proxy.traceparents.append((self.command, self.path, traceparent))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}

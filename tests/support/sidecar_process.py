@@ -29,11 +29,15 @@ def health_ok(target: str) -> bool:
 class SidecarProcess:
     """`mlflow-sidecar serve` on a fixed port and data dir; start, kill and start again."""
 
-    def __init__(self, data_dir: Path, tracking_uri: str = "", **env: str) -> None:
+    def __init__(
+        self, data_dir: Path, tracking_uri: str = "", *, stdout_path: Path | None = None, **env: str
+    ) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = data_dir / "sidecar.log"
+        # Where stdout goes when it must not mix with the log (stderr); else the log.
+        self.stdout_path = stdout_path
         # MLflow's own variables configure the sidecar too; the test process's (some set by
         # in-process sidecars) must not leak into this one. Pass them in `env` to test them.
         inherited = {k: v for k, v in os.environ.items() if k not in MLFLOW_ENV_KEYS}
@@ -52,9 +56,13 @@ class SidecarProcess:
         """Start the process without waiting."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                [CLI, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
-            )
+            if self.stdout_path is None:
+                self.proc = subprocess.Popen(
+                    [CLI, "serve"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                )
+                return
+            with self.stdout_path.open("ab") as out:
+                self.proc = subprocess.Popen([CLI, "serve"], env=self.env, stdout=out, stderr=log)
 
     def start(self, timeout_s: float = 90) -> None:
         """Start and wait for SERVING."""

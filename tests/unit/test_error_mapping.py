@@ -289,6 +289,29 @@ def test_access_log_records_method_and_code(server_and_service, caplog):
     assert "NOT_FOUND" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("error", "level"),
+    [
+        (errors.NotFoundError("nope"), logging.INFO),
+        (errors.InvalidArgumentError("run_id", "bad"), logging.INFO),
+        (errors.UnavailableError("MLflow down"), logging.WARNING),
+        (RuntimeError("bug"), logging.WARNING),
+    ],
+)
+def test_access_log_level_tells_the_callers_outcomes_from_failures(
+    server_and_service, caplog, error, level
+):
+    stub, service = server_and_service
+    service.error = error
+    with (
+        caplog.at_level(logging.DEBUG, logger="mlflow_sidecar.access"),
+        pytest.raises(grpc.RpcError),
+    ):
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
+    access = [r for r in caplog.records if r.name == "mlflow_sidecar.access"]
+    assert [r.levelno for r in access] == [level]
+
+
 # -- the client's decoding, without a server -------------------------------------------
 
 

@@ -29,7 +29,15 @@ EXIT_UNHEALTHY = 1
 SERVER_EXTRA_HINT = "pip install 'mlflow-sidecar[server]'"
 # Top-level modules of the `server` extra: missing, the install is a client-only one.
 SERVER_EXTRA_MODULES = frozenset(
-    {"mlflow", "numpy", "grpc_reflection", "yaml", "prometheus_client", "pythonjsonlogger"}
+    {
+        "mlflow",
+        "numpy",
+        "grpc_reflection",
+        "yaml",
+        "prometheus_client",
+        "pythonjsonlogger",
+        "opentelemetry",
+    }
 )
 
 log = logging.getLogger("mlflow_sidecar.server.cli")
@@ -92,14 +100,21 @@ def _serve_locked(config: AppConfig) -> int:
 
     try:
         from mlflow_sidecar.server.grpc_server import BindError
+        from mlflow_sidecar.server.logs import configure_logging
         from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError
-        from mlflow_sidecar.server.observability import configure_logging
         from mlflow_sidecar.server.spool.store import SpoolVersionError
+        from mlflow_sidecar.server.tracing import TracingConfigError
 
         # Imported after config validation so a bad config fails fast, before MLflow loads.
         container = _server_container(config)
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, "serve")
+    try:
+        container.tracing()  # a bad OTEL_* variable fails before anything is touched
+    except TracingConfigError as exc:
+        return _fail(str(exc))
+    # Before the store is opened, so that its migrations log in the configured format.
+    configure_logging(config.log_level, config.log_format)
     try:
         # Before the signal handlers: a stop while the embedded store is created ends the
         # process at once, and leaves no half-made store (see embedded_store).
@@ -107,7 +122,6 @@ def _serve_locked(config: AppConfig) -> int:
         server = container.server()  # binds the gRPC and metrics ports
     except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
         return _fail(str(exc))
-    configure_logging(config.log_level, config.log_format)
     log.info("%s", describe(config))
     stopping = threading.Event()
 

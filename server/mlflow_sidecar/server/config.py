@@ -162,6 +162,22 @@ class MetricsConfig(_Section):
     port: int = Field(0, ge=0, le=65535)
 
 
+class HealthConfig(_Section):
+    """What `/readyz` on the metrics port requires besides a serving gRPC listener."""
+
+    ready_requires_mlflow: bool = Field(
+        True,
+        description="not ready while MLflow fails its probe; false stays ready through MLflow"
+        " outages (the spool takes metrics meanwhile)",
+    )
+    spool_high_water: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="not ready while pending points reach this fraction of spool.max_points",
+    )
+
+
 class MlflowConfig(_Section):
     """Where MLflow lives and how to reach it. Empty URIs mean the embedded store."""
 
@@ -280,6 +296,7 @@ class AppConfig(BaseSettings):
     tls: TlsConfig = TlsConfig()
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, validate_default=True)
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: Literal["text", "json"] = "text"

@@ -20,6 +20,7 @@ from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.server.tracing import tracing_from_env
 
 
 class ServerContainer(containers.DeclarativeContainer):
@@ -27,6 +28,8 @@ class ServerContainer(containers.DeclarativeContainer):
 
     config = providers.Dependency(instance_of=AppConfig)
     metrics = providers.Singleton(SidecarMetrics)
+    # None unless the OTEL_* variables turn tracing on.
+    tracing = providers.Singleton(tracing_from_env)
     gateway = providers.Singleton(MlflowGateway, config, metrics)
     staging = providers.Singleton(Staging, config, metrics)
     request_ledger = providers.Singleton(
@@ -73,4 +76,6 @@ class ServerContainer(containers.DeclarativeContainer):
         ledger=request_ledger,
         drain=deliverer,
         mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
+        spool=spool_store,
+        tracing=tracing,
     )

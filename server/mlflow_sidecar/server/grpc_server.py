@@ -14,11 +14,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.server.auth import AuthInterceptor
 from mlflow_sidecar.server.config import AppConfig, insecure_listener_warnings
+from mlflow_sidecar.server.http_endpoints import HttpEndpoints, ProbeApp
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
 from mlflow_sidecar.server.mlflow_probe import MlflowProbe
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.readiness import Readiness, SpoolDepth
 from mlflow_sidecar.server.reflection import enable_server_reflection
+from mlflow_sidecar.server.tracing import Tracing
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -75,14 +78,23 @@ class SidecarServer:
         ledger: RequestLedger | None = None,
         drain: Drainable | None = None,
         mlflow_ping: Callable[[], None] | None = None,
+        spool: SpoolDepth | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._config = config
         self._drain = drain
         self._background = tuple(background)
         self.metrics = metrics or SidecarMetrics()
         self.metrics_port: int | None = None
+        self._http: HttpEndpoints | None = None
+        self._serving = False
         server = config.server
-        interceptors: list[grpc.ServerInterceptor] = [AccessLogInterceptor(self.metrics)]
+        self._tracing = tracing
+        interceptors: list[grpc.ServerInterceptor] = []
+        if tracing is not None:
+            # Outermost: the access log and everything below run inside the call's span.
+            interceptors.append(tracing.interceptor)
+        interceptors.append(AccessLogInterceptor(self.metrics))
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorMappingInterceptor(server.default_deadline_s))
@@ -116,6 +128,16 @@ class SidecarServer:
                 mlflow_ping, self.health, config.mlflow.probe_interval_s
             )
             self._background = (*self._background, self.mlflow_probe)
+        probe = self.mlflow_probe
+        if probe is not None:
+            self.metrics.watch_mlflow(lambda: probe.reachable)
+        self.readiness = Readiness(
+            lambda: self._serving,
+            spool=spool,
+            spool_high_water=config.health.spool_high_water,
+            mlflow_reachable=(lambda: probe.reachable) if probe is not None else None,
+            require_mlflow=config.health.ready_requires_mlflow,
+        )
         # grpc.reflection.v1 and v1alpha: grpcurl and newer tools ask v1 first.
         enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self._server)
         address = f"{config.server.host}:{config.server.port}"
@@ -130,39 +152,46 @@ class SidecarServer:
             raise BindError(f"cannot listen on {address}")
         self.address = f"{config.server.host}:{self.port}"
         self._stopped = threading.Event()
-        exporter = config.metrics
-        if exporter.port:
-            # Bound here, with the gRPC port, so a taken port fails before anything starts.
-            try:
-                tls = config.tls
-                self.metrics_port = self.metrics.serve(
-                    exporter.host,
-                    exporter.port,
-                    # The listener's TLS covers /metrics too: the bind policy relies on it.
-                    cert_file=str(tls.cert_file) if tls.cert_file else None,
-                    key_file=str(tls.key_file) if tls.key_file else None,
-                    client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
-                )
-            except OSError as exc:
-                raise BindError(
-                    f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
-                    f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
-                ) from exc
+        if config.metrics.port:
+            self._bind_http()
+
+    def _bind_http(self) -> None:
+        # Bound with the gRPC port, so a taken port fails before anything starts.
+        exporter, tls = self._config.metrics, self._config.tls
+        try:
+            self._http = HttpEndpoints(
+                ProbeApp(self.metrics.registry, self.readiness.report),
+                exporter.host,
+                exporter.port,
+                # The listener's TLS covers this port too: the bind policy relies on it.
+                cert_file=str(tls.cert_file) if tls.cert_file else None,
+                key_file=str(tls.key_file) if tls.key_file else None,
+                client_ca_file=str(tls.client_ca_file) if tls.client_ca_file else None,
+            )
+        except OSError as exc:
+            raise BindError(
+                f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
+                f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
+            ) from exc
+        self.metrics_port = self._http.port
 
     def start(self) -> None:
         """Start background work and serving; report SERVING for every service."""
         if self.metrics_port is not None:
             log.info(
-                "metrics on %s://%s:%d/metrics",
+                "metrics and probes on %s://%s:%d/metrics, /healthz, /readyz",
                 "https" if self._config.tls.enabled else "http",
                 self._config.metrics.host,
                 self.metrics_port,
             )
+        if self._tracing is not None:
+            self._tracing.start()
         for task in self._background:
             task.start()
         for warning in insecure_listener_warnings(self._config):
             log.warning("%s", warning)
         self._server.start()
+        self._serving = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("mlflow-sidecar serving on %s", self.address)
 
@@ -172,6 +201,7 @@ class SidecarServer:
         many are left for the next start."""
         grace = self._config.server.grace_s if grace_s is None else grace_s
         drain_until = time.monotonic() + min(self._config.spool.drain_on_stop_s, grace)
+        self._serving = False
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         log.info("draining for up to %.1fs", grace)
         self._server.stop(grace).wait()
@@ -187,6 +217,10 @@ class SidecarServer:
                 log.info("every accepted metric point was delivered before stopping")
         for task in reversed(self._background):
             task.stop()
+        if self._http is not None:
+            self._http.close()
+        if self._tracing is not None:
+            self._tracing.stop()
         self._stopped.set()
         log.info("stopped")
 

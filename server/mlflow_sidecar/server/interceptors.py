@@ -1,4 +1,5 @@
-"""Server interceptors: the access log (outer) and the one error mapping (inner).
+"""Server interceptors: the access log and RPC metrics (outer) and the one error mapping
+(inner).
 
 The error mapping turns domain errors into status codes with `google.rpc.Status`
 details (AIP-193) and anything unexpected into INTERNAL with a generic message; the
@@ -8,7 +9,10 @@ detail goes to the log with the request id. It also publishes the call's deadlin
 
 from __future__ import annotations
 
+import contextvars
+import enum
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,7 +30,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
-from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSeries, SidecarMetrics
 from mlflow_sidecar.server.request_context import request_id
 
 log = logging.getLogger("mlflow_sidecar.access")
@@ -37,7 +41,35 @@ error_log = logging.getLogger("mlflow_sidecar.errors")
 _NO_DEADLINE_S = 10**8
 
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
-Wrapper = Callable[[Behavior, bool, str], Behavior]
+
+
+class CallType(enum.StrEnum):
+    """A method's shape, named as the standard gRPC metrics' `grpc_type` label names it."""
+
+    UNARY = "unary"
+    CLIENT_STREAM = "client_stream"
+    SERVER_STREAM = "server_stream"
+    BIDI_STREAM = "bidi_stream"
+
+    @property
+    def streaming_response(self) -> bool:
+        """True when the method answers with a stream of messages."""
+        return self in (CallType.SERVER_STREAM, CallType.BIDI_STREAM)
+
+    @property
+    def streaming_request(self) -> bool:
+        """True when the method takes a stream of messages."""
+        return self in (CallType.CLIENT_STREAM, CallType.BIDI_STREAM)
+
+
+Wrapper = Callable[[Behavior, CallType, str], Behavior]
+
+_HANDLER_ATTRS = (
+    ("unary_unary", CallType.UNARY),
+    ("unary_stream", CallType.SERVER_STREAM),
+    ("stream_unary", CallType.CLIENT_STREAM),
+    ("stream_stream", CallType.BIDI_STREAM),
+)
 
 
 def _wrap_handler(
@@ -45,11 +77,10 @@ def _wrap_handler(
 ) -> Any:
     if handler is None:
         return None
-    for attr in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+    for attr, call_type in _HANDLER_ATTRS:
         behavior = getattr(handler, attr)
         if behavior is not None:
-            streaming_response = attr.endswith("_stream")
-            return cast(Any, handler)._replace(**{attr: wrap(behavior, streaming_response, method)})
+            return cast(Any, handler)._replace(**{attr: wrap(behavior, call_type, method)})
     return handler
 
 
@@ -91,14 +122,14 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
-    def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
         default = self._default_deadline_s
 
         def remaining(context: grpc.ServicerContext) -> float | None:
             left = context.time_remaining()
             return default if left is None or left > _NO_DEADLINE_S else float(left)
 
-        if streaming_response:
+        if call_type.streaming_response:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with call_deadline.deadline_scope(remaining(context)):
@@ -119,7 +150,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return unary
 
 
-def _status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
+    """The status code the call has been given so far (None while it has none)."""
     # ServicerContext.code() exists since grpcio 1.38; the type stubs lack it.
     code: grpc.StatusCode | None = cast(Any, context).code()
     return code
@@ -165,7 +197,7 @@ def abort_with_error(context: grpc.ServicerContext, error: SidecarError) -> NoRe
 
 
 def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoReturn:
-    code = _status_code(context)
+    code = status_code(context)
     if code is not None and not isinstance(exc, SidecarError):
         # The handler set a status itself and failed (e.g. the generated base servicer's
         # UNIMPLEMENTED): report that status, with details, like every other error.
@@ -190,13 +222,48 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
     )
 
 
+REQUEST_ID_METADATA = "x-request-id"
+# A caller's id is taken as it is when it is short and plain; anything else is replaced,
+# so that a log line cannot be forged or bloated through it.
+_CALLER_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+def call_request_id(context: grpc.ServicerContext) -> str:
+    """The caller's `x-request-id`, or a fresh id when it sent none (or an unusable one)."""
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str):
+            if _CALLER_REQUEST_ID.fullmatch(value):
+                return value
+            break
+    return uuid.uuid4().hex[:16]
+
+
+def _add_trailing(context: grpc.ServicerContext, key: str, value: str) -> None:
+    # Kept with what the handler or the error mapping set (`accepted-points`, the status
+    # details): set_trailing_metadata replaces the whole set.
+    kept = tuple((k, v) for k, v in cast(Any, context).trailing_metadata() or () if k != key)
+    context.set_trailing_metadata((*kept, (key, value)))
+
+
+def _counted(messages: Iterator[Any], counter: Any) -> Iterator[Any]:
+    for message in messages:
+        counter.inc()
+        yield message
+
+
 class AccessLogInterceptor(grpc.ServerInterceptor):
-    """One log line per call (method, peer, status code, duration, request id): DEBUG for
-    OK so that high call rates stay cheap, WARNING for every failure; and the RPC count and
-    latency series."""
+    """One log line per call and the standard gRPC server metrics.
+
+    Each call gets a request id: the caller's `x-request-id` metadata, or a fresh one. It
+    is in every log record of the call, returned in the trailing metadata as
+    `x-request-id`, and named in INTERNAL errors. The line is DEBUG for OK (so high call
+    rates stay cheap), INFO for outcomes the caller caused (NOT_FOUND, INVALID_ARGUMENT,
+    ...) and WARNING for the sidecar's own failures; its fields (`grpc_service`,
+    `grpc_method`, `grpc_code`, `peer`, `duration_ms`) are record attributes, so JSON logs
+    carry them as fields."""
 
     def __init__(self, metrics: SidecarMetrics | None = None) -> None:
-        self._metrics = metrics
+        self._metrics = metrics or SidecarMetrics()
         self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
@@ -206,40 +273,75 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
-    def _wrap(self, behavior: Behavior, streaming_response: bool, method: str) -> Behavior:
-        metrics = self._metrics
+    def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
+        series: MethodSeries = self._metrics.method_series(call_type.value, method)
+        service, _, short_method = method.lstrip("/").rpartition("/")
 
-        def finish(context: grpc.ServicerContext, started: float) -> None:
-            code = _status_code(context) or grpc.StatusCode.OK
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+        def begin(context: grpc.ServicerContext) -> tuple[contextvars.Token[str], str, float]:
+            rid = call_request_id(context)
+            series.started.inc()
+            return request_id.set(rid), rid, time.perf_counter()
+
+        def finish(context: grpc.ServicerContext, rid: str, started: float) -> None:
             elapsed = time.perf_counter() - started
-            level = logging.DEBUG if code == grpc.StatusCode.OK else logging.WARNING
+            _add_trailing(context, REQUEST_ID_METADATA, rid)
+            code = status_code(context) or grpc.StatusCode.OK
+            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+            series.handled(name).inc()
+            series.seconds.observe(elapsed)
+            if code == grpc.StatusCode.OK:
+                level = logging.DEBUG
+            elif code in CLIENT_CAUSED_CODES:
+                level = logging.INFO
+            else:
+                level = logging.WARNING
             if log.isEnabledFor(level):
-                log.log(level, "%s %s %s %.1fms", method, context.peer(), name, elapsed * 1000)
-            if metrics is not None:
-                metrics.rpc_total.labels(method, name).inc()
-                metrics.rpc_seconds.labels(method).observe(elapsed)
+                peer = context.peer()
+                log.log(
+                    level,
+                    "%s %s %s %.1fms",
+                    method,
+                    peer,
+                    name,
+                    elapsed * 1000,
+                    extra={
+                        "grpc_type": call_type.value,
+                        "grpc_service": service,
+                        "grpc_method": short_method,
+                        "grpc_code": name,
+                        "peer": peer,
+                        "duration_ms": round(elapsed * 1000, 3),
+                    },
+                )
 
-        if streaming_response:
+        def requests(request: Any) -> Any:
+            if call_type.streaming_request:
+                return _counted(request, series.received)
+            series.received.inc()
+            return request
+
+        if call_type.streaming_response:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                token = request_id.set(uuid.uuid4().hex[:16])
-                started = time.perf_counter()
+                token, rid, started = begin(context)
                 try:
-                    yield from behavior(request, context)
+                    for answer in behavior(requests(request), context):
+                        series.sent.inc()
+                        yield answer
                 finally:
-                    finish(context, started)
+                    finish(context, rid, started)
                     request_id.reset(token)
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            token = request_id.set(uuid.uuid4().hex[:16])
-            started = time.perf_counter()
+            token, rid, started = begin(context)
             try:
-                return behavior(request, context)
+                answer = behavior(requests(request), context)
+                series.sent.inc()
+                return answer
             finally:
-                finish(context, started)
+                finish(context, rid, started)
                 request_id.reset(token)
 
         return unary

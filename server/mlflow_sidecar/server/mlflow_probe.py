@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable
 
 from grpc_health.v1 import health, health_pb2
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ class MlflowProbe:
     def probe_once(self) -> bool:
         """One ping; updates the health service and logs a change. Returns reachability."""
         try:
-            self._ping()
+            # Not traced: a span every few seconds would bury the traces of real calls.
+            with suppress_instrumentation():
+                self._ping()
         except Exception as exc:  # noqa: BLE001 - any failure of the ping means "unreachable"
             lines = str(exc).splitlines()
             self._record(False, lines[0] if lines else type(exc).__name__)

@@ -1,22 +1,48 @@
-"""Prometheus metrics and log formatting.
+"""Prometheus metrics: the standard gRPC server series and the sidecar's own.
 
-Each sidecar owns its registry (several can live in one process, as in tests) and
-serves it on its own HTTP port when `metrics.port` is set.
+The gRPC series carry the names and labels of go-grpc-prometheus / py-grpc-prometheus
+(`grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}`, ...), so the
+usual gRPC dashboards and alerts work unchanged. Each sidecar owns its registry (several
+can live in one process, as in tests).
 """
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pythonjsonlogger.json import JsonFormatter
-
-from mlflow_sidecar.server.request_context import request_id
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_GRPC_LABELS = ("grpc_type", "grpc_service", "grpc_method")
+
+# Outcomes the caller brought about (a missing resource, a bad or stale request, no
+# credentials): the sidecar did its job, so they are not its errors, not in the error-rate
+# panels nor at WARNING in the access log.
+CLIENT_CAUSED_CODES = frozenset(
+    {
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
+
+
+def sidecar_version() -> str:
+    """The installed distribution's version ("unknown" when run from a bare source tree)."""
+    try:
+        return metadata.version("mlflow-sidecar")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 class SpoolGauges(Collector):
@@ -40,22 +66,65 @@ class SpoolGauges(Collector):
         )
 
 
+class MlflowUpGauge(Collector):
+    """1 while MLflow answered the last probe, 0 while it fails or before the first one."""
+
+    def __init__(self, reachable: Callable[[], bool | None]) -> None:
+        self._reachable = reachable
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "mlflow_sidecar_mlflow_up",
+            "Whether MLflow answered the sidecar's last reachability probe",
+            value=1 if self._reachable() else 0,
+        )
+
+
+@dataclass(frozen=True)
+class MethodSeries:
+    """The label-bound series of one gRPC method, made once rather than on every call."""
+
+    started: Counter
+    received: Counter
+    sent: Counter
+    seconds: Histogram
+    handled: Callable[[str], Counter]
+
+
 class SidecarMetrics:
     """Every Prometheus series of one sidecar."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.rpc_total = Counter(
-            "mlflow_sidecar_rpc", "RPCs served", ["method", "code"], registry=r
+        self.grpc_started = Counter(
+            "grpc_server_started", "RPCs started on the server", _GRPC_LABELS, registry=r
         )
-        self.rpc_seconds = Histogram(
-            "mlflow_sidecar_rpc_duration_seconds",
-            "RPC latency",
-            ["method"],
+        self.grpc_handled = Counter(
+            "grpc_server_handled",
+            "RPCs completed on the server, whatever their status code",
+            (*_GRPC_LABELS, "grpc_code"),
+            registry=r,
+        )
+        self.grpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Time from the start of an RPC to its status",
+            _GRPC_LABELS,
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.grpc_received = Counter(
+            "grpc_server_msg_received", "Request messages received", _GRPC_LABELS, registry=r
+        )
+        self.grpc_sent = Counter(
+            "grpc_server_msg_sent", "Response messages sent", _GRPC_LABELS, registry=r
+        )
+        Gauge(
+            "mlflow_sidecar_build_info",
+            "Always 1; the sidecar's version as a label",
+            ["version"],
+            registry=r,
+        ).labels(sidecar_version()).set(1)
         self.mlflow_seconds = Histogram(
             "mlflow_sidecar_mlflow_call_duration_seconds",
             "Latency of one MLflow call, retries included",
@@ -80,55 +149,32 @@ class SidecarMetrics:
         )
         for direction in ("upload", "download"):
             self.stream_bytes.labels(direction)
+        self._mlflow_up: MlflowUpGauge | None = None
+
+    def method_series(self, grpc_type: str, full_method: str) -> MethodSeries:
+        """The series of `full_method` (`/package.Service/Method`), labelled as the standard
+        gRPC exporters label them."""
+        service, _, method = full_method.lstrip("/").rpartition("/")
+        labels = (grpc_type, service, method)
+        handled = self.grpc_handled
+
+        def handled_with(code: str) -> Counter:
+            return handled.labels(*labels, code)
+
+        return MethodSeries(
+            started=self.grpc_started.labels(*labels),
+            received=self.grpc_received.labels(*labels),
+            sent=self.grpc_sent.labels(*labels),
+            seconds=self.grpc_seconds.labels(*labels),
+            handled=handled_with,
+        )
 
     def watch_spool(self, read: Callable[[], tuple[int, float, int]]) -> None:
         """Publish the spool's depth, oldest age and dead letters."""
         self.registry.register(SpoolGauges(read))
 
-    def serve(
-        self,
-        host: str,
-        port: int,
-        *,
-        cert_file: str | None = None,
-        key_file: str | None = None,
-        client_ca_file: str | None = None,
-    ) -> int:
-        """Serve /metrics on host:port (HTTPS with `cert_file`/`key_file`, and client
-        certificates required with `client_ca_file`); returns the bound port."""
-        server, _thread = start_http_server(
-            port,
-            addr=host,
-            registry=self.registry,
-            certfile=cert_file,
-            keyfile=key_file,
-            client_cafile=client_ca_file,
-            client_auth_required=client_ca_file is not None,
-        )
-        return int(server.server_port)
-
-
-class _RequestIdFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id.get()
-        return True
-
-
-def configure_logging(level: str, fmt: str) -> None:
-    """Text or JSON logs on stderr; every record carries the request id of its call."""
-    handler = logging.StreamHandler()
-    handler.addFilter(_RequestIdFilter())
-    if fmt == "json":
-        handler.setFormatter(
-            JsonFormatter(
-                "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
-                rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
-            )
-        )
-    else:
-        handler.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level)
+    def watch_mlflow(self, reachable: Callable[[], bool | None]) -> None:
+        """Publish MLflow's reachability as `mlflow_sidecar_mlflow_up` (once per sidecar)."""
+        if self._mlflow_up is None:
+            self._mlflow_up = MlflowUpGauge(reachable)
+            self.registry.register(self._mlflow_up)

@@ -112,6 +112,9 @@ class SharedChannel:
         interceptors: list[Any] = [_ChannelGuard(self)]
         if settings.token:
             interceptors.append(BearerTokenInterceptor(settings.token))
+        tracing = _trace_context_interceptor()
+        if tracing is not None:
+            interceptors.append(tracing)
         self.channel: grpc.Channel = grpc.intercept_channel(raw, *interceptors)
 
     def close(self) -> None:
@@ -136,6 +139,17 @@ class SharedChannel:
                 reason=CHANNEL_USED_AFTER_FORK,
                 metadata={"opened_in_pid": str(self.pid), "pid": str(os.getpid())},
             )
+
+
+def _trace_context_interceptor() -> Any | None:
+    """Trace context propagation when `opentelemetry-api` is installed, else None."""
+    try:
+        from mlflow_sidecar.client.trace_context import trace_context_interceptor
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").startswith("opentelemetry"):
+            return None
+        raise
+    return trace_context_interceptor()
 
 
 class _ChannelGuard(

@@ -17,7 +17,7 @@ from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
 from mlflow_sidecar.server.idempotency.ledger import RequestLedger, check_request_id, fingerprint
-from mlflow_sidecar.server.interceptors import Behavior, WrappedHandlers
+from mlflow_sidecar.server.interceptors import Behavior, CallType, WrappedHandlers
 
 _FIELD = "request_id"
 
@@ -55,7 +55,7 @@ class IdempotencyInterceptor(grpc.ServerInterceptor):
     ) -> Any:
         return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
 
-    def _wrap(self, behavior: Behavior, _streaming_response: bool, method: str) -> Behavior:
+    def _wrap(self, behavior: Behavior, _call_type: CallType, method: str) -> Behavior:
         answer_class = _answer_class(method)
         if answer_class is None:
             return behavior

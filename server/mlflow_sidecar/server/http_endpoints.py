@@ -1,0 +1,100 @@
+"""The sidecar's HTTP port: Prometheus `/metrics`, liveness `/healthz`, readiness `/readyz`.
+
+One listener, under the bind policy of `metrics.host` and speaking HTTPS with the gRPC
+listener's certificate when `tls.*` is set, so probes and scrapes reach the sidecar the
+same way.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from mlflow_sidecar.server.readiness import ReadinessReport
+
+StartResponse = Callable[..., Any]
+_JSON = [("Content-Type", "application/json")]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    # Probes come every few seconds: one line each would drown the log.
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class ProbeApp:
+    """WSGI app: `/healthz` and `/readyz` answer JSON; every other path serves the metrics."""
+
+    def __init__(
+        self, registry: CollectorRegistry, readiness: Callable[[], ReadinessReport]
+    ) -> None:
+        self._metrics = make_wsgi_app(registry)
+        self._readiness = readiness
+
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path == "/healthz":
+            # The process answers: it is alive, whatever MLflow or the spool do.
+            return _answer(start_response, "200 OK", {"status": "ok"})
+        if path == "/readyz":
+            report = self._readiness()
+            status = "200 OK" if report.ready else "503 Service Unavailable"
+            return _answer(start_response, status, report.as_json())
+        return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+
+
+def _answer(start_response: StartResponse, status: str, body: dict[str, object]) -> list[bytes]:
+    data = json.dumps(body, separators=(",", ":")).encode()
+    start_response(status, [*_JSON, ("Content-Length", str(len(data)))])
+    return [data]
+
+
+def _tls_context(cert_file: str, key_file: str, client_ca_file: str | None) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    if client_ca_file is not None:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+class HttpEndpoints:
+    """The running HTTP listener; `close` releases its port."""
+
+    def __init__(
+        self,
+        app: ProbeApp,
+        host: str,
+        port: int,
+        *,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        client_ca_file: str | None = None,
+    ) -> None:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family[0][0]})
+        self._server: WSGIServer = make_server(
+            host, port, app, server_class, handler_class=_QuietHandler
+        )
+        if cert_file and key_file:
+            context = _tls_context(cert_file, key_file, client_ca_file)
+            wrapped = context.wrap_socket(self._server.socket, server_side=True)
+            self._server.socket = cast(Any, wrapped)
+        self.port = int(self._server.server_port)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="http-endpoints", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop answering and release the port."""
+        self._server.shutdown()
+        self._server.server_close()

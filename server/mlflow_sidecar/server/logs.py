@@ -1,0 +1,81 @@
+"""Log formatting for the whole process: the sidecar's records and every library's.
+
+In JSON mode each record is one JSON object per line, whoever logged it (MLflow, urllib3,
+alembic, grpc, Python warnings), with an ISO 8601 UTC timestamp and the call's request id;
+structured fields a record carries (the access log's `grpc_code`, `duration_ms`, ...) are
+fields of their own, not text inside the message.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from opentelemetry import trace
+from pythonjsonlogger.json import JsonFormatter
+
+from mlflow_sidecar.server.request_context import request_id
+
+
+def utc_timestamp(created: float) -> str:
+    """`2026-01-31T23:59:59.123Z`: ISO 8601, UTC, to the millisecond."""
+    moment = datetime.fromtimestamp(created, UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+class _UtcTime:
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
+        return utc_timestamp(record.created)
+
+
+class UtcTextFormatter(_UtcTime, logging.Formatter):
+    """Plain text lines with ISO 8601 UTC times."""
+
+
+class UtcJsonFormatter(_UtcTime, JsonFormatter):
+    """JSON lines with ISO 8601 UTC times."""
+
+
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            # With tracing on, a record names its trace: logs and spans join on it.
+            record.trace_id = format(span.trace_id, "032x")
+            record.span_id = format(span.span_id, "016x")
+        return True
+
+
+def json_formatter() -> logging.Formatter:
+    """One JSON object per record: time, level, logger, message, request id, and every
+    `extra` field the record carries."""
+    return UtcJsonFormatter(
+        "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
+        rename_fields={"levelname": "level", "asctime": "time", "name": "logger"},
+    )
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    """Text or JSON logs on stderr for every logger of the process.
+
+    Libraries that attach their own handlers (MLflow gives `mlflow`, `alembic` and
+    `sqlalchemy.engine` one each, printing plain text) lose them and propagate to the root
+    handler instead; they keep the levels they chose. Python warnings become log records.
+    Call it again after importing a library that configures its loggers at import."""
+    handler = logging.StreamHandler()
+    handler.addFilter(_RequestIdFilter())
+    if fmt == "json":
+        handler.setFormatter(json_formatter())
+    else:
+        handler.setFormatter(
+            UtcTextFormatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for logger in list(logging.root.manager.loggerDict.values()):
+        if isinstance(logger, logging.Logger):
+            logger.handlers[:] = []
+            logger.propagate = True
+    logging.captureWarnings(True)

@@ -1,0 +1,82 @@
+"""JSON logs cover every logger of the process, with ISO 8601 UTC times and own fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Iterator
+
+import pytest
+
+from mlflow_sidecar.server.logs import configure_logging, utc_timestamp
+from mlflow_sidecar.server.request_context import request_id
+
+
+@pytest.fixture()
+def restored_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)
+
+
+def test_utc_timestamp_is_iso_8601_with_zone():
+    assert utc_timestamp(0.25) == "1970-01-01T00:00:00.250Z"
+
+
+def test_json_mode_takes_over_library_loggers_and_warnings(restored_logging, capsys):
+    library = logging.getLogger("some_library.module")
+    own = logging.StreamHandler()
+    library.handlers[:] = [own]
+    library.propagate = False
+    configure_logging("INFO", "json")
+    token = request_id.set("rid-1")
+    try:
+        library.warning("plain text no more")
+        logging.getLogger("mlflow_sidecar.access").info(
+            "a call", extra={"grpc_code": "OK", "duration_ms": 1.5}
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.warn("deprecated thing", DeprecationWarning, stacklevel=1)
+    finally:
+        request_id.reset(token)
+    lines = capsys.readouterr().err.splitlines()
+    records = [json.loads(line) for line in lines]  # every line is JSON, none plain text
+    by_logger = {r["logger"]: r for r in records}
+    assert by_logger["some_library.module"]["message"] == "plain text no more"
+    assert by_logger["some_library.module"]["request_id"] == "rid-1"
+    assert "deprecated thing" in by_logger["py.warnings"]["message"]
+    access = by_logger["mlflow_sidecar.access"]
+    assert (access["grpc_code"], access["duration_ms"]) == ("OK", 1.5)
+    assert all(r["time"].endswith("Z") for r in records)
+    assert library.handlers == [] and library.propagate
+
+
+def test_text_mode_uses_utc_times_too(restored_logging, capsys):
+    configure_logging("INFO", "text")
+    logging.getLogger("x").warning("hello")
+    line = capsys.readouterr().err.strip()
+    stamp = line.split(" ", 1)[0]
+    assert stamp.endswith("Z") and stamp[10] == "T"
+    assert line.endswith("[-] hello")
+
+
+def test_records_inside_a_span_name_its_trace(restored_logging, capsys):
+    from opentelemetry import context, trace
+    from opentelemetry.trace import NonRecordingSpan, SpanContext
+
+    configure_logging("INFO", "json")
+    span = SpanContext(trace_id=0xABC, span_id=0xDEF, is_remote=False)
+    token = context.attach(trace.set_span_in_context(NonRecordingSpan(span)))
+    try:
+        logging.getLogger("x").warning("inside")
+    finally:
+        context.detach(token)
+    logging.getLogger("x").warning("outside")
+    inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
+    assert inside["trace_id"] == f"{0xABC:032x}" and inside["span_id"] == f"{0xDEF:016x}"
+    assert "trace_id" not in outside
