@@ -28,7 +28,8 @@ $(BUF): package.json package-lock.json
 serve: $(VENV)/.server
 	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
 
-## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
+## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, deploy/ validation,
+## the tools (grpcurl, jq), unit + integration
 ## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
 test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check tools pytest pytest-postgres
 
