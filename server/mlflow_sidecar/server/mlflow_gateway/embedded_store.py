@@ -30,6 +30,7 @@ def prepare(data_dir: Path, artifact_root: Path) -> Path:
 
     Creates it (migrated in a temporary file, then renamed into place) when it is missing;
     refuses, in one line, a store an older sidecar left half-migrated."""
+    _require_sql_store()
     store = data_dir / STORE_NAME
     data_dir.mkdir(parents=True, exist_ok=True)
     for leftover in data_dir.glob(f"{_PARTIAL}*"):
@@ -43,6 +44,20 @@ def prepare(data_dir: Path, artifact_root: Path) -> Path:
     _migrate(partial, artifact_root)
     os.replace(partial, store)
     return store
+
+
+def _require_sql_store() -> None:
+    """The embedded store is MLflow's SQL store, which the full `mlflow` package brings;
+    the `remote` install (mlflow-skinny) talks to a tracking server only."""
+    try:
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    except ModuleNotFoundError as exc:
+        raise EmbeddedStoreError(
+            f"the embedded MLflow store needs the full mlflow package ({exc}; this looks like"
+            " the slim `remote` install with mlflow-skinny): pip install"
+            " 'mlflow-sidecar[server]', or set mlflow.tracking_uri"
+            " (MLFLOW_SIDECAR__MLFLOW__TRACKING_URI) to a tracking server"
+        ) from exc
 
 
 def _migrate(path: Path, artifact_root: Path) -> None:

@@ -8,7 +8,6 @@ from collections.abc import Sequence
 import requests
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
-from sqlalchemy.exc import OperationalError
 
 from mlflow_sidecar.core.errors import (
     HTTP_STATUS_KEY,
@@ -26,6 +25,16 @@ from mlflow_sidecar.core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+
+# SQLAlchemy's OperationalError ("database is locked") from the embedded store. The `remote`
+# install (mlflow-skinny) has no SQLAlchemy, and no SQL store to raise it either.
+_SQL_OPERATIONAL_ERRORS: tuple[type[BaseException], ...]
+try:
+    from sqlalchemy.exc import OperationalError
+
+    _SQL_OPERATIONAL_ERRORS = (OperationalError,)
+except ModuleNotFoundError:
+    _SQL_OPERATIONAL_ERRORS = ()
 
 _BY_ERROR_CODE: dict[int, type[SidecarError]] = {
     databricks_pb2.RESOURCE_DOES_NOT_EXIST: NotFoundError,
@@ -90,7 +99,7 @@ def is_transient(exc: BaseException) -> bool:
             return status >= 500 or status in _TRANSIENT_HTTP
         if isinstance(cause, requests.exceptions.RequestException):
             return True
-        if isinstance(cause, OperationalError) and "locked" in str(cause):
+        if isinstance(cause, _SQL_OPERATIONAL_ERRORS) and "locked" in str(cause):
             return True
         if isinstance(cause, MlflowException) and cause.error_code in {
             databricks_pb2.ErrorCode.Name(code) for code in _TRANSIENT_CODES

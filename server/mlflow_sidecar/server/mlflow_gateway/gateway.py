@@ -88,6 +88,8 @@ class _TransientError(Exception):
     def __init__(self, error: SidecarError) -> None:
         super().__init__(error.message)
         self.error = error
+        # Set when the retries ended because the call's deadline left no time for another.
+        self.out_of_time = False
 
 
 class MlflowGateway:
@@ -156,11 +158,24 @@ class MlflowGateway:
                 details["exception"],
             )
 
+        def on_giveup(details: Any) -> None:
+            # backoff times its tries with the wall clock, the deadline runs on the monotonic
+            # one: whether the deadline ended the retries is decided here, not by comparing
+            # the two clocks afterwards.
+            left = call_deadline.remaining()
+            if (
+                left is not None
+                and details["tries"] < retry.max_tries
+                and left - _DEADLINE_MARGIN_S < retry.max_time_s
+            ):
+                details["exception"].out_of_time = True
+
         @backoff.on_exception(
             backoff.expo,
             _TransientError,
             max_tries=retry.max_tries,
             max_time=max_time,
+            on_giveup=on_giveup,
             factor=retry.factor_s,
             max_value=retry.max_backoff_s,
             jitter=backoff.full_jitter if retry.jitter else None,
@@ -248,9 +263,7 @@ class MlflowGateway:
             except Exception as exc:
                 raise to_domain_error(exc) from exc
         except _TransientError as exc:
-            if call_deadline.expired() or (
-                (left := call_deadline.remaining()) is not None and left <= _DEADLINE_MARGIN_S
-            ):
+            if exc.out_of_time or call_deadline.expired():
                 raise DeadlineExceededError(
                     f"deadline exceeded while MLflow was unavailable: {exc.error.message}"
                 ) from exc
