@@ -7,6 +7,7 @@ BUF := node_modules/.bin/buf
 PROTO_FILES := $(wildcard protos/mlflow_sidecar/v1/*.proto)
 
 .PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest pytest-postgres unit integration bench bench-quick clean
+.PHONY: compat-lowest compat-pythons
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +30,9 @@ serve: $(VENV)/.server
 	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
 
 ## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, unit + integration
-## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
-test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest pytest-postgres
+## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL, then the
+## client alone on its lowest supported dependencies and on the other Pythons
+test: lint typecheck proto-lint proto-breaking check-generated hadolint pytest pytest-postgres compat-lowest compat-pythons
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -38,6 +40,7 @@ lint: $(VENV)/.dev
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
+	$(BIN)/mypy --python-version 3.10
 
 proto-lint: $(BUF)
 	$(BUF) lint
@@ -63,6 +66,15 @@ pytest: $(VENV)/.dev
 pytest-postgres: $(VENV)/.dev
 	MLFLOW_SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
 
+## compat-lowest: the client alone in a fresh venv with every base dependency at its floor
+## (protobuf, grpcio, ...) on the oldest supported Python present, then its unit tests
+compat-lowest: $(VENV)/.dev
+	scripts/compat-test.sh lowest
+
+## compat-pythons: the client alone with the newest dependencies on Python 3.10, 3.12, 3.13
+compat-pythons: $(VENV)/.dev
+	scripts/compat-test.sh pythons
+
 unit: $(VENV)/.dev
 	$(BIN)/pytest tests/unit
 
@@ -77,4 +89,4 @@ bench-quick: $(VENV)/.dev
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-codegen .venv-compat node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache

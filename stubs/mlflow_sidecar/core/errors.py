@@ -7,8 +7,9 @@ catches the same exceptions whether it talks to the sidecar or to a fake port.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from enum import StrEnum
+from enum import Enum
 from typing import ClassVar
 
 import grpc
@@ -43,6 +44,18 @@ __all__ = [
     "error_from_status",
     "to_rpc_status",
 ]
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # Python 3.10: the same behaviour, str() and format() give the value.
+
+    class StrEnum(str, Enum):
+        def __str__(self) -> str:
+            return str(self.value)
+
+        def __format__(self, format_spec: str) -> str:
+            return format(str(self.value), format_spec)
+
 
 # The `google.rpc.ErrorInfo.domain` of every error the sidecar reports.
 ERROR_DOMAIN = "mlflow-sidecar"
