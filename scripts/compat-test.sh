@@ -14,6 +14,7 @@ client_tests=(
   tests/unit/test_typed_package.py
   tests/unit/test_generated_stubs.py
   tests/unit/test_reason_strings.py
+  tests/unit/test_package_metadata.py
   tests/unit/test_artifact_paths.py
   tests/unit/test_import_boundaries.py
   tests/unit/test_client_container.py
