@@ -59,11 +59,12 @@ check-generated: $(VENV)/.dev
 hadolint: $(VENV)/.dev
 	$(BIN)/hadolint Dockerfile
 
-pytest: $(VENV)/.dev
+# The integration suite runs the Node.js client from node_modules.
+pytest: $(VENV)/.dev $(BUF)
 	$(BIN)/pytest
 
 ## pytest-postgres: the integration suite against an mlflow server on a throwaway PostgreSQL cluster
-pytest-postgres: $(VENV)/.dev
+pytest-postgres: $(VENV)/.dev $(BUF)
 	MLFLOW_SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
 
 ## compat-lowest: the client alone in a fresh venv with every base dependency at its floor
@@ -78,7 +79,7 @@ compat-pythons: $(VENV)/.dev
 unit: $(VENV)/.dev
 	$(BIN)/pytest tests/unit
 
-integration: $(VENV)/.dev
+integration: $(VENV)/.dev $(BUF)
 	$(BIN)/pytest tests/integration
 
 ## bench: side-by-side benchmarks (not part of test); writes bench/results.json
