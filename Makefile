@@ -46,7 +46,7 @@ proto-lint: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-proto-breaking: $(BUF)
+proto-breaking: $(BUF) $(VENV)/.server
 	scripts/buf-breaking.sh
 
 ## generate: regenerate stubs/mlflow_sidecar/v1 from protos/ (grpc_tools.protoc + mypy-protobuf)

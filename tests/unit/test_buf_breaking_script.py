@@ -42,7 +42,8 @@ def repo(tmp_path: Path) -> Path:
     shutil.copy(ROOT / "buf.yaml", work / "buf.yaml")
     shutil.copy(ROOT / "scripts" / "buf-breaking.sh", work / "scripts" / "buf-breaking.sh")
     (work / "node_modules").symlink_to(ROOT / "node_modules")
-    (work / ".gitignore").write_text("node_modules\n")
+    (work / ".venv").symlink_to(ROOT / ".venv")
+    (work / ".gitignore").write_text("node_modules\n.venv\n")
     _git(work, "init", "-q")
     _commit(work, "contracts")
     return work
@@ -53,6 +54,13 @@ def _remove_field(repo: Path) -> None:
     text = proto.read_text()
     assert FIELD in text
     proto.write_text(text.replace(FIELD, "", 1))
+
+
+def _change_java_package(repo: Path) -> None:
+    for proto in (repo / "protos" / "mlflow_sidecar" / "v1").glob("*.proto"):
+        text = proto.read_text()
+        assert 'option java_package = "' in text
+        proto.write_text(text.replace('option java_package = "', 'option java_package = "org.', 1))
 
 
 def _touch_readme(repo: Path) -> None:
@@ -77,6 +85,7 @@ def test_a_fresh_clone_sees_the_release_tag(repo: Path, tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
     (clone / "node_modules").symlink_to(ROOT / "node_modules")
+    (clone / ".venv").symlink_to(ROOT / ".venv")
     result = _check(clone)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "against the last release v0.1.0" in result.stdout
@@ -91,3 +100,16 @@ def test_without_a_tag_the_previous_commit_is_the_baseline(repo: Path) -> None:
     result = _check(repo)
     assert result.returncode != 0, result.stdout
     assert "run_name" in result.stdout + result.stderr
+
+
+def test_generated_code_options_are_frozen_by_the_first_release(repo: Path) -> None:
+    _change_java_package(repo)
+    _commit(repo, "options may still move before the first release")
+    before = _check(repo)
+    assert before.returncode == 0, before.stdout + before.stderr
+    _git(repo, "tag", "-a", "v0.1.0", "-m", "release 0.1.0")
+    _change_java_package(repo)
+    _commit(repo, "options moved after the release")
+    after = _check(repo)
+    assert after.returncode != 0, after.stdout
+    assert "java_package" in after.stdout + after.stderr
