@@ -42,6 +42,8 @@ find_python() {
   return 1
 }
 
+deselect=()
+
 # run_client_tests LABEL PYTHON [PIP_ARGS...]: a fresh venv, the client, its tests.
 run_client_tests() {
   local label="$1" python="$2" venv="$root/$1"
@@ -51,7 +53,7 @@ run_client_tests() {
   "$venv/bin/pip" install -q --disable-pip-version-check "$@" . pytest pytest-timeout mypy
   echo "== $label: $("$venv/bin/python" --version), $("$venv/bin/python" -c \
     'import importlib.metadata as m; print("protobuf", m.version("protobuf") + ", grpcio", m.version("grpcio"))')"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${client_tests[@]}"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${deselect[@]}" "${client_tests[@]}"
 }
 
 case "$mode" in
@@ -59,6 +61,10 @@ case "$mode" in
     python="$(find_python 3.10)" || python="${PYTHON:-python3}"
     mkdir -p "$root"
     .venv/bin/python scripts/lowest-requirements.py >"$root/lowest-constraints.txt"
+    # A new channel in a fork()ed child hangs on grpcio before 1.80.0 (README "Compatibility"
+    # says so); the floor stays for everything else a trainer does.
+    echo "== lowest: not run below grpcio 1.80.0: a new container in a forked child (known to hang)"
+    deselect=(--deselect tests/unit/test_client_fork.py::test_a_new_container_in_the_child_works)
     run_client_tests lowest "$python" --constraint "$root/lowest-constraints.txt"
     ;;
   pythons)
