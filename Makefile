@@ -7,6 +7,7 @@ BUF := node_modules/.bin/buf
 PROTO_FILES := $(wildcard protos/mlflow_sidecar/v1/*.proto)
 
 .PHONY: serve test lint typecheck proto-lint proto-breaking generate check-generated hadolint pytest pytest-postgres unit integration bench bench-quick clean
+.PHONY: compat-lowest compat-pythons
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,9 +30,10 @@ serve: $(VENV)/.server
 	MLFLOW_SIDECAR__DATA_DIR=$${MLFLOW_SIDECAR__DATA_DIR:-$(CURDIR)/.sidecar-data} $(BIN)/mlflow-sidecar serve
 
 ## test: ruff, mypy, buf lint + breaking, generated-code drift, hadolint, deploy/ validation,
-## the tools (grpcurl, jq), unit + integration
-## tests (mlflow server on SQLite), then the integration suite again on PostgreSQL
-test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check tools pytest pytest-postgres
+## the tools (grpcurl, jq), unit + integration tests (mlflow server on SQLite), then the
+## integration suite again on PostgreSQL, then the client alone on its lowest supported
+## dependencies and on the other Pythons
+test: lint typecheck proto-lint proto-breaking check-generated hadolint deploy-check tools pytest pytest-postgres compat-lowest compat-pythons
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
@@ -39,12 +41,13 @@ lint: $(VENV)/.dev
 
 typecheck: $(VENV)/.dev
 	$(BIN)/mypy
+	$(BIN)/mypy --python-version 3.10
 
 proto-lint: $(BUF)
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
 
-proto-breaking: $(BUF)
+proto-breaking: $(BUF) $(VENV)/.server
 	scripts/buf-breaking.sh
 
 ## generate: regenerate stubs/mlflow_sidecar/v1 from protos/ (grpc_tools.protoc + mypy-protobuf)
@@ -79,17 +82,27 @@ deploy-check: $(VENV)/.dev
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec deploy/compose/docker-compose.yaml
 	$(BIN)/hadolint deploy/compose/mlflow.Dockerfile
 
-pytest: $(VENV)/.dev
+# The integration suite runs the Node.js client from node_modules.
+pytest: $(VENV)/.dev $(BUF)
 	$(BIN)/pytest
 
 ## pytest-postgres: the integration suite against an mlflow server on a throwaway PostgreSQL cluster
-pytest-postgres: $(VENV)/.dev
+pytest-postgres: $(VENV)/.dev $(BUF)
 	MLFLOW_SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
+
+## compat-lowest: the client alone in a fresh venv with every base dependency at its floor
+## (protobuf, grpcio, ...) on the oldest supported Python present, then its unit tests
+compat-lowest: $(VENV)/.dev
+	scripts/compat-test.sh lowest
+
+## compat-pythons: the client alone with the newest dependencies on Python 3.10, 3.12, 3.13
+compat-pythons: $(VENV)/.dev
+	scripts/compat-test.sh pythons
 
 unit: $(VENV)/.dev
 	$(BIN)/pytest tests/unit
 
-integration: $(VENV)/.dev
+integration: $(VENV)/.dev $(BUF)
 	$(BIN)/pytest tests/integration
 
 ## bench: side-by-side benchmarks (not part of test); writes bench/results.json
@@ -100,4 +113,4 @@ bench-quick: $(VENV)/.dev
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-codegen .venv-compat node_modules .sidecar-data .pytest_cache .mypy_cache .ruff_cache

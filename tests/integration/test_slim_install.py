@@ -12,12 +12,12 @@ import re
 import subprocess
 import sys
 import time
-import tomllib
 from importlib import metadata
 from pathlib import Path
 
 import grpc
 import pytest
+import tomllib
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.server.config import MLFLOW_ENV_KEYS

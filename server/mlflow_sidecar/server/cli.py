@@ -307,9 +307,17 @@ def _spool_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (pyproject's `version`), as `--version` prints it."""
+    from importlib.metadata import version
+
+    return version("mlflow-sidecar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `mlflow-sidecar`."""
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar until SIGTERM/SIGINT")
     serve.add_argument(

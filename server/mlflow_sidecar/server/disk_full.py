@@ -13,12 +13,15 @@ from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
 
 # How long a caller refused for a full spool or disk is told to wait before it tries again.
 RETRY_AFTER_FULL_S = 1.0
+# SQLite's result code (`sqlite3.SQLITE_FULL` from Python 3.11 on; Python 3.10 has neither the
+# constant nor `sqlite_errorcode`, and there the message tells).
+SQLITE_FULL = 13
 
 
 def is_disk_full(exc: BaseException) -> bool:
     """True for SQLite's SQLITE_FULL ("database or disk is full") and for ENOSPC."""
     if isinstance(exc, sqlite3.Error):
-        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or (
+        return getattr(exc, "sqlite_errorcode", None) == SQLITE_FULL or (
             "database or disk is full" in str(exc)
         )
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC

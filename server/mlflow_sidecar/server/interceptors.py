@@ -10,7 +10,6 @@ detail goes to the log with the request id. It also publishes the call's deadlin
 from __future__ import annotations
 
 import contextvars
-import enum
 import logging
 import re
 import time
@@ -28,6 +27,7 @@ from mlflow_sidecar.core.errors import (
     error_from_status,
     to_rpc_status,
 )
+from mlflow_sidecar.core.str_enum import StrEnum
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSeries, SidecarMetrics
@@ -43,7 +43,7 @@ _NO_DEADLINE_S = 10**8
 Behavior = Callable[[Any, grpc.ServicerContext], Any]
 
 
-class CallType(enum.StrEnum):
+class CallType(StrEnum):
     """A method's shape, named as the standard gRPC metrics' `grpc_type` label names it."""
 
     UNARY = "unary"

@@ -9,7 +9,7 @@ fields of their own, not text inside the message.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
@@ -19,7 +19,7 @@ from mlflow_sidecar.server.request_context import request_id
 
 def utc_timestamp(created: float) -> str:
     """`2026-01-31T23:59:59.123Z`: ISO 8601, UTC, to the millisecond."""
-    moment = datetime.fromtimestamp(created, UTC)
+    moment = datetime.fromtimestamp(created, timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 

@@ -8,13 +8,14 @@ catches the same exceptions whether it talks to the sidecar or to a fake port.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from enum import StrEnum
 from typing import ClassVar
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
+
+from mlflow_sidecar.core.str_enum import StrEnum
 
 __all__ = [
     "ERROR_DOMAIN",
@@ -43,6 +44,7 @@ __all__ = [
     "error_from_status",
     "to_rpc_status",
 ]
+
 
 # The `google.rpc.ErrorInfo.domain` of every error the sidecar reports.
 ERROR_DOMAIN = "mlflow-sidecar"

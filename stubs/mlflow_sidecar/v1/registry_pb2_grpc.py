@@ -5,8 +5,10 @@ import warnings
 
 from mlflow_sidecar.v1 import registry_pb2 as mlflow__sidecar_dot_v1_dot_registry__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.0'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,16 +18,19 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in mlflow_sidecar/v1/registry_pb2_grpc.py depends on'
+        + f' but the generated code in mlflow_sidecar/v1/registry_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class ModelRegistryServiceStub:
+class ModelRegistryServiceStub(object):
     """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
@@ -155,7 +160,7 @@ class ModelRegistryServiceStub:
                 _registered_method=True)
 
 
-class ModelRegistryServiceServicer:
+class ModelRegistryServiceServicer(object):
     """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
@@ -425,11 +430,10 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'mlflow_sidecar.v1.ModelRegistryService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('mlflow_sidecar.v1.ModelRegistryService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ModelRegistryService:
+class ModelRegistryService(object):
     """Errors: google.rpc.Status details as described at the top of tracking.proto (ErrorInfo
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:

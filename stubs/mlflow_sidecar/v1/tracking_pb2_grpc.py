@@ -5,8 +5,10 @@ import warnings
 
 from mlflow_sidecar.v1 import tracking_pb2 as mlflow__sidecar_dot_v1_dot_tracking__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.0'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,16 +18,19 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in mlflow_sidecar/v1/tracking_pb2_grpc.py depends on'
+        + f' but the generated code in mlflow_sidecar/v1/tracking_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class ExperimentTrackingServiceStub:
+class ExperimentTrackingServiceStub(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
@@ -196,7 +201,7 @@ class ExperimentTrackingServiceStub:
                 _registered_method=True)
 
 
-class ExperimentTrackingServiceServicer:
+class ExperimentTrackingServiceServicer(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
@@ -533,11 +538,10 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'mlflow_sidecar.v1.ExperimentTrackingService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('mlflow_sidecar.v1.ExperimentTrackingService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class ExperimentTrackingService:
+class ExperimentTrackingService(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
     the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
