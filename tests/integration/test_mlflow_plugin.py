@@ -152,3 +152,64 @@ def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, uniq
     with pytest.raises(MlflowException) as changed:
         client.log_param(run.info.run_id, "p", "2")
     assert changed.value.error_code in {"INVALID_PARAMETER_VALUE", "INVALID_STATE"}
+
+
+class AddOne(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input + 1
+
+
+def test_log_model_register_and_load_by_alias(
+    sidecar_uri: str, direct: MlflowClient, unique: str, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    name = f"plugin-model-{unique}"
+    mlflow.set_experiment(f"plugin-model-{unique}")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("score", 0.5)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=AddOne(),
+            pip_requirements=["mlflow"],
+            registered_model_name=name,
+        )
+    MlflowClient().set_registered_model_alias(name, "champion", info.registered_model_version)
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert loaded.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist() == [2, 3]
+
+    # The server holds an ordinary logged model and version, with the same bytes.
+    model = direct.get_logged_model(info.model_id)
+    assert model.source_run_id == run.info.run_id
+    assert [o.model_id for o in direct.get_run(run.info.run_id).outputs.model_outputs] == [
+        info.model_id
+    ]
+    version = direct.get_model_version_by_alias(name, "champion")
+    assert version.source == f"models:/{info.model_id}"
+    through_server = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=model.artifact_location,
+            dst_path=str(tmp_path / "direct"),
+            tracking_uri=direct.tracking_uri,
+        )
+    )
+    through_sidecar = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{info.model_id}", dst_path=str(tmp_path / "sc")
+        )
+    )
+    direct_files = {
+        p.relative_to(through_server).as_posix(): sha256(p)
+        for p in through_server.rglob("*")
+        if p.is_file()
+    }
+    sidecar_files = {
+        p.relative_to(through_sidecar).as_posix(): sha256(p)
+        for p in through_sidecar.rglob("*")
+        if p.is_file()
+    }
+    # MLflow adds this file itself to every models:/ download of a registered model.
+    sidecar_files.pop("registered_model_meta", None)
+    assert "MLmodel" in direct_files
+    assert sidecar_files == direct_files

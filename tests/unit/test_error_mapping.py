@@ -25,8 +25,10 @@ from mlflow_sidecar.server.interceptors import (
     ErrorMappingInterceptor,
 )
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.logged_models import LoggedModelGateway
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
+from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -103,12 +105,18 @@ class SelfAbortingServicer(TrackingServicer):
 def _start(tmp_path, service, *, servicer_cls=TrackingServicer, interceptors=()):
     config = load_config(data_dir=tmp_path)
     staging = Staging(config)
+    gateway = MlflowGateway(config)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=2),
         interceptors=[AccessLogInterceptor(), *interceptors, ErrorMappingInterceptor()],
     )
     pb_grpc.add_ExperimentTrackingServiceServicer_to_server(
-        servicer_cls(service, ArtifactTransfers(MlflowGateway(config), staging), staging),
+        servicer_cls(
+            service,
+            ArtifactTransfers(gateway, staging),
+            staging,
+            LoggedModelService(LoggedModelGateway(gateway), staging),
+        ),
         server,
     )
     port = server.add_insecure_port("127.0.0.1:0")

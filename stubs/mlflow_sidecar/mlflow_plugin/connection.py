@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from mlflow_sidecar.client.channel import SharedChannel
+from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.client.metric_stream import MetricStream
@@ -72,6 +73,7 @@ class SidecarConnection:
     channel: SharedChannel
     tracking: GrpcExperimentTracking
     registry: GrpcModelRegistry
+    models: GrpcLoggedModels
     _stream: MetricStream | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -94,7 +96,14 @@ class SidecarConnection:
             chunk_bytes=settings.upload_chunk_bytes,
             upload_attempts=settings.max_attempts,
         )
-        return cls(uri.root, settings, channel, tracking, registry)
+        models = GrpcLoggedModels(
+            tracking_pb2_grpc.ExperimentTrackingServiceStub(channel.channel),
+            settings.timeout_s,
+            transfer_timeout_s=settings.transfer_timeout_s,
+            chunk_bytes=settings.upload_chunk_bytes,
+            upload_attempts=settings.max_attempts,
+        )
+        return cls(uri.root, settings, channel, tracking, registry, models)
 
     def stream(self) -> MetricStream:
         """The connection's metric stream, opened on first use."""

@@ -21,6 +21,8 @@ from mlflow.entities import (
 from mlflow.entities import (
     FileInfo as MlflowFileInfo,
 )
+from mlflow.entities import LoggedModel as MlflowLoggedModel
+from mlflow.entities import LoggedModelStatus as MlflowLoggedModelStatus
 from mlflow.entities import (
     Metric as MlflowMetric,
 )
@@ -55,6 +57,7 @@ from mlflow_sidecar.core.domain import (
     RunInfo,
     ViewType,
 )
+from mlflow_sidecar.core.logged_models import LoggedModel
 
 _VIEW_TYPES = {
     MlflowViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
@@ -73,6 +76,29 @@ def view_type(mlflow_view_type: int | None) -> ViewType:
 def run_artifact_uri(root: str, run_id: str) -> str:
     """The artifact URI a trainer sees for a run: served by the sidecar's artifact repository."""
     return f"{root}/runs/{run_id}/artifacts"
+
+
+def model_artifact_uri(root: str, model_id: str) -> str:
+    """The artifact location a trainer sees for a logged model (the sidecar's repository)."""
+    return f"{root}/models/{model_id}/artifacts"
+
+
+def logged_model(value: LoggedModel, root: str) -> MlflowLoggedModel:
+    """A logged model as MLflow's entity, its artifact location the sidecar's."""
+    return MlflowLoggedModel(
+        experiment_id=value.experiment_id,
+        model_id=value.model_id,
+        name=value.name,
+        artifact_location=model_artifact_uri(root, value.model_id),
+        creation_timestamp=value.creation_time_ms,
+        last_updated_timestamp=value.last_updated_time_ms,
+        model_type=value.model_type or None,
+        source_run_id=value.source_run_id or None,
+        status=MlflowLoggedModelStatus[value.status.value],
+        status_message=value.status_message or None,
+        tags=dict(value.tags),
+        params=dict(value.params),
+    )
 
 
 def experiment(value: Experiment) -> MlflowExperiment:

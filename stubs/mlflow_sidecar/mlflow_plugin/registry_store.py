@@ -15,6 +15,7 @@ from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
 from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
+from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
@@ -26,6 +27,14 @@ from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _RUNS_PREFIX = "runs:/"
 _DEFAULT_PAGE_SIZE = 100
+
+
+def _logged_model_id(source: str) -> str | None:
+    """The logged model a `models:/<model id>` source names, else None."""
+    if not source.startswith("models:/"):
+        return None
+    model_id: str | None = _parse_model_uri(source).model_id
+    return model_id
 
 
 def _page_size(max_results: int | None) -> int:
@@ -131,8 +140,9 @@ class SidecarRegistryStore(AbstractStore):
         local_model_path: str | None = None,
         model_id: str | None = None,
     ) -> MlflowModelVersion:
-        if model_id or source.startswith("models:/"):
-            raise unsupported(f"Registering a logged model ({source})")
+        if model_id and not source.startswith("models:/"):
+            # The sidecar resolves a logged model from its models:/ URI, as MLflow does.
+            source = f"models:/{model_id}"
         tag_values = entities.tag_dict(tags)
         own_run, artifact_path = self._run_artifact(source)
         if own_run:
@@ -244,7 +254,10 @@ class SidecarRegistryStore(AbstractStore):
 
     def _download_uri(self, version: ModelVersion) -> str:
         """Where a trainer downloads the version's files from: the sidecar's artifact URI
-        of the run's artifacts the version was registered from."""
+        of the logged model, or of the run's artifacts, the version was registered from."""
+        model_id = version.model_id or _logged_model_id(version.source)
+        if model_id:
+            return entities.model_artifact_uri(self._root, model_id)
         run_id, path = self._run_artifact(version.source)
         if not run_id and version.run_id:
             run_root = self._tracking.get_run(version.run_id).info.artifact_uri.rstrip("/")

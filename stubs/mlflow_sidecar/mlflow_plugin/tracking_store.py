@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mlflow.entities import Experiment as MlflowExperiment
+from mlflow.entities import LoggedModel as MlflowLoggedModel
 from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.entities import Run as MlflowRun
@@ -42,11 +43,13 @@ from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
 from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.logged_models import LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities
 from mlflow_sidecar.mlflow_plugin.connection import SidecarConnection, connection_for
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _log = logging.getLogger(__name__)
+_LINK_WARNED = False
 
 
 class _Undelivered:
@@ -96,6 +99,7 @@ class SidecarTrackingStore(AbstractStore):
         self._connection = connection_for(store_uri)
         self._root = self._connection.root
         self._tracking = self._connection.tracking
+        self._models = self._connection.models
         self._undelivered = _undelivered(self._connection)
 
     # -- experiments ----------------------------------------------------------------------
@@ -256,7 +260,7 @@ class SidecarTrackingStore(AbstractStore):
 
     @translated
     def log_metric(self, run_id: str, metric: MlflowMetric) -> None:
-        self._refuse_model_links((metric,))
+        self._warn_of_dropped_links((metric,))
         self._undelivered.add(run_id)
         self._connection.stream().log(
             run_id,
@@ -274,7 +278,7 @@ class SidecarTrackingStore(AbstractStore):
         params: Sequence[Param],
         tags: Sequence[RunTag],
     ) -> None:
-        self._refuse_model_links(metrics)
+        self._warn_of_dropped_links(metrics)
         if params:
             self._tracking.log_params(run_id, {p.key: str(p.value) for p in params})
         if tags:
@@ -357,32 +361,76 @@ class SidecarTrackingStore(AbstractStore):
         if datasets or models:
             raise unsupported("Logging run inputs (datasets, models)")
 
-    def log_outputs(self, run_id: str, models: Any) -> None:
-        raise unsupported("Logging run outputs (logged models)")
+    @translated
+    def log_outputs(self, run_id: str, models: Sequence[Any]) -> None:
+        self._models.log_outputs(run_id, [(m.model_id, int(m.step or 0)) for m in models])
 
-    def create_logged_model(self, *args: Any, **kwargs: Any) -> Any:
-        raise unsupported("Creating a logged model (MLflow 3's log_model)")
+    @translated
+    def create_logged_model(
+        self,
+        experiment_id: str,
+        name: str | None = None,
+        source_run_id: str | None = None,
+        tags: Any = None,
+        params: Any = None,
+        model_type: str | None = None,
+    ) -> MlflowLoggedModel:
+        created = self._models.create(
+            str(experiment_id),
+            name=name or "",
+            model_type=model_type or "",
+            source_run_id=source_run_id or "",
+            params=entities.tag_dict(params),
+            tags=entities.tag_dict(tags),
+        )
+        return entities.logged_model(created, self._root)
 
-    def search_logged_models(self, *args: Any, **kwargs: Any) -> Any:
-        raise unsupported("Searching logged models")
+    @translated
+    def search_logged_models(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str | None = None,
+        datasets: Sequence[Any] | None = None,
+        max_results: int | None = None,
+        order_by: Sequence[dict[str, Any]] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[MlflowLoggedModel]:
+        if datasets:
+            raise unsupported("Searching logged models by dataset")
+        page = self._models.search(
+            [str(e) for e in experiment_ids],
+            filter_string=filter_string or "",
+            order_by=[(o["field_name"], bool(o.get("ascending", True))) for o in order_by or ()],
+            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
+            page_token=page_token or "",
+        )
+        return PagedList(
+            [entities.logged_model(m, self._root) for m in page.items],
+            page.next_page_token or None,
+        )
 
-    def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> Any:
-        raise unsupported("Reading a logged model")
+    @translated
+    def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> MlflowLoggedModel:
+        return entities.logged_model(self._models.get(model_id), self._root)
 
-    def finalize_logged_model(self, model_id: str, status: Any) -> Any:
-        raise unsupported("Finalizing a logged model")
+    @translated
+    def finalize_logged_model(self, model_id: str, status: Any) -> MlflowLoggedModel:
+        final = LoggedModelStatus(str(getattr(status, "name", status)).upper())
+        return entities.logged_model(self._models.finalize(model_id, final), self._root)
 
+    @translated
     def set_logged_model_tags(self, model_id: str, tags: Any) -> None:
-        raise unsupported("Tagging a logged model")
+        self._models.set_tags(model_id, entities.tag_dict(tags))
 
+    @translated
     def delete_logged_model_tag(self, model_id: str, key: str) -> None:
-        raise unsupported("Deleting a logged model's tag")
+        self._models.delete_tag(model_id, key)
 
     def delete_logged_model(self, model_id: str) -> None:
         raise unsupported("Deleting a logged model")
 
     def record_logged_model(self, run_id: str, mlflow_model: Any) -> None:
-        raise unsupported("Recording a logged model on a run")
+        raise unsupported("Recording an MLflow 2 model on a run (the mlflow.log-model.history tag)")
 
     # -- delivery -------------------------------------------------------------------------
 
@@ -407,7 +455,14 @@ class SidecarTrackingStore(AbstractStore):
         _log.warning("%s; reading what MLflow has now", message)
 
     @staticmethod
-    def _refuse_model_links(metrics: Sequence[MlflowMetric]) -> None:
-        for m in metrics:
-            if getattr(m, "model_id", None) or getattr(m, "dataset_name", None):
-                raise unsupported("Linking a metric point to a logged model or dataset")
+    def _warn_of_dropped_links(metrics: Sequence[MlflowMetric]) -> None:
+        global _LINK_WARNED  # noqa: PLW0603 - warn once per process
+        if _LINK_WARNED:
+            return
+        if any(getattr(m, "model_id", None) or getattr(m, "dataset_name", None) for m in metrics):
+            _LINK_WARNED = True
+            _log.warning(
+                "metric points linked to a logged model or dataset are logged to their run"
+                " without that link: the sidecar's metric stream carries run, key, value,"
+                " timestamp and step only"
+            )

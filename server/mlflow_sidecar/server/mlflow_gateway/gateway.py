@@ -57,6 +57,16 @@ _MAX_REFERENCE_DEPTH = 4
 # MLflow's models:/ URI parsing (stages, aliases, logged model ids), which has no type hints.
 _split_models_uri: Any = ModelsArtifactRepository.split_models_uri
 _get_model_name_and_version: Any = model_uris.get_model_name_and_version
+_parse_model_uri: Any = model_uris._parse_model_uri
+
+
+def _logged_model_id(source: str) -> str | None:
+    """The logged model id of a `models:/<model id>` source, else None."""
+    if not source.lower().startswith("models:/"):
+        return None
+    model_id: str | None = _parse_model_uri(source).model_id
+    return model_id
+
 
 _VIEW_TYPES = {
     domain.ViewType.ACTIVE_ONLY: ViewType.ACTIVE_ONLY,
@@ -287,6 +297,12 @@ class MlflowGateway:
         if len(self._checked_runs) >= _RUN_LOCATION_CACHE:
             self._checked_runs.clear()
         self._checked_runs[run_id] = uri
+        return uri
+
+    def check_storage(self, field: str, uri: str) -> str:
+        """`uri` once the storage policy allows it: PERMISSION_DENIED (reason
+        PATH_OUTSIDE_ROOTS, naming `field`) for a location outside the configured stores."""
+        self._storage.check(field, uri)
         return uri
 
     def _storage_uri(self, field: str, uri: str) -> str:
@@ -801,6 +817,9 @@ class MlflowGateway:
         A source outside the configured artifact stores is PERMISSION_DENIED."""
         self._storage_uri("source", source)
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
+        # A logged model's own models:/ URI (MLflow 3): the registry links the version to
+        # that model, as MLflow's register_model does.
+        model_id = _logged_model_id(source)
 
         def attempt(_ambiguous: bool) -> Any:
             found = self._find_version(name, request_id)
@@ -813,6 +832,7 @@ class MlflowGateway:
                 tags=all_tags,
                 description=description or None,
                 await_creation_for=0,
+                model_id=model_id,
             )
 
         return entities.model_version(
