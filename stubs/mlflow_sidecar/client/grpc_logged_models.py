@@ -19,8 +19,10 @@ from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import DEFAULT_PAGE_SIZE, ArtifactInfo, FileInfo, Page
 from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError, error_from_rpc
 from mlflow_sidecar.core.logged_models import (
+    DatasetUse,
     LoggedModel,
     LoggedModelStatus,
+    dataset_to_pb,
     logged_model_from_pb,
     status_to_pb,
 )
@@ -129,6 +131,23 @@ class GrpcLoggedModels:
             request_id=request_id or uuid.uuid4().hex,
         )
         invoke(self._stub.LogModelOutputs, request, self._timeout)
+
+    def log_inputs(
+        self,
+        run_id: str,
+        datasets: Sequence[DatasetUse] = (),
+        model_ids: Sequence[str] = (),
+        *,
+        request_id: str = "",
+    ) -> None:
+        """Record the datasets and logged models the run used."""
+        request = pb.LogRunInputsRequest(
+            run_id=run_id,
+            datasets=[dataset_to_pb(d) for d in datasets],
+            model_ids=list(model_ids),
+            request_id=request_id or uuid.uuid4().hex,
+        )
+        invoke(self._stub.LogRunInputs, request, self._timeout)
 
     def upload_artifact(
         self, model_id: str, local_path: StrPath, artifact_path: str = "", *, request_id: str = ""

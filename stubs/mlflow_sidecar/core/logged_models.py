@@ -35,6 +35,45 @@ class LoggedModel:
     params: Mapping[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class DatasetUse:
+    """A dataset a run used, as MLflow describes it, with the tags of that use."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    schema: str = ""
+    profile: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+def dataset_to_pb(dataset: DatasetUse) -> pb.DatasetInput:
+    """Domain dataset use to message."""
+    return pb.DatasetInput(
+        name=dataset.name,
+        digest=dataset.digest,
+        source_type=dataset.source_type,
+        source=dataset.source,
+        schema=dataset.schema,
+        profile=dataset.profile,
+        tags=dict(dataset.tags),
+    )
+
+
+def dataset_from_pb(msg: pb.DatasetInput) -> DatasetUse:
+    """Message to domain dataset use."""
+    return DatasetUse(
+        name=msg.name,
+        digest=msg.digest,
+        source_type=msg.source_type,
+        source=msg.source,
+        schema=msg.schema,
+        profile=msg.profile,
+        tags=dict(msg.tags),
+    )
+
+
 _STATUS_TO_PB = {
     LoggedModelStatus.PENDING: pb.LOGGED_MODEL_STATUS_PENDING,
     LoggedModelStatus.READY: pb.LOGGED_MODEL_STATUS_READY,

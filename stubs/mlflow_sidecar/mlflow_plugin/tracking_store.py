@@ -43,7 +43,7 @@ from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
 from mlflow_sidecar.core.errors import NotFoundError
-from mlflow_sidecar.core.logged_models import LoggedModelStatus
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities
 from mlflow_sidecar.mlflow_plugin.connection import SidecarConnection, connection_for
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
@@ -357,9 +357,23 @@ class SidecarTrackingStore(AbstractStore):
             if not token:
                 return PagedList([entities.metric(p) for p in points], None)
 
+    @translated
     def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
-        if datasets or models:
-            raise unsupported("Logging run inputs (datasets, models)")
+        uses = [
+            DatasetUse(
+                name=d.dataset.name,
+                digest=d.dataset.digest,
+                source_type=d.dataset.source_type,
+                source=d.dataset.source,
+                schema=d.dataset.schema or "",
+                profile=d.dataset.profile or "",
+                tags={t.key: t.value for t in d.tags or ()},
+            )
+            for d in datasets or ()
+        ]
+        model_ids = [m.model_id for m in models or ()]
+        if uses or model_ids:
+            self._models.log_inputs(run_id, uses, model_ids)
 
     @translated
     def log_outputs(self, run_id: str, models: Sequence[Any]) -> None:

@@ -230,6 +230,11 @@ class ExperimentTrackingServiceStub:
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.FromString,
                 _registered_method=True)
+        self.LogRunInputs = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/LogRunInputs',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.FromString,
+                _registered_method=True)
         self.UploadLoggedModelArtifact = channel.stream_unary(
                 '/mlflow_sidecar.v1.ExperimentTrackingService/UploadLoggedModelArtifact',
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactRequest.SerializeToString,
@@ -525,6 +530,13 @@ class ExperimentTrackingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def LogRunInputs(self, request, context):
+        """Records the inputs of a run: datasets (as autologging describes them) and logged models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UploadLoggedModelArtifact(self, request_iterator, context):
         """Uploads one file of a logged model, framed and verified as UploadArtifact.
         """
@@ -688,6 +700,11 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
                     servicer.LogModelOutputs,
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.SerializeToString,
+            ),
+            'LogRunInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogRunInputs,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.SerializeToString,
             ),
             'UploadLoggedModelArtifact': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadLoggedModelArtifact,
@@ -1517,6 +1534,33 @@ class ExperimentTrackingService:
             '/mlflow_sidecar.v1.ExperimentTrackingService/LogModelOutputs',
             mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.SerializeToString,
             mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogRunInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/LogRunInputs',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.FromString,
             options,
             channel_credentials,
             insecure,

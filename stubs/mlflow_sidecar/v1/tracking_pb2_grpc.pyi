@@ -180,6 +180,8 @@ class ExperimentTrackingServiceStub:
     """Deletes one tag of a logged model."""
     LogModelOutputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]
     """Records logged models as outputs of a run, each at a step."""
+    LogRunInputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]
+    """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
     UploadLoggedModelArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]
     """Uploads one file of a logged model, framed and verified as UploadArtifact."""
     ListLoggedModelArtifacts: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.ListLoggedModelArtifactsRequest, _tracking_pb2.ListLoggedModelArtifactsResponse]
@@ -339,6 +341,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Deletes one tag of a logged model."""
     LogModelOutputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]  # type: ignore[assignment]
     """Records logged models as outputs of a run, each at a step."""
+    LogRunInputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]  # type: ignore[assignment]
+    """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
     UploadLoggedModelArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]  # type: ignore[assignment]
     """Uploads one file of a logged model, framed and verified as UploadArtifact."""
     ListLoggedModelArtifacts: _aio.UnaryUnaryMultiCallable[_tracking_pb2.ListLoggedModelArtifactsRequest, _tracking_pb2.ListLoggedModelArtifactsResponse]  # type: ignore[assignment]
@@ -663,6 +667,14 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.LogModelOutputsResponse, _abc.Awaitable[_tracking_pb2.LogModelOutputsResponse]]:
         """Records logged models as outputs of a run, each at a step."""
+
+    @_abc_1.abstractmethod
+    def LogRunInputs(
+        self,
+        request: _tracking_pb2.LogRunInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.LogRunInputsResponse, _abc.Awaitable[_tracking_pb2.LogRunInputsResponse]]:
+        """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
 
     @_abc_1.abstractmethod
     def UploadLoggedModelArtifact(

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
 from mlflow.entities import LoggedModel as MlflowLoggedModel
-from mlflow.entities import LoggedModelOutput
 from mlflow.entities import LoggedModelStatus as MlflowStatus
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
-from mlflow_sidecar.core.logged_models import LoggedModel, LoggedModelStatus
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.server.mlflow_gateway import page_tokens
 from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
 
@@ -153,6 +153,30 @@ class LoggedModelGateway:
         models = [LoggedModelOutput(model_id, step) for model_id, step in outputs]
         self._gateway.call(
             lambda: self._client.log_outputs(run_id, models),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
+
+    def log_inputs(
+        self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
+    ) -> None:
+        """Record the datasets and logged models a run used."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    d.name,
+                    d.digest,
+                    d.source_type,
+                    d.source,
+                    schema=d.schema or None,
+                    profile=d.profile or None,
+                ),
+                tags=[InputTag(k, v) for k, v in d.tags.items()],
+            )
+            for d in datasets
+        ]
+        models = [LoggedModelInput(model_id) for model_id in model_ids]
+        self._gateway.call(
+            lambda: self._client.log_inputs(run_id, datasets=inputs or None, models=models or None),
             not_found=ErrorReason.RUN_NOT_FOUND,
         )
 

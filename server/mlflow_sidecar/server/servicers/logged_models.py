@@ -8,7 +8,11 @@ import grpc
 
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.errors import CancelledError
-from mlflow_sidecar.core.logged_models import logged_model_to_pb, status_from_pb
+from mlflow_sidecar.core.logged_models import (
+    dataset_from_pb,
+    logged_model_to_pb,
+    status_from_pb,
+)
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.logged_models import LoggedModelService, model_id
 from mlflow_sidecar.server.staging import Staging
@@ -121,6 +125,16 @@ class LoggedModelRpcs:
             request.run_id, [(m.model_id, m.step) for m in request.models]
         )
         return pb.LogModelOutputsResponse()
+
+    def LogRunInputs(
+        self, request: pb.LogRunInputsRequest, context: grpc.ServicerContext
+    ) -> pb.LogRunInputsResponse:
+        self._logged_models.log_inputs(
+            request.run_id,
+            [dataset_from_pb(d) for d in request.datasets],
+            list(request.model_ids),
+        )
+        return pb.LogRunInputsResponse()
 
     def UploadLoggedModelArtifact(
         self,

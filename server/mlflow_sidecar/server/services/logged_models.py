@@ -13,7 +13,7 @@ from pathlib import Path
 
 from mlflow_sidecar.core.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, FileInfo, Page
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
-from mlflow_sidecar.core.logged_models import LoggedModel, LoggedModelStatus
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
@@ -153,6 +153,23 @@ class LoggedModelService:
         for index, (output_id, _) in enumerate(outputs):
             model_id(f"models[{index}].model_id", output_id)
         self._gateway.log_outputs(run_id, outputs)
+
+    def log_inputs(
+        self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
+    ) -> None:
+        """Record the datasets and logged models the run used."""
+        check.run_id("run_id", run_id)
+        if not datasets and not model_ids:
+            raise InvalidArgumentError("datasets", "name at least one dataset or model")
+        for index, dataset in enumerate(datasets):
+            for name in ("name", "digest", "source_type", "source"):
+                check.require(f"datasets[{index}].{name}", getattr(dataset, name), max_length=65535)
+            check.string_map(
+                f"datasets[{index}].tags", dataset.tags, max_value_length=check.MAX_TAG_VALUE_LENGTH
+            )
+        for index, input_id in enumerate(model_ids):
+            model_id(f"model_ids[{index}]", input_id)
+        self._gateway.log_inputs(run_id, datasets, model_ids)
 
     # -- files ----------------------------------------------------------------------------
 

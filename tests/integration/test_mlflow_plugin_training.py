@@ -1,0 +1,112 @@
+"""An unmodified training script with MLFLOW_TRACKING_URI=sidecar://…, checked with a plain
+MlflowClient against the real mlflow server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+from tests.integration.conftest import RunningSidecar
+from tests.support.processes import MlflowServer
+
+SCRIPT = Path(__file__).resolve().parents[1] / "support" / "stock_training.py"
+STEPS = 10_000
+
+
+def script_env(tracking_uri: str) -> dict[str, str]:
+    """The script's environment: ours without MLflow's or the sidecar's own settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "MLFLOW_SIDECAR"))}
+    env.update(MLFLOW_TRACKING_URI=tracking_uri, MLFLOW_DISABLE_TELEMETRY="true")
+    return env
+
+
+def run_script(tracking_uri: str, *args: str, cwd: Path) -> dict[str, object]:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *args],
+        env=script_env(tracking_uri),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    # Nothing the script (or autolog for it) did met an operation the sidecar lacks.
+    assert "not supported through the sidecar" not in done.stderr, done.stderr[-4000:]
+    result: dict[str, object] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in root.rglob("*")
+        if p.is_file()
+    }
+
+
+def assert_run_complete(direct: MlflowClient, run_id: str, steps: int) -> None:
+    """Every param, every metric point exactly once, the run ended."""
+    run = direct.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert {k: run.data.params[k] for k in ("lr", "gamma", "policy")} == {
+        "lr": "0.001",
+        "gamma": "0.99",
+        "policy": "ppo",
+    }
+    history = direct.get_metric_history(run_id, "reward")
+    assert len(history) == steps
+    assert sorted((m.step, m.value) for m in history) == [(s, s * 0.5) for s in range(steps)]
+
+
+def test_stock_training_script_through_the_sidecar(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str, tmp_path: Path
+) -> None:
+    name = f"stock-{unique}"
+    result = run_script(
+        f"sidecar://{sidecar.target}", f"stock-{unique}", name, str(STEPS), cwd=tmp_path
+    )
+    assert result["prediction"] == [2.0, 4.0]
+
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    run_id = str(result["run_id"])
+    assert_run_complete(direct, run_id, STEPS)
+
+    # autolog's model and the pyfunc model: both logged models of the run, READY.
+    run = direct.get_run(run_id)
+    experiment_id = run.info.experiment_id
+    models = direct.search_logged_models(experiment_ids=[experiment_id])
+    assert {m.source_run_id for m in models} == {run_id}
+    assert {m.name for m in models} == {"model", "policy"}
+    assert {o.model_id for o in run.outputs.model_outputs} == {m.model_id for m in models}
+    assert "training_score" in run.data.metrics  # autolog's own metric
+
+    version = direct.get_model_version_by_alias(name, "champion")
+    assert version.version == str(result["version"])
+    assert version.source == f"models:/{result['model_id']}"
+
+    # The bytes the server keeps are the bytes the script logged, and load the same.
+    policy = direct.get_logged_model(str(result["model_id"]))
+    stored = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=policy.artifact_location,
+            dst_path=str(tmp_path / "stored"),
+            tracking_uri=mlflow_server.url,
+        )
+    )
+    sidecar_repo = get_artifact_repository(
+        f"sidecar://{sidecar.target}/models/{result['model_id']}/artifacts"
+    )
+    (tmp_path / "through-sidecar").mkdir()
+    through_sidecar = Path(sidecar_repo.download_artifacts("", str(tmp_path / "through-sidecar")))
+    expected = file_digests(stored)
+    assert {"MLmodel", "python_model.pkl"} <= set(expected)
+    assert file_digests(through_sidecar) == expected
