@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 
 from tests.integration.conftest import RunningSidecar
 from tests.support.processes import MlflowServer
+from tests.support.sidecar_process import SidecarProcess
 
 SCRIPT = Path(__file__).resolve().parents[1] / "support" / "stock_training.py"
 STEPS = 10_000
@@ -110,3 +112,61 @@ def test_stock_training_script_through_the_sidecar(
     expected = file_digests(stored)
     assert {"MLmodel", "python_model.pkl"} <= set(expected)
     assert file_digests(through_sidecar) == expected
+
+
+def wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 300) -> None:
+    """Wait until the script wrote `path` (it fails the test if the script died first)."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the script exited early: {proc.communicate()[1][-4000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the script never reached {path.name}")
+        time.sleep(0.05)
+
+
+def test_stock_script_survives_a_killed_sidecar_and_an_mlflow_outage(
+    own_mlflow: MlflowServer, unique: str, tmp_path: Path
+) -> None:
+    # A sidecar set to ride out an outage of its MLflow: it retries for up to two minutes.
+    sidecar = SidecarProcess(
+        tmp_path / "sidecar", own_mlflow.url, MLFLOW_SIDECAR__RETRY__MAX_TIME_S="120"
+    )
+    sidecar.start()
+    gate = tmp_path / "gate"
+    env = script_env(f"sidecar://{sidecar.target}")
+    # The trainer waits as long as the sidecar does (its default deadline is 30 s).
+    env.update(
+        MLFLOW_SIDECAR_CLIENT_TIMEOUT_S="150", MLFLOW_SIDECAR_CLIENT_STREAM_RECONNECT_S="300"
+    )
+    name = f"outage-{unique}"
+    script = subprocess.Popen(
+        [sys.executable, str(SCRIPT), name, name, str(STEPS), str(gate)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # Half the points logged: SIGKILL the sidecar and start it again on its spool.
+        wait_for(Path(f"{gate}.half"), script)
+        sidecar.kill()
+        sidecar.start()
+        # Then MLflow goes away for 10 s while the script logs the other half and goes on.
+        own_mlflow.stop()
+        gate.write_text("go")
+        time.sleep(10)
+        own_mlflow.start()
+        out, err = script.communicate(timeout=600)
+    finally:
+        if script.poll() is None:
+            script.kill()
+            script.communicate()
+        sidecar.stop()
+    assert script.returncode == 0, err[-4000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["prediction"] == [2.0, 4.0]
+    direct = MlflowClient(tracking_uri=own_mlflow.url, registry_uri=own_mlflow.url)
+    assert_run_complete(direct, str(result["run_id"]), STEPS)
+    assert direct.get_model_version_by_alias(name, "champion").version == str(result["version"])
