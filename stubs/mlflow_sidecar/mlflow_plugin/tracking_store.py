@@ -26,11 +26,14 @@ from mlflow.entities import Metric as MlflowMetric
 from mlflow.entities import Param, RunStatus, RunTag
 from mlflow.entities import Run as MlflowRun
 from mlflow.entities import RunInfo as MlflowRunInfo
+from mlflow.environment_variables import MLFLOW_REGISTRY_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
 from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.utils._spark_utils import _get_active_spark_session
 from mlflow.utils.async_logging.run_operations import RunOperations
 
 from mlflow_sidecar.core.domain import (
@@ -85,6 +88,30 @@ def _undelivered(connection: SidecarConnection) -> _Undelivered:
         return _UNDELIVERED.setdefault(id(connection), _Undelivered())
 
 
+_REGISTRY_SETTLED = False
+
+
+def _settle_default_registry(store_uri: str) -> None:
+    """Make MLflow's default registry (the tracking URI) explicit, once per process.
+
+    With no registry URI set, MLflow looks for an active Spark session (an import attempt)
+    in every fluent call, which costs several times what the sidecar's `log_metric` does.
+    When nothing chose a registry and no Spark session is active, the registry URI is set
+    to the one MLflow would resolve anyway: this `sidecar://` URI. Set MLFLOW_REGISTRY_URI
+    (or call `mlflow.set_registry_uri`) to choose another registry; it is then left alone.
+    """
+    global _REGISTRY_SETTLED  # noqa: PLW0603 - once per process
+    if _REGISTRY_SETTLED:
+        return
+    _REGISTRY_SETTLED = True
+    if registry_utils._registry_uri is not None or MLFLOW_REGISTRY_URI.get():
+        return
+    if _get_active_spark_session() is not None:
+        return
+    registry_utils.set_registry_uri(store_uri)
+    _log.info("model registry URI set to %s, the tracking URI", store_uri)
+
+
 def _page_size(max_results: int | None, default: int, ceiling: int) -> int:
     if max_results is None:
         return default
@@ -97,6 +124,7 @@ class SidecarTrackingStore(AbstractStore):
     def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
         super().__init__()
         self._connection = connection_for(store_uri)
+        _settle_default_registry(store_uri)
         self._root = self._connection.root
         self._tracking = self._connection.tracking
         self._models = self._connection.models
@@ -210,9 +238,9 @@ class SidecarTrackingStore(AbstractStore):
                 error_code=databricks_pb2.INVALID_STATE,
             )
         # The run's points go to the spool first; the sidecar ends the run in MLflow only
-        # after it delivered them.
+        # after it delivered them. The run stays undelivered here until a read or a flush
+        # has waited for that.
         self._connection.flush_stream()
-        self._undelivered.take(run_id)
         ended = self._tracking.end_run(run_id, status, end_time_ms=int(end_time or 0))
         return entities.run_info(ended.info, self._root)
 
