@@ -50,7 +50,10 @@ def test_fluent_run_reaches_mlflow_as_an_ordinary_run(
         for step in range(500):
             mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
         mlflow.log_metrics({"a": 1.0, "b": 2.0}, step=7)
+        mlflow.log_metric("later", 3.0, synchronous=False)
         mlflow.log_artifact(str(artifact), artifact_path="docs")
+    # The run's end reaches MLflow after its last point; this waits for both.
+    mlflow.flush_async_logging()
     assert run.info.artifact_uri == f"{sidecar_uri}/runs/{run.info.run_id}/artifacts"
 
     seen = direct.get_run(run.info.run_id)
@@ -63,6 +66,7 @@ def test_fluent_run_reaches_mlflow_as_an_ordinary_run(
     assert sorted(m.step for m in history) == list(range(500))
     assert {m.step: m.value for m in history} == {s: 1.0 / (s + 1) for s in range(500)}
     assert seen.data.metrics["b"] == 2.0
+    assert [m.value for m in direct.get_metric_history(run.info.run_id, "later")] == [3.0]
 
     downloaded = Path(
         direct.download_artifacts(run.info.run_id, "docs/notes.bin", str(tmp_path / "direct"))

@@ -15,6 +15,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
+from mlflow_sidecar.client import ClientContainer
 from tests.integration.conftest import RunningSidecar
 from tests.support.processes import MlflowServer
 from tests.support.sidecar_process import SidecarProcess
@@ -55,6 +56,17 @@ def file_digests(root: Path) -> dict[str, str]:
     }
 
 
+def delivered(target: str, run_id: str) -> None:
+    """Wait until the sidecar delivered the run's points and its end to MLflow."""
+    container = ClientContainer()
+    container.config.from_dict({"target": target})
+    try:
+        flushed = container.experiment_tracking().flush_metrics(run_id, timeout_s=300)
+        assert flushed.complete, flushed
+    finally:
+        container.shutdown_resources()
+
+
 def assert_run_complete(direct: MlflowClient, run_id: str, steps: int) -> None:
     """Every param, every metric point exactly once, the run ended."""
     run = direct.get_run(run_id)
@@ -80,6 +92,7 @@ def test_stock_training_script_through_the_sidecar(
 
     direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
     run_id = str(result["run_id"])
+    delivered(sidecar.target, run_id)
     assert_run_complete(direct, run_id, STEPS)
 
     # autolog's model and the pyfunc model: both logged models of the run, READY.
@@ -159,14 +172,46 @@ def test_stock_script_survives_a_killed_sidecar_and_an_mlflow_outage(
         time.sleep(10)
         own_mlflow.start()
         out, err = script.communicate(timeout=600)
+        assert script.returncode == 0, err[-4000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        delivered(sidecar.target, str(result["run_id"]))
     finally:
         if script.poll() is None:
             script.kill()
             script.communicate()
         sidecar.stop()
-    assert script.returncode == 0, err[-4000:]
-    result = json.loads(out.strip().splitlines()[-1])
     assert result["prediction"] == [2.0, 4.0]
     direct = MlflowClient(tracking_uri=own_mlflow.url, registry_uri=own_mlflow.url)
     assert_run_complete(direct, str(result["run_id"]), STEPS)
     assert direct.get_model_version_by_alias(name, "champion").version == str(result["version"])
+
+
+LEFT_OPEN = """
+import sys
+import mlflow
+mlflow.set_experiment(sys.argv[1])
+run = mlflow.start_run()
+for step in range(3000):
+    mlflow.log_metric("x", float(step), step=step)
+print(run.info.run_id)
+"""
+
+
+def test_a_process_that_exits_mid_run_hands_its_points_over(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str, tmp_path: Path
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN, f"left-open-{unique}"],
+        env=script_env(f"sidecar://{sidecar.target}"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    run_id = done.stdout.strip().splitlines()[-1]
+    delivered(sidecar.target, run_id)
+    direct = MlflowClient(tracking_uri=mlflow_server.url)
+    history = direct.get_metric_history(run_id, "x")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(3000)]
