@@ -152,6 +152,17 @@ def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, uniq
         client.rename_experiment(experiment_id, f"plugin-renamed-{unique}")
     assert unsupported.value.error_code == "NOT_IMPLEMENTED"
     run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "m", 1.0)
+    client.set_terminated(run.info.run_id)
+    # A late point of an ended run is refused at once, and the process's stream goes on.
+    with pytest.raises(MlflowException) as ended:
+        client.log_metric(run.info.run_id, "m", 2.0)
+    assert ended.value.error_code == "INVALID_STATE"
+    other = client.create_run(experiment_id)
+    client.log_metric(other.info.run_id, "m", 3.0)
+    assert [m.value for m in client.get_metric_history(other.info.run_id, "m")] == [3.0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+    run = client.create_run(experiment_id)
     client.log_param(run.info.run_id, "p", "1")
     with pytest.raises(MlflowException) as changed:
         client.log_param(run.info.run_id, "p", "2")

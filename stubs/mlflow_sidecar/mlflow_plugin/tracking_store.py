@@ -56,16 +56,33 @@ _LINK_WARNED = False
 
 
 class _Undelivered:
-    """The runs this process streamed points to since they were last delivered."""
+    """The runs this process streamed points to since they were last delivered, and the
+    runs it ended."""
 
     def __init__(self) -> None:
         self._runs: set[str] = set()
+        self._ended: set[str] = set()
         self._lock = threading.Lock()
 
     def add(self, run_id: str) -> None:
+        """Note points streamed to `run_id`; a run this process ended takes none.
+
+        The sidecar refuses points of a run ended through it (RUN_ENDED), and such a refusal
+        would fail the process's one metric stream, for every run: it is refused here."""
+        if run_id in self._ended:
+            raise MlflowException(
+                f"run {run_id} was ended: it takes no more metric points (the sidecar refuses"
+                " them, reason RUN_ENDED); log them to a new run",
+                error_code=databricks_pb2.INVALID_STATE,
+            )
         if run_id not in self._runs:
             with self._lock:
                 self._runs.add(run_id)
+
+    def end(self, run_id: str) -> None:
+        """Note that this process ended `run_id`."""
+        with self._lock:
+            self._ended.add(run_id)
 
     def take(self, run_id: str | None = None) -> list[str]:
         with self._lock:
@@ -242,6 +259,7 @@ class SidecarTrackingStore(AbstractStore):
         # has waited for that.
         self._connection.flush_stream()
         ended = self._tracking.end_run(run_id, status, end_time_ms=int(end_time or 0))
+        self._undelivered.end(run_id)
         return entities.run_info(ended.info, self._root)
 
     @translated
