@@ -135,3 +135,20 @@ def test_the_mlflow_extra_pulls_mlflows_client_only():
     for group in ("mlflow.tracking_store", "mlflow.model_registry_store"):
         assert set(project["entry-points"][group]) == {"sidecar", "sidecar+tls"}
     assert set(project["entry-points"]["mlflow.artifact_repository"]) == {"sidecar", "sidecar+tls"}
+
+
+def test_a_dropped_model_link_is_warned_about_once(monkeypatch, caplog):
+    from mlflow.entities import Metric
+
+    from mlflow_sidecar.mlflow_plugin import tracking_store
+
+    monkeypatch.setattr(tracking_store, "_LINK_WARNED", False)
+    plain = [Metric("loss", 1.0, 0, 0)]
+    linked = [Metric("loss", 1.0, 0, 0, model_id="m-1")]
+    with caplog.at_level("WARNING", logger=tracking_store.__name__):
+        tracking_store.SidecarTrackingStore._warn_of_dropped_links(plain)
+        assert not caplog.records
+        tracking_store.SidecarTrackingStore._warn_of_dropped_links(linked)
+        tracking_store.SidecarTrackingStore._warn_of_dropped_links(linked)
+    assert len(caplog.records) == 1
+    assert "without that link" in caplog.records[0].getMessage()
