@@ -47,7 +47,7 @@ from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 MIB = 1024 * 1024
 
 
-GROUPS = ("metrics", "getrun", "artifacts")
+GROUPS = ("metrics", "getrun", "artifacts", "plugin")
 
 
 class Sizes:
@@ -64,6 +64,10 @@ class Sizes:
         self.artifact_mb = 32 if quick else 256
         # An even number, so that each side goes first equally often.
         self.artifact_repeats = 2 if quick else 4
+        # Stock `mlflow.log_metric` calls of one trainer loop (the `sidecar://` plugin).
+        self.fluent_direct_s = 5.0 if quick else 15.0
+        self.fluent_async_calls = 5_000 if quick else 20_000
+        self.fluent_sidecar_calls = 20_000 if quick else 100_000
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -191,6 +195,52 @@ def grpc_raw_stream(count: int, per_message: int = RAW_MESSAGE_POINTS) -> float:
         assert server.stdin is not None
         server.stdin.close()
         server.wait(timeout=30)
+
+
+def fluent_loop(
+    uri: str, mode: str, count: int, seconds: float, registry_uri: str = ""
+) -> dict[str, float]:
+    """One trainer loop of stock `mlflow.log_metric` calls in a fresh process (MLflow's
+    fluent API keeps process-wide state): calls, loop seconds, seconds until delivered."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    if registry_uri:
+        env["MLFLOW_REGISTRY_URI"] = registry_uri
+    script = str(ROOT / "bench" / "fluent_log_metric.py")
+    done = subprocess.run(
+        [sys.executable, script, uri, mode, str(count), str(seconds)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the fluent loop failed: {done.stderr[-2000:]}")
+    result: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def fluent(results: dict[str, float], server: MlflowServer, target: str, sizes: Sizes) -> None:
+    """`mlflow.log_metric` per call as the trainer's loop sees it: synchronous to the
+    server (MLflow's default), MLflow's async logging (loop time; delivery follows), and
+    through `sidecar://` (loop time, and until `end_run` saw every point delivered).
+
+    The baselines get a registry URI: without one MLflow looks for a Spark session in
+    every fluent call, which the plugin spares `sidecar://` users by default; so the
+    ratios measure the sidecar, not that lookup."""
+    forever = 10**9
+    direct = fluent_loop(server.url, "sync", forever, sizes.fluent_direct_s, server.url)
+    results["plugin_fluent_direct_per_s"] = direct["calls"] / direct["loop_s"]
+    print(f"  {'plugin_fluent_direct_per_s':36s} {results['plugin_fluent_direct_per_s']:14.1f}")
+    hurried = fluent_loop(server.url, "async", sizes.fluent_async_calls, 3600, server.url)
+    results["plugin_fluent_async_per_s"] = hurried["calls"] / hurried["loop_s"]
+    results["plugin_fluent_async_delivered_per_s"] = hurried["calls"] / hurried["delivered_s"]
+    print(f"  {'plugin_fluent_async_per_s':36s} {results['plugin_fluent_async_per_s']:14.1f}")
+    sidecar = fluent_loop(f"sidecar://{target}", "sync", sizes.fluent_sidecar_calls, 3600)
+    results["plugin_fluent_sidecar_per_s"] = sidecar["calls"] / sidecar["loop_s"]
+    results["plugin_fluent_sidecar_delivered_per_s"] = sidecar["calls"] / sidecar["delivered_s"]
+    print(f"  {'plugin_fluent_sidecar_per_s':36s} {results['plugin_fluent_sidecar_per_s']:14.1f}")
 
 
 def median_of(times: int, measure: Callable[[], float]) -> float:
@@ -325,6 +375,16 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         lambda r: r["download_sidecar_mb_s"] >= 0.8 * r["download_direct_mb_s"],
         "",
     ),
+    (
+        "sidecar:// log_metric >= 300x direct",
+        lambda r: r["plugin_fluent_sidecar_per_s"] >= 300 * r["plugin_fluent_direct_per_s"],
+        "",
+    ),
+    (
+        "sidecar:// log_metric >= 2x MLflow async",
+        lambda r: r["plugin_fluent_sidecar_per_s"] >= 2 * r["plugin_fluent_async_per_s"],
+        "",
+    ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
@@ -425,6 +485,8 @@ def main() -> int:
                 artifacts(
                     results, client, tracking, run, work, sizes.artifact_mb, sizes.artifact_repeats
                 )
+            if "plugin" in groups:
+                fluent(results, server, sidecar.target, sizes)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -519,6 +581,10 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["delivered / log_batch"] = (
             r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"]
         )
+    if "plugin_fluent_direct_per_s" in r:
+        sidecar = r["plugin_fluent_sidecar_per_s"]
+        ratios["sidecar:// log_metric / direct"] = sidecar / r["plugin_fluent_direct_per_s"]
+        ratios["sidecar:// log_metric / MLflow async"] = sidecar / r["plugin_fluent_async_per_s"]
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
         ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]

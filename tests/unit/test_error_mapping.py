@@ -24,8 +24,11 @@ from mlflow_sidecar.server.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
 )
+from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.logged_models import LoggedModelGateway
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
+from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -108,7 +111,13 @@ def _start(tmp_path, service, *, servicer_cls=TrackingServicer, interceptors=())
         interceptors=[AccessLogInterceptor(), *interceptors, ErrorMappingInterceptor()],
     )
     pb_grpc.add_ExperimentTrackingServiceServicer_to_server(
-        servicer_cls(service, ArtifactTransfers(FakeMlflow(), staging), staging),
+        servicer_cls(
+            service,
+            ArtifactTransfers(FakeMlflow(), staging),
+            staging,
+            # Never called here: its gateway is not even opened.
+            LoggedModelService(LoggedModelGateway(MlflowGateway(config)), staging),
+        ),
         server,
     )
     port = server.add_insecure_port("127.0.0.1:0")

@@ -96,6 +96,16 @@ def test_models_uris_are_split_and_resolved():
     )
 
 
+def test_logged_model_ids_are_read_from_their_models_uri():
+    assert mlflow_internals.logged_model_id("models:/m-0123456789abcdef") == (
+        "m-0123456789abcdef"
+    ), _changed("store.artifact.utils.models._parse_model_uri")
+    assert mlflow_internals.logged_model_id("models:/agent/3") is None, _changed(
+        "store.artifact.utils.models._parse_model_uri"
+    )
+    assert mlflow_internals.logged_model_id("runs:/abc/model") is None
+
+
 def test_the_server_artifact_root_variable_is_the_one_mlflow_reads(monkeypatch, tmp_path):
     monkeypatch.setenv(mlflow_internals.SERVER_ARTIFACT_ROOT_ENV, str(tmp_path))
     name = "_SERVER_ARTIFACT_ROOT_ENV_VAR"

@@ -10,10 +10,12 @@ from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.idempotency import RequestLedger
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
+from mlflow_sidecar.server.mlflow_gateway.logged_models import LoggedModelGateway
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
+from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
@@ -62,8 +64,11 @@ class ServerContainer(containers.DeclarativeContainer):
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
     registry_service = providers.Singleton(RegistryService, gateway, staging)
     artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
+    logged_model_service = providers.Singleton(
+        LoggedModelService, providers.Singleton(LoggedModelGateway, gateway), staging
+    )
     tracking_servicer = providers.Singleton(
-        TrackingServicer, tracking_service, artifact_transfers, staging
+        TrackingServicer, tracking_service, artifact_transfers, staging, logged_model_service
     )
     registry_servicer = providers.Singleton(RegistryServicer, registry_service, staging)
     server = providers.Singleton(

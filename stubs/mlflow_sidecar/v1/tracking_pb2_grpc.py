@@ -67,6 +67,7 @@ class ExperimentTrackingServiceStub(object):
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -199,6 +200,61 @@ class ExperimentTrackingServiceStub(object):
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactResponse.FromString,
                 _registered_method=True)
+        self.CreateLoggedModel = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/CreateLoggedModel',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelResponse.FromString,
+                _registered_method=True)
+        self.GetLoggedModel = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/GetLoggedModel',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelResponse.FromString,
+                _registered_method=True)
+        self.SearchLoggedModels = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/SearchLoggedModels',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsResponse.FromString,
+                _registered_method=True)
+        self.FinalizeLoggedModel = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/FinalizeLoggedModel',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelResponse.FromString,
+                _registered_method=True)
+        self.SetLoggedModelTags = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/SetLoggedModelTags',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsResponse.FromString,
+                _registered_method=True)
+        self.DeleteLoggedModelTag = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteLoggedModelTag',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagResponse.FromString,
+                _registered_method=True)
+        self.LogModelOutputs = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/LogModelOutputs',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.FromString,
+                _registered_method=True)
+        self.LogRunInputs = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/LogRunInputs',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.FromString,
+                _registered_method=True)
+        self.UploadLoggedModelArtifact = channel.stream_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/UploadLoggedModelArtifact',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactResponse.FromString,
+                _registered_method=True)
+        self.ListLoggedModelArtifacts = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/ListLoggedModelArtifacts',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsResponse.FromString,
+                _registered_method=True)
+        self.DownloadLoggedModelArtifact = channel.unary_stream(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/DownloadLoggedModelArtifact',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentTrackingServiceServicer(object):
@@ -238,6 +294,7 @@ class ExperimentTrackingServiceServicer(object):
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -426,6 +483,86 @@ class ExperimentTrackingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateLoggedModel(self, request, context):
+        """MLflow 3's logged models: what `log_model` and autologging create. A logged model
+        belongs to an experiment (and usually a source run) and keeps its files under its
+        own artifact location. Creates a logged model in PENDING status; a repeat with the
+        same request_id returns the model the first call created.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetLoggedModel(self, request, context):
+        """Reads one logged model (NOT_FOUND, reason LOGGED_MODEL_NOT_FOUND, when missing).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchLoggedModels(self, request, context):
+        """Searches logged models of experiments with MLflow's filter syntax; paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinalizeLoggedModel(self, request, context):
+        """Sets a logged model's status (READY once its files are stored, or FAILED).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLoggedModelTags(self, request, context):
+        """Sets (or overwrites) tags of a logged model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteLoggedModelTag(self, request, context):
+        """Deletes one tag of a logged model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogModelOutputs(self, request, context):
+        """Records logged models as outputs of a run, each at a step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LogRunInputs(self, request, context):
+        """Records the inputs of a run: datasets (as autologging describes them) and logged models.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadLoggedModelArtifact(self, request_iterator, context):
+        """Uploads one file of a logged model, framed and verified as UploadArtifact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLoggedModelArtifacts(self, request, context):
+        """Lists the files of a logged model under a path; paginated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadLoggedModelArtifact(self, request, context):
+        """Downloads one file of a logged model, framed and verified as DownloadArtifact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -534,6 +671,61 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactResponse.SerializeToString,
             ),
+            'CreateLoggedModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateLoggedModel,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelResponse.SerializeToString,
+            ),
+            'GetLoggedModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoggedModel,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelResponse.SerializeToString,
+            ),
+            'SearchLoggedModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchLoggedModels,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsResponse.SerializeToString,
+            ),
+            'FinalizeLoggedModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinalizeLoggedModel,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelResponse.SerializeToString,
+            ),
+            'SetLoggedModelTags': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLoggedModelTags,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsResponse.SerializeToString,
+            ),
+            'DeleteLoggedModelTag': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteLoggedModelTag,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagResponse.SerializeToString,
+            ),
+            'LogModelOutputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogModelOutputs,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.SerializeToString,
+            ),
+            'LogRunInputs': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogRunInputs,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.SerializeToString,
+            ),
+            'UploadLoggedModelArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadLoggedModelArtifact,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactResponse.SerializeToString,
+            ),
+            'ListLoggedModelArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLoggedModelArtifacts,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsResponse.SerializeToString,
+            ),
+            'DownloadLoggedModelArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadLoggedModelArtifact,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'mlflow_sidecar.v1.ExperimentTrackingService', rpc_method_handlers)
@@ -578,6 +770,7 @@ class ExperimentTrackingService(object):
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -1156,6 +1349,303 @@ class ExperimentTrackingService(object):
             '/mlflow_sidecar.v1.ExperimentTrackingService/DownloadArtifact',
             mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactRequest.SerializeToString,
             mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateLoggedModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/CreateLoggedModel',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.CreateLoggedModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoggedModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/GetLoggedModel',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.GetLoggedModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchLoggedModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/SearchLoggedModels',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.SearchLoggedModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinalizeLoggedModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/FinalizeLoggedModel',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.FinalizeLoggedModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLoggedModelTags(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/SetLoggedModelTags',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.SetLoggedModelTagsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteLoggedModelTag(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/DeleteLoggedModelTag',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DeleteLoggedModelTagResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogModelOutputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/LogModelOutputs',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogModelOutputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LogRunInputs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/LogRunInputs',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.LogRunInputsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadLoggedModelArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/UploadLoggedModelArtifact',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.UploadLoggedModelArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLoggedModelArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/ListLoggedModelArtifacts',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.ListLoggedModelArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadLoggedModelArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/DownloadLoggedModelArtifact',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.DownloadLoggedModelArtifactResponse.FromString,
             options,
             channel_credentials,
             insecure,

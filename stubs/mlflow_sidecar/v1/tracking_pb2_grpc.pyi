@@ -63,6 +63,7 @@ class ExperimentTrackingServiceStub:
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -161,6 +162,32 @@ class ExperimentTrackingServiceStub:
     sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
     client keeps them aside until the trailer has confirmed them.
     """
+    CreateLoggedModel: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.CreateLoggedModelRequest, _tracking_pb2.CreateLoggedModelResponse]
+    """MLflow 3's logged models: what `log_model` and autologging create. A logged model
+    belongs to an experiment (and usually a source run) and keeps its files under its
+    own artifact location. Creates a logged model in PENDING status; a repeat with the
+    same request_id returns the model the first call created.
+    """
+    GetLoggedModel: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.GetLoggedModelRequest, _tracking_pb2.GetLoggedModelResponse]
+    """Reads one logged model (NOT_FOUND, reason LOGGED_MODEL_NOT_FOUND, when missing)."""
+    SearchLoggedModels: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.SearchLoggedModelsRequest, _tracking_pb2.SearchLoggedModelsResponse]
+    """Searches logged models of experiments with MLflow's filter syntax; paginated."""
+    FinalizeLoggedModel: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FinalizeLoggedModelRequest, _tracking_pb2.FinalizeLoggedModelResponse]
+    """Sets a logged model's status (READY once its files are stored, or FAILED)."""
+    SetLoggedModelTags: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.SetLoggedModelTagsRequest, _tracking_pb2.SetLoggedModelTagsResponse]
+    """Sets (or overwrites) tags of a logged model."""
+    DeleteLoggedModelTag: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteLoggedModelTagRequest, _tracking_pb2.DeleteLoggedModelTagResponse]
+    """Deletes one tag of a logged model."""
+    LogModelOutputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]
+    """Records logged models as outputs of a run, each at a step."""
+    LogRunInputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]
+    """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
+    UploadLoggedModelArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]
+    """Uploads one file of a logged model, framed and verified as UploadArtifact."""
+    ListLoggedModelArtifacts: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.ListLoggedModelArtifactsRequest, _tracking_pb2.ListLoggedModelArtifactsResponse]
+    """Lists the files of a logged model under a path; paginated."""
+    DownloadLoggedModelArtifact: _grpc.UnaryStreamMultiCallable[_tracking_pb2.DownloadLoggedModelArtifactRequest, _tracking_pb2.DownloadLoggedModelArtifactResponse]
+    """Downloads one file of a logged model, framed and verified as DownloadArtifact."""
 
 @_typing.type_check_only
 class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
@@ -200,6 +227,7 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -295,6 +323,32 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
     client keeps them aside until the trailer has confirmed them.
     """
+    CreateLoggedModel: _aio.UnaryUnaryMultiCallable[_tracking_pb2.CreateLoggedModelRequest, _tracking_pb2.CreateLoggedModelResponse]  # type: ignore[assignment]
+    """MLflow 3's logged models: what `log_model` and autologging create. A logged model
+    belongs to an experiment (and usually a source run) and keeps its files under its
+    own artifact location. Creates a logged model in PENDING status; a repeat with the
+    same request_id returns the model the first call created.
+    """
+    GetLoggedModel: _aio.UnaryUnaryMultiCallable[_tracking_pb2.GetLoggedModelRequest, _tracking_pb2.GetLoggedModelResponse]  # type: ignore[assignment]
+    """Reads one logged model (NOT_FOUND, reason LOGGED_MODEL_NOT_FOUND, when missing)."""
+    SearchLoggedModels: _aio.UnaryUnaryMultiCallable[_tracking_pb2.SearchLoggedModelsRequest, _tracking_pb2.SearchLoggedModelsResponse]  # type: ignore[assignment]
+    """Searches logged models of experiments with MLflow's filter syntax; paginated."""
+    FinalizeLoggedModel: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FinalizeLoggedModelRequest, _tracking_pb2.FinalizeLoggedModelResponse]  # type: ignore[assignment]
+    """Sets a logged model's status (READY once its files are stored, or FAILED)."""
+    SetLoggedModelTags: _aio.UnaryUnaryMultiCallable[_tracking_pb2.SetLoggedModelTagsRequest, _tracking_pb2.SetLoggedModelTagsResponse]  # type: ignore[assignment]
+    """Sets (or overwrites) tags of a logged model."""
+    DeleteLoggedModelTag: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteLoggedModelTagRequest, _tracking_pb2.DeleteLoggedModelTagResponse]  # type: ignore[assignment]
+    """Deletes one tag of a logged model."""
+    LogModelOutputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]  # type: ignore[assignment]
+    """Records logged models as outputs of a run, each at a step."""
+    LogRunInputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]  # type: ignore[assignment]
+    """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
+    UploadLoggedModelArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]  # type: ignore[assignment]
+    """Uploads one file of a logged model, framed and verified as UploadArtifact."""
+    ListLoggedModelArtifacts: _aio.UnaryUnaryMultiCallable[_tracking_pb2.ListLoggedModelArtifactsRequest, _tracking_pb2.ListLoggedModelArtifactsResponse]  # type: ignore[assignment]
+    """Lists the files of a logged model under a path; paginated."""
+    DownloadLoggedModelArtifact: _aio.UnaryStreamMultiCallable[_tracking_pb2.DownloadLoggedModelArtifactRequest, _tracking_pb2.DownloadLoggedModelArtifactResponse]  # type: ignore[assignment]
+    """Downloads one file of a logged model, framed and verified as DownloadArtifact."""
 
 class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
@@ -333,6 +387,7 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - MODEL_VERSION_NOT_FOUND [NOT_FOUND]: no such version, or the model has none.
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
+    - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
     - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
@@ -552,5 +607,97 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
         client keeps them aside until the trailer has confirmed them.
         """
+
+    @_abc_1.abstractmethod
+    def CreateLoggedModel(
+        self,
+        request: _tracking_pb2.CreateLoggedModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.CreateLoggedModelResponse, _abc.Awaitable[_tracking_pb2.CreateLoggedModelResponse]]:
+        """MLflow 3's logged models: what `log_model` and autologging create. A logged model
+        belongs to an experiment (and usually a source run) and keeps its files under its
+        own artifact location. Creates a logged model in PENDING status; a repeat with the
+        same request_id returns the model the first call created.
+        """
+
+    @_abc_1.abstractmethod
+    def GetLoggedModel(
+        self,
+        request: _tracking_pb2.GetLoggedModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.GetLoggedModelResponse, _abc.Awaitable[_tracking_pb2.GetLoggedModelResponse]]:
+        """Reads one logged model (NOT_FOUND, reason LOGGED_MODEL_NOT_FOUND, when missing)."""
+
+    @_abc_1.abstractmethod
+    def SearchLoggedModels(
+        self,
+        request: _tracking_pb2.SearchLoggedModelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.SearchLoggedModelsResponse, _abc.Awaitable[_tracking_pb2.SearchLoggedModelsResponse]]:
+        """Searches logged models of experiments with MLflow's filter syntax; paginated."""
+
+    @_abc_1.abstractmethod
+    def FinalizeLoggedModel(
+        self,
+        request: _tracking_pb2.FinalizeLoggedModelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.FinalizeLoggedModelResponse, _abc.Awaitable[_tracking_pb2.FinalizeLoggedModelResponse]]:
+        """Sets a logged model's status (READY once its files are stored, or FAILED)."""
+
+    @_abc_1.abstractmethod
+    def SetLoggedModelTags(
+        self,
+        request: _tracking_pb2.SetLoggedModelTagsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.SetLoggedModelTagsResponse, _abc.Awaitable[_tracking_pb2.SetLoggedModelTagsResponse]]:
+        """Sets (or overwrites) tags of a logged model."""
+
+    @_abc_1.abstractmethod
+    def DeleteLoggedModelTag(
+        self,
+        request: _tracking_pb2.DeleteLoggedModelTagRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.DeleteLoggedModelTagResponse, _abc.Awaitable[_tracking_pb2.DeleteLoggedModelTagResponse]]:
+        """Deletes one tag of a logged model."""
+
+    @_abc_1.abstractmethod
+    def LogModelOutputs(
+        self,
+        request: _tracking_pb2.LogModelOutputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.LogModelOutputsResponse, _abc.Awaitable[_tracking_pb2.LogModelOutputsResponse]]:
+        """Records logged models as outputs of a run, each at a step."""
+
+    @_abc_1.abstractmethod
+    def LogRunInputs(
+        self,
+        request: _tracking_pb2.LogRunInputsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.LogRunInputsResponse, _abc.Awaitable[_tracking_pb2.LogRunInputsResponse]]:
+        """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
+
+    @_abc_1.abstractmethod
+    def UploadLoggedModelArtifact(
+        self,
+        request_iterator: _MaybeAsyncIterator[_tracking_pb2.UploadLoggedModelArtifactRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.UploadLoggedModelArtifactResponse, _abc.Awaitable[_tracking_pb2.UploadLoggedModelArtifactResponse]]:
+        """Uploads one file of a logged model, framed and verified as UploadArtifact."""
+
+    @_abc_1.abstractmethod
+    def ListLoggedModelArtifacts(
+        self,
+        request: _tracking_pb2.ListLoggedModelArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.ListLoggedModelArtifactsResponse, _abc.Awaitable[_tracking_pb2.ListLoggedModelArtifactsResponse]]:
+        """Lists the files of a logged model under a path; paginated."""
+
+    @_abc_1.abstractmethod
+    def DownloadLoggedModelArtifact(
+        self,
+        request: _tracking_pb2.DownloadLoggedModelArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tracking_pb2.DownloadLoggedModelArtifactResponse], _abc.AsyncIterator[_tracking_pb2.DownloadLoggedModelArtifactResponse]]:
+        """Downloads one file of a logged model, framed and verified as DownloadArtifact."""
 
 def add_ExperimentTrackingServiceServicer_to_server(servicer: ExperimentTrackingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -132,6 +132,12 @@ class MlflowGateway:
             )
 
     @property
+    def client(self) -> MlflowClient:
+        """The MlflowClient of the opened gateway, for the package's other adapters, which
+        go through `call` for retries and error mapping."""
+        return self._client
+
+    @property
     def _client(self) -> MlflowClient:
         client = self._opened
         if client is None:
@@ -291,6 +297,12 @@ class MlflowGateway:
         if len(self._checked_runs) >= _RUN_LOCATION_CACHE:
             self._checked_runs.clear()
         self._checked_runs[run_id] = uri
+        return uri
+
+    def check_storage(self, field: str, uri: str) -> str:
+        """`uri` once the storage policy allows it: PERMISSION_DENIED (reason
+        PATH_OUTSIDE_ROOTS, naming `field`) for a location outside the configured stores."""
+        self._storage.check(field, uri)
         return uri
 
     def _storage_uri(self, field: str, uri: str) -> str:
@@ -781,6 +793,9 @@ class MlflowGateway:
         A source outside the configured artifact stores is PERMISSION_DENIED."""
         self._storage_uri("source", source)
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
+        # A logged model's own models:/ URI (MLflow 3): the registry links the version to
+        # that model, as MLflow's register_model does.
+        model_id = mlflow_internals.logged_model_id(source)
 
         def attempt(_ambiguous: bool) -> Any:
             found = self._find_version(name, request_id)
@@ -793,6 +808,7 @@ class MlflowGateway:
                 tags=all_tags,
                 description=description or None,
                 await_creation_for=0,
+                model_id=model_id,
             )
 
         return entities.model_version(

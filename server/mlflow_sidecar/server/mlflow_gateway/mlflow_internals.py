@@ -30,6 +30,15 @@ split_models_uri: Callable[[str], tuple[str, str]] = ModelsArtifactRepository.sp
 model_name_and_version: Callable[[Any, str], tuple[str, ...]] = (
     model_uris.get_model_name_and_version
 )
+_parse_model_uri: Callable[[str], Any] = model_uris._parse_model_uri
+
+
+def logged_model_id(source: str) -> str | None:
+    """The logged model id of a `models:/<model id>` source (MLflow 3), else None."""
+    if not source.lower().startswith("models:/"):
+        return None
+    model_id: str | None = _parse_model_uri(source).model_id
+    return model_id
 
 
 _guess_mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type

@@ -5,8 +5,8 @@ in and out, the sidecar's errors (`mlflow_sidecar.core.errors`) out, no MLflow t
 any signature. `MlflowGateway` implements it against MLflow; the tests keep one in-memory
 implementation, and one contract test suite holds both to the same behaviour.
 
-The port is made of one Protocol per concern, so that a new concern (MLflow's logged
-models, say) is one more Protocol joined into `MlflowPort`.
+The port is made of one Protocol per concern, so that a new concern is one more Protocol
+joined into `MlflowPort` (or, like `LoggedModelsPort`, kept beside it).
 
 Every method may also raise UnavailableError (MLflow unreachable after the retries) and
 DeadlineExceededError (the call's deadline passed), and nothing else unexpected.
@@ -21,6 +21,7 @@ from typing import Protocol
 
 from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.errors import SidecarError
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +294,67 @@ class ArtifactsPort(Protocol):
     def download_model_version(self, name: str, version: int, dst_dir: Path) -> Path:
         """Download every file of a model version into the existing directory `dst_dir`;
         returns the model's root."""
+
+
+class LoggedModelsPort(Protocol):
+    """MLflow 3's logged models: what `log_model` and autologging create. Kept apart from
+    `MlflowPort`, whose in-memory fake does not model them; the plugin's integration tests
+    run them against real MLflow."""
+
+    def create(
+        self,
+        experiment_id: str,
+        *,
+        name: str,
+        model_type: str,
+        source_run_id: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+    ) -> LoggedModel:
+        """Create a logged model in PENDING status; not retried (a retry could make two)."""
+
+    def get(self, model_id: str) -> LoggedModel:
+        """The logged model; NotFoundError (LOGGED_MODEL_NOT_FOUND) when there is none."""
+
+    def search(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        order_by: Sequence[tuple[str, bool]],
+        page_size: int,
+        page_token: str,
+    ) -> domain.Page[LoggedModel]:
+        """One page of the experiments' logged models, in MLflow's filter syntax."""
+
+    def finalize(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:
+        """Set the model's final status (READY or FAILED)."""
+
+    def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) the model's tags."""
+
+    def delete_tag(self, model_id: str, key: str) -> None:
+        """Delete one tag; NotFoundError (TAG_NOT_FOUND) when the model has no such tag."""
+
+    def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
+        """Record logged models as outputs of the run, each at a step."""
+
+    def log_inputs(
+        self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
+    ) -> None:
+        """Record the datasets and logged models a run used."""
+
+    def artifact_location(self, model_id: str) -> str:
+        """Where the model's files live, once the storage policy allows it."""
+
+    def log_artifact(self, model_id: str, local_file: Path, artifact_dir: str) -> None:
+        """Store one file among the model's artifacts."""
+
+    def list_artifacts(self, model_id: str, path: str) -> list[domain.FileInfo]:
+        """The model's artifacts directly under `path`."""
+
+    def download_artifact(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
+        """Download one of the model's files into `dst_dir`; returns its path."""
 
 
 class MlflowPort(

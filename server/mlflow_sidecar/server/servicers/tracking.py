@@ -12,7 +12,9 @@ from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.servicers import streams
+from mlflow_sidecar.server.servicers.logged_models import LoggedModelRpcs
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
+from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -25,13 +27,18 @@ def ensure_active(context: grpc.ServicerContext) -> None:
         raise CancelledError("the client cancelled the upload")
 
 
-class TrackingServicer(pb_grpc.ExperimentTrackingServiceServicer):
+class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceServicer):
     """Converts requests to port calls and results to responses; artifact bytes go
     through `transfers` as they arrive (staged on disk only for stores that take files)."""
 
     def __init__(
-        self, service: TrackingService, transfers: ArtifactTransfers, staging: Staging
+        self,
+        service: TrackingService,
+        transfers: ArtifactTransfers,
+        staging: Staging,
+        logged_models: LoggedModelService,
     ) -> None:
+        LoggedModelRpcs.__init__(self, logged_models, staging)
         self._service = service
         self._transfers = transfers
         self._staging = staging

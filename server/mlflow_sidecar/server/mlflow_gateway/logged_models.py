@@ -1,0 +1,228 @@
+"""MLflow 3's logged models at the MLflow seam: their metadata and their files.
+
+A logged model keeps its files under its own artifact location (not under a run's), so
+its files are stored and read through that location's artifact repository, after the
+location is checked against the sidecar's storage policy like a run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
+from mlflow.entities import LoggedModel as MlflowLoggedModel
+from mlflow.entities import LoggedModelStatus as MlflowStatus
+from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
+from mlflow_sidecar.server.mlflow_gateway import page_tokens
+from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
+
+_PAGE_KIND = "logged_models"
+
+
+def logged_model(model: MlflowLoggedModel) -> LoggedModel:
+    """MLflow's logged model as the domain's."""
+    status = str(getattr(model.status, "name", model.status) or "PENDING").upper()
+    return LoggedModel(
+        model_id=model.model_id,
+        experiment_id=str(model.experiment_id),
+        name=model.name or "",
+        artifact_location=model.artifact_location or "",
+        creation_time_ms=int(model.creation_timestamp or 0),
+        last_updated_time_ms=int(model.last_updated_timestamp or 0),
+        model_type=model.model_type or "",
+        source_run_id=model.source_run_id or "",
+        status=LoggedModelStatus.__members__.get(status, LoggedModelStatus.PENDING),
+        status_message=model.status_message or "",
+        tags=dict(model.tags or {}),
+        params=dict(model.params or {}),
+    )
+
+
+class LoggedModelGateway:
+    """Logged models through the gateway's retries, error mapping and storage policy."""
+
+    def __init__(self, gateway: MlflowGateway) -> None:
+        self._gateway = gateway
+
+    @property
+    def _client(self) -> MlflowClient:
+        return self._gateway.client
+
+    def create(
+        self,
+        experiment_id: str,
+        *,
+        name: str,
+        model_type: str,
+        source_run_id: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+    ) -> LoggedModel:
+        """Create a logged model in PENDING status. Not retried: a retry could make two
+        (the request ledger answers a repeated request_id with the first outcome)."""
+        created = self._gateway.call(
+            lambda: self._client.create_logged_model(
+                experiment_id,
+                name=name or None,
+                source_run_id=source_run_id or None,
+                tags=dict(tags) or None,
+                params=dict(params) or None,
+                model_type=model_type or None,
+            ),
+            retry=False,
+            not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+        )
+        return logged_model(created)
+
+    def get(self, model_id: str) -> LoggedModel:
+        """One logged model."""
+        return logged_model(
+            self._gateway.call(
+                lambda: self._client.get_logged_model(model_id),
+                not_found=ErrorReason.LOGGED_MODEL_NOT_FOUND,
+            )
+        )
+
+    def search(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        order_by: Sequence[tuple[str, bool]],
+        page_size: int,
+        page_token: str,
+    ) -> domain.Page[LoggedModel]:
+        """One page of the experiments' logged models matching an MLflow filter."""
+        mlflow_token = page_tokens.to_mlflow(_PAGE_KIND, page_token)
+        ordering = [{"field_name": f, "ascending": a} for f, a in order_by] or None
+        paged: Any = self._gateway.call(
+            lambda: self._client.search_logged_models(
+                experiment_ids=list(experiment_ids),
+                filter_string=filter_string or None,
+                max_results=page_size,
+                order_by=ordering,
+                page_token=mlflow_token,
+            ),
+            not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+            invalid_field="filter",
+        )
+        return domain.Page(
+            tuple(logged_model(m) for m in paged),
+            page_tokens.from_mlflow(_PAGE_KIND, paged.token),
+        )
+
+    def finalize(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:
+        """Set the model's final status (READY or FAILED)."""
+        return logged_model(
+            self._gateway.call(
+                lambda: self._client.finalize_logged_model(model_id, MlflowStatus[status.value]),
+                not_found=ErrorReason.LOGGED_MODEL_NOT_FOUND,
+            )
+        )
+
+    def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
+        """Set (or overwrite) tags."""
+        self._gateway.call(
+            lambda: self._client.set_logged_model_tags(model_id, dict(tags)),
+            not_found=ErrorReason.LOGGED_MODEL_NOT_FOUND,
+        )
+
+    def delete_tag(self, model_id: str, key: str) -> None:
+        """Delete one tag; a model without it is TAG_NOT_FOUND, a missing model
+        LOGGED_MODEL_NOT_FOUND."""
+        model = self.get(model_id)
+        if key not in model.tags:
+            raise NotFoundError(
+                f"logged model {model_id} has no tag {key!r}",
+                reason=ErrorReason.TAG_NOT_FOUND,
+                field="key",
+            )
+        self._gateway.call(
+            lambda: self._client.delete_logged_model_tag(model_id, key),
+            not_found=ErrorReason.LOGGED_MODEL_NOT_FOUND,
+        )
+
+    def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
+        """Record logged models as outputs of the run, each at a step."""
+        models = [LoggedModelOutput(model_id, step) for model_id, step in outputs]
+        self._gateway.call(
+            lambda: self._client.log_outputs(run_id, models),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
+
+    def log_inputs(
+        self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
+    ) -> None:
+        """Record the datasets and logged models a run used."""
+        inputs = [
+            DatasetInput(
+                Dataset(
+                    d.name,
+                    d.digest,
+                    d.source_type,
+                    d.source,
+                    schema=d.schema or None,
+                    profile=d.profile or None,
+                ),
+                tags=[InputTag(k, v) for k, v in d.tags.items()],
+            )
+            for d in datasets
+        ]
+        models = [LoggedModelInput(model_id) for model_id in model_ids]
+        self._gateway.call(
+            lambda: self._client.log_inputs(run_id, datasets=inputs or None, models=models or None),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
+
+    # -- files ----------------------------------------------------------------------------
+
+    def artifact_location(self, model_id: str) -> str:
+        """The model's artifact location, once the storage policy allows it."""
+        location = self.get(model_id).artifact_location
+        return self._gateway.check_storage("model_id", location)
+
+    def log_artifact(self, model_id: str, local_file: Path, artifact_dir: str) -> None:
+        """Store one file as `artifact_dir/<the file's name>` among the model's files.
+        Retried: storing the same bytes again overwrites them with the same."""
+        location = self.artifact_location(model_id)
+
+        def op() -> None:
+            self._repository(location).log_artifact(str(local_file), artifact_dir or None)
+
+        self._gateway.call(op)
+
+    def list_artifacts(self, model_id: str, path: str) -> list[domain.FileInfo]:
+        """The model's files directly under `path` (empty: the root)."""
+        location = self.artifact_location(model_id)
+        infos: Any = self._gateway.call(
+            lambda: self._repository(location).list_artifacts(path or None)
+        )
+        return [
+            domain.FileInfo(path=i.path, is_dir=bool(i.is_dir), size_bytes=int(i.file_size or 0))
+            for i in infos
+        ]
+
+    def _repository(self, location: str) -> Any:
+        # Built with the sidecar's own tracking URI: MLflow's default one is the
+        # process's, which is not necessarily the sidecar's MLflow.
+        return get_artifact_repository(
+            location,
+            tracking_uri=self._gateway.tracking_uri,
+            registry_uri=self._gateway.registry_uri,
+        )
+
+    def download_artifact(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
+        """Download one of the model's files into `dst_dir`; returns its path."""
+        location = self.artifact_location(model_id)
+
+        def op() -> str:
+            return str(self._repository(location).download_artifacts(artifact_path, str(dst_dir)))
+
+        return Path(self._gateway.call(op, not_found=ErrorReason.ARTIFACT_NOT_FOUND))

@@ -1,0 +1,76 @@
+"""Errors of the sidecar as MLflow's own: `MlflowException` with MLflow's error codes.
+
+Stock MLflow code branches on error codes (e.g. `_register_model` on
+RESOURCE_ALREADY_EXISTS), so every SidecarError reaching MLflow is translated here, once.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
+import grpc
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
+
+from mlflow_sidecar.core.errors import MLFLOW_ERROR_CODE_KEY, SidecarError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_CODES: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.NOT_FOUND: databricks_pb2.RESOURCE_DOES_NOT_EXIST,
+    grpc.StatusCode.ALREADY_EXISTS: databricks_pb2.RESOURCE_ALREADY_EXISTS,
+    grpc.StatusCode.INVALID_ARGUMENT: databricks_pb2.INVALID_PARAMETER_VALUE,
+    grpc.StatusCode.FAILED_PRECONDITION: databricks_pb2.INVALID_STATE,
+    grpc.StatusCode.UNAVAILABLE: databricks_pb2.TEMPORARILY_UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: databricks_pb2.DEADLINE_EXCEEDED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: databricks_pb2.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.UNAUTHENTICATED: databricks_pb2.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED: databricks_pb2.PERMISSION_DENIED,
+    grpc.StatusCode.DATA_LOSS: databricks_pb2.DATA_LOSS,
+    grpc.StatusCode.ABORTED: databricks_pb2.ABORTED,
+    grpc.StatusCode.CANCELLED: databricks_pb2.CANCELLED,
+    grpc.StatusCode.UNIMPLEMENTED: databricks_pb2.NOT_IMPLEMENTED,
+}
+
+
+def mlflow_error_code(error: SidecarError) -> int:
+    """MLflow's error code for `error`: the one MLflow itself gave, when the sidecar passed
+    it on, else the one its gRPC status stands for."""
+    named = error.metadata.get(MLFLOW_ERROR_CODE_KEY, "")
+    if named in databricks_pb2.ErrorCode.keys():  # noqa: SIM118 - an enum wrapper, not a dict
+        return int(databricks_pb2.ErrorCode.Value(named))
+    return _CODES.get(error.code, databricks_pb2.INTERNAL_ERROR)
+
+
+def to_mlflow(error: SidecarError) -> MlflowException:
+    """`error` as an MlflowException; the reason and field stay readable in the message."""
+    detail = f"{error.message} (sidecar: {error.code.name}, {error.reason}"
+    detail += f", field {error.field})" if error.field else ")"
+    translated = MlflowException(detail, error_code=mlflow_error_code(error))
+    translated.__cause__ = error
+    return translated
+
+
+def unsupported(what: str) -> MlflowException:
+    """The error of an operation the sidecar's contract does not offer."""
+    return MlflowException(
+        f"{what} is not supported through the sidecar (sidecar:// URI): its contract has no"
+        " such operation; use MLflow's tracking server directly for it",
+        error_code=databricks_pb2.NOT_IMPLEMENTED,
+    )
+
+
+def translated(method: Callable[P, R]) -> Callable[P, R]:
+    """Wrap `method` so that a SidecarError leaves it as an MlflowException."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except SidecarError as error:
+            raise to_mlflow(error) from error
+
+    return wrapper

@@ -1,0 +1,273 @@
+"""`SidecarRegistryStore`: MLflow's model registry store for `sidecar://` URIs.
+
+Aliases replace MLflow's deprecated stages: every version's stage reads "None", and
+stage transitions are refused (NOT_IMPLEMENTED). A version's download URI is given in
+the sidecar's artifact URIs, so that `mlflow.pyfunc.load_model("models:/NAME@alias")`
+downloads through the sidecar.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from mlflow.entities.model_registry import ModelVersion as MlflowModelVersion
+from mlflow.entities.model_registry import RegisteredModel as MlflowRegisteredModel
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
+from mlflow.store.artifact.utils.models import _parse_model_uri
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.model_registry.abstract_store import AbstractStore
+
+from mlflow_sidecar.core.domain import MAX_PAGE_SIZE, ModelVersion
+from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.mlflow_plugin import entities
+from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, connection_for
+from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
+
+_RUNS_PREFIX = "runs:/"
+_DEFAULT_PAGE_SIZE = 100
+
+
+def _logged_model_id(source: str) -> str | None:
+    """The logged model a `models:/<model id>` source names, else None."""
+    if not source.startswith("models:/"):
+        return None
+    model_id: str | None = _parse_model_uri(source).model_id
+    return model_id
+
+
+def _page_size(max_results: int | None) -> int:
+    return max(1, min(int(max_results or _DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE))
+
+
+class SidecarRegistryStore(AbstractStore):
+    """MLflow's registry store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
+
+    def __init__(self, store_uri: str, tracking_uri: str | None = None) -> None:
+        super().__init__(store_uri, tracking_uri)
+        connection = connection_for(store_uri)
+        self._root = connection.root
+        self._registry = connection.registry
+        self._tracking = connection.tracking
+
+    # -- registered models ----------------------------------------------------------------
+
+    @translated
+    def create_registered_model(
+        self,
+        name: str,
+        tags: Any = None,
+        description: str | None = None,
+        deployment_job_id: str | None = None,
+    ) -> MlflowRegisteredModel:
+        if deployment_job_id:
+            raise unsupported("A deployment job")
+        created = self._registry.create_registered_model(
+            name, description=description or "", tags=entities.tag_dict(tags)
+        )
+        return entities.registered_model(created)
+
+    @translated
+    def update_registered_model(
+        self, name: str, description: str | None, deployment_job_id: str | None = None
+    ) -> MlflowRegisteredModel:
+        if deployment_job_id:
+            raise unsupported("A deployment job")
+        updated = self._registry.update_registered_model(name, description=description or "")
+        return entities.registered_model(updated)
+
+    @translated
+    def rename_registered_model(self, name: str, new_name: str) -> MlflowRegisteredModel:
+        return entities.registered_model(self._registry.rename_registered_model(name, new_name))
+
+    @translated
+    def delete_registered_model(self, name: str) -> None:
+        self._registry.delete_registered_model(name)
+
+    @translated
+    def search_registered_models(
+        self,
+        filter_string: str | None = None,
+        max_results: int | None = None,
+        order_by: Sequence[str] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        page = self._registry.search_registered_models(
+            filter_string=filter_string or "",
+            order_by=tuple(order_by or ()),
+            page_size=_page_size(max_results),
+            page_token=page_token or "",
+        )
+        return PagedList(
+            [entities.registered_model(m) for m in page.items], page.next_page_token or None
+        )
+
+    @translated
+    def get_registered_model(self, name: str) -> MlflowRegisteredModel:
+        model = self._registry.get_registered_model(name)
+        return entities.registered_model(model, self._latest(name))
+
+    @translated
+    def get_latest_versions(
+        self, name: str, stages: Sequence[str] | None = None
+    ) -> list[MlflowModelVersion]:
+        # Every version is in stage "None" here, so the latest of any other stage is none.
+        if stages and not any(s.lower() == "none" for s in stages):
+            self._registry.get_registered_model(name)  # a missing model is still NOT_FOUND
+            return []
+        return self._latest(name)
+
+    @translated
+    def set_registered_model_tag(self, name: str, tag: Any) -> None:
+        self._registry.set_registered_model_tag(name, tag.key, str(tag.value))
+
+    @translated
+    def delete_registered_model_tag(self, name: str, key: str) -> None:
+        self._registry.delete_registered_model_tag(name, key)
+
+    # -- versions -------------------------------------------------------------------------
+
+    @translated
+    def create_model_version(
+        self,
+        name: str,
+        source: str,
+        run_id: str | None = None,
+        tags: Any = None,
+        run_link: str | None = None,
+        description: str | None = None,
+        local_model_path: str | None = None,
+        model_id: str | None = None,
+    ) -> MlflowModelVersion:
+        if model_id and not source.startswith("models:/"):
+            # The sidecar resolves a logged model from its models:/ URI, as MLflow does.
+            source = f"models:/{model_id}"
+        tag_values = entities.tag_dict(tags)
+        own_run, artifact_path = self._run_artifact(source)
+        if own_run:
+            created = self._registry.create_model_version(
+                name,
+                run_id=own_run,
+                artifact_path=artifact_path,
+                description=description or "",
+                tags=tag_values,
+            )
+        else:
+            created = self._registry.create_model_version(
+                name,
+                source=source,
+                run_id=run_id or "",
+                description=description or "",
+                tags=tag_values,
+            )
+        return entities.model_version(created)
+
+    @translated
+    def update_model_version(
+        self, name: str, version: str | int, description: str | None
+    ) -> MlflowModelVersion:
+        updated = self._registry.update_model_version(
+            name, int(version), description=description or ""
+        )
+        return entities.model_version(updated)
+
+    def transition_model_version_stage(
+        self, name: str, version: str | int, stage: str, archive_existing_versions: bool
+    ) -> MlflowModelVersion:
+        raise unsupported("A stage transition (use aliases)")
+
+    @translated
+    def delete_model_version(self, name: str, version: str | int) -> None:
+        self._registry.delete_model_version(name, int(version))
+
+    @translated
+    def get_model_version(self, name: str, version: str | int) -> MlflowModelVersion:
+        return entities.model_version(self._registry.get_model_version(name, int(version)))
+
+    @translated
+    def get_model_version_download_uri(self, name: str, version: str | int) -> str:
+        return self._download_uri(self._registry.get_model_version(name, int(version)))
+
+    @translated
+    def search_model_versions(
+        self,
+        filter_string: str | None = None,
+        max_results: int | None = None,
+        order_by: Sequence[str] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        page = self._registry.search_model_versions(
+            filter_string=filter_string or "",
+            order_by=tuple(order_by or ()),
+            page_size=_page_size(max_results),
+            page_token=page_token or "",
+        )
+        return PagedList(
+            [entities.model_version(v) for v in page.items], page.next_page_token or None
+        )
+
+    @translated
+    def set_model_version_tag(self, name: str, version: str | int, tag: Any) -> None:
+        self._registry.set_model_version_tag(name, int(version), tag.key, str(tag.value))
+
+    @translated
+    def delete_model_version_tag(self, name: str, version: str | int, key: str) -> None:
+        self._registry.delete_model_version_tag(name, int(version), key)
+
+    @translated
+    def set_registered_model_alias(self, name: str, alias: str, version: str | int) -> None:
+        self._registry.set_model_alias(name, alias, int(version))
+
+    @translated
+    def delete_registered_model_alias(self, name: str, alias: str) -> None:
+        self._registry.delete_model_alias(name, alias)
+
+    @translated
+    def get_model_version_by_alias(self, name: str, alias: str) -> MlflowModelVersion:
+        return entities.model_version(self._registry.get_model_version_by_alias(name, alias))
+
+    def copy_model_version(self, src_mv: Any, dst_name: str) -> MlflowModelVersion:
+        raise unsupported("Copying a model version")
+
+    # -- helpers --------------------------------------------------------------------------
+
+    def _latest(self, name: str) -> list[MlflowModelVersion]:
+        try:
+            return [entities.model_version(self._registry.get_latest_model_version(name))]
+        except NotFoundError:
+            # A model without versions has no latest version; a missing model is an error.
+            self._registry.get_registered_model(name)
+            return []
+
+    def _run_artifact(self, source: str) -> tuple[str, str]:
+        """The run and artifact path of a `runs:/` source or one of the sidecar's artifact
+        URIs; ("", "") for any other source."""
+        if source.startswith(_RUNS_PREFIX):
+            run_id, _, path = source[len(_RUNS_PREFIX) :].partition("/")
+            return run_id, path.strip("/")
+        if source.startswith(self._root + "/"):
+            parts = SidecarUri.parse(source).path.split("/")
+            if len(parts) >= 3 and parts[0] == "runs" and parts[2] == "artifacts":
+                return parts[1], "/".join(parts[3:])
+        return "", ""
+
+    def _download_uri(self, version: ModelVersion) -> str:
+        """Where a trainer downloads the version's files from: the sidecar's artifact URI
+        of the logged model, or of the run's artifacts, the version was registered from."""
+        model_id = version.model_id or _logged_model_id(version.source)
+        if model_id:
+            return entities.model_artifact_uri(self._root, model_id)
+        run_id, path = self._run_artifact(version.source)
+        if not run_id and version.run_id:
+            run_root = self._tracking.get_run(version.run_id).info.artifact_uri.rstrip("/")
+            if version.source == run_root or version.source.startswith(run_root + "/"):
+                run_id, path = version.run_id, version.source[len(run_root) :].strip("/")
+        if not run_id:
+            raise MlflowException(
+                f"Version {version.version} of {version.name!r} comes from {version.source!r},"
+                " which is not a run's artifacts: the sidecar can serve only those",
+                error_code=databricks_pb2.NOT_IMPLEMENTED,
+            )
+        uri = entities.run_artifact_uri(self._root, run_id)
+        return f"{uri}/{path}" if path else uri

@@ -1,0 +1,528 @@
+"""`SidecarTrackingStore`: MLflow's tracking store for `sidecar://` URIs.
+
+Metric points take the fast path: `log_metric` and `log_batch` hand them to the
+connection's MetricStream, which commits them to the sidecar's durable spool from a
+background thread (within `max_delay_s`, 0.2 s by default), and the sidecar delivers them
+to MLflow. The call costs the trainer a buffer append, whatever MLflow's latency. Ending a
+run first hands its points to the spool (the sidecar then delivers them before it ends the
+run in MLflow); `mlflow.flush_async_logging()` waits until every point logged through this
+process is in MLflow. Reading a run or a metric history first delivers that run's points,
+so a trainer reads what it wrote.
+
+Operations the sidecar's contract does not offer raise MlflowException with error code
+NOT_IMPLEMENTED; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from mlflow.entities import Experiment as MlflowExperiment
+from mlflow.entities import LoggedModel as MlflowLoggedModel
+from mlflow.entities import Metric as MlflowMetric
+from mlflow.entities import Param, RunStatus, RunTag
+from mlflow.entities import Run as MlflowRun
+from mlflow.entities import RunInfo as MlflowRunInfo
+from mlflow.environment_variables import MLFLOW_REGISTRY_URI
+from mlflow.exceptions import MlflowException
+from mlflow.protos import databricks_pb2
+from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.tracking._model_registry import utils as registry_utils
+from mlflow.utils._spark_utils import _get_active_spark_session
+from mlflow.utils.async_logging.run_operations import RunOperations
+
+from mlflow_sidecar.core.domain import (
+    DEFAULT_METRIC_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    TERMINAL_RUN_STATUSES,
+    Metric,
+)
+from mlflow_sidecar.core.domain import (
+    RunStatus as SidecarRunStatus,
+)
+from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
+from mlflow_sidecar.mlflow_plugin import entities
+from mlflow_sidecar.mlflow_plugin.connection import SidecarConnection, connection_for
+from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
+
+_log = logging.getLogger(__name__)
+_LINK_WARNED = False
+
+
+class _Undelivered:
+    """The runs this process streamed points to since they were last delivered, and the
+    runs it ended."""
+
+    def __init__(self) -> None:
+        self._runs: set[str] = set()
+        self._ended: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, run_id: str) -> None:
+        """Note points streamed to `run_id`; a run this process ended takes none.
+
+        The sidecar refuses points of a run ended through it (RUN_ENDED), and such a refusal
+        would fail the process's one metric stream, for every run: it is refused here."""
+        if run_id in self._ended:
+            raise MlflowException(
+                f"run {run_id} was ended: it takes no more metric points (the sidecar refuses"
+                " them, reason RUN_ENDED); log them to a new run",
+                error_code=databricks_pb2.INVALID_STATE,
+            )
+        if run_id not in self._runs:
+            with self._lock:
+                self._runs.add(run_id)
+
+    def end(self, run_id: str) -> None:
+        """Note that this process ended `run_id`."""
+        with self._lock:
+            self._ended.add(run_id)
+
+    def take(self, run_id: str | None = None) -> list[str]:
+        with self._lock:
+            if run_id is None:
+                runs, self._runs = list(self._runs), set()
+                return runs
+            if run_id in self._runs:
+                self._runs.discard(run_id)
+                return [run_id]
+            return []
+
+
+# Per connection: stores come and go (MLflow builds one per client), the points stay.
+_UNDELIVERED: dict[int, _Undelivered] = {}
+_UNDELIVERED_LOCK = threading.Lock()
+
+
+def _undelivered(connection: SidecarConnection) -> _Undelivered:
+    with _UNDELIVERED_LOCK:
+        return _UNDELIVERED.setdefault(id(connection), _Undelivered())
+
+
+_REGISTRY_SETTLED = False
+
+
+def _settle_default_registry(store_uri: str) -> None:
+    """Make MLflow's default registry (the tracking URI) explicit, once per process.
+
+    With no registry URI set, MLflow looks for an active Spark session (an import attempt)
+    in every fluent call, which costs several times what the sidecar's `log_metric` does.
+    When nothing chose a registry and no Spark session is active, the registry URI is set
+    to the one MLflow would resolve anyway: this `sidecar://` URI. Set MLFLOW_REGISTRY_URI
+    (or call `mlflow.set_registry_uri`) to choose another registry; it is then left alone.
+    """
+    global _REGISTRY_SETTLED  # noqa: PLW0603 - once per process
+    if _REGISTRY_SETTLED:
+        return
+    _REGISTRY_SETTLED = True
+    if registry_utils._registry_uri is not None or MLFLOW_REGISTRY_URI.get():
+        return
+    if _get_active_spark_session() is not None:
+        return
+    registry_utils.set_registry_uri(store_uri)
+    _log.info("model registry URI set to %s, the tracking URI", store_uri)
+
+
+def _page_size(max_results: int | None, default: int, ceiling: int) -> int:
+    if max_results is None:
+        return default
+    return max(1, min(int(max_results), ceiling))
+
+
+class SidecarTrackingStore(AbstractStore):
+    """MLflow's tracking store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
+
+    def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
+        super().__init__()
+        self._connection = connection_for(store_uri)
+        _settle_default_registry(store_uri)
+        self._root = self._connection.root
+        self._tracking = self._connection.tracking
+        self._models = self._connection.models
+        self._undelivered = _undelivered(self._connection)
+
+    # -- experiments ----------------------------------------------------------------------
+
+    @translated
+    def search_experiments(
+        self,
+        view_type: int | None = None,
+        max_results: int | None = SEARCH_MAX_RESULTS_DEFAULT,
+        filter_string: str | None = None,
+        order_by: Sequence[str] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        page = self._tracking.search_experiments(
+            filter_string=filter_string or "",
+            order_by=tuple(order_by or ()),
+            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
+            page_token=page_token or "",
+            view_type=entities.view_type(view_type),
+        )
+        return PagedList([entities.experiment(e) for e in page.items], page.next_page_token or None)
+
+    @translated
+    def create_experiment(
+        self, name: str, artifact_location: str | None = None, tags: Any = None
+    ) -> str:
+        created = self._tracking.create_experiment(
+            name, tags=entities.tag_dict(tags), artifact_location=artifact_location or ""
+        )
+        return created.experiment_id
+
+    @translated
+    def get_experiment(self, experiment_id: str) -> MlflowExperiment:
+        return entities.experiment(self._tracking.get_experiment(str(experiment_id)))
+
+    @translated
+    def get_experiment_by_name(self, experiment_name: str) -> MlflowExperiment | None:
+        try:
+            return entities.experiment(self._tracking.get_experiment_by_name(experiment_name))
+        except NotFoundError:
+            # MLflow's stores answer None for a missing name; `set_experiment` relies on it.
+            return None
+
+    @translated
+    def delete_experiment(self, experiment_id: str) -> None:
+        self._tracking.delete_experiment(str(experiment_id))
+
+    @translated
+    def restore_experiment(self, experiment_id: str) -> None:
+        self._tracking.restore_experiment(str(experiment_id))
+
+    def rename_experiment(self, experiment_id: str, new_name: str) -> None:
+        raise unsupported("Renaming an experiment")
+
+    def set_experiment_tag(self, experiment_id: str, tag: Any) -> None:
+        raise unsupported("Setting an experiment tag")
+
+    def delete_experiment_tag(self, experiment_id: str, key: str) -> None:
+        raise unsupported("Deleting an experiment tag")
+
+    # -- runs -----------------------------------------------------------------------------
+
+    @translated
+    def create_run(
+        self,
+        experiment_id: str,
+        user_id: str | None,
+        start_time: int | None,
+        tags: Any,
+        run_name: str | None,
+    ) -> MlflowRun:
+        tag_values = entities.tag_dict(tags)
+        if user_id and "mlflow.user" not in tag_values:
+            tag_values["mlflow.user"] = user_id
+        parent = tag_values.get("mlflow.parentRunId", "")
+        started = self._tracking.start_run(
+            str(experiment_id),
+            run_name=run_name or "",
+            tags=tag_values,
+            parent_run_id=parent,
+            start_time_ms=int(start_time or 0),
+        )
+        return entities.run(started, self._root)
+
+    @translated
+    def get_run(self, run_id: str) -> MlflowRun:
+        self._deliver(run_id)
+        return entities.run(self._tracking.get_run(run_id), self._root)
+
+    @translated
+    def update_run_info(
+        self,
+        run_id: str,
+        run_status: int | None,
+        end_time: int | None,
+        run_name: str | None,
+    ) -> MlflowRunInfo:
+        current = self._tracking.get_run(run_id)
+        if run_name and run_name != current.info.run_name:
+            raise unsupported("Renaming a run")
+        status = SidecarRunStatus(RunStatus.to_string(run_status)) if run_status else None
+        if status is None or status == current.info.status:
+            return entities.run_info(current.info, self._root)
+        if status not in TERMINAL_RUN_STATUSES:
+            raise MlflowException(
+                f"Run {run_id} is {current.info.status.value}: through the sidecar a run can"
+                f" only be ended (FINISHED, FAILED, KILLED), not set to {status.value}",
+                error_code=databricks_pb2.INVALID_STATE,
+            )
+        # The run's points go to the spool first; the sidecar ends the run in MLflow only
+        # after it delivered them. The run stays undelivered here until a read or a flush
+        # has waited for that.
+        self._connection.flush_stream()
+        ended = self._tracking.end_run(run_id, status, end_time_ms=int(end_time or 0))
+        self._undelivered.end(run_id)
+        return entities.run_info(ended.info, self._root)
+
+    @translated
+    def delete_run(self, run_id: str) -> None:
+        self._tracking.delete_run(run_id)
+
+    @translated
+    def restore_run(self, run_id: str) -> None:
+        self._tracking.restore_run(run_id)
+
+    @translated
+    def _search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str | None,
+        run_view_type: int | None,
+        max_results: int | None,
+        order_by: Sequence[str] | None,
+        page_token: str | None,
+    ) -> tuple[list[MlflowRun], str | None]:
+        page = self._tracking.search_runs(
+            [str(e) for e in experiment_ids],
+            filter_string=filter_string or "",
+            order_by=tuple(order_by or ()),
+            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
+            page_token=page_token or "",
+            view_type=entities.view_type(run_view_type),
+        )
+        return [entities.run(r, self._root) for r in page.items], page.next_page_token or None
+
+    # -- params, tags, metrics ------------------------------------------------------------
+
+    @translated
+    def log_param(self, run_id: str, param: Param) -> None:
+        self._tracking.log_params(run_id, {param.key: str(param.value)})
+
+    @translated
+    def set_tag(self, run_id: str, tag: RunTag) -> None:
+        self._tracking.set_run_tags(run_id, {tag.key: str(tag.value)})
+
+    @translated
+    def delete_tag(self, run_id: str, key: str) -> None:
+        self._tracking.delete_run_tag(run_id, key)
+
+    @translated
+    def log_metric(self, run_id: str, metric: MlflowMetric) -> None:
+        self._warn_of_dropped_links((metric,))
+        self._undelivered.add(run_id)
+        self._connection.stream().log(
+            run_id,
+            metric.key,
+            metric.value,
+            step=int(metric.step or 0),
+            timestamp_ms=int(metric.timestamp),
+        )
+
+    @translated
+    def log_batch(
+        self,
+        run_id: str,
+        metrics: Sequence[MlflowMetric],
+        params: Sequence[Param],
+        tags: Sequence[RunTag],
+    ) -> None:
+        self._warn_of_dropped_links(metrics)
+        if params:
+            self._tracking.log_params(run_id, {p.key: str(p.value) for p in params})
+        if tags:
+            self._tracking.set_run_tags(run_id, {t.key: str(t.value) for t in tags})
+        if metrics:
+            self._undelivered.add(run_id)
+            stream = self._connection.stream()
+            for m in metrics:
+                stream.log(
+                    run_id, m.key, m.value, step=int(m.step or 0), timestamp_ms=int(m.timestamp)
+                )
+
+    def log_metric_async(self, run_id: str, metric: MlflowMetric) -> RunOperations:
+        # The stream is already asynchronous and durable: MLflow's own queue would only
+        # add a thread hop in front of it.
+        self.log_metric(run_id, metric)
+        return RunOperations([])
+
+    def log_param_async(self, run_id: str, param: Param) -> RunOperations:
+        self.log_param(run_id, param)
+        return RunOperations([])
+
+    def set_tag_async(self, run_id: str, tag: RunTag) -> RunOperations:
+        self.set_tag(run_id, tag)
+        return RunOperations([])
+
+    def log_batch_async(
+        self,
+        run_id: str,
+        metrics: Sequence[MlflowMetric],
+        params: Sequence[Param],
+        tags: Sequence[RunTag],
+    ) -> RunOperations:
+        self.log_batch(run_id, metrics, params, tags)
+        return RunOperations([])
+
+    @translated
+    def flush_async_logging(self) -> None:
+        """Wait until every point logged through this process is in MLflow."""
+        self._connection.flush_stream()
+        for run_id in self._undelivered.take():
+            self._await_delivery(run_id, strict=True)
+
+    @translated
+    def end_async_logging(self) -> None:
+        self._connection.flush_stream()
+
+    @translated
+    def shut_down_async_logging(self) -> None:
+        self._connection.flush_stream()
+
+    @translated
+    def get_metric_history(
+        self,
+        run_id: str,
+        metric_key: str,
+        max_results: int | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[Any]:
+        self._deliver(run_id)
+        if max_results is not None:
+            page = self._tracking.get_metric_history(
+                run_id,
+                metric_key,
+                page_size=_page_size(max_results, DEFAULT_METRIC_PAGE_SIZE, max_results),
+                page_token=page_token or "",
+            )
+            return PagedList([entities.metric(p) for p in page.items], page.next_page_token or None)
+        # No bound: every point, as MLflow's own stores answer.
+        points: list[Metric] = []
+        token = page_token or ""
+        while True:
+            page = self._tracking.get_metric_history(run_id, metric_key, page_token=token)
+            points.extend(page.items)
+            token = page.next_page_token
+            if not token:
+                return PagedList([entities.metric(p) for p in points], None)
+
+    @translated
+    def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
+        uses = [
+            DatasetUse(
+                name=d.dataset.name,
+                digest=d.dataset.digest,
+                source_type=d.dataset.source_type,
+                source=d.dataset.source,
+                schema=d.dataset.schema or "",
+                profile=d.dataset.profile or "",
+                tags={t.key: t.value for t in d.tags or ()},
+            )
+            for d in datasets or ()
+        ]
+        model_ids = [m.model_id for m in models or ()]
+        if uses or model_ids:
+            self._models.log_inputs(run_id, uses, model_ids)
+
+    @translated
+    def log_outputs(self, run_id: str, models: Sequence[Any]) -> None:
+        self._models.log_outputs(run_id, [(m.model_id, int(m.step or 0)) for m in models])
+
+    @translated
+    def create_logged_model(
+        self,
+        experiment_id: str,
+        name: str | None = None,
+        source_run_id: str | None = None,
+        tags: Any = None,
+        params: Any = None,
+        model_type: str | None = None,
+    ) -> MlflowLoggedModel:
+        created = self._models.create(
+            str(experiment_id),
+            name=name or "",
+            model_type=model_type or "",
+            source_run_id=source_run_id or "",
+            params=entities.tag_dict(params),
+            tags=entities.tag_dict(tags),
+        )
+        return entities.logged_model(created, self._root)
+
+    @translated
+    def search_logged_models(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str | None = None,
+        datasets: Sequence[Any] | None = None,
+        max_results: int | None = None,
+        order_by: Sequence[dict[str, Any]] | None = None,
+        page_token: str | None = None,
+    ) -> PagedList[MlflowLoggedModel]:
+        if datasets:
+            raise unsupported("Searching logged models by dataset")
+        page = self._models.search(
+            [str(e) for e in experiment_ids],
+            filter_string=filter_string or "",
+            order_by=[(o["field_name"], bool(o.get("ascending", True))) for o in order_by or ()],
+            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
+            page_token=page_token or "",
+        )
+        return PagedList(
+            [entities.logged_model(m, self._root) for m in page.items],
+            page.next_page_token or None,
+        )
+
+    @translated
+    def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> MlflowLoggedModel:
+        return entities.logged_model(self._models.get(model_id), self._root)
+
+    @translated
+    def finalize_logged_model(self, model_id: str, status: Any) -> MlflowLoggedModel:
+        final = LoggedModelStatus(str(getattr(status, "name", status)).upper())
+        return entities.logged_model(self._models.finalize(model_id, final), self._root)
+
+    @translated
+    def set_logged_model_tags(self, model_id: str, tags: Any) -> None:
+        self._models.set_tags(model_id, entities.tag_dict(tags))
+
+    @translated
+    def delete_logged_model_tag(self, model_id: str, key: str) -> None:
+        self._models.delete_tag(model_id, key)
+
+    def delete_logged_model(self, model_id: str) -> None:
+        raise unsupported("Deleting a logged model")
+
+    def record_logged_model(self, run_id: str, mlflow_model: Any) -> None:
+        raise unsupported("Recording an MLflow 2 model on a run (the mlflow.log-model.history tag)")
+
+    # -- delivery -------------------------------------------------------------------------
+
+    def _deliver(self, run_id: str) -> None:
+        """Put the run's points logged through this process into MLflow before a read."""
+        self._connection.flush_stream()
+        for pending in self._undelivered.take(run_id):
+            self._await_delivery(pending, strict=False)
+
+    def _await_delivery(self, run_id: str, *, strict: bool) -> None:
+        result = self._tracking.flush_metrics(run_id)
+        if result.complete:
+            return
+        # Still pending: keep the run so that the next read or flush waits for it again.
+        self._undelivered.add(run_id)
+        message = (
+            f"{result.pending_points} points of run {run_id} are safe in the sidecar's spool"
+            " but not yet in MLflow"
+        )
+        if strict:
+            raise MlflowException(message, error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE)
+        _log.warning("%s; reading what MLflow has now", message)
+
+    @staticmethod
+    def _warn_of_dropped_links(metrics: Sequence[MlflowMetric]) -> None:
+        global _LINK_WARNED  # noqa: PLW0603 - warn once per process
+        if _LINK_WARNED:
+            return
+        if any(getattr(m, "model_id", None) or getattr(m, "dataset_name", None) for m in metrics):
+            _LINK_WARNED = True
+            _log.warning(
+                "metric points linked to a logged model or dataset are logged to their run"
+                " without that link: the sidecar's metric stream carries run, key, value,"
+                " timestamp and step only"
+            )

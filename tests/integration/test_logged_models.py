@@ -1,0 +1,118 @@
+"""MLflow 3 logged models through the sidecar's contract (the typed client)."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus as MlflowLoggedModelStatus
+
+from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
+from mlflow_sidecar.core.errors import (
+    ErrorReason,
+    InvalidArgumentError,
+    NotFoundError,
+)
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.integration.conftest import RunningSidecar
+from tests.support.processes import MlflowServer
+
+
+@pytest.fixture()
+def models(sidecar: RunningSidecar) -> Iterator[GrpcLoggedModels]:
+    with grpc.insecure_channel(sidecar.target) as channel:
+        yield GrpcLoggedModels(pb_grpc.ExperimentTrackingServiceStub(channel), 60.0)
+
+
+@pytest.fixture()
+def experiment_id(tracking_stub: pb_grpc.ExperimentTrackingServiceStub, unique: str) -> str:
+    request = pb.CreateExperimentRequest(name=f"logged-{unique}")
+    return str(tracking_stub.CreateExperiment(request).experiment.experiment_id)
+
+
+def test_a_repeated_create_returns_the_first_model(
+    models: GrpcLoggedModels, experiment_id: str, run_id: str, mlflow_server: MlflowServer
+) -> None:
+    def create() -> LoggedModel:
+        return models.create(
+            experiment_id,
+            name="policy",
+            source_run_id=run_id,
+            params={"lr": "0.1"},
+            tags={"t": "1"},
+            request_id=f"create-policy-{experiment_id}",
+        )
+
+    first = create()
+    assert create().model_id == first.model_id
+    direct = MlflowClient(tracking_uri=mlflow_server.url)
+    listed = direct.search_logged_models(experiment_ids=[experiment_id])
+    assert [m.model_id for m in listed] == [first.model_id]
+    assert first.status is LoggedModelStatus.PENDING
+    assert dict(first.params) == {"lr": "0.1"} and first.tags["t"] == "1"
+
+
+def test_lifecycle_files_and_run_links(
+    models: GrpcLoggedModels,
+    experiment_id: str,
+    run_id: str,
+    mlflow_server: MlflowServer,
+    tmp_path: Path,
+) -> None:
+    model = models.create(experiment_id, name="net", source_run_id=run_id)
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(bytes(range(256)) * 4096)
+    stored = models.upload_artifact(model.model_id, weights, "data/weights.bin")
+    assert stored.sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert [(f.path, f.is_dir) for f in models.list_artifacts(model.model_id).items] == [
+        ("data", True)
+    ]
+    back = models.download_artifact(model.model_id, "data/weights.bin", tmp_path / "back")
+    assert back.read_bytes() == weights.read_bytes()
+
+    models.set_tags(model.model_id, {"stage": "eval", "gone": "x"})
+    models.delete_tag(model.model_id, "gone")
+    ready = models.finalize(model.model_id, LoggedModelStatus.READY)
+    assert ready.status is LoggedModelStatus.READY
+    models.log_outputs(run_id, [(model.model_id, 3)])
+    models.log_inputs(
+        run_id,
+        [DatasetUse("train", "abc123", "local", '{"uri": "x"}', tags={"mlflow.data.context": "t"})],
+    )
+
+    direct = MlflowClient(tracking_uri=mlflow_server.url)
+    seen = direct.get_logged_model(model.model_id)
+    assert seen.tags["stage"] == "eval" and "gone" not in seen.tags
+    assert seen.status == MlflowLoggedModelStatus.READY
+    run = direct.get_run(run_id)
+    assert [(o.model_id, o.step) for o in run.outputs.model_outputs] == [(model.model_id, 3)]
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train"]
+    found = models.search([experiment_id], filter_string="name = 'net'")
+    assert [m.model_id for m in found.items] == [model.model_id]
+
+
+def test_missing_models_tags_and_files_say_which(
+    models: GrpcLoggedModels, experiment_id: str
+) -> None:
+    with pytest.raises(NotFoundError) as missing:
+        models.get("m-" + "0" * 32)
+    assert missing.value.reason == ErrorReason.LOGGED_MODEL_NOT_FOUND
+    model = models.create(experiment_id, name="empty")
+    with pytest.raises(NotFoundError) as no_tag:
+        models.delete_tag(model.model_id, "absent")
+    assert no_tag.value.reason == ErrorReason.TAG_NOT_FOUND
+    with pytest.raises(NotFoundError) as no_file:
+        models.download_artifact(model.model_id, "MLmodel", "/tmp/unused-destination")
+    assert no_file.value.reason == ErrorReason.ARTIFACT_NOT_FOUND
+    with pytest.raises(InvalidArgumentError) as pending:
+        models.finalize(model.model_id, LoggedModelStatus.PENDING)
+    assert pending.value.field == "status"
+    with pytest.raises(InvalidArgumentError) as bad_id:
+        models.get("../etc")
+    assert bad_id.value.field == "model_id"

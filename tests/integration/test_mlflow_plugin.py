@@ -1,0 +1,230 @@
+"""Stock MLflow code through the `sidecar://` plugins, checked against the real server."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from tests.integration.conftest import RunningSidecar
+from tests.support.processes import MlflowServer
+
+
+@pytest.fixture()
+def sidecar_uri(sidecar: RunningSidecar) -> Iterator[str]:
+    """MLflow's fluent API pointed at the session sidecar for one test."""
+    uri = f"sidecar://{sidecar.target}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield uri
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri("")
+    mlflow.set_registry_uri("")
+
+
+@pytest.fixture()
+def direct(mlflow_server: MlflowServer) -> MlflowClient:
+    """A plain MLflow client of the real server, without the sidecar."""
+    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fluent_run_reaches_mlflow_as_an_ordinary_run(
+    sidecar_uri: str, direct: MlflowClient, unique: str, tmp_path: Path
+) -> None:
+    experiment = mlflow.set_experiment(f"plugin-{unique}")
+    artifact = tmp_path / "notes.bin"
+    artifact.write_bytes(bytes(range(256)) * 1000)
+    with mlflow.start_run(run_name="fluent") as run:
+        mlflow.log_params({"lr": 0.01, "layers": 3})
+        mlflow.set_tag("team", "rl")
+        for step in range(500):
+            mlflow.log_metric("loss", 1.0 / (step + 1), step=step)
+        mlflow.log_metrics({"a": 1.0, "b": 2.0}, step=7)
+        mlflow.log_metric("later", 3.0, synchronous=False)
+        mlflow.log_artifact(str(artifact), artifact_path="docs")
+    # The run's end reaches MLflow after its last point; this waits for both.
+    mlflow.flush_async_logging()
+    assert run.info.artifact_uri == f"{sidecar_uri}/runs/{run.info.run_id}/artifacts"
+
+    seen = direct.get_run(run.info.run_id)
+    assert seen.info.experiment_id == experiment.experiment_id
+    assert seen.info.status == "FINISHED"
+    assert seen.info.run_name == "fluent"
+    assert seen.data.params == {"lr": "0.01", "layers": "3"}
+    assert seen.data.tags["team"] == "rl"
+    history = direct.get_metric_history(run.info.run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(500))
+    assert {m.step: m.value for m in history} == {s: 1.0 / (s + 1) for s in range(500)}
+    assert seen.data.metrics["b"] == 2.0
+    assert [m.value for m in direct.get_metric_history(run.info.run_id, "later")] == [3.0]
+
+    downloaded = Path(
+        direct.download_artifacts(run.info.run_id, "docs/notes.bin", str(tmp_path / "direct"))
+    )
+    assert sha256(downloaded) == sha256(artifact)
+
+
+def test_reads_through_the_plugin_see_what_the_trainer_wrote(
+    sidecar_uri: str, unique: str, tmp_path: Path
+) -> None:
+    mlflow.set_experiment(f"plugin-read-{unique}")
+    client = MlflowClient()
+    (tmp_path / "dir" / "sub").mkdir(parents=True)
+    (tmp_path / "dir" / "top.txt").write_text("top")
+    (tmp_path / "dir" / "sub" / "deep.txt").write_text("deep")
+    with mlflow.start_run() as run:
+        for step in range(50):
+            mlflow.log_metric("reward", float(step), step=step)
+        # Read right after logging: the run's points are delivered first.
+        history = client.get_metric_history(run.info.run_id, "reward")
+        assert [m.step for m in sorted(history, key=lambda m: m.step)] == list(range(50))
+        assert client.get_run(run.info.run_id).data.metrics["reward"] == 49.0
+        mlflow.log_artifacts(str(tmp_path / "dir"), artifact_path="out")
+
+    listed = client.list_artifacts(run.info.run_id, "out")
+    assert [(f.path, f.is_dir) for f in listed] == [("out/sub", True), ("out/top.txt", False)]
+    local = Path(client.download_artifacts(run.info.run_id, "out", str(tmp_path / "back")))
+    assert (local / "sub" / "deep.txt").read_text() == "deep"
+    assert (local / "top.txt").read_text() == "top"
+
+
+def test_search_runs_with_filter_and_pages(sidecar_uri: str, unique: str) -> None:
+    experiment = mlflow.set_experiment(f"plugin-search-{unique}")
+    for index in range(5):
+        with mlflow.start_run():
+            mlflow.log_param("index", index)
+            mlflow.set_tag("parity", "even" if index % 2 == 0 else "odd")
+    client = MlflowClient()
+    even = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.parity = 'even'", max_results=2
+    )
+    assert len(even) == 2 and even.token
+    rest = client.search_runs(
+        [experiment.experiment_id],
+        filter_string="tags.parity = 'even'",
+        max_results=2,
+        page_token=even.token,
+    )
+    indices = {r.data.params["index"] for r in [*even, *rest]}
+    assert indices == {"0", "2", "4"}
+    assert len(mlflow.search_runs([experiment.experiment_id])) == 5
+
+
+def test_experiment_and_run_lifecycle(sidecar_uri: str, direct: MlflowClient, unique: str) -> None:
+    client = MlflowClient()
+    experiment_id = client.create_experiment(f"plugin-life-{unique}", tags={"k": "v"})
+    assert client.get_experiment(experiment_id).tags == {"k": "v"}
+    assert client.get_experiment_by_name(f"plugin-life-{unique}").experiment_id == experiment_id
+    assert client.get_experiment_by_name(f"plugin-missing-{unique}") is None
+    run = client.create_run(experiment_id)
+    client.delete_run(run.info.run_id)
+    assert direct.get_run(run.info.run_id).info.lifecycle_stage == "deleted"
+    client.restore_run(run.info.run_id)
+    assert direct.get_run(run.info.run_id).info.lifecycle_stage == "active"
+    client.delete_experiment(experiment_id)
+    assert direct.get_experiment(experiment_id).lifecycle_stage == "deleted"
+    client.restore_experiment(experiment_id)
+    assert direct.get_experiment(experiment_id).lifecycle_stage == "active"
+    names = {e.name for e in client.search_experiments(filter_string=f"name LIKE '%{unique}'")}
+    assert names == {f"plugin-life-{unique}"}
+
+
+def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, unique: str) -> None:
+    client = MlflowClient()
+    with pytest.raises(MlflowException) as missing:
+        client.get_run("0" * 32)
+    assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    experiment_id = client.create_experiment(f"plugin-err-{unique}")
+    with pytest.raises(MlflowException) as exists:
+        client.create_experiment(f"plugin-err-{unique}")
+    assert exists.value.error_code == "RESOURCE_ALREADY_EXISTS"
+    with pytest.raises(MlflowException) as unsupported:
+        client.rename_experiment(experiment_id, f"plugin-renamed-{unique}")
+    assert unsupported.value.error_code == "NOT_IMPLEMENTED"
+    run = client.create_run(experiment_id)
+    client.log_metric(run.info.run_id, "m", 1.0)
+    client.set_terminated(run.info.run_id)
+    # A late point of an ended run is refused at once, and the process's stream goes on.
+    with pytest.raises(MlflowException) as ended:
+        client.log_metric(run.info.run_id, "m", 2.0)
+    assert ended.value.error_code == "INVALID_STATE"
+    other = client.create_run(experiment_id)
+    client.log_metric(other.info.run_id, "m", 3.0)
+    assert [m.value for m in client.get_metric_history(other.info.run_id, "m")] == [3.0]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+    run = client.create_run(experiment_id)
+    client.log_param(run.info.run_id, "p", "1")
+    with pytest.raises(MlflowException) as changed:
+        client.log_param(run.info.run_id, "p", "2")
+    assert changed.value.error_code in {"INVALID_PARAMETER_VALUE", "INVALID_STATE"}
+
+
+class AddOne(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        return model_input + 1
+
+
+def test_log_model_register_and_load_by_alias(
+    sidecar_uri: str, direct: MlflowClient, unique: str, tmp_path: Path
+) -> None:
+    import pandas as pd
+
+    name = f"plugin-model-{unique}"
+    mlflow.set_experiment(f"plugin-model-{unique}")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("score", 0.5)
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=AddOne(),
+            pip_requirements=["mlflow"],
+            registered_model_name=name,
+        )
+    MlflowClient().set_registered_model_alias(name, "champion", info.registered_model_version)
+
+    loaded = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    assert loaded.predict(pd.DataFrame({"x": [1, 2]}))["x"].tolist() == [2, 3]
+
+    # The server holds an ordinary logged model and version, with the same bytes.
+    model = direct.get_logged_model(info.model_id)
+    assert model.source_run_id == run.info.run_id
+    assert [o.model_id for o in direct.get_run(run.info.run_id).outputs.model_outputs] == [
+        info.model_id
+    ]
+    version = direct.get_model_version_by_alias(name, "champion")
+    assert version.source == f"models:/{info.model_id}"
+    through_server = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=model.artifact_location,
+            dst_path=str(tmp_path / "direct"),
+            tracking_uri=direct.tracking_uri,
+        )
+    )
+    through_sidecar = Path(
+        mlflow.artifacts.download_artifacts(
+            f"models:/{info.model_id}", dst_path=str(tmp_path / "sc")
+        )
+    )
+    direct_files = {
+        p.relative_to(through_server).as_posix(): sha256(p)
+        for p in through_server.rglob("*")
+        if p.is_file()
+    }
+    sidecar_files = {
+        p.relative_to(through_sidecar).as_posix(): sha256(p)
+        for p in through_sidecar.rglob("*")
+        if p.is_file()
+    }
+    # MLflow adds this file itself to every models:/ download of a registered model.
+    sidecar_files.pop("registered_model_meta", None)
+    assert "MLmodel" in direct_files
+    assert sidecar_files == direct_files
