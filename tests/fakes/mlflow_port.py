@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow_sidecar.core import domain
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     ErrorReason,
@@ -50,10 +51,6 @@ _CLAUSE = re.compile(
     r"""^\s*(?P<attr>[\w.]+|tags\.`[^`]+`)\s*(?P<op>=|LIKE)\s*(?P<q>['"])(?P<value>.*?)(?P=q)\s*$""",
     re.IGNORECASE,
 )
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 def _port_call(method: F) -> F:
@@ -157,7 +154,7 @@ class FakeMlflow:
         self.runs: dict[str, _StoredRun] = {}
         self.models: dict[str, _StoredModel] = {}
         self.versions: dict[tuple[str, int], _StoredVersion] = {}
-        now = _now_ms()
+        now = now_ms()
         self.experiments[DEFAULT_EXPERIMENT_ID] = _StoredExperiment(
             domain.Experiment(
                 DEFAULT_EXPERIMENT_ID,
@@ -282,7 +279,7 @@ class FakeMlflow:
                     run_id,
                     experiment_id,
                     run_id,
-                    start_time_ms=_now_ms(),
+                    start_time_ms=now_ms(),
                     artifact_uri=f"{location}/{run_id}/artifacts",
                 )
             )
@@ -395,7 +392,7 @@ class FakeMlflow:
 
     def _touch_model(self, name: str, **changes: Any) -> None:
         stored = self._model(name)
-        stored.model = replace(stored.model, last_updated_time_ms=_now_ms(), **changes)
+        stored.model = replace(stored.model, last_updated_time_ms=now_ms(), **changes)
 
     # -- reachability -------------------------------------------------------------------
 
@@ -416,7 +413,7 @@ class FakeMlflow:
             if any(s.experiment.name == name for s in self.experiments.values()):
                 raise AlreadyExistsError(f"experiment {name!r} already exists")
             experiment_id = str(next(self._ids) + 1000)
-            now = _now_ms()
+            now = now_ms()
             self.experiments[experiment_id] = _StoredExperiment(
                 domain.Experiment(
                     experiment_id,
@@ -527,7 +524,7 @@ class FakeMlflow:
                     run_id,
                     experiment_id,
                     name,
-                    start_time_ms=start_time_ms or _now_ms(),
+                    start_time_ms=start_time_ms or now_ms(),
                     artifact_uri=f"{experiment.artifact_location}/{run_id}/artifacts",
                 ),
                 tags={**tags, "mlflow.runName": name},
@@ -590,14 +587,14 @@ class FakeMlflow:
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         with self._lock:
             stored = self._run(run_id)
-            stored.info = replace(stored.info, status=status, end_time_ms=end_time_ms or _now_ms())
+            stored.info = replace(stored.info, status=status, end_time_ms=end_time_ms or now_ms())
 
     @_port_call
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
         with self._lock:
             stored = self._run(run_id)
             stored.info = replace(
-                stored.info, status=domain.RunStatus(status), end_time_ms=end_time_ms or _now_ms()
+                stored.info, status=domain.RunStatus(status), end_time_ms=end_time_ms or now_ms()
             )
 
     @_port_call
@@ -671,7 +668,7 @@ class FakeMlflow:
                 if existing.request_id == request_id:
                     return existing.model
                 raise AlreadyExistsError(f"registered model {name!r} already exists")
-            now = _now_ms()
+            now = now_ms()
             self.models[name] = _StoredModel(
                 domain.RegisteredModel(
                     name,
@@ -731,7 +728,7 @@ class FakeMlflow:
                 raise AlreadyExistsError(f"registered model {new_name!r} already exists")
             del self.models[name]
             stored.rename_request_id = request_id
-            stored.model = replace(stored.model, name=new_name, last_updated_time_ms=_now_ms())
+            stored.model = replace(stored.model, name=new_name, last_updated_time_ms=now_ms())
             self.models[new_name] = stored
             for (model, number), version in list(self.versions.items()):
                 if model == name:
@@ -799,7 +796,7 @@ class FakeMlflow:
             number = model.next_version
             model.next_version += 1
         # Outside the lock: a slow MLflow must not serialize versions of different models.
-        now = _now_ms()
+        now = now_ms()
         pending = self._pending_polls > 0
         stored = _StoredVersion(
             domain.ModelVersion(
@@ -911,7 +908,7 @@ class FakeMlflow:
         with self._lock:
             stored = self._stored_version(name, version)
             stored.version = replace(
-                stored.version, description=description, last_updated_time_ms=_now_ms()
+                stored.version, description=description, last_updated_time_ms=now_ms()
             )
             return self._as_version(stored)
 

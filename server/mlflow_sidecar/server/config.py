@@ -34,7 +34,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-from mlflow_sidecar.core.transfer import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
@@ -23,6 +22,7 @@ from typing import Protocol, TypeVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server import validation as check
 
@@ -203,7 +203,7 @@ class MetricBatch:
             raise InvalidArgumentError(
                 self.field_path(int(negative[0]), "timestamp_ms"), "must not be negative"
             )
-        now = time.time_ns() // 1_000_000
+        now = now_ms()
         return dataclasses.replace(self, timestamps_ms=np.where(stamps == 0, now, stamps))
 
     def by_run(self) -> list[RunColumns]:

@@ -7,15 +7,13 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
+from mlflow_sidecar.core.limits import (
+    MAX_KEY_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_PAGE_TOKEN_LENGTH,
+    MAX_RUN_ID_LENGTH,
+)
 
-# MLflow's own limits (mlflow.utils.validation), checked here so callers get the field name.
-MAX_KEY_LENGTH = 250
-MAX_PARAM_VALUE_LENGTH = 6000
-MAX_TAG_VALUE_LENGTH = 8000
-MAX_NAME_LENGTH = 500
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_METRICS_PER_BATCH = 1000
-MAX_CLIENT_REQUEST_ID_LENGTH = 200
 T = TypeVar("T")
 
 _KEY_RE = re.compile(r"^[/\w.\- :]*$")
@@ -31,7 +29,6 @@ def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str
 # MLflow's own rule for run ids (mlflow.utils.validation), checked here so that a malformed
 # id is refused with its field named rather than in MLflow's words.
 _RUN_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
-MAX_RUN_ID_LENGTH = 64
 
 
 def run_id(field: str, value: str) -> str:
@@ -86,7 +83,6 @@ def metric_points(field: str, points: Iterable[tuple[str, int]]) -> None:
 
 
 _PAGE_TOKEN_RE = re.compile(r"^[A-Za-z0-9+/=_\-]*$")
-MAX_PAGE_TOKEN_LENGTH = 4096
 
 
 def page_token(value: str) -> str:

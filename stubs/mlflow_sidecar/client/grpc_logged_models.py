@@ -17,8 +17,9 @@ from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.domain import DEFAULT_PAGE_SIZE, ArtifactInfo, FileInfo, Page
+from mlflow_sidecar.core.domain import ArtifactInfo, FileInfo, Page
 from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError, error_from_rpc
+from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import (
     DatasetUse,
     LoggedModel,
@@ -28,7 +29,7 @@ from mlflow_sidecar.core.logged_models import (
     status_to_pb,
 )
 from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.core.transfer import DEFAULT_CHUNK_BYTES, HashingWriter, read_chunks
+from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 

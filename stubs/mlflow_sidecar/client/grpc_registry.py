@@ -14,21 +14,15 @@ from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import ModelRegistry, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.domain import (
-    DEFAULT_PAGE_SIZE,
-    ModelVersion,
-    Page,
-    Progress,
-    RegisteredModel,
-)
+from mlflow_sidecar.core.domain import ModelVersion, Page, Progress, RegisteredModel
 from mlflow_sidecar.core.errors import (
     DataLossError,
     InvalidArgumentError,
     error_from_rpc,
 )
+from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.paths import FileTree
 from mlflow_sidecar.core.transfer import (
-    DEFAULT_CHUNK_BYTES,
     HashingWriter,
     LocalFile,
     collect_files,

@@ -17,8 +17,6 @@ from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
-    DEFAULT_METRIC_PAGE_SIZE,
-    DEFAULT_PAGE_SIZE,
     ArtifactInfo,
     Experiment,
     FileInfo,
@@ -36,14 +34,14 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     error_from_rpc,
 )
-from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.core.transfer import (
+from mlflow_sidecar.core.limits import (
     DEFAULT_CHUNK_BYTES,
+    DEFAULT_METRIC_PAGE_SIZE,
+    DEFAULT_PAGE_SIZE,
     MAX_CHUNK_BYTES,
-    HashingWriter,
-    read_chunks,
-    report,
 )
+from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.transfer import HashingWriter, read_chunks, report
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 

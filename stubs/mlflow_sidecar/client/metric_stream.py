@@ -56,6 +56,7 @@ from typing import Any, Literal, NoReturn
 
 import grpc
 
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
 from mlflow_sidecar.core.errors import (
     ClientErrorReason,
@@ -139,15 +140,11 @@ def _add_values(series: pb.MetricSeries, values: memoryview[float]) -> None:
     series.MergeFromString(_VALUES_TAG + length + data)
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 def _stamp_for(key: str, timestamp_ms: Any) -> int:
     """The timestamp of a point logged with a `timestamp_ms` not above 0: now for 0, else
     the error `_checked_numbers` gives."""
     _checked_numbers(key, 0.0, timestamp_ms, 0)
-    return _now_ms()
+    return now_ms()
 
 
 def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
@@ -283,7 +280,7 @@ class MetricStream:
             row += _pack_point(value, stamp, step)
         except (TypeError, struct.error):
             value, stamp, step = _checked_numbers(key, value, timestamp_ms, step)
-            self._add(row, _pack_point(value, stamp or _now_ms(), step))
+            self._add(row, _pack_point(value, stamp or now_ms(), step))
         except BufferError:  # the row was sealed by close() after this call found it
             raise _closed_error() from None
         count = self._count = self._count + 1
@@ -294,7 +291,7 @@ class MetricStream:
         self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
     ) -> None:
         """Buffer one point per metric, all with the same step and timestamp."""
-        stamp = timestamp_ms or _now_ms()
+        stamp = timestamp_ms or now_ms()
         for key, value in metrics.items():
             self.log(run_id, key, value, step=step, timestamp_ms=stamp)
 

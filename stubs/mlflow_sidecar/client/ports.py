@@ -19,8 +19,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core.domain import (
-    DEFAULT_METRIC_PAGE_SIZE,
-    DEFAULT_PAGE_SIZE,
     ArtifactInfo,
     Experiment,
     FileInfo,
@@ -35,6 +33,7 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
     ViewType,
 )
+from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, DEFAULT_PAGE_SIZE
 
 StrPath = str | os.PathLike[str]
 

@@ -13,7 +13,7 @@ from mlflow_sidecar.client.metric_stream import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RECONNECT_S,
 )
-from mlflow_sidecar.core.transfer import (
+from mlflow_sidecar.core.limits import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
     MAX_CHUNK_BYTES,

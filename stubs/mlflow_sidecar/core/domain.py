@@ -14,11 +14,6 @@ Progress: TypeAlias = Callable[[int, int], None]
 
 An exception raised by the callback aborts the transfer and reaches the caller."""
 
-DEFAULT_PAGE_SIZE = 100
-MAX_PAGE_SIZE = 1000
-DEFAULT_METRIC_PAGE_SIZE = 1000
-MAX_METRIC_PAGE_SIZE = 25000
-
 
 class LifecycleStage(enum.Enum):
     """Whether an experiment or run is active or (soft-)deleted."""

@@ -11,10 +11,8 @@ from __future__ import annotations
 import re
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.limits import MAX_PATH_BYTES, MAX_SEGMENT_BYTES
 
-MAX_PATH_BYTES = 1024
-# Most filesystems refuse longer names (NAME_MAX); refusing them here names the field.
-MAX_SEGMENT_BYTES = 255
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 

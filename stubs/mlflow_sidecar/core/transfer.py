@@ -22,14 +22,8 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES
 from mlflow_sidecar.core.paths import check_relative_path
-
-MIB = 1024 * 1024
-DEFAULT_CHUNK_BYTES = MIB
-MIN_CHUNK_BYTES = 64 * 1024
-MAX_CHUNK_BYTES = MIB
-# Room for the protobuf framing around a chunk (oneof tag, length, file index).
-CHUNK_FRAMING_BYTES = 1024
 
 
 def read_chunks(path: Path, chunk_bytes: int) -> Iterator[bytes]:

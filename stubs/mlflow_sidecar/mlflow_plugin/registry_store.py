@@ -19,8 +19,9 @@ from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
-from mlflow_sidecar.core.domain import MAX_PAGE_SIZE, ModelVersion
+from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.limits import MAX_PAGE_SIZE
 from mlflow_sidecar.mlflow_plugin import entities
 from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, connection_for
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported

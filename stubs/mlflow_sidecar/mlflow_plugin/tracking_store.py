@@ -36,16 +36,12 @@ from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.utils._spark_utils import _get_active_spark_session
 from mlflow.utils.async_logging.run_operations import RunOperations
 
-from mlflow_sidecar.core.domain import (
-    DEFAULT_METRIC_PAGE_SIZE,
-    MAX_PAGE_SIZE,
-    TERMINAL_RUN_STATUSES,
-    Metric,
-)
+from mlflow_sidecar.core.domain import TERMINAL_RUN_STATUSES, Metric
 from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
 from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, MAX_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities
 from mlflow_sidecar.mlflow_plugin.connection import SidecarConnection, connection_for

@@ -16,15 +16,15 @@ import hashlib
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from google.protobuf.message import Message
 
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
+from mlflow_sidecar.core.limits import MAX_REQUEST_ID_LENGTH
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
-from mlflow_sidecar.server.validation import MAX_CLIENT_REQUEST_ID_LENGTH
 
 # The tag by which an entity the sidecar created names the request that created it.
 REQUEST_ID_TAG = "mlflow_sidecar.request_id"
@@ -53,10 +53,10 @@ def check_request_id(field: str, value: str) -> str:
     The characters are restricted because the id travels into MLflow filter strings."""
     if not value:
         return value
-    if len(value) > MAX_CLIENT_REQUEST_ID_LENGTH:
+    if len(value) > MAX_REQUEST_ID_LENGTH:
         raise InvalidArgumentError(
             field,
-            f"must be at most {MAX_CLIENT_REQUEST_ID_LENGTH} characters, got {len(value)}",
+            f"must be at most {MAX_REQUEST_ID_LENGTH} characters, got {len(value)}",
             reason=ErrorReason.INVALID_REQUEST_ID,
         )
     if not _REQUEST_ID_RE.match(value):
@@ -133,7 +133,7 @@ class RequestLedger:
             self._db.execute(
                 "INSERT OR REPLACE INTO answers"
                 " (method, request_id, fingerprint, answer, recorded_ms) VALUES (?, ?, ?, ?, ?)",
-                (method, request_id, print_, answer, _now_ms()),
+                (method, request_id, print_, answer, now_ms()),
             )
             self._recorded += 1
             prune = self._recorded % _PRUNE_EVERY == 0
@@ -163,10 +163,6 @@ class RequestLedger:
             return int(self._db.execute("SELECT COUNT(*) FROM answers").fetchone()[0])
 
     def _prune(self) -> None:
-        cutoff = _now_ms() - int(self._retention_s * 1000)
+        cutoff = now_ms() - int(self._retention_s * 1000)
         with self._lock:
             self._db.execute("DELETE FROM answers WHERE recorded_ms < ?", (cutoff,))
-
-
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -18,6 +18,7 @@ from typing import Protocol, TypeVar
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import (
     CancelledError,
@@ -26,14 +27,9 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES
 from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
-from mlflow_sidecar.core.transfer import (
-    CHUNK_FRAMING_BYTES,
-    HashingWriter,
-    collect_files,
-    file_digest,
-    read_chunks,
-)
+from mlflow_sidecar.core.transfer import HashingWriter, collect_files, file_digest, read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.services.artifacts import check_upload_size
@@ -131,7 +127,7 @@ def receive_artifact(
     if first is None or first.WhichOneof("payload") != "header":
         raise InvalidArgumentError("header", "the first message must carry the header")
     header = first.header
-    check.require("header.run_id", header.run_id, max_length=64)
+    check.require("header.run_id", header.run_id, max_length=limits.MAX_ID_LENGTH)
     # A repeat stores the same verified bytes at the same path again: the same outcome.
     check_request_id("header.request_id", header.request_id)
     path = check_relative_path("header.artifact_path", header.artifact_path)

@@ -11,8 +11,10 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow_sidecar.core.domain import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, FileInfo, Page
+from mlflow_sidecar.core import limits
+from mlflow_sidecar.core.domain import FileInfo, Page
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import read_chunks
@@ -29,7 +31,7 @@ _MODEL_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,63}")
 
 def model_id(field: str, value: str) -> str:
     """A logged model id as MLflow makes them (e.g. "m-" and 32 hex digits)."""
-    check.require(field, value, max_length=64)
+    check.require(field, value, max_length=limits.MAX_ID_LENGTH)
     if not _MODEL_ID_RE.fullmatch(value):
         raise InvalidArgumentError(
             field, f"{value!r} is not a logged model id (letters, digits, '_' and '-')"
@@ -82,11 +84,11 @@ class LoggedModelService:
         """A new logged model in PENDING status."""
         check.require("experiment_id", experiment_id)
         if name:
-            check.bounded("name", name, check.MAX_NAME_LENGTH)
+            check.bounded("name", name, limits.MAX_NAME_LENGTH)
         if source_run_id:
             check.run_id("source_run_id", source_run_id)
-        check.string_map("params", params or {}, max_value_length=check.MAX_PARAM_VALUE_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.string_map("params", params or {}, max_value_length=limits.MAX_PARAM_VALUE_LENGTH)
+        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         return self._gateway.create(
             experiment_id,
             name=name,
@@ -135,7 +137,7 @@ class LoggedModelService:
     def set_tags(self, model_id_: str, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags."""
         model_id("model_id", model_id_)
-        check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_tags(model_id_, tags)
 
     def delete_tag(self, model_id_: str, key: str) -> None:
@@ -162,9 +164,15 @@ class LoggedModelService:
             raise InvalidArgumentError("datasets", "name at least one dataset or model")
         for index, dataset in enumerate(datasets):
             for name in ("name", "digest", "source_type", "source"):
-                check.require(f"datasets[{index}].{name}", getattr(dataset, name), max_length=65535)
+                check.require(
+                    f"datasets[{index}].{name}",
+                    getattr(dataset, name),
+                    max_length=limits.MAX_DATASET_FIELD_LENGTH,
+                )
             check.string_map(
-                f"datasets[{index}].tags", dataset.tags, max_value_length=check.MAX_TAG_VALUE_LENGTH
+                f"datasets[{index}].tags",
+                dataset.tags,
+                max_value_length=limits.MAX_TAG_VALUE_LENGTH,
             )
         for index, input_id in enumerate(model_ids):
             model_id(f"model_ids[{index}]", input_id)

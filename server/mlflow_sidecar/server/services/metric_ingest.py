@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import FlushResult
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
@@ -42,7 +43,7 @@ class MetricIngest:
     def flush(self, run_id: str = "", timeout_s: float | None = None) -> FlushResult:
         """Wait for delivery of a run's (or all) points within the call's deadline."""
         if run_id:
-            check.bounded("run_id", run_id, 64)
+            check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         budget = self._flush_timeout_s if timeout_s is None else timeout_s
         left = call_deadline.remaining()
         if left is not None:

@@ -9,9 +9,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import (
-    DEFAULT_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     LifecycleStage,
     ModelVersion,
     Page,
@@ -26,6 +25,11 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     NotFoundError,
 )
+from mlflow_sidecar.core.limits import (
+    DEFAULT_PAGE_SIZE,
+    MAX_ALIAS_LENGTH,
+    MAX_PAGE_SIZE,
+)
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
@@ -37,7 +41,6 @@ from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
 
-MAX_ALIAS_LENGTH = 255
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
 # Uploaded model directories live among their run's artifacts under models/<hex id>/.
 MODEL_ARTIFACT_DIR = "models"
@@ -46,7 +49,7 @@ UPLOADED_MODEL_TAG = "mlflow_sidecar.uploaded_model"
 
 
 def _name(field: str, value: str) -> str:
-    return check.require(field, value, max_length=check.MAX_NAME_LENGTH)
+    return check.require(field, value, max_length=limits.MAX_NAME_LENGTH)
 
 
 def _new_name(field: str, value: str) -> str:
@@ -105,10 +108,10 @@ def check_model_upload(
         raise InvalidArgumentError(
             "run_id", "give the run to log the files to, or an experiment_id to create one in"
         )
-    check.bounded("run_id", run_id, 64)
-    check.bounded("experiment_id", experiment_id, 64)
-    check.bounded("description", description, 5000)
-    check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+    check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
+    check.bounded("experiment_id", experiment_id, limits.MAX_ID_LENGTH)
+    check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
+    check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
 
@@ -132,8 +135,8 @@ class RegistryService:
         request_id: str = "",
     ) -> RegisteredModel:
         _new_name("name", name)
-        check.bounded("description", description, 5000)
-        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
+        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         if get_if_exists:
             try:
                 return self._gateway.get_registered_model(name)
@@ -162,7 +165,7 @@ class RegistryService:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[RegisteredModel]:
-        check.bounded("filter", filter_string, 10_000)
+        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
         return self._gateway.search_registered_models(
             filter_string=filter_string,
             order_by=order_by,
@@ -171,7 +174,7 @@ class RegistryService:
         )
 
     def update_registered_model(self, name: str, *, description: str) -> RegisteredModel:
-        check.bounded("description", description, 5000)
+        check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
         return self._gateway.update_registered_model(_name("name", name), description)
 
     def rename_registered_model(
@@ -189,7 +192,7 @@ class RegistryService:
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         check.key("key", key)
-        check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_registered_model_tag(_name("name", name), key, value)
 
     def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
@@ -208,10 +211,10 @@ class RegistryService:
         request_id: str = "",
     ) -> ModelVersion:
         _name("name", name)
-        check.bounded("source", source, 4096)
-        check.bounded("run_id", run_id, 64)
-        check.bounded("description", description, 5000)
-        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.bounded("source", source, limits.MAX_URI_LENGTH)
+        check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
+        check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
+        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         if not source:
             if not run_id or not artifact_path:
                 raise InvalidArgumentError(
@@ -261,7 +264,7 @@ class RegistryService:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[ModelVersion]:
-        check.bounded("filter", filter_string, 10_000)
+        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
         return self._gateway.search_model_versions(
             filter_string=filter_string,
             order_by=order_by,
@@ -270,7 +273,7 @@ class RegistryService:
         )
 
     def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:
-        check.bounded("description", description, 5000)
+        check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
         return self._gateway.update_model_version(
             _name("name", name), _version(version), description
         )
@@ -280,7 +283,7 @@ class RegistryService:
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         check.key("key", key)
-        check.bounded("value", value, check.MAX_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
 
     def delete_model_version_tag(

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Mapping, Sequence
 
-from mlflow_sidecar.core import domain
+from mlflow_sidecar.core import domain, limits
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import (
-    DEFAULT_METRIC_PAGE_SIZE,
-    DEFAULT_PAGE_SIZE,
-    MAX_METRIC_PAGE_SIZE,
-    MAX_PAGE_SIZE,
     TERMINAL_RUN_STATUSES,
     Experiment,
     FileInfo,
@@ -30,6 +26,12 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+)
+from mlflow_sidecar.core.limits import (
+    DEFAULT_METRIC_PAGE_SIZE,
+    DEFAULT_PAGE_SIZE,
+    MAX_METRIC_PAGE_SIZE,
+    MAX_PAGE_SIZE,
 )
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.server import validation as check
@@ -71,10 +73,6 @@ def _usable(experiment: Experiment) -> Experiment:
     return experiment
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 class TrackingService:
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
@@ -97,8 +95,8 @@ class TrackingService:
         request_id: str = "",
     ) -> Experiment:
         check.require("name", name)
-        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
-        check.bounded("artifact_location", artifact_location, 4096)
+        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.bounded("artifact_location", artifact_location, limits.MAX_URI_LENGTH)
         if get_if_exists:
             try:
                 return _usable(self._gateway.get_experiment_by_name(name))
@@ -125,7 +123,7 @@ class TrackingService:
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        check.require("experiment_id", experiment_id, max_length=64)
+        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment_by_name(self, name: str) -> Experiment:
@@ -141,7 +139,7 @@ class TrackingService:
         page_token: str = "",
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Experiment]:
-        check.bounded("filter", filter_string, 10_000)
+        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search_experiments(
             filter_string=filter_string,
@@ -152,11 +150,11 @@ class TrackingService:
         )
 
     def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
-        check.require("experiment_id", experiment_id, max_length=64)
+        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
         self._gateway.delete_experiment(experiment_id)
 
     def restore_experiment(self, experiment_id: str) -> Experiment:
-        check.require("experiment_id", experiment_id, max_length=64)
+        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
         return self._gateway.restore_experiment(experiment_id)
 
     # -- runs ---------------------------------------------------------------------------
@@ -172,9 +170,9 @@ class TrackingService:
         client_request_id: str = "",
         request_id: str = "",
     ) -> Run:
-        check.require("experiment_id", experiment_id, max_length=64)
-        check.bounded("run_name", run_name, check.MAX_KEY_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
+        check.bounded("run_name", run_name, limits.MAX_KEY_LENGTH)
+        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         if start_time_ms < 0:
             raise InvalidArgumentError("start_time_ms", "must not be negative")
         all_tags = dict(tags or {})
@@ -222,8 +220,10 @@ class TrackingService:
         if not experiment_ids:
             raise InvalidArgumentError("experiment_ids", "name at least one experiment")
         for index, experiment_id in enumerate(experiment_ids):
-            check.require(f"experiment_ids[{index}]", experiment_id, max_length=64)
-        check.bounded("filter", filter_string, 10_000)
+            check.require(
+                f"experiment_ids[{index}]", experiment_id, max_length=limits.MAX_ID_LENGTH
+            )
+        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search_runs(
             experiment_ids,
@@ -256,7 +256,7 @@ class TrackingService:
         if end_time_ms < 0:
             raise InvalidArgumentError("end_time_ms", "must not be negative")
         self._require_active(run_id)
-        ended_ms = end_time_ms or _now_ms()
+        ended_ms = end_time_ms or now_ms()
         if not self._ingest.pending(run_id):
             self._gateway.set_terminated(run_id, status, ended_ms)
             self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
@@ -282,7 +282,7 @@ class TrackingService:
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         check.run_id("run_id", run_id)
-        check.string_map("params", params, max_value_length=check.MAX_PARAM_VALUE_LENGTH)
+        check.string_map("params", params, max_value_length=limits.MAX_PARAM_VALUE_LENGTH)
         if not params:
             return
         run = self._require_active(run_id)
@@ -295,7 +295,7 @@ class TrackingService:
                     metadata={"key": k},
                 )
         new = [(k, v) for k, v in params.items() if k not in run.params]
-        for batch in check.chunks(new, check.MAX_PARAMS_TAGS_PER_BATCH):
+        for batch in check.chunks(new, limits.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, params=dict(batch))
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
@@ -304,9 +304,9 @@ class TrackingService:
         if not metrics:
             return 0
         self._ingest.refuse_if_ended(run_id)
-        now = _now_ms()
+        now = now_ms()
         stamped = [m if m.timestamp_ms else Metric(m.key, m.value, now, m.step) for m in metrics]
-        for batch in check.chunks(stamped, check.MAX_METRICS_PER_BATCH):
+        for batch in check.chunks(stamped, limits.MAX_METRICS_PER_BATCH):
             self._gateway.log_batch(run_id, metrics=batch)
         return len(stamped)
 
@@ -323,9 +323,9 @@ class TrackingService:
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         check.run_id("run_id", run_id)
-        check.string_map("tags", tags, max_value_length=check.MAX_TAG_VALUE_LENGTH)
+        check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
         items = list(tags.items())
-        for batch in check.chunks(items, check.MAX_PARAMS_TAGS_PER_BATCH):
+        for batch in check.chunks(items, limits.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
 
     def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:

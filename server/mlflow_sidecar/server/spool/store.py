@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import (
     ErrorReason,
@@ -187,10 +187,6 @@ def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Met
     ]
 
 
-def _now_ms() -> int:
-    return time.time_ns() // 1_000_000
-
-
 @dataclass(frozen=True, slots=True)
 class SpooledBatch:
     """The oldest undelivered points of one run; `last_id` marks them for deletion."""
@@ -237,7 +233,7 @@ class SpoolStatus:
         """Age of the oldest undelivered point, 0 when none is pending."""
         if self.oldest_accepted_ms is None:
             return 0.0
-        return max(0.0, (_now_ms() - self.oldest_accepted_ms) / 1000)
+        return max(0.0, (now_ms() - self.oldest_accepted_ms) / 1000)
 
 
 class SpoolStore:
@@ -315,7 +311,7 @@ class SpoolStore:
         full."""
         if not len(batch):
             return 0
-        accepted_ms = _now_ms()
+        accepted_ms = now_ms()
         runs = batch.by_run()
         rows = [row for run in runs for row in _rows(run, accepted_ms, self._chunk_points)]
         with self._lock:
@@ -407,7 +403,7 @@ class SpoolStore:
                     " accepted_ms, reason, dead_ms)"
                     " SELECT run_id, count, keys, vals, timestamps, steps, accepted_ms, ?, ?"
                     " FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
-                    (reason, _now_ms(), *chosen),
+                    (reason, now_ms(), *chosen),
                 )
                 self._db.execute(
                     "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?", chosen
@@ -446,7 +442,7 @@ class SpoolStore:
                 "INSERT OR REPLACE INTO ended_runs"
                 " (run_id, status, ended_ms, end_time_ms, last_chunk, applied)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
-                (run_id, status, _now_ms(), end_time_ms, end.last_chunk, int(applied)),
+                (run_id, status, now_ms(), end_time_ms, end.last_chunk, int(applied)),
             )
             self._ended[run_id] = end
             return self._pending.get(run_id, 0)

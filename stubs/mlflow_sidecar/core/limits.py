@@ -1,0 +1,63 @@
+"""Every limit of the contract, in one place: what a request may carry and how big a page,
+a batch, a path or a chunk may be. Client and server read them from here; the README's
+Limits section and the proto comments state the same figures.
+
+Most are MLflow's own (`mlflow.utils.validation`): the sidecar checks them first so that a
+caller learns which field is wrong, in the sidecar's words, before anything is sent.
+"""
+
+from __future__ import annotations
+
+# -- strings (MLflow's limits) ---------------------------------------------------------
+
+MAX_KEY_LENGTH = 250
+"""A param, metric or tag key; also a run name."""
+MAX_PARAM_VALUE_LENGTH = 6000
+MAX_TAG_VALUE_LENGTH = 8000
+MAX_NAME_LENGTH = 500
+"""An experiment, registered model or logged model name."""
+MAX_ALIAS_LENGTH = 255
+"""A registered model alias."""
+MAX_DESCRIPTION_LENGTH = 5000
+"""A registered model's or model version's description."""
+MAX_URI_LENGTH = 4096
+"""A model version's source, an experiment's artifact location."""
+MAX_FILTER_LENGTH = 10_000
+"""A search filter in MLflow's syntax."""
+MAX_DATASET_FIELD_LENGTH = 65535
+"""A dataset's name, digest, source, schema or profile, as a run input."""
+
+# -- ids ---------------------------------------------------------------------------------
+
+MAX_ID_LENGTH = 64
+"""An experiment, run or logged model id (MLflow makes 32-hex run ids, small integers for
+experiments, `m-` and 32 hex for logged models)."""
+MAX_RUN_ID_LENGTH = MAX_ID_LENGTH
+MAX_REQUEST_ID_LENGTH = 200
+"""A `request_id` (and the deprecated `client_request_id`)."""
+MAX_PAGE_TOKEN_LENGTH = 4096
+
+# -- batches and pages (MLflow's limits) -------------------------------------------------
+
+MAX_PARAMS_TAGS_PER_BATCH = 100
+MAX_METRICS_PER_BATCH = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEFAULT_METRIC_PAGE_SIZE = 1000
+MAX_METRIC_PAGE_SIZE = 25000
+
+# -- artifact paths ------------------------------------------------------------------------
+
+MAX_PATH_BYTES = 1024
+MAX_SEGMENT_BYTES = 255
+"""One path segment: most filesystems refuse longer names (NAME_MAX); refusing them here
+names the field."""
+
+# -- transfer chunks -----------------------------------------------------------------------
+
+MIB = 1024 * 1024
+DEFAULT_CHUNK_BYTES = MIB
+MIN_CHUNK_BYTES = 64 * 1024
+MAX_CHUNK_BYTES = MIB
+CHUNK_FRAMING_BYTES = 1024
+"""Room for the protobuf framing around a chunk (oneof tag, length, file index)."""
