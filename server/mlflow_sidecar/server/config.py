@@ -399,19 +399,11 @@ class ConfigError(Exception):
     """The configuration is invalid; the message is one line naming the bad key."""
 
 
-def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppConfig:
-    """Load the configuration from defaults, the YAML file, env vars and `overrides`.
-
-    `config_file` (else `$MLFLOW_SIDECAR_CONFIG`) names the YAML file; env vars win over it.
-    """
-    chosen = config_file or os.environ.get(CONFIG_FILE_ENV) or None
-    path = Path(chosen) if chosen else None
-    if path is not None and not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    _check_env_names(os.environ)
+def _build_config(path: Path | None, overrides: dict[str, Any]) -> AppConfig:
+    """The settings from every source, or ConfigError in one line naming what is wrong."""
     token = _yaml_file.set(path)
     try:
-        config = AppConfig(**overrides)
+        return AppConfig(**overrides)
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from exc
     except ValueError as exc:  # env values that are not valid JSON
@@ -423,6 +415,19 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     finally:
         _yaml_file.reset(token)
+
+
+def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppConfig:
+    """Load the configuration from defaults, the YAML file, env vars and `overrides`.
+
+    `config_file` (else `$MLFLOW_SIDECAR_CONFIG`) names the YAML file; env vars win over it.
+    """
+    chosen = config_file or os.environ.get(CONFIG_FILE_ENV) or None
+    path = Path(chosen) if chosen else None
+    if path is not None and not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    _check_env_names(os.environ)
+    config = _build_config(path, overrides)
     _check_files(config)
     _check_bind_policy(config)
     return config
@@ -604,15 +609,22 @@ def _yaml_problem(exc: BaseException) -> str:
     return " ".join(f"{problem}{where}".split())
 
 
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    """The environment variable that sets the config key at `loc`: a bad value that came in
+    through MLflow's own variable is named as that variable."""
+    env = ENV_PREFIX + "__".join(str(part).upper() for part in loc)
+    if os.environ.get(env) or len(loc) != 2 or loc[0] != "mlflow":
+        return env
+    for mlflow_env, field in MLFLOW_ENV_KEYS.items():
+        if field == loc[1] and field in _mlflow_env_values():
+            env = mlflow_env
+    return env
+
+
 def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    env = ENV_PREFIX + "__".join(str(part).upper() for part in first["loc"])
-    if not os.environ.get(env) and len(first["loc"]) == 2 and first["loc"][0] == "mlflow":
-        # A bad value that came in through MLflow's own variable is named as that variable.
-        for mlflow_env, field in MLFLOW_ENV_KEYS.items():
-            if field == first["loc"][1] and field in _mlflow_env_values():
-                env = mlflow_env
+    env = _env_name(tuple(first["loc"]))
     value = first.get("input")
     shown = "" if isinstance(value, dict) else f" (got {value!r})"
     more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""

@@ -90,20 +90,9 @@ class SidecarServer:
         self._serving = False
         server = config.server
         self._tracing = tracing
-        interceptors: list[grpc.ServerInterceptor] = []
-        if tracing is not None:
-            # Outermost: the access log and everything below run inside the call's span.
-            interceptors.append(tracing.interceptor)
-        interceptors.append(AccessLogInterceptor(self.metrics))
-        if config.auth.enabled:
-            interceptors.append(AuthInterceptor(config.auth.load_tokens()))
-        interceptors.append(ErrorMappingInterceptor(server.default_deadline_s))
-        if ledger is not None:
-            # Inside the error mapping: a refused request id is an error like any other.
-            interceptors.append(IdempotencyInterceptor(ledger))
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=server.workers, thread_name_prefix="rpc"),
-            interceptors=interceptors,
+            interceptors=self._interceptors(ledger),
             options=[
                 ("grpc.max_receive_message_length", server.max_message_bytes),
                 ("grpc.max_send_message_length", server.max_message_bytes),
@@ -155,6 +144,22 @@ class SidecarServer:
         if config.metrics.port:
             self._bind_http()
 
+
+    def _interceptors(self, ledger: RequestLedger | None) -> list[grpc.ServerInterceptor]:
+        """The chain every call goes through, outermost first."""
+        config = self._config
+        interceptors: list[grpc.ServerInterceptor] = []
+        if self._tracing is not None:
+            # Outermost: the access log and everything below run inside the call's span.
+            interceptors.append(self._tracing.interceptor)
+        interceptors.append(AccessLogInterceptor(self.metrics))
+        if config.auth.enabled:
+            interceptors.append(AuthInterceptor(config.auth.load_tokens()))
+        interceptors.append(ErrorMappingInterceptor(config.server.default_deadline_s))
+        if ledger is not None:
+            # Inside the error mapping: a refused request id is an error like any other.
+            interceptors.append(IdempotencyInterceptor(ledger))
+        return interceptors
     def _bind_http(self) -> None:
         # Bound with the gRPC port, so a taken port fails before anything starts.
         exporter, tls = self._config.metrics, self._config.tls

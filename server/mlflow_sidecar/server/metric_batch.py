@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, cast
 
@@ -105,6 +105,26 @@ class RunColumns:
     steps: Integers
 
 
+def _point_segments(points: Sequence[PointFields]) -> Iterator[Segment]:
+    """One segment per run of consecutive points of the same run and key."""
+    grouped = itertools.groupby(range(len(points)), lambda i: _address(points[i]))
+    for (run_id, key), indices in grouped:
+        first = next(indices)
+        stop = first + 1 + sum(1 for _ in indices)
+        yield Segment(run_id, key, first, stop, -1, first)
+
+
+def _series_length(index: int, sent: SeriesFields) -> int:
+    """The number of points of a series; InvalidArgumentError when its columns differ."""
+    count = len(sent.values)
+    if len(sent.timestamps_ms) != count or len(sent.steps) != count:
+        raise InvalidArgumentError(
+            f"series[{index}]",
+            f"values, timestamps_ms and steps must have the same length, got {count},"
+            f" {len(sent.timestamps_ms)} and {len(sent.steps)}",
+        )
+    return count
+
 @dataclass(frozen=True, slots=True)
 class MetricBatch:
     """Metric points of any runs: point i is (its segment's run id and key, values[i],
@@ -127,24 +147,14 @@ class MetricBatch:
         stamps: list[Integers] = []
         steps: list[Integers] = []
         if points:
-            grouped = itertools.groupby(range(len(points)), lambda i: _address(points[i]))
-            for (run_id, key), indices in grouped:
-                first = next(indices)
-                stop = first + 1 + sum(1 for _ in indices)
-                segments.append(Segment(run_id, key, first, stop, -1, first))
+            segments.extend(_point_segments(points))
             count = len(points)
             values.append(np.fromiter((p.value for p in points), np.float64, count))
             stamps.append(np.fromiter((p.timestamp_ms for p in points), np.int64, count))
             steps.append(np.fromiter((p.step for p in points), np.int64, count))
         start = len(points)
         for index, sent in enumerate(series):
-            count = len(sent.values)
-            if len(sent.timestamps_ms) != count or len(sent.steps) != count:
-                raise InvalidArgumentError(
-                    f"series[{index}]",
-                    f"values, timestamps_ms and steps must have the same length, got {count},"
-                    f" {len(sent.timestamps_ms)} and {len(sent.steps)}",
-                )
+            count = _series_length(index, sent)
             if not count:
                 continue
             segments.append(Segment(sent.run_id, sent.key, start, start + count, index))

@@ -33,6 +33,16 @@ def _user_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
     return {k: v for k, v in (tags or {}).items() if k not in _BOOKKEEPING_TAGS}
 
 
+def text(value: str | None) -> str:
+    """MLflow leaves unset strings as None; the domain has "" for them."""
+    return value or ""
+
+
+def ms(value: int | None) -> int:
+    """MLflow leaves unset timestamps as None; the domain has 0 for them."""
+    return int(value or 0)
+
+
 def _stage(value: str | None) -> LifecycleStage:
     return LifecycleStage.DELETED if value == "deleted" else LifecycleStage.ACTIVE
 
@@ -94,15 +104,15 @@ def model_version(mv: MlflowModelVersion) -> ModelVersion:
     return ModelVersion(
         name=mv.name,
         version=int(mv.version),
-        source=mv.source or "",
-        run_id=mv.run_id or "",
+        source=text(mv.source),
+        run_id=text(mv.run_id),
         status=ModelVersionStatus(mv.status or "READY"),
-        status_message=mv.status_message or "",
-        description=mv.description or "",
+        status_message=text(mv.status_message),
+        description=text(mv.description),
         tags=_user_tags(mv.tags),
         aliases=tuple(mv.aliases or ()),
-        creation_time_ms=mv.creation_timestamp or 0,
-        last_updated_time_ms=mv.last_updated_timestamp or 0,
-        user_id=mv.user_id or "",
-        model_id=getattr(mv, "model_id", None) or "",
+        creation_time_ms=ms(mv.creation_timestamp),
+        last_updated_time_ms=ms(mv.last_updated_timestamp),
+        user_id=text(mv.user_id),
+        model_id=text(getattr(mv, "model_id", None)),
     )

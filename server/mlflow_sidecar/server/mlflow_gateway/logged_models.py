@@ -21,6 +21,7 @@ from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.server.mlflow_gateway import page_tokens
+from mlflow_sidecar.server.mlflow_gateway.entities import ms, text
 from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
 
 _PAGE_KIND = "logged_models"
@@ -32,14 +33,14 @@ def logged_model(model: MlflowLoggedModel) -> LoggedModel:
     return LoggedModel(
         model_id=model.model_id,
         experiment_id=str(model.experiment_id),
-        name=model.name or "",
-        artifact_location=model.artifact_location or "",
-        creation_time_ms=int(model.creation_timestamp or 0),
-        last_updated_time_ms=int(model.last_updated_timestamp or 0),
-        model_type=model.model_type or "",
-        source_run_id=model.source_run_id or "",
+        name=text(model.name),
+        artifact_location=text(model.artifact_location),
+        creation_time_ms=ms(model.creation_timestamp),
+        last_updated_time_ms=ms(model.last_updated_timestamp),
+        model_type=text(model.model_type),
+        source_run_id=text(model.source_run_id),
         status=LoggedModelStatus.__members__.get(status, LoggedModelStatus.PENDING),
-        status_message=model.status_message or "",
+        status_message=text(model.status_message),
         tags=dict(model.tags or {}),
         params=dict(model.params or {}),
     )
