@@ -268,3 +268,26 @@ def test_building_a_gateway_changes_nothing_until_it_is_opened(tmp_path):
     with pytest.raises(errors.InternalError) as err:
         gateway.get_run("0" * 32)
     assert "open()" in str(err.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected", "reason"),
+    [
+        # MLflow's quirk: an alias that is not set is an invalid parameter "... not found".
+        ("Registered model alias champion not found.", errors.NotFoundError, "ALIAS_NOT_FOUND"),
+        # Any other invalid-parameter answer stays what MLflow said it is.
+        ("Parameter 'alias' is something else.", errors.InvalidArgumentError, "INVALID_ARGUMENT"),
+    ],
+)
+def test_only_an_unset_alias_becomes_not_found(tmp_path, monkeypatch, message, expected, reason):
+    config = load_config(data_dir=tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    gateway = MlflowGateway(config)
+    gateway.open()  # an HTTP store: nothing is contacted until a call
+
+    def answer(name: str, alias: str) -> None:
+        raise MlflowException(message, databricks_pb2.INVALID_PARAMETER_VALUE)
+
+    monkeypatch.setattr(gateway.client, "get_model_version_by_alias", answer)
+    with pytest.raises(expected) as err:
+        gateway.get_model_version_by_alias("agent", "champion")
+    assert err.value.reason == reason
