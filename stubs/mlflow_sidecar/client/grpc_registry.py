@@ -316,7 +316,23 @@ def _receive_model(
     responses: Iterator[pb.DownloadModelResponse], staging: Path, progress: Progress | None
 ) -> list[str]:
     """Write a DownloadModel stream under `staging`, verifying every file; return the paths."""
-    first = next(responses, None)
+    files = _manifest_files(next(responses, None))
+    total = sum(entry.size_bytes for entry in files)
+    report(progress, 0, total)
+    done = 0
+    receiver = _ModelFiles(files, staging)
+    try:
+        for message in responses:
+            done += receiver.write(message)
+            report(progress, done, total)
+        receiver.finish()
+    finally:
+        receiver.close()
+    return [entry.path for entry in files]
+
+
+def _manifest_files(first: pb.DownloadModelResponse | None) -> list[pb.ModelFile]:
+    """The files the manifest announces, once every path is known to stay in the destination."""
     if first is None or first.WhichOneof("payload") != "manifest":
         raise DataLossError("the sidecar sent no manifest")
     files = list(first.manifest.files)
@@ -327,46 +343,56 @@ def _receive_model(
         except InvalidArgumentError as exc:
             # The sidecar sent a path that could escape the destination: refuse it.
             raise DataLossError(f"unsafe manifest: {exc.message}") from None
-    total = sum(entry.size_bytes for entry in files)
-    report(progress, 0, total)
-    done = 0
-    current = -1
-    writer: HashingWriter | None = None
+    return files
 
-    def advance() -> HashingWriter:
+
+class _ModelFiles:
+    """The files of a manifest, written under `staging` in its order as their chunks come.
+
+    Only one file is open at a time: a chunk for a later file finishes (and so verifies)
+    every file before it, including empty ones, which get no chunks."""
+
+    def __init__(self, files: Sequence[pb.ModelFile], staging: Path) -> None:
+        self._files = files
+        self._staging = staging
+        self._current = -1
+        self._writer: HashingWriter | None = None
+
+    def write(self, message: pb.DownloadModelResponse) -> int:
+        """Write one chunk message into its file; returns the bytes it carried."""
+        if message.WhichOneof("payload") != "chunk":
+            raise DataLossError("the sidecar sent a second manifest")
+        index = message.chunk.file_index
+        if not self._current <= index < len(self._files):
+            raise DataLossError(f"chunk for file {index} arrived out of order")
+        while self._current < index:
+            self._advance()
+        assert self._writer is not None
+        self._writer.write(message.chunk.data)
+        return len(message.chunk.data)
+
+    def finish(self) -> None:
+        """Verify the last files; the stream has ended."""
+        # Empty files at the end get no chunks; open and finish them too.
+        while self._current < len(self._files) - 1:
+            self._advance()
+        if self._writer is not None:
+            self._writer.finish()
+
+    def close(self) -> None:
+        # A file left unfinished is deleted by its writer (see HashingWriter).
+        if self._writer is not None:
+            self._writer.close()
+
+    def _advance(self) -> None:
         # Finish the file being written, then open the next one of the manifest.
-        nonlocal current, writer
-        if writer is not None:
-            writer.finish()
-        current += 1
-        entry = files[current]
-        writer = HashingWriter(
-            staging.joinpath(*entry.path.split("/")),
+        if self._writer is not None:
+            self._writer.finish()
+        self._current += 1
+        entry = self._files[self._current]
+        self._writer = HashingWriter(
+            self._staging.joinpath(*entry.path.split("/")),
             entry.size_bytes,
             entry.sha256,
             what=entry.path,
         )
-        return writer
-
-    try:
-        for message in responses:
-            if message.WhichOneof("payload") != "chunk":
-                raise DataLossError("the sidecar sent a second manifest")
-            index = message.chunk.file_index
-            if not current <= index < len(files):
-                raise DataLossError(f"chunk for file {index} arrived out of order")
-            while current < index:
-                advance()
-            assert writer is not None
-            writer.write(message.chunk.data)
-            done += len(message.chunk.data)
-            report(progress, done, total)
-        # Empty files at the end get no chunks; open and finish them too.
-        while current < len(files) - 1:
-            advance()
-        if writer is not None:
-            writer.finish()
-    finally:
-        if writer is not None:
-            writer.close()
-    return [entry.path for entry in files]

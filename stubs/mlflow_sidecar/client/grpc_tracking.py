@@ -358,31 +358,13 @@ class GrpcExperimentTracking(ExperimentTracking):
         request = pb.DownloadArtifactRequest(run_id=run_id, artifact_path=artifact_path)
         call = self._stub.DownloadArtifact(request, timeout=self._transfer_timeout)
         try:
-            first = next(call, None)
-            if first is None or first.WhichOneof("payload") != "header":
-                raise DataLossError(f"{artifact_path}: the sidecar sent no header")
-            size = first.header.size_bytes
+            header = _artifact_header(call, artifact_path)
+            size = header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
             partial = partial_path(final)
-            with HashingWriter(
-                partial, size, first.header.sha256 or None, what=artifact_path
-            ) as writer:
+            with HashingWriter(partial, size, header.sha256 or None, what=artifact_path) as writer:
                 report(progress, 0, size)
-                trailer = ""
-                for message in call:
-                    kind = message.WhichOneof("payload")
-                    if trailer or kind not in ("chunk", "trailer"):
-                        raise DataLossError(
-                            f"{artifact_path}: the sidecar sent a {kind} after the"
-                            f" {'trailer' if trailer else 'header'}"
-                        )
-                    if kind == "trailer":
-                        trailer = message.trailer.sha256
-                        if not trailer:
-                            raise DataLossError(f"{artifact_path}: the trailer carries no sha256")
-                        continue
-                    writer.write(message.chunk)
-                    report(progress, writer.written, size)
+                trailer = _receive_artifact(call, writer, artifact_path, progress)
                 # Only verified bytes reach `final`: the partial file is renamed after this.
                 writer.finish(trailer or None)
                 os.replace(partial, final)
@@ -392,3 +374,49 @@ class GrpcExperimentTracking(ExperimentTracking):
             # Stops the sidecar's stream when we leave early; a no-op after a full download.
             call.cancel()
         return final
+
+
+def _artifact_header(
+    responses: Iterator[pb.DownloadArtifactResponse], artifact_path: str
+) -> pb.DownloadArtifactHeader:
+    # The size and digest to check the bytes against come first, or nothing can be trusted.
+    first = next(responses, None)
+    if first is None or first.WhichOneof("payload") != "header":
+        raise DataLossError(f"{artifact_path}: the sidecar sent no header")
+    return first.header
+
+
+def _receive_artifact(
+    responses: Iterator[pb.DownloadArtifactResponse],
+    writer: HashingWriter,
+    artifact_path: str,
+    progress: Progress | None,
+) -> str:
+    """Write the chunks after the header; return the trailer's sha256 ("" without one).
+
+    The trailer ends the stream: anything after it, or a second header, is refused."""
+    trailer = ""
+    for message in responses:
+        kind = message.WhichOneof("payload")
+        _check_after_header(kind, trailer, artifact_path)
+        if kind == "trailer":
+            trailer = _trailer_sha256(message.trailer, artifact_path)
+            continue
+        writer.write(message.chunk)
+        report(progress, writer.written, writer.expected_size)
+    return trailer
+
+
+def _check_after_header(kind: str | None, trailer: str, artifact_path: str) -> None:
+    if trailer or kind not in ("chunk", "trailer"):
+        raise DataLossError(
+            f"{artifact_path}: the sidecar sent a {kind} after the"
+            f" {'trailer' if trailer else 'header'}"
+        )
+
+
+def _trailer_sha256(trailer: pb.DownloadArtifactTrailer, artifact_path: str) -> str:
+    # A trailer exists to carry the digest of bytes whose digest was not known up front.
+    if not trailer.sha256:
+        raise DataLossError(f"{artifact_path}: the trailer carries no sha256")
+    return trailer.sha256

@@ -425,6 +425,13 @@ class MetricStream:
             any(rows.values()) for rows in self._rows.values()
         )
 
+    def _idle(self) -> bool:
+        """Nothing to send yet: no message queued, no batch due, and not closing."""
+        return not self._queue and not self._closing and not self._due()
+
+    def _drained_for_close(self) -> bool:
+        return self._closing and not self._queue
+
     def _fail(self, error: SidecarError) -> None:
         # log() does not check for an error, as that is a tenth of what it costs: the
         # buffers it looks points up in are swapped for ones that raise the error.
@@ -448,38 +455,54 @@ class MetricStream:
             self._signal_at = self._max_batch
             self._last_cut = time.monotonic()
             if last:
-                with self._cond:
-                    # A log() from now on raises; one that found its row before adds its
-                    # point before the seal below (and this cut takes it), or raises.
-                    self._sealed = True
-                    self._pending = _Refusing(_closed_error())
-            # list(): one atomic copy, as log() may add a run and key meanwhile. What log()
-            # appends from here on waits for the next cut, so that this one ends.
-            found = [
-                ((run_id, key), row)
-                for run_id, keys in list(self._rows.items())
-                for key, row in list(keys.items())
-            ]
+                self._seal()
+            found = self._found_rows()
             if last:
                 self._seals = [memoryview(row) for _, row in found]
                 self._rows = {}
-            rows: list[_Pending] = []
-            for name, row in found:
-                size = len(row) // _POINT.size * _POINT.size
-                if size:
-                    rows.append((name, memoryview(row[:size]), size // _POINT.size))
-                    if not last:
-                        # Only this prefix goes: what log() appended since stays in the row.
-                        del row[:size]
-            queued = 0
-            while rows:
-                message, points, rows = self._take(rows)
-                with self._cond:
-                    self._queue.append((message, points))
-                    self._queued_points += points
-                    self._cond.notify_all()
-                queued += points
-            return queued
+            return self._queue_messages(self._take_points(found, last=last))
+
+    def _seal(self) -> None:
+        with self._cond:
+            # A log() from now on raises; one that found its row before adds its
+            # point before the seal (and the last cut takes it), or raises.
+            self._sealed = True
+            self._pending = _Refusing(_closed_error())
+
+    def _found_rows(self) -> list[tuple[tuple[str, str], _Row]]:
+        # list(): one atomic copy, as log() may add a run and key meanwhile. What log()
+        # appends from here on waits for the next cut, so that this one ends.
+        return [
+            ((run_id, key), row)
+            for run_id, keys in list(self._rows.items())
+            for key, row in list(keys.items())
+        ]
+
+    @staticmethod
+    def _take_points(found: list[tuple[tuple[str, str], _Row]], *, last: bool) -> list[_Pending]:
+        """The whole points of each row, taken out of it unless the row is sealed."""
+        rows: list[_Pending] = []
+        for name, row in found:
+            size = len(row) // _POINT.size * _POINT.size
+            if size:
+                rows.append((name, memoryview(row[:size]), size // _POINT.size))
+                if not last:
+                    # Only this prefix goes: what log() appended since stays in the row.
+                    del row[:size]
+        return rows
+
+    def _queue_messages(self, rows: list[_Pending]) -> int:
+        # Each message is queued as soon as it is built, so the sender need not wait
+        # for the whole cut.
+        queued = 0
+        while rows:
+            message, points, rows = self._take(rows)
+            with self._cond:
+                self._queue.append((message, points))
+                self._queued_points += points
+                self._cond.notify_all()
+            queued += points
+        return queued
 
     def _take(self, rows: list[_Pending]) -> tuple[pb.StreamMetricsRequest, int, list[_Pending]]:
         """One message of the first points of `rows`, at most `max_message_bytes`; returns
@@ -519,12 +542,7 @@ class MetricStream:
     def _send_loop(self) -> None:
         failing_since: float | None = None
         delay = 0.05
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing and not self._due():
-                    self._cond.wait(self._max_delay_s / 2)
-                if self._closing and not self._queue:
-                    return
+        while self._wait_for_work():
             code = self._send_window()
             if self._error is not None:
                 return
@@ -532,38 +550,65 @@ class MetricStream:
                 failing_since, delay = None, 0.05
                 continue
             failing_since = failing_since or time.monotonic()
-            if time.monotonic() - failing_since > self._retry_budget_s:
-                with self._cond:
-                    self._fail(_exhausted_retries(code, self._retry_budget_s))
-                    self._cond.notify_all()
+            if not self._back_off(code, failing_since, delay):
                 return
-            # Never sooner than the sidecar asked; never past the retry budget.
-            left = self._retry_budget_s - (time.monotonic() - failing_since)
-            time.sleep(max(0.0, min(max(delay, self._retry_after_s), left)))
             delay = min(delay * 2, 2.0)
+
+    def _wait_for_work(self) -> bool:
+        """Wait until there is something to send; False once the stream closed and sent
+        everything it queued."""
+        with self._cond:
+            while self._idle():
+                self._cond.wait(self._max_delay_s / 2)
+            return not self._drained_for_close()
+
+    def _back_off(self, code: grpc.StatusCode, failing_since: float, delay: float) -> bool:
+        """Sleep before the next window after a retryable failure; False (and the stream
+        failed) once the sidecar has been failing for longer than the retry budget."""
+        if time.monotonic() - failing_since > self._retry_budget_s:
+            with self._cond:
+                self._fail(_exhausted_retries(code, self._retry_budget_s))
+                self._cond.notify_all()
+            return False
+        # Never sooner than the sidecar asked; never past the retry budget.
+        left = self._retry_budget_s - (time.monotonic() - failing_since)
+        time.sleep(max(0.0, min(max(delay, self._retry_after_s), left)))
+        return True
 
     def _requests(self) -> Iterator[pb.StreamMetricsRequest]:
         started = time.monotonic()
-        while True:
-            with self._cond:
-                while not self._queue and not self._closing and not self._due():
-                    if self._flushing or time.monotonic() - started >= self._window_s:
-                        return
-                    self._cond.wait(0.02)
-                if self._closing and not self._queue:
-                    return
-                cut = not self._queue
-            if cut:
-                # Outside self._cond: log() calls that find a batch due do not wait for it.
-                self._cut()
-            with self._cond:
-                if not self._queue:
-                    continue  # the count ran ahead of what was pending
-                message, count = self._queue.popleft()
-                self._queued_points -= count
-                self._in_flight.append((message, count))
-                self._cond.notify_all()
-            yield message
+        while self._window_has_work(started):
+            message = self._dequeue()
+            if message is not None:
+                yield message
+
+    def _window_has_work(self, started: float) -> bool:
+        """Wait for a message to send in the call opened at `started`, cutting a due batch
+        into messages; False when the call should end instead."""
+        with self._cond:
+            while self._idle():
+                if self._flushing or time.monotonic() - started >= self._window_s:
+                    return False
+                self._cond.wait(0.02)
+            if self._drained_for_close():
+                return False
+            cut = not self._queue
+        if cut:
+            # Outside self._cond: log() calls that find a batch due do not wait for it.
+            self._cut()
+        return True
+
+    def _dequeue(self) -> pb.StreamMetricsRequest | None:
+        # A message stays in flight until the sidecar accepted it, to be sent again if
+        # the call fails.
+        with self._cond:
+            if not self._queue:
+                return None  # the count ran ahead of what was pending
+            message, count = self._queue.popleft()
+            self._queued_points -= count
+            self._in_flight.append((message, count))
+            self._cond.notify_all()
+        return message
 
     def _send_window(self) -> grpc.StatusCode | None:
         """One call; None on success, else the retryable status code that ended it."""
