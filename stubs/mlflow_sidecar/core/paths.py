@@ -33,6 +33,28 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
         if allow_empty:
             return value
         raise InvalidArgumentError(field, "must not be empty")
+    _check_characters(field, value)
+    size = _utf8_size(value)
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgumentError(field, f"is {size} bytes long; at most {MAX_PATH_BYTES}")
+    if value.startswith("/"):
+        raise InvalidArgumentError(field, f"{_shown(value)} must be relative, not absolute")
+    for segment in value.split("/"):
+        _check_segment(field, value, segment)
+    return value
+
+
+def _utf8_size(text: str) -> int:
+    # surrogatepass: a lone surrogate (from a non-UTF-8 file name) is measured, not an error.
+    return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+def _check_characters(field: str, value: str) -> None:
+    """Refuse characters that make a path mean something else elsewhere.
+
+    NUL ends the path for the operating system, other control characters hide in logs
+    and terminals, and a backslash is a separator on Windows but not on POSIX.
+    """
     if "\x00" in value:
         raise InvalidArgumentError(field, "must not contain NUL characters")
     if _CONTROL_RE.search(value):
@@ -41,22 +63,17 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
         raise InvalidArgumentError(
             field, f"{_shown(value)} must use '/' as separator, not backslashes"
         )
-    size = len(value.encode("utf-8", errors="surrogatepass"))
-    if size > MAX_PATH_BYTES:
-        raise InvalidArgumentError(field, f"is {size} bytes long; at most {MAX_PATH_BYTES}")
-    if value.startswith("/"):
-        raise InvalidArgumentError(field, f"{_shown(value)} must be relative, not absolute")
-    for segment in value.split("/"):
-        if segment in ("", ".", ".."):
-            raise InvalidArgumentError(
-                field,
-                f"{_shown(value)} must not contain empty, '.' or '..' segments",
-            )
-        if len(segment.encode("utf-8", errors="surrogatepass")) > MAX_SEGMENT_BYTES:
-            raise InvalidArgumentError(
-                field, f"has a segment longer than {MAX_SEGMENT_BYTES} bytes"
-            )
-    return value
+
+
+def _check_segment(field: str, value: str, segment: str) -> None:
+    # The message shows the whole path (`value`), not the segment, so the caller can find it.
+    if segment in ("", ".", ".."):
+        raise InvalidArgumentError(
+            field,
+            f"{_shown(value)} must not contain empty, '.' or '..' segments",
+        )
+    if _utf8_size(segment) > MAX_SEGMENT_BYTES:
+        raise InvalidArgumentError(field, f"has a segment longer than {MAX_SEGMENT_BYTES} bytes")
 
 
 def is_sha256(value: str) -> bool:

@@ -68,40 +68,62 @@ def collect_files(root: Path, *, field: str = "local_dir") -> list[LocalFile]:
     """
     if not root.is_dir():
         raise InvalidArgumentError(field, f"{root} is not a directory")
-    real_root = root.resolve()
-    found: list[LocalFile] = []
-    # (directory as seen through root, its relative prefix, resolved dirs above it)
-    pending: list[tuple[Path, str, frozenset[Path]]] = [(root, "", frozenset({real_root}))]
-    while pending:
-        directory, prefix, ancestors = pending.pop()
-        with os.scandir(directory) as entries:
-            listing = sorted(entries, key=lambda e: e.name)
-        for entry in listing:
-            relpath = f"{prefix}{entry.name}"
-            path = Path(entry.path)
-            if entry.is_symlink():
-                target = path.resolve()
-                if not target.is_relative_to(real_root):
-                    raise InvalidArgumentError(
-                        field, f"{relpath!r} is a symlink to {target}, outside {root}"
-                    )
-                if target.is_dir():
-                    if target in ancestors:
-                        raise InvalidArgumentError(field, f"{relpath!r} is a symlink loop")
-                    pending.append((path, relpath + "/", ancestors | {target}))
-                elif target.is_file():
-                    check_relative_path(field, relpath)
-                    found.append(LocalFile(relpath, path, target.stat().st_size))
-                else:
-                    raise InvalidArgumentError(field, f"{relpath!r} is a dangling symlink")
-            elif entry.is_dir(follow_symlinks=False):
-                pending.append((path, relpath + "/", ancestors | {path.resolve()}))
-            elif entry.is_file(follow_symlinks=False):
-                check_relative_path(field, relpath)
-                found.append(LocalFile(relpath, path, entry.stat(follow_symlinks=False).st_size))
-            else:
-                raise InvalidArgumentError(field, f"{relpath!r} is not a regular file")
-    return sorted(found, key=lambda f: f.relpath)
+    return _TreeWalk(root, field).run()
+
+
+# A directory still to list: as seen through root, its relative prefix, and the
+# resolved directories above it (to recognise a symlink that loops back).
+_PendingDir = tuple[Path, str, frozenset[Path]]
+
+
+class _TreeWalk:
+    """The state of one `collect_files` walk, so each kind of entry has its own method."""
+
+    def __init__(self, root: Path, field: str) -> None:
+        self.root = root
+        self.field = field
+        self.real_root = root.resolve()
+        self.found: list[LocalFile] = []
+        self.pending: list[_PendingDir] = [(root, "", frozenset({self.real_root}))]
+
+    def run(self) -> list[LocalFile]:
+        while self.pending:
+            directory, prefix, ancestors = self.pending.pop()
+            with os.scandir(directory) as entries:
+                listing = sorted(entries, key=lambda e: e.name)
+            for entry in listing:
+                self._visit(entry, f"{prefix}{entry.name}", ancestors)
+        return sorted(self.found, key=lambda f: f.relpath)
+
+    def _visit(self, entry: os.DirEntry[str], relpath: str, ancestors: frozenset[Path]) -> None:
+        path = Path(entry.path)
+        if entry.is_symlink():
+            self._visit_symlink(path, relpath, ancestors)
+        elif entry.is_dir(follow_symlinks=False):
+            self.pending.append((path, relpath + "/", ancestors | {path.resolve()}))
+        elif entry.is_file(follow_symlinks=False):
+            check_relative_path(self.field, relpath)
+            self.found.append(LocalFile(relpath, path, entry.stat(follow_symlinks=False).st_size))
+        else:
+            raise InvalidArgumentError(self.field, f"{relpath!r} is not a regular file")
+
+    def _visit_symlink(self, path: Path, relpath: str, ancestors: frozenset[Path]) -> None:
+        # The link keeps its own path in the result; its target only decides whether the
+        # link is allowed and whether it is walked as a directory or read as a file.
+        target = path.resolve()
+        if not target.is_relative_to(self.real_root):
+            raise InvalidArgumentError(
+                self.field, f"{relpath!r} is a symlink to {target}, outside {self.root}"
+            )
+        if target.is_dir():
+            if target in ancestors:
+                raise InvalidArgumentError(self.field, f"{relpath!r} is a symlink loop")
+            self.pending.append((path, relpath + "/", ancestors | {target}))
+        elif target.is_file():
+            check_relative_path(self.field, relpath)
+            self.found.append(LocalFile(relpath, path, target.stat().st_size))
+        else:
+            raise InvalidArgumentError(self.field, f"{relpath!r} is a dangling symlink")
 
 
 class HashingWriter:

@@ -131,6 +131,24 @@ def _page_size(max_results: int | None, default: int, ceiling: int) -> int:
     return max(1, min(int(max_results), ceiling))
 
 
+def _dataset_use(dataset_input: Any) -> DatasetUse:
+    """One MLflow DatasetInput as the sidecar records it.
+
+    MLflow leaves schema, profile and tags unset (None) when a dataset has none; the
+    sidecar's fields are never None, so they become empty.
+    """
+    dataset = dataset_input.dataset
+    return DatasetUse(
+        name=dataset.name,
+        digest=dataset.digest,
+        source_type=dataset.source_type,
+        source=dataset.source,
+        schema=dataset.schema or "",
+        profile=dataset.profile or "",
+        tags={t.key: t.value for t in dataset_input.tags or ()},
+    )
+
+
 class SidecarTrackingStore(AbstractStore):
     """MLflow's tracking store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
 
@@ -401,18 +419,7 @@ class SidecarTrackingStore(AbstractStore):
 
     @translated
     def log_inputs(self, run_id: str, datasets: Any = None, models: Any = None) -> None:
-        uses = [
-            DatasetUse(
-                name=d.dataset.name,
-                digest=d.dataset.digest,
-                source_type=d.dataset.source_type,
-                source=d.dataset.source,
-                schema=d.dataset.schema or "",
-                profile=d.dataset.profile or "",
-                tags={t.key: t.value for t in d.tags or ()},
-            )
-            for d in datasets or ()
-        ]
+        uses = [_dataset_use(d) for d in datasets or ()]
         model_ids = [m.model_id for m in models or ()]
         if uses or model_ids:
             self._models.log_inputs(run_id, uses, model_ids)
