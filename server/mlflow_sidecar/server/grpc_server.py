@@ -144,7 +144,6 @@ class SidecarServer:
         if config.metrics.port:
             self._bind_http()
 
-
     def _interceptors(self, ledger: RequestLedger | None) -> list[grpc.ServerInterceptor]:
         """The chain every call goes through, outermost first."""
         config = self._config
@@ -160,6 +159,7 @@ class SidecarServer:
             # Inside the error mapping: a refused request id is an error like any other.
             interceptors.append(IdempotencyInterceptor(ledger))
         return interceptors
+
     def _bind_http(self) -> None:
         # Bound with the gRPC port, so a taken port fails before anything starts.
         exporter, tls = self._config.metrics, self._config.tls

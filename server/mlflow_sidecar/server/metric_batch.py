@@ -125,6 +125,7 @@ def _series_length(index: int, sent: SeriesFields) -> int:
         )
     return count
 
+
 @dataclass(frozen=True, slots=True)
 class MetricBatch:
     """Metric points of any runs: point i is (its segment's run id and key, values[i],
