@@ -10,13 +10,16 @@ import os
 from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 from mlflow.entities import Metric, RunData
+from mlflow.exceptions import MlflowException
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.tracking.request_header.abstract_request_header_provider import (
     RequestHeaderProvider,
 )
+from mlflow.utils.search_utils import SearchLoggedModelsPaginationToken
 
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 
@@ -113,3 +116,24 @@ def test_the_server_artifact_root_variable_is_the_one_mlflow_reads(monkeypatch, 
         _changed(f"tracking._tracking_service.utils.{name}")
     )
     assert os.environ[getattr(tracking_utils, name)] == str(tmp_path)
+
+
+def test_a_logged_models_page_token_is_one_mlflow_accepts_for_its_search():
+    ordering = [{"field_name": "name", "ascending": True, "dataset_name": None}]
+    token = mlflow_internals.logged_models_page_token(
+        4, experiment_ids=["1"], filter_string="name = 'a'", order_by=ordering
+    )
+    decoded = SearchLoggedModelsPaginationToken.decode(token)
+    decoded.validate(["1"], "name = 'a'", ordering)
+    assert decoded.offset == 4, _changed("search_utils.SearchLoggedModelsPaginationToken")
+    with pytest.raises(MlflowException):
+        decoded.validate(["2"], "name = 'a'", ordering)
+
+
+def test_logged_model_tags_are_set_through_the_tracking_client():
+    tracking_client = getattr(MlflowClient("sqlite:///:memory:"), "_tracking_client", None)
+    method = getattr(tracking_client, "set_logged_model_tags", None)
+    assert method is not None, _changed("MlflowClient._tracking_client.set_logged_model_tags")
+    assert _parameters(method) == ["model_id", "tags"], _changed(
+        "TrackingServiceClient.set_logged_model_tags"
+    )

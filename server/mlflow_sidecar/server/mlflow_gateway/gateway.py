@@ -408,7 +408,7 @@ class MlflowGateway:
     ) -> domain.Page[domain.Experiment]:
         """One page of experiments."""
         mlflow_token = page_tokens.to_mlflow("experiments", page_token)
-        paged = self._search(
+        paged = self.call_search(
             lambda: self._client.search_experiments(
                 view_type=_VIEW_TYPES[view_type],
                 max_results=page_size,
@@ -509,7 +509,7 @@ class MlflowGateway:
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
         mlflow_token = page_tokens.to_mlflow("runs", page_token)
-        paged = self._search(
+        paged = self.call_search(
             lambda: self._client.search_runs(
                 list(experiment_ids),
                 filter_string=filter_string,
@@ -654,7 +654,7 @@ class MlflowGateway:
             )
         )
 
-    def _search(
+    def call_search(
         self, op: Callable[[], T], *, filter_string: str, order_by: Sequence[str], page_token: str
     ) -> T:
         """Run a search; an invalid-argument answer names the request field it is about."""
@@ -674,7 +674,7 @@ class MlflowGateway:
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
         mlflow_token = page_tokens.to_mlflow("registered-models", page_token)
-        paged = self._search(
+        paged = self.call_search(
             lambda: self._client.search_registered_models(
                 filter_string=filter_string or None,
                 max_results=page_size,
@@ -931,7 +931,7 @@ class MlflowGateway:
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
         mlflow_token = page_tokens.to_mlflow("model-versions", page_token)
-        paged = self._search(
+        paged = self.call_search(
             lambda: self._client.search_model_versions(
                 filter_string=filter_string or None,
                 max_results=page_size,

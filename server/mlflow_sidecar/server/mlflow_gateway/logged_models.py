@@ -20,7 +20,7 @@ from mlflow.store.artifact.artifact_repository_registry import get_artifact_repo
 from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
-from mlflow_sidecar.server.mlflow_gateway import page_tokens
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, page_tokens
 from mlflow_sidecar.server.mlflow_gateway.entities import ms, text
 from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
 
@@ -101,18 +101,34 @@ class LoggedModelGateway:
         page_token: str,
     ) -> domain.Page[LoggedModel]:
         """One page of the experiments' logged models matching an MLflow filter."""
-        mlflow_token = page_tokens.to_mlflow(_PAGE_KIND, page_token)
-        ordering = [{"field_name": f, "ascending": a} for f, a in order_by] or None
-        paged: Any = self._gateway.call(
+        ids = list(experiment_ids)
+        mlflow_filter = filter_string or None
+        # With the dataset keys `mlflow server` adds when it rebuilds the ordering from its
+        # request: MLflow's page token must name the ordering the store sees, on the
+        # embedded store and behind a server alike.
+        ordering = [
+            {"field_name": f, "ascending": a, "dataset_name": None, "dataset_digest": None}
+            for f, a in order_by
+        ] or None
+        offset = page_tokens.offset(_PAGE_KIND, page_token)
+        mlflow_token = (
+            mlflow_internals.logged_models_page_token(
+                offset, experiment_ids=ids, filter_string=mlflow_filter, order_by=ordering
+            )
+            if offset
+            else None
+        )
+        paged: Any = self._gateway.call_search(
             lambda: self._client.search_logged_models(
-                experiment_ids=list(experiment_ids),
-                filter_string=filter_string or None,
+                experiment_ids=ids,
+                filter_string=mlflow_filter,
                 max_results=page_size,
                 order_by=ordering,
                 page_token=mlflow_token,
             ),
-            not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
-            invalid_field="filter",
+            filter_string=filter_string,
+            order_by=[f for f, _ in order_by],
+            page_token=page_token,
         )
         return domain.Page(
             tuple(logged_model(m) for m in paged),
@@ -131,7 +147,7 @@ class LoggedModelGateway:
     def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags."""
         self._gateway.call(
-            lambda: self._client.set_logged_model_tags(model_id, dict(tags)),
+            lambda: mlflow_internals.set_logged_model_tags(self._client, model_id, dict(tags)),
             not_found=ErrorReason.LOGGED_MODEL_NOT_FOUND,
         )
 

@@ -2,9 +2,11 @@
 
 MLflow's public client has no way to do these things (stream an artifact's bytes, read
 every latest metric of a run as objects, resolve a models:/ URI, keep the embedded store's
-artifacts in the data dir, drop a request header provider). Each is reached through one
-function here, and tests/unit/test_mlflow_internals.py fails with a message naming the API
-when an MLflow upgrade moves or changes one, instead of the sidecar failing at run time.
+artifacts in the data dir, drop a request header provider, page through logged models,
+set a logged model's tags without a look-up that hides why it failed). Each is reached
+through one function here, and tests/unit/test_mlflow_internals.py fails with a message
+naming the API when an MLflow upgrade moves or changes one, instead of the sidecar failing
+at run time.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking.request_header import registry as request_headers
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
+from mlflow.utils.search_utils import SearchLoggedModelsPaginationToken
 
 # MLflow reads the artifact root of a SQL store built in-process from this variable (the
 # one `mlflow server` sets), so the embedded store keeps artifacts in the data dir.
@@ -39,6 +42,32 @@ def logged_model_id(source: str) -> str | None:
         return None
     model_id: str | None = _parse_model_uri(source).model_id
     return model_id
+
+
+def logged_models_page_token(
+    offset: int,
+    *,
+    experiment_ids: list[str],
+    filter_string: str | None,
+    order_by: list[dict[str, Any]] | None,
+) -> str:
+    """MLflow's page token for the logged models search at `offset`. Unlike its other
+    offset tokens it names the search it belongs to, and MLflow refuses it for any other
+    (the arguments must equal those the store is called with)."""
+    token = SearchLoggedModelsPaginationToken(
+        experiment_ids=experiment_ids,
+        filter_string=filter_string,
+        order_by=order_by,
+        offset=offset,
+    )
+    return str(token.encode())
+
+
+def set_logged_model_tags(client: Any, model_id: str, tags: dict[str, str]) -> None:
+    """Set a logged model's tags without `MlflowClient`'s look-up before, which answers
+    any failure of that look-up (a missing model, an unreachable server) as an invalid
+    parameter. The store answers a missing model as RESOURCE_DOES_NOT_EXIST itself."""
+    client._tracking_client.set_logged_model_tags(model_id, tags)
 
 
 _guess_mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type

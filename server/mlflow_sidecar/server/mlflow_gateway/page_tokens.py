@@ -53,12 +53,19 @@ def bounded_int(value: object, low: int, high: int) -> int:
     return value
 
 
+def offset(kind: str, token: str) -> int:
+    """The offset in one of our tokens of the list `kind`; 0 for the first page (empty token)."""
+    if not token:
+        return 0
+    return bounded_int(decode(kind, token).get("offset"), 1, MAX_OFFSET)
+
+
 def to_mlflow(kind: str, token: str) -> str | None:
     """MLflow's offset token for one of ours; None for the first page (empty token)."""
     if not token:
         return None
-    offset = bounded_int(decode(kind, token).get("offset"), 1, MAX_OFFSET)
-    return base64.b64encode(json.dumps({"offset": offset}).encode()).decode("ascii")
+    position = offset(kind, token)
+    return base64.b64encode(json.dumps({"offset": position}).encode()).decode("ascii")
 
 
 def from_mlflow(kind: str, mlflow_token: str | bytes | None) -> str:

@@ -298,8 +298,8 @@ class ArtifactsPort(Protocol):
 
 class LoggedModelsPort(Protocol):
     """MLflow 3's logged models: what `log_model` and autologging create. Kept apart from
-    `MlflowPort`, whose in-memory fake does not model them; the plugin's integration tests
-    run them against real MLflow."""
+    `MlflowPort`, whose run-artifact and run-tag methods share their names. A missing model
+    is NotFoundError (reason LOGGED_MODEL_NOT_FOUND), a missing run RUN_NOT_FOUND."""
 
     def create(
         self,
@@ -331,18 +331,20 @@ class LoggedModelsPort(Protocol):
         """Set the model's final status (READY or FAILED)."""
 
     def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
-        """Set (or overwrite) the model's tags."""
+        """Set (or overwrite) the model's tags; the others stay."""
 
     def delete_tag(self, model_id: str, key: str) -> None:
         """Delete one tag; NotFoundError (TAG_NOT_FOUND) when the model has no such tag."""
 
     def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
-        """Record logged models as outputs of the run, each at a step."""
+        """Record logged models as outputs of the run, each at a step. The run must be
+        active (else FailedPreconditionError, RUN_NOT_ACTIVE); the model ids are not
+        checked."""
 
     def log_inputs(
         self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
     ) -> None:
-        """Record the datasets and logged models a run used."""
+        """Record the datasets and logged models a run used (an active run, as `log_outputs`)."""
 
     def artifact_location(self, model_id: str) -> str:
         """Where the model's files live, once the storage policy allows it."""
@@ -354,7 +356,8 @@ class LoggedModelsPort(Protocol):
         """The model's artifacts directly under `path`."""
 
     def download_artifact(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
-        """Download one of the model's files into `dst_dir`; returns its path."""
+        """Download one of the model's files to `dst_dir/artifact_path` (its path under the
+        model's root, unlike a run's); returns that path."""
 
 
 class MlflowPort(
