@@ -1,4 +1,5 @@
-"""`FakeMlflow`: the one in-memory `MlflowPort`, for unit tests.
+"""`FakeMlflow`: the one in-memory `MlflowPort` (and, as `FakeMlflow().logged_models`,
+`LoggedModelsPort`), for unit tests.
 
 It behaves as the contract suite (tests/contract) says MLflow behind `MlflowGateway`
 does, and adds what tests need to steer it: fault injection (`fail`, `outage`,
@@ -29,13 +30,20 @@ from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     ErrorReason,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     UnavailableError,
 )
+from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
 from mlflow_sidecar.server.mlflow_gateway import metric_history, page_tokens, registration
-from mlflow_sidecar.server.mlflow_gateway.port import ArtifactUpload, MlflowPort, StreamedDownload
+from mlflow_sidecar.server.mlflow_gateway.port import (
+    ArtifactUpload,
+    LoggedModelsPort,
+    MlflowPort,
+    StreamedDownload,
+)
 from mlflow_sidecar.server.mlflow_gateway.sources import (
     check_source_alias,
     models_source,
@@ -43,6 +51,20 @@ from mlflow_sidecar.server.mlflow_gateway.sources import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_LOGGED_MODELS = "logged_models"
+# The characters MLflow refuses in a logged model's name.
+_LOGGED_MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
+# The fields MLflow orders logged models by (its names, and its aliases of them).
+_LOGGED_MODEL_ORDER = {
+    "name": "name",
+    "model_id": "model_id",
+    "model_type": "model_type",
+    "source_run_id": "source_run_id",
+    "creation_timestamp": "creation_timestamp",
+    "creation_time": "creation_timestamp",
+    "last_updated_timestamp": "last_updated_timestamp",
+}
 
 DEFAULT_EXPERIMENT_ID = "0"
 # The sidecar's request-id tags: kept with a run, never shown among its tags (as the gateway).
@@ -59,10 +81,14 @@ def _port_call(method: F) -> F:
     signature = inspect.signature(method)
 
     @functools.wraps(method)
-    def wrapper(self: FakeMlflow, *args: Any, **kwargs: Any) -> Any:
-        self._enter(name)
+    def wrapper(self: FakeMlflow | FakeLoggedModels, *args: Any, **kwargs: Any) -> Any:
+        # The logged models' calls are steered and recorded by their FakeMlflow's knobs,
+        # under names of their own ("logged_models.delete_tag" is not "delete_tag").
+        fake = self if isinstance(self, FakeMlflow) else self.fake
+        call = name if isinstance(self, FakeMlflow) else f"{_LOGGED_MODELS}.{name}"
+        fake._enter(call)
         try:
-            failure = self._failure(name, before=True)
+            failure = fake._failure(call, before=True)
             if failure is not None:
                 raise failure
             result = method(self, *args, **kwargs)
@@ -70,14 +96,14 @@ def _port_call(method: F) -> F:
             bound.apply_defaults()
             arguments = dict(bound.arguments)
             del arguments["self"]
-            with self._lock:
-                self.record.append((name, arguments))
-            failure = self._failure(name, before=False)
+            with fake._lock:
+                fake.record.append((call, arguments))
+            failure = fake._failure(call, before=False)
             if failure is not None:
                 raise failure
             return result
         finally:
-            self._leave(name)
+            fake._leave(call)
 
     return wrapper  # type: ignore[return-value]
 
@@ -101,6 +127,16 @@ class _StoredRun:
     params: dict[str, str] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
     history: dict[str, list[domain.Metric]] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)
+    # Logged models recorded as the run's outputs (model id, step) and inputs, in order.
+    model_outputs: list[tuple[str, int]] = field(default_factory=list)
+    model_inputs: list[str] = field(default_factory=list)
+    dataset_inputs: list[DatasetUse] = field(default_factory=list)
+
+
+@dataclass
+class _StoredLoggedModel:
+    model: LoggedModel
     files: dict[str, bytes] = field(default_factory=dict)
 
 
@@ -154,6 +190,8 @@ class FakeMlflow:
         self.runs: dict[str, _StoredRun] = {}
         self.models: dict[str, _StoredModel] = {}
         self.versions: dict[tuple[str, int], _StoredVersion] = {}
+        # MLflow 3's logged models, behind their own port (their method names are taken).
+        self.logged_models = FakeLoggedModels(self)
         now = now_ms()
         self.experiments[DEFAULT_EXPERIMENT_ID] = _StoredExperiment(
             domain.Experiment(
@@ -982,25 +1020,14 @@ class FakeMlflow:
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         with self._lock:
             files = dict(self._run(run_id).files)
-        prefix = f"{path.rstrip('/')}/" if path else ""
-        entries: dict[str, domain.FileInfo] = {}
-        for stored, data in files.items():
-            if not stored.startswith(prefix):
-                continue
-            head, slash, _ = stored[len(prefix) :].partition("/")
-            child = prefix + head
-            entries[child] = (
-                domain.FileInfo(child, is_dir=True)
-                if slash
-                else domain.FileInfo(child, size_bytes=len(data))
-            )
-        return sorted(entries.values(), key=lambda e: e.path)
+        return _listing(files, path)
 
     @_port_call
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
         with self._lock:
             files = dict(self._run(run_id).files)
-        return _write_tree(files, artifact_path, dst_dir / artifact_path.rpartition("/")[2], run_id)
+        destination = dst_dir / artifact_path.rpartition("/")[2]
+        return _write_tree(files, artifact_path, destination, f"run {run_id}")
 
     @_port_call
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
@@ -1016,8 +1043,188 @@ class FakeMlflow:
         path = found.source.partition(f"runs:/{run_id}")[2].strip("/")
         with self._lock:
             files = dict(self._run(run_id).files)
-        _write_tree(files, path, dst_dir, run_id)
+        _write_tree(files, path, dst_dir, f"run {run_id}")
         return dst_dir
+
+
+class FakeLoggedModels:
+    """MLflow 3's logged models behind the `LoggedModelsPort` contract, in the memory of
+    a `FakeMlflow` (its experiments, runs, lock and knobs): reach it as
+    `FakeMlflow().logged_models`. Its calls are named "logged_models.<method>" in the
+    fake's knobs and records (`fake.fail("logged_models.create", ...)`).
+
+    Filters take the fake's clause forms on `name`, `model_id`, `model_type`,
+    `source_run_id`, `tags.<key>` and `params.<key>`.
+    """
+
+    def __init__(self, fake: FakeMlflow) -> None:
+        self.fake = fake
+        self.stored: dict[str, _StoredLoggedModel] = {}
+
+    def _stored(self, model_id: str) -> _StoredLoggedModel:
+        found = self.stored.get(model_id)
+        if found is None:
+            raise NotFoundError(
+                f"logged model {model_id!r} not found",
+                reason=ErrorReason.LOGGED_MODEL_NOT_FOUND,
+            )
+        return found
+
+    def _active_run(self, run_id: str) -> _StoredRun:
+        run = self.fake._run(run_id)
+        if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
+            # As MLflow has it: a deleted run takes no more inputs or outputs.
+            raise FailedPreconditionError(
+                f"run {run_id} must be in the 'active' state",
+                reason=ErrorReason.RUN_NOT_ACTIVE,
+            )
+        return run
+
+    @_port_call
+    def create(
+        self,
+        experiment_id: str,
+        *,
+        name: str,
+        model_type: str,
+        source_run_id: str,
+        params: Mapping[str, str],
+        tags: Mapping[str, str],
+    ) -> LoggedModel:
+        # As MLflow checks a given name; an empty one gets a name made up.
+        if name and any(c in name for c in _LOGGED_MODEL_NAME_BAD_CHARS):
+            raise InvalidArgumentError("", f"{name!r} is not a valid logged model name")
+        with self.fake._lock:
+            experiment = self.fake._experiment(experiment_id).experiment
+            if experiment.lifecycle_stage is domain.LifecycleStage.DELETED:
+                # MLflow's "must be in the 'active' state", as the gateway maps it.
+                raise FailedPreconditionError(
+                    f"experiment {experiment_id} must be in the 'active' state",
+                    reason=ErrorReason.RUN_NOT_ACTIVE,
+                )
+            number = next(self.fake._ids)
+            model_id = f"m-{number:032x}"
+            now = now_ms()
+            model = LoggedModel(
+                model_id=model_id,
+                experiment_id=experiment_id,
+                name=name or f"model-{number}",
+                artifact_location=f"{experiment.artifact_location}/models/{model_id}/artifacts",
+                creation_time_ms=now,
+                last_updated_time_ms=now,
+                model_type=model_type,
+                # As MLflow has it: the source run is not checked.
+                source_run_id=source_run_id,
+                tags=dict(tags),
+                params=dict(params),
+            )
+            self.stored[model_id] = _StoredLoggedModel(model)
+            return model
+
+    @_port_call
+    def get(self, model_id: str) -> LoggedModel:
+        with self.fake._lock:
+            return self._stored(model_id).model
+
+    @_port_call
+    def search(
+        self,
+        experiment_ids: Sequence[str],
+        *,
+        filter_string: str,
+        order_by: Sequence[tuple[str, bool]],
+        page_size: int,
+        page_token: str,
+    ) -> domain.Page[LoggedModel]:
+        _clauses(filter_string)
+        with self.fake._lock:
+            found = [
+                s.model
+                for s in self.stored.values()
+                if s.model.experiment_id in experiment_ids
+                and FakeMlflow._matches(
+                    filter_string, functools.partial(_logged_model_value, s.model)
+                )
+            ]
+        # MLflow's order: the requested fields, then the newest first, then by id.
+        found.sort(key=lambda m: m.model_id)
+        if not any(_LOGGED_MODEL_ORDER.get(f) == "creation_timestamp" for f, _ in order_by):
+            found.sort(key=lambda m: m.creation_time_ms, reverse=True)
+        for field_name, ascending in reversed(list(order_by)):
+            column = _LOGGED_MODEL_ORDER.get(field_name)
+            if column is None:
+                raise InvalidArgumentError("order_by", f"cannot order by {field_name!r}")
+            found.sort(key=functools.partial(_logged_model_column, column), reverse=not ascending)
+        return FakeMlflow._page(_LOGGED_MODELS, found, page_size, page_token)
+
+    @_port_call
+    def finalize(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:
+        with self.fake._lock:
+            stored = self._stored(model_id)
+            stored.model = replace(stored.model, status=status, last_updated_time_ms=now_ms())
+            return stored.model
+
+    @_port_call
+    def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
+        with self.fake._lock:
+            stored = self._stored(model_id)
+            stored.model = replace(stored.model, tags={**stored.model.tags, **tags})
+
+    @_port_call
+    def delete_tag(self, model_id: str, key: str) -> None:
+        with self.fake._lock:
+            stored = self._stored(model_id)
+            if key not in stored.model.tags:
+                raise NotFoundError(
+                    f"logged model {model_id} has no tag {key!r}",
+                    reason=ErrorReason.TAG_NOT_FOUND,
+                    field="key",
+                )
+            stored.model = replace(
+                stored.model, tags={k: v for k, v in stored.model.tags.items() if k != key}
+            )
+
+    @_port_call
+    def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
+        with self.fake._lock:
+            # As MLflow has it: the run is checked, the model ids are not.
+            self._active_run(run_id).model_outputs.extend(outputs)
+
+    @_port_call
+    def log_inputs(
+        self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]
+    ) -> None:
+        with self.fake._lock:
+            run = self._active_run(run_id)
+            run.dataset_inputs.extend(datasets)
+            run.model_inputs.extend(model_ids)
+
+    # -- files ----------------------------------------------------------------------------
+
+    @_port_call
+    def artifact_location(self, model_id: str) -> str:
+        return self.get(model_id).artifact_location
+
+    @_port_call
+    def log_artifact(self, model_id: str, local_file: Path, artifact_dir: str) -> None:
+        data = local_file.read_bytes()
+        with self.fake._lock:
+            path = f"{artifact_dir}/{local_file.name}" if artifact_dir else local_file.name
+            self._stored(model_id).files[path] = data
+
+    @_port_call
+    def list_artifacts(self, model_id: str, path: str) -> list[domain.FileInfo]:
+        with self.fake._lock:
+            files = dict(self._stored(model_id).files)
+        return _listing(files, path)
+
+    @_port_call
+    def download_artifact(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
+        with self.fake._lock:
+            files = dict(self._stored(model_id).files)
+        # As MLflow's artifact repositories have it: the file keeps its path under dst_dir.
+        destination = dst_dir / artifact_path.strip("/")
+        return _write_tree(files, artifact_path, destination, f"logged model {model_id}")
 
 
 def _clauses(filter_string: str) -> list[tuple[str, str, str]]:
@@ -1073,6 +1280,24 @@ def _run_value(stored: _StoredRun, attr: str) -> str | None:
     raise InvalidArgumentError("filter", f"cannot filter runs by {attr!r}")
 
 
+def _logged_model_value(model: LoggedModel, attr: str) -> str | None:
+    if attr.startswith("tags."):
+        return model.tags.get(attr.removeprefix("tags."))
+    if attr.startswith("params."):
+        return model.params.get(attr.removeprefix("params."))
+    if attr in ("name", "model_id", "model_type", "source_run_id"):
+        return str(getattr(model, attr))
+    raise InvalidArgumentError("filter", f"cannot filter logged models by {attr!r}")
+
+
+def _logged_model_column(column: str, model: LoggedModel) -> Any:
+    if column == "creation_timestamp":
+        return model.creation_time_ms
+    if column == "last_updated_timestamp":
+        return model.last_updated_time_ms
+    return getattr(model, column)
+
+
 def _version_value(version: domain.ModelVersion, attr: str) -> str | None:
     if attr.startswith("tags."):
         return version.tags.get(attr.removeprefix("tags."))
@@ -1081,12 +1306,29 @@ def _version_value(version: domain.ModelVersion, attr: str) -> str | None:
     raise InvalidArgumentError("filter", f"cannot filter model versions by {attr!r}")
 
 
+def _listing(files: Mapping[str, bytes], path: str) -> list[domain.FileInfo]:
+    """The files and directories directly under `path` (empty: the root), in path order."""
+    prefix = f"{path.rstrip('/')}/" if path else ""
+    entries: dict[str, domain.FileInfo] = {}
+    for stored, data in files.items():
+        if not stored.startswith(prefix):
+            continue
+        head, slash, _ = stored[len(prefix) :].partition("/")
+        child = prefix + head
+        entries[child] = (
+            domain.FileInfo(child, is_dir=True)
+            if slash
+            else domain.FileInfo(child, size_bytes=len(data))
+        )
+    return sorted(entries.values(), key=lambda e: e.path)
+
+
 def _under(stored: str, path: str) -> bool:
     path = path.strip("/")
     return not path or stored == path or stored.startswith(f"{path}/")
 
 
-def _write_tree(files: Mapping[str, bytes], path: str, destination: Path, run_id: str) -> Path:
+def _write_tree(files: Mapping[str, bytes], path: str, destination: Path, owner: str) -> Path:
     """Write the file `path`, or every file under the directory `path`, to `destination`."""
     path = path.strip("/")
     if path in files:
@@ -1096,7 +1338,7 @@ def _write_tree(files: Mapping[str, bytes], path: str, destination: Path, run_id
     chosen = {p: data for p, data in files.items() if _under(p, path)}
     if not chosen:
         raise NotFoundError(
-            f"run {run_id} has no artifact {path!r}", reason=ErrorReason.ARTIFACT_NOT_FOUND
+            f"{owner} has no artifact {path!r}", reason=ErrorReason.ARTIFACT_NOT_FOUND
         )
     for stored, data in chosen.items():
         target = destination / stored[len(path) :].lstrip("/")
@@ -1105,5 +1347,7 @@ def _write_tree(files: Mapping[str, bytes], path: str, destination: Path, run_id
     return destination
 
 
-# The fake is a complete MlflowPort; mypy checks it here.
+# The fake is a complete MlflowPort, and its logged models a LoggedModelsPort; mypy checks
+# it here.
 _: type[MlflowPort] = FakeMlflow
+_logged: type[LoggedModelsPort] = FakeLoggedModels

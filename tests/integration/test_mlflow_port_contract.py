@@ -1,5 +1,6 @@
-"""The MlflowPort contract, held against MlflowGateway on MLflow's embedded store and on a
-real `mlflow server` (SQLite or PostgreSQL, as the integration run chooses).
+"""The MlflowPort and LoggedModelsPort contracts, held against MlflowGateway and
+LoggedModelGateway on MLflow's embedded store and on a real `mlflow server` (SQLite or
+PostgreSQL, as the integration run chooses).
 
 The same tests run against the in-memory fake in tests/unit/test_mlflow_port_contract.py."""
 
@@ -9,6 +10,9 @@ import pytest
 
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway, MlflowPort
+from mlflow_sidecar.server.mlflow_gateway.logged_models import LoggedModelGateway
+from mlflow_sidecar.server.mlflow_gateway.port import LoggedModelsPort
+from tests.contract.logged_models_port import LoggedModelsPortContract
 from tests.contract.mlflow_port import MlflowPortContract
 from tests.integration.conftest import sidecar_config
 from tests.support.processes import MlflowServer
@@ -36,9 +40,25 @@ def server_gateway(
     return gateway
 
 
+@pytest.fixture(params=["embedded", "mlflow-server"])
+def gateway(request: pytest.FixtureRequest) -> MlflowGateway:
+    """The gateway on each MLflow the contract is held against."""
+    name = "embedded_gateway" if request.param == "embedded" else "server_gateway"
+    found: MlflowGateway = request.getfixturevalue(name)
+    return found
+
+
 class TestMlflowGateway(MlflowPortContract):
-    @pytest.fixture(params=["embedded", "mlflow-server"])
-    def port(self, request: pytest.FixtureRequest) -> MlflowPort:
-        name = "embedded_gateway" if request.param == "embedded" else "server_gateway"
-        gateway: MlflowPort = request.getfixturevalue(name)
+    @pytest.fixture()
+    def port(self, gateway: MlflowGateway) -> MlflowPort:
         return gateway
+
+
+class TestLoggedModelGateway(LoggedModelsPortContract):
+    @pytest.fixture()
+    def port(self, gateway: MlflowGateway) -> MlflowPort:
+        return gateway
+
+    @pytest.fixture()
+    def models(self, gateway: MlflowGateway) -> LoggedModelsPort:
+        return LoggedModelGateway(gateway)
