@@ -16,16 +16,22 @@ from tests.support.processes import MlflowServer
 
 
 @pytest.fixture()
-def sidecar_uri(sidecar: RunningSidecar) -> Iterator[str]:
-    """MLflow's fluent API pointed at the session sidecar for one test."""
+def sidecar_uri(sidecar: RunningSidecar, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """MLflow's fluent API pointed at the session sidecar for one test.
+
+    MLflow's setters also export MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI, which every
+    later MLflow client and sidecar config of this process would read: monkeypatch puts
+    both variables back as they were, and MLflow's own globals are cleared."""
     uri = f"sidecar://{sidecar.target}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     yield uri
     if mlflow.active_run() is not None:
         mlflow.end_run()
-    mlflow.set_tracking_uri("")
-    mlflow.set_registry_uri("")
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to MLflow's default
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
 
 
 @pytest.fixture()

@@ -42,14 +42,18 @@ def experiment_id(tracking, unique) -> str:
 
 
 @pytest.fixture()
-def plain_mlflow(mlflow_server):
-    """Stock MLflow's fluent API pointed at the same tracking server as the sidecar."""
-    tracking_uri, registry_uri = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+def plain_mlflow(mlflow_server, monkeypatch):
+    """Stock MLflow's fluent API pointed at the same tracking server as the sidecar.
+
+    MLflow's setters also export MLFLOW_TRACKING_URI and MLFLOW_REGISTRY_URI: monkeypatch
+    puts both back as they were, so no later client or config of this process reads them."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.url)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", mlflow_server.url)
     mlflow.set_tracking_uri(mlflow_server.url)
     mlflow.set_registry_uri(mlflow_server.url)
     yield MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(registry_uri)
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
 
 
 def model_dir(root: Path, files: int = 200, seed: int = 7) -> Path:
