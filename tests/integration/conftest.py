@@ -17,11 +17,13 @@ from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 from tests.support.postgres import PostgresCluster
 from tests.support.processes import MlflowServer
+from tests.support.s3 import MotoS3
 
 # `sqlite` (default) or `postgresql`: the backend store of every mlflow server the tests start.
 BACKEND_ENV = "MLFLOW_SIDECAR_TEST_BACKEND"
 
-MlflowServerFactory = Callable[[Path], MlflowServer]
+# (workdir, **MlflowServer's keyword options) -> an unstarted server on the chosen backend.
+MlflowServerFactory = Callable[..., MlflowServer]
 
 
 @pytest.fixture(scope="session")
@@ -37,7 +39,9 @@ def mlflow_server_factory() -> Iterator[MlflowServerFactory]:
     cluster = PostgresCluster()
     cluster.start()
     try:
-        yield lambda workdir: MlflowServer(workdir, backend_uri=cluster.create_database())
+        yield lambda workdir, **options: MlflowServer(
+            workdir, backend_uri=cluster.create_database(), **options
+        )
     finally:
         cluster.stop()
 
@@ -58,6 +62,15 @@ def own_mlflow(
 ) -> Iterator[MlflowServer]:
     """A dedicated mlflow server that a test may stop and start again (an outage)."""
     server = mlflow_server_factory(tmp_path / "mlflow")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    """moto's S3 server on a loopback port, for the tests of artifacts on S3."""
+    server = MotoS3(tmp_path_factory.mktemp("moto"))
     server.start()
     yield server
     server.stop()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,7 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -39,40 +38,64 @@ def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | No
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
-def mlflow_executable() -> str:
-    """The `mlflow` script of the interpreter running the tests."""
-    candidate = Path(sys.executable).with_name("mlflow")
-    return str(candidate) if candidate.exists() else (shutil.which("mlflow") or "mlflow")
+def mlflow_command() -> list[str]:
+    """MLflow's CLI on the interpreter running the tests (`python -m mlflow`: a console
+    script may name another interpreter, one without this environment's packages)."""
+    return [sys.executable, "-m", "mlflow"]
 
 
 class MlflowServer:
     """`mlflow server` with a SQL backend and served artifacts, on a fixed loopback port.
 
+    `artifacts` is where artifacts go (a directory in `workdir` unless given, e.g. an
+    `s3://` URI); with `serve_artifacts=False` it is the default artifact root that clients
+    write to themselves (`--no-serve-artifacts`) instead of the proxy's destination. `env`
+    is added to the server's environment (S3 credentials and endpoint, say).
+
     `stop()` and `start()` again keep the port and the data, as an outage would.
     """
 
-    def __init__(self, workdir: Path, backend_uri: str | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        backend_uri: str | None = None,
+        *,
+        artifacts: str | None = None,
+        serve_artifacts: bool = True,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
-        self.artifacts = workdir / "artifacts"
+        self.artifacts = artifacts or str(workdir / "artifacts")
+        self.serve_artifacts = serve_artifacts
+        self.env = dict(env or {})
         self.log_path = workdir / "mlflow-server.log"
         self._proc: subprocess.Popen[bytes] | None = None
+
+    def _artifact_args(self) -> list[str]:
+        if self.serve_artifacts:
+            return ["--artifacts-destination", self.artifacts]
+        return ["--default-artifact-root", self.artifacts, "--no-serve-artifacts"]
 
     def start(self, timeout_s: float = 90.0) -> None:
         """Start the server and wait for /health."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}
+        env = {
+            **os.environ,
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            **self.env,
+        }
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
-                    mlflow_executable(),
+                    *mlflow_command(),
                     "server",
                     "--backend-store-uri",
                     self.backend_uri,
-                    "--artifacts-destination",
-                    str(self.artifacts),
+                    *self._artifact_args(),
                     "--host",
                     "127.0.0.1",
                     "--port",
