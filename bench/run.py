@@ -43,12 +43,13 @@ from mlflow_sidecar.client.metric_stream import (  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2 as pb  # noqa: E402
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc  # noqa: E402
 from tests.support.processes import MlflowServer, free_port  # noqa: E402
+from tests.support.s3 import MotoS3  # noqa: E402
 from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 
 MIB = 1024 * 1024
 
 
-GROUPS = ("metrics", "getrun", "streams", "artifacts", "plugin")
+GROUPS = ("metrics", "getrun", "streams", "artifacts", "plugin", "s3")
 
 
 class Sizes:
@@ -67,6 +68,8 @@ class Sizes:
         self.artifact_mb = 32 if quick else 256
         # An even number, so that each side goes first equally often.
         self.artifact_repeats = 2 if quick else 4
+        self.s3_mb = 16 if quick else 64
+        self.s3_repeats = 2 if quick else 4
         # Stock `mlflow.log_metric` calls of one trainer loop (the `sidecar://` plugin).
         self.fluent_direct_s = 5.0 if quick else 15.0
         self.fluent_async_calls = 5_000 if quick else 20_000
@@ -461,6 +464,16 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         "",
     ),
     (
+        "S3 upload >= 0.8x direct",
+        lambda r: r["upload_s3_sidecar_mb_s"] >= 0.8 * r["upload_s3_direct_mb_s"],
+        "",
+    ),
+    (
+        "S3 download >= 0.8x direct",
+        lambda r: r["download_s3_sidecar_mb_s"] >= 0.8 * r["download_s3_direct_mb_s"],
+        "",
+    ),
+    (
         "sidecar:// log_metric >= 300x direct",
         lambda r: r["plugin_fluent_sidecar_per_s"] >= 300 * r["plugin_fluent_direct_per_s"],
         "",
@@ -575,6 +588,8 @@ def main() -> int:
                 )
             if "plugin" in groups:
                 fluent(results, server, sidecar.target, sizes)
+            if "s3" in groups:
+                s3(results, work / "s3", sizes)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -621,9 +636,13 @@ def artifact_round(
     return [(key, timed(transfer)) for key, transfer in uploads + downloads]
 
 
-def artifacts(results, client, tracking, run, work: Path, size_mb: int, repeats: int) -> None:
+def artifacts(
+    results, client, tracking, run, work: Path, size_mb: int, repeats: int, prefix: str = ""
+) -> None:
     """Upload and download the same file directly and through the sidecar, alternating,
-    `repeats` times each; the medians go in `results`."""
+    `repeats` times each; the medians go in `results` (keys with `prefix` after the
+    direction: `upload_<prefix>direct_mb_s`, ...)."""
+    work.mkdir(parents=True, exist_ok=True)
     source = work / "artifact.bin"
     digest = make_file(source, size_mb)
     times: dict[str, list[float]] = {
@@ -640,8 +659,38 @@ def artifacts(results, client, tracking, run, work: Path, size_mb: int, repeats:
         shutil.rmtree(work / f"direct-{attempt}")
         shutil.rmtree(work / f"sidecar-{attempt}")
     for key, seconds in times.items():
-        results[key] = size_mb / statistics.median(seconds)
-        print(f"  {key:36s} {results[key]:14.1f}", flush=True)
+        direction, _, side = key.partition("_")
+        named = f"{direction}_{prefix}{side}"
+        results[named] = size_mb / statistics.median(seconds)
+        print(f"  {named:36s} {results[named]:14.1f}", flush=True)
+
+
+def s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
+    """The artifact rounds again against an `mlflow server` whose artifacts go to S3
+    (`--artifacts-destination s3://…` on moto's S3 server, started here): `log_artifact` and
+    `download_artifacts` to that server against the sidecar's typed client to it."""
+    moto = MotoS3(work / "moto")
+    moto.start()
+    server = MlflowServer(work / "mlflow", artifacts="s3://bench/artifacts", env=moto.env)
+    sidecar = SidecarProcess(work / "sidecar", server.url)
+    container = ClientContainer()
+    try:
+        moto.create_bucket("bench")
+        server.start()
+        sidecar.start()
+        container.config.from_dict({"target": sidecar.target, "timeout_s": 600})
+        client = MlflowClient(tracking_uri=server.url)
+        exp = client.create_experiment("bench-s3")
+        run = lambda: client.create_run(exp).info.run_id  # noqa: E731
+        tracking = container.experiment_tracking()
+        artifacts(
+            results, client, tracking, run, work / "files", sizes.s3_mb, sizes.s3_repeats, "s3_"
+        )
+    finally:
+        container.shutdown_resources()
+        sidecar.stop()
+        server.stop()
+        moto.stop()
 
 
 def report(results: dict[str, float], quick: bool) -> None:
@@ -668,6 +717,13 @@ def report(results: dict[str, float], quick: bool) -> None:
         )
         ratios["delivered / log_batch"] = (
             r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"]
+        )
+    if "upload_s3_direct_mb_s" in r:
+        ratios["S3 upload sidecar / direct"] = (
+            r["upload_s3_sidecar_mb_s"] / r["upload_s3_direct_mb_s"]
+        )
+        ratios["S3 download sidecar / direct"] = (
+            r["download_s3_sidecar_mb_s"] / r["download_s3_direct_mb_s"]
         )
     if "plugin_fluent_direct_per_s" in r:
         sidecar = r["plugin_fluent_sidecar_per_s"]
