@@ -22,28 +22,53 @@ from tests.support.s3 import MotoS3
 # `sqlite` (default) or `postgresql`: the backend store of every mlflow server the tests start.
 BACKEND_ENV = "MLFLOW_SIDECAR_TEST_BACKEND"
 
+# Tests marked with it need PostgreSQL: they run only in the PostgreSQL pass.
+POSTGRESQL_MARKER = "postgresql"
+
 # (workdir, **MlflowServer's keyword options) -> an unstarted server on the chosen backend.
 MlflowServerFactory = Callable[..., MlflowServer]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server_factory() -> Iterator[MlflowServerFactory]:
-    """Makes (unstarted) mlflow servers on the chosen backend; PostgreSQL gets a throwaway
-    cluster for the session and a fresh database per server."""
+def backend_under_test() -> str:
+    """The backend store this run's mlflow servers use: `sqlite` or `postgresql`."""
     backend = os.environ.get(BACKEND_ENV, "sqlite")
-    if backend == "sqlite":
-        yield MlflowServer
-        return
-    if backend != "postgresql":
+    if backend not in ("sqlite", "postgresql"):
         raise pytest.UsageError(f"{BACKEND_ENV} must be sqlite or postgresql, not {backend!r}")
+    return backend
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Deselect the `postgresql` tests unless the backend is PostgreSQL: a pass on SQLite
+    neither runs nor skips them."""
+    if backend_under_test() == "postgresql":
+        return
+    deselected = [item for item in items if item.get_closest_marker(POSTGRESQL_MARKER)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = [item for item in items if not item.get_closest_marker(POSTGRESQL_MARKER)]
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session."""
     cluster = PostgresCluster()
-    cluster.start()
     try:
-        yield lambda workdir, **options: MlflowServer(
-            workdir, backend_uri=cluster.create_database(), **options
-        )
+        cluster.start()
+        yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_factory(request: pytest.FixtureRequest) -> MlflowServerFactory:
+    """Makes (unstarted) mlflow servers on the chosen backend; on PostgreSQL each gets a
+    fresh database of the session's cluster."""
+    if backend_under_test() == "sqlite":
+        return MlflowServer
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
+    return lambda workdir, **options: MlflowServer(
+        workdir, backend_uri=cluster.create_database(), **options
+    )
 
 
 @pytest.fixture(scope="session")

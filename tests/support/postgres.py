@@ -73,9 +73,16 @@ class PostgresCluster:
         )
         return f"postgresql+psycopg2://postgres@127.0.0.1:{self.port}/{name}"
 
+    def drop_database(self, uri: str) -> None:
+        """Drop a database `create_database` made, closing connections still open to it."""
+        name = uri.rsplit("/", 1)[1]
+        address = ("-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres")
+        self._run(_tool("dropdb"), *address, "--force", name)
+
     def stop(self) -> None:
-        """Stop the cluster and remove its files."""
+        """Stop the cluster, if it got as far as running, and remove its files."""
         try:
-            self._run(_tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
+            if (self.data / "postmaster.pid").exists():
+                self._run(_tool("pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)

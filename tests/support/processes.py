@@ -52,7 +52,10 @@ class MlflowServer:
     write to themselves (`--no-serve-artifacts`) instead of the proxy's destination. `env`
     is added to the server's environment (S3 credentials and endpoint, say).
 
-    `stop()` and `start()` again keep the port and the data, as an outage would.
+    `stop()` and `start()` again keep the port and the data, as an outage would. `workers`
+    is how many server processes answer requests (uvicorn's workers), each with its own
+    connections to the backend store. `job_execution=False` leaves out MLflow's job runner
+    and its consumers (scorers, trace archival), which the sidecar never uses.
     """
 
     def __init__(
@@ -63,8 +66,12 @@ class MlflowServer:
         artifacts: str | None = None,
         serve_artifacts: bool = True,
         env: Mapping[str, str] | None = None,
+        workers: int = 1,
+        job_execution: bool = True,
     ) -> None:
         self.workdir = workdir
+        self.workers = workers
+        self.job_execution = job_execution
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.backend_uri = backend_uri or f"sqlite:///{workdir / 'mlflow.db'}"
@@ -88,6 +95,13 @@ class MlflowServer:
             "DO_NOT_TRACK": "true",
             **self.env,
         }
+        if not self.job_execution:
+            env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+        # uvicorn restarts a worker that does not answer its health check within 5 s, which
+        # one still importing MLflow on a busy machine fails: give workers a minute.
+        uvicorn_opts = (
+            ["--uvicorn-opts", "--timeout-worker-healthcheck 60"] if self.workers > 1 else []
+        )
         with self.log_path.open("ab") as log:
             self._proc = subprocess.Popen(
                 [
@@ -101,7 +115,8 @@ class MlflowServer:
                     "--port",
                     str(self.port),
                     "--workers",
-                    "1",
+                    str(self.workers),
+                    *uvicorn_opts,
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

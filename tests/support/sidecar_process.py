@@ -67,7 +67,12 @@ class SidecarProcess:
     def start(self, timeout_s: float = 90) -> None:
         """Start and wait for SERVING."""
         self.launch()
-        assert self.proc is not None
+        self.wait_serving(timeout_s)
+
+    def wait_serving(self, timeout_s: float = 90) -> None:
+        """Wait for a launched process to say SERVING: launch several, then wait for each,
+        and they start side by side."""
+        assert self.proc is not None, "the sidecar was not launched"
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
