@@ -647,7 +647,9 @@ class FakeMlflow:
         self._log_batch(run_id, metrics, params or {}, tags or {})
 
     @_port_call
-    def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: Sequence[domain.Metric], *, retry: bool = True
+    ) -> None:
         self._log_batch(run_id, metrics, {}, {})
 
     def _log_batch(

@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos import databricks_pb2
 
 from mlflow_sidecar.client import errors
+from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
@@ -291,3 +292,28 @@ def test_only_an_unset_alias_becomes_not_found(tmp_path, monkeypatch, message, e
     with pytest.raises(expected) as err:
         gateway.get_model_version_by_alias("agent", "champion")
     assert err.value.reason == reason
+
+
+def test_metric_points_sent_without_retry_are_tried_once(tmp_path, monkeypatch):
+    # The spool's deliverer sends this way: its workers back off together instead.
+    config = load_config(
+        data_dir=tmp_path,
+        mlflow={"tracking_uri": "http://127.0.0.1:9"},
+        retry={"max_tries": 5, "max_time_s": 30, "factor_s": 0.01, "max_backoff_s": 0.05},
+    )
+    gateway = MlflowGateway(config)
+    gateway.open()
+    calls = []
+
+    def down(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    monkeypatch.setattr(gateway.client, "log_batch", down)
+    points = [Metric("loss", 1.0, 1, 0)]
+    with pytest.raises(errors.UnavailableError):
+        gateway.log_metrics("r", points, retry=False)
+    assert len(calls) == 1
+    with pytest.raises(errors.UnavailableError):
+        gateway.log_metrics("r", points)
+    assert len(calls) == 1 + 5

@@ -569,10 +569,12 @@ class MlflowGateway:
         metrics: Sequence[domain.Metric] = (),
         params: Mapping[str, str] | None = None,
         tags: Mapping[str, str] | None = None,
+        retry: bool = True,
     ) -> None:
         """One MLflow `log_batch` (callers respect MLflow's per-batch limits).
 
-        Retried: MLflow's SQL stores ignore exact duplicate metric points and equal params.
+        Retried unless `retry` is False: MLflow's SQL stores ignore exact duplicate metric
+        points and equal params.
         """
         mlflow_metrics = [MlflowMetric(m.key, m.value, m.timestamp_ms, m.step) for m in metrics]
         mlflow_params = [Param(k, v) for k, v in (params or {}).items()]
@@ -585,12 +587,16 @@ class MlflowGateway:
                 tags=mlflow_tags,
                 synchronous=True,
             ),
+            retry=retry,
             not_found=ErrorReason.RUN_NOT_FOUND,
         )
 
-    def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
-        """One `log_batch` of metric points (at most MLflow's 1000)."""
-        self.log_batch(run_id, metrics=metrics)
+    def log_metrics(
+        self, run_id: str, metrics: Sequence[domain.Metric], *, retry: bool = True
+    ) -> None:
+        """One `log_batch` of metric points (at most MLflow's 1000); one try only unless
+        `retry`."""
+        self.log_batch(run_id, metrics=metrics, retry=retry)
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag."""

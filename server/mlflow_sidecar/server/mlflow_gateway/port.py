@@ -146,8 +146,11 @@ class RunsPort(Protocol):
         """Log points, params and tags at once (within MLflow's per-batch limits).
         Exact duplicate points and equal params are no-ops, so a retry is safe."""
 
-    def log_metrics(self, run_id: str, metrics: Sequence[domain.Metric]) -> None:
-        """`log_batch` of metric points only."""
+    def log_metrics(
+        self, run_id: str, metrics: Sequence[domain.Metric], *, retry: bool = True
+    ) -> None:
+        """`log_batch` of metric points only. `retry=False` makes one try only, for a
+        caller that backs off on its own (the spool's deliverer)."""
 
     def delete_tag(self, run_id: str, key: str) -> None:
         """Delete one run tag; a missing tag is NotFoundError (reason TAG_NOT_FOUND)."""
