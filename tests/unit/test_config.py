@@ -66,6 +66,8 @@ def test_yaml_file_and_env_precedence(tmp_path, monkeypatch):
         ({"MLFLOW_SIDECAR__SERVER__PORT": "70000"}, "server.port"),
         ({"MLFLOW_SIDECAR__RETRY__MAX_TRIES": "0"}, "retry.max_tries"),
         ({"MLFLOW_SIDECAR__LOG_LEVEL": "LOUD"}, "log_level"),
+        ({"MLFLOW_SIDECAR__SPOOL__DELIVERY_WORKERS": "0"}, "spool.delivery_workers"),
+        ({"MLFLOW_SIDECAR__SPOOL__DELIVERY_WORKERS": "33"}, "spool.delivery_workers"),
     ],
 )
 def test_invalid_values_name_the_key(monkeypatch, env, key):

@@ -85,13 +85,16 @@ def store(tmp_path):
     s.close()
 
 
-def make_deliverer(store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100) -> MetricDeliverer:
+def make_deliverer(
+    store: SpoolStore, mlflow: FakeMlflow, batch_size: int = 100, workers: int = 4
+) -> MetricDeliverer:
     return MetricDeliverer(
         store,
         mlflow.log_metrics,
         batch_size=batch_size,
         backoff_factor_s=0.01,
         max_backoff_s=0.02,
+        workers=workers,
         end_run=mlflow.end_run,
     )
 

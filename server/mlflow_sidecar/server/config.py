@@ -247,6 +247,12 @@ class SpoolConfig(_Section):
         10_000_000, ge=1, description="pending points before RESOURCE_EXHAUSTED"
     )
     batch_size: int = Field(1000, ge=1, le=1000, description="points per MLflow log_batch")
+    delivery_workers: int = Field(
+        4,
+        ge=1,
+        le=32,
+        description="runs delivered to MLflow at once (one batch at a time per run)",
+    )
     flush_timeout_s: float = Field(60.0, gt=0, description="longest FlushMetrics/EndRun wait")
     # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"

@@ -50,10 +50,12 @@ class ServerContainer(containers.DeclarativeContainer):
     deliverer = providers.Singleton(
         MetricDeliverer,
         spool_store,
-        gateway.provided.log_metrics,
+        # One try per send: the deliverer's workers back off together instead.
+        providers.Callable(functools.partial, gateway.provided.log_metrics, retry=False),
         batch_size=config.provided.spool.batch_size,
         backoff_factor_s=config.provided.retry.factor_s,
         max_backoff_s=config.provided.retry.max_backoff_s,
+        workers=config.provided.spool.delivery_workers,
         metrics=metrics,
         end_run=gateway.provided.end_run,
     )

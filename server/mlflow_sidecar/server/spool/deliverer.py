@@ -1,4 +1,5 @@
-"""`MetricDeliverer`: drains the spool into MLflow in the background, run by run, in order."""
+"""`MetricDeliverer`: drains the spool into MLflow in the background, runs in parallel, each
+run's points in order."""
 
 from __future__ import annotations
 
@@ -6,8 +7,6 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
-
-import backoff
 
 from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import (
@@ -17,6 +16,8 @@ from mlflow_sidecar.core.errors import (
     SidecarError,
 )
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.spool.run_claims import RunClaims
+from mlflow_sidecar.server.spool.shared_backoff import SharedBackoff
 from mlflow_sidecar.server.spool.store import RunEnd, SpooledBatch, SpoolStore
 
 log = logging.getLogger(__name__)
@@ -27,15 +28,22 @@ EndRun = Callable[[str, str, int], None]
 
 # Failures that no retry can fix: the run is gone, deleted, or refuses these points.
 _PERMANENT = (NotFoundError, FailedPreconditionError, InvalidArgumentError)
+# How long an idle worker sleeps when no wake comes: a safety net, wakes do the work.
+_IDLE_S = 0.5
 
 
 class MetricDeliverer:
-    """One background thread that moves spooled points to MLflow with `log_batch`.
+    """Background workers that move spooled points to MLflow with `log_batch`.
+
+    Up to `workers` runs are delivered at once, one worker per run: a run's batches go one
+    after the other, oldest first, so each series reaches MLflow in the order it was
+    accepted. Runs with work take turns, one batch each.
 
     A batch is deleted from the spool only after MLflow confirmed it, so delivery is
-    at-least-once; MLflow's SQL stores ignore exact duplicates. While MLflow is down the
-    thread backs off (exponential, jitter) and tries again, for as long as it takes.
-    Points of runs that no longer accept writes go to the dead-letter table with the reason.
+    at-least-once; MLflow's SQL stores ignore exact duplicates. When MLflow fails a batch
+    (down, or asking to slow down) every worker backs off together (exponential, jitter)
+    and tries again, for as long as it takes. Points of runs that no longer accept writes
+    go to the dead-letter table with the reason.
 
     A run ended through the sidecar while it still had points in the spool is ended in
     MLflow (`end_run`) right after the last of those points is delivered; points for it
@@ -53,47 +61,58 @@ class MetricDeliverer:
         batch_size: int,
         backoff_factor_s: float,
         max_backoff_s: float,
+        workers: int = 1,
         metrics: SidecarMetrics | None = None,
         end_run: EndRun | None = None,
+        backoff: SharedBackoff | None = None,
     ) -> None:
+        if workers < 1:
+            raise ValueError(f"a deliverer needs at least one worker, not {workers}")
         self._store = store
         self._metrics = metrics
         self._log_batch = log_batch
         self._end_run = end_run
         self._batch_size = batch_size
-        self._backoff_factor_s = backoff_factor_s
-        self._max_backoff_s = max_backoff_s
-        self._wake = threading.Event()
+        self._workers = workers
+        self._backoff = backoff or SharedBackoff(backoff_factor_s, max_backoff_s)
+        self._claims = RunClaims(self._runs_with_work)
         self._stop = threading.Event()
         self._progress = threading.Condition()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         # Batches MLflow confirmed that the spool could not forget yet (a full disk): their
         # delete is retried, never their send, so no batch goes to MLflow twice for it.
+        # Only the worker holding a run touches its entry.
         self._undeleted: dict[str, SpooledBatch] = {}
 
     def start(self) -> None:
         """Start delivering, beginning with whatever an earlier process left in the spool."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="metric-deliverer", daemon=True)
-            self._thread.start()
+        if not self._threads:
+            self._threads = [
+                threading.Thread(target=self._work, name=f"metric-deliverer-{i}", daemon=True)
+                for i in range(self._workers)
+            ]
+            for thread in self._threads:
+                thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop after the batch in flight; undelivered points stay in the spool."""
+        """Stop after the batches in flight, waiting for them at most `timeout_s` (a later
+        call waits again for those still out); undelivered points stay in the spool."""
         self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            self._thread = None
+        self._claims.wake()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._threads = [thread for thread in self._threads if thread.is_alive()]
 
     def notify(self) -> None:
         """New points were accepted."""
-        self._wake.set()
+        self._claims.wake()
 
     def wait_delivered(self, run_id: str, timeout_s: float) -> int:
         """Wait until a run's (or, with "", every run's) points are delivered or dead-lettered,
         at most `timeout_s`; returns how many points are still pending."""
         deadline = time.monotonic() + timeout_s
-        self._wake.set()
+        self._claims.wake()
         with self._progress:
             while (pending := self._store.pending(run_id)) > 0 or self._end_waits(run_id):
                 left = deadline - time.monotonic()
@@ -106,83 +125,88 @@ class MetricDeliverer:
         end = self._store.run_end(run_id) if run_id else None
         return end is not None and not end.applied
 
-    # -- the thread -------------------------------------------------------------------
+    # -- the workers ------------------------------------------------------------------
 
-    def _run(self) -> None:
-        delays = backoff.full_jitter
-        waits = backoff.expo(factor=self._backoff_factor_s, max_value=self._max_backoff_s)
-        next(waits)  # the generator's first value is a priming None
+    def _runs_with_work(self) -> list[str]:
+        runs = self._store.runs_with_pending()
+        if self._end_run is not None:
+            waiting = set(runs)
+            runs += [end.run_id for end in self._store.ends_to_apply() if end.run_id not in waiting]
+        return runs
+
+    def _work(self) -> None:
         while not self._stop.is_set():
-            # Cleared before the round looks, so that points accepted during it wake the
-            # next wait instead of waiting for its timeout.
-            self._wake.clear()
-            try:
-                delivered = self._deliver_round()
-            except Exception as exc:  # noqa: BLE001 - the thread must outlive any failure
-                wait = delays(next(waits))
-                log.warning("metric delivery failed, retrying in %.2fs: %s", wait, exc)
-                self._stop.wait(wait)
-                continue
-            waits = backoff.expo(factor=self._backoff_factor_s, max_value=self._max_backoff_s)
-            next(waits)
-            if not delivered:
-                self._wake.wait(0.5)
-
-    def _deliver_round(self) -> bool:
-        """One batch from each run with pending points (fair across runs), then the ends
-        that waited for them; True if anything moved."""
-        moved = False
-        for run_id in self._store.runs_with_pending():
+            self._backoff.wait(self._stop)
             if self._stop.is_set():
-                break
-            if run_id in self._undeleted:
-                self._forget(self._undeleted[run_id])
-                moved = True
+                return
+            # Counted before looking, so that points accepted meanwhile end the wait below.
+            wakes = self._claims.wakes()
+            run_id = self._claims.claim()
+            if run_id is None:
+                self._claims.wait_for_work(wakes, _IDLE_S)
                 continue
-            end = self._store.run_end(run_id)
-            if end is None:
-                batch = self._store.oldest(run_id, self._batch_size)
+            ticket = self._backoff.ticket()
+            try:
+                moved = self._step(run_id)
+            except Exception as exc:  # noqa: BLE001 - a worker must outlive any failure
+                wait = self._backoff.failed(ticket)
+                if wait is not None:
+                    log.warning("metric delivery failed, retrying in %.2fs: %s", wait, exc)
+                continue
             else:
-                batch = self._store.oldest(run_id, self._batch_size, through=end.last_chunk)
-                if batch is None:
-                    self._refuse_after_end(end)
-                    moved = True
-                    continue
-            if batch is None:
-                continue
+                self._backoff.succeeded()
+            finally:
+                self._claims.release(run_id)
+            if moved:
+                with self._progress:
+                    self._progress.notify_all()
+            else:
+                self._claims.wait_for_work(wakes, _IDLE_S)
+
+    def _step(self, run_id: str) -> bool:
+        """One thing for a run this worker holds: its next batch, or what follows its last
+        point (dead letters after its end, the end itself); True if anything moved."""
+        if run_id in self._undeleted:
+            self._forget(self._undeleted[run_id])
+            return True
+        end = self._store.run_end(run_id)
+        if end is None:
+            batch = self._store.oldest(run_id, self._batch_size)
+        else:
+            batch = self._store.oldest(run_id, self._batch_size, through=end.last_chunk)
+        if batch is not None:
             self._deliver(batch)
+            return True
+        if end is None:
+            return False
+        moved = False
+        if self._store.pending(run_id):
+            self._refuse_after_end(end)
             moved = True
-            with self._progress:
-                self._progress.notify_all()
-        moved = self._apply_ends() or moved
-        if moved:
-            with self._progress:
-                self._progress.notify_all()
-        return moved
+        return self._apply_end(end) or moved
 
     def _refuse_after_end(self, end: RunEnd) -> None:
         reason = f"run was ended ({end.status}) through the sidecar before these points arrived"
         moved = self._store.dead_letter(end.run_id, reason)
         log.warning("dead-lettered %d points of run %s: %s", moved, end.run_id, reason)
 
-    def _apply_ends(self) -> bool:
-        """End in MLflow the runs whose points from before their end are all delivered."""
-        applied = False
-        for end in self._store.ends_to_apply():
-            if self._end_run is None or self._store.pending_through(end.run_id, end.last_chunk):
-                continue
-            try:
-                self._end_run(end.run_id, end.status, end.end_time_ms)
-            except _PERMANENT as exc:
-                log.warning(
-                    "run %s could not be ended (%s) after its points were delivered: %s",
-                    end.run_id,
-                    end.status,
-                    exc.message,
-                )
-            self._store.end_applied(end.run_id)
-            applied = True
-        return applied
+    def _apply_end(self, end: RunEnd) -> bool:
+        """End the run in MLflow, its points from before the end all delivered."""
+        if end.applied or self._end_run is None:
+            return False
+        if self._store.pending_through(end.run_id, end.last_chunk):
+            return False
+        try:
+            self._end_run(end.run_id, end.status, end.end_time_ms)
+        except _PERMANENT as exc:
+            log.warning(
+                "run %s could not be ended (%s) after its points were delivered: %s",
+                end.run_id,
+                end.status,
+                exc.message,
+            )
+        self._store.end_applied(end.run_id)
+        return True
 
     def _deliver(self, batch: SpooledBatch) -> None:
         try:
@@ -197,7 +221,7 @@ class MetricDeliverer:
 
     def _forget(self, batch: SpooledBatch) -> None:
         """Delete a delivered batch from the spool; on failure it stays remembered, so the
-        next round retries the delete instead of sending the batch again."""
+        run's next turn retries the delete instead of sending the batch again."""
         self._store.delete(batch)
         del self._undeleted[batch.run_id]
 

@@ -1,0 +1,60 @@
+"""`RunClaims`: which delivery worker has which run, handed out round-robin."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+
+
+class RunClaims:
+    """Hands each worker a run no other worker has, so a run's batches go one at a time
+    (in order) while different runs go in parallel.
+
+    Runs are visited in rounds, each run with work once a round, so a run with many points
+    does not hold the others back. A worker with nothing to claim waits for `wake`.
+    """
+
+    def __init__(self, candidates: Callable[[], list[str]]) -> None:
+        # Runs with something to deliver (or an end to apply), asked again every round.
+        self._candidates = candidates
+        self._lock = threading.Condition()
+        self._claimed: set[str] = set()
+        self._round: deque[str] = deque()
+        # Counts wakes, so that a worker that looked before a wake does not sleep through it.
+        self._wakes = 0
+
+    def wakes(self) -> int:
+        """Taken before looking for work; hand it to `wait_for_work`."""
+        with self._lock:
+            return self._wakes
+
+    def claim(self) -> str | None:
+        """A run with work that no worker has, now this worker's until `release`; None when
+        every such run is claimed."""
+        with self._lock:
+            for fresh in (False, True):
+                if fresh:
+                    self._round = deque(self._candidates())
+                while self._round:
+                    run_id = self._round.popleft()
+                    if run_id not in self._claimed:
+                        self._claimed.add(run_id)
+                        return run_id
+            return None
+
+    def release(self, run_id: str) -> None:
+        """The worker is done with the run for now."""
+        with self._lock:
+            self._claimed.discard(run_id)
+
+    def wake(self) -> None:
+        """There may be new work (or a stop): waiting workers look again."""
+        with self._lock:
+            self._wakes += 1
+            self._lock.notify_all()
+
+    def wait_for_work(self, wakes: int, timeout_s: float) -> None:
+        """Wait for a `wake` after the one counted in `wakes`, at most `timeout_s`."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._wakes != wakes, timeout_s)

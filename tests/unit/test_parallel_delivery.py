@@ -1,0 +1,290 @@
+"""The deliverer's workers: runs in parallel, each run's batches one at a time and in order,
+one backoff for all of them, nothing lost when they stop mid-batch."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Sequence
+
+import pytest
+
+from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.errors import UnavailableError
+from mlflow_sidecar.server.spool.deliverer import LogBatch, MetricDeliverer
+from mlflow_sidecar.server.spool.shared_backoff import SharedBackoff
+from mlflow_sidecar.server.spool.store import SpoolStore
+from tests.fakes.mlflow_port import FakeMlflow
+from tests.unit.test_spool import delivered, events, fake_mlflow, points
+
+# Only a safety net for a broken deliverer: no test waits this long when it passes.
+HANG_S = 30
+
+
+@pytest.fixture()
+def store(tmp_path):
+    s = SpoolStore(tmp_path / "spool.db", max_points=10_000, chunk_points=100)
+    yield s
+    s.close()
+
+
+def deliverer_for(
+    store: SpoolStore,
+    log_batch: LogBatch,
+    mlflow: FakeMlflow,
+    workers: int,
+    backoff: SharedBackoff | None = None,
+) -> MetricDeliverer:
+    return MetricDeliverer(
+        store,
+        log_batch,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        workers=workers,
+        end_run=mlflow.end_run,
+        backoff=backoff,
+    )
+
+
+class FirstBatches:
+    """A `log_batch` whose first call for each of the first `parties` runs waits until all
+    of them have called, then goes on to MLflow; other calls go straight through."""
+
+    def __init__(self, mlflow: FakeMlflow, parties: int) -> None:
+        self.mlflow = mlflow
+        self.parties = parties
+        self.arrived = threading.Barrier(parties, timeout=HANG_S)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def first(self, run_id: str) -> bool:
+        """True for the first call of one of the first `parties` runs."""
+        with self._lock:
+            fresh = run_id not in self._seen and len(self._seen) < self.parties
+            self._seen.add(run_id)
+            return fresh
+
+    def __call__(self, run_id: str, metrics: Sequence[Metric]) -> None:
+        if self.first(run_id):
+            self.arrived.wait()
+        self.mlflow.log_metrics(run_id, metrics)
+
+
+def test_batches_of_different_runs_are_in_flight_at_once(store):
+    runs = ["a", "b", "c"]
+    mlflow = fake_mlflow(*runs)
+    for run in runs:
+        store.append(points(run, 150))
+    # Each run's first batch waits for the other two: only parallel delivery gets past it.
+    log_batch = FirstBatches(mlflow, parties=3)
+    deliverer = deliverer_for(store, log_batch, mlflow, workers=3)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert not log_batch.arrived.broken
+    for run in runs:
+        assert [m.step for m in delivered(mlflow, run)] == list(range(150))
+
+
+class InFlight:
+    """A `log_batch` that counts the calls under way, in all and per run, around `inner`."""
+
+    def __init__(self, inner: LogBatch) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        self.now: Counter[str] = Counter()
+        self.most = 0
+        self.most_per_run = 0
+
+    def __call__(self, run_id: str, metrics: Sequence[Metric]) -> None:
+        with self._lock:
+            self.now[run_id] += 1
+            self.most = max(self.most, self.now.total())
+            self.most_per_run = max(self.most_per_run, self.now[run_id])
+        try:
+            self.inner(run_id, metrics)
+        finally:
+            with self._lock:
+                self.now[run_id] -= 1
+
+
+def test_workers_never_exceed_their_number(store):
+    runs = [f"r{i}" for i in range(6)]
+    mlflow = fake_mlflow(*runs)
+    mlflow.slow("log_metrics", 0.002)  # calls long enough to overlap
+    for start in (0, 150, 300):
+        for run in runs:
+            store.append(points(run, 150, start=start))
+    log_batch = InFlight(FirstBatches(mlflow, parties=3))
+    deliverer = deliverer_for(store, log_batch, mlflow, workers=3)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert log_batch.most == 3  # reached (the first three met), never passed
+    for run in runs:
+        assert [m.step for m in delivered(mlflow, run)] == list(range(450))
+
+
+def test_a_runs_batches_go_one_at_a_time_and_in_order(store):
+    mlflow = fake_mlflow("a", "b")
+    store.append(points("a", 250))
+    store.append(points("b", 500))
+    held = FirstBatches(mlflow, parties=1)
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        if run_id == "a" and held.first(run_id):
+            # "a"'s first batch stays in flight while the other worker, free, delivers
+            # every batch of "b" and looks for more work in between.
+            assert deliverer.wait_delivered("b", HANG_S) == 0
+        mlflow.log_metrics(run_id, metrics)
+
+    counted = InFlight(log_batch)
+    deliverer = deliverer_for(store, counted, mlflow, workers=2)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert counted.most_per_run == 1
+    assert [m.step for m in delivered(mlflow, "a")] == list(range(250))
+    assert [m.step for m in delivered(mlflow, "b")] == list(range(500))
+
+
+class GatedBackoff(SharedBackoff):
+    """A shared backoff of a minute on a clock the test moves: its wait ends only when the
+    test opens the gate. Counts the workers that sit in it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        super().__init__(60.0, 60.0, jitter=lambda step: step, clock=lambda: self.now)
+        self.gate = threading.Event()
+        self.failure = threading.Event()
+        self.waiting: set[str] = set()
+        self.changed = threading.Condition()
+
+    def failed(self, ticket: int) -> float | None:
+        wait = super().failed(ticket)
+        self.failure.set()
+        return wait
+
+    def pause(self, seconds: float, stop: threading.Event) -> None:
+        with self.changed:
+            self.waiting.add(threading.current_thread().name)
+            self.changed.notify_all()
+        self.gate.wait(HANG_S)
+
+    def open(self) -> None:
+        self.now += 60.0
+        self.gate.set()
+
+
+def test_mlflow_pushing_back_on_one_worker_makes_every_worker_wait(store):
+    runs = ["a", "b", "c", "d"]
+    mlflow = fake_mlflow(*runs)
+    for run in runs:
+        store.append(points(run, 200))
+    gated = GatedBackoff()
+    arrived = FirstBatches(mlflow, parties=4)
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        if arrived.first(run_id):
+            arrived.arrived.wait()
+            if run_id == "a":
+                raise UnavailableError("MLflow asks to slow down")
+            # The other three answer after MLflow turned "a" away.
+            assert gated.failure.wait(HANG_S)
+        mlflow.log_metrics(run_id, metrics)
+
+    deliverer = deliverer_for(store, log_batch, mlflow, workers=4, backoff=gated)
+    deliverer.start()
+    try:
+        with gated.changed:
+            assert gated.changed.wait_for(lambda: len(gated.waiting) == 4, HANG_S)
+        # Every worker waits; only the batches under way when "a" failed went through.
+        assert sorted(call["run_id"] for call in mlflow.effects("log_metrics")) == [
+            "b",
+            "c",
+            "d",
+        ]
+        gated.open()
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    for run in runs:
+        assert [m.step for m in delivered(mlflow, run)] == list(range(200))  # once each
+
+
+def test_failures_of_sends_under_way_together_lengthen_the_backoff_once():
+    backoff = SharedBackoff(1.0, 8.0, jitter=lambda step: step, clock=lambda: 0.0)
+    together = backoff.ticket()
+    assert backoff.failed(together) == 1.0
+    assert backoff.failed(together) is None  # the same outage, seen by another worker
+    assert backoff.failed(backoff.ticket()) == 2.0
+    assert backoff.failed(backoff.ticket()) == 4.0
+    backoff.succeeded()
+    assert backoff.failed(backoff.ticket()) == 1.0
+
+
+def test_each_run_ends_after_its_own_last_point(store):
+    runs = ["r0", "r1", "r2", "r3"]
+    mlflow = fake_mlflow(*runs)
+    for run in runs:
+        store.append(points(run, 250))
+        store.record_end(run, "FINISHED", 7_000, applied=False)
+    deliverer = deliverer_for(store, mlflow.log_metrics, mlflow, workers=4)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+        for run in runs:
+            assert deliverer.wait_delivered(run, HANG_S) == 0
+    finally:
+        deliverer.stop()
+    for run in runs:
+        of_run = [e for e in events(mlflow) if e[1] == run]
+        assert of_run == [
+            ("batch", run, 100),
+            ("batch", run, 100),
+            ("batch", run, 50),
+            ("end", run, "FINISHED", 7_000),
+        ]
+
+
+def test_stopping_while_workers_are_mid_batch_loses_nothing(store):
+    runs = ["a", "b", "c"]
+    mlflow = fake_mlflow(*runs)
+    for run in runs:
+        store.append(points(run, 250))
+    # The test is a party too: it knows when all three first batches are under way.
+    under_way = threading.Barrier(4, timeout=HANG_S)
+    finish = threading.Event()
+    held = FirstBatches(mlflow, parties=3)
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        if held.first(run_id):
+            under_way.wait()
+            assert finish.wait(HANG_S)
+        mlflow.log_metrics(run_id, metrics)
+
+    deliverer = deliverer_for(store, log_batch, mlflow, workers=3)
+    deliverer.start()
+    under_way.wait()
+    deliverer.stop(timeout_s=0)  # asked to stop while the three batches are in flight
+    finish.set()
+    deliverer.stop(timeout_s=HANG_S)
+    # The batches in flight were confirmed and forgotten; no other batch was begun.
+    assert len(mlflow.effects("log_metrics")) == 3
+    assert store.pending() == 3 * 150
+
+    again = deliverer_for(store, mlflow.log_metrics, mlflow, workers=3)
+    again.start()
+    try:
+        assert again.wait_delivered("", HANG_S) == 0
+    finally:
+        again.stop()
+    for run in runs:
+        assert [m.step for m in delivered(mlflow, run)] == list(range(250))
