@@ -153,6 +153,52 @@ def metrics_delivered(container: ClientContainer, run_id: str, count: int) -> fl
     return count / elapsed
 
 
+# Runs the points of the serial/parallel delivery comparison are spread over: more than
+# the default `spool.delivery_workers`, so every worker has a run.
+DELIVERY_RUNS = 8
+
+
+def metrics_delivered_over_runs(
+    container: ClientContainer, run_ids: list[str], count: int
+) -> tuple[int, float]:
+    """`metrics_delivered` with the points spread over several runs: (points, seconds from
+    the first `log` until FlushMetrics says all are in MLflow)."""
+    per_run = count // len(run_ids)
+    data = [p for run_id in run_ids for p in points(run_id, per_run, "spread")]
+    tracking = container.experiment_tracking()
+    stream = container.metric_stream()
+    started = time.perf_counter()
+    for run_id, k, value, ts, step in data:
+        stream.log(run_id, k, value, step=step, timestamp_ms=ts)
+    accepted = stream.close()
+    result = tracking.flush_metrics(timeout_s=600)
+    elapsed = time.perf_counter() - started
+    assert accepted == len(data) and result.pending_points == 0, (accepted, result)
+    return len(data), elapsed
+
+
+def delivery_serial_vs_parallel(
+    results: dict[str, float],
+    serial: ClientContainer,
+    parallel: ClientContainer,
+    new_runs: Callable[[int], list[str]],
+    count: int,
+) -> None:
+    """Delivered points/s of a sidecar with one delivery worker and of one with the default
+    number, to the same MLflow, in rounds that alternate A B B A so that drift in the
+    machine's load falls on both alike."""
+    totals = {"serial": [0, 0.0], "parallel": [0, 0.0]}
+    for side in ("serial", "parallel", "parallel", "serial"):
+        container = serial if side == "serial" else parallel
+        done, seconds = metrics_delivered_over_runs(container, new_runs(DELIVERY_RUNS), count)
+        totals[side][0] += done
+        totals[side][1] += seconds
+    for side, (done, seconds) in totals.items():
+        key = f"metrics_delivered_{side}_per_s"
+        results[key] = done / seconds
+        print(f"  {key:36s} {results[key]:14.1f}", flush=True)
+
+
 def metrics_log_batch(client: MlflowClient, run_id: str, count: int) -> float:
     batch = [MlflowMetric(k, v, ts, step) for _, k, v, ts, step in points(run_id, count, "batch")]
     started = time.perf_counter()
@@ -539,6 +585,13 @@ def main() -> int:
         sidecar = SidecarProcess(
             work / "sidecar", server.url, MLFLOW_SIDECAR__METRICS__PORT=str(free_port())
         )
+        # The same sidecar with one delivery worker: the baseline of parallel delivery.
+        serial_sidecar = SidecarProcess(
+            work / "sidecar-serial",
+            server.url,
+            MLFLOW_SIDECAR__METRICS__PORT=str(free_port()),
+            MLFLOW_SIDECAR__SPOOL__DELIVERY_WORKERS="1",
+        )
         try:
             results["sidecar_start_s"] = start_sidecar(sidecar)
             assert sidecar.proc is not None
@@ -602,6 +655,19 @@ def main() -> int:
                 # Each scenario starts with an empty spool and an idle deliverer.
                 flushed = container.experiment_tracking().flush_metrics(timeout_s=1800)
                 assert flushed.complete, flushed
+            if "metrics" in groups:
+                serial_sidecar.start()
+                serial = ClientContainer()
+                serial.config.from_dict({"target": serial_sidecar.target, "timeout_s": 600})
+                delivery_serial_vs_parallel(
+                    results,
+                    serial,
+                    container,
+                    lambda n: [run() for _ in range(n)],
+                    sizes.delivered_points,
+                )
+                serial.shutdown_resources()
+                serial_sidecar.stop()
 
             tracking = container.experiment_tracking()
             if "getrun" in groups:
@@ -623,6 +689,7 @@ def main() -> int:
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
+            serial_sidecar.stop()
             sidecar.stop()
             server.stop()
 
@@ -747,6 +814,9 @@ def report(results: dict[str, float], quick: bool) -> None:
         )
         ratios["delivered / log_batch"] = (
             r["metrics_sidecar_delivered_per_s"] / r["metrics_log_batch_direct_per_s"]
+        )
+        ratios["delivered, parallel / serial"] = (
+            r["metrics_delivered_parallel_per_s"] / r["metrics_delivered_serial_per_s"]
         )
     if "upload_s3_direct_mb_s" in r:
         ratios["S3 upload sidecar / direct"] = (
