@@ -104,7 +104,7 @@ def test_sidecar_peak_rss_stays_under_400_mib_for_a_1_gib_round_trip(
         assert sha256_of(local) == sha256_of(source) == info.sha256
         print(f"sidecar RSS: idle {idle_kib // 1024} MiB, peak {peak_kib // 1024} MiB")
         assert peak_kib * 1024 < PEAK_RSS_LIMIT, f"peak RSS {peak_kib // 1024} MiB"
-        stored = [p for p in mlflow_server.artifacts.rglob("one_gib.bin") if run_id in str(p)]
+        stored = [p for p in Path(mlflow_server.artifacts).rglob("one_gib.bin") if run_id in str(p)]
     finally:
         container.shutdown_resources()
         # A gigabyte per run would pile up in pytest's kept temp directories.
