@@ -96,27 +96,13 @@ class ServerConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    workers: int = Field(
-        64,
-        ge=2,
-        le=1024,
-        description="threads serving RPCs; streaming calls take at most max_streaming_rpcs",
-    )
+    workers: int = Field(16, ge=1, le=1024, description="threads serving RPCs")
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
     max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
     max_concurrent_rpcs: int = Field(
         256, ge=1, le=100_000, description="calls in progress before RESOURCE_EXHAUSTED"
     )
     max_concurrent_streams: int = Field(100, ge=1, le=10_000, description="per HTTP/2 connection")
-    max_streaming_rpcs: int = Field(
-        0,
-        ge=0,
-        le=1023,
-        validate_default=True,
-        description="streaming calls served at once (each holds a worker for its whole life);"
-        " more are refused with RESOURCE_EXHAUSTED; below workers, whose rest serve unary"
-        " calls; 0: three quarters of workers",
-    )
     max_metadata_bytes: int = Field(16 * 1024, ge=1024, le=1 * MIB)
     default_deadline_s: float = Field(
         60.0, gt=0, description="bounds retries and waits of calls that set no deadline"
@@ -124,29 +110,6 @@ class ServerConfig(_Section):
     allow_insecure_remote: bool = Field(
         False, description="listen on a non-loopback address without auth and TLS"
     )
-
-    @field_validator("max_streaming_rpcs")
-    @classmethod
-    def _streams_leave_workers_for_unary_calls(cls, value: int, info: ValidationInfo) -> int:
-        workers = info.data.get("workers")
-        max_rpcs = info.data.get("max_concurrent_rpcs")
-        if not isinstance(workers, int) or not isinstance(max_rpcs, int):
-            return value  # their own errors are reported
-        if value == 0:
-            # At least one worker, and a quarter of them, stay for unary calls.
-            return max(1, min(workers * 3 // 4, max_rpcs - 1))
-        if value >= workers:
-            raise ValueError(
-                f"max_streaming_rpcs ({value}) must be below server.workers ({workers}):"
-                " the workers above it serve unary calls, which must never wait behind"
-                " long-lived streams"
-            )
-        if value >= max_rpcs:
-            raise ValueError(
-                f"max_streaming_rpcs ({value}) must be below server.max_concurrent_rpcs"
-                f" ({max_rpcs}): streams must leave room for unary calls"
-            )
-        return value
 
 
 class TlsConfig(_Section):

@@ -149,16 +149,6 @@ class SidecarMetrics:
         )
         for direction in ("upload", "download"):
             self.stream_bytes.labels(direction)
-        self.streams_refused = Counter(
-            "mlflow_sidecar_streams_refused",
-            "Streaming calls refused because server.max_streaming_rpcs were in progress",
-            registry=r,
-        )
-        self.streams_in_progress = Gauge(
-            "mlflow_sidecar_streams_in_progress",
-            "Streaming calls admitted and not yet finished (at most server.max_streaming_rpcs)",
-            registry=r,
-        )
         self._mlflow_up: MlflowUpGauge | None = None
 
     def method_series(self, grpc_type: str, full_method: str) -> MethodSeries:

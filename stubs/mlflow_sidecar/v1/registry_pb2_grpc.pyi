@@ -32,9 +32,8 @@ class ModelRegistryServiceStub:
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -97,9 +96,8 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -158,9 +156,8 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
+    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves

@@ -79,8 +79,6 @@ class ExperimentTrackingServiceStub(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-    progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -308,8 +306,6 @@ class ExperimentTrackingServiceServicer(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-    progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -786,8 +782,6 @@ class ExperimentTrackingService(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-    progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.

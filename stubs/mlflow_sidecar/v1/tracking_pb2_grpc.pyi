@@ -75,8 +75,6 @@ class ExperimentTrackingServiceStub:
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-      progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -241,8 +239,6 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-      progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -403,8 +399,6 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
-    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
-      progress; the call was refused before any of it was read; RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
