@@ -42,6 +42,12 @@ find_python() {
   return 1
 }
 
+# Import-boundary tests of the server: they import server modules, whose dependencies
+# (prometheus-client, numpy, ...) the client alone does not install; the dev venv runs them.
+server_boundaries=(
+  --deselect tests/unit/test_import_boundaries.py::test_services_servicers_and_the_spool_depend_on_the_port_not_on_mlflow
+  --deselect tests/unit/test_import_boundaries.py::test_the_spool_and_the_metric_batch_do_not_load_the_wire_schema
+)
 deselect=()
 
 # run_client_tests LABEL PYTHON [PIP_ARGS...]: a fresh venv, the client, its tests.
@@ -53,7 +59,8 @@ run_client_tests() {
   "$venv/bin/pip" install -q --disable-pip-version-check "$@" . pytest pytest-timeout mypy
   echo "== $label: $("$venv/bin/python" --version), $("$venv/bin/python" -c \
     'import importlib.metadata as m; print("protobuf", m.version("protobuf") + ", grpcio", m.version("grpcio"))')"
-  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${deselect[@]}" "${client_tests[@]}"
+  "$venv/bin/python" -m pytest -q -p no:cacheprovider "${server_boundaries[@]}" "${deselect[@]}" \
+    "${client_tests[@]}"
 }
 
 case "$mode" in
