@@ -38,6 +38,39 @@ MODEL_VERSION_STATUS_FAILED_REGISTRATION: ModelVersionStatus.ValueType  # 2
 MODEL_VERSION_STATUS_READY: ModelVersionStatus.ValueType  # 3
 Global___ModelVersionStatus: _TypeAlias = ModelVersionStatus  # noqa: Y015
 
+class _AliasChangeKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AliasChangeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AliasChangeKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ALIAS_CHANGE_KIND_UNSPECIFIED: _AliasChangeKind.ValueType  # 0
+    ALIAS_CHANGE_KIND_CURRENT: _AliasChangeKind.ValueType  # 1
+    """The alias's state when the stream opened, unchanged from last_seen_versions if given."""
+    ALIAS_CHANGE_KIND_SET: _AliasChangeKind.ValueType  # 2
+    """The alias was set where it was not set before."""
+    ALIAS_CHANGE_KIND_MOVED: _AliasChangeKind.ValueType  # 3
+    """The alias now points at another version."""
+    ALIAS_CHANGE_KIND_DELETED: _AliasChangeKind.ValueType  # 4
+    """The alias was removed (its version still exists), or its model was deleted."""
+    ALIAS_CHANGE_KIND_VERSION_DELETED: _AliasChangeKind.ValueType  # 5
+    """The version the alias pointed at was deleted, and the alias with it."""
+
+class AliasChangeKind(_AliasChangeKind, metaclass=_AliasChangeKindEnumTypeWrapper): ...
+
+ALIAS_CHANGE_KIND_UNSPECIFIED: AliasChangeKind.ValueType  # 0
+ALIAS_CHANGE_KIND_CURRENT: AliasChangeKind.ValueType  # 1
+"""The alias's state when the stream opened, unchanged from last_seen_versions if given."""
+ALIAS_CHANGE_KIND_SET: AliasChangeKind.ValueType  # 2
+"""The alias was set where it was not set before."""
+ALIAS_CHANGE_KIND_MOVED: AliasChangeKind.ValueType  # 3
+"""The alias now points at another version."""
+ALIAS_CHANGE_KIND_DELETED: AliasChangeKind.ValueType  # 4
+"""The alias was removed (its version still exists), or its model was deleted."""
+ALIAS_CHANGE_KIND_VERSION_DELETED: AliasChangeKind.ValueType  # 5
+"""The version the alias pointed at was deleted, and the alias with it."""
+Global___AliasChangeKind: _TypeAlias = AliasChangeKind  # noqa: Y015
+
 @_typing.final
 class RegisteredModel(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1258,19 +1291,26 @@ class DownloadModelRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
+    IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     alias: _builtins.str
+    if_none_match: _builtins.str
+    """The digest (ModelManifest.digest) of the copy the client already has; when the version
+    selected has this digest, the answer is one `unchanged` message. At most 64 characters;
+    empty: always send the files.
+    """
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         version: _builtins.int = ...,
         alias: _builtins.str = ...,
+        if_none_match: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "if_none_match", b"if_none_match", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
@@ -1311,6 +1351,12 @@ class ModelManifest(_message.Message):
 
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    """The content's identity: lowercase hex sha256 of the UTF-8 lines "<sha256> <path>\\n" of
+    every file, sorted by path (as `sha256sum` prints them). Any client can compute it from
+    a directory it holds and send it back as DownloadModelRequest.if_none_match.
+    """
     @_builtins.property
     def model_version(self) -> Global___ModelVersion: ...
     @_builtins.property
@@ -1320,14 +1366,40 @@ class ModelManifest(_message.Message):
         *,
         model_version: Global___ModelVersion | None = ...,
         files: _abc.Iterable[Global___ModelFile] | None = ...,
+        digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "model_version", b"model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "files", b"files", "model_version", b"model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
+
+@_typing.final
+class ModelUnchanged(_message.Message):
+    """The answer to a DownloadModelRequest whose if_none_match matched: no files follow."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    digest: _builtins.str
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion: ...
+    def __init__(
+        self,
+        *,
+        model_version: Global___ModelVersion | None = ...,
+        digest: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "model_version", b"model_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelUnchanged: _TypeAlias = ModelUnchanged  # noqa: Y015
 
 @_typing.final
 class ModelChunk(_message.Message):
@@ -1359,22 +1431,168 @@ class DownloadModelResponse(_message.Message):
 
     MANIFEST_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> Global___ModelManifest: ...
     @_builtins.property
     def chunk(self) -> Global___ModelChunk: ...
+    @_builtins.property
+    def unchanged(self) -> Global___ModelUnchanged: ...
     def __init__(
         self,
         *,
         manifest: Global___ModelManifest | None = ...,
         chunk: Global___ModelChunk | None = ...,
+        unchanged: Global___ModelUnchanged | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "chunk"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "chunk", "unchanged"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 
 Global___DownloadModelResponse: _TypeAlias = DownloadModelResponse  # noqa: Y015
+
+@_typing.final
+class WatchModelAliasRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LastSeenVersionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ALIASES_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_VERSIONS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """1 to 16 distinct aliases; reserved names are refused (RESERVED_ALIAS)."""
+
+    @_builtins.property
+    def last_seen_versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Alias -> the version number the client saw last (0: the alias was not set), from an
+        earlier stream. An alias listed here gets, as its first message, the change from that
+        version to the current one (kind SET, MOVED, DELETED or VERSION_DELETED), or CURRENT
+        when nothing changed: a client that reconnects misses no change.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        aliases: _abc.Iterable[_builtins.str] | None = ...,
+        last_seen_versions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["aliases", b"aliases", "last_seen_versions", b"last_seen_versions", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchModelAliasRequest: _TypeAlias = WatchModelAliasRequest  # noqa: Y015
+
+@_typing.final
+class AliasChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALIAS_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    MODEL_VERSION_FIELD_NUMBER: _builtins.int
+    PREVIOUS_VERSION_FIELD_NUMBER: _builtins.int
+    alias: _builtins.str
+    kind: Global___AliasChangeKind.ValueType
+    previous_version: _builtins.int
+    """The version it pointed at before this change (0: none)."""
+    @_builtins.property
+    def model_version(self) -> Global___ModelVersion:
+        """The version the alias points at now; unset when the alias is not set."""
+
+    def __init__(
+        self,
+        *,
+        alias: _builtins.str = ...,
+        kind: Global___AliasChangeKind.ValueType = ...,
+        model_version: Global___ModelVersion | None = ...,
+        previous_version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "kind", b"kind", "model_version", b"model_version", "previous_version", b"previous_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AliasChange: _TypeAlias = AliasChange  # noqa: Y015
+
+@_typing.final
+class WatchStatus(_message.Message):
+    """A heartbeat, and the news that MLflow became unreachable or reachable again."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MLFLOW_REACHABLE_FIELD_NUMBER: _builtins.int
+    LAST_POLL_TIME_MS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    mlflow_reachable: _builtins.bool
+    last_poll_time_ms: _builtins.int
+    """When the poller last read the model from MLflow (ms since the epoch; 0: never)."""
+    message: _builtins.str
+    """Why MLflow is unreachable; empty when it is reachable."""
+    def __init__(
+        self,
+        *,
+        mlflow_reachable: _builtins.bool = ...,
+        last_poll_time_ms: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_poll_time_ms", b"last_poll_time_ms", "message", b"message", "mlflow_reachable", b"mlflow_reachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchStatus: _TypeAlias = WatchStatus  # noqa: Y015
+
+@_typing.final
+class WatchModelAliasResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> Global___AliasChange: ...
+    @_builtins.property
+    def status(self) -> Global___WatchStatus: ...
+    def __init__(
+        self,
+        *,
+        change: Global___AliasChange | None = ...,
+        status: Global___WatchStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "payload", b"payload", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "payload", b"payload", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["change", "status"]  # noqa: Y015
+    _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
+
+Global___WatchModelAliasResponse: _TypeAlias = WatchModelAliasResponse  # noqa: Y015

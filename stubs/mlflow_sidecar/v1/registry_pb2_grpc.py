@@ -158,6 +158,11 @@ class ModelRegistryServiceStub(object):
                 request_serializer=mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelResponse.FromString,
                 _registered_method=True)
+        self.WatchModelAlias = channel.unary_stream(
+                '/mlflow_sidecar.v1.ModelRegistryService/WatchModelAlias',
+                request_serializer=mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasResponse.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServiceServicer(object):
@@ -313,6 +318,28 @@ class ModelRegistryServiceServicer(object):
     def DownloadModel(self, request, context):
         """Downloads the files of a version (by number or alias): a manifest, then chunks.
         Reserved alias names are refused as by GetModelVersionByAlias.
+        Versions are kept in the sidecar's model cache (model_cache.* settings): a version
+        already cached, and verified against its manifest's sha256s, streams from the cache
+        without touching MLflow; a corrupted entry is detected and fetched again; concurrent
+        downloads of one version fetch it from MLflow once. A request whose if_none_match
+        equals the version's digest is answered with one `unchanged` message and no files.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchModelAlias(self, request, context):
+        """Watches aliases of one registered model ("champion", ...). The stream first sends one
+        `change` per alias with its current state, then one `change` per later change (alias
+        set, moved or deleted; its version deleted), in the order they were seen, and a
+        `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
+        reachable again. An MLflow outage ends nothing: the stream carries a status saying
+        MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
+        polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
+        watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
+        reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
+        (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
+        refused (RESERVED_ALIAS).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -425,6 +452,11 @@ def add_ModelRegistryServiceServicer_to_server(servicer, server):
                     servicer.DownloadModel,
                     request_deserializer=mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelResponse.SerializeToString,
+            ),
+            'WatchModelAlias': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchModelAlias,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1007,6 +1039,33 @@ class ModelRegistryService(object):
             '/mlflow_sidecar.v1.ModelRegistryService/DownloadModel',
             mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelRequest.SerializeToString,
             mlflow__sidecar_dot_v1_dot_registry__pb2.DownloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchModelAlias(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ModelRegistryService/WatchModelAlias',
+            mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_registry__pb2.WatchModelAliasResponse.FromString,
             options,
             channel_credentials,
             insecure,

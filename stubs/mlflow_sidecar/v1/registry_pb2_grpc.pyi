@@ -87,6 +87,24 @@ class ModelRegistryServiceStub:
     DownloadModel: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]
     """Downloads the files of a version (by number or alias): a manifest, then chunks.
     Reserved alias names are refused as by GetModelVersionByAlias.
+    Versions are kept in the sidecar's model cache (model_cache.* settings): a version
+    already cached, and verified against its manifest's sha256s, streams from the cache
+    without touching MLflow; a corrupted entry is detected and fetched again; concurrent
+    downloads of one version fetch it from MLflow once. A request whose if_none_match
+    equals the version's digest is answered with one `unchanged` message and no files.
+    """
+    WatchModelAlias: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]
+    """Watches aliases of one registered model ("champion", ...). The stream first sends one
+    `change` per alias with its current state, then one `change` per later change (alias
+    set, moved or deleted; its version deleted), in the order they were seen, and a
+    `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
+    reachable again. An MLflow outage ends nothing: the stream carries a status saying
+    MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
+    polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
+    watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
+    reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
+    (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
+    refused (RESERVED_ALIAS).
     """
 
 @_typing.type_check_only
@@ -148,6 +166,24 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     DownloadModel: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]  # type: ignore[assignment]
     """Downloads the files of a version (by number or alias): a manifest, then chunks.
     Reserved alias names are refused as by GetModelVersionByAlias.
+    Versions are kept in the sidecar's model cache (model_cache.* settings): a version
+    already cached, and verified against its manifest's sha256s, streams from the cache
+    without touching MLflow; a corrupted entry is detected and fetched again; concurrent
+    downloads of one version fetch it from MLflow once. A request whose if_none_match
+    equals the version's digest is answered with one `unchanged` message and no files.
+    """
+    WatchModelAlias: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]  # type: ignore[assignment]
+    """Watches aliases of one registered model ("champion", ...). The stream first sends one
+    `change` per alias with its current state, then one `change` per later change (alias
+    set, moved or deleted; its version deleted), in the order they were seen, and a
+    `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
+    reachable again. An MLflow outage ends nothing: the stream carries a status saying
+    MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
+    polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
+    watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
+    reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
+    (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
+    refused (RESERVED_ALIAS).
     """
 
 class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -332,6 +368,30 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadModelResponse], _abc.AsyncIterator[_registry_pb2.DownloadModelResponse]]:
         """Downloads the files of a version (by number or alias): a manifest, then chunks.
         Reserved alias names are refused as by GetModelVersionByAlias.
+        Versions are kept in the sidecar's model cache (model_cache.* settings): a version
+        already cached, and verified against its manifest's sha256s, streams from the cache
+        without touching MLflow; a corrupted entry is detected and fetched again; concurrent
+        downloads of one version fetch it from MLflow once. A request whose if_none_match
+        equals the version's digest is answered with one `unchanged` message and no files.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchModelAlias(
+        self,
+        request: _registry_pb2.WatchModelAliasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchModelAliasResponse], _abc.AsyncIterator[_registry_pb2.WatchModelAliasResponse]]:
+        """Watches aliases of one registered model ("champion", ...). The stream first sends one
+        `change` per alias with its current state, then one `change` per later change (alias
+        set, moved or deleted; its version deleted), in the order they were seen, and a
+        `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
+        reachable again. An MLflow outage ends nothing: the stream carries a status saying
+        MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
+        polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
+        watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
+        reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
+        (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
+        refused (RESERVED_ALIAS).
         """
 
 def add_ModelRegistryServiceServicer_to_server(servicer: ModelRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
