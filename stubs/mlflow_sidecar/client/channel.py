@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
 from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
@@ -152,12 +153,7 @@ def _trace_context_interceptor() -> Any | None:
     return trace_context_interceptor()
 
 
-class _ChannelGuard(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class _ChannelGuard(CallInterceptor):
     """Checks the channel before every call. Holding its `SharedChannel` is what keeps the
     channel open while a stub lives (stubs hold their interceptors)."""
 
@@ -175,69 +171,12 @@ class _ChannelGuard(
                 self._owner.check_usable()
         return outcome
 
-    def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request)
 
-    def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request)
-
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request_iterator)
-
-    def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request_iterator)
-
-
-class _ClientCallDetails(grpc.ClientCallDetails):
-    def __init__(
-        self, base: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
-    ) -> None:
-        self.method = base.method
-        self.timeout = base.timeout
-        self.metadata = metadata
-        self.credentials = base.credentials
-        self.wait_for_ready = base.wait_for_ready
-        self.compression = base.compression
-
-
-class BearerTokenInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class BearerTokenInterceptor(CallInterceptor):
     """Adds `authorization: Bearer <token>` to every call (plaintext channels included)."""
 
     def __init__(self, token: str) -> None:
         self._header: tuple[str, str | bytes] = ("authorization", f"Bearer {token}")
 
-    def _details(self, details: grpc.ClientCallDetails) -> _ClientCallDetails:
-        return _ClientCallDetails(details, (*(details.metadata or ()), self._header))
-
-    def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request)
-
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request_iterator)
-
-    def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return continuation(self._details(client_call_details), request_iterator)
+    def _call(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(with_metadata(details, self._header), request)

@@ -15,19 +15,9 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
+
 _TRACER_NAME = "mlflow_sidecar.client"
-
-
-class _CallDetails(grpc.ClientCallDetails):
-    def __init__(
-        self, base: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]
-    ) -> None:
-        self.method = base.method
-        self.timeout = base.timeout
-        self.metadata = metadata
-        self.credentials = base.credentials
-        self.wait_for_ready = base.wait_for_ready
-        self.compression = base.compression
 
 
 def _method_name(details: grpc.ClientCallDetails) -> str:
@@ -35,12 +25,7 @@ def _method_name(details: grpc.ClientCallDetails) -> str:
     return (method.decode() if isinstance(method, bytes) else method).lstrip("/")
 
 
-class TraceContextInterceptor(
-    grpc.UnaryUnaryClientInterceptor,
-    grpc.UnaryStreamClientInterceptor,
-    grpc.StreamUnaryClientInterceptor,
-    grpc.StreamStreamClientInterceptor,
-):
+class TraceContextInterceptor(CallInterceptor):
     """Starts a CLIENT span per call (ended when the call completes, retries included) and
     injects the current context into the call's metadata with the configured propagator
     (W3C `traceparent` by default)."""
@@ -55,9 +40,8 @@ class TraceContextInterceptor(
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
-        metadata = (*(details.metadata or ()), *carrier.items())
         try:
-            outcome = continuation(_CallDetails(details, metadata), request)
+            outcome = continuation(with_metadata(details, *carrier.items()), request)
         except BaseException:
             span.end()
             raise
@@ -72,26 +56,6 @@ class TraceContextInterceptor(
 
         outcome.add_done_callback(done)
         return outcome
-
-    def intercept_unary_unary(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request)
-
-    def intercept_unary_stream(
-        self, continuation: Any, client_call_details: Any, request: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request)
-
-    def intercept_stream_unary(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request_iterator)
-
-    def intercept_stream_stream(
-        self, continuation: Any, client_call_details: Any, request_iterator: Any
-    ) -> Any:
-        return self._call(continuation, client_call_details, request_iterator)
 
 
 def trace_context_interceptor() -> TraceContextInterceptor:
