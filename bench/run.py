@@ -260,6 +260,9 @@ def fluent_loop(
     fluent API keeps process-wide state): calls, loop seconds, seconds until delivered."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    # The loop's closing flush waits for delivery; on a loaded machine that can take longer
+    # than the client's default deadline, and the figure is the time it takes.
+    env["MLFLOW_SIDECAR_CLIENT_TIMEOUT_S"] = "900"
     if registry_uri:
         env["MLFLOW_REGISTRY_URI"] = registry_uri
     script = str(ROOT / "bench" / "fluent_log_metric.py")
