@@ -283,6 +283,17 @@ class ArtifactsConfig(_Section):
         return value
 
 
+class ModelCacheConfig(_Section):
+    """The model cache at `<data_dir>/models`: verified copies of downloaded model versions."""
+
+    max_bytes: int = Field(
+        10 * GIB,
+        ge=0,
+        description="bytes of model files the cache holds at most, least recently used"
+        " evicted first; 0 turns the cache off",
+    )
+
+
 class AppConfig(BaseSettings):
     """The sidecar's whole configuration."""
 
@@ -304,6 +315,7 @@ class AppConfig(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, validate_default=True)
+    model_cache: ModelCacheConfig = ModelCacheConfig()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: Literal["text", "json"] = "text"
 
@@ -346,6 +358,11 @@ class AppConfig(BaseSettings):
     def staging_dir(self) -> Path:
         """Where uploads and downloads in flight are staged; emptied at start."""
         return self.data_dir / "tmp"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where the model cache keeps its entries."""
+        return self.data_dir / "models"
 
     @property
     def tracking_uri(self) -> str:
