@@ -16,6 +16,8 @@ import pytest
 
 from mlflow_sidecar.client import directory_swap
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
+from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import InvalidArgumentError, error_from_rpc
 from mlflow_sidecar.core.model_digest import directory_digest
 from mlflow_sidecar.server.interceptors import ErrorMappingInterceptor
@@ -260,3 +262,20 @@ def test_the_digest_a_client_computes_is_the_sidecars(sidecar, registry, tmp_pat
     sidecar.register("agent")
     synced = registry.sync_model("agent", tmp_path / "out", version=1)
     assert directory_digest(tmp_path / "out") == synced.digest
+
+
+def test_the_ports_default_sync_model_serves_older_implementations(tmp_path):
+    """An implementation of the port written before sync_model gets it from the port: the
+    version resolved first, then downloaded by its number, reported as changed."""
+
+    class OlderRegistry:
+        def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
+            return ModelVersion(name, 7)
+
+        def download_model(self, name, dst_dir, *, version=None, alias=None, progress=None):
+            assert (version, alias) == (7, None)
+            return populated(Path(dst_dir), MODEL)
+
+    synced = ModelRegistry.sync_model(OlderRegistry(), "agent", tmp_path / "out", alias="prod")  # type: ignore[arg-type]
+    assert (synced.path, synced.model_version.version) == (tmp_path / "out", 7)
+    assert (synced.changed, synced.digest) == (True, digest_of(MODEL))
