@@ -279,3 +279,19 @@ def test_the_ports_default_sync_model_serves_older_implementations(tmp_path):
     synced = ModelRegistry.sync_model(OlderRegistry(), "agent", tmp_path / "out", alias="prod")  # type: ignore[arg-type]
     assert (synced.path, synced.model_version.version) == (tmp_path / "out", 7)
     assert (synced.changed, synced.digest) == (True, digest_of(MODEL))
+
+
+class EndedCall:
+    """The context of a call that ended (cancelled, say) while its download waited."""
+
+    def add_callback(self, callback: object) -> bool:
+        return False
+
+
+def test_a_download_whose_call_ended_meanwhile_sends_nothing_and_keeps_nothing(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=0)  # uncached: the fetched copy must be removed
+    sidecar.register("agent")
+    servicer = RegistryServicer(sidecar.downloads._registry, sidecar.staging, sidecar.downloads)
+    request = pb.DownloadModelRequest(name="agent", version=1)
+    assert list(servicer.DownloadModel(request, EndedCall())) == []  # type: ignore[arg-type]
+    assert sidecar.staging.in_flight() == []

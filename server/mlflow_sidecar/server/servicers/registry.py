@@ -244,8 +244,11 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
                 )
             )
             return
-        # A cancelled call may never resume this generator: release when the call ends.
-        context.add_callback(lease.release)
+        # A cancelled call may never resume this generator: release when the call ends
+        # (at once when it ended while the download waited for another's fetch).
+        if not context.add_callback(lease.release):
+            lease.release()
+            return
         try:
             yield from self._staging.counted(
                 "download", streams.model_messages(download.version, lease, self._staging)
