@@ -4,7 +4,6 @@ whole, nothing transferred for an unchanged model, the old copy kept on failure.
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from collections.abc import Iterator
@@ -215,47 +214,6 @@ def populated(root: Path, files: dict[str, bytes]) -> Path:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         (root / path).write_bytes(data)
     return root
-
-
-def test_the_destination_names_a_whole_model_after_every_step_of_the_swap(tmp_path, monkeypatch):
-    new, destination = populated(tmp_path / "new", OTHER), populated(tmp_path / "dst", MODEL)
-    seen: list[dict[str, bytes]] = []
-
-    def watched(source: Path, target: Path) -> None:
-        try:
-            os.rename(source, target)
-        finally:
-            seen.append(files_under(destination) if destination.is_dir() else {})
-
-    monkeypatch.setattr(directory_swap, "_rename", watched)
-    directory_swap.replace_directory(new, destination)
-    assert files_under(destination) == OTHER
-    assert all(s in (MODEL, OTHER) for s in seen), seen
-    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
-
-
-def test_without_an_atomic_exchange_the_old_copy_goes_aside_first(tmp_path):
-    new, destination = populated(tmp_path / "new", OTHER), populated(tmp_path / "dst", MODEL)
-    directory_swap.replace_directory(new, destination, atomic=False)
-    assert files_under(destination) == OTHER
-    assert [p.name for p in tmp_path.iterdir()] == ["dst"]
-
-
-def test_an_unsupported_exchange_falls_back_to_two_renames(tmp_path, monkeypatch):
-    def unsupported(*args: object) -> int:
-        import ctypes
-
-        ctypes.set_errno(errno.EINVAL)
-        return -1
-
-    monkeypatch.setattr(directory_swap, "_renameat2", lambda: unsupported)
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "x").write_bytes(b"a")
-    (tmp_path / "b").mkdir()
-    (tmp_path / "b" / "y").write_bytes(b"b")
-    assert directory_swap.exchange(tmp_path / "a", tmp_path / "b") is False
-    directory_swap.replace_directory(tmp_path / "a", tmp_path / "b")
-    assert files_under(tmp_path) == {"b/x": b"a"}
 
 
 def test_the_digest_a_client_computes_is_the_sidecars(sidecar, registry, tmp_path):
