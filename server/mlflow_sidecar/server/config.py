@@ -302,6 +302,9 @@ class AppConfig(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        # `model_cache` is a section, not pydantic's: older pydantic releases warn about
+        # any field that starts with "model_" unless told otherwise.
+        protected_namespaces=(),
     )
 
     data_dir: Path = Path.home() / ".mlflow-sidecar"
