@@ -54,13 +54,17 @@ class Sidecar:
         self.staging = Staging(load_config(data_dir=tmp_path))
         self.start(max_bytes, disk)
 
-    def start(self, max_bytes: int, disk: CacheDisk | None = None) -> None:
+    def start(self, max_bytes: int, disk: CacheDisk | None = None, scope: str = "") -> None:
         """(Re)start over the same data dir, as a restarted sidecar would."""
         self.cache = ModelCache(
             self.tmp_path / "models", max_bytes, metrics=self.metrics, disk=disk, chunk_bytes=4096
         )
         self.downloads = ModelDownloads(
-            RegistryService(self.fake, self.staging), self.fake, self.cache, self.staging
+            RegistryService(self.fake, self.staging),
+            self.fake,
+            self.cache,
+            self.staging,
+            scope=scope,
         )
 
     def register(self, name: str, files: dict[str, bytes] = MODEL) -> ModelVersion:
@@ -383,6 +387,29 @@ def test_a_recreated_model_with_the_same_version_number_is_not_served_stale(side
     stored.version = replace(stored.version, creation_time_ms=stored.version.creation_time_ms + 1)
     assert sidecar.download("agent") == {"weights": b"new"}
     assert sidecar.fetches() == 2
+
+
+# -- another registry or artifact policy -----------------------------------------------------
+
+
+def test_a_version_cached_under_another_registry_or_policy_is_fetched_again(sidecar):
+    sidecar.start(10 * MODEL_BYTES, scope="policy-a")
+    sidecar.register("agent")
+    sidecar.download("agent")
+    sidecar.start(10 * MODEL_BYTES, scope="policy-b")
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+
+
+def test_the_scope_follows_the_registry_and_the_artifact_policy(tmp_path):
+    base = load_config(data_dir=tmp_path)
+    assert load_config(data_dir=tmp_path).model_cache_scope == base.model_cache_scope
+    for changed in (
+        load_config(data_dir=tmp_path, mlflow={"registry_uri": "http://elsewhere:5000"}),
+        load_config(data_dir=tmp_path, artifacts={"allowed_roots": [str(tmp_path / "x")]}),
+        load_config(data_dir=tmp_path, artifacts={"allowed_uris": ["s3://bucket/team"]}),
+    ):
+        assert changed.model_cache_scope != base.model_cache_scope
 
 
 # -- if_none_match -------------------------------------------------------------------------

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -366,6 +368,20 @@ class AppConfig(BaseSettings):
     def model_cache_dir(self) -> Path:
         """Where the model cache keeps its entries."""
         return self.data_dir / "models"
+
+    @property
+    def model_cache_scope(self) -> str:
+        """Names the registry and the artifact storage policy: a cached model is served
+        only under the ones it was fetched and checked under (a hit reads no artifact
+        store, so the policy's check happened when the version was fetched)."""
+        policy = json.dumps(
+            [
+                self.registry_uri,
+                sorted(str(root) for root in self.allowed_roots),
+                sorted(self.artifacts.allowed_uris),
+            ]
+        )
+        return hashlib.sha256(policy.encode()).hexdigest()[:16]
 
     @property
     def tracking_uri(self) -> str:

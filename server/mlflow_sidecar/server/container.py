@@ -75,7 +75,12 @@ class ServerContainer(containers.DeclarativeContainer):
         metrics=metrics,
     )
     model_downloads = providers.Singleton(
-        ModelDownloads, registry_service, gateway, model_cache, staging
+        ModelDownloads,
+        registry_service,
+        gateway,
+        model_cache,
+        staging,
+        scope=config.provided.model_cache_scope,
     )
     artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
     logged_model_service = providers.Singleton(

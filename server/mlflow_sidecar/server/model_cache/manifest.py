@@ -16,15 +16,18 @@ _FORMAT = 1
 @dataclass(frozen=True, slots=True)
 class CacheKey:
     """One version's content: a model deleted and created again reuses version numbers,
-    so the version's creation time tells the new one's files from the old one's."""
+    so the version's creation time tells the new one's files from the old one's. `scope`
+    names the registry and the artifact storage policy the files were fetched and checked
+    under: another registry, or a narrower policy, never gets them."""
 
     name: str
     version: int
     creation_time_ms: int
+    scope: str = ""
 
     def slug(self) -> str:
         """A file name for the key (names may hold any character)."""
-        text = f"{self.name}\0{self.version}\0{self.creation_time_ms}"
+        text = f"{self.scope}\0{self.name}\0{self.version}\0{self.creation_time_ms}"
         return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -67,6 +70,7 @@ class Manifest:
                 "name": self.key.name,
                 "version": self.key.version,
                 "creation_time_ms": self.key.creation_time_ms,
+                "scope": self.key.scope,
                 "digest": self.digest,
                 "files": [[f.path, f.size_bytes, f.sha256] for f in self.files],
             }
@@ -79,7 +83,12 @@ class Manifest:
             raw = json.loads(data)
             if raw["format"] != _FORMAT:
                 raise ValueError(f"manifest format {raw['format']!r}")
-            key = CacheKey(str(raw["name"]), int(raw["version"]), int(raw["creation_time_ms"]))
+            key = CacheKey(
+                str(raw["name"]),
+                int(raw["version"]),
+                int(raw["creation_time_ms"]),
+                str(raw["scope"]),
+            )
             files = tuple(ManifestFile(str(p), int(s), str(h)) for p, s, h in raw["files"])
             manifest = cls(key, files, str(raw["digest"]))
         except (KeyError, TypeError, json.JSONDecodeError) as exc:

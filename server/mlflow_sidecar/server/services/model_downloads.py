@@ -44,8 +44,17 @@ class ModelDownloads:
     """Opens model downloads; see the module's docstring."""
 
     def __init__(
-        self, registry: RegistryService, gateway: MlflowPort, cache: ModelCache, staging: Staging
+        self,
+        registry: RegistryService,
+        gateway: MlflowPort,
+        cache: ModelCache,
+        staging: Staging,
+        *,
+        scope: str = "",
     ) -> None:
+        """`scope` names the registry and the artifact storage policy (see `CacheKey`):
+        a cached version is served only under the ones it was checked under."""
+        self._scope = scope
         self._registry = registry
         self._gateway = gateway
         self._cache = cache
@@ -68,7 +77,7 @@ class ModelDownloads:
             found = self._registry.get_model_version_by_alias(name, alias)
         else:
             raise InvalidArgumentError("selector", "set version or alias")
-        key = CacheKey(found.name, found.version, found.creation_time_ms)
+        key = CacheKey(found.name, found.version, found.creation_time_ms, self._scope)
         if known and self._cache.digest_of(key) == known:
             return ModelDownload(found, known, None)
         lease = self._cache.acquire(key) or self._flights.run(
