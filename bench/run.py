@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.model_cache import model_cache  # noqa: E402
 from bench.sustained import SustainedSizes, sustained  # noqa: E402
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
 from mlflow_sidecar.client.metric_stream import (  # noqa: E402
@@ -50,7 +51,7 @@ from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 MIB = 1024 * 1024
 
 
-GROUPS = ("metrics", "getrun", "artifacts", "plugin", "s3", "sustained")
+GROUPS = ("metrics", "getrun", "artifacts", "plugin", "s3", "sustained", "model_cache")
 
 
 class Sizes:
@@ -78,6 +79,8 @@ class Sizes:
         self.sustained = SustainedSizes(
             backlog_points=40_000 if quick else 200_000, freshness_s=15.0 if quick else 60.0
         )
+        # Group `model_cache`: rounds of a 200 MiB model (a new version each), medians.
+        self.model_cache_repeats = 1 if quick else 3
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -473,6 +476,16 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         lambda r: r["plugin_fluent_sidecar_per_s"] >= 2 * r["plugin_fluent_async_per_s"],
         "",
     ),
+    (
+        "cached model download >= 5x cold",
+        lambda r: r["model_download_cached_mb_s"] >= 5 * r["model_download_cold_mb_s"],
+        "",
+    ),
+    (
+        "cached model download >= 3x direct",
+        lambda r: r["model_download_cached_mb_s"] >= 3 * r["model_download_direct_mb_s"],
+        "",
+    ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
@@ -601,6 +614,15 @@ def main() -> int:
                 s3(results, work / "s3", sizes)
             if "sustained" in groups:
                 sustained(results, series, work / "sustained", sizes.sustained)
+            if "model_cache" in groups:
+                model_cache(
+                    results,
+                    container.model_registry(),
+                    server.url,
+                    exp,
+                    work / "model-cache",
+                    sizes.model_cache_repeats,
+                )
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -757,6 +779,11 @@ def report(results: dict[str, float], quick: bool) -> None:
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
         ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]
+    if "model_download_cached_mb_s" in r:
+        cached = r["model_download_cached_mb_s"]
+        ratios["model download cached / cold"] = cached / r["model_download_cold_mb_s"]
+        ratios["model download cached / direct"] = cached / r["model_download_direct_mb_s"]
+        ratios["model download cached / raw gRPC"] = cached / r["grpc_raw_model_download_mb_s"]
     print()
     for name, value in ratios.items():
         print(f"{name:40s} {value:14.2f}x")

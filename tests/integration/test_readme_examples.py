@@ -197,6 +197,8 @@ def check_effects(
     assert "Code: FailedPrecondition" in shell.stderr
     assert '"aliases": [\n      "champion"\n    ]' in shell.stdout
     assert '"status": "SERVING"' in shell.stdout
+    # The digest computed from the shell matched: one `unchanged` answer, no files.
+    assert '"unchanged": {' in shell.stdout
 
 
 def check_viewing_runs(workdir: Path, env: dict[str, str]) -> None:

@@ -69,6 +69,11 @@ class DelayProxy:
                 if m == method and p.split("?")[0].endswith(path_suffix)
             )
 
+    def count_under(self, path_prefix: str) -> int:
+        """Requests so far, of any method, whose path starts with `path_prefix`."""
+        with self._lock:
+            return sum(n for (_, p), n in self._counts.items() if p.startswith(path_prefix))
+
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
 

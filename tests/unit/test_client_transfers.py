@@ -266,13 +266,23 @@ def test_model_download_writes_every_file_including_empty_ones(tmp_path):
     ],
     ids=["sha256", "parent", "absolute", "file and dir", "short", "order", "index", "manifest"],
 )
-def test_a_bad_model_download_is_data_loss_and_writes_nothing(tmp_path, messages):
+def test_a_bad_model_download_is_data_loss_and_leaves_the_old_copy(tmp_path, messages):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.bin").write_bytes(b"the model before")
     registry, stub = registry_with(messages)
     with pytest.raises(DataLossError):
         registry.download_model("m", tmp_path / "out", alias="champion")
-    assert list((tmp_path / "out").iterdir()) == []
-    assert files_under(tmp_path) == []
+    assert files_under(tmp_path) == ["out/old.bin"]
+    assert (tmp_path / "out" / "old.bin").read_bytes() == b"the model before"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
     assert stub.calls[0].cancelled
+
+
+def test_a_bad_model_download_into_a_new_destination_leaves_nothing(tmp_path):
+    registry, _ = registry_with(model_messages(MODEL)[:-1])
+    with pytest.raises(DataLossError):
+        registry.download_model("m", tmp_path / "out", alias="champion")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_model_upload_announces_each_file_before_its_chunks(tmp_path):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import hashlib
 import ipaddress
+import json
 import os
 import re
 import socket
@@ -283,6 +285,17 @@ class ArtifactsConfig(_Section):
         return value
 
 
+class ModelCacheConfig(_Section):
+    """The model cache at `<data_dir>/models`: verified copies of downloaded model versions."""
+
+    max_bytes: int = Field(
+        10 * GIB,
+        ge=0,
+        description="bytes of model files the cache holds at most, least recently used"
+        " evicted first; 0 turns the cache off",
+    )
+
+
 class AppConfig(BaseSettings):
     """The sidecar's whole configuration."""
 
@@ -291,6 +304,9 @@ class AppConfig(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        # `model_cache` is a section, not pydantic's: older pydantic releases warn about
+        # any field that starts with "model_" unless told otherwise.
+        protected_namespaces=(),
     )
 
     data_dir: Path = Path.home() / ".mlflow-sidecar"
@@ -304,6 +320,7 @@ class AppConfig(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, validate_default=True)
+    model_cache: ModelCacheConfig = ModelCacheConfig()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: Literal["text", "json"] = "text"
 
@@ -346,6 +363,25 @@ class AppConfig(BaseSettings):
     def staging_dir(self) -> Path:
         """Where uploads and downloads in flight are staged; emptied at start."""
         return self.data_dir / "tmp"
+
+    @property
+    def model_cache_dir(self) -> Path:
+        """Where the model cache keeps its entries."""
+        return self.data_dir / "models"
+
+    @property
+    def model_cache_scope(self) -> str:
+        """Names the registry and the artifact storage policy: a cached model is served
+        only under the ones it was fetched and checked under (a hit reads no artifact
+        store, so the policy's check happened when the version was fetched)."""
+        policy = json.dumps(
+            [
+                self.registry_uri,
+                sorted(str(root) for root in self.allowed_roots),
+                sorted(self.artifacts.allowed_uris),
+            ]
+        )
+        return hashlib.sha256(policy.encode()).hexdigest()[:16]
 
     @property
     def tracking_uri(self) -> str:

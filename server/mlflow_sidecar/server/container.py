@@ -11,12 +11,14 @@ from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.idempotency import RequestLedger
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
 from mlflow_sidecar.server.mlflow_gateway.logged_models import LoggedModelGateway
+from mlflow_sidecar.server.model_cache import ModelCache
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
+from mlflow_sidecar.server.services.model_downloads import ModelDownloads
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
@@ -65,6 +67,21 @@ class ServerContainer(containers.DeclarativeContainer):
 
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
     registry_service = providers.Singleton(RegistryService, gateway, staging)
+    model_cache = providers.Singleton(
+        ModelCache,
+        config.provided.model_cache_dir,
+        config.provided.model_cache.max_bytes,
+        chunk_bytes=config.provided.artifacts.chunk_bytes,
+        metrics=metrics,
+    )
+    model_downloads = providers.Singleton(
+        ModelDownloads,
+        registry_service,
+        gateway,
+        model_cache,
+        staging,
+        scope=config.provided.model_cache_scope,
+    )
     artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
     logged_model_service = providers.Singleton(
         LoggedModelService, providers.Singleton(LoggedModelGateway, gateway), staging
@@ -72,7 +89,9 @@ class ServerContainer(containers.DeclarativeContainer):
     tracking_servicer = providers.Singleton(
         TrackingServicer, tracking_service, artifact_transfers, staging, logged_model_service
     )
-    registry_servicer = providers.Singleton(RegistryServicer, registry_service, staging)
+    registry_servicer = providers.Singleton(
+        RegistryServicer, registry_service, staging, model_downloads
+    )
     server = providers.Singleton(
         SidecarServer,
         config,

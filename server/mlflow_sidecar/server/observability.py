@@ -149,6 +149,31 @@ class SidecarMetrics:
         )
         for direction in ("upload", "download"):
             self.stream_bytes.labels(direction)
+        self.model_cache_hits = Counter(
+            "mlflow_sidecar_model_cache_hits",
+            "DownloadModel calls answered from the model cache, without MLflow",
+            registry=r,
+        )
+        self.model_cache_misses = Counter(
+            "mlflow_sidecar_model_cache_misses",
+            "DownloadModel calls the model cache could not answer (fetched from MLflow)",
+            registry=r,
+        )
+        self.model_cache_evictions = Counter(
+            "mlflow_sidecar_model_cache_evictions",
+            "Versions removed from the model cache to stay within model_cache.max_bytes",
+            registry=r,
+        )
+        self.model_cache_corrupt = Counter(
+            "mlflow_sidecar_model_cache_corrupt_entries",
+            "Model cache entries that failed verification and were fetched again",
+            registry=r,
+        )
+        self.model_cache_bytes = Gauge(
+            "mlflow_sidecar_model_cache_bytes",
+            "Bytes of model files in the model cache",
+            registry=r,
+        )
         self._mlflow_up: MlflowUpGauge | None = None
 
     def method_series(self, grpc_type: str, full_method: str) -> MethodSeries:

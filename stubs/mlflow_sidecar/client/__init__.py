@@ -28,6 +28,7 @@ from mlflow_sidecar.core.domain import (
     Run,
     RunInfo,
     RunStatus,
+    SyncedModel,
     ViewType,
 )
 from mlflow_sidecar.core.errors import SidecarError
@@ -57,6 +58,7 @@ __all__ = [
     "RunInfo",
     "RunStatus",
     "SidecarError",
+    "SyncedModel",
     "ViewType",
     "load_env",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -10,17 +9,25 @@ from pathlib import Path
 
 import grpc
 
+from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import ModelRegistry, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.domain import ModelVersion, Page, Progress, RegisteredModel
+from mlflow_sidecar.core.domain import (
+    ModelVersion,
+    Page,
+    Progress,
+    RegisteredModel,
+    SyncedModel,
+)
 from mlflow_sidecar.core.errors import (
     DataLossError,
     InvalidArgumentError,
     error_from_rpc,
 )
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
+from mlflow_sidecar.core.model_digest import directory_digest, model_digest
 from mlflow_sidecar.core.paths import FileTree
 from mlflow_sidecar.core.transfer import (
     HashingWriter,
@@ -286,6 +293,17 @@ class GrpcModelRegistry(ModelRegistry):
         alias: str | None = None,
         progress: Progress | None = None,
     ) -> Path:
+        return self.sync_model(name, dst_dir, version=version, alias=alias, progress=progress).path
+
+    def sync_model(
+        self,
+        name: str,
+        dst_dir: StrPath,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        progress: Progress | None = None,
+    ) -> SyncedModel:
         if version is not None and alias is None:
             request = pb.DownloadModelRequest(name=name, version=version)
         elif alias is not None and version is None:
@@ -293,30 +311,64 @@ class GrpcModelRegistry(ModelRegistry):
         else:
             raise InvalidArgumentError("selector", "give exactly one of version or alias")
         destination = Path(dst_dir)
-        destination.mkdir(parents=True, exist_ok=True)
-        # Files land in a hidden staging directory inside the destination (same filesystem,
-        # so the final moves are renames) and move into place only when all are verified.
-        staging = destination / f".sidecar-download-{uuid.uuid4().hex}"
+        if destination.exists() and not destination.is_dir():
+            raise InvalidArgumentError("dst_dir", f"{destination} is not a directory")
+        request.if_none_match = _digest_held(destination)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        # A sibling of the destination: the same filesystem, so it can take its place.
+        incoming = destination.with_name(f".sidecar-{uuid.uuid4().hex}.download")
         call = self._stub.DownloadModel(request, timeout=self._transfer_timeout)
         try:
-            relpaths = _receive_model(call, staging, progress)
-            for relpath in relpaths:
-                target = destination.joinpath(*relpath.split("/"))
-                target.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(staging.joinpath(*relpath.split("/")), target)
+            first = next(call, None)
+            if first is not None and first.WhichOneof("payload") == "unchanged":
+                return _unchanged(destination, request.if_none_match, first.unchanged)
+            manifest = _manifest(first)
+            incoming.mkdir()
+            _receive_files(manifest.files, call, incoming, progress)
+            replace_directory(incoming, destination)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
-            shutil.rmtree(staging, ignore_errors=True)
-        return destination
+            shutil.rmtree(incoming, ignore_errors=True)
+        return SyncedModel(
+            destination,
+            conv.model_version_from_pb(manifest.model_version),
+            manifest.digest or _digest_of(manifest.files),
+            changed=True,
+        )
 
 
-def _receive_model(
-    responses: Iterator[pb.DownloadModelResponse], staging: Path, progress: Progress | None
-) -> list[str]:
-    """Write a DownloadModel stream under `staging`, verifying every file; return the paths."""
-    files = _manifest_files(next(responses, None))
+def _digest_held(destination: Path) -> str:
+    """The digest of the model `destination` holds, or "" when it holds nothing that a
+    digest can describe (absent, or with files the client would not upload)."""
+    if not destination.is_dir():
+        return ""
+    try:
+        return directory_digest(destination)
+    except (InvalidArgumentError, OSError):
+        return ""
+
+
+def _digest_of(files: Sequence[pb.ModelFile]) -> str:
+    return model_digest((entry.path, entry.sha256) for entry in files)
+
+
+def _unchanged(destination: Path, sent: str, answer: pb.ModelUnchanged) -> SyncedModel:
+    if not sent or answer.digest.lower() != sent:
+        raise DataLossError("the sidecar answered unchanged to a digest it was not sent")
+    return SyncedModel(
+        destination, conv.model_version_from_pb(answer.model_version), sent, changed=False
+    )
+
+
+def _receive_files(
+    files: Sequence[pb.ModelFile],
+    responses: Iterator[pb.DownloadModelResponse],
+    staging: Path,
+    progress: Progress | None,
+) -> None:
+    """Write the chunks of a DownloadModel stream under `staging`, verifying every file."""
     total = sum(entry.size_bytes for entry in files)
     report(progress, 0, total)
     done = 0
@@ -328,14 +380,22 @@ def _receive_model(
         receiver.finish()
     finally:
         receiver.close()
-    return [entry.path for entry in files]
 
 
-def _manifest_files(first: pb.DownloadModelResponse | None) -> list[pb.ModelFile]:
-    """The files the manifest announces, once every path is known to stay in the destination."""
+def _manifest(first: pb.DownloadModelResponse | None) -> pb.ModelManifest:
+    """The manifest, once every path is known to stay in the destination and the digest
+    agrees with the files."""
     if first is None or first.WhichOneof("payload") != "manifest":
         raise DataLossError("the sidecar sent no manifest")
-    files = list(first.manifest.files)
+    manifest = first.manifest
+    _manifest_files(manifest.files)
+    if manifest.digest and manifest.digest != _digest_of(manifest.files):
+        raise DataLossError("the manifest's digest does not match its files")
+    return manifest
+
+
+def _manifest_files(files: Sequence[pb.ModelFile]) -> None:
+    """Refuse a manifest with a path that could escape the destination."""
     tree = FileTree()
     for index, entry in enumerate(files):
         try:
@@ -343,7 +403,6 @@ def _manifest_files(first: pb.DownloadModelResponse | None) -> list[pb.ModelFile
         except InvalidArgumentError as exc:
             # The sidecar sent a path that could escape the destination: refuse it.
             raise DataLossError(f"unsafe manifest: {exc.message}") from None
-    return files
 
 
 class _ModelFiles:

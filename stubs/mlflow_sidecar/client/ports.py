@@ -31,9 +31,12 @@ from mlflow_sidecar.core.domain import (
     RegisteredModel,
     Run,
     RunStatus,
+    SyncedModel,
     ViewType,
 )
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, DEFAULT_PAGE_SIZE
+from mlflow_sidecar.core.model_digest import directory_digest
 
 StrPath = str | os.PathLike[str]
 
@@ -376,9 +379,40 @@ class ModelRegistry(abc.ABC):
         alias: str | None = None,
         progress: Progress | None = None,
     ) -> Path:
-        """Download the files of one version (give `version` or `alias`) into `dst_dir`.
+        """Make `dst_dir` hold exactly the files of one version (give `version` or `alias`).
 
-        Every file is verified by size and sha256 (DataLossError otherwise) before any
-        appears in `dst_dir`; returns `dst_dir`, which stock MLflow can load from
-        (e.g. `mlflow.pyfunc.load_model`) when the version is an MLflow model.
+        As `sync_model`, and returns `dst_dir`, which stock MLflow can load from (e.g.
+        `mlflow.pyfunc.load_model`) when the version is an MLflow model.
         """
+
+    def sync_model(
+        self,
+        name: str,
+        dst_dir: StrPath,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        progress: Progress | None = None,
+    ) -> SyncedModel:
+        """Make `dst_dir` hold exactly the files of one version (give `version` or
+        `alias`), and say whether that changed it.
+
+        The files arrive in a sibling directory of `dst_dir` (same filesystem) and are
+        verified by size and sha256 (DataLossError otherwise); then the sibling takes the
+        place of `dst_dir` in one step (Linux: `renameat2(RENAME_EXCHANGE)`, so the path
+        always names a complete model; elsewhere the old directory is renamed aside first)
+        and the old copy is removed. A failure leaves `dst_dir` as it was and no sibling
+        behind. When `dst_dir` already holds the version's files (same digest), nothing is
+        transferred or replaced and `changed` is False.
+
+        This default, for implementations of the port that predate it, resolves the version,
+        calls `download_model` by its number and reports `changed` True.
+        """
+        if version is not None and alias is None:
+            found = self.get_model_version(name, version)
+        elif alias is not None and version is None:
+            found = self.get_model_version_by_alias(name, alias)
+        else:
+            raise InvalidArgumentError("selector", "give exactly one of version or alias")
+        path = self.download_model(name, dst_dir, version=found.version, progress=progress)
+        return SyncedModel(path, found, directory_digest(path), changed=True)

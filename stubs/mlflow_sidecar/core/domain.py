@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Generic, TypeAlias, TypeVar
 
 T = TypeVar("T")
@@ -167,6 +168,18 @@ class ModelVersion:
     last_updated_time_ms: int = 0
     user_id: str = ""
     model_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncedModel:
+    """A version's files in a local directory, after `ModelRegistry.sync_model`."""
+
+    path: Path
+    model_version: ModelVersion
+    digest: str
+    """The content's identity (`ModelManifest.digest`): sha256 of the files' sha256s and paths."""
+    changed: bool
+    """False when `path` already held these files and was left as it was."""
 
 
 @dataclass(frozen=True, slots=True)

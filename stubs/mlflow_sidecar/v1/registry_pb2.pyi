@@ -1297,8 +1297,9 @@ class DownloadModelRequest(_message.Message):
     alias: _builtins.str
     if_none_match: _builtins.str
     """The digest (ModelManifest.digest) of the copy the client already has; when the version
-    selected has this digest, the answer is one `unchanged` message. At most 64 characters;
-    empty: always send the files.
+    selected has this digest, the answer is one `unchanged` message. At most 64 hex digits,
+    compared in lowercase (else INVALID_ARGUMENT on if_none_match); empty: always send the
+    files.
     """
     def __init__(
         self,
@@ -1353,9 +1354,11 @@ class ModelManifest(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     DIGEST_FIELD_NUMBER: _builtins.int
     digest: _builtins.str
-    """The content's identity: lowercase hex sha256 of the UTF-8 lines "<sha256> <path>\\n" of
-    every file, sorted by path (as `sha256sum` prints them). Any client can compute it from
-    a directory it holds and send it back as DownloadModelRequest.if_none_match.
+    """The content's identity: lowercase hex sha256 of the UTF-8 lines "<sha256> <path>\\n"
+    (one space; `sha256sum` prints two) of every file, sorted by path in code point order
+    (the byte order of the paths' UTF-8). Always set, cache or no cache. Any client can
+    compute it from a directory it holds and send it back as
+    DownloadModelRequest.if_none_match.
     """
     @_builtins.property
     def model_version(self) -> Global___ModelVersion: ...

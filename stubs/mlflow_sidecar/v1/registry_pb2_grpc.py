@@ -318,11 +318,13 @@ class ModelRegistryServiceServicer(object):
     def DownloadModel(self, request, context):
         """Downloads the files of a version (by number or alias): a manifest, then chunks.
         Reserved alias names are refused as by GetModelVersionByAlias.
-        Versions are kept in the sidecar's model cache (model_cache.* settings): a version
-        already cached, and verified against its manifest's sha256s, streams from the cache
-        without touching MLflow; a corrupted entry is detected and fetched again; concurrent
-        downloads of one version fetch it from MLflow once. A request whose if_none_match
-        equals the version's digest is answered with one `unchanged` message and no files.
+        Versions are kept in the sidecar's model cache (model_cache.* settings), keyed by name,
+        version and the version's creation time: a version already cached, and verified
+        against its manifest's sha256s before the manifest is sent, streams from the cache
+        without touching MLflow's artifact store; a corrupted entry is detected and fetched
+        again; concurrent downloads of one version fetch it from MLflow once. A request whose
+        if_none_match equals the version's digest is answered with one `unchanged` message and
+        no files.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

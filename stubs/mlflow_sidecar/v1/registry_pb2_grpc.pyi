@@ -87,11 +87,13 @@ class ModelRegistryServiceStub:
     DownloadModel: _grpc.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]
     """Downloads the files of a version (by number or alias): a manifest, then chunks.
     Reserved alias names are refused as by GetModelVersionByAlias.
-    Versions are kept in the sidecar's model cache (model_cache.* settings): a version
-    already cached, and verified against its manifest's sha256s, streams from the cache
-    without touching MLflow; a corrupted entry is detected and fetched again; concurrent
-    downloads of one version fetch it from MLflow once. A request whose if_none_match
-    equals the version's digest is answered with one `unchanged` message and no files.
+    Versions are kept in the sidecar's model cache (model_cache.* settings), keyed by name,
+    version and the version's creation time: a version already cached, and verified
+    against its manifest's sha256s before the manifest is sent, streams from the cache
+    without touching MLflow's artifact store; a corrupted entry is detected and fetched
+    again; concurrent downloads of one version fetch it from MLflow once. A request whose
+    if_none_match equals the version's digest is answered with one `unchanged` message and
+    no files.
     """
     WatchModelAlias: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
@@ -166,11 +168,13 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     DownloadModel: _aio.UnaryStreamMultiCallable[_registry_pb2.DownloadModelRequest, _registry_pb2.DownloadModelResponse]  # type: ignore[assignment]
     """Downloads the files of a version (by number or alias): a manifest, then chunks.
     Reserved alias names are refused as by GetModelVersionByAlias.
-    Versions are kept in the sidecar's model cache (model_cache.* settings): a version
-    already cached, and verified against its manifest's sha256s, streams from the cache
-    without touching MLflow; a corrupted entry is detected and fetched again; concurrent
-    downloads of one version fetch it from MLflow once. A request whose if_none_match
-    equals the version's digest is answered with one `unchanged` message and no files.
+    Versions are kept in the sidecar's model cache (model_cache.* settings), keyed by name,
+    version and the version's creation time: a version already cached, and verified
+    against its manifest's sha256s before the manifest is sent, streams from the cache
+    without touching MLflow's artifact store; a corrupted entry is detected and fetched
+    again; concurrent downloads of one version fetch it from MLflow once. A request whose
+    if_none_match equals the version's digest is answered with one `unchanged` message and
+    no files.
     """
     WatchModelAlias: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]  # type: ignore[assignment]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
@@ -368,11 +372,13 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.DownloadModelResponse], _abc.AsyncIterator[_registry_pb2.DownloadModelResponse]]:
         """Downloads the files of a version (by number or alias): a manifest, then chunks.
         Reserved alias names are refused as by GetModelVersionByAlias.
-        Versions are kept in the sidecar's model cache (model_cache.* settings): a version
-        already cached, and verified against its manifest's sha256s, streams from the cache
-        without touching MLflow; a corrupted entry is detected and fetched again; concurrent
-        downloads of one version fetch it from MLflow once. A request whose if_none_match
-        equals the version's digest is answered with one `unchanged` message and no files.
+        Versions are kept in the sidecar's model cache (model_cache.* settings), keyed by name,
+        version and the version's creation time: a version already cached, and verified
+        against its manifest's sha256s before the manifest is sent, streams from the cache
+        without touching MLflow's artifact store; a corrupted entry is detected and fetched
+        again; concurrent downloads of one version fetch it from MLflow once. A request whose
+        if_none_match equals the version's digest is answered with one `unchanged` message and
+        no files.
         """
 
     @_abc_1.abstractmethod

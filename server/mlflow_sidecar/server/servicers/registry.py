@@ -8,10 +8,10 @@ from typing import TypeAlias
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active
+from mlflow_sidecar.server.services.model_downloads import ModelDownloads
 from mlflow_sidecar.server.services.registry import RegistryService, check_model_upload
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as pb
@@ -34,11 +34,14 @@ def _check_header(header: pb.UploadModelHeader) -> None:
 
 class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     """Converts requests to port calls and results to responses; streamed files pass
-    through `staging` on disk."""
+    through `staging` on disk, downloaded models through the model cache."""
 
-    def __init__(self, service: RegistryService, staging: Staging) -> None:
+    def __init__(
+        self, service: RegistryService, staging: Staging, downloads: ModelDownloads
+    ) -> None:
         self._service = service
         self._staging = staging
+        self._downloads = downloads
 
     def CreateRegisteredModel(
         self, request: pb.CreateRegisteredModelRequest, context: Ctx
@@ -226,17 +229,29 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         self, request: pb.DownloadModelRequest, context: Ctx
     ) -> Iterator[pb.DownloadModelResponse]:
         selector = request.WhichOneof("selector")
-        if selector == "version":
-            version = self._service.get_model_version(request.name, request.version)
-        elif selector == "alias":
-            version = self._service.get_model_version_by_alias(request.name, request.alias)
-        else:
-            raise InvalidArgumentError("selector", "set version or alias")
-        with self._staging.directory("download-model") as scratch:
-            # A cancelled call may never resume this generator: clean up when the call ends.
-            context.add_callback(lambda: self._staging.remove(scratch))
-            # The version is pinned by number: an alias moving meanwhile cannot mix two versions.
-            root = self._service.download_model(version.name, version.version, scratch / "model")
-            yield from self._staging.counted(
-                "download", streams.model_messages(version, root, self._staging)
+        download = self._downloads.open(
+            request.name,
+            version=request.version if selector == "version" else None,
+            alias=request.alias if selector == "alias" else None,
+            if_none_match=request.if_none_match,
+        )
+        lease = download.lease
+        if lease is None:
+            yield pb.DownloadModelResponse(
+                unchanged=pb.ModelUnchanged(
+                    model_version=conv.model_version_to_pb(download.version),
+                    digest=download.digest,
+                )
             )
+            return
+        # A cancelled call may never resume this generator: release when the call ends
+        # (at once when it ended while the download waited for another's fetch).
+        if not context.add_callback(lease.release):
+            lease.release()
+            return
+        try:
+            yield from self._staging.counted(
+                "download", streams.model_messages(download.version, lease, self._staging)
+            )
+        finally:
+            lease.release()

@@ -29,9 +29,10 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES
 from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
-from mlflow_sidecar.core.transfer import HashingWriter, collect_files, file_digest, read_chunks
+from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import check_request_id
+from mlflow_sidecar.server.model_cache import ModelLease
 from mlflow_sidecar.server.services.artifacts import check_upload_size
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
@@ -310,23 +311,26 @@ def artifact_messages(
 
 
 def model_messages(
-    version: ModelVersion, root: Path, staging: Staging
+    version: ModelVersion, model: ModelLease, staging: Staging
 ) -> Iterator[reg_pb.DownloadModelResponse]:
-    """A DownloadModel stream of a staged model directory: the manifest, then chunks in order."""
-    files = collect_files(root, field="model")
-    entries = []
-    for local in files:
-        size, sha256 = file_digest(local.path, staging.chunk_bytes)
-        entries.append(reg_pb.ModelFile(path=local.relpath, size_bytes=size, sha256=sha256))
-    manifest = reg_pb.ModelManifest(model_version=conv.model_version_to_pb(version), files=entries)
+    """A DownloadModel stream of leased model files: the manifest (with the sha256s and
+    digest they were verified against), then chunks in order."""
+    files = model.manifest.files
+    entries = [
+        reg_pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
+    ]
+    manifest = reg_pb.ModelManifest(
+        model_version=conv.model_version_to_pb(version), files=entries, digest=model.manifest.digest
+    )
     if manifest.ByteSize() + CHUNK_FRAMING_BYTES > staging.max_message_bytes:
         raise ResourceExhaustedError(
             f"the manifest of {len(entries)} files does not fit one message of"
             f" {staging.max_message_bytes} bytes (server.max_message_bytes)"
         )
     yield reg_pb.DownloadModelResponse(manifest=manifest)
-    for index, local in enumerate(files):
-        for chunk in read_chunks(local.path, staging.chunk_bytes):
+    for index, entry in enumerate(files):
+        local = model.root.joinpath(*entry.path.split("/"))
+        for chunk in read_chunks(local, staging.chunk_bytes):
             yield reg_pb.DownloadModelResponse(
                 chunk=reg_pb.ModelChunk(file_index=index, data=chunk)
             )

@@ -450,9 +450,3 @@ class RegistryService:
         except NotFoundError:
             return False
         return True
-
-    def download_model(self, name: str, version: int, dst_dir: Path) -> Path:
-        """Download every file of a version into `dst_dir` (created); returns the model's root."""
-        found = self.get_model_version(name, version)
-        dst_dir.mkdir(parents=True, exist_ok=True)
-        return self._gateway.download_model_version(found.name, found.version, dst_dir)

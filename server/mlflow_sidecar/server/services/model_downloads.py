@@ -1,0 +1,114 @@
+"""`ModelDownloads`: the DownloadModel use case, through the model cache.
+
+A download resolves its version (by number or alias) with one registry call, then is
+answered from the cache when it holds that version (verified), else fetched from MLflow
+into the staging directory, described (every file hashed) and moved into the cache. One
+fetch per version runs at a time; downloads of the version meanwhile wait for it and send
+its result. A client that already has the version's content (`if_none_match`) gets an
+`unchanged` answer instead of the files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+from mlflow_sidecar.core.domain import ModelVersion
+from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.model_digest import check_digest
+from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted
+from mlflow_sidecar.server.mlflow_gateway import MlflowPort
+from mlflow_sidecar.server.model_cache import (
+    CacheKey,
+    Manifest,
+    ModelCache,
+    ModelLease,
+    scratch_lease,
+)
+from mlflow_sidecar.server.services.registry import RegistryService
+from mlflow_sidecar.server.single_flight import SingleFlight
+from mlflow_sidecar.server.staging import Staging
+
+
+@dataclass(frozen=True, slots=True)
+class ModelDownload:
+    """What a DownloadModel call sends: the version and its digest, and the files to
+    stream (`lease`, to be released once sent), or None when the client's copy matches."""
+
+    version: ModelVersion
+    digest: str
+    lease: ModelLease | None
+
+
+class ModelDownloads:
+    """Opens model downloads; see the module's docstring."""
+
+    def __init__(
+        self,
+        registry: RegistryService,
+        gateway: MlflowPort,
+        cache: ModelCache,
+        staging: Staging,
+        *,
+        scope: str = "",
+    ) -> None:
+        """`scope` names the registry and the artifact storage policy (see `CacheKey`):
+        a cached version is served only under the ones it was checked under."""
+        self._scope = scope
+        self._registry = registry
+        self._gateway = gateway
+        self._cache = cache
+        self._staging = staging
+        self._flights: SingleFlight[CacheKey, ModelLease] = SingleFlight()
+
+    def open(
+        self,
+        name: str,
+        *,
+        version: int | None = None,
+        alias: str | None = None,
+        if_none_match: str = "",
+    ) -> ModelDownload:
+        """The download of one version (give `version` or `alias`)."""
+        known = check_digest("if_none_match", if_none_match)
+        if version is not None and alias is None:
+            found = self._registry.get_model_version(name, version)
+        elif alias is not None and version is None:
+            found = self._registry.get_model_version_by_alias(name, alias)
+        else:
+            raise InvalidArgumentError("selector", "set version or alias")
+        key = CacheKey(found.name, found.version, found.creation_time_ms, self._scope)
+        if known and self._cache.digest_of(key) == known:
+            return ModelDownload(found, known, None)
+        lease = self._cache.acquire(key) or self._flights.run(
+            key, lambda: self._fetch(found, key), ModelLease.share
+        )
+        digest = lease.manifest.digest
+        if digest == known:
+            lease.release()
+            return ModelDownload(found, digest, None)
+        return ModelDownload(found, digest, lease)
+
+    def _fetch(self, version: ModelVersion, key: CacheKey) -> ModelLease:
+        """The version's files from MLflow, cached when the cache takes them."""
+        # The fetch before this one may have just cached the version.
+        cached = self._cache.acquire(key, count_miss=False)
+        if cached is not None:
+            return cached
+        scratch = contextlib.ExitStack()
+        try:
+            directory = scratch.enter_context(self._staging.directory("download-model"))
+            target = directory / "model"
+            target.mkdir()
+            with disk_full_as_resource_exhausted("no room to stage the model download"):
+                # Pinned by number: an alias moving meanwhile cannot mix two versions.
+                root = self._gateway.download_model_version(version.name, version.version, target)
+                manifest = Manifest.describe(key, root, self._staging.chunk_bytes)
+        except BaseException:
+            scratch.close()
+            raise
+        lease = self._cache.put(manifest, root)
+        if lease is not None:
+            scratch.close()
+            return lease
+        return scratch_lease(root, manifest, scratch.close)

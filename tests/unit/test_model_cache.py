@@ -1,0 +1,489 @@
+"""The model cache behind DownloadModel, against the in-memory MlflowPort: hits without
+MLflow, verification and refetch, eviction, single flight, recreated models, digests."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import itertools
+import json
+import os
+import shutil
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from mlflow_sidecar.core.domain import ModelVersion
+from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.model_digest import directory_digest, model_digest
+from mlflow_sidecar.server.config import ConfigError, load_config
+from mlflow_sidecar.server.model_cache import CacheDisk, ModelCache
+from mlflow_sidecar.server.model_cache.cache import FILES_DIR, MANIFEST_NAME
+from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.services.model_downloads import ModelDownload, ModelDownloads
+from mlflow_sidecar.server.services.registry import RegistryService
+from mlflow_sidecar.server.staging import Staging
+from tests.fakes.mlflow_port import FakeMlflow
+
+FETCH = "download_model_version"
+MODEL = {"MLmodel": b"flavors: {}\n", "data/weights.bin": bytes(range(256)) * 40, "empty": b""}
+MODEL_BYTES = sum(map(len, MODEL.values()))
+
+
+class FullDisk(CacheDisk):
+    """A disk that has no room for a manifest: the cache's last write before an entry
+    is in place."""
+
+    def write_manifest(self, path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+class Sidecar:
+    """The download use case over a FakeMlflow, with a cache of `max_bytes`."""
+
+    def __init__(
+        self, tmp_path: Path, max_bytes: int = 10 * MODEL_BYTES, disk: CacheDisk | None = None
+    ) -> None:
+        self.tmp_path = tmp_path
+        self.fake = FakeMlflow()
+        self.fake.add_run("run1")
+        self._ids = itertools.count(1)
+        self.metrics = SidecarMetrics()
+        self.staging = Staging(load_config(data_dir=tmp_path))
+        self.start(max_bytes, disk)
+
+    def start(self, max_bytes: int, disk: CacheDisk | None = None, scope: str = "") -> None:
+        """(Re)start over the same data dir, as a restarted sidecar would."""
+        self.cache = ModelCache(
+            self.tmp_path / "models", max_bytes, metrics=self.metrics, disk=disk, chunk_bytes=4096
+        )
+        self.downloads = ModelDownloads(
+            RegistryService(self.fake, self.staging),
+            self.fake,
+            self.cache,
+            self.staging,
+            scope=scope,
+        )
+
+    def register(self, name: str, files: dict[str, bytes] = MODEL) -> ModelVersion:
+        """A new version of `name` (the model created if needed) holding `files`."""
+        if name not in self.fake.models:
+            self.fake.create_registered_model(name, description="", tags={}, request_id=name)
+        prefix = f"m{next(self._ids)}"
+        for path, data in files.items():
+            self.fake.runs["run1"].files[f"{prefix}/{path}"] = data
+        return self.fake.create_model_version(
+            name,
+            source=f"runs:/run1/{prefix}",
+            run_id="run1",
+            description="",
+            tags={},
+            request_id=prefix,
+        )
+
+    def download(self, name: str, version: int = 1, if_none_match: str = "") -> dict[str, bytes]:
+        """Open a download and read its files as the servicer streams them."""
+        opened = self.downloads.open(name, version=version, if_none_match=if_none_match)
+        return read_all(opened)
+
+    def fetches(self) -> int:
+        return self.fake.calls[FETCH]
+
+    def sample(self, name: str) -> float:
+        value = self.metrics.registry.get_sample_value(name)
+        return 0.0 if value is None else value
+
+    def entries(self) -> list[Path]:
+        return sorted(self.cache.root.glob("entry-*"))
+
+
+def read_all(opened: ModelDownload) -> dict[str, bytes]:
+    assert opened.lease is not None
+    try:
+        return {
+            f.path: opened.lease.root.joinpath(*f.path.split("/")).read_bytes()
+            for f in opened.lease.manifest.files
+        }
+    finally:
+        opened.lease.release()
+
+
+def digest_of(files: dict[str, bytes]) -> str:
+    return model_digest((p, hashlib.sha256(d).hexdigest()) for p, d in files.items())
+
+
+@pytest.fixture()
+def sidecar(tmp_path: Path) -> Sidecar:
+    return Sidecar(tmp_path)
+
+
+# -- hits ------------------------------------------------------------------------------------
+
+
+def test_a_second_download_comes_from_the_cache_without_mlflow(sidecar):
+    sidecar.register("agent")
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 1
+    assert sidecar.sample("mlflow_sidecar_model_cache_misses_total") == 1
+    assert sidecar.sample("mlflow_sidecar_model_cache_hits_total") == 1
+    assert sidecar.sample("mlflow_sidecar_model_cache_bytes") == MODEL_BYTES
+    assert sidecar.staging.in_flight() == []
+
+
+def test_every_manifest_carries_the_digest_of_its_files(sidecar):
+    sidecar.register("agent")
+    opened = sidecar.downloads.open("agent", version=1)
+    assert opened.lease is not None
+    assert opened.digest == opened.lease.manifest.digest == digest_of(MODEL)
+    assert directory_digest(opened.lease.root) == digest_of(MODEL)
+    opened.lease.release()
+
+
+def test_an_alias_resolves_to_the_cached_version(sidecar):
+    version = sidecar.register("agent")
+    sidecar.fake.set_model_alias("agent", "champion", version.version)
+    sidecar.download("agent")
+    opened = sidecar.downloads.open("agent", alias="champion")
+    assert read_all(opened) == MODEL
+    assert sidecar.fetches() == 1
+
+
+def test_the_cache_survives_a_restart(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    sidecar.start(10 * MODEL_BYTES)
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 1
+
+
+def test_the_cache_off_fetches_every_time_and_still_sends_the_digest(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=0)
+    sidecar.register("agent")
+    opened = sidecar.downloads.open("agent", version=1)
+    assert opened.digest == digest_of(MODEL)
+    assert read_all(opened) == MODEL
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert sidecar.entries() == []
+    assert sidecar.staging.in_flight() == []
+
+
+def test_turning_the_cache_off_removes_its_entries(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    sidecar.start(0)
+    assert not sidecar.cache.root.exists()
+
+
+# -- verification -------------------------------------------------------------------------
+
+
+def flip_a_byte(entry: Path) -> None:
+    path = entry / FILES_DIR / "data" / "weights.bin"
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def truncate(entry: Path) -> None:
+    path = entry / FILES_DIR / "data" / "weights.bin"
+    path.write_bytes(path.read_bytes()[:-1])
+
+
+def remove_a_file(entry: Path) -> None:
+    (entry / FILES_DIR / "MLmodel").unlink()
+
+
+def remove_the_manifest(entry: Path) -> None:
+    (entry / MANIFEST_NAME).unlink()
+
+
+@pytest.mark.parametrize("damage", [flip_a_byte, truncate, remove_a_file, remove_the_manifest])
+def test_a_damaged_entry_is_detected_and_fetched_again(sidecar, damage):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    (entry,) = sidecar.entries()
+    damage(entry)
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert sidecar.sample("mlflow_sidecar_model_cache_corrupt_entries_total") == 1
+    (fresh,) = sidecar.entries()
+    assert fresh != entry
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+
+
+def test_an_entry_damaged_while_the_sidecar_was_down_is_fetched_again(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    flip_a_byte(sidecar.entries()[0])
+    sidecar.start(10 * MODEL_BYTES)
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+
+
+def test_an_unfinished_entry_is_removed_at_start(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    (entry,) = sidecar.entries()
+    # What a crash leaves: an entry being assembled, and one without its manifest.
+    shutil.copytree(entry, sidecar.cache.root / ".incoming-0123")
+    (entry / MANIFEST_NAME).unlink()
+    sidecar.start(10 * MODEL_BYTES)
+    assert list(sidecar.cache.root.iterdir()) == []
+    assert sidecar.cache.held_bytes == 0
+
+
+# -- the size bound and eviction ------------------------------------------------------------
+
+
+def test_the_least_recently_used_version_is_evicted_to_stay_within_the_bound(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=2 * MODEL_BYTES)
+    for name in ("a", "b", "c"):
+        sidecar.register(name)
+    sidecar.download("a")
+    sidecar.download("b")
+    sidecar.download("a")  # b is now the least recently used
+    sidecar.download("c")
+    assert sidecar.sample("mlflow_sidecar_model_cache_evictions_total") == 1
+    assert sidecar.cache.held_bytes == 2 * MODEL_BYTES <= sidecar.cache.max_bytes
+    fetched = sidecar.fetches()
+    sidecar.download("a")
+    sidecar.download("c")
+    assert sidecar.fetches() == fetched
+    sidecar.download("b")
+    assert sidecar.fetches() == fetched + 1
+
+
+def test_the_order_of_use_survives_a_restart(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=2 * MODEL_BYTES)
+    for name in ("a", "b", "c"):
+        sidecar.register(name)
+    sidecar.download("a")
+    sidecar.download("b")
+    # The manifests' mtimes carry the order over a restart: "a" was used last.
+    manifests = [entry / MANIFEST_NAME for entry in sidecar.entries()]
+    by_name = {json.loads(path.read_bytes())["name"]: path for path in manifests}
+    os.utime(by_name["b"], (1_000, 1_000))
+    os.utime(by_name["a"], (2_000, 2_000))
+    sidecar.start(2 * MODEL_BYTES)
+    sidecar.download("c")
+    fetched = sidecar.fetches()
+    sidecar.download("a")
+    assert sidecar.fetches() == fetched
+    sidecar.download("b")
+    assert sidecar.fetches() == fetched + 1
+
+
+def test_a_lower_bound_at_start_evicts_down_to_it(sidecar):
+    for name in ("a", "b"):
+        sidecar.register(name)
+        sidecar.download(name)
+    sidecar.start(MODEL_BYTES)
+    assert sidecar.cache.held_bytes == MODEL_BYTES
+    assert len(sidecar.entries()) == 1
+
+
+def test_an_entry_being_sent_is_not_evicted(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=MODEL_BYTES)
+    sidecar.register("a")
+    sidecar.register("b")
+    sending = sidecar.downloads.open("a", version=1)
+    # b does not fit beside a, and a is being sent: b goes out uncached.
+    assert sidecar.download("b") == MODEL
+    assert read_all(sending) == MODEL
+    assert sidecar.sample("mlflow_sidecar_model_cache_evictions_total") == 0
+    sidecar.download("a")
+    assert sidecar.fetches() == 2
+    assert sidecar.staging.in_flight() == []
+
+
+def test_a_version_larger_than_the_bound_is_sent_without_caching(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=MODEL_BYTES - 1)
+    sidecar.register("agent")
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.entries() == []
+    assert sidecar.cache.held_bytes == 0
+    assert sidecar.staging.in_flight() == []
+
+
+# -- concurrency ---------------------------------------------------------------------------
+
+
+def test_concurrent_downloads_of_one_version_fetch_it_once(sidecar):
+    sidecar.register("agent")
+    threads = 8
+    barrier = threading.Barrier(threads)
+    # The fetch waits until every other download is waiting for it.
+    sidecar.fake.on_call(FETCH, lambda: wait_for_followers(sidecar, threads))
+    results: list[dict[str, bytes]] = []
+
+    def download() -> None:
+        barrier.wait()
+        results.append(sidecar.download("agent"))
+
+    workers = [threading.Thread(target=download) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert results == [MODEL] * threads
+    assert sidecar.fetches() == 1
+
+
+def wait_for_followers(sidecar: Sidecar, downloads: int) -> None:
+    """Hold the fetch until the other downloads are waiting for it (or, should they
+    never wait, long enough for the test to fail on the count of fetches, not hang)."""
+    flights = sidecar.downloads._flights
+    for _ in range(10_000):
+        with flights._lock:
+            waiting = sum(f.followers for f in flights._flights.values())
+        if waiting == downloads - 1:
+            return
+        threading.Event().wait(0.001)
+
+
+def test_concurrent_downloads_share_one_fetch_with_the_cache_off(tmp_path):
+    sidecar = Sidecar(tmp_path, max_bytes=0)
+    sidecar.register("agent")
+    sidecar.fake.on_call(FETCH, lambda: wait_for_followers(sidecar, 4))
+    results: list[dict[str, bytes]] = []
+    workers = [
+        threading.Thread(target=lambda: results.append(sidecar.download("agent"))) for _ in range(4)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert results == [MODEL] * 4
+    assert sidecar.fetches() == 1
+    assert sidecar.staging.in_flight() == []
+
+
+def test_a_failed_fetch_fails_every_download_waiting_for_it(sidecar):
+    sidecar.register("agent")
+    sidecar.fake.fail(FETCH, NotFoundError("gone"))
+    with pytest.raises(NotFoundError):
+        sidecar.download("agent")
+    assert sidecar.entries() == []
+    assert sidecar.staging.in_flight() == []
+    assert sidecar.download("agent") == MODEL
+
+
+# -- a recreated model ---------------------------------------------------------------------
+
+
+def test_a_recreated_model_with_the_same_version_number_is_not_served_stale(sidecar):
+    sidecar.register("agent", {"weights": b"old"})
+    assert sidecar.download("agent") == {"weights": b"old"}
+    sidecar.fake.delete_registered_model("agent")
+    recreated = sidecar.register("agent", {"weights": b"new"})
+    assert recreated.version == 1
+    # Created later than the first: MLflow's clock moved on (the fake's may not have).
+    stored = sidecar.fake.versions[("agent", 1)]
+    stored.version = replace(stored.version, creation_time_ms=stored.version.creation_time_ms + 1)
+    assert sidecar.download("agent") == {"weights": b"new"}
+    assert sidecar.fetches() == 2
+
+
+# -- another registry or artifact policy -----------------------------------------------------
+
+
+def test_a_version_cached_under_another_registry_or_policy_is_fetched_again(sidecar):
+    sidecar.start(10 * MODEL_BYTES, scope="policy-a")
+    sidecar.register("agent")
+    sidecar.download("agent")
+    sidecar.start(10 * MODEL_BYTES, scope="policy-b")
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+
+
+def test_the_scope_follows_the_registry_and_the_artifact_policy(tmp_path):
+    base = load_config(data_dir=tmp_path)
+    assert load_config(data_dir=tmp_path).model_cache_scope == base.model_cache_scope
+    for changed in (
+        load_config(data_dir=tmp_path, mlflow={"registry_uri": "http://elsewhere:5000"}),
+        load_config(data_dir=tmp_path, artifacts={"allowed_roots": [str(tmp_path / "x")]}),
+        load_config(data_dir=tmp_path, artifacts={"allowed_uris": ["s3://bucket/team"]}),
+    ):
+        assert changed.model_cache_scope != base.model_cache_scope
+
+
+# -- if_none_match -------------------------------------------------------------------------
+
+
+def test_a_matching_digest_is_answered_unchanged_without_files(sidecar):
+    sidecar.register("agent")
+    for _ in range(2):  # uncached, then cached
+        opened = sidecar.downloads.open("agent", version=1, if_none_match=digest_of(MODEL))
+        assert opened.lease is None
+        assert opened.digest == digest_of(MODEL)
+        assert opened.version.name == "agent"
+    assert sidecar.fetches() == 1
+    assert sidecar.staging.in_flight() == []
+
+
+def test_a_digest_in_capitals_matches_too(sidecar):
+    sidecar.register("agent")
+    opened = sidecar.downloads.open("agent", version=1, if_none_match=digest_of(MODEL).upper())
+    assert opened.lease is None
+
+
+def test_another_digest_gets_the_files(sidecar):
+    sidecar.register("agent")
+    opened = sidecar.downloads.open("agent", version=1, if_none_match=digest_of({"x": b"y"}))
+    assert read_all(opened) == MODEL
+
+
+@pytest.mark.parametrize("value", ["a" * 65, "xyz", "ab cd", digest_of(MODEL) + "0"])
+def test_a_malformed_if_none_match_is_refused_naming_the_field(sidecar, value):
+    sidecar.register("agent")
+    with pytest.raises(InvalidArgumentError) as err:
+        sidecar.downloads.open("agent", version=1, if_none_match=value)
+    assert err.value.field == "if_none_match"
+    assert sidecar.fetches() == 0
+
+
+def test_a_download_needs_a_version_or_an_alias(sidecar):
+    with pytest.raises(InvalidArgumentError) as err:
+        sidecar.downloads.open("agent")
+    assert err.value.field == "selector"
+
+
+# -- a full disk ---------------------------------------------------------------------------
+
+
+def test_a_full_disk_while_caching_still_serves_the_download(tmp_path, caplog):
+    sidecar = Sidecar(tmp_path, disk=FullDisk())
+    sidecar.register("agent")
+    assert sidecar.download("agent") == MODEL
+    assert "the disk is full" in caplog.text
+    assert list(sidecar.cache.root.iterdir()) == []
+    assert sidecar.cache.held_bytes == 0
+    assert sidecar.staging.in_flight() == []
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+
+
+# -- the setting -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["-1", "ten", "1.5"])
+def test_a_bad_max_bytes_is_refused_naming_the_key(monkeypatch, value):
+    monkeypatch.setenv("MLFLOW_SIDECAR__MODEL_CACHE__MAX_BYTES", value)
+    with pytest.raises(ConfigError) as err:
+        load_config()
+    message = str(err.value)
+    assert "invalid config key model_cache.max_bytes (MLFLOW_SIDECAR__MODEL_CACHE__MAX_BYTES)" in (
+        message
+    )
+    assert "\n" not in message
+
+
+def test_max_bytes_defaults_to_ten_gib_and_zero_is_allowed(monkeypatch):
+    assert load_config().model_cache.max_bytes == 10 * 1024**3
+    monkeypatch.setenv("MLFLOW_SIDECAR__MODEL_CACHE__MAX_BYTES", "0")
+    assert load_config().model_cache.max_bytes == 0
