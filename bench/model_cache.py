@@ -98,9 +98,11 @@ def model_cache(
     experiment_id: str,
     work: Path,
     repeats: int,
+    prefix: str = "",
 ) -> None:
-    """`repeats` rounds of `round_of_downloads`; the medians go in `results`, with the bare
-    transport's ceiling (not a target) beside them."""
+    """`repeats` rounds of `round_of_downloads`; the medians go in `results` (keys with
+    `prefix` after `model_download_`), with the bare transport's ceiling (not a target)
+    beside them."""
     work.mkdir(parents=True, exist_ok=True)
     source = work / "model"
     expected = make_model(source)
@@ -122,8 +124,11 @@ def model_cache(
         mlflow.set_registry_uri(None)
         os.environ.pop("MLFLOW_REGISTRY_URI", None)
     for key, seconds in times.items():
-        results[key] = size_mb / statistics.median(seconds)
-        print(f"  {key:36s} {results[key]:14.1f}", flush=True)
+        named = key.replace("model_download_", f"model_download_{prefix}")
+        results[named] = size_mb / statistics.median(seconds)
+        print(f"  {named:36s} {results[named]:14.1f}", flush=True)
+    if prefix:
+        return
     results["grpc_raw_model_download_mb_s"] = statistics.median(
         raw_grpc_download(size_mb) for _ in range(repeats)
     )

@@ -12,6 +12,7 @@ are stated in.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -486,6 +487,16 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         lambda r: r["model_download_cached_mb_s"] >= 3 * r["model_download_direct_mb_s"],
         "",
     ),
+    (
+        "cached model download >= 5x cold, S3",
+        lambda r: r["model_download_s3_cached_mb_s"] >= 5 * r["model_download_s3_cold_mb_s"],
+        "",
+    ),
+    (
+        "cached model download >= 3x direct, S3",
+        lambda r: r["model_download_s3_cached_mb_s"] >= 3 * r["model_download_s3_direct_mb_s"],
+        "",
+    ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
@@ -623,6 +634,7 @@ def main() -> int:
                     work / "model-cache",
                     sizes.model_cache_repeats,
                 )
+                model_cache_s3(results, work / "model-cache-s3", sizes)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -699,10 +711,11 @@ def artifacts(
         print(f"  {named:36s} {results[named]:14.1f}", flush=True)
 
 
-def s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
-    """The artifact rounds again against an `mlflow server` whose artifacts go to S3
-    (`--artifacts-destination s3://…` on moto's S3 server, started here): `log_artifact` and
-    `download_artifacts` to that server against the sidecar's typed client to it."""
+@contextlib.contextmanager
+def s3_stack(work: Path) -> Iterator[tuple[MlflowServer, ClientContainer, MlflowClient, str]]:
+    """moto's S3 server, an `mlflow server` whose artifacts go there (`--artifacts-destination
+    s3://…`) and a sidecar in front of it, all started here: (server, the sidecar's client
+    container, a plain MLflow client of the server, an experiment id)."""
     moto = MotoS3(work / "moto")
     moto.start()
     server = MlflowServer(work / "mlflow", artifacts="s3://bench/artifacts", env=moto.env)
@@ -714,17 +727,37 @@ def s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
         sidecar.start()
         container.config.from_dict({"target": sidecar.target, "timeout_s": 600})
         client = MlflowClient(tracking_uri=server.url)
-        exp = client.create_experiment("bench-s3")
-        run = lambda: client.create_run(exp).info.run_id  # noqa: E731
-        tracking = container.experiment_tracking()
-        artifacts(
-            results, client, tracking, run, work / "files", sizes.s3_mb, sizes.s3_repeats, "s3_"
-        )
+        yield server, container, client, client.create_experiment("bench-s3")
     finally:
         container.shutdown_resources()
         sidecar.stop()
         server.stop()
         moto.stop()
+
+
+def s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
+    """The artifact rounds again against the S3 stack: `log_artifact` and
+    `download_artifacts` to that server against the sidecar's typed client to it."""
+    with s3_stack(work) as (_server, container, client, exp):
+        run = lambda: client.create_run(exp).info.run_id  # noqa: E731
+        tracking = container.experiment_tracking()
+        artifacts(
+            results, client, tracking, run, work / "files", sizes.s3_mb, sizes.s3_repeats, "s3_"
+        )
+
+
+def model_cache_s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
+    """The model cache rounds against the S3 stack, where a deployment keeps its models."""
+    with s3_stack(work) as (server, container, _client, exp):
+        model_cache(
+            results,
+            container.model_registry(),
+            server.url,
+            exp,
+            work / "model-cache",
+            sizes.model_cache_repeats,
+            prefix="s3_",
+        )
 
 
 def report(results: dict[str, float], quick: bool) -> None:
@@ -784,6 +817,10 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["model download cached / cold"] = cached / r["model_download_cold_mb_s"]
         ratios["model download cached / direct"] = cached / r["model_download_direct_mb_s"]
         ratios["model download cached / raw gRPC"] = cached / r["grpc_raw_model_download_mb_s"]
+    if "model_download_s3_cached_mb_s" in r:
+        cached = r["model_download_s3_cached_mb_s"]
+        ratios["model download cached / cold, S3"] = cached / r["model_download_s3_cold_mb_s"]
+        ratios["model download cached / direct, S3"] = cached / r["model_download_s3_direct_mb_s"]
     print()
     for name, value in ratios.items():
         print(f"{name:40s} {value:14.2f}x")
