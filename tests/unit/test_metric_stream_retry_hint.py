@@ -1,4 +1,5 @@
-"""MetricStream waits as long as a full spool's RetryInfo asks before it sends again."""
+"""MetricStream waits as long as a full spool's RetryInfo asks before it sends again, and
+sends the points of a refused call in the next one."""
 
 from __future__ import annotations
 
@@ -85,3 +86,47 @@ def test_a_full_spool_is_not_asked_again_before_its_retry_hint() -> None:
     assert stream.close(timeout_s=10) == 1
     first, second = stub.StreamMetrics.calls[:2]
     assert second - first >= HINT_S * 0.9
+
+
+class _RefusedAfterFirstMessage:
+    """Refuses the first call once its first message went out, and then, as grpc's thread
+    that reads a call's requests may, asks that ended call for its requests again; answers
+    every later call in full."""
+
+    def __init__(self) -> None:
+        self._ended: Iterator[pb.StreamMetricsRequest] | None = None
+        self.taken_by_the_ended_call: list[pb.StreamMetricsRequest] = []
+
+    def with_call(
+        self, requests: Iterator[pb.StreamMetricsRequest], timeout: float | None = None, **_: object
+    ) -> tuple[pb.StreamMetricsResponse, None]:
+        if self._ended is None:
+            next(requests)
+            self._ended = requests
+            raise _SpoolFull(
+                ResourceExhaustedError("full", reason=ErrorReason.SPOOL_FULL, retry_after_s=0.01)
+            )
+        self.taken_by_the_ended_call += list(self._ended)
+        batch = list(requests)
+        return pb.StreamMetricsResponse(
+            accepted_points=sum(len(s.values) for m in batch for s in m.series)
+        ), None
+
+
+def test_a_refused_calls_requests_give_nothing_more_once_it_ended() -> None:
+    # The message the refused call held goes back to the queue; were the ended call's
+    # requests still to take it, it would wait in flight where no call sends it, and the
+    # stream would never deliver it (a refused trainer stuck until its flush timed out).
+    stub = _Stub()
+    refusing = _RefusedAfterFirstMessage()
+    stub.StreamMetrics = refusing  # type: ignore[assignment]
+    stream = MetricStream(
+        stub,  # type: ignore[arg-type]
+        max_batch_points=3,
+        max_delay_s=0.001,
+        call_window_s=0.05,
+    )
+    for step in range(3):
+        stream.log("r" * 32, "loss", float(step), step=step)
+    assert stream.close(timeout_s=30) == 3
+    assert refusing.taken_by_the_ended_call == []

@@ -247,6 +247,11 @@ class MetricStream:
         self._closing = False
         # Set by flush(): end the open call as soon as the queue is empty.
         self._flushing = False
+        # The number of the call whose requests may take queued messages. gRPC's thread
+        # that reads a call's requests may ask for one more after the call has ended; a
+        # message it took then would sit in flight where no call sends it, so an ended
+        # call's number is retired, under self._cond, before its messages are settled.
+        self._call = 0
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -575,22 +580,24 @@ class MetricStream:
         time.sleep(max(0.0, min(max(delay, self._retry_after_s), left)))
         return True
 
-    def _requests(self) -> Iterator[pb.StreamMetricsRequest]:
+    def _requests(self, call: int) -> Iterator[pb.StreamMetricsRequest]:
         started = time.monotonic()
-        while self._window_has_work(started):
-            message = self._dequeue()
+        while self._window_has_work(call, started):
+            message = self._dequeue(call)
             if message is not None:
                 yield message
 
-    def _window_has_work(self, started: float) -> bool:
-        """Wait for a message to send in the call opened at `started`, cutting a due batch
-        into messages; False when the call should end instead."""
+    def _window_has_work(self, call: int, started: float) -> bool:
+        """Wait for a message to send in call number `call`, opened at `started`, cutting
+        a due batch into messages; False when the call should end (or has ended) instead."""
         with self._cond:
             while self._idle():
+                if self._call != call:
+                    return False
                 if self._flushing or time.monotonic() - started >= self._window_s:
                     return False
                 self._cond.wait(0.02)
-            if self._drained_for_close():
+            if self._call != call or self._drained_for_close():
                 return False
             cut = not self._queue
         if cut:
@@ -598,10 +605,12 @@ class MetricStream:
             self._cut()
         return True
 
-    def _dequeue(self) -> pb.StreamMetricsRequest | None:
+    def _dequeue(self, call: int) -> pb.StreamMetricsRequest | None:
         # A message stays in flight until the sidecar accepted it, to be sent again if
         # the call fails.
         with self._cond:
+            if self._call != call:
+                return None  # the call has ended: the message waits for the next one
             if not self._queue:
                 return None  # the count ran ahead of what was pending
             message, count = self._queue.popleft()
@@ -612,8 +621,11 @@ class MetricStream:
 
     def _send_window(self) -> grpc.StatusCode | None:
         """One call; None on success, else the retryable status code that ended it."""
+        with self._cond:
+            self._call += 1
+            call = self._call
         try:
-            reply, _call = self._stub.StreamMetrics.with_call(self._requests())
+            reply, _call = self._stub.StreamMetrics.with_call(self._requests(call))
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
         except (SidecarError, ValueError) as exc:
@@ -627,11 +639,13 @@ class MetricStream:
                 )
             )
             with self._cond:
+                self._call += 1
                 self._fail(error)
                 self._in_flight.clear()
                 self._cond.notify_all()
             return None
         with self._cond:
+            self._call += 1
             self._accepted += reply.accepted_points
             self._in_flight.clear()
             self._reopen_if_room()
@@ -658,6 +672,7 @@ class MetricStream:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         accepted = _accepted_from_trailers(exc)
         with self._cond:
+            self._call += 1  # see self._call: nothing more goes into this call's flight
             # Messages are committed whole and in order: drop those the sidecar accepted.
             done = 0
             while self._in_flight and done + self._in_flight[0][1] <= accepted:
