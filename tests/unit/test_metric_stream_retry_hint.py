@@ -1,5 +1,6 @@
-"""MetricStream waits as long as a full spool's RetryInfo asks before it sends again, and
-sends the points of a refused call in the next one."""
+"""MetricStream waits as long as a full spool's RetryInfo asks before it sends again, sends
+the points of a refused call in the next one, and fails with the sidecar's own reason once
+refusals outlast its retry budget."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import time
 from collections.abc import Iterator
 
 import grpc
+import pytest
 from grpc_status import rpc_status
 
 from mlflow_sidecar.client.metric_stream import MetricStream
@@ -18,13 +20,15 @@ HINT_S = 0.6
 
 
 class _SpoolFull(grpc.RpcError, grpc.Call):
-    """RESOURCE_EXHAUSTED as the sidecar answers it: SPOOL_FULL with a RetryInfo."""
+    """RESOURCE_EXHAUSTED as the sidecar answers it: SPOOL_FULL with a RetryInfo (or the
+    refusal given)."""
 
-    def __init__(self) -> None:
-        error = ResourceExhaustedError(
+    def __init__(self, error: ResourceExhaustedError | None = None) -> None:
+        error = error or ResourceExhaustedError(
             "spool full", reason=ErrorReason.SPOOL_FULL, retry_after_s=HINT_S
         )
         status = to_rpc_status(error)
+        self._details = status.message
         self._trailers = (
             (conv.ACCEPTED_POINTS_METADATA, "0"),
             (rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),
@@ -34,7 +38,7 @@ class _SpoolFull(grpc.RpcError, grpc.Call):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
 
     def details(self):
-        return "spool full"
+        return self._details
 
     def trailing_metadata(self):
         return self._trailers
@@ -86,6 +90,38 @@ def test_a_full_spool_is_not_asked_again_before_its_retry_hint() -> None:
     assert stream.close(timeout_s=10) == 1
     first, second = stub.StreamMetrics.calls[:2]
     assert second - first >= HINT_S * 0.9
+
+
+class _AlwaysTooManyStreams:
+    def with_call(
+        self, requests: Iterator[pb.StreamMetricsRequest], timeout: float | None = None, **_: object
+    ) -> tuple[pb.StreamMetricsResponse, None]:
+        list(requests)
+        raise _SpoolFull(
+            ResourceExhaustedError(
+                "refused: server.max_streaming_rpcs",
+                reason=ErrorReason.TOO_MANY_STREAMS,
+                metadata={"max_streaming_rpcs": "2"},
+                retry_after_s=0.01,
+            )
+        )
+
+
+def test_a_stream_refused_past_its_budget_fails_with_the_sidecars_reason() -> None:
+    stub = _Stub()
+    stub.StreamMetrics = _AlwaysTooManyStreams()  # type: ignore[assignment]
+    stream = MetricStream(
+        stub,  # type: ignore[arg-type]
+        max_batch_points=1,
+        max_delay_s=0.001,
+        retry_budget_s=0.2,
+    )
+    stream.log("r" * 32, "loss", 1.0, step=0)
+    with pytest.raises(ResourceExhaustedError) as failed:
+        stream.close(timeout_s=10)
+    assert failed.value.reason == ErrorReason.TOO_MANY_STREAMS
+    assert "server.max_streaming_rpcs" in failed.value.message
+    assert failed.value.metadata == {"max_streaming_rpcs": "2"}
 
 
 class _RefusedAfterFirstMessage:

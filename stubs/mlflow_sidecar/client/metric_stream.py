@@ -12,8 +12,11 @@ by count or by age. A sender that fell behind the trainer takes everything buffe
 messages travel gets fewer, larger messages instead of a queue of small ones. Each call
 carries messages for a short window; a window that fails with UNAVAILABLE is sent again
 (points carry their timestamps, so a resend is an exact duplicate that MLflow ignores).
-While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log` blocks once
-its buffer is full: backpressure reaches the trainer instead of points being dropped.
+While the spool is full, or the sidecar serves as many streaming calls as it admits
+(RESOURCE_EXHAUSTED, reasons SPOOL_FULL and TOO_MANY_STREAMS), the stream keeps the refused
+points, backs off and `log` blocks once its buffer is full: backpressure reaches the
+trainer instead of points being dropped; refusals that outlast `retry_budget_s` fail the
+stream with the sidecar's reason.
 While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
 `retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
 (reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
@@ -244,6 +247,9 @@ class MetricStream:
         self._error: SidecarError | None = None
         # The sidecar's RetryInfo of the last retryable failure (a full spool says when).
         self._retry_after_s = 0.0
+        # The sidecar's answer to the last retryable failure: what the stream fails with
+        # once they outlast the retry budget (a full spool, a stream limit).
+        self._last_refusal: SidecarError | None = None
         self._closing = False
         # Set by flush(): end the open call as soon as the queue is empty.
         self._flushing = False
@@ -572,7 +578,7 @@ class MetricStream:
         failed) once the sidecar has been failing for longer than the retry budget."""
         if time.monotonic() - failing_since > self._retry_budget_s:
             with self._cond:
-                self._fail(_exhausted_retries(code, self._retry_budget_s))
+                self._fail(_exhausted_retries(code, self._retry_budget_s, self._last_refusal))
                 self._cond.notify_all()
             return False
         # Never sooner than the sidecar asked; never past the retry budget.
@@ -679,7 +685,8 @@ class MetricStream:
                 done += self._in_flight.pop(0)[1]
             self._accepted += done
             if code in _RETRYABLE:
-                self._retry_after_s = error_from_rpc(exc).retry_after_s or 0.0
+                self._last_refusal = error_from_rpc(exc)
+                self._retry_after_s = self._last_refusal.retry_after_s or 0.0
                 for message, count in reversed(self._in_flight):
                     self._queue.appendleft((message, count))
                     self._queued_points += count
@@ -701,9 +708,17 @@ def _accepted_from_trailers(exc: grpc.RpcError) -> int:
     return 0
 
 
-def _exhausted_retries(code: grpc.StatusCode, budget_s: float) -> SidecarError:
+def _exhausted_retries(
+    code: grpc.StatusCode, budget_s: float, last: SidecarError | None
+) -> SidecarError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhaustedError(f"the sidecar's spool stayed full for {budget_s:.0f}s")
+        # The sidecar's own reason (a full spool or disk, its stream limit) and its words.
+        said = f": {last}" if last is not None else ""
+        return ResourceExhaustedError(
+            f"the sidecar refused the stream's points for {budget_s:.0f}s{said}",
+            reason=last.reason if last is not None else "",
+            metadata=dict(last.metadata) if last is not None else None,
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnavailableError(
             f"the sidecar stayed unreachable for longer than stream_reconnect_s ({budget_s:g}s);"
