@@ -22,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -52,7 +53,16 @@ from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 MIB = 1024 * 1024
 
 
-GROUPS = ("metrics", "getrun", "artifacts", "plugin", "s3", "sustained", "model_cache")
+GROUPS = (
+    "metrics",
+    "getrun",
+    "streams",
+    "artifacts",
+    "plugin",
+    "s3",
+    "sustained",
+    "model_cache",
+)
 
 
 class Sizes:
@@ -66,6 +76,8 @@ class Sizes:
         self.delivered_points = 20_000 if quick else 100_000
         self.log_batch_points = 20_000 if quick else 100_000
         self.getrun_calls = 100 if quick else 500
+        # GetRun calls a side (idle, under open metric streams) for the p99 comparison.
+        self.fairness_calls = 200 if quick else 400
         self.artifact_mb = 32 if quick else 256
         # An even number, so that each side goes first equally often.
         self.artifact_repeats = 2 if quick else 4
@@ -346,6 +358,83 @@ def getrun(results, client, tracking, run_id: str, calls: int) -> None:
         print(f"  {key:36s} {results[key]:14.3f}", flush=True)
 
 
+# -- unary calls under streams --------------------------------------------------------
+
+OPEN_STREAMS = 20
+# A trainer's pace: one message of a few keys every batch delay (0.2 s).
+STREAM_KEYS = 5
+STREAM_PERIOD_S = 0.2
+FAIRNESS_BLOCK = 100
+
+
+class OpenStreams:
+    """`count` StreamMetrics calls, each on its own channel as from its own trainer, open
+    and sending a message every STREAM_PERIOD_S until `close`."""
+
+    def __init__(self, target: str, run_id: str, count: int) -> None:
+        self._stop = threading.Event()
+        self._channels = [grpc.insecure_channel(target) for _ in range(count)]
+        self._sent = [0] * count
+        self._started = [threading.Event() for _ in range(count)]
+        self._futures = [
+            pb_grpc.ExperimentTrackingServiceStub(channel).StreamMetrics.future(
+                self._messages(run_id, i), timeout=600
+            )
+            for i, channel in enumerate(self._channels)
+        ]
+        for started in self._started:
+            assert started.wait(60), "a stream did not start"
+
+    def _messages(self, run_id: str, index: int):
+        step = 0
+        while not self._stop.is_set():
+            now = int(time.time() * 1000)
+            yield pb.StreamMetricsRequest(
+                points=[
+                    pb.MetricPoint(
+                        run_id=run_id, key=f"s{index}_k{k}", value=1.0, timestamp_ms=now, step=step
+                    )
+                    for k in range(STREAM_KEYS)
+                ]
+            )
+            self._sent[index] += STREAM_KEYS
+            self._started[index].set()
+            step += 1
+            self._stop.wait(STREAM_PERIOD_S)
+
+    def close(self) -> None:
+        """End every call; each must have been served whole (none refused)."""
+        self._stop.set()
+        for future, sent in zip(self._futures, self._sent, strict=True):
+            assert future.result().accepted_points == sent, "a stream was not served whole"
+        for channel in self._channels:
+            channel.close()
+
+
+def p99(samples: list[float]) -> float:
+    return statistics.quantiles(samples, n=100)[98]
+
+
+def getrun_under_streams(results, tracking, target: str, run_id: str, calls: int) -> None:
+    """GetRun p99 with no other calls, and with OPEN_STREAMS metric streams open and
+    sending, in blocks that alternate A B B A (the machine's load drifts)."""
+    for _ in range(20):
+        tracking.get_run(run_id)  # warm up
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for block in range(2 * max(1, calls // FAIRNESS_BLOCK)):
+        under = block % 4 in (1, 2)
+        streams = OpenStreams(target, run_id, OPEN_STREAMS) if under else None
+        samples[under] += [
+            timed(lambda: tracking.get_run(run_id)) * 1000 for _ in range(FAIRNESS_BLOCK)
+        ]
+        if streams is not None:
+            streams.close()
+    results["getrun_idle_p99_ms"] = p99(samples[False])
+    results["getrun_under_streams_p99_ms"] = p99(samples[True])
+    for key in ("getrun_idle_p99_ms", "getrun_under_streams_p99_ms"):
+        print(f"  {key:36s} {results[key]:14.3f}", flush=True)
+
+
 # -- artifacts ------------------------------------------------------------------------
 
 
@@ -426,6 +515,11 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
     (
         "getrun sidecar <= direct + 1 ms",
         lambda r: r["getrun_sidecar_p50_ms"] <= r["getrun_direct_p50_ms"] + 1,
+        "",
+    ),
+    (
+        f"GetRun p99 under {OPEN_STREAMS} streams <= 3x idle",
+        lambda r: r["getrun_under_streams_p99_ms"] <= 3 * r["getrun_idle_p99_ms"],
         "",
     ),
     (
@@ -614,6 +708,9 @@ def main() -> int:
             tracking = container.experiment_tracking()
             if "getrun" in groups:
                 getrun(results, client, tracking, run(), sizes.getrun_calls)
+
+            if "streams" in groups:
+                getrun_under_streams(results, tracking, sidecar.target, run(), sizes.fairness_calls)
 
             if "artifacts" in groups:
                 artifacts(
@@ -809,6 +906,10 @@ def report(results: dict[str, float], quick: bool) -> None:
         sidecar = r["plugin_fluent_sidecar_per_s"]
         ratios["sidecar:// log_metric / direct"] = sidecar / r["plugin_fluent_direct_per_s"]
         ratios["sidecar:// log_metric / MLflow async"] = sidecar / r["plugin_fluent_async_per_s"]
+    if "getrun_idle_p99_ms" in r:
+        ratios["GetRun p99 under streams / idle"] = (
+            r["getrun_under_streams_p99_ms"] / r["getrun_idle_p99_ms"]
+        )
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
         ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]

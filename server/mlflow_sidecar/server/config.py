@@ -98,13 +98,43 @@ class ServerConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
-    workers: int = Field(16, ge=1, le=1024, description="threads serving RPCs")
+    workers: int = Field(
+        64,
+        ge=2,
+        le=1024,
+        description="threads serving RPCs; streams take at most max_streaming_rpcs"
+        " + max_waiting_streams of them",
+    )
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
     max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
     max_concurrent_rpcs: int = Field(
         256, ge=1, le=100_000, description="calls in progress before RESOURCE_EXHAUSTED"
     )
     max_concurrent_streams: int = Field(100, ge=1, le=10_000, description="per HTTP/2 connection")
+    max_streaming_rpcs: int = Field(
+        0,
+        ge=0,
+        le=1023,
+        validate_default=True,
+        description="streaming calls served at once (each holds a worker for its whole life);"
+        " below workers, whose rest serve unary calls; 0: half of workers",
+    )
+    max_waiting_streams: int = Field(
+        -1,
+        ge=-1,
+        le=1022,
+        validate_default=True,
+        description="streaming calls beyond max_streaming_rpcs that wait in line (on a worker)"
+        " for a slot, first come first served; more are refused with RESOURCE_EXHAUSTED;"
+        " -1: a quarter of workers, within what is left",
+    )
+    stream_wait_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="how long a stream waits in line before it is refused (never past its"
+        " deadline)",
+    )
     max_metadata_bytes: int = Field(16 * 1024, ge=1024, le=1 * MIB)
     default_deadline_s: float = Field(
         60.0, gt=0, description="bounds retries and waits of calls that set no deadline"
@@ -112,6 +142,54 @@ class ServerConfig(_Section):
     allow_insecure_remote: bool = Field(
         False, description="listen on a non-loopback address without auth and TLS"
     )
+
+    @field_validator("max_streaming_rpcs")
+    @classmethod
+    def _streams_leave_workers_for_unary_calls(cls, value: int, info: ValidationInfo) -> int:
+        workers = info.data.get("workers")
+        max_rpcs = info.data.get("max_concurrent_rpcs")
+        if not isinstance(workers, int) or not isinstance(max_rpcs, int):
+            return value  # their own errors are reported
+        if value == 0:
+            # Half the workers, and at least one stream and one worker for unary calls.
+            return max(1, min(workers // 2, max_rpcs - 1))
+        if value >= workers:
+            raise ValueError(
+                f"max_streaming_rpcs ({value}) must be below server.workers ({workers}):"
+                " the workers above it serve unary calls, which must never wait behind"
+                " long-lived streams"
+            )
+        if value >= max_rpcs:
+            raise ValueError(
+                f"max_streaming_rpcs ({value}) must be below server.max_concurrent_rpcs"
+                f" ({max_rpcs}): streams must leave room for unary calls"
+            )
+        return value
+
+    @field_validator("max_waiting_streams")
+    @classmethod
+    def _waiting_streams_leave_workers_for_unary_calls(
+        cls, value: int, info: ValidationInfo
+    ) -> int:
+        workers = info.data.get("workers")
+        max_rpcs = info.data.get("max_concurrent_rpcs")
+        served = info.data.get("max_streaming_rpcs")
+        if not all(isinstance(n, int) for n in (workers, max_rpcs, served)):
+            return value  # their own errors are reported
+        assert isinstance(workers, int) and isinstance(max_rpcs, int) and isinstance(served, int)
+        # A waiting stream holds a worker too: served and waiting streams together must
+        # leave at least one worker, and one call in progress, to unary calls.
+        room = min(workers, max_rpcs) - 1 - served
+        if value == -1:
+            return max(0, min(workers // 4, room))
+        if value > room:
+            raise ValueError(
+                f"max_waiting_streams ({value}) plus server.max_streaming_rpcs ({served})"
+                f" must be below server.workers ({workers}) and server.max_concurrent_rpcs"
+                f" ({max_rpcs}): a waiting stream holds a worker too, and unary calls need"
+                f" the rest; at most {max(0, room)} here"
+            )
+        return value
 
 
 class TlsConfig(_Section):

@@ -21,6 +21,7 @@ from mlflow_sidecar.server.mlflow_probe import MlflowProbe
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.readiness import Readiness, SpoolDepth
 from mlflow_sidecar.server.reflection import enable_server_reflection
+from mlflow_sidecar.server.stream_admission import StreamAdmissionInterceptor, StreamSlots
 from mlflow_sidecar.server.tracing import Tracing
 from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
@@ -90,6 +91,14 @@ class SidecarServer:
         self._serving = False
         server = config.server
         self._tracing = tracing
+        self.stream_slots = StreamSlots(
+            server.max_streaming_rpcs,
+            server.max_waiting_streams,
+            server.stream_wait_s,
+            self.metrics.streams_refused.inc,
+        )
+        self.metrics.streams_in_progress.set_function(lambda: self.stream_slots.in_use)
+        self.metrics.streams_waiting.set_function(lambda: self.stream_slots.waiting)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=server.workers, thread_name_prefix="rpc"),
             interceptors=self._interceptors(ledger),
@@ -155,6 +164,10 @@ class SidecarServer:
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
         interceptors.append(ErrorMappingInterceptor(config.server.default_deadline_s))
+        # Inside the error mapping, so a refusal carries its reason like any other error;
+        # outside the ledger, so a refused call leaves no trace there and a waiting one
+        # has not claimed its request id yet.
+        interceptors.append(StreamAdmissionInterceptor(self.stream_slots, SERVICE_NAMES))
         if ledger is not None:
             # Inside the error mapping: a refused request id is an error like any other.
             interceptors.append(IdempotencyInterceptor(ledger))

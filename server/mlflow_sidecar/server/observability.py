@@ -174,6 +174,23 @@ class SidecarMetrics:
             "Bytes of model files in the model cache",
             registry=r,
         )
+        self.streams_refused = Counter(
+            "mlflow_sidecar_streams_refused",
+            "Streaming calls refused: server.max_streaming_rpcs were in progress and the line"
+            " was full (server.max_waiting_streams), or no slot freed within"
+            " server.stream_wait_s",
+            registry=r,
+        )
+        self.streams_in_progress = Gauge(
+            "mlflow_sidecar_streams_in_progress",
+            "Streaming calls admitted and not yet finished (at most server.max_streaming_rpcs)",
+            registry=r,
+        )
+        self.streams_waiting = Gauge(
+            "mlflow_sidecar_streams_waiting",
+            "Streaming calls waiting in line for a slot (at most server.max_waiting_streams)",
+            registry=r,
+        )
         self._mlflow_up: MlflowUpGauge | None = None
 
     def method_series(self, grpc_type: str, full_method: str) -> MethodSeries:

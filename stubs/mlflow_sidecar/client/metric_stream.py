@@ -12,8 +12,11 @@ by count or by age. A sender that fell behind the trainer takes everything buffe
 messages travel gets fewer, larger messages instead of a queue of small ones. Each call
 carries messages for a short window; a window that fails with UNAVAILABLE is sent again
 (points carry their timestamps, so a resend is an exact duplicate that MLflow ignores).
-While the spool is full (RESOURCE_EXHAUSTED) the stream backs off and `log` blocks once
-its buffer is full: backpressure reaches the trainer instead of points being dropped.
+While the spool is full, or the sidecar serves as many streaming calls as it admits
+(RESOURCE_EXHAUSTED, reasons SPOOL_FULL and TOO_MANY_STREAMS), the stream keeps the refused
+points, backs off and `log` blocks once its buffer is full: backpressure reaches the
+trainer instead of points being dropped; refusals that outlast `retry_budget_s` fail the
+stream with the sidecar's reason.
 While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
 `retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
 (reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
@@ -244,9 +247,17 @@ class MetricStream:
         self._error: SidecarError | None = None
         # The sidecar's RetryInfo of the last retryable failure (a full spool says when).
         self._retry_after_s = 0.0
+        # The sidecar's answer to the last retryable failure: what the stream fails with
+        # once they outlast the retry budget (a full spool, a stream limit).
+        self._last_refusal: SidecarError | None = None
         self._closing = False
         # Set by flush(): end the open call as soon as the queue is empty.
         self._flushing = False
+        # The number of the call whose requests may take queued messages. gRPC's thread
+        # that reads a call's requests may ask for one more after the call has ended; a
+        # message it took then would sit in flight where no call sends it, so an ended
+        # call's number is retired, under self._cond, before its messages are settled.
+        self._call = 0
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -567,7 +578,7 @@ class MetricStream:
         failed) once the sidecar has been failing for longer than the retry budget."""
         if time.monotonic() - failing_since > self._retry_budget_s:
             with self._cond:
-                self._fail(_exhausted_retries(code, self._retry_budget_s))
+                self._fail(_exhausted_retries(code, self._retry_budget_s, self._last_refusal))
                 self._cond.notify_all()
             return False
         # Never sooner than the sidecar asked; never past the retry budget.
@@ -575,22 +586,24 @@ class MetricStream:
         time.sleep(max(0.0, min(max(delay, self._retry_after_s), left)))
         return True
 
-    def _requests(self) -> Iterator[pb.StreamMetricsRequest]:
+    def _requests(self, call: int) -> Iterator[pb.StreamMetricsRequest]:
         started = time.monotonic()
-        while self._window_has_work(started):
-            message = self._dequeue()
+        while self._window_has_work(call, started):
+            message = self._dequeue(call)
             if message is not None:
                 yield message
 
-    def _window_has_work(self, started: float) -> bool:
-        """Wait for a message to send in the call opened at `started`, cutting a due batch
-        into messages; False when the call should end instead."""
+    def _window_has_work(self, call: int, started: float) -> bool:
+        """Wait for a message to send in call number `call`, opened at `started`, cutting
+        a due batch into messages; False when the call should end (or has ended) instead."""
         with self._cond:
             while self._idle():
+                if self._call != call:
+                    return False
                 if self._flushing or time.monotonic() - started >= self._window_s:
                     return False
                 self._cond.wait(0.02)
-            if self._drained_for_close():
+            if self._call != call or self._drained_for_close():
                 return False
             cut = not self._queue
         if cut:
@@ -598,10 +611,12 @@ class MetricStream:
             self._cut()
         return True
 
-    def _dequeue(self) -> pb.StreamMetricsRequest | None:
+    def _dequeue(self, call: int) -> pb.StreamMetricsRequest | None:
         # A message stays in flight until the sidecar accepted it, to be sent again if
         # the call fails.
         with self._cond:
+            if self._call != call:
+                return None  # the call has ended: the message waits for the next one
             if not self._queue:
                 return None  # the count ran ahead of what was pending
             message, count = self._queue.popleft()
@@ -612,8 +627,11 @@ class MetricStream:
 
     def _send_window(self) -> grpc.StatusCode | None:
         """One call; None on success, else the retryable status code that ended it."""
+        with self._cond:
+            self._call += 1
+            call = self._call
         try:
-            reply, _call = self._stub.StreamMetrics.with_call(self._requests())
+            reply, _call = self._stub.StreamMetrics.with_call(self._requests(call))
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
         except (SidecarError, ValueError) as exc:
@@ -627,11 +645,13 @@ class MetricStream:
                 )
             )
             with self._cond:
+                self._call += 1
                 self._fail(error)
                 self._in_flight.clear()
                 self._cond.notify_all()
             return None
         with self._cond:
+            self._call += 1
             self._accepted += reply.accepted_points
             self._in_flight.clear()
             self._reopen_if_room()
@@ -658,13 +678,15 @@ class MetricStream:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         accepted = _accepted_from_trailers(exc)
         with self._cond:
+            self._call += 1  # see self._call: nothing more goes into this call's flight
             # Messages are committed whole and in order: drop those the sidecar accepted.
             done = 0
             while self._in_flight and done + self._in_flight[0][1] <= accepted:
                 done += self._in_flight.pop(0)[1]
             self._accepted += done
             if code in _RETRYABLE:
-                self._retry_after_s = error_from_rpc(exc).retry_after_s or 0.0
+                self._last_refusal = error_from_rpc(exc)
+                self._retry_after_s = self._last_refusal.retry_after_s or 0.0
                 for message, count in reversed(self._in_flight):
                     self._queue.appendleft((message, count))
                     self._queued_points += count
@@ -686,9 +708,17 @@ def _accepted_from_trailers(exc: grpc.RpcError) -> int:
     return 0
 
 
-def _exhausted_retries(code: grpc.StatusCode, budget_s: float) -> SidecarError:
+def _exhausted_retries(
+    code: grpc.StatusCode, budget_s: float, last: SidecarError | None
+) -> SidecarError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return ResourceExhaustedError(f"the sidecar's spool stayed full for {budget_s:.0f}s")
+        # The sidecar's own reason (a full spool or disk, its stream limit) and its words.
+        said = f": {last}" if last is not None else ""
+        return ResourceExhaustedError(
+            f"the sidecar refused the stream's points for {budget_s:.0f}s{said}",
+            reason=last.reason if last is not None else "",
+            metadata=dict(last.metadata) if last is not None else None,
+        )
     if code == grpc.StatusCode.UNAVAILABLE:
         return UnavailableError(
             f"the sidecar stayed unreachable for longer than stream_reconnect_s ({budget_s:g}s);"

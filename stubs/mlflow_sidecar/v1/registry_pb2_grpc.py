@@ -36,8 +36,9 @@ class ModelRegistryServiceStub(object):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -171,8 +172,9 @@ class ModelRegistryServiceServicer(object):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -341,7 +343,9 @@ class ModelRegistryServiceServicer(object):
         watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
         reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
         (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-        refused (RESERVED_ALIAS).
+        refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+        streaming slots for its whole life; beyond them it waits in line and may be refused
+        (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -473,8 +477,9 @@ class ModelRegistryService(object):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves

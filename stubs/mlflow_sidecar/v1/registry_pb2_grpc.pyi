@@ -32,8 +32,9 @@ class ModelRegistryServiceStub:
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -106,7 +107,9 @@ class ModelRegistryServiceStub:
     watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
     reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
     (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-    refused (RESERVED_ALIAS).
+    refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+    streaming slots for its whole life; beyond them it waits in line and may be refused
+    (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
     """
 
 @_typing.type_check_only
@@ -116,8 +119,9 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -187,7 +191,9 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
     reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
     (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-    refused (RESERVED_ALIAS).
+    refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+    streaming slots for its whole life; beyond them it waits in line and may be refused
+    (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
     """
 
 class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -196,8 +202,9 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
-    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE
-    (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE (UNAVAILABLE).
+    RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
+    (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
@@ -397,7 +404,9 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
         reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
         (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-        refused (RESERVED_ALIAS).
+        refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+        streaming slots for its whole life; beyond them it waits in line and may be refused
+        (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
         """
 
 def add_ModelRegistryServiceServicer_to_server(servicer: ModelRegistryServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

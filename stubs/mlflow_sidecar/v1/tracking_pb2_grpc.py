@@ -79,6 +79,10 @@ class ExperimentTrackingServiceStub(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+    progress and server.max_waiting_streams wait in line (first come, first served), or no
+    slot freed within server.stream_wait_s; the call was refused before any of it was read;
+    RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -306,6 +310,10 @@ class ExperimentTrackingServiceServicer(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+    progress and server.max_waiting_streams wait in line (first come, first served), or no
+    slot freed within server.stream_wait_s; the call was refused before any of it was read;
+    RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -423,7 +431,8 @@ class ExperimentTrackingServiceServicer(object):
         local spool before it counts as accepted; delivery is asynchronous. A message is
         refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-        run ended through the sidecar.
+        run ended through the sidecar. Like every streaming call it may wait in line for a
+        slot first, and is refused with TOO_MANY_STREAMS when the line is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -782,6 +791,10 @@ class ExperimentTrackingService(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+    progress and server.max_waiting_streams wait in line (first come, first served), or no
+    slot freed within server.stream_wait_s; the call was refused before any of it was read;
+    RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.

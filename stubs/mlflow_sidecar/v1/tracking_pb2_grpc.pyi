@@ -75,6 +75,10 @@ class ExperimentTrackingServiceStub:
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+      progress and server.max_waiting_streams wait in line (first come, first served), or no
+      slot freed within server.stream_wait_s; the call was refused before any of it was read;
+      RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -138,7 +142,8 @@ class ExperimentTrackingServiceStub:
     local spool before it counts as accepted; delivery is asynchronous. A message is
     refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-    run ended through the sidecar.
+    run ended through the sidecar. Like every streaming call it may wait in line for a
+    slot first, and is refused with TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -239,6 +244,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+      progress and server.max_waiting_streams wait in line (first come, first served), or no
+      slot freed within server.stream_wait_s; the call was refused before any of it was read;
+      RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -299,7 +308,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     local spool before it counts as accepted; delivery is asynchronous. A message is
     refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-    run ended through the sidecar.
+    run ended through the sidecar. Like every streaming call it may wait in line for a
+    slot first, and is refused with TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -399,6 +409,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
+      progress and server.max_waiting_streams wait in line (first come, first served), or no
+      slot freed within server.stream_wait_s; the call was refused before any of it was read;
+      RetryInfo says when to retry.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -541,7 +555,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         local spool before it counts as accepted; delivery is asynchronous. A message is
         refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-        run ended through the sidecar.
+        run ended through the sidecar. Like every streaming call it may wait in line for a
+        slot first, and is refused with TOO_MANY_STREAMS when the line is full.
         """
 
     @_abc_1.abstractmethod
