@@ -61,3 +61,8 @@ MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = MIB
 CHUNK_FRAMING_BYTES = 1024
 """Room for the protobuf framing around a chunk (oneof tag, length, file index)."""
+
+# -- alias watches -------------------------------------------------------------------------
+
+MAX_WATCH_ALIASES = 16
+"""Distinct aliases one WatchModelAlias stream watches."""
