@@ -8,10 +8,12 @@ from typing import TypeAlias
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import WatchStatus
 from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active
+from mlflow_sidecar.server.services.alias_watch import AliasWatchService
 from mlflow_sidecar.server.services.registry import RegistryService, check_model_upload
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import registry_pb2 as pb
@@ -36,9 +38,12 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     """Converts requests to port calls and results to responses; streamed files pass
     through `staging` on disk."""
 
-    def __init__(self, service: RegistryService, staging: Staging) -> None:
+    def __init__(
+        self, service: RegistryService, staging: Staging, watches: AliasWatchService
+    ) -> None:
         self._service = service
         self._staging = staging
+        self._watches = watches
 
     def CreateRegisteredModel(
         self, request: pb.CreateRegisteredModelRequest, context: Ctx
@@ -240,3 +245,19 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             yield from self._staging.counted(
                 "download", streams.model_messages(version, root, self._staging)
             )
+
+    def WatchModelAlias(
+        self, request: pb.WatchModelAliasRequest, context: Ctx
+    ) -> Iterator[pb.WatchModelAliasResponse]:
+        watch = self._watches.watch(
+            request.name, list(request.aliases), dict(request.last_seen_versions)
+        )
+        # A cancelled call may never resume this generator, which waits for news: the
+        # callback wakes it and frees the watcher (False: the call has ended already).
+        if not context.add_callback(watch.close):
+            watch.close()
+        for event in watch.events():
+            if isinstance(event, WatchStatus):
+                yield pb.WatchModelAliasResponse(status=conv.watch_status_to_pb(event))
+            else:
+                yield pb.WatchModelAliasResponse(change=conv.alias_change_to_pb(event))
