@@ -34,6 +34,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.alias_watch import alias_watch  # noqa: E402
 from bench.sustained import SustainedSizes, sustained  # noqa: E402
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
 from mlflow_sidecar.client.metric_stream import (  # noqa: E402
@@ -50,7 +51,7 @@ from tests.support.sidecar_process import SidecarProcess  # noqa: E402
 MIB = 1024 * 1024
 
 
-GROUPS = ("metrics", "getrun", "artifacts", "plugin", "s3", "sustained")
+GROUPS = ("metrics", "getrun", "artifacts", "plugin", "s3", "sustained", "watch")
 
 
 class Sizes:
@@ -69,6 +70,7 @@ class Sizes:
         self.artifact_repeats = 2 if quick else 4
         self.s3_mb = 16 if quick else 64
         self.s3_repeats = 2 if quick else 4
+        self.watch_moves = 5 if quick else 20
         # Stock `mlflow.log_metric` calls of one trainer loop (the `sidecar://` plugin).
         self.fluent_direct_s = 5.0 if quick else 15.0
         self.fluent_async_calls = 5_000 if quick else 20_000
@@ -471,6 +473,11 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         "",
     ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
+    (
+        "alias watch max <= poll interval + 1 s",
+        lambda r: r["alias_watch_latency_max_ms"] <= (r["alias_watch_poll_interval_s"] + 1) * 1000,
+        "",
+    ),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
 
@@ -598,6 +605,8 @@ def main() -> int:
                 s3(results, work / "s3", sizes)
             if "sustained" in groups:
                 sustained(results, series, work / "sustained", sizes.sustained)
+            if "watch" in groups:
+                alias_watch(results, server, work, sizes.watch_moves)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -751,6 +760,12 @@ def report(results: dict[str, float], quick: bool) -> None:
         sidecar = r["plugin_fluent_sidecar_per_s"]
         ratios["sidecar:// log_metric / direct"] = sidecar / r["plugin_fluent_direct_per_s"]
         ratios["sidecar:// log_metric / MLflow async"] = sidecar / r["plugin_fluent_async_per_s"]
+    if "alias_watch_latency_max_ms" in r:
+        interval_ms = r["alias_watch_poll_interval_s"] * 1000
+        ratios["alias watch max / poll interval"] = r["alias_watch_latency_max_ms"] / interval_ms
+        ratios["alias watch p50 / polling MLflow p50"] = (
+            r["alias_watch_latency_p50_ms"] / r["alias_poll_direct_latency_p50_ms"]
+        )
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]
         ratios["download sidecar / direct"] = r["download_sidecar_mb_s"] / r["download_direct_mb_s"]
