@@ -21,7 +21,12 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from mlflow_sidecar.server.alias_watch import AliasWatchHub, ModelPoller, Watcher
+from mlflow_sidecar.server.alias_watch import (
+    WATCH_QUEUE_LIMIT,
+    AliasWatchHub,
+    ModelPoller,
+    Watcher,
+)
 from mlflow_sidecar.server.config import WatchConfig
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.services.alias_watch import AliasWatchService
@@ -375,6 +380,18 @@ def test_a_client_that_falls_behind_the_queue_limit_is_ended_to_resume(fake):
     assert hub.pollers() == ()
     resumed = opened(hub, ["champion"], champion=0)
     assert resumed.changes(1) == [("champion", SET, 0, 3)]
+
+
+def test_by_default_a_stream_ends_past_1024_waiting_messages(hub, fake):
+    assert WATCH_QUEUE_LIMIT == 1024
+    stream = opened(hub, ["champion"])  # 2 queued: the opening and its status
+    for poll_number in range(WATCH_QUEUE_LIMIT - 2):
+        fake.set_model_alias("m", "champion", 1 + poll_number % 2)
+        poll(hub)
+    assert stream.watcher.queued == WATCH_QUEUE_LIMIT
+    fake.set_model_alias("m", "champion", 3)
+    poll(hub)
+    assert isinstance(stream.end(), ResourceExhaustedError)
 
 
 # -- the poller's interval ------------------------------------------------------------------

@@ -13,6 +13,7 @@ import grpc
 import pytest
 from grpc_status import rpc_status
 
+from mlflow_sidecar.client.alias_watch import reconnect_delays
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import AliasChange, AliasChangeKind, ModelVersion, WatchStatus
@@ -52,16 +53,21 @@ def shutting_down() -> UnavailableError:
 class ScriptedSidecar(pb_grpc.ModelRegistryServiceServicer):
     """Each WatchModelAlias call plays the next session of the script: its messages, then
     the error it ends with, or (no error) it stays open until the client leaves. Past the
-    script, every call plays `rest`."""
+    script, every call plays `rest`. `ended[i]` is set once call i is over."""
 
     def __init__(self, sessions: list[list[Item]], rest: list[Item] | None = None) -> None:
         self.sessions = sessions
         self.rest = rest
         self.requests: list[pb.WatchModelAliasRequest] = []
-        self.left = threading.Event()
+        self.ended: list[threading.Event] = []
 
     def WatchModelAlias(self, request, context) -> Iterator[pb.WatchModelAliasResponse]:
         self.requests.append(request)
+        ended = threading.Event()
+        self.ended.append(ended)
+        # Before the first message: a client may leave as soon as it has read them.
+        if not context.add_callback(ended.set):
+            ended.set()
         if self.sessions:
             session = self.sessions.pop(0)
         else:
@@ -71,10 +77,7 @@ class ScriptedSidecar(pb_grpc.ModelRegistryServiceServicer):
             if isinstance(item, SidecarError):
                 context.abort_with_status(rpc_status.to_status(to_rpc_status(item)))
             yield item
-        ended = threading.Event()
-        context.add_callback(ended.set)
         ended.wait()
-        self.left.set()
 
 
 @pytest.fixture()
@@ -120,7 +123,7 @@ def test_the_watch_resumes_after_a_stop_and_drops_the_replay(serve):
         {},
     )
     assert dict(second.last_seen_versions) == {"champion": 1}
-    assert sidecar.left.wait(60)  # leaving the block ended the stream
+    assert sidecar.ended[1].wait(60)  # leaving the block ended the stream
 
 
 @pytest.mark.parametrize(
@@ -211,7 +214,7 @@ def test_close_from_another_thread_ends_a_waiting_iteration(serve):
     watch.close()
     reader.join(60)
     assert ended.is_set()
-    assert sidecar.left.wait(60)
+    assert sidecar.ended[0].wait(60)
 
 
 def test_a_change_of_a_kind_this_client_does_not_know_is_skipped(serve):
@@ -219,3 +222,9 @@ def test_a_change_of_a_kind_this_client_does_not_know_is_skipped(serve):
     sidecar = ScriptedSidecar([[unknown, change(AliasChangeKind.CURRENT, 2)]])
     with serve(sidecar).watch("m", ["champion"]) as watch:
         assert seen([next(watch)]) == [(AliasChangeKind.CURRENT, 0, 2)]
+
+
+def test_reconnects_back_off_from_a_tenth_of_a_second_to_five_seconds():
+    delays = reconnect_delays()
+    bounds = [next(delays) for _ in range(8)]
+    assert bounds == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0])

@@ -64,7 +64,7 @@ class GrpcAliasWatch(AliasWatch):
         self._closed = threading.Event()
         self._call: Iterator[pb.WatchModelAliasResponse] | None = None
         self._failing_since: float | None = None
-        self._delays = _delays()
+        self._delays = reconnect_delays()
         try:
             self._take(self._receive())
         except BaseException:
@@ -123,7 +123,7 @@ class GrpcAliasWatch(AliasWatch):
                     raise failure from None
             else:
                 self._failing_since = None
-                self._delays = _delays()
+                self._delays = reconnect_delays()
                 return message
             self._drop(call)
             self._wait_to_reconnect(failure)
@@ -165,7 +165,9 @@ class GrpcAliasWatch(AliasWatch):
             raise StopIteration
 
 
-def _delays() -> Iterator[float]:
+def reconnect_delays() -> Iterator[float]:
+    """The upper bounds of the waits before each new stream of a failing run: 0.1 s
+    doubling up to 5 s (each wait is drawn below its bound)."""
     delays = backoff.expo(factor=_FIRST_BACKOFF_S, max_value=_MAX_BACKOFF_S)
     next(delays)  # the generator's priming step
     return delays
