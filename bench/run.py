@@ -36,6 +36,7 @@ from mlflow.tracking import MlflowClient
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.alias_watch import alias_watch  # noqa: E402
 from bench.model_cache import model_cache  # noqa: E402
 from bench.sustained import SustainedSizes, sustained  # noqa: E402
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
@@ -62,6 +63,7 @@ GROUPS = (
     "s3",
     "sustained",
     "model_cache",
+    "watch",
 )
 
 
@@ -83,6 +85,7 @@ class Sizes:
         self.artifact_repeats = 2 if quick else 4
         self.s3_mb = 16 if quick else 64
         self.s3_repeats = 2 if quick else 4
+        self.watch_moves = 5 if quick else 20
         # Stock `mlflow.log_metric` calls of one trainer loop (the `sidecar://` plugin).
         self.fluent_direct_s = 5.0 if quick else 15.0
         self.fluent_async_calls = 5_000 if quick else 20_000
@@ -592,6 +595,11 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         "",
     ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
+    (
+        "alias watch max <= poll interval + 1 s",
+        lambda r: r["alias_watch_latency_max_ms"] <= (r["alias_watch_poll_interval_s"] + 1) * 1000,
+        "",
+    ),
     ("start <= 3 s", lambda r: r["sidecar_start_s"] <= 3, ""),
 ]
 
@@ -732,6 +740,8 @@ def main() -> int:
                     sizes.model_cache_repeats,
                 )
                 model_cache_s3(results, work / "model-cache-s3", sizes)
+            if "watch" in groups:
+                alias_watch(results, server, work, sizes.watch_moves)
             results["sidecar_peak_rss_mb"] = peak_rss_mb(sidecar.proc.pid)
             container.shutdown_resources()
         finally:
@@ -909,6 +919,12 @@ def report(results: dict[str, float], quick: bool) -> None:
     if "getrun_idle_p99_ms" in r:
         ratios["GetRun p99 under streams / idle"] = (
             r["getrun_under_streams_p99_ms"] / r["getrun_idle_p99_ms"]
+        )
+    if "alias_watch_latency_max_ms" in r:
+        interval_ms = r["alias_watch_poll_interval_s"] * 1000
+        ratios["alias watch max / poll interval"] = r["alias_watch_latency_max_ms"] / interval_ms
+        ratios["alias watch p50 / polling MLflow p50"] = (
+            r["alias_watch_latency_p50_ms"] / r["alias_poll_direct_latency_p50_ms"]
         )
     if "upload_direct_mb_s" in r:
         ratios["upload sidecar / direct"] = r["upload_sidecar_mb_s"] / r["upload_direct_mb_s"]

@@ -22,6 +22,7 @@ client_tests=(
   tests/unit/test_client_lifetime.py
   tests/unit/test_client_transfers.py
   tests/unit/test_directory_swap.py
+  tests/unit/test_alias_watch_client.py
   tests/unit/test_metric_stream_limits.py
   tests/unit/test_metric_stream_retry_hint.py
   tests/unit/test_metric_stream_threads.py

@@ -722,7 +722,7 @@ class FakeMlflow:
             return self.models[name].model
 
     @_port_call
-    def get_registered_model(self, name: str) -> domain.RegisteredModel:
+    def get_registered_model(self, name: str, *, retry: bool = True) -> domain.RegisteredModel:
         with self._lock:
             return self._model(name).model
 
@@ -871,7 +871,9 @@ class FakeMlflow:
         return None
 
     @_port_call
-    def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
+    def get_model_version(
+        self, name: str, version: int, *, retry: bool = True
+    ) -> domain.ModelVersion:
         with self._lock:
             stored = self._stored_version(name, version)
             if stored.version.status is domain.ModelVersionStatus.PENDING_REGISTRATION:

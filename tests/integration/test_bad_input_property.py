@@ -36,6 +36,10 @@ DOCUMENTED = {
     grpc.StatusCode.DATA_LOSS,
 }
 
+# Streams that end only when the client leaves: a request they take is answered by a first
+# message, after which the client leaves.
+ENDLESS = {"WatchModelAlias"}
+
 METHODS: list[MethodDescriptor] = [
     method
     for module in (tracking_pb2, registry_pb2)
@@ -150,6 +154,10 @@ def _invoke(
     try:
         if method.client_streaming:
             channel.stream_unary(path, **kwargs)(iter(requests), timeout=30)
+        elif method.name in ENDLESS:
+            call = channel.unary_stream(path, **kwargs)(requests[0], timeout=30)
+            next(call)
+            call.cancel()
         elif method.server_streaming:
             for _ in channel.unary_stream(path, **kwargs)(requests[0], timeout=30):
                 pass

@@ -176,8 +176,13 @@ def check_effects(
     container.config.from_dict({"target": target})
     try:
         registry = container.model_registry()
+        # Crowned by the watch example: the second upload; the candidate stays the first.
         champion = registry.get_model_version_by_alias("ppo-eurusd", "champion")
-        assert set(champion.aliases) == {"candidate", "champion"}
+        assert (champion.version, champion.aliases) == (2, ("champion",))
+        candidate = registry.get_model_version_by_alias("ppo-eurusd", "candidate")
+        assert candidate.version == 1
+        for served in ("serving/now", "serving/next"):
+            assert (workdir / served / "MLmodel").read_bytes() == files["exported_model/MLmodel"]
         tracking = container.experiment_tracking()
         streamed = tracking.get_run(champion.run_id)
         assert streamed.info.run_name == "ppo-2"
@@ -199,6 +204,12 @@ def check_effects(
     assert '"status": "SERVING"' in shell.stdout
     # The digest computed from the shell matched: one `unchanged` answer, no files.
     assert '"unchanged": {' in shell.stdout
+    # The watches: the champion as it is, then resumed from version 1, each until -max-time.
+    assert '"kind": "ALIAS_CHANGE_KIND_CURRENT"' in shell.stdout
+    assert '"kind": "ALIAS_CHANGE_KIND_MOVED"' in shell.stdout
+    assert '"previous_version": "1"' in shell.stdout
+    assert '"mlflow_reachable": true' in shell.stdout
+    assert shell.stdout.count("watched for 3 s") == 2
 
 
 def check_viewing_runs(workdir: Path, env: dict[str, str]) -> None:

@@ -317,3 +317,34 @@ def test_metric_points_sent_without_retry_are_tried_once(tmp_path, monkeypatch):
     with pytest.raises(errors.UnavailableError):
         gateway.log_metrics("r", points)
     assert len(calls) == 1 + 5
+
+
+@pytest.mark.parametrize(
+    ("method", "read"),
+    [
+        ("get_registered_model", lambda gateway, **kw: gateway.get_registered_model("m", **kw)),
+        ("get_model_version", lambda gateway, **kw: gateway.get_model_version("m", 1, **kw)),
+    ],
+)
+def test_model_reads_without_retry_are_tried_once(tmp_path, monkeypatch, method, read):
+    # An alias watch's poller reads this way: its next poll is the retry.
+    config = load_config(
+        data_dir=tmp_path,
+        mlflow={"tracking_uri": "http://127.0.0.1:9"},
+        retry={"max_tries": 5, "max_time_s": 30, "factor_s": 0.01, "max_backoff_s": 0.05},
+    )
+    gateway = MlflowGateway(config)
+    gateway.open()
+    calls = []
+
+    def down(*args: object, **kwargs: object) -> None:
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    monkeypatch.setattr(gateway.client, method, down)
+    with pytest.raises(errors.UnavailableError):
+        read(gateway, retry=False)
+    assert len(calls) == 1
+    with pytest.raises(errors.UnavailableError):
+        read(gateway)
+    assert len(calls) == 1 + 5

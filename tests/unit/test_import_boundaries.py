@@ -79,6 +79,7 @@ def test_services_servicers_and_the_spool_depend_on_the_port_not_on_mlflow():
         "import sys\n"
         "import mlflow_sidecar.server.services.registry, mlflow_sidecar.server.services.tracking\n"
         "import mlflow_sidecar.server.services.artifact_transfers\n"
+        "import mlflow_sidecar.server.services.alias_watch, mlflow_sidecar.server.alias_watch\n"
         "import mlflow_sidecar.server.servicers.registry\n"
         "import mlflow_sidecar.server.servicers.tracking\n"
         "import mlflow_sidecar.server.spool.deliverer, mlflow_sidecar.server.mlflow_probe\n"

@@ -19,11 +19,21 @@ from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import InvalidArgumentError, error_from_rpc
 from mlflow_sidecar.core.model_digest import directory_digest
+from mlflow_sidecar.server.alias_watch import AliasWatchHub
+from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.interceptors import ErrorMappingInterceptor
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
+from mlflow_sidecar.server.services.alias_watch import AliasWatchService
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
 from tests.unit.test_model_cache import FETCH, MODEL, Sidecar, digest_of
+
+
+def unused_watches(sidecar: Sidecar) -> AliasWatchService:
+    """The servicer's watches, which these tests never open."""
+    config = load_config(data_dir=sidecar.tmp_path)
+    return AliasWatchService(AliasWatchHub(sidecar.fake, config.watch, sidecar.metrics))
+
 
 OTHER = {"MLmodel": b"flavors: {}\n", "weights/new.bin": b"\x01" * 5000}
 
@@ -38,7 +48,9 @@ def channel(sidecar: Sidecar) -> Iterator[grpc.Channel]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMappingInterceptor()]
     )
-    servicer = RegistryServicer(sidecar.downloads._registry, sidecar.staging, sidecar.downloads)
+    servicer = RegistryServicer(
+        sidecar.downloads._registry, sidecar.staging, sidecar.downloads, unused_watches(sidecar)
+    )
     pb_grpc.add_ModelRegistryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
@@ -249,7 +261,9 @@ class EndedCall:
 def test_a_download_whose_call_ended_meanwhile_sends_nothing_and_keeps_nothing(tmp_path):
     sidecar = Sidecar(tmp_path, max_bytes=0)  # uncached: the fetched copy must be removed
     sidecar.register("agent")
-    servicer = RegistryServicer(sidecar.downloads._registry, sidecar.staging, sidecar.downloads)
+    servicer = RegistryServicer(
+        sidecar.downloads._registry, sidecar.staging, sidecar.downloads, unused_watches(sidecar)
+    )
     request = pb.DownloadModelRequest(name="agent", version=1)
     assert list(servicer.DownloadModel(request, EndedCall())) == []  # type: ignore[arg-type]
     assert sidecar.staging.in_flight() == []

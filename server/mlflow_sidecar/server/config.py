@@ -273,6 +273,27 @@ class MlflowConfig(_Section):
     )
 
 
+class WatchConfig(_Section):
+    """WatchModelAlias: one poller per watched model reads its aliases from MLflow."""
+
+    poll_interval_s: float = Field(
+        5.0,
+        ge=0.05,
+        le=3600,
+        description="how often a model's poller reads its aliases, whatever the number of watchers",
+    )
+    poll_jitter: float = Field(
+        0.1,
+        ge=0,
+        le=0.5,
+        description="each interval is drawn within this fraction of poll_interval_s either"
+        " way, so that pollers started together do not poll in step",
+    )
+    heartbeat_s: float = Field(
+        30.0, ge=0.1, le=3600, description="a status message at least this often per stream"
+    )
+
+
 class RetryConfig(_Section):
     """Retries of transient MLflow failures (exponential backoff with jitter)."""
 
@@ -397,6 +418,7 @@ class AppConfig(BaseSettings):
     auth: AuthConfig = AuthConfig()
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
+    watch: WatchConfig = WatchConfig()
     artifacts: ArtifactsConfig = Field(default_factory=ArtifactsConfig, validate_default=True)
     model_cache: ModelCacheConfig = ModelCacheConfig()
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")

@@ -6,6 +6,7 @@ import functools
 
 from dependency_injector import containers, providers
 
+from mlflow_sidecar.server.alias_watch import AliasWatchHub
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.idempotency import RequestLedger
@@ -15,6 +16,7 @@ from mlflow_sidecar.server.model_cache import ModelCache
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.servicers.registry import RegistryServicer
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
+from mlflow_sidecar.server.services.alias_watch import AliasWatchService
 from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
@@ -89,8 +91,10 @@ class ServerContainer(containers.DeclarativeContainer):
     tracking_servicer = providers.Singleton(
         TrackingServicer, tracking_service, artifact_transfers, staging, logged_model_service
     )
+    alias_watch_hub = providers.Singleton(AliasWatchHub, gateway, config.provided.watch, metrics)
+    alias_watch_service = providers.Singleton(AliasWatchService, alias_watch_hub)
     registry_servicer = providers.Singleton(
-        RegistryServicer, registry_service, staging, model_downloads
+        RegistryServicer, registry_service, staging, model_downloads, alias_watch_service
     )
     server = providers.Singleton(
         SidecarServer,
@@ -104,4 +108,5 @@ class ServerContainer(containers.DeclarativeContainer):
         mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
         spool=spool_store,
         tracing=tracing,
+        open_streams=providers.List(alias_watch_hub),
     )

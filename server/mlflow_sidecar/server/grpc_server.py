@@ -61,6 +61,13 @@ class Drainable(Protocol):
         left."""
 
 
+class OpenStreams(Protocol):
+    """Response streams that stay open until the client leaves (alias watches)."""
+
+    def end_all(self) -> None:
+        """End every stream now and refuse new ones: the server is stopping."""
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -81,9 +88,11 @@ class SidecarServer:
         mlflow_ping: Callable[[], None] | None = None,
         spool: SpoolDepth | None = None,
         tracing: Tracing | None = None,
+        open_streams: Sequence[OpenStreams] = (),
     ) -> None:
         self._config = config
         self._drain = drain
+        self._open_streams = tuple(open_streams)
         self._background = tuple(background)
         self.metrics = metrics or SidecarMetrics()
         self.metrics_port: int | None = None
@@ -214,13 +223,18 @@ class SidecarServer:
         log.info("mlflow-sidecar serving on %s", self.address)
 
     def stop(self, grace_s: float | None = None) -> None:
-        """Drain: report NOT_SERVING, refuse new calls, let running calls finish within grace;
-        meanwhile deliver pending points for up to `spool.drain_on_stop_s`, then say how
-        many are left for the next start."""
+        """Drain: report NOT_SERVING, end the open streams (alias watches: UNAVAILABLE,
+        SHUTTING_DOWN), refuse new calls, let running calls finish within grace; meanwhile
+        deliver pending points for up to `spool.drain_on_stop_s`, then say how many are
+        left for the next start."""
         grace = self._config.server.grace_s if grace_s is None else grace_s
         drain_until = time.monotonic() + min(self._config.spool.drain_on_stop_s, grace)
         self._serving = False
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Streams that end only when their client leaves would hold the drain for the whole
+        # grace period: they end first (their clients open them again elsewhere or later).
+        for streams in self._open_streams:
+            streams.end_all()
         log.info("draining for up to %.1fs", grace)
         self._server.stop(grace).wait()
         if self._drain is not None:

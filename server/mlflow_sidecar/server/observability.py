@@ -191,6 +191,23 @@ class SidecarMetrics:
             "Streaming calls waiting in line for a slot (at most server.max_waiting_streams)",
             registry=r,
         )
+        self.alias_watch_pollers = Gauge(
+            "mlflow_sidecar_alias_watch_pollers",
+            "Registered models whose aliases are polled for WatchModelAlias streams",
+            registry=r,
+        )
+        self.alias_watch_streams = Gauge(
+            "mlflow_sidecar_alias_watch_streams", "Open WatchModelAlias streams", registry=r
+        )
+        self.alias_watch_polls = Counter(
+            "mlflow_sidecar_alias_watch_polls",
+            "Polls of a watched model's aliases, by outcome: ok, model_missing (the model does"
+            " not exist), unreachable (MLflow could not be asked), error (MLflow refused)",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("ok", "model_missing", "unreachable", "error"):
+            self.alias_watch_polls.labels(outcome)
         self._mlflow_up: MlflowUpGauge | None = None
 
     def method_series(self, grpc_type: str, full_method: str) -> MethodSeries:

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from mlflow_sidecar.client.metric_stream import MetricStream
-from mlflow_sidecar.client.ports import ExperimentTracking, ModelRegistry
+from mlflow_sidecar.client.ports import AliasWatch, ExperimentTracking, ModelRegistry
 from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.core.domain import (
+    AliasChange,
+    AliasChangeKind,
     ArtifactInfo,
     Experiment,
     FileInfo,
@@ -30,6 +32,7 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
     SyncedModel,
     ViewType,
+    WatchStatus,
 )
 from mlflow_sidecar.core.errors import SidecarError
 
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
     from mlflow_sidecar.client.container import ClientContainer, load_env
 
 __all__ = [
+    "AliasChange",
+    "AliasChangeKind",
+    "AliasWatch",
     "ArtifactInfo",
     "ClientContainer",
     "ClientSettings",
@@ -60,6 +66,7 @@ __all__ = [
     "SidecarError",
     "SyncedModel",
     "ViewType",
+    "WatchStatus",
     "load_env",
 ]
 

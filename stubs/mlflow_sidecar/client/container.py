@@ -72,6 +72,7 @@ class ClientContainer(containers.DeclarativeContainer):
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
+        watch_reconnect_s=settings.provided.stream_reconnect_s,
     )
 
 

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import grpc
 
+from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
 from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
-from mlflow_sidecar.client.ports import ModelRegistry, StrPath
+from mlflow_sidecar.client.ports import AliasWatch, ModelRegistry, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
@@ -49,7 +50,8 @@ class GrpcModelRegistry(ModelRegistry):
     given), kept across the channel's retries, so that it takes effect once. A model
     upload answered UNAVAILABLE is sent again, up to `upload_attempts` times, with the
     same request id: the sidecar answers a repeat of an upload that took effect with its
-    version, before the files travel again."""
+    version, before the files travel again. A watch reconnects for up to `watch_reconnect_s`
+    of failing in a row."""
 
     def __init__(
         self,
@@ -59,12 +61,14 @@ class GrpcModelRegistry(ModelRegistry):
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_attempts: int = 3,
+        watch_reconnect_s: float = 60.0,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        self._watch_reconnect_s = watch_reconnect_s
 
     def create_registered_model(
         self,
@@ -231,6 +235,21 @@ class GrpcModelRegistry(ModelRegistry):
             name=name, alias=alias, request_id=request_id or uuid.uuid4().hex
         )
         invoke(self._stub.DeleteModelAlias, request, self._timeout)
+
+    def watch(
+        self,
+        name: str,
+        aliases: Sequence[str],
+        *,
+        last_seen_versions: Mapping[str, int] | None = None,
+    ) -> AliasWatch:
+        return GrpcAliasWatch(
+            self._stub,
+            name,
+            aliases,
+            last_seen_versions=last_seen_versions,
+            reconnect_s=self._watch_reconnect_s,
+        )
 
     def upload_model(
         self,

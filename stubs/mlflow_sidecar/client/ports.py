@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
+from typing import TypeVar
 
 from mlflow_sidecar.core.domain import (
+    AliasChange,
     ArtifactInfo,
     Experiment,
     FileInfo,
@@ -33,12 +36,48 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
     SyncedModel,
     ViewType,
+    WatchStatus,
 )
 from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.model_digest import directory_digest
 
 StrPath = str | os.PathLike[str]
+
+W = TypeVar("W", bound="AliasWatch")
+
+
+class AliasWatch(Iterator[AliasChange]):
+    """An open watch of a registered model's aliases (see `ModelRegistry.watch`): iterating
+    it waits for the next change; `status` says how the sidecar last saw MLflow. Use it as a
+    context manager, or `close()` it (from any thread) to end it."""
+
+    @property
+    @abc.abstractmethod
+    def status(self) -> WatchStatus | None:
+        """The latest status the watch received (None before the first): whether MLflow
+        answered the sidecar's last poll, and when that was."""
+
+    @property
+    @abc.abstractmethod
+    def last_seen_versions(self) -> dict[str, int]:
+        """Alias -> the version last reported (0: not set): keep it to resume a watch later
+        (`ModelRegistry.watch(..., last_seen_versions=...)`) without a change missed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """End the watch; an iteration waiting for a change ends (StopIteration)."""
+
+    def __enter__(self: W) -> W:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 class ExperimentTracking(abc.ABC):
@@ -345,6 +384,25 @@ class ModelRegistry(abc.ABC):
     @abc.abstractmethod
     def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         """Remove an alias."""
+
+    @abc.abstractmethod
+    def watch(
+        self,
+        name: str,
+        aliases: Sequence[str],
+        *,
+        last_seen_versions: Mapping[str, int] | None = None,
+    ) -> AliasWatch:
+        """Watch `aliases` (1 to 16, e.g. ["champion"]) of the registered model `name`.
+
+        The watch yields each alias's state first (kind CURRENT), then every change (SET,
+        MOVED, DELETED, VERSION_DELETED) as the sidecar's poller sees it, in order, each
+        once. It rides out sidecar restarts and MLflow outages: it reconnects on its own and
+        misses no change. An alias given in `last_seen_versions` (alias -> the version last
+        seen, 0: not set; e.g. kept by the caller across its own restarts) is reported only
+        once it points elsewhere. NotFoundError for a missing model, InvalidArgumentError
+        for a bad alias, raised here or by the iteration.
+        """
 
     @abc.abstractmethod
     def upload_model(

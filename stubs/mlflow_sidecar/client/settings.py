@@ -49,9 +49,10 @@ class ClientSettings(BaseModel):
         DEFAULT_RECONNECT_S,
         ge=0,
         allow_inf_nan=True,
-        description="how long a metric stream keeps trying to reach the sidecar before it"
-        " gives up with UnavailableError (reason SIDECAR_UNREACHABLE); 0 gives up at the first"
-        " failed call, a large value (or inf) outlasts any sidecar restart",
+        description="how long a metric stream or an alias watch keeps trying to reach the"
+        " sidecar before it gives up with UnavailableError (reason SIDECAR_UNREACHABLE); 0"
+        " gives up at the first failed call, a large value (or inf) outlasts any sidecar"
+        " restart",
     )
     stream_buffer_points: int = Field(
         DEFAULT_MAX_BUFFERED_POINTS,

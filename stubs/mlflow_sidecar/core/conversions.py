@@ -7,6 +7,8 @@ clients both use it, so the two sides cannot drift apart.
 from __future__ import annotations
 
 from mlflow_sidecar.core.domain import (
+    AliasChange,
+    AliasChangeKind,
     Experiment,
     FileInfo,
     LifecycleStage,
@@ -19,6 +21,7 @@ from mlflow_sidecar.core.domain import (
     RunInfo,
     RunStatus,
     ViewType,
+    WatchStatus,
 )
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -54,6 +57,15 @@ _MV_STATUS_TO_PB = {
     ModelVersionStatus.READY: reg_pb.MODEL_VERSION_STATUS_READY,
 }
 _MV_STATUS_FROM_PB = {v: k for k, v in _MV_STATUS_TO_PB.items()}
+
+_CHANGE_KIND_TO_PB = {
+    AliasChangeKind.CURRENT: reg_pb.ALIAS_CHANGE_KIND_CURRENT,
+    AliasChangeKind.SET: reg_pb.ALIAS_CHANGE_KIND_SET,
+    AliasChangeKind.MOVED: reg_pb.ALIAS_CHANGE_KIND_MOVED,
+    AliasChangeKind.DELETED: reg_pb.ALIAS_CHANGE_KIND_DELETED,
+    AliasChangeKind.VERSION_DELETED: reg_pb.ALIAS_CHANGE_KIND_VERSION_DELETED,
+}
+_CHANGE_KIND_FROM_PB = {v: k for k, v in _CHANGE_KIND_TO_PB.items()}
 
 
 def view_type_to_pb(view: ViewType) -> pb.ViewType.ValueType:
@@ -239,3 +251,49 @@ def file_info_to_pb(info: FileInfo) -> pb.FileInfo:
 def file_info_from_pb(msg: pb.FileInfo) -> FileInfo:
     """Message to domain artifact listing entry."""
     return FileInfo(path=msg.path, is_dir=msg.is_dir, size_bytes=msg.size_bytes)
+
+
+def alias_change_to_pb(change: AliasChange) -> reg_pb.AliasChange:
+    """Domain alias change to message."""
+    msg = reg_pb.AliasChange(
+        alias=change.alias,
+        kind=_CHANGE_KIND_TO_PB[change.kind],
+        previous_version=change.previous_version,
+    )
+    if change.model_version is not None:
+        msg.model_version.CopyFrom(model_version_to_pb(change.model_version))
+    return msg
+
+
+def alias_change_from_pb(msg: reg_pb.AliasChange) -> AliasChange | None:
+    """Message to domain alias change; None for a kind this client does not know (a newer
+    sidecar's), which it cannot act on."""
+    kind = _CHANGE_KIND_FROM_PB.get(msg.kind)
+    if kind is None:
+        return None
+    return AliasChange(
+        alias=msg.alias,
+        kind=kind,
+        model_version=model_version_from_pb(msg.model_version)
+        if msg.HasField("model_version")
+        else None,
+        previous_version=msg.previous_version,
+    )
+
+
+def watch_status_to_pb(status: WatchStatus) -> reg_pb.WatchStatus:
+    """Domain watch status to message."""
+    return reg_pb.WatchStatus(
+        mlflow_reachable=status.mlflow_reachable,
+        last_poll_time_ms=status.last_poll_time_ms,
+        message=status.message,
+    )
+
+
+def watch_status_from_pb(msg: reg_pb.WatchStatus) -> WatchStatus:
+    """Message to domain watch status."""
+    return WatchStatus(
+        mlflow_reachable=msg.mlflow_reachable,
+        last_poll_time_ms=msg.last_poll_time_ms,
+        message=msg.message,
+    )

@@ -198,3 +198,46 @@ class ArtifactInfo:
     path: str
     size_bytes: int
     sha256: str
+
+
+class AliasChangeKind(enum.Enum):
+    """What happened to a watched alias."""
+
+    CURRENT = "CURRENT"
+    """The alias's state when the watch opened (unchanged since the version last seen, when
+    the watch resumed an earlier one)."""
+    SET = "SET"
+    """The alias was set where it was not set before."""
+    MOVED = "MOVED"
+    """The alias now points at another version."""
+    DELETED = "DELETED"
+    """The alias was removed (its version still exists), or its model was deleted."""
+    VERSION_DELETED = "VERSION_DELETED"
+    """The version the alias pointed at was deleted, and the alias with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class AliasChange:
+    """One change of a watched alias: `model_version` is the version it points at now (None
+    when it is not set), `previous_version` the number it pointed at before (0: none, and
+    always 0 for CURRENT)."""
+
+    alias: str
+    kind: AliasChangeKind
+    model_version: ModelVersion | None = None
+    previous_version: int = 0
+
+    @property
+    def version(self) -> int:
+        """The version number the alias points at now; 0 when it is not set."""
+        return self.model_version.version if self.model_version is not None else 0
+
+
+@dataclass(frozen=True, slots=True)
+class WatchStatus:
+    """How an alias watch sees MLflow: whether its last poll reached it, when it last read
+    the model (ms since the epoch; 0: never) and, while unreachable, why."""
+
+    mlflow_reachable: bool
+    last_poll_time_ms: int = 0
+    message: str = ""

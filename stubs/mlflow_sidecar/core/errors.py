@@ -108,6 +108,7 @@ class ErrorReason(StrEnum):
     RUN_END_PENDING = "RUN_END_PENDING"
     # UNAVAILABLE
     MLFLOW_UNAVAILABLE = "MLFLOW_UNAVAILABLE"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
 
 
 class ClientErrorReason(StrEnum):

@@ -66,3 +66,8 @@ CHUNK_FRAMING_BYTES = 1024
 
 MAX_DIGEST_LENGTH = 64
 """`DownloadModelRequest.if_none_match`: the 64 hex digits of a `ModelManifest.digest`."""
+
+# -- alias watches -------------------------------------------------------------------------
+
+MAX_WATCH_ALIASES = 16
+"""Distinct aliases one WatchModelAlias stream watches."""

@@ -1495,7 +1495,8 @@ class WatchModelAliasRequest(_message.Message):
         """Alias -> the version number the client saw last (0: the alias was not set), from an
         earlier stream. An alias listed here gets, as its first message, the change from that
         version to the current one (kind SET, MOVED, DELETED or VERSION_DELETED), or CURRENT
-        when nothing changed: a client that reconnects misses no change.
+        when nothing changed: a client that reconnects misses no change. Keys must be among
+        `aliases`, versions 0 or more.
         """
 
     def __init__(
@@ -1524,7 +1525,7 @@ class AliasChange(_message.Message):
     alias: _builtins.str
     kind: Global___AliasChangeKind.ValueType
     previous_version: _builtins.int
-    """The version it pointed at before this change (0: none)."""
+    """The version it pointed at before this change (0: none; always 0 for CURRENT)."""
     @_builtins.property
     def model_version(self) -> Global___ModelVersion:
         """The version the alias points at now; unset when the alias is not set."""

@@ -33,13 +33,14 @@ class ModelRegistryServiceStub:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
-    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    takes an alias refuses them with INVALID_ARGUMENT on that field (`alias`, `aliases[i]`),
+    reason RESERVED_ALIAS.
     Page tokens are opaque and checked: one that this call did not hand out is
     INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
@@ -98,16 +99,24 @@ class ModelRegistryServiceStub:
     """
     WatchModelAlias: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
-    `change` per alias with its current state, then one `change` per later change (alias
-    set, moved or deleted; its version deleted), in the order they were seen, and a
-    `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
-    reachable again. An MLflow outage ends nothing: the stream carries a status saying
-    MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
-    polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
-    watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
-    reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
-    (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-    refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+    `change` per alias, in the order of `aliases`, with its current state (for an alias in
+    last_seen_versions: the change since that version), then a `status`; after that one
+    `change` per later change (alias set, moved or deleted; its version deleted), in the
+    order they were seen, and a `status` heartbeat at least every watch.heartbeat_s and
+    whenever MLflow becomes unreachable or reachable again. One poller per model polls
+    MLflow (every watch.poll_interval_s, with jitter), whatever the number of watchers: a
+    change shows within about one interval, and changes within one interval show as one
+    (v1 -> v2 -> v3 is one MOVED from 1 to 3). An MLflow outage ends nothing: the stream
+    carries a status saying MLflow is unreachable, then, once it answers again, one saying
+    so, followed by the changes made meanwhile. A model deleted while watched reports each
+    set alias DELETED and is watched on (it may come back). The stream ends when the
+    client cancels it, when the sidecar stops (UNAVAILABLE, reason SHUTTING_DOWN, with
+    RetryInfo), or when the client reads so slowly that 1024 messages wait for it
+    (RESOURCE_EXHAUSTED, with RetryInfo); open it again with last_seen_versions and no
+    change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
+    stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
+    distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+    of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
     streaming slots for its whole life; beyond them it waits in line and may be refused
     (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
     """
@@ -120,13 +129,14 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
-    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    takes an alias refuses them with INVALID_ARGUMENT on that field (`alias`, `aliases[i]`),
+    reason RESERVED_ALIAS.
     Page tokens are opaque and checked: one that this call did not hand out is
     INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
@@ -182,16 +192,24 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     """
     WatchModelAlias: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]  # type: ignore[assignment]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
-    `change` per alias with its current state, then one `change` per later change (alias
-    set, moved or deleted; its version deleted), in the order they were seen, and a
-    `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
-    reachable again. An MLflow outage ends nothing: the stream carries a status saying
-    MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
-    polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
-    watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
-    reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
-    (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-    refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+    `change` per alias, in the order of `aliases`, with its current state (for an alias in
+    last_seen_versions: the change since that version), then a `status`; after that one
+    `change` per later change (alias set, moved or deleted; its version deleted), in the
+    order they were seen, and a `status` heartbeat at least every watch.heartbeat_s and
+    whenever MLflow becomes unreachable or reachable again. One poller per model polls
+    MLflow (every watch.poll_interval_s, with jitter), whatever the number of watchers: a
+    change shows within about one interval, and changes within one interval show as one
+    (v1 -> v2 -> v3 is one MOVED from 1 to 3). An MLflow outage ends nothing: the stream
+    carries a status saying MLflow is unreachable, then, once it answers again, one saying
+    so, followed by the changes made meanwhile. A model deleted while watched reports each
+    set alias DELETED and is watched on (it may come back). The stream ends when the
+    client cancels it, when the sidecar stops (UNAVAILABLE, reason SHUTTING_DOWN, with
+    RetryInfo), or when the client reads so slowly that 1024 messages wait for it
+    (RESOURCE_EXHAUSTED, with RetryInfo); open it again with last_seen_versions and no
+    change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
+    stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
+    distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+    of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
     streaming slots for its whole life; beyond them it waits in line and may be refused
     (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
     """
@@ -203,13 +221,14 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE
-    (UNAVAILABLE).
+    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
     Aliases (e.g. "champion") replace MLflow's deprecated stages. The names MLflow reserves
     for versions ("latest" and "v<number>", in any case) are never aliases: every call that
-    takes an alias refuses them with INVALID_ARGUMENT on `alias` (reason RESERVED_ALIAS).
+    takes an alias refuses them with INVALID_ARGUMENT on that field (`alias`, `aliases[i]`),
+    reason RESERVED_ALIAS.
     Page tokens are opaque and checked: one that this call did not hand out is
     INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN).
     """
@@ -395,16 +414,24 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_registry_pb2.WatchModelAliasResponse], _abc.AsyncIterator[_registry_pb2.WatchModelAliasResponse]]:
         """Watches aliases of one registered model ("champion", ...). The stream first sends one
-        `change` per alias with its current state, then one `change` per later change (alias
-        set, moved or deleted; its version deleted), in the order they were seen, and a
-        `status` heartbeat every watch.heartbeat_s and whenever MLflow becomes unreachable or
-        reachable again. An MLflow outage ends nothing: the stream carries a status saying
-        MLflow is unreachable and resumes with the changes made meanwhile. One poller per model
-        polls MLflow (every watch.poll_interval_s, with jitter), whatever the number of
-        watchers. The stream ends when the client cancels it or the sidecar stops (UNAVAILABLE,
-        reason SHUTTING_DOWN, with RetryInfo). A model that does not exist is NOT_FOUND
-        (MODEL_NOT_FOUND) when the stream opens; 1 to 16 distinct aliases, reserved names
-        refused (RESERVED_ALIAS). An open watch holds one of the server.max_streaming_rpcs
+        `change` per alias, in the order of `aliases`, with its current state (for an alias in
+        last_seen_versions: the change since that version), then a `status`; after that one
+        `change` per later change (alias set, moved or deleted; its version deleted), in the
+        order they were seen, and a `status` heartbeat at least every watch.heartbeat_s and
+        whenever MLflow becomes unreachable or reachable again. One poller per model polls
+        MLflow (every watch.poll_interval_s, with jitter), whatever the number of watchers: a
+        change shows within about one interval, and changes within one interval show as one
+        (v1 -> v2 -> v3 is one MOVED from 1 to 3). An MLflow outage ends nothing: the stream
+        carries a status saying MLflow is unreachable, then, once it answers again, one saying
+        so, followed by the changes made meanwhile. A model deleted while watched reports each
+        set alias DELETED and is watched on (it may come back). The stream ends when the
+        client cancels it, when the sidecar stops (UNAVAILABLE, reason SHUTTING_DOWN, with
+        RetryInfo), or when the client reads so slowly that 1024 messages wait for it
+        (RESOURCE_EXHAUSTED, with RetryInfo); open it again with last_seen_versions and no
+        change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
+        stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
+        distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+        of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
         streaming slots for its whole life; beyond them it waits in line and may be refused
         (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
         """

@@ -88,6 +88,8 @@ class ExperimentTrackingServiceStub(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+    (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
     metadata "request_id".
 
@@ -319,6 +321,8 @@ class ExperimentTrackingServiceServicer(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+    (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
     metadata "request_id".
 
@@ -800,6 +804,8 @@ class ExperimentTrackingService(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+    (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
     metadata "request_id".
 

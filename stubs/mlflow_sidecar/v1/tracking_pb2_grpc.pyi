@@ -84,6 +84,8 @@ class ExperimentTrackingServiceStub:
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """
@@ -253,6 +255,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """
@@ -418,6 +422,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
+      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """

@@ -651,11 +651,12 @@ class MlflowGateway:
 
         return entities.registered_model(self.call_once(attempt))
 
-    def get_registered_model(self, name: str) -> domain.RegisteredModel:
+    def get_registered_model(self, name: str, *, retry: bool = True) -> domain.RegisteredModel:
         """The registered model of this name."""
         return entities.registered_model(
             self.call(
                 lambda: self._client.get_registered_model(name),
+                retry=retry,
                 not_found=ErrorReason.MODEL_NOT_FOUND,
             )
         )
@@ -904,11 +905,14 @@ class MlflowGateway:
         found = self.call(lambda: self._find_version(name, request_id))
         return None if found is None else entities.model_version(found)
 
-    def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
+    def get_model_version(
+        self, name: str, version: int, *, retry: bool = True
+    ) -> domain.ModelVersion:
         """One version of a model."""
         return entities.model_version(
             self.call(
                 lambda: self._client.get_model_version(name, str(version)),
+                retry=retry,
                 not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
             )
         )

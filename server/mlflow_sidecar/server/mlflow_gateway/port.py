@@ -170,8 +170,9 @@ class RegisteredModelsPort(Protocol):
         """Create a model; the same `request_id` again returns it, another request's
         model of that name is AlreadyExistsError."""
 
-    def get_registered_model(self, name: str) -> domain.RegisteredModel:
-        """The model of this name, with its aliases."""
+    def get_registered_model(self, name: str, *, retry: bool = True) -> domain.RegisteredModel:
+        """The model of this name, with its aliases. `retry=False` makes one try only, for
+        a poller that reads again on its own."""
 
     def search_registered_models(
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
@@ -227,8 +228,10 @@ class ModelVersionsPort(Protocol):
     def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
         """The version of `name` that the request `request_id` created, or None."""
 
-    def get_model_version(self, name: str, version: int) -> domain.ModelVersion:
-        """One version of a model."""
+    def get_model_version(
+        self, name: str, version: int, *, retry: bool = True
+    ) -> domain.ModelVersion:
+        """One version of a model (`retry` as for `get_registered_model`)."""
 
     def get_model_version_by_alias(self, name: str, alias: str) -> domain.ModelVersion:
         """The version an alias points at."""

@@ -8,9 +8,11 @@ from typing import TypeAlias
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.domain import WatchStatus
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active
+from mlflow_sidecar.server.services.alias_watch import AliasWatchService
 from mlflow_sidecar.server.services.model_downloads import ModelDownloads
 from mlflow_sidecar.server.services.registry import RegistryService, check_model_upload
 from mlflow_sidecar.server.staging import Staging
@@ -37,11 +39,16 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     through `staging` on disk, downloaded models through the model cache."""
 
     def __init__(
-        self, service: RegistryService, staging: Staging, downloads: ModelDownloads
+        self,
+        service: RegistryService,
+        staging: Staging,
+        downloads: ModelDownloads,
+        watches: AliasWatchService,
     ) -> None:
         self._service = service
         self._staging = staging
         self._downloads = downloads
+        self._watches = watches
 
     def CreateRegisteredModel(
         self, request: pb.CreateRegisteredModelRequest, context: Ctx
@@ -255,3 +262,19 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             )
         finally:
             lease.release()
+
+    def WatchModelAlias(
+        self, request: pb.WatchModelAliasRequest, context: Ctx
+    ) -> Iterator[pb.WatchModelAliasResponse]:
+        watch = self._watches.watch(
+            request.name, list(request.aliases), dict(request.last_seen_versions)
+        )
+        # A cancelled call may never resume this generator, which waits for news: the
+        # callback wakes it and frees the watcher (False: the call has ended already).
+        if not context.add_callback(watch.close):
+            watch.close()
+        for event in watch.events():
+            if isinstance(event, WatchStatus):
+                yield pb.WatchModelAliasResponse(status=conv.watch_status_to_pb(event))
+            else:
+                yield pb.WatchModelAliasResponse(change=conv.alias_change_to_pb(event))

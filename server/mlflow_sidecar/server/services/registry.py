@@ -86,6 +86,12 @@ def _alias(value: str, field: str = "alias") -> str:
     return value
 
 
+def check_alias(value: str, field: str = "alias") -> str:
+    """An alias as every alias RPC takes it (see `_alias`); WatchModelAlias checks each of
+    its aliases this way too."""
+    return _alias(value, field)
+
+
 def _upload_dir_id(request_id: str) -> str:
     """32 hex digits naming an upload's artifact directory after its request id."""
     return hashlib.sha256(request_id.encode()).hexdigest()[:32]
