@@ -22,6 +22,7 @@ from grpc_status import rpc_status
 
 from mlflow_sidecar.core.errors import (
     REQUEST_ID_KEY,
+    CancelledError,
     InternalError,
     SidecarError,
     error_from_status,
@@ -212,6 +213,11 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
         abort_with_error(context, exc)
     rid = request_id.get()
+    if isinstance(exc, grpc.RpcError) and not context.is_active():
+        # grpc raises this from the request stream of a call whose client has left
+        # (cancelled, deadline passed): the client's doing, and nobody is left to answer.
+        error_log.debug("%s: the client left the call (request %s)", method, rid)
+        abort_with_error(context, CancelledError("the client left the call"))
     error_log.error("unexpected error in %s (request %s)", method, rid, exc_info=exc)
     abort_with_error(
         context,
