@@ -288,3 +288,39 @@ def test_stopping_while_workers_are_mid_batch_loses_nothing(store):
         again.stop()
     for run in runs:
         assert [m.step for m in delivered(mlflow, run)] == list(range(250))
+
+
+def test_a_flush_of_every_run_waits_for_the_ends_that_follow_their_points(store):
+    mlflow = fake_mlflow("r0")
+    store.append(points("r0", 250))
+    store.record_end("r0", "KILLED", 7_000, applied=False)
+    gate = threading.Event()
+    ended: list[str] = []
+
+    def end_run(run_id: str, status: str, end_time_ms: int) -> None:
+        assert gate.wait(HANG_S)
+        ended.append(run_id)
+
+    deliverer = MetricDeliverer(
+        store,
+        mlflow.log_metrics,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.05,
+        workers=2,
+        end_run=end_run,
+    )
+    deliverer.start()
+    try:
+        waiter = threading.Thread(target=deliverer.wait_delivered, args=("", HANG_S))
+        waiter.start()
+        waiter.join(1.0)
+        # Every point may be in MLflow by now; the end is not, so the flush still waits.
+        assert waiter.is_alive()
+        gate.set()
+        waiter.join(HANG_S)
+        assert not waiter.is_alive()
+        assert ended == ["r0"]
+    finally:
+        gate.set()
+        deliverer.stop()

@@ -122,7 +122,11 @@ class MetricDeliverer:
         return pending
 
     def _end_waits(self, run_id: str) -> bool:
-        end = self._store.run_end(run_id) if run_id else None
+        """Whether an end recorded for the run (with "": for any run) is not in MLflow yet:
+        a flush covers the ends that follow the points it waits for."""
+        if not run_id:
+            return self._end_run is not None and bool(self._store.ends_to_apply())
+        end = self._store.run_end(run_id)
         return end is not None and not end.applied
 
     # -- the workers ------------------------------------------------------------------
