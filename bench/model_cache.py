@@ -1,21 +1,24 @@
 """Group `model_cache`: DownloadModel of a 200 MB model through the sidecar, the first time
-(fetched from MLflow) and again (from the model cache), against MLflow's own download of
-the same version, and against the bare gRPC transport's ceiling."""
+(fetched from MLflow) and again (from the model cache: streamed, and copied by a client
+that shares the sidecar's data dir), against MLflow's own download of the same version,
+and against the bare gRPC transport's ceiling."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import mlflow
 
+from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
@@ -91,9 +94,24 @@ def raw_grpc_download(size_mb: int) -> float:
         server.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def shared_registry(target: str, cache_dir: Path) -> Iterator[ModelRegistry]:
+    """The typed client of a process that sees the sidecar's model cache at `cache_dir`
+    (as through a volume shared with the sidecar)."""
+    container = ClientContainer()
+    container.config.from_dict(
+        {"target": target, "timeout_s": 600, "model_cache_dir": str(cache_dir)}
+    )
+    try:
+        yield container.model_registry()
+    finally:
+        container.shutdown_resources()
+
+
 def model_cache(
     results: dict[str, float],
     registry: ModelRegistry,
+    shared: ModelRegistry,
     server_url: str,
     experiment_id: str,
     work: Path,
@@ -102,7 +120,7 @@ def model_cache(
 ) -> None:
     """`repeats` rounds of `round_of_downloads`; the medians go in `results` (keys with
     `prefix` after `model_download_`), with the bare transport's ceiling (not a target)
-    beside them."""
+    beside them. `shared`: the same sidecar's client with `model_cache_dir` set."""
     work.mkdir(parents=True, exist_ok=True)
     source = work / "model"
     expected = make_model(source)
@@ -111,6 +129,7 @@ def model_cache(
     times: dict[str, list[float]] = {
         "model_download_cold_mb_s": [],
         "model_download_cached_mb_s": [],
+        "model_download_cached_shared_mb_s": [],
         "model_download_direct_mb_s": [],
     }
     # MLflow's client finds models:/ URIs through its registry URI (a process-wide setting).
@@ -118,7 +137,15 @@ def model_cache(
     try:
         for attempt in range(repeats):
             round_of_downloads(
-                registry, name, source, experiment_id, server_url, work, attempt, expected, times
+                (registry, shared),
+                name,
+                source,
+                experiment_id,
+                server_url,
+                work,
+                attempt,
+                expected,
+                times,
             )
     finally:
         mlflow.set_registry_uri(None)
@@ -139,7 +166,7 @@ def model_cache(
 
 
 def round_of_downloads(
-    registry: ModelRegistry,
+    registries: tuple[ModelRegistry, ModelRegistry],
     name: str,
     source: Path,
     experiment_id: str,
@@ -150,8 +177,10 @@ def round_of_downloads(
     times: dict[str, list[float]],
 ) -> None:
     """Register the model as a new version (so that the sidecar must fetch it once), then
-    download it through the sidecar twice and with MLflow's client once, each into a fresh
-    directory, checking every file."""
+    download it through the sidecar twice by stream (`registries[0]`), once by a client
+    that copies it from the shared cache (`registries[1]`), and with MLflow's client once,
+    each into a fresh directory, checking every file."""
+    registry, shared = registries
     version = registry.upload_model(name, source, experiment_id=experiment_id).version
     downloads: list[tuple[str, Callable[[Path], object]]] = [
         (
@@ -161,6 +190,10 @@ def round_of_downloads(
         (
             "model_download_cached_mb_s",
             lambda dst: registry.download_model(name, dst, version=version),
+        ),
+        (
+            "model_download_cached_shared_mb_s",
+            lambda dst: shared.download_model(name, dst, version=version),
         ),
         (
             "model_download_direct_mb_s",

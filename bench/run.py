@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.alias_watch import alias_watch  # noqa: E402
-from bench.model_cache import model_cache  # noqa: E402
+from bench.model_cache import model_cache, shared_registry  # noqa: E402
 from bench.sustained import SustainedSizes, sustained  # noqa: E402
 from mlflow_sidecar.client import ClientContainer  # noqa: E402
 from mlflow_sidecar.client.metric_stream import (  # noqa: E402
@@ -585,6 +585,16 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
         "",
     ),
     (
+        "cached model download, shared volume >= 5x cold",
+        lambda r: r["model_download_cached_shared_mb_s"] >= 5 * r["model_download_cold_mb_s"],
+        "",
+    ),
+    (
+        "cached model download, shared volume >= 3x direct",
+        lambda r: r["model_download_cached_shared_mb_s"] >= 3 * r["model_download_direct_mb_s"],
+        "",
+    ),
+    (
         "cached model download >= 5x cold, S3",
         lambda r: r["model_download_s3_cached_mb_s"] >= 5 * r["model_download_s3_cold_mb_s"],
         "",
@@ -592,6 +602,13 @@ TARGETS: list[tuple[str, Callable[[dict[str, float]], bool], str]] = [
     (
         "cached model download >= 3x direct, S3",
         lambda r: r["model_download_s3_cached_mb_s"] >= 3 * r["model_download_s3_direct_mb_s"],
+        "",
+    ),
+    (
+        "cached model download, shared volume >= 3x direct, S3",
+        lambda r: (
+            r["model_download_s3_cached_shared_mb_s"] >= 3 * r["model_download_s3_direct_mb_s"]
+        ),
         "",
     ),
     ("peak RSS <= 400 MiB", lambda r: r["sidecar_peak_rss_mb"] <= 400, ""),
@@ -731,14 +748,16 @@ def main() -> int:
             if "sustained" in groups:
                 sustained(results, series, work / "sustained", sizes.sustained)
             if "model_cache" in groups:
-                model_cache(
-                    results,
-                    container.model_registry(),
-                    server.url,
-                    exp,
-                    work / "model-cache",
-                    sizes.model_cache_repeats,
-                )
+                with shared_registry(sidecar.target, sidecar.data_dir / "models") as shared:
+                    model_cache(
+                        results,
+                        container.model_registry(),
+                        shared,
+                        server.url,
+                        exp,
+                        work / "model-cache",
+                        sizes.model_cache_repeats,
+                    )
                 model_cache_s3(results, work / "model-cache-s3", sizes)
             if "watch" in groups:
                 alias_watch(results, server, work, sizes.watch_moves)
@@ -855,10 +874,14 @@ def s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
 
 def model_cache_s3(results: dict[str, float], work: Path, sizes: Sizes) -> None:
     """The model cache rounds against the S3 stack, where a deployment keeps its models."""
-    with s3_stack(work) as (server, container, _client, exp):
+    with (
+        s3_stack(work) as (server, container, _client, exp),
+        shared_registry(container.config.target(), work / "sidecar" / "models") as shared,
+    ):
         model_cache(
             results,
             container.model_registry(),
+            shared,
             server.url,
             exp,
             work / "model-cache",
@@ -934,10 +957,15 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["model download cached / cold"] = cached / r["model_download_cold_mb_s"]
         ratios["model download cached / direct"] = cached / r["model_download_direct_mb_s"]
         ratios["model download cached / raw gRPC"] = cached / r["grpc_raw_model_download_mb_s"]
+        shared = r["model_download_cached_shared_mb_s"]
+        ratios["model download shared / cold"] = shared / r["model_download_cold_mb_s"]
+        ratios["model download shared / direct"] = shared / r["model_download_direct_mb_s"]
     if "model_download_s3_cached_mb_s" in r:
         cached = r["model_download_s3_cached_mb_s"]
         ratios["model download cached / cold, S3"] = cached / r["model_download_s3_cold_mb_s"]
         ratios["model download cached / direct, S3"] = cached / r["model_download_s3_direct_mb_s"]
+        shared = r["model_download_s3_cached_shared_mb_s"]
+        ratios["model download shared / direct, S3"] = shared / r["model_download_s3_direct_mb_s"]
     print()
     for name, value in ratios.items():
         print(f"{name:40s} {value:14.2f}x")

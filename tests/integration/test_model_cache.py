@@ -109,3 +109,42 @@ def test_the_cache_outlives_a_restart(sidecar, proxy, tmp_path, unique):
     after = registry.download_model(f"kept-{unique}", tmp_path / "after", alias="champion")
     assert tree_digests(after) == tree_digests(model)
     assert proxy.count_under(ARTIFACTS) == fetched
+
+
+def test_a_client_sharing_the_cache_directory_copies_the_version_from_it(
+    sidecar, proxy, tmp_path, unique
+):
+    registry = sidecar.start()
+    model = a_model(tmp_path / "model")
+    version = registry.upload_model(f"shared-{unique}", model, experiment_id="0")
+    assert sidecar.running is not None
+    shared = ClientContainer()
+    shared.config.from_dict(
+        {
+            "target": sidecar.running.target,
+            "timeout_s": 60,
+            "model_cache_dir": str(sidecar.config.data_dir / "models"),
+        }
+    )
+    try:
+        first = shared.model_registry().download_model(
+            f"shared-{unique}", tmp_path / "first", version=version.version
+        )
+        fetched = proxy.count_under(ARTIFACTS)
+        second = shared.model_registry().download_model(
+            f"shared-{unique}", tmp_path / "second", version=version.version
+        )
+    finally:
+        shared.shutdown_resources()
+    assert tree_digests(first) == tree_digests(second) == tree_digests(model)
+    assert proxy.count_under(ARTIFACTS) == fetched
+    metrics = sidecar.running.container.metrics().registry
+    assert metrics.get_sample_value("mlflow_sidecar_model_cache_handoffs_total") == 2
+    # Both copies were read from the cache directory, not streamed: only the manifests went.
+    streamed = metrics.get_sample_value(
+        "mlflow_sidecar_stream_bytes_total", {"direction": "download"}
+    )
+    assert (
+        streamed is not None
+        and streamed < (tmp_path / "model" / "data" / "weights.bin").stat().st_size
+    )

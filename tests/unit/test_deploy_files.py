@@ -8,13 +8,14 @@ import fnmatch
 import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 import tomllib
 import yaml
 
+from mlflow_sidecar.client.settings import ClientEnvSettings
 from mlflow_sidecar.server.config import (
     ArtifactsConfig,
     ServerConfig,
@@ -26,6 +27,9 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "deploy/kubernetes"
 COMPOSE = ROOT / "deploy/compose"
 JOBS = ["trainer-job.yaml", "trainer-job-pvc.yaml"]
+INFERENCE = "inference-deployment.yaml"
+# Every pod with a sidecar: the training Jobs and the inference Deployment.
+PODS = [*JOBS, INFERENCE]
 SECRET_NAME = re.compile(r"TOKEN|PASSWORD|SECRET|CREDENTIAL", re.IGNORECASE)
 INTERPOLATION = re.compile(r"\$\{(?P<name>[A-Z_][A-Z0-9_]*)[^}]*\}")
 QUANTITY = re.compile(r"^(?P<number>[0-9.]+)(?P<unit>Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
@@ -49,7 +53,8 @@ def documents(path: Path) -> list[dict[str, Any]]:
 
 
 def job_of(name: str) -> dict[str, Any]:
-    (job,) = [doc for doc in documents(K8S / name) if doc["kind"] == "Job"]
+    """The Job, or the Deployment, of a manifest: what holds the pod template."""
+    (job,) = [doc for doc in documents(K8S / name) if doc["kind"] in ("Job", "Deployment")]
     return job
 
 
@@ -117,7 +122,7 @@ def test_the_sidecar_is_a_native_sidecar_of_a_job_that_ends_with_the_trainer(nam
     assert trainer_env["MLFLOW_SIDECAR_CLIENT_TARGET"]["value"] == "127.0.0.1:50051"
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_probes_are_http_gets_on_the_metrics_port(name):
     sidecar = sidecar_of(pod_spec(name))
     ports = {port["name"]: port["containerPort"] for port in sidecar["ports"]}
@@ -135,7 +140,7 @@ def test_probes_are_http_gets_on_the_metrics_port(name):
     }
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_the_sidecar_env_passes_the_sidecars_own_checks(name, monkeypatch):
     """The bind policy, grace and drain rules hold for the manifest's settings, the gRPC
     port stays on loopback and the data volume is mounted where the image keeps its data."""
@@ -149,7 +154,7 @@ def test_the_sidecar_env_passes_the_sidecars_own_checks(name, monkeypatch):
     assert mounts[str(config.data_dir)] == "sidecar-data"
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_the_data_volume_holds_the_largest_upload(name, monkeypatch):
     spec = pod_spec(name)
     config = sidecar_config(sidecar_of(spec), monkeypatch)
@@ -168,14 +173,17 @@ def test_the_data_volume_holds_the_largest_upload(name, monkeypatch):
     assert quantity_bytes(size) > config.artifacts.max_upload_bytes
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_pod_and_both_containers_meet_the_restricted_pod_security_standard(name):
     spec = pod_spec(name)
     assert spec["securityContext"]["runAsNonRoot"] is True
     assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     assert spec["automountServiceAccountToken"] is False
     checked = list(containers(spec))
-    assert {c["name"] for c in checked} == {"mlflow-sidecar", "trainer"}
+    assert {c["name"] for c in checked} == {
+        "mlflow-sidecar",
+        "inference" if name == INFERENCE else "trainer",
+    }
     for container in checked:
         context = container["securityContext"]
         assert context["runAsNonRoot"] is True, container["name"]
@@ -190,12 +198,12 @@ def test_pod_and_both_containers_meet_the_restricted_pod_security_standard(name)
 def test_the_namespace_enforces_the_restricted_standard():
     (namespace,) = documents(K8S / "namespace.yaml")
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    for name in JOBS:
+    for name in PODS:
         for doc in documents(K8S / name):
             assert doc["metadata"]["namespace"] == namespace["metadata"]["name"]
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_credentials_come_from_secrets(name):
     for container in containers(pod_spec(name)):
         for var, entry in env_of(container).items():
@@ -205,7 +213,7 @@ def test_credentials_come_from_secrets(name):
     assert "MLFLOW_SIDECAR__MLFLOW__TOKEN" in env_of(sidecar_of(pod_spec(name)))
 
 
-@pytest.mark.parametrize("name", JOBS)
+@pytest.mark.parametrize("name", PODS)
 def test_prometheus_finds_the_metrics_port(name):
     job = job_of(name)
     template = job["spec"]["template"]
@@ -226,6 +234,30 @@ def test_prometheus_finds_the_metrics_port(name):
     for endpoint in monitor["spec"]["podMetricsEndpoints"]:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
+
+
+def test_the_inference_container_reads_the_sidecars_model_cache_read_only(monkeypatch):
+    """MLFLOW_SIDECAR_CLIENT_MODEL_CACHE_DIR names, in the inference container, the very
+    directory the sidecar keeps its model cache in, on the volume the two share."""
+    spec = pod_spec(INFERENCE)
+    sidecar = sidecar_of(spec)
+    config = sidecar_config(sidecar, monkeypatch)
+    assert {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}["sidecar-data"] == str(
+        config.data_dir
+    )
+    (inference,) = spec["containers"]
+    (mount,) = [m for m in inference["volumeMounts"] if m["name"] == "sidecar-data"]
+    assert mount["readOnly"] is True
+    cache_dir = env_of(inference)["MLFLOW_SIDECAR_CLIENT_MODEL_CACHE_DIR"]["value"]
+    relative = config.model_cache_dir.relative_to(config.data_dir)
+    assert PurePosixPath(cache_dir) == PurePosixPath(mount["mountPath"]) / relative.as_posix()
+    for name, entry in env_of(inference).items():
+        monkeypatch.setenv(name, entry["value"])
+    assert ClientEnvSettings().model_cache_dir == cache_dir
+    # The volume holds a full cache and the largest upload staged beside it.
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "sidecar-data"]
+    room = config.model_cache.max_bytes + config.artifacts.max_upload_bytes
+    assert quantity_bytes(volume["emptyDir"]["sizeLimit"]) >= room
 
 
 # --- images ---------------------------------------------------------------------------------

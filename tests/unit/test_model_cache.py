@@ -51,7 +51,7 @@ class Sidecar:
         self.fake.add_run("run1")
         self._ids = itertools.count(1)
         self.metrics = SidecarMetrics()
-        self.staging = Staging(load_config(data_dir=tmp_path))
+        self.staging = Staging(load_config(data_dir=tmp_path), self.metrics)
         self.start(max_bytes, disk)
 
     def start(self, max_bytes: int, disk: CacheDisk | None = None, scope: str = "") -> None:
@@ -65,6 +65,7 @@ class Sidecar:
             self.cache,
             self.staging,
             scope=scope,
+            metrics=self.metrics,
         )
 
     def register(self, name: str, files: dict[str, bytes] = MODEL) -> ModelVersion:

@@ -4,6 +4,7 @@ whole, nothing transferred for an unchanged model, the old copy kept on failure.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator
@@ -43,8 +44,9 @@ def sidecar(tmp_path: Path) -> Sidecar:
     return Sidecar(tmp_path / "sidecar")
 
 
-@pytest.fixture()
-def channel(sidecar: Sidecar) -> Iterator[grpc.Channel]:
+@contextlib.contextmanager
+def serve_registry(sidecar: Sidecar) -> Iterator[grpc.Channel]:
+    """The registry servicer over `sidecar`'s downloads on a loopback port, and a channel."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4), interceptors=[ErrorMappingInterceptor()]
     )
@@ -54,9 +56,17 @@ def channel(sidecar: Sidecar) -> Iterator[grpc.Channel]:
     pb_grpc.add_ModelRegistryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as chan:
+            yield chan
+    finally:
+        server.stop(0)
+
+
+@pytest.fixture()
+def channel(sidecar: Sidecar) -> Iterator[grpc.Channel]:
+    with serve_registry(sidecar) as chan:
         yield chan
-    server.stop(0)
 
 
 @pytest.fixture()

@@ -83,6 +83,7 @@ class ServerContainer(containers.DeclarativeContainer):
         model_cache,
         staging,
         scope=config.provided.model_cache_scope,
+        metrics=metrics,
     )
     artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
     logged_model_service = providers.Singleton(

@@ -169,6 +169,12 @@ class SidecarMetrics:
             "Model cache entries that failed verification and were fetched again",
             registry=r,
         )
+        self.model_cache_handoffs = Counter(
+            "mlflow_sidecar_model_cache_handoffs",
+            "DownloadModel calls answered with the cache entry's place (accept_cache_entry):"
+            " the client read the files through a shared volume",
+            registry=r,
+        )
         self.model_cache_bytes = Gauge(
             "mlflow_sidecar_model_cache_bytes",
             "Bytes of model files in the model cache",

@@ -73,6 +73,7 @@ class ClientContainer(containers.DeclarativeContainer):
         chunk_bytes=settings.provided.upload_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
         watch_reconnect_s=settings.provided.stream_reconnect_s,
+        shared_cache_dir=settings.provided.model_cache_dir,
     )
 
 

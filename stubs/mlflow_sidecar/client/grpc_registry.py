@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +15,7 @@ from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
 from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import AliasWatch, ModelRegistry, StrPath
+from mlflow_sidecar.client.shared_cache import CacheEntryUnreadableError, copy_entry, entry_root
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
@@ -41,6 +44,8 @@ from mlflow_sidecar.core.transfer import (
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
+
 
 class GrpcModelRegistry(ModelRegistry):
     """The model registry through a sidecar; every call carries `timeout_s` as its deadline,
@@ -51,7 +56,12 @@ class GrpcModelRegistry(ModelRegistry):
     upload answered UNAVAILABLE is sent again, up to `upload_attempts` times, with the
     same request id: the sidecar answers a repeat of an upload that took effect with its
     version, before the files travel again. A watch reconnects for up to `watch_reconnect_s`
-    of failing in a row."""
+    of failing in a row.
+
+    With `shared_cache_dir` (where this process sees the sidecar's model cache directory,
+    `<data_dir>/models`, through a shared volume), a cached version is copied from there
+    and verified instead of streamed; when that copy fails (the entry is not there, or
+    differs from its manifest), the version is streamed after all."""
 
     def __init__(
         self,
@@ -62,13 +72,20 @@ class GrpcModelRegistry(ModelRegistry):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_attempts: int = 3,
         watch_reconnect_s: float = 60.0,
+        shared_cache_dir: StrPath | None = None,
     ) -> None:
         self._stub = stub
+        self._shared_cache = Path(shared_cache_dir) if shared_cache_dir else None
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
         self._watch_reconnect_s = watch_reconnect_s
+
+    @property
+    def shared_cache_dir(self) -> Path | None:
+        """Where this client reads the sidecar's model cache, or None (always streamed)."""
+        return self._shared_cache
 
     def create_registered_model(
         self,
@@ -334,6 +351,25 @@ class GrpcModelRegistry(ModelRegistry):
             raise InvalidArgumentError("dst_dir", f"{destination} is not a directory")
         request.if_none_match = _digest_held(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
+        request.accept_cache_entry = self._shared_cache is not None
+        try:
+            answer = self._download(request, destination, progress)
+        except CacheEntryUnreadableError as exc:
+            log.warning(
+                "could not read %s version %s from the shared model cache (%s): downloading"
+                " it from the sidecar instead",
+                name,
+                version if version is not None else f"@{alias}",
+                exc,
+            )
+            request.accept_cache_entry = False
+            answer = self._download(request, destination, progress)
+        return answer
+
+    def _download(
+        self, request: pb.DownloadModelRequest, destination: Path, progress: Progress | None
+    ) -> SyncedModel:
+        """One DownloadModel call into `destination`, swapped in once verified."""
         # A sibling of the destination: the same filesystem, so it can take its place.
         incoming = destination.with_name(f".sidecar-{uuid.uuid4().hex}.download")
         call = self._stub.DownloadModel(request, timeout=self._transfer_timeout)
@@ -343,7 +379,14 @@ class GrpcModelRegistry(ModelRegistry):
                 return _unchanged(destination, request.if_none_match, first.unchanged)
             manifest = _manifest(first)
             incoming.mkdir()
-            _receive_files(manifest.files, call, incoming, progress)
+            second = next(call, None)
+            if second is not None and second.WhichOneof("payload") == "cache_entry":
+                self._copy_entry(manifest, second.cache_entry, incoming, progress)
+                if next(call, None) is not None:
+                    raise DataLossError("the sidecar sent more after the cache entry")
+            else:
+                following = call if second is None else itertools.chain([second], call)
+                _receive_files(manifest.files, following, incoming, progress)
             replace_directory(incoming, destination)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
@@ -356,6 +399,18 @@ class GrpcModelRegistry(ModelRegistry):
             manifest.digest or _digest_of(manifest.files),
             changed=True,
         )
+
+    def _copy_entry(
+        self,
+        manifest: pb.ModelManifest,
+        entry: pb.ModelCacheEntry,
+        incoming: Path,
+        progress: Progress | None,
+    ) -> None:
+        if self._shared_cache is None:
+            raise DataLossError("the sidecar named a cache entry, which was not asked for")
+        source = entry_root(self._shared_cache, entry.path)
+        copy_entry(manifest.files, source, incoming, progress)
 
 
 def _digest_held(destination: Path) -> str:
@@ -438,8 +493,9 @@ class _ModelFiles:
 
     def write(self, message: pb.DownloadModelResponse) -> int:
         """Write one chunk message into its file; returns the bytes it carried."""
-        if message.WhichOneof("payload") != "chunk":
-            raise DataLossError("the sidecar sent a second manifest")
+        kind = message.WhichOneof("payload")
+        if kind != "chunk":
+            raise DataLossError(f"the sidecar sent a {kind or 'empty message'} among the chunks")
         index = message.chunk.file_index
         if not self._current <= index < len(self._files):
             raise DataLossError(f"chunk for file {index} arrived out of order")

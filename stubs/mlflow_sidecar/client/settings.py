@@ -54,6 +54,13 @@ class ClientSettings(BaseModel):
         " gives up at the first failed call, a large value (or inf) outlasts any sidecar"
         " restart",
     )
+    model_cache_dir: str = Field(
+        "",
+        description="where this process sees the sidecar's model cache directory"
+        " (<data_dir>/models) through a volume they share (read-only is enough): model"
+        " downloads then copy cached versions from there, verified against their sha256s,"
+        " instead of receiving the bytes over gRPC; empty: always over gRPC",
+    )
     stream_buffer_points: int = Field(
         DEFAULT_MAX_BUFFERED_POINTS,
         ge=1,

@@ -1292,6 +1292,7 @@ class DownloadModelRequest(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     ALIAS_FIELD_NUMBER: _builtins.int
     IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
+    ACCEPT_CACHE_ENTRY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     alias: _builtins.str
@@ -1301,6 +1302,14 @@ class DownloadModelRequest(_message.Message):
     compared in lowercase (else INVALID_ARGUMENT on if_none_match); empty: always send the
     files.
     """
+    accept_cache_entry: _builtins.bool
+    """Set by a client that sees the sidecar's model cache directory (<data_dir>/models)
+    through a shared volume. When the version is in the model cache, the manifest is
+    followed by one `cache_entry` and no chunks: the entry's files are not hashed by the
+    sidecar for this answer, the client verifies what it reads against the manifest.
+    When it is not (cache off, version larger than model_cache.max_bytes, a full disk),
+    the chunks follow as without this flag.
+    """
     def __init__(
         self,
         *,
@@ -1308,10 +1317,11 @@ class DownloadModelRequest(_message.Message):
         version: _builtins.int = ...,
         alias: _builtins.str = ...,
         if_none_match: _builtins.str = ...,
+        accept_cache_entry: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "if_none_match", b"if_none_match", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_cache_entry", b"accept_cache_entry", "alias", b"alias", "if_none_match", b"if_none_match", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
@@ -1405,6 +1415,32 @@ class ModelUnchanged(_message.Message):
 Global___ModelUnchanged: _TypeAlias = ModelUnchanged  # noqa: Y015
 
 @_typing.final
+class ModelCacheEntry(_message.Message):
+    """Where a cached version's files lie, for a request with accept_cache_entry: the file with
+    manifest path P is <model cache directory>/<path>/<P>. Entries never change in place:
+    one evicted or found damaged while a client reads it is missing or differs from the
+    manifest, and the client then downloads again without accept_cache_entry.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PATH_FIELD_NUMBER: _builtins.int
+    path: _builtins.str
+    """Relative to the model cache directory, "/"-separated, no "." or ".." segment."""
+    def __init__(
+        self,
+        *,
+        path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["path", b"path"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelCacheEntry: _TypeAlias = ModelCacheEntry  # noqa: Y015
+
+@_typing.final
 class ModelChunk(_message.Message):
     """Bytes of the file at file_index in the manifest; files arrive in order."""
 
@@ -1435,24 +1471,28 @@ class DownloadModelResponse(_message.Message):
     MANIFEST_FIELD_NUMBER: _builtins.int
     CHUNK_FIELD_NUMBER: _builtins.int
     UNCHANGED_FIELD_NUMBER: _builtins.int
+    CACHE_ENTRY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def manifest(self) -> Global___ModelManifest: ...
     @_builtins.property
     def chunk(self) -> Global___ModelChunk: ...
     @_builtins.property
     def unchanged(self) -> Global___ModelUnchanged: ...
+    @_builtins.property
+    def cache_entry(self) -> Global___ModelCacheEntry: ...
     def __init__(
         self,
         *,
         manifest: Global___ModelManifest | None = ...,
         chunk: Global___ModelChunk | None = ...,
         unchanged: Global___ModelUnchanged | None = ...,
+        cache_entry: Global___ModelCacheEntry | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cache_entry", b"cache_entry", "chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_entry", b"cache_entry", "chunk", b"chunk", "manifest", b"manifest", "payload", b"payload", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "chunk", "unchanged"]  # noqa: Y015
+    _WhichOneofReturnType_payload: _TypeAlias = _typing.Literal["manifest", "chunk", "unchanged", "cache_entry"]  # noqa: Y015
     _WhichOneofArgType_payload: _TypeAlias = _typing.Literal["payload", b"payload"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_payload) -> _WhichOneofReturnType_payload | None: ...
 

@@ -328,7 +328,9 @@ class ModelRegistryServiceServicer(object):
         without touching MLflow's artifact store; a corrupted entry is detected and fetched
         again; concurrent downloads of one version fetch it from MLflow once. A request whose
         if_none_match equals the version's digest is answered with one `unchanged` message and
-        no files.
+        no files. A request with accept_cache_entry, for a version in the cache, gets the
+        manifest and one `cache_entry` (where the files lie in the cache) instead of chunks:
+        the client reads and verifies them through a volume it shares with the sidecar.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

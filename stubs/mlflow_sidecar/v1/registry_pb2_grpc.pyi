@@ -95,7 +95,9 @@ class ModelRegistryServiceStub:
     without touching MLflow's artifact store; a corrupted entry is detected and fetched
     again; concurrent downloads of one version fetch it from MLflow once. A request whose
     if_none_match equals the version's digest is answered with one `unchanged` message and
-    no files.
+    no files. A request with accept_cache_entry, for a version in the cache, gets the
+    manifest and one `cache_entry` (where the files lie in the cache) instead of chunks:
+    the client reads and verifies them through a volume it shares with the sidecar.
     """
     WatchModelAlias: _grpc.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
@@ -188,7 +190,9 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     without touching MLflow's artifact store; a corrupted entry is detected and fetched
     again; concurrent downloads of one version fetch it from MLflow once. A request whose
     if_none_match equals the version's digest is answered with one `unchanged` message and
-    no files.
+    no files. A request with accept_cache_entry, for a version in the cache, gets the
+    manifest and one `cache_entry` (where the files lie in the cache) instead of chunks:
+    the client reads and verifies them through a volume it shares with the sidecar.
     """
     WatchModelAlias: _aio.UnaryStreamMultiCallable[_registry_pb2.WatchModelAliasRequest, _registry_pb2.WatchModelAliasResponse]  # type: ignore[assignment]
     """Watches aliases of one registered model ("champion", ...). The stream first sends one
@@ -404,7 +408,9 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         without touching MLflow's artifact store; a corrupted entry is detected and fetched
         again; concurrent downloads of one version fetch it from MLflow once. A request whose
         if_none_match equals the version's digest is answered with one `unchanged` message and
-        no files.
+        no files. A request with accept_cache_entry, for a version in the cache, gets the
+        manifest and one `cache_entry` (where the files lie in the cache) instead of chunks:
+        the client reads and verifies them through a volume it shares with the sidecar.
         """
 
     @_abc_1.abstractmethod

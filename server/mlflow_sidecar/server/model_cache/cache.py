@@ -8,7 +8,9 @@ is complete, whatever crashed when. Entries never change in place: one found dam
 dropped and fetched again into a new directory, so a download still reading the old one
 reads what it verified.
 
-Every hit is verified against the manifest (sizes and sha256s) before it is used; the
+Every hit is verified against the manifest (sizes and sha256s) before it is used (only
+the sizes when the reader verifies the sha256s itself: a client reading the entry through
+a shared volume); the
 data is not fsynced on the way in because that check catches what a power loss leaves.
 The manifest's mtime records the entry's last use, so least-recently-used eviction
 survives restarts. Failures of the cache's own writes (a full disk) never fail a
@@ -164,10 +166,13 @@ class ModelCache:
         self._metrics.model_cache_hits.inc()
         return entry.manifest.digest
 
-    def acquire(self, key: CacheKey, *, count_miss: bool = True) -> ModelLease | None:
+    def acquire(
+        self, key: CacheKey, *, count_miss: bool = True, hash_files: bool = True
+    ) -> ModelLease | None:
         """A lease on the cached files of `key`, verified against their manifest, or None
         (not cached, or found damaged: then dropped). `count_miss` False: a second look
-        by the same download, already counted."""
+        by the same download, already counted. `hash_files` False: only the sizes are
+        checked, for a reader that checks the sha256s as it reads."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -176,7 +181,7 @@ class ModelCache:
             if count_miss and self.enabled:
                 self._metrics.model_cache_misses.inc()
             return None
-        problem = self._problem(entry)
+        problem = self._problem(entry, hash_files=hash_files)
         if problem is not None:
             log.warning(
                 "model cache entry of %s version %d is damaged (%s): fetching it again",
@@ -261,8 +266,9 @@ class ModelCache:
             raise
         return final
 
-    def _problem(self, entry: _Entry) -> str | None:
-        """Why the entry's files differ from its manifest, or None when they match."""
+    def _problem(self, entry: _Entry, *, hash_files: bool = True) -> str | None:
+        """Why the entry's files differ from its manifest (sizes, and sha256s unless not
+        `hash_files`), or None when they match."""
         try:
             stored = Manifest.from_json((entry.directory / MANIFEST_NAME).read_bytes())
         except (OSError, ValueError) as exc:
@@ -275,7 +281,7 @@ class ModelCache:
             try:
                 if path.stat().st_size != expected.size_bytes:
                     return f"{expected.path}: size differs"
-                if file_digest(path, self._chunk_bytes)[1] != expected.sha256:
+                if hash_files and file_digest(path, self._chunk_bytes)[1] != expected.sha256:
                     return f"{expected.path}: sha256 differs"
             except OSError as exc:
                 return f"{expected.path}: {exc.strerror or exc}"
@@ -287,6 +293,7 @@ class ModelCache:
             entry.manifest,
             lambda: self._pin(entry),
             lambda: self._unpin(entry),
+            cache_entry=f"{entry.directory.name}/{FILES_DIR}",
         )
 
     def _pin(self, entry: _Entry) -> None:

@@ -15,11 +15,20 @@ class ModelLease:
     """Files of one model under `root`, described by `manifest` (and verified against it)."""
 
     def __init__(
-        self, root: Path, manifest: Manifest, pin: Callable[[], None], unpin: Callable[[], None]
+        self,
+        root: Path,
+        manifest: Manifest,
+        pin: Callable[[], None],
+        unpin: Callable[[], None],
+        *,
+        cache_entry: str | None = None,
     ) -> None:
-        """`pin` takes one more hold on the files (for `share`); `unpin` gives one back."""
+        """`pin` takes one more hold on the files (for `share`); `unpin` gives one back.
+        `cache_entry`: `root` relative to the model cache's directory, "/"-separated, when
+        the files are a cache entry (None: scratch files, not to be named to clients)."""
         self.root = root
         self.manifest = manifest
+        self.cache_entry = cache_entry
         self._pin = pin
         self._unpin = unpin
         self._lock = threading.Lock()
@@ -28,7 +37,9 @@ class ModelLease:
     def share(self) -> ModelLease:
         """Another lease on the same files, released on its own."""
         self._pin()
-        return ModelLease(self.root, self.manifest, self._pin, self._unpin)
+        return ModelLease(
+            self.root, self.manifest, self._pin, self._unpin, cache_entry=self.cache_entry
+        )
 
     def release(self) -> None:
         """Give the files back; later calls do nothing (the call's end and the stream's

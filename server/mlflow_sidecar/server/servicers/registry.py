@@ -241,6 +241,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             version=request.version if selector == "version" else None,
             alias=request.alias if selector == "alias" else None,
             if_none_match=request.if_none_match,
+            accept_cache_entry=request.accept_cache_entry,
         )
         lease = download.lease
         if lease is None:
@@ -258,7 +259,10 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             return
         try:
             yield from self._staging.counted(
-                "download", streams.model_messages(download.version, lease, self._staging)
+                "download",
+                streams.model_messages(
+                    download.version, lease, self._staging, cache_entry=download.cache_entry
+                ),
             )
         finally:
             lease.release()

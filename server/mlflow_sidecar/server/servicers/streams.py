@@ -311,10 +311,11 @@ def artifact_messages(
 
 
 def model_messages(
-    version: ModelVersion, model: ModelLease, staging: Staging
+    version: ModelVersion, model: ModelLease, staging: Staging, *, cache_entry: str | None = None
 ) -> Iterator[reg_pb.DownloadModelResponse]:
     """A DownloadModel stream of leased model files: the manifest (with the sha256s and
-    digest they were verified against), then chunks in order."""
+    digest they were verified against), then chunks in order, or only the `cache_entry`
+    the client reads them from."""
     files = model.manifest.files
     entries = [
         reg_pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
@@ -328,6 +329,9 @@ def model_messages(
             f" {staging.max_message_bytes} bytes (server.max_message_bytes)"
         )
     yield reg_pb.DownloadModelResponse(manifest=manifest)
+    if cache_entry is not None:
+        yield reg_pb.DownloadModelResponse(cache_entry=reg_pb.ModelCacheEntry(path=cache_entry))
+        return
     for index, entry in enumerate(files):
         local = model.root.joinpath(*entry.path.split("/"))
         for chunk in read_chunks(local, staging.chunk_bytes):

@@ -5,7 +5,9 @@ answered from the cache when it holds that version (verified), else fetched from
 into the staging directory, described (every file hashed) and moved into the cache. One
 fetch per version runs at a time; downloads of the version meanwhile wait for it and send
 its result. A client that already has the version's content (`if_none_match`) gets an
-`unchanged` answer instead of the files.
+`unchanged` answer instead of the files; one that reads the cache through a shared volume
+(`accept_cache_entry`) gets the entry's place, its sizes checked and its sha256s left to
+that client.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from mlflow_sidecar.server.model_cache import (
     ModelLease,
     scratch_lease,
 )
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.single_flight import SingleFlight
 from mlflow_sidecar.server.staging import Staging
@@ -33,11 +36,14 @@ from mlflow_sidecar.server.staging import Staging
 @dataclass(frozen=True, slots=True)
 class ModelDownload:
     """What a DownloadModel call sends: the version and its digest, and the files to
-    stream (`lease`, to be released once sent), or None when the client's copy matches."""
+    stream (`lease`, to be released once sent), or None when the client's copy matches.
+    `cache_entry`: where the client may read the files itself (see `ModelLease`), when it
+    asked to and they are a cache entry."""
 
     version: ModelVersion
     digest: str
     lease: ModelLease | None
+    cache_entry: str | None = None
 
 
 class ModelDownloads:
@@ -51,10 +57,12 @@ class ModelDownloads:
         staging: Staging,
         *,
         scope: str = "",
+        metrics: SidecarMetrics | None = None,
     ) -> None:
         """`scope` names the registry and the artifact storage policy (see `CacheKey`):
         a cached version is served only under the ones it was checked under."""
         self._scope = scope
+        self._metrics = metrics or SidecarMetrics()
         self._registry = registry
         self._gateway = gateway
         self._cache = cache
@@ -68,8 +76,10 @@ class ModelDownloads:
         version: int | None = None,
         alias: str | None = None,
         if_none_match: str = "",
+        accept_cache_entry: bool = False,
     ) -> ModelDownload:
-        """The download of one version (give `version` or `alias`)."""
+        """The download of one version (give `version` or `alias`); `accept_cache_entry`:
+        the client reads a cached version's files itself and verifies them."""
         known = check_digest("if_none_match", if_none_match)
         if version is not None and alias is None:
             found = self._registry.get_model_version(name, version)
@@ -80,13 +90,16 @@ class ModelDownloads:
         key = CacheKey(found.name, found.version, found.creation_time_ms, self._scope)
         if known and self._cache.digest_of(key) == known:
             return ModelDownload(found, known, None)
-        lease = self._cache.acquire(key) or self._flights.run(
+        lease = self._cache.acquire(key, hash_files=not accept_cache_entry) or self._flights.run(
             key, lambda: self._fetch(found, key), ModelLease.share
         )
         digest = lease.manifest.digest
         if digest == known:
             lease.release()
             return ModelDownload(found, digest, None)
+        if accept_cache_entry and lease.cache_entry is not None:
+            self._metrics.model_cache_handoffs.inc()
+            return ModelDownload(found, digest, lease, lease.cache_entry)
         return ModelDownload(found, digest, lease)
 
     def _fetch(self, version: ModelVersion, key: CacheKey) -> ModelLease:
