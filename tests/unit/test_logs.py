@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -80,3 +82,16 @@ def test_records_inside_a_span_name_its_trace(restored_logging, capsys):
     inside, outside = (json.loads(line) for line in capsys.readouterr().err.splitlines())
     assert inside["trace_id"] == f"{0xABC:032x}" and inside["span_id"] == f"{0xDEF:016x}"
     assert "trace_id" not in outside
+
+
+def test_records_go_to_the_stderr_of_the_moment_not_a_closed_one(restored_logging, monkeypatch):
+    first, second = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "stderr", first)
+    configure_logging("INFO", "text")
+    logging.getLogger("mlflow_sidecar.test").info("before the swap")
+    # Whoever swapped stderr in closes it and swaps another in (as pytest's capture does).
+    monkeypatch.setattr(sys, "stderr", second)
+    first.close()
+    logging.getLogger("mlflow_sidecar.test").info("after the swap")
+    (line,) = second.getvalue().splitlines()  # no "--- Logging error ---" report
+    assert line.endswith("after the swap")

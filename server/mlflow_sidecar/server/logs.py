@@ -9,7 +9,9 @@ fields of their own, not text inside the message.
 from __future__ import annotations
 
 import logging
+import sys
 from datetime import datetime, timezone
+from typing import TextIO
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
@@ -56,6 +58,25 @@ def json_formatter() -> logging.Formatter:
     )
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A handler on the `sys.stderr` of the moment each record is written, not the one
+    of the moment it was made: code that swaps `sys.stderr` (an embedding application, a
+    test harness capturing output) and closes the old one would otherwise leave every
+    later record, from every thread, failing on a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: TextIO) -> None:
+        # StreamHandler assigns its stream once; the current sys.stderr is always used.
+        pass
+
+
 def configure_logging(level: str, fmt: str) -> None:
     """Text or JSON logs on stderr for every logger of the process.
 
@@ -63,7 +84,7 @@ def configure_logging(level: str, fmt: str) -> None:
     `sqlalchemy.engine` one each, printing plain text) lose them and propagate to the root
     handler instead; they keep the levels they chose. Python warnings become log records.
     Call it again after importing a library that configures its loggers at import."""
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(json_formatter())
