@@ -4,6 +4,7 @@ one backoff for all of them, nothing lost when they stop mid-batch."""
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from collections.abc import Sequence
 
@@ -321,6 +322,46 @@ def test_a_flush_of_every_run_waits_for_the_ends_that_follow_their_points(store)
         waiter.join(HANG_S)
         assert not waiter.is_alive()
         assert ended == ["r0"]
+    finally:
+        gate.set()
+        deliverer.stop()
+
+
+@pytest.mark.parametrize("run_id", ["r0", ""])
+def test_a_flush_that_times_out_before_an_end_is_applied_is_not_complete(store, run_id):
+    from mlflow_sidecar.server.services.metric_ingest import MetricIngest
+
+    mlflow = fake_mlflow("r0")
+    store.append(points("r0", 250))
+    store.record_end("r0", "KILLED", 7_000, applied=False)
+    gate = threading.Event()
+
+    def end_run(run_id: str, status: str, end_time_ms: int) -> None:
+        assert gate.wait(HANG_S)
+
+    deliverer = MetricDeliverer(
+        store,
+        mlflow.log_metrics,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.05,
+        workers=2,
+        end_run=end_run,
+    )
+    ingest = MetricIngest(store, deliverer, flush_timeout_s=HANG_S)
+    deliverer.start()
+    try:
+        # Every point reaches MLflow; the end waits at the gate, past the flush's budget.
+        deadline = time.monotonic() + HANG_S
+        while store.pending("r0") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert store.pending("r0") == 0
+        result = ingest.flush(run_id, timeout_s=0.3)
+        assert (result.pending_points, result.pending_run_ends) == (0, 1)
+        assert not result.complete
+        gate.set()
+        after = ingest.flush(run_id, timeout_s=HANG_S)
+        assert (after.pending_points, after.pending_run_ends, after.complete) == (0, 0, True)
     finally:
         gate.set()
         deliverer.stop()

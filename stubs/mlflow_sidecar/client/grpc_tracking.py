@@ -248,7 +248,9 @@ class GrpcExperimentTracking(ExperimentTracking):
         while True:
             left = deadline - time.monotonic()
             reply = invoke(self._stub.FlushMetrics, request, max(left, 0.001))
-            result = FlushResult(reply.pending_points, reply.dead_letter_points)
+            result = FlushResult(
+                reply.pending_points, reply.dead_letter_points, reply.pending_run_ends
+            )
             if result.complete or deadline - time.monotonic() <= 1.0:
                 return result
 

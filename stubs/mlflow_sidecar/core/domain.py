@@ -98,15 +98,17 @@ class MetricPoint:
 
 @dataclass(frozen=True, slots=True)
 class FlushResult:
-    """What FlushMetrics left behind: points still spooled, and points dead-lettered."""
+    """What FlushMetrics left behind: points still spooled, points dead-lettered, and run
+    ends recorded behind points that MLflow has not been told of yet."""
 
     pending_points: int
     dead_letter_points: int = 0
+    pending_run_ends: int = 0
 
     @property
     def complete(self) -> bool:
-        """True when nothing is pending any more."""
-        return self.pending_points == 0
+        """True when nothing is pending any more: no point, no run end."""
+        return self.pending_points == 0 and self.pending_run_ends == 0
 
 
 @dataclass(frozen=True, slots=True)

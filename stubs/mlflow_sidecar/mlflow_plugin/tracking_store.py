@@ -512,6 +512,8 @@ class SidecarTrackingStore(AbstractStore):
         message = (
             f"{result.pending_points} points of run {run_id} are safe in the sidecar's spool"
             " but not yet in MLflow"
+            if result.pending_points
+            else f"the end of run {run_id} is recorded in the sidecar but not yet in MLflow"
         )
         if strict:
             raise MlflowException(message, error_code=databricks_pb2.TEMPORARILY_UNAVAILABLE)

@@ -1182,19 +1182,26 @@ class FlushMetricsResponse(_message.Message):
 
     PENDING_POINTS_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_POINTS_FIELD_NUMBER: _builtins.int
+    PENDING_RUN_ENDS_FIELD_NUMBER: _builtins.int
     pending_points: _builtins.int
     """Points still in the spool when the call returned; 0 means all delivered."""
     dead_letter_points: _builtins.int
     """Points moved to the dead-letter table for this run (or all)."""
+    pending_run_ends: _builtins.int
+    """Run ends recorded by EndRun while points were pending, for this run (or all), that
+    MLflow has not been told of yet: they follow those points. The flush is complete when
+    this and pending_points are both 0.
+    """
     def __init__(
         self,
         *,
         pending_points: _builtins.int = ...,
         dead_letter_points: _builtins.int = ...,
+        pending_run_ends: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_points", b"dead_letter_points", "pending_points", b"pending_points"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_points", b"dead_letter_points", "pending_points", b"pending_points", "pending_run_ends", b"pending_run_ends"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -185,7 +185,9 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     ) -> pb.FlushMetricsResponse:
         result = self._service.flush_metrics(request.run_id)
         return pb.FlushMetricsResponse(
-            pending_points=result.pending_points, dead_letter_points=result.dead_letter_points
+            pending_points=result.pending_points,
+            dead_letter_points=result.dead_letter_points,
+            pending_run_ends=result.pending_run_ends,
         )
 
     def SetRunTags(

@@ -49,7 +49,16 @@ class MetricIngest:
         if left is not None:
             budget = min(budget, max(0.0, left - _ANSWER_MARGIN_S))
         pending = self._deliverer.wait_delivered(run_id, budget)
-        return FlushResult(pending, self._store.dead_letter_count(run_id))
+        return FlushResult(
+            pending, self._store.dead_letter_count(run_id), self._ends_to_apply(run_id)
+        )
+
+    def _ends_to_apply(self, run_id: str) -> int:
+        """Recorded ends of the run (with "": of any run) not in MLflow yet."""
+        if run_id:
+            end = self._store.run_end(run_id)
+            return int(end is not None and not end.applied)
+        return len(self._store.ends_to_apply())
 
     def pending(self, run_id: str) -> int:
         """Points of a run still in the spool."""
