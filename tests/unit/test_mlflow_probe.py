@@ -82,3 +82,41 @@ def test_unknown_until_the_first_probe_answers():
     finally:
         answered.set()
         probe.stop()
+
+
+class DroppedOnce:
+    """A ping whose first call meets a connection the server closed while it was idle."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def ping(self) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise UnavailableError("Connection aborted: ConnectionResetError(104)")
+
+
+def test_one_failed_ping_tried_again_with_success_is_not_an_outage(caplog):
+    mlflow = DroppedOnce()
+    servicer = health.HealthServicer()
+    probe = MlflowProbe(mlflow.ping, servicer, interval_s=60)
+    caplog.set_level(logging.INFO, logger="mlflow_sidecar.server.mlflow_probe")
+    assert probe.probe_once() is True
+    assert status(servicer) == SERVING
+    assert mlflow.calls == 2
+    assert [r.levelno for r in caplog.records] == [logging.INFO]  # "MLflow is reachable"
+
+
+def test_an_outage_costs_two_pings_a_probe_not_more():
+    mlflow = FlakyMlflow()
+    mlflow.down = True
+    calls = 0
+
+    def counted() -> None:
+        nonlocal calls
+        calls += 1
+        mlflow.ping()
+
+    probe = MlflowProbe(counted, health.HealthServicer(), interval_s=60)
+    assert probe.probe_once() is False
+    assert calls == 2

@@ -60,15 +60,26 @@ class MlflowProbe:
         self._health.set(self._service, _NOT_SERVING)
 
     def probe_once(self) -> bool:
-        """One ping; updates the health service and logs a change. Returns reachability."""
-        try:
-            # Not traced: a span every few seconds would bury the traces of real calls.
-            with suppress_instrumentation():
-                self._ping()
-        except Exception as exc:  # noqa: BLE001 - any failure of the ping means "unreachable"
-            lines = str(exc).splitlines()
-            self._record(False, lines[0] if lines else type(exc).__name__)
-            return False
+        """One probe; updates the health service and logs a change. Returns reachability.
+
+        A failed ping is tried once more at once, and only a second failure counts: a
+        server that closes an idle keep-alive connection just as the ping reuses it
+        (uvicorn, MLflow's server, closes them after 5 s, the probe's default interval)
+        fails that one request, which says nothing about whether MLflow is reachable; the
+        second try opens a fresh connection."""
+        for attempt in (1, 2):
+            try:
+                # Not traced: a span every few seconds would bury the traces of real calls.
+                with suppress_instrumentation():
+                    self._ping()
+            except Exception as exc:  # noqa: BLE001 - a failed ping means "unreachable"
+                if attempt == 1 and not self._stopping.is_set():
+                    log.debug("MLflow ping failed, trying once more: %s", exc)
+                    continue
+                lines = str(exc).splitlines()
+                self._record(False, lines[0] if lines else type(exc).__name__)
+                return False
+            break
         self._record(True, "")
         return True
 
