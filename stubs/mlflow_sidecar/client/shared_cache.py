@@ -4,24 +4,22 @@ A sidecar and its inference container can share the sidecar's data dir (a Kubern
 `emptyDir` mounted in both, read-only on the client's side). A download then asks with
 `accept_cache_entry`; for a cached version the sidecar answers with the manifest and the
 entry's place in its cache instead of the bytes, and the client copies the files from
-there, verifying each against the manifest's size and sha256 as it copies. The sidecar
-does not hash the entry for such an answer: this check is the one that counts.
+there (in the kernel: the bytes do not pass through Python) and verifies each copy against
+the manifest's size and sha256. The sidecar does not hash the entry for such an answer:
+this check is the one that counts.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core.domain import Progress
 from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError
 from mlflow_sidecar.core.paths import check_relative_path
-from mlflow_sidecar.core.transfer import HashingWriter, read_chunks, report
+from mlflow_sidecar.core.transfer import file_digest, report
 from mlflow_sidecar.v1 import registry_pb2 as pb
-
-# Larger than a gRPC chunk: a local copy has no message limit, and fewer Python-level
-# steps per byte is what makes it fast.
-COPY_BYTES = 4 * 1024 * 1024
 
 
 class CacheEntryUnreadableError(Exception):
@@ -45,23 +43,29 @@ def copy_entry(
     staging: Path,
     progress: Progress | None,
 ) -> None:
-    """Copy the manifest's `files` from the entry at `source` into `staging`, verifying
-    each; CacheEntryUnreadableError (and nothing verified left in `staging` for that file) when
-    one is missing, unreadable or differs from the manifest."""
+    """Copy the manifest's `files` from the entry at `source` into `staging`, then verify
+    each copy; CacheEntryUnreadableError (and the copy that failed removed) when a file is
+    missing, unreadable or differs from the manifest."""
     total = sum(entry.size_bytes for entry in files)
     report(progress, 0, total)
     done = 0
     for entry in files:
         local = source.joinpath(*entry.path.split("/"))
         target = staging.joinpath(*entry.path.split("/"))
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            with HashingWriter(target, entry.size_bytes, entry.sha256, what=entry.path) as writer:
-                for chunk in read_chunks(local, COPY_BYTES):
-                    writer.write(chunk)
-                    done += len(chunk)
-                    report(progress, done, total)
-                writer.finish()
-        except DataLossError as exc:
-            raise CacheEntryUnreadableError(f"{local}: {exc.message}") from exc
+            # The kernel copies (copy_file_range or sendfile): the bytes do not pass through
+            # Python. The copy is what gets verified, so a source changing meanwhile is caught.
+            shutil.copyfile(local, target)
+            size, sha256 = file_digest(target)
         except OSError as exc:
+            target.unlink(missing_ok=True)
             raise CacheEntryUnreadableError(f"{local}: {exc.strerror or exc}") from exc
+        if (size, sha256) != (entry.size_bytes, entry.sha256.lower()):
+            target.unlink()
+            raise CacheEntryUnreadableError(
+                f"{local}: {size} bytes with sha256 {sha256} do not match the manifest's"
+                f" {entry.size_bytes} bytes with sha256 {entry.sha256}"
+            )
+        done += entry.size_bytes
+        report(progress, done, total)
