@@ -641,7 +641,9 @@ def main() -> int:
     series: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         work = Path(tmp)
-        server = MlflowServer(work / "mlflow")
+        # MLflow's job runner (several polling consumer processes) serves features the
+        # sidecar never uses; left on, it takes CPU from both sides of every comparison.
+        server = MlflowServer(work / "mlflow", job_execution=False)
         server.start()
         sidecar = SidecarProcess(
             work / "sidecar", server.url, MLFLOW_SIDECAR__METRICS__PORT=str(free_port())
@@ -844,7 +846,9 @@ def s3_stack(work: Path) -> Iterator[tuple[MlflowServer, ClientContainer, Mlflow
     container, a plain MLflow client of the server, an experiment id)."""
     moto = MotoS3(work / "moto")
     moto.start()
-    server = MlflowServer(work / "mlflow", artifacts="s3://bench/artifacts", env=moto.env)
+    server = MlflowServer(
+        work / "mlflow", artifacts="s3://bench/artifacts", env=moto.env, job_execution=False
+    )
     sidecar = SidecarProcess(work / "sidecar", server.url)
     container = ClientContainer()
     try:

@@ -1016,7 +1016,7 @@ class FakeMlflow:
         return None
 
     def open_artifact_download(
-        self, artifact_uri: str, artifact_path: str, chunk_bytes: int
+        self, artifact_uri: str, artifact_path: str, chunk_bytes: int, size_hint: int = 0
     ) -> StreamedDownload | None:
         return None
 

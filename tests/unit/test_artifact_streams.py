@@ -1,7 +1,9 @@
 """Streamed artifact transfers against a small HTTP server standing in for MLflow's artifact
 proxy. Uploads: the body arrives whole on commit, is cut short (never completed) on abort,
-and a PUT that fails makes commit answer with the error. Downloads: bytes come as they arrive, an
-answer without Content-Length is left to the file path, a short one is DATA_LOSS."""
+and a PUT that fails makes commit answer with the error. Downloads: bytes come as they arrive;
+an answer without Content-Length streams with the listed size (regrouped into full chunks),
+or is left to the file path when no size is known; one short of or beyond its size is
+DATA_LOSS."""
 
 from __future__ import annotations
 
@@ -44,6 +46,14 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         if self.path.endswith("/no-length.bin"):
             self.end_headers()  # HTTP/1.0: the body runs until the connection closes
             self.wfile.write(b"abc")
+            return
+        if self.path.endswith("/unsized.bin"):
+            # As MLflow's server streams a file from an object store: no length, and
+            # pieces of the sender's size.
+            self.end_headers()
+            for start in range(0, len(self.download), 1000):
+                self.wfile.write(self.download[start : start + 1000])
+                self.wfile.flush()
             return
         self.send_header("Content-Length", str(len(self.download) + self.missing))
         self.end_headers()
@@ -131,3 +141,23 @@ def test_a_download_cut_short_is_an_error_not_a_short_file(repo):
     assert download is not None
     with pytest.raises(SidecarError):
         b"".join(download.chunks)
+
+
+def test_a_download_without_length_streams_with_the_listed_size_in_full_chunks(repo):
+    _Recorder.download = bytes(range(256)) * 1000
+    download = open_download(repo, "ckpt/unsized.bin", 64 * 1024, len(_Recorder.download))
+    assert download is not None
+    assert download.size_bytes == len(_Recorder.download)
+    chunks = list(download.chunks)
+    assert [len(c) for c in chunks[:-1]] == [64 * 1024] * (len(chunks) - 1)
+    assert b"".join(chunks) == _Recorder.download
+
+
+@pytest.mark.parametrize("listed", [255_999, 256_001])
+def test_an_unsized_download_that_differs_from_its_listing_is_data_loss(repo, listed):
+    _Recorder.download = bytes(range(256)) * 1000
+    download = open_download(repo, "ckpt/unsized.bin", 64 * 1024, listed)
+    assert download is not None
+    with pytest.raises(SidecarError) as failed:
+        b"".join(download.chunks)
+    assert failed.value.code == grpc.StatusCode.DATA_LOSS

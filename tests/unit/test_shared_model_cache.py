@@ -152,7 +152,10 @@ def test_a_damaged_entry_is_caught_by_the_client_and_streamed_fixed(
     with caplog.at_level(logging.WARNING):
         synced = shared.sync_model("agent", tmp_path / "out", version=1)
     assert files_under(synced.path) == MODEL
-    assert "do not match the manifest" in caplog.text and "downloading it from the sidecar" in caplog.text
+    assert (
+        "do not match the manifest" in caplog.text
+        and "downloading it from the sidecar" in caplog.text
+    )
     # The streamed retry had the sidecar hash the entry: found damaged, fetched again.
     assert sidecar.sample("mlflow_sidecar_model_cache_corrupt_entries_total") == 1
     assert sidecar.fetches() == 2

@@ -191,11 +191,16 @@ class StreamedUpload:
         return True
 
 
-def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDownload | None:
-    """Start a GET of one artifact file; the bytes are read as `chunks` is iterated.
+def open_download(
+    repo: Any, artifact_path: str, chunk_bytes: int, size_hint: int = 0
+) -> StreamedDownload | None:
+    """Start a GET of one artifact file; the bytes are read as `chunks` is iterated, in
+    pieces of `chunk_bytes` (the last one shorter).
 
-    None when the answer carries no Content-Length (a proxy that chunks it): the header
-    of a download announces the size, so such a file is fetched whole first."""
+    The size is the answer's Content-Length, else `size_hint` (the listed size): MLflow's
+    server streams a file from S3 and other object stores without a length. With
+    neither, None: the header of a download announces the size, so such a file is
+    fetched whole first. Bytes beyond or short of the size are DATA_LOSS."""
     response = mlflow_internals.http_request(
         mlflow_internals.host_creds(repo),
         posixpath.join("/", artifact_path),
@@ -207,16 +212,23 @@ def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDo
     )
     mlflow_internals.raise_for_status(response)
     length = response.headers.get("Content-Length")
-    if length is None or not length.isdigit():
+    if length is not None and length.isdigit():
+        size = int(length)
+    elif size_hint > 0:
+        size = size_hint
+    else:
         response.close()
         return None
-    size = int(length)
 
     def chunks() -> Iterator[bytes]:
         received = 0
         try:
-            for chunk in response.iter_content(chunk_size=chunk_bytes):
+            # A chunked answer comes in pieces of the sender's choosing: gathered into
+            # chunk_bytes, so that the gRPC messages stay few and full.
+            for chunk in _regrouped(response.iter_content(chunk_size=chunk_bytes), chunk_bytes):
                 received += len(chunk)
+                if received > size:
+                    break
                 yield chunk
         except Exception as exc:
             raise to_domain_error(exc) from exc
@@ -229,3 +241,18 @@ def open_download(repo: Any, artifact_path: str, chunk_bytes: int) -> StreamedDo
             )
 
     return StreamedDownload(size, chunks(), response.close)
+
+
+def _regrouped(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """The bytes of `pieces` again, in pieces of `size` (the last one shorter)."""
+    pending = bytearray()
+    for piece in pieces:
+        if not pending and len(piece) == size:
+            yield piece
+            continue
+        pending += piece
+        while len(pending) >= size:
+            yield bytes(pending[:size])
+            del pending[:size]
+    if pending:
+        yield bytes(pending)

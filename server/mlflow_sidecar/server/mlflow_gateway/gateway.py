@@ -1041,19 +1041,19 @@ class MlflowGateway:
         return StreamedUpload(repo, artifact_dir, file_name, size_bytes, self._observe)
 
     def open_artifact_download(
-        self, artifact_uri: str, artifact_path: str, chunk_bytes: int
+        self, artifact_uri: str, artifact_path: str, chunk_bytes: int, size_hint: int = 0
     ) -> StreamedDownload | None:
         """A GET of one artifact file whose bytes are passed on as they arrive.
 
         None when the run's artifact store is not MLflow's HTTP proxy: then the file is
         downloaded with `download_artifact` first (also when MLflow's answer has no
-        Content-Length)."""
+        Content-Length and no `size_hint` is known)."""
         self._storage.check("run_id", artifact_uri)
         repo = self._streaming_repository(artifact_uri)
         if repo is None:
             return None
         return self.call(
-            lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes),
+            lambda: artifact_streams.open_download(repo, artifact_path, chunk_bytes, size_hint),
             not_found=ErrorReason.ARTIFACT_NOT_FOUND,
         )
 

@@ -282,10 +282,11 @@ class ArtifactsPort(Protocol):
         store takes whole files only (then `log_artifact` the complete file)."""
 
     def open_artifact_download(
-        self, artifact_uri: str, artifact_path: str, chunk_bytes: int
+        self, artifact_uri: str, artifact_path: str, chunk_bytes: int, size_hint: int = 0
     ) -> StreamedDownload | None:
         """One artifact file's bytes as they arrive; None when the store hands out whole
-        files only (then `download_artifact` it)."""
+        files only (then `download_artifact` it). `size_hint`: the file's size as listed
+        (0: unknown), for an answer that does not say its length."""
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""

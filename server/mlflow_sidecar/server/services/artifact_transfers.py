@@ -136,11 +136,11 @@ class ArtifactTransfers:
         """The bytes of one artifact file, streamed from MLflow when its store allows,
         else downloaded into `scratch` first."""
         check.run_id("run_id", run_id)
-        artifact_file(self._gateway, run_id, artifact_path)
+        listed = artifact_file(self._gateway, run_id, artifact_path)
         run = self._gateway.get_run(run_id)
         chunk_bytes = self._staging.chunk_bytes
         streamed = self._gateway.open_artifact_download(
-            run.info.artifact_uri, artifact_path, chunk_bytes
+            run.info.artifact_uri, artifact_path, chunk_bytes, listed.size_bytes
         )
         if streamed is not None:
             return streamed
