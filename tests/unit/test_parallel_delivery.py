@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -20,6 +20,7 @@ from tests.unit.test_spool import delivered, events, fake_mlflow, points
 
 # Only a safety net for a broken deliverer: no test waits this long when it passes.
 HANG_S = 30
+EndRun = Callable[[str, str, int], None]
 
 
 @pytest.fixture()
@@ -302,15 +303,7 @@ def test_a_flush_of_every_run_waits_for_the_ends_that_follow_their_points(store)
         assert gate.wait(HANG_S)
         ended.append(run_id)
 
-    deliverer = MetricDeliverer(
-        store,
-        mlflow.log_metrics,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.05,
-        workers=2,
-        end_run=end_run,
-    )
+    deliverer = ending_deliverer(store, mlflow, end_run)
     deliverer.start()
     try:
         waiter = threading.Thread(target=deliverer.wait_delivered, args=("", HANG_S))
@@ -339,15 +332,7 @@ def test_a_flush_that_times_out_before_an_end_is_applied_is_not_complete(store, 
     def end_run(run_id: str, status: str, end_time_ms: int) -> None:
         assert gate.wait(HANG_S)
 
-    deliverer = MetricDeliverer(
-        store,
-        mlflow.log_metrics,
-        batch_size=100,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.05,
-        workers=2,
-        end_run=end_run,
-    )
+    deliverer = ending_deliverer(store, mlflow, end_run)
     ingest = MetricIngest(store, deliverer, flush_timeout_s=HANG_S)
     deliverer.start()
     try:
@@ -365,3 +350,16 @@ def test_a_flush_that_times_out_before_an_end_is_applied_is_not_complete(store, 
     finally:
         gate.set()
         deliverer.stop()
+
+
+def ending_deliverer(store: SpoolStore, mlflow: FakeMlflow, end_run: EndRun) -> MetricDeliverer:
+    """Two workers in batches of 100 over `mlflow`, ending runs with `end_run`."""
+    return MetricDeliverer(
+        store,
+        mlflow.log_metrics,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.05,
+        workers=2,
+        end_run=end_run,
+    )

@@ -19,7 +19,7 @@ from mlflow_sidecar.core.errors import DataLossError
 from mlflow_sidecar.server.model_cache.cache import FILES_DIR
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
-from tests.unit.test_model_cache import MODEL, Sidecar, read_all
+from tests.unit.test_model_cache import MODEL, Sidecar, flip_a_byte, read_all, truncate
 from tests.unit.test_model_sync import files_under, serve_registry
 
 HANDOFFS = "mlflow_sidecar_model_cache_handoffs_total"
@@ -122,15 +122,12 @@ def test_the_sidecar_checks_sizes_but_leaves_the_sha256s_to_the_client(sidecar):
     sidecar.register("agent")
     sidecar.download("agent")
     (entry,) = sidecar.entries()
-    weights = entry / FILES_DIR / "data" / "weights.bin"
-    flipped = bytearray(weights.read_bytes())
-    flipped[0] ^= 1
-    weights.write_bytes(bytes(flipped))
+    flip_a_byte(entry)
     opened = sidecar.downloads.open("agent", version=1, accept_cache_entry=True)
     assert opened.cache_entry is not None  # same size: named, the client will catch it
     assert opened.lease is not None
     opened.lease.release()
-    weights.write_bytes(bytes(flipped[:-1]))
+    truncate(entry)
     refetched = sidecar.downloads.open("agent", version=1, accept_cache_entry=True)
     assert sidecar.fetches() == 2  # a size that differs is caught without reading
     assert read_all(refetched) == MODEL
@@ -145,10 +142,7 @@ def test_a_damaged_entry_is_caught_by_the_client_and_streamed_fixed(
     sidecar.register("agent")
     sidecar.download("agent")
     (entry,) = sidecar.entries()
-    weights = entry / FILES_DIR / "data" / "weights.bin"
-    flipped = bytearray(weights.read_bytes())
-    flipped[0] ^= 1
-    weights.write_bytes(bytes(flipped))
+    flip_a_byte(entry)
     with caplog.at_level(logging.WARNING):
         synced = shared.sync_model("agent", tmp_path / "out", version=1)
     assert files_under(synced.path) == MODEL
