@@ -3,7 +3,8 @@
 Three ways the bytes reach S3, through two `mlflow server`s on one bucket:
 
 - `proxied`: `--artifacts-destination s3://…`; the sidecar streams to MLflow's artifact
-  proxy, which writes to S3 (boto3's own multipart upload above 8 MiB);
+  proxy, which writes to S3 (boto3's own multipart upload above 8 MiB), and reads a
+  download from S3 itself through the URL the server presigns, as MLflow's client does;
 - `proxied-multipart`: the same server with `MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD` set in
   the sidecar's environment: large files go to S3 in parts of
   `MLFLOW_MULTIPART_UPLOAD_CHUNK_SIZE`, through URLs the server presigns;
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -178,6 +180,34 @@ def test_artifacts_round_trip_byte_identical_and_land_in_the_bucket(
     else:
         assert parts > 1
     assert multipart_parts(objects[_run_key(setup, run, "ckpt/config.json")]["etag"]) == 1
+
+
+def _object_gets(moto_s3: MotoS3, key: str) -> list[str]:
+    """The GET requests of one object in moto's request log."""
+    target = f'"GET /{BUCKET}/{key}'
+    return [line for line in moto_s3.log_path.read_text().splitlines() if target in line]
+
+
+@pytest.mark.parametrize("mode", ["proxied"], indirect=True)
+def test_a_download_the_server_presigns_is_read_from_the_bucket_not_through_the_server(
+    tracking, run, setup, moto_s3, tmp_path
+):
+    _, run_id = run
+    source = random_file(tmp_path / "up" / "weights.bin", LARGE_BYTES)
+    tracking.upload_artifact(run_id, source, "ckpt/weights.bin")
+    key = _run_key(setup, run, "ckpt/weights.bin")
+    assert _object_gets(moto_s3, key) == []
+
+    local = tracking.download_artifact(run_id, "ckpt/weights.bin", tmp_path / "down")
+
+    assert sha256_of(local) == sha256_of(source)
+    deadline = time.monotonic() + 10
+    while not _object_gets(moto_s3, key) and time.monotonic() < deadline:
+        time.sleep(0.05)  # moto logs a request once it has answered it
+    gets = _object_gets(moto_s3, key)
+    # One GET with the server's signature in the URL; the server itself fetching the object
+    # for its proxy would sign in a header instead.
+    assert len(gets) == 1 and "X-Amz-Signature=" in gets[0], gets
 
 
 def test_mlflow_reads_what_the_sidecar_wrote_and_the_other_way(tracking, run, setup, tmp_path):

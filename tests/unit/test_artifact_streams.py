@@ -3,11 +3,13 @@ proxy. Uploads: the body arrives whole on commit, is cut short (never completed)
 and a PUT that fails makes commit answer with the error. Downloads: bytes come as they arrive;
 an answer without Content-Length streams with the listed size (regrouped into full chunks),
 or is left to the file path when no size is known; one short of or beyond its size is
-DATA_LOSS."""
+DATA_LOSS. A download the server presigns is read from the object store, not the proxy;
+an upload MLflow's client would send in presigned parts is not streamed."""
 
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -16,9 +18,16 @@ from typing import ClassVar
 import grpc
 import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
 from mlflow_sidecar.core.errors import SidecarError
-from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload, open_download
+from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
+    StreamedUpload,
+    open_download,
+    streams_upload,
+)
+
+PRESIGN_PREFIX = "/api/2.0/mlflow-artifacts/presigned/root/"
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -26,6 +35,10 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     status: ClassVar[int] = 200
     download: ClassVar[bytes] = b""
     missing: ClassVar[int] = 0
+    # GETs seen: (path, headers)
+    gets: ClassVar[list[tuple[str, dict[str, str]]]] = []
+    presign_status: ClassVar[int] = 200
+    presigned_size: ClassVar[int | None] = None
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -42,6 +55,17 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             self.end_headers()
 
     def do_GET(self) -> None:
+        self.gets.append((self.path, dict(self.headers)))
+        if self.path.startswith(PRESIGN_PREFIX):
+            self._presign(self.path.removeprefix(PRESIGN_PREFIX))
+            return
+        if self.path.startswith("/bucket/"):
+            # As S3 answers a presigned GET; no length, so that the size must come from
+            # the presign answer.
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(self.download)
+            return
         self.send_response(200)
         if self.path.endswith("/no-length.bin"):
             self.end_headers()  # HTTP/1.0: the body runs until the connection closes
@@ -59,6 +83,27 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(self.download)
 
+    def _presign(self, path: str) -> None:
+        if self.presign_status != 200:
+            self.send_response(self.presign_status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        size = len(self.download) if self.presigned_size is None else self.presigned_size
+        host, port = self.server.server_address[:2]
+        body = json.dumps(
+            {
+                "url": f"http://{host}:{port}/bucket/{path}?X-Amz-Signature=s1",
+                "headers": {"x-amz-server-side-encryption": "AES256"},
+                "file_size": size,
+            }
+        ).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
     def log_message(self, *args: object) -> None:
         pass
 
@@ -69,12 +114,28 @@ def repo() -> Iterator[HttpArtifactRepository]:
     _Recorder.status = 200
     _Recorder.download = b""
     _Recorder.missing = 0
+    _Recorder.gets = []
+    _Recorder.presign_status = 200
+    _Recorder.presigned_size = None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield HttpArtifactRepository(f"http://127.0.0.1:{server.server_port}/root")
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture()
+def proxy(repo, monkeypatch) -> MlflowArtifactsRepository:
+    """MLflow's artifact proxy on the same server, presigning downloads (as a server in
+    front of S3 says in its /server-info; here the setting MLflow's client reads first)."""
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "true")
+    # MLflow's credentials, so that the test sees whether they went along.
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "mlflow-secret")
+    host = repo.artifact_uri.split("//")[1].split("/")[0]
+    return MlflowArtifactsRepository(
+        f"mlflow-artifacts://{host}/root", tracking_uri=f"http://{host}"
+    )
 
 
 def _upload(repo: HttpArtifactRepository, chunks: list[bytes], seen: list[str]) -> StreamedUpload:
@@ -161,3 +222,65 @@ def test_an_unsized_download_that_differs_from_its_listing_is_data_loss(repo, li
     with pytest.raises(SidecarError) as failed:
         b"".join(download.chunks)
     assert failed.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_a_download_the_server_presigns_comes_from_the_object_store_not_the_proxy(proxy):
+    _Recorder.download = bytes(range(256)) * 1000
+    download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    assert download.size_bytes == len(_Recorder.download)
+    assert b"".join(download.chunks) == _Recorder.download
+    paths = [path for path, _headers in _Recorder.gets]
+    assert paths == [PRESIGN_PREFIX + "ckpt/model.pt", "/bucket/ckpt/model.pt?X-Amz-Signature=s1"]
+    presign_headers, object_headers = (headers for _path, headers in _Recorder.gets)
+    assert presign_headers["Authorization"] == "Bearer mlflow-secret"
+    # The URL carries its own signature: MLflow's token stays with MLflow.
+    assert "Authorization" not in object_headers
+    assert object_headers["x-amz-server-side-encryption"] == "AES256"
+
+
+@pytest.mark.parametrize("announced", [255_999, 256_001])
+def test_a_presigned_download_that_differs_from_its_announced_size_is_data_loss(proxy, announced):
+    _Recorder.download = bytes(range(256)) * 1000
+    _Recorder.presigned_size = announced
+    download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    with pytest.raises(SidecarError) as failed:
+        b"".join(download.chunks)
+    assert failed.value.code == grpc.StatusCode.DATA_LOSS
+
+
+@pytest.mark.parametrize("status", [404, 501])
+def test_a_server_that_cannot_presign_is_read_through_the_proxy(proxy, status):
+    _Recorder.download = b"weights" * 1000
+    _Recorder.presign_status = status
+    download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    assert b"".join(download.chunks) == _Recorder.download
+    paths = [path for path, _headers in _Recorder.gets]
+    assert paths == [
+        PRESIGN_PREFIX + "ckpt/model.pt",
+        "/api/2.0/mlflow-artifacts/artifacts/root/ckpt/model.pt",
+    ]
+
+
+def test_a_presign_refused_for_another_reason_is_that_error(proxy):
+    _Recorder.presign_status = 403
+    with pytest.raises(Exception) as failed:
+        open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert "403" in str(failed.value)
+    assert not any(path.startswith("/bucket/") for path, _h in _Recorder.gets)
+
+
+def test_uploads_are_streamed_below_mlflows_multipart_size_and_staged_from_it(proxy, monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")
+    monkeypatch.setenv("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", "1000")
+    assert [streams_upload(proxy, size) for size in (0, 1, 999, 1000, 10**9)] == [
+        False,
+        True,
+        True,
+        False,
+        False,
+    ]
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
+    assert streams_upload(proxy, 10**9) is True

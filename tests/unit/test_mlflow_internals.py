@@ -68,6 +68,26 @@ def test_http_artifact_repositories_expose_credentials_and_the_multipart_switch(
     )
 
 
+def test_mlflows_artifact_proxy_client_still_asks_for_presigned_downloads():
+    for api in ("_is_multipart_download_enabled", "_get_presigned_download_url"):
+        assert callable(getattr(MlflowArtifactsRepository, api, None)), _changed(
+            f"MlflowArtifactsRepository.{api}"
+        )
+    assert _parameters(MlflowArtifactsRepository._get_presigned_download_url)[1:] == [
+        "remote_file_path"
+    ], _changed("MlflowArtifactsRepository._get_presigned_download_url")
+
+
+def test_the_multipart_upload_threshold_is_mlflows_setting(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "true")
+    monkeypatch.setenv("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", "4096")
+    repo = HttpArtifactRepository("http://mlflow.example:5000/api/2.0/mlflow-artifacts/artifacts/x")
+    assert mlflow_internals.uploads_in_parts(repo, 4095) is False
+    assert mlflow_internals.uploads_in_parts(repo, 4096) is True, _changed(
+        "MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE"
+    )
+
+
 def test_mime_types_are_guessed_from_the_file_name():
     guessed = [mlflow_internals.guess_mime_type(n) for n in ("a.png", "MLmodel", "w.bin")]
     assert guessed == ["image/png", "text/plain", "application/octet-stream"], _changed(

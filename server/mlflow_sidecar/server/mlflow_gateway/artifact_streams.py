@@ -9,8 +9,13 @@ Uploads stay all-or-nothing: MLflow's server publishes a PUT only once the whole
 not even over an existing file. So the newest chunk is always held back; `commit()`
 sends it once the caller has verified every byte, `abort()` cuts the connection instead.
 
-Only the plain HTTP artifact proxy (`mlflow-artifacts:` / `http(s):` artifact URIs,
-without proxied multipart uploads) is streamed; other stores go through a file.
+Only MLflow's HTTP artifact proxy (`mlflow-artifacts:` / `http(s):` artifact URIs) is
+streamed, and only the way MLflow's own client moves the same file: an upload that it
+would send in presigned parts (multipart on, the file at least
+`MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE`) goes through a file, and a download that the
+server presigns (S3 and similar stores) is read from the object store directly instead
+of through the server, which would fetch the whole file before sending its first byte.
+Other stores go through a file.
 """
 
 from __future__ import annotations
@@ -57,14 +62,18 @@ class _AbandonedError(Exception):
     """Raised inside the HTTP body so that the connection is cut before the last byte."""
 
 
-def streaming_repository(artifact_uri: str, tracking_uri: str) -> Any | None:
-    """The run's artifact repository when it is the plain HTTP proxy, else None."""
+def proxy_repository(artifact_uri: str, tracking_uri: str) -> Any | None:
+    """The run's artifact repository when it is MLflow's HTTP artifact proxy, else None."""
     repo: Any = get_artifact_repository(artifact_uri, tracking_uri=tracking_uri)
     if type(repo) not in (HttpArtifactRepository, MlflowArtifactsRepository):
         return None
-    if mlflow_internals.multipart_upload_enabled(repo):
-        return None
     return repo
+
+
+def streams_upload(repo: Any, size_bytes: int) -> bool:
+    """Whether an upload of this size to the proxy `repo` is one PUT that can be streamed;
+    a file MLflow would send in presigned parts is not."""
+    return size_bytes > 0 and not mlflow_internals.uploads_in_parts(repo, size_bytes)
 
 
 class _SizedBody:
@@ -195,21 +204,28 @@ def open_download(
     repo: Any, artifact_path: str, chunk_bytes: int, size_hint: int = 0
 ) -> StreamedDownload | None:
     """Start a GET of one artifact file; the bytes are read as `chunks` is iterated, in
-    pieces of `chunk_bytes` (the last one shorter).
+    pieces of `chunk_bytes` (the last one shorter). The GET goes to the object store when
+    MLflow's server presigns the file, else to the server.
 
-    The size is the answer's Content-Length, else `size_hint` (the listed size): MLflow's
-    server streams a file from S3 and other object stores without a length. With
-    neither, None: the header of a download announces the size, so such a file is
-    fetched whole first. Bytes beyond or short of the size are DATA_LOSS."""
-    response = mlflow_internals.http_request(
-        mlflow_internals.host_creds(repo),
-        posixpath.join("/", artifact_path),
-        "GET",
-        # The bytes as stored, so that Content-Length counts what the chunks carry even
-        # behind a proxy that would compress them.
-        extra_headers={"Accept-Encoding": "identity"},
-        stream=True,
-    )
+    The size is the answer's Content-Length, else the presigned size, else `size_hint`
+    (the listed size): MLflow's server streams a file from S3 and other object stores
+    without a length. With none, None: the header of a download announces the size, so
+    such a file is fetched whole first. Bytes beyond or short of the size are DATA_LOSS."""
+    # The bytes as stored, so that Content-Length counts what the chunks carry even
+    # behind a proxy that would compress them.
+    identity = {"Accept-Encoding": "identity"}
+    presigned = mlflow_internals.presigned_download(repo, artifact_path)
+    if presigned is not None:
+        response = mlflow_internals.object_store_get(presigned.url, presigned.headers | identity)
+        size_hint = presigned.size_bytes or size_hint
+    else:
+        response = mlflow_internals.http_request(
+            mlflow_internals.host_creds(repo),
+            posixpath.join("/", artifact_path),
+            "GET",
+            extra_headers=identity,
+            stream=True,
+        )
     mlflow_internals.raise_for_status(response)
     length = response.headers.get("Content-Length")
     if length is not None and length.isdigit():

@@ -1030,26 +1030,28 @@ class MlflowGateway:
     ) -> StreamedUpload | None:
         """Start a PUT of `artifact_dir/file_name` that is fed while the bytes arrive.
 
-        None when the run's artifact store is not MLflow's HTTP proxy, or the file is
-        empty: then the file is stored with `log_artifact` once it is complete."""
+        None when the run's artifact store is not MLflow's HTTP proxy, the file is empty,
+        or MLflow's client would send it in presigned parts: then the file is stored with
+        `log_artifact` once it is complete."""
         self._storage.check("run_id", artifact_uri)
         if size_bytes <= 0:
             return None
-        repo = self._streaming_repository(artifact_uri)
-        if repo is None:
+        repo = self._proxy_repository(artifact_uri)
+        if repo is None or not self.call(lambda: artifact_streams.streams_upload(repo, size_bytes)):
             return None
         return StreamedUpload(repo, artifact_dir, file_name, size_bytes, self._observe)
 
     def open_artifact_download(
         self, artifact_uri: str, artifact_path: str, chunk_bytes: int, size_hint: int = 0
     ) -> StreamedDownload | None:
-        """A GET of one artifact file whose bytes are passed on as they arrive.
+        """A GET of one artifact file whose bytes are passed on as they arrive, from the
+        object store itself when MLflow's server presigns it.
 
         None when the run's artifact store is not MLflow's HTTP proxy: then the file is
         downloaded with `download_artifact` first (also when MLflow's answer has no
         Content-Length and no `size_hint` is known)."""
         self._storage.check("run_id", artifact_uri)
-        repo = self._streaming_repository(artifact_uri)
+        repo = self._proxy_repository(artifact_uri)
         if repo is None:
             return None
         return self.call(
@@ -1057,10 +1059,8 @@ class MlflowGateway:
             not_found=ErrorReason.ARTIFACT_NOT_FOUND,
         )
 
-    def _streaming_repository(self, artifact_uri: str) -> Any | None:
-        return self.call(
-            lambda: artifact_streams.streaming_repository(artifact_uri, self.tracking_uri)
-        )
+    def _proxy_repository(self, artifact_uri: str) -> Any | None:
+        return self.call(lambda: artifact_streams.proxy_repository(artifact_uri, self.tracking_uri))
 
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
         """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""

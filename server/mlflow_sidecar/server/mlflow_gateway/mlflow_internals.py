@@ -12,8 +12,12 @@ at run time.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
+import requests
+from mlflow import environment_variables
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
 from mlflow.tracking.request_header import registry as request_headers
@@ -70,6 +74,10 @@ def set_logged_model_tags(client: Any, model_id: str, tags: dict[str, str]) -> N
     client._tracking_client.set_logged_model_tags(model_id, tags)
 
 
+# MLflow's settings read from the environment, as its own client reads them (untyped).
+_settings: Any = environment_variables
+_cloud_storage_http_request: Callable[..., Any] = request_utils.cloud_storage_http_request
+
 _guess_mime_type: Callable[[str], str] = mime_type_utils._guess_mime_type
 
 
@@ -86,6 +94,64 @@ def host_creds(repo: Any) -> Any:
 def multipart_upload_enabled(repo: Any) -> bool:
     """Whether an HTTP artifact repository uploads through MLflow's multipart protocol."""
     return bool(repo._is_multipart_upload_enabled())
+
+
+def uploads_in_parts(repo: Any, size_bytes: int) -> bool:
+    """Whether MLflow's own client sends a file of this size to this repository in
+    presigned parts rather than in one PUT (its `_should_multipart_upload`, which takes a
+    file): multipart is on and the file reaches `MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE`.
+    An S3-backed server turns multipart on by itself (its /server-info says so)."""
+    if size_bytes < int(_settings.MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE.get()):
+        return False
+    return multipart_upload_enabled(repo)
+
+
+@dataclass(frozen=True)
+class PresignedDownload:
+    """Where MLflow's server lets a client read an artifact from the object store itself."""
+
+    url: str
+    headers: dict[str, str]
+    size_bytes: int | None
+
+
+def presigned_download(repo: Any, artifact_path: str) -> PresignedDownload | None:
+    """The presigned URL MLflow's own client downloads this file from, when the server
+    offers one (a server in front of S3 and similar stores says so in /server-info;
+    `MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD` overrides it, as for MLflow's client).
+
+    None when it does not: another artifact store, an MLflow without presigned downloads,
+    or a server that answers the presign request with 404 or 501 (MLflow's own fallback)."""
+    enabled = getattr(repo, "_is_multipart_download_enabled", None)
+    if enabled is None or not enabled():
+        return None
+    try:
+        answer = repo._get_presigned_download_url(artifact_path)
+    except requests.HTTPError as exc:
+        status = None if exc.response is None else exc.response.status_code
+        if status in (HTTPStatus.NOT_FOUND, HTTPStatus.NOT_IMPLEMENTED):
+            return None
+        raise
+    size = answer.file_size
+    return PresignedDownload(
+        url=str(answer.url),
+        headers={str(k): str(v) for k, v in (answer.headers or {}).items()},
+        size_bytes=None if size is None else int(size),
+    )
+
+
+def object_store_get(url: str, headers: dict[str, str]) -> Any:
+    """A streamed GET of a presigned object-store URL, with the retries, timeout and TLS
+    setting (`MLFLOW_S3_IGNORE_TLS`) MLflow's own client uses for it; no MLflow
+    credentials go with it (the URL carries its own)."""
+    return _cloud_storage_http_request(
+        "get",
+        url,
+        stream=True,
+        headers=headers,
+        timeout=_settings.MLFLOW_HTTP_REQUEST_TIMEOUT.get(),
+        verify=not _settings.MLFLOW_S3_IGNORE_TLS.get(),
+    )
 
 
 def metric_objects(run_data: Any) -> list[Any]:
