@@ -26,6 +26,7 @@ from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
     open_download,
     streams_upload,
 )
+from tests.support.processes import free_port
 
 PRESIGN_PREFIX = "/api/2.0/mlflow-artifacts/presigned/root/"
 
@@ -39,6 +40,9 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     gets: ClassVar[list[tuple[str, dict[str, str]]]] = []
     presign_status: ClassVar[int] = 200
     presigned_size: ClassVar[int | None] = None
+    # Where the presigned URL points (None: this server) and what the "store" answers.
+    store_address: ClassVar[str | None] = None
+    store_status: ClassVar[int] = 200
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -60,6 +64,11 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             self._presign(self.path.removeprefix(PRESIGN_PREFIX))
             return
         if self.path.startswith("/bucket/"):
+            if self.store_status != 200:
+                self.send_response(self.store_status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             # As S3 answers a presigned GET; no length, so that the size must come from
             # the presign answer.
             self.send_response(200)
@@ -91,9 +100,10 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
             return
         size = len(self.download) if self.presigned_size is None else self.presigned_size
         host, port = self.server.server_address[:2]
+        address = self.store_address or f"{host}:{port}"
         body = json.dumps(
             {
-                "url": f"http://{host}:{port}/bucket/{path}?X-Amz-Signature=s1",
+                "url": f"http://{address}/bucket/{path}?X-Amz-Signature=s1",
                 "headers": {"x-amz-server-side-encryption": "AES256"},
                 "file_size": size,
             }
@@ -117,6 +127,8 @@ def repo() -> Iterator[HttpArtifactRepository]:
     _Recorder.gets = []
     _Recorder.presign_status = 200
     _Recorder.presigned_size = None
+    _Recorder.store_address = None
+    _Recorder.store_status = 200
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -262,6 +274,30 @@ def test_a_server_that_cannot_presign_is_read_through_the_proxy(proxy, status):
         PRESIGN_PREFIX + "ckpt/model.pt",
         "/api/2.0/mlflow-artifacts/artifacts/root/ckpt/model.pt",
     ]
+
+
+@pytest.mark.parametrize("store", ["unreachable", "refusing"])
+def test_an_object_store_the_sidecar_cannot_read_leaves_the_download_to_the_proxy(
+    proxy, store, caplog
+):
+    _Recorder.download = b"weights" * 1000
+    if store == "unreachable":
+        _Recorder.store_address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    else:
+        _Recorder.store_status = 403
+    download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    assert b"".join(download.chunks) == _Recorder.download
+    paths = [path for path, _headers in _Recorder.gets if not path.startswith("/bucket/")]
+    assert paths == [
+        PRESIGN_PREFIX + "ckpt/model.pt",
+        "/api/2.0/mlflow-artifacts/artifacts/root/ckpt/model.pt",
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "ckpt/model.pt" in warnings[0]
+    assert ("HTTP 403" if store == "refusing" else "ConnectionError") in warnings[0]
+    # The presigned URL's query string is a credential: it stays out of the log.
+    assert "X-Amz-Signature" not in warnings[0]
 
 
 def test_a_presign_refused_for_another_reason_is_that_error(proxy):

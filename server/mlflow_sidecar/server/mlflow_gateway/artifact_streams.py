@@ -205,7 +205,9 @@ def open_download(
 ) -> StreamedDownload | None:
     """Start a GET of one artifact file; the bytes are read as `chunks` is iterated, in
     pieces of `chunk_bytes` (the last one shorter). The GET goes to the object store when
-    MLflow's server presigns the file, else to the server.
+    MLflow's server presigns the file, else to the server; when the object store cannot
+    be read (unreachable from the sidecar, refusing the URL), to the server after all,
+    with a WARNING that says why.
 
     The size is the answer's Content-Length, else the presigned size, else `size_hint`
     (the listed size): MLflow's server streams a file from S3 and other object stores
@@ -214,11 +216,13 @@ def open_download(
     # The bytes as stored, so that Content-Length counts what the chunks carry even
     # behind a proxy that would compress them.
     identity = {"Accept-Encoding": "identity"}
+    response = None
     presigned = mlflow_internals.presigned_download(repo, artifact_path)
     if presigned is not None:
-        response = mlflow_internals.object_store_get(presigned.url, presigned.headers | identity)
-        size_hint = presigned.size_bytes or size_hint
-    else:
+        response = _object_store_response(presigned, identity, artifact_path)
+        if response is not None:
+            size_hint = presigned.size_bytes or size_hint
+    if response is None:
         response = mlflow_internals.http_request(
             mlflow_internals.host_creds(repo),
             posixpath.join("/", artifact_path),
@@ -226,7 +230,7 @@ def open_download(
             extra_headers=identity,
             stream=True,
         )
-    mlflow_internals.raise_for_status(response)
+        mlflow_internals.raise_for_status(response)
     length = response.headers.get("Content-Length")
     if length is not None and length.isdigit():
         size = int(length)
@@ -257,6 +261,39 @@ def open_download(
             )
 
     return StreamedDownload(size, chunks(), response.close)
+
+
+def _object_store_response(
+    presigned: mlflow_internals.PresignedDownload, headers: dict[str, str], artifact_path: str
+) -> Any | None:
+    """The object store's answer to a presigned GET, or None (logged) when it has none to
+    give: the proxy still serves the file, so a sidecar that cannot reach the store (a
+    network policy that lets it reach MLflow only) keeps working, only slower."""
+    response = None
+    try:
+        response = mlflow_internals.object_store_get(presigned.url, presigned.headers | headers)
+        mlflow_internals.raise_for_status(response)
+    except Exception as exc:  # noqa: BLE001 - any failure: the proxy is the way left
+        if response is not None:
+            response.close()
+        log.warning(
+            "could not read %s from the object store through the URL MLflow's server"
+            " presigned (%s); reading it through MLflow's artifact proxy instead"
+            " (MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD=false skips the attempt)",
+            artifact_path,
+            _failure_without_url(exc),
+        )
+        return None
+    return response
+
+
+def _failure_without_url(exc: Exception) -> str:
+    """What went wrong, without the URL: its query string is a credential."""
+    answer = getattr(exc, "response", None)
+    status = getattr(answer, "status_code", None)
+    if status is not None:
+        return f"HTTP {status}"
+    return type(exc).__name__
 
 
 def _regrouped(pieces: Iterator[bytes], size: int) -> Iterator[bytes]:

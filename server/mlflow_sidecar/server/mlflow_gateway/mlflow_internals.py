@@ -141,12 +141,14 @@ def presigned_download(repo: Any, artifact_path: str) -> PresignedDownload | Non
 
 
 def object_store_get(url: str, headers: dict[str, str]) -> Any:
-    """A streamed GET of a presigned object-store URL, with the retries, timeout and TLS
-    setting (`MLFLOW_S3_IGNORE_TLS`) MLflow's own client uses for it; no MLflow
-    credentials go with it (the URL carries its own)."""
+    """A streamed GET of a presigned object-store URL, with the timeout and TLS setting
+    (`MLFLOW_S3_IGNORE_TLS`) MLflow's own client uses for it; no MLflow credentials go
+    with it (the URL carries its own). No retries: the caller has the proxy to fall back
+    on, and urllib3 would log each retry with the URL, whose query is a credential."""
     return _cloud_storage_http_request(
         "get",
         url,
+        max_retries=0,
         stream=True,
         headers=headers,
         timeout=_settings.MLFLOW_HTTP_REQUEST_TIMEOUT.get(),
