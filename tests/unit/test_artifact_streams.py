@@ -8,8 +8,10 @@ an upload MLflow's client would send in presigned parts is not streamed."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -21,6 +23,7 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
 from mlflow_sidecar.core.errors import SidecarError
+from mlflow_sidecar.server.mlflow_gateway import artifact_streams
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
     StreamedUpload,
     open_download,
@@ -276,16 +279,45 @@ def test_a_server_that_cannot_presign_is_read_through_the_proxy(proxy, status):
     ]
 
 
-@pytest.mark.parametrize("store", ["unreachable", "refusing"])
+@pytest.fixture()
+def silent_store(monkeypatch) -> Iterator[str]:
+    """An address whose connections are never answered, as behind a network policy that
+    drops packets: a listener with a full backlog, whose SYNs the kernel drops."""
+    monkeypatch.setattr(artifact_streams, "_STORE_CONNECT_TIMEOUT_S", 0.5)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(("127.0.0.1", port))
+        fillers.append(filler)
+    time.sleep(0.2)
+    yield f"127.0.0.1:{port}"
+    for filler in fillers:
+        filler.close()
+    listener.close()
+
+
+@pytest.mark.parametrize("store", ["unreachable", "silent", "refusing"])
 def test_an_object_store_the_sidecar_cannot_read_leaves_the_download_to_the_proxy(
-    proxy, store, caplog
+    proxy, store, caplog, request
 ):
     _Recorder.download = b"weights" * 1000
     if store == "unreachable":
         _Recorder.store_address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    elif store == "silent":
+        _Recorder.store_address = request.getfixturevalue("silent_store")
     else:
         _Recorder.store_status = 403
+    started = time.monotonic()
     download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    # Not a speed check: without the connect bound a silent store holds the download for
+    # MLflow's whole request timeout (120 s) before the proxy is tried.
+    assert time.monotonic() - started < 30
     assert download is not None
     assert b"".join(download.chunks) == _Recorder.download
     paths = [path for path, _headers in _Recorder.gets if not path.startswith("/bucket/")]
@@ -295,7 +327,8 @@ def test_an_object_store_the_sidecar_cannot_read_leaves_the_download_to_the_prox
     ]
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "ckpt/model.pt" in warnings[0]
-    assert ("HTTP 403" if store == "refusing" else "ConnectionError") in warnings[0]
+    expected = {"unreachable": "ConnectionError", "silent": "ConnectTimeout"}
+    assert expected.get(store, "HTTP 403") in warnings[0]
     # The presigned URL's query string is a credential: it stays out of the log.
     assert "X-Amz-Signature" not in warnings[0]
 

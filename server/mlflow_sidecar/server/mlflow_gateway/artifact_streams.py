@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 # Chunks in flight between the gRPC stream and the HTTP body: the memory bound of an
 # upload beyond the chunk held back.
 _QUEUE_CHUNKS = 4
+# How long a presigned GET waits to connect to the object store before the proxy takes
+# over: a network policy that drops the sidecar's packets to the store would otherwise
+# hold every download for MLflow's whole request timeout (120 s). MLflow's own chunked
+# downloads use the same 10 s.
+_STORE_CONNECT_TIMEOUT_S = 10.0
 # How long an abort waits for the PUT to notice before leaving it to its own timeout.
 _ABORT_JOIN_S = 10.0
 
@@ -271,7 +276,9 @@ def _object_store_response(
     network policy that lets it reach MLflow only) keeps working, only slower."""
     response = None
     try:
-        response = mlflow_internals.object_store_get(presigned.url, presigned.headers | headers)
+        response = mlflow_internals.object_store_get(
+            presigned.url, presigned.headers | headers, _STORE_CONNECT_TIMEOUT_S
+        )
         mlflow_internals.raise_for_status(response)
     except Exception as exc:  # noqa: BLE001 - any failure: the proxy is the way left
         if response is not None:

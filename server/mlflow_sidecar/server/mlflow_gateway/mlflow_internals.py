@@ -140,18 +140,19 @@ def presigned_download(repo: Any, artifact_path: str) -> PresignedDownload | Non
     )
 
 
-def object_store_get(url: str, headers: dict[str, str]) -> Any:
+def object_store_get(url: str, headers: dict[str, str], connect_timeout_s: float) -> Any:
     """A streamed GET of a presigned object-store URL, with the timeout and TLS setting
     (`MLFLOW_S3_IGNORE_TLS`) MLflow's own client uses for it; no MLflow credentials go
     with it (the URL carries its own). No retries: the caller has the proxy to fall back
-    on, and urllib3 would log each retry with the URL, whose query is a credential."""
+    on, and urllib3 would log each retry with the URL, whose query is a credential.
+    `connect_timeout_s` bounds the wait for a store whose packets are dropped."""
     return _cloud_storage_http_request(
         "get",
         url,
         max_retries=0,
         stream=True,
         headers=headers,
-        timeout=_settings.MLFLOW_HTTP_REQUEST_TIMEOUT.get(),
+        timeout=(connect_timeout_s, _settings.MLFLOW_HTTP_REQUEST_TIMEOUT.get()),
         verify=not _settings.MLFLOW_S3_IGNORE_TLS.get(),
     )
 
