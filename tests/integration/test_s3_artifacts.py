@@ -15,6 +15,7 @@ Three ways the bytes reach S3, through two `mlflow server`s on one bucket:
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import mlflow
 import pytest
 import tomllib
@@ -30,11 +32,13 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.core.errors import ErrorReason, PermissionDeniedError
+from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import (
     MlflowServerFactory,
     RunningSidecar,
     sidecar_config,
 )
+from tests.integration.test_artifact_streaming import sha, upload_requests
 from tests.support.files import MIB, random_file, sha256_of, tree_digests
 from tests.support.processes import MlflowServer
 from tests.support.s3 import MotoS3, multipart_parts
@@ -208,6 +212,30 @@ def test_a_download_the_server_presigns_is_read_from_the_bucket_not_through_the_
     # One GET with the server's signature in the URL; the server itself fetching the object
     # for its proxy would sign in a header instead.
     assert len(gets) == 1 and "X-Amz-Signature=" in gets[0], gets
+
+
+@pytest.mark.parametrize("mode", ["proxied"], indirect=True)
+def test_a_bad_upload_streamed_to_the_s3_proxy_leaves_the_stored_object_as_it_was(
+    tracking, run, setup, moto_s3, tmp_path
+):
+    _, run_id = run
+    good = random_file(tmp_path / "good.bin", 3 * MIB)
+    tracking.upload_artifact(run_id, good, "ckpt/model.pt")
+    key = _run_key(setup, run, "ckpt/model.pt")
+    stored = moto_s3.objects(BUCKET, key)[key]
+
+    # Most of these bytes reach MLflow's proxy before the wrong digest is seen at the end.
+    bad = os.urandom(8 * MIB)
+    stub = pb_grpc.ExperimentTrackingServiceStub(grpc.insecure_channel(setup.sidecar.target))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.UploadArtifact(
+            upload_requests(run_id, "ckpt/model.pt", bad, digest=sha(b"other")), timeout=60
+        )
+    assert err.value.code() == grpc.StatusCode.DATA_LOSS
+    time.sleep(1)  # a cut PUT that MLflow would store anyway reaches the bucket by now
+    assert moto_s3.objects(BUCKET, key)[key] == stored
+    local = tracking.download_artifact(run_id, "ckpt/model.pt", tmp_path / "down")
+    assert sha256_of(local) == sha256_of(good)
 
 
 def test_mlflow_reads_what_the_sidecar_wrote_and_the_other_way(tracking, run, setup, tmp_path):
