@@ -11,6 +11,8 @@ makes its own uniquely named experiments, runs and models.
 
 from __future__ import annotations
 
+import math
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
@@ -312,6 +314,30 @@ class MlflowPortContract:
         with pytest.raises(InvalidArgumentError) as err:
             port.get_metric_history(run_id, "other", page_size=2, page_token=first.next_page_token)
         assert (err.value.field, err.value.reason) == ("page_token", "INVALID_PAGE_TOKEN")
+
+    def test_every_double_and_key_reaches_mlflow_as_it_was_logged(self, port: MlflowPort) -> None:
+        run_id = new_run(port).run_id
+        values = [math.nan, math.inf, -math.inf, -0.0, 1e308, 5e-324, -1.5, 0.1 + 0.2]
+        points = [
+            domain.Metric("loss/ä 1", value, 1_700_000_000_000 + i, step)
+            for i, (value, step) in enumerate(
+                zip(values, [0, 1, 2, 3, 4, 5, -7, 2**62], strict=True)
+            )
+        ]
+        port.log_metrics(run_id, points)
+        found = port.get_metric_history(run_id, "loss/ä 1", page_size=100, page_token="").items
+        by_step = {m.step: m for m in found}
+        assert sorted(by_step) == sorted(m.step for m in points)
+        for point in points:
+            got = by_step[point.step]
+            assert got.timestamp_ms == point.timestamp_ms
+            if math.isnan(point.value):
+                assert math.isnan(got.value)
+            elif math.isinf(point.value):
+                # MLflow's SQL stores keep an infinity as the largest double of its sign.
+                assert got.value in (point.value, math.copysign(sys.float_info.max, point.value))
+            else:
+                assert got.value == point.value
 
     def test_runs_end_with_a_terminal_status(self, port: MlflowPort) -> None:
         run_id = new_run(port).run_id

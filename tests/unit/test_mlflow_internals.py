@@ -6,6 +6,8 @@ says which, and `mlflow_gateway/mlflow_internals.py` is the one place to adapt."
 from __future__ import annotations
 
 import inspect
+import json
+import math
 import os
 from typing import Any
 
@@ -157,3 +159,66 @@ def test_logged_model_tags_are_set_through_the_tracking_client():
     assert _parameters(method) == ["model_id", "tags"], _changed(
         "TrackingServiceClient.set_logged_model_tags"
     )
+
+
+def _mlflow_log_batch_body(run_id: str, points: list[tuple[str, float, int, int]]) -> Any:
+    """The body MLflow's own client sends for these points (`RestStore.log_batch`, after
+    `TrackingServiceClient.log_batch` gave each the active model id)."""
+    from mlflow.protos.service_pb2 import LogBatch
+    from mlflow.tracking.fluent import get_active_model_id
+    from mlflow.utils.proto_json_utils import message_to_json
+
+    protos = [
+        Metric(key, value, ts, step, model_id=get_active_model_id()).to_proto()
+        for key, value, ts, step in points
+    ]
+    return json.loads(message_to_json(LogBatch(run_id=run_id, metrics=protos)))
+
+
+_POINTS = [
+    ("loss", 0.5, 1_700_000_000_000, 0),
+    ("loss/ä 1", -0.0, 1, -3),
+    ("q", math.nan, 2**62, 2**62),
+    ("q", math.inf, 0, 1),
+    ("q", -math.inf, 5, 2),
+    ("tiny", 5e-324, 7, 9),
+    ("big", 1e308, 8, 10),
+]
+
+
+@pytest.mark.parametrize("active_model", ["", "m-0123456789abcdef"])
+def test_log_batch_body_is_the_one_mlflow_sends(active_model, monkeypatch):
+    if active_model:
+        monkeypatch.setenv("MLFLOW_ACTIVE_MODEL_ID", active_model)
+    else:
+        monkeypatch.delenv("MLFLOW_ACTIVE_MODEL_ID", raising=False)
+    ours = json.loads(mlflow_internals.log_batch_metrics_json("r" * 32, _POINTS))
+    assert ours == _mlflow_log_batch_body("r" * 32, _POINTS), _changed(
+        "RestStore.log_batch's request body"
+    )
+
+
+def test_a_rest_store_is_found_only_where_mlflow_would_post_log_batch(tmp_path):
+    from mlflow.store.tracking.rest_store import RestStore
+
+    remote = MlflowClient(tracking_uri="http://mlflow.example:5000")
+    store = mlflow_internals.rest_store(remote)
+    assert isinstance(store, RestStore), _changed("TrackingServiceClient.store")
+    assert _parameters(store._call_endpoint)[:2] == ["api", "json_body"], _changed(
+        "RestStore._call_endpoint"
+    )
+    local = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert mlflow_internals.rest_store(local) is None
+
+
+def test_a_rest_store_with_its_own_log_batch_is_left_to_it(monkeypatch):
+    from mlflow.store.tracking.rest_store import RestStore
+
+    class OwnLogBatch(RestStore):  # type: ignore[misc]
+        def log_batch(self, run_id, metrics, params, tags):  # type: ignore[no-untyped-def]
+            raise NotImplementedError
+
+    client = MlflowClient(tracking_uri="http://mlflow.example:5000")
+    own = OwnLogBatch(client._tracking_client.store.get_host_creds)
+    monkeypatch.setattr(type(client._tracking_client), "store", property(lambda _: own))
+    assert mlflow_internals.rest_store(client) is None

@@ -11,15 +11,20 @@ at run time.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
 import requests
 from mlflow import environment_variables
+from mlflow.protos.service_pb2 import LogBatch
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
+from mlflow.store.tracking.rest_store import RestStore
+from mlflow.tracking.fluent import get_active_model_id
 from mlflow.tracking.request_header import registry as request_headers
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 from mlflow.utils.search_utils import SearchLoggedModelsPaginationToken
@@ -72,6 +77,46 @@ def set_logged_model_tags(client: Any, model_id: str, tags: dict[str, str]) -> N
     any failure of that look-up (a missing model, an unreachable server) as an invalid
     parameter. The store answers a missing model as RESOURCE_DOES_NOT_EXIST itself."""
     client._tracking_client.set_logged_model_tags(model_id, tags)
+
+
+def rest_store(client: Any) -> Any | None:
+    """The client's tracking store when it sends `log_batch` to a tracking server exactly
+    as MLflow's `RestStore` does (not a subclass with its own `log_batch`), else None."""
+    store = client._tracking_client.store
+    if isinstance(store, RestStore) and type(store).log_batch is RestStore.log_batch:
+        return store
+    return None
+
+
+def _number(value: float) -> float | str:
+    # Protobuf's JSON names the doubles JSON cannot hold; MLflow's server parses them back.
+    if math.isfinite(value):
+        return value
+    if math.isnan(value):
+        return "NaN"
+    return "Infinity" if value > 0 else "-Infinity"
+
+
+def log_batch_metrics_json(run_id: str, metrics: Sequence[tuple[str, float, int, int]]) -> str:
+    """The body `RestStore.log_batch` sends for these (key, value, timestamp ms, step)
+    points, built from plain values: MLflow builds protobuf messages and converts them
+    (about 15 ms of CPU per 1000 points, ten times this), and the sidecar sends most
+    points in such batches. Points get the active model id as MLflow's client gives them."""
+    model_id = get_active_model_id()
+    points: list[dict[str, object]] = [
+        {"key": key, "value": _number(value), "timestamp": timestamp, "step": step}
+        for key, value, timestamp, step in metrics
+    ]
+    if model_id:
+        for point in points:
+            point["model_id"] = model_id
+    return json.dumps({"run_id": run_id, "metrics": points}, separators=(",", ":"))
+
+
+def post_log_batch(store: Any, body: str) -> None:
+    """Send a `log_batch` body through the store's endpoint call: MLflow's credentials,
+    TLS settings, retries and error answers, as for its own `log_batch`."""
+    store._call_endpoint(LogBatch, body)
 
 
 # MLflow's settings read from the environment, as its own client reads them (untyped).
