@@ -55,6 +55,15 @@ def test_a_misspelt_variable_stops_serve(tmp_path):
     )
 
 
+def test_an_mlflow_variable_mlflow_cannot_read_stops_serve(tmp_path):
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), MLFLOW_S3_IGNORE_TLS="sometimes")
+    result = run_cli(["serve"], env)
+    assert_one_line_failure(
+        result, "MLFLOW_S3_IGNORE_TLS value must be one of", "got sometimes", "fix or unset them"
+    )
+    assert not (tmp_path / "mlflow.db").exists()
+
+
 def test_malformed_yaml_stops_serve(tmp_path):
     config = tmp_path / "sidecar.yaml"
     config.write_text("server:\n  port: 50052\n    workers: 4\n")

@@ -1,4 +1,5 @@
-"""The sidecar decides once whether MLflow's Databricks request headers apply to it."""
+"""The sidecar decides once whether MLflow's Databricks request headers apply to it, and
+refuses MLflow variables whose values MLflow cannot read."""
 
 from __future__ import annotations
 
@@ -14,7 +15,11 @@ from mlflow.tracking.request_header.default_request_header_provider import (
 )
 
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
-from mlflow_sidecar.server.mlflow_gateway.environment import settle_request_header_providers
+from mlflow_sidecar.server.mlflow_gateway.environment import (
+    MlflowSettingError,
+    check_mlflow_settings,
+    settle_request_header_providers,
+)
 
 
 @pytest.fixture()
@@ -64,3 +69,30 @@ def test_on_databricks_the_provider_stays(providers, monkeypatch):
     monkeypatch.setattr(DatabricksRequestHeaderProvider, "in_context", lambda self: True)
     settle_request_header_providers()
     assert any(isinstance(p, DatabricksRequestHeaderProvider) for p in providers)
+
+
+def test_mlflow_variables_of_the_wrong_type_are_named_together(monkeypatch):
+    monkeypatch.setenv("MLFLOW_S3_IGNORE_TLS", "sometimes")
+    monkeypatch.setenv("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", "500MiB")
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "true")
+    with pytest.raises(MlflowSettingError) as err:
+        check_mlflow_settings()
+    message = str(err.value)
+    assert message.startswith("MLflow cannot read 2 of its variables: ")
+    assert "'500MiB' for MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE" in message
+    assert "MLFLOW_S3_IGNORE_TLS value must be one of" in message and "got sometimes" in message
+    assert "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD" not in message
+    assert "\n" not in message
+
+
+def test_mlflow_variables_mlflow_can_read_pass(monkeypatch):
+    monkeypatch.setenv("MLFLOW_S3_IGNORE_TLS", "TRUE")
+    monkeypatch.setenv("MLFLOW_MULTIPART_UPLOAD_MINIMUM_FILE_SIZE", "1048576")
+    check_mlflow_settings()
+
+
+def test_every_typed_mlflow_variable_is_checked():
+    settings = {setting.name: setting for setting in mlflow_internals.mlflow_settings()}
+    assert "MLFLOW_HTTP_REQUEST_TIMEOUT" in settings, "MLflow moved its environment variables"
+    assert settings["MLFLOW_S3_IGNORE_TLS"].type is bool
+    assert all(callable(s.get) and callable(s.is_set) for s in settings.values())

@@ -102,6 +102,7 @@ def _serve_locked(config: AppConfig) -> int:
         from mlflow_sidecar.server.grpc_server import BindError
         from mlflow_sidecar.server.logs import configure_logging
         from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError
+        from mlflow_sidecar.server.mlflow_gateway.environment import MlflowSettingError
         from mlflow_sidecar.server.spool.store import SpoolVersionError
         from mlflow_sidecar.server.tracing import TracingConfigError
 
@@ -120,7 +121,7 @@ def _serve_locked(config: AppConfig) -> int:
         # process at once, and leaves no half-made store (see embedded_store).
         container.gateway().open()
         server = container.server()  # binds the gRPC and metrics ports
-    except (BindError, EmbeddedStoreError, SpoolVersionError) as exc:
+    except (BindError, EmbeddedStoreError, MlflowSettingError, SpoolVersionError) as exc:
         return _fail(str(exc))
     log.info("%s", describe(config))
     stopping = threading.Event()

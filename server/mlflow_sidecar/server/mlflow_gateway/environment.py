@@ -15,9 +15,16 @@ from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 log = logging.getLogger(__name__)
 
 
+class MlflowSettingError(ValueError):
+    """An MLflow variable of the environment holds a value MLflow cannot read; the message
+    is one line for people."""
+
+
 def configure_mlflow_environment(config: AppConfig) -> None:
     """Set the environment MLflow's client reads: no HTTP retries of its own, our timeout,
-    credentials passed through as MLflow expects them, no telemetry."""
+    credentials passed through as MLflow expects them, no telemetry. MlflowSettingError
+    when one of MLflow's variables holds a value MLflow cannot read."""
+    check_mlflow_settings()
     env = os.environ
     env["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
     env["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "0"
@@ -39,6 +46,26 @@ def configure_mlflow_environment(config: AppConfig) -> None:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         config.artifact_root.mkdir(parents=True, exist_ok=True)
         env[mlflow_internals.SERVER_ARTIFACT_ROOT_ENV] = str(config.artifact_root)
+
+
+def check_mlflow_settings() -> None:
+    """MlflowSettingError naming every MLflow variable whose value MLflow cannot read.
+
+    MLflow reads most of its variables when a call needs them: an `MLFLOW_S3_IGNORE_TLS`
+    of "sometimes" would otherwise fail each download with an internal error, long after
+    the start looked fine."""
+    bad = []
+    for setting in mlflow_internals.mlflow_settings():
+        if setting.is_set():
+            try:
+                setting.get()
+            except ValueError as exc:
+                bad.append(str(exc).strip().rstrip("."))
+    if bad:
+        raise MlflowSettingError(
+            f"MLflow cannot read {len(bad)} of its variables: {'; '.join(sorted(bad))};"
+            " fix or unset them"
+        )
 
 
 def settle_request_header_providers() -> None:

@@ -79,6 +79,14 @@ def set_logged_model_tags(client: Any, model_id: str, tags: dict[str, str]) -> N
     client._tracking_client.set_logged_model_tags(model_id, tags)
 
 
+def mlflow_settings() -> list[Any]:
+    """Every variable MLflow reads from the environment, as the objects its code reads
+    them through (`name`, `is_set()`, and `get()`, which raises ValueError for a value
+    of the wrong type)."""
+    setting = environment_variables._EnvironmentVariable
+    return [v for v in vars(environment_variables).values() if isinstance(v, setting)]
+
+
 def rest_store(client: Any) -> Any | None:
     """The client's tracking store when it sends `log_batch` to a tracking server exactly
     as MLflow's `RestStore` does (not a subclass with its own `log_batch`), else None."""
