@@ -1,8 +1,10 @@
-"""The deliverer's workers: runs in parallel, each run's batches one at a time and in order,
-one backoff for all of them, nothing lost when they stop mid-batch."""
+"""The deliverer's workers: runs in parallel, and one run's series in parallel, each series'
+batches one at a time and in order, one backoff for all of them, nothing lost when they
+stop mid-batch."""
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from collections import Counter
@@ -10,11 +12,12 @@ from collections.abc import Callable, Sequence
 
 import pytest
 
-from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.domain import Metric, MetricPoint
 from mlflow_sidecar.core.errors import UnavailableError
+from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.deliverer import LogBatch, MetricDeliverer
 from mlflow_sidecar.server.spool.shared_backoff import SharedBackoff
-from mlflow_sidecar.server.spool.store import SpoolStore
+from mlflow_sidecar.server.spool.store import SpoolStore, plan_batches
 from tests.fakes.mlflow_port import FakeMlflow
 from tests.unit.test_spool import delivered, events, fake_mlflow, points
 
@@ -363,3 +366,154 @@ def ending_deliverer(store: SpoolStore, mlflow: FakeMlflow, end_run: EndRun) -> 
         workers=2,
         end_run=end_run,
     )
+
+
+# -- one run's series in parallel ------------------------------------------------------
+
+
+def series(run_id: str, key: str, n: int, start: int = 0) -> MetricBatch:
+    """One message with `n` points of one series (a run and key), steps from `start`."""
+    return MetricBatch.from_points(
+        MetricPoint(run_id, key, float(i), 1_000 + i, i) for i in range(start, start + n)
+    )
+
+
+def steps(mlflow: FakeMlflow, run_id: str, key: str) -> list[int]:
+    """A series' steps in the order MLflow took them."""
+    return [m.step for m in delivered(mlflow, run_id) if m.key == key]
+
+
+def test_plan_keeps_series_apart_and_none_ahead_of_its_earlier_points():
+    chunks = [(1, 60, "a"), (2, 60, "b"), (3, 60, "a"), (4, 10, "a\nb"), (5, 10, "c")]
+    assert plan_batches(chunks, limit=100, most=3) == [[1, 5], [2]]
+    # One batch per call, as before: the oldest chunk first, then what fits.
+    assert plan_batches(chunks, limit=100, most=1) == [[1, 5]]
+    assert plan_batches(chunks, limit=1000, most=3) == [[1, 2, 3, 4, 5]]
+
+
+def test_chunks_that_mix_series_never_go_in_parallel():
+    chunks = [(i, 50, "a\nb") for i in range(1, 9)]
+    assert plan_batches(chunks, limit=100, most=4) == [[1, 2]]
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_no_plan_lets_a_series_overtake_itself(seed):
+    rng = random.Random(seed)
+    keys = ["a", "b", "c", "d"]
+    chunks = [
+        (i, rng.randint(1, 120), "\n".join(sorted(rng.sample(keys, rng.choice([1, 1, 1, 2])))))
+        for i in range(1, rng.randint(2, 30))
+    ]
+    limit, most = rng.choice([50, 100, 300]), rng.randint(1, 4)
+    plan = plan_batches(chunks, limit, most)
+    assert plan and plan[0][0] == 1 and len(plan) <= most
+    batch_of = {chunk_id: n for n, batch in enumerate(plan) for chunk_id in batch}
+    for batch in plan:
+        assert batch == sorted(batch)
+        assert len(batch) == 1 or sum(c[1] for c in chunks if c[0] in batch) <= limit
+    for key in keys:
+        with_key = [c[0] for c in chunks if key in c[2].split("\n")]
+        sent = [chunk_id for chunk_id in with_key if chunk_id in batch_of]
+        # What goes now is the series' oldest chunks, all in one batch (in order there).
+        assert sent == with_key[: len(sent)]
+        assert len({batch_of[chunk_id] for chunk_id in sent}) <= 1
+
+
+def test_the_series_of_one_run_are_in_flight_at_once(store):
+    mlflow = fake_mlflow("a")
+    for key in ("loss", "reward", "entropy"):
+        store.append(series("a", key, 300))
+    # The first two calls wait for each other: only batches of one run sent at once pass.
+    met = threading.Barrier(2, timeout=HANG_S)
+    calls = Counter[str]()
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        calls["all"] += 1
+        if calls["all"] <= 2:
+            met.wait()
+        mlflow.log_metrics(run_id, metrics)
+
+    counted = InFlight(log_batch)
+    deliverer = deliverer_for(store, counted, mlflow, workers=3)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert not met.broken
+    assert 2 <= counted.most_per_run <= 3
+    for key in ("loss", "reward", "entropy"):
+        assert steps(mlflow, "a", key) == list(range(300))
+    assert len(delivered(mlflow, "a")) == 900  # each point once
+
+
+def test_a_runs_mixed_messages_go_one_batch_at_a_time(store):
+    mlflow = fake_mlflow("a")
+    mlflow.slow("log_metrics", 0.002)
+    for start in range(0, 600, 100):
+        store.append(
+            MetricBatch.from_points(
+                MetricPoint("a", key, float(i), 1_000 + i, i)
+                for i in range(start, start + 100)
+                for key in ("loss", "reward")
+            )
+        )
+    counted = InFlight(mlflow.log_metrics)
+    deliverer = deliverer_for(store, counted, mlflow, workers=4)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert counted.most_per_run == 1
+    assert steps(mlflow, "a", "loss") == steps(mlflow, "a", "reward") == list(range(600))
+
+
+def test_a_series_that_fails_is_sent_again_alone_and_the_others_once(store):
+    mlflow = fake_mlflow("a")
+    for start in (0, 100, 200):
+        for key in ("loss", "reward"):
+            store.append(series("a", key, 100, start))
+    failed = threading.Event()
+    sent = Counter[str]()
+    lock = threading.Lock()
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        with lock:
+            first_reward = metrics[0].key == "reward" and not failed.is_set()
+            failed.set() if first_reward else None
+        if first_reward:
+            raise UnavailableError("MLflow is restarting")
+        with lock:
+            sent.update(m.key for m in metrics)
+        mlflow.log_metrics(run_id, metrics)
+
+    deliverer = deliverer_for(store, log_batch, mlflow, workers=2)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert failed.is_set()
+    assert steps(mlflow, "a", "loss") == steps(mlflow, "a", "reward") == list(range(300))
+    assert sent == {"loss": 300, "reward": 300}
+
+
+def test_slots_taken_for_one_runs_series_never_exceed_the_workers(store):
+    runs = ["a", "b"]
+    mlflow = fake_mlflow(*runs)
+    mlflow.slow("log_metrics", 0.003)
+    for run in runs:
+        for key in ("k1", "k2", "k3", "k4", "k5"):
+            store.append(series(run, key, 250))
+    counted = InFlight(mlflow.log_metrics)
+    deliverer = deliverer_for(store, counted, mlflow, workers=3)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+    assert counted.most <= 3
+    for run in runs:
+        for key in ("k1", "k2", "k3", "k4", "k5"):
+            assert steps(mlflow, run, key) == list(range(250))

@@ -1,5 +1,5 @@
-"""`MetricDeliverer`: drains the spool into MLflow in the background, runs in parallel, each
-run's points in order."""
+"""`MetricDeliverer`: drains the spool into MLflow in the background, in parallel, each
+series' points in order."""
 
 from __future__ import annotations
 
@@ -35,9 +35,12 @@ _IDLE_S = 0.5
 class MetricDeliverer:
     """Background workers that move spooled points to MLflow with `log_batch`.
 
-    Up to `workers` runs are delivered at once, one worker per run: a run's batches go one
-    after the other, oldest first, so each series reaches MLflow in the order it was
-    accepted. Runs with work take turns, one batch each.
+    Up to `workers` `log_batch` calls are in flight at once: of different runs, and of one
+    run's different series (a run and key) when the run has more than a batch waiting.
+    Each worker holds one run at a time; the batches it sends together share no key, and
+    none holds a point of a series ahead of an earlier point of it that is still pending
+    (`plan_batches`), so each series reaches MLflow in the order it was accepted. Runs
+    with work take turns.
 
     A batch is deleted from the spool only after MLflow confirmed it, so delivery is
     at-least-once; MLflow's SQL stores ignore exact duplicates. When MLflow fails a batch
@@ -79,10 +82,13 @@ class MetricDeliverer:
         self._stop = threading.Event()
         self._progress = threading.Condition()
         self._threads: list[threading.Thread] = []
+        # One per log_batch call in flight: a worker's own send, and the sends it adds for
+        # other series of its run while workers are idle.
+        self._slots = threading.BoundedSemaphore(workers)
         # Batches MLflow confirmed that the spool could not forget yet (a full disk): their
         # delete is retried, never their send, so no batch goes to MLflow twice for it.
         # Only the worker holding a run touches its entry.
-        self._undeleted: dict[str, SpooledBatch] = {}
+        self._undeleted: dict[str, list[SpooledBatch]] = {}
 
     def start(self) -> None:
         """Start delivering, beginning with whatever an earlier process left in the spool."""
@@ -168,19 +174,27 @@ class MetricDeliverer:
                 self._claims.wait_for_work(wakes, _IDLE_S)
 
     def _step(self, run_id: str) -> bool:
-        """One thing for a run this worker holds: its next batch, or what follows its last
-        point (dead letters after its end, the end itself); True if anything moved."""
+        """One thing for a run this worker holds: its next batches, or what follows its
+        last point (dead letters after its end, the end itself); True if anything moved."""
         if run_id in self._undeleted:
-            self._forget(self._undeleted[run_id])
+            self._forget(run_id)
             return True
         end = self._store.run_end(run_id)
-        if end is None:
-            batch = self._store.oldest(run_id, self._batch_size)
-        else:
-            batch = self._store.oldest(run_id, self._batch_size, through=end.last_chunk)
-        if batch is not None:
-            self._deliver(batch)
+        through = 2**63 - 1 if end is None else end.last_chunk
+        self._slots.acquire()
+        spare = self._spare_slots()
+        try:
+            batches = self._store.next_batches(
+                run_id, self._batch_size, through=through, most=1 + spare
+            )
+        except BaseException:
+            self._release(1 + spare)
+            raise
+        self._release(1 + spare - max(1, len(batches)))
+        if batches:
+            self._deliver(batches)
             return True
+        self._slots.release()
         if end is None:
             return False
         moved = False
@@ -188,6 +202,17 @@ class MetricDeliverer:
             self._refuse_after_end(end)
             moved = True
         return self._apply_end(end) or moved
+
+    def _spare_slots(self) -> int:
+        """Takes the slots no worker is using now, for more batches of the same run."""
+        taken = 0
+        while taken < self._workers - 1 and self._slots.acquire(blocking=False):
+            taken += 1
+        return taken
+
+    def _release(self, slots: int) -> None:
+        for _ in range(slots):
+            self._slots.release()
 
     def _refuse_after_end(self, end: RunEnd) -> None:
         reason = f"run was ended ({end.status}) through the sidecar before these points arrived"
@@ -212,26 +237,75 @@ class MetricDeliverer:
         self._store.end_applied(end.run_id)
         return True
 
-    def _deliver(self, batch: SpooledBatch) -> None:
-        try:
-            self._log_batch(batch.run_id, batch.metrics)
-        except _PERMANENT as exc:
-            self._dead_letter(batch, exc)
-            return
-        if self._metrics is not None:
-            self._metrics.points_delivered.inc(len(batch.metrics))
-        self._undeleted[batch.run_id] = batch
-        self._forget(batch)
+    def _deliver(self, batches: list[SpooledBatch]) -> None:
+        """Send a run's batches at once (each holds one slot); forget those MLflow
+        confirmed, dead-letter those it refused for good, then raise the first other
+        failure, so the workers back off and the rest is sent again."""
+        outcomes = self._send_all(batches)
+        run_id = batches[0].run_id
+        for batch, outcome in zip(batches, outcomes, strict=True):
+            if outcome is None:
+                if self._metrics is not None:
+                    self._metrics.points_delivered.inc(len(batch.metrics))
+                self._undeleted.setdefault(run_id, []).append(batch)
+        if run_id in self._undeleted:
+            self._forget(run_id)
+        retry: Exception | None = None
+        for batch, outcome in zip(batches, outcomes, strict=True):
+            if isinstance(outcome, _PERMANENT):
+                if self._dead_letter(batch, outcome):
+                    break  # the run's every point went with it
+            elif outcome is not None and retry is None:
+                retry = outcome
+        if retry is not None:
+            raise retry
 
-    def _forget(self, batch: SpooledBatch) -> None:
-        """Delete a delivered batch from the spool; on failure it stays remembered, so the
-        run's next turn retries the delete instead of sending the batch again."""
-        self._store.delete(batch)
-        del self._undeleted[batch.run_id]
+    def _send_all(self, batches: list[SpooledBatch]) -> list[Exception | None]:
+        """Each batch's `log_batch` failure, or None; the first is sent on this thread, the
+        others on threads of their own at the same time."""
+        outcomes: list[Exception | None] = [None] * len(batches)
 
-    def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> None:
+        def send(index: int) -> None:
+            try:
+                self._log_batch(batches[index].run_id, batches[index].metrics)
+            except Exception as exc:  # noqa: BLE001 - handed to the worker, which decides
+                outcomes[index] = exc
+            finally:
+                self._slots.release()
+
+        helpers: list[threading.Thread] = []
+        inline = [0]
+        for index in range(1, len(batches)):
+            helper = threading.Thread(
+                target=send, args=(index,), name="metric-deliverer-send", daemon=True
+            )
+            try:
+                helper.start()
+            except RuntimeError:  # no thread to be had: this one sends it after its own
+                inline.append(index)
+            else:
+                helpers.append(helper)
+        for index in inline:
+            send(index)
+        for helper in helpers:
+            helper.join()
+        return outcomes
+
+    def _forget(self, run_id: str) -> None:
+        """Delete a run's delivered batches from the spool; one that fails to go stays
+        remembered, with those after it, so the run's next turn retries the delete instead
+        of sending the batch again."""
+        waiting = self._undeleted[run_id]
+        while waiting:
+            self._store.delete(waiting[0])
+            waiting.pop(0)
+        del self._undeleted[run_id]
+
+    def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> bool:
+        """Dead-letter what MLflow refused for good; True when that was the whole run."""
         # A bad batch dead-letters only itself; a run that is gone takes all its points.
         whole_run = not isinstance(exc, InvalidArgumentError)
         reason = f"{exc.code.name}: {exc.message}"
         moved = self._store.dead_letter(batch.run_id, reason, None if whole_run else batch)
         log.warning("dead-lettered %d points of run %s: %s", moved, batch.run_id, reason)
+        return whole_run

@@ -6,6 +6,7 @@ order among the rows that are still pending (an emptied table may start over, ha
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 from array import array
@@ -29,6 +30,11 @@ from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 # delivered or dead-lettered whole.
 CHUNK_POINTS = 1000
 PAGE_BYTES = 64 * 1024
+# How far ahead a run's next batches are looked for: a stream that outruns its sender
+# spools each series as dozens of chunks in a row, and the run's other series come after.
+# Mixed chunks carry their keys (up to 1000), so the key text read is bounded too.
+_PLAN_CHUNKS = 1000
+_PLAN_KEY_CHARS = 256 * 1024
 # What a full spool tells its callers to wait before sending again (google.rpc.RetryInfo):
 # about the time the deliverer takes to move a few batches to a healthy MLflow.
 SPOOL_FULL_RETRY_AFTER_S = 1.0
@@ -167,6 +173,11 @@ def _rows(run: RunColumns, accepted_ms: int, chunk_points: int) -> list[tuple[ob
     ]
 
 
+def _ids(batch: SpooledBatch) -> str:
+    """A batch's chunk ids as a JSON array, for SQLite's `json_each`."""
+    return json.dumps(batch.chunk_ids)
+
+
 def _keys_text(keys: list[str]) -> str:
     if keys.count(keys[0]) == len(keys):
         return keys[0]
@@ -189,12 +200,53 @@ def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Met
 
 @dataclass(frozen=True, slots=True)
 class SpooledBatch:
-    """The oldest undelivered points of one run; `last_id` marks them for deletion."""
+    """Undelivered points of one run, whole chunks in acceptance order; `chunk_ids` name
+    them for deletion."""
 
     run_id: str
-    first_id: int
-    last_id: int
+    chunk_ids: tuple[int, ...]
     metrics: tuple[Metric, ...]
+
+
+def _chunk_keys(keys: str) -> frozenset[str]:
+    return frozenset(keys.split(_KEY_SEPARATOR))
+
+
+def plan_batches(chunks: Sequence[tuple[int, int, str]], limit: int, most: int) -> list[list[int]]:
+    """Which chunks (id, points, keys), given oldest first, make up to `most` batches that
+    can go to MLflow at once without reordering any series (a run and key).
+
+    No two batches share a key, and a chunk joins a batch only if every earlier chunk with
+    one of its keys is in that same batch: so a series' points arrive in the order they
+    were accepted, whichever batch MLflow takes first. A batch holds at most `limit`
+    points unless its first chunk alone is larger."""
+    named = [(chunk_id, count, _chunk_keys(keys)) for chunk_id, count, keys in chunks]
+    taken: set[int] = set()
+    busy: set[str] = set()  # keys of the batches planned so far
+    batches: list[list[int]] = []
+    while len(batches) < most:
+        batch: list[int] = []
+        batch_keys: set[str] = set()
+        blocked = set(busy)
+        size = 0
+        for chunk_id, count, names in named:
+            if chunk_id in taken:
+                continue
+            if not names.isdisjoint(blocked) or (batch and size + count > limit):
+                # Left out: later chunks of these series must wait for this one.
+                blocked |= names
+                continue
+            batch.append(chunk_id)
+            batch_keys |= names
+            size += count
+            if size >= limit:
+                break
+        if not batch:
+            break
+        taken.update(batch)
+        busy |= batch_keys
+        batches.append(batch)
+    return batches
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,30 +407,60 @@ class SpoolStore:
         """The oldest undelivered points of a run, in the order they were accepted: whole
         chunks, at most `limit` points unless the first chunk alone is larger; only chunks
         up to id `through` when it is given."""
+        batches = self.next_batches(run_id, limit, through=through)
+        return batches[0] if batches else None
+
+    def next_batches(
+        self, run_id: str, limit: int, *, through: int = 2**63 - 1, most: int = 1
+    ) -> list[SpooledBatch]:
+        """Up to `most` batches of a run's oldest undelivered points that may go to MLflow
+        at once, each series' points still in acceptance order (see `plan_batches`); the
+        first holds the run's oldest chunk. Only chunks up to id `through` when given."""
+        limit = max(1, limit)
         with self._lock:
+            # Ids, sizes and keys first, read only as far as the batches can reach; the
+            # points of the chosen chunks after. A deep backlog is not read to send a batch.
             rows = self._db.execute(
-                "SELECT id, count, keys, vals, timestamps, steps FROM chunks"
-                " WHERE run_id = ? AND id <= ? ORDER BY id LIMIT ?",
-                (run_id, through, max(1, limit)),
-            ).fetchall()
-        if not rows:
-            return None
-        metrics: list[Metric] = []
-        last_id = rows[0][0]
-        for chunk_id, count, keys, vals, timestamps, steps in rows:
-            if metrics and len(metrics) + count > limit:
-                break
-            metrics.extend(_unpack(keys, vals, timestamps, steps))
-            last_id = chunk_id
-        return SpooledBatch(run_id, rows[0][0], last_id, tuple(metrics))
+                "SELECT id, count, keys FROM chunks WHERE run_id = ? AND id <= ? ORDER BY id",
+                (run_id, through),
+            )
+            chunks: list[tuple[int, int, str]] = []
+            keys_read = 0
+            for row in rows:
+                chunks.append(row)
+                keys_read += len(row[2])
+                if len(chunks) >= _PLAN_CHUNKS or keys_read >= _PLAN_KEY_CHARS:
+                    break
+            rows.close()
+            plan = plan_batches(chunks, limit, most)
+            chosen = [chunk_id for batch in plan for chunk_id in batch]
+            if not chosen:
+                return []
+            found = {
+                row[0]: row[1:]
+                for row in self._db.execute(
+                    "SELECT id, keys, vals, timestamps, steps FROM chunks"
+                    " WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(chosen),),
+                )
+            }
+        return [
+            SpooledBatch(
+                run_id,
+                tuple(batch),
+                tuple(metric for chunk_id in batch for metric in _unpack(*found[chunk_id])),
+            )
+            for batch in plan
+        ]
 
     def delete(self, batch: SpooledBatch) -> None:
         """Forget a batch MLflow confirmed."""
         with self._lock:
             try:
                 self._db.execute(
-                    "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
-                    (batch.run_id, batch.first_id, batch.last_id),
+                    "DELETE FROM chunks WHERE run_id = ?"
+                    " AND id IN (SELECT value FROM json_each(?))",
+                    (batch.run_id, _ids(batch)),
                 )
             except sqlite3.Error as exc:
                 if is_disk_full(exc):
@@ -388,25 +470,28 @@ class SpoolStore:
 
     def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
         """Move a batch (or every pending point of the run) to the dead-letter table."""
-        first, last = (batch.first_id, batch.last_id) if batch else (0, 2**63 - 1)
-        chosen = (run_id, first, last)
+        # The batch's chunk ids as a JSON array; "" for every chunk of the run.
+        chosen = {"run": run_id, "ids": "" if batch is None else _ids(batch)}
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 moved = self._db.execute(
-                    "SELECT COALESCE(SUM(count), 0) FROM chunks"
-                    " WHERE run_id = ? AND id BETWEEN ? AND ?",
+                    "SELECT COALESCE(SUM(count), 0) FROM chunks WHERE run_id = :run"
+                    " AND (:ids = '' OR id IN (SELECT value FROM json_each(:ids)))",
                     chosen,
                 ).fetchone()[0]
                 self._db.execute(
                     "INSERT INTO dead_letters (run_id, count, keys, vals, timestamps, steps,"
                     " accepted_ms, reason, dead_ms)"
-                    " SELECT run_id, count, keys, vals, timestamps, steps, accepted_ms, ?, ?"
-                    " FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?",
-                    (reason, now_ms(), *chosen),
+                    " SELECT run_id, count, keys, vals, timestamps, steps, accepted_ms,"
+                    " :reason, :dead_ms FROM chunks WHERE run_id = :run"
+                    " AND (:ids = '' OR id IN (SELECT value FROM json_each(:ids))) ORDER BY id",
+                    {**chosen, "reason": reason, "dead_ms": now_ms()},
                 )
                 self._db.execute(
-                    "DELETE FROM chunks WHERE run_id = ? AND id BETWEEN ? AND ?", chosen
+                    "DELETE FROM chunks WHERE run_id = :run"
+                    " AND (:ids = '' OR id IN (SELECT value FROM json_each(:ids)))",
+                    chosen,
                 )
                 self._db.execute("COMMIT")
             except BaseException:
