@@ -52,6 +52,18 @@ def deliverer_for(
     )
 
 
+def deliver_everything(
+    store: SpoolStore, log_batch: LogBatch, mlflow: FakeMlflow, workers: int
+) -> None:
+    """Run a deliverer until the spool is empty."""
+    deliverer = deliverer_for(store, log_batch, mlflow, workers)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", HANG_S) == 0
+    finally:
+        deliverer.stop()
+
+
 class FirstBatches:
     """A `log_batch` whose first call for each of the first `parties` runs waits until all
     of them have called, then goes on to MLflow; other calls go straight through."""
@@ -83,12 +95,7 @@ def test_batches_of_different_runs_are_in_flight_at_once(store):
         store.append(points(run, 150))
     # Each run's first batch waits for the other two: only parallel delivery gets past it.
     log_batch = FirstBatches(mlflow, parties=3)
-    deliverer = deliverer_for(store, log_batch, mlflow, workers=3)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, log_batch, mlflow, workers=3)
     assert not log_batch.arrived.broken
     for run in runs:
         assert [m.step for m in delivered(mlflow, run)] == list(range(150))
@@ -124,12 +131,7 @@ def test_workers_never_exceed_their_number(store):
         for run in runs:
             store.append(points(run, 150, start=start))
     log_batch = InFlight(FirstBatches(mlflow, parties=3))
-    deliverer = deliverer_for(store, log_batch, mlflow, workers=3)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, log_batch, mlflow, workers=3)
     assert log_batch.most == 3  # reached (the first three met), never passed
     for run in runs:
         assert [m.step for m in delivered(mlflow, run)] == list(range(450))
@@ -434,12 +436,7 @@ def test_the_series_of_one_run_are_in_flight_at_once(store):
         mlflow.log_metrics(run_id, metrics)
 
     counted = InFlight(log_batch)
-    deliverer = deliverer_for(store, counted, mlflow, workers=3)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, counted, mlflow, workers=3)
     assert not met.broken
     assert 2 <= counted.most_per_run <= 3
     for key in ("loss", "reward", "entropy"):
@@ -459,12 +456,7 @@ def test_a_runs_mixed_messages_go_one_batch_at_a_time(store):
             )
         )
     counted = InFlight(mlflow.log_metrics)
-    deliverer = deliverer_for(store, counted, mlflow, workers=4)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, counted, mlflow, workers=4)
     assert counted.most_per_run == 1
     assert steps(mlflow, "a", "loss") == steps(mlflow, "a", "reward") == list(range(600))
 
@@ -488,12 +480,7 @@ def test_a_series_that_fails_is_sent_again_alone_and_the_others_once(store):
             sent.update(m.key for m in metrics)
         mlflow.log_metrics(run_id, metrics)
 
-    deliverer = deliverer_for(store, log_batch, mlflow, workers=2)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, log_batch, mlflow, workers=2)
     assert failed.is_set()
     assert steps(mlflow, "a", "loss") == steps(mlflow, "a", "reward") == list(range(300))
     assert sent == {"loss": 300, "reward": 300}
@@ -507,12 +494,7 @@ def test_slots_taken_for_one_runs_series_never_exceed_the_workers(store):
         for key in ("k1", "k2", "k3", "k4", "k5"):
             store.append(series(run, key, 250))
     counted = InFlight(mlflow.log_metrics)
-    deliverer = deliverer_for(store, counted, mlflow, workers=3)
-    deliverer.start()
-    try:
-        assert deliverer.wait_delivered("", HANG_S) == 0
-    finally:
-        deliverer.stop()
+    deliver_everything(store, counted, mlflow, workers=3)
     assert counted.most <= 3
     for run in runs:
         for key in ("k1", "k2", "k3", "k4", "k5"):
