@@ -936,6 +936,9 @@ def report(results: dict[str, float], quick: bool) -> None:
         ratios["delivered / log_batch, 4-worker PostgreSQL"] = (
             r["metrics_delivered_pg_parallel_per_s"] / r["metrics_log_batch_pg_direct_per_s"]
         )
+        ratios["delivered / log_batch, 4-worker PostgreSQL, one run"] = (
+            r["metrics_delivered_pg_one_run_per_s"] / r["metrics_log_batch_pg_one_run_direct_per_s"]
+        )
         ratios["freshness rate logged / delivered, SQLite"] = (
             r["freshness_logged_per_s"] / r["metrics_delivered_sqlite_per_s"]
         )

@@ -121,9 +121,9 @@ def backlog(run_ids: list[str], count: int) -> list[tuple[str, str, float, int, 
     ]
 
 
-def log_batch_loop(deployment: Deployment, count: int) -> float:
+def log_batch_loop(deployment: Deployment, count: int, run_count: int = RUNS) -> float:
     """Points/s of one thread calling `log_batch` with LOG_BATCH points a call."""
-    runs = deployment.new_runs(RUNS)
+    runs = deployment.new_runs(run_count)
     data = backlog(runs, count)
     calls = [
         (data[i][0], [MlflowMetric(k, v, ts, s) for _, k, v, ts, s in data[i : i + LOG_BATCH]])
@@ -137,9 +137,9 @@ def log_batch_loop(deployment: Deployment, count: int) -> float:
     return len(data) / elapsed
 
 
-def delivered(deployment: Deployment, count: int) -> float:
+def delivered(deployment: Deployment, count: int, run_count: int = RUNS) -> float:
     """Points/s from the first `log` of a backlog until the spool is empty again."""
-    runs = deployment.new_runs(RUNS)
+    runs = deployment.new_runs(run_count)
     data = backlog(runs, count)
     stream = deployment.container.metric_stream()
     started = time.perf_counter()
@@ -168,12 +168,17 @@ def check_delivered(client: MlflowClient, runs: list[str], count: int) -> None:
 
 
 def capacity(
-    results: dict[str, float], deployment: Deployment, count: int, direct_key: str, key: str
+    results: dict[str, float],
+    deployment: Deployment,
+    count: int,
+    direct_key: str,
+    key: str,
+    run_count: int = RUNS,
 ) -> None:
     """The log_batch baseline and the sidecar's delivered rate, on one server."""
     sides: list[tuple[str, Callable[[], float]]] = [
-        (direct_key, lambda: log_batch_loop(deployment, count)),
-        (key, lambda: delivered(deployment, count)),
+        (direct_key, lambda: log_batch_loop(deployment, count, run_count)),
+        (key, lambda: delivered(deployment, count, run_count)),
     ]
     for name, measure in sides:
         results[name] = measure()
@@ -360,6 +365,15 @@ def sustained(
                 sizes.backlog_points,
                 "metrics_log_batch_pg_direct_per_s",
                 "metrics_delivered_pg_parallel_per_s",
+            )
+            # One trainer's run: its series go in parallel, not its runs.
+            capacity(
+                results,
+                postgres,
+                sizes.backlog_points,
+                "metrics_log_batch_pg_one_run_direct_per_s",
+                "metrics_delivered_pg_one_run_per_s",
+                run_count=1,
             )
     finally:
         cluster.stop()
