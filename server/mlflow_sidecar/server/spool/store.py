@@ -425,10 +425,15 @@ class SpoolStore:
                 (run_id, through),
             )
             chunks: list[tuple[int, int, str]] = []
-            keys_read = 0
+            keys_read = points = 0
             for row in rows:
                 chunks.append(row)
                 keys_read += len(row[2])
+                points += row[1]
+                # One batch needs no look past its own points: the busy case, every worker
+                # holding a run of its own, reads no more than it sends.
+                if most == 1 and points >= limit:
+                    break
                 if len(chunks) >= _PLAN_CHUNKS or keys_read >= _PLAN_KEY_CHARS:
                     break
             rows.close()
