@@ -118,6 +118,8 @@ def test_metrics_port_shows_the_named_series(mlflow_server, tmp_path):
     assert sample(scraped, "mlflow_sidecar_mlflow_retries_total") is not None
     assert sample(scraped, "mlflow_sidecar_metric_points_accepted_total") == 100
     assert sample(scraped, "mlflow_sidecar_metric_points_delivered_total") == 100
+    # Fitted to the server between one call and spool.delivery_workers (4 by default).
+    assert sample(scraped, "mlflow_sidecar_delivery_calls_limit") in {1, 2, 3, 4}
     assert sample(scraped, "mlflow_sidecar_spool_pending_points") == 0
     assert sample(scraped, "mlflow_sidecar_spool_oldest_age_seconds") is not None
     assert sample(scraped, "mlflow_sidecar_spool_dead_letter_points") == 0

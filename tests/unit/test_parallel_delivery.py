@@ -13,13 +13,15 @@ from collections.abc import Callable, Sequence
 import pytest
 
 from mlflow_sidecar.core.domain import Metric, MetricPoint
-from mlflow_sidecar.core.errors import UnavailableError
+from mlflow_sidecar.core.errors import InvalidArgumentError, UnavailableError
 from mlflow_sidecar.server.metric_batch import MetricBatch
+from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import LogBatch, MetricDeliverer
+from mlflow_sidecar.server.spool.delivery_concurrency import DeliveryConcurrency
 from mlflow_sidecar.server.spool.shared_backoff import SharedBackoff
 from mlflow_sidecar.server.spool.store import SpoolStore, plan_batches
 from tests.fakes.mlflow_port import FakeMlflow
-from tests.unit.test_spool import delivered, events, fake_mlflow, points
+from tests.unit.test_spool import delivered, events, fail_next, fake_mlflow, points
 
 # Only a safety net for a broken deliverer: no test waits this long when it passes.
 HANG_S = 30
@@ -39,6 +41,8 @@ def deliverer_for(
     mlflow: FakeMlflow,
     workers: int,
     backoff: SharedBackoff | None = None,
+    concurrency: DeliveryConcurrency | None = None,
+    metrics: SidecarMetrics | None = None,
 ) -> MetricDeliverer:
     return MetricDeliverer(
         store,
@@ -49,14 +53,20 @@ def deliverer_for(
         workers=workers,
         end_run=mlflow.end_run,
         backoff=backoff,
+        concurrency=concurrency,
+        metrics=metrics,
     )
 
 
 def deliver_everything(
-    store: SpoolStore, log_batch: LogBatch, mlflow: FakeMlflow, workers: int
+    store: SpoolStore,
+    log_batch: LogBatch,
+    mlflow: FakeMlflow,
+    workers: int,
+    concurrency: DeliveryConcurrency | None = None,
 ) -> None:
     """Run a deliverer until the spool is empty."""
-    deliverer = deliverer_for(store, log_batch, mlflow, workers)
+    deliverer = deliverer_for(store, log_batch, mlflow, workers, concurrency=concurrency)
     deliverer.start()
     try:
         assert deliverer.wait_delivered("", HANG_S) == 0
@@ -499,3 +509,73 @@ def test_slots_taken_for_one_runs_series_never_exceed_the_workers(store):
     for run in runs:
         for key in ("k1", "k2", "k3", "k4", "k5"):
             assert steps(mlflow, run, key) == list(range(250))
+
+
+class Recorded(DeliveryConcurrency):
+    """The deliverer's slots, recording how each call ended."""
+
+    def __init__(self, most: int) -> None:
+        super().__init__(most)
+        self.ends: list[tuple[int, bool]] = []
+        self._ends_lock = threading.Lock()
+
+    def sent(self, points: int, *, pushed_back: bool = False) -> None:
+        with self._ends_lock:
+            self.ends.append((points, pushed_back))
+        super().sent(points, pushed_back=pushed_back)
+
+
+def test_the_limit_learns_of_every_confirmed_point_and_every_push_back(store):
+    runs = ["a", "b"]
+    mlflow = fake_mlflow(*runs)
+    for run in runs:
+        store.append(points(run, 300))
+    fail_next(mlflow, UnavailableError("busy"))
+    slots = Recorded(2)
+    deliver_everything(store, mlflow.log_metrics, mlflow, workers=2, concurrency=slots)
+    assert sum(points for points, _ in slots.ends) == 600
+    assert [pushed for _, pushed in slots.ends].count(True) == 1
+
+
+def test_a_refusal_for_good_is_not_a_push_back(store):
+    mlflow = fake_mlflow("a")
+    store.append(points("a", 100))
+    fail_next(mlflow, InvalidArgumentError("", "bad point"))
+    slots = Recorded(2)
+    deliver_everything(store, mlflow.log_metrics, mlflow, workers=2, concurrency=slots)
+    assert slots.ends == [(0, False)]
+    assert slots.limit == 2
+
+
+def test_a_lowered_limit_holds_the_workers_to_it(store):
+    runs = [f"r{i}" for i in range(4)]
+    mlflow = fake_mlflow(*runs)
+    mlflow.slow("log_metrics", 0.002)  # calls long enough to overlap
+    for run in runs:
+        store.append(points(run, 400))
+    slots = DeliveryConcurrency(4)
+    assert slots.try_acquire()
+    slots.sent(0, pushed_back=True)  # MLflow pushed back: two calls at most
+    counted = InFlight(mlflow.log_metrics)
+    deliver_everything(store, counted, mlflow, workers=4, concurrency=slots)
+    assert counted.most <= 2
+    for run in runs:
+        assert [m.step for m in delivered(mlflow, run)] == list(range(400))
+
+
+def test_more_calls_in_flight_than_workers_is_refused(store):
+    with pytest.raises(ValueError, match="need as many workers"):
+        deliverer_for(
+            store, fake_mlflow().log_metrics, fake_mlflow(), 2, concurrency=DeliveryConcurrency(3)
+        )
+
+
+def test_the_limit_in_force_is_published(store):
+    metrics = SidecarMetrics()
+    slots = DeliveryConcurrency(3)
+    mlflow = fake_mlflow()
+    deliverer_for(store, mlflow.log_metrics, mlflow, 3, concurrency=slots, metrics=metrics)
+    assert metrics.registry.get_sample_value("mlflow_sidecar_delivery_calls_limit") == 3
+    assert slots.try_acquire()
+    slots.sent(0, pushed_back=True)
+    assert metrics.registry.get_sample_value("mlflow_sidecar_delivery_calls_limit") == 1

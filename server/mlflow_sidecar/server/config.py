@@ -315,8 +315,8 @@ class SpoolConfig(_Section):
         4,
         ge=1,
         le=32,
-        description="log_batch calls in flight at once (of runs, or of one run's series;"
-        " one batch at a time per series)",
+        description="most log_batch calls in flight at once (of runs, or of one run's"
+        " series; one batch at a time per series); fewer while more do not deliver more",
     )
     flush_timeout_s: float = Field(60.0, gt=0, description="longest FlushMetrics/EndRun wait")
     # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.

@@ -141,6 +141,12 @@ class SidecarMetrics:
         self.points_delivered = Counter(
             "mlflow_sidecar_metric_points_delivered", "Points MLflow confirmed", registry=r
         )
+        self.delivery_calls_limit = Gauge(
+            "mlflow_sidecar_delivery_calls_limit",
+            "log_batch calls the deliverer keeps in flight now, fitted to what MLflow gains"
+            " from them (at most spool.delivery_workers)",
+            registry=r,
+        )
         self.stream_bytes = Counter(
             "mlflow_sidecar_stream_bytes",
             "Bytes of artifacts and models streamed",

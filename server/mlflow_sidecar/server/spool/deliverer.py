@@ -16,6 +16,7 @@ from mlflow_sidecar.core.errors import (
     SidecarError,
 )
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.spool.delivery_concurrency import DeliveryConcurrency
 from mlflow_sidecar.server.spool.run_claims import RunClaims
 from mlflow_sidecar.server.spool.shared_backoff import SharedBackoff
 from mlflow_sidecar.server.spool.store import RunEnd, SpooledBatch, SpoolStore
@@ -37,6 +38,8 @@ class MetricDeliverer:
 
     Up to `workers` `log_batch` calls are in flight at once: of different runs, and of one
     run's different series (a run and key) when the run has more than a batch waiting.
+    How many of those MLflow gets is fitted to what it gains from them
+    (`DeliveryConcurrency`): a server that takes one write at a time gets one call.
     Each worker holds one run at a time; the batches it sends together share no key, and
     none holds a point of a series ahead of an earlier point of it that is still pending
     (`plan_batches`), so each series reaches MLflow in the order it was accepted. Runs
@@ -68,6 +71,7 @@ class MetricDeliverer:
         metrics: SidecarMetrics | None = None,
         end_run: EndRun | None = None,
         backoff: SharedBackoff | None = None,
+        concurrency: DeliveryConcurrency | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"a deliverer needs at least one worker, not {workers}")
@@ -83,8 +87,13 @@ class MetricDeliverer:
         self._progress = threading.Condition()
         self._threads: list[threading.Thread] = []
         # One per log_batch call in flight: a worker's own send, and the sends it adds for
-        # other series of its run while workers are idle.
-        self._slots = threading.BoundedSemaphore(workers)
+        # other series of its run while slots are free.
+        self._slots = concurrency or DeliveryConcurrency(workers)
+        if self._slots.most > workers:
+            raise ValueError(f"{self._slots.most} calls in flight need as many workers")
+        if metrics is not None:
+            slots = self._slots
+            metrics.delivery_calls_limit.set_function(lambda: slots.limit)
         # Batches MLflow confirmed that the spool could not forget yet (a full disk): their
         # delete is retried, never their send, so no batch goes to MLflow twice for it.
         # Only the worker holding a run touches its entry.
@@ -157,7 +166,8 @@ class MetricDeliverer:
                 continue
             ticket = self._backoff.ticket()
             try:
-                moved = self._step(run_id)
+                with self._slots.working():
+                    moved = self._step(run_id)
             except Exception as exc:  # noqa: BLE001 - a worker must outlive any failure
                 wait = self._backoff.failed(ticket)
                 if wait is not None:
@@ -181,7 +191,8 @@ class MetricDeliverer:
             return True
         end = self._store.run_end(run_id)
         through = 2**63 - 1 if end is None else end.last_chunk
-        self._slots.acquire()
+        if not self._slots.acquire(self._stop):
+            return False
         spare = self._spare_slots()
         try:
             batches = self._store.next_batches(
@@ -206,7 +217,7 @@ class MetricDeliverer:
     def _spare_slots(self) -> int:
         """Takes the slots no worker is using now, for more batches of the same run."""
         taken = 0
-        while taken < self._workers - 1 and self._slots.acquire(blocking=False):
+        while taken < self._workers - 1 and self._slots.try_acquire():
             taken += 1
         return taken
 
@@ -266,12 +277,17 @@ class MetricDeliverer:
         outcomes: list[Exception | None] = [None] * len(batches)
 
         def send(index: int) -> None:
+            confirmed = 0
             try:
                 self._log_batch(batches[index].run_id, batches[index].metrics)
+                confirmed = len(batches[index].metrics)
             except Exception as exc:  # noqa: BLE001 - handed to the worker, which decides
                 outcomes[index] = exc
             finally:
-                self._slots.release()
+                pushed_back = outcomes[index] is not None and not isinstance(
+                    outcomes[index], _PERMANENT
+                )
+                self._slots.sent(confirmed, pushed_back=pushed_back)
 
         helpers: list[threading.Thread] = []
         inline = [0]
