@@ -70,7 +70,7 @@ def test_a_server_that_takes_one_write_at_a_time_gets_one_call() -> None:
     settling = drive(limit, clock, serial, 10)
     assert limit.limit == 1, settling
     spent = drive(limit, clock, serial, 120)
-    # It checks two calls again about every half minute, and goes back to one.
+    # It checks two calls again about every minute, and goes back to one.
     assert spent[1] >= 0.9 * 120, spent
     assert set(spent) == {1, 2}, spent
 

@@ -15,15 +15,15 @@ log = logging.getLogger(__name__)
 
 # A level's rate counts for this long; then the level is measured again, since what the
 # server gains from concurrency changes with its load and its other clients.
-_FRESH_S = 30.0
+_FRESH_S = 60.0
 # A step up must deliver this much more than the level below it to be kept: on a server
 # that serialises writes (SQLite) extra calls only wait on its lock, and each of them
 # holds a point back from MLflow for longer.
 _GAIN = 0.05
 # A measurement ends after this much time with calls in flight and at least two calls per
 # slot; shorter ones are mostly noise.
-_EPOCH_S = 1.0
-_EPOCH_CALLS_PER_SLOT = 2
+_EPOCH_S = 2.0
+_EPOCH_CALLS_PER_SLOT = 4
 
 
 @dataclass
