@@ -39,7 +39,7 @@ class MetricDeliverer:
     Up to `workers` `log_batch` calls are in flight at once: of different runs, and of one
     run's different series (a run and key) when the run has more than a batch waiting.
     How many of those MLflow gets is fitted to what it gains from them
-    (`DeliveryConcurrency`): a server that takes one write at a time gets one call.
+    (`DeliveryConcurrency`): a server that takes one write at a time gets few calls.
     Each worker holds one run at a time; the batches it sends together share no key, and
     none holds a point of a series ahead of an earlier point of it that is still pending
     (`plan_batches`), so each series reaches MLflow in the order it was accepted. Runs
