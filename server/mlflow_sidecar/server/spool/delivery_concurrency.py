@@ -20,8 +20,8 @@ _FRESH_S = 60.0
 # that serialises writes (SQLite) extra calls only wait on its lock, and each of them
 # holds a point back from MLflow for longer.
 _GAIN = 0.05
-# A measurement ends after this much time with calls in flight and at least two calls per
-# slot; shorter ones are mostly noise.
+# A measurement ends after this much delivery time and at least this many calls per slot:
+# shorter ones, of calls that can take half a second each, are mostly noise.
 _EPOCH_S = 2.0
 _EPOCH_CALLS_PER_SLOT = 4
 
@@ -40,8 +40,9 @@ class DeliveryConcurrency:
     makes the others wait on its lock, so they only add latency. The limit follows what is
     measured: points MLflow confirmed per second of delivery (time with calls in flight
     or a worker at work, `working`), at each level. It starts at `most` and steps by one:
-    down while the step below delivers as much, up while the step above delivers more (by
-    `_GAIN`), and each level is measured again once its figure is older than `_FRESH_S`.
+    it keeps a call only while that call adds `_GAIN` to what one fewer delivers, goes up
+    while one more adds that much, and measures a level again once its figure is older
+    than `_FRESH_S`.
     A call MLflow pushed back on halves the limit, once for the calls in flight with it.
 
     A slot given back goes straight to the worker that has waited longest, so one that has
