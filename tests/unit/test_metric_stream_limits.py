@@ -102,6 +102,51 @@ def test_block_waits_for_room_and_gives_up_with_the_stream() -> None:
     assert step < 100  # it waited at the bound instead of buffering on
 
 
+class _CountingSidecar:
+    """A StreamMetrics that records, for each call, the points of each of its messages."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[int]] = []
+
+    def with_call(self, requests, timeout=None, **kwargs):
+        messages: list[int] = []
+        self.calls.append(messages)
+        for message in requests:
+            messages.append(sum(len(series.steps) for series in message.series))
+        return pb.StreamMetricsResponse(accepted_points=sum(messages)), None
+
+
+def test_a_call_ends_once_it_carries_half_the_buffer_so_a_fast_trainer_is_not_held() -> None:
+    # The sidecar acknowledges points when a call ends; a call that ran for its whole
+    # window would hold a trainer logging more than the buffer per window in `log` until
+    # the window closed (here: ten minutes).
+    sidecar = _CountingSidecar()
+    stream = MetricStream(
+        _Stub(sidecar),  # type: ignore[arg-type]
+        max_batch_points=100,
+        max_buffered_points=2_000,
+        call_window_s=600,
+        max_delay_s=600,
+    )
+    total = 50_000
+    logging_done = threading.Event()
+
+    def trainer() -> None:
+        for step in range(total):
+            stream.log("run", "loss", 1.0, step=step, timestamp_ms=5)
+        logging_done.set()
+
+    thread = threading.Thread(target=trainer, daemon=True)
+    thread.start()
+    assert logging_done.wait(60), "log() was held until the call window closed"
+    assert stream.close(timeout_s=60) == total
+    carried = [sum(messages) for messages in sidecar.calls]
+    assert sum(carried) == total and len(carried) >= total // 2_000
+    # A call takes a next message only while it carries fewer than half the buffer.
+    for messages in sidecar.calls:
+        assert sum(messages[:-1]) < 1_000, messages
+
+
 def test_raise_refuses_points_while_full_and_takes_them_again_once_there_is_room() -> None:
     up = threading.Event()
     sidecar = _Sidecar(up=up)

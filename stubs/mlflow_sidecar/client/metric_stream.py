@@ -10,7 +10,9 @@ background thread, which cuts them into messages (packed `series`) once a batch 
 by count or by age. A sender that fell behind the trainer takes everything buffered
 (up to `max_message_bytes`) into its next message, so a trainer that logs faster than
 messages travel gets fewer, larger messages instead of a queue of small ones. Each call
-carries messages for a short window; a window that fails with UNAVAILABLE is sent again
+carries messages for a short window, or until it carries half of `max_buffered_points`
+(the sidecar says what it accepted when a call ends, and until then its points hold room
+in the buffer); a window that fails with UNAVAILABLE is sent again
 (points carry their timestamps, so a resend is an exact duplicate that MLflow ignores).
 While the spool is full, or the sidecar serves as many streaming calls as it admits
 (RESOURCE_EXHAUSTED, reasons SPOOL_FULL and TOO_MANY_STREAMS), the stream keeps the refused
@@ -218,6 +220,9 @@ class MetricStream:
         self._max_delay_s = max_delay_s
         self._window_s = call_window_s
         self._max_buffered = max_buffered_points
+        # A call ends once it carries this many points, so that the sidecar's answer
+        # frees their room in the buffer while the trainer can still fill the rest.
+        self._acknowledge_at = max(1, max_buffered_points // 2)
         self._retry_budget_s = retry_budget_s
         self._raise_when_full = when_full == "raise"
         self._pid = os.getpid()
@@ -396,7 +401,10 @@ class MetricStream:
     def _buffered(self) -> int:
         # Points on their way count too: the stream holds them until the sidecar has
         # accepted them, to send them again after a failed call.
-        return self._count + self._queued_points + sum(n for _, n in self._in_flight)
+        return self._count + self._queued_points + self._unacknowledged()
+
+    def _unacknowledged(self) -> int:
+        return sum(n for _, n in self._in_flight)
 
     def _refuse_while_full(self) -> None:
         if self._error is None and not self._sealed:  # a closed stream says so instead
@@ -597,6 +605,11 @@ class MetricStream:
         """Wait for a message to send in call number `call`, opened at `started`, cutting
         a due batch into messages; False when the call should end (or has ended) instead."""
         with self._cond:
+            if self._unacknowledged() >= self._acknowledge_at:
+                # The sidecar says what it accepted only when a call ends, and the buffer
+                # holds points until then: a call that ran on would fill it and hold the
+                # trainer in `log` until the window closed.
+                return False
             while self._idle():
                 if self._call != call:
                     return False
