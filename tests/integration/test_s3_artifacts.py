@@ -279,7 +279,10 @@ def test_model_uploaded_registered_and_downloaded_by_alias_byte_identical(
     assert tree_digests(registry.download_model(name, tmp_path / "ours", alias="champion")) == (
         expected
     )
+    # MLflow resolves `models:/` partly through the process's default URIs; left unset,
+    # the tracking one is `sqlite:///mlflow.db`, which it would create in the working dir.
     monkeypatch.setenv("MLFLOW_REGISTRY_URI", setup.server.url)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", setup.server.url)
     fetched = mlflow.artifacts.download_artifacts(
         artifact_uri=f"models:/{name}@champion",
         dst_path=str(tmp_path / "plain"),
