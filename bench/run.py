@@ -246,8 +246,9 @@ def grpc_raw_stream(count: int, per_message: int = RAW_MESSAGE_POINTS) -> float:
             data = points("0" * 32, count, "raw")
 
             def messages():
-                # The same messages the typed client sends, filled the fastest way
-                # Python has: columns per run and key, packed by protobuf in C.
+                # The same messages the typed client sends (to a sidecar that reads
+                # fixed-width columns, as every sidecar of this version does), filled the
+                # fastest way Python has: columns per run and key, packed by protobuf in C.
                 for i in range(0, count, per_message):
                     columns: dict[tuple[str, str], tuple[list, list, list]] = {}
                     for r, k, v, ts, s in data[i : i + per_message]:
@@ -260,7 +261,13 @@ def grpc_raw_stream(count: int, per_message: int = RAW_MESSAGE_POINTS) -> float:
                     message = pb.StreamMetricsRequest()
                     add = message.series.add
                     for (r, k), (values, stamps, steps) in columns.items():
-                        add(run_id=r, key=k, values=values, timestamps_ms=stamps, steps=steps)
+                        add(
+                            run_id=r,
+                            key=k,
+                            values=values,
+                            fixed_timestamps_ms=stamps,
+                            fixed_steps=steps,
+                        )
                     yield message
 
             started = time.perf_counter()

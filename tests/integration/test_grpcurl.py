@@ -14,8 +14,10 @@ GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
 TRACKING = "mlflow_sidecar.v1.ExperimentTrackingService"
 
 
-def grpcurl(target: str, *args: str, data: dict | None = None) -> subprocess.CompletedProcess[str]:
-    command = [GRPCURL, "-plaintext"]
+def grpcurl(
+    target: str, *args: str, data: dict | None = None, flags: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    command = [GRPCURL, "-plaintext", *flags]
     if data is not None:
         command += ["-d", json.dumps(data)]
     return subprocess.run(
@@ -83,6 +85,32 @@ def test_tracking_sequence_with_json_alone(sidecar, unique):
     assert fetched["data"]["metrics"][0]["value"] == 1.5
     ended = call(target, "EndRun", {"run_id": run_id, "status": "RUN_STATUS_FINISHED"})["run"]
     assert ended["info"]["status"] == "RUN_STATUS_FINISHED"
+
+
+def test_stream_metrics_says_which_series_columns_it_reads_and_takes_fixed_ones(sidecar, unique):
+    exp = call(sidecar.target, "CreateExperiment", {"name": f"fixed-{unique}"})
+    run = call(sidecar.target, "StartRun", {"experiment_id": exp["experiment"]["experiment_id"]})
+    run_id = run["run"]["info"]["run_id"]
+    series = {
+        "run_id": run_id,
+        "key": "reward",
+        "values": [1.5, 2.5],
+        "fixed_timestamps_ms": ["1764000000000", "1764000000001"],
+        "fixed_steps": ["-1", "7"],
+    }
+    # -v prints the response headers: the initial metadata.
+    result = grpcurl(
+        sidecar.target, f"{TRACKING}/StreamMetrics", data={"series": [series]}, flags=("-v",)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "series-columns: varint,fixed64" in result.stdout
+    assert '"accepted_points": "2"' in result.stdout
+    call(sidecar.target, "FlushMetrics", {"run_id": run_id})
+    history = call(sidecar.target, "GetMetricHistory", {"run_id": run_id, "metric_key": "reward"})
+    assert sorted((m["step"], m["timestamp_ms"], m["value"]) for m in history["metrics"]) == [
+        ("-1", "1764000000000", 1.5),
+        ("7", "1764000000001", 2.5),
+    ]
 
 
 def test_errors_show_their_status_code(sidecar):

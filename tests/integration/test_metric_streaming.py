@@ -12,7 +12,7 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
-from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA, SERIES_COLUMNS_METADATA
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -105,12 +105,71 @@ def test_points_and_series_of_one_message_all_reach_mlflow(tracking_stub, mlflow
     assert full_history(plain, run_id, "loss") == [(0, 0.5), (1, 0.25)]
 
 
+def test_fixed_width_columns_reach_mlflow_as_sent_and_the_sidecar_says_it_reads_them(
+    tracking_stub, mlflow_server, unique
+):
+    exp = tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"fixed-{unique}"))
+    run_id = tracking_stub.StartRun(
+        pb.StartRunRequest(experiment_id=exp.experiment.experiment_id)
+    ).run.info.run_id
+    stamps = [1_764_000_000_000 + i for i in range(2000)]
+    message = pb.StreamMetricsRequest(
+        series=[
+            pb.MetricSeries(
+                run_id=run_id,
+                key="reward",
+                values=[i / 3 for i in range(2000)],
+                fixed_timestamps_ms=stamps,
+                fixed_steps=[i - 1000 for i in range(2000)],
+            ),
+            # One column in each form.
+            pb.MetricSeries(
+                run_id=run_id, key="loss", values=[0.25], fixed_timestamps_ms=[5], steps=[3]
+            ),
+        ]
+    )
+    reply, call = tracking_stub.StreamMetrics.with_call(iter([message]))
+    assert reply.accepted_points == 2001
+    assert "fixed64" in dict(call.initial_metadata())[SERIES_COLUMNS_METADATA].split(",")
+    flushed = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
+    assert flushed.pending_points == 0 and flushed.dead_letter_points == 0
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    reward = sorted(
+        (m.step, m.timestamp, m.value) for m in plain.get_metric_history(run_id, "reward")
+    )
+    assert reward == [(i - 1000, stamps[i], i / 3) for i in range(2000)]
+    loss = plain.get_metric_history(run_id, "loss")
+    assert [(m.step, m.timestamp, m.value) for m in loss] == [(3, 5, 0.25)]
+
+
+def test_the_typed_stream_sends_fixed_width_columns_to_a_sidecar_that_reads_them(
+    client_container, mlflow_server, unique
+):
+    tracking = client_container.experiment_tracking()
+    exp = tracking.create_experiment(f"typed-fixed-{unique}").experiment_id
+    run_id = tracking.start_run(exp).run_id
+    with client_container.metric_stream() as stream:
+        stream.log(run_id, "loss", 0.5, step=0, timestamp_ms=1000)
+        stream.flush()  # the first call: the sidecar says what it reads
+        assert stream._fixed_columns
+        for step in range(1, 3000):
+            stream.log(run_id, "loss", step / 2, step=step, timestamp_ms=1000 + step)
+    assert stream.accepted == 3000
+    assert tracking.flush_metrics(run_id, timeout_s=60).pending_points == 0
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    history = sorted(
+        (m.step, m.timestamp, m.value) for m in plain.get_metric_history(run_id, "loss")
+    )
+    assert history == [(0, 1000, 0.5)] + [(s, 1000 + s, s / 2) for s in range(1, 3000)]
+
+
 @pytest.mark.parametrize(
     ("spoil", "field"),
     [
         (lambda s: s.steps.pop(), "series[0]"),
         (lambda s: setattr(s, "key", "a" * 251), "series[0].key"),
         (lambda s: s.timestamps_ms.__setitem__(1, -1), "series[0].timestamps_ms[1]"),
+        (lambda s: s.fixed_steps.extend([0, 1]), "series[0]"),  # steps in both forms
     ],
 )
 @pytest.mark.parametrize("with_point", [True, False], ids=["with-a-point", "series-only"])

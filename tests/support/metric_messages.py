@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import grpc
+
+from mlflow_sidecar.core.conversions import SERIES_COLUMNS_METADATA
 from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -10,10 +13,43 @@ def points_of(message: pb.StreamMetricsRequest) -> list[MetricPoint]:
     """The points of a message: those sent one by one, then each series'."""
     points = [MetricPoint(p.run_id, p.key, p.value, p.timestamp_ms, p.step) for p in message.points]
     for series in message.series:
+        # Each column in one of its two forms (the other one empty).
+        stamps = series.fixed_timestamps_ms or series.timestamps_ms
+        steps = series.fixed_steps or series.steps
         points += [
             MetricPoint(series.run_id, series.key, value, stamp, step)
-            for value, stamp, step in zip(
-                series.values, series.timestamps_ms, series.steps, strict=True
-            )
+            for value, stamp, step in zip(series.values, stamps, steps, strict=True)
         ]
     return points
+
+
+class AnsweredCall(grpc.Call):  # type: ignore[misc]
+    """A StreamMetrics call that ended well, whose sidecar said in its initial metadata
+    which series columns it reads (`forms`; None: it said nothing, as an older one)."""
+
+    def __init__(self, forms: str | None) -> None:
+        self._metadata = () if forms is None else ((SERIES_COLUMNS_METADATA, forms),)
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self._metadata
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.OK
+
+    def details(self) -> str:
+        return ""
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback: object) -> bool:
+        return False

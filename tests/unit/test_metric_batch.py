@@ -114,6 +114,72 @@ def test_a_series_with_columns_of_different_lengths_is_refused():
     assert "got 2, 2 and 1" in err.value.message
 
 
+def _in_fixed_columns(message: pb.StreamMetricsRequest, *, stamps: bool, steps: bool) -> None:
+    """Move the series' timestamps and/or steps into their fixed-width fields."""
+    for series in message.series:
+        if stamps:
+            series.fixed_timestamps_ms.extend(series.timestamps_ms)
+            series.ClearField("timestamps_ms")
+        if steps:
+            series.fixed_steps.extend(series.steps)
+            series.ClearField("steps")
+
+
+@pytest.mark.parametrize(("stamps", "steps"), [(True, True), (True, False), (False, True)])
+def test_fixed_width_columns_read_as_the_same_points_as_varints(stamps, steps):
+    message = _with_points()
+    _in_fixed_columns(message, stamps=stamps, steps=steps)
+    batch = _batch(message)
+    assert _points(batch) == _points(_batch(_with_points()))
+    assert _points(batch)[4:] == EXPECTED
+
+
+def test_fixed_width_columns_keep_the_whole_int64_range():
+    series = pb.MetricSeries(
+        run_id="r",
+        key="k",
+        values=[1.0, 2.0],
+        fixed_timestamps_ms=[2**63 - 1, 1],
+        fixed_steps=[-(2**63), 2**63 - 1],
+    )
+    batch = MetricBatch.from_request((), [series])
+    assert batch.timestamps_ms.tolist() == [2**63 - 1, 1]
+    assert batch.steps.tolist() == [-(2**63), 2**63 - 1]
+
+
+@pytest.mark.parametrize("column", ["timestamps_ms", "steps"])
+def test_a_column_sent_in_both_forms_is_refused(column):
+    message = _series_only()
+    getattr(message.series[2], f"fixed_{column}").extend(getattr(message.series[2], column))
+    with pytest.raises(InvalidArgumentError) as err:
+        _batch(message)
+    assert err.value.field == "series[2]"
+    assert f"send {column} or fixed_{column}, not both" in err.value.message
+
+
+def test_fixed_width_columns_of_a_different_length_are_refused_by_their_names():
+    message = _series_only()
+    _in_fixed_columns(message, stamps=True, steps=True)
+    del message.series[2].fixed_steps[1]
+    with pytest.raises(InvalidArgumentError) as err:
+        _batch(message)
+    assert err.value.field == "series[2]"
+    assert "values, fixed_timestamps_ms and fixed_steps must have the same length" in str(
+        err.value.message
+    )
+    assert "got 2, 2 and 1" in err.value.message
+
+
+def test_a_bad_point_of_fixed_width_columns_is_named_by_its_field():
+    message = _with_points()
+    _in_fixed_columns(message, stamps=True, steps=True)
+    message.series[2].fixed_timestamps_ms[1] = -5
+    with pytest.raises(InvalidArgumentError) as err:
+        _batch(message).checked()
+    assert err.value.field == "series[2].fixed_timestamps_ms[1]"
+    assert _batch(message).field_path(7, "step") == "series[3].fixed_steps[0]"
+
+
 @pytest.mark.parametrize(
     ("spoil", "field", "problem"),
     [

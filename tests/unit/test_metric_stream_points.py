@@ -13,23 +13,29 @@ import pytest
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
-from tests.support.metric_messages import points_of
+from tests.support.metric_messages import AnsweredCall, points_of
 
 
 class _StreamCall:
-    def __init__(self) -> None:
+    def __init__(self, forms: str | None) -> None:
+        self.forms = forms
         self.messages: list[pb.StreamMetricsRequest] = []
+        # The messages of each call.
+        self.calls: list[list[pb.StreamMetricsRequest]] = []
 
     def with_call(self, requests, timeout=None, **kwargs):
         batch = list(requests)
         self.messages.extend(batch)
+        self.calls.append(batch)
         accepted = sum(len(s.values) for m in batch for s in m.series)
-        return pb.StreamMetricsResponse(accepted_points=accepted), None
+        return pb.StreamMetricsResponse(accepted_points=accepted), AnsweredCall(self.forms)
 
 
 class FakeStub:
-    def __init__(self) -> None:
-        self.StreamMetrics = _StreamCall()
+    """A sidecar that says it reads `forms` (None: an older one, which says nothing)."""
+
+    def __init__(self, forms: str | None = None) -> None:
+        self.StreamMetrics = _StreamCall(forms)
 
 
 def test_points_arrive_in_order_in_batches():
@@ -188,25 +194,61 @@ def test_log_blocks_while_the_buffer_is_full_and_loses_nothing():
     assert stream.close() == 100
 
 
-@pytest.mark.parametrize("as_on_the_wire", [True, False], ids=["bytes-merged", "extended"])
-def test_values_reach_the_message_bit_for_bit(monkeypatch, as_on_the_wire):
+@pytest.mark.parametrize(
+    ("as_on_the_wire", "forms", "fixed"),
+    [
+        (True, "varint,fixed64", True),
+        (True, "fixed64", True),
+        (True, "varint", False),
+        (True, None, False),  # an older sidecar says nothing: varints, which it reads
+        (False, "varint,fixed64", False),  # a big-endian machine encodes varints itself
+    ],
+    ids=["fixed", "fixed-only", "varint", "older-sidecar", "big-endian"],
+)
+def test_points_reach_the_message_bit_for_bit_in_the_form_the_sidecar_reads(
+    monkeypatch, as_on_the_wire, forms, fixed
+):
     from mlflow_sidecar.client import metric_stream
 
-    monkeypatch.setattr(metric_stream, "_DOUBLES_AS_ON_THE_WIRE", as_on_the_wire)
+    monkeypatch.setattr(metric_stream, "_NUMBERS_AS_ON_THE_WIRE", as_on_the_wire)
     values = [0.0, -0.0, 1.5, -2.25e-310, 1.7976931348623157e308, float("inf"), float("nan")]
     values += [i / 7 for i in range(300)]  # a length of more than one varint byte
-    stub = FakeStub()
+    steps = [-(2**63), 2**63 - 1, -1, 0, *range(len(values) - 4)]
+    stamps = [2**63 - 1] + [1_764_000_000_000 + i for i in range(len(values) - 1)]
+    stub = FakeStub(forms)
     stream = MetricStream(stub)  # type: ignore[arg-type]
-    for step, value in enumerate(values):
-        stream.log("r1", "x", value, step=step, timestamp_ms=1 + step)
-    assert stream.close() == len(values)
-    (message,) = stub.StreamMetrics.messages
+    # The first call tells the stream what the sidecar reads.
+    stream.log("r0", "first", 1.0, step=0, timestamp_ms=1)
+    stream.flush()
+    for value, stamp, step in zip(values, stamps, steps, strict=True):
+        stream.log("r1", "x", value, step=step, timestamp_ms=stamp)
+    assert stream.close() == len(values) + 1
+    (_, message) = stub.StreamMetrics.messages
     expected = pb.StreamMetricsRequest()
-    expected.series.add(
-        run_id="r1",
-        key="x",
-        values=values,
-        timestamps_ms=range(1, len(values) + 1),
-        steps=range(len(values)),
+    columns = (
+        {"fixed_timestamps_ms": stamps, "fixed_steps": steps}
+        if fixed
+        else {"timestamps_ms": stamps, "steps": steps}
     )
+    expected.series.add(run_id="r1", key="x", values=values, **columns)
     assert message.SerializeToString() == expected.SerializeToString()
+
+
+def test_the_first_call_carries_one_message_and_the_rest_go_in_the_form_the_sidecar_reads():
+    stub = FakeStub("varint,fixed64")
+    # A window long enough that only the rule ends the first call.
+    stream = MetricStream(stub, max_batch_points=10, max_delay_s=0.01, call_window_s=600)  # type: ignore[arg-type]
+    for step in range(5000):
+        stream.log("r1", "loss", 1.0, step=step, timestamp_ms=1 + step)
+        if step == 10:  # a batch is due: the first call ends after sending it, unflushed
+            deadline = time.monotonic() + 10
+            while not stub.StreamMetrics.calls and time.monotonic() < deadline:
+                time.sleep(0.01)
+    assert stream.close() == 5000
+    first, *later = stub.StreamMetrics.calls
+    assert len(first) == 1
+    assert first[0].series[0].steps and not first[0].series[0].fixed_steps
+    assert later
+    assert all(s.fixed_steps and not s.steps for call in later for m in call for s in m.series)
+    sent = [p.step for m in stub.StreamMetrics.messages for p in points_of(m)]
+    assert sent == list(range(5000))

@@ -7,7 +7,12 @@ stamping and spooling a batch then costs microseconds per thousand points, where
 object per number would cost tens.
 
 Each segment remembers where its request put it, so that an error names a point as the
-request did: `series[3].timestamps_ms[17]`, `points[5].key`.
+request did: `series[3].timestamps_ms[17]`, `series[2].fixed_steps[4]`, `points[5].key`.
+
+A series sends its timestamps and its steps each in one of two forms, varints
+(`timestamps_ms`, `steps`) or fixed-width integers (`fixed_timestamps_ms`, `fixed_steps`,
+what the typed client sends to a sidecar that says it reads them): the batch holds them
+alike.
 """
 
 from __future__ import annotations
@@ -29,9 +34,6 @@ from mlflow_sidecar.server import validation as check
 Floats = npt.NDArray[np.float64]
 Integers = npt.NDArray[np.int64]
 _Column = TypeVar("_Column", Floats, Integers)
-
-# A point's field and the column a series keeps it in.
-_SERIES_COLUMNS = {"value": "values", "timestamp_ms": "timestamps_ms", "step": "steps"}
 
 
 class PointFields(Protocol):
@@ -71,11 +73,18 @@ class SeriesFields(Protocol):
     @property
     def steps(self) -> Sequence[int]: ...
 
+    @property
+    def fixed_timestamps_ms(self) -> Sequence[int]: ...
+
+    @property
+    def fixed_steps(self) -> Sequence[int]: ...
+
 
 @dataclass(frozen=True, slots=True)
 class Segment:
     """Points `start` to `stop` of a batch, of one run and one key, and where the request
-    sent them: `series[series]`, or (`series` -1) `points[first]` onwards."""
+    sent them: `series[series]` (its timestamps and steps in the fields `stamps_field` and
+    `steps_field`), or (`series` -1) `points[first]` onwards."""
 
     run_id: str
     key: str
@@ -83,6 +92,8 @@ class Segment:
     stop: int
     series: int = -1
     first: int = 0
+    stamps_field: str = "timestamps_ms"
+    steps_field: str = "steps"
 
     def field_path(self, offset: int, field: str) -> str:
         """How the request named `field` of this segment's point `offset`."""
@@ -90,7 +101,8 @@ class Segment:
             return f"points[{self.first + offset}].{field}"
         if field in ("run_id", "key"):
             return f"series[{self.series}].{field}"
-        return f"series[{self.series}].{_SERIES_COLUMNS.get(field, field)}[{offset}]"
+        column = {"value": "values", "timestamp_ms": self.stamps_field, "step": self.steps_field}
+        return f"series[{self.series}].{column.get(field, field)}[{offset}]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,16 +126,47 @@ def _point_segments(points: Sequence[PointFields]) -> Iterator[Segment]:
         yield Segment(run_id, key, first, stop, -1, first)
 
 
-def _series_length(index: int, sent: SeriesFields) -> int:
-    """The number of points of a series; InvalidArgumentError when its columns differ."""
-    count = len(sent.values)
-    if len(sent.timestamps_ms) != count or len(sent.steps) != count:
+@dataclass(frozen=True, slots=True)
+class _SeriesColumns:
+    """A series' timestamps and steps, each from the field the request sent it in."""
+
+    stamps: Sequence[int]
+    stamps_field: str
+    steps: Sequence[int]
+    steps_field: str
+
+
+def _one_form(index: int, name: str, varint: Sequence[int], fixed: Sequence[int]) -> str:
+    """Which of a column's two fields a series sent it in; InvalidArgumentError for both."""
+    if not len(fixed):
+        return name
+    if len(varint):
         raise InvalidArgumentError(
             f"series[{index}]",
-            f"values, timestamps_ms and steps must have the same length, got {count},"
-            f" {len(sent.timestamps_ms)} and {len(sent.steps)}",
+            f"send {name} or fixed_{name}, not both (got {len(varint)} and {len(fixed)} numbers)",
         )
-    return count
+    return f"fixed_{name}"
+
+
+def _series_columns(index: int, sent: SeriesFields) -> tuple[int, _SeriesColumns]:
+    """The number of points of a series and its columns; InvalidArgumentError when a
+    column is sent in both forms or the columns differ in length."""
+    stamps_field = _one_form(index, "timestamps_ms", sent.timestamps_ms, sent.fixed_timestamps_ms)
+    steps_field = _one_form(index, "steps", sent.steps, sent.fixed_steps)
+    columns = _SeriesColumns(
+        sent.fixed_timestamps_ms if stamps_field != "timestamps_ms" else sent.timestamps_ms,
+        stamps_field,
+        sent.fixed_steps if steps_field != "steps" else sent.steps,
+        steps_field,
+    )
+    count = len(sent.values)
+    if len(columns.stamps) != count or len(columns.steps) != count:
+        raise InvalidArgumentError(
+            f"series[{index}]",
+            f"values, {stamps_field} and {steps_field} must have the same length, got"
+            f" {count}, {len(columns.stamps)} and {len(columns.steps)}",
+        )
+    return count, columns
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +185,8 @@ class MetricBatch:
     ) -> MetricBatch:
         """The points of a request: those sent one by one first, then each series.
 
-        InvalidArgumentError names a series whose columns differ in length."""
+        InvalidArgumentError names a series whose columns differ in length or that sends
+        a column in both forms."""
         segments: list[Segment] = []
         values: list[Floats] = []
         stamps: list[Integers] = []
@@ -155,13 +199,23 @@ class MetricBatch:
             steps.append(np.fromiter((p.step for p in points), np.int64, count))
         start = len(points)
         for index, sent in enumerate(series):
-            count = _series_length(index, sent)
+            count, columns = _series_columns(index, sent)
             if not count:
                 continue
-            segments.append(Segment(sent.run_id, sent.key, start, start + count, index))
+            segments.append(
+                Segment(
+                    sent.run_id,
+                    sent.key,
+                    start,
+                    start + count,
+                    index,
+                    stamps_field=columns.stamps_field,
+                    steps_field=columns.steps_field,
+                )
+            )
             values.append(np.array(sent.values, dtype=np.float64))
-            stamps.append(np.array(sent.timestamps_ms, dtype=np.int64))
-            steps.append(np.array(sent.steps, dtype=np.int64))
+            stamps.append(np.array(columns.stamps, dtype=np.int64))
+            steps.append(np.array(columns.steps, dtype=np.int64))
             start += count
         return cls(
             _joined(values, np.empty(0, np.float64)),

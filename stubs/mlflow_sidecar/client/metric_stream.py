@@ -9,7 +9,12 @@
 background thread, which cuts them into messages (packed `series`) once a batch is due,
 by count or by age. A sender that fell behind the trainer takes everything buffered
 (up to `max_message_bytes`) into its next message, so a trainer that logs faster than
-messages travel gets fewer, larger messages instead of a queue of small ones. Each call
+messages travel gets fewer, larger messages instead of a queue of small ones. A message
+carries timestamps and steps as fixed-width integers, copied out of the buffers as they
+lie, once the sidecar said it reads them (the initial metadata of each StreamMetrics call);
+until then, and to a sidecar that does not say so, as varints, which cost the sender a
+Python int per number. The stream's first call ends after one message, so that the
+answer comes before the bulk of the points is cut. Each call
 carries messages for a short window, or until it carries half of `max_buffered_points`
 (the sidecar says what it accepted when a call ends, and until then its points hold room
 in the buffer); a window that fails with UNAVAILABLE is sent again
@@ -62,7 +67,11 @@ from typing import Any, Literal, NoReturn
 import grpc
 
 from mlflow_sidecar.core.clock import now_ms
-from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.conversions import (
+    ACCEPTED_POINTS_METADATA,
+    SERIES_COLUMNS_FIXED,
+    SERIES_COLUMNS_METADATA,
+)
 from mlflow_sidecar.core.errors import (
     ClientErrorReason,
     DeadlineExceededError,
@@ -125,24 +134,51 @@ _Row = bytearray
 _Pending = tuple[tuple[str, str], memoryview, int]
 
 
-# A packed `repeated double` on the wire is a tag, a length and the doubles' bytes,
-# little-endian: on such a machine a row's values go in as they lie, merged by protobuf
-# in C, without a Python float each.
+# A packed `repeated double` or `repeated sfixed64` on the wire is a tag, a length and the
+# numbers' bytes, little-endian: on such a machine a row's columns go in as they lie,
+# merged by protobuf in C, without a Python number each (a varint column costs a Python
+# int per number, most of what the sender spends on a point).
 _VALUES_TAG = bytes([pb.MetricSeries.VALUES_FIELD_NUMBER << 3 | 2])
-_DOUBLES_AS_ON_THE_WIRE = sys.byteorder == "little"
+_FIXED_STAMPS_TAG = bytes([pb.MetricSeries.FIXED_TIMESTAMPS_MS_FIELD_NUMBER << 3 | 2])
+_FIXED_STEPS_TAG = bytes([pb.MetricSeries.FIXED_STEPS_FIELD_NUMBER << 3 | 2])
+_NUMBERS_AS_ON_THE_WIRE = sys.byteorder == "little"
 
 
-def _add_values(series: pb.MetricSeries, values: memoryview[float]) -> None:
-    if not _DOUBLES_AS_ON_THE_WIRE:
-        series.values.extend(values)
-        return
-    data = values.tobytes()
+def _packed_field(tag: bytes, column: memoryview[Any]) -> bytes:
+    """A packed field of fixed-width numbers: tag, varint length, the column's bytes."""
+    data = column.tobytes()
     length, size = bytearray(), len(data)
     while size > 0x7F:
         length.append(size & 0x7F | 0x80)
         size >>= 7
     length.append(size)
-    series.MergeFromString(_VALUES_TAG + length + data)
+    return tag + length + data
+
+
+def _add_columns(series: pb.MetricSeries, points: memoryview, *, fixed: bool) -> None:
+    """Add packed points (`_POINT` each) to `series`: timestamps and steps as fixed-width
+    integers when `fixed` (the sidecar said it reads them), else as varints."""
+    integers = points.cast("q")
+    if not _NUMBERS_AS_ON_THE_WIRE:
+        series.values.extend(points.cast("d")[0::3])
+        series.timestamps_ms.extend(integers[1::3])
+        series.steps.extend(integers[2::3])
+        return
+    values = _packed_field(_VALUES_TAG, points.cast("d")[0::3])
+    if not fixed:
+        series.timestamps_ms.extend(integers[1::3])
+        series.steps.extend(integers[2::3])
+        series.MergeFromString(values)
+        return
+    series.MergeFromString(
+        b"".join(
+            (
+                values,
+                _packed_field(_FIXED_STAMPS_TAG, integers[1::3]),
+                _packed_field(_FIXED_STEPS_TAG, integers[2::3]),
+            )
+        )
+    )
 
 
 def _stamp_for(key: str, timestamp_ms: Any) -> int:
@@ -263,6 +299,13 @@ class MetricStream:
         # message it took then would sit in flight where no call sends it, so an ended
         # call's number is retired, under self._cond, before its messages are settled.
         self._call = 0
+        # The sidecar reads fixed-width timestamps and steps (it says so at the start of
+        # each call); until one says so, messages carry varints, which every sidecar reads.
+        self._fixed_columns = False
+        # Whether a call has succeeded, and so told the stream which forms the sidecar
+        # reads. Until then a call ends after one message, so that the bulk of the points
+        # is cut in the form the sidecar reads best.
+        self._columns_known = False
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -546,10 +589,11 @@ class MetricStream:
                 continue
             # The first series of a message always goes, as much of it as fits.
             share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES))
-            taken = data[: _POINT.size * share]
-            integers = taken.cast("q")
-            series = add(run_id=run_id, key=key, timestamps_ms=integers[1::3], steps=integers[2::3])
-            _add_values(series, taken.cast("d")[0::3])
+            _add_columns(
+                add(run_id=run_id, key=key),
+                data[: _POINT.size * share],
+                fixed=self._fixed_columns,
+            )
             points += share
             size += overhead + share * MAX_POINT_BYTES
             if share < n:
@@ -605,7 +649,8 @@ class MetricStream:
         """Wait for a message to send in call number `call`, opened at `started`, cutting
         a due batch into messages; False when the call should end (or has ended) instead."""
         with self._cond:
-            if self._unacknowledged() >= self._acknowledge_at:
+            flying = self._unacknowledged()
+            if flying >= self._acknowledge_at or (flying and not self._columns_known):
                 # The sidecar says what it accepted only when a call ends, and the buffer
                 # holds points until then: a call that ran on would fill it and hold the
                 # trainer in `log` until the window closed.
@@ -644,7 +689,7 @@ class MetricStream:
             self._call += 1
             call = self._call
         try:
-            reply, _call = self._stub.StreamMetrics.with_call(self._requests(call))
+            reply, done = self._stub.StreamMetrics.with_call(self._requests(call))
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
         except (SidecarError, ValueError) as exc:
@@ -663,13 +708,24 @@ class MetricStream:
                 self._in_flight.clear()
                 self._cond.notify_all()
             return None
+        self._learn_columns(done)
         with self._cond:
+            self._columns_known = True
             self._call += 1
             self._accepted += reply.accepted_points
             self._in_flight.clear()
             self._reopen_if_room()
             self._cond.notify_all()
         return None
+
+    def _learn_columns(self, call: object) -> None:
+        """Send fixed-width columns from the next cut on if the sidecar of `call`, a call
+        that succeeded, said it reads them; varints if it did not."""
+        metadata = call.initial_metadata() if isinstance(call, grpc.Call) else None
+        forms = dict(metadata or ()).get(SERIES_COLUMNS_METADATA, "")
+        # Messages already cut keep their form: a sidecar that lost the fixed form (one
+        # downgraded while the stream ran) refuses them (INVALID_ARGUMENT).
+        self._fixed_columns = SERIES_COLUMNS_FIXED in str(forms).split(",")
 
     def _after_fork_in_child(self) -> None:
         # The sender thread did not come along, and a lock it held stays held: new locks,

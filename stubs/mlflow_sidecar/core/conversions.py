@@ -28,6 +28,11 @@ from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 # Trailing metadata of StreamMetrics: points of the call committed to the spool.
 ACCEPTED_POINTS_METADATA = "accepted-points"
+# Initial metadata of StreamMetrics: the forms of a series' integer columns the sidecar
+# reads, comma-separated. The typed client sends fixed-width columns once it sees
+# SERIES_COLUMNS_FIXED among them; a sidecar without this key reads varints only.
+SERIES_COLUMNS_METADATA = "series-columns"
+SERIES_COLUMNS_FIXED = "fixed64"
 
 _STAGE_TO_PB = {
     LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,

@@ -1076,6 +1076,8 @@ class MetricSeries(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     TIMESTAMPS_MS_FIELD_NUMBER: _builtins.int
     STEPS_FIELD_NUMBER: _builtins.int
+    FIXED_TIMESTAMPS_MS_FIELD_NUMBER: _builtins.int
+    FIXED_STEPS_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     key: _builtins.str
     @_builtins.property
@@ -1088,6 +1090,20 @@ class MetricSeries(_message.Message):
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
         """Same length as values."""
 
+    @_builtins.property
+    def fixed_timestamps_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """timestamps_ms as fixed-width integers: a client that holds its points as 8-byte
+        integers sends them as they lie instead of encoding a varint each. A series sends
+        its timestamps in one of the two fields, never both; the same for steps. A sidecar
+        that reads these fields says so in the initial metadata of every StreamMetrics
+        call (`series-columns`, a comma-separated list that includes `fixed64`); an older
+        one ignores them, and the series' columns then differ in length (INVALID_ARGUMENT).
+        """
+
+    @_builtins.property
+    def fixed_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """steps as fixed-width integers, as fixed_timestamps_ms."""
+
     def __init__(
         self,
         *,
@@ -1096,10 +1112,12 @@ class MetricSeries(_message.Message):
         values: _abc.Iterable[_builtins.float] | None = ...,
         timestamps_ms: _abc.Iterable[_builtins.int] | None = ...,
         steps: _abc.Iterable[_builtins.int] | None = ...,
+        fixed_timestamps_ms: _abc.Iterable[_builtins.int] | None = ...,
+        fixed_steps: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "run_id", b"run_id", "steps", b"steps", "timestamps_ms", b"timestamps_ms", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fixed_steps", b"fixed_steps", "fixed_timestamps_ms", b"fixed_timestamps_ms", "key", b"key", "run_id", b"run_id", "steps", b"steps", "timestamps_ms", b"timestamps_ms", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,7 +7,11 @@ from collections.abc import Iterator
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA
+from mlflow_sidecar.core.conversions import (
+    ACCEPTED_POINTS_METADATA,
+    SERIES_COLUMNS_FIXED,
+    SERIES_COLUMNS_METADATA,
+)
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
 from mlflow_sidecar.server.metric_batch import MetricBatch
@@ -171,6 +175,10 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
         self, request_iterator: Iterator[pb.StreamMetricsRequest], context: grpc.ServicerContext
     ) -> pb.StreamMetricsResponse:
         accepted = 0
+        # Before the first message, so that a client can send the compact form from it on.
+        context.send_initial_metadata(
+            ((SERIES_COLUMNS_METADATA, f"varint,{SERIES_COLUMNS_FIXED}"),)
+        )
         try:
             for message in request_iterator:
                 batch = MetricBatch.from_request(message.points, message.series)
