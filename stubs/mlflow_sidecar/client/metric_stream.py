@@ -653,7 +653,8 @@ class MetricStream:
             if flying >= self._acknowledge_at or (flying and not self._columns_known):
                 # The sidecar says what it accepted only when a call ends, and the buffer
                 # holds points until then: a call that ran on would fill it and hold the
-                # trainer in `log` until the window closed.
+                # trainer in `log` until the window closed. Until a call has succeeded,
+                # one message is enough: its answer says which columns the sidecar reads.
                 return False
             while self._idle():
                 if self._call != call:
