@@ -126,47 +126,18 @@ def _point_segments(points: Sequence[PointFields]) -> Iterator[Segment]:
         yield Segment(run_id, key, first, stop, -1, first)
 
 
-@dataclass(frozen=True, slots=True)
-class _SeriesColumns:
-    """A series' timestamps and steps, each from the field the request sent it in."""
-
-    stamps: Sequence[int]
-    stamps_field: str
-    steps: Sequence[int]
-    steps_field: str
-
-
-def _one_form(index: int, name: str, varint: Sequence[int], fixed: Sequence[int]) -> str:
-    """Which of a column's two fields a series sent it in; InvalidArgumentError for both."""
+def _column(index: int, sent: SeriesFields, name: str) -> tuple[str, Sequence[int]]:
+    """The field a series sent its column `name` in (`name` or `fixed_<name>`) and the
+    column; InvalidArgumentError when it sent both."""
+    varint, fixed = getattr(sent, name), getattr(sent, f"fixed_{name}")
     if not len(fixed):
-        return name
+        return name, varint
     if len(varint):
         raise InvalidArgumentError(
             f"series[{index}]",
             f"send {name} or fixed_{name}, not both (got {len(varint)} and {len(fixed)} numbers)",
         )
-    return f"fixed_{name}"
-
-
-def _series_columns(index: int, sent: SeriesFields) -> tuple[int, _SeriesColumns]:
-    """The number of points of a series and its columns; InvalidArgumentError when a
-    column is sent in both forms or the columns differ in length."""
-    stamps_field = _one_form(index, "timestamps_ms", sent.timestamps_ms, sent.fixed_timestamps_ms)
-    steps_field = _one_form(index, "steps", sent.steps, sent.fixed_steps)
-    columns = _SeriesColumns(
-        sent.fixed_timestamps_ms if stamps_field != "timestamps_ms" else sent.timestamps_ms,
-        stamps_field,
-        sent.fixed_steps if steps_field != "steps" else sent.steps,
-        steps_field,
-    )
-    count = len(sent.values)
-    if len(columns.stamps) != count or len(columns.steps) != count:
-        raise InvalidArgumentError(
-            f"series[{index}]",
-            f"values, {stamps_field} and {steps_field} must have the same length, got"
-            f" {count}, {len(columns.stamps)} and {len(columns.steps)}",
-        )
-    return count, columns
+    return f"fixed_{name}", fixed
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,23 +170,25 @@ class MetricBatch:
             steps.append(np.fromiter((p.step for p in points), np.int64, count))
         start = len(points)
         for index, sent in enumerate(series):
-            count, columns = _series_columns(index, sent)
+            stamps_field, sent_stamps = _column(index, sent, "timestamps_ms")
+            steps_field, sent_steps = _column(index, sent, "steps")
+            count = len(sent.values)
+            if len(sent_stamps) != count or len(sent_steps) != count:
+                raise InvalidArgumentError(
+                    f"series[{index}]",
+                    f"values, {stamps_field} and {steps_field} must have the same length,"
+                    f" got {count}, {len(sent_stamps)} and {len(sent_steps)}",
+                )
             if not count:
                 continue
             segments.append(
                 Segment(
-                    sent.run_id,
-                    sent.key,
-                    start,
-                    start + count,
-                    index,
-                    stamps_field=columns.stamps_field,
-                    steps_field=columns.steps_field,
+                    sent.run_id, sent.key, start, start + count, index, 0, stamps_field, steps_field
                 )
             )
             values.append(np.array(sent.values, dtype=np.float64))
-            stamps.append(np.array(columns.stamps, dtype=np.int64))
-            steps.append(np.array(columns.steps, dtype=np.int64))
+            stamps.append(np.array(sent_stamps, dtype=np.int64))
+            steps.append(np.array(sent_steps, dtype=np.int64))
             start += count
         return cls(
             _joined(values, np.empty(0, np.float64)),

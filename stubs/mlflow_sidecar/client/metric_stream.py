@@ -299,13 +299,11 @@ class MetricStream:
         # message it took then would sit in flight where no call sends it, so an ended
         # call's number is retired, under self._cond, before its messages are settled.
         self._call = 0
-        # The sidecar reads fixed-width timestamps and steps (it says so at the start of
-        # each call); until one says so, messages carry varints, which every sidecar reads.
-        self._fixed_columns = False
-        # Whether a call has succeeded, and so told the stream which forms the sidecar
-        # reads. Until then a call ends after one message, so that the bulk of the points
-        # is cut in the form the sidecar reads best.
-        self._columns_known = False
+        # Whether the sidecar reads fixed-width timestamps and steps, as the last call that
+        # succeeded said at its start; None until one has. Until then messages carry
+        # varints, which every sidecar reads, and a call ends after one message, so that
+        # the bulk of the points is cut in the form the sidecar reads best.
+        self._fixed_columns: bool | None = None
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -592,7 +590,7 @@ class MetricStream:
             _add_columns(
                 add(run_id=run_id, key=key),
                 data[: _POINT.size * share],
-                fixed=self._fixed_columns,
+                fixed=self._fixed_columns is True,
             )
             points += share
             size += overhead + share * MAX_POINT_BYTES
@@ -650,7 +648,7 @@ class MetricStream:
         a due batch into messages; False when the call should end (or has ended) instead."""
         with self._cond:
             flying = self._unacknowledged()
-            if flying >= self._acknowledge_at or (flying and not self._columns_known):
+            if flying >= self._acknowledge_at or (flying and self._fixed_columns is None):
                 # The sidecar says what it accepted only when a call ends, and the buffer
                 # holds points until then: a call that ran on would fill it and hold the
                 # trainer in `log` until the window closed. Until a call has succeeded,
@@ -711,7 +709,6 @@ class MetricStream:
             return None
         self._learn_columns(done)
         with self._cond:
-            self._columns_known = True
             self._call += 1
             self._accepted += reply.accepted_points
             self._in_flight.clear()

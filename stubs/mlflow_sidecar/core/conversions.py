@@ -33,6 +33,7 @@ ACCEPTED_POINTS_METADATA = "accepted-points"
 # SERIES_COLUMNS_FIXED among them; a sidecar without this key reads varints only.
 SERIES_COLUMNS_METADATA = "series-columns"
 SERIES_COLUMNS_FIXED = "fixed64"
+SERIES_COLUMNS_READ = f"varint,{SERIES_COLUMNS_FIXED}"
 
 _STAGE_TO_PB = {
     LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,

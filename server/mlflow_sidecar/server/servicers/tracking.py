@@ -9,8 +9,8 @@ import grpc
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.conversions import (
     ACCEPTED_POINTS_METADATA,
-    SERIES_COLUMNS_FIXED,
     SERIES_COLUMNS_METADATA,
+    SERIES_COLUMNS_READ,
 )
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
@@ -176,9 +176,7 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     ) -> pb.StreamMetricsResponse:
         accepted = 0
         # Before the first message, so that a client can send the compact form from it on.
-        context.send_initial_metadata(
-            ((SERIES_COLUMNS_METADATA, f"varint,{SERIES_COLUMNS_FIXED}"),)
-        )
+        context.send_initial_metadata(((SERIES_COLUMNS_METADATA, SERIES_COLUMNS_READ),))
         try:
             for message in request_iterator:
                 batch = MetricBatch.from_request(message.points, message.series)
