@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 # A level's rate counts for this long; then the level is measured again, since what the
 # server gains from concurrency changes with its load and its other clients.
 _FRESH_S = 60.0
-# A step up must deliver this much more than the level below it to be kept: on a server
-# that serialises writes (SQLite) extra calls only wait on its lock, and each of them
-# holds a point back from MLflow for longer.
-_GAIN = 0.05
+# The fewest calls that deliver within this fraction of the best level are enough: on a
+# server that serialises writes (SQLite) extra calls only wait on its lock, and each of
+# them holds a point back from MLflow for longer. Measured against the best level, not
+# the next one, so that steps that each add a little cannot add up to a large loss.
+_MARGIN = 0.05
 # A measurement ends after this much delivery time and at least this many calls per slot:
 # shorter ones, of calls that can take half a second each, are mostly noise.
 _EPOCH_S = 2.0
@@ -39,10 +40,11 @@ class DeliveryConcurrency:
     PostgreSQL take them side by side, a server on SQLite takes one write at a time and
     makes the others wait on its lock, so they only add latency. The limit follows what is
     measured: points MLflow confirmed per second of delivery (time with calls in flight
-    or a worker at work, `working`), at each level. It starts at `most` and steps by one:
-    it keeps a call only while that call adds `_GAIN` to what one fewer delivers, goes up
-    while one more adds that much, and measures a level again once its figure is older
-    than `_FRESH_S`.
+    or a worker at work, `working`), at each level. It starts at `most` and steps by one
+    towards the fewest calls that deliver within `_MARGIN` of the best level measured: a
+    level short of that moves towards the best one, a level within it tries one call
+    fewer, and one call more when that level was not measured lately. A level's figure is
+    measured again once it is older than `_FRESH_S`.
     A call MLflow pushed back on halves the limit, once for the calls in flight with it.
 
     A slot given back goes straight to the worker that has waited longest, so one that has
@@ -186,17 +188,23 @@ class DeliveryConcurrency:
         now = self._clock()
         level = self._limit
         known = self._fresh(level, now)
-        if known is not None:  # smooth a level measured again in a row
+        if known is not None:  # smooth a level measured again while its figure is fresh
             points_per_s = (known + points_per_s) / 2
         self._rates[level] = _Rate(points_per_s, now)
-        below = self._fresh(level - 1, now)
-        above = self._fresh(level + 1, now)
-        if below is not None and points_per_s < below * (1 + _GAIN):
-            self._set_limit(level - 1)  # the step up to here did not pay
-        elif level < self._most and (above is None or above > points_per_s * (1 + _GAIN)):
-            self._set_limit(level + 1)  # not measured lately, or known to pay
+        fresh = {
+            other: rate for other in self._rates if (rate := self._fresh(other, now)) is not None
+        }
+        best = max(fresh, key=fresh.__getitem__)
+        enough = fresh[best] * (1 - _MARGIN)
+        below = fresh.get(level - 1)
+        if points_per_s < enough:
+            self._set_limit(level + 1 if best > level else level - 1)  # short of the best
+        elif below is not None and below >= enough:
+            self._set_limit(level - 1)  # one call fewer delivers about as much
+        elif level < self._most and level + 1 not in fresh:
+            self._set_limit(level + 1)  # one more was not measured lately
         elif level > 1 and below is None:
-            self._set_limit(level - 1)  # check the step below still costs
+            self._set_limit(level - 1)  # check that one fewer still costs
         else:
             self._set_limit(level)
 
