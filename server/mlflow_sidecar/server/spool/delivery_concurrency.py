@@ -42,9 +42,10 @@ class DeliveryConcurrency:
     measured: points MLflow confirmed per second of delivery (time with calls in flight
     or a worker at work, `working`), at each level. It starts at `most` and steps by one
     towards the fewest calls that deliver within `_MARGIN` of the best level measured: a
-    level short of that moves towards the best one, a level within it tries one call
-    fewer, and one call more when that level was not measured lately. A level's figure is
-    measured again once it is older than `_FRESH_S`.
+    level short of that moves towards the best one; a level within it first tries one call
+    more when that level was not measured lately (the best may be there), then one call
+    fewer. A level's figure is measured again once it is older than `_FRESH_S`; each
+    measurement ends after whole rounds of calls, one per slot.
     A call MLflow pushed back on halves the limit, once for the calls in flight with it.
 
     A slot given back goes straight to the worker that has waited longest, so one that has
@@ -144,7 +145,15 @@ class DeliveryConcurrency:
             busy_s = self._busy_s
             if self._busy_since is not None:
                 busy_s += self._clock() - self._busy_since
-            if busy_s >= _EPOCH_S and self._calls >= _EPOCH_CALLS_PER_SLOT * self._limit:
+            # Whole rounds of calls only (one per slot): the time counted so far includes
+            # the work of the calls still out, whose points are not in yet, so that a
+            # measurement ending mid-round would count more calls short the higher the
+            # level.
+            if (
+                busy_s >= _EPOCH_S
+                and self._calls >= _EPOCH_CALLS_PER_SLOT * self._limit
+                and self._calls % self._limit == 0
+            ):
                 self._measured(self._points / busy_s)
 
     # -- under the lock ------------------------------------------------------------------
@@ -199,10 +208,12 @@ class DeliveryConcurrency:
         below = fresh.get(level - 1)
         if points_per_s < enough:
             self._set_limit(level + 1 if best > level else level - 1)  # short of the best
+        elif level < self._most and level + 1 not in fresh:
+            # One more was not measured lately: the best may be up there, and a level
+            # can only count as enough against it once it is known again.
+            self._set_limit(level + 1)
         elif below is not None and below >= enough:
             self._set_limit(level - 1)  # one call fewer delivers about as much
-        elif level < self._most and level + 1 not in fresh:
-            self._set_limit(level + 1)  # one more was not measured lately
         elif level > 1 and below is None:
             self._set_limit(level - 1)  # check that one fewer still costs
         else:
