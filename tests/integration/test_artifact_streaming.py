@@ -18,6 +18,7 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -202,3 +203,41 @@ def test_the_embedded_store_takes_artifacts_through_a_staged_file(tmp_path):
             assert messages[-1].trailer.sha256 == sha(data)
     finally:
         running.stop()
+
+
+def _stored_beside(tracking_stub, mlflow_server, run_id, name: str, sibling: str) -> bytes:
+    """Put `name` and `sibling` straight into the run's artifacts on the server's disk, as
+    a store written without the sidecar may hold them; the bytes of `name`."""
+    run = tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run
+    stored = Path(mlflow_server.artifacts) / run.info.experiment_id / run_id / "artifacts"
+    stored.mkdir(parents=True, exist_ok=True)
+    wanted = os.urandom(3 * CHUNK + 5)
+    (stored / name).write_bytes(wanted)
+    (stored / sibling).write_bytes(os.urandom(1000))
+    return wanted
+
+
+def test_a_file_whose_name_holds_a_question_mark_downloads_as_itself(
+    tracking_stub, client_container, mlflow_server, run_id, tmp_path
+):
+    # Such a name cannot be uploaded through the sidecar, but MLflow may hold it from
+    # elsewhere: the download must not reach the file the name's URL would name.
+    wanted = _stored_beside(tracking_stub, mlflow_server, run_id, "m.pt?v=2", "m.pt")
+    tracking = client_container.experiment_tracking()
+    downloaded = tracking.download_artifact(run_id, "m.pt?v=2", tmp_path)
+    assert downloaded == tmp_path / "m.pt?v=2"
+    assert downloaded.read_bytes() == wanted
+
+
+@pytest.mark.parametrize(("name", "sibling"), [("p%41q.bin", "pAq.bin"), ("a#1.bin", "a")])
+def test_a_file_whose_name_mlflow_decodes_is_refused_not_swapped(
+    tracking_stub, client_container, mlflow_server, run_id, tmp_path, name, sibling
+):
+    # MLflow decodes '%' escapes in the paths it lists and serves, and refuses '#': such a
+    # file cannot be read through its proxy (MLflow's own client cannot either), and the
+    # answer says so (NOT_FOUND, or MLflow's INVALID_ARGUMENT) instead of sending `sibling`.
+    _stored_beside(tracking_stub, mlflow_server, run_id, name, sibling)
+    tracking = client_container.experiment_tracking()
+    with pytest.raises((NotFoundError, InvalidArgumentError)):
+        tracking.download_artifact(run_id, name, tmp_path)
+    assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,7 @@ from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.support.files import MIB, random_file, wait_until
-from tests.unit.test_artifact_paths import UNSAFE
+from tests.unit.test_artifact_paths import UNSAFE, URL_SYNTAX
 
 CHUNK = 64 * 1024
 LIMIT = MIB
@@ -107,7 +107,11 @@ def call_fails(method, requests, code: grpc.StatusCode) -> SidecarError:
 # -- path safety --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+# A path MLflow's artifact proxy would read as URL syntax stores nothing under another name.
+REFUSED = {**UNSAFE, **URL_SYNTAX}
+
+
+@pytest.mark.parametrize("path", REFUSED.values(), ids=REFUSED.keys())
 def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
     sidecar, tracking_stub, registry_stub, run_id, path
 ):
@@ -120,7 +124,7 @@ def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
-@pytest.mark.parametrize("path", UNSAFE.values(), ids=UNSAFE.keys())
+@pytest.mark.parametrize("path", REFUSED.values(), ids=REFUSED.keys())
 def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
     sidecar, tracking_stub, registry_stub, run_id, unique, path
 ):

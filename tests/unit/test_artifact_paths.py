@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
-from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
+from mlflow_sidecar.core.paths import FileTree, check_relative_path, check_stored_path, is_sha256
 
 UNSAFE = {
     "absolute": "/etc/passwd",
@@ -19,6 +19,7 @@ UNSAFE = {
     "windows parent": "..\\outside.bin",
     "nul": "model\x00.bin",
     "newline": "model\n.bin",
+    "c1 control": "model\x85.bin",
     "too long": "a/" * 512 + "b",
     "segment too long": "d/" + "x" * 256,
     "multibyte over 1024 bytes": "é" * 513,
@@ -55,6 +56,33 @@ def test_empty_path_is_refused_unless_allowed():
 )
 def test_safe_paths_pass_unchanged(path):
     assert check_relative_path("p", path) == path
+
+
+URL_SYNTAX = {
+    "escaped slash": "a%2Fb.bin",
+    "escaped letter": "p%41q.bin",
+    "bare percent": "100%.bin",
+    "query": "model.pt?v=2",
+    "fragment": "model#1.pt",
+}
+
+
+@pytest.mark.parametrize("path", URL_SYNTAX.values(), ids=URL_SYNTAX.keys())
+def test_stored_paths_refuse_what_a_url_would_change(path):
+    # Readable under these names (files MLflow got from elsewhere), never stored under them.
+    assert check_relative_path("artifact_path", path) == path
+    with pytest.raises(InvalidArgumentError, match="another name") as err:
+        check_stored_path("artifact_path", path)
+    assert err.value.field == "artifact_path"
+    tree = FileTree(stored=True)
+    with pytest.raises(InvalidArgumentError):
+        tree.add("files[0].path", f"dir/{path}")
+    assert FileTree().add("files[0].path", f"dir/{path}") == f"dir/{path}"
+
+
+def test_stored_paths_take_what_any_store_keeps():
+    for path in ("with space/ünïcode ✓.bin", "a+b=c;d,e@f!.pt", "x" * 255):
+        assert check_stored_path("artifact_path", path) == path
 
 
 def test_file_tree_refuses_duplicates_and_file_directory_clashes():

@@ -28,7 +28,7 @@ from mlflow_sidecar.core.logged_models import (
     logged_model_from_pb,
     status_to_pb,
 )
-from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.paths import check_relative_path, check_stored_path
 from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -157,7 +157,7 @@ class GrpcLoggedModels:
         source = Path(local_path)
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
-        target = check_relative_path("artifact_path", artifact_path or source.name)
+        target = check_stored_path("artifact_path", artifact_path or source.name)
         info: ArtifactInfo = self._upload(model_id, source, target, request_id or uuid.uuid4().hex)
         return info
 

@@ -32,7 +32,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.model_digest import directory_digest, model_digest
-from mlflow_sidecar.core.paths import FileTree
+from mlflow_sidecar.core.paths import FileTree, check_stored_path
 from mlflow_sidecar.core.transfer import (
     HashingWriter,
     LocalFile,
@@ -284,6 +284,8 @@ class GrpcModelRegistry(ModelRegistry):
         files = collect_files(Path(local_dir))
         if not files:
             raise InvalidArgumentError("local_dir", f"{local_dir} contains no files")
+        for local in files:
+            check_stored_path("local_dir", local.relpath)
         header = pb.UploadModelHeader(
             name=name,
             run_id=run_id,

@@ -40,7 +40,7 @@ from mlflow_sidecar.core.limits import (
     DEFAULT_PAGE_SIZE,
     MAX_CHUNK_BYTES,
 )
-from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.paths import check_relative_path, check_stored_path
 from mlflow_sidecar.core.transfer import HashingWriter, read_chunks, report
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -290,7 +290,7 @@ class GrpcExperimentTracking(ExperimentTracking):
         source = Path(local_path)
         if not source.is_file():
             raise InvalidArgumentError("local_path", f"{source} is not a file")
-        target = check_relative_path("artifact_path", artifact_path or source.name)
+        target = check_stored_path("artifact_path", artifact_path or source.name)
         # One id for every attempt: the sidecar answers a repeat with the first outcome.
         info: ArtifactInfo = self._upload(
             run_id, source, target, progress, request_id or uuid.uuid4().hex

@@ -13,7 +13,11 @@ import re
 from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_PATH_BYTES, MAX_SEGMENT_BYTES
 
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# MLflow's artifact proxy takes a stored file's path from a URL, unquoted, and so does
+# MLflow's own client: these would name another file than the one sent (`a%2Fb` is
+# stored as `a/b`, `m.pt?v=2` as `m.pt`, overwriting it).
+_URL_SYNTAX = ("%", "?", "#")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -26,8 +30,8 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
     """Return `value` if it is a safe relative POSIX path, else raise InvalidArgumentError.
 
     Refused: empty (unless `allow_empty`), absolute, `.` or `..` segments, empty segments
-    (`a//b`, a trailing `/`), backslashes, NUL and other control characters, more than
-    1024 bytes in UTF-8, or a segment of more than 255 bytes.
+    (`a//b`, a trailing `/`), backslashes, NUL and other control characters (C0, DEL and
+    C1), more than 1024 bytes in UTF-8, or a segment of more than 255 bytes.
     """
     if not value:
         if allow_empty:
@@ -41,6 +45,22 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
         raise InvalidArgumentError(field, f"{_shown(value)} must be relative, not absolute")
     for segment in value.split("/"):
         _check_segment(field, value, segment)
+    return value
+
+
+def check_stored_path(field: str, value: str) -> str:
+    """`check_relative_path` for a path a file is stored under in MLflow: also refused are
+    `%`, `?` and `#`, which MLflow's artifact proxy would read as URL syntax and store the
+    file under another name."""
+    check_relative_path(field, value)
+    for character in _URL_SYNTAX:
+        if character in value:
+            raise InvalidArgumentError(
+                field,
+                f"{_shown(value)} must not contain {character!r}: MLflow's artifact proxy reads"
+                " '%', '?' and '#' in a path as URL syntax and would store the file under"
+                " another name",
+            )
     return value
 
 
@@ -86,16 +106,18 @@ class FileTree:
 
     Refuses unsafe paths, a path given twice, and a path that would have to be both a
     file and a directory ("a" and "a/b"), so that writing the tree can never fail halfway
-    or overwrite one of its own files.
+    or overwrite one of its own files. `stored`: the tree is to be stored in MLflow, and
+    its paths obey `check_stored_path`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, stored: bool = False) -> None:
+        self._check = check_stored_path if stored else check_relative_path
         self._files: set[str] = set()
         self._dirs: set[str] = set()
 
     def add(self, field: str, path: str) -> str:
         """Check `path` against the rules and the paths added before; return it."""
-        check_relative_path(field, path)
+        self._check(field, path)
         if path in self._files:
             raise InvalidArgumentError(field, f"{_shown(path)} appears twice")
         if path in self._dirs:

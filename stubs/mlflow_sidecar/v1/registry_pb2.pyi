@@ -779,6 +779,7 @@ class UploadModelFile(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     SHA256_FIELD_NUMBER: _builtins.int
     path: _builtins.str
+    """Relative to the model directory, with the rules of UploadArtifactHeader.artifact_path."""
     size_bytes: _builtins.int
     sha256: _builtins.str
     def __init__(

@@ -1390,7 +1390,11 @@ class UploadArtifactHeader(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     artifact_path: _builtins.str
-    """Relative path of the file inside the run's artifacts, e.g. "checkpoints/step_100.pt"."""
+    """Relative path of the file inside the run's artifacts, e.g. "checkpoints/step_100.pt".
+    INVALID_ARGUMENT on this field: absolute, "." or ".." or empty segments, backslashes,
+    control characters, over 1024 bytes or a segment over 255, and "%", "?" or "#" (which
+    MLflow's artifact proxy reads as URL syntax: the file would be stored under another name).
+    """
     size_bytes: _builtins.int
     """Exactly this many bytes follow in the chunks."""
     sha256: _builtins.str

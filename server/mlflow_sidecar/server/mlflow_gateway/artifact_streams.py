@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
@@ -65,6 +66,13 @@ Observe = Callable[[str, float], None]
 
 class _AbandonedError(Exception):
     """Raised inside the HTTP body so that the connection is cut before the last byte."""
+
+
+def _endpoint(artifact_path: str) -> str:
+    """The URL path of a file under the proxy's artifact root. Quoted, so that the server
+    reads the name as given: `%`, `?` and `#` are URL syntax (MLflow's own client sends
+    them as they are, and reaches another file)."""
+    return quote(posixpath.join("/", artifact_path), safe="/")
 
 
 def proxy_repository(artifact_uri: str, tracking_uri: str) -> Any | None:
@@ -107,7 +115,7 @@ class StreamedUpload:
         self, repo: Any, artifact_dir: str, file_name: str, size_bytes: int, observe: Observe
     ) -> None:
         paths = (artifact_dir, file_name) if artifact_dir else (file_name,)
-        self._endpoint = posixpath.join("/", *paths)
+        self._endpoint = _endpoint(posixpath.join(*paths))
         self._creds = mlflow_internals.host_creds(repo)
         self._headers = {"Content-Type": mlflow_internals.guess_mime_type(file_name)}
         self._size = size_bytes
@@ -230,7 +238,7 @@ def open_download(
     if response is None:
         response = mlflow_internals.http_request(
             mlflow_internals.host_creds(repo),
-            posixpath.join("/", artifact_path),
+            _endpoint(artifact_path),
             "GET",
             extra_headers=identity,
             stream=True,

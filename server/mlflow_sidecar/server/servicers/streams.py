@@ -28,7 +28,7 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
 )
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES
-from mlflow_sidecar.core.paths import FileTree, check_relative_path, is_sha256
+from mlflow_sidecar.core.paths import FileTree, check_stored_path, is_sha256
 from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import check_request_id
@@ -131,7 +131,7 @@ def receive_artifact(
     check.require("header.run_id", header.run_id, max_length=limits.MAX_ID_LENGTH)
     # A repeat stores the same verified bytes at the same path again: the same outcome.
     check_request_id("header.request_id", header.request_id)
-    path = check_relative_path("header.artifact_path", header.artifact_path)
+    path = check_stored_path("header.artifact_path", header.artifact_path)
     announced = _sha256("header.sha256", header.sha256) if header.sha256 else None
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
     sink = begin(header.run_id, path, header.size_bytes)
@@ -183,7 +183,7 @@ class _ModelTree:
         self.root = root
         self.limit = limit
         self.declared_total = declared_total
-        self.tree = FileTree()
+        self.tree = FileTree(stored=True)
         self.announced = 0
         self.received = 0
         self.writer: HashingWriter | None = None
