@@ -468,9 +468,18 @@ class MlflowPortContract:
         assert first.status is domain.ModelVersionStatus.READY
         assert (first.source, first.run_id) == (f"runs:/{run_id}/model", run_id)
         assert REQUEST_ID_TAG not in first.tags
-        found = port.find_model_version(name, request_id)
-        assert found is not None and found.version == 1
-        assert port.find_model_version(name, request()) is None
+        found = port.find_model_version(request_id)
+        assert found is not None and (found.name, found.version) == (name, 1)
+        assert port.find_model_version(request()) is None
+        # The id is one call's: a version of another model under it is refused.
+        other = new_model(port)
+        with pytest.raises(InvalidArgumentError) as reused:
+            new_version(port, other, run_id, request_id=request_id)
+        assert (reused.value.reason, reused.value.field) == (
+            ErrorReason.REQUEST_ID_REUSED,
+            "request_id",
+        )
+        assert port.find_model_version(request_id) == found
         with pytest.raises(NotFoundError) as err:
             new_version(port, unique("ghost"), run_id)
         assert err.value.reason == ErrorReason.MODEL_NOT_FOUND

@@ -36,7 +36,11 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
-from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
+from mlflow_sidecar.server.idempotency.ledger import (
+    RENAME_REQUEST_ID_TAG,
+    REQUEST_ID_TAG,
+    request_id_reused,
+)
 from mlflow_sidecar.server.mlflow_gateway import metric_history, page_tokens, registration
 from mlflow_sidecar.server.mlflow_gateway.port import (
     ArtifactUpload,
@@ -831,7 +835,9 @@ class FakeMlflow:
         with self._lock:
             model = self._model(name)
             for stored in self.versions.values():
-                if stored.version.name == name and stored.request_id == request_id:
+                if stored.request_id == request_id:
+                    if stored.version.name != name:
+                        raise request_id_reused("request_id", request_id, "CreateModelVersion")
                     return self._as_version(stored)
             number = model.next_version
             model.next_version += 1
@@ -863,10 +869,10 @@ class FakeMlflow:
         return registration.await_ready(version, self.get_model_version)
 
     @_port_call
-    def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
+    def find_model_version(self, request_id: str) -> domain.ModelVersion | None:
         with self._lock:
             for stored in self.versions.values():
-                if stored.version.name == name and stored.request_id == request_id:
+                if stored.request_id == request_id:
                     return self._as_version(stored)
         return None
 

@@ -41,7 +41,12 @@ def model(fake: FakeMlflow, name: str = "m", versions: int = 4) -> None:
     fake.create_registered_model(name, description="", tags={}, request_id=f"create-{name}")
     for number in range(versions):
         fake.create_model_version(
-            name, source=f"s{number}", run_id="", description="", tags={}, request_id=f"v{number}"
+            name,
+            source=f"s{number}",
+            run_id="",
+            description="",
+            tags={},
+            request_id=f"{name}-v{number}",
         )
 
 

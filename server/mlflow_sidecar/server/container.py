@@ -68,7 +68,7 @@ class ServerContainer(containers.DeclarativeContainer):
     )
 
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
-    registry_service = providers.Singleton(RegistryService, gateway, staging)
+    registry_service = providers.Singleton(RegistryService, gateway, staging, ledger=request_ledger)
     model_cache = providers.Singleton(
         ModelCache,
         config.provided.model_cache_dir,

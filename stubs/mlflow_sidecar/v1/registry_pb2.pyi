@@ -742,7 +742,9 @@ class UploadModelHeader(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome: the same
-    version, never a second one; the files are not stored twice.
+    version, never a second one; the files are not stored twice (nor read: a repeat is
+    recognised by its header). The same id with another header (another model name,
+    tags, ...) is INVALID_ARGUMENT, reason REQUEST_ID_REUSED, before anything is stored.
     At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
     """
     @_builtins.property

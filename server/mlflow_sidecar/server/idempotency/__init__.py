@@ -6,6 +6,7 @@ from mlflow_sidecar.server.idempotency.ledger import (
     RequestLedger,
     check_request_id,
     fingerprint,
+    request_id_reused,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "RequestLedger",
     "check_request_id",
     "fingerprint",
+    "request_id_reused",
 ]

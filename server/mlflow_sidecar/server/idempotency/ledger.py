@@ -68,6 +68,16 @@ def check_request_id(field: str, value: str) -> str:
     return value
 
 
+def request_id_reused(field: str, request_id: str, rpc: str) -> InvalidArgumentError:
+    """The refusal of a request id that an earlier, different `rpc` request used."""
+    return InvalidArgumentError(
+        field,
+        f"{request_id!r} was already used for a different {rpc} request; use a new request"
+        " id for a new call",
+        reason=ErrorReason.REQUEST_ID_REUSED,
+    )
+
+
 def fingerprint(request: Message, *, without: str = "request_id") -> str:
     """sha256 of a request's deterministic encoding, its request id field cleared."""
     copy = type(request)()
@@ -118,12 +128,7 @@ class RequestLedger:
         if row is None:
             return None
         if row[0] != print_:
-            raise InvalidArgumentError(
-                field,
-                f"{request_id!r} was already used for a different {method.rsplit('/', 1)[-1]}"
-                " request; use a new request id for a new call",
-                reason=ErrorReason.REQUEST_ID_REUSED,
-            )
+            raise request_id_reused(field, request_id, method.rsplit("/", 1)[-1])
         answer: bytes = row[1]
         return answer
 

@@ -28,7 +28,11 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import AppConfig, RetryConfig
-from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
+from mlflow_sidecar.server.idempotency.ledger import (
+    RENAME_REQUEST_ID_TAG,
+    REQUEST_ID_TAG,
+    request_id_reused,
+)
 from mlflow_sidecar.server.mlflow_gateway import (
     artifact_streams,
     embedded_store,
@@ -819,8 +823,10 @@ class MlflowGateway:
         model_id = mlflow_internals.logged_model_id(source)
 
         def attempt(_ambiguous: bool) -> Any:
-            found = self._find_version(name, request_id)
+            found = self._find_version(request_id)
             if found is not None:
+                if found.name != name:
+                    raise request_id_reused("request_id", request_id, "CreateModelVersion")
                 return found
             return self._client.create_model_version(
                 name,
@@ -907,16 +913,16 @@ class MlflowGateway:
                 return tuple(found)
             paged = page(paged.token)
 
-    def _find_version(self, name: str, request_id: str) -> Any | None:
+    def _find_version(self, request_id: str) -> Any | None:
+        # Of any model: an id is one call's, whichever model it named.
         found = self._client.search_model_versions(
-            filter_string=f"name = {quoted(name)} AND {_tag_filter(REQUEST_ID_TAG, request_id)}",
-            max_results=1,
+            filter_string=_tag_filter(REQUEST_ID_TAG, request_id), max_results=1
         )
         return found[0] if found else None
 
-    def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
-        """The version of `name` that the request `request_id` created, or None."""
-        found = self.call(lambda: self._find_version(name, request_id))
+    def find_model_version(self, request_id: str) -> domain.ModelVersion | None:
+        """The version (of any model) that the request `request_id` created, or None."""
+        found = self.call(lambda: self._find_version(request_id))
         return None if found is None else entities.model_version(found)
 
     def get_model_version(

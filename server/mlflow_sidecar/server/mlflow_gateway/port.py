@@ -225,8 +225,8 @@ class ModelVersionsPort(Protocol):
         """The version once it has left PENDING_REGISTRATION, within the call's deadline
         (else DeadlineExceededError); FAILED_REGISTRATION is FailedPreconditionError."""
 
-    def find_model_version(self, name: str, request_id: str) -> domain.ModelVersion | None:
-        """The version of `name` that the request `request_id` created, or None."""
+    def find_model_version(self, request_id: str) -> domain.ModelVersion | None:
+        """The version (of any model) that the request `request_id` created, or None."""
 
     def get_model_version(
         self, name: str, version: int, *, retry: bool = True

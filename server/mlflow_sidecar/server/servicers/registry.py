@@ -8,8 +8,8 @@ from typing import TypeAlias
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.domain import WatchStatus
-from mlflow_sidecar.server.idempotency import check_request_id
+from mlflow_sidecar.core.domain import ModelVersion, WatchStatus
+from mlflow_sidecar.server.idempotency import check_request_id, fingerprint
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.tracking import ensure_active
 from mlflow_sidecar.server.services.alias_watch import AliasWatchService
@@ -211,25 +211,28 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
     ) -> pb.UploadModelResponse:
         header, messages = streams.model_header(request_iterator, self._staging)
         _check_header(header)
-        # A retry of an upload that already took effect is answered before its files are
-        # read again: the client's remaining messages are dropped.
-        done = self._service.uploaded_version(header.name, header.request_id)
-        if done is not None:
-            return pb.UploadModelResponse(model_version=conv.model_version_to_pb(done))
-        with self._staging.directory("upload-model") as scratch:
-            staged = streams.receive_model(header, messages, scratch, self._staging)
-            self._staging.count("upload", staged.size_bytes)
-            ensure_active(context)
-            version = self._service.upload_model(
-                staged.name,
-                staged.root,
-                run_id=staged.run_id,
-                experiment_id=staged.experiment_id,
-                description=staged.description,
-                tags=staged.tags,
-                aliases=staged.aliases,
-                request_id=staged.request_id,
-            )
+
+        def upload() -> ModelVersion:
+            with self._staging.directory("upload-model") as scratch:
+                staged = streams.receive_model(header, messages, scratch, self._staging)
+                self._staging.count("upload", staged.size_bytes)
+                ensure_active(context)
+                return self._service.upload_model(
+                    staged.name,
+                    staged.root,
+                    run_id=staged.run_id,
+                    experiment_id=staged.experiment_id,
+                    description=staged.description,
+                    tags=staged.tags,
+                    aliases=staged.aliases,
+                    request_id=staged.request_id,
+                )
+
+        # A retry of an upload that already took effect is answered from its header: the
+        # client's remaining messages are dropped.
+        version = self._service.upload_once(
+            header.name, header.request_id, fingerprint(header), upload
+        )
         return pb.UploadModelResponse(model_version=conv.model_version_to_pb(version))
 
     def DownloadModel(

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core import limits
@@ -32,7 +33,7 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger, request_id_reused
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
 from mlflow_sidecar.server.mlflow_gateway.sources import is_reserved_alias, reserved_alias_error
@@ -42,6 +43,8 @@ from mlflow_sidecar.server.staging import Staging
 log = logging.getLogger(__name__)
 
 _ALIAS_RE = re.compile(r"^[\w\-]+$")
+# The ledger's name for UploadModel outcomes: the RPC's, as the interceptor names the others.
+_UPLOAD_MODEL = "/mlflow_sidecar.v1.ModelRegistryService/UploadModel"
 # Uploaded model directories live among their run's artifacts under models/<hex id>/.
 MODEL_ARTIFACT_DIR = "models"
 # Marks the runs UploadModel creates when it is given an experiment instead of a run.
@@ -126,9 +129,14 @@ class RegistryService:
     """Model registry backed by MLflow. Versions of one model are created one at a time,
     so concurrent trainers each get a distinct version and no error."""
 
-    def __init__(self, gateway: MlflowPort, staging: Staging) -> None:
+    def __init__(
+        self, gateway: MlflowPort, staging: Staging, *, ledger: RequestLedger | None = None
+    ) -> None:
+        """`ledger`: where UploadModel records its outcomes (unary calls are recorded by
+        the idempotency interceptor, before they reach the service)."""
         self._gateway = gateway
         self._staging = staging  # transfer limits and scratch space
+        self._ledger = ledger
         self._model_locks = KeyedLocks()
 
     def create_registered_model(
@@ -372,12 +380,48 @@ class RegistryService:
             self._gateway.set_terminated(run_id, RunStatus.FINISHED, 0)
         return result
 
-    def uploaded_version(self, name: str, request_id: str) -> ModelVersion | None:
-        """The version an earlier UploadModel with this request id registered, or None."""
+    def upload_once(
+        self,
+        name: str,
+        request_id: str,
+        request_print: str,
+        upload: Callable[[], ModelVersion],
+    ) -> ModelVersion:
+        """`upload()` (which reads and registers the files) once per request id.
+
+        A repeat of an upload that took effect gets its version without `upload` running,
+        so its files are not read again: from the ledger when it recorded the first
+        outcome (the same `request_print` required, else REQUEST_ID_REUSED), else found
+        by the version's request id tag (the same model name required)."""
         if not request_id:
+            return upload()
+        made: list[ModelVersion] = []
+
+        def first() -> bytes:
+            found = self._uploaded_version(name, request_id)
+            version = upload() if found is None else self.get_model_version(name, found.version)
+            made.append(version)
+            return json.dumps([version.name, version.version]).encode()
+
+        if self._ledger is None:
+            first()
+            return made[0]
+        recorded = self._ledger.once(
+            _UPLOAD_MODEL, request_id, request_print, first, field="header.request_id"
+        )
+        if made:
+            return made[0]
+        found_name, number = json.loads(recorded)
+        return self.get_model_version(found_name, number)
+
+    def _uploaded_version(self, name: str, request_id: str) -> ModelVersion | None:
+        """The version an earlier UploadModel with this request id registered, or None."""
+        found = self._gateway.find_model_version(request_id)
+        if found is None:
             return None
-        found = self._gateway.find_model_version(_name("name", name), request_id)
-        return None if found is None else self.get_model_version(found.name, found.version)
+        if found.name != name:
+            raise request_id_reused("header.request_id", request_id, "UploadModel")
+        return found
 
     def _upload_run(
         self, name: str, run_id: str, experiment_id: str, request_id: str
