@@ -4,6 +4,7 @@ and the cache outlives a restart of the sidecar."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,9 +12,11 @@ import pytest
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.client.ports import ModelRegistry
+from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
 from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.integration.test_spool_lifecycle import small_disk
 from tests.support.delay_proxy import DelayProxy
-from tests.support.files import tree_digests
+from tests.support.files import MIB, tree_digests
 from tests.support.processes import MlflowServer
 
 # MLflow's artifact proxy: every listing and file of a download goes through it.
@@ -148,3 +151,32 @@ def test_a_client_sharing_the_cache_directory_copies_the_version_from_it(
         streamed is not None
         and streamed < (tmp_path / "model" / "data" / "weights.bin").stat().st_size
     )
+
+
+def test_a_download_with_no_room_to_stage_the_version_says_disk_full(
+    mlflow_server, tmp_path, unique
+):
+    # The version is staged whole (and hashed) before its manifest goes out: a data dir
+    # without room for it answers RESOURCE_EXHAUSTED, DISK_FULL, and leaves nothing behind.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: {}\n")
+    (model / "weights.bin").write_bytes(os.urandom(6 * MIB))
+    with small_disk(tmp_path / "disk") as disk:
+        sidecar = Sidecar(disk / "sidecar", mlflow_server.url)
+        try:
+            registry = sidecar.start()
+            registry.upload_model(f"full-{unique}", model, experiment_id="0")
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            ballast = disk / "ballast"
+            ballast.write_bytes(b"\0" * (free - 2 * MIB))
+            with pytest.raises(ResourceExhaustedError) as err:
+                registry.download_model(f"full-{unique}", tmp_path / "first", version=1)
+            assert err.value.reason == ErrorReason.DISK_FULL
+            assert not (tmp_path / "first").exists()
+            assert list((disk / "sidecar" / "tmp").iterdir()) == []
+            ballast.unlink()
+            done = registry.download_model(f"full-{unique}", tmp_path / "again", version=1)
+            assert tree_digests(done) == tree_digests(model)
+        finally:
+            sidecar.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
@@ -100,6 +101,18 @@ def test_mlflow_errors_map_to_domain_errors(exc, expected):
         (_http_error(503), ErrorReason.MLFLOW_UNAVAILABLE, {"http_status": "503"}),
         (_http_error(413), ErrorReason.UPLOAD_TOO_LARGE, {"http_status": "413"}),
         (_http_error(404), ErrorReason.NOT_FOUND, {"http_status": "404"}),
+        # The sidecar's disk, full while MLflow's client wrote a download: one file...
+        (OSError(errno.ENOSPC, "No space left on device"), ErrorReason.DISK_FULL, {}),
+        # ... or several, folded by MLflow into the words of one exception.
+        (
+            MlflowException(
+                "The following failures occurred while downloading one or more artifacts from"
+                " mlflow-artifacts:/1/abc/artifacts:\n##### File model/w.bin #####\n"
+                "[Errno 28] No space left on device"
+            ),
+            ErrorReason.DISK_FULL,
+            {},
+        ),
     ],
 )
 def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata):

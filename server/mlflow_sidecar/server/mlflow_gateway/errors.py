@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import re
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from mlflow_sidecar.core.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 
 # SQLAlchemy's OperationalError ("database is locked") from the embedded store. The `remote`
 # install (mlflow-skinny) has no SQLAlchemy, and no SQL store to raise it either.
@@ -69,6 +71,9 @@ _BY_HTTP_STATUS: dict[int, type[SidecarError]] = {
     409: AlreadyExistsError,
     413: ResourceExhaustedError,
 }
+# ENOSPC as MLflow's download of several files reports it: it folds each file's failure
+# into the text of one MlflowException, where the errno survives only as words.
+_NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
 # MLflow's own words for writes to a deleted run; it reports them as INVALID_PARAMETER_VALUE.
 _INACTIVE_RUN_MARKER = "must be in the 'active' state"
 
@@ -127,6 +132,11 @@ def to_domain_error(exc: Exception) -> SidecarError:
     a NOT_FOUND is about is for the caller to say (it knows what it asked for)."""
     if isinstance(exc, SidecarError):
         return exc
+    if any(is_disk_full(cause) for cause in _causes(exc)) or (
+        isinstance(exc, MlflowException) and _NO_SPACE_TEXT in exc.message
+    ):
+        # The sidecar's own disk (a download being written, the embedded store's database).
+        return disk_full_error("no room on the sidecar's disk for what MLflow sent or stores")
     facts = _facts(exc)
     if is_transient(exc):
         return UnavailableError(
@@ -135,16 +145,21 @@ def to_domain_error(exc: Exception) -> SidecarError:
             metadata=facts,
         )
     if isinstance(exc, MlflowException):
-        code = databricks_pb2.ErrorCode.Value(exc.error_code)
-        message = _short(exc)
-        if code in _INVALID_CODES:
-            if _INACTIVE_RUN_MARKER in message:
-                return FailedPreconditionError(
-                    message, reason=ErrorReason.RUN_NOT_ACTIVE, metadata=facts
-                )
-            return InvalidArgumentError("", message, metadata=facts)
-        return _BY_ERROR_CODE.get(code, InternalError)(message, metadata=facts)
+        return _from_error_code(exc, facts)
     return _from_http_status(exc, facts)
+
+
+def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarError:
+    """The error for an MlflowException, by MLflow's error code."""
+    code = databricks_pb2.ErrorCode.Value(exc.error_code)
+    message = _short(exc)
+    if code in _INVALID_CODES:
+        if _INACTIVE_RUN_MARKER in message:
+            return FailedPreconditionError(
+                message, reason=ErrorReason.RUN_NOT_ACTIVE, metadata=facts
+            )
+        return InvalidArgumentError("", message, metadata=facts)
+    return _BY_ERROR_CODE.get(code, InternalError)(message, metadata=facts)
 
 
 def _from_http_status(exc: Exception, facts: dict[str, str]) -> SidecarError:
