@@ -152,6 +152,17 @@ def test_artifact_stream_with_fewer_bytes_than_announced_is_data_loss(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
+@pytest.mark.parametrize("bad", ["", "not a run!", "-x", "r" * 65])
+def test_a_malformed_run_id_is_invalid_on_the_headers_field(sidecar, tracking_stub, bad):
+    error = call_fails(
+        tracking_stub.UploadArtifact,
+        artifact_requests(bad, b"payload"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert error.field == "header.run_id"
+    assert sidecar.container.staging().in_flight() == []
+
+
 def test_artifact_with_a_wrong_sha256_is_data_loss(sidecar, tracking_stub, registry_stub, run_id):
     data = os.urandom(3 * CHUNK)
     wrong = artifact_requests(run_id, data, digest=sha(data[::-1]))

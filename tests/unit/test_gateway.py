@@ -101,6 +101,8 @@ def test_mlflow_errors_map_to_domain_errors(exc, expected):
         (_http_error(503), ErrorReason.MLFLOW_UNAVAILABLE, {"http_status": "503"}),
         (_http_error(413), ErrorReason.UPLOAD_TOO_LARGE, {"http_status": "413"}),
         (_http_error(404), ErrorReason.NOT_FOUND, {"http_status": "404"}),
+        # MLflow never answered: its client's INTERNAL_ERROR is not what MLflow said.
+        (_wrapped_connection_error(), ErrorReason.MLFLOW_UNAVAILABLE, {}),
         # The sidecar's disk, full while MLflow's client wrote a download: one file...
         (OSError(errno.ENOSPC, "No space left on device"), ErrorReason.DISK_FULL, {}),
         # ... or several, folded by MLflow into the words of one exception.

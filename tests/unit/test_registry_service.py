@@ -161,12 +161,22 @@ def test_runs_source_carries_its_run_id(service, gateway):
         ({"run_id": "run1"}, "source"),
         ({"source": "runs:/run1/m", "artifact_path": "m"}, "artifact_path"),
         ({"run_id": "run1", "artifact_path": "/abs"}, "artifact_path"),
+        # A source made of run_id and artifact_path: the fault is in those, not in `source`.
+        ({"run_id": "not a run!", "artifact_path": "m"}, "run_id"),
     ],
 )
 def test_malformed_sources_name_their_field(service, gateway, fields, field):
     with pytest.raises(InvalidArgumentError) as err:
         service.create_model_version("agent", **fields)
     assert err.value.field == field
+    assert created(gateway) == []
+
+
+@pytest.mark.parametrize("source", ["runs:/run1/m\x00", "file:///models/m\x00.pt", "runs:/r\\m"])
+def test_a_nul_or_backslash_in_a_source_is_an_unsafe_uri(service, gateway, source):
+    with pytest.raises(InvalidArgumentError) as err:
+        service.create_model_version("agent", source=source)
+    assert (err.value.field, err.value.reason) == ("source", "UNSAFE_URI")
     assert created(gateway) == []
 
 

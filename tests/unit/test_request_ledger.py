@@ -123,6 +123,15 @@ def test_the_fingerprint_ignores_the_request_id_only():
     assert fingerprint(a) != fingerprint(pb.CreateExperimentRequest(name="f", request_id="1"))
 
 
+def test_start_runs_older_name_of_the_request_id_is_the_same_call():
+    alone = pb.StartRunRequest(experiment_id="1", request_id="x")
+    both = pb.StartRunRequest(experiment_id="1", request_id="x", client_request_id="x")
+    assert fingerprint(alone) == fingerprint(both)
+    # A different old id is another request (the service refuses it as contradictory).
+    other = pb.StartRunRequest(experiment_id="1", request_id="x", client_request_id="y")
+    assert fingerprint(alone) != fingerprint(other)
+
+
 def _handler(behavior: Any) -> Any:
     return grpc.unary_unary_rpc_method_handler(behavior)
 

@@ -31,6 +31,8 @@ REQUEST_ID_TAG = "mlflow_sidecar.request_id"
 # Set on a registered model just before the sidecar renames it, to recognise its own rename.
 RENAME_REQUEST_ID_TAG = "mlflow_sidecar.rename_request_id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+# Earlier names of `request_id` that requests still carry: StartRun's client_request_id.
+_OLD_NAMES = ("client_request_id",)
 # Old entries are dropped every this many recorded answers (and at open).
 _PRUNE_EVERY = 1000
 
@@ -79,11 +81,17 @@ def request_id_reused(field: str, request_id: str, rpc: str) -> InvalidArgumentE
 
 
 def fingerprint(request: Message, *, without: str = "request_id") -> str:
-    """sha256 of a request's deterministic encoding, its request id field cleared."""
+    """sha256 of a request's deterministic encoding, its request id field cleared, and so
+    an older name of that field (`_OLD_NAMES`) holding the same id: the same call either
+    way."""
     copy = type(request)()
     copy.CopyFrom(request)
     if without:
+        request_id = getattr(copy, without)
         copy.ClearField(without)
+        for old_name in _OLD_NAMES:
+            if old_name in copy.DESCRIPTOR.fields_by_name and getattr(copy, old_name) == request_id:
+                copy.ClearField(old_name)
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 

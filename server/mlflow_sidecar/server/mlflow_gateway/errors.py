@@ -115,9 +115,17 @@ def is_transient(exc: BaseException) -> bool:
 
 def _facts(exc: BaseException) -> dict[str, str]:
     """What MLflow itself said, for `ErrorInfo.metadata`: its error code (`mlflow_error_code`)
-    and, for a raw HTTP answer, the status (`http_status`)."""
+    and, for a raw HTTP answer, the status (`http_status`). Nothing when it never answered
+    (a refused connection, a timeout): the code MLflow's client then gives its exception
+    (INTERNAL_ERROR) is not the server's."""
     facts: dict[str, str] = {}
-    for cause in _causes(exc):
+    chain = _causes(exc)
+    if any(
+        isinstance(cause, requests.exceptions.RequestException) and cause.response is None
+        for cause in chain
+    ):
+        return facts
+    for cause in chain:
         if isinstance(cause, MlflowException) and MLFLOW_ERROR_CODE_KEY not in facts:
             facts[MLFLOW_ERROR_CODE_KEY] = str(cause.error_code)
         status = _http_status(cause)

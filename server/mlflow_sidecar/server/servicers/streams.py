@@ -18,7 +18,6 @@ from typing import Protocol, TypeVar
 import grpc
 
 from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import (
     CancelledError,
@@ -128,7 +127,7 @@ def receive_artifact(
     if first is None or first.WhichOneof("payload") != "header":
         raise InvalidArgumentError("header", "the first message must carry the header")
     header = first.header
-    check.require("header.run_id", header.run_id, max_length=limits.MAX_ID_LENGTH)
+    check.run_id("header.run_id", header.run_id)
     # A repeat stores the same verified bytes at the same path again: the same outcome.
     check_request_id("header.request_id", header.request_id)
     path = check_stored_path("header.artifact_path", header.artifact_path)

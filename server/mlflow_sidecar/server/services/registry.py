@@ -37,6 +37,7 @@ from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger, req
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
 from mlflow_sidecar.server.mlflow_gateway.sources import is_reserved_alias, reserved_alias_error
+from mlflow_sidecar.server.mlflow_gateway.storage_policy import check_uri_syntax
 from mlflow_sidecar.server.services.artifacts import check_upload_size, store_file
 from mlflow_sidecar.server.staging import Staging
 
@@ -225,6 +226,8 @@ class RegistryService:
         request_id: str = "",
     ) -> ModelVersion:
         _name("name", name)
+        # Before the generic checks: a NUL is UNSAFE_URI in a source, as in any URI.
+        check_uri_syntax("source", source)
         check.bounded("source", source, limits.MAX_URI_LENGTH)
         check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
@@ -234,6 +237,8 @@ class RegistryService:
                 raise InvalidArgumentError(
                     "source", "give a runs:/ or models:/ source, or run_id and artifact_path"
                 )
+            # The caller named no source: what is wrong is in the fields it gave.
+            check.run_id("run_id", run_id)
             check.key("artifact_path", artifact_path)
             source = f"runs:/{run_id}/{artifact_path}"
         elif artifact_path:
