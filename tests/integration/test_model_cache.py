@@ -180,3 +180,24 @@ def test_a_download_with_no_room_to_stage_the_version_says_disk_full(
             assert tree_digests(done) == tree_digests(model)
         finally:
             sidecar.stop()
+
+
+def test_a_cache_on_a_volume_of_its_own_caches(proxy, tmp_path, unique):
+    # <data_dir>/models alone shared with an inference container: a fetched version is
+    # staged on the data dir's filesystem and copied into the cache, not left uncached.
+    with small_disk(tmp_path / "sidecar" / "models", "40m"):
+        sidecar = Sidecar(tmp_path / "sidecar", proxy.url)
+        try:
+            registry = sidecar.start()
+            model = a_model(tmp_path / "model")
+            registry.upload_model(f"volume-{unique}", model, experiment_id="0")
+            first = registry.download_model(f"volume-{unique}", tmp_path / "first", version=1)
+            assert tree_digests(first) == tree_digests(model)
+            assert len(sidecar.entries()) == 1
+            fetched = proxy.count_under(ARTIFACTS)
+            second = registry.download_model(f"volume-{unique}", tmp_path / "second", version=1)
+            assert tree_digests(second) == tree_digests(model)
+            assert proxy.count_under(ARTIFACTS) == fetched
+            assert list((tmp_path / "sidecar" / "tmp").iterdir()) == []
+        finally:
+            sidecar.stop()

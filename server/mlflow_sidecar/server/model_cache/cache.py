@@ -52,8 +52,9 @@ class CacheDisk:
         path.mkdir()
 
     def move(self, source: Path, target: Path) -> None:
-        """Rename within the data dir's filesystem."""
-        os.rename(source, target)
+        """Rename; from another filesystem (a fetched version staged in `<data_dir>/tmp`
+        while `<data_dir>/models` is a volume of its own), copy and delete instead."""
+        shutil.move(source, target)
 
     def write_manifest(self, path: Path, data: bytes) -> None:
         """Write an entry's manifest: the last step before the entry is renamed into place."""
@@ -203,8 +204,8 @@ class ModelCache:
         return self._lease(entry)
 
     def put(self, manifest: Manifest, files: Path) -> ModelLease | None:
-        """Move the verified model directory `files` (described by `manifest`, on the data
-        dir's filesystem) into the cache and lease it; None when it is not cached (the
+        """Move the verified model directory `files` (described by `manifest`; renamed, or
+        copied from another filesystem) into the cache and lease it; None when it is not cached (the
         cache is off, the version is larger than the bound, every other entry is in use,
         or the disk refused): then `files` stays where it is."""
         size = manifest.size_bytes
@@ -261,7 +262,7 @@ class ModelCache:
             self._disk.move(incoming, final)
         except OSError:
             if moved:
-                os.rename(incoming / FILES_DIR, files)
+                self._disk.move(incoming / FILES_DIR, files)
             self._disk.remove(incoming)
             raise
         return final
