@@ -66,7 +66,7 @@ def test_the_services_own_token_checks_give_the_same_reason():
 
     for refuse in (
         lambda: validation.page_token("not base64!"),
-        lambda: decode_listing_token(_b64({"path": "x", "after": "a"}), "y"),
+        lambda: decode_listing_token(_b64({"owner": "r", "path": "x", "after": "a"}), "r", "y"),
     ):
         with pytest.raises(InvalidArgumentError) as err:
             refuse()

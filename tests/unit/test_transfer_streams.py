@@ -484,11 +484,13 @@ def test_staging_removes_leftovers_of_a_killed_sidecar(tmp_path):
     assert unrelated.exists()
 
 
-def test_listing_tokens_round_trip_and_are_bound_to_the_path():
-    token = encode_listing_token("models", "models/b")
-    assert decode_listing_token(token, "models") == "models/b"
-    assert decode_listing_token("", "models") == ""
-    for bad in ("garbage", encode_listing_token("other", "x"), "e30="):
+def test_listing_tokens_round_trip_and_are_bound_to_the_run_and_path():
+    token = encode_listing_token("run1", "models", "models/b")
+    assert decode_listing_token(token, "run1", "models") == "models/b"
+    assert decode_listing_token("", "run1", "models") == ""
+    another_path = encode_listing_token("run1", "other", "x")
+    another_run = encode_listing_token("run2", "models", "models/b")
+    for bad in ("garbage", another_path, another_run, "e30="):
         with pytest.raises(InvalidArgumentError) as err:
-            decode_listing_token(bad, "models")
+            decode_listing_token(bad, "run1", "models")
         assert err.value.field == "page_token"

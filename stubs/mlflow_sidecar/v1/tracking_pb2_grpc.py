@@ -33,9 +33,10 @@ if _version_not_supported:
 class ExperimentTrackingServiceStub(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
@@ -266,9 +267,10 @@ class ExperimentTrackingServiceStub(object):
 class ExperimentTrackingServiceServicer(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
@@ -749,9 +751,10 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
 class ExperimentTrackingService(object):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with

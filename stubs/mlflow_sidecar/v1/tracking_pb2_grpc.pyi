@@ -29,9 +29,10 @@ GRPC_VERSION: str
 class ExperimentTrackingServiceStub:
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
@@ -200,9 +201,10 @@ class ExperimentTrackingServiceStub:
 class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with
@@ -367,9 +369,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
 class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     """Experiment tracking: experiments, runs, params, metrics, tags and artifacts.
     Timestamps are milliseconds since the Unix epoch, as in MLflow. Every id is
-    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that this
-    call did not hand out (tampered, garbage, or another RPC's) is INVALID_ARGUMENT on
-    `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or UNAVAILABLE.
+    the id MLflow shows in its UI. Page tokens are opaque and checked: a token that is not
+    one of this list's (garbage, another RPC's, another run's, out of bounds) is
+    INVALID_ARGUMENT on `page_token` (reason INVALID_PAGE_TOKEN), never INTERNAL or
+    UNAVAILABLE. They are not signed: a hand-made one names another position of the list.
 
     Errors (AIP-193). Every non-OK answer of the sidecar carries google.rpc.Status
     details in the `grpc-status-details-bin` trailer: always a google.rpc.ErrorInfo with

@@ -74,16 +74,18 @@ def artifact_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> FileI
     return entry
 
 
-def encode_listing_token(path: str, after: str) -> str:
-    """An opaque page token: the listed directory and the last path of the previous page.
+def encode_listing_token(owner: str, path: str, after: str) -> str:
+    """An opaque page token: whose artifacts (`owner`: a run or logged model id), the
+    listed directory and the last path of the previous page.
 
     Keyset, not offset: artifacts added between two pages neither repeat nor vanish.
     """
-    raw = json.dumps({"path": path, "after": after}, separators=(",", ":")).encode()
+    position = {"owner": owner, "path": path, "after": after}
+    raw = json.dumps(position, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii")
 
 
-def decode_listing_token(token: str, path: str) -> str:
+def decode_listing_token(token: str, owner: str, path: str) -> str:
     """The last path of the previous page, from a token of `encode_listing_token`."""
     if not token:
         return ""
@@ -93,6 +95,7 @@ def decode_listing_token(token: str, path: str) -> str:
         decoded = None
     if (
         not isinstance(decoded, dict)
+        or decoded.get("owner") != owner
         or decoded.get("path") != path
         or not isinstance(decoded.get("after"), str)
     ):

@@ -197,12 +197,12 @@ class LoggedModelService:
         model_id("model_id", model_id_)
         check_relative_path("path", path, allow_empty=True)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
-        after = decode_listing_token(page_token, path)
+        after = decode_listing_token(page_token, model_id_, path)
         entries = sorted(self._gateway.list_artifacts(model_id_, path), key=lambda e: e.path)
         remaining = [e for e in entries if e.path > after] if after else entries
         page = tuple(remaining[:size])
         more = len(remaining) > size
-        return Page(page, encode_listing_token(path, page[-1].path) if more else "")
+        return Page(page, encode_listing_token(model_id_, path, page[-1].path) if more else "")
 
     def open_download(self, model_id_: str, artifact_path: str, scratch: Path) -> StreamedDownload:
         """The bytes of one of the model's files, downloaded into `scratch` first."""

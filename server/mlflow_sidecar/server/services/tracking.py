@@ -363,13 +363,13 @@ class TrackingService:
         check.run_id("run_id", run_id)
         check_relative_path("path", path, allow_empty=True)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
-        after = decode_listing_token(page_token, path)
+        after = decode_listing_token(page_token, run_id, path)
         # MLflow lists a directory in one piece; the pages are cut here, in path order.
         entries = sorted(self._gateway.list_artifacts(run_id, path), key=lambda e: e.path)
         remaining = [e for e in entries if e.path > after] if after else entries
         page = tuple(remaining[:size])
         more = len(remaining) > size
-        return Page(page, encode_listing_token(path, page[-1].path) if more else "")
+        return Page(page, encode_listing_token(run_id, path, page[-1].path) if more else "")
 
     def _require_active(self, run_id: str) -> Run:
         run = self._gateway.get_run(run_id)
