@@ -75,12 +75,8 @@ def test_unknown_model_is_not_found(registry_stub, unique, method):
     err = _error(lambda: getattr(registry_stub, method)(request))
     assert err.code() == NOT_FOUND, err.details()
     assert f"missing-{unique}" in err.details()
-    # A version or alias of a missing model is missing too; either reason is true.
-    assert error_from_rpc(err).reason in (
-        {ErrorReason.MODEL_NOT_FOUND}
-        if "ModelVersion" not in method and "Alias" not in method
-        else {ErrorReason.MODEL_NOT_FOUND, ErrorReason.MODEL_VERSION_NOT_FOUND}
-    ), err.details()
+    # The reason names what is missing: the model, not a version or alias of it.
+    assert error_from_rpc(err).reason == ErrorReason.MODEL_NOT_FOUND, err.details()
 
 
 UNKNOWN_VERSION_CALLS = {
@@ -349,3 +345,35 @@ def test_malformed_page_token_is_invalid(registry_stub):
         assert err.code() == INVALID
         assert error_from_rpc(err).field == "page_token", err.details()
         assert error_from_rpc(err).reason == ErrorReason.INVALID_PAGE_TOKEN
+
+
+RESERVED_TAG_CALLS = {
+    "CreateRegisteredModel": lambda stub, model, key: stub.CreateRegisteredModel(
+        pb.CreateRegisteredModelRequest(name=f"{model}-other", tags={key: "x"})
+    ),
+    "SetRegisteredModelTag": lambda stub, model, key: stub.SetRegisteredModelTag(
+        pb.SetRegisteredModelTagRequest(name=model, key=key, value="x")
+    ),
+    "DeleteRegisteredModelTag": lambda stub, model, key: stub.DeleteRegisteredModelTag(
+        pb.DeleteRegisteredModelTagRequest(name=model, key=key)
+    ),
+    "SetModelVersionTag": lambda stub, model, key: stub.SetModelVersionTag(
+        pb.SetModelVersionTagRequest(name=model, version=1, key=key, value="x")
+    ),
+    "DeleteModelVersionTag": lambda stub, model, key: stub.DeleteModelVersionTag(
+        pb.DeleteModelVersionTagRequest(name=model, version=1, key=key)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESERVED_TAG_CALLS))
+def test_the_sidecars_own_tags_are_not_the_callers_to_set(registry_stub, model, method):
+    # A request id tag set by hand would make a later create with that id return this
+    # version; one deleted would make a retried create register a second.
+    err = _error(
+        lambda: RESERVED_TAG_CALLS[method](registry_stub, model, "mlflow_sidecar.request_id")
+    )
+    assert err.code() == INVALID, err.details()
+    assert "the sidecar's own" in err.details()
+    version = registry_stub.GetModelVersion(pb.GetModelVersionRequest(name=model, version=1))
+    assert "mlflow_sidecar.request_id" not in version.model_version.tags

@@ -256,3 +256,19 @@ def test_a_deleted_run_refuses_writes_until_restored(service, run_id):
     restored = service.restore_run(run_id)
     assert restored.info.lifecycle_stage.name == "ACTIVE"
     service.log_params(run_id, {"lr": "1"})
+
+
+@pytest.mark.parametrize("key", ["mlflow_sidecar.request_id", "mlflow_sidecar.anything"])
+def test_the_sidecars_own_tag_keys_are_refused_on_every_tag_path(service, gateway, key):
+    experiment_id = service.create_experiment("tags").experiment_id
+    run_id = service.start_run(experiment_id).info.run_id
+    calls = {
+        "tags": lambda: service.create_experiment("other", tags={key: "x"}),
+        "tags.key": lambda: service.set_run_tags(run_id, {"ok": "1", key: "x"}),
+        "key": lambda: service.delete_run_tag(run_id, key),
+    }
+    for field, call in calls.items():
+        with pytest.raises(InvalidArgumentError, match="the sidecar's own") as err:
+            call()
+        assert err.value.field.startswith(field.split(".")[0])
+    assert "ok" not in service.get_run(run_id).tags

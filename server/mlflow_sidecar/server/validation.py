@@ -12,6 +12,7 @@ from mlflow_sidecar.core.limits import (
     MAX_NAME_LENGTH,
     MAX_PAGE_TOKEN_LENGTH,
     MAX_RUN_ID_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
 )
 
 T = TypeVar("T")
@@ -62,6 +63,30 @@ def key(field: str, value: str) -> str:
     if ".." in value.split("/") or value.startswith("/"):
         raise InvalidArgumentError(field, f"{value!r} must be a relative path without '..'")
     return value
+
+
+# Tag keys the sidecar sets itself ("One call, one effect": the request id tags by which a
+# retried create finds what its first try made): a caller's tag under it could make a
+# later create take another entity for its own, or miss its own.
+RESERVED_TAG_PREFIX = "mlflow_sidecar."
+
+
+def tag_key(field: str, value: str) -> str:
+    """A tag key as MLflow accepts it, outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
+    key(field, value)
+    if value.startswith(RESERVED_TAG_PREFIX):
+        raise InvalidArgumentError(
+            field,
+            f"{value!r}: tag keys starting with {RESERVED_TAG_PREFIX!r} are the sidecar's own",
+        )
+    return value
+
+
+def tags(field: str, values: Mapping[str, str]) -> None:
+    """Tags a caller sets: every key a `tag_key`, every value bounded."""
+    string_map(field, values, max_value_length=MAX_TAG_VALUE_LENGTH)
+    for k in values:
+        tag_key(f"{field}.key", k)
 
 
 def string_map(field: str, values: Mapping[str, str], *, max_value_length: int) -> None:

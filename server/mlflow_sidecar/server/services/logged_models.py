@@ -88,7 +88,7 @@ class LoggedModelService:
         if source_run_id:
             check.run_id("source_run_id", source_run_id)
         check.string_map("params", params or {}, max_value_length=limits.MAX_PARAM_VALUE_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {})
         return self._gateway.create(
             experiment_id,
             name=name,
@@ -137,13 +137,13 @@ class LoggedModelService:
     def set_tags(self, model_id_: str, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags."""
         model_id("model_id", model_id_)
-        check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags)
         self._gateway.set_tags(model_id_, tags)
 
     def delete_tag(self, model_id_: str, key: str) -> None:
         """Delete one tag."""
         model_id("model_id", model_id_)
-        check.key("key", key)
+        check.tag_key("key", key)
         self._gateway.delete_tag(model_id_, key)
 
     def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import re
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core import limits
@@ -25,6 +26,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    SidecarError,
 )
 from mlflow_sidecar.core.limits import (
     DEFAULT_PAGE_SIZE,
@@ -121,7 +123,7 @@ def check_model_upload(
     check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
     check.bounded("experiment_id", experiment_id, limits.MAX_ID_LENGTH)
     check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-    check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+    check.tags("tags", tags)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
 
@@ -151,7 +153,7 @@ class RegistryService:
     ) -> RegisteredModel:
         _new_name("name", name)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {})
         if get_if_exists:
             try:
                 return self._gateway.get_registered_model(name)
@@ -206,12 +208,12 @@ class RegistryService:
         self._gateway.delete_registered_model(_name("name", name))
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
-        check.key("key", key)
+        check.tag_key("key", key)
         check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
         self._gateway.set_registered_model_tag(_name("name", name), key, value)
 
     def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
-        check.key("key", key)
+        check.tag_key("key", key)
         self._gateway.delete_registered_model_tag(_name("name", name), key)
 
     def create_model_version(
@@ -231,7 +233,7 @@ class RegistryService:
         check.bounded("source", source, limits.MAX_URI_LENGTH)
         check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {})
         if not source:
             if not run_id or not artifact_path:
                 raise InvalidArgumentError(
@@ -264,8 +266,33 @@ class RegistryService:
             )
         return self._gateway.wait_until_ready(created)
 
+    @contextlib.contextmanager
+    def _model_named(self, name: str) -> Iterator[None]:
+        """A version call's NOT_FOUND is MODEL_NOT_FOUND when the model itself is missing:
+        MLflow says only that the version is (one more MLflow call, on that failure only)."""
+        try:
+            yield
+        except NotFoundError as exc:
+            if exc.reason == ErrorReason.MODEL_VERSION_NOT_FOUND and self._model_missing(name):
+                raise NotFoundError(
+                    f"registered model {name!r} does not exist", reason=ErrorReason.MODEL_NOT_FOUND
+                ) from exc
+            raise
+
+    def _model_missing(self, name: str) -> bool:
+        """True when MLflow says there is no model `name`; False when it has one, or when
+        asking failed (the version's NOT_FOUND then stands as it was)."""
+        try:
+            self._gateway.get_registered_model(name, retry=False)
+        except NotFoundError:
+            return True
+        except SidecarError:
+            return False
+        return False
+
     def get_model_version(self, name: str, version: int) -> ModelVersion:
-        return self._gateway.get_model_version(_name("name", name), _version(version))
+        with self._model_named(name):
+            return self._gateway.get_model_version(_name("name", name), _version(version))
 
     def get_model_version_by_alias(self, name: str, alias: str) -> ModelVersion:
         _name("name", name)
@@ -293,28 +320,33 @@ class RegistryService:
 
     def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        return self._gateway.update_model_version(
-            _name("name", name), _version(version), description
-        )
+        with self._model_named(name):
+            return self._gateway.update_model_version(
+                _name("name", name), _version(version), description
+            )
 
     def delete_model_version(self, name: str, version: int, *, request_id: str = "") -> None:
-        self._gateway.delete_model_version(_name("name", name), _version(version))
+        with self._model_named(name):
+            self._gateway.delete_model_version(_name("name", name), _version(version))
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
-        check.key("key", key)
+        check.tag_key("key", key)
         check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
-        self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
+        with self._model_named(name):
+            self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
 
     def delete_model_version_tag(
         self, name: str, version: int, key: str, *, request_id: str = ""
     ) -> None:
-        check.key("key", key)
-        self._gateway.delete_model_version_tag(_name("name", name), _version(version), key)
+        check.tag_key("key", key)
+        with self._model_named(name):
+            self._gateway.delete_model_version_tag(_name("name", name), _version(version), key)
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
         _name("name", name)
         _alias(alias)
-        self._gateway.set_model_alias(name, alias, _version(version))
+        with self._model_named(name):
+            self._gateway.set_model_alias(name, alias, _version(version))
 
     def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
         _name("name", name)

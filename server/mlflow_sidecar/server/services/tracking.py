@@ -95,7 +95,7 @@ class TrackingService:
         request_id: str = "",
     ) -> Experiment:
         check.require("name", name)
-        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {})
         check.bounded("artifact_location", artifact_location, limits.MAX_URI_LENGTH)
         if get_if_exists:
             try:
@@ -172,7 +172,7 @@ class TrackingService:
     ) -> Run:
         check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
         check.bounded("run_name", run_name, limits.MAX_KEY_LENGTH)
-        check.string_map("tags", tags or {}, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {})
         if start_time_ms < 0:
             raise InvalidArgumentError("start_time_ms", "must not be negative")
         all_tags = dict(tags or {})
@@ -323,14 +323,14 @@ class TrackingService:
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         check.run_id("run_id", run_id)
-        check.string_map("tags", tags, max_value_length=limits.MAX_TAG_VALUE_LENGTH)
+        check.tags("tags", tags)
         items = list(tags.items())
         for batch in check.chunks(items, limits.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
 
     def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
         check.run_id("run_id", run_id)
-        check.key("key", key)
+        check.tag_key("key", key)
         self._gateway.delete_tag(run_id, key)
 
     def get_metric_history(
