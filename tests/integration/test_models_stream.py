@@ -244,3 +244,26 @@ def test_upload_model_to_an_unknown_run_is_not_found(registry, unique, tmp_path)
         )
     with pytest.raises(NotFoundError):
         registry.get_registered_model(f"orphan-{unique}")
+
+
+def test_a_version_whose_source_holds_nothing_is_not_found_and_the_copy_stays(
+    registry, tracking, experiment_id, unique, tmp_path
+):
+    run = tracking.start_run(experiment_id)
+    name = f"hollow-{unique}"
+    model = tmp_path / "model"
+    (model / "data").mkdir(parents=True)
+    (model / "MLmodel").write_text("flavors: {}\n")
+    (model / "data" / "w.bin").write_bytes(os.urandom(4096))
+    registry.upload_model(name, model, run_id=run.info.run_id, aliases=["champion"])
+    served = registry.download_model(name, tmp_path / "served", alias="champion")
+    before = tree_digests(served)
+    # A mistaken registration: a runs:/ source under which nothing was ever logged.
+    registry.create_registered_model(name, get_if_exists=True)
+    hollow = registry.create_model_version(name, source=f"runs:/{run.info.run_id}/nothing")
+    registry.set_model_alias(name, "champion", hollow.version)
+    with pytest.raises(NotFoundError) as err:
+        registry.sync_model(name, served, alias="champion")
+    assert err.value.reason == "ARTIFACT_NOT_FOUND"
+    assert "nothing is stored at its source" in err.value.message
+    assert tree_digests(served) == before

@@ -16,7 +16,7 @@ import contextlib
 from dataclasses import dataclass
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.core.model_digest import check_digest
 from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
@@ -117,6 +117,14 @@ class ModelDownloads:
                 # Pinned by number: an alias moving meanwhile cannot mix two versions.
                 root = self._gateway.download_model_version(version.name, version.version, target)
                 manifest = Manifest.describe(key, root, self._staging.chunk_bytes)
+            if not manifest.files:
+                # MLflow lists a missing location as empty: a version registered from a
+                # wrong source would empty the client's copy of the model.
+                raise NotFoundError(
+                    f"{version.name} version {version.version} has no files: nothing is"
+                    f" stored at its source {version.source!r}",
+                    reason=ErrorReason.ARTIFACT_NOT_FOUND,
+                )
         except BaseException:
             scratch.close()
             raise
