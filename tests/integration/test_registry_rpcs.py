@@ -242,6 +242,13 @@ def test_get_latest_model_version_is_the_highest_number(registry_stub, run_id, u
         pb.GetLatestModelVersionRequest(name=name)
     ).model_version
     assert latest.version == 2
+    assert list(latest.aliases) == []
+    registry_stub.SetModelAlias(pb.SetModelAliasRequest(name=name, alias="champion", version=2))
+    latest = registry_stub.GetLatestModelVersion(
+        pb.GetLatestModelVersionRequest(name=name)
+    ).model_version
+    # The aliases come with it, as with GetModelVersion.
+    assert list(latest.aliases) == ["champion"]
 
 
 def test_get_latest_model_version_counts_past_nine(registry_stub, run_id, unique):

@@ -201,7 +201,11 @@ class ModelVersion(_message.Message):
     @_builtins.property
     def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
-    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def aliases(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The aliases pointing at this version. SearchModelVersions leaves them empty, as
+        MLflow's search does; every other answer carrying a version has them.
+        """
+
     def __init__(
         self,
         *,

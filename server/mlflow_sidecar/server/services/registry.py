@@ -300,7 +300,9 @@ class RegistryService:
         return self._gateway.get_model_version_by_alias(name, alias)
 
     def get_latest_model_version(self, name: str) -> ModelVersion:
-        return self._gateway.latest_model_version(_name("name", name))
+        latest = self._gateway.latest_model_version(_name("name", name))
+        # MLflow's search leaves out the aliases; a version read by number has them.
+        return self._gateway.get_model_version(name, latest.version)
 
     def search_model_versions(
         self,
