@@ -272,3 +272,17 @@ def test_the_sidecars_own_tag_keys_are_refused_on_every_tag_path(service, gatewa
             call()
         assert err.value.field.startswith(field.split(".")[0])
     assert "ok" not in service.get_run(run_id).tags
+
+
+def test_a_start_run_id_found_on_a_run_of_another_name_is_refused(service, gateway):
+    # The ledger (in front of the service) forgot the id: its tag still tells the calls apart.
+    experiment_id = service.create_experiment("reuse").experiment_id
+    first = service.start_run(experiment_id, run_name="ppo-1", request_id="rid-1")
+    again = service.start_run(experiment_id, run_name="ppo-1", request_id="rid-1")
+    assert again.info.run_id == first.info.run_id
+    with pytest.raises(InvalidArgumentError) as err:
+        service.start_run(experiment_id, run_name="ppo-2", request_id="rid-1")
+    assert (err.value.reason, err.value.field) == ("REQUEST_ID_REUSED", "request_id")
+    unnamed = service.start_run(experiment_id, client_request_id="rid-1")
+    assert unnamed.info.run_id == first.info.run_id
+    assert len(gateway.runs) == 1

@@ -35,7 +35,7 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id, request_id_reused
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
@@ -195,13 +195,19 @@ class TrackingService:
         all_tags[REQUEST_ID_TAG] = key
         # Concurrent duplicates wait here; the first creates, the rest find its run.
         with self._start_locks.hold(key):
-            return self._gateway.find_or_create_run(
+            run = self._gateway.find_or_create_run(
                 experiment_id,
                 run_name=run_name,
                 tags=all_tags,
                 start_time_ms=start_time_ms,
                 key_tag=REQUEST_ID_TAG,
             )
+        # A run found by the id's tag (the ledger forgot the id) that another name was
+        # asked for is another call's.
+        if run_name and run.info.run_name != run_name:
+            field = "request_id" if request_id else "client_request_id"
+            raise request_id_reused(field, key, "StartRun")
+        return run
 
     def get_run(self, run_id: str) -> Run:
         check.run_id("run_id", run_id)
