@@ -64,6 +64,20 @@ def test_an_mlflow_variable_mlflow_cannot_read_stops_serve(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.parametrize(
+    ("variable", "key"),
+    [
+        ("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "mlflow.tracking_uri"),
+        ("MLFLOW_SIDECAR__MLFLOW__REGISTRY_URI", "mlflow.registry_uri"),
+    ],
+)
+def test_a_uri_mlflow_has_no_store_for_stops_serve(tmp_path, variable, key):
+    uris = {"MLFLOW_SIDECAR__MLFLOW__TRACKING_URI": "http://127.0.0.1:9"}
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), **{**uris, variable: "htp:/nowhere"})
+    result = run_cli(["serve"], env)
+    assert_one_line_failure(result, f"invalid config key {key} ({variable})", "'htp:/nowhere'")
+
+
 def test_malformed_yaml_stops_serve(tmp_path):
     config = tmp_path / "sidecar.yaml"
     config.write_text("server:\n  port: 50052\n    workers: 4\n")

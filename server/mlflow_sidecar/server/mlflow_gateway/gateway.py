@@ -27,7 +27,7 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.server import call_deadline
-from mlflow_sidecar.server.config import AppConfig, RetryConfig
+from mlflow_sidecar.server.config import ENV_PREFIX, AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import (
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
@@ -43,7 +43,10 @@ from mlflow_sidecar.server.mlflow_gateway import (
     registration,
 )
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload
-from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
+from mlflow_sidecar.server.mlflow_gateway.environment import (
+    MlflowSettingError,
+    configure_mlflow_environment,
+)
 from mlflow_sidecar.server.mlflow_gateway.errors import search_field, to_domain_error
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
 from mlflow_sidecar.server.mlflow_gateway.sources import (
@@ -131,9 +134,17 @@ class MlflowGateway:
             configure_mlflow_environment(config)
             if config.embedded:
                 embedded_store.prepare(config.data_dir, config.artifact_root)
-            self._opened = MlflowClient(
-                tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
-            )
+            try:
+                client = MlflowClient(
+                    tracking_uri=config.tracking_uri, registry_uri=config.registry_uri
+                )
+            except MlflowException as exc:
+                raise _unusable_uri(config, exc, registry=False) from exc
+            try:
+                mlflow_internals.build_registry_client(client)
+            except MlflowException as exc:
+                raise _unusable_uri(config, exc, registry=True) from exc
+            self._opened = client
 
     @property
     def client(self) -> MlflowClient:
@@ -1132,6 +1143,19 @@ class MlflowGateway:
             return str(repo.download_artifacts("", str(dst_dir)))
 
         return Path(self.call(op))
+
+
+def _unusable_uri(config: AppConfig, exc: MlflowException, *, registry: bool) -> MlflowSettingError:
+    """The one-line refusal of a tracking or (`registry`) registry URI MLflow has no store
+    for."""
+    key = "registry_uri" if registry and config.mlflow.registry_uri else "tracking_uri"
+    uri = config.registry_uri if registry else config.tracking_uri
+    # MLflow's message lists the schemes it takes, then a link to its docs.
+    said = exc.message.split(" See https://")[0].strip()
+    return MlflowSettingError(
+        f"invalid config key mlflow.{key} ({ENV_PREFIX}MLFLOW__{key.upper()}):"
+        f" MLflow has no store for {uri!r}: {said}"
+    )
 
 
 # mypy checks here that the gateway is a complete MlflowPort.

@@ -139,6 +139,12 @@ def guess_mime_type(file_name: str) -> str:
     return str(_guess_mime_type(file_name))
 
 
+def build_registry_client(client: Any) -> None:
+    """Make `client`'s registry client now: MlflowClient builds it at its first registry
+    call, and only then says that the registry URI names no store MLflow has."""
+    client._get_registry_client()
+
+
 def host_creds(repo: Any) -> Any:
     """The credentials and TLS settings an HTTP artifact repository calls MLflow with."""
     return repo._host_creds
