@@ -13,7 +13,7 @@ import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
 from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA, SERIES_COLUMNS_METADATA
-from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -50,6 +50,26 @@ def test_metric_stream_then_end_run_gives_the_whole_history(
     plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
     for run_id in runs:
         assert full_history(plain, run_id, "loss") == [(s, -float(s)) for s in range(2000)]
+
+
+@pytest.mark.parametrize("bad", ["bad@key", "loss\n", "a//b", "a/", "./a", "../a", ""])
+def test_a_key_the_sidecar_would_refuse_raises_at_log_and_the_good_points_arrive(
+    client_container, mlflow_server, unique, bad
+):
+    # Refused in the message, it would have failed the stream and every good point with it.
+    tracking = client_container.experiment_tracking()
+    run_id = tracking.start_run(tracking.create_experiment(f"keys-{unique}").experiment_id).run_id
+    with client_container.metric_stream() as stream:
+        for step in range(500):
+            stream.log(run_id, "loss", float(step), step=step)
+            if step == 250:
+                with pytest.raises(InvalidArgumentError) as err:
+                    stream.log(run_id, bad, 1.0, step=step)
+                assert err.value.field == "key"
+    assert stream.accepted == 500
+    assert tracking.flush_metrics(run_id, timeout_s=60).pending_points == 0
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    assert full_history(plain, run_id, "loss") == [(s, float(s)) for s in range(500)]
 
 
 def test_flush_metrics_rpc_and_enqueue(tracking_stub, client_container, unique):

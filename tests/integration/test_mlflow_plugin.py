@@ -168,6 +168,13 @@ def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, uniq
     client.log_metric(other.info.run_id, "m", 3.0)
     assert [m.value for m in client.get_metric_history(other.info.run_id, "m")] == [3.0]
     assert [m.value for m in client.get_metric_history(run.info.run_id, "m")] == [1.0]
+    # A key MLflow refuses is refused at once, as by stock MLflow, and costs nothing else.
+    with pytest.raises(MlflowException) as bad_key:
+        client.log_metric(other.info.run_id, "bad@key", 4.0)
+    assert bad_key.value.error_code == "INVALID_PARAMETER_VALUE"
+    client.log_metric(other.info.run_id, "m", 5.0)
+    client.set_terminated(other.info.run_id)
+    assert [m.value for m in client.get_metric_history(other.info.run_id, "m")] == [3.0, 5.0]
     run = client.create_run(experiment_id)
     client.log_param(run.info.run_id, "p", "1")
     with pytest.raises(MlflowException) as changed:

@@ -6,64 +6,20 @@ import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
+from mlflow_sidecar.core import names
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import (
-    MAX_KEY_LENGTH,
-    MAX_NAME_LENGTH,
     MAX_PAGE_TOKEN_LENGTH,
-    MAX_RUN_ID_LENGTH,
     MAX_TAG_VALUE_LENGTH,
 )
 
 T = TypeVar("T")
 
-_KEY_RE = re.compile(r"^[/\w.\- :]*$")
-
-
-def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
-    """A non-empty string of bounded length without control characters."""
-    if not value or not value.strip():
-        raise InvalidArgumentError(field, "must not be empty")
-    return bounded(field, value, max_length)
-
-
-# MLflow's own rule for run ids (mlflow.utils.validation), checked here so that a malformed
-# id is refused with its field named rather than in MLflow's words.
-_RUN_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,255}")
-
-
-def run_id(field: str, value: str) -> str:
-    """A run id as MLflow accepts one."""
-    require(field, value, max_length=MAX_RUN_ID_LENGTH)
-    if not _RUN_ID_RE.fullmatch(value):
-        raise InvalidArgumentError(
-            field, f"{value!r} is not a run id (letters, digits, '_' and '-')"
-        )
-    return value
-
-
-def bounded(field: str, value: str, max_length: int) -> str:
-    """A string (possibly empty) of at most `max_length` characters, without NUL."""
-    if len(value) > max_length:
-        raise InvalidArgumentError(field, f"is {len(value)} characters long; at most {max_length}")
-    if "\x00" in value:
-        raise InvalidArgumentError(field, "must not contain NUL characters")
-    return value
-
-
-def key(field: str, value: str) -> str:
-    """A param, metric or tag key as MLflow accepts it."""
-    require(field, value, max_length=MAX_KEY_LENGTH)
-    if not _KEY_RE.match(value):
-        raise InvalidArgumentError(
-            field,
-            f"{value!r} may only contain letters, digits, underscores, dashes, periods,"
-            " spaces, colons and slashes",
-        )
-    if ".." in value.split("/") or value.startswith("/"):
-        raise InvalidArgumentError(field, f"{value!r} must be a relative path without '..'")
-    return value
-
+# The rules a client applies too (core.names), beside the checks of the services alone.
+require = names.require
+bounded = names.bounded
+run_id = names.run_id
+key = names.key
 
 # Tag keys the sidecar sets itself ("One call, one effect": the request id tags by which a
 # retried create finds what its first try made): a caller's tag under it could make a
@@ -107,7 +63,7 @@ def metric_points(field: str, points: Iterable[tuple[str, int]]) -> None:
             raise InvalidArgumentError(f"{field}[{index}].timestamp_ms", "must not be negative")
 
 
-_PAGE_TOKEN_RE = re.compile(r"^[A-Za-z0-9+/=_\-]*$")
+_PAGE_TOKEN_RE = re.compile(r"^[A-Za-z0-9+/=_\-]*\Z")
 
 
 def page_token(value: str) -> str:

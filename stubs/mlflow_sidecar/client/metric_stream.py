@@ -66,6 +66,7 @@ from typing import Any, Literal, NoReturn
 
 import grpc
 
+from mlflow_sidecar.core import names
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.conversions import (
     ACCEPTED_POINTS_METADATA,
@@ -322,8 +323,9 @@ class MetricStream:
         """Buffer one point; blocks only while the buffer is full (backpressure), or with
         `when_full="raise"` raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) then.
 
-        Raises TypeError (or ValueError, for a number out of range) at once for a point
-        the sidecar would refuse: it never reaches a batch. Safe to call from several
+        Raises TypeError (or ValueError, for a number out of range; InvalidArgumentError
+        for a run id or key MLflow does not take) at once for a point the sidecar would
+        refuse: it never reaches a batch. Safe to call from several
         threads."""
         # The hot path of a training loop: two lookups and one append of the point
         # packed by `struct`, which also checks its numbers' types and ranges in C.
@@ -409,6 +411,9 @@ class MetricStream:
         for name, text in (("run_id", run_id), ("key", key)):
             if not isinstance(text, str):
                 raise TypeError(f"{name} must be a str, not {type(text).__name__}")
+        # Once per run and key: the sidecar would refuse the whole message that carried it.
+        names.run_id("run_id", run_id)
+        names.key("key", key)
         # setdefault: two threads opening the same run and key share one row.
         row = self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
         if self._sealed:

@@ -17,7 +17,7 @@ from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_DIGEST_LENGTH
 from mlflow_sidecar.core.transfer import collect_files, file_digest
 
-_HEX_RE = re.compile(r"^[0-9a-fA-F]*$")
+_HEX_RE = re.compile(r"^[0-9a-fA-F]*\Z")
 
 
 def model_digest(files: Iterable[tuple[str, str]]) -> str:

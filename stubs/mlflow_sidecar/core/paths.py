@@ -18,7 +18,7 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # MLflow's own client: these would name another file than the one sent (`a%2Fb` is
 # stored as `a/b`, `m.pt?v=2` as `m.pt`, overwriting it).
 _URL_SYNTAX = ("%", "?", "#")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 
 
 def _shown(value: str) -> str:

@@ -30,7 +30,7 @@ from mlflow_sidecar.server.keyed_locks import KeyedLocks
 REQUEST_ID_TAG = "mlflow_sidecar.request_id"
 # Set on a registered model just before the sidecar renames it, to recognise its own rename.
 RENAME_REQUEST_ID_TAG = "mlflow_sidecar.rename_request_id"
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+$")
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+\Z")
 # Earlier names of `request_id` that requests still carry: StartRun's client_request_id.
 _OLD_NAMES = ("client_request_id",)
 # Old entries are dropped every this many recorded answers (and at open).

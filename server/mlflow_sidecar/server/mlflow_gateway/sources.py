@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 
 # MLflow resolves 'latest' and 'v<number>' (any case) to versions and refuses to set them.
-_VERSION_ALIAS_RE = re.compile(r"^[vV]\d+$")
-_RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|$)")
+_VERSION_ALIAS_RE = re.compile(r"^[vV]\d+\Z")
+_RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|\Z)")
 # models:/NAME/VERSION and models:/NAME@ALIAS; other forms (stages, logged model ids) go to MLflow.
 _MODELS_SOURCE_RE = re.compile(
     r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"

@@ -45,7 +45,7 @@ from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
 
-_ALIAS_RE = re.compile(r"^[\w\-]+$")
+_ALIAS_RE = re.compile(r"^[\w\-]+\Z")
 # The ledger's name for UploadModel outcomes: the RPC's, as the interceptor names the others.
 _UPLOAD_MODEL = "/mlflow_sidecar.v1.ModelRegistryService/UploadModel"
 # Uploaded model directories live among their run's artifacts under models/<hex id>/.
