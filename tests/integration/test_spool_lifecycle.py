@@ -95,6 +95,8 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
             disk / "sidecar",
             own_mlflow.url,
             MLFLOW_SIDECAR__RETRY__MAX_BACKOFF_S="1",
+            # No space kept free: the disk's own ENOSPC (the next test keeps it).
+            MLFLOW_SIDECAR__SPOOL__MIN_FREE_BYTES="0",
         )
         sidecar.start()
         try:
@@ -148,6 +150,64 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
     history = plain.get_metric_history(run_id, "pnl")
     steps = sorted(m.step for m in history)
     assert steps == sorted(acknowledged)  # every acknowledged point, exactly once
+
+
+def _stream_until_refused(target: str, run_id: str, first: int) -> tuple[list[int], str]:
+    """Messages until the sidecar refuses one: the steps it acknowledged, the refusal."""
+    acknowledged: list[int] = []
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        for index in range(10_000):
+            start = first + index * MESSAGE_POINTS
+            try:
+                stub.StreamMetrics(iter([message(run_id, start)]), timeout=30)
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                return acknowledged, exc.details() or ""
+            acknowledged.extend(range(start, start + MESSAGE_POINTS))
+    raise AssertionError("the sidecar never refused a message")
+
+
+def test_the_spool_never_fills_the_disk_itself_and_drains_on_a_disk_that_stays_full(
+    own_mlflow: MlflowServer, tmp_path: Path, unique: str
+) -> None:
+    # Nobody frees space here: accepting stops short of the disk's end (spool.min_free_bytes,
+    # 64 MiB), so delivery can record what MLflow took and the spool drains, and its freed
+    # pages take new points, instead of a spool that filled the disk refusing everything.
+    plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
+    run_id = plain.create_run(plain.create_experiment(f"reserve-{unique}")).info.run_id
+    with small_disk(tmp_path / "disk", "100m") as disk:
+        sidecar = SidecarProcess(
+            disk / "sidecar", own_mlflow.url, MLFLOW_SIDECAR__RETRY__MAX_BACKOFF_S="1"
+        )
+        sidecar.log_path = tmp_path / "sidecar.log"  # a container's log is not on its volume
+        sidecar.start()
+        try:
+            own_mlflow.stop()
+            keep_free = 64 * 1024 * 1024
+            free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+            (disk / "ballast").write_bytes(b"\0" * (free - keep_free - 3 * 1024 * 1024))
+            acknowledged, refusal = _stream_until_refused(sidecar.target, run_id, 0)
+            assert acknowledged, "nothing was accepted before the space kept free"
+            assert "stay free for delivery (spool.min_free_bytes)" in refusal
+            assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > keep_free // 2
+
+            own_mlflow.start()
+            with grpc.insecure_channel(sidecar.target) as channel:
+                stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+                flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
+                assert flush.pending_points == 0 and flush.dead_letter_points == 0
+            # The disk is as full as before, and the spool takes as many points again.
+            again, _ = _stream_until_refused(sidecar.target, run_id, 10_000_000)
+            assert len(again) >= len(acknowledged) // 2
+            with grpc.insecure_channel(sidecar.target) as channel:
+                stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+                flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
+                assert flush.pending_points == 0 and flush.dead_letter_points == 0
+        finally:
+            sidecar.stop()
+    steps = sorted(m.step for m in plain.get_metric_history(run_id, "pnl"))
+    assert steps == sorted(acknowledged + again)  # every acknowledged point, exactly once
 
 
 def test_a_second_sidecar_on_one_data_dir_exits_2_naming_the_first(

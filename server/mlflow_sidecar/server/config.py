@@ -310,6 +310,12 @@ class SpoolConfig(_Section):
     max_points: int = Field(
         10_000_000, ge=1, description="pending points before RESOURCE_EXHAUSTED"
     )
+    min_free_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=0,
+        description="free space on the data dir's filesystem that accepting points never"
+        " uses: room for delivery's own writes (0: none kept)",
+    )
     batch_size: int = Field(1000, ge=1, le=1000, description="points per MLflow log_batch")
     delivery_workers: int = Field(
         4,

@@ -50,6 +50,7 @@ class ServerContainer(containers.DeclarativeContainer):
         max_points=config.provided.spool.max_points,
         synchronous=config.provided.spool.synchronous,
         chunk_points=config.provided.spool.batch_size,
+        min_free_bytes=config.provided.spool.min_free_bytes,
     )
     deliverer = providers.Singleton(
         MetricDeliverer,

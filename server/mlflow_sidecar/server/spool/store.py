@@ -7,6 +7,8 @@ order among the rows that are still pending (an emptied table may start over, ha
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import sqlite3
 import threading
 from array import array
@@ -23,6 +25,8 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
+
+log = logging.getLogger(__name__)
 
 # Points are stored in chunks: the points of one run from one message, at most
 # `chunk_points` of them (the delivery batch size), as packed columns. One row per chunk
@@ -301,10 +305,15 @@ class SpoolStore:
         max_points: int,
         synchronous: str = "NORMAL",
         chunk_points: int = CHUNK_POINTS,
+        min_free_bytes: int = 0,
     ) -> None:
+        """`min_free_bytes`: free space on the spool's filesystem that `append` leaves:
+        deleting delivered points writes too (to the WAL, which a checkpoint then copies
+        into the database file), and a spool that filled the disk could never shrink."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_points = max_points
+        self._keep_free = min_free_bytes
         self._chunk_points = chunk_points
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
@@ -338,6 +347,15 @@ class SpoolStore:
                 "SELECT run_id, status, end_time_ms, last_chunk, applied FROM ended_runs"
             )
         }
+
+    def _free_bytes(self) -> int:
+        """Room for new points: free space on the filesystem, and the pages of delivered
+        points the database reuses (it does not give them back to the filesystem)."""
+        pages, size = (
+            self._db.execute(f"PRAGMA {name}").fetchone()[0]
+            for name in ("freelist_count", "page_size")
+        )
+        return shutil.disk_usage(self.path.parent).free + int(pages) * int(size)
 
     def close(self) -> None:
         """Close the database (pending points stay on disk for the next start)."""
@@ -377,6 +395,12 @@ class SpoolStore:
                     f" {len(batch)} points of this message were not accepted, retry later",
                     reason=ErrorReason.SPOOL_FULL,
                     retry_after_s=RETRY_AFTER_FULL_S,
+                )
+            free = self._free_bytes() if self._keep_free else 0
+            if free < self._keep_free:
+                raise disk_full_error(
+                    f"{len(batch)} points of this message were not accepted: {free} bytes are"
+                    f" free, and {self._keep_free} stay free for delivery (spool.min_free_bytes)"
                 )
             try:
                 self._write(
@@ -472,6 +496,20 @@ class SpoolStore:
                     raise disk_full_error("a delivered batch could not be deleted") from exc
                 raise
             self._forget(batch.run_id, len(batch.metrics))
+            if self._total == 0 and self._keep_free:
+                self._give_back_wal()
+
+    def _give_back_wal(self) -> None:
+        """Under the lock, with nothing pending: on a filesystem short of space, empty the
+        WAL into the database and truncate it, so that its space counts as free again (the
+        database keeps the pages of delivered points for new ones, which `_free_bytes`
+        counts). Not otherwise: a spool that empties every round would fsync each time."""
+        if shutil.disk_usage(self.path.parent).free >= 2 * self._keep_free:
+            return
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:  # a reader in the way, or no room: the next drain tries
+            log.info("the spool's WAL was not truncated: %s", exc)
 
     def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
         """Move a batch (or every pending point of the run) to the dead-letter table."""
