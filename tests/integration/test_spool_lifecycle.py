@@ -60,6 +60,14 @@ def pending(target: str) -> int:
         return stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=1.0).pending_points
 
 
+def assert_drained(target: str) -> None:
+    """FlushMetrics says every accepted point is in MLflow, none dead-lettered."""
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
+        assert flush.pending_points == 0 and flush.dead_letter_points == 0
+
+
 def exit_after_sigterm(sidecar: SidecarProcess, timeout_s: float = 120) -> int:
     assert sidecar.proc is not None
     sidecar.proc.send_signal(signal.SIGTERM)
@@ -141,10 +149,7 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
                 acknowledged.extend(later)
 
             own_mlflow.start()
-            with grpc.insecure_channel(sidecar.target) as channel:
-                stub = pb_grpc.ExperimentTrackingServiceStub(channel)
-                flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=60)
-                assert flush.pending_points == 0 and flush.dead_letter_points == 0
+            assert_drained(sidecar.target)
         finally:
             sidecar.stop()
     history = plain.get_metric_history(run_id, "pnl")
@@ -193,17 +198,11 @@ def test_the_spool_never_fills_the_disk_itself_and_drains_on_a_disk_that_stays_f
             assert os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize > keep_free // 2
 
             own_mlflow.start()
-            with grpc.insecure_channel(sidecar.target) as channel:
-                stub = pb_grpc.ExperimentTrackingServiceStub(channel)
-                flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
-                assert flush.pending_points == 0 and flush.dead_letter_points == 0
+            assert_drained(sidecar.target)
             # The disk is as full as before, and the spool takes as many points again.
             again, _ = _stream_until_refused(sidecar.target, run_id, 10_000_000)
             assert len(again) >= len(acknowledged) // 2
-            with grpc.insecure_channel(sidecar.target) as channel:
-                stub = pb_grpc.ExperimentTrackingServiceStub(channel)
-                flush = stub.FlushMetrics(pb.FlushMetricsRequest(), timeout=120)
-                assert flush.pending_points == 0 and flush.dead_letter_points == 0
+            assert_drained(sidecar.target)
         finally:
             sidecar.stop()
     steps = sorted(m.step for m in plain.get_metric_history(run_id, "pnl"))
