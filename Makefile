@@ -88,7 +88,7 @@ pytest: $(VENV)/.dev $(BUF)
 
 ## pytest-postgres: the integration suite against an mlflow server on a throwaway PostgreSQL cluster
 pytest-postgres: $(VENV)/.dev $(BUF)
-	MLFLOW_SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
+	SIDECAR_TEST_BACKEND=postgresql $(BIN)/pytest tests/integration
 
 ## compat-lowest: the client alone in a fresh venv with every base dependency at its floor
 ## (protobuf, grpcio, ...) on the oldest supported Python present, then its unit tests

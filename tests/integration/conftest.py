@@ -20,7 +20,7 @@ from tests.support.processes import MlflowServer
 from tests.support.s3 import MotoS3
 
 # `sqlite` (default) or `postgresql`: the backend store of every mlflow server the tests start.
-BACKEND_ENV = "MLFLOW_SIDECAR_TEST_BACKEND"
+BACKEND_ENV = "SIDECAR_TEST_BACKEND"
 
 # Tests marked with it need PostgreSQL: they run only in the PostgreSQL pass.
 POSTGRESQL_MARKER = "postgresql"

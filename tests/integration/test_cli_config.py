@@ -55,6 +55,18 @@ def test_a_misspelt_variable_stops_serve(tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("MLFLOW_SIDECAR_CONFG", "did you mean MLFLOW_SIDECAR_CONFIG?"),
+        ("MLFLOW_SIDECAR_SPOOL__MAX_POINTS", "did you mean MLFLOW_SIDECAR__SPOOL__MAX_POINTS?"),
+    ],
+)
+def test_a_variable_of_the_sidecars_prefix_that_names_nothing_stops_serve(tmp_path, variable, hint):
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), **{variable: "5"})
+    assert_one_line_failure(run_cli(["serve"], env), f"unknown variable {variable}", hint)
+
+
 def test_an_mlflow_variable_mlflow_cannot_read_stops_serve(tmp_path):
     env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), MLFLOW_S3_IGNORE_TLS="sometimes")
     result = run_cli(["serve"], env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from dependency_injector import containers, providers
 
 from mlflow_sidecar.client import ClientContainer, ExperimentTracking, load_env
@@ -70,3 +71,11 @@ def test_metric_streams_fit_their_messages_to_the_channel():
     assert small._max_message_bytes == 64 * 1024
     small.close()
     limited.shutdown_resources()
+
+
+def test_a_client_variable_that_names_no_setting_is_refused(monkeypatch):
+    # A typo would otherwise leave the default in place without a word.
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TARGT", "10.0.0.1:50051")
+    container = ClientContainer()
+    with pytest.raises(ValueError, match="did you mean MLFLOW_SIDECAR_CLIENT_TARGET"):
+        load_env(container)

@@ -40,6 +40,9 @@ from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN
 
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
+# Every variable of the sidecar's starts so; the clients' continue with CLIENT_.
+_OWN_PREFIX = "MLFLOW_SIDECAR_"
+_CLIENT_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -719,9 +722,15 @@ def insecure_listener_warnings(config: AppConfig) -> list[str]:
 
 
 def _check_env_names(environ: Mapping[str, str]) -> None:
-    """Refuse `MLFLOW_SIDECAR__*` variables that name no setting (a typo would be ignored)."""
+    """Refuse `MLFLOW_SIDECAR_*` variables that name no setting (a typo would be ignored);
+    the clients' `MLFLOW_SIDECAR_CLIENT_*` are theirs."""
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX):
+        upper = name.upper()
+        if upper.startswith(_OWN_PREFIX) and not upper.startswith(ENV_PREFIX):
+            if upper != CONFIG_FILE_ENV and not upper.startswith(_CLIENT_PREFIX):
+                raise ConfigError(_unknown_variable(name))
+            continue
+        if not upper.startswith(ENV_PREFIX):
             continue
         parts = name[len(ENV_PREFIX) :].lower().split("__")
         model: type[BaseModel] | None = AppConfig
@@ -735,6 +744,17 @@ def _check_env_names(environ: Mapping[str, str]) -> None:
             annotation = fields[part].annotation
             section = isinstance(annotation, type) and issubclass(annotation, BaseModel)
             model = annotation if section and isinstance(annotation, type) else None
+
+
+def _unknown_variable(name: str) -> str:
+    """The refusal of an `MLFLOW_SIDECAR_` variable that is neither the config file's nor a
+    setting's (`MLFLOW_SIDECAR__<SECTION>__<KEY>`, two underscores after the prefix)."""
+    rest = name[len(_OWN_PREFIX) :].lstrip("_")
+    if difflib.get_close_matches(rest.upper(), ["CONFIG"], n=1):
+        hint = f"did you mean {CONFIG_FILE_ENV}?"
+    else:
+        hint = f"settings are {ENV_PREFIX}<SECTION>__<KEY>: did you mean {ENV_PREFIX}{rest}?"
+    return f"unknown variable {name}: {hint}"
 
 
 def _unknown_env(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -105,7 +107,29 @@ class ClientSettings(BaseModel):
         return cls(**{k: v for k, v in (values or {}).items() if v is not None})
 
 
-class ClientEnvSettings(ClientSettings, BaseSettings):
-    """`ClientSettings` read from `MLFLOW_SIDECAR_CLIENT_*` environment variables."""
+ENV_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
 
-    model_config = SettingsConfigDict(env_prefix="MLFLOW_SIDECAR_CLIENT_", extra="ignore")
+
+class ClientEnvSettings(ClientSettings, BaseSettings):
+    """`ClientSettings` read from `MLFLOW_SIDECAR_CLIENT_*` environment variables; one
+    that names no setting is a ValueError (a typo would otherwise be ignored)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
+
+    def __init__(self, **values: Any) -> None:
+        check_env_names(os.environ)
+        super().__init__(**values)
+
+
+def check_env_names(environ: Mapping[str, str]) -> None:
+    """ValueError for an `MLFLOW_SIDECAR_CLIENT_*` variable that names no client setting."""
+    known = sorted(ClientSettings.model_fields)
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        setting = name[len(ENV_PREFIX) :].lower()
+        if setting in known:
+            continue
+        close = difflib.get_close_matches(setting, known, n=1)
+        hint = f"did you mean {ENV_PREFIX}{close[0].upper()}?" if close else f"known: {known}"
+        raise ValueError(f"unknown client setting {name}: {hint}")
