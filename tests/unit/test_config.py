@@ -256,3 +256,15 @@ def test_the_mode_line_names_the_store_and_hides_secrets(monkeypatch, tmp_path):
     assert line.startswith("mode: MLflow server https://***@mlflow:5000")
     assert "s3cret" not in line and "tok-value" not in line
     assert "token" in line
+
+
+def test_an_empty_token_names_the_setting_it_came_from(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_SIDECAR__AUTH__TOKENS", '[""]')
+    with pytest.raises(ConfigError, match="invalid config key auth.tokens: it holds no token"):
+        load_config()
+    monkeypatch.delenv("MLFLOW_SIDECAR__AUTH__TOKENS")
+    empty = tmp_path / "tokens"
+    empty.write_text("# none yet\n")
+    monkeypatch.setenv("MLFLOW_SIDECAR__AUTH__TOKENS_FILE", str(empty))
+    with pytest.raises(ConfigError, match="invalid config key auth.tokens_file: it holds no"):
+        load_config()

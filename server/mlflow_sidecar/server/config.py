@@ -676,7 +676,11 @@ def _check_files(config: AppConfig) -> None:
         if path is not None and not path.is_file():
             raise ConfigError(f"invalid config key {key}: {path} is not a readable file")
     if config.auth.enabled and not config.auth.load_tokens():
-        raise ConfigError("invalid config key auth.tokens_file: it holds no token")
+        # Whichever was set: an empty token in auth.tokens, or a file of none.
+        key = "auth.tokens_file" if config.auth.tokens_file is not None else "auth.tokens"
+        raise ConfigError(
+            f"invalid config key {key}: it holds no token (empty tokens are not tokens)"
+        )
 
 
 def _listeners(config: AppConfig) -> list[tuple[str, str]]:
