@@ -260,11 +260,11 @@ def test_the_mode_line_names_the_store_and_hides_secrets(monkeypatch, tmp_path):
 
 def test_an_empty_token_names_the_setting_it_came_from(monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_SIDECAR__AUTH__TOKENS", '[""]')
-    with pytest.raises(ConfigError, match="invalid config key auth.tokens: it holds no token"):
+    with pytest.raises(ConfigError, match=r"invalid config key auth\.tokens: it holds no token"):
         load_config()
     monkeypatch.delenv("MLFLOW_SIDECAR__AUTH__TOKENS")
     empty = tmp_path / "tokens"
     empty.write_text("# none yet\n")
     monkeypatch.setenv("MLFLOW_SIDECAR__AUTH__TOKENS_FILE", str(empty))
-    with pytest.raises(ConfigError, match="invalid config key auth.tokens_file: it holds no"):
+    with pytest.raises(ConfigError, match=r"invalid config key auth\.tokens_file: it holds no"):
         load_config()
