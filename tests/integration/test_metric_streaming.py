@@ -342,3 +342,60 @@ def test_mlflow_outage_is_invisible_to_the_trainer(own_mlflow, tmp_path):
     plain = mlflow.MlflowClient(tracking_uri=own_mlflow.url)
     for run_id in runs:
         assert full_history(plain, run_id, "reward") == [(s, float(s)) for s in range(steps)]
+
+
+def test_a_spool_smaller_than_a_message_takes_it_in_pieces(mlflow_server, tmp_path, unique):
+    """A message of more points than `spool.max_points` can never be accepted: the sidecar
+    says so for good (not SPOOL_FULL, which would be retried forever) and announces its
+    limit; the typed stream cuts its messages to it, and every point arrives once."""
+    from mlflow_sidecar.client import ClientContainer
+    from mlflow_sidecar.core.conversions import MAX_MESSAGE_POINTS_METADATA
+
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    run_id = plain.create_run(plain.create_experiment(f"small-spool-{unique}")).info.run_id
+    running = RunningSidecar(
+        sidecar_config(tmp_path / "sidecar", mlflow_server.url, spool={"max_points": 300})
+    )
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            too_many = pb.StreamMetricsRequest(
+                series=[
+                    pb.MetricSeries(
+                        run_id=run_id,
+                        key="raw",
+                        values=[1.0] * 301,
+                        timestamps_ms=[0] * 301,
+                        steps=range(301),
+                    )
+                ]
+            )
+            call = stub.StreamMetrics.future(iter([too_many]), timeout=30)
+            with pytest.raises(grpc.RpcError) as err:
+                call.result()
+            assert dict(call.initial_metadata())[MAX_MESSAGE_POINTS_METADATA] == "300"
+            refused = error_from_rpc(err.value)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert refused.reason == ErrorReason.TOO_MANY_POINTS
+            assert refused.retry_after_s is None
+            assert refused.metadata == {"points": "301", "max_points": "300"}
+            assert "spool.max_points=300" in str(refused)
+
+        container = ClientContainer()
+        container.config.from_dict({"target": running.target})
+        try:
+            with container.metric_stream() as stream:
+                for step in range(1000):  # due batches of 1000 and more: over the limit
+                    stream.log_metrics(run_id, {"a": float(step), "b": -float(step)}, step=step)
+            assert stream.accepted == 2000
+            tracking = container.experiment_tracking()
+            assert tracking.flush_metrics(run_id, timeout_s=120).pending_points == 0
+        finally:
+            container.shutdown_resources()
+    finally:
+        running.stop()
+    for key, sign in (("a", 1.0), ("b", -1.0)):
+        history = plain.get_metric_history(run_id, key)
+        assert len(history) == 1000
+        assert sorted((m.step, m.value) for m in history) == [(s, sign * s) for s in range(1000)]
+    assert plain.get_metric_history(run_id, "raw") == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from mlflow_sidecar.core.conversions import SERIES_COLUMNS_METADATA
+from mlflow_sidecar.core.conversions import MAX_MESSAGE_POINTS_METADATA, SERIES_COLUMNS_METADATA
 from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -25,10 +25,14 @@ def points_of(message: pb.StreamMetricsRequest) -> list[MetricPoint]:
 
 class AnsweredCall(grpc.Call):  # type: ignore[misc]
     """A StreamMetrics call that ended well, whose sidecar said in its initial metadata
-    which series columns it reads (`forms`; None: it said nothing, as an older one)."""
+    which series columns it reads (`forms`; None: it said nothing, as an older one) and
+    the most points a message may hold (`max_message_points`; None: not said)."""
 
-    def __init__(self, forms: str | None) -> None:
-        self._metadata = () if forms is None else ((SERIES_COLUMNS_METADATA, forms),)
+    def __init__(self, forms: str | None, *, max_message_points: int | None = None) -> None:
+        said = {SERIES_COLUMNS_METADATA: forms, MAX_MESSAGE_POINTS_METADATA: max_message_points}
+        self._metadata = tuple(
+            (key, str(value)) for key, value in said.items() if value is not None
+        )
 
     def initial_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from mlflow_sidecar.core.domain import MetricPoint
-from mlflow_sidecar.core.errors import InvalidArgumentError, ResourceExhaustedError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, ResourceExhaustedError
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -289,8 +289,29 @@ def test_series_spool_exactly_as_the_same_points_sent_one_by_one(tmp_path):
 
 
 def test_a_full_spool_refuses_a_message_of_series_whole(tmp_path):
-    store = SpoolStore(tmp_path / "spool.db", max_points=4, chunk_points=100)
-    with pytest.raises(ResourceExhaustedError, match="5 points of this message"):
+    store = SpoolStore(tmp_path / "spool.db", max_points=6, chunk_points=100)
+    first = pb.StreamMetricsRequest(
+        series=[
+            pb.MetricSeries(
+                run_id="r0", key="a", values=[0.0, 1.0], timestamps_ms=[7, 7], steps=[0, 1]
+            )
+        ]
+    )
+    assert store.append(_batch(first)) == 2
+    with pytest.raises(ResourceExhaustedError, match="5 points of this message") as err:
         store.append(_batch(_series_only()))
+    assert err.value.reason == ErrorReason.SPOOL_FULL and err.value.retry_after_s
+    assert store.pending() == 2
+    store.close()
+
+
+def test_a_message_larger_than_the_spool_is_refused_for_good(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=4, chunk_points=100)
+    with pytest.raises(ResourceExhaustedError) as err:
+        store.append(_batch(_series_only()))
+    assert err.value.reason == ErrorReason.TOO_MANY_POINTS
+    assert err.value.retry_after_s is None  # waiting never makes room for it
+    assert err.value.metadata == {"points": "5", "max_points": "4"}
+    assert "spool.max_points=4" in err.value.message
     assert store.pending() == 0
     store.close()

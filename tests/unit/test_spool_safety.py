@@ -116,8 +116,9 @@ def test_a_spool_newer_than_the_code_is_refused_in_one_line_and_left_alone(tmp_p
 def test_a_full_spool_says_spool_full_with_a_retry_hint(tmp_path):
     store = SpoolStore(tmp_path / "spool.db", max_points=5)
     try:
+        store.append(MetricBatch.from_points(points("a", 3)))
         with pytest.raises(ResourceExhaustedError) as refused:
-            store.append(MetricBatch.from_points(points("a", 6)))
+            store.append(MetricBatch.from_points(points("a", 3)))
     finally:
         store.close()
     assert refused.value.reason == "SPOOL_FULL" and refused.value.retry_after_s

@@ -70,12 +70,14 @@ from mlflow_sidecar.core import names
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.conversions import (
     ACCEPTED_POINTS_METADATA,
+    MAX_MESSAGE_POINTS_METADATA,
     SERIES_COLUMNS_FIXED,
     SERIES_COLUMNS_METADATA,
 )
 from mlflow_sidecar.core.errors import (
     ClientErrorReason,
     DeadlineExceededError,
+    ErrorReason,
     FailedPreconditionError,
     ResourceExhaustedError,
     SidecarError,
@@ -305,6 +307,10 @@ class MetricStream:
         # varints, which every sidecar reads, and a call ends after one message, so that
         # the bulk of the points is cut in the form the sidecar reads best.
         self._fixed_columns: bool | None = None
+        # The most points the sidecar takes in one message (its spool's size), as its
+        # last call said at the start or its refusal of a larger message; None: no limit
+        # known.
+        self._max_message_points: int | None = None
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -581,17 +587,20 @@ class MetricStream:
         ]
         wanted = sum(n for _, _, n in rows)
         fits = max(1, (budget - sum(overheads)) // MAX_POINT_BYTES)
+        # The sidecar takes no message of more points than its spool holds.
+        cap = self._max_message_points or wanted
+        fits = min(fits, cap)
         message = pb.StreamMetricsRequest()
         add = message.series.add
         points = size = 0
         left: list[_Pending] = []
         for ((run_id, key), data, n), overhead in zip(rows, overheads, strict=True):
             share = n if wanted <= fits else max(1, n * fits // wanted)
-            if size and size + overhead + share * MAX_POINT_BYTES > budget:
+            if points >= cap or (size and size + overhead + share * MAX_POINT_BYTES > budget):
                 left.append(((run_id, key), data, n))
                 continue
             # The first series of a message always goes, as much of it as fits.
-            share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES))
+            share = max(1, min(share, (budget - overhead) // MAX_POINT_BYTES, cap - points))
             _add_columns(
                 add(run_id=run_id, key=key),
                 data[: _POINT.size * share],
@@ -729,6 +738,9 @@ class MetricStream:
         # Messages already cut keep their form: a sidecar that lost the fixed form (one
         # downgraded while the stream ran) refuses them (INVALID_ARGUMENT).
         self._fixed_columns = SERIES_COLUMNS_FIXED in str(forms).split(",")
+        self._max_message_points = _positive_int(
+            dict(metadata or ()).get(MAX_MESSAGE_POINTS_METADATA)
+        )
 
     def _after_fork_in_child(self) -> None:
         # The sender thread did not come along, and a lock it held stays held: new locks,
@@ -756,8 +768,20 @@ class MetricStream:
             while self._in_flight and done + self._in_flight[0][1] <= accepted:
                 done += self._in_flight.pop(0)[1]
             self._accepted += done
-            if code in _RETRYABLE:
-                self._last_refusal = error_from_rpc(exc)
+            refusal = error_from_rpc(exc)
+            cap = _message_points_limit(refusal)
+            if cap is not None:
+                # More points in one message than the spool holds: no wait would make
+                # room, but the same points in smaller messages fit.
+                self._max_message_points = cap
+                self._in_flight = _split_messages(self._in_flight, cap)
+                self._queue = collections.deque(_split_messages(list(self._queue), cap))
+            # A message over a limit the sidecar did not say cannot be sent again.
+            retry = cap is not None or (
+                code in _RETRYABLE and refusal.reason != ErrorReason.TOO_MANY_POINTS
+            )
+            if retry:
+                self._last_refusal = refusal
                 self._retry_after_s = self._last_refusal.retry_after_s or 0.0
                 for message, count in reversed(self._in_flight):
                     self._queue.appendleft((message, count))
@@ -765,10 +789,64 @@ class MetricStream:
                 self._in_flight.clear()
                 self._cond.notify_all()
                 return code
-            self._fail(error_from_rpc(exc))
+            self._fail(refusal)
             self._in_flight.clear()
             self._cond.notify_all()
             return None
+
+
+def _positive_int(text: object) -> int | None:
+    try:
+        number = int(str(text))
+    except ValueError:
+        return None
+    return number if number > 0 else None
+
+
+def _message_points_limit(error: SidecarError) -> int | None:
+    """The points a message may hold, when `error` refused a larger one and said so."""
+    if error.reason != ErrorReason.TOO_MANY_POINTS:
+        return None
+    return _positive_int(error.metadata.get("max_points"))
+
+
+def _split_messages(
+    messages: list[tuple[pb.StreamMetricsRequest, int]], cap: int
+) -> list[tuple[pb.StreamMetricsRequest, int]]:
+    """`messages` again, in order, each of more than `cap` points cut into pieces of at
+    most `cap`: a series' points keep their order."""
+    pieces: list[tuple[pb.StreamMetricsRequest, int]] = []
+    for message, count in messages:
+        if count <= cap:
+            pieces.append((message, count))
+            continue
+        piece, taken = pb.StreamMetricsRequest(), 0
+        for point in message.points:
+            piece.points.append(point)
+            taken += 1
+            if taken == cap:
+                pieces.append((piece, taken))
+                piece, taken = pb.StreamMetricsRequest(), 0
+        for series in message.series:
+            start = 0
+            while start < len(series.values):
+                end = start + min(cap - taken, len(series.values) - start)
+                part = piece.series.add(run_id=series.run_id, key=series.key)
+                for field in _SERIES_COLUMNS:
+                    column = getattr(series, field)
+                    if len(column):
+                        getattr(part, field).extend(column[start:end])
+                taken += end - start
+                start = end
+                if taken == cap:
+                    pieces.append((piece, taken))
+                    piece, taken = pb.StreamMetricsRequest(), 0
+        if taken:
+            pieces.append((piece, taken))
+    return pieces
+
+
+_SERIES_COLUMNS = ("values", "timestamps_ms", "steps", "fixed_timestamps_ms", "fixed_steps")
 
 
 def _accepted_from_trailers(exc: grpc.RpcError) -> int:

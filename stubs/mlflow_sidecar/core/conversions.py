@@ -34,6 +34,9 @@ ACCEPTED_POINTS_METADATA = "accepted-points"
 SERIES_COLUMNS_METADATA = "series-columns"
 SERIES_COLUMNS_FIXED = "fixed64"
 SERIES_COLUMNS_READ = f"varint,{SERIES_COLUMNS_FIXED}"
+# Initial metadata of StreamMetrics: the most points one message may hold (the spool's
+# size, spool.max_points); a message of more is refused for good (TOO_MANY_POINTS).
+MAX_MESSAGE_POINTS_METADATA = "max-message-points"
 
 _STAGE_TO_PB = {
     LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,

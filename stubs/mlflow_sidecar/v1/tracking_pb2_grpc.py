@@ -77,6 +77,9 @@ class ExperimentTrackingServiceStub(object):
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+    the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+    send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
@@ -311,6 +314,9 @@ class ExperimentTrackingServiceServicer(object):
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+    the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+    send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
@@ -437,7 +443,9 @@ class ExperimentTrackingServiceServicer(object):
         local spool before it counts as accepted; delivery is asynchronous. A message is
         refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-        run ended through the sidecar. Like every streaming call it may wait in line for a
+        run ended through the sidecar. A message of more points than the whole spool holds
+        is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
+        metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
         slot first, and is refused with TOO_MANY_STREAMS when the line is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -795,6 +803,9 @@ class ExperimentTrackingService(object):
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+    the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+    send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.

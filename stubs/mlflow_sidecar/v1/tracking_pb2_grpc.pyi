@@ -73,6 +73,9 @@ class ExperimentTrackingServiceStub:
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+      the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+      send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
@@ -145,7 +148,9 @@ class ExperimentTrackingServiceStub:
     local spool before it counts as accepted; delivery is asynchronous. A message is
     refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-    run ended through the sidecar. Like every streaming call it may wait in line for a
+    run ended through the sidecar. A message of more points than the whole spool holds
+    is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
+    metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
     slot first, and is refused with TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
@@ -245,6 +250,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+      the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+      send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
@@ -314,7 +322,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     local spool before it counts as accepted; delivery is asynchronous. A message is
     refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-    run ended through the sidecar. Like every streaming call it may wait in line for a
+    run ended through the sidecar. A message of more points than the whole spool holds
+    is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
+    metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
     slot first, and is refused with TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
@@ -413,6 +423,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
+    - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
+      the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
+      send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
@@ -564,7 +577,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         local spool before it counts as accepted; delivery is asynchronous. A message is
         refused whole: RESOURCE_EXHAUSTED with reason SPOOL_FULL (spool.max_points) or
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
-        run ended through the sidecar. Like every streaming call it may wait in line for a
+        run ended through the sidecar. A message of more points than the whole spool holds
+        is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
+        metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
         slot first, and is refused with TOO_MANY_STREAMS when the line is full.
         """
 

@@ -9,6 +9,7 @@ import grpc
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.conversions import (
     ACCEPTED_POINTS_METADATA,
+    MAX_MESSAGE_POINTS_METADATA,
     SERIES_COLUMNS_METADATA,
     SERIES_COLUMNS_READ,
 )
@@ -176,7 +177,12 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     ) -> pb.StreamMetricsResponse:
         accepted = 0
         # Before the first message, so that a client can send the compact form from it on.
-        context.send_initial_metadata(((SERIES_COLUMNS_METADATA, SERIES_COLUMNS_READ),))
+        context.send_initial_metadata(
+            (
+                (SERIES_COLUMNS_METADATA, SERIES_COLUMNS_READ),
+                (MAX_MESSAGE_POINTS_METADATA, str(self._service.max_message_points)),
+            )
+        )
         try:
             for message in request_iterator:
                 batch = MetricBatch.from_request(message.points, message.series)

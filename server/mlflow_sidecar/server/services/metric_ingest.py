@@ -32,6 +32,11 @@ class MetricIngest:
         if metrics is not None:
             metrics.watch_spool(store.gauges)
 
+    @property
+    def max_message_points(self) -> int:
+        """The most points one message can hold: more can never be accepted."""
+        return self._store.max_points
+
     def accept(self, batch: MetricBatch) -> int:
         """Check a batch and commit it to the spool (all or none); returns how many points."""
         accepted = self._store.append(batch.checked())

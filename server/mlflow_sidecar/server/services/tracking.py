@@ -319,6 +319,11 @@ class TrackingService:
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
         return self.accept_metrics(MetricBatch.from_points(points))
 
+    @property
+    def max_message_points(self) -> int:
+        """The most points one StreamMetrics message can hold (spool.max_points)."""
+        return self._ingest.max_message_points
+
     def accept_metrics(self, batch: MetricBatch) -> int:
         """Check a batch of streamed points and commit it to the spool (all or none);
         returns how many points."""

@@ -389,6 +389,15 @@ class SpoolStore:
                 end = self._ended.get(run.run_id)
                 if end is not None:
                     raise run_ended_error(end)
+            if len(batch) > self.max_points:
+                # No wait makes room for it: refused for good, not SPOOL_FULL.
+                raise ResourceExhaustedError(
+                    f"this message has {len(batch)} points, more than the spool holds"
+                    f" (spool.max_points={self.max_points}): send at most {self.max_points}"
+                    " points per message",
+                    reason=ErrorReason.TOO_MANY_POINTS,
+                    metadata={"points": str(len(batch)), "max_points": str(self.max_points)},
+                )
             if self._total + len(batch) > self.max_points:
                 raise ResourceExhaustedError(
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
