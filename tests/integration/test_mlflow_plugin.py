@@ -179,7 +179,52 @@ def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, uniq
     client.log_param(run.info.run_id, "p", "1")
     with pytest.raises(MlflowException) as changed:
         client.log_param(run.info.run_id, "p", "2")
-    assert changed.value.error_code in {"INVALID_PARAMETER_VALUE", "INVALID_STATE"}
+    # MLflow's codes where its status differs from the sidecar's (FAILED_PRECONDITION).
+    assert changed.value.error_code == "INVALID_PARAMETER_VALUE"
+    client.delete_run(run.info.run_id)
+    with pytest.raises(MlflowException) as deleted_run:
+        client.log_param(run.info.run_id, "q", "1")
+    assert deleted_run.value.error_code == "INVALID_PARAMETER_VALUE"
+    client.delete_experiment(experiment_id)
+    with pytest.raises(MlflowException) as deleted_experiment:
+        client.create_run(experiment_id)
+    assert deleted_experiment.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def test_a_run_ended_by_another_process_costs_the_other_runs_nothing(
+    sidecar_uri: str, sidecar: RunningSidecar, direct: MlflowClient, unique: str
+) -> None:
+    from mlflow_sidecar.client import ClientContainer
+
+    client = MlflowClient()
+    experiment_id = client.create_experiment(f"plugin-ended-elsewhere-{unique}")
+    ended, going = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    client.log_metric(ended, "m", 0.0, step=0)
+    mlflow.flush_async_logging()
+    elsewhere = ClientContainer()  # another process's client: this one does not know
+    elsewhere.config.from_dict({"target": sidecar.target})
+    try:
+        elsewhere.experiment_tracking().end_run(ended, wait_for_delivery=True)
+    finally:
+        elsewhere.shutdown_resources()
+    for step in range(10):
+        client.log_metric(going, "m", float(step), step=step)
+    client.log_metric(ended, "m", 1.0, step=1)  # refused by the sidecar, after the fact
+    for step in range(10, 20):
+        client.log_metric(going, "m", float(step), step=step)
+    with pytest.raises(MlflowException) as dropped:
+        mlflow.flush_async_logging()  # says what was dropped, once
+    assert dropped.value.error_code == "INVALID_STATE"
+    assert f"run {ended} were not accepted" in dropped.value.message
+    mlflow.flush_async_logging()
+    with pytest.raises(MlflowException) as refused:
+        client.log_metric(ended, "m", 2.0, step=2)
+    assert refused.value.error_code == "INVALID_STATE"
+    client.log_metric(going, "m", 20.0, step=20)
+    client.set_terminated(going)
+    mlflow.flush_async_logging()
+    assert sorted(m.step for m in direct.get_metric_history(going, "m")) == list(range(21))
+    assert [m.step for m in direct.get_metric_history(ended, "m")] == [0]
 
 
 class AddOne(mlflow.pyfunc.PythonModel):

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import grpc
+from grpc_status import rpc_status
 
-from mlflow_sidecar.core.conversions import MAX_MESSAGE_POINTS_METADATA, SERIES_COLUMNS_METADATA
+from mlflow_sidecar.core.conversions import (
+    ACCEPTED_POINTS_METADATA,
+    MAX_MESSAGE_POINTS_METADATA,
+    SERIES_COLUMNS_METADATA,
+)
 from mlflow_sidecar.core.domain import MetricPoint
+from mlflow_sidecar.core.errors import SidecarError, to_rpc_status
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 
@@ -57,3 +63,26 @@ class AnsweredCall(grpc.Call):  # type: ignore[misc]
 
     def add_callback(self, callback: object) -> bool:
         return False
+
+
+class RefusedCall(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+    """A StreamMetrics call the sidecar ended with `error`, after accepting `accepted`
+    points of it, as the sidecar's trailers say."""
+
+    def __init__(self, error: SidecarError, accepted: int = 0) -> None:
+        status = to_rpc_status(error)
+        self._code = error.code
+        self._details = status.message
+        self._trailers = (
+            (ACCEPTED_POINTS_METADATA, str(accepted)),
+            (rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),
+        )
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[tuple[str, object], ...]:
+        return self._trailers

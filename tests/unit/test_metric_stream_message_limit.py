@@ -4,41 +4,23 @@ of a refused call when the refusal names the limit, keeping each series' order."
 
 from __future__ import annotations
 
-import grpc
 import pytest
-from grpc_status import rpc_status
 
 from mlflow_sidecar.client.metric_stream import MetricStream, _split_messages
-from mlflow_sidecar.core import conversions as conv
-from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError, to_rpc_status
+from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
-from tests.support.metric_messages import AnsweredCall, points_of
+from tests.support.metric_messages import AnsweredCall, RefusedCall, points_of
 
 
-class _TooManyPoints(grpc.RpcError, grpc.Call):  # type: ignore[misc]
+def _too_many_points(limit: int | None) -> RefusedCall:
     """The refusal of a message over the spool's size, with the limit or without it."""
-
-    def __init__(self, limit: int | None) -> None:
-        error = ResourceExhaustedError(
+    return RefusedCall(
+        ResourceExhaustedError(
             "too many points",
             reason=ErrorReason.TOO_MANY_POINTS,
             metadata={"max_points": str(limit)} if limit is not None else None,
         )
-        status = to_rpc_status(error)
-        self._details = status.message
-        self._trailers = (
-            (conv.ACCEPTED_POINTS_METADATA, "0"),
-            (rpc_status.GRPC_DETAILS_METADATA_KEY, status.SerializeToString()),
-        )
-
-    def code(self) -> grpc.StatusCode:
-        return grpc.StatusCode.RESOURCE_EXHAUSTED
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> tuple[tuple[str, object], ...]:
-        return self._trailers
+    )
 
 
 class _Sidecar:
@@ -57,7 +39,7 @@ class _Sidecar:
             count = sum(len(s.values) for s in message.series)
             if count > self.limit:
                 self.refusals += 1
-                raise _TooManyPoints(self.limit if self.says_limit else None)
+                raise _too_many_points(self.limit if self.says_limit else None)
             self.messages.append(count)
             for point in points_of(message):
                 self.points.setdefault(point.key, []).append(point.step)

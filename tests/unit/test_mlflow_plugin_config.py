@@ -63,6 +63,11 @@ def test_settings_take_token_and_deadline_from_env_and_target_from_the_uri(monke
         (NotFoundError("x"), "RESOURCE_DOES_NOT_EXIST"),
         (AlreadyExistsError("x"), "RESOURCE_ALREADY_EXISTS"),
         (FailedPreconditionError("x"), "INVALID_STATE"),
+        # MLflow's codes for what it refuses as a bad parameter.
+        (FailedPreconditionError("x", reason="PARAM_VALUE_CHANGED"), "INVALID_PARAMETER_VALUE"),
+        (FailedPreconditionError("x", reason="RUN_NOT_ACTIVE"), "INVALID_PARAMETER_VALUE"),
+        (FailedPreconditionError("x", reason="EXPERIMENT_NOT_ACTIVE"), "INVALID_PARAMETER_VALUE"),
+        (FailedPreconditionError("x", reason="RUN_ENDED"), "INVALID_STATE"),
         (UnavailableError("x"), "TEMPORARILY_UNAVAILABLE"),
         (SidecarError("x"), "INTERNAL_ERROR"),
         # MLflow's own code, passed on by the sidecar, wins over the status code's.

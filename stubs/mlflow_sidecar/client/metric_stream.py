@@ -53,6 +53,7 @@ lost between the two.
 from __future__ import annotations
 
 import collections
+import logging
 import operator
 import os
 import struct
@@ -89,6 +90,9 @@ from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RUN_ENDED = ErrorReason.RUN_ENDED
+
+_log = logging.getLogger(__name__)
 
 
 _INT64_MAX = 2**63 - 1
@@ -311,6 +315,11 @@ class MetricStream:
         # last call said at the start or its refusal of a larger message; None: no limit
         # known.
         self._max_message_points: int | None = None
+        # Runs the sidecar refused points of for good (ended through it, RUN_ENDED): log()
+        # raises the refusal for them, and their points are dropped from what is unsent.
+        self._ended_runs: dict[str, SidecarError] = {}
+        # What flush() reports, once each: the points such a refusal dropped.
+        self._unreported: list[SidecarError] = []
         self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -360,9 +369,14 @@ class MetricStream:
         for key, value in metrics.items():
             self.log(run_id, key, value, step=step, timestamp_ms=stamp)
 
-    def flush(self, timeout_s: float | None = None) -> int:
+    def flush(self, timeout_s: float | None = None, *, report_dropped: bool = True) -> int:
         """Send everything buffered and wait until the sidecar accepted it; returns the total
-        accepted so far. Raises the stream's error, or DeadlineExceededError on timeout."""
+        accepted so far. Raises the stream's error, or DeadlineExceededError on timeout.
+
+        Points of a run the sidecar refuses for good (ended through it: RUN_ENDED) are
+        dropped and the stream goes on for its other runs; the next flush that
+        `report_dropped` raises FailedPreconditionError (reason RUN_ENDED, metadata
+        `run_id` and `points`) for each such run, once, after flushing the rest."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._cut()
         with self._cond:
@@ -377,6 +391,8 @@ class MetricStream:
             finally:
                 self._flushing = False
             self._raise_if_failed()
+            if self._unreported and report_dropped:
+                raise self._unreported.pop(0)
             return self._accepted
 
     def close(self, timeout_s: float | None = None) -> int:
@@ -420,6 +436,9 @@ class MetricStream:
         # Once per run and key: the sidecar would refuse the whole message that carried it.
         names.run_id("run_id", run_id)
         names.key("key", key)
+        ended = self._ended_runs.get(run_id)
+        if ended is not None:
+            raise ended
         # setdefault: two threads opening the same run and key share one row.
         row = self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
         if self._sealed:
@@ -758,6 +777,29 @@ class MetricStream:
             )
         )
 
+    def _drop_ended_run(self, run_id: str, refusal: SidecarError) -> None:
+        """Drop every unsent point of `run_id`, which the sidecar refuses for good, and
+        refuse its points from now on; flush() reports what was dropped. Under self._cond."""
+        self._ended_runs[run_id] = refusal
+        self._in_flight, in_flight = _without_run(self._in_flight, run_id)
+        queue, queued = _without_run(list(self._queue), run_id)
+        self._queue = collections.deque(queue)
+        self._queued_points -= queued
+        # A log() that found its row before this sees it no more: its point is dropped
+        # with the row's, as the sidecar would refuse it.
+        rows = self._rows.pop(run_id, {})
+        buffered = sum(len(row) // _POINT.size for row in rows.values())
+        dropped = in_flight + queued + buffered
+        _log.warning("dropped %d points of run %s: %s", dropped, run_id, refusal.message)
+        self._unreported.append(
+            FailedPreconditionError(
+                f"{dropped} points of run {run_id} were not accepted: {refusal.message};"
+                " the stream goes on for its other runs",
+                reason=RUN_ENDED,
+                metadata={**refusal.metadata, "points": str(dropped)},
+            )
+        )
+
     def _settle_failure(self, exc: grpc.RpcError) -> grpc.StatusCode | None:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         accepted = _accepted_from_trailers(exc)
@@ -769,6 +811,10 @@ class MetricStream:
                 done += self._in_flight.pop(0)[1]
             self._accepted += done
             refusal = error_from_rpc(exc)
+            ended = refusal.metadata.get("run_id") if refusal.reason == RUN_ENDED else None
+            if ended:
+                # One run's end refuses the message: the stream goes on for the others.
+                self._drop_ended_run(ended, refusal)
             cap = _message_points_limit(refusal)
             if cap is not None:
                 # More points in one message than the spool holds: no wait would make
@@ -777,8 +823,10 @@ class MetricStream:
                 self._in_flight = _split_messages(self._in_flight, cap)
                 self._queue = collections.deque(_split_messages(list(self._queue), cap))
             # A message over a limit the sidecar did not say cannot be sent again.
-            retry = cap is not None or (
-                code in _RETRYABLE and refusal.reason != ErrorReason.TOO_MANY_POINTS
+            retry = (
+                bool(ended)
+                or cap is not None
+                or (code in _RETRYABLE and refusal.reason != ErrorReason.TOO_MANY_POINTS)
             )
             if retry:
                 self._last_refusal = refusal
@@ -793,6 +841,30 @@ class MetricStream:
             self._in_flight.clear()
             self._cond.notify_all()
             return None
+
+
+def _without_run(
+    messages: list[tuple[pb.StreamMetricsRequest, int]], run_id: str
+) -> tuple[list[tuple[pb.StreamMetricsRequest, int]], int]:
+    """`messages` without the points of `run_id` (a message left empty goes), and how
+    many points went."""
+    kept: list[tuple[pb.StreamMetricsRequest, int]] = []
+    dropped = 0
+    for message, count in messages:
+        if all(p.run_id != run_id for p in message.points) and all(
+            s.run_id != run_id for s in message.series
+        ):
+            kept.append((message, count))
+            continue
+        rest = pb.StreamMetricsRequest(
+            points=[p for p in message.points if p.run_id != run_id],
+            series=[s for s in message.series if s.run_id != run_id],
+        )
+        left = len(rest.points) + sum(len(s.values) for s in rest.series)
+        dropped += count - left
+        if left:
+            kept.append((rest, left))
+    return kept, dropped
 
 
 def _positive_int(text: object) -> int | None:

@@ -8,6 +8,7 @@ target and scheme, instead of in the stores.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -19,10 +20,13 @@ from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.client.settings import ClientEnvSettings, ClientSettings
+from mlflow_sidecar.core.errors import ErrorReason, FailedPreconditionError
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 
 SCHEME = "sidecar"
 TLS_SCHEME = "sidecar+tls"
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,11 +125,12 @@ class SidecarConnection:
                 stream = self._stream
         return stream
 
-    def flush_stream(self) -> None:
-        """Hand every point logged so far to the sidecar's spool; raises the stream's error."""
+    def flush_stream(self, *, report_dropped: bool = False) -> None:
+        """Hand every point logged so far to the sidecar's spool; raises the stream's error
+        and, with `report_dropped`, the points it dropped of a run ended meanwhile."""
         stream = self._stream
         if stream is not None:
-            stream.flush()
+            stream.flush(report_dropped=report_dropped)
 
     def close(self) -> None:
         """Flush and close the stream, then the channel."""
@@ -134,6 +139,11 @@ class SidecarConnection:
         try:
             if stream is not None:
                 stream.close()
+        except FailedPreconditionError as exc:
+            if exc.reason != ErrorReason.RUN_ENDED:
+                raise
+            # The stream logged the drop when it happened; the other runs' points are in.
+            _log.warning("%s", exc.message)
         finally:
             self.channel.close()
 

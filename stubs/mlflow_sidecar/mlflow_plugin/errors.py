@@ -14,7 +14,7 @@ import grpc
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 
-from mlflow_sidecar.core.errors import MLFLOW_ERROR_CODE_KEY, SidecarError
+from mlflow_sidecar.core.errors import MLFLOW_ERROR_CODE_KEY, ErrorReason, SidecarError
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -36,12 +36,24 @@ _CODES: dict[grpc.StatusCode, int] = {
 }
 
 
+# Where MLflow gives another code than the status stands for: a changed param, a deleted
+# run or experiment are INVALID_PARAMETER_VALUE to MLflow, not INVALID_STATE.
+_REASON_CODES: dict[str, int] = {
+    ErrorReason.PARAM_VALUE_CHANGED: databricks_pb2.INVALID_PARAMETER_VALUE,
+    ErrorReason.RUN_NOT_ACTIVE: databricks_pb2.INVALID_PARAMETER_VALUE,
+    ErrorReason.EXPERIMENT_NOT_ACTIVE: databricks_pb2.INVALID_PARAMETER_VALUE,
+}
+
+
 def mlflow_error_code(error: SidecarError) -> int:
     """MLflow's error code for `error`: the one MLflow itself gave, when the sidecar passed
-    it on, else the one its gRPC status stands for."""
+    it on, else the one MLflow gives for its reason, else the one its gRPC status stands
+    for."""
     named = error.metadata.get(MLFLOW_ERROR_CODE_KEY, "")
     if named in databricks_pb2.ErrorCode.keys():  # noqa: SIM118 - an enum wrapper, not a dict
         return int(databricks_pb2.ErrorCode.Value(named))
+    if error.reason in _REASON_CODES:
+        return _REASON_CODES[error.reason]
     return _CODES.get(error.code, databricks_pb2.INTERNAL_ERROR)
 
 

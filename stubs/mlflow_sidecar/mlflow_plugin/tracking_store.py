@@ -378,7 +378,7 @@ class SidecarTrackingStore(AbstractStore):
     @translated
     def flush_async_logging(self) -> None:
         """Wait until every point logged through this process is in MLflow."""
-        self._connection.flush_stream()
+        self._connection.flush_stream(report_dropped=True)
         for run_id in self._undelivered.take():
             self._await_delivery(run_id, strict=True)
 
