@@ -207,3 +207,18 @@ def test_a_busy_grpc_port_stops_serve(tmp_path):
         )
         result = run_cli(["serve"], env)
     assert_one_line_failure(result, "server.port", "MLFLOW_SIDECAR__SERVER__PORT", str(port))
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "key"),
+    [
+        # A trainer's environment, where the sidecar is started too: it would call itself.
+        ("MLFLOW_TRACKING_URI", "sidecar://127.0.0.1:50051", "mlflow.tracking_uri"),
+        ("MLFLOW_REGISTRY_URI", "sidecar+tls://sidecar:50051", "mlflow.registry_uri"),
+        ("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "SIDECAR://other:50051", "mlflow.tracking_uri"),
+    ],
+)
+def test_serve_refuses_a_sidecar_as_its_own_mlflow(tmp_path, variable, value, key):
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(tmp_path), **{variable: value})
+    line = assert_one_line_failure(run_cli(["serve"], env), key, "names a sidecar")
+    assert "=sidecar://...` is for trainers" in line

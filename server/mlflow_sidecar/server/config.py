@@ -582,7 +582,30 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
     config = _build_config(path, overrides)
     _check_files(config)
     _check_bind_policy(config)
+    _check_backend_is_not_a_sidecar(config)
     return config
+
+
+# The schemes of the sidecar's own MLflow plugin: URIs for trainers, never for the sidecar.
+_SIDECAR_SCHEMES = ("sidecar", "sidecar+tls")
+
+
+def _check_backend_is_not_a_sidecar(config: AppConfig) -> None:
+    """Refuse a `sidecar://` tracking or registry URI: the sidecar would call a sidecar
+    (itself, when a trainer's environment started it) for every call, until its deadline."""
+    for key, mlflow_var in (
+        ("tracking_uri", "MLFLOW_TRACKING_URI"),
+        ("registry_uri", "MLFLOW_REGISTRY_URI"),
+    ):
+        uri = str(getattr(config.mlflow, key))
+        if uri.split("://", 1)[0].lower() in _SIDECAR_SCHEMES and "://" in uri:
+            raise ConfigError(
+                f"invalid config key mlflow.{key} ({ENV_PREFIX}MLFLOW__{key.upper()}, else"
+                f" MLflow's {mlflow_var}): {redact_uri(uri)} names a sidecar, and the sidecar"
+                " needs MLflow itself: an MLflow server (http(s)://), a database or a file"
+                f" store. `{mlflow_var}=sidecar://...` is for trainers; unset it where the"
+                " sidecar starts, or set the sidecar's own key"
+            )
 
 
 def check_data_dir(config: AppConfig) -> None:
