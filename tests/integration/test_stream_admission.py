@@ -284,3 +284,24 @@ def test_the_typed_metric_stream_outlasts_a_refusal_and_delivers_each_point_once
         run_id, "reward"
     )
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(steps)]
+
+
+def test_health_watches_hold_no_worker_however_many(small_sidecar, stub, slots, idle_streams):
+    """Health's Watch needs no token: were each to hold a worker, anyone reaching the port
+    could take them all. Twice as many watches as workers leave every call served."""
+    with grpc.insecure_channel(small_sidecar.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [
+            health.Watch(health_pb2.HealthCheckRequest(), timeout=DEADLINE_S)
+            for _ in range(2 * (STREAMS + LINE + 2))
+        ]
+        try:
+            for watch in watches:
+                assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            stub.SearchExperiments(pb.SearchExperimentsRequest(), timeout=DEADLINE_S)
+            checked = health.Check(health_pb2.HealthCheckRequest(), timeout=DEADLINE_S)
+            assert checked.status == health_pb2.HealthCheckResponse.SERVING
+            idle_streams.fill()  # and every stream slot is still there for streams
+        finally:
+            for watch in watches:
+                watch.cancel()

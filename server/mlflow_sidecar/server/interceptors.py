@@ -81,6 +81,11 @@ def _wrap_handler(
     for attr, call_type in _HANDLER_ATTRS:
         behavior = getattr(handler, attr)
         if behavior is not None:
+            if getattr(behavior, "experimental_non_blocking", False):
+                # grpc.health's Watch sends its answers from callbacks and holds no worker
+                # while it waits, but only unwrapped: a wrapper would make it a blocking
+                # generator, and every unauthenticated Watch would hold a worker for good.
+                return handler
             return cast(Any, handler)._replace(**{attr: wrap(behavior, call_type, method)})
     return handler
 
