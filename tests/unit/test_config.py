@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -267,4 +268,57 @@ def test_an_empty_token_names_the_setting_it_came_from(monkeypatch, tmp_path):
     empty.write_text("# none yet\n")
     monkeypatch.setenv("MLFLOW_SIDECAR__AUTH__TOKENS_FILE", str(empty))
     with pytest.raises(ConfigError, match=r"invalid config key auth\.tokens_file: it holds no"):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        ("server:\n  port: true\n", "server.port"),
+        ("spool:\n  max_points: true\n", "spool.max_points"),
+        ("retry:\n  max_tries: false\n", "retry.max_tries"),
+        ("server:\n  grace_s: true\n", "server.grace_s"),
+    ],
+)
+def test_a_boolean_is_no_number(tmp_path, text, key):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)} .*not the boolean"):
+        load_config(path)
+
+
+def test_a_boolean_in_a_json_section_variable_is_no_number(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER", '{"port": true}')
+    with pytest.raises(ConfigError, match=r"server\.port .*not the boolean true"):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    ("text", "kind"),
+    [("5\n", "number"), ("- a: 1\n", "list"), ("[]\n", "list"), ("just words\n", "string")],
+)
+def test_a_config_file_holds_a_mapping_of_sections(tmp_path, text, kind):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        f"config file {path} must hold a mapping of sections (server:, mlflow:, ...);"
+        f" it holds a {kind}"
+    )
+
+
+def test_an_empty_config_file_is_the_defaults(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("# nothing set yet\n")
+    assert load_config(path).server.port == 50051
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [("MLFLOW_SIDECAR__AUTH__TOKENS", "abc"), ("MLFLOW_SIDECAR__ARTIFACTS__ALLOWED_ROOTS", "[/x")],
+)
+def test_a_variable_that_must_be_json_is_named(monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError, match=rf"{variable} must be JSON"):
         load_config()

@@ -195,3 +195,12 @@ def test_settings_reach_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_bad_stream_settings_name_the_setting(key: str, value: object) -> None:
     with pytest.raises(ValidationError, match=key):
         ClientSettings(**{key: value})
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["max_attempts", "timeout_s", "chunk_bytes", "stream_buffer_points", "stream_reconnect_s"],
+)
+def test_a_boolean_is_no_number_for_the_client_either(key: str) -> None:
+    with pytest.raises(ValidationError, match="not the boolean true"):
+        ClientSettings(**{key: True})

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -37,6 +38,7 @@ from pydantic_settings import (
 )
 
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
@@ -92,7 +94,7 @@ class _MlflowEnvSource(PydanticBaseSettingsSource):
         return {"mlflow": values} if values else {}
 
 
-class _Section(BaseModel):
+class _Section(NumbersRefuseBooleans):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -559,7 +561,9 @@ def _build_config(path: Path | None, overrides: dict[str, Any]) -> AppConfig:
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from exc
     except ValueError as exc:  # env values that are not valid JSON
-        raise ConfigError(f"invalid configuration: {exc}".splitlines()[0]) from exc
+        raise ConfigError(
+            f"invalid configuration: {exc}".splitlines()[0] + _not_json(os.environ)
+        ) from exc
     except Exception as exc:
         # PyYAML's errors are no ValueError; anything else here is the file's fault too.
         if path is None or type(exc).__module__.split(".")[0] != "yaml":
@@ -567,6 +571,61 @@ def _build_config(path: Path | None, overrides: dict[str, Any]) -> AppConfig:
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     finally:
         _yaml_file.reset(token)
+
+
+def _not_json(environ: Mapping[str, str]) -> str:
+    """The sidecar's variables that must be JSON (sections, lists, mappings) and are not,
+    as words to add to pydantic's error, which names the section only."""
+    bad = sorted(
+        name
+        for name, value in environ.items()
+        if name.startswith(ENV_PREFIX)
+        and (_wants_json(name) or value.lstrip()[:1] in ("[", "{"))
+        and not _is_json(value)
+    )
+    if not bad:
+        return ""
+    return (
+        f': {", ".join(bad)} must be JSON (a list like \'["a", "b"]\', a mapping like'
+        ' \'{"key": "value"}\')'
+    )
+
+
+def _is_json(value: str) -> bool:
+    try:
+        json.loads(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _wants_json(name: str) -> bool:
+    """True when the variable `name` sets a whole section, or a list or mapping setting."""
+    section, _, key = name[len(ENV_PREFIX) :].lower().partition("__")
+    field = AppConfig.model_fields.get(section)
+    if field is None:
+        return False
+    fields: Mapping[str, Any] = getattr(field.annotation, "model_fields", {})
+    if not key:
+        return bool(fields)
+    annotation = getattr(fields.get(key), "annotation", None)
+    return getattr(annotation, "__origin__", annotation) in (list, dict, tuple, set, frozenset)
+
+
+def _check_yaml_top_level(path: Path) -> None:
+    """A config file holds a mapping of sections (or nothing at all)."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError):
+        return  # reported when the settings read it, with the file's own problem
+    if data is not None and not isinstance(data, dict):
+        kind = {bool: "boolean", int: "number", float: "number", str: "string"}.get(
+            type(data), type(data).__name__
+        )
+        raise ConfigError(
+            f"config file {path} must hold a mapping of sections (server:, mlflow:, ...);"
+            f" it holds a {kind}"
+        )
 
 
 def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppConfig:
@@ -579,6 +638,8 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     _check_env_names(os.environ)
+    if path is not None:
+        _check_yaml_top_level(path)
     config = _build_config(path, overrides)
     _check_files(config)
     _check_bind_policy(config)

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_sidecar.client.metric_stream import (
@@ -21,9 +21,10 @@ from mlflow_sidecar.core.limits import (
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
 )
+from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
 
-class ClientSettings(BaseModel):
+class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
