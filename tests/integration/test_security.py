@@ -305,3 +305,23 @@ def test_serve_refuses_remote_metrics_without_tls_with_one_line(tmp_path):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1
     assert "metrics.host" in result.stderr
+
+
+def test_an_auth_refusal_is_logged_under_the_calls_request_id(auth_sidecar, caplog):
+    from mlflow_sidecar.server.logs import _RequestIdFilter
+
+    caplog.handler.addFilter(_RequestIdFilter())
+    with (
+        caplog.at_level(logging.WARNING, logger="mlflow_sidecar.server.auth"),
+        grpc.insecure_channel(auth_sidecar.target) as channel,
+    ):
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        request = pb.GetExperimentRequest(experiment_id="0")
+        metadata = (("x-request-id", "auth-refused-7"),)
+        assert _code(stub.GetExperiment, request, metadata=metadata) == (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+    refused = [r for r in caplog.records if r.name == "mlflow_sidecar.server.auth"]
+    assert [(r.getMessage().split(":")[0], r.request_id) for r in refused] == [
+        ("refused /mlflow_sidecar.v1.ExperimentTrackingService/GetExperiment", "auth-refused-7")
+    ]

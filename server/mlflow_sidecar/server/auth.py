@@ -40,8 +40,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         problem = self._problem(handler_call_details.invocation_metadata or ())
         if problem is None:
             return handler
-        log.warning("refused %s: %s", handler_call_details.method, problem)
-        return _refusal(handler, problem)
+        return _refusal(handler, handler_call_details.method, problem)
 
     def _problem(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
         values = [v for k, v in metadata if k.lower() == "authorization"]
@@ -58,8 +57,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
         return None if matched else "invalid bearer token"
 
 
-def _refusal(handler: grpc.RpcMethodHandler[Any, Any], problem: str) -> Any:
+def _refusal(handler: grpc.RpcMethodHandler[Any, Any], method: str, problem: str) -> Any:
     def refuse(_request: Any, context: grpc.ServicerContext) -> NoReturn:
+        # Logged here, in the call, where the access log has set its request id.
+        log.warning("refused %s: %s", method, problem)
         # This handler replaces the call's own, so the error mapping never sees it: it
         # reports the refusal through the same mapping itself.
         abort_with_error(context, UnauthenticatedError(problem))

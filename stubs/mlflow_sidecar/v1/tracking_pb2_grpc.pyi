@@ -44,7 +44,10 @@ class ExperimentTrackingServiceStub:
     "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
-    a client's gRPC retry policy does not retry on top (gRFC A6).
+    a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
+    refuses before the sidecar sees them carry grpc's status and message only: a message
+    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
     (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
@@ -221,7 +224,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
-    a client's gRPC retry policy does not retry on top (gRFC A6).
+    a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
+    refuses before the sidecar sees them carry grpc's status and message only: a message
+    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
     (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
@@ -394,7 +400,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     "http_status" (a raw HTTP answer of MLflow) where MLflow refused; "request_id" on
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
-    a client's gRPC retry policy does not retry on top (gRFC A6).
+    a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
+    refuses before the sidecar sees them carry grpc's status and message only: a message
+    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
     (e.g. NOT_FOUND, INVALID_ARGUMENT, INTERNAL), for failures without a more precise one;
