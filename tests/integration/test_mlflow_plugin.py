@@ -286,3 +286,80 @@ def test_log_model_register_and_load_by_alias(
     sidecar_files.pop("registered_model_meta", None)
     assert "MLmodel" in direct_files
     assert sidecar_files == direct_files
+
+
+def test_log_batch_is_checked_whole_before_any_of_it_is_sent(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"plugin-batch-{unique}")).info.run_id
+    good = [Metric("good1", 1.0, 5, 0), Metric("good2", 2.0, 5, 0)]
+    with pytest.raises(MlflowException) as bad_key:
+        client.log_batch(
+            run_id,
+            metrics=[*good, Metric("bad\nkey", 3.0, 5, 0)],
+            params=[Param("p", "1")],
+            tags=[RunTag("t", "1")],
+        )
+    assert bad_key.value.error_code == "INVALID_PARAMETER_VALUE"
+    with pytest.raises(MlflowException) as duplicate:
+        client.log_batch(run_id, params=[Param("lr", "0.1"), Param("lr", "0.2")])
+    assert duplicate.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "Duplicate parameter keys" in duplicate.value.message
+    mlflow.flush_async_logging()
+    seen = direct.get_run(run_id).data
+    assert (seen.params, seen.metrics) == ({}, {})
+    assert not {"t", "p"} & set(seen.tags)
+    # Values over MLflow's limits are truncated, as MLflow's own stores truncate them.
+    client.log_param(run_id, "long", "x" * 7000)
+    client.log_batch(run_id, params=[Param("long2", "y" * 7000)], tags=[RunTag("t", "z" * 9000)])
+    seen = direct.get_run(run_id).data
+    assert (len(seen.params["long"]), len(seen.params["long2"])) == (6000, 6000)
+    assert len(seen.tags["t"]) == 8000
+
+
+def test_a_refused_run_id_leaves_no_trace_for_later_flushes(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    experiment_id = client.create_experiment(f"plugin-bad-run-{unique}")
+    with pytest.raises(MlflowException):
+        client.log_metric("x" * 65, "m", 1.0)
+    runs = [client.create_run(experiment_id).info.run_id for _ in range(6)]
+    for run_id in runs:
+        for step in range(3):
+            client.log_metric(run_id, "m", float(step), step=step)
+    mlflow.flush_async_logging()  # raised the refused call's error again, and lost track
+    assert [len(direct.get_metric_history(r, "m")) for r in runs] == [3] * 6
+
+
+def test_points_mlflow_refuses_for_good_are_reported_by_the_flush(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"plugin-dead-{unique}")).info.run_id
+    direct.delete_run(run_id)  # through MLflow: the sidecar learns of it on delivery
+    client.log_metric(run_id, "m", 1.0, step=1)
+    with pytest.raises(MlflowException) as dead:
+        mlflow.flush_async_logging()
+    assert "1 metric points of run" in dead.value.message
+    assert "spool status" in dead.value.message
+    mlflow.flush_async_logging()  # reported once
+
+
+def test_registry_and_run_state_as_mlflow_has_them(sidecar_uri: str, unique: str) -> None:
+    client = MlflowClient()
+    name = f"plugin-alias-{unique}"
+    client.create_registered_model(name)
+    client.delete_registered_model_alias(name, "never-set")  # done already, as in MLflow
+    with pytest.raises(MlflowException) as missing:
+        client.delete_registered_model_alias(f"{name}-missing", "champion")
+    assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    run_id = client.create_run(client.create_experiment(f"plugin-resume-{unique}")).info.run_id
+    client.set_terminated(run_id)
+    with pytest.raises(MlflowException) as resume:
+        client.update_run(run_id, status="RUNNING")
+    assert resume.value.error_code == "NOT_IMPLEMENTED"
+    assert "resuming an ended run" in resume.value.message

@@ -20,7 +20,7 @@ from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
 from mlflow_sidecar.core.limits import MAX_PAGE_SIZE
 from mlflow_sidecar.mlflow_plugin import entities
 from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, connection_for
@@ -222,7 +222,13 @@ class SidecarRegistryStore(AbstractStore):
 
     @translated
     def delete_registered_model_alias(self, name: str, alias: str) -> None:
-        self._registry.delete_model_alias(name, alias)
+        try:
+            self._registry.delete_model_alias(name, alias)
+        except NotFoundError as exc:
+            # An alias that is not set is deleted already, as MLflow has it; a missing
+            # model is still an error.
+            if exc.reason != ErrorReason.ALIAS_NOT_FOUND:
+                raise
 
     @translated
     def get_model_version_by_alias(self, name: str, alias: str) -> MlflowModelVersion:

@@ -35,7 +35,14 @@ from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.utils._spark_utils import _get_active_spark_session
 from mlflow.utils.async_logging.run_operations import RunOperations
+from mlflow.utils.validation import (
+    _validate_batch_log_data,
+    _validate_param,
+    _validate_param_keys_unique,
+    _validate_tag,
+)
 
+from mlflow_sidecar.core import names
 from mlflow_sidecar.core.domain import TERMINAL_RUN_STATUSES, Metric
 from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
@@ -58,22 +65,36 @@ class _Undelivered:
     def __init__(self) -> None:
         self._runs: set[str] = set()
         self._ended: set[str] = set()
+        # Dead-lettered points of each run that a flush has reported already.
+        self._dead_reported: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def add(self, run_id: str) -> None:
-        """Note points streamed to `run_id`; a run this process ended takes none.
+    def check(self, run_id: str) -> None:
+        """Refuse points of a run this process ended, before they reach the stream.
 
-        The sidecar refuses points of a run ended through it (RUN_ENDED), and such a refusal
-        would fail the process's one metric stream, for every run: it is refused here."""
+        The sidecar refuses them (RUN_ENDED): the stream would drop them and go on, but a
+        point the process knows is refused is refused at once, as MLflow's error."""
         if run_id in self._ended:
             raise MlflowException(
                 f"run {run_id} was ended: it takes no more metric points (the sidecar refuses"
                 " them, reason RUN_ENDED); log them to a new run",
                 error_code=databricks_pb2.INVALID_STATE,
             )
+
+    def add(self, run_id: str) -> None:
+        """Note points streamed to `run_id` (after the stream took them)."""
         if run_id not in self._runs:
             with self._lock:
                 self._runs.add(run_id)
+
+    def newly_dead(self, run_id: str, dead_letter_points: int) -> int:
+        """Of a run's `dead_letter_points`, how many no flush has reported yet."""
+        with self._lock:
+            new = dead_letter_points - self._dead_reported.get(run_id, 0)
+            self._dead_reported[run_id] = max(
+                dead_letter_points, self._dead_reported.get(run_id, 0)
+            )
+        return max(0, new)
 
     def end(self, run_id: str) -> None:
         """Note that this process ended `run_id`."""
@@ -263,10 +284,11 @@ class SidecarTrackingStore(AbstractStore):
         if status is None or status == current.info.status:
             return entities.run_info(current.info, self._root)
         if status not in TERMINAL_RUN_STATUSES:
-            raise MlflowException(
-                f"Run {run_id} is {current.info.status.value}: through the sidecar a run can"
-                f" only be ended (FINISHED, FAILED, KILLED), not set to {status.value}",
-                error_code=databricks_pb2.INVALID_STATE,
+            # Resuming an ended run (mlflow.start_run(run_id=...)): the sidecar refuses
+            # points of a run ended through it, and its contract ends runs only.
+            raise unsupported(
+                f"Setting run {run_id}, which is {current.info.status.value}, back to"
+                f" {status.value} (resuming an ended run)"
             )
         # The run's points go to the spool first; the sidecar ends the run in MLflow only
         # after it delivered them. The run stays undelivered here until a read or a flush
@@ -308,10 +330,12 @@ class SidecarTrackingStore(AbstractStore):
 
     @translated
     def log_param(self, run_id: str, param: Param) -> None:
+        param = _validate_param(param.key, param.value)  # MLflow's rules, and its truncation
         self._tracking.log_params(run_id, {param.key: str(param.value)})
 
     @translated
     def set_tag(self, run_id: str, tag: RunTag) -> None:
+        tag = _validate_tag(tag.key, tag.value)
         self._tracking.set_run_tags(run_id, {tag.key: str(tag.value)})
 
     @translated
@@ -321,7 +345,7 @@ class SidecarTrackingStore(AbstractStore):
     @translated
     def log_metric(self, run_id: str, metric: MlflowMetric) -> None:
         self._warn_of_dropped_links((metric,))
-        self._undelivered.add(run_id)
+        self._undelivered.check(run_id)
         self._connection.stream().log(
             run_id,
             metric.key,
@@ -329,6 +353,8 @@ class SidecarTrackingStore(AbstractStore):
             step=int(metric.step or 0),
             timestamp_ms=int(metric.timestamp),
         )
+        # Only once the stream took it: a point it refused leaves nothing to wait for.
+        self._undelivered.add(run_id)
 
     @translated
     def log_batch(
@@ -338,18 +364,27 @@ class SidecarTrackingStore(AbstractStore):
         params: Sequence[Param],
         tags: Sequence[RunTag],
     ) -> None:
+        # All of it checked before any of it is sent, as MLflow's stores do: a batch that
+        # fails leaves nothing behind. Long values are truncated as MLflow truncates them.
+        metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
+        _validate_param_keys_unique(params)
         self._warn_of_dropped_links(metrics)
+        if metrics:
+            self._undelivered.check(run_id)
+            names.run_id("run_id", run_id)
+            for index, m in enumerate(metrics):
+                names.key(f"metrics[{index}].key", m.key)
         if params:
             self._tracking.log_params(run_id, {p.key: str(p.value) for p in params})
         if tags:
             self._tracking.set_run_tags(run_id, {t.key: str(t.value) for t in tags})
         if metrics:
-            self._undelivered.add(run_id)
             stream = self._connection.stream()
             for m in metrics:
                 stream.log(
                     run_id, m.key, m.value, step=int(m.step or 0), timestamp_ms=int(m.timestamp)
                 )
+            self._undelivered.add(run_id)
 
     def log_metric_async(self, run_id: str, metric: MlflowMetric) -> RunOperations:
         # The stream is already asynchronous and durable: MLflow's own queue would only
@@ -379,8 +414,15 @@ class SidecarTrackingStore(AbstractStore):
     def flush_async_logging(self) -> None:
         """Wait until every point logged through this process is in MLflow."""
         self._connection.flush_stream(report_dropped=True)
-        for run_id in self._undelivered.take():
-            self._await_delivery(run_id, strict=True)
+        runs = self._undelivered.take()
+        for done, run_id in enumerate(runs):
+            try:
+                self._await_delivery(run_id, strict=True)
+            except BaseException:
+                # The runs not yet waited for are waited for by the next flush or read.
+                for later in runs[done + 1 :]:
+                    self._undelivered.add(later)
+                raise
 
     @translated
     def end_async_logging(self) -> None:
@@ -505,6 +547,14 @@ class SidecarTrackingStore(AbstractStore):
 
     def _await_delivery(self, run_id: str, *, strict: bool) -> None:
         result = self._tracking.flush_metrics(run_id)
+        dead = self._undelivered.newly_dead(run_id, result.dead_letter_points)
+        if dead and strict:
+            raise MlflowException(
+                f"{dead} metric points of run {run_id} will never be in MLflow: MLflow refused"
+                " them for good (the run is deleted or does not exist), and the sidecar keeps"
+                " them as dead letters (`mlflow-sidecar spool status` lists them)",
+                error_code=databricks_pb2.INVALID_STATE,
+            )
         if result.complete:
             return
         # Still pending: keep the run so that the next read or flush waits for it again.
