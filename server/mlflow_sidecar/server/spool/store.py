@@ -333,6 +333,8 @@ class SpoolStore:
         except BaseException:
             self._db.close()
             raise
+        # An existing spool keeps the page size it was made with.
+        self._page_bytes = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._pending: dict[str, int] = dict(
             self._db.execute("SELECT run_id, SUM(count) FROM chunks GROUP BY run_id").fetchall()
         )
@@ -349,13 +351,14 @@ class SpoolStore:
         }
 
     def _free_bytes(self) -> int:
-        """Room for new points: free space on the filesystem, and the pages of delivered
-        points the database reuses (it does not give them back to the filesystem)."""
-        pages, size = (
-            self._db.execute(f"PRAGMA {name}").fetchone()[0]
-            for name in ("freelist_count", "page_size")
-        )
-        return shutil.disk_usage(self.path.parent).free + int(pages) * int(size)
+        """Room for new points: free space on the filesystem, and (only when that is short
+        of what the spool keeps free) the pages of delivered points the database reuses,
+        which it does not give back to the filesystem."""
+        free = shutil.disk_usage(self.path.parent).free
+        if free >= self._keep_free:
+            return free  # the common case: no query of the database per message
+        pages = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        return free + int(pages) * self._page_bytes
 
     def close(self) -> None:
         """Close the database (pending points stay on disk for the next start)."""
