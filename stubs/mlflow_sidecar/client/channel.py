@@ -28,6 +28,13 @@ SERVICE_NAMES = (
     "mlflow_sidecar.v1.ModelRegistryService",
 )
 
+SERVER_STREAMING_METHODS = (
+    ("mlflow_sidecar.v1.ExperimentTrackingService", "DownloadArtifact"),
+    ("mlflow_sidecar.v1.ExperimentTrackingService", "DownloadLoggedModelArtifact"),
+    ("mlflow_sidecar.v1.ModelRegistryService", "DownloadModel"),
+    ("mlflow_sidecar.v1.ModelRegistryService", "WatchModelAlias"),
+)
+
 
 def service_config(max_attempts: int = 5) -> str:
     """gRPC service config: retry UNAVAILABLE with exponential backoff, nothing else (gRFC A6).
@@ -37,7 +44,12 @@ def service_config(max_attempts: int = 5) -> str:
     are for is the transport-level UNAVAILABLE of a sidecar briefly unreachable. An
     UNAVAILABLE the sidecar itself answers (MLflow stayed unreachable through its own
     `retry.max_tries`) carries `grpc-retry-pushback-ms: -1`, which grpc honours by not
-    retrying: one client call costs at most `retry.max_tries` MLflow attempts."""
+    retrying: one client call costs at most `retry.max_tries` MLflow attempts.
+
+    Server-streaming methods are not retried by gRPC: a download whose sidecar was killed
+    before its first message was retried by grpc onto the restarted sidecar and then
+    waited past its deadline, forever. The typed client sends a download again itself,
+    and a watch reopens its stream."""
     return json.dumps(
         {
             "methodConfig": [
@@ -50,7 +62,14 @@ def service_config(max_attempts: int = 5) -> str:
                         "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
-                }
+                },
+                # A method's own entry wins over its service's: no retryPolicy, no retries.
+                {
+                    "name": [
+                        {"service": service, "method": method}
+                        for service, method in SERVER_STREAMING_METHODS
+                    ]
+                },
             ]
         }
     )

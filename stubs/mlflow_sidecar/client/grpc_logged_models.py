@@ -52,6 +52,8 @@ class GrpcLoggedModels:
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
+        self._download = resent_on_unavailable(self._download_once, upload_attempts)
 
     def create(
         self,
@@ -213,7 +215,10 @@ class GrpcLoggedModels:
         """Download one of the model's files to `dst_dir/artifact_path`, verified by size
         and sha256 before it appears there (DataLossError otherwise)."""
         check_relative_path("artifact_path", artifact_path)
-        final = Path(dst_dir).joinpath(*artifact_path.split("/"))
+        return self._download(model_id, artifact_path, Path(dst_dir))
+
+    def _download_once(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
+        final = dst_dir.joinpath(*artifact_path.split("/"))
         request = pb.DownloadLoggedModelArtifactRequest(
             model_id=model_id, artifact_path=artifact_path
         )

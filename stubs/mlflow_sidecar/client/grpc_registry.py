@@ -80,6 +80,8 @@ class GrpcModelRegistry(ModelRegistry):
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
+        self._download = resent_on_unavailable(self._download_once, upload_attempts)
         self._watch_reconnect_s = watch_reconnect_s
 
     @property
@@ -368,7 +370,7 @@ class GrpcModelRegistry(ModelRegistry):
             answer = self._download(request, destination, progress)
         return answer
 
-    def _download(
+    def _download_once(
         self, request: pb.DownloadModelRequest, destination: Path, progress: Progress | None
     ) -> SyncedModel:
         """One DownloadModel call into `destination`, swapped in once verified."""

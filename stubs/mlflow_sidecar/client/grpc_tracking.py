@@ -83,6 +83,8 @@ class GrpcExperimentTracking(ExperimentTracking):
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
+        self._download = resent_on_unavailable(self._download_once, upload_attempts)
 
     def create_experiment(
         self,
@@ -356,7 +358,12 @@ class GrpcExperimentTracking(ExperimentTracking):
         progress: Progress | None = None,
     ) -> Path:
         check_relative_path("artifact_path", artifact_path)
-        final = Path(dst_dir).joinpath(*artifact_path.split("/"))
+        return self._download(run_id, artifact_path, Path(dst_dir), progress)
+
+    def _download_once(
+        self, run_id: str, artifact_path: str, dst_dir: Path, progress: Progress | None
+    ) -> Path:
+        final = dst_dir.joinpath(*artifact_path.split("/"))
         request = pb.DownloadArtifactRequest(run_id=run_id, artifact_path=artifact_path)
         call = self._stub.DownloadArtifact(request, timeout=self._transfer_timeout)
         try:

@@ -1,0 +1,96 @@
+"""Downloads are sent again by the typed client, never retried inside gRPC: grpc's retry
+of a server-streaming call whose sidecar was killed before its first message could wait
+past the call's deadline, forever. Unary calls keep gRPC's retry policy."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from mlflow_sidecar.client.channel import channel_options
+from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
+from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.core.errors import UnavailableError
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+
+ATTEMPTS = 3
+PREVIOUS_ATTEMPTS = "grpc-previous-rpc-attempts"
+
+
+class _Unavailable:
+    """Every method of both services answers UNAVAILABLE, recording each call's metadata."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[dict[str, str]]] = {}
+        self._lock = threading.Lock()
+
+    def handler(self, method: str, streaming: bool) -> grpc.RpcMethodHandler[Any, Any]:
+        def behave(request: bytes, context: grpc.ServicerContext) -> Any:
+            with self._lock:
+                self.calls.setdefault(method, []).append(dict(context.invocation_metadata()))
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is restarting")
+
+        def stream(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+            behave(request, context)
+            yield b""
+
+        if streaming:
+            return grpc.unary_stream_rpc_method_handler(stream)
+        return grpc.unary_unary_rpc_method_handler(behave)
+
+
+@pytest.fixture()
+def sidecar() -> Iterator[tuple[_Unavailable, grpc.Channel]]:
+    fake = _Unavailable()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    for service, methods in (
+        (
+            "mlflow_sidecar.v1.ModelRegistryService",
+            {"DownloadModel": True, "GetModelVersion": False},
+        ),
+        ("mlflow_sidecar.v1.ExperimentTrackingService", {"DownloadArtifact": True}),
+    ):
+        server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    service, {m: fake.handler(m, s) for m, s in methods.items()}
+                ),
+            )
+        )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    channel = grpc.insecure_channel(
+        f"127.0.0.1:{port}", options=channel_options(8 * 1024 * 1024, ATTEMPTS)
+    )
+    yield fake, channel
+    channel.close()
+    server.stop(0)
+
+
+def test_downloads_are_sent_again_by_the_client_not_by_grpc(sidecar, tmp_path) -> None:
+    fake, channel = sidecar
+    registry = GrpcModelRegistry(
+        registry_pb2_grpc.ModelRegistryServiceStub(channel), upload_attempts=ATTEMPTS
+    )
+    tracking = GrpcExperimentTracking(
+        tracking_pb2_grpc.ExperimentTrackingServiceStub(channel), upload_attempts=ATTEMPTS
+    )
+    with pytest.raises(UnavailableError):
+        registry.download_model("m", tmp_path / "model", version=1)
+    with pytest.raises(UnavailableError):
+        tracking.download_artifact("r" * 32, "a.bin", tmp_path / "artifacts")
+    for method in ("DownloadModel", "DownloadArtifact"):
+        assert len(fake.calls[method]) == ATTEMPTS
+        assert not any(PREVIOUS_ATTEMPTS in call for call in fake.calls[method])
+    assert list(tmp_path.iterdir()) == []  # nothing left behind by any try
+
+    # The check can tell: a unary call is retried by gRPC, which says so in its metadata.
+    with pytest.raises(UnavailableError):
+        registry.get_model_version("m", 1)
+    tries = fake.calls["GetModelVersion"]
+    assert [call.get(PREVIOUS_ATTEMPTS) for call in tries] == [None, "1", "2"]
