@@ -8,6 +8,7 @@ test decides exactly which readings the watchers get."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -248,6 +249,26 @@ def test_a_deleted_model_deletes_each_set_alias_and_is_watched_on(hub, fake, met
     poll(hub)
     assert stream.changes(1) == [("champion", SET, 0, 1)]
     assert metrics.alias_watch_polls.labels("model_missing")._value.get() == 2
+
+
+def test_a_model_deleted_and_made_again_within_one_interval_is_reported(hub, fake):
+    """Its new version 1 is another version than the old one: the alias moved to it."""
+    fake.set_model_alias("m", "champion", 1)
+    fake.set_model_alias("m", "canary", 2)
+    stream = opened(hub, ["champion", "canary"])
+    stream.take(3)
+    fake.delete_registered_model("m")
+    time.sleep(0.01)  # the new model's creation time differs from the old one's
+    model(fake, versions=2)
+    fake.set_model_alias("m", "champion", 1)
+    poll(hub)
+    assert stream.changes(3) == [
+        ("champion", DELETED, 1, 0),
+        ("canary", DELETED, 2, 0),
+        ("champion", SET, 0, 1),
+    ]
+    poll(hub)
+    assert stream.watcher.queued == 0  # once
 
 
 def test_a_model_that_does_not_exist_is_not_found_when_the_stream_opens(hub):

@@ -126,6 +126,38 @@ def test_the_watch_resumes_after_a_stop_and_drops_the_replay(serve):
     assert sidecar.ended[1].wait(60)  # leaving the block ended the stream
 
 
+def test_a_model_made_again_while_no_stream_was_open_is_reported(serve):
+    """After a restart the alias points at version 1 again, but at another version 1 (the
+    model was deleted and made again meanwhile): not a replay."""
+
+    def current(created_ms: int) -> pb.WatchModelAliasResponse:
+        found = ModelVersion("m", 1, creation_time_ms=created_ms)
+        return pb.WatchModelAliasResponse(
+            change=conv.alias_change_to_pb(
+                AliasChange("champion", AliasChangeKind.CURRENT, found, 0)
+            )
+        )
+
+    sidecar = ScriptedSidecar(
+        [
+            [current(1000), status(), shutting_down()],
+            [current(1000), status(), shutting_down()],  # a replay: nothing to report
+            [current(2000), change(AliasChangeKind.MOVED, 2, 1), shutting_down()],
+        ],
+        # Ends the watch for good once the script is played, rather than leave it waiting.
+        rest=[NotFoundError("gone", reason=ErrorReason.MODEL_NOT_FOUND)],
+    )
+    with serve(sidecar).watch("m", ["champion"]) as watch:
+        got = [next(watch) for _ in range(4)]
+    assert seen(got) == [
+        (AliasChangeKind.CURRENT, 0, 1),
+        (AliasChangeKind.DELETED, 1, 0),
+        (AliasChangeKind.SET, 0, 1),
+        (AliasChangeKind.MOVED, 1, 2),
+    ]
+    assert got[2].model_version is not None and got[2].model_version.creation_time_ms == 2000
+
+
 @pytest.mark.parametrize(
     "failure",
     [

@@ -57,6 +57,9 @@ class GrpcAliasWatch(AliasWatch):
         self._aliases = list(aliases)
         # alias -> the version last reported (0: not set); sent with every new stream.
         self._reported: dict[str, int] = dict(last_seen_versions or {})
+        # alias -> the creation time of the version last reported: a model deleted and
+        # made again while no stream was open has a version of the same number, another.
+        self._reported_created: dict[str, int] = {}
         self._reconnect_s = reconnect_s
         self._status: WatchStatus | None = None
         self._ready: deque[AliasChange] = deque()
@@ -98,12 +101,22 @@ class GrpcAliasWatch(AliasWatch):
         change = conv.alias_change_from_pb(message.change)
         if change is None:
             return  # a kind this client does not know yet
+        created = change.model_version.creation_time_ms if change.model_version else 0
         if (
             change.kind is AliasChangeKind.CURRENT
             and self._reported.get(change.alias) == change.version
         ):
-            return  # the replay, on a new stream, of what was reported already
+            known = self._reported_created.get(change.alias, 0)
+            if not (change.version and known and created and known != created):
+                return  # the replay, on a new stream, of what was reported already
+            # The same number, another version: the model was deleted and made again
+            # while no stream was open, as an open one would have reported it.
+            self._ready.append(
+                AliasChange(change.alias, AliasChangeKind.DELETED, None, change.version)
+            )
+            change = AliasChange(change.alias, AliasChangeKind.SET, change.model_version, 0)
         self._reported[change.alias] = change.version
+        self._reported_created[change.alias] = created
         self._ready.append(change)
 
     def _receive(self) -> pb.WatchModelAliasResponse:

@@ -62,6 +62,8 @@ class ModelPoller:
         self._reachable: bool | None = None
         self._message = ""
         self._last_poll_ms = 0
+        # The creation time of the model the last reading found (0: none found yet).
+        self._created_ms = 0
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"alias-watch:{name}", daemon=True)
 
@@ -145,6 +147,9 @@ class ModelPoller:
             started_ms = now_ms()
             try:
                 reading = self._read()
+                if self._recreated(reading):
+                    # Read again: the new model's aliases point at versions anew.
+                    reading = self._read()
             except SidecarError as exc:
                 self._failed(exc)
                 return exc
@@ -155,6 +160,8 @@ class ModelPoller:
                 return error
             self._count("ok" if reading.exists else "model_missing")
             with self._lock:
+                if reading.exists:
+                    self._created_ms = reading.created_ms
                 if self._reachable is False:
                     log.info("alias watch of %r: MLflow answers again", self.name)
                 self._reachable, self._message, self._last_poll_ms = True, "", started_ms
@@ -162,6 +169,20 @@ class ModelPoller:
                 for watcher in self._watchers:
                     watcher.take(reading, status)
             return None
+
+    def _recreated(self, reading: ModelReading) -> bool:
+        """True (and every watcher told the old model's aliases are gone) when `reading`
+        found another model of the name than the reading before it: deleted and made again
+        within one interval, which a missing-model reading never showed."""
+        with self._lock:
+            known = self._created_ms
+            if not (reading.exists and known and reading.created_ms != known):
+                return False
+            self._created_ms = reading.created_ms
+            status = self._status()
+            for watcher in self._watchers:
+                watcher.take_recreated(status)
+        return True
 
     def _read(self) -> ModelReading:
         try:
@@ -180,7 +201,7 @@ class ModelPoller:
                 found[version] = self._port.get_model_version(self.name, version, retry=False)
             except NotFoundError:
                 missing.add(version)
-        return ModelReading(True, aliases, found, frozenset(missing))
+        return ModelReading(True, aliases, found, frozenset(missing), model.creation_time_ms)
 
     def _failed(self, error: SidecarError) -> None:
         self._count("unreachable" if isinstance(error, UNREACHABLE) else "error")

@@ -18,6 +18,9 @@ class ModelReading:
     aliases: Mapping[str, int] = field(default_factory=dict)
     found: Mapping[int, ModelVersion] = field(default_factory=dict)
     missing: frozenset[int] = frozenset()
+    # The model's creation time: a model deleted and made again between two readings
+    # has another, and its versions are others, whatever their numbers.
+    created_ms: int = 0
 
     def version_of(self, alias: str) -> int:
         """The version `alias` points at; 0 when it is not set."""

@@ -87,6 +87,13 @@ class Watcher:
             return lookups(self.aliases, self._last_seen, aliases_now, exists=exists, fresh=True)
         return lookups(self.aliases, self._known, aliases_now, exists=exists, fresh=False)
 
+    def take_recreated(self, status: WatchStatus) -> None:
+        """The model was deleted and made again since the last reading: each alias this
+        stream knows set is DELETED, as a reading of the missing model would say, so that
+        the new model's aliases come as SET even on the same version numbers."""
+        if self._known is not None:
+            self.take(ModelReading(exists=False), status)
+
     def take(self, reading: ModelReading, status: WatchStatus) -> None:
         """Queue what `reading` means for this stream: its first state, or its changes."""
         if self._ended is not None or self._closed:
