@@ -23,7 +23,12 @@ While the spool is full, or the sidecar serves as many streaming calls as it adm
 (RESOURCE_EXHAUSTED, reasons SPOOL_FULL and TOO_MANY_STREAMS), the stream keeps the refused
 points, backs off and `log` blocks once its buffer is full: backpressure reaches the
 trainer instead of points being dropped; refusals that outlast `retry_budget_s` fail the
-stream with the sidecar's reason.
+stream with the sidecar's reason. A message of more points than the sidecar's whole spool
+(TOO_MANY_POINTS) is cut again to the limit the refusal names, which the sidecar also
+announces at the start of every call (`max-message-points`), and later cuts keep to it.
+Points of a run ended through the sidecar (RUN_ENDED: another process ended it, say) are
+dropped, that run's later points are refused at once, the next flush reports the drop
+once, and the stream goes on for its other runs.
 While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
 `retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
 (reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
