@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -614,6 +613,8 @@ def _wants_json(name: str) -> bool:
 
 def _check_yaml_top_level(path: Path) -> None:
     """A config file holds a mapping of sections (or nothing at all)."""
+    import yaml  # only with a config file: a client-only install has no PyYAML
+
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
