@@ -342,6 +342,7 @@ def test_points_mlflow_refuses_for_good_are_reported_by_the_flush(
     run_id = client.create_run(client.create_experiment(f"plugin-dead-{unique}")).info.run_id
     direct.delete_run(run_id)  # through MLflow: the sidecar learns of it on delivery
     client.log_metric(run_id, "m", 1.0, step=1)
+    client.get_metric_history(run_id, "m")  # a read waits for delivery, reports nothing
     with pytest.raises(MlflowException) as dead:
         mlflow.flush_async_logging()
     assert "1 metric points of run" in dead.value.message

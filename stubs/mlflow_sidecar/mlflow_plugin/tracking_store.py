@@ -87,14 +87,14 @@ class _Undelivered:
             with self._lock:
                 self._runs.add(run_id)
 
-    def newly_dead(self, run_id: str, dead_letter_points: int) -> int:
-        """Of a run's `dead_letter_points`, how many no flush has reported yet."""
+    def newly_dead(self, run_id: str, dead_letter_points: int, *, report: bool) -> int:
+        """Of a run's `dead_letter_points`, how many no flush has reported yet; `report`
+        counts them as reported from now on."""
         with self._lock:
-            new = dead_letter_points - self._dead_reported.get(run_id, 0)
-            self._dead_reported[run_id] = max(
-                dead_letter_points, self._dead_reported.get(run_id, 0)
-            )
-        return max(0, new)
+            reported = self._dead_reported.get(run_id, 0)
+            if report:
+                self._dead_reported[run_id] = max(dead_letter_points, reported)
+        return max(0, dead_letter_points - reported)
 
     def end(self, run_id: str) -> None:
         """Note that this process ended `run_id`."""
@@ -547,8 +547,11 @@ class SidecarTrackingStore(AbstractStore):
 
     def _await_delivery(self, run_id: str, *, strict: bool) -> None:
         result = self._tracking.flush_metrics(run_id)
-        dead = self._undelivered.newly_dead(run_id, result.dead_letter_points)
-        if dead and strict:
+        dead = self._undelivered.newly_dead(run_id, result.dead_letter_points, report=strict)
+        if dead and not strict:
+            # A read does not report them: the run waits for the next flush, which does.
+            self._undelivered.add(run_id)
+        elif dead:
             raise MlflowException(
                 f"{dead} metric points of run {run_id} will never be in MLflow: MLflow refused"
                 " them for good (the run is deleted or does not exist), and the sidecar keeps"
