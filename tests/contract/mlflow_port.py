@@ -23,6 +23,7 @@ from mlflow_sidecar.core import domain
 from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     ErrorReason,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
 )
@@ -261,6 +262,7 @@ class MlflowPortContract:
             lambda: port.set_terminated(MISSING_RUN, domain.RunStatus.FINISHED, 0),
             lambda: port.delete_run(MISSING_RUN),
             lambda: port.restore_run(MISSING_RUN),
+            lambda: port.set_running(MISSING_RUN),
             lambda: port.delete_tag(MISSING_RUN, "k"),
         ):
             with pytest.raises(NotFoundError) as err:
@@ -348,6 +350,17 @@ class MlflowPortContract:
         port.end_run(other, "FINISHED", 0)
         ended = port.get_run(other).info
         assert ended.status is domain.RunStatus.FINISHED and ended.end_time_ms > 0
+
+    def test_an_ended_run_set_running_keeps_its_end_time(self, port: MlflowPort) -> None:
+        run_id = new_run(port).run_id
+        port.set_terminated(run_id, domain.RunStatus.FAILED, 1_800_000_000_000)
+        port.set_running(run_id)
+        info = port.get_run(run_id).info
+        assert (info.status, info.end_time_ms) == (domain.RunStatus.RUNNING, 1_800_000_000_000)
+        port.delete_run(run_id)
+        with pytest.raises(FailedPreconditionError) as err:
+            port.set_running(run_id)
+        assert err.value.reason == ErrorReason.RUN_NOT_ACTIVE
 
     def test_a_missing_tag_is_told_apart_from_a_missing_run(self, port: MlflowPort) -> None:
         run_id = new_run(port, stage="train").run_id

@@ -640,6 +640,16 @@ class FakeMlflow:
             )
 
     @_port_call
+    def set_running(self, run_id: str) -> None:
+        with self._lock:
+            stored = self._run(run_id)
+            if stored.info.lifecycle_stage is domain.LifecycleStage.DELETED:
+                raise FailedPreconditionError(
+                    f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+                )
+            stored.info = replace(stored.info, status=domain.RunStatus.RUNNING)
+
+    @_port_call
     def log_batch(
         self,
         run_id: str,

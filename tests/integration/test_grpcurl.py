@@ -85,6 +85,9 @@ def test_tracking_sequence_with_json_alone(sidecar, unique):
     assert fetched["data"]["metrics"][0]["value"] == 1.5
     ended = call(target, "EndRun", {"run_id": run_id, "status": "RUN_STATUS_FINISHED"})["run"]
     assert ended["info"]["status"] == "RUN_STATUS_FINISHED"
+    resumed = call(target, "ResumeRun", {"run_id": run_id})["run"]
+    assert resumed["info"]["status"] == "RUN_STATUS_RUNNING"
+    assert resumed["info"]["end_time_ms"] == ended["info"]["end_time_ms"]
 
 
 def test_stream_metrics_says_which_series_columns_it_reads_and_takes_fixed_ones(sidecar, unique):

@@ -13,7 +13,12 @@ import pytest
 
 from mlflow_sidecar.client import MetricPoint, RunStatus
 from mlflow_sidecar.core.conversions import ACCEPTED_POINTS_METADATA, SERIES_COLUMNS_METADATA
-from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, error_from_rpc
+from mlflow_sidecar.core.errors import (
+    ErrorReason,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    error_from_rpc,
+)
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -399,3 +404,26 @@ def test_a_spool_smaller_than_a_message_takes_it_in_pieces(mlflow_server, tmp_pa
         assert len(history) == 1000
         assert sorted((m.step, m.value) for m in history) == [(s, sign * s) for s in range(1000)]
     assert plain.get_metric_history(run_id, "raw") == []
+
+
+def test_a_resumed_run_takes_the_streams_points_again(client_container, unique):
+    tracking = client_container.experiment_tracking()
+    run_id = tracking.start_run(tracking.create_experiment(f"resume-{unique}").experiment_id).run_id
+    with client_container.metric_stream() as stream:
+        stream.log(run_id, "reward", 0.0, step=0)
+        stream.flush()
+        tracking.end_run(run_id, RunStatus.KILLED, wait_for_delivery=True)  # preempted
+        stream.log(run_id, "reward", 1.0, step=1)
+        with pytest.raises(FailedPreconditionError) as refused:
+            stream.flush()
+        assert refused.value.reason == "RUN_ENDED"
+        with pytest.raises(FailedPreconditionError):
+            stream.log(run_id, "reward", 1.0, step=1)
+        assert tracking.resume_run(run_id).info.status is RunStatus.RUNNING
+        stream.resumed(run_id)
+        for step in range(2, 100):
+            stream.log(run_id, "reward", float(step), step=step)
+    ended = tracking.end_run(run_id, RunStatus.FINISHED, wait_for_delivery=True)
+    assert ended.info.status is RunStatus.FINISHED
+    history = tracking.get_metric_history(run_id, "reward", page_size=200)
+    assert [m.step for m in history.items] == [0, *range(2, 100)]

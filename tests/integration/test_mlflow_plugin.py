@@ -358,9 +358,28 @@ def test_registry_and_run_state_as_mlflow_has_them(sidecar_uri: str, unique: str
     with pytest.raises(MlflowException) as missing:
         client.delete_registered_model_alias(f"{name}-missing", "champion")
     assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
-    run_id = client.create_run(client.create_experiment(f"plugin-resume-{unique}")).info.run_id
-    client.set_terminated(run_id)
-    with pytest.raises(MlflowException) as resume:
+
+
+def test_a_restarted_trainer_resumes_its_ended_run(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    mlflow.set_experiment(f"plugin-resume-{unique}")
+    with pytest.raises(RuntimeError), mlflow.start_run() as run:
+        for step in range(3):
+            mlflow.log_metric("reward", float(step), step=step)
+        raise RuntimeError("preempted")  # MLflow ends the run FAILED on the way out
+    run_id = run.info.run_id
+    assert direct.get_run(run_id).info.status == "FAILED"
+    with mlflow.start_run(run_id=run_id) as resumed:
+        assert resumed.info.status == "RUNNING"
+        for step in range(3, 6):
+            mlflow.log_metric("reward", float(step), step=step)
+    info = direct.get_run(run_id).info
+    assert info.status == "FINISHED"
+    history = direct.get_metric_history(run_id, "reward")
+    assert sorted(m.step for m in history) == list(range(6))
+    client = MlflowClient()
+    client.delete_run(run_id)
+    with pytest.raises(MlflowException) as deleted:
         client.update_run(run_id, status="RUNNING")
-    assert resume.value.error_code == "NOT_IMPLEMENTED"
-    assert "resuming an ended run" in resume.value.message
+    assert deleted.value.error_code == "INVALID_PARAMETER_VALUE"

@@ -286,3 +286,112 @@ def test_a_start_run_id_found_on_a_run_of_another_name_is_refused(service, gatew
     unnamed = service.start_run(experiment_id, client_request_id="rid-1")
     assert unnamed.info.run_id == first.info.run_id
     assert len(gateway.runs) == 1
+
+
+def test_a_resumed_run_is_running_again_keeps_its_end_time_and_takes_points(
+    service, gateway, run_id
+):
+    service.end_run_with_pending(run_id, RunStatus.KILLED, end_time_ms=5_000)
+    resumed = service.resume_run(run_id)
+    assert (resumed.info.status, resumed.info.end_time_ms) == (RunStatus.RUNNING, 5_000)
+    service.log_metrics(run_id, [Metric("loss", 1.0, 1_000, 1)])
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 0.5, 2_000, 2)])
+    run, _ = service.end_run_with_pending(run_id, RunStatus.FINISHED, wait_for_delivery=True)
+    assert run.info.status is RunStatus.FINISHED
+    history = gateway.get_metric_history(run_id, "loss", page_size=10, page_token="")
+    assert [m.step for m in history.items] == [1, 2]
+
+
+def test_resuming_twice_or_a_running_run_changes_nothing(service, gateway, run_id):
+    assert service.resume_run(run_id).info.status is RunStatus.RUNNING
+    service.end_run_with_pending(run_id)
+    calls = gateway.calls["set_running"]
+    assert service.resume_run(run_id).info.status is RunStatus.RUNNING
+    assert service.resume_run(run_id).info.status is RunStatus.RUNNING
+    assert gateway.calls["set_running"] == calls + 1
+
+
+def test_resume_cancels_an_end_still_waiting_for_its_backlog(service, gateway, run_id):
+    refusing = threading.Event()
+    refusing.set()
+
+    def refuse_while_set() -> None:
+        if refusing.is_set():
+            raise UnavailableError("MLflow's log_batch fails for now")
+
+    gateway.on_call("log_metrics", refuse_while_set)
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    _, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    assert pending == 1
+    assert service.resume_run(run_id).info.status is RunStatus.RUNNING
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 0.5, 2_000, 2)])
+    refusing.clear()
+    flushed = service.flush_metrics(run_id, timeout_s=5)
+    assert (flushed.pending_points, flushed.pending_run_ends) == (0, 0)
+    assert gateway.get_run(run_id).info.status is RunStatus.RUNNING
+    history = gateway.get_metric_history(run_id, "loss", page_size=10, page_token="")
+    assert [m.step for m in history.items] == [1, 2]
+
+
+def test_resume_waits_for_an_end_being_applied_so_it_cannot_land_after(service, gateway, run_id):
+    applying = threading.Event()
+    end_may_go = threading.Event()
+
+    def hold_the_end() -> None:
+        applying.set()
+        end_may_go.wait(30)
+
+    gateway.on_call("end_run", hold_the_end)
+    gateway.on_call("log_metrics", lambda: end_may_go.wait(30))
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    end_may_go.set()  # the point goes; the end is applied right after
+    gateway.on_call("log_metrics", None)
+    end_may_go.clear()
+    assert applying.wait(10)
+    resumed: list[RunStatus] = []
+    resumer = threading.Thread(
+        target=lambda: resumed.append(service.resume_run(run_id).info.status)
+    )
+    resumer.start()
+    resumer.join(0.3)
+    assert resumer.is_alive(), "resume did not wait for the end being applied"
+    end_may_go.set()
+    resumer.join(10)
+    assert resumed == [RunStatus.RUNNING]
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    assert gateway.get_run(run_id).info.status is RunStatus.RUNNING
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 0.5, 2_000, 2)])
+
+
+def test_resume_that_cannot_wait_for_delivery_changes_nothing(service, gateway, run_id):
+    sending = threading.Event()
+    deliveries_open = threading.Event()
+
+    def hold_the_send() -> None:
+        sending.set()
+        deliveries_open.wait(30)
+
+    gateway.on_call("log_metrics", hold_the_send)
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    # A worker is sending the run's point (held back): the resume waits for it in vain.
+    assert sending.wait(10)
+    with call_deadline.deadline_scope(0.3), pytest.raises(DeadlineExceededError):
+        service.resume_run(run_id)
+    with pytest.raises(FailedPreconditionError) as refused:
+        service.enqueue_metrics([MetricPoint(run_id, "loss", 0.5, 2_000, 2)])
+    assert refused.value.reason == "RUN_ENDED"
+    deliveries_open.set()
+
+
+def test_resume_refuses_deleted_missing_and_malformed_runs(service, run_id):
+    service.delete_run(run_id)
+    with pytest.raises(FailedPreconditionError) as deleted:
+        service.resume_run(run_id)
+    assert deleted.value.reason == ErrorReason.RUN_NOT_ACTIVE
+    with pytest.raises(NotFoundError):
+        service.resume_run("0" * 32)
+    with pytest.raises(InvalidArgumentError) as malformed:
+        service.resume_run("")
+    assert malformed.value.field == "run_id"

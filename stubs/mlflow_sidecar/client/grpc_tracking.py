@@ -223,6 +223,10 @@ class GrpcExperimentTracking(ExperimentTracking):
         request = pb.RestoreRunRequest(run_id=run_id)
         return conv.run_from_pb(invoke(self._stub.RestoreRun, request, self._timeout).run)
 
+    def resume_run(self, run_id: str) -> Run:
+        request = pb.ResumeRunRequest(run_id=run_id)
+        return conv.run_from_pb(invoke(self._stub.ResumeRun, request, self._timeout).run)
+
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         request = pb.LogParamsRequest(run_id=run_id, params=dict(params))
         invoke(self._stub.LogParams, request, self._timeout)

@@ -421,6 +421,13 @@ class MetricStream:
                 self._cond.notify_all()
             self._thread.join(5)
 
+    def resumed(self, run_id: str) -> None:
+        """The run was resumed (`ExperimentTracking.resume_run`): `log` takes its points
+        again after the sidecar refused them (RUN_ENDED). A refusal not yet reported by
+        `flush()` still is."""
+        with self._cond:
+            self._ended_runs.pop(run_id, None)
+
     def __enter__(self) -> MetricStream:
         return self
 

@@ -189,6 +189,13 @@ class ExperimentTracking(abc.ABC):
         """Restore a deleted run; an active one is returned unchanged."""
 
     @abc.abstractmethod
+    def resume_run(self, run_id: str) -> Run:
+        """Set an ended run back to RUNNING, as MLflow's `start_run(run_id=...)` does (a
+        preempted trainer going on with its run): the sidecar takes its points again, and
+        an end it recorded but MLflow has not applied yet is cancelled. A running run is
+        returned unchanged; a deleted one is FailedPreconditionError (RUN_NOT_ACTIVE)."""
+
+    @abc.abstractmethod
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         """Log params; a param already logged with another value is FailedPreconditionError."""
 

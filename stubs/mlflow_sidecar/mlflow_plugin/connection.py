@@ -132,6 +132,12 @@ class SidecarConnection:
         if stream is not None:
             stream.flush(report_dropped=report_dropped)
 
+    def run_resumed(self, run_id: str) -> None:
+        """The run was resumed: the stream takes its points again, if it refused them."""
+        stream = self._stream
+        if stream is not None:
+            stream.resumed(run_id)
+
     def close(self) -> None:
         """Flush and close the stream, then the channel."""
         with self._lock:

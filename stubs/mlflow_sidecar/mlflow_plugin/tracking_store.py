@@ -101,6 +101,11 @@ class _Undelivered:
         with self._lock:
             self._ended.add(run_id)
 
+    def resume(self, run_id: str) -> None:
+        """Note that `run_id` was resumed: it takes points again."""
+        with self._lock:
+            self._ended.discard(run_id)
+
     def take(self, run_id: str | None = None) -> list[str]:
         with self._lock:
             if run_id is None:
@@ -281,15 +286,17 @@ class SidecarTrackingStore(AbstractStore):
         if run_name and run_name != current.info.run_name:
             raise unsupported("Renaming a run")
         status = SidecarRunStatus(RunStatus.to_string(run_status)) if run_status else None
+        if status is SidecarRunStatus.RUNNING:
+            # mlflow.start_run(run_id=...): even a run MLflow has RUNNING may have an end
+            # recorded by the sidecar, waiting for its points; resuming cancels it.
+            resumed = self._tracking.resume_run(run_id)
+            self._undelivered.resume(run_id)
+            self._connection.run_resumed(run_id)
+            return entities.run_info(resumed.info, self._root)
         if status is None or status == current.info.status:
             return entities.run_info(current.info, self._root)
         if status not in TERMINAL_RUN_STATUSES:
-            # Resuming an ended run (mlflow.start_run(run_id=...)): the sidecar refuses
-            # points of a run ended through it, and its contract ends runs only.
-            raise unsupported(
-                f"Setting run {run_id}, which is {current.info.status.value}, back to"
-                f" {status.value} (resuming an ended run)"
-            )
+            raise unsupported(f"Setting run {run_id} to {status.value}")
         # The run's points go to the spool first; the sidecar ends the run in MLflow only
         # after it delivered them. The run stays undelivered here until a read or a flush
         # has waited for that.

@@ -76,7 +76,8 @@ class ExperimentTrackingServiceStub(object):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+    takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -162,6 +163,11 @@ class ExperimentTrackingServiceStub(object):
                 '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreRun',
                 request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.SerializeToString,
                 response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.FromString,
+                _registered_method=True)
+        self.ResumeRun = channel.unary_unary(
+                '/mlflow_sidecar.v1.ExperimentTrackingService/ResumeRun',
+                request_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunRequest.SerializeToString,
+                response_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunResponse.FromString,
                 _registered_method=True)
         self.LogParams = channel.unary_unary(
                 '/mlflow_sidecar.v1.ExperimentTrackingService/LogParams',
@@ -316,7 +322,8 @@ class ExperimentTrackingServiceServicer(object):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+    takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -428,6 +435,18 @@ class ExperimentTrackingServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeRun(self, request, context):
+        """Sets an ended run back to RUNNING, as MLflow's start_run(run_id=...) does: a
+        trainer that was stopped (preempted, say) goes on with its run. Points for the run
+        are accepted again; an end recorded through this sidecar that MLflow has not applied
+        yet is cancelled, and the run's spooled points are still delivered. The run keeps
+        its end time, as in MLflow. A running run is returned unchanged; a deleted run is
+        FAILED_PRECONDITION, reason RUN_NOT_ACTIVE. Safe to retry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LogParams(self, request, context):
         """Logs params. Params are write-once: the same value again is accepted,
         a different value is FAILED_PRECONDITION.
@@ -451,8 +470,9 @@ class ExperimentTrackingServiceServicer(object):
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
         run ended through the sidecar. A message of more points than the whole spool holds
         is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
-        metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
-        slot first, and is refused with TOO_MANY_STREAMS when the line is full.
+        metadata `max-message-points` says the most one message may hold. Like every
+        streaming call it may wait in line for a slot first, and is refused with
+        TOO_MANY_STREAMS when the line is full.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -650,6 +670,11 @@ def add_ExperimentTrackingServiceServicer_to_server(servicer, server):
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.FromString,
                     response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.SerializeToString,
             ),
+            'ResumeRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRun,
+                    request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunRequest.FromString,
+                    response_serializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunResponse.SerializeToString,
+            ),
             'LogParams': grpc.unary_unary_rpc_method_handler(
                     servicer.LogParams,
                     request_deserializer=mlflow__sidecar_dot_v1_dot_tracking__pb2.LogParamsRequest.FromString,
@@ -808,7 +833,8 @@ class ExperimentTrackingService(object):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+    takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -1121,6 +1147,33 @@ class ExperimentTrackingService(object):
             '/mlflow_sidecar.v1.ExperimentTrackingService/RestoreRun',
             mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunRequest.SerializeToString,
             mlflow__sidecar_dot_v1_dot_tracking__pb2.RestoreRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mlflow_sidecar.v1.ExperimentTrackingService/ResumeRun',
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunRequest.SerializeToString,
+            mlflow__sidecar_dot_v1_dot_tracking__pb2.ResumeRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

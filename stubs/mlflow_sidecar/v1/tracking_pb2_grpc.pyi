@@ -72,7 +72,8 @@ class ExperimentTrackingServiceStub:
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+      takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -138,6 +139,14 @@ class ExperimentTrackingServiceStub:
     """
     RestoreRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]
     """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
+    ResumeRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.ResumeRunRequest, _tracking_pb2.ResumeRunResponse]
+    """Sets an ended run back to RUNNING, as MLflow's start_run(run_id=...) does: a
+    trainer that was stopped (preempted, say) goes on with its run. Points for the run
+    are accepted again; an end recorded through this sidecar that MLflow has not applied
+    yet is cancelled, and the run's spooled points are still delivered. The run keeps
+    its end time, as in MLflow. A running run is returned unchanged; a deleted run is
+    FAILED_PRECONDITION, reason RUN_NOT_ACTIVE. Safe to retry.
+    """
     LogParams: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -153,8 +162,9 @@ class ExperimentTrackingServiceStub:
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
     run ended through the sidecar. A message of more points than the whole spool holds
     is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
-    metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
-    slot first, and is refused with TOO_MANY_STREAMS when the line is full.
+    metadata `max-message-points` says the most one message may hold. Like every
+    streaming call it may wait in line for a slot first, and is refused with
+    TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -252,7 +262,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+      takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -315,6 +326,14 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """
     RestoreRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.RestoreRunRequest, _tracking_pb2.RestoreRunResponse]  # type: ignore[assignment]
     """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
+    ResumeRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.ResumeRunRequest, _tracking_pb2.ResumeRunResponse]  # type: ignore[assignment]
+    """Sets an ended run back to RUNNING, as MLflow's start_run(run_id=...) does: a
+    trainer that was stopped (preempted, say) goes on with its run. Points for the run
+    are accepted again; an end recorded through this sidecar that MLflow has not applied
+    yet is cancelled, and the run's spooled points are still delivered. The run keeps
+    its end time, as in MLflow. A running run is returned unchanged; a deleted run is
+    FAILED_PRECONDITION, reason RUN_NOT_ACTIVE. Safe to retry.
+    """
     LogParams: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogParamsRequest, _tracking_pb2.LogParamsResponse]  # type: ignore[assignment]
     """Logs params. Params are write-once: the same value again is accepted,
     a different value is FAILED_PRECONDITION.
@@ -330,8 +349,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
     run ended through the sidecar. A message of more points than the whole spool holds
     is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
-    metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
-    slot first, and is refused with TOO_MANY_STREAMS when the line is full.
+    metadata `max-message-points` says the most one message may hold. Like every
+    streaming call it may wait in line for a slot first, and is refused with
+    TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
     """Waits until the spooled points of one run (or all) are in MLflow."""
@@ -428,7 +448,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
-    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar.
+    - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
+      takes them again).
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
@@ -557,6 +578,20 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Restores a deleted run; restoring an active one is a no-op. Returns the run."""
 
     @_abc_1.abstractmethod
+    def ResumeRun(
+        self,
+        request: _tracking_pb2.ResumeRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tracking_pb2.ResumeRunResponse, _abc.Awaitable[_tracking_pb2.ResumeRunResponse]]:
+        """Sets an ended run back to RUNNING, as MLflow's start_run(run_id=...) does: a
+        trainer that was stopped (preempted, say) goes on with its run. Points for the run
+        are accepted again; an end recorded through this sidecar that MLflow has not applied
+        yet is cancelled, and the run's spooled points are still delivered. The run keeps
+        its end time, as in MLflow. A running run is returned unchanged; a deleted run is
+        FAILED_PRECONDITION, reason RUN_NOT_ACTIVE. Safe to retry.
+        """
+
+    @_abc_1.abstractmethod
     def LogParams(
         self,
         request: _tracking_pb2.LogParamsRequest,
@@ -588,8 +623,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         DISK_FULL, and a retry hint; FAILED_PRECONDITION, reason RUN_ENDED, for points of a
         run ended through the sidecar. A message of more points than the whole spool holds
         is refused for good (RESOURCE_EXHAUSTED, reason TOO_MANY_POINTS): the initial
-        metadata `max-message-points` says the most one message may hold. Like every streaming call it may wait in line for a
-        slot first, and is refused with TOO_MANY_STREAMS when the line is full.
+        metadata `max-message-points` says the most one message may hold. Like every
+        streaming call it may wait in line for a slot first, and is refused with
+        TOO_MANY_STREAMS when the line is full.
         """
 
     @_abc_1.abstractmethod

@@ -577,6 +577,13 @@ class MlflowGateway:
         """`set_terminated` for a status by name (the spool's record of an end)."""
         self.set_terminated(run_id, domain.RunStatus(status), end_time_ms)
 
+    def set_running(self, run_id: str) -> None:
+        """Set a run back to RUNNING, keeping its end time (as `start_run(run_id=...)`)."""
+        self.call(
+            lambda: self._client.update_run(run_id, status=domain.RunStatus.RUNNING.value),
+            not_found=ErrorReason.RUN_NOT_FOUND,
+        )
+
     def log_batch(
         self,
         run_id: str,

@@ -135,6 +135,9 @@ class RunsPort(Protocol):
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
         """`set_terminated` for a status by name (the spool's record of an end)."""
 
+    def set_running(self, run_id: str) -> None:
+        """Set a run back to RUNNING, keeping its end time (MLflow's resume of a run)."""
+
     def log_batch(
         self,
         run_id: str,

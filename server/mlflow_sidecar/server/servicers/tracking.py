@@ -158,6 +158,11 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     ) -> pb.RestoreRunResponse:
         return pb.RestoreRunResponse(run=conv.run_to_pb(self._service.restore_run(request.run_id)))
 
+    def ResumeRun(
+        self, request: pb.ResumeRunRequest, context: grpc.ServicerContext
+    ) -> pb.ResumeRunResponse:
+        return pb.ResumeRunResponse(run=conv.run_to_pb(self._service.resume_run(request.run_id)))
+
     def LogParams(
         self, request: pb.LogParamsRequest, context: grpc.ServicerContext
     ) -> pb.LogParamsResponse:

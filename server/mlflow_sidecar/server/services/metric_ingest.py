@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import FlushResult
+from mlflow_sidecar.core.errors import DeadlineExceededError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.metric_batch import MetricBatch
@@ -49,14 +53,38 @@ class MetricIngest:
         """Wait for delivery of a run's (or all) points within the call's deadline."""
         if run_id:
             check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
+        pending = self._deliverer.wait_delivered(run_id, self._budget(timeout_s))
+        return FlushResult(
+            pending, self._store.dead_letter_count(run_id), self._ends_to_apply(run_id)
+        )
+
+    @contextmanager
+    def delivery_held(self, run_id: str) -> Iterator[None]:
+        """Nothing of the run goes to MLflow (points, its recorded end) while the block
+        runs. Waits for a send of the run in flight, within the call's deadline."""
+        budget = self._budget(None)
+        try:
+            with self._deliverer.held(run_id, budget):
+                yield
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"run {run_id} stayed busy with delivery to MLflow for {budget:.1f}s;"
+                " nothing was changed, call again"
+            ) from None
+        self._deliverer.notify()
+
+    def cancel_end(self, run_id: str) -> bool:
+        """Forget the run's recorded end (it was resumed): its points are accepted again.
+        True if an end was recorded."""
+        return self._store.cancel_end(run_id)
+
+    def _budget(self, timeout_s: float | None) -> float:
+        """`timeout_s` (None: the flush timeout), within the call's deadline."""
         budget = self._flush_timeout_s if timeout_s is None else timeout_s
         left = call_deadline.remaining()
         if left is not None:
             budget = min(budget, max(0.0, left - _ANSWER_MARGIN_S))
-        pending = self._deliverer.wait_delivered(run_id, budget)
-        return FlushResult(
-            pending, self._store.dead_letter_count(run_id), self._ends_to_apply(run_id)
-        )
+        return budget
 
     def _ends_to_apply(self, run_id: str) -> int:
         """Recorded ends of the run (with "": of any run) not in MLflow yet."""

@@ -82,6 +82,7 @@ class TrackingService:
         self._ingest = ingest
         self._staging = staging  # transfer limits and scratch space
         self._start_locks = KeyedLocks()
+        self._end_locks = KeyedLocks()
 
     # -- experiments --------------------------------------------------------------------
 
@@ -261,13 +262,15 @@ class TrackingService:
             raise InvalidArgumentError("status", "must be FINISHED, FAILED or KILLED")
         if end_time_ms < 0:
             raise InvalidArgumentError("end_time_ms", "must not be negative")
-        self._require_active(run_id)
         ended_ms = end_time_ms or now_ms()
-        if not self._ingest.pending(run_id):
-            self._gateway.set_terminated(run_id, status, ended_ms)
-            self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
-            return self._gateway.get_run(run_id), 0
-        pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
+        # One end or resume of a run at a time: MLflow and the spool's record agree after.
+        with self._end_locks.hold(run_id):
+            self._require_active(run_id)
+            if not self._ingest.pending(run_id):
+                self._gateway.set_terminated(run_id, status, ended_ms)
+                self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
+                return self._gateway.get_run(run_id), 0
+            pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
         if wait_for_delivery:
             pending = self._ingest.flush(run_id).pending_points
             if not self._ingest.ended(run_id):
@@ -285,6 +288,21 @@ class TrackingService:
     def restore_run(self, run_id: str) -> Run:
         check.run_id("run_id", run_id)
         return self._gateway.restore_run(run_id)
+
+    def resume_run(self, run_id: str) -> Run:
+        """Set an ended run back to RUNNING, as MLflow's `start_run(run_id=...)` does, and
+        accept its points again; an end recorded here and not yet applied is cancelled.
+
+        No point or end of the run goes to MLflow meanwhile, so a recorded end cannot land
+        after the run was set RUNNING. MLflow is changed before the record, so a failure
+        leaves the run ended on both sides (and a retry finishes the job)."""
+        check.run_id("run_id", run_id)
+        with self._end_locks.hold(run_id), self._ingest.delivery_held(run_id):
+            run = self._require_active(run_id)
+            if run.info.status is not RunStatus.RUNNING:
+                self._gateway.set_running(run_id)
+            self._ingest.cancel_end(run_id)
+        return self._gateway.get_run(run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
         check.run_id("run_id", run_id)

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
 from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import (
@@ -118,6 +119,11 @@ class MetricDeliverer:
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         self._threads = [thread for thread in self._threads if thread.is_alive()]
+
+    def held(self, run_id: str, timeout_s: float) -> AbstractContextManager[None]:
+        """No worker delivers the run's points or applies its end while the block runs;
+        it waits first, at most `timeout_s` (then TimeoutError), for the worker doing so."""
+        return self._claims.held(run_id, timeout_s)
 
     def notify(self) -> None:
         """New points were accepted."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 
 class RunClaims:
@@ -43,10 +44,26 @@ class RunClaims:
                         return run_id
             return None
 
+    @contextmanager
+    def held(self, run_id: str, timeout_s: float) -> Iterator[None]:
+        """Keep the run from every worker while the block runs, after waiting for the
+        worker that has it now (if any) to release it: TimeoutError after `timeout_s`."""
+        with self._lock:
+            if not self._lock.wait_for(lambda: run_id not in self._claimed, timeout_s):
+                raise TimeoutError(f"run {run_id} stayed claimed for {timeout_s:.1f}s")
+            self._claimed.add(run_id)
+        try:
+            yield
+        finally:
+            self.release(run_id)
+            self.wake()
+
     def release(self, run_id: str) -> None:
         """The worker is done with the run for now."""
         with self._lock:
             self._claimed.discard(run_id)
+            # A `held` may be waiting for this run.
+            self._lock.notify_all()
 
     def wake(self) -> None:
         """There may be new work (or a stop): waiting workers look again."""

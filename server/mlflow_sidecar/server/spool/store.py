@@ -587,6 +587,13 @@ class SpoolStore:
             self._ended[run_id] = end
             return self._pending.get(run_id, 0)
 
+    def cancel_end(self, run_id: str) -> bool:
+        """Forget a recorded end (the run was resumed): its points are accepted again, and
+        an end MLflow has not applied yet never is. True if an end was recorded."""
+        with self._lock:
+            self._db.execute("DELETE FROM ended_runs WHERE run_id = ?", (run_id,))
+            return self._ended.pop(run_id, None) is not None
+
     def end_applied(self, run_id: str) -> None:
         """MLflow has ended the run as recorded."""
         with self._lock:
