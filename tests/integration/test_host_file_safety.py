@@ -180,3 +180,37 @@ def test_runs_in_the_stores_own_location_still_work(clients, unique, tmp_path):
     assert (root / "weights.bin").read_bytes() == b"w" * 100
     again = registry.create_model_version(f"own-{unique}", source=f"models:/own-{unique}/1")
     assert again.version == 2
+
+
+def test_a_symlink_in_a_runs_artifacts_does_not_lead_a_source_out_of_them(
+    embedded_store_sidecar, outside, unique, tmp_path
+):
+    # The embedded store keeps artifacts on this host, where the sidecar reads them itself.
+    container = ClientContainer()
+    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
+    tracking, registry = container.experiment_tracking(), container.model_registry()
+    uri = embedded_store_sidecar.container.config().tracking_uri
+    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = tracking.start_run(tracking.create_experiment(f"link-{unique}").experiment_id).run_id
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "MLmodel").write_text("flavors: {}\n")
+    tracking.upload_artifact(run_id, model / "MLmodel", "model/MLmodel")
+    artifacts = Path(direct.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    (artifacts / "leak").symlink_to(outside, target_is_directory=True)
+    (artifacts / "model" / "leak").symlink_to(outside, target_is_directory=True)
+    name = f"link-{unique}"
+    registry.create_registered_model(name)
+
+    for source in (f"runs:/{run_id}/leak", f"runs:/{run_id}/model/leak"):
+        with pytest.raises(PermissionDeniedError) as err:
+            registry.create_model_version(name, source=source)
+        _assert_quiet(err.value, outside)
+    # Registered through MLflow directly: the sidecar does not serve it either.
+    version = direct.create_model_version(name, f"runs:/{run_id}/leak", run_id=run_id).version
+    with pytest.raises(PermissionDeniedError) as err:
+        registry.download_model(name, tmp_path / "down", version=int(version))
+    _assert_quiet(err.value, outside)
+    assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
+    assert registry.create_model_version(name, source=f"runs:/{run_id}/model").version == 2
+    container.shutdown_resources()

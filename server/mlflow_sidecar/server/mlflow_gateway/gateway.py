@@ -329,7 +329,10 @@ class MlflowGateway:
             if scheme.lower() == "runs":
                 run_id, _, path = rest.lstrip("/").partition("/")
                 base = self.run_artifact_uri(run_id, field)
-                return f"{base.rstrip('/')}/{path}" if path.strip("/") else base
+                if not path.strip("/"):
+                    return base
+                # The sub-path too: a symlink in the run's artifacts may lead out of them.
+                return self.check_storage(field, f"{base.rstrip('/')}/{path}")
             if scheme.lower() == "models":
                 uri = self._model_download_uri(uri)
                 continue
