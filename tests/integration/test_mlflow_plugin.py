@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -383,3 +384,30 @@ def test_a_restarted_trainer_resumes_its_ended_run(
     with pytest.raises(MlflowException) as deleted:
         client.update_run(run_id, status="RUNNING")
     assert deleted.value.error_code == "INVALID_PARAMETER_VALUE"
+
+
+def _train_in_a_forked_child(experiment_id: str) -> str:
+    client = MlflowClient()  # MLflow hands the child the stores its parent made
+    run_id = client.create_run(experiment_id).info.run_id
+    client.log_metric(run_id, "m", 1.0, step=1)
+    client.set_terminated(run_id)  # hands the point to the spool and waits for it
+    name = f"fork-{experiment_id}"
+    client.create_model_version(name, f"runs:/{run_id}/model", run_id=run_id)
+    return run_id
+
+
+def test_a_forked_child_talks_to_the_sidecar_on_its_own_connection(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    experiment_id = client.create_experiment(f"plugin-fork-{unique}")
+    client.create_registered_model(f"fork-{experiment_id}")
+    client.log_metric(client.create_run(experiment_id).info.run_id, "m", 0.0)
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        run_ids = pool.map(_train_in_a_forked_child, [experiment_id] * 4)
+    for run_id in run_ids:
+        assert [m.value for m in direct.get_metric_history(run_id, "m")] == [1.0]
+        assert direct.get_run(run_id).info.status == "FINISHED"
+    versions = direct.search_model_versions(f"name = 'fork-{experiment_id}'")
+    assert sorted(v.run_id for v in versions) == sorted(run_ids)
+    client.create_run(experiment_id)  # the parent's connection is still its own

@@ -22,7 +22,7 @@ from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core.domain import FileInfo, Page
 from mlflow_sidecar.mlflow_plugin import entities
-from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, connection_for
+from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 
@@ -37,8 +37,12 @@ class _Files(Protocol):
 
 
 class _RunFiles:
-    def __init__(self, tracking: GrpcExperimentTracking, run_id: str) -> None:
-        self._tracking, self._run_id = tracking, run_id
+    def __init__(self, connection: ProcessConnection, run_id: str) -> None:
+        self._connection, self._run_id = connection, run_id
+
+    @property
+    def _tracking(self) -> GrpcExperimentTracking:
+        return self._connection.get().tracking
 
     def upload(self, local: str | Path, path: str) -> None:
         self._tracking.upload_artifact(self._run_id, local, path)
@@ -51,8 +55,12 @@ class _RunFiles:
 
 
 class _ModelFiles:
-    def __init__(self, models: GrpcLoggedModels, model_id: str) -> None:
-        self._models, self._model_id = models, model_id
+    def __init__(self, connection: ProcessConnection, model_id: str) -> None:
+        self._connection, self._model_id = connection, model_id
+
+    @property
+    def _models(self) -> GrpcLoggedModels:
+        return self._connection.get().models
 
     def upload(self, local: str | Path, path: str) -> None:
         self._models.upload_artifact(self._model_id, local, path)
@@ -79,11 +87,11 @@ def _files_and_base(artifact_uri: str) -> tuple[_Files, str]:
             f" {uri.root}/runs/<run id>/artifacts[/<path>] or"
             f" {uri.root}/models/<model id>/artifacts[/<path>]"
         )
-    connection = connection_for(artifact_uri)
+    connection = ProcessConnection(artifact_uri)
     base = "/".join(p for p in parts[3:] if p)
     if parts[0] == "runs":
-        return _RunFiles(connection.tracking, parts[1]), base
-    return _ModelFiles(connection.models, parts[1]), base
+        return _RunFiles(connection, parts[1]), base
+    return _ModelFiles(connection, parts[1]), base
 
 
 def _join(*parts: str | None) -> str:

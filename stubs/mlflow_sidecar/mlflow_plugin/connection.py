@@ -169,6 +169,23 @@ def connection_for(uri: str) -> SidecarConnection:
         return connection
 
 
+class ProcessConnection:
+    """The connection to a sidecar of whichever process uses it: MLflow keeps its stores
+    across a fork, and a channel does not survive one, so a forked child gets its own."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._pid = os.getpid()
+        self._connection = connection_for(uri)
+
+    def get(self) -> SidecarConnection:
+        """This process's connection."""
+        if self._pid != os.getpid():
+            self._connection = connection_for(self._uri)
+            self._pid = os.getpid()
+        return self._connection
+
+
 def close_all() -> None:
     """Close every connection of this process; points still buffered go to the spool first."""
     with _CONNECTIONS_LOCK:

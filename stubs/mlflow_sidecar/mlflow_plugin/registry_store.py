@@ -19,11 +19,13 @@ from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.store.entities.paged_list import PagedList
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
+from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
+from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
 from mlflow_sidecar.core.limits import MAX_PAGE_SIZE
 from mlflow_sidecar.mlflow_plugin import entities
-from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, connection_for
+from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _RUNS_PREFIX = "runs:/"
@@ -47,10 +49,16 @@ class SidecarRegistryStore(AbstractStore):
 
     def __init__(self, store_uri: str, tracking_uri: str | None = None) -> None:
         super().__init__(store_uri, tracking_uri)
-        connection = connection_for(store_uri)
-        self._root = connection.root
-        self._registry = connection.registry
-        self._tracking = connection.tracking
+        self._process_connection = ProcessConnection(store_uri)
+        self._root = self._process_connection.get().root
+
+    @property
+    def _registry(self) -> GrpcModelRegistry:
+        return self._process_connection.get().registry
+
+    @property
+    def _tracking(self) -> GrpcExperimentTracking:
+        return self._process_connection.get().tracking
 
     # -- registered models ----------------------------------------------------------------
 

@@ -42,6 +42,8 @@ from mlflow.utils.validation import (
     _validate_tag,
 )
 
+from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
+from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core import names
 from mlflow_sidecar.core.domain import TERMINAL_RUN_STATUSES, Metric
 from mlflow_sidecar.core.domain import (
@@ -51,7 +53,7 @@ from mlflow_sidecar.core.errors import NotFoundError
 from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, MAX_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities
-from mlflow_sidecar.mlflow_plugin.connection import SidecarConnection, connection_for
+from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarConnection
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _log = logging.getLogger(__name__)
@@ -180,12 +182,25 @@ class SidecarTrackingStore(AbstractStore):
 
     def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
         super().__init__()
-        self._connection = connection_for(store_uri)
+        self._process_connection = ProcessConnection(store_uri)
         _settle_default_registry(store_uri)
         self._root = self._connection.root
-        self._tracking = self._connection.tracking
-        self._models = self._connection.models
-        self._undelivered = _undelivered(self._connection)
+
+    @property
+    def _connection(self) -> SidecarConnection:
+        return self._process_connection.get()
+
+    @property
+    def _tracking(self) -> GrpcExperimentTracking:
+        return self._connection.tracking
+
+    @property
+    def _models(self) -> GrpcLoggedModels:
+        return self._connection.models
+
+    @property
+    def _undelivered(self) -> _Undelivered:
+        return _undelivered(self._connection)
 
     # -- experiments ----------------------------------------------------------------------
 
