@@ -18,7 +18,7 @@ import mlflow
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
@@ -31,10 +31,12 @@ def sha(data: bytes) -> str:
 
 
 def upload_requests(
-    run_id: str, path: str, data: bytes, *, digest: str | None = None
+    run_id: str, path: str, data: bytes, *, digest: str | None = None, request_id: str = ""
 ) -> Iterator[pb.UploadArtifactRequest]:
     yield pb.UploadArtifactRequest(
-        header=pb.UploadArtifactHeader(run_id=run_id, artifact_path=path, size_bytes=len(data))
+        header=pb.UploadArtifactHeader(
+            run_id=run_id, artifact_path=path, size_bytes=len(data), request_id=request_id
+        )
     )
     for start in range(0, len(data), CHUNK):
         yield pb.UploadArtifactRequest(chunk=data[start : start + CHUNK])
@@ -241,3 +243,31 @@ def test_a_file_whose_name_mlflow_decodes_is_refused_not_swapped(
     with pytest.raises((NotFoundError, InvalidArgumentError)):
         tracking.download_artifact(run_id, name, tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_upload_repeated_with_its_request_id_has_one_effect(
+    tracking_stub, mlflow_server, run_id, unique, tmp_path
+):
+    first, newer = os.urandom(CHUNK + 7), os.urandom(CHUNK + 7)
+    request_id = f"upload-{unique}"
+    answer = tracking_stub.UploadArtifact(
+        upload_requests(run_id, "ckpt/last.pt", first, request_id=request_id), timeout=60
+    )
+    tracking_stub.UploadArtifact(upload_requests(run_id, "ckpt/last.pt", newer), timeout=60)
+    # The first call's retry, arriving late: it answers as the first did and stores nothing.
+    again = tracking_stub.UploadArtifact(
+        upload_requests(run_id, "ckpt/last.pt", first, request_id=request_id), timeout=60
+    )
+    assert again == answer
+    assert stored_bytes(mlflow_server.url, run_id, "ckpt/last.pt", tmp_path / "a") == newer
+
+    for path, data in (("ckpt/last.pt", newer), ("ckpt/other.pt", first), ("ckpt/last.pt", b"x")):
+        with pytest.raises(grpc.RpcError) as err:
+            tracking_stub.UploadArtifact(
+                upload_requests(run_id, path, data, request_id=request_id), timeout=60
+            )
+        refusal = error_from_rpc(err.value)
+        assert (refusal.reason, refusal.field) == ("REQUEST_ID_REUSED", "header.request_id")
+    assert stored_bytes(mlflow_server.url, run_id, "ckpt/last.pt", tmp_path / "b") == newer
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, path="ckpt"))
+    assert [f.path for f in listed.files] == ["ckpt/last.pt"]

@@ -16,6 +16,7 @@ from mlflow_sidecar.core.errors import (
     ErrorReason,
     InvalidArgumentError,
     NotFoundError,
+    error_from_rpc,
 )
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -116,3 +117,42 @@ def test_missing_models_tags_and_files_say_which(
     with pytest.raises(InvalidArgumentError) as bad_id:
         models.get("../etc")
     assert bad_id.value.field == "model_id"
+
+
+def _model_upload(
+    model_id: str, path: str, data: bytes, request_id: str
+) -> Iterator[pb.UploadLoggedModelArtifactRequest]:
+    yield pb.UploadLoggedModelArtifactRequest(
+        header=pb.UploadLoggedModelArtifactHeader(
+            model_id=model_id,
+            artifact_path=path,
+            size_bytes=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            request_id=request_id,
+        )
+    )
+    yield pb.UploadLoggedModelArtifactRequest(chunk=data)
+
+
+def test_a_model_file_upload_repeated_with_its_request_id_has_one_effect(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub,
+    models: GrpcLoggedModels,
+    experiment_id: str,
+    tmp_path: Path,
+) -> None:
+    model_id = models.create(experiment_id, name="net").model_id
+    first, newer = b"a" * 1000, b"b" * 1000
+    request_id = f"model-file-{model_id}"
+    answer = tracking_stub.UploadLoggedModelArtifact(
+        _model_upload(model_id, "w.bin", first, request_id)
+    )
+    tracking_stub.UploadLoggedModelArtifact(_model_upload(model_id, "w.bin", newer, ""))
+    again = tracking_stub.UploadLoggedModelArtifact(
+        _model_upload(model_id, "w.bin", first, request_id)
+    )
+    assert again == answer
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.UploadLoggedModelArtifact(_model_upload(model_id, "w.bin", newer, request_id))
+    assert error_from_rpc(err.value).reason == "REQUEST_ID_REUSED"
+    stored = models.download_artifact(model_id, "w.bin", tmp_path)
+    assert Path(stored).read_bytes() == newer

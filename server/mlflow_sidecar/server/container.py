@@ -91,7 +91,12 @@ class ServerContainer(containers.DeclarativeContainer):
         LoggedModelService, providers.Singleton(LoggedModelGateway, gateway), staging
     )
     tracking_servicer = providers.Singleton(
-        TrackingServicer, tracking_service, artifact_transfers, staging, logged_model_service
+        TrackingServicer,
+        tracking_service,
+        artifact_transfers,
+        staging,
+        logged_model_service,
+        ledger=request_ledger,
     )
     alias_watch_hub = providers.Singleton(AliasWatchHub, gateway, config.provided.watch, metrics)
     alias_watch_service = providers.Singleton(AliasWatchService, alias_watch_hub)

@@ -1444,8 +1444,12 @@ class UploadArtifactHeader(_message.Message):
     """
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
-    repeated or ambiguous call with the same id answers with the first outcome.
-    At most 200 characters of [A-Za-z0-9_.:-]; empty: no such guarantee.
+    repeated or ambiguous call with the same id answers with the first outcome. A
+    repeat of an upload that took effect stores nothing (a late retry never overwrites
+    a newer file at the path); its bytes are read and must be the first upload's. The
+    same id with another run, path, size or bytes is INVALID_ARGUMENT, reason
+    REQUEST_ID_REUSED. At most 200 characters of [A-Za-z0-9_.:-]; empty: no such
+    guarantee.
     """
     def __init__(
         self,
@@ -2280,7 +2284,10 @@ class UploadLoggedModelArtifactHeader(_message.Message):
     and the trailer carries it.
     """
     request_id: _builtins.str
-    """Client-chosen id of this logical call (a UUID4), kept across every retry."""
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: as
+    UploadArtifactHeader.request_id (a repeat stores nothing; another model, path, size
+    or bytes is REQUEST_ID_REUSED).
+    """
     def __init__(
         self,
         *,

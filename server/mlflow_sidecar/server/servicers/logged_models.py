@@ -13,10 +13,17 @@ from mlflow_sidecar.core.logged_models import (
     logged_model_to_pb,
     status_from_pb,
 )
+from mlflow_sidecar.server.idempotency import RequestLedger
+from mlflow_sidecar.server.idempotency.uploads import UploadOnce
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.logged_models import LoggedModelService, model_id
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+# The ledger's name for this RPC's outcomes: the interceptor names the unary ones so.
+_UPLOAD_LOGGED_MODEL_ARTIFACT = (
+    "/mlflow_sidecar.v1.ExperimentTrackingService/UploadLoggedModelArtifact"
+)
 
 
 def _as_artifact_upload(
@@ -62,9 +69,15 @@ def _as_model_download(
 class LoggedModelRpcs:
     """The logged model half of the tracking servicer."""
 
-    def __init__(self, logged_models: LoggedModelService, staging: Staging) -> None:
+    def __init__(
+        self,
+        logged_models: LoggedModelService,
+        staging: Staging,
+        ledger: RequestLedger | None = None,
+    ) -> None:
         self._logged_models = logged_models
         self._model_staging = staging
+        self._model_uploads = UploadOnce(ledger, _UPLOAD_LOGGED_MODEL_ARTIFACT)
 
     def CreateLoggedModel(
         self, request: pb.CreateLoggedModelRequest, context: grpc.ServicerContext
@@ -148,6 +161,7 @@ class LoggedModelRpcs:
                 scratch,
                 staging,
                 self._logged_models.begin_upload,
+                self._model_uploads,
             )
             staging.count("upload", staged.size_bytes)
             if not context.is_active():

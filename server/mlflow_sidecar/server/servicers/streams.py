@@ -31,6 +31,7 @@ from mlflow_sidecar.core.paths import FileTree, check_stored_path, is_sha256
 from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import check_request_id
+from mlflow_sidecar.server.idempotency.uploads import UploadOnce
 from mlflow_sidecar.server.model_cache import ModelLease
 from mlflow_sidecar.server.services.artifacts import check_upload_size
 from mlflow_sidecar.server.staging import Staging
@@ -110,17 +111,61 @@ def _within_limit(received: int, incoming: int, limit: int) -> None:
         )
 
 
+class _Repeat:
+    """The sink of a repeated upload: its first upload took effect, nothing is stored."""
+
+    needs_file = False
+
+    def write(self, chunk: bytes) -> None:
+        """Nothing: the bytes are only checked."""
+
+    def store(self, verified_file: Path | None) -> None:
+        """Nothing: the first upload stored them."""
+
+    def abort(self) -> None:
+        """Nothing to undo."""
+
+
+class _Recorded:
+    """A sink whose `store()` is remembered in the ledger under the upload's request id."""
+
+    def __init__(self, sink: UploadSink, record: Callable[[], None]) -> None:
+        self._sink = sink
+        self._record = record
+
+    @property
+    def needs_file(self) -> bool:
+        """As the sink it wraps."""
+        return self._sink.needs_file
+
+    def write(self, chunk: bytes) -> None:
+        """To the sink it wraps."""
+        self._sink.write(chunk)
+
+    def store(self, verified_file: Path | None) -> None:
+        """Store, then record."""
+        self._sink.store(verified_file)
+        self._record()
+
+    def abort(self) -> None:
+        """To the sink it wraps."""
+        self._sink.abort()
+
+
 def receive_artifact(
     requests: Iterator[pb.UploadArtifactRequest],
     into: Path,
     staging: Staging,
     begin: Callable[[str, str, int], UploadSink],
+    once: UploadOnce | None = None,
 ) -> StagedArtifact:
     """Write an UploadArtifact stream into the directory `into`, verify it, and pass every
     chunk on to the sink `begin(run_id, artifact_path, size_bytes)` returns.
 
     `begin` runs after the header is checked and before any chunk is read, so an unknown
     run fails before the bytes travel. The sink is aborted when the upload fails here.
+    With `once`, a repeat of a request id whose upload took effect stores nothing; its
+    bytes must be the first upload's (else REQUEST_ID_REUSED).
     """
     messages = _messages(requests)
     first = next(messages, None)
@@ -128,12 +173,12 @@ def receive_artifact(
         raise InvalidArgumentError("header", "the first message must carry the header")
     header = first.header
     check.run_id("header.run_id", header.run_id)
-    # A repeat stores the same verified bytes at the same path again: the same outcome.
-    check_request_id("header.request_id", header.request_id)
+    request_id = check_request_id("header.request_id", header.request_id)
     path = check_stored_path("header.artifact_path", header.artifact_path)
     announced = _sha256("header.sha256", header.sha256) if header.sha256 else None
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
-    sink = begin(header.run_id, path, header.size_bytes)
+    earlier = once.first(request_id, header.run_id, path, header.size_bytes) if once else None
+    sink: UploadSink = _Repeat() if earlier else begin(header.run_id, path, header.size_bytes)
     # MLflow names the stored file after the local one, so the staged file gets its name.
     local = into / PurePosixPath(path).name if sink.needs_file else None
     try:
@@ -149,6 +194,11 @@ def receive_artifact(
     except BaseException:
         sink.abort()
         raise
+    if once is not None and earlier is not None:
+        once.check_same_bytes(request_id, earlier, sha256)
+    elif once is not None and request_id:
+        run_id, size = header.run_id, header.size_bytes
+        sink = _Recorded(sink, lambda: once.record(request_id, run_id, path, size, sha256))
     return StagedArtifact(header.run_id, path, local, header.size_bytes, sha256, sink)
 
 

@@ -15,6 +15,8 @@ from mlflow_sidecar.core.conversions import (
 )
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
+from mlflow_sidecar.server.idempotency import RequestLedger
+from mlflow_sidecar.server.idempotency.uploads import UploadOnce
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.servicers.logged_models import LoggedModelRpcs
@@ -24,6 +26,9 @@ from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+
+# The ledger's name for this RPC's outcomes: the interceptor names the unary ones so.
+_UPLOAD_ARTIFACT = "/mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact"
 
 
 def ensure_active(context: grpc.ServicerContext) -> None:
@@ -42,11 +47,13 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
         transfers: ArtifactTransfers,
         staging: Staging,
         logged_models: LoggedModelService,
+        ledger: RequestLedger | None = None,
     ) -> None:
-        LoggedModelRpcs.__init__(self, logged_models, staging)
+        LoggedModelRpcs.__init__(self, logged_models, staging, ledger)
         self._service = service
         self._transfers = transfers
         self._staging = staging
+        self._uploads = UploadOnce(ledger, _UPLOAD_ARTIFACT)
 
     def CreateExperiment(
         self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext
@@ -238,7 +245,11 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     ) -> pb.UploadArtifactResponse:
         with self._staging.directory("upload") as scratch:
             staged = streams.receive_artifact(
-                request_iterator, scratch, self._staging, self._transfers.begin_upload
+                request_iterator,
+                scratch,
+                self._staging,
+                self._transfers.begin_upload,
+                self._uploads,
             )
             upload = staged.sink
             try:
