@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mlflow_sidecar.core.errors import (
+    AlreadyExistsError,
     ErrorReason,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -251,6 +252,10 @@ class LoggedModelsPortContract:
             tags={"mlflow.data.context": "training"},
         )
         models.log_outputs(run_id, [(model_id, 3)])
+        models.log_outputs(run_id, [(model_id, 3)])  # a repeat: recorded once, no error
+        with pytest.raises(AlreadyExistsError) as clash:
+            models.log_outputs(run_id, [(model_id, 4)])
+        assert clash.value.metadata == {"model_id": model_id, "step": "3"}
         models.log_inputs(run_id, [dataset], [model_id])
         models.log_inputs(run_id, [], [model_id])
         for call in (

@@ -1208,7 +1208,15 @@ class FakeLoggedModels:
     def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
         with self.fake._lock:
             # As MLflow has it: the run is checked, the model ids are not.
-            self._active_run(run_id).model_outputs.extend(outputs)
+            run = self._active_run(run_id)
+            recorded = dict(run.model_outputs)
+            for model_id, step in outputs:
+                if model_id in recorded and recorded[model_id] != step:
+                    raise AlreadyExistsError(
+                        f"model {model_id} is an output of run {run_id} already",
+                        metadata={"model_id": model_id, "step": str(recorded[model_id])},
+                    )
+            run.model_outputs.extend((m, s) for m, s in outputs if m not in recorded)
 
     @_port_call
     def log_inputs(

@@ -156,3 +156,30 @@ def test_a_model_file_upload_repeated_with_its_request_id_has_one_effect(
     assert error_from_rpc(err.value).reason == "REQUEST_ID_REUSED"
     stored = models.download_artifact(model_id, "w.bin", tmp_path)
     assert Path(stored).read_bytes() == newer
+
+
+def test_a_repeated_model_output_is_recorded_once(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub,
+    models: GrpcLoggedModels,
+    experiment_id: str,
+    run_id: str,
+    mlflow_server: MlflowServer,
+) -> None:
+    model_id = models.create(experiment_id, name="net").model_id
+
+    def log(*outputs: tuple[str, int]) -> None:
+        request = pb.LogModelOutputsRequest(
+            run_id=run_id, models=[pb.ModelOutput(model_id=m, step=s) for m, s in outputs]
+        )
+        tracking_stub.LogModelOutputs(request)
+
+    log((model_id, 7))
+    log((model_id, 7))  # a repeat (grpcurl sends no request id): done already
+    with pytest.raises(grpc.RpcError) as clash:
+        log((model_id, 8))
+    assert error_from_rpc(clash.value).code == grpc.StatusCode.ALREADY_EXISTS
+    with pytest.raises(grpc.RpcError) as twice:
+        log((model_id, 7), (model_id, 7))
+    assert error_from_rpc(twice.value).field == "models[1].model_id"
+    outputs = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).outputs
+    assert [(o.model_id, o.step) for o in outputs.model_outputs] == [(model_id, 7)]

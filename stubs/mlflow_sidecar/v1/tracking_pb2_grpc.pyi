@@ -205,7 +205,11 @@ class ExperimentTrackingServiceStub:
     DeleteLoggedModelTag: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteLoggedModelTagRequest, _tracking_pb2.DeleteLoggedModelTagResponse]
     """Deletes one tag of a logged model."""
     LogModelOutputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]
-    """Records logged models as outputs of a run, each at a step."""
+    """Records logged models as outputs of a run, each at a step. MLflow records a model as
+    a run's output once: a model the run has already at that step is OK and recorded
+    once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+    twice in one request is INVALID_ARGUMENT.
+    """
     LogRunInputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]
     """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
     UploadLoggedModelArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]
@@ -392,7 +396,11 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     DeleteLoggedModelTag: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteLoggedModelTagRequest, _tracking_pb2.DeleteLoggedModelTagResponse]  # type: ignore[assignment]
     """Deletes one tag of a logged model."""
     LogModelOutputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]  # type: ignore[assignment]
-    """Records logged models as outputs of a run, each at a step."""
+    """Records logged models as outputs of a run, each at a step. MLflow records a model as
+    a run's output once: a model the run has already at that step is OK and recorded
+    once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+    twice in one request is INVALID_ARGUMENT.
+    """
     LogRunInputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]  # type: ignore[assignment]
     """Records the inputs of a run: datasets (as autologging describes them) and logged models."""
     UploadLoggedModelArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadLoggedModelArtifactRequest, _tracking_pb2.UploadLoggedModelArtifactResponse]  # type: ignore[assignment]
@@ -750,7 +758,11 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.LogModelOutputsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.LogModelOutputsResponse, _abc.Awaitable[_tracking_pb2.LogModelOutputsResponse]]:
-        """Records logged models as outputs of a run, each at a step."""
+        """Records logged models as outputs of a run, each at a step. MLflow records a model as
+        a run's output once: a model the run has already at that step is OK and recorded
+        once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+        twice in one request is INVALID_ARGUMENT.
+        """
 
     @_abc_1.abstractmethod
     def LogRunInputs(

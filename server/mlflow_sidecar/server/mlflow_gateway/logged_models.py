@@ -12,13 +12,25 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Dataset, DatasetInput, InputTag, LoggedModelInput, LoggedModelOutput
+from mlflow.entities import (
+    Dataset,
+    DatasetInput,
+    InputTag,
+    LifecycleStage,
+    LoggedModelInput,
+    LoggedModelOutput,
+)
 from mlflow.entities import LoggedModel as MlflowLoggedModel
 from mlflow.entities import LoggedModelStatus as MlflowStatus
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mlflow_sidecar.core import domain
-from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
+from mlflow_sidecar.core.errors import (
+    AlreadyExistsError,
+    ErrorReason,
+    FailedPreconditionError,
+    NotFoundError,
+)
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, page_tokens
 from mlflow_sidecar.server.mlflow_gateway.entities import ms, text
@@ -44,6 +56,24 @@ def logged_model(model: MlflowLoggedModel) -> LoggedModel:
         tags=dict(model.tags or {}),
         params=dict(model.params or {}),
     )
+
+
+def _new_outputs(
+    run_id: str, outputs: Sequence[tuple[str, int]], recorded: Mapping[str, int]
+) -> list[LoggedModelOutput]:
+    """The outputs the run does not have yet; ALREADY_EXISTS for a model it has as an
+    output at another step."""
+    new: list[LoggedModelOutput] = []
+    for model_id, step in dict(outputs).items():
+        if model_id not in recorded:
+            new.append(LoggedModelOutput(model_id, step))
+        elif recorded[model_id] != step:
+            raise AlreadyExistsError(
+                f"model {model_id} is an output of run {run_id} already, at step"
+                f" {recorded[model_id]}: MLflow records a model as a run's output once",
+                metadata={"model_id": model_id, "step": str(recorded[model_id])},
+            )
+    return new
 
 
 class LoggedModelGateway:
@@ -167,12 +197,32 @@ class LoggedModelGateway:
         )
 
     def log_outputs(self, run_id: str, outputs: Sequence[tuple[str, int]]) -> None:
-        """Record logged models as outputs of the run, each at a step."""
-        models = [LoggedModelOutput(model_id, step) for model_id, step in outputs]
-        self._gateway.call(
-            lambda: self._client.log_outputs(run_id, models),
-            not_found=ErrorReason.RUN_NOT_FOUND,
-        )
+        """Record logged models as outputs of the run, each at a step; those the run has
+        already at that step are left as they are (MLflow refuses a second record)."""
+
+        def recorded() -> dict[str, int]:
+            run = self._client.get_run(run_id)
+            if run.info.lifecycle_stage == LifecycleStage.DELETED:
+                raise FailedPreconditionError(
+                    f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+                )
+            return {o.model_id: o.step for o in run.outputs.model_outputs} if run.outputs else {}
+
+        def fresh() -> list[LoggedModelOutput]:
+            return _new_outputs(run_id, outputs, recorded())
+
+        def op() -> None:
+            models = fresh()
+            if not models:
+                return
+            try:
+                self._client.log_outputs(run_id, models)
+            except Exception:
+                # A concurrent repeat may have recorded them first: then this one is done.
+                if fresh():
+                    raise
+
+        self._gateway.call(op, not_found=ErrorReason.RUN_NOT_FOUND)
 
     def log_inputs(
         self, run_id: str, datasets: Sequence[DatasetUse], model_ids: Sequence[str]

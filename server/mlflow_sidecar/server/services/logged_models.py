@@ -151,8 +151,12 @@ class LoggedModelService:
         check.run_id("run_id", run_id)
         if not outputs:
             raise InvalidArgumentError("models", "name at least one model")
+        seen: set[str] = set()
         for index, (output_id, _) in enumerate(outputs):
             model_id(f"models[{index}].model_id", output_id)
+            if output_id in seen:
+                raise InvalidArgumentError(f"models[{index}].model_id", "is listed twice")
+            seen.add(output_id)
         self._gateway.log_outputs(run_id, outputs)
 
     def log_inputs(
