@@ -359,6 +359,14 @@ def test_registry_and_run_state_as_mlflow_has_them(sidecar_uri: str, unique: str
     with pytest.raises(MlflowException) as missing:
         client.delete_registered_model_alias(f"{name}-missing", "champion")
     assert missing.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    for call in (
+        lambda: client.get_model_version(name, "abc"),
+        lambda: client.delete_model_version(name, "1.5"),
+        lambda: client.set_registered_model_alias(name, "champion", "x"),
+    ):
+        with pytest.raises(MlflowException) as not_a_number:
+            call()
+        assert not_a_number.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
 def test_a_restarted_trainer_resumes_its_ended_run(

@@ -40,6 +40,18 @@ def _logged_model_id(source: str) -> str | None:
     return model_id
 
 
+def _version_number(version: Any) -> int:
+    """A version as MLflow's stores take it (a number or its digits); anything else is
+    INVALID_PARAMETER_VALUE, as MLflow says it."""
+    try:
+        return int(str(version))
+    except ValueError:
+        raise MlflowException(
+            f"Parameter 'version' must be an integer, got '{version}'.",
+            error_code=databricks_pb2.INVALID_PARAMETER_VALUE,
+        ) from None
+
+
 def _page_size(max_results: int | None) -> int:
     return max(1, min(int(max_results or _DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE))
 
@@ -177,7 +189,7 @@ class SidecarRegistryStore(AbstractStore):
         self, name: str, version: str | int, description: str | None
     ) -> MlflowModelVersion:
         updated = self._registry.update_model_version(
-            name, int(version), description=description or ""
+            name, _version_number(version), description=description or ""
         )
         return entities.model_version(updated)
 
@@ -188,15 +200,17 @@ class SidecarRegistryStore(AbstractStore):
 
     @translated
     def delete_model_version(self, name: str, version: str | int) -> None:
-        self._registry.delete_model_version(name, int(version))
+        self._registry.delete_model_version(name, _version_number(version))
 
     @translated
     def get_model_version(self, name: str, version: str | int) -> MlflowModelVersion:
-        return entities.model_version(self._registry.get_model_version(name, int(version)))
+        return entities.model_version(
+            self._registry.get_model_version(name, _version_number(version))
+        )
 
     @translated
     def get_model_version_download_uri(self, name: str, version: str | int) -> str:
-        return self._download_uri(self._registry.get_model_version(name, int(version)))
+        return self._download_uri(self._registry.get_model_version(name, _version_number(version)))
 
     @translated
     def search_model_versions(
@@ -218,15 +232,17 @@ class SidecarRegistryStore(AbstractStore):
 
     @translated
     def set_model_version_tag(self, name: str, version: str | int, tag: Any) -> None:
-        self._registry.set_model_version_tag(name, int(version), tag.key, str(tag.value))
+        self._registry.set_model_version_tag(
+            name, _version_number(version), tag.key, str(tag.value)
+        )
 
     @translated
     def delete_model_version_tag(self, name: str, version: str | int, key: str) -> None:
-        self._registry.delete_model_version_tag(name, int(version), key)
+        self._registry.delete_model_version_tag(name, _version_number(version), key)
 
     @translated
     def set_registered_model_alias(self, name: str, alias: str, version: str | int) -> None:
-        self._registry.set_model_alias(name, alias, int(version))
+        self._registry.set_model_alias(name, alias, _version_number(version))
 
     @translated
     def delete_registered_model_alias(self, name: str, alias: str) -> None:
