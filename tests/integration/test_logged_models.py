@@ -183,3 +183,24 @@ def test_a_repeated_model_output_is_recorded_once(
     assert error_from_rpc(twice.value).field == "models[1].model_id"
     outputs = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).outputs
     assert [(o.model_id, o.step) for o in outputs.model_outputs] == [(model_id, 7)]
+
+
+@pytest.mark.parametrize(
+    ("spoil", "field"),
+    [
+        ({"name": "n" * 501}, "datasets[0].name"),
+        ({"digest": "d" * 37}, "datasets[0].digest"),
+        ({"source_type": "s" * 37}, "datasets[0].source_type"),
+        ({"tags": {"mlflow.data.context": "v" * 501}}, "datasets[0].tags[mlflow.data.context]"),
+        ({"tags": {"k" * 256: "v"}}, "datasets[0].tags.key"),
+    ],
+)
+def test_a_dataset_over_mlflows_limits_is_refused_naming_the_field(
+    models: GrpcLoggedModels, run_id: str, mlflow_server: MlflowServer, spoil, field
+) -> None:
+    fields = {"name": "train", "digest": "abc123", "source_type": "local", "source": "{}"}
+    with pytest.raises(InvalidArgumentError) as err:
+        models.log_inputs(run_id, [DatasetUse(**{**fields, **spoil})], [])
+    assert err.value.field == field
+    inputs = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).inputs
+    assert not inputs.dataset_inputs

@@ -24,8 +24,6 @@ MAX_URI_LENGTH = 4096
 """A model version's source, an experiment's artifact location."""
 MAX_FILTER_LENGTH = 10_000
 """A search filter in MLflow's syntax."""
-MAX_DATASET_FIELD_LENGTH = 65535
-"""A dataset's name, digest, source, schema or profile, as a run input."""
 
 # -- ids ---------------------------------------------------------------------------------
 

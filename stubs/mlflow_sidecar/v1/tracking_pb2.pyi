@@ -2465,7 +2465,9 @@ Global___DownloadLoggedModelArtifactResponse: _TypeAlias = DownloadLoggedModelAr
 @_typing.final
 class DatasetInput(_message.Message):
     """A dataset a run used, as MLflow describes it (mlflow.entities.Dataset) with the tags
-    of its use (e.g. "mlflow.data.context": "train").
+    of its use (e.g. "mlflow.data.context": "train"). MLflow's limits apply, checked by
+    the sidecar (INVALID_ARGUMENT naming the field); name, digest, source_type and source
+    are required.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -2498,13 +2500,21 @@ class DatasetInput(_message.Message):
     PROFILE_FIELD_NUMBER: _builtins.int
     TAGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """At most 500 characters."""
     digest: _builtins.str
+    """At most 36 characters."""
     source_type: _builtins.str
+    """At most 36 characters, e.g. "local", "s3", "http"."""
     source: _builtins.str
+    """At most 65535 characters."""
     schema: _builtins.str
+    """At most 1048575 characters."""
     profile: _builtins.str
+    """At most 16777215 characters (the call's message size limit comes first)."""
     @_builtins.property
-    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Keys of at most 255 characters, values of at most 500."""
+
     def __init__(
         self,
         *,
