@@ -24,6 +24,20 @@ MAX_URI_LENGTH = 4096
 """A model version's source, an experiment's artifact location."""
 MAX_FILTER_LENGTH = 10_000
 """A search filter in MLflow's syntax."""
+DATASET_FIELD_LENGTHS = {
+    "name": 500,
+    "digest": 36,
+    "source_type": 36,
+    "source": 65_535,
+    "schema": 1_048_575,
+    "profile": 16_777_215,
+}
+"""A run input dataset's fields and their lengths in MLflow (mlflow.utils.validation; the
+source type's is its database column)."""
+MAX_INPUT_TAG_KEY_LENGTH = 255
+"""A key of a dataset input's tags, in MLflow."""
+MAX_INPUT_TAG_VALUE_LENGTH = 500
+"""A value of a dataset input's tags, in MLflow."""
 
 # -- ids ---------------------------------------------------------------------------------
 

@@ -11,16 +11,6 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from mlflow.utils.validation import (
-    MAX_DATASET_DIGEST_SIZE,
-    MAX_DATASET_NAME_SIZE,
-    MAX_DATASET_PROFILE_SIZE,
-    MAX_DATASET_SCHEMA_SIZE,
-    MAX_DATASET_SOURCE_SIZE,
-    MAX_INPUT_TAG_KEY_SIZE,
-    MAX_INPUT_TAG_VALUE_SIZE,
-)
-
 from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import FileInfo, Page
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
@@ -37,16 +27,6 @@ _FINAL_STATUSES = frozenset({LoggedModelStatus.READY, LoggedModelStatus.FAILED})
 
 
 _MODEL_ID_RE = re.compile(r"[a-zA-Z0-9][\w\-]{0,63}")
-# MLflow's own limits on a dataset's fields (its source type column is 36 wide), so a
-# refusal names the field instead of arriving as MLflow's words.
-_DATASET_FIELD_LIMITS = {
-    "name": MAX_DATASET_NAME_SIZE,
-    "digest": MAX_DATASET_DIGEST_SIZE,
-    "source_type": 36,
-    "source": MAX_DATASET_SOURCE_SIZE,
-    "schema": MAX_DATASET_SCHEMA_SIZE,
-    "profile": MAX_DATASET_PROFILE_SIZE,
-}
 _REQUIRED_DATASET_FIELDS = frozenset({"name", "digest", "source_type", "source"})
 
 
@@ -188,15 +168,19 @@ class LoggedModelService:
         if not datasets and not model_ids:
             raise InvalidArgumentError("datasets", "name at least one dataset or model")
         for index, dataset in enumerate(datasets):
-            for name, most in _DATASET_FIELD_LIMITS.items():
+            for name, most in limits.DATASET_FIELD_LENGTHS.items():
                 value = getattr(dataset, name)
                 if name in _REQUIRED_DATASET_FIELDS:
                     check.require(f"datasets[{index}].{name}", value, max_length=most)
                 else:
                     check.bounded(f"datasets[{index}].{name}", value, most)
             for key, value in dataset.tags.items():
-                check.require(f"datasets[{index}].tags.key", key, max_length=MAX_INPUT_TAG_KEY_SIZE)
-                check.bounded(f"datasets[{index}].tags[{key}]", value, MAX_INPUT_TAG_VALUE_SIZE)
+                check.require(
+                    f"datasets[{index}].tags.key", key, max_length=limits.MAX_INPUT_TAG_KEY_LENGTH
+                )
+                check.bounded(
+                    f"datasets[{index}].tags[{key}]", value, limits.MAX_INPUT_TAG_VALUE_LENGTH
+                )
         for index, input_id in enumerate(model_ids):
             model_id(f"model_ids[{index}]", input_id)
         self._gateway.log_inputs(run_id, datasets, model_ids)

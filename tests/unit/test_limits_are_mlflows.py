@@ -1,0 +1,32 @@
+"""The limits the sidecar checks before MLflow are MLflow's own: a value either accepts is
+accepted by both, and a refusal names the field instead of arriving in MLflow's words.
+
+`core.limits` keeps its own copies because a client-only install has no MLflow."""
+
+from __future__ import annotations
+
+from mlflow.store.tracking.dbmodels.models import SqlDataset
+from mlflow.utils import validation
+
+from mlflow_sidecar.core import limits
+
+
+def test_run_and_registry_limits_are_mlflows() -> None:
+    assert limits.MAX_KEY_LENGTH == validation.MAX_ENTITY_KEY_LENGTH
+    assert limits.MAX_PARAM_VALUE_LENGTH == validation.MAX_PARAM_VAL_LENGTH
+    assert limits.MAX_TAG_VALUE_LENGTH == validation.MAX_TAG_VAL_LENGTH
+    assert limits.MAX_NAME_LENGTH == validation.MAX_EXPERIMENT_NAME_LENGTH
+    assert limits.MAX_ALIAS_LENGTH == validation.MAX_REGISTERED_MODEL_ALIAS_LENGTH
+
+
+def test_dataset_limits_are_mlflows() -> None:
+    assert {
+        "name": validation.MAX_DATASET_NAME_SIZE,
+        "digest": validation.MAX_DATASET_DIGEST_SIZE,
+        "source_type": SqlDataset.dataset_source_type.type.length,
+        "source": validation.MAX_DATASET_SOURCE_SIZE,
+        "schema": validation.MAX_DATASET_SCHEMA_SIZE,
+        "profile": validation.MAX_DATASET_PROFILE_SIZE,
+    } == limits.DATASET_FIELD_LENGTHS
+    assert limits.MAX_INPUT_TAG_KEY_LENGTH == validation.MAX_INPUT_TAG_KEY_SIZE
+    assert limits.MAX_INPUT_TAG_VALUE_LENGTH == validation.MAX_INPUT_TAG_VALUE_SIZE
