@@ -96,6 +96,29 @@ def test_already_exists(tracking_stub, unique):
             "client_request_id",
         ),
         ("GetRun", lambda run_id: pb.GetRunRequest(run_id=""), "run_id"),
+        # MLflow reads ids as numbers: these would name experiment 0, the Default one.
+        (
+            "DeleteExperiment",
+            lambda run_id: pb.DeleteExperimentRequest(experiment_id="0" * 32),
+            "experiment_id",
+        ),
+        (
+            "GetExperiment",
+            lambda run_id: pb.GetExperimentRequest(experiment_id=" 0"),
+            "experiment_id",
+        ),
+        (
+            "SearchRuns",
+            lambda run_id: pb.SearchRunsRequest(experiment_ids=["0", "+0"]),
+            "experiment_ids[1]",
+        ),
+        ("StartRun", lambda run_id: pb.StartRunRequest(experiment_id="00"), "experiment_id"),
+        (
+            "SearchRuns",
+            lambda run_id: pb.SearchRunsRequest(experiment_ids=["0"], view_type=99),
+            "view_type",
+        ),
+        ("FlushMetrics", lambda run_id: pb.FlushMetricsRequest(run_id="../x"), "run_id"),
         (
             "GetMetricHistory",
             lambda run_id: pb.GetMetricHistoryRequest(run_id=run_id, metric_key="m", page_size=-1),

@@ -9,6 +9,7 @@ from typing import TypeVar
 from mlflow_sidecar.core import names
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import (
+    MAX_ID_LENGTH,
     MAX_PAGE_TOKEN_LENGTH,
     MAX_TAG_VALUE_LENGTH,
 )
@@ -25,6 +26,21 @@ key = names.key
 # retried create finds what its first try made): a caller's tag under it could make a
 # later create take another entity for its own, or miss its own.
 RESERVED_TAG_PREFIX = "mlflow_sidecar."
+
+
+def experiment_id(field: str, value: str, *, required: bool = True) -> str:
+    """An experiment id as MLflow writes it. MLflow's stores read a numeric id as a
+    number, so `007`, ` 7` or `+7` would name experiment 7, and a run id of zeros the
+    Default experiment: a caller who mixed ids up would touch another experiment."""
+    if required or value:
+        require(field, value, max_length=MAX_ID_LENGTH)
+    try:
+        number = int(value)
+    except ValueError:
+        return value  # not a number: MLflow takes it as written
+    if str(number) != value:
+        raise InvalidArgumentError(field, f"must be written as MLflow writes it: {number}")
+    return value
 
 
 def tag_key(field: str, value: str) -> str:

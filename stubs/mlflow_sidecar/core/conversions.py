@@ -23,6 +23,7 @@ from mlflow_sidecar.core.domain import (
     ViewType,
     WatchStatus,
 )
+from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -83,8 +84,14 @@ def view_type_to_pb(view: ViewType) -> pb.ViewType.ValueType:
 
 
 def view_type_from_pb(value: pb.ViewType.ValueType) -> ViewType:
-    """Enum value to the domain view type; UNSPECIFIED means ACTIVE_ONLY."""
-    return _VIEW_FROM_PB.get(value, ViewType.ACTIVE_ONLY)
+    """Enum value to the domain view type; UNSPECIFIED means ACTIVE_ONLY. A value this
+    contract does not define is INVALID_ARGUMENT on `view_type`."""
+    if value == pb.VIEW_TYPE_UNSPECIFIED:
+        return ViewType.ACTIVE_ONLY
+    known = _VIEW_FROM_PB.get(value)
+    if known is None:
+        raise InvalidArgumentError("view_type", f"unknown view type {value}")
+    return known
 
 
 def run_status_to_pb(status: RunStatus) -> pb.RunStatus.ValueType:

@@ -83,7 +83,7 @@ class LoggedModelService:
         tags: Mapping[str, str] | None = None,
     ) -> LoggedModel:
         """A new logged model in PENDING status."""
-        check.require("experiment_id", experiment_id)
+        check.experiment_id("experiment_id", experiment_id)
         if name:
             check.bounded("name", name, limits.MAX_NAME_LENGTH)
         if source_run_id:
@@ -116,7 +116,7 @@ class LoggedModelService:
         if not experiment_ids:
             raise InvalidArgumentError("experiment_ids", "name at least one experiment")
         for index, experiment_id in enumerate(experiment_ids):
-            check.require(f"experiment_ids[{index}]", experiment_id)
+            check.experiment_id(f"experiment_ids[{index}]", experiment_id)
         for index, (field_name, _) in enumerate(order_by):
             check.require(f"order_by[{index}].field_name", field_name)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)

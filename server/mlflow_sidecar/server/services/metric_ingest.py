@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.domain import FlushResult
 from mlflow_sidecar.core.errors import DeadlineExceededError
 from mlflow_sidecar.server import call_deadline
@@ -52,7 +51,7 @@ class MetricIngest:
     def flush(self, run_id: str = "", timeout_s: float | None = None) -> FlushResult:
         """Wait for delivery of a run's (or all) points within the call's deadline."""
         if run_id:
-            check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
+            check.run_id("run_id", run_id)
         pending = self._deliverer.wait_delivered(run_id, self._budget(timeout_s))
         return FlushResult(
             pending, self._store.dead_letter_count(run_id), self._ends_to_apply(run_id)

@@ -121,11 +121,13 @@ def check_model_upload(
             "run_id", "give the run to log the files to, or an experiment_id to create one in"
         )
     check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
-    check.bounded("experiment_id", experiment_id, limits.MAX_ID_LENGTH)
+    check.experiment_id("experiment_id", experiment_id, required=False)
     check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
     check.tags("tags", tags)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
+        if alias in aliases[:index]:
+            raise InvalidArgumentError(f"aliases[{index}]", f"{alias!r} is listed twice")
 
 
 class RegistryService:

@@ -124,7 +124,7 @@ class TrackingService:
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
+        check.experiment_id("experiment_id", experiment_id)
         return self._gateway.get_experiment(experiment_id)
 
     def get_experiment_by_name(self, name: str) -> Experiment:
@@ -151,11 +151,11 @@ class TrackingService:
         )
 
     def delete_experiment(self, experiment_id: str, *, request_id: str = "") -> None:
-        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
+        check.experiment_id("experiment_id", experiment_id)
         self._gateway.delete_experiment(experiment_id)
 
     def restore_experiment(self, experiment_id: str) -> Experiment:
-        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
+        check.experiment_id("experiment_id", experiment_id)
         return self._gateway.restore_experiment(experiment_id)
 
     # -- runs ---------------------------------------------------------------------------
@@ -171,7 +171,7 @@ class TrackingService:
         client_request_id: str = "",
         request_id: str = "",
     ) -> Run:
-        check.require("experiment_id", experiment_id, max_length=limits.MAX_ID_LENGTH)
+        check.experiment_id("experiment_id", experiment_id)
         check.bounded("run_name", run_name, limits.MAX_KEY_LENGTH)
         check.tags("tags", tags or {})
         if start_time_ms < 0:
@@ -227,9 +227,7 @@ class TrackingService:
         if not experiment_ids:
             raise InvalidArgumentError("experiment_ids", "name at least one experiment")
         for index, experiment_id in enumerate(experiment_ids):
-            check.require(
-                f"experiment_ids[{index}]", experiment_id, max_length=limits.MAX_ID_LENGTH
-            )
+            check.experiment_id(f"experiment_ids[{index}]", experiment_id)
         check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search_runs(
