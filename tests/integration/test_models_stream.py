@@ -227,7 +227,6 @@ def test_download_model_of_an_unknown_alias_is_not_found(registry, experiment_id
         ({"run_id": "abc", "experiment_id": "1"}, "experiment_id"),
         ({"experiment_id": "1", "aliases": ["latest"]}, "aliases[0]"),
         ({"experiment_id": "1", "aliases": ["ok", "has space"]}, "aliases[1]"),
-        ({"experiment_id": "1", "aliases": ["champion", "champion"]}, "aliases[1]"),
         ({"experiment_id": "01"}, "experiment_id"),
     ],
 )

@@ -126,8 +126,6 @@ def check_model_upload(
     check.tags("tags", tags)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
-        if alias in aliases[:index]:
-            raise InvalidArgumentError(f"aliases[{index}]", f"{alias!r} is listed twice")
 
 
 class RegistryService:
