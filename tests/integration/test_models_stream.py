@@ -268,3 +268,22 @@ def test_a_version_whose_source_holds_nothing_is_not_found_and_the_copy_stays(
     assert err.value.reason == "ARTIFACT_NOT_FOUND"
     assert "nothing is stored at its source" in err.value.message
     assert tree_digests(served) == before
+
+
+def test_a_file_the_artifact_proxy_refuses_is_its_refusal_not_an_internal_error(
+    registry, mlflow_server, experiment_id, unique, tmp_path
+):
+    version = registry.upload_model(
+        f"proxied-{unique}", model_dir(tmp_path / "m", files=2), experiment_id=experiment_id
+    )
+    run_id, _, path = version.source.removeprefix("runs:/").partition("/")
+    run_artifacts = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).info.artifact_uri
+    stored = Path(mlflow_server.artifacts) / run_artifacts.removeprefix("mlflow-artifacts:/") / path
+    outside = tmp_path / "outside"
+    outside.write_text("not for the sidecar")
+    # Put there by someone with access to the proxy's disk: the proxy refuses to serve it.
+    (stored / "stray").symlink_to(outside)
+    with pytest.raises(InvalidArgumentError) as err:
+        registry.download_model(f"proxied-{unique}", tmp_path / "out", version=version.version)
+    assert "400" in err.value.message or "refused" in err.value.message
+    assert not (tmp_path / "out").exists()

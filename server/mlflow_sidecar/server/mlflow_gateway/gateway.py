@@ -1150,7 +1150,7 @@ class MlflowGateway:
             repo: Any = get_artifact_repository(
                 uri, tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
             )
-            return str(repo.download_artifacts("", str(dst_dir)))
+            return mlflow_internals.download_artifacts(repo, "", str(dst_dir))
 
         return Path(self.call(op))
 

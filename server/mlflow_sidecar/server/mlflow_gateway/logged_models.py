@@ -290,6 +290,8 @@ class LoggedModelGateway:
         location = self.artifact_location(model_id)
 
         def op() -> str:
-            return str(self._repository(location).download_artifacts(artifact_path, str(dst_dir)))
+            return mlflow_internals.download_artifacts(
+                self._repository(location), artifact_path, str(dst_dir)
+            )
 
         return Path(self._gateway.call(op, not_found=ErrorReason.ARTIFACT_NOT_FOUND))

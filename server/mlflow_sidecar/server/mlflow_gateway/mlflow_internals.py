@@ -20,6 +20,7 @@ from typing import Any
 
 import requests
 from mlflow import environment_variables
+from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import LogBatch
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
@@ -227,3 +228,30 @@ def request_header_providers() -> list[Any] | None:
     where it used to be (the providers are then left as they are)."""
     registry = getattr(request_headers._request_header_provider_registry, "_registry", None)
     return registry if isinstance(registry, list) else None
+
+
+def download_artifacts(repo: Any, artifact_path: str, dst_dir: str) -> str:
+    """`repo.download_artifacts(artifact_path, dst_dir)`, raising the first file's own
+    failure.
+
+    MLflow downloads the files in a pool and reports their failures folded into one
+    MlflowException of code INTERNAL_ERROR when they are not MlflowExceptions (the artifact
+    proxy's HTTP refusals are not), which would hide what MLflow answered: a refusal would
+    read as a failure of the sidecar."""
+    failures: list[Exception] = []
+    download_file = repo._download_file
+
+    def recorded(remote_file_path: str, local_path: str) -> Any:
+        try:
+            return download_file(remote_file_path, local_path)
+        except Exception as exc:
+            failures.append(exc)
+            raise
+
+    repo._download_file = recorded
+    try:
+        return str(repo.download_artifacts(artifact_path, dst_dir))
+    except MlflowException as exc:
+        if failures and exc.error_code == "INTERNAL_ERROR":
+            raise failures[0] from exc
+        raise
