@@ -191,6 +191,32 @@ class MlflowPortContract:
         if field == "page_token":
             assert err.value.reason == ErrorReason.INVALID_PAGE_TOKEN
 
+    def test_a_page_token_is_refused_by_a_search_of_another_query(self, port: MlflowPort) -> None:
+        first, second = new_experiment(port), new_experiment(port)
+        for experiment_id in (first, second):
+            for _ in range(3):
+                new_run(port, experiment_id)
+
+        def runs(experiment_id: str, token: str, **changes: Any) -> domain.Page[domain.Run]:
+            args: dict[str, Any] = {
+                "filter_string": "",
+                "order_by": [],
+                "view_type": domain.ViewType.ALL,
+                **changes,
+            }
+            return port.search_runs([experiment_id], page_size=2, page_token=token, **args)
+
+        token = runs(first, "").next_page_token
+        assert len(runs(first, token).items) == 1
+        for other in (
+            lambda: runs(second, token),
+            lambda: runs(first, token, view_type=domain.ViewType.ACTIVE_ONLY),
+            lambda: runs(first, token, order_by=["start_time DESC"]),
+        ):
+            with pytest.raises(InvalidArgumentError) as err:
+                other()
+            assert err.value.reason == ErrorReason.INVALID_PAGE_TOKEN
+
     def test_experiments_are_deleted_and_restored_idempotently(self, port: MlflowPort) -> None:
         name = unique("gone")
         experiment_id = new_experiment(port, name)

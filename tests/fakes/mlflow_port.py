@@ -513,7 +513,12 @@ class FakeMlflow:
                 "last_update_time": lambda e: e.last_update_time_ms,
             },
         )
-        return self._page("experiments", found, page_size, page_token)
+        return self._page(
+            page_tokens.of_query("experiments", filter_string, order_by, view_type.value),
+            found,
+            page_size,
+            page_token,
+        )
 
     @_port_call
     def delete_experiment(self, experiment_id: str) -> None:
@@ -610,7 +615,12 @@ class FakeMlflow:
                 "attributes.run_name": lambda r: r.info.run_name,
             },
         )
-        return self._page("runs", found, page_size, page_token)
+        return self._page(
+            page_tokens.of_query("runs", experiment_ids, filter_string, order_by, view_type.value),
+            found,
+            page_size,
+            page_token,
+        )
 
     @_port_call
     def delete_run(self, run_id: str) -> None:
@@ -760,7 +770,12 @@ class FakeMlflow:
                 "last_updated_timestamp": lambda m: m.last_updated_time_ms,
             },
         )
-        return self._page("registered-models", found, page_size, page_token)
+        return self._page(
+            page_tokens.of_query("registered-models", filter_string, order_by),
+            found,
+            page_size,
+            page_token,
+        )
 
     @_port_call
     def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
@@ -947,7 +962,12 @@ class FakeMlflow:
                 "last_updated_timestamp": lambda v: v.last_updated_time_ms,
             },
         )
-        return self._page("model-versions", found, page_size, page_token)
+        return self._page(
+            page_tokens.of_query("model-versions", filter_string, order_by),
+            found,
+            page_size,
+            page_token,
+        )
 
     @_port_call
     def versions_from(self, name: str, source: str) -> tuple[domain.ModelVersion, ...]:
@@ -1175,7 +1195,12 @@ class FakeLoggedModels:
             if column is None:
                 raise InvalidArgumentError("order_by", f"cannot order by {field_name!r}")
             found.sort(key=functools.partial(_logged_model_column, column), reverse=not ascending)
-        return FakeMlflow._page(_LOGGED_MODELS, found, page_size, page_token)
+        return FakeMlflow._page(
+            page_tokens.of_query(_LOGGED_MODELS, list(experiment_ids), filter_string, order_by),
+            found,
+            page_size,
+            page_token,
+        )
 
     @_port_call
     def finalize(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:

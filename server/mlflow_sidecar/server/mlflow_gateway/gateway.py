@@ -425,7 +425,8 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Experiment]:
         """One page of experiments."""
-        mlflow_token = page_tokens.to_mlflow("experiments", page_token)
+        kind = page_tokens.of_query("experiments", filter_string, order_by, view_type.value)
+        mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
             lambda: self._client.search_experiments(
                 view_type=_VIEW_TYPES[view_type],
@@ -440,7 +441,7 @@ class MlflowGateway:
         )
         return domain.Page(
             tuple(entities.experiment(e) for e in paged),
-            page_tokens.from_mlflow("experiments", paged.token),
+            page_tokens.from_mlflow(kind, paged.token),
         )
 
     def delete_experiment(self, experiment_id: str) -> None:
@@ -526,7 +527,10 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
-        mlflow_token = page_tokens.to_mlflow("runs", page_token)
+        kind = page_tokens.of_query(
+            "runs", experiment_ids, filter_string, order_by, view_type.value
+        )
+        mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
             lambda: self._client.search_runs(
                 list(experiment_ids),
@@ -541,7 +545,7 @@ class MlflowGateway:
             page_token=page_token,
         )
         return domain.Page(
-            tuple(entities.run(r) for r in paged), page_tokens.from_mlflow("runs", paged.token)
+            tuple(entities.run(r) for r in paged), page_tokens.from_mlflow(kind, paged.token)
         )
 
     def delete_run(self, run_id: str) -> None:
@@ -719,7 +723,8 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
-        mlflow_token = page_tokens.to_mlflow("registered-models", page_token)
+        kind = page_tokens.of_query("registered-models", filter_string, order_by)
+        mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
             lambda: self._client.search_registered_models(
                 filter_string=filter_string or None,
@@ -733,7 +738,7 @@ class MlflowGateway:
         )
         return domain.Page(
             tuple(entities.registered_model(m) for m in paged),
-            page_tokens.from_mlflow("registered-models", paged.token),
+            page_tokens.from_mlflow(kind, paged.token),
         )
 
     def update_registered_model(self, name: str, description: str) -> domain.RegisteredModel:
@@ -981,7 +986,8 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
-        mlflow_token = page_tokens.to_mlflow("model-versions", page_token)
+        kind = page_tokens.of_query("model-versions", filter_string, order_by)
+        mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
             lambda: self._client.search_model_versions(
                 filter_string=filter_string or None,
@@ -995,7 +1001,7 @@ class MlflowGateway:
         )
         return domain.Page(
             tuple(entities.model_version(v) for v in paged),
-            page_tokens.from_mlflow("model-versions", paged.token),
+            page_tokens.from_mlflow(kind, paged.token),
         )
 
     def update_model_version(

@@ -140,7 +140,8 @@ class LoggedModelGateway:
             {"field_name": f, "ascending": a, "dataset_name": None, "dataset_digest": None}
             for f, a in order_by
         ] or None
-        offset = page_tokens.offset(_PAGE_KIND, page_token)
+        kind = page_tokens.of_query(_PAGE_KIND, ids, filter_string, order_by)
+        offset = page_tokens.offset(kind, page_token)
         mlflow_token = (
             mlflow_internals.logged_models_page_token(
                 offset, experiment_ids=ids, filter_string=mlflow_filter, order_by=ordering
@@ -162,7 +163,7 @@ class LoggedModelGateway:
         )
         return domain.Page(
             tuple(logged_model(m) for m in paged),
-            page_tokens.from_mlflow(_PAGE_KIND, paged.token),
+            page_tokens.from_mlflow(kind, paged.token),
         )
 
     def finalize(self, model_id: str, status: LoggedModelStatus) -> LoggedModel:

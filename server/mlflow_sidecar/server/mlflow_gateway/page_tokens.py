@@ -4,14 +4,16 @@ MLflow's SQL stores page by offset: their token is base64 JSON `{"offset": N}` a
 trust it (a negative or huge offset reaches the database and fails there, as INTERNAL or,
 behind a server, as a 500 that looks transient). The sidecar hands out its own tokens
 instead: URL-safe base64 JSON naming the list they belong to (`kind`) and the position,
-checked before anything reaches MLflow. A token that is not one of ours, of another list,
-or out of bounds is INVALID_ARGUMENT on `page_token`, reason INVALID_PAGE_TOKEN.
+checked before anything reaches MLflow. A token that is not one of ours, of another list
+(a search's list is its query's: `of_query`), or out of bounds is INVALID_ARGUMENT on
+`page_token`, reason INVALID_PAGE_TOKEN.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import json
 from typing import Any
 
@@ -27,6 +29,13 @@ def refuse(
 ) -> InvalidArgumentError:
     """The error for a page token the sidecar did not hand out for this call."""
     return InvalidArgumentError("page_token", problem, reason=ErrorReason.INVALID_PAGE_TOKEN)
+
+
+def of_query(kind: str, *query: object) -> str:
+    """The list `kind` as one query makes it (its experiments, filter, order, view): a token
+    of this list is refused by the same search with another query, whose list it is not."""
+    digest = hashlib.sha256(json.dumps(query, default=str).encode()).hexdigest()[:16]
+    return f"{kind}/{digest}"
 
 
 def encode(kind: str, **position: Any) -> str:
