@@ -81,3 +81,23 @@ def test_start_run_retried_with_the_same_request_id_makes_one_run(
         pb.StartRunRequest(experiment_id=exp, client_request_id=f"other-{unique}")
     ).run
     assert other.info.run_id != first.info.run_id
+
+
+def test_log_metrics_retried_with_the_same_request_id_logs_once(
+    tracking_stub, mlflow_server, run_id, unique
+):
+    # No timestamps: the sidecar stamps them on arrival, so only the request id can tell
+    # a repeat from new points.
+    request = pb.LogMetricsRequest(
+        run_id=run_id,
+        metrics=[pb.Metric(key="reward", value=0.5, step=s) for s in range(3)],
+        request_id=f"log-{unique}",
+    )
+    first = tracking_stub.LogMetrics(request)
+    with ThreadPoolExecutor(4) as pool:
+        again = list(pool.map(lambda _: tracking_stub.LogMetrics(request), range(4)))
+    assert all(answer == first for answer in again)
+    history = mlflow.MlflowClient(tracking_uri=mlflow_server.url).get_metric_history(
+        run_id, "reward"
+    )
+    assert sorted(m.step for m in history) == [0, 1, 2]

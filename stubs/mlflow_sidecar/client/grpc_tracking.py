@@ -231,9 +231,11 @@ class GrpcExperimentTracking(ExperimentTracking):
         request = pb.LogParamsRequest(run_id=run_id, params=dict(params))
         invoke(self._stub.LogParams, request, self._timeout)
 
-    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
+    def log_metrics(self, run_id: str, metrics: Sequence[Metric], *, request_id: str = "") -> int:
         request = pb.LogMetricsRequest(
-            run_id=run_id, metrics=[conv.metric_to_pb(m) for m in metrics]
+            run_id=run_id,
+            metrics=[conv.metric_to_pb(m) for m in metrics],
+            request_id=request_id or uuid.uuid4().hex,
         )
         return invoke(self._stub.LogMetrics, request, self._timeout).accepted_points
 

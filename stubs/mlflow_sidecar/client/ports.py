@@ -200,8 +200,9 @@ class ExperimentTracking(abc.ABC):
         """Log params; a param already logged with another value is FailedPreconditionError."""
 
     @abc.abstractmethod
-    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
-        """Log metric points synchronously; returns how many were accepted."""
+    def log_metrics(self, run_id: str, metrics: Sequence[Metric], *, request_id: str = "") -> int:
+        """Log metric points synchronously; returns how many were accepted. The call's
+        retries log them once; to retry it yourself, pass the same `request_id`."""
 
     @abc.abstractmethod
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:

@@ -1034,7 +1034,16 @@ class LogMetricsRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    request_id: _builtins.str
+    """Client-chosen id of this logical call (a UUID4), kept across every retry: a
+    repeated or ambiguous call with the same id answers with the first outcome and logs
+    nothing again. Without one, a repeat logs its points again: MLflow keeps a point
+    once only when its timestamp, step and value are the same, and points with
+    timestamp 0 are stamped when they arrive. At most 200 characters of
+    [A-Za-z0-9_.:-]; empty: no such guarantee.
+    """
     @_builtins.property
     def metrics(self) -> _containers.RepeatedCompositeFieldContainer[Global___Metric]: ...
     def __init__(
@@ -1042,10 +1051,11 @@ class LogMetricsRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         metrics: _abc.Iterable[Global___Metric] | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["metrics", b"metrics", "request_id", b"request_id", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
