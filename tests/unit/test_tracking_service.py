@@ -395,3 +395,31 @@ def test_resume_refuses_deleted_missing_and_malformed_runs(service, run_id):
     with pytest.raises(InvalidArgumentError) as malformed:
         service.resume_run("")
     assert malformed.value.field == "run_id"
+
+
+def test_an_end_with_a_backlog_is_recorded_while_mlflow_is_down(service, gateway, run_id):
+    gateway.outage()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", float(s), 1_000, s) for s in range(5)])
+    run, pending = service.end_run_with_pending(run_id, RunStatus.KILLED, end_time_ms=7_000)
+    assert (run.run_id, run.info.status, pending) == (run_id, RunStatus.RUNNING, 5)
+    with call_deadline.deadline_scope(0.3), pytest.raises(DeadlineExceededError) as waited:
+        service.end_run_with_pending(
+            run_id, RunStatus.KILLED, end_time_ms=7_000, wait_for_delivery=True
+        )
+    assert waited.value.reason == "RUN_END_PENDING"
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 1
+    gateway.recover()
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    ended = gateway.get_run(run_id).info
+    assert (ended.status, ended.end_time_ms) == (RunStatus.KILLED, 7_000)
+    history = gateway.get_metric_history(run_id, "loss", page_size=10, page_token="")
+    assert [m.step for m in history.items] == [0, 1, 2, 3, 4]
+
+
+def test_an_end_without_a_backlog_while_mlflow_is_down_is_unavailable(service, gateway, run_id):
+    gateway.outage()
+    with pytest.raises(UnavailableError):
+        service.end_run_with_pending(run_id)
+    gateway.recover()
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
+    assert gateway.get_run(run_id).info.status is RunStatus.RUNNING

@@ -833,7 +833,10 @@ class EndRunResponse(_message.Message):
     """
     @_builtins.property
     def run(self) -> Global___Run:
-        """The run as MLflow has it now: still RUNNING while the end waits for delivery."""
+        """The run as MLflow has it now: still RUNNING while the end waits for delivery. With
+        points of the run spooled, the end is recorded even while MLflow cannot be reached;
+        `run` then holds only run_id and status RUNNING.
+        """
 
     def __init__(
         self,

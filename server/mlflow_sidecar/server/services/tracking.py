@@ -16,6 +16,7 @@ from mlflow_sidecar.core.domain import (
     MetricPoint,
     Page,
     Run,
+    RunInfo,
     RunStatus,
     ViewType,
 )
@@ -26,6 +27,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    UnavailableError,
 )
 from mlflow_sidecar.core.limits import (
     DEFAULT_METRIC_PAGE_SIZE,
@@ -253,7 +255,10 @@ class TrackingService:
         With no points of the run in the spool, the run is ended in MLflow at once. With a
         backlog the end is recorded in the spool (durably) and applied by the deliverer
         right after the run's last point: the run returned is still RUNNING then, unless
-        `wait_for_delivery`, which waits for that within the call's deadline.
+        `wait_for_delivery`, which waits for that within the call's deadline. A backlog is
+        also why an end is recorded while MLflow cannot be reached (the run it returns
+        then holds only its id and status): the trainer that ends its run during an
+        outage and exits leaves it ended once MLflow is back.
         """
         check.run_id("run_id", run_id)
         if status not in TERMINAL_RUN_STATUSES:
@@ -263,8 +268,13 @@ class TrackingService:
         ended_ms = end_time_ms or now_ms()
         # One end or resume of a run at a time: MLflow and the spool's record agree after.
         with self._end_locks.hold(run_id):
-            self._require_active(run_id)
-            if not self._ingest.pending(run_id):
+            backlog = self._ingest.pending(run_id)
+            try:
+                self._require_active(run_id)
+            except UnavailableError:
+                if not backlog:
+                    raise
+            if not backlog:
                 self._gateway.set_terminated(run_id, status, ended_ms)
                 self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
                 return self._gateway.get_run(run_id), 0
@@ -277,7 +287,11 @@ class TrackingService:
                     " still being delivered; its end is recorded and follows them",
                     reason=ErrorReason.RUN_END_PENDING,
                 )
-        return self._gateway.get_run(run_id), pending
+        try:
+            return self._gateway.get_run(run_id), pending
+        except UnavailableError:
+            # The end is recorded: the call did what it promises, MLflow's view can wait.
+            return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
         check.run_id("run_id", run_id)
