@@ -579,3 +579,20 @@ def test_the_limit_in_force_is_published(store):
     assert slots.try_acquire()
     slots.sent(0, pushed_back=True)
     assert metrics.registry.get_sample_value("mlflow_sidecar_delivery_calls_limit") == 1
+
+
+def test_the_deliverers_retries_are_counted_with_the_other_mlflow_retries(store):
+    metrics = SidecarMetrics()
+    mlflow = fake_mlflow("a")
+    store.append(points("a", 150))
+    mlflow.outage()
+    deliverer = deliverer_for(store, mlflow.log_metrics, mlflow, 2, metrics=metrics)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("a", 0.5) > 0
+        retries = metrics.registry.get_sample_value("mlflow_sidecar_mlflow_retries_total")
+        assert retries is not None and retries >= 1
+        mlflow.recover()
+        assert deliverer.wait_delivered("a", HANG_S) == 0
+    finally:
+        deliverer.stop()

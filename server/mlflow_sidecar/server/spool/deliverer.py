@@ -178,6 +178,8 @@ class MetricDeliverer:
                 wait = self._backoff.failed(ticket)
                 if wait is not None:
                     log.warning("metric delivery failed, retrying in %.2fs: %s", wait, exc)
+                    if self._metrics is not None:
+                        self._metrics.mlflow_retries.inc()
                 continue
             else:
                 self._backoff.succeeded()
