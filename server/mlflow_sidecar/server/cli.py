@@ -8,12 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -90,9 +91,22 @@ def _serve(args: argparse.Namespace) -> int:
     except DataDirBusyError as exc:
         return _fail(str(exc))
     try:
-        return _serve_locked(config)
+        code = _serve_locked(config)
     finally:
         lock.release()
+    if code == 0:
+        _end_process()
+    return code
+
+
+def _end_process() -> NoReturn:
+    """End a sidecar that has drained and stopped. What is durable is on disk; what is
+    left is the interpreter's teardown, where grpc's core alone takes about 2 s, past
+    `server.grace_s`, which orchestrators count on."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _serve_locked(config: AppConfig) -> int:

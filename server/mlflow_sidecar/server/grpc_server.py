@@ -49,8 +49,8 @@ class BackgroundTask(Protocol):
     def start(self) -> None:
         """Begin."""
 
-    def stop(self) -> None:
-        """End; called after the server has drained."""
+    def stop(self, timeout_s: float) -> None:
+        """End within `timeout_s`; called after the server has drained."""
 
 
 class Drainable(Protocol):
@@ -226,8 +226,19 @@ class SidecarServer:
         """Drain: report NOT_SERVING, end the open streams (alias watches: UNAVAILABLE,
         SHUTTING_DOWN), refuse new calls, let running calls finish within grace; meanwhile
         deliver pending points for up to `spool.drain_on_stop_s`, then say how many are
-        left for the next start."""
-        grace = self._config.server.grace_s if grace_s is None else grace_s
+        left for the next start. `wait()` returns afterwards even if a step failed."""
+        try:
+            self._drain_and_stop(self._config.server.grace_s if grace_s is None else grace_s)
+        except Exception:
+            # A failed step must not keep the process from ending: what is accepted is in
+            # the spool and the ledger, which the next start reads.
+            log.exception("stopping failed; the sidecar stops anyway")
+        finally:
+            self._stopped.set()
+            log.info("stopped")
+
+    def _drain_and_stop(self, grace: float) -> None:
+        stop_by = time.monotonic() + grace
         drain_until = time.monotonic() + min(self._config.spool.drain_on_stop_s, grace)
         self._serving = False
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -239,7 +250,13 @@ class SidecarServer:
         self._server.stop(grace).wait()
         if self._drain is not None:
             # The deliverer has been delivering all along; this waits for the rest.
-            left = self._drain.wait_delivered("", max(0.0, drain_until - time.monotonic()))
+            self._drain.wait_delivered("", max(0.0, drain_until - time.monotonic()))
+        # Within the grace period: a batch still out when it ends stays in the spool.
+        for task in reversed(self._background):
+            task.stop(max(0.0, stop_by - time.monotonic()))
+        if self._drain is not None:
+            # Counted once nothing is in flight, so the count is what the next start finds.
+            left = self._drain.wait_delivered("", 0.0)
             if left:
                 log.error(
                     "%d metric points are left in the spool, to be delivered at the next start",
@@ -247,14 +264,10 @@ class SidecarServer:
                 )
             else:
                 log.info("every accepted metric point was delivered before stopping")
-        for task in reversed(self._background):
-            task.stop()
         if self._http is not None:
             self._http.close()
         if self._tracing is not None:
             self._tracing.stop()
-        self._stopped.set()
-        log.info("stopped")
 
     def wait(self) -> None:
         """Block until `stop` has finished."""

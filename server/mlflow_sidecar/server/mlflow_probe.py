@@ -52,11 +52,12 @@ class MlflowProbe:
         self._thread = threading.Thread(target=self._run, name="mlflow-probe", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
-        """End the probe and report NOT_SERVING, as the rest of a stopping server does."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the probe (waiting for a ping in progress at most `timeout_s`) and report
+        NOT_SERVING, as the rest of a stopping server does."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join(timeout=self._interval_s + 5)
+            self._thread.join(timeout=timeout_s)
         self._health.set(self._service, _NOT_SERVING)
 
     def probe_once(self) -> bool:

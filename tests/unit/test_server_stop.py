@@ -1,0 +1,72 @@
+"""Stopping the sidecar ends, whatever a step of it meets, within the grace period."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from mlflow_sidecar.server.config import load_config
+from mlflow_sidecar.server.grpc_server import SidecarServer
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+
+
+class _Task:
+    def __init__(self, *, fails: bool = False) -> None:
+        self.fails = fails
+        self.stopped_with: float | None = None
+
+    def start(self) -> None:
+        """Nothing to begin."""
+
+    def stop(self, timeout_s: float) -> None:
+        self.stopped_with = timeout_s
+        if self.fails:
+            raise RuntimeError("a background task that fails to stop")
+
+
+class _Spool:
+    """A drain that has `left` points whatever it is given."""
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+    def wait_delivered(self, run_id: str, timeout_s: float) -> int:
+        return self.left
+
+
+def _server(tmp_path, tasks, drain=None) -> SidecarServer:
+    config = load_config(data_dir=tmp_path, server={"port": 0, "grace_s": 7.0})
+    server = SidecarServer(
+        config,
+        tracking_pb2_grpc.ExperimentTrackingServiceServicer(),
+        registry_pb2_grpc.ModelRegistryServiceServicer(),
+        background=tasks,
+        drain=drain,
+    )
+    server.start()
+    return server
+
+
+def test_a_step_that_fails_does_not_keep_the_sidecar_from_stopping(tmp_path, caplog):
+    failing, other = _Task(fails=True), _Task()
+    server = _server(tmp_path, [other, failing])
+    threading.Thread(target=server.stop, daemon=True).start()
+    waiter = threading.Thread(target=server.wait, daemon=True)
+    waiter.start()
+    waiter.join(10)
+    assert not waiter.is_alive(), "wait() never returned"
+    assert "stopping failed" in caplog.text
+
+
+def test_background_tasks_get_what_is_left_of_the_grace_period(tmp_path, caplog):
+    task = _Task()
+    server = _server(tmp_path, [task], drain=_Spool(left=12))
+    server.stop()
+    assert task.stopped_with is not None and 0 < task.stopped_with <= 7.0
+    assert "12 metric points are left in the spool" in caplog.text
+
+
+@pytest.fixture(autouse=True)
+def _logs(caplog):
+    caplog.set_level("INFO")
