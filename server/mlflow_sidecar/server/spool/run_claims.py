@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -21,6 +21,9 @@ class RunClaims:
         self._candidates = candidates
         self._lock = threading.Condition()
         self._claimed: set[str] = set()
+        # Runs a `held` waits for: no worker claims them again meanwhile, so the wait is for
+        # the step in progress, not for the run's whole backlog.
+        self._wanted: Counter[str] = Counter()
         self._round: deque[str] = deque()
         # Counts wakes, so that a worker that looked before a wake does not sleep through it.
         self._wakes = 0
@@ -39,7 +42,7 @@ class RunClaims:
                     self._round = deque(self._candidates())
                 while self._round:
                     run_id = self._round.popleft()
-                    if run_id not in self._claimed:
+                    if run_id not in self._claimed and run_id not in self._wanted:
                         self._claimed.add(run_id)
                         return run_id
             return None
@@ -49,8 +52,14 @@ class RunClaims:
         """Keep the run from every worker while the block runs, after waiting for the
         worker that has it now (if any) to release it: TimeoutError after `timeout_s`."""
         with self._lock:
-            if not self._lock.wait_for(lambda: run_id not in self._claimed, timeout_s):
-                raise TimeoutError(f"run {run_id} stayed claimed for {timeout_s:.1f}s")
+            self._wanted[run_id] += 1
+            try:
+                if not self._lock.wait_for(lambda: run_id not in self._claimed, timeout_s):
+                    raise TimeoutError(f"run {run_id} stayed claimed for {timeout_s:.1f}s")
+            finally:
+                self._wanted[run_id] -= 1
+                if not self._wanted[run_id]:
+                    del self._wanted[run_id]
             self._claimed.add(run_id)
         try:
             yield
