@@ -271,3 +271,42 @@ def test_an_upload_repeated_with_its_request_id_has_one_effect(
     assert stored_bytes(mlflow_server.url, run_id, "ckpt/last.pt", tmp_path / "b") == newer
     listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, path="ckpt"))
     assert [f.path for f in listed.files] == ["ckpt/last.pt"]
+
+
+def test_uploads_of_one_request_id_go_one_at_a_time(
+    tracking_stub, mlflow_server, run_id, unique, tmp_path
+):
+    first, other = b"A" * 4096, b"B" * 4096
+    request_id = f"race-{unique}"
+    header_sent, go_on = threading.Event(), threading.Event()
+
+    def slow_first() -> Iterator[pb.UploadArtifactRequest]:
+        messages = upload_requests(run_id, "ckpt/race.pt", first, request_id=request_id)
+        yield next(messages)
+        header_sent.set()
+        go_on.wait(30)
+        yield from messages
+
+    answers: dict[str, object] = {}
+
+    def upload(name: str, messages: Iterator[pb.UploadArtifactRequest]) -> None:
+        try:
+            answers[name] = tracking_stub.UploadArtifact(messages, timeout=60).sha256
+        except grpc.RpcError as exc:
+            answers[name] = error_from_rpc(exc).reason
+
+    slow = threading.Thread(target=upload, args=("first", slow_first()))
+    slow.start()
+    assert header_sent.wait(30)
+    racing = threading.Thread(
+        target=upload,
+        args=("other", upload_requests(run_id, "ckpt/race.pt", other, request_id=request_id)),
+    )
+    racing.start()
+    racing.join(1.0)
+    assert racing.is_alive(), "an upload of the same request id did not wait for the first"
+    go_on.set()
+    slow.join(60)
+    racing.join(60)
+    assert answers == {"first": sha(first), "other": "REQUEST_ID_REUSED"}
+    assert stored_bytes(mlflow_server.url, run_id, "ckpt/race.pt", tmp_path) == first

@@ -101,9 +101,10 @@ def test_artifact_stream_is_written_and_verified(staging):
     # Every chunk went on to the sink as it arrived; storing is the servicer's decision.
     assert [s.begun for s in sinks] == [("r1", "dir/file.bin", len(data))]
     assert b"".join(sinks[0].chunks) == data
-    assert staged.sink is sinks[0]
     assert not sinks[0].aborted
     assert sinks[0].stored is None
+    staged.sink.store(staged.local_path)
+    assert sinks[0].stored == staged.local_path
     assert (staged.run_id, staged.artifact_path, staged.size_bytes, staged.sha256) == (
         "r1",
         "dir/file.bin",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 from mlflow_sidecar.server.idempotency.ledger import RequestLedger, request_id_reused
@@ -34,6 +35,13 @@ class UploadOnce:
     def __init__(self, ledger: RequestLedger | None, method: str) -> None:
         self._ledger = ledger
         self._method = method
+
+    def held(self, request_id: str) -> AbstractContextManager[None]:
+        """Uploads of one request id one at a time: a repeat racing its first try waits for
+        it, then finds its outcome."""
+        if self._ledger is None:
+            return nullcontext()
+        return self._ledger.hold(self._method, request_id)
 
     @property
     def rpc(self) -> str:

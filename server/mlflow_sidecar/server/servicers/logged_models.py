@@ -163,10 +163,13 @@ class LoggedModelRpcs:
                 self._logged_models.begin_upload,
                 self._model_uploads,
             )
-            staging.count("upload", staged.size_bytes)
-            if not context.is_active():
-                raise CancelledError("the client cancelled the upload")
-            staged.sink.store(staged.local_path)
+            try:
+                staging.count("upload", staged.size_bytes)
+                if not context.is_active():
+                    raise CancelledError("the client cancelled the upload")
+                staged.sink.store(staged.local_path)
+            finally:
+                staged.sink.abort()  # a no-op once stored
         return pb.UploadLoggedModelArtifactResponse(
             artifact_path=staged.artifact_path, size_bytes=staged.size_bytes, sha256=staged.sha256
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Protocol, TypeVar
@@ -126,12 +127,14 @@ class _Repeat:
         """Nothing to undo."""
 
 
-class _Recorded:
-    """A sink whose `store()` is remembered in the ledger under the upload's request id."""
+class _Once:
+    """A sink that holds its request id while the upload runs (a repeat racing it waits,
+    then finds it recorded) and records what `store()` stored under that id."""
 
-    def __init__(self, sink: UploadSink, record: Callable[[], None]) -> None:
+    def __init__(self, sink: UploadSink, held: ExitStack) -> None:
         self._sink = sink
-        self._record = record
+        self._held = held
+        self.record: Callable[[], None] | None = None
 
     @property
     def needs_file(self) -> bool:
@@ -143,13 +146,20 @@ class _Recorded:
         self._sink.write(chunk)
 
     def store(self, verified_file: Path | None) -> None:
-        """Store, then record."""
-        self._sink.store(verified_file)
-        self._record()
+        """Store, record, and let the request id go."""
+        try:
+            self._sink.store(verified_file)
+            if self.record is not None:
+                self.record()
+        finally:
+            self._held.close()
 
     def abort(self) -> None:
-        """To the sink it wraps."""
-        self._sink.abort()
+        """Abort, and let the request id go (a no-op after `store()`)."""
+        try:
+            self._sink.abort()
+        finally:
+            self._held.close()
 
 
 def receive_artifact(
@@ -177,8 +187,16 @@ def receive_artifact(
     path = check_stored_path("header.artifact_path", header.artifact_path)
     announced = _sha256("header.sha256", header.sha256) if header.sha256 else None
     check_upload_size("header.size_bytes", header.size_bytes, staging.max_upload_bytes)
-    earlier = once.first(request_id, header.run_id, path, header.size_bytes) if once else None
-    sink: UploadSink = _Repeat() if earlier else begin(header.run_id, path, header.size_bytes)
+    held = ExitStack()
+    try:
+        if once is not None and request_id:
+            held.enter_context(once.held(request_id))
+        earlier = once.first(request_id, header.run_id, path, header.size_bytes) if once else None
+        inner = _Repeat() if earlier else begin(header.run_id, path, header.size_bytes)
+    except BaseException:
+        held.close()
+        raise
+    sink = _Once(inner, held)
     # MLflow names the stored file after the local one, so the staged file gets its name.
     local = into / PurePosixPath(path).name if sink.needs_file else None
     try:
@@ -191,14 +209,14 @@ def receive_artifact(
                 )
             writer.finish(trailed)
             sha256 = trailed or announced or ""
+        if once is not None and earlier is not None:
+            once.check_same_bytes(request_id, earlier, sha256)
     except BaseException:
         sink.abort()
         raise
-    if once is not None and earlier is not None:
-        once.check_same_bytes(request_id, earlier, sha256)
-    elif once is not None and request_id:
+    if once is not None and request_id and earlier is None:
         run_id, size = header.run_id, header.size_bytes
-        sink = _Recorded(sink, lambda: once.record(request_id, run_id, path, size, sha256))
+        sink.record = lambda: once.record(request_id, run_id, path, size, sha256)
     return StagedArtifact(header.run_id, path, local, header.size_bytes, sha256, sink)
 
 
