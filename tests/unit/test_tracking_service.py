@@ -423,3 +423,32 @@ def test_an_end_without_a_backlog_while_mlflow_is_down_is_unavailable(service, g
     gateway.recover()
     assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
     assert gateway.get_run(run_id).info.status is RunStatus.RUNNING
+
+
+def test_an_end_with_a_backlog_is_recorded_before_a_hung_mlflow_is_asked(service, gateway, run_id):
+    def hung() -> None:
+        raise DeadlineExceededError("MLflow did not answer within the call's deadline")
+
+    gateway.on_call("log_metrics", hung)
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    gateway.on_call("get_run", hung)
+    run, pending = service.end_run_with_pending(run_id, RunStatus.FAILED, end_time_ms=9_000)
+    assert (run.info.status, pending) == (RunStatus.RUNNING, 1)
+    gateway.on_call("get_run", None)
+    gateway.on_call("log_metrics", None)
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    ended = gateway.get_run(run_id).info
+    assert (ended.status, ended.end_time_ms) == (RunStatus.FAILED, 9_000)
+
+
+def test_an_end_with_a_backlog_of_a_deleted_run_is_refused_and_not_recorded(
+    service, gateway, deliveries_open, run_id
+):
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    service.delete_run(run_id)
+    with pytest.raises(FailedPreconditionError) as deleted:
+        service.end_run_with_pending(run_id)
+    assert deleted.value.reason == ErrorReason.RUN_NOT_ACTIVE
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
+    deliveries_open.set()

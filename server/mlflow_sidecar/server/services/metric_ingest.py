@@ -72,6 +72,10 @@ class MetricIngest:
             ) from None
         self._deliverer.notify()
 
+    def has_end(self, run_id: str) -> bool:
+        """Whether an end of the run is recorded (applied in MLflow or not)."""
+        return self._store.run_end(run_id) is not None
+
     def cancel_end(self, run_id: str) -> bool:
         """Forget the run's recorded end (it was resumed): its points are accepted again.
         True if an end was recorded."""

@@ -27,6 +27,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    SidecarError,
     UnavailableError,
 )
 from mlflow_sidecar.core.limits import (
@@ -268,17 +269,24 @@ class TrackingService:
         ended_ms = end_time_ms or now_ms()
         # One end or resume of a run at a time: MLflow and the spool's record agree after.
         with self._end_locks.hold(run_id):
-            backlog = self._ingest.pending(run_id)
-            try:
+            if not self._ingest.pending(run_id):
                 self._require_active(run_id)
-            except UnavailableError:
-                if not backlog:
-                    raise
-            if not backlog:
                 self._gateway.set_terminated(run_id, status, ended_ms)
                 self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
                 return self._gateway.get_run(run_id), 0
+            # Recorded before MLflow is asked about the run: down or hung, it may not answer
+            # within the call's deadline, and a trainer that ends its run and exits must
+            # leave it ended.
+            had_end = self._ingest.has_end(run_id)
             pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
+            try:
+                self._require_active(run_id)
+            except (UnavailableError, DeadlineExceededError):
+                pass  # the deliverer applies the end once MLflow answers
+            except SidecarError:
+                if not had_end:  # a deleted or unknown run: nothing to end after all
+                    self._ingest.cancel_end(run_id)
+                raise
         if wait_for_delivery:
             pending = self._ingest.flush(run_id).pending_points
             if not self._ingest.ended(run_id):
@@ -289,7 +297,7 @@ class TrackingService:
                 )
         try:
             return self._gateway.get_run(run_id), pending
-        except UnavailableError:
+        except (UnavailableError, DeadlineExceededError):
             # The end is recorded: the call did what it promises, MLflow's view can wait.
             return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
 
