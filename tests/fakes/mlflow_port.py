@@ -406,6 +406,9 @@ class FakeMlflow:
                 k: domain.Metric(m.key, m.value, m.timestamp_ms, m.step) for k, m in latest.items()
             },
             tags={k: v for k, v in stored.tags.items() if k not in _BOOKKEEPING_TAGS},
+            dataset_inputs=tuple(stored.dataset_inputs),
+            model_inputs=tuple(dict.fromkeys(stored.model_inputs)),
+            model_outputs=tuple(stored.model_outputs),
         )
 
     def _model(self, name: str) -> _StoredModel:

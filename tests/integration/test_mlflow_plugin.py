@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
+import numpy
 import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
@@ -419,3 +420,50 @@ def test_a_forked_child_talks_to_the_sidecar_on_its_own_connection(
     versions = direct.search_model_versions(f"name = 'fork-{experiment_id}'")
     assert sorted(v.run_id for v in versions) == sorted(run_ids)
     client.create_run(experiment_id)  # the parent's connection is still its own
+
+
+def test_a_model_logged_in_a_run_reads_and_registers_as_mlflow_has_it(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    mlflow.set_experiment(f"plugin-runs-uri-{unique}")
+    with mlflow.start_run() as run:
+        info = mlflow.pyfunc.log_model(
+            name="policy", python_model=AddOne(), pip_requirements=["mlflow"]
+        )
+        dataset = mlflow.data.from_numpy(numpy.array([[1.0, 2.0]]), name="ticks")
+        mlflow.log_input(dataset, context="training")
+    run_id = run.info.run_id
+    client = MlflowClient()
+    # MLflow lists the logged model's files under the run's path once, as a plain client does.
+    listed = [f.path for f in client.list_artifacts(run_id, "policy")]
+    assert sorted(listed) == sorted(f.path for f in direct.list_artifacts(run_id, "policy"))
+    assert len(listed) == len(set(listed))
+    # A read gives what the run used and made, as MLflow has them.
+    read = client.get_run(run_id)
+    assert [o.model_id for o in read.outputs.model_outputs] == [info.model_id]
+    assert [d.dataset.name for d in read.inputs.dataset_inputs] == ["ticks"]
+    assert {t.key: t.value for t in read.inputs.dataset_inputs[0].tags}["mlflow.data.context"] == (
+        "training"
+    )
+    # Registered from the run's path: the version names the logged model, as without a sidecar.
+    version = mlflow.register_model(f"runs:/{run_id}/policy", f"plugin-runs-uri-{unique}")
+    assert direct.get_model_version(version.name, version.version).source == (
+        f"models:/{info.model_id}"
+    )
+
+
+def test_a_search_and_a_delete_see_the_points_this_process_logged(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    experiment_id = client.create_experiment(f"plugin-fresh-{unique}")
+    run_id = client.create_run(experiment_id).info.run_id
+    for step in range(20):
+        client.log_metric(run_id, "reward", float(step), step=step)
+        found = mlflow.search_runs([experiment_id], output_format="list")
+        assert found[0].data.metrics["reward"] == float(step)
+    for step in range(20, 120):
+        client.log_metric(run_id, "reward", float(step), step=step)
+    client.delete_run(run_id)
+    client.restore_run(run_id)
+    assert len(direct.get_metric_history(run_id, "reward")) == 120

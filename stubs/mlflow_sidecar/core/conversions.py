@@ -24,6 +24,7 @@ from mlflow_sidecar.core.domain import (
     WatchStatus,
 )
 from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.logged_models import dataset_from_pb, dataset_to_pb
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -173,6 +174,13 @@ def run_to_pb(run: Run) -> pb.Run:
             metrics=[metric_to_pb(m) for m in run.metrics.values()],
             tags=dict(run.tags),
         ),
+        inputs=pb.RunInputs(
+            datasets=[dataset_to_pb(d) for d in run.dataset_inputs],
+            model_ids=list(run.model_inputs),
+        ),
+        outputs=pb.RunOutputs(
+            models=[pb.ModelOutput(model_id=m, step=s) for m, s in run.model_outputs]
+        ),
     )
 
 
@@ -194,6 +202,9 @@ def run_from_pb(msg: pb.Run) -> Run:
         params=dict(msg.data.params),
         metrics={m.key: metric_from_pb(m) for m in msg.data.metrics},
         tags=dict(msg.data.tags),
+        dataset_inputs=tuple(dataset_from_pb(d) for d in msg.inputs.datasets),
+        model_inputs=tuple(msg.inputs.model_ids),
+        model_outputs=tuple((m.model_id, m.step) for m in msg.outputs.models),
     )
 
 

@@ -127,6 +127,19 @@ class RunInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class DatasetUse:
+    """A dataset a run used, as MLflow describes it, with the tags of that use."""
+
+    name: str
+    digest: str
+    source_type: str
+    source: str
+    schema: str = ""
+    profile: str = ""
+    tags: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Run:
     """A run with its params, tags and the latest point of each metric."""
 
@@ -134,6 +147,11 @@ class Run:
     params: Mapping[str, str] = field(default_factory=dict)
     metrics: Mapping[str, Metric] = field(default_factory=dict)
     tags: Mapping[str, str] = field(default_factory=dict)
+    # What the run used (datasets, logged model ids) and the logged models it recorded as
+    # outputs (model id, step), in MLflow's order.
+    dataset_inputs: tuple[DatasetUse, ...] = ()
+    model_inputs: tuple[str, ...] = ()
+    model_outputs: tuple[tuple[str, int], ...] = ()
 
     @property
     def run_id(self) -> str:

@@ -6,7 +6,20 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from mlflow_sidecar.core.domain import DatasetUse
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+
+__all__ = [
+    "DatasetUse",  # defined with the other domain types; logged-model code imports it here
+    "LoggedModel",
+    "LoggedModelStatus",
+    "dataset_from_pb",
+    "dataset_to_pb",
+    "logged_model_from_pb",
+    "logged_model_to_pb",
+    "status_from_pb",
+    "status_to_pb",
+]
 
 
 class LoggedModelStatus(enum.Enum):
@@ -33,19 +46,6 @@ class LoggedModel:
     status_message: str = ""
     tags: Mapping[str, str] = field(default_factory=dict)
     params: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class DatasetUse:
-    """A dataset a run used, as MLflow describes it, with the tags of that use."""
-
-    name: str
-    digest: str
-    source_type: str
-    source: str
-    schema: str = ""
-    profile: str = ""
-    tags: Mapping[str, str] = field(default_factory=dict)
 
 
 def dataset_to_pb(dataset: DatasetUse) -> pb.DatasetInput:

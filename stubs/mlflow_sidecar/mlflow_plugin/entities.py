@@ -10,13 +10,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from mlflow.entities import (
-    Experiment as MlflowExperiment,
-)
-from mlflow.entities import (
+    Dataset,
+    DatasetInput,
     ExperimentTag,
+    InputTag,
+    LoggedModelInput,
+    LoggedModelOutput,
     Param,
     RunData,
+    RunInputs,
+    RunOutputs,
     RunTag,
+)
+from mlflow.entities import (
+    Experiment as MlflowExperiment,
 )
 from mlflow.entities import (
     FileInfo as MlflowFileInfo,
@@ -141,7 +148,25 @@ def run(value: Run, root: str) -> MlflowRun:
         params=[Param(k, v) for k, v in value.params.items()],
         tags=[RunTag(k, v) for k, v in value.tags.items()],
     )
-    return MlflowRun(run_info(value.info, root), data)
+    inputs = RunInputs(
+        dataset_inputs=[
+            DatasetInput(
+                Dataset(
+                    d.name,
+                    d.digest,
+                    d.source_type,
+                    d.source,
+                    schema=d.schema or None,
+                    profile=d.profile or None,
+                ),
+                tags=[InputTag(k, v) for k, v in d.tags.items()],
+            )
+            for d in value.dataset_inputs
+        ],
+        model_inputs=[LoggedModelInput(m) for m in value.model_inputs],
+    )
+    outputs = RunOutputs([LoggedModelOutput(m, step) for m, step in value.model_outputs])
+    return MlflowRun(run_info(value.info, root), data, inputs, outputs)
 
 
 def file_info(value: FileInfo, path: str) -> MlflowFileInfo:

@@ -322,6 +322,8 @@ class SidecarTrackingStore(AbstractStore):
 
     @translated
     def delete_run(self, run_id: str) -> None:
+        # As MLflow's own logging would have them: in the run before it is deleted.
+        self._deliver(run_id)
         self._tracking.delete_run(run_id)
 
     @translated
@@ -338,6 +340,7 @@ class SidecarTrackingStore(AbstractStore):
         order_by: Sequence[str] | None,
         page_token: str | None,
     ) -> tuple[list[MlflowRun], str | None]:
+        self._deliver(None)  # a search reads what this process logged, as a get_run does
         page = self._tracking.search_runs(
             [str(e) for e in experiment_ids],
             filter_string=filter_string or "",
@@ -561,8 +564,9 @@ class SidecarTrackingStore(AbstractStore):
 
     # -- delivery -------------------------------------------------------------------------
 
-    def _deliver(self, run_id: str) -> None:
-        """Put the run's points logged through this process into MLflow before a read."""
+    def _deliver(self, run_id: str | None) -> None:
+        """Put the run's (None: every run's) points logged through this process into
+        MLflow before a read."""
         self._connection.flush_stream()
         for pending in self._undelivered.take(run_id):
             self._await_delivery(pending, strict=False)

@@ -517,7 +517,9 @@ class ExperimentTrackingServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def ListArtifacts(self, request, context):
-        """Lists the artifacts of a run under a path; paginated.
+        """Lists the artifacts of a run under a path; paginated. The run's own files only: the
+        files of a logged model the run made are its model's (ListLoggedModelArtifacts), even
+        where MLflow 3's client lists them under the run's path.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -182,7 +182,10 @@ class ExperimentTrackingServiceStub:
     trailer with the sha256. Nothing is stored unless every byte matches the digest.
     """
     ListArtifacts: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.ListArtifactsRequest, _tracking_pb2.ListArtifactsResponse]
-    """Lists the artifacts of a run under a path; paginated."""
+    """Lists the artifacts of a run under a path; paginated. The run's own files only: the
+    files of a logged model the run made are its model's (ListLoggedModelArtifacts), even
+    where MLflow 3's client lists them under the run's path.
+    """
     DownloadArtifact: _grpc.UnaryStreamMultiCallable[_tracking_pb2.DownloadArtifactRequest, _tracking_pb2.DownloadArtifactResponse]
     """Downloads one artifact: a header with the size, the chunks, then a trailer with the
     sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
@@ -373,7 +376,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     trailer with the sha256. Nothing is stored unless every byte matches the digest.
     """
     ListArtifacts: _aio.UnaryUnaryMultiCallable[_tracking_pb2.ListArtifactsRequest, _tracking_pb2.ListArtifactsResponse]  # type: ignore[assignment]
-    """Lists the artifacts of a run under a path; paginated."""
+    """Lists the artifacts of a run under a path; paginated. The run's own files only: the
+    files of a logged model the run made are its model's (ListLoggedModelArtifacts), even
+    where MLflow 3's client lists them under the run's path.
+    """
     DownloadArtifact: _aio.UnaryStreamMultiCallable[_tracking_pb2.DownloadArtifactRequest, _tracking_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
     """Downloads one artifact: a header with the size, the chunks, then a trailer with the
     sha256 of every byte sent. The bytes leave while they still arrive from MLflow, so a
@@ -687,7 +693,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.ListArtifactsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.ListArtifactsResponse, _abc.Awaitable[_tracking_pb2.ListArtifactsResponse]]:
-        """Lists the artifacts of a run under a path; paginated."""
+        """Lists the artifacts of a run under a path; paginated. The run's own files only: the
+        files of a logged model the run made are its model's (ListLoggedModelArtifacts), even
+        where MLflow 3's client lists them under the run's path.
+        """
 
     @_abc_1.abstractmethod
     def DownloadArtifact(

@@ -21,6 +21,7 @@ from mlflow_sidecar.core.domain import (
     RunInfo,
     RunStatus,
 )
+from mlflow_sidecar.core.logged_models import DatasetUse
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 
@@ -84,6 +85,22 @@ def run(r: MlflowRun) -> Run:
         params=dict(r.data.params) if r.data else {},
         metrics=latest,
         tags=_user_tags(r.data.tags) if r.data else {},
+        dataset_inputs=tuple(
+            DatasetUse(
+                name=d.dataset.name,
+                digest=d.dataset.digest,
+                source_type=d.dataset.source_type,
+                source=d.dataset.source,
+                schema=d.dataset.schema or "",
+                profile=d.dataset.profile or "",
+                tags={t.key: t.value for t in d.tags or ()},
+            )
+            for d in (r.inputs.dataset_inputs if r.inputs else ()) or ()
+        ),
+        model_inputs=tuple(m.model_id for m in (r.inputs.model_inputs if r.inputs else ()) or ()),
+        model_outputs=tuple(
+            (m.model_id, int(m.step)) for m in (r.outputs.model_outputs if r.outputs else ()) or ()
+        ),
     )
 
 

@@ -1109,11 +1109,27 @@ class MlflowGateway:
     def _proxy_repository(self, artifact_uri: str) -> Any | None:
         return self.call(lambda: artifact_streams.proxy_repository(artifact_uri, self.tracking_uri))
 
+    def _run_repository(self, run_id: str, directory: str = "") -> Any:
+        """The artifact repository of the run's own artifacts (of one `directory` of them),
+        once their location is allowed.
+
+        Not MLflow's `runs:/` repository, which MlflowClient's listing and downloads use in
+        MLflow 3: that one adds the files of a logged model named like the path, which a
+        `sidecar://` client adds itself (the files came twice) and which behind MLflow's
+        artifact proxy it fails to find."""
+        uri = self.run_artifact_uri(run_id)
+        if directory:
+            uri = f"{uri.rstrip('/')}/{directory}"
+        return get_artifact_repository(
+            uri, tracking_uri=self.tracking_uri, registry_uri=self.registry_uri
+        )
+
     def list_artifacts(self, run_id: str, path: str) -> list[domain.FileInfo]:
-        """Every artifact directly under `path` (empty: the root); [] for a file or nothing."""
-        self.run_artifact_uri(run_id)
+        """Every artifact of the run directly under `path` (empty: the root); [] for a file
+        or nothing."""
+        repo = self._run_repository(run_id)
         infos = self.call(
-            lambda: self._client.list_artifacts(run_id, path or None),
+            lambda: repo.list_artifacts(path or None),
             not_found=ErrorReason.RUN_NOT_FOUND,
         )
         return [
@@ -1122,11 +1138,14 @@ class MlflowGateway:
         ]
 
     def download_artifact(self, run_id: str, artifact_path: str, dst_dir: Path) -> Path:
-        """Download one artifact file into `dst_dir`, named as the artifact; returns its path."""
-        self.run_artifact_uri(run_id)
+        """Download one artifact file of the run into `dst_dir`, named as the artifact;
+        returns its path."""
+        directory, _, name = artifact_path.rpartition("/")
+        repo = self._run_repository(run_id, directory)
+        dst_dir.mkdir(parents=True, exist_ok=True)
         return Path(
             self.call(
-                lambda: self._client.download_artifacts(run_id, artifact_path, str(dst_dir)),
+                lambda: repo.download_artifacts(name, str(dst_dir)),
                 not_found=ErrorReason.ARTIFACT_NOT_FOUND,
             )
         )
