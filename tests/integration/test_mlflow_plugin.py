@@ -467,3 +467,14 @@ def test_a_search_and_a_delete_see_the_points_this_process_logged(
     client.delete_run(run_id)
     client.restore_run(run_id)
     assert len(direct.get_metric_history(run_id, "reward")) == 120
+
+
+def test_creating_an_experiment_under_a_deleted_ones_name_fails_as_in_mlflow(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    for name, mlflow_client in ((f"gone-{unique}", client), (f"gone-direct-{unique}", direct)):
+        mlflow_client.delete_experiment(mlflow_client.create_experiment(name))
+        with pytest.raises(MlflowException) as again:
+            mlflow_client.create_experiment(name)
+        assert again.value.error_code == "RESOURCE_ALREADY_EXISTS"

@@ -49,7 +49,7 @@ from mlflow_sidecar.core.domain import TERMINAL_RUN_STATUSES, Metric
 from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
-from mlflow_sidecar.core.errors import NotFoundError
+from mlflow_sidecar.core.errors import ErrorReason, FailedPreconditionError, NotFoundError
 from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, MAX_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities
@@ -226,9 +226,17 @@ class SidecarTrackingStore(AbstractStore):
     def create_experiment(
         self, name: str, artifact_location: str | None = None, tags: Any = None
     ) -> str:
-        created = self._tracking.create_experiment(
-            name, tags=entities.tag_dict(tags), artifact_location=artifact_location or ""
-        )
+        try:
+            created = self._tracking.create_experiment(
+                name, tags=entities.tag_dict(tags), artifact_location=artifact_location or ""
+            )
+        except FailedPreconditionError as exc:
+            if exc.reason != ErrorReason.EXPERIMENT_NOT_ACTIVE:
+                raise
+            # A deleted experiment keeps its name: MLflow says the name exists.
+            raise MlflowException(
+                exc.message, error_code=databricks_pb2.RESOURCE_ALREADY_EXISTS
+            ) from exc
         return created.experiment_id
 
     @translated
