@@ -256,6 +256,24 @@ def test_json_logs_are_json_for_every_logger_with_fields_of_their_own(tmp_path):
     assert access[0]["duration_ms"] >= 0
 
 
+def test_json_logs_stay_json_when_runs_end_in_an_mlflow_server(mlflow_server, tmp_path):
+    # MLflow's client prints a "View run" link to stdout when a run ends on a server.
+    sidecar = SidecarProcess(tmp_path, mlflow_server.url, MLFLOW_SIDECAR__LOG_FORMAT="json")
+    sidecar.start()
+    try:
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            experiment = stub.CreateExperiment(
+                pb.CreateExperimentRequest(name=f"json-{tmp_path.name}", get_if_exists=True)
+            ).experiment
+            run = stub.StartRun(pb.StartRunRequest(experiment_id=experiment.experiment_id)).run
+            stub.EndRun(pb.EndRunRequest(run_id=run.info.run_id))
+    finally:
+        sidecar.stop()
+    lines = [line for line in sidecar.log_path.read_text().splitlines() if line.strip()]
+    assert [json.loads(line)["logger"] for line in lines]  # every line is a JSON object
+
+
 def test_probes_speak_https_with_the_listeners_certificate(mlflow_server, tmp_path):
     pki = make_pki(tmp_path / "pki")
     running = RunningSidecar(

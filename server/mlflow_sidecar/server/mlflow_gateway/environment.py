@@ -32,6 +32,9 @@ def configure_mlflow_environment(config: AppConfig) -> None:
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"
     # Transfers are logged by the access log; tqdm bars would only clutter the sidecar's output.
     env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    # MLflow's client prints a "View run" link when a run ends: not a log record, and a
+    # line that is not JSON in the JSON log format.
+    env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     env.setdefault("DO_NOT_TRACK", "true")
     if config.mlflow.username:
         export_mlflow_env("MLFLOW_TRACKING_USERNAME", config.mlflow.username)
