@@ -126,7 +126,10 @@ _UNDELIVERED_LOCK = threading.Lock()
 
 def _undelivered(connection: SidecarConnection) -> _Undelivered:
     with _UNDELIVERED_LOCK:
-        return _UNDELIVERED.setdefault(id(connection), _Undelivered())
+        found = _UNDELIVERED.get(id(connection))
+        if found is None:
+            found = _UNDELIVERED[id(connection)] = _Undelivered()
+        return found
 
 
 _REGISTRY_SETTLED = False
@@ -183,6 +186,8 @@ class SidecarTrackingStore(AbstractStore):
     def __init__(self, store_uri: str, artifact_uri: str | None = None) -> None:
         super().__init__()
         self._process_connection = ProcessConnection(store_uri)
+        self._undelivered_of: SidecarConnection | None = None
+        self._undelivered_now = _Undelivered()
         _settle_default_registry(store_uri)
         self._root = self._connection.root
 
@@ -200,7 +205,12 @@ class SidecarTrackingStore(AbstractStore):
 
     @property
     def _undelivered(self) -> _Undelivered:
-        return _undelivered(self._connection)
+        # Looked up again only after a fork: log_metric reads it twice per point.
+        connection = self._connection
+        if self._undelivered_of is not connection:
+            self._undelivered_now = _undelivered(connection)
+            self._undelivered_of = connection
+        return self._undelivered_now
 
     # -- experiments ----------------------------------------------------------------------
 
