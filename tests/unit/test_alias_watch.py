@@ -402,6 +402,7 @@ def test_a_client_that_falls_behind_the_queue_limit_is_ended_to_resume(fake):
     poll(hub)
     error = stream.end()  # what was queued is dropped: a resumed stream says it again
     assert isinstance(error, ResourceExhaustedError)
+    assert error.reason == ErrorReason.WATCH_FELL_BEHIND
     assert error.retry_after_s == 0.0
     assert hub.pollers() == ()
     resumed = opened(hub, ["champion"], champion=0)

@@ -37,7 +37,7 @@ class ModelRegistryServiceStub(object):
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
@@ -174,7 +174,7 @@ class ModelRegistryServiceServicer(object):
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.
@@ -351,7 +351,7 @@ class ModelRegistryServiceServicer(object):
         set alias DELETED and is watched on (it may come back). The stream ends when the
         client cancels it, when the sidecar stops (UNAVAILABLE, reason SHUTTING_DOWN, with
         RetryInfo), or when the client reads so slowly that 1024 messages wait for it
-        (RESOURCE_EXHAUSTED, with RetryInfo); open it again with last_seen_versions and no
+        (RESOURCE_EXHAUSTED, reason WATCH_FELL_BEHIND, with RetryInfo); open it again with last_seen_versions and no
         change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
         stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
         distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
@@ -490,7 +490,7 @@ class ModelRegistryService(object):
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
     EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
-    TOO_MANY_STREAMS (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
+    TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
 
     The MLflow model registry: registered models, versions, tags and aliases.

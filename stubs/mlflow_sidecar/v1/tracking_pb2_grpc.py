@@ -91,6 +91,8 @@ class ExperimentTrackingServiceStub(object):
     progress and server.max_waiting_streams wait in line (first come, first served), or no
     slot freed within server.stream_wait_s; the call was refused before any of it was read;
     RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+    1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -337,6 +339,8 @@ class ExperimentTrackingServiceServicer(object):
     progress and server.max_waiting_streams wait in line (first come, first served), or no
     slot freed within server.stream_wait_s; the call was refused before any of it was read;
     RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+    1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
@@ -853,6 +857,8 @@ class ExperimentTrackingService(object):
     progress and server.max_waiting_streams wait in line (first come, first served), or no
     slot freed within server.stream_wait_s; the call was refused before any of it was read;
     RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+    1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.

@@ -87,6 +87,8 @@ class ExperimentTrackingServiceStub:
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
       RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+      1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -284,6 +286,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
       RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+      1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.
@@ -477,6 +481,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
       RetryInfo says when to retry.
+    - WATCH_FELL_BEHIND [RESOURCE_EXHAUSTED]: a WatchModelAlias client read so slowly that
+      1024 messages waited for it; the stream ends; open it again with last_seen_versions.
     - DIGEST_MISMATCH [DATA_LOSS]: bytes differ from their announced size or sha256; resend.
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
       the end is recorded and reaches MLflow after the run's last spooled point.

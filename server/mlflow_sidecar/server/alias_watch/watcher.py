@@ -150,6 +150,7 @@ class Watcher:
                     f"the client fell behind: {self._queue_limit} messages of this"
                     " WatchModelAlias stream were waiting for it; open it again with"
                     " last_seen_versions to miss no change",
+                    reason=ErrorReason.WATCH_FELL_BEHIND,
                     retry_after_s=0.0,
                 ),
                 at_once=True,
