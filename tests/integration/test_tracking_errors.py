@@ -113,6 +113,17 @@ def test_already_exists(tracking_stub, unique):
             "experiment_ids[1]",
         ),
         ("StartRun", lambda run_id: pb.StartRunRequest(experiment_id="00"), "experiment_id"),
+        # Past int64 MLflow's store fails with a server error, which reads as an outage.
+        (
+            "GetExperiment",
+            lambda run_id: pb.GetExperimentRequest(experiment_id=str(2**63)),
+            "experiment_id",
+        ),
+        (
+            "SearchRuns",
+            lambda run_id: pb.SearchRunsRequest(experiment_ids=["0", str(-(2**63) - 1)]),
+            "experiment_ids[1]",
+        ),
         (
             "SearchRuns",
             lambda run_id: pb.SearchRunsRequest(experiment_ids=["0"], view_type=99),

@@ -22,6 +22,7 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from mlflow_sidecar.core.limits import MAX_WATCH_ALIASES
 from mlflow_sidecar.server.alias_watch import (
     WATCH_QUEUE_LIMIT,
     AliasWatchHub,
@@ -495,3 +496,11 @@ def test_sixteen_distinct_aliases_are_watched(hub):
     assert watcher.aliases == tuple(aliases)
     assert watcher.queued == 17
     watcher.close()
+
+
+def test_a_repeated_alias_is_refused_as_a_repeat_whatever_the_count(hub):
+    # The limit counts distinct aliases: 17 copies of one are a repeat, not 17 aliases.
+    with pytest.raises(InvalidArgumentError) as err:
+        service(hub).watch("m", ["champion"] * (MAX_WATCH_ALIASES + 1), {})
+    assert err.value.field == "aliases"
+    assert "listed twice" in str(err.value)

@@ -15,6 +15,10 @@ def test_run_and_registry_limits_are_mlflows() -> None:
     assert limits.MAX_KEY_LENGTH == validation.MAX_ENTITY_KEY_LENGTH
     assert limits.MAX_PARAM_VALUE_LENGTH == validation.MAX_PARAM_VAL_LENGTH
     assert limits.MAX_TAG_VALUE_LENGTH == validation.MAX_TAG_VAL_LENGTH
+    assert limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH == validation.MAX_EXPERIMENT_TAG_VAL_LENGTH
+    assert limits.MAX_REGISTRY_TAG_VALUE_LENGTH == validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+    assert limits.MAX_KEY_LENGTH == validation.MAX_EXPERIMENT_TAG_KEY_LENGTH
+    assert limits.MAX_KEY_LENGTH == validation.MAX_MODEL_REGISTRY_TAG_KEY_LENGTH
     assert limits.MAX_NAME_LENGTH == validation.MAX_EXPERIMENT_NAME_LENGTH
     assert limits.MAX_ALIAS_LENGTH == validation.MAX_REGISTERED_MODEL_ALIAS_LENGTH
 

@@ -9,7 +9,10 @@ from typing import TypeVar
 from mlflow_sidecar.core import names
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import (
+    MAX_FILTER_LENGTH,
     MAX_ID_LENGTH,
+    MAX_ORDER_BY_LENGTH,
+    MAX_ORDER_BY_TERMS,
     MAX_PAGE_TOKEN_LENGTH,
     MAX_TAG_VALUE_LENGTH,
 )
@@ -27,6 +30,9 @@ key = names.key
 # later create take another entity for its own, or miss its own.
 RESERVED_TAG_PREFIX = "mlflow_sidecar."
 
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
 
 def experiment_id(field: str, value: str, *, required: bool = True) -> str:
     """An experiment id as MLflow writes it. MLflow's stores read a numeric id as a
@@ -40,6 +46,10 @@ def experiment_id(field: str, value: str, *, required: bool = True) -> str:
         return value  # not a number: MLflow takes it as written
     if str(number) != value:
         raise InvalidArgumentError(field, f"must be written as MLflow writes it: {number}")
+    if not _INT64_MIN <= number <= _INT64_MAX:
+        # MLflow's stores keep ids as 64-bit integers and fail on others with a server
+        # error that reads as an outage.
+        raise InvalidArgumentError(field, f"{value} is outside the ids MLflow stores (int64)")
     return value
 
 
@@ -54,9 +64,12 @@ def tag_key(field: str, value: str) -> str:
     return value
 
 
-def tags(field: str, values: Mapping[str, str]) -> None:
-    """Tags a caller sets: every key a `tag_key`, every value bounded."""
-    string_map(field, values, max_value_length=MAX_TAG_VALUE_LENGTH)
+def tags(
+    field: str, values: Mapping[str, str], *, max_value_length: int = MAX_TAG_VALUE_LENGTH
+) -> None:
+    """Tags a caller sets: every key a `tag_key`, every value within `max_value_length`
+    (MLflow's limit for the entity: a run's by default)."""
+    string_map(field, values, max_value_length=max_value_length)
     for k in values:
         tag_key(f"{field}.key", k)
 
@@ -77,6 +90,22 @@ def metric_points(field: str, points: Iterable[tuple[str, int]]) -> None:
         key(f"{field}[{index}].key", k)
         if timestamp_ms < 0:
             raise InvalidArgumentError(f"{field}[{index}].timestamp_ms", "must not be negative")
+
+
+def search_terms(filter_string: str, order_by: Sequence[str]) -> None:
+    """A search's filter and `order_by` terms within their limits (`filter`, `order_by[i]`)."""
+    bounded("filter", filter_string, MAX_FILTER_LENGTH)
+    order_by_count(len(order_by))
+    for index, term in enumerate(order_by):
+        bounded(f"order_by[{index}]", term, MAX_ORDER_BY_LENGTH)
+
+
+def order_by_count(count: int) -> None:
+    """At most `MAX_ORDER_BY_TERMS` terms to order a search by."""
+    if count > MAX_ORDER_BY_TERMS:
+        raise InvalidArgumentError(
+            "order_by", f"{count} terms; a search orders by at most {MAX_ORDER_BY_TERMS}"
+        )
 
 
 _PAGE_TOKEN_RE = re.compile(r"^[A-Za-z0-9+/=_\-]*\Z")

@@ -14,6 +14,11 @@ MAX_KEY_LENGTH = 250
 """A param, metric or tag key; also a run name."""
 MAX_PARAM_VALUE_LENGTH = 6000
 MAX_TAG_VALUE_LENGTH = 8000
+"""A run's or logged model's tag value."""
+MAX_EXPERIMENT_TAG_VALUE_LENGTH = 20_000
+"""An experiment's tag value."""
+MAX_REGISTRY_TAG_VALUE_LENGTH = 100_000
+"""A registered model's or model version's tag value."""
 MAX_NAME_LENGTH = 500
 """An experiment, registered model or logged model name."""
 MAX_ALIAS_LENGTH = 255
@@ -24,6 +29,12 @@ MAX_URI_LENGTH = 4096
 """A model version's source, an experiment's artifact location."""
 MAX_FILTER_LENGTH = 10_000
 """A search filter in MLflow's syntax."""
+MAX_ORDER_BY_TERMS = 32
+"""A search's `order_by` terms. MLflow sets none; its database does: each metric, param or
+tag term is a join, and SQLite joins at most 64 tables (past that MLflow answers with a
+server error, which reads as an outage)."""
+MAX_ORDER_BY_LENGTH = 1000
+"""One `order_by` term ("metrics.`key` DESC"; a key is at most 250)."""
 DATASET_FIELD_LENGTHS = {
     "name": 500,
     "digest": 36,

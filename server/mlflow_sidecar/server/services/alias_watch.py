@@ -18,11 +18,9 @@ def check_watch(name: str, aliases: Sequence[str], last_seen_versions: Mapping[s
     check.require("name", name, max_length=MAX_NAME_LENGTH)
     if not aliases:
         raise InvalidArgumentError("aliases", f"give 1 to {MAX_WATCH_ALIASES} aliases to watch")
-    if len(aliases) > MAX_WATCH_ALIASES:
-        raise InvalidArgumentError(
-            "aliases", f"{len(aliases)} aliases; one stream watches at most {MAX_WATCH_ALIASES}"
-        )
     first: dict[str, int] = {}
+    # Each alias checked before the count, so that a list with a repeat says so: the limit
+    # counts distinct aliases.
     for index, alias in enumerate(aliases):
         check_alias(alias, f"aliases[{index}]")
         if alias in first:
@@ -30,6 +28,10 @@ def check_watch(name: str, aliases: Sequence[str], last_seen_versions: Mapping[s
                 "aliases", f"{alias!r} is listed twice (aliases[{first[alias]}] and [{index}])"
             )
         first[alias] = index
+    if len(aliases) > MAX_WATCH_ALIASES:
+        raise InvalidArgumentError(
+            "aliases", f"{len(aliases)} aliases; one stream watches at most {MAX_WATCH_ALIASES}"
+        )
     for alias, version in last_seen_versions.items():
         if alias not in first:
             raise InvalidArgumentError(

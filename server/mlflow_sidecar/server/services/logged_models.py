@@ -117,8 +117,12 @@ class LoggedModelService:
             raise InvalidArgumentError("experiment_ids", "name at least one experiment")
         for index, experiment_id in enumerate(experiment_ids):
             check.experiment_id(f"experiment_ids[{index}]", experiment_id)
+        check.search_terms(filter_string, ())
+        check.order_by_count(len(order_by))
         for index, (field_name, _) in enumerate(order_by):
-            check.require(f"order_by[{index}].field_name", field_name)
+            check.require(
+                f"order_by[{index}].field_name", field_name, max_length=limits.MAX_ORDER_BY_LENGTH
+            )
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search(
             experiment_ids,

@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import posixpath
 import re
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -59,10 +60,15 @@ def _name(field: str, value: str) -> str:
 
 
 def _new_name(field: str, value: str) -> str:
-    """A name for a model to be created or renamed to: MLflow forbids '/' and ':' in it."""
+    """A name for a model to be created or renamed to, by MLflow's rules: not blank, no '/'
+    or ':', and not a name that a path would read as another ('.', '..')."""
     _name(field, value)
+    if not value.strip():
+        raise InvalidArgumentError(field, "must not be blank")
     if "/" in value or ":" in value:
         raise InvalidArgumentError(field, f"{value!r} must not contain '/' or ':'")
+    if value in (".", "..") or posixpath.normpath(value) != value:
+        raise InvalidArgumentError(field, f"{value!r} would name another path as a file name")
     return value
 
 
@@ -112,8 +118,9 @@ def check_model_upload(
     tags: Mapping[str, str],
     aliases: Sequence[str],
 ) -> None:
-    """Validate what an upload_model call says about the model, before any file moves."""
-    _name("name", name)
+    """Validate what an upload_model call says about the model, before any file moves
+    (or any run is made for them)."""
+    _new_name("name", name)
     if run_id and experiment_id:
         raise InvalidArgumentError("experiment_id", "give run_id or experiment_id, not both")
     if not run_id and not experiment_id:
@@ -123,7 +130,7 @@ def check_model_upload(
     check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
     check.experiment_id("experiment_id", experiment_id, required=False)
     check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-    check.tags("tags", tags)
+    check.tags("tags", tags, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
 
@@ -153,7 +160,7 @@ class RegistryService:
     ) -> RegisteredModel:
         _new_name("name", name)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.tags("tags", tags or {})
+        check.tags("tags", tags or {}, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
         if get_if_exists:
             try:
                 return self._gateway.get_registered_model(name)
@@ -182,7 +189,7 @@ class RegistryService:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[RegisteredModel]:
-        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
+        check.search_terms(filter_string, order_by)
         return self._gateway.search_registered_models(
             filter_string=filter_string,
             order_by=order_by,
@@ -209,7 +216,7 @@ class RegistryService:
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         check.tag_key("key", key)
-        check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
         self._gateway.set_registered_model_tag(_name("name", name), key, value)
 
     def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
@@ -233,7 +240,7 @@ class RegistryService:
         check.bounded("source", source, limits.MAX_URI_LENGTH)
         check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.tags("tags", tags or {})
+        check.tags("tags", tags or {}, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
         if not source:
             if not run_id or not artifact_path:
                 raise InvalidArgumentError(
@@ -312,7 +319,7 @@ class RegistryService:
         page_size: int = DEFAULT_PAGE_SIZE,
         page_token: str = "",
     ) -> Page[ModelVersion]:
-        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
+        check.search_terms(filter_string, order_by)
         return self._gateway.search_model_versions(
             filter_string=filter_string,
             order_by=order_by,
@@ -333,7 +340,7 @@ class RegistryService:
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         check.tag_key("key", key)
-        check.bounded("value", value, limits.MAX_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
         with self._model_named(name):
             self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
 

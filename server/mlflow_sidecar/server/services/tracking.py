@@ -99,7 +99,7 @@ class TrackingService:
         request_id: str = "",
     ) -> Experiment:
         check.require("name", name)
-        check.tags("tags", tags or {})
+        check.tags("tags", tags or {}, max_value_length=limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH)
         check.bounded("artifact_location", artifact_location, limits.MAX_URI_LENGTH)
         if get_if_exists:
             try:
@@ -143,7 +143,7 @@ class TrackingService:
         page_token: str = "",
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Experiment]:
-        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
+        check.search_terms(filter_string, order_by)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search_experiments(
             filter_string=filter_string,
@@ -231,7 +231,7 @@ class TrackingService:
             raise InvalidArgumentError("experiment_ids", "name at least one experiment")
         for index, experiment_id in enumerate(experiment_ids):
             check.experiment_id(f"experiment_ids[{index}]", experiment_id)
-        check.bounded("filter", filter_string, limits.MAX_FILTER_LENGTH)
+        check.search_terms(filter_string, order_by)
         size = check.page_size(page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         return self._gateway.search_runs(
             experiment_ids,

@@ -1,0 +1,198 @@
+"""Each limit of the contract at its edge, against a real mlflow server: a value at the
+limit is accepted and MLflow holds it; one past it is INVALID_ARGUMENT naming the field,
+and nothing of the call takes effect. Where MLflow's limit differs by entity (tag values),
+the sidecar's is the entity's."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from mlflow_sidecar.core import limits
+from mlflow_sidecar.core.errors import error_from_rpc
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.integration.test_artifacts_bad_input import model_requests
+
+
+def refused(call, field: str) -> str:
+    """Run `call`, expect INVALID_ARGUMENT on `field`; the message."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert error_from_rpc(err.value).field == field, err.value.details()
+    return str(err.value.details())
+
+
+def test_an_experiment_tag_takes_mlflows_experiment_limit(tracking_stub, unique):
+    at_limit = "e" * limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH
+    assert limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH > limits.MAX_TAG_VALUE_LENGTH
+    experiment = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"limits-{unique}", tags={"long": at_limit})
+    ).experiment
+    held = tracking_stub.GetExperiment(
+        pb.GetExperimentRequest(experiment_id=experiment.experiment_id)
+    ).experiment
+    assert held.tags["long"] == at_limit
+    refused(
+        lambda: tracking_stub.CreateExperiment(
+            pb.CreateExperimentRequest(name=f"limits-past-{unique}", tags={"long": at_limit + "e"})
+        ),
+        "tags[long]",
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.GetExperiment(pb.GetExperimentRequest(name=f"limits-past-{unique}"))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_run_tag_keeps_mlflows_run_limit(tracking_stub, run_id):
+    at_limit = "r" * limits.MAX_TAG_VALUE_LENGTH
+    tracking_stub.SetRunTags(pb.SetRunTagsRequest(run_id=run_id, tags={"long": at_limit}))
+    refused(
+        lambda: tracking_stub.SetRunTags(
+            pb.SetRunTagsRequest(run_id=run_id, tags={"past": at_limit + "r"})
+        ),
+        "tags[past]",
+    )
+    tags = tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run.data.tags
+    assert tags["long"] == at_limit
+    assert "past" not in tags
+
+
+def test_registry_tags_take_mlflows_registry_limit(registry_stub, run_id, unique):
+    at_limit = "m" * limits.MAX_REGISTRY_TAG_VALUE_LENGTH
+    past = at_limit + "m"
+    name = f"limits-{unique}"
+    registry_stub.CreateRegisteredModel(
+        reg_pb.CreateRegisteredModelRequest(name=name, tags={"long": at_limit})
+    )
+    version = registry_stub.CreateModelVersion(
+        reg_pb.CreateModelVersionRequest(
+            name=name, source=f"runs:/{run_id}/model", tags={"long": at_limit}
+        )
+    ).model_version.version
+    registry_stub.SetRegisteredModelTag(
+        reg_pb.SetRegisteredModelTagRequest(name=name, key="set", value=at_limit)
+    )
+    registry_stub.SetModelVersionTag(
+        reg_pb.SetModelVersionTagRequest(name=name, version=version, key="set", value=at_limit)
+    )
+    model = registry_stub.GetRegisteredModel(
+        reg_pb.GetRegisteredModelRequest(name=name)
+    ).registered_model
+    held = registry_stub.GetModelVersion(
+        reg_pb.GetModelVersionRequest(name=name, version=version)
+    ).model_version
+    assert model.tags["long"] == model.tags["set"] == at_limit
+    assert held.tags["long"] == held.tags["set"] == at_limit
+
+    refused(
+        lambda: registry_stub.CreateRegisteredModel(
+            reg_pb.CreateRegisteredModelRequest(name=f"{name}-past", tags={"long": past})
+        ),
+        "tags[long]",
+    )
+    refused(
+        lambda: registry_stub.CreateModelVersion(
+            reg_pb.CreateModelVersionRequest(
+                name=name, source=f"runs:/{run_id}/model", tags={"long": past}
+            )
+        ),
+        "tags[long]",
+    )
+    refused(
+        lambda: registry_stub.SetRegisteredModelTag(
+            reg_pb.SetRegisteredModelTagRequest(name=name, key="past", value=past)
+        ),
+        "value",
+    )
+    refused(
+        lambda: registry_stub.SetModelVersionTag(
+            reg_pb.SetModelVersionTagRequest(name=name, version=version, key="past", value=past)
+        ),
+        "value",
+    )
+    versions = registry_stub.SearchModelVersions(
+        reg_pb.SearchModelVersionsRequest(filter=f"name = '{name}'")
+    ).model_versions
+    assert [v.version for v in versions] == [version]
+    model = registry_stub.GetRegisteredModel(
+        reg_pb.GetRegisteredModelRequest(name=name)
+    ).registered_model
+    assert "past" not in model.tags
+
+
+SEARCHES = {
+    "SearchExperiments": lambda stubs, order_by: stubs[0].SearchExperiments(
+        pb.SearchExperimentsRequest(order_by=order_by)
+    ),
+    "SearchRuns": lambda stubs, order_by: stubs[0].SearchRuns(
+        pb.SearchRunsRequest(experiment_ids=["0"], order_by=order_by)
+    ),
+    "SearchRegisteredModels": lambda stubs, order_by: stubs[1].SearchRegisteredModels(
+        reg_pb.SearchRegisteredModelsRequest(order_by=order_by)
+    ),
+    "SearchModelVersions": lambda stubs, order_by: stubs[1].SearchModelVersions(
+        reg_pb.SearchModelVersionsRequest(order_by=order_by)
+    ),
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(SEARCHES))
+def test_a_search_orders_by_at_most_the_limit_of_terms(rpc, tracking_stub, registry_stub):
+    # Past the limit MLflow's database fails with a server error, which the sidecar would
+    # retry and report as an outage seconds later.
+    stubs = (tracking_stub, registry_stub)
+    search = SEARCHES[rpc]
+    terms = [f"metrics.`m{index}` DESC" for index in range(limits.MAX_ORDER_BY_TERMS + 1)]
+    message = refused(lambda: search(stubs, terms), "order_by")
+    assert str(limits.MAX_ORDER_BY_TERMS) in message
+    refused(lambda: search(stubs, ["x" * (limits.MAX_ORDER_BY_LENGTH + 1)]), "order_by[0]")
+
+
+def test_a_search_takes_the_limit_of_terms(tracking_stub):
+    terms = [f"metrics.`m{index}` DESC" for index in range(limits.MAX_ORDER_BY_TERMS)]
+    SEARCHES["SearchRuns"]((tracking_stub, None), terms)
+
+
+def test_a_logged_model_search_bounds_its_filter_and_order(tracking_stub):
+    def search(filter_string: str = "", terms: int = 1, field_name: str = "name"):
+        return tracking_stub.SearchLoggedModels(
+            pb.SearchLoggedModelsRequest(
+                experiment_ids=["0"],
+                filter=filter_string,
+                order_by=[pb.LoggedModelOrder(field_name=field_name)] * terms,
+            )
+        )
+
+    refused(lambda: search("x" * (limits.MAX_FILTER_LENGTH + 1)), "filter")
+    refused(lambda: search(terms=limits.MAX_ORDER_BY_TERMS + 1), "order_by")
+    refused(
+        lambda: search(field_name="x" * (limits.MAX_ORDER_BY_LENGTH + 1)),
+        "order_by[0].field_name",
+    )
+
+
+@pytest.mark.parametrize("name", ["a/b", "a:b", ".", "..", " "])
+def test_an_upload_under_a_name_mlflow_refuses_makes_no_run(
+    registry_stub, tracking_stub, unique, name
+):
+    # The name is checked before the run the upload would log its files to is made.
+    experiment = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"limits-upload-{unique}")
+    ).experiment.experiment_id
+    requests = model_requests(name, "", {"MLmodel": b"flavors: {}\n"})
+    requests[0].header.experiment_id = experiment
+    refused(lambda: registry_stub.UploadModel(iter(requests), timeout=60), "name")
+    runs = tracking_stub.SearchRuns(
+        pb.SearchRunsRequest(experiment_ids=[experiment], view_type=pb.VIEW_TYPE_ALL)
+    ).runs
+    assert list(runs) == []
+
+
+@pytest.mark.parametrize("name", [".", "..", "  "])
+def test_a_model_name_a_path_would_misread_is_refused_naming_it(registry_stub, name):
+    refused(
+        lambda: registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=name)),
+        "name",
+    )
