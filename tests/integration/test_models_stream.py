@@ -287,3 +287,47 @@ def test_a_file_the_artifact_proxy_refuses_is_its_refusal_not_an_internal_error(
         registry.download_model(f"proxied-{unique}", tmp_path / "out", version=version.version)
     assert "400" in err.value.message or "refused" in err.value.message
     assert not (tmp_path / "out").exists()
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def write_model(root: Path, files: dict[str, bytes]) -> Path:
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("odd", ["@bar", "?x", "@b@c", "@"])
+def test_a_name_that_reads_as_uri_syntax_downloads_its_own_files(
+    registry, experiment_id, unique, tmp_path, odd
+):
+    # A models:/NAME/1 URI would read '@bar' as an alias of another model and '1' as a
+    # folder of its files, '?x' as a query, a trailing '@' as a malformed URI.
+    other = f"other-{unique}"
+    registry.upload_model(
+        other,
+        write_model(tmp_path / "other", {"1/secret.txt": b"the other model's"}),
+        experiment_id=experiment_id,
+        aliases=["bar"],
+    )
+    name = f"{other}{odd}"
+    own = {"mine.txt": b"this model's own"}
+    registry.upload_model(name, write_model(tmp_path / "own", own), experiment_id=experiment_id)
+    synced = registry.sync_model(name, tmp_path / "out", version=1)
+    assert synced.model_version.name == name
+    assert files_of(tmp_path / "out") == own
+    # Served again from the cache: the same files, never the other model's.
+    registry.download_model(name, tmp_path / "again", version=1)
+    assert files_of(tmp_path / "again") == own
+
+
+def test_a_models_source_naming_no_version_is_not_found(registry, unique):
+    name = f"empty-{unique}"
+    registry.create_registered_model(name)
+    for source in (f"models:/{name}/latest", f"models:/{name}/Production"):
+        with pytest.raises(NotFoundError) as err:
+            registry.create_model_version(name, source=source)
+        assert err.value.reason == "MODEL_VERSION_NOT_FOUND"

@@ -71,6 +71,10 @@ _DEADLINE_MARGIN_S = 0.05
 
 # Run ids whose artifact location was checked; MLflow never moves a run's artifacts.
 _RUN_LOCATION_CACHE = 4096
+# The starts of MLflow's messages for a models:/ URI that names no version, or is malformed.
+_NO_VERSIONS = "No versions of model"
+_IMPROPER_URI = "Not a proper models:/ URI"
+
 # runs:/ and models:/ URIs may point at each other; deeper than this is refused.
 _MAX_REFERENCE_DEPTH = 4
 # Versions asked for at once when the sidecar looks through all of a model's versions.
@@ -334,19 +338,30 @@ class MlflowGateway:
                 # The sub-path too: a symlink in the run's artifacts may lead out of them.
                 return self.check_storage(field, f"{base.rstrip('/')}/{path}")
             if scheme.lower() == "models":
-                uri = self._model_download_uri(uri)
+                uri = self._model_download_uri(uri, field)
                 continue
             self._storage.check(field, uri)
             return uri
         raise InvalidArgumentError(field, "refers to other models:/ or runs:/ URIs too deeply")
 
-    def _model_download_uri(self, uri: str) -> str:
+    def _model_download_uri(self, uri: str, field: str) -> str:
         """Where the model a `models:/` URI names keeps its files (a registered version by
         number, alias or stage, or an MLflow 3 logged model), plus the URI's sub-path."""
         base, sub_path = mlflow_internals.split_models_uri(uri)
 
         def op() -> str:
-            found = mlflow_internals.model_name_and_version(self._client, base)
+            try:
+                found = mlflow_internals.model_name_and_version(self._client, base)
+            except MlflowException as exc:
+                # MLflow's URI parsing fails these with no error code (an INTERNAL_ERROR):
+                # the caller's URI is at fault, or names no version.
+                if exc.message.startswith(_NO_VERSIONS):
+                    raise NotFoundError(
+                        exc.message, reason=ErrorReason.MODEL_VERSION_NOT_FOUND
+                    ) from exc
+                if exc.message.startswith(_IMPROPER_URI):
+                    raise InvalidArgumentError(field, exc.message) from exc
+                raise
             if len(found) == 1:
                 return str(self._client.get_logged_model(found[0]).artifact_location)
             name, version = found
@@ -1168,7 +1183,14 @@ class MlflowGateway:
         as long as that is one of the configured artifact stores (else PERMISSION_DENIED:
         a version registered through MLflow directly may point anywhere).
         """
-        uri = self._storage_uri("version", self._model_download_uri(f"models:/{name}/{version}"))
+        # Asked by name and number, never through a models:/ URI: a name may hold what that
+        # URI's syntax reads as an alias ('@'), a query ('?') or nothing at all (a newline),
+        # and would name another model's files.
+        location = self.call(
+            lambda: str(self._client.get_model_version_download_uri(name, str(version))),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
+        uri = self._storage_uri("version", location)
 
         def op() -> str:
             # Building the repository may already ask MLflow (a runs:/ URI resolves its run).
