@@ -1098,7 +1098,8 @@ class LogMetricsRequest(_message.Message):
     request_id: _builtins.str
     """Client-chosen id of this logical call (a UUID4), kept across every retry: a
     repeated or ambiguous call with the same id answers with the first outcome and logs
-    nothing again. Without one, a repeat logs its points again: MLflow keeps a point
+    nothing again; a retry of a try cut short midway stamps its points (timestamp 0)
+    with the time the id first arrived, as that try did. Without one, a repeat logs its points again: MLflow keeps a point
     once only when its timestamp, step and value are the same, and points with
     timestamp 0 are stamped when they arrive. At most 200 characters of
     [A-Za-z0-9_.:-]; empty: no such guarantee.

@@ -46,6 +46,13 @@ CREATE TABLE IF NOT EXISTS answers (
     PRIMARY KEY (method, request_id)
 );
 CREATE INDEX IF NOT EXISTS answers_by_age ON answers (recorded_ms);
+CREATE TABLE IF NOT EXISTS first_seen (
+    method TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (method, request_id)
+);
+CREATE INDEX IF NOT EXISTS first_seen_by_age ON first_seen (seen_ms);
 """
 
 
@@ -153,6 +160,21 @@ class RequestLedger:
         if prune:
             self._prune()
 
+    def first_seen(self, method: str, request_id: str) -> int:
+        """When (ms since the epoch) this request id first reached `method`: the same for
+        every try of one call, also after a restart, so that what a call takes from its
+        arrival (the timestamp of points sent without one) is its first try's."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO first_seen (method, request_id, seen_ms) VALUES (?, ?, ?)",
+                (method, request_id, now_ms()),
+            )
+            row = self._db.execute(
+                "SELECT seen_ms FROM first_seen WHERE method = ? AND request_id = ?",
+                (method, request_id),
+            ).fetchone()
+        return int(row[0])
+
     def once(
         self,
         method: str,
@@ -179,3 +201,4 @@ class RequestLedger:
         cutoff = now_ms() - int(self._retention_s * 1000)
         with self._lock:
             self._db.execute("DELETE FROM answers WHERE recorded_ms < ?", (cutoff,))
+            self._db.execute("DELETE FROM first_seen WHERE seen_ms < ?", (cutoff,))

@@ -29,6 +29,7 @@ from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
 # The ledger's name for this RPC's outcomes: the interceptor names the unary ones so.
 _UPLOAD_ARTIFACT = "/mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact"
+_LOG_METRICS = "/mlflow_sidecar.v1.ExperimentTrackingService/LogMetrics"
 
 
 def ensure_active(context: grpc.ServicerContext) -> None:
@@ -54,6 +55,7 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
         self._transfers = transfers
         self._staging = staging
         self._uploads = UploadOnce(ledger, _UPLOAD_ARTIFACT)
+        self._ledger = ledger
 
     def CreateExperiment(
         self, request: pb.CreateExperimentRequest, context: grpc.ServicerContext
@@ -179,8 +181,15 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     def LogMetrics(
         self, request: pb.LogMetricsRequest, context: grpc.ServicerContext
     ) -> pb.LogMetricsResponse:
+        # A retry's points without a timestamp take the first try's stamp: MLflow ignores
+        # a point it holds already, so what the first try sent is not logged twice.
+        arrived = (
+            self._ledger.first_seen(_LOG_METRICS, request.request_id)
+            if self._ledger is not None and request.request_id
+            else None
+        )
         accepted = self._service.log_metrics(
-            request.run_id, [conv.metric_from_pb(m) for m in request.metrics]
+            request.run_id, [conv.metric_from_pb(m) for m in request.metrics], arrived_ms=arrived
         )
         return pb.LogMetricsResponse(accepted_points=accepted)
 

@@ -342,13 +342,17 @@ class TrackingService:
         for batch in check.chunks(new, limits.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, params=dict(batch))
 
-    def log_metrics(self, run_id: str, metrics: Sequence[Metric]) -> int:
+    def log_metrics(
+        self, run_id: str, metrics: Sequence[Metric], *, arrived_ms: int | None = None
+    ) -> int:
+        """Log points to MLflow now; those without a timestamp take `arrived_ms` (the
+        call's first arrival, the same for its retries), else the time of this call."""
         check.run_id("run_id", run_id)
         check.metric_points("metrics", ((m.key, m.timestamp_ms) for m in metrics))
         if not metrics:
             return 0
         self._ingest.refuse_if_ended(run_id)
-        now = now_ms()
+        now = arrived_ms if arrived_ms is not None else now_ms()
         stamped = [m if m.timestamp_ms else Metric(m.key, m.value, now, m.step) for m in metrics]
         for batch in check.chunks(stamped, limits.MAX_METRICS_PER_BATCH):
             self._gateway.log_batch(run_id, metrics=batch)
