@@ -441,6 +441,34 @@ def test_an_end_with_a_backlog_is_recorded_before_a_hung_mlflow_is_asked(service
     assert (ended.status, ended.end_time_ms) == (RunStatus.FAILED, 9_000)
 
 
+def test_an_end_with_a_backlog_answers_while_mlflow_hangs_past_the_deadline(
+    service, gateway, deliveries_open, run_id
+):
+    # MLflow hangs (answers nothing, fails nothing): EndRun answers with the end recorded
+    # instead of waiting until its deadline, which the trainer would read as a failure.
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    released = threading.Event()
+    finished: list[bool] = []
+
+    def hangs() -> None:
+        released.wait(30)
+        finished.append(True)
+
+    gateway.on_call("get_run", hangs)
+    try:
+        with call_deadline.deadline_scope(30):
+            run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+        assert not finished  # answered while MLflow was still hung
+        assert (run.info.run_id, run.info.status, pending) == (run_id, RunStatus.RUNNING, 1)
+    finally:
+        released.set()
+        gateway.on_call("get_run", None)
+        deliveries_open.set()
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    assert gateway.get_run(run_id).info.status == RunStatus.FINISHED
+
+
 def test_an_end_with_a_backlog_of_a_deleted_run_is_refused_and_not_recorded(
     service, gateway, deliveries_open, run_id
 ):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
 
 from mlflow_sidecar.core import domain, limits
 from mlflow_sidecar.core.clock import now_ms
@@ -37,6 +40,7 @@ from mlflow_sidecar.core.limits import (
     MAX_PAGE_SIZE,
 )
 from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id, request_id_reused
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
@@ -280,7 +284,7 @@ class TrackingService:
             had_end = self._ingest.has_end(run_id)
             pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
             try:
-                self._require_active(run_id)
+                _asked_briefly(lambda: self._require_active(run_id))
             except (UnavailableError, DeadlineExceededError):
                 pass  # the deliverer applies the end once MLflow answers
             except SidecarError:
@@ -296,7 +300,7 @@ class TrackingService:
                     reason=ErrorReason.RUN_END_PENDING,
                 )
         try:
-            return self._gateway.get_run(run_id), pending
+            return _asked_briefly(lambda: self._gateway.get_run(run_id)), pending
         except (UnavailableError, DeadlineExceededError):
             # The end is recorded: the call did what it promises, MLflow's view can wait.
             return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
@@ -431,3 +435,28 @@ class TrackingService:
                 f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
             )
         return run
+
+
+T = TypeVar("T")
+
+# With a backlog, how long EndRun waits for MLflow's view of the run before it answers
+# without it: the end is recorded already, and a hung MLflow must not hold the trainer's
+# call until its deadline (which would read as a failure of a call that took effect).
+_ASK_WHILE_RECORDED_S = 2.0
+_asking = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-run-ask")
+
+
+def _asked_briefly(ask: Callable[[], T]) -> T:
+    """`ask()`'s answer within `_ASK_WHILE_RECORDED_S` (and the call's deadline), else
+    UnavailableError; an unanswered `ask` finishes in the background, bounded by MLflow's
+    request timeout."""
+    budget = _ASK_WHILE_RECORDED_S
+    left = call_deadline.remaining()
+    if left is not None:
+        budget = min(budget, max(0.0, left / 2))
+    # The call's deadline goes with it: the gateway bounds its retries by it.
+    future = _asking.submit(contextvars.copy_context().run, ask)
+    try:
+        return future.result(timeout=budget)
+    except concurrent.futures.TimeoutError:
+        raise UnavailableError(f"MLflow did not answer within {budget:.1f}s") from None
