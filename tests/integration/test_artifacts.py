@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import mlflow
@@ -225,3 +226,23 @@ def test_small_file_round_trip_through_real_grpcurl(sidecar, tracking, run_id):
     assert messages[-1] == {"trailer": {"sha256": digest}}
     downloaded = b"".join(base64.b64decode(m["chunk"]) for m in messages[1:-1])
     assert downloaded == content
+
+
+@pytest.mark.parametrize("artifact_path", ["step:100/w.bin", "dir/config:v1.txt", "a b/c d.txt"])
+def test_names_with_colons_and_spaces_mlflow_keeps_read_back(
+    client_container, tmp_path, artifact_path
+):
+    # The edge of what the sidecar stores: these names list and read back as sent
+    # (' x', 'Config:x' and 'C:/x' do not, and are refused; see test_artifact_paths).
+    tracking = client_container.experiment_tracking()
+    experiment = tracking.create_experiment(f"names-{uuid.uuid4().hex}").experiment_id
+    run_id = tracking.start_run(experiment).run_id
+    local = tmp_path / "local.bin"
+    local.write_bytes(b"kept under its own name")
+    tracking.upload_artifact(run_id, local, artifact_path)
+    directory, _, name = artifact_path.rpartition("/")
+    listed = [info.path for info in tracking.list_artifacts(run_id, directory).items]
+    assert listed == [artifact_path]
+    downloaded = tracking.download_artifact(run_id, artifact_path, tmp_path / "out")
+    assert downloaded.read_bytes() == b"kept under its own name"
+    assert downloaded.name == name

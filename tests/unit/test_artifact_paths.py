@@ -80,8 +80,38 @@ def test_stored_paths_refuse_what_a_url_would_change(path):
     assert FileTree().add("files[0].path", f"dir/{path}") == f"dir/{path}"
 
 
+LISTED_AS_ANOTHER = {
+    "blank name": " ",
+    "blank directory": "dir/ /w.bin",
+    "leading space": " lead.txt",
+    "scheme-like prefix below a directory": "dir/Config:v1.txt",
+    "scheme-like prefix": "Config:v1.txt",
+    "drive": "C:/x.bin",
+    "lower-case drive": "c:/x.bin",
+}
+
+
+@pytest.mark.parametrize("path", LISTED_AS_ANOTHER.values(), ids=LISTED_AS_ANOTHER.keys())
+def test_stored_paths_refuse_names_mlflow_lists_as_others(path):
+    # MLflow's client parses every listed name as a URL: stored under these, a file is
+    # listed under another name and cannot be read back, alone or as part of a model.
+    assert check_relative_path("artifact_path", path) == path
+    with pytest.raises(InvalidArgumentError) as err:
+        check_stored_path("artifact_path", path)
+    assert err.value.field == "artifact_path"
+    with pytest.raises(InvalidArgumentError):
+        FileTree(stored=True).add("files[0].path", path)
+
+
 def test_stored_paths_take_what_any_store_keeps():
-    for path in ("with space/ünïcode ✓.bin", "a+b=c;d,e@f!.pt", "x" * 255):
+    for path in (
+        "with space/ünïcode ✓.bin",
+        "a+b=c;d,e@f!.pt",
+        "x" * 255,
+        "step:100/w.bin",
+        "dir/config:v1.txt",
+        "dir/trailing space ",
+    ):
         assert check_stored_path("artifact_path", path) == path
 
 

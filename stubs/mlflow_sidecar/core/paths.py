@@ -8,7 +8,9 @@ sends before it writes into a destination directory.
 
 from __future__ import annotations
 
+import pathlib
 import re
+import urllib.parse
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_PATH_BYTES, MAX_SEGMENT_BYTES
@@ -61,6 +63,20 @@ def check_stored_path(field: str, value: str) -> str:
                 " '%', '?' and '#' in a path as URL syntax and would store the file under"
                 " another name",
             )
+    # MLflow's client passes each listed name through a URL parser, which strips spaces
+    # around it and lower-cases what reads as a scheme ('Config:' of 'Config:v1.txt'); a
+    # file stored under such a name is listed under another one and cannot be read back.
+    for segment in value.split("/"):
+        if urllib.parse.urlunparse(urllib.parse.urlparse(segment)) != segment:
+            raise InvalidArgumentError(
+                field,
+                f"{_shown(value)}: MLflow lists the name {_shown(segment)} as another one"
+                " (spaces around a name, or a 'scheme:' prefix, are URL syntax to it)",
+            )
+    if pathlib.PureWindowsPath(value).is_absolute():
+        raise InvalidArgumentError(
+            field, f"{_shown(value)} must be relative: MLflow reads a drive ('C:/') as absolute"
+        )
     return value
 
 

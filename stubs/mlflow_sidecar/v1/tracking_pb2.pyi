@@ -1504,7 +1504,9 @@ class UploadArtifactHeader(_message.Message):
     """Relative path of the file inside the run's artifacts, e.g. "checkpoints/step_100.pt".
     INVALID_ARGUMENT on this field: absolute, "." or ".." or empty segments, backslashes,
     control characters, over 1024 bytes or a segment over 255, and "%", "?" or "#" (which
-    MLflow's artifact proxy reads as URL syntax: the file would be stored under another name).
+    MLflow's artifact proxy reads as URL syntax: the file would be stored under another name),
+    and a name MLflow's client would list as another (leading spaces, a "Scheme:" prefix
+    with capitals, a drive "C:/").
     """
     size_bytes: _builtins.int
     """Exactly this many bytes follow in the chunks."""
