@@ -13,6 +13,7 @@ import pytest
 from mlflow_sidecar.core.errors import (
     CancelledError,
     DataLossError,
+    ErrorReason,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -495,3 +496,23 @@ def test_listing_tokens_round_trip_and_are_bound_to_the_run_and_path():
         with pytest.raises(InvalidArgumentError) as err:
             decode_listing_token(bad, "run1", "models")
         assert err.value.field == "page_token"
+
+
+def test_a_model_of_more_files_than_one_download_manifest_holds_is_refused(tmp_path):
+    # DownloadModel sends every file's path, size and sha256 in one message: a model whose
+    # list would not fit could be stored, then never downloaded.
+    config = load_config(
+        data_dir=tmp_path / "data",
+        server={"max_message_bytes": 128 * 1024},
+        artifacts={"max_upload_bytes": LIMIT, "chunk_bytes": CHUNK},
+    )
+    small = Staging(config)
+    long_name = "d" * 200
+    fits = {f"{long_name}/{index:04d}": b"x" for index in range(300)}
+    _, found = receive_model(small, model_stream(fits))
+    assert found == fits
+    too_many = {f"{long_name}/{index:04d}": b"x" for index in range(600)}
+    with pytest.raises(ResourceExhaustedError) as err:
+        receive_model(small, model_stream(too_many))
+    assert err.value.reason == ErrorReason.UPLOAD_TOO_LARGE
+    assert "server.max_message_bytes" in str(err.value)

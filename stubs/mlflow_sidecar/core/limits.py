@@ -1,6 +1,7 @@
 """Every limit of the contract, in one place: what a request may carry and how big a page,
 a batch, a path or a chunk may be. Client and server read them from here; the README's
-Limits section and the proto comments state the same figures.
+Limits section (held to these by tests/unit/test_readme_limits.py) and the proto comments
+state the same figures.
 
 Most are MLflow's own (`mlflow.utils.validation`): the sidecar checks them first so that a
 caller learns which field is wrong, in the sidecar's words, before anything is sent.

@@ -24,6 +24,7 @@ from mlflow_sidecar.core.errors import (
     CancelledError,
     DataLossError,
     ErrorReason,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
@@ -243,13 +244,24 @@ def _receive_chunks(
     return trailed
 
 
+# A ModelFile entry's field tag and length prefix in the manifest.
+_ENTRY_FRAMING_BYTES = 4
+# What a manifest holds beside its files: the version (source, run id, aliases; its
+# description and tags are counted as the upload's header has them) and the digest.
+_VERSION_RESERVE_BYTES = 8 * 1024
+
+
 class _ModelTree:
     """The files of one model upload as they arrive, each checked before it is written."""
 
-    def __init__(self, root: Path, limit: int, declared_total: int) -> None:
+    def __init__(self, root: Path, limit: int, declared_total: int, manifest_budget: int) -> None:
         self.root = root
         self.limit = limit
         self.declared_total = declared_total
+        # DownloadModel sends every file's path, size and sha256 in one message: a model
+        # of more files than that holds could be stored but never downloaded.
+        self.manifest_budget = manifest_budget
+        self.manifest_bytes = 0
         self.tree = FileTree(stored=True)
         self.announced = 0
         self.received = 0
@@ -266,6 +278,17 @@ class _ModelTree:
         if size < 0:
             raise InvalidArgumentError(
                 f"files[{index}].size_bytes", f"must not be negative, got {size}"
+            )
+        entry = reg_pb.ModelFile(path=path, size_bytes=size, sha256=sha256 or "0" * 64)
+        self.manifest_bytes += entry.ByteSize() + _ENTRY_FRAMING_BYTES
+        if self.manifest_bytes > self.manifest_budget:
+            raise ResourceExhaustedError(
+                f"files[{index}]: the model's {index + 1} files would not fit in one"
+                f" DownloadModel manifest ({self.manifest_budget} bytes of"
+                " server.max_message_bytes for its paths, sizes and sha256s), so it could"
+                " never be downloaded: pack small files into archives, or raise"
+                " server.max_message_bytes (and the clients' max_message_bytes)",
+                reason=ErrorReason.UPLOAD_TOO_LARGE,
             )
         self.announced += size
         if self.announced > self.limit:
@@ -336,7 +359,8 @@ def receive_model(
     declared_total = header.total_size_bytes
     root = into / "model"
     root.mkdir()
-    files = _ModelTree(root, limit, declared_total)
+    budget = staging.max_message_bytes - CHUNK_FRAMING_BYTES - _VERSION_RESERVE_BYTES
+    files = _ModelTree(root, limit, declared_total, budget - header.ByteSize())
     try:
         for message in messages:
             kind = message.WhichOneof("payload")
@@ -391,9 +415,11 @@ def model_messages(
         model_version=conv.model_version_to_pb(version), files=entries, digest=model.manifest.digest
     )
     if manifest.ByteSize() + CHUNK_FRAMING_BYTES > staging.max_message_bytes:
-        raise ResourceExhaustedError(
+        # Not a limit a retry gets past: the version needs a larger message limit.
+        raise FailedPreconditionError(
             f"the manifest of {len(entries)} files does not fit one message of"
-            f" {staging.max_message_bytes} bytes (server.max_message_bytes)"
+            f" {staging.max_message_bytes} bytes (server.max_message_bytes): raise it (and"
+            " the client's max_message_bytes) to download this version"
         )
     yield reg_pb.DownloadModelResponse(manifest=manifest)
     if cache_entry is not None:

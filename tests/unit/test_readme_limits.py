@@ -1,0 +1,54 @@
+"""The README's Limits table states the figures `core.limits` enforces: each row names its
+constant and shows its value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mlflow_sidecar.core import limits
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def limits_section() -> str:
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Limits\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_every_figure_in_the_limits_table_is_the_constant_it_names() -> None:
+    named = re.findall(r"(\d+)(?: bytes)? \(`(MAX_[A-Z_]+)`", limits_section())
+    assert len(named) >= 15
+    for figure, constant in named:
+        assert getattr(limits, constant) == int(figure), constant
+
+
+def test_every_request_limit_is_in_the_table() -> None:
+    section = limits_section()
+    stated = {
+        "MAX_KEY_LENGTH",
+        "MAX_PARAM_VALUE_LENGTH",
+        "MAX_TAG_VALUE_LENGTH",
+        "MAX_EXPERIMENT_TAG_VALUE_LENGTH",
+        "MAX_REGISTRY_TAG_VALUE_LENGTH",
+        "MAX_NAME_LENGTH",
+        "MAX_ALIAS_LENGTH",
+        "MAX_DESCRIPTION_LENGTH",
+        "MAX_URI_LENGTH",
+        "MAX_FILTER_LENGTH",
+        "MAX_ORDER_BY_TERMS",
+        "MAX_ORDER_BY_LENGTH",
+        "MAX_ID_LENGTH",
+        "MAX_REQUEST_ID_LENGTH",
+        "MAX_PAGE_TOKEN_LENGTH",
+        "MAX_PAGE_SIZE",
+        "MAX_METRIC_PAGE_SIZE",
+        "MAX_PATH_BYTES",
+        "MAX_SEGMENT_BYTES",
+        "MAX_WATCH_ALIASES",
+        "MAX_PARAMS_TAGS_PER_BATCH",
+        "MAX_METRICS_PER_BATCH",
+    }
+    for constant in stated:
+        assert f"`{constant}`" in section, constant
