@@ -457,3 +457,32 @@ def _unpacked_bad_request(detail) -> error_details_pb2.BadRequest:
     message = error_details_pb2.BadRequest()
     detail.Unpack(message)
     return message
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        # Field 1 (run_id) of GetRunRequest, a string, holding bytes that are not UTF-8.
+        ("GetRun", b"\x0a\x02\xff\xfe"),
+        # Not a protobuf message at all: a length running past the end.
+        ("GetRun", b"\x0a\x7f"),
+        # A streaming request: the first message is not UTF-8 either.
+        ("StreamMetrics", b"\x0a\x05\x0a\x03\xff\xfe\xfd"),
+    ],
+)
+def test_a_request_that_does_not_decode_is_invalid_argument_with_details(tmp_path, method, payload):
+    server, port = _start(tmp_path, RaisingService())
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    path = f"/mlflow_sidecar.v1.ExperimentTrackingService/{method}"
+    with pytest.raises(grpc.RpcError) as err:
+        if method == "StreamMetrics":
+            channel.stream_unary(path)(iter([payload]), timeout=10)
+        else:
+            channel.unary_unary(path)(payload, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert method in err.value.details()
+    info = _details(err.value)["ErrorInfo"]
+    assert info.reason == ErrorReason.INVALID_ARGUMENT
+    assert "x-request-id" in _trailers(err.value)
+    channel.close()
+    server.stop(0)

@@ -24,6 +24,7 @@ from mlflow_sidecar.core.errors import (
     REQUEST_ID_KEY,
     CancelledError,
     InternalError,
+    InvalidArgumentError,
     SidecarError,
     error_from_status,
     to_rpc_status,
@@ -120,13 +121,27 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     def __init__(self, default_deadline_s: float | None = None) -> None:
         self._default_deadline_s = default_deadline_s
         self._handlers = WrappedHandlers(self._wrap)
+        # method -> (the wrapped handler, the same decoding requests tolerantly)
+        self._decoding: dict[str, tuple[object, Any]] = {}
 
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        return self._handlers.get(continuation(handler_call_details), handler_call_details.method)
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        wrapped = self._handlers.get(handler, method)
+        if wrapped is handler or wrapped is None or wrapped.request_deserializer is None:
+            return wrapped
+        cached = self._decoding.get(method)
+        if cached is not None and cached[0] is wrapped:
+            return cached[1]
+        # grpc answers a request it cannot decode with INTERNAL and no details; decoded
+        # here, it becomes INVALID_ARGUMENT like any other bad input.
+        decoding = wrapped._replace(request_deserializer=_tolerant(wrapped.request_deserializer))
+        self._decoding[method] = (wrapped, decoding)
+        return decoding
 
     def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
         default = self._default_deadline_s
@@ -135,12 +150,17 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             left = context.time_remaining()
             return default if left is None or left > _NO_DEADLINE_S else float(left)
 
+        def decoded(request: Any) -> Any:
+            if call_type.streaming_request:
+                return (_decoded(message, method) for message in request)
+            return _decoded(request, method)
+
         if call_type.streaming_response:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with call_deadline.deadline_scope(remaining(context)):
                     try:
-                        yield from behavior(request, context)
+                        yield from behavior(decoded(request), context)
                     except Exception as exc:  # noqa: BLE001 - every failure must become a status code
                         _abort(exc, context, method)
 
@@ -149,11 +169,41 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             with call_deadline.deadline_scope(remaining(context)):
                 try:
-                    return behavior(request, context)
+                    return behavior(decoded(request), context)
                 except Exception as exc:  # noqa: BLE001 - every failure must become a status code
                     _abort(exc, context, method)
 
         return unary
+
+
+class _Undecodable:
+    """A request message that its bytes did not decode to, and why."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """`deserialize` returning `_Undecodable` instead of raising, so that the call's
+    behavior, inside the error mapping, refuses it."""
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure is the request's fault
+            return _Undecodable(exc)
+
+    return decode
+
+
+def _decoded(request: Any, method: str) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(
+            "",
+            f"the request is not a valid {method.rsplit('/', 1)[-1]} request message"
+            f" ({request.error}); strings must be UTF-8",
+        )
+    return request
 
 
 def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
