@@ -120,3 +120,30 @@ def test_an_outage_costs_two_pings_a_probe_not_more():
     probe = MlflowProbe(counted, health.HealthServicer(), interval_s=60)
     assert probe.probe_once() is False
     assert calls == 2
+
+
+def test_a_hung_mlflow_is_unreachable_once_a_ping_goes_unanswered():
+    import threading
+
+    released = threading.Event()
+    pings: list[int] = []
+
+    def hangs() -> None:
+        pings.append(1)
+        released.wait(30)
+
+    servicer = health.HealthServicer()
+    probe = MlflowProbe(hangs, servicer, interval_s=60, answer_s=0.2)
+    try:
+        # MLflow's own request timeout (30 s) is not waited for, nor tried twice.
+        assert probe.probe_once() is False
+        assert status(servicer) == NOT_SERVING
+        # The unanswered ping is not joined by another one.
+        assert probe.probe_once() is False
+        assert len(pings) == 1
+        released.set()
+        assert probe.probe_once() is True
+        assert status(servicer) == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        released.set()
+        probe.stop()

@@ -5,6 +5,7 @@ so MLflow's state gets a separate name that probes and dashboards can ask for.""
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable
@@ -15,9 +16,15 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 log = logging.getLogger(__name__)
 
 MLFLOW_HEALTH_SERVICE = "mlflow"
+# The least time a ping is given to answer before MLflow counts as unreachable.
+_MIN_ANSWER_S = 5.0
 
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class _UnansweredError(Exception):
+    """MLflow took the ping and has not answered it in time."""
 
 
 class MlflowProbe:
@@ -32,8 +39,18 @@ class MlflowProbe:
         health_servicer: health.HealthServicer,
         interval_s: float,
         service: str = MLFLOW_HEALTH_SERVICE,
+        *,
+        answer_s: float | None = None,
     ) -> None:
         self._ping = ping
+        # A hung MLflow accepts the connection and never answers: a ping is waited for
+        # this long (not MLflow's request timeout, 30 s, twice), then counts as a failure.
+        self._answer_s = max(_MIN_ANSWER_S, 2 * interval_s) if answer_s is None else answer_s
+        # The ping still waiting for its answer; no second one is sent meanwhile.
+        self._in_flight: concurrent.futures.Future[None] | None = None
+        self._pinger = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="mlflow-ping"
+        )
         self._health = health_servicer
         self._interval_s = interval_s
         self._service = service
@@ -58,6 +75,7 @@ class MlflowProbe:
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout=timeout_s)
+        self._pinger.shutdown(wait=False)
         self._health.set(self._service, _NOT_SERVING)
 
     def probe_once(self) -> bool:
@@ -70,9 +88,10 @@ class MlflowProbe:
         second try opens a fresh connection."""
         for attempt in (1, 2):
             try:
-                # Not traced: a span every few seconds would bury the traces of real calls.
-                with suppress_instrumentation():
-                    self._ping()
+                self._answered_ping()
+            except _UnansweredError as exc:
+                self._record(False, str(exc))
+                return False
             except Exception as exc:  # noqa: BLE001 - a failed ping means "unreachable"
                 if attempt == 1 and not self._stopping.is_set():
                     log.debug("MLflow ping failed, trying once more: %s", exc)
@@ -83,6 +102,21 @@ class MlflowProbe:
             break
         self._record(True, "")
         return True
+
+    def _answered_ping(self) -> None:
+        """One ping, waited for at most `answer_s`; `_UnansweredError` when it is still waiting
+        then (or an earlier one still is)."""
+        if self._in_flight is None or self._in_flight.done():
+            self._in_flight = self._pinger.submit(self._traceless_ping)
+        try:
+            self._in_flight.result(timeout=self._answer_s)
+        except concurrent.futures.TimeoutError:
+            raise _UnansweredError(f"MLflow did not answer within {self._answer_s:g}s") from None
+
+    def _traceless_ping(self) -> None:
+        # Not traced: a span every few seconds would bury the traces of real calls.
+        with suppress_instrumentation():
+            self._ping()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
