@@ -42,6 +42,20 @@ def test_not_found(tracking_stub):
     assert error.reason == ErrorReason.EXPERIMENT_NOT_FOUND
 
 
+def test_the_history_of_an_unknown_run_is_not_found_and_of_a_known_one_empty(tracking_stub, unique):
+    # MLflow answers both with an empty history: a mistyped run id is not "no points yet".
+    code, error = _code(
+        tracking_stub.GetMetricHistory,
+        pb.GetMetricHistoryRequest(run_id="0" * 32, metric_key="loss"),
+    )
+    assert (code, error.reason) == (grpc.StatusCode.NOT_FOUND, ErrorReason.RUN_NOT_FOUND)
+    run_id = _new_run(tracking_stub, f"history-{unique}")
+    history = tracking_stub.GetMetricHistory(
+        pb.GetMetricHistoryRequest(run_id=run_id, metric_key="loss")
+    )
+    assert list(history.metrics) == []
+
+
 def test_already_exists(tracking_stub, unique):
     tracking_stub.CreateExperiment(pb.CreateExperimentRequest(name=f"exists-{unique}"))
     code, _ = _code(

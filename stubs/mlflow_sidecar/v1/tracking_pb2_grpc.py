@@ -507,6 +507,8 @@ class ExperimentTrackingServiceServicer(object):
         """Reads every point of one metric of a run, ordered by step, then timestamp (however
         the points were logged); paginated. MLflow keeps histories in time order, so the
         sidecar reads the whole series for each page: prefer large pages for long series.
+        A run that does not exist is NOT_FOUND (RUN_NOT_FOUND), where MLflow answers with an
+        empty history; a run without points of the key has an empty one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -178,6 +178,8 @@ class ExperimentTrackingServiceStub:
     """Reads every point of one metric of a run, ordered by step, then timestamp (however
     the points were logged); paginated. MLflow keeps histories in time order, so the
     sidecar reads the whole series for each page: prefer large pages for long series.
+    A run that does not exist is NOT_FOUND (RUN_NOT_FOUND), where MLflow answers with an
+    empty history; a run without points of the key has an empty one.
     """
     UploadArtifact: _grpc.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]
     """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
@@ -374,6 +376,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     """Reads every point of one metric of a run, ordered by step, then timestamp (however
     the points were logged); paginated. MLflow keeps histories in time order, so the
     sidecar reads the whole series for each page: prefer large pages for long series.
+    A run that does not exist is NOT_FOUND (RUN_NOT_FOUND), where MLflow answers with an
+    empty history; a run without points of the key has an empty one.
     """
     UploadArtifact: _aio.StreamUnaryMultiCallable[_tracking_pb2.UploadArtifactRequest, _tracking_pb2.UploadArtifactResponse]  # type: ignore[assignment]
     """Uploads one artifact: a header, the chunks, then (unless the header carries it) a
@@ -681,6 +685,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Reads every point of one metric of a run, ordered by step, then timestamp (however
         the points were logged); paginated. MLflow keeps histories in time order, so the
         sidecar reads the whole series for each page: prefer large pages for long series.
+        A run that does not exist is NOT_FOUND (RUN_NOT_FOUND), where MLflow answers with an
+        empty history; a run without points of the key has an empty one.
         """
 
     @_abc_1.abstractmethod

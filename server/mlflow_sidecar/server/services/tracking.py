@@ -403,9 +403,14 @@ class TrackingService:
         size = check.page_size(
             page_size, default=DEFAULT_METRIC_PAGE_SIZE, maximum=MAX_METRIC_PAGE_SIZE
         )
-        return self._gateway.get_metric_history(
+        page = self._gateway.get_metric_history(
             run_id, key, page_size=size, page_token=check.page_token(page_token)
         )
+        if not page.items and not page_token:
+            # MLflow answers a run it does not have with an empty history: a mistyped run
+            # id must not read as "no points yet".
+            self._gateway.get_run(run_id)
+        return page
 
     # -- artifacts ----------------------------------------------------------------------
 
