@@ -13,6 +13,7 @@ import grpc
 
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
 from mlflow_sidecar.client.directory_swap import replace_directory
+from mlflow_sidecar.client.downloads import STAGING, claimed, sibling_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import AliasWatch, ModelRegistry, StrPath
 from mlflow_sidecar.client.shared_cache import CacheEntryUnreadableError, copy_entry, entry_root
@@ -375,34 +376,47 @@ class GrpcModelRegistry(ModelRegistry):
     ) -> SyncedModel:
         """One DownloadModel call into `destination`, swapped in once verified."""
         # A sibling of the destination: the same filesystem, so it can take its place.
-        incoming = destination.with_name(f".sidecar-{uuid.uuid4().hex}.download")
+        incoming = sibling_path(destination, STAGING)
         call = self._stub.DownloadModel(request, timeout=self._transfer_timeout)
         try:
             first = next(call, None)
             if first is not None and first.WhichOneof("payload") == "unchanged":
                 return _unchanged(destination, request.if_none_match, first.unchanged)
             manifest = _manifest(first)
+            sweep_stale(destination.parent)
             incoming.mkdir()
-            second = next(call, None)
-            if second is not None and second.WhichOneof("payload") == "cache_entry":
-                self._copy_entry(manifest, second.cache_entry, incoming, progress)
-                if next(call, None) is not None:
-                    raise DataLossError("the sidecar sent more after the cache entry")
-            else:
-                following = call if second is None else itertools.chain([second], call)
-                _receive_files(manifest.files, following, incoming, progress)
-            replace_directory(incoming, destination)
+            with claimed(incoming):
+                try:
+                    self._receive(manifest, call, incoming, progress)
+                    replace_directory(incoming, destination)
+                finally:
+                    shutil.rmtree(incoming, ignore_errors=True)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
-            shutil.rmtree(incoming, ignore_errors=True)
         return SyncedModel(
             destination,
             conv.model_version_from_pb(manifest.model_version),
             manifest.digest or _digest_of(manifest.files),
             changed=True,
         )
+
+    def _receive(
+        self,
+        manifest: pb.ModelManifest,
+        call: Iterator[pb.DownloadModelResponse],
+        incoming: Path,
+        progress: Progress | None,
+    ) -> None:
+        second = next(call, None)
+        if second is not None and second.WhichOneof("payload") == "cache_entry":
+            self._copy_entry(manifest, second.cache_entry, incoming, progress)
+            if next(call, None) is not None:
+                raise DataLossError("the sidecar sent more after the cache entry")
+        else:
+            following = call if second is None else itertools.chain([second], call)
+            _receive_files(manifest.files, following, incoming, progress)
 
     def _copy_entry(
         self,

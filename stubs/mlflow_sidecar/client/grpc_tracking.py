@@ -12,7 +12,7 @@ from typing import TypeVar
 
 import grpc
 
-from mlflow_sidecar.client.downloads import partial_path
+from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
@@ -376,8 +376,12 @@ class GrpcExperimentTracking(ExperimentTracking):
             header = _artifact_header(call, artifact_path)
             size = header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(final.parent)
             partial = partial_path(final)
-            with HashingWriter(partial, size, header.sha256 or None, what=artifact_path) as writer:
+            with (
+                HashingWriter(partial, size, header.sha256 or None, what=artifact_path) as writer,
+                claimed(partial),
+            ):
                 report(progress, 0, size)
                 trailer = _receive_artifact(call, writer, artifact_path, progress)
                 # Only verified bytes reach `final`: the partial file is renamed after this.

@@ -468,8 +468,10 @@ class ModelRegistry(abc.ABC):
         place of `dst_dir` in one step (Linux: `renameat2(RENAME_EXCHANGE)`, so the path
         always names a complete model; elsewhere the old directory is renamed aside first)
         and the old copy is removed. A failure leaves `dst_dir` as it was and no sibling
-        behind. When `dst_dir` already holds the version's files (same digest), nothing is
-        transferred or replaced and `changed` is False.
+        behind; the siblings of a download whose process died are removed by the next
+        download into the same directory (README "Model cache"). When `dst_dir` already
+        holds the version's files (same digest), nothing is transferred
+        or replaced and `changed` is False.
 
         This default, for implementations of the port that predate it, resolves the version,
         calls `download_model` by its number and reports `changed` True.
