@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -44,6 +46,9 @@ from mlflow_sidecar.core.transfer import (
 )
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
+
+# As many symlinks as Linux follows in one path before it calls it a loop (ELOOP).
+_SYMLINK_HOPS = 40
 
 log = logging.getLogger(__name__)
 
@@ -351,9 +356,10 @@ class GrpcModelRegistry(ModelRegistry):
             request = pb.DownloadModelRequest(name=name, alias=alias)
         else:
             raise InvalidArgumentError("selector", "give exactly one of version or alias")
-        destination = Path(dst_dir)
+        given = Path(dst_dir)
+        destination = _swapped_directory(dst_dir)
         if destination.exists() and not destination.is_dir():
-            raise InvalidArgumentError("dst_dir", f"{destination} is not a directory")
+            raise InvalidArgumentError("dst_dir", f"{given} is not a directory")
         request.if_none_match = _digest_held(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         request.accept_cache_entry = self._shared_cache is not None
@@ -369,7 +375,7 @@ class GrpcModelRegistry(ModelRegistry):
             )
             request.accept_cache_entry = False
             answer = self._download(request, destination, progress)
-        return answer
+        return dataclasses.replace(answer, path=given)
 
     def _download_once(
         self, request: pb.DownloadModelRequest, destination: Path, progress: Progress | None
@@ -429,6 +435,28 @@ class GrpcModelRegistry(ModelRegistry):
             raise DataLossError("the sidecar named a cache entry, which was not asked for")
         source = entry_root(self._shared_cache, entry.path)
         copy_entry(manifest.files, source, incoming, progress)
+
+
+def _swapped_directory(dst_dir: StrPath) -> Path:
+    """The directory a download into `dst_dir` replaces: `dst_dir` itself or, when it is a
+    symlink, the directory the link names (the link stays and names the new copy).
+
+    A name that is not a directory's own (`.`, `..`, the root) cannot be swapped: it is
+    refused before anything is transferred."""
+    named = os.fspath(dst_dir)
+    path = Path(named)
+    for _ in range(_SYMLINK_HOPS):
+        if named.rstrip("/").rpartition("/")[2] in ("", ".", ".."):
+            raise InvalidArgumentError(
+                "dst_dir",
+                f"{os.fspath(dst_dir)!r} does not end in a directory's name (it ends in '.',"
+                " '..' or '/', or is a symlink to such a path): give the directory by its name",
+            )
+        if not path.is_symlink():
+            return path
+        named = os.readlink(path)
+        path = path.parent / named
+    raise InvalidArgumentError("dst_dir", f"{os.fspath(dst_dir)!r} is a loop of symlinks")
 
 
 def _digest_held(destination: Path) -> str:
