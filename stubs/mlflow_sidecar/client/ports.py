@@ -211,7 +211,9 @@ class ExperimentTracking(abc.ABC):
 
     @abc.abstractmethod
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
-        """Wait until a run's (or all) spooled points are in MLflow, or the timeout passes."""
+        """Wait until a run's (or all) spooled points are in MLflow, or the timeout passes
+        (`timeout_s` None: the client's timeout; 0: do not wait, say what is pending now;
+        negative: InvalidArgumentError)."""
 
     @abc.abstractmethod
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
