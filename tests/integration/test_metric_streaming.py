@@ -88,6 +88,7 @@ def test_flush_metrics_rpc_and_enqueue(tracking_stub, client_container, unique):
     reply = tracking_stub.FlushMetrics(pb.FlushMetricsRequest(run_id=run_id), timeout=60)
     assert reply.pending_points == 0 and reply.dead_letter_points == 0
     assert len(tracking.get_metric_history(run_id, "q", page_size=5000).items) == 1500
+    assert tracking.flush_metrics(run_id, timeout_s=0).complete
 
 
 def test_stream_rejects_bad_points_and_reports_what_was_accepted(tracking_stub):

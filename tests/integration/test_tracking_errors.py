@@ -145,6 +145,11 @@ def test_already_exists(tracking_stub, unique):
         ),
         ("FlushMetrics", lambda run_id: pb.FlushMetricsRequest(run_id="../x"), "run_id"),
         (
+            "FlushMetrics",
+            lambda run_id: pb.FlushMetricsRequest(run_id=run_id, max_wait_s=-1),
+            "max_wait_s",
+        ),
+        (
             "GetMetricHistory",
             lambda run_id: pb.GetMetricHistoryRequest(run_id=run_id, metric_key="m", page_size=-1),
             "page_size",

@@ -49,6 +49,20 @@ def test_env_config(monkeypatch):
     assert container.config.timeout_s() == 2.5
 
 
+def test_env_config_leaves_the_settings_it_does_not_name(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TIMEOUT_S", "10")
+    container = ClientContainer()
+    container.config.from_dict(
+        {"target": "sidecar.internal:50051", "token": "s3cret", "stream_when_full": "raise"}
+    )
+    load_env(container)
+    settings = container.settings()
+    assert settings.target == "sidecar.internal:50051"
+    assert settings.token == "s3cret"
+    assert settings.stream_when_full == "raise"
+    assert settings.timeout_s == 10
+
+
 def test_host_container_composes_and_overrides():
     host = HostContainer()
     host.config.from_dict({"sidecar": {"target": "127.0.0.1:1", "timeout_s": 1.0}})

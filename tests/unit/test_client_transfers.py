@@ -314,3 +314,40 @@ def test_model_upload_announces_each_file_before_its_chunks(tmp_path):
             received[current] += message.chunk
     assert received == MODEL
     assert seen[0] == (0, total) and seen[-1] == (total, total)
+
+
+def test_a_symlink_destination_keeps_the_link_and_its_directory_gets_the_model(tmp_path):
+    real = tmp_path / "releases" / "a"
+    real.mkdir(parents=True)
+    (real / "old.bin").write_bytes(b"the model before")
+    (tmp_path / "current").symlink_to("releases/a")
+    registry, _ = registry_with(model_messages(MODEL))
+    synced = registry.sync_model("m", tmp_path / "current", version=1)
+    assert synced.path == tmp_path / "current" and synced.changed
+    assert (tmp_path / "current").is_symlink()
+    assert {p: (real / p).read_bytes() for p in files_under(real)} == MODEL
+    assert sorted(p.name for p in (tmp_path / "releases").iterdir()) == ["a"]
+
+
+@pytest.mark.parametrize("dst", [".", "./", "", "x/..", "x/.", "x/../", "/", "link_up"])
+def test_a_destination_without_a_name_of_its_own_is_refused_before_any_transfer(
+    tmp_path, monkeypatch, dst
+):
+    (tmp_path / "link_up").symlink_to("..")
+    monkeypatch.chdir(tmp_path)
+    registry, stub = registry_with(model_messages(MODEL))
+    with pytest.raises(InvalidArgumentError) as err:
+        registry.download_model("m", dst, version=1)
+    assert err.value.field == "dst_dir"
+    assert stub.calls == []
+    assert [p.name for p in tmp_path.iterdir()] == ["link_up"]
+
+
+def test_a_loop_of_symlinks_as_destination_is_refused(tmp_path):
+    (tmp_path / "a").symlink_to("b")
+    (tmp_path / "b").symlink_to("a")
+    registry, stub = registry_with(model_messages(MODEL))
+    with pytest.raises(InvalidArgumentError) as err:
+        registry.download_model("m", tmp_path / "a", version=1)
+    assert err.value.field == "dst_dir"
+    assert stub.calls == []

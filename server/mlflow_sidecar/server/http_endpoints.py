@@ -7,6 +7,7 @@ same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -24,7 +25,35 @@ StartResponse = Callable[..., Any]
 _JSON = [("Content-Type", "application/json")]
 
 
+# How long one connection may keep its thread waiting on a read or write (a TLS handshake
+# included): an idle or stalled client is dropped after it, and others never wait on it.
+CLIENT_TIMEOUT_S = 10.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    """One connection, in a thread of its own: its TLS handshake happens here, not in
+    the listener's accept(), so a client that never finishes one blocks nobody else."""
+
+    timeout = CLIENT_TIMEOUT_S  # StreamRequestHandler.setup puts it on the connection
+
+    def setup(self) -> None:
+        self._lost = False
+        connection = self.request
+        if isinstance(connection, ssl.SSLSocket):
+            connection.settimeout(self.timeout)
+            try:
+                connection.do_handshake()
+            except OSError:  # a timeout, a plain-HTTP client, a certificate refused
+                self._lost = True
+        super().setup()
+
+    def handle(self) -> None:
+        if self._lost:
+            return
+        # A client that goes silent or away mid-request: its loss, and nothing to log.
+        with contextlib.suppress(OSError):
+            super().handle()
+
     # Probes come every few seconds: one line each would drown the log.
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -86,7 +115,10 @@ class HttpEndpoints:
         )
         if cert_file and key_file:
             context = _tls_context(cert_file, key_file, client_ca_file)
-            wrapped = context.wrap_socket(self._server.socket, server_side=True)
+            # The handshake runs in each connection's thread (see _QuietHandler).
+            wrapped = context.wrap_socket(
+                self._server.socket, server_side=True, do_handshake_on_connect=False
+            )
             self._server.socket = cast(Any, wrapped)
         self.port = int(self._server.server_port)
         self._thread = threading.Thread(

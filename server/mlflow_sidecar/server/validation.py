@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TypeVar
@@ -128,6 +129,13 @@ def page_size(value: int, *, default: int, maximum: int) -> int:
         return default
     if not 1 <= value <= maximum:
         raise InvalidArgumentError("page_size", f"must be between 1 and {maximum}, got {value}")
+    return value
+
+
+def wait_seconds(field: str, value: float) -> float:
+    """A length of time to wait: finite and not negative."""
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidArgumentError(field, f"must be a number of seconds, 0 or more, got {value}")
     return value
 
 

@@ -78,5 +78,8 @@ class ClientContainer(containers.DeclarativeContainer):
 
 
 def load_env(container: ClientContainer) -> None:
-    """Fill the container's config from `MLFLOW_SIDECAR_CLIENT_TARGET`, `..._TIMEOUT_S`, etc."""
-    container.config.from_dict(ClientEnvSettings().model_dump())
+    """Set the container's config from `MLFLOW_SIDECAR_CLIENT_TARGET`, `..._TIMEOUT_S`, etc.
+
+    Only the settings the environment names are written: the rest keep what the config
+    held (a value from `config.from_dict()`, or the default)."""
+    container.config.from_dict(ClientEnvSettings().model_dump(exclude_unset=True))

@@ -15,9 +15,10 @@ import functools
 import os
 import shutil
 import sys
-import uuid
 from collections.abc import Callable
 from pathlib import Path
+
+from mlflow_sidecar.client.downloads import ASIDE, claimed, sibling_path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -80,14 +81,17 @@ def replace_directory(new: Path, destination: Path, *, atomic: bool = True) -> N
     if atomic and exchange(new, destination):
         discard(new)  # it holds the old copy now
         return
-    aside = destination.with_name(f".sidecar-{uuid.uuid4().hex}.old")
-    _rename(destination, aside)
-    try:
-        _rename(new, destination)
-    except BaseException:
-        _rename(aside, destination)
-        raise
-    discard(aside)
+    aside = sibling_path(destination, ASIDE)
+    # Held through both renames: another download's sweep must not take the old copy
+    # while it may still have to come back.
+    with claimed(destination, wait=True):
+        _rename(destination, aside)
+        try:
+            _rename(new, destination)
+        except BaseException:
+            _rename(aside, destination)
+            raise
+        discard(aside)
 
 
 def discard(old: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from mlflow_sidecar.client.downloads import partial_path
+from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
@@ -229,8 +229,9 @@ class GrpcLoggedModels:
                 raise DataLossError(f"{artifact_path}: the sidecar sent no header")
             size = first.header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(final.parent)
             partial = partial_path(final)
-            with HashingWriter(partial, size, None, what=artifact_path) as writer:
+            with HashingWriter(partial, size, None, what=artifact_path) as writer, claimed(partial):
                 trailer = ""
                 for message in call:
                     kind = message.WhichOneof("payload")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
+import os
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +15,7 @@ import grpc
 
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
 from mlflow_sidecar.client.directory_swap import replace_directory
+from mlflow_sidecar.client.downloads import STAGING, claimed, sibling_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import AliasWatch, ModelRegistry, StrPath
 from mlflow_sidecar.client.shared_cache import CacheEntryUnreadableError, copy_entry, entry_root
@@ -43,6 +46,9 @@ from mlflow_sidecar.core.transfer import (
 )
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from mlflow_sidecar.v1 import registry_pb2_grpc as pb_grpc
+
+# As many symlinks as Linux follows in one path before it calls it a loop (ELOOP).
+_SYMLINK_HOPS = 40
 
 log = logging.getLogger(__name__)
 
@@ -350,9 +356,10 @@ class GrpcModelRegistry(ModelRegistry):
             request = pb.DownloadModelRequest(name=name, alias=alias)
         else:
             raise InvalidArgumentError("selector", "give exactly one of version or alias")
-        destination = Path(dst_dir)
+        given = Path(dst_dir)
+        destination = _swapped_directory(dst_dir)
         if destination.exists() and not destination.is_dir():
-            raise InvalidArgumentError("dst_dir", f"{destination} is not a directory")
+            raise InvalidArgumentError("dst_dir", f"{given} is not a directory")
         request.if_none_match = _digest_held(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         request.accept_cache_entry = self._shared_cache is not None
@@ -368,41 +375,54 @@ class GrpcModelRegistry(ModelRegistry):
             )
             request.accept_cache_entry = False
             answer = self._download(request, destination, progress)
-        return answer
+        return dataclasses.replace(answer, path=given)
 
     def _download_once(
         self, request: pb.DownloadModelRequest, destination: Path, progress: Progress | None
     ) -> SyncedModel:
         """One DownloadModel call into `destination`, swapped in once verified."""
         # A sibling of the destination: the same filesystem, so it can take its place.
-        incoming = destination.with_name(f".sidecar-{uuid.uuid4().hex}.download")
+        incoming = sibling_path(destination, STAGING)
         call = self._stub.DownloadModel(request, timeout=self._transfer_timeout)
         try:
             first = next(call, None)
             if first is not None and first.WhichOneof("payload") == "unchanged":
                 return _unchanged(destination, request.if_none_match, first.unchanged)
             manifest = _manifest(first)
+            sweep_stale(destination.parent)
             incoming.mkdir()
-            second = next(call, None)
-            if second is not None and second.WhichOneof("payload") == "cache_entry":
-                self._copy_entry(manifest, second.cache_entry, incoming, progress)
-                if next(call, None) is not None:
-                    raise DataLossError("the sidecar sent more after the cache entry")
-            else:
-                following = call if second is None else itertools.chain([second], call)
-                _receive_files(manifest.files, following, incoming, progress)
-            replace_directory(incoming, destination)
+            with claimed(incoming):
+                try:
+                    self._receive(manifest, call, incoming, progress)
+                    replace_directory(incoming, destination)
+                finally:
+                    shutil.rmtree(incoming, ignore_errors=True)
         except grpc.RpcError as exc:
             raise error_from_rpc(exc) from None
         finally:
             call.cancel()
-            shutil.rmtree(incoming, ignore_errors=True)
         return SyncedModel(
             destination,
             conv.model_version_from_pb(manifest.model_version),
             manifest.digest or _digest_of(manifest.files),
             changed=True,
         )
+
+    def _receive(
+        self,
+        manifest: pb.ModelManifest,
+        call: Iterator[pb.DownloadModelResponse],
+        incoming: Path,
+        progress: Progress | None,
+    ) -> None:
+        second = next(call, None)
+        if second is not None and second.WhichOneof("payload") == "cache_entry":
+            self._copy_entry(manifest, second.cache_entry, incoming, progress)
+            if next(call, None) is not None:
+                raise DataLossError("the sidecar sent more after the cache entry")
+        else:
+            following = call if second is None else itertools.chain([second], call)
+            _receive_files(manifest.files, following, incoming, progress)
 
     def _copy_entry(
         self,
@@ -415,6 +435,28 @@ class GrpcModelRegistry(ModelRegistry):
             raise DataLossError("the sidecar named a cache entry, which was not asked for")
         source = entry_root(self._shared_cache, entry.path)
         copy_entry(manifest.files, source, incoming, progress)
+
+
+def _swapped_directory(dst_dir: StrPath) -> Path:
+    """The directory a download into `dst_dir` replaces: `dst_dir` itself or, when it is a
+    symlink, the directory the link names (the link stays and names the new copy).
+
+    A name that is not a directory's own (`.`, `..`, the root) cannot be swapped: it is
+    refused before anything is transferred."""
+    named = os.fspath(dst_dir)
+    path = Path(named)
+    for _ in range(_SYMLINK_HOPS):
+        if named.rstrip("/").rpartition("/")[2] in ("", ".", ".."):
+            raise InvalidArgumentError(
+                "dst_dir",
+                f"{os.fspath(dst_dir)!r} does not end in a directory's name (it ends in '.',"
+                " '..' or '/', or is a symlink to such a path): give the directory by its name",
+            )
+        if not path.is_symlink():
+            return path
+        named = os.readlink(path)
+        path = path.parent / named
+    raise InvalidArgumentError("dst_dir", f"{os.fspath(dst_dir)!r} is a loop of symlinks")
 
 
 def _digest_held(destination: Path) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 import uuid
@@ -12,7 +13,7 @@ from typing import TypeVar
 
 import grpc
 
-from mlflow_sidecar.client.downloads import partial_path
+from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
@@ -66,8 +67,8 @@ def check_chunk_bytes(chunk_bytes: int) -> int:
 
 class GrpcExperimentTracking(ExperimentTracking):
     """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline,
-    artifact transfers `transfer_timeout_s`; StartRun always carries a client_request_id,
-    so a retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`."""
+    artifact transfers `transfer_timeout_s`; StartRun always carries a request_id, so a
+    retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`."""
 
     def __init__(
         self,
@@ -249,10 +250,22 @@ class GrpcExperimentTracking(ExperimentTracking):
         return reply.accepted_points
 
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
-        """Waits up to `timeout_s` (default: the client's timeout). The sidecar bounds one
-        FlushMetrics call by its `spool.flush_timeout_s`, so longer waits take several calls."""
+        """Waits up to `timeout_s` (None: the client's timeout; 0: not at all, one call
+        that says what is pending now). The sidecar bounds one FlushMetrics call by its
+        `spool.flush_timeout_s`, so longer waits take several calls."""
+        if timeout_s is not None and not (math.isfinite(timeout_s) and timeout_s >= 0):
+            raise InvalidArgumentError(
+                "timeout_s", f"must be a number of seconds, 0 or more, got {timeout_s}"
+            )
         request = pb.FlushMetricsRequest(run_id=run_id)
-        deadline = time.monotonic() + (timeout_s or self._timeout)
+        if timeout_s == 0:
+            # The call's own deadline stays the client's: it is the answer's time to come.
+            request.max_wait_s = 0
+            reply = invoke(self._stub.FlushMetrics, request, self._timeout)
+            return FlushResult(
+                reply.pending_points, reply.dead_letter_points, reply.pending_run_ends
+            )
+        deadline = time.monotonic() + (self._timeout if timeout_s is None else timeout_s)
         while True:
             left = deadline - time.monotonic()
             reply = invoke(self._stub.FlushMetrics, request, max(left, 0.001))
@@ -376,8 +389,12 @@ class GrpcExperimentTracking(ExperimentTracking):
             header = _artifact_header(call, artifact_path)
             size = header.size_bytes
             final.parent.mkdir(parents=True, exist_ok=True)
+            sweep_stale(final.parent)
             partial = partial_path(final)
-            with HashingWriter(partial, size, header.sha256 or None, what=artifact_path) as writer:
+            with (
+                HashingWriter(partial, size, header.sha256 or None, what=artifact_path) as writer,
+                claimed(partial),
+            ):
                 report(progress, 0, size)
                 trailer = _receive_artifact(call, writer, artifact_path, progress)
                 # Only verified bytes reach `final`: the partial file is renamed after this.

@@ -211,7 +211,9 @@ class ExperimentTracking(abc.ABC):
 
     @abc.abstractmethod
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:
-        """Wait until a run's (or all) spooled points are in MLflow, or the timeout passes."""
+        """Wait until a run's (or all) spooled points are in MLflow, or the timeout passes
+        (`timeout_s` None: the client's timeout; 0: do not wait, say what is pending now;
+        negative: InvalidArgumentError)."""
 
     @abc.abstractmethod
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
@@ -468,8 +470,11 @@ class ModelRegistry(abc.ABC):
         place of `dst_dir` in one step (Linux: `renameat2(RENAME_EXCHANGE)`, so the path
         always names a complete model; elsewhere the old directory is renamed aside first)
         and the old copy is removed. A failure leaves `dst_dir` as it was and no sibling
-        behind. When `dst_dir` already holds the version's files (same digest), nothing is
-        transferred or replaced and `changed` is False.
+        behind; the siblings of a download whose process died are removed by the next
+        download into the same directory (README "Model cache"). When `dst_dir` already
+        holds the version's files (same digest), nothing is transferred
+        or replaced and `changed` is False. A symlink `dst_dir` stays: the directory it
+        names is replaced. A `dst_dir` ending in `.`, `..` or `/` is InvalidArgumentError.
 
         This default, for implementations of the port that predate it, resolves the version,
         calls `download_model` by its number and reports `changed` True.

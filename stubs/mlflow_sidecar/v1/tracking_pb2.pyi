@@ -1290,18 +1290,27 @@ class FlushMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     RUN_ID_FIELD_NUMBER: _builtins.int
+    MAX_WAIT_S_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     """Empty: every run."""
+    max_wait_s: _builtins.float
+    """The longest wait for delivery, in seconds, always within the call's deadline: 0
+    answers at once with what is still pending. Unset: spool.flush_timeout_s. Negative
+    or not finite: INVALID_ARGUMENT. A sidecar older than this field waits as if unset.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
+        max_wait_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_wait_s", b"_max_wait_s", "max_wait_s", b"max_wait_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_wait_s", b"_max_wait_s", "max_wait_s", b"max_wait_s", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__max_wait_s: _TypeAlias = _typing.Literal["max_wait_s"]  # noqa: Y015
+    _WhichOneofArgType__max_wait_s: _TypeAlias = _typing.Literal["_max_wait_s", b"_max_wait_s"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_wait_s) -> _WhichOneofReturnType__max_wait_s | None: ...
 
 Global___FlushMetricsRequest: _TypeAlias = FlushMetricsRequest  # noqa: Y015
 

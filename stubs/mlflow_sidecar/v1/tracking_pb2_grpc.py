@@ -483,7 +483,8 @@ class ExperimentTrackingServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def FlushMetrics(self, request, context):
-        """Waits until the spooled points of one run (or all) are in MLflow.
+        """Waits until the spooled points of one run (or all) are in MLflow, or max_wait_s
+        or the deadline has passed, and says what is still pending.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

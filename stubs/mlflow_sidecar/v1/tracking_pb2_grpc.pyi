@@ -169,7 +169,9 @@ class ExperimentTrackingServiceStub:
     TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]
-    """Waits until the spooled points of one run (or all) are in MLflow."""
+    """Waits until the spooled points of one run (or all) are in MLflow, or max_wait_s
+    or the deadline has passed, and says what is still pending.
+    """
     SetRunTags: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.SetRunTagsRequest, _tracking_pb2.SetRunTagsResponse]
     """Sets tags on a run."""
     DeleteRunTag: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunTagRequest, _tracking_pb2.DeleteRunTagResponse]
@@ -367,7 +369,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     TOO_MANY_STREAMS when the line is full.
     """
     FlushMetrics: _aio.UnaryUnaryMultiCallable[_tracking_pb2.FlushMetricsRequest, _tracking_pb2.FlushMetricsResponse]  # type: ignore[assignment]
-    """Waits until the spooled points of one run (or all) are in MLflow."""
+    """Waits until the spooled points of one run (or all) are in MLflow, or max_wait_s
+    or the deadline has passed, and says what is still pending.
+    """
     SetRunTags: _aio.UnaryUnaryMultiCallable[_tracking_pb2.SetRunTagsRequest, _tracking_pb2.SetRunTagsResponse]  # type: ignore[assignment]
     """Sets tags on a run."""
     DeleteRunTag: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunTagRequest, _tracking_pb2.DeleteRunTagResponse]  # type: ignore[assignment]
@@ -658,7 +662,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tracking_pb2.FlushMetricsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tracking_pb2.FlushMetricsResponse, _abc.Awaitable[_tracking_pb2.FlushMetricsResponse]]:
-        """Waits until the spooled points of one run (or all) are in MLflow."""
+        """Waits until the spooled points of one run (or all) are in MLflow, or max_wait_s
+        or the deadline has passed, and says what is still pending.
+        """
 
     @_abc_1.abstractmethod
     def SetRunTags(

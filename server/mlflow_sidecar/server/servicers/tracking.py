@@ -15,6 +15,7 @@ from mlflow_sidecar.core.conversions import (
 )
 from mlflow_sidecar.core.domain import RunStatus
 from mlflow_sidecar.core.errors import CancelledError, InvalidArgumentError
+from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import RequestLedger
 from mlflow_sidecar.server.idempotency.uploads import UploadOnce
 from mlflow_sidecar.server.metric_batch import MetricBatch
@@ -216,7 +217,12 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     def FlushMetrics(
         self, request: pb.FlushMetricsRequest, context: grpc.ServicerContext
     ) -> pb.FlushMetricsResponse:
-        result = self._service.flush_metrics(request.run_id)
+        wait = (
+            check.wait_seconds("max_wait_s", request.max_wait_s)
+            if request.HasField("max_wait_s")
+            else None
+        )
+        result = self._service.flush_metrics(request.run_id, timeout_s=wait)
         return pb.FlushMetricsResponse(
             pending_points=result.pending_points,
             dead_letter_points=result.dead_letter_points,
