@@ -129,9 +129,15 @@ def test_drain_on_stop_must_fit_the_grace_period(monkeypatch):
     assert load_config().spool.drain_on_stop_s == 5
 
 
-def test_an_unset_drain_shrinks_to_a_shorter_grace(monkeypatch):
+def test_an_unset_drain_follows_the_grace_period(monkeypatch):
+    """Unset, the drain takes the grace less 2 s for the rest of the stop (at least 80 % of
+    a short grace): a longer grace delivers more, a shorter one still fits."""
     monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "2")
-    assert load_config().spool.drain_on_stop_s == 2
+    assert load_config().spool.drain_on_stop_s == pytest.approx(1.6)
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "30")
+    assert load_config().spool.drain_on_stop_s == 28
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "0")
+    assert load_config().spool.drain_on_stop_s == 0
     monkeypatch.delenv("MLFLOW_SIDECAR__SERVER__GRACE_S")
     assert load_config().spool.drain_on_stop_s == 8
 

@@ -46,6 +46,8 @@ _OWN_PREFIX = "MLFLOW_SIDECAR_"
 _CLIENT_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+# What a stop needs after the spool's drain: background tasks, listeners, the last count.
+STOP_MARGIN_S = 2.0
 
 # The YAML file of the load in progress; a context variable keeps loads independent.
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
@@ -64,6 +66,12 @@ MLFLOW_ENV_KEYS: Mapping[str, str] = {
 # Values this process wrote into MLflow's variables itself (for MLflow's client): read back,
 # they would carry one configuration's settings into the next load in the same process.
 _exported: dict[str, str] = {}
+
+
+def drain_for_grace(grace_s: float) -> float:
+    """The spool drain an unset `spool.drain_on_stop_s` gets within `server.grace_s`: the
+    grace less STOP_MARGIN_S, and never under 80 % of it (a short grace still drains)."""
+    return max(grace_s - STOP_MARGIN_S, 0.8 * grace_s)
 
 
 def export_mlflow_env(name: str, value: str) -> None:
@@ -335,7 +343,8 @@ class SpoolConfig(_Section):
         8.0,
         ge=0,
         description="on SIGTERM, how long pending points are delivered before the process"
-        " exits; within server.grace_s (unset, it shrinks to fit a shorter grace)",
+        " exits; within server.grace_s (unset, it follows the grace: server.grace_s minus"
+        " 2 s, at least 80 % of it)",
     )
 
 
@@ -444,14 +453,18 @@ class AppConfig(BaseSettings):
     @classmethod
     def _drain_fits_grace(cls, value: SpoolConfig, info: ValidationInfo) -> SpoolConfig:
         server = info.data.get("server")
-        if not isinstance(server, ServerConfig) or value.drain_on_stop_s <= server.grace_s:
+        if not isinstance(server, ServerConfig):
             return value
-        if "drain_on_stop_s" in value.model_fields_set:
+        if "drain_on_stop_s" not in value.model_fields_set:
+            # A longer grace is given to deliver more: unset, the drain uses it, less the
+            # time the rest of the stop (background tasks, listeners) may need.
+            return value.model_copy(update={"drain_on_stop_s": drain_for_grace(server.grace_s)})
+        if value.drain_on_stop_s > server.grace_s:
             raise ValueError(
                 f"drain_on_stop_s ({value.drain_on_stop_s}) must not exceed server.grace_s"
                 f" ({server.grace_s}): the drain happens within the grace period"
             )
-        return value.model_copy(update={"drain_on_stop_s": server.grace_s})
+        return value
 
     @field_validator("artifacts")
     @classmethod
