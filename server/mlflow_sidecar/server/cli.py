@@ -169,21 +169,34 @@ def probe_target(config: AppConfig) -> str:
 
 
 def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
+    """The probe's channel; ConfigError for a flag whose file cannot be used."""
+    # grpc's core aborts the whole process on a certificate without its key (or the
+    # reverse), so a half pair is refused before grpc sees it.
+    if bool(args.cert_file) != bool(args.key_file):
+        given, missing = (
+            ("--cert-file", "--key-file") if args.cert_file else ("--key-file", "--cert-file")
+        )
+        raise ConfigError(f"{given} needs {missing}: a client certificate goes with its key")
     # TLS when the sidecar's config or --ca-file says so; without --ca-file the system's
     # trust roots verify the sidecar's certificate.
     if not (args.ca_file or config.tls.enabled):
         return grpc.insecure_channel(args.target)
     # grpc directly, not the trainer client: the probe runs often and must stay cheap.
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read_optional(args.ca_file),
-        private_key=_read_optional(args.key_file),
-        certificate_chain=_read_optional(args.cert_file),
+        root_certificates=_read_optional(args.ca_file, "--ca-file"),
+        private_key=_read_optional(args.key_file, "--key-file"),
+        certificate_chain=_read_optional(args.cert_file, "--cert-file"),
     )
     return grpc.secure_channel(args.target, credentials)
 
 
-def _read_optional(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read_optional(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from exc
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -196,7 +209,11 @@ def _health(args: argparse.Namespace) -> int:
     tokens = config.auth.load_tokens() if config.auth.enabled else ()
     metadata = (("authorization", f"Bearer {tokens[0]}"),) if tokens else None
     try:
-        with _probe_channel(args, config) as channel:
+        channel = _probe_channel(args, config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service),

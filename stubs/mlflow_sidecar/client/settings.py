@@ -78,6 +78,19 @@ class ClientSettings(NumbersRefuseBooleans):
     )
 
     @model_validator(mode="after")
+    def _client_certificate_with_its_key(self) -> ClientSettings:
+        # grpc's core aborts the whole process on a certificate without its key (or the
+        # reverse): refused here, naming what is missing.
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            given, missing = (
+                ("client_cert_file", "client_key_file")
+                if self.client_cert_file
+                else ("client_key_file", "client_cert_file")
+            )
+            raise ValueError(f"{given} is set without {missing}: mTLS needs both")
+        return self
+
+    @model_validator(mode="after")
     def _chunks_fit_messages(self) -> ClientSettings:
         if (
             self.chunk_bytes is not None
