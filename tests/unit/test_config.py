@@ -328,3 +328,24 @@ def test_a_variable_that_must_be_json_is_named(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=rf"{variable} must be JSON"):
         load_config()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "server.grace_s",
+        "server.default_deadline_s",
+        "retry.max_time_s",
+        "spool.flush_timeout_s",
+        "spool.drain_on_stop_s",
+        "mlflow.request_timeout_s",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e10"])
+def test_a_duration_a_stop_or_a_deadline_cannot_keep_is_refused(key, value, monkeypatch):
+    """Past about 9.2e9 s thread waits and deadlines overflow: the stop would fail."""
+    section, name = key.split(".")
+    monkeypatch.setenv(f"MLFLOW_SIDECAR__{section.upper()}__{name.upper()}", value)
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    assert key in str(refused.value)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,8 @@ class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # `inf` keeps a stream trying through any sidecar restart (documented).
+    _UNBOUNDED_DURATIONS: ClassVar[frozenset[str]] = frozenset({"stream_reconnect_s"})
 
     target: str = "127.0.0.1:50051"
     timeout_s: float = Field(30.0, gt=0, description="default deadline of every call")
