@@ -113,6 +113,7 @@ def _serve_locked(config: AppConfig) -> int:
     from mlflow_sidecar.server.config import describe
 
     try:
+        from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.grpc_server import BindError
         from mlflow_sidecar.server.logs import configure_logging
         from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError
@@ -135,7 +136,13 @@ def _serve_locked(config: AppConfig) -> int:
         # process at once, and leaves no half-made store (see embedded_store).
         container.gateway().open()
         server = container.server()  # binds the gRPC and metrics ports
-    except (BindError, EmbeddedStoreError, MlflowSettingError, SpoolVersionError) as exc:
+    except (
+        BindError,
+        DatabaseFileError,
+        EmbeddedStoreError,
+        MlflowSettingError,
+        SpoolVersionError,
+    ) as exc:
         return _fail(str(exc))
     log.info("%s", describe(config))
     stopping = threading.Event()
@@ -272,6 +279,7 @@ def _spool_status(args: argparse.Namespace) -> int:
 def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
     """The spool the config names, or the exit code after saying why not."""
     try:
+        from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, command)
@@ -280,7 +288,7 @@ def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
         return EXIT_UNHEALTHY
     try:
         return SpoolStore(config.spool_path, max_points=config.spool.max_points)
-    except SpoolVersionError as exc:
+    except (DatabaseFileError, SpoolVersionError) as exc:
         return _fail(str(exc))
 
 

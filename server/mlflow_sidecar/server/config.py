@@ -14,8 +14,9 @@ import json
 import os
 import re
 import socket
+import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -235,7 +236,15 @@ class AuthConfig(_Section):
         """Every accepted token, from the list and the file."""
         tokens = [t.get_secret_value() for t in self.tokens]
         if self.tokens_file is not None:
-            for raw in self.tokens_file.read_text().splitlines():
+            try:
+                text = self.tokens_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                # The reason only: the file's bytes may be a token.
+                reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+                raise ConfigError(
+                    f"invalid config key auth.tokens_file: {self.tokens_file}: {reason}"
+                ) from None
+            for raw in text.splitlines():
                 line = raw.strip()
                 if line and not line.startswith("#"):
                     tokens.append(line)
@@ -773,12 +782,62 @@ def _check_files(config: AppConfig) -> None:
     for key, path in named.items():
         if path is not None and not path.is_file():
             raise ConfigError(f"invalid config key {key}: {path} is not a readable file")
+    _check_tls_files(config.tls)
     if config.auth.enabled and not config.auth.load_tokens():
         # Whichever was set: an empty token in auth.tokens, or a file of none.
         key = "auth.tokens_file" if config.auth.tokens_file is not None else "auth.tokens"
         raise ConfigError(
             f"invalid config key {key}: it holds no token (empty tokens are not tokens)"
         )
+
+
+def _no_password() -> bytes:
+    # An encrypted key would otherwise make OpenSSL prompt on the terminal; grpc takes none.
+    return b""
+
+
+def _check_tls_files(tls: TlsConfig) -> None:
+    """Refuse PEM files the listener could not use, naming the setting: grpc only says it
+    failed to bind, which blames the port."""
+    cert, key = tls.cert_file, tls.key_file
+    if cert is None or key is None:
+        return
+    checks: list[tuple[str, Path, str, Callable[[ssl.SSLContext], None]]] = [
+        (
+            "tls.cert_file",
+            cert,
+            "is not a PEM certificate",
+            lambda c: c.load_verify_locations(cert),
+        ),
+        (
+            "tls.key_file",
+            key,
+            "is not the unencrypted PEM key of tls.cert_file",
+            lambda c: c.load_cert_chain(cert, key, password=_no_password),
+        ),
+    ]
+    ca = tls.client_ca_file
+    if ca is not None:
+        checks.append(
+            (
+                "tls.client_ca_file",
+                ca,
+                "holds no PEM CA certificate",
+                lambda c: c.load_verify_locations(ca),
+            )
+        )
+    for setting, path, problem, check in checks:
+        try:
+            check(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"invalid config key {setting}: {path} {problem} ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).strip() or type(exc).__name__
 
 
 def _listeners(config: AppConfig) -> list[tuple[str, str]]:
