@@ -349,3 +349,30 @@ def test_a_duration_a_stop_or_a_deadline_cannot_keep_is_refused(key, value, monk
     with pytest.raises(ConfigError) as refused:
         load_config()
     assert key in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "auth:\n  tokens: very-secret-token\n",
+        "auth:\n  tokens: [[very-secret-token]]\n",
+        "mlflow:\n  password: [very-secret-token]\n",
+        "mlflow:\n  token: {t: very-secret-token}\n",
+    ],
+)
+def test_a_secret_of_the_wrong_shape_is_named_but_not_shown(text, tmp_path):
+    """README: tokens are never logged, also when the config gives one the wrong shape."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, data_dir=tmp_path)
+    message = str(refused.value)
+    assert "very-secret-token" not in message
+    assert ("auth.tokens" in message) or ("mlflow." in message)
+
+
+def test_a_bad_value_of_an_ordinary_setting_is_still_shown(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  port: not-a-port\n")
+    with pytest.raises(ConfigError, match="not-a-port"):
+        load_config(path, data_dir=tmp_path)

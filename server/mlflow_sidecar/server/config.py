@@ -18,7 +18,7 @@ import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -951,11 +951,37 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
     return env
 
 
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """Whether the setting at `loc` holds secrets (SecretStr): its input is never shown."""
+    model: Any = AppConfig
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+        if _mentions_secret(model):
+            return True
+    return False
+
+
+def _mentions_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_mentions_secret(arg) for arg in get_args(annotation))
+
+
 def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    env = _env_name(tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    key = ".".join(str(part) for part in loc) or "<root>"
+    env = _env_name(loc)
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if _is_secret(loc):
+        # README: tokens and passwords are never logged, also when given the wrong shape.
+        shown = " (value not shown: it is secret)"
+    elif isinstance(value, dict):
+        shown = ""
+    else:
+        shown = f" (got {value!r})"
     more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
     return f"invalid config key {key} ({env}): {first['msg']}{shown}{more}"
