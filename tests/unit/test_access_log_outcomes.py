@@ -107,3 +107,14 @@ def test_a_stream_that_ends_is_still_ok(served, access_log):
     assert access_log.logged.wait(60)
     assert access_log.codes == ["OK"]
     assert _handled(metrics, "Finite", "OK") == 1
+
+
+def test_a_stream_whose_deadline_passes_is_deadline_exceeded(served, access_log):
+    channel, metrics = served
+    call = channel.unary_stream(METHOD)(b"", timeout=1)
+    with pytest.raises(grpc.RpcError) as ended:
+        list(call)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert access_log.logged.wait(60), "the call was never logged"
+    assert access_log.codes == ["DEADLINE_EXCEEDED"]
+    assert _handled(metrics, "Watch", "DEADLINE_EXCEEDED") == 1
