@@ -120,8 +120,13 @@ class ServerConfig(_Section):
     )
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
     max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
+    # At least 2: streams are held below it (max_streaming_rpcs), and one call in progress
+    # is always left to unary calls.
     max_concurrent_rpcs: int = Field(
-        256, ge=1, le=100_000, description="calls in progress before RESOURCE_EXHAUSTED"
+        256,
+        ge=2,
+        le=100_000,
+        description="calls in progress before RESOURCE_EXHAUSTED; at least 2",
     )
     max_concurrent_streams: int = Field(100, ge=1, le=10_000, description="per HTTP/2 connection")
     max_streaming_rpcs: int = Field(
@@ -164,7 +169,8 @@ class ServerConfig(_Section):
         if not isinstance(workers, int) or not isinstance(max_rpcs, int):
             return value  # their own errors are reported
         if value == 0:
-            # Half the workers, and at least one stream and one worker for unary calls.
+            # Half the workers, and at least one stream and one worker for unary calls
+            # (workers and max_concurrent_rpcs are at least 2, so this stays below both).
             return max(1, min(workers // 2, max_rpcs - 1))
         if value >= workers:
             raise ValueError(
