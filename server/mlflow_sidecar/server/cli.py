@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlflow_sidecar.server.config import AppConfig, ConfigError, load_config
+from mlflow_sidecar.server.config import AppConfig, ConfigError, host_port, load_config
 
 if TYPE_CHECKING:
     from mlflow_sidecar.server.container import ServerContainer
@@ -165,14 +165,12 @@ def _serve_locked(config: AppConfig) -> int:
 def probe_target(config: AppConfig) -> str:
     """Where a local probe reaches the sidecar that `config` describes (a wildcard listen
     address is probed on loopback)."""
-    host = config.server.host
+    host = config.server.host  # bare: the config takes `::1` and `[::1]` alike
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
-    elif host in ("::", "[::]"):
+    elif host == "::":
         host = "::1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{config.server.port}"
+    return host_port(host, config.server.port)
 
 
 def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:

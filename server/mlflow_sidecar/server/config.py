@@ -75,6 +75,23 @@ def drain_for_grace(grace_s: float) -> float:
     return max(grace_s - STOP_MARGIN_S, 0.8 * grace_s)
 
 
+def bare_host(host: str) -> str:
+    """`host` without the brackets of an IPv6 literal (`[::1]` -> `::1`); ValueError for
+    a bracketed or colon-holding host that is not an IPv6 address."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if inner != host or ":" in inner:
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a host name or IP address") from None
+    return inner
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and URLs take it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def export_mlflow_env(name: str, value: str) -> None:
     """Set one of MLflow's variables for MLflow's client, remembering that the sidecar did."""
     os.environ[name] = value
@@ -160,6 +177,12 @@ class ServerConfig(_Section):
     allow_insecure_remote: bool = Field(
         False, description="listen on a non-loopback address without auth and TLS"
     )
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        # `::1` and `[::1]` both: kept bare, bracketed where an address needs it.
+        return bare_host(value)
 
     @field_validator("max_streaming_rpcs")
     @classmethod
@@ -267,6 +290,11 @@ class MetricsConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        return bare_host(value)
 
 
 class HealthConfig(_Section):
@@ -735,7 +763,8 @@ def check_ports(config: AppConfig) -> None:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ConfigError(
-                f"invalid config key {key} ({env}): cannot listen on {host}:{port} ({reason})"
+                f"invalid config key {key} ({env}): cannot listen on {host_port(host, port)}"
+                f" ({reason})"
             ) from exc
 
 
