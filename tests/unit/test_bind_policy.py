@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from mlflow_sidecar.server.config import ConfigError, insecure_listener_warnings, load_config
+from tests.support.certs import make_pki
 
 
 @pytest.fixture(autouse=True)
@@ -16,13 +17,11 @@ def _clean_env(monkeypatch):
             monkeypatch.delenv(name)
 
 
-@pytest.fixture()
-def pem(tmp_path):
-    """Files that pass the config's checks (the PEM content is not read at load time)."""
-    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
-    cert.write_text("cert")
-    key.write_text("key")
-    return {"cert_file": str(cert), "key_file": str(key)}
+@pytest.fixture(scope="module")
+def pem(tmp_path_factory):
+    """A certificate and its key that pass the config's checks."""
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    return {"cert_file": str(pki.server_cert), "key_file": str(pki.server_key)}
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])

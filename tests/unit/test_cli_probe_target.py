@@ -23,3 +23,11 @@ def test_a_wildcard_listen_address_is_probed_on_loopback(host, target, monkeypat
         monkeypatch.delenv(name, raising=False)
     config = load_config(server={"host": host, "port": 6001, "allow_insecure_remote": True})
     assert probe_target(config) == target
+
+
+@pytest.mark.parametrize("host", ["::1", "[::1]"])
+def test_an_ipv6_host_is_probed_in_brackets_however_it_was_written(host, monkeypatch):
+    for name in ("MLFLOW_SIDECAR__SERVER__HOST", "MLFLOW_SIDECAR__SERVER__PORT"):
+        monkeypatch.delenv(name, raising=False)
+    config = load_config(server={"host": host, "port": 6001})
+    assert probe_target(config) == "[::1]:6001"

@@ -129,9 +129,15 @@ def test_drain_on_stop_must_fit_the_grace_period(monkeypatch):
     assert load_config().spool.drain_on_stop_s == 5
 
 
-def test_an_unset_drain_shrinks_to_a_shorter_grace(monkeypatch):
+def test_an_unset_drain_follows_the_grace_period(monkeypatch):
+    """Unset, the drain takes the grace less 2 s for the rest of the stop (at least 80 % of
+    a short grace): a longer grace delivers more, a shorter one still fits."""
     monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "2")
-    assert load_config().spool.drain_on_stop_s == 2
+    assert load_config().spool.drain_on_stop_s == pytest.approx(1.6)
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "30")
+    assert load_config().spool.drain_on_stop_s == 28
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__GRACE_S", "0")
+    assert load_config().spool.drain_on_stop_s == 0
     monkeypatch.delenv("MLFLOW_SIDECAR__SERVER__GRACE_S")
     assert load_config().spool.drain_on_stop_s == 8
 
@@ -322,3 +328,51 @@ def test_a_variable_that_must_be_json_is_named(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigError, match=rf"{variable} must be JSON"):
         load_config()
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "server.grace_s",
+        "server.default_deadline_s",
+        "retry.max_time_s",
+        "spool.flush_timeout_s",
+        "spool.drain_on_stop_s",
+        "mlflow.request_timeout_s",
+    ],
+)
+@pytest.mark.parametrize("value", ["inf", "nan", "1e10"])
+def test_a_duration_a_stop_or_a_deadline_cannot_keep_is_refused(key, value, monkeypatch):
+    """Past about 9.2e9 s thread waits and deadlines overflow: the stop would fail."""
+    section, name = key.split(".")
+    monkeypatch.setenv(f"MLFLOW_SIDECAR__{section.upper()}__{name.upper()}", value)
+    with pytest.raises(ConfigError) as refused:
+        load_config()
+    assert key in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "auth:\n  tokens: very-secret-token\n",
+        "auth:\n  tokens: [[very-secret-token]]\n",
+        "mlflow:\n  password: [very-secret-token]\n",
+        "mlflow:\n  token: {t: very-secret-token}\n",
+    ],
+)
+def test_a_secret_of_the_wrong_shape_is_named_but_not_shown(text, tmp_path):
+    """README: tokens are never logged, also when the config gives one the wrong shape."""
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, data_dir=tmp_path)
+    message = str(refused.value)
+    assert "very-secret-token" not in message
+    assert ("auth.tokens" in message) or ("mlflow." in message)
+
+
+def test_a_bad_value_of_an_ordinary_setting_is_still_shown(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("server:\n  port: not-a-port\n")
+    with pytest.raises(ConfigError, match="not-a-port"):
+        load_config(path, data_dir=tmp_path)

@@ -155,6 +155,14 @@ def test_the_sidecar_env_passes_the_sidecars_own_checks(name, monkeypatch):
 
 
 @pytest.mark.parametrize("name", PODS)
+def test_the_spool_drains_for_most_of_the_grace_period(name, monkeypatch):
+    """The manifests give the sidecar its grace "to drain the spool": the drain must use it,
+    leaving no more than a couple of seconds for the rest of the stop."""
+    config = sidecar_config(sidecar_of(pod_spec(name)), monkeypatch)
+    assert config.server.grace_s - 2 <= config.spool.drain_on_stop_s <= config.server.grace_s
+
+
+@pytest.mark.parametrize("name", PODS)
 def test_the_data_volume_holds_the_largest_upload(name, monkeypatch):
     spec = pod_spec(name)
     config = sidecar_config(sidecar_of(spec), monkeypatch)

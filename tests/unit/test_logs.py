@@ -95,3 +95,25 @@ def test_records_go_to_the_stderr_of_the_moment_not_a_closed_one(restored_loggin
     logging.getLogger("mlflow_sidecar.test").info("after the swap")
     (line,) = second.getvalue().splitlines()  # no "--- Logging error ---" report
     assert line.endswith("after the swap")
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_level_holds_for_libraries_that_set_their_own(restored_logging, capsys, fmt):
+    """log_level: ERROR keeps MLflow's INFO lines out, though MLflow sets its logger to INFO."""
+    mlflow_logger, alembic_logger = logging.getLogger("mlflow"), logging.getLogger("alembic")
+    levels = mlflow_logger.level, alembic_logger.level
+    mlflow_logger.setLevel(logging.INFO)
+    alembic_logger.setLevel(logging.INFO)
+    try:
+        configure_logging("ERROR", fmt)
+        logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables")
+        alembic_logger.info("Running upgrade")
+        logging.getLogger("mlflow.store").error("a real problem")
+    finally:
+        mlflow_logger.setLevel(levels[0])
+        alembic_logger.setLevel(levels[1])
+    err = capsys.readouterr().err
+    assert "Creating initial" not in err and "Running upgrade" not in err
+    assert "a real problem" in err
+    if fmt == "json":
+        assert [json.loads(line)["level"] for line in err.splitlines()] == ["ERROR"]

@@ -88,3 +88,25 @@ def test_serve_refuses_a_spool_newer_than_the_code_in_one_line(data_dir, monkeyp
     assert main(["serve"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "newer than this sidecar" in err
+
+
+@pytest.mark.parametrize("name", ["spool.db", "requests.db"])
+def test_serve_refuses_a_database_file_that_is_not_sqlite_in_one_line(
+    name, data_dir, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")
+    (data_dir / name).write_bytes(os.urandom(8192))
+    assert main(["serve"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "data_dir" in err and str(data_dir / name) in err and "not a database" in err
+
+
+def test_spool_status_refuses_a_spool_that_is_not_sqlite_in_one_line(data_dir, capsys):
+    (data_dir / "spool.db").write_bytes(os.urandom(8192))
+    for leftover in ("spool.db-wal", "spool.db-shm"):
+        (data_dir / leftover).unlink(missing_ok=True)
+    assert main(["spool", "status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(data_dir / "spool.db") in err

@@ -95,3 +95,16 @@ def test_no_line_is_taken() -> None:
 def test_out_of_range_values_are_refused(setting: str, value: float) -> None:
     with pytest.raises(ConfigError, match=rf"server\.{setting}"):
         load_config(server={setting: value})
+
+
+def test_one_call_in_progress_is_refused() -> None:
+    """No stream limit below a limit of one call exists: the derived one would equal it."""
+    with pytest.raises(ConfigError) as refused:
+        load_config(server={"max_concurrent_rpcs": 1})
+    message = str(refused.value)
+    assert "server.max_concurrent_rpcs" in message and "greater than or equal to 2" in message
+
+
+def test_the_smallest_call_limit_derives_a_stream_limit_below_it() -> None:
+    server = load_config(server={"max_concurrent_rpcs": 2}).server
+    assert (server.max_streaming_rpcs, server.max_waiting_streams) == (1, 0)

@@ -15,6 +15,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
     UnavailableError,
 )
 from mlflow_sidecar.server import call_deadline
@@ -147,6 +148,24 @@ def test_log_metrics_are_split_into_batches_of_1000_and_stamped(service, gateway
     assert accepted == 2500
     assert [len(b["metrics"]) for b in gateway.effects("log_batch")] == [1000, 1000, 500]
     assert all(m.timestamp_ms > 0 for b in gateway.effects("log_batch") for m in b["metrics"])
+
+
+def test_log_metrics_is_not_held_back_by_the_space_the_spool_keeps_free(gateway, run_id, tmp_path):
+    """spool.min_free_bytes guards the spool's writes: StreamMetrics is refused below it,
+    LogMetrics, which writes to MLflow directly, is not (README, spool.min_free_bytes)."""
+    store = SpoolStore(tmp_path / "tight.db", max_points=10_000, min_free_bytes=10**18)
+    deliverer = MetricDeliverer(
+        store, gateway.log_metrics, batch_size=1000, backoff_factor_s=0.01, max_backoff_s=0.05
+    )
+    ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
+    tight = TrackingService(gateway, ingest, Staging(load_config(data_dir=tmp_path / "d")))
+    try:
+        assert tight.log_metrics(run_id, [Metric("m", 1.0, step=1)]) == 1
+        with pytest.raises(ResourceExhaustedError) as refused:
+            tight.enqueue_metrics([MetricPoint(run_id, "m", 2.0, 1_000, 2)])
+        assert refused.value.reason == ErrorReason.DISK_FULL
+    finally:
+        store.close()
 
 
 def test_log_metrics_rejects_bad_points_before_writing_any(service, gateway, run_id):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NoReturn
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from mlflow_sidecar.server.config import AppConfig, ConfigError, load_config
+from mlflow_sidecar.server.config import AppConfig, ConfigError, host_port, load_config
 
 if TYPE_CHECKING:
     from mlflow_sidecar.server.container import ServerContainer
@@ -113,6 +113,7 @@ def _serve_locked(config: AppConfig) -> int:
     from mlflow_sidecar.server.config import describe
 
     try:
+        from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.grpc_server import BindError
         from mlflow_sidecar.server.logs import configure_logging
         from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError
@@ -135,7 +136,13 @@ def _serve_locked(config: AppConfig) -> int:
         # process at once, and leaves no half-made store (see embedded_store).
         container.gateway().open()
         server = container.server()  # binds the gRPC and metrics ports
-    except (BindError, EmbeddedStoreError, MlflowSettingError, SpoolVersionError) as exc:
+    except (
+        BindError,
+        DatabaseFileError,
+        EmbeddedStoreError,
+        MlflowSettingError,
+        SpoolVersionError,
+    ) as exc:
         return _fail(str(exc))
     log.info("%s", describe(config))
     stopping = threading.Event()
@@ -158,32 +165,43 @@ def _serve_locked(config: AppConfig) -> int:
 def probe_target(config: AppConfig) -> str:
     """Where a local probe reaches the sidecar that `config` describes (a wildcard listen
     address is probed on loopback)."""
-    host = config.server.host
+    host = config.server.host  # bare: the config takes `::1` and `[::1]` alike
     if host in ("", "0.0.0.0"):
         host = "127.0.0.1"
-    elif host in ("::", "[::]"):
+    elif host == "::":
         host = "::1"
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{config.server.port}"
+    return host_port(host, config.server.port)
 
 
 def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
+    """The probe's channel; ConfigError for a flag whose file cannot be used."""
+    # grpc's core aborts the whole process on a certificate without its key (or the
+    # reverse), so a half pair is refused before grpc sees it.
+    if bool(args.cert_file) != bool(args.key_file):
+        given, missing = (
+            ("--cert-file", "--key-file") if args.cert_file else ("--key-file", "--cert-file")
+        )
+        raise ConfigError(f"{given} needs {missing}: a client certificate goes with its key")
     # TLS when the sidecar's config or --ca-file says so; without --ca-file the system's
     # trust roots verify the sidecar's certificate.
     if not (args.ca_file or config.tls.enabled):
         return grpc.insecure_channel(args.target)
     # grpc directly, not the trainer client: the probe runs often and must stay cheap.
     credentials = grpc.ssl_channel_credentials(
-        root_certificates=_read_optional(args.ca_file),
-        private_key=_read_optional(args.key_file),
-        certificate_chain=_read_optional(args.cert_file),
+        root_certificates=_read_optional(args.ca_file, "--ca-file"),
+        private_key=_read_optional(args.key_file, "--key-file"),
+        certificate_chain=_read_optional(args.cert_file, "--cert-file"),
     )
     return grpc.secure_channel(args.target, credentials)
 
 
-def _read_optional(path: str | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read_optional(path: str | None, flag: str) -> bytes | None:
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{flag} {path}: {exc.strerror or exc}") from exc
 
 
 def _health(args: argparse.Namespace) -> int:
@@ -196,7 +214,11 @@ def _health(args: argparse.Namespace) -> int:
     tokens = config.auth.load_tokens() if config.auth.enabled else ()
     metadata = (("authorization", f"Bearer {tokens[0]}"),) if tokens else None
     try:
-        with _probe_channel(args, config) as channel:
+        channel = _probe_channel(args, config)
+    except ConfigError as exc:
+        return _fail(str(exc))
+    try:
+        with channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(
                 health_pb2.HealthCheckRequest(service=args.service),
@@ -255,6 +277,7 @@ def _spool_status(args: argparse.Namespace) -> int:
 def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
     """The spool the config names, or the exit code after saying why not."""
     try:
+        from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, command)
@@ -263,7 +286,7 @@ def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
         return EXIT_UNHEALTHY
     try:
         return SpoolStore(config.spool_path, max_points=config.spool.max_points)
-    except SpoolVersionError as exc:
+    except (DatabaseFileError, SpoolVersionError) as exc:
         return _fail(str(exc))
 
 

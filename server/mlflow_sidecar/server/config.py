@@ -14,10 +14,11 @@ import json
 import os
 import re
 import socket
+import ssl
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -46,6 +47,8 @@ _OWN_PREFIX = "MLFLOW_SIDECAR_"
 _CLIENT_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+# What a stop needs after the spool's drain: background tasks, listeners, the last count.
+STOP_MARGIN_S = 2.0
 
 # The YAML file of the load in progress; a context variable keeps loads independent.
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
@@ -64,6 +67,29 @@ MLFLOW_ENV_KEYS: Mapping[str, str] = {
 # Values this process wrote into MLflow's variables itself (for MLflow's client): read back,
 # they would carry one configuration's settings into the next load in the same process.
 _exported: dict[str, str] = {}
+
+
+def drain_for_grace(grace_s: float) -> float:
+    """The spool drain an unset `spool.drain_on_stop_s` gets within `server.grace_s`: the
+    grace less STOP_MARGIN_S, and never under 80 % of it (a short grace still drains)."""
+    return max(grace_s - STOP_MARGIN_S, 0.8 * grace_s)
+
+
+def bare_host(host: str) -> str:
+    """`host` without the brackets of an IPv6 literal (`[::1]` -> `::1`); ValueError for
+    a bracketed or colon-holding host that is not an IPv6 address."""
+    inner = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if inner != host or ":" in inner:
+        try:
+            ipaddress.IPv6Address(inner)
+        except ValueError:
+            raise ValueError(f"{host!r} is not a host name or IP address") from None
+    return inner
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port` as gRPC and URLs take it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def export_mlflow_env(name: str, value: str) -> None:
@@ -111,8 +137,13 @@ class ServerConfig(_Section):
     )
     grace_s: float = Field(10.0, ge=0, description="drain time on SIGTERM/SIGINT")
     max_message_bytes: int = Field(8 * MIB, ge=64 * 1024, le=1024 * MIB)
+    # At least 2: streams are held below it (max_streaming_rpcs), and one call in progress
+    # is always left to unary calls.
     max_concurrent_rpcs: int = Field(
-        256, ge=1, le=100_000, description="calls in progress before RESOURCE_EXHAUSTED"
+        256,
+        ge=2,
+        le=100_000,
+        description="calls in progress before RESOURCE_EXHAUSTED; at least 2",
     )
     max_concurrent_streams: int = Field(100, ge=1, le=10_000, description="per HTTP/2 connection")
     max_streaming_rpcs: int = Field(
@@ -147,6 +178,12 @@ class ServerConfig(_Section):
         False, description="listen on a non-loopback address without auth and TLS"
     )
 
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        # `::1` and `[::1]` both: kept bare, bracketed where an address needs it.
+        return bare_host(value)
+
     @field_validator("max_streaming_rpcs")
     @classmethod
     def _streams_leave_workers_for_unary_calls(cls, value: int, info: ValidationInfo) -> int:
@@ -155,7 +192,8 @@ class ServerConfig(_Section):
         if not isinstance(workers, int) or not isinstance(max_rpcs, int):
             return value  # their own errors are reported
         if value == 0:
-            # Half the workers, and at least one stream and one worker for unary calls.
+            # Half the workers, and at least one stream and one worker for unary calls
+            # (workers and max_concurrent_rpcs are at least 2, so this stays below both).
             return max(1, min(workers // 2, max_rpcs - 1))
         if value >= workers:
             raise ValueError(
@@ -227,7 +265,15 @@ class AuthConfig(_Section):
         """Every accepted token, from the list and the file."""
         tokens = [t.get_secret_value() for t in self.tokens]
         if self.tokens_file is not None:
-            for raw in self.tokens_file.read_text().splitlines():
+            try:
+                text = self.tokens_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                # The reason only: the file's bytes may be a token.
+                reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.strerror
+                raise ConfigError(
+                    f"invalid config key auth.tokens_file: {self.tokens_file}: {reason}"
+                ) from None
+            for raw in text.splitlines():
                 line = raw.strip()
                 if line and not line.startswith("#"):
                     tokens.append(line)
@@ -244,6 +290,11 @@ class MetricsConfig(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(0, ge=0, le=65535)
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, value: str) -> str:
+        return bare_host(value)
 
 
 class HealthConfig(_Section):
@@ -335,7 +386,8 @@ class SpoolConfig(_Section):
         8.0,
         ge=0,
         description="on SIGTERM, how long pending points are delivered before the process"
-        " exits; within server.grace_s (unset, it shrinks to fit a shorter grace)",
+        " exits; within server.grace_s (unset, it follows the grace: server.grace_s minus"
+        " 2 s, at least 80 % of it)",
     )
 
 
@@ -444,14 +496,18 @@ class AppConfig(BaseSettings):
     @classmethod
     def _drain_fits_grace(cls, value: SpoolConfig, info: ValidationInfo) -> SpoolConfig:
         server = info.data.get("server")
-        if not isinstance(server, ServerConfig) or value.drain_on_stop_s <= server.grace_s:
+        if not isinstance(server, ServerConfig):
             return value
-        if "drain_on_stop_s" in value.model_fields_set:
+        if "drain_on_stop_s" not in value.model_fields_set:
+            # A longer grace is given to deliver more: unset, the drain uses it, less the
+            # time the rest of the stop (background tasks, listeners) may need.
+            return value.model_copy(update={"drain_on_stop_s": drain_for_grace(server.grace_s)})
+        if value.drain_on_stop_s > server.grace_s:
             raise ValueError(
                 f"drain_on_stop_s ({value.drain_on_stop_s}) must not exceed server.grace_s"
                 f" ({server.grace_s}): the drain happens within the grace period"
             )
-        return value.model_copy(update={"drain_on_stop_s": server.grace_s})
+        return value
 
     @field_validator("artifacts")
     @classmethod
@@ -707,7 +763,8 @@ def check_ports(config: AppConfig) -> None:
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ConfigError(
-                f"invalid config key {key} ({env}): cannot listen on {host}:{port} ({reason})"
+                f"invalid config key {key} ({env}): cannot listen on {host_port(host, port)}"
+                f" ({reason})"
             ) from exc
 
 
@@ -760,12 +817,62 @@ def _check_files(config: AppConfig) -> None:
     for key, path in named.items():
         if path is not None and not path.is_file():
             raise ConfigError(f"invalid config key {key}: {path} is not a readable file")
+    _check_tls_files(config.tls)
     if config.auth.enabled and not config.auth.load_tokens():
         # Whichever was set: an empty token in auth.tokens, or a file of none.
         key = "auth.tokens_file" if config.auth.tokens_file is not None else "auth.tokens"
         raise ConfigError(
             f"invalid config key {key}: it holds no token (empty tokens are not tokens)"
         )
+
+
+def _no_password() -> bytes:
+    # An encrypted key would otherwise make OpenSSL prompt on the terminal; grpc takes none.
+    return b""
+
+
+def _check_tls_files(tls: TlsConfig) -> None:
+    """Refuse PEM files the listener could not use, naming the setting: grpc only says it
+    failed to bind, which blames the port."""
+    cert, key = tls.cert_file, tls.key_file
+    if cert is None or key is None:
+        return
+    checks: list[tuple[str, Path, str, Callable[[ssl.SSLContext], None]]] = [
+        (
+            "tls.cert_file",
+            cert,
+            "is not a PEM certificate",
+            lambda c: c.load_verify_locations(cert),
+        ),
+        (
+            "tls.key_file",
+            key,
+            "is not the unencrypted PEM key of tls.cert_file",
+            lambda c: c.load_cert_chain(cert, key, password=_no_password),
+        ),
+    ]
+    ca = tls.client_ca_file
+    if ca is not None:
+        checks.append(
+            (
+                "tls.client_ca_file",
+                ca,
+                "holds no PEM CA certificate",
+                lambda c: c.load_verify_locations(ca),
+            )
+        )
+    for setting, path, problem, check in checks:
+        try:
+            check(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+        except (ssl.SSLError, OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(
+                f"invalid config key {setting}: {path} {problem} ({_ssl_reason(exc)})"
+            ) from None
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason or exc).strip() or type(exc).__name__
 
 
 def _listeners(config: AppConfig) -> list[tuple[str, str]]:
@@ -879,11 +986,37 @@ def _env_name(loc: tuple[int | str, ...]) -> str:
     return env
 
 
+def _is_secret(loc: tuple[int | str, ...]) -> bool:
+    """Whether the setting at `loc` holds secrets (SecretStr): its input is never shown."""
+    model: Any = AppConfig
+    for part in loc:
+        fields = getattr(model, "model_fields", None)
+        if not isinstance(part, str) or fields is None or part not in fields:
+            return False
+        model = fields[part].annotation
+        if _mentions_secret(model):
+            return True
+    return False
+
+
+def _mentions_secret(annotation: Any) -> bool:
+    if annotation is SecretStr:
+        return True
+    return any(_mentions_secret(arg) for arg in get_args(annotation))
+
+
 def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    env = _env_name(tuple(first["loc"]))
+    loc = tuple(first["loc"])
+    key = ".".join(str(part) for part in loc) or "<root>"
+    env = _env_name(loc)
     value = first.get("input")
-    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    if _is_secret(loc):
+        # README: tokens and passwords are never logged, also when given the wrong shape.
+        shown = " (value not shown: it is secret)"
+    elif isinstance(value, dict):
+        shown = ""
+    else:
+        shown = f" (got {value!r})"
     more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
     return f"invalid config key {key} ({env}): {first['msg']}{shown}{more}"

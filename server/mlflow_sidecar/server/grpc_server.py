@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.server.auth import AuthInterceptor
-from mlflow_sidecar.server.config import AppConfig, insecure_listener_warnings
+from mlflow_sidecar.server.config import AppConfig, host_port, insecure_listener_warnings
 from mlflow_sidecar.server.http_endpoints import HttpEndpoints, ProbeApp
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
 from mlflow_sidecar.server.interceptors import AccessLogInterceptor, ErrorMappingInterceptor
@@ -147,7 +147,7 @@ class SidecarServer:
         )
         # grpc.reflection.v1 and v1alpha: grpcurl and newer tools ask v1 first.
         enable_server_reflection((*SERVICE_NAMES, health.SERVICE_NAME), self._server)
-        address = f"{config.server.host}:{config.server.port}"
+        address = host_port(config.server.host, config.server.port)
         try:
             if config.tls.enabled:
                 self.port = self._server.add_secure_port(address, _server_credentials(config))
@@ -157,7 +157,7 @@ class SidecarServer:
             raise BindError(f"cannot listen on {address}: {exc}") from exc
         if self.port == 0:
             raise BindError(f"cannot listen on {address}")
-        self.address = f"{config.server.host}:{self.port}"
+        self.address = host_port(config.server.host, self.port)
         self._stopped = threading.Event()
         if config.metrics.port:
             self._bind_http()
@@ -198,7 +198,7 @@ class SidecarServer:
         except OSError as exc:
             raise BindError(
                 f"invalid config key metrics.port (MLFLOW_SIDECAR__METRICS__PORT): cannot"
-                f" listen on {exporter.host}:{exporter.port} ({exc.strerror or exc})"
+                f" listen on {host_port(exporter.host, exporter.port)} ({exc.strerror or exc})"
             ) from exc
         self.metrics_port = self._http.port
 
@@ -206,10 +206,9 @@ class SidecarServer:
         """Start background work and serving; report SERVING for every service."""
         if self.metrics_port is not None:
             log.info(
-                "metrics and probes on %s://%s:%d/metrics, /healthz, /readyz",
+                "metrics and probes on %s://%s/metrics, /healthz, /readyz",
                 "https" if self._config.tls.enabled else "http",
-                self._config.metrics.host,
-                self.metrics_port,
+                host_port(self._config.metrics.host, self.metrics_port),
             )
         if self._tracing is not None:
             self._tracing.start()

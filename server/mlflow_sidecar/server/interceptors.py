@@ -213,6 +213,18 @@ def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return code
 
 
+def _ended_without_a_code(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The outcome of a call whose handler set no code: OK while the call is still live; a
+    call grpc already ended (the client cancelled it, or its deadline passed) never
+    delivered an OK, and the client saw CANCELLED or DEADLINE_EXCEEDED."""
+    if context.is_active():
+        return grpc.StatusCode.OK
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 # gRFC A6: a negative pushback tells the client's retry policy not to retry this call.
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 _NO_RETRY: tuple[str, str] = (RETRY_PUSHBACK_KEY, "-1")
@@ -346,7 +358,7 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         def finish(context: grpc.ServicerContext, rid: str, started: float) -> None:
             elapsed = time.perf_counter() - started
             _add_trailing(context, REQUEST_ID_METADATA, rid)
-            code = status_code(context) or grpc.StatusCode.OK
+            code = status_code(context) or _ended_without_a_code(context)
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             series.handled(name).inc()
             series.seconds.observe(elapsed)

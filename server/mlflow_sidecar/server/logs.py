@@ -82,9 +82,14 @@ def configure_logging(level: str, fmt: str) -> None:
 
     Libraries that attach their own handlers (MLflow gives `mlflow`, `alembic` and
     `sqlalchemy.engine` one each, printing plain text) lose them and propagate to the root
-    handler instead; they keep the levels they chose. Python warnings become log records.
-    Call it again after importing a library that configures its loggers at import."""
+    handler instead. `level` holds for them too: a library that set its logger lower (MLflow
+    sets INFO) writes nothing below it, one that set it higher stays that quiet. Python
+    warnings become log records. Call it again after importing a library that configures
+    its loggers at import."""
     handler = _StderrHandler()
+    # On the handler, not only the root: a library's own logger level decides whether its
+    # records are made, and they reach the root's handler whatever the root's level is.
+    handler.setLevel(level)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(json_formatter())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +28,8 @@ class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # `inf` keeps a stream trying through any sidecar restart (documented).
+    _UNBOUNDED_DURATIONS: ClassVar[frozenset[str]] = frozenset({"stream_reconnect_s"})
 
     target: str = "127.0.0.1:50051"
     timeout_s: float = Field(30.0, gt=0, description="default deadline of every call")
@@ -76,6 +78,19 @@ class ClientSettings(NumbersRefuseBooleans):
         " room (until the stream gives up after stream_reconnect_s); `raise` raises"
         " ResourceExhaustedError (reason CLIENT_BUFFER_FULL) and keeps nothing of that call",
     )
+
+    @model_validator(mode="after")
+    def _client_certificate_with_its_key(self) -> ClientSettings:
+        # grpc's core aborts the whole process on a certificate without its key (or the
+        # reverse): refused here, naming what is missing.
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            given, missing = (
+                ("client_cert_file", "client_key_file")
+                if self.client_cert_file
+                else ("client_key_file", "client_cert_file")
+            )
+            raise ValueError(f"{given} is set without {missing}: mTLS needs both")
+        return self
 
     @model_validator(mode="after")
     def _chunks_fit_messages(self) -> ClientSettings:

@@ -24,6 +24,7 @@ from google.protobuf.message import Message
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_REQUEST_ID_LENGTH
+from mlflow_sidecar.server.database_file import DatabaseFileError
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 
 # The tag by which an entity the sidecar created names the request that created it.
@@ -112,13 +113,21 @@ class RequestLedger:
         self._lock = threading.Lock()
         self._calls = KeyedLocks()
         self._recorded = 0
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # An answer is recorded before the client hears it: it must outlive a killed process.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(_SCHEMA)
-        self._prune()
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseFileError.of(path, exc) from exc
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # An answer is recorded before the client hears it: it must outlive a killed
+            # process.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+            self._prune()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise DatabaseFileError.of(path, exc) from exc
 
     def close(self) -> None:
         """Close the database."""

@@ -23,6 +23,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     ResourceExhaustedError,
 )
+from mlflow_sidecar.server.database_file import DatabaseFileError
 from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 
@@ -317,7 +318,19 @@ class SpoolStore:
         self._chunk_points = chunk_points
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseFileError.of(path, exc) from exc
+        try:
+            self._open(path, synchronous)
+        except BaseException as exc:
+            self._db.close()
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise DatabaseFileError.of(path, exc) from exc
+            raise
+
+    def _open(self, path: Path, synchronous: str) -> None:
         # A chunk is about 24 KiB: on SQLite's default 4 KiB pages it spills over a chain
         # of overflow pages, on 64 KiB pages it fits in one and an insert costs a quarter.
         # Only a new database takes it (an existing spool keeps its pages), so it comes
@@ -328,11 +341,7 @@ class SpoolStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={8 * 1024 * 1024 // PAGE_BYTES}")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=10000")
-        try:
-            migrate(self._db, path)
-        except BaseException:
-            self._db.close()
-            raise
+        migrate(self._db, path)
         # An existing spool keeps the page size it was made with.
         self._page_bytes = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._pending: dict[str, int] = dict(

@@ -1,0 +1,120 @@
+"""The access log and grpc_server_handled_total record what the client saw: a stream the
+client cancelled is CANCELLED, not OK."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+import pytest
+
+from mlflow_sidecar.server.interceptors import AccessLogInterceptor
+from mlflow_sidecar.server.observability import SidecarMetrics
+
+METHOD = "/test.v1.WatchService/Watch"
+
+
+class _Codes(logging.Handler):
+    """The grpc_code of every access log line, and an event once one arrived."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.codes: list[str] = []
+        self.logged = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.codes.append(getattr(record, "grpc_code", "?"))
+        self.logged.set()
+
+
+@pytest.fixture()
+def access_log() -> Iterator[_Codes]:
+    logger = logging.getLogger("mlflow_sidecar.access")
+    handler = _Codes()
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+def _watch(_request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    """Like WatchModelAlias: a first message, then nothing until the client leaves."""
+    left = threading.Event()
+    context.add_callback(left.set)
+    yield b"first"
+    left.wait(60)
+
+
+def _finite(_request: bytes, _context: grpc.ServicerContext) -> Iterator[bytes]:
+    yield b"one"
+    yield b"two"
+
+
+@pytest.fixture()
+def served(access_log: _Codes) -> Iterator[tuple[grpc.Channel, SidecarMetrics]]:
+    metrics = SidecarMetrics()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[AccessLogInterceptor(metrics)],
+    )
+    handlers: dict[str, Any] = {
+        "Watch": grpc.unary_stream_rpc_method_handler(_watch),
+        "Finite": grpc.unary_stream_rpc_method_handler(_finite),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.v1.WatchService", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, metrics
+    server.stop(0)
+
+
+def _handled(metrics: SidecarMetrics, method: str, code: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "server_stream",
+            "grpc_service": "test.v1.WatchService",
+            "grpc_method": method,
+            "grpc_code": code,
+        },
+    )
+    return value or 0.0
+
+
+def test_a_stream_the_client_cancels_is_logged_and_counted_as_cancelled(served, access_log):
+    channel, metrics = served
+    call = channel.unary_stream(METHOD)(b"")
+    assert next(call) == b"first"
+    call.cancel()
+    assert access_log.logged.wait(60), "the cancelled call was never logged"
+    assert access_log.codes == ["CANCELLED"]
+    assert _handled(metrics, "Watch", "CANCELLED") == 1
+    assert _handled(metrics, "Watch", "OK") == 0
+
+
+def test_a_stream_that_ends_is_still_ok(served, access_log):
+    channel, metrics = served
+    assert list(channel.unary_stream("/test.v1.WatchService/Finite")(b"")) == [b"one", b"two"]
+    assert access_log.logged.wait(60)
+    assert access_log.codes == ["OK"]
+    assert _handled(metrics, "Finite", "OK") == 1
+
+
+def test_a_stream_whose_deadline_passes_is_deadline_exceeded(served, access_log):
+    channel, metrics = served
+    call = channel.unary_stream(METHOD)(b"", timeout=1)
+    with pytest.raises(grpc.RpcError) as ended:
+        list(call)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert access_log.logged.wait(60), "the call was never logged"
+    assert access_log.codes == ["DEADLINE_EXCEEDED"]
+    assert _handled(metrics, "Watch", "DEADLINE_EXCEEDED") == 1

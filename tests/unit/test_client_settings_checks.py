@@ -1,0 +1,55 @@
+"""ClientSettings refuse, naming the setting, what grpc would otherwise fail on later."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client.settings import ClientSettings
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [("client_cert_file", "client_key_file"), ("client_key_file", "client_cert_file")],
+)
+def test_a_client_certificate_without_its_key_is_refused(given, missing):
+    # grpc's core would abort the whole process at the first call.
+    with pytest.raises(ValidationError, match=f"{given} is set without {missing}"):
+        ClientSettings(tls=True, **{given: "/etc/tls/client.pem"})
+
+
+def test_the_container_refuses_a_half_pair_before_any_call():
+    container = ClientContainer()
+    container.config.from_dict({"tls": True, "client_cert_file": "/etc/tls/client.pem"})
+    with pytest.raises(ValidationError, match="client_key_file"):
+        container.experiment_tracking()
+
+
+def test_a_whole_pair_is_accepted():
+    settings = ClientSettings(client_cert_file="c.pem", client_key_file="k.pem")
+    assert (settings.client_cert_file, settings.client_key_file) == ("c.pem", "k.pem")
+
+
+@pytest.mark.parametrize("name", ["timeout_s", "transfer_timeout_s"])
+@pytest.mark.parametrize("value", ["inf", "nan", 1e10, "-inf"])
+def test_a_deadline_grpc_cannot_keep_is_refused(name, value):
+    # Past about 9.2e9 s grpc's deadline overflows and every call ends at once.
+    with pytest.raises(ValidationError, match=name):
+        ClientSettings(**{name: value})
+
+
+def test_a_deadline_of_a_year_is_kept():
+    assert ClientSettings(timeout_s=365 * 86_400).timeout_s == 365 * 86_400
+
+
+def test_a_stream_may_keep_trying_for_ever():
+    assert ClientSettings(stream_reconnect_s="inf").stream_reconnect_s == float("inf")
+
+
+def test_the_environment_is_checked_the_same_way(monkeypatch):
+    from mlflow_sidecar.client.settings import ClientEnvSettings
+
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TIMEOUT_S", "inf")
+    with pytest.raises(ValidationError, match="timeout_s"):
+        ClientEnvSettings()

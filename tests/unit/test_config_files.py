@@ -1,0 +1,66 @@
+"""Files the configuration names are checked at load: one line naming the setting, not a
+traceback at start or grpc's "failed to bind" that blames the port."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_sidecar.server.config import ConfigError, load_config
+from tests.support.certs import Pki, make_pki
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture()
+def garbage(tmp_path):
+    path = tmp_path / "garbage.pem"
+    path.write_text("garbage\n")
+    return path
+
+
+def tls(cert, key, ca=None) -> dict[str, object]:
+    return {"cert_file": cert, "key_file": key, "client_ca_file": ca}
+
+
+def refusal(tmp_path, **sections) -> str:
+    with pytest.raises(ConfigError) as refused:
+        load_config(data_dir=tmp_path, **sections)
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
+def test_good_files_load(pki, tmp_path):
+    config = load_config(data_dir=tmp_path, tls=tls(pki.server_cert, pki.server_key, pki.ca_cert))
+    assert config.tls.enabled
+
+
+def test_a_certificate_that_is_not_pem_is_named(pki, garbage, tmp_path):
+    message = refusal(tmp_path, tls=tls(garbage, pki.server_key))
+    assert "tls.cert_file" in message and str(garbage) in message
+
+
+def test_a_key_of_another_certificate_is_named(pki, tmp_path):
+    message = refusal(tmp_path, tls=tls(pki.server_cert, pki.client_key))
+    assert "tls.key_file" in message and str(pki.client_key) in message
+
+
+def test_a_key_that_is_not_pem_is_named(pki, garbage, tmp_path):
+    message = refusal(tmp_path, tls=tls(pki.server_cert, garbage))
+    assert "tls.key_file" in message and str(garbage) in message
+
+
+def test_a_client_ca_that_is_not_pem_is_named(pki, garbage, tmp_path):
+    message = refusal(tmp_path, tls=tls(pki.server_cert, pki.server_key, garbage))
+    assert "tls.client_ca_file" in message and str(garbage) in message
+
+
+def test_a_tokens_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(b"\xff\xfesecret-ish\n")
+    message = refusal(tmp_path, auth={"tokens_file": tokens})
+    assert "auth.tokens_file" in message and "UTF-8" in message
+    assert "secret-ish" not in message

@@ -1,0 +1,38 @@
+"""`mlflow-sidecar health`: flags it cannot use are one line and exit 2, before any call."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlflow_sidecar.server.cli import EXIT_CONFIG, main
+
+
+@pytest.fixture(autouse=True)
+def _data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_SIDECAR_CONFIG", raising=False)
+
+
+@pytest.fixture()
+def pem(tmp_path):
+    path = tmp_path / "some.pem"
+    path.write_text("not checked before the pair is\n")
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("flag", "missing"), [("--cert-file", "--key-file"), ("--key-file", "--cert-file")]
+)
+def test_a_client_certificate_without_its_key_is_refused(flag, missing, pem, capsys):
+    # grpc's core would abort the process (SIGABRT) instead.
+    code = main(["health", "--target", "127.0.0.1:1", "--ca-file", pem, flag, pem])
+    assert code == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"{flag} needs {missing}" in line
+
+
+def test_a_missing_ca_file_is_one_line_naming_the_flag(tmp_path, capsys):
+    missing = tmp_path / "nowhere.pem"
+    assert main(["health", "--target", "127.0.0.1:1", "--ca-file", str(missing)]) == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--ca-file" in line and str(missing) in line
