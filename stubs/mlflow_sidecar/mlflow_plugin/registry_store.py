@@ -17,19 +17,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.model_registry import (
+    SEARCH_MODEL_VERSION_MAX_RESULTS_DEFAULT,
+    SEARCH_MODEL_VERSION_MAX_RESULTS_THRESHOLD,
+    SEARCH_REGISTERED_MODEL_MAX_RESULTS_DEFAULT,
+    SEARCH_REGISTERED_MODEL_MAX_RESULTS_THRESHOLD,
+)
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
-from mlflow_sidecar.core.limits import MAX_PAGE_SIZE
-from mlflow_sidecar.mlflow_plugin import entities
+from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _RUNS_PREFIX = "runs:/"
-_DEFAULT_PAGE_SIZE = 100
 
 
 def _logged_model_id(source: str) -> str | None:
@@ -50,10 +54,6 @@ def _version_number(version: Any) -> int:
             f"Parameter 'version' must be an integer, got '{version}'.",
             error_code=databricks_pb2.INVALID_PARAMETER_VALUE,
         ) from None
-
-
-def _page_size(max_results: int | None) -> int:
-    return max(1, min(int(max_results or _DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE))
 
 
 class SidecarRegistryStore(AbstractStore):
@@ -114,15 +114,22 @@ class SidecarRegistryStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        page = self._registry.search_registered_models(
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results),
-            page_token=page_token or "",
+        wanted = paging.checked_max_results(
+            max_results,
+            SEARCH_REGISTERED_MODEL_MAX_RESULTS_DEFAULT,
+            SEARCH_REGISTERED_MODEL_MAX_RESULTS_THRESHOLD,
         )
-        return PagedList(
-            [entities.registered_model(m) for m in page.items], page.next_page_token or None
+        models, token = paging.collect(
+            lambda size, token: self._registry.search_registered_models(
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+            ),
+            wanted,
+            page_token,
         )
+        return PagedList([entities.registered_model(m) for m in models], token)
 
     @translated
     def get_registered_model(self, name: str) -> MlflowRegisteredModel:
@@ -220,15 +227,22 @@ class SidecarRegistryStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        page = self._registry.search_model_versions(
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results),
-            page_token=page_token or "",
+        wanted = paging.checked_max_results(
+            max_results,
+            SEARCH_MODEL_VERSION_MAX_RESULTS_DEFAULT,
+            SEARCH_MODEL_VERSION_MAX_RESULTS_THRESHOLD,
         )
-        return PagedList(
-            [entities.model_version(v) for v in page.items], page.next_page_token or None
+        versions, token = paging.collect(
+            lambda size, token: self._registry.search_model_versions(
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+            ),
+            wanted,
+            page_token,
         )
+        return PagedList([entities.model_version(v) for v in versions], token)
 
     @translated
     def set_model_version_tag(self, name: str, version: str | int, tag: Any) -> None:
