@@ -52,6 +52,8 @@ from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownlo
 from mlflow_sidecar.server.mlflow_gateway.sources import (
     check_source_alias,
     models_source,
+    name_filter,
+    quotable,
     quoted,
     runs_source_run_id,
 )
@@ -899,9 +901,11 @@ class MlflowGateway:
 
     def latest_model_version(self, name: str) -> domain.ModelVersion:
         """The version with the highest number."""
+        if not quotable(name):
+            return self._latest_of_model(name)
         found = self.call(
             lambda: self._client.search_model_versions(
-                filter_string=f"name = {quoted(name)}",
+                filter_string=name_filter(name),
                 max_results=1,
                 order_by=["version_number DESC"],
             )
@@ -914,10 +918,26 @@ class MlflowGateway:
             )
         return entities.model_version(found[0])
 
+    def _latest_of_model(self, name: str) -> domain.ModelVersion:
+        """The version with the highest number, for a name no filter can quote: MLflow's
+        registered model carries the latest version of each stage, and the highest of
+        those is the highest of all."""
+        model = self.call(
+            lambda: self._client.get_registered_model(name),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
+        numbers = [int(v.version) for v in model.latest_versions or ()]
+        if not numbers:
+            raise NotFoundError(
+                f"registered model {name!r} has no versions",
+                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
+        return self.get_model_version(name, max(numbers))
+
     def versions_from(self, name: str, source: str) -> tuple[domain.ModelVersion, ...]:
         """Every version of `name` registered from exactly this source."""
         run_id = runs_source_run_id(source)
-        where = f"name = {quoted(name)}"
+        where = name_filter(name)
         if run_id:
             where += f" AND run_id = {quoted(run_id, 'source')}"
 
@@ -934,7 +954,11 @@ class MlflowGateway:
         found: list[domain.ModelVersion] = []
         paged = page(None)
         while True:
-            found.extend(v for v in map(entities.model_version, paged) if v.source == source)
+            found.extend(
+                v
+                for v in map(entities.model_version, paged)
+                if v.source == source and v.name == name
+            )
             if not paged.token:
                 return tuple(found)
             paged = page(paged.token)

@@ -52,6 +52,22 @@ def quoted(value: str, field: str = "name") -> str:
     raise InvalidArgumentError(field, "must not contain both ' and \" characters")
 
 
+def quotable(value: str) -> bool:
+    """True when MLflow's filter syntax can hold `value` as a literal: its literals have no
+    escapes, so a value with both ' and " cannot be written."""
+    return "'" not in value or '"' not in value
+
+
+def name_filter(name: str) -> str:
+    """A filter on model names that matches `name`: exactly when the name can be quoted;
+    otherwise a LIKE pattern with _ (any one character) in place of each ' and of each
+    backslash (an escape in some databases' LIKE), which may match other names too, so
+    callers compare the names of what it finds."""
+    if quotable(name):
+        return f"name = {quoted(name)}"
+    return "name LIKE '{}'".format(name.replace("'", "_").replace("\\", "_"))
+
+
 def is_reserved_alias(alias: str) -> bool:
     """True for the names MLflow reserves for versions: 'latest' and 'v<number>', any case."""
     return alias.lower() == "latest" or bool(_VERSION_ALIAS_RE.match(alias))
