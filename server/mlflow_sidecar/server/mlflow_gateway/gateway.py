@@ -31,8 +31,8 @@ from mlflow_sidecar.server.config import ENV_PREFIX, AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import (
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
-    request_id_reused,
 )
+from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.mlflow_gateway import (
     artifact_streams,
     embedded_store,
@@ -853,8 +853,17 @@ class MlflowGateway:
         def attempt(_ambiguous: bool) -> Any:
             found = self._find_version(request_id)
             if found is not None:
-                if found.name != name:
-                    raise request_id_reused("request_id", request_id, "CreateModelVersion")
+                check_same_version_request(
+                    entities.model_version(found),
+                    field="request_id",
+                    request_id=request_id,
+                    rpc="CreateModelVersion",
+                    name=name,
+                    run_id=run_id,
+                    description=description,
+                    tags=tags,
+                    source=None if source.startswith("models:") else source,
+                )
                 return found
             return self._client.create_model_version(
                 name,
