@@ -7,6 +7,7 @@ from mlflow import MlflowClient
 
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from tests.integration.conftest import RunningSidecar
+from tests.support.processes import MlflowServer
 
 
 def _client(sidecar: RunningSidecar) -> MlflowClient:
@@ -38,3 +39,21 @@ def test_a_name_with_both_quote_characters_works_like_any_other(
     assert client.get_model_version_by_alias(name, "champ").version == "1"
     client.delete_registered_model(name)
     assert client.get_registered_model(twin).name == twin
+
+
+def test_registered_models_carry_their_latest_version_as_mlflows_do(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for label, client in (("direct", direct), ("sidecar", _client(sidecar))):
+        name = f"lv-{label}-{unique}"
+        run = client.create_run(client.create_experiment(name)).info.run_id
+        client.create_registered_model(name)
+        client.create_registered_model(f"{name}-empty")
+        for _ in range(2):
+            client.create_model_version(name, f"runs:/{run}/m", run)
+        found = {m.name: m for m in client.search_registered_models(f"name LIKE '{name}%'")}
+        assert [v.version for v in found[name].latest_versions] == ["2"], label
+        assert found[f"{name}-empty"].latest_versions == [], label
+        updated = client.update_registered_model(name, "desc")
+        assert [v.version for v in updated.latest_versions] == ["2"], label

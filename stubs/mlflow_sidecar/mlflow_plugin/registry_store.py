@@ -96,7 +96,7 @@ class SidecarRegistryStore(AbstractStore):
         if deployment_job_id:
             raise unsupported("A deployment job")
         updated = self._registry.update_registered_model(name, description=description or "")
-        return entities.registered_model(updated)
+        return entities.registered_model(updated, self._latest(name))
 
     @translated
     def rename_registered_model(self, name: str, new_name: str) -> MlflowRegisteredModel:
@@ -129,7 +129,11 @@ class SidecarRegistryStore(AbstractStore):
             wanted,
             page_token,
         )
-        return PagedList([entities.registered_model(m) for m in models], token)
+        # One lookup per model, as MLflow's answer carries each model's latest version:
+        # bounded by max_results (at most 1,000 models).
+        return PagedList(
+            [entities.registered_model(m, self._latest_if_any(m.name)) for m in models], token
+        )
 
     @translated
     def get_registered_model(self, name: str) -> MlflowRegisteredModel:
@@ -283,6 +287,13 @@ class SidecarRegistryStore(AbstractStore):
         except NotFoundError:
             # A model without versions has no latest version; a missing model is an error.
             self._registry.get_registered_model(name)
+            return []
+
+    def _latest_if_any(self, name: str) -> list[MlflowModelVersion]:
+        """The latest version of a model just found; none when it has none, or is gone."""
+        try:
+            return [entities.model_version(self._registry.get_latest_model_version(name))]
+        except NotFoundError:
             return []
 
     def _run_artifact(self, source: str) -> tuple[str, str]:
