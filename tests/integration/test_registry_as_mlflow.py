@@ -57,3 +57,16 @@ def test_registered_models_carry_their_latest_version_as_mlflows_do(
         assert found[f"{name}-empty"].latest_versions == [], label
         updated = client.update_registered_model(name, "desc")
         assert [v.version for v in updated.latest_versions] == ["2"], label
+
+
+def test_a_whole_run_source_registers_as_mlflow_registers_it(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for label, client in (("direct", direct), ("sidecar", _client(sidecar))):
+        name = f"whole-run-{label}-{unique}"
+        run = client.create_run(client.create_experiment(name)).info.run_id
+        client.create_registered_model(name)
+        for source in (f"runs:/{run}", f"runs:/{run}/", f"runs:/{run}/model"):
+            version = client.create_model_version(name, source, run)
+            assert (version.source, version.run_id) == (source, run), label

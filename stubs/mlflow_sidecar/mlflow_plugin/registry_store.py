@@ -176,7 +176,11 @@ class SidecarRegistryStore(AbstractStore):
             # The sidecar resolves a logged model from its models:/ URI, as MLflow does.
             source = f"models:/{model_id}"
         tag_values = entities.tag_dict(tags)
-        own_run, artifact_path = self._run_artifact(source)
+        # A runs:/ source goes as given (a whole run's runs:/RUN too); only the sidecar's
+        # own artifact URIs are turned into their run and path.
+        own_run, artifact_path = (
+            ("", "") if source.startswith(_RUNS_PREFIX) else (self._run_artifact(source))
+        )
         if own_run:
             created = self._registry.create_model_version(
                 name,
