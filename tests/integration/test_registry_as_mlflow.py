@@ -3,8 +3,11 @@ checked against the real server."""
 
 from __future__ import annotations
 
+import grpc
+import pytest
 from mlflow import MlflowClient
 
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
 from tests.integration.conftest import RunningSidecar
 from tests.support.processes import MlflowServer
@@ -70,3 +73,22 @@ def test_a_whole_run_source_registers_as_mlflow_registers_it(
         for source in (f"runs:/{run}", f"runs:/{run}/", f"runs:/{run}/model"):
             version = client.create_model_version(name, source, run)
             assert (version.source, version.run_id) == (source, run), label
+
+
+def test_a_missing_models_source_names_what_is_missing(registry_stub, run_id: str, unique: str):
+    name = f"src-{unique}"
+    registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=name))
+    registry_stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(name=name, source=f"runs:/{run_id}/model")
+    )
+    expected = {
+        f"models:/no-such-{unique}/1": ErrorReason.MODEL_NOT_FOUND,
+        f"models:/no-such-{unique}@champ": ErrorReason.MODEL_NOT_FOUND,
+        f"models:/{name}/9": ErrorReason.MODEL_VERSION_NOT_FOUND,
+        f"models:/{name}@champ": ErrorReason.ALIAS_NOT_FOUND,
+    }
+    for source, reason in expected.items():
+        with pytest.raises(grpc.RpcError) as err:
+            registry_stub.CreateModelVersion(pb.CreateModelVersionRequest(name=name, source=source))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND, (source, err.value.details())
+        assert error_from_rpc(err.value).reason == reason, source

@@ -896,12 +896,24 @@ class MlflowGateway:
                 if origin.alias:
                     self.get_model_version_by_alias(origin.name, origin.alias)
                 else:
-                    self.get_model_version(origin.name, origin.version)
+                    self._source_version(origin.name, origin.version)
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError("source", exc.problem, reason=exc.reason) from None
         if run_id:
             self.get_run(run_id)
         return run_id
+
+    def _source_version(self, name: str, version: int) -> None:
+        """Check that a source's version exists. MLflow says only that the version is
+        missing, also when its whole model is: one more call, on that failure only, tells
+        MODEL_NOT_FOUND from MODEL_VERSION_NOT_FOUND."""
+        try:
+            self.get_model_version(name, version)
+        except NotFoundError as exc:
+            if exc.reason != ErrorReason.MODEL_VERSION_NOT_FOUND:
+                raise
+            self.get_registered_model(name, retry=False)
+            raise
 
     def wait_until_ready(self, version: domain.ModelVersion) -> domain.ModelVersion:
         """The version once it has left PENDING_REGISTRATION (MLflow's limit and the
