@@ -92,3 +92,22 @@ def test_a_missing_models_source_names_what_is_missing(registry_stub, run_id: st
             registry_stub.CreateModelVersion(pb.CreateModelVersionRequest(name=name, source=source))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND, (source, err.value.details())
         assert error_from_rpc(err.value).reason == reason, source
+
+
+def test_a_version_of_a_logged_model_names_it(
+    registry_stub, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    experiment = direct.create_experiment(f"lm-{unique}")
+    run = direct.create_run(experiment).info.run_id
+    logged = direct.create_logged_model(experiment, source_run_id=run, name="lm")
+    name = f"lm-{unique}"
+    registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=name))
+    created = registry_stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(name=name, source=f"models:/{logged.model_id}")
+    ).model_version
+    assert created.model_id == logged.model_id
+    read = registry_stub.GetModelVersion(
+        pb.GetModelVersionRequest(name=name, version=created.version)
+    ).model_version
+    assert read.model_id == logged.model_id

@@ -14,6 +14,8 @@ _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|\Z)")
 _MODELS_SOURCE_RE = re.compile(
     r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
 )
+# models:/<logged model id> (MLflow 3): the id is "m-" and 32 hex digits.
+_LOGGED_MODEL_SOURCE_RE = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})/?\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +43,12 @@ def models_source(source: str) -> ModelSource | None:
     if match is None:
         return None
     return ModelSource(match["name"], int(match["version"] or 0), match["alias"] or "")
+
+
+def source_logged_model_id(source: str) -> str:
+    """The logged model a models:/<model id> source names; empty for other sources."""
+    match = _LOGGED_MODEL_SOURCE_RE.match(source)
+    return match["model_id"] if match else ""
 
 
 def quoted(value: str, field: str = "name") -> str:
