@@ -6,6 +6,7 @@ from __future__ import annotations
 import grpc
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
@@ -111,3 +112,25 @@ def test_a_version_of_a_logged_model_names_it(
         pb.GetModelVersionRequest(name=name, version=created.version)
     ).model_version
     assert read.model_id == logged.model_id
+
+
+def test_the_latest_alias_reads_and_deletes_as_in_mlflow(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for label, client in (("direct", direct), ("sidecar", _client(sidecar))):
+        name = f"latest-{label}-{unique}"
+        run = client.create_run(client.create_experiment(name)).info.run_id
+        client.create_registered_model(name)
+        with pytest.raises(MlflowException) as err:
+            client.get_model_version_by_alias(name, "latest")
+        assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST", label
+        for _ in range(2):
+            client.create_model_version(name, f"runs:/{run}/m", run)
+        assert client.get_model_version_by_alias(name, "latest").version == "2", label
+        assert client.get_model_version_by_alias(name, "LATEST").version == "2", label
+        client.delete_registered_model_alias(name, "latest")
+        client.delete_registered_model_alias(name, "v1")
+        with pytest.raises(MlflowException) as err:
+            client.delete_registered_model_alias(f"{name}-missing", "latest")
+        assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST", label

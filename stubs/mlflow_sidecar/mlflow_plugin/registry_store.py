@@ -28,7 +28,7 @@ from mlflow.store.model_registry.abstract_store import AbstractStore
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
@@ -275,9 +275,28 @@ class SidecarRegistryStore(AbstractStore):
             # model is still an error.
             if exc.reason != ErrorReason.ALIAS_NOT_FOUND:
                 raise
+        except InvalidArgumentError as exc:
+            # 'latest' and 'v<number>' are never set, so MLflow deletes nothing; the RPC
+            # refuses them.
+            if exc.reason != ErrorReason.RESERVED_ALIAS:
+                raise
+            self._registry.get_registered_model(name)
 
     @translated
     def get_model_version_by_alias(self, name: str, alias: str) -> MlflowModelVersion:
+        if alias.lower() == "latest":
+            # MLflow reads 'latest' as the highest version (what models:/NAME@latest loads);
+            # the RPC leaves that to GetLatestModelVersion.
+            try:
+                latest = self._registry.get_latest_model_version(name)
+            except NotFoundError as exc:
+                if exc.reason != ErrorReason.MODEL_VERSION_NOT_FOUND:
+                    raise
+                raise MlflowException(
+                    f"Latest version not found for model {name}.",
+                    error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST,
+                ) from None
+            return entities.model_version(latest)
         return entities.model_version(self._registry.get_model_version_by_alias(name, alias))
 
     def copy_model_version(self, src_mv: Any, dst_name: str) -> MlflowModelVersion:
