@@ -105,3 +105,53 @@ def test_without_the_ledger_the_request_id_tag_still_tells_a_repeat_from_a_reuse
         assert not model_exists(stub, f"up-d-{unique}")
         again = upload(stub, first.name, run_id, request_id)
     assert (again.name, again.version) == (first.name, first.version)
+
+
+def test_without_the_ledger_another_header_under_the_id_is_still_refused(
+    registry_stub, forgetful, run_id, unique
+):
+    request_id = uuid.uuid4().hex
+    name = f"up-e-{unique}"
+    first = upload(registry_stub, name, run_id, request_id, description="first", tags={"a": "1"})
+    with grpc.insecure_channel(forgetful.target) as channel:
+        stub = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+        refused(stub, name, run_id, request_id, description="second", tags={"a": "1"})
+        refused(stub, name, run_id, request_id, description="first", tags={"b": "2"})
+        refused(stub, name, run_id, request_id, description="first", tags={"a": "2"})
+        again = upload(stub, name, run_id, request_id, description="first", tags={"a": "1"})
+    assert (again.name, again.version) == (first.name, first.version)
+
+
+def test_without_the_ledger_a_create_model_version_id_with_another_request_is_refused(
+    registry_stub, forgetful, run_id, unique
+):
+    name = f"cmv-{unique}"
+    registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=name))
+    request_id = str(uuid.uuid4())
+
+    def create(stub, **fields):
+        request = reg_pb.CreateModelVersionRequest(
+            name=name, source=f"runs:/{run_id}/model", request_id=request_id
+        )
+        for field, value in fields.items():
+            if field == "tags":
+                request.tags.update(value)
+            else:
+                setattr(request, field, value)
+        return stub.CreateModelVersion(request, timeout=60).model_version
+
+    first = create(registry_stub, description="first", tags={"a": "1"})
+    with grpc.insecure_channel(forgetful.target) as channel:
+        stub = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+        for other in (
+            {"description": "second", "tags": {"a": "1"}},
+            {"description": "first", "tags": {"a": "2"}},
+            {"description": "first", "tags": {"a": "1"}, "source": f"runs:/{run_id}/other"},
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                create(stub, **other)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            error = error_from_rpc(err.value)
+            assert (error.reason, error.field) == (ErrorReason.REQUEST_ID_REUSED, "request_id")
+        again = create(stub, description="first", tags={"a": "1"})
+    assert again.version == first.version

@@ -17,19 +17,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 from mlflow.store.artifact.utils.models import _parse_model_uri
 from mlflow.store.entities.paged_list import PagedList
+from mlflow.store.model_registry import (
+    SEARCH_MODEL_VERSION_MAX_RESULTS_DEFAULT,
+    SEARCH_MODEL_VERSION_MAX_RESULTS_THRESHOLD,
+    SEARCH_REGISTERED_MODEL_MAX_RESULTS_DEFAULT,
+    SEARCH_REGISTERED_MODEL_MAX_RESULTS_THRESHOLD,
+)
 from mlflow.store.model_registry.abstract_store import AbstractStore
 
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import ErrorReason, NotFoundError
-from mlflow_sidecar.core.limits import MAX_PAGE_SIZE
-from mlflow_sidecar.mlflow_plugin import entities
+from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
 _RUNS_PREFIX = "runs:/"
-_DEFAULT_PAGE_SIZE = 100
 
 
 def _logged_model_id(source: str) -> str | None:
@@ -50,10 +54,6 @@ def _version_number(version: Any) -> int:
             f"Parameter 'version' must be an integer, got '{version}'.",
             error_code=databricks_pb2.INVALID_PARAMETER_VALUE,
         ) from None
-
-
-def _page_size(max_results: int | None) -> int:
-    return max(1, min(int(max_results or _DEFAULT_PAGE_SIZE), MAX_PAGE_SIZE))
 
 
 class SidecarRegistryStore(AbstractStore):
@@ -96,7 +96,7 @@ class SidecarRegistryStore(AbstractStore):
         if deployment_job_id:
             raise unsupported("A deployment job")
         updated = self._registry.update_registered_model(name, description=description or "")
-        return entities.registered_model(updated)
+        return entities.registered_model(updated, self._latest(name))
 
     @translated
     def rename_registered_model(self, name: str, new_name: str) -> MlflowRegisteredModel:
@@ -114,14 +114,25 @@ class SidecarRegistryStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        page = self._registry.search_registered_models(
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results),
-            page_token=page_token or "",
+        wanted = paging.checked_max_results(
+            max_results,
+            SEARCH_REGISTERED_MODEL_MAX_RESULTS_DEFAULT,
+            SEARCH_REGISTERED_MODEL_MAX_RESULTS_THRESHOLD,
         )
+        models, token = paging.collect(
+            lambda size, token: self._registry.search_registered_models(
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+            ),
+            wanted,
+            page_token,
+        )
+        # One lookup per model, as MLflow's answer carries each model's latest version:
+        # bounded by max_results (at most 1,000 models).
         return PagedList(
-            [entities.registered_model(m) for m in page.items], page.next_page_token or None
+            [entities.registered_model(m, self._latest_if_any(m.name)) for m in models], token
         )
 
     @translated
@@ -165,7 +176,11 @@ class SidecarRegistryStore(AbstractStore):
             # The sidecar resolves a logged model from its models:/ URI, as MLflow does.
             source = f"models:/{model_id}"
         tag_values = entities.tag_dict(tags)
-        own_run, artifact_path = self._run_artifact(source)
+        # A runs:/ source goes as given (a whole run's runs:/RUN too); only the sidecar's
+        # own artifact URIs are turned into their run and path.
+        own_run, artifact_path = (
+            ("", "") if source.startswith(_RUNS_PREFIX) else (self._run_artifact(source))
+        )
         if own_run:
             created = self._registry.create_model_version(
                 name,
@@ -220,15 +235,22 @@ class SidecarRegistryStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        page = self._registry.search_model_versions(
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results),
-            page_token=page_token or "",
+        wanted = paging.checked_max_results(
+            max_results,
+            SEARCH_MODEL_VERSION_MAX_RESULTS_DEFAULT,
+            SEARCH_MODEL_VERSION_MAX_RESULTS_THRESHOLD,
         )
-        return PagedList(
-            [entities.model_version(v) for v in page.items], page.next_page_token or None
+        versions, token = paging.collect(
+            lambda size, token: self._registry.search_model_versions(
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+            ),
+            wanted,
+            page_token,
         )
+        return PagedList([entities.model_version(v) for v in versions], token)
 
     @translated
     def set_model_version_tag(self, name: str, version: str | int, tag: Any) -> None:
@@ -253,9 +275,28 @@ class SidecarRegistryStore(AbstractStore):
             # model is still an error.
             if exc.reason != ErrorReason.ALIAS_NOT_FOUND:
                 raise
+        except InvalidArgumentError as exc:
+            # 'latest' and 'v<number>' are never set, so MLflow deletes nothing; the RPC
+            # refuses them.
+            if exc.reason != ErrorReason.RESERVED_ALIAS:
+                raise
+            self._registry.get_registered_model(name)
 
     @translated
     def get_model_version_by_alias(self, name: str, alias: str) -> MlflowModelVersion:
+        if alias.lower() == "latest":
+            # MLflow reads 'latest' as the highest version (what models:/NAME@latest loads);
+            # the RPC leaves that to GetLatestModelVersion.
+            try:
+                latest = self._registry.get_latest_model_version(name)
+            except NotFoundError as exc:
+                if exc.reason != ErrorReason.MODEL_VERSION_NOT_FOUND:
+                    raise
+                raise MlflowException(
+                    f"Latest version not found for model {name}.",
+                    error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST,
+                ) from None
+            return entities.model_version(latest)
         return entities.model_version(self._registry.get_model_version_by_alias(name, alias))
 
     def copy_model_version(self, src_mv: Any, dst_name: str) -> MlflowModelVersion:
@@ -269,6 +310,13 @@ class SidecarRegistryStore(AbstractStore):
         except NotFoundError:
             # A model without versions has no latest version; a missing model is an error.
             self._registry.get_registered_model(name)
+            return []
+
+    def _latest_if_any(self, name: str) -> list[MlflowModelVersion]:
+        """The latest version of a model just found; none when it has none, or is gone."""
+        try:
+            return [entities.model_version(self._registry.get_latest_model_version(name))]
+        except NotFoundError:
             return []
 
     def _run_artifact(self, source: str) -> tuple[str, str]:

@@ -30,7 +30,11 @@ from mlflow.environment_variables import MLFLOW_REGISTRY_URI
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
 from mlflow.store.entities.paged_list import PagedList
-from mlflow.store.tracking import SEARCH_MAX_RESULTS_DEFAULT
+from mlflow.store.tracking import (
+    SEARCH_LOGGED_MODEL_MAX_RESULTS_DEFAULT,
+    SEARCH_MAX_RESULTS_DEFAULT,
+    SEARCH_MAX_RESULTS_THRESHOLD,
+)
 from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.utils._spark_utils import _get_active_spark_session
@@ -50,9 +54,9 @@ from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
 from mlflow_sidecar.core.errors import ErrorReason, FailedPreconditionError, NotFoundError
-from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, MAX_PAGE_SIZE
+from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
-from mlflow_sidecar.mlflow_plugin import entities
+from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarConnection
 from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
 
@@ -223,14 +227,21 @@ class SidecarTrackingStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
-        page = self._tracking.search_experiments(
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
-            page_token=page_token or "",
-            view_type=entities.view_type(view_type),
+        wanted = paging.checked_max_results(
+            max_results, SEARCH_MAX_RESULTS_DEFAULT, SEARCH_MAX_RESULTS_THRESHOLD
         )
-        return PagedList([entities.experiment(e) for e in page.items], page.next_page_token or None)
+        found, token = paging.collect(
+            lambda size, token: self._tracking.search_experiments(
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+                view_type=entities.view_type(view_type),
+            ),
+            wanted,
+            page_token,
+        )
+        return PagedList([entities.experiment(e) for e in found], token)
 
     @translated
     def create_experiment(
@@ -359,15 +370,22 @@ class SidecarTrackingStore(AbstractStore):
         page_token: str | None,
     ) -> tuple[list[MlflowRun], str | None]:
         self._deliver(None)  # a search reads what this process logged, as a get_run does
-        page = self._tracking.search_runs(
-            [str(e) for e in experiment_ids],
-            filter_string=filter_string or "",
-            order_by=tuple(order_by or ()),
-            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
-            page_token=page_token or "",
-            view_type=entities.view_type(run_view_type),
+        wanted = paging.checked_max_results(
+            max_results, SEARCH_MAX_RESULTS_DEFAULT, SEARCH_MAX_RESULTS_THRESHOLD
         )
-        return [entities.run(r, self._root) for r in page.items], page.next_page_token or None
+        found, token = paging.collect(
+            lambda size, token: self._tracking.search_runs(
+                [str(e) for e in experiment_ids],
+                filter_string=filter_string or "",
+                order_by=tuple(order_by or ()),
+                page_size=size,
+                page_token=token,
+                view_type=entities.view_type(run_view_type),
+            ),
+            wanted,
+            page_token,
+        )
+        return [entities.run(r, self._root) for r in found], token
 
     # -- params, tags, metrics ------------------------------------------------------------
 
@@ -545,17 +563,25 @@ class SidecarTrackingStore(AbstractStore):
     ) -> PagedList[MlflowLoggedModel]:
         if datasets:
             raise unsupported("Searching logged models by dataset")
-        page = self._models.search(
-            [str(e) for e in experiment_ids],
-            filter_string=filter_string or "",
-            order_by=[(o["field_name"], bool(o.get("ascending", True))) for o in order_by or ()],
-            page_size=_page_size(max_results, SEARCH_MAX_RESULTS_DEFAULT, MAX_PAGE_SIZE),
-            page_token=page_token or "",
+        # MLflow's stores read a missing or zero max_results as their default, and set no
+        # ceiling.
+        wanted = paging.checked_max_results(
+            max_results or None, SEARCH_LOGGED_MODEL_MAX_RESULTS_DEFAULT, None
         )
-        return PagedList(
-            [entities.logged_model(m, self._root) for m in page.items],
-            page.next_page_token or None,
+        found, token = paging.collect(
+            lambda size, token: self._models.search(
+                [str(e) for e in experiment_ids],
+                filter_string=filter_string or "",
+                order_by=[
+                    (o["field_name"], bool(o.get("ascending", True))) for o in order_by or ()
+                ],
+                page_size=size,
+                page_token=token,
+            ),
+            wanted,
+            page_token,
         )
+        return PagedList([entities.logged_model(m, self._root) for m in found], token)
 
     @translated
     def get_logged_model(self, model_id: str, allow_deleted: bool = False) -> MlflowLoggedModel:

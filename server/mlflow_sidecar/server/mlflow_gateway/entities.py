@@ -24,6 +24,7 @@ from mlflow_sidecar.core.domain import (
 from mlflow_sidecar.core.logged_models import DatasetUse
 from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
+from mlflow_sidecar.server.mlflow_gateway.sources import source_logged_model_id
 
 # The sidecar's own bookkeeping on the entities it creates (which request made or renamed
 # them): kept in MLflow, where it resolves retries, but not part of the tags users set.
@@ -131,5 +132,7 @@ def model_version(mv: MlflowModelVersion) -> ModelVersion:
         creation_time_ms=ms(mv.creation_timestamp),
         last_updated_time_ms=ms(mv.last_updated_timestamp),
         user_id=text(mv.user_id),
-        model_id=text(getattr(mv, "model_id", None)),
+        # MLflow's answers can leave a version's model_id unset: a version registered
+        # from a logged model's own URI still names that model.
+        model_id=text(getattr(mv, "model_id", None)) or source_logged_model_id(text(mv.source)),
     )

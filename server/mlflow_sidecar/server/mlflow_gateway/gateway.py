@@ -31,8 +31,8 @@ from mlflow_sidecar.server.config import ENV_PREFIX, AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import (
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
-    request_id_reused,
 )
+from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.mlflow_gateway import (
     artifact_streams,
     embedded_store,
@@ -52,6 +52,8 @@ from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownlo
 from mlflow_sidecar.server.mlflow_gateway.sources import (
     check_source_alias,
     models_source,
+    name_filter,
+    quotable,
     quoted,
     runs_source_run_id,
 )
@@ -866,8 +868,17 @@ class MlflowGateway:
         def attempt(_ambiguous: bool) -> Any:
             found = self._find_version(request_id)
             if found is not None:
-                if found.name != name:
-                    raise request_id_reused("request_id", request_id, "CreateModelVersion")
+                check_same_version_request(
+                    entities.model_version(found),
+                    field="request_id",
+                    request_id=request_id,
+                    rpc="CreateModelVersion",
+                    name=name,
+                    run_id=run_id,
+                    description=description,
+                    tags=tags,
+                    source=None if source.startswith("models:") else source,
+                )
                 return found
             return self._client.create_model_version(
                 name,
@@ -900,12 +911,24 @@ class MlflowGateway:
                 if origin.alias:
                     self.get_model_version_by_alias(origin.name, origin.alias)
                 else:
-                    self.get_model_version(origin.name, origin.version)
+                    self._source_version(origin.name, origin.version)
             except InvalidArgumentError as exc:
                 raise InvalidArgumentError("source", exc.problem, reason=exc.reason) from None
         if run_id:
             self.get_run(run_id)
         return run_id
+
+    def _source_version(self, name: str, version: int) -> None:
+        """Check that a source's version exists. MLflow says only that the version is
+        missing, also when its whole model is: one more call, on that failure only, tells
+        MODEL_NOT_FOUND from MODEL_VERSION_NOT_FOUND."""
+        try:
+            self.get_model_version(name, version)
+        except NotFoundError as exc:
+            if exc.reason != ErrorReason.MODEL_VERSION_NOT_FOUND:
+                raise
+            self.get_registered_model(name, retry=False)
+            raise
 
     def wait_until_ready(self, version: domain.ModelVersion) -> domain.ModelVersion:
         """The version once it has left PENDING_REGISTRATION (MLflow's limit and the
@@ -914,9 +937,11 @@ class MlflowGateway:
 
     def latest_model_version(self, name: str) -> domain.ModelVersion:
         """The version with the highest number."""
+        if not quotable(name):
+            return self._latest_of_model(name)
         found = self.call(
             lambda: self._client.search_model_versions(
-                filter_string=f"name = {quoted(name)}",
+                filter_string=name_filter(name),
                 max_results=1,
                 order_by=["version_number DESC"],
             )
@@ -929,10 +954,26 @@ class MlflowGateway:
             )
         return entities.model_version(found[0])
 
+    def _latest_of_model(self, name: str) -> domain.ModelVersion:
+        """The version with the highest number, for a name no filter can quote: MLflow's
+        registered model carries the latest version of each stage, and the highest of
+        those is the highest of all."""
+        model = self.call(
+            lambda: self._client.get_registered_model(name),
+            not_found=ErrorReason.MODEL_NOT_FOUND,
+        )
+        numbers = [int(v.version) for v in model.latest_versions or ()]
+        if not numbers:
+            raise NotFoundError(
+                f"registered model {name!r} has no versions",
+                reason=ErrorReason.MODEL_VERSION_NOT_FOUND,
+            )
+        return self.get_model_version(name, max(numbers))
+
     def versions_from(self, name: str, source: str) -> tuple[domain.ModelVersion, ...]:
         """Every version of `name` registered from exactly this source."""
         run_id = runs_source_run_id(source)
-        where = f"name = {quoted(name)}"
+        where = name_filter(name)
         if run_id:
             where += f" AND run_id = {quoted(run_id, 'source')}"
 
@@ -949,7 +990,11 @@ class MlflowGateway:
         found: list[domain.ModelVersion] = []
         paged = page(None)
         while True:
-            found.extend(v for v in map(entities.model_version, paged) if v.source == source)
+            found.extend(
+                v
+                for v in map(entities.model_version, paged)
+                if v.source == source and v.name == name
+            )
             if not paged.token:
                 return tuple(found)
             paged = page(paged.token)

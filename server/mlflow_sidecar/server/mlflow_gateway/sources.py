@@ -14,6 +14,8 @@ _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|\Z)")
 _MODELS_SOURCE_RE = re.compile(
     r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
 )
+# models:/<logged model id> (MLflow 3): the id is "m-" and 32 hex digits.
+_LOGGED_MODEL_SOURCE_RE = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})/?\Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +45,12 @@ def models_source(source: str) -> ModelSource | None:
     return ModelSource(match["name"], int(match["version"] or 0), match["alias"] or "")
 
 
+def source_logged_model_id(source: str) -> str:
+    """The logged model a models:/<model id> source names; empty for other sources."""
+    match = _LOGGED_MODEL_SOURCE_RE.match(source)
+    return match["model_id"] if match else ""
+
+
 def quoted(value: str, field: str = "name") -> str:
     """A string literal of MLflow's filter syntax."""
     if "'" not in value:
@@ -50,6 +58,22 @@ def quoted(value: str, field: str = "name") -> str:
     if '"' not in value:
         return f'"{value}"'
     raise InvalidArgumentError(field, "must not contain both ' and \" characters")
+
+
+def quotable(value: str) -> bool:
+    """True when MLflow's filter syntax can hold `value` as a literal: its literals have no
+    escapes, so a value with both ' and " cannot be written."""
+    return "'" not in value or '"' not in value
+
+
+def name_filter(name: str) -> str:
+    """A filter on model names that matches `name`: exactly when the name can be quoted;
+    otherwise a LIKE pattern with _ (any one character) in place of each ' and of each
+    backslash (an escape in some databases' LIKE), which may match other names too, so
+    callers compare the names of what it finds."""
+    if quotable(name):
+        return f"name = {quoted(name)}"
+    return "name LIKE '{}'".format(name.replace("'", "_").replace("\\", "_"))
 
 
 def is_reserved_alias(alias: str) -> bool:

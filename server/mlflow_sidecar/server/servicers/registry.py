@@ -231,7 +231,13 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         # A retry of an upload that already took effect is answered from its header: the
         # client's remaining messages are dropped.
         version = self._service.upload_once(
-            header.name, header.request_id, fingerprint(header), upload
+            header.name,
+            header.request_id,
+            fingerprint(header),
+            upload,
+            run_id=header.run_id,
+            description=header.description,
+            tags=dict(header.tags),
         )
         return pb.UploadModelResponse(model_version=conv.model_version_to_pb(version))
 

@@ -36,7 +36,8 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger, request_id_reused
+from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
+from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
 from mlflow_sidecar.server.mlflow_gateway.sources import is_reserved_alias, reserved_alias_error
@@ -432,19 +433,26 @@ class RegistryService:
         request_id: str,
         request_print: str,
         upload: Callable[[], ModelVersion],
+        *,
+        run_id: str = "",
+        description: str = "",
+        tags: Mapping[str, str] | None = None,
     ) -> ModelVersion:
         """`upload()` (which reads and registers the files) once per request id.
 
         A repeat of an upload that took effect gets its version without `upload` running,
         so its files are not read again: from the ledger when it recorded the first
         outcome (the same `request_print` required, else REQUEST_ID_REUSED), else found
-        by the version's request id tag (the same model name required)."""
+        by the version's request id tag (the same model name, run, description and tags
+        required)."""
         if not request_id:
             return upload()
         made: list[ModelVersion] = []
 
         def first() -> bytes:
-            found = self._uploaded_version(name, request_id)
+            found = self._uploaded_version(
+                name, request_id, run_id=run_id, description=description, tags=tags or {}
+            )
             version = upload() if found is None else self.get_model_version(name, found.version)
             made.append(version)
             return json.dumps([version.name, version.version]).encode()
@@ -460,13 +468,29 @@ class RegistryService:
         found_name, number = json.loads(recorded)
         return self.get_model_version(found_name, number)
 
-    def _uploaded_version(self, name: str, request_id: str) -> ModelVersion | None:
+    def _uploaded_version(
+        self,
+        name: str,
+        request_id: str,
+        *,
+        run_id: str,
+        description: str,
+        tags: Mapping[str, str],
+    ) -> ModelVersion | None:
         """The version an earlier UploadModel with this request id registered, or None."""
         found = self._gateway.find_model_version(request_id)
         if found is None:
             return None
-        if found.name != name:
-            raise request_id_reused("header.request_id", request_id, "UploadModel")
+        check_same_version_request(
+            found,
+            field="header.request_id",
+            request_id=request_id,
+            rpc="UploadModel",
+            name=name,
+            run_id=run_id,
+            description=description,
+            tags=tags,
+        )
         return found
 
     def _upload_run(
