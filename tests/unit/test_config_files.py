@@ -64,3 +64,38 @@ def test_a_tokens_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path):
     message = refusal(tmp_path, auth={"tokens_file": tokens})
     assert "auth.tokens_file" in message and "UTF-8" in message
     assert "secret-ish" not in message
+
+
+def test_files_grpc_serves_with_are_taken_whatever_this_systems_openssl_policy(tmp_path):
+    # A 1024-bit RSA key: OpenSSL's default security level refuses it, grpc serves with it.
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = load_config(data_dir=tmp_path / "data", tls=tls(cert_file, key_file))
+    assert config.tls.enabled

@@ -195,12 +195,19 @@ def test_a_sweep_removes_only_names_a_download_makes(tmp_path):
     for name in others:
         (tmp_path / name).mkdir()
         age(tmp_path / name)
+    download_model(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "model"])
+
+
+def test_the_copy_a_killed_swap_moved_aside_is_never_swept(tmp_path):
+    # Where the swap is two renames, a process killed between them leaves the model only
+    # here: removing it would lose the destination's one copy.
     aside = tmp_path / f".sidecar-{uuid.uuid4().hex}.old"
     aside.mkdir()
     (aside / "MLmodel").write_text("the copy a killed swap moved aside")
     age(aside)
     download_model(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*others, "model"])
+    assert (aside / "MLmodel").read_text() == "the copy a killed swap moved aside"
 
 
 def test_the_copy_moved_aside_by_a_swap_is_never_swept_while_it_may_come_back(

@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from mlflow_sidecar.client.downloads import ASIDE, claimed, sibling_path
+from mlflow_sidecar.client.downloads import ASIDE, sibling_path
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -81,17 +81,15 @@ def replace_directory(new: Path, destination: Path, *, atomic: bool = True) -> N
     if atomic and exchange(new, destination):
         discard(new)  # it holds the old copy now
         return
+    # The aside copy is never swept (see downloads._SIBLING): it may still have to come back.
     aside = sibling_path(destination, ASIDE)
-    # Held through both renames: another download's sweep must not take the old copy
-    # while it may still have to come back.
-    with claimed(destination, wait=True):
-        _rename(destination, aside)
-        try:
-            _rename(new, destination)
-        except BaseException:
-            _rename(aside, destination)
-            raise
-        discard(aside)
+    _rename(destination, aside)
+    try:
+        _rename(new, destination)
+    except BaseException:
+        _rename(aside, destination)
+        raise
+    discard(aside)
 
 
 def discard(old: Path) -> None:

@@ -24,14 +24,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # A sibling this much older than now, with nobody holding its lock, was left by a download
-# that died; younger ones may belong to a download that has not taken its lock yet.
-STALE_AFTER_S = 60.0
+# that died. The age guards what a lock cannot show: a download that has not taken its
+# lock yet, a client from before the lock, a filesystem whose locks other hosts do not see
+# (NFS without lockd, FUSE); a staging directory's time changes only as entries are made
+# at its top, so a live one of a large model looks old long before it is done.
+STALE_AFTER_S = 3600.0
 
 PARTIAL = ".partial"  # an artifact file being received
 STAGING = ".download"  # a model directory being received
 ASIDE = ".old"  # a model directory moved aside while its replacement is renamed in
 
-_SIBLING = re.compile(r"\.sidecar-[0-9a-f]{32}(\.partial|\.download|\.old)")
+# Never `.old`: where the swap is two renames, a process killed between them leaves the
+# model only there, and removing it would lose the destination's one copy.
+_SIBLING = re.compile(r"\.sidecar-[0-9a-f]{32}(\.partial|\.download)")
 
 # When this process last swept a directory: a stale sibling needs STALE_AFTER_S to become
 # one, so sweeping more often (every artifact of a run, say) would find nothing new.

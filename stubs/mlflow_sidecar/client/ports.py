@@ -474,7 +474,8 @@ class ModelRegistry(abc.ABC):
         download into the same directory (README "Model cache"). When `dst_dir` already
         holds the version's files (same digest), nothing is transferred
         or replaced and `changed` is False. A symlink `dst_dir` stays: the directory it
-        names is replaced. A `dst_dir` ending in `.`, `..` or `/` is InvalidArgumentError.
+        names is replaced. A `dst_dir` ending in `.` or `..`, or the root, is
+        InvalidArgumentError (a trailing `/` is dropped).
 
         This default, for implementations of the port that predate it, resolves the version,
         calls `download_model` by its number and reports `changed` True.

@@ -299,6 +299,9 @@ class TrackingService:
                     " still being delivered; its end is recorded and follows them",
                     reason=ErrorReason.RUN_END_PENDING,
                 )
+        if wait_for_delivery:
+            # Ended in MLflow by now: the caller asked for MLflow's own view of the run.
+            return self._gateway.get_run(run_id), pending
         try:
             return _asked_briefly(lambda: self._gateway.get_run(run_id)), pending
         except (UnavailableError, DeadlineExceededError):
