@@ -127,6 +127,11 @@ def test_already_exists(tracking_stub, unique):
             "experiment_ids[1]",
         ),
         ("StartRun", lambda run_id: pb.StartRunRequest(experiment_id="00"), "experiment_id"),
+        (
+            "StartRun",
+            lambda run_id: pb.StartRunRequest(experiment_id="0", parent_run_id="../x"),
+            "parent_run_id",
+        ),
         # Past int64 MLflow's store fails with a server error, which reads as an outage.
         (
             "GetExperiment",

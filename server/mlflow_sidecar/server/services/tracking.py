@@ -185,6 +185,7 @@ class TrackingService:
             raise InvalidArgumentError("start_time_ms", "must not be negative")
         all_tags = dict(tags or {})
         if parent_run_id:
+            check.run_id("parent_run_id", parent_run_id)
             parent = self.get_run(parent_run_id)
             if parent.info.experiment_id != experiment_id:
                 raise InvalidArgumentError(
