@@ -5,6 +5,7 @@ accepted by both, and a refusal names the field instead of arriving in MLflow's 
 
 from __future__ import annotations
 
+from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelTag
 from mlflow.store.tracking.dbmodels.models import SqlDataset
 from mlflow.utils import validation
 
@@ -16,7 +17,16 @@ def test_run_and_registry_limits_are_mlflows() -> None:
     assert limits.MAX_PARAM_VALUE_LENGTH == validation.MAX_PARAM_VAL_LENGTH
     assert limits.MAX_TAG_VALUE_LENGTH == validation.MAX_TAG_VAL_LENGTH
     assert limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH == validation.MAX_EXPERIMENT_TAG_VAL_LENGTH
-    assert limits.MAX_REGISTRY_TAG_VALUE_LENGTH == validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+    assert (
+        limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH == validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+    )
+    # MLflow's validation allows more than a registered model tag's column holds: databases
+    # that keep widths (PostgreSQL, MySQL) refuse the rest.
+    assert (
+        limits.MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH
+        == SqlRegisteredModelTag.value.type.length
+        < validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+    )
     assert limits.MAX_KEY_LENGTH == validation.MAX_EXPERIMENT_TAG_KEY_LENGTH
     assert limits.MAX_KEY_LENGTH == validation.MAX_MODEL_REGISTRY_TAG_KEY_LENGTH
     assert limits.MAX_NAME_LENGTH == validation.MAX_EXPERIMENT_NAME_LENGTH

@@ -18,8 +18,11 @@ MAX_TAG_VALUE_LENGTH = 8000
 """A run's or logged model's tag value."""
 MAX_EXPERIMENT_TAG_VALUE_LENGTH = 20_000
 """An experiment's tag value."""
-MAX_REGISTRY_TAG_VALUE_LENGTH = 100_000
-"""A registered model's or model version's tag value."""
+MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH = 5000
+"""A registered model's tag value: its database column's width (MLflow's validation says
+100,000, which only SQLite, ignoring widths, takes)."""
+MAX_MODEL_VERSION_TAG_VALUE_LENGTH = 100_000
+"""A model version's tag value."""
 MAX_NAME_LENGTH = 500
 """An experiment, registered model or logged model name."""
 MAX_ALIAS_LENGTH = 255

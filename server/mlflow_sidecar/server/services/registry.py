@@ -131,7 +131,7 @@ def check_model_upload(
     check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
     check.experiment_id("experiment_id", experiment_id, required=False)
     check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-    check.tags("tags", tags, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
+    check.tags("tags", tags, max_value_length=limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)
     for index, alias in enumerate(aliases):
         _alias(alias, f"aliases[{index}]")
 
@@ -161,7 +161,9 @@ class RegistryService:
     ) -> RegisteredModel:
         _new_name("name", name)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.tags("tags", tags or {}, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
+        check.tags(
+            "tags", tags or {}, max_value_length=limits.MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH
+        )
         if get_if_exists:
             try:
                 return self._gateway.get_registered_model(name)
@@ -217,7 +219,7 @@ class RegistryService:
 
     def set_registered_model_tag(self, name: str, key: str, value: str) -> None:
         check.tag_key("key", key)
-        check.bounded("value", value, limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH)
         self._gateway.set_registered_model_tag(_name("name", name), key, value)
 
     def delete_registered_model_tag(self, name: str, key: str, *, request_id: str = "") -> None:
@@ -241,7 +243,7 @@ class RegistryService:
         check.bounded("source", source, limits.MAX_URI_LENGTH)
         check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-        check.tags("tags", tags or {}, max_value_length=limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
+        check.tags("tags", tags or {}, max_value_length=limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)
         if not source:
             if not run_id or not artifact_path:
                 raise InvalidArgumentError(
@@ -341,7 +343,7 @@ class RegistryService:
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         check.tag_key("key", key)
-        check.bounded("value", value, limits.MAX_REGISTRY_TAG_VALUE_LENGTH)
+        check.bounded("value", value, limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)
         with self._model_named(name):
             self._gateway.set_model_version_tag(_name("name", name), _version(version), key, value)
 
