@@ -200,3 +200,56 @@ def test_a_model_name_a_path_would_misread_is_refused_naming_it(registry_stub, n
         lambda: registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=name)),
         "name",
     )
+
+
+def test_created_names_locations_and_sources_fit_mlflows_columns(
+    tracking_stub, registry_stub, run_id, unique
+):
+    # At the column's width MLflow holds them on any database; past it PostgreSQL and
+    # MySQL would refuse with an opaque error, so the sidecar refuses first, naming them.
+    width = limits.MAX_CREATED_NAME_LENGTH
+    experiment_name = f"e-{unique}-".ljust(width, "e")
+    created = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=experiment_name)
+    ).experiment
+    assert created.name == experiment_name
+    refused(
+        lambda: tracking_stub.CreateExperiment(
+            pb.CreateExperimentRequest(name=experiment_name + "e")
+        ),
+        "name",
+    )
+    model_name = f"m-{unique}-".ljust(width, "m")
+    registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=model_name))
+    refused(
+        lambda: registry_stub.CreateRegisteredModel(
+            reg_pb.CreateRegisteredModelRequest(name=model_name + "m")
+        ),
+        "name",
+    )
+    refused(
+        lambda: registry_stub.RenameRegisteredModel(
+            reg_pb.RenameRegisteredModelRequest(name=model_name, new_name=model_name + "m")
+        ),
+        "new_name",
+    )
+    source = f"runs:/{run_id}/".ljust(limits.MAX_SOURCE_LENGTH, "p")
+    version = registry_stub.CreateModelVersion(
+        reg_pb.CreateModelVersionRequest(name=model_name, source=source)
+    ).model_version
+    assert version.source == source
+    refused(
+        lambda: registry_stub.CreateModelVersion(
+            reg_pb.CreateModelVersionRequest(name=model_name, source=source + "p")
+        ),
+        "source",
+    )
+    refused(
+        lambda: tracking_stub.CreateExperiment(
+            pb.CreateExperimentRequest(
+                name=f"loc-{unique}",
+                artifact_location="mlflow-artifacts:/" + "a" * limits.MAX_ARTIFACT_LOCATION_LENGTH,
+            )
+        ),
+        "artifact_location",
+    )

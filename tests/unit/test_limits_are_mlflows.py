@@ -44,3 +44,15 @@ def test_dataset_limits_are_mlflows() -> None:
     } == limits.DATASET_FIELD_LENGTHS
     assert limits.MAX_INPUT_TAG_KEY_LENGTH == validation.MAX_INPUT_TAG_KEY_SIZE
     assert limits.MAX_INPUT_TAG_VALUE_LENGTH == validation.MAX_INPUT_TAG_VALUE_SIZE
+
+
+def test_what_the_sidecar_creates_fits_mlflows_columns() -> None:
+    # MLflow's validation allows longer names than its columns hold: PostgreSQL and MySQL
+    # refuse the rest with an opaque error, SQLite ignores widths.
+    from mlflow.store.model_registry.dbmodels.models import SqlModelVersion, SqlRegisteredModel
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment
+
+    assert SqlExperiment.name.type.length == limits.MAX_CREATED_NAME_LENGTH
+    assert SqlRegisteredModel.name.type.length == limits.MAX_CREATED_NAME_LENGTH
+    assert SqlExperiment.artifact_location.type.length == limits.MAX_ARTIFACT_LOCATION_LENGTH
+    assert SqlModelVersion.source.type.length == limits.MAX_SOURCE_LENGTH

@@ -29,8 +29,14 @@ MAX_ALIAS_LENGTH = 255
 """A registered model alias."""
 MAX_DESCRIPTION_LENGTH = 5000
 """A registered model's or model version's description."""
-MAX_URI_LENGTH = 4096
-"""A model version's source, an experiment's artifact location."""
+MAX_CREATED_NAME_LENGTH = 256
+"""The name of an experiment or registered model the sidecar creates (or renames to): its
+MLflow database column. MLflow's validation allows 500, which only SQLite, ignoring
+column widths, holds; names up to MAX_NAME_LENGTH are still looked up."""
+MAX_ARTIFACT_LOCATION_LENGTH = 256
+"""A new experiment's artifact location: its MLflow database column."""
+MAX_SOURCE_LENGTH = 500
+"""A new model version's source: its MLflow database column."""
 MAX_FILTER_LENGTH = 10_000
 """A search filter in MLflow's syntax."""
 MAX_ORDER_BY_TERMS = 32

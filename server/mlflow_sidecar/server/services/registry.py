@@ -62,8 +62,9 @@ def _name(field: str, value: str) -> str:
 
 def _new_name(field: str, value: str) -> str:
     """A name for a model to be created or renamed to, by MLflow's rules: not blank, no '/'
-    or ':', and not a name that a path would read as another ('.', '..')."""
-    _name(field, value)
+    or ':', not a name that a path would read as another ('.', '..'), and no longer than
+    MLflow's database column holds."""
+    check.require(field, value, max_length=limits.MAX_CREATED_NAME_LENGTH)
     if not value.strip():
         raise InvalidArgumentError(field, "must not be blank")
     if "/" in value or ":" in value:
@@ -240,7 +241,7 @@ class RegistryService:
         _name("name", name)
         # Before the generic checks: a NUL is UNSAFE_URI in a source, as in any URI.
         check_uri_syntax("source", source)
-        check.bounded("source", source, limits.MAX_URI_LENGTH)
+        check.bounded("source", source, limits.MAX_SOURCE_LENGTH)
         check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
         check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
         check.tags("tags", tags or {}, max_value_length=limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)

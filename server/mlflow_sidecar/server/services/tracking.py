@@ -102,9 +102,9 @@ class TrackingService:
         get_if_exists: bool = False,
         request_id: str = "",
     ) -> Experiment:
-        check.require("name", name)
+        check.require("name", name, max_length=limits.MAX_CREATED_NAME_LENGTH)
         check.tags("tags", tags or {}, max_value_length=limits.MAX_EXPERIMENT_TAG_VALUE_LENGTH)
-        check.bounded("artifact_location", artifact_location, limits.MAX_URI_LENGTH)
+        check.bounded("artifact_location", artifact_location, limits.MAX_ARTIFACT_LOCATION_LENGTH)
         if get_if_exists:
             try:
                 return _usable(self._gateway.get_experiment_by_name(name))
