@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from mlflow_sidecar.server.interceptors import AccessLogInterceptor
+from mlflow_sidecar.server.interceptors import AccessLogInterceptor, _ended_without_a_code
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 METHOD = "/test.v1.WatchService/Watch"
@@ -118,3 +118,28 @@ def test_a_stream_whose_deadline_passes_is_deadline_exceeded(served, access_log)
     assert access_log.logged.wait(60), "the call was never logged"
     assert access_log.codes == ["DEADLINE_EXCEEDED"]
     assert _handled(metrics, "Watch", "DEADLINE_EXCEEDED") == 1
+
+
+class _EndedContext:
+    """A call grpc has ended, `remaining` seconds before the server's own deadline."""
+
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+@pytest.mark.parametrize("remaining", [-0.2, 0.0, 0.05, 0.9])
+def test_a_call_ended_just_before_the_servers_deadline_is_deadline_exceeded(remaining):
+    # The client's deadline passes first; its cancel arrives while the server's copy of
+    # the deadline, started on arrival, is still a little ahead.
+    assert _ended_without_a_code(_EndedContext(remaining)) == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+@pytest.mark.parametrize("remaining", [5.0, 10.0**9])
+def test_a_call_ended_well_before_its_deadline_is_cancelled(remaining):
+    assert _ended_without_a_code(_EndedContext(remaining)) == grpc.StatusCode.CANCELLED

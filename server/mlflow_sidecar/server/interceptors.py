@@ -213,6 +213,13 @@ def status_code(context: grpc.ServicerContext) -> grpc.StatusCode | None:
     return code
 
 
+# The client's clock runs out first: the server's deadline starts when the request
+# arrives, so the client's cancel for a passed deadline reaches the server while the
+# server's own deadline is still ahead by the request's transit and queueing time. A
+# call that ended that close to its deadline ended because of it.
+_DEADLINE_SLACK_S = 1.0
+
+
 def _ended_without_a_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     """The outcome of a call whose handler set no code: OK while the call is still live; a
     call grpc already ended (the client cancelled it, or its deadline passed) never
@@ -220,7 +227,7 @@ def _ended_without_a_code(context: grpc.ServicerContext) -> grpc.StatusCode:
     if context.is_active():
         return grpc.StatusCode.OK
     remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if remaining is not None and remaining <= _DEADLINE_SLACK_S:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
 
