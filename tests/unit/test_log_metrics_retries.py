@@ -11,16 +11,11 @@ from unittest import mock
 import pytest
 
 from mlflow_sidecar.core.errors import UnavailableError
-from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.idempotency.ledger import RequestLedger
 from mlflow_sidecar.server.servicers.tracking import TrackingServicer
-from mlflow_sidecar.server.services.metric_ingest import MetricIngest
-from mlflow_sidecar.server.services.tracking import TrackingService
-from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
-from mlflow_sidecar.server.spool.store import SpoolStore
-from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.fakes.mlflow_port import FakeMlflow
+from tests.support.tracking_service import tracking_service_on
 
 
 @pytest.fixture()
@@ -29,20 +24,8 @@ def gateway() -> FakeMlflow:
 
 
 def servicer_on(gateway: FakeMlflow, tmp_path, ledger: RequestLedger) -> Iterator[TrackingServicer]:
-    store = SpoolStore(tmp_path / "spool.db", max_points=10_000)
-    deliverer = MetricDeliverer(
-        store,
-        gateway.log_metrics,
-        batch_size=1000,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.05,
-        end_run=gateway.end_run,
-    )
-    ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
-    staging = Staging(load_config(data_dir=tmp_path / "data"))
-    service = TrackingService(gateway, ingest, staging)
-    yield TrackingServicer(service, mock.Mock(), staging, mock.Mock(), ledger)
-    store.close()
+    with tracking_service_on(gateway, tmp_path, delivering=False) as (service, staging):
+        yield TrackingServicer(service, mock.Mock(), staging, mock.Mock(), ledger)
 
 
 @pytest.fixture()

@@ -27,6 +27,7 @@ from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
 from tests.fakes.mlflow_port import FakeMlflow
+from tests.support.tracking_service import tracking_service_on
 
 
 @pytest.fixture()
@@ -45,21 +46,8 @@ def deliveries_open(gateway: FakeMlflow) -> threading.Event:
 
 @pytest.fixture()
 def service(gateway: FakeMlflow, tmp_path) -> Iterator[TrackingService]:
-    store = SpoolStore(tmp_path / "spool.db", max_points=10_000)
-    deliverer = MetricDeliverer(
-        store,
-        gateway.log_metrics,
-        batch_size=1000,
-        backoff_factor_s=0.01,
-        max_backoff_s=0.05,
-        end_run=gateway.end_run,
-    )
-    deliverer.start()
-    ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
-    staging = Staging(load_config(data_dir=tmp_path / "data"))
-    yield TrackingService(gateway, ingest, staging)
-    deliverer.stop()
-    store.close()
+    with tracking_service_on(gateway, tmp_path) as (service, _staging):
+        yield service
 
 
 @pytest.fixture()
