@@ -127,17 +127,17 @@ def test_registry_tags_take_what_mlflow_holds_on_any_database(registry_stub, run
 
 
 SEARCHES = {
-    "SearchExperiments": lambda stubs, order_by: stubs[0].SearchExperiments(
-        pb.SearchExperimentsRequest(order_by=order_by)
+    "SearchExperiments": lambda stubs, order_by, **kw: stubs[0].SearchExperiments(
+        pb.SearchExperimentsRequest(order_by=order_by), **kw
     ),
-    "SearchRuns": lambda stubs, order_by: stubs[0].SearchRuns(
-        pb.SearchRunsRequest(experiment_ids=["0"], order_by=order_by)
+    "SearchRuns": lambda stubs, order_by, **kw: stubs[0].SearchRuns(
+        pb.SearchRunsRequest(experiment_ids=["0"], order_by=order_by), **kw
     ),
-    "SearchRegisteredModels": lambda stubs, order_by: stubs[1].SearchRegisteredModels(
-        reg_pb.SearchRegisteredModelsRequest(order_by=order_by)
+    "SearchRegisteredModels": lambda stubs, order_by, **kw: stubs[1].SearchRegisteredModels(
+        reg_pb.SearchRegisteredModelsRequest(order_by=order_by), **kw
     ),
-    "SearchModelVersions": lambda stubs, order_by: stubs[1].SearchModelVersions(
-        reg_pb.SearchModelVersionsRequest(order_by=order_by)
+    "SearchModelVersions": lambda stubs, order_by, **kw: stubs[1].SearchModelVersions(
+        reg_pb.SearchModelVersionsRequest(order_by=order_by), **kw
     ),
 }
 
@@ -152,6 +152,23 @@ def test_a_search_orders_by_at_most_the_limit_of_terms(rpc, tracking_stub, regis
     message = refused(lambda: search(stubs, terms), "order_by")
     assert str(limits.MAX_ORDER_BY_TERMS) in message
     refused(lambda: search(stubs, ["x" * (limits.MAX_ORDER_BY_LENGTH + 1)]), "order_by[0]")
+
+
+REPEATED_FIELDS = {
+    "SearchRuns": ["metrics.`loss`", "metric.loss DESC"],
+    "SearchRegisteredModels": ["timestamp", "last_updated_timestamp DESC"],
+    "SearchModelVersions": ["version_number DESC", "version_number"],
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(REPEATED_FIELDS))
+def test_a_search_sorting_twice_by_one_field_names_the_term(rpc, tracking_stub, registry_stub):
+    # MLflow refuses it with a server error, which would read as an outage after retries.
+    terms = REPEATED_FIELDS[rpc]
+    message = refused(
+        lambda: SEARCHES[rpc]((tracking_stub, registry_stub), terms, timeout=10), "order_by[1]"
+    )
+    assert "order_by[0]" in message
 
 
 def test_a_search_takes_the_limit_of_terms(tracking_stub):

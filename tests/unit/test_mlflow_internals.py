@@ -222,3 +222,78 @@ def test_a_rest_store_with_its_own_log_batch_is_left_to_it(monkeypatch):
     own = OwnLogBatch(client._tracking_client.store.get_host_creds)
     monkeypatch.setattr(type(client._tracking_client), "store", property(lambda _: own))
     assert mlflow_internals.rest_store(client) is None
+
+
+RUN_TERMS = [
+    "metrics.loss",
+    "metric.`loss` DESC",
+    "metrics.reward",
+    "params.loss",
+    "tags.loss",
+    "start_time",
+    "attributes.start_time DESC",
+    "attribute.created",
+    "run_name",
+    "attributes.run_name DESC",
+    "tags.`mlflow.runName`",
+    "attributes.Created",
+    "end_time",
+]
+REGISTERED_MODEL_TERMS = ["name", "name DESC", "timestamp", "last_updated_timestamp DESC"]
+MODEL_VERSION_TERMS = [
+    "name",
+    "version_number DESC",
+    "version_number",
+    "creation_timestamp",
+    "last_updated_timestamp",
+]
+
+
+@pytest.fixture(scope="module")
+def sql_client(tmp_path_factory: pytest.TempPathFactory) -> MlflowClient:
+    db = tmp_path_factory.mktemp("order-by") / "mlflow.db"
+    return MlflowClient(tracking_uri=f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
+
+
+def _mlflow_refuses_as_repeated(search: Any, terms: list[str]) -> bool:
+    try:
+        search(terms)
+    except MlflowException as exc:
+        assert "duplicate" in exc.message, exc.message
+        return True
+    return False
+
+
+@pytest.mark.parametrize(
+    ("field_of", "search_of", "terms"),
+    [
+        (
+            mlflow_internals.run_order_field,
+            lambda client: lambda terms: client.search_runs(["0"], order_by=terms),
+            RUN_TERMS,
+        ),
+        (
+            mlflow_internals.registered_model_order_field,
+            lambda client: lambda terms: client.search_registered_models(order_by=terms),
+            REGISTERED_MODEL_TERMS,
+        ),
+        (
+            mlflow_internals.model_version_order_field,
+            lambda client: lambda terms: client.search_model_versions(order_by=terms),
+            MODEL_VERSION_TERMS,
+        ),
+    ],
+    ids=["runs", "registered-models", "model-versions"],
+)
+def test_order_fields_are_the_ones_mlflows_sql_store_tells_apart(
+    sql_client, field_of, search_of, terms
+):
+    search = search_of(sql_client)
+    for first in terms:
+        for second in terms:
+            if first == second:
+                continue
+            same = field_of(first) == field_of(second)
+            assert _mlflow_refuses_as_repeated(search, [first, second]) == same, _changed(
+                f"how its SQL store tells order_by fields apart ({first!r}, {second!r})"
+            )

@@ -48,6 +48,7 @@ from mlflow_sidecar.server.mlflow_gateway.environment import (
     configure_mlflow_environment,
 )
 from mlflow_sidecar.server.mlflow_gateway.errors import search_field, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.order_by import check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
 from mlflow_sidecar.server.mlflow_gateway.sources import (
     check_source_alias,
@@ -544,6 +545,7 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
+        check_fields_distinct(order_by, mlflow_internals.run_order_field)
         kind = page_tokens.of_query(
             "runs", experiment_ids, filter_string, order_by, view_type.value
         )
@@ -740,6 +742,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
+        check_fields_distinct(order_by, mlflow_internals.registered_model_order_field)
         kind = page_tokens.of_query("registered-models", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
@@ -1046,6 +1049,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
+        check_fields_distinct(order_by, mlflow_internals.model_version_order_field)
         kind = page_tokens.of_query("model-versions", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(

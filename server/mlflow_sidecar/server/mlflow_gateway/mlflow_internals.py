@@ -28,7 +28,11 @@ from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking.fluent import get_active_model_id
 from mlflow.tracking.request_header import registry as request_headers
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
-from mlflow.utils.search_utils import SearchLoggedModelsPaginationToken
+from mlflow.utils.search_utils import (
+    SearchLoggedModelsPaginationToken,
+    SearchModelVersionUtils,
+    SearchUtils,
+)
 
 # MLflow reads the artifact root of a SQL store built in-process from this variable (the
 # one `mlflow server` sets), so the embedded store keeps artifacts in the data dir.
@@ -255,3 +259,29 @@ def download_artifacts(repo: Any, artifact_path: str, dst_dir: str) -> str:
         if failures and exc.error_code == "INTERNAL_ERROR":
             raise failures[0] from exc
         raise
+
+
+# The fields MLflow's SQL stores sort by, as they tell `order_by` terms apart: each store
+# refuses two terms on one field with an untyped error (HTTP 500), so the sidecar checks
+# first. Each function raises MlflowException for a term MLflow cannot parse.
+_search_utils: Any = SearchUtils
+_model_version_search: Any = SearchModelVersionUtils
+
+
+def run_order_field(term: str) -> tuple[str, str]:
+    """The field a `search_runs` order_by term sorts by: (key type, key)."""
+    key_type, key, _ascending = _search_utils.parse_order_by_for_search_runs(term)
+    return str(key_type), str(_search_utils.translate_key_alias(key))
+
+
+def registered_model_order_field(term: str) -> str:
+    """The field a `search_registered_models` order_by term sorts by."""
+    key, _ascending = _search_utils.parse_order_by_for_search_registered_models(term)
+    # Both timestamp keys sort by the model's last update.
+    return "timestamp" if key in _search_utils.VALID_TIMESTAMP_ORDER_BY_KEYS else str(key)
+
+
+def model_version_order_field(term: str) -> str:
+    """The field a `search_model_versions` order_by term sorts by."""
+    _type, key, _ascending = _model_version_search.parse_order_by_for_search_model_versions(term)
+    return str(key)
