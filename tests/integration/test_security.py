@@ -26,6 +26,7 @@ from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.support.certs import make_pki
 from tests.support.processes import free_port
+from tests.support.sidecar_process import SidecarProcess
 
 TOKEN = "s3cr3t-token-for-tests"
 OTHER_TOKEN = "second-token-from-file"
@@ -325,3 +326,32 @@ def test_an_auth_refusal_is_logged_under_the_calls_request_id(auth_sidecar, capl
     assert [(r.getMessage().split(":")[0], r.request_id) for r in refused] == [
         ("refused /mlflow_sidecar.v1.ExperimentTrackingService/GetExperiment", "auth-refused-7")
     ]
+
+
+def test_mlflow_credentials_in_the_tracking_uri_reach_neither_callers_nor_the_log(tmp_path):
+    # MLflow names the URL it failed to reach, `user:password@` included.
+    password = "pw-that-must-not-show"
+    closed = free_port()
+    sidecar = SidecarProcess(
+        tmp_path / "data",
+        f"http://alice:{password}@127.0.0.1:{closed}",
+        MLFLOW_SIDECAR__RETRY__MAX_TRIES="1",
+        MLFLOW_SIDECAR__LOG_LEVEL="DEBUG",
+    )
+    sidecar.launch()
+    try:
+        with grpc.insecure_channel(sidecar.target) as channel:
+            grpc.channel_ready_future(channel).result(timeout=90)
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.ExperimentTrackingServiceStub(channel).GetRun(
+                    pb.GetRunRequest(run_id="a" * 32), timeout=30
+                )
+    finally:
+        sidecar.stop()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = str(err.value.details())
+    assert f"http://***@127.0.0.1:{closed}/" in details, details
+    assert password not in details
+    logged = sidecar.log_path.read_text()
+    assert f"***@127.0.0.1:{closed}" in logged, sidecar.log_tail()
+    assert password not in logged

@@ -12,7 +12,6 @@ import hashlib
 import ipaddress
 import json
 import os
-import re
 import socket
 import ssl
 import tempfile
@@ -39,6 +38,7 @@ from pydantic_settings import (
 
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
+from mlflow_sidecar.server.redaction import redact
 
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
@@ -770,7 +770,7 @@ def check_ports(config: AppConfig) -> None:
 
 def redact_uri(uri: str) -> str:
     """The URI with any `user:password@` credentials replaced by `***@`, safe to log."""
-    return re.sub(r"(?<=://)[^/@\s]*@", "***@", uri)
+    return redact(uri)
 
 
 def describe(config: AppConfig) -> str:

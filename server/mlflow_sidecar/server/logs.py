@@ -2,6 +2,7 @@
 
 In JSON mode each record is one JSON object per line, whoever logged it (MLflow, urllib3,
 alembic, grpc, Python warnings), with an ISO 8601 UTC timestamp and the call's request id;
+credentials in URLs are shown as `***` (`server.redaction`);
 structured fields a record carries (the access log's `grpc_code`, `duration_ms`, ...) are
 fields of their own, not text inside the message.
 """
@@ -11,11 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import TextIO, cast
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
+from mlflow_sidecar.server.redaction import redact
 from mlflow_sidecar.server.request_context import request_id
 
 
@@ -28,6 +30,11 @@ def utc_timestamp(created: float) -> str:
 class _UtcTime:
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 - logging's name
         return utc_timestamp(record.created)
+
+    def format(self, record: logging.LogRecord) -> str:
+        # Whoever logged it, message and traceback alike: MLflow's exceptions carry the
+        # tracking URI's `user:password@` in the URLs they name.
+        return redact(cast(logging.Formatter, super()).format(record))
 
 
 class UtcTextFormatter(_UtcTime, logging.Formatter):

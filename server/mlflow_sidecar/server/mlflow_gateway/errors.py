@@ -27,6 +27,7 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
+from mlflow_sidecar.server.redaction import redact
 
 # SQLAlchemy's OperationalError ("database is locked") from the embedded store. The `remote`
 # install (mlflow-skinny) has no SQLAlchemy, and no SQL store to raise it either.
@@ -137,9 +138,16 @@ def _facts(exc: BaseException) -> dict[str, str]:
 def to_domain_error(exc: Exception) -> SidecarError:
     """The domain error for an exception raised by MLflow, with MLflow's own error code (or
     HTTP status) in its metadata. A transient failure is MLFLOW_UNAVAILABLE; which resource
-    a NOT_FOUND is about is for the caller to say (it knows what it asked for)."""
+    a NOT_FOUND is about is for the caller to say (it knows what it asked for). MLflow's
+    text is shown without the credentials its URLs carry."""
     if isinstance(exc, SidecarError):
         return exc
+    error = _domain_error(exc)
+    error.message = redact(error.message)
+    return error
+
+
+def _domain_error(exc: Exception) -> SidecarError:
     if any(is_disk_full(cause) for cause in _causes(exc)) or (
         isinstance(exc, MlflowException) and _NO_SPACE_TEXT in exc.message
     ):
