@@ -12,6 +12,7 @@ from mlflow_sidecar.server.logs import configure_logging
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 from mlflow_sidecar.server.redaction import redact
 from tests.support.processes import free_port
+from tests.unit.test_logs import restored_logging  # noqa: F401 - a fixture
 
 
 @pytest.mark.parametrize(
@@ -57,18 +58,9 @@ def test_mlflows_error_text_reaches_callers_without_the_uris_password(unreachabl
     assert "s3cret" not in error.message
 
 
-@pytest.fixture()
-def restored_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
+@pytest.mark.usefixtures("restored_logging")
 @pytest.mark.parametrize("fmt", ["json", "text"])
-def test_log_lines_and_tracebacks_hide_url_credentials(restored_logging, capsys, fmt):
+def test_log_lines_and_tracebacks_hide_url_credentials(capsys, fmt):
     configure_logging("DEBUG", fmt)
     logger = logging.getLogger("some_library")
     logger.warning("unreachable: %s", "http://alice:s3cret@mlflow:5000/api")
