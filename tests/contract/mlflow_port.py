@@ -388,6 +388,17 @@ class MlflowPortContract:
             port.set_running(run_id)
         assert err.value.reason == ErrorReason.RUN_NOT_ACTIVE
 
+    def test_a_deleted_run_takes_no_points_and_no_end(self, port: MlflowPort) -> None:
+        run_id = new_run(port).run_id
+        port.delete_run(run_id)
+        with pytest.raises(FailedPreconditionError) as logged:
+            port.log_metrics(run_id, [domain.Metric("loss", 1.0, 1_000, 1)], retry=False)
+        with pytest.raises(FailedPreconditionError) as ended:
+            port.set_terminated(run_id, domain.RunStatus.FINISHED, 1_800_000_000_000)
+        assert logged.value.reason == ended.value.reason == ErrorReason.RUN_NOT_ACTIVE
+        port.restore_run(run_id)
+        assert port.get_run(run_id).info.status is domain.RunStatus.RUNNING
+
     def test_a_missing_tag_is_told_apart_from_a_missing_run(self, port: MlflowPort) -> None:
         run_id = new_run(port, stage="train").run_id
         port.delete_tag(run_id, "stage")

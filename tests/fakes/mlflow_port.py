@@ -641,13 +641,13 @@ class FakeMlflow:
     @_port_call
     def set_terminated(self, run_id: str, status: domain.RunStatus, end_time_ms: int) -> None:
         with self._lock:
-            stored = self._run(run_id)
+            stored = self._active_run(run_id)
             stored.info = replace(stored.info, status=status, end_time_ms=end_time_ms or now_ms())
 
     @_port_call
     def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
         with self._lock:
-            stored = self._run(run_id)
+            stored = self._active_run(run_id)
             stored.info = replace(
                 stored.info, status=domain.RunStatus(status), end_time_ms=end_time_ms or now_ms()
             )
@@ -655,12 +655,17 @@ class FakeMlflow:
     @_port_call
     def set_running(self, run_id: str) -> None:
         with self._lock:
-            stored = self._run(run_id)
-            if stored.info.lifecycle_stage is domain.LifecycleStage.DELETED:
-                raise FailedPreconditionError(
-                    f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
-                )
+            stored = self._active_run(run_id)
             stored.info = replace(stored.info, status=domain.RunStatus.RUNNING)
+
+    def _active_run(self, run_id: str) -> _StoredRun:
+        """The run, refused as MLflow refuses writes to a deleted run."""
+        stored = self._run(run_id)
+        if stored.info.lifecycle_stage is domain.LifecycleStage.DELETED:
+            raise FailedPreconditionError(
+                f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
+            )
+        return stored
 
     @_port_call
     def log_batch(
@@ -687,7 +692,7 @@ class FakeMlflow:
         tags: Mapping[str, str],
     ) -> None:
         with self._lock:
-            stored = self._run(run_id)
+            stored = self._active_run(run_id)
             for key, value in (params or {}).items():
                 if stored.params.get(key, value) != value:
                     raise InvalidArgumentError(

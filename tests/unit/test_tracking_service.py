@@ -487,3 +487,61 @@ def test_an_end_with_a_backlog_of_a_deleted_run_is_refused_and_not_recorded(
     assert deleted.value.reason == ErrorReason.RUN_NOT_ACTIVE
     assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
     deliveries_open.set()
+
+
+def test_points_arriving_while_an_end_without_backlog_reaches_mlflow_are_refused(
+    service, gateway, run_id
+):
+    # Once EndRun found no backlog, a point that got in before MLflow ended the run would
+    # land after the end, uncounted by the answer's pending_points.
+    refusals: list[str] = []
+
+    def a_point_arrives() -> None:
+        try:
+            service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+        except FailedPreconditionError as exc:
+            refusals.append(exc.reason)
+
+    gateway.on_call("set_terminated", a_point_arrives)
+    run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    assert (run.info.status, pending) == (RunStatus.FINISHED, 0)
+    assert refusals == ["RUN_ENDED"]
+    assert service.flush_metrics(run_id, timeout_s=0).pending_points == 0
+
+
+def test_an_end_that_mlflow_did_not_take_leaves_the_run_taking_points(service, gateway, run_id):
+    gateway.outage()
+    with pytest.raises(UnavailableError):
+        service.end_run_with_pending(run_id)
+    gateway.recover()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    assert service.flush_metrics(run_id, timeout_s=5).pending_points == 0
+
+
+def test_an_earlier_end_stays_recorded_when_a_second_end_fails(service, gateway, run_id):
+    service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
+    gateway.outage()
+    with pytest.raises(UnavailableError):
+        service.end_run_with_pending(run_id, RunStatus.KILLED, end_time_ms=6_000)
+    gateway.recover()
+    with pytest.raises(FailedPreconditionError) as refused:
+        service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    assert "FINISHED" in refused.value.message
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
+
+
+def test_a_run_ended_with_a_backlog_then_deleted_is_ended_when_restored(
+    service, gateway, deliveries_open, run_id
+):
+    # As in MLflow: end, delete, restore leaves the run ended, not RUNNING.
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    _, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
+    assert pending == 1
+    service.delete_run(run_id)
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
+    deliveries_open.set()
+    flushed = service.flush_metrics(run_id, timeout_s=5)
+    assert (flushed.pending_points, flushed.dead_letter_points) == (0, 1)
+    restored = service.restore_run(run_id).info
+    assert (restored.status, restored.end_time_ms) == (RunStatus.FINISHED, 5_000)

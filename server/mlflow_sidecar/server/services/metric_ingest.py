@@ -12,7 +12,7 @@ from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
-from mlflow_sidecar.server.spool.store import SpoolStore, run_ended_error
+from mlflow_sidecar.server.spool.store import RunEnd, SpoolStore, run_ended_error
 
 # Leave this much of a caller's deadline for the answer to travel back.
 _ANSWER_MARGIN_S = 0.1
@@ -80,6 +80,24 @@ class MetricIngest:
         """Forget the run's recorded end (it was resumed): its points are accepted again.
         True if an end was recorded."""
         return self._store.cancel_end(run_id)
+
+    def end_of(self, run_id: str) -> RunEnd | None:
+        """The run's recorded end, applied in MLflow or not; None without one."""
+        return self._store.run_end(run_id)
+
+    def put_back_end(self, run_id: str, previous: RunEnd | None) -> None:
+        """Undo a `record_end` that did not take effect: the end recorded before it, if
+        any, is the run's again."""
+        if previous is None:
+            self._store.cancel_end(run_id)
+        else:
+            self._store.record_end(
+                run_id, previous.status, previous.end_time_ms, applied=previous.applied
+            )
+
+    def end_applied(self, run_id: str) -> None:
+        """MLflow has ended the run as its recorded end says."""
+        self._store.end_applied(run_id)
 
     def _budget(self, timeout_s: float | None) -> float:
         """`timeout_s` (None: the flush timeout), within the call's deadline."""

@@ -274,22 +274,29 @@ class TrackingService:
         ended_ms = end_time_ms or now_ms()
         # One end or resume of a run at a time: MLflow and the spool's record agree after.
         with self._end_locks.hold(run_id):
-            if not self._ingest.pending(run_id):
-                self._require_active(run_id)
-                self._gateway.set_terminated(run_id, status, ended_ms)
-                self._ingest.record_end(run_id, status.value, ended_ms, applied=True)
-                return self._gateway.get_run(run_id), 0
-            # Recorded before MLflow is asked about the run: down or hung, it may not answer
-            # within the call's deadline, and a trainer that ends its run and exits must
-            # leave it ended.
-            had_end = self._ingest.has_end(run_id)
+            previous = self._ingest.end_of(run_id)
+            # Recorded first, in one step with counting the run's backlog: points that
+            # arrive from now on are refused (RUN_ENDED), so none can land in MLflow after
+            # the end, nor be missing from the backlog the answer reports.
             pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
+            if not pending:
+                try:
+                    self._require_active(run_id)
+                    self._gateway.set_terminated(run_id, status, ended_ms)
+                except SidecarError:
+                    self._ingest.put_back_end(run_id, previous)
+                    raise
+                self._ingest.end_applied(run_id)
+                return self._gateway.get_run(run_id), 0
+            # With a backlog the end stays recorded whatever MLflow says now: down or hung,
+            # it may not answer within the call's deadline, and a trainer that ends its run
+            # and exits must leave it ended.
             try:
                 _asked_briefly(lambda: self._require_active(run_id))
             except (UnavailableError, DeadlineExceededError):
                 pass  # the deliverer applies the end once MLflow answers
             except SidecarError:
-                if not had_end:  # a deleted or unknown run: nothing to end after all
+                if previous is None:  # a deleted or unknown run: nothing to end after all
                     self._ingest.cancel_end(run_id)
                 raise
         if wait_for_delivery:
@@ -310,8 +317,19 @@ class TrackingService:
             return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
+        """Soft-delete a run, as MLflow does. An end recorded here and not yet applied
+        (its points still being delivered) is applied first: a run that was ended and
+        then deleted is ended when it is restored, as in MLflow. Its undelivered points
+        become dead letters (`mlflow-sidecar spool requeue` sends them after a restore)."""
         check.run_id("run_id", run_id)
-        self._gateway.delete_run(run_id)
+        with self._end_locks.hold(run_id):
+            end = self._ingest.end_of(run_id)
+            if end is not None and not end.applied:
+                run = self._gateway.get_run(run_id)
+                if run.info.lifecycle_stage is domain.LifecycleStage.ACTIVE:
+                    self._gateway.set_terminated(run_id, RunStatus(end.status), end.end_time_ms)
+                self._ingest.end_applied(run_id)
+            self._gateway.delete_run(run_id)
 
     def restore_run(self, run_id: str) -> Run:
         check.run_id("run_id", run_id)
