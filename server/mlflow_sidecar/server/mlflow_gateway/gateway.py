@@ -91,6 +91,11 @@ _VIEW_TYPES = {
 }
 
 
+def _already_exists(exc: MlflowException) -> bool:
+    """MLflow refused a create because the name is taken."""
+    return bool(exc.error_code == "RESOURCE_ALREADY_EXISTS")
+
+
 def _tag_filter(key: str, value: str) -> str:
     """`tags.key = 'value'` for a sidecar tag; the value is a checked request id."""
     return f"tags.`{key}` = {quoted(value)}"
@@ -398,19 +403,30 @@ class MlflowGateway:
             self._storage.check("artifact_location", artifact_location)
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
 
-        def attempt(_ambiguous: bool) -> str:
+        def of_this_request() -> str | None:
             found = self._client.search_experiments(
                 view_type=ViewType.ALL,
                 max_results=1,
                 filter_string=_tag_filter(REQUEST_ID_TAG, request_id),
             )
-            if found:
-                return str(found[0].experiment_id)
-            return str(
-                self._client.create_experiment(
-                    name, artifact_location=artifact_location or None, tags=all_tags
+            return str(found[0].experiment_id) if found else None
+
+        def attempt(_ambiguous: bool) -> str:
+            found = of_this_request()
+            if found is not None:
+                return found
+            try:
+                return str(
+                    self._client.create_experiment(
+                        name, artifact_location=artifact_location or None, tags=all_tags
+                    )
                 )
-            )
+            except MlflowException as exc:
+                # Another sidecar may have served this request at the same moment.
+                raced = of_this_request() if _already_exists(exc) else None
+                if raced is None:
+                    raise
+                return raced
 
         return self.call_once(attempt)
 
@@ -697,19 +713,32 @@ class MlflowGateway:
         and returns it; a model of that name made by another request is ALREADY_EXISTS."""
         all_tags = {**tags, REQUEST_ID_TAG: request_id}
 
-        def attempt(_ambiguous: bool) -> Any:
+        def of_this_request() -> Any:
+            """The model of that name if this request made it; None if there is none."""
             try:
                 existing = self._client.get_registered_model(name)
             except MlflowException as exc:
                 if not isinstance(to_domain_error(exc), NotFoundError):
                     raise
-            else:
-                if existing.tags.get(REQUEST_ID_TAG) == request_id:
-                    return existing
-                raise AlreadyExistsError(f"registered model {name!r} already exists")
-            return self._client.create_registered_model(
-                name, tags=all_tags, description=description or None
-            )
+                return None
+            if existing.tags.get(REQUEST_ID_TAG) == request_id:
+                return existing
+            raise AlreadyExistsError(f"registered model {name!r} already exists")
+
+        def attempt(_ambiguous: bool) -> Any:
+            existing = of_this_request()
+            if existing is not None:
+                return existing
+            try:
+                return self._client.create_registered_model(
+                    name, tags=all_tags, description=description or None
+                )
+            except MlflowException as exc:
+                # Another sidecar may have served this request at the same moment.
+                raced = of_this_request() if _already_exists(exc) else None
+                if raced is None:
+                    raise
+                return raced
 
         return entities.registered_model(self.call_once(attempt))
 
