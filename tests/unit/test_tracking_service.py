@@ -545,3 +545,18 @@ def test_a_run_ended_with_a_backlog_then_deleted_is_ended_when_restored(
     assert (flushed.pending_points, flushed.dead_letter_points) == (0, 1)
     restored = service.restore_run(run_id).info
     assert (restored.status, restored.end_time_ms) == (RunStatus.FINISHED, 5_000)
+
+
+def test_a_param_another_call_logged_meanwhile_is_a_changed_param(service, gateway, run_id):
+    # Two ranks log one new param with different values at once: the one MLflow refuses
+    # hears what a call after the other hears.
+    def the_other_call_first() -> None:
+        gateway.on_call("log_batch", None)
+        gateway.log_batch(run_id, params={"seed": "1"})
+
+    gateway.on_call("log_batch", the_other_call_first)
+    with pytest.raises(FailedPreconditionError) as refused:
+        service.log_params(run_id, {"seed": "2"})
+    assert refused.value.reason == "PARAM_VALUE_CHANGED"
+    assert refused.value.metadata["key"] == "seed"
+    assert gateway.get_run(run_id).params == {"seed": "1"}

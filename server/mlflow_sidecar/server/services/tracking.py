@@ -80,6 +80,20 @@ def _usable(experiment: Experiment) -> Experiment:
     return experiment
 
 
+def _refuse_changed_params(
+    run_id: str, logged: Mapping[str, str], params: Mapping[str, str]
+) -> None:
+    """FAILED_PRECONDITION (PARAM_VALUE_CHANGED) for a param logged with another value."""
+    for k, v in params.items():
+        if k in logged and logged[k] != v:
+            raise FailedPreconditionError(
+                f"param {k!r} of run {run_id} is already {logged[k]!r}; params are"
+                f" write-once, so {v!r} is refused",
+                reason=ErrorReason.PARAM_VALUE_CHANGED,
+                metadata={"key": k},
+            )
+
+
 class TrackingService:
     """Experiment tracking backed by MLflow, with the sidecar's rules on top:
     idempotent StartRun, write-once params, MLflow's batch limits, named-field errors."""
@@ -356,17 +370,16 @@ class TrackingService:
         if not params:
             return
         run = self._require_active(run_id)
-        for k, v in params.items():
-            if k in run.params and run.params[k] != v:
-                raise FailedPreconditionError(
-                    f"param {k!r} of run {run_id} is already {run.params[k]!r}; params are"
-                    f" write-once, so {v!r} is refused",
-                    reason=ErrorReason.PARAM_VALUE_CHANGED,
-                    metadata={"key": k},
-                )
+        _refuse_changed_params(run_id, run.params, params)
         new = [(k, v) for k, v in params.items() if k not in run.params]
         for batch in check.chunks(new, limits.MAX_PARAMS_TAGS_PER_BATCH):
-            self._gateway.log_batch(run_id, params=dict(batch))
+            try:
+                self._gateway.log_batch(run_id, params=dict(batch))
+            except InvalidArgumentError:
+                # Another call may have logged one of them since the run was read: its
+                # refusal reads as the check's, not as a malformed request.
+                _refuse_changed_params(run_id, self._gateway.get_run(run_id).params, params)
+                raise
 
     def log_metrics(
         self, run_id: str, metrics: Sequence[Metric], *, arrived_ms: int | None = None
