@@ -90,8 +90,9 @@ class LoggedModelsPortContract:
         assert err.value.reason == ErrorReason.EXPERIMENT_NOT_FOUND
         deleted = new_experiment(port)
         port.delete_experiment(deleted)
-        with pytest.raises(FailedPreconditionError):
+        with pytest.raises(FailedPreconditionError) as inactive:
             new_logged_model(models, deleted)
+        assert inactive.value.reason == ErrorReason.EXPERIMENT_NOT_ACTIVE
         found = models.search(
             [experiment_id], filter_string="", order_by=[], page_size=10, page_token=""
         )

@@ -1148,7 +1148,7 @@ class FakeLoggedModels:
                 # MLflow's "must be in the 'active' state", as the gateway maps it.
                 raise FailedPreconditionError(
                     f"experiment {experiment_id} must be in the 'active' state",
-                    reason=ErrorReason.RUN_NOT_ACTIVE,
+                    reason=ErrorReason.EXPERIMENT_NOT_ACTIVE,
                 )
             number = next(self.fake._ids)
             model_id = f"m-{number:032x}"

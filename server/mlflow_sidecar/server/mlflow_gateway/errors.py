@@ -75,8 +75,10 @@ _BY_HTTP_STATUS: dict[int, type[SidecarError]] = {
 # ENOSPC as MLflow's download of several files reports it: it folds each file's failure
 # into the text of one MlflowException, where the errno survives only as words.
 _NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
-# MLflow's own words for writes to a deleted run; it reports them as INVALID_PARAMETER_VALUE.
-_INACTIVE_RUN_MARKER = "must be in the 'active' state"
+# MLflow's own words for writes to a deleted run or experiment; it reports them as
+# INVALID_PARAMETER_VALUE ("The experiment 7 must be in the 'active' state. ...").
+_INACTIVE_MARKER = "must be in the 'active' state"
+_INACTIVE_EXPERIMENT = "The experiment "
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -170,9 +172,14 @@ def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarErro
     code = databricks_pb2.ErrorCode.Value(exc.error_code)
     message = _short(exc)
     if code in _INVALID_CODES:
-        if _INACTIVE_RUN_MARKER in message:
+        if _INACTIVE_MARKER in message:
+            deleted_experiment = message.startswith(_INACTIVE_EXPERIMENT)
             return FailedPreconditionError(
-                message, reason=ErrorReason.RUN_NOT_ACTIVE, metadata=facts
+                message,
+                reason=ErrorReason.EXPERIMENT_NOT_ACTIVE
+                if deleted_experiment
+                else ErrorReason.RUN_NOT_ACTIVE,
+                metadata=facts,
             )
         return InvalidArgumentError("", message, metadata=facts)
     return _BY_ERROR_CODE.get(code, InternalError)(message, metadata=facts)
