@@ -193,9 +193,10 @@ def test_a_repeated_model_output_is_recorded_once(
         ({"source_type": "s" * 37}, "datasets[0].source_type"),
         ({"tags": {"mlflow.data.context": "v" * 501}}, "datasets[0].tags[mlflow.data.context]"),
         ({"tags": {"k" * 256: "v"}}, "datasets[0].tags.key"),
+        ({"tags": {"mlflow_sidecar.x": "v"}}, "datasets[0].tags.key"),
     ],
 )
-def test_a_dataset_over_mlflows_limits_is_refused_naming_the_field(
+def test_a_dataset_over_mlflows_limits_or_with_a_sidecar_tag_is_refused_naming_the_field(
     models: GrpcLoggedModels, run_id: str, mlflow_server: MlflowServer, spoil, field
 ) -> None:
     fields = {"name": "train", "digest": "abc123", "source_type": "local", "source": "{}"}

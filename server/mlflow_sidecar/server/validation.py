@@ -57,6 +57,11 @@ def experiment_id(field: str, value: str, *, required: bool = True) -> str:
 def tag_key(field: str, value: str) -> str:
     """A tag key as MLflow accepts it, outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
     key(field, value)
+    return not_reserved(field, value)
+
+
+def not_reserved(field: str, value: str) -> str:
+    """A tag key outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
     if value.startswith(RESERVED_TAG_PREFIX):
         raise InvalidArgumentError(
             field,

@@ -182,6 +182,7 @@ class LoggedModelService:
                 check.require(
                     f"datasets[{index}].tags.key", key, max_length=limits.MAX_INPUT_TAG_KEY_LENGTH
                 )
+                check.not_reserved(f"datasets[{index}].tags.key", key)
                 check.bounded(
                     f"datasets[{index}].tags[{key}]", value, limits.MAX_INPUT_TAG_VALUE_LENGTH
                 )
