@@ -376,3 +376,14 @@ def test_a_bad_value_of_an_ordinary_setting_is_still_shown(tmp_path):
     path.write_text("server:\n  port: not-a-port\n")
     with pytest.raises(ConfigError, match="not-a-port"):
         load_config(path, data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("value", ["2.5", "0", "3601"])
+def test_the_mlflow_request_timeout_is_whole_seconds_up_to_an_hour(monkeypatch, tmp_path, value):
+    # MLflow reads MLFLOW_HTTP_REQUEST_TIMEOUT as a whole number, as the README's row says.
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__REQUEST_TIMEOUT_S", value)
+    with pytest.raises(ConfigError, match=r"mlflow\.request_timeout_s"):
+        load_config()
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__REQUEST_TIMEOUT_S", "3600")
+    assert load_config().mlflow.request_timeout_s == 3600
