@@ -168,7 +168,7 @@ class MlflowPortContract:
         ("fields", "field"),
         [
             ({"filter_string": "name ~~ 'x'"}, "filter"),
-            ({"order_by": ["no_such_column"]}, "order_by"),
+            ({"order_by": ["no_such_column"]}, "order_by[0]"),
             ({"page_token": "not-a-token"}, "page_token"),
         ],
     )

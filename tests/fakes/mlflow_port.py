@@ -36,6 +36,7 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
+from mlflow_sidecar.core.names import LOGGED_MODEL_NAME_BAD_CHARS
 from mlflow_sidecar.server.idempotency.ledger import (
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
@@ -58,7 +59,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 _LOGGED_MODELS = "logged_models"
 # The characters MLflow refuses in a logged model's name.
-_LOGGED_MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
 # The fields MLflow orders logged models by (its names, and its aliases of them).
 _LOGGED_MODEL_ORDER = {
     "name": "name",
@@ -354,13 +354,12 @@ class FakeMlflow:
     def _ordered(
         items: list[Any], order_by: Sequence[str], keys: Mapping[str, Callable[[Any], Any]]
     ) -> list[Any]:
-        for clause in reversed(list(order_by)):
+        for index, clause in reversed(list(enumerate(order_by))):
             parts = clause.split()
-            if not parts or len(parts) > 2 or parts[0] not in keys:
-                raise InvalidArgumentError("order_by", f"cannot order by {clause!r}")
+            bad_direction = len(parts) == 2 and parts[1].upper() not in ("ASC", "DESC")
+            if not parts or len(parts) > 2 or parts[0] not in keys or bad_direction:
+                raise InvalidArgumentError(f"order_by[{index}]", f"cannot order by {clause!r}")
             descending = len(parts) == 2 and parts[1].upper() == "DESC"
-            if len(parts) == 2 and parts[1].upper() not in ("ASC", "DESC"):
-                raise InvalidArgumentError("order_by", f"cannot order by {clause!r}")
             items = sorted(items, key=keys[parts[0]], reverse=descending)
         return items
 
@@ -1140,7 +1139,7 @@ class FakeLoggedModels:
         tags: Mapping[str, str],
     ) -> LoggedModel:
         # As MLflow checks a given name; an empty one gets a name made up.
-        if name and any(c in name for c in _LOGGED_MODEL_NAME_BAD_CHARS):
+        if name and any(c in name for c in LOGGED_MODEL_NAME_BAD_CHARS):
             raise InvalidArgumentError("", f"{name!r} is not a valid logged model name")
         with self.fake._lock:
             experiment = self.fake._experiment(experiment_id).experiment

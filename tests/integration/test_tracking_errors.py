@@ -235,3 +235,60 @@ def test_resource_exhausted_for_a_message_over_the_limit(sidecar_without_mlflow)
         stub = pb_grpc.ExperimentTrackingServiceStub(channel)
         code, _ = _code(stub.LogMetrics, pb.LogMetricsRequest(run_id="a" * 32, metrics=points))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _search_runs(stub, **fields):
+    return stub.SearchRuns(pb.SearchRunsRequest(**{"experiment_ids": ["0"], **fields}))
+
+
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda stub: _search_runs(stub, experiment_ids=["abc"]), "experiment_ids[0]"),
+        (
+            lambda stub: stub.SearchLoggedModels(
+                pb.SearchLoggedModelsRequest(experiment_ids=["0", "abc"])
+            ),
+            "experiment_ids[1]",
+        ),
+        (
+            lambda stub: stub.SearchExperiments(
+                pb.SearchExperimentsRequest(filter="name = 'x'", order_by=["name", "nope"])
+            ),
+            "order_by[1]",
+        ),
+        (lambda stub: _search_runs(stub, filter="name = 'x", order_by=["start_time"]), "filter"),
+        (
+            lambda stub: _search_runs(
+                stub, filter="attribute.order_by = 'x'", order_by=["start_time"]
+            ),
+            "filter",
+        ),
+        (
+            lambda stub: stub.StartRun(
+                pb.StartRunRequest(experiment_id="0", run_name="A", tags={"mlflow.runName": "B"})
+            ),
+            "run_name",
+        ),
+        (
+            lambda stub: stub.CreateLoggedModel(
+                pb.CreateLoggedModelRequest(experiment_id="0", name="a/b")
+            ),
+            "name",
+        ),
+    ],
+    ids=[
+        "search-runs-id",
+        "search-logged-models-id",
+        "order-with-filter",
+        "filter-with-order",
+        "filter-key-named-order_by",
+        "run-name-twice",
+        "logged-model-name",
+    ],
+)
+def test_an_invalid_argument_names_the_field_at_fault(tracking_stub, call, field):
+    with pytest.raises(grpc.RpcError) as err:
+        call(tracking_stub)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert error_from_rpc(err.value).field == field, err.value.details()

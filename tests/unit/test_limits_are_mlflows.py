@@ -5,11 +5,14 @@ accepted by both, and a refusal names the field instead of arriving in MLflow's 
 
 from __future__ import annotations
 
+import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.store.model_registry.dbmodels.models import SqlRegisteredModelTag
 from mlflow.store.tracking.dbmodels.models import SqlDataset
 from mlflow.utils import validation
 
 from mlflow_sidecar.core import limits
+from mlflow_sidecar.core.names import LOGGED_MODEL_NAME_BAD_CHARS
 
 
 def test_run_and_registry_limits_are_mlflows() -> None:
@@ -56,3 +59,11 @@ def test_what_the_sidecar_creates_fits_mlflows_columns() -> None:
     assert SqlRegisteredModel.name.type.length == limits.MAX_CREATED_NAME_LENGTH
     assert SqlExperiment.artifact_location.type.length == limits.MAX_ARTIFACT_LOCATION_LENGTH
     assert SqlModelVersion.source.type.length == limits.MAX_SOURCE_LENGTH
+
+
+def test_the_characters_a_logged_model_name_refuses_are_mlflows() -> None:
+    for char in LOGGED_MODEL_NAME_BAD_CHARS:
+        with pytest.raises(MlflowException):
+            validation._validate_logged_model_name(f"a{char}b")
+    for char in "-_ @+=,;!()[]{}~":
+        validation._validate_logged_model_name(f"a{char}b")

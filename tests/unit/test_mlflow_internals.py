@@ -23,7 +23,7 @@ from mlflow.tracking.request_header.abstract_request_header_provider import (
 )
 from mlflow.utils.search_utils import SearchLoggedModelsPaginationToken
 
-from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, search_terms
 
 
 def _parameters(function: Any) -> list[str]:
@@ -297,3 +297,22 @@ def test_order_fields_are_the_ones_mlflows_sql_store_tells_apart(
             assert _mlflow_refuses_as_repeated(search, [first, second]) == same, _changed(
                 f"how its SQL store tells order_by fields apart ({first!r}, {second!r})"
             )
+
+
+@pytest.mark.parametrize(
+    ("grammar", "good_filter", "good_term"),
+    [
+        (search_terms.RUNS, "metrics.loss < 1 and params.lr = '0.1'", "metrics.loss DESC"),
+        (search_terms.EXPERIMENTS, "name LIKE 'ppo-%'", "creation_time DESC"),
+        (search_terms.REGISTERED_MODELS, "name = 'agent'", "last_updated_timestamp"),
+        (search_terms.MODEL_VERSIONS, "name = 'agent' and run_id = 'r'", "version_number DESC"),
+    ],
+    ids=["runs", "experiments", "registered-models", "model-versions"],
+)
+def test_search_grammars_parse_as_mlflow_does(grammar, good_filter, good_term):
+    grammar.parse_filter(good_filter)
+    grammar.order_field(good_term)
+    with pytest.raises(MlflowException):
+        grammar.parse_filter("name = 'unterminated")
+    with pytest.raises(MlflowException):
+        grammar.order_field("no_such_column")

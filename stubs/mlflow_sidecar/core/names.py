@@ -12,6 +12,8 @@ from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_RUN_ID_LENGTH
 
 _KEY_RE = re.compile(r"^[/\w.\- :]*\Z")
+# Characters MLflow refuses in a logged model's name.
+LOGGED_MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
 
 
 def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str:

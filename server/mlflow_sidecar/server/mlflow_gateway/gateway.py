@@ -41,6 +41,7 @@ from mlflow_sidecar.server.mlflow_gateway import (
     mlflow_internals,
     page_tokens,
     registration,
+    search_terms,
 )
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import (
@@ -48,8 +49,8 @@ from mlflow_sidecar.server.mlflow_gateway.environment import (
     configure_mlflow_environment,
 )
 from mlflow_sidecar.server.mlflow_gateway.errors import search_field, to_domain_error
-from mlflow_sidecar.server.mlflow_gateway.order_by import check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
+from mlflow_sidecar.server.mlflow_gateway.search_terms import SearchGrammar, check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.sources import (
     check_source_alias,
     models_source,
@@ -472,6 +473,7 @@ class MlflowGateway:
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
+            grammar=search_terms.EXPERIMENTS,
         )
         return domain.Page(
             tuple(entities.experiment(e) for e in paged),
@@ -561,7 +563,7 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
-        check_fields_distinct(order_by, mlflow_internals.run_order_field)
+        check_fields_distinct(order_by, search_terms.RUNS.order_field)
         kind = page_tokens.of_query(
             "runs", experiment_ids, filter_string, order_by, view_type.value
         )
@@ -578,6 +580,8 @@ class MlflowGateway:
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
+            grammar=search_terms.RUNS,
+            experiment_ids=experiment_ids,
         )
         return domain.Page(
             tuple(entities.run(r) for r in paged), page_tokens.from_mlflow(kind, paged.token)
@@ -753,15 +757,25 @@ class MlflowGateway:
         )
 
     def call_search(
-        self, op: Callable[[], T], *, filter_string: str, order_by: Sequence[str], page_token: str
+        self,
+        op: Callable[[], T],
+        *,
+        filter_string: str,
+        order_by: Sequence[str],
+        page_token: str,
+        grammar: SearchGrammar | None = None,
+        experiment_ids: Sequence[str] = (),
     ) -> T:
-        """Run a search; an invalid-argument answer names the request field it is about."""
+        """Run a search; an invalid-argument answer names the request field it is about:
+        the part MLflow's own parsing refuses (`grammar`), else the one its words name."""
         try:
             return self.call(op)
         except InvalidArgumentError as exc:
             if exc.field:
                 raise
-            field = search_field(exc.message, filter_string, order_by, page_token)
+            field = search_terms.refused_part(
+                grammar, filter_string, order_by, experiment_ids, exc.message
+            ) or search_field(exc.message, filter_string, order_by, page_token)
             reason = ErrorReason.INVALID_PAGE_TOKEN if field == "page_token" else exc.reason
             raise InvalidArgumentError(
                 field, exc.message, reason=reason, metadata=exc.metadata
@@ -771,7 +785,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
-        check_fields_distinct(order_by, mlflow_internals.registered_model_order_field)
+        check_fields_distinct(order_by, search_terms.REGISTERED_MODELS.order_field)
         kind = page_tokens.of_query("registered-models", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
@@ -784,6 +798,7 @@ class MlflowGateway:
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
+            grammar=search_terms.REGISTERED_MODELS,
         )
         return domain.Page(
             tuple(entities.registered_model(m) for m in paged),
@@ -1078,7 +1093,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
-        check_fields_distinct(order_by, mlflow_internals.model_version_order_field)
+        check_fields_distinct(order_by, search_terms.MODEL_VERSIONS.order_field)
         kind = page_tokens.of_query("model-versions", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
         paged = self.call_search(
@@ -1091,6 +1106,7 @@ class MlflowGateway:
             filter_string=filter_string,
             order_by=order_by,
             page_token=page_token,
+            grammar=search_terms.MODEL_VERSIONS,
         )
         return domain.Page(
             tuple(entities.model_version(v) for v in paged),

@@ -160,6 +160,7 @@ class LoggedModelGateway:
             filter_string=filter_string,
             order_by=[f for f, _ in order_by],
             page_token=page_token,
+            experiment_ids=ids,
         )
         return domain.Page(
             tuple(logged_model(m) for m in paged),

@@ -29,7 +29,9 @@ from mlflow.tracking.fluent import get_active_model_id
 from mlflow.tracking.request_header import registry as request_headers
 from mlflow.utils import mime_type_utils, request_utils, rest_utils
 from mlflow.utils.search_utils import (
+    SearchExperimentsUtils,
     SearchLoggedModelsPaginationToken,
+    SearchModelUtils,
     SearchModelVersionUtils,
     SearchUtils,
 )
@@ -261,11 +263,28 @@ def download_artifacts(repo: Any, artifact_path: str, dst_dir: str) -> str:
         raise
 
 
-# The fields MLflow's SQL stores sort by, as they tell `order_by` terms apart: each store
-# refuses two terms on one field with an untyped error (HTTP 500), so the sidecar checks
-# first. Each function raises MlflowException for a term MLflow cannot parse.
+# How MLflow reads a search's filter and `order_by` terms, per entity. The fields its SQL
+# stores sort by, as they tell terms apart: each store refuses two terms on one field
+# with an untyped error (HTTP 500), so the sidecar checks first. And which part of a
+# search MLflow refused: its message names none. Each raises MlflowException for what
+# MLflow cannot parse.
 _search_utils: Any = SearchUtils
 _model_version_search: Any = SearchModelVersionUtils
+_experiment_search: Any = SearchExperimentsUtils
+_registered_model_search: Any = SearchModelUtils
+
+parse_runs_filter: Callable[[str], object] = _search_utils.parse_search_filter
+parse_experiments_filter: Callable[[str], object] = _experiment_search.parse_search_filter
+parse_registered_models_filter: Callable[[str], object] = (
+    _registered_model_search.parse_search_filter
+)
+parse_model_versions_filter: Callable[[str], object] = _model_version_search.parse_search_filter
+
+
+def experiment_order_field(term: str) -> str:
+    """The field a `search_experiments` order_by term sorts by."""
+    _type, key, _ascending = _experiment_search.parse_order_by_for_search_experiments(term)
+    return str(key)
 
 
 def run_order_field(term: str) -> tuple[str, str]:

@@ -16,6 +16,7 @@ from mlflow_sidecar.core.domain import FileInfo, Page
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.core.limits import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
+from mlflow_sidecar.core.names import LOGGED_MODEL_NAME_BAD_CHARS
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
@@ -86,6 +87,12 @@ class LoggedModelService:
         check.experiment_id("experiment_id", experiment_id)
         if name:
             check.bounded("name", name, limits.MAX_NAME_LENGTH)
+            bad = [c for c in LOGGED_MODEL_NAME_BAD_CHARS if c in name]
+            if bad:
+                # MLflow's rule for a logged model's name; it refuses without naming a field.
+                raise InvalidArgumentError(
+                    "name", f"{name!r}: a logged model name cannot hold {' '.join(bad)}"
+                )
         if source_run_id:
             check.run_id("source_run_id", source_run_id)
         check.string_map("params", params or {}, max_value_length=limits.MAX_PARAM_VALUE_LENGTH)

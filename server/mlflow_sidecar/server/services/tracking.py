@@ -54,6 +54,7 @@ from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
 
 
 def _start_run_id(request_id: str, client_request_id: str) -> str:
@@ -195,6 +196,13 @@ class TrackingService:
         check.experiment_id("experiment_id", experiment_id)
         check.bounded("run_name", run_name, limits.MAX_KEY_LENGTH)
         check.tags("tags", tags or {})
+        named = (tags or {}).get(RUN_NAME_TAG)
+        if run_name and named is not None and named != run_name:
+            # MLflow refuses the pair too, without saying which field.
+            raise InvalidArgumentError(
+                "run_name",
+                f"{run_name!r} differs from the tag {RUN_NAME_TAG}={named!r}; give the name once",
+            )
         if start_time_ms < 0:
             raise InvalidArgumentError("start_time_ms", "must not be negative")
         all_tags = dict(tags or {})

@@ -1,0 +1,83 @@
+"""A search's filter and `order_by` as MLflow reads them: each field sorted by once, as
+its SQL stores require, and which part of a search MLflow refused."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+
+from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
+
+
+@dataclass(frozen=True)
+class SearchGrammar:
+    """How MLflow parses one entity's filter, and the field an `order_by` term sorts by
+    (each raises MlflowException for what MLflow cannot parse)."""
+
+    parse_filter: Callable[[str], object]
+    order_field: Callable[[str], Hashable]
+
+
+RUNS = SearchGrammar(mlflow_internals.parse_runs_filter, mlflow_internals.run_order_field)
+EXPERIMENTS = SearchGrammar(
+    mlflow_internals.parse_experiments_filter, mlflow_internals.experiment_order_field
+)
+REGISTERED_MODELS = SearchGrammar(
+    mlflow_internals.parse_registered_models_filter,
+    mlflow_internals.registered_model_order_field,
+)
+MODEL_VERSIONS = SearchGrammar(
+    mlflow_internals.parse_model_versions_filter, mlflow_internals.model_version_order_field
+)
+
+
+def check_fields_distinct(order_by: Sequence[str], field_of: Callable[[str], Hashable]) -> None:
+    """Refuse two terms that sort by one field (INVALID_ARGUMENT naming the second).
+
+    MLflow refuses them too, but as an untyped server error that reads as an outage. A
+    term MLflow cannot parse is left for MLflow to name.
+    """
+    first: dict[Hashable, int] = {}
+    for index, term in enumerate(order_by):
+        try:
+            field = field_of(term)
+        except MlflowException:
+            return
+        if field in first:
+            earlier = first[field]
+            raise InvalidArgumentError(
+                f"order_by[{index}]",
+                f"{term!r} sorts by the same field as order_by[{earlier}]"
+                f" ({order_by[earlier]!r}); a search sorts by each field once",
+            )
+        first[field] = index
+
+
+def refused_part(
+    grammar: SearchGrammar | None,
+    filter_string: str,
+    order_by: Sequence[str],
+    experiment_ids: Sequence[str],
+    message: str,
+) -> str:
+    """The request field MLflow refused, by parsing each part as MLflow does; "" when no
+    part fails that way (the page token, or a rule only the server knows)."""
+    if grammar is not None and filter_string:
+        try:
+            grammar.parse_filter(filter_string)
+        except MlflowException:
+            return "filter"
+    if grammar is not None:
+        for index, term in enumerate(order_by):
+            try:
+                grammar.order_field(term)
+            except MlflowException:
+                return f"order_by[{index}]"
+    for index, experiment_id in enumerate(experiment_ids):
+        # MLflow quotes the id it refuses ("Invalid experiment ID 'abc'").
+        if f"'{experiment_id}'" in message:
+            return f"experiment_ids[{index}]"
+    return ""
