@@ -193,6 +193,48 @@ def test_failed_precondition_for_changed_param_and_deleted_run(
         assert error.reason == ErrorReason.RUN_NOT_ACTIVE, (call, error.message)
 
 
+RESERVED_TAG_CALLS = {
+    "StartRun": lambda stub, experiment_id, model_id, key: stub.StartRun(
+        pb.StartRunRequest(experiment_id=experiment_id, tags={key: "x"})
+    ),
+    "CreateLoggedModel": lambda stub, experiment_id, model_id, key: stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(experiment_id=experiment_id, name="other", tags={key: "x"})
+    ),
+    "SetLoggedModelTags": lambda stub, experiment_id, model_id, key: stub.SetLoggedModelTags(
+        pb.SetLoggedModelTagsRequest(model_id=model_id, tags={key: "x"})
+    ),
+    "DeleteLoggedModelTag": lambda stub, experiment_id, model_id, key: stub.DeleteLoggedModelTag(
+        pb.DeleteLoggedModelTagRequest(model_id=model_id, key=key)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESERVED_TAG_CALLS))
+def test_the_sidecars_own_tags_are_not_the_callers_to_set_on_runs_or_logged_models(
+    tracking_stub, unique, method
+):
+    # The registry's tag paths: test_registry_errors.py.
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"reserved-{method}-{unique}")
+    ).experiment.experiment_id
+    model_id = tracking_stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(experiment_id=experiment_id, name="net")
+    ).model.model_id
+    key = "mlflow_sidecar.request_id"
+    code, error = _code(
+        lambda _: RESERVED_TAG_CALLS[method](tracking_stub, experiment_id, model_id, key),
+        None,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    assert "the sidecar's own" in error.message
+    runs = tracking_stub.SearchRuns(pb.SearchRunsRequest(experiment_ids=[experiment_id])).runs
+    assert list(runs) == []
+    models = tracking_stub.SearchLoggedModels(
+        pb.SearchLoggedModelsRequest(experiment_ids=[experiment_id])
+    ).models
+    assert [m.model_id for m in models] == [model_id]
+
+
 @pytest.fixture()
 def sidecar_without_mlflow(tmp_path) -> Iterator[RunningSidecar]:
     """A sidecar whose MLflow tracking server is a closed port."""
