@@ -277,3 +277,37 @@ def test_resource_exhausted_for_a_message_over_the_limit(sidecar_without_mlflow)
         stub = pb_grpc.ExperimentTrackingServiceStub(channel)
         code, _ = _code(stub.LogMetrics, pb.LogMetricsRequest(run_id="a" * 32, metrics=points))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# Field 1, a string, holding bytes that are not UTF-8; and a header (field 1) holding one.
+NOT_UTF8 = b"\x0a\x02\xff\xfe"
+HEADER_NOT_UTF8 = b"\x0a\x04" + NOT_UTF8
+
+
+@pytest.mark.parametrize(
+    ("method", "shape", "payload"),
+    [
+        ("mlflow_sidecar.v1.ModelRegistryService/DownloadModel", "unary_stream", NOT_UTF8),
+        ("mlflow_sidecar.v1.ModelRegistryService/WatchModelAlias", "unary_stream", NOT_UTF8),
+        ("mlflow_sidecar.v1.ModelRegistryService/UploadModel", "stream_unary", HEADER_NOT_UTF8),
+        (
+            "mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact",
+            "stream_unary",
+            HEADER_NOT_UTF8,
+        ),
+        ("mlflow_sidecar.v1.ExperimentTrackingService/DownloadArtifact", "unary_stream", NOT_UTF8),
+    ],
+    ids=["DownloadModel", "WatchModelAlias", "UploadModel", "UploadArtifact", "DownloadArtifact"],
+)
+def test_a_streaming_request_that_does_not_decode_is_invalid_argument_with_details(
+    channel, method, shape, payload
+):
+    with pytest.raises(grpc.RpcError) as err:
+        if shape == "unary_stream":
+            list(channel.unary_stream(f"/{method}")(payload, timeout=30))
+        else:
+            channel.stream_unary(f"/{method}")(iter([payload]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert method.rpartition("/")[2] in err.value.details()
+    assert error_from_rpc(err.value).reason == ErrorReason.INVALID_ARGUMENT
+    assert "x-request-id" in dict(err.value.trailing_metadata() or ())
