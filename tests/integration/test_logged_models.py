@@ -185,6 +185,29 @@ def test_a_repeated_model_output_is_recorded_once(
     assert [(o.model_id, o.step) for o in outputs.model_outputs] == [(model_id, 7)]
 
 
+def test_a_model_output_at_another_step_is_already_exists_naming_the_model_and_its_step(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub,
+    models: GrpcLoggedModels,
+    experiment_id: str,
+    run_id: str,
+) -> None:
+    # The proto: ALREADY_EXISTS (metadata "model_id", "step"); the step is the one the run
+    # has the model at, which the caller's own request does not tell it.
+    model_id = models.create(experiment_id, name="net").model_id
+    tracking_stub.LogModelOutputs(
+        pb.LogModelOutputsRequest(run_id=run_id, models=[pb.ModelOutput(model_id=model_id, step=7)])
+    )
+    with pytest.raises(grpc.RpcError) as clash:
+        tracking_stub.LogModelOutputs(
+            pb.LogModelOutputsRequest(
+                run_id=run_id, models=[pb.ModelOutput(model_id=model_id, step=8)]
+            )
+        )
+    error = error_from_rpc(clash.value)
+    assert error.code == grpc.StatusCode.ALREADY_EXISTS
+    assert error.metadata == {"model_id": model_id, "step": "7"}
+
+
 @pytest.mark.parametrize(
     ("spoil", "field"),
     [

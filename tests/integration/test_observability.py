@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
+import re
 import subprocess
 import time
 from collections.abc import Callable
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -305,3 +308,57 @@ def test_probes_speak_https_with_the_listeners_certificate(mlflow_server, tmp_pa
         running.stop()
     assert verified.stdout == '{"status":"ok"}', verified.stderr
     assert plain.stdout != '{"status":"ok"}'  # no plaintext answer on a TLS listener
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        ("a" * 128, True),
+        ("Az09._:/+=-" * 11 + "abcdefg", True),
+        ("a" * 129, False),
+        ("has space", False),
+        ("a;b", False),
+    ],
+    ids=["128-chars", "every-allowed-char", "129-chars", "space", "semicolon"],
+)
+def test_a_callers_request_id_is_taken_only_up_to_128_plain_characters(sidecar, sent, kept):
+    with grpc.insecure_channel(sidecar.target) as channel:
+        stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+        _, call = stub.SearchExperiments.with_call(
+            pb.SearchExperimentsRequest(page_size=1), metadata=(("x-request-id", sent),)
+        )
+    returned = dict(call.trailing_metadata())["x-request-id"]
+    if kept:
+        assert returned == sent
+    else:
+        assert re.fullmatch(r"[0-9a-f]{16}", returned), returned
+
+
+def test_health_watch_stays_out_of_the_access_log_and_the_grpc_series(
+    mlflow_server, tmp_path, caplog
+):
+    running = RunningSidecar(
+        sidecar_config(tmp_path, mlflow_server.url, metrics={"port": free_port()})
+    )
+    try:
+        with (
+            caplog.at_level(logging.DEBUG, logger="mlflow_sidecar.access"),
+            grpc.insecure_channel(running.target) as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            watch.cancel()
+            # Check, unlike Watch, is an ordinary call: logged and counted.
+            health.Check(health_pb2.HealthCheckRequest(), timeout=60)
+        status, scraped = curl(f"http://127.0.0.1:{running.server.metrics_port}/metrics")
+    finally:
+        running.stop()
+    assert status == 200
+    logged = [r.getMessage() for r in caplog.records if r.name == "mlflow_sidecar.access"]
+    assert any("/grpc.health.v1.Health/Check " in m for m in logged), logged
+    assert not any("/grpc.health.v1.Health/Watch" in m for m in logged), logged
+    health_labels = {"grpc_service": "grpc.health.v1.Health", "grpc_method": "Check"}
+    assert sample(scraped, "grpc_server_started_total", grpc_type="unary", **health_labels) == 1
+    series = [line for line in scraped.splitlines() if line.startswith("grpc_server_")]
+    assert not [line for line in series if 'grpc_method="Watch"' in line]

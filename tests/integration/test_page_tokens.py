@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as rpb
 from mlflow_sidecar.v1 import registry_pb2_grpc as rpb_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
@@ -181,3 +183,165 @@ def test_a_metric_history_token_of_another_run_or_metric_is_refused(sidecar, uni
         assert history(runs[0], "a", token) == ""
         _refused(lambda t: history(runs[0], "b", t), token)
         _refused(lambda t: history(runs[1], "a", t), token)
+
+
+SHA256_OF_A = "ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"
+
+# A page of one RPC: (the request's fields, page_token) -> next_page_token.
+Page = Callable[[dict[str, object], str], str]
+
+
+@pytest.fixture(scope="module")
+def queries(sidecar) -> Iterator[dict[str, tuple[Page, dict[str, object], dict[str, dict]]]]:
+    """Each search and listing with two results for one query: its page function, that
+    query's fields, and by name the fields of each other query of it."""
+    unique = uuid.uuid4().hex[:10]
+    with grpc.insecure_channel(sidecar.target) as channel:
+        tracking = pb_grpc.ExperimentTrackingServiceStub(channel)
+        registry = rpb_grpc.ModelRegistryServiceStub(channel)
+        experiments = [
+            tracking.CreateExperiment(
+                pb.CreateExperimentRequest(name=f"queries-{unique}-{suffix}")
+            ).experiment.experiment_id
+            for suffix in "ab"
+        ]
+        runs = [
+            tracking.StartRun(pb.StartRunRequest(experiment_id=experiments[0])).run.info.run_id
+            for _ in range(2)
+        ]
+        logged = [
+            tracking.CreateLoggedModel(
+                pb.CreateLoggedModelRequest(experiment_id=experiments[0], name=f"net-{i}")
+            ).model.model_id
+            for i in range(2)
+        ]
+        for path in ("d/a.txt", "d/b.txt"):
+            header = {"artifact_path": path, "size_bytes": 1, "sha256": SHA256_OF_A}
+            tracking.UploadArtifact(
+                iter(
+                    [
+                        pb.UploadArtifactRequest(
+                            header=pb.UploadArtifactHeader(run_id=runs[0], **header)
+                        ),
+                        pb.UploadArtifactRequest(chunk=b"a"),
+                    ]
+                )
+            )
+            tracking.UploadLoggedModelArtifact(
+                iter(
+                    [
+                        pb.UploadLoggedModelArtifactRequest(
+                            header=pb.UploadLoggedModelArtifactHeader(model_id=logged[0], **header)
+                        ),
+                        pb.UploadLoggedModelArtifactRequest(chunk=b"a"),
+                    ]
+                )
+            )
+        model = f"queries-{unique}"
+        for suffix in ("", "-2"):
+            registry.CreateRegisteredModel(rpb.CreateRegisteredModelRequest(name=model + suffix))
+        for _ in range(2):
+            registry.CreateModelVersion(
+                rpb.CreateModelVersionRequest(name=model, source=f"runs:/{runs[0]}/model")
+            )
+
+        def page(call: Callable[..., object], request_type: type) -> Page:
+            def one(fields: dict[str, object], token: str) -> str:
+                answer = call(request_type(**fields, page_size=1, page_token=token))
+                return str(answer.next_page_token)  # type: ignore[attr-defined]
+
+            return one
+
+        yield {
+            "SearchExperiments": (
+                page(tracking.SearchExperiments, pb.SearchExperimentsRequest),
+                {"filter": f"name LIKE 'queries-{unique}%'"},
+                {
+                    "filter": {"filter": f"name LIKE 'queries-{unique}-%'"},
+                    "order_by": {"order_by": ["name DESC"]},
+                    "view_type": {"view_type": pb.VIEW_TYPE_ALL},
+                },
+            ),
+            "SearchRuns": (
+                page(tracking.SearchRuns, pb.SearchRunsRequest),
+                {"experiment_ids": experiments[:1]},
+                {
+                    "filter": {"filter": "attributes.status = 'RUNNING'"},
+                    "order_by": {"order_by": ["start_time DESC"]},
+                    "view_type": {"view_type": pb.VIEW_TYPE_ALL},
+                    "experiment_ids": {"experiment_ids": experiments},
+                },
+            ),
+            "SearchRegisteredModels": (
+                page(registry.SearchRegisteredModels, rpb.SearchRegisteredModelsRequest),
+                {"filter": f"name LIKE 'queries-{unique}%'"},
+                {
+                    "filter": {"filter": f"name LIKE 'queries-{unique}-%'"},
+                    "order_by": {"order_by": ["name DESC"]},
+                },
+            ),
+            "SearchModelVersions": (
+                page(registry.SearchModelVersions, rpb.SearchModelVersionsRequest),
+                {"filter": f"name = '{model}'"},
+                {
+                    "filter": {"filter": f"name LIKE '{model}'"},
+                    "order_by": {"order_by": ["version_number DESC"]},
+                },
+            ),
+            "SearchLoggedModels": (
+                page(tracking.SearchLoggedModels, pb.SearchLoggedModelsRequest),
+                {"experiment_ids": experiments[:1]},
+                {
+                    "filter": {"filter": "name LIKE 'net-%'"},
+                    "order_by": {
+                        "order_by": [pb.LoggedModelOrder(field_name="name", ascending=False)]
+                    },
+                    "experiment_ids": {"experiment_ids": experiments},
+                },
+            ),
+            "ListArtifacts": (
+                page(tracking.ListArtifacts, pb.ListArtifactsRequest),
+                {"run_id": runs[0], "path": "d"},
+                {"path": {"path": ""}, "run": {"run_id": runs[1]}},
+            ),
+            "ListLoggedModelArtifacts": (
+                page(tracking.ListLoggedModelArtifacts, pb.ListLoggedModelArtifactsRequest),
+                {"model_id": logged[0], "path": "d"},
+                {"path": {"path": ""}, "model": {"model_id": logged[1]}},
+            ),
+        }
+
+
+QUERY_CHANGES = [
+    ("SearchExperiments", "filter"),
+    ("SearchExperiments", "order_by"),
+    ("SearchExperiments", "view_type"),
+    ("SearchRuns", "filter"),
+    ("SearchRuns", "order_by"),
+    ("SearchRuns", "view_type"),
+    ("SearchRuns", "experiment_ids"),
+    ("SearchRegisteredModels", "filter"),
+    ("SearchRegisteredModels", "order_by"),
+    ("SearchModelVersions", "filter"),
+    ("SearchModelVersions", "order_by"),
+    ("SearchLoggedModels", "filter"),
+    ("SearchLoggedModels", "order_by"),
+    ("SearchLoggedModels", "experiment_ids"),
+    ("ListArtifacts", "path"),
+    ("ListArtifacts", "run"),
+    ("ListLoggedModelArtifacts", "path"),
+    ("ListLoggedModelArtifacts", "model"),
+]
+
+
+@pytest.mark.parametrize(("rpc", "change"), QUERY_CHANGES)
+def test_a_token_is_refused_by_another_query_of_the_same_rpc(queries, rpc, change):
+    page, fields, others = queries[rpc]
+    token = page(fields, "")
+    assert token, "two results, one per page"
+    assert page(fields, token) == ""  # the query it came from takes it
+    with pytest.raises(grpc.RpcError) as err:
+        page({**fields, **others[change]}, token)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    error = error_from_rpc(err.value)
+    assert (error.field, error.reason) == ("page_token", ErrorReason.INVALID_PAGE_TOKEN)

@@ -363,6 +363,20 @@ RESERVED_TAG_CALLS = {
     "DeleteModelVersionTag": lambda stub, model, key: stub.DeleteModelVersionTag(
         pb.DeleteModelVersionTagRequest(name=model, version=1, key=key)
     ),
+    "CreateModelVersion": lambda stub, model, key: stub.CreateModelVersion(
+        pb.CreateModelVersionRequest(name=model, source=f"models:/{model}/1", tags={key: "x"})
+    ),
+    "UploadModel": lambda stub, model, key: stub.UploadModel(
+        iter(
+            [
+                pb.UploadModelRequest(
+                    header=pb.UploadModelHeader(
+                        name=model, experiment_id="0", tags={key: "x"}, total_size_bytes=0
+                    )
+                )
+            ]
+        )
+    ),
 }
 
 

@@ -355,3 +355,36 @@ def test_mlflow_credentials_in_the_tracking_uri_reach_neither_callers_nor_the_lo
     logged = sidecar.log_path.read_text()
     assert f"***@127.0.0.1:{closed}" in logged, sidecar.log_tail()
     assert password not in logged
+
+
+MLFLOW_TOKEN = "mlflow-s3cr3t-for-tests"
+WRONG_TOKEN = "wr0ng-but-maybe-a-real-one"
+
+
+@pytest.mark.parametrize("log_format", ["json", "text"])
+def test_tokens_never_reach_the_log_even_at_debug(mlflow_server, tmp_path, log_format):
+    sidecar = SidecarProcess(
+        tmp_path,
+        mlflow_server.url,
+        MLFLOW_SIDECAR__LOG_LEVEL="DEBUG",
+        MLFLOW_SIDECAR__LOG_FORMAT=log_format,
+        MLFLOW_SIDECAR__AUTH__TOKENS=f'["{TOKEN}"]',
+        MLFLOW_SIDECAR__MLFLOW__TOKEN=MLFLOW_TOKEN,
+    )
+    sidecar.start()
+    try:
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            request = pb.GetExperimentRequest(experiment_id="0")
+            for metadata in ((), (("authorization", f"Bearer {WRONG_TOKEN}"),)):
+                code = _code(stub.GetExperiment, request, metadata=metadata)
+                assert code == grpc.StatusCode.UNAUTHENTICATED
+            # Through to MLflow, which the sidecar calls with mlflow.token.
+            reply = stub.GetExperiment(request, metadata=(("authorization", f"Bearer {TOKEN}"),))
+            assert reply.experiment.experiment_id == "0"
+    finally:
+        sidecar.stop()
+    log = sidecar.log_path.read_text()
+    assert "refused" in log and "GetExperiment" in log  # the calls were logged, at DEBUG
+    for secret in (TOKEN, MLFLOW_TOKEN, WRONG_TOKEN):
+        assert secret not in log

@@ -305,3 +305,22 @@ def test_health_watches_hold_no_worker_however_many(small_sidecar, stub, slots, 
         finally:
             for watch in watches:
                 watch.cancel()
+
+
+def test_the_gauges_show_the_streams_served_and_waiting(small_sidecar, slots, idle_streams):
+    registry = small_sidecar.server.metrics.registry
+
+    def gauges() -> tuple[float | None, float | None]:
+        return (
+            registry.get_sample_value("mlflow_sidecar_streams_in_progress"),
+            registry.get_sample_value("mlflow_sidecar_streams_waiting"),
+        )
+
+    assert gauges() == (0, 0)
+    seen = []
+    for _ in range(STREAMS + LINE):
+        idle_streams.open()
+        seen.append(gauges())
+    assert seen == [(1, 0), (2, 0), (2, 1)]
+    idle_streams.close_all()
+    wait_until(lambda: gauges() == (0, 0), "the gauges back at zero")

@@ -193,6 +193,48 @@ def test_failed_precondition_for_changed_param_and_deleted_run(
         assert error.reason == ErrorReason.RUN_NOT_ACTIVE, (call, error.message)
 
 
+RESERVED_TAG_CALLS = {
+    "StartRun": lambda stub, experiment_id, model_id, key: stub.StartRun(
+        pb.StartRunRequest(experiment_id=experiment_id, tags={key: "x"})
+    ),
+    "CreateLoggedModel": lambda stub, experiment_id, model_id, key: stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(experiment_id=experiment_id, name="other", tags={key: "x"})
+    ),
+    "SetLoggedModelTags": lambda stub, experiment_id, model_id, key: stub.SetLoggedModelTags(
+        pb.SetLoggedModelTagsRequest(model_id=model_id, tags={key: "x"})
+    ),
+    "DeleteLoggedModelTag": lambda stub, experiment_id, model_id, key: stub.DeleteLoggedModelTag(
+        pb.DeleteLoggedModelTagRequest(model_id=model_id, key=key)
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(RESERVED_TAG_CALLS))
+def test_the_sidecars_own_tags_are_not_the_callers_to_set_on_runs_or_logged_models(
+    tracking_stub, unique, method
+):
+    # The registry's tag paths: test_registry_errors.py.
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"reserved-{method}-{unique}")
+    ).experiment.experiment_id
+    model_id = tracking_stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(experiment_id=experiment_id, name="net")
+    ).model.model_id
+    key = "mlflow_sidecar.request_id"
+    code, error = _code(
+        lambda _: RESERVED_TAG_CALLS[method](tracking_stub, experiment_id, model_id, key),
+        None,
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, error.message
+    assert "the sidecar's own" in error.message
+    runs = tracking_stub.SearchRuns(pb.SearchRunsRequest(experiment_ids=[experiment_id])).runs
+    assert list(runs) == []
+    models = tracking_stub.SearchLoggedModels(
+        pb.SearchLoggedModelsRequest(experiment_ids=[experiment_id])
+    ).models
+    assert [m.model_id for m in models] == [model_id]
+
+
 @pytest.fixture()
 def sidecar_without_mlflow(tmp_path) -> Iterator[RunningSidecar]:
     """A sidecar whose MLflow tracking server is a closed port."""
@@ -292,3 +334,37 @@ def test_an_invalid_argument_names_the_field_at_fault(tracking_stub, call, field
         call(tracking_stub)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert error_from_rpc(err.value).field == field, err.value.details()
+
+
+# Field 1, a string, holding bytes that are not UTF-8; and a header (field 1) holding one.
+NOT_UTF8 = b"\x0a\x02\xff\xfe"
+HEADER_NOT_UTF8 = b"\x0a\x04" + NOT_UTF8
+
+
+@pytest.mark.parametrize(
+    ("method", "shape", "payload"),
+    [
+        ("mlflow_sidecar.v1.ModelRegistryService/DownloadModel", "unary_stream", NOT_UTF8),
+        ("mlflow_sidecar.v1.ModelRegistryService/WatchModelAlias", "unary_stream", NOT_UTF8),
+        ("mlflow_sidecar.v1.ModelRegistryService/UploadModel", "stream_unary", HEADER_NOT_UTF8),
+        (
+            "mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact",
+            "stream_unary",
+            HEADER_NOT_UTF8,
+        ),
+        ("mlflow_sidecar.v1.ExperimentTrackingService/DownloadArtifact", "unary_stream", NOT_UTF8),
+    ],
+    ids=["DownloadModel", "WatchModelAlias", "UploadModel", "UploadArtifact", "DownloadArtifact"],
+)
+def test_a_streaming_request_that_does_not_decode_is_invalid_argument_with_details(
+    channel, method, shape, payload
+):
+    with pytest.raises(grpc.RpcError) as err:
+        if shape == "unary_stream":
+            list(channel.unary_stream(f"/{method}")(payload, timeout=30))
+        else:
+            channel.stream_unary(f"/{method}")(iter([payload]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert method.rpartition("/")[2] in err.value.details()
+    assert error_from_rpc(err.value).reason == ErrorReason.INVALID_ARGUMENT
+    assert "x-request-id" in dict(err.value.trailing_metadata() or ())

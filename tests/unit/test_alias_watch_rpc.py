@@ -166,3 +166,22 @@ def test_stopping_ends_the_streams_with_shutting_down_before_the_drain(sidecar):
         assert any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
     stopping.join(60)
     assert not stopping.is_alive(), "the stop waited for the streams"
+
+
+def test_an_open_watch_counts_in_the_stream_and_watch_gauges_and_leaves_them_at_zero(sidecar):
+    registry = sidecar.metrics.registry
+    names = (
+        "mlflow_sidecar_streams_in_progress",
+        "mlflow_sidecar_alias_watch_streams",
+        "mlflow_sidecar_alias_watch_pollers",
+    )
+
+    def gauges() -> tuple[float | None, ...]:
+        return tuple(registry.get_sample_value(name) for name in names)
+
+    assert gauges() == (0, 0, 0)
+    call = sidecar.stub.WatchModelAlias(pb.WatchModelAliasRequest(name="m", aliases=["champion"]))
+    next(call)
+    assert gauges() == (1, 1, 1)
+    call.cancel()
+    eventually(lambda: gauges() == (0, 0, 0))

@@ -117,3 +117,22 @@ def test_the_level_holds_for_libraries_that_set_their_own(restored_logging, caps
     assert "a real problem" in err
     if fmt == "json":
         assert [json.loads(line)["level"] for line in err.splitlines()] == ["ERROR"]
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_times_are_utc_to_the_millisecond_with_a_z_in_both_formats(restored_logging, capsys, fmt):
+    configure_logging("INFO", fmt)
+    record = logging.makeLogRecord(
+        {
+            "name": "x",
+            "levelno": logging.WARNING,
+            "levelname": "WARNING",
+            "msg": "stamped",
+            "created": 1769903999.123456,
+        }
+    )
+    (handler,) = logging.getLogger().handlers
+    handler.handle(record)
+    line = capsys.readouterr().err.strip()
+    stamp = json.loads(line)["time"] if fmt == "json" else line.split(" ", 1)[0]
+    assert stamp == "2026-01-31T23:59:59.123Z"

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
 from markdown_it import MarkdownIt
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr
 
-from mlflow_sidecar.server.config import AppConfig
+from mlflow_sidecar.server.config import AppConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,3 +58,81 @@ def test_the_configuration_table_is_one_table_with_every_setting():
     for row in table[1:]:
         documented |= documented_keys(row[0])
     assert documented == settings(AppConfig)
+
+
+UNITS = {"KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+# No fixed default: each follows other settings, by a rule the table states before the
+# value it makes of their defaults, in brackets ("`0`: half of `server.workers` (32)").
+DERIVED = {"server.max_streaming_rpcs", "server.max_waiting_streams", "spool.drain_on_stop_s"}
+
+
+def documented_value(key: str, text: str) -> object:
+    """A default as the table writes it (`8 MiB`, `true`, empty), as the config holds it."""
+    if key in DERIVED:
+        found = re.search(r"\(`?([\d.]+)`?\)", text)
+        assert found, f"{key}: no value in brackets in {text!r}"
+        return float(found.group(1))
+    text = text.strip("`")
+    if text == "empty":
+        return None
+    if text in ("true", "false"):
+        return text == "true"
+    number, _, unit = text.partition(" ")
+    if unit in UNITS:
+        return float(int(number) * UNITS[unit])
+    if text.startswith("~/"):
+        return str(Path(text).expanduser())
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def loaded_value(config: BaseModel, key: str) -> object:
+    """A setting of the loaded config, written as `documented_value` reads the table."""
+    value: object = config
+    for part in key.split("."):
+        value = getattr(value, part)
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if value in ("", [], None):
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    return str(value)
+
+
+def documented_defaults() -> dict[str, object]:
+    """Each setting's default as the table gives it; a row of several settings gives one
+    default for all (`empty`) or one each (`0` / `127.0.0.1`)."""
+    (table,) = [rows for rows in table_cells() if rows and rows[0] == ["key", "default", "meaning"]]
+    defaults: dict[str, object] = {}
+    for key_cell, default_cell, _ in table[1:]:
+        names = re.findall(r"`([\w.]+)`", key_cell)
+        section = names[0].rpartition(".")[0]
+        keys = [name if "." in name or not section else f"{section}.{name}" for name in names]
+        texts = default_cell.split(" / ")
+        if len(texts) == 1:
+            texts *= len(keys)
+        assert len(texts) == len(keys), f"{key_cell}: {len(keys)} keys, defaults {default_cell}"
+        for key, text in zip(keys, texts, strict=True):
+            defaults[key] = documented_value(key, text)
+    return defaults
+
+
+def test_the_configuration_tables_defaults_are_the_configs(monkeypatch, tmp_path):
+    for name in list(os.environ):
+        if name.startswith("MLFLOW"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)  # no config file of the working directory either
+    config = load_config()
+    documented = documented_defaults()
+    assert set(documented) == settings(AppConfig)
+    wrong = {
+        key: (value, loaded_value(config, key))
+        for key, value in documented.items()
+        if value != loaded_value(config, key)
+    }
+    assert wrong == {}, "README default != config default"
