@@ -567,6 +567,18 @@ class MlflowPortContract:
         assert sorted(v.version for v in from_a) == [1, 3, 5]
         assert port.versions_from(name, f"runs:/{run_id}/z") == ()
 
+    def test_a_versions_own_tags_are_read_apart_from_its_tags(self, port: MlflowPort) -> None:
+        name = new_model(port)
+        new_version(port, name, new_run(port).run_id)
+        assert port.model_version_tag(name, 1, "mlflow_sidecar.upload_complete") is None
+        port.set_model_version_tag(name, 1, "mlflow_sidecar.upload_complete", "true")
+        port.set_model_version_tag(name, 1, "k", "v")
+        assert port.model_version_tag(name, 1, "mlflow_sidecar.upload_complete") == "true"
+        assert port.model_version_tag(name, 1, "k") == "v"
+        assert port.get_model_version(name, 1).tags == {"k": "v"}
+        with pytest.raises(NotFoundError):
+            port.model_version_tag(name, 2, "k")
+
     def test_versions_are_updated_tagged_and_deleted(self, port: MlflowPort) -> None:
         name = new_model(port)
         run_id = new_run(port).run_id

@@ -38,8 +38,6 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.core.names import LOGGED_MODEL_NAME_BAD_CHARS
 from mlflow_sidecar.server.idempotency.ledger import (
-    RENAME_REQUEST_ID_TAG,
-    REQUEST_ID_TAG,
     request_id_reused,
 )
 from mlflow_sidecar.server.mlflow_gateway import metric_history, page_tokens, registration
@@ -71,8 +69,8 @@ _LOGGED_MODEL_ORDER = {
 }
 
 DEFAULT_EXPERIMENT_ID = "0"
-# The sidecar's request-id tags: kept with a run, never shown among its tags (as the gateway).
-_BOOKKEEPING_TAGS = frozenset({REQUEST_ID_TAG, RENAME_REQUEST_ID_TAG})
+# The sidecar's own tags: kept with a run, never shown among its tags (as the gateway).
+_OWN_TAG_PREFIX = "mlflow_sidecar."
 _CLAUSE = re.compile(
     r"""^\s*(?P<attr>[\w.]+|tags\.`[^`]+`)\s*(?P<op>=|LIKE)\s*(?P<q>['"])(?P<value>.*?)(?P=q)\s*$""",
     re.IGNORECASE,
@@ -404,7 +402,7 @@ class FakeMlflow:
             metrics={
                 k: domain.Metric(m.key, m.value, m.timestamp_ms, m.step) for k, m in latest.items()
             },
-            tags={k: v for k, v in stored.tags.items() if k not in _BOOKKEEPING_TAGS},
+            tags={k: v for k, v in stored.tags.items() if not k.startswith(_OWN_TAG_PREFIX)},
             dataset_inputs=tuple(stored.dataset_inputs),
             model_inputs=tuple(dict.fromkeys(stored.model_inputs)),
             model_outputs=tuple(stored.model_outputs),
@@ -432,7 +430,8 @@ class FakeMlflow:
         aliases = tuple(
             sorted(a for a, v in model.model.aliases.items() if v == stored.version.version)
         )
-        return replace(stored.version, aliases=aliases)
+        tags = {k: v for k, v in stored.version.tags.items() if not k.startswith(_OWN_TAG_PREFIX)}
+        return replace(stored.version, aliases=aliases, tags=tags)
 
     def _touch_model(self, name: str, **changes: Any) -> None:
         stored = self._model(name)
@@ -1013,6 +1012,11 @@ class FakeMlflow:
         with self._lock:
             stored = self._stored_version(name, version)
             stored.version = replace(stored.version, tags={**stored.version.tags, key: value})
+
+    @_port_call
+    def model_version_tag(self, name: str, version: int, key: str) -> str | None:
+        with self._lock:
+            return self._stored_version(name, version).version.tags.get(key)
 
     @_port_call
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:

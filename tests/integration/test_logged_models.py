@@ -228,3 +228,29 @@ def test_a_dataset_over_mlflows_limits_or_with_a_sidecar_tag_is_refused_naming_t
     assert err.value.field == field
     inputs = MlflowClient(tracking_uri=mlflow_server.url).get_run(run_id).inputs
     assert not inputs.dataset_inputs
+
+
+def test_the_sidecars_own_tags_are_left_out_of_logged_models_it_returns(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub, mlflow_server: MlflowServer, unique: str
+) -> None:
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"own-tags-{unique}")
+    ).experiment.experiment_id
+    created = tracking_stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(
+            experiment_id=experiment_id, name="net", tags={"t": "1"}, request_id=f"own-{unique}"
+        )
+    ).model
+    assert dict(created.tags) == {"t": "1"}
+    # As a create through the sidecar would leave it, were it to tag logged models as it
+    # tags runs and versions (or as a caller of MLflow did).
+    MlflowClient(tracking_uri=mlflow_server.url).set_logged_model_tags(
+        created.model_id,
+        {"mlflow_sidecar.request_id": "r-1", "mlflow_sidecar.rename_request_id": "r-2"},
+    )
+    got = tracking_stub.GetLoggedModel(pb.GetLoggedModelRequest(model_id=created.model_id)).model
+    found = tracking_stub.SearchLoggedModels(
+        pb.SearchLoggedModelsRequest(experiment_ids=[experiment_id])
+    ).models
+    assert dict(got.tags) == {"t": "1"}
+    assert [dict(m.tags) for m in found] == [{"t": "1"}]

@@ -66,7 +66,9 @@ def test_upload_model_into_a_new_run(registry, gateway, experiment_id, tmp_path)
     }
     assert version.aliases == ("champion",)
     run = gateway.get_run(run_id)
-    assert run.tags["mlflow_sidecar.uploaded_model"] == "policy"
+    # Kept in MLflow, left out of the tags the sidecar returns.
+    assert gateway.runs[run_id].tags["mlflow_sidecar.uploaded_model"] == "policy"
+    assert not [k for k in run.tags if k.startswith("mlflow_sidecar.")]
     assert run.info.status is domain.RunStatus.FINISHED
 
 
@@ -133,3 +135,61 @@ def test_a_stored_file_takes_the_target_name(gateway, staging, tmp_path):
     assert gateway.files == {(run_id, "ckpt/step_1.pt"): b"weights"}
     assert staging.in_flight() == []
     assert source.read_bytes() == b"weights"  # the caller's file is untouched
+
+
+class _Killed(BaseException):
+    """The sidecar killed mid-call: no handler runs, nothing is undone."""
+
+
+@pytest.mark.parametrize("into", ["new-run", "given-run"])
+def test_a_repeat_of_an_upload_cut_short_after_registering_finishes_it(
+    registry, gateway, experiment_id, tmp_path, into
+):
+    where = {"experiment_id": experiment_id} if into == "new-run" else {"run_id": gateway.new_run()}
+    source = model_dir(tmp_path / "m")
+
+    def upload() -> domain.ModelVersion:
+        return registry.upload_model(
+            "policy", source, aliases=["champion", "canary"], request_id="rid-1", **where
+        )
+
+    def killed() -> None:
+        gateway.on_call("set_model_alias", None)
+        raise _Killed
+
+    gateway.on_call("set_model_alias", killed)
+    with pytest.raises(_Killed):
+        upload()
+    assert [v.version.aliases for v in gateway.versions.values()] == [()]
+    version = registry.upload_once(
+        "policy", "rid-1", "print", upload, aliases=["champion", "canary"], **where_run(where)
+    )
+    assert (version.version, version.aliases) == (1, ("canary", "champion"))
+    assert len(gateway.versions) == 1
+    assert gateway.get_run(version.run_id).info.status is (
+        domain.RunStatus.FINISHED if into == "new-run" else domain.RunStatus.RUNNING
+    )
+    assert "mlflow_sidecar.upload_complete" not in version.tags
+
+
+def test_a_late_repeat_of_a_complete_upload_moves_no_alias_back(
+    registry, gateway, experiment_id, tmp_path
+):
+    source = model_dir(tmp_path / "m")
+
+    def upload() -> domain.ModelVersion:
+        return registry.upload_model(
+            "policy", source, experiment_id=experiment_id, aliases=["champion"], request_id="r"
+        )
+
+    first = upload()
+    second = registry.upload_model("policy", model_dir(tmp_path / "n"), experiment_id=experiment_id)
+    registry.set_model_alias("policy", "champion", second.version)
+    again = registry.upload_once("policy", "r", "print", upload, aliases=["champion"])
+    assert again.version == first.version and again.aliases == ()
+    assert gateway.get_model_version_by_alias("policy", "champion").version == second.version
+
+
+def where_run(where: dict[str, str]) -> dict[str, str]:
+    """upload_once's own view of where the files went: a given run, or a new one."""
+    return {"run_id": where["run_id"]} if "run_id" in where else {}

@@ -22,17 +22,16 @@ from mlflow_sidecar.core.domain import (
     RunStatus,
 )
 from mlflow_sidecar.core.logged_models import DatasetUse
-from mlflow_sidecar.server.idempotency.ledger import RENAME_REQUEST_ID_TAG, REQUEST_ID_TAG
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 from mlflow_sidecar.server.mlflow_gateway.sources import source_logged_model_id
-
-# The sidecar's own bookkeeping on the entities it creates (which request made or renamed
-# them): kept in MLflow, where it resolves retries, but not part of the tags users set.
-_BOOKKEEPING_TAGS = frozenset({REQUEST_ID_TAG, RENAME_REQUEST_ID_TAG})
+from mlflow_sidecar.server.validation import RESERVED_TAG_PREFIX
 
 
-def _user_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
-    return {k: v for k, v in (tags or {}).items() if k not in _BOOKKEEPING_TAGS}
+def user_tags(tags: Mapping[str, str] | None) -> dict[str, str]:
+    """The tags users set: without the sidecar's own bookkeeping on the entities it
+    creates (which request made, renamed or uploaded them; every key with its prefix,
+    which callers cannot set), kept in MLflow, where it resolves retries."""
+    return {k: v for k, v in (tags or {}).items() if not k.startswith(RESERVED_TAG_PREFIX)}
 
 
 def text(value: str | None) -> str:
@@ -56,7 +55,7 @@ def experiment(exp: MlflowExperiment) -> Experiment:
         name=exp.name,
         artifact_location=exp.artifact_location or "",
         lifecycle_stage=_stage(exp.lifecycle_stage),
-        tags=_user_tags(exp.tags),
+        tags=user_tags(exp.tags),
         creation_time_ms=exp.creation_time or 0,
         last_update_time_ms=exp.last_update_time or 0,
     )
@@ -85,7 +84,7 @@ def run(r: MlflowRun) -> Run:
         ),
         params=dict(r.data.params) if r.data else {},
         metrics=latest,
-        tags=_user_tags(r.data.tags) if r.data else {},
+        tags=user_tags(r.data.tags) if r.data else {},
         dataset_inputs=tuple(
             DatasetUse(
                 name=d.dataset.name,
@@ -112,7 +111,7 @@ def registered_model(rm: MlflowRegisteredModel) -> RegisteredModel:
         description=rm.description or "",
         creation_time_ms=rm.creation_timestamp or 0,
         last_updated_time_ms=rm.last_updated_timestamp or 0,
-        tags=_user_tags(rm.tags),
+        tags=user_tags(rm.tags),
         aliases={alias: int(version) for alias, version in (rm.aliases or {}).items()},
     )
 
@@ -127,7 +126,7 @@ def model_version(mv: MlflowModelVersion) -> ModelVersion:
         status=ModelVersionStatus(mv.status or "READY"),
         status_message=text(mv.status_message),
         description=text(mv.description),
-        tags=_user_tags(mv.tags),
+        tags=user_tags(mv.tags),
         aliases=tuple(mv.aliases or ()),
         creation_time_ms=ms(mv.creation_timestamp),
         last_updated_time_ms=ms(mv.last_updated_timestamp),

@@ -1137,6 +1137,15 @@ class MlflowGateway:
             not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
         )
 
+    def model_version_tag(self, name: str, version: int, key: str) -> str | None:
+        """One tag of a version, the sidecar's own included; None when it lacks it."""
+        found = self.call(
+            lambda: self._client.get_model_version(name, str(version)),
+            not_found=ErrorReason.MODEL_VERSION_NOT_FOUND,
+        )
+        value = (found.tags or {}).get(key)
+        return None if value is None else str(value)
+
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version."""
         self._delete_tag(

@@ -33,7 +33,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, page_tokens
-from mlflow_sidecar.server.mlflow_gateway.entities import ms, text
+from mlflow_sidecar.server.mlflow_gateway.entities import ms, text, user_tags
 from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
 
 _PAGE_KIND = "logged_models"
@@ -53,7 +53,7 @@ def logged_model(model: MlflowLoggedModel) -> LoggedModel:
         source_run_id=text(model.source_run_id),
         status=LoggedModelStatus.__members__.get(status, LoggedModelStatus.PENDING),
         status_message=text(model.status_message),
-        tags=dict(model.tags or {}),
+        tags=user_tags(model.tags),
         params=dict(model.params or {}),
     )
 

@@ -262,6 +262,10 @@ class ModelVersionsPort(Protocol):
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
         """Set one tag of a version."""
 
+    def model_version_tag(self, name: str, version: int, key: str) -> str | None:
+        """One tag of a version, the sidecar's own included (which versions returned
+        leave out); None when the version lacks it."""
+
     def delete_model_version_tag(self, name: str, version: int, key: str) -> None:
         """Delete one tag of a version; a tag that is not there is deleted already."""
 

@@ -238,6 +238,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             run_id=header.run_id,
             description=header.description,
             tags=dict(header.tags),
+            aliases=list(header.aliases),
         )
         return pb.UploadModelResponse(model_version=conv.model_version_to_pb(version))
 

@@ -54,6 +54,9 @@ _UPLOAD_MODEL = "/mlflow_sidecar.v1.ModelRegistryService/UploadModel"
 MODEL_ARTIFACT_DIR = "models"
 # Marks the runs UploadModel creates when it is given an experiment instead of a run.
 UPLOADED_MODEL_TAG = "mlflow_sidecar.uploaded_model"
+# Set on a version once its upload did all it was asked (aliases set, its run FINISHED):
+# a repeat that finds the version without it finishes the work of a try cut short.
+UPLOAD_COMPLETE_TAG = "mlflow_sidecar.upload_complete"
 
 
 def _name(field: str, value: str) -> str:
@@ -428,7 +431,26 @@ class RegistryService:
             raise
         if created_run:
             self._gateway.set_terminated(run_id, RunStatus.FINISHED, 0)
+        self._gateway.set_model_version_tag(name, created.version, UPLOAD_COMPLETE_TAG, "true")
         return result
+
+    def _finish_upload(
+        self, found: ModelVersion, aliases: Sequence[str], *, created_run: bool
+    ) -> ModelVersion:
+        """The version an earlier try of this upload registered, with the rest of that
+        try's work done if it was cut short (a killed sidecar): its aliases set and the
+        run made for it FINISHED. A complete upload is left as it is, so a late repeat
+        cannot move back an alias set since."""
+        if self._gateway.model_version_tag(found.name, found.version, UPLOAD_COMPLETE_TAG):
+            return self.get_model_version(found.name, found.version)
+        for alias in dict.fromkeys(aliases):
+            self.set_model_alias(found.name, alias, found.version)
+        if created_run:
+            run = self._gateway.get_run(found.run_id)
+            if run.info.status is RunStatus.RUNNING:
+                self._gateway.set_terminated(found.run_id, RunStatus.FINISHED, 0)
+        self._gateway.set_model_version_tag(found.name, found.version, UPLOAD_COMPLETE_TAG, "true")
+        return self.get_model_version(found.name, found.version)
 
     def upload_once(
         self,
@@ -440,6 +462,7 @@ class RegistryService:
         run_id: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
+        aliases: Sequence[str] = (),
     ) -> ModelVersion:
         """`upload()` (which reads and registers the files) once per request id.
 
@@ -447,7 +470,7 @@ class RegistryService:
         so its files are not read again: from the ledger when it recorded the first
         outcome (the same `request_print` required, else REQUEST_ID_REUSED), else found
         by the version's request id tag (the same model name, run, description and tags
-        required)."""
+        required), with what the first try left undone done (`aliases`, its run's end)."""
         if not request_id:
             return upload()
         made: list[ModelVersion] = []
@@ -456,7 +479,11 @@ class RegistryService:
             found = self._uploaded_version(
                 name, request_id, run_id=run_id, description=description, tags=tags or {}
             )
-            version = upload() if found is None else self.get_model_version(name, found.version)
+            version = (
+                upload()
+                if found is None
+                else self._finish_upload(found, aliases, created_run=not run_id)
+            )
             made.append(version)
             return json.dumps([version.name, version.version]).encode()
 
