@@ -180,3 +180,22 @@ def test_the_interceptor_refuses_a_malformed_request_id(ledger):
     with pytest.raises(InvalidArgumentError) as caught:
         handler.unary_unary(pb.CreateExperimentRequest(name="e", request_id="no spaces"), None)
     assert caught.value.field == "request_id"
+
+
+def test_a_call_that_took_effect_succeeds_when_the_disk_cannot_hold_its_answer(ledger, caplog):
+    # The call's effect is in MLflow: a DISK_FULL answer would say nothing happened.
+    page_count = ledger._db.execute("PRAGMA page_count").fetchone()[0]
+    ledger._db.execute(f"PRAGMA max_page_count={page_count}")  # SQLite's own "disk is full"
+    calls = []
+
+    def act() -> bytes:
+        calls.append(1)
+        return b"x" * 100_000
+
+    assert ledger.once(CREATE, "r1", "print", act) == b"x" * 100_000
+    assert "disk is full" in caplog.text
+    # Not remembered: a repeat acts again, and the request id tag resolves it in MLflow.
+    ledger._db.execute("PRAGMA max_page_count=1073741823")
+    assert ledger.once(CREATE, "r1", "print", act) == b"x" * 100_000
+    assert len(calls) == 2
+    assert ledger.answer(CREATE, "r1", "print", "request_id") == b"x" * 100_000

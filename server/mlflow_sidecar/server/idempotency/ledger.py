@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import re
 import sqlite3
 import threading
@@ -25,7 +26,10 @@ from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_REQUEST_ID_LENGTH
 from mlflow_sidecar.server.database_file import DatabaseFileError
+from mlflow_sidecar.server.disk_full import is_disk_full
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
+
+log = logging.getLogger(__name__)
 
 # The tag by which an entity the sidecar created names the request that created it.
 REQUEST_ID_TAG = "mlflow_sidecar.request_id"
@@ -157,15 +161,32 @@ class RequestLedger:
         return answer
 
     def record(self, method: str, request_id: str, print_: str, answer: bytes) -> None:
-        """Remember the answer of a request that succeeded."""
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO answers"
-                " (method, request_id, fingerprint, answer, recorded_ms) VALUES (?, ?, ?, ?, ?)",
-                (method, request_id, print_, answer, now_ms()),
+        """Remember the answer of a request that succeeded.
+
+        On a full disk the answer is not remembered, and the call still succeeds: it has
+        taken effect (in MLflow), and a repeat is resolved by the request id tag the
+        entity carries, as after the ledger forgot it. Refusing it instead would tell the
+        caller that nothing happened."""
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO answers"
+                    " (method, request_id, fingerprint, answer, recorded_ms)"
+                    " VALUES (?, ?, ?, ?, ?)",
+                    (method, request_id, print_, answer, now_ms()),
+                )
+                self._recorded += 1
+                prune = self._recorded % _PRUNE_EVERY == 0
+        except sqlite3.Error as exc:
+            if not is_disk_full(exc):
+                raise
+            log.warning(
+                "%s %s took effect but the disk is full: its answer is not kept in the"
+                " request ledger; a repeat is resolved in MLflow",
+                method,
+                request_id,
             )
-            self._recorded += 1
-            prune = self._recorded % _PRUNE_EVERY == 0
+            return
         if prune:
             self._prune()
 
