@@ -560,3 +560,19 @@ def test_a_param_another_call_logged_meanwhile_is_a_changed_param(service, gatew
     assert refused.value.reason == "PARAM_VALUE_CHANGED"
     assert refused.value.metadata["key"] == "seed"
     assert gateway.get_run(run_id).params == {"seed": "1"}
+
+
+def test_an_end_with_a_backlog_asks_a_hung_mlflow_once_not_once_per_question(
+    service, gateway, deliveries_open, run_id
+):
+    # The answer waits for MLflow one short while in all, not a while per question.
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    gateway.slow("get_run", 3)
+    asked_before = gateway.calls["get_run"]
+    with call_deadline.deadline_scope(0.4):
+        run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    assert (run.info.status, pending) == (RunStatus.RUNNING, 1)
+    assert gateway.calls["get_run"] - asked_before == 1
+    gateway.slow("get_run", 0)
+    deliveries_open.set()

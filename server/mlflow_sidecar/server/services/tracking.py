@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextvars
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import TypeVar
@@ -312,11 +313,13 @@ class TrackingService:
                 return self._gateway.get_run(run_id), 0
             # With a backlog the end stays recorded whatever MLflow says now: down or hung,
             # it may not answer within the call's deadline, and a trainer that ends its run
-            # and exits must leave it ended.
+            # and exits must leave it ended. Both questions to MLflow share one short wait.
+            answer_by = _answer_by()
+            mlflow_answered = True
             try:
-                _asked_briefly(lambda: self._require_active(run_id))
+                _asked_briefly(lambda: self._require_active(run_id), answer_by)
             except (UnavailableError, DeadlineExceededError):
-                pass  # the deliverer applies the end once MLflow answers
+                mlflow_answered = False  # the deliverer applies the end once MLflow answers
             except SidecarError:
                 if previous is None:  # a deleted or unknown run: nothing to end after all
                     self._ingest.cancel_end(run_id)
@@ -332,11 +335,13 @@ class TrackingService:
         if wait_for_delivery:
             # Ended in MLflow by now: the caller asked for MLflow's own view of the run.
             return self._gateway.get_run(run_id), pending
-        try:
-            return _asked_briefly(lambda: self._gateway.get_run(run_id)), pending
-        except (UnavailableError, DeadlineExceededError):
-            # The end is recorded: the call did what it promises, MLflow's view can wait.
-            return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
+        if mlflow_answered:
+            try:
+                return _asked_briefly(lambda: self._gateway.get_run(run_id), answer_by), pending
+            except (UnavailableError, DeadlineExceededError):
+                pass
+        # The end is recorded: the call did what it promises, MLflow's view can wait.
+        return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
         """Soft-delete a run, as MLflow does. An end recorded here and not yet applied
@@ -494,17 +499,22 @@ _ASK_WHILE_RECORDED_S = 2.0
 _asking = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="end-run-ask")
 
 
-def _asked_briefly(ask: Callable[[], T]) -> T:
-    """`ask()`'s answer within `_ASK_WHILE_RECORDED_S` (and the call's deadline), else
-    UnavailableError; an unanswered `ask` finishes in the background, bounded by MLflow's
-    request timeout."""
+def _answer_by() -> float:
+    """When (`time.monotonic()`) a call whose effect is recorded answers at the latest:
+    `_ASK_WHILE_RECORDED_S` from now, or half the call's deadline if that is sooner."""
     budget = _ASK_WHILE_RECORDED_S
     left = call_deadline.remaining()
     if left is not None:
         budget = min(budget, max(0.0, left / 2))
+    return time.monotonic() + budget
+
+
+def _asked_briefly(ask: Callable[[], T], answer_by: float) -> T:
+    """`ask()`'s answer before `answer_by`, else UnavailableError; an unanswered `ask`
+    finishes in the background, bounded by MLflow's request timeout."""
     # The call's deadline goes with it: the gateway bounds its retries by it.
     future = _asking.submit(contextvars.copy_context().run, ask)
     try:
-        return future.result(timeout=budget)
+        return future.result(timeout=max(0.0, answer_by - time.monotonic()))
     except concurrent.futures.TimeoutError:
-        raise UnavailableError(f"MLflow did not answer within {budget:.1f}s") from None
+        raise UnavailableError("MLflow did not answer in time") from None
