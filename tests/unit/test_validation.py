@@ -45,3 +45,13 @@ def test_a_trailing_newline_makes_no_identifier_valid(request_id):
         check_request_id("request_id", request_id)
     with pytest.raises(InvalidArgumentError):
         validation.page_token("YWJj\n")
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"), [("", "must not be empty"), ("  ", "only whitespace")]
+)
+def test_an_empty_or_blank_key_says_which(value, problem):
+    with pytest.raises(InvalidArgumentError) as err:
+        validation.tag_key("tags.key", value)
+    assert err.value.field == "tags.key"
+    assert problem in err.value.message

@@ -18,8 +18,10 @@ LOGGED_MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
 
 def require(field: str, value: str, *, max_length: int = MAX_NAME_LENGTH) -> str:
     """A non-empty string of bounded length without control characters."""
-    if not value or not value.strip():
+    if not value:
         raise InvalidArgumentError(field, "must not be empty")
+    if not value.strip():
+        raise InvalidArgumentError(field, f"{value!r} is only whitespace; it names nothing")
     return bounded(field, value, max_length)
 
 
