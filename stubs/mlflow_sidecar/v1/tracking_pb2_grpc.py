@@ -589,7 +589,8 @@ class ExperimentTrackingServiceServicer(object):
     def LogModelOutputs(self, request, context):
         """Records logged models as outputs of a run, each at a step. MLflow records a model as
         a run's output once: a model the run has already at that step is OK and recorded
-        once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+        once; at another step ALREADY_EXISTS (metadata "model_id" and "step", the step the
+        run already has it at); a model listed
         twice in one request is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

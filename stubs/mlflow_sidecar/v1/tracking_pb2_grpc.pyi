@@ -216,7 +216,8 @@ class ExperimentTrackingServiceStub:
     LogModelOutputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]
     """Records logged models as outputs of a run, each at a step. MLflow records a model as
     a run's output once: a model the run has already at that step is OK and recorded
-    once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+    once; at another step ALREADY_EXISTS (metadata "model_id" and "step", the step the
+    run already has it at); a model listed
     twice in one request is INVALID_ARGUMENT.
     """
     LogRunInputs: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]
@@ -416,7 +417,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     LogModelOutputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogModelOutputsRequest, _tracking_pb2.LogModelOutputsResponse]  # type: ignore[assignment]
     """Records logged models as outputs of a run, each at a step. MLflow records a model as
     a run's output once: a model the run has already at that step is OK and recorded
-    once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+    once; at another step ALREADY_EXISTS (metadata "model_id" and "step", the step the
+    run already has it at); a model listed
     twice in one request is INVALID_ARGUMENT.
     """
     LogRunInputs: _aio.UnaryUnaryMultiCallable[_tracking_pb2.LogRunInputsRequest, _tracking_pb2.LogRunInputsResponse]  # type: ignore[assignment]
@@ -787,7 +789,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.LogModelOutputsResponse, _abc.Awaitable[_tracking_pb2.LogModelOutputsResponse]]:
         """Records logged models as outputs of a run, each at a step. MLflow records a model as
         a run's output once: a model the run has already at that step is OK and recorded
-        once; at another step ALREADY_EXISTS (metadata "model_id", "step"); a model listed
+        once; at another step ALREADY_EXISTS (metadata "model_id" and "step", the step the
+        run already has it at); a model listed
         twice in one request is INVALID_ARGUMENT.
         """
 
