@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mlflow import MlflowClient
 
 from mlflow_sidecar.core.errors import AlreadyExistsError
 from mlflow_sidecar.server.mlflow_gateway import MlflowGateway
@@ -88,3 +89,73 @@ def test_a_registered_model_created_by_the_other_sidecar_for_the_request_is_retu
     assert model.name == name
     with pytest.raises(AlreadyExistsError):
         second.create_registered_model(name, description="", tags={}, request_id=f"o-{unique}")
+
+
+def test_a_run_the_other_sidecar_made_for_the_request_meanwhile_is_the_one(
+    two_sidecars, monkeypatch, unique
+):
+    first, second = two_sidecars
+    experiment_id = first.create_experiment(
+        f"two-sidecars-{unique}", artifact_location="", tags={}, request_id=f"e-{unique}"
+    )
+    tags = {"mlflow_sidecar.request_id": f"rid-{unique}"}
+
+    def start(gateway: MlflowGateway) -> str:
+        return gateway.find_or_create_run(
+            experiment_id,
+            run_name="",
+            tags=tags,
+            start_time_ms=0,
+            key_tag="mlflow_sidecar.request_id",
+        ).info.run_id
+
+    made: list[str] = []
+    client = first._client
+    monkeypatch.setattr(
+        client,
+        "search_runs",
+        after_the_look(client.search_runs, lambda: made.append(start(second))),
+    )
+    assert start(first) == made[0]
+    monkeypatch.undo()
+    live = MlflowClient(tracking_uri=first_uri(first)).search_runs(
+        [experiment_id], filter_string=f"tags.`mlflow_sidecar.request_id` = 'rid-{unique}'"
+    )
+    assert [r.info.run_id for r in live] == made
+
+
+def test_a_version_the_other_sidecar_registered_for_the_request_meanwhile_is_the_one(
+    two_sidecars, monkeypatch, unique
+):
+    first, second = two_sidecars
+    name, request_id = f"two-sidecars-{unique}", f"rid-{unique}"
+    first.create_registered_model(name, description="", tags={}, request_id=f"m-{unique}")
+    run_id = first.find_or_create_run(
+        "0", run_name="", tags={"k": unique}, start_time_ms=0, key_tag="k"
+    ).info.run_id
+
+    def register(gateway: MlflowGateway) -> int:
+        return gateway.create_model_version(
+            name,
+            source=f"runs:/{run_id}/model",
+            run_id=run_id,
+            description="",
+            tags={},
+            request_id=request_id,
+        ).version
+
+    made: list[int] = []
+    client = first._client
+    monkeypatch.setattr(
+        client,
+        "search_model_versions",
+        after_the_look(client.search_model_versions, lambda: made.append(register(second))),
+    )
+    assert register(first) == made[0] == 1
+    monkeypatch.undo()
+    versions = MlflowClient(tracking_uri=first_uri(first)).search_model_versions(f"name = '{name}'")
+    assert [int(v.version) for v in versions] == [1]
+
+
+def first_uri(gateway: MlflowGateway) -> str:
+    return str(gateway._client.tracking_uri)

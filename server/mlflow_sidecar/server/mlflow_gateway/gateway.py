@@ -524,21 +524,34 @@ class MlflowGateway:
         """
         wanted = tags[key_tag]
 
-        def op() -> Any:
+        def first_made() -> Any | None:
             found = self._client.search_runs(
                 [experiment_id],
                 filter_string=_tag_filter(key_tag, wanted),
                 run_view_type=ViewType.ALL,
                 max_results=1,
+                # The earliest, run id breaking ties: every sidecar picks the same one.
+                order_by=["attributes.start_time ASC"],
             )
-            if found:
-                return found[0]
-            return self._client.create_run(
+            return found[0] if found else None
+
+        def op() -> Any:
+            found = first_made()
+            if found is not None:
+                return found
+            created = self._client.create_run(
                 experiment_id,
                 start_time=start_time_ms or None,
                 tags=dict(tags),
                 run_name=run_name or None,
             )
+            # Another sidecar serving the same request at the same moment may have made
+            # one too: the earlier run is the request's, and the later one goes.
+            first = first_made()
+            if first is not None and first.info.run_id != created.info.run_id:
+                self._client.delete_run(created.info.run_id)
+                return first
+            return created
 
         return entities.run(self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND))
 
@@ -927,7 +940,7 @@ class MlflowGateway:
                     source=None if source.startswith("models:") else source,
                 )
                 return found
-            return self._client.create_model_version(
+            created = self._client.create_model_version(
                 name,
                 source,
                 run_id=run_id or None,
@@ -936,6 +949,17 @@ class MlflowGateway:
                 await_creation_for=0,
                 model_id=model_id,
             )
+            # Another sidecar serving the same request at the same moment may have
+            # registered one too: the lower version is the request's, the other goes.
+            first = self._find_version(request_id)
+            if (
+                first is not None
+                and first.name == created.name
+                and int(first.version) < int(created.version)
+            ):
+                self._client.delete_model_version(created.name, created.version)
+                return first
+            return created
 
         return entities.model_version(
             self.call_once(attempt, not_found=ErrorReason.MODEL_NOT_FOUND)
@@ -1047,9 +1071,12 @@ class MlflowGateway:
             paged = page(paged.token)
 
     def _find_version(self, request_id: str) -> Any | None:
-        # Of any model: an id is one call's, whichever model it named.
+        # Of any model: an id is one call's, whichever model it named. The first version
+        # made for it, should two sidecars both have made one: each picks the same.
         found = self._client.search_model_versions(
-            filter_string=_tag_filter(REQUEST_ID_TAG, request_id), max_results=1
+            filter_string=_tag_filter(REQUEST_ID_TAG, request_id),
+            max_results=1,
+            order_by=["version_number ASC"],
         )
         return found[0] if found else None
 
