@@ -94,6 +94,16 @@ def test_a_host_directory_as_artifact_location_is_refused(clients, outside, uniq
         "mlflow-artifacts:/0/../../etc",
         "file:///{root}/../../etc",
         "file:///{root}/%2E%2E/x",
+        # MLflow reads a local path only after a lower-case file:, and drops what follows
+        # a query or fragment: the location checked would not be the one used.
+        "FILE:///{root}/x",
+        "file:///{root}/m#x",
+        "file:///{root}/m?x",
+        "runs:/{run}/model#x",
+        # MLflow cannot read these models:/ URIs (a path below the model).
+        "models:/m/1/MLmodel",
+        "models:/m/1/",
+        "MODELS:/m/1",
     ],
 )
 def test_traversal_in_a_source_is_invalid_naming_the_field(clients, unique, source, tmp_path):
@@ -108,7 +118,17 @@ def test_traversal_in_a_source_is_invalid_naming_the_field(clients, unique, sour
     assert err.value.message.startswith("source:")
 
 
-@pytest.mark.parametrize("location", ["file:///{root}/../x", "{root}/a/%2e%2e", "a\\..\\b"])
+@pytest.mark.parametrize(
+    "location",
+    [
+        "file:///{root}/../x",
+        "{root}/a/%2e%2e",
+        "a\\..\\b",
+        "FILE://{root}/x",
+        "file://{root}/frag#x",
+        "file://{root}?/../x",
+    ],
+)
 def test_traversal_in_an_artifact_location_is_invalid(clients, unique, location, tmp_path):
     tracking, _registry = clients
     with pytest.raises(InvalidArgumentError) as err:
@@ -213,4 +233,13 @@ def test_a_symlink_in_a_runs_artifacts_does_not_lead_a_source_out_of_them(
     _assert_quiet(err.value, outside)
     assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
     assert registry.create_model_version(name, source=f"runs:/{run_id}/model").version == 2
+    # Read through the link as a run's artifact: refused as outside the stores, quietly.
+    with pytest.raises(PermissionDeniedError) as read:
+        tracking.download_artifact(run_id, "model/leak/passwd", tmp_path / "read")
+    _assert_quiet(read.value, outside)
+    assert read.value.reason == "PATH_OUTSIDE_ROOTS"
+    with pytest.raises(PermissionDeniedError) as listed:
+        tracking.list_artifacts(run_id, "model/leak")
+    assert listed.value.reason == "PATH_OUTSIDE_ROOTS"
+    assert not (tmp_path / "read").exists() or not list((tmp_path / "read").rglob("*"))
     container.shutdown_resources()

@@ -67,7 +67,9 @@ def model_dir(root: Path, files: int = 200, seed: int = 7) -> Path:
     return root
 
 
-def test_200_file_model_round_trip(registry, tracking, experiment_id, unique, tmp_path):
+def test_200_file_model_round_trip(
+    registry, tracking, experiment_id, unique, tmp_path, mlflow_server
+):
     source = model_dir(tmp_path / "model")
     # A symlink inside the directory is uploaded as the file it points to.
     os.symlink("layer_1/part_001.bin", source / "alias.bin")
@@ -96,7 +98,10 @@ def test_200_file_model_round_trip(registry, tracking, experiment_id, unique, tm
     run = tracking.get_run(version.run_id)
     assert run.info.experiment_id == experiment_id
     assert run.info.status is RunStatus.FINISHED
-    assert run.tags["mlflow_sidecar.uploaded_model"] == f"policy-{unique}"
+    # Tagged in MLflow; the sidecar's own tags stay out of what it returns.
+    assert "mlflow_sidecar.uploaded_model" not in run.tags
+    in_mlflow = MlflowClient(tracking_uri=mlflow_server.url).get_run(version.run_id)
+    assert in_mlflow.data.tags["mlflow_sidecar.uploaded_model"] == f"policy-{unique}"
 
     by_version = registry.download_model(f"policy-{unique}", tmp_path / "v1", version=1)
     by_alias = registry.download_model(f"policy-{unique}", tmp_path / "champ", alias="champion")

@@ -136,3 +136,21 @@ def test_times_are_utc_to_the_millisecond_with_a_z_in_both_formats(restored_logg
     line = capsys.readouterr().err.strip()
     stamp = json.loads(line)["time"] if fmt == "json" else line.split(" ", 1)[0]
     assert stamp == "2026-01-31T23:59:59.123Z"
+
+
+def test_no_text_in_a_text_log_passes_for_a_line_of_its_own(restored_logging, capsys):
+    # A name a caller chose, logged as it is, could otherwise forge an ERROR line.
+    configure_logging("INFO", "text")
+    forged = "x\n2026-01-01T00:00:00.000Z ERROR mlflow_sidecar.server.auth [-] FORGED"
+    logger = logging.getLogger("mlflow_sidecar.test")
+    logger.info("model %s is too large", forged)
+    try:
+        raise ValueError(forged)
+    except ValueError:
+        logger.exception("failed")
+    lines = capsys.readouterr().err.splitlines()
+    own = [line for line in lines if not line.startswith(" ")]
+    assert len(own) == 2, lines
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert "x\\n2026-01-01T00:00:00.000Z ERROR" in own[0]
+    assert "Traceback (most recent call last):" in lines[2]

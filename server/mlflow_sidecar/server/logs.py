@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 from datetime import datetime, timezone
-from typing import TextIO, cast
+from typing import Any, TextIO, cast
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
@@ -38,7 +38,21 @@ class _UtcTime:
 
 
 class UtcTextFormatter(_UtcTime, logging.Formatter):
-    """Plain text lines with ISO 8601 UTC times."""
+    """Plain text lines with ISO 8601 UTC times. A line break in a message (a name a
+    caller chose, say) is written as `\n`, and a traceback's lines are indented, so that
+    no text can pass for a log line of its own."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        return super().formatMessage(record).translate(_LINE_BREAKS)
+
+    def formatException(self, ei: Any) -> str:  # noqa: N802 - logging's name
+        return "\n".join(f"  {line}" for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join(f"  {line}" for line in stack_info.splitlines())
+
+
+_LINE_BREAKS = str.maketrans({"\n": "\\n", "\r": "\\r"})
 
 
 class UtcJsonFormatter(_UtcTime, JsonFormatter):

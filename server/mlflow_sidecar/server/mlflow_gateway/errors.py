@@ -79,6 +79,9 @@ _NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
 # INVALID_PARAMETER_VALUE ("The experiment 7 must be in the 'active' state. ...").
 _INACTIVE_MARKER = "must be in the 'active' state"
 _INACTIVE_EXPERIMENT = "The experiment "
+# MLflow's words for an artifact that resolves out of its artifact directory (a link
+# planted among a run's files): the store's doing, not the caller's request.
+_OUTSIDE_ARTIFACTS = "resolved path is outside the artifact directory"
 
 
 def _causes(exc: BaseException) -> list[BaseException]:
@@ -172,6 +175,13 @@ def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarErro
     code = databricks_pb2.ErrorCode.Value(exc.error_code)
     message = _short(exc)
     if code in _INVALID_CODES:
+        if _OUTSIDE_ARTIFACTS in message:
+            return PermissionDeniedError(
+                "the artifact resolves outside its artifact directory (a link among the"
+                " stored files points out of it); the sidecar does not follow it",
+                reason=ErrorReason.PATH_OUTSIDE_ROOTS,
+                metadata=facts,
+            )
         if _INACTIVE_MARKER in message:
             deleted_experiment = message.startswith(_INACTIVE_EXPERIMENT)
             return FailedPreconditionError(

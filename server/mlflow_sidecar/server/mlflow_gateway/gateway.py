@@ -971,6 +971,7 @@ class MlflowGateway:
         the id of that same run, and would register a models:/ source whose version or
         alias is missing with a vague error, or none at all."""
         check_source_alias(source)
+        mlflow_internals.logged_model_id(source)  # a models: URI MLflow cannot read is refused
         if source_run_id := runs_source_run_id(source):
             if run_id and run_id != source_run_id:
                 raise InvalidArgumentError(

@@ -36,6 +36,8 @@ from mlflow.utils.search_utils import (
     SearchUtils,
 )
 
+from mlflow_sidecar.core.errors import InvalidArgumentError
+
 # MLflow reads the artifact root of a SQL store built in-process from this variable (the
 # one `mlflow server` sets), so the embedded store keeps artifacts in the data dir.
 SERVER_ARTIFACT_ROOT_ENV = "_MLFLOW_SERVER_ARTIFACT_ROOT"
@@ -53,10 +55,19 @@ _parse_model_uri: Callable[[str], Any] = model_uris._parse_model_uri
 
 
 def logged_model_id(source: str) -> str | None:
-    """The logged model id of a `models:/<model id>` source (MLflow 3), else None."""
-    if not source.lower().startswith("models:/"):
+    """The logged model id of a `models:/<model id>` source (MLflow 3), else None;
+    INVALID_ARGUMENT on `source` for a `models:` URI MLflow cannot read (a path below
+    the model, a trailing slash)."""
+    if not source.lower().startswith("models:"):
         return None
-    model_id: str | None = _parse_model_uri(source).model_id
+    try:
+        model_id: str | None = _parse_model_uri(source).model_id
+    except MlflowException:
+        raise InvalidArgumentError(
+            "source",
+            f"{source!r} is not a models:/ URI MLflow reads: models:/NAME/VERSION,"
+            " models:/NAME@ALIAS or models:/MODEL_ID, nothing after it",
+        ) from None
     return model_id
 
 
