@@ -17,8 +17,12 @@ CLI = str(Path(sys.executable).with_name("mlflow-sidecar"))
 
 def health_ok(target: str) -> bool:
     """True when `mlflow-sidecar health` says SERVING."""
+    # MLflow's own variables configure the CLI too: the test process's (MLflow sets
+    # MLFLOW_REGISTRY_URI to a `sidecar://` URI a client was made with) would fail it.
+    env = {k: v for k, v in os.environ.items() if k not in MLFLOW_ENV_KEYS}
     result = subprocess.run(
         [CLI, "health", "--target", target, "--timeout", "1"],
+        env=env,
         capture_output=True,
         timeout=30,
         check=False,

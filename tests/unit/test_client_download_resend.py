@@ -1,6 +1,6 @@
 """Downloads are sent again by the typed client, never retried inside gRPC: grpc's retry
 of a server-streaming call whose sidecar was killed before its first message could wait
-past the call's deadline, forever. Unary calls keep gRPC's retry policy."""
+past the call's deadline, forever. Client streams keep gRPC's retry policy."""
 
 from __future__ import annotations
 
@@ -39,6 +39,13 @@ class _Unavailable:
             behave(request, context)
             yield b""
 
+        def upload(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
+            for _ in requests:
+                pass
+            return behave(b"", context)
+
+        if method.startswith("Upload"):
+            return grpc.stream_unary_rpc_method_handler(upload)
         if streaming:
             return grpc.unary_stream_rpc_method_handler(stream)
         return grpc.unary_unary_rpc_method_handler(behave)
@@ -53,7 +60,10 @@ def sidecar() -> Iterator[tuple[_Unavailable, grpc.Channel]]:
             "mlflow_sidecar.v1.ModelRegistryService",
             {"DownloadModel": True, "GetModelVersion": False},
         ),
-        ("mlflow_sidecar.v1.ExperimentTrackingService", {"DownloadArtifact": True}),
+        (
+            "mlflow_sidecar.v1.ExperimentTrackingService",
+            {"DownloadArtifact": True, "UploadArtifact": False},
+        ),
     ):
         server.add_generic_rpc_handlers(
             (
@@ -89,8 +99,9 @@ def test_downloads_are_sent_again_by_the_client_not_by_grpc(sidecar, tmp_path) -
         assert not any(PREVIOUS_ATTEMPTS in call for call in fake.calls[method])
     assert list(tmp_path.iterdir()) == []  # nothing left behind by any try
 
-    # The check can tell: a unary call is retried by gRPC, which says so in its metadata.
-    with pytest.raises(UnavailableError):
-        registry.get_model_version("m", 1)
-    tries = fake.calls["GetModelVersion"]
+    # The check can tell: a client stream is retried by gRPC, which says so in its metadata.
+    upload = channel.stream_unary("/mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact")
+    with pytest.raises(grpc.RpcError):
+        upload(iter([b""]), timeout=30)
+    tries = fake.calls["UploadArtifact"]
     assert [call.get(PREVIOUS_ATTEMPTS) for call in tries] == [None, "1", "2"]

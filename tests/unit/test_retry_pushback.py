@@ -1,8 +1,8 @@
-"""gRFC A6 server pushback, as grpcio's C-core applies it to the client's retry policy.
+"""gRFC A6 server pushback, as the client's channel applies it to its retries.
 
 The sidecar answers UNAVAILABLE with `grpc-retry-pushback-ms: -1` once it has spent its
 own MLflow retries; the typed client's channel retries UNAVAILABLE. These tests count the
-attempts that reach a real server through a channel built with the client's own options.
+attempts that reach a real server through the client's own channel (`SharedChannel`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from mlflow_sidecar.client.channel import channel_options
+from mlflow_sidecar.client.channel import SharedChannel
+from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.core.errors import ErrorReason, UnavailableError
 from mlflow_sidecar.server.interceptors import ErrorMappingInterceptor
 
@@ -48,10 +49,14 @@ def counting() -> Iterator[tuple[_Counting, grpc.Channel]]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
-    options = channel_options(4 * 1024 * 1024, MAX_ATTEMPTS)
-    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-        yield handler, channel
+    channel = _client_channel(port)
+    yield handler, channel.channel
+    channel.close()
     server.stop(0)
+
+
+def _client_channel(port: int) -> SharedChannel:
+    return SharedChannel(ClientSettings(target=f"127.0.0.1:{port}", max_attempts=MAX_ATTEMPTS))
 
 
 def _call(channel: grpc.Channel) -> grpc.RpcError:
@@ -94,9 +99,11 @@ def test_the_sidecars_unavailable_is_tried_once(tmp_path):
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     try:
-        options = channel_options(4 * 1024 * 1024, MAX_ATTEMPTS)
-        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-            assert _call(channel).code() == grpc.StatusCode.UNAVAILABLE
+        channel = _client_channel(port)
+        try:
+            assert _call(channel.channel).code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            channel.close()
     finally:
         server.stop(0)
     assert calls == 1

@@ -1,4 +1,4 @@
-"""The client channel: retry service config (UNAVAILABLE only), keepalive, message limits,
+"""The client channel: retries (UNAVAILABLE only), reconnect backoff, keepalive, message limits,
 and its lifetime: a `SharedChannel` stays open while any stub made from it is alive, closes
 when the last one is gone or on `close()`, and refuses calls after `close()` or in a forked
 child with our own FailedPreconditionError instead of gRPC's raw ValueError or a hang."""
@@ -15,6 +15,7 @@ import grpc
 
 from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
 from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.client.unary_retry import UnaryRetry
 from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
 CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
@@ -23,28 +24,31 @@ CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
 CHANNEL_USED_AFTER_FORK = ClientErrorReason.CHANNEL_USED_AFTER_FORK
 """Reason of the error a call in a forked child on its parent's channel raises."""
 
-SERVICE_NAMES = (
-    "mlflow_sidecar.v1.ExperimentTrackingService",
-    "mlflow_sidecar.v1.ModelRegistryService",
+# What gRPC's own retry policy retries: a client stream it can replay from its buffer.
+# Unary calls are UnaryRetry's; server streams are sent again by the typed clients.
+CLIENT_STREAMING_METHODS = (
+    ("mlflow_sidecar.v1.ExperimentTrackingService", "StreamMetrics"),
+    ("mlflow_sidecar.v1.ExperimentTrackingService", "UploadArtifact"),
+    ("mlflow_sidecar.v1.ExperimentTrackingService", "UploadLoggedModelArtifact"),
+    ("mlflow_sidecar.v1.ModelRegistryService", "UploadModel"),
 )
 
-SERVER_STREAMING_METHODS = (
-    ("mlflow_sidecar.v1.ExperimentTrackingService", "DownloadArtifact"),
-    ("mlflow_sidecar.v1.ExperimentTrackingService", "DownloadLoggedModelArtifact"),
-    ("mlflow_sidecar.v1.ModelRegistryService", "DownloadModel"),
-    ("mlflow_sidecar.v1.ModelRegistryService", "WatchModelAlias"),
-)
+RECONNECT_BACKOFF_MS = (100, 1_000)
+"""The channel's first and largest pause between attempts to reconnect to the sidecar."""
 
 
 def service_config(max_attempts: int = 5) -> str:
-    """gRPC service config: retry UNAVAILABLE with exponential backoff, nothing else (gRFC A6).
+    """gRPC service config: retry UNAVAILABLE of client-streaming calls with exponential
+    backoff, nothing else (gRFC A6).
 
-    Every method is retried: each mutating RPC carries a `request_id` (the typed client
-    keeps it across tries) or is idempotent, so a repeat has one effect. What these retries
-    are for is the transport-level UNAVAILABLE of a sidecar briefly unreachable. An
-    UNAVAILABLE the sidecar itself answers (MLflow stayed unreachable through its own
-    `retry.max_tries`) carries `grpc-retry-pushback-ms: -1`, which grpc honours by not
-    retrying: one client call costs at most `retry.max_tries` MLflow attempts.
+    Unary calls are retried by `UnaryRetry` on every channel a `SharedChannel` makes, which
+    waits for the channel to reconnect between tries: gRPC's policy retries at once after
+    a short random pause, and spent every try of a call made while the channel was still
+    in its reconnect backoff after a sidecar restart. An UNAVAILABLE the sidecar itself
+    answers (MLflow stayed unreachable through its own `retry.max_tries`) carries
+    `grpc-retry-pushback-ms: -1`, which both honour by not retrying: one client call costs
+    at most `retry.max_tries` MLflow attempts. Every mutating RPC carries a `request_id`
+    (the typed client keeps it across tries) or is idempotent, so a repeat has one effect.
 
     Server-streaming methods are not retried by gRPC: a download whose sidecar was killed
     before its first message was retried by grpc onto the restarted sidecar and then
@@ -54,7 +58,10 @@ def service_config(max_attempts: int = 5) -> str:
         {
             "methodConfig": [
                 {
-                    "name": [{"service": name} for name in SERVICE_NAMES],
+                    "name": [
+                        {"service": service, "method": method}
+                        for service, method in CLIENT_STREAMING_METHODS
+                    ],
                     "retryPolicy": {
                         "maxAttempts": max_attempts,
                         "initialBackoff": "0.1s",
@@ -62,13 +69,6 @@ def service_config(max_attempts: int = 5) -> str:
                         "backoffMultiplier": 2,
                         "retryableStatusCodes": ["UNAVAILABLE"],
                     },
-                },
-                # A method's own entry wins over its service's: no retryPolicy, no retries.
-                {
-                    "name": [
-                        {"service": service, "method": method}
-                        for service, method in SERVER_STREAMING_METHODS
-                    ]
                 },
             ]
         }
@@ -83,6 +83,7 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
         if max_attempts >= 2
         else [("grpc.enable_retries", 0)]
     )
+    initial_ms, max_ms = RECONNECT_BACKOFF_MS
     return [
         *retries,
         ("grpc.max_send_message_length", max_message_bytes),
@@ -90,9 +91,11 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
         # The sidecar runs next to the trainer: once it is back from a restart, reach it
-        # within seconds, not after gRPC's default reconnect backoff of up to two minutes
-        # (calls fail at once while the channel waits, eating a stream's reconnect window).
-        ("grpc.max_reconnect_backoff_ms", 5_000),
+        # within about a second, not after gRPC's default reconnect backoff of up to two
+        # minutes: a call waits for the channel to reconnect, and a stream's reconnect
+        # window runs meanwhile. A refused connection on loopback costs next to nothing.
+        ("grpc.initial_reconnect_backoff_ms", initial_ms),
+        ("grpc.max_reconnect_backoff_ms", max_ms),
     ]
 
 
@@ -129,7 +132,18 @@ class SharedChannel:
         self._raw = raw
         self.pid = os.getpid()
         self.closed = False
-        interceptors: list[Any] = [_ChannelGuard(self)]
+        interceptors: list[Any] = [
+            _ChannelGuard(self),
+            # Inside the guard, outside the metadata: every try carries the token and
+            # trace context again.
+            UnaryRetry(
+                raw,
+                target=settings.target,
+                max_attempts=settings.max_attempts,
+                default_deadline_s=settings.timeout_s,
+                check_usable=self.check_usable,
+            ),
+        ]
         if settings.token:
             interceptors.append(BearerTokenInterceptor(settings.token))
         tracing = _trace_context_interceptor()
