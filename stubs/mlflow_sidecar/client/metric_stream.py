@@ -195,14 +195,15 @@ def _add_columns(series: pb.MetricSeries, points: memoryview, *, fixed: bool) ->
 
 def _stamp_for(key: str, timestamp_ms: Any) -> int:
     """The timestamp of a point logged with a `timestamp_ms` not above 0: now for 0, else
-    the error `_checked_numbers` gives."""
-    _checked_numbers(key, 0.0, timestamp_ms, 0)
+    the error `checked_numbers` gives."""
+    checked_numbers(key, 0.0, timestamp_ms, 0)
     return now_ms()
 
 
-def _checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
+def checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple[float, int, int]:
     """A point's numbers as protobuf will take them, or the TypeError or ValueError
-    that names what the sidecar would refuse.
+    that names what the sidecar would refuse: the check `log` makes of a point, for a
+    caller that must check several points before it logs any of them.
 
     Numbers of other types (numpy's, say) are converted, as protobuf converts them."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__float__"):
@@ -358,7 +359,7 @@ class MetricStream:
             stamp = timestamp_ms if timestamp_ms > 0 else _stamp_for(key, timestamp_ms)
             row += _pack_point(value, stamp, step)
         except (TypeError, struct.error):
-            value, stamp, step = _checked_numbers(key, value, timestamp_ms, step)
+            value, stamp, step = checked_numbers(key, value, timestamp_ms, step)
             self._add(row, _pack_point(value, stamp or now_ms(), step))
         except BufferError:  # the row was sealed by close() after this call found it
             raise _closed_error() from None

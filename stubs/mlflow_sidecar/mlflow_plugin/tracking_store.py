@@ -48,6 +48,7 @@ from mlflow.utils.validation import (
 
 from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.client.metric_stream import checked_numbers
 from mlflow_sidecar.core import names
 from mlflow_sidecar.core.domain import TERMINAL_RUN_STATUSES, Metric
 from mlflow_sidecar.core.domain import (
@@ -164,6 +165,29 @@ def _page_size(max_results: int | None, default: int, ceiling: int) -> int:
     if max_results is None:
         return default
     return max(1, min(int(max_results), ceiling))
+
+
+def _step(metric: MlflowMetric) -> Any:
+    """A point's step as MLflow's client sends it: none is 0."""
+    return 0 if metric.step is None else metric.step
+
+
+def _out_of_range(error: ValueError, path: str = "") -> MlflowException:
+    """The metric stream's ValueError (a step or timestamp out of its range) as MLflow's
+    error for a value it refuses."""
+    where = f"{path}: " if path else ""
+    return MlflowException(f"{where}{error}", error_code=databricks_pb2.INVALID_PARAMETER_VALUE)
+
+
+def _check_point(metric: MlflowMetric, path: str) -> None:
+    """Refuse, before any of its batch is sent, a point the metric stream would refuse
+    once some of the batch is sent already: a step or timestamp that is not an integer
+    (NaN, 1.5) is TypeError, as MLflow's client cannot put it into its request either;
+    one out of range is INVALID_PARAMETER_VALUE."""
+    try:
+        checked_numbers(metric.key, metric.value, metric.timestamp, _step(metric))
+    except ValueError as exc:
+        raise _out_of_range(exc, path) from None
 
 
 def _dataset_use(dataset_input: Any) -> DatasetUse:
@@ -407,13 +431,18 @@ class SidecarTrackingStore(AbstractStore):
     def log_metric(self, run_id: str, metric: MlflowMetric) -> None:
         self._warn_of_dropped_links((metric,))
         self._undelivered.check(run_id)
-        self._connection.stream().log(
-            run_id,
-            metric.key,
-            metric.value,
-            step=int(metric.step or 0),
-            timestamp_ms=int(metric.timestamp),
-        )
+        try:
+            # Step and timestamp go as given: the stream refuses what is not an integer
+            # (TypeError, as MLflow's client does) instead of rounding it.
+            self._connection.stream().log(
+                run_id,
+                metric.key,
+                metric.value,
+                step=_step(metric),
+                timestamp_ms=metric.timestamp,
+            )
+        except ValueError as exc:
+            raise _out_of_range(exc) from None
         # Only once the stream took it: a point it refused leaves nothing to wait for.
         self._undelivered.add(run_id)
 
@@ -435,6 +464,7 @@ class SidecarTrackingStore(AbstractStore):
             names.run_id("run_id", run_id)
             for index, m in enumerate(metrics):
                 names.key(f"metrics[{index}].key", m.key)
+                _check_point(m, f"metrics[{index}]")
         if params:
             self._tracking.log_params(run_id, {p.key: str(p.value) for p in params})
         if tags:
@@ -442,9 +472,7 @@ class SidecarTrackingStore(AbstractStore):
         if metrics:
             stream = self._connection.stream()
             for m in metrics:
-                stream.log(
-                    run_id, m.key, m.value, step=int(m.step or 0), timestamp_ms=int(m.timestamp)
-                )
+                stream.log(run_id, m.key, m.value, step=_step(m), timestamp_ms=m.timestamp)
             self._undelivered.add(run_id)
 
     def log_metric_async(self, run_id: str, metric: MlflowMetric) -> RunOperations:

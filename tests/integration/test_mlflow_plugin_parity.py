@@ -1,0 +1,99 @@
+"""Calls that stock MLflow answers one way against its server: through `sidecar://` they
+answer the same way, and leave in MLflow what they leave there without the sidecar."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
+
+from tests.integration.conftest import RunningSidecar
+from tests.support.processes import MlflowServer
+
+
+@pytest.fixture()
+def plugin(sidecar: RunningSidecar, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
+    """An MLflow client of the session sidecar (`sidecar://`), and MLflow's fluent API
+    pointed at it; MLflow's globals and variables are put back afterwards."""
+    uri = f"sidecar://{sidecar.target}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if mlflow.active_run() is not None:
+        mlflow.end_run()
+    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to MLflow's default
+    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
+
+
+@pytest.fixture()
+def direct(mlflow_server: MlflowServer) -> MlflowClient:
+    """A plain MLflow client of the real server, without the sidecar."""
+    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+
+
+def _run(client: MlflowClient, unique: str) -> str:
+    experiment_id = client.create_experiment(f"parity-{unique}-{time.time_ns()}")
+    return client.create_run(experiment_id).info.run_id
+
+
+@pytest.mark.parametrize(
+    ("bad", "error"),
+    [
+        (Metric("bad", 1.0, 5, 2**63), MlflowException),
+        (Metric("bad", 1.0, 5, -(2**63) - 1), MlflowException),
+        (Metric("bad", 1.0, 2**63, 0), MlflowException),
+        (Metric("bad", 1.0, 5, float("nan")), TypeError),  # type: ignore[arg-type]
+        (Metric("bad", 1.0, 5, 1.5), TypeError),  # type: ignore[arg-type]
+    ],
+    ids=["step-over-int64", "step-under-int64", "timestamp-over-int64", "nan-step", "1.5-step"],
+)
+def test_a_batch_with_a_point_out_of_range_leaves_nothing_behind(
+    plugin: MlflowClient, direct: MlflowClient, unique: str, bad: Metric, error: type
+) -> None:
+    run_id = _run(plugin, unique)
+    with pytest.raises(error) as refused:
+        plugin.log_batch(
+            run_id,
+            metrics=[Metric("good", 1.0, 5, 0), bad],
+            params=[Param("p", "1")],
+            tags=[RunTag("t", "1")],
+        )
+    if error is MlflowException:
+        assert refused.value.error_code == "INVALID_PARAMETER_VALUE"  # type: ignore[attr-defined]
+        assert "metrics[1]" in str(refused.value)
+    mlflow.flush_async_logging()
+    seen = direct.get_run(run_id).data
+    assert (seen.params, seen.metrics) == ({}, {})
+    assert "t" not in seen.tags
+    assert direct.get_metric_history(run_id, "good") == []
+
+
+def test_a_point_refused_for_its_numbers_is_refused_as_mlflow_refuses_it(
+    plugin: MlflowClient, direct: MlflowClient, unique: str
+) -> None:
+    for client in (direct, plugin):
+        run_id = _run(client, unique)
+        with pytest.raises(MlflowException) as negative:
+            client.log_metric(run_id, "m", 1.0, timestamp=-5)
+        assert negative.value.error_code == "INVALID_PARAMETER_VALUE"
+        # MLflow's client fails to build its request (a ValueError); the plugin says so
+        # as every other failure, an MlflowException.
+        with pytest.raises(ValueError if client is direct else MlflowException) as too_far:
+            client.log_metric(run_id, "m", 1.0, step=2**63)
+        if client is plugin:
+            assert too_far.value.error_code == "INVALID_PARAMETER_VALUE"  # type: ignore[attr-defined]
+        # A step that is not an integer is not rounded: MLflow's client raises TypeError.
+        with pytest.raises(TypeError):
+            client.log_metric(run_id, "m", 1.0, step=1.5)  # type: ignore[arg-type]
+        with pytest.raises(TypeError):
+            client.log_metric(run_id, "m", 1.0, step=float("nan"))  # type: ignore[arg-type]
+        client.log_metric(run_id, "m", 2.0, step=3)
+        mlflow.flush_async_logging()
+        assert [(m.step, m.value) for m in direct.get_metric_history(run_id, "m")] == [(3, 2.0)]
