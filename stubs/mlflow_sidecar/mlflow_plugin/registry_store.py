@@ -24,6 +24,7 @@ from mlflow.store.model_registry import (
     SEARCH_REGISTERED_MODEL_MAX_RESULTS_THRESHOLD,
 )
 from mlflow.store.model_registry.abstract_store import AbstractStore
+from mlflow.store.model_registry.rest_store import RestStore
 
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
@@ -31,7 +32,7 @@ from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarUri
-from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
+from mlflow_sidecar.mlflow_plugin.errors import refuses_unoffered, translated, unsupported
 
 _RUNS_PREFIX = "runs:/"
 
@@ -56,6 +57,7 @@ def _version_number(version: Any) -> int:
         ) from None
 
 
+@refuses_unoffered(AbstractStore, RestStore)
 class SidecarRegistryStore(AbstractStore):
     """MLflow's registry store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
 

@@ -36,6 +36,7 @@ from mlflow.store.tracking import (
     SEARCH_MAX_RESULTS_THRESHOLD,
 )
 from mlflow.store.tracking.abstract_store import AbstractStore
+from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking._model_registry import utils as registry_utils
 from mlflow.utils._spark_utils import _get_active_spark_session
 from mlflow.utils.async_logging.run_operations import RunOperations
@@ -59,7 +60,7 @@ from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarConnection
-from mlflow_sidecar.mlflow_plugin.errors import translated, unsupported
+from mlflow_sidecar.mlflow_plugin.errors import refuses_unoffered, translated, unsupported
 
 _log = logging.getLogger(__name__)
 _LINK_WARNED = False
@@ -208,6 +209,7 @@ def _dataset_use(dataset_input: Any) -> DatasetUse:
     )
 
 
+@refuses_unoffered(AbstractStore, RestStore)
 class SidecarTrackingStore(AbstractStore):
     """MLflow's tracking store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
 
