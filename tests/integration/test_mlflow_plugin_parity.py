@@ -97,3 +97,16 @@ def test_a_point_refused_for_its_numbers_is_refused_as_mlflow_refuses_it(
         client.log_metric(run_id, "m", 2.0, step=3)
         mlflow.flush_async_logging()
         assert [(m.step, m.value) for m in direct.get_metric_history(run_id, "m")] == [(3, 2.0)]
+
+
+def test_a_file_logged_to_an_absolute_path_is_refused_as_mlflow_refuses_it(
+    plugin: MlflowClient, direct: MlflowClient, unique: str
+) -> None:
+    for client in (direct, plugin):
+        run_id = _run(client, unique)
+        with pytest.raises(MlflowException) as refused:
+            client.log_text(run_id, "x", "/abs.txt")
+        assert "Invalid artifact path: '/'" in refused.value.message
+        assert direct.list_artifacts(run_id) == []
+        client.log_text(run_id, "x", "dir/rel.txt")
+        assert [f.path for f in direct.list_artifacts(run_id, "dir")] == ["dir/rel.txt"]

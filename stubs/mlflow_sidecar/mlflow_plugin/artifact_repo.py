@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from mlflow.entities import FileInfo as MlflowFileInfo
-from mlflow.store.artifact.artifact_repo import ArtifactRepository
+from mlflow.store.artifact.artifact_repo import ArtifactRepository, verify_artifact_path
 
 from mlflow_sidecar.client.grpc_logged_models import GrpcLoggedModels
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
@@ -110,11 +110,15 @@ class SidecarArtifactRepository(ArtifactRepository):
 
     @translated
     def log_artifact(self, local_file: str, artifact_path: str | None = None) -> None:
+        # MLflow's own repositories refuse a directory that is not what it names ("/",
+        # "a/../b"); joined here, "/" would go unnoticed and the file land at the root.
+        verify_artifact_path(artifact_path)
         name = os.path.basename(local_file)
         self._files.upload(local_file, _join(self._base, artifact_path, name))
 
     @translated
     def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        verify_artifact_path(artifact_path)
         root = Path(local_dir)
         for path in sorted(p for p in root.rglob("*") if p.is_file()):
             relative = path.relative_to(root).as_posix()
