@@ -110,3 +110,16 @@ def test_a_file_logged_to_an_absolute_path_is_refused_as_mlflow_refuses_it(
         assert direct.list_artifacts(run_id) == []
         client.log_text(run_id, "x", "dir/rel.txt")
         assert [f.path for f in direct.list_artifacts(run_id, "dir")] == ["dir/rel.txt"]
+
+
+def test_a_run_link_is_refused_not_dropped(plugin: MlflowClient, unique: str) -> None:
+    name = f"parity-link-{unique}"
+    plugin.create_registered_model(name)
+    run_id = _run(plugin, unique)
+    with pytest.raises(MlflowException) as refused:
+        plugin.create_model_version(
+            name, f"runs:/{run_id}/model", run_id=run_id, run_link="http://ci/job/7"
+        )
+    assert refused.value.error_code == "NOT_IMPLEMENTED"
+    assert "run_link" in refused.value.message
+    assert plugin.search_model_versions(f"name = '{name}'") == []

@@ -174,6 +174,9 @@ class SidecarRegistryStore(AbstractStore):
         local_model_path: str | None = None,
         model_id: str | None = None,
     ) -> MlflowModelVersion:
+        if run_link:
+            # CreateModelVersion has no run link: refused rather than dropped.
+            raise unsupported("A model version's run_link")
         if model_id and not source.startswith("models:/"):
             # The sidecar resolves a logged model from its models:/ URI, as MLflow does.
             source = f"models:/{model_id}"
