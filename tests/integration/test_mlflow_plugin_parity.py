@@ -123,3 +123,11 @@ def test_a_run_link_is_refused_not_dropped(plugin: MlflowClient, unique: str) ->
     assert refused.value.error_code == "NOT_IMPLEMENTED"
     assert "run_link" in refused.value.message
     assert plugin.search_model_versions(f"name = '{name}'") == []
+
+
+def test_no_experiments_and_a_missing_run_read_as_nothing_as_in_mlflow(
+    plugin: MlflowClient, direct: MlflowClient
+) -> None:
+    for client in (direct, plugin):
+        assert list(client.search_runs([])) == []
+        assert client.get_metric_history("0" * 32, "m") == []

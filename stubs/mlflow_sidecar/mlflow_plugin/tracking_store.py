@@ -395,10 +395,13 @@ class SidecarTrackingStore(AbstractStore):
         order_by: Sequence[str] | None,
         page_token: str | None,
     ) -> tuple[list[MlflowRun], str | None]:
-        self._deliver(None)  # a search reads what this process logged, as a get_run does
         wanted = paging.checked_max_results(
             max_results, SEARCH_MAX_RESULTS_DEFAULT, SEARCH_MAX_RESULTS_THRESHOLD
         )
+        if not experiment_ids:
+            # MLflow finds no runs in no experiments; the RPC refuses an empty list.
+            return [], None
+        self._deliver(None)  # a search reads what this process logged, as a get_run does
         found, token = paging.collect(
             lambda size, token: self._tracking.search_runs(
                 [str(e) for e in experiment_ids],
@@ -532,6 +535,18 @@ class SidecarTrackingStore(AbstractStore):
         page_token: str | None = None,
     ) -> PagedList[Any]:
         self._deliver(run_id)
+        try:
+            return self._metric_history(run_id, metric_key, max_results, page_token)
+        except NotFoundError as exc:
+            # MLflow answers a missing run's history with no points; the RPC says
+            # RUN_NOT_FOUND.
+            if exc.reason != ErrorReason.RUN_NOT_FOUND:
+                raise
+            return PagedList([], None)
+
+    def _metric_history(
+        self, run_id: str, metric_key: str, max_results: int | None, page_token: str | None
+    ) -> PagedList[Any]:
         if max_results is not None:
             page = self._tracking.get_metric_history(
                 run_id,
