@@ -131,3 +131,23 @@ def test_no_experiments_and_a_missing_run_read_as_nothing_as_in_mlflow(
     for client in (direct, plugin):
         assert list(client.search_runs([])) == []
         assert client.get_metric_history("0" * 32, "m") == []
+
+
+def test_a_run_made_through_the_plugin_is_stored_as_mlflow_stores_it(
+    plugin: MlflowClient, direct: MlflowClient, unique: str
+) -> None:
+    stored = {}
+    for client in (direct, plugin):
+        experiment_id = client.create_experiment(f"parity-user-{unique}-{id(client)}")
+        run_id = client.create_run(experiment_id, run_name="u").info.run_id
+        run = direct.get_run(run_id)
+        tags = sorted(k for k in run.data.tags if not k.startswith("mlflow_sidecar."))
+        stored[client is plugin] = (run.info.user_id, tags)
+    assert stored[True] == stored[False]
+    assert "mlflow.user" not in stored[True][1]
+    # A user given as MLflow's client takes it (the tag) is the run's user both ways.
+    for client in (direct, plugin):
+        experiment_id = client.create_experiment(f"parity-user2-{unique}-{id(client)}")
+        run_id = client.create_run(experiment_id, tags={"mlflow.user": "ana"}).info.run_id
+        run = direct.get_run(run_id)
+        assert (run.info.user_id, run.data.tags["mlflow.user"]) == ("ana", "ana")

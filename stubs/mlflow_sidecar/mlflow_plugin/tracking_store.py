@@ -326,9 +326,10 @@ class SidecarTrackingStore(AbstractStore):
         tags: Any,
         run_name: str | None,
     ) -> MlflowRun:
+        # `user_id` is not sent: StartRun has none, and the sidecar's MLflow client takes
+        # it from the `mlflow.user` tag, as MLflow's client made it ("unknown" without the
+        # tag). Turned into that tag, it would leave a tag MLflow's own call does not.
         tag_values = entities.tag_dict(tags)
-        if user_id and "mlflow.user" not in tag_values:
-            tag_values["mlflow.user"] = user_id
         parent = tag_values.get("mlflow.parentRunId", "")
         started = self._tracking.start_run(
             str(experiment_id),
