@@ -159,6 +159,17 @@ def test_version_from_an_unknown_models_source_is_not_found(registry_stub, model
         assert err.code() == NOT_FOUND, (source, err.details())
 
 
+def test_version_from_a_missing_logged_model_says_so(registry_stub, model):
+    # MLflow 3's models:/<model id>: the logged model is what is missing, not a version.
+    err = _error(
+        lambda: registry_stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(name=model, source=f"models:/m-{'0' * 32}")
+        )
+    )
+    assert err.code() == NOT_FOUND, err.details()
+    assert error_from_rpc(err).reason == ErrorReason.LOGGED_MODEL_NOT_FOUND, err.details()
+
+
 # -- ALREADY_EXISTS ---------------------------------------------------------------------
 
 

@@ -372,12 +372,22 @@ class MlflowGateway:
                     raise InvalidArgumentError(field, exc.message) from exc
                 raise
             if len(found) == 1:
-                return str(self._client.get_logged_model(found[0]).artifact_location)
+                return self._logged_model_location(found[0])
             name, version = found
             return str(self._client.get_model_version_download_uri(name, str(version)))
 
         location = self.call(op, not_found=ErrorReason.MODEL_VERSION_NOT_FOUND)
         return f"{location.rstrip('/')}/{sub_path}" if sub_path.strip("/") else location
+
+    def _logged_model_location(self, model_id: str) -> str:
+        """Where a logged model keeps its files; NotFoundError (LOGGED_MODEL_NOT_FOUND)
+        when MLflow has no such model: it is no version that is missing."""
+        try:
+            return str(self._client.get_logged_model(model_id).artifact_location)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise NotFoundError(exc.message, reason=ErrorReason.LOGGED_MODEL_NOT_FOUND) from exc
 
     def ping(self, *, retry: bool = True) -> None:
         """One cheap call; raises UnavailableError when MLflow cannot be reached.
