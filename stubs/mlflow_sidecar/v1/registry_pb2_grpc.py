@@ -35,7 +35,8 @@ class ModelRegistryServiceStub(object):
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
-    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    EXPERIMENT_NOT_FOUND, LOGGED_MODEL_NOT_FOUND (the logged model a models:/ source names)
+    (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
     TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
@@ -172,7 +173,8 @@ class ModelRegistryServiceServicer(object):
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
-    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    EXPERIMENT_NOT_FOUND, LOGGED_MODEL_NOT_FOUND (the logged model a models:/ source names)
+    (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
     TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
@@ -488,7 +490,8 @@ class ModelRegistryService(object):
     with domain "mlflow-sidecar" and a stable reason, BadRequest for a field at fault,
     RetryInfo where waiting helps). The reasons this service sends beyond the generic ones:
     MODEL_NOT_FOUND, MODEL_VERSION_NOT_FOUND, ALIAS_NOT_FOUND, RUN_NOT_FOUND,
-    EXPERIMENT_NOT_FOUND (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
+    EXPERIMENT_NOT_FOUND, LOGGED_MODEL_NOT_FOUND (the logged model a models:/ source names)
+    (NOT_FOUND); RESERVED_ALIAS, INVALID_PAGE_TOKEN (INVALID_ARGUMENT);
     RUN_NOT_ACTIVE, EXPERIMENT_NOT_ACTIVE (FAILED_PRECONDITION); UPLOAD_TOO_LARGE,
     TOO_MANY_STREAMS, WATCH_FELL_BEHIND (RESOURCE_EXHAUSTED); DIGEST_MISMATCH (DATA_LOSS); MLFLOW_UNAVAILABLE,
     SHUTTING_DOWN (UNAVAILABLE).
