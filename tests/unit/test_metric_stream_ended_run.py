@@ -87,3 +87,41 @@ def test_a_flush_that_does_not_report_keeps_the_report_for_one_that_does() -> No
     with pytest.raises(FailedPreconditionError):
         stream.close(timeout_s=30)
     assert sidecar.steps == {GOING: [1]}
+
+
+def test_a_close_reports_every_ended_run_whose_points_it_dropped() -> None:
+    # Nothing can be raised after a close: its one report names every run.
+    other = "o" * 32
+
+    class _TwoEnded(_Sidecar):
+        def with_call(self, requests, timeout=None, **kwargs):  # type: ignore[no-untyped-def]
+            accepted = 0
+            for message in requests:
+                points = points_of(message)
+                for run_id in (ENDED, other):
+                    if self.ended and any(p.run_id == run_id for p in points):
+                        raise RefusedCall(
+                            FailedPreconditionError(
+                                f"run {run_id} was ended (FINISHED) through the sidecar",
+                                reason=ErrorReason.RUN_ENDED,
+                                metadata={"run_id": run_id, "status": "FINISHED"},
+                            ),
+                            accepted,
+                        )
+                accepted += len(points)
+            return pb.StreamMetricsResponse(accepted_points=accepted), AnsweredCall(None)
+
+    sidecar = _TwoEnded()
+    sidecar.ended = True
+    stream = MetricStream(_Stub(sidecar), max_delay_s=60, max_batch_points=10**6)  # type: ignore[arg-type]
+    for run_id, points in ((ENDED, 2), (other, 3)):
+        for step in range(points):
+            stream.log(run_id, "m", 1.0, step=step, timestamp_ms=5)
+    stream.log(GOING, "m", 1.0, step=0, timestamp_ms=5)
+    with pytest.raises(FailedPreconditionError) as dropped:
+        stream.close(timeout_s=30)
+    assert dropped.value.reason == ErrorReason.RUN_ENDED
+    assert sorted(dropped.value.metadata["run_id"].split(",")) == sorted([ENDED, other])
+    assert dropped.value.metadata["points"] == "5"
+    assert ENDED in dropped.value.message and other in dropped.value.message
+    assert stream.close(timeout_s=30) == 1

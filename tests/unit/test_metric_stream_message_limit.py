@@ -4,6 +4,7 @@ of a refused call when the refusal names the limit, keeping each series' order."
 
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from mlflow_sidecar.client.metric_stream import MetricStream, _split_messages
@@ -125,3 +126,42 @@ def test_split_keeps_columns_and_order_of_both_forms() -> None:
         "v": [(float(i), 7, i) for i in range(3)],
         "f": [(float(i), 5, i) for i in range(5)],
     }
+
+
+class _TooLargeForGrpc(RefusedCall):
+    """gRPC's own refusal of a message over the receiver's limit: no sidecar details."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        self._code = grpc.StatusCode.RESOURCE_EXHAUSTED
+        self._details = f"Received message larger than max ({size} vs. {limit})"
+        self._trailers = ()
+
+
+class _SmallMessageSidecar:
+    """A sidecar whose `server.max_message_bytes` is below the stream's messages."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.refusals = 0
+        self.steps: list[int] = []
+
+    def with_call(self, requests, timeout=None, **kwargs):  # type: ignore[no-untyped-def]
+        accepted = 0
+        for message in requests:
+            size = message.ByteSize()
+            if size > self.limit_bytes:
+                self.refusals += 1
+                raise _TooLargeForGrpc(size, self.limit_bytes)
+            points = points_of(message)
+            self.steps.extend(p.step for p in points if p.key == "a")
+            accepted += len(points)
+        return pb.StreamMetricsResponse(accepted_points=accepted), AnsweredCall(None)
+
+
+def test_a_message_over_the_sidecars_byte_limit_is_sent_again_in_smaller_ones() -> None:
+    sidecar = _SmallMessageSidecar(limit_bytes=64 * 1024)
+    stream = MetricStream(_Stub(sidecar), max_delay_s=60, retry_budget_s=5)  # type: ignore[arg-type]
+    _log(stream, 20_000)
+    assert stream.close(timeout_s=30) == 40_000
+    assert sidecar.steps == list(range(20_000))
+    assert 1 <= sidecar.refusals <= 3

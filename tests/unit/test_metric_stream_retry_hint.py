@@ -15,6 +15,7 @@ from mlflow_sidecar.client.metric_stream import MetricStream
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError, to_rpc_status
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+from tests.support.metric_messages import AnsweredCall, RefusedCall, points_of
 
 HINT_S = 0.6
 
@@ -166,3 +167,43 @@ def test_a_refused_calls_requests_give_nothing_more_once_it_ended() -> None:
         stream.log("r" * 32, "loss", float(step), step=step)
     assert stream.close(timeout_s=30) == 3
     assert refusing.taken_by_the_ended_call == []
+
+
+class _DrainingSpool:
+    """A full spool that drains as MLflow takes points: each call after the first has one
+    message accepted, then meets SPOOL_FULL."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.steps: list[int] = []
+
+    def with_call(self, requests, timeout=None, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        accepted = 0
+        for message in requests:
+            if self.calls > 1 and accepted:
+                raise RefusedCall(
+                    ResourceExhaustedError(
+                        "spool full", reason=ErrorReason.SPOOL_FULL, retry_after_s=0.02
+                    ),
+                    accepted,
+                )
+            points = points_of(message)
+            self.steps.extend(p.step for p in points)
+            accepted += len(points)
+        return pb.StreamMetricsResponse(accepted_points=accepted), AnsweredCall(
+            conv.SERIES_COLUMNS_FIXED
+        )
+
+
+def test_a_stream_the_sidecar_keeps_taking_points_from_outlasts_its_retry_budget():
+    # Each call makes progress before it is refused: the stream is not refused, only
+    # slowed, and gives up only on a sidecar that takes nothing for its whole budget.
+    stub = _Stub()
+    stub.StreamMetrics = sidecar = _DrainingSpool()  # type: ignore[assignment]
+    stream = MetricStream(stub, max_delay_s=60, retry_budget_s=0.3, max_message_bytes=4096)  # type: ignore[arg-type]
+    for step in range(3000):
+        stream.log("r" * 32, "loss", 1.0, step=step, timestamp_ms=5)
+    assert stream.close(timeout_s=60) == 3000
+    assert sidecar.steps == list(range(3000))
+    assert sidecar.calls > 10

@@ -61,6 +61,7 @@ import collections
 import logging
 import operator
 import os
+import re
 import struct
 import sys
 import threading
@@ -382,7 +383,9 @@ class MetricStream:
         Points of a run the sidecar refuses for good (ended through it: RUN_ENDED) are
         dropped and the stream goes on for its other runs; the next flush that
         `report_dropped` raises FailedPreconditionError (reason RUN_ENDED, metadata
-        `run_id` and `points`) for each such run, once, after flushing the rest."""
+        `run_id` and `points`) once, after flushing the rest: one error for all such runs
+        (their ids comma-separated in `run_id`, `points` their sum), so that a `close()`,
+        after which nothing more is raised, reports them all."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._cut()
         with self._cond:
@@ -398,7 +401,8 @@ class MetricStream:
                 self._flushing = False
             self._raise_if_failed()
             if self._unreported and report_dropped:
-                raise self._unreported.pop(0)
+                reports, self._unreported = self._unreported, []
+                raise _one_report(reports)
             return self._accepted
 
     def close(self, timeout_s: float | None = None) -> int:
@@ -650,12 +654,18 @@ class MetricStream:
         failing_since: float | None = None
         delay = 0.05
         while self._wait_for_work():
+            accepted_before = self._accepted
             code = self._send_window()
             if self._error is not None:
                 return
             if code is None:
                 failing_since, delay = None, 0.05
                 continue
+            if self._accepted > accepted_before:
+                # The sidecar took some of the call's messages before it refused one (a
+                # spool that drains as fast as MLflow takes points): that is progress,
+                # and the stream gives up only on a sidecar that takes nothing at all.
+                failing_since, delay = None, 0.05
             failing_since = failing_since or time.monotonic()
             if not self._back_off(code, failing_since, delay):
                 return
@@ -813,6 +823,21 @@ class MetricStream:
             )
         )
 
+    def _fitting_points(self, exc: grpc.RpcError) -> int | None:
+        """How many points fit one message when gRPC refused the first one in flight as
+        larger than the sidecar takes; None for any other refusal. Later messages are cut
+        to the sidecar's limit too, so the stream goes on in smaller messages."""
+        details = exc.details() if isinstance(exc, grpc.Call) else ""
+        sizes = _too_large(details or "")
+        if sizes is None:
+            return None
+        size, limit = sizes
+        # A tenth below the limit: points differ in size (key lengths, columns).
+        self._max_message_bytes = max(2048, min(self._max_message_bytes, limit * 9 // 10))
+        first = self._in_flight[0][1]
+        current = self._max_message_points or first
+        return max(1, min(current, first * limit * 9 // (10 * max(size, 1))))
+
     def _settle_failure(self, exc: grpc.RpcError) -> grpc.StatusCode | None:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         accepted = _accepted_from_trailers(exc)
@@ -829,6 +854,8 @@ class MetricStream:
                 # One run's end refuses the message: the stream goes on for the others.
                 self._drop_ended_run(ended, refusal)
             cap = _message_points_limit(refusal)
+            if cap is None and self._in_flight:
+                cap = self._fitting_points(exc)
             if cap is not None:
                 # More points in one message than the spool holds: no wait would make
                 # room, but the same points in smaller messages fit.
@@ -854,6 +881,20 @@ class MetricStream:
             self._in_flight.clear()
             self._cond.notify_all()
             return None
+
+
+def _one_report(reports: list[SidecarError]) -> SidecarError:
+    """The refusals of points of several ended runs as one error, each run named."""
+    if len(reports) == 1:
+        return reports[0]
+    return FailedPreconditionError(
+        "; ".join(report.message for report in reports),
+        reason=RUN_ENDED,
+        metadata={
+            "run_id": ",".join(report.metadata.get("run_id", "") for report in reports),
+            "points": str(sum(int(report.metadata.get("points", "0")) for report in reports)),
+        },
+    )
 
 
 def _without_run(
@@ -886,6 +927,17 @@ def _positive_int(text: object) -> int | None:
     except ValueError:
         return None
     return number if number > 0 else None
+
+
+# gRPC's own refusal of a message over the receiver's limit (the sidecar's
+# `server.max_message_bytes`, when it is below the client's `max_message_bytes`).
+_TOO_LARGE_RE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
+
+
+def _too_large(details: str) -> tuple[int, int] | None:
+    """(size, limit) of a message gRPC refused as larger than the receiver takes."""
+    found = _TOO_LARGE_RE.search(details)
+    return (int(found[1]), int(found[2])) if found else None
 
 
 def _message_points_limit(error: SidecarError) -> int | None:
