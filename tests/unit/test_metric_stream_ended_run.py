@@ -15,12 +15,12 @@ ENDED = "e" * 32
 GOING = "g" * 32
 
 
-def _run_ended(accepted: int) -> RefusedCall:
+def _run_ended(accepted: int, run_id: str = ENDED) -> RefusedCall:
     return RefusedCall(
         FailedPreconditionError(
-            f"run {ENDED} was ended (FINISHED) through the sidecar",
+            f"run {run_id} was ended (FINISHED) through the sidecar",
             reason=ErrorReason.RUN_ENDED,
-            metadata={"run_id": ENDED, "status": "FINISHED"},
+            metadata={"run_id": run_id, "status": "FINISHED"},
         ),
         accepted,
     )
@@ -100,14 +100,7 @@ def test_a_close_reports_every_ended_run_whose_points_it_dropped() -> None:
                 points = points_of(message)
                 for run_id in (ENDED, other):
                     if self.ended and any(p.run_id == run_id for p in points):
-                        raise RefusedCall(
-                            FailedPreconditionError(
-                                f"run {run_id} was ended (FINISHED) through the sidecar",
-                                reason=ErrorReason.RUN_ENDED,
-                                metadata={"run_id": run_id, "status": "FINISHED"},
-                            ),
-                            accepted,
-                        )
+                        raise _run_ended(accepted, run_id)
                 accepted += len(points)
             return pb.StreamMetricsResponse(accepted_points=accepted), AnsweredCall(None)
 
