@@ -4,7 +4,6 @@ answer the same way, and leave in MLflow what they leave there without the sidec
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import mlflow
 import pytest
@@ -12,30 +11,18 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-from tests.integration.conftest import RunningSidecar
-from tests.support.processes import MlflowServer
+from tests.integration import test_mlflow_plugin
+
+# The plugin tests' fixtures: MLflow pointed at the session sidecar, and at MLflow directly.
+sidecar_uri = test_mlflow_plugin.sidecar_uri
+direct = test_mlflow_plugin.direct
 
 
 @pytest.fixture()
-def plugin(sidecar: RunningSidecar, monkeypatch: pytest.MonkeyPatch) -> Iterator[MlflowClient]:
-    """An MLflow client of the session sidecar (`sidecar://`), and MLflow's fluent API
-    pointed at it; MLflow's globals and variables are put back afterwards."""
-    uri = f"sidecar://{sidecar.target}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("MLFLOW_REGISTRY_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    yield MlflowClient(tracking_uri=uri, registry_uri=uri)
-    if mlflow.active_run() is not None:
-        mlflow.end_run()
-    mlflow.set_tracking_uri(None)  # type: ignore[arg-type]  # None: back to MLflow's default
-    mlflow.set_registry_uri(None)  # type: ignore[arg-type]
-
-
-@pytest.fixture()
-def direct(mlflow_server: MlflowServer) -> MlflowClient:
-    """A plain MLflow client of the real server, without the sidecar."""
-    return MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+def plugin(sidecar_uri: str) -> MlflowClient:
+    """An MLflow client of the session sidecar (`sidecar://`), with MLflow's fluent API
+    pointed at it (`sidecar_uri` puts MLflow's globals and variables back afterwards)."""
+    return MlflowClient(tracking_uri=sidecar_uri, registry_uri=sidecar_uri)
 
 
 def _run(client: MlflowClient, unique: str) -> str:
