@@ -138,6 +138,60 @@ def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
 
 
+# -- messages out of place ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        (pb.UploadArtifactRequest(), "payload", "carries nothing; it must carry a chunk"),
+        (
+            pb.UploadArtifactRequest(header=pb.UploadArtifactHeader(run_id="r")),
+            "header",
+            "only the first message may carry a header",
+        ),
+    ],
+    ids=["empty", "second header"],
+)
+def test_an_artifact_message_out_of_place_is_named_and_writes_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, extra, field, words
+):
+    requests = artifact_requests(run_id, b"payload")
+    error = call_fails(
+        tracking_stub.UploadArtifact,
+        [requests[0], extra, *requests[1:]],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert (error.field, words in error.message) == (field, True), error.message
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "words"),
+    [
+        (reg_pb.UploadModelRequest(), "payload", "carries nothing; it must carry a file"),
+        (
+            reg_pb.UploadModelRequest(header=reg_pb.UploadModelHeader(name="m")),
+            "header",
+            "only the first message may carry a header",
+        ),
+    ],
+    ids=["empty", "second header"],
+)
+def test_a_model_message_out_of_place_is_named_and_registers_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, unique, extra, field, words
+):
+    name = f"out-of-place-{unique}"
+    requests = model_requests(name, run_id, {"MLmodel": b"flavors: {}\n"})
+    error = call_fails(
+        registry_stub.UploadModel,
+        [requests[0], extra, *requests[1:]],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    )
+    assert (error.field, words in error.message) == (field, True), error.message
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
+
+
 # -- truncated and corrupted streams ------------------------------------------------------
 
 

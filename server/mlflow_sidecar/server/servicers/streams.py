@@ -240,8 +240,17 @@ def _receive_chunks(
         elif kind == "trailer":
             trailed = _sha256("trailer.sha256", message.trailer.sha256)
         else:
-            raise InvalidArgumentError("header", "only the first message may carry a header")
+            raise _out_of_place(kind, "a chunk or the trailer")
     return trailed
+
+
+def _out_of_place(kind: str | None, expected: str) -> InvalidArgumentError:
+    """The error for a message after the header that carries `kind` (None: nothing)."""
+    if kind is None:
+        return InvalidArgumentError(
+            "payload", f"a message after the header carries nothing; it must carry {expected}"
+        )
+    return InvalidArgumentError(kind, "only the first message may carry a header")
 
 
 # A ModelFile entry's field tag and length prefix in the manifest.
@@ -369,7 +378,7 @@ def receive_model(
             elif kind == "chunk":
                 files.write(message.chunk)
             else:
-                raise InvalidArgumentError("header", "only the first message may carry a header")
+                raise _out_of_place(kind, "a file or a chunk")
         files.finish()
     finally:
         files.close()
