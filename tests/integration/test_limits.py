@@ -59,6 +59,64 @@ def test_a_run_tag_keeps_mlflows_run_limit(tracking_stub, run_id):
     assert "past" not in tags
 
 
+def test_the_run_name_tag_is_held_to_the_run_names_limit(tracking_stub, run_id):
+    # MLflow copies the tag into the run's name column; past its width PostgreSQL refused
+    # the batch that held it after the batches before it had landed.
+    at_limit = "n" * limits.MAX_KEY_LENGTH
+    many = {f"t{i:03}": "v" for i in range(2 * limits.MAX_PARAMS_TAGS_PER_BATCH + 50)}
+    refused(
+        lambda: tracking_stub.SetRunTags(
+            pb.SetRunTagsRequest(run_id=run_id, tags={**many, "mlflow.runName": at_limit + "n"})
+        ),
+        "tags[mlflow.runName]",
+    )
+    assert not set(tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run.data.tags) & set(many)
+    tracking_stub.SetRunTags(pb.SetRunTagsRequest(run_id=run_id, tags={"mlflow.runName": at_limit}))
+    assert tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run.info.run_name == at_limit
+
+
+def test_a_run_starts_with_a_name_and_user_tag_its_columns_hold(tracking_stub, unique):
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"run-columns-{unique}")
+    ).experiment.experiment_id
+    name, user = "n" * limits.MAX_KEY_LENGTH, "u" * limits.MAX_RUN_USER_LENGTH
+    for tags, field in [
+        ({"mlflow.runName": name + "n"}, "tags[mlflow.runName]"),
+        ({"mlflow.user": user + "u"}, "tags[mlflow.user]"),
+    ]:
+        refused(
+            lambda tags=tags: tracking_stub.StartRun(
+                pb.StartRunRequest(experiment_id=experiment_id, tags=tags)
+            ),
+            field,
+        )
+    assert not tracking_stub.SearchRuns(pb.SearchRunsRequest(experiment_ids=[experiment_id])).runs
+    run = tracking_stub.StartRun(
+        pb.StartRunRequest(
+            experiment_id=experiment_id, tags={"mlflow.runName": name, "mlflow.user": user}
+        )
+    ).run
+    assert (run.info.run_name, run.data.tags["mlflow.user"]) == (name, user)
+
+
+def test_a_logged_model_type_fits_its_column(tracking_stub, unique):
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"model-type-{unique}")
+    ).experiment.experiment_id
+    at_limit = "t" * limits.MAX_MODEL_TYPE_LENGTH
+    for model_type in (at_limit + "t", "a\x00b"):
+        refused(
+            lambda model_type=model_type: tracking_stub.CreateLoggedModel(
+                pb.CreateLoggedModelRequest(experiment_id=experiment_id, model_type=model_type)
+            ),
+            "model_type",
+        )
+    model = tracking_stub.CreateLoggedModel(
+        pb.CreateLoggedModelRequest(experiment_id=experiment_id, model_type=at_limit)
+    ).model
+    assert model.model_type == at_limit
+
+
 def test_registry_tags_take_what_mlflow_holds_on_any_database(registry_stub, run_id, unique):
     # A registered model's tag is a column of 5000 (PostgreSQL refuses more, SQLite takes
     # any), a version's a text of MLflow's 100,000.

@@ -34,6 +34,8 @@ def test_every_request_limit_is_in_the_table() -> None:
         "MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH",
         "MAX_MODEL_VERSION_TAG_VALUE_LENGTH",
         "MAX_NAME_LENGTH",
+        "MAX_MODEL_TYPE_LENGTH",
+        "MAX_RUN_USER_LENGTH",
         "MAX_ALIAS_LENGTH",
         "MAX_DESCRIPTION_LENGTH",
         "MAX_CREATED_NAME_LENGTH",

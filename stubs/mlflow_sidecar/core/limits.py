@@ -33,6 +33,11 @@ MAX_CREATED_NAME_LENGTH = 256
 """The name of an experiment or registered model the sidecar creates (or renames to): its
 MLflow database column. MLflow's validation allows 500, which only SQLite, ignoring
 column widths, holds; names up to MAX_NAME_LENGTH are still looked up."""
+MAX_MODEL_TYPE_LENGTH = 500
+"""A logged model's type: its MLflow database column."""
+MAX_RUN_USER_LENGTH = 256
+"""The `mlflow.user` tag a run is created with: MLflow copies it into the run's user
+column."""
 MAX_ARTIFACT_LOCATION_LENGTH = 256
 """A new experiment's artifact location: its MLflow database column."""
 MAX_SOURCE_LENGTH = 500

@@ -93,6 +93,7 @@ class LoggedModelService:
                 raise InvalidArgumentError(
                     "name", f"{name!r}: a logged model name cannot hold {' '.join(bad)}"
                 )
+        check.bounded("model_type", model_type, limits.MAX_MODEL_TYPE_LENGTH)
         if source_run_id:
             check.run_id("source_run_id", source_run_id)
         check.string_map("params", params or {}, max_value_length=limits.MAX_PARAM_VALUE_LENGTH)

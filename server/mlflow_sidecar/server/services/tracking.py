@@ -55,7 +55,7 @@ from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.staging import Staging
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
-RUN_NAME_TAG = "mlflow.runName"
+RUN_NAME_TAG = check.RUN_NAME_TAG
 
 
 def _start_run_id(request_id: str, client_request_id: str) -> str:
@@ -196,7 +196,7 @@ class TrackingService:
     ) -> Run:
         check.experiment_id("experiment_id", experiment_id)
         check.bounded("run_name", run_name, limits.MAX_KEY_LENGTH)
-        check.tags("tags", tags or {})
+        check.run_tags("tags", tags or {}, creating=True)
         named = (tags or {}).get(RUN_NAME_TAG)
         if run_name and named is not None and named != run_name:
             # MLflow refuses the pair too, without saying which field.
@@ -428,7 +428,7 @@ class TrackingService:
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
         check.run_id("run_id", run_id)
-        check.tags("tags", tags)
+        check.run_tags("tags", tags)
         items = list(tags.items())
         for batch in check.chunks(items, limits.MAX_PARAMS_TAGS_PER_BATCH):
             self._gateway.log_batch(run_id, tags=dict(batch))
