@@ -7,6 +7,8 @@ import time
 import grpc
 import pytest
 
+from mlflow_sidecar.core import limits
+from mlflow_sidecar.core.errors import error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
 
 
@@ -189,6 +191,31 @@ def test_create_model_version_from_run_id_and_artifact_path(registry_stub, run_i
     assert created.status == pb.MODEL_VERSION_STATUS_READY
     assert created.source == f"runs:/{run_id}/agents/ppo"
     assert created.run_id == run_id
+
+
+def test_an_artifact_path_takes_what_the_same_source_takes(registry_stub, run_id, unique):
+    # run_id + artifact_path is the runs:/ source written in two fields: one set of rules.
+    name = f"mv-path-rules-{unique}"
+    _model(registry_stub, name)
+    prefix = len(f"runs:/{run_id}/")
+    room = limits.MAX_SOURCE_LENGTH - prefix
+    longest = "/".join(["p" * 200, "p" * 200, "p" * (room - 402)])
+    for path in ("model+v2", "a" * 251, longest):
+        created = registry_stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(name=name, run_id=run_id, artifact_path=path)
+        ).model_version
+        assert created.source == f"runs:/{run_id}/{path}"
+    for path in (longest + "p", "../other", "a?b", "/abs"):
+        with pytest.raises(grpc.RpcError) as err:
+            registry_stub.CreateModelVersion(
+                pb.CreateModelVersionRequest(name=name, run_id=run_id, artifact_path=path)
+            )
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, path
+        assert error_from_rpc(err.value).field == "artifact_path", err.value.details()
+    listed = registry_stub.SearchModelVersions(
+        pb.SearchModelVersionsRequest(filter=f"name = '{name}'")
+    ).model_versions
+    assert len(listed) == 3
 
 
 def test_create_model_version_from_a_runs_source_with_its_run_id(registry_stub, run_id, unique):

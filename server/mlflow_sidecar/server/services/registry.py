@@ -34,6 +34,7 @@ from mlflow_sidecar.core.limits import (
     MAX_ALIAS_LENGTH,
     MAX_PAGE_SIZE,
 )
+from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
@@ -255,8 +256,7 @@ class RegistryService:
                 )
             # The caller named no source: what is wrong is in the fields it gave.
             check.run_id("run_id", run_id)
-            check.key("artifact_path", artifact_path)
-            source = f"runs:/{run_id}/{artifact_path}"
+            source = _run_source(run_id, artifact_path)
         elif artifact_path:
             raise InvalidArgumentError("artifact_path", "give either source or artifact_path")
         # NOT_FOUND for an unknown model instead of MLflow creating nothing with a vague error.
@@ -600,3 +600,18 @@ class RegistryService:
         except NotFoundError:
             return False
         return True
+
+
+def _run_source(run_id: str, artifact_path: str) -> str:
+    """The `runs:/` source that `run_id` and `artifact_path` name, held to the rules of a
+    source given whole (faults named on `artifact_path`)."""
+    check_relative_path("artifact_path", artifact_path)
+    source = f"runs:/{run_id}/{artifact_path}"
+    check_uri_syntax("artifact_path", source)
+    if len(source) > limits.MAX_SOURCE_LENGTH:
+        raise InvalidArgumentError(
+            "artifact_path",
+            f"makes a source of {len(source)} characters ({source[:40]}...); a version's"
+            f" source holds at most {limits.MAX_SOURCE_LENGTH}",
+        )
+    return source
