@@ -5,13 +5,17 @@ the sidecar's is the entity's."""
 
 from __future__ import annotations
 
+import logging
+
 import grpc
 import pytest
 
 from mlflow_sidecar.core import limits
-from mlflow_sidecar.core.errors import error_from_rpc
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2_grpc
+from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.integration.test_artifacts_bad_input import model_requests
 
 
@@ -328,3 +332,41 @@ def test_created_names_locations_and_sources_fit_mlflows_columns(
         ),
         "artifact_location",
     )
+
+
+def test_an_answer_over_the_message_limit_says_so_and_is_logged_as_refused(
+    mlflow_server, tmp_path, caplog
+):
+    # Params within every limit add up to a run whose GetRun answer no message can hold:
+    # the sidecar says why, instead of grpc's bare RESOURCE_EXHAUSTED after an OK log line.
+    limit = 64 * 1024
+    running = RunningSidecar(
+        sidecar_config(tmp_path, mlflow_server.url, server={"max_message_bytes": limit})
+    )
+    try:
+        with (
+            caplog.at_level(logging.INFO, logger="mlflow_sidecar.access"),
+            grpc.insecure_channel(running.target) as channel,
+        ):
+            stub = tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+            experiment_id = stub.CreateExperiment(
+                pb.CreateExperimentRequest(name=f"answer-{tmp_path.name}")
+            ).experiment.experiment_id
+            run_id = stub.StartRun(pb.StartRunRequest(experiment_id=experiment_id)).run.info.run_id
+            value = "v" * limits.MAX_PARAM_VALUE_LENGTH
+            for part in range(2):
+                params = {f"p{part}-{i}": value for i in range(6)}
+                stub.LogParams(pb.LogParamsRequest(run_id=run_id, params=params))
+            with pytest.raises(grpc.RpcError) as err:
+                stub.GetRun(pb.GetRunRequest(run_id=run_id))
+    finally:
+        running.stop()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    error = error_from_rpc(err.value)
+    assert error.reason == ErrorReason.ANSWER_TOO_LARGE
+    assert int(error.metadata["answer_bytes"]) > limit
+    assert error.metadata["max_message_bytes"] == str(limit)
+    assert "server.max_message_bytes" in error.message
+    logged = [r.getMessage() for r in caplog.records if r.name == "mlflow_sidecar.access"]
+    get_run = [m for m in logged if "/GetRun " in m]
+    assert len(get_run) == 1 and "RESOURCE_EXHAUSTED" in get_run[0], logged

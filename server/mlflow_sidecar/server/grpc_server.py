@@ -172,7 +172,11 @@ class SidecarServer:
         interceptors.append(AccessLogInterceptor(self.metrics))
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
-        interceptors.append(ErrorMappingInterceptor(config.server.default_deadline_s))
+        interceptors.append(
+            ErrorMappingInterceptor(
+                config.server.default_deadline_s, config.server.max_message_bytes
+            )
+        )
         # Inside the error mapping, so a refusal carries its reason like any other error;
         # outside the ledger, so a refused call leaves no trace there and a waiting one
         # has not claimed its request id yet.

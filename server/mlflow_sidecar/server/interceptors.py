@@ -23,8 +23,10 @@ from grpc_status import rpc_status
 from mlflow_sidecar.core.errors import (
     REQUEST_ID_KEY,
     CancelledError,
+    ErrorReason,
     InternalError,
     InvalidArgumentError,
+    ResourceExhaustedError,
     SidecarError,
     error_from_status,
     to_rpc_status,
@@ -115,11 +117,17 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
     """Maps exceptions to status codes: the one place that does.
 
     Calls without a deadline get `default_deadline_s` for the sidecar's own waits
-    (MLflow retries, flushes), so nothing waits forever on their behalf.
+    (MLflow retries, flushes), so nothing waits forever on their behalf. An answer over
+    `max_answer_bytes` (the server's send limit) is refused here, with its reason, rather
+    than by grpc, which ends the call with a bare RESOURCE_EXHAUSTED after the access log
+    has counted it OK.
     """
 
-    def __init__(self, default_deadline_s: float | None = None) -> None:
+    def __init__(
+        self, default_deadline_s: float | None = None, max_answer_bytes: int | None = None
+    ) -> None:
         self._default_deadline_s = default_deadline_s
+        self._max_answer_bytes = max_answer_bytes
         self._handlers = WrappedHandlers(self._wrap)
         # method -> (the wrapped handler, the same decoding requests tolerantly)
         self._decoding: dict[str, tuple[object, Any]] = {}
@@ -145,6 +153,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
         default = self._default_deadline_s
+        fits = _answer_limit(self._max_answer_bytes)
 
         def remaining(context: grpc.ServicerContext) -> float | None:
             left = context.time_remaining()
@@ -160,7 +169,8 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with call_deadline.deadline_scope(remaining(context)):
                     try:
-                        yield from behavior(decoded(request), context)
+                        for answer in behavior(decoded(request), context):
+                            yield fits(answer)
                     except Exception as exc:  # noqa: BLE001 - every failure must become a status code
                         _abort(exc, context, method)
 
@@ -169,11 +179,29 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
             with call_deadline.deadline_scope(remaining(context)):
                 try:
-                    return behavior(decoded(request), context)
+                    return fits(behavior(decoded(request), context))
                 except Exception as exc:  # noqa: BLE001 - every failure must become a status code
                     _abort(exc, context, method)
 
         return unary
+
+
+def _answer_limit(max_bytes: int | None) -> Callable[[Any], Any]:
+    """The check of one answer message against the server's send limit."""
+
+    def fits(answer: Any) -> Any:
+        size = answer.ByteSize() if max_bytes is not None else 0
+        if max_bytes is not None and size > max_bytes:
+            raise ResourceExhaustedError(
+                f"the answer is {size} bytes, over the sidecar's message limit of {max_bytes}"
+                " (server.max_message_bytes): ask for less (a smaller page_size), or raise"
+                " server.max_message_bytes and the client's max_message_bytes",
+                reason=ErrorReason.ANSWER_TOO_LARGE,
+                metadata={"answer_bytes": str(size), "max_message_bytes": str(max_bytes)},
+            )
+        return answer
+
+    return fits
 
 
 class _Undecodable:

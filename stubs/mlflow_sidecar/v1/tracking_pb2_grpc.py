@@ -49,8 +49,8 @@ class ExperimentTrackingServiceStub(object):
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
     a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
-    refuses before the sidecar sees them carry grpc's status and message only: a message
-    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    refuses before the sidecar sees them carry grpc's status and message only: a request
+    message over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
     server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
@@ -85,6 +85,9 @@ class ExperimentTrackingServiceStub(object):
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
     send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
+    server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
+    or raise the limit on both sides.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -297,8 +300,8 @@ class ExperimentTrackingServiceServicer(object):
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
     a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
-    refuses before the sidecar sees them carry grpc's status and message only: a message
-    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    refuses before the sidecar sees them carry grpc's status and message only: a request
+    message over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
     server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
@@ -333,6 +336,9 @@ class ExperimentTrackingServiceServicer(object):
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
     send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
+    server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
+    or raise the limit on both sides.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -819,8 +825,8 @@ class ExperimentTrackingService(object):
     INTERNAL (the sidecar's log has the detail under it). An UNAVAILABLE answer carries
     the trailer `grpc-retry-pushback-ms: -1`: the sidecar has already retried MLflow, so
     a client's gRPC retry policy does not retry on top (gRFC A6). The calls grpc itself
-    refuses before the sidecar sees them carry grpc's status and message only: a message
-    over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
+    refuses before the sidecar sees them carry grpc's status and message only: a request
+    message over server.max_message_bytes, metadata over server.max_metadata_bytes, a call beyond
     server.max_concurrent_rpcs (RESOURCE_EXHAUSTED), an unknown method (UNIMPLEMENTED).
 
     Reasons (status code in brackets). Each code also has a generic reason, its own name
@@ -855,6 +861,9 @@ class ExperimentTrackingService(object):
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
     send its points in smaller messages. No RetryInfo.
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
+    - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
+    server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
+    or raise the limit on both sides.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
