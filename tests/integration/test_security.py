@@ -122,6 +122,30 @@ def test_grpcurl_with_a_bearer_header(auth_sidecar):
     assert denied.returncode != 0 and "Unauthenticated" in denied.stderr
 
 
+def test_grpcurl_health_check_takes_the_header_for_reflection_only(auth_sidecar):
+    # Health itself needs no token; grpcurl's reflection lookup of the method does.
+    def check(*header: str) -> subprocess.CompletedProcess[str]:
+        target, method = auth_sidecar.target, "grpc.health.v1.Health/Check"
+        return subprocess.run(
+            [GRPCURL, "-plaintext", *header, "-d", '{"service":""}', target, method],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    served = check("-H", f"authorization: Bearer {TOKEN}")
+    assert served.returncode == 0 and '"SERVING"' in served.stdout, served.stderr
+    denied = check()
+    assert denied.returncode != 0, denied.stdout
+    assert "Unauthenticated" in denied.stderr and "grpc.health.v1.Health" in denied.stderr
+    with grpc.insecure_channel(auth_sidecar.target) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=60
+        )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
     return make_pki(tmp_path_factory.mktemp("pki"))
