@@ -14,8 +14,20 @@ from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import RunEnd, SpoolStore, run_ended_error
 
-# Leave this much of a caller's deadline for the answer to travel back.
-_ANSWER_MARGIN_S = 0.1
+# What a wait leaves of the caller's deadline for the answer to travel back: a tenth of
+# it, between these bounds. A fixed 0.1 s was too little on a loaded machine, where the
+# answer then came after the deadline and the caller saw DEADLINE_EXCEEDED, not the counts.
+_ANSWER_MARGIN_MIN_S = 0.1
+_ANSWER_MARGIN_MAX_S = 1.0
+
+
+def wait_within(wanted_s: float, left_s: float | None) -> float:
+    """How long a call with `left_s` of its deadline (None: none) waits, of `wanted_s`,
+    so that its answer still arrives in time."""
+    if left_s is None:
+        return wanted_s
+    margin = min(_ANSWER_MARGIN_MAX_S, max(_ANSWER_MARGIN_MIN_S, left_s / 10))
+    return min(wanted_s, max(0.0, left_s - margin))
 
 
 class MetricIngest:
@@ -102,10 +114,7 @@ class MetricIngest:
     def _budget(self, timeout_s: float | None) -> float:
         """`timeout_s` (None: the flush timeout), within the call's deadline."""
         budget = self._flush_timeout_s if timeout_s is None else timeout_s
-        left = call_deadline.remaining()
-        if left is not None:
-            budget = min(budget, max(0.0, left - _ANSWER_MARGIN_S))
-        return budget
+        return wait_within(budget, call_deadline.remaining())
 
     def _ends_to_apply(self, run_id: str) -> int:
         """Recorded ends of the run (with "": of any run) not in MLflow yet."""
