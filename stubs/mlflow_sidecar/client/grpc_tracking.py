@@ -17,6 +17,7 @@ from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import (
     ArtifactInfo,
     Experiment,
@@ -241,8 +242,16 @@ class GrpcExperimentTracking(ExperimentTracking):
         return invoke(self._stub.LogMetrics, request, self._timeout).accepted_points
 
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
-        """One StreamMetrics call with one message; for a training loop use `MetricStream`."""
+        """One StreamMetrics call with one message; for a training loop use `MetricStream`.
+        Points with timestamp 0 are stamped with the current time before they are sent."""
         request = pb.StreamMetricsRequest(points=[conv.metric_point_to_pb(p) for p in points])
+        # The sidecar stamps a point of timestamp 0 on arrival, so gRPC's replay of this
+        # stream after a lost answer made a second point; a stamped one is an exact
+        # duplicate, which MLflow holds once.
+        stamp = now_ms()
+        for point in request.points:
+            if point.timestamp_ms == 0:
+                point.timestamp_ms = stamp
         try:
             reply = self._stub.StreamMetrics(iter([request]), timeout=self._timeout)
         except grpc.RpcError as exc:
