@@ -31,9 +31,12 @@ dropped, that run's later points are refused at once, the next flush reports the
 once, and the stream goes on for its other runs.
 While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
 `retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
-(reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
-raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) instead of waiting and keeps
-nothing of its call.
+(reason SIDECAR_UNREACHABLE). A sidecar that still holds the connection but answers
+nothing (stopped, hung, or an address that accepts connections and never speaks gRPC)
+counts as unreachable too: every call has a deadline, its window and the time its points
+take at the slowest pace a working sidecar commits them, plus `retry_budget_s`. With
+`when_full="raise"`, a `log` that finds the buffer full raises ResourceExhaustedError
+(reason CLIENT_BUFFER_FULL) instead of waiting and keeps nothing of its call.
 
 A stream belongs to the process that made it: in a forked child (os.fork, multiprocessing's
 `fork` start method) its `log` and `flush` raise FailedPreconditionError (reason
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import operator
 import os
 import re
@@ -95,7 +99,12 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# DEADLINE_EXCEEDED is the stream's own deadline of a call (see `_call_timeout_s`).
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 RUN_ENDED = ErrorReason.RUN_ENDED
 
 _log = logging.getLogger(__name__)
@@ -112,6 +121,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 DEFAULT_RECONNECT_S = 60.0
 """How long a stream keeps trying to reach the sidecar unless given `retry_budget_s`."""
+
+SLOWEST_POINTS_PER_S = 100_000
+"""The slowest pace, in points per second, at which a sidecar that still works commits a
+stream's points (a sidecar commits over a million a second): a call's deadline allows its
+points this long, so a busy sidecar is not taken for a hung one."""
 
 DEFAULT_MAX_BUFFERED_POINTS = 500_000
 """The most points a stream holds until the sidecar accepted them (about 12 MiB), unless
@@ -655,6 +669,7 @@ class MetricStream:
         delay = 0.05
         while self._wait_for_work():
             accepted_before = self._accepted
+            started = time.monotonic()
             code = self._send_window()
             if self._error is not None:
                 return
@@ -666,6 +681,9 @@ class MetricStream:
                 # spool that drains as fast as MLflow takes points): that is progress,
                 # and the stream gives up only on a sidecar that takes nothing at all.
                 failing_since, delay = None, 0.05
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Unanswered for the whole call: the sidecar took nothing since it began.
+                failing_since = failing_since or started
             failing_since = failing_since or time.monotonic()
             if not self._back_off(code, failing_since, delay):
                 return
@@ -744,7 +762,9 @@ class MetricStream:
             self._call += 1
             call = self._call
         try:
-            reply, done = self._stub.StreamMetrics.with_call(self._requests(call))
+            reply, done = self._stub.StreamMetrics.with_call(
+                self._requests(call), timeout=self._call_timeout_s()
+            )
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
         except (SidecarError, ValueError) as exc:
@@ -771,6 +791,21 @@ class MetricStream:
             self._reopen_if_room()
             self._cond.notify_all()
         return None
+
+    def _call_timeout_s(self) -> float | None:
+        """The deadline of one call; None with an endless retry budget.
+
+        Without one, a sidecar that holds the connection and answers nothing (stopped,
+        hung) was noticed only by keepalive after a minute or more, and an address that
+        accepts connections but never speaks gRPC by the connect timeout: `close()` hung
+        that long whatever `retry_budget_s` said. A call carries messages for its window,
+        at most until it holds `_acknowledge_at` points and one message more; a sidecar
+        that takes them at the slowest pace of a working one answers within that time,
+        and the retry budget on top is the longest a stream waits for a sidecar."""
+        if not math.isfinite(self._retry_budget_s):
+            return None
+        most_points = self._acknowledge_at + self._max_message_bytes // MAX_POINT_BYTES
+        return self._window_s + most_points / SLOWEST_POINTS_PER_S + self._retry_budget_s
 
     def _learn_columns(self, call: object) -> None:
         """Send fixed-width columns from the next cut on if the sidecar of `call`, a call
@@ -1006,11 +1041,14 @@ def _exhausted_retries(
             reason=last.reason if last is not None else "",
             metadata=dict(last.metadata) if last is not None else None,
         )
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # DEADLINE_EXCEEDED: the stream's own deadline passed with no answer, a sidecar
+        # that holds the connection but takes nothing.
         return UnavailableError(
-            f"the sidecar stayed unreachable for longer than stream_reconnect_s ({budget_s:g}s);"
-            " the points it had not accepted are lost: raise stream_reconnect_s to outlast"
-            " longer sidecar restarts",
+            "the sidecar stayed unreachable, or answered none of the stream's calls, for"
+            f" longer than stream_reconnect_s ({budget_s:g}s); the points it had not"
+            " accepted are lost: raise stream_reconnect_s to outlast longer sidecar"
+            " restarts",
             reason=SIDECAR_UNREACHABLE,
             metadata={"stream_reconnect_s": f"{budget_s:g}"},
         )
