@@ -231,6 +231,19 @@ def checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple
     return float(value), stamp, number
 
 
+def _fresh(error: SidecarError) -> SidecarError:
+    """A copy of `error` to raise, without its traceback.
+
+    The stream keeps its error and raises it on every later `log`, perhaps millions of
+    times: raising the one object each time added every raise's frames to its traceback,
+    which kept them all alive (hundreds of MB for a trainer that catches and goes on)."""
+    kind = type(error)
+    copy = kind.__new__(kind, *error.args)
+    copy.__dict__.update(error.__dict__)
+    copy.metadata = dict(error.metadata)
+    return copy
+
+
 def _closed_error() -> FailedPreconditionError:
     return FailedPreconditionError("the metric stream is closed", reason=_CLIENT_CLOSED)
 
@@ -243,10 +256,10 @@ class _Refusing(dict[str, dict[str, _Row]]):
         self.error = error
 
     def __getitem__(self, key: object) -> NoReturn:
-        raise self.error
+        raise _fresh(self.error)
 
     def setdefault(self, key: object, default: object = None) -> NoReturn:
-        raise self.error
+        raise _fresh(self.error)
 
 
 # Every live stream, so that a forked child can disarm its copies (see _after_fork).
@@ -469,12 +482,12 @@ class MetricStream:
         names.key("key", key)
         ended = self._ended_runs.get(run_id)
         if ended is not None:
-            raise ended
+            raise _fresh(ended)
         # setdefault: two threads opening the same run and key share one row.
         row = self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
         if self._sealed:
             # The last cut may have sealed the rows it saw before this one was made.
-            raise self._error if self._error is not None else _closed_error()
+            raise _fresh(self._error) if self._error is not None else _closed_error()
         return row
 
     @staticmethod
@@ -561,7 +574,7 @@ class MetricStream:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
 
     # -- cutting (callers do not hold self._cond) ---------------------------------------
 
