@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
+from mlflow_sidecar.client.arguments import strings
 from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.downloads import STAGING, claimed, sibling_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
@@ -129,7 +130,7 @@ class GrpcModelRegistry(ModelRegistry):
     ) -> Page[RegisteredModel]:
         request = pb.SearchRegisteredModelsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
         )
@@ -218,7 +219,7 @@ class GrpcModelRegistry(ModelRegistry):
     ) -> Page[ModelVersion]:
         request = pb.SearchModelVersionsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
         )
@@ -300,7 +301,7 @@ class GrpcModelRegistry(ModelRegistry):
             experiment_id=experiment_id,
             description=description,
             tags=dict(tags or {}),
-            aliases=list(aliases),
+            aliases=strings("aliases", aliases),
             request_id=request_id or uuid.uuid4().hex,
         )
         version: ModelVersion = self._upload(header, files, progress)

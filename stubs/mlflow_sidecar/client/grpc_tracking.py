@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import grpc
 
+from mlflow_sidecar.client.arguments import strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
@@ -130,7 +131,7 @@ class GrpcExperimentTracking(ExperimentTracking):
     ) -> Page[Experiment]:
         request = pb.SearchExperimentsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
             view_type=conv.view_type_to_pb(view_type),
@@ -189,9 +190,9 @@ class GrpcExperimentTracking(ExperimentTracking):
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Run]:
         request = pb.SearchRunsRequest(
-            experiment_ids=list(experiment_ids),
+            experiment_ids=strings("experiment_ids", experiment_ids),
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
             view_type=conv.view_type_to_pb(view_type),
