@@ -228,7 +228,12 @@ def checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple
         raise ValueError(f"metric {key!r}: timestamp_ms must be in [0, 2**63), got {stamp}")
     if not -_INT64_MAX - 1 <= number <= _INT64_MAX:
         raise ValueError(f"metric {key!r}: step must fit in 64 bits, got {number}")
-    return float(value), stamp, number
+    try:
+        return float(value), stamp, number
+    except OverflowError:
+        raise ValueError(
+            f"metric {key!r}: value is too large for a float (at most about 1.8e308)"
+        ) from None
 
 
 def _fresh(error: SidecarError) -> SidecarError:
@@ -386,7 +391,7 @@ class MetricStream:
         try:
             stamp = timestamp_ms if timestamp_ms > 0 else _stamp_for(key, timestamp_ms)
             row += _pack_point(value, stamp, step)
-        except (TypeError, struct.error):
+        except (TypeError, struct.error, OverflowError):
             value, stamp, step = checked_numbers(key, value, timestamp_ms, step)
             self._add(row, _pack_point(value, stamp or now_ms(), step))
         except BufferError:  # the row was sealed by close() after this call found it
