@@ -5,6 +5,7 @@ gRPC server."""
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
 from collections.abc import Iterator
 from concurrent import futures
@@ -12,8 +13,10 @@ from concurrent import futures
 import grpc
 import pytest
 
-from mlflow_sidecar.client import ClientContainer, MetricStream
+from mlflow_sidecar.client import ClientContainer, MetricStream, ModelRegistry
+from mlflow_sidecar.client.channel import SharedChannel
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
+from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -121,3 +124,43 @@ def test_a_closed_stream_says_client_closed(target: str) -> None:
         stream.log("run", "loss", 1.0)
     assert err.value.reason == "CLIENT_CLOSED"
     container.shutdown_resources()
+
+
+def test_threads_first_using_a_container_share_one_client_and_channel(
+    target: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[SharedChannel] = []
+    open_channel = SharedChannel.__init__
+
+    def counting_init(self: SharedChannel, settings: ClientSettings) -> None:
+        opened.append(self)
+        open_channel(self, settings)
+
+    monkeypatch.setattr(SharedChannel, "__init__", counting_init)
+    container = _container(target)
+    threads = 16
+    barrier = threading.Barrier(threads)
+    tracking: list[GrpcExperimentTracking] = []
+    registries: list[ModelRegistry] = []
+
+    def first_use() -> None:
+        barrier.wait(timeout=30)
+        tracking.append(container.experiment_tracking())
+        registries.append(container.model_registry())
+
+    workers = [threading.Thread(target=first_use) for _ in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+
+    assert len(tracking) == threads and len(registries) == threads
+    assert len({id(client) for client in tracking}) == 1
+    assert len({id(client) for client in registries}) == 1
+    assert len(opened) == 1
+    container.shutdown_resources()
+    for client in tracking:
+        with pytest.raises(FailedPreconditionError) as err:
+            client.get_experiment("1")
+        assert err.value.reason == "CLIENT_CLOSED"
+    assert opened[0].closed

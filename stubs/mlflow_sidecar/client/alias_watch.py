@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import backoff
 import grpc
 
+from mlflow_sidecar.client.arguments import strings
 from mlflow_sidecar.client.ports import AliasWatch
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import AliasChange, AliasChangeKind, WatchStatus
@@ -54,7 +55,7 @@ class GrpcAliasWatch(AliasWatch):
     ) -> None:
         self._stub = stub
         self._name = name
-        self._aliases = list(aliases)
+        self._aliases = strings("aliases", aliases)
         # alias -> the version last reported (0: not set); sent with every new stream.
         self._reported: dict[str, int] = dict(last_seen_versions or {})
         # alias -> the creation time of the version last reported: a model deleted and

@@ -29,8 +29,11 @@ class SharedChannelResource(resources.Resource[SharedChannel]):
     """The container's channel: closed by `shutdown_resources()`, never by garbage
     collection of the container, as the clients it handed out may outlive it."""
 
-    def init(self, settings: ClientSettings) -> SharedChannel:
-        return SharedChannel(settings)
+    def init(self, channel: SharedChannel) -> SharedChannel:
+        # The channel itself comes from a thread-safe singleton: a Resource initialises
+        # without a lock, so threads asking at once each opened a channel of their own,
+        # and shutdown_resources() closed only the last one.
+        return channel
 
     def shutdown(self, resource: SharedChannel | None) -> None:
         if resource is not None:
@@ -38,18 +41,26 @@ class SharedChannelResource(resources.Resource[SharedChannel]):
 
 
 class ClientContainer(containers.DeclarativeContainer):
-    """Channel, stubs and typed clients of one sidecar."""
+    """Channel, stubs and typed clients of one sidecar.
+
+    Safe to use from several threads at once, first use included: every thread gets the
+    same clients, made from the one channel that `shutdown_resources()` closes."""
 
     config = providers.Configuration(default=ClientSettings().model_dump())
     # Validated settings; keys a host's config leaves unset take their defaults.
-    settings = providers.Singleton(ClientSettings.from_mapping, config)
+    settings = providers.ThreadSafeSingleton(ClientSettings.from_mapping, config)
 
-    shared_channel = providers.Resource(SharedChannelResource, settings)
+    opened_channel = providers.ThreadSafeSingleton(SharedChannel, settings)
+    shared_channel = providers.Resource(SharedChannelResource, opened_channel)
     # The grpc.Channel every stub is made from; the stubs keep it open (see SharedChannel).
     channel = shared_channel.provided.channel
-    tracking_stub = providers.Singleton(tracking_pb2_grpc.ExperimentTrackingServiceStub, channel)
-    registry_stub = providers.Singleton(registry_pb2_grpc.ModelRegistryServiceStub, channel)
-    experiment_tracking = providers.Singleton(
+    tracking_stub = providers.ThreadSafeSingleton(
+        tracking_pb2_grpc.ExperimentTrackingServiceStub, channel
+    )
+    registry_stub = providers.ThreadSafeSingleton(
+        registry_pb2_grpc.ModelRegistryServiceStub, channel
+    )
+    experiment_tracking = providers.ThreadSafeSingleton(
         GrpcExperimentTracking,
         stub=tracking_stub,
         timeout_s=settings.provided.timeout_s,
@@ -65,7 +76,7 @@ class ClientContainer(containers.DeclarativeContainer):
         when_full=settings.provided.stream_when_full,
         retry_budget_s=settings.provided.stream_reconnect_s,
     )
-    model_registry = providers.Singleton(
+    model_registry = providers.ThreadSafeSingleton(
         GrpcModelRegistry,
         stub=registry_stub,
         timeout_s=settings.provided.timeout_s,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 
+from mlflow_sidecar.client.arguments import strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import StrPath
@@ -96,7 +97,7 @@ class GrpcLoggedModels:
     ) -> Page[LoggedModel]:
         """One page of the experiments' logged models matching an MLflow filter."""
         request = pb.SearchLoggedModelsRequest(
-            experiment_ids=list(experiment_ids),
+            experiment_ids=strings("experiment_ids", experiment_ids),
             filter=filter_string,
             order_by=[pb.LoggedModelOrder(field_name=f, ascending=a) for f, a in order_by],
             page_size=page_size,
@@ -147,7 +148,7 @@ class GrpcLoggedModels:
         request = pb.LogRunInputsRequest(
             run_id=run_id,
             datasets=[dataset_to_pb(d) for d in datasets],
-            model_ids=list(model_ids),
+            model_ids=strings("model_ids", model_ids),
             request_id=request_id or uuid.uuid4().hex,
         )
         invoke(self._stub.LogRunInputs, request, self._timeout)

@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
+from mlflow_sidecar.client.arguments import int64, strings
 from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.downloads import STAGING, claimed, sibling_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
@@ -129,7 +130,7 @@ class GrpcModelRegistry(ModelRegistry):
     ) -> Page[RegisteredModel]:
         request = pb.SearchRegisteredModelsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
         )
@@ -194,7 +195,7 @@ class GrpcModelRegistry(ModelRegistry):
         return conv.model_version_from_pb(reply.model_version)
 
     def get_model_version(self, name: str, version: int) -> ModelVersion:
-        request = pb.GetModelVersionRequest(name=name, version=version)
+        request = pb.GetModelVersionRequest(name=name, version=int64("version", version))
         reply = invoke(self._stub.GetModelVersion, request, self._timeout)
         return conv.model_version_from_pb(reply.model_version)
 
@@ -218,7 +219,7 @@ class GrpcModelRegistry(ModelRegistry):
     ) -> Page[ModelVersion]:
         request = pb.SearchModelVersionsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
         )
@@ -229,30 +230,37 @@ class GrpcModelRegistry(ModelRegistry):
         )
 
     def update_model_version(self, name: str, version: int, *, description: str) -> ModelVersion:
-        request = pb.UpdateModelVersionRequest(name=name, version=version, description=description)
+        request = pb.UpdateModelVersionRequest(
+            name=name, version=int64("version", version), description=description
+        )
         reply = invoke(self._stub.UpdateModelVersion, request, self._timeout)
         return conv.model_version_from_pb(reply.model_version)
 
     def delete_model_version(self, name: str, version: int, *, request_id: str = "") -> None:
         request = pb.DeleteModelVersionRequest(
-            name=name, version=version, request_id=request_id or uuid.uuid4().hex
+            name=name, version=int64("version", version), request_id=request_id or uuid.uuid4().hex
         )
         invoke(self._stub.DeleteModelVersion, request, self._timeout)
 
     def set_model_version_tag(self, name: str, version: int, key: str, value: str) -> None:
-        request = pb.SetModelVersionTagRequest(name=name, version=version, key=key, value=value)
+        request = pb.SetModelVersionTagRequest(
+            name=name, version=int64("version", version), key=key, value=value
+        )
         invoke(self._stub.SetModelVersionTag, request, self._timeout)
 
     def delete_model_version_tag(
         self, name: str, version: int, key: str, *, request_id: str = ""
     ) -> None:
         request = pb.DeleteModelVersionTagRequest(
-            name=name, version=version, key=key, request_id=request_id or uuid.uuid4().hex
+            name=name,
+            version=int64("version", version),
+            key=key,
+            request_id=request_id or uuid.uuid4().hex,
         )
         invoke(self._stub.DeleteModelVersionTag, request, self._timeout)
 
     def set_model_alias(self, name: str, alias: str, version: int) -> None:
-        request = pb.SetModelAliasRequest(name=name, alias=alias, version=version)
+        request = pb.SetModelAliasRequest(name=name, alias=alias, version=int64("version", version))
         invoke(self._stub.SetModelAlias, request, self._timeout)
 
     def delete_model_alias(self, name: str, alias: str, *, request_id: str = "") -> None:
@@ -300,7 +308,7 @@ class GrpcModelRegistry(ModelRegistry):
             experiment_id=experiment_id,
             description=description,
             tags=dict(tags or {}),
-            aliases=list(aliases),
+            aliases=strings("aliases", aliases),
             request_id=request_id or uuid.uuid4().hex,
         )
         version: ModelVersion = self._upload(header, files, progress)
@@ -351,7 +359,7 @@ class GrpcModelRegistry(ModelRegistry):
         progress: Progress | None = None,
     ) -> SyncedModel:
         if version is not None and alias is None:
-            request = pb.DownloadModelRequest(name=name, version=version)
+            request = pb.DownloadModelRequest(name=name, version=int64("version", version))
         elif alias is not None and version is None:
             request = pb.DownloadModelRequest(name=name, alias=alias)
         else:

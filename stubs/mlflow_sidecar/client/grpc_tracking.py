@@ -13,10 +13,12 @@ from typing import TypeVar
 
 import grpc
 
+from mlflow_sidecar.client.arguments import double, int64, string_map, strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import (
     ArtifactInfo,
     Experiment,
@@ -63,6 +65,28 @@ def check_chunk_bytes(chunk_bytes: int) -> int:
     if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
         raise ValueError(f"chunk_bytes must be between 1 and {MAX_CHUNK_BYTES}, got {chunk_bytes}")
     return chunk_bytes
+
+
+def _checked_metric(name: str, metric: Metric) -> pb.Metric:
+    """`metric` as its message; an out-of-range number is InvalidArgumentError naming it
+    as the request does (`metrics[3].step`)."""
+    return pb.Metric(
+        key=metric.key,
+        value=double(f"{name}.value", metric.value),
+        timestamp_ms=int64(f"{name}.timestamp_ms", metric.timestamp_ms),
+        step=int64(f"{name}.step", metric.step),
+    )
+
+
+def _checked_point(name: str, point: MetricPoint) -> pb.MetricPoint:
+    """`point` as its message, its numbers checked as `_checked_metric` checks them."""
+    return pb.MetricPoint(
+        run_id=point.run_id,
+        key=point.key,
+        value=double(f"{name}.value", point.value),
+        timestamp_ms=int64(f"{name}.timestamp_ms", point.timestamp_ms),
+        step=int64(f"{name}.step", point.step),
+    )
 
 
 class GrpcExperimentTracking(ExperimentTracking):
@@ -129,7 +153,7 @@ class GrpcExperimentTracking(ExperimentTracking):
     ) -> Page[Experiment]:
         request = pb.SearchExperimentsRequest(
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
             view_type=conv.view_type_to_pb(view_type),
@@ -167,7 +191,7 @@ class GrpcExperimentTracking(ExperimentTracking):
             run_name=run_name,
             tags=dict(tags or {}),
             parent_run_id=parent_run_id,
-            start_time_ms=start_time_ms,
+            start_time_ms=int64("start_time_ms", start_time_ms),
             client_request_id=client_request_id,
             request_id=request_id or client_request_id or uuid.uuid4().hex,
         )
@@ -188,9 +212,9 @@ class GrpcExperimentTracking(ExperimentTracking):
         view_type: ViewType = ViewType.ACTIVE_ONLY,
     ) -> Page[Run]:
         request = pb.SearchRunsRequest(
-            experiment_ids=list(experiment_ids),
+            experiment_ids=strings("experiment_ids", experiment_ids),
             filter=filter_string,
-            order_by=list(order_by),
+            order_by=strings("order_by", order_by),
             page_size=page_size,
             page_token=page_token,
             view_type=conv.view_type_to_pb(view_type),
@@ -207,10 +231,15 @@ class GrpcExperimentTracking(ExperimentTracking):
         request_id: str = "",
         wait_for_delivery: bool = False,
     ) -> Run:
+        if not isinstance(status, RunStatus):
+            raise TypeError(
+                f"status must be a RunStatus (e.g. RunStatus.FINISHED), not"
+                f" {type(status).__name__} ({status!r})"
+            )
         request = pb.EndRunRequest(
             run_id=run_id,
             status=conv.run_status_to_pb(status),
-            end_time_ms=end_time_ms,
+            end_time_ms=int64("end_time_ms", end_time_ms),
             request_id=request_id or uuid.uuid4().hex,
             wait_for_delivery=wait_for_delivery,
         )
@@ -229,20 +258,30 @@ class GrpcExperimentTracking(ExperimentTracking):
         return conv.run_from_pb(invoke(self._stub.ResumeRun, request, self._timeout).run)
 
     def log_params(self, run_id: str, params: Mapping[str, str]) -> None:
-        request = pb.LogParamsRequest(run_id=run_id, params=dict(params))
+        request = pb.LogParamsRequest(run_id=run_id, params=string_map("params", params))
         invoke(self._stub.LogParams, request, self._timeout)
 
     def log_metrics(self, run_id: str, metrics: Sequence[Metric], *, request_id: str = "") -> int:
         request = pb.LogMetricsRequest(
             run_id=run_id,
-            metrics=[conv.metric_to_pb(m) for m in metrics],
+            metrics=[_checked_metric(f"metrics[{i}]", m) for i, m in enumerate(metrics)],
             request_id=request_id or uuid.uuid4().hex,
         )
         return invoke(self._stub.LogMetrics, request, self._timeout).accepted_points
 
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
-        """One StreamMetrics call with one message; for a training loop use `MetricStream`."""
-        request = pb.StreamMetricsRequest(points=[conv.metric_point_to_pb(p) for p in points])
+        """One StreamMetrics call with one message; for a training loop use `MetricStream`.
+        Points with timestamp 0 are stamped with the current time before they are sent."""
+        request = pb.StreamMetricsRequest(
+            points=[_checked_point(f"points[{i}]", p) for i, p in enumerate(points)]
+        )
+        # The sidecar stamps a point of timestamp 0 on arrival, so gRPC's replay of this
+        # stream after a lost answer made a second point; a stamped one is an exact
+        # duplicate, which MLflow holds once.
+        stamp = now_ms()
+        for point in request.points:
+            if point.timestamp_ms == 0:
+                point.timestamp_ms = stamp
         try:
             reply = self._stub.StreamMetrics(iter([request]), timeout=self._timeout)
         except grpc.RpcError as exc:

@@ -31,9 +31,12 @@ dropped, that run's later points are refused at once, the next flush reports the
 once, and the stream goes on for its other runs.
 While the sidecar cannot be reached (it restarts, say) the stream keeps trying for
 `retry_budget_s` (the `stream_reconnect_s` setting) and then fails with UnavailableError
-(reason SIDECAR_UNREACHABLE). With `when_full="raise"`, a `log` that finds the buffer full
-raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) instead of waiting and keeps
-nothing of its call.
+(reason SIDECAR_UNREACHABLE). A sidecar that still holds the connection but answers
+nothing (stopped, hung, or an address that accepts connections and never speaks gRPC)
+counts as unreachable too: every call has a deadline, its window and the time its points
+take at the slowest pace a working sidecar commits them, plus `retry_budget_s`. With
+`when_full="raise"`, a `log` that finds the buffer full raises ResourceExhaustedError
+(reason CLIENT_BUFFER_FULL) instead of waiting and keeps nothing of its call.
 
 A stream belongs to the process that made it: in a forked child (os.fork, multiprocessing's
 `fork` start method) its `log` and `flush` raise FailedPreconditionError (reason
@@ -59,6 +62,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import operator
 import os
 import re
@@ -95,7 +99,12 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
-_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# DEADLINE_EXCEEDED is the stream's own deadline of a call (see `_call_timeout_s`).
+_RETRYABLE = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
 RUN_ENDED = ErrorReason.RUN_ENDED
 
 _log = logging.getLogger(__name__)
@@ -112,6 +121,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1024 * 1024
 
 DEFAULT_RECONNECT_S = 60.0
 """How long a stream keeps trying to reach the sidecar unless given `retry_budget_s`."""
+
+SLOWEST_POINTS_PER_S = 100_000
+"""The slowest pace, in points per second, at which a sidecar that still works commits a
+stream's points (a sidecar commits over a million a second): a call's deadline allows its
+points this long, so a busy sidecar is not taken for a hung one."""
 
 DEFAULT_MAX_BUFFERED_POINTS = 500_000
 """The most points a stream holds until the sidecar accepted them (about 12 MiB), unless
@@ -214,7 +228,25 @@ def checked_numbers(key: str, value: Any, timestamp_ms: Any, step: Any) -> tuple
         raise ValueError(f"metric {key!r}: timestamp_ms must be in [0, 2**63), got {stamp}")
     if not -_INT64_MAX - 1 <= number <= _INT64_MAX:
         raise ValueError(f"metric {key!r}: step must fit in 64 bits, got {number}")
-    return float(value), stamp, number
+    try:
+        return float(value), stamp, number
+    except OverflowError:
+        raise ValueError(
+            f"metric {key!r}: value is too large for a float (at most about 1.8e308)"
+        ) from None
+
+
+def _fresh(error: SidecarError) -> SidecarError:
+    """A copy of `error` to raise, without its traceback.
+
+    The stream keeps its error and raises it on every later `log`, perhaps millions of
+    times: raising the one object each time added every raise's frames to its traceback,
+    which kept them all alive (hundreds of MB for a trainer that catches and goes on)."""
+    kind = type(error)
+    copy = kind.__new__(kind, *error.args)
+    copy.__dict__.update(error.__dict__)
+    copy.metadata = dict(error.metadata)
+    return copy
 
 
 def _closed_error() -> FailedPreconditionError:
@@ -229,10 +261,10 @@ class _Refusing(dict[str, dict[str, _Row]]):
         self.error = error
 
     def __getitem__(self, key: object) -> NoReturn:
-        raise self.error
+        raise _fresh(self.error)
 
     def setdefault(self, key: object, default: object = None) -> NoReturn:
-        raise self.error
+        raise _fresh(self.error)
 
 
 # Every live stream, so that a forked child can disarm its copies (see _after_fork).
@@ -359,7 +391,7 @@ class MetricStream:
         try:
             stamp = timestamp_ms if timestamp_ms > 0 else _stamp_for(key, timestamp_ms)
             row += _pack_point(value, stamp, step)
-        except (TypeError, struct.error):
+        except (TypeError, struct.error, OverflowError):
             value, stamp, step = checked_numbers(key, value, timestamp_ms, step)
             self._add(row, _pack_point(value, stamp or now_ms(), step))
         except BufferError:  # the row was sealed by close() after this call found it
@@ -455,12 +487,12 @@ class MetricStream:
         names.key("key", key)
         ended = self._ended_runs.get(run_id)
         if ended is not None:
-            raise ended
+            raise _fresh(ended)
         # setdefault: two threads opening the same run and key share one row.
         row = self._pending.setdefault(run_id, {}).setdefault(key, bytearray())
         if self._sealed:
             # The last cut may have sealed the rows it saw before this one was made.
-            raise self._error if self._error is not None else _closed_error()
+            raise _fresh(self._error) if self._error is not None else _closed_error()
         return row
 
     @staticmethod
@@ -547,7 +579,7 @@ class MetricStream:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise _fresh(self._error)
 
     # -- cutting (callers do not hold self._cond) ---------------------------------------
 
@@ -655,6 +687,7 @@ class MetricStream:
         delay = 0.05
         while self._wait_for_work():
             accepted_before = self._accepted
+            started = time.monotonic()
             code = self._send_window()
             if self._error is not None:
                 return
@@ -666,6 +699,9 @@ class MetricStream:
                 # spool that drains as fast as MLflow takes points): that is progress,
                 # and the stream gives up only on a sidecar that takes nothing at all.
                 failing_since, delay = None, 0.05
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Unanswered for the whole call: the sidecar took nothing since it began.
+                failing_since = failing_since or started
             failing_since = failing_since or time.monotonic()
             if not self._back_off(code, failing_since, delay):
                 return
@@ -744,7 +780,9 @@ class MetricStream:
             self._call += 1
             call = self._call
         try:
-            reply, done = self._stub.StreamMetrics.with_call(self._requests(call))
+            reply, done = self._stub.StreamMetrics.with_call(
+                self._requests(call), timeout=self._call_timeout_s()
+            )
         except grpc.RpcError as exc:
             return self._settle_failure(exc)
         except (SidecarError, ValueError) as exc:
@@ -771,6 +809,21 @@ class MetricStream:
             self._reopen_if_room()
             self._cond.notify_all()
         return None
+
+    def _call_timeout_s(self) -> float | None:
+        """The deadline of one call; None with an endless retry budget.
+
+        Without one, a sidecar that holds the connection and answers nothing (stopped,
+        hung) was noticed only by keepalive after a minute or more, and an address that
+        accepts connections but never speaks gRPC by the connect timeout: `close()` hung
+        that long whatever `retry_budget_s` said. A call carries messages for its window,
+        at most until it holds `_acknowledge_at` points and one message more; a sidecar
+        that takes them at the slowest pace of a working one answers within that time,
+        and the retry budget on top is the longest a stream waits for a sidecar."""
+        if not math.isfinite(self._retry_budget_s):
+            return None
+        most_points = self._acknowledge_at + self._max_message_bytes // MAX_POINT_BYTES
+        return self._window_s + most_points / SLOWEST_POINTS_PER_S + self._retry_budget_s
 
     def _learn_columns(self, call: object) -> None:
         """Send fixed-width columns from the next cut on if the sidecar of `call`, a call
@@ -1006,11 +1059,14 @@ def _exhausted_retries(
             reason=last.reason if last is not None else "",
             metadata=dict(last.metadata) if last is not None else None,
         )
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        # DEADLINE_EXCEEDED: the stream's own deadline passed with no answer, a sidecar
+        # that holds the connection but takes nothing.
         return UnavailableError(
-            f"the sidecar stayed unreachable for longer than stream_reconnect_s ({budget_s:g}s);"
-            " the points it had not accepted are lost: raise stream_reconnect_s to outlast"
-            " longer sidecar restarts",
+            "the sidecar stayed unreachable, or answered none of the stream's calls, for"
+            f" longer than stream_reconnect_s ({budget_s:g}s); the points it had not"
+            " accepted are lost: raise stream_reconnect_s to outlast longer sidecar"
+            " restarts",
             reason=SIDECAR_UNREACHABLE,
             metadata={"stream_reconnect_s": f"{budget_s:g}"},
         )

@@ -207,7 +207,9 @@ class ExperimentTracking(abc.ABC):
     @abc.abstractmethod
     def enqueue_metrics(self, points: Sequence[MetricPoint]) -> int:
         """Hand points of any runs to the sidecar's durable spool; returns how many were
-        accepted. Delivery to MLflow is asynchronous; ResourceExhaustedError when full."""
+        accepted. Delivery to MLflow is asynchronous; ResourceExhaustedError when full.
+        A point with timestamp 0 is stamped with the current time before it is sent, so a
+        resend of the call is an exact duplicate that MLflow holds once."""
 
     @abc.abstractmethod
     def flush_metrics(self, run_id: str = "", *, timeout_s: float | None = None) -> FlushResult:

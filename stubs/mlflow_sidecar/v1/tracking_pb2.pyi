@@ -1155,6 +1155,10 @@ class MetricPoint(_message.Message):
     key: _builtins.str
     value: _builtins.float
     timestamp_ms: _builtins.int
+    """0 means "now" (stamped when the sidecar accepts it). A client that may send a point
+    again (a retry after a lost answer) sends its timestamp: a resent point of timestamp
+    0 is stamped again and becomes a second point. The typed clients stamp every point.
+    """
     step: _builtins.int
     def __init__(
         self,
@@ -1195,7 +1199,9 @@ class MetricSeries(_message.Message):
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
     def timestamps_ms(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """Same length as values; 0 means "now" (stamped when the sidecar accepts it)."""
+        """Same length as values; 0 means "now" (stamped when the sidecar accepts it, so a
+        resent point of timestamp 0 becomes a second point: see MetricPoint.timestamp_ms).
+        """
 
     @_builtins.property
     def steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
