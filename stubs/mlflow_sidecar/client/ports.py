@@ -410,8 +410,9 @@ class ModelRegistry(abc.ABC):
         once. It rides out sidecar restarts and MLflow outages: it reconnects on its own and
         misses no change. An alias given in `last_seen_versions` (alias -> the version last
         seen, 0: not set; e.g. kept by the caller across its own restarts) is reported only
-        once it points elsewhere. NotFoundError for a missing model, InvalidArgumentError
-        for a bad alias, raised here or by the iteration.
+        once it points elsewhere. NotFoundError for a missing model (unless
+        `last_seen_versions` resumes a watch of it: then each alias seen set is DELETED),
+        InvalidArgumentError for a bad alias, raised here or by the iteration.
         """
 
     @abc.abstractmethod
