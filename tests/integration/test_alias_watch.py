@@ -1,10 +1,11 @@
 """WatchModelAlias against a real `mlflow server`: five watchers of one champion see every
 move once and in order, through a 10 s MLflow outage, while MLflow gets one poll stream for
 the model; the sidecar stopping ends a watch at once; the typed watch rides out restarts
-of the sidecar process and misses nothing."""
+of the sidecar process and misses nothing, a model deleted meanwhile included."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -245,3 +246,98 @@ def test_the_typed_watch_rides_out_sidecar_restarts_and_misses_nothing(mlflow_se
         ("champion", AliasChangeKind.MOVED, 2, 3),
     ]
     assert watch.status is not None and watch.status.mlflow_reachable
+
+
+def test_the_typed_watch_reports_a_model_deleted_while_the_sidecar_was_down(
+    mlflow_server, tmp_path
+):
+    """The watch resumes after the restart with the versions it reported: the model it saw
+    is gone, which is a change (DELETED), and the watch goes on to see it made again."""
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    name = f"deleted-{tmp_path.name}"
+    model_with_versions(plain, name, 1)
+    plain.set_registered_model_alias(name, "champion", "1")
+    source = plain.get_model_version(name, "1")
+    sidecar = SidecarProcess(
+        tmp_path / "sidecar",
+        mlflow_server.url,
+        MLFLOW_SIDECAR__WATCH__POLL_INTERVAL_S=str(POLL_INTERVAL_S),
+    )
+    sidecar.start()
+    container = ClientContainer()
+    container.config.from_dict({"target": sidecar.target, "stream_reconnect_s": WAIT_S})
+    seen: list[AliasChange] = []
+    failures: list[BaseException] = []
+    try:
+        watch = container.model_registry().watch(name, ["champion"])
+
+        def read() -> None:
+            try:
+                seen.extend(watch)
+            except BaseException as exc:
+                failures.append(exc)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        eventually(lambda: len(seen) == 1, "the opening")
+
+        sidecar.stop()
+        plain.delete_registered_model(name)  # while the sidecar is down
+        sidecar.start()
+        eventually(lambda: len(seen) == 2 or bool(failures), "the deletion, or a failure")
+        assert not failures, failures
+
+        plain.create_registered_model(name)
+        plain.create_model_version(name, source.source, run_id=source.run_id)
+        plain.set_registered_model_alias(name, "champion", "1")
+        eventually(lambda: len(seen) == 3 or bool(failures), "the model made again")
+        watch.close()
+        reader.join(WAIT_S)
+    finally:
+        container.shutdown_resources()
+        sidecar.stop()
+    assert not failures, failures
+    assert [(c.kind, c.previous_version, c.version) for c in seen] == [
+        (AliasChangeKind.CURRENT, 0, 1),
+        (AliasChangeKind.DELETED, 1, 0),
+        (AliasChangeKind.SET, 0, 1),
+    ]
+
+
+def test_a_typed_watch_resumed_later_reports_a_model_made_again_on_the_same_version_number(
+    mlflow_server, client_container, tmp_path
+):
+    """What a caller keeps across a restart of its own (the versions and their creation
+    times) tells the new model's version 1 from the one it saw."""
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    name = f"again-{tmp_path.name}"
+    model_with_versions(plain, name, 1)
+    plain.set_registered_model_alias(name, "champion", "1")
+    source = plain.get_model_version(name, "1")
+    registry = client_container.model_registry()
+    with registry.watch(name, ["champion"]) as watch:
+        first = next(watch)
+        versions, created = watch.last_seen_versions, watch.last_seen_creation_times_ms
+    plain.delete_registered_model(name)
+    time.sleep(0.01)  # the new version's creation time differs from the old one's
+    plain.create_registered_model(name)
+    plain.create_model_version(name, source.source, run_id=source.run_id)
+    plain.set_registered_model_alias(name, "champion", "1")
+    with registry.watch(
+        name, ["champion"], last_seen_versions=versions, last_seen_creation_times_ms=created
+    ) as watch:
+        # A watch that reports nothing would wait for ever: closing it ends the iteration.
+        closer = threading.Timer(WAIT_S, watch.close)
+        closer.start()
+        got = list(itertools.islice(watch, 2))
+        closer.cancel()
+    assert len(got) == 2, f"not within {WAIT_S:.0f}s: the model made again ({got})"
+    deleted, made = got
+    assert first.model_version is not None and made.model_version is not None
+    assert (deleted.kind, deleted.previous_version, deleted.version) == (
+        AliasChangeKind.DELETED,
+        1,
+        0,
+    )
+    assert (made.kind, made.previous_version, made.version) == (AliasChangeKind.SET, 0, 1)
+    assert made.model_version.creation_time_ms != first.model_version.creation_time_ms

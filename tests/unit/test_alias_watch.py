@@ -279,6 +279,42 @@ def test_a_model_that_does_not_exist_is_not_found_when_the_stream_opens(hub):
     assert hub.pollers() == ()
 
 
+def test_a_resumed_stream_of_a_model_deleted_meanwhile_reports_it_and_is_watched_on(
+    hub, fake, metrics
+):
+    """The client saw the model before (last_seen_versions): its deletion while no stream
+    was open is a change like any other, not a model that never was."""
+    fake.delete_registered_model("m")
+    stream = opened(hub, ["champion", "canary", "unset"], champion=1, canary=2, unset=0)
+    assert stream.changes(3) == [
+        ("champion", DELETED, 1, 0),
+        ("canary", DELETED, 2, 0),
+        ("unset", CURRENT, 0, 0),
+    ]
+    assert reachable(stream.take(1)[0]) is True
+    assert hub.pollers() == ("m",)
+    model(fake, versions=1)
+    fake.set_model_alias("m", "champion", 1)
+    poll(hub)
+    assert stream.changes(1) == [("champion", SET, 0, 1)]
+    assert stream.watcher.queued == 0
+    assert metrics.alias_watch_polls.labels("model_missing")._value.get() == 1
+
+
+def test_a_resumed_stream_opened_during_an_outage_reports_a_deleted_model_once_it_answers(
+    hub, fake
+):
+    fake.delete_registered_model("m")
+    fake.fail("get_registered_model", UnavailableError("MLflow is down"), times=None)
+    stream = opened(hub, ["champion"], champion=1)
+    assert reachable(stream.take(1)[0]) is False
+    fake.clear_failures()
+    poll(hub)
+    back, deleted = stream.take(2)
+    assert reachable(back) is True
+    assert (deleted.kind, deleted.previous_version, deleted.version) == (DELETED, 1, 0)  # type: ignore[union-attr]
+
+
 def test_a_stream_opened_during_an_outage_starts_once_mlflow_answers(hub, fake):
     fake.set_model_alias("m", "champion", 1)
     fake.fail("get_registered_model", UnavailableError("MLflow is down"), times=None)

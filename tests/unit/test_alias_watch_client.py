@@ -40,6 +40,14 @@ def change(kind: AliasChangeKind, version: int, previous: int = 0) -> pb.WatchMo
     )
 
 
+def current(created_ms: int) -> pb.WatchModelAliasResponse:
+    """The champion on version 1, made at `created_ms`, as a stream opens with it."""
+    found = ModelVersion("m", 1, creation_time_ms=created_ms)
+    return pb.WatchModelAliasResponse(
+        change=conv.alias_change_to_pb(AliasChange("champion", AliasChangeKind.CURRENT, found, 0))
+    )
+
+
 def status(reachable: bool = True) -> pb.WatchModelAliasResponse:
     return pb.WatchModelAliasResponse(
         status=conv.watch_status_to_pb(WatchStatus(reachable, 1234, "" if reachable else "down"))
@@ -130,14 +138,6 @@ def test_a_model_made_again_while_no_stream_was_open_is_reported(serve):
     """After a restart the alias points at version 1 again, but at another version 1 (the
     model was deleted and made again meanwhile): not a replay."""
 
-    def current(created_ms: int) -> pb.WatchModelAliasResponse:
-        found = ModelVersion("m", 1, creation_time_ms=created_ms)
-        return pb.WatchModelAliasResponse(
-            change=conv.alias_change_to_pb(
-                AliasChange("champion", AliasChangeKind.CURRENT, found, 0)
-            )
-        )
-
     sidecar = ScriptedSidecar(
         [
             [current(1000), status(), shutting_down()],
@@ -156,6 +156,36 @@ def test_a_model_made_again_while_no_stream_was_open_is_reported(serve):
         (AliasChangeKind.MOVED, 1, 2),
     ]
     assert got[2].model_version is not None and got[2].model_version.creation_time_ms == 2000
+
+
+def test_a_watch_resumed_in_another_process_reports_a_model_made_again_meanwhile(serve):
+    """The caller kept both what it saw and when that version was made: the sidecar's
+    CURRENT on another version 1 is the model made again, not the one the caller saw."""
+    first = ScriptedSidecar([[current(1000), status()]])
+    with serve(first).watch("m", ["champion"]) as watch:
+        next(watch)
+        versions = watch.last_seen_versions
+        created = watch.last_seen_creation_times_ms
+    assert (versions, created) == ({"champion": 1}, {"champion": 1000})
+    again = ScriptedSidecar([[current(2000), status()]])
+    with serve(again).watch(
+        "m", ["champion"], last_seen_versions=versions, last_seen_creation_times_ms=created
+    ) as watch:
+        got = [next(watch), next(watch)]
+        assert watch.last_seen_creation_times_ms == {"champion": 2000}
+    assert seen(got) == [(AliasChangeKind.DELETED, 1, 0), (AliasChangeKind.SET, 0, 1)]
+    assert dict(again.requests[0].last_seen_versions) == {"champion": 1}
+
+
+def test_a_watch_resumed_with_the_version_it_saw_reports_no_replay(serve):
+    sidecar = ScriptedSidecar([[current(1000), status(), change(AliasChangeKind.MOVED, 2, 1)]])
+    with serve(sidecar).watch(
+        "m",
+        ["champion"],
+        last_seen_versions={"champion": 1},
+        last_seen_creation_times_ms={"champion": 1000},
+    ) as watch:
+        assert seen([next(watch)]) == [(AliasChangeKind.MOVED, 1, 2)]
 
 
 @pytest.mark.parametrize(

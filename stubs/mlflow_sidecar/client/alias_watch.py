@@ -1,6 +1,7 @@
 """`GrpcAliasWatch`: a WatchModelAlias stream that reconnects on its own and misses no
 change: each new stream carries the versions already reported (`last_seen_versions`), so
-the sidecar answers with what changed since, and replays of them (CURRENT) are dropped."""
+the sidecar answers with what changed since, and replays of them (CURRENT) are dropped,
+unless their creation time says the model was made again (another version, same number)."""
 
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ class GrpcAliasWatch(AliasWatch):
         aliases: Sequence[str],
         *,
         last_seen_versions: Mapping[str, int] | None = None,
+        last_seen_creation_times_ms: Mapping[str, int] | None = None,
         reconnect_s: float = 60.0,
     ) -> None:
         self._stub = stub
@@ -59,8 +61,9 @@ class GrpcAliasWatch(AliasWatch):
         # alias -> the version last reported (0: not set); sent with every new stream.
         self._reported: dict[str, int] = dict(last_seen_versions or {})
         # alias -> the creation time of the version last reported: a model deleted and
-        # made again while no stream was open has a version of the same number, another.
-        self._reported_created: dict[str, int] = {}
+        # made again while no stream was open (or no process of the caller ran) has a
+        # version of the same number, another.
+        self._reported_created: dict[str, int] = dict(last_seen_creation_times_ms or {})
         self._reconnect_s = reconnect_s
         self._status: WatchStatus | None = None
         self._ready: deque[AliasChange] = deque()
@@ -82,6 +85,10 @@ class GrpcAliasWatch(AliasWatch):
     @property
     def last_seen_versions(self) -> dict[str, int]:
         return dict(self._reported)
+
+    @property
+    def last_seen_creation_times_ms(self) -> dict[str, int]:
+        return dict(self._reported_created)
 
     def __next__(self) -> AliasChange:
         while not self._ready:

@@ -275,12 +275,14 @@ class GrpcModelRegistry(ModelRegistry):
         aliases: Sequence[str],
         *,
         last_seen_versions: Mapping[str, int] | None = None,
+        last_seen_creation_times_ms: Mapping[str, int] | None = None,
     ) -> AliasWatch:
         return GrpcAliasWatch(
             self._stub,
             name,
             aliases,
             last_seen_versions=last_seen_versions,
+            last_seen_creation_times_ms=last_seen_creation_times_ms,
             reconnect_s=self._watch_reconnect_s,
         )
 

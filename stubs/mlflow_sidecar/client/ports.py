@@ -64,6 +64,14 @@ class AliasWatch(Iterator[AliasChange]):
         """Alias -> the version last reported (0: not set): keep it to resume a watch later
         (`ModelRegistry.watch(..., last_seen_versions=...)`) without a change missed."""
 
+    @property
+    @abc.abstractmethod
+    def last_seen_creation_times_ms(self) -> dict[str, int]:
+        """Alias -> the creation time (ms since the epoch) of the version last reported (0:
+        not set): keep it with `last_seen_versions` and pass both to resume, so that a
+        model deleted and made again meanwhile, its alias on a new version of the same
+        number, is reported (DELETED, then SET) rather than taken for the version seen."""
+
     @abc.abstractmethod
     def close(self) -> None:
         """End the watch; an iteration waiting for a change ends (StopIteration)."""
@@ -404,6 +412,7 @@ class ModelRegistry(abc.ABC):
         aliases: Sequence[str],
         *,
         last_seen_versions: Mapping[str, int] | None = None,
+        last_seen_creation_times_ms: Mapping[str, int] | None = None,
     ) -> AliasWatch:
         """Watch `aliases` (1 to 16, e.g. ["champion"]) of the registered model `name`.
 
@@ -412,8 +421,12 @@ class ModelRegistry(abc.ABC):
         once. It rides out sidecar restarts and MLflow outages: it reconnects on its own and
         misses no change. An alias given in `last_seen_versions` (alias -> the version last
         seen, 0: not set; e.g. kept by the caller across its own restarts) is reported only
-        once it points elsewhere. NotFoundError for a missing model, InvalidArgumentError
-        for a bad alias, raised here or by the iteration.
+        once it points elsewhere; given its `last_seen_creation_times_ms` too (both as the
+        watch's properties of those names give them), also once it points at another
+        version of the same number (the model was deleted and made again). NotFoundError
+        for a missing model (unless `last_seen_versions` resumes a watch of it: then each
+        alias seen set is DELETED), InvalidArgumentError for a bad alias, raised here or by
+        the iteration.
         """
 
     @abc.abstractmethod

@@ -1542,8 +1542,9 @@ class WatchModelAliasRequest(_message.Message):
         """Alias -> the version number the client saw last (0: the alias was not set), from an
         earlier stream. An alias listed here gets, as its first message, the change from that
         version to the current one (kind SET, MOVED, DELETED or VERSION_DELETED), or CURRENT
-        when nothing changed: a client that reconnects misses no change. A model deleted and
-        made again meanwhile may have a version of the same number: the CURRENT answer's
+        when nothing changed: a client that reconnects misses no change, also when the model
+        was deleted meanwhile (DELETED, not NOT_FOUND). A model deleted and made again
+        meanwhile may have a version of the same number: the CURRENT answer's
         model_version.creation_time_ms tells the new version from the one seen. Keys must
         be among `aliases`, versions 0 or more.
         """

@@ -117,8 +117,10 @@ class ModelRegistryServiceStub:
     RetryInfo), or when the client reads so slowly that 1024 messages wait for it
     (RESOURCE_EXHAUSTED, reason WATCH_FELL_BEHIND, with RetryInfo); open it again with last_seen_versions and no
     change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
-    stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
-    distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+    stream opens (while MLflow is unreachable then: as soon as it answers), unless
+    last_seen_versions is given: a resumed watch of a model deleted meanwhile opens with
+    each alias seen set as DELETED and is watched on, as an open one would have been; 1
+    to 16 distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
     of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
     streaming slots for its whole life; beyond them it waits in line and may be refused
     (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
@@ -213,8 +215,10 @@ class ModelRegistryServiceAsyncStub(ModelRegistryServiceStub):
     RetryInfo), or when the client reads so slowly that 1024 messages wait for it
     (RESOURCE_EXHAUSTED, reason WATCH_FELL_BEHIND, with RetryInfo); open it again with last_seen_versions and no
     change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
-    stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
-    distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+    stream opens (while MLflow is unreachable then: as soon as it answers), unless
+    last_seen_versions is given: a resumed watch of a model deleted meanwhile opens with
+    each alias seen set as DELETED and is watched on, as an open one would have been; 1
+    to 16 distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
     of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
     streaming slots for its whole life; beyond them it waits in line and may be refused
     (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.
@@ -438,8 +442,10 @@ class ModelRegistryServiceServicer(metaclass=_abc_1.ABCMeta):
         RetryInfo), or when the client reads so slowly that 1024 messages wait for it
         (RESOURCE_EXHAUSTED, reason WATCH_FELL_BEHIND, with RetryInfo); open it again with last_seen_versions and no
         change is missed. A model that does not exist is NOT_FOUND (MODEL_NOT_FOUND) when the
-        stream opens (while MLflow is unreachable then: as soon as it answers); 1 to 16
-        distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
+        stream opens (while MLflow is unreachable then: as soon as it answers), unless
+        last_seen_versions is given: a resumed watch of a model deleted meanwhile opens with
+        each alias seen set as DELETED and is watched on, as an open one would have been; 1
+        to 16 distinct aliases, reserved names refused (RESERVED_ALIAS). Each open stream holds one
         of the sidecar's server.workers threads and one of its server.max_streaming_rpcs
         streaming slots for its whole life; beyond them it waits in line and may be refused
         (RESOURCE_EXHAUSTED, reason TOO_MANY_STREAMS), as every streaming call may.

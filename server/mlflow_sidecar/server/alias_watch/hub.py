@@ -52,8 +52,10 @@ class AliasWatchHub:
     def open(self, name: str, aliases: Sequence[str], last_seen: Mapping[str, int]) -> Watcher:
         """A watcher of `aliases` of model `name` with its first messages queued, or, while
         MLflow is unreachable, the news of that (its first state follows once MLflow
-        answers). A model that does not exist is NotFoundError; MLflow refusing the read is
-        that error (not an outage); a stopping sidecar is UnavailableError (SHUTTING_DOWN)."""
+        answers). A model that does not exist is NotFoundError, unless `last_seen` is given
+        (a resumed watch: each alias seen set opens as DELETED, and the model is watched
+        on); MLflow refusing the read is that error (not an outage); a stopping sidecar is
+        UnavailableError (SHUTTING_DOWN)."""
         with self._lock:
             if self._ending:
                 raise shutting_down()

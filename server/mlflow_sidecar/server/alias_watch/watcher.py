@@ -98,7 +98,9 @@ class Watcher:
         """Queue what `reading` means for this stream: its first state, or its changes."""
         if self._ended is not None or self._closed:
             return
-        if self._known is None and not reading.exists:
+        if self._known is None and not reading.exists and not self._last_seen:
+            # Only a fresh watch: a resumed one saw the model, which may have been deleted
+            # while no stream was open, and opens as a live stream reads that (DELETED).
             self.end(
                 NotFoundError(
                     f"registered model {self.name!r} does not exist",

@@ -54,6 +54,6 @@ class AliasWatchService:
     ) -> Watcher:
         """An open watch of `aliases` of model `name`: iterate `events()` for its messages,
         `close()` it from any thread to end it. NotFoundError for a model that does not
-        exist (once MLflow answers)."""
+        exist (once MLflow answers), unless `last_seen_versions` resumes a watch of it."""
         check_watch(name, aliases, last_seen_versions)
         return self._hub.open(name, aliases, last_seen_versions)
