@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+import mlflow
 import pytest
 
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
@@ -173,7 +174,9 @@ def test_version_from_a_missing_logged_model_says_so(registry_stub, model):
 # -- ALREADY_EXISTS ---------------------------------------------------------------------
 
 
-def test_duplicate_registered_model_name_already_exists(registry_stub, model, unique):
+def test_duplicate_registered_model_name_already_exists(
+    registry_stub, model, unique, mlflow_server
+):
     err = _error(
         lambda: registry_stub.CreateRegisteredModel(pb.CreateRegisteredModelRequest(name=model))
     )
@@ -195,6 +198,9 @@ def test_duplicate_registered_model_name_already_exists(registry_stub, model, un
         == 2
     )
     assert registry_stub.GetRegisteredModel(pb.GetRegisteredModelRequest(name=other))
+    # Not even the rename's own tag (which the sidecar's answers hide) is left behind.
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    assert "mlflow_sidecar.rename_request_id" not in plain.get_registered_model(other).tags
 
 
 # -- INVALID_ARGUMENT -------------------------------------------------------------------

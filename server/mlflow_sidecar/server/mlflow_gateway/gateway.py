@@ -48,7 +48,11 @@ from mlflow_sidecar.server.mlflow_gateway.environment import (
     MlflowSettingError,
     configure_mlflow_environment,
 )
-from mlflow_sidecar.server.mlflow_gateway.errors import search_field, to_domain_error
+from mlflow_sidecar.server.mlflow_gateway.errors import (
+    is_transient,
+    search_field,
+    to_domain_error,
+)
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
 from mlflow_sidecar.server.mlflow_gateway.search_terms import SearchGrammar, check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.sources import (
@@ -850,13 +854,29 @@ class MlflowGateway:
                 self._client.set_registered_model_tag(name, RENAME_REQUEST_ID_TAG, request_id)
                 self._client.rename_registered_model(name, new_name)
             except MlflowException as exc:
-                if not isinstance(to_domain_error(exc), NotFoundError) or not self._renamed_by(
+                if isinstance(to_domain_error(exc), NotFoundError) and self._renamed_by(
                     new_name, request_id
                 ):
-                    raise
+                    return
+                if not is_transient(exc):
+                    # Refused for good (the new name is taken): the call has no effect,
+                    # so the tag it set first goes again.
+                    self._untag_rename(name, request_id)
+                raise
 
         self.call_once(attempt, not_found=ErrorReason.MODEL_NOT_FOUND)
         return self.get_registered_model(new_name)
+
+    def _untag_rename(self, name: str, request_id: str) -> None:
+        try:
+            if self._renamed_by(name, request_id):
+                self._client.delete_registered_model_tag(name, RENAME_REQUEST_ID_TAG)
+        except MlflowException as exc:
+            log.warning(
+                "could not remove the rename tag of a refused rename from model %r: %s",
+                name,
+                to_domain_error(exc).message,
+            )
 
     def _renamed_by(self, name: str, request_id: str) -> bool:
         try:
