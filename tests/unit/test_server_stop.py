@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections.abc import Iterator
 
+import grpc
 import pytest
 
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.grpc_server import SidecarServer
-from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2, tracking_pb2_grpc
 
 
 class _Task:
@@ -70,3 +73,55 @@ def test_background_tasks_get_what_is_left_of_the_grace_period(tmp_path, caplog)
 @pytest.fixture(autouse=True)
 def _logs(caplog):
     caplog.set_level("INFO")
+
+
+class _ReadingTracking(tracking_pb2_grpc.ExperimentTrackingServiceServicer):
+    """UploadArtifact reads its request stream to the end, as the real one does."""
+
+    def __init__(self) -> None:
+        self.reading = threading.Event()
+
+    def UploadArtifact(self, request_iterator, context):
+        for _ in request_iterator:
+            self.reading.set()
+        return tracking_pb2.UploadArtifactResponse()
+
+
+def test_a_call_the_grace_period_cuts_off_is_unavailable_in_log_and_metrics(tmp_path, caplog):
+    config = load_config(data_dir=tmp_path, server={"port": 0, "grace_s": 0.5})
+    tracking = _ReadingTracking()
+    server = SidecarServer(config, tracking, registry_pb2_grpc.ModelRegistryServiceServicer())
+    server.start()
+    done_sending = threading.Event()
+
+    def slow_upload() -> Iterator[tracking_pb2.UploadArtifactRequest]:
+        yield tracking_pb2.UploadArtifactRequest(chunk=b"c")
+        done_sending.wait(60)
+
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+            call = stub.UploadArtifact.future(slow_upload(), metadata=(("x-request-id", "cut-1"),))
+            assert tracking.reading.wait(60), "the upload never reached its handler"
+            server.stop()
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=60)
+    finally:
+        done_sending.set()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    lines = [r for r in caplog.records if r.name == "mlflow_sidecar.access"]
+    assert [(r.levelno, r.grpc_code) for r in lines] == [(logging.WARNING, "UNAVAILABLE")]
+    assert "cut off by the shutdown" in lines[0].getMessage()
+
+    def handled(code: str) -> float | None:
+        labels = {
+            "grpc_type": "client_stream",
+            "grpc_service": "mlflow_sidecar.v1.ExperimentTrackingService",
+            "grpc_method": "UploadArtifact",
+            "grpc_code": code,
+        }
+        return server.metrics.registry.get_sample_value("grpc_server_handled_total", labels)
+
+    assert handled("UNAVAILABLE") == 1
+    assert handled("CANCELLED") is None
+    assert handled("OK") is None

@@ -16,12 +16,14 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from mlflow_sidecar.server.config import AppConfig, ConfigError, host_port, load_config
+from mlflow_sidecar.server.grpc_core_logs import set_grpc_verbosity
 
+# grpc is imported where it is used, never here: `serve` sets GRPC_VERBOSITY first, which
+# grpc's core reads once, at import (see grpc_core_logs).
 if TYPE_CHECKING:
+    import grpc
+
     from mlflow_sidecar.server.container import ServerContainer
     from mlflow_sidecar.server.spool.store import SpoolStore
 
@@ -74,6 +76,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
+    grpc_core_quiet = set_grpc_verbosity(config.log_level, config.log_format)
     from mlflow_sidecar.server.config import check_data_dir, check_ports
 
     try:
@@ -91,7 +94,7 @@ def _serve(args: argparse.Namespace) -> int:
     except DataDirBusyError as exc:
         return _fail(str(exc))
     try:
-        code = _serve_locked(config)
+        code = _serve_locked(config, grpc_core_quiet)
     finally:
         lock.release()
     if code == 0:
@@ -109,7 +112,7 @@ def _end_process() -> NoReturn:
     os._exit(0)
 
 
-def _serve_locked(config: AppConfig) -> int:
+def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
     from mlflow_sidecar.server.config import describe
 
     try:
@@ -131,6 +134,12 @@ def _serve_locked(config: AppConfig) -> int:
         return _fail(str(exc))
     # Before the store is opened, so that its migrations log in the configured format.
     configure_logging(config.log_level, config.log_format)
+    if not grpc_core_quiet:
+        log.warning(
+            "grpc was imported before serve read log_level and log_format: its core writes"
+            " to stderr as GRPC_VERBOSITY says (%s); run serve in a process of its own",
+            os.environ.get("GRPC_VERBOSITY", "unset"),
+        )
     try:
         # Before the signal handlers: a stop while the embedded store is created ends the
         # process at once, and leaves no half-made store (see embedded_store).
@@ -175,6 +184,8 @@ def probe_target(config: AppConfig) -> str:
 
 def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
     """The probe's channel; ConfigError for a flag whose file cannot be used."""
+    import grpc
+
     # grpc's core aborts the whole process on a certificate without its key (or the
     # reverse), so a half pair is refused before grpc sees it.
     if bool(args.cert_file) != bool(args.key_file):
@@ -205,6 +216,9 @@ def _read_optional(path: str | None, flag: str) -> bytes | None:
 
 
 def _health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
     config = _load(args)
     if config is None:
         return EXIT_CONFIG

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from mlflow_sidecar.server.auth import AuthInterceptor
+from mlflow_sidecar.server.call_drain import CallDrain
 from mlflow_sidecar.server.config import AppConfig, host_port, insecure_listener_warnings
 from mlflow_sidecar.server.http_endpoints import HttpEndpoints, ProbeApp
 from mlflow_sidecar.server.idempotency import IdempotencyInterceptor, RequestLedger
@@ -30,6 +31,12 @@ log = logging.getLogger(__name__)
 TRACKING_SERVICE = tracking_pb2.DESCRIPTOR.services_by_name["ExperimentTrackingService"].full_name
 REGISTRY_SERVICE = registry_pb2.DESCRIPTOR.services_by_name["ModelRegistryService"].full_name
 SERVICE_NAMES = (TRACKING_SERVICE, REGISTRY_SERVICE)
+# How long the stop waits, once the calls left at the end of the grace period are
+# cancelled, for their handlers to write their access log lines: they wake at the cancel and
+# take milliseconds, but a handler stuck elsewhere must not hold the process.
+HANDLERS_AFTER_CUT_S = 0.5
+# grpc's own cancel comes this much after the grace period, should the stop's own fail.
+_GRPC_CANCEL_AFTER_S = 5.0
 
 
 def _server_credentials(config: AppConfig) -> grpc.ServerCredentials:
@@ -100,6 +107,7 @@ class SidecarServer:
         self._serving = False
         server = config.server
         self._tracing = tracing
+        self._calls = CallDrain()
         self.stream_slots = StreamSlots(
             server.max_streaming_rpcs,
             server.max_waiting_streams,
@@ -169,7 +177,7 @@ class SidecarServer:
         if self._tracing is not None:
             # Outermost: the access log and everything below run inside the call's span.
             interceptors.append(self._tracing.interceptor)
-        interceptors.append(AccessLogInterceptor(self.metrics))
+        interceptors.append(AccessLogInterceptor(self.metrics, self._calls))
         if config.auth.enabled:
             interceptors.append(AuthInterceptor(config.auth.load_tokens()))
         interceptors.append(
@@ -250,7 +258,19 @@ class SidecarServer:
         for streams in self._open_streams:
             streams.end_all()
         log.info("draining for up to %.1fs", grace)
-        self._server.stop(grace).wait()
+        stopped = self._server.stop(grace + _GRPC_CANCEL_AFTER_S)
+        if not stopped.wait(grace):
+            # Marked before the cancel, so that each one's access line says what its
+            # client saw (UNAVAILABLE); grpc's own timer would cancel first, unmarked.
+            self._calls.cut_off_running()
+            self._server.stop(None)
+        left = self._calls.wait_finished(HANDLERS_AFTER_CUT_S)
+        if left:
+            log.warning(
+                "%d calls were still running when the sidecar stopped; their access log lines"
+                " are missing",
+                left,
+            )
         if self._drain is not None:
             # The deliverer has been delivering all along; this waits for the rest.
             self._drain.wait_delivered("", max(0.0, drain_until - time.monotonic()))

@@ -33,6 +33,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.str_enum import StrEnum
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.call_drain import CallDrain
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSeries, SidecarMetrics
 from mlflow_sidecar.server.request_context import request_id
@@ -353,6 +354,23 @@ def _add_trailing(context: grpc.ServicerContext, key: str, value: str) -> None:
     context.set_trailing_metadata((*kept, (key, value)))
 
 
+def _outcome(context: grpc.ServicerContext, drain: CallDrain) -> tuple[grpc.StatusCode, bool]:
+    """The code the client saw, and whether the shutdown cut the call off."""
+    if drain.was_cut(context):
+        # grpc answered UNAVAILABLE, whatever the handler made of the cancel afterwards
+        # (its client leaving, or a request stream that ended too soon).
+        return grpc.StatusCode.UNAVAILABLE, True
+    return status_code(context) or _ended_without_a_code(context), False
+
+
+def _access_level(code: grpc.StatusCode) -> int:
+    if code == grpc.StatusCode.OK:
+        return logging.DEBUG  # high call rates stay cheap
+    if code in CLIENT_CAUSED_CODES:
+        return logging.INFO
+    return logging.WARNING
+
+
 def _counted(messages: Iterator[Any], counter: Any) -> Iterator[Any]:
     for message in messages:
         counter.inc()
@@ -368,10 +386,15 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
     rates stay cheap), INFO for outcomes the caller caused (NOT_FOUND, INVALID_ARGUMENT,
     ...) and WARNING for the sidecar's own failures; its fields (`grpc_service`,
     `grpc_method`, `grpc_code`, `peer`, `duration_ms`) are record attributes, so JSON logs
-    carry them as fields."""
+    carry them as fields. A call the shutdown cut off at the end of its grace period is
+    UNAVAILABLE, as its client saw it, not CANCELLED; `drain` counts the calls in flight, so
+    that the stop can wait for their lines."""
 
-    def __init__(self, metrics: SidecarMetrics | None = None) -> None:
+    def __init__(
+        self, metrics: SidecarMetrics | None = None, drain: CallDrain | None = None
+    ) -> None:
         self._metrics = metrics or SidecarMetrics()
+        self._drain = drain or CallDrain()
         self._handlers = WrappedHandlers(self._wrap)
 
     def intercept_service(
@@ -384,34 +407,40 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
     def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
         series: MethodSeries = self._metrics.method_series(call_type.value, method)
         service, _, short_method = method.lstrip("/").rpartition("/")
+        drain = self._drain
 
         def begin(context: grpc.ServicerContext) -> tuple[contextvars.Token[str], str, float]:
             rid = call_request_id(context)
+            drain.started(context)
             series.started.inc()
             return request_id.set(rid), rid, time.perf_counter()
 
         def finish(context: grpc.ServicerContext, rid: str, started: float) -> None:
+            try:
+                log_call(context, rid, started)
+            finally:
+                drain.finished(context)
+
+        def log_call(context: grpc.ServicerContext, rid: str, started: float) -> None:
             elapsed = time.perf_counter() - started
             _add_trailing(context, REQUEST_ID_METADATA, rid)
-            code = status_code(context) or _ended_without_a_code(context)
+            code, cut_off = _outcome(context, drain)
             name = code.name if isinstance(code, grpc.StatusCode) else str(code)
             series.handled(name).inc()
             series.seconds.observe(elapsed)
-            if code == grpc.StatusCode.OK:
-                level = logging.DEBUG
-            elif code in CLIENT_CAUSED_CODES:
-                level = logging.INFO
-            else:
-                level = logging.WARNING
+            level = _access_level(code)
             if log.isEnabledFor(level):
                 peer = context.peer()
                 log.log(
                     level,
-                    "%s %s %s %.1fms",
+                    "%s %s %s %.1fms%s",
                     method,
                     peer,
                     name,
                     elapsed * 1000,
+                    " (cut off by the shutdown: still running when server.grace_s was over)"
+                    if cut_off
+                    else "",
                     extra={
                         "grpc_type": call_type.value,
                         "grpc_service": service,
