@@ -39,9 +39,11 @@ def grpc_verbosity(log_level: str, log_format: str, environ: Mapping[str, str]) 
 def set_grpc_verbosity(
     log_level: str, log_format: str, environ: MutableMapping[str, str] = os.environ
 ) -> bool:
-    """Set `GRPC_VERBOSITY` for this process; False when grpc is imported already, so that
-    its core has read the variable and the setting comes too late to count."""
+    """Set `GRPC_VERBOSITY` for this process; False when one is wanted but grpc is imported
+    already, so that its core has read the variable and the setting comes too late to
+    count (True when grpc's default is what the settings ask for)."""
     verbosity = grpc_verbosity(log_level, log_format, environ)
-    if verbosity is not None:
-        environ[GRPC_VERBOSITY] = verbosity
+    if verbosity is None:
+        return True
+    environ[GRPC_VERBOSITY] = verbosity
     return "grpc" not in sys.modules
