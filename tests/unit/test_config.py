@@ -179,6 +179,24 @@ def test_values_the_sidecar_exported_for_mlflow_are_not_read_back(monkeypatch):
     assert load_config().mlflow.request_timeout_s == 4
 
 
+def test_insecure_tls_false_in_the_file_overrides_mlflows_variable(tmp_path, monkeypatch):
+    from mlflow.environment_variables import MLFLOW_TRACKING_INSECURE_TLS
+
+    from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("mlflow:\n  tracking_uri: https://mlflow:5000\n  insecure_tls: false\n")
+    config = load_config(path)
+    assert config.mlflow.insecure_tls is False
+    configure_mlflow_environment(config)
+    # What MLflow's client reads when it connects: certificate checks stay on.
+    assert MLFLOW_TRACKING_INSECURE_TLS.get() is False
+    monkeypatch.delenv("MLFLOW_TRACKING_INSECURE_TLS")
+    configure_mlflow_environment(load_config(path))
+    assert MLFLOW_TRACKING_INSECURE_TLS.get() is False
+
+
 def test_a_bad_mlflow_variable_is_named_as_such(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")
     named = r"mlflow\.request_timeout_s \(MLFLOW_HTTP_REQUEST_TIMEOUT\)"

@@ -42,8 +42,11 @@ def configure_mlflow_environment(config: AppConfig) -> None:
         export_mlflow_env("MLFLOW_TRACKING_PASSWORD", password)
     if token := config.mlflow.token.get_secret_value():
         export_mlflow_env("MLFLOW_TRACKING_TOKEN", token)
-    if config.mlflow.insecure_tls:
-        export_mlflow_env("MLFLOW_TRACKING_INSECURE_TLS", "true")
+    # Always, false included: MLflow's client reads its variable itself, so one inherited
+    # from the environment would turn certificate checks off against the sidecar's setting.
+    export_mlflow_env(
+        "MLFLOW_TRACKING_INSECURE_TLS", "true" if config.mlflow.insecure_tls else "false"
+    )
     settle_request_header_providers()
     if config.embedded:
         config.data_dir.mkdir(parents=True, exist_ok=True)
