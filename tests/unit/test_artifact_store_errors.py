@@ -7,11 +7,16 @@ reaches the sidecar).
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+from pathlib import Path
+
 import pytest
+import requests
 from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from botocore import exceptions as boto
 from mlflow.exceptions import MlflowException
 from mlflow.protos import databricks_pb2
+from mlflow.store.artifact.cloud_artifact_repo import _complete_futures
 from mlflow.store.artifact.s3_artifact_repo import BOTO_TO_MLFLOW_ERROR
 from urllib3.exceptions import NewConnectionError, ProtocolError
 
@@ -90,6 +95,35 @@ def _signature_mismatch() -> boto.ClientError:
         "SignatureDoesNotMatch",
         "The request signature we calculated does not match the signature you provided.",
         "ListObjectsV2",
+    )
+
+
+def _failed_parts(tmp_path: Path, *failures: BaseException) -> MlflowException:
+    """MLflow's report of a proxied multipart upload whose parts failed with `failures`:
+    its HttpArtifactRepository._try_multipart_upload folds them into its message."""
+    local_file = tmp_path / "f.bin"
+    local_file.write_bytes(b"x" * 10)
+    futures: dict[Future[object], int] = {}
+    for number, failure in enumerate(failures, start=1):
+        future: Future[object] = Future()
+        future.set_exception(failure)
+        futures[future] = number
+    _, failed = _complete_futures(futures, str(local_file))
+    return MlflowException(f"Failed to upload at least one part of {local_file}. Errors: {failed}")
+
+
+def _part_reset() -> requests.exceptions.ConnectionError:
+    return requests.exceptions.ConnectionError(
+        ProtocolError("Connection aborted.", ConnectionResetError(104, "reset by peer"))
+    )
+
+
+def _part_refused(status: int) -> requests.exceptions.HTTPError:
+    response = requests.Response()
+    response.status_code = status
+    return requests.exceptions.HTTPError(
+        f"{status} Client Error: Forbidden for url: https://bkt.s3/f?X-Amz-Signature=abc",
+        response=response,
     )
 
 
@@ -213,6 +247,22 @@ def test_a_missing_key_is_still_the_artifact_that_is_missing():
     assert isinstance(to_domain_error(missing), errors.NotFoundError)
 
 
+def test_a_presigned_part_whose_connection_broke_is_the_stores_transient_failure(tmp_path):
+    failed = _failed_parts(tmp_path, _part_reset())
+    assert is_transient(failed)
+    error = to_domain_error(failed)
+    assert isinstance(error, errors.UnavailableError)
+    assert error.reason == ErrorReason.ARTIFACT_STORE_UNAVAILABLE
+    assert "ConnectionError" in error.message
+
+
+def test_a_presigned_part_the_store_refused_is_not_retried(tmp_path):
+    # One part refused (an expired URL, say) fails the next try as well.
+    failed = _failed_parts(tmp_path, _part_reset(), _part_refused(403))
+    assert not is_transient(failed)
+    assert isinstance(to_domain_error(failed), errors.InternalError)
+
+
 def test_the_store_failing_once_is_retried_and_the_call_succeeds(tmp_path):
     gateway = MlflowGateway(
         load_config(
@@ -224,8 +274,10 @@ def test_the_store_failing_once_is_retried_and_the_call_succeeds(tmp_path):
 
     def flaky() -> str:
         calls.append(1)
-        if len(calls) < 3:
+        if len(calls) == 1:
             raise _endpoint_connection_error()
+        if len(calls) == 2:
+            raise _failed_parts(tmp_path, _part_reset())
         return "stored"
 
     assert gateway.call(flaky) == "stored"

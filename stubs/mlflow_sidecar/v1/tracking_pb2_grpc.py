@@ -106,9 +106,9 @@ class ExperimentTrackingServiceStub(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
-    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store the sidecar writes to
-    itself (S3) stayed unreachable, dropped the connection or timed out through the
-    sidecar's own retries, while MLflow itself may be fine.
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+    dropped the connection or timed out through the sidecar's own retries, while MLflow
+    itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
     (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
@@ -365,9 +365,9 @@ class ExperimentTrackingServiceServicer(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
-    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store the sidecar writes to
-    itself (S3) stayed unreachable, dropped the connection or timed out through the
-    sidecar's own retries, while MLflow itself may be fine.
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+    dropped the connection or timed out through the sidecar's own retries, while MLflow
+    itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
     (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
@@ -898,9 +898,9 @@ class ExperimentTrackingService(object):
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
     retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
-    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store the sidecar writes to
-    itself (S3) stayed unreachable, dropped the connection or timed out through the
-    sidecar's own retries, while MLflow itself may be fine.
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+    dropped the connection or timed out through the sidecar's own retries, while MLflow
+    itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
     (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries

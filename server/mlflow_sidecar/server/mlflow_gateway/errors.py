@@ -107,7 +107,7 @@ def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see: connection errors, timeouts,
     HTTP 408/425/429/5xx (MLflow raises those as RetryError when its own retries are off),
     MLflow's TEMPORARILY_UNAVAILABLE, a locked embedded SQLite database, and the like of
-    these from the artifact store (botocore's). Other HTTP 4xx
+    these from the artifact store (botocore's, or a presigned part's). Other HTTP 4xx
     answers are not: asking again gets the same refusal."""
     if is_transient_store_failure(exc):
         return True

@@ -2,12 +2,15 @@
 
 A sidecar that writes to S3 itself gets boto3's and botocore's exceptions, often folded by
 MLflow into an MlflowException whose error code is a guess (MLflow calls a wrong secret
-UNAUTHENTICATED, which the sidecar keeps for its caller's token). The failure is the
-store's, not MLflow's, and its message says so.
+UNAUTHENTICATED, which the sidecar keeps for its caller's token). A sidecar behind MLflow's
+proxy sends multipart uploads to URLs the server presigns, and MLflow folds a failed part
+into the words of one exception. Either way the failure is the store's, not MLflow's,
+and its message says so.
 """
 
 from __future__ import annotations
 
+import ast
 import re
 
 from mlflow.exceptions import MlflowException
@@ -74,6 +77,17 @@ _TRANSIENT_CODES = frozenset(
 _BUCKET_IN_URI = re.compile(r"\bs3a?://([^/\s\"']+)")
 _BUCKET_IN_UPLOAD = re.compile(r"\bto ([^/\s\"']+)/\S")
 
+# MLflow's words for a proxied multipart upload of which some parts failed, followed by
+# the `repr` of each part's exception, as a dict of part number -> text.
+_FAILED_PARTS = "Failed to upload at least one part of "
+_FAILED_PARTS_ERRORS = ". Errors: "
+# The requests exceptions (by the name their `repr` starts with) a later try of a part
+# may not see: the object store dropped the connection or did not answer in time.
+_TRANSIENT_PART_FAILURE = re.compile(
+    r"(?:ConnectionError|ConnectTimeout|ReadTimeout|Timeout|ChunkedEncodingError)\("
+    r"|HTTPError\(['\"](?:5\d\d|408|429)\b"
+)
+
 _UNAVAILABLE = "the artifact store is unavailable"
 
 
@@ -112,11 +126,33 @@ def _bucket(chain: list[BaseException]) -> str:
     return ""
 
 
+def _failed_parts_are_transient(exc: BaseException) -> bool:
+    """Whether `exc` is MLflow's report of a multipart upload whose failed parts all
+    failed in a way a later try may not see (the chain of each is lost in MLflow's text)."""
+    if not isinstance(exc, MlflowException) or not exc.message.startswith(_FAILED_PARTS):
+        return False
+    _, found, listed = exc.message.partition(_FAILED_PARTS_ERRORS)
+    if not found:
+        return False
+    try:
+        failures = ast.literal_eval(listed)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return (
+        isinstance(failures, dict)
+        and bool(failures)
+        and all(
+            isinstance(text, str) and _TRANSIENT_PART_FAILURE.match(text)
+            for text in failures.values()
+        )
+    )
+
+
 def is_transient_store_failure(exc: BaseException) -> bool:
     """True for a failure of the artifact store that a later try may not see: it could not
     be reached, dropped the connection, timed out, asked to slow down or failed itself."""
     for cause in _causes(exc):
-        if isinstance(cause, _TRANSIENT_BOTO):
+        if isinstance(cause, _TRANSIENT_BOTO) or _failed_parts_are_transient(cause):
             return True
         if isinstance(cause, _CLIENT_ERRORS) and _client_error_code(cause) in _TRANSIENT_CODES:
             return True
