@@ -14,6 +14,7 @@ Three ways the bytes reach S3, through two `mlflow server`s on one bucket:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -30,8 +31,13 @@ import tomllib
 from mlflow.store.artifact import s3_artifact_repo
 from mlflow.tracking import MlflowClient
 
-from mlflow_sidecar.client import ClientContainer
-from mlflow_sidecar.core.errors import ErrorReason, PermissionDeniedError
+from mlflow_sidecar.client import ClientContainer, ExperimentTracking
+from mlflow_sidecar.core.errors import (
+    ErrorReason,
+    FailedPreconditionError,
+    PermissionDeniedError,
+    UnavailableError,
+)
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import (
     MlflowServerFactory,
@@ -40,7 +46,7 @@ from tests.integration.conftest import (
 )
 from tests.integration.test_artifact_streaming import sha, upload_requests
 from tests.support.files import MIB, random_file, sha256_of, tree_digests
-from tests.support.processes import MlflowServer
+from tests.support.processes import MlflowServer, free_port
 from tests.support.s3 import MotoS3, multipart_parts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -140,6 +146,15 @@ def container(setup) -> Iterator[ClientContainer]:
 @pytest.fixture()
 def tracking(container):
     return container.experiment_tracking()
+
+
+@pytest.fixture()
+def tracking_for_direct(direct_s3) -> Iterator[ExperimentTracking]:
+    """A typed client of the sidecar that writes to S3 itself."""
+    made = ClientContainer()
+    made.config.from_dict({"target": direct_s3.sidecar.target, "timeout_s": 60.0})
+    yield made.experiment_tracking()
+    made.shutdown_resources()
 
 
 @pytest.fixture()
@@ -332,6 +347,65 @@ def test_an_s3_location_beyond_the_servers_root_needs_allowed_uris(
     assert list(moto_s3.objects(BUCKET, f"team-{unique}/")) == [
         f"team-{unique}/{run_id}/artifacts/up.bin"
     ]
+
+
+def test_a_missing_bucket_is_failed_precondition_naming_it_for_upload_list_and_download(
+    direct_s3, moto_s3, monkeypatch, unique, tmp_path
+):
+    for name, value in moto_s3.env.items():
+        monkeypatch.setenv(name, value)
+    bucket = f"missing-{unique}"
+    plain = MlflowClient(tracking_uri=direct_s3.server.url)
+    experiment_id = plain.create_experiment(
+        f"s3-no-bucket-{unique}", artifact_location=f"s3://{bucket}/runs"
+    )
+    run_id = plain.create_run(experiment_id).info.run_id
+    source = random_file(tmp_path / "up.bin", 1000)
+    allowing = RunningSidecar(
+        sidecar_config(
+            tmp_path / "allowing",
+            direct_s3.server.url,
+            artifacts={"allowed_uris": [f"s3://{bucket}"]},
+        )
+    )
+    container = ClientContainer()
+    container.config.from_dict({"target": allowing.target, "timeout_s": 60.0})
+    tracking = container.experiment_tracking()
+    refusals = []
+    try:
+        for operation in (
+            lambda: tracking.upload_artifact(run_id, source, "up.bin"),
+            lambda: tracking.list_artifacts(run_id),
+            lambda: tracking.download_artifact(run_id, "up.bin", tmp_path / "down"),
+        ):
+            with pytest.raises(FailedPreconditionError) as refused:
+                operation()
+            refusals.append(refused.value)
+    finally:
+        container.shutdown_resources()
+        allowing.stop()
+    # Not RUN_NOT_FOUND: the run exists, its bucket does not.
+    assert [error.reason for error in refusals] == [ErrorReason.ARTIFACT_BUCKET_MISSING] * 3
+    assert all(error.metadata.get("bucket") == bucket for error in refusals)
+    assert all(repr(bucket) in str(error) for error in refusals)
+
+
+def test_an_s3_endpoint_nothing_listens_on_is_unavailable_after_the_sidecars_retries(
+    moto_s3, monkeypatch, tracking_for_direct, unique, tmp_path, caplog
+):
+    for name, value in moto_s3.env.items():
+        monkeypatch.setenv(name, value)
+    experiment = tracking_for_direct.create_experiment(f"s3-down-{unique}")
+    run_id = tracking_for_direct.start_run(experiment.experiment_id).run_id
+    source = random_file(tmp_path / "up.bin", 1000)
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with caplog.at_level(logging.WARNING), pytest.raises(UnavailableError) as down:
+        tracking_for_direct.upload_artifact(run_id, source, "up.bin")
+    assert down.value.reason == ErrorReason.ARTIFACT_STORE_UNAVAILABLE
+    assert "artifact store is unavailable" in str(down.value)
+    assert "MLflow is unavailable" not in str(down.value)
+    retried = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert retried, "the sidecar gave up without a retry"
 
 
 def test_the_s3_extra_brings_what_mlflows_s3_repository_imports():

@@ -22,7 +22,7 @@ import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
-from mlflow_sidecar.core.errors import SidecarError
+from mlflow_sidecar.core.errors import ErrorReason, SidecarError
 from mlflow_sidecar.server.mlflow_gateway import artifact_streams
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
     StreamedUpload,
@@ -46,6 +46,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     # Where the presigned URL points (None: this server) and what the "store" answers.
     store_address: ClassVar[str | None] = None
     store_status: ClassVar[int] = 200
+    # The store's connection breaks after half the body it announced.
+    store_cut: ClassVar[bool] = False
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -71,6 +73,14 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
                 self.send_response(self.store_status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                return
+            if self.store_cut:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(self.download)))
+                self.end_headers()
+                self.wfile.write(self.download[: len(self.download) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
                 return
             # As S3 answers a presigned GET; no length, so that the size must come from
             # the presign answer.
@@ -132,6 +142,7 @@ def repo() -> Iterator[HttpArtifactRepository]:
     _Recorder.presigned_size = None
     _Recorder.store_address = None
     _Recorder.store_status = 200
+    _Recorder.store_cut = False
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -263,6 +274,20 @@ def test_a_presigned_download_that_differs_from_its_announced_size_is_data_loss(
     with pytest.raises(SidecarError) as failed:
         b"".join(download.chunks)
     assert failed.value.code == grpc.StatusCode.DATA_LOSS
+
+
+def test_a_presigned_download_whose_store_connection_breaks_names_the_store_not_mlflow(proxy):
+    _Recorder.download = bytes(range(256)) * 1000
+    _Recorder.store_cut = True
+    download = open_download(proxy, "ckpt/model.pt", 64 * 1024)
+    assert download is not None
+    with pytest.raises(SidecarError) as failed:
+        b"".join(download.chunks)
+    # MLflow answered (it presigned the URL); the object store broke off.
+    assert failed.value.code == grpc.StatusCode.UNAVAILABLE
+    assert failed.value.reason == ErrorReason.ARTIFACT_STORE_UNAVAILABLE
+    assert failed.value.message.startswith("the artifact store is unavailable")
+    assert "MLflow" not in failed.value.message
 
 
 @pytest.mark.parametrize("status", [404, 501])

@@ -95,8 +95,10 @@ class ErrorReason(StrEnum):
     EXPERIMENT_NOT_ACTIVE = "EXPERIMENT_NOT_ACTIVE"
     PARAM_VALUE_CHANGED = "PARAM_VALUE_CHANGED"
     RUN_ENDED = "RUN_ENDED"
+    ARTIFACT_BUCKET_MISSING = "ARTIFACT_BUCKET_MISSING"
     # PERMISSION_DENIED
     PATH_OUTSIDE_ROOTS = "PATH_OUTSIDE_ROOTS"
+    ARTIFACT_STORE_DENIED = "ARTIFACT_STORE_DENIED"
     # RESOURCE_EXHAUSTED
     SPOOL_FULL = "SPOOL_FULL"
     UPLOAD_TOO_LARGE = "UPLOAD_TOO_LARGE"
@@ -111,6 +113,7 @@ class ErrorReason(StrEnum):
     RUN_END_PENDING = "RUN_END_PENDING"
     # UNAVAILABLE
     MLFLOW_UNAVAILABLE = "MLFLOW_UNAVAILABLE"
+    ARTIFACT_STORE_UNAVAILABLE = "ARTIFACT_STORE_UNAVAILABLE"
     SHUTTING_DOWN = "SHUTTING_DOWN"
 
 
@@ -210,7 +213,7 @@ class FailedPreconditionError(SidecarError):
 
 
 class UnavailableError(SidecarError):
-    """MLflow (or the sidecar) cannot be reached, even after retries."""
+    """MLflow, its artifact store, or the sidecar cannot be reached, even after retries."""
 
     code = grpc.StatusCode.UNAVAILABLE
     default_reason = ErrorReason.UNAVAILABLE

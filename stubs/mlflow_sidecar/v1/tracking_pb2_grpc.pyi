@@ -74,8 +74,13 @@ class ExperimentTrackingServiceStub:
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
       takes them again).
+    - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
+      location does not exist in the artifact store the sidecar writes to itself (metadata
+      "bucket"); the run exists.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
+    - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
+      itself refused its credentials, or it has none (the caller's token is not at fault).
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
       the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -97,6 +102,9 @@ class ExperimentTrackingServiceStub:
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+      dropped the connection or timed out through the sidecar's own retries, while MLflow
+      itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
       (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
@@ -281,8 +289,13 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
       takes them again).
+    - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
+      location does not exist in the artifact store the sidecar writes to itself (metadata
+      "bucket"); the run exists.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
+    - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
+      itself refused its credentials, or it has none (the caller's token is not at fault).
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
       the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -304,6 +317,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+      dropped the connection or timed out through the sidecar's own retries, while MLflow
+      itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
       (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
@@ -484,8 +500,13 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
     - RUN_ENDED [FAILED_PRECONDITION]: points for a run ended through the sidecar (ResumeRun
       takes them again).
+    - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
+      location does not exist in the artifact store the sidecar writes to itself (metadata
+      "bucket"); the run exists.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
+    - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
+      itself refused its credentials, or it has none (the caller's token is not at fault).
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
       the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -507,6 +528,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
       retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
+      dropped the connection or timed out through the sidecar's own retries, while MLflow
+      itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
       (WatchModelAlias) ends with it. RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries

@@ -43,6 +43,8 @@ from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 from mlflow_sidecar.server.mlflow_gateway.errors import to_domain_error
 from mlflow_sidecar.server.mlflow_gateway.port import StreamedDownload
+from mlflow_sidecar.server.mlflow_gateway.store_errors import store_unavailable
+from mlflow_sidecar.server.redaction import redact
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +237,8 @@ def open_download(
         response = _object_store_response(presigned, identity, artifact_path)
         if response is not None:
             size_hint = presigned.size_bytes or size_hint
+    from_store = response is not None
+    sender = "the artifact store" if from_store else "MLflow"
     if response is None:
         response = mlflow_internals.http_request(
             mlflow_internals.host_creds(repo),
@@ -264,16 +268,25 @@ def open_download(
                     break
                 yield chunk
         except Exception as exc:
-            raise to_domain_error(exc) from exc
+            raise _read_error(exc, from_store) from exc
         finally:
             response.close()
         if received != size:
             raise DataLossError(
-                f"MLflow sent {received} bytes of {artifact_path}, announced {size}",
+                f"{sender} sent {received} bytes of {artifact_path}, announced {size}",
                 reason=ErrorReason.DIGEST_MISMATCH,
             )
 
     return StreamedDownload(size, chunks(), response.close)
+
+
+def _read_error(exc: Exception, from_store: bool) -> SidecarError:
+    """The error for a body that broke off. Read `from_store` (a presigned URL), a
+    transient failure is the object store's: MLflow had answered already."""
+    error = to_domain_error(exc)
+    if from_store and error.reason == ErrorReason.MLFLOW_UNAVAILABLE:
+        return store_unavailable(redact(str(exc)))
+    return error
 
 
 def _object_store_response(

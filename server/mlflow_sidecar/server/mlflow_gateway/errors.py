@@ -27,6 +27,10 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
+from mlflow_sidecar.server.mlflow_gateway.store_errors import (
+    is_transient_store_failure,
+    store_error,
+)
 from mlflow_sidecar.server.redaction import redact
 
 # SQLAlchemy's OperationalError ("database is locked") from the embedded store. The `remote`
@@ -102,8 +106,11 @@ def _http_status(exc: BaseException) -> int | None:
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see: connection errors, timeouts,
     HTTP 408/425/429/5xx (MLflow raises those as RetryError when its own retries are off),
-    MLflow's TEMPORARILY_UNAVAILABLE, and a locked embedded SQLite database. Other HTTP
-    4xx answers are not: asking again gets the same refusal."""
+    MLflow's TEMPORARILY_UNAVAILABLE, a locked embedded SQLite database, and the like of
+    these from the artifact store (botocore's, or a presigned part's). Other HTTP 4xx
+    answers are not: asking again gets the same refusal."""
+    if is_transient_store_failure(exc):
+        return True
     for cause in _causes(exc):
         status = _http_status(cause)
         if status is not None:
@@ -142,9 +149,10 @@ def _facts(exc: BaseException) -> dict[str, str]:
 
 def to_domain_error(exc: Exception) -> SidecarError:
     """The domain error for an exception raised by MLflow, with MLflow's own error code (or
-    HTTP status) in its metadata. A transient failure is MLFLOW_UNAVAILABLE; which resource
-    a NOT_FOUND is about is for the caller to say (it knows what it asked for). MLflow's
-    text is shown without the credentials its URLs carry."""
+    HTTP status) in its metadata. A transient failure is MLFLOW_UNAVAILABLE, or
+    ARTIFACT_STORE_UNAVAILABLE when the artifact store itself failed (see `store_errors`);
+    which resource a NOT_FOUND is about is for the caller to say (it knows what it asked
+    for). MLflow's text is shown without the credentials its URLs carry."""
     if isinstance(exc, SidecarError):
         return exc
     error = _domain_error(exc)
@@ -158,6 +166,10 @@ def _domain_error(exc: Exception) -> SidecarError:
     ):
         # The sidecar's own disk (a download being written, the embedded store's database).
         return disk_full_error("no room on the sidecar's disk for what MLflow sent or stores")
+    # Before MLflow's error code: for the store's failures that code is MLflow's guess.
+    from_store = store_error(exc)
+    if from_store is not None:
+        return from_store
     facts = _facts(exc)
     if is_transient(exc):
         return UnavailableError(

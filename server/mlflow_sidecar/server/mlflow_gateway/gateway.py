@@ -303,7 +303,8 @@ class MlflowGateway:
         except _TransientError as exc:
             if exc.out_of_time or call_deadline.expired():
                 raise DeadlineExceededError(
-                    f"deadline exceeded while MLflow was unavailable: {exc.error.message}"
+                    # The message says what was unavailable: MLflow or its artifact store.
+                    f"deadline exceeded while retrying: {exc.error.message}"
                 ) from exc
             raise exc.error from exc
 
