@@ -14,6 +14,7 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.config import load_config
 from mlflow_sidecar.server.services.artifacts import store_file
 from mlflow_sidecar.server.services.registry import RegistryService
@@ -131,7 +132,7 @@ def test_a_stored_file_takes_the_target_name(gateway, staging, tmp_path):
     run_id = gateway.new_run()
     source = tmp_path / "local-name.tmp"
     source.write_bytes(b"weights")
-    store_file(gateway, staging, run_id, source, "ckpt/step_1.pt")
+    store_file(gateway, staging, run_id, source, "ckpt/step_1.pt", writers=ArtifactWriters())
     assert gateway.files == {(run_id, "ckpt/step_1.pt"): b"weights"}
     assert staging.in_flight() == []
     assert source.read_bytes() == b"weights"  # the caller's file is untouched

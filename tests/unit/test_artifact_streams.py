@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import ClassVar
 
 import grpc
@@ -22,7 +23,8 @@ import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
-from mlflow_sidecar.core.errors import ErrorReason, SidecarError
+from mlflow_sidecar.core.errors import DeadlineExceededError, ErrorReason, SidecarError
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway import artifact_streams
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
     StreamedUpload,
@@ -378,3 +380,88 @@ def test_uploads_are_streamed_below_mlflows_multipart_size_and_staged_from_it(pr
     ]
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     assert streams_upload(proxy, 10**9) is True
+
+
+class _HeldAnswer:
+    """A fake PUT that reads its body as MLflow's server does and answers only once
+    `answer` is set; with `read_first`, it reads one piece and waits for `read_on`."""
+
+    def __init__(self, *, read_first: bool = False) -> None:
+        self.read_first = read_first
+        self.read_on = threading.Event()
+        self.answer = threading.Event()
+        self.received: list[bytes] = []
+        self.whole = threading.Event()
+
+    def __call__(self, *_args: object, data: Iterable[bytes], **_kwargs: object) -> object:
+        for piece in data:
+            self.received.append(piece)
+            if self.read_first:
+                self.read_on.wait(60)
+        self.whole.set()
+        self.answer.wait(60)
+        return _Answered()
+
+
+class _Answered:
+    def raise_for_status(self) -> None:
+        """MLflow stored the file."""
+
+
+def _commit_in_thread(upload: StreamedUpload, deadline_s: float) -> tuple[threading.Thread, list]:
+    outcome: list[object] = []
+
+    def commit() -> None:
+        with call_deadline.deadline_scope(deadline_s):
+            try:
+                outcome.append(upload.commit())
+            except SidecarError as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=commit)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_commit_waits_past_its_deadline_for_mlflows_answer_to_the_whole_body(
+    repo, monkeypatch, caplog
+):
+    # MLflow's server stores a whole body whatever becomes of the call: the path is held
+    # until it answers, so that no newer upload of it is overtaken.
+    put = _HeldAnswer()
+    monkeypatch.setattr(artifact_streams.mlflow_internals, "http_request", put)
+    upload = _upload(repo, [b"a" * 1000, b"b" * 1000], [])
+    with caplog.at_level(logging.WARNING, logger=artifact_streams.__name__):
+        thread, outcome = _commit_in_thread(upload, 0.2)
+        give_up = time.monotonic() + 60
+        while not any("deadline" in r.getMessage() for r in caplog.records) and not outcome:
+            assert time.monotonic() < give_up, "commit neither waited nor answered"
+            time.sleep(0.01)
+    assert put.whole.is_set()
+    assert outcome == [], "commit gave up before MLflow answered the whole body"
+    put.answer.set()
+    thread.join(60)
+    assert outcome == [None]
+
+
+def test_a_commit_whose_last_bytes_had_not_left_by_its_deadline_cuts_the_put(repo, monkeypatch):
+    put = _HeldAnswer(read_first=True)
+    monkeypatch.setattr(artifact_streams.mlflow_internals, "http_request", put)
+    monkeypatch.setattr(artifact_streams, "_ABORT_JOIN_S", 0.0)
+    seen: list[str] = []
+    upload = _upload(repo, [b"a" * 1000, b"b" * 1000], seen)
+    thread, outcome = _commit_in_thread(upload, 0.2)
+    thread.join(60)
+    put.read_on.set()
+    put.answer.set()
+    give_up = time.monotonic() + 60
+    while not seen:
+        assert time.monotonic() < give_up, "the PUT never ended"
+        time.sleep(0.01)
+    # The body never came whole: MLflow's server stores nothing of a short one.
+    assert put.received == [b"a" * 1000]
+    assert not put.whole.is_set()
+    assert seen == ["error"]
+    [error] = outcome
+    assert isinstance(error, DeadlineExceededError)
+    assert "nothing was stored" in error.message

@@ -7,6 +7,7 @@ import functools
 from dependency_injector import containers, providers
 
 from mlflow_sidecar.server.alias_watch import AliasWatchHub
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.config import AppConfig
 from mlflow_sidecar.server.grpc_server import SidecarServer
 from mlflow_sidecar.server.idempotency import RequestLedger
@@ -69,7 +70,11 @@ class ServerContainer(containers.DeclarativeContainer):
     )
 
     tracking_service = providers.Singleton(TrackingService, gateway, metric_ingest, staging)
-    registry_service = providers.Singleton(RegistryService, gateway, staging, ledger=request_ledger)
+    # Every service that stores artifact files shares it: one writer per path at a time.
+    artifact_writers = providers.Singleton(ArtifactWriters)
+    registry_service = providers.Singleton(
+        RegistryService, gateway, staging, ledger=request_ledger, writers=artifact_writers
+    )
     model_cache = providers.Singleton(
         ModelCache,
         config.provided.model_cache_dir,
@@ -86,9 +91,12 @@ class ServerContainer(containers.DeclarativeContainer):
         scope=config.provided.model_cache_scope,
         metrics=metrics,
     )
-    artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging)
+    artifact_transfers = providers.Singleton(ArtifactTransfers, gateway, staging, artifact_writers)
     logged_model_service = providers.Singleton(
-        LoggedModelService, providers.Singleton(LoggedModelGateway, gateway), staging
+        LoggedModelService,
+        providers.Singleton(LoggedModelGateway, gateway),
+        staging,
+        artifact_writers,
     )
     tracking_servicer = providers.Singleton(
         TrackingServicer,

@@ -58,6 +58,9 @@ _QUEUE_CHUNKS = 4
 _STORE_CONNECT_TIMEOUT_S = 10.0
 # How long an abort waits for the PUT to notice before leaving it to its own timeout.
 _ABORT_JOIN_S = 10.0
+# Beyond MLflow's request timeout, how long a complete PUT's answer is awaited: the
+# request's own timeout ends it first unless MLflow trickles its answer.
+_ANSWER_MARGIN_S = 10.0
 
 
 _END = object()
@@ -183,7 +186,13 @@ class StreamedUpload:
 
     def commit(self) -> SidecarError | None:
         """Send the held chunk and wait for MLflow: None when MLflow stored the file, else
-        what went wrong (MLflow then kept nothing)."""
+        what went wrong (MLflow then kept nothing).
+
+        Once MLflow's server has the last byte it stores the file whatever becomes of this
+        call, so its answer is waited for past the call's deadline (up to MLflow's request
+        timeout and a margin): the caller then hears DEADLINE_EXCEEDED, but the outcome
+        returned is what MLflow did. Only a PUT whose last bytes had not left yet when the
+        deadline passed is cut (MLflow stores nothing): DeadlineExceededError."""
         self._closed = True
         if self._held is not None:
             self._offer(self._held)
@@ -191,10 +200,51 @@ class StreamedUpload:
         self._offer(_END)
         self._thread.join(call_deadline.remaining())
         if self._thread.is_alive():
-            raise DeadlineExceededError(
-                f"deadline exceeded while MLflow was storing the artifact {self._endpoint}"
-            )
+            if self._cut_unless_sent():
+                raise DeadlineExceededError(
+                    f"deadline exceeded before the last bytes of the artifact {self._endpoint}"
+                    " reached MLflow; nothing was stored: send it again with a longer deadline"
+                )
+            self._await_answer_past_deadline()
         return None if self._error is None else to_domain_error(self._error)
+
+    def _cut_unless_sent(self) -> bool:
+        """Cut the PUT if the end of its body is still queued (True); False when the body
+        has left whole and only MLflow's answer is outstanding."""
+        unsent = False
+        while True:
+            try:
+                unsent = self._queue.get_nowait() is _END or unsent
+            except queue.Empty:
+                break
+        if unsent:
+            # Only this thread puts, and the queue is empty: there is room for the abort.
+            self._queue.put_nowait(_ABORT)
+            self._thread.join(_ABORT_JOIN_S)
+        return unsent
+
+    def _await_answer_past_deadline(self) -> None:
+        """Wait for MLflow's answer to a complete PUT, bounded; DeadlineExceededError when
+        it does not come (what MLflow's server does with the file is then unknown)."""
+        bound_s = mlflow_internals.request_timeout_s() + _ANSWER_MARGIN_S
+        log.warning(
+            "the deadline of the upload of %s passed after MLflow had all of it; waiting up"
+            " to %.0f s for MLflow's answer, so that no newer upload of the same path is"
+            " overwritten by it",
+            self._endpoint,
+            bound_s,
+        )
+        self._thread.join(bound_s)
+        if self._thread.is_alive():
+            log.warning(
+                "MLflow did not answer the upload of %s within %.0f s; it may still store it",
+                self._endpoint,
+                bound_s,
+            )
+            raise DeadlineExceededError(
+                f"deadline exceeded while MLflow was storing the artifact {self._endpoint};"
+                " it may still be stored: download it to see which bytes it holds"
+            )
 
     def abort(self) -> bool:
         """Cut the PUT short so that MLflow stores nothing; a no-op after `commit()`.

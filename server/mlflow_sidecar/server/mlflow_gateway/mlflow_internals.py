@@ -217,6 +217,12 @@ def presigned_download(repo: Any, artifact_path: str) -> PresignedDownload | Non
     )
 
 
+def request_timeout_s() -> float:
+    """How long MLflow's client waits for an answer to one HTTP request
+    (`MLFLOW_HTTP_REQUEST_TIMEOUT`, which the sidecar sets from mlflow.request_timeout_s)."""
+    return float(_settings.MLFLOW_HTTP_REQUEST_TIMEOUT.get())
+
+
 def object_store_get(url: str, headers: dict[str, str], connect_timeout_s: float) -> Any:
     """A streamed GET of a presigned object-store URL, with the timeout and TLS setting
     (`MLFLOW_S3_IGNORE_TLS`) MLflow's own client uses for it; no MLflow credentials go

@@ -21,6 +21,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.mlflow_gateway.port import ArtifactUpload, StreamedDownload
 from mlflow_sidecar.server.services.artifacts import artifact_file, store_file
@@ -39,9 +40,12 @@ class PendingUpload:
         run_id: str,
         artifact_path: str,
         stream: ArtifactUpload | None,
+        *,
+        writers: ArtifactWriters,
     ) -> None:
         self._gateway = gateway
         self._staging = staging
+        self._writers = writers
         self.run_id = run_id
         self.artifact_path = artifact_path
         self._stream = stream
@@ -61,13 +65,27 @@ class PendingUpload:
                 raise self._send_again(error)
 
     def store(self, verified_file: Path | None) -> None:
-        """Make the verified upload the run's artifact: finish the PUT, or store the file."""
+        """Make the verified upload the run's artifact: finish the PUT, or store the file.
+
+        Returns or fails once the store's outcome is known, past the call's deadline if
+        need be (DEADLINE_EXCEEDED then), holding the path so that no newer upload of it
+        can be overtaken by this one."""
         if self._stream is None:
             if verified_file is None:
                 raise ValueError("a store that takes files needs the staged file")
-            store_file(self._gateway, self._staging, self.run_id, verified_file, self.artifact_path)
+            store_file(
+                self._gateway,
+                self._staging,
+                self.run_id,
+                verified_file,
+                self.artifact_path,
+                writers=self._writers,
+            )
             return
-        error = self._stream.commit()
+        # MLflow's server stores nothing before the last byte, which commit() sends: the
+        # bytes so far may have travelled alongside another upload of this path.
+        with self._writers.writing(run_files(self.run_id), self.artifact_path):
+            error = self._stream.commit()
         if error is not None:
             raise self._send_again(error)
 
@@ -114,9 +132,13 @@ class PendingUpload:
 class ArtifactTransfers:
     """Starts streamed uploads and downloads of single artifact files."""
 
-    def __init__(self, gateway: MlflowPort, staging: Staging) -> None:
+    def __init__(
+        self, gateway: MlflowPort, staging: Staging, writers: ArtifactWriters | None = None
+    ) -> None:
+        """`writers`: the one instance shared by every service that stores artifacts."""
         self._gateway = gateway
         self._staging = staging
+        self._writers = ArtifactWriters() if writers is None else writers
 
     def begin_upload(self, run_id: str, artifact_path: str, size_bytes: int) -> PendingUpload:
         """Check the run (it exists and is not deleted) before any byte travels, and start
@@ -130,7 +152,9 @@ class ArtifactTransfers:
         stream = self._gateway.start_artifact_upload(
             run.info.artifact_uri, directory, name, size_bytes
         )
-        return PendingUpload(self._gateway, self._staging, run_id, artifact_path, stream)
+        return PendingUpload(
+            self._gateway, self._staging, run_id, artifact_path, stream, writers=self._writers
+        )
 
     def open_download(self, run_id: str, artifact_path: str, scratch: Path) -> StreamedDownload:
         """The bytes of one artifact file, streamed from MLflow when its store allows,

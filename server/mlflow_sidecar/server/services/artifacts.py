@@ -17,6 +17,7 @@ from mlflow_sidecar.core.errors import (
     ResourceExhaustedError,
 )
 from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.staging import Staging
 
@@ -38,12 +39,20 @@ def check_upload_size(field: str, size_bytes: int, max_upload_bytes: int | None)
 
 
 def store_file(
-    gateway: MlflowPort, staging: Staging, run_id: str, source: Path, target: str
+    gateway: MlflowPort,
+    staging: Staging,
+    run_id: str,
+    source: Path,
+    target: str,
+    *,
+    writers: ArtifactWriters,
 ) -> None:
-    """Store the local file `source` as the run's artifact file `target` (a checked path)."""
+    """Store the local file `source` as the run's artifact file `target` (a checked path),
+    as the only writer of that path in this sidecar until the store's outcome is known."""
     directory, _, name = target.rpartition("/")
     if source.name == name:
-        gateway.log_artifact(run_id, source, directory)
+        with writers.writing(run_files(run_id), target):
+            gateway.log_artifact(run_id, source, directory)
         return
     # MLflow names a stored file after the local one: hand it a link (or copy) named right.
     with staging.directory("rename") as scratch:
@@ -52,7 +61,8 @@ def store_file(
             os.link(source, named)
         except OSError:  # another filesystem, or one without hard links
             shutil.copyfile(source, named)
-        gateway.log_artifact(run_id, named, directory)
+        with writers.writing(run_files(run_id), target):
+            gateway.log_artifact(run_id, named, directory)
 
 
 def artifact_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> FileInfo:

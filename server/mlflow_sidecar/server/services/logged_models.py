@@ -20,6 +20,7 @@ from mlflow_sidecar.core.names import LOGGED_MODEL_NAME_BAD_CHARS
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters, logged_model_files
 from mlflow_sidecar.server.mlflow_gateway.port import LoggedModelsPort, StreamedDownload
 from mlflow_sidecar.server.services.artifacts import decode_listing_token, encode_listing_token
 from mlflow_sidecar.server.staging import Staging
@@ -46,8 +47,15 @@ class ModelFileUpload:
 
     needs_file = True
 
-    def __init__(self, gateway: LoggedModelsPort, model_id: str, artifact_path: str) -> None:
+    def __init__(
+        self,
+        gateway: LoggedModelsPort,
+        writers: ArtifactWriters,
+        model_id: str,
+        artifact_path: str,
+    ) -> None:
         self._gateway = gateway
+        self._writers = writers
         self._model_id = model_id
         self._artifact_path = artifact_path
 
@@ -55,11 +63,13 @@ class ModelFileUpload:
         """Nothing to pass on while the bytes arrive: the verified file is stored whole."""
 
     def store(self, verified_file: Path | None) -> None:
-        """Store the verified file under the model's artifact location."""
+        """Store the verified file under the model's artifact location, as the only
+        writer of that path in this sidecar until the store's outcome is known."""
         if verified_file is None:
             raise ValueError("a logged model's file is stored from its staged copy")
         directory = self._artifact_path.rpartition("/")[0]
-        self._gateway.log_artifact(self._model_id, verified_file, directory)
+        with self._writers.writing(logged_model_files(self._model_id), self._artifact_path):
+            self._gateway.log_artifact(self._model_id, verified_file, directory)
 
     def abort(self) -> None:
         """Nothing reached MLflow before `store`: nothing to undo."""
@@ -69,9 +79,13 @@ class LoggedModelService:
     """Create, read, search, finalize and tag logged models; record them as run outputs;
     move their files."""
 
-    def __init__(self, gateway: LoggedModelsPort, staging: Staging) -> None:
+    def __init__(
+        self, gateway: LoggedModelsPort, staging: Staging, writers: ArtifactWriters | None = None
+    ) -> None:
+        """`writers`: the one instance shared by every service that stores artifacts."""
         self._gateway = gateway
         self._staging = staging
+        self._writers = ArtifactWriters() if writers is None else writers
 
     def create(
         self,
@@ -203,7 +217,7 @@ class LoggedModelService:
     def begin_upload(self, model_id_: str, artifact_path: str, size_bytes: int) -> ModelFileUpload:
         """Check the model and its location before any byte travels."""
         self._gateway.artifact_location(model_id("header.model_id", model_id_))
-        return ModelFileUpload(self._gateway, model_id_, artifact_path)
+        return ModelFileUpload(self._gateway, self._writers, model_id_, artifact_path)
 
     def list_artifacts(
         self,

@@ -37,6 +37,7 @@ from mlflow_sidecar.core.limits import (
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
 from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
@@ -146,13 +147,21 @@ class RegistryService:
     so concurrent trainers each get a distinct version and no error."""
 
     def __init__(
-        self, gateway: MlflowPort, staging: Staging, *, ledger: RequestLedger | None = None
+        self,
+        gateway: MlflowPort,
+        staging: Staging,
+        *,
+        ledger: RequestLedger | None = None,
+        writers: ArtifactWriters | None = None,
     ) -> None:
         """`ledger`: where UploadModel records its outcomes (unary calls are recorded by
-        the idempotency interceptor, before they reach the service)."""
+        the idempotency interceptor, before they reach the service). `writers`: the one
+        instance shared by every service that stores artifacts (a model's files are
+        among its run's artifacts)."""
         self._gateway = gateway
         self._staging = staging  # transfer limits and scratch space
         self._ledger = ledger
+        self._writers = ArtifactWriters() if writers is None else writers
         self._model_locks = KeyedLocks()
 
     def create_registered_model(
@@ -411,6 +420,7 @@ class RegistryService:
                     run_id,
                     local.path,
                     f"{artifact_dir}/{local.relpath}",
+                    writers=self._writers,
                 )
             created_model = self._ensure_registered_model(name)
             created = self.create_model_version(
