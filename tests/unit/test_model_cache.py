@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.core.model_digest import directory_digest, model_digest
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import ConfigError, load_config
 from mlflow_sidecar.server.model_cache import CacheDisk, ModelCache
 from mlflow_sidecar.server.model_cache.cache import FILES_DIR, MANIFEST_NAME
@@ -372,6 +373,75 @@ def test_a_failed_fetch_fails_every_download_waiting_for_it(sidecar):
     assert sidecar.entries() == []
     assert sidecar.staging.in_flight() == []
     assert sidecar.download("agent") == MODEL
+
+
+def leader_out_of_time_once_followed(sidecar: Sidecar) -> None:
+    """The first fetch waits for a second download to wait for it, then fails as the
+    gateway does when MLflow stays unavailable past the deadline of the call fetching."""
+    fetches = itertools.count()
+
+    def hook() -> None:
+        if next(fetches) == 0:
+            wait_for_followers(sidecar, 2)
+
+    sidecar.fake.on_call(FETCH, hook)
+    sidecar.fake.fail(
+        FETCH, DeadlineExceededError("deadline exceeded while MLflow was unavailable: down")
+    )
+
+
+def download_within(sidecar: Sidecar, deadline_s: float, outcome: list[object]) -> None:
+    """A download by a call whose deadline is `deadline_s` away; its files or error."""
+    with call_deadline.deadline_scope(deadline_s):
+        try:
+            outcome.append(sidecar.download("agent"))
+        except DeadlineExceededError as exc:
+            outcome.append(exc)
+
+
+def test_a_download_waiting_for_a_fetch_that_ran_out_of_its_callers_deadline_fetches_again(
+    sidecar,
+):
+    sidecar.register("agent")
+    leader_out_of_time_once_followed(sidecar)
+    short: list[object] = []
+    long: list[object] = []
+    first = threading.Thread(target=download_within, args=(sidecar, 4, short))
+    first.start()
+    wait_for_flight(sidecar)
+    second = threading.Thread(target=download_within, args=(sidecar, 120, long))
+    second.start()
+    first.join()
+    second.join()
+    assert len(short) == 1 and isinstance(short[0], DeadlineExceededError)
+    assert long == [MODEL]
+    assert sidecar.fetches() == 2
+    assert sidecar.staging.in_flight() == []
+
+
+def test_a_download_whose_own_deadline_passed_too_gets_the_deadline_error(sidecar):
+    sidecar.register("agent")
+    leader_out_of_time_once_followed(sidecar)
+    short: list[object] = []
+    late: list[object] = []
+    first = threading.Thread(target=download_within, args=(sidecar, 4, short))
+    first.start()
+    wait_for_flight(sidecar)
+    second = threading.Thread(target=download_within, args=(sidecar, 0, late))
+    second.start()
+    first.join()
+    second.join()
+    assert len(late) == 1 and isinstance(late[0], DeadlineExceededError)
+    assert sidecar.fetches() == 1
+
+
+def wait_for_flight(sidecar: Sidecar) -> None:
+    """Return once a fetch is in progress, so that the next download waits for it."""
+    for _ in range(10_000):
+        if sidecar.fake.in_flight[FETCH]:
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("the first download never started its fetch")
 
 
 # -- a recreated model ---------------------------------------------------------------------
