@@ -23,6 +23,7 @@ from mlflow_sidecar.server.config import ConfigError, load_config
 from mlflow_sidecar.server.model_cache import CacheDisk, ModelCache
 from mlflow_sidecar.server.model_cache.cache import FILES_DIR, MANIFEST_NAME
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.servicers.streams import model_messages
 from mlflow_sidecar.server.services.model_downloads import ModelDownload, ModelDownloads
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.staging import Staging
@@ -216,6 +217,83 @@ def test_a_damaged_entry_is_detected_and_fetched_again(sidecar, damage):
     assert fresh != entry
     assert sidecar.download("agent") == MODEL
     assert sidecar.fetches() == 2
+
+
+def zero_forever(entry: Path) -> None:
+    """The empty file swapped for a symlink to /dev/zero: its size reads 0, its bytes
+    never end."""
+    path = entry / FILES_DIR / "empty"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def a_fifo(entry: Path) -> None:
+    """The empty file swapped for a FIFO: opening it waits for a writer."""
+    path = entry / FILES_DIR / "empty"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def a_symlink_to_the_same_bytes(entry: Path) -> None:
+    path = entry / FILES_DIR / "MLmodel"
+    twin = entry.parent / "twin"
+    twin.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(twin)
+
+
+@pytest.mark.parametrize("damage", [zero_forever, a_fifo, a_symlink_to_the_same_bytes])
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed", "sizes-only"])
+def test_an_entry_file_that_is_not_a_regular_file_is_damage(sidecar, damage, hashed):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    (entry,) = sidecar.entries()
+    damage(entry)
+    outcome: list[object] = []
+
+    def download() -> None:
+        opened = sidecar.downloads.open("agent", version=1, accept_cache_entry=not hashed)
+        assert opened.lease is not None
+        try:
+            # Read as the manifest bounds them: /dev/zero served must not fill the memory.
+            outcome.append(
+                {
+                    f.path: read_at_most(opened.lease.root / f.path, f.size_bytes + 1)
+                    for f in opened.lease.manifest.files
+                }
+            )
+        finally:
+            opened.lease.release()
+
+    # A download that reads the damage forever is left behind, not waited for.
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert outcome == [MODEL]
+    assert sidecar.fetches() == 2
+    assert sidecar.sample("mlflow_sidecar_model_cache_corrupt_entries_total") == 1
+    assert sidecar.entries() != [entry]
+
+
+def read_at_most(path: Path, limit: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(limit)
+
+
+def test_a_file_that_grew_after_its_check_is_sent_no_further_than_its_size(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    opened = sidecar.downloads.open("agent", version=1)
+    assert opened.lease is not None
+    (entry,) = sidecar.entries()
+    with (entry / FILES_DIR / "data" / "weights.bin").open("ab") as grown:
+        grown.write(b"x" * 100_000)
+    sent = b"".join(
+        message.chunk.data
+        for message in model_messages(opened.version, opened.lease, sidecar.staging)
+    )
+    opened.lease.release()
+    assert len(sent) == MODEL_BYTES
 
 
 def test_an_entry_damaged_while_the_sidecar_was_down_is_fetched_again(sidecar):
