@@ -5,6 +5,7 @@ and the cache outlives a restart of the sidecar."""
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -155,6 +156,20 @@ def test_a_client_sharing_the_cache_directory_copies_the_version_from_it(
         streamed is not None
         and streamed < (tmp_path / "model" / "data" / "weights.bin").stat().st_size
     )
+
+
+def test_models_travel_after_the_staging_directory_was_removed(sidecar, tmp_path, unique):
+    registry = sidecar.start()
+    model = a_model(tmp_path / "model")
+    name = f"restaged-{unique}"
+    registry.upload_model(name, model, experiment_id="0")
+    shutil.rmtree(sidecar.config.staging_dir)
+    first = registry.download_model(name, tmp_path / "first", version=1)
+    shutil.rmtree(sidecar.config.staging_dir)
+    second = registry.upload_model(name, model, experiment_id="0")
+    assert second.version == 2
+    assert tree_digests(first) == tree_digests(model)
+    assert list(sidecar.config.staging_dir.iterdir()) == []
 
 
 def test_a_download_with_no_room_to_stage_the_version_says_disk_full(
