@@ -317,6 +317,18 @@ def test_an_unfinished_entry_is_removed_at_start(sidecar):
     assert sidecar.cache.held_bytes == 0
 
 
+def test_a_cache_directory_removed_while_running_is_created_again(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    shutil.rmtree(sidecar.cache.root)
+    for _ in range(3):
+        assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert len(sidecar.entries()) == 1
+    assert sidecar.cache.held_bytes == MODEL_BYTES
+    assert sidecar.sample("mlflow_sidecar_model_cache_misses_total") == 2
+
+
 # -- the size bound and eviction ------------------------------------------------------------
 
 

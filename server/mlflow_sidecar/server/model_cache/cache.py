@@ -53,6 +53,10 @@ class CacheDisk:
         """Create one directory."""
         path.mkdir()
 
+    def make_dirs(self, path: Path) -> None:
+        """Create a directory and its missing parents (nothing when it exists)."""
+        path.mkdir(parents=True, exist_ok=True)
+
     def move(self, source: Path, target: Path) -> None:
         """Rename; from another filesystem (a fetched version staged in `<data_dir>/tmp`
         while `<data_dir>/models` is a volume of its own), copy and delete instead."""
@@ -255,6 +259,11 @@ class ModelCache:
         `files` back and leave nothing behind."""
         incoming = self.root / f"{_INCOMING_PREFIX}{uuid.uuid4().hex}"
         final = self.root / f"{_ENTRY_PREFIX}{manifest.key.slug()}-{uuid.uuid4().hex[:8]}"
+        if not self.root.is_dir():
+            # Removed while the sidecar runs: without it nothing could be cached again
+            # until a restart. The entries it held are found missing when next asked for.
+            log.warning("the model cache directory %s was gone: creating it again", self.root)
+            self._disk.make_dirs(self.root)
         self._disk.make_dir(incoming)
         moved = False
         try:
