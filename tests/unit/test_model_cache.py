@@ -587,6 +587,18 @@ def test_a_matching_digest_is_answered_unchanged_without_files(sidecar):
     assert sidecar.staging.in_flight() == []
 
 
+@pytest.mark.parametrize("matching", [True, False], ids=["unchanged", "other-digest"])
+def test_a_cached_download_with_a_digest_counts_one_hit(sidecar, matching):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    known = digest_of(MODEL) if matching else digest_of({"x": b"y"})
+    opened = sidecar.downloads.open("agent", version=1, if_none_match=known)
+    if opened.lease is not None:
+        opened.lease.release()
+    assert sidecar.sample("mlflow_sidecar_model_cache_hits_total") == 1
+    assert sidecar.sample("mlflow_sidecar_model_cache_misses_total") == 1
+
+
 def test_a_digest_in_capitals_matches_too(sidecar):
     sidecar.register("agent")
     opened = sidecar.downloads.open("agent", version=1, if_none_match=digest_of(MODEL).upper())

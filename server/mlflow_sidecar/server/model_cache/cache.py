@@ -163,15 +163,20 @@ class ModelCache:
         self._entries[manifest.key] = _Entry(path, manifest, last_used)
 
     def digest_of(self, key: CacheKey) -> str | None:
-        """The digest of a cached version (its files unread), or None when not cached."""
+        """The digest of a cached version (its files unread), or None when not cached.
+        Counts nothing: the download counts its hit once it is answered from here
+        (`count_hit`), or its lookup counts it (`acquire`)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
             entry.last_used = time.time()
         self._touch(entry)
-        self._metrics.model_cache_hits.inc()
         return entry.manifest.digest
+
+    def count_hit(self) -> None:
+        """Count a download answered from the cache without its files (its digest)."""
+        self._metrics.model_cache_hits.inc()
 
     def acquire(
         self, key: CacheKey, *, count_miss: bool = True, hash_files: bool = True

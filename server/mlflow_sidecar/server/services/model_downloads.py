@@ -96,6 +96,7 @@ class ModelDownloads:
             raise InvalidArgumentError("selector", "set version or alias")
         key = CacheKey(found.name, found.version, found.creation_time_ms, self._scope)
         if known and self._cache.digest_of(key) == known:
+            self._cache.count_hit()
             return ModelDownload(found, known, None)
         lease = self._cache.acquire(key, hash_files=not accept_cache_entry) or self._flights.run(
             key, lambda: self._fetch(found, key), ModelLease.share, run_again=_not_our_deadline
