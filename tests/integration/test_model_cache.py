@@ -5,14 +5,19 @@ and the cache outlives a restart of the sidecar."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.client.ports import ModelRegistry
 from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
+from mlflow_sidecar.v1 import registry_pb2, registry_pb2_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.integration.test_spool_lifecycle import small_disk
 from tests.support.delay_proxy import DelayProxy
@@ -32,8 +37,8 @@ def proxy(mlflow_server: MlflowServer) -> Iterator[DelayProxy]:
 class Sidecar:
     """An in-process sidecar behind the counting proxy, restartable on its data dir."""
 
-    def __init__(self, data_dir: Path, mlflow_url: str) -> None:
-        self.config = sidecar_config(data_dir, mlflow_url)
+    def __init__(self, data_dir: Path, mlflow_url: str, **sections: dict[str, object]) -> None:
+        self.config = sidecar_config(data_dir, mlflow_url, **sections)
         self.running: RunningSidecar | None = None
         self.container: ClientContainer | None = None
 
@@ -153,6 +158,20 @@ def test_a_client_sharing_the_cache_directory_copies_the_version_from_it(
     )
 
 
+def test_models_travel_after_the_staging_directory_was_removed(sidecar, tmp_path, unique):
+    registry = sidecar.start()
+    model = a_model(tmp_path / "model")
+    name = f"restaged-{unique}"
+    registry.upload_model(name, model, experiment_id="0")
+    shutil.rmtree(sidecar.config.staging_dir)
+    first = registry.download_model(name, tmp_path / "first", version=1)
+    shutil.rmtree(sidecar.config.staging_dir)
+    second = registry.upload_model(name, model, experiment_id="0")
+    assert second.version == 2
+    assert tree_digests(first) == tree_digests(model)
+    assert list(sidecar.config.staging_dir.iterdir()) == []
+
+
 def test_a_download_with_no_room_to_stage_the_version_says_disk_full(
     mlflow_server, tmp_path, unique
 ):
@@ -201,3 +220,115 @@ def test_a_cache_on_a_volume_of_its_own_caches(proxy, tmp_path, unique):
             assert list((tmp_path / "sidecar" / "tmp").iterdir()) == []
         finally:
             sidecar.stop()
+
+
+def test_a_download_waiting_for_a_fetch_that_ran_out_of_its_callers_deadline_gets_the_version(
+    mlflow_server, tmp_path, unique
+):
+    # Two downloads of one uncached version share a fetch; MLflow's artifact proxy is
+    # unavailable until the first call (4 s deadline) has given up. The second, with time
+    # left, fetches the version within its own deadline instead of failing with the first.
+    outage = threading.Event()
+
+    def refused(_method: str, path: str) -> bool:
+        return outage.is_set() and path.startswith(ARTIFACTS)
+
+    never = lambda _m, _p: False  # noqa: E731
+    with DelayProxy(mlflow_server.url, delay_s=0, delayed=never, refused=refused) as proxy:
+        # Retries bounded by the calls' deadlines, not by a count of tries.
+        sidecar = Sidecar(
+            tmp_path / "sidecar", proxy.url, retry={"max_tries": 100, "max_time_s": 60.0}
+        )
+        try:
+            registry = sidecar.start()
+            model = a_model(tmp_path / "model")
+            name = f"flight-{unique}"
+            registry.upload_model(name, model, experiment_id="0")
+            assert sidecar.running is not None
+            running = sidecar.running
+            uploaded = proxy.count_under(ARTIFACTS)
+            outage.set()
+            request = registry_pb2.DownloadModelRequest(name=name, version=1)
+            with grpc.insecure_channel(running.target) as channel:
+                stub = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+                first = Download(stub, request, timeout_s=4)
+                wait_until(lambda: proxy.count_under(ARTIFACTS) > uploaded, "the first fetch began")
+                second = Download(stub, request, timeout_s=120)
+                wait_until(lambda: waiting_downloads(running) == 1, "the second download waits")
+                assert first.outcome() == (grpc.StatusCode.DEADLINE_EXCEEDED, 0)
+                # The sidecar's side of the first call has given up too: MLflow is back
+                # only for fetches made after it.
+                wait_until(lambda: ended_out_of_time(running) >= 1, "the first fetch gave up")
+                outage.clear()
+                assert second.outcome() == (grpc.StatusCode.OK, a_model_bytes(model))
+        finally:
+            sidecar.stop()
+
+
+class Download:
+    """A raw DownloadModel call in a thread: its status code and the bytes it received."""
+
+    def __init__(
+        self,
+        stub: registry_pb2_grpc.ModelRegistryServiceStub,
+        request: registry_pb2.DownloadModelRequest,
+        timeout_s: float,
+    ) -> None:
+        self._result: tuple[grpc.StatusCode, int] | None = None
+        self._thread = threading.Thread(target=self._run, args=(stub, request, timeout_s))
+        self._thread.start()
+
+    def _run(
+        self,
+        stub: registry_pb2_grpc.ModelRegistryServiceStub,
+        request: registry_pb2.DownloadModelRequest,
+        timeout_s: float,
+    ) -> None:
+        received = 0
+        try:
+            for message in stub.DownloadModel(request, timeout=timeout_s):
+                received += len(message.chunk.data)
+            self._result = (grpc.StatusCode.OK, received)
+        except grpc.RpcError as exc:
+            self._result = (exc.code(), received)
+
+    def outcome(self) -> tuple[grpc.StatusCode, int] | None:
+        """Wait for the call to end (within a bound far past any deadline used here)."""
+        self._thread.join(PATIENCE_S)
+        return self._result
+
+
+PATIENCE_S = 60.0
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    for _ in range(int(PATIENCE_S / 0.01)):
+        if condition():
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"never happened: {what}")
+
+
+def waiting_downloads(running: RunningSidecar) -> int:
+    """Downloads waiting for a fetch another download runs."""
+    flights = running.container.model_downloads()._flights
+    with flights._lock:
+        return sum(flight.followers for flight in flights._flights.values())
+
+
+def ended_out_of_time(running: RunningSidecar) -> float:
+    """DownloadModel calls the sidecar ended with DEADLINE_EXCEEDED."""
+    value = running.container.metrics().registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "server_stream",
+            "grpc_service": "mlflow_sidecar.v1.ModelRegistryService",
+            "grpc_method": "DownloadModel",
+            "grpc_code": "DEADLINE_EXCEEDED",
+        },
+    )
+    return value or 0.0
+
+
+def a_model_bytes(model: Path) -> int:
+    return sum(path.stat().st_size for path in model.rglob("*") if path.is_file())

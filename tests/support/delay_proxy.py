@@ -2,8 +2,9 @@
 
 It forwards every request, lets MLflow do the work, and holds back the answers of the
 requests `delayed` picks: what a slow network or an overloaded server looks like to a
-client whose request timeout is shorter. It counts every request by method and path, and
-keeps the W3C `traceparent` header of those that carry one.
+client whose request timeout is shorter. The requests `refused` picks are answered 503
+without reaching MLflow, as an unavailable MLflow answers them. It counts every request
+by method and path, and keeps the W3C `traceparent` header of those that carry one.
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ def mlflow_writes(method: str, path: str) -> bool:
 
 class DelayProxy:
     """`with DelayProxy(upstream_url, delay_s=3) as proxy:` then point a client at
-    `proxy.url`. `proxy.count(method, suffix)` counts requests whose path ends so;
-    `answered` is set each time a delayed request has been done by MLflow (its answer
-    is then held back)."""
+    `proxy.url`; `refused(method, path)` picks requests to answer 503 (asked per request,
+    so an outage can start and end while the proxy runs). `proxy.count(method, suffix)`
+    counts requests whose path ends so; `answered` is set each time a delayed request has
+    been done by MLflow (its answer is then held back)."""
 
     def __init__(
         self,
@@ -37,11 +39,13 @@ class DelayProxy:
         *,
         delay_s: float,
         delayed: Callable[[str, str], bool] = mlflow_writes,
+        refused: Callable[[str, str], bool] = lambda _method, _path: False,
     ) -> None:
         upstream = urlsplit(upstream_url)
         self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
         self.delay_s = delay_s
         self._delayed = delayed
+        self._refused = refused
         self._counts: Counter[tuple[str, str]] = Counter()
         # (method, path, W3C traceparent) of every request that carried one.
         self.traceparents: list[tuple[str, str, str]] = []
@@ -91,6 +95,9 @@ class DelayProxy:
                         proxy.traceparents.append((self.command, self.path, traceparent))
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                if proxy._refused(self.command, self.path):
+                    self._unavailable()
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:
@@ -112,6 +119,14 @@ class DelayProxy:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting: exactly the case under test
+
+            def _unavailable(self) -> None:
+                data = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "down"}'
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _forward  # noqa: N815
 

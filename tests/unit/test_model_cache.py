@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
 from mlflow_sidecar.core.model_digest import directory_digest, model_digest
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import ConfigError, load_config
 from mlflow_sidecar.server.model_cache import CacheDisk, ModelCache
 from mlflow_sidecar.server.model_cache.cache import FILES_DIR, MANIFEST_NAME
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.servicers.streams import model_messages
 from mlflow_sidecar.server.services.model_downloads import ModelDownload, ModelDownloads
 from mlflow_sidecar.server.services.registry import RegistryService
 from mlflow_sidecar.server.staging import Staging
@@ -217,6 +219,83 @@ def test_a_damaged_entry_is_detected_and_fetched_again(sidecar, damage):
     assert sidecar.fetches() == 2
 
 
+def zero_forever(entry: Path) -> None:
+    """The empty file swapped for a symlink to /dev/zero: its size reads 0, its bytes
+    never end."""
+    path = entry / FILES_DIR / "empty"
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+def a_fifo(entry: Path) -> None:
+    """The empty file swapped for a FIFO: opening it waits for a writer."""
+    path = entry / FILES_DIR / "empty"
+    path.unlink()
+    os.mkfifo(path)
+
+
+def a_symlink_to_the_same_bytes(entry: Path) -> None:
+    path = entry / FILES_DIR / "MLmodel"
+    twin = entry.parent / "twin"
+    twin.write_bytes(path.read_bytes())
+    path.unlink()
+    path.symlink_to(twin)
+
+
+@pytest.mark.parametrize("damage", [zero_forever, a_fifo, a_symlink_to_the_same_bytes])
+@pytest.mark.parametrize("hashed", [True, False], ids=["hashed", "sizes-only"])
+def test_an_entry_file_that_is_not_a_regular_file_is_damage(sidecar, damage, hashed):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    (entry,) = sidecar.entries()
+    damage(entry)
+    outcome: list[object] = []
+
+    def download() -> None:
+        opened = sidecar.downloads.open("agent", version=1, accept_cache_entry=not hashed)
+        assert opened.lease is not None
+        try:
+            # Read as the manifest bounds them: /dev/zero served must not fill the memory.
+            outcome.append(
+                {
+                    f.path: read_at_most(opened.lease.root / f.path, f.size_bytes + 1)
+                    for f in opened.lease.manifest.files
+                }
+            )
+        finally:
+            opened.lease.release()
+
+    # A download that reads the damage forever is left behind, not waited for.
+    worker = threading.Thread(target=download, daemon=True)
+    worker.start()
+    worker.join(30)
+    assert outcome == [MODEL]
+    assert sidecar.fetches() == 2
+    assert sidecar.sample("mlflow_sidecar_model_cache_corrupt_entries_total") == 1
+    assert sidecar.entries() != [entry]
+
+
+def read_at_most(path: Path, limit: int) -> bytes:
+    with path.open("rb") as handle:
+        return handle.read(limit)
+
+
+def test_a_file_that_grew_after_its_check_is_sent_no_further_than_its_size(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    opened = sidecar.downloads.open("agent", version=1)
+    assert opened.lease is not None
+    (entry,) = sidecar.entries()
+    with (entry / FILES_DIR / "data" / "weights.bin").open("ab") as grown:
+        grown.write(b"x" * 100_000)
+    sent = b"".join(
+        message.chunk.data
+        for message in model_messages(opened.version, opened.lease, sidecar.staging)
+    )
+    opened.lease.release()
+    assert len(sent) == MODEL_BYTES
+
+
 def test_an_entry_damaged_while_the_sidecar_was_down_is_fetched_again(sidecar):
     sidecar.register("agent")
     sidecar.download("agent")
@@ -236,6 +315,18 @@ def test_an_unfinished_entry_is_removed_at_start(sidecar):
     sidecar.start(10 * MODEL_BYTES)
     assert list(sidecar.cache.root.iterdir()) == []
     assert sidecar.cache.held_bytes == 0
+
+
+def test_a_cache_directory_removed_while_running_is_created_again(sidecar):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    shutil.rmtree(sidecar.cache.root)
+    for _ in range(3):
+        assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert len(sidecar.entries()) == 1
+    assert sidecar.cache.held_bytes == MODEL_BYTES
+    assert sidecar.sample("mlflow_sidecar_model_cache_misses_total") == 2
 
 
 # -- the size bound and eviction ------------------------------------------------------------
@@ -374,6 +465,75 @@ def test_a_failed_fetch_fails_every_download_waiting_for_it(sidecar):
     assert sidecar.download("agent") == MODEL
 
 
+def leader_out_of_time_once_followed(sidecar: Sidecar) -> None:
+    """The first fetch waits for a second download to wait for it, then fails as the
+    gateway does when MLflow stays unavailable past the deadline of the call fetching."""
+    fetches = itertools.count()
+
+    def hook() -> None:
+        if next(fetches) == 0:
+            wait_for_followers(sidecar, 2)
+
+    sidecar.fake.on_call(FETCH, hook)
+    sidecar.fake.fail(
+        FETCH, DeadlineExceededError("deadline exceeded while MLflow was unavailable: down")
+    )
+
+
+def download_within(sidecar: Sidecar, deadline_s: float, outcome: list[object]) -> None:
+    """A download by a call whose deadline is `deadline_s` away; its files or error."""
+    with call_deadline.deadline_scope(deadline_s):
+        try:
+            outcome.append(sidecar.download("agent"))
+        except DeadlineExceededError as exc:
+            outcome.append(exc)
+
+
+def test_a_download_waiting_for_a_fetch_that_ran_out_of_its_callers_deadline_fetches_again(
+    sidecar,
+):
+    sidecar.register("agent")
+    leader_out_of_time_once_followed(sidecar)
+    short: list[object] = []
+    long: list[object] = []
+    first = threading.Thread(target=download_within, args=(sidecar, 4, short))
+    first.start()
+    wait_for_flight(sidecar)
+    second = threading.Thread(target=download_within, args=(sidecar, 120, long))
+    second.start()
+    first.join()
+    second.join()
+    assert len(short) == 1 and isinstance(short[0], DeadlineExceededError)
+    assert long == [MODEL]
+    assert sidecar.fetches() == 2
+    assert sidecar.staging.in_flight() == []
+
+
+def test_a_download_whose_own_deadline_passed_too_gets_the_deadline_error(sidecar):
+    sidecar.register("agent")
+    leader_out_of_time_once_followed(sidecar)
+    short: list[object] = []
+    late: list[object] = []
+    first = threading.Thread(target=download_within, args=(sidecar, 4, short))
+    first.start()
+    wait_for_flight(sidecar)
+    second = threading.Thread(target=download_within, args=(sidecar, 0, late))
+    second.start()
+    first.join()
+    second.join()
+    assert len(late) == 1 and isinstance(late[0], DeadlineExceededError)
+    assert sidecar.fetches() == 1
+
+
+def wait_for_flight(sidecar: Sidecar) -> None:
+    """Return once a fetch is in progress, so that the next download waits for it."""
+    for _ in range(10_000):
+        if sidecar.fake.in_flight[FETCH]:
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError("the first download never started its fetch")
+
+
 # -- a recreated model ---------------------------------------------------------------------
 
 
@@ -425,6 +585,18 @@ def test_a_matching_digest_is_answered_unchanged_without_files(sidecar):
         assert opened.version.name == "agent"
     assert sidecar.fetches() == 1
     assert sidecar.staging.in_flight() == []
+
+
+@pytest.mark.parametrize("matching", [True, False], ids=["unchanged", "other-digest"])
+def test_a_cached_download_with_a_digest_counts_one_hit(sidecar, matching):
+    sidecar.register("agent")
+    sidecar.download("agent")
+    known = digest_of(MODEL) if matching else digest_of({"x": b"y"})
+    opened = sidecar.downloads.open("agent", version=1, if_none_match=known)
+    if opened.lease is not None:
+        opened.lease.release()
+    assert sidecar.sample("mlflow_sidecar_model_cache_hits_total") == 1
+    assert sidecar.sample("mlflow_sidecar_model_cache_misses_total") == 1
 
 
 def test_a_digest_in_capitals_matches_too(sidecar):

@@ -5,16 +5,18 @@ streamed download of the right files, never in a wrong model."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 import pytest
 
-from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client import ClientContainer, shared_cache
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
-from mlflow_sidecar.client.shared_cache import entry_root
+from mlflow_sidecar.client.shared_cache import CacheEntryUnreadableError, copy_entry, entry_root
 from mlflow_sidecar.core.errors import DataLossError
 from mlflow_sidecar.server.model_cache.cache import FILES_DIR
 from mlflow_sidecar.v1 import registry_pb2 as pb
@@ -185,6 +187,55 @@ def test_an_unchanged_copy_is_answered_unchanged_before_any_entry(
     again = shared.sync_model("agent", tmp_path / "out", version=1)
     assert not again.changed
     assert sidecar.sample(HANDOFFS) == 1
+
+
+def entry_of(tmp_path: Path, data: bytes) -> tuple[Path, pb.ModelFile]:
+    """A cache entry holding one file `data`, and its manifest line."""
+    source = tmp_path / "entry" / "files"
+    source.mkdir(parents=True)
+    (source / "weights.bin").write_bytes(data)
+    line = pb.ModelFile(
+        path="weights.bin", size_bytes=len(data), sha256=hashlib.sha256(data).hexdigest()
+    )
+    return source, line
+
+
+def test_a_file_of_the_entry_that_is_a_symlink_is_not_copied(tmp_path):
+    source, line = entry_of(tmp_path, b"weights")
+    # Even to the very bytes the manifest names: a symlink may as well name /dev/zero.
+    twin = tmp_path / "twin"
+    twin.write_bytes(b"weights")
+    (source / "weights.bin").unlink()
+    (source / "weights.bin").symlink_to(twin)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    with pytest.raises(CacheEntryUnreadableError) as err:
+        copy_entry([line], source, staging, None)
+    assert "not a regular file" in str(err.value)
+    assert list(staging.iterdir()) == []
+
+
+def test_a_file_longer_than_its_manifest_says_is_copied_one_byte_past_its_size(tmp_path):
+    source, line = entry_of(tmp_path, b"weights")
+    # 64 MiB more, sparse: it takes no room to hold, only to copy.
+    with (source / "weights.bin").open("r+b") as grown:
+        grown.truncate(64 * 1024 * 1024)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    copied: list[int] = []
+    real_copy = shared_cache.copy_at_most
+
+    def counting(original: BinaryIO, copy: BinaryIO, limit: int) -> int:
+        copied.append(real_copy(original, copy, limit))
+        return copied[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shared_cache, "copy_at_most", counting)
+        with pytest.raises(CacheEntryUnreadableError) as err:
+            copy_entry([line], source, staging, None)
+    assert "longer than the manifest's 7 bytes" in str(err.value)
+    assert copied == [8]
+    assert list(staging.iterdir()) == []
 
 
 @pytest.mark.parametrize("path", ["../entry/files", "/etc", "entry/../../x", "", "a//b"])

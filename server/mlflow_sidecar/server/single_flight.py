@@ -18,6 +18,10 @@ class _Flight(Generic[V]):
         self.error: BaseException | None = None
 
 
+def _never(_: BaseException) -> bool:
+    return False
+
+
 class SingleFlight(Generic[K, V]):
     """`run(key, work, share)`: the first caller for `key` runs `work`; callers that arrive
     while it runs wait and get `share(result)` each (or its exception). A caller after the
@@ -27,21 +31,40 @@ class SingleFlight(Generic[K, V]):
         self._lock = threading.Lock()
         self._flights: dict[K, _Flight[V]] = {}
 
-    def run(self, key: K, work: Callable[[], V], share: Callable[[V], V]) -> V:
-        """The result of `work`, run once for everyone asking for `key` meanwhile."""
-        with self._lock:
-            flight = self._flights.get(key)
-            leader = flight is None
-            if flight is None:
-                flight = self._flights[key] = _Flight()
-            else:
-                flight.followers += 1
-        if not leader:
-            flight.done.wait()
-            if flight.error is not None:
-                raise flight.error
+    def run(
+        self,
+        key: K,
+        work: Callable[[], V],
+        share: Callable[[V], V],
+        *,
+        run_again: Callable[[BaseException], bool] = _never,
+    ) -> V:
+        """The result of `work`, run once for everyone asking for `key` meanwhile.
+
+        `run_again(error)`, asked by each waiting caller in its own thread when the run it
+        waited for failed: True when the error was the running caller's own (its deadline
+        passed) and not this one's, which then runs the work again (one of the waiters
+        does, the others wait for it) instead of raising it."""
+        while True:
             with self._lock:
-                return flight.shares.pop()
+                flight = self._flights.get(key)
+                leader = flight is None
+                if flight is None:
+                    flight = self._flights[key] = _Flight()
+                else:
+                    flight.followers += 1
+            if leader:
+                return self._lead(key, flight, work, share)
+            flight.done.wait()
+            if flight.error is None:
+                with self._lock:
+                    return flight.shares.pop()
+            if not run_again(flight.error):
+                raise flight.error
+
+    def _lead(
+        self, key: K, flight: _Flight[V], work: Callable[[], V], share: Callable[[V], V]
+    ) -> V:
         try:
             result = work()
         except BaseException as exc:

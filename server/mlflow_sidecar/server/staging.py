@@ -5,7 +5,9 @@ directly), and model uploads, are written here while they arrive (never held in 
 and handed over once verified; artifacts for MLflow's HTTP artifact proxy skip it.
 Downloads that MLflow cannot stream land here before they go out. Every transfer gets its
 own directory and removes it when it ends, however it ends. A full disk met while a
-transfer writes here is RESOURCE_EXHAUSTED (reason DISK_FULL), not INTERNAL.
+transfer writes here is RESOURCE_EXHAUSTED (reason DISK_FULL), not INTERNAL; the directory
+removed while the sidecar runs is created again, and one the sidecar cannot write to is
+FAILED_PRECONDITION saying so.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from mlflow_sidecar.core.errors import FailedPreconditionError
 from mlflow_sidecar.server.config import AppConfig
-from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted
+from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted, is_disk_full
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 log = logging.getLogger(__name__)
@@ -64,11 +67,30 @@ class Staging:
     def directory(self, purpose: str) -> Iterator[Path]:
         """A fresh, private directory for one transfer, removed with its contents on exit."""
         with disk_full_as_resource_exhausted(f"no room to stage the {purpose}"):
-            path = Path(tempfile.mkdtemp(prefix=f"{_PREFIX}{purpose}-", dir=self.root))
+            path = self._make(purpose)
             try:
                 yield path
             finally:
                 shutil.rmtree(path, ignore_errors=True)
+
+    def _make(self, purpose: str) -> Path:
+        prefix = f"{_PREFIX}{purpose}-"
+        try:
+            try:
+                return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+            except FileNotFoundError:
+                # Removed while the sidecar runs (a cleaner of tmp directories): no
+                # transfer could stage again until a restart.
+                log.warning("the staging directory %s was gone: creating it again", self.root)
+                self.root.mkdir(parents=True, exist_ok=True)
+                return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
+        except OSError as exc:
+            if is_disk_full(exc):
+                raise
+            raise FailedPreconditionError(
+                f"the sidecar cannot stage the {purpose} in {self.root}"
+                f" ({exc.strerror or exc}): make it a directory the sidecar can write to"
+            ) from exc
 
     def remove(self, path: Path) -> None:
         """Remove a transfer directory now (it may be gone already)."""

@@ -11,13 +11,13 @@ this check is the one that counts.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core.domain import Progress
 from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError
 from mlflow_sidecar.core.paths import check_relative_path
+from mlflow_sidecar.core.regular_files import copy_at_most, open_regular_file
 from mlflow_sidecar.core.transfer import file_digest, report
 from mlflow_sidecar.v1 import registry_pb2 as pb
 
@@ -45,7 +45,8 @@ def copy_entry(
 ) -> None:
     """Copy the manifest's `files` from the entry at `source` into `staging`, then verify
     each copy; CacheEntryUnreadableError (and the copy that failed removed) when a file is
-    missing, unreadable or differs from the manifest."""
+    missing, unreadable, not a regular file or differs from the manifest (a file longer
+    than its size is copied only one byte past it)."""
     total = sum(entry.size_bytes for entry in files)
     report(progress, 0, total)
     done = 0
@@ -54,13 +55,21 @@ def copy_entry(
         target = staging.joinpath(*entry.path.split("/"))
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            # The kernel copies (copy_file_range or sendfile): the bytes do not pass through
-            # Python. The copy is what gets verified, so a source changing meanwhile is caught.
-            shutil.copyfile(local, target)
+            # Only a regular file, and no more than one byte past its size: a file swapped
+            # for a symlink to /dev/zero would otherwise be copied until the disk is full.
+            # The kernel copies (sendfile): the bytes do not pass through Python. The copy
+            # is what gets verified, so a source changing meanwhile is caught.
+            with open_regular_file(local) as original, target.open("wb") as copy:
+                copy_at_most(original, copy, entry.size_bytes + 1)
             size, sha256 = file_digest(target)
         except OSError as exc:
             target.unlink(missing_ok=True)
             raise CacheEntryUnreadableError(f"{local}: {exc.strerror or exc}") from exc
+        if size > entry.size_bytes:
+            target.unlink()
+            raise CacheEntryUnreadableError(
+                f"{local}: longer than the manifest's {entry.size_bytes} bytes"
+            )
         if (size, sha256) != (entry.size_bytes, entry.sha256.lower()):
             target.unlink()
             raise CacheEntryUnreadableError(

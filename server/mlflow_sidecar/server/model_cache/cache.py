@@ -10,7 +10,8 @@ reads what it verified.
 
 Every hit is verified against the manifest (sizes and sha256s) before it is used (only
 the sizes when the reader verifies the sha256s itself: a client reading the entry through
-a shared volume); the
+a shared volume); a file that is not a regular file (a symlink, a device) is damage, and
+none is read past its recorded size, so a damaged entry cannot be read forever; the
 data is not fsynced on the way in because that check catches what a power loss leaves.
 The manifest's mtime records the entry's last use, so least-recently-used eviction
 survives restarts. Failures of the cache's own writes (a full disk) never fail a
@@ -23,6 +24,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
 import uuid
@@ -30,9 +32,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES
-from mlflow_sidecar.core.transfer import file_digest
+from mlflow_sidecar.core.regular_files import bounded_digest, open_regular_file
 from mlflow_sidecar.server.model_cache.lease import ModelLease
-from mlflow_sidecar.server.model_cache.manifest import CacheKey, Manifest
+from mlflow_sidecar.server.model_cache.manifest import CacheKey, Manifest, ManifestFile
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,10 @@ class CacheDisk:
     def make_dir(self, path: Path) -> None:
         """Create one directory."""
         path.mkdir()
+
+    def make_dirs(self, path: Path) -> None:
+        """Create a directory and its missing parents (nothing when it exists)."""
+        path.mkdir(parents=True, exist_ok=True)
 
     def move(self, source: Path, target: Path) -> None:
         """Rename; from another filesystem (a fetched version staged in `<data_dir>/tmp`
@@ -140,7 +146,7 @@ class ModelCache:
     def _load_entry(self, path: Path) -> None:
         manifest_path = path / MANIFEST_NAME
         try:
-            manifest = Manifest.from_json(manifest_path.read_bytes())
+            manifest = Manifest.from_json(_read_manifest(manifest_path))
             last_used = manifest_path.stat().st_mtime
         except (OSError, ValueError) as exc:
             log.info(
@@ -157,15 +163,20 @@ class ModelCache:
         self._entries[manifest.key] = _Entry(path, manifest, last_used)
 
     def digest_of(self, key: CacheKey) -> str | None:
-        """The digest of a cached version (its files unread), or None when not cached."""
+        """The digest of a cached version (its files unread), or None when not cached.
+        Counts nothing: the download counts its hit once it is answered from here
+        (`count_hit`), or its lookup counts it (`acquire`)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
                 return None
             entry.last_used = time.time()
         self._touch(entry)
-        self._metrics.model_cache_hits.inc()
         return entry.manifest.digest
+
+    def count_hit(self) -> None:
+        """Count a download answered from the cache without its files (its digest)."""
+        self._metrics.model_cache_hits.inc()
 
     def acquire(
         self, key: CacheKey, *, count_miss: bool = True, hash_files: bool = True
@@ -253,6 +264,11 @@ class ModelCache:
         `files` back and leave nothing behind."""
         incoming = self.root / f"{_INCOMING_PREFIX}{uuid.uuid4().hex}"
         final = self.root / f"{_ENTRY_PREFIX}{manifest.key.slug()}-{uuid.uuid4().hex[:8]}"
+        if not self.root.is_dir():
+            # Removed while the sidecar runs: without it nothing could be cached again
+            # until a restart. The entries it held are found missing when next asked for.
+            log.warning("the model cache directory %s was gone: creating it again", self.root)
+            self._disk.make_dirs(self.root)
         self._disk.make_dir(incoming)
         moved = False
         try:
@@ -271,7 +287,7 @@ class ModelCache:
         """Why the entry's files differ from its manifest (sizes, and sha256s unless not
         `hash_files`), or None when they match."""
         try:
-            stored = Manifest.from_json((entry.directory / MANIFEST_NAME).read_bytes())
+            stored = Manifest.from_json(_read_manifest(entry.directory / MANIFEST_NAME))
         except (OSError, ValueError) as exc:
             return f"manifest unreadable: {exc}"
         if stored != entry.manifest:
@@ -280,13 +296,28 @@ class ModelCache:
         for expected in entry.manifest.files:
             path = files.joinpath(*expected.path.split("/"))
             try:
-                if path.stat().st_size != expected.size_bytes:
-                    return f"{expected.path}: size differs"
-                if hash_files and file_digest(path, self._chunk_bytes)[1] != expected.sha256:
-                    return f"{expected.path}: sha256 differs"
+                problem = self._file_problem(path, expected, hash_files=hash_files)
             except OSError as exc:
-                return f"{expected.path}: {exc.strerror or exc}"
+                problem = exc.strerror or str(exc)
+            if problem is not None:
+                return f"{expected.path}: {problem}"
         return None
+
+    def _file_problem(self, path: Path, expected: ManifestFile, *, hash_files: bool) -> str | None:
+        """How one file differs from its manifest line, or None."""
+        # Not through a symlink: what a symlink names (/dev/zero, a FIFO) may never end,
+        # whatever size it shows.
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            return "not a regular file"
+        if info.st_size != expected.size_bytes:
+            return "size differs"
+        if not hash_files:
+            return None
+        size, sha256 = bounded_digest(path, expected.size_bytes, self._chunk_bytes)
+        if size != expected.size_bytes:
+            return "size differs"
+        return "sha256 differs" if sha256 != expected.sha256 else None
 
     def _lease(self, entry: _Entry) -> ModelLease:
         return ModelLease(
@@ -351,3 +382,9 @@ class ModelCache:
 
     def _publish(self) -> None:
         self._metrics.model_cache_bytes.set(self.held_bytes)
+
+
+def _read_manifest(path: Path) -> bytes:
+    """An entry's manifest, read only when it is a regular file (a regular file ends)."""
+    with open_regular_file(path) as handle:
+        return handle.read()

@@ -30,7 +30,8 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES
 from mlflow_sidecar.core.paths import FileTree, check_stored_path, is_sha256
-from mlflow_sidecar.core.transfer import HashingWriter, read_chunks
+from mlflow_sidecar.core.regular_files import regular_file_chunks
+from mlflow_sidecar.core.transfer import HashingWriter
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.idempotency.uploads import UploadOnce
@@ -436,7 +437,9 @@ def model_messages(
         return
     for index, entry in enumerate(files):
         local = model.root.joinpath(*entry.path.split("/"))
-        for chunk in read_chunks(local, staging.chunk_bytes):
+        # No more than the manifest says, and only from a regular file: a file swapped
+        # since it was verified (for a symlink to /dev/zero) must not be sent forever.
+        for chunk in regular_file_chunks(local, entry.size_bytes, staging.chunk_bytes):
             yield reg_pb.DownloadModelResponse(
                 chunk=reg_pb.ModelChunk(file_index=index, data=chunk)
             )

@@ -4,10 +4,11 @@ A download resolves its version (by number or alias) with one registry call, the
 answered from the cache when it holds that version (verified), else fetched from MLflow
 into the staging directory, described (every file hashed) and moved into the cache. One
 fetch per version runs at a time; downloads of the version meanwhile wait for it and send
-its result. A client that already has the version's content (`if_none_match`) gets an
-`unchanged` answer instead of the files; one that reads the cache through a shared volume
-(`accept_cache_entry`) gets the entry's place, its sizes checked and its sha256s left to
-that client.
+its result, or, when it ran out of the deadline of the call that ran it, fetch it again
+within their own. A client that already has the version's content (`if_none_match`) gets
+an `unchanged` answer instead of the files; one that reads the cache through a shared
+volume (`accept_cache_entry`) gets the entry's place, its sizes checked and its sha256s
+left to that client.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import contextlib
 from dataclasses import dataclass
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.errors import (
+    DeadlineExceededError,
+    ErrorReason,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from mlflow_sidecar.core.model_digest import check_digest
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.disk_full import disk_full_as_resource_exhausted
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.model_cache import (
@@ -89,9 +96,10 @@ class ModelDownloads:
             raise InvalidArgumentError("selector", "set version or alias")
         key = CacheKey(found.name, found.version, found.creation_time_ms, self._scope)
         if known and self._cache.digest_of(key) == known:
+            self._cache.count_hit()
             return ModelDownload(found, known, None)
         lease = self._cache.acquire(key, hash_files=not accept_cache_entry) or self._flights.run(
-            key, lambda: self._fetch(found, key), ModelLease.share
+            key, lambda: self._fetch(found, key), ModelLease.share, run_again=_not_our_deadline
         )
         digest = lease.manifest.digest
         if digest == known:
@@ -133,3 +141,10 @@ class ModelDownloads:
             scratch.close()
             return lease
         return scratch_lease(root, manifest, scratch.close)
+
+
+def _not_our_deadline(error: BaseException) -> bool:
+    """True when a shared fetch failed on the deadline of the call that ran it (the
+    gateway retries MLflow only within that call's deadline) while this call's own
+    deadline has time left: this call then fetches the version itself."""
+    return isinstance(error, DeadlineExceededError) and not call_deadline.expired()
