@@ -197,6 +197,13 @@ def test_insecure_tls_false_in_the_file_overrides_mlflows_variable(tmp_path, mon
     assert MLFLOW_TRACKING_INSECURE_TLS.get() is False
 
 
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_an_empty_data_dir_is_refused_not_read_as_the_working_directory(monkeypatch, blank):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", blank)
+    with pytest.raises(ConfigError, match=r"data_dir \(MLFLOW_SIDECAR__DATA_DIR\).*empty"):
+        load_config()
+
+
 def test_a_bad_mlflow_variable_is_named_as_such(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")
     named = r"mlflow\.request_timeout_s \(MLFLOW_HTTP_REQUEST_TIMEOUT\)"

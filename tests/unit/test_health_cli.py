@@ -36,3 +36,13 @@ def test_a_missing_ca_file_is_one_line_naming_the_flag(tmp_path, capsys):
     assert main(["health", "--target", "127.0.0.1:1", "--ca-file", str(missing)]) == EXIT_CONFIG
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--ca-file" in line and str(missing) in line
+
+
+@pytest.mark.parametrize("timeout", ["inf", "nan", "0", "-1", "1e10", "soon"])
+def test_a_timeout_a_probe_cannot_wait_is_refused_naming_the_flag(timeout, capsys):
+    # It answered DEADLINE_EXCEEDED (exit 1) before: a healthy sidecar read as unhealthy.
+    with pytest.raises(SystemExit) as exited:
+        main(["health", "--target", "127.0.0.1:1", "--timeout", timeout])
+    assert exited.value.code == EXIT_CONFIG
+    err = capsys.readouterr().err
+    assert "--timeout" in err and repr(timeout) in err

@@ -366,6 +366,18 @@ def package_version() -> str:
     return version("mlflow-sidecar")
 
 
+def _probe_timeout(text: str) -> float:
+    """`--timeout` of `health`: a number of seconds a probe can wait (argparse names the
+    flag when this refuses)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < seconds <= 3600:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r}: must be more than 0 and at most 3600")
+    return seconds
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `mlflow-sidecar`."""
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
@@ -386,7 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="service name; empty: the whole server; 'mlflow': MLflow's reachability",
     )
-    health.add_argument("--timeout", type=float, default=3.0, help="seconds")
+    health.add_argument(
+        "--timeout", type=_probe_timeout, default=3.0, help="seconds (more than 0, at most 3600)"
+    )
     health.add_argument("--ca-file", help="speak TLS, trusting this PEM CA bundle")
     health.add_argument("--cert-file", help="client certificate for mTLS")
     health.add_argument("--key-file", help="key of the client certificate")

@@ -487,6 +487,14 @@ class AppConfig(BaseSettings):
     log_level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
     log_format: Literal["text", "json"] = "text"
 
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _data_dir_given(cls, value: object) -> object:
+        # An empty path reads as "." and would make the working directory the data dir.
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty; unset, it is ~/.mlflow-sidecar")
+        return value
+
     @model_validator(mode="after")
     def _absolute_data_dir(self) -> AppConfig:
         object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
