@@ -8,9 +8,10 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
-from tests.integration.conftest import RunningSidecar
+from tests.integration.conftest import RunningSidecar, backend_under_test
 from tests.support.processes import MlflowServer
 
 
@@ -134,3 +135,58 @@ def test_the_latest_alias_reads_and_deletes_as_in_mlflow(
         with pytest.raises(MlflowException) as err:
             client.delete_registered_model_alias(f"{name}-missing", "latest")
         assert err.value.error_code == "RESOURCE_DOES_NOT_EXIST", label
+
+
+def test_a_version_below_one_is_refused_as_mlflow_refuses_it(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    missing, invalid = "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    for label, client in (("direct", direct), ("sidecar", _client(sidecar))):
+        name = f"v0-{label}-{unique}"
+        client.create_registered_model(name)
+        calls = {
+            "get 0": (missing, lambda c=client, n=name: c.get_model_version(n, "0")),
+            "get -1": (missing, lambda c=client, n=name: c.get_model_version(n, "-1")),
+            "delete 0": (missing, lambda c=client, n=name: c.delete_model_version(n, 0)),
+            "update -1": (missing, lambda c=client, n=name: c.update_model_version(n, -1, "d")),
+            "uri 0": (missing, lambda c=client, n=name: c.get_model_version_download_uri(n, 0)),
+            # MLflow reads a tag's version 0 as no version given.
+            "tag 0": (invalid, lambda c=client, n=name: c.set_model_version_tag(n, 0, "k", "v")),
+            "tag -1": (missing, lambda c=client, n=name: c.set_model_version_tag(n, -1, "k", "v")),
+            "untag 0": (invalid, lambda c=client, n=name: c.delete_model_version_tag(n, 0, "k")),
+        }
+        for what, (code, call) in calls.items():
+            with pytest.raises(MlflowException) as err:
+                call()
+            assert err.value.error_code == code, (label, what)
+
+
+def test_a_model_search_for_no_models_finds_none_as_mlflow_does(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    direct.create_registered_model(f"none-{unique}")
+    for label, client in (("direct", direct), ("sidecar", _client(sidecar))):
+        for max_results in (0, -1):
+            found = client.search_registered_models(max_results=max_results)
+            assert list(found) == [], (label, max_results)
+
+
+def test_a_model_search_survives_a_name_longer_than_a_lookup_takes(
+    sidecar: RunningSidecar, mlflow_server: MlflowServer, unique: str
+) -> None:
+    direct = MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    long_name = f"long-{unique}-".ljust(limits.MAX_NAME_LENGTH + 1, "n")
+    names = [f"short-{unique}"]
+    if backend_under_test() == "postgresql":
+        # Its column holds 256 characters: such a model cannot exist there.
+        with pytest.raises(MlflowException):
+            direct.create_registered_model(long_name)
+    else:
+        # SQLite ignores column widths, and MLflow's own checks let the name through.
+        direct.create_registered_model(long_name)
+        names.append(long_name)
+    direct.create_registered_model(f"short-{unique}")
+    found = _client(sidecar).search_registered_models(f"name LIKE '%{unique}%'")
+    assert sorted(m.name for m in found) == sorted(names)

@@ -57,6 +57,25 @@ def _version_number(version: Any) -> int:
         ) from None
 
 
+def _stored_version(name: str, version: Any) -> int:
+    """A version a call reads or changes: below 1 none is stored, and MLflow says so with
+    RESOURCE_DOES_NOT_EXIST (the sidecar's RPCs refuse it as INVALID_ARGUMENT)."""
+    number = _version_number(version)
+    if number < 1:
+        raise MlflowException(
+            f"Model Version (name={name}, version={number}) not found",
+            error_code=databricks_pb2.RESOURCE_DOES_NOT_EXIST,
+        )
+    return number
+
+
+def _tagged_version(name: str, version: Any) -> int:
+    """The version a tag call names: MLflow reads 0 as no version given
+    (INVALID_PARAMETER_VALUE, as the sidecar refuses it) and a negative one as missing."""
+    number = _version_number(version)
+    return number if number == 0 else _stored_version(name, number)
+
+
 @refuses_unoffered(AbstractStore, RestStore)
 class SidecarRegistryStore(AbstractStore):
     """MLflow's registry store for `sidecar://HOST:PORT` and `sidecar+tls://HOST:PORT`."""
@@ -116,6 +135,10 @@ class SidecarRegistryStore(AbstractStore):
         order_by: Sequence[str] | None = None,
         page_token: str | None = None,
     ) -> PagedList[Any]:
+        if isinstance(max_results, int) and not isinstance(max_results, bool) and max_results < 1:
+            # MLflow's stores answer no models for these, unlike for versions, runs or
+            # experiments, where they refuse them.
+            return PagedList([], None)
         wanted = paging.checked_max_results(
             max_results,
             SEARCH_REGISTERED_MODEL_MAX_RESULTS_DEFAULT,
@@ -209,7 +232,7 @@ class SidecarRegistryStore(AbstractStore):
         self, name: str, version: str | int, description: str | None
     ) -> MlflowModelVersion:
         updated = self._registry.update_model_version(
-            name, _version_number(version), description=description or ""
+            name, _stored_version(name, version), description=description or ""
         )
         return entities.model_version(updated)
 
@@ -220,17 +243,19 @@ class SidecarRegistryStore(AbstractStore):
 
     @translated
     def delete_model_version(self, name: str, version: str | int) -> None:
-        self._registry.delete_model_version(name, _version_number(version))
+        self._registry.delete_model_version(name, _stored_version(name, version))
 
     @translated
     def get_model_version(self, name: str, version: str | int) -> MlflowModelVersion:
         return entities.model_version(
-            self._registry.get_model_version(name, _version_number(version))
+            self._registry.get_model_version(name, _stored_version(name, version))
         )
 
     @translated
     def get_model_version_download_uri(self, name: str, version: str | int) -> str:
-        return self._download_uri(self._registry.get_model_version(name, _version_number(version)))
+        return self._download_uri(
+            self._registry.get_model_version(name, _stored_version(name, version))
+        )
 
     @translated
     def search_model_versions(
@@ -260,12 +285,12 @@ class SidecarRegistryStore(AbstractStore):
     @translated
     def set_model_version_tag(self, name: str, version: str | int, tag: Any) -> None:
         self._registry.set_model_version_tag(
-            name, _version_number(version), tag.key, str(tag.value)
+            name, _tagged_version(name, version), tag.key, str(tag.value)
         )
 
     @translated
     def delete_model_version_tag(self, name: str, version: str | int, key: str) -> None:
-        self._registry.delete_model_version_tag(name, _version_number(version), key)
+        self._registry.delete_model_version_tag(name, _tagged_version(name, version), key)
 
     @translated
     def set_registered_model_alias(self, name: str, alias: str, version: str | int) -> None:
@@ -318,10 +343,12 @@ class SidecarRegistryStore(AbstractStore):
             return []
 
     def _latest_if_any(self, name: str) -> list[MlflowModelVersion]:
-        """The latest version of a model just found; none when it has none, or is gone."""
+        """The latest version of a model just found; none when it has none, or is gone, or
+        its name is longer than a lookup takes (only SQLite, ignoring column widths, holds
+        such names): one model must not fail the whole search."""
         try:
             return [entities.model_version(self._registry.get_latest_model_version(name))]
-        except NotFoundError:
+        except (NotFoundError, InvalidArgumentError):
             return []
 
     def _run_artifact(self, source: str) -> tuple[str, str]:
