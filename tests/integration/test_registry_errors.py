@@ -8,6 +8,7 @@ import pytest
 
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as pb
+from mlflow_sidecar.v1 import tracking_pb2 as tracking_pb
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -204,6 +205,21 @@ def test_duplicate_registered_model_name_already_exists(
 
 
 # -- INVALID_ARGUMENT -------------------------------------------------------------------
+
+
+def test_a_source_mlflow_refuses_is_named(registry_stub, model, run_id, tracking_stub):
+    # MLflow wants the run of a source under a run's artifacts, and names no field.
+    experiment_id = tracking_stub.GetRun(
+        tracking_pb.GetRunRequest(run_id=run_id)
+    ).run.info.experiment_id
+    source = f"mlflow-artifacts:/{experiment_id}/{run_id}/artifacts/model"
+    err = _error(
+        lambda: registry_stub.CreateModelVersion(
+            pb.CreateModelVersionRequest(name=model, source=source)
+        )
+    )
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert error_from_rpc(err).field == "source", err.details()
 
 
 @pytest.mark.parametrize("alias", ["latest", "LATEST", "v3", "V12", "v0"])

@@ -279,14 +279,15 @@ class RegistryService:
                 raise DeadlineExceededError(
                     f"deadline exceeded while waiting to register a version of {name!r}"
                 )
-            created = self._gateway.create_model_version(
-                name,
-                source=source,
-                run_id=run_id,
-                description=description,
-                tags=tags or {},
-                request_id=request_id or uuid.uuid4().hex,
-            )
+            with _source_at_fault():
+                created = self._gateway.create_model_version(
+                    name,
+                    source=source,
+                    run_id=run_id,
+                    description=description,
+                    tags=tags or {},
+                    request_id=request_id or uuid.uuid4().hex,
+                )
         return self._gateway.wait_until_ready(created)
 
     @contextlib.contextmanager
@@ -625,3 +626,17 @@ def _run_source(run_id: str, artifact_path: str) -> str:
             f" source holds at most {limits.MAX_SOURCE_LENGTH}",
         )
     return source
+
+
+@contextlib.contextmanager
+def _source_at_fault() -> Iterator[None]:
+    """MLflow's refusals of a new version name no field; every other field was checked
+    before, so what MLflow refuses is the source (with the run it names or lacks)."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        if exc.field:
+            raise
+        raise InvalidArgumentError(
+            "source", exc.problem, reason=exc.reason, metadata=exc.metadata
+        ) from None
