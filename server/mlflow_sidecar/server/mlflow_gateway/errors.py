@@ -28,6 +28,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.mlflow_gateway.store_errors import (
+    causes,
     is_transient_store_failure,
     store_error,
 )
@@ -88,15 +89,6 @@ _INACTIVE_EXPERIMENT = "The experiment "
 _OUTSIDE_ARTIFACTS = "resolved path is outside the artifact directory"
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
-
-
 def _http_status(exc: BaseException) -> int | None:
     if isinstance(exc, requests.exceptions.HTTPError) and exc.response is not None:
         return int(exc.response.status_code)
@@ -111,7 +103,7 @@ def is_transient(exc: BaseException) -> bool:
     answers are not: asking again gets the same refusal."""
     if is_transient_store_failure(exc):
         return True
-    for cause in _causes(exc):
+    for cause in causes(exc):
         status = _http_status(cause)
         if status is not None:
             return status >= 500 or status in _TRANSIENT_HTTP
@@ -132,7 +124,7 @@ def _facts(exc: BaseException) -> dict[str, str]:
     (a refused connection, a timeout): the code MLflow's client then gives its exception
     (INTERNAL_ERROR) is not the server's."""
     facts: dict[str, str] = {}
-    chain = _causes(exc)
+    chain = causes(exc)
     if any(
         isinstance(cause, requests.exceptions.RequestException) and cause.response is None
         for cause in chain
@@ -161,7 +153,7 @@ def to_domain_error(exc: Exception) -> SidecarError:
 
 
 def _domain_error(exc: Exception) -> SidecarError:
-    if any(is_disk_full(cause) for cause in _causes(exc)) or (
+    if any(is_disk_full(cause) for cause in causes(exc)) or (
         isinstance(exc, MlflowException) and _NO_SPACE_TEXT in exc.message
     ):
         # The sidecar's own disk (a download being written, the embedded store's database).
@@ -209,7 +201,7 @@ def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarErro
 
 def _from_http_status(exc: Exception, facts: dict[str, str]) -> SidecarError:
     """The error for a raw HTTP refusal (the artifact proxy's), else INTERNAL."""
-    status = next((s for c in _causes(exc) if (s := _http_status(c)) is not None), None)
+    status = next((s for c in causes(exc) if (s := _http_status(c)) is not None), None)
     if status == 400:
         return InvalidArgumentError("", f"MLflow refused the request: {exc}", metadata=facts)
     if status == 413:

@@ -91,7 +91,8 @@ _TRANSIENT_PART_FAILURE = re.compile(
 _UNAVAILABLE = "the artifact store is unavailable"
 
 
-def _causes(exc: BaseException) -> list[BaseException]:
+def causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, first to last (a botocore retry's last failure included)."""
     chain: list[BaseException] = []
     current: BaseException | None = exc
     while current is not None and current not in chain:
@@ -151,7 +152,7 @@ def _failed_parts_are_transient(exc: BaseException) -> bool:
 def is_transient_store_failure(exc: BaseException) -> bool:
     """True for a failure of the artifact store that a later try may not see: it could not
     be reached, dropped the connection, timed out, asked to slow down or failed itself."""
-    for cause in _causes(exc):
+    for cause in causes(exc):
         if isinstance(cause, _TRANSIENT_BOTO) or _failed_parts_are_transient(cause):
             return True
         if isinstance(cause, _CLIENT_ERRORS) and _client_error_code(cause) in _TRANSIENT_CODES:
@@ -170,7 +171,7 @@ def store_error(exc: BaseException) -> SidecarError | None:
     """The domain error for a failure of the artifact store itself, else None (the failure
     is MLflow's, or the sidecar's). The message names the bucket where S3 refused it for
     a missing bucket, and never a credential."""
-    chain = _causes(exc)
+    chain = causes(exc)
     if is_transient_store_failure(exc):
         return store_unavailable(_detail(chain))
     for cause in chain:
