@@ -27,8 +27,40 @@ def test_the_container_refuses_a_half_pair_before_any_call():
 
 
 def test_a_whole_pair_is_accepted():
-    settings = ClientSettings(client_cert_file="c.pem", client_key_file="k.pem")
+    settings = ClientSettings(tls=True, client_cert_file="c.pem", client_key_file="k.pem")
     assert (settings.client_cert_file, settings.client_key_file) == ("c.pem", "k.pem")
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"root_certificates_file": "/etc/tls/ca.pem"}, "root_certificates_file"),
+        (
+            {"client_cert_file": "/etc/tls/client.pem", "client_key_file": "/etc/tls/client.key"},
+            "client_cert_file",
+        ),
+    ],
+)
+def test_tls_files_without_tls_are_refused(files, named):
+    # The channel would be plaintext: the files unused, the calls and token in the clear.
+    with pytest.raises(ValidationError, match=f"{named} is set but tls is not") as err:
+        ClientSettings(**files)
+    assert "set tls: true" in str(err.value)
+
+
+def test_the_container_refuses_a_ca_file_without_tls_before_any_call():
+    container = ClientContainer()
+    container.config.from_dict({"root_certificates_file": "/etc/tls/ca.pem"})
+    with pytest.raises(ValidationError, match="root_certificates_file is set but tls is not"):
+        container.experiment_tracking()
+
+
+def test_the_environment_refuses_a_ca_file_without_tls(monkeypatch):
+    from mlflow_sidecar.client import load_env
+
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_ROOT_CERTIFICATES_FILE", "/etc/tls/ca.pem")
+    with pytest.raises(ValidationError, match="MLFLOW_SIDECAR_CLIENT_TLS=true"):
+        load_env(ClientContainer())
 
 
 @pytest.mark.parametrize("name", ["timeout_s", "transfer_timeout_s"])

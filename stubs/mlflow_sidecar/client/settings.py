@@ -23,6 +23,9 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
+TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_file")
+"""The settings that name PEM files of a TLS channel; each needs `tls`."""
+
 
 class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
@@ -90,6 +93,21 @@ class ClientSettings(NumbersRefuseBooleans):
                 else ("client_key_file", "client_cert_file")
             )
             raise ValueError(f"{given} is set without {missing}: mTLS needs both")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_with_tls(self) -> ClientSettings:
+        # Without tls the channel is plaintext and would never read them: a forgotten
+        # `tls: true` must not send calls (and the token) in the clear.
+        if self.tls:
+            return self
+        for name in TLS_FILE_SETTINGS:
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name} is set but tls is not: the channel would be plaintext and the"
+                    " file unused; set tls: true (MLFLOW_SIDECAR_CLIENT_TLS=true, or a"
+                    f" sidecar+tls:// URI), or unset {name}"
+                )
         return self
 
     @model_validator(mode="after")
