@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.client.settings import ClientSettings
+from tests.support.certs import Pki, make_pki
 
 
 @pytest.mark.parametrize(
@@ -26,9 +29,70 @@ def test_the_container_refuses_a_half_pair_before_any_call():
         container.experiment_tracking()
 
 
-def test_a_whole_pair_is_accepted():
-    settings = ClientSettings(tls=True, client_cert_file="c.pem", client_key_file="k.pem")
-    assert (settings.client_cert_file, settings.client_key_file) == ("c.pem", "k.pem")
+def test_a_whole_pair_is_accepted(pki: Pki):
+    cert, key = str(pki.client_cert), str(pki.client_key)
+    settings = ClientSettings(
+        tls=True,
+        root_certificates_file=str(pki.ca_cert),
+        client_cert_file=cert,
+        client_key_file=key,
+    )
+    assert (settings.client_cert_file, settings.client_key_file) == (cert, key)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture()
+def not_pem(tmp_path: Path) -> Path:
+    path = tmp_path / "not-a-certificate.pem"
+    path.write_text("this is not a certificate\n")
+    return path
+
+
+def test_a_missing_ca_file_is_refused_naming_it(tmp_path: Path):
+    missing = tmp_path / "missing-ca.pem"
+    with pytest.raises(ValidationError, match="root_certificates_file: cannot read") as err:
+        ClientSettings(tls=True, root_certificates_file=str(missing))
+    assert str(missing) in str(err.value)
+
+
+def test_a_ca_file_that_is_not_pem_is_refused_naming_it(not_pem: Path):
+    # grpc would fail every handshake: each call waited its deadline, then UNAVAILABLE.
+    with pytest.raises(ValidationError, match=r"root_certificates_file: .* holds no PEM") as err:
+        ClientSettings(tls=True, root_certificates_file=str(not_pem))
+    assert str(not_pem) in str(err.value)
+
+
+def test_the_container_refuses_a_ca_file_that_is_not_pem_before_any_call(not_pem: Path):
+    container = ClientContainer()
+    container.config.from_dict({"tls": True, "root_certificates_file": str(not_pem)})
+    with pytest.raises(ValidationError, match="root_certificates_file"):
+        container.experiment_tracking()
+
+
+def test_a_client_certificate_that_is_not_pem_is_refused_naming_it(pki: Pki, not_pem: Path):
+    with pytest.raises(ValidationError, match=r"client_cert_file: .* holds no PEM") as err:
+        ClientSettings(tls=True, client_cert_file=str(not_pem), client_key_file=str(pki.client_key))
+    assert str(not_pem) in str(err.value)
+
+
+def test_a_key_of_another_certificate_is_refused_naming_it(pki: Pki):
+    with pytest.raises(ValidationError, match=r"client_key_file: .* is not the unencrypted") as err:
+        ClientSettings(
+            tls=True, client_cert_file=str(pki.client_cert), client_key_file=str(pki.server_key)
+        )
+    assert str(pki.server_key) in str(err.value)
+
+
+def test_a_missing_client_key_is_refused_naming_it(pki: Pki, tmp_path: Path):
+    missing = tmp_path / "missing-key.pem"
+    with pytest.raises(ValidationError, match="client_key_file: cannot read"):
+        ClientSettings(
+            tls=True, client_cert_file=str(pki.client_cert), client_key_file=str(missing)
+        )
 
 
 @pytest.mark.parametrize(

@@ -10,13 +10,13 @@ import json
 import os
 import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
 from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.client.tls_files import read_pem
 from mlflow_sidecar.client.unary_retry import UnaryRetry
 from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
@@ -101,17 +101,19 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
     ]
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read(settings: ClientSettings, setting: str) -> bytes | None:
+    path: str = getattr(settings, setting)
+    return read_pem(setting, path) if path else None
 
 
 def tls_credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
     """Server verification from `root_certificates_file` (or system roots); a client
-    certificate for mTLS when `client_cert_file` and `client_key_file` are set."""
+    certificate for mTLS when `client_cert_file` and `client_key_file` are set. A file
+    that cannot be read (since the settings were checked) is a ValueError naming it."""
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.root_certificates_file),
-        private_key=_read(settings.client_key_file),
-        certificate_chain=_read(settings.client_cert_file),
+        root_certificates=_read(settings, "root_certificates_file"),
+        private_key=_read(settings, "client_key_file"),
+        certificate_chain=_read(settings, "client_cert_file"),
     )
 
 

@@ -15,6 +15,7 @@ from mlflow_sidecar.client.metric_stream import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RECONNECT_S,
 )
+from mlflow_sidecar.client.tls_files import check_tls_files
 from mlflow_sidecar.core.limits import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -108,6 +109,14 @@ class ClientSettings(NumbersRefuseBooleans):
                     " file unused; set tls: true (MLFLOW_SIDECAR_CLIENT_TLS=true, or a"
                     f" sidecar+tls:// URI), or unset {name}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_are_pem(self) -> ClientSettings:
+        if self.tls:
+            check_tls_files(
+                self.root_certificates_file, self.client_cert_file, self.client_key_file
+            )
         return self
 
     @model_validator(mode="after")
