@@ -149,3 +149,35 @@ def test_the_environment_is_checked_the_same_way(monkeypatch):
     monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TIMEOUT_S", "inf")
     with pytest.raises(ValidationError, match="timeout_s"):
         ClientEnvSettings()
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["secret-token\n", " secret-token", "secret token", "secret-tökén", "secret\ttoken"],
+)
+def test_a_token_grpc_cannot_send_is_refused_without_showing_it(token):
+    # grpc failed every call with a bare INTERNAL "Invalid metadata", naming no setting.
+    with pytest.raises(ValidationError, match="token holds whitespace") as err:
+        ClientSettings(token=token)
+    assert "secret" not in str(err.value)
+
+
+def test_a_token_from_the_environment_is_refused_without_showing_it(monkeypatch):
+    from mlflow_sidecar.client import load_env
+
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TOKEN", "secret-token\n")
+    with pytest.raises(ValidationError, match="token") as err:
+        load_env(ClientContainer())
+    assert "secret" not in str(err.value)
+
+
+def test_a_refusal_of_another_setting_does_not_show_the_token():
+    # Model-level refusals echoed every setting given, the token among them.
+    with pytest.raises(ValidationError, match="client_key_file") as err:
+        ClientSettings(tls=True, client_cert_file="/etc/tls/client.pem", token="secret-token")
+    assert "secret" not in str(err.value)
+
+
+def test_a_bearer_token_of_every_allowed_character_is_kept():
+    token = "Abz09-._~+/=!#$%&'*^`|"
+    assert ClientSettings(token=token).token == token

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_sidecar.client.metric_stream import (
@@ -24,6 +24,9 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
+# A bearer token's characters: printable ASCII without the space.
+_TOKEN_FIRST, _TOKEN_LAST = "!", "~"
+
 TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_file")
 """The settings that name PEM files of a TLS channel; each needs `tls`."""
 
@@ -31,7 +34,9 @@ TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_f
 class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A refusal never echoes what it was given: model-level ones echo every setting, the
+    # token among them.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
     # `inf` keeps a stream trying through any sidecar restart (documented).
     _UNBOUNDED_DURATIONS: ClassVar[frozenset[str]] = frozenset({"stream_reconnect_s"})
 
@@ -82,6 +87,18 @@ class ClientSettings(NumbersRefuseBooleans):
         " room (until the stream gives up after stream_reconnect_s); `raise` raises"
         " ResourceExhaustedError (reason CLIENT_BUFFER_FULL) and keeps nothing of that call",
     )
+
+    @field_validator("token")
+    @classmethod
+    def _token_fits_a_header(cls, token: str) -> str:
+        # grpc refuses such metadata at every call with a bare INTERNAL "Invalid metadata".
+        if any(not _TOKEN_FIRST <= char <= _TOKEN_LAST for char in token):
+            raise ValueError(
+                "token holds whitespace, a line break or a non-ASCII character, which a"
+                " bearer token in an HTTP/2 header cannot (value not shown): strip it, e.g."
+                " the newline a token read from a file ends with"
+            )
+        return token
 
     @model_validator(mode="after")
     def _client_certificate_with_its_key(self) -> ClientSettings:
