@@ -168,11 +168,17 @@ class ClientSettings(NumbersRefuseBooleans):
 
 
 ENV_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
+# What every variable of the project's starts with: the clients' go on with CLIENT_, the
+# sidecar's settings with a second underscore, and its config file is CONFIG_FILE_ENV.
+_PROJECT_PREFIX = "MLFLOW_SIDECAR_"
+_SIDECAR_PREFIX = "MLFLOW_SIDECAR__"
+CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
 
 
 class ClientEnvSettings(ClientSettings, BaseSettings):
     """`ClientSettings` read from `MLFLOW_SIDECAR_CLIENT_*` environment variables; one
-    that names no setting is a ValueError (a typo would otherwise be ignored)."""
+    that names no setting, or any other `MLFLOW_SIDECAR_*` variable that is not the
+    sidecar's, is a ValueError (a typo would otherwise be ignored)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -182,14 +188,36 @@ class ClientEnvSettings(ClientSettings, BaseSettings):
 
 
 def check_env_names(environ: Mapping[str, str]) -> None:
-    """ValueError for an `MLFLOW_SIDECAR_CLIENT_*` variable that names no client setting."""
+    """ValueError for an `MLFLOW_SIDECAR_*` variable that is neither a client setting
+    (`MLFLOW_SIDECAR_CLIENT_<KEY>`) nor the sidecar's (`MLFLOW_SIDECAR__<SECTION>__<KEY>`,
+    `MLFLOW_SIDECAR_CONFIG`), which a trainer's environment may hold too."""
     known = sorted(ClientSettings.model_fields)
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX):
+        upper = name.upper()
+        if not upper.startswith(_PROJECT_PREFIX):
             continue
-        setting = name[len(ENV_PREFIX) :].lower()
-        if setting in known:
+        if upper.startswith(_SIDECAR_PREFIX) or upper == CONFIG_FILE_ENV:
             continue
-        close = difflib.get_close_matches(setting, known, n=1)
-        hint = f"did you mean {ENV_PREFIX}{close[0].upper()}?" if close else f"known: {known}"
-        raise ValueError(f"unknown client setting {name}: {hint}")
+        if upper.startswith(ENV_PREFIX) and upper[len(ENV_PREFIX) :].lower() in known:
+            continue
+        kind = "client setting" if upper.startswith(ENV_PREFIX) else "variable"
+        raise ValueError(f"unknown {kind} {name}: {_hint(upper, known)}")
+
+
+def _hint(name: str, known: list[str]) -> str:
+    """The variable `name` most likely meant: a client key misspelt after a right prefix,
+    else a misspelt prefix (`CLEINT_`, `CLIENTTARGET`) or config file variable."""
+    if name.startswith(ENV_PREFIX):
+        rest, choices = name[len(ENV_PREFIX) :], [key.upper() for key in known]
+        prefix = ENV_PREFIX
+    else:
+        rest = name[len(_PROJECT_PREFIX) :]
+        choices = [f"CLIENT_{key.upper()}" for key in known] + ["CONFIG"]
+        prefix = _PROJECT_PREFIX
+    close = difflib.get_close_matches(rest, choices, n=1)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    return (
+        f"client settings are {ENV_PREFIX}<KEY>, KEY one of {known}; the sidecar's are"
+        f" {_SIDECAR_PREFIX}<SECTION>__<KEY> and {CONFIG_FILE_ENV}"
+    )
