@@ -93,3 +93,35 @@ def test_a_client_variable_that_names_no_setting_is_refused(monkeypatch):
     container = ClientContainer()
     with pytest.raises(ValueError, match="did you mean MLFLOW_SIDECAR_CLIENT_TARGET"):
         load_env(container)
+
+
+@pytest.mark.parametrize(
+    ("variable", "meant"),
+    [
+        ("MLFLOW_SIDECAR_CLEINT_TARGET", "MLFLOW_SIDECAR_CLIENT_TARGET"),
+        ("MLFLOW_SIDECAR_CLIENTTARGET", "MLFLOW_SIDECAR_CLIENT_TARGET"),
+        ("MLFLOW_SIDECAR_TIMEOUT_S", "MLFLOW_SIDECAR_CLIENT_TIMEOUT_S"),
+        ("MLFLOW_SIDECAR_CONFG", "MLFLOW_SIDECAR_CONFIG"),
+    ],
+)
+def test_a_misspelt_prefix_is_refused_with_the_variable_meant(monkeypatch, variable, meant):
+    # Outside the exact MLFLOW_SIDECAR_CLIENT_ prefix a typo kept the default target.
+    monkeypatch.setenv(variable, "10.0.0.1:50051")
+    with pytest.raises(ValueError, match=f"unknown variable {variable}: did you mean {meant}\\?"):
+        load_env(ClientContainer())
+
+
+def test_an_mlflow_sidecar_variable_like_no_other_names_the_forms_there_are(monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR_SPOOL__MAX_POINTS", "10")
+    with pytest.raises(ValueError, match="client settings are MLFLOW_SIDECAR_CLIENT_<KEY>"):
+        load_env(ClientContainer())
+
+
+def test_the_sidecars_own_variables_are_left_to_it(monkeypatch):
+    # A trainer's environment may hold the sidecar's settings as well as the client's.
+    monkeypatch.setenv("MLFLOW_SIDECAR_CONFIG", "/etc/mlflow-sidecar/config.yaml")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "50052")
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TARGET", "10.0.0.1:50051")
+    container = ClientContainer()
+    load_env(container)
+    assert container.settings().target == "10.0.0.1:50051"

@@ -5,16 +5,18 @@ child with our own FailedPreconditionError instead of gRPC's raw ValueError or a
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import weakref
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import grpc
 
 from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
 from mlflow_sidecar.client.settings import ClientSettings
+from mlflow_sidecar.client.tls_files import read_pem
 from mlflow_sidecar.client.unary_retry import UnaryRetry
 from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
@@ -99,18 +101,43 @@ def channel_options(max_message_bytes: int, max_attempts: int) -> list[tuple[str
     ]
 
 
-def _read(path: str) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+def _read(settings: ClientSettings, setting: str) -> bytes | None:
+    path: str = getattr(settings, setting)
+    return read_pem(setting, path) if path else None
 
 
 def tls_credentials(settings: ClientSettings) -> grpc.ChannelCredentials:
     """Server verification from `root_certificates_file` (or system roots); a client
-    certificate for mTLS when `client_cert_file` and `client_key_file` are set."""
+    certificate for mTLS when `client_cert_file` and `client_key_file` are set. A file
+    that cannot be read (since the settings were checked) is a ValueError naming it."""
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(settings.root_certificates_file),
-        private_key=_read(settings.client_key_file),
-        certificate_chain=_read(settings.client_cert_file),
+        root_certificates=_read(settings, "root_certificates_file"),
+        private_key=_read(settings, "client_key_file"),
+        certificate_chain=_read(settings, "client_cert_file"),
     )
+
+
+# Every channel not yet closed, so that the interpreter's exit closes what is left.
+_OPEN: weakref.WeakSet[SharedChannel] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    """Close this process's channels still open at interpreter exit.
+
+    A channel that waited for the sidecar to reconnect keeps gRPC's connectivity poller
+    running for a moment after the wait. Left to the garbage collection of interpreter
+    shutdown, which is where a channel held by a module-level container ends, gRPC's close
+    waits for that poller, a daemon thread Python no longer runs by then: the process hung
+    after its last line. Here the poller still runs, and the close takes a moment."""
+    for channel in list(_OPEN):
+        # A forked child's copies belong to its parent.
+        if channel.pid == os.getpid():
+            channel.close()
+
+
+# Registered on import, before anything that builds on the client (the MLflow plugin's
+# exit hook flushes its streams through these channels), so it runs after them.
+atexit.register(_close_at_exit)
 
 
 class SharedChannel:
@@ -121,7 +148,7 @@ class SharedChannel:
     closes when the last is gone, or at once on `close()`. A call after `close()` raises
     FailedPreconditionError (reason CLIENT_CLOSED); a call from a forked child raises
     FailedPreconditionError (reason CHANNEL_USED_AFTER_FORK), as a gRPC channel belongs to
-    the process that opened it."""
+    the process that opened it. One still open at interpreter exit is closed then."""
 
     def __init__(self, settings: ClientSettings) -> None:
         options = channel_options(settings.max_message_bytes, settings.max_attempts)
@@ -150,11 +177,13 @@ class SharedChannel:
         if tracing is not None:
             interceptors.append(tracing)
         self.channel: grpc.Channel = grpc.intercept_channel(raw, *interceptors)
+        _OPEN.add(self)
 
     def close(self) -> None:
         """Close the channel: calls in progress are cancelled, later ones raise
         FailedPreconditionError (CLIENT_CLOSED). Closing again does nothing."""
         self.closed = True
+        _OPEN.discard(self)
         self._raw.close()
 
     def check_usable(self) -> None:

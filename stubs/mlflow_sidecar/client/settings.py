@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mlflow_sidecar.client.metric_stream import (
@@ -15,6 +15,7 @@ from mlflow_sidecar.client.metric_stream import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_RECONNECT_S,
 )
+from mlflow_sidecar.client.tls_files import check_tls_files
 from mlflow_sidecar.core.limits import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -23,11 +24,19 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
+# A bearer token's characters: printable ASCII without the space.
+_TOKEN_FIRST, _TOKEN_LAST = "!", "~"
+
+TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_file")
+"""The settings that name PEM files of a TLS channel; each needs `tls`."""
+
 
 class ClientSettings(NumbersRefuseBooleans):
     """How a trainer reaches its sidecar."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A refusal never echoes what it was given: model-level ones echo every setting, the
+    # token among them.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
     # `inf` keeps a stream trying through any sidecar restart (documented).
     _UNBOUNDED_DURATIONS: ClassVar[frozenset[str]] = frozenset({"stream_reconnect_s"})
 
@@ -79,6 +88,18 @@ class ClientSettings(NumbersRefuseBooleans):
         " ResourceExhaustedError (reason CLIENT_BUFFER_FULL) and keeps nothing of that call",
     )
 
+    @field_validator("token")
+    @classmethod
+    def _token_fits_a_header(cls, token: str) -> str:
+        # grpc refuses such metadata at every call with a bare INTERNAL "Invalid metadata".
+        if any(not _TOKEN_FIRST <= char <= _TOKEN_LAST for char in token):
+            raise ValueError(
+                "token holds whitespace, a line break or a non-ASCII character, which a"
+                " bearer token in an HTTP/2 header cannot (value not shown): strip it, e.g."
+                " the newline a token read from a file ends with"
+            )
+        return token
+
     @model_validator(mode="after")
     def _client_certificate_with_its_key(self) -> ClientSettings:
         # grpc's core aborts the whole process on a certificate without its key (or the
@@ -90,6 +111,29 @@ class ClientSettings(NumbersRefuseBooleans):
                 else ("client_key_file", "client_cert_file")
             )
             raise ValueError(f"{given} is set without {missing}: mTLS needs both")
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_with_tls(self) -> ClientSettings:
+        # Without tls the channel is plaintext and would never read them: a forgotten
+        # `tls: true` must not send calls (and the token) in the clear.
+        if self.tls:
+            return self
+        for name in TLS_FILE_SETTINGS:
+            if getattr(self, name):
+                raise ValueError(
+                    f"{name} is set but tls is not: the channel would be plaintext and the"
+                    " file unused; set tls: true (MLFLOW_SIDECAR_CLIENT_TLS=true, or a"
+                    f" sidecar+tls:// URI), or unset {name}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_files_are_pem(self) -> ClientSettings:
+        if self.tls:
+            check_tls_files(
+                self.root_certificates_file, self.client_cert_file, self.client_key_file
+            )
         return self
 
     @model_validator(mode="after")
@@ -124,11 +168,17 @@ class ClientSettings(NumbersRefuseBooleans):
 
 
 ENV_PREFIX = "MLFLOW_SIDECAR_CLIENT_"
+# What every variable of the project's starts with: the clients' go on with CLIENT_, the
+# sidecar's settings with a second underscore, and its config file is CONFIG_FILE_ENV.
+_PROJECT_PREFIX = "MLFLOW_SIDECAR_"
+_SIDECAR_PREFIX = "MLFLOW_SIDECAR__"
+CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
 
 
 class ClientEnvSettings(ClientSettings, BaseSettings):
     """`ClientSettings` read from `MLFLOW_SIDECAR_CLIENT_*` environment variables; one
-    that names no setting is a ValueError (a typo would otherwise be ignored)."""
+    that names no setting, or any other `MLFLOW_SIDECAR_*` variable that is not the
+    sidecar's, is a ValueError (a typo would otherwise be ignored)."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 
@@ -138,14 +188,36 @@ class ClientEnvSettings(ClientSettings, BaseSettings):
 
 
 def check_env_names(environ: Mapping[str, str]) -> None:
-    """ValueError for an `MLFLOW_SIDECAR_CLIENT_*` variable that names no client setting."""
+    """ValueError for an `MLFLOW_SIDECAR_*` variable that is neither a client setting
+    (`MLFLOW_SIDECAR_CLIENT_<KEY>`) nor the sidecar's (`MLFLOW_SIDECAR__<SECTION>__<KEY>`,
+    `MLFLOW_SIDECAR_CONFIG`), which a trainer's environment may hold too."""
     known = sorted(ClientSettings.model_fields)
     for name in sorted(environ):
-        if not name.upper().startswith(ENV_PREFIX):
+        upper = name.upper()
+        if not upper.startswith(_PROJECT_PREFIX):
             continue
-        setting = name[len(ENV_PREFIX) :].lower()
-        if setting in known:
+        if upper.startswith(_SIDECAR_PREFIX) or upper == CONFIG_FILE_ENV:
             continue
-        close = difflib.get_close_matches(setting, known, n=1)
-        hint = f"did you mean {ENV_PREFIX}{close[0].upper()}?" if close else f"known: {known}"
-        raise ValueError(f"unknown client setting {name}: {hint}")
+        if upper.startswith(ENV_PREFIX) and upper[len(ENV_PREFIX) :].lower() in known:
+            continue
+        kind = "client setting" if upper.startswith(ENV_PREFIX) else "variable"
+        raise ValueError(f"unknown {kind} {name}: {_hint(upper, known)}")
+
+
+def _hint(name: str, known: list[str]) -> str:
+    """The variable `name` most likely meant: a client key misspelt after a right prefix,
+    else a misspelt prefix (`CLEINT_`, `CLIENTTARGET`) or config file variable."""
+    if name.startswith(ENV_PREFIX):
+        rest, choices = name[len(ENV_PREFIX) :], [key.upper() for key in known]
+        prefix = ENV_PREFIX
+    else:
+        rest = name[len(_PROJECT_PREFIX) :]
+        choices = [f"CLIENT_{key.upper()}" for key in known] + ["CONFIG"]
+        prefix = _PROJECT_PREFIX
+    close = difflib.get_close_matches(rest, choices, n=1)
+    if close:
+        return f"did you mean {prefix}{close[0]}?"
+    return (
+        f"client settings are {ENV_PREFIX}<KEY>, KEY one of {known}; the sidecar's are"
+        f" {_SIDECAR_PREFIX}<SECTION>__<KEY> and {CONFIG_FILE_ENV}"
+    )
