@@ -37,6 +37,7 @@ from pydantic_settings import (
 )
 
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
+from mlflow_sidecar.core.service_links import is_service_link
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 from mlflow_sidecar.server.redaction import redact
 
@@ -935,7 +936,9 @@ def _check_env_names(environ: Mapping[str, str]) -> None:
     for name in sorted(environ):
         upper = name.upper()
         if upper.startswith(_OWN_PREFIX) and not upper.startswith(ENV_PREFIX):
-            if upper != CONFIG_FILE_ENV and not upper.startswith(_CLIENT_PREFIX):
+            if upper == CONFIG_FILE_ENV or upper.startswith(_CLIENT_PREFIX):
+                continue
+            if not is_service_link(name, environ[name]):
                 raise ConfigError(_unknown_variable(name))
             continue
         if not upper.startswith(ENV_PREFIX):

@@ -22,6 +22,7 @@ from mlflow_sidecar.core.limits import (
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
 )
+from mlflow_sidecar.core.service_links import is_service_link
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 
 # A bearer token's characters: printable ASCII without the space.
@@ -197,6 +198,8 @@ def check_env_names(environ: Mapping[str, str]) -> None:
         if not upper.startswith(_PROJECT_PREFIX):
             continue
         if upper.startswith(_SIDECAR_PREFIX) or upper == CONFIG_FILE_ENV:
+            continue
+        if is_service_link(name, environ[name]):
             continue
         if upper.startswith(ENV_PREFIX) and upper[len(ENV_PREFIX) :].lower() in known:
             continue
