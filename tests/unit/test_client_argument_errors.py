@@ -62,6 +62,20 @@ OUT_OF_RANGE: dict[str, tuple[str, Call]] = {
 WRONG_TYPE: dict[str, tuple[str, Call]] = {
     "log_params value": ("params['lr']", lambda t, r: t.log_params("run", {"lr": 0.1})),
     "end_run status": ("status", lambda t, r: t.end_run("run", "FINISHED")),
+    "create_experiment tag": (
+        "tags['seed']",
+        lambda t, r: t.create_experiment("e", tags={"seed": 7}),
+    ),
+    "start_run tag": ("tags['seed']", lambda t, r: t.start_run("1", tags={"seed": 7})),
+    "set_run_tags": ("tags['seed']", lambda t, r: t.set_run_tags("run", {"seed": 7})),
+    "create_registered_model tag": (
+        "tags['owner']",
+        lambda t, r: r.create_registered_model("m", tags={"owner": None}),
+    ),
+    "create_model_version tag": (
+        "tags['score']",
+        lambda t, r: r.create_model_version("m", source="runs:/r/m", tags={"score": 0.9}),
+    ),
 }
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from mlflow_sidecar.client.arguments import strings
+from mlflow_sidecar.client.arguments import string_map, strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import StrPath
@@ -73,8 +73,8 @@ class GrpcLoggedModels:
             name=name,
             model_type=model_type,
             source_run_id=source_run_id,
-            params=dict(params or {}),
-            tags=dict(tags or {}),
+            params=string_map("params", params or {}),
+            tags=string_map("tags", tags or {}),
             request_id=request_id or uuid.uuid4().hex,
         )
         return logged_model_from_pb(
@@ -115,7 +115,7 @@ class GrpcLoggedModels:
 
     def set_tags(self, model_id: str, tags: Mapping[str, str]) -> None:
         """Set (or overwrite) tags."""
-        request = pb.SetLoggedModelTagsRequest(model_id=model_id, tags=dict(tags))
+        request = pb.SetLoggedModelTagsRequest(model_id=model_id, tags=string_map("tags", tags))
         invoke(self._stub.SetLoggedModelTags, request, self._timeout)
 
     def delete_tag(self, model_id: str, key: str, *, request_id: str = "") -> None:

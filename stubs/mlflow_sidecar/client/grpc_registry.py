@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
-from mlflow_sidecar.client.arguments import int64, strings
+from mlflow_sidecar.client.arguments import int64, string_map, strings
 from mlflow_sidecar.client.directory_swap import replace_directory
 from mlflow_sidecar.client.downloads import STAGING, claimed, sibling_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
@@ -108,7 +108,7 @@ class GrpcModelRegistry(ModelRegistry):
         request = pb.CreateRegisteredModelRequest(
             name=name,
             description=description,
-            tags=dict(tags or {}),
+            tags=string_map("tags", tags or {}),
             get_if_exists=get_if_exists,
             request_id=request_id or uuid.uuid4().hex,
         )
@@ -188,7 +188,7 @@ class GrpcModelRegistry(ModelRegistry):
             run_id=run_id,
             artifact_path=artifact_path,
             description=description,
-            tags=dict(tags or {}),
+            tags=string_map("tags", tags or {}),
             request_id=request_id or uuid.uuid4().hex,
         )
         reply = invoke(self._stub.CreateModelVersion, request, self._timeout)
@@ -309,7 +309,7 @@ class GrpcModelRegistry(ModelRegistry):
             run_id=run_id,
             experiment_id=experiment_id,
             description=description,
-            tags=dict(tags or {}),
+            tags=string_map("tags", tags or {}),
             aliases=strings("aliases", aliases),
             request_id=request_id or uuid.uuid4().hex,
         )

@@ -122,7 +122,7 @@ class GrpcExperimentTracking(ExperimentTracking):
     ) -> Experiment:
         request = pb.CreateExperimentRequest(
             name=name,
-            tags=dict(tags or {}),
+            tags=string_map("tags", tags or {}),
             artifact_location=artifact_location,
             get_if_exists=get_if_exists,
             request_id=request_id or uuid.uuid4().hex,
@@ -189,7 +189,7 @@ class GrpcExperimentTracking(ExperimentTracking):
         request = pb.StartRunRequest(
             experiment_id=experiment_id,
             run_name=run_name,
-            tags=dict(tags or {}),
+            tags=string_map("tags", tags or {}),
             parent_run_id=parent_run_id,
             start_time_ms=int64("start_time_ms", start_time_ms),
             client_request_id=client_request_id,
@@ -315,7 +315,7 @@ class GrpcExperimentTracking(ExperimentTracking):
                 return result
 
     def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        request = pb.SetRunTagsRequest(run_id=run_id, tags=dict(tags))
+        request = pb.SetRunTagsRequest(run_id=run_id, tags=string_map("tags", tags))
         invoke(self._stub.SetRunTags, request, self._timeout)
 
     def delete_run_tag(self, run_id: str, key: str, *, request_id: str = "") -> None:
