@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import mlflow
@@ -46,9 +47,9 @@ class RecordingStub:
         self.failures: list[grpc.StatusCode] = []
         self.StreamMetrics = self  # MetricStream calls `StreamMetrics.with_call`
 
-    def with_call(self, requests: Iterator[pb.StreamMetricsRequest]) -> object:
+    def with_call(self, requests: Iterator[pb.StreamMetricsRequest], **options: Any) -> object:
         try:
-            return self._stub.StreamMetrics.with_call(requests)
+            return self._stub.StreamMetrics.with_call(requests, **options)
         except grpc.RpcError as exc:
             self.failures.append(exc.code())
             raise

@@ -90,6 +90,7 @@ from mlflow_sidecar.core.errors import (
     DeadlineExceededError,
     ErrorReason,
     FailedPreconditionError,
+    InternalError,
     ResourceExhaustedError,
     SidecarError,
     UnavailableError,
@@ -359,7 +360,7 @@ class MetricStream:
         self._ended_runs: dict[str, SidecarError] = {}
         # What flush() reports, once each: the points such a refusal dropped.
         self._unreported: list[SidecarError] = []
-        self._thread = threading.Thread(target=self._send_loop, name="metric-stream", daemon=True)
+        self._thread = threading.Thread(target=self._send, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
 
@@ -681,6 +682,23 @@ class MetricStream:
         return message, points, left
 
     # -- the background thread ----------------------------------------------------------
+
+    def _send(self) -> None:
+        """The thread's body: the send loop, whose unexpected failure fails the stream (a
+        flush or close waiting for the sender would otherwise wait for a thread that is gone)."""
+        try:
+            self._send_loop()
+        except Exception as exc:
+            with self._cond:
+                if self._error is None:
+                    self._fail(
+                        InternalError(
+                            f"the metric stream's sender failed and sends nothing more:"
+                            f" {type(exc).__name__}: {exc}"
+                        )
+                    )
+                self._cond.notify_all()
+            raise
 
     def _send_loop(self) -> None:
         failing_since: float | None = None
