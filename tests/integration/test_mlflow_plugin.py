@@ -379,11 +379,15 @@ def test_a_restarted_trainer_resumes_its_ended_run(
             mlflow.log_metric("reward", float(step), step=step)
         raise RuntimeError("preempted")  # MLflow ends the run FAILED on the way out
     run_id = run.info.run_id
+    # The sidecar ends the run in MLflow after its spooled points; a read through it waits
+    # for that, a read of MLflow's own right away may come first.
+    assert MlflowClient().get_run(run_id).info.status == "FAILED"
     assert direct.get_run(run_id).info.status == "FAILED"
     with mlflow.start_run(run_id=run_id) as resumed:
         assert resumed.info.status == "RUNNING"
         for step in range(3, 6):
             mlflow.log_metric("reward", float(step), step=step)
+    assert MlflowClient().get_run(run_id).info.status == "FINISHED"
     info = direct.get_run(run_id).info
     assert info.status == "FINISHED"
     history = direct.get_metric_history(run_id, "reward")
