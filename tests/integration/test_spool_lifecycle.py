@@ -139,7 +139,7 @@ def test_a_full_disk_refuses_then_every_acknowledged_point_arrives_once(
                 stream = MetricStream(recording, retry_budget_s=120)  # type: ignore[arg-type]
                 for step in later:
                     stream.log(run_id, "pnl", float(step), step=step, timestamp_ms=1_000 + step)
-                flushed = threading.Thread(target=stream.close)
+                flushed = threading.Thread(target=stream.close, daemon=True)
                 flushed.start()
                 flushed.join(2)  # give it time to meet the full disk
                 ballast.unlink()  # space returns
