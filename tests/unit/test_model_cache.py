@@ -525,6 +525,32 @@ def test_a_download_whose_own_deadline_passed_too_gets_the_deadline_error(sideca
     assert sidecar.fetches() == 1
 
 
+@pytest.mark.parametrize("max_bytes", [10 * MODEL_BYTES, 0], ids=["cached", "cache-off"])
+def test_a_download_waiting_for_a_hung_fetch_ends_at_its_own_deadline(tmp_path, max_bytes):
+    # MLflow hangs mid-transfer for the first download (its deadline far away): a second
+    # one waits no longer than its own deadline, and nothing is left held for it.
+    sidecar = Sidecar(tmp_path, max_bytes=max_bytes)
+    sidecar.register("agent")
+    waiter_done = threading.Event()
+    sidecar.fake.on_call(FETCH, lambda: waiter_done.wait(60))
+    long: list[object] = []
+    short: list[object] = []
+    first = threading.Thread(target=download_within, args=(sidecar, 120, long))
+    first.start()
+    wait_for_flight(sidecar)
+    download_within(sidecar, 0.2, short)
+    waiter_done.set()
+    first.join()
+    assert len(short) == 1 and isinstance(short[0], DeadlineExceededError)
+    assert "still being fetched" in str(short[0])
+    assert long == [MODEL]
+    assert sidecar.fetches() == 1
+    assert sidecar.staging.in_flight() == []
+    # Every lease given back: the cached entry (when cached) is pinned by no one.
+    pins = [entry.pins for entry in sidecar.cache._entries.values()]
+    assert pins == ([0] if max_bytes else [])
+
+
 def wait_for_flight(sidecar: Sidecar) -> None:
     """Return once a fetch is in progress, so that the next download waits for it."""
     for _ in range(10_000):

@@ -35,6 +35,11 @@ def wait_for_waiters(flights: SingleFlight[str, str], count: int) -> None:
     raise AssertionError(f"{count} callers never waited for the run")
 
 
+def wait_for_run(flights: SingleFlight[str, str]) -> None:
+    """Return once a run of KEY is in progress."""
+    wait_for_waiters(flights, 0)
+
+
 def failing_once_waiters_are_in(
     flights: SingleFlight[str, str], waiters: int, error: Exception
 ) -> Callable[[], str]:
@@ -149,3 +154,67 @@ def test_waiters_that_run_again_share_one_new_run(waiters):
     assert led == [error]
     assert [outcome for _, outcome in others] == [["files"]] * waiters
     assert runs == ["run"]
+
+
+def test_a_waiter_whose_patience_runs_out_leaves_and_gets_no_share():
+    flights: SingleFlight[str, str] = SingleFlight()
+    release = threading.Event()
+    shares: list[str] = []
+
+    def work() -> str:
+        release.wait(PATIENCE_S)
+        return "files"
+
+    def share(value: str) -> str:
+        shares.append(value)
+        return value
+
+    leader, led = in_thread(lambda: flights.run(KEY, work, share))
+    wait_for_run(flights)
+    impatient, waited = in_thread(
+        lambda: flights.run(
+            KEY,
+            lambda: "never",
+            share,
+            patience_s=lambda: 0.05,
+            gave_up=lambda: SharedError("late"),
+        )
+    )
+    join(impatient)
+    assert [type(outcome) for outcome in waited] == [SharedError]
+    release.set()
+    join(leader)
+    assert led == ["files"]
+    assert shares == []  # nothing made for the caller that left (a lease would leak)
+
+
+def test_a_waiter_without_gave_up_raises_timeout_error():
+    flights: SingleFlight[str, str] = SingleFlight()
+    release = threading.Event()
+    leader, led = in_thread(lambda: flights.run(KEY, lambda: release.wait(PATIENCE_S) and "x", str))
+    wait_for_run(flights)
+    impatient = in_thread(lambda: flights.run(KEY, lambda: "never", str, patience_s=lambda: 0))
+    join(impatient[0])
+    release.set()
+    join(leader)
+    assert [type(outcome) for outcome in impatient[1]] == [TimeoutError]
+    assert led == ["x"]
+
+
+def test_a_waiter_with_patience_left_still_gets_its_share():
+    flights: SingleFlight[str, str] = SingleFlight()
+    release = threading.Event()
+
+    def work() -> str:
+        release.wait(PATIENCE_S)
+        return "files"
+
+    leader, led = in_thread(lambda: flights.run(KEY, work, lambda v: f"{v} (shared)"))
+    wait_for_run(flights)
+    waiter, waited = in_thread(lambda: flights.run(KEY, work, str, patience_s=lambda: PATIENCE_S))
+    wait_for_waiters(flights, 1)
+    release.set()
+    join(leader)
+    join(waiter)
+    assert led == ["files"]
+    assert waited == ["files (shared)"]

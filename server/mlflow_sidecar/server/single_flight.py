@@ -13,6 +13,9 @@ V = TypeVar("V")
 class _Flight(Generic[V]):
     def __init__(self) -> None:
         self.done = threading.Event()
+        # Set under the lock once the shares are made (or the run failed): a waiter that
+        # gives up before it may leave; one after it holds a share it must take.
+        self.ended = False
         self.followers = 0
         self.shares: list[V] = []
         self.error: BaseException | None = None
@@ -20,6 +23,10 @@ class _Flight(Generic[V]):
 
 def _never(_: BaseException) -> bool:
     return False
+
+
+def _no_limit() -> float | None:
+    return None
 
 
 class SingleFlight(Generic[K, V]):
@@ -38,13 +45,19 @@ class SingleFlight(Generic[K, V]):
         share: Callable[[V], V],
         *,
         run_again: Callable[[BaseException], bool] = _never,
+        patience_s: Callable[[], float | None] = _no_limit,
+        gave_up: Callable[[], BaseException] | None = None,
     ) -> V:
         """The result of `work`, run once for everyone asking for `key` meanwhile.
 
         `run_again(error)`, asked by each waiting caller in its own thread when the run it
         waited for failed: True when the error was the running caller's own (its deadline
         passed) and not this one's, which then runs the work again (one of the waiters
-        does, the others wait for it) instead of raising it."""
+        does, the others wait for it) instead of raising it.
+
+        `patience_s()`, asked by each waiting caller: how long it may wait (None: as long
+        as the run takes). One whose time runs out first raises `gave_up()` (default
+        TimeoutError) and leaves the run, which then makes no share for it."""
         while True:
             with self._lock:
                 flight = self._flights.get(key)
@@ -55,7 +68,11 @@ class SingleFlight(Generic[K, V]):
                     flight.followers += 1
             if leader:
                 return self._lead(key, flight, work, share)
-            flight.done.wait()
+            if not flight.done.wait(patience_s()):
+                with self._lock:
+                    if not flight.ended:
+                        flight.followers -= 1
+                        raise gave_up() if gave_up else TimeoutError(f"gave up waiting on {key!r}")
             if flight.error is None:
                 with self._lock:
                     return flight.shares.pop()
@@ -71,6 +88,7 @@ class SingleFlight(Generic[K, V]):
             with self._lock:
                 del self._flights[key]
                 flight.error = exc
+                flight.ended = True
             flight.done.set()
             raise
         with self._lock:
@@ -78,5 +96,6 @@ class SingleFlight(Generic[K, V]):
             # by the leader before every follower holds its own.
             del self._flights[key]
             flight.shares = [share(result) for _ in range(flight.followers)]
+            flight.ended = True
         flight.done.set()
         return result

@@ -3,12 +3,12 @@
 A download resolves its version (by number or alias) with one registry call, then is
 answered from the cache when it holds that version (verified), else fetched from MLflow
 into the staging directory, described (every file hashed) and moved into the cache. One
-fetch per version runs at a time; downloads of the version meanwhile wait for it and send
-its result, or, when it ran out of the deadline of the call that ran it, fetch it again
-within their own. A client that already has the version's content (`if_none_match`) gets
-an `unchanged` answer instead of the files; one that reads the cache through a shared
-volume (`accept_cache_entry`) gets the entry's place, its sizes checked and its sha256s
-left to that client.
+fetch per version runs at a time; downloads of the version meanwhile wait for it (no longer
+than their own deadline) and send its result, or, when it ran out of the deadline of the
+call that ran it, fetch it again within their own. A client that already has the
+version's content (`if_none_match`) gets an `unchanged` answer instead of the files; one
+that reads the cache through a shared volume (`accept_cache_entry`) gets the entry's
+place, its sizes checked and its sha256s left to that client.
 """
 
 from __future__ import annotations
@@ -99,7 +99,12 @@ class ModelDownloads:
             self._cache.count_hit()
             return ModelDownload(found, known, None)
         lease = self._cache.acquire(key, hash_files=not accept_cache_entry) or self._flights.run(
-            key, lambda: self._fetch(found, key), ModelLease.share, run_again=_not_our_deadline
+            key,
+            lambda: self._fetch(found, key),
+            ModelLease.share,
+            run_again=_not_our_deadline,
+            patience_s=call_deadline.remaining,
+            gave_up=lambda: _gave_up_waiting(found),
         )
         digest = lease.manifest.digest
         if digest == known:
@@ -141,6 +146,14 @@ class ModelDownloads:
             scratch.close()
             return lease
         return scratch_lease(root, manifest, scratch.close)
+
+
+def _gave_up_waiting(version: ModelVersion) -> DeadlineExceededError:
+    return DeadlineExceededError(
+        f"deadline exceeded while {version.name} version {version.version} was still being"
+        " fetched from MLflow for another download; nothing was sent: download again with a"
+        " longer deadline (the fetch it waited for goes on)"
+    )
 
 
 def _not_our_deadline(error: BaseException) -> bool:
