@@ -169,11 +169,19 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 with call_deadline.deadline_scope(remaining(context)):
+                    answers = None
                     try:
-                        for answer in behavior(decoded(request), context):
+                        answers = behavior(decoded(request), context)
+                        for answer in answers:
                             yield fits(answer)
                     except Exception as exc:  # noqa: BLE001 - every failure must become a status code
                         _abort(exc, context, method)
+                    finally:
+                        # A cancelled call closes this generator; the handler's must be
+                        # closed with it, now, so that its leases and slots are given back.
+                        close = getattr(answers, "close", None)
+                        if close is not None:
+                            close()
 
             return stream
 
