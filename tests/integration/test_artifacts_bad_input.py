@@ -124,6 +124,34 @@ def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
+HEADER_FAULTS = {
+    "blank name": ({"name": ""}, "header.name"),
+    "bad run id": ({"run_id": "bad id!"}, "header.run_id"),
+    "run and experiment": ({"experiment_id": "0"}, "header.experiment_id"),
+    "reserved alias": ({"aliases": ["latest"]}, "header.aliases[0]"),
+    "bad tag": ({"tags": {"": "v"}}, "header.tags"),
+}
+
+
+@pytest.mark.parametrize(("fault", "field"), HEADER_FAULTS.values(), ids=HEADER_FAULTS.keys())
+def test_a_bad_model_header_is_refused_naming_the_field_as_the_request_spells_it(
+    sidecar, tracking_stub, registry_stub, run_id, unique, fault, field
+):
+    name = f"bad-header-{unique}"
+    requests = model_requests(name, run_id, {"MLmodel": b"ok"})
+    header = requests[0].header
+    for key, value in fault.items():
+        if isinstance(value, str):
+            setattr(header, key, value)
+        elif isinstance(value, dict):
+            getattr(header, key).update(value)
+        else:
+            getattr(header, key)[:] = value
+    error = call_fails(registry_stub.UploadModel, requests, grpc.StatusCode.INVALID_ARGUMENT)
+    assert error.field == field or error.field.startswith((f"{field}[", f"{field}."))
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name or None)
+
+
 @pytest.mark.parametrize("path", REFUSED.values(), ids=REFUSED.keys())
 def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
     sidecar, tracking_stub, registry_stub, run_id, unique, path
@@ -134,7 +162,7 @@ def test_unsafe_model_file_path_is_invalid_and_registers_nothing(
         model_requests(name, run_id, {"MLmodel": b"ok", path: b"evil"}),
         grpc.StatusCode.INVALID_ARGUMENT,
     )
-    assert error.field == "files[1].path"
+    assert error.field == "file.path"
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, name)
 
 

@@ -228,11 +228,12 @@ def test_download_model_of_an_unknown_alias_is_not_found(registry, experiment_id
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [
-        ({}, "run_id"),
-        ({"run_id": "abc", "experiment_id": "1"}, "experiment_id"),
-        ({"experiment_id": "1", "aliases": ["latest"]}, "aliases[0]"),
-        ({"experiment_id": "1", "aliases": ["ok", "has space"]}, "aliases[1]"),
-        ({"experiment_id": "01"}, "experiment_id"),
+        # Named as the UploadModel request spells them (fields of its header).
+        ({}, "header.run_id"),
+        ({"run_id": "abc", "experiment_id": "1"}, "header.experiment_id"),
+        ({"experiment_id": "1", "aliases": ["latest"]}, "header.aliases[0]"),
+        ({"experiment_id": "1", "aliases": ["ok", "has space"]}, "header.aliases[1]"),
+        ({"experiment_id": "01"}, "header.experiment_id"),
     ],
 )
 def test_upload_model_header_is_checked_before_any_file(registry, unique, tmp_path, kwargs, field):

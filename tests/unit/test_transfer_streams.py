@@ -372,7 +372,7 @@ def test_unsafe_model_file_path_is_refused(staging, path):
     requests = model_stream({"ok.bin": b"fine", path: b"evil"})
     with pytest.raises(InvalidArgumentError) as err:
         receive_model(staging, requests)
-    assert err.value.field == "files[1].path"
+    assert err.value.field == "file.path"
     assert staging.in_flight() == []
 
 

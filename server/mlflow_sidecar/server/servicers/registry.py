@@ -31,6 +31,7 @@ def _check_header(header: pb.UploadModelHeader) -> None:
         description=header.description,
         tags=dict(header.tags),
         aliases=list(header.aliases),
+        fields="header.",
     )
 
 

@@ -282,18 +282,19 @@ class _ModelTree:
         if self.writer is not None:
             self.writer.finish()
         index = len(self.tree)
-        path = self.tree.add(f"files[{index}].path", announced.path)
-        sha256 = _sha256(f"files[{index}].sha256", announced.sha256)
+        # The field is the `file` of this stream's message; the path names which file.
+        path = self.tree.add("file.path", announced.path)
+        sha256 = _sha256("file.sha256", announced.sha256)
         size = announced.size_bytes
         if size < 0:
             raise InvalidArgumentError(
-                f"files[{index}].size_bytes", f"must not be negative, got {size}"
+                "file.size_bytes", f"of {path!r} must not be negative, got {size}"
             )
         entry = reg_pb.ModelFile(path=path, size_bytes=size, sha256=sha256 or "0" * 64)
         self.manifest_bytes += entry.ByteSize() + _ENTRY_FRAMING_BYTES
         if self.manifest_bytes > self.manifest_budget:
             raise ResourceExhaustedError(
-                f"files[{index}]: the model's {index + 1} files would not fit in one"
+                f"file {path!r}: the model's {index + 1} files would not fit in one"
                 f" DownloadModel manifest ({self.manifest_budget} bytes of"
                 " server.max_message_bytes for its paths, sizes and sha256s), so it could"
                 " never be downloaded: pack small files into archives, or raise"

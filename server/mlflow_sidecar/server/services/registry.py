@@ -124,22 +124,28 @@ def check_model_upload(
     description: str,
     tags: Mapping[str, str],
     aliases: Sequence[str],
+    fields: str = "",
 ) -> None:
     """Validate what an upload_model call says about the model, before any file moves
-    (or any run is made for them)."""
-    _new_name("name", name)
+    (or any run is made for them). `fields`: what the refused field's name is prefixed
+    with ("header." where the values are an UploadModelHeader's)."""
+    _new_name(f"{fields}name", name)
     if run_id and experiment_id:
-        raise InvalidArgumentError("experiment_id", "give run_id or experiment_id, not both")
+        raise InvalidArgumentError(
+            f"{fields}experiment_id", "give run_id or experiment_id, not both"
+        )
     if not run_id and not experiment_id:
         raise InvalidArgumentError(
-            "run_id", "give the run to log the files to, or an experiment_id to create one in"
+            f"{fields}run_id",
+            "give the run to log the files to, or an experiment_id to create one in",
         )
-    check.bounded("run_id", run_id, limits.MAX_ID_LENGTH)
-    check.experiment_id("experiment_id", experiment_id, required=False)
-    check.bounded("description", description, limits.MAX_DESCRIPTION_LENGTH)
-    check.tags("tags", tags, max_value_length=limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)
+    if run_id:
+        check.run_id(f"{fields}run_id", run_id)
+    check.experiment_id(f"{fields}experiment_id", experiment_id, required=False)
+    check.bounded(f"{fields}description", description, limits.MAX_DESCRIPTION_LENGTH)
+    check.tags(f"{fields}tags", tags, max_value_length=limits.MAX_MODEL_VERSION_TAG_VALUE_LENGTH)
     for index, alias in enumerate(aliases):
-        _alias(alias, f"aliases[{index}]")
+        _alias(alias, f"{fields}aliases[{index}]")
 
 
 class RegistryService:
