@@ -169,7 +169,11 @@ def test_version_from_a_missing_logged_model_says_so(registry_stub, model):
         )
     )
     assert err.code() == NOT_FOUND, err.details()
-    assert error_from_rpc(err).reason == ErrorReason.LOGGED_MODEL_NOT_FOUND, err.details()
+    error = error_from_rpc(err)
+    assert error.reason == ErrorReason.LOGGED_MODEL_NOT_FOUND, err.details()
+    # MLflow refused it: its own code is in the metadata, as for every refusal of MLflow's.
+    assert error.metadata["mlflow_error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    assert not err.details().startswith("RESOURCE_DOES_NOT_EXIST"), err.details()
 
 
 # -- ALREADY_EXISTS ---------------------------------------------------------------------

@@ -392,7 +392,10 @@ class MlflowGateway:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-            raise NotFoundError(exc.message, reason=ErrorReason.LOGGED_MODEL_NOT_FOUND) from exc
+            # Mapped as every MLflow refusal is (MLflow's own code in its metadata).
+            error = to_domain_error(exc)
+            error.reason = ErrorReason.LOGGED_MODEL_NOT_FOUND
+            raise error from exc
 
     def ping(self, *, retry: bool = True) -> None:
         """One cheap call; raises UnavailableError when MLflow cannot be reached.
