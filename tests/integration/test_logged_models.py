@@ -254,3 +254,24 @@ def test_the_sidecars_own_tags_are_left_out_of_logged_models_it_returns(
     ).models
     assert dict(got.tags) == {"t": "1"}
     assert [dict(m.tags) for m in found] == [{"t": "1"}]
+
+
+def test_an_order_without_ascending_sorts_descending_and_ascending_true_ascending(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub, experiment_id: str
+) -> None:
+    # The proto's word on LoggedModelOrder.ascending: left out is false, descending.
+    for name in ("b-net", "a-net", "c-net"):
+        tracking_stub.CreateLoggedModel(
+            pb.CreateLoggedModelRequest(experiment_id=experiment_id, name=name)
+        )
+
+    def names(order: pb.LoggedModelOrder) -> list[str]:
+        request = pb.SearchLoggedModelsRequest(experiment_ids=[experiment_id], order_by=[order])
+        return [model.name for model in tracking_stub.SearchLoggedModels(request).models]
+
+    assert names(pb.LoggedModelOrder(field_name="name")) == ["c-net", "b-net", "a-net"]
+    assert names(pb.LoggedModelOrder(field_name="name", ascending=True)) == [
+        "a-net",
+        "b-net",
+        "c-net",
+    ]

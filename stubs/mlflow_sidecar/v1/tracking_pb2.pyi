@@ -2067,6 +2067,10 @@ class LoggedModelOrder(_message.Message):
     field_name: _builtins.str
     """e.g. "creation_timestamp", "name", "metrics.accuracy"."""
     ascending: _builtins.bool
+    """true: ascending. Left out it is false, descending: unlike MLflow's REST API, whose
+    default is ascending (a proto3 bool cannot tell "left out" from false, and clients
+    built from this contract send false by leaving it out).
+    """
     def __init__(
         self,
         *,
