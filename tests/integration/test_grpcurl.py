@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 GRPCURL = str(Path(sys.executable).with_name("grpcurl"))
@@ -48,6 +49,51 @@ def test_describe_shows_the_contract(sidecar):
     message = grpcurl(sidecar.target, "describe", "mlflow_sidecar.v1.StartRunRequest")
     assert "string request_id = 7;" in message.stdout
     assert "client_request_id = 6 [deprecated = true]" in message.stdout
+
+
+PROTOS = Path(__file__).resolve().parents[2] / "protos" / "mlflow_sidecar" / "v1"
+
+
+def comments_of(proto_file: str, message: str) -> list[str]:
+    """The comment lines inside `message ... { ... }` of the proto source, stripped."""
+    lines = (PROTOS / proto_file).read_text().splitlines()
+    start = lines.index(f"message {message} {{")
+    end = lines.index("}", start)
+    return [line.strip() for line in lines[start:end] if line.strip().startswith("//")]
+
+
+@pytest.mark.parametrize(
+    ("proto_file", "message"),
+    [
+        ("tracking.proto", "EndRunRequest"),
+        ("tracking.proto", "LoggedModelOrder"),
+        ("registry.proto", "UploadModelHeader"),
+    ],
+)
+def test_describe_shows_the_contracts_comments(sidecar, proto_file, message):
+    # What a field means, and what leaving it out means, lives in the comments alone.
+    comments = comments_of(proto_file, message)
+    assert comments, f"{message} has no comments to show"
+    result = grpcurl(sidecar.target, "describe", f"mlflow_sidecar.v1.{message}")
+    assert result.returncode == 0, result.stderr
+    shown = [line.strip() for line in result.stdout.splitlines()]
+    assert [line for line in comments if line not in shown] == []
+
+
+def test_describe_shows_one_rpc_with_its_comments(sidecar):
+    lines = (PROTOS / "tracking.proto").read_text().splitlines()
+    rpc = next(i for i, line in enumerate(lines) if line.strip().startswith("rpc EndRun("))
+    comments = []
+    for line in reversed(lines[:rpc]):
+        if not line.strip().startswith("//"):
+            break
+        comments.insert(0, line.strip())
+    assert comments, "EndRun has no comment to show"
+    result = grpcurl(sidecar.target, "describe", f"{TRACKING}.EndRun")
+    assert result.returncode == 0, result.stderr
+    assert "rpc EndRun ( .mlflow_sidecar.v1.EndRunRequest )" in result.stdout
+    shown = [line.strip() for line in result.stdout.splitlines()]
+    assert [line for line in comments if line not in shown] == []
 
 
 def test_health_check_through_grpcurl(sidecar):
