@@ -184,6 +184,25 @@ def test_retries_stop_at_the_call_deadline(tmp_path):
     assert 1 < len(calls) < 100
 
 
+def test_retries_stop_at_retry_max_time_s_before_a_farther_deadline(tmp_path):
+    # retry.max_time_s is the longest a call retries MLflow, deadline or not: a caller
+    # with a longer deadline gets UNAVAILABLE (MLflow's failure), not DEADLINE_EXCEEDED.
+    config = load_config(
+        data_dir=tmp_path,
+        retry={"max_tries": 100, "max_time_s": 0.3, "factor_s": 0.01, "max_backoff_s": 0.05},
+    )
+    gateway = MlflowGateway(config)
+    calls = []
+
+    def down():
+        calls.append(1)
+        raise _wrapped_connection_error()
+
+    with deadline_scope(600), pytest.raises(errors.UnavailableError):
+        gateway.call(down)
+    assert 1 < len(calls) < 100
+
+
 def test_non_idempotent_calls_are_not_retried(gateway):
     calls = []
 

@@ -354,7 +354,9 @@ class RetryConfig(_Section):
     """Retries of transient MLflow failures (exponential backoff with jitter)."""
 
     max_tries: int = Field(6, ge=1, le=100)
-    max_time_s: float = Field(30.0, gt=0, description="upper bound when the RPC has no deadline")
+    max_time_s: float = Field(
+        30.0, gt=0, description="longest a call retries MLflow (a nearer deadline ends it first)"
+    )
     factor_s: float = Field(0.2, gt=0, description="first backoff step")
     max_backoff_s: float = Field(5.0, gt=0)
     jitter: bool = True
