@@ -17,7 +17,7 @@ from tests.fakes.mlflow_port import FakeMlflow
 
 @contextmanager
 def tracking_service_on(
-    gateway: FakeMlflow, tmp_path: Path, *, delivering: bool = True
+    gateway: FakeMlflow, tmp_path: Path, *, delivering: bool = True, flush_timeout_s: float = 5
 ) -> Iterator[tuple[TrackingService, Staging]]:
     """The service and its staging area; with `delivering=False` spooled points stay in
     the spool until a test delivers them itself."""
@@ -32,7 +32,7 @@ def tracking_service_on(
     )
     if delivering:
         deliverer.start()
-    ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
+    ingest = MetricIngest(store, deliverer, flush_timeout_s=flush_timeout_s)
     staging = Staging(load_config(data_dir=tmp_path / "data"))
     try:
         yield TrackingService(gateway, ingest, staging), staging

@@ -213,6 +213,25 @@ def test_end_run_may_wait_for_delivery_within_its_deadline(
         assert run.info.status is RunStatus.FINISHED
 
 
+def test_end_run_waiting_for_delivery_is_bounded_by_its_deadline_not_the_flush_timeout(
+    gateway, deliveries_open, tmp_path
+):
+    # spool.flush_timeout_s is FlushMetrics' default wait; EndRun's wait is its deadline's.
+    with tracking_service_on(gateway, tmp_path, flush_timeout_s=0.05) as (service, _):
+        run_id = service.start_run(service.create_experiment("exp").experiment_id).run_id
+        deliveries_open.clear()
+        service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+        opening = threading.Timer(0.5, deliveries_open.set)
+        opening.start()
+        try:
+            with call_deadline.deadline_scope(60):
+                run, pending = service.end_run_with_pending(run_id, wait_for_delivery=True)
+        finally:
+            opening.cancel()
+        assert run.info.status is RunStatus.FINISHED
+        assert pending == 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -382,7 +382,9 @@ class SpoolConfig(_Section):
         description="most log_batch calls in flight at once (of runs, or of one run's"
         " series; one batch at a time per series); fewer while more do not deliver more",
     )
-    flush_timeout_s: float = Field(60.0, gt=0, description="longest FlushMetrics/EndRun wait")
+    flush_timeout_s: float = Field(
+        60.0, gt=0, description="longest FlushMetrics wait when it sets no max_wait_s"
+    )
     # NORMAL survives a killed process; FULL also survives power loss, at an fsync per message.
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     drain_on_stop_s: float = Field(

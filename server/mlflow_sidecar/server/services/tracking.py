@@ -325,7 +325,10 @@ class TrackingService:
                     self._ingest.cancel_end(run_id)
                 raise
         if wait_for_delivery:
-            pending = self._ingest.flush(run_id).pending_points
+            # Bounded by the call's deadline alone, as its contract says (the flush
+            # timeout is FlushMetrics' default wait, not a bound of this one).
+            left = call_deadline.remaining()
+            pending = self._ingest.flush(run_id, timeout_s=left).pending_points
             if not self._ingest.ended(run_id):
                 raise DeadlineExceededError(
                     f"run {run_id} is not ended in MLflow yet: {pending} of its points are"
