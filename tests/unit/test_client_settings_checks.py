@@ -181,3 +181,33 @@ def test_a_refusal_of_another_setting_does_not_show_the_token():
 def test_a_bearer_token_of_every_allowed_character_is_kept():
     token = "Abz09-._~+/=!#$%&'*^`|"
     assert ClientSettings(token=token).token == token
+
+
+@pytest.mark.parametrize("target", ["", " ", "host :50051"])
+def test_a_target_grpc_cannot_parse_is_refused_naming_it(target):
+    with pytest.raises(ValidationError, match="target"):
+        ClientSettings(target=target)
+
+
+def test_the_usual_targets_are_kept():
+    for target in ("127.0.0.1:50051", "[::1]:50051", "dns:///sidecar:50051", "unix:/run/s.sock"):
+        assert ClientSettings(target=target).target == target
+
+
+@pytest.mark.parametrize("value", [2**31, 2**32, 1024 * 1024 * 1024 + 1])
+def test_a_message_limit_past_the_sidecars_bound_is_refused(value):
+    # Past 2**31 - 1 grpc's channel argument overflows and every call raises OverflowError.
+    with pytest.raises(ValidationError, match="max_message_bytes"):
+        ClientSettings(max_message_bytes=value)
+
+
+def test_the_largest_message_limit_is_the_sidecars():
+    assert ClientSettings(max_message_bytes=1024 * 1024 * 1024).max_message_bytes == 2**30
+
+
+def test_the_environment_refuses_an_overflowing_message_limit(monkeypatch):
+    from mlflow_sidecar.client.settings import ClientEnvSettings
+
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_MAX_MESSAGE_BYTES", str(2**32))
+    with pytest.raises(ValidationError, match="max_message_bytes"):
+        ClientEnvSettings()

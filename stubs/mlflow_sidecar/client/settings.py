@@ -41,10 +41,14 @@ class ClientSettings(NumbersRefuseBooleans):
     # `inf` keeps a stream trying through any sidecar restart (documented).
     _UNBOUNDED_DURATIONS: ClassVar[frozenset[str]] = frozenset({"stream_reconnect_s"})
 
-    target: str = "127.0.0.1:50051"
+    # Empty or blank, grpc fails every call with INTERNAL "target uri is not valid".
+    target: str = Field(
+        "127.0.0.1:50051", pattern=r"^\S+$", description="host:port or a gRPC target URI"
+    )
     timeout_s: float = Field(30.0, gt=0, description="default deadline of every call")
     max_attempts: int = Field(5, ge=1, le=5, description="tries of a call that got UNAVAILABLE")
-    max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024)
+    # The sidecar's own bound: a channel argument past 2**31 - 1 would fail every call.
+    max_message_bytes: int = Field(8 * 1024 * 1024, ge=64 * 1024, le=1024 * 1024 * 1024)
     tls: bool = False
     root_certificates_file: str = Field("", description="PEM CA bundle; empty: system roots")
     client_cert_file: str = Field("", description="PEM client certificate, for mTLS")
