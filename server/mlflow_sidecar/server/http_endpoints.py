@@ -2,7 +2,10 @@
 
 One listener, under the bind policy of `metrics.host` and speaking HTTPS with the gRPC
 listener's certificate when `tls.*` is set, so probes and scrapes reach the sidecar the
-same way.
+same way. With mTLS (`tls.client_ca_file`) a client certificate is asked for, not
+required: Kubernetes' HTTPS probes cannot present one, so `/healthz` and `/readyz` answer
+without it, while `/metrics` answers only a client whose certificate the CA signed (a
+certificate it did not sign ends the handshake, on every path).
 """
 
 from __future__ import annotations
@@ -22,7 +25,11 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from mlflow_sidecar.server.readiness import ReadinessReport
 
 StartResponse = Callable[..., Any]
+WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 _JSON = [("Content-Type", "application/json")]
+PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+# The WSGI environ key saying the connection's client presented a certificate the CA signed.
+CERTIFIED = "mlflow_sidecar.client_certified"
 
 
 # How long one connection may keep its thread waiting on a read or write (a TLS handshake
@@ -46,6 +53,15 @@ class _QuietHandler(WSGIRequestHandler):
             except OSError:  # a timeout, a plain-HTTP client, a certificate refused
                 self._lost = True
         super().setup()
+
+    def get_environ(self) -> dict[str, Any]:
+        environ = super().get_environ()
+        connection = self.request
+        # With CERT_OPTIONAL a certificate that was presented has been verified already.
+        environ[CERTIFIED] = isinstance(connection, ssl.SSLSocket) and bool(
+            connection.getpeercert()
+        )
+        return environ
 
     def handle(self) -> None:
         if self._lost:
@@ -91,8 +107,26 @@ def _tls_context(cert_file: str, key_file: str, client_ca_file: str | None) -> s
     context.load_cert_chain(cert_file, key_file)
     if client_ca_file is not None:
         context.load_verify_locations(client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
+        context.verify_mode = ssl.CERT_OPTIONAL
     return context
+
+
+def _metrics_need_a_certificate(app: WsgiApp) -> WsgiApp:
+    """`app`, answering paths other than the probes only to a certified client."""
+
+    def gated(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO", "") in PROBE_PATHS or environ.get(CERTIFIED):
+            return app(environ, start_response)
+        return _answer(
+            start_response,
+            "403 Forbidden",
+            {
+                "error": "mTLS is on (tls.client_ca_file): present a client certificate"
+                " the CA signed to read the metrics; /healthz and /readyz need none"
+            },
+        )
+
+    return gated
 
 
 class HttpEndpoints:
@@ -110,8 +144,11 @@ class HttpEndpoints:
     ) -> None:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         server_class = type("_Server", (ThreadingWSGIServer,), {"address_family": family[0][0]})
+        served: WsgiApp = app
+        if cert_file and key_file and client_ca_file is not None:
+            served = _metrics_need_a_certificate(app)
         self._server: WSGIServer = make_server(
-            host, port, app, server_class, handler_class=_QuietHandler
+            host, port, served, server_class, handler_class=_QuietHandler
         )
         if cert_file and key_file:
             context = _tls_context(cert_file, key_file, client_ca_file)
