@@ -106,6 +106,15 @@ def test_an_unwritable_data_dir_stops_serve(tmp_path):
     assert_one_line_failure(result, "data_dir", "MLFLOW_SIDECAR__DATA_DIR", str(blocker / "data"))
 
 
+def test_a_lock_file_that_cannot_be_opened_stops_serve_in_one_line(tmp_path):
+    # The data dir is writable, but its lock file is something no lock can be taken on.
+    data = tmp_path / "data"
+    (data / "sidecar.lock").mkdir(parents=True)
+    env = clean_env(MLFLOW_SIDECAR__DATA_DIR=str(data), MLFLOW_SIDECAR__SERVER__PORT="0")
+    result = run_cli(["serve"], env)
+    assert_one_line_failure(result, "cannot take the data dir lock", str(data / "sidecar.lock"))
+
+
 def test_a_busy_metrics_port_stops_serve(tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

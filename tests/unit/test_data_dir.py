@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 
 import pytest
 
-from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+from mlflow_sidecar.server import data_dir_lock
+from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock, DataDirLockError
 from mlflow_sidecar.server.mlflow_gateway.embedded_store import EmbeddedStoreError, prepare
 
 
@@ -21,6 +23,40 @@ def test_a_second_lock_on_a_data_dir_is_refused_naming_the_holder(tmp_path):
     # Released: the next one gets it.
     with DataDirLock(tmp_path):
         pass
+
+
+def test_a_lock_file_this_user_may_only_read_still_locks(tmp_path, monkeypatch):
+    # As one left by another user's `spool requeue`: flock needs no write access.
+    DataDirLock(tmp_path).path.write_text("4242\n")
+    real_open = os.open
+
+    def no_write_access(path, flags, *mode):
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *mode)
+
+    monkeypatch.setattr(data_dir_lock.os, "open", no_write_access)
+    with DataDirLock(tmp_path):
+        monkeypatch.setattr(data_dir_lock.os, "open", real_open)
+        with pytest.raises(DataDirBusyError):
+            DataDirLock(tmp_path).acquire()
+
+
+def test_a_full_disk_does_not_stop_the_lock(tmp_path, monkeypatch):
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data_dir_lock.os, "pwrite", full)
+    with DataDirLock(tmp_path), pytest.raises(DataDirBusyError):
+        DataDirLock(tmp_path).acquire()
+
+
+def test_a_lock_that_cannot_be_made_is_one_line_naming_the_file(tmp_path):
+    (tmp_path / "sidecar.lock").mkdir()
+    with pytest.raises(DataDirLockError) as refused:
+        DataDirLock(tmp_path).acquire()
+    assert str(tmp_path / "sidecar.lock") in str(refused.value)
+    assert "\n" not in str(refused.value)
 
 
 def test_the_embedded_store_is_created_whole_and_leftovers_are_removed(tmp_path):

@@ -84,14 +84,14 @@ def _serve(args: argparse.Namespace) -> int:
         check_ports(config)
     except ConfigError as exc:
         return _fail(str(exc))
-    from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+    from mlflow_sidecar.server.data_dir_lock import DataDirLock, DataDirLockError
 
     # Before anything touches the data dir: a second sidecar must not clean up (staging)
     # or deliver (spool) what the first one is working on.
     lock = DataDirLock(config.data_dir)
     try:
         lock.acquire()
-    except DataDirBusyError as exc:
+    except DataDirLockError as exc:
         return _fail(str(exc))
     try:
         code = _serve_locked(config, grpc_core_quiet)
@@ -308,7 +308,11 @@ def _spool_requeue(args: argparse.Namespace) -> int:
     config = _load(args)
     if config is None:
         return EXIT_CONFIG
-    from mlflow_sidecar.server.data_dir_lock import DataDirBusyError, DataDirLock
+    from mlflow_sidecar.server.data_dir_lock import (
+        DataDirBusyError,
+        DataDirLock,
+        DataDirLockError,
+    )
 
     opened = _open_spool(config, "spool requeue")
     if isinstance(opened, int):
@@ -321,6 +325,8 @@ def _spool_requeue(args: argparse.Namespace) -> int:
             moved = store.requeue(args.run or "")
     except DataDirBusyError as exc:
         return _fail(f"{exc}; stop it before requeueing")
+    except DataDirLockError as exc:
+        return _fail(str(exc))
     finally:
         store.close()
     which = f"run {args.run}" if args.run else "all runs"

@@ -7,6 +7,7 @@ never leaves a stale lock behind; the pid in the file is only there to name the 
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -15,7 +16,11 @@ from types import TracebackType
 LOCK_NAME = "sidecar.lock"
 
 
-class DataDirBusyError(RuntimeError):
+class DataDirLockError(RuntimeError):
+    """The data dir's lock could not be taken; the message is one line saying why."""
+
+
+class DataDirBusyError(DataDirLockError):
     """Another process holds the data dir; the message is one line naming its pid."""
 
 
@@ -27,9 +32,15 @@ class DataDirLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock and write our pid, or raise DataDirBusyError naming the holder."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        """Take the lock and write our pid, or raise DataDirBusyError naming the holder
+        (DataDirLockError when the lock file cannot be made or opened at all)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = self._open()
+        except OSError as exc:
+            raise DataDirLockError(
+                f"cannot take the data dir lock {self.path}: {exc.strerror or exc}"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -39,9 +50,24 @@ class DataDirLock:
                 f"the data dir {self.path.parent} is in use by another mlflow-sidecar"
                 f" (pid {holder}, lock {self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            os.close(fd)
+            raise DataDirLockError(
+                f"cannot take the data dir lock {self.path}: {exc.strerror or exc}"
+            ) from None
+        # The pid only names the holder: a full disk or a lock file this user may only
+        # read (left by another user's `spool requeue`) does not stop the lock itself.
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
+
+    def _open(self) -> int:
+        try:
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except PermissionError:
+            # flock needs no write access: a lock file owned by another user still locks.
+            return os.open(self.path, os.O_RDONLY)
 
     def release(self) -> None:
         """Give the lock up (the process ending does it as well)."""
