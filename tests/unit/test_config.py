@@ -39,6 +39,36 @@ def test_defaults_serve_one_machine_with_the_embedded_store(tmp_path, monkeypatc
     assert config.artifact_root == tmp_path / "artifacts"
 
 
+@pytest.fixture()
+def homeless(monkeypatch):
+    """A process with no home directory: no HOME, and no passwd entry for its uid."""
+    import pwd
+
+    monkeypatch.delenv("HOME", raising=False)
+
+    def no_entry(uid: int):
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+
+
+def test_a_process_without_a_home_runs_with_a_data_dir_given(homeless, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    assert load_config().data_dir == tmp_path
+
+
+def test_a_process_without_a_home_is_told_to_set_the_data_dir(homeless):
+    with pytest.raises(ConfigError, match="data_dir") as refused:
+        load_config()
+    assert "home directory" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+def test_the_default_data_dir_is_under_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config().data_dir == tmp_path / ".mlflow-sidecar"
+
+
 def test_env_overrides_nested_keys(monkeypatch):
     monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "50052")
     monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", "/var/lib/sidecar")

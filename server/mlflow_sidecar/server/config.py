@@ -476,7 +476,9 @@ class AppConfig(BaseSettings):
         protected_namespaces=(),
     )
 
-    data_dir: Path = Path.home() / ".mlflow-sidecar"
+    # Expanded when validated, not at import: a process without a home directory (a
+    # container's uid with no passwd entry and no HOME) still runs with data_dir set.
+    data_dir: Path = Field(Path("~/.mlflow-sidecar"), validate_default=True)
     server: ServerConfig = ServerConfig()
     mlflow: MlflowConfig = MlflowConfig()
     retry: RetryConfig = RetryConfig()
@@ -500,10 +502,16 @@ class AppConfig(BaseSettings):
             raise ValueError("must not be empty; unset, it is ~/.mlflow-sidecar")
         return value
 
-    @model_validator(mode="after")
-    def _absolute_data_dir(self) -> AppConfig:
-        object.__setattr__(self, "data_dir", self.data_dir.expanduser().absolute())
-        return self
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        try:
+            return value.expanduser().absolute()
+        except RuntimeError:  # no HOME, and no passwd entry for this uid
+            raise ValueError(
+                f"{value} needs a home directory and this process has none (HOME unset):"
+                " set data_dir to an absolute path"
+            ) from None
 
     @field_validator("spool")
     @classmethod
