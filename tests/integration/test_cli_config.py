@@ -218,6 +218,26 @@ def test_a_busy_grpc_port_stops_serve(tmp_path):
     assert_one_line_failure(result, "server.port", "MLFLOW_SIDECAR__SERVER__PORT", str(port))
 
 
+def test_a_grpc_port_taken_on_another_address_of_the_host_name_stops_serve(tmp_path):
+    # To gRPC `localhost` is 127.0.0.1 and ::1: a listener on ::1 alone is found, as a
+    # client of the name may reach it instead of the sidecar.
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            taken.bind(("::1", 0))
+        except OSError:
+            pytest.skip("this machine has no IPv6 loopback")
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            MLFLOW_SIDECAR__DATA_DIR=str(tmp_path),
+            MLFLOW_SIDECAR__SERVER__HOST="localhost",
+            MLFLOW_SIDECAR__SERVER__PORT=str(port),
+        )
+        result = run_cli(["serve"], env)
+    assert_one_line_failure(result, "server.port", f"localhost:{port}", "in use")
+
+
 @pytest.mark.parametrize(
     ("variable", "value", "key"),
     [

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import difflib
+import errno
 import hashlib
 import ipaddress
 import json
@@ -774,19 +775,40 @@ def check_ports(config: AppConfig) -> None:
             continue
         env = ENV_PREFIX + key.replace(".", "__").upper()
         try:
-            family, kind, proto, _name, address = socket.getaddrinfo(
-                host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-            )[0]
-            with socket.socket(family, kind, proto) as probe:
-                # As the listeners do: a port in TIME_WAIT is free, one with a listener is not.
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
+            _free_on_every_address(host, port)
         except OSError as exc:
             reason = exc.strerror or str(exc)
             raise ConfigError(
                 f"invalid config key {key} ({env}): cannot listen on {host_port(host, port)}"
                 f" ({reason})"
             ) from exc
+
+
+def _free_on_every_address(host: str, port: int) -> None:
+    """Raise OSError when `port` cannot be listened on at `host`'s first address, or is
+    taken at any other (a name like `localhost` is 127.0.0.1 and ::1: gRPC listens on
+    each it can, and a client of the name may reach whichever holds the port)."""
+    found = socket.getaddrinfo(
+        host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    if host.lower() == "localhost":
+        # gRPC's resolver takes `localhost` as both loopbacks, whatever /etc/hosts says.
+        for loopback in ("127.0.0.1", "::1"):
+            found += socket.getaddrinfo(loopback, port, type=socket.SOCK_STREAM)
+    seen: set[tuple[object, ...]] = set()
+    for index, (family, kind, proto, _name, address) in enumerate(found):
+        if (family, *address[:2]) in seen:
+            continue
+        seen.add((family, *address[:2]))
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                # As the listeners do: a port in TIME_WAIT is free, one with a listener is not.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+        except OSError as exc:
+            # Another address of the name may be one this machine lacks (no IPv6).
+            if index == 0 or exc.errno == errno.EADDRINUSE:
+                raise
 
 
 def redact_uri(uri: str) -> str:
