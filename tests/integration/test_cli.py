@@ -75,6 +75,18 @@ def test_serve_embedded_reaches_serving_and_drains_on_sigterm(embedded_sidecar):
     assert health(target).returncode == 1
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_serve_drains_on_sigint_and_sighup_as_on_sigterm(embedded_sidecar, signum):
+    # A closed terminal (SIGHUP) or Ctrl-C stops the sidecar as an orchestrator does.
+    target, proc, _data_dir = embedded_sidecar
+    wait_serving(target, proc)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=30) == 0
+    output = proc.stdout.read() if proc.stdout else ""
+    assert f"received {signal.Signals(signum).name}" in output
+    assert "stopped" in output
+
+
 def test_health_fails_when_nothing_listens():
     result = health(f"127.0.0.1:{free_port()}")
     assert result.returncode == 1

@@ -162,8 +162,9 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
             logging.getLogger(__name__).info("received %s", signal.Signals(signum).name)
             threading.Thread(target=server.stop, name="drain", daemon=True).start()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP too: a closed terminal would otherwise end the process with no drain at all.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     if config.embedded:
         container.gateway().ping()  # the embedded store answers before SERVING
     server.start()
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    serve = commands.add_parser("serve", help="run the sidecar until SIGTERM/SIGINT")
+    serve = commands.add_parser("serve", help="run the sidecar until SIGTERM/SIGINT/SIGHUP")
     serve.add_argument(
         "--config", help="YAML config file (default: $MLFLOW_SIDECAR_CONFIG); env vars override it"
     )
