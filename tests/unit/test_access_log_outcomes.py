@@ -12,7 +12,12 @@ from typing import Any
 import grpc
 import pytest
 
-from mlflow_sidecar.server.interceptors import AccessLogInterceptor, _ended_without_a_code
+from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.server.interceptors import (
+    AccessLogInterceptor,
+    ErrorMappingInterceptor,
+    _ended_without_a_code,
+)
 from mlflow_sidecar.server.observability import SidecarMetrics
 
 METHOD = "/test.v1.WatchService/Watch"
@@ -143,3 +148,80 @@ def test_a_call_ended_just_before_the_servers_deadline_is_deadline_exceeded(rema
 @pytest.mark.parametrize("remaining", [5.0, 10.0**9])
 def test_a_call_ended_well_before_its_deadline_is_cancelled(remaining):
     assert _ended_without_a_code(_EndedContext(remaining)) == grpc.StatusCode.CANCELLED
+
+
+# -- with the error mapping inside, as the sidecar chains them ------------------------------
+
+
+def _short_upload(requests: Iterator[bytes], _context: grpc.ServicerContext) -> bytes:
+    """Like UploadArtifact: a stream that stops before its trailer is bad input."""
+    for _ in requests:
+        pass
+    raise InvalidArgumentError("trailer", "the upload ended before its trailer")
+
+
+def _release_then_fail(_request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+    """Like DownloadArtifact: grpc ending the call releases what the handler is reading."""
+    released = threading.Event()
+    context.add_callback(released.set)
+    yield b"first"
+    released.wait(60)
+    raise AttributeError("'NoneType' object has no attribute 'close'")
+
+
+@pytest.fixture()
+def mapped(access_log: _Codes) -> Iterator[tuple[grpc.Channel, SidecarMetrics]]:
+    metrics = SidecarMetrics()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=2),
+        interceptors=[AccessLogInterceptor(metrics), ErrorMappingInterceptor(60.0)],
+    )
+    handlers: dict[str, Any] = {
+        "Upload": grpc.stream_unary_rpc_method_handler(_short_upload),
+        "Download": grpc.unary_stream_rpc_method_handler(_release_then_fail),
+    }
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("test.v1.WatchService", handlers),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        yield channel, metrics
+    server.stop(0)
+
+
+def _stalled() -> Iterator[bytes]:
+    yield b"chunk"
+    threading.Event().wait(30)  # the client stalls mid-upload
+
+
+def test_an_upload_cut_by_its_deadline_is_deadline_exceeded_not_the_handlers_code(
+    mapped, access_log
+):
+    channel, metrics = mapped
+    with pytest.raises(grpc.RpcError) as ended:
+        channel.stream_unary("/test.v1.WatchService/Upload")(_stalled(), timeout=0.5)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert access_log.logged.wait(60), "the call was never logged"
+    assert access_log.codes == ["DEADLINE_EXCEEDED"]
+    value = metrics.registry.get_sample_value(
+        "grpc_server_handled_total",
+        {
+            "grpc_type": "client_stream",
+            "grpc_service": "test.v1.WatchService",
+            "grpc_method": "Upload",
+            "grpc_code": "DEADLINE_EXCEEDED",
+        },
+    )
+    assert value == 1
+
+
+def test_a_failure_caused_by_the_call_ending_is_no_internal_error(mapped, access_log, caplog):
+    channel, metrics = mapped
+    call = channel.unary_stream("/test.v1.WatchService/Download")(b"", timeout=60)
+    assert next(call) == b"first"
+    call.cancel()
+    assert access_log.logged.wait(60), "the call was never logged"
+    assert access_log.codes == ["CANCELLED"]
+    assert _handled(metrics, "Download", "INTERNAL") == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

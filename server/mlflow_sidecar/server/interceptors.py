@@ -324,10 +324,13 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
         abort_with_error(context, exc)
     rid = request_id.get()
-    if isinstance(exc, grpc.RpcError) and not context.is_active():
-        # grpc raises this from the request stream of a call whose client has left
-        # (cancelled, deadline passed): the client's doing, and nobody is left to answer.
-        error_log.debug("%s: the client left the call (request %s)", method, rid)
+    if not context.is_active():
+        # grpc ended the call (cancelled, deadline passed) and released what it held,
+        # e.g. the MLflow response a download was reading: what fails afterwards is that
+        # ending's doing, and nobody is left to answer.
+        error_log.debug(
+            "%s: failed after the call had ended (request %s)", method, rid, exc_info=exc
+        )
         abort_with_error(context, CancelledError("the client left the call"))
     error_log.error("unexpected error in %s (request %s)", method, rid, exc_info=exc)
     abort_with_error(
@@ -368,7 +371,11 @@ def _outcome(context: grpc.ServicerContext, drain: CallDrain) -> tuple[grpc.Stat
         # grpc answered UNAVAILABLE, whatever the handler made of the cancel afterwards
         # (its client leaving, or a request stream that ended too soon).
         return grpc.StatusCode.UNAVAILABLE, True
-    return status_code(context) or _ended_without_a_code(context), False
+    if not context.is_active():
+        # grpc ended the call (its client cancelled, or its deadline passed): that is what
+        # the client saw, whatever code the handler set when its stream stopped short.
+        return _ended_without_a_code(context), False
+    return status_code(context) or grpc.StatusCode.OK, False
 
 
 def _access_level(code: grpc.StatusCode) -> int:
