@@ -22,6 +22,7 @@ from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.delay_proxy import DelayProxy
 from tests.support.files import MIB, random_file, wait_until
 from tests.unit.test_artifact_paths import UNSAFE, URL_SYNTAX
 
@@ -448,3 +449,76 @@ def test_typed_client_reports_the_limit(limited, limited_stubs, run_id, tmp_path
         assert info.size_bytes == LIMIT
     finally:
         container.shutdown_resources()
+
+
+# -- cleanup after a call whose deadline has passed ---------------------------------------
+
+
+def test_an_artifact_upload_cut_by_its_deadline_leaves_no_empty_directory(
+    sidecar, tracking_stub, registry_stub, run_id
+):
+    # MLflow is up: what a deadline leaves behind is removed as for a cancel, though the
+    # call's own deadline is gone by the time the cleanup runs.
+    data = os.urandom(8 * CHUNK)
+    release = threading.Event()
+    try:
+        with pytest.raises(grpc.RpcError) as ended:
+            tracking_stub.UploadArtifact(
+                stalled(artifact_requests(run_id, data, path="ckpt/x.bin")[:4], release),
+                timeout=2,
+            )
+    finally:
+        release.set()
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert wait_until(
+        lambda: (
+            list(tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id)).files) == []
+        )
+    ), "the abandoned upload's directory is still listed"
+    assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
+
+
+def test_a_model_upload_cut_by_its_deadline_leaves_no_files(mlflow_server, tmp_path, unique):
+    # Registering the version is refused until the call's deadline has passed: the upload
+    # is undone, its files included, with the call's deadline already gone.
+    def versions_refused(method: str, path: str) -> bool:
+        return method == "POST" and path.split("?", maxsplit=1)[0].endswith(
+            "/model-versions/create"
+        )
+
+    with DelayProxy(
+        mlflow_server.url, delay_s=0, delayed=lambda _m, _p: False, refused=versions_refused
+    ) as proxy:
+        # Retries bounded by the deadline alone, not by a count of tries.
+        retry = {"max_tries": 100, "max_time_s": 60.0, "factor_s": 0.05, "max_backoff_s": 0.2}
+        running = RunningSidecar(sidecar_config(tmp_path / "sidecar", proxy.url, retry=retry))
+        try:
+            with grpc.insecure_channel(running.target) as channel:
+                tracking = tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+                registry = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+                experiment = tracking.CreateExperiment(
+                    pb.CreateExperimentRequest(name=f"cut-model-{unique}")
+                ).experiment.experiment_id
+                run_id = tracking.StartRun(
+                    pb.StartRunRequest(experiment_id=experiment)
+                ).run.info.run_id
+                name = f"cut-{unique}"
+                files = {"MLmodel": b"flavors: {}\n", "w.bin": os.urandom(2 * CHUNK)}
+                with pytest.raises(grpc.RpcError) as ended:
+                    registry.UploadModel(iter(model_requests(name, run_id, files)), timeout=3)
+                assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+                def listed(path: str) -> list[str]:
+                    request = pb.ListArtifactsRequest(run_id=run_id, path=path)
+                    return [f.path for f in tracking.ListArtifacts(request).files]
+
+                # The run's `models` directory may stay (another upload to the run may be
+                # writing into it); nothing of this upload does.
+                assert wait_until(lambda: listed("models") == []), listed("models")
+                assert listed("") in ([], ["models"])
+                versions = registry.SearchModelVersions(
+                    reg_pb.SearchModelVersionsRequest(filter=f"name = '{name}'")
+                )
+                assert list(versions.model_versions) == []
+        finally:
+            running.stop()

@@ -11,6 +11,10 @@ import contextvars
 import time
 from collections.abc import Iterator
 
+# What cleanup after a failed call gets of its own: the call's deadline has often passed
+# by then (that is why it failed), and a cleanup under it could never reach MLflow.
+CLEANUP_S = 30.0
+
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
 
 
@@ -34,3 +38,11 @@ def expired() -> bool:
     """True when the current call has a deadline and it has passed."""
     left = remaining()
     return left is not None and left <= 0
+
+
+@contextlib.contextmanager
+def cleanup_scope() -> Iterator[None]:
+    """Within the block the call's deadline is replaced by CLEANUP_S of its own, for
+    undoing what a failed call left behind."""
+    with deadline_scope(CLEANUP_S):
+        yield

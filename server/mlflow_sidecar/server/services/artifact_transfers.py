@@ -20,6 +20,7 @@ from mlflow_sidecar.core.errors import (
     UnavailableError,
 )
 from mlflow_sidecar.core.transfer import read_chunks
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
@@ -108,6 +109,10 @@ class PendingUpload:
         # MLflow's server creates the file's directory when the PUT begins and leaves it
         # when the PUT is cut. An empty directory means nothing to an artifact store (a
         # bucket cannot even hold one), so the ones left empty are removed, deepest first.
+        with call_deadline.cleanup_scope():
+            self._remove_empty_directories_within()
+
+    def _remove_empty_directories_within(self) -> None:
         directory = self.artifact_path.rpartition("/")[0]
         try:
             while directory:

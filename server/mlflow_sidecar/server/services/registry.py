@@ -36,6 +36,7 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import collect_files
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
@@ -597,19 +598,22 @@ class RegistryService:
         files are deleted only once no version points at them.
         """
         source = f"runs:/{run_id}/{artifact_dir}"
-        try:
-            for version in self._gateway.versions_from(name, source):
-                self._gateway.delete_model_version(version.name, version.version)
-            self._gateway.delete_artifacts(run_id, artifact_dir)
-            if created_model and not self._has_versions(name):
-                self._gateway.delete_registered_model(name)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
-            log.warning("after a failed model upload, could not remove %s: %s", source, exc)
-        if created_run:
+        with call_deadline.cleanup_scope():
             try:
-                self._gateway.set_terminated(run_id, RunStatus.FAILED, 0)
-            except Exception as exc:  # noqa: BLE001 - as above
-                log.warning("after a failed model upload, could not fail run %s: %s", run_id, exc)
+                for version in self._gateway.versions_from(name, source):
+                    self._gateway.delete_model_version(version.name, version.version)
+                self._gateway.delete_artifacts(run_id, artifact_dir)
+                if created_model and not self._has_versions(name):
+                    self._gateway.delete_registered_model(name)
+            except Exception as exc:  # noqa: BLE001 - cleanup must not hide the original failure
+                log.warning("after a failed model upload, could not remove %s: %s", source, exc)
+            if created_run:
+                try:
+                    self._gateway.set_terminated(run_id, RunStatus.FAILED, 0)
+                except Exception as exc:  # noqa: BLE001 - as above
+                    log.warning(
+                        "after a failed model upload, could not fail run %s: %s", run_id, exc
+                    )
 
     def _has_versions(self, name: str) -> bool:
         try:
