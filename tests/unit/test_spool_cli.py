@@ -66,6 +66,36 @@ def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
         store.close()
 
 
+def test_status_lists_a_held_run_end_and_requeue_brings_it_back(data_dir, capsys):
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    store.record_end("a", "FAILED", 9_000, applied=False)
+    store.hold_end("a", "FAILED_PRECONDITION: run a is deleted")
+    store.close()
+    assert main(["spool", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["held_run_ends"] == [
+        {
+            "run_id": "a",
+            "status": "FAILED",
+            "end_time_ms": 9_000,
+            "reason": "FAILED_PRECONDITION: run a is deleted",
+        }
+    ]
+    assert main(["spool", "status"]) == 0
+    assert "run a: FAILED at 9000 ms: FAILED_PRECONDITION: run a is deleted" in (
+        capsys.readouterr().out
+    )
+    assert main(["spool", "requeue", "--run", "a"]) == 0
+    assert "requeued 1 dead-lettered points and 1 held run ends of run a" in (
+        capsys.readouterr().out
+    )
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    try:
+        assert [end.run_id for end in store.ends_to_apply()] == ["a"]
+        assert store.status().held_ends == ()
+    finally:
+        store.close()
+
+
 def test_requeue_is_refused_while_a_sidecar_holds_the_data_dir(data_dir, capsys):
     with DataDirLock(data_dir):
         assert main(["spool", "requeue"]) == 2

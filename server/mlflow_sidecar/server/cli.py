@@ -274,6 +274,15 @@ def _spool_status(args: argparse.Namespace) -> int:
                         {"run_id": g.run_id, "reason": g.reason, "points": g.points}
                         for g in status.dead_letters
                     ],
+                    "held_run_ends": [
+                        {
+                            "run_id": end.run_id,
+                            "status": end.status,
+                            "end_time_ms": end.end_time_ms,
+                            "reason": end.held,
+                        }
+                        for end in status.held_ends
+                    ],
                 }
             )
         )
@@ -285,6 +294,9 @@ def _spool_status(args: argparse.Namespace) -> int:
     print(f"dead-letter points: {status.dead_letter_points}")
     for group in status.dead_letters:
         print(f"  run {group.run_id}: {group.points} points: {group.reason}")
+    print(f"held run ends:      {len(status.held_ends)}")
+    for end in status.held_ends:
+        print(f"  run {end.run_id}: {end.status} at {end.end_time_ms} ms: {end.held}")
     return 0
 
 
@@ -324,7 +336,7 @@ def _spool_requeue(args: argparse.Namespace) -> int:
     finally:
         store.close()
     which = f"run {args.run}" if args.run else "all runs"
-    print(f"requeued {moved} dead-lettered points of {which}")
+    print(f"requeued {moved.points} dead-lettered points and {moved.ends} held run ends of {which}")
     return 0
 
 

@@ -111,7 +111,16 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE ended_runs ADD COLUMN {column} {declaration}")
 
 
-_MIGRATIONS = (_migrate_to_1, _migrate_to_2)
+def _migrate_to_3(db: sqlite3.Connection) -> None:
+    # `held`: why an end not applied waits for `requeue` instead of the deliverer (its
+    # run's points were dead-lettered, or MLflow refused the end); "" for every other end.
+    # Checked first: a spool whose user_version reads 0 may have it already.
+    columns = {row[1] for row in db.execute("PRAGMA table_info(ended_runs)")}
+    if "held" not in columns:
+        db.execute("ALTER TABLE ended_runs ADD COLUMN held TEXT NOT NULL DEFAULT ''")
+
+
+_MIGRATIONS = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -150,13 +159,23 @@ def run_ended_error(end: RunEnd) -> FailedPreconditionError:
 @dataclass(frozen=True, slots=True)
 class RunEnd:
     """An end recorded through the sidecar: what MLflow is told once the run's points
-    accepted before it are delivered."""
+    accepted before it are delivered.
+
+    `held` is why an end not applied is kept with the run's dead letters rather than
+    applied (MLflow refused the run's points or the end itself); `requeue` brings it back,
+    to be applied after the requeued points. "" for an end that is not held."""
 
     run_id: str
     status: str
     end_time_ms: int
     last_chunk: int
     applied: bool
+    held: str = ""
+
+    @property
+    def waiting(self) -> bool:
+        """True while the deliverer is to apply the end: not applied, not held."""
+        return not self.applied and not self.held
 
 
 def _rows(run: RunColumns, accepted_ms: int, chunk_points: int) -> list[tuple[object, ...]]:
@@ -255,6 +274,14 @@ def plan_batches(chunks: Sequence[tuple[int, int, str]], limit: int, most: int) 
 
 
 @dataclass(frozen=True, slots=True)
+class Requeued:
+    """What `requeue` moved back: dead-lettered points, and held run ends."""
+
+    points: int
+    ends: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One dead-lettered point, why it was not delivered, and when (ms) it was given up."""
 
@@ -284,6 +311,7 @@ class SpoolStatus:
     oldest_accepted_ms: int | None
     dead_letter_points: int
     dead_letters: tuple[DeadLetterGroup, ...]
+    held_ends: tuple[RunEnd, ...] = ()
 
     @property
     def oldest_age_s(self) -> float:
@@ -353,9 +381,9 @@ class SpoolStore:
 
     def _load_ends(self) -> None:
         self._ended = {
-            row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]))
+            row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
             for row in self._db.execute(
-                "SELECT run_id, status, end_time_ms, last_chunk, applied FROM ended_runs"
+                "SELECT run_id, status, end_time_ms, last_chunk, applied, held FROM ended_runs"
             )
         }
 
@@ -532,8 +560,18 @@ class SpoolStore:
         except sqlite3.Error as exc:  # a reader in the way, or no room: the next drain tries
             log.info("the spool's WAL was not truncated: %s", exc)
 
-    def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
-        """Move a batch (or every pending point of the run) to the dead-letter table."""
+    def dead_letter(
+        self,
+        run_id: str,
+        reason: str,
+        batch: SpooledBatch | None = None,
+        *,
+        hold_end: bool = False,
+    ) -> int:
+        """Move a batch (or every pending point of the run) to the dead-letter table.
+
+        With `hold_end`, an end of the run not applied yet goes with them in the same
+        transaction: it is held (see `RunEnd.held`) until `requeue` brings both back."""
         # The batch's chunk ids as a JSON array; "" for every chunk of the run.
         chosen = {"run": run_id, "ids": "" if batch is None else _ids(batch)}
         with self._lock:
@@ -557,13 +595,30 @@ class SpoolStore:
                     " AND (:ids = '' OR id IN (SELECT value FROM json_each(:ids)))",
                     chosen,
                 )
+                if hold_end:
+                    self._hold(run_id, reason)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
             self._forget(run_id, int(moved))
+            if hold_end:
+                self._load_ends()
         return int(moved)
+
+    def hold_end(self, run_id: str, reason: str) -> None:
+        """MLflow refused the run's end for good: keep it, not applied, with the run's dead
+        letters until `requeue` brings it back."""
+        with self._lock:
+            self._hold(run_id, reason)
+            self._load_ends()
+
+    def _hold(self, run_id: str, reason: str) -> None:
+        """Under the lock: hold the run's end, if one is recorded and not applied."""
+        self._db.execute(
+            "UPDATE ended_runs SET held = ? WHERE run_id = ? AND applied = 0", (reason, run_id)
+        )
 
     def _forget(self, run_id: str, count: int) -> None:
         left = self._pending.get(run_id, 0) - count
@@ -606,7 +661,9 @@ class SpoolStore:
     def end_applied(self, run_id: str) -> None:
         """MLflow has ended the run as recorded."""
         with self._lock:
-            self._db.execute("UPDATE ended_runs SET applied = 1 WHERE run_id = ?", (run_id,))
+            self._db.execute(
+                "UPDATE ended_runs SET applied = 1, held = '' WHERE run_id = ?", (run_id,)
+            )
             end = self._ended.get(run_id)
             if end is not None:
                 self._ended[run_id] = RunEnd(
@@ -619,9 +676,9 @@ class SpoolStore:
             return self._ended.get(run_id)
 
     def ends_to_apply(self) -> list[RunEnd]:
-        """Recorded ends that MLflow has not been told of yet."""
+        """Recorded ends that the deliverer is to apply: not applied, not held."""
         with self._lock:
-            return [end for end in self._ended.values() if not end.applied]
+            return [end for end in self._ended.values() if end.waiting]
 
     def pending_through(self, run_id: str, last_chunk: int) -> bool:
         """True while points of a run accepted up to chunk `last_chunk` are undelivered."""
@@ -635,12 +692,14 @@ class SpoolStore:
 
     # -- dead letters -----------------------------------------------------------------
 
-    def requeue(self, run_id: str = "") -> int:
+    def requeue(self, run_id: str = "") -> Requeued:
         """Move the dead letters of one run (or of all runs) back to the pending chunks, in
-        the order they were accepted; returns how many points moved.
+        the order they were accepted, and the held ends back to the deliverer; returns how
+        many points and ends moved.
 
         A run ended through the sidecar takes its requeued points as if they had come
-        before its end, so they are delivered rather than dead-lettered again."""
+        before its end, so they are delivered rather than dead-lettered again; an end held
+        with them is applied after them."""
         # One run, or every run when `run_id` is "".
         chosen = (run_id, run_id)
         with self._lock:
@@ -668,6 +727,10 @@ class SpoolStore:
                     " WHERE (? = '' OR run_id = ?) AND run_id IN (SELECT run_id FROM chunks)",
                     chosen,
                 )
+                ends = self._db.execute(
+                    "UPDATE ended_runs SET held = '' WHERE held != '' AND (? = '' OR run_id = ?)",
+                    chosen,
+                ).rowcount
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -677,7 +740,7 @@ class SpoolStore:
                 self._pending[run] = self._pending.get(run, 0) + int(count)
                 self._total += int(count)
             self._load_ends()
-        return sum(int(count) for count in moved.values())
+        return Requeued(sum(int(count) for count in moved.values()), ends)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead-lettered point, oldest first."""
@@ -737,4 +800,5 @@ class SpoolStore:
                 oldest_accepted_ms=oldest[0] if oldest else None,
                 dead_letter_points=int(dead_total),
                 dead_letters=tuple(DeadLetterGroup(r, why, n, t) for r, why, n, t in groups),
+                held_ends=tuple(end for end in self._ended.values() if end.held),
             )
