@@ -55,6 +55,17 @@ def test_export_prints_every_dead_letter_as_json(data_dir, capsys):
     ]
 
 
+def test_export_says_what_it_cannot_print_of_a_damaged_row(data_dir, capsys):
+    db = sqlite3.connect(data_dir / "spool.db")
+    db.execute("UPDATE dead_letters SET vals = substr(vals, 1, 5) WHERE run_id = 'a'")
+    db.commit()
+    db.close()
+    assert main(["spool", "export", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [letter["run_id"] for letter in json.loads(out)] == ["b"]
+    assert "1 dead-lettered points are in spool rows damaged beyond reading" in err
+
+
 def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
     assert main(["spool", "requeue", "--run", "a"]) == 0
     assert "requeued 1 " in capsys.readouterr().out

@@ -333,3 +333,45 @@ def test_an_end_mlflow_refuses_is_held_across_a_restart_until_requeue(tmp_path):
     finally:
         store.close()
     assert mlflow_run.ends == [("r", "KILLED", 5_678)]
+
+
+def damage_values(path: Path, chunk_id: int) -> None:
+    """Cut the last 3 bytes off a spool row's values column, as a damaged file might."""
+    db = sqlite3.connect(path)
+    db.execute(
+        "UPDATE chunks SET vals = substr(vals, 1, length(vals) - 3) WHERE id = ?", (chunk_id,)
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_damaged_spool_row_is_dead_lettered_once_and_the_rest_delivered(tmp_path, caplog):
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    for first in (0, 100, 200):
+        store.append(MetricBatch.from_points(points("a", 100, start=first)))
+    store.append(MetricBatch.from_points(points("b", 50)))
+    store.close()
+    damage_values(path, 2)  # run a's steps 100-199
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    sent: dict[str, list[int]] = {"a": [], "b": []}
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        sent[run_id].extend(m.step for m in metrics)
+
+    deliverer = MetricDeliverer(
+        store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", 30) == 0
+        [group] = store.status().dead_letters
+    finally:
+        deliverer.stop()
+        store.close()
+    assert sent == {"a": list(range(100)) + list(range(200, 300)), "b": list(range(50))}
+    assert (group.run_id, group.points) == ("a", 100)
+    assert "spool row 2 of run a is damaged" in group.reason and "key loss" in group.reason
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "spool row 2 of run a" in errors[0], errors
+    assert not any("delivery failed" in r.getMessage() for r in caplog.records)

@@ -350,8 +350,16 @@ def _spool_export(args: argparse.Namespace) -> int:
     store = opened
     try:
         letters = store.dead_letters()
+        # Points of damaged rows cannot be read back, so they cannot be printed either.
+        unreadable = store.dead_letter_count() - len(letters)
     finally:
         store.close()
+    if unreadable:
+        print(
+            f"{unreadable} dead-lettered points are in spool rows damaged beyond reading and"
+            " are not printed; mlflow-sidecar spool status lists them with their run and key",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             [

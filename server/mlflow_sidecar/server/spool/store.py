@@ -208,14 +208,41 @@ def _keys_text(keys: list[str]) -> str:
     return _KEY_SEPARATOR.join(keys)
 
 
-def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
+class DamagedRowError(ValueError):
+    """A spool row whose columns do not hold the points it counts (its file was damaged);
+    the message says which column and names the row's keys."""
+
+
+def _keys_named(keys: object) -> str:
+    """A row's keys for a message: the first few, and how many there are."""
+    if not isinstance(keys, str):
+        return "unreadable keys"
+    names = list(dict.fromkeys(keys.split(_KEY_SEPARATOR)))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"key {shown}" if len(names) == 1 else f"keys {shown}"
+
+
+def _unpack(count: int, keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
+    """A row's `count` points; DamagedRowError when its columns do not hold them."""
+    columns = {"values": vals, "timestamps": timestamps, "steps": steps}
+    for name, column in columns.items():
+        if not isinstance(column, bytes) or len(column) != 8 * count:
+            size = f"{len(column)} bytes" if isinstance(column, bytes) else "not bytes"
+            raise DamagedRowError(
+                f"its {name} column holds {size}, not the {8 * count} of its {count} points"
+                f" ({_keys_named(keys)})"
+            )
+    names = keys.split(_KEY_SEPARATOR) if isinstance(keys, str) else []
+    if len(names) not in (1, count):
+        raise DamagedRowError(
+            f"it holds {len(names)} keys for {count} points ({_keys_named(keys)})"
+        )
     values, times, numbers = array("d"), array("q"), array("q")
     values.frombytes(vals)
     times.frombytes(timestamps)
     numbers.frombytes(steps)
-    names = keys.split(_KEY_SEPARATOR)
     if len(names) == 1:
-        names *= len(values)
+        names *= count
     return [
         Metric(key, value, ts, step)
         for key, value, ts, step in zip(names, values, times, numbers, strict=True)
@@ -488,7 +515,36 @@ class SpoolStore:
     ) -> list[SpooledBatch]:
         """Up to `most` batches of a run's oldest undelivered points that may go to MLflow
         at once, each series' points still in acceptance order (see `plan_batches`); the
-        first holds the run's oldest chunk. Only chunks up to id `through` when given."""
+        first holds the run's oldest chunk. Only chunks up to id `through` when given.
+
+        A chunk the spool cannot read back (a damaged file) is dead-lettered on the way,
+        logged at ERROR, and never sent."""
+        while True:
+            batches, damaged = self._read_batches(run_id, limit, through, most)
+            if not damaged:
+                return batches
+            # Planned again without them: an empty answer must still mean "nothing
+            # pending up to `through`", which the deliverer acts on.
+            for chunk_id, why in damaged.items():
+                reason = (
+                    f"DAMAGED_SPOOL_ROW: the spool row {chunk_id} of run {run_id} is damaged"
+                    f" and cannot be read back: {why}"
+                )
+                self.dead_letter(run_id, reason, SpooledBatch(run_id, (chunk_id,), ()))
+                log.error(
+                    "dead-lettered spool row %d of run %s, which the spool cannot read back"
+                    " (its file was damaged): %s; it is not sent to MLflow, and"
+                    " mlflow-sidecar spool status lists it",
+                    chunk_id,
+                    run_id,
+                    why,
+                )
+
+    def _read_batches(
+        self, run_id: str, limit: int, through: int, most: int
+    ) -> tuple[list[SpooledBatch], dict[int, str]]:
+        """`next_batches`' plan and points, and the chunks of it that cannot be read back
+        (id -> what is wrong), when there are any."""
         limit = max(1, limit)
         with self._lock:
             # Ids, sizes and keys first, read only as far as the batches can reach; the
@@ -513,23 +569,33 @@ class SpoolStore:
             plan = plan_batches(chunks, limit, most)
             chosen = [chunk_id for batch in plan for chunk_id in batch]
             if not chosen:
-                return []
+                return [], {}
             found = {
                 row[0]: row[1:]
                 for row in self._db.execute(
-                    "SELECT id, keys, vals, timestamps, steps FROM chunks"
+                    "SELECT id, count, keys, vals, timestamps, steps FROM chunks"
                     " WHERE id IN (SELECT value FROM json_each(?))",
                     (json.dumps(chosen),),
                 )
             }
-        return [
+        read: dict[int, list[Metric]] = {}
+        damaged: dict[int, str] = {}
+        for chunk_id, row in found.items():
+            try:
+                read[chunk_id] = _unpack(*row)
+            except DamagedRowError as exc:
+                damaged[chunk_id] = str(exc)
+        if damaged:
+            return [], damaged
+        batches = [
             SpooledBatch(
                 run_id,
                 tuple(batch),
-                tuple(metric for chunk_id in batch for metric in _unpack(*found[chunk_id])),
+                tuple(metric for chunk_id in batch for metric in read[chunk_id]),
             )
             for batch in plan
         ]
+        return batches, {}
 
     def delete(self, batch: SpooledBatch) -> None:
         """Forget a batch MLflow confirmed."""
@@ -746,14 +812,17 @@ class SpoolStore:
         """Every dead-lettered point, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT run_id, keys, vals, timestamps, steps, reason, dead_ms FROM dead_letters"
-                " ORDER BY id"
+                "SELECT run_id, count, keys, vals, timestamps, steps, reason, dead_ms"
+                " FROM dead_letters ORDER BY id"
             ).fetchall()
-        return [
-            DeadLetter(run_id, metric, reason, dead_ms)
-            for run_id, keys, vals, timestamps, steps, reason, dead_ms in rows
-            for metric in _unpack(keys, vals, timestamps, steps)
-        ]
+        letters: list[DeadLetter] = []
+        for run_id, count, keys, vals, timestamps, steps, reason, dead_ms in rows:
+            try:
+                metrics = _unpack(count, keys, vals, timestamps, steps)
+            except DamagedRowError:
+                continue  # its points cannot be read: counted, and listed by `status`
+            letters.extend(DeadLetter(run_id, metric, reason, dead_ms) for metric in metrics)
+        return letters
 
     # -- reading ----------------------------------------------------------------------
 
