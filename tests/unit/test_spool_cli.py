@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,7 @@ from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.server.data_dir_lock import DataDirLock
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore
+from tests.support.sidecar_process import CLI
 
 
 @pytest.fixture()
@@ -142,6 +145,49 @@ def test_serve_refuses_a_database_file_that_is_not_sqlite_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "data_dir" in err and str(data_dir / name) in err and "not a database" in err
+
+
+def leave_a_write_ahead_log(path) -> None:
+    """Write to `path` in WAL mode from a process that dies before it checkpoints, as a
+    killed sidecar leaves its database; then cut the database file to nothing."""
+    script = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA journal_mode=WAL')\n"
+        "db.execute('CREATE TABLE IF NOT EXISTS kept (x BLOB)')\n"
+        "db.execute('INSERT INTO kept VALUES (zeroblob(100000))')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert path.with_name(f"{path.name}-wal").stat().st_size > 32
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("name", ["spool.db", "requests.db"])
+def test_serve_refuses_a_database_emptied_under_its_write_ahead_log_in_one_line(
+    name, data_dir, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")
+    leave_a_write_ahead_log(data_dir / name)
+    # A process of its own: a serve that took the file would serve until stopped.
+    try:
+        served = subprocess.run(
+            [CLI, "serve"], capture_output=True, text=True, timeout=120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve started on an emptied {name} instead of refusing it")
+    err = served.stderr.strip()
+    assert served.returncode == 2 and len(err.splitlines()) == 1, err
+    assert str(data_dir / name) in err and "write-ahead log" in err
+    assert (data_dir / name).stat().st_size == 0  # left as found, for whoever looks
+
+
+def test_spool_status_refuses_a_spool_emptied_under_its_write_ahead_log(data_dir, capsys):
+    leave_a_write_ahead_log(data_dir / "spool.db")
+    assert main(["spool", "status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(data_dir / "spool.db") in err
 
 
 def test_spool_status_refuses_a_spool_that_is_not_sqlite_in_one_line(data_dir, capsys):

@@ -23,7 +23,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.server.database_file import DatabaseFileError
+from mlflow_sidecar.server.database_file import DatabaseFileError, refuse_emptied
 from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 
@@ -373,6 +373,7 @@ class SpoolStore:
         self._chunk_points = chunk_points
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
+        refuse_emptied(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.DatabaseError as exc:
