@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -13,6 +15,7 @@ from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.server.data_dir_lock import DataDirLock
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore
+from tests.support.sidecar_process import CLI
 
 
 @pytest.fixture()
@@ -55,6 +58,17 @@ def test_export_prints_every_dead_letter_as_json(data_dir, capsys):
     ]
 
 
+def test_export_says_what_it_cannot_print_of_a_damaged_row(data_dir, capsys):
+    db = sqlite3.connect(data_dir / "spool.db")
+    db.execute("UPDATE dead_letters SET vals = substr(vals, 1, 5) WHERE run_id = 'a'")
+    db.commit()
+    db.close()
+    assert main(["spool", "export", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert [letter["run_id"] for letter in json.loads(out)] == ["b"]
+    assert "1 dead-lettered points are in spool rows damaged beyond reading" in err
+
+
 def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
     assert main(["spool", "requeue", "--run", "a"]) == 0
     assert "requeued 1 " in capsys.readouterr().out
@@ -62,6 +76,36 @@ def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
     try:
         assert store.pending("a") == 1 and store.dead_letter_count("a") == 0
         assert store.dead_letter_count("b") == 1
+    finally:
+        store.close()
+
+
+def test_status_lists_a_held_run_end_and_requeue_brings_it_back(data_dir, capsys):
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    store.record_end("a", "FAILED", 9_000, applied=False)
+    store.hold_end("a", "FAILED_PRECONDITION: run a is deleted")
+    store.close()
+    assert main(["spool", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["held_run_ends"] == [
+        {
+            "run_id": "a",
+            "status": "FAILED",
+            "end_time_ms": 9_000,
+            "reason": "FAILED_PRECONDITION: run a is deleted",
+        }
+    ]
+    assert main(["spool", "status"]) == 0
+    assert "run a: FAILED at 9000 ms: FAILED_PRECONDITION: run a is deleted" in (
+        capsys.readouterr().out
+    )
+    assert main(["spool", "requeue", "--run", "a"]) == 0
+    assert "requeued 1 dead-lettered points and 1 held run ends of run a" in (
+        capsys.readouterr().out
+    )
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    try:
+        assert [end.run_id for end in store.ends_to_apply()] == ["a"]
+        assert store.status().held_ends == ()
     finally:
         store.close()
 
@@ -101,6 +145,49 @@ def test_serve_refuses_a_database_file_that_is_not_sqlite_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "data_dir" in err and str(data_dir / name) in err and "not a database" in err
+
+
+def leave_a_write_ahead_log(path) -> None:
+    """Write to `path` in WAL mode from a process that dies before it checkpoints, as a
+    killed sidecar leaves its database; then cut the database file to nothing."""
+    script = (
+        "import os, sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('PRAGMA journal_mode=WAL')\n"
+        "db.execute('CREATE TABLE IF NOT EXISTS kept (x BLOB)')\n"
+        "db.execute('INSERT INTO kept VALUES (zeroblob(100000))')\n"
+        "os._exit(0)\n"
+    )
+    subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert path.with_name(f"{path.name}-wal").stat().st_size > 32
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("name", ["spool.db", "requests.db"])
+def test_serve_refuses_a_database_emptied_under_its_write_ahead_log_in_one_line(
+    name, data_dir, monkeypatch
+):
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")
+    leave_a_write_ahead_log(data_dir / name)
+    # A process of its own: a serve that took the file would serve until stopped.
+    try:
+        served = subprocess.run(
+            [CLI, "serve"], capture_output=True, text=True, timeout=120, check=False
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"serve started on an emptied {name} instead of refusing it")
+    err = served.stderr.strip()
+    assert served.returncode == 2 and len(err.splitlines()) == 1, err
+    assert str(data_dir / name) in err and "write-ahead log" in err
+    assert (data_dir / name).stat().st_size == 0  # left as found, for whoever looks
+
+
+def test_spool_status_refuses_a_spool_emptied_under_its_write_ahead_log(data_dir, capsys):
+    leave_a_write_ahead_log(data_dir / "spool.db")
+    assert main(["spool", "status"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(data_dir / "spool.db") in err
 
 
 def test_spool_status_refuses_a_spool_that_is_not_sqlite_in_one_line(data_dir, capsys):

@@ -11,7 +11,11 @@ from pathlib import Path
 import pytest
 
 from mlflow_sidecar.core.domain import Metric, MetricPoint
-from mlflow_sidecar.core.errors import NotFoundError, ResourceExhaustedError
+from mlflow_sidecar.core.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    ResourceExhaustedError,
+)
 from mlflow_sidecar.server.disk_full import disk_full_error
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
@@ -198,12 +202,12 @@ def test_dead_letters_are_exported_and_requeued_in_order(tmp_path):
             ("b", 1, "NOT_FOUND: gone too"),
         ]
         assert letters[0].metric == Metric("loss", 0.0, 1_000, 0)
-        assert store.requeue("a") == 3
+        assert store.requeue("a").points == 3
         assert store.pending("a") == 3 and store.dead_letter_count("a") == 0
         assert store.dead_letter_count("b") == 2
         batch = store.oldest("a", 100)
         assert batch is not None and [m.step for m in batch.metrics] == [0, 1, 2]
-        assert store.requeue() == 2
+        assert store.requeue().points == 2
         assert store.dead_letter_count() == 0 and store.pending() == 5
     finally:
         store.close()
@@ -228,7 +232,7 @@ def test_requeued_points_of_an_ended_run_are_delivered(tmp_path):
     try:
         assert deliverer.wait_delivered("r", 10) == 0
         assert store.dead_letter_count("r") == 4
-        assert store.requeue("r") == 4
+        assert store.requeue("r").points == 4
         deliverer.notify()
         assert deliverer.wait_delivered("r", 10) == 0
         assert store.dead_letter_count("r") == 0
@@ -236,3 +240,138 @@ def test_requeued_points_of_an_ended_run_are_delivered(tmp_path):
         deliverer.stop()
         store.close()
     assert sent == [0, 1, 2, 3]
+
+
+class RestorableRun:
+    """MLflow's side of one run that is deleted until `restored`: its `log_batch` and
+    `end_run` refuse for good meanwhile, as MLflow refuses a deleted run."""
+
+    def __init__(self) -> None:
+        self.restored = False
+        self.steps: list[int] = []
+        self.ends: list[tuple[str, str, int]] = []
+
+    def log_batch(self, _run_id: str, metrics: Sequence[Metric]) -> None:
+        if not self.restored:
+            raise FailedPreconditionError("the run must be in the 'active' state")
+        self.steps.extend(m.step for m in metrics)
+
+    def end_run(self, run_id: str, status: str, end_time_ms: int) -> None:
+        if not self.restored:
+            raise FailedPreconditionError("the run must be in the 'active' state")
+        self.ends.append((run_id, status, end_time_ms))
+
+
+def deliverer_for(store: SpoolStore, mlflow_run: RestorableRun) -> MetricDeliverer:
+    return MetricDeliverer(
+        store,
+        mlflow_run.log_batch,
+        batch_size=100,
+        backoff_factor_s=0.01,
+        max_backoff_s=0.02,
+        end_run=mlflow_run.end_run,
+    )
+
+
+def test_an_end_whose_points_were_dead_lettered_is_held_then_applied_after_requeue(
+    tmp_path, caplog
+):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    mlflow_run = RestorableRun()
+    store.append(MetricBatch.from_points(points("r", 250)))
+    store.record_end("r", "FAILED", 1_234, applied=False)
+    deliverer = deliverer_for(store, mlflow_run)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 30) == 0
+        assert store.dead_letter_count("r") == 250
+        end = store.run_end("r")
+        assert end is not None and not end.applied and "active" in end.held
+        assert [e.run_id for e in store.status().held_ends] == ["r"]
+        assert store.ends_to_apply() == [] and mlflow_run.ends == []
+        said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert any("250 points of run r" in m and "end (FAILED) is kept" in m for m in said)
+        assert not any("after its points were delivered" in m for m in said), said
+        mlflow_run.restored = True
+        moved = store.requeue("r")
+        assert (moved.points, moved.ends) == (250, 1)
+        deliverer.notify()
+        assert deliverer.wait_delivered("r", 30) == 0
+    finally:
+        deliverer.stop()
+        store.close()
+    assert mlflow_run.steps == list(range(250))
+    assert mlflow_run.ends == [("r", "FAILED", 1_234)]
+
+
+def test_an_end_mlflow_refuses_is_held_across_a_restart_until_requeue(tmp_path):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    mlflow_run = RestorableRun()
+    store.record_end("r", "KILLED", 5_678, applied=False)
+    deliverer = deliverer_for(store, mlflow_run)
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("r", 30) == 0
+    finally:
+        deliverer.stop()
+        store.close()
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    try:
+        end = store.run_end("r")
+        assert end is not None and not end.applied and "active" in end.held
+        mlflow_run.restored = True
+        moved = store.requeue()
+        assert (moved.points, moved.ends) == (0, 1)
+        deliverer = deliverer_for(store, mlflow_run)
+        deliverer.start()
+        try:
+            assert deliverer.wait_delivered("r", 30) == 0
+        finally:
+            deliverer.stop()
+        end = store.run_end("r")
+        assert end is not None and end.applied and not end.held
+    finally:
+        store.close()
+    assert mlflow_run.ends == [("r", "KILLED", 5_678)]
+
+
+def damage_values(path: Path, chunk_id: int) -> None:
+    """Cut the last 3 bytes off a spool row's values column, as a damaged file might."""
+    db = sqlite3.connect(path)
+    db.execute(
+        "UPDATE chunks SET vals = substr(vals, 1, length(vals) - 3) WHERE id = ?", (chunk_id,)
+    )
+    db.commit()
+    db.close()
+
+
+def test_a_damaged_spool_row_is_dead_lettered_once_and_the_rest_delivered(tmp_path, caplog):
+    path = tmp_path / "spool.db"
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    for first in (0, 100, 200):
+        store.append(MetricBatch.from_points(points("a", 100, start=first)))
+    store.append(MetricBatch.from_points(points("b", 50)))
+    store.close()
+    damage_values(path, 2)  # run a's steps 100-199
+    store = SpoolStore(path, max_points=1000, chunk_points=100)
+    sent: dict[str, list[int]] = {"a": [], "b": []}
+
+    def log_batch(run_id: str, metrics: Sequence[Metric]) -> None:
+        sent[run_id].extend(m.step for m in metrics)
+
+    deliverer = MetricDeliverer(
+        store, log_batch, batch_size=100, backoff_factor_s=0.01, max_backoff_s=0.02
+    )
+    deliverer.start()
+    try:
+        assert deliverer.wait_delivered("", 30) == 0
+        [group] = store.status().dead_letters
+    finally:
+        deliverer.stop()
+        store.close()
+    assert sent == {"a": list(range(100)) + list(range(200, 300)), "b": list(range(50))}
+    assert (group.run_id, group.points) == ("a", 100)
+    assert "spool row 2 of run a is damaged" in group.reason and "key loss" in group.reason
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "spool row 2 of run a" in errors[0], errors
+    assert not any("delivery failed" in r.getMessage() for r in caplog.records)

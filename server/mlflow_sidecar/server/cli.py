@@ -275,6 +275,15 @@ def _spool_status(args: argparse.Namespace) -> int:
                         {"run_id": g.run_id, "reason": g.reason, "points": g.points}
                         for g in status.dead_letters
                     ],
+                    "held_run_ends": [
+                        {
+                            "run_id": end.run_id,
+                            "status": end.status,
+                            "end_time_ms": end.end_time_ms,
+                            "reason": end.held,
+                        }
+                        for end in status.held_ends
+                    ],
                 }
             )
         )
@@ -286,6 +295,9 @@ def _spool_status(args: argparse.Namespace) -> int:
     print(f"dead-letter points: {status.dead_letter_points}")
     for group in status.dead_letters:
         print(f"  run {group.run_id}: {group.points} points: {group.reason}")
+    print(f"held run ends:      {len(status.held_ends)}")
+    for end in status.held_ends:
+        print(f"  run {end.run_id}: {end.status} at {end.end_time_ms} ms: {end.held}")
     return 0
 
 
@@ -331,7 +343,7 @@ def _spool_requeue(args: argparse.Namespace) -> int:
     finally:
         store.close()
     which = f"run {args.run}" if args.run else "all runs"
-    print(f"requeued {moved} dead-lettered points of {which}")
+    print(f"requeued {moved.points} dead-lettered points and {moved.ends} held run ends of {which}")
     return 0
 
 
@@ -345,8 +357,16 @@ def _spool_export(args: argparse.Namespace) -> int:
     store = opened
     try:
         letters = store.dead_letters()
+        # Points of damaged rows cannot be read back, so they cannot be printed either.
+        unreadable = store.dead_letter_count() - len(letters)
     finally:
         store.close()
+    if unreadable:
+        print(
+            f"{unreadable} dead-lettered points are in spool rows damaged beyond reading and"
+            " are not printed; mlflow-sidecar spool status lists them with their run and key",
+            file=sys.stderr,
+        )
     print(
         json.dumps(
             [

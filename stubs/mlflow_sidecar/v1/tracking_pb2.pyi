@@ -1334,7 +1334,9 @@ class FlushMetricsResponse(_message.Message):
     pending_run_ends: _builtins.int
     """Run ends recorded by EndRun while points were pending, for this run (or all), that
     MLflow has not been told of yet: they follow those points. The flush is complete when
-    this and pending_points are both 0.
+    this and pending_points are both 0. An end kept with its run's dead letters (MLflow
+    refused the run's points or the end) is not counted: `mlflow-sidecar spool status`
+    lists it, and `mlflow-sidecar spool requeue` brings it back with them.
     """
     def __init__(
         self,

@@ -25,7 +25,7 @@ from google.protobuf.message import Message
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_REQUEST_ID_LENGTH
-from mlflow_sidecar.server.database_file import DatabaseFileError
+from mlflow_sidecar.server.database_file import DatabaseFileError, refuse_emptied
 from mlflow_sidecar.server.disk_full import is_disk_full
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 
@@ -117,6 +117,7 @@ class RequestLedger:
         self._lock = threading.Lock()
         self._calls = KeyedLocks()
         self._recorded = 0
+        refuse_emptied(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.DatabaseError as exc:

@@ -117,10 +117,11 @@ class MetricIngest:
         return wait_within(budget, call_deadline.remaining())
 
     def _ends_to_apply(self, run_id: str) -> int:
-        """Recorded ends of the run (with "": of any run) not in MLflow yet."""
+        """Recorded ends of the run (with "": of any run) that follow its points to MLflow;
+        an end held with the run's dead letters waits for `spool requeue` instead."""
         if run_id:
             end = self._store.run_end(run_id)
-            return int(end is not None and not end.applied)
+            return int(end is not None and end.waiting)
         return len(self._store.ends_to_apply())
 
     def pending(self, run_id: str) -> int:

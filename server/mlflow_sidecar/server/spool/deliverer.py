@@ -54,7 +54,9 @@ class MetricDeliverer:
 
     A run ended through the sidecar while it still had points in the spool is ended in
     MLflow (`end_run`) right after the last of those points is delivered; points for it
-    accepted after the end are dead-lettered.
+    accepted after the end are dead-lettered. When MLflow refuses the run's points or the
+    end itself for good, the end is kept with the run's dead letters, not applied, and
+    `mlflow-sidecar spool requeue` brings it back with them.
 
     Delivery starts as soon as points are accepted and drains the spool before it waits
     again.
@@ -148,7 +150,7 @@ class MetricDeliverer:
         if not run_id:
             return self._end_run is not None and bool(self._store.ends_to_apply())
         end = self._store.run_end(run_id)
-        return end is not None and not end.applied
+        return end is not None and end.waiting
 
     # -- the workers ------------------------------------------------------------------
 
@@ -239,20 +241,28 @@ class MetricDeliverer:
         log.warning("dead-lettered %d points of run %s: %s", moved, end.run_id, reason)
 
     def _apply_end(self, end: RunEnd) -> bool:
-        """End the run in MLflow, its points from before the end all delivered."""
-        if end.applied or self._end_run is None:
+        """End the run in MLflow, its points from before the end all delivered; an end
+        MLflow refuses for good is held for `spool requeue`."""
+        if not end.waiting or self._end_run is None:
             return False
         if self._store.pending_through(end.run_id, end.last_chunk):
             return False
         try:
             self._end_run(end.run_id, end.status, end.end_time_ms)
         except _PERMANENT as exc:
+            # Marked applied, it would be lost: MLflow keeps the run RUNNING while the
+            # sidecar refuses its points as ended, and nothing would try again.
+            self._store.hold_end(end.run_id, f"{exc.code.name}: {exc.message}")
             log.warning(
-                "run %s could not be ended (%s) after its points were delivered: %s",
+                "run %s was not ended (%s) in MLflow, which refused it: %s; the end is kept"
+                " with the run's dead letters (mlflow-sidecar spool status lists it): once"
+                " MLflow has the run again (restored, or the sidecar pointed at the MLflow"
+                " that has it), mlflow-sidecar spool requeue applies it",
                 end.run_id,
                 end.status,
                 exc.message,
             )
+            return True
         self._store.end_applied(end.run_id)
         return True
 
@@ -327,9 +337,25 @@ class MetricDeliverer:
 
     def _dead_letter(self, batch: SpooledBatch, exc: SidecarError) -> bool:
         """Dead-letter what MLflow refused for good; True when that was the whole run."""
-        # A bad batch dead-letters only itself; a run that is gone takes all its points.
+        # A bad batch dead-letters only itself; a run that is gone takes all its points, and
+        # its recorded end with them: applied now, it would come before those points.
         whole_run = not isinstance(exc, InvalidArgumentError)
         reason = f"{exc.code.name}: {exc.message}"
-        moved = self._store.dead_letter(batch.run_id, reason, None if whole_run else batch)
-        log.warning("dead-lettered %d points of run %s: %s", moved, batch.run_id, reason)
+        moved = self._store.dead_letter(
+            batch.run_id, reason, None if whole_run else batch, hold_end=whole_run
+        )
+        end = self._store.run_end(batch.run_id)
+        if whole_run and end is not None and end.held:
+            log.warning(
+                "dead-lettered %d points of run %s: %s; its end (%s) is kept with them, not"
+                " applied: once MLflow has the run again (restored, or the sidecar pointed at"
+                " the MLflow that has it), mlflow-sidecar spool requeue delivers them and"
+                " ends it",
+                moved,
+                batch.run_id,
+                reason,
+                end.status,
+            )
+        else:
+            log.warning("dead-lettered %d points of run %s: %s", moved, batch.run_id, reason)
         return whole_run

@@ -23,7 +23,7 @@ from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.server.database_file import DatabaseFileError
+from mlflow_sidecar.server.database_file import DatabaseFileError, refuse_emptied
 from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 
@@ -111,7 +111,16 @@ def _migrate_to_2(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE ended_runs ADD COLUMN {column} {declaration}")
 
 
-_MIGRATIONS = (_migrate_to_1, _migrate_to_2)
+def _migrate_to_3(db: sqlite3.Connection) -> None:
+    # `held`: why an end not applied waits for `requeue` instead of the deliverer (its
+    # run's points were dead-lettered, or MLflow refused the end); "" for every other end.
+    # Checked first: a spool whose user_version reads 0 may have it already.
+    columns = {row[1] for row in db.execute("PRAGMA table_info(ended_runs)")}
+    if "held" not in columns:
+        db.execute("ALTER TABLE ended_runs ADD COLUMN held TEXT NOT NULL DEFAULT ''")
+
+
+_MIGRATIONS = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -150,13 +159,23 @@ def run_ended_error(end: RunEnd) -> FailedPreconditionError:
 @dataclass(frozen=True, slots=True)
 class RunEnd:
     """An end recorded through the sidecar: what MLflow is told once the run's points
-    accepted before it are delivered."""
+    accepted before it are delivered.
+
+    `held` is why an end not applied is kept with the run's dead letters rather than
+    applied (MLflow refused the run's points or the end itself); `requeue` brings it back,
+    to be applied after the requeued points. "" for an end that is not held."""
 
     run_id: str
     status: str
     end_time_ms: int
     last_chunk: int
     applied: bool
+    held: str = ""
+
+    @property
+    def waiting(self) -> bool:
+        """True while the deliverer is to apply the end: not applied, not held."""
+        return not self.applied and not self.held
 
 
 def _rows(run: RunColumns, accepted_ms: int, chunk_points: int) -> list[tuple[object, ...]]:
@@ -189,14 +208,41 @@ def _keys_text(keys: list[str]) -> str:
     return _KEY_SEPARATOR.join(keys)
 
 
-def _unpack(keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
+class DamagedRowError(ValueError):
+    """A spool row whose columns do not hold the points it counts (its file was damaged);
+    the message says which column and names the row's keys."""
+
+
+def _keys_named(keys: object) -> str:
+    """A row's keys for a message: the first few, and how many there are."""
+    if not isinstance(keys, str):
+        return "unreadable keys"
+    names = list(dict.fromkeys(keys.split(_KEY_SEPARATOR)))
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return f"key {shown}" if len(names) == 1 else f"keys {shown}"
+
+
+def _unpack(count: int, keys: str, vals: bytes, timestamps: bytes, steps: bytes) -> list[Metric]:
+    """A row's `count` points; DamagedRowError when its columns do not hold them."""
+    columns = {"values": vals, "timestamps": timestamps, "steps": steps}
+    for name, column in columns.items():
+        if not isinstance(column, bytes) or len(column) != 8 * count:
+            size = f"{len(column)} bytes" if isinstance(column, bytes) else "not bytes"
+            raise DamagedRowError(
+                f"its {name} column holds {size}, not the {8 * count} of its {count} points"
+                f" ({_keys_named(keys)})"
+            )
+    names = keys.split(_KEY_SEPARATOR) if isinstance(keys, str) else []
+    if len(names) not in (1, count):
+        raise DamagedRowError(
+            f"it holds {len(names)} keys for {count} points ({_keys_named(keys)})"
+        )
     values, times, numbers = array("d"), array("q"), array("q")
     values.frombytes(vals)
     times.frombytes(timestamps)
     numbers.frombytes(steps)
-    names = keys.split(_KEY_SEPARATOR)
     if len(names) == 1:
-        names *= len(values)
+        names *= count
     return [
         Metric(key, value, ts, step)
         for key, value, ts, step in zip(names, values, times, numbers, strict=True)
@@ -255,6 +301,14 @@ def plan_batches(chunks: Sequence[tuple[int, int, str]], limit: int, most: int) 
 
 
 @dataclass(frozen=True, slots=True)
+class Requeued:
+    """What `requeue` moved back: dead-lettered points, and held run ends."""
+
+    points: int
+    ends: int
+
+
+@dataclass(frozen=True, slots=True)
 class DeadLetter:
     """One dead-lettered point, why it was not delivered, and when (ms) it was given up."""
 
@@ -284,6 +338,7 @@ class SpoolStatus:
     oldest_accepted_ms: int | None
     dead_letter_points: int
     dead_letters: tuple[DeadLetterGroup, ...]
+    held_ends: tuple[RunEnd, ...] = ()
 
     @property
     def oldest_age_s(self) -> float:
@@ -318,6 +373,7 @@ class SpoolStore:
         self._chunk_points = chunk_points
         self._lock = threading.Lock()
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one transaction per message.
+        refuse_emptied(path)
         try:
             self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         except sqlite3.DatabaseError as exc:
@@ -353,9 +409,9 @@ class SpoolStore:
 
     def _load_ends(self) -> None:
         self._ended = {
-            row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]))
+            row[0]: RunEnd(row[0], row[1], row[2], row[3], bool(row[4]), row[5])
             for row in self._db.execute(
-                "SELECT run_id, status, end_time_ms, last_chunk, applied FROM ended_runs"
+                "SELECT run_id, status, end_time_ms, last_chunk, applied, held FROM ended_runs"
             )
         }
 
@@ -460,7 +516,36 @@ class SpoolStore:
     ) -> list[SpooledBatch]:
         """Up to `most` batches of a run's oldest undelivered points that may go to MLflow
         at once, each series' points still in acceptance order (see `plan_batches`); the
-        first holds the run's oldest chunk. Only chunks up to id `through` when given."""
+        first holds the run's oldest chunk. Only chunks up to id `through` when given.
+
+        A chunk the spool cannot read back (a damaged file) is dead-lettered on the way,
+        logged at ERROR, and never sent."""
+        while True:
+            batches, damaged = self._read_batches(run_id, limit, through, most)
+            if not damaged:
+                return batches
+            # Planned again without them: an empty answer must still mean "nothing
+            # pending up to `through`", which the deliverer acts on.
+            for chunk_id, why in damaged.items():
+                reason = (
+                    f"DAMAGED_SPOOL_ROW: the spool row {chunk_id} of run {run_id} is damaged"
+                    f" and cannot be read back: {why}"
+                )
+                self.dead_letter(run_id, reason, SpooledBatch(run_id, (chunk_id,), ()))
+                log.error(
+                    "dead-lettered spool row %d of run %s, which the spool cannot read back"
+                    " (its file was damaged): %s; it is not sent to MLflow, and"
+                    " mlflow-sidecar spool status lists it",
+                    chunk_id,
+                    run_id,
+                    why,
+                )
+
+    def _read_batches(
+        self, run_id: str, limit: int, through: int, most: int
+    ) -> tuple[list[SpooledBatch], dict[int, str]]:
+        """`next_batches`' plan and points, and the chunks of it that cannot be read back
+        (id -> what is wrong), when there are any."""
         limit = max(1, limit)
         with self._lock:
             # Ids, sizes and keys first, read only as far as the batches can reach; the
@@ -485,23 +570,33 @@ class SpoolStore:
             plan = plan_batches(chunks, limit, most)
             chosen = [chunk_id for batch in plan for chunk_id in batch]
             if not chosen:
-                return []
+                return [], {}
             found = {
                 row[0]: row[1:]
                 for row in self._db.execute(
-                    "SELECT id, keys, vals, timestamps, steps FROM chunks"
+                    "SELECT id, count, keys, vals, timestamps, steps FROM chunks"
                     " WHERE id IN (SELECT value FROM json_each(?))",
                     (json.dumps(chosen),),
                 )
             }
-        return [
+        read: dict[int, list[Metric]] = {}
+        damaged: dict[int, str] = {}
+        for chunk_id, row in found.items():
+            try:
+                read[chunk_id] = _unpack(*row)
+            except DamagedRowError as exc:
+                damaged[chunk_id] = str(exc)
+        if damaged:
+            return [], damaged
+        batches = [
             SpooledBatch(
                 run_id,
                 tuple(batch),
-                tuple(metric for chunk_id in batch for metric in _unpack(*found[chunk_id])),
+                tuple(metric for chunk_id in batch for metric in read[chunk_id]),
             )
             for batch in plan
         ]
+        return batches, {}
 
     def delete(self, batch: SpooledBatch) -> None:
         """Forget a batch MLflow confirmed."""
@@ -532,8 +627,18 @@ class SpoolStore:
         except sqlite3.Error as exc:  # a reader in the way, or no room: the next drain tries
             log.info("the spool's WAL was not truncated: %s", exc)
 
-    def dead_letter(self, run_id: str, reason: str, batch: SpooledBatch | None = None) -> int:
-        """Move a batch (or every pending point of the run) to the dead-letter table."""
+    def dead_letter(
+        self,
+        run_id: str,
+        reason: str,
+        batch: SpooledBatch | None = None,
+        *,
+        hold_end: bool = False,
+    ) -> int:
+        """Move a batch (or every pending point of the run) to the dead-letter table.
+
+        With `hold_end`, an end of the run not applied yet goes with them in the same
+        transaction: it is held (see `RunEnd.held`) until `requeue` brings both back."""
         # The batch's chunk ids as a JSON array; "" for every chunk of the run.
         chosen = {"run": run_id, "ids": "" if batch is None else _ids(batch)}
         with self._lock:
@@ -557,13 +662,30 @@ class SpoolStore:
                     " AND (:ids = '' OR id IN (SELECT value FROM json_each(:ids)))",
                     chosen,
                 )
+                if hold_end:
+                    self._hold(run_id, reason)
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
             self._forget(run_id, int(moved))
+            if hold_end:
+                self._load_ends()
         return int(moved)
+
+    def hold_end(self, run_id: str, reason: str) -> None:
+        """MLflow refused the run's end for good: keep it, not applied, with the run's dead
+        letters until `requeue` brings it back."""
+        with self._lock:
+            self._hold(run_id, reason)
+            self._load_ends()
+
+    def _hold(self, run_id: str, reason: str) -> None:
+        """Under the lock: hold the run's end, if one is recorded and not applied."""
+        self._db.execute(
+            "UPDATE ended_runs SET held = ? WHERE run_id = ? AND applied = 0", (reason, run_id)
+        )
 
     def _forget(self, run_id: str, count: int) -> None:
         left = self._pending.get(run_id, 0) - count
@@ -606,7 +728,9 @@ class SpoolStore:
     def end_applied(self, run_id: str) -> None:
         """MLflow has ended the run as recorded."""
         with self._lock:
-            self._db.execute("UPDATE ended_runs SET applied = 1 WHERE run_id = ?", (run_id,))
+            self._db.execute(
+                "UPDATE ended_runs SET applied = 1, held = '' WHERE run_id = ?", (run_id,)
+            )
             end = self._ended.get(run_id)
             if end is not None:
                 self._ended[run_id] = RunEnd(
@@ -619,9 +743,9 @@ class SpoolStore:
             return self._ended.get(run_id)
 
     def ends_to_apply(self) -> list[RunEnd]:
-        """Recorded ends that MLflow has not been told of yet."""
+        """Recorded ends that the deliverer is to apply: not applied, not held."""
         with self._lock:
-            return [end for end in self._ended.values() if not end.applied]
+            return [end for end in self._ended.values() if end.waiting]
 
     def pending_through(self, run_id: str, last_chunk: int) -> bool:
         """True while points of a run accepted up to chunk `last_chunk` are undelivered."""
@@ -635,12 +759,14 @@ class SpoolStore:
 
     # -- dead letters -----------------------------------------------------------------
 
-    def requeue(self, run_id: str = "") -> int:
+    def requeue(self, run_id: str = "") -> Requeued:
         """Move the dead letters of one run (or of all runs) back to the pending chunks, in
-        the order they were accepted; returns how many points moved.
+        the order they were accepted, and the held ends back to the deliverer; returns how
+        many points and ends moved.
 
         A run ended through the sidecar takes its requeued points as if they had come
-        before its end, so they are delivered rather than dead-lettered again."""
+        before its end, so they are delivered rather than dead-lettered again; an end held
+        with them is applied after them."""
         # One run, or every run when `run_id` is "".
         chosen = (run_id, run_id)
         with self._lock:
@@ -668,6 +794,10 @@ class SpoolStore:
                     " WHERE (? = '' OR run_id = ?) AND run_id IN (SELECT run_id FROM chunks)",
                     chosen,
                 )
+                ends = self._db.execute(
+                    "UPDATE ended_runs SET held = '' WHERE held != '' AND (? = '' OR run_id = ?)",
+                    chosen,
+                ).rowcount
                 self._db.execute("COMMIT")
             except BaseException:
                 if self._db.in_transaction:
@@ -677,20 +807,23 @@ class SpoolStore:
                 self._pending[run] = self._pending.get(run, 0) + int(count)
                 self._total += int(count)
             self._load_ends()
-        return sum(int(count) for count in moved.values())
+        return Requeued(sum(int(count) for count in moved.values()), ends)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead-lettered point, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT run_id, keys, vals, timestamps, steps, reason, dead_ms FROM dead_letters"
-                " ORDER BY id"
+                "SELECT run_id, count, keys, vals, timestamps, steps, reason, dead_ms"
+                " FROM dead_letters ORDER BY id"
             ).fetchall()
-        return [
-            DeadLetter(run_id, metric, reason, dead_ms)
-            for run_id, keys, vals, timestamps, steps, reason, dead_ms in rows
-            for metric in _unpack(keys, vals, timestamps, steps)
-        ]
+        letters: list[DeadLetter] = []
+        for run_id, count, keys, vals, timestamps, steps, reason, dead_ms in rows:
+            try:
+                metrics = _unpack(count, keys, vals, timestamps, steps)
+            except DamagedRowError:
+                continue  # its points cannot be read: counted, and listed by `status`
+            letters.extend(DeadLetter(run_id, metric, reason, dead_ms) for metric in metrics)
+        return letters
 
     # -- reading ----------------------------------------------------------------------
 
@@ -737,4 +870,5 @@ class SpoolStore:
                 oldest_accepted_ms=oldest[0] if oldest else None,
                 dead_letter_points=int(dead_total),
                 dead_letters=tuple(DeadLetterGroup(r, why, n, t) for r, why, n, t in groups),
+                held_ends=tuple(end for end in self._ended.values() if end.held),
             )
