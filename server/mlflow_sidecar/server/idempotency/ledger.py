@@ -128,6 +128,8 @@ class RequestLedger:
             # process.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
+            # As the spool: nothing written outside the data dir.
+            self._db.execute("PRAGMA temp_store=MEMORY")
             self._db.executescript(_SCHEMA)
             self._prune()
         except sqlite3.DatabaseError as exc:

@@ -348,6 +348,18 @@ class SpoolStatus:
         return max(0.0, (now_ms() - self.oldest_accepted_ms) / 1000)
 
 
+def _check_writable(db: sqlite3.Connection) -> None:
+    """Raise sqlite3.OperationalError when the database cannot be written (a file, or its
+    write-ahead log, this user may only read): found at start, not by the first point."""
+    version = int(db.execute("PRAGMA user_version").fetchone()[0])
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        # SQLite opens a file it may not write read-only, and says so only at a write.
+        db.execute(f"PRAGMA user_version={version}")
+    finally:
+        db.execute("ROLLBACK")
+
+
 class SpoolStore:
     """Thread-safe access to the spool database; one connection guarded by a lock.
 
@@ -397,7 +409,11 @@ class SpoolStore:
         self._db.execute(f"PRAGMA wal_autocheckpoint={8 * 1024 * 1024 // PAGE_BYTES}")
         self._db.execute(f"PRAGMA synchronous={synchronous}")
         self._db.execute("PRAGMA busy_timeout=10000")
+        # Sorts and statement journals in memory: the data dir is the one place the
+        # sidecar needs to write (a read-only root filesystem has no usable /tmp).
+        self._db.execute("PRAGMA temp_store=MEMORY")
         migrate(self._db, path)
+        _check_writable(self._db)
         # An existing spool keeps the page size it was made with.
         self._page_bytes = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._pending: dict[str, int] = dict(
