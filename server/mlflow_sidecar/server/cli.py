@@ -459,10 +459,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# As shells report a process that SIGINT ended: 128 + the signal's number.
+EXIT_INTERRUPTED = 128 + 2
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script."""
     args = build_parser().parse_args(argv)
-    code: int = args.func(args)
+    try:
+        code: int = args.func(args)
+    except KeyboardInterrupt:
+        # Ctrl-C before serve's own handler is in place (while it loads and opens its
+        # stores): nothing was served, so nothing is left to drain.
+        print("mlflow-sidecar: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return code
 
 
