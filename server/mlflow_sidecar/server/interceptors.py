@@ -329,7 +329,11 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
         # e.g. the MLflow response a download was reading: what fails afterwards is that
         # ending's doing, and nobody is left to answer.
         error_log.debug(
-            "%s: failed after the call had ended (request %s)", method, rid, exc_info=exc
+            "%s: the client left the call (cancelled it, or its deadline passed) and the"
+            " handler failed after (request %s)",
+            method,
+            rid,
+            exc_info=exc,
         )
         abort_with_error(context, CancelledError("the client left the call"))
     error_log.error("unexpected error in %s (request %s)", method, rid, exc_info=exc)
