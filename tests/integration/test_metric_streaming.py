@@ -177,7 +177,7 @@ def test_the_typed_stream_sends_fixed_width_columns_to_a_sidecar_that_reads_them
     with client_container.metric_stream() as stream:
         stream.log(run_id, "loss", 0.5, step=0, timestamp_ms=1000)
         stream.flush()  # the first call: the sidecar says what it reads
-        assert stream._fixed_columns
+        assert stream._core._fixed_columns
         for step in range(1, 3000):
             stream.log(run_id, "loss", step / 2, step=step, timestamp_ms=1000 + step)
     assert stream.accepted == 3000

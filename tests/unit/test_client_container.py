@@ -76,13 +76,13 @@ def test_host_container_composes_and_overrides():
 def test_metric_streams_fit_their_messages_to_the_channel():
     container = ClientContainer()
     stream = container.metric_stream()
-    assert stream._max_message_bytes == 1024 * 1024
+    assert stream._core._max_message_bytes == 1024 * 1024
     stream.close()
     container.shutdown_resources()
     limited = ClientContainer()
     limited.config.from_dict({"max_message_bytes": 64 * 1024})
     small = limited.metric_stream()
-    assert small._max_message_bytes == 64 * 1024
+    assert small._core._max_message_bytes == 64 * 1024
     small.close()
     limited.shutdown_resources()
 

@@ -177,9 +177,9 @@ def test_settings_reach_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     container = ClientContainer()
     load_env(container)
     stream = container.metric_stream()
-    assert stream._retry_budget_s == 600
-    assert stream._max_buffered == 1234
-    assert stream._raise_when_full
+    assert stream._core._retry_budget_s == 600
+    assert stream._core._max_buffered == 1234
+    assert stream._core._raise_when_full
     stream.close()
     container.shutdown_resources()
     defaults = ClientSettings()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -43,7 +44,8 @@ class GrpcAliasWatch(AliasWatch):
     sidecar's first message, so a bad request raises here. A stream that fails with a
     retryable error is opened again with backoff (and at least the sidecar's RetryInfo);
     after `reconnect_s` of failing in a row the iteration raises UnavailableError (reason
-    SIDECAR_UNREACHABLE)."""
+    SIDECAR_UNREACHABLE). A watch dropped without `close()` cancels its stream once it is
+    collected, so the sidecar frees what the stream held there."""
 
     def __init__(
         self,
@@ -69,9 +71,14 @@ class GrpcAliasWatch(AliasWatch):
         self._ready: deque[AliasChange] = deque()
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._call: Iterator[pb.WatchModelAliasResponse] | None = None
+        self._open = _OpenCall()
         self._failing_since: float | None = None
         self._delays = reconnect_delays()
+        # gRPC cancels a call it collects, but a call with a done callback (the trace
+        # context interceptor adds one) is held by its own state until it ends: an
+        # unclosed watch kept its stream, and a worker and a slot of the sidecar, for
+        # the life of the process.
+        weakref.finalize(self, self._open.cancel).atexit = False
         try:
             self._take(self._receive())
         except BaseException:
@@ -98,7 +105,7 @@ class GrpcAliasWatch(AliasWatch):
     def close(self) -> None:
         with self._lock:
             self._closed.set()
-            call, self._call = self._call, None
+            call, self._open.call = self._open.call, None
         if call is not None:
             _cancel(call)
 
@@ -153,20 +160,20 @@ class GrpcAliasWatch(AliasWatch):
         with self._lock:
             if self._closed.is_set():
                 raise StopIteration
-            if self._call is None:
+            if self._open.call is None:
                 request = pb.WatchModelAliasRequest(
                     name=self._name,
                     aliases=self._aliases,
                     last_seen_versions=self._reported,
                 )
                 # No deadline: the stream lasts until it is closed.
-                self._call = self._stub.WatchModelAlias(request)
-            return self._call
+                self._open.call = self._stub.WatchModelAlias(request)
+            return self._open.call
 
     def _drop(self, call: Iterator[pb.WatchModelAliasResponse]) -> None:
         with self._lock:
-            if self._call is call:
-                self._call = None
+            if self._open.call is call:
+                self._open.call = None
         _cancel(call)
 
     def _wait_to_reconnect(self, failure: SidecarError) -> None:
@@ -184,6 +191,20 @@ class GrpcAliasWatch(AliasWatch):
         delay = max(backoff.full_jitter(next(self._delays)), failure.retry_after_s or 0.0)
         if self._closed.wait(min(delay, left)):
             raise StopIteration
+
+
+class _OpenCall:
+    """The stream a watch reads now, apart from the watch, for the watch's finalizer to
+    cancel once the watch is gone."""
+
+    def __init__(self) -> None:
+        self.call: Iterator[pb.WatchModelAliasResponse] | None = None
+
+    def cancel(self) -> None:
+        # No lock: a finalizer may run in a thread that holds the watch's lock.
+        call = self.call
+        if call is not None:
+            _cancel(call)
 
 
 def reconnect_delays() -> Iterator[float]:

@@ -56,6 +56,10 @@ span one job's runs, not an unbounded stream of them.
 before the close either added its point before the seal, and the last cut sends it, or
 fails to add it and raises FailedPreconditionError (reason CLIENT_CLOSED). No point is
 lost between the two.
+
+A stream dropped without `close` is collected like any object: its thread holds only the
+stream's core (`_StreamCore`), and the stream's finalizer tells the core to close itself,
+which its sender does with the same last cut, then ends.
 """
 
 from __future__ import annotations
@@ -140,6 +144,10 @@ SIDECAR_UNREACHABLE = ClientErrorReason.SIDECAR_UNREACHABLE
 
 STREAM_USED_AFTER_FORK = ClientErrorReason.STREAM_USED_AFTER_FORK
 """Reason of the error a stream raises in a forked child of the process that made it."""
+
+# The longest an idle sender waits before it looks again whether its stream was dropped:
+# `abandon` cannot wake it (see there).
+_ABANDON_CHECK_S = 0.5
 
 # Reason of the error `log` and `flush` raise on a closed stream (as a closed channel's).
 _CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
@@ -269,18 +277,13 @@ class _Refusing(dict[str, dict[str, _Row]]):
 
 
 # Every live stream, so that a forked child can disarm its copies (see _after_fork).
-_STREAMS: weakref.WeakSet[MetricStream] = weakref.WeakSet()
+_STREAMS: weakref.WeakSet[_StreamCore] = weakref.WeakSet()
 
 
-class MetricStream:
-    """Streams metric points of any runs to the sidecar's spool from a background thread.
-
-    `max_buffered_points` bounds the points held until the sidecar accepted them; when the
-    buffer is full, `when_full` decides: `block` makes `log` wait for room, `raise` makes it
-    raise ResourceExhaustedError (reason CLIENT_BUFFER_FULL). The bound is checked once per
-    batch, so it may be passed by up to `max_batch_points`. `retry_budget_s` is how long the
-    stream keeps trying while the sidecar is unreachable (0: not at all; `inf`: forever);
-    then it fails, and a blocked `log` raises that error."""
+class _StreamCore:
+    """All of a `MetricStream` but the object its caller holds: its buffers, its calls and
+    its sender thread. The thread holds this, never the `MetricStream`, so that a stream
+    dropped without `close()` can be collected, and its finalizer `abandon`s this."""
 
     def __init__(
         self,
@@ -360,6 +363,9 @@ class MetricStream:
         self._ended_runs: dict[str, SidecarError] = {}
         # What flush() reports, once each: the points such a refusal dropped.
         self._unreported: list[SidecarError] = []
+        # Set, without a lock, by the finalizer of a MetricStream dropped unclosed: the
+        # sender closes the stream itself (see `abandon`).
+        self._abandoned = False
         self._thread = threading.Thread(target=self._send, name="metric-stream", daemon=True)
         self._thread.start()
         _STREAMS.add(self)
@@ -368,20 +374,14 @@ class MetricStream:
 
     @property
     def accepted(self) -> int:
-        """Points the sidecar has committed to its spool so far."""
+        """The work of `MetricStream.accepted`."""
         with self._cond:
             return self._accepted
 
     def log(
         self, run_id: str, key: str, value: float, *, step: int = 0, timestamp_ms: int = 0
     ) -> None:
-        """Buffer one point; blocks only while the buffer is full (backpressure), or with
-        `when_full="raise"` raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) then.
-
-        Raises TypeError (or ValueError, for a number out of range; InvalidArgumentError
-        for a run id or key MLflow does not take) at once for a point the sidecar would
-        refuse: it never reaches a batch. Safe to call from several
-        threads."""
+        """The work of `MetricStream.log`."""
         # The hot path of a training loop: two lookups and one append of the point
         # packed by `struct`, which also checks its numbers' types and ranges in C.
         try:
@@ -404,21 +404,13 @@ class MetricStream:
     def log_metrics(
         self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
     ) -> None:
-        """Buffer one point per metric, all with the same step and timestamp."""
+        """The work of `MetricStream.log_metrics`."""
         stamp = timestamp_ms or now_ms()
         for key, value in metrics.items():
             self.log(run_id, key, value, step=step, timestamp_ms=stamp)
 
     def flush(self, timeout_s: float | None = None, *, report_dropped: bool = True) -> int:
-        """Send everything buffered and wait until the sidecar accepted it; returns the total
-        accepted so far. Raises the stream's error, or DeadlineExceededError on timeout.
-
-        Points of a run the sidecar refuses for good (ended through it: RUN_ENDED) are
-        dropped and the stream goes on for its other runs; the next flush that
-        `report_dropped` raises FailedPreconditionError (reason RUN_ENDED, metadata
-        `run_id` and `points`) once, after flushing the rest: one error for all such runs
-        (their ids comma-separated in `run_id`, `points` their sum), so that a `close()`,
-        after which nothing more is raised, reports them all."""
+        """The work of `MetricStream.flush`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._cut()
         with self._cond:
@@ -439,12 +431,7 @@ class MetricStream:
             return self._accepted
 
     def close(self, timeout_s: float | None = None) -> int:
-        """Flush, then stop the background thread; returns the points accepted in total.
-
-        Closing again returns the same total. `log` and `flush` on a closed stream raise
-        FailedPreconditionError (reason CLIENT_CLOSED): a point logged then could never be
-        sent. A `log` running in another thread while the stream closes either has its
-        point sent by this close or raises that error."""
+        """The work of `MetricStream.close`."""
         with self._cond:
             if self._closing:
                 return self._accepted
@@ -460,22 +447,18 @@ class MetricStream:
             self._thread.join(5)
 
     def resumed(self, run_id: str) -> None:
-        """The run was resumed (`ExperimentTracking.resume_run`): `log` takes its points
-        again after the sidecar refused them (RUN_ENDED). A refusal not yet reported by
-        `flush()` still is."""
+        """The work of `MetricStream.resumed`."""
         with self._cond:
             self._ended_runs.pop(run_id, None)
 
-    def __enter__(self) -> MetricStream:
-        return self
+    def abandon(self) -> None:
+        """Close the stream in the background, its `MetricStream` dropped unclosed: the
+        sender makes the last cut, sends what the stream holds as `close()` would, and ends.
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        Called by a finalizer, which may run in any thread, the sender's included, at any
+        allocation, with self._cond or self._cut_lock held by the thread it runs in: it
+        takes no lock, and the sender sees the flag within its next wait."""
+        self._abandoned = True
 
     # -- log()'s rare paths (called without self._cond) --------------------------------
 
@@ -729,8 +712,15 @@ class MetricStream:
         """Wait until there is something to send; False once the stream closed and sent
         everything it queued."""
         with self._cond:
-            while self._idle():
-                self._cond.wait(self._max_delay_s / 2)
+            while self._idle() and not self._abandoned:
+                self._cond.wait(min(self._max_delay_s / 2, _ABANDON_CHECK_S))
+            closing = self._closing
+        if self._abandoned and not closing:
+            # Nobody can log or close any more: close as close() would, from here.
+            self._cut(last=True)
+            with self._cond:
+                self._closing = True
+        with self._cond:
             return not self._drained_for_close()
 
     def _back_off(self, code: grpc.StatusCode, failing_since: float, delay: float) -> bool:
@@ -765,7 +755,7 @@ class MetricStream:
                 # one message is enough: its answer says which columns the sidecar reads.
                 return False
             while self._idle():
-                if self._call != call:
+                if self._call != call or self._abandoned:
                     return False
                 if self._flushing or time.monotonic() - started >= self._window_s:
                     return False
@@ -952,6 +942,114 @@ class MetricStream:
             self._in_flight.clear()
             self._cond.notify_all()
             return None
+
+
+class MetricStream:
+    """Streams metric points of any runs to the sidecar's spool from a background thread.
+
+    `max_buffered_points` bounds the points held until the sidecar accepted them; when the
+    buffer is full, `when_full` decides: `block` makes `log` wait for room, `raise` makes it
+    raise ResourceExhaustedError (reason CLIENT_BUFFER_FULL). The bound is checked once per
+    batch, so it may be passed by up to `max_batch_points`. `retry_budget_s` is how long the
+    stream keeps trying while the sidecar is unreachable (0: not at all; `inf`: forever);
+    then it fails, and a blocked `log` raises that error.
+
+    A stream dropped without `close()` closes itself in the background once it is
+    collected: its thread sends what it holds as `close()` would (trying for at most
+    `retry_budget_s` while the sidecar is unreachable) and ends, so neither the thread nor
+    the channel outlives it by more than that. Nothing reports on that delivery, and a
+    process that exits first loses those points: close a stream to know its points are in
+    the spool. A `log` taken from a stream (`log = stream.log`) does not keep it alive."""
+
+    def __init__(
+        self,
+        stub: pb_grpc.ExperimentTrackingServiceStub,
+        *,
+        max_batch_points: int = DEFAULT_BATCH_POINTS,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_delay_s: float = 0.2,
+        call_window_s: float = 2.0,
+        max_buffered_points: int = DEFAULT_MAX_BUFFERED_POINTS,
+        retry_budget_s: float = DEFAULT_RECONNECT_S,
+        when_full: Literal["block", "raise"] = "block",
+    ) -> None:
+        self._core = _StreamCore(
+            stub,
+            max_batch_points=max_batch_points,
+            max_message_bytes=max_message_bytes,
+            max_delay_s=max_delay_s,
+            call_window_s=call_window_s,
+            max_buffered_points=max_buffered_points,
+            retry_budget_s=retry_budget_s,
+            when_full=when_full,
+        )
+        # The hot path of a training loop goes straight to the core's `log`: a call
+        # through a method of this object adds about a tenth to what a point costs.
+        self.log = self._core.log  # type: ignore[method-assign]
+        finalizer = weakref.finalize(self, self._core.abandon)
+        # At exit the process ends the thread anyway; a stream still referenced then is
+        # left as before.
+        finalizer.atexit = False
+
+    @property
+    def accepted(self) -> int:
+        """Points the sidecar has committed to its spool so far."""
+        return self._core.accepted
+
+    def log(
+        self, run_id: str, key: str, value: float, *, step: int = 0, timestamp_ms: int = 0
+    ) -> None:
+        """Buffer one point; blocks only while the buffer is full (backpressure), or with
+        `when_full="raise"` raises ResourceExhaustedError (reason CLIENT_BUFFER_FULL) then.
+
+        Raises TypeError (or ValueError, for a number out of range; InvalidArgumentError
+        for a run id or key MLflow does not take) at once for a point the sidecar would
+        refuse: it never reaches a batch. Safe to call from several threads."""
+        self._core.log(run_id, key, value, step=step, timestamp_ms=timestamp_ms)
+
+    def log_metrics(
+        self, run_id: str, metrics: Mapping[str, float], *, step: int = 0, timestamp_ms: int = 0
+    ) -> None:
+        """Buffer one point per metric, all with the same step and timestamp."""
+        self._core.log_metrics(run_id, metrics, step=step, timestamp_ms=timestamp_ms)
+
+    def flush(self, timeout_s: float | None = None, *, report_dropped: bool = True) -> int:
+        """Send everything buffered and wait until the sidecar accepted it; returns the total
+        accepted so far. Raises the stream's error, or DeadlineExceededError on timeout.
+
+        Points of a run the sidecar refuses for good (ended through it: RUN_ENDED) are
+        dropped and the stream goes on for its other runs; the next flush that
+        `report_dropped` raises FailedPreconditionError (reason RUN_ENDED, metadata
+        `run_id` and `points`) once, after flushing the rest: one error for all such runs
+        (their ids comma-separated in `run_id`, `points` their sum), so that a `close()`,
+        after which nothing more is raised, reports them all."""
+        return self._core.flush(timeout_s, report_dropped=report_dropped)
+
+    def close(self, timeout_s: float | None = None) -> int:
+        """Flush, then stop the background thread; returns the points accepted in total.
+
+        Closing again returns the same total. `log` and `flush` on a closed stream raise
+        FailedPreconditionError (reason CLIENT_CLOSED): a point logged then could never be
+        sent. A `log` running in another thread while the stream closes either has its
+        point sent by this close or raises that error."""
+        return self._core.close(timeout_s)
+
+    def resumed(self, run_id: str) -> None:
+        """The run was resumed (`ExperimentTracking.resume_run`): `log` takes its points
+        again after the sidecar refused them (RUN_ENDED). A refusal not yet reported by
+        `flush()` still is."""
+        self._core.resumed(run_id)
+
+    def __enter__(self) -> MetricStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
 
 
 def _one_report(reports: list[SidecarError]) -> SidecarError:
