@@ -266,7 +266,7 @@ def test_an_upload_under_a_name_mlflow_refuses_makes_no_run(
     ).experiment.experiment_id
     requests = model_requests(name, "", {"MLmodel": b"flavors: {}\n"})
     requests[0].header.experiment_id = experiment
-    refused(lambda: registry_stub.UploadModel(iter(requests), timeout=60), "name")
+    refused(lambda: registry_stub.UploadModel(iter(requests), timeout=60), "header.name")
     runs = tracking_stub.SearchRuns(
         pb.SearchRunsRequest(experiment_ids=[experiment], view_type=pb.VIEW_TYPE_ALL)
     ).runs
