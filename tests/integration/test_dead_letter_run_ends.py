@@ -10,6 +10,7 @@ import grpc
 import mlflow
 import pytest
 
+from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
@@ -80,9 +81,17 @@ def test_a_refused_end_is_kept_with_its_dead_letters_and_applied_after_requeue(
         refusing = RunningSidecar(sidecar_config(data, ""))
     try:
         refused = flush(refusing.target, run_id)
+        typed = ClientContainer()
+        typed.config.from_dict({"target": refusing.target, "timeout_s": 30.0})
+        try:
+            seen = typed.experiment_tracking().flush_metrics(run_id, timeout_s=0)
+        finally:
+            typed.shutdown_resources()
     finally:
         refusing.stop()
+    assert (seen.complete, seen.dead_letter_points, seen.held_run_ends) == (True, POINTS, 1)
     assert (refused.pending_points, refused.dead_letter_points) == (0, POINTS)
+    assert (refused.pending_run_ends, refused.held_run_ends) == (0, 1)
     assert plain.get_run(run_id).info.status == "RUNNING"
 
     monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(data))
@@ -107,7 +116,7 @@ def test_a_refused_end_is_kept_with_its_dead_letters_and_applied_after_requeue(
     finally:
         restored.stop()
     assert (delivered.pending_points, delivered.dead_letter_points) == (0, 0)
-    assert delivered.pending_run_ends == 0
+    assert (delivered.pending_run_ends, delivered.held_run_ends) == (0, 0)
     run = plain.get_run(run_id)
     assert (run.info.status, run.info.end_time) == ("FAILED", END_TIME_MS)
     history = plain.get_metric_history(run_id, "pnl")

@@ -126,6 +126,7 @@ def test_metrics_port_shows_the_named_series(mlflow_server, tmp_path):
     assert sample(scraped, "mlflow_sidecar_spool_pending_points") == 0
     assert sample(scraped, "mlflow_sidecar_spool_oldest_age_seconds") is not None
     assert sample(scraped, "mlflow_sidecar_spool_dead_letter_points") == 0
+    assert sample(scraped, "mlflow_sidecar_spool_held_run_ends") == 0
     assert sample(scraped, "mlflow_sidecar_stream_bytes_total", direction="upload") == 1000
     downloaded = sample(scraped, "mlflow_sidecar_stream_bytes_total", direction="download")
     assert downloaded is not None and downloaded >= 1000

@@ -34,7 +34,7 @@ _SUFFIXES = {
 def exported_names() -> set[str]:
     """Every series name of a sidecar's registry, with the suffixes of each family's type."""
     metrics = SidecarMetrics()
-    metrics.watch_spool(lambda: (0, 0.0, 0))
+    metrics.watch_spool(lambda: (0, 0.0, 0, 0))
     metrics.watch_mlflow(lambda: True)
     names = set()
     for family in metrics.registry.collect():

@@ -18,6 +18,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.server.disk_full import disk_full_error
 from mlflow_sidecar.server.metric_batch import MetricBatch
+from mlflow_sidecar.server.services.metric_ingest import MetricIngest
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import (
     SCHEMA_VERSION,
@@ -312,6 +313,14 @@ def test_an_end_mlflow_refuses_is_held_across_a_restart_until_requeue(tmp_path):
     deliverer.start()
     try:
         assert deliverer.wait_delivered("r", 30) == 0
+        # No point was refused: only the held end says the flush is not what it seems.
+        ingest = MetricIngest(store, deliverer, flush_timeout_s=5)
+        for run_id in ("r", ""):
+            flushed = ingest.flush(run_id, timeout_s=0)
+            assert (flushed.pending_points, flushed.dead_letter_points) == (0, 0)
+            assert (flushed.pending_run_ends, flushed.held_run_ends) == (0, 1)
+        assert ingest.flush("other", timeout_s=0).held_run_ends == 0
+        assert store.gauges()[3] == 1
     finally:
         deliverer.stop()
         store.close()
@@ -330,6 +339,7 @@ def test_an_end_mlflow_refuses_is_held_across_a_restart_until_requeue(tmp_path):
             deliverer.stop()
         end = store.run_end("r")
         assert end is not None and end.applied and not end.held
+        assert store.gauges()[3] == 0
     finally:
         store.close()
     assert mlflow_run.ends == [("r", "KILLED", 5_678)]

@@ -232,6 +232,33 @@ def test_end_run_waiting_for_delivery_is_bounded_by_its_deadline_not_the_flush_t
         assert pending == 0
 
 
+def test_end_run_waiting_for_delivery_says_when_mlflow_refused_the_run_for_good(
+    service, gateway, run_id, monkeypatch
+):
+    checked = threading.Event()
+    checking = service._require_active
+
+    def check_then_let_the_backlog_go(run: str):
+        answer = checking(run)
+        checked.set()
+        return answer
+
+    def delete_the_run_once_checked() -> None:
+        checked.wait(30)
+        gateway.delete_run(run_id)  # deleted in MLflow while its backlog is delivered
+
+    monkeypatch.setattr(service, "_require_active", check_then_let_the_backlog_go)
+    gateway.on_call("log_metrics", delete_the_run_once_checked)
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    with call_deadline.deadline_scope(30), pytest.raises(FailedPreconditionError) as err:
+        service.end_run_with_pending(run_id, wait_for_delivery=True)
+    assert err.value.reason == "RUN_END_HELD"
+    assert err.value.metadata == {"dead_letter_points": "1"}
+    assert "spool requeue" in err.value.message
+    flushed = service.flush_metrics(run_id, timeout_s=0)
+    assert (flushed.dead_letter_points, flushed.held_run_ends) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

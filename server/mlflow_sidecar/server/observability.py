@@ -48,11 +48,11 @@ def sidecar_version() -> str:
 class SpoolGauges(Collector):
     """Reads the spool's depth at scrape time, so the numbers are never stale."""
 
-    def __init__(self, read: Callable[[], tuple[int, float, int]]) -> None:
+    def __init__(self, read: Callable[[], tuple[int, float, int, int]]) -> None:
         self._read = read
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        pending, oldest_age_s, dead = self._read()
+        pending, oldest_age_s, dead, held_ends = self._read()
         yield GaugeMetricFamily(
             "mlflow_sidecar_spool_pending_points", "Points waiting for delivery", value=pending
         )
@@ -63,6 +63,11 @@ class SpoolGauges(Collector):
         )
         yield GaugeMetricFamily(
             "mlflow_sidecar_spool_dead_letter_points", "Points MLflow refused for good", value=dead
+        )
+        yield GaugeMetricFamily(
+            "mlflow_sidecar_spool_held_run_ends",
+            "Run ends MLflow refused, kept for mlflow-sidecar spool requeue",
+            value=held_ends,
         )
 
 
@@ -240,7 +245,7 @@ class SidecarMetrics:
             handled=handled_with,
         )
 
-    def watch_spool(self, read: Callable[[], tuple[int, float, int]]) -> None:
+    def watch_spool(self, read: Callable[[], tuple[int, float, int, int]]) -> None:
         """Publish the spool's depth, oldest age and dead letters."""
         self.registry.register(SpoolGauges(read))
 

@@ -89,6 +89,15 @@ def _checked_point(name: str, point: MetricPoint) -> pb.MetricPoint:
     )
 
 
+def _flush_result(reply: pb.FlushMetricsResponse) -> FlushResult:
+    return FlushResult(
+        reply.pending_points,
+        reply.dead_letter_points,
+        reply.pending_run_ends,
+        reply.held_run_ends,
+    )
+
+
 class GrpcExperimentTracking(ExperimentTracking):
     """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline,
     artifact transfers `transfer_timeout_s`; StartRun always carries a request_id, so a
@@ -301,16 +310,12 @@ class GrpcExperimentTracking(ExperimentTracking):
             # The call's own deadline stays the client's: it is the answer's time to come.
             request.max_wait_s = 0
             reply = invoke(self._stub.FlushMetrics, request, self._timeout)
-            return FlushResult(
-                reply.pending_points, reply.dead_letter_points, reply.pending_run_ends
-            )
+            return _flush_result(reply)
         deadline = time.monotonic() + (self._timeout if timeout_s is None else timeout_s)
         while True:
             left = deadline - time.monotonic()
             reply = invoke(self._stub.FlushMetrics, request, max(left, 0.001))
-            result = FlushResult(
-                reply.pending_points, reply.dead_letter_points, reply.pending_run_ends
-            )
+            result = _flush_result(reply)
             if result.complete or deadline - time.monotonic() <= 1.0:
                 return result
 

@@ -98,12 +98,14 @@ class MetricPoint:
 
 @dataclass(frozen=True, slots=True)
 class FlushResult:
-    """What FlushMetrics left behind: points still spooled, points dead-lettered, and run
-    ends recorded behind points that MLflow has not been told of yet."""
+    """What FlushMetrics left behind: points still spooled, points dead-lettered, run
+    ends recorded behind points that MLflow has not been told of yet, and run ends MLflow
+    refused, held for `mlflow-sidecar spool requeue`."""
 
     pending_points: int
     dead_letter_points: int = 0
     pending_run_ends: int = 0
+    held_run_ends: int = 0
 
     @property
     def complete(self) -> bool:

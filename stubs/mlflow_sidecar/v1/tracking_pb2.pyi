@@ -858,7 +858,8 @@ class EndRunRequest(_message.Message):
     """false (the default): with points of this run still spooled, the end is recorded
     durably and the call answers at once; the run is ended in MLflow right after its
     last point is delivered. true: wait for that, bounded by the call's deadline
-    (DEADLINE_EXCEEDED with the end still recorded when it passes).
+    (DEADLINE_EXCEEDED with the end still recorded when it passes; FAILED_PRECONDITION,
+    reason RUN_END_HELD, when MLflow refuses the run's points or its end for good).
     """
     def __init__(
         self,
@@ -1327,6 +1328,7 @@ class FlushMetricsResponse(_message.Message):
     PENDING_POINTS_FIELD_NUMBER: _builtins.int
     DEAD_LETTER_POINTS_FIELD_NUMBER: _builtins.int
     PENDING_RUN_ENDS_FIELD_NUMBER: _builtins.int
+    HELD_RUN_ENDS_FIELD_NUMBER: _builtins.int
     pending_points: _builtins.int
     """Points still in the spool when the call returned; 0 means all delivered."""
     dead_letter_points: _builtins.int
@@ -1338,16 +1340,23 @@ class FlushMetricsResponse(_message.Message):
     refused the run's points or the end) is not counted: `mlflow-sidecar spool status`
     lists it, and `mlflow-sidecar spool requeue` brings it back with them.
     """
+    held_run_ends: _builtins.int
+    """Run ends MLflow refused for good (the run's points or the end itself), for this run
+    (or all): each is kept, not applied, with its run's dead letters until `mlflow-sidecar
+    spool requeue` brings it back; until then MLflow keeps the run RUNNING. 0 when no end
+    waits for a requeue.
+    """
     def __init__(
         self,
         *,
         pending_points: _builtins.int = ...,
         dead_letter_points: _builtins.int = ...,
         pending_run_ends: _builtins.int = ...,
+        held_run_ends: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_points", b"dead_letter_points", "pending_points", b"pending_points", "pending_run_ends", b"pending_run_ends"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter_points", b"dead_letter_points", "held_run_ends", b"held_run_ends", "pending_points", b"pending_points", "pending_run_ends", b"pending_run_ends"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -81,6 +81,10 @@ class ExperimentTrackingServiceStub(object):
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
     location does not exist in the artifact store the sidecar writes to itself (metadata
     "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+    run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+    with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+    requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
@@ -340,6 +344,10 @@ class ExperimentTrackingServiceServicer(object):
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
     location does not exist in the artifact store the sidecar writes to itself (metadata
     "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+    run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+    with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+    requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
@@ -873,6 +881,10 @@ class ExperimentTrackingService(object):
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
     location does not exist in the artifact store the sidecar writes to itself (metadata
     "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+    run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+    with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+    requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to

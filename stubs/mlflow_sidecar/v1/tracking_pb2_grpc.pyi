@@ -77,6 +77,10 @@ class ExperimentTrackingServiceStub:
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+      requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
@@ -292,6 +296,10 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+      requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
@@ -503,6 +511,10 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - ARTIFACT_BUCKET_MISSING [FAILED_PRECONDITION]: the bucket of the run's artifact
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
+    - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
+      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
+      requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
       outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to

@@ -227,6 +227,7 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
             pending_points=result.pending_points,
             dead_letter_points=result.dead_letter_points,
             pending_run_ends=result.pending_run_ends,
+            held_run_ends=result.held_run_ends,
         )
 
     def SetRunTags(

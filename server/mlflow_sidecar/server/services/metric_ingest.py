@@ -66,7 +66,10 @@ class MetricIngest:
             check.run_id("run_id", run_id)
         pending = self._deliverer.wait_delivered(run_id, self._budget(timeout_s))
         return FlushResult(
-            pending, self._store.dead_letter_count(run_id), self._ends_to_apply(run_id)
+            pending,
+            self._store.dead_letter_count(run_id),
+            self._ends_to_apply(run_id),
+            self._held_ends(run_id),
         )
 
     @contextmanager
@@ -123,6 +126,13 @@ class MetricIngest:
             end = self._store.run_end(run_id)
             return int(end is not None and end.waiting)
         return len(self._store.ends_to_apply())
+
+    def _held_ends(self, run_id: str) -> int:
+        """Ends of the run (with "": of any run) MLflow refused, held for `spool requeue`."""
+        if run_id:
+            end = self._store.run_end(run_id)
+            return int(end is not None and bool(end.held))
+        return len(self._store.held_ends())
 
     def pending(self, run_id: str) -> int:
         """Points of a run still in the spool."""

@@ -325,19 +325,9 @@ class TrackingService:
                     self._ingest.cancel_end(run_id)
                 raise
         if wait_for_delivery:
-            # Bounded by the call's deadline alone, as its contract says (the flush
-            # timeout is FlushMetrics' default wait, not a bound of this one).
-            left = call_deadline.remaining()
-            pending = self._ingest.flush(run_id, timeout_s=left).pending_points
-            if not self._ingest.ended(run_id):
-                raise DeadlineExceededError(
-                    f"run {run_id} is not ended in MLflow yet: {pending} of its points are"
-                    " still being delivered; its end is recorded and follows them",
-                    reason=ErrorReason.RUN_END_PENDING,
-                )
-        if wait_for_delivery:
-            # Ended in MLflow by now: the caller asked for MLflow's own view of the run.
-            return self._gateway.get_run(run_id), pending
+            self._wait_for_end(run_id)
+            # Ended in MLflow now, with every point: the caller asked for MLflow's view.
+            return self._gateway.get_run(run_id), 0
         if mlflow_answered:
             try:
                 return _asked_briefly(lambda: self._gateway.get_run(run_id), answer_by), pending
@@ -345,6 +335,28 @@ class TrackingService:
                 pass
         # The end is recorded: the call did what it promises, MLflow's view can wait.
         return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
+
+    def _wait_for_end(self, run_id: str) -> None:
+        """Wait until the run's recorded end is applied in MLflow, within the call's
+        deadline alone, as EndRun's contract says (the flush timeout is FlushMetrics'
+        default wait, not a bound of this one)."""
+        flushed = self._ingest.flush(run_id, timeout_s=call_deadline.remaining())
+        end = self._ingest.end_of(run_id)
+        if end is not None and end.held:
+            raise FailedPreconditionError(
+                f"run {run_id} is not ended in MLflow, which refused it ({end.held}); the"
+                f" end is kept with the run's {flushed.dead_letter_points} dead-lettered"
+                " points: once MLflow has the run again, `mlflow-sidecar spool requeue`"
+                " applies it after them",
+                reason=ErrorReason.RUN_END_HELD,
+                metadata={"dead_letter_points": str(flushed.dead_letter_points)},
+            )
+        if not self._ingest.ended(run_id):
+            raise DeadlineExceededError(
+                f"run {run_id} is not ended in MLflow yet: {flushed.pending_points} of its"
+                " points are still being delivered; its end is recorded and follows them",
+                reason=ErrorReason.RUN_END_PENDING,
+            )
 
     def delete_run(self, run_id: str, *, request_id: str = "") -> None:
         """Soft-delete a run, as MLflow does. An end recorded here and not yet applied

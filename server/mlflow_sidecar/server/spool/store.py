@@ -763,6 +763,11 @@ class SpoolStore:
         with self._lock:
             return [end for end in self._ended.values() if end.waiting]
 
+    def held_ends(self) -> list[RunEnd]:
+        """Recorded ends MLflow refused, kept with their runs' dead letters."""
+        with self._lock:
+            return [end for end in self._ended.values() if end.held]
+
     def pending_through(self, run_id: str, last_chunk: int) -> bool:
         """True while points of a run accepted up to chunk `last_chunk` are undelivered."""
         with self._lock:
@@ -861,10 +866,16 @@ class SpoolStore:
                 ).fetchone()
         return int(row[0])
 
-    def gauges(self) -> tuple[int, float, int]:
-        """(pending points, oldest pending age in seconds, dead-letter points), for metrics."""
+    def gauges(self) -> tuple[int, float, int, int]:
+        """(pending points, oldest pending age in seconds, dead-letter points, held run
+        ends), for metrics."""
         status = self.status()
-        return status.pending_points, status.oldest_age_s, status.dead_letter_points
+        return (
+            status.pending_points,
+            status.oldest_age_s,
+            status.dead_letter_points,
+            len(status.held_ends),
+        )
 
     def status(self) -> SpoolStatus:
         """Depth, oldest age and dead letters."""
