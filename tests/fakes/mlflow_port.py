@@ -556,13 +556,14 @@ class FakeMlflow:
         tags: Mapping[str, str],
         start_time_ms: int,
         key_tag: str,
+        also_tagged: tuple[str, str] | None = None,
     ) -> domain.Run:
+        wanted = {(key_tag, tags[key_tag])} | ({also_tagged} if also_tagged else set())
         with self._lock:
             experiment = self._experiment(experiment_id).experiment
             for stored in self.runs.values():
-                if (
-                    stored.info.experiment_id == experiment_id
-                    and stored.tags.get(key_tag) == tags[key_tag]
+                if stored.info.experiment_id == experiment_id and any(
+                    stored.tags.get(tag) == value for tag, value in wanted
                 ):
                     return self._as_run(stored)
             run_id = f"{next(self._ids):032x}"

@@ -83,6 +83,23 @@ def test_start_run_retried_with_the_same_request_id_makes_one_run(
     assert other.info.run_id != first.info.run_id
 
 
+def test_start_run_repeated_after_an_upgrade_finds_the_run_an_older_sidecar_made(
+    tracking_stub, mlflow_server, unique
+):
+    # Sidecars before the request ledger tagged the run with its client_request_id under
+    # another name; the trainer's retry reaches the upgraded sidecar.
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    exp = plain.create_experiment(f"upgraded-{unique}")
+    old = plain.create_run(
+        exp, run_name="r", tags={"mlflow_sidecar.client_request_id": f"req-{unique}"}
+    ).info.run_id
+    request = pb.StartRunRequest(experiment_id=exp, run_name="r", client_request_id=f"req-{unique}")
+    assert tracking_stub.StartRun(request).run.info.run_id == old
+    request.request_id = f"req-{unique}"  # the typed client sends both
+    assert tracking_stub.StartRun(request).run.info.run_id == old
+    assert [r.info.run_id for r in plain.search_runs([exp])] == [old]
+
+
 def test_log_metrics_retried_with_the_same_request_id_logs_once(
     tracking_stub, mlflow_server, run_id, unique
 ):

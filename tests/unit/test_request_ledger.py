@@ -164,6 +164,36 @@ def test_the_interceptor_answers_a_repeated_create_from_the_ledger(ledger):
     assert created == ["e", "e"]
 
 
+START = "/mlflow_sidecar.v1.ExperimentTrackingService/StartRun"
+
+
+def test_a_start_run_recorded_by_an_older_sidecar_with_both_ids_is_answered_after_an_upgrade(
+    ledger,
+):
+    # Sidecars before the old name was cleared hashed client_request_id in; the typed
+    # client sends both ids, so its repeat after an upgrade is still the same call.
+    request = pb.StartRunRequest(experiment_id="1", request_id="x", client_request_id="x")
+    recorded = pb.StartRunResponse(run=pb.Run(info=pb.RunInfo(run_id="a" * 32)))
+    ledger.record(
+        START, "x", fingerprint(request, keep_old_names=True), recorded.SerializeToString()
+    )
+    started = []
+
+    def start(request: pb.StartRunRequest, context: object) -> Any:
+        started.append(1)
+        return pb.StartRunResponse()
+
+    handler = IdempotencyInterceptor(ledger).intercept_service(
+        lambda details: _handler(start), _Details(START)
+    )
+    assert handler.unary_unary(request, None) == recorded
+    assert started == []
+    # Another request under that id is still refused, whichever form was recorded.
+    other = pb.StartRunRequest(experiment_id="2", request_id="x", client_request_id="x")
+    with pytest.raises(InvalidArgumentError, match="already used"):
+        handler.unary_unary(other, None)
+
+
 def test_the_interceptor_leaves_methods_without_request_ids_alone(ledger):
     behavior = lambda request, context: pb.GetExperimentResponse()  # noqa: E731
     handler = _handler(behavior)

@@ -16,7 +16,12 @@ import grpc
 from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import Message
 
-from mlflow_sidecar.server.idempotency.ledger import RequestLedger, check_request_id, fingerprint
+from mlflow_sidecar.server.idempotency.ledger import (
+    RequestLedger,
+    check_request_id,
+    fingerprint,
+    older_fingerprints,
+)
 from mlflow_sidecar.server.interceptors import Behavior, CallType, WrappedHandlers
 
 _FIELD = "request_id"
@@ -70,6 +75,7 @@ class IdempotencyInterceptor(grpc.ServerInterceptor):
                 request_id,
                 fingerprint(request),
                 lambda: cast(Message, behavior(request, context)).SerializeToString(),
+                also=older_fingerprints(request),
             )
             return answer_class.FromString(raw)
 

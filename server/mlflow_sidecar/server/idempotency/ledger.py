@@ -17,7 +17,7 @@ import logging
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from google.protobuf.message import Message
@@ -33,6 +33,9 @@ log = logging.getLogger(__name__)
 
 # The tag by which an entity the sidecar created names the request that created it.
 REQUEST_ID_TAG = "mlflow_sidecar.request_id"
+# The tag by which sidecars before the request ledger named the StartRun that made a run
+# (its client_request_id): a repeat of that call after an upgrade still finds that run.
+CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 # Set on a registered model just before the sidecar renames it, to recognise its own rename.
 RENAME_REQUEST_ID_TAG = "mlflow_sidecar.rename_request_id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+\Z")
@@ -92,7 +95,9 @@ def request_id_reused(field: str, request_id: str, rpc: str) -> InvalidArgumentE
     )
 
 
-def fingerprint(request: Message, *, without: str = "request_id") -> str:
+def fingerprint(
+    request: Message, *, without: str = "request_id", keep_old_names: bool = False
+) -> str:
     """sha256 of a request's deterministic encoding, its request id field cleared, and so
     an older name of that field (`_OLD_NAMES`) holding the same id: the same call either
     way."""
@@ -101,10 +106,17 @@ def fingerprint(request: Message, *, without: str = "request_id") -> str:
     if without:
         request_id = getattr(copy, without)
         copy.ClearField(without)
-        for old_name in _OLD_NAMES:
+        for old_name in () if keep_old_names else _OLD_NAMES:
             if old_name in copy.DESCRIPTOR.fields_by_name and getattr(copy, old_name) == request_id:
                 copy.ClearField(old_name)
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
+
+
+def older_fingerprints(request: Message) -> tuple[str, ...]:
+    """Fingerprints sidecars before `fingerprint` cleared `_OLD_NAMES` recorded for the
+    same call (the old name holding the request id too): their ledger entries answer it."""
+    older = fingerprint(request, without="request_id", keep_old_names=True)
+    return () if older == fingerprint(request) else (older,)
 
 
 class RequestLedger:
@@ -147,10 +159,13 @@ class RequestLedger:
         with self._calls.hold(f"{method}\0{request_id}"):
             yield
 
-    def answer(self, method: str, request_id: str, print_: str, field: str) -> bytes | None:
+    def answer(
+        self, method: str, request_id: str, print_: str, field: str, also: Sequence[str] = ()
+    ) -> bytes | None:
         """The recorded answer of this request, or None when there is none.
 
-        InvalidArgumentError naming `field` when the id was used for another request."""
+        InvalidArgumentError naming `field` when the id was used for another request: one
+        whose fingerprint is neither `print_` nor one in `also` (`older_fingerprints`)."""
         with self._lock:
             row = self._db.execute(
                 "SELECT fingerprint, answer FROM answers WHERE method = ? AND request_id = ?",
@@ -158,7 +173,7 @@ class RequestLedger:
             ).fetchone()
         if row is None:
             return None
-        if row[0] != print_:
+        if row[0] != print_ and row[0] not in also:
             raise request_id_reused(field, request_id, method.rsplit("/", 1)[-1])
         answer: bytes = row[1]
         return answer
@@ -216,10 +231,12 @@ class RequestLedger:
         call: Callable[[], bytes],
         *,
         field: str = "request_id",
+        also: Sequence[str] = (),
     ) -> bytes:
-        """The recorded answer of this request, or `call()`'s, recorded when it succeeds."""
+        """The recorded answer of this request, or `call()`'s, recorded when it succeeds;
+        `also`: older fingerprints of the same request (see `answer`)."""
         with self.hold(method, request_id):
-            recorded = self.answer(method, request_id, print_, field)
+            recorded = self.answer(method, request_id, print_, field, also)
             if recorded is not None:
                 return recorded
             answer = call()

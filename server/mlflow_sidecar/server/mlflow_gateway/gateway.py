@@ -535,17 +535,18 @@ class MlflowGateway:
         tags: Mapping[str, str],
         start_time_ms: int,
         key_tag: str,
+        also_tagged: tuple[str, str] | None = None,
     ) -> domain.Run:
-        """The run of `experiment_id` tagged `key_tag` = `tags[key_tag]`, created if missing.
+        """The run of `experiment_id` tagged `key_tag` = `tags[key_tag]` (or, made by an
+        older sidecar, tagged `also_tagged`'s tag = value), created if missing.
 
         Safe to retry as a whole: a retry after a lost answer finds the first attempt's run.
         """
-        wanted = tags[key_tag]
 
-        def first_made() -> Any | None:
+        def first_made(tag: str = key_tag, wanted: str = tags[key_tag]) -> Any | None:
             found = self._client.search_runs(
                 [experiment_id],
-                filter_string=_tag_filter(key_tag, wanted),
+                filter_string=_tag_filter(tag, wanted),
                 run_view_type=ViewType.ALL,
                 max_results=1,
                 # The earliest, run id breaking ties: every sidecar picks the same one.
@@ -555,6 +556,8 @@ class MlflowGateway:
 
         def op() -> Any:
             found = first_made()
+            if found is None and also_tagged is not None:
+                found = first_made(*also_tagged)
             if found is not None:
                 return found
             created = self._client.create_run(

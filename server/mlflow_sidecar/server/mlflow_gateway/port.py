@@ -105,8 +105,10 @@ class RunsPort(Protocol):
         tags: Mapping[str, str],
         start_time_ms: int,
         key_tag: str,
+        also_tagged: tuple[str, str] | None = None,
     ) -> domain.Run:
-        """The run of `experiment_id` tagged `key_tag` = `tags[key_tag]`, created if missing."""
+        """The run of `experiment_id` tagged `key_tag` = `tags[key_tag]` (or, made by an
+        older sidecar, tagged `also_tagged`'s tag = value), created if missing."""
 
     def get_run(self, run_id: str) -> domain.Run:
         """The run with this id (deleted ones too)."""

@@ -43,7 +43,12 @@ from mlflow_sidecar.core.limits import (
 from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, check_request_id, request_id_reused
+from mlflow_sidecar.server.idempotency import (
+    CLIENT_REQUEST_ID_TAG,
+    REQUEST_ID_TAG,
+    check_request_id,
+    request_id_reused,
+)
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
@@ -233,6 +238,7 @@ class TrackingService:
                 tags=all_tags,
                 start_time_ms=start_time_ms,
                 key_tag=REQUEST_ID_TAG,
+                also_tagged=(CLIENT_REQUEST_ID_TAG, key) if client_request_id else None,
             )
         # A run found by the id's tag (the ledger forgot the id) that another name was
         # asked for is another call's.
