@@ -122,6 +122,41 @@ def test_requeue_is_refused_while_a_sidecar_holds_the_data_dir(data_dir, capsys)
         store.close()
 
 
+def spool_version(data_dir, set_to: int | None = None) -> int:
+    db = sqlite3.connect(data_dir / "spool.db")
+    try:
+        if set_to is not None:
+            db.execute(f"PRAGMA user_version={set_to}")
+            db.commit()
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("command", [["status"], ["export", "--json"]])
+def test_reading_an_older_spool_leaves_it_as_the_older_sidecar_serving_it_wrote_it(
+    data_dir, capsys, command
+):
+    older = spool_version(data_dir, set_to=SCHEMA_VERSION - 1)
+    # As during a rollout: the older sidecar serves the data dir, the newer CLI reads it.
+    with DataDirLock(data_dir):
+        assert main(["spool", *command]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"schema version {older}, older than this mlflow-sidecar's {SCHEMA_VERSION}" in err
+    assert spool_version(data_dir) == older
+
+
+def test_requeue_upgrades_an_older_spool_only_once_it_holds_the_data_dir(data_dir, capsys):
+    older = spool_version(data_dir, set_to=SCHEMA_VERSION - 1)
+    with DataDirLock(data_dir):
+        assert main(["spool", "requeue"]) == 2
+    assert spool_version(data_dir) == older
+    assert main(["spool", "requeue"]) == 0
+    assert spool_version(data_dir) == SCHEMA_VERSION
+    assert "requeued 2 dead-lettered points" in capsys.readouterr().out
+
+
 def test_serve_refuses_a_spool_newer_than_the_code_in_one_line(data_dir, monkeypatch, capsys):
     monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://127.0.0.1:9")
     monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")

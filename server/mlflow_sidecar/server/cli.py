@@ -301,8 +301,9 @@ def _spool_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
-    """The spool the config names, or the exit code after saying why not."""
+def _open_spool(config: AppConfig, command: str, *, upgrade: bool = False) -> SpoolStore | int:
+    """The spool the config names, or the exit code after saying why not; an older spool
+    is upgraded only with `upgrade` (by a command that holds the data dir's lock)."""
     try:
         from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.spool.store import SpoolStore, SpoolVersionError
@@ -312,7 +313,7 @@ def _open_spool(config: AppConfig, command: str) -> SpoolStore | int:
         print(f"no spool at {config.spool_path}", file=sys.stderr)
         return EXIT_UNHEALTHY
     try:
-        return SpoolStore(config.spool_path, max_points=config.spool.max_points)
+        return SpoolStore(config.spool_path, max_points=config.spool.max_points, upgrade=upgrade)
     except (DatabaseFileError, SpoolVersionError) as exc:
         return _fail(str(exc))
 
@@ -327,21 +328,26 @@ def _spool_requeue(args: argparse.Namespace) -> int:
         DataDirLockError,
     )
 
-    opened = _open_spool(config, "spool requeue")
-    if isinstance(opened, int):
-        return opened
-    store = opened
+    if not config.spool_path.exists():  # checked before the lock, which makes the data dir
+        print(f"no spool at {config.spool_path}", file=sys.stderr)
+        return EXIT_UNHEALTHY
     try:
         # A serving sidecar keeps counts of the spool in memory: rows moved behind its
         # back would not be delivered until it restarts, so requeue waits for it to stop.
+        # Locked before the spool is opened: opening upgrades an older spool, which the
+        # older sidecar serving it could then not open again.
         with DataDirLock(config.data_dir):
-            moved = store.requeue(args.run or "")
+            opened = _open_spool(config, "spool requeue", upgrade=True)
+            if isinstance(opened, int):
+                return opened
+            try:
+                moved = opened.requeue(args.run or "")
+            finally:
+                opened.close()
     except DataDirBusyError as exc:
         return _fail(f"{exc}; stop it before requeueing")
     except DataDirLockError as exc:
         return _fail(str(exc))
-    finally:
-        store.close()
     which = f"run {args.run}" if args.run else "all runs"
     print(f"requeued {moved.points} dead-lettered points and {moved.ends} held run ends of {which}")
     return 0

@@ -124,14 +124,23 @@ _MIGRATIONS = (_migrate_to_1, _migrate_to_2, _migrate_to_3)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
-def migrate(db: sqlite3.Connection, path: Path) -> int:
+def migrate(db: sqlite3.Connection, path: Path, *, upgrade: bool = True) -> int:
     """Bring the spool to `SCHEMA_VERSION`, each step in its own transaction; returns the
-    version it had. A spool newer than this code is refused, untouched."""
+    version it had. A spool newer than this code is refused, untouched; so is an older
+    one without `upgrade` (a command that only reads it must not change it under the
+    older sidecar that may be serving it)."""
     found = int(db.execute("PRAGMA user_version").fetchone()[0])
     if found > SCHEMA_VERSION:
         raise SpoolVersionError(
             f"the spool {path} has schema version {found}, newer than this sidecar's"
             f" {SCHEMA_VERSION}: run a sidecar at least as new as the one that wrote it"
+        )
+    if found < SCHEMA_VERSION and not upgrade:
+        raise SpoolVersionError(
+            f"the spool {path} has schema version {found}, older than this mlflow-sidecar's"
+            f" {SCHEMA_VERSION}, and reading it here would upgrade it, after which the"
+            " sidecar that wrote it could not open it: use the mlflow-sidecar of that"
+            " sidecar, or start this version's serve, which upgrades the spool"
         )
     for version in range(found + 1, SCHEMA_VERSION + 1):
         db.execute("BEGIN IMMEDIATE")
@@ -374,10 +383,13 @@ class SpoolStore:
         synchronous: str = "NORMAL",
         chunk_points: int = CHUNK_POINTS,
         min_free_bytes: int = 0,
+        upgrade: bool = True,
     ) -> None:
         """`min_free_bytes`: free space on the spool's filesystem that `append` leaves:
         deleting delivered points writes too (to the WAL, which a checkpoint then copies
-        into the database file), and a spool that filled the disk could never shrink."""
+        into the database file), and a spool that filled the disk could never shrink.
+        Without `upgrade` (commands that only read it) an older spool is refused rather
+        than migrated, and the spool is not checked for being writable."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_points = max_points
@@ -391,14 +403,14 @@ class SpoolStore:
         except sqlite3.DatabaseError as exc:
             raise DatabaseFileError.of(path, exc) from exc
         try:
-            self._open(path, synchronous)
+            self._open(path, synchronous, upgrade=upgrade)
         except BaseException as exc:
             self._db.close()
             if isinstance(exc, sqlite3.DatabaseError):
                 raise DatabaseFileError.of(path, exc) from exc
             raise
 
-    def _open(self, path: Path, synchronous: str) -> None:
+    def _open(self, path: Path, synchronous: str, *, upgrade: bool) -> None:
         # A chunk is about 24 KiB: on SQLite's default 4 KiB pages it spills over a chain
         # of overflow pages, on 64 KiB pages it fits in one and an insert costs a quarter.
         # Only a new database takes it (an existing spool keeps its pages), so it comes
@@ -412,8 +424,9 @@ class SpoolStore:
         # Sorts and statement journals in memory: the data dir is the one place the
         # sidecar needs to write (a read-only root filesystem has no usable /tmp).
         self._db.execute("PRAGMA temp_store=MEMORY")
-        migrate(self._db, path)
-        _check_writable(self._db)
+        migrate(self._db, path, upgrade=upgrade)
+        if upgrade:
+            _check_writable(self._db)
         # An existing spool keeps the page size it was made with.
         self._page_bytes = int(self._db.execute("PRAGMA page_size").fetchone()[0])
         self._pending: dict[str, int] = dict(
