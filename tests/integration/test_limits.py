@@ -238,6 +238,63 @@ def test_a_search_takes_the_limit_of_terms(tracking_stub):
     SEARCHES["SearchRuns"]((tracking_stub, None), terms)
 
 
+def joined(count: int, term: str) -> str:
+    return " and ".join(term.format(index) for index in range(count))
+
+
+def test_a_search_of_runs_joins_at_most_the_limit_of_tables(tracking_stub):
+    # Past it MLflow's SQLite store answers 503, which would be retried and reported as
+    # an outage; the limit holds on every database, so a search works on all of them.
+    def search(filter_string: str, order_by: list[str] | None = None) -> object:
+        return tracking_stub.SearchRuns(
+            pb.SearchRunsRequest(
+                experiment_ids=["0"], filter=filter_string, order_by=order_by or []
+            ),
+            timeout=30,
+        )
+
+    metrics = "metrics.`m{}` > 0"
+    search(joined(limits.MAX_SEARCH_JOINS, metrics))
+    message = refused(lambda: search(joined(limits.MAX_SEARCH_JOINS + 1, metrics)), "filter")
+    assert f"at most {limits.MAX_SEARCH_JOINS}" in message
+    half = limits.MAX_ORDER_BY_TERMS
+    params = [f"params.`p{index}`" for index in range(half)]
+    search(joined(limits.MAX_SEARCH_JOINS - half, metrics), params)
+    refused(lambda: search(joined(limits.MAX_SEARCH_JOINS - half + 1, metrics), params), "order_by")
+    # Attributes join nothing; a dataset term joins two tables.
+    search(joined(limits.MAX_SEARCH_JOINS + 10, "attributes.status = 'RUNNING'"))
+    datasets = "datasets.name = 'd{}'"
+    refused(lambda: search(joined(limits.MAX_SEARCH_JOINS // 2 + 1, datasets)), "filter")
+
+
+def test_searches_of_experiments_and_logged_models_join_at_most_the_limit_of_tables(
+    tracking_stub,
+):
+    tags = joined(limits.MAX_SEARCH_JOINS, "tags.`t{}` = 'x'")
+    tracking_stub.SearchExperiments(pb.SearchExperimentsRequest(filter=tags), timeout=30)
+    refused(
+        lambda: tracking_stub.SearchExperiments(
+            pb.SearchExperimentsRequest(filter=f"{tags} and tags.`last` = 'x'"), timeout=30
+        ),
+        "filter",
+    )
+    metrics = joined(limits.MAX_SEARCH_JOINS, "metrics.m{} > 0")
+
+    def logged(filter_string: str, *order: str) -> object:
+        return tracking_stub.SearchLoggedModels(
+            pb.SearchLoggedModelsRequest(
+                experiment_ids=["0"],
+                filter=filter_string,
+                order_by=[pb.LoggedModelOrder(field_name=field) for field in order],
+            ),
+            timeout=30,
+        )
+
+    logged(metrics)
+    refused(lambda: logged(metrics, "metrics.o"), "order_by")
+    refused(lambda: logged(f"{metrics} and metrics.last > 0"), "filter")
+
+
 def test_a_logged_model_search_bounds_its_filter_and_order(tracking_stub):
     def search(filter_string: str = "", terms: int = 1, field_name: str = "name"):
         return tracking_stub.SearchLoggedModels(

@@ -43,6 +43,7 @@ def test_every_request_limit_is_in_the_table() -> None:
         "MAX_SOURCE_LENGTH",
         "MAX_FILTER_LENGTH",
         "MAX_ORDER_BY_TERMS",
+        "MAX_SEARCH_JOINS",
         "MAX_ORDER_BY_LENGTH",
         "MAX_ID_LENGTH",
         "MAX_REQUEST_ID_LENGTH",

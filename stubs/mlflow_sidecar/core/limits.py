@@ -48,6 +48,11 @@ MAX_ORDER_BY_TERMS = 32
 """A search's `order_by` terms. MLflow sets none; its database does: each metric, param or
 tag term is a join, and SQLite joins at most 64 tables (past that MLflow answers with a
 server error, which reads as an outage)."""
+MAX_SEARCH_JOINS = 63
+"""The tables a search of runs, experiments or logged models joins to its entity's own, its
+filter and `order_by` together: MLflow's SQL stores join one for each metric, param or tag
+term (two for a dataset term), and SQLite joins at most 64 tables; past that MLflow answers
+503 TEMPORARILY_UNAVAILABLE, which reads as an outage."""
 MAX_ORDER_BY_LENGTH = 1000
 """One `order_by` term ("metrics.`key` DESC"; a key is at most 250)."""
 DATASET_FIELD_LENGTHS = {

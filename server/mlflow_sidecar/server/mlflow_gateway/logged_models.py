@@ -32,7 +32,7 @@ from mlflow_sidecar.core.errors import (
     NotFoundError,
 )
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModel, LoggedModelStatus
-from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, page_tokens
+from mlflow_sidecar.server.mlflow_gateway import mlflow_internals, page_tokens, search_terms
 from mlflow_sidecar.server.mlflow_gateway.entities import ms, text, user_tags
 from mlflow_sidecar.server.mlflow_gateway.gateway import MlflowGateway
 
@@ -131,6 +131,9 @@ class LoggedModelGateway:
         page_token: str,
     ) -> domain.Page[LoggedModel]:
         """One page of the experiments' logged models matching an MLflow filter."""
+        search_terms.check_joins(
+            search_terms.LOGGED_MODELS, filter_string, [field for field, _ in order_by]
+        )
         ids = list(experiment_ids)
         mlflow_filter = filter_string or None
         # With the dataset keys `mlflow server` adds when it rebuilds the ordering from its

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -31,6 +31,7 @@ from mlflow.utils import mime_type_utils, request_utils, rest_utils
 from mlflow.utils.search_utils import (
     SearchExperimentsUtils,
     SearchLoggedModelsPaginationToken,
+    SearchLoggedModelsUtils,
     SearchModelUtils,
     SearchModelVersionUtils,
     SearchUtils,
@@ -290,12 +291,15 @@ _model_version_search: Any = SearchModelVersionUtils
 _experiment_search: Any = SearchExperimentsUtils
 _registered_model_search: Any = SearchModelUtils
 
-parse_runs_filter: Callable[[str], object] = _search_utils.parse_search_filter
-parse_experiments_filter: Callable[[str], object] = _experiment_search.parse_search_filter
-parse_registered_models_filter: Callable[[str], object] = (
-    _registered_model_search.parse_search_filter
-)
-parse_model_versions_filter: Callable[[str], object] = _model_version_search.parse_search_filter
+_logged_model_search: Any = SearchLoggedModelsUtils
+# Each parses a filter into its terms, one dict each with its "type" ("metric", "tag",
+# "attribute", ...), "key", "comparator" and "value".
+_Parse = Callable[[str], Sequence[Mapping[str, Any]]]
+parse_runs_filter: _Parse = _search_utils.parse_search_filter
+parse_experiments_filter: _Parse = _experiment_search.parse_search_filter
+parse_registered_models_filter: _Parse = _registered_model_search.parse_search_filter
+parse_model_versions_filter: _Parse = _model_version_search.parse_search_filter
+parse_logged_models_filter: _Parse = _logged_model_search.parse_search_filter
 
 
 def experiment_order_field(term: str) -> str:

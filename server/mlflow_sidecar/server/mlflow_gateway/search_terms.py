@@ -3,28 +3,76 @@ its SQL stores require, and which part of a search MLflow refused."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.core.limits import MAX_SEARCH_JOINS
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
 
 
 @dataclass(frozen=True)
 class SearchGrammar:
-    """How MLflow parses one entity's filter, and the field an `order_by` term sorts by
-    (each raises MlflowException for what MLflow cannot parse)."""
+    """How MLflow parses one entity's filter, the field an `order_by` term sorts by, and
+    whether sorting by it joins a table (each raises MlflowException for what MLflow
+    cannot parse)."""
 
-    parse_filter: Callable[[str], object]
+    parse_filter: Callable[[str], Sequence[Mapping[str, Any]]]
     order_field: Callable[[str], Hashable]
+    order_joins: Callable[[str], bool] = lambda _term: False
 
 
-RUNS = SearchGrammar(mlflow_internals.parse_runs_filter, mlflow_internals.run_order_field)
+RUNS = SearchGrammar(
+    mlflow_internals.parse_runs_filter,
+    mlflow_internals.run_order_field,
+    lambda term: mlflow_internals.run_order_field(term)[0] != "attribute",
+)
 EXPERIMENTS = SearchGrammar(
     mlflow_internals.parse_experiments_filter, mlflow_internals.experiment_order_field
 )
+LOGGED_MODELS = SearchGrammar(
+    mlflow_internals.parse_logged_models_filter,
+    lambda field: field,
+    lambda field: field.startswith("metrics."),
+)
+# Tables MLflow's SQL stores join for one term of a filter, by its type; 1 for the rest.
+_JOINS_BY_TYPE = {"attribute": 0, "dataset": 2}
+
+
+def check_joins(grammar: SearchGrammar, filter_string: str, order_by: Sequence[str]) -> None:
+    """Refuse a search that would join more than `MAX_SEARCH_JOINS` tables (INVALID_ARGUMENT
+    on `filter`, or on `order_by` when the filter alone is within it).
+
+    MLflow refuses it with 503 TEMPORARILY_UNAVAILABLE on SQLite, which reads as an
+    outage. A filter or term MLflow cannot parse is left for MLflow to name."""
+    try:
+        in_filter = sum(
+            _JOINS_BY_TYPE.get(str(term.get("type")), 1)
+            for term in (grammar.parse_filter(filter_string) if filter_string else ())
+        )
+        in_order = sum(1 for term in order_by if grammar.order_joins(term))
+    except MlflowException:
+        return
+    if in_filter + in_order <= MAX_SEARCH_JOINS:
+        return
+    counted = "metric, param, tag and dataset terms (a dataset term joins two tables)"
+    if in_filter > MAX_SEARCH_JOINS:
+        raise InvalidArgumentError(
+            "filter",
+            f"its {counted} join {in_filter} tables; a search joins at most"
+            f" {MAX_SEARCH_JOINS} (SQLite joins at most 64 tables): split the search",
+        )
+    raise InvalidArgumentError(
+        "order_by",
+        f"the filter's and order_by's {counted} join {in_filter} + {in_order} tables; a"
+        f" search joins at most {MAX_SEARCH_JOINS} (SQLite joins at most 64 tables):"
+        " order by fewer metrics, params or tags",
+    )
+
+
 REGISTERED_MODELS = SearchGrammar(
     mlflow_internals.parse_registered_models_filter,
     mlflow_internals.registered_model_order_field,
