@@ -193,6 +193,20 @@ def test_failures_are_mlflow_exceptions_with_mlflow_codes(sidecar_uri: str, uniq
     assert deleted_experiment.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_ending_an_ended_run_again_with_another_time_takes_it_as_in_mlflow(
+    sidecar_uri: str, direct: MlflowClient, unique: str
+) -> None:
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"plugin-reend-{unique}")).info.run_id
+    client.set_terminated(run_id, "FINISHED", end_time=1_700_000_000_000)
+    client.set_terminated(run_id, "FINISHED", end_time=1_700_000_500_000)
+    assert direct.get_run(run_id).info.end_time == 1_700_000_500_000
+    # update_run with the run's own status keeps its end time, as MLflow's does.
+    client.update_run(run_id, status="FINISHED")
+    seen = direct.get_run(run_id).info
+    assert (seen.status, seen.end_time) == ("FINISHED", 1_700_000_500_000)
+
+
 def test_a_run_ended_by_another_process_costs_the_other_runs_nothing(
     sidecar_uri: str, sidecar: RunningSidecar, direct: MlflowClient, unique: str
 ) -> None:

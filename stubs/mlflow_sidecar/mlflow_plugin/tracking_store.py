@@ -364,7 +364,12 @@ class SidecarTrackingStore(AbstractStore):
             self._undelivered.resume(run_id)
             self._connection.run_resumed(run_id)
             return entities.run_info(resumed.info, self._root)
-        if status is None or status == current.info.status:
+        if status is None or (
+            # A run ended again with its status and another end time takes that time, as
+            # in MLflow (set_terminated(run_id, "FINISHED", end_time=...) on a FINISHED run).
+            status == current.info.status
+            and (end_time is None or end_time == current.info.end_time_ms)
+        ):
             return entities.run_info(current.info, self._root)
         if status not in TERMINAL_RUN_STATUSES:
             raise unsupported(f"Setting run {run_id} to {status.value}")
