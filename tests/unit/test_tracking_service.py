@@ -115,6 +115,23 @@ def test_start_run_parent_must_exist_in_the_same_experiment(service):
         service.start_run(exp, parent_run_id="missing")
 
 
+def test_start_run_refuses_a_parent_tag_that_contradicts_parent_run_id(service, gateway):
+    exp = service.create_experiment("e").experiment_id
+    parent, other = service.start_run(exp), service.start_run(exp)
+    runs = len(gateway.runs)
+    with pytest.raises(InvalidArgumentError, match="give the parent once") as err:
+        service.start_run(
+            exp, parent_run_id=parent.run_id, tags={"mlflow.parentRunId": other.run_id}
+        )
+    assert err.value.field == "parent_run_id"
+    assert len(gateway.runs) == runs
+    # The same parent twice is one parent.
+    child = service.start_run(
+        exp, parent_run_id=parent.run_id, tags={"mlflow.parentRunId": parent.run_id}
+    )
+    assert gateway.get_run(child.run_id).tags["mlflow.parentRunId"] == parent.run_id
+
+
 def test_log_params_write_once(service, gateway, run_id):
     service.log_params(run_id, {"lr": "0.1"})
     service.log_params(run_id, {"lr": "0.1"})

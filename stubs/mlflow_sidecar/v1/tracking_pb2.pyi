@@ -676,7 +676,11 @@ class StartRunRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     experiment_id: _builtins.str
     run_name: _builtins.str
+    """The run's name; a tag mlflow.runName of another value beside it is INVALID_ARGUMENT."""
     parent_run_id: _builtins.str
+    """A run of the same experiment; a tag mlflow.parentRunId of another value beside it is
+    INVALID_ARGUMENT.
+    """
     start_time_ms: _builtins.int
     """0 means now."""
     @_builtins.property

@@ -214,6 +214,13 @@ class TrackingService:
         all_tags = dict(tags or {})
         if parent_run_id:
             check.run_id("parent_run_id", parent_run_id)
+            tagged = all_tags.get(PARENT_RUN_ID_TAG)
+            if tagged is not None and tagged != parent_run_id:
+                raise InvalidArgumentError(
+                    "parent_run_id",
+                    f"{parent_run_id!r} differs from the tag {PARENT_RUN_ID_TAG}={tagged!r};"
+                    " give the parent once",
+                )
             parent = self.get_run(parent_run_id)
             if parent.info.experiment_id != experiment_id:
                 raise InvalidArgumentError(
