@@ -413,6 +413,34 @@ def test_a_restarted_trainer_resumes_its_ended_run(
     assert deleted.value.error_code == "INVALID_PARAMETER_VALUE"
 
 
+def test_a_version_from_a_runs_files_names_their_location_as_mlflow_stores_it(
+    sidecar_uri: str, direct: MlflowClient, unique: str, tmp_path: Path
+) -> None:
+    client = MlflowClient()
+    run_id = client.create_run(client.create_experiment(f"plugin-source-{unique}")).info.run_id
+    policy = tmp_path / "policy"
+    policy.mkdir()
+    (policy / "weights.bin").write_bytes(bytes(range(256)) * 64)
+    (policy / "MLmodel").write_text("flavors: {}\n")  # what register_model looks for
+    client.log_artifacts(run_id, str(policy), "mdl")
+    name = f"plugin-source-{unique}"
+    client.create_registered_model(name)
+    by_uri = client.create_model_version(
+        name, f"{client.get_run(run_id).info.artifact_uri}/mdl", run_id=run_id
+    )
+    registered = mlflow.register_model(f"runs:/{run_id}/mdl", name)
+    # Without the sidecar MLflow's client stores the run's location, never a sidecar URI.
+    location = f"{direct.get_run(run_id).info.artifact_uri}/mdl"
+    for version in (by_uri, registered):
+        assert direct.get_model_version(name, version.version).source == location
+        fetched = Path(
+            mlflow.artifacts.download_artifacts(
+                f"models:/{name}/{version.version}", dst_path=str(tmp_path / version.version)
+            )
+        )
+        assert sha256(fetched / "weights.bin") == sha256(policy / "weights.bin")
+
+
 def _train_in_a_forked_child(experiment_id: str) -> str:
     client = MlflowClient()  # MLflow hands the child the stores its parent made
     run_id = client.create_run(experiment_id).info.run_id

@@ -210,12 +210,8 @@ class SidecarRegistryStore(AbstractStore):
             ("", "") if source.startswith(_RUNS_PREFIX) else (self._run_artifact(source))
         )
         if own_run:
-            created = self._registry.create_model_version(
-                name,
-                run_id=own_run,
-                artifact_path=artifact_path,
-                description=description or "",
-                tags=tag_values,
+            created = self._create_from_run(
+                name, own_run, artifact_path, description=description or "", tags=tag_values
             )
         else:
             created = self._registry.create_model_version(
@@ -226,6 +222,21 @@ class SidecarRegistryStore(AbstractStore):
                 tags=tag_values,
             )
         return entities.model_version(created)
+
+    def _create_from_run(
+        self, name: str, run_id: str, artifact_path: str, *, description: str, tags: Any
+    ) -> ModelVersion:
+        """A version of the run's files at `artifact_path`, its source the run's artifact
+        location as MLflow has it (as MLflow's client stores one from a run's artifact URI),
+        not this process's sidecar URI."""
+        location = self._tracking.get_run(run_id).info.artifact_uri.rstrip("/")
+        return self._registry.create_model_version(
+            name,
+            source=f"{location}/{artifact_path}" if artifact_path else location,
+            run_id=run_id,
+            description=description,
+            tags=tags,
+        )
 
     @translated
     def update_model_version(
