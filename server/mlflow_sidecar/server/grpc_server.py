@@ -37,6 +37,8 @@ SERVICE_NAMES = (TRACKING_SERVICE, REGISTRY_SERVICE)
 HANDLERS_AFTER_CUT_S = 0.5
 # grpc's own cancel comes this much after the grace period, should the stop's own fail.
 _GRPC_CANCEL_AFTER_S = 5.0
+# The shortest interval between a client's keepalive pings that the sidecar accepts.
+KEEPALIVE_MIN_PING_INTERVAL_MS = 10_000
 
 
 def _server_credentials(config: AppConfig) -> grpc.ServerCredentials:
@@ -126,9 +128,12 @@ class SidecarServer:
                 # Soft and hard limit alike: above it every call is refused, none by chance.
                 ("grpc.max_metadata_size", server.max_metadata_bytes),
                 ("grpc.absolute_max_metadata_size", server.max_metadata_bytes),
-                # Accept the clients' keepalive pings (every 30 s) even between calls.
+                # Accept clients' keepalive pings every 10 s or more (the typed client's come
+                # every 30 s; proxies and other languages' clients often ping every 10 s),
+                # with calls in flight or not; grpc's default answers pings more often than
+                # every 5 minutes with GOAWAY too_many_pings, which ends every call.
                 ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_MIN_PING_INTERVAL_MS),
                 ("grpc.so_reuseport", 0),
             ],
             maximum_concurrent_rpcs=server.max_concurrent_rpcs,
