@@ -416,8 +416,22 @@ def test_an_answer_over_the_message_limit_says_so_and_is_logged_as_refused(
                 stub.LogParams(pb.LogParamsRequest(run_id=run_id, params=params))
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetRun(pb.GetRunRequest(run_id=run_id))
+            # A call that changed the run answers OK with the run's info alone: an error
+            # would say nothing happened, and its retry would meet the same answer.
+            end = pb.EndRunRequest(
+                run_id=run_id, status=pb.RUN_STATUS_KILLED, request_id=f"end-{tmp_path.name}"
+            )
+            ended = [stub.EndRun(end).run for _ in range(2)]
+            resumed = stub.ResumeRun(pb.ResumeRunRequest(run_id=run_id)).run
+            stub.DeleteRun(pb.DeleteRunRequest(run_id=run_id))
+            restored = stub.RestoreRun(pb.RestoreRunRequest(run_id=run_id)).run
     finally:
         running.stop()
+    assert [r.info.status for r in ended] == [pb.RUN_STATUS_KILLED] * 2
+    assert resumed.info.status == pb.RUN_STATUS_RUNNING
+    assert restored.info.lifecycle_stage == pb.LIFECYCLE_STAGE_ACTIVE
+    for run in (*ended, resumed, restored):
+        assert run.info.run_id == run_id and not run.HasField("data")
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     error = error_from_rpc(err.value)
     assert error.reason == ErrorReason.ANSWER_TOO_LARGE

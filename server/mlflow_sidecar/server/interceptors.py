@@ -39,6 +39,7 @@ from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSerie
 from mlflow_sidecar.server.request_context import request_id
 
 log = logging.getLogger("mlflow_sidecar.access")
+_notes = logging.getLogger(__name__)
 error_log = logging.getLogger("mlflow_sidecar.errors")
 
 
@@ -154,7 +155,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
     def _wrap(self, behavior: Behavior, call_type: CallType, method: str) -> Behavior:
         default = self._default_deadline_s
-        fits = _answer_limit(self._max_answer_bytes)
+        fits = _answer_limit(self._max_answer_bytes, method.rsplit("/", 1)[-1])
 
         def remaining(context: grpc.ServicerContext) -> float | None:
             left = context.time_remaining()
@@ -195,11 +196,31 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return unary
 
 
-def _answer_limit(max_bytes: int | None) -> Callable[[Any], Any]:
+# Methods whose answer is built once their change has taken effect, around the run they
+# changed: a run too large to send comes with its info alone, because an error would tell
+# the caller that nothing happened (and its retry would meet the same answer).
+_RUN_ANSWERS_AFTER_EFFECT = frozenset({"EndRun", "RestoreRun", "ResumeRun"})
+
+
+def _answer_limit(max_bytes: int | None, method_name: str = "") -> Callable[[Any], Any]:
     """The check of one answer message against the server's send limit."""
 
     def fits(answer: Any) -> Any:
         size = answer.ByteSize() if max_bytes is not None else 0
+        if max_bytes is not None and size > max_bytes and method_name in _RUN_ANSWERS_AFTER_EFFECT:
+            info = answer.run.info
+            answer.run.ClearField("data")
+            answer.run.ClearField("inputs")
+            answer.run.ClearField("outputs")
+            _notes.info(
+                "%s of run %s took effect; its answer carries the run's info alone: the"
+                " whole run is %d bytes, over server.max_message_bytes (%d)",
+                method_name,
+                info.run_id,
+                size,
+                max_bytes,
+            )
+            size = answer.ByteSize()
         if max_bytes is not None and size > max_bytes:
             raise ResourceExhaustedError(
                 f"the answer is {size} bytes, over the sidecar's message limit of {max_bytes}"

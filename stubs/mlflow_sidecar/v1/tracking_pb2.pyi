@@ -897,6 +897,8 @@ class EndRunResponse(_message.Message):
         """The run as MLflow has it now: still RUNNING while the end waits for delivery. With
         points of the run spooled, the end is recorded even while MLflow cannot be reached;
         `run` then holds only run_id and status RUNNING.
+        A run too large to send whole (over server.max_message_bytes with its data, inputs and
+        outputs) comes with its info alone: the call has taken effect all the same.
         """
 
     def __init__(
@@ -979,7 +981,11 @@ class RestoreRunResponse(_message.Message):
 
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def run(self) -> Global___Run: ...
+    def run(self) -> Global___Run:
+        """A run too large to send whole (over server.max_message_bytes with its data, inputs and
+        outputs) comes with its info alone: the call has taken effect all the same.
+        """
+
     def __init__(
         self,
         *,
@@ -1019,7 +1025,10 @@ class ResumeRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def run(self) -> Global___Run:
-        """The run as MLflow has it now: RUNNING."""
+        """The run as MLflow has it now: RUNNING.
+        A run too large to send whole (over server.max_message_bytes with its data, inputs and
+        outputs) comes with its info alone: the call has taken effect all the same.
+        """
 
     def __init__(
         self,
