@@ -66,6 +66,25 @@ def test_a_tokens_file_that_is_not_utf8_is_named_without_its_bytes(tmp_path):
     assert "secret-ish" not in message
 
 
+@pytest.mark.parametrize("token", [" ", "s3cret-token\n", "s3cret tok", "s3crët"])
+def test_a_token_no_client_could_present_is_refused_without_showing_it(tmp_path, token):
+    # Accepted, it would leave every call UNAUTHENTICATED.
+    message = refusal(tmp_path, auth={"tokens": ["fine-token", token]})
+    assert "auth.tokens[1] holds whitespace" in message
+    assert "s3cr" not in message
+
+
+@pytest.mark.parametrize("line", ["s3cret tok", "s3crët"])
+def test_a_tokens_file_line_no_client_could_present_is_refused_by_number(tmp_path, line):
+    # Lines are stripped (the newline a file ends with is no part of a token); what is
+    # left must be sendable.
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# deploy tokens\n  fine-token  \n{line}\n", encoding="utf-8")
+    message = refusal(tmp_path, auth={"tokens_file": tokens})
+    assert "auth.tokens_file" in message and "line 3 holds whitespace" in message
+    assert "s3cr" not in message
+
+
 def test_files_grpc_serves_with_are_taken_whatever_this_systems_openssl_policy(tmp_path):
     # A 1024-bit RSA key: OpenSSL's default security level refuses it, grpc serves with it.
     import datetime

@@ -37,6 +37,7 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from mlflow_sidecar.core import bearer_tokens
 from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN_CHUNK_BYTES
 from mlflow_sidecar.core.service_links import is_service_link
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
@@ -263,6 +264,15 @@ class AuthConfig(_Section):
     tokens: list[SecretStr] = Field(default_factory=list)
     tokens_file: Path | None = Field(None, description="one token per line; # starts a comment")
 
+    @field_validator("tokens")
+    @classmethod
+    def _tokens_fit_a_header(cls, tokens: list[SecretStr]) -> list[SecretStr]:
+        # No client could present such a token: every call would be UNAUTHENTICATED.
+        for index, token in enumerate(tokens):
+            if not bearer_tokens.sendable(token.get_secret_value()):
+                raise ValueError(f"auth.tokens[{index}] {bearer_tokens.UNSENDABLE}")
+        return tokens
+
     def load_tokens(self) -> tuple[str, ...]:
         """Every accepted token, from the list and the file."""
         tokens = [t.get_secret_value() for t in self.tokens]
@@ -275,9 +285,14 @@ class AuthConfig(_Section):
                 raise ConfigError(
                     f"invalid config key auth.tokens_file: {self.tokens_file}: {reason}"
                 ) from None
-            for raw in text.splitlines():
+            for number, raw in enumerate(text.splitlines(), start=1):
                 line = raw.strip()
                 if line and not line.startswith("#"):
+                    if not bearer_tokens.sendable(line):
+                        raise ConfigError(
+                            f"invalid config key auth.tokens_file: {self.tokens_file}: line"
+                            f" {number} {bearer_tokens.UNSENDABLE} (value not shown)"
+                        )
                     tokens.append(line)
         return tuple(t for t in tokens if t)
 

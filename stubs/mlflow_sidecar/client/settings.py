@@ -16,6 +16,7 @@ from mlflow_sidecar.client.metric_stream import (
     DEFAULT_RECONNECT_S,
 )
 from mlflow_sidecar.client.tls_files import check_tls_files
+from mlflow_sidecar.core import bearer_tokens
 from mlflow_sidecar.core.limits import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -24,9 +25,6 @@ from mlflow_sidecar.core.limits import (
 )
 from mlflow_sidecar.core.service_links import is_service_link
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
-
-# A bearer token's characters: printable ASCII without the space.
-_TOKEN_FIRST, _TOKEN_LAST = "!", "~"
 
 TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_file")
 """The settings that name PEM files of a TLS channel; each needs `tls`."""
@@ -97,11 +95,10 @@ class ClientSettings(NumbersRefuseBooleans):
     @classmethod
     def _token_fits_a_header(cls, token: str) -> str:
         # grpc refuses such metadata at every call with a bare INTERNAL "Invalid metadata".
-        if any(not _TOKEN_FIRST <= char <= _TOKEN_LAST for char in token):
+        if not bearer_tokens.sendable(token):
             raise ValueError(
-                "token holds whitespace, a line break or a non-ASCII character, which a"
-                " bearer token in an HTTP/2 header cannot (value not shown): strip it, e.g."
-                " the newline a token read from a file ends with"
+                f"token {bearer_tokens.UNSENDABLE} (value not shown): strip it, e.g. the"
+                " newline a token read from a file ends with"
             )
         return token
 
