@@ -8,6 +8,7 @@ directory outside the roots stays untouched, and its file's content never comes 
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from pathlib import Path
 
@@ -243,3 +244,36 @@ def test_a_symlink_in_a_runs_artifacts_does_not_lead_a_source_out_of_them(
     assert listed.value.reason == "PATH_OUTSIDE_ROOTS"
     assert not (tmp_path / "read").exists() or not list((tmp_path / "read").rglob("*"))
     container.shutdown_resources()
+
+
+def test_a_runs_artifacts_swapped_for_a_link_out_are_refused_after_use(
+    embedded_store_sidecar, outside, unique, tmp_path
+):
+    # Once used, the run's location is known to the sidecar; the check of where it leads
+    # is still made at every call.
+    container = ClientContainer()
+    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
+    tracking = container.experiment_tracking()
+    uri = embedded_store_sidecar.container.config().tracking_uri
+    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = tracking.start_run(tracking.create_experiment(f"swap-{unique}").experiment_id).run_id
+    upload = tmp_path / "weights.bin"
+    upload.write_bytes(b"w" * 100)
+    tracking.upload_artifact(run_id, upload, "weights.bin")
+    assert [f.path for f in tracking.list_artifacts(run_id).items] == ["weights.bin"]
+    artifacts = Path(direct.get_run(run_id).info.artifact_uri.removeprefix("file://"))
+    shutil.rmtree(artifacts)
+    artifacts.symlink_to(outside, target_is_directory=True)
+    try:
+        for call in (
+            lambda: tracking.list_artifacts(run_id),
+            lambda: tracking.download_artifact(run_id, "passwd", tmp_path / "down"),
+            lambda: tracking.upload_artifact(run_id, upload, "weights.bin"),
+        ):
+            with pytest.raises(PermissionDeniedError) as err:
+                call()
+            _assert_quiet(err.value, outside)
+            assert err.value.reason == "PATH_OUTSIDE_ROOTS"
+    finally:
+        container.shutdown_resources()
+    assert sorted(p.name for p in outside.iterdir()) == ["passwd"]

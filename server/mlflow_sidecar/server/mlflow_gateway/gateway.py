@@ -323,13 +323,14 @@ class MlflowGateway:
         """The run's artifact location, once it is known to be allowed: PERMISSION_DENIED
         (reason PATH_OUTSIDE_ROOTS, naming `field`) for a run whose artifacts live elsewhere."""
         known = self._checked_runs.get(run_id)
-        if known is not None:
-            return known
-        uri = self.get_run(run_id).info.artifact_uri
+        uri = known if known is not None else self.get_run(run_id).info.artifact_uri
+        # Checked at every use, the location only kept: a link swapped in since the last
+        # use may lead out of the allowed roots.
         self._storage.check(field, uri)
-        if len(self._checked_runs) >= _RUN_LOCATION_CACHE:
-            self._checked_runs.clear()
-        self._checked_runs[run_id] = uri
+        if known is None:
+            if len(self._checked_runs) >= _RUN_LOCATION_CACHE:
+                self._checked_runs.clear()
+            self._checked_runs[run_id] = uri
         return uri
 
     def check_storage(self, field: str, uri: str) -> str:
