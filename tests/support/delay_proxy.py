@@ -29,9 +29,10 @@ def mlflow_writes(method: str, path: str) -> bool:
 class DelayProxy:
     """`with DelayProxy(upstream_url, delay_s=3) as proxy:` then point a client at
     `proxy.url`; `refused(method, path)` picks requests to answer 503 (asked per request,
-    so an outage can start and end while the proxy runs). `proxy.count(method, suffix)`
-    counts requests whose path ends so; `answered` is set each time a delayed request has
-    been done by MLflow (its answer is then held back)."""
+    so an outage can start and end while the proxy runs), and `page(method, path)` those
+    answered, without reaching MLflow, with a proxy's own (status, HTML page).
+    `proxy.count(method, suffix)` counts requests whose path ends so; `answered` is set
+    each time a delayed request has been done by MLflow (its answer is then held back)."""
 
     def __init__(
         self,
@@ -40,12 +41,14 @@ class DelayProxy:
         delay_s: float,
         delayed: Callable[[str, str], bool] = mlflow_writes,
         refused: Callable[[str, str], bool] = lambda _method, _path: False,
+        page: Callable[[str, str], tuple[int, str] | None] = lambda _method, _path: None,
     ) -> None:
         upstream = urlsplit(upstream_url)
         self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
         self.delay_s = delay_s
         self._delayed = delayed
         self._refused = refused
+        self._page = page
         self._counts: Counter[tuple[str, str]] = Counter()
         # (method, path, W3C traceparent) of every request that carried one.
         self.traceparents: list[tuple[str, str, str]] = []
@@ -98,6 +101,10 @@ class DelayProxy:
                 if proxy._refused(self.command, self.path):
                     self._unavailable()
                     return
+                own = proxy._page(self.command, self.path)
+                if own is not None:
+                    self._answer(*own)
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:
@@ -119,6 +126,14 @@ class DelayProxy:
                     self.wfile.write(data)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up waiting: exactly the case under test
+
+            def _answer(self, status: int, html: str) -> None:
+                data = html.encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
 
             def _unavailable(self) -> None:
                 data = b'{"error_code": "TEMPORARILY_UNAVAILABLE", "message": "down"}'

@@ -10,6 +10,7 @@ import pytest
 import requests
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos import databricks_pb2
+from mlflow.utils.rest_utils import verify_rest_response
 
 from mlflow_sidecar.client import errors
 from mlflow_sidecar.core.domain import Metric
@@ -64,7 +65,7 @@ def _http_error(status: int) -> requests.exceptions.HTTPError:
         ),
         (_wrapped_connection_error(), errors.UnavailableError),
         (_http_error(403), errors.PermissionDeniedError),
-        (_http_error(401), errors.UnauthenticatedError),
+        (_http_error(401), errors.PermissionDeniedError),
         (_http_error(404), errors.NotFoundError),
         (_http_error(400), errors.InvalidArgumentError),
         (_http_error(418), errors.InternalError),
@@ -121,6 +122,79 @@ def test_mlflow_errors_carry_a_reason_and_what_mlflow_said(exc, reason, metadata
     error = to_domain_error(exc)
     assert error.reason == reason
     assert error.metadata == metadata
+
+
+def _foreign(status: int, body: str) -> MlflowException:
+    """What MLflow's client raises for an answer whose body is not MLflow's JSON."""
+    response = requests.Response()
+    response.status_code = status
+    response._content = body.encode()
+    try:
+        verify_rest_response(response, "/api/2.0/mlflow/runs/get")
+    except MlflowException as exc:
+        return exc
+    raise AssertionError("MLflow's client took the page as its answer")
+
+
+LOGIN_PAGE = "<html><body><form action='/login'>Sign in</form></body></html>"
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected", "reason", "transient"),
+    [
+        # A proxy's or an ingress's page: a passing fault, never the caller's request.
+        (
+            _foreign(400, "<html>400 Bad Request</html>"),
+            errors.UnavailableError,
+            "MLFLOW_UNAVAILABLE",
+            True,
+        ),
+        (
+            _foreign(404, "<html>no route</html>"),
+            errors.UnavailableError,
+            "MLFLOW_UNAVAILABLE",
+            True,
+        ),
+        (_foreign(200, LOGIN_PAGE), errors.UnavailableError, "MLFLOW_UNAVAILABLE", True),
+        # The sidecar's own credentials refused: not the caller's token, and no retry helps.
+        (_foreign(401, "Unauthorized"), errors.PermissionDeniedError, "MLFLOW_DENIED", False),
+        (_foreign(403, "Forbidden"), errors.PermissionDeniedError, "MLFLOW_DENIED", False),
+        (
+            MlflowException("x", databricks_pb2.UNAUTHENTICATED),
+            errors.PermissionDeniedError,
+            "MLFLOW_DENIED",
+            False,
+        ),
+        (
+            _foreign(413, "<html>413 Request Entity Too Large</html>"),
+            errors.ResourceExhaustedError,
+            "RESOURCE_EXHAUSTED",
+            False,
+        ),
+        # MLflow's own JSON refusal stays the caller's.
+        (
+            RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad key"}),
+            errors.InvalidArgumentError,
+            "INVALID_ARGUMENT",
+            False,
+        ),
+    ],
+)
+def test_an_answer_that_is_not_mlflows_says_so(exc, expected, reason, transient):
+    error = to_domain_error(exc)
+    assert type(error) is expected
+    assert error.reason == reason
+    assert is_transient(exc) is transient
+    if exc.message.startswith("API request"):
+        # The status the page came with, not the error code MLflow's client guessed from it.
+        assert list(error.metadata) == ["http_status"]
+        assert error.metadata["http_status"] in exc.message or "successful" in exc.message
+
+
+def test_a_proxys_page_is_named_as_such_without_its_whole_text():
+    error = to_domain_error(_foreign(400, "<html>" + "x" * 5000 + "</html>"))
+    assert "not MLflow's answer" in error.message and "HTTP 400" in error.message
+    assert len(error.message) < 500
 
 
 def test_only_transient_failures_are_retried():

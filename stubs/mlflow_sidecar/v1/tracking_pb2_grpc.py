@@ -89,6 +89,9 @@ class ExperimentTrackingServiceStub(object):
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
     itself refused its credentials, or it has none (the caller's token is not at fault).
+    - MLFLOW_DENIED [PERMISSION_DENIED]: MLflow, or a proxy in front of it, refused the
+    sidecar's own credentials (mlflow.username/password or mlflow.token; metadata
+    "http_status" or "mlflow_error_code"); the caller's token is not at fault.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -109,7 +112,9 @@ class ExperimentTrackingServiceStub(object):
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
-    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered), or what
+    answered at its address was not MLflow (a proxy's or an ingress's page, a login page:
+    metadata "http_status").
     - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
     dropped the connection or timed out through the sidecar's own retries, while MLflow
     itself may be fine.
@@ -352,6 +357,9 @@ class ExperimentTrackingServiceServicer(object):
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
     itself refused its credentials, or it has none (the caller's token is not at fault).
+    - MLFLOW_DENIED [PERMISSION_DENIED]: MLflow, or a proxy in front of it, refused the
+    sidecar's own credentials (mlflow.username/password or mlflow.token; metadata
+    "http_status" or "mlflow_error_code"); the caller's token is not at fault.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -372,7 +380,9 @@ class ExperimentTrackingServiceServicer(object):
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
-    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered), or what
+    answered at its address was not MLflow (a proxy's or an ingress's page, a login page:
+    metadata "http_status").
     - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
     dropped the connection or timed out through the sidecar's own retries, while MLflow
     itself may be fine.
@@ -889,6 +899,9 @@ class ExperimentTrackingService(object):
     outside the artifact stores and roots the sidecar is configured with.
     - ARTIFACT_STORE_DENIED [PERMISSION_DENIED]: the artifact store the sidecar writes to
     itself refused its credentials, or it has none (the caller's token is not at fault).
+    - MLFLOW_DENIED [PERMISSION_DENIED]: MLflow, or a proxy in front of it, refused the
+    sidecar's own credentials (mlflow.username/password or mlflow.token; metadata
+    "http_status" or "mlflow_error_code"); the caller's token is not at fault.
     - SPOOL_FULL [RESOURCE_EXHAUSTED]: the metric spool is full; RetryInfo says when to resend.
     - TOO_MANY_POINTS [RESOURCE_EXHAUSTED]: a StreamMetrics message holds more points than
     the whole spool (spool.max_points, in metadata "max_points"): it is never accepted;
@@ -909,7 +922,9 @@ class ExperimentTrackingService(object):
     - RUN_END_PENDING [DEADLINE_EXCEEDED]: EndRun with wait_for_delivery ran out of time;
     the end is recorded and reaches MLflow after the run's last spooled point.
     - MLFLOW_UNAVAILABLE [UNAVAILABLE]: MLflow stayed unreachable through the sidecar's own
-    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered).
+    retries (metadata "mlflow_error_code" or "http_status" when MLflow answered), or what
+    answered at its address was not MLflow (a proxy's or an ingress's page, a login page:
+    metadata "http_status").
     - ARTIFACT_STORE_UNAVAILABLE [UNAVAILABLE]: the artifact store (S3) stayed unreachable,
     dropped the connection or timed out through the sidecar's own retries, while MLflow
     itself may be fine.

@@ -7,7 +7,7 @@ import re
 from collections.abc import Sequence
 
 import requests
-from mlflow.exceptions import MlflowException
+from mlflow.exceptions import MlflowException, RestException
 from mlflow.protos import databricks_pb2
 
 from mlflow_sidecar.core.errors import (
@@ -95,27 +95,69 @@ def _http_status(exc: BaseException) -> int | None:
     return None
 
 
+# How MLflow's client words an answer whose body is not MLflow's JSON (a proxy's or an
+# ingress's page): "API request to endpoint E failed with error code 400 != 200. Response
+# body: '<html>...'", or "... was successful but the response body was not in a valid JSON
+# format" for a 200 (a login page). MLflow's own refusals come as RestException, with JSON.
+_FOREIGN_FAILURE = re.compile(r"^API request to endpoint \S+ failed with error code (\d+)")
+_FOREIGN_SUCCESS = "API request to endpoint was successful but the response body was not"
+# The sidecar's own credentials refused (by MLflow's auth, or a proxy in front of it).
+_DENIED_CODES = frozenset(
+    {
+        databricks_pb2.UNAUTHENTICATED,
+        databricks_pb2.PERMISSION_DENIED,
+        databricks_pb2.CUSTOMER_UNAUTHORIZED,
+    }
+)
+_DENIED_HTTP = frozenset({401, 403})
+
+
+def foreign_status(exc: BaseException) -> int | None:
+    """The HTTP status of an answer that is not MLflow's (its body is not MLflow's JSON:
+    a proxy's or an ingress's page), or None for MLflow's own answers and other failures."""
+    for cause in causes(exc):
+        if isinstance(cause, MlflowException) and not isinstance(cause, RestException):
+            if cause.message.startswith(_FOREIGN_SUCCESS):
+                return 200
+            match = _FOREIGN_FAILURE.match(cause.message)
+            if match is not None:
+                return int(match[1])
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for failures that a later attempt may not see: connection errors, timeouts,
     HTTP 408/425/429/5xx (MLflow raises those as RetryError when its own retries are off),
-    MLflow's TEMPORARILY_UNAVAILABLE, a locked embedded SQLite database, and the like of
-    these from the artifact store (botocore's, or a presigned part's). Other HTTP 4xx
-    answers are not: asking again gets the same refusal."""
+    MLflow's TEMPORARILY_UNAVAILABLE, a locked embedded SQLite database, the like of these
+    from the artifact store (botocore's, or a presigned part's), and a page that is not
+    MLflow's answer (a proxy's), unless it refuses the sidecar's credentials or the
+    request's size. Other HTTP 4xx answers are not: asking again gets the same refusal."""
     if is_transient_store_failure(exc):
         return True
+    foreign = foreign_status(exc)
+    if foreign is not None:
+        return foreign not in _DENIED_HTTP and foreign != 413
     for cause in causes(exc):
-        status = _http_status(cause)
-        if status is not None:
-            return status >= 500 or status in _TRANSIENT_HTTP
-        if isinstance(cause, requests.exceptions.RequestException):
-            return True
-        if isinstance(cause, _SQL_OPERATIONAL_ERRORS) and "locked" in str(cause):
-            return True
-        if isinstance(cause, MlflowException) and cause.error_code in {
-            databricks_pb2.ErrorCode.Name(code) for code in _TRANSIENT_CODES
-        }:
-            return True
+        verdict = _transient_cause(cause)
+        if verdict is not None:
+            return verdict
     return False
+
+
+def _transient_cause(cause: BaseException) -> bool | None:
+    """Whether one exception of a chain is transient; None when it does not tell."""
+    status = _http_status(cause)
+    if status is not None:
+        return status >= 500 or status in _TRANSIENT_HTTP
+    if isinstance(cause, requests.exceptions.RequestException):
+        return True
+    if isinstance(cause, _SQL_OPERATIONAL_ERRORS) and "locked" in str(cause):
+        return True
+    if isinstance(cause, MlflowException) and cause.error_code in {
+        databricks_pb2.ErrorCode.Name(code) for code in _TRANSIENT_CODES
+    }:
+        return True
+    return None
 
 
 def _facts(exc: BaseException) -> dict[str, str]:
@@ -163,6 +205,9 @@ def _domain_error(exc: Exception) -> SidecarError:
     if from_store is not None:
         return from_store
     facts = _facts(exc)
+    foreign = foreign_status(exc)
+    if foreign is not None:
+        return _from_foreign_answer(exc, foreign, facts)
     if is_transient(exc):
         return UnavailableError(
             f"MLflow is unavailable: {_short(exc)}",
@@ -172,6 +217,37 @@ def _domain_error(exc: Exception) -> SidecarError:
     if isinstance(exc, MlflowException):
         return _from_error_code(exc, facts)
     return _from_http_status(exc, facts)
+
+
+def _denied(status: str, facts: dict[str, str]) -> PermissionDeniedError:
+    return PermissionDeniedError(
+        f"MLflow, or a proxy in front of it, refused the sidecar's own credentials ({status}):"
+        " check mlflow.username and mlflow.password, or mlflow.token, and what MLflow lets"
+        " that user do; the caller's token is not at fault",
+        reason=ErrorReason.MLFLOW_DENIED,
+        metadata=facts,
+    )
+
+
+def _from_foreign_answer(exc: Exception, status: int, facts: dict[str, str]) -> SidecarError:
+    """The error for an answer whose body is not MLflow's (a proxy's or an ingress's)."""
+    facts = {**facts, HTTP_STATUS_KEY: str(status)}
+    facts.pop(MLFLOW_ERROR_CODE_KEY, None)  # the code MLflow's client guessed from the status
+    if status in _DENIED_HTTP:
+        return _denied(f"HTTP {status}", facts)
+    page = _short(exc).partition("Response body: ")[2][:200] or "not JSON"
+    if status == 413:
+        return ResourceExhaustedError(
+            "a proxy in front of MLflow refused the request as too large (HTTP 413): raise"
+            f" its limit on request bodies, or send less in one call; its answer: {page}",
+            metadata=facts,
+        )
+    return UnavailableError(
+        f"MLflow's address answered HTTP {status} with a page that is not MLflow's answer (a"
+        f" proxy, ingress or login page in front of MLflow?): {page}",
+        reason=ErrorReason.MLFLOW_UNAVAILABLE,
+        metadata=facts,
+    )
 
 
 def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarError:
@@ -196,6 +272,8 @@ def _from_error_code(exc: MlflowException, facts: dict[str, str]) -> SidecarErro
                 metadata=facts,
             )
         return InvalidArgumentError("", message, metadata=facts)
+    if code in _DENIED_CODES:
+        return _denied(f"{exc.error_code}: {message}", facts)
     return _BY_ERROR_CODE.get(code, InternalError)(message, metadata=facts)
 
 
@@ -208,6 +286,8 @@ def _from_http_status(exc: Exception, facts: dict[str, str]) -> SidecarError:
         return ResourceExhaustedError(
             f"MLflow answered 413: {exc}", reason=ErrorReason.UPLOAD_TOO_LARGE, metadata=facts
         )
+    if status in _DENIED_HTTP:
+        return _denied(f"HTTP {status}", facts)
     if status is not None:
         return _BY_HTTP_STATUS.get(status, InternalError)(
             f"MLflow answered {status}: {exc}", metadata=facts
