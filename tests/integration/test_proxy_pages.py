@@ -99,3 +99,26 @@ def test_a_proxys_error_page_costs_no_point_and_no_call_blames_the_request(
         tracking.get_run(run_id)
     assert denied.value.reason == "MLFLOW_DENIED"
     assert "the caller's token is not at fault" in denied.value.message
+
+
+def test_an_upload_a_proxy_answers_with_a_login_page_is_never_ok(
+    proxied, mlflow_server: MlflowServer, unique: str, tmp_path: Path
+) -> None:
+    pages, container = proxied
+    tracking = container.experiment_tracking()
+    run_id = tracking.start_run(tracking.create_experiment(f"put-{unique}").experiment_id).run_id
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(bytes(range(256)) * 4096)
+    direct = mlflow.MlflowClient(tracking_uri=mlflow_server.url)
+    # Every try answered by the proxy's login page: MLflow stores nothing, and says so.
+    pages.set("/login.bin", 200, LOGIN)
+    with pytest.raises(UnavailableError) as login:
+        tracking.upload_artifact(run_id, weights, "login.bin")
+    assert "not MLflow's artifact proxy" in login.value.message
+    assert login.value.metadata["http_status"] == "200"
+    assert direct.list_artifacts(run_id) == []
+    # The first try only: the client sends it again and MLflow has it.
+    pages.set("/again.bin", 200, LOGIN, times=1)
+    stored = tracking.upload_artifact(run_id, weights, "again.bin")
+    assert stored.size_bytes == weights.stat().st_size
+    assert [f.path for f in direct.list_artifacts(run_id)] == ["again.bin"]

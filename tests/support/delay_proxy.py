@@ -132,6 +132,9 @@ class DelayProxy:
                 self.send_response(status)
                 self.send_header("Content-Type", "text/html")
                 self.send_header("Content-Length", str(len(data)))
+                # A streamed (chunked) body is left unread: the connection goes with it.
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -25,12 +25,14 @@ from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepositor
 
 from mlflow_sidecar.core.errors import DeadlineExceededError, ErrorReason, SidecarError
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.mlflow_gateway import artifact_streams
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import (
     StreamedUpload,
     open_download,
     streams_upload,
 )
+from mlflow_sidecar.server.services.artifact_transfers import PendingUpload
 from tests.support.processes import free_port
 
 PRESIGN_PREFIX = "/api/2.0/mlflow-artifacts/presigned/root/"
@@ -50,6 +52,8 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
     store_status: ClassVar[int] = 200
     # The store's connection breaks after half the body it announced.
     store_cut: ClassVar[bool] = False
+    # What a PUT is answered with besides its status (a proxy's login page, say).
+    put_answer: ClassVar[bytes] = b""
 
     def do_PUT(self) -> None:
         length = int(self.headers["Content-Length"])
@@ -62,8 +66,9 @@ class _Recorder(http.server.BaseHTTPRequestHandler):
         self.bodies.append((self.path, received, length))
         if len(received) == length:
             self.send_response(self.status)
-            self.send_header("Content-Length", "0")
+            self.send_header("Content-Length", str(len(self.put_answer)))
             self.end_headers()
+            self.wfile.write(self.put_answer)
 
     def do_GET(self) -> None:
         self.gets.append((self.path, dict(self.headers)))
@@ -145,6 +150,7 @@ def repo() -> Iterator[HttpArtifactRepository]:
     _Recorder.store_address = None
     _Recorder.store_status = 200
     _Recorder.store_cut = False
+    _Recorder.put_answer = b""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -183,6 +189,44 @@ def test_commit_sends_the_whole_body(repo):
     assert _Recorder.bodies == [("/root/ckpt/model.pt", b"".join(chunks), 350_000)]
     assert seen == ["ok"]
     assert upload.abort() is False  # nothing to cut after a commit
+
+
+def _told(upload: StreamedUpload) -> SidecarError:
+    pending = PendingUpload(
+        None,  # type: ignore[arg-type]  # a streamed store needs neither gateway nor staging
+        None,  # type: ignore[arg-type]
+        "r",
+        "ckpt/model.pt",
+        upload,
+        writers=ArtifactWriters(),
+    )
+    with pytest.raises(SidecarError) as failed:
+        pending.store(None)
+    return failed.value
+
+
+def test_an_answer_lost_after_the_whole_body_says_the_file_may_be_stored(repo):
+    # A proxy's 504 after MLflow had every byte: MLflow may well have stored it.
+    _Recorder.status = 504
+    upload = _upload(repo, [b"a" * 70_000, b"b" * 70_000], [])
+    error = _told(upload)
+    assert upload.maybe_stored
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "may or may not have stored it" in error.message
+    assert "kept nothing" not in error.message
+
+
+def test_a_login_page_in_place_of_mlflows_answer_is_a_failure_that_stored_nothing(repo):
+    _Recorder.put_answer = b"<html><form action='/login'>Sign in</form></html>"
+    upload = _upload(repo, [b"a" * 70_000, b"b" * 70_000], [])
+    error = _told(upload)
+    assert not upload.maybe_stored
+    assert error.code == grpc.StatusCode.UNAVAILABLE
+    assert "not MLflow's artifact proxy" in error.message and "kept nothing" in error.message
+    assert error.metadata == {"http_status": "200"}
+    # MLflow's own answer (a JSON object) is success.
+    _Recorder.put_answer = b"{}"
+    assert _upload(repo, [b"c" * 10], []).commit() is None
 
 
 def test_abort_never_completes_the_body(repo):
@@ -404,6 +448,12 @@ class _HeldAnswer:
 
 
 class _Answered:
+    """MLflow's answer to a stored file: an empty JSON object from the URL asked."""
+
+    text = "{}"
+    history: ClassVar[list[object]] = []
+    headers: ClassVar[dict[str, str]] = {"Content-Type": "application/json"}
+
     def raise_for_status(self) -> None:
         """MLflow stored the file."""
 

@@ -20,6 +20,7 @@ Other stores go through a file.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 import queue
@@ -34,10 +35,12 @@ from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
 from mlflow_sidecar.core.errors import (
+    HTTP_STATUS_KEY,
     DataLossError,
     DeadlineExceededError,
     ErrorReason,
     SidecarError,
+    UnavailableError,
 )
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.mlflow_gateway import mlflow_internals
@@ -108,6 +111,31 @@ class _SizedBody:
         return self._chunks
 
 
+def _check_proxy_answer(response: Any, endpoint: str) -> None:
+    """UnavailableError unless the answer to a PUT is MLflow's artifact proxy's own (a JSON
+    object, or nothing, from the URL the PUT went to): a proxy in front of MLflow may
+    answer 200 with a login page, or redirect the PUT to a GET of a page, and MLflow then
+    stored nothing."""
+    text = response.text.strip()
+    if response.history or not (text == "" or _is_json_object(text)):
+        status = response.history[0].status_code if response.history else response.status_code
+        kind = response.headers.get("Content-Type") or "no content type"
+        raise UnavailableError(
+            f"the upload of {endpoint} was answered by something that is not MLflow's"
+            f" artifact proxy (HTTP {status}, {kind}: a login page or a proxy in front of"
+            " MLflow?); MLflow stored nothing: send it again",
+            reason=ErrorReason.MLFLOW_UNAVAILABLE,
+            metadata={HTTP_STATUS_KEY: str(status)},
+        )
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 class StreamedUpload:
     """One artifact file PUT to MLflow while its bytes are still being received.
 
@@ -130,6 +158,9 @@ class StreamedUpload:
         self._ended = threading.Event()
         self._error: Exception | None = None
         self._closed = False
+        # Set once the body's last byte has left: from then on MLflow may store the file
+        # whatever becomes of its answer (unless the answer shows MLflow never had it).
+        self.maybe_stored = False
         self._thread = threading.Thread(target=self._put, name="artifact-put", daemon=True)
         self._thread.start()
 
@@ -137,6 +168,7 @@ class StreamedUpload:
         while True:
             item = self._queue.get()
             if item is _END:
+                self.maybe_stored = True
                 return
             if item is _ABORT:
                 raise _AbandonedError("the upload was abandoned before its last byte")
@@ -157,6 +189,11 @@ class StreamedUpload:
                 data=_SizedBody(self._body(), self._size),
             )
             mlflow_internals.raise_for_status(response)
+            try:
+                _check_proxy_answer(response, self._endpoint)
+            except UnavailableError:
+                self.maybe_stored = False  # a page in MLflow's place: it never had the file
+                raise
         except Exception as exc:  # noqa: BLE001 - any failure means: store from disk
             self._error = exc
         finally:

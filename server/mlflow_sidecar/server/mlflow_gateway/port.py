@@ -45,10 +45,15 @@ class ArtifactUpload(Protocol):
 
     def commit(self) -> SidecarError | None:
         """Finish the transfer: None once MLflow stored the file, else what went wrong
-        (MLflow then kept nothing)."""
+        (MLflow then kept nothing, unless `maybe_stored`)."""
 
     def abort(self) -> bool:
         """Cut the transfer short so that nothing is stored; True when one was cut."""
+
+    @property
+    def maybe_stored(self) -> bool:
+        """True once the file's last byte has left for MLflow and no answer showed that
+        MLflow never had it: a failure then may have come after MLflow stored the file."""
 
 
 class ReachabilityPort(Protocol):

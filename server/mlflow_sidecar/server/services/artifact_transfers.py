@@ -91,14 +91,21 @@ class PendingUpload:
             raise self._send_again(error)
 
     def _send_again(self, error: SidecarError) -> SidecarError:
-        if isinstance(error, UnavailableError):
-            return UnavailableError(
-                f"MLflow failed while {self.artifact_path} was on its way and kept nothing;"
-                f" send it again ({error.message})",
-                reason=error.reason,
-                metadata=error.metadata,
+        if not isinstance(error, UnavailableError):
+            return error
+        if self._stream is not None and self._stream.maybe_stored:
+            # MLflow had every byte: only its answer failed, so it may have stored the file.
+            told = (
+                f"MLflow's answer to the upload of {self.artifact_path} failed after it had"
+                " every byte, so it may or may not have stored it: send it again (the same"
+                " bytes then replace it)"
             )
-        return error
+        else:
+            told = f"MLflow failed while {self.artifact_path} was on its way and kept nothing;"
+            told += " send it again"
+        return UnavailableError(
+            f"{told} ({error.message})", reason=error.reason, metadata=error.metadata
+        )
 
     def abort(self) -> None:
         """Abandon the upload; MLflow keeps nothing of it. A no-op after `store()`."""
