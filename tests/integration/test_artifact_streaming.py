@@ -212,7 +212,7 @@ def _stored_beside(tracking_stub, mlflow_server, run_id, name: str, sibling: str
     a store written without the sidecar may hold them; the bytes of `name`."""
     run = tracking_stub.GetRun(pb.GetRunRequest(run_id=run_id)).run
     stored = Path(mlflow_server.artifacts) / run.info.experiment_id / run_id / "artifacts"
-    stored.mkdir(parents=True, exist_ok=True)
+    (stored / name).parent.mkdir(parents=True, exist_ok=True)
     wanted = os.urandom(3 * CHUNK + 5)
     (stored / name).write_bytes(wanted)
     (stored / sibling).write_bytes(os.urandom(1000))
@@ -310,3 +310,18 @@ def test_uploads_of_one_request_id_go_one_at_a_time(
     racing.join(60)
     assert answers == {"first": sha(first), "other": "REQUEST_ID_REUSED"}
     assert stored_bytes(mlflow_server.url, run_id, "ckpt/race.pt", tmp_path) == first
+
+
+def test_a_model_file_whose_name_holds_a_question_mark_downloads_as_itself(
+    tracking_stub, client_container, mlflow_server, run_id, tmp_path, unique
+):
+    # As DownloadArtifact: the model's file is read as itself, not as the file its URL
+    # would name without the query MLflow's client makes of the '?'.
+    wanted = _stored_beside(tracking_stub, mlflow_server, run_id, "model/q?x", "model/q")
+    registry = client_container.model_registry()
+    name = f"query-{unique}"
+    registry.create_registered_model(name)
+    version = registry.create_model_version(name, source=f"runs:/{run_id}/model").version
+    root = registry.download_model(name, tmp_path / "down", version=version)
+    assert (root / "q?x").read_bytes() == wanted
+    assert (root / "q").read_bytes() != wanted

@@ -17,11 +17,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import quote
 
 import requests
 from mlflow import environment_variables
 from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import LogBatch
+from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.store.artifact.utils import models as model_uris
 from mlflow.store.tracking.rest_store import RestStore
@@ -264,9 +266,14 @@ def download_artifacts(repo: Any, artifact_path: str, dst_dir: str) -> str:
     read as a failure of the sidecar."""
     failures: list[Exception] = []
     download_file = repo._download_file
+    # MLflow's HTTP repositories put the file's path into the URL as it is: a '?' in a
+    # stored file's name would start a query, and fetch another file in its place.
+    over_http = isinstance(repo, HttpArtifactRepository)
 
     def recorded(remote_file_path: str, local_path: str) -> Any:
         try:
+            if over_http:
+                remote_file_path = quote(remote_file_path, safe="/")
             return download_file(remote_file_path, local_path)
         except Exception as exc:
             failures.append(exc)
