@@ -185,3 +185,25 @@ def test_a_log_racing_close_is_sent_or_raises(known_key: bool) -> None:
         assert error.reason == "CLIENT_CLOSED"
         assert 2 not in sent
     assert accepted == len(sent)
+
+
+@pytest.mark.usefixtures("tiny_switch_interval")
+def test_runs_and_keys_opened_while_the_sender_checks_for_a_due_batch_cost_no_point() -> None:
+    # A long-lived stream (the sidecar:// plugin keeps one per process) logs to ever new
+    # runs: the sender's check for a due batch meets runs and keys being opened.
+    stub = _Stub()
+    stream = MetricStream(stub, max_batch_points=10_000, max_delay_s=0.001)  # type: ignore[arg-type]
+    threads, runs = 2, 3_000
+
+    def trainer(t: int) -> None:
+        for i in range(runs):
+            stream.log(f"{t:02d}{i:030d}", f"k{i % 7}", float(i), step=i, timestamp_ms=1)
+
+    workers = [threading.Thread(target=trainer, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stream.close()
+    got = sorted((p.run_id, p.step) for m in stub.StreamMetrics.messages for p in points_of(m))
+    assert got == sorted((f"{t:02d}{i:030d}", i) for t in range(threads) for i in range(runs))

@@ -541,12 +541,15 @@ class _StreamCore:
         self._raise_if_failed()
 
     def _due(self) -> bool:
-        """A batch is due: by count, or by age if anything is pending at all."""
+        """A batch is due: by count, or by age if anything is pending at all.
+
+        Pending points show in the count, not by walking the rows (which log() may add to
+        meanwhile, and which grow with every run and key ever logged): log() counts a
+        point after appending it, and a cut zeroes the count before taking the rows, so a
+        point a cut has not taken is always counted."""
         if self._count >= self._max_batch:
             return True
-        return time.monotonic() - self._last_cut >= self._max_delay_s and any(
-            any(rows.values()) for rows in self._rows.values()
-        )
+        return self._count > 0 and time.monotonic() - self._last_cut >= self._max_delay_s
 
     def _idle(self) -> bool:
         """Nothing to send yet: no message queued, no batch due, and not closing."""
