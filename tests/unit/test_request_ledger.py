@@ -107,6 +107,21 @@ def test_old_answers_are_forgotten_after_the_retention(tmp_path):
         again.close()
 
 
+def test_an_answer_past_the_retention_is_forgotten_by_a_running_sidecar_too(ledger):
+    # A quiet sidecar seldom prunes: a repeat after the retention is a new call all the same.
+    calls = []
+
+    def act() -> bytes:
+        calls.append(1)
+        return f"answer {len(calls)}".encode()
+
+    assert ledger.once(CREATE, "r1", "p", act) == b"answer 1"
+    ledger._db.execute("UPDATE answers SET recorded_ms = recorded_ms - 3601000")
+    assert ledger.answer(CREATE, "r1", "p", "request_id") is None
+    assert ledger.once(CREATE, "r1", "other", act) == b"answer 2"  # not REQUEST_ID_REUSED
+    assert ledger.once(CREATE, "r1", "other", act) == b"answer 2"
+
+
 @pytest.mark.parametrize(
     ("value", "problem"),
     [("a b", "may only contain"), ("x'y", "may only contain"), ("a" * 201, "at most 200")],

@@ -166,10 +166,14 @@ class RequestLedger:
 
         InvalidArgumentError naming `field` when the id was used for another request: one
         whose fingerprint is neither `print_` nor one in `also` (`older_fingerprints`)."""
+        # Older answers are forgotten as `retention_s` says, whenever the pruning of the
+        # table last ran: a quiet sidecar prunes seldom.
+        cutoff = now_ms() - int(self._retention_s * 1000)
         with self._lock:
             row = self._db.execute(
-                "SELECT fingerprint, answer FROM answers WHERE method = ? AND request_id = ?",
-                (method, request_id),
+                "SELECT fingerprint, answer FROM answers WHERE method = ? AND request_id = ?"
+                " AND recorded_ms >= ?",
+                (method, request_id, cutoff),
             ).fetchone()
         if row is None:
             return None
