@@ -8,6 +8,7 @@ directory outside the roots stays untouched, and its file's content never comes 
 
 from __future__ import annotations
 
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.core.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
     PermissionDeniedError,
     SidecarError,
@@ -277,3 +279,37 @@ def test_a_runs_artifacts_swapped_for_a_link_out_are_refused_after_use(
     finally:
         container.shutdown_resources()
     assert sorted(p.name for p in outside.iterdir()) == ["passwd"]
+
+
+@pytest.mark.parametrize("kind", ["named pipe", "link loop"])
+def test_a_stored_file_that_is_not_one_is_refused_saying_what_it_is(
+    embedded_store_sidecar, unique, tmp_path, kind
+):
+    # A local artifact store may hold what MLflow's client cannot copy as a file: the
+    # answer names it, never "internal error".
+    container = ClientContainer()
+    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
+    tracking, registry = container.experiment_tracking(), container.model_registry()
+    uri = embedded_store_sidecar.container.config().tracking_uri
+    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    run_id = tracking.start_run(tracking.create_experiment(f"odd-{unique}").experiment_id).run_id
+    model = tmp_path / "MLmodel"
+    model.write_text("flavors: {}\n")
+    tracking.upload_artifact(run_id, model, "model/MLmodel")
+    stored = Path(direct.get_run(run_id).info.artifact_uri.removeprefix("file://")) / "model"
+    if kind == "named pipe":
+        os.mkfifo(stored / "odd")
+    else:
+        (stored / "odd").symlink_to(".", target_is_directory=True)
+    name = f"odd-{unique}"
+    registry.create_registered_model(name)
+    version = registry.create_model_version(name, source=f"runs:/{run_id}/model").version
+    try:
+        with pytest.raises(FailedPreconditionError) as refused:
+            registry.download_model(name, tmp_path / "down", version=version)
+        assert "not a regular file" in refused.value.message
+        if kind == "named pipe":
+            with pytest.raises(FailedPreconditionError):
+                tracking.download_artifact(run_id, "model/odd", tmp_path / "one")
+    finally:
+        container.shutdown_resources()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shutil
 from collections.abc import Sequence
 
 import requests
@@ -80,6 +81,12 @@ _BY_HTTP_STATUS: dict[int, type[SidecarError]] = {
 # ENOSPC as MLflow's download of several files reports it: it folds each file's failure
 # into the text of one MlflowException, where the errno survives only as words.
 _NO_SPACE_TEXT = f"[Errno {errno.ENOSPC}]"
+# What shutil and the OS say of a "file" that cannot be copied as one, as MLflow folds it
+# into the message of a download of several files.
+_FOLDED_SPECIAL = re.compile(
+    r"` is a (named pipe|socket|character device|block device)\b"
+    rf"|\[Errno {errno.ELOOP}\] ()"
+)
 # MLflow's own words for writes to a deleted run or experiment; it reports them as
 # INVALID_PARAMETER_VALUE ("The experiment 7 must be in the 'active' state. ...").
 _INACTIVE_MARKER = "must be in the 'active' state"
@@ -194,12 +201,27 @@ def to_domain_error(exc: Exception) -> SidecarError:
     return error
 
 
-def _domain_error(exc: Exception) -> SidecarError:
+def _on_this_host(exc: Exception) -> SidecarError | None:
+    """The failure of a file on the sidecar's own host, if that is what `exc` is: its disk
+    full (a download being written, the embedded store's database), or a stored "file"
+    that is not one (a named pipe or a loop of links in a local artifact store)."""
     if any(is_disk_full(cause) for cause in causes(exc)) or (
         isinstance(exc, MlflowException) and _NO_SPACE_TEXT in exc.message
     ):
-        # The sidecar's own disk (a download being written, the embedded store's database).
         return disk_full_error("no room on the sidecar's disk for what MLflow sent or stores")
+    special = _special_file(exc)
+    if special:
+        return FailedPreconditionError(
+            f"a stored artifact is {special}, not a regular file: the sidecar reads regular"
+            " files and directories only; remove it from the artifact store"
+        )
+    return None
+
+
+def _domain_error(exc: Exception) -> SidecarError:
+    local = _on_this_host(exc)
+    if local is not None:
+        return local
     # Before MLflow's error code: for the store's failures that code is MLflow's guess.
     from_store = store_error(exc)
     if from_store is not None:
@@ -217,6 +239,23 @@ def _domain_error(exc: Exception) -> SidecarError:
     if isinstance(exc, MlflowException):
         return _from_error_code(exc, facts)
     return _from_http_status(exc, facts)
+
+
+def _special_file(exc: BaseException) -> str:
+    """What a stored "file" really is when copying it failed for that (a named pipe, a
+    socket or a device, or a loop of symbolic links); "" for other failures."""
+    for cause in causes(exc):
+        if isinstance(cause, shutil.SpecialFileError):
+            kind = str(cause).rpartition(" is a ")[2]
+            return f"a {kind}" if kind else "a special file"
+        if isinstance(cause, OSError) and cause.errno == errno.ELOOP:
+            return "a loop of symbolic links"
+        if isinstance(cause, MlflowException):
+            # MLflow folds the failures of a download of several files into its words.
+            folded = _FOLDED_SPECIAL.search(cause.message)
+            if folded is not None:
+                return f"a {folded[1]}" if folded[1] else "a loop of symbolic links"
+    return ""
 
 
 def _denied(status: str, facts: dict[str, str]) -> PermissionDeniedError:
