@@ -22,6 +22,7 @@ from mlflow_sidecar.core.errors import InvalidArgumentError, NotFoundError, erro
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
+from tests.support.files import wait_until
 
 CHUNK = 1024 * 1024
 
@@ -274,7 +275,7 @@ def test_an_upload_repeated_with_its_request_id_has_one_effect(
 
 
 def test_uploads_of_one_request_id_go_one_at_a_time(
-    tracking_stub, mlflow_server, run_id, unique, tmp_path
+    sidecar, tracking_stub, mlflow_server, run_id, unique, tmp_path
 ):
     first, other = b"A" * 4096, b"B" * 4096
     request_id = f"race-{unique}"
@@ -295,17 +296,22 @@ def test_uploads_of_one_request_id_go_one_at_a_time(
         except grpc.RpcError as exc:
             answers[name] = error_from_rpc(exc).reason
 
+    held = sidecar.container.request_ledger()._calls
     slow = threading.Thread(target=upload, args=("first", slow_first()))
     slow.start()
-    assert header_sent.wait(30)
-    racing = threading.Thread(
-        target=upload,
-        args=("other", upload_requests(run_id, "ckpt/race.pt", other, request_id=request_id)),
-    )
-    racing.start()
-    racing.join(1.0)
-    assert racing.is_alive(), "an upload of the same request id did not wait for the first"
-    go_on.set()
+    try:
+        assert header_sent.wait(30)
+        # Sent is not yet read: the first is first once the sidecar holds its request id.
+        assert wait_until(lambda: len(held) >= 1), "the first upload never held its request id"
+        racing = threading.Thread(
+            target=upload,
+            args=("other", upload_requests(run_id, "ckpt/race.pt", other, request_id=request_id)),
+        )
+        racing.start()
+        racing.join(1.0)
+        assert racing.is_alive(), "an upload of the same request id did not wait for the first"
+    finally:
+        go_on.set()  # a failure here must not leave the first upload staged for the next tests
     slow.join(60)
     racing.join(60)
     assert answers == {"first": sha(first), "other": "REQUEST_ID_REUSED"}
