@@ -15,6 +15,7 @@ from mlflow_sidecar.server.idempotency import (
     RequestLedger,
     check_request_id,
     fingerprint,
+    older_fingerprints,
 )
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
@@ -207,6 +208,13 @@ def test_a_start_run_recorded_by_an_older_sidecar_with_both_ids_is_answered_afte
     other = pb.StartRunRequest(experiment_id="2", request_id="x", client_request_id="x")
     with pytest.raises(InvalidArgumentError, match="already used"):
         handler.unary_unary(other, None)
+
+
+def test_only_a_request_whose_old_name_holds_its_id_has_an_older_fingerprint():
+    both = pb.StartRunRequest(experiment_id="1", request_id="x", client_request_id="x")
+    assert older_fingerprints(both) == (fingerprint(both, keep_old_names=True),)
+    assert older_fingerprints(pb.StartRunRequest(experiment_id="1", request_id="x")) == ()
+    assert older_fingerprints(pb.CreateExperimentRequest(name="e", request_id="x")) == ()
 
 
 def test_the_interceptor_leaves_methods_without_request_ids_alone(ledger):

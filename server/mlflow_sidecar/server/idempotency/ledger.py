@@ -115,8 +115,15 @@ def fingerprint(
 def older_fingerprints(request: Message) -> tuple[str, ...]:
     """Fingerprints sidecars before `fingerprint` cleared `_OLD_NAMES` recorded for the
     same call (the old name holding the request id too): their ledger entries answer it."""
-    older = fingerprint(request, without="request_id", keep_old_names=True)
-    return () if older == fingerprint(request) else (older,)
+    # Only a request whose old name holds its id (StartRun's client_request_id) has one:
+    # every other call with a request id is spared two more encodings and hashes.
+    request_id = getattr(request, "request_id", "")
+    fields = request.DESCRIPTOR.fields_by_name
+    if not request_id or not any(
+        name in fields and getattr(request, name) == request_id for name in _OLD_NAMES
+    ):
+        return ()
+    return (fingerprint(request, keep_old_names=True),)
 
 
 class RequestLedger:
