@@ -11,13 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client import ClientContainer, ExperimentTracking, ModelRegistry
 from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -54,6 +56,29 @@ def direct(either_sidecar) -> MlflowClient:
     """MLflow itself, as the sidecar's store: what others may have written there."""
     uri = either_sidecar.container.config().tracking_uri
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+@dataclass(frozen=True)
+class _OnThisHost:
+    """Clients of the embedded store's sidecar, whose artifacts live on this host."""
+
+    tracking: ExperimentTracking
+    registry: ModelRegistry
+    direct: MlflowClient
+
+
+@pytest.fixture()
+def on_this_host(embedded_store_sidecar) -> Iterator[_OnThisHost]:
+    # The embedded store keeps artifacts on this host, where the sidecar reads them itself.
+    container = ClientContainer()
+    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
+    uri = embedded_store_sidecar.container.config().tracking_uri
+    yield _OnThisHost(
+        container.experiment_tracking(),
+        container.model_registry(),
+        MlflowClient(tracking_uri=uri, registry_uri=uri),
+    )
+    container.shutdown_resources()
 
 
 def _assert_quiet(error: SidecarError, outside: Path) -> None:
@@ -206,14 +231,9 @@ def test_runs_in_the_stores_own_location_still_work(clients, unique, tmp_path):
 
 
 def test_a_symlink_in_a_runs_artifacts_does_not_lead_a_source_out_of_them(
-    embedded_store_sidecar, outside, unique, tmp_path
+    on_this_host, outside, unique, tmp_path
 ):
-    # The embedded store keeps artifacts on this host, where the sidecar reads them itself.
-    container = ClientContainer()
-    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
-    tracking, registry = container.experiment_tracking(), container.model_registry()
-    uri = embedded_store_sidecar.container.config().tracking_uri
-    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tracking, registry, direct = on_this_host.tracking, on_this_host.registry, on_this_host.direct
     run_id = tracking.start_run(tracking.create_experiment(f"link-{unique}").experiment_id).run_id
     model = tmp_path / "model"
     model.mkdir()
@@ -245,19 +265,14 @@ def test_a_symlink_in_a_runs_artifacts_does_not_lead_a_source_out_of_them(
         tracking.list_artifacts(run_id, "model/leak")
     assert listed.value.reason == "PATH_OUTSIDE_ROOTS"
     assert not (tmp_path / "read").exists() or not list((tmp_path / "read").rglob("*"))
-    container.shutdown_resources()
 
 
 def test_a_runs_artifacts_swapped_for_a_link_out_are_refused_after_use(
-    embedded_store_sidecar, outside, unique, tmp_path
+    on_this_host, outside, unique, tmp_path
 ):
     # Once used, the run's location is known to the sidecar; the check of where it leads
     # is still made at every call.
-    container = ClientContainer()
-    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
-    tracking = container.experiment_tracking()
-    uri = embedded_store_sidecar.container.config().tracking_uri
-    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tracking, direct = on_this_host.tracking, on_this_host.direct
     run_id = tracking.start_run(tracking.create_experiment(f"swap-{unique}").experiment_id).run_id
     upload = tmp_path / "weights.bin"
     upload.write_bytes(b"w" * 100)
@@ -266,32 +281,25 @@ def test_a_runs_artifacts_swapped_for_a_link_out_are_refused_after_use(
     artifacts = Path(direct.get_run(run_id).info.artifact_uri.removeprefix("file://"))
     shutil.rmtree(artifacts)
     artifacts.symlink_to(outside, target_is_directory=True)
-    try:
-        for call in (
-            lambda: tracking.list_artifacts(run_id),
-            lambda: tracking.download_artifact(run_id, "passwd", tmp_path / "down"),
-            lambda: tracking.upload_artifact(run_id, upload, "weights.bin"),
-        ):
-            with pytest.raises(PermissionDeniedError) as err:
-                call()
-            _assert_quiet(err.value, outside)
-            assert err.value.reason == "PATH_OUTSIDE_ROOTS"
-    finally:
-        container.shutdown_resources()
+    for call in (
+        lambda: tracking.list_artifacts(run_id),
+        lambda: tracking.download_artifact(run_id, "passwd", tmp_path / "down"),
+        lambda: tracking.upload_artifact(run_id, upload, "weights.bin"),
+    ):
+        with pytest.raises(PermissionDeniedError) as err:
+            call()
+        _assert_quiet(err.value, outside)
+        assert err.value.reason == "PATH_OUTSIDE_ROOTS"
     assert sorted(p.name for p in outside.iterdir()) == ["passwd"]
 
 
 @pytest.mark.parametrize("kind", ["named pipe", "link loop"])
 def test_a_stored_file_that_is_not_one_is_refused_saying_what_it_is(
-    embedded_store_sidecar, unique, tmp_path, kind
+    on_this_host, unique, tmp_path, kind
 ):
     # A local artifact store may hold what MLflow's client cannot copy as a file: the
     # answer names it, never "internal error".
-    container = ClientContainer()
-    container.config.from_dict({"target": embedded_store_sidecar.target, "timeout_s": 30.0})
-    tracking, registry = container.experiment_tracking(), container.model_registry()
-    uri = embedded_store_sidecar.container.config().tracking_uri
-    direct = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    tracking, registry, direct = on_this_host.tracking, on_this_host.registry, on_this_host.direct
     run_id = tracking.start_run(tracking.create_experiment(f"odd-{unique}").experiment_id).run_id
     model = tmp_path / "MLmodel"
     model.write_text("flavors: {}\n")
@@ -304,12 +312,9 @@ def test_a_stored_file_that_is_not_one_is_refused_saying_what_it_is(
     name = f"odd-{unique}"
     registry.create_registered_model(name)
     version = registry.create_model_version(name, source=f"runs:/{run_id}/model").version
-    try:
-        with pytest.raises(FailedPreconditionError) as refused:
-            registry.download_model(name, tmp_path / "down", version=version)
-        assert "not a regular file" in refused.value.message
-        if kind == "named pipe":
-            with pytest.raises(FailedPreconditionError):
-                tracking.download_artifact(run_id, "model/odd", tmp_path / "one")
-    finally:
-        container.shutdown_resources()
+    with pytest.raises(FailedPreconditionError) as refused:
+        registry.download_model(name, tmp_path / "down", version=version)
+    assert "not a regular file" in refused.value.message
+    if kind == "named pipe":
+        with pytest.raises(FailedPreconditionError):
+            tracking.download_artifact(run_id, "model/odd", tmp_path / "one")
