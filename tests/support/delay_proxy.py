@@ -2,7 +2,9 @@
 
 It forwards every request, lets MLflow do the work, and holds back the answers of the
 requests `delayed` picks: what a slow network or an overloaded server looks like to a
-client whose request timeout is shorter. The requests `refused` picks are answered 503
+client whose request timeout is shorter. The requests `held` picks reach MLflow only
+`hold_s` after they arrived, once their client has given up on them: a busy proxy or
+MLflow that takes a write late. The requests `refused` picks are answered 503
 without reaching MLflow, as an unavailable MLflow answers them. It counts every request
 by method and path, and keeps the W3C `traceparent` header of those that carry one.
 """
@@ -28,7 +30,8 @@ def mlflow_writes(method: str, path: str) -> bool:
 
 class DelayProxy:
     """`with DelayProxy(upstream_url, delay_s=3) as proxy:` then point a client at
-    `proxy.url`; `refused(method, path)` picks requests to answer 503 (asked per request,
+    `proxy.url`; `held(method, path)` picks requests passed on to MLflow only after
+    `hold_s`, `refused(method, path)` picks requests to answer 503 (asked per request,
     so an outage can start and end while the proxy runs), and `page(method, path)` those
     answered, without reaching MLflow, with a proxy's own (status, HTML page).
     `proxy.count(method, suffix)` counts requests whose path ends so; `answered` is set
@@ -42,6 +45,8 @@ class DelayProxy:
         delayed: Callable[[str, str], bool] = mlflow_writes,
         refused: Callable[[str, str], bool] = lambda _method, _path: False,
         page: Callable[[str, str], tuple[int, str] | None] = lambda _method, _path: None,
+        held: Callable[[str, str], bool] = lambda _method, _path: False,
+        hold_s: float = 0.0,
     ) -> None:
         upstream = urlsplit(upstream_url)
         self._upstream = (upstream.hostname or "127.0.0.1", upstream.port or 80)
@@ -49,6 +54,8 @@ class DelayProxy:
         self._delayed = delayed
         self._refused = refused
         self._page = page
+        self._held = held
+        self.hold_s = hold_s
         self._counts: Counter[tuple[str, str]] = Counter()
         # (method, path, W3C traceparent) of every request that carried one.
         self.traceparents: list[tuple[str, str, str]] = []
@@ -105,6 +112,8 @@ class DelayProxy:
                 if own is not None:
                     self._answer(*own)
                     return
+                if proxy._held(self.command, self.path):
+                    time.sleep(proxy.hold_s)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
                 upstream = http.client.HTTPConnection(*proxy._upstream, timeout=60)
                 try:

@@ -116,7 +116,7 @@ class ServerContainer(containers.DeclarativeContainer):
         config,
         tracking_servicer,
         registry_servicer,
-        background=providers.List(deliverer),
+        background=providers.List(gateway.provided.late_writes, deliverer),
         metrics=metrics,
         ledger=request_ledger,
         drain=deliverer,

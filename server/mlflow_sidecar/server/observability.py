@@ -140,6 +140,13 @@ class SidecarMetrics:
         self.mlflow_retries = Counter(
             "mlflow_sidecar_mlflow_retries", "Retries of transient MLflow failures", registry=r
         )
+        self.late_creates_removed = Counter(
+            "mlflow_sidecar_late_creates_removed",
+            "Second runs or versions of one request id, made by a try that landed in MLflow"
+            " after the call had answered, and removed again",
+            ["kind"],
+            registry=r,
+        )
         self.points_accepted = Counter(
             "mlflow_sidecar_metric_points_accepted", "Points committed to the spool", registry=r
         )

@@ -38,6 +38,9 @@ REQUEST_ID_TAG = "mlflow_sidecar.request_id"
 CLIENT_REQUEST_ID_TAG = "mlflow_sidecar.client_request_id"
 # Set on a registered model just before the sidecar renames it, to recognise its own rename.
 RENAME_REQUEST_ID_TAG = "mlflow_sidecar.rename_request_id"
+# Set on a run the sidecar removed as a second run of one request id: the id of the run
+# the request answered with. A lookup by request id passes over such a run.
+DUPLICATE_OF_TAG = "mlflow_sidecar.duplicate_of"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9_.:\-]+\Z")
 # Earlier names of `request_id` that requests still carry: StartRun's client_request_id.
 _OLD_NAMES = ("client_request_id",)

@@ -29,6 +29,7 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import ENV_PREFIX, AppConfig, RetryConfig
 from mlflow_sidecar.server.idempotency.ledger import (
+    DUPLICATE_OF_TAG,
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
 )
@@ -53,6 +54,7 @@ from mlflow_sidecar.server.mlflow_gateway.errors import (
     search_field,
     to_domain_error,
 )
+from mlflow_sidecar.server.mlflow_gateway.late_writes import LateWriteChecks
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
 from mlflow_sidecar.server.mlflow_gateway.search_terms import SearchGrammar, check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.sources import (
@@ -101,6 +103,11 @@ def _already_exists(exc: MlflowException) -> bool:
     return bool(exc.error_code == "RESOURCE_ALREADY_EXISTS")
 
 
+# Second runs of one request id that a lookup by the id passes over, at most: one per try
+# of its call that landed late, and one per other sidecar that served it at once.
+_DUPLICATES_PASSED_OVER = 20
+
+
 def _tag_filter(key: str, value: str) -> str:
     """`tags.key = 'value'` for a sidecar tag; the value is a checked request id."""
     return f"tags.`{key}` = {quoted(value)}"
@@ -137,6 +144,13 @@ class MlflowGateway:
             discover_root=self._default_artifact_root,
         )
         self._checked_runs: dict[str, str] = {}
+        self.late_writes = LateWriteChecks(
+            config.mlflow.request_timeout_s, self._count_late_removed
+        )
+
+    def _count_late_removed(self, kind: str, removed: int) -> None:
+        if self._metrics is not None:
+            self._metrics.late_creates_removed.labels(kind).inc(removed)
 
     def open(self) -> None:
         """Prepare MLflow for this process, once: set the environment MLflow's client reads
@@ -545,23 +559,35 @@ class MlflowGateway:
         Safe to retry as a whole: a retry after a lost answer finds the first attempt's run.
         """
 
-        def first_made(tag: str = key_tag, wanted: str = tags[key_tag]) -> Any | None:
+        key = tags[key_tag]
+
+        def first_made(tag: str = key_tag, wanted: str = key) -> Any | None:
             found = self._client.search_runs(
                 [experiment_id],
                 filter_string=_tag_filter(tag, wanted),
                 run_view_type=ViewType.ALL,
-                max_results=1,
+                max_results=_DUPLICATES_PASSED_OVER + 1,
                 # The earliest, run id breaking ties: every sidecar picks the same one.
                 order_by=["attributes.start_time ASC"],
             )
-            return found[0] if found else None
+            return next((r for r in found if DUPLICATE_OF_TAG not in r.data.tags), None)
 
-        def op() -> Any:
+        def attempt(ambiguous: bool) -> Any:
             found = first_made()
             if found is None and also_tagged is not None:
                 found = first_made(*also_tagged)
-            if found is not None:
-                return found
+            if found is None:
+                found = create()
+            if ambiguous:
+                answered = found.info.run_id
+                self.late_writes.schedule(
+                    "run",
+                    f"run {answered}",
+                    lambda: self._remove_late_runs(experiment_id, key_tag, key, answered),
+                )
+            return found
+
+        def create() -> Any:
             created = self._client.create_run(
                 experiment_id,
                 start_time=start_time_ms or None,
@@ -572,11 +598,35 @@ class MlflowGateway:
             # one too: the earlier run is the request's, and the later one goes.
             first = first_made()
             if first is not None and first.info.run_id != created.info.run_id:
-                self._client.delete_run(created.info.run_id)
+                self._remove_duplicate_run(created.info.run_id, first.info.run_id)
                 return first
             return created
 
-        return entities.run(self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND))
+        return entities.run(self.call_once(attempt, not_found=ErrorReason.EXPERIMENT_NOT_FOUND))
+
+    def _remove_duplicate_run(self, run_id: str, answered: str) -> None:
+        """Delete a second run of one request id, tagged with the run the request answered
+        with, so that a lookup by request id passes over it."""
+        self._client.set_tag(run_id, DUPLICATE_OF_TAG, answered)
+        self._client.delete_run(run_id)
+
+    def _remove_late_runs(self, experiment_id: str, key_tag: str, key: str, answered: str) -> int:
+        """Remove the runs of this request id other than the one it answered with; returns
+        how many. Run in the background, with the gateway's retries."""
+
+        def op() -> int:
+            found = self._client.search_runs(
+                [experiment_id],
+                filter_string=_tag_filter(key_tag, key),
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=_DUPLICATES_PASSED_OVER + 1,
+            )
+            late = [r.info.run_id for r in found if r.info.run_id != answered]
+            for run_id in late:
+                self._remove_duplicate_run(run_id, answered)
+            return len(late)
+
+        return self.call(op)
 
     def get_run(self, run_id: str) -> domain.Run:
         """The run with this id."""
@@ -965,7 +1015,18 @@ class MlflowGateway:
         # that model, as MLflow's register_model does.
         model_id = mlflow_internals.logged_model_id(source)
 
-        def attempt(_ambiguous: bool) -> Any:
+        def attempt(ambiguous: bool) -> Any:
+            answer = find_or_create()
+            if ambiguous:
+                answered = (str(answer.name), int(answer.version))
+                self.late_writes.schedule(
+                    "model_version",
+                    f"version {answered[1]} of model {answered[0]!r}",
+                    lambda: self._remove_late_versions(request_id, *answered),
+                )
+            return answer
+
+        def find_or_create() -> Any:
             found = self._find_version(request_id)
             if found is not None:
                 check_same_version_request(
@@ -1110,6 +1171,23 @@ class MlflowGateway:
             if not paged.token:
                 return tuple(found)
             paged = page(paged.token)
+
+    def _remove_late_versions(self, request_id: str, name: str, answered: int) -> int:
+        """Delete the versions of this request id above the one it answered with (a late
+        create lands as a later version); returns how many. Run in the background, with
+        the gateway's retries."""
+
+        def op() -> int:
+            found = self._client.search_model_versions(
+                filter_string=_tag_filter(REQUEST_ID_TAG, request_id),
+                max_results=_DUPLICATES_PASSED_OVER + 1,
+            )
+            late = [v for v in found if v.name == name and int(v.version) > answered]
+            for version in late:
+                self._client.delete_model_version(version.name, version.version)
+            return len(late)
+
+        return self.call(op)
 
     def _find_version(self, request_id: str) -> Any | None:
         # Of any model: an id is one call's, whichever model it named. The first version
