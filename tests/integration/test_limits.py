@@ -9,12 +9,13 @@ import logging
 
 import grpc
 import pytest
+from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.core import limits
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
+from mlflow_sidecar.v1 import registry_pb2_grpc, tracking_pb2_grpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
-from mlflow_sidecar.v1 import tracking_pb2_grpc
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.integration.test_artifacts_bad_input import model_requests
 
@@ -441,3 +442,78 @@ def test_an_answer_over_the_message_limit_says_so_and_is_logged_as_refused(
     logged = [r.getMessage() for r in caplog.records if r.name == "mlflow_sidecar.access"]
     get_run = [m for m in logged if "/GetRun " in m]
     assert len(get_run) == 1 and "RESOURCE_EXHAUSTED" in get_run[0], logged
+
+
+def test_a_change_that_took_effect_answers_without_its_bulk_when_too_large(
+    mlflow_server, tmp_path, unique
+):
+    # Each call below has changed MLflow by the time its answer is built; an answer over
+    # the limit comes without its entity's tags (or params, data...), never as an error
+    # that says nothing happened.
+    limit = 64 * 1024
+    running = RunningSidecar(
+        sidecar_config(tmp_path, mlflow_server.url, server={"max_message_bytes": limit})
+    )
+    try:
+        with grpc.insecure_channel(running.target) as channel:
+            tracking = tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+            registry = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+            experiment_id = tracking.CreateExperiment(
+                pb.CreateExperimentRequest(name=f"bulk-{unique}")
+            ).experiment.experiment_id
+            # A request just under the limit: its answer adds the run's info to its tags.
+            start = pb.StartRunRequest(experiment_id=experiment_id, request_id=f"start-{unique}")
+            value = "t" * limits.MAX_TAG_VALUE_LENGTH
+            while start.ByteSize() + 8100 < limit - 16:
+                start.tags[f"t{len(start.tags)}"] = value
+            start.tags["last"] = "t" * (limit - 16 - start.ByteSize() - 12)
+            assert limit - 40 <= start.ByteSize() <= limit
+            started = [tracking.StartRun(start).run for _ in range(2)]
+
+            name = f"bulk-{unique}"
+            registry.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=name))
+            model_value = "m" * limits.MAX_REGISTERED_MODEL_TAG_VALUE_LENGTH
+            for i in range(14):
+                registry.SetRegisteredModelTag(
+                    reg_pb.SetRegisteredModelTagRequest(name=name, key=f"k{i}", value=model_value)
+                )
+            updated = registry.UpdateRegisteredModel(
+                reg_pb.UpdateRegisteredModelRequest(name=name, description="new")
+            ).registered_model
+            renamed = registry.RenameRegisteredModel(
+                reg_pb.RenameRegisteredModelRequest(name=name, new_name=f"{name}-2")
+            ).registered_model
+            version = registry.CreateModelVersion(
+                reg_pb.CreateModelVersionRequest(
+                    name=f"{name}-2", source=f"runs:/{started[0].info.run_id}/model"
+                )
+            ).model_version
+            for i in range(2):
+                registry.SetModelVersionTag(
+                    reg_pb.SetModelVersionTagRequest(
+                        name=f"{name}-2",
+                        version=version.version,
+                        key=f"k{i}",
+                        value="v" * 40_000,
+                    )
+                )
+            described = registry.UpdateModelVersion(
+                reg_pb.UpdateModelVersionRequest(
+                    name=f"{name}-2", version=version.version, description="described"
+                )
+            ).model_version
+    finally:
+        running.stop()
+    assert started[0].info.run_id == started[1].info.run_id
+    assert not started[0].HasField("data")
+    assert started[0].info.status == pb.RUN_STATUS_RUNNING
+    assert updated.name == name and updated.description == "new" and not updated.tags
+    assert renamed.name == f"{name}-2" and not renamed.tags
+    assert described.description == "described" and not described.tags
+    assert described.version == version.version
+    # MLflow holds each change whole: one run, with its tags.
+    direct = MlflowClient(mlflow_server.url, mlflow_server.url)
+    (run,) = direct.search_runs([experiment_id])
+    assert run.info.run_id == started[0].info.run_id and run.data.tags["last"]
+    kept = direct.get_registered_model(f"{name}-2").tags
+    assert {k for k in kept if not k.startswith("mlflow_sidecar.")} == {f"k{i}" for i in range(14)}

@@ -196,10 +196,47 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         return unary
 
 
-# Methods whose answer is built once their change has taken effect, around the run they
-# changed: a run too large to send comes with its info alone, because an error would tell
-# the caller that nothing happened (and its retry would meet the same answer).
-_RUN_ANSWERS_AFTER_EFFECT = frozenset({"EndRun", "RestoreRun", "ResumeRun"})
+# Methods whose answer is built once their change has taken effect, around the entity they
+# changed: an entity too large to send comes without its bulk (what `_BULK` names),
+# because an error would tell the caller that nothing happened (and its retry would meet
+# the same answer).
+_ANSWERS_AFTER_EFFECT = frozenset(
+    {
+        "CreateExperiment",
+        "RestoreExperiment",
+        "StartRun",
+        "EndRun",
+        "RestoreRun",
+        "ResumeRun",
+        "CreateLoggedModel",
+        "FinalizeLoggedModel",
+        "CreateRegisteredModel",
+        "UpdateRegisteredModel",
+        "RenameRegisteredModel",
+        "CreateModelVersion",
+        "UploadModel",
+        "UpdateModelVersion",
+    }
+)
+# Per entity message: the fields an answer after the effect leaves out when too large.
+_BULK = {
+    "Run": ("data", "inputs", "outputs"),
+    "Experiment": ("tags",),
+    "LoggedModel": ("tags", "params"),
+    "RegisteredModel": ("tags", "aliases"),
+    "ModelVersion": ("tags",),
+}
+
+
+def _without_bulk(answer: Any) -> list[str]:
+    """Clear the bulk of each entity in `answer`; returns the fields cleared, spelled
+    `entity.field`."""
+    cleared = []
+    for field, entity in answer.ListFields():
+        for bulk in _BULK.get(field.message_type.name if field.message_type else "", ()):
+            entity.ClearField(bulk)
+            cleared.append(f"{field.name}.{bulk}")
+    return cleared
 
 
 def _answer_limit(max_bytes: int | None, method_name: str = "") -> Callable[[Any], Any]:
@@ -207,16 +244,13 @@ def _answer_limit(max_bytes: int | None, method_name: str = "") -> Callable[[Any
 
     def fits(answer: Any) -> Any:
         size = answer.ByteSize() if max_bytes is not None else 0
-        if max_bytes is not None and size > max_bytes and method_name in _RUN_ANSWERS_AFTER_EFFECT:
-            info = answer.run.info
-            answer.run.ClearField("data")
-            answer.run.ClearField("inputs")
-            answer.run.ClearField("outputs")
+        if max_bytes is not None and size > max_bytes and method_name in _ANSWERS_AFTER_EFFECT:
+            cleared = _without_bulk(answer)
             _notes.info(
-                "%s of run %s took effect; its answer carries the run's info alone: the"
-                " whole run is %d bytes, over server.max_message_bytes (%d)",
+                "%s took effect; its answer leaves out %s: the whole answer is %d bytes, over"
+                " server.max_message_bytes (%d)",
                 method_name,
-                info.run_id,
+                ", ".join(cleared),
                 size,
                 max_bytes,
             )

@@ -99,7 +99,13 @@ class ExperimentTrackingServiceStub(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
     server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
-    or raise the limit on both sides.
+    or raise the limit on both sides. Never the answer of a call that has changed
+    something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
+    ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
+    UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
+    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
+    data, inputs and outputs; an experiment or version without tags; a registered model
+    without tags and aliases; a logged model without tags and params.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -367,7 +373,13 @@ class ExperimentTrackingServiceServicer(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
     server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
-    or raise the limit on both sides.
+    or raise the limit on both sides. Never the answer of a call that has changed
+    something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
+    ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
+    UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
+    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
+    data, inputs and outputs; an experiment or version without tags; a registered model
+    without tags and aliases; a logged model without tags and params.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -909,7 +921,13 @@ class ExperimentTrackingService(object):
     - UPLOAD_TOO_LARGE [RESOURCE_EXHAUSTED]: over artifacts.max_upload_bytes or MLflow's limit.
     - ANSWER_TOO_LARGE [RESOURCE_EXHAUSTED]: the answer would be over
     server.max_message_bytes (metadata "answer_bytes", "max_message_bytes"); ask for less
-    or raise the limit on both sides.
+    or raise the limit on both sides. Never the answer of a call that has changed
+    something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
+    ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
+    UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
+    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
+    data, inputs and outputs; an experiment or version without tags; a registered model
+    without tags and aliases; a logged model without tags and params.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
