@@ -10,8 +10,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import grpc
-
 from mlflow_sidecar.client.arguments import string_map, strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
@@ -19,7 +17,7 @@ from mlflow_sidecar.client.ports import StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import ArtifactInfo, FileInfo, Page
-from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError, error_from_rpc
+from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import (
     DatasetUse,
@@ -250,8 +248,6 @@ class GrpcLoggedModels:
                     raise DataLossError(f"{artifact_path}: the download ended without a trailer")
                 writer.finish(trailer)
                 os.replace(partial, final)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
         finally:
             call.cancel()
         return final

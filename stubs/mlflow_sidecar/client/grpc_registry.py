@@ -11,8 +11,6 @@ import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import grpc
-
 from mlflow_sidecar.client.alias_watch import GrpcAliasWatch
 from mlflow_sidecar.client.arguments import int64, string_map, strings
 from mlflow_sidecar.client.directory_swap import replace_directory
@@ -32,7 +30,6 @@ from mlflow_sidecar.core.domain import (
 from mlflow_sidecar.core.errors import (
     DataLossError,
     InvalidArgumentError,
-    error_from_rpc,
 )
 from mlflow_sidecar.core.limits import DEFAULT_CHUNK_BYTES, DEFAULT_PAGE_SIZE
 from mlflow_sidecar.core.model_digest import directory_digest, model_digest
@@ -60,10 +57,10 @@ class GrpcModelRegistry(ModelRegistry):
 
     Every call that creates, renames or deletes carries a request id (a fresh UUID4 unless
     given), kept across the channel's retries, so that it takes effect once. A model
-    upload answered UNAVAILABLE is sent again, up to `upload_attempts` times, with the
-    same request id: the sidecar answers a repeat of an upload that took effect with its
-    version, before the files travel again. A watch reconnects for up to `watch_reconnect_s`
-    of failing in a row.
+    upload or download that found the sidecar unreachable is sent again, up to
+    `upload_attempts` times in all, an upload with the same request id: the sidecar
+    answers a repeat of an upload that took effect with its version, before the files
+    travel again. A watch reconnects for up to `watch_reconnect_s` of failing in a row.
 
     With `shared_cache_dir` (where this process sees the sidecar's model cache directory,
     `<data_dir>/models`, through a shared volume), a cached version is copied from there
@@ -407,8 +404,6 @@ class GrpcModelRegistry(ModelRegistry):
                     replace_directory(incoming, destination)
                 finally:
                     shutil.rmtree(incoming, ignore_errors=True)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
         finally:
             call.cancel()
         return SyncedModel(

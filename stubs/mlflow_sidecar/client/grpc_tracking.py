@@ -444,8 +444,6 @@ class GrpcExperimentTracking(ExperimentTracking):
                 # Only verified bytes reach `final`: the partial file is renamed after this.
                 writer.finish(trailer or None)
                 os.replace(partial, final)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
         finally:
             # Stops the sidecar's stream when we leave early; a no-op after a full download.
             call.cancel()

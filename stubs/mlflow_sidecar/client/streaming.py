@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import backoff
 import grpc
 
-from mlflow_sidecar.core.errors import UnavailableError, error_from_rpc
+from mlflow_sidecar.client.unary_retry import sidecar_unreachable
+from mlflow_sidecar.core.errors import error_from_rpc
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -16,21 +18,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def resent_on_unavailable(send: F, attempts: int) -> F:
-    """`send`, called again (with backoff) while it fails with UnavailableError, at most
-    `attempts` times in all.
+    """`send`, called again (with backoff) while its call finds the sidecar unreachable, at
+    most `attempts` times in all; the failed call (the `grpc.RpcError` `send` raises)
+    becomes its domain error.
 
-    A client stream cannot be replayed by gRPC once it has started, so an upload that
-    failed on its way is sent again whole; its request id makes the repeat safe."""
-    wrapped: F = backoff.on_exception(
+    A transfer cannot be replayed by gRPC once it has started, so it is sent again whole;
+    an upload's request id makes the repeat safe. An UNAVAILABLE the sidecar answers
+    itself is not sent again (`sidecar_unreachable`, the rule of unary calls too): the
+    sidecar has already retried MLflow for it, and a repeat would multiply those tries."""
+    resending = backoff.on_exception(
         backoff.expo,
-        UnavailableError,
+        grpc.RpcError,
         max_tries=max(1, attempts),
+        giveup=lambda exc: not sidecar_unreachable(exc),
         factor=0.5,
         max_value=10,
         jitter=backoff.full_jitter,
         logger=None,
     )(send)
-    return wrapped
+
+    @functools.wraps(send)
+    def sent(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return resending(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from None
+
+    return cast(F, sent)
 
 
 class _Recording(Generic[Req]):
@@ -61,15 +75,16 @@ class _Recording(Generic[Req]):
 def invoke_client_stream(
     method: Callable[..., Resp], requests: Iterator[Req], timeout: float | None
 ) -> Resp:
-    """Call a client-streaming stub method; failures become domain errors.
+    """Call a client-streaming stub method.
 
     An exception raised while producing the requests cancels the call and is re-raised
-    as it was.
+    as it was; a failed call raises its `grpc.RpcError` (`resent_on_unavailable` decides
+    from it whether to send again, and makes it a domain error).
     """
     recording = _Recording(requests)
     try:
         return method(recording, timeout=timeout)
-    except grpc.RpcError as exc:
+    except grpc.RpcError:
         if recording.error is not None:
             raise recording.error from None
-        raise error_from_rpc(exc) from None
+        raise

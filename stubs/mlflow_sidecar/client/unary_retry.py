@@ -132,7 +132,7 @@ class UnaryRetry(CallInterceptor):
             if not outcome.done():
                 return outcome
             error = outcome.exception()
-            if not _retryable(error):
+            if not sidecar_unreachable(error):
                 return outcome
             if not self._schedule.may_retry(tries, deadline - time.monotonic()):
                 break
@@ -164,7 +164,11 @@ class UnaryRetry(CallInterceptor):
         return deadline - time.monotonic() > 0
 
 
-def _retryable(error: BaseException | None) -> bool:
+def sidecar_unreachable(error: BaseException | None) -> bool:
+    """Whether a failed call met the sidecar unreachable, so that trying again may help:
+    UNAVAILABLE without the sidecar's own "do not retry". The sidecar answers UNAVAILABLE
+    with that pushback once it has spent its own MLflow retries; trying again would only
+    multiply them. The one rule of every retry and resend of the typed client."""
     if not isinstance(error, grpc.RpcError) or not isinstance(error, grpc.Call):
         return False
     if error.code() != grpc.StatusCode.UNAVAILABLE:
