@@ -17,7 +17,7 @@ import grpc
 from mlflow_sidecar.client.call_interceptor import CallInterceptor, with_metadata
 from mlflow_sidecar.client.settings import ClientSettings
 from mlflow_sidecar.client.tls_files import read_pem
-from mlflow_sidecar.client.unary_retry import UnaryRetry
+from mlflow_sidecar.client.unary_retry import Reconnect, UnaryRetry
 from mlflow_sidecar.core.errors import ClientErrorReason, FailedPreconditionError
 
 CLIENT_CLOSED = ClientErrorReason.CLIENT_CLOSED
@@ -159,16 +159,18 @@ class SharedChannel:
         self._raw = raw
         self.pid = os.getpid()
         self.closed = False
+        # The wait for the sidecar to come back, before a unary call's next try or a
+        # transfer's next sending.
+        self.reconnect = Reconnect(raw, self.check_usable)
         interceptors: list[Any] = [
             _ChannelGuard(self),
             # Inside the guard, outside the metadata: every try carries the token and
             # trace context again.
             UnaryRetry(
-                raw,
+                self.reconnect,
                 target=settings.target,
                 max_attempts=settings.max_attempts,
                 default_deadline_s=settings.timeout_s,
-                check_usable=self.check_usable,
             ),
         ]
         if settings.token:

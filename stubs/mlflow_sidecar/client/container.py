@@ -67,6 +67,7 @@ class ClientContainer(containers.DeclarativeContainer):
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
+        reconnect=shared_channel.provided.reconnect,
     )
     metric_stream = providers.Factory(
         MetricStream,
@@ -83,6 +84,7 @@ class ClientContainer(containers.DeclarativeContainer):
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
+        reconnect=shared_channel.provided.reconnect,
         watch_reconnect_s=settings.provided.stream_reconnect_s,
         shared_cache_dir=settings.provided.model_cache_dir,
     )

@@ -15,6 +15,7 @@ from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
+from mlflow_sidecar.client.unary_retry import Reconnect
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import ArtifactInfo, FileInfo, Page
 from mlflow_sidecar.core.errors import DataLossError, InvalidArgumentError
@@ -35,7 +36,10 @@ from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
 class GrpcLoggedModels:
     """Logged models of a sidecar. Every call carries `timeout_s` as its deadline, file
-    transfers `transfer_timeout_s`; creates and deletes carry a request_id."""
+    transfers `transfer_timeout_s`; creates and deletes carry a request_id. A transfer
+    that found the sidecar unreachable is sent again, up to `upload_attempts` times in
+    all, with `reconnect` (its channel's) once the sidecar is back, within
+    `transfer_timeout_s`."""
 
     def __init__(
         self,
@@ -45,14 +49,19 @@ class GrpcLoggedModels:
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_attempts: int = 3,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
-        self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        self._upload = resent_on_unavailable(
+            self._upload_once, upload_attempts, reconnect, transfer_timeout_s
+        )
         # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
-        self._download = resent_on_unavailable(self._download_once, upload_attempts)
+        self._download = resent_on_unavailable(
+            self._download_once, upload_attempts, reconnect, transfer_timeout_s
+        )
 
     def create(
         self,

@@ -19,6 +19,7 @@ from mlflow_sidecar.client.grpc_tracking import check_chunk_bytes, invoke
 from mlflow_sidecar.client.ports import AliasWatch, ModelRegistry, StrPath
 from mlflow_sidecar.client.shared_cache import CacheEntryUnreadableError, copy_entry, entry_root
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
+from mlflow_sidecar.client.unary_retry import Reconnect
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import (
     ModelVersion,
@@ -60,7 +61,9 @@ class GrpcModelRegistry(ModelRegistry):
     upload or download that found the sidecar unreachable is sent again, up to
     `upload_attempts` times in all, an upload with the same request id: the sidecar
     answers a repeat of an upload that took effect with its version, before the files
-    travel again. A watch reconnects for up to `watch_reconnect_s` of failing in a row.
+    travel again. With `reconnect` (its channel's), each sending again first waits for the
+    sidecar to be back, within `transfer_timeout_s`. A watch reconnects for up to
+    `watch_reconnect_s` of failing in a row.
 
     With `shared_cache_dir` (where this process sees the sidecar's model cache directory,
     `<data_dir>/models`, through a shared volume), a cached version is copied from there
@@ -75,6 +78,7 @@ class GrpcModelRegistry(ModelRegistry):
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_attempts: int = 3,
+        reconnect: Reconnect | None = None,
         watch_reconnect_s: float = 60.0,
         shared_cache_dir: StrPath | None = None,
     ) -> None:
@@ -83,9 +87,13 @@ class GrpcModelRegistry(ModelRegistry):
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
-        self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        self._upload = resent_on_unavailable(
+            self._upload_once, upload_attempts, reconnect, transfer_timeout_s
+        )
         # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
-        self._download = resent_on_unavailable(self._download_once, upload_attempts)
+        self._download = resent_on_unavailable(
+            self._download_once, upload_attempts, reconnect, transfer_timeout_s
+        )
         self._watch_reconnect_s = watch_reconnect_s
 
     @property

@@ -17,6 +17,7 @@ from mlflow_sidecar.client.arguments import double, int64, string_map, strings
 from mlflow_sidecar.client.downloads import claimed, partial_path, sweep_stale
 from mlflow_sidecar.client.ports import ExperimentTracking, StrPath
 from mlflow_sidecar.client.streaming import invoke_client_stream, resent_on_unavailable
+from mlflow_sidecar.client.unary_retry import Reconnect
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import (
@@ -101,7 +102,10 @@ def _flush_result(reply: pb.FlushMetricsResponse) -> FlushResult:
 class GrpcExperimentTracking(ExperimentTracking):
     """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline,
     artifact transfers `transfer_timeout_s`; StartRun always carries a request_id, so a
-    retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`."""
+    retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`. A
+    transfer that found the sidecar unreachable is sent again, up to `upload_attempts`
+    times in all, with `reconnect` (its channel's) once the sidecar is back, within
+    `transfer_timeout_s`."""
 
     def __init__(
         self,
@@ -111,14 +115,19 @@ class GrpcExperimentTracking(ExperimentTracking):
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         upload_attempts: int = 3,
+        reconnect: Reconnect | None = None,
     ) -> None:
         self._stub = stub
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
-        self._upload = resent_on_unavailable(self._upload_once, upload_attempts)
+        self._upload = resent_on_unavailable(
+            self._upload_once, upload_attempts, reconnect, transfer_timeout_s
+        )
         # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
-        self._download = resent_on_unavailable(self._download_once, upload_attempts)
+        self._download = resent_on_unavailable(
+            self._download_once, upload_attempts, reconnect, transfer_timeout_s
+        )
 
     def create_experiment(
         self,

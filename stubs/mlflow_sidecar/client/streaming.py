@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Generic, TypeVar, cast
 
-import backoff
 import grpc
 
-from mlflow_sidecar.client.unary_retry import sidecar_unreachable
+from mlflow_sidecar.client.unary_retry import Reconnect, RetrySchedule, sidecar_unreachable
 from mlflow_sidecar.core.errors import error_from_rpc
 
 Req = TypeVar("Req")
@@ -17,32 +17,40 @@ Resp = TypeVar("Resp")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def resent_on_unavailable(send: F, attempts: int) -> F:
-    """`send`, called again (with backoff) while its call finds the sidecar unreachable, at
-    most `attempts` times in all; the failed call (the `grpc.RpcError` `send` raises)
-    becomes its domain error.
+def resent_on_unavailable(
+    send: F, attempts: int, reconnect: Reconnect | None = None, wait_s: float = 0.0
+) -> F:
+    """`send`, called again while its call finds the sidecar unreachable, at most
+    `attempts` times in all; the failed call (the `grpc.RpcError` `send` raises) becomes
+    its domain error.
 
     A transfer cannot be replayed by gRPC once it has started, so it is sent again whole;
-    an upload's request id makes the repeat safe. An UNAVAILABLE the sidecar answers
-    itself is not sent again (`sidecar_unreachable`, the rule of unary calls too): the
-    sidecar has already retried MLflow for it, and a repeat would multiply those tries."""
-    resending = backoff.on_exception(
-        backoff.expo,
-        grpc.RpcError,
-        max_tries=max(1, attempts),
-        giveup=lambda exc: not sidecar_unreachable(exc),
-        factor=0.5,
-        max_value=10,
-        jitter=backoff.full_jitter,
-        logger=None,
-    )(send)
+    an upload's request id makes the repeat safe. Before it is sent again it waits, with
+    `reconnect`, for the sidecar to be back, for up to `wait_s` (the transfer's own
+    timeout): a restart of a few seconds costs the transfer those seconds, as it costs a
+    unary call. Without `reconnect` it waits the schedule's short backoff only. An
+    UNAVAILABLE the sidecar answers itself is not sent again (`sidecar_unreachable`, the
+    rule of unary calls too): the sidecar has already retried MLflow for it, and a repeat
+    would multiply those tries."""
+    schedule = RetrySchedule(max(1, attempts))
+
+    def waited(tries: int) -> bool:
+        if reconnect is not None:
+            return reconnect.pause(schedule, tries, time.monotonic() + wait_s)
+        time.sleep(schedule.backoff_s(tries))
+        return True
 
     @functools.wraps(send)
     def sent(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return resending(*args, **kwargs)
-        except grpc.RpcError as exc:
-            raise error_from_rpc(exc) from None
+        tries = 0
+        while True:
+            tries += 1
+            try:
+                return send(*args, **kwargs)
+            except grpc.RpcError as exc:
+                again = sidecar_unreachable(exc) and tries < schedule.max_attempts
+                if not (again and waited(tries)):
+                    raise error_from_rpc(exc) from None
 
     return cast(F, sent)
 

@@ -80,6 +80,34 @@ def unreachable_details(target: str, elapsed_s: float, tries: int, last: str) ->
     )
 
 
+class Reconnect:
+    """The wait before the next try of a call that found the sidecar unreachable: for the
+    channel to be READY again (it reconnects on its own within its max reconnect backoff),
+    bounded by a deadline. A sidecar that was reachable at once (it answered UNAVAILABLE,
+    or the connection came back just then) is given the schedule's backoff instead of a
+    tight loop. The retries of unary calls and the resends of transfers share it."""
+
+    def __init__(self, channel: grpc.Channel, check_usable: Callable[[], None]) -> None:
+        self._channel = channel
+        self._check_usable = check_usable
+
+    def pause(self, schedule: RetrySchedule, tries: int, deadline: float) -> bool:
+        """Wait before try `tries + 1`; False when `deadline` (`time.monotonic()`) passed
+        with the channel still not READY. Raises FailedPreconditionError when the channel
+        is closed (or used after fork), before or during the wait: that, not UNAVAILABLE,
+        is what the call meets."""
+        self._check_usable()
+        ready_at_once, ready = _wait_ready(self._channel, deadline, self._check_usable)
+        self._check_usable()
+        if not ready:
+            return False
+        if ready_at_once:
+            pause = min(schedule.backoff_s(tries), deadline - time.monotonic())
+            if pause > 0:
+                time.sleep(pause)
+        return deadline - time.monotonic() > 0
+
+
 class UnaryRetry(CallInterceptor):
     """Tries a unary-unary call of the sidecar's services up to `max_attempts` times while
     it fails with UNAVAILABLE, waiting for the channel to reconnect before each retry, all
@@ -90,19 +118,17 @@ class UnaryRetry(CallInterceptor):
 
     def __init__(
         self,
-        channel: grpc.Channel,
+        reconnect: Reconnect,
         *,
         target: str,
         max_attempts: int,
         default_deadline_s: float,
-        check_usable: Callable[[], None],
         service_prefix: str = "/mlflow_sidecar.v1.",
     ) -> None:
-        self._channel = channel
+        self._reconnect = reconnect
         self._target = target
         self._schedule = RetrySchedule(max_attempts)
         self._default_deadline_s = default_deadline_s
-        self._check_usable = check_usable
         self._prefix = service_prefix
 
     def _call(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
@@ -136,11 +162,7 @@ class UnaryRetry(CallInterceptor):
                 return outcome
             if not self._schedule.may_retry(tries, deadline - time.monotonic()):
                 break
-            self._check_usable()
-            waited = self._pause(tries, deadline)
-            # Closed (or forked) while waiting: say so rather than UNAVAILABLE.
-            self._check_usable()
-            if not waited:
+            if not self._reconnect.pause(self._schedule, tries, deadline):
                 break
         return UnreachableError(
             error,
@@ -148,20 +170,6 @@ class UnaryRetry(CallInterceptor):
                 self._target, time.monotonic() - started, tries, error.details() or ""
             ),
         )
-
-    def _pause(self, tries: int, deadline: float) -> bool:
-        """Wait before the next try; False when the deadline passed with the channel still
-        not READY."""
-        ready_at_once, ready = _wait_ready(self._channel, deadline, self._check_usable)
-        if not ready:
-            return False
-        if ready_at_once:
-            # Reachable: the sidecar answered UNAVAILABLE, or the connection came back
-            # just now. Pause as gRPC's policy would, not in a tight loop.
-            pause = min(self._schedule.backoff_s(tries), deadline - time.monotonic())
-            if pause > 0:
-                time.sleep(pause)
-        return deadline - time.monotonic() > 0
 
 
 def sidecar_unreachable(error: BaseException | None) -> bool:

@@ -92,6 +92,7 @@ class SidecarConnection:
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
             upload_attempts=settings.max_attempts,
+            reconnect=channel.reconnect,
         )
         registry = GrpcModelRegistry(
             registry_pb2_grpc.ModelRegistryServiceStub(channel.channel),
@@ -99,6 +100,7 @@ class SidecarConnection:
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
             upload_attempts=settings.max_attempts,
+            reconnect=channel.reconnect,
         )
         models = GrpcLoggedModels(
             tracking_pb2_grpc.ExperimentTrackingServiceStub(channel.channel),
@@ -106,6 +108,7 @@ class SidecarConnection:
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
             upload_attempts=settings.max_attempts,
+            reconnect=channel.reconnect,
         )
         return cls(uri.root, settings, channel, tracking, registry, models)
 
