@@ -10,16 +10,20 @@ from pathlib import Path
 import grpc
 import pytest
 
+from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import (
     CancelledError,
     DataLossError,
     ErrorReason,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
 )
 from mlflow_sidecar.core.transfer import HashingWriter, collect_files, file_digest
 from mlflow_sidecar.server.config import load_config
+from mlflow_sidecar.server.model_cache import ModelLease
+from mlflow_sidecar.server.model_cache.manifest import CacheKey, Manifest
 from mlflow_sidecar.server.servicers import streams
 from mlflow_sidecar.server.services.artifacts import decode_listing_token, encode_listing_token
 from mlflow_sidecar.server.staging import Staging
@@ -516,3 +520,47 @@ def test_a_model_of_more_files_than_one_download_manifest_holds_is_refused(tmp_p
         receive_model(small, model_stream(too_many))
     assert err.value.reason == ErrorReason.UPLOAD_TOO_LARGE
     assert "server.max_message_bytes" in str(err.value)
+
+
+def _leased(root: Path, files: dict[str, bytes]) -> ModelLease:
+    for path, data in files.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(data)
+    manifest = Manifest.describe(CacheKey("m", 1, 0), root, CHUNK)
+    return ModelLease(root, manifest, pin=lambda: None, unpin=lambda: None)
+
+
+def test_a_version_tagged_beyond_one_message_after_its_upload_still_downloads(tmp_path):
+    config = load_config(data_dir=tmp_path / "data", server={"max_message_bytes": 65536})
+    small = Staging(config)
+    (tmp_path / "model").mkdir()
+    lease = _leased(tmp_path / "model", {"weights.bin": b"W" * 100})
+    version = ModelVersion(
+        "m",
+        1,
+        source="runs:/r1/model",
+        description="about this model",
+        tags={"notes0": "x" * 40_000, "notes1": "x" * 40_000},
+        aliases=("champion",),
+    )
+    manifest, *chunks = streams.model_messages(version, lease, small)
+    sent = manifest.manifest.model_version
+    assert [f.path for f in manifest.manifest.files] == ["weights.bin"]
+    assert (sent.name, sent.version, sent.source) == ("m", 1, "runs:/r1/model")
+    assert dict(sent.tags) == {}  # enough to fit: aliases and description stay
+    assert list(sent.aliases) == ["champion"] and sent.description == "about this model"
+    assert b"".join(c.chunk.data for c in chunks) == b"W" * 100
+    unchanged = streams.unchanged_message(version, manifest.manifest.digest, small).unchanged
+    assert dict(unchanged.model_version.tags) == {}
+    assert unchanged.model_version.aliases == ["champion"]
+
+
+def test_a_version_whose_file_list_alone_overflows_one_message_names_the_list(tmp_path):
+    config = load_config(data_dir=tmp_path / "data", server={"max_message_bytes": 65536})
+    small = Staging(config)
+    (tmp_path / "model").mkdir()
+    lease = _leased(tmp_path / "model", {f"{'d' * 200}/{i:04d}": b"x" for i in range(300)})
+    with pytest.raises(FailedPreconditionError) as err:
+        next(streams.model_messages(ModelVersion("m", 1), lease, small))
+    assert "list of 300 files" in err.value.message
+    assert "server.max_message_bytes" in err.value.message

@@ -1363,7 +1363,12 @@ Global___ModelFile: _TypeAlias = ModelFile  # noqa: Y015
 
 @_typing.final
 class ModelManifest(_message.Message):
-    """Sent first: the version and every file that follows, in order."""
+    """Sent first: the version and every file that follows, in order. The version is whole
+    unless the manifest would then not fit one message (server.max_message_bytes): it comes
+    without its tags then, and if that is not enough without its aliases and description
+    too (GetModelVersion has them all). A version whose list of files alone does not fit is
+    FAILED_PRECONDITION.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1398,7 +1403,9 @@ Global___ModelManifest: _TypeAlias = ModelManifest  # noqa: Y015
 
 @_typing.final
 class ModelUnchanged(_message.Message):
-    """The answer to a DownloadModelRequest whose if_none_match matched: no files follow."""
+    """The answer to a DownloadModelRequest whose if_none_match matched: no files follow. The
+    version is whole, or without its tags (and aliases and description) as in ModelManifest.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 

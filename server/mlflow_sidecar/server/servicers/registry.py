@@ -256,12 +256,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         )
         lease = download.lease
         if lease is None:
-            yield pb.DownloadModelResponse(
-                unchanged=pb.ModelUnchanged(
-                    model_version=conv.model_version_to_pb(download.version),
-                    digest=download.digest,
-                )
-            )
+            yield streams.unchanged_message(download.version, download.digest, self._staging)
             return
         # A cancelled call may never resume this generator: release when the call ends
         # (at once when it ended while the download waited for another's fetch).

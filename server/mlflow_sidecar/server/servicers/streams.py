@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import ModelVersion
@@ -412,12 +413,45 @@ def artifact_messages(
     yield pb.DownloadArtifactResponse(trailer=pb.DownloadArtifactTrailer(sha256=digest.hexdigest()))
 
 
+# What the version in a DownloadModel answer leaves out, part after part, while the answer
+# would not fit one message: the parts that may grow after the version's files were
+# accepted (an upload budgets its files with the version as it was made).
+_VERSION_BULK: tuple[Literal["tags", "aliases", "description"], ...] = (
+    "tags",
+    "aliases",
+    "description",
+)
+
+
+def _fit_version(message: Message, version: reg_pb.ModelVersion, limit: int) -> None:
+    """Clear the bulk of `version` (held by `message`), part after part, until `message`
+    is at most `limit` bytes or nothing more can go."""
+    for bulk in _VERSION_BULK:
+        if message.ByteSize() <= limit:
+            return
+        version.ClearField(bulk)
+
+
+def unchanged_message(
+    version: ModelVersion, digest: str, staging: Staging
+) -> reg_pb.DownloadModelResponse:
+    """The one answer to a DownloadModel whose `if_none_match` matched."""
+    unchanged = reg_pb.ModelUnchanged(
+        model_version=conv.model_version_to_pb(version), digest=digest
+    )
+    _fit_version(
+        unchanged, unchanged.model_version, staging.max_message_bytes - CHUNK_FRAMING_BYTES
+    )
+    return reg_pb.DownloadModelResponse(unchanged=unchanged)
+
+
 def model_messages(
     version: ModelVersion, model: ModelLease, staging: Staging, *, cache_entry: str | None = None
 ) -> Iterator[reg_pb.DownloadModelResponse]:
     """A DownloadModel stream of leased model files: the manifest (with the sha256s and
     digest they were verified against), then chunks in order, or only the `cache_entry`
-    the client reads them from."""
+    the client reads them from. A manifest too large with the whole version carries the
+    version without its tags (then aliases, then description)."""
     files = model.manifest.files
     entries = [
         reg_pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
@@ -425,12 +459,16 @@ def model_messages(
     manifest = reg_pb.ModelManifest(
         model_version=conv.model_version_to_pb(version), files=entries, digest=model.manifest.digest
     )
-    if manifest.ByteSize() + CHUNK_FRAMING_BYTES > staging.max_message_bytes:
+    limit = staging.max_message_bytes - CHUNK_FRAMING_BYTES
+    _fit_version(manifest, manifest.model_version, limit)
+    if manifest.ByteSize() > limit:
         # Not a limit a retry gets past: the version needs a larger message limit.
+        listed = reg_pb.ModelManifest(files=entries).ByteSize()
         raise FailedPreconditionError(
-            f"the manifest of {len(entries)} files does not fit one message of"
-            f" {staging.max_message_bytes} bytes (server.max_message_bytes): raise it (and"
-            " the client's max_message_bytes) to download this version"
+            f"the manifest's list of {len(entries)} files takes {listed} bytes and does not"
+            f" fit one message of {staging.max_message_bytes} bytes"
+            " (server.max_message_bytes): raise it (and the client's max_message_bytes) to"
+            " download this version"
         )
     yield reg_pb.DownloadModelResponse(manifest=manifest)
     if cache_entry is not None:
