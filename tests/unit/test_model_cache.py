@@ -16,7 +16,12 @@ from pathlib import Path
 import pytest
 
 from mlflow_sidecar.core.domain import ModelVersion
-from mlflow_sidecar.core.errors import DeadlineExceededError, InvalidArgumentError, NotFoundError
+from mlflow_sidecar.core.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from mlflow_sidecar.core.model_digest import directory_digest, model_digest
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.config import ConfigError, load_config
@@ -574,6 +579,19 @@ def test_a_recreated_model_with_the_same_version_number_is_not_served_stale(side
     stored.version = replace(stored.version, creation_time_ms=stored.version.creation_time_ms + 1)
     assert sidecar.download("agent") == {"weights": b"new"}
     assert sidecar.fetches() == 2
+
+
+# -- a version made elsewhere that cannot be sent --------------------------------------------
+
+
+def test_a_stored_path_no_download_can_carry_is_a_failed_precondition_naming_it(sidecar):
+    deep = "/".join(["d" * 120] * 9) + "/weights.bin"  # 1100 bytes, every segment fine
+    sidecar.register("agent", {"MLmodel": b"flavors: {}\n", deep: b"W"})
+    with pytest.raises(FailedPreconditionError) as err:
+        sidecar.download("agent")
+    assert "agent version 1" in err.value.message
+    assert "1100 bytes" in err.value.message and repr("d" * 77 + "...") in err.value.message
+    assert err.value.field == ""
 
 
 # -- another registry or artifact policy -----------------------------------------------------

@@ -42,7 +42,9 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
     _check_characters(field, value)
     size = _utf8_size(value)
     if size > MAX_PATH_BYTES:
-        raise InvalidArgumentError(field, f"is {size} bytes long; at most {MAX_PATH_BYTES}")
+        raise InvalidArgumentError(
+            field, f"{_shown(value)} is {size} bytes long; at most {MAX_PATH_BYTES}"
+        )
     if value.startswith("/"):
         raise InvalidArgumentError(field, f"{_shown(value)} must be relative, not absolute")
     for segment in value.split("/"):
@@ -109,7 +111,9 @@ def _check_segment(field: str, value: str, segment: str) -> None:
             f"{_shown(value)} must not contain empty, '.' or '..' segments",
         )
     if _utf8_size(segment) > MAX_SEGMENT_BYTES:
-        raise InvalidArgumentError(field, f"has a segment longer than {MAX_SEGMENT_BYTES} bytes")
+        raise InvalidArgumentError(
+            field, f"{_shown(value)} has a segment longer than {MAX_SEGMENT_BYTES} bytes"
+        )
 
 
 def is_sha256(value: str) -> bool:

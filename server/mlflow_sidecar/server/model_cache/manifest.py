@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlflow_sidecar.core.errors import FailedPreconditionError, InvalidArgumentError
 from mlflow_sidecar.core.model_digest import model_digest
 from mlflow_sidecar.core.transfer import collect_files, file_digest
 
@@ -55,9 +56,19 @@ class Manifest:
 
     @classmethod
     def describe(cls, key: CacheKey, root: Path, chunk_bytes: int) -> Manifest:
-        """The manifest of the model directory `root`, every file hashed."""
+        """The manifest of the model directory `root` (the files of version `key`), every
+        file hashed. FailedPreconditionError, naming the file, for a file that no path of
+        a download could carry: the version was made elsewhere, and nothing of the request
+        is at fault."""
+        try:
+            found = collect_files(root)
+        except InvalidArgumentError as exc:
+            raise FailedPreconditionError(
+                f"{key.name} version {key.version} holds a stored file the sidecar cannot"
+                f" send: {exc.problem}"
+            ) from None
         files = []
-        for local in collect_files(root, field="model"):
+        for local in found:
             size, sha256 = file_digest(local.path, chunk_bytes)
             files.append(ManifestFile(local.relpath, size, sha256))
         return cls(key, tuple(files), model_digest((f.path, f.sha256) for f in files))
