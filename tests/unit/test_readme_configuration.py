@@ -136,3 +136,15 @@ def test_the_configuration_tables_defaults_are_the_configs(monkeypatch, tmp_path
         if value != loaded_value(config, key)
     }
     assert wrong == {}, "README default != config default"
+
+
+def test_every_default_the_prose_states_is_the_settings_default(tmp_path):
+    # "`server.workers` threads (64 by default)": a default restated outside the table.
+    stated = re.findall(
+        r"`([a-z_]+\.[a-z_]+)`[^`()]*?\((\d+) by default", ROOT.joinpath("README.md").read_text()
+    )
+    assert stated
+    config = load_config(data_dir=tmp_path)
+    for key, figure in stated:
+        section, _, name = key.partition(".")
+        assert getattr(getattr(config, section), name) == int(figure), key
