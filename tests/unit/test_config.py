@@ -413,6 +413,10 @@ def test_a_duration_a_stop_or_a_deadline_cannot_keep_is_refused(key, value, monk
         "auth:\n  tokens: [[very-secret-token]]\n",
         "mlflow:\n  password: [very-secret-token]\n",
         "mlflow:\n  token: {t: very-secret-token}\n",
+        # A misspelt key may hold a secret all the same.
+        "mlflow:\n  pasword: very-secret-token\n",
+        "auth:\n  token: very-secret-token\n",
+        "mlflow:\n  tracking_url: http://alice:very-secret-token@mlflow:5000\n",
     ],
 )
 def test_a_secret_of_the_wrong_shape_is_named_but_not_shown(text, tmp_path):
@@ -424,6 +428,17 @@ def test_a_secret_of_the_wrong_shape_is_named_but_not_shown(text, tmp_path):
     message = str(refused.value)
     assert "very-secret-token" not in message
     assert ("auth.tokens" in message) or ("mlflow." in message)
+
+
+def test_a_misspelt_key_is_named_with_the_key_meant(tmp_path):
+    path = tmp_path / "config.yaml"
+    path.write_text("mlflow:\n  pasword: very-secret-token\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path, data_dir=tmp_path)
+    assert str(refused.value) == (
+        "unknown config key mlflow.pasword: mlflow has no key 'pasword';"
+        " did you mean mlflow.password?"
+    )
 
 
 def test_a_bad_value_of_an_ordinary_setting_is_still_shown(tmp_path):

@@ -1021,14 +1021,34 @@ def _unknown_env(
     name: str, known_path: list[str], part: str, rest: list[str], choices: list[str]
 ) -> str:
     where = ".".join(known_path) or "the top level"
-    hint = ""
+    hint = _close_key_hint(
+        part, choices, lambda close: ENV_PREFIX + "__".join([*known_path, close, *rest]).upper()
+    )
+    return f"unknown setting {name}: {where} has no key {part!r}{hint}"
+
+
+def _unknown_key(loc: tuple[int | str, ...]) -> str:
+    """The refusal of a key in the config file (or the overrides) that names no setting.
+    Its value is never shown: a misspelt `pasword` or `token` holds a secret all the same."""
+    *parents, part = (str(item) for item in loc)
+    model: Any = AppConfig
+    for parent in parents:
+        model = getattr(model, "model_fields", {}).get(parent)
+        model = getattr(model, "annotation", None)
+    choices = sorted(getattr(model, "model_fields", {}))
+    where = ".".join(parents) or "the top level"
+    hint = _close_key_hint(part, choices, lambda close: ".".join([*parents, close]))
+    return f"unknown config key {'.'.join([*parents, part])}: {where} has no key {part!r}{hint}"
+
+
+def _close_key_hint(part: str, choices: list[str], spell: Callable[[str], str]) -> str:
+    """A hint naming the known key closest to `part` (spelt by `spell`), else the known keys."""
     close = difflib.get_close_matches(part, choices, n=1)
     if close:
-        suggestion = ENV_PREFIX + "__".join([*known_path, close[0], *rest]).upper()
-        hint = f"; did you mean {suggestion}?"
-    elif choices:
-        hint = f"; known: {', '.join(choices)}"
-    return f"unknown setting {name}: {where} has no key {part!r}{hint}"
+        return f"; did you mean {spell(close[0])}?"
+    if choices:
+        return f"; known: {', '.join(choices)}"
+    return ""
 
 
 def _yaml_problem(exc: BaseException) -> str:
@@ -1072,6 +1092,9 @@ def _mentions_secret(annotation: Any) -> bool:
 def _one_line(exc: ValidationError) -> str:
     first = exc.errors()[0]
     loc = tuple(first["loc"])
+    more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden" and loc:
+        return _unknown_key(loc) + more
     key = ".".join(str(part) for part in loc) or "<root>"
     env = _env_name(loc)
     value = first.get("input")
@@ -1082,5 +1105,4 @@ def _one_line(exc: ValidationError) -> str:
         shown = ""
     else:
         shown = f" (got {value!r})"
-    more = f"; and {exc.error_count() - 1} more" if exc.error_count() > 1 else ""
     return f"invalid config key {key} ({env}): {first['msg']}{shown}{more}"
