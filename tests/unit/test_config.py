@@ -227,6 +227,29 @@ def test_insecure_tls_false_in_the_file_overrides_mlflows_variable(tmp_path, mon
     assert MLFLOW_TRACKING_INSECURE_TLS.get() is False
 
 
+def test_credential_keys_set_to_empty_keep_inherited_credentials_from_mlflow(monkeypatch):
+    """README: where the key is set, its value is what MLflow's client gets."""
+    from mlflow.environment_variables import (
+        MLFLOW_TRACKING_PASSWORD,
+        MLFLOW_TRACKING_TOKEN,
+        MLFLOW_TRACKING_USERNAME,
+    )
+
+    from mlflow_sidecar.server.mlflow_gateway.environment import configure_mlflow_environment
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "trainer-user")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "trainer-pass")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "trainer-token")
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TRACKING_URI", "http://mlflow:5000")
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__USERNAME", "")
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__PASSWORD", "")
+    monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__TOKEN", "configured-token")
+    configure_mlflow_environment(load_config())
+    assert not MLFLOW_TRACKING_USERNAME.is_set()
+    assert not MLFLOW_TRACKING_PASSWORD.is_set()
+    assert MLFLOW_TRACKING_TOKEN.get() == "configured-token"
+
+
 @pytest.mark.parametrize("blank", ["", "  "])
 def test_an_empty_data_dir_is_refused_not_read_as_the_working_directory(monkeypatch, blank):
     monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", blank)

@@ -96,7 +96,12 @@ def host_port(host: str, port: int) -> str:
 
 
 def export_mlflow_env(name: str, value: str) -> None:
-    """Set one of MLflow's variables for MLflow's client, remembering that the sidecar did."""
+    """Set one of MLflow's variables for MLflow's client, remembering that the sidecar did;
+    an empty `value` removes the variable, as MLflow's client reads any value as set."""
+    if not value:
+        os.environ.pop(name, None)
+        _exported.pop(name, None)
+        return
     os.environ[name] = value
     _exported[name] = value
 

@@ -36,12 +36,12 @@ def configure_mlflow_environment(config: AppConfig) -> None:
     # line that is not JSON in the JSON log format.
     env["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     env.setdefault("DO_NOT_TRACK", "true")
-    if config.mlflow.username:
-        export_mlflow_env("MLFLOW_TRACKING_USERNAME", config.mlflow.username)
-    if password := config.mlflow.password.get_secret_value():
-        export_mlflow_env("MLFLOW_TRACKING_PASSWORD", password)
-    if token := config.mlflow.token.get_secret_value():
-        export_mlflow_env("MLFLOW_TRACKING_TOKEN", token)
+    # Empty ones too: the config already holds MLflow's variables where its keys are unset,
+    # so an empty value is a key set to empty, and an inherited username must not reach
+    # MLflow next to the token the sidecar was given.
+    export_mlflow_env("MLFLOW_TRACKING_USERNAME", config.mlflow.username)
+    export_mlflow_env("MLFLOW_TRACKING_PASSWORD", config.mlflow.password.get_secret_value())
+    export_mlflow_env("MLFLOW_TRACKING_TOKEN", config.mlflow.token.get_secret_value())
     # Always, false included: MLflow's client reads its variable itself, so one inherited
     # from the environment would turn certificate checks off against the sidecar's setting.
     export_mlflow_env(
