@@ -82,3 +82,12 @@ def test_a_half_migrated_store_is_explained_in_one_line(tmp_path):
     message = str(refused.value)
     assert "half-migrated" in message and "_alembic_tmp_experiments" in message
     assert "\n" not in message
+
+
+def test_a_store_that_is_not_a_database_is_refused_in_one_line_naming_it(tmp_path):
+    (tmp_path / "mlflow.db").write_bytes(b"this is not an sqlite database\n" * 600)
+    with pytest.raises(EmbeddedStoreError) as refused:
+        prepare(tmp_path, tmp_path / "artifacts")
+    message = str(refused.value)
+    assert str(tmp_path / "mlflow.db") in message and "not a database" in message
+    assert "\n" not in message

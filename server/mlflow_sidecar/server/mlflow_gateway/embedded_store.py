@@ -70,11 +70,23 @@ def _migrate(path: Path, artifact_root: Path) -> None:
 
 
 def _refuse_half_migrated(store: Path) -> None:
-    with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
-        leftovers = db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'table'"
-            " AND substr(name, 1, 13) = '_alembic_tmp_'"
-        ).fetchall()
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True)) as db:
+            leftovers = db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+                " AND substr(name, 1, 13) = '_alembic_tmp_'"
+            ).fetchall()
+    except sqlite3.OperationalError as exc:
+        # Locked, unreadable: the file itself may well be fine.
+        raise EmbeddedStoreError(
+            f"data_dir: cannot open the embedded MLflow store {store} ({exc})"
+        ) from exc
+    except sqlite3.DatabaseError as exc:
+        raise EmbeddedStoreError(
+            f"data_dir: cannot open the embedded MLflow store {store} ({exc}): if it is"
+            " damaged, restore it from a backup; if it is not the sidecar's, move it aside"
+            " and the sidecar creates a new, empty one"
+        ) from exc
     if leftovers:
         raise EmbeddedStoreError(
             f"the embedded MLflow store {store} was left half-migrated by a start that was"
