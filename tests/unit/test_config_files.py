@@ -118,3 +118,17 @@ def test_files_grpc_serves_with_are_taken_whatever_this_systems_openssl_policy(t
     )
     config = load_config(data_dir=tmp_path / "data", tls=tls(cert_file, key_file))
     assert config.tls.enabled
+
+
+_FILE_SETTINGS = ("TLS__CERT_FILE", "TLS__KEY_FILE", "TLS__CLIENT_CA_FILE", "AUTH__TOKENS_FILE")
+
+
+@pytest.mark.parametrize("name", _FILE_SETTINGS)
+def test_a_file_setting_set_to_empty_is_unset(name, tmp_path, monkeypatch):
+    """README: their default is empty, as a templated variable left blank gives them."""
+    for other in _FILE_SETTINGS:
+        monkeypatch.delenv(f"MLFLOW_SIDECAR__{other}", raising=False)
+    monkeypatch.setenv(f"MLFLOW_SIDECAR__{name}", "")
+    config = load_config(data_dir=tmp_path)
+    assert not config.tls.enabled and config.tls.client_ca_file is None
+    assert config.auth.tokens_file is None

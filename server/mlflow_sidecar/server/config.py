@@ -18,10 +18,11 @@ import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -242,12 +243,24 @@ class ServerConfig(_Section):
         return value
 
 
+def _empty_is_unset(value: object) -> object:
+    # Their documented default is "empty", and a templated variable left blank says so; as
+    # a path it would read as "." and be refused as a file that is the working directory.
+    if isinstance(value, str) and not value.strip():
+        return None
+    return value
+
+
+OptionalFile = Annotated[Path | None, BeforeValidator(_empty_is_unset)]
+"""A file setting that may be unset: None, or an empty value, which means the same."""
+
+
 class TlsConfig(_Section):
     """TLS for the listener; with `client_ca_file` clients must present a certificate (mTLS)."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    client_ca_file: Path | None = None
+    cert_file: OptionalFile = None
+    key_file: OptionalFile = None
+    client_ca_file: OptionalFile = None
 
     @model_validator(mode="after")
     def _complete(self) -> TlsConfig:
@@ -267,7 +280,7 @@ class AuthConfig(_Section):
     """Bearer tokens accepted on every RPC but health; none configured means no auth."""
 
     tokens: list[SecretStr] = Field(default_factory=list)
-    tokens_file: Path | None = Field(None, description="one token per line; # starts a comment")
+    tokens_file: OptionalFile = Field(None, description="one token per line; # starts a comment")
 
     @field_validator("tokens")
     @classmethod
