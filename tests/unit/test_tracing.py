@@ -59,6 +59,45 @@ def test_an_exporter_that_is_not_installed_is_named():
         tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "console,nonesuch"})
 
 
+@pytest.mark.parametrize(
+    ("environ", "named"),
+    [
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio_typo"},
+            r"OTEL_TRACES_SAMPLER: .*'traceidratio_typo'",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "ten percent"},
+            r"OTEL_TRACES_SAMPLER_ARG: 'ten percent'",
+        ),
+        (
+            {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "2"},
+            r"OTEL_TRACES_SAMPLER_ARG: '2'",
+        ),
+    ],
+)
+def test_a_sampler_the_sdk_would_replace_is_named(environ, named):
+    with pytest.raises(TracingConfigError, match=named):
+        tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "console", **environ})
+
+
+@pytest.mark.parametrize(
+    ("environ", "description"),
+    [
+        ({}, "ParentBased{root:AlwaysOnSampler"),
+        ({"OTEL_TRACES_SAMPLER": "always_off"}, "AlwaysOffSampler"),
+        (
+            {"OTEL_TRACES_SAMPLER": "TraceIdRatio", "OTEL_TRACES_SAMPLER_ARG": "0.25"},
+            "TraceIdRatioBased{0.25}",
+        ),
+    ],
+)
+def test_the_sampler_follows_the_environment(environ, description):
+    provider = tracer_provider_from_env({"OTEL_TRACES_EXPORTER": "console", **environ})
+    assert provider is not None
+    assert provider.sampler.get_description().startswith(description)
+
+
 def test_the_service_is_named_unless_the_environment_names_it(monkeypatch):
     monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
     monkeypatch.delenv("OTEL_RESOURCE_ATTRIBUTES", raising=False)

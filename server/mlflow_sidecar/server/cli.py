@@ -128,12 +128,13 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
         container = _server_container(config)
     except ModuleNotFoundError as exc:
         return _missing_extra(exc, "serve")
+    # First, so that whatever is logged from here on (OpenTelemetry's SDK while tracing is
+    # set up, the embedded store's migrations) is in the configured format.
+    configure_logging(config.log_level, config.log_format)
     try:
         container.tracing()  # a bad OTEL_* variable fails before anything is touched
     except TracingConfigError as exc:
         return _fail(str(exc))
-    # Before the store is opened, so that its migrations log in the configured format.
-    configure_logging(config.log_level, config.log_format)
     if not grpc_core_quiet:
         log.warning(
             "grpc was imported before serve read log_level and log_format: its core writes"

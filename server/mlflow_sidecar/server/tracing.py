@@ -3,9 +3,9 @@
 Off unless the environment asks for it: `OTEL_TRACES_EXPORTER` set to something other than
 `none` (e.g. `console`, or `otlp` with `opentelemetry-exporter-otlp` installed), or an
 `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`; `OTEL_SDK_DISABLED=true`
-turns it off. The SDK reads the rest itself (`OTEL_SERVICE_NAME`,
-`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACES_SAMPLER`, `OTEL_BSP_*`, `OTEL_PROPAGATORS`, the
-exporters' own variables).
+turns it off. `OTEL_TRACES_SAMPLER` (and `OTEL_TRACES_SAMPLER_ARG`) are read here, so that
+one the SDK does not know is refused; the SDK reads the rest itself (`OTEL_SERVICE_NAME`,
+`OTEL_RESOURCE_ATTRIBUTES`, `OTEL_BSP_*`, `OTEL_PROPAGATORS`, the exporters' own variables).
 
 When on, every RPC gets a SERVER span whose parent is the caller's W3C `traceparent`
 metadata, and every HTTP request to MLflow (MLflow's client speaks `requests`) a CLIENT
@@ -25,6 +25,15 @@ from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+from opentelemetry.sdk.trace.sampling import (
+    ALWAYS_OFF,
+    ALWAYS_ON,
+    DEFAULT_OFF,
+    DEFAULT_ON,
+    ParentBasedTraceIdRatio,
+    Sampler,
+    TraceIdRatioBased,
+)
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mlflow_sidecar.server.interceptors import Behavior, CallType, WrappedHandlers, status_code
@@ -42,6 +51,19 @@ _NO_EXCEPTION_STATUS: dict[str, bool] = {
     "end_on_exit": False,
     "record_exception": False,
     "set_status_on_exception": False,
+}
+
+
+# The samplers OTEL_TRACES_SAMPLER names, as the SDK's tracer provider knows them.
+_FIXED_SAMPLERS: dict[str, Sampler] = {
+    "always_on": ALWAYS_ON,
+    "always_off": ALWAYS_OFF,
+    "parentbased_always_on": DEFAULT_ON,
+    "parentbased_always_off": DEFAULT_OFF,
+}
+_RATIO_SAMPLERS: dict[str, Callable[[float], Sampler]] = {
+    "traceidratio": TraceIdRatioBased,
+    "parentbased_traceidratio": ParentBasedTraceIdRatio,
 }
 
 
@@ -91,10 +113,34 @@ def tracer_provider_from_env(environ: Mapping[str, str]) -> TracerProvider | Non
     resource = Resource.create()
     if str(resource.attributes.get(SERVICE_NAME, "")).startswith("unknown_service"):
         resource = resource.merge(Resource({SERVICE_NAME: DEFAULT_SERVICE_NAME}))
-    provider = TracerProvider(resource=resource)  # the sampler follows OTEL_TRACES_SAMPLER
+    provider = TracerProvider(resource=resource, sampler=_sampler(environ))
     for name in names:
         provider.add_span_processor(BatchSpanProcessor(_exporter(name)))
     return provider
+
+
+def _sampler(environ: Mapping[str, str]) -> Sampler:
+    """The sampler `OTEL_TRACES_SAMPLER` (and, for a ratio, `OTEL_TRACES_SAMPLER_ARG`)
+    names; TracingConfigError for a name or ratio that is not one. The SDK would put its
+    default in their place with a warning, and sample what was meant to be left out."""
+    name = environ.get("OTEL_TRACES_SAMPLER", "").strip().lower() or "parentbased_always_on"
+    if name in _FIXED_SAMPLERS:
+        return _FIXED_SAMPLERS[name]
+    if name not in _RATIO_SAMPLERS:
+        known = ", ".join([*_FIXED_SAMPLERS, *_RATIO_SAMPLERS])
+        raise TracingConfigError(
+            f"invalid OTEL_TRACES_SAMPLER: no sampler named {name!r}; known: {known}"
+        )
+    arg = environ.get("OTEL_TRACES_SAMPLER_ARG", "").strip() or "1.0"
+    try:
+        ratio = float(arg)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio <= 1.0:  # NaN included
+        raise TracingConfigError(
+            f"invalid OTEL_TRACES_SAMPLER_ARG: {arg!r} is not a ratio from 0 to 1 (for {name})"
+        )
+    return _RATIO_SAMPLERS[name](ratio)
 
 
 class Tracing:
