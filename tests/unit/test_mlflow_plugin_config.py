@@ -20,6 +20,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.mlflow_plugin.connection import SidecarUri, settings_for
 from mlflow_sidecar.mlflow_plugin.errors import to_mlflow, translated
+from tests.support.certs import make_pki
 
 
 def test_uri_names_target_tls_and_path():
@@ -36,6 +37,18 @@ def test_uri_names_target_tls_and_path():
         True,
         "runs/abc/artifacts/x",
     )
+
+
+def test_tls_files_from_env_go_with_a_tls_uri(tmp_path, monkeypatch):
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_ROOT_CERTIFICATES_FILE", str(pki.ca_cert))
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_CLIENT_CERT_FILE", str(pki.client_cert))
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_CLIENT_KEY_FILE", str(pki.client_key))
+    settings = settings_for(SidecarUri.parse("sidecar+tls://localhost:50051"))
+    assert settings.tls and settings.root_certificates_file == str(pki.ca_cert)
+    assert settings.client_cert_file == str(pki.client_cert)
+    with pytest.raises(ValueError, match="root_certificates_file is set but tls is not"):
+        settings_for(SidecarUri.parse("sidecar://localhost:50051"))
 
 
 @pytest.mark.parametrize(

@@ -94,5 +94,7 @@ def load_env(container: ClientContainer) -> None:
     """Set the container's config from `MLFLOW_SIDECAR_CLIENT_TARGET`, `..._TIMEOUT_S`, etc.
 
     Only the settings the environment names are written: the rest keep what the config
-    held (a value from `config.from_dict()`, or the default)."""
+    held (a value from `config.from_dict()`, or the default). Each value is checked here;
+    how they go with the config's others (a CA file needs `tls`) is checked once the
+    container builds its settings from them all."""
     container.config.from_dict(ClientEnvSettings().model_dump(exclude_unset=True))

@@ -30,8 +30,10 @@ TLS_FILE_SETTINGS = ("root_certificates_file", "client_cert_file", "client_key_f
 """The settings that name PEM files of a TLS channel; each needs `tls`."""
 
 
-class ClientSettings(NumbersRefuseBooleans):
-    """How a trainer reaches its sidecar."""
+class ClientSettingFields(NumbersRefuseBooleans):
+    """Each of the client's settings on its own, without the checks of one setting against
+    another that `ClientSettings` adds: what one source (the environment) gives may be
+    completed by another (a `sidecar+tls://` URI, the container's config)."""
 
     # A refusal never echoes what it was given: model-level ones echo every setting, the
     # token among them.
@@ -101,6 +103,10 @@ class ClientSettings(NumbersRefuseBooleans):
                 " newline a token read from a file ends with"
             )
         return token
+
+
+class ClientSettings(ClientSettingFields):
+    """How a trainer reaches its sidecar."""
 
     @model_validator(mode="after")
     def _client_certificate_with_its_key(self) -> ClientSettings:
@@ -177,10 +183,12 @@ _SIDECAR_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
 
 
-class ClientEnvSettings(ClientSettings, BaseSettings):
-    """`ClientSettings` read from `MLFLOW_SIDECAR_CLIENT_*` environment variables; one
+class ClientEnvSettings(ClientSettingFields, BaseSettings):
+    """The client's settings read from `MLFLOW_SIDECAR_CLIENT_*` environment variables; one
     that names no setting, or any other `MLFLOW_SIDECAR_*` variable that is not the
-    sidecar's, is a ValueError (a typo would otherwise be ignored)."""
+    sidecar's, is a ValueError (a typo would otherwise be ignored). Each value is checked
+    here; how they go together is checked by `ClientSettings`, once they are merged with
+    the settings of the other sources."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore")
 

@@ -61,7 +61,8 @@ class SidecarUri:
 
 
 def settings_for(uri: SidecarUri) -> ClientSettings:
-    """The client's environment settings with the URI's target and TLS choice on top."""
+    """The client's environment settings with the URI's target and TLS choice on top,
+    checked together (a CA file from the environment goes with a `sidecar+tls://` URI)."""
     values = ClientEnvSettings().model_dump()
     values.update(target=uri.target, tls=uri.tls)
     return ClientSettings(**values)
