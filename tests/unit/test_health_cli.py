@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_sidecar.server.cli import EXIT_CONFIG, main
+from mlflow_sidecar.server.cli import EXIT_CONFIG, EXIT_UNHEALTHY, main
 
 
 @pytest.fixture(autouse=True)
@@ -46,3 +46,11 @@ def test_a_timeout_a_probe_cannot_wait_is_refused_naming_the_flag(timeout, capsy
     assert exited.value.code == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "--timeout" in err and repr(timeout) in err
+
+
+def test_a_trainers_mlflow_variables_leave_the_probe_alone(monkeypatch, capsys):
+    # The trainer's own environment points MLflow at the sidecar; the probe never uses it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sidecar://127.0.0.1:1")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "soon")
+    assert main(["health", "--target", "127.0.0.1:1"]) == EXIT_UNHEALTHY
+    assert capsys.readouterr().err.strip() == "127.0.0.1:1: UNAVAILABLE"

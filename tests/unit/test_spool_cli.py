@@ -69,6 +69,13 @@ def test_export_says_what_it_cannot_print_of_a_damaged_row(data_dir, capsys):
     assert "1 dead-lettered points are in spool rows damaged beyond reading" in err
 
 
+def test_spool_commands_leave_a_trainers_mlflow_variables_alone(data_dir, monkeypatch, capsys):
+    # The trainer's own environment points MLflow at the sidecar; the spool never uses it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sidecar://127.0.0.1:50051")
+    assert main(["spool", "status", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dead_letter_points"] == 2
+
+
 def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
     assert main(["spool", "requeue", "--run", "a"]) == 0
     assert "requeued 1 " in capsys.readouterr().out

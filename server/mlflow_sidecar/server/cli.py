@@ -51,9 +51,9 @@ def _fail(message: str) -> int:
     return EXIT_CONFIG
 
 
-def _load(args: argparse.Namespace) -> AppConfig | None:
+def _load(args: argparse.Namespace, *, uses_mlflow: bool = True) -> AppConfig | None:
     try:
-        return load_config(args.config)
+        return load_config(args.config, uses_mlflow=uses_mlflow)
     except ConfigError as exc:
         _fail(str(exc))
         return None
@@ -221,7 +221,7 @@ def _health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    config = _load(args)
+    config = _load(args, uses_mlflow=False)
     if config is None:
         return EXIT_CONFIG
     if not args.target:
@@ -251,7 +251,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _spool_status(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, uses_mlflow=False)
     if config is None:
         return EXIT_CONFIG
     opened = _open_spool(config, "spool status")
@@ -320,7 +320,7 @@ def _open_spool(config: AppConfig, command: str, *, upgrade: bool = False) -> Sp
 
 
 def _spool_requeue(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, uses_mlflow=False)
     if config is None:
         return EXIT_CONFIG
     from mlflow_sidecar.server.data_dir_lock import (
@@ -355,7 +355,7 @@ def _spool_requeue(args: argparse.Namespace) -> int:
 
 
 def _spool_export(args: argparse.Namespace) -> int:
-    config = _load(args)
+    config = _load(args, uses_mlflow=False)
     if config is None:
         return EXIT_CONFIG
     opened = _open_spool(config, "spool export")

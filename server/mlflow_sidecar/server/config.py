@@ -56,6 +56,9 @@ STOP_MARGIN_S = 2.0
 
 # The YAML file of the load in progress; a context variable keeps loads independent.
 _yaml_file: contextvars.ContextVar[Path | None] = contextvars.ContextVar("yaml_file", default=None)
+_reads_mlflow_env: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "reads_mlflow_env", default=True
+)
 
 # MLflow's own variables, honoured for the `mlflow` section when the sidecar's keys are unset.
 MLFLOW_ENV_KEYS: Mapping[str, str] = {
@@ -655,7 +658,8 @@ class AppConfig(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         if yaml_file:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
-        sources.append(_MlflowEnvSource(settings_cls))
+        if _reads_mlflow_env.get():
+            sources.append(_MlflowEnvSource(settings_cls))
         return tuple(sources)
 
 
@@ -663,9 +667,10 @@ class ConfigError(Exception):
     """The configuration is invalid; the message is one line naming the bad key."""
 
 
-def _build_config(path: Path | None, overrides: dict[str, Any]) -> AppConfig:
+def _build_config(path: Path | None, overrides: dict[str, Any], uses_mlflow: bool) -> AppConfig:
     """The settings from every source, or ConfigError in one line naming what is wrong."""
     token = _yaml_file.set(path)
+    reads_mlflow_env = _reads_mlflow_env.set(uses_mlflow)
     try:
         return AppConfig(**overrides)
     except ValidationError as exc:
@@ -680,6 +685,7 @@ def _build_config(path: Path | None, overrides: dict[str, Any]) -> AppConfig:
             raise
         raise ConfigError(f"config file {path} is not valid YAML: {_yaml_problem(exc)}") from exc
     finally:
+        _reads_mlflow_env.reset(reads_mlflow_env)
         _yaml_file.reset(token)
 
 
@@ -740,10 +746,15 @@ def _check_yaml_top_level(path: Path) -> None:
         )
 
 
-def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppConfig:
+def load_config(
+    config_file: str | Path | None = None, *, uses_mlflow: bool = True, **overrides: Any
+) -> AppConfig:
     """Load the configuration from defaults, the YAML file, env vars and `overrides`.
 
     `config_file` (else `$MLFLOW_SIDECAR_CONFIG`) names the YAML file; env vars win over it.
+    `uses_mlflow=False` is for commands that never reach MLflow (health, spool): MLflow's
+    own variables are not read and the MLflow URIs not checked, so that a trainer's
+    environment (`MLFLOW_TRACKING_URI=sidecar://...`) does not refuse them.
     """
     chosen = config_file or os.environ.get(CONFIG_FILE_ENV) or None
     path = Path(chosen) if chosen else None
@@ -752,10 +763,11 @@ def load_config(config_file: str | Path | None = None, **overrides: Any) -> AppC
     _check_env_names(os.environ)
     if path is not None:
         _check_yaml_top_level(path)
-    config = _build_config(path, overrides)
+    config = _build_config(path, overrides, uses_mlflow)
     _check_files(config)
     _check_bind_policy(config)
-    _check_backend_is_not_a_sidecar(config)
+    if uses_mlflow:
+        _check_backend_is_not_a_sidecar(config)
     return config
 
 
