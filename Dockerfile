@@ -35,6 +35,9 @@ COPY --from=build /opt/sidecar /opt/sidecar
 # set MLFLOW_SIDECAR__SERVER__HOST=0.0.0.0 with auth (MLFLOW_SIDECAR__AUTH__TOKENS_FILE)
 # or TLS and publish 50051 (deploy/compose does). Metrics (/metrics, /healthz, /readyz)
 # are off until MLFLOW_SIDECAR__METRICS__PORT is set (deploy/kubernetes uses 9464).
+# With TLS, HEALTHCHECK verifies the certificate against the system's trust roots: for a
+# private CA, override it (docker run --health-cmd 'mlflow-sidecar health --ca-file
+# /tls/ca.pem', or Compose's healthcheck.test); the certificate must name 127.0.0.1.
 ENV PATH=/opt/sidecar/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
