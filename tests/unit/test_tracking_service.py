@@ -7,7 +7,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlflow_sidecar.core.domain import Metric, MetricPoint, RunStatus
+from mlflow_sidecar.core.conversions import run_from_pb, run_to_pb
+from mlflow_sidecar.core.domain import LifecycleStage, Metric, MetricPoint, RunStatus
 from mlflow_sidecar.core.errors import (
     AlreadyExistsError,
     DeadlineExceededError,
@@ -26,6 +27,7 @@ from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.fakes.mlflow_port import FakeMlflow
 from tests.support.tracking_service import tracking_service_on
 
@@ -214,6 +216,24 @@ def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
     assert ended.status is RunStatus.FINISHED and ended.end_time_ms == 5_000
     history = gateway.get_metric_history(run_id, "loss", page_size=10, page_token="")
     assert [m.step for m in history.items] == [1]
+
+
+def test_end_run_while_mlflow_is_down_answers_only_what_it_knows(
+    service, gateway, deliveries_open, run_id
+):
+    # MLflow's view of the run is unknown: the answer claims neither its experiment nor
+    # that it is active (it may have been deleted meanwhile).
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    gateway.outage()
+    run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    assert pending == 1
+    assert run.info.run_id == run_id and run.info.status is RunStatus.RUNNING
+    assert run.info.lifecycle_stage is LifecycleStage.UNKNOWN
+    assert run_to_pb(run).info.lifecycle_stage == pb.LIFECYCLE_STAGE_UNSPECIFIED
+    assert run_from_pb(run_to_pb(run)).info.lifecycle_stage is LifecycleStage.UNKNOWN
+    gateway.recover()
+    deliveries_open.set()
 
 
 def test_end_run_may_wait_for_delivery_within_its_deadline(

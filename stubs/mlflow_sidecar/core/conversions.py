@@ -43,6 +43,7 @@ MAX_MESSAGE_POINTS_METADATA = "max-message-points"
 _STAGE_TO_PB = {
     LifecycleStage.ACTIVE: pb.LIFECYCLE_STAGE_ACTIVE,
     LifecycleStage.DELETED: pb.LIFECYCLE_STAGE_DELETED,
+    LifecycleStage.UNKNOWN: pb.LIFECYCLE_STAGE_UNSPECIFIED,
 }
 _STAGE_FROM_PB = {v: k for k, v in _STAGE_TO_PB.items()}
 

@@ -21,6 +21,8 @@ class LifecycleStage(enum.Enum):
 
     ACTIVE = "active"
     DELETED = "deleted"
+    # Not known to the answer: EndRun answering while MLflow cannot be reached.
+    UNKNOWN = "unknown"
 
 
 class ViewType(enum.Enum):

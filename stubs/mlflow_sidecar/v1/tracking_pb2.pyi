@@ -896,7 +896,7 @@ class EndRunResponse(_message.Message):
     def run(self) -> Global___Run:
         """The run as MLflow has it now: still RUNNING while the end waits for delivery. With
         points of the run spooled, the end is recorded even while MLflow cannot be reached;
-        `run` then holds only run_id and status RUNNING.
+        `run` then holds only run_id and status RUNNING (lifecycle_stage UNSPECIFIED: not known).
         A run too large to send whole (over server.max_message_bytes with its data, inputs and
         outputs) comes with its info alone: the call has taken effect all the same.
         """

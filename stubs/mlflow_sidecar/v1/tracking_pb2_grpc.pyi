@@ -68,7 +68,8 @@ class ExperimentTrackingServiceStub:
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
     - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
-    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run or logged model exists but has no tag of that key
+      (a registered model's or a version's missing tag is deleted already: OK).
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
@@ -298,7 +299,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
     - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
-    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run or logged model exists but has no tag of that key
+      (a registered model's or a version's missing tag is deleted already: OK).
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".
@@ -524,7 +526,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     - ALIAS_NOT_FOUND [NOT_FOUND]: the model has no such alias.
     - ARTIFACT_NOT_FOUND [NOT_FOUND]: the run has no artifact at that path.
     - LOGGED_MODEL_NOT_FOUND [NOT_FOUND]: no logged model of that id.
-    - TAG_NOT_FOUND [NOT_FOUND]: the run, model or version exists but has no tag of that key.
+    - TAG_NOT_FOUND [NOT_FOUND]: the run or logged model exists but has no tag of that key
+      (a registered model's or a version's missing tag is deleted already: OK).
     - RUN_NOT_ACTIVE [FAILED_PRECONDITION]: the run is deleted; restore it or use another.
     - EXPERIMENT_NOT_ACTIVE [FAILED_PRECONDITION]: the experiment is deleted.
     - PARAM_VALUE_CHANGED [FAILED_PRECONDITION]: params are write-once; metadata "key".

@@ -16,6 +16,7 @@ from mlflow_sidecar.core.domain import (
     Experiment,
     FileInfo,
     FlushResult,
+    LifecycleStage,
     Metric,
     MetricPoint,
     Page,
@@ -347,7 +348,17 @@ class TrackingService:
             except (UnavailableError, DeadlineExceededError):
                 pass
         # The end is recorded: the call did what it promises, MLflow's view can wait.
-        return Run(RunInfo(run_id, experiment_id="", status=RunStatus.RUNNING)), pending
+        return (
+            Run(
+                RunInfo(
+                    run_id,
+                    experiment_id="",
+                    status=RunStatus.RUNNING,
+                    lifecycle_stage=LifecycleStage.UNKNOWN,
+                )
+            ),
+            pending,
+        )
 
     def _wait_for_end(self, run_id: str) -> None:
         """Wait until the run's recorded end is applied in MLflow, within the call's
