@@ -275,3 +275,10 @@ def test_an_order_without_ascending_sorts_descending_and_ascending_true_ascendin
         "b-net",
         "c-net",
     ]
+
+
+def test_an_experiment_id_mlflow_refuses_is_named_as_the_field(models: GrpcLoggedModels) -> None:
+    # Not a number: the sidecar passes it on, and MLflow's refusal names the field.
+    with pytest.raises(InvalidArgumentError) as err:
+        models.create("0x1", name="m")
+    assert err.value.field == "experiment_id"

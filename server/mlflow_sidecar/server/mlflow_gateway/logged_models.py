@@ -109,6 +109,7 @@ class LoggedModelGateway:
             ),
             retry=False,
             not_found=ErrorReason.EXPERIMENT_NOT_FOUND,
+            invalid_field="experiment_id",
         )
         return logged_model(created)
 

@@ -117,6 +117,20 @@ def _upload_dir_id(request_id: str) -> str:
     return hashlib.sha256(request_id.encode()).hexdigest()[:32]
 
 
+@contextlib.contextmanager
+def _header_fields() -> Iterator[None]:
+    """An INVALID_ARGUMENT about a field of UploadModel's header names it as the request
+    spells it (`header.experiment_id`), whichever check found it."""
+    try:
+        yield
+    except InvalidArgumentError as exc:
+        if not exc.field or exc.field.startswith("header."):
+            raise
+        raise InvalidArgumentError(
+            f"header.{exc.field}", exc.problem, reason=exc.reason, metadata=exc.metadata
+        ) from exc
+
+
 def check_model_upload(
     name: str,
     *,
@@ -545,6 +559,12 @@ class RegistryService:
         self, name: str, run_id: str, experiment_id: str, request_id: str
     ) -> tuple[str, bool]:
         """The active run to log model files to, and whether it was created for them."""
+        with _header_fields():
+            return self._upload_run_of(name, run_id, experiment_id, request_id)
+
+    def _upload_run_of(
+        self, name: str, run_id: str, experiment_id: str, request_id: str
+    ) -> tuple[str, bool]:
         if run_id:
             run = self._gateway.get_run(run_id)
             if run.info.lifecycle_stage is LifecycleStage.DELETED:
