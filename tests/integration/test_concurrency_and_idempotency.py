@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import mlflow
+import pytest
 
 from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
+from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 
 THREADS = 8
@@ -118,3 +122,27 @@ def test_log_metrics_retried_with_the_same_request_id_logs_once(
         run_id, "reward"
     )
     assert sorted(m.step for m in history) == [0, 1, 2]
+
+
+def test_a_request_id_another_call_used_is_refused_by_the_entity_it_made(
+    tracking_stub, registry_stub, mlflow_server, unique
+):
+    # The entity made by another call with this id (through a sidecar whose ledger never
+    # saw it) has another name: never answered with, and never made a second time.
+    plain = mlflow.MlflowClient(tracking_uri=mlflow_server.url, registry_uri=mlflow_server.url)
+    used = f"used-{unique}"
+    plain.create_experiment(f"first-{unique}", tags={"mlflow_sidecar.request_id": used})
+    plain.create_registered_model(f"first-{unique}", tags={"mlflow_sidecar.request_id": used})
+    with pytest.raises(grpc.RpcError) as experiment:
+        tracking_stub.CreateExperiment(
+            pb.CreateExperimentRequest(name=f"second-{unique}", request_id=used)
+        )
+    with pytest.raises(grpc.RpcError) as model:
+        registry_stub.CreateRegisteredModel(
+            reg_pb.CreateRegisteredModelRequest(name=f"second-{unique}", request_id=used)
+        )
+    for refused in (experiment.value, model.value):
+        assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error_from_rpc(refused).reason == ErrorReason.REQUEST_ID_REUSED
+    assert plain.get_experiment_by_name(f"second-{unique}") is None
+    assert not plain.search_registered_models(f"name = 'second-{unique}'")

@@ -32,6 +32,7 @@ from mlflow_sidecar.server.idempotency.ledger import (
     DUPLICATE_OF_TAG,
     RENAME_REQUEST_ID_TAG,
     REQUEST_ID_TAG,
+    request_id_reused,
 )
 from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.mlflow_gateway import (
@@ -443,7 +444,13 @@ class MlflowGateway:
                 max_results=1,
                 filter_string=_tag_filter(REQUEST_ID_TAG, request_id),
             )
-            return str(found[0].experiment_id) if found else None
+            if not found:
+                return None
+            # Made by another call that used the same id (a ledger that has forgotten
+            # it, another sidecar's): never answered as this call's.
+            if found[0].name != name:
+                raise request_id_reused("request_id", request_id, "CreateExperiment")
+            return str(found[0].experiment_id)
 
         def attempt(_ambiguous: bool) -> str:
             found = of_this_request()
@@ -816,10 +823,20 @@ class MlflowGateway:
                 return existing
             raise AlreadyExistsError(f"registered model {name!r} already exists")
 
+        def made_under_another_name() -> bool:
+            """Whether another model carries this request id: another call's, made by a
+            sidecar whose ledger did not know the id (or has forgotten it)."""
+            found = self._client.search_registered_models(
+                filter_string=_tag_filter(REQUEST_ID_TAG, request_id), max_results=1
+            )
+            return any(model.name != name for model in found)
+
         def attempt(_ambiguous: bool) -> Any:
             existing = of_this_request()
             if existing is not None:
                 return existing
+            if made_under_another_name():
+                raise request_id_reused("request_id", request_id, "CreateRegisteredModel")
             try:
                 return self._client.create_registered_model(
                     name, tags=all_tags, description=description or None
