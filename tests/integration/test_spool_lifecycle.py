@@ -4,6 +4,7 @@ full disk, one sidecar per data dir, a stop during the first start, drain on sto
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -307,3 +308,38 @@ def test_sigterm_says_how_many_points_are_left_when_mlflow_stays_down(
         own_mlflow.start()
     errors = [line for line in sidecar.log_tail(200).splitlines() if "ERROR" in line]
     assert any("3000 metric points are left in the spool" in line for line in errors), errors
+
+
+def _signalable_threads(pid: int) -> list[int]:
+    """The ids of the process's threads other than its main one that do not block
+    SIGTERM: the threads the kernel may hand a SIGTERM sent to the process."""
+    bit = 1 << (signal.SIGTERM - 1)
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        tid = int(task.name)
+        status = (task / "status").read_text()
+        blocked = int(
+            next(line for line in status.splitlines() if line.startswith("SigBlk:")).split()[1], 16
+        )
+        if tid != pid and not blocked & bit:
+            found.append(tid)
+    return found
+
+
+def test_sigterm_taken_by_another_thread_than_the_main_one_still_stops_the_sidecar(
+    tmp_path: Path,
+) -> None:
+    # The kernel hands a process's SIGTERM to any thread that does not block it; the
+    # sidecar stops whichever thread takes it. Sent to one such thread on purpose here.
+    sidecar = SidecarProcess(tmp_path / "data")
+    sidecar.start()
+    assert sidecar.proc is not None
+    tgkill = ctypes.CDLL(None, use_errno=True).tgkill
+    threads = _signalable_threads(sidecar.proc.pid)
+    assert threads, "the sidecar runs threads besides its main one"
+    try:
+        assert tgkill(sidecar.proc.pid, threads[0], signal.SIGTERM) == 0
+        assert sidecar.proc.wait(timeout=60) == 0
+    finally:
+        sidecar.kill()
+    assert "received SIGTERM" in sidecar.log_path.read_text()

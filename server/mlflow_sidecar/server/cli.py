@@ -169,8 +169,16 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
     if config.embedded:
         container.gateway().ping()  # the embedded store answers before SERVING
     server.start()
-    server.wait()
+    # In short waits: Python runs a signal's handler in the main thread only, between its
+    # bytecodes, and the kernel may hand SIGTERM to any other thread of the process; a
+    # main thread blocked for good would never run it, and the sidecar would not stop.
+    while not server.wait(_SIGNAL_CHECK_S):
+        pass
     return 0
+
+
+# How often the main thread, waiting for the server to stop, looks for a signal.
+_SIGNAL_CHECK_S = 0.2
 
 
 def probe_target(config: AppConfig) -> str:

@@ -297,9 +297,9 @@ class SidecarServer:
         if self._tracing is not None:
             self._tracing.stop()
 
-    def wait(self) -> None:
-        """Block until `stop` has finished."""
-        self._stopped.wait()
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until `stop` has finished, or for `timeout_s`; whether it has."""
+        return self._stopped.wait(timeout_s)
 
     def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
         self.health.set("", status)
