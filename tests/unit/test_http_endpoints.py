@@ -78,3 +78,19 @@ def test_a_plain_http_client_on_the_https_port_is_refused_and_blocks_nothing(end
     finally:
         plain.close()
     assert healthz(endpoints.port, pki) == (200, {"status": "ok"})
+
+
+@pytest.mark.parametrize("path", ["/", "/ready", "/readyz/", "/health", "/metrics/x"])
+def test_a_path_that_is_none_of_the_ports_is_not_found(path):
+    # A probe of a mistyped path must fail, not pass on the metrics page while /readyz
+    # says the sidecar is not ready.
+    app = ProbeApp(CollectorRegistry(), lambda: ReadinessReport(ready=False))
+    statuses: list[str] = []
+    body = b"".join(
+        app({"PATH_INFO": path, "REQUEST_METHOD": "GET"}, lambda s, _h: statuses.append(s))
+    )
+    assert statuses == ["404 Not Found"]
+    assert json.loads(body)["paths"] == ["/healthz", "/readyz", "/metrics"]
+    metrics: list[str] = []
+    app({"PATH_INFO": "/metrics", "REQUEST_METHOD": "GET"}, lambda s, _h: metrics.append(s))
+    assert metrics == ["200 OK"]

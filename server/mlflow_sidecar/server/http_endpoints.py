@@ -28,6 +28,7 @@ StartResponse = Callable[..., Any]
 WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 _JSON = [("Content-Type", "application/json")]
 PROBE_PATHS = frozenset({"/healthz", "/readyz"})
+METRICS_PATH = "/metrics"
 # The WSGI environ key saying the connection's client presented a certificate the CA signed.
 CERTIFIED = "mlflow_sidecar.client_certified"
 
@@ -76,7 +77,8 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class ProbeApp:
-    """WSGI app: `/healthz` and `/readyz` answer JSON; every other path serves the metrics."""
+    """WSGI app: `/healthz` and `/readyz` answer JSON, `/metrics` the metrics; any other
+    path is 404, so that a probe of a mistyped path fails rather than passing always."""
 
     def __init__(
         self, registry: CollectorRegistry, readiness: Callable[[], ReadinessReport]
@@ -93,7 +95,13 @@ class ProbeApp:
             report = self._readiness()
             status = "200 OK" if report.ready else "503 Service Unavailable"
             return _answer(start_response, status, report.as_json())
-        return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        if path == METRICS_PATH:
+            return self._metrics(environ, start_response)  # type: ignore[no-any-return]
+        return _answer(
+            start_response,
+            "404 Not Found",
+            {"error": f"no such path: {path}", "paths": [*sorted(PROBE_PATHS), METRICS_PATH]},
+        )
 
 
 def _answer(start_response: StartResponse, status: str, body: dict[str, object]) -> list[bytes]:
