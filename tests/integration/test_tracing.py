@@ -27,7 +27,11 @@ provider.add_span_processor(SimpleSpanProcessor(exporter))
 trace.set_tracer_provider(provider)
 container = ClientContainer()
 container.config.from_dict({"target": sys.argv[1]})
-container.experiment_tracking().create_experiment(sys.argv[2], get_if_exists=True)
+tracking = container.experiment_tracking()
+experiment = tracking.create_experiment(sys.argv[2], get_if_exists=True)
+if len(sys.argv) > 3:  # a file to upload to a new run
+    run = tracking.start_run(experiment.experiment_id)
+    tracking.upload_artifact(run.run_id, sys.argv[3], "weights.bin")
 container.shutdown_resources()
 print(json.dumps([json.loads(span.to_json()) for span in exporter.get_finished_spans()]))
 """
@@ -90,6 +94,47 @@ def test_one_trainer_call_is_one_trace_from_client_to_mlflow_http(mlflow_server,
     version, sent_trace, sent_parent, _flags = create[0].split("-")
     assert (version, f"0x{sent_trace}") == ("00", trace_id)
     assert f"0x{sent_parent}" in {span["context"]["span_id"] for span in http}
+
+
+def test_an_uploads_put_to_mlflow_belongs_to_the_uploads_trace(mlflow_server, tmp_path):
+    # The PUT of the file's bytes is made from a thread of its own: it still carries the
+    # call's trace on to MLflow.
+    upload = tmp_path / "weights.bin"
+    upload.write_bytes(b"w" * 4096)
+    with DelayProxy(mlflow_server.url, delay_s=0, delayed=lambda _m, _p: False) as mlflow:
+        sidecar = SidecarProcess(
+            tmp_path / "sidecar",
+            mlflow.url,
+            stdout_path=tmp_path / "spans.json",
+            OTEL_TRACES_EXPORTER="console",
+        )
+        sidecar.start()
+        try:
+            trainer = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    TRAINER,
+                    sidecar.target,
+                    f"traced-{uuid.uuid4().hex[:8]}",
+                    str(upload),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=True,
+            )
+        finally:
+            sidecar.stop()
+    rpc = "mlflow_sidecar.v1.ExperimentTrackingService/UploadArtifact"
+    (client,) = [s for s in json.loads(trainer.stdout) if s["name"] == rpc]
+    puts = [tp for m, p, tp in mlflow.traceparents if m == "PUT" and p.endswith("weights.bin")]
+    assert puts, mlflow.traceparents
+    for traceparent in puts:
+        assert f"0x{traceparent.split('-')[1]}" == client["context"]["trace_id"]
+    served = console_spans(tmp_path / "spans.json")
+    (server,) = [s for s in served if s["name"] == rpc]
+    assert server["context"]["trace_id"] == client["context"]["trace_id"]
 
 
 def test_an_exporter_that_is_not_installed_stops_serve_with_one_line(tmp_path):

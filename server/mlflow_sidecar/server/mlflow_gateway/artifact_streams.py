@@ -20,6 +20,7 @@ Other stores go through a file.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import posixpath
@@ -161,7 +162,13 @@ class StreamedUpload:
         # Set once the body's last byte has left: from then on MLflow may store the file
         # whatever becomes of its answer (unless the answer shows MLflow never had it).
         self.maybe_stored = False
-        self._thread = threading.Thread(target=self._put, name="artifact-put", daemon=True)
+        # In the call's context: the PUT's span belongs to the call's trace.
+        self._thread = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(self._put,),
+            name="artifact-put",
+            daemon=True,
+        )
         self._thread.start()
 
     def _body(self) -> Iterator[bytes]:
