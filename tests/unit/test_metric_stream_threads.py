@@ -5,8 +5,10 @@ limit and shared among the runs and keys."""
 
 from __future__ import annotations
 
+import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -207,3 +209,30 @@ def test_runs_and_keys_opened_while_the_sender_checks_for_a_due_batch_cost_no_po
     stream.close()
     got = sorted((p.run_id, p.step) for m in stub.StreamMetrics.messages for p in points_of(m))
     assert got == sorted((f"{t:02d}{i:030d}", i) for t in range(threads) for i in range(runs))
+
+
+def test_ctrl_c_during_a_flush_loses_no_point() -> None:
+    # SIGINT lands while the flush's cut has taken points out of their rows: the caller
+    # gets KeyboardInterrupt, and the points still go, by the close that follows.
+    stub = _Stub()
+    stream = MetricStream(stub, max_batch_points=1_000_000, max_delay_s=60)  # type: ignore[arg-type]
+    for i in range(5_000):
+        stream.log("r1", "loss", float(i), step=i)
+    take = type(stream._core)._take_points
+    interrupted = threading.Event()
+
+    def taken_then_interrupted(*args: object, **kwargs: object) -> object:
+        rows = take(*args, **kwargs)
+        if not interrupted.is_set():
+            interrupted.set()
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)  # type: ignore[arg-type]
+            time.sleep(0.2)  # the main thread handles it meanwhile, wherever it is
+        return rows
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(type(stream._core), "_take_points", staticmethod(taken_then_interrupted))
+        with pytest.raises(KeyboardInterrupt):
+            stream.flush()
+    assert stream.close() == 5_000
+    sent = [p.step for m in stub.StreamMetrics.messages for p in points_of(m)]
+    assert sorted(sent) == list(range(5_000))

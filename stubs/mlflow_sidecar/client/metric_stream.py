@@ -412,7 +412,7 @@ class _StreamCore:
     def flush(self, timeout_s: float | None = None, *, report_dropped: bool = True) -> int:
         """The work of `MetricStream.flush`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._cut()
+        self._cut_whole()
         with self._cond:
             self._flushing = True
             self._cond.notify_all()
@@ -436,7 +436,7 @@ class _StreamCore:
             if self._closing:
                 return self._accepted
         try:
-            self._cut(last=True)
+            self._cut_whole(last=True)
             return self.flush(timeout_s)
         finally:
             with self._cond:
@@ -569,6 +569,24 @@ class _StreamCore:
             raise _fresh(self._error)
 
     # -- cutting (callers do not hold self._cond) ---------------------------------------
+
+    def _cut_whole(self, *, last: bool = False) -> None:
+        """`_cut`, in a thread of its own that the caller waits for: a KeyboardInterrupt
+        (Ctrl-C during `flush()`) raised in the caller cannot stop a cut between taking
+        points out of their rows and queueing them, which would lose them unreported."""
+        failed: list[BaseException] = []
+
+        def cut() -> None:
+            try:
+                self._cut(last=last)
+            except BaseException as exc:  # noqa: BLE001 - raised in the caller, as before
+                failed.append(exc)
+
+        cutter = threading.Thread(target=cut, name="metric-stream-cut", daemon=True)
+        cutter.start()
+        cutter.join()
+        if failed:
+            raise failed[0]
 
     def _cut(self, *, last: bool = False) -> int:
         """Queue what is pending, as few messages as fit; returns the points queued.
