@@ -29,10 +29,12 @@ class _Codes(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.codes: list[str] = []
+        self.peers: list[str] = []
         self.logged = threading.Event()
 
     def emit(self, record: logging.LogRecord) -> None:
         self.codes.append(getattr(record, "grpc_code", "?"))
+        self.peers.append(getattr(record, "peer", "?"))
         self.logged.set()
 
 
@@ -102,6 +104,7 @@ def test_a_stream_the_client_cancels_is_logged_and_counted_as_cancelled(served, 
     call.cancel()
     assert access_log.logged.wait(60), "the cancelled call was never logged"
     assert access_log.codes == ["CANCELLED"]
+    assert access_log.peers[0].startswith("ipv4:127.0.0.1:"), access_log.peers
     assert _handled(metrics, "Watch", "CANCELLED") == 1
     assert _handled(metrics, "Watch", "OK") == 0
 
@@ -123,6 +126,9 @@ def test_a_stream_whose_deadline_passes_is_deadline_exceeded(served, access_log)
     assert access_log.logged.wait(60), "the call was never logged"
     assert access_log.codes == ["DEADLINE_EXCEEDED"]
     assert _handled(metrics, "Watch", "DEADLINE_EXCEEDED") == 1
+    # Who made the call is known although grpc has ended it.
+    (peer,) = access_log.peers
+    assert peer.startswith("ipv4:127.0.0.1:"), peer
 
 
 class _EndedContext:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from importlib.metadata import entry_points
 
 import grpc
@@ -24,6 +25,7 @@ from mlflow_sidecar.server.tracing import (
     tracer_provider_from_env,
     tracing_requested,
 )
+from mlflow_sidecar.v1 import tracking_pb2, tracking_pb2_grpc
 from tests.unit.test_error_mapping import RaisingService, _start
 
 
@@ -120,7 +122,7 @@ def traced_server(tmp_path):
     server, port = _start(tmp_path, service, interceptors=(interceptor,))
     container = ClientContainer()
     container.config.from_dict({"target": f"127.0.0.1:{port}", "max_attempts": 1})
-    yield container.experiment_tracking(), service, exporter
+    yield container.experiment_tracking(), service, exporter, port
     container.shutdown_resources()
     server.stop(0)
 
@@ -129,7 +131,7 @@ def test_the_client_carries_the_callers_context_with_the_api_alone(traced_server
     # No SDK tracer provider in this process: the client's tracer is the API's no-op one,
     # and the trainer's context (here a remote parent) still reaches the sidecar.
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)
-    tracking, service, exporter = traced_server
+    tracking, service, exporter, _ = traced_server
     service.error = errors.NotFoundError("no such run")
     parent = SpanContext(
         trace_id=0x0AF7651916CD43DD8448EB211C80319C,
@@ -153,7 +155,7 @@ def test_the_client_carries_the_callers_context_with_the_api_alone(traced_server
 
 
 def test_a_server_span_is_an_error_for_the_sidecars_own_failures(traced_server):
-    tracking, service, exporter = traced_server
+    tracking, service, exporter, _ = traced_server
     service.error = errors.UnavailableError("MLflow unreachable")
     with pytest.raises(errors.UnavailableError):
         tracking.get_run("r" * 32)
@@ -177,3 +179,27 @@ def test_the_client_works_without_opentelemetry_installed():
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def test_a_server_span_whose_deadline_passed_in_the_handler_is_an_error(traced_server):
+    # The handler's own outcome (NOT_FOUND) came after grpc had ended the call: the span
+    # says what the client saw, as the access log does.
+    _, service, exporter, port = traced_server
+
+    def slow_get_run(*_args: object, **_kwargs: object) -> None:
+        time.sleep(1.0)
+        raise errors.NotFoundError("no such run")
+
+    service.get_run = slow_get_run
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = tracking_pb2_grpc.ExperimentTrackingServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as ended:
+            stub.GetRun(tracking_pb2.GetRunRequest(run_id="r" * 32), timeout=0.3)
+    assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 30
+    while not exporter.get_finished_spans():
+        assert time.monotonic() < deadline, "the span never ended"
+        time.sleep(0.05)
+    (span,) = exporter.get_finished_spans()
+    assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
+    assert span.status.status_code == trace.StatusCode.ERROR

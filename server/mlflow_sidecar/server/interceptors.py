@@ -15,6 +15,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn, cast
 
 import grpc
@@ -430,11 +431,17 @@ def _outcome(context: grpc.ServicerContext, drain: CallDrain) -> tuple[grpc.Stat
         # grpc answered UNAVAILABLE, whatever the handler made of the cancel afterwards
         # (its client leaving, or a request stream that ended too soon).
         return grpc.StatusCode.UNAVAILABLE, True
+    return code_the_client_saw(context), False
+
+
+def code_the_client_saw(context: grpc.ServicerContext) -> grpc.StatusCode:
+    """The call's code as its client saw it, for the access log, the metrics and the
+    call's span alike."""
     if not context.is_active():
         # grpc ended the call (its client cancelled, or its deadline passed): that is what
         # the client saw, whatever code the handler set when its stream stopped short.
-        return _ended_without_a_code(context), False
-    return status_code(context) or grpc.StatusCode.OK, False
+        return _ended_without_a_code(context)
+    return status_code(context) or grpc.StatusCode.OK
 
 
 def _access_level(code: grpc.StatusCode) -> int:
@@ -449,6 +456,15 @@ def _counted(messages: Iterator[Any], counter: Any) -> Iterator[Any]:
     for message in messages:
         counter.inc()
         yield message
+
+
+@dataclass(frozen=True)
+class _Call:
+    """What the access line of a call needs from its start."""
+
+    request_id: str
+    peer: str
+    started: float
 
 
 class AccessLogInterceptor(grpc.ServerInterceptor):
@@ -483,19 +499,20 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         service, _, short_method = method.lstrip("/").rpartition("/")
         drain = self._drain
 
-        def begin(context: grpc.ServicerContext) -> tuple[contextvars.Token[str], str, float]:
+        def begin(context: grpc.ServicerContext) -> tuple[contextvars.Token[str], _Call]:
             rid = call_request_id(context)
             drain.started(context)
             series.started.inc()
-            return request_id.set(rid), rid, time.perf_counter()
+            # Read now: grpc forgets the peer of a call it has ended (a deadline passed).
+            return request_id.set(rid), _Call(rid, context.peer(), time.perf_counter())
 
-        def finish(context: grpc.ServicerContext, rid: str, started: float) -> None:
+        def finish(context: grpc.ServicerContext, call: _Call) -> None:
             try:
-                log_call(context, rid, started)
+                log_call(context, call.request_id, call.started, call.peer)
             finally:
                 drain.finished(context)
 
-        def log_call(context: grpc.ServicerContext, rid: str, started: float) -> None:
+        def log_call(context: grpc.ServicerContext, rid: str, started: float, peer: str) -> None:
             elapsed = time.perf_counter() - started
             _add_trailing(context, REQUEST_ID_METADATA, rid)
             code, cut_off = _outcome(context, drain)
@@ -504,7 +521,6 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
             series.seconds.observe(elapsed)
             level = _access_level(code)
             if log.isEnabledFor(level):
-                peer = context.peer()
                 log.log(
                     level,
                     "%s %s %s %.1fms%s",
@@ -534,25 +550,25 @@ class AccessLogInterceptor(grpc.ServerInterceptor):
         if call_type.streaming_response:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                token, rid, started = begin(context)
+                token, call = begin(context)
                 try:
                     for answer in behavior(requests(request), context):
                         series.sent.inc()
                         yield answer
                 finally:
-                    finish(context, rid, started)
+                    finish(context, call)
                     request_id.reset(token)
 
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            token, rid, started = begin(context)
+            token, call = begin(context)
             try:
                 answer = behavior(requests(request), context)
                 series.sent.inc()
                 return answer
             finally:
-                finish(context, rid, started)
+                finish(context, call)
                 request_id.reset(token)
 
         return unary

@@ -36,7 +36,12 @@ from opentelemetry.sdk.trace.sampling import (
 )
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from mlflow_sidecar.server.interceptors import Behavior, CallType, WrappedHandlers, status_code
+from mlflow_sidecar.server.interceptors import (
+    Behavior,
+    CallType,
+    WrappedHandlers,
+    code_the_client_saw,
+)
 from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES
 
 log = logging.getLogger(__name__)
@@ -205,7 +210,7 @@ class TracingInterceptor(grpc.ServerInterceptor):
             )
 
         def end(span: trace.Span, context: grpc.ServicerContext) -> None:
-            code = status_code(context) or grpc.StatusCode.OK
+            code = code_the_client_saw(context)
             if isinstance(code, grpc.StatusCode):
                 span.set_attribute("rpc.grpc.status_code", code.value[0])
                 if code != grpc.StatusCode.OK and code not in CLIENT_CAUSED_CODES:
