@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 from collections.abc import Iterator
@@ -12,6 +13,7 @@ import pytest
 
 from mlflow_sidecar.core.domain import ModelVersion
 from mlflow_sidecar.core.errors import (
+    DISK_FULL_RETRY_AFTER_S,
     CancelledError,
     DataLossError,
     ErrorReason,
@@ -564,3 +566,23 @@ def test_a_version_whose_file_list_alone_overflows_one_message_names_the_list(tm
         next(streams.model_messages(ModelVersion("m", 1), lease, small))
     assert "list of 300 files" in err.value.message
     assert "server.max_message_bytes" in err.value.message
+
+
+def test_a_full_disk_while_writing_is_disk_full_with_a_retry_hint_naming_no_directory(tmp_path):
+    class _Full:
+        def write(self, _data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    target = tmp_path / "staged" / "w.bin"
+    with (
+        pytest.raises(ResourceExhaustedError) as full,
+        HashingWriter(target, 3, None, what="w.bin") as writer,
+    ):
+        writer._handle = _Full()  # type: ignore[assignment]
+        writer.write(b"abc")
+    assert full.value.reason == ErrorReason.DISK_FULL
+    assert full.value.retry_after_s == DISK_FULL_RETRY_AFTER_S
+    assert "w.bin" in full.value.message and str(tmp_path) not in full.value.message

@@ -9,10 +9,9 @@ import errno
 import sqlite3
 from collections.abc import Iterator
 
-from mlflow_sidecar.core.errors import ErrorReason, ResourceExhaustedError
+from mlflow_sidecar.core.errors import DISK_FULL_RETRY_AFTER_S, ErrorReason, ResourceExhaustedError
 
-# How long a caller refused for a full spool or disk is told to wait before it tries again.
-RETRY_AFTER_FULL_S = 1.0
+RETRY_AFTER_FULL_S = DISK_FULL_RETRY_AFTER_S
 # SQLite's result code (`sqlite3.SQLITE_FULL` from Python 3.11 on; Python 3.10 has neither the
 # constant nor `sqlite_errorcode`, and there the message tells).
 SQLITE_FULL = 13

@@ -228,6 +228,10 @@ class DeadlineExceededError(SidecarError):
     default_reason = ErrorReason.DEADLINE_EXCEEDED
 
 
+# How long a caller refused for a full spool or disk is told to wait before it tries again.
+DISK_FULL_RETRY_AFTER_S = 1.0
+
+
 class ResourceExhaustedError(SidecarError):
     """A configured limit was reached (spool size, upload size, message size)."""
 

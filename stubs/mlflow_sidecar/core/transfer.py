@@ -17,6 +17,7 @@ from types import TracebackType
 
 from mlflow_sidecar.core.domain import Progress
 from mlflow_sidecar.core.errors import (
+    DISK_FULL_RETRY_AFTER_S,
     DataLossError,
     ErrorReason,
     InvalidArgumentError,
@@ -164,8 +165,11 @@ class HashingWriter:
                 self._handle.write(data)
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
+                    # The directory is not named: on the sidecar it is a path of its host.
                     raise ResourceExhaustedError(
-                        f"{self.what}: no space left on the device of {self.path.parent}"
+                        f"the disk is full: {self.what} could not be written; retry later",
+                        reason=ErrorReason.DISK_FULL,
+                        retry_after_s=DISK_FULL_RETRY_AFTER_S,
                     ) from exc
                 raise
         self._digest.update(data)
