@@ -91,3 +91,16 @@ def test_a_store_that_is_not_a_database_is_refused_in_one_line_naming_it(tmp_pat
     message = str(refused.value)
     assert str(tmp_path / "mlflow.db") in message and "not a database" in message
     assert "\n" not in message
+
+
+def test_files_a_killed_sidecar_left_half_stored_in_the_embedded_store_are_removed(tmp_path):
+    # MLflow's local store writes a file under a reserved hidden name, then renames it into
+    # place; a sidecar killed in between leaves it, and no listing shows it.
+    prepare(tmp_path, tmp_path / "artifacts")
+    ckpt = tmp_path / "artifacts" / "1" / "abc" / "artifacts" / "ckpt"
+    ckpt.mkdir(parents=True)
+    (ckpt / "model.pt").write_bytes(b"whole")
+    (ckpt / ".artifact.uploading.8zba9y6g").write_bytes(b"half" * 1000)
+    (ckpt / ".hidden-but-mine").write_bytes(b"kept")
+    prepare(tmp_path, tmp_path / "artifacts")
+    assert sorted(p.name for p in ckpt.iterdir()) == [".hidden-but-mine", "model.pt"]

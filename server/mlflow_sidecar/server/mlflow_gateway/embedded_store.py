@@ -38,12 +38,39 @@ def prepare(data_dir: Path, artifact_root: Path) -> Path:
         leftover.unlink(missing_ok=True)
     if store.exists():
         _refuse_half_migrated(store)
+        _remove_half_stored(artifact_root)
         return store
     partial = data_dir / f"{_PARTIAL}{os.getpid()}"
     log.info("creating the embedded MLflow store %s", store)
     _migrate(partial, artifact_root)
     os.replace(partial, store)
     return store
+
+
+# The name MLflow's local artifact store gives a file while it is being stored, renamed
+# into place once whole; MLflow refuses artifacts named so.
+_STORING_PREFIX = ".artifact.uploading."
+
+
+def _remove_half_stored(artifact_root: Path) -> None:
+    """Remove the files a killed sidecar left half stored in the embedded store's artifacts:
+    no listing shows them, and nothing else would ever reclaim their space."""
+    removed = freed = 0
+    for directory, _dirs, files in os.walk(artifact_root):
+        for name in files:
+            if name.startswith(_STORING_PREFIX):
+                path = Path(directory, name)
+                with contextlib.suppress(FileNotFoundError):
+                    freed += path.lstat().st_size
+                    path.unlink()
+                    removed += 1
+    if removed:
+        log.info(
+            "removed %d half-stored artifact files (%d bytes) left by a sidecar that was"
+            " stopped while storing them",
+            removed,
+            freed,
+        )
 
 
 def _require_sql_store() -> None:
