@@ -147,3 +147,16 @@ def test_an_exporter_that_is_not_installed_stops_serve_with_one_line(tmp_path):
         "mlflow-sidecar: invalid OTEL_TRACES_EXPORTER: no span exporter named 'nonesuch'"
         " is installed"
     ]
+
+
+def test_a_propagator_that_is_not_installed_stops_serve_with_one_line(tmp_path):
+    # OpenTelemetry itself would refuse it with a traceback at its first import.
+    sidecar = SidecarProcess(tmp_path, "", OTEL_PROPAGATORS="tracecontext,tracecontex")
+    sidecar.launch()
+    assert sidecar.proc is not None
+    assert sidecar.proc.wait(timeout=120) == 2
+    lines = sidecar.log_path.read_text().strip().splitlines()
+    assert lines == [
+        "mlflow-sidecar: invalid OTEL_PROPAGATORS: no propagator named 'tracecontex' is"
+        " installed; known: baggage, tracecontext (or none)"
+    ]

@@ -19,6 +19,7 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from mlflow_sidecar.client import ClientContainer
 from mlflow_sidecar.core import errors
+from mlflow_sidecar.server.otel_propagators import propagators_refusal
 from mlflow_sidecar.server.tracing import (
     TracingConfigError,
     TracingInterceptor,
@@ -203,3 +204,21 @@ def test_a_server_span_whose_deadline_passed_in_the_handler_is_an_error(traced_s
     (span,) = exporter.get_finished_spans()
     assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
     assert span.status.status_code == trace.StatusCode.ERROR
+
+
+@pytest.mark.parametrize(
+    ("value", "refused"),
+    [
+        ("", False),
+        ("tracecontext,baggage", False),
+        (" tracecontext ", False),
+        ("none", False),
+        ("tracecontex", True),
+        ("tracecontext,b3", True),
+    ],
+)
+def test_propagators_are_checked_before_opentelemetry_loads_them(value, refused):
+    refusal = propagators_refusal({"OTEL_PROPAGATORS": value})
+    assert (refusal is not None) == refused
+    if refused:
+        assert refusal.startswith("invalid OTEL_PROPAGATORS: no propagator named")

@@ -114,7 +114,12 @@ def _end_process() -> NoReturn:
 
 def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
     from mlflow_sidecar.server.config import describe
+    from mlflow_sidecar.server.otel_propagators import propagators_refusal
 
+    # Before anything imports OpenTelemetry, which refuses a bad name with a traceback.
+    refusal = propagators_refusal(os.environ)
+    if refusal is not None:
+        return _fail(refusal)
     try:
         from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.grpc_server import BindError
