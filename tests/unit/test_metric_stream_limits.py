@@ -80,6 +80,30 @@ def test_past_its_reconnect_window_the_stream_gives_up_with_a_clear_error() -> N
         stream.log("run", "loss", 2.0, step=2, timestamp_ms=5)
 
 
+class _SlowlyUnavailable(_Sidecar):
+    """Each call fails only after `seconds`, as gRPC's own retries of an unreachable
+    sidecar take a while."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(up=threading.Event())
+        self.seconds = seconds
+
+    def with_call(self, requests, timeout=None, **kwargs):
+        time.sleep(self.seconds)
+        return super().with_call(requests, timeout, **kwargs)
+
+
+def test_the_time_a_failed_call_took_counts_against_the_reconnect_window() -> None:
+    # The first call alone outlasts the window: the stream gives up after it, rather
+    # than starting the window once the call has failed.
+    sidecar = _SlowlyUnavailable(seconds=1.0)
+    stream = MetricStream(_Stub(sidecar), retry_budget_s=0.6, max_delay_s=0.01)  # type: ignore[arg-type]
+    stream.log("run", "loss", 1.0, step=1, timestamp_ms=5)
+    with pytest.raises(UnavailableError):
+        stream.flush(timeout_s=60)
+    assert sidecar.calls == 1
+
+
 def test_a_zero_window_gives_up_at_the_first_failed_call() -> None:
     sidecar = _Sidecar(down_calls=1)  # the second call would have worked
     stream = MetricStream(_Stub(sidecar), retry_budget_s=0, max_delay_s=0.01)  # type: ignore[arg-type]

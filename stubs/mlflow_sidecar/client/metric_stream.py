@@ -716,15 +716,15 @@ class _StreamCore:
             if code is None:
                 failing_since, delay = None, 0.05
                 continue
-            if self._accepted > accepted_before:
+            progressed = self._accepted > accepted_before
+            if progressed:
                 # The sidecar took some of the call's messages before it refused one (a
                 # spool that drains as fast as MLflow takes points): that is progress,
                 # and the stream gives up only on a sidecar that takes nothing at all.
                 failing_since, delay = None, 0.05
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                # Unanswered for the whole call: the sidecar took nothing since it began.
-                failing_since = failing_since or started
-            failing_since = failing_since or time.monotonic()
+            # A call that took nothing failed from its start: the time gRPC spent on it
+            # (its own retries of an unreachable sidecar, a deadline) counts.
+            failing_since = failing_since or (time.monotonic() if progressed else started)
             if not self._back_off(code, failing_since, delay):
                 return
             delay = min(delay * 2, 2.0)
