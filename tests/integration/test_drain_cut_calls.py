@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import queue
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
+import pytest
 
+from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
+from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.support.sidecar_process import SidecarProcess
 
 REQUEST_ID = "cut-upload-1"
@@ -93,3 +98,61 @@ def test_a_call_the_drain_cuts_off_is_logged_once_as_unavailable(mlflow_server, 
     assert access[0]["grpc_code"] == "UNAVAILABLE"
     assert access[0]["level"] == "WARNING"
     assert "cut off by the shutdown" in access[0]["message"]
+
+
+def test_a_metric_stream_ends_at_its_next_message_with_its_trailer_when_the_sidecar_stops(
+    mlflow_server, tmp_path
+):
+    # grpc would cut a stream still sending at the end of the grace period, trailer and
+    # all; the sidecar ends it first, at a message, saying what the spool holds.
+    sidecar = RunningSidecar(sidecar_config(tmp_path, mlflow_server.url))
+    outbox: queue.Queue[pb.StreamMetricsRequest | None] = queue.Queue()
+
+    def messages() -> Iterator[pb.StreamMetricsRequest]:
+        while (message := outbox.get()) is not None:
+            yield message
+
+    def points(first: int) -> pb.StreamMetricsRequest:
+        return pb.StreamMetricsRequest(
+            points=[
+                pb.MetricPoint(run_id=run_id, key="loss", value=1.0, timestamp_ms=5, step=step)
+                for step in range(first, first + 10)
+            ]
+        )
+
+    stopping: threading.Thread | None = None
+    try:
+        with grpc.insecure_channel(sidecar.target) as channel:
+            stub = pb_grpc.ExperimentTrackingServiceStub(channel)
+            experiment = stub.CreateExperiment(
+                pb.CreateExperimentRequest(name=f"stopping-{tmp_path.name}")
+            ).experiment.experiment_id
+            run_id = stub.StartRun(pb.StartRunRequest(experiment_id=experiment)).run.info.run_id
+            call = stub.StreamMetrics.future(messages(), timeout=60)
+            outbox.put(points(0))
+            # Accepted once MLflow has its points (the spool delivers what it accepted).
+            history = pb.GetMetricHistoryRequest(run_id=run_id, metric_key="loss")
+            deadline = time.monotonic() + 30
+            while len(stub.GetMetricHistory(history).metrics) < 10:
+                assert time.monotonic() < deadline, "the first message was never accepted"
+                time.sleep(0.05)
+            stopping = threading.Thread(target=sidecar.server.stop, args=(10.0,))
+            stopping.start()
+            deadline = time.monotonic() + 30
+            while not sidecar.container.stream_shutdown().ending:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            outbox.put(points(10))
+            with pytest.raises(grpc.RpcError) as ended:
+                call.result(timeout=30)
+    finally:
+        outbox.put(None)
+        if stopping is not None:
+            stopping.join(30)
+        else:
+            sidecar.stop()
+    assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+    error = error_from_rpc(ended.value)
+    assert error.reason == ErrorReason.SHUTTING_DOWN
+    trailer = dict(ended.value.trailing_metadata() or ())
+    assert trailer["accepted-points"] == "10"

@@ -27,6 +27,7 @@ from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.server.stream_shutdown import StreamShutdown
 from mlflow_sidecar.server.tracing import tracing_from_env
 
 
@@ -98,6 +99,7 @@ class ServerContainer(containers.DeclarativeContainer):
         staging,
         artifact_writers,
     )
+    stream_shutdown = providers.Singleton(StreamShutdown)
     tracking_servicer = providers.Singleton(
         TrackingServicer,
         tracking_service,
@@ -105,6 +107,7 @@ class ServerContainer(containers.DeclarativeContainer):
         staging,
         logged_model_service,
         ledger=request_ledger,
+        shutdown=stream_shutdown,
     )
     alias_watch_hub = providers.Singleton(AliasWatchHub, gateway, config.provided.watch, metrics)
     alias_watch_service = providers.Singleton(AliasWatchService, alias_watch_hub)
@@ -123,5 +126,5 @@ class ServerContainer(containers.DeclarativeContainer):
         mlflow_ping=providers.Callable(functools.partial, gateway.provided.ping, retry=False),
         spool=spool_store,
         tracing=tracing,
-        open_streams=providers.List(alias_watch_hub),
+        open_streams=providers.List(alias_watch_hub, stream_shutdown),
     )

@@ -122,7 +122,9 @@ class ExperimentTrackingServiceStub:
       dropped the connection or timed out through the sidecar's own retries, while MLflow
       itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
-      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
+      (WatchModelAlias) ends with it. A StreamMetrics call ends with it at its next message,
+      which is not accepted; its "accepted-points" trailer counts what the spool holds.
+      RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """
@@ -353,7 +355,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       dropped the connection or timed out through the sidecar's own retries, while MLflow
       itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
-      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
+      (WatchModelAlias) ends with it. A StreamMetrics call ends with it at its next message,
+      which is not accepted; its "accepted-points" trailer counts what the spool holds.
+      RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """
@@ -580,7 +584,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       dropped the connection or timed out through the sidecar's own retries, while MLflow
       itself may be fine.
     - SHUTTING_DOWN [UNAVAILABLE]: the sidecar is stopping; a long-lived stream
-      (WatchModelAlias) ends with it. RetryInfo says when to open it again.
+      (WatchModelAlias) ends with it. A StreamMetrics call ends with it at its next message,
+      which is not accepted; its "accepted-points" trailer counts what the spool holds.
+      RetryInfo says when to open it again.
     - DEADLINE_EXCEEDED, UNAUTHENTICATED, INTERNAL: as their codes say; INTERNAL carries
       metadata "request_id".
     """

@@ -25,6 +25,7 @@ from mlflow_sidecar.server.services.artifact_transfers import ArtifactTransfers
 from mlflow_sidecar.server.services.logged_models import LoggedModelService
 from mlflow_sidecar.server.services.tracking import TrackingService
 from mlflow_sidecar.server.staging import Staging
+from mlflow_sidecar.server.stream_shutdown import StreamShutdown, stream_shut_down
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from mlflow_sidecar.v1 import tracking_pb2_grpc as pb_grpc
 
@@ -50,9 +51,12 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
         staging: Staging,
         logged_models: LoggedModelService,
         ledger: RequestLedger | None = None,
+        *,
+        shutdown: StreamShutdown | None = None,
     ) -> None:
         LoggedModelRpcs.__init__(self, logged_models, staging, ledger)
         self._service = service
+        self._shutdown = shutdown or StreamShutdown()
         self._transfers = transfers
         self._staging = staging
         self._uploads = UploadOnce(ledger, _UPLOAD_ARTIFACT)
@@ -207,6 +211,8 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
         )
         try:
             for message in request_iterator:
+                if self._shutdown.ending:
+                    raise stream_shut_down(accepted)
                 batch = MetricBatch.from_request(message.points, message.series)
                 accepted += self._service.accept_metrics(batch)
         finally:
