@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import sqlite3
 import threading
 from array import array
@@ -413,5 +414,26 @@ def test_a_spool_from_before_recorded_ends_gains_their_columns(tmp_path):
         # Ended before: applied, and every point that arrives later is refused.
         assert end is not None and end.applied and end.last_chunk == 0
         assert store.ends_to_apply() == []
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced"])
+def test_a_spool_removed_or_replaced_behind_the_sidecar_takes_no_more_points(tmp_path, how):
+    # Its data dir deleted (and, say, made again by something else): a point written to
+    # the open file now would be in a file no restart finds. What it held is delivered.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    store = SpoolStore(data_dir / "spool.db", max_points=1000, chunk_points=100)
+    try:
+        assert store.append(points("a", 10)) == 10
+        shutil.rmtree(data_dir)
+        if how == "replaced":
+            data_dir.mkdir()
+            SpoolStore(data_dir / "spool.db", max_points=1000).close()
+        with pytest.raises(FailedPreconditionError) as refused:
+            store.append(points("a", 5, start=10))
+        assert "data dir was removed or replaced" in refused.value.message
+        assert store.pending() == 10
     finally:
         store.close()

@@ -29,3 +29,15 @@ def test_a_staging_path_that_is_no_directory_is_failed_precondition_naming_it(tm
         pass
     assert str(staging.root) in refused.value.message
     assert "make it a directory the sidecar can write to" in refused.value.message
+
+
+def test_a_data_dir_removed_as_a_whole_is_not_made_again(tmp_path):
+    # A new data dir would be one no restart of this sidecar knows, and one a second
+    # sidecar could lock for its own while this one serves.
+    data_dir = tmp_path / "data"
+    staging = Staging(load_config(data_dir=data_dir))
+    shutil.rmtree(data_dir)
+    with pytest.raises(FailedPreconditionError) as refused, staging.directory("upload"):
+        pass
+    assert "data dir was removed" in refused.value.message
+    assert not data_dir.exists()

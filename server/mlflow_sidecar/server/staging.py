@@ -80,9 +80,17 @@ class Staging:
                 return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
             except FileNotFoundError:
                 # Removed while the sidecar runs (a cleaner of tmp directories): no
-                # transfer could stage again until a restart.
+                # transfer could stage again until a restart. Only the staging directory is
+                # made again: a data dir removed as a whole stays gone, so that no second
+                # sidecar takes a new one for its own while this one still serves.
                 log.warning("the staging directory %s was gone: creating it again", self.root)
-                self.root.mkdir(parents=True, exist_ok=True)
+                try:
+                    self.root.mkdir(exist_ok=True)
+                except FileNotFoundError:
+                    raise FailedPreconditionError(
+                        "the sidecar's data dir was removed while it serves: nothing can be"
+                        " staged; restart the sidecar"
+                    ) from None
                 return Path(tempfile.mkdtemp(prefix=prefix, dir=self.root))
         except OSError as exc:
             if is_disk_full(exc):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -369,6 +370,15 @@ def _check_writable(db: sqlite3.Connection) -> None:
         db.execute("ROLLBACK")
 
 
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_dev, found.st_ino
+
+
 class SpoolStore:
     """Thread-safe access to the spool database; one connection guarded by a lock.
 
@@ -409,6 +419,9 @@ class SpoolStore:
             if isinstance(exc, sqlite3.DatabaseError):
                 raise DatabaseFileError.of(path, exc) from exc
             raise
+        # The file the database is: a spool removed or replaced behind the sidecar (its
+        # data dir deleted) no longer takes points durably.
+        self._identity = _file_identity(path)
 
     def _open(self, path: Path, synchronous: str, *, upgrade: bool) -> None:
         # A chunk is about 24 KiB: on SQLite's default 4 KiB pages it spills over a chain
@@ -443,6 +456,23 @@ class SpoolStore:
                 "SELECT run_id, status, end_time_ms, last_chunk, applied, held FROM ended_runs"
             )
         }
+
+    def _check_still_on_disk(self) -> None:
+        """FAILED_PRECONDITION when the spool's file is gone from its path or another file
+        is there: points written now would be in a file no restart finds. What it held is
+        still delivered (the database stays open); the sidecar needs a restart."""
+        if _file_identity(self.path) == self._identity:
+            return
+        log.error(
+            "the spool %s was removed or replaced while the sidecar serves (its data dir"
+            " deleted?): no point is accepted until the sidecar is restarted; what it"
+            " accepted before is still delivered",
+            self.path,
+        )
+        raise FailedPreconditionError(
+            "the sidecar's data dir was removed or replaced while it serves: points cannot"
+            " be kept durably and are not accepted; restart the sidecar (its log says more)"
+        )
 
     def _free_bytes(self) -> int:
         """Room for new points: free space on the filesystem, and (only when that is short
@@ -502,6 +532,7 @@ class SpoolStore:
                     reason=ErrorReason.SPOOL_FULL,
                     retry_after_s=RETRY_AFTER_FULL_S,
                 )
+            self._check_still_on_disk()
             free = self._free_bytes() if self._keep_free else 0
             if free < self._keep_free:
                 raise disk_full_error(
