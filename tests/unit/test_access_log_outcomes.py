@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.interceptors import (
     AccessLogInterceptor,
     ErrorMappingInterceptor,
@@ -191,6 +193,7 @@ def mapped(access_log: _Codes) -> Iterator[tuple[grpc.Channel, SidecarMetrics]]:
     handlers: dict[str, Any] = {
         "Upload": grpc.stream_unary_rpc_method_handler(_short_upload),
         "Download": grpc.unary_stream_rpc_method_handler(_release_then_fail),
+        "Flush": grpc.unary_unary_rpc_method_handler(_waits_within_its_deadline),
     }
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler("test.v1.WatchService", handlers),)
@@ -200,6 +203,32 @@ def mapped(access_log: _Codes) -> Iterator[tuple[grpc.Channel, SidecarMetrics]]:
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         yield channel, metrics
     server.stop(0)
+
+
+# Set once `_waits_within_its_deadline` runs.
+started = threading.Event()
+
+
+def _waits_within_its_deadline(_request: bytes, _context: grpc.ServicerContext) -> bytes:
+    """Like FlushMetrics: waits for something that does not come, within the call's
+    deadline (a long one)."""
+    started.set()
+    until = time.monotonic() + 600
+    while not call_deadline.expired() and time.monotonic() < until:
+        time.sleep(0.05)
+    return b"done"
+
+
+def test_a_call_its_client_cancels_stops_waiting_and_is_logged_at_once(mapped, access_log):
+    # The client left: what the call waits for can reach no one, and its worker thread,
+    # access line and CANCELLED count are not held until its wait would have ended.
+    channel, _ = mapped
+    started.clear()
+    call = channel.unary_unary("/test.v1.WatchService/Flush").future(b"", timeout=600)
+    assert started.wait(30)
+    call.cancel()
+    assert access_log.logged.wait(30), "the cancelled call was not logged while it waited"
+    assert access_log.codes == ["CANCELLED"]
 
 
 def _stalled() -> Iterator[bytes]:

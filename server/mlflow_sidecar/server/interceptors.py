@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -162,6 +163,12 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             left = context.time_remaining()
             return default if left is None or left > _NO_DEADLINE_S else float(left)
 
+        def scope(context: grpc.ServicerContext) -> Any:
+            ended = threading.Event()
+            if not context.add_callback(ended.set):
+                ended.set()  # already over
+            return call_deadline.deadline_scope(remaining(context), ended)
+
         def decoded(request: Any) -> Any:
             if call_type.streaming_request:
                 return (_decoded(message, method) for message in request)
@@ -170,7 +177,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
         if call_type.streaming_response:
 
             def stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                with call_deadline.deadline_scope(remaining(context)):
+                with scope(context):
                     answers = None
                     try:
                         answers = behavior(decoded(request), context)
@@ -188,7 +195,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             return stream
 
         def unary(request: Any, context: grpc.ServicerContext) -> Any:
-            with call_deadline.deadline_scope(remaining(context)):
+            with scope(context):
                 try:
                     return fits(behavior(decoded(request), context))
                 except Exception as exc:  # noqa: BLE001 - every failure must become a status code

@@ -16,6 +16,7 @@ from mlflow_sidecar.core.errors import (
     NotFoundError,
     SidecarError,
 )
+from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.observability import SidecarMetrics
 from mlflow_sidecar.server.spool.delivery_concurrency import DeliveryConcurrency
 from mlflow_sidecar.server.spool.run_claims import RunClaims
@@ -139,7 +140,7 @@ class MetricDeliverer:
         with self._progress:
             while (pending := self._store.pending(run_id)) > 0 or self._end_waits(run_id):
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or call_deadline.call_ended():
                     break
                 self._progress.wait(min(left, 0.5))
         return pending
