@@ -14,6 +14,7 @@ import pytest
 from mlflow_sidecar.core.errors import ErrorReason, error_from_rpc
 from mlflow_sidecar.v1 import registry_pb2 as reg_pb
 from mlflow_sidecar.v1 import registry_pb2_grpc
+from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.integration.test_artifacts_bad_input import model_requests
 from tests.support.processes import MlflowServer
@@ -155,3 +156,24 @@ def test_without_the_ledger_a_create_model_version_id_with_another_request_is_re
             assert (error.reason, error.field) == (ErrorReason.REQUEST_ID_REUSED, "request_id")
         again = create(stub, description="first", tags={"a": "1"})
     assert again.version == first.version
+
+
+def test_without_the_ledger_an_id_reused_for_another_experiment_is_refused(
+    registry_stub, tracking_stub, forgetful, unique
+):
+    # Uploads that name an experiment (the sidecar makes their run): the version the id
+    # made is in a run of the first experiment, never the answer for another one.
+    experiments = [
+        tracking_stub.CreateExperiment(
+            pb.CreateExperimentRequest(name=f"up-exp-{which}-{unique}")
+        ).experiment.experiment_id
+        for which in ("a", "b")
+    ]
+    request_id = uuid.uuid4().hex
+    name = f"up-f-{unique}"
+    first = upload(registry_stub, name, "", request_id, experiment_id=experiments[0])
+    with grpc.insecure_channel(forgetful.target) as channel:
+        stub = registry_pb2_grpc.ModelRegistryServiceStub(channel)
+        refused(stub, name, "", request_id, experiment_id=experiments[1])
+        again = upload(stub, name, "", request_id, experiment_id=experiments[0])
+    assert (again.name, again.version) == (first.name, first.version)

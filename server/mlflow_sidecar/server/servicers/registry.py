@@ -237,6 +237,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             fingerprint(header),
             upload,
             run_id=header.run_id,
+            experiment_id=header.experiment_id,
             description=header.description,
             tags=dict(header.tags),
             aliases=list(header.aliases),

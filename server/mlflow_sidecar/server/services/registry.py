@@ -40,6 +40,7 @@ from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
+from mlflow_sidecar.server.idempotency.ledger import request_id_reused
 from mlflow_sidecar.server.idempotency.versions import check_same_version_request
 from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
@@ -492,6 +493,7 @@ class RegistryService:
         upload: Callable[[], ModelVersion],
         *,
         run_id: str = "",
+        experiment_id: str = "",
         description: str = "",
         tags: Mapping[str, str] | None = None,
         aliases: Sequence[str] = (),
@@ -501,15 +503,21 @@ class RegistryService:
         A repeat of an upload that took effect gets its version without `upload` running,
         so its files are not read again: from the ledger when it recorded the first
         outcome (the same `request_print` required, else REQUEST_ID_REUSED), else found
-        by the version's request id tag (the same model name, run, description and tags
-        required), with what the first try left undone done (`aliases`, its run's end)."""
+        by the version's request id tag (the same model name, run or run's experiment,
+        description and tags required), with what the first try left undone done
+        (`aliases`, its run's end)."""
         if not request_id:
             return upload()
         made: list[ModelVersion] = []
 
         def first() -> bytes:
             found = self._uploaded_version(
-                name, request_id, run_id=run_id, description=description, tags=tags or {}
+                name,
+                request_id,
+                run_id=run_id,
+                experiment_id=experiment_id,
+                description=description,
+                tags=tags or {},
             )
             version = (
                 upload()
@@ -536,6 +544,7 @@ class RegistryService:
         request_id: str,
         *,
         run_id: str,
+        experiment_id: str,
         description: str,
         tags: Mapping[str, str],
     ) -> ModelVersion | None:
@@ -543,6 +552,11 @@ class RegistryService:
         found = self._gateway.find_model_version(request_id)
         if found is None:
             return None
+        # Made in a run of another experiment: another call's.
+        if experiment_id and found.run_id:
+            made_in = self._gateway.get_run(found.run_id).info.experiment_id
+            if made_in != experiment_id:
+                raise request_id_reused("header.request_id", request_id, "UploadModel")
         check_same_version_request(
             found,
             field="header.request_id",
