@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
@@ -58,9 +58,10 @@ class Staging:
             self._metrics.stream_bytes.labels(direction).inc(size_bytes)
 
     def counted(self, direction: str, messages: Iterator[M]) -> Iterator[M]:
-        """Pass download messages through, counting their bytes as they go out."""
+        """Pass download messages through, counting the file bytes they carry as they go
+        out (not the messages' framing: the series counts artifact bytes, as uploads do)."""
         for message in messages:
-            self.count(direction, message.ByteSize())
+            self.count(direction, _file_bytes(message))
             yield message
 
     @contextlib.contextmanager
@@ -107,3 +108,12 @@ class Staging:
     def in_flight(self) -> list[Path]:
         """The transfer directories that exist right now."""
         return sorted(self.root.glob(f"{_PREFIX}*"))
+
+
+def _file_bytes(message: Any) -> int:
+    """The bytes of a file a download message carries: an artifact chunk's, or a model
+    chunk's data; 0 for headers, manifests and trailers."""
+    if message.WhichOneof("payload") != "chunk":
+        return 0
+    chunk = message.chunk
+    return len(chunk if isinstance(chunk, bytes) else chunk.data)
