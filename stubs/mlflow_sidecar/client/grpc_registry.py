@@ -88,7 +88,7 @@ class GrpcModelRegistry(ModelRegistry):
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
         self._upload = resent_on_unavailable(
-            self._upload_once, upload_attempts, reconnect, transfer_timeout_s
+            self._upload_once, upload_attempts, reconnect, transfer_timeout_s, upload=True
         )
         # Downloads are sent again here, not by gRPC's retry policy (see channel.py).
         self._download = resent_on_unavailable(

@@ -18,7 +18,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def resent_on_unavailable(
-    send: F, attempts: int, reconnect: Reconnect | None = None, wait_s: float = 0.0
+    send: F,
+    attempts: int,
+    reconnect: Reconnect | None = None,
+    wait_s: float = 0.0,
+    *,
+    upload: bool = False,
 ) -> F:
     """`send`, called again while its call finds the sidecar unreachable, at most
     `attempts` times in all; the failed call (the `grpc.RpcError` `send` raises) becomes
@@ -31,7 +36,9 @@ def resent_on_unavailable(
     unary call. Without `reconnect` it waits the schedule's short backoff only. An
     UNAVAILABLE the sidecar answers itself is not sent again (`sidecar_unreachable`, the
     rule of unary calls too): the sidecar has already retried MLflow for it, and a repeat
-    would multiply those tries."""
+    would multiply those tries. An `upload` is the exception: the sidecar streams its
+    bytes on to MLflow as they arrive and cannot send them to MLflow a second time, so
+    sending it again whole here is the only retry an upload MLflow failed gets."""
     schedule = RetrySchedule(max(1, attempts))
 
     def waited(tries: int) -> bool:
@@ -48,7 +55,10 @@ def resent_on_unavailable(
             try:
                 return send(*args, **kwargs)
             except grpc.RpcError as exc:
-                again = sidecar_unreachable(exc) and tries < schedule.max_attempts
+                retryable = sidecar_unreachable(exc) or (
+                    upload and exc.code() == grpc.StatusCode.UNAVAILABLE
+                )
+                again = retryable and tries < schedule.max_attempts
                 if not (again and waited(tries)):
                     raise error_from_rpc(exc) from None
 
