@@ -135,15 +135,22 @@ def test_upload_model_registers_one_version(slow: Slow, unique: str, tmp_path: P
 # -- a sidecar killed between MLflow's commit and its answer --------------------------
 
 
-def _killed_mid_write(slow: Slow, call: object, path_suffix: str) -> None:
+def _killed_mid_write(
+    slow: Slow, call: object, path_suffix: str, *, resent: bool = False
+) -> object:
     """Run `call()` in a thread, SIGKILL the sidecar once MLflow has done the write whose
-    answer the proxy now holds back, and start the sidecar again."""
+    answer the proxy now holds back, and start the sidecar again.
+
+    A unary call fails while its sidecar is dead (its deadline is short). A `resent`
+    transfer waits for the sidecar to be back and is sent again whole by the typed client:
+    its outcome, the first one's, is returned."""
     slow.proxy.answered.clear()
     failed: list[BaseException] = []
+    answers: list[object] = []
 
     def run() -> None:
         try:
-            call()  # type: ignore[operator]
+            answers.append(call())  # type: ignore[operator]
         except SidecarError as exc:
             failed.append(exc)
 
@@ -153,11 +160,17 @@ def _killed_mid_write(slow: Slow, call: object, path_suffix: str) -> None:
     assert slow.proxy.answered.wait(60), "MLflow never received the write"
     assert slow.writes(path_suffix) - before == 1
     slow.sidecar.kill()
-    worker.join(60)
-    assert failed, "the call must fail while its sidecar is dead"
+    if not resent:
+        worker.join(60)
+        assert failed, "the call must fail while its sidecar is dead"
     slow.sidecar.start()
     # The client's channel reconnects with backoff; the repeat goes out once it has.
     grpc.channel_ready_future(slow.container.channel()).result(timeout=30)
+    if not resent:
+        return None
+    worker.join(120)
+    assert not failed and answers, f"the transfer was not sent again: {failed}"
+    return answers[0]
 
 
 @pytest.fixture()
@@ -242,7 +255,8 @@ def test_writes_interrupted_by_sigkill_resolve_to_the_first_outcome(
         )
 
     uploads_before = patient.writes("/model-versions/create")
-    _killed_mid_write(patient, upload, "/model-versions/create")
+    resent = _killed_mid_write(patient, upload, "/model-versions/create", resent=True)
+    assert resent.version == 2  # type: ignore[attr-defined]
     assert upload().version == 2
     assert patient.writes("/model-versions/create") - uploads_before == 1
     versions = registry.search_model_versions(filter_string=f"name = 'killed-{unique}'").items
