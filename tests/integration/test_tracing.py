@@ -9,6 +9,8 @@ import sys
 import uuid
 from pathlib import Path
 
+import pytest
+
 from tests.support.delay_proxy import DelayProxy
 from tests.support.sidecar_process import SidecarProcess
 
@@ -137,26 +139,29 @@ def test_an_uploads_put_to_mlflow_belongs_to_the_uploads_trace(mlflow_server, tm
     assert server["context"]["trace_id"] == client["context"]["trace_id"]
 
 
-def test_an_exporter_that_is_not_installed_stops_serve_with_one_line(tmp_path):
-    sidecar = SidecarProcess(tmp_path, "", OTEL_TRACES_EXPORTER="nonesuch")
+@pytest.mark.parametrize(
+    ("variable", "value", "line"),
+    [
+        (
+            "OTEL_TRACES_EXPORTER",
+            "nonesuch",
+            "invalid OTEL_TRACES_EXPORTER: no span exporter named 'nonesuch' is installed",
+        ),
+        # OpenTelemetry itself would refuse it with a traceback at its first import.
+        (
+            "OTEL_PROPAGATORS",
+            "tracecontext,tracecontex",
+            "invalid OTEL_PROPAGATORS: no propagator named 'tracecontex' is installed;"
+            " known: baggage, tracecontext (or none)",
+        ),
+    ],
+)
+def test_an_otel_variable_naming_nothing_installed_stops_serve_with_one_line(
+    tmp_path, variable, value, line
+):
+    sidecar = SidecarProcess(tmp_path, "", **{variable: value})
     sidecar.launch()
     assert sidecar.proc is not None
     assert sidecar.proc.wait(timeout=120) == 2
     lines = sidecar.log_path.read_text().strip().splitlines()
-    assert lines == [
-        "mlflow-sidecar: invalid OTEL_TRACES_EXPORTER: no span exporter named 'nonesuch'"
-        " is installed"
-    ]
-
-
-def test_a_propagator_that_is_not_installed_stops_serve_with_one_line(tmp_path):
-    # OpenTelemetry itself would refuse it with a traceback at its first import.
-    sidecar = SidecarProcess(tmp_path, "", OTEL_PROPAGATORS="tracecontext,tracecontex")
-    sidecar.launch()
-    assert sidecar.proc is not None
-    assert sidecar.proc.wait(timeout=120) == 2
-    lines = sidecar.log_path.read_text().strip().splitlines()
-    assert lines == [
-        "mlflow-sidecar: invalid OTEL_PROPAGATORS: no propagator named 'tracecontex' is"
-        " installed; known: baggage, tracecontext (or none)"
-    ]
+    assert lines == [f"mlflow-sidecar: {line}"]
