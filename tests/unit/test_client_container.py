@@ -8,7 +8,6 @@ from dependency_injector import containers, providers
 from mlflow_sidecar.client import ClientContainer, ExperimentTracking, load_env
 from mlflow_sidecar.client.grpc_registry import GrpcModelRegistry
 from mlflow_sidecar.client.grpc_tracking import GrpcExperimentTracking
-from tests.support.certs import make_pki
 
 
 class TrainerService:
@@ -62,16 +61,6 @@ def test_env_config_leaves_the_settings_it_does_not_name(monkeypatch):
     assert settings.token == "s3cret"
     assert settings.stream_when_full == "raise"
     assert settings.timeout_s == 10
-
-
-def test_tls_files_from_env_go_with_tls_from_the_config(tmp_path, monkeypatch):
-    pki = make_pki(tmp_path)
-    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_ROOT_CERTIFICATES_FILE", str(pki.ca_cert))
-    container = ClientContainer()
-    container.config.from_dict({"target": "sidecar.internal:50051", "tls": True})
-    load_env(container)
-    settings = container.settings()
-    assert settings.tls and settings.root_certificates_file == str(pki.ca_cert)
 
 
 def test_host_container_composes_and_overrides():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from mlflow_sidecar.client import ClientContainer
+from mlflow_sidecar.client import ClientContainer, load_env
 from mlflow_sidecar.client.settings import ClientSettings
 from tests.support.certs import Pki, make_pki
 
@@ -213,3 +213,13 @@ def test_the_environment_refuses_an_overflowing_message_limit(monkeypatch):
     monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_MAX_MESSAGE_BYTES", str(2**32))
     with pytest.raises(ValidationError, match="max_message_bytes"):
         ClientEnvSettings()
+
+
+def test_tls_files_from_env_go_with_tls_from_the_config(tmp_path, monkeypatch):
+    pki = make_pki(tmp_path)
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_ROOT_CERTIFICATES_FILE", str(pki.ca_cert))
+    container = ClientContainer()
+    container.config.from_dict({"target": "sidecar.internal:50051", "tls": True})
+    load_env(container)
+    settings = container.settings()
+    assert settings.tls and settings.root_certificates_file == str(pki.ca_cert)
