@@ -685,6 +685,18 @@ def test_a_full_disk_while_caching_still_serves_the_download(tmp_path, caplog):
     assert sidecar.fetches() == 2
 
 
+def test_a_cache_directory_that_cannot_be_made_at_start_sends_versions_uncached(tmp_path, caplog):
+    (tmp_path / "models").write_bytes(b"not a directory")
+    sidecar = Sidecar(tmp_path)
+    assert f"the model cache directory {tmp_path / 'models'} cannot be used" in caplog.text
+    sidecar.register("agent")
+    for _ in range(2):
+        assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert (tmp_path / "models").read_bytes() == b"not a directory"
+    assert sidecar.staging.in_flight() == []
+
+
 # -- the setting -----------------------------------------------------------------------------
 
 

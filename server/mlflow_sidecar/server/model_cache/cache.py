@@ -130,8 +130,20 @@ class ModelCache:
             return self._held
 
     def _load(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        for path in sorted(self.root.iterdir()):
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            paths = sorted(self.root.iterdir())
+        except OSError as exc:
+            # A failure of the cache's own like any other: it must not keep the sidecar
+            # from serving. Each version is sent uncached until the directory can be made.
+            log.warning(
+                "the model cache directory %s cannot be used (%s): versions are sent"
+                " uncached until it can be created",
+                self.root,
+                exc.strerror or exc,
+            )
+            return
+        for path in paths:
             if path.name.startswith(_INCOMING_PREFIX):
                 log.info("removing the unfinished model cache entry %s", path)
                 self._disk.remove(path)
