@@ -314,7 +314,7 @@ def test_a_logged_model_search_bounds_its_filter_and_order(tracking_stub):
     )
 
 
-@pytest.mark.parametrize("name", ["a/b", "a:b", ".", "..", " "])
+@pytest.mark.parametrize("name", ["a/b", "a:b", ".", "..", "..a", " "])
 def test_an_upload_under_a_name_mlflow_refuses_makes_no_run(
     registry_stub, tracking_stub, unique, name
 ):
@@ -331,11 +331,19 @@ def test_an_upload_under_a_name_mlflow_refuses_makes_no_run(
     assert list(runs) == []
 
 
-@pytest.mark.parametrize("name", [".", "..", "  "])
-def test_a_model_name_a_path_would_misread_is_refused_naming_it(registry_stub, name):
+@pytest.mark.parametrize("name", [".", "..", "..a", "  "])
+def test_a_model_name_a_path_would_misread_is_refused_naming_it(registry_stub, unique, name):
+    model = f"misread-{unique}"
+    registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=model))
     refused(
         lambda: registry_stub.CreateRegisteredModel(reg_pb.CreateRegisteredModelRequest(name=name)),
         "name",
+    )
+    refused(
+        lambda: registry_stub.RenameRegisteredModel(
+            reg_pb.RenameRegisteredModelRequest(name=model, new_name=name)
+        ),
+        "new_name",
     )
 
 

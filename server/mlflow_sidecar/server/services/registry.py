@@ -69,8 +69,8 @@ def _name(field: str, value: str) -> str:
 
 def _new_name(field: str, value: str) -> str:
     """A name for a model to be created or renamed to, by MLflow's rules: not blank, no '/'
-    or ':', not a name that a path would read as another ('.', '..'), and no longer than
-    MLflow's database column holds."""
+    or ':', not a name that a path would read as another ('.', '..') nor one starting with
+    '..', and no longer than MLflow's database column holds."""
     check.require(field, value, max_length=limits.MAX_CREATED_NAME_LENGTH)
     if not value.strip():
         raise InvalidArgumentError(field, "must not be blank")
@@ -78,6 +78,10 @@ def _new_name(field: str, value: str) -> str:
         raise InvalidArgumentError(field, f"{value!r} must not contain '/' or ':'")
     if value in (".", "..") or posixpath.normpath(value) != value:
         raise InvalidArgumentError(field, f"{value!r} would name another path as a file name")
+    if value.startswith(".."):
+        # MLflow refuses these as it refuses '..' itself, naming no field; an upload would
+        # have made its run and stored its files by then.
+        raise InvalidArgumentError(field, f"{value!r} must not start with '..'")
     return value
 
 
