@@ -282,3 +282,35 @@ def test_an_experiment_id_mlflow_refuses_is_named_as_the_field(models: GrpcLogge
     with pytest.raises(InvalidArgumentError) as err:
         models.create("0x1", name="m")
     assert err.value.field == "experiment_id"
+
+
+@pytest.mark.parametrize(
+    "filter_string",
+    [
+        "foo = 1",
+        "attributes.creation_time > 0",
+        "last_updated_time = 0",
+        "creation_timestamp > 'yesterday'",
+        "metrics.loss < low",
+    ],
+)
+def test_a_filter_mlflows_store_would_fail_on_is_invalid_naming_the_filter(
+    models: GrpcLoggedModels, experiment_id: str, filter_string: str
+) -> None:
+    # MLflow's SQL store answers these with a server error, which reads as an outage.
+    with pytest.raises(InvalidArgumentError) as err:
+        models.search([experiment_id], filter_string=filter_string)
+    assert err.value.field == "filter"
+
+
+def test_a_filter_on_any_attribute_mlflows_store_has_finds_the_models(
+    models: GrpcLoggedModels, experiment_id: str
+) -> None:
+    made = models.create(experiment_id, name="policy")
+    for filter_string in (
+        f"experiment_id = '{experiment_id}'",
+        "creation_time > 0 AND lifecycle_stage = 'active'",
+        "attributes.name = 'policy'",
+    ):
+        found = models.search([experiment_id], filter_string=filter_string).items
+        assert [m.model_id for m in found] == [made.model_id], filter_string

@@ -316,3 +316,24 @@ def test_search_grammars_parse_as_mlflow_does(grammar, good_filter, good_term):
         grammar.parse_filter("name = 'unterminated")
     with pytest.raises(MlflowException):
         grammar.order_field("no_such_column")
+
+
+def test_logged_model_filters_are_read_as_mlflows_sql_store_reads_them():
+    from mlflow.store.tracking.dbmodels.models import SqlLoggedModel
+    from mlflow.utils.search_logged_model_utils import parse_filter_string
+
+    columns = {column.key for column in SqlLoggedModel.__table__.columns}
+    assert columns == mlflow_internals.LOGGED_MODEL_COLUMNS, _changed("its logged_models table")
+    assert dict(SqlLoggedModel.ALIASES) == dict(mlflow_internals.LOGGED_MODEL_COLUMN_ALIASES), (
+        _changed("the names its SQL store takes for logged model columns")
+    )
+    written = (
+        "name = 'a' AND attributes.creation_time > 1 AND metrics.`m 1` >= 0.5"
+        " AND params.lr = '0.1' AND `model_type` IN ('x', 'y')"
+    )
+    read = [
+        (c.entity.type.value, c.entity.key, c.entity.is_numeric())
+        for c in parse_filter_string(written)
+    ]
+    ours = [(t.kind, t.key, t.numeric) for t in mlflow_internals.logged_model_filter_terms(written)]
+    assert ours == read, _changed("how its SQL store reads a logged model filter")

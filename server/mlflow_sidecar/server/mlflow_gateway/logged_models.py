@@ -132,6 +132,7 @@ class LoggedModelGateway:
         page_token: str,
     ) -> domain.Page[LoggedModel]:
         """One page of the experiments' logged models matching an MLflow filter."""
+        search_terms.check_logged_model_filter(filter_string)
         search_terms.check_joins(
             search_terms.LOGGED_MODELS, filter_string, [field for field, _ in order_by]
         )

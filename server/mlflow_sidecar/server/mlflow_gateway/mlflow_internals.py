@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -20,6 +21,7 @@ from typing import Any
 from urllib.parse import quote
 
 import requests
+import sqlparse
 from mlflow import environment_variables
 from mlflow.exceptions import MlflowException
 from mlflow.protos.service_pb2 import LogBatch
@@ -37,6 +39,7 @@ from mlflow.utils.search_utils import (
     SearchModelUtils,
     SearchModelVersionUtils,
     SearchUtils,
+    _join_in_comparison_tokens,
 )
 
 from mlflow_sidecar.core.errors import InvalidArgumentError
@@ -307,6 +310,83 @@ parse_experiments_filter: _Parse = _experiment_search.parse_search_filter
 parse_registered_models_filter: _Parse = _registered_model_search.parse_search_filter
 parse_model_versions_filter: _Parse = _model_version_search.parse_search_filter
 parse_logged_models_filter: _Parse = _logged_model_search.parse_search_filter
+
+# How MLflow's SQL store reads a logged model filter, which is not how the parser above
+# reads it: each term's entity is `<type>.<key>`, else an attribute named by a column of
+# its logged_models table or by one of the aliases below (MLflow 3's SqlLoggedModel, which
+# mlflow-skinny lacks). It compares a metric or a time by the term's value as a float. An
+# attribute it has no column for, or a number that is not one, fails it with an untyped
+# server error (HTTP 500), which reads as an outage.
+LOGGED_MODEL_COLUMNS = frozenset(
+    {
+        "model_id",
+        "experiment_id",
+        "name",
+        "artifact_location",
+        "creation_timestamp_ms",
+        "last_updated_timestamp_ms",
+        "status",
+        "lifecycle_stage",
+        "model_type",
+        "source_run_id",
+        "status_message",
+    }
+)
+LOGGED_MODEL_COLUMN_ALIASES: Mapping[str, str] = {
+    "creation_time": "creation_timestamp_ms",
+    "creation_timestamp": "creation_timestamp_ms",
+    "last_updated_timestamp": "last_updated_timestamp_ms",
+}
+_join_comparisons: Callable[[Any], Sequence[Any]] = _join_in_comparison_tokens
+_NUMERIC_LOGGED_MODEL_COLUMNS = frozenset({"creation_timestamp_ms", "last_updated_timestamp_ms"})
+_TYPED_ENTITY = re.compile(r"^([a-z]+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class LoggedModelTerm:
+    """One term of a logged model filter as MLflow's SQL store reads it: `identifier` as
+    written, `kind` the entity type ("attributes", "metrics", ...), `key` what the store
+    looks up (a bare attribute's alias resolved), `value` the term's value as written."""
+
+    identifier: str
+    kind: str
+    key: str
+    value: str
+
+    @property
+    def numeric(self) -> bool:
+        """True when the store compares the value as a float."""
+        column = LOGGED_MODEL_COLUMN_ALIASES.get(self.key, self.key)
+        return self.kind == "metrics" or (
+            self.kind == "attributes" and column in _NUMERIC_LOGGED_MODEL_COLUMNS
+        )
+
+
+def logged_model_filter_terms(filter_string: str) -> list[LoggedModelTerm]:
+    """The comparisons of a logged model filter as MLflow's SQL store splits them; [] for
+    a filter it cannot split, which it refuses itself (INVALID_PARAMETER_VALUE)."""
+    try:
+        statements = sqlparse.parse(filter_string)
+    except Exception:  # noqa: BLE001 - whatever sqlparse raises, the store refuses it too
+        return []
+    if len(statements) != 1:
+        return []
+    terms = []
+    for token in _join_comparisons(statements[0].tokens):
+        if not isinstance(token, sqlparse.sql.Comparison):
+            continue
+        words = [str(t) for t in token.tokens if not t.is_whitespace]
+        if len(words) != 3:
+            continue
+        identifier, _op, value = words
+        if typed := _TYPED_ENTITY.match(identifier):
+            kind, key = typed.group(1), typed.group(2).strip("`")
+        else:
+            # The aliases hold only here: `attributes.creation_time` names no column.
+            kind, key = "attributes", LOGGED_MODEL_COLUMN_ALIASES.get(identifier, identifier)
+            key = key.strip("`")
+        terms.append(LoggedModelTerm(identifier, kind, key, value))
+    return terms
 
 
 def experiment_order_field(term: str) -> str:

@@ -73,6 +73,29 @@ def check_joins(grammar: SearchGrammar, filter_string: str, order_by: Sequence[s
     )
 
 
+def check_logged_model_filter(filter_string: str) -> None:
+    """Refuse a logged model filter that MLflow's SQL store would fail on with a server
+    error, which reads as an outage (INVALID_ARGUMENT on `filter`): an attribute that is
+    none of a logged model's, or a metric or time compared with a value that is not a
+    number. What the store refuses itself is left for it to name."""
+    for term in mlflow_internals.logged_model_filter_terms(filter_string):
+        if term.kind == "attributes" and term.key not in mlflow_internals.LOGGED_MODEL_COLUMNS:
+            raise InvalidArgumentError(
+                "filter",
+                f"a logged model has no attribute {term.identifier!r}; its attributes are"
+                f" {', '.join(sorted(mlflow_internals.LOGGED_MODEL_COLUMNS))}, and without"
+                f" 'attributes.' {', '.join(mlflow_internals.LOGGED_MODEL_COLUMN_ALIASES)}",
+            )
+        if term.numeric:
+            try:
+                float(term.value)
+            except ValueError:
+                raise InvalidArgumentError(
+                    "filter",
+                    f"{term.identifier} is compared as a number, not with {term.value}",
+                ) from None
+
+
 REGISTERED_MODELS = SearchGrammar(
     mlflow_internals.parse_registered_models_filter,
     mlflow_internals.registered_model_order_field,
