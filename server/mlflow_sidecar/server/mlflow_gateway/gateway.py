@@ -889,6 +889,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.RegisteredModel]:
         """One page of registered models."""
+        search_terms.check_filter_reads(search_terms.REGISTERED_MODELS, filter_string)
         check_fields_distinct(order_by, search_terms.REGISTERED_MODELS.order_field)
         kind = page_tokens.of_query("registered-models", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
@@ -1256,6 +1257,7 @@ class MlflowGateway:
         self, *, filter_string: str, order_by: Sequence[str], page_size: int, page_token: str
     ) -> domain.Page[domain.ModelVersion]:
         """One page of model versions."""
+        search_terms.check_filter_reads(search_terms.MODEL_VERSIONS, filter_string)
         check_fields_distinct(order_by, search_terms.MODEL_VERSIONS.order_field)
         kind = page_tokens.of_query("model-versions", filter_string, order_by)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)

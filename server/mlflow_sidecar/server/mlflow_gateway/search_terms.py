@@ -105,6 +105,23 @@ MODEL_VERSIONS = SearchGrammar(
 )
 
 
+def check_filter_reads(grammar: SearchGrammar, filter_string: str) -> None:
+    """Refuse a filter that MLflow's parser fails on with an error of its own code rather
+    than a refusal (`tags.x IS NULL` in a registry search): MLflow's server answers that
+    with an untyped server error (HTTP 500), which reads as an outage. What MLflow refuses
+    itself is left for it to name."""
+    if not filter_string:
+        return
+    try:
+        grammar.parse_filter(filter_string)
+    except MlflowException:
+        return
+    except Exception as exc:  # noqa: BLE001 - any error of the parser's is MLflow's 500
+        raise InvalidArgumentError(
+            "filter", f"{filter_string!r} is not a filter MLflow can read here ({exc})"
+        ) from None
+
+
 def check_fields_distinct(order_by: Sequence[str], field_of: Callable[[str], Hashable]) -> None:
     """Refuse two terms that sort by one field (INVALID_ARGUMENT naming the second).
 
