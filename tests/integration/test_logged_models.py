@@ -292,6 +292,8 @@ def test_an_experiment_id_mlflow_refuses_is_named_as_the_field(models: GrpcLogge
         "last_updated_time = 0",
         "creation_timestamp > 'yesterday'",
         "metrics.loss < low",
+        "name IN (policy)",
+        "name = (1 +)",
     ],
 )
 def test_a_filter_mlflows_store_would_fail_on_is_invalid_naming_the_filter(

@@ -3,6 +3,7 @@ its SQL stores require, and which part of a search MLflow refused."""
 
 from __future__ import annotations
 
+import ast
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,16 @@ def check_logged_model_filter(filter_string: str) -> None:
                 raise InvalidArgumentError(
                     "filter",
                     f"{term.identifier} is compared as a number, not with {term.value}",
+                ) from None
+        elif term.value.startswith("(") and term.value.endswith(")"):
+            # The store reads a list as a Python literal.
+            try:
+                ast.literal_eval(term.value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                raise InvalidArgumentError(
+                    "filter",
+                    f"{term.identifier} is compared with {term.value}, which is not a list"
+                    " of quoted strings",
                 ) from None
 
 
