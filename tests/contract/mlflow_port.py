@@ -661,6 +661,13 @@ class MlflowPortContract:
         with pytest.raises(InvalidArgumentError) as err:
             port.resolve_source(f"models:/{name}@latest", "")
         assert (err.value.field, err.value.reason) == ("source", "RESERVED_ALIAS")
+        # Past int64: MLflow's stores fail on such a number with a server error.
+        with pytest.raises(InvalidArgumentError) as err:
+            port.resolve_source(f"models:/{name}/{2**63}", "")
+        assert err.value.field == "source"
+        with pytest.raises(NotFoundError) as err:
+            port.resolve_source(f"models:/{name}/{2**63 - 1}", "")
+        assert err.value.reason == ErrorReason.MODEL_VERSION_NOT_FOUND
 
     # -- artifacts ----------------------------------------------------------------------
 

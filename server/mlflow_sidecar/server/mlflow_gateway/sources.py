@@ -14,6 +14,8 @@ _RUNS_SOURCE_RE = re.compile(r"^runs:/(?P<run_id>[A-Za-z0-9_\-]+)(?:/|\Z)")
 _MODELS_SOURCE_RE = re.compile(
     r"^models:/(?P<name>[^/@:]+)(?:/(?P<version>\d+)|@(?P<alias>[^/@]+))/?$"
 )
+# The largest version number: the contract's and MLflow's stores' (int64).
+_MAX_VERSION = 2**63 - 1
 # models:/<logged model id> (MLflow 3): the id is "m-" and 32 hex digits.
 _LOGGED_MODEL_SOURCE_RE = re.compile(r"^models:/(?P<model_id>m-[0-9a-f]{32})/?\Z")
 
@@ -38,11 +40,19 @@ def runs_source_run_id(source: str) -> str:
 
 
 def models_source(source: str) -> ModelSource | None:
-    """The version or alias a models:/ source names; None for other sources."""
+    """The version or alias a models:/ source names; None for other sources. A version
+    past what a version number holds (int64) is INVALID_ARGUMENT on `source`: MLflow's
+    stores fail on it with a server error, which reads as an outage."""
     match = _MODELS_SOURCE_RE.match(source)
     if match is None:
         return None
-    return ModelSource(match["name"], int(match["version"] or 0), match["alias"] or "")
+    version = int(match["version"] or 0)
+    if version > _MAX_VERSION:
+        raise InvalidArgumentError(
+            "source",
+            f"{source!r} names version {version}; a version number is at most {_MAX_VERSION}",
+        )
+    return ModelSource(match["name"], version, match["alias"] or "")
 
 
 def source_logged_model_id(source: str) -> str:
