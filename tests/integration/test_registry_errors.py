@@ -359,8 +359,15 @@ def test_page_size_out_of_range_is_invalid(registry_stub, page_size):
 
 @pytest.mark.parametrize(
     "filter_string",
-    # The second and third fail MLflow's parser itself, which its server answers with 500.
-    ["name ~~ 'x'", "tags.owner IS NULL", "tags.owner IS NOT NULL"],
+    # The others fail MLflow's parser itself, or its database, which its server answers
+    # with 500.
+    [
+        "name ~~ 'x'",
+        "tags.owner IS NULL",
+        "tags.owner IS NOT NULL",
+        "version_number = 99999999999999999999",
+        "version_number > -99999999999999999999",
+    ],
 )
 def test_malformed_filter_is_invalid(registry_stub, filter_string):
     for call in (

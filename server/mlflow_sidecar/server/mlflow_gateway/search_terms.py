@@ -39,6 +39,7 @@ LOGGED_MODELS = SearchGrammar(
     lambda field: field,
     lambda field: field.startswith("metrics."),
 )
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 # Tables MLflow's SQL stores join for one term of a filter, by its type; 1 for the rest.
 _JOINS_BY_TYPE = {"attribute": 0, "dataset": 2}
 
@@ -118,19 +119,27 @@ MODEL_VERSIONS = SearchGrammar(
 
 def check_filter_reads(grammar: SearchGrammar, filter_string: str) -> None:
     """Refuse a filter that MLflow's parser fails on with an error of its own code rather
-    than a refusal (`tags.x IS NULL` in a registry search): MLflow's server answers that
-    with an untyped server error (HTTP 500), which reads as an outage. What MLflow refuses
-    itself is left for it to name."""
+    than a refusal (`tags.x IS NULL` in a registry search), or that compares with an
+    integer its database cannot hold: MLflow's server answers either with an untyped
+    server error (HTTP 500), which reads as an outage. What MLflow refuses itself is left
+    for it to name."""
     if not filter_string:
         return
     try:
-        grammar.parse_filter(filter_string)
+        terms = grammar.parse_filter(filter_string)
     except MlflowException:
         return
     except Exception as exc:  # noqa: BLE001 - any error of the parser's is MLflow's 500
         raise InvalidArgumentError(
             "filter", f"{filter_string!r} is not a filter MLflow can read here ({exc})"
         ) from None
+    for term in terms:
+        value = term.get("value")
+        # An integer past int64 fails MLflow's database (SQLite) the same way.
+        if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX:
+            raise InvalidArgumentError(
+                "filter", f"{term.get('key')} is compared with {value}, outside int64"
+            )
 
 
 def check_fields_distinct(order_by: Sequence[str], field_of: Callable[[str], Hashable]) -> None:
