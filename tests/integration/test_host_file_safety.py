@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -212,6 +213,27 @@ def test_a_run_whose_artifacts_live_elsewhere_is_neither_read_nor_written(
 
     assert _snapshot(outside) == before
     assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
+
+
+def test_a_model_upload_into_an_experiment_stored_elsewhere_makes_no_run(
+    clients, direct, outside, unique, tmp_path
+):
+    _tracking, registry = clients
+    experiment_id = direct.create_experiment(
+        f"upload-elsewhere-{unique}", artifact_location=f"file://{outside}"
+    )
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"w" * 100)
+    before = _snapshot(outside)
+
+    with pytest.raises(PermissionDeniedError) as err:
+        registry.upload_model(f"elsewhere-{unique}", model, experiment_id=experiment_id)
+    assert err.value.field == "header.experiment_id"
+    _assert_quiet(err.value, outside)
+
+    assert direct.search_runs([experiment_id], run_view_type=ViewType.ALL) == []
+    assert _snapshot(outside) == before
 
 
 def test_runs_in_the_stores_own_location_still_work(clients, unique, tmp_path):

@@ -312,6 +312,10 @@ class ArtifactsPort(Protocol):
     def delete_artifacts(self, run_id: str, artifact_path: str) -> None:
         """Delete a run's artifact file or directory."""
 
+    def check_storage(self, field: str, uri: str) -> str:
+        """`uri` once the storage policy allows it: PermissionDeniedError (reason
+        PATH_OUTSIDE_ROOTS, naming `field`) for a location outside the configured stores."""
+
     def download_model_version(self, name: str, version: int, dst_dir: Path) -> Path:
         """Download every file of a model version into the existing directory `dst_dir`;
         returns the model's root."""

@@ -595,6 +595,9 @@ class RegistryService:
             raise FailedPreconditionError(
                 f"experiment {experiment_id} is deleted", reason=ErrorReason.EXPERIMENT_NOT_ACTIVE
             )
+        # Before the run is made: its files could not be stored, and the run would stay.
+        if experiment.artifact_location:
+            self._gateway.check_storage("header.experiment_id", experiment.artifact_location)
         run = self._gateway.find_or_create_run(
             experiment_id,
             run_name="",
