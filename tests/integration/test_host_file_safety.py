@@ -215,7 +215,7 @@ def test_a_run_whose_artifacts_live_elsewhere_is_neither_read_nor_written(
     assert not [p for p in (tmp_path / "down").rglob("*") if p.is_file()]
 
 
-def test_a_model_upload_into_an_experiment_stored_elsewhere_makes_no_run(
+def test_a_model_upload_into_a_run_stored_elsewhere_is_refused_naming_the_header_field(
     clients, direct, outside, unique, tmp_path
 ):
     _tracking, registry = clients
@@ -233,6 +233,11 @@ def test_a_model_upload_into_an_experiment_stored_elsewhere_makes_no_run(
     _assert_quiet(err.value, outside)
 
     assert direct.search_runs([experiment_id], run_view_type=ViewType.ALL) == []
+    run_id = direct.create_run(experiment_id).info.run_id
+    with pytest.raises(PermissionDeniedError) as err:
+        registry.upload_model(f"elsewhere-{unique}", model, run_id=run_id)
+    assert err.value.field == "header.run_id"
+    _assert_quiet(err.value, outside)
     assert _snapshot(outside) == before
 
 

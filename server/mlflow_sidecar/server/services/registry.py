@@ -589,6 +589,8 @@ class RegistryService:
                 raise FailedPreconditionError(
                     f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
                 )
+            if run.info.artifact_uri:
+                self._gateway.check_storage("header.run_id", run.info.artifact_uri)
             return run_id, False
         experiment = self._gateway.get_experiment(experiment_id)
         if experiment.lifecycle_stage is LifecycleStage.DELETED:
