@@ -38,8 +38,16 @@ def _run(client: MlflowClient, unique: str) -> str:
         (Metric("bad", 1.0, 2**63, 0), MlflowException),
         (Metric("bad", 1.0, 5, float("nan")), TypeError),  # type: ignore[arg-type]
         (Metric("bad", 1.0, 5, 1.5), TypeError),  # type: ignore[arg-type]
+        (Metric("bad", 1.0, 5, True), TypeError),
     ],
-    ids=["step-over-int64", "step-under-int64", "timestamp-over-int64", "nan-step", "1.5-step"],
+    ids=[
+        "step-over-int64",
+        "step-under-int64",
+        "timestamp-over-int64",
+        "nan-step",
+        "1.5-step",
+        "bool-step",
+    ],
 )
 def test_a_batch_with_a_point_out_of_range_leaves_nothing_behind(
     plugin: MlflowClient, direct: MlflowClient, unique: str, bad: Metric, error: type
@@ -81,6 +89,11 @@ def test_a_point_refused_for_its_numbers_is_refused_as_mlflow_refuses_it(
             client.log_metric(run_id, "m", 1.0, step=1.5)  # type: ignore[arg-type]
         with pytest.raises(TypeError):
             client.log_metric(run_id, "m", 1.0, step=float("nan"))  # type: ignore[arg-type]
+        # Nor is a bool taken for 1 (or 0): protobuf refuses it in MLflow's client.
+        with pytest.raises(TypeError):
+            client.log_metric(run_id, "m", 1.0, step=True)
+        with pytest.raises(TypeError):
+            client.log_metric(run_id, "m", 1.0, timestamp=True)
         client.log_metric(run_id, "m", 2.0, step=3)
         mlflow.flush_async_logging()
         assert [(m.step, m.value) for m in direct.get_metric_history(run_id, "m")] == [(3, 2.0)]

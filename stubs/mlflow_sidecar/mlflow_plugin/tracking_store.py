@@ -173,6 +173,14 @@ def _step(metric: MlflowMetric) -> Any:
     return 0 if metric.step is None else metric.step
 
 
+def _refuse_bools(metric: MlflowMetric) -> None:
+    """A bool step or timestamp is TypeError, as protobuf refuses it in MLflow's client;
+    the metric stream would take `True` as 1."""
+    for name, given in (("step", metric.step), ("timestamp", metric.timestamp)):
+        if isinstance(given, bool):
+            raise TypeError(f"metric {metric.key!r}: {name} must be an integer, not bool")
+
+
 def _out_of_range(error: ValueError, path: str = "") -> MlflowException:
     """The metric stream's ValueError (a step or timestamp out of its range) as MLflow's
     error for a value it refuses."""
@@ -185,6 +193,7 @@ def _check_point(metric: MlflowMetric, path: str) -> None:
     once some of the batch is sent already: a step or timestamp that is not an integer
     (NaN, 1.5) is TypeError, as MLflow's client cannot put it into its request either;
     one out of range is INVALID_PARAMETER_VALUE."""
+    _refuse_bools(metric)
     try:
         checked_numbers(metric.key, metric.value, metric.timestamp, _step(metric))
     except ValueError as exc:
@@ -442,6 +451,7 @@ class SidecarTrackingStore(AbstractStore):
     def log_metric(self, run_id: str, metric: MlflowMetric) -> None:
         self._warn_of_dropped_links((metric,))
         self._undelivered.check(run_id)
+        _refuse_bools(metric)
         try:
             # Step and timestamp go as given: the stream refuses what is not an integer
             # (TypeError, as MLflow's client does) instead of rounding it.
