@@ -151,3 +151,16 @@ def test_a_run_made_through_the_plugin_is_stored_as_mlflow_stores_it(
         run_id = client.create_run(experiment_id, tags={"mlflow.user": "ana"}).info.run_id
         run = direct.get_run(run_id)
         assert (run.info.user_id, run.data.tags["mlflow.user"]) == ("ana", "ana")
+
+
+def test_a_logged_model_read_has_a_list_of_metrics_as_in_mlflow(
+    plugin: MlflowClient, direct: MlflowClient, unique: str
+) -> None:
+    for client in (direct, plugin):
+        experiment_id = client.create_experiment(f"parity-model-{unique}-{id(client)}")
+        created = client.create_logged_model(experiment_id, name="m")
+        # Code iterates a model's metrics (MLflow's pandas search output does): a list,
+        # empty when the model has none.
+        assert client.get_logged_model(created.model_id).metrics == []
+        found = client.search_logged_models([experiment_id])
+        assert [m.metrics for m in found] == [[]]

@@ -105,6 +105,9 @@ def logged_model(value: LoggedModel, root: str) -> MlflowLoggedModel:
         status_message=value.status_message or None,
         tags=dict(value.tags),
         params=dict(value.params),
+        # The sidecar carries no model metrics (the metric stream drops a point's link to
+        # its model); MLflow's models read a list, empty without any, never None.
+        metrics=[],
     )
 
 
