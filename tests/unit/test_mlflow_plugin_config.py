@@ -139,6 +139,60 @@ def test_a_chosen_registry_is_left_alone():
     )
 
 
+_OTHER_SERVER_PROBE = """
+import mlflow
+from mlflow import MlflowClient
+from mlflow.tracking._tracking_service.utils import _get_store
+_get_store()
+other = "http://elsewhere:5000"
+print(MlflowClient(tracking_uri=other)._registry_uri)
+mlflow.set_tracking_uri(other)
+print(mlflow.get_registry_uri())
+"""
+
+
+def test_a_client_of_another_tracking_server_keeps_its_own_registry():
+    # What MLflow resolves without the plugin: another server's registry is that server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI="sidecar://127.0.0.1:1")
+    done = subprocess.run(
+        [sys.executable, "-c", _OTHER_SERVER_PROBE],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.strip().splitlines()[-2:] == ["http://elsewhere:5000"] * 2
+
+
+_SPARK_PROBE = """
+import sys, types
+from mlflow.tracking._model_registry import utils
+looked = []
+utils._get_registry_uri_from_spark_session = lambda: looked.append(1)
+from mlflow.tracking._tracking_service.utils import _get_store
+_get_store()
+for _ in range(3):
+    utils.get_registry_uri()
+print(len(looked), utils.get_registry_uri())
+sys.modules["pyspark"] = types.ModuleType("pyspark")
+utils.get_registry_uri()
+print(len(looked), utils.get_registry_uri())
+"""
+
+
+def test_the_spark_lookup_is_spared_until_pyspark_is_imported():
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI="sidecar://127.0.0.1:1")
+    done = subprocess.run(
+        [sys.executable, "-c", _SPARK_PROBE], env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip().splitlines()[-2:] == [
+        "0 sidecar://127.0.0.1:1",
+        "1 sidecar://127.0.0.1:1",
+    ]
+
+
 def test_the_mlflow_extra_pulls_mlflows_client_only():
     from pathlib import Path
 

@@ -16,6 +16,8 @@ NOT_IMPLEMENTED; nothing is silently dropped.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +40,7 @@ from mlflow.store.tracking import (
 from mlflow.store.tracking.abstract_store import AbstractStore
 from mlflow.store.tracking.rest_store import RestStore
 from mlflow.tracking._model_registry import utils as registry_utils
-from mlflow.utils._spark_utils import _get_active_spark_session
+from mlflow.tracking._tracking_service import utils as tracking_utils
 from mlflow.utils.async_logging.run_operations import RunOperations
 from mlflow.utils.validation import (
     _validate_batch_log_data,
@@ -59,10 +61,16 @@ from mlflow_sidecar.core.errors import ErrorReason, FailedPreconditionError, Not
 from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities, paging
-from mlflow_sidecar.mlflow_plugin.connection import ProcessConnection, SidecarConnection
+from mlflow_sidecar.mlflow_plugin.connection import (
+    SCHEME,
+    TLS_SCHEME,
+    ProcessConnection,
+    SidecarConnection,
+)
 from mlflow_sidecar.mlflow_plugin.errors import refuses_unoffered, translated, unsupported
 
 _log = logging.getLogger(__name__)
+_SIDECAR_SCHEMES = (f"{SCHEME}://", f"{TLS_SCHEME}://")
 _LINK_WARNED = False
 
 
@@ -138,28 +146,44 @@ def _undelivered(connection: SidecarConnection) -> _Undelivered:
         return found
 
 
-_REGISTRY_SETTLED = False
+_REGISTRY_RESOLUTION_SPED_UP = False
 
 
-def _settle_default_registry(store_uri: str) -> None:
-    """Make MLflow's default registry (the tracking URI) explicit, once per process.
+def _speed_up_registry_resolution() -> None:
+    """Resolve the default registry of a `sidecar://` tracking URI at once, once set up
+    per process, as MLflow would resolve it: the tracking URI itself.
 
-    With no registry URI set, MLflow looks for an active Spark session (an import attempt)
-    in every fluent call, which costs several times what the sidecar's `log_metric` does.
-    When nothing chose a registry and no Spark session is active, the registry URI is set
-    to the one MLflow would resolve anyway: this `sidecar://` URI. Set MLFLOW_REGISTRY_URI
-    (or call `mlflow.set_registry_uri`) to choose another registry; it is then left alone.
+    With no registry URI chosen, MLflow resolves one in every fluent call (twice), and
+    looks for an active Spark session first: an import attempt and several lookups that
+    together cost more than the sidecar's `log_metric`. While nothing chose a registry
+    (`mlflow.set_registry_uri`, MLFLOW_REGISTRY_URI) and pyspark was never imported (no
+    session can be active then), the registry of a `sidecar://` tracking URI is that URI,
+    and is answered so; anything else goes to MLflow's own resolution. Setting the
+    process's registry URI instead would be as fast, but would also hand the sidecar the
+    registry of every client this process makes for another tracking server.
     """
-    global _REGISTRY_SETTLED  # noqa: PLW0603 - once per process
-    if _REGISTRY_SETTLED:
+    global _REGISTRY_RESOLUTION_SPED_UP  # noqa: PLW0603 - once per process
+    if _REGISTRY_RESOLUTION_SPED_UP:
         return
-    _REGISTRY_SETTLED = True
-    if registry_utils._registry_uri is not None or MLFLOW_REGISTRY_URI.get():
-        return
-    if _get_active_spark_session() is not None:
-        return
-    registry_utils.set_registry_uri(store_uri)
-    _log.info("model registry URI set to %s, the tracking URI", store_uri)
+    _REGISTRY_RESOLUTION_SPED_UP = True
+    mlflows_resolution = registry_utils._resolve_registry_uri
+
+    def resolve_registry_uri(
+        registry_uri: str | None = None, tracking_uri: str | None = None
+    ) -> str | None:
+        if (
+            not registry_uri
+            and registry_utils._registry_uri is None
+            and "pyspark" not in sys.modules
+            and not os.environ.get(MLFLOW_REGISTRY_URI.name)
+        ):
+            tracking = tracking_utils._resolve_tracking_uri(tracking_uri)
+            if isinstance(tracking, str) and tracking.startswith(_SIDECAR_SCHEMES):
+                return tracking
+        resolved: str | None = mlflows_resolution(registry_uri, tracking_uri)
+        return resolved
+
+    registry_utils._resolve_registry_uri = resolve_registry_uri
 
 
 def _page_size(max_results: int | None, default: int, ceiling: int) -> int:
@@ -227,7 +251,7 @@ class SidecarTrackingStore(AbstractStore):
         self._process_connection = ProcessConnection(store_uri)
         self._undelivered_of: SidecarConnection | None = None
         self._undelivered_now = _Undelivered()
-        _settle_default_registry(store_uri)
+        _speed_up_registry_resolution()
         self._root = self._connection.root
 
     @property
