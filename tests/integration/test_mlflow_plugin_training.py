@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
 from mlflow_sidecar.client import ClientContainer
-from tests.integration.conftest import RunningSidecar
+from tests.integration.conftest import RunningSidecar, sidecar_config
 from tests.support.processes import MlflowServer
 from tests.support.sidecar_process import SidecarProcess
 
@@ -215,3 +215,27 @@ def test_a_process_that_exits_mid_run_hands_its_points_over(
     direct = MlflowClient(tracking_uri=mlflow_server.url)
     history = direct.get_metric_history(run_id, "x")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(3000)]
+
+
+def test_a_run_ends_through_the_plugin_while_mlflow_is_down(
+    own_mlflow: MlflowServer, unique: str, tmp_path: Path
+) -> None:
+    # MLflow's answers take the sidecar a few seconds of retries each while it is down.
+    running = RunningSidecar(sidecar_config(tmp_path / "sidecar", own_mlflow.url))
+    uri = f"sidecar://{running.target}"
+    try:
+        client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        run_id = client.create_run(client.create_experiment(f"ends-{unique}")).info.run_id
+        client.log_metric(run_id, "loss", 1.0, step=0)
+        own_mlflow.stop()
+        client.log_metric(run_id, "loss", 0.5, step=1)
+        # As `with mlflow.start_run()` ends its run: the sidecar records the end behind
+        # the run's points, so the end needs no answer of MLflow's.
+        client.set_terminated(run_id, "FINISHED")
+        own_mlflow.start()
+        delivered(running.target, run_id)
+    finally:
+        running.stop()
+    direct = MlflowClient(tracking_uri=own_mlflow.url)
+    assert direct.get_run(run_id).info.status == "FINISHED"
+    assert [m.step for m in direct.get_metric_history(run_id, "loss")] == [0, 1]

@@ -386,10 +386,16 @@ class SidecarTrackingStore(AbstractStore):
         end_time: int | None,
         run_name: str | None,
     ) -> MlflowRunInfo:
+        status = SidecarRunStatus(RunStatus.to_string(run_status)) if run_status else None
+        if status in TERMINAL_RUN_STATUSES and end_time and not run_name:
+            # MLflow's set_terminated (every end of a run, `with mlflow.start_run()`'s
+            # included) ends the run at once, without reading it from MLflow first: the
+            # sidecar records an end behind the run's points while MLflow is down, and a
+            # read would fail the end there.
+            return self._end_run(run_id, status, end_time)
         current = self._tracking.get_run(run_id)
         if run_name and run_name != current.info.run_name:
             raise unsupported("Renaming a run")
-        status = SidecarRunStatus(RunStatus.to_string(run_status)) if run_status else None
         if status is SidecarRunStatus.RUNNING:
             # mlflow.start_run(run_id=...): even a run MLflow has RUNNING may have an end
             # recorded by the sidecar, waiting for its points; resuming cancels it.
@@ -406,6 +412,11 @@ class SidecarTrackingStore(AbstractStore):
             return entities.run_info(current.info, self._root)
         if status not in TERMINAL_RUN_STATUSES:
             raise unsupported(f"Setting run {run_id} to {status.value}")
+        return self._end_run(run_id, status, end_time)
+
+    def _end_run(
+        self, run_id: str, status: SidecarRunStatus, end_time: int | None
+    ) -> MlflowRunInfo:
         # The run's points go to the spool first; the sidecar ends the run in MLflow only
         # after it delivered them. The run stays undelivered here until a read or a flush
         # has waited for that.
