@@ -4,6 +4,7 @@ answer the same way, and leave in MLflow what they leave there without the sidec
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -164,3 +165,13 @@ def test_a_logged_model_read_has_a_list_of_metrics_as_in_mlflow(
         assert client.get_logged_model(created.model_id).metrics == []
         found = client.search_logged_models([experiment_id])
         assert [m.metrics for m in found] == [[]]
+
+
+def test_a_missing_local_file_is_file_not_found_as_in_mlflow(
+    plugin: MlflowClient, direct: MlflowClient, unique: str, tmp_path: Path
+) -> None:
+    for client in (direct, plugin):
+        run_id = _run(client, unique)
+        with pytest.raises(FileNotFoundError):
+            client.log_artifact(run_id, str(tmp_path / "missing.txt"))
+        assert direct.list_artifacts(run_id) == []

@@ -9,6 +9,7 @@ is verified by size and sha256 at the other end (the typed client's upload and d
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -113,6 +114,9 @@ class SidecarArtifactRepository(ArtifactRepository):
         # MLflow's own repositories refuse a directory that is not what it names ("/",
         # "a/../b"); joined here, "/" would go unnoticed and the file land at the root.
         verify_artifact_path(artifact_path)
+        if not os.path.isfile(local_file):
+            # As MLflow's own repositories fail to open it: callers catch that OSError.
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), local_file)
         name = os.path.basename(local_file)
         self._files.upload(local_file, _join(self._base, artifact_path, name))
 
