@@ -175,3 +175,23 @@ def test_a_missing_local_file_is_file_not_found_as_in_mlflow(
         with pytest.raises(FileNotFoundError):
             client.log_artifact(run_id, str(tmp_path / "missing.txt"))
         assert direct.list_artifacts(run_id) == []
+
+
+@pytest.mark.parametrize(
+    "tag",
+    [RunTag("mlflow_sidecar.request_id", "x"), RunTag("mlflow.runName", "n" * 251)],
+    ids=["sidecar-tag", "long-run-name"],
+)
+def test_a_batch_with_a_tag_the_sidecar_refuses_leaves_nothing_behind(
+    plugin: MlflowClient, direct: MlflowClient, unique: str, tag: RunTag
+) -> None:
+    run_id = _run(plugin, unique)
+    with pytest.raises(MlflowException) as refused:
+        plugin.log_batch(
+            run_id, metrics=[Metric("m", 1.0, 5, 0)], params=[Param("p", "1")], tags=[tag]
+        )
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert "tags[" in refused.value.message
+    mlflow.flush_async_logging()
+    seen = direct.get_run(run_id).data
+    assert (seen.params, seen.metrics) == ({}, {})

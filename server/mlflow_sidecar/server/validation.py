@@ -28,10 +28,9 @@ bounded = names.bounded
 run_id = names.run_id
 key = names.key
 
-# Tag keys the sidecar sets itself ("One call, one effect": the request id tags by which a
-# retried create finds what its first try made): a caller's tag under it could make a
-# later create take another entity for its own, or miss its own.
-RESERVED_TAG_PREFIX = "mlflow_sidecar."
+RESERVED_TAG_PREFIX = names.RESERVED_TAG_PREFIX
+tag_key = names.tag_key
+not_reserved = names.not_reserved
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
@@ -53,22 +52,6 @@ def experiment_id(field: str, value: str, *, required: bool = True) -> str:
         # MLflow's stores keep ids as 64-bit integers and fail on others with a server
         # error that reads as an outage.
         raise InvalidArgumentError(field, f"{value} is outside the ids MLflow stores (int64)")
-    return value
-
-
-def tag_key(field: str, value: str) -> str:
-    """A tag key as MLflow accepts it, outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
-    key(field, value)
-    return not_reserved(field, value)
-
-
-def not_reserved(field: str, value: str) -> str:
-    """A tag key outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
-    if value.startswith(RESERVED_TAG_PREFIX):
-        raise InvalidArgumentError(
-            field,
-            f"{value!r}: tag keys starting with {RESERVED_TAG_PREFIX!r} are the sidecar's own",
-        )
     return value
 
 

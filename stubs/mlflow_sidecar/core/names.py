@@ -12,6 +12,10 @@ from mlflow_sidecar.core.errors import InvalidArgumentError
 from mlflow_sidecar.core.limits import MAX_KEY_LENGTH, MAX_NAME_LENGTH, MAX_RUN_ID_LENGTH
 
 _KEY_RE = re.compile(r"^[/\w.\- :]*\Z")
+# Tag keys the sidecar sets itself ("One call, one effect": the request id tags by which a
+# retried create finds what its first try made): a caller's tag under it could make a
+# later create take another entity for its own, or miss its own.
+RESERVED_TAG_PREFIX = "mlflow_sidecar."
 # Characters MLflow refuses in a logged model's name.
 LOGGED_MODEL_NAME_BAD_CHARS = ("/", ":", ".", "%", '"', "'")
 
@@ -67,3 +71,19 @@ def key(field: str, value: str) -> str:
             " trailing '/'",
         )
     return value
+
+
+def not_reserved(field: str, value: str) -> str:
+    """A tag key outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
+    if value.startswith(RESERVED_TAG_PREFIX):
+        raise InvalidArgumentError(
+            field,
+            f"{value!r}: tag keys starting with {RESERVED_TAG_PREFIX!r} are the sidecar's own",
+        )
+    return value
+
+
+def tag_key(field: str, value: str) -> str:
+    """A tag key as MLflow accepts it, outside the sidecar's own (`RESERVED_TAG_PREFIX`)."""
+    key(field, value)
+    return not_reserved(field, value)

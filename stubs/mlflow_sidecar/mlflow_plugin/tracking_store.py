@@ -58,7 +58,7 @@ from mlflow_sidecar.core.domain import (
     RunStatus as SidecarRunStatus,
 )
 from mlflow_sidecar.core.errors import ErrorReason, FailedPreconditionError, NotFoundError
-from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE
+from mlflow_sidecar.core.limits import DEFAULT_METRIC_PAGE_SIZE, MAX_KEY_LENGTH
 from mlflow_sidecar.core.logged_models import DatasetUse, LoggedModelStatus
 from mlflow_sidecar.mlflow_plugin import entities, paging
 from mlflow_sidecar.mlflow_plugin.connection import (
@@ -71,6 +71,8 @@ from mlflow_sidecar.mlflow_plugin.errors import refuses_unoffered, translated, u
 
 _log = logging.getLogger(__name__)
 _SIDECAR_SCHEMES = (f"{SCHEME}://", f"{TLS_SCHEME}://")
+# MLflow copies it into the run's name, which the sidecar bounds as a run name.
+_RUN_NAME_TAG = "mlflow.runName"
 _LINK_WARNED = False
 
 
@@ -514,6 +516,11 @@ class SidecarTrackingStore(AbstractStore):
         # fails leaves nothing behind. Long values are truncated as MLflow truncates them.
         metrics, params, tags = _validate_batch_log_data(metrics, params, tags)
         _validate_param_keys_unique(params)
+        # And by the sidecar's own rules for tags, which it applies after the params went.
+        for index, t in enumerate(tags):
+            names.tag_key(f"tags[{index}].key", t.key)
+            if t.key == _RUN_NAME_TAG:
+                names.bounded(f"tags[{_RUN_NAME_TAG}]", str(t.value), MAX_KEY_LENGTH)
         self._warn_of_dropped_links(metrics)
         if metrics:
             self._undelivered.check(run_id)
