@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import subprocess
@@ -56,6 +57,29 @@ def test_export_prints_every_dead_letter_as_json(data_dir, capsys):
             "dead_ms": pytest.approx(0, abs=10**13),
         },
     ]
+
+
+def test_export_writes_values_that_are_no_number_as_strict_json_reads_them(
+    tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_SIDECAR_CONFIG", raising=False)
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    values = [math.nan, math.inf, -math.inf, -0.0]
+    store.append(
+        MetricBatch.from_points(
+            [MetricPoint("a", "loss", v, 1_000, i) for i, v in enumerate(values)]
+        )
+    )
+    store.dead_letter("a", "NOT_FOUND: run a is gone")
+    store.close()
+    assert main(["spool", "export", "--json"]) == 0
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    letters = json.loads(capsys.readouterr().out, parse_constant=refuse)
+    assert [letter["value"] for letter in letters] == ["NaN", "Infinity", "-Infinity", -0.0]
 
 
 def test_export_says_what_it_cannot_print_of_a_damaged_row(data_dir, capsys):

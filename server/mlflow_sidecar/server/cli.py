@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -393,17 +394,29 @@ def _spool_export(args: argparse.Namespace) -> int:
                 {
                     "run_id": letter.run_id,
                     "key": letter.metric.key,
-                    "value": letter.metric.value,
+                    "value": _json_double(letter.metric.value),
                     "step": letter.metric.step,
                     "timestamp_ms": letter.metric.timestamp_ms,
                     "reason": letter.reason,
                     "dead_ms": letter.dead_ms,
                 }
                 for letter in letters
-            ]
+            ],
+            allow_nan=False,
         )
     )
     return 0
+
+
+def _json_double(value: float) -> float | str:
+    """A value as proto3's JSON mapping writes a double: NaN and the infinities as the
+    strings "NaN", "Infinity" and "-Infinity", which strict JSON parsers read, where
+    Python's bare NaN and Infinity are no JSON at all."""
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "Infinity" if value > 0 else "-Infinity"
+    return value
 
 
 def package_version() -> str:
