@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import Metric, MetricPoint
 from mlflow_sidecar.core.errors import (
     FailedPreconditionError,
@@ -19,6 +20,7 @@ from mlflow_sidecar.core.errors import (
 from mlflow_sidecar.server.disk_full import disk_full_error
 from mlflow_sidecar.server.metric_batch import MetricBatch
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
+from mlflow_sidecar.server.spool import store as spool_store
 from mlflow_sidecar.server.spool.deliverer import MetricDeliverer
 from mlflow_sidecar.server.spool.store import (
     SCHEMA_VERSION,
@@ -210,6 +212,27 @@ def test_dead_letters_are_exported_and_requeued_in_order(tmp_path):
         assert batch is not None and [m.step for m in batch.metrics] == [0, 1, 2]
         assert store.requeue().points == 2
         assert store.dead_letter_count() == 0 and store.pending() == 5
+    finally:
+        store.close()
+
+
+def test_requeued_points_go_before_newer_pending_ones_and_count_as_the_oldest(
+    tmp_path, monkeypatch
+):
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    hour_ago = now_ms() - 3_600_000
+    try:
+        monkeypatch.setattr(spool_store, "now_ms", lambda: hour_ago)
+        store.append(MetricBatch.from_points(points("a", 2)))
+        store.dead_letter("a", "NOT_FOUND: gone")
+        monkeypatch.undo()
+        store.append(MetricBatch.from_points(points("a", 2, start=2)))
+        store.append(MetricBatch.from_points(points("b", 1)))
+        assert store.requeue().points == 2
+        # The hour-old points are pending again: the spool's oldest is an hour old.
+        assert store.status().oldest_age_s >= 3_000
+        batch = store.oldest("a", 100)
+        assert batch is not None and [m.step for m in batch.metrics] == [0, 1, 2, 3]
     finally:
         store.close()
 

@@ -1,7 +1,8 @@
 """`SpoolStore`: a SQLite database (WAL) of undelivered metric points and dead letters.
 
-Chunk ids are rowids: each new row gets the largest id + 1, so ids grow in acceptance
-order among the rows that are still pending (an emptied table may start over, harmlessly).
+Chunk ids are rowids: each new row gets the largest id + 1, and requeued dead letters get ids
+below every pending row's, so ids grow in acceptance order among the rows that are still
+pending (an emptied table may start over, harmlessly; ids may be negative).
 """
 
 from __future__ import annotations
@@ -844,12 +845,19 @@ class SpoolStore:
                         chosen,
                     ).fetchall()
                 )
+                # Ids below every pending chunk's: the requeued points were accepted
+                # before those, so ids keep acceptance order (each series is delivered in
+                # it, and the oldest pending point is the one of the lowest id).
+                rows = self._db.execute(
+                    "SELECT COUNT(*) FROM dead_letters WHERE (? = '' OR run_id = ?)", chosen
+                ).fetchone()[0]
+                below = self._db.execute("SELECT COALESCE(MIN(id), 1) FROM chunks").fetchone()[0]
                 self._db.execute(
-                    "INSERT INTO chunks (run_id, count, keys, vals, timestamps, steps,"
-                    " accepted_ms) SELECT run_id, count, keys, vals, timestamps, steps,"
-                    " accepted_ms FROM dead_letters WHERE (? = '' OR run_id = ?)"
-                    " ORDER BY accepted_ms, id",
-                    chosen,
+                    "INSERT INTO chunks (id, run_id, count, keys, vals, timestamps, steps,"
+                    " accepted_ms) SELECT ? + ROW_NUMBER() OVER (ORDER BY accepted_ms, id),"
+                    " run_id, count, keys, vals, timestamps, steps, accepted_ms"
+                    " FROM dead_letters WHERE (? = '' OR run_id = ?) ORDER BY accepted_ms, id",
+                    (int(below) - int(rows) - 1, *chosen),
                 )
                 self._db.execute("DELETE FROM dead_letters WHERE (? = '' OR run_id = ?)", chosen)
                 # Requeued points count as before the run's end, so they are delivered.
