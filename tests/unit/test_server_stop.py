@@ -29,13 +29,17 @@ class _Task:
 
 
 class _Spool:
-    """A drain that has `left` points whatever it is given."""
+    """A drain that has `left` points and `ends` run ends whatever it is given."""
 
-    def __init__(self, left: int) -> None:
+    def __init__(self, left: int, ends: int = 0) -> None:
         self.left = left
+        self.ends = ends
 
     def wait_delivered(self, run_id: str, timeout_s: float) -> int:
         return self.left
+
+    def ends_left(self) -> int:
+        return self.ends
 
 
 def _server(tmp_path, tasks, drain=None) -> SidecarServer:
@@ -68,6 +72,14 @@ def test_background_tasks_get_what_is_left_of_the_grace_period(tmp_path, caplog)
     server.stop()
     assert task.stopped_with is not None and 0 < task.stopped_with <= 7.0
     assert "12 metric points are left in the spool" in caplog.text
+
+
+def test_run_ends_left_in_the_spool_are_said_even_when_every_point_was_delivered(tmp_path, caplog):
+    server = _server(tmp_path, [], drain=_Spool(left=0, ends=2))
+    server.stop()
+    assert "every accepted metric point was delivered before stopping" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("2 run ends recorded by EndRun are left in the spool" in e for e in errors)
 
 
 @pytest.fixture(autouse=True)

@@ -353,11 +353,13 @@ def test_a_recorded_end_reaches_mlflow_after_the_runs_last_point(store):
     with pytest.raises(FailedPreconditionError):  # after the end: refused
         store.append(points("r", 5, start=250))
     deliverer = make_deliverer(store, mlflow)
+    assert deliverer.ends_left() == 1
     deliverer.start()
     try:
         assert deliverer.wait_delivered("r", 10) == 0
     finally:
         deliverer.stop()
+    assert deliverer.ends_left() == 0
     assert [e[0] for e in events(mlflow)] == ["batch", "batch", "batch", "end"]
     assert events(mlflow)[-1] == ("end", "r", "FAILED", 7_000)
     assert len(delivered(mlflow, "r")) == 250

@@ -69,6 +69,9 @@ class Drainable(Protocol):
         """Wait up to `timeout_s` for every pending point ("" = all runs); returns what is
         left."""
 
+    def ends_left(self) -> int:
+        """Run ends recorded through the sidecar that MLflow has not been told of yet."""
+
 
 class OpenStreams(Protocol):
     """Response streams that stay open until the client leaves (alias watches)."""
@@ -285,6 +288,7 @@ class SidecarServer:
         if self._drain is not None:
             # Counted once nothing is in flight, so the count is what the next start finds.
             left = self._drain.wait_delivered("", 0.0)
+            ends = self._drain.ends_left()
             if left:
                 log.error(
                     "%d metric points are left in the spool, to be delivered at the next start",
@@ -292,6 +296,16 @@ class SidecarServer:
                 )
             else:
                 log.info("every accepted metric point was delivered before stopping")
+            if ends:
+                # Said apart from the points: with every point delivered, an end that
+                # EndRun acknowledged still lives only in the spool, and a data dir
+                # dropped with the pod would leave its run RUNNING in MLflow for good.
+                log.error(
+                    "%d run ends recorded by EndRun are left in the spool, not yet applied in"
+                    " MLflow (their runs stay RUNNING there): they are applied at the next"
+                    " start on this data dir",
+                    ends,
+                )
         if self._http is not None:
             self._http.close()
         if self._tracing is not None:

@@ -145,6 +145,11 @@ class MetricDeliverer:
                 self._progress.wait(min(left, 0.5))
         return pending
 
+    def ends_left(self) -> int:
+        """Recorded ends not applied in MLflow yet, held ones aside (they wait for
+        `spool requeue`, not for the deliverer)."""
+        return len(self._store.ends_to_apply()) if self._end_run is not None else 0
+
     def _end_waits(self, run_id: str) -> bool:
         """Whether an end recorded for the run (with "": for any run) is not in MLflow yet:
         a flush covers the ends that follow the points it waits for."""
