@@ -15,7 +15,7 @@ from mlflow_sidecar.core.domain import MetricPoint
 from mlflow_sidecar.server.cli import main
 from mlflow_sidecar.server.data_dir_lock import DataDirLock
 from mlflow_sidecar.server.metric_batch import MetricBatch
-from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, SpoolStore
+from mlflow_sidecar.server.spool.store import SCHEMA_VERSION, STATUS_GROUPS, SpoolStore
 from tests.support.sidecar_process import CLI
 
 
@@ -80,6 +80,24 @@ def test_export_writes_values_that_are_no_number_as_strict_json_reads_them(
 
     letters = json.loads(capsys.readouterr().out, parse_constant=refuse)
     assert [letter["value"] for letter in letters] == ["NaN", "Infinity", "-Infinity", -0.0]
+
+
+def test_status_says_how_many_runs_of_dead_letters_it_leaves_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_SIDECAR_CONFIG", raising=False)
+    store = SpoolStore(tmp_path / "spool.db", max_points=1000)
+    runs = [f"run{i}" for i in range(STATUS_GROUPS + 3)]
+    store.append(MetricBatch.from_points([MetricPoint(r, "loss", 1.0, 1_000, 0) for r in runs]))
+    for run in runs:
+        store.dead_letter(run, f"NOT_FOUND: {run} is gone")
+    store.close()
+    assert main(["spool", "status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["dead_letter_points"] == len(runs)
+    assert len(status["dead_letters"]) == STATUS_GROUPS
+    assert status["dead_letter_groups_unlisted"] == 3
+    assert main(["spool", "status"]) == 0
+    assert "and 3 more runs and reasons, not listed" in capsys.readouterr().out
 
 
 def test_export_says_what_it_cannot_print_of_a_damaged_row(data_dir, capsys):

@@ -290,6 +290,7 @@ def _spool_status(args: argparse.Namespace) -> int:
                         {"run_id": g.run_id, "reason": g.reason, "points": g.points}
                         for g in status.dead_letters
                     ],
+                    "dead_letter_groups_unlisted": status.unlisted_groups,
                     "held_run_ends": [
                         {
                             "run_id": end.run_id,
@@ -310,6 +311,11 @@ def _spool_status(args: argparse.Namespace) -> int:
     print(f"dead-letter points: {status.dead_letter_points}")
     for group in status.dead_letters:
         print(f"  run {group.run_id}: {group.points} points: {group.reason}")
+    if status.unlisted_groups:
+        print(
+            f"  and {status.unlisted_groups} more runs and reasons, not listed:"
+            " mlflow-sidecar spool export prints every dead-lettered point"
+        )
     print(f"held run ends:      {len(status.held_ends)}")
     for end in status.held_ends:
         print(f"  run {end.run_id}: {end.status} at {end.end_time_ms} ms: {end.held}")

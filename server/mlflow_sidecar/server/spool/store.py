@@ -42,6 +42,8 @@ PAGE_BYTES = 64 * 1024
 # Mixed chunks carry their keys (up to 1000), so the key text read is bounded too.
 _PLAN_CHUNKS = 1000
 _PLAN_KEY_CHARS = 256 * 1024
+# Groups of dead letters (a run and a reason) that `status` lists, the latest first.
+STATUS_GROUPS = 100
 # What a full spool tells its callers to wait before sending again (google.rpc.RetryInfo):
 # about the time the deliverer takes to move a few batches to a healthy MLflow.
 SPOOL_FULL_RETRY_AFTER_S = 1.0
@@ -350,6 +352,14 @@ class SpoolStatus:
     dead_letter_points: int
     dead_letters: tuple[DeadLetterGroup, ...]
     held_ends: tuple[RunEnd, ...] = ()
+    # Groups (a run and a reason) of dead letters in all: `dead_letters` lists the latest
+    # `STATUS_GROUPS` of them.
+    dead_letter_groups: int = 0
+
+    @property
+    def unlisted_groups(self) -> int:
+        """Groups of dead letters that `dead_letters` leaves out."""
+        return max(0, self.dead_letter_groups - len(self.dead_letters))
 
     @property
     def oldest_age_s(self) -> float:
@@ -936,8 +946,10 @@ class SpoolStore:
                 "SELECT accepted_ms FROM chunks ORDER BY id LIMIT 1"
             ).fetchone()
             groups = self._db.execute(
-                "SELECT run_id, reason, SUM(count), MAX(dead_ms) FROM dead_letters"
-                " GROUP BY run_id, reason ORDER BY MAX(dead_ms) DESC LIMIT 100"
+                "SELECT run_id, reason, SUM(count), MAX(dead_ms), COUNT(*) OVER ()"
+                " FROM dead_letters GROUP BY run_id, reason ORDER BY MAX(dead_ms) DESC"
+                " LIMIT ?",
+                (STATUS_GROUPS,),
             ).fetchall()
             dead_total = self._db.execute(
                 "SELECT COALESCE(SUM(count), 0) FROM dead_letters"
@@ -948,6 +960,7 @@ class SpoolStore:
                 max_points=self.max_points,
                 oldest_accepted_ms=oldest[0] if oldest else None,
                 dead_letter_points=int(dead_total),
-                dead_letters=tuple(DeadLetterGroup(r, why, n, t) for r, why, n, t in groups),
+                dead_letters=tuple(DeadLetterGroup(r, why, n, t) for r, why, n, t, _ in groups),
                 held_ends=tuple(end for end in self._ended.values() if end.held),
+                dead_letter_groups=int(groups[0][4]) if groups else 0,
             )
