@@ -129,6 +129,18 @@ def test_requeue_moves_one_runs_dead_letters_back_to_pending(data_dir, capsys):
         store.close()
 
 
+def test_requeue_of_an_empty_run_id_is_refused_and_touches_no_run(data_dir, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["spool", "requeue", "--run", ""])
+    assert exited.value.code == 2
+    assert "--run" in capsys.readouterr().err
+    store = SpoolStore(data_dir / "spool.db", max_points=1000)
+    try:
+        assert store.pending() == 0 and store.dead_letter_count() == 2
+    finally:
+        store.close()
+
+
 def test_status_lists_a_held_run_end_and_requeue_brings_it_back(data_dir, capsys):
     store = SpoolStore(data_dir / "spool.db", max_points=1000)
     store.record_end("a", "FAILED", 9_000, applied=False)

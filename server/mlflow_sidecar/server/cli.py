@@ -444,6 +444,20 @@ def _probe_timeout(text: str) -> float:
     return seconds
 
 
+def _run_argument(text: str) -> str:
+    """`--run` of `spool requeue`: a run id. An empty one (a script's unset variable) would
+    otherwise read as no `--run` at all and requeue every run's dead letters."""
+    from mlflow_sidecar.core import names
+    from mlflow_sidecar.core.errors import InvalidArgumentError
+
+    try:
+        return names.run_id("--run", text)
+    except InvalidArgumentError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{exc.problem}; leave --run out to requeue the dead letters of every run"
+        ) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `mlflow-sidecar`."""
     parser = argparse.ArgumentParser(prog="mlflow-sidecar", description=__doc__)
@@ -485,7 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         " this data dir)",
     )
     requeue.add_argument("--config", help="YAML config file, as for serve")
-    requeue.add_argument("--run", help="only this run's dead letters")
+    requeue.add_argument("--run", type=_run_argument, help="only this run's dead letters")
     requeue.set_defaults(func=_spool_requeue)
     export = spool_commands.add_parser(
         "export", help="every dead-lettered point with its reason (works while serving)"
