@@ -295,6 +295,16 @@ def test_end_run_waiting_for_delivery_says_when_mlflow_refused_the_run_for_good(
     flushed = service.flush_metrics(run_id, timeout_s=0)
     assert (flushed.dead_letter_points, flushed.held_run_ends) == (1, 1)
 
+    # Ended again while MLflow cannot be reached: the call fails, and the held end stays
+    # as it was, waiting for requeue, not for the deliverer (which would apply it before
+    # the run's dead letters once MLflow has the run again).
+    gateway.fail("get_run", UnavailableError("MLflow is down"), times=None)
+    gateway.fail("end_run", UnavailableError("MLflow is down"), times=None)
+    with pytest.raises(UnavailableError):
+        service.end_run_with_pending(run_id, status=RunStatus.FAILED)
+    flushed = service.flush_metrics(run_id, timeout_s=0)
+    assert (flushed.held_run_ends, flushed.pending_run_ends) == (1, 0)
+
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),

@@ -102,13 +102,12 @@ class MetricIngest:
 
     def put_back_end(self, run_id: str, previous: RunEnd | None) -> None:
         """Undo a `record_end` that did not take effect: the end recorded before it, if
-        any, is the run's again."""
+        any, is the run's again as it was (an end held with the run's dead letters stays
+        held for `spool requeue`)."""
         if previous is None:
             self._store.cancel_end(run_id)
         else:
-            self._store.record_end(
-                run_id, previous.status, previous.end_time_ms, applied=previous.applied
-            )
+            self._store.restore_end(previous)
 
     def end_applied(self, run_id: str) -> None:
         """MLflow has ended the run as its recorded end says."""

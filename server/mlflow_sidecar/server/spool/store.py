@@ -789,6 +789,26 @@ class SpoolStore:
             self._ended[run_id] = end
             return self._pending.get(run_id, 0)
 
+    def restore_end(self, end: RunEnd) -> None:
+        """Record `end` again exactly as it was (its chunks, whether MLflow applied it,
+        why it is held): a later `record_end` that did not take effect is undone."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO ended_runs"
+                " (run_id, status, ended_ms, end_time_ms, last_chunk, applied, held)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    end.run_id,
+                    end.status,
+                    now_ms(),
+                    end.end_time_ms,
+                    end.last_chunk,
+                    int(end.applied),
+                    end.held,
+                ),
+            )
+            self._ended[end.run_id] = end
+
     def cancel_end(self, run_id: str) -> bool:
         """Forget a recorded end (the run was resumed): its points are accepted again, and
         an end MLflow has not applied yet never is. True if an end was recorded."""
