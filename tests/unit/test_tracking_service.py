@@ -218,6 +218,20 @@ def test_end_run_with_a_backlog_answers_at_once_and_ends_after_the_last_point(
     assert [m.step for m in history.items] == [1]
 
 
+def test_an_end_run_refused_as_the_run_is_deleted_leaves_the_end_recorded_before_it(
+    service, gateway, deliveries_open, run_id
+):
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
+    gateway.delete_run(run_id)  # in MLflow, while the backlog waits
+    with pytest.raises(FailedPreconditionError):
+        service.end_run_with_pending(run_id, RunStatus.FAILED, end_time_ms=6_000)
+    end = service._ingest.end_of(run_id)
+    assert end is not None and (end.status, end.end_time_ms) == ("FINISHED", 5_000)
+    deliveries_open.set()
+
+
 def test_end_run_while_mlflow_is_down_answers_only_what_it_knows(
     service, gateway, deliveries_open, run_id
 ):

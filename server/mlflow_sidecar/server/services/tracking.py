@@ -335,8 +335,9 @@ class TrackingService:
             except (UnavailableError, DeadlineExceededError):
                 mlflow_answered = False  # the deliverer applies the end once MLflow answers
             except SidecarError:
-                if previous is None:  # a deleted or unknown run: nothing to end after all
-                    self._ingest.cancel_end(run_id)
+                # A deleted or unknown run: this end does not take effect, and an end
+                # recorded before it stays as it was.
+                self._ingest.put_back_end(run_id, previous)
                 raise
         if wait_for_delivery:
             self._wait_for_end(run_id)
