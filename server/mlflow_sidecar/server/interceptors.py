@@ -35,6 +35,7 @@ from mlflow_sidecar.core.errors import (
 )
 from mlflow_sidecar.core.str_enum import StrEnum
 from mlflow_sidecar.server import call_deadline
+from mlflow_sidecar.server.answer_bulk import leave_out_bulk
 from mlflow_sidecar.server.call_drain import CallDrain
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSeries, SidecarMetrics
@@ -205,7 +206,7 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
 
 
 # Methods whose answer is built once their change has taken effect, around the entity they
-# changed: an entity too large to send comes without its bulk (what `_BULK` names),
+# changed: an entity too large to send comes without its bulk (`answer_bulk`),
 # because an error would tell the caller that nothing happened (and its retry would meet
 # the same answer).
 _ANSWERS_AFTER_EFFECT = frozenset(
@@ -226,25 +227,6 @@ _ANSWERS_AFTER_EFFECT = frozenset(
         "UpdateModelVersion",
     }
 )
-# Per entity message: the fields an answer after the effect leaves out when too large.
-_BULK = {
-    "Run": ("data", "inputs", "outputs"),
-    "Experiment": ("tags",),
-    "LoggedModel": ("tags", "params"),
-    "RegisteredModel": ("tags", "aliases"),
-    "ModelVersion": ("tags",),
-}
-
-
-def _without_bulk(answer: Any) -> list[str]:
-    """Clear the bulk of each entity in `answer`; returns the fields cleared, spelled
-    `entity.field`."""
-    cleared = []
-    for field, entity in answer.ListFields():
-        for bulk in _BULK.get(field.message_type.name if field.message_type else "", ()):
-            entity.ClearField(bulk)
-            cleared.append(f"{field.name}.{bulk}")
-    return cleared
 
 
 def _answer_limit(max_bytes: int | None, method_name: str = "") -> Callable[[Any], Any]:
@@ -253,7 +235,7 @@ def _answer_limit(max_bytes: int | None, method_name: str = "") -> Callable[[Any
     def fits(answer: Any) -> Any:
         size = answer.ByteSize() if max_bytes is not None else 0
         if max_bytes is not None and size > max_bytes and method_name in _ANSWERS_AFTER_EFFECT:
-            cleared = _without_bulk(answer)
+            cleared = leave_out_bulk(answer, max_bytes)
             _notes.info(
                 "%s took effect; its answer leaves out %s: the whole answer is %d bytes, over"
                 " server.max_message_bytes (%d)",

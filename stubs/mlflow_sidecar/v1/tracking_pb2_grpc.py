@@ -104,9 +104,10 @@ class ExperimentTrackingServiceStub(object):
     something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
     ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
     UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
-    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
-    data, inputs and outputs; an experiment or version without tags; a registered model
-    without tags and aliases; a logged model without tags and params.
+    UpdateModelVersion): it answers OK with its entity without its bulk, part after part
+    until the answer fits: a run's data, then inputs, then outputs; an experiment's tags;
+    a registered model's tags, then aliases; a version's tags, then aliases, then
+    description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -381,9 +382,10 @@ class ExperimentTrackingServiceServicer(object):
     something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
     ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
     UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
-    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
-    data, inputs and outputs; an experiment or version without tags; a registered model
-    without tags and aliases; a logged model without tags and params.
+    UpdateModelVersion): it answers OK with its entity without its bulk, part after part
+    until the answer fits: a run's data, then inputs, then outputs; an experiment's tags;
+    a registered model's tags, then aliases; a version's tags, then aliases, then
+    description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
@@ -932,9 +934,10 @@ class ExperimentTrackingService(object):
     something by then (CreateExperiment, RestoreExperiment, StartRun, EndRun, RestoreRun,
     ResumeRun, CreateLoggedModel, FinalizeLoggedModel, CreateRegisteredModel,
     UpdateRegisteredModel, RenameRegisteredModel, CreateModelVersion, UploadModel,
-    UpdateModelVersion): it answers OK with its entity without the bulk: a run without
-    data, inputs and outputs; an experiment or version without tags; a registered model
-    without tags and aliases; a logged model without tags and params.
+    UpdateModelVersion): it answers OK with its entity without its bulk, part after part
+    until the answer fits: a run's data, then inputs, then outputs; an experiment's tags;
+    a registered model's tags, then aliases; a version's tags, then aliases, then
+    description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
     accepted; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in

@@ -14,10 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import Message
 
 from mlflow_sidecar.core import conversions as conv
 from mlflow_sidecar.core.domain import ModelVersion
@@ -34,6 +33,7 @@ from mlflow_sidecar.core.paths import FileTree, check_stored_path, is_sha256
 from mlflow_sidecar.core.regular_files import regular_file_chunks
 from mlflow_sidecar.core.transfer import HashingWriter
 from mlflow_sidecar.server import validation as check
+from mlflow_sidecar.server.answer_bulk import leave_out_bulk
 from mlflow_sidecar.server.idempotency import check_request_id
 from mlflow_sidecar.server.idempotency.uploads import UploadOnce
 from mlflow_sidecar.server.model_cache import ModelLease
@@ -413,25 +413,6 @@ def artifact_messages(
     yield pb.DownloadArtifactResponse(trailer=pb.DownloadArtifactTrailer(sha256=digest.hexdigest()))
 
 
-# What the version in a DownloadModel answer leaves out, part after part, while the answer
-# would not fit one message: the parts that may grow after the version's files were
-# accepted (an upload budgets its files with the version as it was made).
-_VERSION_BULK: tuple[Literal["tags", "aliases", "description"], ...] = (
-    "tags",
-    "aliases",
-    "description",
-)
-
-
-def _fit_version(message: Message, version: reg_pb.ModelVersion, limit: int) -> None:
-    """Clear the bulk of `version` (held by `message`), part after part, until `message`
-    is at most `limit` bytes or nothing more can go."""
-    for bulk in _VERSION_BULK:
-        if message.ByteSize() <= limit:
-            return
-        version.ClearField(bulk)
-
-
 def unchanged_message(
     version: ModelVersion, digest: str, staging: Staging
 ) -> reg_pb.DownloadModelResponse:
@@ -439,9 +420,7 @@ def unchanged_message(
     unchanged = reg_pb.ModelUnchanged(
         model_version=conv.model_version_to_pb(version), digest=digest
     )
-    _fit_version(
-        unchanged, unchanged.model_version, staging.max_message_bytes - CHUNK_FRAMING_BYTES
-    )
+    leave_out_bulk(unchanged, staging.max_message_bytes - CHUNK_FRAMING_BYTES)
     return reg_pb.DownloadModelResponse(unchanged=unchanged)
 
 
@@ -460,7 +439,7 @@ def model_messages(
         model_version=conv.model_version_to_pb(version), files=entries, digest=model.manifest.digest
     )
     limit = staging.max_message_bytes - CHUNK_FRAMING_BYTES
-    _fit_version(manifest, manifest.model_version, limit)
+    leave_out_bulk(manifest, limit)
     if manifest.ByteSize() > limit:
         # Not a limit a retry gets past: the version needs a larger message limit.
         listed = reg_pb.ModelManifest(files=entries).ByteSize()
