@@ -11,7 +11,6 @@ from collections.abc import Iterator
 
 from mlflow_sidecar.core.errors import DISK_FULL_RETRY_AFTER_S, ErrorReason, ResourceExhaustedError
 
-RETRY_AFTER_FULL_S = DISK_FULL_RETRY_AFTER_S
 # SQLite's result code (`sqlite3.SQLITE_FULL` from Python 3.11 on; Python 3.10 has neither the
 # constant nor `sqlite_errorcode`, and there the message tells).
 SQLITE_FULL = 13
@@ -31,7 +30,7 @@ def disk_full_error(what: str) -> ResourceExhaustedError:
     return ResourceExhaustedError(
         f"the disk is full: {what}; retry later",
         reason=ErrorReason.DISK_FULL,
-        retry_after_s=RETRY_AFTER_FULL_S,
+        retry_after_s=DISK_FULL_RETRY_AFTER_S,
     )
 
 

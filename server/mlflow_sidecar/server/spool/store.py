@@ -21,12 +21,13 @@ from pathlib import Path
 from mlflow_sidecar.core.clock import now_ms
 from mlflow_sidecar.core.domain import Metric
 from mlflow_sidecar.core.errors import (
+    DISK_FULL_RETRY_AFTER_S,
     ErrorReason,
     FailedPreconditionError,
     ResourceExhaustedError,
 )
 from mlflow_sidecar.server.database_file import DatabaseFileError, refuse_emptied
-from mlflow_sidecar.server.disk_full import RETRY_AFTER_FULL_S, disk_full_error, is_disk_full
+from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.metric_batch import MetricBatch, RunColumns
 
 log = logging.getLogger(__name__)
@@ -541,7 +542,7 @@ class SpoolStore:
                     f"metric spool is full ({self._total} of {self.max_points} points pending);"
                     f" {len(batch)} points of this message were not accepted, retry later",
                     reason=ErrorReason.SPOOL_FULL,
-                    retry_after_s=RETRY_AFTER_FULL_S,
+                    retry_after_s=DISK_FULL_RETRY_AFTER_S,
                 )
             self._check_still_on_disk()
             free = self._free_bytes() if self._keep_free else 0
