@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -480,3 +481,19 @@ def test_the_mlflow_request_timeout_is_whole_seconds_up_to_an_hour(monkeypatch, 
         load_config()
     monkeypatch.setenv("MLFLOW_SIDECAR__MLFLOW__REQUEST_TIMEOUT_S", "3600")
     assert load_config().mlflow.request_timeout_s == 3600
+
+
+def test_room_to_keep_free_beyond_the_whole_disk_is_refused(tmp_path, monkeypatch):
+    # The spool would refuse every point as DISK_FULL, for good: say so at start instead.
+    stats = os.statvfs(tmp_path)
+    size = stats.f_blocks * stats.f_frsize
+    monkeypatch.setenv("MLFLOW_SIDECAR__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("MLFLOW_SIDECAR__SPOOL__MIN_FREE_BYTES", str(size))
+    named = (
+        r"spool.min_free_bytes \(MLFLOW_SIDECAR__SPOOL__MIN_FREE_BYTES\): "
+        rf"{size} bytes to keep free is not less than the {size} bytes"
+    )
+    with pytest.raises(ConfigError, match=named):
+        check_data_dir(load_config())
+    monkeypatch.setenv("MLFLOW_SIDECAR__SPOOL__MIN_FREE_BYTES", str(size - 1))
+    check_data_dir(load_config())

@@ -806,6 +806,21 @@ def check_data_dir(config: AppConfig) -> None:
             f"invalid config key data_dir ({ENV_PREFIX}DATA_DIR): {directory} is not a writable"
             f" directory ({reason})"
         ) from exc
+    _check_room_kept(config)
+
+
+def _check_room_kept(config: AppConfig) -> None:
+    """ConfigError when `spool.min_free_bytes` is not less than the data dir's whole
+    filesystem: the spool would refuse every point as DISK_FULL, for good."""
+    keep = config.spool.min_free_bytes
+    stats = os.statvfs(config.data_dir)
+    size = stats.f_blocks * stats.f_frsize
+    if keep >= size:
+        raise ConfigError(
+            f"invalid config key spool.min_free_bytes ({ENV_PREFIX}SPOOL__MIN_FREE_BYTES):"
+            f" {keep} bytes to keep free is not less than the {size} bytes of the data dir's"
+            f" whole filesystem ({config.data_dir}): no metric point could ever be accepted"
+        )
 
 
 def check_ports(config: AppConfig) -> None:
