@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import re
+import resource
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -486,3 +488,27 @@ def test_a_request_that_does_not_decode_is_invalid_argument_with_details(tmp_pat
     assert "x-request-id" in _trailers(err.value)
     channel.close()
     server.stop(0)
+
+
+def test_a_process_out_of_file_handles_says_so_with_its_limit(server_and_service, caplog):
+    # However deep a library wraps it, EMFILE is the sidecar's limit, not a bug to look
+    # up in the log: the caller retries, the operator learns what to raise.
+    stub, service = server_and_service
+    try:
+        raise OSError(errno.EMFILE, "Too many open files")
+    except OSError as exc:
+        wrapped = RuntimeError("could not stage the upload")
+        wrapped.__cause__ = exc
+    service.error = wrapped
+    with (
+        caplog.at_level(logging.ERROR, logger="mlflow_sidecar"),
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        stub.GetRun(pb.GetRunRequest(run_id="x"))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    error = error_from_rpc(err.value)
+    assert error.reason == ErrorReason.TOO_MANY_OPEN_FILES
+    limit = str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    assert error.metadata["open_files_limit"] == limit
+    assert error.retry_after_s == 1.0
+    assert f"limit of {limit} open files" in caplog.text and "GetRun" in caplog.text

@@ -39,6 +39,7 @@ from mlflow_sidecar.server.answer_bulk import leave_out_bulk
 from mlflow_sidecar.server.call_drain import CallDrain
 from mlflow_sidecar.server.disk_full import disk_full_error, is_disk_full
 from mlflow_sidecar.server.observability import CLIENT_CAUSED_CODES, MethodSeries, SidecarMetrics
+from mlflow_sidecar.server.open_files import is_out_of_files, open_files_error
 from mlflow_sidecar.server.request_context import request_id
 
 log = logging.getLogger("mlflow_sidecar.access")
@@ -366,6 +367,8 @@ def _abort(exc: Exception, context: grpc.ServicerContext, method: str) -> NoRetu
         # Any write path that met a full disk (the request ledger, a staged file): the
         # caller keeps its data and retries, so it is told so rather than INTERNAL.
         exc = disk_full_error("the sidecar could not write to its data dir")
+    elif is_out_of_files(exc):
+        exc = open_files_error(method)
     if isinstance(exc, SidecarError) and not isinstance(exc, InternalError):
         abort_with_error(context, exc)
     rid = request_id.get()

@@ -106,6 +106,9 @@ class ExperimentTrackingServiceStub:
       description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_OPEN_FILES [RESOURCE_EXHAUSTED]: the sidecar's process is at its open-file
+      limit (metadata "open_files_limit", its `ulimit -n`) and could not open a file the call
+      needs; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
@@ -340,6 +343,9 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_OPEN_FILES [RESOURCE_EXHAUSTED]: the sidecar's process is at its open-file
+      limit (metadata "open_files_limit", its `ulimit -n`) and could not open a file the call
+      needs; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
@@ -570,6 +576,9 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       description; a logged model's tags, then params. The log names the parts left out.
     - DISK_FULL [RESOURCE_EXHAUSTED]: the sidecar's disk is full; nothing of the call was
       accepted; RetryInfo says when to send again.
+    - TOO_MANY_OPEN_FILES [RESOURCE_EXHAUSTED]: the sidecar's process is at its open-file
+      limit (metadata "open_files_limit", its `ulimit -n`) and could not open a file the call
+      needs; RetryInfo says when to send again.
     - TOO_MANY_STREAMS [RESOURCE_EXHAUSTED]: server.max_streaming_rpcs streaming calls are in
       progress and server.max_waiting_streams wait in line (first come, first served), or no
       slot freed within server.stream_wait_s; the call was refused before any of it was read;
