@@ -3,7 +3,9 @@ traceback), and `health` and `spool status` read the same configuration as `serv
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -204,6 +206,25 @@ def test_health_speaks_tls_when_the_config_does(tmp_path):
         assert run_cli(["health", "--target", target, "--timeout", "1"], clean_env()).returncode
     finally:
         sidecar.stop()
+
+
+def test_under_json_logs_a_refusal_at_start_is_one_json_line(tmp_path):
+    # A log pipeline that parses every line as JSON keeps the one that says why the
+    # sidecar did not start.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = clean_env(
+            MLFLOW_SIDECAR__DATA_DIR=str(tmp_path),
+            MLFLOW_SIDECAR__SERVER__PORT=str(port),
+            MLFLOW_SIDECAR__LOG_FORMAT="json",
+        )
+        result = run_cli(["serve"], env)
+    line = json.loads(assert_one_line_failure(result, "server.port"))
+    assert line["level"] == "CRITICAL" and line["logger"] == "mlflow_sidecar.server.cli"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+    assert f"cannot listen on 127.0.0.1:{port}" in line["message"]
 
 
 def test_a_busy_grpc_port_stops_serve(tmp_path):

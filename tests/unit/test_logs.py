@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from mlflow_sidecar.server.logs import configure_logging, utc_timestamp
+from mlflow_sidecar.core.clock import utc_timestamp
+from mlflow_sidecar.server.logs import configure_logging
 from mlflow_sidecar.server.request_context import request_id
 
 

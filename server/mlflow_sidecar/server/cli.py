@@ -13,10 +13,12 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
+from mlflow_sidecar.core.clock import utc_timestamp
 from mlflow_sidecar.server.config import AppConfig, ConfigError, host_port, load_config
 from mlflow_sidecar.server.grpc_core_logs import set_grpc_verbosity
 
@@ -47,8 +49,20 @@ SERVER_EXTRA_MODULES = frozenset(
 log = logging.getLogger("mlflow_sidecar.server.cli")
 
 
-def _fail(message: str) -> int:
-    print(f"mlflow-sidecar: {message}", file=sys.stderr)
+def _fail(message: str, log_format: str = "text") -> int:
+    """Refuse in one line on stderr; under `log_format: json` (once the config is known) as
+    one JSON object, as every log line of the sidecar is, so that a log pipeline parsing
+    them keeps the one line that says why the sidecar did not start."""
+    if log_format == "json":
+        line = {
+            "time": utc_timestamp(time.time()),
+            "level": "CRITICAL",
+            "logger": log.name,
+            "message": f"mlflow-sidecar: {message}",
+        }
+        print(json.dumps(line), file=sys.stderr)
+    else:
+        print(f"mlflow-sidecar: {message}", file=sys.stderr)
     return EXIT_CONFIG
 
 
@@ -60,10 +74,10 @@ def _load(args: argparse.Namespace, *, uses_mlflow: bool = True) -> AppConfig | 
         return None
 
 
-def _missing_extra(exc: ModuleNotFoundError, command: str) -> int:
+def _missing_extra(exc: ModuleNotFoundError, command: str, log_format: str = "text") -> int:
     if (exc.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
         raise exc  # not a client-only install: a real bug, with its traceback
-    return _fail(f"{command} needs the server extra ({exc}): {SERVER_EXTRA_HINT}")
+    return _fail(f"{command} needs the server extra ({exc}): {SERVER_EXTRA_HINT}", log_format)
 
 
 def _server_container(config: AppConfig) -> ServerContainer:
@@ -84,7 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         check_data_dir(config)
         check_ports(config)
     except ConfigError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), config.log_format)
     from mlflow_sidecar.server.data_dir_lock import DataDirLock, DataDirLockError
 
     # Before anything touches the data dir: a second sidecar must not clean up (staging)
@@ -93,7 +107,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         lock.acquire()
     except DataDirLockError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), config.log_format)
     try:
         code = _serve_locked(config, grpc_core_quiet)
     finally:
@@ -120,7 +134,7 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
     # Before anything imports OpenTelemetry, which refuses a bad name with a traceback.
     refusal = propagators_refusal(os.environ)
     if refusal is not None:
-        return _fail(refusal)
+        return _fail(refusal, config.log_format)
     try:
         from mlflow_sidecar.server.database_file import DatabaseFileError
         from mlflow_sidecar.server.grpc_server import BindError
@@ -133,14 +147,14 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
         # Imported after config validation so a bad config fails fast, before MLflow loads.
         container = _server_container(config)
     except ModuleNotFoundError as exc:
-        return _missing_extra(exc, "serve")
+        return _missing_extra(exc, "serve", config.log_format)
     # First, so that whatever is logged from here on (OpenTelemetry's SDK while tracing is
     # set up, the embedded store's migrations) is in the configured format.
     configure_logging(config.log_level, config.log_format)
     try:
         container.tracing()  # a bad OTEL_* variable fails before anything is touched
     except TracingConfigError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), config.log_format)
     if not grpc_core_quiet:
         log.warning(
             "grpc was imported before serve read log_level and log_format: its core writes"
@@ -159,7 +173,7 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
         MlflowSettingError,
         SpoolVersionError,
     ) as exc:
-        return _fail(str(exc))
+        return _fail(str(exc), config.log_format)
     log.info("%s", describe(config))
     stopping = threading.Event()
 

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import logging
 import sys
-from datetime import datetime, timezone
 from typing import Any, TextIO, cast
 
 from opentelemetry import trace
 from pythonjsonlogger.json import JsonFormatter
 
+from mlflow_sidecar.core.clock import utc_timestamp
 from mlflow_sidecar.server.redaction import redact
 from mlflow_sidecar.server.request_context import request_id
-
-
-def utc_timestamp(created: float) -> str:
-    """`2026-01-31T23:59:59.123Z`: ISO 8601, UTC, to the millisecond."""
-    moment = datetime.fromtimestamp(created, timezone.utc)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
 
 
 class _UtcTime:
