@@ -107,6 +107,17 @@ def _removed(late: _Late, kind: str) -> float:
     return 0.0
 
 
+def _runs_of_request(
+    direct: MlflowClient, experiment_id: str, request_id: str, view: int
+) -> list[str]:
+    found = direct.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{REQUEST_ID_TAG}` = '{request_id}'",
+        run_view_type=view,
+    )
+    return sorted(r.info.run_id for r in found)
+
+
 def _eventually(check: Callable[[], bool], what: str, timeout_s: float = 40.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not check():
@@ -120,12 +131,7 @@ def test_a_run_made_by_a_late_try_is_removed_again(late: _Late, unique: str) -> 
     run = late.tracking.start_run(exp.experiment_id, run_name="once", request_id=request_id)
 
     def tagged(view: int) -> list[str]:
-        found = late.direct.search_runs(
-            [exp.experiment_id],
-            filter_string=f"tags.`{REQUEST_ID_TAG}` = '{request_id}'",
-            run_view_type=view,
-        )
-        return sorted(r.info.run_id for r in found)
+        return _runs_of_request(late.direct, exp.experiment_id, request_id, view)
 
     # The held try lands: two runs of one request id, for a moment.
     _eventually(lambda: len(tagged(ViewType.ALL)) == 2, "the held create never landed")
@@ -134,7 +140,7 @@ def test_a_run_made_by_a_late_try_is_removed_again(late: _Late, unique: str) -> 
         "the late run was not removed",
     )
     (removed,) = set(tagged(ViewType.ALL)) - {run.run_id}
-    assert _removed(late, "run") == 1
+    _eventually(lambda: _removed(late, "run") == 1, "the removal was not counted")
     assert late.direct.get_run(removed).data.tags[DUPLICATE_OF_TAG] == run.run_id
     assert late.tracking.get_run(run.run_id).info.lifecycle_stage.name == "ACTIVE"
     # The repeat answers with the same run.
@@ -162,7 +168,8 @@ def test_a_version_made_by_a_late_try_is_removed_again(
 
     _eventually(lambda: len(versions()) == 2, "the held create never landed")
     _eventually(lambda: versions() == [version.version], "the late version was not removed")
-    assert _removed(late, "model_version") == 1
+    # Counted once the check that deleted it returns, a moment after the delete.
+    _eventually(lambda: _removed(late, "model_version") == 1, "the removal was not counted")
     again = late.registry.create_model_version(
         name, run_id=run.run_id, artifact_path="model", request_id=request_id
     )
@@ -187,3 +194,49 @@ def test_a_lookup_by_request_id_passes_over_a_removed_second_run(
     kept = direct.create_run(exp.experiment_id, start_time=2_000, tags={REQUEST_ID_TAG: request_id})
     run = tracking.start_run(exp.experiment_id, request_id=request_id)
     assert run.run_id == kept.info.run_id
+
+
+def test_a_late_run_is_removed_by_the_sidecar_restarted_after_the_call(
+    mlflow_server: MlflowServer, tmp_path: Path, unique: str
+) -> None:
+    # The sidecar is killed after it answered and before the held try lands: the checks
+    # it had not made yet are in its data dir, and the restarted sidecar makes them.
+    direct = MlflowClient(mlflow_server.url, mlflow_server.url)
+    held = _FirstOf("/runs/create")
+    with DelayProxy(
+        mlflow_server.url, delay_s=0.0, delayed=lambda _m, _p: False, held=held, hold_s=8.0
+    ) as proxy:
+        sidecar = SidecarProcess(
+            tmp_path / "sidecar",
+            proxy.url,
+            MLFLOW_SIDECAR__MLFLOW__REQUEST_TIMEOUT_S="2",
+            MLFLOW_SIDECAR__RETRY__MAX_TRIES="20",
+            MLFLOW_SIDECAR__RETRY__FACTOR_S="0.05",
+            MLFLOW_SIDECAR__RETRY__MAX_BACKOFF_S="0.2",
+        )
+        sidecar.start()
+        container = ClientContainer()
+        container.config.from_dict({"target": sidecar.target, "timeout_s": 60.0})
+        try:
+            tracking = container.experiment_tracking()
+            exp = tracking.create_experiment(f"late-restart-{unique}")
+            request_id = uuid.uuid4().hex
+            run = tracking.start_run(exp.experiment_id, request_id=request_id)
+            sidecar.kill()
+            sidecar.start()
+
+            def tagged(view: int) -> list[str]:
+                return _runs_of_request(direct, exp.experiment_id, request_id, view)
+
+            _eventually(lambda: len(tagged(ViewType.ALL)) == 2, "the held create never landed")
+            _eventually(
+                lambda: tagged(ViewType.ACTIVE_ONLY) == [run.run_id],
+                "the late run was not removed after the restart",
+                timeout_s=60.0,
+            )
+        finally:
+            container.shutdown_resources()
+            sidecar.stop()
+    (removed,) = set(tagged(ViewType.ALL)) - {run.run_id}
+    assert direct.get_run(removed).data.tags[DUPLICATE_OF_TAG] == run.run_id
+    assert "taken up" in sidecar.log_tail(200)

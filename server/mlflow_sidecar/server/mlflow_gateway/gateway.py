@@ -55,7 +55,7 @@ from mlflow_sidecar.server.mlflow_gateway.errors import (
     search_field,
     to_domain_error,
 )
-from mlflow_sidecar.server.mlflow_gateway.late_writes import LateWriteChecks
+from mlflow_sidecar.server.mlflow_gateway.late_writes import SAVED_CHECKS_NAME, LateWriteChecks
 from mlflow_sidecar.server.mlflow_gateway.port import MlflowPort, StreamedDownload
 from mlflow_sidecar.server.mlflow_gateway.search_terms import SearchGrammar, check_fields_distinct
 from mlflow_sidecar.server.mlflow_gateway.sources import (
@@ -146,8 +146,12 @@ class MlflowGateway:
         )
         self._checked_runs: dict[str, str] = {}
         self.late_writes = LateWriteChecks(
-            config.mlflow.request_timeout_s, self._count_late_removed
+            config.mlflow.request_timeout_s,
+            self._count_late_removed,
+            saved_at=config.data_dir / SAVED_CHECKS_NAME,
         )
+        self.late_writes.handle("run", self._remove_late_runs)
+        self.late_writes.handle("model_version", self._remove_late_versions)
 
     def _count_late_removed(self, kind: str, removed: int) -> None:
         if self._metrics is not None:
@@ -590,7 +594,12 @@ class MlflowGateway:
                 self.late_writes.schedule(
                     "run",
                     f"run {answered}",
-                    lambda: self._remove_late_runs(experiment_id, key_tag, key, answered),
+                    {
+                        "experiment_id": experiment_id,
+                        "key_tag": key_tag,
+                        "key": key,
+                        "answered": answered,
+                    },
                 )
             return found
 
@@ -1036,11 +1045,14 @@ class MlflowGateway:
         def attempt(ambiguous: bool) -> Any:
             answer = find_or_create()
             if ambiguous:
-                answered = (str(answer.name), int(answer.version))
                 self.late_writes.schedule(
                     "model_version",
-                    f"version {answered[1]} of model {answered[0]!r}",
-                    lambda: self._remove_late_versions(request_id, *answered),
+                    f"version {answer.version} of model {answer.name!r}",
+                    {
+                        "request_id": request_id,
+                        "name": answer.name,
+                        "answered": int(answer.version),
+                    },
                 )
             return answer
 
