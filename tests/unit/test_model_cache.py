@@ -407,6 +407,26 @@ def test_a_version_larger_than_the_bound_is_sent_without_caching(tmp_path):
     assert sidecar.staging.in_flight() == []
 
 
+@pytest.mark.parametrize("max_bytes", [MODEL_BYTES - 1, 0])
+def test_a_client_holding_a_version_the_cache_does_not_keep_is_not_fetched_for_again(
+    tmp_path, max_bytes
+):
+    # An inference service syncing a model too large to cache (or with the cache off)
+    # must not make the sidecar fetch the whole model from MLflow at every sync to find
+    # that nothing changed.
+    sidecar = Sidecar(tmp_path, max_bytes=max_bytes)
+    sidecar.register("agent")
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 1
+    unchanged = sidecar.downloads.open("agent", version=1, if_none_match=digest_of(MODEL))
+    assert unchanged.lease is None and unchanged.digest == digest_of(MODEL)
+    assert sidecar.fetches() == 1
+    # Without the client's digest, the files are fetched and sent again.
+    assert sidecar.download("agent") == MODEL
+    assert sidecar.fetches() == 2
+    assert sidecar.entries() == [] and sidecar.staging.in_flight() == []
+
+
 # -- concurrency ---------------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ import stat
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,10 @@ class _Entry:
         return self.manifest.size_bytes
 
 
+# Digests of versions not kept that the cache remembers (a few KB).
+UNCACHED_DIGESTS = 256
+
+
 class ModelCache:
     """Verified model versions by `CacheKey`, within `max_bytes` (0: no caching)."""
 
@@ -108,6 +113,9 @@ class ModelCache:
         self._disk = disk or CacheDisk()
         self._lock = threading.Lock()
         self._entries: dict[CacheKey, _Entry] = {}
+        # Versions fetched and sent but not kept, most recent last: a key names content
+        # that does not change (see CacheKey), so its digest answers an if_none_match.
+        self._uncached_digests: OrderedDict[CacheKey, str] = OrderedDict()
         # Bytes of every entry directory on disk (dropped ones included until deleted),
         # and of entries being put in.
         self._held = 0
@@ -175,13 +183,13 @@ class ModelCache:
         self._entries[manifest.key] = _Entry(path, manifest, last_used)
 
     def digest_of(self, key: CacheKey) -> str | None:
-        """The digest of a cached version (its files unread), or None when not cached.
-        Counts nothing: the download counts its hit once it is answered from here
-        (`count_hit`), or its lookup counts it (`acquire`)."""
+        """The digest of a cached version (its files unread), or of one fetched but not
+        kept (see `put`); None when neither. Counts nothing: the download counts its hit
+        once it is answered from here (`count_hit`), or its lookup counts it (`acquire`)."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
-                return None
+                return self._uncached_digests.get(key)
             entry.last_used = time.time()
         self._touch(entry)
         return entry.manifest.digest
@@ -230,7 +238,19 @@ class ModelCache:
         """Move the verified model directory `files` (described by `manifest`; renamed, or
         copied from another filesystem) into the cache and lease it; None when it is not cached (the
         cache is off, the version is larger than the bound, every other entry is in use,
-        or the disk refused): then `files` stays where it is."""
+        or the disk refused): then `files` stays where it is, and the version's digest is
+        remembered (`digest_of`), so that a client holding its content is answered
+        without another fetch."""
+        lease = self._put(manifest, files)
+        if lease is None:
+            with self._lock:
+                self._uncached_digests[manifest.key] = manifest.digest
+                self._uncached_digests.move_to_end(manifest.key)
+                while len(self._uncached_digests) > UNCACHED_DIGESTS:
+                    self._uncached_digests.popitem(last=False)
+        return lease
+
+    def _put(self, manifest: Manifest, files: Path) -> ModelLease | None:
         size = manifest.size_bytes
         if not self.enabled:
             return None
