@@ -204,6 +204,12 @@ def test_health_speaks_tls_when_the_config_does(tmp_path):
         assert health.stdout.strip() == f"{target}: SERVING", sidecar.log_tail()
         # A plaintext probe of the same address gets no answer.
         assert run_cli(["health", "--target", target, "--timeout", "1"], clean_env()).returncode
+        # A probe that trusts another CA says the handshake is what failed.
+        args = ["health", "--config", str(config), "--ca-file", str(pki.other_ca_cert)]
+        untrusted = run_cli([*args, "--timeout", "2"], clean_env())
+        assert untrusted.returncode == 1
+        assert untrusted.stderr.startswith(f"{target}: UNAVAILABLE ("), untrusted.stderr
+        assert "handshake" in untrusted.stderr.lower(), untrusted.stderr
     finally:
         sidecar.stop()
 

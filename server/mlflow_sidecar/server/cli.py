@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from mlflow_sidecar.core.clock import utc_timestamp
 from mlflow_sidecar.server.config import AppConfig, ConfigError, host_port, load_config
-from mlflow_sidecar.server.grpc_core_logs import set_grpc_verbosity
+from mlflow_sidecar.server.grpc_core_logs import GRPC_VERBOSITY, set_grpc_verbosity
 
 # grpc is imported where it is used, never here: `serve` sets GRPC_VERBOSITY first, which
 # grpc's core reads once, at import (see grpc_core_logs).
@@ -246,6 +246,9 @@ def _read_optional(path: str | None, flag: str) -> bytes | None:
 
 
 def _health(args: argparse.Namespace) -> int:
+    # The probe's answer is its one line, which names grpc's reason for a failure: the
+    # core's own INFO lines about it (a failed handshake) would only come before it.
+    os.environ.setdefault(GRPC_VERBOSITY, "ERROR")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -270,8 +273,11 @@ def _health(args: argparse.Namespace) -> int:
                 metadata=metadata,
             )
     except grpc.RpcError as exc:
+        # The code first, as a probe's log is read; then grpc's word on why (a refused
+        # connection, a certificate the probe does not trust), on the same line.
         code = exc.code().name if isinstance(exc, grpc.Call) else "ERROR"
-        print(f"{args.target}: {code}", file=sys.stderr)
+        details = " ".join((exc.details() or "").split()) if isinstance(exc, grpc.Call) else ""
+        print(f"{args.target}: {code}" + (f" ({details})" if details else ""), file=sys.stderr)
         return EXIT_UNHEALTHY
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{args.target}: {status}")
