@@ -38,6 +38,19 @@ def wait_for_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | No
     raise TimeoutError(f"{url} did not answer within {timeout_s}s")
 
 
+def stop_process_group(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM the process group `proc` leads (started with `start_new_session`), SIGKILL
+    after 15 s; nothing when it is not running."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=15)
+
+
 def mlflow_command() -> list[str]:
     """MLflow's CLI on the interpreter running the tests (`python -m mlflow`: a console
     script may name another interpreter, one without this environment's packages)."""
@@ -133,14 +146,7 @@ class MlflowServer:
     def stop(self) -> None:
         """Stop the server and every process it started."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        stop_process_group(proc)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

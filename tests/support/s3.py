@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +9,7 @@ from typing import Any
 
 import boto3
 
-from tests.support.processes import free_port, wait_for_http
+from tests.support.processes import free_port, stop_process_group, wait_for_http
 
 # moto accepts any credentials; these are what every S3 client in the tests signs with.
 ACCESS_KEY_ID = "sidecar-test"
@@ -50,14 +48,7 @@ class MotoS3:
     def stop(self) -> None:
         """Stop the server; every bucket goes with it."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        stop_process_group(proc)
 
     @property
     def env(self) -> dict[str, str]:
