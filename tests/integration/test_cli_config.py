@@ -3,12 +3,14 @@ traceback), and `health` and `spool status` read the same configuration as `serv
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -212,6 +214,46 @@ def test_health_speaks_tls_when_the_config_does(tmp_path):
         assert "handshake" in untrusted.stderr.lower(), untrusted.stderr
     finally:
         sidecar.stop()
+
+
+class _AnswersOkToAll(http.server.BaseHTTPRequestHandler):
+    """A server at a wrong address that answers every request 200 with `body`."""
+
+    body = b""
+
+    def _ok(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        self.rfile.read(length)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    do_GET = do_POST = do_PATCH = do_DELETE = _ok  # noqa: N815 - http.server's names
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.mark.parametrize("body", [b"", b"{}"])
+def test_a_tracking_uri_that_answers_ok_to_everything_stops_serve(tmp_path, body):
+    # MLflow's client reads an empty 200 as success: such an address would take every
+    # write (runs, points) and keep none.
+    handler = type("Handler", (_AnswersOkToAll,), {"body": body})
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as fake:
+        threading.Thread(target=fake.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{fake.server_address[1]}"
+        env = clean_env(
+            MLFLOW_SIDECAR__DATA_DIR=str(tmp_path),
+            MLFLOW_SIDECAR__SERVER__PORT=str(free_port()),
+            MLFLOW_SIDECAR__MLFLOW__TRACKING_URI=uri,
+        )
+        try:
+            result = run_cli(["serve"], env)
+        finally:
+            fake.shutdown()
+    assert_one_line_failure(result, f"mlflow.tracking_uri {uri} answers as no MLflow tracking")
 
 
 def test_under_json_logs_a_refusal_at_start_is_one_json_line(tmp_path):

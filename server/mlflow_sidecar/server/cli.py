@@ -165,6 +165,8 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
         # Before the signal handlers: a stop while the embedded store is created ends the
         # process at once, and leaves no half-made store (see embedded_store).
         container.gateway().open()
+        if not config.embedded:
+            _refuse_other_servers(container)
         server = container.server()  # binds the gRPC and metrics ports
     except (
         BindError,
@@ -196,6 +198,34 @@ def _serve_locked(config: AppConfig, grpc_core_quiet: bool) -> int:
         pass
     return 0
 
+
+def _refuse_other_servers(container: ServerContainer) -> None:
+    """Raise NotMlflowError when what answers at the tracking URI answers OK as no MLflow
+    tracking server does (the sidecar would take every write and keep none). An MLflow
+    that is down, or slow to answer, is no reason not to start: the sidecar waits for
+    it (the `mlflow` health service says so)."""
+    answered: list[BaseException | None] = []
+    done = threading.Event()
+
+    def ping() -> None:
+        try:
+            container.gateway().ping(retry=False)
+            answered.append(None)
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread
+            answered.append(exc)
+        finally:
+            done.set()
+
+    threading.Thread(target=ping, name="mlflow-identity", daemon=True).start()
+    if done.wait(_IDENTITY_WAIT_S) and answered:
+        from mlflow_sidecar.server.mlflow_gateway.environment import NotMlflowError
+
+        if isinstance(answered[0], NotMlflowError):
+            raise answered[0]
+
+
+# How long a start waits for the tracking server's first answer before it goes on.
+_IDENTITY_WAIT_S = 5.0
 
 # How often the main thread, waiting for the server to stop, looks for a signal.
 _SIGNAL_CHECK_S = 0.2

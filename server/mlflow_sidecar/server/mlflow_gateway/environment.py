@@ -20,6 +20,11 @@ class MlflowSettingError(ValueError):
     is one line for people."""
 
 
+class NotMlflowError(MlflowSettingError):
+    """What answers at the tracking URI is no MLflow tracking server (it answered OK
+    where MLflow's answer has content); the message is one line for people."""
+
+
 def configure_mlflow_environment(config: AppConfig) -> None:
     """Set the environment MLflow's client reads: no HTTP retries of its own, our timeout,
     credentials passed through as MLflow expects them, no telemetry. MlflowSettingError

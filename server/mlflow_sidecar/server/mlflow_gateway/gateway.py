@@ -23,6 +23,7 @@ from mlflow_sidecar.core.errors import (
     ErrorReason,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     SidecarError,
     UnavailableError,
 )
@@ -48,6 +49,7 @@ from mlflow_sidecar.server.mlflow_gateway import (
 from mlflow_sidecar.server.mlflow_gateway.artifact_streams import StreamedUpload
 from mlflow_sidecar.server.mlflow_gateway.environment import (
     MlflowSettingError,
+    NotMlflowError,
     configure_mlflow_environment,
 )
 from mlflow_sidecar.server.mlflow_gateway.errors import (
@@ -72,6 +74,7 @@ from mlflow_sidecar.server.mlflow_gateway.storage_policy import (
     is_reference,
 )
 from mlflow_sidecar.server.observability import SidecarMetrics
+from mlflow_sidecar.server.redaction import redact
 
 T = TypeVar("T")
 
@@ -80,6 +83,8 @@ log = logging.getLogger(__name__)
 # Answer a little before the caller's deadline so the answer can still reach it.
 _DEADLINE_MARGIN_S = 0.05
 
+# MLflow's default experiment, which every tracking server has and MLflow never deletes.
+DEFAULT_EXPERIMENT_ID = "0"
 # Run ids whose artifact location was checked; MLflow never moves a run's artifacts.
 _RUN_LOCATION_CACHE = 4096
 # The starts of MLflow's messages for a models:/ URI that names no version, or is malformed.
@@ -333,7 +338,9 @@ class MlflowGateway:
         """The tracking server's default artifact root: where its default experiment
         (id 0, which MLflow never deletes) keeps artifacts, one level up."""
         try:
-            location = self.call(lambda: self._client.get_experiment("0")).artifact_location
+            location = self.call(
+                lambda: self._client.get_experiment(DEFAULT_EXPERIMENT_ID)
+            ).artifact_location
         except NotFoundError:
             return None
         return str(location).rstrip("/").rpartition("/")[0] or None
@@ -418,10 +425,27 @@ class MlflowGateway:
             raise error from exc
 
     def ping(self, *, retry: bool = True) -> None:
-        """One cheap call; raises UnavailableError when MLflow cannot be reached.
+        """One cheap call; raises UnavailableError when MLflow cannot be reached, and
+        NotMlflowError when what answers is no MLflow tracking server.
 
         `retry=False` makes one try only, for a probe that asks again on its own."""
-        self.call(lambda: self._client.search_experiments(max_results=1), retry=retry)
+        try:
+            answered = self.call(
+                lambda: str(self._client.get_experiment(DEFAULT_EXPERIMENT_ID).experiment_id),
+                retry=retry,
+            )
+        except (NotFoundError, PermissionDeniedError):
+            return  # MLflow's own refusal: a tracking server answered
+        if answered != DEFAULT_EXPERIMENT_ID:
+            # A wrong address whose server answers every request 200 with an empty (or
+            # `{}`) body would take each write and keep none, and MLflow's client reads
+            # such an answer as success: what answers must show MLflow's default experiment.
+            raise NotMlflowError(
+                f"mlflow.tracking_uri {redact(self.tracking_uri)} answers as no MLflow"
+                f" tracking server: asked for MLflow's default experiment (id"
+                f" {DEFAULT_EXPERIMENT_ID}), it answered OK without it ({answered!r} as its"
+                " id); check the address (host, port and path prefix)"
+            )
 
     # -- experiments ------------------------------------------------------------------
 
