@@ -283,6 +283,22 @@ def test_end_run_waiting_for_delivery_is_bounded_by_its_deadline_not_the_flush_t
         assert pending == 0
 
 
+def test_end_run_waiting_for_delivery_follows_points_mlflow_refused_as_invalid(
+    service, gateway, deliveries_open, run_id
+):
+    # Refused as invalid, a batch is dead-lettered alone: the run is there, so the end is
+    # applied after the rest, and FlushMetrics counts what MLflow did not take.
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "bad", 1.0, 1_000, 1)])
+    gateway.fail("log_metrics", InvalidArgumentError("metrics", "refused"), times=1)
+    deliveries_open.set()
+    with call_deadline.deadline_scope(30):
+        run, pending = service.end_run_with_pending(run_id, wait_for_delivery=True)
+    assert (run.info.status, pending) == (RunStatus.FINISHED, 0)
+    flushed = service.flush_metrics(run_id, timeout_s=0)
+    assert (flushed.dead_letter_points, flushed.held_run_ends) == (1, 0)
+
+
 def test_end_run_waiting_for_delivery_says_when_mlflow_refused_the_run_for_good(
     service, gateway, run_id, monkeypatch
 ):

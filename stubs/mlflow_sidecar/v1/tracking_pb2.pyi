@@ -863,7 +863,10 @@ class EndRunRequest(_message.Message):
     durably and the call answers at once; the run is ended in MLflow right after its
     last point is delivered. true: wait for that, bounded by the call's deadline
     (DEADLINE_EXCEEDED with the end still recorded when it passes; FAILED_PRECONDITION,
-    reason RUN_END_HELD, when MLflow refuses the run's points or its end for good).
+    reason RUN_END_HELD, when MLflow refuses the run itself for good, deleted meanwhile,
+    say, or its end). Points MLflow refuses as invalid are dead-lettered alone and the end
+    follows the run's other points: the call answers OK, and FlushMetrics for the run
+    counts them in dead_letter_points.
     """
     def __init__(
         self,

@@ -79,7 +79,7 @@ class ExperimentTrackingServiceStub:
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
     - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
-      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      run itself for good (deleted meanwhile, say), or its end; the end is kept
       with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
       requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
@@ -316,7 +316,7 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
     - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
-      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      run itself for good (deleted meanwhile, say), or its end; the end is kept
       with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
       requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model
@@ -549,7 +549,7 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
       location does not exist in the artifact store the sidecar writes to itself (metadata
       "bucket"); the run exists.
     - RUN_END_HELD [FAILED_PRECONDITION]: EndRun with wait_for_delivery: MLflow refused the
-      run's points or its end for good (the run was deleted meanwhile, say); the end is kept
+      run itself for good (deleted meanwhile, say), or its end; the end is kept
       with the run's dead letters (metadata "dead_letter_points") until `mlflow-sidecar spool
       requeue` brings both back.
     - PATH_OUTSIDE_ROOTS [PERMISSION_DENIED]: a source, artifact location or stored model

@@ -341,7 +341,8 @@ class TrackingService:
                 raise
         if wait_for_delivery:
             self._wait_for_end(run_id)
-            # Ended in MLflow now, with every point: the caller asked for MLflow's view.
+            # Ended in MLflow now, after every point MLflow took (one it refused as invalid
+            # is a dead letter): the caller asked for MLflow's view.
             return self._gateway.get_run(run_id), 0
         if mlflow_answered:
             try:
