@@ -546,13 +546,43 @@ def test_an_end_with_a_backlog_is_recorded_while_mlflow_is_down(service, gateway
     assert [m.step for m in history.items] == [0, 1, 2, 3, 4]
 
 
-def test_an_end_without_a_backlog_while_mlflow_is_down_is_unavailable(service, gateway, run_id):
+def test_an_end_without_a_backlog_while_mlflow_is_down_is_recorded_and_applied_later(
+    service, gateway, run_id
+):
+    # As with a backlog: the trainer that ends its run during an outage and exits leaves
+    # it ended once MLflow is back.
     gateway.outage()
-    with pytest.raises(UnavailableError):
-        service.end_run_with_pending(run_id)
+    run, pending = service.end_run_with_pending(run_id, RunStatus.KILLED, end_time_ms=7_000)
+    assert (run.info.run_id, run.info.status, pending) == (run_id, RunStatus.RUNNING, 0)
+    assert run.info.lifecycle_stage is LifecycleStage.UNKNOWN
+    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 1
     gateway.recover()
-    assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
-    assert gateway.get_run(run_id).info.status is RunStatus.RUNNING
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    ended = gateway.get_run(run_id).info
+    assert (ended.status, ended.end_time_ms) == (RunStatus.KILLED, 7_000)
+
+
+def test_points_refused_while_an_end_waited_for_mlflow_are_after_an_end_that_holds(
+    service, gateway, run_id
+):
+    # A point that came while MLflow was asked to end the run was refused as after the
+    # end: the end must then take effect, not be taken back when MLflow fails.
+    refusals: list[str] = []
+
+    def a_point_arrives_while_mlflow_is_asked() -> None:
+        try:
+            service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+        except FailedPreconditionError as exc:
+            refusals.append(exc.reason)
+        raise UnavailableError("MLflow is down")
+
+    gateway.on_call("set_terminated", a_point_arrives_while_mlflow_is_asked)
+    run, pending = service.end_run_with_pending(run_id, RunStatus.FINISHED)
+    assert (run.info.status, pending) == (RunStatus.RUNNING, 0)
+    assert refusals == ["RUN_ENDED"]
+    gateway.on_call("set_terminated", None)
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
+    assert gateway.get_run(run_id).info.status is RunStatus.FINISHED
 
 
 def test_an_end_with_a_backlog_is_recorded_before_a_hung_mlflow_is_asked(service, gateway, run_id):
@@ -632,21 +662,19 @@ def test_points_arriving_while_an_end_without_backlog_reaches_mlflow_are_refused
     assert service.flush_metrics(run_id, timeout_s=0).pending_points == 0
 
 
-def test_an_end_that_mlflow_did_not_take_leaves_the_run_taking_points(service, gateway, run_id):
-    gateway.outage()
-    with pytest.raises(UnavailableError):
+def test_an_end_that_mlflow_refused_leaves_the_run_taking_points(service, gateway, run_id):
+    gateway.fail("set_terminated", FailedPreconditionError("the run is not active"), times=1)
+    with pytest.raises(FailedPreconditionError):
         service.end_run_with_pending(run_id)
-    gateway.recover()
     service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     assert service.flush_metrics(run_id, timeout_s=5).pending_points == 0
 
 
 def test_an_earlier_end_stays_recorded_when_a_second_end_fails(service, gateway, run_id):
     service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)
-    gateway.outage()
-    with pytest.raises(UnavailableError):
+    gateway.fail("set_terminated", FailedPreconditionError("the run is not active"), times=1)
+    with pytest.raises(FailedPreconditionError):
         service.end_run_with_pending(run_id, RunStatus.KILLED, end_time_ms=6_000)
-    gateway.recover()
     with pytest.raises(FailedPreconditionError) as refused:
         service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     assert "FINISHED" in refused.value.message

@@ -892,14 +892,16 @@ class EndRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _builtins.int
     PENDING_POINTS_FIELD_NUMBER: _builtins.int
     pending_points: _builtins.int
-    """Points of this run still in the spool when the call answered; 0: the run is ended
-    in MLflow.
+    """Points of this run still in the spool when the call answered. 0 with `run` ended: the
+    run is ended in MLflow; 0 with `run` RUNNING: MLflow could not be reached, and the
+    recorded end is applied once it answers.
     """
     @_builtins.property
     def run(self) -> Global___Run:
-        """The run as MLflow has it now: still RUNNING while the end waits for delivery. With
-        points of the run spooled, the end is recorded even while MLflow cannot be reached;
-        `run` then holds only run_id and status RUNNING (lifecycle_stage UNSPECIFIED: not known).
+        """The run as MLflow has it now: still RUNNING while the end waits for delivery. The end
+        is recorded even while MLflow cannot be reached, with points of the run spooled or
+        not, and the sidecar applies it once MLflow answers; `run` then holds only run_id and
+        status RUNNING (lifecycle_stage UNSPECIFIED: not known).
         A run too large to send whole (over server.max_message_bytes with its data, inputs and
         outputs) comes with its info alone: the call has taken effect all the same.
         """

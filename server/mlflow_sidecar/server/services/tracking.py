@@ -58,6 +58,7 @@ from mlflow_sidecar.server.services.artifacts import (
     encode_listing_token,
 )
 from mlflow_sidecar.server.services.metric_ingest import MetricIngest
+from mlflow_sidecar.server.spool.store import RunEnd
 from mlflow_sidecar.server.staging import Staging
 
 PARENT_RUN_ID_TAG = "mlflow.parentRunId"
@@ -298,8 +299,8 @@ class TrackingService:
         With no points of the run in the spool, the run is ended in MLflow at once. With a
         backlog the end is recorded in the spool (durably) and applied by the deliverer
         right after the run's last point: the run returned is still RUNNING then, unless
-        `wait_for_delivery`, which waits for that within the call's deadline. A backlog is
-        also why an end is recorded while MLflow cannot be reached (the run it returns
+        `wait_for_delivery`, which waits for that within the call's deadline. An end is
+        also recorded, backlog or not, while MLflow cannot be reached (the run it returns
         then holds only its id and status): the trainer that ends its run during an
         outage and exits leaves it ended once MLflow is back.
         """
@@ -316,29 +317,26 @@ class TrackingService:
             # arrive from now on are refused (RUN_ENDED), so none can land in MLflow after
             # the end, nor be missing from the backlog the answer reports.
             pending = self._ingest.record_end(run_id, status.value, ended_ms, applied=False)
-            if not pending:
-                try:
-                    self._require_active(run_id)
-                    self._gateway.set_terminated(run_id, status, ended_ms)
-                except SidecarError:
-                    self._ingest.put_back_end(run_id, previous)
-                    raise
-                self._ingest.end_applied(run_id)
-                return self._gateway.get_run(run_id), 0
-            # With a backlog the end stays recorded whatever MLflow says now: down or hung,
-            # it may not answer within the call's deadline, and a trainer that ends its run
-            # and exits must leave it ended. Both questions to MLflow share one short wait.
             answer_by = _answer_by()
             mlflow_answered = True
-            try:
-                _asked_briefly(lambda: self._require_active(run_id), answer_by)
-            except (UnavailableError, DeadlineExceededError):
-                mlflow_answered = False  # the deliverer applies the end once MLflow answers
-            except SidecarError:
-                # A deleted or unknown run: this end does not take effect, and an end
-                # recorded before it stays as it was.
-                self._ingest.put_back_end(run_id, previous)
-                raise
+            if not pending:
+                if self._ended_now(run_id, status, ended_ms, previous):
+                    return self._gateway.get_run(run_id), 0
+                mlflow_answered = False
+            else:
+                # With a backlog the end stays recorded whatever MLflow says now: down or
+                # hung, it may not answer within the call's deadline, and a trainer that
+                # ends its run and exits must leave it ended. Both questions to MLflow share
+                # one short wait.
+                try:
+                    _asked_briefly(lambda: self._require_active(run_id), answer_by)
+                except (UnavailableError, DeadlineExceededError):
+                    mlflow_answered = False  # the deliverer applies the end once MLflow answers
+                except SidecarError:
+                    # A deleted or unknown run: this end does not take effect, and an end
+                    # recorded before it stays as it was.
+                    self._ingest.put_back_end(run_id, previous)
+                    raise
         if wait_for_delivery:
             self._wait_for_end(run_id)
             # Ended in MLflow now, after every point MLflow took (one it refused as invalid
@@ -361,6 +359,32 @@ class TrackingService:
             ),
             pending,
         )
+
+    def _ended_now(
+        self, run_id: str, status: RunStatus, ended_ms: int, previous: RunEnd | None
+    ) -> bool:
+        """End in MLflow a run with no backlog whose end is recorded; True once ended,
+        False when MLflow cannot be reached and the end stays recorded for the deliverer.
+        Under the run's end lock."""
+        try:
+            self._require_active(run_id)
+            self._gateway.set_terminated(run_id, status, ended_ms)
+        except (UnavailableError, DeadlineExceededError):
+            if previous is not None and previous.held:
+                # An end held with the run's dead letters waits for `spool requeue`,
+                # which applies it after them: it stays as it was.
+                self._ingest.put_back_end(run_id, previous)
+                raise
+            # The end stays recorded, as with a backlog: points that came while MLflow was
+            # asked were refused as after an end, so the end must take effect. The
+            # deliverer applies it once MLflow answers; a trainer that ends its run during
+            # an outage and exits leaves it ended.
+            return False
+        except SidecarError:
+            self._ingest.put_back_end(run_id, previous)
+            raise
+        self._ingest.end_applied(run_id)
+        return True
 
     def _wait_for_end(self, run_id: str) -> None:
         """Wait until the run's recorded end is applied in MLflow, within the call's
