@@ -306,6 +306,13 @@ def _search_runs(stub, **fields):
             ),
             "filter",
         ),
+        # MLflow's parser fails on these with errors of its own, not a refusal, and its
+        # database on an integer past int64: its server answers 500, read as an outage.
+        (lambda stub: _search_runs(stub, filter="attributes.run_id IN (a)"), "filter"),
+        (
+            lambda stub: _search_runs(stub, filter="attributes.start_time > 99999999999999999999"),
+            "filter",
+        ),
         (
             lambda stub: stub.StartRun(
                 pb.StartRunRequest(experiment_id="0", run_name="A", tags={"mlflow.runName": "B"})
@@ -325,6 +332,8 @@ def _search_runs(stub, **fields):
         "order-with-filter",
         "filter-with-order",
         "filter-key-named-order_by",
+        "runs-filter-parser-error",
+        "runs-filter-past-int64",
         "run-name-twice",
         "logged-model-name",
     ],

@@ -528,6 +528,7 @@ class MlflowGateway:
         view_type: domain.ViewType,
     ) -> domain.Page[domain.Experiment]:
         """One page of experiments."""
+        search_terms.check_filter_reads(search_terms.EXPERIMENTS, filter_string)
         search_terms.check_joins(search_terms.EXPERIMENTS, filter_string, order_by)
         kind = page_tokens.of_query("experiments", filter_string, order_by, view_type.value)
         mlflow_token = page_tokens.to_mlflow(kind, page_token)
@@ -690,6 +691,7 @@ class MlflowGateway:
     ) -> domain.Page[domain.Run]:
         """One page of runs."""
         check_fields_distinct(order_by, search_terms.RUNS.order_field)
+        search_terms.check_filter_reads(search_terms.RUNS, filter_string)
         search_terms.check_joins(search_terms.RUNS, filter_string, order_by)
         kind = page_tokens.of_query(
             "runs", experiment_ids, filter_string, order_by, view_type.value
