@@ -194,3 +194,25 @@ def test_a_late_repeat_of_a_complete_upload_moves_no_alias_back(
 def where_run(where: dict[str, str]) -> dict[str, str]:
     """upload_once's own view of where the files went: a given run, or a new one."""
     return {"run_id": where["run_id"]} if "run_id" in where else {}
+
+
+def test_an_upload_makes_the_model_again_when_a_concurrent_failed_upload_took_it_back(
+    registry, gateway, experiment_id, tmp_path
+):
+    # Another upload of the same new name made the model, failed, and removed it as
+    # empty just before this one registered its version: this upload must not fail for it.
+    removed: list[str] = []
+
+    def taken_back_once() -> None:
+        if not removed:
+            removed.append("policy")
+            gateway.delete_registered_model("policy")
+
+    gateway.create_registered_model("policy", description="", tags={}, request_id="other")
+    gateway.on_call("create_model_version", taken_back_once)
+    version = registry.upload_model(
+        "policy", model_dir(tmp_path / "m"), experiment_id=experiment_id
+    )
+    assert removed == ["policy"]
+    assert (version.name, version.version) == ("policy", 1)
+    assert set(gateway.models) == {"policy"}

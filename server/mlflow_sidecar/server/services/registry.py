@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 _ALIAS_RE = re.compile(r"^[\w\-]+\Z")
 # The ledger's name for UploadModel outcomes: the RPC's, as the interceptor names the others.
 _UPLOAD_MODEL = "/mlflow_sidecar.v1.ModelRegistryService/UploadModel"
+# Makes of the registered model an upload tries while a concurrent failed upload of the
+# same new name takes it back between its making and the version.
+_MODEL_GONE_TRIES = 3
 # Uploaded model directories live among their run's artifacts under models/<hex id>/.
 MODEL_ARTIFACT_DIR = "models"
 # Marks the runs UploadModel creates when it is given an experiment instead of a run.
@@ -449,15 +452,27 @@ class RegistryService:
                     f"{artifact_dir}/{local.relpath}",
                     writers=self._writers,
                 )
-            created_model = self._ensure_registered_model(name)
-            created = self.create_model_version(
-                name,
-                source=f"runs:/{run_id}/{artifact_dir}",
-                run_id=run_id,
-                description=description,
-                tags=tags,
-                request_id=request_id,
-            )
+            for attempt in range(_MODEL_GONE_TRIES):
+                created_model = self._ensure_registered_model(name) or created_model
+                try:
+                    created = self.create_model_version(
+                        name,
+                        source=f"runs:/{run_id}/{artifact_dir}",
+                        run_id=run_id,
+                        description=description,
+                        tags=tags,
+                        request_id=request_id,
+                    )
+                    break
+                except NotFoundError as exc:
+                    # Removed between the two calls: by a concurrent upload of the same new
+                    # name that failed and took back the empty model it made. This upload
+                    # makes the model again; its version is what makes it not empty.
+                    if (
+                        exc.reason != ErrorReason.MODEL_NOT_FOUND
+                        or attempt + 1 == _MODEL_GONE_TRIES
+                    ):
+                        raise
             for alias in dict.fromkeys(aliases):
                 self.set_model_alias(name, alias, created.version)
             result = self.get_model_version(name, created.version)
