@@ -277,8 +277,11 @@ def _read_optional(path: str | None, flag: str) -> bytes | None:
 
 def _health(args: argparse.Namespace) -> int:
     # The probe's answer is its one line, which names grpc's reason for a failure: the
-    # core's own INFO lines about it (a failed handshake) would only come before it.
-    os.environ.setdefault(GRPC_VERBOSITY, "ERROR")
+    # core's own INFO lines about it (a failed handshake) would only come before it. Set
+    # only before grpc is imported, when the core reads it (`health` as a process of its
+    # own), so that a process calling `main` again keeps its own environment.
+    if "grpc" not in sys.modules:
+        os.environ.setdefault(GRPC_VERBOSITY, "ERROR")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
