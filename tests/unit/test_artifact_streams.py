@@ -243,6 +243,20 @@ def test_abort_never_completes_the_body(repo):
     assert seen == ["error"]
 
 
+def test_an_upload_abandoned_before_its_first_byte_left_never_reaches_mlflow(repo):
+    # MLflow's server makes the file's directory when a PUT's handler begins, which can
+    # be after the abort has looked for it: an upload refused at its first chunk (the
+    # one held back) must not have begun a PUT at all.
+    seen: list[str] = []
+    upload = _upload(repo, [b"x" * 1000], seen)
+    assert upload.abort() is False
+    assert upload.failure() is None
+    after = _upload(repo, [b"y" * 10], [])
+    assert after.commit() is None
+    assert _Recorder.bodies == [("/root/ckpt/model.pt", b"y" * 10, 10)]
+    assert seen == []
+
+
 def test_a_refused_put_makes_commit_answer_with_the_error(repo):
     _Recorder.status = 403
     seen: list[str] = []

@@ -162,14 +162,16 @@ class StreamedUpload:
         # Set once the body's last byte has left: from then on MLflow may store the file
         # whatever becomes of its answer (unless the answer shows MLflow never had it).
         self.maybe_stored = False
-        # In the call's context: the PUT's span belongs to the call's trace.
+        # In the call's context: the PUT's span belongs to the call's trace. Started with
+        # the first byte passed on, not before: MLflow's server makes the file's directory
+        # when a PUT's handler begins, which may be after a cut PUT's abort has looked for
+        # it, so an upload refused before any byte left must not have begun one.
         self._thread = threading.Thread(
             target=contextvars.copy_context().run,
             args=(self._put,),
             name="artifact-put",
             daemon=True,
         )
-        self._thread.start()
 
     def _body(self) -> Iterator[bytes]:
         while True:
@@ -208,6 +210,8 @@ class StreamedUpload:
             self._observe("ok" if self._error is None else "error", time.perf_counter() - started)
 
     def _offer(self, item: object) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
         # Never block on a PUT that has already ended: its bytes are no longer wanted.
         while not self._ended.is_set():
             try:
@@ -298,6 +302,8 @@ class StreamedUpload:
             return False
         self._closed = True
         self._held = None
+        if self._thread.ident is None:
+            return False  # no byte had left: MLflow never heard of the upload
         # Only this thread puts: once drained there is room for the abort.
         while True:
             try:
