@@ -103,6 +103,25 @@ def test_stored_paths_refuse_names_mlflow_lists_as_others(path):
         FileTree(stored=True).add("files[0].path", path)
 
 
+MLFLOW_IN_PROGRESS = {
+    "in-progress file name": "ckpt/.artifact.uploading.w.bin",
+    "in-progress directory name": ".artifact.uploading.d/w.bin",
+}
+
+
+@pytest.mark.parametrize("path", MLFLOW_IN_PROGRESS.values(), ids=MLFLOW_IN_PROGRESS.keys())
+def test_stored_paths_refuse_names_mlflow_keeps_for_files_in_progress(path):
+    # MLflow's server refuses such a file name after making its directory, and lists no
+    # such name, so a directory of that name would hold files nobody sees.
+    assert check_relative_path("artifact_path", path) == path
+    with pytest.raises(InvalidArgumentError, match="reserves") as err:
+        check_stored_path("artifact_path", path)
+    assert err.value.field == "artifact_path"
+    with pytest.raises(InvalidArgumentError):
+        FileTree(stored=True).add("files[0].path", path)
+    assert check_stored_path("artifact_path", "ckpt/artifact.uploading.w.bin")
+
+
 def test_stored_paths_take_what_any_store_keeps():
     for path in (
         "with space/ünïcode ✓.bin",

@@ -21,6 +21,10 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # stored as `a/b`, `m.pt?v=2` as `m.pt`, overwriting it).
 _URL_SYNTAX = ("%", "?", "#")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
+# MLflow's server writes a file in progress under this prefix beside its destination: it
+# refuses to store a name with it (after making the file's directory) and leaves any such
+# name, a directory too, out of every listing.
+_MLFLOW_IN_PROGRESS_PREFIX = ".artifact.uploading."
 
 
 def _shown(value: str) -> str:
@@ -55,7 +59,8 @@ def check_relative_path(field: str, value: str, *, allow_empty: bool = False) ->
 def check_stored_path(field: str, value: str) -> str:
     """`check_relative_path` for a path a file is stored under in MLflow: also refused are
     `%`, `?` and `#`, which MLflow's artifact proxy would read as URL syntax and store the
-    file under another name."""
+    file under another name, names MLflow lists as others, and names MLflow reserves for
+    its files in progress (`.artifact.uploading.*`)."""
     check_relative_path(field, value)
     for character in _URL_SYNTAX:
         if character in value:
@@ -74,6 +79,14 @@ def check_stored_path(field: str, value: str) -> str:
                 field,
                 f"{_shown(value)}: MLflow lists the name {_shown(segment)} as another one"
                 " (spaces around a name, or a 'scheme:' prefix, are URL syntax to it)",
+            )
+    for segment in value.split("/"):
+        if segment.startswith(_MLFLOW_IN_PROGRESS_PREFIX):
+            raise InvalidArgumentError(
+                field,
+                f"{_shown(value)}: MLflow reserves names beginning with"
+                f" {_MLFLOW_IN_PROGRESS_PREFIX!r} for files it is still receiving, refuses"
+                " to store them and leaves them out of its listings",
             )
     if pathlib.PureWindowsPath(value).is_absolute():
         raise InvalidArgumentError(
