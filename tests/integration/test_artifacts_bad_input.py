@@ -324,6 +324,43 @@ def test_artifact_upload_cancelled_midway_leaves_nothing(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
+def test_a_failed_upload_spares_the_directory_another_upload_is_writing_into(
+    sidecar, tracking_stub, run_id
+):
+    # MLflow's server keeps a file in progress out of its listings: the directory of an
+    # upload under way looks empty to the failed upload's cleanup, yet is not.
+    data = os.urandom(8 * CHUNK)
+    going_on = artifact_requests(run_id, data, path="shared/kept.bin")
+    release = threading.Event()
+
+    def held_midway() -> Iterator[pb.UploadArtifactRequest]:
+        yield from going_on[:4]
+        release.wait(60)
+        yield from going_on[4:]
+
+    future = tracking_stub.UploadArtifact.future(held_midway(), timeout=60)
+    try:
+        assert wait_until(
+            lambda: (
+                [
+                    f.path
+                    for f in tracking_stub.ListArtifacts(
+                        pb.ListArtifactsRequest(run_id=run_id), timeout=10
+                    ).files
+                ]
+                == ["shared"]
+            )
+        )
+        # Short of its announced size: cut midway, after its PUT had begun.
+        short = artifact_requests(run_id, data, path="shared/cut.bin")[:4]
+        call_fails(tracking_stub.UploadArtifact, short, grpc.StatusCode.DATA_LOSS)
+    finally:
+        release.set()
+    assert future.result().sha256 == sha(data)
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, path="shared"))
+    assert [(f.path, f.size_bytes) for f in listed.files] == [("shared/kept.bin", len(data))]
+
+
 def test_model_upload_cancelled_midway_leaves_nothing(
     sidecar, tracking_stub, registry_stub, run_id, unique
 ):

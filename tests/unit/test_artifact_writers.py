@@ -1,7 +1,8 @@
 """One writer per artifact path: a store of a path waits for the store of that path under
 way, within its own deadline; other paths and owners never wait; a writer whose deadline
 passes first stores nothing. Every store of an artifact file goes through it: a run's
-files (UploadArtifact, UploadModel) and a logged model's."""
+files (UploadArtifact, UploadModel) and a logged model's. The removal of an abandoned
+upload's empty directories spares those a write is under way in."""
 
 from __future__ import annotations
 
@@ -143,3 +144,42 @@ def test_a_logged_models_file_is_stored_only_by_the_writer_of_its_path(tmp_path:
     assert models.stored == []
     upload.store(staged)
     assert models.stored == [("m-1", "data/model.pt")]
+
+
+def test_a_directory_with_a_write_under_way_below_it_is_not_cleared():
+    writers = ArtifactWriters()
+    owner = run_files("r1")
+    with deadline_scope(WAIT_S), writers.under_way(owner, "shared/deep/kept.bin"):
+        for directory in ("shared", "shared/deep"):
+            with writers.clearing(owner, directory) as unused:
+                assert not unused
+        for elsewhere in ("share", "shared/deeper", "other"):
+            with writers.clearing(owner, elsewhere) as unused:
+                assert unused
+        with writers.clearing(run_files("r2"), "shared") as unused:
+            assert unused
+    with (
+        deadline_scope(WAIT_S),
+        writers.writing(owner, "shared/stored.bin"),
+        writers.clearing(owner, "shared") as unused,
+    ):
+        assert not unused
+    with deadline_scope(WAIT_S), writers.clearing(owner, "shared") as unused:
+        assert unused
+
+
+def test_a_write_waits_for_a_directory_removal_of_its_owner_to_finish():
+    # Else it could begin in the directory between the check that it is empty and its
+    # removal, which would take the new write's file in progress with it.
+    writers = ArtifactWriters()
+    owner = run_files("r1")
+    with (
+        deadline_scope(WAIT_S),
+        writers.clearing(owner, "shared"),
+        deadline_scope(EXPIRED_S),
+        pytest.raises(DeadlineExceededError),
+        writers.under_way(owner, "shared/new.bin"),
+    ):
+        pass
+    with deadline_scope(WAIT_S), writers.under_way(owner, "shared/new.bin"):
+        pass

@@ -9,12 +9,19 @@ gives up, and the next writer of that path waits for it (within its own deadline
 
 Writers in other processes (another sidecar, MLflow's own client) are not ordered by
 this: the lock lives in this sidecar's memory.
+
+The paths being written are known too, from the PUT's first byte (`under_way`), so that
+removing the empty directories of an abandoned upload (`clearing`) spares a directory
+another upload is writing into: MLflow's server keeps a file in progress in its
+directory, out of every listing, and the directory looks empty until the file lands.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+from collections import Counter
 from collections.abc import Iterator
 
 from mlflow_sidecar.core.errors import DeadlineExceededError
@@ -40,6 +47,10 @@ class ArtifactWriters:
 
     def __init__(self) -> None:
         self._locks = KeyedLocks()
+        self._guard = threading.Lock()
+        self._paths_under_way: Counter[tuple[str, str]] = Counter()
+        # Per owner: a directory being removed holds back the writes that would begin in it.
+        self._removals = KeyedLocks()
 
     @contextlib.contextmanager
     def writing(self, owner: str, path: str) -> Iterator[None]:
@@ -59,8 +70,11 @@ class ArtifactWriters:
             )
 
         try:
-            with self._locks.hold(
-                f"{owner}\0{path}", timeout=call_deadline.remaining(), on_wait=waiting
+            with (
+                self._locks.hold(
+                    f"{owner}\0{path}", timeout=call_deadline.remaining(), on_wait=waiting
+                ),
+                self.under_way(owner, path),
             ):
                 yield
         except LockWaitExpiredError as exc:
@@ -69,6 +83,45 @@ class ArtifactWriters:
                 " being stored; nothing of this upload was stored: send it again with a"
                 " longer deadline"
             ) from exc
+
+    @contextlib.contextmanager
+    def under_way(self, owner: str, path: str) -> Iterator[None]:
+        """Mark `path` of `owner` as being written for the block (from before the store
+        first touches the path's directory until its outcome is known): `clearing` then
+        removes none of its directories.
+
+        Waits, within the current call's deadline, for a removal of an empty directory of
+        `owner` to finish first; DeadlineExceededError when it does not."""
+        key = (owner, path)
+        try:
+            with self._removals.hold(owner, timeout=call_deadline.remaining()), self._guard:
+                self._paths_under_way[key] += 1
+        except LockWaitExpiredError as exc:
+            raise DeadlineExceededError(
+                f"deadline exceeded while empty directories of {owner} were being removed;"
+                f" nothing of the upload of {path!r} was stored: send it again"
+            ) from exc
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._paths_under_way[key] -= 1
+                if not self._paths_under_way[key]:
+                    del self._paths_under_way[key]
+
+    @contextlib.contextmanager
+    def clearing(self, owner: str, directory: str) -> Iterator[bool]:
+        """For a block that removes the directory `directory` of `owner` if it is empty:
+        True when no path under it is being written. No write of `owner` begins during
+        the block, so that none begins in the directory between its check and its removal.
+
+        Waits for another removal of `owner` as long as the current call's deadline allows;
+        LockWaitExpiredError when it does not."""
+        with self._removals.hold(owner, timeout=call_deadline.remaining()):
+            prefix = f"{directory}/"
+            with self._guard:
+                spared = any(o == owner and p.startswith(prefix) for o, p in self._paths_under_way)
+            yield not spared
 
     def __len__(self) -> int:
         """How many paths are being stored or waited for right now."""

@@ -10,6 +10,7 @@ embedded store, a bucket written directly) get a complete, verified staging file
 from __future__ import annotations
 
 import logging
+from contextlib import ExitStack
 from pathlib import Path
 
 from mlflow_sidecar.core import domain
@@ -23,6 +24,7 @@ from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
+from mlflow_sidecar.server.keyed_locks import LockWaitExpiredError
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.mlflow_gateway.port import ArtifactUpload, StreamedDownload
 from mlflow_sidecar.server.services.artifacts import artifact_file, store_file
@@ -50,6 +52,10 @@ class PendingUpload:
         self.run_id = run_id
         self.artifact_path = artifact_path
         self._stream = stream
+        # Until its outcome is known, a PUT's directories are not another upload's to remove.
+        self._under_way = ExitStack()
+        if stream is not None:
+            self._under_way.enter_context(writers.under_way(run_files(run_id), artifact_path))
 
     @property
     def needs_file(self) -> bool:
@@ -85,8 +91,11 @@ class PendingUpload:
             return
         # MLflow's server stores nothing before the last byte, which commit() sends: the
         # bytes so far may have travelled alongside another upload of this path.
-        with self._writers.writing(run_files(self.run_id), self.artifact_path):
-            error = self._stream.commit()
+        try:
+            with self._writers.writing(run_files(self.run_id), self.artifact_path):
+                error = self._stream.commit()
+        finally:
+            self._under_way.close()
         if error is not None:
             raise self._send_again(error)
 
@@ -109,7 +118,11 @@ class PendingUpload:
 
     def abort(self) -> None:
         """Abandon the upload; MLflow keeps nothing of it. A no-op after `store()`."""
-        if self._stream is not None and self._stream.abort():
+        if self._stream is None:
+            return
+        cut = self._stream.abort()
+        self._under_way.close()
+        if cut:
             self._remove_empty_directories()
 
     def _remove_empty_directories(self) -> None:
@@ -123,22 +136,32 @@ class PendingUpload:
         directory = self.artifact_path.rpartition("/")[0]
         try:
             while directory:
-                parent = directory.rpartition("/")[0]
-                listed = self._gateway.list_artifacts(self.run_id, parent)
-                entry = next((e for e in listed if e.path == directory), None)
-                if entry is None or not entry.is_dir:
+                if not self._remove_if_empty(directory):
                     return
-                if self._gateway.list_artifacts(self.run_id, directory):
-                    return
-                self._gateway.delete_artifacts(self.run_id, directory)
-                directory = parent
-        except SidecarError as exc:
+                directory = directory.rpartition("/")[0]
+        except (SidecarError, LockWaitExpiredError) as exc:
             log.warning(
                 "could not remove the empty directory %r of an abandoned upload to run %s: %s",
                 directory,
                 self.run_id,
-                exc.message,
+                exc.message if isinstance(exc, SidecarError) else exc,
             )
+
+    def _remove_if_empty(self, directory: str) -> bool:
+        """Remove `directory` if it is empty; whether it was. One that another upload of
+        this sidecar is writing into is left: its file in progress is not listed."""
+        with self._writers.clearing(run_files(self.run_id), directory) as unused:
+            if not unused:
+                return False
+            parent = directory.rpartition("/")[0]
+            listed = self._gateway.list_artifacts(self.run_id, parent)
+            entry = next((e for e in listed if e.path == directory), None)
+            if entry is None or not entry.is_dir:
+                return False
+            if self._gateway.list_artifacts(self.run_id, directory):
+                return False
+            self._gateway.delete_artifacts(self.run_id, directory)
+            return True
 
 
 class ArtifactTransfers:
