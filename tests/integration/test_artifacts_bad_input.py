@@ -126,6 +126,28 @@ def test_unsafe_artifact_path_is_invalid_and_writes_nothing(
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
+@pytest.mark.parametrize(
+    ("path", "taken"),
+    [("kept", "directory"), ("kept/file.bin/under.bin", "file")],
+    ids=["over a directory", "under a file"],
+)
+def test_a_file_the_runs_artifacts_leave_no_room_for_is_refused_and_writes_nothing(
+    sidecar, tracking_stub, run_id, path, taken
+):
+    # MLflow's server fails such a PUT with a bare 500 once it has every byte: an
+    # UNAVAILABLE that sending it again never gets past.
+    kept = os.urandom(3 * CHUNK)
+    tracking_stub.UploadArtifact(iter(artifact_requests(run_id, kept, path="kept/file.bin")))
+    error = call_fails(
+        tracking_stub.UploadArtifact,
+        artifact_requests(run_id, os.urandom(3 * CHUNK), path=path),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert f"has a {taken} at" in error.message
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id, path="kept"))
+    assert [(f.path, f.size_bytes) for f in listed.files] == [("kept/file.bin", len(kept))]
+
+
 HEADER_FAULTS = {
     "blank name": ({"name": ""}, "header.name"),
     "bad run id": ({"run_id": "bad id!"}, "header.run_id"),

@@ -27,7 +27,11 @@ from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
 from mlflow_sidecar.server.keyed_locks import LockWaitExpiredError
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort
 from mlflow_sidecar.server.mlflow_gateway.port import ArtifactUpload, StreamedDownload
-from mlflow_sidecar.server.services.artifacts import artifact_file, store_file
+from mlflow_sidecar.server.services.artifacts import (
+    artifact_file,
+    check_room_for_file,
+    store_file,
+)
 from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -176,13 +180,15 @@ class ArtifactTransfers:
         self._writers = ArtifactWriters() if writers is None else writers
 
     def begin_upload(self, run_id: str, artifact_path: str, size_bytes: int) -> PendingUpload:
-        """Check the run (it exists and is not deleted) before any byte travels, and start
-        the PUT. `artifact_path` is a checked relative path."""
+        """Check the run (it exists and is not deleted) and that the path is free for a
+        file before any byte travels, and start the PUT. `artifact_path` is a checked
+        relative path."""
         run = self._gateway.get_run(run_id)
         if run.info.lifecycle_stage is domain.LifecycleStage.DELETED:
             raise FailedPreconditionError(
                 f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
             )
+        check_room_for_file(self._gateway, run_id, artifact_path)
         directory, _, name = artifact_path.rpartition("/")
         stream = self._gateway.start_artifact_upload(
             run.info.artifact_uri, directory, name, size_bytes

@@ -12,6 +12,7 @@ from pathlib import Path
 from mlflow_sidecar.core.domain import FileInfo
 from mlflow_sidecar.core.errors import (
     ErrorReason,
+    FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
@@ -82,6 +83,29 @@ def artifact_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> FileI
             f"{artifact_path!r} is a directory; list it and download its files one by one",
         )
     return entry
+
+
+def check_room_for_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> None:
+    """FAILED_PRECONDITION when the run's artifacts leave no room for a file at
+    `artifact_path` (a checked path): a directory has that path, or a file has the path
+    of one of its directories. MLflow's server would fail the PUT with a bare HTTP 500
+    only once it has every byte, which reads as MLflow unavailable.
+
+    Walks up only as far as a directory that exists: one listing for a file into one."""
+    path = artifact_path
+    while path:
+        parent = path.rpartition("/")[0]
+        listed = gateway.list_artifacts(run_id, parent)
+        entry = next((e for e in listed if e.path == path), None)
+        if entry is not None and entry.is_dir == (path == artifact_path):
+            kind, needed = ("directory", "a file") if entry.is_dir else ("file", "a directory")
+            raise FailedPreconditionError(
+                f"run {run_id} has a {kind} at {path!r}, where the upload of"
+                f" {artifact_path!r} needs {needed}: upload it under another path"
+            )
+        if entry is not None or listed:
+            return
+        path = parent
 
 
 def encode_listing_token(owner: str, path: str, after: str) -> str:
