@@ -148,6 +148,24 @@ def test_a_file_the_runs_artifacts_leave_no_room_for_is_refused_and_writes_nothi
     assert [(f.path, f.size_bytes) for f in listed.files] == [("kept/file.bin", len(kept))]
 
 
+def test_a_model_into_a_run_with_a_file_named_models_is_refused_and_registers_nothing(
+    sidecar, tracking_stub, registry_stub, run_id, unique
+):
+    tracking_stub.UploadArtifact(iter(artifact_requests(run_id, b"not a directory", path="models")))
+    name = f"no-room-{unique}"
+    error = call_fails(
+        registry_stub.UploadModel,
+        model_requests(name, run_id, {"MLmodel": b"flavors: {}\n"}),
+        grpc.StatusCode.FAILED_PRECONDITION,
+    )
+    assert "has a file at 'models'" in error.message
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id))
+    assert [(f.path, f.is_dir) for f in listed.files] == [("models", False)]
+    with pytest.raises(grpc.RpcError) as err:
+        registry_stub.GetRegisteredModel(reg_pb.GetRegisteredModelRequest(name=name))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 HEADER_FAULTS = {
     "blank name": ({"name": ""}, "header.name"),
     "bad run id": ({"run_id": "bad id!"}, "header.run_id"),

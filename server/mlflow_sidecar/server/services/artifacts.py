@@ -101,7 +101,7 @@ def check_room_for_file(gateway: MlflowPort, run_id: str, artifact_path: str) ->
             kind, needed = ("directory", "a file") if entry.is_dir else ("file", "a directory")
             raise FailedPreconditionError(
                 f"run {run_id} has a {kind} at {path!r}, where the upload of"
-                f" {artifact_path!r} needs {needed}: upload it under another path"
+                f" {artifact_path!r} needs {needed}"
             )
         if entry is not None or listed:
             return

@@ -46,7 +46,11 @@ from mlflow_sidecar.server.keyed_locks import KeyedLocks
 from mlflow_sidecar.server.mlflow_gateway import MlflowPort, registration
 from mlflow_sidecar.server.mlflow_gateway.sources import is_reserved_alias, reserved_alias_error
 from mlflow_sidecar.server.mlflow_gateway.storage_policy import check_uri_syntax
-from mlflow_sidecar.server.services.artifacts import check_upload_size, store_file
+from mlflow_sidecar.server.services.artifacts import (
+    check_room_for_file,
+    check_upload_size,
+    store_file,
+)
 from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
@@ -441,6 +445,9 @@ class RegistryService:
         # Derived from the request id: a retry after a lost answer writes the same files
         # again instead of leaving the first try's copy behind.
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{_upload_dir_id(request_id)}"
+        if not created_run:
+            # A run of the caller's may hold a file where the model's directory goes.
+            check_room_for_file(self._gateway, run_id, f"{artifact_dir}/{files[0].relpath}")
         created_model = False
         try:
             for local in files:
