@@ -134,6 +134,29 @@ def _model_upload(
     yield pb.UploadLoggedModelArtifactRequest(chunk=data)
 
 
+@pytest.mark.parametrize(
+    ("path", "taken"),
+    [("d", "directory"), ("d/w.bin/x.bin", "file")],
+    ids=["over a directory", "under a file"],
+)
+def test_a_model_file_its_artifacts_leave_no_room_for_is_refused(
+    tracking_stub: pb_grpc.ExperimentTrackingServiceStub,
+    models: GrpcLoggedModels,
+    experiment_id: str,
+    path: str,
+    taken: str,
+) -> None:
+    # MLflow's server fails such a PUT with a bare 500: an UNAVAILABLE no retry gets past.
+    model_id = models.create(experiment_id, name="net").model_id
+    tracking_stub.UploadLoggedModelArtifact(_model_upload(model_id, "d/w.bin", b"a" * 100, ""))
+    with pytest.raises(grpc.RpcError) as err:
+        tracking_stub.UploadLoggedModelArtifact(_model_upload(model_id, path, b"b" * 100, ""))
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+    assert f"logged model {model_id} has a {taken} at" in error_from_rpc(err.value).message
+    listed = models.list_artifacts(model_id, "d")
+    assert [(f.path, f.size_bytes) for f in listed.items] == [("d/w.bin", 100)]
+
+
 def test_a_model_file_upload_repeated_with_its_request_id_has_one_effect(
     tracking_stub: pb_grpc.ExperimentTrackingServiceStub,
     models: GrpcLoggedModels,

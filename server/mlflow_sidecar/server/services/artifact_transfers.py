@@ -188,7 +188,11 @@ class ArtifactTransfers:
             raise FailedPreconditionError(
                 f"run {run_id} is deleted", reason=ErrorReason.RUN_NOT_ACTIVE
             )
-        check_room_for_file(self._gateway, run_id, artifact_path)
+        check_room_for_file(
+            lambda path: self._gateway.list_artifacts(run_id, path),
+            run_files(run_id),
+            artifact_path,
+        )
         directory, _, name = artifact_path.rpartition("/")
         stream = self._gateway.start_artifact_upload(
             run.info.artifact_uri, directory, name, size_bytes

@@ -7,6 +7,7 @@ import binascii
 import json
 import os
 import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core.domain import FileInfo
@@ -85,22 +86,25 @@ def artifact_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> FileI
     return entry
 
 
-def check_room_for_file(gateway: MlflowPort, run_id: str, artifact_path: str) -> None:
-    """FAILED_PRECONDITION when the run's artifacts leave no room for a file at
-    `artifact_path` (a checked path): a directory has that path, or a file has the path
-    of one of its directories. MLflow's server would fail the PUT with a bare HTTP 500
-    only once it has every byte, which reads as MLflow unavailable.
+def check_room_for_file(
+    listing: Callable[[str], Sequence[FileInfo]], owner: str, artifact_path: str
+) -> None:
+    """FAILED_PRECONDITION when the artifacts of `owner` (`run_files(...)`,
+    `logged_model_files(...)`), listed a directory at a time by `listing`, leave no room
+    for a file at `artifact_path` (a checked path): a directory has that path, or a file
+    has the path of one of its directories. MLflow's server would fail the PUT with a bare
+    HTTP 500 only once it has every byte, which reads as MLflow unavailable.
 
     Walks up only as far as a directory that exists: one listing for a file into one."""
     path = artifact_path
     while path:
         parent = path.rpartition("/")[0]
-        listed = gateway.list_artifacts(run_id, parent)
+        listed = listing(parent)
         entry = next((e for e in listed if e.path == path), None)
         if entry is not None and entry.is_dir == (path == artifact_path):
             kind, needed = ("directory", "a file") if entry.is_dir else ("file", "a directory")
             raise FailedPreconditionError(
-                f"run {run_id} has a {kind} at {path!r}, where the upload of"
+                f"{owner} has a {kind} at {path!r}, where the upload of"
                 f" {artifact_path!r} needs {needed}"
             )
         if entry is not None or listed:

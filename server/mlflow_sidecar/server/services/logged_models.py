@@ -22,7 +22,11 @@ from mlflow_sidecar.core.transfer import read_chunks
 from mlflow_sidecar.server import validation as check
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters, logged_model_files
 from mlflow_sidecar.server.mlflow_gateway.port import LoggedModelsPort, StreamedDownload
-from mlflow_sidecar.server.services.artifacts import decode_listing_token, encode_listing_token
+from mlflow_sidecar.server.services.artifacts import (
+    check_room_for_file,
+    decode_listing_token,
+    encode_listing_token,
+)
 from mlflow_sidecar.server.staging import Staging
 
 _FINAL_STATUSES = frozenset({LoggedModelStatus.READY, LoggedModelStatus.FAILED})
@@ -215,8 +219,14 @@ class LoggedModelService:
     # -- files ----------------------------------------------------------------------------
 
     def begin_upload(self, model_id_: str, artifact_path: str, size_bytes: int) -> ModelFileUpload:
-        """Check the model and its location before any byte travels."""
+        """Check the model, its location and that the path is free for a file before any
+        byte travels."""
         self._gateway.artifact_location(model_id("header.model_id", model_id_))
+        check_room_for_file(
+            lambda path: self._gateway.list_artifacts(model_id_, path),
+            logged_model_files(model_id_),
+            artifact_path,
+        )
         return ModelFileUpload(self._gateway, self._writers, model_id_, artifact_path)
 
     def list_artifacts(

@@ -38,7 +38,7 @@ from mlflow_sidecar.core.paths import check_relative_path
 from mlflow_sidecar.core.transfer import collect_files
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server import validation as check
-from mlflow_sidecar.server.artifact_writers import ArtifactWriters
+from mlflow_sidecar.server.artifact_writers import ArtifactWriters, run_files
 from mlflow_sidecar.server.idempotency import REQUEST_ID_TAG, RequestLedger
 from mlflow_sidecar.server.idempotency.ledger import request_id_reused
 from mlflow_sidecar.server.idempotency.versions import check_same_version_request
@@ -447,7 +447,11 @@ class RegistryService:
         artifact_dir = f"{MODEL_ARTIFACT_DIR}/{_upload_dir_id(request_id)}"
         if not created_run:
             # A run of the caller's may hold a file where the model's directory goes.
-            check_room_for_file(self._gateway, run_id, f"{artifact_dir}/{files[0].relpath}")
+            check_room_for_file(
+                lambda path: self._gateway.list_artifacts(run_id, path),
+                run_files(run_id),
+                f"{artifact_dir}/{files[0].relpath}",
+            )
         created_model = False
         try:
             for local in files:
