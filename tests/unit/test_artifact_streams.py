@@ -1,10 +1,12 @@
 """Streamed artifact transfers against a small HTTP server standing in for MLflow's artifact
 proxy. Uploads: the body arrives whole on commit, is cut short (never completed) on abort,
-and a PUT that fails makes commit answer with the error. Downloads: bytes come as they arrive;
-an answer without Content-Length streams with the listed size (regrouped into full chunks),
-or is left to the file path when no size is known; one short of or beyond its size is
-DATA_LOSS. A download the server presigns is read from the object store, not the proxy;
-an upload MLflow's client would send in presigned parts is not streamed."""
+and a PUT that fails makes commit answer with the error; a PUT begun that MLflow kept
+nothing of, cut or failed, is reported by abort (its directory may be left). Downloads:
+bytes come as they arrive; an answer without Content-Length streams with the listed size
+(regrouped into full chunks), or is left to the file path when no size is known; one short
+of or beyond its size is DATA_LOSS. A download the server presigns is read from the object
+store, not the proxy; an upload MLflow's client would send in presigned parts is not
+streamed."""
 
 from __future__ import annotations
 
@@ -214,6 +216,7 @@ def test_an_answer_lost_after_the_whole_body_says_the_file_may_be_stored(repo):
     assert error.code == grpc.StatusCode.UNAVAILABLE
     assert "may or may not have stored it" in error.message
     assert "kept nothing" not in error.message
+    assert upload.abort() is False  # its directory may hold the file by now
 
 
 def test_a_login_page_in_place_of_mlflows_answer_is_a_failure_that_stored_nothing(repo):
@@ -265,6 +268,9 @@ def test_a_refused_put_makes_commit_answer_with_the_error(repo):
     assert isinstance(error, SidecarError)
     assert error.code == grpc.StatusCode.PERMISSION_DENIED
     assert seen == ["error"]
+    # MLflow kept nothing, but its server may have made the file's directory on the way.
+    assert upload.abort() is True
+    assert upload.abort() is False
 
 
 def test_a_download_streams_its_bytes_in_chunks(repo):
@@ -529,3 +535,4 @@ def test_a_commit_whose_last_bytes_had_not_left_by_its_deadline_cuts_the_put(rep
     [error] = outcome
     assert isinstance(error, DeadlineExceededError)
     assert "nothing was stored" in error.message
+    assert upload.abort() is True  # the cut PUT may have left the file's directory

@@ -159,6 +159,9 @@ class StreamedUpload:
         self._ended = threading.Event()
         self._error: Exception | None = None
         self._closed = False
+        # Set by a commit that failed with MLflow known to have kept nothing: its server may
+        # still have made the file's directory, for `abort()` to report.
+        self._failed_begun = False
         # Set once the body's last byte has left: from then on MLflow may store the file
         # whatever becomes of its answer (unless the answer shows MLflow never had it).
         self.maybe_stored = False
@@ -249,12 +252,18 @@ class StreamedUpload:
         self._thread.join(call_deadline.remaining())
         if self._thread.is_alive():
             if self._cut_unless_sent():
+                self._failed_begun = True
                 raise DeadlineExceededError(
                     f"deadline exceeded before the last bytes of the artifact {self._endpoint}"
                     " reached MLflow; nothing was stored: send it again with a longer deadline"
                 )
             self._await_answer_past_deadline()
-        return None if self._error is None else to_domain_error(self._error)
+        if self._error is None:
+            return None
+        error = to_domain_error(self._error)
+        # Unknown only when the whole body left and the answer failed: MLflow may store it.
+        self._failed_begun = not (self.maybe_stored and isinstance(error, UnavailableError))
+        return error
 
     def _cut_unless_sent(self) -> bool:
         """Cut the PUT if the end of its body is still queued (True); False when the body
@@ -297,9 +306,11 @@ class StreamedUpload:
     def abort(self) -> bool:
         """Cut the PUT short so that MLflow stores nothing; a no-op after `commit()`.
 
-        True when a PUT was cut (MLflow may have created the file's directory)."""
+        True when a PUT was begun and MLflow kept nothing of it, cut here or failed in
+        `commit()` (MLflow may have created the file's directory); once only."""
         if self._closed:
-            return False
+            failed, self._failed_begun = self._failed_begun, False
+            return failed
         self._closed = True
         self._held = None
         if self._thread.ident is None:
