@@ -223,3 +223,47 @@ def test_tls_files_from_env_go_with_tls_from_the_config(tmp_path, monkeypatch):
     load_env(container)
     settings = container.settings()
     assert settings.tls and settings.root_certificates_file == str(pki.ca_cert)
+
+
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:65537", "localhost:99999", "[::1]:70000", "dns:///sidecar:0"]
+)
+def test_a_port_grpc_would_wrap_is_refused(target):
+    # grpc takes a port modulo 65536: 127.0.0.1:65537 reached port 1, another service.
+    with pytest.raises(ValidationError, match="not a number from 1 to 65535"):
+        ClientSettings(target=target)
+
+
+@pytest.mark.parametrize("target", ["localhost:abc", "localhost:"])
+def test_a_port_that_is_no_number_is_refused(target):
+    with pytest.raises(ValidationError, match="target"):
+        ClientSettings(target=target)
+
+
+@pytest.mark.parametrize(
+    "target", ["sidecar://127.0.0.1:50051", "http://127.0.0.1:50051", "grpc://sidecar:50051"]
+)
+def test_a_uri_grpc_does_not_resolve_is_refused(target):
+    # grpc looked the whole URI up as a host name, and every call waited out its deadline.
+    with pytest.raises(ValidationError, match="grpc resolves no"):
+        ClientSettings(target=target)
+
+
+def test_the_environment_refuses_a_wrapping_port(monkeypatch):
+    from mlflow_sidecar.client.settings import ClientEnvSettings
+
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TARGET", "127.0.0.1:65537")
+    with pytest.raises(ValidationError, match="target"):
+        ClientEnvSettings()
+
+
+def test_grpc_target_uris_are_kept():
+    for target in (
+        "localhost:50051",
+        "dns://8.8.8.8/sidecar:50051",
+        "ipv4:127.0.0.1:50051",
+        "unix:///run/sidecar.sock",
+        "unix-abstract:sidecar",
+        "sidecar.internal",
+    ):
+        assert ClientSettings(target=target).target == target

@@ -17,6 +17,7 @@ from mlflow_sidecar.client.metric_stream import (
 )
 from mlflow_sidecar.client.tls_files import check_tls_files
 from mlflow_sidecar.core import bearer_tokens
+from mlflow_sidecar.core.grpc_targets import check_target
 from mlflow_sidecar.core.limits import (
     CHUNK_FRAMING_BYTES,
     DEFAULT_CHUNK_BYTES,
@@ -92,6 +93,11 @@ class ClientSettingFields(NumbersRefuseBooleans):
         " room (until the stream gives up after stream_reconnect_s); `raise` raises"
         " ResourceExhaustedError (reason CLIENT_BUFFER_FULL) and keeps nothing of that call",
     )
+
+    @field_validator("target")
+    @classmethod
+    def _target_grpc_reaches(cls, target: str) -> str:
+        return check_target(target)
 
     @field_validator("token")
     @classmethod
