@@ -497,6 +497,17 @@ def _probe_timeout(text: str) -> float:
     return seconds
 
 
+def _target_argument(text: str) -> str:
+    """`--target` of `health`: a target grpc reaches as written (a port past 65535 would be
+    probed modulo 65536, another port, whose answer would stand for the sidecar's)."""
+    from mlflow_sidecar.core.grpc_targets import check_target
+
+    try:
+        return check_target(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _run_argument(text: str) -> str:
     """`--run` of `spool requeue`: a run id. An empty one (a script's unset variable) would
     otherwise read as no `--run` at all and requeue every run's dead letters."""
@@ -524,7 +535,9 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="exit 0 only when the sidecar answers SERVING")
     health.add_argument("--config", help="YAML config file, as for serve")
     health.add_argument(
-        "--target", help="HOST:PORT of the sidecar (default: server.host/port of the config)"
+        "--target",
+        type=_target_argument,
+        help="HOST:PORT of the sidecar (default: server.host/port of the config)",
     )
     health.add_argument(
         "--service",
