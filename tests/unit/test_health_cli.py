@@ -67,3 +67,43 @@ def test_a_target_grpc_would_not_reach_as_written_is_refused_naming_the_flag(tar
     assert exited.value.code == EXIT_CONFIG
     err = capsys.readouterr().err
     assert "--target" in err and repr(target) in err
+
+
+def test_a_client_certificate_alone_makes_the_probe_speak_tls(tmp_path, capsys):
+    # A client certificate only TLS presents: the probe spoke plaintext and ignored it.
+    import socket
+    import threading
+
+    from tests.support.certs import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    first_bytes: list[bytes] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def read_hello() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                first_bytes.append(connection.recv(3))
+
+        reader = threading.Thread(target=read_hello, daemon=True)
+        reader.start()
+        code = main(
+            [
+                "health",
+                "--target",
+                f"127.0.0.1:{port}",
+                "--cert-file",
+                str(pki.client_cert),
+                "--key-file",
+                str(pki.client_key),
+                "--timeout",
+                "1",
+            ]
+        )
+        reader.join(5)
+    assert code == EXIT_UNHEALTHY
+    # A TLS handshake record (0x16, version 3.x), not HTTP/2's plaintext preface "PRI".
+    assert first_bytes and first_bytes[0][:2] == b"\x16\x03", first_bytes

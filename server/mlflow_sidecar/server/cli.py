@@ -253,9 +253,9 @@ def _probe_channel(args: argparse.Namespace, config: AppConfig) -> grpc.Channel:
             ("--cert-file", "--key-file") if args.cert_file else ("--key-file", "--cert-file")
         )
         raise ConfigError(f"{given} needs {missing}: a client certificate goes with its key")
-    # TLS when the sidecar's config or --ca-file says so; without --ca-file the system's
-    # trust roots verify the sidecar's certificate.
-    if not (args.ca_file or config.tls.enabled):
+    # TLS when the sidecar's config, --ca-file or a client certificate (which only TLS
+    # presents) says so; without --ca-file the system's trust roots verify the sidecar's.
+    if not (args.ca_file or args.cert_file or config.tls.enabled):
         return grpc.insecure_channel(args.target)
     # grpc directly, not the trainer client: the probe runs often and must stay cheap.
     credentials = grpc.ssl_channel_credentials(
@@ -548,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=_probe_timeout, default=3.0, help="seconds (more than 0, at most 3600)"
     )
     health.add_argument("--ca-file", help="speak TLS, trusting this PEM CA bundle")
-    health.add_argument("--cert-file", help="client certificate for mTLS")
+    health.add_argument(
+        "--cert-file", help="client certificate for mTLS (speaks TLS, as --ca-file does)"
+    )
     health.add_argument("--key-file", help="key of the client certificate")
     health.set_defaults(func=_health)
     spool = commands.add_parser("spool", help="inspect the metric spool")
