@@ -497,3 +497,24 @@ def test_room_to_keep_free_beyond_the_whole_disk_is_refused(tmp_path, monkeypatc
         check_data_dir(load_config())
     monkeypatch.setenv("MLFLOW_SIDECAR__SPOOL__MIN_FREE_BYTES", str(size - 1))
     check_data_dir(load_config())
+
+
+def test_a_section_given_twice_in_the_file_is_refused_naming_it(tmp_path):
+    # YAML keeps the last `server:` block: the first one's port was dropped without a word.
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "server:\n  port: 50070\nmlflow:\n  probe_interval_s: 1\nserver:\n  workers: 8\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"config file {path} gives the key server (lines 1 and 5) twice")
+    assert "\n" not in message
+
+
+def test_a_key_given_twice_in_a_section_is_refused_without_its_values(tmp_path):
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("mlflow:\n  password: first-s3cret\n  password: second-s3cret\n")
+    with pytest.raises(ConfigError, match=r"mlflow\.password \(lines 2 and 3\)") as err:
+        load_config(path)
+    assert "s3cret" not in str(err.value)

@@ -729,13 +729,22 @@ def _wants_json(name: str) -> bool:
 
 
 def _check_yaml_top_level(path: Path) -> None:
-    """A config file holds a mapping of sections (or nothing at all)."""
+    """A config file holds a mapping of sections (or nothing at all), each key once."""
     import yaml  # only with a config file: a client-only install has no PyYAML
 
+    from mlflow_sidecar.server.config_yaml import repeated_key
+
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text)
     except (yaml.YAMLError, UnicodeDecodeError, OSError):
         return  # reported when the settings read it, with the file's own problem
+    repeated = repeated_key(text)
+    if repeated is not None:
+        raise ConfigError(
+            f"config file {path} gives the key {repeated} twice: YAML would keep the last"
+            " and drop the first without a word; merge them into one"
+        )
     if data is not None and not isinstance(data, dict):
         kind = {bool: "boolean", int: "number", float: "number", str: "string"}.get(
             type(data), type(data).__name__
