@@ -68,3 +68,26 @@ def test_client_container_passes_the_transfer_settings():
 def test_grpc_client_refuses_an_out_of_range_chunk_size(chunk_bytes):
     with pytest.raises(ValueError, match="chunk_bytes"):
         GrpcExperimentTracking(stub=None, chunk_bytes=chunk_bytes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "uri", ["S3://bucket/prefix", "s3://bucket/prefix?versionId=1", "s3://bucket/../other"]
+)
+def test_an_allowed_uri_under_which_no_location_passes_is_refused(tmp_path, uri):
+    # Every location under it is UNSAFE_URI (an upper-case scheme among them): the entry
+    # was taken, and every run stored there was PERMISSION_DENIED all the same.
+    with pytest.raises(ConfigError, match=r"artifacts\.allowed_uris.*no location under it"):
+        load_config(data_dir=tmp_path, artifacts={"allowed_uris": [uri]})
+
+
+def test_the_config_check_of_allowed_uris_leaves_grpc_unloaded(tmp_path):
+    # serve sets grpc's log verbosity after the configuration loads, before grpc does.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from mlflow_sidecar.server.config import load_config;"
+        f" load_config(data_dir={str(tmp_path)!r}, artifacts={{'allowed_uris': ['s3://b/p']}});"
+        " assert 'grpc' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -43,6 +43,7 @@ from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MAX_CHUNK_BYTES, MIN
 from mlflow_sidecar.core.service_links import is_service_link
 from mlflow_sidecar.core.settings_model import NumbersRefuseBooleans
 from mlflow_sidecar.server.redaction import redact
+from mlflow_sidecar.server.uri_syntax import uri_syntax_problem
 
 ENV_PREFIX = "MLFLOW_SIDECAR__"
 CONFIG_FILE_ENV = "MLFLOW_SIDECAR_CONFIG"
@@ -486,6 +487,11 @@ class ArtifactsConfig(_Section):
                 raise ValueError(f"{uri!r} is not a URI like s3://bucket/prefix")
             if scheme.lower() in ("file", "runs", "models"):
                 raise ValueError(f"{uri!r}: local paths go in artifacts.allowed_roots")
+            # Every location under such a prefix (`S3://b`, say) is refused as UNSAFE_URI:
+            # the entry would allow nothing.
+            problem = uri_syntax_problem(uri)
+            if problem:
+                raise ValueError(f"{uri!r} {problem}: no location under it could be allowed")
         return value
 
 

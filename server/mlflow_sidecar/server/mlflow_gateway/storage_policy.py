@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import re
 import threading
 import urllib.parse
 import urllib.request
@@ -27,49 +26,20 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mlflow_sidecar.core.errors import ErrorReason, InvalidArgumentError, PermissionDeniedError
+from mlflow_sidecar.server.uri_syntax import uri_syntax_problem
 
-# Percent-encoded dot, slash, backslash and NUL: spelled so they slip past a plain `..` check.
-_ENCODED_TRICK_RE = re.compile(r"%(2e|2f|5c|00)", re.IGNORECASE)
 _PROXY_SCHEME = "mlflow-artifacts"
 _PROXY_PATH = "/api/2.0/mlflow-artifacts/artifacts"
 _REFERENCE_SCHEMES = ("runs", "models")
-
-
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
 
 def check_uri_syntax(field: str, uri: str) -> None:
     """Refuse `..` segments, backslashes, NUL, percent-encoded dots or slashes, a scheme
     not in lower case, a query or fragment (INVALID_ARGUMENT on `field`, reason
     UNSAFE_URI)."""
-    problem = ""
-    # As written: urlsplit gives the scheme lower-cased.
-    written = _SCHEME_RE.match(uri)
-    scheme = written[1] if written else ""
-    if "\x00" in uri or "\\" in uri:
-        problem = "must not contain backslashes or NUL"
-    elif scheme != scheme.lower():
-        # MLflow tells stores apart by the scheme in any case, but reads a local path
-        # only after a lower-case `file:`: `FILE:/x` would be checked as /x and used as
-        # a path relative to the working directory.
-        problem = f"must write its scheme in lower case ({scheme.lower()}:)"
-    elif "?" in uri or "#" in uri:
-        # MLflow drops a location's query and fragment, and what follows a `#` with them:
-        # files stored below it would be read from elsewhere.
-        problem = "must not contain '?' or '#'"
-    elif _ENCODED_TRICK_RE.search(uri):
-        problem = "must not contain percent-encoded dots, slashes, backslashes or NUL"
-    elif ".." in _path_part(uri).split("/"):
-        problem = "must not contain '..' segments"
+    problem = uri_syntax_problem(uri)
     if problem:
         raise InvalidArgumentError(field, problem, reason=ErrorReason.UNSAFE_URI)
-
-
-def _path_part(uri: str) -> str:
-    """The part of a URI that names a location: all of it but the query and fragment."""
-    parsed = urllib.parse.urlsplit(uri)
-    # models:/name@alias and runs:/id/path keep their names in the path; so does a plain path.
-    return f"{parsed.netloc}/{parsed.path}" if parsed.scheme else uri
 
 
 def is_reference(uri: str) -> bool:
