@@ -107,3 +107,23 @@ def test_a_client_certificate_alone_makes_the_probe_speak_tls(tmp_path, capsys):
     assert code == EXIT_UNHEALTHY
     # A TLS handshake record (0x16, version 3.x), not HTTP/2's plaintext preface "PRI".
     assert first_bytes and first_bytes[0][:2] == b"\x16\x03", first_bytes
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["serve"],
+        ["health", "--target", "127.0.0.1:1"],
+        ["spool", "status"],
+        ["spool", "requeue"],
+        ["spool", "export", "--json"],
+    ],
+)
+def test_an_empty_config_flag_is_refused_naming_it(command, monkeypatch, capsys):
+    # `--config "$UNSET"` read as no --config: serve ran on the defaults' embedded store.
+    # A bad port keeps a serve that wrongly went on from listening.
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "-1")
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--config", ""])
+    assert exited.value.code == EXIT_CONFIG
+    assert "--config" in capsys.readouterr().err

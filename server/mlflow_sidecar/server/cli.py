@@ -497,6 +497,17 @@ def _probe_timeout(text: str) -> float:
     return seconds
 
 
+def _config_argument(text: str) -> str:
+    """`--config` of every command: a file. An empty one (a script's unset variable) would
+    otherwise read as no `--config` at all, and serve the defaults' embedded store."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty path names no config file; leave --config out to read"
+            " $MLFLOW_SIDECAR_CONFIG, or none"
+        )
+    return text
+
+
 def _target_argument(text: str) -> str:
     """`--target` of `health`: a target grpc reaches as written (a port past 65535 would be
     probed modulo 65536, another port, whose answer would stand for the sidecar's)."""
@@ -529,11 +540,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     serve = commands.add_parser("serve", help="run the sidecar until SIGTERM/SIGINT/SIGHUP")
     serve.add_argument(
-        "--config", help="YAML config file (default: $MLFLOW_SIDECAR_CONFIG); env vars override it"
+        "--config",
+        type=_config_argument,
+        help="YAML config file (default: $MLFLOW_SIDECAR_CONFIG); env vars override it",
     )
     serve.set_defaults(func=_serve)
     health = commands.add_parser("health", help="exit 0 only when the sidecar answers SERVING")
-    health.add_argument("--config", help="YAML config file, as for serve")
+    health.add_argument("--config", type=_config_argument, help="YAML config file, as for serve")
     health.add_argument(
         "--target",
         type=_target_argument,
@@ -558,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = spool_commands.add_parser(
         "status", help="pending points, oldest age, dead letters (works while serving)"
     )
-    status.add_argument("--config", help="YAML config file, as for serve")
+    status.add_argument("--config", type=_config_argument, help="YAML config file, as for serve")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.set_defaults(func=_spool_status)
     requeue = spool_commands.add_parser(
@@ -566,13 +579,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="move dead letters back to the pending points (refused while a sidecar serves"
         " this data dir)",
     )
-    requeue.add_argument("--config", help="YAML config file, as for serve")
+    requeue.add_argument("--config", type=_config_argument, help="YAML config file, as for serve")
     requeue.add_argument("--run", type=_run_argument, help="only this run's dead letters")
     requeue.set_defaults(func=_spool_requeue)
     export = spool_commands.add_parser(
         "export", help="every dead-lettered point with its reason (works while serving)"
     )
-    export.add_argument("--config", help="YAML config file, as for serve")
+    export.add_argument("--config", type=_config_argument, help="YAML config file, as for serve")
     export.add_argument(
         "--json", action="store_true", required=True, help="a JSON array (the only format)"
     )
