@@ -59,7 +59,9 @@ def test_a_trainers_mlflow_variables_leave_the_probe_alone(monkeypatch, capsys):
     assert "connect" in said.lower() and "\n" not in said
 
 
-@pytest.mark.parametrize("target", ["127.0.0.1:65537", "127.0.0.1:0", "http://127.0.0.1:50051"])
+@pytest.mark.parametrize(
+    "target", ["127.0.0.1:65537", "127.0.0.1:0", "http://127.0.0.1:50051", "", " "]
+)
 def test_a_target_grpc_would_not_reach_as_written_is_refused_naming_the_flag(target, capsys):
     # 127.0.0.1:65537 probed port 1: whatever answered there stood for the sidecar.
     with pytest.raises(SystemExit) as exited:

@@ -513,6 +513,12 @@ def _target_argument(text: str) -> str:
     probed modulo 65536, another port, whose answer would stand for the sidecar's)."""
     from mlflow_sidecar.core.grpc_targets import check_target
 
+    if not text.strip():
+        # A script's unset variable: read as no --target, it probed another sidecar.
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: an empty target names no sidecar; leave --target out to probe"
+            " server.host:server.port of the config"
+        )
     try:
         return check_target(text)
     except ValueError as exc:
