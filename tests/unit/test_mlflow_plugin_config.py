@@ -51,6 +51,17 @@ def test_tls_files_from_env_go_with_a_tls_uri(tmp_path, monkeypatch):
         settings_for(SidecarUri.parse("sidecar://localhost:50051"))
 
 
+def test_tls_asked_for_by_env_is_not_dropped_for_a_plaintext_uri(monkeypatch):
+    # The URI's plaintext won without a word: every call, and the token, in the clear.
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TLS", "true")
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TOKEN", "s3cret")
+    with pytest.raises(ValueError, match=r"MLFLOW_SIDECAR_CLIENT_TLS=true.*sidecar\+tls://h:1"):
+        settings_for(SidecarUri.parse("sidecar://h:1"))
+    assert settings_for(SidecarUri.parse("sidecar+tls://h:1")).tls
+    monkeypatch.setenv("MLFLOW_SIDECAR_CLIENT_TLS", "false")
+    assert not settings_for(SidecarUri.parse("sidecar://h:1")).tls
+
+
 @pytest.mark.parametrize(
     "uri", ["http://127.0.0.1:5000", "sidecar://", "sidecar:///path", "sidecar://h:1?x=1"]
 )

@@ -62,8 +62,16 @@ class SidecarUri:
 
 def settings_for(uri: SidecarUri) -> ClientSettings:
     """The client's environment settings with the URI's target and TLS choice on top,
-    checked together (a CA file from the environment goes with a `sidecar+tls://` URI)."""
-    values = ClientEnvSettings().model_dump()
+    checked together (a CA file from the environment goes with a `sidecar+tls://` URI).
+    `MLFLOW_SIDECAR_CLIENT_TLS=true` with a plaintext `sidecar://` URI is a ValueError: the
+    URI's choice would send every call, and the token, in the clear."""
+    env = ClientEnvSettings()
+    if env.tls and "tls" in env.model_fields_set and not uri.tls:
+        raise ValueError(
+            f"MLFLOW_SIDECAR_CLIENT_TLS=true, but the tracking URI {uri.root} asks for a"
+            f" plaintext channel: use {TLS_SCHEME}://{uri.target}, or unset the variable"
+        )
+    values = env.model_dump()
     values.update(target=uri.target, tls=uri.tls)
     return ClientSettings(**values)
 
