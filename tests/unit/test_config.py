@@ -518,3 +518,22 @@ def test_a_key_given_twice_in_a_section_is_refused_without_its_values(tmp_path):
     with pytest.raises(ConfigError, match=r"mlflow\.password \(lines 2 and 3\)") as err:
         load_config(path)
     assert "s3cret" not in str(err.value)
+
+
+def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monkeypatch):
+    # A secret mounted 0600 for another user: the settings' reading failed with a traceback.
+    import errno
+
+    path = tmp_path / "sidecar.yaml"
+    path.write_text("server:\n  port: 50070\n")
+    real_open = Path.open
+
+    def denied(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", denied)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == f"config file {path} cannot be read (Permission denied)"

@@ -734,6 +734,18 @@ def _wants_json(name: str) -> bool:
     return getattr(annotation, "__origin__", annotation) in (list, dict, tuple, set, frozenset)
 
 
+def _check_readable(path: Path) -> None:
+    """ConfigError when the config file cannot be read (a secret mounted for another user,
+    say): the settings' own reading would fail with a traceback."""
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(
+            f"config file {path} cannot be read ({exc.strerror or type(exc).__name__})"
+        ) from None
+
+
 def _check_yaml_top_level(path: Path) -> None:
     """A config file holds a mapping of sections (or nothing at all), each key once."""
     import yaml  # only with a config file: a client-only install has no PyYAML
@@ -775,6 +787,8 @@ def load_config(
     path = Path(chosen) if chosen else None
     if path is not None and not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
+    if path is not None:
+        _check_readable(path)
     _check_env_names(os.environ)
     if path is not None:
         _check_yaml_top_level(path)
