@@ -129,3 +129,11 @@ def test_an_empty_config_flag_is_refused_naming_it(command, monkeypatch, capsys)
         main([*command, "--config", ""])
     assert exited.value.code == EXIT_CONFIG
     assert "--config" in capsys.readouterr().err
+
+
+def test_a_config_of_port_0_without_target_is_refused_naming_the_flag(monkeypatch, capsys):
+    # It probed 127.0.0.1:0 and reported the sidecar down (exit 1), whatever it was.
+    monkeypatch.setenv("MLFLOW_SIDECAR__SERVER__PORT", "0")
+    assert main(["health"]) == EXIT_CONFIG
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "server.port is 0" in line and "--target" in line

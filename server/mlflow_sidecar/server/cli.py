@@ -289,6 +289,12 @@ def _health(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     if not args.target:
+        if not config.server.port:
+            # Port 0 has the sidecar pick a free port at start, which no config names.
+            return _fail(
+                "server.port is 0 (the sidecar picks a free port at start): pass --target"
+                " HOST:PORT of the port it serves on"
+            )
         args.target = probe_target(config)
     # Health needs no token, but a probe that sends one keeps working if that changes.
     tokens = config.auth.load_tokens() if config.auth.enabled else ()
