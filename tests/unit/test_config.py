@@ -537,3 +537,31 @@ def test_a_config_file_that_cannot_be_read_is_one_line_naming_it(tmp_path, monke
     with pytest.raises(ConfigError) as err:
         load_config(path)
     assert str(err.value) == f"config file {path} cannot be read (Permission denied)"
+
+
+@pytest.mark.parametrize(
+    ("uri", "setting"),
+    [("http://127.0.0.1:50070", "server.port"), ("http://localhost:9090/", "metrics.port")],
+)
+def test_an_mlflow_uri_at_the_sidecars_own_port_is_refused(tmp_path, uri, setting):
+    # It served, every MLflow call failing and the spool keeping every point it took.
+    with pytest.raises(ConfigError, match=rf"mlflow\.tracking_uri .*own {setting}"):
+        load_config(
+            data_dir=tmp_path,
+            server={"port": 50070},
+            metrics={"port": 9090},
+            mlflow={"tracking_uri": uri},
+        )
+    other = load_config(
+        data_dir=tmp_path,
+        server={"port": 50070},
+        mlflow={"tracking_uri": uri.replace("50070", "5000").replace("9090", "5000")},
+    )
+    assert other.mlflow.tracking_uri.endswith(("5000", "5000/"))
+
+
+def test_an_mlflow_uri_at_the_same_port_of_another_loopback_address_is_kept(tmp_path):
+    config = load_config(
+        data_dir=tmp_path, server={"port": 50070}, mlflow={"tracking_uri": "http://127.0.0.2:50070"}
+    )
+    assert config.mlflow.tracking_uri == "http://127.0.0.2:50070"

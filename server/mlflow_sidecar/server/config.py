@@ -16,6 +16,7 @@ import os
 import socket
 import ssl
 import tempfile
+import urllib.parse
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -797,7 +798,51 @@ def load_config(
     _check_bind_policy(config)
     if uses_mlflow:
         _check_backend_is_not_a_sidecar(config)
+        _check_backend_is_not_own_port(config)
     return config
+
+
+def _same_listener(host: str, listen_host: str) -> bool:
+    """Whether a URI's `host` reaches a listener on `listen_host` (bare, as configured):
+    the same address, `localhost` for a loopback one, or loopback for a wildcard one."""
+    listen = listen_host.lower()
+    if host == listen:
+        return True
+    if listen in ("", "0.0.0.0", "::"):
+        return is_loopback(host)
+    return (host == "localhost" and is_loopback(listen)) or (
+        listen == "localhost" and is_loopback(host)
+    )
+
+
+def _check_backend_is_not_own_port(config: AppConfig) -> None:
+    """Refuse an MLflow URI naming this host at the sidecar's own gRPC or metrics port:
+    no MLflow answers there, so every call would fail UNAVAILABLE and the spool keep every
+    point it accepted, while the sidecar served as if MLflow were merely down."""
+    own = {
+        "server.port": (config.server.host, config.server.port),
+        "metrics.port": (config.metrics.host, config.metrics.port),
+    }
+    for key, mlflow_var in (
+        ("tracking_uri", "MLFLOW_TRACKING_URI"),
+        ("registry_uri", "MLFLOW_REGISTRY_URI"),
+    ):
+        parts = urllib.parse.urlsplit(str(getattr(config.mlflow, key)))
+        if parts.scheme.lower() not in ("http", "https"):
+            continue
+        try:
+            port = parts.port
+        except ValueError:
+            continue  # MLflow's own check names such a URI
+        host = parts.hostname or ""
+        for setting, (listen_host, taken) in own.items():
+            if taken and port == taken and _same_listener(host, listen_host):
+                raise ConfigError(
+                    f"invalid config key mlflow.{key} ({ENV_PREFIX}MLFLOW__{key.upper()}, else"
+                    f" MLflow's {mlflow_var}): {redact_uri(parts.geturl())} is this sidecar's"
+                    f" own {setting} ({taken}), where no MLflow answers: name the MLflow"
+                    " server's port"
+                )
 
 
 # The schemes of the sidecar's own MLflow plugin: URIs for trainers, never for the sidecar.
