@@ -137,3 +137,12 @@ def test_a_config_of_port_0_without_target_is_refused_naming_the_flag(monkeypatc
     assert main(["health"]) == EXIT_CONFIG
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "server.port is 0" in line and "--target" in line
+
+
+@pytest.mark.parametrize("flag", ["--ca-file", "--cert-file", "--key-file"])
+def test_an_empty_file_flag_is_refused_naming_it(flag, capsys):
+    # `--ca-file "$UNSET"` read as the flag left out: the probe went plaintext.
+    with pytest.raises(SystemExit) as exited:
+        main(["health", "--target", "127.0.0.1:1", flag, ""])
+    assert exited.value.code == EXIT_CONFIG
+    assert f"argument {flag}" in capsys.readouterr().err

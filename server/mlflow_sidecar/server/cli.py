@@ -514,6 +514,17 @@ def _config_argument(text: str) -> str:
     return text
 
 
+def _file_argument(text: str) -> str:
+    """`--ca-file`, `--cert-file`, `--key-file` of `health`: a file. An empty one (a
+    script's unset variable) would otherwise read as the flag left out: a probe in
+    plaintext, or without its client certificate."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(
+            "an empty path names no file; leave the flag out if it is not meant"
+        )
+    return text
+
+
 def _target_argument(text: str) -> str:
     """`--target` of `health`: a target grpc reaches as written (a port past 65535 would be
     probed modulo 65536, another port, whose answer would stand for the sidecar's)."""
@@ -572,11 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument(
         "--timeout", type=_probe_timeout, default=3.0, help="seconds (more than 0, at most 3600)"
     )
-    health.add_argument("--ca-file", help="speak TLS, trusting this PEM CA bundle")
     health.add_argument(
-        "--cert-file", help="client certificate for mTLS (speaks TLS, as --ca-file does)"
+        "--ca-file", type=_file_argument, help="speak TLS, trusting this PEM CA bundle"
     )
-    health.add_argument("--key-file", help="key of the client certificate")
+    health.add_argument(
+        "--cert-file",
+        type=_file_argument,
+        help="client certificate for mTLS (speaks TLS, as --ca-file does)",
+    )
+    health.add_argument("--key-file", type=_file_argument, help="key of the client certificate")
     health.set_defaults(func=_health)
     spool = commands.add_parser("spool", help="inspect the metric spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True)
