@@ -9,6 +9,7 @@ import logging
 
 import grpc
 import pytest
+from mlflow.store.tracking.dbmodels.models import SqlRun
 from mlflow.tracking import MlflowClient
 
 from mlflow_sidecar.core import limits
@@ -398,6 +399,19 @@ def test_created_names_locations_and_sources_fit_mlflows_columns(
         ),
         "artifact_location",
     )
+
+
+def test_a_new_experiments_location_leaves_room_for_its_runs_artifact_uris(tracking_stub, unique):
+    # MLflow makes each run's artifact URI of its experiment's location, in a narrower
+    # column: at the limit a run still starts there on PostgreSQL and MySQL, where a longer
+    # URI fails the run's create with an opaque BAD_REQUEST.
+    location = f"mlflow-artifacts:/loc-{unique}-".ljust(limits.MAX_ARTIFACT_LOCATION_LENGTH, "a")
+    experiment_id = tracking_stub.CreateExperiment(
+        pb.CreateExperimentRequest(name=f"room-{unique}", artifact_location=location)
+    ).experiment.experiment_id
+    run = tracking_stub.StartRun(pb.StartRunRequest(experiment_id=experiment_id)).run
+    assert run.info.artifact_uri == f"{location}/{run.info.run_id}/artifacts"
+    assert len(run.info.artifact_uri) <= SqlRun.artifact_uri.type.length
 
 
 def test_an_answer_over_the_message_limit_says_so_and_is_logged_as_refused(

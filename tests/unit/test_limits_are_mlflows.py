@@ -53,11 +53,17 @@ def test_what_the_sidecar_creates_fits_mlflows_columns() -> None:
     # MLflow's validation allows longer names than its columns hold: PostgreSQL and MySQL
     # refuse the rest with an opaque error, SQLite ignores widths.
     from mlflow.store.model_registry.dbmodels.models import SqlModelVersion, SqlRegisteredModel
-    from mlflow.store.tracking.dbmodels.models import SqlExperiment
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment, SqlRun
 
     assert SqlExperiment.name.type.length == limits.MAX_CREATED_NAME_LENGTH
     assert SqlRegisteredModel.name.type.length == limits.MAX_CREATED_NAME_LENGTH
-    assert SqlExperiment.artifact_location.type.length == limits.MAX_ARTIFACT_LOCATION_LENGTH
+    # A run's artifact URI is its experiment's location and `/<32-hex run id>/artifacts`.
+    run_suffix = len(f"/{'0' * 32}/artifacts")
+    assert (
+        limits.MAX_ARTIFACT_LOCATION_LENGTH + run_suffix
+        == SqlRun.artifact_uri.type.length
+        < SqlExperiment.artifact_location.type.length + run_suffix
+    )
     assert SqlModelVersion.source.type.length == limits.MAX_SOURCE_LENGTH
 
 

@@ -38,8 +38,10 @@ MAX_MODEL_TYPE_LENGTH = 500
 MAX_RUN_USER_LENGTH = 256
 """The `mlflow.user` tag a run is created with: MLflow copies it into the run's user
 column."""
-MAX_ARTIFACT_LOCATION_LENGTH = 256
-"""A new experiment's artifact location: its MLflow database column."""
+MAX_ARTIFACT_LOCATION_LENGTH = 157
+"""A new experiment's artifact location. Its own column holds 256 characters, but MLflow
+makes each run's artifact URI of it (`<location>/<32-hex run id>/artifacts`, 43 more) in a
+column of 200: past 157 no run could be started in the experiment on PostgreSQL or MySQL."""
 MAX_SOURCE_LENGTH = 500
 """A new model version's source: its MLflow database column."""
 MAX_FILTER_LENGTH = 10_000
