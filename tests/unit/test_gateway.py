@@ -331,6 +331,32 @@ def test_no_sql_reaches_a_caller(message, expected):
     assert error.message == expected
 
 
+# How a tracking server on PostgreSQL answers a run whose artifact URI its column cannot
+# hold: the code's name, then nothing but the database's words.
+_POSTGRES_TOO_LONG = (
+    "(raised as a result of Query-invoked autoflush; consider using a session.no_autoflush"
+    " block if this flush is occurring prematurely)\n(psycopg2.errors.StringDataRightTruncation)"
+    " value too long for type character varying(200)\n\n[SQL: INSERT INTO runs (run_uuid)"
+    " VALUES (%(run_uuid)s)]"
+)
+
+
+def test_a_server_refusal_of_only_database_text_says_what_it_means_without_its_code():
+    error = to_domain_error(
+        RestException({"error_code": "BAD_REQUEST", "message": _POSTGRES_TOO_LONG})
+    )
+    assert isinstance(error, errors.InvalidArgumentError)
+    assert error.message == "MLflow's database refused a value longer than its column holds"
+    error = to_domain_error(
+        RestException({"error_code": "BAD_REQUEST", "message": "(psycopg2.errors.Foo) no"})
+    )
+    assert error.message == "MLflow's database refused the request"
+    error = to_domain_error(
+        RestException({"error_code": "INVALID_STATE", "message": "The run is not active."})
+    )
+    assert error.message == "The run is not active."
+
+
 # -- which search field an MLflow complaint is about -------------------------------------
 
 

@@ -345,23 +345,28 @@ _DATABASE_TEXT = re.compile(
     re.IGNORECASE,
 )
 _NO_SENTENCE = "MLflow's database refused the request"
+# What PostgreSQL and MySQL say of a value wider than its column (SQLite ignores widths).
+_TOO_LONG = re.compile(r"value too long for type|Data too long for column", re.IGNORECASE)
+_TOO_LONG_SENTENCE = "MLflow's database refused a value longer than its column holds"
+# RestException prefixes its code's name ("BAD_REQUEST: ..."); the status code says it.
+_CODE_PREFIX = re.compile(rf"^(?:{'|'.join(databricks_pb2.ErrorCode.keys())}): ")
 
 
 def _short(exc: Exception) -> str:
     """MLflow's message for people: without its error-code prefix, without any database
     text (driver errors, SQL statements, parameters), at most 1000 characters."""
     message = exc.message if isinstance(exc, MlflowException) else str(exc)
-    # RestException prefixes the code name; the status code already says it.
-    for prefix in (
-        "RESOURCE_DOES_NOT_EXIST: ",
-        "RESOURCE_ALREADY_EXISTS: ",
-        "INVALID_PARAMETER_VALUE: ",
-    ):
-        message = message.removeprefix(prefix)
+    message = _CODE_PREFIX.sub("", message, count=1)
     cut = _DATABASE_TEXT.search(message)
     if cut is not None:
+        database_text = message[cut.start() :]
         message = message[: cut.start()].strip().rstrip(".:;,-").strip()
-        message = f"{message}." if message else _NO_SENTENCE
+        if message:
+            message = f"{message}."
+        else:
+            # Nothing but the database's words: say what they mean, not what they are.
+            too_long = _TOO_LONG.search(database_text)
+            message = _TOO_LONG_SENTENCE if too_long else _NO_SENTENCE
     return message.strip()[:1000]
 
 
