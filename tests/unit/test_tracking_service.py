@@ -145,6 +145,20 @@ def test_log_params_write_once(service, gateway, run_id):
     assert gateway.get_run(run_id).params == {"lr": "0.1"}
 
 
+def test_log_params_racing_a_call_that_logs_the_same_value_succeeds(service, gateway, run_id):
+    # Another call (a retry of this one, another worker logging the same hyperparameters)
+    # logs `lr` between this call's read of the run and its write, and MLflow's SQL store
+    # refuses this call's whole batch as their inserts race.
+    def race() -> None:
+        gateway.on_call("log_batch", None)
+        gateway.log_batch(run_id, params={"lr": "0.1"})
+        gateway.fail("log_batch", InvalidArgumentError("", "MLflow's database refused the request"))
+
+    gateway.on_call("log_batch", race)
+    service.log_params(run_id, {"lr": "0.1", "gamma": "0.99"})
+    assert gateway.get_run(run_id).params == {"lr": "0.1", "gamma": "0.99"}
+
+
 def test_log_params_are_split_into_mlflow_batches_of_100(service, gateway, run_id):
     service.log_params(run_id, {f"p{i}": str(i) for i in range(250)})
     assert [len(b["params"]) for b in gateway.effects("log_batch")] == [100, 100, 50]

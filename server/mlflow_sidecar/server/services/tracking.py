@@ -454,10 +454,15 @@ class TrackingService:
             try:
                 self._gateway.log_batch(run_id, params=dict(batch))
             except InvalidArgumentError:
-                # Another call may have logged one of them since the run was read: its
-                # refusal reads as the check's, not as a malformed request.
-                _refuse_changed_params(run_id, self._gateway.get_run(run_id).params, params)
-                raise
+                # Another call may have logged some of them since the run was read. MLflow's
+                # SQL stores refuse the whole batch then, even where that call logged the
+                # same values (its insert and ours raced): another value reads as the
+                # check's refusal, and the same value is this call's effect already.
+                logged = self._gateway.get_run(run_id).params
+                _refuse_changed_params(run_id, logged, params)
+                missing = {k: v for k, v in batch if k not in logged}
+                if missing:
+                    self._gateway.log_batch(run_id, params=missing)
 
     def log_metrics(
         self, run_id: str, metrics: Sequence[Metric], *, arrived_ms: int | None = None
