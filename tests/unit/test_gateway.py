@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
 import requests
@@ -13,7 +14,7 @@ from mlflow.protos import databricks_pb2
 from mlflow.utils.rest_utils import verify_rest_response
 
 from mlflow_sidecar.client import errors
-from mlflow_sidecar.core.domain import Metric
+from mlflow_sidecar.core.domain import LifecycleStage, Metric
 from mlflow_sidecar.core.errors import ErrorReason
 from mlflow_sidecar.server.call_deadline import deadline_scope
 from mlflow_sidecar.server.config import load_config
@@ -483,3 +484,47 @@ def test_model_reads_without_retry_are_tried_once(tmp_path, monkeypatch, method,
     with pytest.raises(errors.UnavailableError):
         read(gateway)
     assert len(calls) == 1 + 5
+
+
+def _experiment(stage: str) -> SimpleNamespace:
+    return SimpleNamespace(
+        experiment_id="7",
+        name="e",
+        artifact_location="",
+        lifecycle_stage=stage,
+        tags={},
+        creation_time=1,
+        last_update_time=2,
+    )
+
+
+def test_a_delete_or_restore_of_an_experiment_racing_another_is_done_not_missing(
+    tmp_path, monkeypatch
+):
+    # Two calls look at the experiment at once and both ask MLflow to change it: MLflow
+    # looks for it in the stage it leaves, so the second reads as a missing experiment.
+    config = load_config(data_dir=tmp_path, mlflow={"tracking_uri": "http://127.0.0.1:9"})
+    gateway = MlflowGateway(config)
+    gateway.open()  # an HTTP store: nothing is contacted until a call
+
+    def changed_meanwhile(experiment_id: str) -> None:
+        raise MlflowException(
+            f"No Experiment with id={experiment_id} exists", databricks_pb2.RESOURCE_DOES_NOT_EXIST
+        )
+
+    stages = iter(["active", "deleted"])
+    monkeypatch.setattr(gateway.client, "get_experiment", lambda _id: _experiment(next(stages)))
+    monkeypatch.setattr(gateway.client, "delete_experiment", changed_meanwhile)
+    gateway.delete_experiment("7")
+
+    stages = iter(["deleted", "active", "active"])
+    monkeypatch.setattr(gateway.client, "restore_experiment", changed_meanwhile)
+    assert gateway.restore_experiment("7").lifecycle_stage is LifecycleStage.ACTIVE
+
+    # An experiment that is gone, or still as it was, stays an error.
+    stages = iter(["active", "active"])
+    with pytest.raises(errors.NotFoundError):
+        gateway.delete_experiment("7")
+    stages = iter(["deleted", "deleted"])
+    with pytest.raises(errors.NotFoundError):
+        gateway.restore_experiment("7")

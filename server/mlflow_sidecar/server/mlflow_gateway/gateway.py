@@ -109,6 +109,11 @@ def _already_exists(exc: MlflowException) -> bool:
     return bool(exc.error_code == "RESOURCE_ALREADY_EXISTS")
 
 
+def _missing(exc: MlflowException) -> bool:
+    """MLflow found no such entity (or none in the lifecycle stage it looked in)."""
+    return bool(exc.error_code == "RESOURCE_DOES_NOT_EXIST")
+
+
 # Second runs of one request id that a lookup by the id passes over, at most: one per try
 # of its call that landed late, and one per other sidecar that served it at once.
 _DUPLICATES_PASSED_OVER = 20
@@ -558,10 +563,23 @@ class MlflowGateway:
 
         def op() -> None:
             found = self._client.get_experiment(experiment_id)
-            if found.lifecycle_stage != LifecycleStage.DELETED:
+            if found.lifecycle_stage == LifecycleStage.DELETED:
+                return
+            try:
                 self._client.delete_experiment(experiment_id)
+            except MlflowException as exc:
+                # MLflow looks for an active experiment to delete: one a concurrent call
+                # deleted since the look above reads as missing, and deleted is what both
+                # asked for.
+                if not _missing(exc) or not self._experiment_deleted(experiment_id):
+                    raise
 
         self.call(op, not_found=ErrorReason.EXPERIMENT_NOT_FOUND, invalid_field="experiment_id")
+
+    def _experiment_deleted(self, experiment_id: str) -> bool:
+        """Whether MLflow has this experiment, deleted."""
+        found = self._client.get_experiment(experiment_id)
+        return bool(found.lifecycle_stage == LifecycleStage.DELETED)
 
     def restore_experiment(self, experiment_id: str) -> domain.Experiment:
         """Restore a deleted experiment and its runs; an active one is returned as it is."""
@@ -570,7 +588,14 @@ class MlflowGateway:
             found = self._client.get_experiment(experiment_id)
             if found.lifecycle_stage != LifecycleStage.DELETED:
                 return found
-            self._client.restore_experiment(experiment_id)
+            try:
+                self._client.restore_experiment(experiment_id)
+            except MlflowException as exc:
+                # MLflow looks for a deleted experiment to restore: one a concurrent call
+                # restored since the look above reads as missing, and active is what both
+                # asked for.
+                if not _missing(exc) or self._experiment_deleted(experiment_id):
+                    raise
             return self._client.get_experiment(experiment_id)
 
         return entities.experiment(
