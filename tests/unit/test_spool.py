@@ -386,6 +386,29 @@ def test_a_recorded_end_survives_a_restart(tmp_path):
     assert events(mlflow) == [("batch", "r", 30), ("end", "r", "FINISHED", 9_000)]
 
 
+def test_an_end_applied_as_read_before_another_was_recorded_leaves_the_newer_to_apply(
+    store, tmp_path
+):
+    # The deliverer applied the end it read; an EndRun recorded another meanwhile, which
+    # is not in MLflow yet and must stay to be applied (also across a restart).
+    store.record_end("r", "FINISHED", 5_000, applied=False)
+    read = store.run_end("r")
+    assert read is not None
+    store.record_end("r", "FAILED", 6_000, applied=False)
+    store.end_applied("r", read)
+    assert [(e.status, e.applied) for e in store.ends_to_apply()] == [("FAILED", False)]
+    store.close()
+    reopened = SpoolStore(tmp_path / "spool.db", max_points=1000, chunk_points=100)
+    try:
+        assert [e.status for e in reopened.ends_to_apply()] == ["FAILED"]
+        current = reopened.run_end("r")
+        assert current is not None
+        reopened.end_applied("r", current)
+        assert reopened.ends_to_apply() == []
+    finally:
+        reopened.close()
+
+
 def test_an_end_mlflow_refuses_for_now_is_tried_again(store):
     mlflow = fake_mlflow("r")
     store.append(points("r", 3))

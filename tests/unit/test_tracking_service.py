@@ -29,6 +29,7 @@ from mlflow_sidecar.server.spool.store import SpoolStore
 from mlflow_sidecar.server.staging import Staging
 from mlflow_sidecar.v1 import tracking_pb2 as pb
 from tests.fakes.mlflow_port import FakeMlflow
+from tests.support.files import wait_until
 from tests.support.tracking_service import tracking_service_on
 
 
@@ -693,6 +694,37 @@ def test_an_earlier_end_stays_recorded_when_a_second_end_fails(service, gateway,
         service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
     assert "FINISHED" in refused.value.message
     assert service.flush_metrics(run_id, timeout_s=0).pending_run_ends == 0
+
+
+def test_a_second_end_while_the_deliverer_applies_the_first_is_the_one_mlflow_keeps(
+    service, gateway, deliveries_open, run_id
+):
+    # The first end waits for the run's backlog; the deliverer is applying it in MLflow
+    # when a second EndRun comes. The second one answered, so it is the run's status.
+    deliveries_open.clear()
+    service.enqueue_metrics([MetricPoint(run_id, "loss", 1.0, 1_000, 1)])
+    assert service.end_run_with_pending(run_id, RunStatus.FINISHED, end_time_ms=5_000)[1] == 1
+    applying, landing = threading.Event(), threading.Event()
+    gateway.on_call("end_run", lambda: (applying.set(), landing.wait(30)))
+    deliveries_open.set()
+    assert applying.wait(10)
+    answered: list[RunStatus] = []
+
+    def end_again() -> None:
+        with call_deadline.deadline_scope(30):
+            run, _ = service.end_run_with_pending(run_id, RunStatus.FAILED, end_time_ms=6_000)
+        answered.append(run.info.status)
+
+    second = threading.Thread(target=end_again)
+    second.start()
+    second.join(2)  # time for the second end to land, had it gone ahead of the first
+    landing.set()
+    second.join(30)
+    assert wait_until(lambda: gateway.in_flight["end_run"] == 0)  # the first end landed
+    assert answered == [RunStatus.FAILED]
+    stored = gateway.get_run(run_id).info
+    assert (stored.status, stored.end_time_ms) == (RunStatus.FAILED, 6_000)
+    assert service.flush_metrics(run_id, timeout_s=5).pending_run_ends == 0
 
 
 def test_a_run_ended_with_a_backlog_then_deleted_is_ended_when_restored(

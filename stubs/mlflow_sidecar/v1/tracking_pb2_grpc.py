@@ -485,6 +485,8 @@ class ExperimentTrackingServiceServicer(object):
     def EndRun(self, request, context):
         """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
         recorded durably and applied in MLflow after the last point (see EndRunRequest).
+        Ending an ended run again sets its status and end time anew: the last EndRun to
+        answer is what MLflow keeps, even one that came while an earlier end was applied.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -167,6 +167,8 @@ class ExperimentTrackingServiceStub:
     EndRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.EndRunRequest, _tracking_pb2.EndRunResponse]
     """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
     recorded durably and applied in MLflow after the last point (see EndRunRequest).
+    Ending an ended run again sets its status and end time anew: the last EndRun to
+    answer is what MLflow keeps, even one that came while an earlier end was applied.
     """
     DeleteRun: _grpc.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]
     """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
@@ -401,6 +403,8 @@ class ExperimentTrackingServiceAsyncStub(ExperimentTrackingServiceStub):
     EndRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.EndRunRequest, _tracking_pb2.EndRunResponse]  # type: ignore[assignment]
     """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
     recorded durably and applied in MLflow after the last point (see EndRunRequest).
+    Ending an ended run again sets its status and end time anew: the last EndRun to
+    answer is what MLflow keeps, even one that came while an earlier end was applied.
     """
     DeleteRun: _aio.UnaryUnaryMultiCallable[_tracking_pb2.DeleteRunRequest, _tracking_pb2.DeleteRunResponse]  # type: ignore[assignment]
     """Soft-deletes a run, as MLflow does (writes to it are then FAILED_PRECONDITION);
@@ -686,6 +690,8 @@ class ExperimentTrackingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_tracking_pb2.EndRunResponse, _abc.Awaitable[_tracking_pb2.EndRunResponse]]:
         """Ends a run. Its spooled metrics are delivered first: with a backlog the end is
         recorded durably and applied in MLflow after the last point (see EndRunRequest).
+        Ending an ended run again sets its status and end time anew: the last EndRun to
+        answer is what MLflow keeps, even one that came while an earlier end was applied.
         """
 
     @_abc_1.abstractmethod

@@ -367,8 +367,11 @@ class TrackingService:
         False when MLflow cannot be reached and the end stays recorded for the deliverer.
         Under the run's end lock."""
         try:
-            self._require_active(run_id)
-            self._gateway.set_terminated(run_id, status, ended_ms)
+            # Not while the deliverer applies an earlier end of the run: landing in MLflow
+            # after this one, it would leave the run with the earlier status.
+            with self._ingest.delivery_held(run_id):
+                self._require_active(run_id)
+                self._gateway.set_terminated(run_id, status, ended_ms)
         except (UnavailableError, DeadlineExceededError):
             if previous is not None and previous.held:
                 # An end held with the run's dead letters waits for `spool requeue`,

@@ -269,7 +269,9 @@ class MetricDeliverer:
                 exc.message,
             )
             return True
-        self._store.end_applied(end.run_id)
+        # An EndRun that came meanwhile recorded an end of its own, which it or the next
+        # step applies after this one: it stays to be applied.
+        self._store.end_applied(end.run_id, end)
         return True
 
     def _deliver(self, batches: list[SpooledBatch]) -> None:

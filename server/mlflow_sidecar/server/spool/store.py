@@ -817,13 +817,16 @@ class SpoolStore:
             self._db.execute("DELETE FROM ended_runs WHERE run_id = ?", (run_id,))
             return self._ended.pop(run_id, None) is not None
 
-    def end_applied(self, run_id: str) -> None:
-        """MLflow has ended the run as recorded."""
+    def end_applied(self, run_id: str, applied: RunEnd | None = None) -> None:
+        """MLflow has ended the run as recorded; with `applied`, only if that end is still
+        the run's record: one recorded after it (another EndRun) is not applied yet."""
         with self._lock:
+            end = self._ended.get(run_id)
+            if applied is not None and not _same_end(end, applied):
+                return
             self._db.execute(
                 "UPDATE ended_runs SET applied = 1, held = '' WHERE run_id = ?", (run_id,)
             )
-            end = self._ended.get(run_id)
             if end is not None:
                 self._ended[run_id] = RunEnd(
                     end.run_id, end.status, end.end_time_ms, end.last_chunk, True
@@ -985,3 +988,12 @@ class SpoolStore:
                 held_ends=tuple(end for end in self._ended.values() if end.held),
                 dead_letter_groups=int(groups[0][4]) if groups else 0,
             )
+
+
+def _same_end(recorded: RunEnd | None, other: RunEnd) -> bool:
+    """Whether `recorded` is the end `other` was read as (whether applied or held aside)."""
+    return recorded is not None and (
+        recorded.status,
+        recorded.end_time_ms,
+        recorded.last_chunk,
+    ) == (other.status, other.end_time_ms, other.last_chunk)
