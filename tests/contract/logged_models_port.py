@@ -204,7 +204,7 @@ class LoggedModelsPortContract:
                 page_size=10,
                 page_token="",
             )
-        assert err.value.field == "order_by"
+        assert err.value.field == "order_by[0].field_name"
 
     def test_tags_are_set_overwritten_and_deleted(
         self, models: LoggedModelsPort, port: MlflowPort

@@ -1206,10 +1206,12 @@ class FakeLoggedModels:
         found.sort(key=lambda m: m.model_id)
         if not any(_LOGGED_MODEL_ORDER.get(f) == "creation_timestamp" for f, _ in order_by):
             found.sort(key=lambda m: m.creation_time_ms, reverse=True)
-        for field_name, ascending in reversed(list(order_by)):
+        for index, (field_name, ascending) in reversed(list(enumerate(order_by))):
             column = _LOGGED_MODEL_ORDER.get(field_name)
             if column is None:
-                raise InvalidArgumentError("order_by", f"cannot order by {field_name!r}")
+                raise InvalidArgumentError(
+                    f"order_by[{index}].field_name", f"cannot order by {field_name!r}"
+                )
             found.sort(key=functools.partial(_logged_model_column, column), reverse=not ascending)
         return FakeMlflow._page(
             page_tokens.of_query(_LOGGED_MODELS, list(experiment_ids), filter_string, order_by),

@@ -453,3 +453,12 @@ def test_descriptions_can_be_cleared(registry_stub, run_id, unique):
     ).model_version
     assert model.description == "" and _get_model(registry_stub, name).description == ""
     assert version.description == "" and _get_version(registry_stub, name, 1).description == ""
+
+
+@pytest.mark.parametrize("rpc", ["SearchModelVersions", "SearchRegisteredModels"])
+def test_a_refused_order_by_term_is_named_by_its_index(registry_stub, rpc):
+    request = getattr(pb, f"{rpc}Request")(order_by=["name ASC", "no_such_column DESC"])
+    with pytest.raises(grpc.RpcError) as err:
+        getattr(registry_stub, rpc)(request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert error_from_rpc(err.value).field == "order_by[1]", err.value.details()

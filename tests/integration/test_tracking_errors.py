@@ -299,6 +299,18 @@ def _search_runs(stub, **fields):
             ),
             "order_by[1]",
         ),
+        (
+            lambda stub: stub.SearchLoggedModels(
+                pb.SearchLoggedModelsRequest(
+                    experiment_ids=["0"],
+                    order_by=[
+                        pb.LoggedModelOrder(field_name="name"),
+                        pb.LoggedModelOrder(field_name="no_such_column"),
+                    ],
+                )
+            ),
+            "order_by[1].field_name",
+        ),
         (lambda stub: _search_runs(stub, filter="name = 'x", order_by=["start_time"]), "filter"),
         (
             lambda stub: _search_runs(
@@ -330,6 +342,7 @@ def _search_runs(stub, **fields):
         "search-runs-id",
         "search-logged-models-id",
         "order-with-filter",
+        "logged-model-order",
         "filter-with-order",
         "filter-key-named-order_by",
         "runs-filter-parser-error",

@@ -365,7 +365,18 @@ def test_a_server_refusal_of_only_database_text_says_what_it_means_without_its_c
     ("message", "given", "field"),
     [
         ("Invalid comparator for attribute: ~~", {"filter_string": "x"}, "filter"),
-        ("Invalid attribute key 'bogus' specified.", {"order_by": ["bogus"]}, "order_by"),
+        ("Invalid attribute key 'bogus' specified.", {"order_by": ["bogus"]}, "order_by[0]"),
+        (
+            "Invalid attribute key 'bogus' specified.",
+            {"order_by": ["name", "bogus"]},
+            "order_by[1]",
+        ),
+        ("Invalid order_by clause.", {"order_by": ["name", "version"]}, "order_by"),
+        (
+            "Invalid order by field name: no_such_column",
+            {"order_by": ["name", "no_such_column"]},
+            "order_by[1]",
+        ),
         ("anything", {"page_token": "t"}, "page_token"),
         (
             "Invalid page token, could not base64-decode",
@@ -375,7 +386,7 @@ def test_a_server_refusal_of_only_database_text_says_what_it_means_without_its_c
         (
             "Invalid ordering key in order_by clause 'name SIDEWAYS'.",
             {"filter_string": "x", "order_by": ["name SIDEWAYS"]},
-            "order_by",
+            "order_by[0]",
         ),
         ("Invalid comparator", {"filter_string": "x", "order_by": ["name"]}, ""),
     ],

@@ -383,11 +383,27 @@ def search_field(message: str, filter_string: str, order_by: Sequence[str], page
         )
         if value
     ]
+    lowered = message.lower()
+    if given == ["order_by"] or (
+        "page token" not in lowered and ("order_by" in lowered or "order by" in lowered)
+    ):
+        return _order_term(message, order_by)
     if len(given) == 1:
         return given[0]
-    lowered = message.lower()
     if "page token" in lowered:
         return "page_token"
-    if "order_by" in lowered or "order by" in lowered:
-        return "order_by"
     return ""
+
+
+def _order_term(message: str, order_by: Sequence[str]) -> str:
+    """`order_by[i]` for the term MLflow refused: the only one, or the one its message
+    names (quoted, or last: "... field name: x"); `order_by` when that cannot be told."""
+    if len(order_by) == 1:
+        return "order_by[0]"
+    ending = message.rstrip(". ")
+    named = [
+        index
+        for index, term in enumerate(order_by)
+        if term and (f"'{term}" in message or f'"{term}' in message or ending.endswith(term))
+    ]
+    return f"order_by[{named[0]}]" if len(named) == 1 else "order_by"

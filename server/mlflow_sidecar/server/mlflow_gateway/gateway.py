@@ -929,9 +929,11 @@ class MlflowGateway:
         page_token: str,
         grammar: SearchGrammar | None = None,
         experiment_ids: Sequence[str] = (),
+        order_term_field: str = "",
     ) -> T:
         """Run a search; an invalid-argument answer names the request field it is about:
-        the part MLflow's own parsing refuses (`grammar`), else the one its words name."""
+        the part MLflow's own parsing refuses (`grammar`), else the one its words name.
+        `order_term_field` follows an `order_by[i]` whose terms are messages (".field_name")."""
         try:
             return self.call(op)
         except InvalidArgumentError as exc:
@@ -940,6 +942,8 @@ class MlflowGateway:
             field = search_terms.refused_part(
                 grammar, filter_string, order_by, experiment_ids, exc.message
             ) or search_field(exc.message, filter_string, order_by, page_token)
+            if field.startswith("order_by["):
+                field += order_term_field
             reason = ErrorReason.INVALID_PAGE_TOKEN if field == "page_token" else exc.reason
             raise InvalidArgumentError(
                 field, exc.message, reason=reason, metadata=exc.metadata

@@ -166,6 +166,7 @@ class LoggedModelGateway:
             order_by=[f for f, _ in order_by],
             page_token=page_token,
             experiment_ids=ids,
+            order_term_field=".field_name",
         )
         return domain.Page(
             tuple(logged_model(m) for m in paged),
