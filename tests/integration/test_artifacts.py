@@ -246,3 +246,30 @@ def test_names_with_colons_and_spaces_mlflow_keeps_read_back(
     downloaded = tracking.download_artifact(run_id, artifact_path, tmp_path / "out")
     assert downloaded.read_bytes() == b"kept under its own name"
     assert downloaded.name == name
+
+
+def test_a_client_receiving_smaller_messages_than_the_sidecars_chunks_downloads_whole(
+    sidecar, run_id, tmp_path, unique
+):
+    # The sidecar's chunks are 1 MiB; this client receives at most 64 KiB a message, and
+    # asks for chunks that fit.
+    from mlflow_sidecar.client import ClientContainer
+
+    small = ClientContainer()
+    small.config.from_dict(
+        {"target": sidecar.target, "timeout_s": 30.0, "max_message_bytes": 64 * 1024}
+    )
+    try:
+        tracking, registry = small.experiment_tracking(), small.model_registry()
+        data = random_file(tmp_path / "up" / "weights.bin", 3 * MIB + 7)
+        tracking.upload_artifact(run_id, data, "ckpt/weights.bin")
+        got = tracking.download_artifact(run_id, "ckpt/weights.bin", tmp_path / "down")
+        assert sha256_of(got) == sha256_of(data)
+        model = tmp_path / "model"
+        model.mkdir()
+        (model / "weights.bin").write_bytes(data.read_bytes())
+        registry.upload_model(f"small-messages-{unique}", model, run_id=run_id)
+        loaded = registry.download_model(f"small-messages-{unique}", tmp_path / "m", version=1)
+        assert sha256_of(loaded / "weights.bin") == sha256_of(data)
+    finally:
+        small.shutdown_resources()

@@ -58,3 +58,7 @@ def test_every_request_limit_is_in_the_table() -> None:
     }
     for constant in stated:
         assert f"`{constant}`" in section, constant
+
+
+def test_the_smallest_download_chunk_asked_for_is_the_constant_the_table_names() -> None:
+    assert f"{limits.MIN_REQUESTED_CHUNK_BYTES} (`MIN_REQUESTED_CHUNK_BYTES`)" in limits_section()

@@ -267,7 +267,7 @@ def test_preflight_failure_stops_the_upload(staging):
 def test_download_messages_end_with_the_digest_of_what_was_sent():
     data = os.urandom(3 * CHUNK + 5)
     chunks = [data[i : i + CHUNK] for i in range(0, len(data), CHUNK)]
-    messages = list(streams.artifact_messages("a/b.bin", len(data), iter(chunks)))
+    messages = list(streams.artifact_messages("a/b.bin", len(data), iter(chunks), CHUNK))
     assert [m.WhichOneof("payload") for m in messages] == ["header"] + ["chunk"] * 4 + ["trailer"]
     assert (messages[0].header.artifact_path, messages[0].header.size_bytes) == (
         "a/b.bin",
@@ -275,6 +275,31 @@ def test_download_messages_end_with_the_digest_of_what_was_sent():
     )
     assert b"".join(m.chunk for m in messages[1:-1]) == data
     assert messages[-1].trailer.sha256 == sha(data)
+
+
+def test_download_chunks_are_cut_to_what_the_request_asks_for():
+    data = os.urandom(2 * CHUNK + 5)
+    chunks = [data[: CHUNK + 3], data[CHUNK + 3 :]]
+    messages = list(streams.artifact_messages("a.bin", len(data), iter(chunks), 5000))
+    sizes = [len(m.chunk) for m in messages[1:-1]]
+    assert max(sizes) <= 5000 and b"".join(m.chunk for m in messages[1:-1]) == data
+    assert messages[-1].trailer.sha256 == sha(data)
+
+
+@pytest.mark.parametrize(("asked", "chunk"), [(0, 65536), (4096, 4096), (10**9, 65536)])
+def test_a_download_takes_the_smaller_of_its_asked_and_the_sidecars_chunk_size(
+    tmp_path, asked, chunk
+):
+    staging = Staging(load_config(data_dir=tmp_path, artifacts={"chunk_bytes": 65536}))
+    assert streams.download_chunk_bytes(asked, staging) == chunk
+
+
+@pytest.mark.parametrize("asked", [1, 4095, -1])
+def test_a_download_asking_for_tiny_chunks_is_refused_naming_the_field(tmp_path, asked):
+    staging = Staging(load_config(data_dir=tmp_path))
+    with pytest.raises(InvalidArgumentError) as refused:
+        streams.download_chunk_bytes(asked, staging)
+    assert refused.value.field == "max_chunk_bytes"
 
 
 def trailed_stream(data: bytes, *, digest: str | None = None) -> list[pb.UploadArtifactRequest]:

@@ -66,6 +66,7 @@ class ClientContainer(containers.DeclarativeContainer):
         timeout_s=settings.provided.timeout_s,
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
+        download_chunk_bytes=settings.provided.download_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
         reconnect=shared_channel.provided.reconnect,
     )
@@ -83,6 +84,7 @@ class ClientContainer(containers.DeclarativeContainer):
         timeout_s=settings.provided.timeout_s,
         transfer_timeout_s=settings.provided.transfer_timeout_s,
         chunk_bytes=settings.provided.upload_chunk_bytes,
+        download_chunk_bytes=settings.provided.download_chunk_bytes,
         upload_attempts=settings.provided.max_attempts,
         reconnect=shared_channel.provided.reconnect,
         watch_reconnect_s=settings.provided.stream_reconnect_s,

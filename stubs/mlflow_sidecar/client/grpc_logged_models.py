@@ -48,6 +48,7 @@ class GrpcLoggedModels:
         *,
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        download_chunk_bytes: int = 0,
         upload_attempts: int = 3,
         reconnect: Reconnect | None = None,
     ) -> None:
@@ -55,6 +56,8 @@ class GrpcLoggedModels:
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
+        # What the channel receives: the sidecar cuts a download's chunks to it (0: its own).
+        self._download_chunk_bytes = download_chunk_bytes
         self._upload = resent_on_unavailable(
             self._upload_once, upload_attempts, reconnect, transfer_timeout_s, upload=True
         )
@@ -228,7 +231,9 @@ class GrpcLoggedModels:
     def _download_once(self, model_id: str, artifact_path: str, dst_dir: Path) -> Path:
         final = dst_dir.joinpath(*artifact_path.split("/"))
         request = pb.DownloadLoggedModelArtifactRequest(
-            model_id=model_id, artifact_path=artifact_path
+            model_id=model_id,
+            artifact_path=artifact_path,
+            max_chunk_bytes=self._download_chunk_bytes,
         )
         call = self._stub.DownloadLoggedModelArtifact(request, timeout=self._transfer_timeout)
         try:

@@ -54,7 +54,8 @@ log = logging.getLogger(__name__)
 
 class GrpcModelRegistry(ModelRegistry):
     """The model registry through a sidecar; every call carries `timeout_s` as its deadline,
-    model transfers `transfer_timeout_s`. Uploads go in chunks of `chunk_bytes`.
+    model transfers `transfer_timeout_s`. Uploads go in chunks of `chunk_bytes`. Downloads
+    ask for chunks of at most `download_chunk_bytes` (0: the sidecar's own).
 
     Every call that creates, renames or deletes carries a request id (a fresh UUID4 unless
     given), kept across the channel's retries, so that it takes effect once. A model
@@ -77,6 +78,7 @@ class GrpcModelRegistry(ModelRegistry):
         *,
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        download_chunk_bytes: int = 0,
         upload_attempts: int = 3,
         reconnect: Reconnect | None = None,
         watch_reconnect_s: float = 60.0,
@@ -87,6 +89,8 @@ class GrpcModelRegistry(ModelRegistry):
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
+        # What the channel receives: the sidecar cuts a download's chunks to it (0: its own).
+        self._download_chunk_bytes = download_chunk_bytes
         self._upload = resent_on_unavailable(
             self._upload_once, upload_attempts, reconnect, transfer_timeout_s, upload=True
         )
@@ -378,6 +382,7 @@ class GrpcModelRegistry(ModelRegistry):
         request.if_none_match = _digest_held(destination)
         destination.parent.mkdir(parents=True, exist_ok=True)
         request.accept_cache_entry = self._shared_cache is not None
+        request.max_chunk_bytes = self._download_chunk_bytes
         try:
             answer = self._download(request, destination, progress)
         except CacheEntryUnreadableError as exc:

@@ -102,7 +102,8 @@ def _flush_result(reply: pb.FlushMetricsResponse) -> FlushResult:
 class GrpcExperimentTracking(ExperimentTracking):
     """Experiment tracking through a sidecar. Every call carries `timeout_s` as its deadline,
     artifact transfers `transfer_timeout_s`; StartRun always carries a request_id, so a
-    retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`. A
+    retried StartRun never makes two runs. Uploads go in chunks of `chunk_bytes`. Downloads
+    ask for chunks of at most `download_chunk_bytes` (0: the sidecar's own). A
     transfer that found the sidecar unreachable is sent again, up to `upload_attempts`
     times in all, with `reconnect` (its channel's) once the sidecar is back, within
     `transfer_timeout_s`."""
@@ -114,6 +115,7 @@ class GrpcExperimentTracking(ExperimentTracking):
         *,
         transfer_timeout_s: float = 3600.0,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        download_chunk_bytes: int = 0,
         upload_attempts: int = 3,
         reconnect: Reconnect | None = None,
     ) -> None:
@@ -121,6 +123,8 @@ class GrpcExperimentTracking(ExperimentTracking):
         self._timeout = timeout_s
         self._transfer_timeout = transfer_timeout_s
         self._chunk_bytes = check_chunk_bytes(chunk_bytes)
+        # What the channel receives: the sidecar cuts a download's chunks to it (0: its own).
+        self._download_chunk_bytes = download_chunk_bytes
         self._upload = resent_on_unavailable(
             self._upload_once, upload_attempts, reconnect, transfer_timeout_s, upload=True
         )
@@ -436,7 +440,11 @@ class GrpcExperimentTracking(ExperimentTracking):
         self, run_id: str, artifact_path: str, dst_dir: Path, progress: Progress | None
     ) -> Path:
         final = dst_dir.joinpath(*artifact_path.split("/"))
-        request = pb.DownloadArtifactRequest(run_id=run_id, artifact_path=artifact_path)
+        request = pb.DownloadArtifactRequest(
+            run_id=run_id,
+            artifact_path=artifact_path,
+            max_chunk_bytes=self._download_chunk_bytes,
+        )
         call = self._stub.DownloadArtifact(request, timeout=self._transfer_timeout)
         try:
             header = _artifact_header(call, artifact_path)

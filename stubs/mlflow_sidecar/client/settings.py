@@ -170,6 +170,12 @@ class ClientSettings(ClientSettingFields):
         return min(DEFAULT_CHUNK_BYTES, self.max_message_bytes - CHUNK_FRAMING_BYTES)
 
     @property
+    def download_chunk_bytes(self) -> int:
+        """The most a download's chunk may carry to fit `max_message_bytes`: the sidecar is
+        asked for chunks no larger (its own are 1 MiB by default)."""
+        return min(MAX_CHUNK_BYTES, self.max_message_bytes - CHUNK_FRAMING_BYTES)
+
+    @property
     def metric_message_bytes(self) -> int:
         """The largest message a metric stream sends: 1 MiB, or less to fit
         `max_message_bytes`."""

@@ -104,6 +104,9 @@ MIB = 1024 * 1024
 DEFAULT_CHUNK_BYTES = MIB
 MIN_CHUNK_BYTES = 64 * 1024
 MAX_CHUNK_BYTES = MIB
+# The smallest chunk a download may ask for (`max_chunk_bytes`): below it, the messages'
+# framing would outweigh the bytes they carry.
+MIN_REQUESTED_CHUNK_BYTES = 4096
 CHUNK_FRAMING_BYTES = 1024
 """Room for the protobuf framing around a chunk (oneof tag, length, file index)."""
 

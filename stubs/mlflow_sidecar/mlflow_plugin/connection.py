@@ -100,6 +100,7 @@ class SidecarConnection:
             settings.timeout_s,
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
+            download_chunk_bytes=settings.download_chunk_bytes,
             upload_attempts=settings.max_attempts,
             reconnect=channel.reconnect,
         )
@@ -108,6 +109,7 @@ class SidecarConnection:
             settings.timeout_s,
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
+            download_chunk_bytes=settings.download_chunk_bytes,
             upload_attempts=settings.max_attempts,
             reconnect=channel.reconnect,
         )
@@ -116,6 +118,7 @@ class SidecarConnection:
             settings.timeout_s,
             transfer_timeout_s=settings.transfer_timeout_s,
             chunk_bytes=settings.upload_chunk_bytes,
+            download_chunk_bytes=settings.download_chunk_bytes,
             upload_attempts=settings.max_attempts,
             reconnect=channel.reconnect,
         )

@@ -1300,6 +1300,7 @@ class DownloadModelRequest(_message.Message):
     ALIAS_FIELD_NUMBER: _builtins.int
     IF_NONE_MATCH_FIELD_NUMBER: _builtins.int
     ACCEPT_CACHE_ENTRY_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     version: _builtins.int
     alias: _builtins.str
@@ -1317,6 +1318,12 @@ class DownloadModelRequest(_message.Message):
     When it is not (cache off, version larger than model_cache.max_bytes, a full disk),
     the chunks follow as without this flag.
     """
+    max_chunk_bytes: _builtins.int
+    """The most bytes one chunk of the answer may carry, for a client that receives
+    smaller messages than the sidecar's chunks (artifacts.chunk_bytes) take: the
+    sidecar sends chunks of at most this size. 0: artifacts.chunk_bytes. Else at least
+    4096 (INVALID_ARGUMENT on max_chunk_bytes).
+    """
     def __init__(
         self,
         *,
@@ -1325,10 +1332,11 @@ class DownloadModelRequest(_message.Message):
         alias: _builtins.str = ...,
         if_none_match: _builtins.str = ...,
         accept_cache_entry: _builtins.bool = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["alias", b"alias", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_cache_entry", b"accept_cache_entry", "alias", b"alias", "if_none_match", b"if_none_match", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_cache_entry", b"accept_cache_entry", "alias", b"alias", "if_none_match", b"if_none_match", "max_chunk_bytes", b"max_chunk_bytes", "name", b"name", "selector", b"selector", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_selector: _TypeAlias = _typing.Literal["version", "alias"]  # noqa: Y015
     _WhichOneofArgType_selector: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015

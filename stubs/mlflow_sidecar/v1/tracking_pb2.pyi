@@ -1743,17 +1743,25 @@ class DownloadArtifactRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     ARTIFACT_PATH_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     artifact_path: _builtins.str
+    max_chunk_bytes: _builtins.int
+    """The most bytes one chunk of the answer may carry, for a client that receives
+    smaller messages than the sidecar's chunks (artifacts.chunk_bytes) take: the
+    sidecar sends chunks of at most this size. 0: artifacts.chunk_bytes. Else at least
+    4096 (INVALID_ARGUMENT on max_chunk_bytes).
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         artifact_path: _builtins.str = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "run_id", b"run_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "max_chunk_bytes", b"max_chunk_bytes", "run_id", b"run_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2537,17 +2545,25 @@ class DownloadLoggedModelArtifactRequest(_message.Message):
 
     MODEL_ID_FIELD_NUMBER: _builtins.int
     ARTIFACT_PATH_FIELD_NUMBER: _builtins.int
+    MAX_CHUNK_BYTES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     artifact_path: _builtins.str
+    max_chunk_bytes: _builtins.int
+    """The most bytes one chunk of the answer may carry, for a client that receives
+    smaller messages than the sidecar's chunks (artifacts.chunk_bytes) take: the
+    sidecar sends chunks of at most this size. 0: artifacts.chunk_bytes. Else at least
+    4096 (INVALID_ARGUMENT on max_chunk_bytes).
+    """
     def __init__(
         self,
         *,
         model_id: _builtins.str = ...,
         artifact_path: _builtins.str = ...,
+        max_chunk_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "model_id", b"model_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact_path", b"artifact_path", "max_chunk_bytes", b"max_chunk_bytes", "model_id", b"model_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

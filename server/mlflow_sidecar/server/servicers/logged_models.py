@@ -192,6 +192,7 @@ class LoggedModelRpcs:
         self, request: pb.DownloadLoggedModelArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadLoggedModelArtifactResponse]:
         staging = self._model_staging
+        chunk_bytes = streams.download_chunk_bytes(request.max_chunk_bytes, staging)
         with staging.directory("download") as scratch:
             context.add_callback(lambda: staging.remove(scratch))
             source = self._logged_models.open_download(
@@ -201,7 +202,7 @@ class LoggedModelRpcs:
                 "download",
                 _as_model_download(
                     streams.artifact_messages(
-                        request.artifact_path, source.size_bytes, source.chunks
+                        request.artifact_path, source.size_bytes, source.chunks, chunk_bytes
                     )
                 ),
             )

@@ -248,6 +248,7 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
         self, request: pb.DownloadModelRequest, context: Ctx
     ) -> Iterator[pb.DownloadModelResponse]:
         selector = request.WhichOneof("selector")
+        chunk_bytes = streams.download_chunk_bytes(request.max_chunk_bytes, self._staging)
         download = self._downloads.open(
             request.name,
             version=request.version if selector == "version" else None,
@@ -268,7 +269,11 @@ class RegistryServicer(pb_grpc.ModelRegistryServiceServicer):
             yield from self._staging.counted(
                 "download",
                 streams.model_messages(
-                    download.version, lease, self._staging, cache_entry=download.cache_entry
+                    download.version,
+                    lease,
+                    self._staging,
+                    cache_entry=download.cache_entry,
+                    chunk_bytes=chunk_bytes,
                 ),
             )
         finally:

@@ -28,7 +28,7 @@ from mlflow_sidecar.core.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES
+from mlflow_sidecar.core.limits import CHUNK_FRAMING_BYTES, MIN_REQUESTED_CHUNK_BYTES
 from mlflow_sidecar.core.paths import FileTree, check_stored_path, is_sha256
 from mlflow_sidecar.core.regular_files import regular_file_chunks
 from mlflow_sidecar.core.transfer import HashingWriter
@@ -398,16 +398,41 @@ def receive_model(
     )
 
 
+def download_chunk_bytes(max_chunk_bytes: int, staging: Staging) -> int:
+    """The chunk size of one download: the sidecar's, or the smaller one its request asks
+    for (`max_chunk_bytes`: what the client can receive)."""
+    if max_chunk_bytes == 0:
+        return staging.chunk_bytes
+    if max_chunk_bytes < MIN_REQUESTED_CHUNK_BYTES:
+        raise InvalidArgumentError(
+            "max_chunk_bytes",
+            f"must be 0 (the sidecar's artifacts.chunk_bytes) or at least"
+            f" {MIN_REQUESTED_CHUNK_BYTES}, got {max_chunk_bytes}",
+        )
+    return min(staging.chunk_bytes, max_chunk_bytes)
+
+
+def _at_most(chunks: Iterator[bytes], size: int) -> Iterator[bytes]:
+    """`chunks` cut into pieces of at most `size` bytes (whole when they fit)."""
+    for chunk in chunks:
+        if len(chunk) <= size:
+            yield chunk
+            continue
+        view = memoryview(chunk)
+        for start in range(0, len(chunk), size):
+            yield bytes(view[start : start + size])
+
+
 def artifact_messages(
-    artifact_path: str, size_bytes: int, chunks: Iterator[bytes]
+    artifact_path: str, size_bytes: int, chunks: Iterator[bytes], chunk_bytes: int
 ) -> Iterator[pb.DownloadArtifactResponse]:
-    """A DownloadArtifact stream: the header (size), the chunks as they come, then the
-    trailer with the sha256 of every byte sent."""
+    """A DownloadArtifact stream: the header (size), the chunks as they come (each at most
+    `chunk_bytes`), then the trailer with the sha256 of every byte sent."""
     yield pb.DownloadArtifactResponse(
         header=pb.DownloadArtifactHeader(artifact_path=artifact_path, size_bytes=size_bytes)
     )
     digest = hashlib.sha256()
-    for chunk in chunks:
+    for chunk in _at_most(chunks, chunk_bytes):
         digest.update(chunk)
         yield pb.DownloadArtifactResponse(chunk=chunk)
     yield pb.DownloadArtifactResponse(trailer=pb.DownloadArtifactTrailer(sha256=digest.hexdigest()))
@@ -425,12 +450,18 @@ def unchanged_message(
 
 
 def model_messages(
-    version: ModelVersion, model: ModelLease, staging: Staging, *, cache_entry: str | None = None
+    version: ModelVersion,
+    model: ModelLease,
+    staging: Staging,
+    *,
+    cache_entry: str | None = None,
+    chunk_bytes: int | None = None,
 ) -> Iterator[reg_pb.DownloadModelResponse]:
     """A DownloadModel stream of leased model files: the manifest (with the sha256s and
-    digest they were verified against), then chunks in order, or only the `cache_entry`
-    the client reads them from. A manifest too large with the whole version carries the
-    version without its tags (then aliases, then description)."""
+    digest they were verified against), then chunks in order (of `chunk_bytes`, else the
+    sidecar's), or only the `cache_entry` the client reads them from. A manifest too large
+    with the whole version carries the version without its tags (then aliases, then
+    description)."""
     files = model.manifest.files
     entries = [
         reg_pb.ModelFile(path=f.path, size_bytes=f.size_bytes, sha256=f.sha256) for f in files
@@ -457,7 +488,9 @@ def model_messages(
         local = model.root.joinpath(*entry.path.split("/"))
         # No more than the manifest says, and only from a regular file: a file swapped
         # since it was verified (for a symlink to /dev/zero) must not be sent forever.
-        for chunk in regular_file_chunks(local, entry.size_bytes, staging.chunk_bytes):
+        for chunk in regular_file_chunks(
+            local, entry.size_bytes, chunk_bytes or staging.chunk_bytes
+        ):
             yield reg_pb.DownloadModelResponse(
                 chunk=reg_pb.ModelChunk(file_index=index, data=chunk)
             )

@@ -298,6 +298,7 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
     def DownloadArtifact(
         self, request: pb.DownloadArtifactRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.DownloadArtifactResponse]:
+        chunk_bytes = streams.download_chunk_bytes(request.max_chunk_bytes, self._staging)
         with self._staging.directory("download") as scratch:
             # A cancelled call may never resume this generator: clean up when the call ends.
             context.add_callback(lambda: self._staging.remove(scratch))
@@ -307,7 +308,7 @@ class TrackingServicer(LoggedModelRpcs, pb_grpc.ExperimentTrackingServiceService
                 yield from self._staging.counted(
                     "download",
                     streams.artifact_messages(
-                        request.artifact_path, source.size_bytes, source.chunks
+                        request.artifact_path, source.size_bytes, source.chunks, chunk_bytes
                     ),
                 )
             finally:
