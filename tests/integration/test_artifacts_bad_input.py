@@ -339,11 +339,12 @@ def test_artifact_upload_cancelled_midway_leaves_nothing(
     data = os.urandom(8 * CHUNK)
     release = threading.Event()
     future = tracking_stub.UploadArtifact.future(
-        stalled(artifact_requests(run_id, data)[:4], release), timeout=60
+        stalled(artifact_requests(run_id, data)[:7], release), timeout=60
     )
     try:
-        # The sidecar streams the upload to MLflow without staging it: the PUT has begun
-        # (MLflow shows the file's directory) when the client goes away.
+        # The sidecar streams the upload to MLflow without staging it: past the chunks it
+        # queues first, the PUT has begun (MLflow shows the file's directory) when the
+        # client goes away.
         assert wait_until(
             lambda: (
                 [
@@ -374,9 +375,10 @@ def test_a_failed_upload_spares_the_directory_another_upload_is_writing_into(
     release = threading.Event()
 
     def held_midway() -> Iterator[pb.UploadArtifactRequest]:
-        yield from going_on[:4]
+        # Past the chunks the sidecar queues before a PUT begins.
+        yield from going_on[:7]
         release.wait(60)
-        yield from going_on[4:]
+        yield from going_on[7:]
 
     future = tracking_stub.UploadArtifact.future(held_midway(), timeout=60)
     try:
@@ -392,7 +394,7 @@ def test_a_failed_upload_spares_the_directory_another_upload_is_writing_into(
             )
         )
         # Short of its announced size: cut midway, after its PUT had begun.
-        short = artifact_requests(run_id, data, path="shared/cut.bin")[:4]
+        short = artifact_requests(run_id, data, path="shared/cut.bin")[:8]
         call_fails(tracking_stub.UploadArtifact, short, grpc.StatusCode.DATA_LOSS)
     finally:
         release.set()
@@ -542,7 +544,7 @@ def test_an_artifact_upload_cut_by_its_deadline_leaves_no_empty_directory(
     try:
         with pytest.raises(grpc.RpcError) as ended:
             tracking_stub.UploadArtifact(
-                stalled(artifact_requests(run_id, data, path="ckpt/x.bin")[:4], release),
+                stalled(artifact_requests(run_id, data, path="ckpt/x.bin")[:7], release),
                 timeout=2,
             )
     finally:

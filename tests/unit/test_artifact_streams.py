@@ -233,7 +233,8 @@ def test_a_login_page_in_place_of_mlflows_answer_is_a_failure_that_stored_nothin
 
 
 def test_abort_never_completes_the_body(repo):
-    chunks = [bytes([i]) * 70_000 for i in range(5)]
+    # More chunks than the queue holds: the PUT has begun.
+    chunks = [bytes([i]) * 70_000 for i in range(7)]
     seen: list[str] = []
     upload = _upload(repo, chunks, seen)
     assert upload.abort() is True
@@ -242,16 +243,17 @@ def test_abort_never_completes_the_body(repo):
         time.sleep(0.01)  # the server notices the cut connection on its own thread
     _path, received, length = _Recorder.bodies[0]
     # The held-back chunk never left: the server saw a connection cut before the end.
-    assert len(received) < length == 350_000
+    assert len(received) < length == 490_000
     assert seen == ["error"]
 
 
-def test_an_upload_abandoned_before_its_first_byte_left_never_reaches_mlflow(repo):
+@pytest.mark.parametrize("chunks", [1, 5], ids=["its first", "as many as the queue holds"])
+def test_an_upload_abandoned_within_its_first_chunks_never_reaches_mlflow(repo, chunks):
     # MLflow's server makes the file's directory when a PUT's handler begins, which can
-    # be after the abort has looked for it: an upload refused at its first chunk (the
-    # one held back) must not have begun a PUT at all.
+    # be after the abort has looked for it: an upload refused within the chunks the queue
+    # holds (a small file whose digest is wrong) must not have begun a PUT at all.
     seen: list[str] = []
-    upload = _upload(repo, [b"x" * 1000], seen)
+    upload = _upload(repo, [b"x" * 1000] * chunks, seen)
     assert upload.abort() is False
     assert upload.failure() is None
     after = _upload(repo, [b"y" * 10], [])

@@ -165,10 +165,13 @@ class StreamedUpload:
         # Set once the body's last byte has left: from then on MLflow may store the file
         # whatever becomes of its answer (unless the answer shows MLflow never had it).
         self.maybe_stored = False
-        # In the call's context: the PUT's span belongs to the call's trace. Started with
-        # the first byte passed on, not before: MLflow's server makes the file's directory
-        # when a PUT's handler begins, which may be after a cut PUT's abort has looked for
-        # it, so an upload refused before any byte left must not have begun one.
+        # Chunks passed on before the PUT begins. It begins once they are more than the
+        # queue holds, or at `commit()`: MLflow's server makes the file's directory when a
+        # PUT's handler begins, which may be after a cut PUT's abort has looked for it, so
+        # an upload refused within its first chunks (a wrong digest of a small file, a
+        # message out of place) must not have begun one. The memory bound stays the same.
+        self._unsent: list[bytes] = []
+        # In the call's context: the PUT's span belongs to the call's trace.
         self._thread = threading.Thread(
             target=contextvars.copy_context().run,
             args=(self._put,),
@@ -214,7 +217,16 @@ class StreamedUpload:
 
     def _offer(self, item: object) -> None:
         if self._thread.ident is None:
+            if isinstance(item, bytes) and len(self._unsent) < _QUEUE_CHUNKS:
+                self._unsent.append(item)
+                return
             self._thread.start()
+            unsent, self._unsent = self._unsent, []
+            for chunk in unsent:
+                self._put_in_queue(chunk)
+        self._put_in_queue(item)
+
+    def _put_in_queue(self, item: object) -> None:
         # Never block on a PUT that has already ended: its bytes are no longer wanted.
         while not self._ended.is_set():
             try:
@@ -314,7 +326,8 @@ class StreamedUpload:
         self._closed = True
         self._held = None
         if self._thread.ident is None:
-            return False  # no byte had left: MLflow never heard of the upload
+            self._unsent = []
+            return False  # the PUT had not begun: MLflow never heard of the upload
         # Only this thread puts: once drained there is room for the abort.
         while True:
             try:
