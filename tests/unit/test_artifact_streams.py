@@ -25,6 +25,7 @@ import pytest
 from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
 from mlflow.store.artifact.mlflow_artifacts_repo import MlflowArtifactsRepository
 
+from mlflow_sidecar.core.domain import FileInfo
 from mlflow_sidecar.core.errors import DeadlineExceededError, ErrorReason, SidecarError
 from mlflow_sidecar.server import call_deadline
 from mlflow_sidecar.server.artifact_writers import ArtifactWriters
@@ -538,3 +539,41 @@ def test_a_commit_whose_last_bytes_had_not_left_by_its_deadline_cuts_the_put(rep
     assert isinstance(error, DeadlineExceededError)
     assert "nothing was stored" in error.message
     assert upload.abort() is True  # the cut PUT may have left the file's directory
+
+
+class _LateDirectory:
+    """A gateway whose store makes the upload's directory only at its third listing, as
+    MLflow's server does when a cut PUT's handler begins after the cut."""
+
+    def __init__(self) -> None:
+        self.listings = 0
+        self.deleted: list[str] = []
+
+    def list_artifacts(self, run_id: str, path: str) -> list[FileInfo]:
+        if path == "":
+            self.listings += 1
+            made = self.listings >= 3 and not self.deleted
+            return [FileInfo("ckpt", is_dir=True)] if made else []
+        return []  # the directory holds nothing (a file in progress is not listed)
+
+    def delete_artifacts(self, run_id: str, path: str) -> None:
+        self.deleted.append(path)
+
+
+class _Cut:
+    def abort(self) -> bool:
+        return True  # a PUT was begun and cut
+
+
+def test_an_abandoned_upload_waits_for_its_directory_and_removes_it_once_made():
+    gateway = _LateDirectory()
+    pending = PendingUpload(
+        gateway,  # type: ignore[arg-type]
+        None,  # type: ignore[arg-type]
+        "r",
+        "ckpt/model.pt",
+        _Cut(),  # type: ignore[arg-type]
+        writers=ArtifactWriters(),
+    )
+    pending.abort()
+    assert gateway.deleted == ["ckpt"]

@@ -10,6 +10,7 @@ embedded store, a bucket written directly) get a complete, verified staging file
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -35,6 +36,12 @@ from mlflow_sidecar.server.services.artifacts import (
 from mlflow_sidecar.server.staging import Staging
 
 log = logging.getLogger(__name__)
+
+# How long an abandoned upload waits for MLflow's server to make its file's directory
+# (to remove it, empty), and the pauses between its looks.
+_DIRECTORY_WAIT_S = 2.0
+_DIRECTORY_FIRST_PAUSE_S = 0.02
+_DIRECTORY_MAX_PAUSE_S = 0.25
 
 
 class PendingUpload:
@@ -139,6 +146,8 @@ class PendingUpload:
     def _remove_empty_directories_within(self) -> None:
         directory = self.artifact_path.rpartition("/")[0]
         try:
+            if directory:
+                self._await_directory(directory)
             while directory:
                 if not self._remove_if_empty(directory):
                     return
@@ -150,6 +159,23 @@ class PendingUpload:
                 self.run_id,
                 exc.message if isinstance(exc, SidecarError) else exc,
             )
+
+    def _await_directory(self, directory: str) -> None:
+        """Wait, at most `_DIRECTORY_WAIT_S`, for the file's directory to be listed: MLflow's
+        server makes it when the cut PUT's handler begins, which may be well after the
+        cut (its bytes wait in the connection's buffers). A store without directories (a
+        bucket) never lists one, and the wait runs out."""
+        parent = directory.rpartition("/")[0]
+        waited_until = time.monotonic() + _DIRECTORY_WAIT_S
+        pause = _DIRECTORY_FIRST_PAUSE_S
+        while not any(
+            e.path == directory for e in self._gateway.list_artifacts(self.run_id, parent)
+        ):
+            left = waited_until - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(pause, left))
+            pause = min(pause * 2, _DIRECTORY_MAX_PAUSE_S)
 
     def _remove_if_empty(self, directory: str) -> bool:
         """Remove `directory` if it is empty; whether it was. One that another upload of
