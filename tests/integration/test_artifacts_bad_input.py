@@ -97,6 +97,17 @@ def assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id, model_nam
     assert sidecar.container.staging().in_flight() == []
 
 
+def root_entries(tracking_stub, run_id: str) -> list[str]:
+    """The paths listed at the root of the run's artifacts."""
+    listed = tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id), timeout=10)
+    return [f.path for f in listed.files]
+
+
+# The header and six chunks: past the four chunks the sidecar queues before an upload's PUT
+# to MLflow begins, so that a stream held or cut after them cuts a PUT that has begun.
+PUT_BEGUN = 7
+
+
 def call_fails(method, requests, code: grpc.StatusCode) -> SidecarError:
     """The domain error (from the status details) of a streaming call that must fail."""
     with pytest.raises(grpc.RpcError) as err:
@@ -339,23 +350,13 @@ def test_artifact_upload_cancelled_midway_leaves_nothing(
     data = os.urandom(8 * CHUNK)
     release = threading.Event()
     future = tracking_stub.UploadArtifact.future(
-        stalled(artifact_requests(run_id, data)[:7], release), timeout=60
+        stalled(artifact_requests(run_id, data)[:PUT_BEGUN], release), timeout=60
     )
     try:
         # The sidecar streams the upload to MLflow without staging it: past the chunks it
         # queues first, the PUT has begun (MLflow shows the file's directory) when the
         # client goes away.
-        assert wait_until(
-            lambda: (
-                [
-                    f.path
-                    for f in tracking_stub.ListArtifacts(
-                        pb.ListArtifactsRequest(run_id=run_id), timeout=10
-                    ).files
-                ]
-                == ["bad"]
-            )
-        )
+        assert wait_until(lambda: root_entries(tracking_stub, run_id) == ["bad"])
         future.cancel()
     finally:
         release.set()
@@ -375,26 +376,15 @@ def test_a_failed_upload_spares_the_directory_another_upload_is_writing_into(
     release = threading.Event()
 
     def held_midway() -> Iterator[pb.UploadArtifactRequest]:
-        # Past the chunks the sidecar queues before a PUT begins.
-        yield from going_on[:7]
+        yield from going_on[:PUT_BEGUN]
         release.wait(60)
-        yield from going_on[7:]
+        yield from going_on[PUT_BEGUN:]
 
     future = tracking_stub.UploadArtifact.future(held_midway(), timeout=60)
     try:
-        assert wait_until(
-            lambda: (
-                [
-                    f.path
-                    for f in tracking_stub.ListArtifacts(
-                        pb.ListArtifactsRequest(run_id=run_id), timeout=10
-                    ).files
-                ]
-                == ["shared"]
-            )
-        )
+        assert wait_until(lambda: root_entries(tracking_stub, run_id) == ["shared"])
         # Short of its announced size: cut midway, after its PUT had begun.
-        short = artifact_requests(run_id, data, path="shared/cut.bin")[:8]
+        short = artifact_requests(run_id, data, path="shared/cut.bin")[: PUT_BEGUN + 1]
         call_fails(tracking_stub.UploadArtifact, short, grpc.StatusCode.DATA_LOSS)
     finally:
         release.set()
@@ -544,17 +534,15 @@ def test_an_artifact_upload_cut_by_its_deadline_leaves_no_empty_directory(
     try:
         with pytest.raises(grpc.RpcError) as ended:
             tracking_stub.UploadArtifact(
-                stalled(artifact_requests(run_id, data, path="ckpt/x.bin")[:7], release),
+                stalled(artifact_requests(run_id, data, path="ckpt/x.bin")[:PUT_BEGUN], release),
                 timeout=2,
             )
     finally:
         release.set()
     assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert wait_until(
-        lambda: (
-            list(tracking_stub.ListArtifacts(pb.ListArtifactsRequest(run_id=run_id)).files) == []
-        )
-    ), "the abandoned upload's directory is still listed"
+    assert wait_until(lambda: root_entries(tracking_stub, run_id) == []), (
+        "the abandoned upload's directory is still listed"
+    )
     assert_nothing_left(sidecar, tracking_stub, registry_stub, run_id)
 
 
